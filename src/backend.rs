@@ -1,0 +1,153 @@
+//! The backend trait and run-time backend selection.
+//!
+//! A backend receives only validated arguments (see [`crate::validate`]); [`crate::Kernels`] is
+//! the front door that validates and dispatches. `auto` picks CUDA when a driver is present, then
+//! Ascend, then the fast CPU backend; `ENTROPY_KERNELS_BACKEND=cpu|reference|cuda|ascend` forces one.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::compress::CompressedCache;
+use crate::error::{Error, Result};
+use crate::plan::Plan;
+use crate::tensor::{DType, TensorViewMut};
+use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
+
+/// Environment variable that forces a backend.
+pub const BACKEND_ENV: &str = "ENTROPY_KERNELS_BACKEND";
+
+/// The backends this crate knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// Fast CPU backend (tiled, SIMD, multi-threaded).
+    Cpu,
+    /// The naive f64 oracle: slow, obviously correct.
+    Reference,
+    /// NVIDIA GPUs (feature `cuda`).
+    Cuda,
+    /// Huawei Ascend NPUs (feature `ascend`).
+    Ascend,
+}
+
+impl BackendKind {
+    pub const ALL: [BackendKind; 4] = [BackendKind::Cpu, BackendKind::Reference, BackendKind::Cuda, BackendKind::Ascend];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Reference => "reference",
+            BackendKind::Cuda => "cuda",
+            BackendKind::Ascend => "ascend",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A backend request: a specific kind, or `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    Auto,
+    Kind(BackendKind),
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(BackendChoice::Auto),
+            "cpu" => Ok(BackendChoice::Kind(BackendKind::Cpu)),
+            "reference" | "ref" | "oracle" => Ok(BackendChoice::Kind(BackendKind::Reference)),
+            "cuda" | "gpu" => Ok(BackendChoice::Kind(BackendKind::Cuda)),
+            "ascend" | "npu" => Ok(BackendChoice::Kind(BackendKind::Ascend)),
+            _ => Err(Error::UnknownBackend(s.to_string())),
+        }
+    }
+}
+
+/// Head dimensions a backend has kernels for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeadDims {
+    /// Any head dim from 1 to this bound.
+    UpTo(usize),
+    /// Exactly these.
+    List(Vec<usize>),
+}
+
+/// What a backend can run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    pub backend: &'static str,
+    pub dtypes: Vec<DType>,
+    pub head_dims: HeadDims,
+}
+
+impl Capabilities {
+    pub fn supports_head_dim(&self, d: usize) -> bool {
+        match &self.head_dims {
+            HeadDims::UpTo(max) => (1..=*max).contains(&d),
+            HeadDims::List(l) => l.contains(&d),
+        }
+    }
+    pub fn head_dims_text(&self) -> String {
+        match &self.head_dims {
+            HeadDims::UpTo(max) => format!("1..={max}"),
+            HeadDims::List(l) => format!("{l:?}"),
+        }
+    }
+}
+
+/// One implementation of every operation of SPEC.md. Object-safe; arguments arrive validated.
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> BackendKind;
+    /// Human-readable description (device, ISA, threads).
+    fn describe(&self) -> String;
+    fn capabilities(&self) -> &Capabilities;
+    /// SPEC §2.
+    fn plan(&self, args: &PlanArgs<'_>) -> Result<Plan>;
+    /// SPEC §3 (dense when `args.blocks()` is `None`). `lse` is `[B, Hq, L]` natural-log
+    /// sum-exp of the scaled scores.
+    fn attention(&self, args: &AttentionArgs<'_>, out: &mut TensorViewMut<'_>, lse: Option<&mut [f32]>)
+    -> Result<()>;
+    /// SPEC §4.
+    fn kv_compress(&self, args: &CompressArgs<'_>) -> Result<CompressedCache>;
+    /// Attention of a few new queries over compacted caches with per-head lengths.
+    fn decode_attention(&self, args: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()>;
+}
+
+/// Builds one backend, or says why it cannot run here. Never panics.
+pub fn create(kind: BackendKind) -> Result<Arc<dyn Backend>> {
+    match kind {
+        BackendKind::Cpu => Ok(Arc::new(crate::cpu::CpuBackend::new())),
+        BackendKind::Reference => Ok(Arc::new(crate::reference::ReferenceBackend::new())),
+        BackendKind::Cuda => crate::cuda::probe(),
+        BackendKind::Ascend => crate::ascend::probe(),
+    }
+}
+
+/// Resolves a choice: a forced kind, or CUDA → Ascend → CPU for `auto`.
+pub fn select(choice: BackendChoice) -> Result<Arc<dyn Backend>> {
+    match choice {
+        BackendChoice::Kind(kind) => create(kind),
+        BackendChoice::Auto => create(BackendKind::Cuda)
+            .or_else(|_| create(BackendKind::Ascend))
+            .or_else(|_| create(BackendKind::Cpu)),
+    }
+}
+
+/// The choice named by `ENTROPY_KERNELS_BACKEND` (unset or empty = auto).
+pub fn env_choice() -> Result<BackendChoice> {
+    match std::env::var(BACKEND_ENV) {
+        Ok(v) => v.parse(),
+        Err(_) => Ok(BackendChoice::Auto),
+    }
+}
+
+/// Why each backend is or is not available here: `(kind, Ok(description) | Err(reason))`.
+pub fn availability() -> Vec<(BackendKind, std::result::Result<String, String>)> {
+    BackendKind::ALL.iter().map(|&k| (k, create(k).map(|b| b.describe()).map_err(|e| e.to_string()))).collect()
+}

@@ -1,0 +1,190 @@
+//! The compressed KV cache (SPEC §4) and the selection rules the fast backends share: pooling,
+//! top-k with ties to the lower position, AdaKV's cross-head allocation, and the gather.
+
+use crate::config::{DecodeConfig, HeadBudget, Pooling};
+use crate::tensor::{Element, HostBuffer, HostTensor, TensorView};
+use crate::validate::CompressDims;
+
+/// A compacted cache: per head, the kept entries in ascending position order, then the window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompressedCache {
+    /// `[B, Hc, capacity, D]`, in the input dtype. Entries past a head's length are zero.
+    pub k: HostTensor,
+    pub v: HostTensor,
+    /// `[B, Hc]` entries per head (all equal to `decode_budget` unless AdaKV shares the budget).
+    pub lengths: Vec<u32>,
+    /// `[B, Hc, capacity - window]` kept positions (ascending), `-1` past a head's kept count.
+    pub indices: Vec<i64>,
+    /// The window W: the last W entries of every head.
+    pub window: usize,
+    /// False when the cache was shorter than the budget and is returned unchanged.
+    pub compressed: bool,
+}
+
+impl CompressedCache {
+    pub fn batch(&self) -> usize {
+        self.k.shape[0]
+    }
+    pub fn heads(&self) -> usize {
+        self.k.shape[1]
+    }
+    pub fn capacity(&self) -> usize {
+        self.k.shape[2]
+    }
+    pub fn head_dim(&self) -> usize {
+        self.k.shape[3]
+    }
+    /// Columns of `indices`.
+    pub fn index_width(&self) -> usize {
+        self.capacity() - self.window
+    }
+    /// Bytes of K and V actually kept (sum of head lengths), the figure a paged cache would hold.
+    pub fn kept_bytes(&self) -> usize {
+        let per_entry = 2 * self.head_dim() * self.k.dtype().size();
+        self.lengths.iter().map(|&l| l as usize * per_entry).sum()
+    }
+}
+
+/// Pools one score row (SPEC §4.4): avg uses zero padding and always divides by the kernel, max
+/// lets no padding win.
+pub fn pool_row(scores: &[f32], pooling: Pooling, kernel: usize, out: &mut [f32]) {
+    let n = scores.len();
+    let half = kernel / 2;
+    match pooling {
+        Pooling::None => out.copy_from_slice(scores),
+        Pooling::Avg => {
+            // Sum in a fixed left-to-right order per window so equal neighbourhoods tie exactly.
+            let inv = 1.0 / kernel as f32;
+            for (i, o) in out.iter_mut().enumerate() {
+                let (lo, hi) = (i.saturating_sub(half), (i + half + 1).min(n));
+                *o = scores[lo..hi].iter().sum::<f32>() * inv;
+            }
+        }
+        Pooling::Max => {
+            for (i, o) in out.iter_mut().enumerate() {
+                let (lo, hi) = (i.saturating_sub(half), (i + half + 1).min(n));
+                *o = scores[lo..hi].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            }
+        }
+    }
+}
+
+/// The `keep` best positions of `scores` (larger first, ties to the lower position), ascending.
+pub fn top_positions(scores: &[f32], keep: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..scores.len() as u32).collect();
+    let by_rank = |a: &u32, b: &u32| scores[*b as usize].total_cmp(&scores[*a as usize]).then(a.cmp(b));
+    if keep < idx.len() && keep > 0 {
+        idx.select_nth_unstable_by(keep - 1, by_rank);
+    }
+    idx.truncate(keep);
+    idx.sort_unstable();
+    idx
+}
+
+/// Per-head selections of one batch row from pooled scores `rows[h]` (each `N - W` long).
+pub fn select_heads(rows: &[Vec<f32>], cfg: &DecodeConfig) -> Vec<Vec<u32>> {
+    let share = cfg.decode_budget - cfg.window;
+    match cfg.head_budget {
+        HeadBudget::Uniform => rows.iter().map(|r| top_positions(r, share)).collect(),
+        HeadBudget::AdaKv { floor_fraction } => adakv(rows, share, floor_fraction),
+    }
+}
+
+/// AdaKV allocation: each head first takes its `ceil(floor_fraction · share)` best positions; the
+/// rest of the layer budget `heads · share` goes to the best remaining (score, head, position)
+/// across heads, larger score first, ties to the lower head, then the lower position.
+fn adakv(rows: &[Vec<f32>], share: usize, floor_fraction: f32) -> Vec<Vec<u32>> {
+    let floor = ((floor_fraction as f64 * share as f64).ceil() as usize).min(share);
+    let mut picked: Vec<Vec<u32>> = rows.iter().map(|r| top_positions(r, floor)).collect();
+    let mut taken: Vec<Vec<bool>> = rows.iter().map(|r| vec![false; r.len()]).collect();
+    for (h, p) in picked.iter().enumerate() {
+        for &i in p {
+            taken[h][i as usize] = true;
+        }
+    }
+    let mut rest: Vec<(u32, u32)> = Vec::new();
+    for (h, r) in rows.iter().enumerate() {
+        rest.extend((0..r.len() as u32).filter(|&i| !taken[h][i as usize]).map(|i| (h as u32, i)));
+    }
+    let extra = rows.len() * share - picked.iter().map(Vec::len).sum::<usize>();
+    let score = |&(h, i): &(u32, u32)| rows[h as usize][i as usize];
+    let by_rank = |a: &(u32, u32), b: &(u32, u32)| score(b).total_cmp(&score(a)).then(a.cmp(b));
+    if extra > 0 && extra < rest.len() {
+        rest.select_nth_unstable_by(extra - 1, by_rank);
+    }
+    for &(h, i) in rest.iter().take(extra) {
+        picked[h as usize].push(i);
+    }
+    for p in &mut picked {
+        p.sort_unstable();
+    }
+    picked
+}
+
+/// Builds the compressed cache from per-(b, output head) kept positions (`sel[b·Hc + hc]`).
+pub fn gather(
+    k_cache: &TensorView<'_>,
+    v_cache: &TensorView<'_>,
+    d: &CompressDims,
+    heads: usize,
+    sel: &[Vec<u32>],
+) -> CompressedCache {
+    let n = d.entries;
+    let w = d.window;
+    let capacity = sel.iter().map(Vec::len).max().unwrap_or(0) + w;
+    let group = heads / d.kv_heads;
+    let mut lengths = Vec::with_capacity(sel.len());
+    let mut indices = vec![-1i64; sel.len() * (capacity - w)];
+    for (u, s) in sel.iter().enumerate() {
+        lengths.push((s.len() + w) as u32);
+        for (j, &p) in s.iter().enumerate() {
+            indices[u * (capacity - w) + j] = p as i64;
+        }
+    }
+    let shape = [d.batch, heads, capacity, d.head_dim];
+    let take = |src: &TensorView<'_>| -> HostTensor {
+        fn go<T: Element>(
+            src: &TensorView<'_>,
+            d: &CompressDims,
+            heads: usize,
+            group: usize,
+            capacity: usize,
+            sel: &[Vec<u32>],
+        ) -> Vec<T> {
+            let data = src.typed::<T>().expect("dtype checked by validation");
+            let dd = d.head_dim;
+            let mut out = vec![T::default(); d.batch * heads * capacity * dd];
+            for b in 0..d.batch {
+                for hc in 0..heads {
+                    let u = b * heads + hc;
+                    let positions = sel[u].iter().map(|&p| p as usize).chain(d.entries - d.window..d.entries);
+                    for (slot, p) in positions.enumerate() {
+                        let o = src.offset(b, hc / group, p);
+                        let dst = (u * capacity + slot) * dd;
+                        out[dst..dst + dd].copy_from_slice(&data[o..o + dd]);
+                    }
+                }
+            }
+            out
+        }
+        let data = match src.dtype() {
+            crate::DType::F32 => HostBuffer::F32(go(src, d, heads, group, capacity, sel)),
+            crate::DType::F16 => HostBuffer::F16(go(src, d, heads, group, capacity, sel)),
+            crate::DType::BF16 => HostBuffer::BF16(go(src, d, heads, group, capacity, sel)),
+        };
+        HostTensor { data, shape }
+    };
+    debug_assert!(n >= w);
+    CompressedCache { k: take(k_cache), v: take(v_cache), lengths, indices, window: w, compressed: true }
+}
+
+/// The cache returned unchanged (SPEC §4: `N < decode_budget`): every entry kept.
+pub fn unchanged(k_cache: &TensorView<'_>, v_cache: &TensorView<'_>, d: &CompressDims) -> CompressedCache {
+    let w = d.window.min(d.entries);
+    let all: Vec<u32> = (0..(d.entries - w) as u32).collect();
+    let sel = vec![all; d.batch * d.kv_heads];
+    let dims = CompressDims { window: w, ..*d };
+    let mut c = gather(k_cache, v_cache, &dims, d.kv_heads, &sel);
+    c.compressed = false;
+    c
+}

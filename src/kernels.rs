@@ -1,0 +1,197 @@
+//! [`Kernels`]: the front door. Every call is validated here, once, and then handed to the
+//! selected backend.
+
+use std::sync::Arc;
+
+use crate::backend::{self, Backend, BackendChoice, BackendKind, Capabilities};
+use crate::compress::CompressedCache;
+use crate::config::{DecodeConfig, EntropyConfig};
+use crate::error::Result;
+use crate::plan::{BlockLists, Plan};
+use crate::tensor::{TensorView, TensorViewMut};
+use crate::validate;
+
+/// Per-layer inputs of planning besides q and k.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanRequest<'a> {
+    /// Index of the layer in the model; fusion applies from layer 2 on (SPEC §2.5).
+    pub layer_idx: usize,
+    /// The previous layer's `Plan::scores`, for layer fusion.
+    pub prev_scores: Option<&'a [f32]>,
+    /// Materialise `logits` and `scores` (`[B, Hkv, nseg, N]` each). Turn off to save memory when
+    /// only the decisions are needed; scores are still kept when fusion is on.
+    pub keep_maps: bool,
+}
+
+impl Default for PlanRequest<'_> {
+    fn default() -> Self {
+        PlanRequest { layer_idx: 0, prev_scores: None, keep_maps: true }
+    }
+}
+
+impl<'a> PlanRequest<'a> {
+    /// Layer `idx` with no fusion input.
+    pub fn layer(idx: usize) -> Self {
+        PlanRequest { layer_idx: idx, ..Default::default() }
+    }
+    /// Adds the previous layer's distribution.
+    pub fn with_prev(mut self, prev_scores: &'a [f32]) -> Self {
+        self.prev_scores = Some(prev_scores);
+        self
+    }
+    /// Sets whether logits and scores are materialised.
+    pub fn keep_maps(mut self, keep: bool) -> Self {
+        self.keep_maps = keep;
+        self
+    }
+}
+
+/// A handle on one backend. Cheap to clone; safe to share between threads.
+#[derive(Clone)]
+pub struct Kernels {
+    backend: Arc<dyn Backend>,
+}
+
+impl std::fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kernels").field("backend", &self.backend.describe()).finish()
+    }
+}
+
+impl Kernels {
+    /// The backend named by `ENTROPY_KERNELS_BACKEND`, or the best available one (CUDA, then
+    /// Ascend, then CPU). A forced backend that is absent is an error, not a fallback.
+    pub fn auto() -> Result<Self> {
+        Self::select(backend::env_choice()?)
+    }
+
+    /// A specific backend, or `auto` (which ignores the environment).
+    pub fn select(choice: BackendChoice) -> Result<Self> {
+        Ok(Kernels { backend: backend::select(choice)? })
+    }
+
+    /// A specific backend.
+    pub fn new(kind: BackendKind) -> Result<Self> {
+        Self::select(BackendChoice::Kind(kind))
+    }
+
+    /// The fast CPU backend (always available).
+    pub fn cpu() -> Self {
+        Kernels { backend: Arc::new(crate::cpu::CpuBackend::new()) }
+    }
+
+    /// The f64 oracle (always available; slow).
+    pub fn reference() -> Self {
+        Kernels { backend: Arc::new(crate::reference::ReferenceBackend::new()) }
+    }
+
+    /// Wraps a backend built elsewhere.
+    pub fn from_backend(backend: Arc<dyn Backend>) -> Self {
+        Kernels { backend }
+    }
+
+    pub fn kind(&self) -> BackendKind {
+        self.backend.kind()
+    }
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+    pub fn capabilities(&self) -> &Capabilities {
+        self.backend.capabilities()
+    }
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
+    /// Plans one layer's prefill (SPEC §2): logits, distribution, entropy, head classes, budgets,
+    /// keep counts, ranking, and the block lists of the configured budget mode.
+    pub fn plan(
+        &self,
+        q: TensorView<'_>,
+        k: TensorView<'_>,
+        cfg: &EntropyConfig,
+        req: &PlanRequest<'_>,
+    ) -> Result<Plan> {
+        let args =
+            validate::plan(self.capabilities(), q, k, cfg, req.layer_idx, req.prev_scores, req.keep_maps)?;
+        self.backend.plan(&args)
+    }
+
+    /// Sparse prefill attention over `blocks` (SPEC §3); dense units attend causally.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sparse_prefill(
+        &self,
+        q: TensorView<'_>,
+        k: TensorView<'_>,
+        v: TensorView<'_>,
+        blocks: &BlockLists,
+        scale: Option<f32>,
+        out: &mut TensorViewMut<'_>,
+        lse: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let args = validate::attention(self.capabilities(), q, k, v, Some(blocks), scale, out, lse.as_deref())?;
+        self.backend.attention(&args, out, lse)
+    }
+
+    /// Dense causal attention.
+    pub fn dense_prefill(
+        &self,
+        q: TensorView<'_>,
+        k: TensorView<'_>,
+        v: TensorView<'_>,
+        scale: Option<f32>,
+        out: &mut TensorViewMut<'_>,
+        lse: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let args = validate::attention(self.capabilities(), q, k, v, None, scale, out, lse.as_deref())?;
+        self.backend.attention(&args, out, lse)
+    }
+
+    /// Plans and runs one layer's prefill: what an engine calls per layer. Returns the plan (keep
+    /// `plan.scores` for the next layer when fusion is on).
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill(
+        &self,
+        q: TensorView<'_>,
+        k: TensorView<'_>,
+        v: TensorView<'_>,
+        cfg: &EntropyConfig,
+        req: &PlanRequest<'_>,
+        out: &mut TensorViewMut<'_>,
+        lse: Option<&mut [f32]>,
+    ) -> Result<Plan> {
+        // Validate the attention arguments before planning so nothing runs on a bad call.
+        validate::attention(self.capabilities(), q, k, v, None, cfg.scale, out, lse.as_deref())?;
+        let plan = self.plan(q, k, cfg, req)?;
+        self.sparse_prefill(q, k, v, &plan.blocks, cfg.scale, out, lse)?;
+        Ok(plan)
+    }
+
+    /// Compresses a cache with an observation window (SPEC §4). `k_cache`/`v_cache` are
+    /// `[B, Hkv, N, D]`, `obs` is `[B, Hq, W, D]`.
+    pub fn kv_compress(
+        &self,
+        k_cache: TensorView<'_>,
+        v_cache: TensorView<'_>,
+        obs: TensorView<'_>,
+        cfg: &DecodeConfig,
+    ) -> Result<CompressedCache> {
+        let args = validate::kv_compress(self.capabilities(), k_cache, v_cache, obs, cfg)?;
+        self.backend.kv_compress(&args)
+    }
+
+    /// Attention of new queries `q` (`[B, nq, Hq, D]`) over caches `[B, Hc, capacity, D]` whose
+    /// head `(b, h)` holds `lengths[b·Hc + h]` entries; every held entry is visible.
+    pub fn decode_attention(
+        &self,
+        q: TensorView<'_>,
+        k_cache: TensorView<'_>,
+        v_cache: TensorView<'_>,
+        lengths: &[u32],
+        scale: Option<f32>,
+        out: &mut TensorViewMut<'_>,
+    ) -> Result<()> {
+        let args = validate::decode_attention(self.capabilities(), q, k_cache, v_cache, lengths, scale, out)?;
+        self.backend.decode_attention(&args, out)
+    }
+}

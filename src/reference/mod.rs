@@ -1,0 +1,121 @@
+//! The oracle: SPEC.md transcribed as naive f64 loops, with no tiling, no SIMD and no shared
+//! decision code. Slow on purpose; every other backend is tested against it.
+
+mod attention;
+mod compress;
+mod plan;
+
+pub use attention::{attention, decode_attention};
+pub use compress::kv_compress;
+pub use plan::plan;
+
+use crate::backend::{Backend, BackendKind, Capabilities, HeadDims};
+use crate::compress::CompressedCache;
+use crate::error::Result;
+use crate::plan::Plan;
+use crate::tensor::{DType, TensorView, TensorViewMut};
+use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
+
+/// A rank-4 tensor copied to contiguous f64.
+pub struct F64Tensor {
+    pub data: Vec<f64>,
+    pub shape: [usize; 4],
+}
+
+impl F64Tensor {
+    pub fn of(view: &TensorView<'_>) -> Self {
+        let s = view.shape();
+        let mut data = Vec::with_capacity(s.iter().product());
+        for a in 0..s[0] {
+            for b in 0..s[1] {
+                for c in 0..s[2] {
+                    for d in 0..s[3] {
+                        data.push(view.get([a, b, c, d]));
+                    }
+                }
+            }
+        }
+        F64Tensor { data, shape: s }
+    }
+    /// The innermost row at `[a, b, c, :]`.
+    pub fn row(&self, a: usize, b: usize, c: usize) -> &[f64] {
+        let d = self.shape[3];
+        let o = ((a * self.shape[1] + b) * self.shape[2] + c) * d;
+        &self.data[o..o + d]
+    }
+}
+
+pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// The oracle as a backend (`ENTROPY_KERNELS_BACKEND=reference`).
+#[derive(Debug)]
+pub struct ReferenceBackend {
+    caps: Capabilities,
+}
+
+impl ReferenceBackend {
+    pub fn new() -> Self {
+        ReferenceBackend {
+            caps: Capabilities { backend: "reference", dtypes: DType::ALL.to_vec(), head_dims: HeadDims::UpTo(1024) },
+        }
+    }
+}
+
+impl Default for ReferenceBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Backend for ReferenceBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Reference
+    }
+    fn describe(&self) -> String {
+        "reference (naive f64 oracle, single thread)".into()
+    }
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+    fn plan(&self, args: &PlanArgs<'_>) -> Result<Plan> {
+        Ok(plan(args))
+    }
+    fn attention(
+        &self,
+        args: &AttentionArgs<'_>,
+        out: &mut TensorViewMut<'_>,
+        lse: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let (o, l) = attention(args);
+        write_bsnd(&o, out);
+        if let Some(lse) = lse {
+            for (dst, src) in lse.iter_mut().zip(&l) {
+                *dst = *src as f32;
+            }
+        }
+        Ok(())
+    }
+    fn kv_compress(&self, args: &CompressArgs<'_>) -> Result<CompressedCache> {
+        Ok(kv_compress(args))
+    }
+    fn decode_attention(&self, args: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
+        write_bsnd(&decode_attention(args), out);
+        Ok(())
+    }
+}
+
+/// Writes a contiguous f64 tensor of `out`'s shape into `out`, rounding once.
+fn write_bsnd(src: &F64Tensor, out: &mut TensorViewMut<'_>) {
+    let s = src.shape;
+    for a in 0..s[0] {
+        for b in 0..s[1] {
+            for c in 0..s[2] {
+                for (d, &x) in src.row(a, b, c).iter().enumerate() {
+                    out.set([a, b, c, d], x);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! SPEC §2, step by step, in f64 (the budget recurrence in f32, as the spec demands).
+
+use super::{F64Tensor, dot};
+use crate::config::{BudgetMode, BudgetPolicy};
+use crate::plan::{BlockLists, HeadClass, Plan};
+use crate::validate::PlanArgs;
+
+pub fn plan(a: &PlanArgs<'_>) -> Plan {
+    let cfg = a.cfg();
+    let dims = a.dims();
+    let (bsz, l, hq, hkv) = (dims.batch, dims.seq_len, dims.q_heads, dims.kv_heads);
+    let (seg, bk, nseg, n) = (dims.segment_size, dims.block_size, dims.segments, dims.blocks);
+    let nrep = seg / bk;
+    let g = hq / hkv;
+    let dd = a.head_dim();
+    let q = F64Tensor::of(&a.q());
+    let k = F64Tensor::of(&a.k());
+
+    // 1. Representatives: element-wise max and min over each segment's queries and each block's keys.
+    let mut qmax = vec![vec![vec![vec![f64::NEG_INFINITY; dd]; hq]; nseg]; bsz];
+    let mut qmin = vec![vec![vec![vec![f64::INFINITY; dd]; hq]; nseg]; bsz];
+    for b in 0..bsz {
+        for t in 0..l {
+            let s = t / seg;
+            for h in 0..hq {
+                for (d, &x) in q.row(b, t, h).iter().enumerate() {
+                    qmax[b][s][h][d] = qmax[b][s][h][d].max(x);
+                    qmin[b][s][h][d] = qmin[b][s][h][d].min(x);
+                }
+            }
+        }
+    }
+    let mut kmax = vec![vec![vec![vec![f64::NEG_INFINITY; dd]; hkv]; n]; bsz];
+    let mut kmin = vec![vec![vec![vec![f64::INFINITY; dd]; hkv]; n]; bsz];
+    for b in 0..bsz {
+        for t in 0..n * bk {
+            let j = t / bk;
+            for h in 0..hkv {
+                for (d, &x) in k.row(b, t, h).iter().enumerate() {
+                    kmax[b][j][h][d] = kmax[b][j][h][d].max(x);
+                    kmin[b][j][h][d] = kmin[b][j][h][d].min(x);
+                }
+            }
+        }
+    }
+
+    // 2–3. Logits with the causal block mask; mean over the group.
+    let mut logit = vec![vec![vec![vec![f64::NEG_INFINITY; n]; nseg]; hkv]; bsz];
+    for b in 0..bsz {
+        for h in 0..hkv {
+            for s in 0..nseg {
+                for j in 0..n {
+                    if j >= s * nrep {
+                        continue;
+                    }
+                    let mut sum = 0.0;
+                    for gi in 0..g {
+                        let qh = h * g + gi;
+                        let (qx, qn) = (&qmax[b][s][qh], &qmin[b][s][qh]);
+                        let (kx, kn) = (&kmax[b][j][h], &kmin[b][j][h]);
+                        let with_max = (dot(qx, kx) + dot(qn, kx)) / 2.0;
+                        let with_min = (dot(qx, kn) + dot(qn, kn)) / 2.0;
+                        sum += with_max.max(with_min);
+                    }
+                    logit[b][h][s][j] = sum / g as f64;
+                }
+            }
+        }
+    }
+
+    // 4. Distribution: softmax over the unmasked blocks; segment 0 uniform.
+    let mut p = vec![vec![vec![vec![0.0f64; n]; nseg]; hkv]; bsz];
+    for b in 0..bsz {
+        for h in 0..hkv {
+            for s in 0..nseg {
+                let row = &logit[b][h][s];
+                if s == 0 {
+                    for j in 0..n {
+                        p[b][h][s][j] = 1.0 / n as f64;
+                    }
+                    continue;
+                }
+                let m = row[..s * nrep].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = row[..s * nrep].iter().map(|x| (x - m).exp()).sum();
+                for j in 0..s * nrep {
+                    p[b][h][s][j] = (row[j] - m).exp() / z;
+                }
+            }
+        }
+    }
+
+    // 5. Layer fusion.
+    if let Some(prev) = a.fusion() {
+        for b in 0..bsz {
+            for h in 0..hkv {
+                for s in 0..nseg {
+                    for j in 0..n {
+                        let pp = prev[((b * hkv + h) * nseg + s) * n + j] as f64;
+                        p[b][h][s][j] = 0.25 * pp + 0.75 * p[b][h][s][j];
+                    }
+                }
+            }
+        }
+    }
+
+    // 6. Entropy.
+    let mut entropy = vec![vec![vec![0.0f64; nseg]; hkv]; bsz];
+    for b in 0..bsz {
+        for h in 0..hkv {
+            for s in 0..nseg {
+                entropy[b][h][s] = -p[b][h][s].iter().map(|&x| x * (x + 1e-9).ln()).sum::<f64>();
+            }
+        }
+    }
+
+    // 7–9. Head class, budgets (f32), blocks to keep.
+    let base = cfg.base_budget as f32;
+    let cap = n as i64 - ((l % seg) / bk) as i64 - 1;
+    let mut class = vec![vec![HeadClass::Dynamic; hkv]; bsz];
+    let mut budget = vec![vec![vec![0f32; nseg]; hkv]; bsz];
+    let mut keep = vec![vec![vec![0usize; nseg]; hkv]; bsz];
+    for b in 0..bsz {
+        for h in 0..hkv {
+            let e32: Vec<f32> = entropy[b][h].iter().map(|&x| x as f32).collect();
+            let rigid = match cfg.budget_policy {
+                BudgetPolicy::Fixed => true,
+                BudgetPolicy::Entropy => (1..nseg).all(|s| e32[s] < cfg.e_t),
+            };
+            class[b][h] = if rigid { HeadClass::Rigid } else { HeadClass::Dynamic };
+            budget[b][h][0] = base;
+            for s in 1..nseg {
+                budget[b][h][s] = if rigid {
+                    base
+                } else {
+                    let cur = e32[s].max(cfg.entropy_floor);
+                    let prev = e32[s - 1].max(cfg.entropy_floor);
+                    let mut r = if s == 1 { cfg.delta_t } else { (cur - prev) / (prev + 1e-9f32) };
+                    if r.is_nan() {
+                        r = 0.0;
+                    }
+                    r = r.max(0.0).min(1.0 + cfg.delta_t);
+                    let step = cfg.alpha * base * (r - cfg.delta_t);
+                    (budget[b][h][s - 1] + step).max(base).min(3.0 * base)
+                };
+                let by_budget = (budget[b][h][s] / bk as f32).floor() as i64;
+                keep[b][h][s] = by_budget.min((s * nrep) as i64).min(cap).max(0) as usize;
+            }
+        }
+    }
+    let segment_topk: Vec<usize> =
+        (0..nseg).map(|s| (0..bsz).flat_map(|b| (0..hkv).map(move |h| (b, h))).map(|(b, h)| keep[b][h][s]).max().unwrap_or(0)).collect();
+
+    // 10. Ranking: largest logit (fused p with fusion), ties to the lower block; masked blocks last.
+    let width = segment_topk.iter().copied().max().unwrap_or(0);
+    let mut order = Vec::with_capacity(bsz * hkv * nseg * width);
+    let mut selected: Vec<Option<Vec<u32>>> = Vec::new();
+    for b in 0..bsz {
+        for h in 0..hkv {
+            for s in 0..nseg {
+                let key = |j: usize| if a.fusion().is_some() { p[b][h][s][j] } else { logit[b][h][s][j] };
+                let mut ranked: Vec<usize> = (0..(s * nrep).min(n)).collect();
+                ranked.sort_by(|&x, &y| key(y).total_cmp(&key(x)).then(x.cmp(&y)));
+                ranked.extend((s * nrep).min(n)..n);
+                order.extend(ranked[..width].iter().map(|&j| j as u32));
+                let count = match cfg.budget_mode {
+                    BudgetMode::PerHead => keep[b][h][s],
+                    BudgetMode::SegmentMax => segment_topk[s],
+                };
+                let sparse = s * seg >= cfg.threshold_len && s != nseg - 1 && count > 0;
+                selected.push(sparse.then(|| ranked[..count].iter().map(|&j| j as u32).collect()));
+            }
+        }
+    }
+
+    let flat4 = |x: &Vec<Vec<Vec<Vec<f64>>>>| x.iter().flatten().flatten().flatten().map(|&v| v as f32).collect();
+    let keep_maps = a.keep_maps() || a.cfg().layer_fusion;
+    Plan {
+        dims,
+        logits: if a.keep_maps() { flat4(&logit) } else { Vec::new() },
+        scores: if keep_maps { flat4(&p) } else { Vec::new() },
+        entropy: entropy.iter().flatten().flatten().map(|&v| v as f32).collect(),
+        head_class: class.into_iter().flatten().collect(),
+        budgets: budget.into_iter().flatten().flatten().collect(),
+        keep_blocks: keep.iter().flatten().flatten().map(|&x| x as u32).collect(),
+        segment_topk: segment_topk.iter().map(|&x| x as u32).collect(),
+        order,
+        order_width: width,
+        blocks: BlockLists::from_units(dims, selected),
+    }
+}

@@ -1,0 +1,451 @@
+//! Host tensor views: borrowed, strided, rank-4, f32/f16/bf16.
+//!
+//! Prefill tensors are BSND (`[batch, tokens, heads, head_dim]`), caches are `[batch, heads,
+//! entries, head_dim]`. The innermost dimension must be contiguous; the others may have any
+//! stride, so a slice of a fused QKV projection can be passed without a copy.
+
+use half::{bf16, f16};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+use crate::error::{Error, Result};
+
+/// Element type of a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub const ALL: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// Unit roundoff of the type (half the distance from 1.0 to the next value).
+    pub fn epsilon(self) -> f64 {
+        match self {
+            DType::F32 => f32::EPSILON as f64 / 2.0,
+            DType::F16 => 2f64.powi(-11),
+            DType::BF16 => 2f64.powi(-8),
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        })
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(DType::F32),
+            "f16" | "float16" | "half" => Ok(DType::F16),
+            "bf16" | "bfloat16" => Ok(DType::BF16),
+            _ => Err(Error::range("dtype", s, "expected f32, f16 or bf16")),
+        }
+    }
+}
+
+/// A scalar type the kernels read and write. Arithmetic is always f32.
+pub trait Element: bytemuck::Pod + Default + Send + Sync + fmt::Debug + 'static {
+    const DTYPE: DType;
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+    /// Widen a run of elements (vectorised by `half` where the CPU allows).
+    fn widen(src: &[Self], dst: &mut [f32]);
+    /// Narrow a run of f32 values with round-to-nearest-even.
+    fn narrow(src: &[f32], dst: &mut [Self]);
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    #[inline]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src)
+    }
+    #[inline]
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src)
+    }
+}
+
+macro_rules! half_element {
+    ($t:ty, $d:expr) => {
+        impl Element for $t {
+            const DTYPE: DType = $d;
+            #[inline(always)]
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
+            }
+            #[inline(always)]
+            fn from_f32(x: f32) -> Self {
+                <$t>::from_f32(x)
+            }
+            #[inline]
+            fn widen(src: &[Self], dst: &mut [f32]) {
+                use half::slice::HalfFloatSliceExt;
+                src.convert_to_f32_slice(dst)
+            }
+            #[inline]
+            fn narrow(src: &[f32], dst: &mut [Self]) {
+                use half::slice::HalfFloatSliceExt;
+                dst.convert_from_f32_slice(src)
+            }
+        }
+    };
+}
+half_element!(f16, DType::F16);
+half_element!(bf16, DType::BF16);
+
+/// Borrowed element data of one of the supported types.
+#[derive(Clone, Copy, Debug)]
+pub enum HostData<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+}
+
+/// Mutably borrowed element data.
+#[derive(Debug)]
+pub enum HostDataMut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+    BF16(&'a mut [bf16]),
+}
+
+macro_rules! data_from {
+    ($t:ty, $v:ident) => {
+        impl<'a> From<&'a [$t]> for HostData<'a> {
+            fn from(s: &'a [$t]) -> Self {
+                HostData::$v(s)
+            }
+        }
+        impl<'a> From<&'a Vec<$t>> for HostData<'a> {
+            fn from(s: &'a Vec<$t>) -> Self {
+                HostData::$v(s)
+            }
+        }
+        impl<'a> From<&'a mut [$t]> for HostDataMut<'a> {
+            fn from(s: &'a mut [$t]) -> Self {
+                HostDataMut::$v(s)
+            }
+        }
+        impl<'a> From<&'a mut Vec<$t>> for HostDataMut<'a> {
+            fn from(s: &'a mut Vec<$t>) -> Self {
+                HostDataMut::$v(s)
+            }
+        }
+    };
+}
+data_from!(f32, F32);
+data_from!(f16, F16);
+data_from!(bf16, BF16);
+
+impl HostData<'_> {
+    pub fn dtype(&self) -> DType {
+        match self {
+            HostData::F32(_) => DType::F32,
+            HostData::F16(_) => DType::F16,
+            HostData::BF16(_) => DType::BF16,
+        }
+    }
+    pub fn len(&self) -> usize {
+        match self {
+            HostData::F32(s) => s.len(),
+            HostData::F16(s) => s.len(),
+            HostData::BF16(s) => s.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl HostDataMut<'_> {
+    pub fn dtype(&self) -> DType {
+        match self {
+            HostDataMut::F32(_) => DType::F32,
+            HostDataMut::F16(_) => DType::F16,
+            HostDataMut::BF16(_) => DType::BF16,
+        }
+    }
+    pub fn len(&self) -> usize {
+        match self {
+            HostDataMut::F32(s) => s.len(),
+            HostDataMut::F16(s) => s.len(),
+            HostDataMut::BF16(s) => s.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn contiguous_strides(shape: [usize; 4]) -> [usize; 4] {
+    [shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1]
+}
+
+/// Smallest buffer length that holds every element a view addresses, or `None` on overflow.
+fn extent(shape: [usize; 4], strides: [usize; 4]) -> Option<usize> {
+    if shape.contains(&0) {
+        return Some(0);
+    }
+    let mut last = 0usize;
+    for i in 0..4 {
+        last = last.checked_add((shape[i] - 1).checked_mul(strides[i])?)?;
+    }
+    last.checked_add(1)
+}
+
+/// Checks that `shape`/`strides` describe a valid view into `len` elements.
+pub(crate) fn check_layout(what: &'static str, shape: [usize; 4], strides: [usize; 4], len: usize) -> Result<()> {
+    if strides[3] != 1 {
+        return Err(Error::Layout { what, detail: format!("innermost stride must be 1 (got {})", strides[3]) });
+    }
+    match extent(shape, strides) {
+        None => Err(Error::Layout { what, detail: format!("shape {shape:?} with strides {strides:?} overflows") }),
+        Some(n) if n > len => Err(Error::Layout {
+            what,
+            detail: format!("shape {shape:?} with strides {strides:?} needs {n} elements, buffer has {len}"),
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
+/// A borrowed rank-4 tensor (read-only).
+#[derive(Clone, Copy, Debug)]
+pub struct TensorView<'a> {
+    data: HostData<'a>,
+    shape: [usize; 4],
+    strides: [usize; 4],
+}
+
+impl<'a> TensorView<'a> {
+    /// A contiguous (row-major) view. The buffer length is checked when the view is used.
+    pub fn new(data: impl Into<HostData<'a>>, shape: [usize; 4]) -> Self {
+        TensorView { data: data.into(), shape, strides: contiguous_strides(shape) }
+    }
+
+    /// A view with explicit element strides (the last must be 1).
+    pub fn strided(data: impl Into<HostData<'a>>, shape: [usize; 4], strides: [usize; 4]) -> Self {
+        TensorView { data: data.into(), shape, strides }
+    }
+
+    pub fn data(&self) -> HostData<'a> {
+        self.data
+    }
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+    pub fn shape(&self) -> [usize; 4] {
+        self.shape
+    }
+    pub fn strides(&self) -> [usize; 4] {
+        self.strides
+    }
+    pub fn is_contiguous(&self) -> bool {
+        self.strides == contiguous_strides(self.shape)
+    }
+
+    /// Element offset of `[i0, i1, i2, 0]`.
+    #[inline(always)]
+    pub fn offset(&self, i0: usize, i1: usize, i2: usize) -> usize {
+        i0 * self.strides[0] + i1 * self.strides[1] + i2 * self.strides[2]
+    }
+
+    pub(crate) fn check(&self, what: &'static str) -> Result<()> {
+        check_layout(what, self.shape, self.strides, self.data.len())
+    }
+
+    /// The typed slice, if the element type is `T`.
+    pub fn typed<T: Element>(&self) -> Option<&'a [T]> {
+        match self.data {
+            HostData::F32(s) => bytemuck::try_cast_slice(s).ok().filter(|_| T::DTYPE == DType::F32),
+            HostData::F16(s) => bytemuck::try_cast_slice(s).ok().filter(|_| T::DTYPE == DType::F16),
+            HostData::BF16(s) => bytemuck::try_cast_slice(s).ok().filter(|_| T::DTYPE == DType::BF16),
+        }
+    }
+
+    /// Reads one element as f64 (for oracles and tests; slow).
+    pub fn get(&self, i: [usize; 4]) -> f64 {
+        let o = self.offset(i[0], i[1], i[2]) + i[3];
+        match self.data {
+            HostData::F32(s) => s[o] as f64,
+            HostData::F16(s) => s[o].to_f64(),
+            HostData::BF16(s) => s[o].to_f64(),
+        }
+    }
+}
+
+/// A mutably borrowed rank-4 tensor (an output).
+#[derive(Debug)]
+pub struct TensorViewMut<'a> {
+    data: HostDataMut<'a>,
+    shape: [usize; 4],
+    strides: [usize; 4],
+}
+
+impl<'a> TensorViewMut<'a> {
+    pub fn new(data: impl Into<HostDataMut<'a>>, shape: [usize; 4]) -> Self {
+        TensorViewMut { data: data.into(), shape, strides: contiguous_strides(shape) }
+    }
+    pub fn strided(data: impl Into<HostDataMut<'a>>, shape: [usize; 4], strides: [usize; 4]) -> Self {
+        TensorViewMut { data: data.into(), shape, strides }
+    }
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+    pub fn shape(&self) -> [usize; 4] {
+        self.shape
+    }
+    pub fn strides(&self) -> [usize; 4] {
+        self.strides
+    }
+    #[inline(always)]
+    pub fn offset(&self, i0: usize, i1: usize, i2: usize) -> usize {
+        i0 * self.strides[0] + i1 * self.strides[1] + i2 * self.strides[2]
+    }
+    pub(crate) fn check(&self, what: &'static str) -> Result<()> {
+        check_layout(what, self.shape, self.strides, self.data.len())
+    }
+    pub fn data_mut(&mut self) -> &mut HostDataMut<'a> {
+        &mut self.data
+    }
+    /// The typed slice, if the element type is `T`.
+    pub fn typed_mut<T: Element>(&mut self) -> Option<&mut [T]> {
+        if T::DTYPE != self.dtype() {
+            return None;
+        }
+        match &mut self.data {
+            HostDataMut::F32(s) => bytemuck::try_cast_slice_mut(s).ok(),
+            HostDataMut::F16(s) => bytemuck::try_cast_slice_mut(s).ok(),
+            HostDataMut::BF16(s) => bytemuck::try_cast_slice_mut(s).ok(),
+        }
+    }
+    /// Writes one element, rounding from f64 (for oracles; slow).
+    pub fn set(&mut self, i: [usize; 4], x: f64) {
+        let o = self.offset(i[0], i[1], i[2]) + i[3];
+        match &mut self.data {
+            HostDataMut::F32(s) => s[o] = x as f32,
+            HostDataMut::F16(s) => s[o] = f16::from_f64(x),
+            HostDataMut::BF16(s) => s[o] = bf16::from_f64(x),
+        }
+    }
+    /// A read-only view of the same memory.
+    pub fn as_view(&self) -> TensorView<'_> {
+        let data = match &self.data {
+            HostDataMut::F32(s) => HostData::F32(s),
+            HostDataMut::F16(s) => HostData::F16(s),
+            HostDataMut::BF16(s) => HostData::BF16(s),
+        };
+        TensorView { data, shape: self.shape, strides: self.strides }
+    }
+}
+
+/// Owned element storage.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HostBuffer {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+/// An owned contiguous rank-4 tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    pub data: HostBuffer,
+    pub shape: [usize; 4],
+}
+
+impl HostTensor {
+    /// A tensor filled with `value` (use NaN to poison an output before a kernel writes it).
+    pub fn full(dtype: DType, shape: [usize; 4], value: f32) -> Self {
+        let n = shape.iter().product();
+        let data = match dtype {
+            DType::F32 => HostBuffer::F32(vec![value; n]),
+            DType::F16 => HostBuffer::F16(vec![f16::from_f32(value); n]),
+            DType::BF16 => HostBuffer::BF16(vec![bf16::from_f32(value); n]),
+        };
+        HostTensor { data, shape }
+    }
+    pub fn zeros(dtype: DType, shape: [usize; 4]) -> Self {
+        Self::full(dtype, shape, 0.0)
+    }
+    /// Rounds f32 values to `dtype`.
+    pub fn from_f32(values: &[f32], shape: [usize; 4], dtype: DType) -> Self {
+        assert_eq!(values.len(), shape.iter().product::<usize>(), "HostTensor::from_f32: length/shape mismatch");
+        let data = match dtype {
+            DType::F32 => HostBuffer::F32(values.to_vec()),
+            DType::F16 => HostBuffer::F16(values.iter().map(|&x| f16::from_f32(x)).collect()),
+            DType::BF16 => HostBuffer::BF16(values.iter().map(|&x| bf16::from_f32(x)).collect()),
+        };
+        HostTensor { data, shape }
+    }
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            HostBuffer::F32(_) => DType::F32,
+            HostBuffer::F16(_) => DType::F16,
+            HostBuffer::BF16(_) => DType::BF16,
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn view(&self) -> TensorView<'_> {
+        match &self.data {
+            HostBuffer::F32(v) => TensorView::new(v.as_slice(), self.shape),
+            HostBuffer::F16(v) => TensorView::new(v.as_slice(), self.shape),
+            HostBuffer::BF16(v) => TensorView::new(v.as_slice(), self.shape),
+        }
+    }
+    pub fn view_mut(&mut self) -> TensorViewMut<'_> {
+        let shape = self.shape;
+        match &mut self.data {
+            HostBuffer::F32(v) => TensorViewMut::new(v.as_mut_slice(), shape),
+            HostBuffer::F16(v) => TensorViewMut::new(v.as_mut_slice(), shape),
+            HostBuffer::BF16(v) => TensorViewMut::new(v.as_mut_slice(), shape),
+        }
+    }
+    /// All values widened to f32.
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match &self.data {
+            HostBuffer::F32(v) => v.clone(),
+            HostBuffer::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            HostBuffer::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+    /// The same values rounded to another type.
+    pub fn cast(&self, dtype: DType) -> HostTensor {
+        if dtype == self.dtype() {
+            return self.clone();
+        }
+        HostTensor::from_f32(&self.to_f32_vec(), self.shape, dtype)
+    }
+}

@@ -1,0 +1,453 @@
+//! Argument validation, done once in shared code before any backend runs (SPEC §6).
+//!
+//! Each operation's arguments reach a backend only as one of the `*Args` types below, which only
+//! this module can build: a backend never sees an unchecked shape, stride, dtype or block list.
+
+use crate::backend::Capabilities;
+use crate::config::{DecodeConfig, EntropyConfig, check_scale};
+use crate::error::{Error, Result};
+use crate::plan::{BlockLists, PlanDims};
+use crate::tensor::{DType, TensorView, TensorViewMut};
+
+/// Sizes of a prefill attention call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnDims {
+    pub batch: usize,
+    pub seq_len: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttnDims {
+    pub fn group(&self) -> usize {
+        self.q_heads / self.kv_heads
+    }
+}
+
+/// Validated arguments of `plan`.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanArgs<'a> {
+    q: TensorView<'a>,
+    k: TensorView<'a>,
+    cfg: &'a EntropyConfig,
+    fusion: Option<&'a [f32]>,
+    dims: PlanDims,
+    head_dim: usize,
+    keep_maps: bool,
+}
+
+impl<'a> PlanArgs<'a> {
+    pub fn q(&self) -> TensorView<'a> {
+        self.q
+    }
+    pub fn k(&self) -> TensorView<'a> {
+        self.k
+    }
+    pub fn cfg(&self) -> &'a EntropyConfig {
+        self.cfg
+    }
+    /// The previous layer's distribution, present only when fusion applies (SPEC §2.5).
+    pub fn fusion(&self) -> Option<&'a [f32]> {
+        self.fusion
+    }
+    pub fn dims(&self) -> PlanDims {
+        self.dims
+    }
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    /// Whether the caller wants `logits` and `scores` materialised.
+    pub fn keep_maps(&self) -> bool {
+        self.keep_maps
+    }
+}
+
+/// Validated arguments of dense and sparse prefill attention.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionArgs<'a> {
+    q: TensorView<'a>,
+    k: TensorView<'a>,
+    v: TensorView<'a>,
+    blocks: Option<&'a BlockLists>,
+    scale: f32,
+    dims: AttnDims,
+}
+
+impl<'a> AttentionArgs<'a> {
+    pub fn q(&self) -> TensorView<'a> {
+        self.q
+    }
+    pub fn k(&self) -> TensorView<'a> {
+        self.k
+    }
+    pub fn v(&self) -> TensorView<'a> {
+        self.v
+    }
+    /// `None`: dense causal attention.
+    pub fn blocks(&self) -> Option<&'a BlockLists> {
+        self.blocks
+    }
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+    pub fn dims(&self) -> AttnDims {
+        self.dims
+    }
+}
+
+/// Validated arguments of `kv_compress`.
+#[derive(Clone, Copy, Debug)]
+pub struct CompressArgs<'a> {
+    k_cache: TensorView<'a>,
+    v_cache: TensorView<'a>,
+    obs: TensorView<'a>,
+    cfg: &'a DecodeConfig,
+    scale: f32,
+    /// `(batch, kv heads, query heads, entries, head_dim)`.
+    pub(crate) sizes: CompressDims,
+}
+
+/// Sizes of a `kv_compress` call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompressDims {
+    pub batch: usize,
+    pub kv_heads: usize,
+    pub q_heads: usize,
+    pub entries: usize,
+    pub window: usize,
+    pub head_dim: usize,
+}
+
+impl CompressDims {
+    pub fn group(&self) -> usize {
+        self.q_heads / self.kv_heads
+    }
+    /// Heads of the compressed cache: `Hq` for `per_query_head`, else `Hkv`.
+    pub fn out_heads(&self, cfg: &DecodeConfig) -> usize {
+        if cfg.gqa_mode == crate::config::GqaMode::PerQueryHead { self.q_heads } else { self.kv_heads }
+    }
+    /// Whether compression happens at all (SPEC §4: skipped when `N < decode_budget`).
+    pub fn compresses(&self, cfg: &DecodeConfig) -> bool {
+        self.entries >= cfg.decode_budget
+    }
+}
+
+impl<'a> CompressArgs<'a> {
+    pub fn k_cache(&self) -> TensorView<'a> {
+        self.k_cache
+    }
+    pub fn v_cache(&self) -> TensorView<'a> {
+        self.v_cache
+    }
+    pub fn obs(&self) -> TensorView<'a> {
+        self.obs
+    }
+    pub fn cfg(&self) -> &'a DecodeConfig {
+        self.cfg
+    }
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+    pub fn dims(&self) -> CompressDims {
+        self.sizes
+    }
+}
+
+/// Validated arguments of `decode_attention`.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeArgs<'a> {
+    q: TensorView<'a>,
+    k_cache: TensorView<'a>,
+    v_cache: TensorView<'a>,
+    lengths: &'a [u32],
+    scale: f32,
+    dims: DecodeDims,
+}
+
+/// Sizes of a `decode_attention` call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeDims {
+    pub batch: usize,
+    /// New queries per sequence.
+    pub queries: usize,
+    pub q_heads: usize,
+    pub cache_heads: usize,
+    pub capacity: usize,
+    pub head_dim: usize,
+}
+
+impl DecodeDims {
+    pub fn group(&self) -> usize {
+        self.q_heads / self.cache_heads
+    }
+}
+
+impl<'a> DecodeArgs<'a> {
+    pub fn q(&self) -> TensorView<'a> {
+        self.q
+    }
+    pub fn k_cache(&self) -> TensorView<'a> {
+        self.k_cache
+    }
+    pub fn v_cache(&self) -> TensorView<'a> {
+        self.v_cache
+    }
+    /// `[B, Hc]` entries per head.
+    pub fn lengths(&self) -> &'a [u32] {
+        self.lengths
+    }
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+    pub fn dims(&self) -> DecodeDims {
+        self.dims
+    }
+}
+
+fn shape_err(what: &'static str, expected: impl std::fmt::Debug, got: [usize; 4]) -> Error {
+    Error::Shape { what, expected: format!("{expected:?}"), got: got.to_vec() }
+}
+
+fn nonzero(sizes: &[(&'static str, usize)]) -> Result<()> {
+    match sizes.iter().find(|(_, n)| *n == 0) {
+        Some((what, _)) => Err(Error::ZeroSize { what }),
+        None => Ok(()),
+    }
+}
+
+fn same_dtype(reference: DType, others: &[(&'static str, DType)]) -> Result<()> {
+    for &(what, got) in others {
+        if got != reference {
+            return Err(Error::DTypeMismatch { what, expected: reference, got });
+        }
+    }
+    Ok(())
+}
+
+fn supported(caps: &Capabilities, dtype: DType, head_dim: usize) -> Result<()> {
+    if !caps.dtypes.contains(&dtype) {
+        return Err(Error::UnsupportedDType { dtype, backend: caps.backend });
+    }
+    if !caps.supports_head_dim(head_dim) {
+        return Err(Error::UnsupportedHeadDim {
+            head_dim,
+            backend: caps.backend,
+            supported: caps.head_dims_text(),
+        });
+    }
+    Ok(())
+}
+
+fn resolve_scale(scale: Option<f32>, head_dim: usize) -> Result<f32> {
+    check_scale(scale)?;
+    Ok(scale.unwrap_or(1.0 / (head_dim as f32).sqrt()))
+}
+
+/// Checks q/k/v of a prefill: BSND, shared batch/length/head dim, grouped heads, one dtype.
+fn prefill_inputs(
+    caps: &Capabilities,
+    q: &TensorView<'_>,
+    k: &TensorView<'_>,
+    v: Option<&TensorView<'_>>,
+) -> Result<AttnDims> {
+    q.check("q")?;
+    k.check("k")?;
+    let [b, l, hq, d] = q.shape();
+    nonzero(&[("batch", b), ("sequence length", l), ("query heads", hq), ("head dim", d)])?;
+    let [kb, kl, hkv, kd] = k.shape();
+    if kb != b || kl != l || kd != d {
+        return Err(shape_err("k", format!("[{b}, {l}, Hkv, {d}] (BSND, like q)"), k.shape()));
+    }
+    nonzero(&[("key/value heads", hkv)])?;
+    if hq % hkv != 0 {
+        return Err(Error::HeadGrouping { q_heads: hq, kv_heads: hkv });
+    }
+    let mut dtypes = vec![("k", k.dtype())];
+    if let Some(v) = v {
+        v.check("v")?;
+        if v.shape() != k.shape() {
+            return Err(shape_err("v", k.shape(), v.shape()));
+        }
+        dtypes.push(("v", v.dtype()));
+    }
+    same_dtype(q.dtype(), &dtypes)?;
+    supported(caps, q.dtype(), d)?;
+    Ok(AttnDims { batch: b, seq_len: l, q_heads: hq, kv_heads: hkv, head_dim: d })
+}
+
+fn plan_dims(a: &AttnDims, cfg: &EntropyConfig) -> PlanDims {
+    PlanDims::new(a.batch, a.seq_len, a.q_heads, a.kv_heads, cfg.segment_size, cfg.block_size)
+}
+
+/// Validates `plan` arguments.
+pub fn plan<'a>(
+    caps: &Capabilities,
+    q: TensorView<'a>,
+    k: TensorView<'a>,
+    cfg: &'a EntropyConfig,
+    layer_idx: usize,
+    prev_scores: Option<&'a [f32]>,
+    keep_maps: bool,
+) -> Result<PlanArgs<'a>> {
+    cfg.validate()?;
+    let a = prefill_inputs(caps, &q, &k, None)?;
+    let dims = plan_dims(&a, cfg);
+    if dims.segments > u32::MAX as usize / dims.blocks_per_segment().max(1) {
+        return Err(Error::range("seq_len", a.seq_len, "too many blocks for 32-bit block indices"));
+    }
+    if let Some(prev) = prev_scores {
+        let want = dims.units() * dims.blocks;
+        if prev.len() != want {
+            return Err(Error::PlanMismatch(format!(
+                "previous layer's scores hold {} values; this layer's map [B={}, Hkv={}, nseg={}, N={}] needs {want}",
+                prev.len(),
+                dims.batch,
+                dims.kv_heads,
+                dims.segments,
+                dims.blocks
+            )));
+        }
+    }
+    let fusion = prev_scores.filter(|_| cfg.layer_fusion && layer_idx >= 2 && dims.blocks > 0);
+    Ok(PlanArgs { q, k, cfg, fusion, dims, head_dim: a.head_dim, keep_maps })
+}
+
+fn check_output(out: &TensorViewMut<'_>, expected: [usize; 4], dtype: DType) -> Result<()> {
+    out.check("out")?;
+    if out.shape() != expected {
+        return Err(shape_err("out", expected, out.shape()));
+    }
+    if out.dtype() != dtype {
+        return Err(Error::DTypeMismatch { what: "out", expected: dtype, got: out.dtype() });
+    }
+    Ok(())
+}
+
+/// Validates prefill attention arguments (`blocks = None` is dense).
+#[allow(clippy::too_many_arguments)]
+pub fn attention<'a>(
+    caps: &Capabilities,
+    q: TensorView<'a>,
+    k: TensorView<'a>,
+    v: TensorView<'a>,
+    blocks: Option<&'a BlockLists>,
+    scale: Option<f32>,
+    out: &TensorViewMut<'_>,
+    lse: Option<&[f32]>,
+) -> Result<AttentionArgs<'a>> {
+    let dims = prefill_inputs(caps, &q, &k, Some(&v))?;
+    check_output(out, q.shape(), q.dtype())?;
+    if let Some(lse) = lse {
+        let want = dims.batch * dims.q_heads * dims.seq_len;
+        if lse.len() != want {
+            return Err(Error::Layout {
+                what: "lse",
+                detail: format!("needs [B, Hq, L] = {want} values, buffer has {}", lse.len()),
+            });
+        }
+    }
+    if let Some(bl) = blocks {
+        let d = bl.dims;
+        nonzero(&[("plan segment_size", d.segment_size), ("plan block_size", d.block_size)])?;
+        if d.segment_size % d.block_size != 0 {
+            return Err(Error::SegmentNotBlockMultiple { segment_size: d.segment_size, block_size: d.block_size });
+        }
+        let fresh = PlanDims::new(
+            dims.batch,
+            dims.seq_len,
+            dims.q_heads,
+            dims.kv_heads,
+            d.segment_size,
+            d.block_size,
+        );
+        if d != fresh {
+            return Err(Error::PlanMismatch(format!(
+                "block lists were made for {d:?}; these inputs need {fresh:?}"
+            )));
+        }
+        bl.validate()?;
+    }
+    let scale = resolve_scale(scale, dims.head_dim)?;
+    Ok(AttentionArgs { q, k, v, blocks, scale, dims })
+}
+
+/// Validates `kv_compress` arguments.
+pub fn kv_compress<'a>(
+    caps: &Capabilities,
+    k_cache: TensorView<'a>,
+    v_cache: TensorView<'a>,
+    obs: TensorView<'a>,
+    cfg: &'a DecodeConfig,
+) -> Result<CompressArgs<'a>> {
+    cfg.validate()?;
+    k_cache.check("k_cache")?;
+    v_cache.check("v_cache")?;
+    obs.check("obs")?;
+    let [b, hkv, n, d] = k_cache.shape();
+    nonzero(&[("batch", b), ("key/value heads", hkv), ("cache entries", n), ("head dim", d)])?;
+    if v_cache.shape() != k_cache.shape() {
+        return Err(shape_err("v_cache", k_cache.shape(), v_cache.shape()));
+    }
+    let [ob, hq, w, od] = obs.shape();
+    if ob != b || od != d || w != cfg.window {
+        return Err(shape_err("obs", format!("[{b}, Hq, window={}, {d}]", cfg.window), obs.shape()));
+    }
+    nonzero(&[("query heads", hq)])?;
+    if hq % hkv != 0 {
+        return Err(Error::HeadGrouping { q_heads: hq, kv_heads: hkv });
+    }
+    same_dtype(k_cache.dtype(), &[("v_cache", v_cache.dtype()), ("obs", obs.dtype())])?;
+    supported(caps, k_cache.dtype(), d)?;
+    if n > u32::MAX as usize {
+        return Err(Error::range("cache entries", n, "must fit in 32 bits"));
+    }
+    let scale = resolve_scale(cfg.scale, d)?;
+    let sizes = CompressDims { batch: b, kv_heads: hkv, q_heads: hq, entries: n, window: w, head_dim: d };
+    Ok(CompressArgs { k_cache, v_cache, obs, cfg, scale, sizes })
+}
+
+/// Validates `decode_attention` arguments.
+pub fn decode_attention<'a>(
+    caps: &Capabilities,
+    q: TensorView<'a>,
+    k_cache: TensorView<'a>,
+    v_cache: TensorView<'a>,
+    lengths: &'a [u32],
+    scale: Option<f32>,
+    out: &TensorViewMut<'_>,
+) -> Result<DecodeArgs<'a>> {
+    q.check("q")?;
+    k_cache.check("k_cache")?;
+    v_cache.check("v_cache")?;
+    let [b, nq, hq, d] = q.shape();
+    nonzero(&[("batch", b), ("new queries", nq), ("query heads", hq), ("head dim", d)])?;
+    let [cb, hc, cap, cd] = k_cache.shape();
+    if cb != b || cd != d {
+        return Err(shape_err("k_cache", format!("[{b}, Hc, capacity, {d}]"), k_cache.shape()));
+    }
+    nonzero(&[("cache heads", hc), ("cache capacity", cap)])?;
+    if v_cache.shape() != k_cache.shape() {
+        return Err(shape_err("v_cache", k_cache.shape(), v_cache.shape()));
+    }
+    if hq % hc != 0 {
+        return Err(Error::HeadGrouping { q_heads: hq, kv_heads: hc });
+    }
+    same_dtype(q.dtype(), &[("k_cache", k_cache.dtype()), ("v_cache", v_cache.dtype())])?;
+    supported(caps, q.dtype(), d)?;
+    check_output(out, q.shape(), q.dtype())?;
+    if lengths.len() != b * hc {
+        return Err(Error::Layout {
+            what: "lengths",
+            detail: format!("needs [B, Hc] = {} values, got {}", b * hc, lengths.len()),
+        });
+    }
+    for (i, &len) in lengths.iter().enumerate() {
+        if len == 0 || len as usize > cap {
+            return Err(Error::CacheLength { batch: i / hc, head: i % hc, length: len as usize, capacity: cap });
+        }
+    }
+    let scale = resolve_scale(scale, d)?;
+    let dims = DecodeDims { batch: b, queries: nq, q_heads: hq, cache_heads: hc, capacity: cap, head_dim: d };
+    Ok(DecodeArgs { q, k_cache, v_cache, lengths, scale, dims })
+}

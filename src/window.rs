@@ -1,0 +1,161 @@
+//! The latent observation schedule of SPEC §4, run step by step for an engine.
+//!
+//! At prefill end the window keeps the last `max(W - gap, 1)` prompt queries (all W for SnapKV,
+//! `gap = -1`, which compresses right away). Each of the next `gap` decode steps appends its query
+//! (newest W kept). Decode step `gap + 1` is told to compress: the engine appends that step's K/V,
+//! lets the step attend to the uncompressed cache, then calls `kv_compress` with
+//! [`ObservationWindow::observation`]. One compression per request.
+
+use std::collections::VecDeque;
+
+use crate::config::DecodeConfig;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, HostTensor, TensorView};
+
+/// What the engine should do after feeding the window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WindowEvent {
+    /// Keep decoding over the full cache.
+    Observing,
+    /// Compress the cache now with `observation()` (after this step's attention).
+    CompressNow,
+    /// The request's one compression has happened; nothing more to observe.
+    Done,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    AwaitPrefill,
+    Observing,
+    Done,
+}
+
+/// Rolling window of observation queries for one request (all sequences of a batch advance together).
+#[derive(Clone, Debug)]
+pub struct ObservationWindow {
+    batch: usize,
+    q_heads: usize,
+    head_dim: usize,
+    window: usize,
+    gap: i64,
+    /// Newest last; each entry is one token's queries `[B, Hq, D]`.
+    queries: VecDeque<Vec<f32>>,
+    steps: usize,
+    state: State,
+}
+
+impl ObservationWindow {
+    pub fn new(batch: usize, q_heads: usize, head_dim: usize, cfg: &DecodeConfig) -> Result<Self> {
+        cfg.validate()?;
+        for (what, n) in [("batch", batch), ("query heads", q_heads), ("head dim", head_dim)] {
+            if n == 0 {
+                return Err(Error::ZeroSize { what });
+            }
+        }
+        Ok(ObservationWindow {
+            batch,
+            q_heads,
+            head_dim,
+            window: cfg.window,
+            gap: cfg.decode_gap,
+            queries: VecDeque::with_capacity(cfg.window),
+            steps: 0,
+            state: State::AwaitPrefill,
+        })
+    }
+
+    /// Queries held now.
+    pub fn len(&self) -> usize {
+        self.queries.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.queries.is_empty()
+    }
+    /// Decode steps fed so far.
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+
+    fn push_tokens(&mut self, q: &TensorView<'_>, from: usize) {
+        for t in from..q.shape()[1] {
+            let mut tok = Vec::with_capacity(self.batch * self.q_heads * self.head_dim);
+            for b in 0..self.batch {
+                for h in 0..self.q_heads {
+                    tok.extend((0..self.head_dim).map(|d| q.get([b, t, h, d]) as f32));
+                }
+            }
+            if self.queries.len() == self.window {
+                self.queries.pop_front();
+            }
+            self.queries.push_back(tok);
+        }
+    }
+
+    fn check(&self, q: &TensorView<'_>, what: &'static str) -> Result<()> {
+        q.check(what)?;
+        let [b, n, h, d] = q.shape();
+        if b != self.batch || h != self.q_heads || d != self.head_dim || n == 0 {
+            return Err(Error::Shape {
+                what,
+                expected: format!("[{}, tokens >= 1, {}, {}] (BSND)", self.batch, self.q_heads, self.head_dim),
+                got: q.shape().to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Feeds the prompt's queries (`[B, L, Hq, D]`, or just its last tokens).
+    pub fn prefill_end(&mut self, q: TensorView<'_>) -> Result<WindowEvent> {
+        if self.state != State::AwaitPrefill {
+            return Err(Error::Window("prefill_end called twice".into()));
+        }
+        self.check(&q, "prompt queries")?;
+        let keep = if self.gap < 0 { self.window } else { self.window.saturating_sub(self.gap as usize).max(1) };
+        let l = q.shape()[1];
+        self.push_tokens(&q, l.saturating_sub(keep));
+        if self.gap < 0 {
+            self.state = State::Done;
+            Ok(WindowEvent::CompressNow)
+        } else {
+            self.state = State::Observing;
+            Ok(WindowEvent::Observing)
+        }
+    }
+
+    /// Feeds one decode step's queries (`[B, 1, Hq, D]`; several tokens are appended in order).
+    pub fn decode_step(&mut self, q: TensorView<'_>) -> Result<WindowEvent> {
+        match self.state {
+            State::AwaitPrefill => return Err(Error::Window("decode_step before prefill_end".into())),
+            State::Done => {
+                self.steps += 1;
+                return Ok(WindowEvent::Done);
+            }
+            State::Observing => {}
+        }
+        self.check(&q, "decode queries")?;
+        self.steps += 1;
+        if self.steps as i64 <= self.gap {
+            self.push_tokens(&q, 0);
+            Ok(WindowEvent::Observing)
+        } else {
+            self.state = State::Done;
+            Ok(WindowEvent::CompressNow)
+        }
+    }
+
+    /// The window as `[B, Hq, w, D]` in `dtype`, oldest query first: the `obs` of `kv_compress`.
+    pub fn observation(&self, dtype: DType) -> HostTensor {
+        let (b, h, d, w) = (self.batch, self.q_heads, self.head_dim, self.queries.len());
+        let mut out = vec![0f32; b * h * w * d];
+        for (wi, tok) in self.queries.iter().enumerate() {
+            for bi in 0..b {
+                for hi in 0..h {
+                    let src = (bi * h + hi) * d;
+                    let dst = ((bi * h + hi) * w + wi) * d;
+                    out[dst..dst + d].copy_from_slice(&tok[src..src + d]);
+                }
+            }
+        }
+        HostTensor::from_f32(&out, [b, h, w, d], dtype)
+    }
+}

@@ -1,0 +1,243 @@
+//! Every `../shared/conformance` case on the oracle and on every available backend: decisions
+//! exact, numbers within the tolerances of the conformance README, both budget modes, every
+//! decode mode the cases carry; then the same inputs cast to f16/bf16 against the oracle on the
+//! cast inputs.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use common::*;
+use entropy_kernels::io::Case;
+use entropy_kernels::{BudgetMode, DType, HostTensor, Kernels, Plan, PlanRequest};
+
+struct Inputs {
+    case: Case,
+    q: HostTensor,
+    k: HostTensor,
+    v: HostTensor,
+    prev: Option<Vec<f32>>,
+}
+
+fn load(path: &Path) -> Inputs {
+    let case = Case::load(path).unwrap();
+    let prev = case.has("prev_scores").then(|| case.f32("prev_scores").unwrap().0);
+    Inputs {
+        q: case.tensor4("q").unwrap(),
+        k: case.tensor4("k").unwrap(),
+        v: case.tensor4("v").unwrap(),
+        prev,
+        case,
+    }
+}
+
+fn plan_of(kernels: &Kernels, inp: &Inputs, q: &HostTensor, k: &HostTensor) -> Plan {
+    let mut req = PlanRequest::layer(inp.case.layer_idx);
+    if let Some(p) = &inp.prev {
+        req = req.with_prev(p);
+    }
+    kernels.plan(q.view(), k.view(), &inp.case.config.prefill, &req).unwrap()
+}
+
+fn run_attention(kernels: &Kernels, plan: Option<(&Plan, BudgetMode, usize)>, q: &HostTensor, k: &HostTensor, v: &HostTensor) -> HostTensor {
+    let mut out = poisoned(q.shape, q.dtype());
+    match plan {
+        Some((plan, mode, t)) => {
+            let lists = plan.block_lists(mode, t);
+            kernels.sparse_prefill(q.view(), k.view(), v.view(), &lists, None, &mut out.view_mut(), None).unwrap()
+        }
+        None => kernels.dense_prefill(q.view(), k.view(), v.view(), None, &mut out.view_mut(), None).unwrap(),
+    }
+    out
+}
+
+fn as_set(x: &[u32]) -> BTreeSet<i64> {
+    x.iter().map(|&v| v as i64).collect()
+}
+
+/// The plan against the case's stored outputs (SPEC §2; tolerances from the conformance README).
+fn check_plan(name: &str, plan: &Plan, case: &Case) {
+    let keep = case.i64("plan.keep_blocks").unwrap().0;
+    let topk = case.i64("plan.segment_topk").unwrap().0;
+    let (order, oshape) = case.i64("plan.order").unwrap();
+    let got_keep: Vec<i64> = plan.keep_blocks.iter().map(|&x| x as i64).collect();
+    assert_eq!(got_keep, keep, "{name}: keep_blocks");
+    let got_topk: Vec<i64> = plan.segment_topk.iter().map(|&x| x as i64).collect();
+    assert_eq!(got_topk, topk, "{name}: segment_topk");
+    let w = oshape[3];
+    assert_eq!(plan.order_width, w, "{name}: order width");
+    let d = plan.dims;
+    for b in 0..d.batch {
+        for h in 0..d.kv_heads {
+            for s in 0..d.segments {
+                let u = d.unit(b, h, s);
+                let want = &order[u * w..(u + 1) * w];
+                let got = plan.ranking(b, h, s);
+                for n in [keep[u] as usize, topk[s] as usize] {
+                    let want_set: BTreeSet<i64> = want[..n].iter().copied().collect();
+                    assert_eq!(as_set(&got[..n]), want_set, "{name}: order prefix of {n} at (b={b}, h={h}, s={s})");
+                }
+            }
+        }
+    }
+    // Logits to 1e-5 of the row's largest magnitude — or of the magnitude of the dot products
+    // that make the entry, where those are larger: the stored logits come from f32 arithmetic in
+    // which (qmax·k + qmin·k) cancels (planted_mha_exact: terms ~48, logit ~0.7, f32 error ~1e-5).
+    let (logits, _) = case.f32("plan.logits").unwrap();
+    let terms = term_magnitudes(case);
+    let n = d.blocks;
+    for (r, (want, got)) in logits.chunks(n).zip(plan.logits.chunks(n)).enumerate() {
+        let row_max = want.iter().filter(|x| x.is_finite()).fold(0f64, |m, x| m.max(x.abs() as f64));
+        for (j, (a, b)) in want.iter().zip(got).enumerate() {
+            if a.is_finite() {
+                let tol = 1e-5 * row_max.max(terms[r * n + j]);
+                assert!(((a - b).abs() as f64) <= tol, "{name}: logit row {r} block {j}: {b} vs {a} (tol {tol:.2e})");
+            } else {
+                assert_eq!(*b, f32::NEG_INFINITY, "{name}: logit row {r} block {j} must be masked");
+            }
+        }
+    }
+    for (what, tensor) in [("plan.scores", &plan.scores), ("plan.entropy", &plan.entropy)] {
+        let (want, _) = case.f32(what).unwrap();
+        assert_eq!(want.len(), tensor.len(), "{name}: {what} length");
+        let worst = want.iter().zip(tensor.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-4, "{name}: {what} differs by {worst}");
+    }
+}
+
+/// `[B, Hkv, nseg, N]`: mean over the group of `Σ_d (|qmax|+|qmin|)·max(|kmax|,|kmin|) / 2`, the
+/// scale of the f32 rounding error of each stored logit.
+fn term_magnitudes(case: &Case) -> Vec<f64> {
+    let (q, qs) = case.f32("q").unwrap();
+    let (k, ks) = case.f32("k").unwrap();
+    let cfg = &case.config.prefill;
+    let (bsz, l, hq, d, hkv) = (qs[0], qs[1], qs[2], qs[3], ks[2]);
+    let (seg, bk) = (cfg.segment_size, cfg.block_size);
+    let nseg = l.div_ceil(seg);
+    let n = (nseg - 1) * seg / bk;
+    let g = hq / hkv;
+    let reps = |x: &[f32], heads: usize, b: usize, h: usize, t0: usize, t1: usize| {
+        let (mut mx, mut mn) = (vec![f64::MIN; d], vec![f64::MAX; d]);
+        for t in t0..t1.min(l) {
+            for i in 0..d {
+                let v = x[((b * l + t) * heads + h) * d + i] as f64;
+                mx[i] = mx[i].max(v);
+                mn[i] = mn[i].min(v);
+            }
+        }
+        (mx, mn)
+    };
+    let mut out = vec![0.0; bsz * hkv * nseg * n];
+    for b in 0..bsz {
+        for h in 0..hkv {
+            for s in 1..nseg {
+                for j in 0..(s * seg / bk).min(n) {
+                    let (kx, kn) = reps(&k, hkv, b, h, j * bk, (j + 1) * bk);
+                    let mut m = 0.0;
+                    for gi in 0..g {
+                        let (qx, qn) = reps(&q, hq, b, h * g + gi, s * seg, (s + 1) * seg);
+                        m += (0..d).map(|i| (qx[i].abs() + qn[i].abs()) * kx[i].abs().max(kn[i].abs())).sum::<f64>() / 2.0;
+                    }
+                    out[((b * hkv + h) * nseg + s) * n + j] = m / g as f64;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn check_decode(name: &str, kernels: &Kernels, case: &Case) {
+    if !case.has("decode.k_cache") {
+        eprintln!("[{name}] no decode tensors in this case");
+        return;
+    }
+    let kc = case.tensor4("decode.k_cache").unwrap();
+    let vc = case.tensor4("decode.v_cache").unwrap();
+    let obs = case.tensor4("decode.obs_q").unwrap();
+    let out = kernels.kv_compress(kc.view(), vc.view(), obs.view(), &case.config.decode).unwrap();
+    let (idx, ishape) = case.i64("decode.indices").unwrap();
+    assert_eq!(out.heads(), ishape[1], "{name}: compressed heads");
+    assert_eq!(out.indices, idx, "{name}: decode.indices");
+    assert!(out.lengths.iter().all(|&l| l as usize == case.config.decode.decode_budget), "{name}: lengths");
+    assert_eq!(out.k.to_f32_vec(), case.f32("decode.k_out").unwrap().0, "{name}: decode.k_out");
+    assert_eq!(out.v.to_f32_vec(), case.f32("decode.v_out").unwrap().0, "{name}: decode.v_out");
+}
+
+/// One case on one backend, f32, against the stored reference outputs.
+fn check_stored(kernels: &Kernels, inp: &Inputs) {
+    let name = format!("{} on {}", inp.case.path, kernels.kind());
+    let plan = plan_of(kernels, inp, &inp.q, &inp.k);
+    check_plan(&name, &plan, &inp.case);
+    let t = inp.case.config.prefill.threshold_len;
+    for (what, mode) in [("prefill.out", Some(BudgetMode::SegmentMax)), ("prefill.out_per_head", Some(BudgetMode::PerHead)), ("dense.out", None)] {
+        let out = run_attention(kernels, mode.map(|m| (&plan, m, t)), &inp.q, &inp.k, &inp.v);
+        let want: Vec<f64> = inp.case.f32(what).unwrap().0.iter().map(|&x| x as f64).collect();
+        let err = rel_fro(&tensor_f64(&out), &want);
+        eprintln!("[{name}] {what}: rel err {err:.2e}");
+        assert!(err <= 1e-4, "{name}: {what} rel err {err:.3e} > 1e-4");
+    }
+    check_decode(&name, kernels, &inp.case);
+}
+
+/// The case's inputs cast to a narrow dtype: decisions equal to the oracle's on the same cast
+/// inputs, outputs within the dtype's tolerance of the oracle's.
+fn check_cast(kernels: &Kernels, oracle: &Kernels, inp: &Inputs, dtype: DType) {
+    let name = format!("{} on {} as {dtype}", inp.case.path, kernels.kind());
+    let (q, k, v) = (inp.q.cast(dtype), inp.k.cast(dtype), inp.v.cast(dtype));
+    let plan = plan_of(kernels, inp, &q, &k);
+    let want = plan_of(oracle, inp, &q, &k);
+    assert_eq!(plan.keep_blocks, want.keep_blocks, "{name}: keep_blocks");
+    assert_eq!(plan.blocks, want.blocks, "{name}: block lists");
+    let t = inp.case.config.prefill.threshold_len;
+    for mode in [Some(BudgetMode::PerHead), None] {
+        let got = run_attention(kernels, mode.map(|m| (&plan, m, t)), &q, &k, &v);
+        let exact = run_attention(oracle, mode.map(|m| (&want, m, t)), &q, &k, &v);
+        let err = rel_fro(&tensor_f64(&got), &tensor_f64(&exact));
+        eprintln!("[{name}] {mode:?}: rel err {err:.2e}");
+        assert!(err <= attn_tol(dtype), "{name} {mode:?}: rel err {err:.3e} > {:.1e}", attn_tol(dtype));
+    }
+    if inp.case.has("decode.k_cache") {
+        let kc = inp.case.tensor4("decode.k_cache").unwrap().cast(dtype);
+        let vc = inp.case.tensor4("decode.v_cache").unwrap().cast(dtype);
+        let obs = inp.case.tensor4("decode.obs_q").unwrap().cast(dtype);
+        let got = kernels.kv_compress(kc.view(), vc.view(), obs.view(), &inp.case.config.decode).unwrap();
+        let exact = oracle.kv_compress(kc.view(), vc.view(), obs.view(), &inp.case.config.decode).unwrap();
+        assert_eq!(got, exact, "{name}: compressed cache");
+    }
+}
+
+fn run_case(file: &str) {
+    let test = format!("conformance::{file}");
+    let Some(path) = conformance_cases(&test).into_iter().find(|p| p.file_stem().is_some_and(|s| s == file)) else {
+        return;
+    };
+    let inp = load(&path);
+    eprintln!("[{test}] {}", inp.case.description);
+    let oracle = Kernels::reference();
+    check_stored(&oracle, &inp);
+    for kernels in backends_under_test(&test) {
+        check_stored(&kernels, &inp);
+        for dtype in [DType::F16, DType::BF16] {
+            check_cast(&kernels, &oracle, &inp, dtype);
+        }
+    }
+}
+
+macro_rules! cases {
+    ($($name:ident),* $(,)?) => {
+        $(#[test] fn $name() { run_case(stringify!($name)); })*
+
+        /// A new file in the conformance directory must get a test here.
+        #[test]
+        fn every_case_is_covered() {
+            let known = [$(stringify!($name)),*];
+            for p in conformance_cases("conformance::every_case_is_covered") {
+                let stem = p.file_stem().unwrap().to_string_lossy().to_string();
+                assert!(known.contains(&stem.as_str()), "conformance case {stem} has no test");
+            }
+        }
+    };
+}
+
+cases!(planted_fusion, planted_gqa_partial, planted_mha_exact, smollm2_gpl_layer14);
