@@ -1,0 +1,208 @@
+//! Decode attention over compacted caches with per-head lengths (flash-decoding on the CPU):
+//! work units are (batch, cache head, key chunk); each computes partial (max, sum, output) for the
+//! group's query rows, vectorised over the head dim; partials are merged per head.
+
+use rayon::prelude::*;
+
+use super::SendPtr;
+use super::simd::{Isa, Simd, WithSimd, dispatch};
+use crate::tensor::{Element, TensorView, TensorViewMut};
+use crate::validate::{DecodeArgs, DecodeDims};
+
+/// Keys per work unit: long caches split so both cores stay busy.
+const KEYS_PER_UNIT: usize = 512;
+
+struct Call<'a, E> {
+    q: &'a [E],
+    qs: [usize; 4],
+    k: &'a [E],
+    ks: [usize; 4],
+    v: &'a [E],
+    vs: [usize; 4],
+    lengths: &'a [u32],
+    dims: DecodeDims,
+    c: f32,
+}
+
+/// Partial result of one unit: per query row, max (base 2), sum and unnormalised output.
+struct Partial {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    o: Vec<f32>,
+}
+
+/// Dot product of `a` (f32) with `b`, vectorised over the head dim.
+#[inline(always)]
+unsafe fn dot<S: Simd>(a: *const f32, b: *const f32, d: usize) -> f32 {
+    unsafe {
+        let mut acc0 = S::zero();
+        let mut acc1 = S::zero();
+        let mut i = 0;
+        while i + 2 * S::LANES <= d {
+            acc0 = S::fma(S::load(a.add(i)), S::load(b.add(i)), acc0);
+            acc1 = S::fma(S::load(a.add(i + S::LANES)), S::load(b.add(i + S::LANES)), acc1);
+            i += 2 * S::LANES;
+        }
+        while i < d {
+            let n = (d - i).min(S::LANES);
+            let (x, y) = if n == S::LANES {
+                (S::load(a.add(i)), S::load(b.add(i)))
+            } else {
+                (S::load_partial(a.add(i), n), S::load_partial(b.add(i), n))
+            };
+            acc0 = S::fma(x, y, acc0);
+            i += n;
+        }
+        S::hsum(S::add(acc0, acc1))
+    }
+}
+
+/// `o += p · v`, vectorised over the head dim.
+#[inline(always)]
+unsafe fn axpy<S: Simd>(p: f32, v: *const f32, o: *mut f32, d: usize) {
+    unsafe {
+        let pb = S::splat(p);
+        let mut i = 0;
+        while i < d {
+            let n = (d - i).min(S::LANES);
+            if n == S::LANES {
+                S::store(o.add(i), S::fma(pb, S::load(v.add(i)), S::load(o.add(i))));
+            } else {
+                S::store_partial(o.add(i), S::fma(pb, S::load_partial(v.add(i), n), S::load_partial(o.add(i), n)), n);
+            }
+            i += n;
+        }
+    }
+}
+
+struct UnitJob<'a, 'c, E> {
+    call: &'c Call<'a, E>,
+    b: usize,
+    h: usize,
+    keys: std::ops::Range<usize>,
+    buf: &'c mut Vec<f32>,
+}
+
+impl<E: Element> WithSimd for UnitJob<'_, '_, E> {
+    type Output = Partial;
+    #[inline(always)]
+    fn with_simd<S: Simd>(self) -> Partial {
+        let UnitJob { call, b, h, keys, buf } = self;
+        let dm = call.dims;
+        let (g, d, nq) = (dm.group(), dm.head_dim, dm.queries);
+        let rows = nq * g;
+        let n = keys.len();
+        // buf: queries [rows][d], one widened key/value row [d], scores [rows][n].
+        buf.clear();
+        buf.resize(rows * d + d + rows * n, 0.0);
+        let (qbuf, rest) = buf.split_at_mut(rows * d);
+        let (row, scores) = rest.split_at_mut(d);
+        for i in 0..nq {
+            for j in 0..g {
+                let o = b * call.qs[0] + i * call.qs[1] + (h * g + j) * call.qs[2];
+                let dst = &mut qbuf[(i * g + j) * d..(i * g + j + 1) * d];
+                E::widen(&call.q[o..o + d], dst);
+                dst.iter_mut().for_each(|x| *x *= call.c);
+            }
+        }
+        for (jn, t) in keys.clone().enumerate() {
+            let o = b * call.ks[0] + h * call.ks[1] + t * call.ks[2];
+            E::widen(&call.k[o..o + d], row);
+            for r in 0..rows {
+                // SAFETY: both rows hold d values.
+                scores[r * n + jn] = unsafe { dot::<S>(qbuf[r * d..].as_ptr(), row.as_ptr(), d) };
+            }
+        }
+        let mut m = vec![f32::NEG_INFINITY; rows];
+        let mut l = vec![0f32; rows];
+        for r in 0..rows {
+            let s = &mut scores[r * n..(r + 1) * n];
+            m[r] = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for x in s.iter_mut() {
+                *x = (*x - m[r]).exp2();
+                sum += *x;
+            }
+            l[r] = sum;
+        }
+        let mut out = vec![0f32; rows * d];
+        for (jn, t) in keys.enumerate() {
+            let o = b * call.vs[0] + h * call.vs[1] + t * call.vs[2];
+            E::widen(&call.v[o..o + d], row);
+            for r in 0..rows {
+                // SAFETY: `row` and each output row hold d values.
+                unsafe { axpy::<S>(scores[r * n + jn], row.as_ptr(), out[r * d..].as_mut_ptr(), d) };
+            }
+        }
+        Partial { m, l, o: out }
+    }
+}
+
+fn typed<'a, E: Element>(v: &TensorView<'a>) -> &'a [E] {
+    v.typed::<E>().expect("dtype checked by validation")
+}
+
+pub(crate) fn decode<E: Element>(isa: Isa, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) {
+    let dm = a.dims();
+    let call = Call::<E> {
+        q: typed(&a.q()),
+        qs: a.q().strides(),
+        k: typed(&a.k_cache()),
+        ks: a.k_cache().strides(),
+        v: typed(&a.v_cache()),
+        vs: a.v_cache().strides(),
+        lengths: a.lengths(),
+        dims: dm,
+        c: a.scale() * std::f32::consts::LOG2_E,
+    };
+    let mut units = Vec::new();
+    for b in 0..dm.batch {
+        for h in 0..dm.cache_heads {
+            let len = call.lengths[b * dm.cache_heads + h] as usize;
+            for k0 in (0..len).step_by(KEYS_PER_UNIT) {
+                units.push((b, h, k0..(k0 + KEYS_PER_UNIT).min(len)));
+            }
+        }
+    }
+    let partials: Vec<Partial> = units
+        .par_iter()
+        .map_init(Vec::new, |buf, (b, h, keys)| {
+            dispatch(isa, UnitJob { call: &call, b: *b, h: *h, keys: keys.clone(), buf })
+        })
+        .collect();
+    // Merge the chunks of each head (units of one head are consecutive) and write.
+    let (g, d, nq) = (dm.group(), dm.head_dim, dm.queries);
+    let os = out.strides();
+    let out_ptr = SendPtr(out.typed_mut::<E>().expect("dtype checked by validation").as_mut_ptr());
+    let mut start = 0;
+    let mut heads = Vec::new();
+    while start < units.len() {
+        let (b, h, _) = units[start].clone();
+        let end = start + units[start..].iter().take_while(|u| u.0 == b && u.1 == h).count();
+        heads.push((b, h, start..end));
+        start = end;
+    }
+    heads.par_iter().for_each(|(b, h, range)| {
+        let parts = &partials[range.clone()];
+        let mut o = vec![0f32; d];
+        let mut tmp = vec![E::default(); d];
+        for i in 0..nq {
+            for j in 0..g {
+                let r = i * g + j;
+                let mx = parts.iter().map(|p| p.m[r]).fold(f32::NEG_INFINITY, f32::max);
+                o.fill(0.0);
+                let mut l = 0.0;
+                for p in parts {
+                    let w = (p.m[r] - mx).exp2();
+                    l += p.l[r] * w;
+                    o.iter_mut().zip(&p.o[r * d..(r + 1) * d]).for_each(|(x, y)| *x += w * y);
+                }
+                o.iter_mut().for_each(|x| *x /= l);
+                E::narrow(&o, &mut tmp);
+                let off = b * os[0] + i * os[1] + (h * g + j) * os[2];
+                // SAFETY: each (b, query, head) output row is written by exactly one head task.
+                unsafe { std::ptr::copy_nonoverlapping(tmp.as_ptr(), out_ptr.ptr().add(off), d) };
+            }
+        }
+    });
+}

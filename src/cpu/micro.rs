@@ -1,0 +1,96 @@
+//! Register-blocked microkernels of the transposed FlashAttention tile.
+//!
+//! The CPU kernels vectorise over *query rows*: Qᵀ is packed `[D][M]`, scores are held as
+//! Sᵀ `[keys][M]` and the output as Oᵀ `[D][M]`. Keys and values are then only ever broadcast
+//! from their natural `[token][D]` rows, so they are read in place (gathered blocks cost nothing)
+//! and the softmax reductions over keys are plain vertical vector operations.
+//!
+//! `NR` is the register block along keys (Sᵀ) or along D (Oᵀ), `MV` the number of vectors along
+//! the rows: `NR·MV` accumulators live in registers.
+
+use super::simd::Simd;
+
+/// `Sᵀ[r][·] = Σ_d k_r[d] · Qᵀ[d][·]` for `NR` keys and `MV·LANES` rows.
+///
+/// # Safety
+/// `qt` addresses `d` rows of stride `ldq` holding `MV·LANES` values each; every `krows[r]`
+/// addresses `d` values; `st` addresses `NR` rows of stride `lds`.
+#[inline(always)]
+pub(crate) unsafe fn qk<S: Simd, const NR: usize, const MV: usize>(
+    qt: *const f32,
+    ldq: usize,
+    krows: &[*const f32; NR],
+    d: usize,
+    st: *mut f32,
+    lds: usize,
+) {
+    unsafe {
+        let mut acc = [[S::zero(); MV]; NR];
+        for dd in 0..d {
+            let mut qv = [S::zero(); MV];
+            for (v, q) in qv.iter_mut().enumerate() {
+                *q = S::load(qt.add(dd * ldq + v * S::LANES));
+            }
+            for r in 0..NR {
+                let kb = S::splat(*krows[r].add(dd));
+                for v in 0..MV {
+                    acc[r][v] = S::fma(kb, qv[v], acc[r][v]);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, a) in row.iter().enumerate() {
+                S::store(st.add(r * lds + v * S::LANES), *a);
+            }
+        }
+    }
+}
+
+/// `Oᵀ[d0 + r][·] = alpha[·] · Oᵀ[d0 + r][·] + Σ_j v_j[d0 + r] · Pᵀ[j][·]` for `NR` rows of Oᵀ and
+/// `MV·LANES` query rows, over `nk` keys.
+///
+/// # Safety
+/// `ot` addresses `NR` rows of stride `ldo`; `alpha` `MV·LANES` values; `pt` `nk` rows of stride
+/// `ldp`; every `vrows[j]` (j < nk) addresses at least `d0 + NR` values.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn pv<S: Simd, const NR: usize, const MV: usize>(
+    ot: *mut f32,
+    ldo: usize,
+    alpha: *const f32,
+    pt: *const f32,
+    ldp: usize,
+    vrows: &[*const f32],
+    d0: usize,
+) {
+    unsafe {
+        let mut acc = [[S::zero(); MV]; NR];
+        let mut al = [S::zero(); MV];
+        for (v, a) in al.iter_mut().enumerate() {
+            *a = S::load(alpha.add(v * S::LANES));
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            for (v, a) in row.iter_mut().enumerate() {
+                *a = S::mul(S::load(ot.add(r * ldo + v * S::LANES)), al[v]);
+            }
+        }
+        for (j, vr) in vrows.iter().enumerate() {
+            let mut pv = [S::zero(); MV];
+            for (v, p) in pv.iter_mut().enumerate() {
+                *p = S::load(pt.add(j * ldp + v * S::LANES));
+            }
+            let vr = vr.add(d0);
+            for r in 0..NR {
+                let vb = S::splat(*vr.add(r));
+                for v in 0..MV {
+                    acc[r][v] = S::fma(vb, pv[v], acc[r][v]);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, a) in row.iter().enumerate() {
+                S::store(ot.add(r * ldo + v * S::LANES), *a);
+            }
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! A minimal SIMD layer: one trait, three implementations (AVX-512, AVX2+FMA, portable).
+//!
+//! Kernels are generic over [`Simd`] and marked `#[inline(always)]`, so they are compiled inside
+//! each ISA's `#[target_feature]` entry point ([`dispatch`]) and the intrinsics inline.
+
+/// f32 vector operations. All functions are `unsafe` because they require the ISA to be present
+/// (guaranteed by [`dispatch`]) and, for loads and stores, valid pointers.
+pub(crate) trait Simd: Copy + Send + Sync + 'static {
+    const LANES: usize;
+    const NAME: &'static str;
+    type V: Copy;
+    unsafe fn zero() -> Self::V;
+    unsafe fn splat(x: f32) -> Self::V;
+    unsafe fn load(p: *const f32) -> Self::V;
+    /// Loads `n < LANES` values, the rest zero.
+    unsafe fn load_partial(p: *const f32, n: usize) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// Stores the first `n < LANES` lanes.
+    unsafe fn store_partial(p: *mut f32, v: Self::V, n: usize);
+    /// `a * b + c`.
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    /// `2^x`, relative error below 2e-7; exactly 0 for `x < -126` (including `-inf`).
+    unsafe fn exp2(x: Self::V) -> Self::V;
+    unsafe fn hsum(v: Self::V) -> f32;
+    unsafe fn hmax(v: Self::V) -> f32;
+}
+
+/// Taylor coefficients of `2^f = e^(f ln 2)` on `[-0.5, 0.5]`, degree 7 (error < 6e-9).
+const EXP2_C: [f32; 8] = [
+    1.0,
+    std::f32::consts::LN_2,
+    0.240_226_5,
+    0.055_504_11,
+    0.009_618_129,
+    0.001_333_355_8,
+    0.000_154_035_3,
+    0.000_015_252_734,
+];
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use super::{EXP2_C, Simd};
+    use std::arch::x86_64::*;
+
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx512;
+
+    impl Simd for Avx512 {
+        const LANES: usize = 16;
+        const NAME: &'static str = "avx512";
+        type V = __m512;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            unsafe { _mm512_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m512 {
+            unsafe { _mm512_set1_ps(x) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn load_partial(p: *const f32, n: usize) -> __m512 {
+            unsafe { _mm512_maskz_loadu_ps(((1u32 << n) - 1) as u16, p) }
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            unsafe { _mm512_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn store_partial(p: *mut f32, v: __m512, n: usize) {
+            unsafe { _mm512_mask_storeu_ps(p, ((1u32 << n) - 1) as u16, v) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            unsafe { _mm512_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_sub_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_max_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn exp2(x: __m512) -> __m512 {
+            unsafe {
+                let tiny = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(-126.0));
+                let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-126.0)), _mm512_set1_ps(127.0));
+                let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+                let f = _mm512_sub_ps(x, n);
+                let mut p = _mm512_set1_ps(EXP2_C[7]);
+                for c in EXP2_C[..7].iter().rev() {
+                    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(*c));
+                }
+                _mm512_maskz_mov_ps(!tiny, _mm512_scalef_ps(p, n))
+            }
+        }
+        #[inline(always)]
+        unsafe fn hsum(v: __m512) -> f32 {
+            unsafe { _mm512_reduce_add_ps(v) }
+        }
+        #[inline(always)]
+        unsafe fn hmax(v: __m512) -> f32 {
+            unsafe { _mm512_reduce_max_ps(v) }
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx2;
+
+    #[inline(always)]
+    unsafe fn mask8(n: usize) -> __m256i {
+        unsafe {
+            let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), idx)
+        }
+    }
+
+    impl Simd for Avx2 {
+        const LANES: usize = 8;
+        const NAME: &'static str = "avx2";
+        type V = __m256;
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            unsafe { _mm256_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m256 {
+            unsafe { _mm256_set1_ps(x) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn load_partial(p: *const f32, n: usize) -> __m256 {
+            unsafe { _mm256_maskload_ps(p, mask8(n)) }
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m256) {
+            unsafe { _mm256_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn store_partial(p: *mut f32, v: __m256, n: usize) {
+            unsafe { _mm256_maskstore_ps(p, mask8(n), v) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            unsafe { _mm256_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_sub_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_max_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn exp2(x: __m256) -> __m256 {
+            unsafe {
+                let tiny = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(-126.0));
+                let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-126.0)), _mm256_set1_ps(127.0));
+                let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+                let f = _mm256_sub_ps(x, n);
+                let mut p = _mm256_set1_ps(EXP2_C[7]);
+                for c in EXP2_C[..7].iter().rev() {
+                    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(*c));
+                }
+                // 2^n built in the exponent field; n is in [-126, 127].
+                let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+                _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)))
+            }
+        }
+        #[inline(always)]
+        unsafe fn hsum(v: __m256) -> f32 {
+            unsafe {
+                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+                _mm_cvtss_f32(s)
+            }
+        }
+        #[inline(always)]
+        unsafe fn hmax(v: __m256) -> f32 {
+            unsafe {
+                let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_max_ss(s, _mm_shuffle_ps::<1>(s, s));
+                _mm_cvtss_f32(s)
+            }
+        }
+    }
+}
+
+/// Portable fallback: 8 lanes in an array; the compiler vectorises what it can.
+#[derive(Clone, Copy)]
+pub(crate) struct Portable;
+
+impl Simd for Portable {
+    const LANES: usize = 8;
+    const NAME: &'static str = "portable";
+    type V = [f32; 8];
+    #[inline(always)]
+    unsafe fn zero() -> [f32; 8] {
+        [0.0; 8]
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> [f32; 8] {
+        [x; 8]
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> [f32; 8] {
+        unsafe { std::ptr::read_unaligned(p as *const [f32; 8]) }
+    }
+    #[inline(always)]
+    unsafe fn load_partial(p: *const f32, n: usize) -> [f32; 8] {
+        let mut v = [0.0; 8];
+        for (i, x) in v.iter_mut().enumerate().take(n) {
+            *x = unsafe { *p.add(i) };
+        }
+        v
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: [f32; 8]) {
+        unsafe { std::ptr::write_unaligned(p as *mut [f32; 8], v) }
+    }
+    #[inline(always)]
+    unsafe fn store_partial(p: *mut f32, v: [f32; 8], n: usize) {
+        for (i, x) in v.iter().enumerate().take(n) {
+            unsafe { *p.add(i) = *x };
+        }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: [f32; 8], b: [f32; 8], c: [f32; 8]) -> [f32; 8] {
+        std::array::from_fn(|i| a[i].mul_add(b[i], c[i]))
+    }
+    #[inline(always)]
+    unsafe fn add(a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
+        std::array::from_fn(|i| a[i] + b[i])
+    }
+    #[inline(always)]
+    unsafe fn sub(a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
+        std::array::from_fn(|i| a[i] - b[i])
+    }
+    #[inline(always)]
+    unsafe fn mul(a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
+        std::array::from_fn(|i| a[i] * b[i])
+    }
+    #[inline(always)]
+    unsafe fn max(a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
+        std::array::from_fn(|i| if a[i] > b[i] { a[i] } else { b[i] })
+    }
+    #[inline(always)]
+    unsafe fn exp2(x: [f32; 8]) -> [f32; 8] {
+        std::array::from_fn(|i| if x[i] < -126.0 { 0.0 } else { x[i].exp2() })
+    }
+    #[inline(always)]
+    unsafe fn hsum(v: [f32; 8]) -> f32 {
+        v.iter().sum()
+    }
+    #[inline(always)]
+    unsafe fn hmax(v: [f32; 8]) -> f32 {
+        v.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    }
+}
+
+/// The instruction set the fast CPU kernels run with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    /// The best ISA of this CPU; `ENTROPY_KERNELS_CPU_ISA=avx2|portable` caps it (for testing every path).
+    pub fn detect() -> Isa {
+        let cap = std::env::var("ENTROPY_KERNELS_CPU_ISA").unwrap_or_default().to_ascii_lowercase();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+            let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+            if avx512 && cap != "avx2" && cap != "portable" {
+                return Isa::Avx512;
+            }
+            if avx2 && cap != "portable" {
+                return Isa::Avx2;
+            }
+        }
+        let _ = cap;
+        Isa::Portable
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        }
+    }
+}
+
+/// A kernel generic over the SIMD layer. `with_simd` must be `#[inline(always)]` (as must
+/// everything it calls on the hot path) so it compiles inside the ISA's entry point below.
+pub(crate) trait WithSimd {
+    type Output;
+    fn with_simd<S: Simd>(self) -> Self::Output;
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")]
+unsafe fn run_avx512<K: WithSimd>(k: K) -> K::Output {
+    k.with_simd::<x86::Avx512>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn run_avx2<K: WithSimd>(k: K) -> K::Output {
+    k.with_simd::<x86::Avx2>()
+}
+
+/// Runs `k` with the SIMD type of `isa` (which [`Isa::detect`] found on this CPU).
+pub(crate) fn dispatch<K: WithSimd>(isa: Isa, k: K) -> K::Output {
+    match isa {
+        // SAFETY: `Isa::detect` returned these only after checking the CPU features.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { run_avx512(k) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { run_avx2(k) },
+        _ => k.with_simd::<Portable>(),
+    }
+}

@@ -1,0 +1,286 @@
+//! One query tile of online-softmax attention, fed keys one at a time (see `micro` for the
+//! transposed layout). Used by prefill (dense and sparse) and by the compression scorer.
+
+use super::micro;
+use super::simd::Simd;
+use crate::tensor::Element;
+
+/// Query rows per tile, before padding: enough rows to amortise each key row's loads.
+pub(crate) const ROWS_TARGET: usize = 96;
+/// Key slots per tile: Sᵀ of `KEYS_PER_TILE × rows` stays in L1/L2.
+pub(crate) const KEYS_PER_TILE: usize = 64;
+/// Vectors per row chunk (`MV`); rows are padded to `MV·LANES`.
+pub(crate) const ROW_VECTORS: usize = 3;
+
+/// Register block along keys / head dim (`NR`) for a vector width.
+pub(crate) const fn block_for(lanes: usize) -> usize {
+    if lanes >= 16 { 8 } else { 4 }
+}
+
+/// Sizes of a tile for one call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Geom {
+    pub d: usize,
+    /// D rounded up to the register block.
+    pub dp: usize,
+    /// Rows padded to whole chunks.
+    pub mp: usize,
+    pub chunk: usize,
+    pub nr: usize,
+    pub keys: usize,
+}
+
+impl Geom {
+    pub fn new(lanes: usize, d: usize, rows: usize) -> Self {
+        let nr = block_for(lanes);
+        let chunk = ROW_VECTORS * lanes;
+        Geom { d, dp: d.next_multiple_of(nr), mp: rows.max(1).next_multiple_of(chunk), chunk, nr, keys: KEYS_PER_TILE }
+    }
+}
+
+/// A source of key/value rows: row `t` starts at `base + t·stride`.
+#[derive(Clone, Copy)]
+pub(crate) struct Rows<'a, E> {
+    pub data: &'a [E],
+    pub base: usize,
+    pub stride: usize,
+}
+
+impl<'a, E> Rows<'a, E> {
+    #[inline(always)]
+    pub fn row(&self, t: usize, d: usize) -> &'a [E] {
+        let o = self.base + t * self.stride;
+        &self.data[o..o + d]
+    }
+}
+
+/// Per-worker buffers of one tile.
+pub(crate) struct Tile {
+    pub g: Geom,
+    /// Qᵀ `[d][mp]`, pre-scaled.
+    pub qt: Vec<f32>,
+    /// Sᵀ / Pᵀ `[keys][mp]`.
+    pub st: Vec<f32>,
+    /// Oᵀ `[dp][mp]`.
+    pub ot: Vec<f32>,
+    pub m: Vec<f32>,
+    pub l: Vec<f32>,
+    pub alpha: Vec<f32>,
+    kptr: Vec<*const f32>,
+    vptr: Vec<*const f32>,
+    ktok: Vec<usize>,
+    kconv: Vec<f32>,
+    vconv: Vec<f32>,
+    zero: Vec<f32>,
+    filled: usize,
+    /// Keys with token `>= diag_from` are masked for rows whose token is smaller.
+    diag_from: usize,
+    /// Query rows per token (the GQA group), for the causal mask.
+    row_group: usize,
+    /// Keys are read in place (f32 rows whose length is a multiple of the register block).
+    direct: bool,
+}
+
+impl Tile {
+    pub fn new<E: Element>(g: Geom) -> Self {
+        Tile {
+            g,
+            qt: vec![0.0; g.d * g.mp],
+            st: vec![0.0; g.keys * g.mp],
+            ot: vec![0.0; g.dp * g.mp],
+            m: vec![0.0; g.mp],
+            l: vec![0.0; g.mp],
+            alpha: vec![0.0; g.mp],
+            kptr: vec![std::ptr::null(); g.keys],
+            vptr: vec![std::ptr::null(); g.keys],
+            ktok: vec![0; g.keys],
+            kconv: vec![0.0; g.keys * g.dp],
+            vconv: vec![0.0; g.keys * g.dp],
+            zero: vec![0.0; g.dp],
+            filled: 0,
+            diag_from: usize::MAX,
+            row_group: 1,
+            direct: E::DTYPE == crate::DType::F32 && g.d == g.dp,
+        }
+    }
+
+    /// Starts a tile: rows `r = i·row_group + j` belong to token `diag_from + i` for the mask.
+    pub fn begin(&mut self, diag_from: usize, row_group: usize) {
+        self.m.fill(f32::NEG_INFINITY);
+        self.l.fill(0.0);
+        self.ot.fill(0.0);
+        self.filled = 0;
+        self.diag_from = diag_from;
+        self.row_group = row_group;
+    }
+
+    /// Packs query row `r` (scaled by `c`) into Qᵀ.
+    #[inline(always)]
+    pub fn set_query<E: Element>(&mut self, r: usize, q: &[E], c: f32, tmp: &mut [f32]) {
+        let mp = self.g.mp;
+        E::widen(q, &mut tmp[..q.len()]);
+        for (dd, &x) in tmp[..q.len()].iter().enumerate() {
+            self.qt[dd * mp + r] = x * c;
+        }
+    }
+
+    /// Zeroes query rows `from..mp` (padding).
+    pub fn clear_queries(&mut self, from: usize) {
+        let mp = self.g.mp;
+        for dd in 0..self.g.d {
+            self.qt[dd * mp + from..(dd + 1) * mp].fill(0.0);
+        }
+    }
+
+    /// Adds key/value token `t`; runs the tile when full.
+    #[inline(always)]
+    pub fn push<S: Simd, E: Element, const NR: usize, const MV: usize>(
+        &mut self,
+        k: &Rows<'_, E>,
+        v: &Rows<'_, E>,
+        t: usize,
+    ) {
+        let j = self.filled;
+        self.kptr[j] = Self::slot(self.direct, &mut self.kconv, j, self.g, k.row(t, self.g.d));
+        self.vptr[j] = Self::slot(self.direct, &mut self.vconv, j, self.g, v.row(t, self.g.d));
+        self.ktok[j] = t;
+        self.filled += 1;
+        if self.filled == self.g.keys {
+            self.flush::<S, NR, MV>();
+        }
+    }
+
+    /// Adds key token `t` for scoring only (no value); the caller runs `score` when `is_full`.
+    #[inline(always)]
+    pub fn push_key<E: Element>(&mut self, k: &Rows<'_, E>, t: usize) {
+        let j = self.filled;
+        self.kptr[j] = Self::slot(self.direct, &mut self.kconv, j, self.g, k.row(t, self.g.d));
+        self.ktok[j] = t;
+        self.filled += 1;
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.filled == self.g.keys
+    }
+
+    /// Number of keys waiting in the tile.
+    pub fn filled(&self) -> usize {
+        self.filled
+    }
+
+    /// Empties the tile after its scores were consumed.
+    pub fn reset_keys(&mut self) {
+        self.filled = 0;
+    }
+
+    /// Token of slot `j`.
+    pub fn token(&self, j: usize) -> usize {
+        self.ktok[j]
+    }
+
+    /// A pointer to row `src` in f32: in place when possible, else widened into slot `j` of `conv`.
+    #[inline(always)]
+    fn slot<E: Element>(direct: bool, conv: &mut [f32], j: usize, g: Geom, src: &[E]) -> *const f32 {
+        if direct {
+            src.as_ptr() as *const f32
+        } else {
+            let c = &mut conv[j * g.dp..(j + 1) * g.dp];
+            E::widen(src, &mut c[..g.d]);
+            c.as_ptr()
+        }
+    }
+
+    /// Scores the filled keys: Sᵀ = K·Qᵀ for all row chunks, with padded slots and the causal
+    /// diagonal masked to -inf. Returns the number of slots used (a multiple of NR).
+    #[inline(always)]
+    pub fn score<S: Simd, const NR: usize, const MV: usize>(&mut self) -> usize {
+        let n = self.filled;
+        let np = n.next_multiple_of(NR);
+        let (mp, d) = (self.g.mp, self.g.d);
+        for j in n..np {
+            self.kptr[j] = self.zero.as_ptr();
+            self.vptr[j] = self.zero.as_ptr();
+        }
+        for c0 in (0..mp).step_by(MV * S::LANES) {
+            for j0 in (0..np).step_by(NR) {
+                let krows: &[*const f32; NR] = self.kptr[j0..j0 + NR].try_into().unwrap();
+                // SAFETY: Qᵀ holds d rows of mp values, Sᵀ np rows of mp; key rows hold d values.
+                unsafe { micro::qk::<S, NR, MV>(self.qt.as_ptr().add(c0), mp, krows, d, self.st.as_mut_ptr().add(j0 * mp + c0), mp) };
+            }
+        }
+        for j in n..np {
+            self.st[j * mp..(j + 1) * mp].fill(f32::NEG_INFINITY);
+        }
+        for j in 0..n {
+            let t = self.ktok[j];
+            if t >= self.diag_from {
+                let masked = ((t - self.diag_from) * self.row_group).min(mp);
+                self.st[j * mp..j * mp + masked].fill(f32::NEG_INFINITY);
+            }
+        }
+        np
+    }
+
+    /// Runs the filled keys through the online softmax and into Oᵀ.
+    #[inline(always)]
+    pub fn flush<S: Simd, const NR: usize, const MV: usize>(&mut self) {
+        if self.filled == 0 {
+            return;
+        }
+        let np = self.score::<S, NR, MV>();
+        let mp = self.g.mp;
+        // SAFETY: all offsets stay within the mp-wide rows of st, m, l and alpha.
+        unsafe {
+            for c in (0..mp).step_by(S::LANES) {
+                let m_old = S::load(self.m.as_ptr().add(c));
+                let mut mx = m_old;
+                for j in 0..np {
+                    mx = S::max(mx, S::load(self.st.as_ptr().add(j * mp + c)));
+                }
+                // Rows that have seen no key yet keep a finite reference (no -inf - -inf).
+                let mx = S::max(mx, S::splat(f32::MIN));
+                let mut sum = S::zero();
+                for j in 0..np {
+                    let p = self.st.as_mut_ptr().add(j * mp + c);
+                    let e = S::exp2(S::sub(S::load(p), mx));
+                    S::store(p, e);
+                    sum = S::add(sum, e);
+                }
+                let alpha = S::exp2(S::sub(m_old, mx));
+                S::store(self.alpha.as_mut_ptr().add(c), alpha);
+                S::store(self.l.as_mut_ptr().add(c), S::fma(S::load(self.l.as_ptr().add(c)), alpha, sum));
+                S::store(self.m.as_mut_ptr().add(c), mx);
+            }
+            for c0 in (0..mp).step_by(MV * S::LANES) {
+                for d0 in (0..self.g.dp).step_by(NR) {
+                    micro::pv::<S, NR, MV>(
+                        self.ot.as_mut_ptr().add(d0 * mp + c0),
+                        mp,
+                        self.alpha.as_ptr().add(c0),
+                        self.st.as_ptr().add(c0),
+                        mp,
+                        &self.vptr[..np],
+                        d0,
+                    );
+                }
+            }
+        }
+        self.filled = 0;
+    }
+
+    /// Output of row `r` (after the last flush): `Oᵀ[·][r] / l[r]` into `out`.
+    #[inline(always)]
+    pub fn write_row<E: Element>(&self, r: usize, out: &mut [E], tmp: &mut [f32]) {
+        let mp = self.g.mp;
+        let inv = 1.0 / self.l[r];
+        for (dd, x) in tmp[..out.len()].iter_mut().enumerate() {
+            *x = self.ot[dd * mp + r] * inv;
+        }
+        E::narrow(&tmp[..out.len()], out);
+    }
+
+    /// Natural-log sum-exp of row `r`, given that scores were scaled by `log2(e)`.
+    pub fn lse(&self, r: usize) -> f32 {
+        (self.m[r] + self.l[r].log2()) * std::f32::consts::LN_2
+    }
+}
