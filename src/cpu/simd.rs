@@ -7,7 +7,6 @@
 /// (guaranteed by [`dispatch`]) and, for loads and stores, valid pointers.
 pub(crate) trait Simd: Copy + Send + Sync + 'static {
     const LANES: usize;
-    const NAME: &'static str;
     type V: Copy;
     unsafe fn zero() -> Self::V;
     unsafe fn splat(x: f32) -> Self::V;
@@ -26,7 +25,6 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     /// `2^x`, relative error below 2e-7; exactly 0 for `x < -126` (including `-inf`).
     unsafe fn exp2(x: Self::V) -> Self::V;
     unsafe fn hsum(v: Self::V) -> f32;
-    unsafe fn hmax(v: Self::V) -> f32;
 }
 
 /// Taylor coefficients of `2^f = e^(f ln 2)` on `[-0.5, 0.5]`, degree 7 (error < 6e-9).
@@ -51,7 +49,6 @@ pub(crate) mod x86 {
 
     impl Simd for Avx512 {
         const LANES: usize = 16;
-        const NAME: &'static str = "avx512";
         type V = __m512;
         #[inline(always)]
         unsafe fn zero() -> __m512 {
@@ -115,10 +112,6 @@ pub(crate) mod x86 {
         unsafe fn hsum(v: __m512) -> f32 {
             unsafe { _mm512_reduce_add_ps(v) }
         }
-        #[inline(always)]
-        unsafe fn hmax(v: __m512) -> f32 {
-            unsafe { _mm512_reduce_max_ps(v) }
-        }
     }
 
     #[derive(Clone, Copy)]
@@ -134,7 +127,6 @@ pub(crate) mod x86 {
 
     impl Simd for Avx2 {
         const LANES: usize = 8;
-        const NAME: &'static str = "avx2";
         type V = __m256;
         #[inline(always)]
         unsafe fn zero() -> __m256 {
@@ -205,15 +197,6 @@ pub(crate) mod x86 {
                 _mm_cvtss_f32(s)
             }
         }
-        #[inline(always)]
-        unsafe fn hmax(v: __m256) -> f32 {
-            unsafe {
-                let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-                let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_max_ss(s, _mm_shuffle_ps::<1>(s, s));
-                _mm_cvtss_f32(s)
-            }
-        }
     }
 }
 
@@ -223,7 +206,6 @@ pub(crate) struct Portable;
 
 impl Simd for Portable {
     const LANES: usize = 8;
-    const NAME: &'static str = "portable";
     type V = [f32; 8];
     #[inline(always)]
     unsafe fn zero() -> [f32; 8] {
@@ -257,7 +239,8 @@ impl Simd for Portable {
     }
     #[inline(always)]
     unsafe fn fma(a: [f32; 8], b: [f32; 8], c: [f32; 8]) -> [f32; 8] {
-        std::array::from_fn(|i| a[i].mul_add(b[i], c[i]))
+        // Not `mul_add`: without a hardware FMA in the baseline target it is a libm call.
+        std::array::from_fn(|i| a[i] * b[i] + c[i])
     }
     #[inline(always)]
     unsafe fn add(a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
@@ -282,10 +265,6 @@ impl Simd for Portable {
     #[inline(always)]
     unsafe fn hsum(v: [f32; 8]) -> f32 {
         v.iter().sum()
-    }
-    #[inline(always)]
-    unsafe fn hmax(v: [f32; 8]) -> f32 {
-        v.iter().copied().fold(f32::NEG_INFINITY, f32::max)
     }
 }
 

@@ -25,8 +25,6 @@ pub(crate) struct Geom {
     pub dp: usize,
     /// Rows padded to whole chunks.
     pub mp: usize,
-    pub chunk: usize,
-    pub nr: usize,
     pub keys: usize,
 }
 
@@ -34,7 +32,7 @@ impl Geom {
     pub fn new(lanes: usize, d: usize, rows: usize) -> Self {
         let nr = block_for(lanes);
         let chunk = ROW_VECTORS * lanes;
-        Geom { d, dp: d.next_multiple_of(nr), mp: rows.max(1).next_multiple_of(chunk), chunk, nr, keys: KEYS_PER_TILE }
+        Geom { d, dp: d.next_multiple_of(nr), mp: rows.max(1).next_multiple_of(chunk), keys: KEYS_PER_TILE }
     }
 }
 
@@ -171,11 +169,6 @@ impl Tile {
     /// Empties the tile after its scores were consumed.
     pub fn reset_keys(&mut self) {
         self.filled = 0;
-    }
-
-    /// Token of slot `j`.
-    pub fn token(&self, j: usize) -> usize {
-        self.ktok[j]
     }
 
     /// A pointer to row `src` in f32: in place when possible, else widened into slot `j` of `conv`.

@@ -9,8 +9,7 @@ use crate::validate::CompressArgs;
 pub fn kv_compress(a: &CompressArgs<'_>) -> CompressedCache {
     let d = a.dims();
     let cfg = a.cfg();
-    let (bsz, hkv, hq, n, w) = (d.batch, d.kv_heads, d.q_heads, d.entries, d.window);
-    let g = hq / hkv;
+    let (bsz, hkv, n, w) = (d.batch, d.kv_heads, d.entries, d.window);
     let k = F64Tensor::of(&a.k_cache());
     let v = F64Tensor::of(&a.v_cache());
 
@@ -21,60 +20,9 @@ pub fn kv_compress(a: &CompressArgs<'_>) -> CompressedCache {
         return build(&k, &v, a, hkv, ww, &sel);
     }
 
-    let scale = a.scale() as f64;
-    let obs = F64Tensor::of(&a.obs());
+    let rows = pooled_scores(a, &k);
+    let heads = rows[0].len();
     let scored = n - w;
-
-    // 1–2. Window scores: softmax over the visible entries per window query, mean over the window.
-    let mut attn = vec![vec![vec![0.0f64; scored]; hq]; bsz];
-    for b in 0..bsz {
-        for qh in 0..hq {
-            let h = qh / g;
-            for wi in 0..w {
-                let visible = n - w + wi + 1;
-                let x: Vec<f64> = (0..visible).map(|j| scale * dot(obs.row(b, qh, wi), k.row(b, h, j))).collect();
-                let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let z: f64 = x.iter().map(|xi| (xi - m).exp()).sum();
-                for j in 0..scored {
-                    attn[b][qh][j] += (x[j] - m).exp() / z;
-                }
-            }
-            for j in 0..scored {
-                attn[b][qh][j] /= w as f64;
-            }
-        }
-    }
-
-    // 3. Group reduction.
-    let heads = if cfg.gqa_mode == GqaMode::PerQueryHead { hq } else { hkv };
-    let mut rows = vec![vec![vec![0.0f64; scored]; heads]; bsz];
-    for b in 0..bsz {
-        for hc in 0..heads {
-            for j in 0..scored {
-                rows[b][hc][j] = match cfg.gqa_mode {
-                    GqaMode::PerQueryHead => attn[b][hc][j],
-                    GqaMode::Mean => (0..g).map(|gi| attn[b][hc * g + gi][j]).sum::<f64>() / g as f64,
-                    GqaMode::Max => (0..g).map(|gi| attn[b][hc * g + gi][j]).fold(f64::NEG_INFINITY, f64::max),
-                };
-            }
-        }
-    }
-
-    // 4. Pooling along the cache.
-    let half = (cfg.pooling_kernel / 2) as i64;
-    for b in 0..bsz {
-        for hc in 0..heads {
-            let r = rows[b][hc].clone();
-            for j in 0..scored {
-                let window = (j as i64 - half..=j as i64 + half).filter(|&i| i >= 0 && (i as usize) < scored);
-                rows[b][hc][j] = match cfg.pooling {
-                    Pooling::None => r[j],
-                    Pooling::Avg => window.map(|i| r[i as usize]).sum::<f64>() / cfg.pooling_kernel as f64,
-                    Pooling::Max => window.map(|i| r[i as usize]).fold(f64::NEG_INFINITY, f64::max),
-                };
-            }
-        }
-    }
 
     // 5. Selection: best scores, ties to the lower position, then ascending.
     let share = cfg.decode_budget - w;
@@ -163,4 +111,73 @@ fn build(
         window: w,
         compressed: n >= a.cfg().decode_budget,
     }
+}
+
+/// Steps 1–4 of SPEC §4.2: pooled scores `[B][heads][N - W]` (for tests that need to tell a
+/// near-tie from a wrong selection).
+pub fn compress_scores(a: &CompressArgs<'_>) -> Vec<Vec<Vec<f64>>> {
+    pooled_scores(a, &F64Tensor::of(&a.k_cache()))
+}
+
+fn pooled_scores(a: &CompressArgs<'_>, k: &F64Tensor) -> Vec<Vec<Vec<f64>>> {
+    let d = a.dims();
+    let cfg = a.cfg();
+    let (bsz, hkv, hq, n, w) = (d.batch, d.kv_heads, d.q_heads, d.entries, d.window);
+    let g = hq / hkv;
+    let scale = a.scale() as f64;
+    let obs = F64Tensor::of(&a.obs());
+    let scored = n - w;
+
+    // 1–2. Window scores: softmax over the visible entries per window query, mean over the window.
+    let mut attn = vec![vec![vec![0.0f64; scored]; hq]; bsz];
+    for b in 0..bsz {
+        for qh in 0..hq {
+            let h = qh / g;
+            for wi in 0..w {
+                let visible = n - w + wi + 1;
+                let x: Vec<f64> = (0..visible).map(|j| scale * dot(obs.row(b, qh, wi), k.row(b, h, j))).collect();
+                let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = x.iter().map(|xi| (xi - m).exp()).sum();
+                for j in 0..scored {
+                    attn[b][qh][j] += (x[j] - m).exp() / z;
+                }
+            }
+            for j in 0..scored {
+                attn[b][qh][j] /= w as f64;
+            }
+        }
+    }
+
+    // 3. Group reduction.
+    let heads = if cfg.gqa_mode == GqaMode::PerQueryHead { hq } else { hkv };
+    let mut rows = vec![vec![vec![0.0f64; scored]; heads]; bsz];
+    for b in 0..bsz {
+        for hc in 0..heads {
+            for j in 0..scored {
+                rows[b][hc][j] = match cfg.gqa_mode {
+                    GqaMode::PerQueryHead => attn[b][hc][j],
+                    GqaMode::Mean => (0..g).map(|gi| attn[b][hc * g + gi][j]).sum::<f64>() / g as f64,
+                    GqaMode::Max => (0..g).map(|gi| attn[b][hc * g + gi][j]).fold(f64::NEG_INFINITY, f64::max),
+                };
+            }
+        }
+    }
+
+    // 4. Pooling along the cache.
+    let half = (cfg.pooling_kernel / 2) as i64;
+    for b in 0..bsz {
+        for hc in 0..heads {
+            let r = rows[b][hc].clone();
+            for j in 0..scored {
+                let window = (j as i64 - half..=j as i64 + half).filter(|&i| i >= 0 && (i as usize) < scored);
+                rows[b][hc][j] = match cfg.pooling {
+                    Pooling::None => r[j],
+                    Pooling::Avg => window.map(|i| r[i as usize]).sum::<f64>() / cfg.pooling_kernel as f64,
+                    Pooling::Max => window.map(|i| r[i as usize]).fold(f64::NEG_INFINITY, f64::max),
+                };
+            }
+        }
+    }
+
+    rows
 }

@@ -6,7 +6,7 @@ mod compress;
 mod plan;
 
 pub use attention::{attention, decode_attention};
-pub use compress::kv_compress;
+pub use compress::{compress_scores, kv_compress};
 pub use plan::plan;
 
 use crate::backend::{Backend, BackendKind, Capabilities, HeadDims};

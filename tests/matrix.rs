@@ -1,0 +1,339 @@
+//! The case matrix: every available backend against the f64 oracle on fresh random inputs —
+//! MHA/GQA/MQA, head dims 64/80/128, odd lengths with a partial last segment, L = S and L < S,
+//! batch > 1, strided (fused-QKV) inputs, f32/f16/bf16 — for planning (both budget modes and
+//! layer fusion), sparse and dense prefill with LSE, every compression mode, and decode.
+
+mod common;
+
+use common::*;
+use entropy_kernels::reference::{self};
+use entropy_kernels::validate;
+use entropy_kernels::*;
+
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    batch: usize,
+    len: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    segment: usize,
+    block: usize,
+    threshold: usize,
+    base: usize,
+    /// Planted rigid/dynamic heads instead of plain noise.
+    planted: bool,
+    /// q/k/v as views into one fused QKV buffer.
+    fused_qkv: bool,
+}
+
+/// BSND q, k, v (possibly strided views into one fused buffer).
+struct Inputs {
+    buf: HostTensor,
+    shape: Shape,
+}
+
+impl Inputs {
+    fn new(s: Shape, dtype: DType, seed: u64) -> Self {
+        let heads = s.q_heads + 2 * s.kv_heads;
+        let d = s.head_dim;
+        let (q, k, v) = if s.planted {
+            let p = synth::planted(&synth::PlantedSpec {
+                batch: s.batch,
+                seq_len: s.len,
+                q_heads: s.q_heads,
+                kv_heads: s.kv_heads,
+                head_dim: d,
+                block_size: s.block,
+                segment_size: s.segment,
+                rigid_fraction: 0.5,
+                seed,
+            });
+            (p.q, p.k, p.v)
+        } else {
+            (
+                synth::normal(s.batch * s.len * s.q_heads * d, 1.0, seed),
+                synth::normal(s.batch * s.len * s.kv_heads * d, 1.0, seed ^ 7),
+                synth::normal(s.batch * s.len * s.kv_heads * d, 1.0, seed ^ 11),
+            )
+        };
+        // Interleave into [B, L, Hq + 2·Hkv, D]: q heads, then k heads, then v heads.
+        let mut all = vec![0f32; s.batch * s.len * heads * d];
+        for bt in 0..s.batch * s.len {
+            let dst = &mut all[bt * heads * d..(bt + 1) * heads * d];
+            dst[..s.q_heads * d].copy_from_slice(&q[bt * s.q_heads * d..(bt + 1) * s.q_heads * d]);
+            let kd = s.kv_heads * d;
+            dst[s.q_heads * d..s.q_heads * d + kd].copy_from_slice(&k[bt * kd..(bt + 1) * kd]);
+            dst[s.q_heads * d + kd..].copy_from_slice(&v[bt * kd..(bt + 1) * kd]);
+        }
+        Inputs { buf: HostTensor::from_f32(&all, [s.batch, s.len, heads, d], dtype), shape: s }
+    }
+
+    /// (q, k, v): strided views into the fused buffer, or contiguous copies.
+    fn views(&self) -> (HostTensor, HostTensor, HostTensor) {
+        let s = self.shape;
+        let all = self.buf.to_f32_vec();
+        let heads = s.q_heads + 2 * s.kv_heads;
+        let d = s.head_dim;
+        let pick = |from: usize, n: usize| {
+            let mut out = Vec::with_capacity(s.batch * s.len * n * d);
+            for bt in 0..s.batch * s.len {
+                out.extend_from_slice(&all[(bt * heads + from) * d..(bt * heads + from + n) * d]);
+            }
+            HostTensor::from_f32(&out, [s.batch, s.len, n, d], self.buf.dtype())
+        };
+        (pick(0, s.q_heads), pick(s.q_heads, s.kv_heads), pick(s.q_heads + s.kv_heads, s.kv_heads))
+    }
+}
+
+/// A view of heads `from..from + n` of the fused buffer.
+fn fused_view(buf: &HostTensor, from: usize, n: usize) -> TensorView<'_> {
+    let [b, l, heads, d] = buf.shape;
+    let strides = [l * heads * d, heads * d, d, 1];
+    let off = from * d;
+    match &buf.data {
+        HostBuffer::F32(x) => TensorView::strided(&x[off..], [b, l, n, d], strides),
+        HostBuffer::F16(x) => TensorView::strided(&x[off..], [b, l, n, d], strides),
+        HostBuffer::BF16(x) => TensorView::strided(&x[off..], [b, l, n, d], strides),
+    }
+}
+
+fn config(s: &Shape) -> EntropyConfig {
+    EntropyConfig {
+        segment_size: s.segment,
+        block_size: s.block,
+        threshold_len: s.threshold,
+        base_budget: s.base,
+        ..Default::default()
+    }
+}
+
+fn check_plans(tag: &str, got: &Plan, want: &Plan) {
+    assert_eq!(got.keep_blocks, want.keep_blocks, "{tag}: keep_blocks");
+    assert_eq!(got.segment_topk, want.segment_topk, "{tag}: segment_topk");
+    assert_eq!(got.head_class, want.head_class, "{tag}: head classes");
+    assert_eq!(got.budgets, want.budgets, "{tag}: budgets");
+    assert_eq!(got.order_width, want.order_width, "{tag}: order width");
+    assert_eq!(got.order, want.order, "{tag}: ranking");
+    assert_eq!(got.blocks, want.blocks, "{tag}: block lists");
+    let worst = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| if x == y { 0.0 } else { (x - y).abs() }).fold(0f32, f32::max);
+    assert_eq!(got.logits.len(), want.logits.len(), "{tag}: logits length");
+    let lmax = want.logits.iter().filter(|x| x.is_finite()).fold(0f32, |m, x| m.max(x.abs())).max(1.0);
+    assert!(worst(&got.logits, &want.logits) <= 1e-6 * lmax, "{tag}: logits");
+    assert!(worst(&got.scores, &want.scores) <= 1e-6, "{tag}: scores");
+    assert!(worst(&got.entropy, &want.entropy) <= 1e-5, "{tag}: entropy");
+}
+
+fn attention(kernels: &Kernels, q: TensorView, k: TensorView, v: TensorView, blocks: Option<&BlockLists>) -> (HostTensor, Vec<f32>) {
+    let mut out = poisoned(q.shape(), q.dtype());
+    let [b, l, hq, _] = q.shape();
+    let mut lse = vec![f32::NAN; b * hq * l];
+    match blocks {
+        Some(bl) => kernels.sparse_prefill(q, k, v, bl, None, &mut out.view_mut(), Some(&mut lse)).unwrap(),
+        None => kernels.dense_prefill(q, k, v, None, &mut out.view_mut(), Some(&mut lse)).unwrap(),
+    }
+    (out, lse)
+}
+
+fn check_attention(tag: &str, dtype: DType, got: &(HostTensor, Vec<f32>), want: &(HostTensor, Vec<f32>)) {
+    let g = tensor_f64(&got.0);
+    assert!(g.iter().all(|x| x.is_finite()), "{tag}: output has unwritten (NaN) or non-finite values");
+    let err = rel_fro(&g, &tensor_f64(&want.0));
+    assert!(err <= attn_tol(dtype), "{tag}: rel err {err:.3e} > {:.1e}", attn_tol(dtype));
+    let lse_tol = if dtype == DType::F32 { 1e-4 } else { 1e-3 };
+    for (i, (a, b)) in got.1.iter().zip(&want.1).enumerate() {
+        assert!((a - b).abs() <= lse_tol * b.abs().max(1.0), "{tag}: lse[{i}] {a} vs {b}");
+    }
+}
+
+/// Compression results agree with the oracle, allowing only near-ties at the selection boundary
+/// (f32 scoring against f64); the gathered entries must match the reported indices exactly.
+fn check_compressed(tag: &str, got: &CompressedCache, want: &CompressedCache, scores: &[Vec<Vec<f64>>], k_cache: &HostTensor, shared_budget: bool) {
+    assert_eq!(got.heads(), want.heads(), "{tag}: heads");
+    assert_eq!(got.window, want.window, "{tag}: window");
+    assert_eq!(got.lengths.iter().sum::<u32>(), want.lengths.iter().sum::<u32>(), "{tag}: total length");
+    if got.indices != want.indices {
+        // Every disagreement must be a position whose oracle score is within 1e-6 of the
+        // boundary of its row group (a batch row for AdaKV, a head otherwise).
+        let w = want.index_width();
+        let gw = got.index_width();
+        for (b, rows) in scores.iter().enumerate() {
+            let kept = |c: &CompressedCache, width: usize, hc: usize| -> Vec<i64> {
+                let u = b * c.heads() + hc;
+                c.indices[u * width..(u + 1) * width].iter().copied().filter(|&p| p >= 0).collect()
+            };
+            let top = rows.iter().flatten().fold(0f64, |m, x| m.max(x.abs())).max(1e-300);
+            let boundary_of = |heads: &mut dyn Iterator<Item = usize>| {
+                heads.flat_map(|hc| kept(want, w, hc).into_iter().map(move |p| rows[hc][p as usize])).fold(f64::INFINITY, f64::min)
+            };
+            let shared = boundary_of(&mut (0..rows.len()));
+            for hc in 0..rows.len() {
+                let boundary = if shared_budget { shared } else { boundary_of(&mut std::iter::once(hc)) };
+                let (a, bb) = (kept(got, gw, hc), kept(want, w, hc));
+                for p in a.iter().filter(|p| !bb.contains(p)).chain(bb.iter().filter(|p| !a.contains(p))) {
+                    let s = rows[hc][*p as usize];
+                    assert!(
+                        (s - boundary).abs() <= 1e-6 * top,
+                        "{tag}: batch {b} head {hc} position {p} differs (score {s:e}, boundary {boundary:e})"
+                    );
+                }
+            }
+        }
+        eprintln!("[{tag}] selection differs from the oracle only at near-ties");
+    }
+    // The gather: every kept slot holds the cache entry its index names, then the window.
+    let kc = k_cache.to_f32_vec();
+    let [bsz, hkv, n, d] = k_cache.shape;
+    let kout = got.k.to_f32_vec();
+    let cap = got.capacity();
+    let per_kv = got.heads() / hkv;
+    for b in 0..bsz {
+        for hc in 0..got.heads() {
+            let u = b * got.heads() + hc;
+            let len = got.lengths[u] as usize;
+            let idx: Vec<usize> = got.indices[u * got.index_width()..(u + 1) * got.index_width()]
+                .iter()
+                .filter(|&&p| p >= 0)
+                .map(|&p| p as usize)
+                .collect();
+            assert!(idx.windows(2).all(|w| w[0] < w[1]), "{tag}: indices ascending");
+            let src: Vec<usize> = idx.iter().copied().chain(n - got.window..n).collect();
+            assert_eq!(src.len(), len, "{tag}: length of head {u}");
+            for (slot, &p) in src.iter().enumerate() {
+                let a = &kout[(u * cap + slot) * d..(u * cap + slot + 1) * d];
+                let e = &kc[((b * hkv + hc / per_kv) * n + p) * d..((b * hkv + hc / per_kv) * n + p + 1) * d];
+                assert_eq!(a, e, "{tag}: slot {slot} of head {u}");
+            }
+        }
+    }
+}
+
+fn run_shape(kind: BackendKind, name: &str, s: Shape) {
+    let test = format!("matrix::{name}_{kind}");
+    let kernels = match Kernels::new(kind) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("[{test}] SKIP: {e}");
+            return;
+        }
+    };
+    let oracle = Kernels::reference();
+    for dtype in DType::ALL {
+        let seed = seed(&format!("{test}/{dtype}"));
+        let tag = format!("{test}/{dtype} seed={seed}");
+        let inputs = Inputs::new(s, dtype, seed);
+        let (qc, kc, vc) = inputs.views();
+        let (q, k, v) = if s.fused_qkv {
+            (fused_view(&inputs.buf, 0, s.q_heads), fused_view(&inputs.buf, s.q_heads, s.kv_heads), fused_view(&inputs.buf, s.q_heads + s.kv_heads, s.kv_heads))
+        } else {
+            (qc.view(), kc.view(), vc.view())
+        };
+        let cfg = config(&s);
+
+        // Planning in both budget modes, then layer fusion with the oracle's map.
+        let want = oracle.plan(qc.view(), kc.view(), &cfg, &PlanRequest::layer(0)).unwrap();
+        let got = kernels.plan(q, k, &cfg, &PlanRequest::layer(0)).unwrap();
+        check_plans(&format!("{tag} plan per_head"), &got, &want);
+        let cfg_max = EntropyConfig { budget_mode: BudgetMode::SegmentMax, ..cfg.clone() };
+        let want_max = oracle.plan(qc.view(), kc.view(), &cfg_max, &PlanRequest::layer(0)).unwrap();
+        check_plans(&format!("{tag} plan segment_max"), &kernels.plan(q, k, &cfg_max, &PlanRequest::layer(0)).unwrap(), &want_max);
+        let cfg_fused = EntropyConfig { layer_fusion: true, ..cfg.clone() };
+        let req = PlanRequest::layer(3).with_prev(&want.scores);
+        let want_fused = oracle.plan(qc.view(), kc.view(), &cfg_fused, &req).unwrap();
+        check_plans(&format!("{tag} plan fused"), &kernels.plan(q, k, &cfg_fused, &req).unwrap(), &want_fused);
+
+        // Attention: sparse in both modes (on the oracle's lists), dense.
+        for (mode, lists) in [("per_head", &want.blocks), ("segment_max", &want_max.blocks)] {
+            let got = attention(&kernels, q, k, v, Some(lists));
+            let exact = attention(&oracle, qc.view(), kc.view(), vc.view(), Some(lists));
+            check_attention(&format!("{tag} sparse {mode} ({} sparse units)", lists.sparse_units()), dtype, &got, &exact);
+        }
+        let got = attention(&kernels, q, k, v, None);
+        let exact = attention(&oracle, qc.view(), kc.view(), vc.view(), None);
+        check_attention(&format!("{tag} dense"), dtype, &got, &exact);
+
+        // Compression: the prefill K/V as a [B, Hkv, L, D] cache (a strided view of BSND).
+        let [b, l, hkv, d] = kc.shape;
+        fn cache_view(t: &HostTensor) -> TensorView<'_> {
+            let [b, l, hkv, d] = t.shape;
+            let (shape, strides) = ([b, hkv, l, d], [l * hkv * d, d, hkv * d, 1]);
+            match &t.data {
+                HostBuffer::F32(x) => TensorView::strided(x.as_slice(), shape, strides),
+                HostBuffer::F16(x) => TensorView::strided(x.as_slice(), shape, strides),
+                HostBuffer::BF16(x) => TensorView::strided(x.as_slice(), shape, strides),
+            }
+        }
+        let k_cache = HostTensor::from_f32(&reference::F64Tensor::of(&cache_view(&kc)).data.iter().map(|&x| x as f32).collect::<Vec<_>>(), [b, hkv, l, d], dtype);
+        let window = 16.min(l / 2).max(1);
+        let obs = random([b, s.q_heads, window, d], 1.0, seed ^ 0x5eed, dtype);
+        let budget = (l * 2 / 3).max(window + 1);
+        let modes: Vec<(Pooling, GqaMode, HeadBudget)> = vec![
+            (Pooling::Avg, GqaMode::Mean, HeadBudget::Uniform),
+            (Pooling::Max, GqaMode::Max, HeadBudget::Uniform),
+            (Pooling::None, GqaMode::PerQueryHead, HeadBudget::Uniform),
+            (Pooling::Avg, GqaMode::Mean, HeadBudget::AdaKv { floor_fraction: 0.2 }),
+        ];
+        for (pooling, gqa_mode, head_budget) in modes {
+            let dc = DecodeConfig { decode_budget: budget, window, pooling, pooling_kernel: 5, gqa_mode, head_budget, ..Default::default() };
+            let got = kernels.kv_compress(cache_view(&kc), cache_view(&vc), obs.view(), &dc).unwrap();
+            let exact = oracle.kv_compress(cache_view(&kc), cache_view(&vc), obs.view(), &dc).unwrap();
+            let args = validate::kv_compress(oracle.capabilities(), cache_view(&kc), cache_view(&vc), obs.view(), &dc).unwrap();
+            let scores = reference::compress_scores(&args);
+            let ctag = format!("{tag} compress {pooling:?}/{gqa_mode:?}/{head_budget:?}");
+            check_compressed(&ctag, &got, &exact, &scores, &k_cache, head_budget != HeadBudget::Uniform);
+
+            // Decode over the compacted cache (per-head lengths under AdaKV), two new queries.
+            let nq = 2;
+            let qn = random([b, nq, s.q_heads, d], 1.0, seed ^ 0xdec0de, dtype);
+            let mut out = poisoned(qn.shape, dtype);
+            kernels.decode_attention(qn.view(), got.k.view(), got.v.view(), &got.lengths, None, &mut out.view_mut()).unwrap();
+            let mut exact_out = poisoned(qn.shape, dtype);
+            oracle.decode_attention(qn.view(), got.k.view(), got.v.view(), &got.lengths, None, &mut exact_out.view_mut()).unwrap();
+            let err = rel_fro(&tensor_f64(&out), &tensor_f64(&exact_out));
+            assert!(err <= attn_tol(dtype), "{ctag} decode: rel err {err:.3e}");
+        }
+    }
+}
+
+/// One test per (shape, backend kind); absent backends print why they are skipped.
+macro_rules! test_device {
+    ($name:ident, $shape:expr) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn cpu() {
+                run_shape(BackendKind::Cpu, stringify!($name), $shape);
+            }
+            #[test]
+            fn cuda() {
+                run_shape(BackendKind::Cuda, stringify!($name), $shape);
+            }
+            #[test]
+            fn ascend() {
+                run_shape(BackendKind::Ascend, stringify!($name), $shape);
+            }
+        }
+    };
+}
+
+const BASE: Shape = Shape {
+    batch: 1,
+    len: 300,
+    q_heads: 2,
+    kv_heads: 2,
+    head_dim: 64,
+    segment: 64,
+    block: 8,
+    threshold: 64,
+    base: 24,
+    planted: false,
+    fused_qkv: false,
+};
+
+test_device!(mha_d64, BASE);
+test_device!(gqa_d80_odd_len_batch2, Shape { batch: 2, len: 517, q_heads: 6, kv_heads: 2, head_dim: 80, block: 16, threshold: 128, base: 32, ..BASE });
+test_device!(mqa_d128_planted, Shape { len: 450, q_heads: 4, kv_heads: 1, head_dim: 128, segment: 128, threshold: 128, base: 64, planted: true, ..BASE });
+test_device!(gqa_fused_qkv_d96, Shape { len: 333, q_heads: 4, kv_heads: 2, head_dim: 96, fused_qkv: true, ..BASE });
+test_device!(len_equals_segment, Shape { batch: 2, len: 64, q_heads: 4, kv_heads: 2, ..BASE });
+test_device!(len_below_segment, Shape { len: 37, q_heads: 3, kv_heads: 1, head_dim: 40, ..BASE });
+test_device!(odd_head_dim_planted_gqa, Shape { batch: 2, len: 390, q_heads: 8, kv_heads: 2, head_dim: 36, segment: 32, block: 4, threshold: 32, base: 16, planted: true, ..BASE });
