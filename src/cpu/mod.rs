@@ -61,9 +61,9 @@ impl CpuBackend {
         Self::with_isa(Isa::detect())
     }
 
-    /// A backend pinned to `isa`, which must be supported by this CPU (lower ISAs always are).
+    /// A backend pinned to `isa`, or to the portable kernels where this CPU lacks it.
     pub fn with_isa(isa: Isa) -> Self {
-        let isa = if Isa::detect() == Isa::Portable && isa != Isa::Portable { Isa::Portable } else { isa };
+        let isa = if isa.supported() { isa } else { Isa::Portable };
         CpuBackend {
             caps: Capabilities { backend: "cpu", dtypes: DType::ALL.to_vec(), head_dims: HeadDims::UpTo(MAX_HEAD_DIM) },
             isa,

@@ -294,6 +294,19 @@ impl Isa {
         let _ = cap;
         Isa::Portable
     }
+    /// Whether this CPU can run `self` (ignoring any cap from the environment).
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f") && Isa::Avx2.supported(),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Isa::Avx512 => "avx512",

@@ -1,0 +1,230 @@
+//! Properties that hold whatever the inputs: full budgets give dense attention, per-head
+//! selections are prefixes of the ranking, compressed caches have exactly the budget, a cache
+//! below the budget is returned unchanged, and the observation window follows its schedule.
+
+mod common;
+
+use common::*;
+use entropy_kernels::*;
+
+fn all_backends(test: &str) -> Vec<Kernels> {
+    let mut v = vec![Kernels::reference()];
+    v.extend(backends_under_test(test));
+    v
+}
+
+fn inputs(b: usize, l: usize, hq: usize, hkv: usize, d: usize, seed: u64) -> (HostTensor, HostTensor, HostTensor) {
+    let p = synth::planted(&synth::PlantedSpec {
+        batch: b,
+        seq_len: l,
+        q_heads: hq,
+        kv_heads: hkv,
+        head_dim: d,
+        block_size: 8,
+        segment_size: 64,
+        rigid_fraction: 0.5,
+        seed,
+    });
+    (
+        HostTensor::from_f32(&p.q, [b, l, hq, d], DType::F32),
+        HostTensor::from_f32(&p.k, [b, l, hkv, d], DType::F32),
+        HostTensor::from_f32(&p.v, [b, l, hkv, d], DType::F32),
+    )
+}
+
+#[test]
+fn budget_covering_every_block_is_dense() {
+    let seed = seed("budget_covering_every_block_is_dense");
+    let (q, k, v) = inputs(2, 470, 4, 2, 64, seed);
+    // 3·base ≥ L: every sparse segment keeps all of its earlier blocks.
+    let cfg = EntropyConfig { segment_size: 64, block_size: 8, threshold_len: 0, base_budget: 512, ..Default::default() };
+    for kernels in all_backends("budget_covering_every_block_is_dense") {
+        let plan = kernels.plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap();
+        assert!(plan.blocks.sparse_units() > 0, "the plan must exercise the sparse path");
+        assert!((plan.blocks.kept_fraction() - 1.0).abs() < 1e-12, "every causal pair kept");
+        let mut sparse = poisoned(q.shape, DType::F32);
+        kernels.sparse_prefill(q.view(), k.view(), v.view(), &plan.blocks, None, &mut sparse.view_mut(), None).unwrap();
+        let mut dense = poisoned(q.shape, DType::F32);
+        kernels.dense_prefill(q.view(), k.view(), v.view(), None, &mut dense.view_mut(), None).unwrap();
+        let err = rel_fro(&tensor_f64(&sparse), &tensor_f64(&dense));
+        assert!(err <= 1e-6, "{}: sparse with full budget differs from dense by {err:e}", kernels.kind());
+    }
+}
+
+#[test]
+fn per_head_selections_are_prefixes_of_the_ranking() {
+    let seed = seed("per_head_selections_are_prefixes_of_the_ranking");
+    let (q, k, _) = inputs(2, 777, 8, 2, 64, seed);
+    for mode in [BudgetMode::PerHead, BudgetMode::SegmentMax] {
+        let cfg = EntropyConfig { segment_size: 64, block_size: 8, threshold_len: 128, base_budget: 48, budget_mode: mode, ..Default::default() };
+        for kernels in all_backends("per_head_selections_are_prefixes_of_the_ranking") {
+            let plan = kernels.plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap();
+            let d = plan.dims;
+            let mut sparse = 0;
+            for b in 0..d.batch {
+                for h in 0..d.kv_heads {
+                    for s in 0..d.segments {
+                        let u = d.unit(b, h, s);
+                        let count = match mode {
+                            BudgetMode::PerHead => plan.keep_blocks[u],
+                            BudgetMode::SegmentMax => plan.segment_topk[s],
+                        } as usize;
+                        assert!(plan.segment_topk[s] >= plan.keep_blocks[u], "segment max below a head's keep");
+                        let base = cfg.base_budget as f32;
+                        assert!((base..=3.0 * base).contains(&plan.budgets[u]), "budget out of [base, 3·base]");
+                        if plan.head_class[b * d.kv_heads + h] == HeadClass::Rigid {
+                            assert_eq!(plan.budgets[u], base, "rigid heads keep the base budget");
+                        }
+                        if let SegmentAttention::Sparse(list) = plan.blocks.segment(b, h, s) {
+                            sparse += 1;
+                            let mut prefix = plan.ranking(b, h, s)[..count].to_vec();
+                            prefix.sort();
+                            assert_eq!(list, prefix.as_slice(), "selection of ({b},{h},{s}) is not the ranking's prefix");
+                            assert!(s * d.segment_size >= cfg.threshold_len && s + 1 < d.segments);
+                        }
+                    }
+                }
+            }
+            assert!(sparse > 0, "no sparse unit exercised");
+            assert!(plan.rigid_heads() > 0 && plan.rigid_heads() < d.batch * d.kv_heads, "planted inputs give both head classes");
+        }
+    }
+}
+
+#[test]
+fn compressed_length_equals_budget() {
+    let seed = seed("compressed_length_equals_budget");
+    let (b, hkv, hq, n, d) = (2, 2, 4, 700, 64);
+    let kc = random([b, hkv, n, d], 1.0, seed, DType::F32);
+    let vc = random([b, hkv, n, d], 1.0, seed ^ 1, DType::F32);
+    let obs = random([b, hq, 32, d], 1.0, seed ^ 2, DType::F32);
+    for kernels in all_backends("compressed_length_equals_budget") {
+        for head_budget in [HeadBudget::Uniform, HeadBudget::AdaKv { floor_fraction: 0.1 }] {
+            for gqa_mode in [GqaMode::Mean, GqaMode::Max, GqaMode::PerQueryHead] {
+                if gqa_mode == GqaMode::PerQueryHead && head_budget != HeadBudget::Uniform {
+                    continue;
+                }
+                let cfg = DecodeConfig { decode_budget: 300, window: 32, head_budget, gqa_mode, ..Default::default() };
+                let c = kernels.kv_compress(kc.view(), vc.view(), obs.view(), &cfg).unwrap();
+                assert!(c.compressed);
+                let heads = if gqa_mode == GqaMode::PerQueryHead { hq } else { hkv };
+                assert_eq!(c.heads(), heads);
+                match head_budget {
+                    HeadBudget::Uniform => assert!(c.lengths.iter().all(|&l| l == 300), "{:?}", c.lengths),
+                    HeadBudget::AdaKv { .. } => {
+                        for row in c.lengths.chunks(heads) {
+                            assert_eq!(row.iter().sum::<u32>() as usize, 300 * heads, "AdaKV keeps the layer budget");
+                            let floor = (0.1f64 * 268.0).ceil() as u32 + 32;
+                            assert!(row.iter().all(|&l| l >= floor), "AdaKV floor: {row:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cache_within_budget_is_unchanged() {
+    let seed = seed("cache_within_budget_is_unchanged");
+    let (b, hkv, hq, d) = (1, 2, 4, 32);
+    for n in [100, 299, 300] {
+        let kc = random([b, hkv, n, d], 1.0, seed, DType::BF16);
+        let vc = random([b, hkv, n, d], 1.0, seed ^ 1, DType::BF16);
+        let obs = random([b, hq, 16, d], 1.0, seed ^ 2, DType::BF16);
+        let cfg = DecodeConfig { decode_budget: 300, window: 16, ..Default::default() };
+        for kernels in all_backends("cache_within_budget_is_unchanged") {
+            let c = kernels.kv_compress(kc.view(), vc.view(), obs.view(), &cfg).unwrap();
+            assert_eq!(c.k, kc, "{}: N = {n} ≤ budget must keep every entry in place", kernels.kind());
+            assert_eq!(c.v, vc);
+            assert_eq!(c.compressed, n >= 300);
+            assert!(c.lengths.iter().all(|&l| l as usize == n));
+        }
+    }
+}
+
+#[test]
+fn observation_window_schedule() {
+    let (b, hq, d) = (1, 2, 4);
+    let prompt = HostTensor::from_f32(&(0..40 * hq * d).map(|i| i as f32).collect::<Vec<_>>(), [b, 40, hq, d], DType::F32);
+    let token = |x: f32| HostTensor::from_f32(&vec![x; hq * d], [b, 1, hq, d], DType::F32);
+    // Latent: W = 32, gap = 16 → 16 prompt queries, 16 decode queries, compress at step 17.
+    let cfg = DecodeConfig { window: 32, decode_gap: 16, ..Default::default() };
+    let mut w = ObservationWindow::new(b, hq, d, &cfg).unwrap();
+    assert!(matches!(w.decode_step(token(0.0).view()), Err(Error::Window(_))));
+    assert_eq!(w.prefill_end(prompt.view()).unwrap(), WindowEvent::Observing);
+    assert_eq!(w.len(), 16);
+    for step in 1..=16 {
+        assert_eq!(w.decode_step(token(1000.0 + step as f32).view()).unwrap(), WindowEvent::Observing);
+    }
+    assert_eq!(w.decode_step(token(2000.0).view()).unwrap(), WindowEvent::CompressNow);
+    assert_eq!(w.decode_step(token(3000.0).view()).unwrap(), WindowEvent::Done);
+    let obs = w.observation(DType::F32);
+    assert_eq!(obs.shape, [b, hq, 32, d]);
+    let v = obs.to_f32_vec();
+    // Oldest first: prompt token 24 (head 0), ..., then decode steps 1..16; step 17 is not observed.
+    assert_eq!(v[0], (24 * hq * d) as f32);
+    assert_eq!(v[31 * d], 1016.0);
+    // SnapKV: the last W prompt queries, compress at once.
+    let mut s = ObservationWindow::new(b, hq, d, &DecodeConfig { window: 32, decode_gap: -1, ..Default::default() }).unwrap();
+    assert_eq!(s.prefill_end(prompt.view()).unwrap(), WindowEvent::CompressNow);
+    assert_eq!(s.len(), 32);
+    assert_eq!(s.observation(DType::F32).to_f32_vec()[0], (8 * hq * d) as f32);
+    // A gap at least W: one prompt query, then the newest W.
+    let mut g = ObservationWindow::new(b, hq, d, &DecodeConfig { window: 8, decode_gap: 20, decode_budget: 64, ..Default::default() }).unwrap();
+    g.prefill_end(prompt.view()).unwrap();
+    assert_eq!(g.len(), 1);
+    for step in 1..=20 {
+        assert_eq!(g.decode_step(token(step as f32).view()).unwrap(), WindowEvent::Observing);
+    }
+    assert_eq!(g.len(), 8);
+    assert_eq!(g.decode_step(token(99.0).view()).unwrap(), WindowEvent::CompressNow);
+    assert_eq!(g.observation(DType::F32).to_f32_vec()[0], 13.0);
+}
+
+#[test]
+fn lse_matches_outputs_and_tiles_are_independent() {
+    // The log-sum-exp agrees with the oracle, and the output does not depend on how many threads
+    // run the tiles.
+    let seed = seed("lse_matches_outputs_and_tiles_are_independent");
+    let (q, k, v) = inputs(1, 333, 4, 2, 64, seed);
+    let cpu = Kernels::cpu();
+    let mut out1 = poisoned(q.shape, DType::F32);
+    let mut lse1 = vec![f32::NAN; 4 * 333];
+    cpu.dense_prefill(q.view(), k.view(), v.view(), None, &mut out1.view_mut(), Some(&mut lse1)).unwrap();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let mut out2 = poisoned(q.shape, DType::F32);
+    pool.install(|| cpu.dense_prefill(q.view(), k.view(), v.view(), None, &mut out2.view_mut(), None)).unwrap();
+    assert_eq!(out1, out2, "results depend on the thread count");
+    let mut lse_ref = vec![f32::NAN; 4 * 333];
+    let mut o = poisoned(q.shape, DType::F32);
+    Kernels::reference().dense_prefill(q.view(), k.view(), v.view(), None, &mut o.view_mut(), Some(&mut lse_ref)).unwrap();
+    for (a, b) in lse1.iter().zip(&lse_ref) {
+        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "lse {a} vs {b}");
+    }
+}
+
+#[test]
+fn every_isa_agrees_with_the_oracle() {
+    // The AVX-512, AVX2 and portable kernels each run the same small case.
+    let seed = seed("every_isa_agrees_with_the_oracle");
+    let (q, k, v) = inputs(1, 200, 6, 2, 72, seed);
+    let cfg = EntropyConfig { segment_size: 64, block_size: 8, threshold_len: 64, base_budget: 16, ..Default::default() };
+    let oracle = Kernels::reference();
+    let plan = oracle.plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap();
+    let mut want = poisoned(q.shape, DType::F32);
+    oracle.sparse_prefill(q.view(), k.view(), v.view(), &plan.blocks, None, &mut want.view_mut(), None).unwrap();
+    for isa in [cpu::Isa::Avx512, cpu::Isa::Avx2, cpu::Isa::Portable] {
+        let backend = cpu::CpuBackend::with_isa(isa);
+        if backend.isa() != isa {
+            eprintln!("SKIP isa {isa:?}: not supported by this CPU");
+            continue;
+        }
+        let kernels = Kernels::from_backend(std::sync::Arc::new(backend));
+        assert_eq!(kernels.plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap().blocks, plan.blocks);
+        let mut got = poisoned(q.shape, DType::F32);
+        kernels.sparse_prefill(q.view(), k.view(), v.view(), &plan.blocks, None, &mut got.view_mut(), None).unwrap();
+        let err = rel_fro(&tensor_f64(&got), &tensor_f64(&want));
+        assert!(err <= 1e-5, "{isa:?}: rel err {err:e}");
+    }
+}
