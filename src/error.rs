@@ -87,7 +87,8 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub(crate) fn range(field: &'static str, value: impl std::fmt::Display, reason: impl Into<String>) -> Self {
+    /// An `OutOfRange` error.
+    pub fn range(field: &'static str, value: impl std::fmt::Display, reason: impl Into<String>) -> Self {
         Error::OutOfRange { field, value: value.to_string(), reason: reason.into() }
     }
 }

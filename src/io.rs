@@ -31,7 +31,9 @@ pub struct CaseTensor {
 #[derive(Clone, Debug)]
 pub struct Case {
     pub path: String,
+    /// The metadata's config, or the defaults when the file carries none (`config_present`).
     pub config: Config,
+    pub config_present: bool,
     pub layer_idx: usize,
     pub description: String,
     pub metadata: HashMap<String, String>,
@@ -64,14 +66,15 @@ impl Case {
         }
         let config = match metadata.get("config") {
             Some(json) => Config::from_json(json).map_err(|e| format_err(&p, format!("metadata `config`: {e}")))?,
-            None => return Err(format_err(&p, "metadata has no `config`")),
+            None => Config::default(),
         };
+        let config_present = metadata.contains_key("config");
         let layer_idx = match metadata.get("layer_idx") {
             Some(s) => s.trim().parse().map_err(|_| format_err(&p, format!("metadata `layer_idx` = {s:?}")))?,
             None => 0,
         };
         let description = metadata.get("description").cloned().unwrap_or_default();
-        Ok(Case { path: p, config, layer_idx, description, metadata, tensors })
+        Ok(Case { path: p, config, config_present, layer_idx, description, metadata, tensors })
     }
 
     pub fn has(&self, name: &str) -> bool {

@@ -1,1 +1,55 @@
-fn main() {}
+//! `entropy-kernels`: demo, conformance runner, benchmark and entropy inspector.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "entropy-kernels", version, about = "EntropyInfer kernels: entropy-guided sparse prefill and latent KV compression")]
+struct Cli {
+    /// Worker threads of the CPU backend (default: one per core).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Long-context prefill on the best available backend: dense against EntropyInfer.
+    Demo(cli::demo::DemoArgs),
+    /// Run a case in the ../shared/conformance format and write every output.
+    RunCase(cli::run_case::RunCaseArgs),
+    /// Time dense and sparse prefill, planning, compression and decode at several lengths.
+    Bench(cli::bench::BenchArgs),
+    /// Per-head entropy profile, head classes and an SVG heatmap of a layer's Q/K.
+    Inspect(cli::inspect::InspectArgs),
+    /// Which backends this build can run here, and why not.
+    Backends,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().expect("thread pool configured once");
+    }
+    let result = match &cli.command {
+        Command::Demo(a) => cli::demo::run(a),
+        Command::RunCase(a) => cli::run_case::run(a),
+        Command::Bench(a) => cli::bench::run(a),
+        Command::Inspect(a) => cli::inspect::run(a),
+        Command::Backends => {
+            for (kind, status) in entropy_kernels::backend::availability() {
+                match status {
+                    Ok(desc) => println!("{kind:<10} available: {desc}"),
+                    Err(why) => println!("{kind:<10} unavailable: {why}"),
+                }
+            }
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

@@ -131,6 +131,25 @@ impl BlockLists {
         out
     }
 
+    /// The lists of kv heads `heads` only, for running a layer a few heads at a time.
+    pub fn select_heads(&self, heads: std::ops::Range<usize>) -> BlockLists {
+        let d = PlanDims {
+            kv_heads: heads.len(),
+            q_heads: heads.len() * self.dims.group(),
+            ..self.dims
+        };
+        let units = (0..d.batch).flat_map(|b| {
+            heads.clone().flat_map(move |h| (0..d.segments).map(move |s| (b, h, s)))
+        });
+        BlockLists::from_units(
+            d,
+            units.map(|(b, h, s)| match self.segment(b, h, s) {
+                SegmentAttention::Dense => None,
+                SegmentAttention::Sparse(list) => Some(list.to_vec()),
+            }),
+        )
+    }
+
     /// What unit (b, h, s) attends to.
     pub fn segment(&self, b: usize, h: usize, s: usize) -> SegmentAttention<'_> {
         let u = self.dims.unit(b, h, s);

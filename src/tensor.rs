@@ -236,6 +236,19 @@ pub(crate) fn check_layout(what: &'static str, shape: [usize; 4], strides: [usiz
     }
 }
 
+/// Shape and element offset of `start..start + len` along `dim`.
+fn narrowed(shape: [usize; 4], strides: [usize; 4], dim: usize, start: usize, len: usize) -> Result<([usize; 4], usize)> {
+    if dim >= 4 || start.checked_add(len).is_none_or(|end| end > shape[dim]) {
+        return Err(Error::Layout {
+            what: "narrow",
+            detail: format!("range {start}..{} of dim {dim} is outside shape {shape:?}", start.saturating_add(len)),
+        });
+    }
+    let mut s = shape;
+    s[dim] = len;
+    Ok((s, if len == 0 { 0 } else { start * strides[dim] }))
+}
+
 /// A borrowed rank-4 tensor (read-only).
 #[derive(Clone, Copy, Debug)]
 pub struct TensorView<'a> {
@@ -279,6 +292,17 @@ impl<'a> TensorView<'a> {
 
     pub(crate) fn check(&self, what: &'static str) -> Result<()> {
         check_layout(what, self.shape, self.strides, self.data.len())
+    }
+
+    /// The sub-view `start..start + len` along `dim` (e.g. a range of heads), without a copy.
+    pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<TensorView<'a>> {
+        let (shape, off) = narrowed(self.shape, self.strides, dim, start, len)?;
+        let data = match self.data {
+            HostData::F32(s) => HostData::F32(s.get(off..).unwrap_or(&[])),
+            HostData::F16(s) => HostData::F16(s.get(off..).unwrap_or(&[])),
+            HostData::BF16(s) => HostData::BF16(s.get(off..).unwrap_or(&[])),
+        };
+        Ok(TensorView { data, shape, strides: self.strides })
     }
 
     /// The typed slice, if the element type is `T`.
@@ -332,6 +356,17 @@ impl<'a> TensorViewMut<'a> {
     pub(crate) fn check(&self, what: &'static str) -> Result<()> {
         check_layout(what, self.shape, self.strides, self.data.len())
     }
+    /// The sub-view `start..start + len` along `dim`, borrowing from `self`.
+    pub fn narrow(&mut self, dim: usize, start: usize, len: usize) -> Result<TensorViewMut<'_>> {
+        let (shape, off) = narrowed(self.shape, self.strides, dim, start, len)?;
+        let data = match &mut self.data {
+            HostDataMut::F32(s) => HostDataMut::F32(s.get_mut(off..).unwrap_or(&mut [])),
+            HostDataMut::F16(s) => HostDataMut::F16(s.get_mut(off..).unwrap_or(&mut [])),
+            HostDataMut::BF16(s) => HostDataMut::BF16(s.get_mut(off..).unwrap_or(&mut [])),
+        };
+        Ok(TensorViewMut { data, shape, strides: self.strides })
+    }
+
     pub fn data_mut(&mut self) -> &mut HostDataMut<'a> {
         &mut self.data
     }

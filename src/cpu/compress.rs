@@ -69,21 +69,14 @@ fn score_chunk<S: Simd, E: Element, const NR: usize, const MV: usize>(job: Score
     let n = keys.len();
     let mut scores = vec![0f32; n * mp];
     let mut done = 0;
-    let mut run = |tile: &mut Tile, done: &mut usize| {
-        let used = tile.filled();
-        tile.score::<S, NR, MV>();
-        scores[*done * mp..(*done + used) * mp].copy_from_slice(&tile.st[..used * mp]);
-        *done += used;
-        tile.reset_keys();
-    };
     for t in keys {
         tile.push_key(&k, t);
         if tile.is_full() {
-            run(tile, &mut done);
+            drain::<S, NR, MV>(tile, &mut scores, &mut done, mp);
         }
     }
     if tile.filled() > 0 {
-        run(tile, &mut done);
+        drain::<S, NR, MV>(tile, &mut scores, &mut done, mp);
     }
     // Partial softmax statistics of each row over this chunk.
     let mut m = vec![f32::NEG_INFINITY; mp];
@@ -106,6 +99,17 @@ fn score_chunk<S: Simd, E: Element, const NR: usize, const MV: usize>(job: Score
         }
     }
     Chunk { scores, m, l }
+}
+
+/// Scores the tile's keys and appends them to `scores`. (A function, not a closure: closures
+/// are not compiled with the ISA's target features, so intrinsics would not inline.)
+#[inline(always)]
+fn drain<S: Simd, const NR: usize, const MV: usize>(tile: &mut Tile, scores: &mut [f32], done: &mut usize, mp: usize) {
+    let used = tile.filled();
+    tile.score::<S, NR, MV>();
+    scores[*done * mp..(*done + used) * mp].copy_from_slice(&tile.st[..used * mp]);
+    *done += used;
+    tile.reset_keys();
 }
 
 /// Pass 2 for one chunk: window-mean probabilities `a[g][n]` of the scored positions.

@@ -1,0 +1,124 @@
+//! Pieces shared by the subcommands: backend choice, progress, tables, timing.
+
+pub mod bench;
+pub mod demo;
+pub mod inspect;
+pub mod run_case;
+
+use std::time::{Duration, Instant};
+
+use entropy_kernels::{BackendChoice, Kernels, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// The backend named by `--backend`, else `ENTROPY_KERNELS_BACKEND`, else auto.
+pub fn kernels(flag: Option<&str>) -> Result<Kernels> {
+    match flag {
+        Some(name) => Kernels::select(name.parse::<BackendChoice>()?),
+        None => Kernels::auto(),
+    }
+}
+
+/// A progress bar that stays hidden unless the work runs for more than a second.
+pub struct Progress {
+    bar: ProgressBar,
+    start: Instant,
+    shown: bool,
+}
+
+impl Progress {
+    pub fn new(label: &str, total: u64) -> Self {
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
+        bar.set_style(
+            ProgressStyle::with_template("{msg:>22} [{bar:30}] {pos}/{len} {elapsed_precise} (eta {eta})")
+                .unwrap()
+                .progress_chars("=> "),
+        );
+        bar.set_message(label.to_string());
+        Progress { bar, start: Instant::now(), shown: false }
+    }
+
+    pub fn inc(&mut self) {
+        self.bar.inc(1);
+        if !self.shown && self.start.elapsed() > Duration::from_secs(1) {
+            self.bar.set_draw_target(ProgressDrawTarget::stderr());
+            self.shown = true;
+        }
+    }
+
+    pub fn finish(self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Runs `f` with a spinner that appears if it takes more than a second.
+pub fn with_spinner<T>(label: &str, f: impl FnOnce() -> T) -> T {
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
+    bar.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed_precise}").unwrap());
+    bar.set_message(label.to_string());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (b2, d2) = (bar.clone(), done.clone());
+    let watcher = std::thread::spawn(move || {
+        let t = Instant::now();
+        while !d2.load(std::sync::atomic::Ordering::Relaxed) {
+            if t.elapsed() > Duration::from_secs(1) {
+                b2.set_draw_target(ProgressDrawTarget::stderr());
+                b2.enable_steady_tick(Duration::from_millis(120));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let out = f();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    watcher.join().ok();
+    bar.finish_and_clear();
+    out
+}
+
+/// Seconds of one call.
+pub fn time<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let t = Instant::now();
+    let out = f();
+    (out, t.elapsed().as_secs_f64())
+}
+
+/// Median of a few timings (seconds).
+pub fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs[xs.len() / 2]
+}
+
+/// A table printed in Markdown, so it can be pasted into `benches/RESULTS.md`.
+pub struct Table {
+    headers: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(headers: &[&str]) -> Self {
+        Table { headers: headers.iter().map(|s| s.to_string()).collect(), rows: Vec::new() }
+    }
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+    pub fn print(&self) {
+        let n = self.headers.len();
+        let width: Vec<usize> = (0..n)
+            .map(|i| self.rows.iter().map(|r| r[i].chars().count()).chain([self.headers[i].len()]).max().unwrap())
+            .collect();
+        let line = |cells: &[String]| {
+            let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:>w$}", w = width[i])).collect();
+            println!("| {} |", parts.join(" | "));
+        };
+        line(&self.headers);
+        println!("|{}|", width.iter().map(|w| format!("{}:", "-".repeat(w + 1))).collect::<Vec<_>>().join("|"));
+        for r in &self.rows {
+            line(r);
+        }
+    }
+}
+
+/// Formats seconds as milliseconds.
+pub fn ms(s: f64) -> String {
+    if s < 0.01 { format!("{:.3}", s * 1e3) } else { format!("{:.1}", s * 1e3) }
+}
