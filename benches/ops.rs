@@ -60,7 +60,9 @@ fn prefill(c: &mut Criterion) {
     let mut out = HostTensor::zeros(DType::F32, q.shape);
     g.throughput(Throughput::Elements((plan.blocks.kept_fraction() * (2 * l * l * 128 * 8) as f64) as u64));
     g.bench_function(BenchmarkId::new("paper_defaults_gqa8-2_d128_f32", l), |b| {
-        b.iter(|| kn.sparse_prefill(q.view(), k.view(), v.view(), &plan.blocks, None, &mut out.view_mut(), None).unwrap())
+        b.iter(|| {
+            kn.sparse_prefill(q.view(), k.view(), v.view(), &plan.blocks, None, &mut out.view_mut(), None).unwrap()
+        })
     });
     g.finish();
 

@@ -17,7 +17,7 @@ pub fn runtime_present() -> bool {
     #[cfg(feature = "ascend")]
     {
         // SAFETY: loading ACL runs its initialisers only; nothing is called.
-        ACL_LIBRARIES.iter().any(|name| unsafe { libloading::Library::new(name) }.is_ok())
+        ACL_LIBRARIES.iter().any(|name| unsafe { libloading::Library::new(*name) }.is_ok())
     }
     #[cfg(not(feature = "ascend"))]
     {

@@ -30,7 +30,8 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
-    pub const ALL: [BackendKind; 4] = [BackendKind::Cpu, BackendKind::Reference, BackendKind::Cuda, BackendKind::Ascend];
+    pub const ALL: [BackendKind; 4] =
+        [BackendKind::Cpu, BackendKind::Reference, BackendKind::Cuda, BackendKind::Ascend];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -111,8 +112,7 @@ pub trait Backend: Send + Sync {
     fn plan(&self, args: &PlanArgs<'_>) -> Result<Plan>;
     /// SPEC §3 (dense when `args.blocks()` is `None`). `lse` is `[B, Hq, L]` natural-log
     /// sum-exp of the scaled scores.
-    fn attention(&self, args: &AttentionArgs<'_>, out: &mut TensorViewMut<'_>, lse: Option<&mut [f32]>)
-    -> Result<()>;
+    fn attention(&self, args: &AttentionArgs<'_>, out: &mut TensorViewMut<'_>, lse: Option<&mut [f32]>) -> Result<()>;
     /// SPEC §4.
     fn kv_compress(&self, args: &CompressArgs<'_>) -> Result<CompressedCache>;
     /// Attention of a few new queries over compacted caches with per-head lengths.
@@ -133,9 +133,9 @@ pub fn create(kind: BackendKind) -> Result<Arc<dyn Backend>> {
 pub fn select(choice: BackendChoice) -> Result<Arc<dyn Backend>> {
     match choice {
         BackendChoice::Kind(kind) => create(kind),
-        BackendChoice::Auto => create(BackendKind::Cuda)
-            .or_else(|_| create(BackendKind::Ascend))
-            .or_else(|_| create(BackendKind::Cpu)),
+        BackendChoice::Auto => {
+            create(BackendKind::Cuda).or_else(|_| create(BackendKind::Ascend)).or_else(|_| create(BackendKind::Cpu))
+        }
     }
 }
 

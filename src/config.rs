@@ -122,12 +122,9 @@ impl EntropyConfig {
         if self.base_budget * 3 > 1 << 24 {
             return Err(Error::range("base_budget", self.base_budget, "3·base must be at most 2^24 tokens"));
         }
-        for (field, v) in [
-            ("e_t", self.e_t),
-            ("delta_t", self.delta_t),
-            ("alpha", self.alpha),
-            ("entropy_floor", self.entropy_floor),
-        ] {
+        for (field, v) in
+            [("e_t", self.e_t), ("delta_t", self.delta_t), ("alpha", self.alpha), ("entropy_floor", self.entropy_floor)]
+        {
             if !v.is_finite() {
                 return Err(Error::NonFinite { field, value: v as f64 });
             }
@@ -294,8 +291,8 @@ impl Config {
     }
     pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
         Self::from_json(&text).map_err(|e| match e {
             Error::Format { detail, .. } => Error::Format { path: path.display().to_string(), detail },
             e => e,

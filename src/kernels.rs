@@ -112,8 +112,7 @@ impl Kernels {
         cfg: &EntropyConfig,
         req: &PlanRequest<'_>,
     ) -> Result<Plan> {
-        let args =
-            validate::plan(self.capabilities(), q, k, cfg, req.layer_idx, req.prev_scores, req.keep_maps)?;
+        let args = validate::plan(self.capabilities(), q, k, cfg, req.layer_idx, req.prev_scores, req.keep_maps)?;
         self.backend.plan(&args)
     }
 

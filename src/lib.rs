@@ -54,3 +54,8 @@ pub use kernels::{Kernels, PlanRequest};
 pub use plan::{BlockLists, HeadClass, Plan, PlanDims, SegmentAttention};
 pub use tensor::{DType, Element, HostBuffer, HostData, HostDataMut, HostTensor, TensorView, TensorViewMut};
 pub use window::{ObservationWindow, WindowEvent};
+
+/// The README's example is compiled and run as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -5,7 +5,11 @@ mod cli;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "entropy-kernels", version, about = "EntropyInfer kernels: entropy-guided sparse prefill and latent KV compression")]
+#[command(
+    name = "entropy-kernels",
+    version,
+    about = "EntropyInfer kernels: entropy-guided sparse prefill and latent KV compression"
+)]
 struct Cli {
     /// Worker threads of the CPU backend (default: one per core).
     #[arg(long, global = true)]

@@ -133,14 +133,8 @@ impl BlockLists {
 
     /// The lists of kv heads `heads` only, for running a layer a few heads at a time.
     pub fn select_heads(&self, heads: std::ops::Range<usize>) -> BlockLists {
-        let d = PlanDims {
-            kv_heads: heads.len(),
-            q_heads: heads.len() * self.dims.group(),
-            ..self.dims
-        };
-        let units = (0..d.batch).flat_map(|b| {
-            heads.clone().flat_map(move |h| (0..d.segments).map(move |s| (b, h, s)))
-        });
+        let d = PlanDims { kv_heads: heads.len(), q_heads: heads.len() * self.dims.group(), ..self.dims };
+        let units = (0..d.batch).flat_map(|b| heads.clone().flat_map(move |h| (0..d.segments).map(move |s| (b, h, s))));
         BlockLists::from_units(
             d,
             units.map(|(b, h, s)| match self.segment(b, h, s) {
@@ -275,9 +269,8 @@ impl Plan {
     pub fn block_lists(&self, mode: BudgetMode, threshold_len: usize) -> BlockLists {
         let d = self.dims;
         let w = self.order_width;
-        let units = (0..d.batch).flat_map(move |b| {
-            (0..d.kv_heads).flat_map(move |h| (0..d.segments).map(move |s| (b, h, s)))
-        });
+        let units =
+            (0..d.batch).flat_map(move |b| (0..d.kv_heads).flat_map(move |h| (0..d.segments).map(move |s| (b, h, s))));
         BlockLists::from_units(
             d,
             units.map(|(b, h, s)| {

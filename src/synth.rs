@@ -123,16 +123,10 @@ pub fn planted(spec: &PlantedSpec) -> Planted {
     let nseg = seq_len.div_ceil(segment_size);
     // Per (b, h): the topic of every key block (or none), and the focus topics of every segment.
     let block_topic: Vec<Vec<Option<usize>>> = (0..batch * kv_heads)
-        .map(|_| {
-            (0..nblocks)
-                .map(|_| (rng.uniform() < TOPIC_DENSITY).then(|| rng.below(TOPICS_PER_HEAD)))
-                .collect()
-        })
+        .map(|_| (0..nblocks).map(|_| (rng.uniform() < TOPIC_DENSITY).then(|| rng.below(TOPICS_PER_HEAD))).collect())
         .collect();
     let focus: Vec<Vec<Vec<usize>>> = (0..batch * kv_heads)
-        .map(|_| {
-            (0..nseg).map(|_| (0..1 + rng.below(4)).map(|_| rng.below(TOPICS_PER_HEAD)).collect()).collect()
-        })
+        .map(|_| (0..nseg).map(|_| (0..1 + rng.below(4)).map(|_| rng.below(TOPICS_PER_HEAD)).collect()).collect())
         .collect();
 
     let mut q = normal(batch * seq_len * q_heads * d, NOISE, spec.seed ^ 1);

@@ -237,7 +237,13 @@ pub(crate) fn check_layout(what: &'static str, shape: [usize; 4], strides: [usiz
 }
 
 /// Shape and element offset of `start..start + len` along `dim`.
-fn narrowed(shape: [usize; 4], strides: [usize; 4], dim: usize, start: usize, len: usize) -> Result<([usize; 4], usize)> {
+fn narrowed(
+    shape: [usize; 4],
+    strides: [usize; 4],
+    dim: usize,
+    start: usize,
+    len: usize,
+) -> Result<([usize; 4], usize)> {
     if dim >= 4 || start.checked_add(len).is_none_or(|end| end > shape[dim]) {
         return Err(Error::Layout {
             what: "narrow",

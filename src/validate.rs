@@ -230,11 +230,7 @@ fn supported(caps: &Capabilities, dtype: DType, head_dim: usize) -> Result<()> {
         return Err(Error::UnsupportedDType { dtype, backend: caps.backend });
     }
     if !caps.supports_head_dim(head_dim) {
-        return Err(Error::UnsupportedHeadDim {
-            head_dim,
-            backend: caps.backend,
-            supported: caps.head_dims_text(),
-        });
+        return Err(Error::UnsupportedHeadDim { head_dim, backend: caps.backend, supported: caps.head_dims_text() });
     }
     Ok(())
 }
@@ -353,18 +349,9 @@ pub fn attention<'a>(
         if d.segment_size % d.block_size != 0 {
             return Err(Error::SegmentNotBlockMultiple { segment_size: d.segment_size, block_size: d.block_size });
         }
-        let fresh = PlanDims::new(
-            dims.batch,
-            dims.seq_len,
-            dims.q_heads,
-            dims.kv_heads,
-            d.segment_size,
-            d.block_size,
-        );
+        let fresh = PlanDims::new(dims.batch, dims.seq_len, dims.q_heads, dims.kv_heads, d.segment_size, d.block_size);
         if d != fresh {
-            return Err(Error::PlanMismatch(format!(
-                "block lists were made for {d:?}; these inputs need {fresh:?}"
-            )));
+            return Err(Error::PlanMismatch(format!("block lists were made for {d:?}; these inputs need {fresh:?}")));
         }
         bl.validate()?;
     }

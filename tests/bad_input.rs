@@ -28,7 +28,8 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let cfg = EntropyConfig { segment_size: 64, block_size: 8, threshold_len: 64, base_budget: 16, ..Default::default() };
+    let cfg =
+        EntropyConfig { segment_size: 64, block_size: 8, threshold_len: 64, base_budget: 16, ..Default::default() };
     let q = random([B, L, HQ, D], 1.0, 1, DType::F32);
     let k = random([B, L, HKV, D], 1.0, 2, DType::F32);
     let blocks = Kernels::reference().plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap().blocks;
@@ -66,167 +67,351 @@ fn cases() -> Vec<(&'static str, Call, fn(&Error) -> bool)> {
     }
     let c = |cfg: EntropyConfig| cfg;
     vec![
-        ("k with another length", Box::new(|kn, f, o| {
-            let k = random([B, L - 1, HKV, D], 1.0, 9, DType::F32);
-            dense(kn, f.q.view(), k.view(), f.v.view(), o)
-        }), |e| matches!(e, Error::Shape { what: "k", .. })),
-        ("k with another head dim", Box::new(|kn, f, o| {
-            let k = random([B, L, HKV, D + 1], 1.0, 9, DType::F32);
-            dense(kn, f.q.view(), k.view(), f.v.view(), o)
-        }), |e| matches!(e, Error::Shape { what: "k", .. })),
-        ("v unlike k", Box::new(|kn, f, o| {
-            let v = random([B, L, HKV + 1, D], 1.0, 9, DType::F32);
-            dense(kn, f.q.view(), f.k.view(), v.view(), o)
-        }), |e| matches!(e, Error::Shape { what: "v", .. })),
-        ("Hq not a multiple of Hkv", Box::new(|kn, f, o| {
-            let k = random([B, L, 3, D], 1.0, 9, DType::F32);
-            dense(kn, f.q.view(), k.view(), k.view(), o)
-        }), |e| matches!(e, Error::HeadGrouping { q_heads: 4, kv_heads: 3 })),
-        ("zero batch", Box::new(|kn, _, o| {
-            let z = HostTensor::zeros(DType::F32, [0, L, HQ, D]);
-            dense(kn, z.view(), z.view(), z.view(), o)
-        }), |e| matches!(e, Error::ZeroSize { what: "batch" })),
-        ("zero length", Box::new(|kn, _, o| {
-            let z = HostTensor::zeros(DType::F32, [B, 0, HQ, D]);
-            dense(kn, z.view(), z.view(), z.view(), o)
-        }), |e| matches!(e, Error::ZeroSize { what: "sequence length" })),
-        ("zero head dim", Box::new(|kn, _, o| {
-            let z = HostTensor::zeros(DType::F32, [B, L, HQ, 0]);
-            dense(kn, z.view(), z.view(), z.view(), o)
-        }), |e| matches!(e, Error::ZeroSize { what: "head dim" })),
-        ("zero kv heads", Box::new(|kn, f, o| {
-            let z = HostTensor::zeros(DType::F32, [B, L, 0, D]);
-            dense(kn, f.q.view(), z.view(), z.view(), o)
-        }), |e| matches!(e, Error::ZeroSize { what: "key/value heads" })),
-        ("unsupported head dim", Box::new(|kn, _, o| {
-            let z = HostTensor::zeros(DType::F32, [B, 4, 1, 2048]);
-            dense(kn, z.view(), z.view(), z.view(), o)
-        }), |e| matches!(e, Error::UnsupportedHeadDim { head_dim: 2048, .. })),
-        ("k in another dtype", Box::new(|kn, f, o| {
-            let k = f.k.cast(DType::F16);
-            dense(kn, f.q.view(), k.view(), f.v.view(), o)
-        }), |e| matches!(e, Error::DTypeMismatch { what: "k", .. })),
-        ("output in another dtype", Box::new(|kn, f, _| {
-            let mut o = poisoned(f.q.shape, DType::BF16);
-            dense(kn, f.q.view(), f.k.view(), f.v.view(), &mut o)
-        }), |e| matches!(e, Error::DTypeMismatch { what: "out", .. })),
-        ("output of another shape", Box::new(|kn, f, _| {
-            let mut o = poisoned([B, L, HQ - 1, D], DType::F32);
-            dense(kn, f.q.view(), f.k.view(), f.v.view(), &mut o)
-        }), |e| matches!(e, Error::Shape { what: "out", .. })),
-        ("buffer shorter than its shape", Box::new(|kn, f, o| {
-            let HostBuffer::F32(q) = &f.q.data else { unreachable!() };
-            dense(kn, TensorView::new(&q[..q.len() - 1], f.q.shape), f.k.view(), f.v.view(), o)
-        }), |e| matches!(e, Error::Layout { what: "q", .. })),
-        ("innermost stride not 1", Box::new(|kn, f, o| {
-            let HostBuffer::F32(q) = &f.q.data else { unreachable!() };
-            dense(kn, TensorView::strided(q.as_slice(), [B, L / 2, HQ, D / 2], [L * HQ * D, HQ * D, D, 2]), f.k.view(), f.v.view(), o)
-        }), |e| matches!(e, Error::Layout { what: "q", .. })),
-        ("strides that overflow", Box::new(|kn, f, o| {
-            let HostBuffer::F32(q) = &f.q.data else { unreachable!() };
-            dense(kn, TensorView::strided(q.as_slice(), f.q.shape, [L * HQ * D, usize::MAX / 2, D, 1]), f.k.view(), f.v.view(), o)
-        }), |e| matches!(e, Error::Layout { what: "q", .. })),
-        ("lse of the wrong length", Box::new(|kn, f, o| {
-            let mut lse = vec![0f32; 3];
-            kn.dense_prefill(f.q.view(), f.k.view(), f.v.view(), None, &mut o.view_mut(), Some(&mut lse))
-        }), |e| matches!(e, Error::Layout { what: "lse", .. })),
-        ("NaN scale", Box::new(|kn, f, o| kn.dense_prefill(f.q.view(), f.k.view(), f.v.view(), Some(f32::NAN), &mut o.view_mut(), None)),
-            |e| matches!(e, Error::NonFinite { field: "scale", .. })),
-        ("negative scale", Box::new(|kn, f, o| kn.dense_prefill(f.q.view(), f.k.view(), f.v.view(), Some(-1.0), &mut o.view_mut(), None)),
-            |e| matches!(e, Error::OutOfRange { field: "scale", .. })),
-        ("segment not a multiple of block", Box::new(move |kn, f, _| with_cfg(kn, f, c(EntropyConfig { block_size: 7, ..f.cfg.clone() }))),
-            |e| matches!(e, Error::SegmentNotBlockMultiple { segment_size: 64, block_size: 7 })),
-        ("zero segment size", Box::new(|kn, f, _| with_cfg(kn, f, EntropyConfig { segment_size: 0, ..f.cfg.clone() })),
-            |e| matches!(e, Error::ZeroSize { what: "segment_size" })),
-        ("zero block size", Box::new(|kn, f, _| with_cfg(kn, f, EntropyConfig { block_size: 0, ..f.cfg.clone() })),
-            |e| matches!(e, Error::ZeroSize { what: "block_size" })),
-        ("zero base budget", Box::new(|kn, f, _| with_cfg(kn, f, EntropyConfig { base_budget: 0, ..f.cfg.clone() })),
-            |e| matches!(e, Error::ZeroSize { what: "base_budget" })),
-        ("base budget beyond f32-exact tokens", Box::new(|kn, f, _| with_cfg(kn, f, EntropyConfig { base_budget: 1 << 23, ..f.cfg.clone() })),
-            |e| matches!(e, Error::OutOfRange { field: "base_budget", .. })),
-        ("NaN e_t", Box::new(|kn, f, _| with_cfg(kn, f, EntropyConfig { e_t: f32::NAN, ..f.cfg.clone() })),
-            |e| matches!(e, Error::NonFinite { field: "e_t", .. })),
-        ("infinite alpha", Box::new(|kn, f, _| with_cfg(kn, f, EntropyConfig { alpha: f32::INFINITY, ..f.cfg.clone() })),
-            |e| matches!(e, Error::NonFinite { field: "alpha", .. })),
-        ("negative delta_t", Box::new(|kn, f, _| with_cfg(kn, f, EntropyConfig { delta_t: -0.1, ..f.cfg.clone() })),
-            |e| matches!(e, Error::OutOfRange { field: "delta_t", .. })),
-        ("previous scores of another shape", Box::new(|kn, f, _| {
-            let prev = vec![0f32; 7];
-            let cfg = EntropyConfig { layer_fusion: true, ..f.cfg.clone() };
-            kn.plan(f.q.view(), f.k.view(), &cfg, &PlanRequest::layer(5).with_prev(&prev)).map(|_| ())
-        }), |e| matches!(e, Error::PlanMismatch(_))),
-        ("block past the causal limit", Box::new(|kn, f, o| {
-            let mut bl = f.blocks.clone();
-            let u = bl.dims.unit(0, 0, 1);
-            bl.dense[u] = false;
-            bl.indices.insert(bl.indptr[u] as usize, 8);
-            for p in &mut bl.indptr[u + 1..] {
-                *p += 1;
-            }
-            sparse(kn, f, &bl, o)
-        }), |e| matches!(e, Error::BlockList { segment: 1, .. })),
-        ("duplicate block", Box::new(|kn, f, o| {
-            let mut bl = f.blocks.clone();
-            let u = bl.dims.unit(0, 1, 2);
-            bl.dense[u] = false;
-            let at = bl.indptr[u] as usize;
-            bl.indices.splice(at..at, [3, 3]);
-            for p in &mut bl.indptr[u + 1..] {
-                *p += 2;
-            }
-            sparse(kn, f, &bl, o)
-        }), |e| matches!(e, Error::BlockList { segment: 2, .. })),
-        ("indptr out of step with indices", Box::new(|kn, f, o| {
-            let mut bl = f.blocks.clone();
-            bl.indices.push(0);
-            sparse(kn, f, &bl, o)
-        }), |e| matches!(e, Error::PlanMismatch(_))),
-        ("block lists for another length", Box::new(|kn, f, o| {
-            let q = random([B, L + 64, HQ, D], 1.0, 9, DType::F32);
-            let k = random([B, L + 64, HKV, D], 1.0, 9, DType::F32);
-            let bl = Kernels::reference().plan(q.view(), k.view(), &f.cfg, &PlanRequest::default()).unwrap().blocks;
-            sparse(kn, f, &bl, o)
-        }), |e| matches!(e, Error::PlanMismatch(_))),
-        ("decode budget not above the window", Box::new(|kn, f, _| with_dcfg(kn, f, DecodeConfig { decode_budget: 16, ..f.dcfg.clone() })),
-            |e| matches!(e, Error::OutOfRange { field: "decode_budget", .. })),
-        ("zero window", Box::new(|kn, f, _| with_dcfg(kn, f, DecodeConfig { window: 0, ..f.dcfg.clone() })),
-            |e| matches!(e, Error::ZeroSize { what: "window" })),
-        ("even pooling kernel", Box::new(|kn, f, _| with_dcfg(kn, f, DecodeConfig { pooling_kernel: 4, ..f.dcfg.clone() })),
-            |e| matches!(e, Error::OutOfRange { field: "pooling_kernel", .. })),
-        ("decode gap below -1", Box::new(|kn, f, _| with_dcfg(kn, f, DecodeConfig { decode_gap: -2, ..f.dcfg.clone() })),
-            |e| matches!(e, Error::OutOfRange { field: "decode_gap", .. })),
-        ("AdaKV floor above 1", Box::new(|kn, f, _| with_dcfg(kn, f, DecodeConfig { head_budget: HeadBudget::AdaKv { floor_fraction: 1.5 }, ..f.dcfg.clone() })),
-            |e| matches!(e, Error::OutOfRange { field: "floor_fraction", .. })),
-        ("AdaKV with per-query-head caches", Box::new(|kn, f, _| with_dcfg(kn, f, DecodeConfig { head_budget: HeadBudget::AdaKv { floor_fraction: 0.2 }, gqa_mode: GqaMode::PerQueryHead, ..f.dcfg.clone() })),
-            |e| matches!(e, Error::OutOfRange { field: "gqa_mode", .. })),
-        ("window tensor of another size", Box::new(|kn, f, _| {
-            let obs = random([B, HQ, 8, D], 1.0, 9, DType::F32);
-            kn.kv_compress(f.kc.view(), f.vc.view(), obs.view(), &f.dcfg).map(|_| ())
-        }), |e| matches!(e, Error::Shape { what: "obs", .. })),
-        ("cache in another dtype than the window", Box::new(|kn, f, _| {
-            let obs = f.obs.cast(DType::BF16);
-            kn.kv_compress(f.kc.view(), f.vc.view(), obs.view(), &f.dcfg).map(|_| ())
-        }), |e| matches!(e, Error::DTypeMismatch { what: "obs", .. })),
-        ("decode lengths of the wrong count", Box::new(|kn, f, _| {
-            let q = random([B, 1, HQ, D], 1.0, 9, DType::F32);
-            let mut o = poisoned(q.shape, DType::F32);
-            decode(kn, f, &q, &[10], &mut o)
-        }), |e| matches!(e, Error::Layout { what: "lengths", .. })),
-        ("decode length beyond capacity", Box::new(|kn, f, _| {
-            let q = random([B, 1, HQ, D], 1.0, 9, DType::F32);
-            let mut o = poisoned(q.shape, DType::F32);
-            decode(kn, f, &q, &[10, L as u32 + 1], &mut o)
-        }), |e| matches!(e, Error::CacheLength { head: 1, .. })),
-        ("empty decode head", Box::new(|kn, f, _| {
-            let q = random([B, 1, HQ, D], 1.0, 9, DType::F32);
-            let mut o = poisoned(q.shape, DType::F32);
-            decode(kn, f, &q, &[0, 5], &mut o)
-        }), |e| matches!(e, Error::CacheLength { head: 0, length: 0, .. })),
-        ("decode query heads not a multiple of cache heads", Box::new(|kn, f, _| {
-            let q = random([B, 1, 3, D], 1.0, 9, DType::F32);
-            let mut o = poisoned(q.shape, DType::F32);
-            decode(kn, f, &q, &[5, 5], &mut o)
-        }), |e| matches!(e, Error::HeadGrouping { q_heads: 3, kv_heads: 2 })),
+        (
+            "k with another length",
+            Box::new(|kn, f, o| {
+                let k = random([B, L - 1, HKV, D], 1.0, 9, DType::F32);
+                dense(kn, f.q.view(), k.view(), f.v.view(), o)
+            }),
+            |e| matches!(e, Error::Shape { what: "k", .. }),
+        ),
+        (
+            "k with another head dim",
+            Box::new(|kn, f, o| {
+                let k = random([B, L, HKV, D + 1], 1.0, 9, DType::F32);
+                dense(kn, f.q.view(), k.view(), f.v.view(), o)
+            }),
+            |e| matches!(e, Error::Shape { what: "k", .. }),
+        ),
+        (
+            "v unlike k",
+            Box::new(|kn, f, o| {
+                let v = random([B, L, HKV + 1, D], 1.0, 9, DType::F32);
+                dense(kn, f.q.view(), f.k.view(), v.view(), o)
+            }),
+            |e| matches!(e, Error::Shape { what: "v", .. }),
+        ),
+        (
+            "Hq not a multiple of Hkv",
+            Box::new(|kn, f, o| {
+                let k = random([B, L, 3, D], 1.0, 9, DType::F32);
+                dense(kn, f.q.view(), k.view(), k.view(), o)
+            }),
+            |e| matches!(e, Error::HeadGrouping { q_heads: 4, kv_heads: 3 }),
+        ),
+        (
+            "zero batch",
+            Box::new(|kn, _, o| {
+                let z = HostTensor::zeros(DType::F32, [0, L, HQ, D]);
+                dense(kn, z.view(), z.view(), z.view(), o)
+            }),
+            |e| matches!(e, Error::ZeroSize { what: "batch" }),
+        ),
+        (
+            "zero length",
+            Box::new(|kn, _, o| {
+                let z = HostTensor::zeros(DType::F32, [B, 0, HQ, D]);
+                dense(kn, z.view(), z.view(), z.view(), o)
+            }),
+            |e| matches!(e, Error::ZeroSize { what: "sequence length" }),
+        ),
+        (
+            "zero head dim",
+            Box::new(|kn, _, o| {
+                let z = HostTensor::zeros(DType::F32, [B, L, HQ, 0]);
+                dense(kn, z.view(), z.view(), z.view(), o)
+            }),
+            |e| matches!(e, Error::ZeroSize { what: "head dim" }),
+        ),
+        (
+            "zero kv heads",
+            Box::new(|kn, f, o| {
+                let z = HostTensor::zeros(DType::F32, [B, L, 0, D]);
+                dense(kn, f.q.view(), z.view(), z.view(), o)
+            }),
+            |e| matches!(e, Error::ZeroSize { what: "key/value heads" }),
+        ),
+        (
+            "unsupported head dim",
+            Box::new(|kn, _, o| {
+                let z = HostTensor::zeros(DType::F32, [B, 4, 1, 2048]);
+                dense(kn, z.view(), z.view(), z.view(), o)
+            }),
+            |e| matches!(e, Error::UnsupportedHeadDim { head_dim: 2048, .. }),
+        ),
+        (
+            "k in another dtype",
+            Box::new(|kn, f, o| {
+                let k = f.k.cast(DType::F16);
+                dense(kn, f.q.view(), k.view(), f.v.view(), o)
+            }),
+            |e| matches!(e, Error::DTypeMismatch { what: "k", .. }),
+        ),
+        (
+            "output in another dtype",
+            Box::new(|kn, f, _| {
+                let mut o = poisoned(f.q.shape, DType::BF16);
+                dense(kn, f.q.view(), f.k.view(), f.v.view(), &mut o)
+            }),
+            |e| matches!(e, Error::DTypeMismatch { what: "out", .. }),
+        ),
+        (
+            "output of another shape",
+            Box::new(|kn, f, _| {
+                let mut o = poisoned([B, L, HQ - 1, D], DType::F32);
+                dense(kn, f.q.view(), f.k.view(), f.v.view(), &mut o)
+            }),
+            |e| matches!(e, Error::Shape { what: "out", .. }),
+        ),
+        (
+            "buffer shorter than its shape",
+            Box::new(|kn, f, o| {
+                let HostBuffer::F32(q) = &f.q.data else { unreachable!() };
+                dense(kn, TensorView::new(&q[..q.len() - 1], f.q.shape), f.k.view(), f.v.view(), o)
+            }),
+            |e| matches!(e, Error::Layout { what: "q", .. }),
+        ),
+        (
+            "innermost stride not 1",
+            Box::new(|kn, f, o| {
+                let HostBuffer::F32(q) = &f.q.data else { unreachable!() };
+                dense(
+                    kn,
+                    TensorView::strided(q.as_slice(), [B, L / 2, HQ, D / 2], [L * HQ * D, HQ * D, D, 2]),
+                    f.k.view(),
+                    f.v.view(),
+                    o,
+                )
+            }),
+            |e| matches!(e, Error::Layout { what: "q", .. }),
+        ),
+        (
+            "strides that overflow",
+            Box::new(|kn, f, o| {
+                let HostBuffer::F32(q) = &f.q.data else { unreachable!() };
+                dense(
+                    kn,
+                    TensorView::strided(q.as_slice(), f.q.shape, [L * HQ * D, usize::MAX / 2, D, 1]),
+                    f.k.view(),
+                    f.v.view(),
+                    o,
+                )
+            }),
+            |e| matches!(e, Error::Layout { what: "q", .. }),
+        ),
+        (
+            "lse of the wrong length",
+            Box::new(|kn, f, o| {
+                let mut lse = vec![0f32; 3];
+                kn.dense_prefill(f.q.view(), f.k.view(), f.v.view(), None, &mut o.view_mut(), Some(&mut lse))
+            }),
+            |e| matches!(e, Error::Layout { what: "lse", .. }),
+        ),
+        (
+            "NaN scale",
+            Box::new(|kn, f, o| {
+                kn.dense_prefill(f.q.view(), f.k.view(), f.v.view(), Some(f32::NAN), &mut o.view_mut(), None)
+            }),
+            |e| matches!(e, Error::NonFinite { field: "scale", .. }),
+        ),
+        (
+            "negative scale",
+            Box::new(|kn, f, o| {
+                kn.dense_prefill(f.q.view(), f.k.view(), f.v.view(), Some(-1.0), &mut o.view_mut(), None)
+            }),
+            |e| matches!(e, Error::OutOfRange { field: "scale", .. }),
+        ),
+        (
+            "segment not a multiple of block",
+            Box::new(move |kn, f, _| with_cfg(kn, f, c(EntropyConfig { block_size: 7, ..f.cfg.clone() }))),
+            |e| matches!(e, Error::SegmentNotBlockMultiple { segment_size: 64, block_size: 7 }),
+        ),
+        (
+            "zero segment size",
+            Box::new(|kn, f, _| with_cfg(kn, f, EntropyConfig { segment_size: 0, ..f.cfg.clone() })),
+            |e| matches!(e, Error::ZeroSize { what: "segment_size" }),
+        ),
+        (
+            "zero block size",
+            Box::new(|kn, f, _| with_cfg(kn, f, EntropyConfig { block_size: 0, ..f.cfg.clone() })),
+            |e| matches!(e, Error::ZeroSize { what: "block_size" }),
+        ),
+        (
+            "zero base budget",
+            Box::new(|kn, f, _| with_cfg(kn, f, EntropyConfig { base_budget: 0, ..f.cfg.clone() })),
+            |e| matches!(e, Error::ZeroSize { what: "base_budget" }),
+        ),
+        (
+            "base budget beyond f32-exact tokens",
+            Box::new(|kn, f, _| with_cfg(kn, f, EntropyConfig { base_budget: 1 << 23, ..f.cfg.clone() })),
+            |e| matches!(e, Error::OutOfRange { field: "base_budget", .. }),
+        ),
+        ("NaN e_t", Box::new(|kn, f, _| with_cfg(kn, f, EntropyConfig { e_t: f32::NAN, ..f.cfg.clone() })), |e| {
+            matches!(e, Error::NonFinite { field: "e_t", .. })
+        }),
+        (
+            "infinite alpha",
+            Box::new(|kn, f, _| with_cfg(kn, f, EntropyConfig { alpha: f32::INFINITY, ..f.cfg.clone() })),
+            |e| matches!(e, Error::NonFinite { field: "alpha", .. }),
+        ),
+        (
+            "negative delta_t",
+            Box::new(|kn, f, _| with_cfg(kn, f, EntropyConfig { delta_t: -0.1, ..f.cfg.clone() })),
+            |e| matches!(e, Error::OutOfRange { field: "delta_t", .. }),
+        ),
+        (
+            "previous scores of another shape",
+            Box::new(|kn, f, _| {
+                let prev = vec![0f32; 7];
+                let cfg = EntropyConfig { layer_fusion: true, ..f.cfg.clone() };
+                kn.plan(f.q.view(), f.k.view(), &cfg, &PlanRequest::layer(5).with_prev(&prev)).map(|_| ())
+            }),
+            |e| matches!(e, Error::PlanMismatch(_)),
+        ),
+        (
+            "block past the causal limit",
+            Box::new(|kn, f, o| {
+                let mut bl = f.blocks.clone();
+                let u = bl.dims.unit(0, 0, 1);
+                bl.dense[u] = false;
+                bl.indices.insert(bl.indptr[u] as usize, 8);
+                for p in &mut bl.indptr[u + 1..] {
+                    *p += 1;
+                }
+                sparse(kn, f, &bl, o)
+            }),
+            |e| matches!(e, Error::BlockList { segment: 1, .. }),
+        ),
+        (
+            "duplicate block",
+            Box::new(|kn, f, o| {
+                let mut bl = f.blocks.clone();
+                let u = bl.dims.unit(0, 1, 2);
+                bl.dense[u] = false;
+                let at = bl.indptr[u] as usize;
+                bl.indices.splice(at..at, [3, 3]);
+                for p in &mut bl.indptr[u + 1..] {
+                    *p += 2;
+                }
+                sparse(kn, f, &bl, o)
+            }),
+            |e| matches!(e, Error::BlockList { segment: 2, .. }),
+        ),
+        (
+            "indptr out of step with indices",
+            Box::new(|kn, f, o| {
+                let mut bl = f.blocks.clone();
+                bl.indices.push(0);
+                sparse(kn, f, &bl, o)
+            }),
+            |e| matches!(e, Error::PlanMismatch(_)),
+        ),
+        (
+            "block lists for another length",
+            Box::new(|kn, f, o| {
+                let q = random([B, L + 64, HQ, D], 1.0, 9, DType::F32);
+                let k = random([B, L + 64, HKV, D], 1.0, 9, DType::F32);
+                let bl = Kernels::reference().plan(q.view(), k.view(), &f.cfg, &PlanRequest::default()).unwrap().blocks;
+                sparse(kn, f, &bl, o)
+            }),
+            |e| matches!(e, Error::PlanMismatch(_)),
+        ),
+        (
+            "decode budget not above the window",
+            Box::new(|kn, f, _| with_dcfg(kn, f, DecodeConfig { decode_budget: 16, ..f.dcfg.clone() })),
+            |e| matches!(e, Error::OutOfRange { field: "decode_budget", .. }),
+        ),
+        ("zero window", Box::new(|kn, f, _| with_dcfg(kn, f, DecodeConfig { window: 0, ..f.dcfg.clone() })), |e| {
+            matches!(e, Error::ZeroSize { what: "window" })
+        }),
+        (
+            "even pooling kernel",
+            Box::new(|kn, f, _| with_dcfg(kn, f, DecodeConfig { pooling_kernel: 4, ..f.dcfg.clone() })),
+            |e| matches!(e, Error::OutOfRange { field: "pooling_kernel", .. }),
+        ),
+        (
+            "decode gap below -1",
+            Box::new(|kn, f, _| with_dcfg(kn, f, DecodeConfig { decode_gap: -2, ..f.dcfg.clone() })),
+            |e| matches!(e, Error::OutOfRange { field: "decode_gap", .. }),
+        ),
+        (
+            "AdaKV floor above 1",
+            Box::new(|kn, f, _| {
+                with_dcfg(
+                    kn,
+                    f,
+                    DecodeConfig { head_budget: HeadBudget::AdaKv { floor_fraction: 1.5 }, ..f.dcfg.clone() },
+                )
+            }),
+            |e| matches!(e, Error::OutOfRange { field: "floor_fraction", .. }),
+        ),
+        (
+            "AdaKV with per-query-head caches",
+            Box::new(|kn, f, _| {
+                with_dcfg(
+                    kn,
+                    f,
+                    DecodeConfig {
+                        head_budget: HeadBudget::AdaKv { floor_fraction: 0.2 },
+                        gqa_mode: GqaMode::PerQueryHead,
+                        ..f.dcfg.clone()
+                    },
+                )
+            }),
+            |e| matches!(e, Error::OutOfRange { field: "gqa_mode", .. }),
+        ),
+        (
+            "window tensor of another size",
+            Box::new(|kn, f, _| {
+                let obs = random([B, HQ, 8, D], 1.0, 9, DType::F32);
+                kn.kv_compress(f.kc.view(), f.vc.view(), obs.view(), &f.dcfg).map(|_| ())
+            }),
+            |e| matches!(e, Error::Shape { what: "obs", .. }),
+        ),
+        (
+            "cache in another dtype than the window",
+            Box::new(|kn, f, _| {
+                let obs = f.obs.cast(DType::BF16);
+                kn.kv_compress(f.kc.view(), f.vc.view(), obs.view(), &f.dcfg).map(|_| ())
+            }),
+            |e| matches!(e, Error::DTypeMismatch { what: "obs", .. }),
+        ),
+        (
+            "decode lengths of the wrong count",
+            Box::new(|kn, f, _| {
+                let q = random([B, 1, HQ, D], 1.0, 9, DType::F32);
+                let mut o = poisoned(q.shape, DType::F32);
+                decode(kn, f, &q, &[10], &mut o)
+            }),
+            |e| matches!(e, Error::Layout { what: "lengths", .. }),
+        ),
+        (
+            "decode length beyond capacity",
+            Box::new(|kn, f, _| {
+                let q = random([B, 1, HQ, D], 1.0, 9, DType::F32);
+                let mut o = poisoned(q.shape, DType::F32);
+                decode(kn, f, &q, &[10, L as u32 + 1], &mut o)
+            }),
+            |e| matches!(e, Error::CacheLength { head: 1, .. }),
+        ),
+        (
+            "empty decode head",
+            Box::new(|kn, f, _| {
+                let q = random([B, 1, HQ, D], 1.0, 9, DType::F32);
+                let mut o = poisoned(q.shape, DType::F32);
+                decode(kn, f, &q, &[0, 5], &mut o)
+            }),
+            |e| matches!(e, Error::CacheLength { head: 0, length: 0, .. }),
+        ),
+        (
+            "decode query heads not a multiple of cache heads",
+            Box::new(|kn, f, _| {
+                let q = random([B, 1, 3, D], 1.0, 9, DType::F32);
+                let mut o = poisoned(q.shape, DType::F32);
+                decode(kn, f, &q, &[5, 5], &mut o)
+            }),
+            |e| matches!(e, Error::HeadGrouping { q_heads: 3, kv_heads: 2 }),
+        ),
     ]
 }
 

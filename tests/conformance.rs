@@ -23,13 +23,7 @@ struct Inputs {
 fn load(path: &Path) -> Inputs {
     let case = Case::load(path).unwrap();
     let prev = case.has("prev_scores").then(|| case.f32("prev_scores").unwrap().0);
-    Inputs {
-        q: case.tensor4("q").unwrap(),
-        k: case.tensor4("k").unwrap(),
-        v: case.tensor4("v").unwrap(),
-        prev,
-        case,
-    }
+    Inputs { q: case.tensor4("q").unwrap(), k: case.tensor4("k").unwrap(), v: case.tensor4("v").unwrap(), prev, case }
 }
 
 fn plan_of(kernels: &Kernels, inp: &Inputs, q: &HostTensor, k: &HostTensor) -> Plan {
@@ -40,7 +34,13 @@ fn plan_of(kernels: &Kernels, inp: &Inputs, q: &HostTensor, k: &HostTensor) -> P
     kernels.plan(q.view(), k.view(), &inp.case.config.prefill, &req).unwrap()
 }
 
-fn run_attention(kernels: &Kernels, plan: Option<(&Plan, BudgetMode, usize)>, q: &HostTensor, k: &HostTensor, v: &HostTensor) -> HostTensor {
+fn run_attention(
+    kernels: &Kernels,
+    plan: Option<(&Plan, BudgetMode, usize)>,
+    q: &HostTensor,
+    k: &HostTensor,
+    v: &HostTensor,
+) -> HostTensor {
     let mut out = poisoned(q.shape, q.dtype());
     match plan {
         Some((plan, mode, t)) => {
@@ -137,7 +137,8 @@ fn term_magnitudes(case: &Case) -> Vec<f64> {
                     let mut m = 0.0;
                     for gi in 0..g {
                         let (qx, qn) = reps(&q, hq, b, h * g + gi, s * seg, (s + 1) * seg);
-                        m += (0..d).map(|i| (qx[i].abs() + qn[i].abs()) * kx[i].abs().max(kn[i].abs())).sum::<f64>() / 2.0;
+                        m += (0..d).map(|i| (qx[i].abs() + qn[i].abs()) * kx[i].abs().max(kn[i].abs())).sum::<f64>()
+                            / 2.0;
                     }
                     out[((b * hkv + h) * nseg + s) * n + j] = m / g as f64;
                 }
@@ -170,7 +171,11 @@ fn check_stored(kernels: &Kernels, inp: &Inputs) {
     let plan = plan_of(kernels, inp, &inp.q, &inp.k);
     check_plan(&name, &plan, &inp.case);
     let t = inp.case.config.prefill.threshold_len;
-    for (what, mode) in [("prefill.out", Some(BudgetMode::SegmentMax)), ("prefill.out_per_head", Some(BudgetMode::PerHead)), ("dense.out", None)] {
+    for (what, mode) in [
+        ("prefill.out", Some(BudgetMode::SegmentMax)),
+        ("prefill.out_per_head", Some(BudgetMode::PerHead)),
+        ("dense.out", None),
+    ] {
         let out = run_attention(kernels, mode.map(|m| (&plan, m, t)), &inp.q, &inp.k, &inp.v);
         let want: Vec<f64> = inp.case.f32(what).unwrap().0.iter().map(|&x| x as f64).collect();
         let err = rel_fro(&tensor_f64(&out), &want);

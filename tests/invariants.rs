@@ -37,7 +37,8 @@ fn budget_covering_every_block_is_dense() {
     let seed = seed("budget_covering_every_block_is_dense");
     let (q, k, v) = inputs(2, 470, 4, 2, 64, seed);
     // 3·base ≥ L: every sparse segment keeps all of its earlier blocks.
-    let cfg = EntropyConfig { segment_size: 64, block_size: 8, threshold_len: 0, base_budget: 512, ..Default::default() };
+    let cfg =
+        EntropyConfig { segment_size: 64, block_size: 8, threshold_len: 0, base_budget: 512, ..Default::default() };
     for kernels in all_backends("budget_covering_every_block_is_dense") {
         let plan = kernels.plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap();
         assert!(plan.blocks.sparse_units() > 0, "the plan must exercise the sparse path");
@@ -56,7 +57,14 @@ fn per_head_selections_are_prefixes_of_the_ranking() {
     let seed = seed("per_head_selections_are_prefixes_of_the_ranking");
     let (q, k, _) = inputs(2, 777, 8, 2, 64, seed);
     for mode in [BudgetMode::PerHead, BudgetMode::SegmentMax] {
-        let cfg = EntropyConfig { segment_size: 64, block_size: 8, threshold_len: 128, base_budget: 48, budget_mode: mode, ..Default::default() };
+        let cfg = EntropyConfig {
+            segment_size: 64,
+            block_size: 8,
+            threshold_len: 128,
+            base_budget: 48,
+            budget_mode: mode,
+            ..Default::default()
+        };
         for kernels in all_backends("per_head_selections_are_prefixes_of_the_ranking") {
             let plan = kernels.plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap();
             let d = plan.dims;
@@ -79,14 +87,21 @@ fn per_head_selections_are_prefixes_of_the_ranking() {
                             sparse += 1;
                             let mut prefix = plan.ranking(b, h, s)[..count].to_vec();
                             prefix.sort();
-                            assert_eq!(list, prefix.as_slice(), "selection of ({b},{h},{s}) is not the ranking's prefix");
+                            assert_eq!(
+                                list,
+                                prefix.as_slice(),
+                                "selection of ({b},{h},{s}) is not the ranking's prefix"
+                            );
                             assert!(s * d.segment_size >= cfg.threshold_len && s + 1 < d.segments);
                         }
                     }
                 }
             }
             assert!(sparse > 0, "no sparse unit exercised");
-            assert!(plan.rigid_heads() > 0 && plan.rigid_heads() < d.batch * d.kv_heads, "planted inputs give both head classes");
+            assert!(
+                plan.rigid_heads() > 0 && plan.rigid_heads() < d.batch * d.kv_heads,
+                "planted inputs give both head classes"
+            );
         }
     }
 }
@@ -146,7 +161,8 @@ fn cache_within_budget_is_unchanged() {
 #[test]
 fn observation_window_schedule() {
     let (b, hq, d) = (1, 2, 4);
-    let prompt = HostTensor::from_f32(&(0..40 * hq * d).map(|i| i as f32).collect::<Vec<_>>(), [b, 40, hq, d], DType::F32);
+    let prompt =
+        HostTensor::from_f32(&(0..40 * hq * d).map(|i| i as f32).collect::<Vec<_>>(), [b, 40, hq, d], DType::F32);
     let token = |x: f32| HostTensor::from_f32(&vec![x; hq * d], [b, 1, hq, d], DType::F32);
     // Latent: W = 32, gap = 16 → 16 prompt queries, 16 decode queries, compress at step 17.
     let cfg = DecodeConfig { window: 32, decode_gap: 16, ..Default::default() };
@@ -166,12 +182,19 @@ fn observation_window_schedule() {
     assert_eq!(v[0], (24 * hq * d) as f32);
     assert_eq!(v[31 * d], 1016.0);
     // SnapKV: the last W prompt queries, compress at once.
-    let mut s = ObservationWindow::new(b, hq, d, &DecodeConfig { window: 32, decode_gap: -1, ..Default::default() }).unwrap();
+    let mut s =
+        ObservationWindow::new(b, hq, d, &DecodeConfig { window: 32, decode_gap: -1, ..Default::default() }).unwrap();
     assert_eq!(s.prefill_end(prompt.view()).unwrap(), WindowEvent::CompressNow);
     assert_eq!(s.len(), 32);
     assert_eq!(s.observation(DType::F32).to_f32_vec()[0], (8 * hq * d) as f32);
     // A gap at least W: one prompt query, then the newest W.
-    let mut g = ObservationWindow::new(b, hq, d, &DecodeConfig { window: 8, decode_gap: 20, decode_budget: 64, ..Default::default() }).unwrap();
+    let mut g = ObservationWindow::new(
+        b,
+        hq,
+        d,
+        &DecodeConfig { window: 8, decode_gap: 20, decode_budget: 64, ..Default::default() },
+    )
+    .unwrap();
     g.prefill_end(prompt.view()).unwrap();
     assert_eq!(g.len(), 1);
     for step in 1..=20 {
@@ -198,7 +221,9 @@ fn lse_matches_outputs_and_tiles_are_independent() {
     assert_eq!(out1, out2, "results depend on the thread count");
     let mut lse_ref = vec![f32::NAN; 4 * 333];
     let mut o = poisoned(q.shape, DType::F32);
-    Kernels::reference().dense_prefill(q.view(), k.view(), v.view(), None, &mut o.view_mut(), Some(&mut lse_ref)).unwrap();
+    Kernels::reference()
+        .dense_prefill(q.view(), k.view(), v.view(), None, &mut o.view_mut(), Some(&mut lse_ref))
+        .unwrap();
     for (a, b) in lse1.iter().zip(&lse_ref) {
         assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "lse {a} vs {b}");
     }
@@ -209,7 +234,8 @@ fn every_isa_agrees_with_the_oracle() {
     // The AVX-512, AVX2 and portable kernels each run the same small case.
     let seed = seed("every_isa_agrees_with_the_oracle");
     let (q, k, v) = inputs(1, 200, 6, 2, 72, seed);
-    let cfg = EntropyConfig { segment_size: 64, block_size: 8, threshold_len: 64, base_budget: 16, ..Default::default() };
+    let cfg =
+        EntropyConfig { segment_size: 64, block_size: 8, threshold_len: 64, base_budget: 16, ..Default::default() };
     let oracle = Kernels::reference();
     let plan = oracle.plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap();
     let mut want = poisoned(q.shape, DType::F32);

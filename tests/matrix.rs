@@ -116,7 +116,9 @@ fn check_plans(tag: &str, got: &Plan, want: &Plan) {
     assert_eq!(got.order_width, want.order_width, "{tag}: order width");
     assert_eq!(got.order, want.order, "{tag}: ranking");
     assert_eq!(got.blocks, want.blocks, "{tag}: block lists");
-    let worst = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| if x == y { 0.0 } else { (x - y).abs() }).fold(0f32, f32::max);
+    let worst = |a: &[f32], b: &[f32]| {
+        a.iter().zip(b).map(|(x, y)| if x == y { 0.0 } else { (x - y).abs() }).fold(0f32, f32::max)
+    };
     assert_eq!(got.logits.len(), want.logits.len(), "{tag}: logits length");
     let lmax = want.logits.iter().filter(|x| x.is_finite()).fold(0f32, |m, x| m.max(x.abs())).max(1.0);
     assert!(worst(&got.logits, &want.logits) <= 1e-6 * lmax, "{tag}: logits");
@@ -124,7 +126,13 @@ fn check_plans(tag: &str, got: &Plan, want: &Plan) {
     assert!(worst(&got.entropy, &want.entropy) <= 1e-5, "{tag}: entropy");
 }
 
-fn attention(kernels: &Kernels, q: TensorView, k: TensorView, v: TensorView, blocks: Option<&BlockLists>) -> (HostTensor, Vec<f32>) {
+fn attention(
+    kernels: &Kernels,
+    q: TensorView,
+    k: TensorView,
+    v: TensorView,
+    blocks: Option<&BlockLists>,
+) -> (HostTensor, Vec<f32>) {
     let mut out = poisoned(q.shape(), q.dtype());
     let [b, l, hq, _] = q.shape();
     let mut lse = vec![f32::NAN; b * hq * l];
@@ -148,7 +156,14 @@ fn check_attention(tag: &str, dtype: DType, got: &(HostTensor, Vec<f32>), want: 
 
 /// Compression results agree with the oracle, allowing only near-ties at the selection boundary
 /// (f32 scoring against f64); the gathered entries must match the reported indices exactly.
-fn check_compressed(tag: &str, got: &CompressedCache, want: &CompressedCache, scores: &[Vec<Vec<f64>>], k_cache: &HostTensor, shared_budget: bool) {
+fn check_compressed(
+    tag: &str,
+    got: &CompressedCache,
+    want: &CompressedCache,
+    scores: &[Vec<Vec<f64>>],
+    k_cache: &HostTensor,
+    shared_budget: bool,
+) {
     assert_eq!(got.heads(), want.heads(), "{tag}: heads");
     assert_eq!(got.window, want.window, "{tag}: window");
     assert_eq!(got.lengths.iter().sum::<u32>(), want.lengths.iter().sum::<u32>(), "{tag}: total length");
@@ -164,7 +179,9 @@ fn check_compressed(tag: &str, got: &CompressedCache, want: &CompressedCache, sc
             };
             let top = rows.iter().flatten().fold(0f64, |m, x| m.max(x.abs())).max(1e-300);
             let boundary_of = |heads: &mut dyn Iterator<Item = usize>| {
-                heads.flat_map(|hc| kept(want, w, hc).into_iter().map(move |p| rows[hc][p as usize])).fold(f64::INFINITY, f64::min)
+                heads
+                    .flat_map(|hc| kept(want, w, hc).into_iter().map(move |p| rows[hc][p as usize]))
+                    .fold(f64::INFINITY, f64::min)
             };
             let shared = boundary_of(&mut (0..rows.len()));
             for hc in 0..rows.len() {
@@ -224,7 +241,11 @@ fn run_shape(kind: BackendKind, name: &str, s: Shape) {
         let inputs = Inputs::new(s, dtype, seed);
         let (qc, kc, vc) = inputs.views();
         let (q, k, v) = if s.fused_qkv {
-            (fused_view(&inputs.buf, 0, s.q_heads), fused_view(&inputs.buf, s.q_heads, s.kv_heads), fused_view(&inputs.buf, s.q_heads + s.kv_heads, s.kv_heads))
+            (
+                fused_view(&inputs.buf, 0, s.q_heads),
+                fused_view(&inputs.buf, s.q_heads, s.kv_heads),
+                fused_view(&inputs.buf, s.q_heads + s.kv_heads, s.kv_heads),
+            )
         } else {
             (qc.view(), kc.view(), vc.view())
         };
@@ -236,7 +257,11 @@ fn run_shape(kind: BackendKind, name: &str, s: Shape) {
         check_plans(&format!("{tag} plan per_head"), &got, &want);
         let cfg_max = EntropyConfig { budget_mode: BudgetMode::SegmentMax, ..cfg.clone() };
         let want_max = oracle.plan(qc.view(), kc.view(), &cfg_max, &PlanRequest::layer(0)).unwrap();
-        check_plans(&format!("{tag} plan segment_max"), &kernels.plan(q, k, &cfg_max, &PlanRequest::layer(0)).unwrap(), &want_max);
+        check_plans(
+            &format!("{tag} plan segment_max"),
+            &kernels.plan(q, k, &cfg_max, &PlanRequest::layer(0)).unwrap(),
+            &want_max,
+        );
         let cfg_fused = EntropyConfig { layer_fusion: true, ..cfg.clone() };
         let req = PlanRequest::layer(3).with_prev(&want.scores);
         let want_fused = oracle.plan(qc.view(), kc.view(), &cfg_fused, &req).unwrap();
@@ -246,7 +271,12 @@ fn run_shape(kind: BackendKind, name: &str, s: Shape) {
         for (mode, lists) in [("per_head", &want.blocks), ("segment_max", &want_max.blocks)] {
             let got = attention(&kernels, q, k, v, Some(lists));
             let exact = attention(&oracle, qc.view(), kc.view(), vc.view(), Some(lists));
-            check_attention(&format!("{tag} sparse {mode} ({} sparse units)", lists.sparse_units()), dtype, &got, &exact);
+            check_attention(
+                &format!("{tag} sparse {mode} ({} sparse units)", lists.sparse_units()),
+                dtype,
+                &got,
+                &exact,
+            );
         }
         let got = attention(&kernels, q, k, v, None);
         let exact = attention(&oracle, qc.view(), kc.view(), vc.view(), None);
@@ -263,7 +293,11 @@ fn run_shape(kind: BackendKind, name: &str, s: Shape) {
                 HostBuffer::BF16(x) => TensorView::strided(x.as_slice(), shape, strides),
             }
         }
-        let k_cache = HostTensor::from_f32(&reference::F64Tensor::of(&cache_view(&kc)).data.iter().map(|&x| x as f32).collect::<Vec<_>>(), [b, hkv, l, d], dtype);
+        let k_cache = HostTensor::from_f32(
+            &reference::F64Tensor::of(&cache_view(&kc)).data.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+            [b, hkv, l, d],
+            dtype,
+        );
         let window = 16.min(l / 2).max(1);
         let obs = random([b, s.q_heads, window, d], 1.0, seed ^ 0x5eed, dtype);
         let budget = (l * 2 / 3).max(window + 1);
@@ -274,10 +308,19 @@ fn run_shape(kind: BackendKind, name: &str, s: Shape) {
             (Pooling::Avg, GqaMode::Mean, HeadBudget::AdaKv { floor_fraction: 0.2 }),
         ];
         for (pooling, gqa_mode, head_budget) in modes {
-            let dc = DecodeConfig { decode_budget: budget, window, pooling, pooling_kernel: 5, gqa_mode, head_budget, ..Default::default() };
+            let dc = DecodeConfig {
+                decode_budget: budget,
+                window,
+                pooling,
+                pooling_kernel: 5,
+                gqa_mode,
+                head_budget,
+                ..Default::default()
+            };
             let got = kernels.kv_compress(cache_view(&kc), cache_view(&vc), obs.view(), &dc).unwrap();
             let exact = oracle.kv_compress(cache_view(&kc), cache_view(&vc), obs.view(), &dc).unwrap();
-            let args = validate::kv_compress(oracle.capabilities(), cache_view(&kc), cache_view(&vc), obs.view(), &dc).unwrap();
+            let args = validate::kv_compress(oracle.capabilities(), cache_view(&kc), cache_view(&vc), obs.view(), &dc)
+                .unwrap();
             let scores = reference::compress_scores(&args);
             let ctag = format!("{tag} compress {pooling:?}/{gqa_mode:?}/{head_budget:?}");
             check_compressed(&ctag, &got, &exact, &scores, &k_cache, head_budget != HeadBudget::Uniform);
@@ -286,9 +329,13 @@ fn run_shape(kind: BackendKind, name: &str, s: Shape) {
             let nq = 2;
             let qn = random([b, nq, s.q_heads, d], 1.0, seed ^ 0xdec0de, dtype);
             let mut out = poisoned(qn.shape, dtype);
-            kernels.decode_attention(qn.view(), got.k.view(), got.v.view(), &got.lengths, None, &mut out.view_mut()).unwrap();
+            kernels
+                .decode_attention(qn.view(), got.k.view(), got.v.view(), &got.lengths, None, &mut out.view_mut())
+                .unwrap();
             let mut exact_out = poisoned(qn.shape, dtype);
-            oracle.decode_attention(qn.view(), got.k.view(), got.v.view(), &got.lengths, None, &mut exact_out.view_mut()).unwrap();
+            oracle
+                .decode_attention(qn.view(), got.k.view(), got.v.view(), &got.lengths, None, &mut exact_out.view_mut())
+                .unwrap();
             let err = rel_fro(&tensor_f64(&out), &tensor_f64(&exact_out));
             assert!(err <= attn_tol(dtype), "{ctag} decode: rel err {err:.3e}");
         }
@@ -331,9 +378,40 @@ const BASE: Shape = Shape {
 };
 
 test_device!(mha_d64, BASE);
-test_device!(gqa_d80_odd_len_batch2, Shape { batch: 2, len: 517, q_heads: 6, kv_heads: 2, head_dim: 80, block: 16, threshold: 128, base: 32, ..BASE });
-test_device!(mqa_d128_planted, Shape { len: 450, q_heads: 4, kv_heads: 1, head_dim: 128, segment: 128, threshold: 128, base: 64, planted: true, ..BASE });
+test_device!(
+    gqa_d80_odd_len_batch2,
+    Shape { batch: 2, len: 517, q_heads: 6, kv_heads: 2, head_dim: 80, block: 16, threshold: 128, base: 32, ..BASE }
+);
+test_device!(
+    mqa_d128_planted,
+    Shape {
+        len: 450,
+        q_heads: 4,
+        kv_heads: 1,
+        head_dim: 128,
+        segment: 128,
+        threshold: 128,
+        base: 64,
+        planted: true,
+        ..BASE
+    }
+);
 test_device!(gqa_fused_qkv_d96, Shape { len: 333, q_heads: 4, kv_heads: 2, head_dim: 96, fused_qkv: true, ..BASE });
 test_device!(len_equals_segment, Shape { batch: 2, len: 64, q_heads: 4, kv_heads: 2, ..BASE });
 test_device!(len_below_segment, Shape { len: 37, q_heads: 3, kv_heads: 1, head_dim: 40, ..BASE });
-test_device!(odd_head_dim_planted_gqa, Shape { batch: 2, len: 390, q_heads: 8, kv_heads: 2, head_dim: 36, segment: 32, block: 4, threshold: 32, base: 16, planted: true, ..BASE });
+test_device!(
+    odd_head_dim_planted_gqa,
+    Shape {
+        batch: 2,
+        len: 390,
+        q_heads: 8,
+        kv_heads: 2,
+        head_dim: 36,
+        segment: 32,
+        block: 4,
+        threshold: 32,
+        base: 16,
+        planted: true,
+        ..BASE
+    }
+);

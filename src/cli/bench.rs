@@ -2,9 +2,7 @@
 //! several lengths on one backend. Every ratio compares timings taken in the same run.
 
 use clap::Args;
-use entropy_kernels::{
-    DType, DecodeConfig, EntropyConfig, HostTensor, Kernels, PlanRequest, Result, synth,
-};
+use entropy_kernels::{DType, DecodeConfig, EntropyConfig, HostTensor, Kernels, PlanRequest, Result, synth};
 
 use super::demo::{to_cache, window_of};
 use super::{Table, median, ms, time, with_spinner};
@@ -62,8 +60,16 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     println!("backend: {}", kernels.describe());
     println!(
         "GQA {}/{}, D {}, {}, median of {} runs; sparse = EntropyInfer with S={} Bk={} T={} base={} ({:?})",
-        a.q_heads, a.kv_heads, a.head_dim, a.dtype, a.reps, cfg.segment_size, cfg.block_size, cfg.threshold_len,
-        cfg.base_budget, cfg.budget_mode
+        a.q_heads,
+        a.kv_heads,
+        a.head_dim,
+        a.dtype,
+        a.reps,
+        cfg.segment_size,
+        cfg.block_size,
+        cfg.threshold_len,
+        cfg.base_budget,
+        cfg.budget_mode
     );
     let mut t = Table::new(&["tokens", "op", "ms", "GFLOP/s", "vs dense", "note"]);
     for &l in &a.lengths {
@@ -90,23 +96,49 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         let mut dense_s = f64::NAN;
         if want("dense") {
             dense_s = with_spinner(&format!("dense prefill, {l} tokens"), || {
-                repeat(a.reps, || kernels.dense_prefill(q.view(), k.view(), v.view(), cfg.scale, &mut out.view_mut(), None))
+                repeat(a.reps, || {
+                    kernels.dense_prefill(q.view(), k.view(), v.view(), cfg.scale, &mut out.view_mut(), None)
+                })
             })?;
-            t.row(vec![l.to_string(), "dense prefill".into(), ms(dense_s), format!("{:.1}", dense_flops / dense_s / 1e9), "1.00".into(), "2·L²·D·Hq FLOPs".into()]);
+            t.row(vec![
+                l.to_string(),
+                "dense prefill".into(),
+                ms(dense_s),
+                format!("{:.1}", dense_flops / dense_s / 1e9),
+                "1.00".into(),
+                "2·L²·D·Hq FLOPs".into(),
+            ]);
         }
         if want("sparse") {
             let req = PlanRequest::layer(0).keep_maps(false);
             let plan = kernels.plan(q.view(), k.view(), &cfg, &req)?;
             let kept = plan.blocks.kept_fraction();
-            let plan_s = with_spinner("planning", || repeat(a.reps, || kernels.plan(q.view(), k.view(), &cfg, &req).map(|_| ())))?;
+            let plan_s = with_spinner("planning", || {
+                repeat(a.reps, || kernels.plan(q.view(), k.view(), &cfg, &req).map(|_| ()))
+            })?;
             let attn_s = with_spinner(&format!("sparse prefill, {l} tokens"), || {
                 repeat(a.reps, || {
-                    kernels.sparse_prefill(q.view(), k.view(), v.view(), &plan.blocks, cfg.scale, &mut out.view_mut(), None)
+                    kernels.sparse_prefill(
+                        q.view(),
+                        k.view(),
+                        v.view(),
+                        &plan.blocks,
+                        cfg.scale,
+                        &mut out.view_mut(),
+                        None,
+                    )
                 })
             })?;
             let total = plan_s + attn_s;
             let vs = |s: f64| if dense_s.is_finite() { format!("{:.2}", dense_s / s) } else { "-".into() };
-            t.row(vec![l.to_string(), "plan".into(), ms(plan_s), "-".into(), "-".into(), format!("{:.1}% of sparse prefill", 100.0 * plan_s / total)]);
+            t.row(vec![
+                l.to_string(),
+                "plan".into(),
+                ms(plan_s),
+                "-".into(),
+                "-".into(),
+                format!("{:.1}% of sparse prefill", 100.0 * plan_s / total),
+            ]);
             let bound = if dense_s.is_finite() {
                 format!("; target ≤ 1.3·kept·dense + plan = {} ms", ms(1.3 * kept * dense_s + plan_s))
             } else {
@@ -118,9 +150,20 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 ms(attn_s),
                 format!("{:.1}", kept * dense_flops / attn_s / 1e9),
                 vs(attn_s),
-                format!("kept {kept:.3} of causal pairs, {} rigid of {} heads", plan.rigid_heads(), plan.head_class.len()),
+                format!(
+                    "kept {kept:.3} of causal pairs, {} rigid of {} heads",
+                    plan.rigid_heads(),
+                    plan.head_class.len()
+                ),
             ]);
-            t.row(vec![l.to_string(), "sparse prefill".into(), ms(total), "-".into(), vs(total), format!("plan + attention{bound}")]);
+            t.row(vec![
+                l.to_string(),
+                "sparse prefill".into(),
+                ms(total),
+                "-".into(),
+                vs(total),
+                format!("plan + attention{bound}"),
+            ]);
         }
         if want("compress") || want("decode") {
             let kc = to_cache(&k);
@@ -130,17 +173,39 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             if want("compress") && l > dcfg.decode_budget {
                 let s = repeat(a.reps, || kernels.kv_compress(kc.view(), vc.view(), obs.view(), &dcfg).map(|_| ()))?;
                 let flops = 4.0 * (l * dcfg.window * a.q_heads * a.head_dim) as f64;
-                t.row(vec![l.to_string(), "kv_compress".into(), ms(s), format!("{:.1}", flops / s / 1e9), "-".into(), format!("W={}, budget {}", dcfg.window, dcfg.decode_budget)]);
+                t.row(vec![
+                    l.to_string(),
+                    "kv_compress".into(),
+                    ms(s),
+                    format!("{:.1}", flops / s / 1e9),
+                    "-".into(),
+                    format!("W={}, budget {}", dcfg.window, dcfg.decode_budget),
+                ]);
             }
             if want("decode") {
                 let c = kernels.kv_compress(kc.view(), vc.view(), obs.view(), &dcfg)?;
-                let qn = HostTensor::from_f32(&synth::normal(a.q_heads * a.head_dim, 1.0, 7), [1, 1, a.q_heads, a.head_dim], a.dtype);
+                let qn = HostTensor::from_f32(
+                    &synth::normal(a.q_heads * a.head_dim, 1.0, 7),
+                    [1, 1, a.q_heads, a.head_dim],
+                    a.dtype,
+                );
                 let mut o = HostTensor::zeros(a.dtype, qn.shape);
                 let full = vec![l as u32; a.kv_heads];
-                let full_s = repeat(a.reps.max(5), || kernels.decode_attention(qn.view(), kc.view(), vc.view(), &full, None, &mut o.view_mut()))?;
-                let comp_s = repeat(a.reps.max(5), || kernels.decode_attention(qn.view(), c.k.view(), c.v.view(), &c.lengths, None, &mut o.view_mut()))?;
+                let full_s = repeat(a.reps.max(5), || {
+                    kernels.decode_attention(qn.view(), kc.view(), vc.view(), &full, None, &mut o.view_mut())
+                })?;
+                let comp_s = repeat(a.reps.max(5), || {
+                    kernels.decode_attention(qn.view(), c.k.view(), c.v.view(), &c.lengths, None, &mut o.view_mut())
+                })?;
                 let gbs = |n: usize, s: f64| (2 * n * a.kv_heads * a.head_dim * a.dtype.size()) as f64 / s / 1e9;
-                t.row(vec![l.to_string(), "decode, full cache".into(), ms(full_s), "-".into(), "-".into(), format!("{l} entries/head, {:.1} GB/s of K+V", gbs(l, full_s))]);
+                t.row(vec![
+                    l.to_string(),
+                    "decode, full cache".into(),
+                    ms(full_s),
+                    "-".into(),
+                    "-".into(),
+                    format!("{l} entries/head, {:.1} GB/s of K+V", gbs(l, full_s)),
+                ]);
                 t.row(vec![
                     l.to_string(),
                     "decode, compressed".into(),

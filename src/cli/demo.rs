@@ -3,8 +3,7 @@
 
 use clap::Args;
 use entropy_kernels::{
-    BlockLists, DType, DecodeConfig, EntropyConfig, HostTensor, PlanRequest, Result, TensorView, TensorViewMut,
-    synth,
+    BlockLists, DType, DecodeConfig, EntropyConfig, HostTensor, PlanRequest, Result, TensorView, TensorViewMut, synth,
 };
 
 use super::{Progress, Table, ms, time, with_spinner};
@@ -137,7 +136,8 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     let vc = to_cache(&v);
     let obs = window_of(&q, w);
     let (compressed, compress_s) = if a.tokens >= dcfg.decode_budget {
-        let (c, s) = with_spinner("kv_compress", || time(|| kernels.kv_compress(kc.view(), vc.view(), obs.view(), &dcfg)));
+        let (c, s) =
+            with_spinner("kv_compress", || time(|| kernels.kv_compress(kc.view(), vc.view(), obs.view(), &dcfg)));
         (Some(c?), s)
     } else {
         (None, 0.0)

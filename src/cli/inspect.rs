@@ -68,18 +68,31 @@ fn inspect(a: &InspectArgs, kernels: &Kernels, case: &Case) -> Result<()> {
     println!("{}: {}", a.input.display(), case.description);
     println!(
         "B={} L={} Hq={} Hkv={} D={} | S={} Bk={} T={} base={} | {} segments, {} blocks | backend {}",
-        d.batch, d.seq_len, d.q_heads, d.kv_heads, q.shape[3], cfg.segment_size, cfg.block_size, cfg.threshold_len,
-        cfg.base_budget, d.segments, d.blocks, kernels.kind()
+        d.batch,
+        d.seq_len,
+        d.q_heads,
+        d.kv_heads,
+        q.shape[3],
+        cfg.segment_size,
+        cfg.block_size,
+        cfg.threshold_len,
+        cfg.base_budget,
+        d.segments,
+        d.blocks,
+        kernels.kind()
     );
     if d.segments < 2 {
         println!("a single segment: nothing to plan, the layer is dense");
     }
-    let hmax = plan.entropy.iter().copied().fold(0f32, f32::max).max(1e-9);
-    println!("\nentropy per segment (nats; bar height relative to {hmax:.2}), budgets in tokens:");
+    // Segment 0 has no candidate blocks (its uniform row decides nothing): scale by the others.
+    let hmax =
+        (0..plan.entropy.len()).filter(|u| u % d.segments != 0).map(|u| plan.entropy[u]).fold(0f32, f32::max).max(1e-9);
+    println!("\nentropy per segment from segment 1 (nats; bar height relative to {hmax:.3}):");
     for b in 0..d.batch {
         for h in 0..d.kv_heads {
             let row = &plan.entropy[d.unit(b, h, 0)..d.unit(b, h, 0) + d.segments];
-            let spark: String = row.iter().map(|&e| SPARK[((e / hmax * 7.0).round() as usize).min(7)]).collect();
+            let spark: String =
+                row.iter().skip(1).map(|&e| SPARK[((e / hmax * 7.0).round() as usize).min(7)]).collect();
             let budgets = &plan.budgets[d.unit(b, h, 0)..d.unit(b, h, 0) + d.segments];
             let class = match plan.head_class[b * d.kv_heads + h] {
                 HeadClass::Rigid => "rigid  ",
@@ -87,7 +100,7 @@ fn inspect(a: &InspectArgs, kernels: &Kernels, case: &Case) -> Result<()> {
             };
             let mean = row.iter().skip(1).sum::<f32>() / (d.segments.max(2) - 1) as f32;
             let bmax = budgets.iter().copied().fold(0f32, f32::max);
-            println!("b{b} h{h:<3} {class} {spark}  mean H {mean:.3}  max budget {bmax:.0}");
+            println!("b{b} h{h:<3} {class} {spark}  mean H {:.3}  max budget {bmax:.0}", mean.max(0.0));
         }
     }
     println!(
@@ -112,7 +125,7 @@ fn color(x: f32) -> String {
     let (a, b) = (stops[i], stops[i + 1]);
     let t = (x - a.0) / (b.0 - a.0);
     let mix = |u: u8, v: u8| (u as f32 + t * (v as f32 - u as f32)).round() as u8;
-    format!("#{:02x}{:02x}{:02x}", mix(a.1 .0, b.1 .0), mix(a.1 .1, b.1 .1), mix(a.1 .2, b.1 .2))
+    format!("#{:02x}{:02x}{:02x}", mix(a.1.0, b.1.0), mix(a.1.1, b.1.1), mix(a.1.2, b.1.2))
 }
 
 /// Two heatmaps, kv heads (rows, all batch entries) × segments (columns): entropy and budget.
@@ -125,14 +138,28 @@ fn heatmap(plan: &Plan, cfg: &EntropyConfig, title: &str) -> String {
     let panel_h = rows as f32 * ch + 50.0;
     let width = left + d.segments as f32 * cell + 40.0;
     let height = top + 2.0 * panel_h + 20.0;
-    let hmax = plan.entropy.iter().copied().fold(0f32, f32::max).max(1e-9);
+    let hmax =
+        (0..plan.entropy.len()).filter(|u| u % d.segments != 0).map(|u| plan.entropy[u]).fold(0f32, f32::max).max(1e-9);
     let base = cfg.base_budget as f32;
     let mut s = String::new();
-    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" font-family="sans-serif" font-size="11">"#);
-    let _ = writeln!(s, r#"<text x="10" y="18" font-size="13">{}</text>"#, title.replace('&', "&amp;").replace('<', "&lt;"));
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="10" y="18" font-size="13">{}</text>"#,
+        title.replace('&', "&amp;").replace('<', "&lt;")
+    );
     let panels: [(&str, Box<dyn Fn(usize) -> (f32, String)>); 2] = [
-        ("entropy (nats)", Box::new(|u| (plan.entropy[u] / hmax, format!("{:.4}", plan.entropy[u])))),
-        ("budget (tokens, base..3·base)", Box::new(|u| ((plan.budgets[u] - base) / (2.0 * base), format!("{:.0}", plan.budgets[u])))),
+        (
+            "entropy (nats; segment 0 grey: no candidates)",
+            Box::new(|u| (plan.entropy[u] / hmax, format!("{:.4}", plan.entropy[u]))),
+        ),
+        (
+            "budget (tokens, base..3·base)",
+            Box::new(|u| ((plan.budgets[u] - base) / (2.0 * base), format!("{:.0}", plan.budgets[u]))),
+        ),
     ];
     for (p, (name, value)) in panels.iter().enumerate() {
         let y0 = top + p as f32 * panel_h;
@@ -145,17 +172,24 @@ fn heatmap(plan: &Plan, cfg: &EntropyConfig, title: &str) -> String {
                 let _ = writeln!(s, r#"<text x="4" y="{:.1}">b{b} h{h} {class}</text>"#, y + 13.0);
                 for seg in 0..d.segments {
                     let (x, label) = value(d.unit(b, h, seg));
+                    // Segment 0 has no candidates: its uniform row is shown grey.
+                    let fill = if seg == 0 { "#cccccc".to_string() } else { color(x) };
                     let _ = writeln!(
                         s,
                         r#"<rect x="{:.1}" y="{y:.1}" width="{cell:.1}" height="{:.1}" fill="{}"><title>b{b} h{h} segment {seg}: {label}</title></rect>"#,
                         left + seg as f32 * cell,
                         ch - 1.0,
-                        color(x)
+                        fill
                     );
                 }
             }
         }
-        let _ = writeln!(s, r#"<text x="{left}" y="{:.1}">segment 0 … {}</text>"#, y0 + 20.0 + rows as f32 * ch + 14.0, d.segments - 1);
+        let _ = writeln!(
+            s,
+            r#"<text x="{left}" y="{:.1}">segment 0 … {}</text>"#,
+            y0 + 20.0 + rows as f32 * ch + 14.0,
+            d.segments - 1
+        );
     }
     s.push_str("</svg>\n");
     s

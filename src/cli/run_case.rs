@@ -77,7 +77,8 @@ pub fn run(a: &RunCaseArgs) -> Result<()> {
                 .put("plan.order", &[d.batch, d.kv_heads, d.segments, plan.order_width], i64s(&plan.order));
         }
         if want("prefill") {
-            for (name, mode) in [("prefill.out", BudgetMode::SegmentMax), ("prefill.out_per_head", BudgetMode::PerHead)] {
+            for (name, mode) in [("prefill.out", BudgetMode::SegmentMax), ("prefill.out_per_head", BudgetMode::PerHead)]
+            {
                 let lists = plan.block_lists(mode, cfg.threshold_len);
                 let mut out = HostTensor::full(a.dtype, q.shape, f32::NAN);
                 kernels.sparse_prefill(q.view(), k.view(), v.view(), &lists, cfg.scale, &mut out.view_mut(), None)?;

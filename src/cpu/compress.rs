@@ -198,11 +198,9 @@ pub(crate) fn kv_compress<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'
     let norms: Vec<(Vec<f32>, Vec<f32>)> = chunks
         .chunks(per_head)
         .map(|cs| {
-            let m: Vec<f32> =
-                (0..mp).map(|r| cs.iter().map(|c| c.m[r]).fold(f32::NEG_INFINITY, f32::max)).collect();
-            let inv_l = (0..mp)
-                .map(|r| 1.0 / cs.iter().map(|c| c.l[r] * (c.m[r] - m[r]).exp2()).sum::<f32>())
-                .collect();
+            let m: Vec<f32> = (0..mp).map(|r| cs.iter().map(|c| c.m[r]).fold(f32::NEG_INFINITY, f32::max)).collect();
+            let inv_l =
+                (0..mp).map(|r| 1.0 / cs.iter().map(|c| c.l[r] * (c.m[r] - m[r]).exp2()).sum::<f32>()).collect();
             (m, inv_l)
         })
         .collect();
@@ -237,12 +235,11 @@ pub(crate) fn kv_compress<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'
                 .collect();
             match cfg.gqa_mode {
                 GqaMode::PerQueryHead => rows.extend(per_q),
-                GqaMode::Mean => rows.push(
-                    (0..scored).map(|i| per_q.iter().map(|r| r[i]).sum::<f32>() / g as f32).collect(),
-                ),
-                GqaMode::Max => rows.push(
-                    (0..scored).map(|i| per_q.iter().map(|r| r[i]).fold(f32::NEG_INFINITY, f32::max)).collect(),
-                ),
+                GqaMode::Mean => {
+                    rows.push((0..scored).map(|i| per_q.iter().map(|r| r[i]).sum::<f32>() / g as f32).collect())
+                }
+                GqaMode::Max => rows
+                    .push((0..scored).map(|i| per_q.iter().map(|r| r[i]).fold(f32::NEG_INFINITY, f32::max)).collect()),
             }
         }
     }

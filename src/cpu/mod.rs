@@ -91,7 +91,13 @@ impl Default for CpuBackend {
 fn plan_e<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Plan {
     plan::plan::<E>(isa, a)
 }
-fn attention_e<E: Element>(isa: Isa, lanes: usize, a: &AttentionArgs<'_>, out: &mut TensorViewMut<'_>, lse: Option<&mut [f32]>) {
+fn attention_e<E: Element>(
+    isa: Isa,
+    lanes: usize,
+    a: &AttentionArgs<'_>,
+    out: &mut TensorViewMut<'_>,
+    lse: Option<&mut [f32]>,
+) {
     attention::prefill::<E>(isa, lanes, a, out, lse)
 }
 fn compress_e<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'_>) -> CompressedCache {

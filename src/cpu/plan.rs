@@ -149,10 +149,7 @@ pub(crate) fn plan<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Plan {
         },
     );
     // The logits only need qmax + qmin (SPEC §2.2: both terms share the key representative).
-    let qsum: Vec<f64> = qrep
-        .chunks(2 * dd)
-        .flat_map(|hm| (0..dd).map(move |i| hm[i] + hm[dd + i]))
-        .collect();
+    let qsum: Vec<f64> = qrep.chunks(2 * dd).flat_map(|hm| (0..dd).map(move |i| hm[i] + hm[dd + i])).collect();
     let mut krep = vec![0f64; d.batch * n * d.kv_heads * 2 * dd];
     if n > 0 {
         krep.par_chunks_mut(d.kv_heads * 2 * dd).enumerate().for_each_init(

@@ -198,7 +198,16 @@ impl Tile {
             for j0 in (0..np).step_by(NR) {
                 let krows: &[*const f32; NR] = self.kptr[j0..j0 + NR].try_into().unwrap();
                 // SAFETY: Qᵀ holds d rows of mp values, Sᵀ np rows of mp; key rows hold d values.
-                unsafe { micro::qk::<S, NR, MV>(self.qt.as_ptr().add(c0), mp, krows, d, self.st.as_mut_ptr().add(j0 * mp + c0), mp) };
+                unsafe {
+                    micro::qk::<S, NR, MV>(
+                        self.qt.as_ptr().add(c0),
+                        mp,
+                        krows,
+                        d,
+                        self.st.as_mut_ptr().add(j0 * mp + c0),
+                        mp,
+                    )
+                };
             }
         }
         for j in n..np {

@@ -43,7 +43,8 @@ pub fn kv_compress(a: &CompressArgs<'_>) -> CompressedCache {
             }
             HeadBudget::AdaKv { floor_fraction } => {
                 let floor = ((floor_fraction as f64 * share as f64).ceil() as usize).min(share);
-                let mut picked: Vec<Vec<usize>> = (0..heads).map(|hc| by_score(&rows[b][hc])[..floor].to_vec()).collect();
+                let mut picked: Vec<Vec<usize>> =
+                    (0..heads).map(|hc| by_score(&rows[b][hc])[..floor].to_vec()).collect();
                 let mut pool: Vec<(f64, usize, usize)> = Vec::new();
                 for hc in 0..heads {
                     for j in 0..scored {

@@ -82,12 +82,7 @@ impl Backend for ReferenceBackend {
     fn plan(&self, args: &PlanArgs<'_>) -> Result<Plan> {
         Ok(plan(args))
     }
-    fn attention(
-        &self,
-        args: &AttentionArgs<'_>,
-        out: &mut TensorViewMut<'_>,
-        lse: Option<&mut [f32]>,
-    ) -> Result<()> {
+    fn attention(&self, args: &AttentionArgs<'_>, out: &mut TensorViewMut<'_>, lse: Option<&mut [f32]>) -> Result<()> {
         let (o, l) = attention(args);
         write_bsnd(&o, out);
         if let Some(lse) = lse {

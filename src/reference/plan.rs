@@ -147,8 +147,9 @@ pub fn plan(a: &PlanArgs<'_>) -> Plan {
             }
         }
     }
-    let segment_topk: Vec<usize> =
-        (0..nseg).map(|s| (0..bsz).flat_map(|b| (0..hkv).map(move |h| (b, h))).map(|(b, h)| keep[b][h][s]).max().unwrap_or(0)).collect();
+    let segment_topk: Vec<usize> = (0..nseg)
+        .map(|s| (0..bsz).flat_map(|b| (0..hkv).map(move |h| (b, h))).map(|(b, h)| keep[b][h][s]).max().unwrap_or(0))
+        .collect();
 
     // 10. Ranking: largest logit (fused p with fusion), ties to the lower block; masked blocks last.
     let width = segment_topk.iter().copied().max().unwrap_or(0);

@@ -1,0 +1,150 @@
+//! The command-line tool end to end: `run-case` reproduces a conformance case, `demo`, `bench`
+//! and `inspect` run on small workloads and print what they promise.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+use entropy_kernels::io::Case;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_entropy-kernels"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ek-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("binary runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "command failed: {cmd:?}\n{text}");
+    text
+}
+
+#[test]
+fn run_case_reproduces_a_conformance_case() {
+    let Some(case) =
+        conformance_cases("cli::run_case").into_iter().find(|p| p.ends_with("planted_gqa_partial.safetensors"))
+    else {
+        return;
+    };
+    let out = tmp("gqa_partial.out.safetensors");
+    run(bin().args(["run-case", case.to_str().unwrap(), "--out", out.to_str().unwrap(), "--backend", "cpu"]));
+    let (want, got) = (Case::load(&case).unwrap(), Case::load(&out).unwrap());
+    for name in ["plan.keep_blocks", "plan.segment_topk", "decode.indices"] {
+        assert_eq!(got.i64(name).unwrap(), want.i64(name).unwrap(), "{name}");
+    }
+    for name in ["prefill.out", "prefill.out_per_head", "dense.out"] {
+        let (g, shape) = got.f32(name).unwrap();
+        let (w, wshape) = want.f32(name).unwrap();
+        assert_eq!(shape, wshape, "{name} shape");
+        let err =
+            rel_fro(&g.iter().map(|&x| x as f64).collect::<Vec<_>>(), &w.iter().map(|&x| x as f64).collect::<Vec<_>>());
+        assert!(err <= 1e-4, "{name}: {err:e}");
+    }
+    assert_eq!(got.f32("decode.k_out").unwrap(), want.f32("decode.k_out").unwrap());
+    // --only limits the outputs.
+    let only = tmp("only_plan.safetensors");
+    run(bin().args([
+        "run-case",
+        case.to_str().unwrap(),
+        "--out",
+        only.to_str().unwrap(),
+        "--only",
+        "plan",
+        "--dtype",
+        "bf16",
+    ]));
+    let c = Case::load(&only).unwrap();
+    assert!(c.has("plan.order") && !c.has("dense.out") && !c.has("decode.indices"));
+}
+
+#[test]
+fn demo_prints_the_comparison_table() {
+    let text = run(bin().args([
+        "demo",
+        "--tokens",
+        "3000",
+        "--q-heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--head-dim",
+        "64",
+        "--backend",
+        "cpu",
+        "--config",
+        &write_config(),
+    ]));
+    for col in ["dense ms", "sparse ms", "speedup", "kept fraction", "rigid/dynamic heads", "rel err vs dense"] {
+        assert!(text.contains(col), "demo output lacks `{col}`:\n{text}");
+    }
+}
+
+/// A small config so the short demo has sparse segments.
+fn write_config() -> String {
+    let p = tmp("small.json");
+    let cfg = entropy_kernels::Config {
+        prefill: entropy_kernels::EntropyConfig {
+            segment_size: 256,
+            threshold_len: 512,
+            base_budget: 256,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    cfg.save(&p).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn bench_prints_ratios() {
+    let text = run(bin().args([
+        "bench",
+        "--lengths",
+        "2048",
+        "--q-heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--head-dim",
+        "64",
+        "--reps",
+        "1",
+        "--decode-budget",
+        "512",
+        "--config",
+        &write_config(),
+        "--backend",
+        "cpu",
+    ]));
+    for op in ["dense prefill", "plan", "sparse attention", "sparse prefill", "kv_compress", "decode, compressed"] {
+        assert!(text.contains(op), "bench output lacks `{op}`:\n{text}");
+    }
+}
+
+#[test]
+fn inspect_writes_a_heatmap() {
+    let Some(case) =
+        conformance_cases("cli::inspect").into_iter().find(|p| p.ends_with("smollm2_gpl_layer14.safetensors"))
+    else {
+        return;
+    };
+    let svg = tmp("layer14.svg");
+    let text = run(bin().args(["inspect", case.to_str().unwrap(), "--svg", svg.to_str().unwrap()]));
+    assert!(text.contains("rigid") || text.contains("dynamic"), "{text}");
+    let body = std::fs::read_to_string(&svg).unwrap();
+    assert!(body.starts_with("<svg") && body.contains("entropy") && body.contains("budget"));
+}
+
+#[test]
+fn bad_flags_fail_cleanly() {
+    let out = bin().args(["demo", "--backend", "tpu"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown backend"));
+}
