@@ -467,3 +467,32 @@ fn malformed_files_and_configs_are_typed_errors() {
     assert!(matches!(ObservationWindow::new(1, 0, 4, &DecodeConfig::default()), Err(Error::ZeroSize { .. })));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn non_finite_inputs_never_panic() {
+    // NaN and infinite activations are garbage in, garbage out — but never a panic or a crash.
+    let f = fixture();
+    let mut q = f.q.to_f32_vec();
+    q[5] = f32::NAN;
+    q[700] = f32::INFINITY;
+    let q = HostTensor::from_f32(&q, f.q.shape, DType::F32);
+    let mut kc = f.kc.to_f32_vec();
+    kc[3] = f32::NAN;
+    kc[900] = f32::NEG_INFINITY;
+    let kc = HostTensor::from_f32(&kc, f.kc.shape, DType::F32);
+    let mut backends = vec![Kernels::reference()];
+    backends.extend(backends_under_test("non_finite_inputs_never_panic"));
+    for kn in &backends {
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            let plan = kn.plan(q.view(), f.k.view(), &f.cfg, &PlanRequest::default()).unwrap();
+            let mut out = poisoned(q.shape, DType::F32);
+            kn.sparse_prefill(q.view(), f.k.view(), f.v.view(), &plan.blocks, None, &mut out.view_mut(), None).unwrap();
+            kn.kv_compress(kc.view(), f.vc.view(), f.obs.view(), &f.dcfg).unwrap();
+            let c = kn.kv_compress(kc.view(), f.vc.view(), f.obs.view(), &DecodeConfig { head_budget: HeadBudget::AdaKv { floor_fraction: 0.3 }, ..f.dcfg.clone() }).unwrap();
+            let qn = random([B, 1, HQ, D], 1.0, 9, DType::F32);
+            let mut o = poisoned(qn.shape, DType::F32);
+            kn.decode_attention(qn.view(), c.k.view(), c.v.view(), &c.lengths, None, &mut o.view_mut()).unwrap();
+        }));
+        assert!(r.is_ok(), "{}: non-finite inputs caused a panic", kn.kind());
+    }
+}
