@@ -106,7 +106,7 @@ impl EntropyConfig {
         if self.block_size == 0 {
             return Err(Error::ZeroSize { what: "block_size" });
         }
-        if self.segment_size % self.block_size != 0 {
+        if !self.segment_size.is_multiple_of(self.block_size) {
             return Err(Error::SegmentNotBlockMultiple {
                 segment_size: self.segment_size,
                 block_size: self.block_size,
@@ -252,7 +252,7 @@ impl DecodeConfig {
         if self.decode_gap < -1 {
             return Err(Error::range("decode_gap", self.decode_gap, "must be -1 (SnapKV) or non-negative"));
         }
-        if self.pooling_kernel == 0 || self.pooling_kernel % 2 == 0 {
+        if self.pooling_kernel == 0 || self.pooling_kernel.is_multiple_of(2) {
             return Err(Error::range("pooling_kernel", self.pooling_kernel, "must be odd and positive"));
         }
         if let HeadBudget::AdaKv { floor_fraction } = self.head_budget {

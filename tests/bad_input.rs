@@ -47,9 +47,11 @@ fn fixture() -> Fixture {
 }
 
 type Call = Box<dyn Fn(&Kernels, &Fixture, &mut HostTensor) -> Result<()>>;
+/// (name, call, expected error).
+type BadCase = (&'static str, Call, fn(&Error) -> bool);
 
 /// (name, call, expected error) — each call is malformed in exactly one way.
-fn cases() -> Vec<(&'static str, Call, fn(&Error) -> bool)> {
+fn cases() -> Vec<BadCase> {
     fn dense(kn: &Kernels, q: TensorView, k: TensorView, v: TensorView, out: &mut HostTensor) -> Result<()> {
         kn.dense_prefill(q, k, v, None, &mut out.view_mut(), None)
     }
@@ -488,7 +490,14 @@ fn non_finite_inputs_never_panic() {
             let mut out = poisoned(q.shape, DType::F32);
             kn.sparse_prefill(q.view(), f.k.view(), f.v.view(), &plan.blocks, None, &mut out.view_mut(), None).unwrap();
             kn.kv_compress(kc.view(), f.vc.view(), f.obs.view(), &f.dcfg).unwrap();
-            let c = kn.kv_compress(kc.view(), f.vc.view(), f.obs.view(), &DecodeConfig { head_budget: HeadBudget::AdaKv { floor_fraction: 0.3 }, ..f.dcfg.clone() }).unwrap();
+            let c = kn
+                .kv_compress(
+                    kc.view(),
+                    f.vc.view(),
+                    f.obs.view(),
+                    &DecodeConfig { head_budget: HeadBudget::AdaKv { floor_fraction: 0.3 }, ..f.dcfg.clone() },
+                )
+                .unwrap();
             let qn = random([B, 1, HQ, D], 1.0, 9, DType::F32);
             let mut o = poisoned(qn.shape, DType::F32);
             kn.decode_attention(qn.view(), c.k.view(), c.v.view(), &c.lengths, None, &mut o.view_mut()).unwrap();

@@ -3,6 +3,8 @@
 //! decode mode the cases carry; then the same inputs cast to f16/bf16 against the oracle on the
 //! cast inputs.
 
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use std::collections::BTreeSet;

@@ -3,6 +3,8 @@
 //! batch > 1, strided (fused-QKV) inputs, f32/f16/bf16 — for planning (both budget modes and
 //! layer fusion), sparse and dense prefill with LSE, every compression mode, and decode.
 
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use common::*;

@@ -151,7 +151,8 @@ fn heatmap(plan: &Plan, cfg: &EntropyConfig, title: &str) -> String {
         r#"<text x="10" y="18" font-size="13">{}</text>"#,
         title.replace('&', "&amp;").replace('<', "&lt;")
     );
-    let panels: [(&str, Box<dyn Fn(usize) -> (f32, String)>); 2] = [
+    type Cell<'a> = Box<dyn Fn(usize) -> (f32, String) + 'a>;
+    let panels: [(&str, Cell); 2] = [
         (
             "entropy (nats; segment 0 grey: no candidates)",
             Box::new(|u| (plan.entropy[u] / hmax, format!("{:.4}", plan.entropy[u]))),

@@ -72,7 +72,7 @@ fn items(d: &AttnDims, blocks: Option<&BlockLists>) -> Vec<Item> {
         }
     }
     // Largest first, so the last items to finish are short ones.
-    out.sort_by(|a, b| b.cost.cmp(&a.cost));
+    out.sort_by_key(|i| std::cmp::Reverse(i.cost));
     out
 }
 

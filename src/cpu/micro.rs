@@ -8,6 +8,8 @@
 //! `NR` is the register block along keys (Sᵀ) or along D (Oᵀ), `MV` the number of vectors along
 //! the rows: `NR·MV` accumulators live in registers.
 
+#![allow(clippy::needless_range_loop)] // register blocks are indexed like the math
+
 use super::simd::Simd;
 
 /// `Sᵀ[r][·] = Σ_d k_r[d] · Qᵀ[d][·]` for `NR` keys and `MV·LANES` rows.

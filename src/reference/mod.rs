@@ -1,5 +1,7 @@
 //! The oracle: SPEC.md transcribed as naive f64 loops, with no tiling, no SIMD and no shared
 //! decision code. Slow on purpose; every other backend is tested against it.
+// Index loops mirror the spec's subscripts.
+#![allow(clippy::needless_range_loop)]
 
 mod attention;
 mod compress;
