@@ -34,9 +34,8 @@ pub struct BenchArgs {
     /// A JSON config for the sparse prefill (paper defaults otherwise).
     #[arg(long)]
     pub config: Option<std::path::PathBuf>,
-    /// Backend: auto, cpu, reference, cuda or ascend (default: $ENTROPY_KERNELS_BACKEND or auto).
-    #[arg(long)]
-    pub backend: Option<String>,
+    #[command(flatten)]
+    pub backend: super::BackendArg,
 }
 
 fn repeat(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
@@ -51,7 +50,7 @@ fn repeat(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
-    let kernels: Kernels = super::kernels(a.backend.as_deref())?;
+    let kernels: Kernels = a.backend.kernels()?;
     let cfg = match &a.config {
         Some(p) => entropy_kernels::Config::load(p)?.prefill,
         None => EntropyConfig::entropy_infer(),
@@ -73,24 +72,18 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     );
     let mut t = Table::new(&["tokens", "op", "ms", "GFLOP/s", "vs dense", "note"]);
     for &l in &a.lengths {
-        let (q, k, v) = with_spinner(&format!("inputs for {l} tokens"), || {
-            let p = synth::planted(&synth::PlantedSpec {
-                batch: 1,
-                seq_len: l,
-                q_heads: a.q_heads,
-                kv_heads: a.kv_heads,
-                head_dim: a.head_dim,
-                block_size: cfg.block_size,
-                segment_size: cfg.segment_size,
-                rigid_fraction: a.rigid_fraction,
-                seed: l as u64,
-            });
-            (
-                HostTensor::from_f32(&p.q, [1, l, a.q_heads, a.head_dim], a.dtype),
-                HostTensor::from_f32(&p.k, [1, l, a.kv_heads, a.head_dim], a.dtype),
-                HostTensor::from_f32(&p.v, [1, l, a.kv_heads, a.head_dim], a.dtype),
-            )
-        });
+        let spec = synth::PlantedSpec {
+            batch: 1,
+            seq_len: l,
+            q_heads: a.q_heads,
+            kv_heads: a.kv_heads,
+            head_dim: a.head_dim,
+            block_size: cfg.block_size,
+            segment_size: cfg.segment_size,
+            rigid_fraction: a.rigid_fraction,
+            seed: l as u64,
+        };
+        let (q, k, v) = with_spinner(&format!("inputs for {l} tokens"), || super::planted(&spec, a.dtype));
         let dense_flops = 2.0 * (l as f64).powi(2) * (a.head_dim * a.q_heads) as f64;
         let mut out = HostTensor::zeros(a.dtype, q.shape);
         let mut dense_s = f64::NAN;

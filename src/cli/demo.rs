@@ -32,9 +32,8 @@ pub struct DemoArgs {
     /// A JSON config (the conformance format); paper defaults otherwise.
     #[arg(long)]
     pub config: Option<std::path::PathBuf>,
-    /// Backend: auto, cpu, reference, cuda or ascend (default: $ENTROPY_KERNELS_BACKEND or auto).
-    #[arg(long)]
-    pub backend: Option<String>,
+    #[command(flatten)]
+    pub backend: super::BackendArg,
 }
 
 /// Runs `f(h, q, k, v, out)` for each kv head in turn (views of one head's slice), advancing a
@@ -64,7 +63,7 @@ fn per_head(
 }
 
 pub fn run(a: &DemoArgs) -> Result<()> {
-    let kernels = super::kernels(a.backend.as_deref())?;
+    let kernels = a.backend.kernels()?;
     let cfg = match &a.config {
         Some(p) => entropy_kernels::Config::load(p)?.prefill,
         None => EntropyConfig::entropy_infer(),
@@ -95,16 +94,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         rigid_fraction: a.rigid_fraction,
         seed: a.seed,
     };
-    let (q, k, v) = with_spinner("generating inputs", || {
-        let p = synth::planted(&spec);
-        let shape_q = [a.batch, a.tokens, a.q_heads, a.head_dim];
-        let shape_kv = [a.batch, a.tokens, a.kv_heads, a.head_dim];
-        (
-            HostTensor::from_f32(&p.q, shape_q, a.dtype),
-            HostTensor::from_f32(&p.k, shape_kv, a.dtype),
-            HostTensor::from_f32(&p.v, shape_kv, a.dtype),
-        )
-    });
+    let (q, k, v) = with_spinner("generating inputs", || super::planted(&spec, a.dtype));
 
     let mut dense = HostTensor::full(a.dtype, q.shape, f32::NAN);
     let dense_s = per_head("dense prefill", &q, &k, &v, &mut dense, |_, q, k, v, out| {

@@ -24,9 +24,8 @@ pub struct InspectArgs {
     pub block_size: Option<usize>,
     #[arg(long)]
     pub base_budget: Option<usize>,
-    /// Backend: auto, cpu, reference, cuda or ascend (default: $ENTROPY_KERNELS_BACKEND or auto).
-    #[arg(long)]
-    pub backend: Option<String>,
+    #[command(flatten)]
+    pub backend: super::BackendArg,
 }
 
 const SPARK: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
@@ -51,7 +50,7 @@ fn config_of(a: &InspectArgs, case: Option<&Case>) -> Result<EntropyConfig> {
 }
 
 pub fn run(a: &InspectArgs) -> Result<()> {
-    let kernels: Kernels = super::kernels(a.backend.as_deref())?;
+    let kernels: Kernels = a.backend.kernels()?;
     let case = Case::load(&a.input)?;
     if !case.config_present && a.config.is_none() {
         eprintln!("note: {} has no `config` metadata; using the defaults and the flags", a.input.display());

@@ -7,15 +7,38 @@ pub mod run_case;
 
 use std::time::{Duration, Instant};
 
-use entropy_kernels::{BackendChoice, Kernels, Result};
+use clap::Args;
+use entropy_kernels::{BackendChoice, DType, HostTensor, Kernels, Result, synth};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// The backend named by `--backend`, else `ENTROPY_KERNELS_BACKEND`, else auto.
-pub fn kernels(flag: Option<&str>) -> Result<Kernels> {
-    match flag {
-        Some(name) => Kernels::select(name.parse::<BackendChoice>()?),
-        None => Kernels::auto(),
+/// The `--backend` flag every subcommand takes.
+#[derive(Args, Debug)]
+pub struct BackendArg {
+    /// Backend: auto, cpu, reference, cuda or ascend (default: $ENTROPY_KERNELS_BACKEND or auto).
+    #[arg(long = "backend")]
+    pub name: Option<String>,
+}
+
+impl BackendArg {
+    /// The backend named by the flag, else by `ENTROPY_KERNELS_BACKEND`, else auto.
+    pub fn kernels(&self) -> Result<Kernels> {
+        match &self.name {
+            Some(name) => Kernels::select(name.parse::<BackendChoice>()?),
+            None => Kernels::auto(),
+        }
     }
+}
+
+/// BSND q, k, v of a planted workload in `dtype`.
+pub fn planted(spec: &synth::PlantedSpec, dtype: DType) -> (HostTensor, HostTensor, HostTensor) {
+    let p = synth::planted(spec);
+    let q_shape = [spec.batch, spec.seq_len, spec.q_heads, spec.head_dim];
+    let kv_shape = [spec.batch, spec.seq_len, spec.kv_heads, spec.head_dim];
+    (
+        HostTensor::from_f32(&p.q, q_shape, dtype),
+        HostTensor::from_f32(&p.k, kv_shape, dtype),
+        HostTensor::from_f32(&p.v, kv_shape, dtype),
+    )
 }
 
 /// A progress bar that stays hidden unless the work runs for more than a second.

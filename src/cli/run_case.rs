@@ -15,9 +15,8 @@ pub struct RunCaseArgs {
     /// Where to write the outputs.
     #[arg(long)]
     pub out: PathBuf,
-    /// Backend: auto, cpu, reference, cuda or ascend (default: $ENTROPY_KERNELS_BACKEND or auto).
-    #[arg(long)]
-    pub backend: Option<String>,
+    #[command(flatten)]
+    pub backend: super::BackendArg,
     /// Cast the inputs to this dtype before running (outputs are written widened to f32).
     #[arg(long, default_value = "f32")]
     pub dtype: DType,
@@ -41,7 +40,7 @@ pub fn run(a: &RunCaseArgs) -> Result<()> {
         }
     }
     let want = |p: &str| a.only.iter().any(|x| x == p);
-    let kernels: Kernels = super::kernels(a.backend.as_deref())?;
+    let kernels: Kernels = a.backend.kernels()?;
     let case = Case::load(&a.input)?;
     if !case.config_present {
         return Err(Error::Format { path: a.input.display().to_string(), detail: "metadata has no `config`".into() });

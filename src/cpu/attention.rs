@@ -4,11 +4,11 @@
 
 use rayon::prelude::*;
 
-use super::SendPtr;
 use super::simd::{Isa, Simd, WithSimd, dispatch};
-use super::tile::{Geom, ROWS_TARGET, Rows, Tile};
+use super::tile::{Geom, ROWS_TARGET, Tile};
+use super::{SendPtr, Strided};
 use crate::plan::{BlockLists, SegmentAttention};
-use crate::tensor::{Element, TensorView, TensorViewMut};
+use crate::tensor::{Element, TensorViewMut};
 use crate::validate::{AttentionArgs, AttnDims};
 
 /// One query tile: tokens `t0..t1` of (b, kv head h), inside segment `seg`.
@@ -24,12 +24,9 @@ struct Item {
 }
 
 struct Call<'a, E> {
-    q: &'a [E],
-    qs: [usize; 4],
-    k: &'a [E],
-    ks: [usize; 4],
-    v: &'a [E],
-    vs: [usize; 4],
+    q: Strided<'a, E>,
+    k: Strided<'a, E>,
+    v: Strided<'a, E>,
     dims: AttnDims,
     /// Softmax scale times log2(e): scores are kept in base 2.
     c: f32,
@@ -37,10 +34,6 @@ struct Call<'a, E> {
     out: SendPtr<E>,
     os: [usize; 4],
     lse: Option<SendPtr<f32>>,
-}
-
-fn typed<'a, E: Element>(v: &TensorView<'a>) -> &'a [E] {
-    v.typed::<E>().expect("dtype checked by validation")
 }
 
 /// Tokens per query tile: the group's rows stacked up to about `ROWS_TARGET`.
@@ -101,13 +94,11 @@ fn run_item<S: Simd, E: Element, const NR: usize, const MV: usize>(job: ItemJob<
     let rows = (t1 - t0) * g;
     for i in 0..t1 - t0 {
         for j in 0..g {
-            let o = b * call.qs[0] + (t0 + i) * call.qs[1] + (h * g + j) * call.qs[2];
-            tile.set_query(i * g + j, &call.q[o..o + dd], call.c, tmp);
+            tile.set_query(i * g + j, call.q.row(b, t0 + i, h * g + j, dd), call.c, tmp);
         }
     }
     tile.clear_queries(rows);
-    let k = Rows { data: call.k, base: b * call.ks[0] + h * call.ks[2], stride: call.ks[1] };
-    let v = Rows { data: call.v, base: b * call.vs[0] + h * call.vs[2], stride: call.vs[1] };
+    let (k, v) = (call.k.rows(b, h, 1), call.v.rows(b, h, 1));
     let seg_start = match call.blocks.map(|bl| (bl, bl.segment(b, h, seg))) {
         Some((bl, SegmentAttention::Sparse(list))) => {
             let bk = bl.dims.block_size;
@@ -152,12 +143,9 @@ pub(crate) fn prefill<E: Element>(
     let os = out.strides();
     let out_ptr = SendPtr(out.typed_mut::<E>().expect("dtype checked by validation").as_mut_ptr());
     let call = Call {
-        q: typed(&a.q()),
-        qs: a.q().strides(),
-        k: typed(&a.k()),
-        ks: a.k().strides(),
-        v: typed(&a.v()),
-        vs: a.v().strides(),
+        q: Strided::of(&a.q()),
+        k: Strided::of(&a.k()),
+        v: Strided::of(&a.v()),
         dims: d,
         c: a.scale() * std::f32::consts::LOG2_E,
         blocks: a.blocks(),

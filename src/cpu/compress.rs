@@ -6,21 +6,20 @@
 
 use rayon::prelude::*;
 
+use super::Strided;
 use super::simd::{Isa, Simd, WithSimd, dispatch};
-use super::tile::{Geom, Rows, Tile};
+use super::tile::{Geom, Tile};
 use crate::compress::{self, CompressedCache};
 use crate::config::GqaMode;
-use crate::tensor::{Element, TensorView};
+use crate::tensor::Element;
 use crate::validate::{CompressArgs, CompressDims};
 
 /// Keys per pass-1 work unit.
 const KEYS_PER_UNIT: usize = 2048;
 
 struct Call<'a, E> {
-    obs: &'a [E],
-    os: [usize; 4],
-    k: &'a [E],
-    ks: [usize; 4],
+    obs: Strided<'a, E>,
+    k: Strided<'a, E>,
     d: CompressDims,
     c: f32,
     geom: Geom,
@@ -60,12 +59,11 @@ fn score_chunk<S: Simd, E: Element, const NR: usize, const MV: usize>(job: Score
     tile.begin(d.entries - w, g);
     for wi in 0..w {
         for j in 0..g {
-            let o = b * call.os[0] + (h * g + j) * call.os[1] + wi * call.os[2];
-            tile.set_query(wi * g + j, &call.obs[o..o + dd], call.c, tmp);
+            tile.set_query(wi * g + j, call.obs.row(b, h * g + j, wi, dd), call.c, tmp);
         }
     }
     tile.clear_queries(w * g);
-    let k = Rows { data: call.k, base: b * call.ks[0] + h * call.ks[1], stride: call.ks[2] };
+    let k = call.k.rows(b, h, 2);
     let n = keys.len();
     let mut scores = vec![0f32; n * mp];
     let mut done = 0;
@@ -152,10 +150,6 @@ impl WithSimd for MeanJob<'_> {
     }
 }
 
-fn typed<'a, E: Element>(v: &TensorView<'a>) -> &'a [E] {
-    v.typed::<E>().expect("dtype checked by validation")
-}
-
 pub(crate) fn kv_compress<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'_>) -> CompressedCache {
     let d = a.dims();
     let cfg = a.cfg();
@@ -166,10 +160,8 @@ pub(crate) fn kv_compress<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'
     let scored = n - w;
     let geom = Geom::new(lanes, d.head_dim, g * w);
     let call = Call::<E> {
-        obs: typed(&a.obs()),
-        os: a.obs().strides(),
-        k: typed(&a.k_cache()),
-        ks: a.k_cache().strides(),
+        obs: Strided::of(&a.obs()),
+        k: Strided::of(&a.k_cache()),
         d,
         c: a.scale() * std::f32::consts::LOG2_E,
         geom,

@@ -4,21 +4,18 @@
 
 use rayon::prelude::*;
 
-use super::SendPtr;
 use super::simd::{Isa, Simd, WithSimd, dispatch};
-use crate::tensor::{Element, TensorView, TensorViewMut};
+use super::{SendPtr, Strided};
+use crate::tensor::{Element, TensorViewMut};
 use crate::validate::{DecodeArgs, DecodeDims};
 
 /// Keys per work unit: long caches split so both cores stay busy.
 const KEYS_PER_UNIT: usize = 512;
 
 struct Call<'a, E> {
-    q: &'a [E],
-    qs: [usize; 4],
-    k: &'a [E],
-    ks: [usize; 4],
-    v: &'a [E],
-    vs: [usize; 4],
+    q: Strided<'a, E>,
+    k: Strided<'a, E>,
+    v: Strided<'a, E>,
     lengths: &'a [u32],
     dims: DecodeDims,
     c: f32,
@@ -99,15 +96,13 @@ impl<E: Element> WithSimd for UnitJob<'_, '_, E> {
         let (row, scores) = rest.split_at_mut(d);
         for i in 0..nq {
             for j in 0..g {
-                let o = b * call.qs[0] + i * call.qs[1] + (h * g + j) * call.qs[2];
                 let dst = &mut qbuf[(i * g + j) * d..(i * g + j + 1) * d];
-                E::widen(&call.q[o..o + d], dst);
+                E::widen(call.q.row(b, i, h * g + j, d), dst);
                 dst.iter_mut().for_each(|x| *x *= call.c);
             }
         }
         for (jn, t) in keys.clone().enumerate() {
-            let o = b * call.ks[0] + h * call.ks[1] + t * call.ks[2];
-            E::widen(&call.k[o..o + d], row);
+            E::widen(call.k.row(b, h, t, d), row);
             for r in 0..rows {
                 // SAFETY: both rows hold d values.
                 scores[r * n + jn] = unsafe { dot::<S>(qbuf[r * d..].as_ptr(), row.as_ptr(), d) };
@@ -127,8 +122,7 @@ impl<E: Element> WithSimd for UnitJob<'_, '_, E> {
         }
         let mut out = vec![0f32; rows * d];
         for (jn, t) in keys.enumerate() {
-            let o = b * call.vs[0] + h * call.vs[1] + t * call.vs[2];
-            E::widen(&call.v[o..o + d], row);
+            E::widen(call.v.row(b, h, t, d), row);
             for r in 0..rows {
                 // SAFETY: `row` and each output row hold d values.
                 unsafe { axpy::<S>(scores[r * n + jn], row.as_ptr(), out[r * d..].as_mut_ptr(), d) };
@@ -138,19 +132,12 @@ impl<E: Element> WithSimd for UnitJob<'_, '_, E> {
     }
 }
 
-fn typed<'a, E: Element>(v: &TensorView<'a>) -> &'a [E] {
-    v.typed::<E>().expect("dtype checked by validation")
-}
-
 pub(crate) fn decode<E: Element>(isa: Isa, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) {
     let dm = a.dims();
     let call = Call::<E> {
-        q: typed(&a.q()),
-        qs: a.q().strides(),
-        k: typed(&a.k_cache()),
-        ks: a.k_cache().strides(),
-        v: typed(&a.v_cache()),
-        vs: a.v_cache().strides(),
+        q: Strided::of(&a.q()),
+        k: Strided::of(&a.k_cache()),
+        v: Strided::of(&a.v_cache()),
         lengths: a.lengths(),
         dims: dm,
         c: a.scale() * std::f32::consts::LOG2_E,

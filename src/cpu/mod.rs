@@ -14,7 +14,7 @@ use crate::backend::{Backend, BackendKind, Capabilities, HeadDims};
 use crate::compress::CompressedCache;
 use crate::error::Result;
 use crate::plan::Plan;
-use crate::tensor::{DType, Element, TensorViewMut};
+use crate::tensor::{DType, Element, TensorView, TensorViewMut};
 use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
 use half::{bf16, f16};
 pub use simd::Isa;
@@ -34,6 +34,36 @@ impl<T> SendPtr<T> {
     #[inline(always)]
     pub fn ptr(self) -> *mut T {
         self.0
+    }
+}
+
+/// A typed strided input: rows of D contiguous elements at `i0·s0 + i1·s1 + i2·s2`.
+#[derive(Clone, Copy)]
+pub(crate) struct Strided<'a, E> {
+    pub data: &'a [E],
+    pub strides: [usize; 4],
+}
+
+impl<'a, E: Element> Strided<'a, E> {
+    pub fn of(v: &TensorView<'a>) -> Self {
+        Strided { data: v.typed::<E>().expect("dtype checked by validation"), strides: v.strides() }
+    }
+
+    /// The `d` elements at `[i0, i1, i2, ..]`.
+    #[inline(always)]
+    pub fn row(&self, i0: usize, i1: usize, i2: usize, d: usize) -> &'a [E] {
+        let o = i0 * self.strides[0] + i1 * self.strides[1] + i2 * self.strides[2];
+        &self.data[o..o + d]
+    }
+
+    /// Rows along dim 1 (tokens of BSND, fixed batch and head) or dim 2 (entries of a cache).
+    pub fn rows(&self, i0: usize, fixed: usize, along: usize) -> tile::Rows<'a, E> {
+        let (fixed_dim, along_dim) = if along == 1 { (2, 1) } else { (1, 2) };
+        tile::Rows {
+            data: self.data,
+            base: i0 * self.strides[0] + fixed * self.strides[fixed_dim],
+            stride: self.strides[along_dim],
+        }
     }
 }
 
