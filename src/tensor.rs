@@ -311,6 +311,21 @@ impl<'a> TensorView<'a> {
         Ok(TensorView { data, shape, strides: self.strides })
     }
 
+    /// The same memory with dims `a` and `b` swapped (both among the first three, so rows stay
+    /// contiguous): e.g. BSND `[B, L, H, D]` seen as a `[B, H, L, D]` cache, without a copy.
+    pub fn transpose(&self, a: usize, b: usize) -> Result<TensorView<'a>> {
+        if a >= 3 || b >= 3 {
+            return Err(Error::Layout {
+                what: "transpose",
+                detail: format!("dims {a} and {b}: only dims 0..3 can swap"),
+            });
+        }
+        let (mut shape, mut strides) = (self.shape, self.strides);
+        shape.swap(a, b);
+        strides.swap(a, b);
+        Ok(TensorView { data: self.data, shape, strides })
+    }
+
     /// The typed slice, if the element type is `T`.
     pub fn typed<T: Element>(&self) -> Option<&'a [T]> {
         match self.data {

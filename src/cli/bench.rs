@@ -4,7 +4,6 @@
 use clap::Args;
 use entropy_kernels::{DType, DecodeConfig, EntropyConfig, HostTensor, Kernels, PlanRequest, Result, synth};
 
-use super::demo::{to_cache, window_of};
 use super::{Table, median, ms, time, with_spinner};
 
 #[derive(Args, Debug)]
@@ -159,12 +158,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             ]);
         }
         if want("compress") || want("decode") {
-            let kc = to_cache(&k);
-            let vc = to_cache(&v);
+            let (kc, vc) = (k.view().transpose(1, 2)?, v.view().transpose(1, 2)?);
             let dcfg = DecodeConfig { decode_budget: a.decode_budget.min(l), ..DecodeConfig::latent() };
-            let obs = window_of(&q, dcfg.window);
+            let obs = q.view().narrow(1, l - dcfg.window, dcfg.window)?.transpose(1, 2)?;
             if want("compress") && l > dcfg.decode_budget {
-                let s = repeat(a.reps, || kernels.kv_compress(kc.view(), vc.view(), obs.view(), &dcfg).map(|_| ()))?;
+                let s = repeat(a.reps, || kernels.kv_compress(kc, vc, obs, &dcfg).map(|_| ()))?;
                 let flops = 4.0 * (l * dcfg.window * a.q_heads * a.head_dim) as f64;
                 t.row(vec![
                     l.to_string(),
@@ -176,7 +174,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 ]);
             }
             if want("decode") {
-                let c = kernels.kv_compress(kc.view(), vc.view(), obs.view(), &dcfg)?;
+                let c = kernels.kv_compress(kc, vc, obs, &dcfg)?;
                 let qn = HostTensor::from_f32(
                     &synth::normal(a.q_heads * a.head_dim, 1.0, 7),
                     [1, 1, a.q_heads, a.head_dim],
@@ -185,7 +183,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 let mut o = HostTensor::zeros(a.dtype, qn.shape);
                 let full = vec![l as u32; a.kv_heads];
                 let full_s = repeat(a.reps.max(5), || {
-                    kernels.decode_attention(qn.view(), kc.view(), vc.view(), &full, None, &mut o.view_mut())
+                    kernels.decode_attention(qn.view(), kc, vc, &full, None, &mut o.view_mut())
                 })?;
                 let comp_s = repeat(a.reps.max(5), || {
                     kernels.decode_attention(qn.view(), c.k.view(), c.v.view(), &c.lengths, None, &mut o.view_mut())

@@ -122,12 +122,13 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     // Decode side: compress the prompt's cache with its last W queries as the window.
     let dcfg = DecodeConfig::snapkv();
     let w = dcfg.window.min(a.tokens);
-    let kc = to_cache(&k);
-    let vc = to_cache(&v);
-    let obs = window_of(&q, w);
+    // The prompt's BSND K/V seen as [B, Hkv, L, D] caches, its last W queries as [B, Hq, W, D]:
+    // strided views, no copies.
+    let kc = k.view().transpose(1, 2)?;
+    let vc = v.view().transpose(1, 2)?;
+    let obs = q.view().narrow(1, a.tokens - w, w)?.transpose(1, 2)?;
     let (compressed, compress_s) = if a.tokens >= dcfg.decode_budget {
-        let (c, s) =
-            with_spinner("kv_compress", || time(|| kernels.kv_compress(kc.view(), vc.view(), obs.view(), &dcfg)));
+        let (c, s) = with_spinner("kv_compress", || time(|| kernels.kv_compress(kc, vc, obs, &dcfg)));
         (Some(c?), s)
     } else {
         (None, 0.0)
@@ -169,43 +170,9 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             ms(compress_s),
             a.tokens,
             c.capacity(),
-            (kc.len() * 2 * a.dtype.size()) as f64 / (1 << 20) as f64,
+            (k.len() * 2 * a.dtype.size()) as f64 / (1 << 20) as f64,
             c.kept_bytes() as f64 / (1 << 20) as f64
         );
     }
     Ok(())
-}
-
-/// BSND `[B, L, H, D]` → cache layout `[B, H, L, D]`.
-pub fn to_cache(x: &HostTensor) -> HostTensor {
-    let [b, l, h, d] = x.shape;
-    let src = x.to_f32_vec();
-    let mut out = vec![0f32; src.len()];
-    for bi in 0..b {
-        for t in 0..l {
-            for hi in 0..h {
-                let s = ((bi * l + t) * h + hi) * d;
-                let o = ((bi * h + hi) * l + t) * d;
-                out[o..o + d].copy_from_slice(&src[s..s + d]);
-            }
-        }
-    }
-    HostTensor::from_f32(&out, [b, h, l, d], x.dtype())
-}
-
-/// The last `w` queries of a BSND tensor as an observation window `[B, Hq, w, D]`.
-pub fn window_of(q: &HostTensor, w: usize) -> HostTensor {
-    let [b, l, h, d] = q.shape;
-    let src = q.to_f32_vec();
-    let mut out = vec![0f32; b * h * w * d];
-    for bi in 0..b {
-        for (wi, t) in (l - w..l).enumerate() {
-            for hi in 0..h {
-                let s = ((bi * l + t) * h + hi) * d;
-                let o = ((bi * h + hi) * w + wi) * d;
-                out[o..o + d].copy_from_slice(&src[s..s + d]);
-            }
-        }
-    }
-    HostTensor::from_f32(&out, [b, h, w, d], q.dtype())
 }

@@ -1,8 +1,10 @@
-//! `kv_compress` on the CPU (SPEC §4): the window's G·W query rows of a kv head are scored
-//! against the whole cache with the tile microkernel (pass 1, per key chunk: scores plus partial
-//! max and sum), chunks are merged into each row's softmax normaliser, and pass 2 turns the scores
-//! into window-mean probabilities. Group reduction, pooling, selection and the gather follow the
-//! shared rules in `crate::compress`.
+//! `kv_compress` on the CPU (SPEC §4). The window's G·W query rows of a kv head are scored
+//! against the cache with the tile microkernel in two passes over key chunks: pass 1 keeps only
+//! each row's running max and sum (merged over chunks into the softmax normaliser), pass 2
+//! recomputes the scores and reduces the normalised probabilities over the window straight into
+//! per-query-head means. Recomputing QKᵀ costs less than storing a `[N][G·W]` score matrix (37 MB
+//! at 32K tokens and two kv heads, page faults included) and keeps memory flat in N. Group
+//! reduction, pooling, selection and the gather follow the shared rules in `crate::compress`.
 
 use rayon::prelude::*;
 
@@ -14,7 +16,7 @@ use crate::config::GqaMode;
 use crate::tensor::Element;
 use crate::validate::{CompressArgs, CompressDims};
 
-/// Keys per pass-1 work unit.
+/// Keys per work unit (both passes).
 const KEYS_PER_UNIT: usize = 2048;
 
 struct Call<'a, E> {
@@ -25,36 +27,38 @@ struct Call<'a, E> {
     geom: Geom,
 }
 
-/// Pass-1 result of one (b, h, chunk): scores `[keys][mp]` (base 2) and per-row max and sum.
-struct Chunk {
-    scores: Vec<f32>,
-    m: Vec<f32>,
-    l: Vec<f32>,
+/// What a pass does with each scored tile.
+enum Pass<'c> {
+    /// Per-row running max and sum (base 2) over the unit's keys.
+    Stats { m: Vec<f32>, l: Vec<f32> },
+    /// Window means `a[g][n]` for the unit's scored positions, given the rows' global max and
+    /// 1/sum (zero for padding rows).
+    Means { m: &'c [f32], inv_l: &'c [f32], out: Vec<f32> },
 }
 
-struct ScoreJob<'a, 'c, E> {
+struct UnitJob<'a, 'c, 'p, E> {
     call: &'c Call<'a, E>,
     b: usize,
     h: usize,
     keys: std::ops::Range<usize>,
     tile: &'c mut Tile,
     tmp: &'c mut Vec<f32>,
+    pass: Pass<'p>,
 }
 
-impl<E: Element> WithSimd for ScoreJob<'_, '_, E> {
-    type Output = Chunk;
+impl<'p, E: Element> WithSimd for UnitJob<'_, '_, 'p, E> {
+    type Output = Pass<'p>;
     #[inline(always)]
-    fn with_simd<S: Simd>(self) -> Chunk {
-        if S::LANES >= 16 { score_chunk::<S, E, 8, 3>(self) } else { score_chunk::<S, E, 4, 3>(self) }
+    fn with_simd<S: Simd>(self) -> Pass<'p> {
+        if S::LANES >= 16 { run_unit::<S, E, 8, 3>(self) } else { run_unit::<S, E, 4, 3>(self) }
     }
 }
 
 #[inline(always)]
-fn score_chunk<S: Simd, E: Element, const NR: usize, const MV: usize>(job: ScoreJob<'_, '_, E>) -> Chunk {
-    let ScoreJob { call, b, h, keys, tile, tmp } = job;
+fn run_unit<'p, S: Simd, E: Element, const NR: usize, const MV: usize>(job: UnitJob<'_, '_, 'p, E>) -> Pass<'p> {
+    let UnitJob { call, b, h, keys, tile, tmp, mut pass } = job;
     let d = call.d;
     let (g, w, dd) = (d.group(), d.window, d.head_dim);
-    let mp = call.geom.mp;
     // Window query wi is aligned with cache entry N - W + wi: later entries are masked.
     tile.begin(d.entries - w, g);
     for wi in 0..w {
@@ -64,90 +68,115 @@ fn score_chunk<S: Simd, E: Element, const NR: usize, const MV: usize>(job: Score
     }
     tile.clear_queries(w * g);
     let k = call.k.rows(b, h, 2);
-    let n = keys.len();
-    let mut scores = vec![0f32; n * mp];
-    let mut done = 0;
+    let first = keys.start;
     for t in keys {
         tile.push_key(&k, t);
         if tile.is_full() {
-            drain::<S, NR, MV>(tile, &mut scores, &mut done, mp);
+            consume::<S, NR, MV>(tile, &mut pass, first, d.entries - w, g, w);
         }
     }
     if tile.filled() > 0 {
-        drain::<S, NR, MV>(tile, &mut scores, &mut done, mp);
+        consume::<S, NR, MV>(tile, &mut pass, first, d.entries - w, g, w);
     }
-    // Partial softmax statistics of each row over this chunk.
-    let mut m = vec![f32::NEG_INFINITY; mp];
-    let mut l = vec![0f32; mp];
-    // SAFETY: every offset is inside `scores` (n rows of mp) or m / l (mp).
-    unsafe {
-        for c in (0..mp).step_by(S::LANES) {
-            let mut mx = S::splat(f32::NEG_INFINITY);
-            for j in 0..n {
-                mx = S::max(mx, S::load(scores.as_ptr().add(j * mp + c)));
-            }
-            // A row may see none of this chunk's keys (all masked): keep its sum at 0, not NaN.
-            let base = S::max(mx, S::splat(f32::MIN));
-            let mut sum = S::zero();
-            for j in 0..n {
-                sum = S::add(sum, S::exp2(S::sub(S::load(scores.as_ptr().add(j * mp + c)), base)));
-            }
-            S::store(m.as_mut_ptr().add(c), mx);
-            S::store(l.as_mut_ptr().add(c), sum);
-        }
-    }
-    Chunk { scores, m, l }
+    pass
 }
 
-/// Scores the tile's keys and appends them to `scores`. (A function, not a closure: closures
-/// are not compiled with the ISA's target features, so intrinsics would not inline.)
+/// Scores the tile's keys and folds them into the pass. A function, not a closure: closures are
+/// not compiled with the ISA's target features.
 #[inline(always)]
-fn drain<S: Simd, const NR: usize, const MV: usize>(tile: &mut Tile, scores: &mut [f32], done: &mut usize, mp: usize) {
-    let used = tile.filled();
+fn consume<S: Simd, const NR: usize, const MV: usize>(
+    tile: &mut Tile,
+    pass: &mut Pass<'_>,
+    first: usize,
+    scored: usize,
+    g: usize,
+    w: usize,
+) {
+    let n = tile.filled();
+    let t0 = tile.first_token();
     tile.score::<S, NR, MV>();
-    scores[*done * mp..(*done + used) * mp].copy_from_slice(&tile.st[..used * mp]);
-    *done += used;
+    let mp = tile.g.mp;
+    let st = tile.st.as_ptr();
+    // SAFETY: Sᵀ holds n rows of mp values; m, l, inv_l hold mp values.
+    unsafe {
+        match pass {
+            Pass::Stats { m, l } => {
+                for c in (0..mp).step_by(S::LANES) {
+                    let m_old = S::load(m.as_ptr().add(c));
+                    let mut mx = m_old;
+                    for j in 0..n {
+                        mx = S::max(mx, S::load(st.add(j * mp + c)));
+                    }
+                    // A row may see none of these keys (all masked): keep its sum at 0, not NaN.
+                    let base = S::max(mx, S::splat(f32::MIN));
+                    let mut sum = S::zero();
+                    for j in 0..n {
+                        sum = S::add(sum, S::exp2(S::sub(S::load(st.add(j * mp + c)), base)));
+                    }
+                    let l_old = S::mul(S::load(l.as_ptr().add(c)), S::exp2(S::sub(m_old, base)));
+                    S::store(l.as_mut_ptr().add(c), S::add(l_old, sum));
+                    S::store(m.as_mut_ptr().add(c), mx);
+                }
+            }
+            Pass::Means { m, inv_l, out } => {
+                let count = out.len() / g;
+                let inv_w = 1.0 / w as f32;
+                // Row r = wi·G + gi sits in lane r mod LANES: when LANES is a multiple of G, lane
+                // l only ever holds rows of query head l mod G, so the window sum is vertical.
+                let vertical = S::LANES % g == 0;
+                let mut lanes = [0f32; 16];
+                for j in 0..n {
+                    let t = t0 + j;
+                    if t >= scored {
+                        break;
+                    }
+                    let col = t - first;
+                    if vertical {
+                        let mut acc = S::zero();
+                        for c in (0..mp).step_by(S::LANES) {
+                            let e = S::exp2(S::sub(S::load(st.add(j * mp + c)), S::load(m.as_ptr().add(c))));
+                            acc = S::fma(e, S::load(inv_l.as_ptr().add(c)), acc);
+                        }
+                        S::store(lanes.as_mut_ptr(), acc);
+                        for gi in 0..g {
+                            out[gi * count + col] = (gi..S::LANES).step_by(g).map(|i| lanes[i]).sum::<f32>() * inv_w;
+                        }
+                    } else {
+                        for gi in 0..g {
+                            let mut sum = 0.0;
+                            for wi in 0..w {
+                                let r = wi * g + gi;
+                                sum += (*st.add(j * mp + r) - m[r]).exp2() * inv_l[r];
+                            }
+                            out[gi * count + col] = sum * inv_w;
+                        }
+                    }
+                }
+            }
+        }
+    }
     tile.reset_keys();
 }
 
-/// Pass 2 for one chunk: window-mean probabilities `a[g][n]` of the scored positions.
-struct MeanJob<'c> {
-    chunk: &'c Chunk,
-    m: &'c [f32],
-    inv_l: &'c [f32],
-    mp: usize,
-    g: usize,
-    w: usize,
-    count: usize,
-}
+type Unit = (usize, usize, std::ops::Range<usize>);
 
-impl WithSimd for MeanJob<'_> {
-    type Output = Vec<f32>;
-    #[inline(always)]
-    fn with_simd<S: Simd>(self) -> Vec<f32> {
-        let MeanJob { chunk, m, inv_l, mp, g, w, count } = self;
-        let mut p = vec![0f32; mp];
-        let mut out = vec![0f32; g * count];
-        let inv_w = 1.0 / w as f32;
-        for j in 0..count {
-            // SAFETY: rows of mp values.
-            unsafe {
-                for c in (0..mp).step_by(S::LANES) {
-                    let s = S::load(chunk.scores.as_ptr().add(j * mp + c));
-                    let e = S::exp2(S::sub(s, S::load(m.as_ptr().add(c))));
-                    S::store(p.as_mut_ptr().add(c), S::mul(e, S::load(inv_l.as_ptr().add(c))));
-                }
-            }
-            for gi in 0..g {
-                let mut sum = 0.0;
-                for wi in 0..w {
-                    sum += p[wi * g + gi];
-                }
-                out[gi * count + j] = sum * inv_w;
-            }
-        }
-        out
-    }
+/// Runs one pass over every unit in parallel; `pass(u)` is unit `u`'s initial state.
+fn run_pass<'p, E: Element>(
+    isa: Isa,
+    call: &Call<'_, E>,
+    units: &[Unit],
+    pass: impl Fn(usize) -> Pass<'p> + Sync + Send,
+) -> Vec<Pass<'p>> {
+    units
+        .par_iter()
+        .enumerate()
+        .map_init(
+            || (Tile::new::<E>(call.geom), vec![0f32; call.d.head_dim]),
+            |(tile, tmp), (u, (b, h, keys))| {
+                dispatch(isa, UnitJob { call, b: *b, h: *h, keys: keys.clone(), tile, tmp, pass: pass(u) })
+            },
+        )
+        .collect()
 }
 
 pub(crate) fn kv_compress<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'_>) -> CompressedCache {
@@ -159,6 +188,7 @@ pub(crate) fn kv_compress<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'
     let (g, w, n) = (d.group(), d.window, d.entries);
     let scored = n - w;
     let geom = Geom::new(lanes, d.head_dim, g * w);
+    let mp = geom.mp;
     let call = Call::<E> {
         obs: Strided::of(&a.obs()),
         k: Strided::of(&a.k_cache()),
@@ -166,72 +196,70 @@ pub(crate) fn kv_compress<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'
         c: a.scale() * std::f32::consts::LOG2_E,
         geom,
     };
-    let mut units = Vec::new();
-    for b in 0..d.batch {
-        for h in 0..d.kv_heads {
-            for k0 in (0..n).step_by(KEYS_PER_UNIT) {
-                units.push((b, h, k0..(k0 + KEYS_PER_UNIT).min(n)));
-            }
-        }
-    }
-    let chunks: Vec<Chunk> = units
-        .par_iter()
-        .map_init(
-            || (Tile::new::<E>(geom), vec![0f32; d.head_dim]),
-            |(tile, tmp), (b, h, keys)| {
-                dispatch(isa, ScoreJob { call: &call, b: *b, h: *h, keys: keys.clone(), tile, tmp })
-            },
-        )
-        .collect();
-
-    // Merge each (b, h)'s chunk statistics into the rows' max and 1/sum.
     let per_head = n.div_ceil(KEYS_PER_UNIT);
-    let mp = geom.mp;
-    let norms: Vec<(Vec<f32>, Vec<f32>)> = chunks
+    let units: Vec<Unit> = (0..d.batch * d.kv_heads)
+        .flat_map(|bh| {
+            (0..n)
+                .step_by(KEYS_PER_UNIT)
+                .map(move |k0| (bh / d.kv_heads, bh % d.kv_heads, k0..(k0 + KEYS_PER_UNIT).min(n)))
+        })
+        .collect();
+    // Pass 1: per-row max and sum per unit, merged per (b, h) into max and 1/sum.
+    let stats = run_pass(isa, &call, &units, |_| Pass::Stats { m: vec![f32::NEG_INFINITY; mp], l: vec![0.0; mp] });
+    let norms: Vec<(Vec<f32>, Vec<f32>)> = stats
         .chunks(per_head)
-        .map(|cs| {
-            let m: Vec<f32> = (0..mp).map(|r| cs.iter().map(|c| c.m[r]).fold(f32::NEG_INFINITY, f32::max)).collect();
-            let inv_l =
-                (0..mp).map(|r| 1.0 / cs.iter().map(|c| c.l[r] * (c.m[r] - m[r]).exp2()).sum::<f32>()).collect();
+        .map(|units| {
+            let parts: Vec<(&[f32], &[f32])> = units
+                .iter()
+                .map(|p| match p {
+                    Pass::Stats { m, l } => (m.as_slice(), l.as_slice()),
+                    Pass::Means { .. } => unreachable!("pass 1 yields stats"),
+                })
+                .collect();
+            let m: Vec<f32> = (0..mp).map(|r| parts.iter().map(|p| p.0[r]).fold(f32::NEG_INFINITY, f32::max)).collect();
+            let inv_l = (0..mp)
+                .map(|r| {
+                    if r >= g * w {
+                        return 0.0; // padding rows contribute nothing
+                    }
+                    let base = m[r].max(f32::MIN);
+                    1.0 / parts.iter().map(|p| p.1[r] * (p.0[r].max(f32::MIN) - base).exp2()).sum::<f32>()
+                })
+                .collect();
             (m, inv_l)
         })
         .collect();
 
-    // Pass 2: window means per query head, for the scored positions of every chunk.
-    let means: Vec<Vec<f32>> = units
-        .par_iter()
-        .zip(&chunks)
-        .enumerate()
-        .map(|(u, ((_, _, keys), chunk))| {
-            let (m, inv_l) = &norms[u / per_head];
-            let count = keys.end.min(scored).saturating_sub(keys.start);
-            dispatch(isa, MeanJob { chunk, m, inv_l, mp, g, w, count })
-        })
-        .collect();
+    // Pass 2: window means of the scored positions.
+    let means = run_pass(isa, &call, &units, |u| {
+        let (m, inv_l) = &norms[u / per_head];
+        let keys = &units[u].2;
+        let count = keys.end.min(scored).saturating_sub(keys.start);
+        Pass::Means { m, inv_l, out: vec![0.0; g * count] }
+    });
 
-    // Rows of a[b][hq][n], then the group reduction of SPEC §4.3.
+    // Rows a[b][hq][n], then the group reduction of SPEC §4.3.
     let heads = d.out_heads(cfg);
     let mut rows: Vec<Vec<f32>> = Vec::with_capacity(d.batch * heads);
-    for b in 0..d.batch {
-        for h in 0..d.kv_heads {
-            let head_units = (b * d.kv_heads + h) * per_head..(b * d.kv_heads + h + 1) * per_head;
-            let per_q: Vec<Vec<f32>> = (0..g)
-                .map(|gi| {
-                    let mut row = Vec::with_capacity(scored);
-                    for u in head_units.clone() {
-                        let count = means[u].len() / g;
-                        row.extend_from_slice(&means[u][gi * count..(gi + 1) * count]);
-                    }
-                    row
-                })
-                .collect();
-            match cfg.gqa_mode {
-                GqaMode::PerQueryHead => rows.extend(per_q),
-                GqaMode::Mean => {
-                    rows.push((0..scored).map(|i| per_q.iter().map(|r| r[i]).sum::<f32>() / g as f32).collect())
+    for head_units in means.chunks(per_head) {
+        let per_q: Vec<Vec<f32>> = (0..g)
+            .map(|gi| {
+                let mut row = Vec::with_capacity(scored);
+                for p in head_units {
+                    let Pass::Means { out, .. } = p else { unreachable!("pass 2 yields means") };
+                    let count = out.len() / g;
+                    row.extend_from_slice(&out[gi * count..(gi + 1) * count]);
                 }
-                GqaMode::Max => rows
-                    .push((0..scored).map(|i| per_q.iter().map(|r| r[i]).fold(f32::NEG_INFINITY, f32::max)).collect()),
+                row
+            })
+            .collect();
+        match cfg.gqa_mode {
+            GqaMode::PerQueryHead => rows.extend(per_q),
+            GqaMode::Mean => {
+                rows.push((0..scored).map(|i| per_q.iter().map(|r| r[i]).sum::<f32>() / g as f32).collect())
+            }
+            GqaMode::Max => {
+                rows.push((0..scored).map(|i| per_q.iter().map(|r| r[i]).fold(f32::NEG_INFINITY, f32::max)).collect())
             }
         }
     }

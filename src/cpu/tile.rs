@@ -166,6 +166,11 @@ impl Tile {
         self.filled
     }
 
+    /// Token of the first key in the tile.
+    pub fn first_token(&self) -> usize {
+        self.ktok[0]
+    }
+
     /// Empties the tile after its scores were consumed.
     pub fn reset_keys(&mut self) {
         self.filled = 0;
