@@ -32,6 +32,8 @@
 
 pub mod ascend;
 pub mod backend;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod compress;
 pub mod config;
 pub mod cpu;

@@ -1,0 +1,223 @@
+//! SmolLM2-135M-Instruct (GGUF, through candle) generating on a long prompt with each attention
+//! method — dense, EntropyInfer, SnapKV, CritiPrefill, AdaKV — every one of them running its
+//! attention through this crate, and a table comparing them with dense.
+//!
+//! ```sh
+//! scripts/fetch-smollm2.sh                       # prints the path of the .gguf
+//! cargo run --release --features candle --example smollm2 -- \
+//!     --gguf target/models/SmolLM2-135M-Instruct.Q4_1.gguf \
+//!     --prompt-file examples/data/passphrase.txt --context 8128 --max-new-tokens 64
+//! ```
+//!
+//! The prompt file's last paragraph is the question; the rest is the document. The document is
+//! cut from its end (never the question) to fit `--context` tokens. Top-1 agreement is measured
+//! with teacher forcing: each method decodes dense's tokens and its argmax is compared with
+//! dense's at every step, so one early slip does not count as all later ones.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use entropy_kernels::candle::dump;
+use entropy_kernels::candle::llama::{Llama, log_softmax};
+use entropy_kernels::candle::methods::{self, Method, Session, Settings};
+use entropy_kernels::candle::tokenizer::GgufTokenizer;
+use entropy_kernels::{BackendChoice, Config, DecodeConfig, EntropyConfig, Kernels};
+
+#[derive(Parser, Debug)]
+#[command(about = "SmolLM2 with dense, EntropyInfer and baseline attention, all through entropy-kernels")]
+struct Args {
+    /// The GGUF file (scripts/fetch-smollm2.sh fetches it).
+    #[arg(long)]
+    gguf: PathBuf,
+    /// Document then, as the last paragraph, the question.
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// A short question instead of a prompt file.
+    #[arg(long, default_value = "What is the capital of France? Answer in one sentence.")]
+    prompt: String,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Comma-separated methods: dense, entropyinfer, entropyinfer-prefill, snapkv, critiprefill, adakv.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "dense,entropyinfer,entropyinfer-prefill,snapkv,critiprefill,adakv"
+    )]
+    methods: Vec<String>,
+    /// Prompt tokens at most (the document is shortened to fit).
+    #[arg(long, default_value_t = 8128)]
+    context: usize,
+    /// Write each layer's post-RoPE Q/K/V (dense prefill) in the conformance format here.
+    #[arg(long)]
+    dump_qkv: Option<PathBuf>,
+    /// EntropyInfer / CritiPrefill segment size, block size, dense threshold and base budget.
+    #[arg(long, default_value_t = 512)]
+    segment_size: usize,
+    #[arg(long, default_value_t = 8)]
+    block_size: usize,
+    #[arg(long, default_value_t = 4096)]
+    threshold: usize,
+    #[arg(long, default_value_t = 2048)]
+    base_budget: usize,
+    /// KV entries kept per head by the compressing methods (window included).
+    #[arg(long, default_value_t = 1024)]
+    decode_budget: usize,
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+    #[arg(long, default_value_t = 16)]
+    decode_gap: i64,
+    #[arg(long, default_value_t = 0.2)]
+    adakv_floor: f32,
+    /// Keep weights quantized (slower prefill on CPU) instead of expanding them to f32 at load.
+    #[arg(long)]
+    quantized: bool,
+    /// Print every method's whole answer after the table.
+    #[arg(long)]
+    show_answers: bool,
+    /// Backend of the attention kernels (default: $ENTROPY_KERNELS_BACKEND or auto).
+    #[arg(long)]
+    backend: Option<String>,
+}
+
+/// Builds the prompt tokens: chat template around document + question, document shortened to fit.
+fn prompt_tokens(tok: &GgufTokenizer, args: &Args) -> candle_core::Result<(Vec<u32>, String)> {
+    let (document, question) = match &args.prompt_file {
+        None => (String::new(), args.prompt.clone()),
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", p.display())))?;
+            let text = text.trim_end();
+            match text.rsplit_once("\n\n") {
+                Some((doc, q)) => (doc.to_string(), q.trim().to_string()),
+                None => (String::new(), text.to_string()),
+            }
+        }
+    };
+    let full = GgufTokenizer::chat_prompt(&format!("{document}\n\n{question}"));
+    let ids = tok.encode(&full)?;
+    if ids.len() <= args.context {
+        return Ok((ids, question));
+    }
+    // Cut the document's tail: tokens of (prefix + document) then (question + suffix).
+    let head = tok.encode(&GgufTokenizer::chat_prompt(&document).replace("<|im_end|>\n<|im_start|>assistant\n", ""))?;
+    let tail = tok.encode(&format!("\n\n{question}<|im_end|>\n<|im_start|>assistant\n"))?;
+    let keep = args.context.saturating_sub(tail.len()).min(head.len());
+    Ok(([&head[..keep], &tail[..]].concat(), question))
+}
+
+fn main() -> candle_core::Result<()> {
+    let args = Args::parse();
+    let methods: Vec<Method> = args.methods.iter().map(|m| m.parse()).collect::<Result<_, _>>()?;
+    let kernels = match &args.backend {
+        Some(b) => Kernels::select(b.parse::<BackendChoice>()?)?,
+        None => Kernels::auto()?,
+    };
+    let t = std::time::Instant::now();
+    let (model, tok) = Llama::load(&args.gguf, !args.quantized)?;
+    println!(
+        "model: {} layers, GQA {}/{}, D {}, context {} (loaded in {:.1}s{}); attention backend: {}",
+        model.cfg.layers,
+        model.cfg.q_heads,
+        model.cfg.kv_heads,
+        model.cfg.head_dim,
+        model.cfg.context,
+        t.elapsed().as_secs_f64(),
+        if args.quantized { ", quantized matmuls" } else { ", weights expanded to f32" },
+        kernels.describe()
+    );
+    let settings = Settings {
+        prefill: EntropyConfig {
+            segment_size: args.segment_size,
+            block_size: args.block_size,
+            threshold_len: args.threshold,
+            base_budget: args.base_budget,
+            ..Default::default()
+        },
+        decode: DecodeConfig {
+            decode_budget: args.decode_budget,
+            window: args.window,
+            decode_gap: args.decode_gap,
+            ..Default::default()
+        },
+        adakv_floor: args.adakv_floor,
+    };
+    let (prompt, question) = prompt_tokens(&tok, &args)?;
+    println!("prompt: {} tokens; question: {question:?}", prompt.len());
+    if let Some(dir) = &args.dump_qkv {
+        let config = Config { prefill: settings.prefill.clone(), decode: settings.decode.clone() };
+        let layers = dump::dump_layers(&model, &kernels, &prompt, &config, dir)?;
+        println!("wrote {layers} layers of post-RoPE Q/K/V to {}", dir.display());
+    }
+
+    // Dense first: its tokens are the reference.
+    let n = args.max_new_tokens.max(1);
+    let mut reference: Option<(Vec<u32>, Vec<f32>)> = None;
+    let mut rows = Vec::new();
+    let mut answers = Vec::new();
+    let order: Vec<Method> =
+        std::iter::once(Method::Dense).chain(methods.iter().copied().filter(|m| *m != Method::Dense)).collect();
+    for method in order {
+        let mut session = Session::new(&kernels, &model, method, &settings, n + 8);
+        let (logits, prefill_s) = methods::prefill(&model, &mut session, &prompt)?;
+        let attn_prefill_s = session.attention_secs;
+        let first = methods::argmax(&logits)?;
+        let logprobs = log_softmax(&logits)?;
+        let mut free = session.clone();
+        let (tokens, decode_s) = methods::decode(&model, &mut free, prompt.len(), first, n, None)?;
+        let (agree, kl) = match &reference {
+            None => (1.0, 0.0),
+            Some((ref_tokens, ref_logprobs)) => {
+                let (forced, _) = methods::decode(&model, &mut session, prompt.len(), first, n, Some(ref_tokens))?;
+                (methods::agreement(&forced, ref_tokens), methods::kl(ref_logprobs, &logprobs))
+            }
+        };
+        let kept = if session.stats.is_empty() {
+            1.0
+        } else {
+            session.stats.iter().map(|s| s.kept_fraction).sum::<f64>() / session.stats.len() as f64
+        };
+        let answer = tok.decode(&tokens)?;
+        let answer = answer.split("<|im_end|>").next().unwrap_or("").replace('\n', " ");
+        answers.push((method, answer.clone()));
+        if method == Method::Dense {
+            reference = Some((tokens.clone(), logprobs));
+        }
+        let entries = free.entries();
+        rows.push(vec![
+            method.name().to_string(),
+            format!("{:.0}", prefill_s * 1e3),
+            format!("{:.0}", attn_prefill_s * 1e3),
+            format!("{kept:.2}"),
+            format!("{:.1}", (n - 1) as f64 / decode_s),
+            format!("{:.1}", free.kv_bytes() as f64 / (1 << 20) as f64),
+            format!("{}", entries.iter().max().unwrap_or(&0)),
+            format!("{:.1}%", 100.0 * agree),
+            format!("{kl:.2e}"),
+            answer.chars().take(60).collect(),
+        ]);
+        eprintln!("{}: done", method.name());
+    }
+    let headers = [
+        "method",
+        "prefill ms",
+        "attention ms",
+        "kept",
+        "decode tok/s",
+        "KV MiB",
+        "entries/head",
+        "top-1 agree",
+        "KL first token",
+        "answer (start)",
+    ];
+    println!("\n| {} |", headers.join(" | "));
+    println!("|{}|", headers.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
+    for r in rows {
+        println!("| {} |", r.join(" | "));
+    }
+    if args.show_answers {
+        for (m, a) in answers {
+            println!("\n{}: {a}", m.name());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! A Llama-family decoder (SmolLM2 and kin) loaded from GGUF with candle, whose attention is a
+//! pluggable [`Attention`]: the model computes projections, RoPE, MLP and norms with candle and
+//! hands post-RoPE BSND q/k/v to the hook — dense, EntropyInfer or a baseline (see `methods`).
+
+use std::path::Path;
+
+use candle_core::quantized::{QMatMul, gguf_file};
+use candle_core::{D, DType, Device, Module, Tensor};
+
+use super::tokenizer::GgufTokenizer;
+
+/// Shape of the model, from the GGUF metadata.
+#[derive(Clone, Debug)]
+pub struct LlamaConfig {
+    pub layers: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub embed: usize,
+    pub vocab: usize,
+    /// Trained context length.
+    pub context: usize,
+    pub rope_base: f32,
+    pub rms_eps: f64,
+}
+
+struct Block {
+    attn_norm: Tensor,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    ffn_norm: Tensor,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+/// Where a layer's attention runs: called with post-RoPE q `[1, L, Hq, D]` and k, v
+/// `[1, L, Hkv, D]` for the tokens at positions `pos..pos + L`; returns `[1, L, Hq, D]`.
+pub trait Attention {
+    fn attend(&mut self, layer: usize, pos: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// The model.
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    output: QMatMul,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+/// RoPE tables cover this many positions (twice the usual trained context), so generation may
+/// run past the prompt.
+const ROPE_POSITIONS: usize = 16384;
+
+impl Llama {
+    /// Loads weights and tokenizer from a GGUF file. With `dequantize`, quantized weights are
+    /// expanded to f32 once at load time (exactly their quantized values), which makes long
+    /// prefills much faster on CPU than the quantized matmul path.
+    pub fn load(path: impl AsRef<Path>, dequantize: bool) -> candle_core::Result<(Llama, GgufTokenizer)> {
+        let device = Device::Cpu;
+        let mut file = std::fs::File::open(path.as_ref())
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.as_ref().display())))?;
+        let ct = gguf_file::Content::read(&mut file)?;
+        let md =
+            |k: &str| ct.metadata.get(k).ok_or_else(|| candle_core::Error::Msg(format!("GGUF metadata has no `{k}`")));
+        let arch = md("general.architecture")?.to_string()?.clone();
+        if arch != "llama" {
+            candle_core::bail!("architecture `{arch}` is not supported (llama only)");
+        }
+        let q_heads = md("llama.attention.head_count")?.to_u32()? as usize;
+        let kv_heads = md("llama.attention.head_count_kv")?.to_u32()? as usize;
+        let embed = md("llama.embedding_length")?.to_u32()? as usize;
+        let cfg = LlamaConfig {
+            layers: md("llama.block_count")?.to_u32()? as usize,
+            q_heads,
+            kv_heads,
+            head_dim: embed / q_heads,
+            embed,
+            vocab: 0,
+            context: md("llama.context_length")?.to_u32()? as usize,
+            rope_base: md("llama.rope.freq_base").and_then(|v| v.to_f32()).unwrap_or(10000.0),
+            rms_eps: md("llama.attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
+        };
+        let tokenizer = GgufTokenizer::from_gguf(&ct)?;
+        let mut tensor = |name: &str| ct.tensor(&mut file, name, &device);
+        let matmul = |q: candle_core::quantized::QTensor| -> candle_core::Result<QMatMul> {
+            if dequantize { Ok(QMatMul::Tensor(q.dequantize(&device)?)) } else { QMatMul::from_qtensor(q) }
+        };
+        let embed_q = tensor("token_embd.weight")?;
+        let embed_t = embed_q.dequantize(&device)?;
+        let norm = tensor("output_norm.weight")?.dequantize(&device)?;
+        // Tied embeddings when the file has no separate output matrix.
+        let output = match tensor("output.weight") {
+            Ok(t) => matmul(t)?,
+            Err(_) => QMatMul::Tensor(embed_t.clone()),
+        };
+        let mut blocks = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            let p = format!("blk.{i}");
+            blocks.push(Block {
+                attn_norm: tensor(&format!("{p}.attn_norm.weight"))?.dequantize(&device)?,
+                wq: matmul(tensor(&format!("{p}.attn_q.weight"))?)?,
+                wk: matmul(tensor(&format!("{p}.attn_k.weight"))?)?,
+                wv: matmul(tensor(&format!("{p}.attn_v.weight"))?)?,
+                wo: matmul(tensor(&format!("{p}.attn_output.weight"))?)?,
+                ffn_norm: tensor(&format!("{p}.ffn_norm.weight"))?.dequantize(&device)?,
+                gate: matmul(tensor(&format!("{p}.ffn_gate.weight"))?)?,
+                up: matmul(tensor(&format!("{p}.ffn_up.weight"))?)?,
+                down: matmul(tensor(&format!("{p}.ffn_down.weight"))?)?,
+            });
+        }
+        let theta: Vec<f32> =
+            (0..cfg.head_dim).step_by(2).map(|i| 1.0 / cfg.rope_base.powf(i as f32 / cfg.head_dim as f32)).collect();
+        let theta = Tensor::new(theta.as_slice(), &device)?;
+        let pos = Tensor::arange(0u32, ROPE_POSITIONS as u32, &device)?.to_dtype(DType::F32)?;
+        let angles = pos.reshape((ROPE_POSITIONS, 1))?.matmul(&theta.reshape((1, cfg.head_dim / 2))?)?;
+        let vocab = embed_t.dim(0)?;
+        Ok((
+            Llama {
+                cfg: LlamaConfig { vocab, ..cfg },
+                embed: embed_t,
+                blocks,
+                norm,
+                output,
+                cos: angles.cos()?,
+                sin: angles.sin()?,
+                device,
+            },
+            tokenizer,
+        ))
+    }
+
+    /// Largest position the RoPE tables cover.
+    pub fn max_positions(&self) -> usize {
+        ROPE_POSITIONS
+    }
+
+    /// Interleaved RoPE (GGUF llama convention) of a BSND tensor at positions `pos..`; returns BSND.
+    fn rope(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        let l = x.dim(1)?;
+        let cos = self.cos.narrow(0, pos, l)?;
+        let sin = self.sin.narrow(0, pos, l)?;
+        let bhld = x.transpose(1, 2)?.contiguous()?;
+        // Back to BSND as a strided view: the attention kernels take any strides.
+        candle_nn::rotary_emb::rope_i(&bhld, &cos, &sin)?.transpose(1, 2)
+    }
+
+    /// Runs `tokens` (at positions `pos..`) through the model with `attn` as every layer's
+    /// attention; returns the last position's logits `[vocab]` (f32). With `taps`, it also
+    /// records each layer's post-RoPE q, k, v.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        pos: usize,
+        attn: &mut dyn Attention,
+        mut taps: Option<&mut Vec<(Tensor, Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.cfg;
+        let l = tokens.len();
+        if pos + l > ROPE_POSITIONS {
+            candle_core::bail!("position {} is beyond the {ROPE_POSITIONS} RoPE positions", pos + l);
+        }
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, c.rms_eps as f32)?;
+            let q = self.rope(&b.wq.forward(&h)?.reshape((1, l, c.q_heads, c.head_dim))?, pos)?;
+            let k = self.rope(&b.wk.forward(&h)?.reshape((1, l, c.kv_heads, c.head_dim))?, pos)?;
+            let v = b.wv.forward(&h)?.reshape((1, l, c.kv_heads, c.head_dim))?;
+            let o = attn.attend(i, pos, &q, &k, &v)?;
+            if let Some(t) = taps.as_deref_mut() {
+                t.push((q.contiguous()?, k.contiguous()?, v));
+            }
+            x = (x + b.wo.forward(&o.reshape((1, l, c.embed))?)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, c.rms_eps as f32)?;
+            let mlp = b.down.forward(&(candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?)?;
+            x = (x + mlp)?;
+        }
+        let last = x.narrow(1, l - 1, 1)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, c.rms_eps as f32)?;
+        self.output.forward(&last)?.flatten_all()?.to_dtype(DType::F32)
+    }
+}
+
+/// Log-softmax of a logits vector.
+pub fn log_softmax(logits: &Tensor) -> candle_core::Result<Vec<f32>> {
+    let l = logits.to_dtype(DType::F32)?;
+    let m = l.max(D::Minus1)?.to_scalar::<f32>()?;
+    let v = l.to_vec1::<f32>()?;
+    let z: f32 = v.iter().map(|x| (x - m).exp()).sum();
+    let lz = m + z.ln();
+    Ok(v.iter().map(|x| x - lz).collect())
+}

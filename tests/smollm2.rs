@@ -1,0 +1,166 @@
+//! End to end with a real model: SmolLM2-135M-Instruct (GGUF) through candle, attention through
+//! this crate, every method on a short prompt with a scaled-down configuration. Runs when the
+//! GGUF is present (`ENTROPY_KERNELS_SMOLLM2_GGUF`, or `target/models/` as
+//! `scripts/fetch-smollm2.sh` leaves it); prints why it is skipped otherwise.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use entropy_kernels::candle::dump;
+use entropy_kernels::candle::llama::{Llama, log_softmax};
+use entropy_kernels::candle::methods::{self, Method, Session, Settings};
+use entropy_kernels::candle::tokenizer::GgufTokenizer;
+use entropy_kernels::io::Case;
+use entropy_kernels::{DecodeConfig, EntropyConfig, Kernels};
+
+fn gguf() -> Option<PathBuf> {
+    let path = std::env::var_os("ENTROPY_KERNELS_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    path.is_file().then_some(path)
+}
+
+fn model() -> Option<&'static (Llama, GgufTokenizer)> {
+    static MODEL: OnceLock<Option<(Llama, GgufTokenizer)>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let Some(path) = gguf() else {
+                eprintln!("SKIP: no SmolLM2 GGUF (run scripts/fetch-smollm2.sh or set ENTROPY_KERNELS_SMOLLM2_GGUF)");
+                return None;
+            };
+            Some(Llama::load(&path, true).expect("the GGUF loads"))
+        })
+        .as_ref()
+}
+
+/// Scaled down so a ~600-token prompt has sparse segments and a compressed cache.
+fn settings() -> Settings {
+    Settings {
+        prefill: EntropyConfig {
+            segment_size: 64,
+            block_size: 8,
+            threshold_len: 128,
+            base_budget: 64,
+            ..Default::default()
+        },
+        decode: DecodeConfig { decode_budget: 160, window: 16, decode_gap: 4, ..Default::default() },
+        adakv_floor: 0.2,
+    }
+}
+
+fn long_prompt(tok: &GgufTokenizer) -> Vec<u32> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/passphrase.txt")).unwrap();
+    let (doc, question) = text.trim_end().rsplit_once("\n\n").unwrap();
+    let doc: String = doc.chars().take(2600).collect();
+    tok.encode(&GgufTokenizer::chat_prompt(&format!("{doc}\n\n{question}"))).unwrap()
+}
+
+#[test]
+fn dense_answers_a_simple_question() {
+    let Some((model, tok)) = model() else { return };
+    let kernels = Kernels::cpu();
+    let prompt =
+        tok.encode(&GgufTokenizer::chat_prompt("What is the capital of France? Answer in one sentence.")).unwrap();
+    let mut s = Session::new(&kernels, model, Method::Dense, &settings(), 16);
+    let (logits, _) = methods::prefill(model, &mut s, &prompt).unwrap();
+    let (tokens, _) =
+        methods::decode(model, &mut s, prompt.len(), methods::argmax(&logits).unwrap(), 10, None).unwrap();
+    let text = tok.decode(&tokens).unwrap();
+    assert!(text.contains("Paris"), "the model, tokenizer and attention must work together: {text:?}");
+}
+
+#[test]
+fn every_method_runs_and_tracks_dense() {
+    let Some((model, tok)) = model() else { return };
+    let kernels = Kernels::cpu();
+    let prompt = long_prompt(tok);
+    assert!(prompt.len() > 400, "prompt of {} tokens is too short for the scaled-down config", prompt.len());
+    let n = 12;
+    let settings = settings();
+    let mut dense = Session::new(&kernels, model, Method::Dense, &settings, n + 4);
+    let (logits, _) = methods::prefill(model, &mut dense, &prompt).unwrap();
+    let reference = log_softmax(&logits).unwrap();
+    let (ref_tokens, _) =
+        methods::decode(model, &mut dense, prompt.len(), methods::argmax(&logits).unwrap(), n, None).unwrap();
+    let full_entries = prompt.len() + n - 1;
+    assert!(dense.entries().iter().all(|&e| e as usize == full_entries));
+    for method in
+        [Method::EntropyInfer, Method::EntropyInferPrefill, Method::SnapKv, Method::CritiPrefill, Method::AdaKv]
+    {
+        let mut s = Session::new(&kernels, model, method, &settings, n + 4);
+        let (logits, _) = methods::prefill(model, &mut s, &prompt).unwrap();
+        let kl = methods::kl(&reference, &log_softmax(&logits).unwrap());
+        let first = methods::argmax(&logits).unwrap();
+        let (forced, _) = methods::decode(model, &mut s, prompt.len(), first, n, Some(&ref_tokens)).unwrap();
+        let agree = methods::agreement(&forced, &ref_tokens);
+        eprintln!("{}: KL {kl:.2e}, agreement {:.0}%, entries/head {:?}", method.name(), agree * 100.0, s.entries());
+        assert!((-1e-6..0.5).contains(&kl), "{}: KL of the first token {kl}", method.name());
+        assert!(agree >= 0.5, "{}: top-1 agreement {agree} with dense", method.name());
+        match method {
+            // Sparse prefill: some segments skipped some blocks.
+            Method::EntropyInfer | Method::EntropyInferPrefill | Method::CritiPrefill => {
+                assert!(s.stats.iter().any(|st| st.kept_fraction < 1.0), "{}: nothing sparse", method.name())
+            }
+            _ => assert!(s.stats.is_empty()),
+        }
+        let budget = settings.decode.decode_budget;
+        match method {
+            // Compressed at prefill end (SnapKV, AdaKV) or at step gap + 1 (latent), then grown by decoding.
+            Method::SnapKv => assert!(s.entries().iter().all(|&e| e as usize == budget + n - 1)),
+            Method::AdaKv => assert_eq!(s.entries().iter().sum::<u32>() as usize, s.entries().len() * (budget + n - 1)),
+            Method::EntropyInfer => {
+                let after = n - 1 - (settings.decode.decode_gap as usize + 1);
+                assert!(s.entries().iter().all(|&e| e as usize == budget + after), "{:?}", s.entries())
+            }
+            _ => assert!(s.entries().iter().all(|&e| e as usize == full_entries)),
+        }
+    }
+}
+
+#[test]
+fn sparse_config_covering_everything_equals_dense() {
+    // Threshold beyond the prompt: EntropyInfer's prefill is dense and must give dense's logits.
+    let Some((model, tok)) = model() else { return };
+    let kernels = Kernels::cpu();
+    let prompt = long_prompt(tok);
+    let mut all_dense = settings();
+    all_dense.prefill.threshold_len = usize::MAX;
+    let mut a = Session::new(&kernels, model, Method::Dense, &all_dense, 0);
+    let mut b = Session::new(&kernels, model, Method::EntropyInfer, &all_dense, 0);
+    let (la, _) = methods::prefill(model, &mut a, &prompt).unwrap();
+    let (lb, _) = methods::prefill(model, &mut b, &prompt).unwrap();
+    let diff = (la - lb).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff <= 1e-4, "dense-equivalent EntropyInfer differs from dense by {diff}");
+}
+
+#[test]
+fn dumped_layers_are_conformance_cases() {
+    // What `--dump-qkv` writes can be read back as a case and planned (post-RoPE Q/K of a real layer).
+    let Some((model, tok)) = model() else { return };
+    let kernels = Kernels::cpu();
+    let prompt = long_prompt(tok);
+    let dir = std::env::temp_dir().join(format!("ek-dump-{}", std::process::id()));
+    let s = settings();
+    let config = entropy_kernels::Config { prefill: s.prefill, decode: s.decode };
+    let layers = dump::dump_layers(model, &kernels, &prompt, &config, &dir).unwrap();
+    assert_eq!(layers, model.cfg.layers);
+    let case = Case::load(dir.join("layer14.safetensors")).unwrap();
+    let q = case.tensor4("q").unwrap();
+    assert_eq!(q.shape[2..], [model.cfg.q_heads, model.cfg.head_dim]);
+    assert_eq!(q.shape[1], prompt.len());
+    let k = case.tensor4("k").unwrap();
+    let plan = kernels
+        .plan(q.view(), k.view(), &case.config.prefill, &entropy_kernels::PlanRequest::layer(case.layer_idx))
+        .unwrap();
+    assert!(plan.blocks.sparse_units() > 0);
+    let c = kernels
+        .kv_compress(
+            case.tensor4("decode.k_cache").unwrap().view(),
+            case.tensor4("decode.v_cache").unwrap().view(),
+            case.tensor4("decode.obs_q").unwrap().view(),
+            &case.config.decode,
+        )
+        .unwrap();
+    assert!(c.compressed);
+    std::fs::remove_dir_all(&dir).ok();
+}
