@@ -28,8 +28,6 @@ pub mod llama;
 pub mod methods;
 pub mod tokenizer;
 
-use std::sync::Arc;
-
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 
 use crate::compress::CompressedCache;
@@ -99,16 +97,28 @@ fn run_into(
     })
 }
 
-/// Prefill attention as a custom op on (q, k, v): dense when `blocks` is `None`.
-struct PrefillOp {
+/// What an [`AttentionOp`] computes.
+enum OpKind {
+    /// Causal prefill; sparse over the lists when given.
+    Prefill(Option<BlockLists>),
+    /// Decode over caches holding `lengths[b·Hc + h]` entries per head.
+    Decode(Vec<u32>),
+}
+
+/// Prefill or decode attention as a custom op on (q, k, v) → a tensor shaped like q.
+struct AttentionOp {
     kernels: Kernels,
-    blocks: Option<Arc<BlockLists>>,
+    kind: OpKind,
     scale: Option<f32>,
 }
 
-impl CustomOp3 for PrefillOp {
+impl CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
-        if self.blocks.is_some() { "entropy-kernels-sparse-prefill" } else { "entropy-kernels-dense-prefill" }
+        match self.kind {
+            OpKind::Prefill(Some(_)) => "entropy-kernels-sparse-prefill",
+            OpKind::Prefill(None) => "entropy-kernels-dense-prefill",
+            OpKind::Decode(_) => "entropy-kernels-decode-attention",
+        }
     }
     fn cpu_fwd(
         &self,
@@ -120,39 +130,24 @@ impl CustomOp3 for PrefillOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (q, k, v) = (view(s1, l1, "q")?, view(s2, l2, "k")?, view(s3, l3, "v")?);
-        let out = run_into(&q, q.shape(), |out| match &self.blocks {
-            Some(bl) => self.kernels.sparse_prefill(q, k, v, bl, self.scale, out, None),
-            None => self.kernels.dense_prefill(q, k, v, self.scale, out, None),
+        let out = run_into(&q, q.shape(), |out| match &self.kind {
+            OpKind::Prefill(Some(bl)) => self.kernels.sparse_prefill(q, k, v, bl, self.scale, out, None),
+            OpKind::Prefill(None) => self.kernels.dense_prefill(q, k, v, self.scale, out, None),
+            OpKind::Decode(lengths) => self.kernels.decode_attention(q, k, v, lengths, self.scale, out),
         })?;
         Ok((out, Shape::from(l1.dims())))
     }
 }
 
-/// Decode attention as a custom op on (q, k_cache, v_cache).
-struct DecodeOp {
-    kernels: Kernels,
-    lengths: Arc<Vec<u32>>,
+fn apply(
+    kernels: &Kernels,
+    kind: OpKind,
     scale: Option<f32>,
-}
-
-impl CustomOp3 for DecodeOp {
-    fn name(&self) -> &'static str {
-        "entropy-kernels-decode-attention"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (view(s1, l1, "q")?, view(s2, l2, "k_cache")?, view(s3, l3, "v_cache")?);
-        let out =
-            run_into(&q, q.shape(), |out| self.kernels.decode_attention(q, k, v, &self.lengths, self.scale, out))?;
-        Ok((out, Shape::from(l1.dims())))
-    }
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> candle_core::Result<Tensor> {
+    q.apply_op3_no_bwd(k, v, &AttentionOp { kernels: kernels.clone(), kind, scale })
 }
 
 /// Plans a layer from BSND `q` `[B, L, Hq, D]` and `k` `[B, L, Hkv, D]`.
@@ -175,8 +170,7 @@ pub fn sparse_prefill(
     blocks: &BlockLists,
     scale: Option<f32>,
 ) -> candle_core::Result<Tensor> {
-    let op = PrefillOp { kernels: kernels.clone(), blocks: Some(Arc::new(blocks.clone())), scale };
-    q.apply_op3_no_bwd(k, v, &op)
+    apply(kernels, OpKind::Prefill(Some(blocks.clone())), scale, q, k, v)
 }
 
 /// Dense causal prefill; returns `[B, L, Hq, D]`.
@@ -187,7 +181,7 @@ pub fn dense_prefill(
     v: &Tensor,
     scale: Option<f32>,
 ) -> candle_core::Result<Tensor> {
-    q.apply_op3_no_bwd(k, v, &PrefillOp { kernels: kernels.clone(), blocks: None, scale })
+    apply(kernels, OpKind::Prefill(None), scale, q, k, v)
 }
 
 /// Plan plus sparse prefill: what a model's attention calls per layer.
@@ -257,6 +251,5 @@ pub fn decode_attention(
     lengths: &[u32],
     scale: Option<f32>,
 ) -> candle_core::Result<Tensor> {
-    let op = DecodeOp { kernels: kernels.clone(), lengths: Arc::new(lengths.to_vec()), scale };
-    q.apply_op3_no_bwd(k_cache, v_cache, &op)
+    apply(kernels, OpKind::Decode(lengths.to_vec()), scale, q, k_cache, v_cache)
 }

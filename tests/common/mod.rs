@@ -44,6 +44,11 @@ pub fn conformance_cases(test: &str) -> Vec<PathBuf> {
     cases
 }
 
+/// The conformance case `<name>.safetensors`, or `None` (with the printed skip) when absent.
+pub fn conformance_case(test: &str, name: &str) -> Option<PathBuf> {
+    conformance_cases(test).into_iter().find(|p| p.file_stem().is_some_and(|s| s == name))
+}
+
 /// Relative Frobenius error `‖a − b‖ / ‖b‖`.
 pub fn rel_fro(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "compared tensors differ in length");
