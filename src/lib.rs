@@ -39,6 +39,7 @@ pub mod config;
 pub mod cpu;
 pub mod cuda;
 pub mod error;
+pub mod ffi;
 pub mod io;
 pub mod kernels;
 pub mod plan;

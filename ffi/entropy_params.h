@@ -1,0 +1,139 @@
+/*
+ * entropy-kernels: the one params header shared by Rust (through bindgen: src/ffi/params.rs),
+ * the CUDA kernels (cuda/) and the Ascend C kernels (ascend/). Fixed-width fields only; device
+ * addresses are uint64_t. Each operation takes one struct by value.
+ *
+ * Regenerate the Rust side with `scripts/bindgen.sh`; `tests/ffi_fresh.rs` fails when it is stale.
+ */
+#ifndef ENTROPY_PARAMS_H
+#define ENTROPY_PARAMS_H
+
+#include <stdint.h>
+
+/* Element type of activations and caches. */
+#define EK_F32 0
+#define EK_F16 1
+#define EK_BF16 2
+
+/* `counts` value of a unit that attends densely (causal over every earlier key). */
+#define EK_DENSE_UNIT 0xFFFFFFFFu
+
+/* A rank-4 tensor in device memory: element strides of dims 0..2; dim 3 is contiguous. */
+typedef struct EkTensor {
+    uint64_t ptr;
+    int64_t stride[3];
+    int32_t shape[4];
+} EkTensor;
+
+/*
+ * Prefill attention (SPEC §3) for one layer: q [B, L, Hq, D], k and v [B, L, Hkv, D], out like q.
+ * Unit u = (b·Hkv + h)·segments + s attends to the blocks indices[offsets[u] .. + counts[u]]
+ * plus its own segment's keys causally, or causally to everything when counts[u] is
+ * EK_DENSE_UNIT. With segments == 0 the whole layer is dense and the lists are not read.
+ */
+typedef struct EkPrefillParams {
+    EkTensor q;
+    EkTensor k;
+    EkTensor v;
+    EkTensor out;
+    uint64_t lse;     /* float [B, Hq, L] (natural log), or 0 */
+    uint64_t offsets; /* uint32 [units] */
+    uint64_t counts;  /* uint32 [units] */
+    uint64_t indices; /* uint32 block indices */
+    int32_t segment_size;
+    int32_t block_size;
+    int32_t segments;
+    int32_t group;    /* Hq / Hkv */
+    int32_t tile_tokens; /* query tokens per CTA tile (rows = tile_tokens · group) */
+    int32_t tiles_per_segment;
+    float scale_log2; /* softmax scale · log2(e) */
+    int32_t dtype;
+} EkPrefillParams;
+
+/*
+ * Planning (SPEC §2). Workspaces: qsum f64 [B, segments, Hq, D], krep f64 [B, blocks, Hkv, 2, D],
+ * key f64 [units, blocks] (ranking keys: logits, or fused scores). Outputs are per unit
+ * u = (b·Hkv + h)·segments + s.
+ */
+typedef struct EkPlanParams {
+    EkTensor q;
+    EkTensor k;
+    uint64_t qsum;
+    uint64_t krep;
+    uint64_t key;
+    uint64_t logits;  /* float [units, blocks], or 0 */
+    uint64_t scores;  /* float [units, blocks], or 0 (required with fusion) */
+    uint64_t prev;    /* float [units, blocks]: the previous layer's scores, or 0 */
+    uint64_t entropy; /* float [units] */
+    uint64_t budgets; /* float [units] */
+    uint64_t keep;    /* uint32 [units] */
+    uint64_t topk;    /* uint32 [segments], zeroed before the launch */
+    uint64_t classes; /* uint8 [B·Hkv]: 0 rigid, 1 dynamic */
+    uint64_t order;   /* uint32 [units, width] */
+    int32_t batch;
+    int32_t seq_len;
+    int32_t q_heads;
+    int32_t kv_heads;
+    int32_t head_dim;
+    int32_t segment_size;
+    int32_t block_size;
+    int32_t segments;
+    int32_t blocks;
+    int32_t keep_cap; /* N - ((L mod S) div Bk + 1) */
+    int32_t width;    /* ranking width: min(3·base / Bk, keep_cap) */
+    int32_t base_budget;
+    int32_t fixed_budget; /* 1: CritiPrefill (every head keeps base) */
+    float e_t;
+    float delta_t;
+    float alpha;
+    float entropy_floor;
+    int32_t dtype;
+} EkPlanParams;
+
+/*
+ * kv_compress (SPEC §4): caches [B, Hkv, N, D], window obs [B, Hq, W, D]. Scoring runs in two
+ * passes over key chunks: stats (row max and sum, base 2) then window means a [B, Hq, N - W].
+ */
+typedef struct EkCompressParams {
+    EkTensor k_cache;
+    EkTensor v_cache;
+    EkTensor obs;
+    uint64_t stats;   /* float [B, Hkv, chunks, rows, 2] */
+    uint64_t means;   /* float [B, Hq, N - W] */
+    uint64_t pooled;  /* float [B, Hc, N - W] */
+    uint64_t selected; /* uint32 [B, Hc, keep] ascending */
+    uint64_t k_out;   /* [B, Hc, budget, D] */
+    uint64_t v_out;
+    int32_t entries;
+    int32_t window;
+    int32_t budget;
+    int32_t group;
+    int32_t out_heads; /* Hc: Hkv, or Hq for per_query_head */
+    int32_t chunk;     /* keys per pass-1 chunk */
+    int32_t chunks;
+    int32_t pooling;   /* 0 none, 1 avg, 2 max */
+    int32_t pooling_kernel;
+    int32_t gqa_mode;  /* 0 mean, 1 max, 2 per_query_head */
+    float scale_log2;
+    int32_t dtype;
+} EkCompressParams;
+
+/*
+ * Decode attention: q [B, nq, Hq, D], caches [B, Hc, capacity, D] holding lengths[b·Hc + h]
+ * entries, out like q. Split-K: each (b, h, split) writes max, sum and output partials.
+ */
+typedef struct EkDecodeParams {
+    EkTensor q;
+    EkTensor k_cache;
+    EkTensor v_cache;
+    EkTensor out;
+    uint64_t lengths;  /* uint32 [B, Hc] */
+    uint64_t partial;  /* float [B, Hc, splits, rows, D + 2] */
+    int32_t group;     /* Hq / Hc */
+    int32_t splits;
+    int32_t keys_per_split;
+    float scale_log2;
+    int32_t dtype;
+} EkDecodeParams;
+
+#endif /* ENTROPY_PARAMS_H */
