@@ -8,7 +8,16 @@
 #ifndef ENTROPY_PARAMS_H
 #define ENTROPY_PARAMS_H
 
+#if defined(__CUDACC_RTC__)
+/* NVRTC compiles the kernels with no system headers. */
+typedef unsigned char uint8_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+#else
 #include <stdint.h>
+#endif
 
 /* Element type of activations and caches. */
 #define EK_F32 0

@@ -5,6 +5,8 @@
 //! until they land, a present driver is reported and the backend says it has no kernels yet, so
 //! `auto` falls through to the next backend.
 
+pub mod source;
+
 use std::sync::Arc;
 
 use crate::backend::Backend;

@@ -1,0 +1,67 @@
+// Shared device helpers. No CUDA headers are included, so NVRTC needs no include path: half
+// types are 16-bit storage with PTX conversions (sm_80+), exp2 is the hardware ex2.
+
+#pragma once
+
+struct f16_t {
+    unsigned short x;
+};
+struct bf16_t {
+    unsigned short x;
+};
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(f16_t h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.x));
+    return f;
+}
+__device__ __forceinline__ float to_f32(bf16_t h) { return __uint_as_float(((unsigned)h.x) << 16); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ f16_t from_f32<f16_t>(float x) {
+    f16_t h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.x) : "f"(x));
+    return h;
+}
+template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float x) {
+    bf16_t h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.x) : "f"(x));
+    return h;
+}
+
+// 2^x; 0 for x = -inf.
+__device__ __forceinline__ float exp2_f32(float x) { return exp2f(x); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ double warp_sum_f64(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ double warp_max_f64(double v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Element offset of row [i0, i1, i2, :] of a tensor.
+__device__ __forceinline__ long long row_offset(const EkTensor& t, long long i0, long long i1, long long i2) {
+    return i0 * t.stride[0] + i1 * t.stride[1] + i2 * t.stride[2];
+}
+
+template <typename T> __device__ __forceinline__ const T* tensor_ptr(const EkTensor& t) {
+    return reinterpret_cast<const T*>(t.ptr);
+}
+template <typename T> __device__ __forceinline__ T* tensor_mut(const EkTensor& t) { return reinterpret_cast<T*>(t.ptr); }
+
+// A very negative but finite reference: keeps exp2(-inf - m) at 0 without NaN.
+#define EK_NEG_BIG (-3.0e38f)
+// -inf without math.h.
+#define EK_NEG_INF (__int_as_float(0xff800000))

@@ -1,0 +1,345 @@
+// Fused dense + block-sparse causal prefill (SPEC §3), one launch per layer.
+//
+// Grid: x = query tiles of all segments (longest first), y = batch · kv head. A tile stacks the
+// G query heads of a group over `tile_tokens` tokens (row r = token·G + g), so every K/V row is
+// read once per group. Each unit's keys are "slots": its selected blocks' tokens (gathered from
+// global memory straight into shared memory: no gathered copy of K/V), then its segment's own
+// keys, masked causally where a key comes after a row's token.
+//
+// Two kernels: `prefill_mma` (f16/bf16, D 64 or 128: mma.sync m16n8k16, f32 accumulation, the
+// FlashAttention-2 register layout) and `prefill_simt` (every dtype and D ≤ 256: plain FMAs).
+
+#define PREFILL_MMA_WARPS 4
+#define PREFILL_MMA_ROWS 64   // 16 rows per warp
+#define PREFILL_MMA_KEYS 64   // keys per shared-memory tile
+#define PREFILL_SIMT_THREADS 128
+#define PREFILL_SIMT_ROWS 32  // 4 threads per row
+#define PREFILL_SIMT_KEYS 32
+
+// The keys of one unit, numbered as slots.
+struct KeySlots {
+    const uint32_t* list;  // selected blocks, or 0 for a dense unit
+    int selected;          // selected tokens (blocks · Bk)
+    int block;
+    int own_start;         // the unit's own keys start here (segment start, or 0 when dense)
+    int end;               // one past the tile's last query token
+    __device__ __forceinline__ int total() const { return selected + (end - own_start); }
+    __device__ __forceinline__ int token(int j) const {
+        return j < selected ? (int)__ldg(list + j / block) * block + j % block : own_start + (j - selected);
+    }
+};
+
+// The tile this CTA runs, or false when the tile is empty (a short last segment).
+struct Tile {
+    int b, h, t0, t1, rows;
+    KeySlots keys;
+};
+
+__device__ __forceinline__ bool prefill_tile(const EkPrefillParams& p, Tile& t) {
+    const int hkv = p.k.shape[2], len = p.q.shape[1];
+    t.b = blockIdx.y / hkv;
+    t.h = blockIdx.y % hkv;
+    const int tile = gridDim.x - 1 - blockIdx.x;  // late (long) tiles first
+    const int s = tile / p.tiles_per_segment, ti = tile % p.tiles_per_segment;
+    const int seg_start = s * p.segment_size, seg_end = min(seg_start + p.segment_size, len);
+    t.t0 = seg_start + ti * p.tile_tokens;
+    if (t.t0 >= seg_end) return false;
+    t.t1 = min(t.t0 + p.tile_tokens, seg_end);
+    t.rows = (t.t1 - t.t0) * p.group;
+    t.keys.block = p.block_size;
+    t.keys.end = t.t1;
+    const int u = blockIdx.y * p.segments + s;
+    const uint32_t count = p.offsets ? reinterpret_cast<const uint32_t*>(p.counts)[u] : EK_DENSE_UNIT;
+    if (count == EK_DENSE_UNIT) {
+        t.keys.list = 0;
+        t.keys.selected = 0;
+        t.keys.own_start = 0;
+    } else {
+        t.keys.list = reinterpret_cast<const uint32_t*>(p.indices) + reinterpret_cast<const uint32_t*>(p.offsets)[u];
+        t.keys.selected = (int)count * p.block_size;
+        t.keys.own_start = seg_start;
+    }
+    return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// SIMT kernel: 4 threads per row, each owning the dims d ≡ part (mod 4) of the row's output.
+
+template <typename T> __device__ void prefill_simt(const EkPrefillParams& p) {
+    Tile t;
+    if (!prefill_tile(p, t)) return;
+    extern __shared__ float smem[];
+    const int d = p.q.shape[3], dp = d + 1;  // padded rows: no bank conflicts between rows
+    float* qs = smem;                                 // [ROWS][dp]
+    float* os = qs + PREFILL_SIMT_ROWS * dp;          // [ROWS][dp]
+    float* ks = os + PREFILL_SIMT_ROWS * dp;          // [KEYS][dp]
+    float* vs = ks + PREFILL_SIMT_KEYS * dp;          // [KEYS][dp]
+    int* tok = reinterpret_cast<int*>(vs + PREFILL_SIMT_KEYS * dp);  // [KEYS]
+    const int tid = threadIdx.x, r = tid >> 2, part = tid & 3;
+    const T* q = tensor_ptr<T>(p.q);
+    const T* k = tensor_ptr<T>(p.k);
+    const T* v = tensor_ptr<T>(p.v);
+    for (int i = tid; i < PREFILL_SIMT_ROWS * d; i += blockDim.x) {
+        const int rr = i / d, x = i % d;
+        float val = 0.f;
+        if (rr < t.rows) val = to_f32(q[row_offset(p.q, t.b, t.t0 + rr / p.group, t.h * p.group + rr % p.group) + x]);
+        qs[rr * dp + x] = val * p.scale_log2;
+        os[rr * dp + x] = 0.f;
+    }
+    const int my_token = t.t0 + r / p.group;
+    float m = EK_NEG_INF, l = 0.f;
+    const int total = t.keys.total();
+    for (int j0 = 0; j0 < total; j0 += PREFILL_SIMT_KEYS) {
+        __syncthreads();
+        for (int i = tid; i < PREFILL_SIMT_KEYS * d; i += blockDim.x) {
+            const int j = i / d, x = i % d;
+            float kv = 0.f, vv = 0.f;
+            if (j0 + j < total) {
+                const int tk = t.keys.token(j0 + j);
+                kv = to_f32(k[row_offset(p.k, t.b, tk, t.h) + x]);
+                vv = to_f32(v[row_offset(p.v, t.b, tk, t.h) + x]);
+                if (x == 0) tok[j] = tk;
+            } else if (x == 0) {
+                tok[j] = 0x7fffffff;  // past the end: masked for every row
+            }
+            ks[j * dp + x] = kv;
+            vs[j * dp + x] = vv;
+        }
+        __syncthreads();
+        float s[PREFILL_SIMT_KEYS];
+        float mx = m;
+#pragma unroll
+        for (int j = 0; j < PREFILL_SIMT_KEYS; j++) {
+            float acc = 0.f;
+            for (int x = part; x < d; x += 4) acc += qs[r * dp + x] * ks[j * dp + x];
+            acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+            acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+            const int tk = tok[j];
+            // Keys before the tile are visible to every row; later ones only up to the row's token.
+            const bool visible = tk != 0x7fffffff && (tk < t.t0 || tk <= my_token);
+            s[j] = visible ? acc : EK_NEG_INF;
+            mx = fmaxf(mx, s[j]);
+        }
+        const float ref = fmaxf(mx, EK_NEG_BIG);
+        const float alpha = exp2_f32(m - ref);
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < PREFILL_SIMT_KEYS; j++) {
+            s[j] = exp2_f32(s[j] - ref);
+            sum += s[j];
+        }
+        l = l * alpha + sum;
+        m = mx;
+        for (int x = part; x < d; x += 4) {
+            float acc = os[r * dp + x] * alpha;
+#pragma unroll
+            for (int j = 0; j < PREFILL_SIMT_KEYS; j++) acc += s[j] * vs[j * dp + x];
+            os[r * dp + x] = acc;
+        }
+    }
+    if (r < t.rows) {
+        const int hq = t.h * p.group + r % p.group;
+        T* out = tensor_mut<T>(p.out);
+        const long long o = row_offset(p.out, t.b, my_token, hq);
+        for (int x = part; x < d; x += 4) out[o + x] = from_f32<T>(os[r * dp + x] / l);
+        if (p.lse && part == 0) {
+            reinterpret_cast<float*>(p.lse)[((long long)t.b * p.q.shape[2] + hq) * p.q.shape[1] + my_token] =
+                (m + __log2f(l)) * 0.69314718055994531f;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core kernel (f16/bf16).
+
+template <typename T> struct Mma;
+template <> struct Mma<f16_t> {
+    __device__ __forceinline__ static void run(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    // Two f32 → packed pair (lo in the low half).
+    __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+        uint32_t r;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+};
+template <> struct Mma<bf16_t> {
+    __device__ __forceinline__ static void run(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+        uint32_t r;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+};
+
+// Two consecutive 16-bit elements as one register.
+__device__ __forceinline__ uint32_t ld_pair(const unsigned short* p) { return *reinterpret_cast<const uint32_t*>(p); }
+__device__ __forceinline__ uint32_t pair(unsigned short lo, unsigned short hi) { return (uint32_t)lo | ((uint32_t)hi << 16); }
+
+template <typename T, int D> __device__ void prefill_mma(const EkPrefillParams& p) {
+    Tile t;
+    if (!prefill_tile(p, t)) return;
+    constexpr int DP = D + 8;  // padded shared rows (16 bytes): conflict-free fragment loads
+    constexpr int KSTEPS = D / 16, DTILES = D / 8, NT = PREFILL_MMA_KEYS / 8;
+    extern __shared__ unsigned short sh[];
+    unsigned short* qs = sh;                                  // [ROWS][DP]
+    unsigned short* ks = qs + PREFILL_MMA_ROWS * DP;          // [KEYS][DP]
+    unsigned short* vs = ks + PREFILL_MMA_KEYS * DP;          // [KEYS][DP]
+    int* tok = reinterpret_cast<int*>(vs + PREFILL_MMA_KEYS * DP);  // [KEYS]
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, c = (lane & 3) * 2;  // fragment row and column pair
+    const unsigned short* q = reinterpret_cast<const unsigned short*>(p.q.ptr);
+    const unsigned short* k = reinterpret_cast<const unsigned short*>(p.k.ptr);
+    const unsigned short* v = reinterpret_cast<const unsigned short*>(p.v.ptr);
+    for (int i = tid; i < PREFILL_MMA_ROWS * D; i += blockDim.x) {
+        const int rr = i / D, x = i % D;
+        unsigned short val = 0;
+        if (rr < t.rows) val = q[row_offset(p.q, t.b, t.t0 + rr / p.group, t.h * p.group + rr % p.group) + x];
+        qs[rr * DP + x] = val;
+    }
+    __syncthreads();
+    // Q stays in shared memory; its A fragments are reloaded per k-step (saves 4·D/16 registers
+    // per thread, which keeps D = 128 under 255 registers without spills).
+    const int r0 = warp * 16 + g;
+    float o[DTILES][4];
+#pragma unroll
+    for (int i = 0; i < DTILES; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m[2] = {EK_NEG_INF, EK_NEG_INF}, l[2] = {0.f, 0.f};
+    const int row_token[2] = {t.t0 + r0 / p.group, t.t0 + (r0 + 8) / p.group};
+    const int total = t.keys.total();
+    for (int j0 = 0; j0 < total; j0 += PREFILL_MMA_KEYS) {
+        __syncthreads();
+        // K and V rows of the slots, 16 bytes at a time (D is a multiple of 8).
+        for (int i = tid; i < PREFILL_MMA_KEYS * (D / 8); i += blockDim.x) {
+            const int j = i / (D / 8), x = (i % (D / 8)) * 8;
+            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+            if (j0 + j < total) {
+                const int tk = t.keys.token(j0 + j);
+                kv = *reinterpret_cast<const uint4*>(k + row_offset(p.k, t.b, tk, t.h) + x);
+                vv = *reinterpret_cast<const uint4*>(v + row_offset(p.v, t.b, tk, t.h) + x);
+                if (x == 0) tok[j] = tk;
+            } else if (x == 0) {
+                tok[j] = 0x7fffffff;
+            }
+            *reinterpret_cast<uint4*>(ks + j * DP + x) = kv;
+            *reinterpret_cast<uint4*>(vs + j * DP + x) = vv;
+        }
+        __syncthreads();
+        // S = Q·Kᵀ for this warp's 16 rows and the tile's 64 keys.
+        float s[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+        for (int ks_ = 0; ks_ < KSTEPS; ks_++) {
+            const int k0 = ks_ * 16 + c;
+            uint32_t qa[4];
+            qa[0] = ld_pair(qs + r0 * DP + k0);
+            qa[1] = ld_pair(qs + (r0 + 8) * DP + k0);
+            qa[2] = ld_pair(qs + r0 * DP + k0 + 8);
+            qa[3] = ld_pair(qs + (r0 + 8) * DP + k0 + 8);
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                const unsigned short* krow = ks + (nt * 8 + g) * DP + k0;
+                Mma<T>::run(s[nt], qa, ld_pair(krow), ld_pair(krow + 8));
+            }
+        }
+        // Scale, mask, online softmax (rows g and g + 8 of the warp; a quad shares a row).
+        float mx[2] = {m[0], m[1]};
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int half = e >> 1, tk = tok[nt * 8 + c + (e & 1)];
+                const bool visible = tk != 0x7fffffff && (tk < t.t0 || tk <= row_token[half]);
+                s[nt][e] = visible ? s[nt][e] * p.scale_log2 : EK_NEG_INF;
+                mx[half] = fmaxf(mx[half], s[nt][e]);
+            }
+        }
+        float alpha[2];
+#pragma unroll
+        for (int h2 = 0; h2 < 2; h2++) {
+            mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 1));
+            mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 2));
+            const float ref = fmaxf(mx[h2], EK_NEG_BIG);
+            alpha[h2] = exp2_f32(m[h2] - ref);
+            m[h2] = mx[h2];
+            l[h2] *= alpha[h2];
+        }
+        const float ref[2] = {fmaxf(m[0], EK_NEG_BIG), fmaxf(m[1], EK_NEG_BIG)};
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                s[nt][e] = exp2_f32(s[nt][e] - ref[e >> 1]);
+                l[e >> 1] += s[nt][e];
+            }
+        }
+#pragma unroll
+        for (int dt = 0; dt < DTILES; dt++) {
+            o[dt][0] *= alpha[0];
+            o[dt][1] *= alpha[0];
+            o[dt][2] *= alpha[1];
+            o[dt][3] *= alpha[1];
+        }
+        // O += P·V: P's accumulator layout is the A-fragment layout of the next mma.
+#pragma unroll
+        for (int kk = 0; kk < PREFILL_MMA_KEYS / 16; kk++) {
+            uint32_t pa[4];
+            pa[0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+            pa[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+            pa[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            const unsigned short* v0 = vs + (kk * 16 + c) * DP;
+#pragma unroll
+            for (int dt = 0; dt < DTILES; dt++) {
+                const int col = dt * 8 + g;
+                const uint32_t b0 = pair(v0[col], v0[DP + col]);
+                const uint32_t b1 = pair(v0[8 * DP + col], v0[9 * DP + col]);
+                Mma<T>::run(o[dt], pa, b0, b1);
+            }
+        }
+    }
+    // Finish: full row sums across the quad, normalise, write rows that exist.
+#pragma unroll
+    for (int h2 = 0; h2 < 2; h2++) {
+        l[h2] += __shfl_xor_sync(0xffffffffu, l[h2], 1);
+        l[h2] += __shfl_xor_sync(0xffffffffu, l[h2], 2);
+    }
+    T* out = tensor_mut<T>(p.out);
+#pragma unroll
+    for (int h2 = 0; h2 < 2; h2++) {
+        const int r = r0 + 8 * h2;
+        if (r >= t.rows) continue;
+        const int hq = t.h * p.group + r % p.group;
+        const long long off = row_offset(p.out, t.b, row_token[h2], hq);
+        const float inv = 1.f / l[h2];
+#pragma unroll
+        for (int dt = 0; dt < DTILES; dt++) {
+            out[off + dt * 8 + c] = from_f32<T>(o[dt][2 * h2] * inv);
+            out[off + dt * 8 + c + 1] = from_f32<T>(o[dt][2 * h2 + 1] * inv);
+        }
+        if (p.lse && (lane & 3) == 0) {
+            reinterpret_cast<float*>(p.lse)[((long long)t.b * p.q.shape[2] + hq) * p.q.shape[1] + row_token[h2]] =
+                (m[h2] + __log2f(l[h2])) * 0.69314718055994531f;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(PREFILL_SIMT_THREADS) ek_prefill_simt_f32(EkPrefillParams p) { prefill_simt<float>(p); }
+extern "C" __global__ void __launch_bounds__(PREFILL_SIMT_THREADS) ek_prefill_simt_f16(EkPrefillParams p) { prefill_simt<f16_t>(p); }
+extern "C" __global__ void __launch_bounds__(PREFILL_SIMT_THREADS) ek_prefill_simt_bf16(EkPrefillParams p) { prefill_simt<bf16_t>(p); }
+extern "C" __global__ void __launch_bounds__(PREFILL_MMA_WARPS * 32) ek_prefill_mma_f16_d64(EkPrefillParams p) { prefill_mma<f16_t, 64>(p); }
+extern "C" __global__ void __launch_bounds__(PREFILL_MMA_WARPS * 32) ek_prefill_mma_f16_d128(EkPrefillParams p) { prefill_mma<f16_t, 128>(p); }
+extern "C" __global__ void __launch_bounds__(PREFILL_MMA_WARPS * 32) ek_prefill_mma_bf16_d64(EkPrefillParams p) { prefill_mma<bf16_t, 64>(p); }
+extern "C" __global__ void __launch_bounds__(PREFILL_MMA_WARPS * 32) ek_prefill_mma_bf16_d128(EkPrefillParams p) { prefill_mma<bf16_t, 128>(p); }
