@@ -69,7 +69,10 @@ fn kernels_compile_without_spills() {
         let table = parse(&compiled.log);
         println!("\n{arch}: kernel | registers | static smem | stack | spill stores | spill loads");
         for (name, u) in &table {
-            println!("{arch}: {name} | {} | {} | {} | {} | {}", u.registers, u.smem, u.stack, u.spill_stores, u.spill_loads);
+            println!(
+                "{arch}: {name} | {} | {} | {} | {} | {}",
+                u.registers, u.smem, u.stack, u.spill_stores, u.spill_loads
+            );
         }
         for k in source::KERNELS {
             assert!(table.iter().any(|(n, _)| n == k), "{arch}: no ptxas report for {k}:\n{}", compiled.log);

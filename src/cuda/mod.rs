@@ -1,11 +1,15 @@
 //! CUDA backend (feature `cuda`). The probe is safe on machines without a driver: cudarc's
-//! `is_culib_present()` is asked before anything touches the driver API.
+//! `is_culib_present()` is asked before anything touches the driver API, and every failure is a
+//! typed error, so `auto` falls through to the next backend.
 //!
-//! Status: the kernels (cuda/) and the device-resident API are the subject of the CUDA issue;
-//! until they land, a present driver is reported and the backend says it has no kernels yet, so
-//! `auto` falls through to the next backend.
+//! Kernels: `cuda/*.cu`, compiled with NVRTC for the device on first use ([`source`]).
 
 pub mod source;
+
+#[cfg(feature = "cuda")]
+mod backend;
+#[cfg(feature = "cuda")]
+pub use backend::CudaBackend;
 
 use std::sync::Arc;
 
@@ -26,12 +30,21 @@ pub fn driver_present() -> bool {
 }
 
 pub(crate) fn probe() -> Result<Arc<dyn Backend>> {
-    let reason = if !cfg!(feature = "cuda") {
-        "built without the `cuda` feature".to_string()
-    } else if !driver_present() {
-        "no CUDA driver (libcuda) found".to_string()
-    } else {
-        "a CUDA driver is present, but this build has no CUDA kernels yet".to_string()
-    };
-    Err(Error::BackendUnavailable { backend: "cuda", reason })
+    #[cfg(feature = "cuda")]
+    {
+        if !driver_present() {
+            return Err(Error::BackendUnavailable { backend: "cuda", reason: "no CUDA driver (libcuda) found".into() });
+        }
+        // The driver API panics inside cudarc only on a missing library, checked above; anything
+        // else is an error value. A panic here would still be caught rather than abort `auto`.
+        match std::panic::catch_unwind(|| CudaBackend::new(0)) {
+            Ok(Ok(b)) => Ok(Arc::new(b)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::BackendUnavailable { backend: "cuda", reason: "the CUDA probe panicked".into() }),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(Error::BackendUnavailable { backend: "cuda", reason: "built without the `cuda` feature".into() })
+    }
 }

@@ -34,7 +34,12 @@ pub const KERNELS: &[&str] = &[
 /// NVRTC options shared by every build: C++17, precise division and square root, no FMA
 /// contraction surprises in the budget recurrence (it uses explicit `__f*_rn` intrinsics).
 pub fn options(arch: &str, verbose_ptxas: bool) -> Vec<String> {
-    let mut o = vec![format!("--gpu-architecture={arch}"), "-std=c++17".into(), "--prec-div=true".into(), "--prec-sqrt=true".into()];
+    let mut o = vec![
+        format!("--gpu-architecture={arch}"),
+        "-std=c++17".into(),
+        "--prec-div=true".into(),
+        "--prec-sqrt=true".into(),
+    ];
     if verbose_ptxas {
         o.push("--ptxas-options=-v".into());
         o.push("--ptxas-options=--warn-on-spills".into());
@@ -66,7 +71,9 @@ pub fn compile(arch: &str, verbose_ptxas: bool) -> Result<Compiled, String> {
     // SAFETY: `prog` was just created and is destroyed below; the source outlives it.
     let built = unsafe { nvrtc::compile_program(prog, &opts) };
     let log = unsafe { nvrtc::get_program_log(prog) }
-        .map(|l| String::from_utf8_lossy(&l.iter().map(|&c| c as u8).collect::<Vec<_>>()).trim_end_matches('\0').to_string())
+        .map(|l| {
+            String::from_utf8_lossy(&l.iter().map(|&c| c as u8).collect::<Vec<_>>()).trim_end_matches('\0').to_string()
+        })
         .unwrap_or_default();
     let image = built.map_err(|e| format!("NVRTC failed for {arch}: {e}\n{log}")).and_then(|_| {
         if arch.starts_with("sm_") {

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds, here (x86-64, no GPU needed), everything scripts/gpu-check.sh runs on a lent GPU
+# machine, which has CUDA, PyTorch and compute-sanitizer but no Rust toolchain: the CUDA-enabled
+# test binaries and CLI, stripped, plus the conformance cases, in .gpu/ (git-ignored; name it in
+# the device tool's `carry`). Stays under the 64 MiB a call may carry.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+rm -rf .gpu && mkdir -p .gpu/bin .gpu/conformance
+cargo build --release --features cuda --bins
+cargo test --release --features cuda --no-run --message-format=json \
+  --test matrix --test conformance --test bad_input --test invariants 2>/dev/null \
+  | python3 -c '
+import json, sys, shutil
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        shutil.copy(m["executable"], ".gpu/bin/" + m["target"]["name"])
+'
+cp target/release/entropy-kernels .gpu/bin/
+strip .gpu/bin/*
+for f in planted_gqa_partial planted_mha_exact planted_fusion smollm2_gpl_layer14; do
+  cp "../shared/conformance/$f.safetensors" .gpu/conformance/ 2>/dev/null || true
+done
+du -sh .gpu .gpu/* >&2
