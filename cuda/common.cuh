@@ -65,3 +65,4 @@ template <typename T> __device__ __forceinline__ T* tensor_mut(const EkTensor& t
 #define EK_NEG_BIG (-3.0e38f)
 // -inf without math.h.
 #define EK_NEG_INF (__int_as_float(0xff800000))
+#define EK_NEG_INF_F64 (__longlong_as_double(0xfff0000000000000ll))

@@ -4,9 +4,11 @@
 //! Layers, as in cudarc: `crate::ffi` holds the raw params structs (bindgen), [`launch`] is the
 //! checked-but-unsafe launch, [`CudaBackend`] the safe API behind the [`Backend`] trait.
 //!
-//! Status: prefill (dense and sparse, mma.sync for f16/bf16 with D 64/128, SIMT otherwise) and
-//! decode run on the device. Planning and `kv_compress` still run on the host CPU backend inside
-//! this backend (see `plan` and `kv_compress` below) until their device kernels land.
+//! Every operation runs on the device: planning (f64 logits and entropy, f32 budget recurrence,
+//! block-wide top-k), prefill (dense and sparse; mma.sync for f16/bf16 with D 64/128, SIMT
+//! otherwise), `kv_compress` (two-pass window scoring, pooling, top-k, gather) and split-K decode.
+//! Outside the kernels' limits (ranking width or kept count above 1024, more than 256 window rows
+//! per kv head, AdaKV's cross-head selection) the affected step runs on the host CPU backend.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -21,7 +23,7 @@ use super::source;
 use crate::backend::{Backend, BackendKind, Capabilities, HeadDims};
 use crate::compress::CompressedCache;
 use crate::error::{Error, Result};
-use crate::ffi::{EK_DENSE_UNIT, EkDecodeParams, EkPrefillParams, EkTensor};
+use crate::ffi::{EK_DENSE_UNIT, EkCompressParams, EkDecodeParams, EkPlanParams, EkPrefillParams, EkTensor};
 use crate::plan::{Plan, SegmentAttention};
 use crate::tensor::{DType, HostData, HostDataMut, TensorView, TensorViewMut};
 use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
@@ -29,6 +31,8 @@ use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
 // SAFETY: plain-old-data `#[repr(C)]` structs of fixed-width fields, passed by value to kernels.
 unsafe impl DeviceRepr for EkPrefillParams {}
 unsafe impl DeviceRepr for EkDecodeParams {}
+unsafe impl DeviceRepr for EkPlanParams {}
+unsafe impl DeviceRepr for EkCompressParams {}
 
 /// Tile shapes the kernels are compiled with (cuda/prefill.cu, cuda/decode.cu).
 const MMA_ROWS: usize = 64;
@@ -39,6 +43,15 @@ const SIMT_KEYS: usize = 32;
 const SIMT_THREADS: u32 = 128;
 const DECODE_THREADS: u32 = 128;
 const DECODE_MAX_SMEM: usize = 48 * 1024;
+const PLAN_THREADS: u32 = 256;
+const TOPK_THREADS: u32 = 512;
+/// Largest ranking width / kept count of the device top-k (cuda/topk.cuh).
+const TOPK_CAP: usize = 1024;
+const COMPRESS_THREADS: u32 = 128;
+const COMPRESS_KEYS: usize = 32;
+const COMPRESS_CHUNK: usize = 2048;
+/// Window rows per kv head the compression kernels hold (two per thread).
+const COMPRESS_MAX_ROWS: usize = 256;
 
 fn driver_err(call: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
     move |e| Error::Driver { backend: "cuda", call, detail: e.to_string() }
@@ -244,20 +257,250 @@ impl Backend for CudaBackend {
         BackendKind::Cuda
     }
     fn describe(&self) -> String {
-        format!("cuda ({}, {}; planning and kv_compress on the host for now)", self.name, self.arch)
+        format!("cuda ({}, {})", self.name, self.arch)
     }
     fn capabilities(&self) -> &Capabilities {
         &self.caps
     }
 
-    fn plan(&self, args: &PlanArgs<'_>) -> Result<Plan> {
-        // Interim: no device planning kernels yet.
-        self.host.plan(args)
+    fn plan(&self, a: &PlanArgs<'_>) -> Result<Plan> {
+        let d = a.dims();
+        let cfg = a.cfg();
+        let width = (3 * cfg.base_budget / d.block_size).min(d.keep_cap());
+        if d.blocks == 0 || width > TOPK_CAP {
+            return self.host.plan(a);
+        }
+        let dtype = a.q().dtype();
+        let (dd, n, units) = (a.head_dim(), d.blocks, d.units());
+        let (_q, q) = self.tensor(&a.q())?;
+        let (_k, k) = self.tensor(&a.k())?;
+        let f64s = |len: usize| self.stream.alloc_zeros::<f64>(len.max(1)).map_err(driver_err("cuMemAlloc"));
+        let f32s = |len: usize| self.stream.alloc_zeros::<f32>(len.max(1)).map_err(driver_err("cuMemAlloc"));
+        let u32s = |len: usize| self.stream.alloc_zeros::<u32>(len.max(1)).map_err(driver_err("cuMemAlloc"));
+        let qsum = f64s(d.batch * d.segments * d.q_heads * dd)?;
+        let krep = f64s(d.batch * n * d.kv_heads * 2 * dd)?;
+        let key = f64s(units * n)?;
+        let logits = if a.keep_maps() { Some(f32s(units * n)?) } else { None };
+        let scores = if a.keep_maps() || cfg.layer_fusion { Some(f32s(units * n)?) } else { None };
+        let prev = match a.fusion() {
+            Some(p) => Some(self.upload(p)?),
+            None => None,
+        };
+        let entropy = f32s(units)?;
+        let budgets = f32s(units)?;
+        let keep = u32s(units)?;
+        let topk = u32s(d.segments)?;
+        let classes = self.stream.alloc_zeros::<u8>(d.batch * d.kv_heads).map_err(driver_err("cuMemAlloc"))?;
+        let order = u32s(units * width)?;
+        let opt = |s: &Option<CudaSlice<f32>>| s.as_ref().map_or(0, |s| self.ptr(s));
+        let params = EkPlanParams {
+            q,
+            k,
+            qsum: self.ptr(&qsum),
+            krep: self.ptr(&krep),
+            key: self.ptr(&key),
+            logits: opt(&logits),
+            scores: opt(&scores),
+            prev: opt(&prev),
+            entropy: self.ptr(&entropy),
+            budgets: self.ptr(&budgets),
+            keep: self.ptr(&keep),
+            topk: self.ptr(&topk),
+            classes: self.ptr(&classes),
+            order: self.ptr(&order),
+            batch: d.batch as i32,
+            seq_len: d.seq_len as i32,
+            q_heads: d.q_heads as i32,
+            kv_heads: d.kv_heads as i32,
+            head_dim: dd as i32,
+            segment_size: d.segment_size as i32,
+            block_size: d.block_size as i32,
+            segments: d.segments as i32,
+            blocks: n as i32,
+            keep_cap: d.keep_cap() as i32,
+            width: width as i32,
+            base_budget: cfg.base_budget as i32,
+            fixed_budget: (cfg.budget_policy == crate::config::BudgetPolicy::Fixed) as i32,
+            e_t: cfg.e_t,
+            delta_t: cfg.delta_t,
+            alpha: cfg.alpha,
+            entropy_floor: cfg.entropy_floor,
+            dtype: 0,
+        };
+        let sfx = dtype_suffix(dtype);
+        let (b, hkv, nseg) = (d.batch as u32, d.kv_heads as u32, d.segments as u32);
+        // SAFETY: every buffer in `params` was allocated above with the sizes the kernels index.
+        unsafe {
+            launch(&self.stream, self.func(&format!("ek_plan_reps_q_{sfx}")), (nseg, b, 1), PLAN_THREADS, 0, &params)?;
+            launch(
+                &self.stream,
+                self.func(&format!("ek_plan_reps_k_{sfx}")),
+                (n as u32, b, 1),
+                PLAN_THREADS,
+                0,
+                &params,
+            )?;
+            let smem = d.group() * dd * 8;
+            launch(&self.stream, self.func("ek_plan_logits"), (nseg, hkv, b), PLAN_THREADS, smem, &params)?;
+            launch(&self.stream, self.func("ek_plan_softmax"), (units as u32, 1, 1), PLAN_THREADS, 0, &params)?;
+            let grid = (b * hkv).div_ceil(PLAN_THREADS);
+            launch(&self.stream, self.func("ek_plan_decide"), (grid, 1, 1), PLAN_THREADS, 0, &params)?;
+            launch(&self.stream, self.func("ek_plan_rank"), (units as u32, 1, 1), TOPK_THREADS, 0, &params)?;
+        }
+        self.stream.synchronize().map_err(driver_err("cuStreamSynchronize"))?;
+        let get_f32 = |s: &CudaSlice<f32>, len: usize| -> Result<Vec<f32>> {
+            let mut v: Vec<f32> = self.stream.clone_dtoh(s).map_err(driver_err("cuMemcpyDtoH"))?;
+            v.truncate(len);
+            Ok(v)
+        };
+        let get_u32 = |s: &CudaSlice<u32>, len: usize| -> Result<Vec<u32>> {
+            let mut v: Vec<u32> = self.stream.clone_dtoh(s).map_err(driver_err("cuMemcpyDtoH"))?;
+            v.truncate(len);
+            Ok(v)
+        };
+        let segment_topk = get_u32(&topk, d.segments)?;
+        let order_width = crate::plan::rules::order_width(&segment_topk);
+        let full_order = get_u32(&order, units * width)?;
+        let classes: Vec<u8> = self.stream.clone_dtoh(&classes).map_err(driver_err("cuMemcpyDtoH"))?;
+        let mut plan = Plan {
+            dims: d,
+            logits: match &logits {
+                Some(l) => get_f32(l, units * n)?,
+                None => Vec::new(),
+            },
+            scores: match &scores {
+                Some(s) => get_f32(s, units * n)?,
+                None => Vec::new(),
+            },
+            entropy: get_f32(&entropy, units)?,
+            head_class: classes
+                .iter()
+                .map(|&c| if c == 0 { crate::plan::HeadClass::Rigid } else { crate::plan::HeadClass::Dynamic })
+                .collect(),
+            budgets: get_f32(&budgets, units)?,
+            keep_blocks: get_u32(&keep, units)?,
+            segment_topk,
+            order: full_order.chunks(width).flat_map(|r| r[..order_width].iter().copied()).collect(),
+            order_width,
+            blocks: crate::plan::BlockLists::all_dense(d),
+        };
+        plan.blocks = plan.block_lists(cfg.budget_mode, cfg.threshold_len);
+        Ok(plan)
     }
 
-    fn kv_compress(&self, args: &CompressArgs<'_>) -> Result<CompressedCache> {
-        // Interim: no device compression kernels yet.
-        self.host.kv_compress(args)
+    fn kv_compress(&self, a: &CompressArgs<'_>) -> Result<CompressedCache> {
+        let d = a.dims();
+        let cfg = a.cfg();
+        let rows = d.group() * d.window;
+        let keep = cfg.decode_budget - d.window;
+        if !d.compresses(cfg) || rows > COMPRESS_MAX_ROWS || keep > TOPK_CAP {
+            return self.host.kv_compress(a);
+        }
+        let dtype = a.k_cache().dtype();
+        let (n, w, dd) = (d.entries, d.window, d.head_dim);
+        let scored = n - w;
+        let heads = d.out_heads(cfg);
+        let chunks = n.div_ceil(COMPRESS_CHUNK);
+        let (_kc, kc) = self.tensor(&a.k_cache())?;
+        let (_vc, vc) = self.tensor(&a.v_cache())?;
+        let (_obs, obs) = self.tensor(&a.obs())?;
+        let f32s = |len: usize| self.stream.alloc_zeros::<f32>(len.max(1)).map_err(driver_err("cuMemAlloc"));
+        let stats = f32s(d.batch * d.kv_heads * chunks * rows * 2)?;
+        let means = f32s(d.batch * d.q_heads * scored)?;
+        let pooled = f32s(d.batch * heads * scored)?;
+        let selected = self.stream.alloc_zeros::<u32>(d.batch * heads * keep).map_err(driver_err("cuMemAlloc"))?;
+        let out_len = d.batch * heads * cfg.decode_budget * dd * dtype.size();
+        let k_out = self.stream.alloc_zeros::<u8>(out_len).map_err(driver_err("cuMemAlloc"))?;
+        let v_out = self.stream.alloc_zeros::<u8>(out_len).map_err(driver_err("cuMemAlloc"))?;
+        let params = EkCompressParams {
+            k_cache: kc,
+            v_cache: vc,
+            obs,
+            stats: self.ptr(&stats),
+            means: self.ptr(&means),
+            pooled: self.ptr(&pooled),
+            selected: self.ptr(&selected),
+            k_out: self.ptr(&k_out),
+            v_out: self.ptr(&v_out),
+            entries: n as i32,
+            window: w as i32,
+            budget: cfg.decode_budget as i32,
+            group: d.group() as i32,
+            out_heads: heads as i32,
+            chunk: COMPRESS_CHUNK as i32,
+            chunks: chunks as i32,
+            pooling: match cfg.pooling {
+                crate::config::Pooling::None => 0,
+                crate::config::Pooling::Avg => 1,
+                crate::config::Pooling::Max => 2,
+            },
+            pooling_kernel: cfg.pooling_kernel as i32,
+            gqa_mode: match cfg.gqa_mode {
+                crate::config::GqaMode::Mean => 0,
+                crate::config::GqaMode::Max => 1,
+                crate::config::GqaMode::PerQueryHead => 2,
+            },
+            scale_log2: a.scale() * std::f32::consts::LOG2_E,
+            dtype: 0,
+        };
+        let sfx = dtype_suffix(dtype);
+        let (b, hkv, hc) = (d.batch as u32, d.kv_heads as u32, heads as u32);
+        let smem = (rows + COMPRESS_KEYS) * (dd + 1) * 4;
+        // SAFETY: every buffer in `params` was allocated above with the sizes the kernels index.
+        unsafe {
+            let grid = (chunks as u32, hkv, b);
+            launch(
+                &self.stream,
+                self.func(&format!("ek_compress_stats_{sfx}")),
+                grid,
+                COMPRESS_THREADS,
+                smem,
+                &params,
+            )?;
+            let smem_means = smem + COMPRESS_KEYS * d.group() * 4;
+            launch(
+                &self.stream,
+                self.func(&format!("ek_compress_means_{sfx}")),
+                grid,
+                COMPRESS_THREADS,
+                smem_means,
+                &params,
+            )?;
+            launch(&self.stream, self.func("ek_compress_pool"), (scored.div_ceil(256) as u32, hc, b), 256, 0, &params)?;
+        }
+        if let crate::config::HeadBudget::AdaKv { .. } = cfg.head_budget {
+            // AdaKV's cross-head allocation runs on the host over the device's pooled scores.
+            let pooled: Vec<f32> = self.stream.clone_dtoh(&pooled).map_err(driver_err("cuMemcpyDtoH"))?;
+            let rows: Vec<Vec<f32>> = pooled.chunks(scored).take(d.batch * heads).map(<[f32]>::to_vec).collect();
+            let sel: Vec<Vec<u32>> = rows.chunks(heads).flat_map(|r| crate::compress::select_heads(r, cfg)).collect();
+            return Ok(crate::compress::gather(&a.k_cache(), &a.v_cache(), &d, heads, &sel));
+        }
+        // SAFETY: as above.
+        unsafe {
+            launch(&self.stream, self.func("ek_compress_topk"), (hc, b, 1), TOPK_THREADS, 0, &params)?;
+            let grid = (cfg.decode_budget as u32, hc, b);
+            launch(&self.stream, self.func(&format!("ek_compress_gather_{sfx}")), grid, COMPRESS_THREADS, 0, &params)?;
+        }
+        self.stream.synchronize().map_err(driver_err("cuStreamSynchronize"))?;
+        let shape = [d.batch, heads, cfg.decode_budget, dd];
+        let fetch = |s: &CudaSlice<u8>| -> Result<crate::tensor::HostTensor> {
+            let bytes: Vec<u8> = self.stream.clone_dtoh(s).map_err(driver_err("cuMemcpyDtoH"))?;
+            let data = match dtype {
+                DType::F32 => crate::tensor::HostBuffer::F32(bytemuck::pod_collect_to_vec(&bytes)),
+                DType::F16 => crate::tensor::HostBuffer::F16(bytemuck::pod_collect_to_vec(&bytes)),
+                DType::BF16 => crate::tensor::HostBuffer::BF16(bytemuck::pod_collect_to_vec(&bytes)),
+            };
+            Ok(crate::tensor::HostTensor { data, shape })
+        };
+        let selected: Vec<u32> = self.stream.clone_dtoh(&selected).map_err(driver_err("cuMemcpyDtoH"))?;
+        Ok(CompressedCache {
+            k: fetch(&k_out)?,
+            v: fetch(&v_out)?,
+            lengths: vec![cfg.decode_budget as u32; d.batch * heads],
+            indices: selected.iter().map(|&i| i as i64).collect(),
+            window: w,
+            compressed: true,
+        })
     }
 
     fn attention(&self, a: &AttentionArgs<'_>, out: &mut TensorViewMut<'_>, lse: Option<&mut [f32]>) -> Result<()> {

@@ -9,9 +9,15 @@ pub const SOURCE: &str = concat!(
     "\n",
     include_str!("../../cuda/common.cuh"),
     "\n",
+    include_str!("../../cuda/topk.cuh"),
+    "\n",
     include_str!("../../cuda/decode.cu"),
     "\n",
     include_str!("../../cuda/prefill.cu"),
+    "\n",
+    include_str!("../../cuda/plan.cu"),
+    "\n",
+    include_str!("../../cuda/compress.cu"),
 );
 
 /// Kernel entry points (all `extern "C"`).
@@ -29,6 +35,27 @@ pub const KERNELS: &[&str] = &[
     "ek_prefill_mma_f16_d128",
     "ek_prefill_mma_bf16_d64",
     "ek_prefill_mma_bf16_d128",
+    "ek_plan_reps_q_f32",
+    "ek_plan_reps_q_f16",
+    "ek_plan_reps_q_bf16",
+    "ek_plan_reps_k_f32",
+    "ek_plan_reps_k_f16",
+    "ek_plan_reps_k_bf16",
+    "ek_plan_logits",
+    "ek_plan_softmax",
+    "ek_plan_decide",
+    "ek_plan_rank",
+    "ek_compress_stats_f32",
+    "ek_compress_stats_f16",
+    "ek_compress_stats_bf16",
+    "ek_compress_means_f32",
+    "ek_compress_means_f16",
+    "ek_compress_means_bf16",
+    "ek_compress_pool",
+    "ek_compress_topk",
+    "ek_compress_gather_f32",
+    "ek_compress_gather_f16",
+    "ek_compress_gather_bf16",
 ];
 
 /// NVRTC options shared by every build: C++17, precise division and square root, no FMA
