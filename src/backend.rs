@@ -27,11 +27,13 @@ pub enum BackendKind {
     Cuda,
     /// Huawei Ascend NPUs (feature `ascend`).
     Ascend,
+    /// The Ascend C kernels on the host emulator (feature `ascend-emu`; never chosen by `auto`).
+    AscendEmu,
 }
 
 impl BackendKind {
-    pub const ALL: [BackendKind; 4] =
-        [BackendKind::Cpu, BackendKind::Reference, BackendKind::Cuda, BackendKind::Ascend];
+    pub const ALL: [BackendKind; 5] =
+        [BackendKind::Cpu, BackendKind::Reference, BackendKind::Cuda, BackendKind::Ascend, BackendKind::AscendEmu];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -39,6 +41,7 @@ impl BackendKind {
             BackendKind::Reference => "reference",
             BackendKind::Cuda => "cuda",
             BackendKind::Ascend => "ascend",
+            BackendKind::AscendEmu => "ascend-emu",
         }
     }
 }
@@ -65,6 +68,7 @@ impl std::str::FromStr for BackendChoice {
             "reference" | "ref" | "oracle" => Ok(BackendChoice::Kind(BackendKind::Reference)),
             "cuda" | "gpu" => Ok(BackendChoice::Kind(BackendKind::Cuda)),
             "ascend" | "npu" => Ok(BackendChoice::Kind(BackendKind::Ascend)),
+            "ascend-emu" | "ascend_emu" => Ok(BackendChoice::Kind(BackendKind::AscendEmu)),
             _ => Err(Error::UnknownBackend(s.to_string())),
         }
     }
@@ -85,9 +89,31 @@ pub struct Capabilities {
     pub backend: &'static str,
     pub dtypes: Vec<DType>,
     pub head_dims: HeadDims,
+    /// Operations with kernels; the others answer `Error::Unimplemented`.
+    pub ops: Vec<Op>,
+}
+
+/// The operations of a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    Plan,
+    Prefill,
+    KvCompress,
+    Decode,
+}
+
+impl Op {
+    pub const ALL: [Op; 4] = [Op::Plan, Op::Prefill, Op::KvCompress, Op::Decode];
 }
 
 impl Capabilities {
+    /// Every operation, for the given dtypes and head dims.
+    pub fn full(backend: &'static str, head_dims: HeadDims) -> Self {
+        Capabilities { backend, dtypes: DType::ALL.to_vec(), head_dims, ops: Op::ALL.to_vec() }
+    }
+    pub fn supports(&self, op: Op) -> bool {
+        self.ops.contains(&op)
+    }
     pub fn supports_head_dim(&self, d: usize) -> bool {
         match &self.head_dims {
             HeadDims::UpTo(max) => (1..=*max).contains(&d),
@@ -126,6 +152,7 @@ pub fn create(kind: BackendKind) -> Result<Arc<dyn Backend>> {
         BackendKind::Reference => Ok(Arc::new(crate::reference::ReferenceBackend::new())),
         BackendKind::Cuda => crate::cuda::probe(),
         BackendKind::Ascend => crate::ascend::probe(),
+        BackendKind::AscendEmu => crate::ascend::emulator(),
     }
 }
 

@@ -67,7 +67,7 @@ pub enum Error {
     BackendUnavailable { backend: &'static str, reason: String },
 
     /// `ENTROPY_KERNELS_BACKEND` or a `--backend` flag names no backend.
-    #[error("unknown backend `{0}` (expected auto, cpu, reference, cuda or ascend)")]
+    #[error("unknown backend `{0}` (expected auto, cpu, reference, cuda, ascend or ascend-emu)")]
     UnknownBackend(String),
 
     /// A file in the conformance format is missing something or malformed.
@@ -77,6 +77,14 @@ pub enum Error {
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
+
+    /// The backend has no kernel for this operation yet.
+    #[error("the {backend} backend has no {op} kernel yet")]
+    Unimplemented { backend: &'static str, op: &'static str },
+
+    /// An emulated kernel broke a rule the hardware would enforce (or misbehave on).
+    #[error("emulated {kernel} kernel: {detail}")]
+    Emulator { kernel: &'static str, detail: String },
 
     /// A device driver or runtime reported an error.
     #[error("{backend} driver error in {call}: {detail}")]

@@ -49,7 +49,7 @@ pub mod tensor;
 pub mod validate;
 pub mod window;
 
-pub use backend::{Backend, BackendChoice, BackendKind, Capabilities, HeadDims};
+pub use backend::{Backend, BackendChoice, BackendKind, Capabilities, HeadDims, Op};
 pub use compress::CompressedCache;
 pub use config::{BudgetMode, BudgetPolicy, Config, DecodeConfig, EntropyConfig, GqaMode, HeadBudget, Pooling};
 pub use error::{Error, Result};

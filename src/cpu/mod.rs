@@ -94,10 +94,7 @@ impl CpuBackend {
     /// A backend pinned to `isa`, or to the portable kernels where this CPU lacks it.
     pub fn with_isa(isa: Isa) -> Self {
         let isa = if isa.supported() { isa } else { Isa::Portable };
-        CpuBackend {
-            caps: Capabilities { backend: "cpu", dtypes: DType::ALL.to_vec(), head_dims: HeadDims::UpTo(MAX_HEAD_DIM) },
-            isa,
-        }
+        CpuBackend { caps: Capabilities::full("cpu", HeadDims::UpTo(MAX_HEAD_DIM)), isa }
     }
 
     pub fn isa(&self) -> Isa {

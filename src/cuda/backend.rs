@@ -133,7 +133,7 @@ impl CudaBackend {
             ctx,
             stream,
             funcs,
-            caps: Capabilities { backend: "cuda", dtypes: DType::ALL.to_vec(), head_dims: HeadDims::UpTo(256) },
+            caps: Capabilities::full("cuda", HeadDims::UpTo(256)),
             name,
             arch,
             host: crate::cpu::CpuBackend::new(),

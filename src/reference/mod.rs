@@ -15,7 +15,7 @@ use crate::backend::{Backend, BackendKind, Capabilities, HeadDims};
 use crate::compress::CompressedCache;
 use crate::error::Result;
 use crate::plan::Plan;
-use crate::tensor::{DType, TensorView, TensorViewMut};
+use crate::tensor::{TensorView, TensorViewMut};
 use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
 
 /// A rank-4 tensor copied to contiguous f64.
@@ -59,9 +59,7 @@ pub struct ReferenceBackend {
 
 impl ReferenceBackend {
     pub fn new() -> Self {
-        ReferenceBackend {
-            caps: Capabilities { backend: "reference", dtypes: DType::ALL.to_vec(), head_dims: HeadDims::UpTo(1024) },
-        }
+        ReferenceBackend { caps: Capabilities::full("reference", HeadDims::UpTo(1024)) }
     }
 }
 

@@ -4,13 +4,13 @@
 
 use std::path::PathBuf;
 
-use entropy_kernels::{BackendKind, DType, HostTensor, Kernels, synth};
+use entropy_kernels::{BackendKind, DType, HostTensor, Kernels, Op, synth};
 
 /// Backends compared with the oracle: every kind except the oracle itself. Absent ones are
 /// reported with the reason and skipped, never silently passed.
 pub fn backends_under_test(test: &str) -> Vec<Kernels> {
     let mut out = Vec::new();
-    for kind in [BackendKind::Cpu, BackendKind::Cuda, BackendKind::Ascend] {
+    for kind in [BackendKind::Cpu, BackendKind::Cuda, BackendKind::Ascend, BackendKind::AscendEmu] {
         match Kernels::new(kind) {
             Ok(k) => out.push(k),
             Err(e) => eprintln!("[{test}] SKIP backend {kind}: {e}"),
@@ -18,6 +18,15 @@ pub fn backends_under_test(test: &str) -> Vec<Kernels> {
     }
     assert!(!out.is_empty(), "the CPU backend must always be available");
     out
+}
+
+/// Whether `kernels` runs `op`; prints the skip when it does not.
+pub fn runs(test: &str, kernels: &Kernels, op: Op) -> bool {
+    let ok = kernels.capabilities().supports(op);
+    if !ok {
+        eprintln!("[{test}] SKIP {op:?} on {}: no kernel yet", kernels.kind());
+    }
+    ok
 }
 
 /// Where the conformance cases live: `$ENTROPY_KERNELS_CONFORMANCE`, else `../shared/conformance`.

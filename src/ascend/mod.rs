@@ -4,10 +4,28 @@
 //! Status: the Ascend C kernels (ascend/) and the ACL runtime are the subject of the Ascend
 //! issue; until they land the backend reports itself unavailable and `auto` falls through.
 
+#[cfg(feature = "ascend-emu")]
+pub mod emu;
+
 use std::sync::Arc;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+
+/// The Ascend C kernels on the host emulator (feature `ascend-emu`).
+pub(crate) fn emulator() -> Result<Arc<dyn Backend>> {
+    #[cfg(feature = "ascend-emu")]
+    {
+        Ok(Arc::new(emu::AscendEmuBackend::new()))
+    }
+    #[cfg(not(feature = "ascend-emu"))]
+    {
+        Err(Error::BackendUnavailable {
+            backend: "ascend-emu",
+            reason: "built without the `ascend-emu` feature".into(),
+        })
+    }
+}
 
 /// Library names tried, in order, when looking for the ACL runtime.
 pub const ACL_LIBRARIES: [&str; 2] = ["libascendcl.so", "libacl_rt.so"];

@@ -1,0 +1,627 @@
+// Host emulation of the subset of the Ascend C API that ascend/kernels uses, written from the
+// public Ascend C documentation (hiascend.com API reference), not from CANN sources. Kernels are
+// compiled unchanged against this header by the host C++ compiler and run core by core.
+//
+// It fails loudly (an EmuError naming the core and the rule) where the hardware would misbehave:
+// a buffer that overflows its memory (UB 192 KiB, L1 512 KiB, L0A/L0B 64 KiB, L0C 128 KiB), an
+// access outside a tensor, a local tensor or a DataCopy that breaks the 32-byte rule, queue misuse
+// (AllocTensor with none free, DeQue on an empty queue, EnQue/FreeTensor of a tensor the queue did
+// not hand out, a tensor never freed), and SetFlag/WaitFlag that do not pair. Unified buffer memory
+// starts poisoned (all bits set: NaN for floats) so reading what was never written shows up.
+
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#define __aicore__
+#define __global__
+#define __gm__
+#define GM_ADDR uint8_t*
+
+namespace AscendC {
+
+// ------------------------------------------------------------------------------------------------
+// Errors
+
+struct EmuError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+[[noreturn]] void EmuFail(const std::string& what);
+
+// ------------------------------------------------------------------------------------------------
+// 16-bit float types (storage plus round-to-nearest-even conversions).
+
+struct half {
+    uint16_t bits = 0;
+    half() = default;
+    half(float f);
+    operator float() const;
+};
+
+struct bfloat16_t {
+    uint16_t bits = 0;
+    bfloat16_t() = default;
+    bfloat16_t(float f) {
+        uint32_t u;
+        std::memcpy(&u, &f, 4);
+        if ((u & 0x7fffffffu) > 0x7f800000u) {
+            bits = 0x7fc0;
+        } else {
+            u += 0x7fffu + ((u >> 16) & 1u);
+            bits = (uint16_t)(u >> 16);
+        }
+    }
+    operator float() const {
+        uint32_t u = (uint32_t)bits << 16;
+        float f;
+        std::memcpy(&f, &u, 4);
+        return f;
+    }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Logical positions and the physical memories behind them.
+
+enum class TPosition : uint8_t { GM, A1, A2, B1, B2, C1, C2, CO1, CO2, VECIN, VECOUT, VECCALC, MAX };
+using QuePosition = TPosition;
+
+enum class Memory : uint8_t { UB, L1, L0A, L0B, L0C, COUNT };
+
+constexpr uint32_t ONE_BLK_SIZE = 32;    // bytes of one data block
+constexpr uint32_t ONE_REPEAT_BYTES = 256;  // bytes one vector repeat covers (8 blocks)
+
+Memory MemoryOf(TPosition p);
+const char* MemoryName(Memory m);
+uint32_t MemoryCapacity(Memory m);
+
+// The emulated state of one AI core while it runs.
+struct CoreState {
+    uint32_t block_idx = 0;
+    uint32_t block_num = 1;
+    std::vector<uint8_t> mem[(int)Memory::COUNT];
+    uint32_t used[(int)Memory::COUNT] = {};
+    bool pipe_exists = false;
+    uint32_t buffers = 0;                   // InitBuffer blocks handed out (≤ 64 per kernel)
+    uint32_t que_buffers[(int)TPosition::MAX] = {};  // queue blocks per position (≤ 8)
+    std::map<std::pair<int, int>, int> flags;  // (event, id) -> pending SetFlag count
+    std::vector<std::string> leaks;            // filled by queues that end with live tensors
+};
+
+CoreState& Core();
+
+// ------------------------------------------------------------------------------------------------
+// Tensors
+
+template <typename T> class GlobalTensor {
+public:
+    __aicore__ void SetGlobalBuffer(__gm__ T* buffer, uint64_t size = UINT64_MAX) {
+        base_ = buffer;
+        size_ = size;
+    }
+    __aicore__ GlobalTensor operator[](uint64_t offset) const {
+        GlobalTensor g;
+        g.base_ = base_ + offset;
+        g.size_ = size_ == UINT64_MAX ? UINT64_MAX : (offset <= size_ ? size_ - offset : 0);
+        return g;
+    }
+    __aicore__ T GetValue(uint64_t i) const { return *At(i, 1); }
+    __aicore__ void SetValue(uint64_t i, T v) { *At(i, 1) = v; }
+    __aicore__ __gm__ T* GetPhyAddr() const { return base_; }
+    __aicore__ uint64_t GetSize() const { return size_; }
+    // Emulator: `count` elements from `i`, bounds-checked against the declared size.
+    T* At(uint64_t i, uint64_t count) const {
+        if (!base_) EmuFail("GlobalTensor used before SetGlobalBuffer");
+        if (size_ != UINT64_MAX && i + count > size_)
+            EmuFail("GlobalTensor access [" + std::to_string(i) + ", " + std::to_string(i + count) +
+                    ") outside its " + std::to_string(size_) + " elements");
+        return base_ + i;
+    }
+
+private:
+    T* base_ = nullptr;
+    uint64_t size_ = UINT64_MAX;
+};
+
+template <typename T> class LocalTensor {
+public:
+    LocalTensor() = default;
+    LocalTensor(TPosition pos, uint32_t offset, uint32_t bytes, int owner, uint32_t base, uint32_t limit)
+        : pos_(pos), offset_(offset), bytes_(bytes), owner_(owner), base_(base), limit_(limit) {}
+
+    __aicore__ T GetValue(uint32_t i) const { return *Ptr(i, 1); }
+    __aicore__ void SetValue(uint32_t i, T v) const { *Ptr(i, 1) = v; }
+    __aicore__ uint32_t GetSize() const { return bytes_ / sizeof(T); }
+    __aicore__ TPosition GetPosition() const { return pos_; }
+    // A view starting `offset` elements in (to the end of this tensor).
+    __aicore__ LocalTensor operator[](uint32_t offset) const {
+        if ((uint64_t)offset * sizeof(T) > bytes_) EmuFail("LocalTensor offset " + std::to_string(offset) + " past its end");
+        LocalTensor t = *this;
+        t.offset_ += offset * sizeof(T);
+        t.bytes_ -= offset * sizeof(T);
+        return t;
+    }
+    template <typename U> __aicore__ LocalTensor<U> ReinterpretCast() const {
+        return LocalTensor<U>(pos_, offset_, bytes_, owner_, base_, limit_);
+    }
+    // Emulator: pointer to `count` elements from `i`, checked against the tensor and its buffer.
+    T* Ptr(uint32_t i, uint32_t count) const {
+        if (owner_ == kInvalid) EmuFail("LocalTensor used before it was allocated");
+        const uint64_t lo = offset_ + (uint64_t)i * sizeof(T), hi = lo + (uint64_t)count * sizeof(T);
+        if (hi > offset_ + bytes_ || hi > limit_)
+            EmuFail("access of elements [" + std::to_string(i) + ", " + std::to_string(i + count) +
+                    ") beyond a LocalTensor of " + std::to_string(bytes_ / sizeof(T)) + " in " + MemoryName(MemoryOf(pos_)));
+        return reinterpret_cast<T*>(Core().mem[(int)MemoryOf(pos_)].data() + lo);
+    }
+    // Emulator: the tensor's start must sit on a 32-byte boundary for vector and copy instructions.
+    void CheckAligned(const char* what) const {
+        if (offset_ % ONE_BLK_SIZE)
+            EmuFail(std::string(what) + ": local tensor address " + std::to_string(offset_) + " is not 32-byte aligned");
+    }
+    uint32_t Offset() const { return offset_; }
+    int Owner() const { return owner_; }
+    static constexpr int kInvalid = -2;
+
+private:
+    TPosition pos_ = TPosition::VECCALC;
+    uint32_t offset_ = 0, bytes_ = 0;
+    int owner_ = kInvalid;
+    uint32_t base_ = 0, limit_ = 0;  // the owning buffer's byte range
+};
+
+// ------------------------------------------------------------------------------------------------
+// Pipe, queues and buffers
+
+uint32_t Allocate(TPosition pos, uint32_t bytes, uint32_t count, bool queue);
+
+template <TPosition P, int32_t DEPTH> class TQue {
+public:
+    static constexpr TPosition position = P;
+    ~TQue() { CheckDrained(); }
+    void InitBlocks(uint8_t num, uint32_t len) {
+        len_ = (len + ONE_BLK_SIZE - 1) / ONE_BLK_SIZE * ONE_BLK_SIZE;
+        const uint32_t base = Allocate(P, len_, num, true);
+        for (uint32_t i = 0; i < num; i++) blocks_.push_back({base + i * len_, State::Free});
+    }
+    template <typename T> __aicore__ LocalTensor<T> AllocTensor() {
+        for (size_t i = 0; i < blocks_.size(); i++) {
+            if (blocks_[i].state == State::Free) {
+                blocks_[i].state = State::Held;
+                return LocalTensor<T>(P, blocks_[i].offset, len_, (int)i, blocks_[i].offset, blocks_[i].offset + len_);
+            }
+        }
+        EmuFail("AllocTensor: all " + std::to_string(blocks_.size()) + " buffers of the queue are in use (a FreeTensor is missing)");
+    }
+    template <typename T> __aicore__ bool EnQue(const LocalTensor<T>& t) {
+        Block& b = Own(t, "EnQue");
+        if (b.state != State::Held) EmuFail("EnQue of a tensor that is already queued");
+        b.state = State::Queued;
+        fifo_.push_back(t.Owner());
+        return true;
+    }
+    template <typename T> __aicore__ LocalTensor<T> DeQue() {
+        if (fifo_.empty()) EmuFail("DeQue on an empty queue (the hardware would wait forever)");
+        const int i = fifo_.front();
+        fifo_.pop_front();
+        blocks_[i].state = State::Held;
+        return LocalTensor<T>(P, blocks_[i].offset, len_, i, blocks_[i].offset, blocks_[i].offset + len_);
+    }
+    template <typename T> __aicore__ void FreeTensor(LocalTensor<T>& t) {
+        Block& b = Own(t, "FreeTensor");
+        if (b.state == State::Queued) EmuFail("FreeTensor of a tensor still in the queue");
+        b.state = State::Free;
+    }
+
+private:
+    enum class State { Free, Held, Queued };
+    struct Block {
+        uint32_t offset;
+        State state;
+    };
+    template <typename T> Block& Own(const LocalTensor<T>& t, const char* what) {
+        const int i = t.Owner();
+        if (i < 0 || i >= (int)blocks_.size() || blocks_[i].offset > t.Offset() || t.Offset() >= blocks_[i].offset + len_)
+            EmuFail(std::string(what) + " of a tensor this queue did not hand out");
+        if (blocks_[i].state == State::Free) EmuFail(std::string(what) + " of a tensor already freed");
+        return blocks_[i];
+    }
+    void CheckDrained() {
+        for (auto& b : blocks_)
+            if (b.state != State::Free) Core().leaks.push_back("a queue tensor was never freed (AllocTensor/DeQue without FreeTensor)");
+    }
+    std::vector<Block> blocks_;
+    std::deque<int> fifo_;
+    uint32_t len_ = 0;
+};
+
+template <TPosition SRC, TPosition DST, int32_t DEPTH> class TQueBind : public TQue<SRC, DEPTH> {};
+
+template <TPosition P> class TBuf {
+public:
+    static constexpr TPosition position = P;
+    void InitBlock(uint32_t len) {
+        len_ = (len + ONE_BLK_SIZE - 1) / ONE_BLK_SIZE * ONE_BLK_SIZE;
+        offset_ = Allocate(P, len_, 1, false);
+        ready_ = true;
+    }
+    template <typename T> __aicore__ LocalTensor<T> Get() const { return Get<T>(len_ / sizeof(T)); }
+    template <typename T> __aicore__ LocalTensor<T> Get(uint32_t count) const {
+        if (!ready_) EmuFail("TBuf::Get before InitBuffer");
+        if ((uint64_t)count * sizeof(T) > len_) EmuFail("TBuf::Get of " + std::to_string(count) + " elements beyond the buffer");
+        return LocalTensor<T>(P, offset_, count * sizeof(T), -1, offset_, offset_ + len_);
+    }
+
+private:
+    uint32_t offset_ = 0, len_ = 0;
+    bool ready_ = false;
+};
+
+class TPipe {
+public:
+    TPipe();
+    ~TPipe();
+    template <class Q> __aicore__ bool InitBuffer(Q& que, uint8_t num, uint32_t len) {
+        que.InitBlocks(num, len);
+        return true;
+    }
+    template <TPosition P> __aicore__ bool InitBuffer(TBuf<P>& buf, uint32_t len) {
+        buf.InitBlock(len);
+        return true;
+    }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Data movement
+
+struct DataCopyParams {
+    uint16_t blockCount = 1;
+    uint16_t blockLen = 0;   // in 32-byte blocks
+    uint16_t srcStride = 0;  // gap between blocks, in 32-byte blocks
+    uint16_t dstStride = 0;
+    DataCopyParams() = default;
+    DataCopyParams(uint16_t count, uint16_t len, uint16_t src, uint16_t dst)
+        : blockCount(count), blockLen(len), srcStride(src), dstStride(dst) {}
+};
+
+struct DataCopyExtParams {
+    uint16_t blockCount = 1;
+    uint32_t blockLen = 0;   // bytes
+    uint32_t srcStride = 0;  // GM side: bytes; local side: 32-byte blocks
+    uint32_t dstStride = 0;
+    uint32_t rsv = 0;
+    DataCopyExtParams() = default;
+    DataCopyExtParams(uint16_t count, uint32_t len, uint32_t src, uint32_t dst, uint32_t r)
+        : blockCount(count), blockLen(len), srcStride(src), dstStride(dst), rsv(r) {}
+};
+
+template <typename T> struct DataCopyPadExtParams {
+    bool isPad = false;
+    uint8_t leftPadding = 0;
+    uint8_t rightPadding = 0;
+    T paddingValue = T();
+    DataCopyPadExtParams() = default;
+    DataCopyPadExtParams(bool pad, uint8_t left, uint8_t right, T value)
+        : isPad(pad), leftPadding(left), rightPadding(right), paddingValue(value) {}
+};
+
+template <typename T> __aicore__ void DataCopy(const LocalTensor<T>& dst, const GlobalTensor<T>& src, uint32_t count) {
+    dst.CheckAligned("DataCopy");
+    if ((count * sizeof(T)) % ONE_BLK_SIZE)
+        EmuFail("DataCopy of " + std::to_string(count * sizeof(T)) + " bytes: DataCopy moves whole 32-byte blocks (use DataCopyPad)");
+    std::memcpy(dst.Ptr(0, count), src.At(0, count), count * sizeof(T));
+}
+template <typename T> __aicore__ void DataCopy(const GlobalTensor<T>& dst, const LocalTensor<T>& src, uint32_t count) {
+    src.CheckAligned("DataCopy");
+    if ((count * sizeof(T)) % ONE_BLK_SIZE)
+        EmuFail("DataCopy of " + std::to_string(count * sizeof(T)) + " bytes: DataCopy moves whole 32-byte blocks (use DataCopyPad)");
+    std::memcpy(dst.At(0, count), src.Ptr(0, count), count * sizeof(T));
+}
+template <typename T> __aicore__ void DataCopy(const LocalTensor<T>& dst, const LocalTensor<T>& src, uint32_t count) {
+    dst.CheckAligned("DataCopy");
+    src.CheckAligned("DataCopy");
+    if ((count * sizeof(T)) % ONE_BLK_SIZE)
+        EmuFail("DataCopy of " + std::to_string(count * sizeof(T)) + " bytes: DataCopy moves whole 32-byte blocks");
+    std::memmove(dst.Ptr(0, count), src.Ptr(0, count), count * sizeof(T));
+}
+
+// GM -> local, block by block; each block lands on a 32-byte boundary, its tail padded.
+template <typename T>
+__aicore__ void DataCopyPad(const LocalTensor<T>& dst, const GlobalTensor<T>& src, const DataCopyExtParams& p,
+                            const DataCopyPadExtParams<T>& pad) {
+    dst.CheckAligned("DataCopyPad");
+    if (p.blockLen % sizeof(T)) EmuFail("DataCopyPad: blockLen is not a whole number of elements");
+    const uint32_t n = p.blockLen / sizeof(T);
+    const uint32_t padded = (p.blockLen + ONE_BLK_SIZE - 1) / ONE_BLK_SIZE * ONE_BLK_SIZE / sizeof(T);
+    const uint32_t dst_step = padded + p.dstStride * ONE_BLK_SIZE / sizeof(T);
+    if (p.srcStride % sizeof(T)) EmuFail("DataCopyPad: srcStride is not a whole number of elements");
+    const uint64_t src_step = n + p.srcStride / sizeof(T);
+    for (uint32_t b = 0; b < p.blockCount; b++) {
+        T* d = dst.Ptr(b * dst_step, padded);
+        std::memcpy(d, src.At(b * src_step, n), p.blockLen);
+        for (uint32_t i = n; i < padded; i++) {
+            if (pad.isPad) {
+                d[i] = pad.paddingValue;
+            } else {
+                std::memset(static_cast<void*>(&d[i]), 0xff, sizeof(T));  // undefined on hardware: poison
+            }
+        }
+    }
+}
+
+// Local -> GM, block by block: only blockLen bytes of each block are written.
+template <typename T> __aicore__ void DataCopyPad(const GlobalTensor<T>& dst, const LocalTensor<T>& src, const DataCopyExtParams& p) {
+    src.CheckAligned("DataCopyPad");
+    if (p.blockLen % sizeof(T)) EmuFail("DataCopyPad: blockLen is not a whole number of elements");
+    const uint32_t n = p.blockLen / sizeof(T);
+    const uint32_t padded = (p.blockLen + ONE_BLK_SIZE - 1) / ONE_BLK_SIZE * ONE_BLK_SIZE / sizeof(T);
+    const uint32_t src_step = padded + p.srcStride * ONE_BLK_SIZE / sizeof(T);
+    if (p.dstStride % sizeof(T)) EmuFail("DataCopyPad: dstStride is not a whole number of elements");
+    const uint64_t dst_step = n + p.dstStride / sizeof(T);
+    for (uint32_t b = 0; b < p.blockCount; b++) std::memcpy(dst.At(b * dst_step, n), src.Ptr(b * src_step, n), p.blockLen);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Vector instructions. Level-2 forms take an element count; level-0 forms take a mask (count
+// mode, or a 128-bit bit mask), a repeat count and block/repeat strides in 32-byte units.
+
+struct BinaryRepeatParams {
+    uint8_t dstBlkStride = 1, src0BlkStride = 1, src1BlkStride = 1;
+    uint8_t dstRepStride = 8, src0RepStride = 8, src1RepStride = 8;
+    BinaryRepeatParams() = default;
+    BinaryRepeatParams(uint8_t db, uint8_t s0b, uint8_t s1b, uint8_t dr, uint8_t s0r, uint8_t s1r)
+        : dstBlkStride(db), src0BlkStride(s0b), src1BlkStride(s1b), dstRepStride(dr), src0RepStride(s0r), src1RepStride(s1r) {}
+};
+struct UnaryRepeatParams {
+    uint16_t dstBlkStride = 1, srcBlkStride = 1;
+    uint8_t dstRepStride = 8, srcRepStride = 8;
+    UnaryRepeatParams() = default;
+    UnaryRepeatParams(uint16_t db, uint16_t sb, uint8_t dr, uint8_t sr)
+        : dstBlkStride(db), srcBlkStride(sb), dstRepStride(dr), srcRepStride(sr) {}
+};
+
+namespace emu {
+template <typename T> void CheckVectorOperand(const LocalTensor<T>& t, const char* op) {
+    const Memory m = MemoryOf(t.GetPosition());
+    if (m != Memory::UB) EmuFail(std::string(op) + ": vector operands must live in the unified buffer");
+    t.CheckAligned(op);
+    static_assert(std::is_same<T, float>::value || std::is_same<T, half>::value || std::is_same<T, int32_t>::value ||
+                      std::is_same<T, uint32_t>::value || std::is_same<T, int16_t>::value || std::is_same<T, uint16_t>::value,
+                  "vector instructions take half, float or integer operands (cast bfloat16_t first)");
+}
+
+// Which of the elements of one repeat (256 bytes) the mask selects.
+template <typename T> bool MaskBit(uint64_t count_mask, const uint64_t* bits, uint32_t e) {
+    if (bits) return e < 64 ? ((bits[0] >> e) & 1) : ((bits[1] >> (e - 64)) & 1);
+    return e < count_mask;
+}
+
+template <typename T> void CheckMask(uint64_t count_mask, const uint64_t* bits, const char* op) {
+    const uint32_t per_repeat = ONE_REPEAT_BYTES / sizeof(T);
+    if (!bits && (count_mask == 0 || count_mask > per_repeat))
+        EmuFail(std::string(op) + ": mask " + std::to_string(count_mask) + " outside 1.." + std::to_string(per_repeat));
+    if (bits && per_repeat <= 64 && bits[1] != 0) EmuFail(std::string(op) + ": mask bits beyond the elements of a repeat");
+}
+
+// Applies f to every selected element: out[dst] = f(in0[src0], in1[src1]).
+template <typename T, typename F>
+void RepeatBinary(const LocalTensor<T>& dst, const LocalTensor<T>& s0, const LocalTensor<T>& s1, uint64_t mask, const uint64_t* bits,
+                  uint8_t repeats, const BinaryRepeatParams& p, const char* op, F f) {
+    CheckVectorOperand(dst, op);
+    CheckVectorOperand(s0, op);
+    CheckVectorOperand(s1, op);
+    CheckMask<T>(mask, bits, op);
+    const uint32_t epb = ONE_BLK_SIZE / sizeof(T);
+    for (uint32_t r = 0; r < repeats; r++)
+        for (uint32_t b = 0; b < 8; b++)
+            for (uint32_t e = 0; e < epb; e++) {
+                if (!MaskBit<T>(mask, bits, b * epb + e)) continue;
+                const uint32_t di = (r * p.dstRepStride + b * p.dstBlkStride) * epb + e;
+                const uint32_t ai = (r * p.src0RepStride + b * p.src0BlkStride) * epb + e;
+                const uint32_t bi = (r * p.src1RepStride + b * p.src1BlkStride) * epb + e;
+                const T x = *s0.Ptr(ai, 1), y = *s1.Ptr(bi, 1);
+                *dst.Ptr(di, 1) = f(x, y);
+            }
+}
+
+template <typename T, typename F>
+void RepeatUnary(const LocalTensor<T>& dst, const LocalTensor<T>& src, uint64_t mask, const uint64_t* bits, uint8_t repeats,
+                 const UnaryRepeatParams& p, const char* op, F f) {
+    CheckVectorOperand(dst, op);
+    CheckVectorOperand(src, op);
+    CheckMask<T>(mask, bits, op);
+    const uint32_t epb = ONE_BLK_SIZE / sizeof(T);
+    for (uint32_t r = 0; r < repeats; r++)
+        for (uint32_t b = 0; b < 8; b++)
+            for (uint32_t e = 0; e < epb; e++) {
+                if (!MaskBit<T>(mask, bits, b * epb + e)) continue;
+                const uint32_t di = (r * p.dstRepStride + b * p.dstBlkStride) * epb + e;
+                const uint32_t si = (r * p.srcRepStride + b * p.srcBlkStride) * epb + e;
+                const T x = *src.Ptr(si, 1);
+                *dst.Ptr(di, 1) = f(x);
+            }
+}
+
+// Level 2: `count` contiguous elements.
+template <typename T, typename F>
+void CountBinary(const LocalTensor<T>& dst, const LocalTensor<T>& s0, const LocalTensor<T>& s1, int32_t count, const char* op, F f) {
+    CheckVectorOperand(dst, op);
+    CheckVectorOperand(s0, op);
+    CheckVectorOperand(s1, op);
+    if (count < 0) EmuFail(std::string(op) + ": negative count");
+    T* d = dst.Ptr(0, count);
+    const T* a = s0.Ptr(0, count);
+    const T* b = s1.Ptr(0, count);
+    for (int32_t i = 0; i < count; i++) d[i] = f(a[i], b[i]);
+}
+template <typename T, typename F> void CountUnary(const LocalTensor<T>& dst, const LocalTensor<T>& src, int32_t count, const char* op, F f) {
+    CheckVectorOperand(dst, op);
+    CheckVectorOperand(src, op);
+    if (count < 0) EmuFail(std::string(op) + ": negative count");
+    T* d = dst.Ptr(0, count);
+    const T* s = src.Ptr(0, count);
+    for (int32_t i = 0; i < count; i++) d[i] = f(s[i]);
+}
+template <typename T> T FromF(float x) { return (T)x; }
+}  // namespace emu
+
+#define EK_EMU_BINARY(NAME, EXPR)                                                                                              \
+    template <typename T> __aicore__ void NAME(const LocalTensor<T>& dst, const LocalTensor<T>& s0, const LocalTensor<T>& s1, \
+                                               const int32_t& count) {                                                        \
+        emu::CountBinary(dst, s0, s1, count, #NAME, [](T a, T b) { float x = (float)a, y = (float)b; return emu::FromF<T>(EXPR); }); \
+    }                                                                                                                          \
+    template <typename T> __aicore__ void NAME(const LocalTensor<T>& dst, const LocalTensor<T>& s0, const LocalTensor<T>& s1, \
+                                               uint64_t mask, const uint8_t repeatTimes, const BinaryRepeatParams& p) {       \
+        emu::RepeatBinary(dst, s0, s1, mask, nullptr, repeatTimes, p, #NAME,                                                    \
+                          [](T a, T b) { float x = (float)a, y = (float)b; return emu::FromF<T>(EXPR); });                      \
+    }                                                                                                                          \
+    template <typename T> __aicore__ void NAME(const LocalTensor<T>& dst, const LocalTensor<T>& s0, const LocalTensor<T>& s1, \
+                                               const uint64_t mask[2], const uint8_t repeatTimes, const BinaryRepeatParams& p) { \
+        emu::RepeatBinary(dst, s0, s1, 0, mask, repeatTimes, p, #NAME,                                                          \
+                          [](T a, T b) { float x = (float)a, y = (float)b; return emu::FromF<T>(EXPR); });                      \
+    }
+
+EK_EMU_BINARY(Add, x + y)
+EK_EMU_BINARY(Sub, x - y)
+EK_EMU_BINARY(Mul, x * y)
+EK_EMU_BINARY(Div, x / y)
+EK_EMU_BINARY(Max, (x > y || y != y) ? x : y)
+EK_EMU_BINARY(Min, (x < y || y != y) ? x : y)
+
+#define EK_EMU_UNARY(NAME, EXPR)                                                                                              \
+    template <typename T> __aicore__ void NAME(const LocalTensor<T>& dst, const LocalTensor<T>& src, const int32_t& count) { \
+        emu::CountUnary(dst, src, count, #NAME, [](T a) { float x = (float)a; return emu::FromF<T>(EXPR); });                 \
+    }                                                                                                                         \
+    template <typename T> __aicore__ void NAME(const LocalTensor<T>& dst, const LocalTensor<T>& src, uint64_t mask,           \
+                                               const uint8_t repeatTimes, const UnaryRepeatParams& p) {                       \
+        emu::RepeatUnary(dst, src, mask, nullptr, repeatTimes, p, #NAME, [](T a) { float x = (float)a; return emu::FromF<T>(EXPR); }); \
+    }
+
+EK_EMU_UNARY(Exp, std::exp(x))
+EK_EMU_UNARY(Ln, std::log(x))
+EK_EMU_UNARY(Abs, std::fabs(x))
+EK_EMU_UNARY(Sqrt, std::sqrt(x))
+EK_EMU_UNARY(Reciprocal, 1.0f / x)
+
+#define EK_EMU_SCALAR(NAME, EXPR)                                                                                                      \
+    template <typename T> __aicore__ void NAME(const LocalTensor<T>& dst, const LocalTensor<T>& src, const T& scalar, const int32_t& count) { \
+        const float s = (float)scalar;                                                                                                 \
+        emu::CountUnary(dst, src, count, #NAME, [s](T a) { float x = (float)a; return emu::FromF<T>(EXPR); });                        \
+    }                                                                                                                                  \
+    template <typename T> __aicore__ void NAME(const LocalTensor<T>& dst, const LocalTensor<T>& src, const T& scalar, uint64_t mask,   \
+                                               const uint8_t repeatTimes, const UnaryRepeatParams& p) {                                \
+        const float s = (float)scalar;                                                                                                 \
+        emu::RepeatUnary(dst, src, mask, nullptr, repeatTimes, p, #NAME, [s](T a) { float x = (float)a; return emu::FromF<T>(EXPR); }); \
+    }
+
+EK_EMU_SCALAR(Adds, x + s)
+EK_EMU_SCALAR(Muls, x * s)
+EK_EMU_SCALAR(Maxs, (x > s || s != s) ? x : s)
+EK_EMU_SCALAR(Mins, (x < s || s != s) ? x : s)
+
+// dst = src · scalar + dst
+template <typename T> __aicore__ void Axpy(const LocalTensor<T>& dst, const LocalTensor<T>& src, const T& scalar, const int32_t& count) {
+    emu::CheckVectorOperand(dst, "Axpy");
+    emu::CheckVectorOperand(src, "Axpy");
+    const float s = (float)scalar;
+    T* d = dst.Ptr(0, count);
+    const T* x = src.Ptr(0, count);
+    for (int32_t i = 0; i < count; i++) d[i] = emu::FromF<T>((float)x[i] * s + (float)d[i]);
+}
+
+template <typename T> __aicore__ void Duplicate(const LocalTensor<T>& dst, const T& scalar, const int32_t& count) {
+    emu::CheckVectorOperand(dst, "Duplicate");
+    T* d = dst.Ptr(0, count);
+    for (int32_t i = 0; i < count; i++) d[i] = scalar;
+}
+
+// Reductions of `count` elements into dst[0] (the index is not produced here: calIndex must be false).
+template <typename T>
+__aicore__ void ReduceMax(const LocalTensor<T>& dst, const LocalTensor<T>& src, const LocalTensor<T>& work, const int32_t count,
+                          bool calIndex = false) {
+    emu::CheckVectorOperand(dst, "ReduceMax");
+    emu::CheckVectorOperand(src, "ReduceMax");
+    emu::CheckVectorOperand(work, "ReduceMax");
+    if (calIndex) EmuFail("ReduceMax: calIndex is not emulated");
+    if (count <= 0) EmuFail("ReduceMax: count must be positive");
+    const T* s = src.Ptr(0, count);
+    float m = (float)s[0];
+    for (int32_t i = 1; i < count; i++) m = ((float)s[i] > m || s[i] != s[i]) ? (float)s[i] : m;
+    work.Ptr(0, 1);
+    *dst.Ptr(0, 1) = emu::FromF<T>(m);
+}
+template <typename T>
+__aicore__ void ReduceSum(const LocalTensor<T>& dst, const LocalTensor<T>& src, const LocalTensor<T>& work, const int32_t count) {
+    emu::CheckVectorOperand(dst, "ReduceSum");
+    emu::CheckVectorOperand(src, "ReduceSum");
+    emu::CheckVectorOperand(work, "ReduceSum");
+    if (count <= 0) EmuFail("ReduceSum: count must be positive");
+    // Pairwise, as a tree of repeats sums on hardware.
+    std::vector<float> v(count);
+    const T* s = src.Ptr(0, count);
+    for (int32_t i = 0; i < count; i++) v[i] = (float)s[i];
+    for (size_t w = 1; w < v.size(); w *= 2)
+        for (size_t i = 0; i + w < v.size(); i += 2 * w) v[i] += v[i + w];
+    work.Ptr(0, 1);
+    *dst.Ptr(0, 1) = emu::FromF<T>(v[0]);
+}
+
+enum class RoundMode { CAST_NONE = 0, CAST_RINT, CAST_FLOOR, CAST_CEIL, CAST_ROUND, CAST_TRUNC, CAST_ODD };
+
+template <typename D, typename S>
+__aicore__ void Cast(const LocalTensor<D>& dst, const LocalTensor<S>& src, const RoundMode& mode, const uint32_t count) {
+    if (MemoryOf(dst.GetPosition()) != Memory::UB || MemoryOf(src.GetPosition()) != Memory::UB)
+        EmuFail("Cast: operands must live in the unified buffer");
+    dst.CheckAligned("Cast");
+    src.CheckAligned("Cast");
+    if (sizeof(D) < sizeof(S) && mode == RoundMode::CAST_NONE) EmuFail("Cast: narrowing needs a rounding mode");
+    D* d = dst.Ptr(0, count);
+    const S* s = src.Ptr(0, count);
+    for (uint32_t i = 0; i < count; i++) d[i] = D((float)s[i]);  // narrowing rounds to nearest even
+}
+
+// ------------------------------------------------------------------------------------------------
+// Synchronisation
+
+enum class HardEvent : int { MTE2_V, V_MTE2, MTE3_V, V_MTE3, MTE2_MTE3, MTE3_MTE2, S_V, V_S, MTE2_S, S_MTE2, MTE3_S, S_MTE3, M_V, V_M, MTE1_M, M_MTE1, FIX_M, M_FIX };
+enum pipe_t { PIPE_S, PIPE_V, PIPE_M, PIPE_MTE1, PIPE_MTE2, PIPE_MTE3, PIPE_FIX, PIPE_ALL };
+
+template <HardEvent E> __aicore__ void SetFlag(int32_t id) {
+    int& n = Core().flags[{(int)E, id}];
+    if (n > 0) EmuFail("SetFlag twice on event " + std::to_string((int)E) + " id " + std::to_string(id) + " without a WaitFlag between");
+    n++;
+}
+template <HardEvent E> __aicore__ void WaitFlag(int32_t id) {
+    int& n = Core().flags[{(int)E, id}];
+    if (n == 0) EmuFail("WaitFlag on event " + std::to_string((int)E) + " id " + std::to_string(id) + " with no SetFlag (the hardware would hang)");
+    n--;
+}
+template <pipe_t P> __aicore__ void PipeBarrier() {}
+
+// ------------------------------------------------------------------------------------------------
+// Block info
+
+__aicore__ int64_t GetBlockIdx();
+__aicore__ int64_t GetBlockNum();
+
+}  // namespace AscendC
+
+// ------------------------------------------------------------------------------------------------
+// Emulator entry: runs `body` once per core, each with fresh, poisoned memories; rethrows the
+// first EmuError prefixed with the core index; checks leaks and unpaired flags at each core's end.
+
+namespace ekemu {
+void RunCores(uint32_t block_dim, void (*body)(void*), void* ctx);
+
+template <typename F> void Launch(uint32_t block_dim, F&& f) {
+    RunCores(block_dim, [](void* c) { (*static_cast<F*>(c))(); }, &f);
+}
+}  // namespace ekemu

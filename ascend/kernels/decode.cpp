@@ -1,0 +1,206 @@
+// Decode attention over compacted caches with per-head lengths (vector cores).
+//
+// One unit = (batch, cache head); cores take units round-robin. The group's query rows (nq·G)
+// stay in UB as f32; keys and values stream through in tiles of DECODE_KEYS rows, each tile one
+// DataCopyPad (rows padded to 32 bytes, zero-filled), widened to f32; scores, the online softmax
+// and the output accumulate in f32. Tile plan (UB 192 KiB, D ≤ 256, f16/bf16 worst case):
+//   K and V tiles in T       2 × 32 × 256 × 2 B  =  32 KiB
+//   K and V tiles in f32     2 × 32 × 256 × 4 B  =  64 KiB   (not needed for f32 inputs)
+//   q rows, output rows      2 × 16 × 256 × 4 B  =  32 KiB
+//   scores, scratch          16 × 32 × 4 B + 2 KiB
+// Expected utilisation: vector-bound on the per-(row, key) dot products (Mul + ReduceSum), which
+// is acceptable for decode's few rows; the cube path is the prefill kernel's.
+
+#include "kernel_operator.h"
+#include "entropy_params.h"
+#include "common.h"
+
+using namespace AscendC;
+
+namespace {
+
+constexpr uint32_t DECODE_KEYS = 32;
+constexpr uint32_t DECODE_MAX_ROWS = 16;
+
+template <typename T> __aicore__ inline uint32_t PaddedElems(uint32_t d) {
+    const uint32_t per_block = ONE_BLK_SIZE / sizeof(T);
+    return (d + per_block - 1) / per_block * per_block;
+}
+
+template <typename T> class DecodeKernel {
+public:
+    __aicore__ inline void Run(const EkDecodeParams& p) {
+        p_ = p;
+        d_ = p.q.shape[3];
+        rows_ = p.q.shape[1] * p.group;
+        dpt_ = PaddedElems<T>(d_);   // a row of T in UB
+        dpf_ = PaddedElems<float>(d_);  // a row of f32 in UB (≤ dpt_ for 16-bit T)
+        qGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(p.q.ptr));
+        kGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(p.k_cache.ptr));
+        vGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(p.v_cache.ptr));
+        oGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(p.out.ptr));
+        lenGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.lengths));
+        const uint32_t tile = DECODE_KEYS * dpt_ * sizeof(T);
+        pipe_.InitBuffer(kIn_, 1, tile);
+        pipe_.InitBuffer(vIn_, 1, tile);
+        pipe_.InitBuffer(rowIn_, 1, dpt_ * sizeof(T));
+        pipe_.InitBuffer(rowOut_, 1, dpt_ * sizeof(T));
+        pipe_.InitBuffer(q_, rows_ * dpf_ * sizeof(float));
+        pipe_.InitBuffer(o_, rows_ * dpf_ * sizeof(float));
+        if (!SameType<T, float>::value) {
+            pipe_.InitBuffer(kf_, DECODE_KEYS * dpt_ * sizeof(float));
+            pipe_.InitBuffer(vf_, DECODE_KEYS * dpt_ * sizeof(float));
+        }
+        pipe_.InitBuffer(scores_, rows_ * DECODE_KEYS * sizeof(float));
+        pipe_.InitBuffer(tmp_, dpf_ * sizeof(float));
+        pipe_.InitBuffer(red_, ONE_BLK_SIZE);
+        pipe_.InitBuffer(work_, ONE_REPEAT_BYTES);
+        const uint32_t units = p.q.shape[0] * p.k_cache.shape[1];
+        for (uint32_t u = GetBlockIdx(); u < units; u += GetBlockNum()) Unit(u);
+    }
+
+private:
+    // x → e^x on one lane (the scalar unit has no exp).
+    __aicore__ inline float ScalarExp(float x) {
+        LocalTensor<float> r = red_.Get<float>();
+        Duplicate(r, x, 8);
+        Exp(r, r, 8);
+        SetFlag<HardEvent::V_S>(0);
+        WaitFlag<HardEvent::V_S>(0);
+        return r.GetValue(0);
+    }
+
+    __aicore__ inline float Reduced(bool max, const LocalTensor<float>& src, uint32_t n) {
+        LocalTensor<float> r = red_.Get<float>();
+        if (max) {
+            ReduceMax(r, src, work_.Get<float>(), (int32_t)n);
+        } else {
+            ReduceSum(r, src, work_.Get<float>(), (int32_t)n);
+        }
+        SetFlag<HardEvent::V_S>(0);
+        WaitFlag<HardEvent::V_S>(0);
+        return r.GetValue(0);
+    }
+
+    // Rows of T from GM (row stride `stride` elements) into `n` padded UB rows, as f32 rows.
+    __aicore__ inline LocalTensor<float> LoadTile(TQue<TPosition::VECIN, 1>& que, TBuf<TPosition::VECCALC>& wide,
+                                                  const GlobalTensor<T>& src, uint32_t n, int64_t stride, LocalTensor<T>& held) {
+        held = que.template AllocTensor<T>();
+        DataCopyExtParams cp(n, d_ * sizeof(T), (uint32_t)((stride - d_) * sizeof(T)), 0, 0);
+        DataCopyPad(held, src, cp, DataCopyPadExtParams<T>(true, 0, 0, T(0.0f)));
+        que.EnQue(held);
+        held = que.template DeQue<T>();
+        if constexpr (SameType<T, float>::value) {
+            return held;
+        } else {
+            LocalTensor<float> f = wide.Get<float>();
+            Cast(f, held, RoundMode::CAST_NONE, n * dpt_);
+            return f;
+        }
+    }
+
+    __aicore__ inline void Unit(uint32_t u) {
+        const int32_t hcs = p_.k_cache.shape[1];
+        const int32_t b = u / hcs, h = u % hcs;
+        const uint32_t len = lenGm_.GetValue(u);
+        const float scale = p_.scale_log2 * 0.6931471805599453f;  // natural-log scale for Exp
+        LocalTensor<float> q = q_.Get<float>(), o = o_.Get<float>(), sc = scores_.Get<float>(), tmp = tmp_.Get<float>();
+        // The group's query rows, scaled, as f32.
+        for (uint32_t r = 0; r < rows_; r++) {
+            const int64_t off = b * p_.q.stride[0] + (r / p_.group) * p_.q.stride[1] + (h * p_.group + r % p_.group) * p_.q.stride[2];
+            LocalTensor<T> t = rowIn_.template AllocTensor<T>();
+            DataCopyPad(t, qGm_[off], DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0), DataCopyPadExtParams<T>(true, 0, 0, T(0.0f)));
+            rowIn_.EnQue(t);
+            t = rowIn_.template DeQue<T>();
+            if constexpr (SameType<T, float>::value) {
+                Muls(q[r * dpf_], t, scale, (int32_t)dpf_);
+            } else {
+                Cast(q[r * dpf_], t, RoundMode::CAST_NONE, dpf_);
+                Muls(q[r * dpf_], q[r * dpf_], scale, (int32_t)dpf_);
+            }
+            rowIn_.FreeTensor(t);
+        }
+        Duplicate(o, 0.0f, (int32_t)(rows_ * dpf_));
+        float m[DECODE_MAX_ROWS], l[DECODE_MAX_ROWS];
+        for (uint32_t r = 0; r < rows_; r++) {
+            m[r] = NegInf();
+            l[r] = 0.0f;
+        }
+        const int64_t head = b * p_.k_cache.stride[0] + h * p_.k_cache.stride[1];
+        for (uint32_t j0 = 0; j0 < len; j0 += DECODE_KEYS) {
+            const uint32_t n = len - j0 < DECODE_KEYS ? len - j0 : DECODE_KEYS;
+            LocalTensor<T> kt, vt;
+            LocalTensor<float> kf = LoadTile(kIn_, kf_, kGm_[head + j0 * p_.k_cache.stride[2]], n, p_.k_cache.stride[2], kt);
+            LocalTensor<float> vf = LoadTile(vIn_, vf_, vGm_[head + j0 * p_.v_cache.stride[2]], n, p_.v_cache.stride[2], vt);
+            for (uint32_t r = 0; r < rows_; r++) {
+                for (uint32_t j = 0; j < n; j++) {
+                    Mul(tmp, q[r * dpf_], kf[j * dpt_], (int32_t)dpf_);
+                    sc.SetValue(r * DECODE_KEYS + j, Reduced(false, tmp, dpf_));
+                }
+                SetFlag<HardEvent::S_V>(0);
+                WaitFlag<HardEvent::S_V>(0);
+                LocalTensor<float> row = sc[r * DECODE_KEYS];
+                const float tile_max = Reduced(true, row, n);
+                const float m_new = tile_max > m[r] ? tile_max : m[r];
+                const float alpha = ScalarExp(m[r] - m_new);
+                Adds(row, row, -m_new, (int32_t)n);
+                Exp(row, row, (int32_t)n);
+                l[r] = l[r] * alpha + Reduced(false, row, n);
+                m[r] = m_new;
+                Muls(o[r * dpf_], o[r * dpf_], alpha, (int32_t)dpf_);
+                for (uint32_t j = 0; j < n; j++) Axpy(o[r * dpf_], vf[j * dpt_], row.GetValue(j), (int32_t)dpf_);
+            }
+            kIn_.FreeTensor(kt);
+            vIn_.FreeTensor(vt);
+        }
+        for (uint32_t r = 0; r < rows_; r++) {
+            Muls(o[r * dpf_], o[r * dpf_], 1.0f / l[r], (int32_t)dpf_);
+            LocalTensor<T> t = rowOut_.template AllocTensor<T>();
+            if constexpr (SameType<T, float>::value) {
+                DataCopy(t, o[r * dpf_], dpf_);
+            } else {
+                Cast(t, o[r * dpf_], RoundMode::CAST_RINT, dpf_);
+            }
+            rowOut_.EnQue(t);
+            t = rowOut_.template DeQue<T>();
+            const int64_t off = b * p_.out.stride[0] + (r / p_.group) * p_.out.stride[1] + (h * p_.group + r % p_.group) * p_.out.stride[2];
+            DataCopyPad(oGm_[off], t, DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0));
+            rowOut_.FreeTensor(t);
+        }
+    }
+
+    EkDecodeParams p_;
+    uint32_t d_ = 0, rows_ = 0, dpt_ = 0, dpf_ = 0;
+    TPipe pipe_;
+    TQue<TPosition::VECIN, 1> kIn_, vIn_, rowIn_;
+    TQue<TPosition::VECOUT, 1> rowOut_;
+    TBuf<TPosition::VECCALC> q_, o_, kf_, vf_, scores_, tmp_, red_, work_;
+    GlobalTensor<T> qGm_, kGm_, vGm_, oGm_;
+    GlobalTensor<uint32_t> lenGm_;
+};
+
+}  // namespace
+
+// Params arrive through global memory (the tiling-data pattern of Ascend C kernels).
+extern "C" __global__ __aicore__ void ek_decode(GM_ADDR params) {
+    EkDecodeParams p;
+    const uint8_t* src = params;
+    for (uint32_t i = 0; i < sizeof(p); i++) reinterpret_cast<uint8_t*>(&p)[i] = src[i];
+    switch (p.dtype) {
+        case EK_F16: {
+            DecodeKernel<half> k;
+            k.Run(p);
+            break;
+        }
+        case EK_BF16: {
+            DecodeKernel<bfloat16_t> k;
+            k.Run(p);
+            break;
+        }
+        default: {
+            DecodeKernel<float> k;
+            k.Run(p);
+            break;
+        }
+    }
+}
