@@ -2,18 +2,60 @@
 //!
 //! - Feature `ascend-emu`: compiles the Ascend C kernels (`ascend/kernels`) against the host
 //!   emulation of the Ascend C API (`ascend/emu`) with the system C++ compiler, into the crate.
+//! - Feature `ascend`: with `ASCEND_HOME_PATH` set (a CANN toolkit), compiles each kernel with
+//!   bisheng into a device binary and embeds it (`$OUT_DIR/ascend_kernels.rs`); without CANN the
+//!   list is empty and the backend says so at run time. Flags: see `bisheng_command`.
 //! - CUDA kernels need nothing here: they are embedded as source and compiled with NVRTC on
 //!   first use (`src/cuda/source.rs`).
-//! - Real Ascend builds (bisheng, with `ASCEND_HOME_PATH` set) are not wired yet.
+
+use std::path::{Path, PathBuf};
+
+/// Kernel sources under `ascend/kernels` and the cores each runs on (`src/ascend/launch.rs`).
+const ASCEND_KERNELS: [(&str, &str); 2] = [("decode", "VecCore"), ("kv_compress", "VecCore")];
+/// Default SoC: Atlas A2 (910B, dav-c220). Override with `EK_ASCEND_SOC`.
+const DEFAULT_SOC: &str = "Ascend910B1";
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=ascend");
     println!("cargo::rerun-if-changed=ffi/entropy_params.h");
-    println!("cargo::rerun-if-env-changed=ASCEND_HOME_PATH");
+    for var in ["ASCEND_HOME_PATH", "EK_ASCEND_SOC", "EK_ASCEND_CCE_FLAGS"] {
+        println!("cargo::rerun-if-env-changed={var}");
+    }
     if std::env::var_os("CARGO_FEATURE_ASCEND_EMU").is_some() {
         build_emulator();
     }
+    if std::env::var_os("CARGO_FEATURE_ASCEND").is_some() {
+        build_ascend_kernels();
+        if std::env::var_os("CARGO_FEATURE_ASCEND_EMU").is_some() {
+            build_mock_acl();
+        }
+    }
+}
+
+/// Test double of `libascendcl.so` (`ascend/mock_acl`): the ACL prototypes of `ffi/acl_min.h`
+/// over host memory, launches run on the emulator. Tests find it through `EK_MOCK_ACL_PATH`.
+fn build_mock_acl() {
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("mock_acl");
+    std::fs::create_dir_all(&out).expect("mock_acl dir");
+    let lib = out.join("libascendcl.so");
+    let compiler = cc::Build::new().cpp(true).get_compiler();
+    let mut cmd = compiler.to_command();
+    cmd.args(["-std=c++17", "-O2", "-shared", "-fPIC", "-DEK_ASCEND_EMU", "-Wno-unused-parameter"])
+        .args(["-Iascend/emu/include", "-Iascend/kernels", "-Iffi", "-o"])
+        .arg(&lib)
+        .arg("ascend/mock_acl/mock_acl.cpp");
+    for dir in ["ascend/emu", "ascend/kernels"] {
+        for entry in std::fs::read_dir(dir).expect("ascend sources") {
+            let path = entry.expect("dir entry").path();
+            if path.extension().is_some_and(|e| e == "cpp") {
+                cmd.arg(path);
+            }
+        }
+    }
+    let status = cmd.status().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(status.success(), "building the mock ACL library failed: {cmd:?}");
+    println!("cargo::rustc-env=EK_MOCK_ACL_PATH={}", lib.display());
 }
 
 fn build_emulator() {
@@ -35,4 +77,44 @@ fn build_emulator() {
         }
     }
     b.compile("entropy_ascend_emu");
+}
+
+/// `bisheng` invocation for one kernel, from the Ascend C documentation's direct-compile flags:
+/// `-xcce` (Ascend C source), the SoC and the core type (VecCore / CubeCore / AiCore for mixed
+/// kernels), the tikcpp include dirs, and `--cce-aicore-only` for a device-only object that
+/// `aclrtBinaryLoadFromData` loads. Extra flags: `EK_ASCEND_CCE_FLAGS`. Not yet run on a real
+/// toolkit (none is available to this project).
+fn bisheng_command(home: &Path, src: &Path, out: &Path, core_type: &str) -> std::process::Command {
+    let soc = std::env::var("EK_ASCEND_SOC").unwrap_or_else(|_| DEFAULT_SOC.to_string());
+    let mut c = std::process::Command::new(home.join("compiler/ccec_compiler/bin/bisheng"));
+    c.args(["-O2", "-std=c++17", "-xcce", "--cce-aicore-only"])
+        .arg(format!("--cce-soc-version={soc}"))
+        .arg(format!("--cce-soc-core-type={core_type}"));
+    for inc in ["compiler/tikcpp/tikcfw", "compiler/tikcpp/tikcfw/impl", "compiler/tikcpp/tikcfw/interface", "include"]
+    {
+        c.arg(format!("-I{}", home.join(inc).display()));
+    }
+    c.arg("-Iascend/kernels").arg("-Iffi");
+    if let Ok(extra) = std::env::var("EK_ASCEND_CCE_FLAGS") {
+        c.args(extra.split_whitespace());
+    }
+    c.arg("-c").arg(src).arg("-o").arg(out);
+    c
+}
+
+fn build_ascend_kernels() {
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    let mut entries = Vec::new();
+    if let Some(home) = std::env::var_os("ASCEND_HOME_PATH").map(PathBuf::from) {
+        for (file, core_type) in ASCEND_KERNELS {
+            let src = PathBuf::from(format!("ascend/kernels/{file}.cpp"));
+            let obj = out_dir.join(format!("{file}.o"));
+            let mut cmd = bisheng_command(&home, &src, &obj, core_type);
+            let status = cmd.status().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+            assert!(status.success(), "bisheng failed on {}: {cmd:?}", src.display());
+            entries.push(format!("(\"{file}\", include_bytes!(\"{}\") as &[u8]),", obj.display()));
+        }
+    }
+    let code = format!("pub static IMAGES: &[(&str, &[u8])] = &[{}];\n", entries.join("\n"));
+    std::fs::write(out_dir.join("ascend_kernels.rs"), code).expect("writing ascend_kernels.rs");
 }

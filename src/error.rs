@@ -86,6 +86,10 @@ pub enum Error {
     #[error("emulated {kernel} kernel: {detail}")]
     Emulator { kernel: &'static str, detail: String },
 
+    /// An AscendCL call failed: its `aclError` code and `aclGetRecentErrMsg`'s text.
+    #[error("ACL call {call} failed with aclError {code}: {message}")]
+    Acl { call: &'static str, code: i32, message: String },
+
     /// A device driver or runtime reported an error.
     #[error("{backend} driver error in {call}: {detail}")]
     Driver { backend: &'static str, call: &'static str, detail: String },

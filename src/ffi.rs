@@ -7,3 +7,31 @@ include!("ffi/params.rs");
 
 /// The header, for kernels compiled at run time.
 pub const HEADER: &str = include_str!("../ffi/entropy_params.h");
+
+use crate::tensor::DType;
+
+impl EkTensor {
+    /// A descriptor of a rank-4 tensor at device (or emulated) address `ptr`; dim 3 contiguous.
+    pub fn new(ptr: u64, shape: [usize; 4], strides: [usize; 4]) -> Self {
+        debug_assert_eq!(strides[3], 1, "the kernels need a contiguous last dim");
+        EkTensor {
+            ptr,
+            stride: [strides[0] as i64, strides[1] as i64, strides[2] as i64],
+            shape: [shape[0] as i32, shape[1] as i32, shape[2] as i32, shape[3] as i32],
+        }
+    }
+
+    /// A descriptor of a contiguous tensor of `shape` at `ptr`.
+    pub fn contiguous(ptr: u64, shape: [usize; 4]) -> Self {
+        Self::new(ptr, shape, [shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1])
+    }
+}
+
+/// The header's element-type code of `dtype`.
+pub fn dtype_code(dtype: DType) -> i32 {
+    (match dtype {
+        DType::F32 => EK_F32,
+        DType::F16 => EK_F16,
+        DType::BF16 => EK_BF16,
+    }) as i32
+}

@@ -165,7 +165,15 @@ data_from!(f32, F32);
 data_from!(f16, F16);
 data_from!(bf16, BF16);
 
-impl HostData<'_> {
+impl<'a> HostData<'a> {
+    /// The elements' bytes (what a device copy moves).
+    pub fn as_bytes(&self) -> &'a [u8] {
+        match *self {
+            HostData::F32(s) => bytemuck::cast_slice(s),
+            HostData::F16(s) => bytemuck::cast_slice(s),
+            HostData::BF16(s) => bytemuck::cast_slice(s),
+        }
+    }
     pub fn dtype(&self) -> DType {
         match self {
             HostData::F32(_) => DType::F32,
@@ -186,6 +194,14 @@ impl HostData<'_> {
 }
 
 impl HostDataMut<'_> {
+    /// The elements' bytes, writable (what a device copy fills).
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            HostDataMut::F32(s) => bytemuck::cast_slice_mut(s),
+            HostDataMut::F16(s) => bytemuck::cast_slice_mut(s),
+            HostDataMut::BF16(s) => bytemuck::cast_slice_mut(s),
+        }
+    }
     pub fn dtype(&self) -> DType {
         match self {
             HostDataMut::F32(_) => DType::F32,

@@ -229,7 +229,7 @@ fn check_compressed(
 
 fn run_shape(kind: BackendKind, name: &str, s: Shape) {
     let test = format!("matrix::{name}_{kind}");
-    let kernels = match Kernels::new(kind) {
+    let kernels = match open(&test, kind) {
         Ok(k) => k,
         Err(e) => {
             eprintln!("[{test}] SKIP: {e}");

@@ -7,12 +7,14 @@
 
 use std::ffi::{CStr, CString, c_char};
 
-use crate::backend::{Backend, BackendKind, Capabilities, HeadDims, Op};
+use super::launch::{Kernel, Launcher, raw_parts};
+use super::ops;
+use crate::backend::{Backend, BackendKind, Capabilities, HeadDims};
 use crate::compress::CompressedCache;
 use crate::error::{Error, Result};
-use crate::ffi::{EK_BF16, EK_F16, EK_F32, EkDecodeParams, EkTensor};
+use crate::ffi::EkTensor;
 use crate::plan::Plan;
-use crate::tensor::{DType, HostData, HostDataMut, TensorView, TensorViewMut};
+use crate::tensor::{TensorView, TensorViewMut};
 use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
 
 unsafe extern "C" {
@@ -38,39 +40,57 @@ pub unsafe fn run(name: &'static str, params: *const u8, cores: u32) -> Result<(
     Err(Error::Emulator { kernel: name, detail })
 }
 
-fn dtype_code(d: DType) -> i32 {
-    (match d {
-        DType::F32 => EK_F32,
-        DType::F16 => EK_F16,
-        DType::BF16 => EK_BF16,
-    }) as i32
+/// Host memory standing in for global memory. Buffers are `u64`-backed so every element type is
+/// aligned; outputs are staged and copied back only when every launch succeeded.
+#[derive(Default)]
+pub struct EmuLauncher<'v> {
+    buffers: Vec<Vec<u64>>,
+    outputs: Vec<(usize, &'v mut [u8])>,
 }
 
-fn tensor(v: &TensorView<'_>) -> EkTensor {
-    let ptr = match v.data() {
-        HostData::F32(s) => s.as_ptr() as u64,
-        HostData::F16(s) => s.as_ptr() as u64,
-        HostData::BF16(s) => s.as_ptr() as u64,
-    };
-    let (s, d) = (v.strides(), v.shape());
-    EkTensor {
-        ptr,
-        stride: [s[0] as i64, s[1] as i64, s[2] as i64],
-        shape: [d[0] as i32, d[1] as i32, d[2] as i32, d[3] as i32],
+impl EmuLauncher<'_> {
+    fn alloc(&mut self, bytes: &[u8]) -> (usize, u64) {
+        let mut buf = vec![0u64; bytes.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut buf)[..bytes.len()].copy_from_slice(bytes);
+        let addr = buf.as_ptr() as u64;
+        self.buffers.push(buf);
+        (self.buffers.len() - 1, addr)
     }
 }
 
-fn tensor_mut(v: &mut TensorViewMut<'_>) -> EkTensor {
-    let (s, d) = (v.strides(), v.shape());
-    let ptr = match v.data_mut() {
-        HostDataMut::F32(s) => s.as_mut_ptr() as u64,
-        HostDataMut::F16(s) => s.as_mut_ptr() as u64,
-        HostDataMut::BF16(s) => s.as_mut_ptr() as u64,
-    };
-    EkTensor {
-        ptr,
-        stride: [s[0] as i64, s[1] as i64, s[2] as i64],
-        shape: [d[0] as i32, d[1] as i32, d[2] as i32, d[3] as i32],
+impl<'v> Launcher<'v> for EmuLauncher<'v> {
+    fn input(&mut self, v: &TensorView<'_>) -> Result<EkTensor> {
+        // Inputs are read in place: the kernels never write them.
+        Ok(EkTensor::new(v.data().as_bytes().as_ptr() as u64, v.shape(), v.strides()))
+    }
+    fn output(&mut self, v: &'v mut TensorViewMut<'_>) -> Result<EkTensor> {
+        let (shape, strides) = (v.shape(), v.strides());
+        let host = v.data_mut().as_bytes_mut();
+        let (i, addr) = self.alloc(host);
+        self.outputs.push((i, host));
+        Ok(EkTensor::new(addr, shape, strides))
+    }
+    fn array(&mut self, bytes: &[u8]) -> Result<u64> {
+        Ok(self.alloc(bytes).1)
+    }
+    fn zeroed(&mut self, bytes: usize) -> Result<u64> {
+        Ok(self.alloc(&vec![0u8; bytes]).1)
+    }
+    fn read(&mut self, addr: u64, out: &mut [u8]) -> Result<()> {
+        let buf = self.buffers.iter().find(|b| b.as_ptr() as u64 == addr).expect("address of this launcher");
+        out.copy_from_slice(&bytemuck::cast_slice::<u64, u8>(buf)[..out.len()]);
+        Ok(())
+    }
+    fn launch<P: Copy>(&mut self, kernel: Kernel, params: &P) -> Result<()> {
+        let (ptr, _) = raw_parts(params);
+        // SAFETY: the params hold addresses of live views and of this launcher's buffers.
+        unsafe { run(kernel.symbol, ptr, EMULATED_CORES) }
+    }
+    fn finish(self) -> Result<()> {
+        for (i, host) in self.outputs {
+            host.copy_from_slice(&bytemuck::cast_slice::<u64, u8>(&self.buffers[i])[..host.len()]);
+        }
+        Ok(())
     }
 }
 
@@ -83,7 +103,10 @@ pub struct AscendEmuBackend {
 impl AscendEmuBackend {
     pub fn new() -> Self {
         AscendEmuBackend {
-            caps: Capabilities { ops: vec![Op::Decode], ..Capabilities::full("ascend-emu", HeadDims::UpTo(256)) },
+            caps: Capabilities {
+                ops: ops::SUPPORTED.to_vec(),
+                ..Capabilities::full("ascend-emu", HeadDims::UpTo(256))
+            },
         }
     }
 }
@@ -114,28 +137,6 @@ impl Backend for AscendEmuBackend {
         Err(Error::Unimplemented { backend: "ascend-emu", op: "kv_compress" })
     }
     fn decode_attention(&self, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
-        let d = a.dims();
-        if d.queries * d.group() > 16 {
-            return Err(Error::range(
-                "decode rows",
-                d.queries * d.group(),
-                "the Ascend decode kernel holds at most 16 query rows per cache head",
-            ));
-        }
-        let params = EkDecodeParams {
-            q: tensor(&a.q()),
-            k_cache: tensor(&a.k_cache()),
-            v_cache: tensor(&a.v_cache()),
-            out: tensor_mut(out),
-            lengths: a.lengths().as_ptr() as u64,
-            partial: 0,
-            group: d.group() as i32,
-            splits: 1,
-            keys_per_split: 0,
-            scale_log2: a.scale() * std::f32::consts::LOG2_E,
-            dtype: dtype_code(a.q().dtype()),
-        };
-        // SAFETY: every address in `params` is a live, validated host buffer of this call.
-        unsafe { run("ek_decode", &params as *const EkDecodeParams as *const u8, EMULATED_CORES) }
+        ops::decode(EmuLauncher::default(), a, out)
     }
 }

@@ -25,7 +25,7 @@ use crate::compress::CompressedCache;
 use crate::error::{Error, Result};
 use crate::ffi::{EK_DENSE_UNIT, EkCompressParams, EkDecodeParams, EkPlanParams, EkPrefillParams, EkTensor};
 use crate::plan::{Plan, SegmentAttention};
-use crate::tensor::{DType, HostData, HostDataMut, TensorView, TensorViewMut};
+use crate::tensor::{DType, HostDataMut, TensorView, TensorViewMut};
 use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
 
 // SAFETY: plain-old-data `#[repr(C)]` structs of fixed-width fields, passed by value to kernels.
@@ -151,26 +151,10 @@ impl CudaBackend {
         self.stream.clone_htod(data).map_err(driver_err("cuMemcpyHtoD"))
     }
 
-    fn bytes<'a>(data: HostData<'a>) -> &'a [u8] {
-        match data {
-            HostData::F32(s) => bytemuck::cast_slice(s),
-            HostData::F16(s) => bytemuck::cast_slice(s),
-            HostData::BF16(s) => bytemuck::cast_slice(s),
-        }
-    }
-
     /// Uploads a view's whole buffer; the tensor descriptor keeps its strides.
     fn tensor(&self, v: &TensorView<'_>) -> Result<(CudaSlice<u8>, EkTensor)> {
-        let dev = self.upload(Self::bytes(v.data()))?;
-        let (ptr, _sync) = dev.device_ptr(&self.stream);
-        let s = v.strides();
-        let shape = v.shape();
-        let t = EkTensor {
-            ptr,
-            stride: [s[0] as i64, s[1] as i64, s[2] as i64],
-            shape: [shape[0] as i32, shape[1] as i32, shape[2] as i32, shape[3] as i32],
-        };
-        drop(_sync);
+        let dev = self.upload(v.data().as_bytes())?;
+        let t = EkTensor::new(self.ptr(&dev), v.shape(), v.strides());
         Ok((dev, t))
     }
 
@@ -180,13 +164,7 @@ impl CudaBackend {
             .stream
             .alloc_zeros::<u8>(shape.iter().product::<usize>() * dtype.size())
             .map_err(driver_err("cuMemAlloc"))?;
-        let (ptr, sync) = dev.device_ptr(&self.stream);
-        drop(sync);
-        let t = EkTensor {
-            ptr,
-            stride: [(shape[1] * shape[2] * shape[3]) as i64, (shape[2] * shape[3]) as i64, shape[3] as i64],
-            shape: [shape[0] as i32, shape[1] as i32, shape[2] as i32, shape[3] as i32],
-        };
+        let t = EkTensor::contiguous(self.ptr(&dev), shape);
         Ok((dev, t))
     }
 

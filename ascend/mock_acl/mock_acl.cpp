@@ -1,0 +1,196 @@
+// A stand-in for libascendcl.so, for testing the ACL runtime path without an NPU: it implements
+// the prototypes of ffi/acl_min.h (so a signature drift fails to compile) over host memory, and
+// runs each launch on the Ascend C emulator. What it checks, as the real runtime documents:
+//   - aclInit before anything; aclrtSetDevice before memory, streams and loads;
+//   - the binary magic of aclrtBinaryLoadFromData equals the one the kernel was built for;
+//   - aclrtLaunchKernel's argsData is device memory (allocated here) of exactly one GM_ADDR;
+//   - memcpy bounds (count <= destMax) and frees of unknown pointers.
+// Failure injection: ek_mock_acl_fail("<api name>") makes that call fail with code 507899.
+// The kernel "binary" is the text "ekmock <symbol> <magic hex>".
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+
+#include "acl_min.h"
+
+extern "C" int ek_emu_run(const char* kernel, const void* params, uint32_t block_dim, char* err, size_t err_len);
+
+namespace {
+constexpr aclError kNotInit = 100000;       // ACL_ERROR_UNINITIALIZE
+constexpr aclError kInvalid = 100001;       // ACL_ERROR_INVALID_PARAM
+constexpr aclError kInjected = 507899;
+constexpr aclError kKernelFailed = 507015;  // an AI core exception, as the runtime reports it
+
+std::mutex mu;
+bool initialised = false;
+int device = -1;
+std::map<uintptr_t, size_t> allocations;
+std::string last_error;
+
+struct Binary {
+    std::string symbol;
+    uint32_t magic;
+};
+
+aclError fail(aclError code, const std::string& msg) {
+    last_error = msg;
+    return code;
+}
+
+std::string failing;
+
+bool injected(const char* api) { return failing == api; }
+
+#define MOCK_ENTRY(NAME)                                                                       \
+    std::lock_guard<std::mutex> lock(mu);                                                      \
+    if (injected(NAME)) return fail(kInjected, std::string("mock: injected failure of ") + NAME); \
+    if (std::strcmp(NAME, "aclInit") != 0 && !initialised) return fail(kNotInit, "mock: aclInit not called")
+
+#define NEED_DEVICE() \
+    if (device < 0) return fail(kInvalid, "mock: no device set (aclrtSetDevice)")
+
+bool is_device(const void* p, size_t bytes) {
+    auto it = allocations.upper_bound(reinterpret_cast<uintptr_t>(p));
+    if (it == allocations.begin()) return false;
+    --it;
+    return reinterpret_cast<uintptr_t>(p) + bytes <= it->first + it->second;
+}
+}  // namespace
+
+extern "C" {
+
+aclError aclInit(const char*) {
+    MOCK_ENTRY("aclInit");
+    if (initialised) return fail(ACL_ERROR_REPEAT_INITIALIZE, "mock: repeated aclInit");
+    initialised = true;
+    return ACL_SUCCESS;
+}
+
+aclError aclrtGetDeviceCount(uint32_t* count) {
+    MOCK_ENTRY("aclrtGetDeviceCount");
+    *count = 1;
+    return ACL_SUCCESS;
+}
+
+aclError aclrtSetDevice(int32_t id) {
+    MOCK_ENTRY("aclrtSetDevice");
+    if (id != 0) return fail(kInvalid, "mock: only device 0 exists");
+    device = id;
+    return ACL_SUCCESS;
+}
+
+aclError aclrtResetDevice(int32_t) {
+    MOCK_ENTRY("aclrtResetDevice");
+    device = -1;
+    return ACL_SUCCESS;
+}
+
+aclError aclrtCreateStream(aclrtStream* s) {
+    MOCK_ENTRY("aclrtCreateStream");
+    NEED_DEVICE();
+    *s = new int(0);
+    return ACL_SUCCESS;
+}
+
+aclError aclrtDestroyStream(aclrtStream s) {
+    MOCK_ENTRY("aclrtDestroyStream");
+    delete static_cast<int*>(s);
+    return ACL_SUCCESS;
+}
+
+aclError aclrtSynchronizeStream(aclrtStream) {
+    MOCK_ENTRY("aclrtSynchronizeStream");
+    return ACL_SUCCESS;  // launches run to completion synchronously
+}
+
+aclError aclrtMalloc(void** p, size_t size, aclrtMemMallocPolicy) {
+    MOCK_ENTRY("aclrtMalloc");
+    NEED_DEVICE();
+    if (size == 0) return fail(kInvalid, "mock: aclrtMalloc of 0 bytes");
+    *p = std::aligned_alloc(512, (size + 511) / 512 * 512);
+    std::memset(*p, 0xA5, size);  // device memory is not zeroed
+    allocations[reinterpret_cast<uintptr_t>(*p)] = size;
+    return ACL_SUCCESS;
+}
+
+aclError aclrtFree(void* p) {
+    MOCK_ENTRY("aclrtFree");
+    if (!allocations.erase(reinterpret_cast<uintptr_t>(p))) return fail(kInvalid, "mock: aclrtFree of an unknown pointer");
+    std::free(p);
+    return ACL_SUCCESS;
+}
+
+aclError aclrtMemset(void* p, size_t max, int32_t value, size_t count) {
+    MOCK_ENTRY("aclrtMemset");
+    if (count > max || !is_device(p, count)) return fail(kInvalid, "mock: aclrtMemset outside an allocation");
+    std::memset(p, value, count);
+    return ACL_SUCCESS;
+}
+
+aclError aclrtMemcpy(void* dst, size_t max, const void* src, size_t count, aclrtMemcpyKind kind) {
+    MOCK_ENTRY("aclrtMemcpy");
+    if (count > max) return fail(kInvalid, "mock: aclrtMemcpy count > destMax");
+    const bool dst_dev = kind == ACL_MEMCPY_HOST_TO_DEVICE || kind == ACL_MEMCPY_DEVICE_TO_DEVICE;
+    const bool src_dev = kind == ACL_MEMCPY_DEVICE_TO_HOST || kind == ACL_MEMCPY_DEVICE_TO_DEVICE;
+    if (dst_dev != is_device(dst, count) || src_dev != is_device(src, count))
+        return fail(kInvalid, "mock: aclrtMemcpy kind does not match where the pointers live");
+    std::memcpy(dst, src, count);
+    return ACL_SUCCESS;
+}
+
+aclError aclrtBinaryLoadFromData(const void* data, size_t length, const aclrtBinaryLoadOptions* options, aclrtBinHandle* h) {
+    MOCK_ENTRY("aclrtBinaryLoadFromData");
+    NEED_DEVICE();
+    std::string text(static_cast<const char*>(data), length);
+    char symbol[128];
+    unsigned magic = 0;
+    if (std::sscanf(text.c_str(), "ekmock %127s %x", symbol, &magic) != 2) return fail(kInvalid, "mock: not a kernel binary");
+    uint32_t given = 0;
+    for (size_t i = 0; options && i < options->numOpt; i++)
+        if (options->options[i].type == ACL_RT_LOAD_BINARY_OPT_MAGIC) given = options->options[i].value.magic;
+    if (given != magic) return fail(kInvalid, "mock: binary magic does not match the kernel's core type");
+    *h = new Binary{symbol, magic};
+    return ACL_SUCCESS;
+}
+
+aclError aclrtBinaryGetFunction(const aclrtBinHandle h, const char* name, aclrtFuncHandle* f) {
+    MOCK_ENTRY("aclrtBinaryGetFunction");
+    auto* b = static_cast<Binary*>(h);
+    if (b->symbol != name) return fail(kInvalid, std::string("mock: no function ") + name + " in the binary");
+    *f = h;
+    return ACL_SUCCESS;
+}
+
+aclError aclrtBinaryUnLoad(aclrtBinHandle h) {
+    MOCK_ENTRY("aclrtBinaryUnLoad");
+    delete static_cast<Binary*>(h);
+    return ACL_SUCCESS;
+}
+
+aclError aclrtLaunchKernel(aclrtFuncHandle f, uint32_t block_dim, const void* args, size_t size, aclrtStream) {
+    MOCK_ENTRY("aclrtLaunchKernel");
+    if (size != sizeof(uint64_t)) return fail(kInvalid, "mock: kernels take one GM_ADDR (8 bytes of arguments)");
+    if (!is_device(args, size)) return fail(kInvalid, "mock: argsData is not device memory");
+    uint64_t params = 0;
+    std::memcpy(&params, args, sizeof(params));
+    if (!is_device(reinterpret_cast<void*>(params), 1)) return fail(kInvalid, "mock: the params GM_ADDR is not device memory");
+    char err[1024] = {0};
+    const int rc = ek_emu_run(static_cast<Binary*>(f)->symbol.c_str(), reinterpret_cast<void*>(params), block_dim, err, sizeof(err));
+    if (rc != 0) return fail(kKernelFailed, std::string("mock: kernel failed: ") + err);
+    return ACL_SUCCESS;
+}
+
+void ek_mock_acl_fail(const char* api) {
+    std::lock_guard<std::mutex> lock(mu);
+    failing = api ? api : "";
+}
+
+const char* aclGetRecentErrMsg(void) {
+    return last_error.empty() ? nullptr : last_error.c_str();
+}
+
+}  // extern "C"

@@ -1,0 +1,66 @@
+//! What every Ascend launch needs, written once for the two ways the kernels run: on the host
+//! emulator (`emu.rs`, host addresses) and on an NPU through ACL (`device.rs`, device memory).
+//! Each op builds its params struct from `ffi/entropy_params.h` against a [`Launcher`], which
+//! places tensors where the kernel can read them and brings outputs back only after the kernel
+//! succeeded (nothing half-written).
+
+use crate::error::Result;
+use crate::ffi::EkTensor;
+use crate::tensor::{TensorView, TensorViewMut};
+
+/// Which cores a kernel runs on (on A2 a vector-only kernel loads with the vector-core magic).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cores {
+    /// AIV only.
+    Vector,
+    /// AIC and AIV together (cube for the matmuls, vector for softmax), mixed 1:2 on A2.
+    Mix,
+}
+
+/// One Ascend C kernel: entry symbol, source file under `ascend/kernels`, and its cores.
+#[derive(Clone, Copy, Debug)]
+pub struct Kernel {
+    pub symbol: &'static str,
+    pub file: &'static str,
+    pub cores: Cores,
+}
+
+pub const DECODE: Kernel = Kernel { symbol: "ek_decode", file: "decode", cores: Cores::Vector };
+pub const COMPRESS: Kernel = Kernel { symbol: "ek_kv_compress", file: "kv_compress", cores: Cores::Vector };
+
+/// Every kernel the backend ships (build.rs compiles the same list).
+pub const KERNELS: [Kernel; 2] = [DECODE, COMPRESS];
+
+/// Places a launch's buffers and runs it.
+pub trait Launcher<'v> {
+    /// An input tensor, as the kernel addresses it (strides kept).
+    fn input(&mut self, v: &TensorView<'_>) -> Result<EkTensor>;
+    /// An output tensor: written back into `v` by [`Launcher::finish`], only on success.
+    fn output(&mut self, v: &'v mut TensorViewMut<'_>) -> Result<EkTensor>;
+    /// A read-only array.
+    fn array(&mut self, bytes: &[u8]) -> Result<u64>;
+    /// A zero-filled buffer (workspace, or an output read back with [`Launcher::read`]).
+    fn zeroed(&mut self, bytes: usize) -> Result<u64>;
+    /// Copies `out.len()` bytes from `addr` (a buffer of this launcher) after a launch.
+    fn read(&mut self, addr: u64, out: &mut [u8]) -> Result<()>;
+    /// Runs `kernel` with `params` (a `#[repr(C)]` struct of the header) as its one argument.
+    fn launch<P: Copy>(&mut self, kernel: Kernel, params: &P) -> Result<()>;
+    /// Copies the outputs back.
+    fn finish(self) -> Result<()>;
+}
+
+/// A `#[repr(C)]` value's address and size, for handing to C; padding is never read in Rust.
+pub(crate) fn raw_parts<P: Copy>(p: &P) -> (*const u8, usize) {
+    (p as *const P as *const u8, std::mem::size_of::<P>())
+}
+
+/// Bytes of a slice of plain numbers.
+pub(crate) fn bytes_of<T: bytemuck::Pod>(v: &[T]) -> &[u8] {
+    bytemuck::cast_slice(v)
+}
+
+/// The argument block of every kernel: one `GM_ADDR`, the device address of its params struct,
+/// little-endian as the AI core reads it.
+pub fn pack_args(params_addr: u64) -> [u8; 8] {
+    params_addr.to_le_bytes()
+}

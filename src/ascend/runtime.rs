@@ -1,0 +1,223 @@
+//! Safe ACL runtime: the library loaded once per process, RAII device buffers, streams and kernel
+//! binaries. Built on the checked calls of `result.rs`.
+
+use std::ffi::{CString, c_void};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use super::launch::{Cores, Kernel};
+use super::result;
+use super::sys::{self, Acl, aclrtBinHandle, aclrtFuncHandle, aclrtStream};
+use crate::error::{Error, Result};
+
+/// Environment variable: NPU ordinal used by the backend (default 0).
+pub const DEVICE_ENV: &str = "ENTROPY_KERNELS_ASCEND_DEVICE";
+/// Environment variable: vector cores per launch (default [`DEFAULT_VECTOR_CORES`]).
+pub const CORES_ENV: &str = "ENTROPY_KERNELS_ASCEND_CORES";
+/// Environment variable: a directory holding `<kernel>.o` binaries, used instead of the embedded ones.
+pub const KERNEL_DIR_ENV: &str = "ENTROPY_KERNELS_ASCEND_KERNELS";
+/// AIV cores of an Atlas A2 910B2/B3 (20 AIC + 40 AIV).
+pub const DEFAULT_VECTOR_CORES: u32 = 40;
+
+/// Where the Ascend backend finds its runtime and kernels. `from_env` reads the
+/// `ENTROPY_KERNELS_*` variables; engines may fill it in directly.
+#[derive(Clone, Debug)]
+pub struct AscendOptions {
+    /// ACL libraries tried in order (default: [`super::acl_candidates`]).
+    pub libraries: Vec<PathBuf>,
+    /// Kernel binaries directory; `None`: the binaries embedded at build time.
+    pub kernel_dir: Option<PathBuf>,
+    pub device: u32,
+    pub vector_cores: u32,
+}
+
+impl AscendOptions {
+    pub fn from_env() -> Result<Self> {
+        Ok(AscendOptions {
+            libraries: super::acl_candidates().into_iter().map(PathBuf::from).collect(),
+            kernel_dir: std::env::var_os(KERNEL_DIR_ENV).map(PathBuf::from),
+            device: env_number(DEVICE_ENV, 0)?,
+            vector_cores: env_number(CORES_ENV, DEFAULT_VECTOR_CORES)?.max(1),
+        })
+    }
+}
+
+/// The ACL runtime of this process, on one device.
+pub struct AclRuntime {
+    acl: Acl,
+    pub device: i32,
+    pub devices: u32,
+    pub vector_cores: u32,
+}
+
+impl std::fmt::Debug for AclRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AclRuntime(device {} of {})", self.device, self.devices)
+    }
+}
+
+fn env_number(name: &str, default: u32) -> Result<u32> {
+    match std::env::var(name) {
+        Err(_) => Ok(default),
+        Ok(s) => s.trim().parse().map_err(|_| Error::range("environment", format!("{name}={s}"), "expected a number")),
+    }
+}
+
+impl AclRuntime {
+    /// Loads the first of `opts.libraries` that opens, initialises ACL and binds `opts.device`.
+    pub fn load(opts: &AscendOptions) -> Result<Arc<Self>> {
+        let mut tried = Vec::new();
+        for name in &opts.libraries {
+            // SAFETY: opening the library runs its initialisers; every symbol is checked present.
+            match unsafe { Acl::new(name) } {
+                Ok(acl) => return Self::start(acl, opts).map(Arc::new),
+                Err(e) => tried.push(format!("{}: {e}", name.display())),
+            }
+        }
+        Err(Error::BackendUnavailable {
+            backend: "ascend",
+            reason: format!("no usable ACL runtime ({})", tried.join("; ")),
+        })
+    }
+
+    fn start(acl: Acl, opts: &AscendOptions) -> Result<Self> {
+        // SAFETY: plain ACL calls with out-pointers to locals.
+        unsafe { result::init(&acl)? };
+        let devices = unsafe { result::device_count(&acl)? };
+        if devices == 0 {
+            return Err(Error::BackendUnavailable { backend: "ascend", reason: "ACL reports no NPU".into() });
+        }
+        let device = opts.device;
+        if device >= devices {
+            return Err(Error::range("ascend device", device, format!("this machine has {devices} NPU(s)")));
+        }
+        unsafe { result::set_device(&acl, device as i32)? };
+        Ok(AclRuntime { acl, device: device as i32, devices, vector_cores: opts.vector_cores.max(1) })
+    }
+
+    /// Cores a launch of `kernel` spans: every AIV, or for mixed kernels one AIC (+ its 2 AIV) each.
+    pub fn block_dim(&self, kernel: Kernel) -> u32 {
+        match kernel.cores {
+            Cores::Vector => self.vector_cores,
+            Cores::Mix => (self.vector_cores / 2).max(1),
+        }
+    }
+
+    pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer> {
+        // ACL rejects zero-byte allocations; keep one 32-byte block so every buffer has an address.
+        let len = bytes.max(32);
+        // SAFETY: the pointer is owned by the returned buffer and freed once, on drop.
+        let ptr = unsafe { result::malloc(&self.acl, len)? };
+        Ok(DeviceBuffer { rt: self.clone(), ptr, len })
+    }
+
+    pub fn stream(self: &Arc<Self>) -> Result<Stream> {
+        let s = unsafe { result::create_stream(&self.acl)? };
+        Ok(Stream { rt: self.clone(), raw: s })
+    }
+
+    /// Loads one kernel binary and looks its entry up.
+    pub fn module(self: &Arc<Self>, kernel: Kernel, image: &[u8]) -> Result<Module> {
+        let handle = unsafe { result::binary_load(&self.acl, image, magic(kernel))? };
+        let name = CString::new(kernel.symbol).expect("symbols have no NUL");
+        match unsafe { result::get_function(&self.acl, handle, &name) } {
+            Ok(func) => Ok(Module { rt: self.clone(), handle, func, kernel }),
+            Err(e) => {
+                let _ = unsafe { result::binary_unload(&self.acl, handle) };
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The binary magic `aclrtBinaryLoadFromData` needs for the cores `kernel` runs on.
+pub fn magic(kernel: Kernel) -> u32 {
+    match kernel.cores {
+        Cores::Vector => sys::ACL_RT_BINARY_MAGIC_ELF_VECTOR_CORE,
+        Cores::Mix => sys::ACL_RT_BINARY_MAGIC_ELF_AICORE,
+    }
+}
+
+/// Device memory, freed on drop.
+pub struct DeviceBuffer {
+    rt: Arc<AclRuntime>,
+    ptr: *mut c_void,
+    len: usize,
+}
+
+// SAFETY: device memory is not tied to a host thread; ACL calls are thread-safe per the docs.
+unsafe impl Send for DeviceBuffer {}
+
+impl DeviceBuffer {
+    pub fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn upload(&mut self, src: &[u8]) -> Result<()> {
+        assert!(src.len() <= self.len, "upload past the buffer");
+        unsafe { result::copy_to_device(&self.rt.acl, self.ptr, src) }
+    }
+    pub fn zero(&mut self) -> Result<()> {
+        unsafe { result::memset(&self.rt.acl, self.ptr, self.len, 0) }
+    }
+    pub fn download(&self, dst: &mut [u8]) -> Result<()> {
+        assert!(dst.len() <= self.len, "download past the buffer");
+        unsafe { result::copy_to_host(&self.rt.acl, dst, self.ptr) }
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        let _ = unsafe { result::free(&self.rt.acl, self.ptr) };
+    }
+}
+
+/// A stream, destroyed on drop.
+pub struct Stream {
+    rt: Arc<AclRuntime>,
+    raw: aclrtStream,
+}
+
+unsafe impl Send for Stream {}
+
+impl Stream {
+    /// Launches `module` on `block_dim` cores with `args` (device memory holding the arguments).
+    pub fn launch(&self, module: &Module, block_dim: u32, args: &DeviceBuffer, args_size: usize) -> Result<()> {
+        let acl = &self.rt.acl;
+        unsafe { result::launch(acl, module.func, block_dim, args.ptr, args_size, self.raw) }
+    }
+    pub fn synchronize(&self) -> Result<()> {
+        unsafe { result::synchronize(&self.rt.acl, self.raw) }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let _ = unsafe { result::destroy_stream(&self.rt.acl, self.raw) };
+    }
+}
+
+/// A loaded kernel binary and its entry.
+pub struct Module {
+    rt: Arc<AclRuntime>,
+    handle: aclrtBinHandle,
+    func: aclrtFuncHandle,
+    pub kernel: Kernel,
+}
+
+unsafe impl Send for Module {}
+unsafe impl Sync for Module {}
+
+impl Drop for Module {
+    fn drop(&mut self) {
+        let _ = unsafe { result::binary_unload(&self.rt.acl, self.handle) };
+    }
+}
+
+/// A stream shared by the backend's calls, one launch sequence at a time.
+pub type SharedStream = Mutex<Stream>;

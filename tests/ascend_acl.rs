@@ -1,0 +1,100 @@
+//! The Ascend backend's ACL path without an NPU: probing never panics and says why; through the
+//! mock ACL library (`ascend/mock_acl`, launches run on the emulator) every ACL failure surfaces
+//! as `Error::Acl` carrying `aclGetRecentErrMsg`, leaves the output untouched, and the binary
+//! loader's magic and the launch-argument block are what the runtime documents.
+#![cfg(feature = "ascend")]
+
+mod common;
+
+use common::*;
+use entropy_kernels::*;
+
+#[test]
+fn probe_reports_why_without_panicking() {
+    match Kernels::new(BackendKind::Ascend) {
+        Ok(k) => eprintln!("an NPU is present: {}", k.describe()),
+        Err(Error::BackendUnavailable { backend: "ascend", reason }) => {
+            eprintln!("ascend unavailable: {reason}");
+            assert!(!reason.is_empty());
+        }
+        Err(e) => panic!("probing must answer BackendUnavailable, got {e}"),
+    }
+}
+
+#[test]
+fn args_block_is_one_little_endian_gm_addr() {
+    use entropy_kernels::ascend::launch::pack_args;
+    assert_eq!(pack_args(0x0102_0304_0506_0708), [8, 7, 6, 5, 4, 3, 2, 1]);
+}
+
+#[cfg(feature = "ascend-emu")]
+#[test]
+fn acl_errors_through_the_mock_runtime() {
+    use entropy_kernels::ascend::device::{AscendBackend, mock};
+    use entropy_kernels::ascend::launch::DECODE;
+    use std::sync::Arc;
+
+    let dir = std::env::temp_dir().join(format!("ek-acl-test-{}", std::process::id()));
+    let opts = mock::options(&dir).unwrap();
+    let k = Kernels::from_backend(Arc::new(AscendBackend::with_options(&opts).unwrap()));
+
+    // A decode call, checked against the oracle, then the same call with each ACL step failing.
+    let (b, hq, hc, d, cap) = (1, 4, 2, 64, 37);
+    let seed = seed("ascend_acl");
+    let q = random([b, 1, hq, d], 1.0, seed, DType::F16);
+    let kc = random([b, hc, cap, d], 1.0, seed ^ 1, DType::F16);
+    let vc = random([b, hc, cap, d], 1.0, seed ^ 2, DType::F16);
+    let lengths = vec![cap as u32, 20];
+    let mut want = poisoned(q.shape, DType::F16);
+    Kernels::reference()
+        .decode_attention(q.view(), kc.view(), vc.view(), &lengths, None, &mut want.view_mut())
+        .unwrap();
+    let mut out = poisoned(q.shape, DType::F16);
+    k.decode_attention(q.view(), kc.view(), vc.view(), &lengths, None, &mut out.view_mut()).unwrap();
+    assert!(rel_fro(&tensor_f64(&out), &tensor_f64(&want)) <= attn_tol(DType::F16));
+
+    for api in ["aclrtMalloc", "aclrtMemcpy", "aclrtLaunchKernel", "aclrtSynchronizeStream"] {
+        mock::fail(Some(api));
+        let mut out = poisoned(q.shape, DType::F16);
+        let r = k.decode_attention(q.view(), kc.view(), vc.view(), &lengths, None, &mut out.view_mut());
+        mock::fail(None);
+        match r {
+            Err(Error::Acl { call, code: 507899, message }) => {
+                assert!(call.starts_with(api), "{api}: failed call reported as {call}");
+                assert!(message.contains("injected failure of"), "{api}: message {message}");
+            }
+            other => panic!("{api}: expected Error::Acl, got {other:?}"),
+        }
+        assert!(tensor_f64(&out).iter().all(|x| x.is_nan()), "{api}: output written despite the error");
+    }
+
+    // The loader is told which cores a binary is for; a wrong magic is refused by the runtime.
+    let bad = dir.join("bad");
+    let mut opts_bad = mock::options(&bad).unwrap();
+    std::fs::write(bad.join(format!("{}.o", DECODE.file)), mock::image(DECODE, 0x43554245)).unwrap();
+    opts_bad.kernel_dir = Some(bad.clone());
+    match AscendBackend::with_options(&opts_bad) {
+        Err(Error::Acl { call: "aclrtBinaryLoadFromData", message, .. }) => {
+            assert!(message.contains("magic"), "{message}")
+        }
+        other => panic!("wrong magic: expected Error::Acl from the loader, got {other:?}"),
+    }
+
+    // Missing binaries: a clear unavailability, naming the directory variable.
+    opts_bad.kernel_dir = Some(dir.join("empty"));
+    match AscendBackend::with_options(&opts_bad) {
+        Err(Error::Io { path, .. }) => assert!(path.ends_with("decode.o"), "{path}"),
+        other => panic!("missing binary: expected Error::Io, got {other:?}"),
+    }
+    // Start-up failures are typed too (a repeated aclInit, by contrast, is accepted above).
+    for api in ["aclInit", "aclrtSetDevice", "aclrtCreateStream"] {
+        mock::fail(Some(api));
+        let r = AscendBackend::with_options(&opts);
+        mock::fail(None);
+        match r {
+            Err(Error::Acl { call, .. }) => assert_eq!(call, api),
+            other => panic!("{api}: expected Error::Acl, got {other:?}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
