@@ -8,6 +8,7 @@ include!("ffi/params.rs");
 /// The header, for kernels compiled at run time.
 pub const HEADER: &str = include_str!("../ffi/entropy_params.h");
 
+use crate::config::{GqaMode, Pooling};
 use crate::tensor::DType;
 
 impl EkTensor {
@@ -34,4 +35,22 @@ pub fn dtype_code(dtype: DType) -> i32 {
         DType::F16 => EK_F16,
         DType::BF16 => EK_BF16,
     }) as i32
+}
+
+/// `EkCompressParams::pooling` of `p`.
+pub fn pooling_code(p: Pooling) -> i32 {
+    match p {
+        Pooling::None => 0,
+        Pooling::Avg => 1,
+        Pooling::Max => 2,
+    }
+}
+
+/// `EkCompressParams::gqa_mode` of `m`.
+pub fn gqa_code(m: GqaMode) -> i32 {
+    match m {
+        GqaMode::Mean => 0,
+        GqaMode::Max => 1,
+        GqaMode::PerQueryHead => 2,
+    }
 }

@@ -71,7 +71,7 @@ fn acl_errors_through_the_mock_runtime() {
     // The loader is told which cores a binary is for; a wrong magic is refused by the runtime.
     let bad = dir.join("bad");
     let mut opts_bad = mock::options(&bad).unwrap();
-    std::fs::write(bad.join(format!("{}.o", DECODE.file)), mock::image(DECODE, 0x43554245)).unwrap();
+    std::fs::write(bad.join(format!("{}.o", DECODE.file)), mock::image(DECODE.file, 0x43554245)).unwrap();
     opts_bad.kernel_dir = Some(bad.clone());
     match AscendBackend::with_options(&opts_bad) {
         Err(Error::Acl { call: "aclrtBinaryLoadFromData", message, .. }) => {

@@ -28,7 +28,7 @@ fn planted_violations_are_caught() {
     let mut output = vec![0f32; 512];
     selftest(0, &input, &mut output).expect("correct usage passes");
     assert_eq!(output[..256], input[..256].iter().map(|x| 2.0 * x).collect::<Vec<_>>()[..]);
-    let cases: [(i32, &str); 16] = [
+    let cases: [(i32, &str); 20] = [
         (1, "UB overflow"),
         (2, "not 32-byte aligned"),
         (3, "whole 32-byte blocks"),
@@ -45,6 +45,10 @@ fn planted_violations_are_caught() {
         (14, "still in the queue"),
         (15, "more than 8 queue buffers"),
         (16, "outside its 8 elements"),
+        (17, "not sorted by descending score"),
+        (18, "outside 0..255"),
+        (19, "at most 4095"),
+        (20, "dst overlaps"),
     ];
     for (code, needle) in cases {
         match selftest(code, &input, &mut output) {
@@ -141,4 +145,68 @@ fn emulated_decode_matches_the_oracle() {
             assert!(err <= attn_tol(dtype), "case {i} {dtype}: rel err {err:e}");
         }
     }
+}
+
+/// Compression beyond the matrix's sizes: several key chunks, several top-k tiles merged, every
+/// pooling and group mode, against the oracle (near-ties allowed, gather exact).
+#[test]
+fn emulated_kv_compress_long_cache() {
+    let kernels = Kernels::new(BackendKind::AscendEmu).unwrap();
+    let oracle = Kernels::reference();
+    let seed = seed("emulated_kv_compress_long_cache");
+    let (b, hq, hkv, d, n, w) = (1, 4, 2, 64, 3001, 8);
+    for (i, (pooling, gqa_mode)) in
+        [(Pooling::Avg, GqaMode::Mean), (Pooling::Max, GqaMode::Max), (Pooling::None, GqaMode::PerQueryHead)]
+            .into_iter()
+            .enumerate()
+    {
+        let dtype = DType::ALL[i % 3];
+        let s = seed ^ (i as u64 * 104729);
+        let kc = random([b, hkv, n, d], 1.0, s, dtype);
+        let vc = random([b, hkv, n, d], 1.0, s ^ 1, dtype);
+        let obs = random([b, hq, w, d], 1.0, s ^ 2, dtype);
+        let dc =
+            DecodeConfig { decode_budget: 2300, window: w, pooling, pooling_kernel: 7, gqa_mode, ..Default::default() };
+        let got = kernels.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+        let want = oracle.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+        let args = validate::kv_compress(oracle.capabilities(), kc.view(), vc.view(), obs.view(), &dc).unwrap();
+        let scores = reference::compress_scores(&args);
+        check_compressed(&format!("long cache {pooling:?}/{gqa_mode:?} {dtype}"), &got, &want, &scores, &kc, false);
+    }
+}
+
+/// Exact ties (every key equal): the kept positions are the lowest ones, as SPEC §4.5 requires —
+/// this exercises Sort32's and MrgSort's tie order across tiles.
+#[test]
+fn emulated_kv_compress_ties_go_to_lower_positions() {
+    let kernels = Kernels::new(BackendKind::AscendEmu).unwrap();
+    let (b, hq, hkv, d, n, w) = (1, 2, 2, 32, 2600, 4);
+    let kc = HostTensor::full(DType::F32, [b, hkv, n, d], 0.25);
+    let vc = random([b, hkv, n, d], 1.0, seed("ties"), DType::F32);
+    let obs = random([b, hq, w, d], 1.0, seed("ties") ^ 1, DType::F32);
+    for pooling in [Pooling::None, Pooling::Max] {
+        let dc = DecodeConfig { decode_budget: 1500, window: w, pooling, ..Default::default() };
+        let got = kernels.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+        let keep = 1500 - w;
+        for u in 0..b * hkv {
+            let idx = &got.indices[u * keep..(u + 1) * keep];
+            assert!(idx.iter().enumerate().all(|(i, &p)| p == i as i64), "{pooling:?} head {u}: {:?}", &idx[..8]);
+        }
+    }
+}
+
+/// Sort32 sorts each group of 32 by descending score with ties to the earlier input (the
+/// documented rule), MrgSort merges the groups; the (score, index) layout is checked bit for bit.
+#[test]
+fn sort_and_merge_semantics() {
+    // Scores with many exact ties inside and across the two groups.
+    let input: Vec<f32> = (0..512).map(|i| ((i * 37) % 11) as f32 * 0.5).collect();
+    let mut output = vec![0f32; 512];
+    selftest(101, &input, &mut output).unwrap();
+    let mut want: Vec<u32> = (0..64).collect();
+    want.sort_by(|&a, &b| input[b as usize].total_cmp(&input[a as usize]).then(a.cmp(&b)));
+    let got: Vec<u32> = (0..64).map(|k| output[2 * k + 1].to_bits()).collect();
+    assert_eq!(got, want);
+    let scores: Vec<f32> = (0..64).map(|k| output[2 * k]).collect();
+    assert_eq!(scores, want.iter().map(|&i| input[i as usize]).collect::<Vec<_>>());
 }

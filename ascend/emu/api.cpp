@@ -8,6 +8,11 @@
 #include "kernel_operator.h"
 
 extern "C" void ek_decode(uint8_t* params);
+extern "C" void ek_compress_stats(uint8_t* params);
+extern "C" void ek_compress_means(uint8_t* params);
+extern "C" void ek_compress_pool(uint8_t* params);
+extern "C" void ek_compress_topk(uint8_t* params);
+extern "C" void ek_compress_gather(uint8_t* params);
 extern "C" void ek_emu_selftest_kernel(uint8_t* which);
 
 namespace {
@@ -17,6 +22,11 @@ struct Entry {
 };
 const Entry kKernels[] = {
     {"ek_decode", ek_decode},
+    {"ek_compress_stats", ek_compress_stats},
+    {"ek_compress_means", ek_compress_means},
+    {"ek_compress_pool", ek_compress_pool},
+    {"ek_compress_topk", ek_compress_topk},
+    {"ek_compress_gather", ek_compress_gather},
     {"selftest", ek_emu_selftest_kernel},
 };
 }  // namespace

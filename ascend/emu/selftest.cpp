@@ -61,6 +61,28 @@ void Level0(const SelfTest& t) {
     DataCopy(dst, z, 512);
 }
 
+// Sort32 over two groups of the first 64 inputs (indices 0..63), then MrgSort of the two
+// groups: out holds 64 (score, index) structures.
+void SortSemantics(const SelfTest& t) {
+    TPipe pipe;
+    TBuf<TPosition::VECCALC> sc, ix, a, b;
+    pipe.InitBuffer(sc, 64 * 4);
+    pipe.InitBuffer(ix, 64 * 4);
+    pipe.InitBuffer(a, 64 * 8);
+    pipe.InitBuffer(b, 64 * 8);
+    GlobalTensor<float> src, dst;
+    src.SetGlobalBuffer(t.in, 512);
+    dst.SetGlobalBuffer(t.out, 512);
+    LocalTensor<float> s = sc.Get<float>(), x = a.Get<float>(), y = b.Get<float>();
+    LocalTensor<uint32_t> i = ix.Get<uint32_t>();
+    DataCopy(s, src, 64);
+    for (uint32_t k = 0; k < 64; k++) i.SetValue(k, k);
+    Sort32(x, s, i, 2);
+    const uint16_t len[4] = {32, 32, 0, 0};
+    MrgSort(y, MrgSortSrcList<float>(x, x[64], x, x), MrgSort4Info(len, false, 0x3, 1));
+    DataCopy(dst, y, 128);
+}
+
 }  // namespace
 
 extern "C" void ek_emu_selftest_kernel(uint8_t* arg) {
@@ -181,8 +203,35 @@ extern "C" void ek_emu_selftest_kernel(uint8_t* arg) {
             (void)g.GetValue(8);
             break;
         }
+        case 17:  // MrgSort of a list that is not sorted
+        case 19:  // MrgSort list longer than 4095
+        case 20: {  // MrgSort into one of its lists
+            TPipe pipe;
+            TBuf<TPosition::VECCALC> a, d;
+            pipe.InitBuffer(a, 4096 * 8 * 2);
+            pipe.InitBuffer(d, 4096 * 8 * 2);
+            LocalTensor<float> x = a.Get<float>();
+            Duplicate(x, 1.0f, 4096 * 4);
+            if (t.code == 17) x.SetValue(4, 2.0f);  // structure 2 outranks structure 1
+            const uint16_t len[4] = {(uint16_t)(t.code == 19 ? 4096 : 16), 16, 0, 0};
+            LocalTensor<float> dst = t.code == 20 ? x[64] : d.Get<float>();
+            MrgSort(dst, MrgSortSrcList<float>(x, x[64], x, x), MrgSort4Info(len, false, 0x3, 1));
+            break;
+        }
+        case 18: {  // Sort32 with more than 255 repeats
+            TPipe pipe;
+            TBuf<TPosition::VECCALC> a, b, d;
+            pipe.InitBuffer(a, 256 * 32 * 4);
+            pipe.InitBuffer(b, 256 * 32 * 4);
+            pipe.InitBuffer(d, 256 * 32 * 8);
+            Sort32(d.Get<float>(), a.Get<float>(), b.Get<uint32_t>(), 256);
+            break;
+        }
         case 100:
             Level0(t);
+            break;
+        case 101:
+            SortSemantics(t);
             break;
         default:
             EmuFail("unknown self test");

@@ -17,3 +17,85 @@ __aicore__ inline float NegInf() {
     v.u = 0xff800000u;
     return v.f;
 }
+
+// Elements of T in one UB row of `d` elements padded to the 32-byte grid.
+template <typename T> __aicore__ inline uint32_t PaddedElems(uint32_t d) {
+    const uint32_t per_block = AscendC::ONE_BLK_SIZE / sizeof(T);
+    return (d + per_block - 1) / per_block * per_block;
+}
+
+// One float from a vector reduction of `n` elements, made visible to the scalar unit.
+__aicore__ inline float ReduceToScalar(bool max, const AscendC::LocalTensor<float>& src, uint32_t n,
+                                       const AscendC::LocalTensor<float>& red, const AscendC::LocalTensor<float>& work) {
+    if (max) {
+        AscendC::ReduceMax(red, src, work, (int32_t)n);
+    } else {
+        AscendC::ReduceSum(red, src, work, (int32_t)n);
+    }
+    AscendC::SetFlag<AscendC::HardEvent::V_S>(0);
+    AscendC::WaitFlag<AscendC::HardEvent::V_S>(0);
+    return red.GetValue(0);
+}
+
+// e^x for one scalar (the scalar unit has no exp): one lane of the vector unit.
+__aicore__ inline float ScalarExp(float x, const AscendC::LocalTensor<float>& red) {
+    AscendC::Duplicate(red, x, 8);
+    AscendC::Exp(red, red, 8);
+    AscendC::SetFlag<AscendC::HardEvent::V_S>(0);
+    AscendC::WaitFlag<AscendC::HardEvent::V_S>(0);
+    return red.GetValue(0);
+}
+
+// Scalar writes to UB made visible to the vector unit.
+__aicore__ inline void ScalarToVector() {
+    AscendC::SetFlag<AscendC::HardEvent::S_V>(0);
+    AscendC::WaitFlag<AscendC::HardEvent::S_V>(0);
+}
+
+// `n` rows of `d` elements of T from GM (row stride `stride` elements) into padded UB rows of
+// `que`'s next buffer (`held`, to be freed by the caller), returned as f32 rows: the buffer
+// itself for f32, else widened into `wide`.
+template <typename T, typename Que>
+__aicore__ inline AscendC::LocalTensor<float> LoadRows(Que& que, const AscendC::LocalTensor<float>& wide,
+                                                      const AscendC::GlobalTensor<T>& src, uint32_t n, uint32_t d,
+                                                      int64_t stride, AscendC::LocalTensor<T>& held) {
+    held = que.template AllocTensor<T>();
+    AscendC::DataCopyExtParams cp(n, d * sizeof(T), (uint32_t)((stride - d) * sizeof(T)), 0, 0);
+    AscendC::DataCopyPad(held, src, cp, AscendC::DataCopyPadExtParams<T>(true, 0, 0, T(0.0f)));
+    que.EnQue(held);
+    held = que.template DeQue<T>();
+    if constexpr (SameType<T, float>::value) {
+        return held;
+    } else {
+        AscendC::Cast(wide, held, AscendC::RoundMode::CAST_NONE, n * PaddedElems<T>(d));
+        return wide;
+    }
+}
+
+// Copies a params struct out of global memory (the tiling-data pattern of Ascend C kernels).
+template <typename P> __aicore__ inline P ReadParams(GM_ADDR params) {
+    P p;
+    for (uint32_t i = 0; i < sizeof(P); i++) reinterpret_cast<uint8_t*>(&p)[i] = params[i];
+    return p;
+}
+
+// Instantiates Kernel<T> for the params' dtype and runs it.
+template <template <typename> class Kernel, typename P> __aicore__ inline void Dispatch(const P& p) {
+    switch (p.dtype) {
+        case EK_F16: {
+            Kernel<half> k;
+            k.Run(p);
+            break;
+        }
+        case EK_BF16: {
+            Kernel<bfloat16_t> k;
+            k.Run(p);
+            break;
+        }
+        default: {
+            Kernel<float> k;
+            k.Run(p);
+            break;
+        }
+    }
+}

@@ -22,11 +22,6 @@ namespace {
 constexpr uint32_t DECODE_KEYS = 32;
 constexpr uint32_t DECODE_MAX_ROWS = 16;
 
-template <typename T> __aicore__ inline uint32_t PaddedElems(uint32_t d) {
-    const uint32_t per_block = ONE_BLK_SIZE / sizeof(T);
-    return (d + per_block - 1) / per_block * per_block;
-}
-
 template <typename T> class DecodeKernel {
 public:
     __aicore__ inline void Run(const EkDecodeParams& p) {
@@ -60,43 +55,13 @@ public:
     }
 
 private:
-    // x → e^x on one lane (the scalar unit has no exp).
-    __aicore__ inline float ScalarExp(float x) {
-        LocalTensor<float> r = red_.Get<float>();
-        Duplicate(r, x, 8);
-        Exp(r, r, 8);
-        SetFlag<HardEvent::V_S>(0);
-        WaitFlag<HardEvent::V_S>(0);
-        return r.GetValue(0);
-    }
-
+    __aicore__ inline float ScalarExp(float x) { return ::ScalarExp(x, red_.Get<float>()); }
     __aicore__ inline float Reduced(bool max, const LocalTensor<float>& src, uint32_t n) {
-        LocalTensor<float> r = red_.Get<float>();
-        if (max) {
-            ReduceMax(r, src, work_.Get<float>(), (int32_t)n);
-        } else {
-            ReduceSum(r, src, work_.Get<float>(), (int32_t)n);
-        }
-        SetFlag<HardEvent::V_S>(0);
-        WaitFlag<HardEvent::V_S>(0);
-        return r.GetValue(0);
+        return ReduceToScalar(max, src, n, red_.Get<float>(), work_.Get<float>());
     }
-
-    // Rows of T from GM (row stride `stride` elements) into `n` padded UB rows, as f32 rows.
     __aicore__ inline LocalTensor<float> LoadTile(TQue<TPosition::VECIN, 1>& que, TBuf<TPosition::VECCALC>& wide,
                                                   const GlobalTensor<T>& src, uint32_t n, int64_t stride, LocalTensor<T>& held) {
-        held = que.template AllocTensor<T>();
-        DataCopyExtParams cp(n, d_ * sizeof(T), (uint32_t)((stride - d_) * sizeof(T)), 0, 0);
-        DataCopyPad(held, src, cp, DataCopyPadExtParams<T>(true, 0, 0, T(0.0f)));
-        que.EnQue(held);
-        held = que.template DeQue<T>();
-        if constexpr (SameType<T, float>::value) {
-            return held;
-        } else {
-            LocalTensor<float> f = wide.Get<float>();
-            Cast(f, held, RoundMode::CAST_NONE, n * dpt_);
-            return f;
-        }
+        return LoadRows<T>(que, SameType<T, float>::value ? LocalTensor<float>() : wide.Get<float>(), src, n, d_, stride, held);
     }
 
     __aicore__ inline void Unit(uint32_t u) {
@@ -181,26 +146,4 @@ private:
 
 }  // namespace
 
-// Params arrive through global memory (the tiling-data pattern of Ascend C kernels).
-extern "C" __global__ __aicore__ void ek_decode(GM_ADDR params) {
-    EkDecodeParams p;
-    const uint8_t* src = params;
-    for (uint32_t i = 0; i < sizeof(p); i++) reinterpret_cast<uint8_t*>(&p)[i] = src[i];
-    switch (p.dtype) {
-        case EK_F16: {
-            DecodeKernel<half> k;
-            k.Run(p);
-            break;
-        }
-        case EK_BF16: {
-            DecodeKernel<bfloat16_t> k;
-            k.Run(p);
-            break;
-        }
-        default: {
-            DecodeKernel<float> k;
-            k.Run(p);
-            break;
-        }
-    }
-}
+extern "C" __global__ __aicore__ void ek_decode(GM_ADDR params) { Dispatch<DecodeKernel>(ReadParams<EkDecodeParams>(params)); }

@@ -6,7 +6,7 @@
 //   - aclrtLaunchKernel's argsData is device memory (allocated here) of exactly one GM_ADDR;
 //   - memcpy bounds (count <= destMax) and frees of unknown pointers.
 // Failure injection: ek_mock_acl_fail("<api name>") makes that call fail with code 507899.
-// The kernel "binary" is the text "ekmock <symbol> <magic hex>".
+// The kernel "binary" is the text "ekmock <symbol>,<symbol>... <magic hex>".
 
 #include <cstdio>
 #include <cstdlib>
@@ -32,8 +32,12 @@ std::map<uintptr_t, size_t> allocations;
 std::string last_error;
 
 struct Binary {
-    std::string symbol;
+    std::string symbols;  // comma-separated entries
     uint32_t magic;
+};
+
+struct Function {
+    std::string symbol;
 };
 
 aclError fail(aclError code, const std::string& msg) {
@@ -146,22 +150,24 @@ aclError aclrtBinaryLoadFromData(const void* data, size_t length, const aclrtBin
     MOCK_ENTRY("aclrtBinaryLoadFromData");
     NEED_DEVICE();
     std::string text(static_cast<const char*>(data), length);
-    char symbol[128];
+    char symbols[1024];
     unsigned magic = 0;
-    if (std::sscanf(text.c_str(), "ekmock %127s %x", symbol, &magic) != 2) return fail(kInvalid, "mock: not a kernel binary");
+    if (std::sscanf(text.c_str(), "ekmock %1023s %x", symbols, &magic) != 2) return fail(kInvalid, "mock: not a kernel binary");
     uint32_t given = 0;
     for (size_t i = 0; options && i < options->numOpt; i++)
         if (options->options[i].type == ACL_RT_LOAD_BINARY_OPT_MAGIC) given = options->options[i].value.magic;
     if (given != magic) return fail(kInvalid, "mock: binary magic does not match the kernel's core type");
-    *h = new Binary{symbol, magic};
+    *h = new Binary{std::string(",") + symbols + ",", magic};
     return ACL_SUCCESS;
 }
 
 aclError aclrtBinaryGetFunction(const aclrtBinHandle h, const char* name, aclrtFuncHandle* f) {
     MOCK_ENTRY("aclrtBinaryGetFunction");
     auto* b = static_cast<Binary*>(h);
-    if (b->symbol != name) return fail(kInvalid, std::string("mock: no function ") + name + " in the binary");
-    *f = h;
+    if (b->symbols.find(std::string(",") + name + ",") == std::string::npos)
+        return fail(kInvalid, std::string("mock: no function ") + name + " in the binary");
+    static std::map<std::string, Function> functions;  // handles live as long as the process
+    *f = &(functions[name] = Function{name});
     return ACL_SUCCESS;
 }
 
@@ -179,7 +185,7 @@ aclError aclrtLaunchKernel(aclrtFuncHandle f, uint32_t block_dim, const void* ar
     std::memcpy(&params, args, sizeof(params));
     if (!is_device(reinterpret_cast<void*>(params), 1)) return fail(kInvalid, "mock: the params GM_ADDR is not device memory");
     char err[1024] = {0};
-    const int rc = ek_emu_run(static_cast<Binary*>(f)->symbol.c_str(), reinterpret_cast<void*>(params), block_dim, err, sizeof(err));
+    const int rc = ek_emu_run(static_cast<Function*>(f)->symbol.c_str(), reinterpret_cast<void*>(params), block_dim, err, sizeof(err));
     if (rc != 0) return fail(kKernelFailed, std::string("mock: kernel failed: ") + err);
     return ACL_SUCCESS;
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use super::launch::{self, Kernel, Launcher, raw_parts};
 use super::ops;
-use super::runtime::{AclRuntime, AscendOptions, DeviceBuffer, Module, Stream};
+use super::runtime::{AclRuntime, AscendOptions, DeviceBuffer, Function, Stream};
 use crate::backend::{Backend, BackendKind, Capabilities, HeadDims};
 use crate::compress::CompressedCache;
 use crate::error::{Error, Result};
@@ -46,7 +46,7 @@ pub fn kernels_embedded() -> bool {
 /// The Ascend backend on device `rt.device`.
 pub struct AscendBackend {
     rt: Arc<AclRuntime>,
-    modules: HashMap<&'static str, Module>,
+    functions: HashMap<&'static str, Function>,
     stream: Mutex<Stream>,
     caps: Capabilities,
 }
@@ -66,12 +66,16 @@ impl AscendBackend {
     pub fn with_options(opts: &AscendOptions) -> Result<Self> {
         let rt = AclRuntime::load(opts)?;
         let mut modules = HashMap::new();
-        for k in launch::KERNELS.iter().filter(|k| ops::kernel_supported(k)) {
-            modules.insert(k.symbol, rt.module(*k, &kernel_image(*k, opts.kernel_dir.as_deref())?)?);
+        let mut functions = HashMap::new();
+        for k in launch::KERNELS {
+            if !modules.contains_key(k.file) {
+                modules.insert(k.file, rt.module(k.cores, &kernel_image(k, opts.kernel_dir.as_deref())?)?);
+            }
+            functions.insert(k.symbol, modules[k.file].function(k)?);
         }
         let stream = Mutex::new(rt.stream()?);
         let caps = Capabilities { ops: ops::SUPPORTED.to_vec(), ..Capabilities::full("ascend", HeadDims::UpTo(256)) };
-        Ok(AscendBackend { rt, modules, stream, caps })
+        Ok(AscendBackend { rt, functions, stream, caps })
     }
 
     fn launcher(&self) -> AclLauncher<'_, '_> {
@@ -131,9 +135,9 @@ impl<'v> Launcher<'v> for AclLauncher<'_, 'v> {
         let args = launch::pack_args(params_addr);
         let mut args_buf = self.backend.rt.alloc(args.len())?;
         args_buf.upload(&args)?;
-        let module = &self.backend.modules[kernel.symbol];
+        let function = &self.backend.functions[kernel.symbol];
         let stream = self.backend.stream.lock().unwrap_or_else(|e| e.into_inner());
-        stream.launch(module, self.backend.rt.block_dim(kernel), &args_buf, args.len())?;
+        stream.launch(function, self.backend.rt.block_dim(kernel), &args_buf, args.len())?;
         stream.synchronize()?;
         self.buffers.push(args_buf);
         Ok(())
@@ -165,8 +169,8 @@ impl Backend for AscendBackend {
     fn attention(&self, _: &AttentionArgs<'_>, _: &mut TensorViewMut<'_>, _: Option<&mut [f32]>) -> Result<()> {
         Err(Error::Unimplemented { backend: "ascend", op: "prefill" })
     }
-    fn kv_compress(&self, _: &CompressArgs<'_>) -> Result<CompressedCache> {
-        Err(Error::Unimplemented { backend: "ascend", op: "kv_compress" })
+    fn kv_compress(&self, a: &CompressArgs<'_>) -> Result<CompressedCache> {
+        ops::kv_compress(self.launcher(), a)
     }
     fn decode_attention(&self, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
         ops::decode(self.launcher(), a, out)
@@ -182,14 +186,15 @@ pub mod mock {
     /// Path of the mock library.
     pub const LIBRARY: &str = env!("EK_MOCK_ACL_PATH");
 
-    /// The mock's stand-in for a bisheng binary of `kernel`.
-    pub fn image(kernel: Kernel, magic: u32) -> Vec<u8> {
-        format!("ekmock {} {magic:x}", kernel.symbol).into_bytes()
+    /// The mock's stand-in for the bisheng binary of `file`: its entries and core magic.
+    pub fn image(file: &str, magic: u32) -> Vec<u8> {
+        let symbols: Vec<&str> = launch::KERNELS.iter().filter(|k| k.file == file).map(|k| k.symbol).collect();
+        format!("ekmock {} {magic:x}", symbols.join(",")).into_bytes()
     }
 
     /// The magic the real loader expects for `kernel`.
     pub fn magic(kernel: Kernel) -> u32 {
-        super::super::runtime::magic(kernel)
+        super::super::runtime::magic(kernel.cores)
     }
 
     /// Writes mock binaries of every kernel into `dir` and returns options that load them.
@@ -197,7 +202,7 @@ pub mod mock {
         std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.display().to_string(), source })?;
         for k in launch::KERNELS {
             let path = dir.join(format!("{}.o", k.file));
-            std::fs::write(&path, image(k, magic(k)))
+            std::fs::write(&path, image(k.file, magic(k)))
                 .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
         }
         Ok(AscendOptions {

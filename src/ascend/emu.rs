@@ -133,8 +133,8 @@ impl Backend for AscendEmuBackend {
     fn attention(&self, _: &AttentionArgs<'_>, _: &mut TensorViewMut<'_>, _: Option<&mut [f32]>) -> Result<()> {
         Err(Error::Unimplemented { backend: "ascend-emu", op: "prefill" })
     }
-    fn kv_compress(&self, _: &CompressArgs<'_>) -> Result<CompressedCache> {
-        Err(Error::Unimplemented { backend: "ascend-emu", op: "kv_compress" })
+    fn kv_compress(&self, a: &CompressArgs<'_>) -> Result<CompressedCache> {
+        ops::kv_compress(EmuLauncher::default(), a)
     }
     fn decode_attention(&self, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
         ops::decode(EmuLauncher::default(), a, out)

@@ -25,11 +25,20 @@ pub struct Kernel {
     pub cores: Cores,
 }
 
-pub const DECODE: Kernel = Kernel { symbol: "ek_decode", file: "decode", cores: Cores::Vector };
-pub const COMPRESS: Kernel = Kernel { symbol: "ek_kv_compress", file: "kv_compress", cores: Cores::Vector };
+const fn vector(symbol: &'static str, file: &'static str) -> Kernel {
+    Kernel { symbol, file, cores: Cores::Vector }
+}
 
-/// Every kernel the backend ships (build.rs compiles the same list).
-pub const KERNELS: [Kernel; 2] = [DECODE, COMPRESS];
+pub const DECODE: Kernel = vector("ek_decode", "decode");
+pub const COMPRESS_STATS: Kernel = vector("ek_compress_stats", "kv_compress");
+pub const COMPRESS_MEANS: Kernel = vector("ek_compress_means", "kv_compress");
+pub const COMPRESS_POOL: Kernel = vector("ek_compress_pool", "kv_compress");
+pub const COMPRESS_TOPK: Kernel = vector("ek_compress_topk", "kv_compress");
+pub const COMPRESS_GATHER: Kernel = vector("ek_compress_gather", "kv_compress");
+
+/// Every kernel entry the backend ships; build.rs compiles each distinct `file` once.
+pub const KERNELS: [Kernel; 6] =
+    [DECODE, COMPRESS_STATS, COMPRESS_MEANS, COMPRESS_POOL, COMPRESS_TOPK, COMPRESS_GATHER];
 
 /// Places a launch's buffers and runs it.
 pub trait Launcher<'v> {

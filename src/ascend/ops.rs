@@ -3,10 +3,12 @@
 
 use super::launch::{self, Launcher};
 use crate::backend::Op;
+use crate::compress::{self, CompressedCache};
+use crate::config::HeadBudget;
 use crate::error::{Error, Result};
-use crate::ffi::{EkDecodeParams, dtype_code};
-use crate::tensor::TensorViewMut;
-use crate::validate::DecodeArgs;
+use crate::ffi::{EkCompressParams, EkDecodeParams, dtype_code, gqa_code, pooling_code};
+use crate::tensor::{DType, HostBuffer, HostTensor, TensorViewMut};
+use crate::validate::{CompressArgs, DecodeArgs};
 
 /// Query rows one decode unit keeps in UB (`DECODE_MAX_ROWS` in `ascend/kernels/decode.cpp`).
 pub const DECODE_MAX_ROWS: usize = 16;
@@ -38,9 +40,106 @@ pub(crate) fn decode<'v>(mut l: impl Launcher<'v>, a: &DecodeArgs<'_>, out: &'v 
 }
 
 /// Operations with Ascend kernels (the others answer `Error::Unimplemented`).
-pub const SUPPORTED: [Op; 1] = [Op::Decode];
+pub const SUPPORTED: [Op; 2] = [Op::KvCompress, Op::Decode];
 
-/// Whether a kernel of `launch::KERNELS` backs a supported op (only those are loaded on the NPU).
-pub fn kernel_supported(k: &super::launch::Kernel) -> bool {
-    k.symbol == super::launch::DECODE.symbol
+/// Window rows of one group a compression unit holds (`COMPRESS_MAX_ROWS` in kv_compress.cpp).
+pub const COMPRESS_MAX_ROWS: usize = 128;
+/// Most `rows · D` f32 elements of window queries in UB (64 KiB).
+pub const COMPRESS_MAX_ROW_ELEMS: usize = 16384;
+/// Most positions kept per head (`TOPK_CAP`: MrgSort lists hold at most 4095 structures).
+pub const TOPK_CAP: usize = 4064;
+/// Keys per stats/means work item.
+pub const COMPRESS_CHUNK: usize = 512;
+
+fn f32s(v: &[u8]) -> Vec<f32> {
+    bytemuck::pod_collect_to_vec(v)
+}
+
+pub(crate) fn kv_compress<'v>(mut l: impl Launcher<'v>, a: &CompressArgs<'_>) -> Result<CompressedCache> {
+    let d = a.dims();
+    let cfg = a.cfg();
+    if !d.compresses(cfg) {
+        return Ok(compress::unchanged(&a.k_cache(), &a.v_cache(), &d));
+    }
+    let rows = d.group() * d.window;
+    let keep = cfg.decode_budget - d.window;
+    if rows > COMPRESS_MAX_ROWS || rows * d.head_dim > COMPRESS_MAX_ROW_ELEMS {
+        let why = format!(
+            "the Ascend kernel holds at most {COMPRESS_MAX_ROWS} window rows (G·W) and {COMPRESS_MAX_ROW_ELEMS} G·W·D"
+        );
+        return Err(Error::range("window rows", rows, why));
+    }
+    if keep > TOPK_CAP {
+        return Err(Error::range("decode_budget - window", keep, format!("the Ascend top-k keeps at most {TOPK_CAP}")));
+    }
+    let dtype = a.k_cache().dtype();
+    let (n, w, dd) = (d.entries, d.window, d.head_dim);
+    let scored = n - w;
+    let heads = d.out_heads(cfg);
+    let chunks = n.div_ceil(COMPRESS_CHUNK);
+    let pad = if cfg.pooling == crate::config::Pooling::None { 0 } else { cfg.pooling_kernel / 2 };
+    let means_stride = (scored + 2 * pad).div_ceil(8) * 8;
+    let out_bytes = d.batch * heads * cfg.decode_budget * dd * dtype.size();
+    let params = EkCompressParams {
+        k_cache: l.input(&a.k_cache())?,
+        v_cache: l.input(&a.v_cache())?,
+        obs: l.input(&a.obs())?,
+        stats: l.zeroed(4 * d.batch * d.kv_heads * chunks * 2 * rows)?,
+        means: l.zeroed(4 * d.batch * d.q_heads * means_stride)?,
+        pooled: l.zeroed(4 * d.batch * heads * scored)?,
+        selected: l.zeroed(4 * d.batch * heads * keep)?,
+        k_out: l.zeroed(out_bytes)?,
+        v_out: l.zeroed(out_bytes)?,
+        entries: n as i32,
+        window: w as i32,
+        budget: cfg.decode_budget as i32,
+        group: d.group() as i32,
+        out_heads: heads as i32,
+        chunk: COMPRESS_CHUNK as i32,
+        chunks: chunks as i32,
+        pooling: pooling_code(cfg.pooling),
+        pooling_kernel: cfg.pooling_kernel as i32,
+        gqa_mode: gqa_code(cfg.gqa_mode),
+        scale_log2: a.scale() * std::f32::consts::LOG2_E,
+        dtype: dtype_code(dtype),
+    };
+    for k in [launch::COMPRESS_STATS, launch::COMPRESS_MEANS, launch::COMPRESS_POOL] {
+        l.launch(k, &params)?;
+    }
+    if let HeadBudget::AdaKv { .. } = cfg.head_budget {
+        // AdaKV's cross-head allocation runs on the host over the device's pooled scores.
+        let mut pooled = vec![0u8; 4 * d.batch * heads * scored];
+        l.read(params.pooled, &mut pooled)?;
+        let pooled = f32s(&pooled);
+        let rows: Vec<Vec<f32>> = pooled.chunks(scored).map(<[f32]>::to_vec).collect();
+        let sel: Vec<Vec<u32>> = rows.chunks(heads).flat_map(|r| compress::select_heads(r, cfg)).collect();
+        l.finish()?;
+        return Ok(compress::gather(&a.k_cache(), &a.v_cache(), &d, heads, &sel));
+    }
+    l.launch(launch::COMPRESS_TOPK, &params)?;
+    l.launch(launch::COMPRESS_GATHER, &params)?;
+    let mut selected = vec![0u8; 4 * d.batch * heads * keep];
+    l.read(params.selected, &mut selected)?;
+    let shape = [d.batch, heads, cfg.decode_budget, dd];
+    let mut fetch = |addr: u64| -> Result<HostTensor> {
+        let mut bytes = vec![0u8; out_bytes];
+        l.read(addr, &mut bytes)?;
+        let data = match dtype {
+            DType::F32 => HostBuffer::F32(bytemuck::pod_collect_to_vec(&bytes)),
+            DType::F16 => HostBuffer::F16(bytemuck::pod_collect_to_vec(&bytes)),
+            DType::BF16 => HostBuffer::BF16(bytemuck::pod_collect_to_vec(&bytes)),
+        };
+        Ok(HostTensor { data, shape })
+    };
+    let (k, v) = (fetch(params.k_out)?, fetch(params.v_out)?);
+    l.finish()?;
+    let selected: Vec<u32> = bytemuck::pod_collect_to_vec(&selected);
+    Ok(CompressedCache {
+        k,
+        v,
+        lengths: vec![cfg.decode_budget as u32; d.batch * heads],
+        indices: selected.iter().map(|&i| i as i64).collect(),
+        window: w,
+        compressed: true,
+    })
 }

@@ -116,23 +116,16 @@ impl AclRuntime {
         Ok(Stream { rt: self.clone(), raw: s })
     }
 
-    /// Loads one kernel binary and looks its entry up.
-    pub fn module(self: &Arc<Self>, kernel: Kernel, image: &[u8]) -> Result<Module> {
-        let handle = unsafe { result::binary_load(&self.acl, image, magic(kernel))? };
-        let name = CString::new(kernel.symbol).expect("symbols have no NUL");
-        match unsafe { result::get_function(&self.acl, handle, &name) } {
-            Ok(func) => Ok(Module { rt: self.clone(), handle, func, kernel }),
-            Err(e) => {
-                let _ = unsafe { result::binary_unload(&self.acl, handle) };
-                Err(e)
-            }
-        }
+    /// Loads one kernel binary (all entries of one source file) for the cores `cores`.
+    pub fn module(self: &Arc<Self>, cores: Cores, image: &[u8]) -> Result<Arc<Module>> {
+        let handle = unsafe { result::binary_load(&self.acl, image, magic(cores))? };
+        Ok(Arc::new(Module { rt: self.clone(), handle }))
     }
 }
 
-/// The binary magic `aclrtBinaryLoadFromData` needs for the cores `kernel` runs on.
-pub fn magic(kernel: Kernel) -> u32 {
-    match kernel.cores {
+/// The binary magic `aclrtBinaryLoadFromData` needs for kernels of `cores`.
+pub fn magic(cores: Cores) -> u32 {
+    match cores {
         Cores::Vector => sys::ACL_RT_BINARY_MAGIC_ELF_VECTOR_CORE,
         Cores::Mix => sys::ACL_RT_BINARY_MAGIC_ELF_AICORE,
     }
@@ -187,9 +180,9 @@ unsafe impl Send for Stream {}
 
 impl Stream {
     /// Launches `module` on `block_dim` cores with `args` (device memory holding the arguments).
-    pub fn launch(&self, module: &Module, block_dim: u32, args: &DeviceBuffer, args_size: usize) -> Result<()> {
+    pub fn launch(&self, f: &Function, block_dim: u32, args: &DeviceBuffer, args_size: usize) -> Result<()> {
         let acl = &self.rt.acl;
-        unsafe { result::launch(acl, module.func, block_dim, args.ptr, args_size, self.raw) }
+        unsafe { result::launch(acl, f.func, block_dim, args.ptr, args_size, self.raw) }
     }
     pub fn synchronize(&self) -> Result<()> {
         unsafe { result::synchronize(&self.rt.acl, self.raw) }
@@ -202,22 +195,39 @@ impl Drop for Stream {
     }
 }
 
-/// A loaded kernel binary and its entry.
+/// A loaded kernel binary.
 pub struct Module {
     rt: Arc<AclRuntime>,
     handle: aclrtBinHandle,
-    func: aclrtFuncHandle,
-    pub kernel: Kernel,
 }
 
 unsafe impl Send for Module {}
 unsafe impl Sync for Module {}
+
+impl Module {
+    /// The entry `kernel.symbol` of this binary.
+    pub fn function(self: &Arc<Self>, kernel: Kernel) -> Result<Function> {
+        let name = CString::new(kernel.symbol).expect("symbols have no NUL");
+        let func = unsafe { result::get_function(&self.rt.acl, self.handle, &name)? };
+        Ok(Function { func, kernel, _module: self.clone() })
+    }
+}
 
 impl Drop for Module {
     fn drop(&mut self) {
         let _ = unsafe { result::binary_unload(&self.rt.acl, self.handle) };
     }
 }
+
+/// One kernel entry; keeps its binary loaded.
+pub struct Function {
+    func: aclrtFuncHandle,
+    pub kernel: Kernel,
+    _module: Arc<Module>,
+}
+
+unsafe impl Send for Function {}
+unsafe impl Sync for Function {}
 
 /// A stream shared by the backend's calls, one launch sequence at a time.
 pub type SharedStream = Mutex<Stream>;

@@ -407,17 +407,9 @@ impl Backend for CudaBackend {
             out_heads: heads as i32,
             chunk: COMPRESS_CHUNK as i32,
             chunks: chunks as i32,
-            pooling: match cfg.pooling {
-                crate::config::Pooling::None => 0,
-                crate::config::Pooling::Avg => 1,
-                crate::config::Pooling::Max => 2,
-            },
+            pooling: crate::ffi::pooling_code(cfg.pooling),
             pooling_kernel: cfg.pooling_kernel as i32,
-            gqa_mode: match cfg.gqa_mode {
-                crate::config::GqaMode::Mean => 0,
-                crate::config::GqaMode::Max => 1,
-                crate::config::GqaMode::PerQueryHead => 2,
-            },
+            gqa_mode: crate::ffi::gqa_code(cfg.gqa_mode),
             scale_log2: a.scale() * std::f32::consts::LOG2_E,
             dtype: 0,
         };

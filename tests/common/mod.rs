@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use entropy_kernels::{BackendKind, DType, HostTensor, Kernels, Op, synth};
+use entropy_kernels::{BackendKind, CompressedCache, DType, HostTensor, Kernels, Op, synth};
 
 /// Backends compared with the oracle: every kind except the oracle itself. Absent ones are
 /// reported with the reason and skipped, never silently passed.
@@ -123,4 +123,75 @@ pub fn seed(test: &str) -> u64 {
     };
     eprintln!("[{test}] seed {s} (replay with ENTROPY_KERNELS_SEED={s})");
     s
+}
+
+/// Compression results agree with the oracle, allowing only near-ties at the selection boundary
+/// (f32 scoring against f64); the gathered entries must match the reported indices exactly.
+pub fn check_compressed(
+    tag: &str,
+    got: &CompressedCache,
+    want: &CompressedCache,
+    scores: &[Vec<Vec<f64>>],
+    k_cache: &HostTensor,
+    shared_budget: bool,
+) {
+    assert_eq!(got.heads(), want.heads(), "{tag}: heads");
+    assert_eq!(got.window, want.window, "{tag}: window");
+    assert_eq!(got.lengths.iter().sum::<u32>(), want.lengths.iter().sum::<u32>(), "{tag}: total length");
+    if got.indices != want.indices {
+        // Every disagreement must be a position whose oracle score is within 1e-6 of the
+        // boundary of its row group (a batch row for AdaKV, a head otherwise).
+        let w = want.index_width();
+        let gw = got.index_width();
+        for (b, rows) in scores.iter().enumerate() {
+            let kept = |c: &CompressedCache, width: usize, hc: usize| -> Vec<i64> {
+                let u = b * c.heads() + hc;
+                c.indices[u * width..(u + 1) * width].iter().copied().filter(|&p| p >= 0).collect()
+            };
+            let top = rows.iter().flatten().fold(0f64, |m, x| m.max(x.abs())).max(1e-300);
+            let boundary_of = |heads: &mut dyn Iterator<Item = usize>| {
+                heads
+                    .flat_map(|hc| kept(want, w, hc).into_iter().map(move |p| rows[hc][p as usize]))
+                    .fold(f64::INFINITY, f64::min)
+            };
+            let shared = boundary_of(&mut (0..rows.len()));
+            for hc in 0..rows.len() {
+                let boundary = if shared_budget { shared } else { boundary_of(&mut std::iter::once(hc)) };
+                let (a, bb) = (kept(got, gw, hc), kept(want, w, hc));
+                for p in a.iter().filter(|p| !bb.contains(p)).chain(bb.iter().filter(|p| !a.contains(p))) {
+                    let s = rows[hc][*p as usize];
+                    assert!(
+                        (s - boundary).abs() <= 1e-6 * top,
+                        "{tag}: batch {b} head {hc} position {p} differs (score {s:e}, boundary {boundary:e})"
+                    );
+                }
+            }
+        }
+        eprintln!("[{tag}] selection differs from the oracle only at near-ties");
+    }
+    // The gather: every kept slot holds the cache entry its index names, then the window.
+    let kc = k_cache.to_f32_vec();
+    let [bsz, hkv, n, d] = k_cache.shape;
+    let kout = got.k.to_f32_vec();
+    let cap = got.capacity();
+    let per_kv = got.heads() / hkv;
+    for b in 0..bsz {
+        for hc in 0..got.heads() {
+            let u = b * got.heads() + hc;
+            let len = got.lengths[u] as usize;
+            let idx: Vec<usize> = got.indices[u * got.index_width()..(u + 1) * got.index_width()]
+                .iter()
+                .filter(|&&p| p >= 0)
+                .map(|&p| p as usize)
+                .collect();
+            assert!(idx.windows(2).all(|w| w[0] < w[1]), "{tag}: indices ascending");
+            let src: Vec<usize> = idx.iter().copied().chain(n - got.window..n).collect();
+            assert_eq!(src.len(), len, "{tag}: length of head {u}");
+            for (slot, &p) in src.iter().enumerate() {
+                let a = &kout[(u * cap + slot) * d..(u * cap + slot + 1) * d];
+                let e = &kc[((b * hkv + hc / per_kv) * n + p) * d..((b * hkv + hc / per_kv) * n + p + 1) * d];
+                assert_eq!(a, e, "{tag}: slot {slot} of head {u}");
+            }
+        }
+    }
 }

@@ -589,6 +589,100 @@ __aicore__ void Cast(const LocalTensor<D>& dst, const LocalTensor<S>& src, const
 }
 
 // ------------------------------------------------------------------------------------------------
+// Sorting (A2 layout: 8-byte (score, index) structures, score in the low 4 bytes for float).
+
+// Sorts each group of 32 (score, index) inputs by descending score into dst; on equal scores the
+// earlier input comes first (the documented tie rule). Groups are not merged with each other.
+template <typename T>
+__aicore__ void Sort32(const LocalTensor<T>& dst, const LocalTensor<T>& src0, const LocalTensor<uint32_t>& src1, const int32_t repeatTime) {
+    static_assert(sizeof(T) == 4, "emulated Sort32 handles float scores");
+    emu::CheckVectorOperand(dst, "Sort32");
+    emu::CheckVectorOperand(src0, "Sort32");
+    emu::CheckVectorOperand(src1, "Sort32");
+    if (repeatTime < 0 || repeatTime > 255) EmuFail("Sort32: repeatTime " + std::to_string(repeatTime) + " outside 0..255");
+    const uint32_t n = 32u * (uint32_t)repeatTime;
+    const T* sc = src0.Ptr(0, n);
+    const uint32_t* ix = src1.Ptr(0, n);
+    std::vector<std::pair<T, uint32_t>> v(n);
+    for (uint32_t i = 0; i < n; i++) v[i] = {sc[i], ix[i]};
+    for (uint32_t g = 0; g < n; g += 32)
+        std::stable_sort(v.begin() + g, v.begin() + g + 32, [](const auto& a, const auto& b) { return a.first > b.first; });
+    T* d = dst.Ptr(0, 2 * n);
+    for (uint32_t i = 0; i < n; i++) {
+        d[2 * i] = v[i].first;
+        std::memcpy(&d[2 * i + 1], &v[i].second, 4);
+    }
+}
+
+template <typename T> struct MrgSortSrcList {
+    MrgSortSrcList() = default;
+    MrgSortSrcList(const LocalTensor<T>& a, const LocalTensor<T>& b, const LocalTensor<T>& c, const LocalTensor<T>& d)
+        : src1(a), src2(b), src3(c), src4(d) {}
+    LocalTensor<T> src1, src2, src3, src4;
+};
+
+struct MrgSort4Info {
+    uint16_t elementLengths[4] = {0, 0, 0, 0};  // structures per list, each at most 4095
+    bool ifExhaustedSuspension = false;
+    uint16_t validBit = 0;  // lists in use: 0b0011, 0b0111 or 0b1111
+    uint16_t repeatTimes = 1;
+    MrgSort4Info() = default;
+    MrgSort4Info(const uint16_t len[4], bool suspend, uint16_t valid, uint16_t repeat)
+        : ifExhaustedSuspension(suspend), validBit(valid), repeatTimes(repeat) {
+        for (int i = 0; i < 4; i++) elementLengths[i] = len[i];
+    }
+};
+
+// Merges 2-4 lists sorted by descending score into dst. Emulator rules: lists must be sorted
+// (the hardware's result is undefined otherwise), at most 4095 structures each, 8-byte aligned,
+// not overlapping dst. On equal scores the lower-numbered list goes first (assumed: the
+// documentation states no rule across lists; the kernels put the earlier positions in list 1).
+template <typename T> __aicore__ void MrgSort(const LocalTensor<T>& dst, const MrgSortSrcList<T>& src, const MrgSort4Info& info) {
+    static_assert(sizeof(T) == 4, "emulated MrgSort handles float scores");
+    emu::CheckVectorOperand(dst, "MrgSort");
+    if (info.repeatTimes != 1) EmuFail("MrgSort: only repeatTimes 1 is emulated");
+    if (info.ifExhaustedSuspension) EmuFail("MrgSort: ifExhaustedSuspension is not emulated");
+    int lists = 0;
+    if (info.validBit == 0x3) lists = 2;
+    else if (info.validBit == 0x7) lists = 3;
+    else if (info.validBit == 0xf) lists = 4;
+    else EmuFail("MrgSort: validBit " + std::to_string(info.validBit) + " is not 0b11, 0b111 or 0b1111");
+    const LocalTensor<T>* l[4] = {&src.src1, &src.src2, &src.src3, &src.src4};
+    std::vector<std::pair<T, uint32_t>> out;
+    std::vector<std::vector<std::pair<T, uint32_t>>> in(lists);
+    uint32_t total = 0;
+    for (int k = 0; k < lists; k++) {
+        const uint32_t n = info.elementLengths[k];
+        if (n > 4095) EmuFail("MrgSort: list " + std::to_string(k + 1) + " has " + std::to_string(n) + " structures (at most 4095)");
+        if (l[k]->Offset() % 8) EmuFail("MrgSort: list " + std::to_string(k + 1) + " is not 8-byte aligned");
+        if (MemoryOf(l[k]->GetPosition()) != Memory::UB) EmuFail("MrgSort: lists must live in the unified buffer");
+        const T* p = l[k]->Ptr(0, 2 * n);
+        for (uint32_t i = 0; i < n; i++) {
+            uint32_t ix;
+            std::memcpy(&ix, &p[2 * i + 1], 4);
+            if (i > 0 && p[2 * i] > p[2 * i - 2])
+                EmuFail("MrgSort: list " + std::to_string(k + 1) + " is not sorted by descending score at structure " + std::to_string(i));
+            in[k].push_back({p[2 * i], ix});
+        }
+        const uint32_t lo = l[k]->Offset(), hi = lo + 8 * n, dlo = dst.Offset(), dhi = dlo + 8 * (total + n);
+        if (n && lo < dhi && dlo < hi && l[k]->Owner() == dst.Owner()) EmuFail("MrgSort: dst overlaps list " + std::to_string(k + 1));
+        total += n;
+    }
+    std::vector<size_t> at(lists, 0);
+    for (uint32_t o = 0; o < total; o++) {
+        int best = -1;
+        for (int k = 0; k < lists; k++)
+            if (at[k] < in[k].size() && (best < 0 || in[k][at[k]].first > in[best][at[best]].first)) best = k;
+        out.push_back(in[best][at[best]++]);
+    }
+    T* d = dst.Ptr(0, 2 * total);
+    for (uint32_t i = 0; i < total; i++) {
+        d[2 * i] = out[i].first;
+        std::memcpy(&d[2 * i + 1], &out[i].second, 4);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
 // Synchronisation
 
 enum class HardEvent : int { MTE2_V, V_MTE2, MTE3_V, V_MTE3, MTE2_MTE3, MTE3_MTE2, S_V, V_S, MTE2_S, S_MTE2, MTE3_S, S_MTE3, M_V, V_M, MTE1_M, M_MTE1, FIX_M, M_FIX };
@@ -613,6 +707,10 @@ __aicore__ int64_t GetBlockIdx();
 __aicore__ int64_t GetBlockNum();
 
 }  // namespace AscendC
+
+// On the device `half` and `bfloat16_t` are global types of the compiler and its headers.
+using AscendC::bfloat16_t;
+using AscendC::half;
 
 // ------------------------------------------------------------------------------------------------
 // Emulator entry: runs `body` once per core, each with fresh, poisoned memories; rethrows the

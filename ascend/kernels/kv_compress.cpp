@@ -1,0 +1,576 @@
+// kv_compress (SPEC §4) on vector cores, as five launches over one EkCompressParams; each launch
+// spreads its work items round-robin over the cores, and the launch boundary is the only
+// cross-core synchronisation needed.
+//
+//   ek_compress_stats   item (b, kv head, key chunk): per window row r = g·W + w of the group, the
+//                       softmax max and sum over the chunk's visible keys (n ≤ N − W + w).
+//                       stats: float [B, Hkv, chunks, 2, rows] (maxes, then sums)
+//   ek_compress_means   item (b, kv head, key chunk): merges every chunk's stats, recomputes the
+//                       probabilities of the chunk's keys n < N − W, and writes the window mean
+//                       per query head. means: float [B, Hq, S], S = MeansStride(): each row padded
+//                       by ⌊kernel/2⌋ on both sides for the pooling, data at offset ⌊kernel/2⌋.
+//   ek_compress_pool    item (b, out head): group reduction (mean/max, in place into the group's
+//                       first row) and pooling by shifted reads of the padded row. pooled: [B, Hc, N−W]
+//   ek_compress_topk    item (b, out head): the keep = budget − W best pooled positions by
+//                       Sort32 + MrgSort over tiles (ties to the lower position), then sorted
+//                       ascending. selected: uint32 [B, Hc, keep]
+//   ek_compress_gather  item (b, out head): the kept rows then the last W rows into k_out/v_out.
+//
+// UB plan (192 KiB; rows = G·W ≤ 128, rows·D ≤ 16384, D ≤ 256):
+//   stats/means  obs rows f32 ≤ 64 KiB; K tile 32 × D: T ≤ 16 KiB (+ f32 copy 32 KiB);
+//                scores rows × 32 × 4 = 16 KiB; means accumulators G × 32 × 4; stats 2 × rows × 4
+//   pool         2 × 1024 f32 in + 1024 accumulator = 12 KiB
+//   topk         scores tile 1024 f32 + indices 1024 u32 + sorted tile and merge scratch 2 × 8 KiB
+//                + running best list and merge target 2 × 8 × 4096 B = 64 KiB: ≈ 100 KiB
+//   gather       2 rows of D in flight (double-buffered GM → UB → GM)
+// Expected utilisation: stats and means are vector-bound on per-(row, key) dot products (Mul +
+// ReduceSum), 2 × rows × N × D × 2 FLOPs in total; pooling, sorting and gathering are small.
+
+#include "kernel_operator.h"
+#include "entropy_params.h"
+#include "common.h"
+
+using namespace AscendC;
+
+namespace {
+
+constexpr uint32_t COMPRESS_KEYS = 32;       // keys per scoring tile
+constexpr uint32_t COMPRESS_MAX_ROWS = 128;  // window rows of one group (G · W)
+constexpr uint32_t POOL_TILE = 1024;         // positions per pooling tile
+constexpr uint32_t TOPK_TILE = 1024;         // scores sorted per step
+constexpr uint32_t TOPK_CAP = 4064;          // most positions kept (MrgSort lists hold ≤ 4095)
+constexpr uint32_t SORT_GROUP = 32;          // Sort32 sorts groups of 32
+constexpr uint32_t PAIR = 2;                 // floats per (score, index) structure
+
+enum Pooling { POOL_NONE = 0, POOL_AVG = 1, POOL_MAX = 2 };
+enum GqaMode { GQA_MEAN = 0, GQA_MAX = 1, GQA_PER_QUERY_HEAD = 2 };
+
+__aicore__ inline uint32_t Min(uint32_t a, uint32_t b) { return a < b ? a : b; }
+
+__aicore__ inline uint32_t PoolPad(const EkCompressParams& p) {
+    return p.pooling == POOL_NONE ? 0 : (uint32_t)p.pooling_kernel / 2;
+}
+
+// Row stride of `means` (see above): the padded row on the 8-float (32-byte) grid.
+__aicore__ inline uint32_t MeansStride(const EkCompressParams& p) {
+    return PaddedElems<float>((uint32_t)(p.entries - p.window) + 2 * PoolPad(p));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Scoring: obs rows against key tiles, shared by the stats and means launches.
+
+template <typename T> class ScoreKernel {
+protected:
+    __aicore__ inline void Init(const EkCompressParams& p) {
+        p_ = p;
+        d_ = p.k_cache.shape[3];
+        rows_ = p.group * p.window;
+        dpt_ = PaddedElems<T>(d_);
+        dpf_ = PaddedElems<float>(d_);
+        scale_ = p.scale_log2 * 0.6931471805599453f;  // natural-log scale for Exp
+        obsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(p.obs.ptr));
+        kGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(p.k_cache.ptr));
+        statsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.stats));
+        pipe_.InitBuffer(kIn_, 1, COMPRESS_KEYS * dpt_ * sizeof(T));
+        pipe_.InitBuffer(rowIn_, 1, dpt_ * sizeof(T));
+        pipe_.InitBuffer(obs_, rows_ * dpf_ * sizeof(float));
+        if (!SameType<T, float>::value) {
+            pipe_.InitBuffer(kf_, COMPRESS_KEYS * dpt_ * sizeof(float));
+            pipe_.InitBuffer(rowf_, dpt_ * sizeof(float));
+        }
+        pipe_.InitBuffer(scores_, rows_ * COMPRESS_KEYS * sizeof(float));
+        pipe_.InitBuffer(tmp_, dpf_ * sizeof(float));
+        pipe_.InitBuffer(red_, ONE_BLK_SIZE);
+        pipe_.InitBuffer(work_, ONE_REPEAT_BYTES);
+    }
+
+    __aicore__ inline LocalTensor<float> Wide(TBuf<TPosition::VECCALC>& b) {
+        return SameType<T, float>::value ? LocalTensor<float>() : b.Get<float>();
+    }
+
+    // The window rows of kv head h (query head h·G + r / W, window slot r % W), pre-scaled.
+    __aicore__ inline void LoadObs(int32_t b, int32_t h) {
+        LocalTensor<float> obs = obs_.Get<float>();
+        for (uint32_t r = 0; r < rows_; r++) {
+            const int32_t hq = h * p_.group + r / p_.window, w = r % p_.window;
+            const int64_t off = b * p_.obs.stride[0] + hq * p_.obs.stride[1] + w * p_.obs.stride[2];
+            LocalTensor<T> held;
+            LocalTensor<float> row = LoadRows<T>(rowIn_, Wide(rowf_), obsGm_[off], 1, d_, d_, held);
+            Muls(obs[r * dpf_], row, scale_, (int32_t)dpf_);
+            rowIn_.FreeTensor(held);
+        }
+    }
+
+    // Scores of row r against the first `n` keys of the tile into scores row r (scalar writes).
+    __aicore__ inline LocalTensor<float> Score(uint32_t r, const LocalTensor<float>& keys, uint32_t n) {
+        LocalTensor<float> obs = obs_.Get<float>(), tmp = tmp_.Get<float>(), row = scores_.Get<float>()[r * COMPRESS_KEYS];
+        for (uint32_t j = 0; j < n; j++) {
+            Mul(tmp, obs[r * dpf_], keys[j * dpt_], (int32_t)dpf_);
+            row.SetValue(j, ReduceToScalar(false, tmp, dpf_, red_.Get<float>(), work_.Get<float>()));
+        }
+        ScalarToVector();
+        return row;
+    }
+
+    // Keys of the tile starting at j0 that window row r may see (n ≤ N − W + w).
+    __aicore__ inline uint32_t Visible(uint32_t r, uint32_t j0, uint32_t n) {
+        const int64_t last = (int64_t)p_.entries - p_.window + (int64_t)(r % p_.window);
+        return last < (int64_t)j0 ? 0 : Min(n, (uint32_t)(last - j0 + 1));
+    }
+
+    __aicore__ inline LocalTensor<float> LoadKeys(int32_t b, int32_t h, uint32_t j0, uint32_t n, LocalTensor<T>& held) {
+        const int64_t off = b * p_.k_cache.stride[0] + h * p_.k_cache.stride[1] + j0 * p_.k_cache.stride[2];
+        return LoadRows<T>(kIn_, Wide(kf_), kGm_[off], n, d_, p_.k_cache.stride[2], held);
+    }
+
+    __aicore__ inline uint64_t StatsOffset(int32_t b, int32_t h, int32_t c) const {
+        return (((uint64_t)b * p_.k_cache.shape[1] + h) * p_.chunks + c) * 2 * rows_;
+    }
+
+    EkCompressParams p_;
+    uint32_t d_ = 0, rows_ = 0, dpt_ = 0, dpf_ = 0;
+    float scale_ = 0;
+    TPipe pipe_;
+    TQue<TPosition::VECIN, 1> kIn_, rowIn_;
+    TBuf<TPosition::VECCALC> obs_, kf_, rowf_, scores_, tmp_, red_, work_;
+    GlobalTensor<T> obsGm_, kGm_;
+    GlobalTensor<float> statsGm_;
+};
+
+template <typename T> class StatsKernel : public ScoreKernel<T> {
+    using B = ScoreKernel<T>;
+
+public:
+    __aicore__ inline void Run(const EkCompressParams& p) {
+        B::Init(p);
+        B::pipe_.InitBuffer(out_, 1, 2 * B::rows_ * sizeof(float));
+        const uint32_t items = p.k_cache.shape[0] * p.k_cache.shape[1] * p.chunks;
+        for (uint32_t it = GetBlockIdx(); it < items; it += GetBlockNum()) Item(it);
+    }
+
+private:
+    __aicore__ inline void Item(uint32_t it) {
+        const int32_t c = it % B::p_.chunks, bh = it / B::p_.chunks;
+        const int32_t b = bh / B::p_.k_cache.shape[1], h = bh % B::p_.k_cache.shape[1];
+        B::LoadObs(b, h);
+        float m[COMPRESS_MAX_ROWS], l[COMPRESS_MAX_ROWS];
+        for (uint32_t r = 0; r < B::rows_; r++) {
+            m[r] = NegInf();
+            l[r] = 0.0f;
+        }
+        const uint32_t lo = c * B::p_.chunk, hi = Min(B::p_.entries, lo + B::p_.chunk);
+        LocalTensor<float> red = B::red_.template Get<float>(), work = B::work_.template Get<float>();
+        for (uint32_t j0 = lo; j0 < hi; j0 += COMPRESS_KEYS) {
+            const uint32_t n = Min(COMPRESS_KEYS, hi - j0);
+            LocalTensor<T> held;
+            LocalTensor<float> keys = B::LoadKeys(b, h, j0, n, held);
+            for (uint32_t r = 0; r < B::rows_; r++) {
+                const uint32_t vis = B::Visible(r, j0, n);
+                if (vis == 0) continue;
+                LocalTensor<float> row = B::Score(r, keys, vis);
+                const float tile_max = ReduceToScalar(true, row, vis, red, work);
+                const float m_new = tile_max > m[r] ? tile_max : m[r];
+                Adds(row, row, -m_new, (int32_t)vis);
+                Exp(row, row, (int32_t)vis);
+                l[r] = l[r] * ScalarExp(m[r] - m_new, red) + ReduceToScalar(false, row, vis, red, work);
+                m[r] = m_new;
+            }
+            B::kIn_.FreeTensor(held);
+        }
+        LocalTensor<float> st = out_.AllocTensor<float>();
+        for (uint32_t r = 0; r < B::rows_; r++) {
+            st.SetValue(r, m[r]);
+            st.SetValue(B::rows_ + r, l[r]);
+        }
+        SetFlag<HardEvent::S_MTE3>(0);
+        WaitFlag<HardEvent::S_MTE3>(0);
+        out_.EnQue(st);
+        st = out_.DeQue<float>();
+        DataCopyPad(B::statsGm_[B::StatsOffset(b, h, c)], st, DataCopyExtParams(1, 2 * B::rows_ * sizeof(float), 0, 0, 0));
+        out_.FreeTensor(st);
+    }
+
+    TQue<TPosition::VECOUT, 1> out_;
+};
+
+template <typename T> class MeansKernel : public ScoreKernel<T> {
+    using B = ScoreKernel<T>;
+
+public:
+    __aicore__ inline void Run(const EkCompressParams& p) {
+        B::Init(p);
+        const uint32_t rp = PaddedElems<float>(B::rows_);
+        B::pipe_.InitBuffer(statIn_, 1, 2 * rp * sizeof(float));
+        B::pipe_.InitBuffer(max_, rp * sizeof(float));
+        B::pipe_.InitBuffer(sum_, rp * sizeof(float));
+        B::pipe_.InitBuffer(mix_, 2 * rp * sizeof(float));
+        B::pipe_.InitBuffer(acc_, 1, p.group * COMPRESS_KEYS * sizeof(float));
+        meansGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.means));
+        const uint32_t items = p.k_cache.shape[0] * p.k_cache.shape[1] * p.chunks;
+        for (uint32_t it = GetBlockIdx(); it < items; it += GetBlockNum()) Item(it);
+    }
+
+private:
+    // Global softmax max and sum per window row, merged over every chunk's partial stats.
+    __aicore__ inline void MergeStats(int32_t b, int32_t h, float* m, float* l) {
+        const uint32_t rows = B::rows_, rp = PaddedElems<float>(rows);
+        LocalTensor<float> mx = max_.Get<float>(), sm = sum_.Get<float>(), a = mix_.Get<float>(), e = a[rp];
+        for (int32_t c = 0; c < B::p_.chunks; c++) {
+            LocalTensor<float> st = statIn_.AllocTensor<float>();
+            // maxes into [0, rows), sums into [rp, rp + rows): two blocks of `rows` floats.
+            DataCopyPad(st, B::statsGm_[B::StatsOffset(b, h, c)], DataCopyExtParams(2, rows * sizeof(float), 0, 0, 0),
+                        DataCopyPadExtParams<float>(true, 0, 0, 0.0f));
+            statIn_.EnQue(st);
+            st = statIn_.DeQue<float>();
+            if (c == 0) {  // every row sees key 0, so chunk 0's maxes are finite
+                DataCopy(mx, st, rp);
+                DataCopy(sm, st[rp], rp);
+            } else {
+                // M' = max(M, m_c); L = L·e^(M − M') + l_c·e^(m_c − M')
+                Max(a, mx, st, (int32_t)rows);
+                Sub(e, mx, a, (int32_t)rows);
+                Exp(e, e, (int32_t)rows);
+                Mul(sm, sm, e, (int32_t)rows);
+                Sub(e, st, a, (int32_t)rows);
+                Exp(e, e, (int32_t)rows);
+                Mul(e, e, st[rp], (int32_t)rows);
+                Add(sm, sm, e, (int32_t)rows);
+                DataCopy(mx, a, rp);
+            }
+            statIn_.FreeTensor(st);
+        }
+        SetFlag<HardEvent::V_S>(0);
+        WaitFlag<HardEvent::V_S>(0);
+        for (uint32_t r = 0; r < rows; r++) {
+            m[r] = mx.GetValue(r);
+            l[r] = sm.GetValue(r);
+        }
+    }
+
+    __aicore__ inline void Item(uint32_t it) {
+        const int32_t c = it % B::p_.chunks, bh = it / B::p_.chunks;
+        const int32_t b = bh / B::p_.k_cache.shape[1], h = bh % B::p_.k_cache.shape[1];
+        const uint32_t scored = B::p_.entries - B::p_.window;
+        const uint32_t lo = c * B::p_.chunk, hi = Min(scored, lo + B::p_.chunk);
+        if (lo >= hi) return;  // a chunk of window keys only: nothing to average
+        float m[COMPRESS_MAX_ROWS], l[COMPRESS_MAX_ROWS];
+        MergeStats(b, h, m, l);
+        B::LoadObs(b, h);
+        const uint32_t stride = MeansStride(B::p_), pad = PoolPad(B::p_);
+        const float inv_w = 1.0f / (float)B::p_.window;
+        for (uint32_t j0 = lo; j0 < hi; j0 += COMPRESS_KEYS) {
+            const uint32_t n = Min(COMPRESS_KEYS, hi - j0);
+            LocalTensor<T> held;
+            LocalTensor<float> keys = B::LoadKeys(b, h, j0, n, held);
+            LocalTensor<float> acc = acc_.AllocTensor<float>();
+            Duplicate(acc, 0.0f, (int32_t)(B::p_.group * COMPRESS_KEYS));
+            for (uint32_t r = 0; r < B::rows_; r++) {
+                // Keys below N − W are visible to every window row.
+                LocalTensor<float> row = B::Score(r, keys, n);
+                Adds(row, row, -m[r], (int32_t)n);
+                Exp(row, row, (int32_t)n);
+                Axpy(acc[(r / B::p_.window) * COMPRESS_KEYS], row, inv_w / l[r], (int32_t)n);
+            }
+            B::kIn_.FreeTensor(held);
+            acc_.EnQue(acc);
+            acc = acc_.DeQue<float>();
+            for (int32_t g = 0; g < B::p_.group; g++) {
+                const uint64_t off = ((uint64_t)b * B::p_.obs.shape[1] + h * B::p_.group + g) * stride + pad + j0;
+                DataCopyPad(meansGm_[off], acc[g * COMPRESS_KEYS], DataCopyExtParams(1, n * sizeof(float), 0, 0, 0));
+            }
+            acc_.FreeTensor(acc);
+        }
+    }
+
+    TQue<TPosition::VECIN, 1> statIn_;
+    TQue<TPosition::VECOUT, 1> acc_;
+    TBuf<TPosition::VECCALC> max_, sum_, mix_;
+    GlobalTensor<float> meansGm_;
+};
+
+// ------------------------------------------------------------------------------------------------
+// Group reduction and pooling.
+
+class PoolKernel {
+public:
+    __aicore__ inline void Run(const EkCompressParams& p) {
+        p_ = p;
+        meansGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.means));
+        pooledGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.pooled));
+        pipe_.InitBuffer(in_, 2, POOL_TILE * sizeof(float));
+        pipe_.InitBuffer(out_, 1, POOL_TILE * sizeof(float));
+        pipe_.InitBuffer(pads_, 1, PaddedElems<float>(PoolPad(p) > 0 ? PoolPad(p) : 1) * sizeof(float));
+        const uint32_t items = p.obs.shape[0] * p.out_heads;
+        for (uint32_t it = GetBlockIdx(); it < items; it += GetBlockNum()) Item(it);
+    }
+
+private:
+    __aicore__ inline LocalTensor<float> Load(uint64_t off, uint32_t n) {
+        LocalTensor<float> t = in_.AllocTensor<float>();
+        DataCopyPad(t, meansGm_[off], DataCopyExtParams(1, n * sizeof(float), 0, 0, 0), DataCopyPadExtParams<float>(true, 0, 0, 0.0f));
+        in_.EnQue(t);
+        return in_.DeQue<float>();
+    }
+
+    __aicore__ inline void Combine(bool max, const LocalTensor<float>& acc, const LocalTensor<float>& x, uint32_t n) {
+        if (max) {
+            Max(acc, acc, x, (int32_t)n);
+        } else {
+            Add(acc, acc, x, (int32_t)n);
+        }
+    }
+
+    __aicore__ inline void Item(uint32_t it) {
+        const uint32_t b = it / p_.out_heads, hc = it % p_.out_heads;
+        const uint32_t scored = p_.entries - p_.window, stride = MeansStride(p_), pad = PoolPad(p_);
+        const bool per_query = p_.gqa_mode == GQA_PER_QUERY_HEAD;
+        const uint32_t first = per_query ? hc : hc * p_.group, heads = per_query ? 1 : p_.group;
+        const uint64_t row = ((uint64_t)b * p_.obs.shape[1] + first) * stride;
+        // A: the group's rows reduced into the first one, tile by tile in place.
+        if (heads > 1) {
+            for (uint32_t t0 = 0; t0 < scored; t0 += POOL_TILE) {
+                const uint32_t n = Min(POOL_TILE, scored - t0);
+                LocalTensor<float> acc = out_.AllocTensor<float>();
+                for (uint32_t g = 0; g < heads; g++) {
+                    LocalTensor<float> x = Load(row + g * stride + pad + t0, n);
+                    if (g == 0) {
+                        DataCopy(acc, x, PaddedElems<float>(n));
+                    } else {
+                        Combine(p_.gqa_mode == GQA_MAX, acc, x, n);
+                    }
+                    in_.FreeTensor(x);
+                }
+                if (p_.gqa_mode == GQA_MEAN) Muls(acc, acc, 1.0f / (float)heads, (int32_t)n);
+                out_.EnQue(acc);
+                acc = out_.DeQue<float>();
+                DataCopyPad(meansGm_[row + pad + t0], acc, DataCopyExtParams(1, n * sizeof(float), 0, 0, 0));
+                out_.FreeTensor(acc);
+            }
+        }
+        // The padding: zeros for avg (always divided by the kernel), -inf for max (never wins).
+        if (pad > 0) {
+            LocalTensor<float> pv = pads_.AllocTensor<float>();
+            Duplicate(pv, p_.pooling == POOL_MAX ? NegInf() : 0.0f, (int32_t)PaddedElems<float>(pad));
+            pads_.EnQue(pv);
+            pv = pads_.DeQue<float>();
+            DataCopyPad(meansGm_[row], pv, DataCopyExtParams(1, pad * sizeof(float), 0, 0, 0));
+            DataCopyPad(meansGm_[row + pad + scored], pv, DataCopyExtParams(1, pad * sizeof(float), 0, 0, 0));
+            pads_.FreeTensor(pv);
+        }
+        // B reads what A wrote to global memory.
+        SetFlag<HardEvent::MTE3_MTE2>(0);
+        WaitFlag<HardEvent::MTE3_MTE2>(0);
+        // B: pooled[i] = op over j in [0, 2·pad] of padded[i + j].
+        for (uint32_t t0 = 0; t0 < scored; t0 += POOL_TILE) {
+            const uint32_t n = Min(POOL_TILE, scored - t0);
+            LocalTensor<float> acc = out_.AllocTensor<float>();
+            for (uint32_t j = 0; j <= 2 * pad; j++) {
+                LocalTensor<float> x = Load(row + t0 + j, n);
+                if (j == 0) {
+                    DataCopy(acc, x, PaddedElems<float>(n));
+                } else {
+                    Combine(p_.pooling == POOL_MAX, acc, x, n);
+                }
+                in_.FreeTensor(x);
+            }
+            if (p_.pooling == POOL_AVG) Muls(acc, acc, 1.0f / (float)p_.pooling_kernel, (int32_t)n);
+            out_.EnQue(acc);
+            acc = out_.DeQue<float>();
+            DataCopyPad(pooledGm_[((uint64_t)b * p_.out_heads + hc) * scored + t0], acc, DataCopyExtParams(1, n * sizeof(float), 0, 0, 0));
+            out_.FreeTensor(acc);
+        }
+    }
+
+    EkCompressParams p_;
+    TPipe pipe_;
+    TQue<TPosition::VECIN, 2> in_;
+    TQue<TPosition::VECOUT, 1> out_, pads_;
+    GlobalTensor<float> meansGm_, pooledGm_;
+};
+
+// ------------------------------------------------------------------------------------------------
+// Top-k by sort and merge.
+
+class TopKKernel {
+public:
+    __aicore__ inline void Run(const EkCompressParams& p) {
+        p_ = p;
+        keep_ = p.budget - p.window;
+        pooledGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.pooled));
+        selGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.selected));
+        const uint32_t list = PaddedElems<float>(PAIR * (TOPK_CAP + TOPK_TILE));
+        pipe_.InitBuffer(in_, 1, TOPK_TILE * sizeof(float));
+        pipe_.InitBuffer(idx_, TOPK_TILE * sizeof(uint32_t));
+        pipe_.InitBuffer(ramp_, TOPK_TILE * sizeof(uint32_t));
+        pipe_.InitBuffer(best_, list * sizeof(float));
+        pipe_.InitBuffer(merged_, list * sizeof(float));
+        pipe_.InitBuffer(tile_, PAIR * TOPK_TILE * sizeof(float));
+        pipe_.InitBuffer(spare_, list * sizeof(float));
+        pipe_.InitBuffer(out_, 1, PaddedElems<uint32_t>(TOPK_CAP) * sizeof(uint32_t));
+        LocalTensor<uint32_t> ramp = ramp_.Get<uint32_t>();
+        for (uint32_t i = 0; i < TOPK_TILE; i++) ramp.SetValue(i, i);
+        ScalarToVector();
+        const uint32_t items = p.obs.shape[0] * p.out_heads;
+        for (uint32_t it = GetBlockIdx(); it < items; it += GetBlockNum()) Item(it);
+    }
+
+private:
+    // Merges the sorted runs of `len` structures each (the last may be shorter) in `a` into one
+    // run, 4 at a time, ping-ponging with `b`; returns the buffer holding the result.
+    __aicore__ inline LocalTensor<float> MergeRuns(LocalTensor<float> a, LocalTensor<float> b, uint32_t total, uint32_t len) {
+        while (len < total) {
+            for (uint32_t s = 0; s < total; s += 4 * len) {
+                uint16_t lens[4] = {0, 0, 0, 0};
+                uint16_t lists = 0;
+                for (uint32_t k = 0; k < 4 && s + k * len < total; k++) {
+                    lens[k] = (uint16_t)Min(len, total - (s + k * len));
+                    lists++;
+                }
+                if (lists == 1) {  // a lone tail run: carried over as it is
+                    DataCopy(b[PAIR * s], a[PAIR * s], PaddedElems<float>(PAIR * lens[0]));
+                    continue;
+                }
+                LocalTensor<float> src[4];
+                for (uint32_t k = 0; k < 4; k++) src[k] = k < lists ? a[PAIR * (s + k * len)] : a;
+                const uint16_t valid = lists == 2 ? 0x3 : lists == 3 ? 0x7 : 0xf;
+                MrgSort(b[PAIR * s], MrgSortSrcList<float>(src[0], src[1], src[2], src[3]), MrgSort4Info(lens, false, valid, 1));
+            }
+            LocalTensor<float> t = a;
+            a = b;
+            b = t;
+            len *= 4;
+        }
+        return a;
+    }
+
+    __aicore__ inline void Item(uint32_t it) {
+        const uint32_t b = it / p_.out_heads, hc = it % p_.out_heads;
+        const uint32_t scored = p_.entries - p_.window;
+        const uint64_t row = ((uint64_t)b * p_.out_heads + hc) * scored;
+        LocalTensor<float> best = best_.Get<float>(), merged = merged_.Get<float>(), tile = tile_.Get<float>(), spare = spare_.Get<float>();
+        LocalTensor<uint32_t> idx = idx_.Get<uint32_t>(), ramp = ramp_.Get<uint32_t>();
+        uint32_t have = 0;
+        for (uint32_t t0 = 0; t0 < scored; t0 += TOPK_TILE) {
+            const uint32_t n = Min(TOPK_TILE, scored - t0), groups = (n + SORT_GROUP - 1) / SORT_GROUP;
+            LocalTensor<float> sc = in_.AllocTensor<float>();
+            // Slots past the row's end score -inf and sort last.
+            Duplicate(sc, NegInf(), (int32_t)(groups * SORT_GROUP));
+            SetFlag<HardEvent::V_MTE2>(0);
+            WaitFlag<HardEvent::V_MTE2>(0);
+            DataCopyPad(sc, pooledGm_[row + t0], DataCopyExtParams(1, n * sizeof(float), 0, 0, 0),
+                        DataCopyPadExtParams<float>(true, 0, 0, NegInf()));
+            in_.EnQue(sc);
+            sc = in_.DeQue<float>();
+            Adds(idx.ReinterpretCast<int32_t>(), ramp.ReinterpretCast<int32_t>(), (int32_t)t0, (int32_t)(groups * SORT_GROUP));
+            Sort32(tile, sc, idx, (int32_t)groups);
+            in_.FreeTensor(sc);
+            LocalTensor<float> sorted = MergeRuns(tile, spare, groups * SORT_GROUP, SORT_GROUP);
+            const uint32_t take = Min(n, keep_);  // padding slots never reach the kept list
+            if (have == 0) {
+                DataCopy(best, sorted, PaddedElems<float>(PAIR * take));
+                have = take;
+                continue;
+            }
+            // Earlier positions (the kept list) go first on equal scores: list 1.
+            uint16_t lens[4] = {(uint16_t)have, (uint16_t)take, 0, 0};
+            MrgSort(merged, MrgSortSrcList<float>(best, sorted, best, best), MrgSort4Info(lens, false, 0x3, 1));
+            have = Min(keep_, have + take);
+            DataCopy(best, merged, PaddedElems<float>(PAIR * have));
+        }
+        // The kept positions in ascending order: sort again with score = −position.
+        SetFlag<HardEvent::V_S>(0);
+        WaitFlag<HardEvent::V_S>(0);
+        const uint32_t groups = (have + SORT_GROUP - 1) / SORT_GROUP;
+        LocalTensor<float> neg = spare;
+        LocalTensor<uint32_t> pos = merged.ReinterpretCast<uint32_t>();
+        for (uint32_t i = 0; i < groups * SORT_GROUP; i++) {
+            const uint32_t at = i < have ? best.ReinterpretCast<uint32_t>().GetValue(PAIR * i + 1) : 0;
+            neg.SetValue(i, i < have ? -(float)at : NegInf());
+            pos.SetValue(i, at);
+        }
+        ScalarToVector();
+        Sort32(best, neg, pos, (int32_t)groups);
+        LocalTensor<float> asc = MergeRuns(best, merged, groups * SORT_GROUP, SORT_GROUP);
+        SetFlag<HardEvent::V_S>(0);
+        WaitFlag<HardEvent::V_S>(0);
+        LocalTensor<uint32_t> o = out_.AllocTensor<uint32_t>();
+        for (uint32_t i = 0; i < have; i++) o.SetValue(i, asc.ReinterpretCast<uint32_t>().GetValue(PAIR * i + 1));
+        SetFlag<HardEvent::S_MTE3>(0);
+        WaitFlag<HardEvent::S_MTE3>(0);
+        out_.EnQue(o);
+        o = out_.DeQue<uint32_t>();
+        DataCopyPad(selGm_[((uint64_t)b * p_.out_heads + hc) * keep_], o, DataCopyExtParams(1, have * sizeof(uint32_t), 0, 0, 0));
+        out_.FreeTensor(o);
+    }
+
+    EkCompressParams p_;
+    uint32_t keep_ = 0;
+    TPipe pipe_;
+    TQue<TPosition::VECIN, 1> in_;
+    TQue<TPosition::VECOUT, 1> out_;
+    TBuf<TPosition::VECCALC> idx_, ramp_, best_, merged_, tile_, spare_;
+    GlobalTensor<float> pooledGm_;
+    GlobalTensor<uint32_t> selGm_;
+};
+
+// ------------------------------------------------------------------------------------------------
+// Gather: kept rows, then the window's rows, into the compacted caches.
+
+template <typename T> class GatherKernel {
+public:
+    __aicore__ inline void Run(const EkCompressParams& p) {
+        p_ = p;
+        d_ = p.k_cache.shape[3];
+        keep_ = p.budget - p.window;
+        selGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.selected));
+        pipe_.InitBuffer(rows_, 2, PaddedElems<T>(d_) * sizeof(T));
+        const uint32_t items = p.obs.shape[0] * p.out_heads;
+        for (uint32_t it = GetBlockIdx(); it < items; it += GetBlockNum()) Item(it);
+    }
+
+private:
+    __aicore__ inline void Copy(const EkTensor& src, uint64_t out, int32_t b, int32_t h, uint32_t pos, uint64_t dst_off) {
+        GlobalTensor<T> s, d;
+        s.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(src.ptr));
+        d.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(out));
+        LocalTensor<T> t = rows_.AllocTensor<T>();
+        DataCopyPad(t, s[b * src.stride[0] + h * src.stride[1] + pos * src.stride[2]], DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0),
+                    DataCopyPadExtParams<T>(true, 0, 0, T(0.0f)));
+        rows_.EnQue(t);
+        t = rows_.DeQue<T>();
+        DataCopyPad(d[dst_off], t, DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0));
+        rows_.FreeTensor(t);
+    }
+
+    __aicore__ inline void Item(uint32_t it) {
+        const int32_t b = it / p_.out_heads, hc = it % p_.out_heads;
+        const int32_t h = p_.gqa_mode == GQA_PER_QUERY_HEAD ? hc / p_.group : hc;
+        for (uint32_t slot = 0; slot < (uint32_t)p_.budget; slot++) {
+            const uint32_t pos = slot < keep_ ? selGm_.GetValue(((uint64_t)b * p_.out_heads + hc) * keep_ + slot)
+                                              : p_.entries - p_.window + (slot - keep_);
+            const uint64_t dst = (((uint64_t)b * p_.out_heads + hc) * p_.budget + slot) * d_;
+            Copy(p_.k_cache, p_.k_out, b, h, pos, dst);
+            Copy(p_.v_cache, p_.v_out, b, h, pos, dst);
+        }
+    }
+
+    EkCompressParams p_;
+    uint32_t d_ = 0, keep_ = 0;
+    TPipe pipe_;
+    TQueBind<TPosition::VECIN, TPosition::VECOUT, 2> rows_;
+    GlobalTensor<uint32_t> selGm_;
+};
+
+}  // namespace
+
+extern "C" __global__ __aicore__ void ek_compress_stats(GM_ADDR params) { Dispatch<StatsKernel>(ReadParams<EkCompressParams>(params)); }
+extern "C" __global__ __aicore__ void ek_compress_means(GM_ADDR params) { Dispatch<MeansKernel>(ReadParams<EkCompressParams>(params)); }
+extern "C" __global__ __aicore__ void ek_compress_pool(GM_ADDR params) {
+    PoolKernel k;
+    k.Run(ReadParams<EkCompressParams>(params));
+}
+extern "C" __global__ __aicore__ void ek_compress_topk(GM_ADDR params) {
+    TopKKernel k;
+    k.Run(ReadParams<EkCompressParams>(params));
+}
+extern "C" __global__ __aicore__ void ek_compress_gather(GM_ADDR params) { Dispatch<GatherKernel>(ReadParams<EkCompressParams>(params)); }
