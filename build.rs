@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 /// Kernel sources under `ascend/kernels` and the cores each runs on (`src/ascend/launch.rs`).
-const ASCEND_KERNELS: [(&str, &str); 2] = [("decode", "VecCore"), ("kv_compress", "VecCore")];
+const ASCEND_KERNELS: [(&str, &str); 3] = [("decode", "VecCore"), ("kv_compress", "VecCore"), ("prefill", "AiCore")];
 /// Default SoC: Atlas A2 (910B, dav-c220). Override with `EK_ASCEND_SOC`.
 const DEFAULT_SOC: &str = "Ascend910B1";
 
@@ -41,7 +41,7 @@ fn build_mock_acl() {
     let lib = out.join("libascendcl.so");
     let compiler = cc::Build::new().cpp(true).get_compiler();
     let mut cmd = compiler.to_command();
-    cmd.args(["-std=c++17", "-O2", "-shared", "-fPIC", "-DEK_ASCEND_EMU", "-Wno-unused-parameter"])
+    cmd.args(["-std=c++17", "-O2", "-shared", "-fPIC", "-pthread", "-DEK_ASCEND_EMU", "-Wno-unused-parameter"])
         .args(["-Iascend/emu/include", "-Iascend/kernels", "-Iffi", "-o"])
         .arg(&lib)
         .arg("ascend/mock_acl/mock_acl.cpp");

@@ -49,6 +49,7 @@ typedef struct EkPrefillParams {
     uint64_t offsets; /* uint32 [units] */
     uint64_t counts;  /* uint32 [units] */
     uint64_t indices; /* uint32 block indices */
+    uint64_t workspace; /* Ascend: GM scratch per cube core for the cube/vector exchange, or 0 */
     int32_t segment_size;
     int32_t block_size;
     int32_t segments;

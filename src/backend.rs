@@ -91,6 +91,9 @@ pub struct Capabilities {
     pub head_dims: HeadDims,
     /// Operations with kernels; the others answer `Error::Unimplemented`.
     pub ops: Vec<Op>,
+    /// `(op, dtype)` pairs without a kernel although both are supported on their own (the
+    /// Ascend cube prefill takes f16/bf16 only); calls answer `Error::UnsupportedOpDType`.
+    pub excluded: Vec<(Op, DType)>,
 }
 
 /// The operations of a backend.
@@ -109,10 +112,14 @@ impl Op {
 impl Capabilities {
     /// Every operation, for the given dtypes and head dims.
     pub fn full(backend: &'static str, head_dims: HeadDims) -> Self {
-        Capabilities { backend, dtypes: DType::ALL.to_vec(), head_dims, ops: Op::ALL.to_vec() }
+        Capabilities { backend, dtypes: DType::ALL.to_vec(), head_dims, ops: Op::ALL.to_vec(), excluded: Vec::new() }
     }
     pub fn supports(&self, op: Op) -> bool {
         self.ops.contains(&op)
+    }
+    /// Whether `op` runs on `dtype` inputs.
+    pub fn supports_op_dtype(&self, op: Op, dtype: DType) -> bool {
+        self.supports(op) && self.dtypes.contains(&dtype) && !self.excluded.contains(&(op, dtype))
     }
     pub fn supports_head_dim(&self, d: usize) -> bool {
         match &self.head_dims {

@@ -34,6 +34,10 @@ pub enum Error {
     #[error("dtype {dtype} is not supported by the {backend} backend")]
     UnsupportedDType { dtype: DType, backend: &'static str },
 
+    /// The backend runs this operation, and this dtype elsewhere, but not the two together.
+    #[error("the {backend} backend has no {op} kernel for {dtype} (cast the inputs to f16 or bf16)")]
+    UnsupportedOpDType { op: &'static str, dtype: DType, backend: &'static str },
+
     /// Two tensors of one call have different element types.
     #[error("{what} has dtype {got}, expected {expected} (all tensors of a call share one dtype)")]
     DTypeMismatch { what: &'static str, expected: DType, got: DType },

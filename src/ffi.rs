@@ -54,3 +54,43 @@ pub fn gqa_code(m: GqaMode) -> i32 {
         GqaMode::PerQueryHead => 2,
     }
 }
+
+/// The per-unit block lists of a prefill in the header's CSR form (`EkPrefillParams`): unit
+/// u = (b·Hkv + h)·segments + s reads `indices[offsets[u] .. + counts[u]]`, or is dense when
+/// `counts[u] == EK_DENSE_UNIT`. A dense layer is one segment of the whole length with no lists.
+pub struct PrefillLists<'a> {
+    pub segment_size: usize,
+    pub segments: usize,
+    pub block_size: usize,
+    /// `(offsets, counts, indices)`, `None` for a dense layer.
+    pub lists: Option<(Vec<u32>, Vec<u32>, &'a [u32])>,
+}
+
+pub fn prefill_lists<'a>(a: &crate::validate::AttentionArgs<'a>) -> PrefillLists<'a> {
+    use crate::plan::SegmentAttention;
+    match a.blocks() {
+        Some(bl) => {
+            let pd = bl.dims;
+            let mut offsets = Vec::with_capacity(pd.units());
+            let mut counts = Vec::with_capacity(pd.units());
+            for b in 0..pd.batch {
+                for h in 0..pd.kv_heads {
+                    for s in 0..pd.segments {
+                        offsets.push(bl.indptr[pd.unit(b, h, s)]);
+                        counts.push(match bl.segment(b, h, s) {
+                            SegmentAttention::Dense => EK_DENSE_UNIT,
+                            SegmentAttention::Sparse(list) => list.len() as u32,
+                        });
+                    }
+                }
+            }
+            PrefillLists {
+                segment_size: pd.segment_size,
+                segments: pd.segments,
+                block_size: pd.block_size,
+                lists: Some((offsets, counts, &bl.indices[..])),
+            }
+        }
+        None => PrefillLists { segment_size: a.dims().seq_len, segments: 1, block_size: 1, lists: None },
+    }
+}

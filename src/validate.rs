@@ -356,6 +356,10 @@ pub fn attention<'a>(
         bl.validate()?;
     }
     let scale = resolve_scale(scale, dims.head_dim)?;
+    // Last, so every malformed call gets its specific error first.
+    if caps.excluded.contains(&(crate::backend::Op::Prefill, q.dtype())) {
+        return Err(Error::UnsupportedOpDType { op: "prefill", dtype: q.dtype(), backend: caps.backend });
+    }
     Ok(AttentionArgs { q, k, v, blocks, scale, dims })
 }
 

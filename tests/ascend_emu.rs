@@ -210,3 +210,19 @@ fn sort_and_merge_semantics() {
     let scores: Vec<f32> = (0..64).map(|k| output[2 * k]).collect();
     assert_eq!(scores, want.iter().map(|&i| input[i as usize]).collect::<Vec<_>>());
 }
+
+/// f32 prefill has no cube kernel: a typed error that says what to do, and nothing written.
+#[test]
+fn f32_prefill_is_a_typed_error() {
+    let kernels = Kernels::new(BackendKind::AscendEmu).unwrap();
+    let q = random([1, 40, 2, 64], 1.0, 1, DType::F32);
+    let kv = random([1, 40, 2, 64], 1.0, 2, DType::F32);
+    let mut out = poisoned(q.shape, DType::F32);
+    match kernels.dense_prefill(q.view(), kv.view(), kv.view(), None, &mut out.view_mut(), None) {
+        Err(e @ Error::UnsupportedOpDType { .. }) => {
+            assert!(e.to_string().contains("cast the inputs to f16 or bf16"), "{e}")
+        }
+        other => panic!("expected UnsupportedOpDType, got {other:?}"),
+    }
+    assert!(tensor_f64(&out).iter().all(|x| x.is_nan()));
+}

@@ -206,7 +206,7 @@ fn check_stored(kernels: &Kernels, inp: &Inputs) {
         plan_of(&Kernels::reference(), inp, &inp.q, &inp.k)
     };
     let t = inp.case.config.prefill.threshold_len;
-    let prefill = runs(&name, kernels, Op::Prefill);
+    let prefill = runs_on(&name, kernels, Op::Prefill, inp.q.dtype());
     for (what, mode) in [
         ("prefill.out", Some(BudgetMode::SegmentMax)),
         ("prefill.out_per_head", Some(BudgetMode::PerHead)),
@@ -239,7 +239,7 @@ fn check_cast(kernels: &Kernels, oracle: &Kernels, inp: &Inputs, dtype: DType) {
         want.clone()
     };
     let t = inp.case.config.prefill.threshold_len;
-    let prefill = runs(&name, kernels, Op::Prefill);
+    let prefill = runs_on(&name, kernels, Op::Prefill, q.dtype());
     for mode in [Some(BudgetMode::PerHead), None].into_iter().filter(|_| prefill) {
         let got = run_attention(kernels, mode.map(|m| (&plan, m, t)), &q, &k, &v);
         let exact = run_attention(oracle, mode.map(|m| (&want, m, t)), &q, &k, &v);

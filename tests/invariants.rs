@@ -41,7 +41,7 @@ fn budget_covering_every_block_is_dense() {
         EntropyConfig { segment_size: 64, block_size: 8, threshold_len: 0, base_budget: 512, ..Default::default() };
     for kernels in all_backends("budget_covering_every_block_is_dense") {
         if !runs("budget_covering_every_block_is_dense", &kernels, Op::Plan)
-            || !runs("budget_covering_every_block_is_dense", &kernels, Op::Prefill)
+            || !runs_on("budget_covering_every_block_is_dense", &kernels, Op::Prefill, q.dtype())
         {
             continue;
         }

@@ -201,7 +201,7 @@ fn run_shape(kind: BackendKind, name: &str, s: Shape) {
         }
 
         // Attention: sparse in both modes (on the oracle's lists), dense.
-        let prefill = runs(&tag, &kernels, Op::Prefill);
+        let prefill = runs_on(&tag, &kernels, Op::Prefill, dtype);
         for (mode, lists) in
             [("per_head", &want.blocks), ("segment_max", &want_max.blocks)].into_iter().filter(|_| prefill)
         {

@@ -13,12 +13,14 @@ extern "C" void ek_compress_means(uint8_t* params);
 extern "C" void ek_compress_pool(uint8_t* params);
 extern "C" void ek_compress_topk(uint8_t* params);
 extern "C" void ek_compress_gather(uint8_t* params);
+extern "C" void ek_prefill(uint8_t* params);
 extern "C" void ek_emu_selftest_kernel(uint8_t* which);
 
 namespace {
 struct Entry {
     const char* name;
     void (*fn)(uint8_t*);
+    bool mix = false;  // cube + vector (AIC with two AIVs per core)
 };
 const Entry kKernels[] = {
     {"ek_decode", ek_decode},
@@ -27,6 +29,7 @@ const Entry kKernels[] = {
     {"ek_compress_pool", ek_compress_pool},
     {"ek_compress_topk", ek_compress_topk},
     {"ek_compress_gather", ek_compress_gather},
+    {"ek_prefill", ek_prefill, true},
     {"selftest", ek_emu_selftest_kernel},
 };
 }  // namespace
@@ -36,7 +39,11 @@ extern "C" int ek_emu_run(const char* kernel, const void* params, uint32_t block
         for (const Entry& e : kKernels) {
             if (std::strcmp(e.name, kernel) == 0) {
                 uint8_t* arg = static_cast<uint8_t*>(const_cast<void*>(params));
-                ekemu::Launch(block_dim, [&] { e.fn(arg); });
+                if (e.mix) {
+                    ekemu::LaunchMix(block_dim, [&] { e.fn(arg); });
+                } else {
+                    ekemu::Launch(block_dim, [&] { e.fn(arg); });
+                }
                 return 0;
             }
         }

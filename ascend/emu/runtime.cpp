@@ -2,7 +2,10 @@
 
 #include "kernel_operator.h"
 
+#include <condition_variable>
 #include <cstdio>
+#include <mutex>
+#include <thread>
 
 namespace AscendC {
 
@@ -100,6 +103,10 @@ uint32_t Allocate(TPosition pos, uint32_t bytes, uint32_t count, bool queue) {
     CoreState& c = Core();
     if (!c.pipe_exists) EmuFail("InitBuffer without a TPipe");
     const Memory m = MemoryOf(pos);
+    // A2 splits the AI core: the AIC owns L1/L0A/L0B/L0C, each AIV its UB.
+    if (c.cube && m == Memory::UB) EmuFail("InitBuffer of UB on a cube core (the AIC has no unified buffer)");
+    if (!c.cube && m != Memory::UB)
+        EmuFail(std::string("InitBuffer of ") + MemoryName(m) + " on a vector core (the AIV has only the unified buffer)");
     const uint64_t need = (uint64_t)bytes * count;
     if (c.used[(int)m] + need > MemoryCapacity(m))
         EmuFail(std::string(MemoryName(m)) + " overflow: InitBuffer of " + std::to_string(need) + " bytes with " +
@@ -124,10 +131,114 @@ TPipe::~TPipe() {}
 
 int64_t GetBlockIdx() { return Core().block_idx; }
 int64_t GetBlockNum() { return Core().block_num; }
+int64_t GetSubBlockIdx() { return Core().sub_block; }
+int64_t GetSubBlockNum() { return Core().cube ? 1 : 2; }
+
+// The flag counters of one AIC + 2 AIV group. to_aiv[k][id]: sets by the AIC not yet waited for
+// by AIV k; to_aic[k][id]: sets by AIV k not yet waited for by the AIC.
+struct CrossCoreGroup {
+    std::mutex mu;
+    std::condition_variable cv;
+    int to_aiv[2][16] = {};
+    int to_aic[2][16] = {};
+    int live = 3, waiting = 0;
+    int waits_on[3] = {-1, -1, -1};  // flag id each core (AIC, AIV 0, AIV 1) is blocked on
+    bool aborted = false;
+
+    bool Ready(int core, int id) const {
+        return core == 0 ? to_aic[0][id] > 0 && to_aic[1][id] > 0 : to_aiv[core - 1][id] > 0;
+    }
+    // Every live core is blocked and none of their flags can be taken: nothing will ever set one.
+    bool Deadlocked() const {
+        if (waiting < live) return false;
+        for (int c = 0; c < 3; c++)
+            if (waits_on[c] >= 0 && Ready(c, waits_on[c])) return false;
+        return true;
+    }
+};
+
+namespace {
+void CheckFlagId(int32_t id) {
+    if (id < 0 || id > 15) EmuFail("cross-core flag id " + std::to_string(id) + " outside 0..15");
+}
+CrossCoreGroup& Group() {
+    CoreState& c = Core();
+    if (!c.group) EmuFail("cross-core flags outside a mixed (cube + vector) launch");
+    return *c.group;
+}
+}  // namespace
+
+void CrossCoreSet(int mode, int32_t id) {
+    CheckFlagId(id);
+    if (mode != 2) EmuFail("cross-core flag mode " + std::to_string(mode) + " is not emulated (mode 2: AIC with its AIVs)");
+    CoreState& c = Core();
+    CrossCoreGroup& g = Group();
+    std::lock_guard<std::mutex> lock(g.mu);
+    if (c.cube) {
+        for (int k = 0; k < 2; k++) g.to_aiv[k][id]++;
+    } else {
+        g.to_aic[c.sub_block][id]++;
+    }
+    g.cv.notify_all();
+}
+
+void CrossCoreWait(int32_t id) {
+    CheckFlagId(id);
+    CoreState& c = Core();
+    CrossCoreGroup& g = Group();
+    std::unique_lock<std::mutex> lock(g.mu);
+    const int me = c.cube ? 0 : 1 + (int)c.sub_block;
+    g.waiting++;
+    g.waits_on[me] = id;
+    while (!g.Ready(me, id)) {
+        if (g.aborted || g.Deadlocked()) {
+            const bool first = !g.aborted;
+            g.aborted = true;
+            g.waiting--;
+            g.waits_on[me] = -1;
+            g.cv.notify_all();
+            if (!first) EmuFail("aborted: another core of the group failed");
+            EmuFail("CrossCoreWaitFlag " + std::to_string(id) + " can never be satisfied: every core of the group is waiting (deadlock)");
+        }
+        g.cv.wait(lock);
+    }
+    g.waiting--;
+    g.waits_on[me] = -1;
+    if (c.cube) {
+        g.to_aic[0][id]--;
+        g.to_aic[1][id]--;
+    } else {
+        g.to_aiv[c.sub_block][id]--;
+    }
+}
 
 }  // namespace AscendC
 
 namespace ekemu {
+
+namespace {
+// Runs `body` as core `st` on this thread; returns the first rule broken ("" if none).
+std::string RunOne(AscendC::CoreState& st, void (*body)(void*), void* ctx) {
+    using namespace AscendC;
+    for (int m = 0; m < (int)Memory::COUNT; m++) {
+        const bool mine = st.cube ? m != (int)Memory::UB : m == (int)Memory::UB;
+        if (mine) st.mem[m].assign(MemoryCapacity((Memory)m), 0xff);
+    }
+    g_core = &st;
+    std::string err;
+    try {
+        body(ctx);
+        for (auto& kv : st.flags)
+            if (kv.second > 0)
+                EmuFail("SetFlag on event " + std::to_string(kv.first.first) + " id " + std::to_string(kv.first.second) + " was never waited for");
+        if (!st.leaks.empty()) EmuFail(st.leaks.front());
+    } catch (const EmuError& e) {
+        err = e.what();
+    }
+    g_core = nullptr;
+    return err;
+}
+}  // namespace
 
 void RunCores(uint32_t block_dim, void (*body)(void*), void* ctx) {
     using namespace AscendC;
@@ -136,20 +247,52 @@ void RunCores(uint32_t block_dim, void (*body)(void*), void* ctx) {
         CoreState st;
         st.block_idx = i;
         st.block_num = block_dim;
-        for (int m = 0; m < (int)Memory::COUNT; m++) st.mem[m].assign(MemoryCapacity((Memory)m), 0xff);
-        g_core = &st;
-        try {
-            body(ctx);
-            for (auto& kv : st.flags)
-                if (kv.second > 0)
-                    EmuFail("SetFlag on event " + std::to_string(kv.first.first) + " id " + std::to_string(kv.first.second) +
-                            " was never waited for");
-            if (!st.leaks.empty()) EmuFail(st.leaks.front());
-        } catch (const EmuError& e) {
-            g_core = nullptr;
-            throw EmuError("core " + std::to_string(i) + ": " + e.what());
+        const std::string err = RunOne(st, body, ctx);
+        if (!err.empty()) throw EmuError("core " + std::to_string(i) + ": " + err);
+    }
+}
+
+void RunMixCores(uint32_t block_dim, void (*body)(void*), void* ctx) {
+    using namespace AscendC;
+    if (block_dim == 0) EmuFail("launch with zero cores");
+    for (uint32_t i = 0; i < block_dim; i++) {
+        CrossCoreGroup group;
+        CoreState st[3];
+        std::string err[3];
+        for (int k = 0; k < 3; k++) {
+            // In a 1:2 mixed launch the AIC sees block index i, its AIVs 2i and 2i + 1.
+            st[k].block_idx = k == 0 ? i : 2 * i + (k - 1);
+            st[k].block_num = block_dim;
+            st[k].cube = k == 0;
+            st[k].sub_block = k == 0 ? 0 : k - 1;
+            st[k].group = &group;
         }
-        g_core = nullptr;
+        std::thread workers[3];
+        for (int k = 0; k < 3; k++) {
+            workers[k] = std::thread([&, k] {
+                err[k] = RunOne(st[k], body, ctx);
+                std::lock_guard<std::mutex> lock(group.mu);
+                group.live--;
+                if (!err[k].empty()) group.aborted = true;
+                group.cv.notify_all();
+            });
+        }
+        for (auto& w : workers) w.join();
+        static const char* names[3] = {"AIC", "AIV 0", "AIV 1"};
+        // Report the root cause first: a failure other than the abort it caused elsewhere.
+        std::string all;
+        for (int pass = 0; pass < 2; pass++)
+            for (int k = 0; k < 3; k++)
+                if (!err[k].empty() && (pass == 1) == (err[k].find("aborted:") != std::string::npos))
+                    all += (all.empty() ? "" : "; ") + ("core " + std::to_string(i) + " " + names[k] + ": " + err[k]);
+        if (!all.empty()) throw EmuError(all);
+        for (int k = 0; k < 2; k++)
+            for (int id = 0; id < 16; id++) {
+                if (group.to_aiv[k][id] > 0)
+                    throw EmuError("core " + std::to_string(i) + ": AIC's CrossCoreSetFlag " + std::to_string(id) + " never waited for by AIV " + std::to_string(k));
+                if (group.to_aic[k][id] > 0)
+                    throw EmuError("core " + std::to_string(i) + ": AIV " + std::to_string(k) + "'s CrossCoreSetFlag " + std::to_string(id) + " never waited for by the AIC");
+            }
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use super::launch::{self, Kernel, Launcher, raw_parts};
 use super::ops;
 use super::runtime::{AclRuntime, AscendOptions, DeviceBuffer, Function, Stream};
-use crate::backend::{Backend, BackendKind, Capabilities, HeadDims};
+use crate::backend::{Backend, BackendKind, Capabilities};
 use crate::compress::CompressedCache;
 use crate::error::{Error, Result};
 use crate::ffi::EkTensor;
@@ -74,7 +74,7 @@ impl AscendBackend {
             functions.insert(k.symbol, modules[k.file].function(k)?);
         }
         let stream = Mutex::new(rt.stream()?);
-        let caps = Capabilities { ops: ops::SUPPORTED.to_vec(), ..Capabilities::full("ascend", HeadDims::UpTo(256)) };
+        let caps = ops::capabilities("ascend");
         Ok(AscendBackend { rt, functions, stream, caps })
     }
 
@@ -127,6 +127,9 @@ impl<'v> Launcher<'v> for AclLauncher<'_, 'v> {
         let buf = self.buffers.iter().find(|b| b.addr() == addr).expect("address of this launcher");
         buf.download(out)
     }
+    fn block_dim(&self, kernel: Kernel) -> u32 {
+        self.backend.rt.block_dim(kernel)
+    }
     fn launch<P: Copy>(&mut self, kernel: Kernel, params: &P) -> Result<()> {
         let (ptr, size) = raw_parts(params);
         // SAFETY: `ptr` addresses `size` bytes of `params`, alive for this call.
@@ -166,8 +169,8 @@ impl Backend for AscendBackend {
     fn plan(&self, _: &PlanArgs<'_>) -> Result<Plan> {
         Err(Error::Unimplemented { backend: "ascend", op: "plan" })
     }
-    fn attention(&self, _: &AttentionArgs<'_>, _: &mut TensorViewMut<'_>, _: Option<&mut [f32]>) -> Result<()> {
-        Err(Error::Unimplemented { backend: "ascend", op: "prefill" })
+    fn attention(&self, a: &AttentionArgs<'_>, out: &mut TensorViewMut<'_>, lse: Option<&mut [f32]>) -> Result<()> {
+        ops::prefill(self.launcher(), a, out, lse)
     }
     fn kv_compress(&self, a: &CompressArgs<'_>) -> Result<CompressedCache> {
         ops::kv_compress(self.launcher(), a)

@@ -9,7 +9,7 @@ use std::ffi::{CStr, CString, c_char};
 
 use super::launch::{Kernel, Launcher, raw_parts};
 use super::ops;
-use crate::backend::{Backend, BackendKind, Capabilities, HeadDims};
+use crate::backend::{Backend, BackendKind, Capabilities};
 use crate::compress::CompressedCache;
 use crate::error::{Error, Result};
 use crate::ffi::EkTensor;
@@ -81,6 +81,9 @@ impl<'v> Launcher<'v> for EmuLauncher<'v> {
         out.copy_from_slice(&bytemuck::cast_slice::<u64, u8>(buf)[..out.len()]);
         Ok(())
     }
+    fn block_dim(&self, _: Kernel) -> u32 {
+        EMULATED_CORES
+    }
     fn launch<P: Copy>(&mut self, kernel: Kernel, params: &P) -> Result<()> {
         let (ptr, _) = raw_parts(params);
         // SAFETY: the params hold addresses of live views and of this launcher's buffers.
@@ -102,12 +105,7 @@ pub struct AscendEmuBackend {
 
 impl AscendEmuBackend {
     pub fn new() -> Self {
-        AscendEmuBackend {
-            caps: Capabilities {
-                ops: ops::SUPPORTED.to_vec(),
-                ..Capabilities::full("ascend-emu", HeadDims::UpTo(256))
-            },
-        }
+        AscendEmuBackend { caps: ops::capabilities("ascend-emu") }
     }
 }
 
@@ -130,8 +128,8 @@ impl Backend for AscendEmuBackend {
     fn plan(&self, _: &PlanArgs<'_>) -> Result<Plan> {
         Err(Error::Unimplemented { backend: "ascend-emu", op: "plan" })
     }
-    fn attention(&self, _: &AttentionArgs<'_>, _: &mut TensorViewMut<'_>, _: Option<&mut [f32]>) -> Result<()> {
-        Err(Error::Unimplemented { backend: "ascend-emu", op: "prefill" })
+    fn attention(&self, a: &AttentionArgs<'_>, out: &mut TensorViewMut<'_>, lse: Option<&mut [f32]>) -> Result<()> {
+        ops::prefill(EmuLauncher::default(), a, out, lse)
     }
     fn kv_compress(&self, a: &CompressArgs<'_>) -> Result<CompressedCache> {
         ops::kv_compress(EmuLauncher::default(), a)

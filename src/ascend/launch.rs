@@ -36,9 +36,11 @@ pub const COMPRESS_POOL: Kernel = vector("ek_compress_pool", "kv_compress");
 pub const COMPRESS_TOPK: Kernel = vector("ek_compress_topk", "kv_compress");
 pub const COMPRESS_GATHER: Kernel = vector("ek_compress_gather", "kv_compress");
 
+pub const PREFILL: Kernel = Kernel { symbol: "ek_prefill", file: "prefill", cores: Cores::Mix };
+
 /// Every kernel entry the backend ships; build.rs compiles each distinct `file` once.
-pub const KERNELS: [Kernel; 6] =
-    [DECODE, COMPRESS_STATS, COMPRESS_MEANS, COMPRESS_POOL, COMPRESS_TOPK, COMPRESS_GATHER];
+pub const KERNELS: [Kernel; 7] =
+    [DECODE, COMPRESS_STATS, COMPRESS_MEANS, COMPRESS_POOL, COMPRESS_TOPK, COMPRESS_GATHER, PREFILL];
 
 /// Places a launch's buffers and runs it.
 pub trait Launcher<'v> {
@@ -52,6 +54,8 @@ pub trait Launcher<'v> {
     fn zeroed(&mut self, bytes: usize) -> Result<u64>;
     /// Copies `out.len()` bytes from `addr` (a buffer of this launcher) after a launch.
     fn read(&mut self, addr: u64, out: &mut [u8]) -> Result<()>;
+    /// Cores a launch of `kernel` spans (for mixed kernels: AICs, each with two AIVs).
+    fn block_dim(&self, kernel: Kernel) -> u32;
     /// Runs `kernel` with `params` (a `#[repr(C)]` struct of the header) as its one argument.
     fn launch<P: Copy>(&mut self, kernel: Kernel, params: &P) -> Result<()>;
     /// Copies the outputs back.

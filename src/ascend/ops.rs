@@ -2,13 +2,13 @@
 //! the header's params structs, the kernels' own limits, and the host steps around them.
 
 use super::launch::{self, Launcher};
-use crate::backend::Op;
+use crate::backend::{Capabilities, HeadDims, Op};
 use crate::compress::{self, CompressedCache};
 use crate::config::HeadBudget;
 use crate::error::{Error, Result};
-use crate::ffi::{EkCompressParams, EkDecodeParams, dtype_code, gqa_code, pooling_code};
+use crate::ffi::{EkCompressParams, EkDecodeParams, EkPrefillParams, dtype_code, gqa_code, pooling_code};
 use crate::tensor::{DType, HostBuffer, HostTensor, TensorViewMut};
-use crate::validate::{CompressArgs, DecodeArgs};
+use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs};
 
 /// Query rows one decode unit keeps in UB (`DECODE_MAX_ROWS` in `ascend/kernels/decode.cpp`).
 pub const DECODE_MAX_ROWS: usize = 16;
@@ -40,7 +40,17 @@ pub(crate) fn decode<'v>(mut l: impl Launcher<'v>, a: &DecodeArgs<'_>, out: &'v 
 }
 
 /// Operations with Ascend kernels (the others answer `Error::Unimplemented`).
-pub const SUPPORTED: [Op; 2] = [Op::KvCompress, Op::Decode];
+pub const SUPPORTED: [Op; 3] = [Op::Prefill, Op::KvCompress, Op::Decode];
+
+/// What the Ascend kernels run: prefill on the cube takes f16/bf16 (A2's cube has no f32 path
+/// with a transposing L1 → L0B load for P·V), head dims up to 256.
+pub fn capabilities(backend: &'static str) -> Capabilities {
+    Capabilities {
+        ops: SUPPORTED.to_vec(),
+        excluded: vec![(Op::Prefill, DType::F32)],
+        ..Capabilities::full(backend, HeadDims::UpTo(PREFILL_MAX_D))
+    }
+}
 
 /// Window rows of one group a compression unit holds (`COMPRESS_MAX_ROWS` in kv_compress.cpp).
 pub const COMPRESS_MAX_ROWS: usize = 128;
@@ -142,4 +152,73 @@ pub(crate) fn kv_compress<'v>(mut l: impl Launcher<'v>, a: &CompressArgs<'_>) ->
         window: w,
         compressed: true,
     })
+}
+
+/// Query rows (tokens × group heads) of one prefill item (`PREFILL_ROWS` in prefill.cpp).
+pub const PREFILL_ROWS: usize = 64;
+/// Largest head dim of the prefill tiles (`PREFILL_MAX_D`).
+pub const PREFILL_MAX_D: usize = 256;
+/// Keys per prefill tile (`PREFILL_KEYS`).
+pub const PREFILL_KEYS: usize = 64;
+/// GM workspace per cube core: S (f32), P (16-bit), O (f32) tiles.
+pub const PREFILL_WORKSPACE: usize = PREFILL_ROWS * PREFILL_KEYS * (4 + 2) + PREFILL_ROWS * PREFILL_MAX_D * 4;
+/// Largest row stride the Nd2Nz copies take (16-bit fields).
+const ND2NZ_MAX_STRIDE: usize = u16::MAX as usize;
+
+pub(crate) fn prefill<'v>(
+    mut l: impl Launcher<'v>,
+    a: &AttentionArgs<'_>,
+    out: &'v mut TensorViewMut<'_>,
+    lse: Option<&mut [f32]>,
+) -> Result<()> {
+    let d = a.dims();
+    let g = d.group();
+    if g > PREFILL_ROWS {
+        let why = format!("the Ascend prefill stacks at most {PREFILL_ROWS} query heads per kv head");
+        return Err(Error::range("group", g, why));
+    }
+    let strides = [a.q().strides()[1], a.q().strides()[2], a.k().strides()[1], a.v().strides()[1]];
+    if let Some(&s) = strides.iter().find(|&&s| s > ND2NZ_MAX_STRIDE) {
+        return Err(Error::range(
+            "token stride",
+            s,
+            format!("the cube's Nd2Nz copies take strides up to {ND2NZ_MAX_STRIDE} elements"),
+        ));
+    }
+    let pl = crate::ffi::prefill_lists(a);
+    let tile_tokens = PREFILL_ROWS / g;
+    let (offsets, counts, indices) = match &pl.lists {
+        Some((o, c, i)) => {
+            (l.array(launch::bytes_of(o))?, l.array(launch::bytes_of(c))?, l.array(launch::bytes_of(i))?)
+        }
+        None => (0, 0, 0),
+    };
+    let lse_len = d.batch * d.q_heads * d.seq_len;
+    let lse_addr = if lse.is_some() { l.zeroed(4 * lse_len)? } else { 0 };
+    let params = EkPrefillParams {
+        q: l.input(&a.q())?,
+        k: l.input(&a.k())?,
+        v: l.input(&a.v())?,
+        out: l.output(out)?,
+        lse: lse_addr,
+        offsets,
+        counts,
+        indices,
+        workspace: l.zeroed(l.block_dim(launch::PREFILL) as usize * PREFILL_WORKSPACE)?,
+        segment_size: pl.segment_size as i32,
+        block_size: pl.block_size as i32,
+        segments: pl.segments as i32,
+        group: g as i32,
+        tile_tokens: tile_tokens as i32,
+        tiles_per_segment: pl.segment_size.div_ceil(tile_tokens) as i32,
+        scale_log2: a.scale() * std::f32::consts::LOG2_E,
+        dtype: dtype_code(a.q().dtype()),
+    };
+    l.launch(launch::PREFILL, &params)?;
+    if let Some(dst) = lse {
+        let mut bytes = vec![0u8; 4 * lse_len];
+        l.read(lse_addr, &mut bytes)?;
+        dst.copy_from_slice(&f32s(&bytes));
+    }
+    l.finish()
 }

@@ -23,8 +23,8 @@ use super::source;
 use crate::backend::{Backend, BackendKind, Capabilities, HeadDims};
 use crate::compress::CompressedCache;
 use crate::error::{Error, Result};
-use crate::ffi::{EK_DENSE_UNIT, EkCompressParams, EkDecodeParams, EkPlanParams, EkPrefillParams, EkTensor};
-use crate::plan::{Plan, SegmentAttention};
+use crate::ffi::{EkCompressParams, EkDecodeParams, EkPlanParams, EkPrefillParams, EkTensor};
+use crate::plan::Plan;
 use crate::tensor::{DType, HostDataMut, TensorView, TensorViewMut};
 use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
 
@@ -487,28 +487,13 @@ impl Backend for CudaBackend {
             ),
             None => None,
         };
-        // Per-unit lists: offset and count (or the dense marker) into one index array.
-        let (segment_size, segments, block_size, lists) = match a.blocks() {
-            Some(bl) => {
-                let pd = bl.dims;
-                let mut offsets = Vec::with_capacity(pd.units());
-                let mut counts = Vec::with_capacity(pd.units());
-                for b in 0..pd.batch {
-                    for h in 0..pd.kv_heads {
-                        for s in 0..pd.segments {
-                            let u = pd.unit(b, h, s);
-                            offsets.push(bl.indptr[u]);
-                            counts.push(match bl.segment(b, h, s) {
-                                SegmentAttention::Dense => EK_DENSE_UNIT,
-                                SegmentAttention::Sparse(list) => list.len() as u32,
-                            });
-                        }
-                    }
-                }
-                let lists = (self.upload(&offsets)?, self.upload(&counts)?, self.upload(&bl.indices)?);
-                (pd.segment_size, pd.segments, pd.block_size, Some(lists))
+        let pl = crate::ffi::prefill_lists(a);
+        let (segment_size, segments, block_size) = (pl.segment_size, pl.segments, pl.block_size);
+        let lists = match &pl.lists {
+            Some((offsets, counts, indices)) => {
+                Some((self.upload(offsets)?, self.upload(counts)?, self.upload(indices)?))
             }
-            None => (d.seq_len, 1, 1, None),
+            None => None,
         };
         let aligned = [&a.q(), &a.k(), &a.v()].iter().all(|t| t.strides()[..3].iter().all(|s| s % 8 == 0));
         let mma = dtype != DType::F32 && (d.head_dim == 64 || d.head_dim == 128) && aligned && g <= MMA_ROWS;
@@ -547,6 +532,7 @@ impl Backend for CudaBackend {
             offsets: lists.as_ref().map_or(0, |l| self.ptr(&l.0)),
             counts: lists.as_ref().map_or(0, |l| self.ptr(&l.1)),
             indices: lists.as_ref().map_or(0, |l| self.ptr(&l.2)),
+            workspace: 0,
             segment_size: segment_size as i32,
             block_size: block_size as i32,
             segments: segments as i32,

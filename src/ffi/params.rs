@@ -31,6 +31,7 @@ pub struct EkPrefillParams {
     pub offsets: u64,
     pub counts: u64,
     pub indices: u64,
+    pub workspace: u64,
     pub segment_size: i32,
     pub block_size: i32,
     pub segments: i32,
@@ -42,7 +43,7 @@ pub struct EkPrefillParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of EkPrefillParams"][::core::mem::size_of::<EkPrefillParams>() - 256usize];
+    ["Size of EkPrefillParams"][::core::mem::size_of::<EkPrefillParams>() - 264usize];
     ["Alignment of EkPrefillParams"][::core::mem::align_of::<EkPrefillParams>() - 8usize];
     ["Offset of field: EkPrefillParams::q"][::core::mem::offset_of!(EkPrefillParams, q) - 0usize];
     ["Offset of field: EkPrefillParams::k"][::core::mem::offset_of!(EkPrefillParams, k) - 48usize];
@@ -52,16 +53,17 @@ const _: () = {
     ["Offset of field: EkPrefillParams::offsets"][::core::mem::offset_of!(EkPrefillParams, offsets) - 200usize];
     ["Offset of field: EkPrefillParams::counts"][::core::mem::offset_of!(EkPrefillParams, counts) - 208usize];
     ["Offset of field: EkPrefillParams::indices"][::core::mem::offset_of!(EkPrefillParams, indices) - 216usize];
+    ["Offset of field: EkPrefillParams::workspace"][::core::mem::offset_of!(EkPrefillParams, workspace) - 224usize];
     ["Offset of field: EkPrefillParams::segment_size"]
-        [::core::mem::offset_of!(EkPrefillParams, segment_size) - 224usize];
-    ["Offset of field: EkPrefillParams::block_size"][::core::mem::offset_of!(EkPrefillParams, block_size) - 228usize];
-    ["Offset of field: EkPrefillParams::segments"][::core::mem::offset_of!(EkPrefillParams, segments) - 232usize];
-    ["Offset of field: EkPrefillParams::group"][::core::mem::offset_of!(EkPrefillParams, group) - 236usize];
-    ["Offset of field: EkPrefillParams::tile_tokens"][::core::mem::offset_of!(EkPrefillParams, tile_tokens) - 240usize];
+        [::core::mem::offset_of!(EkPrefillParams, segment_size) - 232usize];
+    ["Offset of field: EkPrefillParams::block_size"][::core::mem::offset_of!(EkPrefillParams, block_size) - 236usize];
+    ["Offset of field: EkPrefillParams::segments"][::core::mem::offset_of!(EkPrefillParams, segments) - 240usize];
+    ["Offset of field: EkPrefillParams::group"][::core::mem::offset_of!(EkPrefillParams, group) - 244usize];
+    ["Offset of field: EkPrefillParams::tile_tokens"][::core::mem::offset_of!(EkPrefillParams, tile_tokens) - 248usize];
     ["Offset of field: EkPrefillParams::tiles_per_segment"]
-        [::core::mem::offset_of!(EkPrefillParams, tiles_per_segment) - 244usize];
-    ["Offset of field: EkPrefillParams::scale_log2"][::core::mem::offset_of!(EkPrefillParams, scale_log2) - 248usize];
-    ["Offset of field: EkPrefillParams::dtype"][::core::mem::offset_of!(EkPrefillParams, dtype) - 252usize];
+        [::core::mem::offset_of!(EkPrefillParams, tiles_per_segment) - 252usize];
+    ["Offset of field: EkPrefillParams::scale_log2"][::core::mem::offset_of!(EkPrefillParams, scale_log2) - 256usize];
+    ["Offset of field: EkPrefillParams::dtype"][::core::mem::offset_of!(EkPrefillParams, dtype) - 260usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

@@ -48,6 +48,18 @@ pub fn runs(test: &str, kernels: &Kernels, op: Op) -> bool {
     ok
 }
 
+/// Whether `kernels` runs `op` on `dtype` inputs; prints the skip when it does not.
+pub fn runs_on(test: &str, kernels: &Kernels, op: Op, dtype: DType) -> bool {
+    if !runs(test, kernels, op) {
+        return false;
+    }
+    let ok = kernels.capabilities().supports_op_dtype(op, dtype);
+    if !ok {
+        eprintln!("[{test}] SKIP {op:?} on {} for {dtype}: the backend has no kernel for this dtype", kernels.kind());
+    }
+    ok
+}
+
 /// Where the conformance cases live: `$ENTROPY_KERNELS_CONFORMANCE`, else `../shared/conformance`.
 pub fn conformance_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("ENTROPY_KERNELS_CONFORMANCE")

@@ -84,10 +84,15 @@ Memory MemoryOf(TPosition p);
 const char* MemoryName(Memory m);
 uint32_t MemoryCapacity(Memory m);
 
+struct CrossCoreGroup;
+
 // The emulated state of one AI core while it runs.
 struct CoreState {
     uint32_t block_idx = 0;
     uint32_t block_num = 1;
+    bool cube = false;               // an AIC (L1/L0 only); otherwise an AIV (UB only)
+    uint32_t sub_block = 0;          // AIV index within its group (mixed launches)
+    CrossCoreGroup* group = nullptr;  // the AIC and its two AIVs of a mixed launch
     std::vector<uint8_t> mem[(int)Memory::COUNT];
     uint32_t used[(int)Memory::COUNT] = {};
     bool pipe_exists = false;
@@ -683,9 +688,149 @@ template <typename T> __aicore__ void MrgSort(const LocalTensor<T>& dst, const M
 }
 
 // ------------------------------------------------------------------------------------------------
+// Cube unit (AIC): GM -> L1 with ND->NZ, L1 -> L0A/L0B in 512-byte fractals, Mmad into L0C,
+// Fixpipe L0C -> GM with NZ->ND. Layouts (A2, from the public API reference):
+//   L1 "NZ" after Nd2Nz: 32-byte pieces of each row at (row·dstNzNStride + piece·dstNzC0Stride)·32 B;
+//   L0A "zZ": 16 × C0 fractals row-major over (m-block, k-block), row-major inside;
+//   L0B "nZ": C0 × 16 fractals row-major over (k-block, n-block), column-major inside;
+//   L0C "NZ": 16 × 16 f32 fractals, fractal (mb, nb) at (nb·Mpad/16 + mb)·256, row-major inside.
+// C0 = 32 bytes / sizeof(T) (16 for half/bf16).
+
+struct Nd2NzParams {
+    uint16_t ndNum = 1, nValue = 0, dValue = 0, srcNdMatrixStride = 0, srcDValue = 0;
+    uint16_t dstNzC0Stride = 1, dstNzNStride = 1, dstNzMatrixStride = 0;
+    Nd2NzParams() = default;
+    Nd2NzParams(uint16_t nd, uint16_t n, uint16_t d, uint16_t srcMat, uint16_t srcD, uint16_t c0Stride, uint16_t nStride, uint16_t dstMat)
+        : ndNum(nd), nValue(n), dValue(d), srcNdMatrixStride(srcMat), srcDValue(srcD), dstNzC0Stride(c0Stride), dstNzNStride(nStride),
+          dstNzMatrixStride(dstMat) {}
+};
+
+template <typename T> __aicore__ void DataCopy(const LocalTensor<T>& dst, const GlobalTensor<T>& src, const Nd2NzParams& p) {
+    if (MemoryOf(dst.GetPosition()) != Memory::L1) EmuFail("DataCopy with Nd2NzParams: the destination must be A1/B1 (L1)");
+    dst.CheckAligned("DataCopy(Nd2Nz)");
+    if (p.srcDValue == 0 || p.dstNzC0Stride == 0 || p.dstNzNStride == 0) EmuFail("DataCopy(Nd2Nz): zero stride");
+    const uint32_t c0 = ONE_BLK_SIZE / sizeof(T), pieces = (p.dValue + c0 - 1) / c0;
+    for (uint32_t i = 0; i < p.ndNum; i++)
+        for (uint32_t j = 0; j < p.nValue; j++)
+            for (uint32_t k = 0; k < pieces; k++) {
+                const uint32_t n = (k + 1) * c0 <= p.dValue ? c0 : p.dValue - k * c0;
+                const T* from = src.At((uint64_t)i * p.srcNdMatrixStride + (uint64_t)j * p.srcDValue + k * c0, n);
+                T* to = dst.Ptr(i * p.dstNzMatrixStride + (j * p.dstNzNStride + k * p.dstNzC0Stride) * c0, c0);
+                for (uint32_t e = 0; e < c0; e++) to[e] = e < n ? from[e] : T(0.0f);  // the row's last piece is zero-filled
+            }
+}
+
+struct LoadData2DParams {
+    uint16_t startIndex = 0;
+    uint8_t repeatTimes = 0;
+    uint16_t srcStride = 0;
+    uint8_t sid = 0;
+    uint16_t dstGap = 0;
+    bool ifTranspose = false;
+    uint8_t addrMode = 0;
+};
+
+constexpr uint32_t FRACTAL_BYTES = 512;
+
+template <typename T> __aicore__ void LoadData(const LocalTensor<T>& dst, const LocalTensor<T>& src, const LoadData2DParams& p) {
+    const Memory dm = MemoryOf(dst.GetPosition());
+    if (MemoryOf(src.GetPosition()) != Memory::L1 || (dm != Memory::L0A && dm != Memory::L0B))
+        EmuFail("LoadData: moves A1 -> A2 or B1 -> B2 (L1 -> L0A/L0B)");
+    src.CheckAligned("LoadData");
+    if (dst.Offset() % FRACTAL_BYTES) EmuFail("LoadData: L0A/L0B address " + std::to_string(dst.Offset()) + " is not 512-byte aligned");
+    if (p.ifTranspose && sizeof(T) != 2) EmuFail("LoadData: ifTranspose is for 16-bit types only");
+    if (p.addrMode != 0) EmuFail("LoadData: only addrMode 0 (increasing) is emulated");
+    const uint32_t per = FRACTAL_BYTES / sizeof(T);
+    for (uint32_t r = 0; r < p.repeatTimes; r++) {
+        const T* from = src.Ptr((p.startIndex + r * p.srcStride) * per, per);
+        T* to = dst.Ptr(r * (p.dstGap + 1) * per, per);
+        for (uint32_t e = 0; e < per; e++) to[e] = p.ifTranspose ? from[(e % 16) * 16 + e / 16] : from[e];
+    }
+}
+
+struct MmadParams {
+    uint16_t m = 0, n = 0, k = 0;
+    bool isBias = false;
+    int32_t fmOffset = 0;
+    bool enSsparse = false, enWinogradA = false, enWinogradB = false;
+    uint8_t unitFlag = 0;
+    bool kDirectionAlign = false, cmatrixSource = false, cmatrixInitVal = true;
+};
+
+// C (+)= A·B over whole fractals: padded rows/columns of A and B take part (their results are
+// dropped by Fixpipe), and the K padding is summed too, so it must hold zeros (or finite data
+// against zeros), as it would on the hardware.
+template <typename C, typename A, typename B>
+__aicore__ void Mmad(const LocalTensor<C>& dst, const LocalTensor<A>& fm, const LocalTensor<B>& filter, const MmadParams& p) {
+    static_assert(std::is_same<C, float>::value && std::is_same<A, B>::value, "emulated Mmad: f32 accumulation of equal input types");
+    if (MemoryOf(dst.GetPosition()) != Memory::L0C || MemoryOf(fm.GetPosition()) != Memory::L0A ||
+        MemoryOf(filter.GetPosition()) != Memory::L0B)
+        EmuFail("Mmad: dst in CO1 (L0C), fm in A2 (L0A), filter in B2 (L0B)");
+    if (fm.Offset() % FRACTAL_BYTES || filter.Offset() % FRACTAL_BYTES) EmuFail("Mmad: L0A/L0B operands must be 512-byte aligned");
+    if (dst.Offset() % 64) EmuFail("Mmad: L0C operand must be 64-byte aligned");
+    if (p.m > 4095 || p.n > 4095 || p.k > 4095) EmuFail("Mmad: m, n, k must be at most 4095");
+    if (p.isBias || (!p.cmatrixInitVal && p.cmatrixSource)) EmuFail("Mmad: bias is not emulated");
+    const uint32_t c0 = ONE_BLK_SIZE / sizeof(A);
+    const uint32_t mp = (p.m + 15) / 16 * 16, np = (p.n + 15) / 16 * 16, kp = (p.k + c0 - 1) / c0 * c0;
+    const uint32_t kt = kp / c0, nt = np / 16;
+    const A* a = fm.Ptr(0, mp * kp);
+    const B* b = filter.Ptr(0, kp * np);
+    C* c = dst.Ptr(0, mp * np);
+    for (uint32_t m = 0; m < mp; m++)
+        for (uint32_t n = 0; n < np; n++) {
+            float acc = 0;
+            for (uint32_t k = 0; k < kp; k++) {
+                const float x = (float)a[((m / 16) * kt + k / c0) * 16 * c0 + (m % 16) * c0 + k % c0];
+                const float y = (float)b[((k / c0) * nt + n / 16) * 16 * c0 + (n % 16) * c0 + k % c0];
+                acc += x * y;
+            }
+            C& out = c[((n / 16) * (mp / 16) + m / 16) * 256 + (m % 16) * 16 + n % 16];
+            out = p.cmatrixInitVal ? acc : out + acc;
+        }
+}
+
+enum QuantMode_t { NoQuant = 0, F322F16 = 1, F322BF16 = 2 };
+struct FixpipeConfig {
+    bool rowMajor;
+};
+constexpr FixpipeConfig CFG_ROW_MAJOR = {true};
+constexpr FixpipeConfig CFG_NZ = {false};
+
+struct FixpipeParamsV220 {
+    uint16_t nSize = 0, mSize = 0, srcStride = 0;
+    uint32_t dstStride = 0;
+    QuantMode_t quantPre = NoQuant;
+    uint64_t deqScalar = 0;
+    uint16_t ndNum = 1, srcNdStride = 0, dstNdStride = 0;
+    bool reluEn = false;
+    uint8_t unitFlag = 0;
+    bool isChannelSplit = false;
+};
+
+template <typename T, typename U, const FixpipeConfig& config = CFG_ROW_MAJOR>
+__aicore__ void Fixpipe(const GlobalTensor<T>& dst, const LocalTensor<U>& src, const FixpipeParamsV220& p) {
+    static_assert(std::is_same<U, float>::value, "emulated Fixpipe reads f32 from L0C");
+    if (!config.rowMajor) EmuFail("Fixpipe: only CFG_ROW_MAJOR (NZ -> ND) is emulated");
+    if (MemoryOf(src.GetPosition()) != Memory::L0C) EmuFail("Fixpipe: the source must be CO1 (L0C)");
+    if (src.Offset() % 64) EmuFail("Fixpipe: L0C source must be 64-byte aligned");
+    if (p.srcStride % 16 || p.srcStride < p.mSize) EmuFail("Fixpipe: srcStride must be a multiple of 16 covering mSize");
+    if (p.ndNum != 1 || p.reluEn) EmuFail("Fixpipe: only ndNum 1 without ReLU is emulated");
+    const bool want_f32 = std::is_same<T, float>::value;
+    if (want_f32 != (p.quantPre == NoQuant) || (std::is_same<T, half>::value && p.quantPre != F322F16) ||
+        (std::is_same<T, bfloat16_t>::value && p.quantPre != F322BF16))
+        EmuFail("Fixpipe: quantPre does not match the destination type");
+    const uint32_t np = (p.nSize + 15) / 16 * 16;
+    const U* c = src.Ptr(0, (uint32_t)p.srcStride * np);
+    for (uint32_t m = 0; m < p.mSize; m++) {
+        T* row = dst.At((uint64_t)m * p.dstStride, p.nSize);
+        for (uint32_t n = 0; n < p.nSize; n++) row[n] = T(c[(n / 16) * p.srcStride * 16 + m * 16 + n % 16]);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
 // Synchronisation
 
-enum class HardEvent : int { MTE2_V, V_MTE2, MTE3_V, V_MTE3, MTE2_MTE3, MTE3_MTE2, S_V, V_S, MTE2_S, S_MTE2, MTE3_S, S_MTE3, M_V, V_M, MTE1_M, M_MTE1, FIX_M, M_FIX };
+enum class HardEvent : int { MTE2_V, V_MTE2, MTE3_V, V_MTE3, MTE2_MTE3, MTE3_MTE2, S_V, V_S, MTE2_S, S_MTE2, MTE3_S, S_MTE3, M_V, V_M, MTE1_M, M_MTE1, FIX_M, M_FIX, MTE2_MTE1, MTE1_MTE2, MTE2_M, M_MTE2, FIX_MTE2, MTE2_FIX, S_FIX, FIX_S };
 enum pipe_t { PIPE_S, PIPE_V, PIPE_M, PIPE_MTE1, PIPE_MTE2, PIPE_MTE3, PIPE_FIX, PIPE_ALL };
 
 template <HardEvent E> __aicore__ void SetFlag(int32_t id) {
@@ -700,13 +845,28 @@ template <HardEvent E> __aicore__ void WaitFlag(int32_t id) {
 }
 template <pipe_t P> __aicore__ void PipeBarrier() {}
 
+// Cross-core flags of a mixed launch (A2: one AIC with two AIVs). Mode 2: an AIC's set reaches
+// both of its AIVs; an AIC's wait needs the set of both AIVs; an AIV's set and wait pair with its
+// AIC. Flag ids 0..15. Emulator rules: a wait that can never be satisfied (every core of the
+// group waiting) is a deadlock; a set never waited for at the end of the launch is an error.
+void CrossCoreSet(int mode, int32_t id);
+void CrossCoreWait(int32_t id);
+template <uint8_t modeId, pipe_t pipe> __aicore__ void CrossCoreSetFlag(int32_t flagId) { CrossCoreSet(modeId, flagId); }
+__aicore__ inline void CrossCoreWaitFlag(int32_t flagId) { CrossCoreWait(flagId); }
+
 // ------------------------------------------------------------------------------------------------
 // Block info
 
 __aicore__ int64_t GetBlockIdx();
 __aicore__ int64_t GetBlockNum();
+__aicore__ int64_t GetSubBlockIdx();
+__aicore__ int64_t GetSubBlockNum();
 
 }  // namespace AscendC
+
+// Which core the code runs on (compile-time on the device, where each is built separately).
+#define ASCEND_IS_AIC (AscendC::Core().cube)
+#define ASCEND_IS_AIV (!AscendC::Core().cube)
 
 // On the device `half` and `bfloat16_t` are global types of the compiler and its headers.
 using AscendC::bfloat16_t;
@@ -718,8 +878,14 @@ using AscendC::half;
 
 namespace ekemu {
 void RunCores(uint32_t block_dim, void (*body)(void*), void* ctx);
+// A mixed launch: `block_dim` groups of one AIC and two AIVs, the three cores of a group run
+// concurrently (threads), groups one after another.
+void RunMixCores(uint32_t block_dim, void (*body)(void*), void* ctx);
 
 template <typename F> void Launch(uint32_t block_dim, F&& f) {
     RunCores(block_dim, [](void* c) { (*static_cast<F*>(c))(); }, &f);
+}
+template <typename F> void LaunchMix(uint32_t block_dim, F&& f) {
+    RunMixCores(block_dim, [](void* c) { (*static_cast<F*>(c))(); }, &f);
 }
 }  // namespace ekemu

@@ -1,0 +1,421 @@
+// Fused block-sparse FlashAttention prefill (SPEC §3) as a mixed kernel: each AI core's cube
+// unit (AIC) computes S = Q·Kᵀ and O_j = P·V on L0, its two vector units (AIV) run the online
+// softmax over half of the rows each; tiles travel through a per-core GM workspace, handed over
+// with cross-core flags.
+//
+// Work item = (b, kv head h, segment s, query tile): the tile's tokens × the G query heads of the
+// group stacked into the M rows (row r = token offset · G + g), so K/V tiles are read once per
+// group. Keys form a virtual list: the unit's selected blocks (ascending, all before the
+// segment), then the segment's own keys up to the tile's last token; a dense unit's list is
+// 0..last token. Row r sees a prefix of that list (blocks + own keys ≤ its token), so masking is
+// a per-row visible count. Tiles of PREFILL_KEYS virtual keys are gathered run by run (a block,
+// or a stretch of own keys) straight into L1; a short last tile is padded with copies of a real
+// key (finite data, masked to P = 0).
+//
+// Per key tile j:            AIC                                AIV k (rows of its half)
+//   K_j → L1 → L0B; S = Q·Kᵀ → L0C → S_ws     ──FLAG_S──▶   S rows: scale, mask, m, l, P = e^(S−m)
+//   V_j → L1 → L0B (transposed fractals)                      P → P_ws (T)
+//   P_ws → L1 → L0A; O_j = P·V → L0C → O_ws  ◀──FLAG_P──      α = e^(m_old − m_new)
+//                                            ──FLAG_O──▶   O = α·O + O_j
+// End of item (AIV): O / l → out (T); lse = m + ln l.
+//
+// Tile plan (PREFILL_ROWS = 64, PREFILL_KEYS = 64, D ≤ 256, T = half/bf16):
+//   L1   Q 64×256×2 = 32 KiB, K 32 KiB, V 32 KiB, P 64×64×2 = 8 KiB          (104 of 512 KiB)
+//   L0A  Q 32 KiB resident for the item + P 8 KiB                              ( 40 of  64 KiB)
+//   L0B  Kᵀ 32 KiB + V 32 KiB                                                  ( 64 of  64 KiB)
+//   L0C  S 64×64×4 = 16 KiB + O 64×256×4 = 64 KiB                              ( 80 of 128 KiB)
+//   UB (each AIV, 32 rows) S 8 KiB, P 4 KiB + 8 KiB, O accumulator 32 KiB, O tile 32 KiB,
+//        output row staging, row stats                                        (~90 of 192 KiB)
+//   GM workspace per core: S 16 KiB + P 8 KiB + O 64 KiB (PREFILL_WORKSPACE below)
+// Expected utilisation: the cube does 4·M·KT·D FLOPs per tile at full fractal occupancy when
+// M = 64 (G·tile_tokens); this version runs the tile steps back to back (no ping-pong between
+// S_j+1 and the softmax of tile j), so the cube idles while the vectors work: roughly half of
+// the cube's peak before double buffering, which is the next step.
+
+#include "kernel_operator.h"
+#include "entropy_params.h"
+#include "common.h"
+
+using namespace AscendC;
+
+namespace {
+
+constexpr uint32_t PREFILL_ROWS = 64;   // M rows per item (query tokens × group heads)
+constexpr uint32_t PREFILL_KEYS = 64;   // keys per tile
+constexpr uint32_t PREFILL_MAX_D = 256;
+constexpr uint32_t FRACTAL = 16;        // rows and columns of a 16-bit fractal
+constexpr int32_t FLAG_S = 1, FLAG_P = 2, FLAG_O = 3;
+// GM workspace per core, in bytes: S (f32), P (T), O (f32).
+constexpr uint32_t WS_S = PREFILL_ROWS * PREFILL_KEYS * 4;
+constexpr uint32_t WS_P = PREFILL_ROWS * PREFILL_KEYS * 2;
+constexpr uint32_t WS_O = PREFILL_ROWS * PREFILL_MAX_D * 4;
+
+__aicore__ inline uint32_t Min(uint32_t a, uint32_t b) { return a < b ? a : b; }
+__aicore__ inline uint32_t Up16(uint32_t x) { return (x + FRACTAL - 1) / FRACTAL * FRACTAL; }
+
+// One work item and its virtual key list, shared by the cube and vector sides.
+struct Item {
+    int32_t b = 0, h = 0, s = 0;
+    uint32_t t0 = 0, tokens = 0, rows = 0;
+    bool dense = true;
+    uint32_t own0 = 0;          // first own key (segment start) of a sparse unit
+    uint32_t blocks = 0;        // selected blocks of a sparse unit
+    uint64_t list = 0;          // offset of its block list in `indices`
+    uint32_t keys = 0;          // length of the virtual key list
+
+    // Virtual keys row r may see (a prefix of the list).
+    __aicore__ inline uint32_t Visible(uint32_t r, uint32_t group, uint32_t block_size) const {
+        const uint32_t t = t0 + r / group;
+        return dense ? t + 1 : blocks * block_size + (t - own0 + 1);
+    }
+};
+
+__aicore__ inline bool MakeItem(const EkPrefillParams& p, uint32_t it, Item& x, const GlobalTensor<uint32_t>& offsets,
+                                const GlobalTensor<uint32_t>& counts) {
+    const uint32_t seq = p.q.shape[1], hkv = p.k.shape[2];
+    const uint32_t tile = it % p.tiles_per_segment, u = it / p.tiles_per_segment;
+    x.s = u % p.segments;
+    x.h = (u / p.segments) % hkv;
+    x.b = u / (p.segments * hkv);
+    const uint32_t seg0 = x.s * p.segment_size, seg1 = Min(seq, seg0 + p.segment_size);
+    x.t0 = seg0 + tile * p.tile_tokens;
+    if (x.t0 >= seg1) return false;
+    x.tokens = Min(p.tile_tokens, seg1 - x.t0);
+    x.rows = x.tokens * p.group;
+    const uint32_t count = p.counts ? counts.GetValue(u) : EK_DENSE_UNIT;
+    x.dense = count == EK_DENSE_UNIT;
+    x.own0 = seg0;
+    x.blocks = x.dense ? 0 : count;
+    x.list = x.dense ? 0 : offsets.GetValue(u);
+    x.keys = x.dense ? x.t0 + x.tokens : x.blocks * p.block_size + (x.t0 + x.tokens - seg0);
+    return true;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Cube side.
+
+template <typename T> class PrefillCube {
+public:
+    __aicore__ inline void Run(const EkPrefillParams& p) {
+        p_ = p;
+        d_ = p.q.shape[3];
+        dp_ = Up16(d_);
+        qGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(p.q.ptr));
+        kGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(p.k.ptr));
+        vGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(p.v.ptr));
+        offsetsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.offsets));
+        countsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.counts));
+        indicesGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.indices));
+        const uint64_t ws = p.workspace + (uint64_t)GetBlockIdx() * (WS_S + WS_P + WS_O);
+        sWs_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(ws));
+        pWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + WS_S));
+        oWs_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(ws + WS_S + WS_P));
+        pipe_.InitBuffer(qL1_, PREFILL_ROWS * PREFILL_MAX_D * sizeof(T));
+        pipe_.InitBuffer(kL1_, PREFILL_KEYS * PREFILL_MAX_D * sizeof(T));
+        pipe_.InitBuffer(vL1_, PREFILL_KEYS * PREFILL_MAX_D * sizeof(T));
+        pipe_.InitBuffer(pL1_, PREFILL_ROWS * PREFILL_KEYS * sizeof(T));
+        pipe_.InitBuffer(qL0_, PREFILL_ROWS * PREFILL_MAX_D * sizeof(T));
+        pipe_.InitBuffer(pL0_, PREFILL_ROWS * PREFILL_KEYS * sizeof(T));
+        pipe_.InitBuffer(kL0_, PREFILL_KEYS * PREFILL_MAX_D * sizeof(T));
+        pipe_.InitBuffer(vL0_, PREFILL_KEYS * PREFILL_MAX_D * sizeof(T));
+        pipe_.InitBuffer(sL0_, PREFILL_ROWS * PREFILL_KEYS * sizeof(float));
+        pipe_.InitBuffer(oL0_, PREFILL_ROWS * PREFILL_MAX_D * sizeof(float));
+        const uint32_t items = p.q.shape[0] * p.k.shape[2] * p.segments * p.tiles_per_segment;
+        for (uint32_t it = GetBlockIdx(); it < items; it += GetBlockNum()) {
+            Item x;
+            if (MakeItem(p_, it, x, offsetsGm_, countsGm_)) Work(x);
+        }
+    }
+
+private:
+    // Copies `n` consecutive keys from `pos` (of K or V) into L1 rows [row, row + n) of a tile.
+    __aicore__ inline void CopyKeys(const GlobalTensor<T>& src, const EkTensor& t, const Item& x, uint32_t pos, uint32_t n,
+                                    uint32_t row, const LocalTensor<T>& dst) {
+        const int64_t off = x.b * t.stride[0] + pos * t.stride[1] + x.h * t.stride[2];
+        DataCopy(dst[row * FRACTAL], src[off], Nd2NzParams(1, n, d_, 0, t.stride[1], PREFILL_KEYS, 1, 0));
+    }
+
+    // Virtual key v of the item as a position (the blocks first, then the own keys).
+    __aicore__ inline uint32_t Position(const Item& x, uint32_t v) {
+        const uint32_t in_blocks = x.blocks * p_.block_size;
+        if (v >= in_blocks) return (x.dense ? 0 : x.own0) + (v - in_blocks);
+        return indicesGm_.GetValue(x.list + v / p_.block_size) * p_.block_size + v % p_.block_size;
+    }
+
+    // Gathers virtual keys [v0, v0 + n) into a PREFILL_KEYS-row L1 tile, run by run, padding the
+    // rest with copies of the first key.
+    __aicore__ inline void Gather(const GlobalTensor<T>& src, const EkTensor& t, const Item& x, uint32_t v0, uint32_t n,
+                                  const LocalTensor<T>& dst) {
+        const uint32_t in_blocks = x.blocks * p_.block_size;
+        uint32_t row = 0;
+        while (row < n) {
+            const uint32_t v = v0 + row;
+            // A run ends at the end of a block (block part) or of the list (own part).
+            const uint32_t run = v < in_blocks ? Min(p_.block_size - v % p_.block_size, Min(in_blocks - v, n - row)) : n - row;
+            CopyKeys(src, t, x, Position(x, v), run, row, dst);
+            row += run;
+        }
+        if (n < PREFILL_KEYS) {
+            const int64_t off = x.b * t.stride[0] + Position(x, v0) * t.stride[1] + x.h * t.stride[2];
+            DataCopy(dst[n * FRACTAL], src[off], Nd2NzParams(PREFILL_KEYS - n, 1, d_, 0, t.stride[1], PREFILL_KEYS, 1, FRACTAL));
+        }
+    }
+
+    // L1 NZ (rows padded to `mpad`) → L0A zZ: one LoadData per 16-row block.
+    __aicore__ inline void ToL0A(const LocalTensor<T>& dst, const LocalTensor<T>& src, uint32_t mpad, uint32_t kpad) {
+        for (uint32_t mb = 0; mb < mpad / FRACTAL; mb++) {
+            LoadData2DParams lp;
+            lp.startIndex = mb;
+            lp.repeatTimes = kpad / FRACTAL;
+            lp.srcStride = mpad / FRACTAL;
+            LoadData(dst[mb * (kpad / FRACTAL) * FRACTAL * FRACTAL], src, lp);
+        }
+    }
+
+    __aicore__ inline void Sync() {
+        SetFlag<HardEvent::MTE2_MTE1>(0);
+        WaitFlag<HardEvent::MTE2_MTE1>(0);
+    }
+
+    __aicore__ inline void Work(const Item& x) {
+        const uint32_t mpad = Up16(x.rows);
+        LocalTensor<T> qL1 = qL1_.Get<T>(), kL1 = kL1_.Get<T>(), vL1 = vL1_.Get<T>(), pL1 = pL1_.Get<T>();
+        LocalTensor<T> qL0 = qL0_.Get<T>(), pL0 = pL0_.Get<T>(), kL0 = kL0_.Get<T>(), vL0 = vL0_.Get<T>();
+        LocalTensor<float> sL0 = sL0_.Get<float>(), oL0 = oL0_.Get<float>();
+        // Q: per token, the group's G heads are G rows; tokens follow at G rows each.
+        const int64_t qoff = x.b * p_.q.stride[0] + x.t0 * p_.q.stride[1] + x.h * p_.group * p_.q.stride[2];
+        DataCopy(qL1, qGm_[qoff], Nd2NzParams(x.tokens, p_.group, d_, p_.q.stride[1], p_.q.stride[2], mpad, 1, p_.group * FRACTAL));
+        Sync();
+        ToL0A(qL0, qL1, mpad, dp_);
+        for (uint32_t v0 = 0; v0 < x.keys; v0 += PREFILL_KEYS) {
+            const uint32_t n = Min(PREFILL_KEYS, x.keys - v0);
+            // S = Q·Kᵀ: K's NZ fractals are Kᵀ's nZ fractals, in order.
+            Gather(kGm_, p_.k, x, v0, n, kL1);
+            Sync();
+            LoadData2DParams kp;
+            kp.repeatTimes = (dp_ / FRACTAL) * (PREFILL_KEYS / FRACTAL);
+            kp.srcStride = 1;
+            LoadData(kL0, kL1, kp);
+            SetFlag<HardEvent::MTE1_M>(0);
+            WaitFlag<HardEvent::MTE1_M>(0);
+            MmadParams sp;
+            sp.m = x.rows;
+            sp.n = PREFILL_KEYS;
+            sp.k = d_;
+            Mmad(sL0, qL0, kL0, sp);
+            SetFlag<HardEvent::M_FIX>(0);
+            WaitFlag<HardEvent::M_FIX>(0);
+            FixpipeParamsV220 sf;
+            sf.nSize = PREFILL_KEYS;
+            sf.mSize = x.rows;
+            sf.srcStride = mpad;
+            sf.dstStride = PREFILL_KEYS;
+            Fixpipe(sWs_, sL0, sf);
+            CrossCoreSetFlag<2, PIPE_FIX>(FLAG_S);
+            // V while the vector units work: per 16-key block, its D/16 fractals transposed.
+            Gather(vGm_, p_.v, x, v0, n, vL1);
+            Sync();
+            for (uint32_t kb = 0; kb < PREFILL_KEYS / FRACTAL; kb++) {
+                LoadData2DParams vp;
+                vp.startIndex = kb;
+                vp.repeatTimes = dp_ / FRACTAL;
+                vp.srcStride = PREFILL_KEYS / FRACTAL;
+                vp.ifTranspose = true;
+                LoadData(vL0[kb * (dp_ / FRACTAL) * FRACTAL * FRACTAL], vL1, vp);
+            }
+            // O_j = P·V once both vector units wrote P.
+            CrossCoreWaitFlag(FLAG_P);
+            DataCopy(pL1, pWs_, Nd2NzParams(1, x.rows, PREFILL_KEYS, 0, PREFILL_KEYS, mpad, 1, 0));
+            Sync();
+            ToL0A(pL0, pL1, mpad, PREFILL_KEYS);
+            SetFlag<HardEvent::MTE1_M>(0);
+            WaitFlag<HardEvent::MTE1_M>(0);
+            MmadParams op;
+            op.m = x.rows;
+            op.n = d_;
+            op.k = PREFILL_KEYS;
+            Mmad(oL0, pL0, vL0, op);
+            SetFlag<HardEvent::M_FIX>(0);
+            WaitFlag<HardEvent::M_FIX>(0);
+            FixpipeParamsV220 of;
+            of.nSize = d_;
+            of.mSize = x.rows;
+            of.srcStride = mpad;
+            of.dstStride = dp_;
+            Fixpipe(oWs_, oL0, of);
+            CrossCoreSetFlag<2, PIPE_FIX>(FLAG_O);
+        }
+    }
+
+    EkPrefillParams p_;
+    uint32_t d_ = 0, dp_ = 0;
+    TPipe pipe_;
+    TBuf<TPosition::A1> qL1_, pL1_;
+    TBuf<TPosition::B1> kL1_, vL1_;
+    TBuf<TPosition::A2> qL0_, pL0_;
+    TBuf<TPosition::B2> kL0_, vL0_;
+    TBuf<TPosition::CO1> sL0_, oL0_;
+    GlobalTensor<T> qGm_, kGm_, vGm_, pWs_;
+    GlobalTensor<float> sWs_, oWs_;
+    GlobalTensor<uint32_t> offsetsGm_, countsGm_, indicesGm_;
+};
+
+// ------------------------------------------------------------------------------------------------
+// Vector side: rows [r0, r1) of each item, r0/r1 splitting the rows between the two AIVs.
+
+template <typename T> class PrefillVector {
+public:
+    __aicore__ inline void Run(const EkPrefillParams& p) {
+        p_ = p;
+        d_ = p.q.shape[3];
+        dp_ = Up16(d_);
+        scale_ = p.scale_log2 * 0.6931471805599453f;
+        outGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(p.out.ptr));
+        lseGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.lse));
+        offsetsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.offsets));
+        countsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.counts));
+        const uint32_t core = GetBlockIdx() / 2;  // the AIC this AIV belongs to (1:2)
+        sub_ = GetBlockIdx() % 2;
+        const uint64_t ws = p.workspace + (uint64_t)core * (WS_S + WS_P + WS_O);
+        sWs_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(ws));
+        pWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + WS_S));
+        oWs_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(ws + WS_S + WS_P));
+        constexpr uint32_t half_rows = PREFILL_ROWS / 2;
+        pipe_.InitBuffer(sIn_, 1, half_rows * PREFILL_KEYS * sizeof(float));
+        pipe_.InitBuffer(oIn_, 1, half_rows * PREFILL_MAX_D * sizeof(float));
+        pipe_.InitBuffer(pOut_, 1, half_rows * PREFILL_KEYS * sizeof(T));
+        pipe_.InitBuffer(rowOut_, 1, PREFILL_MAX_D * sizeof(T));
+        pipe_.InitBuffer(lseOut_, 1, ONE_BLK_SIZE);
+        pipe_.InitBuffer(p32_, half_rows * PREFILL_KEYS * sizeof(float));
+        pipe_.InitBuffer(acc_, half_rows * PREFILL_MAX_D * sizeof(float));
+        pipe_.InitBuffer(red_, ONE_BLK_SIZE);
+        pipe_.InitBuffer(work_, ONE_REPEAT_BYTES);
+        const uint32_t items = p.q.shape[0] * p.k.shape[2] * p.segments * p.tiles_per_segment;
+        for (uint32_t it = core; it < items; it += GetBlockNum()) {
+            Item x;
+            if (MakeItem(p_, it, x, offsetsGm_, countsGm_)) Work(x);
+        }
+    }
+
+private:
+    __aicore__ inline void Work(const Item& x) {
+        const uint32_t split = (x.rows + 1) / 2;
+        const uint32_t r0 = sub_ == 0 ? 0 : split, r1 = sub_ == 0 ? split : x.rows, n = r1 - r0;
+        LocalTensor<float> acc = acc_.Get<float>(), p32 = p32_.Get<float>(), red = red_.Get<float>(), work = work_.Get<float>();
+        float m[PREFILL_ROWS / 2], l[PREFILL_ROWS / 2], alpha[PREFILL_ROWS / 2];
+        for (uint32_t r = 0; r < n; r++) {
+            m[r] = NegInf();
+            l[r] = 0.0f;
+        }
+        if (n > 0) Duplicate(acc, 0.0f, (int32_t)(n * dp_));
+        for (uint32_t v0 = 0; v0 < x.keys; v0 += PREFILL_KEYS) {
+            CrossCoreWaitFlag(FLAG_S);
+            if (n > 0) {
+                LocalTensor<float> s = sIn_.AllocTensor<float>();
+                DataCopyPad(s, sWs_[r0 * PREFILL_KEYS], DataCopyExtParams(1, n * PREFILL_KEYS * sizeof(float), 0, 0, 0),
+                            DataCopyPadExtParams<float>(true, 0, 0, 0.0f));
+                sIn_.EnQue(s);
+                s = sIn_.DeQue<float>();
+                Duplicate(p32, 0.0f, (int32_t)(n * PREFILL_KEYS));
+                for (uint32_t r = 0; r < n; r++) {
+                    const uint32_t seen = x.Visible(r0 + r, p_.group, p_.block_size);
+                    const uint32_t vis = seen > v0 ? Min(PREFILL_KEYS, seen - v0) : 0;
+                    alpha[r] = 1.0f;
+                    if (vis == 0) continue;  // P row stays 0, the row's state is unchanged
+                    LocalTensor<float> row = s[r * PREFILL_KEYS], pr = p32[r * PREFILL_KEYS];
+                    Muls(row, row, scale_, (int32_t)vis);
+                    const float tile_max = ReduceToScalar(true, row, vis, red, work);
+                    const float m_new = tile_max > m[r] ? tile_max : m[r];
+                    alpha[r] = ScalarExp(m[r] - m_new, red);
+                    Adds(pr, row, -m_new, (int32_t)vis);
+                    Exp(pr, pr, (int32_t)vis);
+                    l[r] = l[r] * alpha[r] + ReduceToScalar(false, pr, vis, red, work);
+                    m[r] = m_new;
+                }
+                sIn_.FreeTensor(s);
+                LocalTensor<T> pt = pOut_.AllocTensor<T>();
+                Cast(pt, p32, RoundMode::CAST_RINT, n * PREFILL_KEYS);
+                pOut_.EnQue(pt);
+                pt = pOut_.DeQue<T>();
+                DataCopyPad(pWs_[r0 * PREFILL_KEYS], pt, DataCopyExtParams(1, n * PREFILL_KEYS * sizeof(T), 0, 0, 0));
+                pOut_.FreeTensor(pt);
+            }
+            CrossCoreSetFlag<2, PIPE_MTE3>(FLAG_P);
+            CrossCoreWaitFlag(FLAG_O);
+            if (n > 0) {
+                LocalTensor<float> o = oIn_.AllocTensor<float>();
+                DataCopyPad(o, oWs_[r0 * dp_], DataCopyExtParams(1, n * dp_ * sizeof(float), 0, 0, 0),
+                            DataCopyPadExtParams<float>(true, 0, 0, 0.0f));
+                oIn_.EnQue(o);
+                o = oIn_.DeQue<float>();
+                for (uint32_t r = 0; r < n; r++) {
+                    Muls(acc[r * dp_], acc[r * dp_], alpha[r], (int32_t)dp_);
+                    Add(acc[r * dp_], acc[r * dp_], o[r * dp_], (int32_t)dp_);
+                }
+                oIn_.FreeTensor(o);
+            }
+        }
+        for (uint32_t r = 0; r < n; r++) Finish(x, r0 + r, acc[r * dp_], m[r], l[r]);
+    }
+
+    // Row r of the item: O / l into `out`, and its log-sum-exp.
+    __aicore__ inline void Finish(const Item& x, uint32_t r, const LocalTensor<float>& o, float m, float l) {
+        const uint32_t t = x.t0 + r / p_.group, hq = x.h * p_.group + r % p_.group;
+        Muls(o, o, 1.0f / l, (int32_t)dp_);
+        LocalTensor<T> row = rowOut_.AllocTensor<T>();
+        Cast(row, o, RoundMode::CAST_RINT, dp_);
+        rowOut_.EnQue(row);
+        row = rowOut_.DeQue<T>();
+        const int64_t off = x.b * p_.out.stride[0] + t * p_.out.stride[1] + hq * p_.out.stride[2];
+        DataCopyPad(outGm_[off], row, DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0));
+        rowOut_.FreeTensor(row);
+        if (p_.lse) {
+            LocalTensor<float> v = lseOut_.AllocTensor<float>();
+            Duplicate(v, l, 8);
+            Ln(v, v, 8);
+            Adds(v, v, m, 8);
+            lseOut_.EnQue(v);
+            v = lseOut_.DeQue<float>();
+            const uint64_t at = ((uint64_t)x.b * p_.q.shape[2] + hq) * p_.q.shape[1] + t;
+            DataCopyPad(lseGm_[at], v, DataCopyExtParams(1, sizeof(float), 0, 0, 0));
+            lseOut_.FreeTensor(v);
+        }
+    }
+
+    EkPrefillParams p_;
+    uint32_t d_ = 0, dp_ = 0, sub_ = 0;
+    float scale_ = 0;
+    TPipe pipe_;
+    TQue<TPosition::VECIN, 1> sIn_, oIn_;
+    TQue<TPosition::VECOUT, 1> pOut_, rowOut_, lseOut_;
+    TBuf<TPosition::VECCALC> p32_, acc_, red_, work_;
+    GlobalTensor<T> outGm_, pWs_;
+    GlobalTensor<float> sWs_, oWs_, lseGm_;
+    GlobalTensor<uint32_t> offsetsGm_, countsGm_;
+};
+
+template <typename T> class PrefillKernel {
+public:
+    __aicore__ inline void Run(const EkPrefillParams& p) {
+        if ASCEND_IS_AIC {
+            PrefillCube<T> k;
+            k.Run(p);
+        } else {
+            PrefillVector<T> k;
+            k.Run(p);
+        }
+    }
+};
+
+}  // namespace
+
+extern "C" __global__ __aicore__ void ek_prefill(GM_ADDR params) {
+    const EkPrefillParams p = ReadParams<EkPrefillParams>(params);
+    if (p.dtype == EK_BF16) {
+        PrefillKernel<bfloat16_t> k;
+        k.Run(p);
+    } else {
+        PrefillKernel<half> k;  // f16 (f32 prefill is not offered on the cube: see ops.rs)
+        k.Run(p);
+    }
+}
