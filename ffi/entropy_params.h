@@ -61,7 +61,9 @@ typedef struct EkPrefillParams {
 } EkPrefillParams;
 
 /*
- * Planning (SPEC §2). Workspaces: qsum f64 [B, segments, Hq, D], krep f64 [B, blocks, Hkv, 2, D],
+ * Planning (SPEC §2). Workspaces: qsum f64 [B, segments, Hq, D], krep f64 [B, blocks, Hkv, 2, D]
+ * (Ascend computes only the representatives: qsum = f32 [B, segments, Hq, 2, D] max/min of the
+ * queries, krep = f32 [B, blocks, Hkv, 2, D]; the host finishes the plan in f64),
  * key f64 [units, blocks] (ranking keys: logits, or fused scores). Outputs are per unit
  * u = (b·Hkv + h)·segments + s.
  */

@@ -166,8 +166,8 @@ impl Backend for AscendBackend {
     fn capabilities(&self) -> &Capabilities {
         &self.caps
     }
-    fn plan(&self, _: &PlanArgs<'_>) -> Result<Plan> {
-        Err(Error::Unimplemented { backend: "ascend", op: "plan" })
+    fn plan(&self, a: &PlanArgs<'_>) -> Result<Plan> {
+        ops::plan(self.launcher(), a)
     }
     fn attention(&self, a: &AttentionArgs<'_>, out: &mut TensorViewMut<'_>, lse: Option<&mut [f32]>) -> Result<()> {
         ops::prefill(self.launcher(), a, out, lse)

@@ -125,8 +125,8 @@ impl Backend for AscendEmuBackend {
     fn capabilities(&self) -> &Capabilities {
         &self.caps
     }
-    fn plan(&self, _: &PlanArgs<'_>) -> Result<Plan> {
-        Err(Error::Unimplemented { backend: "ascend-emu", op: "plan" })
+    fn plan(&self, a: &PlanArgs<'_>) -> Result<Plan> {
+        ops::plan(EmuLauncher::default(), a)
     }
     fn attention(&self, a: &AttentionArgs<'_>, out: &mut TensorViewMut<'_>, lse: Option<&mut [f32]>) -> Result<()> {
         ops::prefill(EmuLauncher::default(), a, out, lse)

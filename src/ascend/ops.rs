@@ -6,9 +6,10 @@ use crate::backend::{Capabilities, HeadDims, Op};
 use crate::compress::{self, CompressedCache};
 use crate::config::HeadBudget;
 use crate::error::{Error, Result};
-use crate::ffi::{EkCompressParams, EkDecodeParams, EkPrefillParams, dtype_code, gqa_code, pooling_code};
+use crate::ffi::{EkCompressParams, EkDecodeParams, EkPlanParams, EkPrefillParams, dtype_code, gqa_code, pooling_code};
+use crate::plan::Plan;
 use crate::tensor::{DType, HostBuffer, HostTensor, TensorViewMut};
-use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs};
+use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
 
 /// Query rows one decode unit keeps in UB (`DECODE_MAX_ROWS` in `ascend/kernels/decode.cpp`).
 pub const DECODE_MAX_ROWS: usize = 16;
@@ -40,7 +41,7 @@ pub(crate) fn decode<'v>(mut l: impl Launcher<'v>, a: &DecodeArgs<'_>, out: &'v 
 }
 
 /// Operations with Ascend kernels (the others answer `Error::Unimplemented`).
-pub const SUPPORTED: [Op; 3] = [Op::Prefill, Op::KvCompress, Op::Decode];
+pub const SUPPORTED: [Op; 4] = [Op::Plan, Op::Prefill, Op::KvCompress, Op::Decode];
 
 /// What the Ascend kernels run: prefill on the cube takes f16/bf16 (A2's cube has no f32 path
 /// with a transposing L1 → L0B load for P·V), head dims up to 256.
@@ -221,4 +222,40 @@ pub(crate) fn prefill<'v>(
         dst.copy_from_slice(&f32s(&bytes));
     }
     l.finish()
+}
+
+/// Planning: the representatives (the pass over all of Q and K) on the vector cores, exact in
+/// f32; the f64 decisions on the host, shared with the CPU backend so they equal the reference's.
+pub(crate) fn plan<'v>(mut l: impl Launcher<'v>, a: &PlanArgs<'_>) -> Result<Plan> {
+    let d = a.dims();
+    let dd = a.head_dim();
+    let qrep_len = d.batch * d.segments * d.q_heads * 2 * dd;
+    let krep_len = d.batch * d.blocks * d.kv_heads * 2 * dd;
+    let params = EkPlanParams {
+        q: l.input(&a.q())?,
+        k: l.input(&a.k())?,
+        qsum: l.zeroed(4 * qrep_len)?,
+        krep: l.zeroed(4 * krep_len)?,
+        batch: d.batch as i32,
+        seq_len: d.seq_len as i32,
+        q_heads: d.q_heads as i32,
+        kv_heads: d.kv_heads as i32,
+        head_dim: dd as i32,
+        segment_size: d.segment_size as i32,
+        block_size: d.block_size as i32,
+        segments: d.segments as i32,
+        blocks: d.blocks as i32,
+        dtype: dtype_code(a.q().dtype()),
+        ..Default::default()
+    };
+    l.launch(launch::PLAN_REPS, &params)?;
+    let mut read = |addr: u64, len: usize| -> Result<Vec<f64>> {
+        let mut bytes = vec![0u8; 4 * len];
+        l.read(addr, &mut bytes)?;
+        Ok(f32s(&bytes).into_iter().map(f64::from).collect())
+    };
+    let (qrep, krep) = (read(params.qsum, qrep_len)?, read(params.krep, krep_len)?);
+    l.finish()?;
+    let isa = crate::cpu::simd::Isa::detect();
+    Ok(crate::cpu::plan::plan_from_representatives(isa, a, &qrep, &krep))
 }

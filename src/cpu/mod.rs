@@ -6,7 +6,7 @@ mod attention;
 mod compress;
 mod decode;
 mod micro;
-mod plan;
+pub(crate) mod plan;
 pub(crate) mod simd;
 mod tile;
 

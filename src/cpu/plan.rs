@@ -134,7 +134,6 @@ impl WithSimd for UnitJob<'_> {
 
 pub(crate) fn plan<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Plan {
     let d = a.dims();
-    let cfg = a.cfg();
     let dd = a.head_dim();
     let n = d.blocks;
     let (q, k) = (a.q(), a.k());
@@ -148,8 +147,6 @@ pub(crate) fn plan<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Plan {
             representatives::<E>(&q, b, d.segment_range(s), d.q_heads, dd, out, row)
         },
     );
-    // The logits only need qmax + qmin (SPEC §2.2: both terms share the key representative).
-    let qsum: Vec<f64> = qrep.chunks(2 * dd).flat_map(|hm| (0..dd).map(move |i| hm[i] + hm[dd + i])).collect();
     let mut krep = vec![0f64; d.batch * n * d.kv_heads * 2 * dd];
     if n > 0 {
         krep.par_chunks_mut(d.kv_heads * 2 * dd).enumerate().for_each_init(
@@ -161,6 +158,20 @@ pub(crate) fn plan<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Plan {
             },
         );
     }
+    plan_from_representatives(isa, a, &qrep, &krep)
+}
+
+/// The rest of planning from the representatives (`qrep` `[B, segments, Hq, 2, D]`, `krep`
+/// `[B, blocks, Hkv, 2, D]`, max then min), in f64: shared by the CPU backend and by backends
+/// whose devices compute the representatives (max/min are exact in any precision) but have no
+/// f64 arithmetic for the decisions.
+pub(crate) fn plan_from_representatives(isa: Isa, a: &PlanArgs<'_>, qrep: &[f64], krep: &[f64]) -> Plan {
+    let d = a.dims();
+    let cfg = a.cfg();
+    let dd = a.head_dim();
+    let n = d.blocks;
+    // The logits only need qmax + qmin (SPEC §2.2: both terms share the key representative).
+    let qsum: Vec<f64> = qrep.chunks(2 * dd).flat_map(|hm| (0..dd).map(move |i| hm[i] + hm[dd + i])).collect();
 
     // Per-unit logits, distribution, entropy and ranking, ranked as far as any keep can reach
     // (the final width, max(segment_topk), is only known once every entropy is).
