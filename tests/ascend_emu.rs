@@ -22,13 +22,21 @@ fn selftest(code: i32, input: &[f32], output: &mut [f32]) -> Result<()> {
     unsafe { emu::run("selftest", &t as *const SelfTest as *const u8, 1) }
 }
 
+/// A mixed (AIC + 2 AIV) self test; `input` and `output` hold 2048 and 1024 floats.
+fn selftest_mix(code: i32, input: &[f32], output: &mut [f32]) -> Result<()> {
+    assert!(input.len() >= 2048 && output.len() >= 1024);
+    let t = SelfTest { code, pad: 0, input: input.as_ptr(), output: output.as_mut_ptr() };
+    // SAFETY: the buffers are as large as the mixed self tests read and write.
+    unsafe { emu::run("selftest_mix", &t as *const SelfTest as *const u8, 1) }
+}
+
 #[test]
 fn planted_violations_are_caught() {
     let input: Vec<f32> = (0..512).map(|i| i as f32).collect();
     let mut output = vec![0f32; 512];
     selftest(0, &input, &mut output).expect("correct usage passes");
     assert_eq!(output[..256], input[..256].iter().map(|x| 2.0 * x).collect::<Vec<_>>()[..]);
-    let cases: [(i32, &str); 20] = [
+    let cases: [(i32, &str); 21] = [
         (1, "UB overflow"),
         (2, "not 32-byte aligned"),
         (3, "whole 32-byte blocks"),
@@ -49,6 +57,7 @@ fn planted_violations_are_caught() {
         (18, "outside 0..255"),
         (19, "at most 4095"),
         (20, "dst overlaps"),
+        (21, "the AIV has only the unified buffer"),
     ];
     for (code, needle) in cases {
         match selftest(code, &input, &mut output) {
@@ -225,4 +234,46 @@ fn f32_prefill_is_a_typed_error() {
         other => panic!("expected UnsupportedOpDType, got {other:?}"),
     }
     assert!(tensor_f64(&out).iter().all(|x| x.is_nan()));
+}
+
+/// The cube and cross-core rules of mixed launches, each planted once.
+#[test]
+fn planted_cube_and_cross_core_violations_are_caught() {
+    let input = vec![0f32; 2048];
+    let mut output = vec![0f32; 1024];
+    let cases = [
+        (31, "the AIC has no unified buffer"),
+        (32, "not 512-byte aligned"),
+        (33, "Mmad: dst in CO1"),
+        (34, "deadlock"),
+        (35, "never waited for by AIV"),
+        (36, "outside 0..10"),
+    ];
+    for (code, needle) in cases {
+        match selftest_mix(code, &input, &mut output) {
+            Ok(()) => panic!("planted violation {code} ({needle}) was not caught"),
+            Err(Error::Emulator { detail, .. }) => {
+                assert!(detail.contains(needle), "violation {code}: expected `{needle}`, got `{detail}`")
+            }
+            Err(e) => panic!("violation {code}: wrong error {e}"),
+        }
+    }
+}
+
+/// Nd2Nz → LoadData (plain and transposed) → Mmad → Fixpipe computes X·Yᵀ and X·Z exactly (small
+/// integers, exact in f16 and in f32 sums).
+#[test]
+fn cube_path_computes_matrix_products() {
+    let input: Vec<f32> = (0..2048).map(|i| ((i * 7 + 3) % 9) as f32 - 4.0).collect();
+    let mut output = vec![f32::NAN; 1024];
+    selftest_mix(200, &input, &mut output).unwrap();
+    let (x, y, z) = (&input[..1024], &input[1024..1536], &input[1536..2048]);
+    for m in 0..32 {
+        for n in 0..16 {
+            let s: f32 = (0..32).map(|k| x[m * 32 + k] * y[n * 32 + k]).sum();
+            let o: f32 = (0..32).map(|k| x[m * 32 + k] * z[k * 16 + n]).sum();
+            assert_eq!(output[m * 16 + n], s, "X·Yᵀ at ({m}, {n})");
+            assert_eq!(output[512 + m * 16 + n], o, "X·Z at ({m}, {n})");
+        }
+    }
 }

@@ -16,6 +16,7 @@ extern "C" void ek_compress_gather(uint8_t* params);
 extern "C" void ek_prefill(uint8_t* params);
 extern "C" void ek_plan_reps(uint8_t* params);
 extern "C" void ek_emu_selftest_kernel(uint8_t* which);
+extern "C" void ek_emu_selftest_mix(uint8_t* which);
 
 namespace {
 struct Entry {
@@ -33,6 +34,7 @@ const Entry kKernels[] = {
     {"ek_prefill", ek_prefill, true},
     {"ek_plan_reps", ek_plan_reps},
     {"selftest", ek_emu_selftest_kernel},
+    {"selftest_mix", ek_emu_selftest_mix, true},
 };
 }  // namespace
 

@@ -158,8 +158,9 @@ struct CrossCoreGroup {
 };
 
 namespace {
+// A2 takes flag ids 0..10 (the current API reference; an older page said 0..15).
 void CheckFlagId(int32_t id) {
-    if (id < 0 || id > 15) EmuFail("cross-core flag id " + std::to_string(id) + " outside 0..15");
+    if (id < 0 || id > 10) EmuFail("cross-core flag id " + std::to_string(id) + " outside 0..10");
 }
 CrossCoreGroup& Group() {
     CoreState& c = Core();

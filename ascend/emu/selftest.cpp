@@ -227,6 +227,12 @@ extern "C" void ek_emu_selftest_kernel(uint8_t* arg) {
             Sort32(d.Get<float>(), a.Get<float>(), b.Get<uint32_t>(), 256);
             break;
         }
+        case 21: {  // L1 on a vector core
+            TPipe pipe;
+            TBuf<TPosition::A1> l1;
+            pipe.InitBuffer(l1, 1024);
+            break;
+        }
         case 100:
             Level0(t);
             break;
@@ -235,5 +241,134 @@ extern "C" void ek_emu_selftest_kernel(uint8_t* arg) {
             break;
         default:
             EmuFail("unknown self test");
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Mixed launches (one AIC with two AIVs): planted violations of the cube and cross-core rules,
+// and the cube data path checked against plain matrix products.
+
+namespace {
+
+// S = X·Yᵀ and O = X·Z through Nd2Nz, LoadData (plain and transposed), Mmad and Fixpipe, with
+// X 32×32, Y 16×32, Z 32×16 read from in[0..], in[1024..], in[1536..]; out[0..512] = S,
+// out[512..1024] = O (row-major f32).
+void CubeSemantics(const SelfTest& t) {
+    if (ASCEND_IS_AIV) return;
+    static std::vector<half> h(2048);
+    for (int i = 0; i < 2048; i++) h[i] = half(t.in[i]);
+    GlobalTensor<half> x, y, z;
+    x.SetGlobalBuffer(h.data(), 1024);
+    y.SetGlobalBuffer(h.data() + 1024, 512);
+    z.SetGlobalBuffer(h.data() + 1536, 512);
+    GlobalTensor<float> out;
+    out.SetGlobalBuffer(t.out, 1024);
+    TPipe pipe;
+    TBuf<TPosition::A1> xl1;
+    TBuf<TPosition::B1> yl1, zl1;
+    TBuf<TPosition::A2> xl0;
+    TBuf<TPosition::B2> yl0, zl0;
+    TBuf<TPosition::CO1> c;
+    pipe.InitBuffer(xl1, 2048);
+    pipe.InitBuffer(yl1, 1024);
+    pipe.InitBuffer(zl1, 1024);
+    pipe.InitBuffer(xl0, 2048);
+    pipe.InitBuffer(yl0, 1024);
+    pipe.InitBuffer(zl0, 1024);
+    pipe.InitBuffer(c, 2048);
+    // ND -> NZ: 16-column strips of all rows.
+    DataCopy(xl1.Get<half>(), x, Nd2NzParams(1, 32, 32, 0, 32, 32, 1, 0));
+    DataCopy(yl1.Get<half>(), y, Nd2NzParams(1, 16, 32, 0, 32, 16, 1, 0));
+    DataCopy(zl1.Get<half>(), z, Nd2NzParams(1, 32, 16, 0, 16, 32, 1, 0));
+    SetFlag<HardEvent::MTE2_MTE1>(0);
+    WaitFlag<HardEvent::MTE2_MTE1>(0);
+    for (int mb = 0; mb < 2; mb++) {  // X: zZ, one call per 16-row block
+        LoadData2DParams lp;
+        lp.startIndex = mb;
+        lp.repeatTimes = 2;
+        lp.srcStride = 2;
+        LoadData(xl0.Get<half>()[mb * 2 * 256], xl1.Get<half>(), lp);
+    }
+    LoadData2DParams yp;  // Yᵀ: Y's NZ fractals are Yᵀ's nZ fractals
+    yp.repeatTimes = 2;
+    yp.srcStride = 1;
+    LoadData(yl0.Get<half>(), yl1.Get<half>(), yp);
+    for (int kb = 0; kb < 2; kb++) {  // Z: each 16-row block's fractal, transposed
+        LoadData2DParams zp;
+        zp.startIndex = kb;
+        zp.repeatTimes = 1;
+        zp.srcStride = 2;
+        zp.ifTranspose = true;
+        LoadData(zl0.Get<half>()[kb * 256], zl1.Get<half>(), zp);
+    }
+    SetFlag<HardEvent::MTE1_M>(0);
+    WaitFlag<HardEvent::MTE1_M>(0);
+    MmadParams mp;
+    mp.m = 32;
+    mp.n = 16;
+    mp.k = 32;
+    FixpipeParamsV220 fp;
+    fp.nSize = 16;
+    fp.mSize = 32;
+    fp.srcStride = 32;
+    fp.dstStride = 16;
+    Mmad(c.Get<float>(), xl0.Get<half>(), yl0.Get<half>(), mp);
+    Fixpipe(out, c.Get<float>(), fp);
+    Mmad(c.Get<float>(), xl0.Get<half>(), zl0.Get<half>(), mp);
+    Fixpipe(out[512], c.Get<float>(), fp);
+}
+
+}  // namespace
+
+extern "C" void ek_emu_selftest_mix(uint8_t* which) {
+    const SelfTest& t = *reinterpret_cast<const SelfTest*>(which);
+    switch (t.code) {
+        case 31: {  // UB on the cube core
+            if (ASCEND_IS_AIV) return;
+            TPipe pipe;
+            TBuf<TPosition::VECCALC> ub;
+            pipe.InitBuffer(ub, 1024);
+            break;
+        }
+        case 32: {  // LoadData to an L0A address off the 512-byte grid
+            if (ASCEND_IS_AIV) return;
+            TPipe pipe;
+            TBuf<TPosition::A1> l1;
+            TBuf<TPosition::A2> l0;
+            pipe.InitBuffer(l1, 1024);
+            pipe.InitBuffer(l0, 2048);
+            LoadData2DParams lp;
+            lp.repeatTimes = 1;
+            LoadData(l0.Get<half>()[16], l1.Get<half>(), lp);
+            break;
+        }
+        case 33: {  // Mmad with the operands in the wrong buffers
+            if (ASCEND_IS_AIV) return;
+            TPipe pipe;
+            TBuf<TPosition::A2> a;
+            TBuf<TPosition::B2> b;
+            TBuf<TPosition::CO1> c;
+            pipe.InitBuffer(a, 512);
+            pipe.InitBuffer(b, 512);
+            pipe.InitBuffer(c, 1024);
+            MmadParams mp;
+            mp.m = mp.n = mp.k = 16;
+            Mmad(c.Get<float>(), b.Get<half>(), a.Get<half>(), mp);
+            break;
+        }
+        case 34:  // the AIC waits for a flag no AIV ever sets
+            if (ASCEND_IS_AIC) CrossCoreWaitFlag(1);
+            break;
+        case 35:  // the AIC sets a flag no AIV waits for
+            if (ASCEND_IS_AIC) CrossCoreSetFlag<2, PIPE_FIX>(1);
+            break;
+        case 36:  // a flag id beyond A2's range
+            if (ASCEND_IS_AIC) CrossCoreSetFlag<2, PIPE_FIX>(11);
+            break;
+        case 200:
+            CubeSemantics(t);
+            break;
+        default:
+            EmuFail("unknown mixed self test");
     }
 }

@@ -847,7 +847,7 @@ template <pipe_t P> __aicore__ void PipeBarrier() {}
 
 // Cross-core flags of a mixed launch (A2: one AIC with two AIVs). Mode 2: an AIC's set reaches
 // both of its AIVs; an AIC's wait needs the set of both AIVs; an AIV's set and wait pair with its
-// AIC. Flag ids 0..15. Emulator rules: a wait that can never be satisfied (every core of the
+// AIC. Flag ids 0..10. Emulator rules: a wait that can never be satisfied (every core of the
 // group waiting) is a deadlock; a set never waited for at the end of the launch is an error.
 void CrossCoreSet(int mode, int32_t id);
 void CrossCoreWait(int32_t id);
