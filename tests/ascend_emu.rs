@@ -248,6 +248,8 @@ fn planted_cube_and_cross_core_violations_are_caught() {
         (34, "deadlock"),
         (35, "never waited for by AIV"),
         (36, "outside 0..10"),
+        (37, "ifTranspose is for 16-bit types only"),
+        (38, "quantPre does not match"),
     ];
     for (code, needle) in cases {
         match selftest_mix(code, &input, &mut output) {

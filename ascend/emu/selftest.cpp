@@ -365,6 +365,32 @@ extern "C" void ek_emu_selftest_mix(uint8_t* which) {
         case 36:  // a flag id beyond A2's range
             if (ASCEND_IS_AIC) CrossCoreSetFlag<2, PIPE_FIX>(11);
             break;
+        case 37: {  // a transposing LoadData of 32-bit data
+            if (ASCEND_IS_AIV) return;
+            TPipe pipe;
+            TBuf<TPosition::B1> l1;
+            TBuf<TPosition::B2> l0;
+            pipe.InitBuffer(l1, 1024);
+            pipe.InitBuffer(l0, 1024);
+            LoadData2DParams lp;
+            lp.repeatTimes = 1;
+            lp.ifTranspose = true;
+            LoadData(l0.Get<float>(), l1.Get<float>(), lp);
+            break;
+        }
+        case 38: {  // Fixpipe to half without the matching quantPre
+            if (ASCEND_IS_AIV) return;
+            static std::vector<half> dst(256);
+            GlobalTensor<half> g;
+            g.SetGlobalBuffer(dst.data(), 256);
+            TPipe pipe;
+            TBuf<TPosition::CO1> c;
+            pipe.InitBuffer(c, 1024);
+            FixpipeParamsV220 fp;
+            fp.nSize = fp.mSize = fp.srcStride = fp.dstStride = 16;
+            Fixpipe(g, c.Get<float>(), fp);
+            break;
+        }
         case 200:
             CubeSemantics(t);
             break;

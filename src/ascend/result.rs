@@ -1,6 +1,12 @@
 //! Checked ACL calls: each wrapper turns an `aclError` into [`Error::Acl`] with the runtime's own
 //! message (`aclGetRecentErrMsg`). Still unsafe: pointers and handles are the caller's to keep
 //! valid. The safe layer is `runtime.rs`.
+//!
+//! # Safety
+//! For every function here: `acl` is an initialised runtime table, and each pointer or handle
+//! argument is valid for the ACL call it is passed to (live, of the documented size), as the ACL
+//! reference requires; the functions add no requirement of their own.
+#![allow(clippy::missing_safety_doc)]
 
 use std::ffi::{CStr, c_void};
 

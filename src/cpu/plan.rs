@@ -186,7 +186,7 @@ pub(crate) fn plan_from_representatives(isa: Isa, a: &PlanArgs<'_>, qrep: &[f64]
                 cfg,
                 head_dim: dd,
                 qsum: &qsum,
-                krep: &krep,
+                krep,
                 prev: a.fusion(),
                 keep_maps: a.keep_maps(),
                 b,

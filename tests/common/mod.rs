@@ -26,14 +26,14 @@ pub fn backends_under_test(test: &str) -> Vec<Kernels> {
 pub fn open(test: &str, kind: BackendKind) -> entropy_kernels::Result<Kernels> {
     let real = Kernels::new(kind);
     #[cfg(all(feature = "ascend", feature = "ascend-emu"))]
-    if kind == BackendKind::Ascend {
-        if let Err(e) = &real {
-            use entropy_kernels::ascend::device::{AscendBackend, mock};
-            eprintln!("[{test}] ascend: {e}; running the ACL path over the mock ACL library (emulated launches)");
-            let dir = std::env::temp_dir().join(format!("ek-mock-kernels-{}", std::process::id()));
-            let backend = AscendBackend::with_options(&mock::options(&dir)?)?;
-            return Ok(Kernels::from_backend(std::sync::Arc::new(backend)));
-        }
+    if kind == BackendKind::Ascend
+        && let Err(e) = &real
+    {
+        use entropy_kernels::ascend::device::{AscendBackend, mock};
+        eprintln!("[{test}] ascend: {e}; running the ACL path over the mock ACL library (emulated launches)");
+        let dir = std::env::temp_dir().join(format!("ek-mock-kernels-{}", std::process::id()));
+        let backend = AscendBackend::with_options(&mock::options(&dir)?)?;
+        return Ok(Kernels::from_backend(std::sync::Arc::new(backend)));
     }
     let _ = test;
     real
@@ -139,6 +139,7 @@ pub fn seed(test: &str) -> u64 {
 
 /// Compression results agree with the oracle, allowing only near-ties at the selection boundary
 /// (f32 scoring against f64); the gathered entries must match the reported indices exactly.
+#[allow(clippy::needless_range_loop)]
 pub fn check_compressed(
     tag: &str,
     got: &CompressedCache,
