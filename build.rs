@@ -5,8 +5,10 @@
 //! - Feature `ascend`: with `ASCEND_HOME_PATH` set (a CANN toolkit), compiles each kernel with
 //!   bisheng into a device binary and embeds it (`$OUT_DIR/ascend_kernels.rs`); without CANN the
 //!   list is empty and the backend says so at run time. Flags: see `bisheng_command`.
-//! - CUDA kernels need nothing here: they are embedded as source and compiled with NVRTC on
-//!   first use (`src/cuda/source.rs`).
+//! - Feature `cuda`: with nvcc found (`NVCC`, `$CUDA_HOME/bin/nvcc`, or `nvcc` on `PATH`), a
+//!   fatbin with SASS for sm_80 and sm_90a (or the `CUDA_COMPUTE_CAP` arch) plus compute_80 PTX
+//!   is embedded (`$OUT_DIR/cuda_fatbin.rs`); the PTX only from nvcc ≤ 13.0 (driver 580). Without
+//!   nvcc the sources alone are embedded and NVRTC compiles them on first use (`src/cuda/source.rs`).
 
 use std::path::{Path, PathBuf};
 
@@ -20,11 +22,17 @@ fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=ascend");
     println!("cargo::rerun-if-changed=ffi/entropy_params.h");
-    for var in ["ASCEND_HOME_PATH", "EK_ASCEND_SOC", "EK_ASCEND_CCE_FLAGS"] {
+    println!("cargo::rerun-if-changed=cuda");
+    for var in
+        ["ASCEND_HOME_PATH", "EK_ASCEND_SOC", "EK_ASCEND_CCE_FLAGS", "NVCC", "CUDA_HOME", "CUDA_COMPUTE_CAP", "PATH"]
+    {
         println!("cargo::rerun-if-env-changed={var}");
     }
     if std::env::var_os("CARGO_FEATURE_ASCEND_EMU").is_some() {
         build_emulator();
+    }
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        build_cuda_fatbin();
     }
     if std::env::var_os("CARGO_FEATURE_ASCEND").is_some() {
         build_ascend_kernels();
@@ -118,4 +126,90 @@ fn build_ascend_kernels() {
     }
     let code = format!("pub static IMAGES: &[(&str, &[u8])] = &[{}];\n", entries.join("\n"));
     std::fs::write(out_dir.join("ascend_kernels.rs"), code).expect("writing ascend_kernels.rs");
+}
+
+/// CUDA kernel sources in dependency order (the same list as `src/cuda/source.rs`).
+const CUDA_SOURCES: [&str; 7] = [
+    "ffi/entropy_params.h",
+    "cuda/common.cuh",
+    "cuda/topk.cuh",
+    "cuda/decode.cu",
+    "cuda/prefill.cu",
+    "cuda/plan.cu",
+    "cuda/compress.cu",
+];
+/// Newest toolkit whose PTX the target driver (580, CUDA 13.0) can JIT.
+const MAX_PTX_RELEASE: (u32, u32) = (13, 0);
+
+/// nvcc from `NVCC`, `$CUDA_HOME/bin`, or `PATH`, with its release (major, minor).
+fn find_nvcc() -> Option<(PathBuf, (u32, u32))> {
+    let candidates = [
+        std::env::var_os("NVCC").map(PathBuf::from),
+        std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("bin/nvcc")),
+        Some(PathBuf::from("nvcc")),
+    ];
+    for nvcc in candidates.into_iter().flatten() {
+        let Ok(out) = std::process::Command::new(&nvcc).arg("--version").output() else { continue };
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "Cuda compilation tools, release 13.0, V13.0.88"
+        let release = text.split("release ").nth(1).and_then(|r| r.split(',').next()).and_then(|r| {
+            let mut it = r.trim().split('.').map(|x| x.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        });
+        if let (true, Some(r)) = (out.status.success(), release) {
+            return Some((nvcc, r));
+        }
+    }
+    None
+}
+
+fn build_cuda_fatbin() {
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    let generated = out_dir.join("cuda_fatbin.rs");
+    let none = "pub static FATBIN: Option<&[u8]> = None;\npub static FATBIN_ARCHS: &[&str] = &[];\n";
+    let Some((nvcc, release)) = find_nvcc() else {
+        std::fs::write(&generated, none).expect("writing cuda_fatbin.rs");
+        return;
+    };
+    // One translation unit that includes the sources (their `#pragma once` stays in headers).
+    let root = std::env::current_dir().expect("cwd");
+    let unit = out_dir.join("entropy_kernels.cu");
+    let includes: String = CUDA_SOURCES.iter().map(|f| format!("#include \"{}\"\n", root.join(f).display())).collect();
+    std::fs::write(&unit, includes).expect("writing entropy_kernels.cu");
+    let sass: Vec<String> = match std::env::var("CUDA_COMPUTE_CAP") {
+        Ok(cap) => {
+            let cap = cap.replace('.', "");
+            vec![if cap == "90" { "90a".into() } else { cap }]
+        }
+        Err(_) => vec!["80".into(), "90a".into()],
+    };
+    let fatbin = out_dir.join("entropy_kernels.fatbin");
+    let mut cmd = std::process::Command::new(&nvcc);
+    cmd.args(["-fatbin", "-std=c++17", "--prec-div=true", "--prec-sqrt=true", "-o"]).arg(&fatbin);
+    for a in &sass {
+        cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
+    }
+    if release <= MAX_PTX_RELEASE {
+        cmd.arg("-gencode=arch=compute_80,code=compute_80");
+    } else {
+        println!(
+            "cargo::warning=nvcc {}.{} is newer than CUDA {}.{}: embedding SASS only (no PTX the driver could not JIT)",
+            release.0, release.1, MAX_PTX_RELEASE.0, MAX_PTX_RELEASE.1
+        );
+    }
+    cmd.arg(&unit);
+    let ok = cmd.status().map(|s| s.success()).unwrap_or(false);
+    if !ok {
+        // NVRTC still compiles the sources at run time; a broken nvcc must not break the build.
+        println!("cargo::warning=nvcc failed ({cmd:?}); the CUDA kernels will be compiled by NVRTC at run time");
+        std::fs::write(&generated, none).expect("writing cuda_fatbin.rs");
+        return;
+    }
+    let archs: Vec<String> = sass.iter().map(|a| format!("\"sm_{a}\"")).collect();
+    let code = format!(
+        "pub static FATBIN: Option<&[u8]> = Some(include_bytes!(\"{}\"));\npub static FATBIN_ARCHS: &[&str] = &[{}];\n",
+        fatbin.display(),
+        archs.join(", ")
+    );
+    std::fs::write(&generated, code).expect("writing cuda_fatbin.rs");
 }

@@ -89,3 +89,17 @@ fn kernels_compile_without_spills() {
     let v = (major.parse::<u32>().unwrap(), minor.parse::<u32>().unwrap());
     assert!(v <= (9, 0), "PTX {v:?} is newer than CUDA 13.0's ISA 9.0: the 580 driver could not load it");
 }
+
+/// With nvcc found at build time, build.rs embeds a fatbin: the fatbin magic, SASS targets
+/// sm_80 and sm_90a (or `CUDA_COMPUTE_CAP`'s), and every kernel entry name inside.
+#[cfg(feature = "cuda")]
+#[test]
+fn nvcc_fatbin_is_embedded() {
+    let Some(fatbin) = source::FATBIN else {
+        eprintln!("SKIP: built without nvcc (NVCC, CUDA_HOME/bin or PATH): kernels come from NVRTC at run time");
+        return;
+    };
+    assert_eq!(&fatbin[..4], &0xBA55_ED50u32.to_le_bytes(), "fatbin magic");
+    assert!(!source::FATBIN_ARCHS.is_empty());
+    eprintln!("fatbin: {} bytes, SASS for {:?}", fatbin.len(), source::FATBIN_ARCHS);
+}

@@ -90,6 +90,8 @@ pub struct CudaBackend {
     caps: Capabilities,
     name: String,
     arch: String,
+    /// Where the kernels came from: the nvcc fatbin or NVRTC.
+    origin: &'static str,
     /// Host fallback for the operations without device kernels yet.
     host: crate::cpu::CpuBackend,
 }
@@ -115,8 +117,20 @@ impl CudaBackend {
             .ok()
             .map(|c| format!("sm_{}", c.replace('.', "")))
             .unwrap_or(if major == 9 && minor == 0 { "sm_90a".into() } else { format!("sm_{major}{minor}") });
-        let module =
-            ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image(&arch)?)).map_err(driver_err("cuModuleLoadData"))?;
+        // The nvcc fatbin when it holds SASS for this arch (or NVRTC is absent: the driver JITs its
+        // compute_80 PTX); otherwise NVRTC for exactly this device.
+        // SAFETY: only checks whether libnvrtc can be opened.
+        let nvrtc = unsafe { cudarc::nvrtc::sys::is_culib_present() };
+        let (bytes, origin) = match source::FATBIN {
+            Some(f)
+                if std::env::var_os(source::NVRTC_ENV).is_none()
+                    && (source::FATBIN_ARCHS.contains(&arch.as_str()) || !nvrtc) =>
+            {
+                (f.to_vec(), "nvcc fatbin")
+            }
+            _ => (image(&arch)?, "NVRTC"),
+        };
+        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bytes)).map_err(driver_err("cuModuleLoadData"))?;
         let optin = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(driver_err("cuDeviceGetAttribute"))?;
@@ -136,6 +150,7 @@ impl CudaBackend {
             caps: Capabilities::full("cuda", HeadDims::UpTo(256)),
             name,
             arch,
+            origin,
             host: crate::cpu::CpuBackend::new(),
         })
     }
@@ -235,7 +250,7 @@ impl Backend for CudaBackend {
         BackendKind::Cuda
     }
     fn describe(&self) -> String {
-        format!("cuda ({}, {})", self.name, self.arch)
+        format!("cuda ({}, {}, kernels from {})", self.name, self.arch, self.origin)
     }
     fn capabilities(&self) -> &Capabilities {
         &self.caps
