@@ -9,7 +9,7 @@ grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/ex
 rm -rf .gpu && mkdir -p .gpu/bin .gpu/conformance
 cargo build --release --features cuda --bins
 cargo test --release --features cuda --no-run --message-format=json \
-  --test matrix --test conformance --test bad_input --test invariants 2>/dev/null \
+  --test matrix --test conformance --test bad_input --test invariants --test cuda_device 2>/dev/null \
   | python3 -c '
 import json, sys, shutil
 for line in sys.stdin:

@@ -67,8 +67,13 @@ pub struct PrefillLists<'a> {
 }
 
 pub fn prefill_lists<'a>(a: &crate::validate::AttentionArgs<'a>) -> PrefillLists<'a> {
+    prefill_lists_of(a.blocks(), a.dims().seq_len)
+}
+
+/// [`prefill_lists`] from validated block lists (`None`: dense over `seq_len` tokens).
+pub fn prefill_lists_of(blocks: Option<&crate::plan::BlockLists>, seq_len: usize) -> PrefillLists<'_> {
     use crate::plan::SegmentAttention;
-    match a.blocks() {
+    match blocks {
         Some(bl) => {
             let pd = bl.dims;
             let mut offsets = Vec::with_capacity(pd.units());
@@ -91,6 +96,6 @@ pub fn prefill_lists<'a>(a: &crate::validate::AttentionArgs<'a>) -> PrefillLists
                 lists: Some((offsets, counts, &bl.indices[..])),
             }
         }
-        None => PrefillLists { segment_size: a.dims().seq_len, segments: 1, block_size: 1, lists: None },
+        None => PrefillLists { segment_size: seq_len, segments: 1, block_size: 1, lists: None },
     }
 }

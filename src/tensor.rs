@@ -238,6 +238,50 @@ fn extent(shape: [usize; 4], strides: [usize; 4]) -> Option<usize> {
 }
 
 /// Checks that `shape`/`strides` describe a valid view into `len` elements.
+/// What validation needs of a tensor wherever its memory lives (host views here, device views
+/// in `cuda::device`): shape, element strides, dtype and the elements its buffer holds.
+pub trait Layout {
+    fn shape(&self) -> [usize; 4];
+    fn strides(&self) -> [usize; 4];
+    fn dtype(&self) -> DType;
+    /// Elements of the buffer from the view's first element on.
+    fn elements(&self) -> usize;
+    /// The strides stay inside the buffer and the last dim is contiguous.
+    fn check_layout(&self, what: &'static str) -> Result<()> {
+        check_layout(what, self.shape(), self.strides(), self.elements())
+    }
+}
+
+impl Layout for TensorView<'_> {
+    fn shape(&self) -> [usize; 4] {
+        self.shape
+    }
+    fn strides(&self) -> [usize; 4] {
+        self.strides
+    }
+    fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+    fn elements(&self) -> usize {
+        self.data.len()
+    }
+}
+
+impl Layout for TensorViewMut<'_> {
+    fn shape(&self) -> [usize; 4] {
+        self.shape
+    }
+    fn strides(&self) -> [usize; 4] {
+        self.strides
+    }
+    fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+    fn elements(&self) -> usize {
+        self.data.len()
+    }
+}
+
 pub(crate) fn check_layout(what: &'static str, shape: [usize; 4], strides: [usize; 4], len: usize) -> Result<()> {
     if strides[3] != 1 {
         return Err(Error::Layout { what, detail: format!("innermost stride must be 1 (got {})", strides[3]) });
@@ -389,9 +433,6 @@ impl<'a> TensorViewMut<'a> {
     #[inline(always)]
     pub fn offset(&self, i0: usize, i1: usize, i2: usize) -> usize {
         i0 * self.strides[0] + i1 * self.strides[1] + i2 * self.strides[2]
-    }
-    pub(crate) fn check(&self, what: &'static str) -> Result<()> {
-        check_layout(what, self.shape, self.strides, self.data.len())
     }
     /// The sub-view `start..start + len` along `dim`, borrowing from `self`.
     pub fn narrow(&mut self, dim: usize, start: usize, len: usize) -> Result<TensorViewMut<'_>> {

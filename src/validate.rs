@@ -7,7 +7,7 @@ use crate::backend::Capabilities;
 use crate::config::{DecodeConfig, EntropyConfig, check_scale};
 use crate::error::{Error, Result};
 use crate::plan::{BlockLists, PlanDims};
-use crate::tensor::{DType, TensorView, TensorViewMut};
+use crate::tensor::{DType, Layout, TensorView, TensorViewMut};
 
 /// Sizes of a prefill attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -241,14 +241,9 @@ fn resolve_scale(scale: Option<f32>, head_dim: usize) -> Result<f32> {
 }
 
 /// Checks q/k/v of a prefill: BSND, shared batch/length/head dim, grouped heads, one dtype.
-fn prefill_inputs(
-    caps: &Capabilities,
-    q: &TensorView<'_>,
-    k: &TensorView<'_>,
-    v: Option<&TensorView<'_>>,
-) -> Result<AttnDims> {
-    q.check("q")?;
-    k.check("k")?;
+fn prefill_inputs(caps: &Capabilities, q: &dyn Layout, k: &dyn Layout, v: Option<&dyn Layout>) -> Result<AttnDims> {
+    q.check_layout("q")?;
+    k.check_layout("k")?;
     let [b, l, hq, d] = q.shape();
     nonzero(&[("batch", b), ("sequence length", l), ("query heads", hq), ("head dim", d)])?;
     let [kb, kl, hkv, kd] = k.shape();
@@ -261,7 +256,7 @@ fn prefill_inputs(
     }
     let mut dtypes = vec![("k", k.dtype())];
     if let Some(v) = v {
-        v.check("v")?;
+        v.check_layout("v")?;
         if v.shape() != k.shape() {
             return Err(shape_err("v", k.shape(), v.shape()));
         }
@@ -309,8 +304,8 @@ pub fn plan<'a>(
     Ok(PlanArgs { q, k, cfg, fusion, dims, head_dim: a.head_dim, keep_maps })
 }
 
-fn check_output(out: &TensorViewMut<'_>, expected: [usize; 4], dtype: DType) -> Result<()> {
-    out.check("out")?;
+fn check_output(out: &dyn Layout, expected: [usize; 4], dtype: DType) -> Result<()> {
+    out.check_layout("out")?;
     if out.shape() != expected {
         return Err(shape_err("out", expected, out.shape()));
     }
@@ -332,14 +327,31 @@ pub fn attention<'a>(
     out: &TensorViewMut<'_>,
     lse: Option<&[f32]>,
 ) -> Result<AttentionArgs<'a>> {
-    let dims = prefill_inputs(caps, &q, &k, Some(&v))?;
+    let (dims, scale) = attention_layout(caps, &q, &k, &v, blocks, scale, out, lse.map(<[f32]>::len))?;
+    Ok(AttentionArgs { q, k, v, blocks, scale, dims })
+}
+
+/// The checks of [`attention`] on tensors wherever they live (`lse_len`: the LSE buffer's
+/// length, if one is given): the sizes and the resolved softmax scale.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_layout(
+    caps: &Capabilities,
+    q: &dyn Layout,
+    k: &dyn Layout,
+    v: &dyn Layout,
+    blocks: Option<&BlockLists>,
+    scale: Option<f32>,
+    out: &dyn Layout,
+    lse_len: Option<usize>,
+) -> Result<(AttnDims, f32)> {
+    let dims = prefill_inputs(caps, q, k, Some(v))?;
     check_output(out, q.shape(), q.dtype())?;
-    if let Some(lse) = lse {
+    if let Some(lse_len) = lse_len {
         let want = dims.batch * dims.q_heads * dims.seq_len;
-        if lse.len() != want {
+        if lse_len != want {
             return Err(Error::Layout {
                 what: "lse",
-                detail: format!("needs [B, Hq, L] = {want} values, buffer has {}", lse.len()),
+                detail: format!("needs [B, Hq, L] = {want} values, buffer has {lse_len}"),
             });
         }
     }
@@ -360,7 +372,7 @@ pub fn attention<'a>(
     if caps.excluded.contains(&(crate::backend::Op::Prefill, q.dtype())) {
         return Err(Error::UnsupportedOpDType { op: "prefill", dtype: q.dtype(), backend: caps.backend });
     }
-    Ok(AttentionArgs { q, k, v, blocks, scale, dims })
+    Ok((dims, scale))
 }
 
 /// Validates `kv_compress` arguments.
@@ -408,9 +420,23 @@ pub fn decode_attention<'a>(
     scale: Option<f32>,
     out: &TensorViewMut<'_>,
 ) -> Result<DecodeArgs<'a>> {
-    q.check("q")?;
-    k_cache.check("k_cache")?;
-    v_cache.check("v_cache")?;
+    let (dims, scale) = decode_layout(caps, &q, &k_cache, &v_cache, lengths, scale, out)?;
+    Ok(DecodeArgs { q, k_cache, v_cache, lengths, scale, dims })
+}
+
+/// The checks of [`decode_attention`] on tensors wherever they live.
+pub fn decode_layout(
+    caps: &Capabilities,
+    q: &dyn Layout,
+    k_cache: &dyn Layout,
+    v_cache: &dyn Layout,
+    lengths: &[u32],
+    scale: Option<f32>,
+    out: &dyn Layout,
+) -> Result<(DecodeDims, f32)> {
+    q.check_layout("q")?;
+    k_cache.check_layout("k_cache")?;
+    v_cache.check_layout("v_cache")?;
     let [b, nq, hq, d] = q.shape();
     nonzero(&[("batch", b), ("new queries", nq), ("query heads", hq), ("head dim", d)])?;
     let [cb, hc, cap, cd] = k_cache.shape();
@@ -440,5 +466,5 @@ pub fn decode_attention<'a>(
     }
     let scale = resolve_scale(scale, d)?;
     let dims = DecodeDims { batch: b, queries: nq, q_heads: hq, cache_heads: hc, capacity: cap, head_dim: d };
-    Ok(DecodeArgs { q, k_cache, v_cache, lengths, scale, dims })
+    Ok((dims, scale))
 }

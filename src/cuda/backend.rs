@@ -155,15 +155,21 @@ impl CudaBackend {
         })
     }
 
+    pub(crate) fn default_stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The CUDA context of this backend's device.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
     fn func(&self, name: &str) -> &CudaFunction {
         &self.funcs[name]
     }
 
     fn upload<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, data: &[T]) -> Result<CudaSlice<T>> {
-        if data.is_empty() {
-            return self.stream.alloc_zeros::<T>(1).map_err(driver_err("cuMemAlloc"));
-        }
-        self.stream.clone_htod(data).map_err(driver_err("cuMemcpyHtoD"))
+        upload_on(&self.stream, data)
     }
 
     /// Uploads a view's whole buffer; the tensor descriptor keeps its strides.
@@ -215,6 +221,52 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
+
+/// `data` in fresh device memory, ordered on `stream` (one zero element for an empty slice).
+pub(crate) fn upload_on<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    data: &[T],
+) -> Result<CudaSlice<T>> {
+    if data.is_empty() {
+        return stream.alloc_zeros::<T>(1).map_err(driver_err("cuMemAlloc"));
+    }
+    stream.clone_htod(data).map_err(driver_err("cuMemcpyHtoD"))
+}
+
+/// The device address of `s` for a kernel ordered on `stream`.
+pub(crate) fn addr_on<T>(stream: &CudaStream, s: &CudaSlice<T>) -> u64 {
+    let (p, sync) = s.device_ptr(stream);
+    drop(sync);
+    p
+}
+
+/// One prefill on device tensors: the host path's uploaded copies or an engine's own memory.
+pub(crate) struct PrefillJob<'a> {
+    pub dims: crate::validate::AttnDims,
+    pub dtype: DType,
+    pub q: EkTensor,
+    pub k: EkTensor,
+    pub v: EkTensor,
+    pub out: EkTensor,
+    /// f32 [B, Hq, L] or 0.
+    pub lse: u64,
+    pub lists: crate::ffi::PrefillLists<'a>,
+    pub scale: f32,
+    /// Token and head strides of q, k, v (elements): the mma path needs 16-byte aligned rows.
+    pub strides: [[usize; 4]; 3],
+}
+
+/// One decode on device tensors.
+pub(crate) struct DecodeJob<'a> {
+    pub dims: crate::validate::DecodeDims,
+    pub dtype: DType,
+    pub q: EkTensor,
+    pub k_cache: EkTensor,
+    pub v_cache: EkTensor,
+    pub out: EkTensor,
+    pub lengths: &'a [u32],
+    pub scale: f32,
 }
 
 /// Launches `func` with one params struct.
@@ -491,7 +543,6 @@ impl Backend for CudaBackend {
     fn attention(&self, a: &AttentionArgs<'_>, out: &mut TensorViewMut<'_>, lse: Option<&mut [f32]>) -> Result<()> {
         let d = a.dims();
         let dtype = a.q().dtype();
-        let g = d.group();
         let (_q, q) = self.tensor(&a.q())?;
         let (_k, k) = self.tensor(&a.k())?;
         let (_v, v) = self.tensor(&a.v())?;
@@ -502,15 +553,58 @@ impl Backend for CudaBackend {
             ),
             None => None,
         };
-        let pl = crate::ffi::prefill_lists(a);
+        let job = PrefillJob {
+            dims: d,
+            dtype,
+            q,
+            k,
+            v,
+            out: o,
+            lse: lse_dev.as_ref().map_or(0, |s| self.ptr(s)),
+            lists: crate::ffi::prefill_lists(a),
+            scale: a.scale(),
+            strides: [a.q().strides(), a.k().strides(), a.v().strides()],
+        };
+        self.prefill_launch(&self.stream, &job)?;
+        self.stream.synchronize().map_err(driver_err("cuStreamSynchronize"))?;
+        self.download(&out_dev, out)?;
+        if let (Some(dst), Some(src)) = (lse, lse_dev) {
+            let host: Vec<f32> = self.stream.clone_dtoh(&src).map_err(driver_err("cuMemcpyDtoH"))?;
+            dst.copy_from_slice(&host);
+        }
+        Ok(())
+    }
+
+    fn decode_attention(&self, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
+        let dtype = a.q().dtype();
+        let (_q, q) = self.tensor(&a.q())?;
+        let (_k, k_cache) = self.tensor(&a.k_cache())?;
+        let (_v, v_cache) = self.tensor(&a.v_cache())?;
+        let (out_dev, o) = self.output(out.shape(), dtype)?;
+        let job =
+            DecodeJob { dims: a.dims(), dtype, q, k_cache, v_cache, out: o, lengths: a.lengths(), scale: a.scale() };
+        self.decode_launch(&self.stream, &job)?;
+        self.stream.synchronize().map_err(driver_err("cuStreamSynchronize"))?;
+        self.download(&out_dev, out)
+    }
+}
+
+impl CudaBackend {
+    /// Enqueues a prefill on `stream` (nothing is waited for: the lists' device copies are freed
+    /// in stream order after the kernel).
+    pub(crate) fn prefill_launch(&self, stream: &Arc<CudaStream>, job: &PrefillJob<'_>) -> Result<()> {
+        let d = job.dims;
+        let dtype = job.dtype;
+        let g = d.group();
+        let pl = &job.lists;
         let (segment_size, segments, block_size) = (pl.segment_size, pl.segments, pl.block_size);
         let lists = match &pl.lists {
             Some((offsets, counts, indices)) => {
-                Some((self.upload(offsets)?, self.upload(counts)?, self.upload(indices)?))
+                Some((upload_on(stream, offsets)?, upload_on(stream, counts)?, upload_on(stream, indices)?))
             }
             None => None,
         };
-        let aligned = [&a.q(), &a.k(), &a.v()].iter().all(|t| t.strides()[..3].iter().all(|s| s % 8 == 0));
+        let aligned = job.strides.iter().all(|st| st[..3].iter().all(|s| s % 8 == 0));
         let mma = dtype != DType::F32 && (d.head_dim == 64 || d.head_dim == 128) && aligned && g <= MMA_ROWS;
         let (name, rows, threads, smem) = if mma {
             let dp = d.head_dim + 8;
@@ -539,14 +633,14 @@ impl Backend for CudaBackend {
         let tile_tokens = (rows / g).max(1);
         let tiles_per_segment = segment_size.div_ceil(tile_tokens);
         let params = EkPrefillParams {
-            q,
-            k,
-            v,
-            out: o,
-            lse: lse_dev.as_ref().map_or(0, |s| self.ptr(s)),
-            offsets: lists.as_ref().map_or(0, |l| self.ptr(&l.0)),
-            counts: lists.as_ref().map_or(0, |l| self.ptr(&l.1)),
-            indices: lists.as_ref().map_or(0, |l| self.ptr(&l.2)),
+            q: job.q,
+            k: job.k,
+            v: job.v,
+            out: job.out,
+            lse: job.lse,
+            offsets: lists.as_ref().map_or(0, |l| addr_on(stream, &l.0)),
+            counts: lists.as_ref().map_or(0, |l| addr_on(stream, &l.1)),
+            indices: lists.as_ref().map_or(0, |l| addr_on(stream, &l.2)),
             workspace: 0,
             segment_size: segment_size as i32,
             block_size: block_size as i32,
@@ -554,24 +648,17 @@ impl Backend for CudaBackend {
             group: g as i32,
             tile_tokens: tile_tokens as i32,
             tiles_per_segment: tiles_per_segment as i32,
-            scale_log2: a.scale() * std::f32::consts::LOG2_E,
+            scale_log2: job.scale * std::f32::consts::LOG2_E,
             dtype: 0,
         };
         let grid = ((segments * tiles_per_segment) as u32, (d.batch * d.kv_heads) as u32, 1);
-        // SAFETY: every address in `params` points at a live allocation sized by the validated dims.
-        unsafe { launch(&self.stream, self.func(&name), grid, threads, smem, &params)? };
-        self.stream.synchronize().map_err(driver_err("cuStreamSynchronize"))?;
-        self.download(&out_dev, out)?;
-        if let (Some(dst), Some(src)) = (lse, lse_dev) {
-            let host: Vec<f32> = self.stream.clone_dtoh(&src).map_err(driver_err("cuMemcpyDtoH"))?;
-            dst.copy_from_slice(&host);
-        }
-        Ok(())
+        // SAFETY: every address in `params` points at live device memory sized by the validated dims.
+        unsafe { launch(stream, self.func(&name), grid, threads, smem, &params) }
     }
 
-    fn decode_attention(&self, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
-        let d = a.dims();
-        let dtype = a.q().dtype();
+    /// Enqueues a split-K decode on `stream`.
+    pub(crate) fn decode_launch(&self, stream: &Arc<CudaStream>, job: &DecodeJob<'_>) -> Result<()> {
+        let d = job.dims;
         let rows = d.queries * d.group();
         // Keys per split: q rows and a score row per query row fit the shared memory budget.
         let kps = ((DECODE_MAX_SMEM / 4).saturating_sub(rows * d.head_dim) / rows.max(1)).clamp(32, 512);
@@ -582,36 +669,31 @@ impl Backend for CudaBackend {
                 "too many query rows per cache head for the CUDA decode kernel",
             ));
         }
-        let max_len = a.lengths().iter().copied().max().unwrap_or(1) as usize;
+        let max_len = job.lengths.iter().copied().max().unwrap_or(1) as usize;
         let splits = max_len.div_ceil(kps);
-        let (_q, q) = self.tensor(&a.q())?;
-        let (_k, kc) = self.tensor(&a.k_cache())?;
-        let (_v, vc) = self.tensor(&a.v_cache())?;
-        let (out_dev, o) = self.output(out.shape(), dtype)?;
-        let lengths = self.upload(a.lengths())?;
-        let partial = self
-            .stream
+        let lengths = upload_on(stream, job.lengths)?;
+        let partial = stream
             .alloc_zeros::<f32>(d.batch * d.cache_heads * splits * rows * (d.head_dim + 2))
             .map_err(driver_err("cuMemAlloc"))?;
         let params = EkDecodeParams {
-            q,
-            k_cache: kc,
-            v_cache: vc,
-            out: o,
-            lengths: self.ptr(&lengths),
-            partial: self.ptr(&partial),
+            q: job.q,
+            k_cache: job.k_cache,
+            v_cache: job.v_cache,
+            out: job.out,
+            lengths: addr_on(stream, &lengths),
+            partial: addr_on(stream, &partial),
             group: d.group() as i32,
             splits: splits as i32,
             keys_per_split: kps as i32,
-            scale_log2: a.scale() * std::f32::consts::LOG2_E,
+            scale_log2: job.scale * std::f32::consts::LOG2_E,
             dtype: 0,
         };
-        let sfx = dtype_suffix(dtype);
+        let sfx = dtype_suffix(job.dtype);
         let smem = (rows * d.head_dim + rows * kps) * 4;
         // SAFETY: buffers sized from the validated dims; lengths ≤ capacity was validated.
         unsafe {
             launch(
-                &self.stream,
+                stream,
                 self.func(&format!("ek_decode_split_{sfx}")),
                 (splits as u32, d.cache_heads as u32, d.batch as u32),
                 DECODE_THREADS,
@@ -619,16 +701,14 @@ impl Backend for CudaBackend {
                 &params,
             )?;
             launch(
-                &self.stream,
+                stream,
                 self.func(&format!("ek_decode_merge_{sfx}")),
                 (rows as u32, d.cache_heads as u32, d.batch as u32),
                 DECODE_THREADS,
                 0,
                 &params,
-            )?;
+            )
         }
-        self.stream.synchronize().map_err(driver_err("cuStreamSynchronize"))?;
-        self.download(&out_dev, out)
     }
 }
 

@@ -9,7 +9,11 @@ pub mod source;
 #[cfg(feature = "cuda")]
 mod backend;
 #[cfg(feature = "cuda")]
+pub mod device;
+#[cfg(feature = "cuda")]
 pub use backend::CudaBackend;
+#[cfg(feature = "cuda")]
+pub use device::{CudaTensor, CudaTensorMut, DeviceElement};
 
 use std::sync::Arc;
 

@@ -1,0 +1,126 @@
+//! The device-resident CUDA API (`CudaBackend::prefill_on` / `decode_attention_on`): tensors in
+//! cudarc slices on the backend's stream, strided views included, against the oracle. Needs a
+//! GPU; prints why it is skipped otherwise.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use common::*;
+use entropy_kernels::cuda::{CudaBackend, CudaTensor, CudaTensorMut};
+use entropy_kernels::*;
+
+fn backend() -> Option<CudaBackend> {
+    if !entropy_kernels::cuda::driver_present() {
+        eprintln!("SKIP: no CUDA driver");
+        return None;
+    }
+    match CudaBackend::new(0) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            eprintln!("SKIP: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn device_prefill_and_decode_match_the_oracle() {
+    let Some(be) = backend() else { return };
+    let stream = be.stream().clone();
+    let oracle = Kernels::reference();
+    let seed = seed("cuda_device");
+    let (b, l, hq, hkv, d) = (1, 300, 8, 2, 128);
+    let cfg =
+        EntropyConfig { segment_size: 64, block_size: 16, threshold_len: 64, base_budget: 64, ..Default::default() };
+    for dtype in [DType::F16, DType::BF16] {
+        let q = random([b, l, hq, d], 1.0, seed, dtype);
+        let k = random([b, l, hkv, d], 1.0, seed ^ 1, dtype);
+        let v = random([b, l, hkv, d], 1.0, seed ^ 2, dtype);
+        let plan = oracle.plan(q.view(), k.view(), &cfg, &PlanRequest::layer(0)).unwrap();
+        let mut want = poisoned(q.shape, dtype);
+        oracle.sparse_prefill(q.view(), k.view(), v.view(), &plan.blocks, None, &mut want.view_mut(), None).unwrap();
+
+        macro_rules! run {
+            ($t:ty) => {{
+                let up = |t: &HostTensor| stream.clone_htod(&typed::<$t>(t)).unwrap();
+                let (qd, kd, vd) = (up(&q), up(&k), up(&v));
+                let mut od = stream.alloc_zeros::<$t>(q.len()).unwrap();
+                {
+                    let qt = CudaTensor::bsnd(&qd, &stream, q.shape);
+                    let kt = CudaTensor::bsnd(&kd, &stream, k.shape);
+                    let vt = CudaTensor::bsnd(&vd, &stream, v.shape);
+                    let mut ot = CudaTensorMut::bsnd(&mut od, &stream, q.shape);
+                    be.prefill_on(&stream, &qt, &kt, &vt, Some(&plan.blocks), None, &mut ot, None).unwrap();
+                }
+                let host: Vec<$t> = stream.clone_dtoh(&od).unwrap();
+                host.iter().map(|x| x.to_f64()).collect::<Vec<f64>>()
+            }};
+        }
+        let got = match dtype {
+            DType::F16 => run!(half::f16),
+            _ => run!(half::bf16),
+        };
+        let err = rel_fro(&got, &tensor_f64(&want));
+        assert!(err <= attn_tol(dtype), "{dtype} device prefill: rel err {err:e}");
+    }
+}
+
+/// The tensor's elements as `T` (its own dtype).
+fn typed<T: bytemuck::Pod>(t: &HostTensor) -> Vec<T> {
+    match &t.data {
+        HostBuffer::F32(x) => bytemuck::cast_slice(x).to_vec(),
+        HostBuffer::F16(x) => bytemuck::cast_slice(x).to_vec(),
+        HostBuffer::BF16(x) => bytemuck::cast_slice(x).to_vec(),
+    }
+}
+
+#[test]
+fn device_decode_matches_the_oracle() {
+    let Some(be) = backend() else { return };
+    let stream = be.stream().clone();
+    let seed = seed("cuda_device_decode");
+    let (b, nq, hq, hc, cap, d) = (2, 1, 8, 2, 700, 128);
+    let q = random([b, nq, hq, d], 1.0, seed, DType::F32);
+    let kc = random([b, hc, cap, d], 1.0, seed ^ 1, DType::F32);
+    let vc = random([b, hc, cap, d], 1.0, seed ^ 2, DType::F32);
+    let lengths = vec![700, 650, 17, 300];
+    let mut want = poisoned(q.shape, DType::F32);
+    Kernels::reference()
+        .decode_attention(q.view(), kc.view(), vc.view(), &lengths, None, &mut want.view_mut())
+        .unwrap();
+    let (qd, kd, vd) = (
+        stream.clone_htod(&typed::<f32>(&q)).unwrap(),
+        stream.clone_htod(&typed::<f32>(&kc)).unwrap(),
+        stream.clone_htod(&typed::<f32>(&vc)).unwrap(),
+    );
+    let mut od = stream.alloc_zeros::<f32>(q.len()).unwrap();
+    {
+        let (qt, kt, vt) = (
+            CudaTensor::bsnd(&qd, &stream, q.shape),
+            CudaTensor::bsnd(&kd, &stream, kc.shape),
+            CudaTensor::bsnd(&vd, &stream, vc.shape),
+        );
+        let mut ot = CudaTensorMut::bsnd(&mut od, &stream, q.shape);
+        be.decode_attention_on(&stream, &qt, &kt, &vt, &lengths, None, &mut ot).unwrap();
+    }
+    let got: Vec<f32> = stream.clone_dtoh(&od).unwrap();
+    let err = rel_fro(&got.iter().map(|&x| x as f64).collect::<Vec<_>>(), &tensor_f64(&want));
+    assert!(err <= attn_tol(DType::F32), "device decode: rel err {err:e}");
+}
+
+/// Bad device arguments are the same typed errors as on the host, before any launch.
+#[test]
+fn device_calls_validate_like_host_calls() {
+    let Some(be) = backend() else { return };
+    let stream = be.stream().clone();
+    let qd = stream.alloc_zeros::<f32>(4 * 64).unwrap();
+    let kd = stream.alloc_zeros::<f32>(4 * 64).unwrap();
+    let mut od = stream.alloc_zeros::<f32>(4 * 64).unwrap();
+    let qt = CudaTensor::bsnd(&qd, &stream, [1, 4, 1, 64]);
+    let kt = CudaTensor::bsnd(&kd, &stream, [1, 4, 1, 32]);
+    let mut ot = CudaTensorMut::bsnd(&mut od, &stream, [1, 4, 1, 64]);
+    match be.prefill_on(&stream, &qt, &kt, &kt, None, None, &mut ot, None) {
+        Err(Error::Shape { what: "k", .. }) => {}
+        other => panic!("expected a shape error for k, got {other:?}"),
+    }
+}
