@@ -12,11 +12,13 @@
 // or a stretch of own keys) straight into L1; a short last tile is padded with copies of a real
 // key (finite data, masked to P = 0).
 //
-// Per key tile j:            AIC                                AIV k (rows of its half)
-//   K_j → L1 → L0B; S = Q·Kᵀ → L0C → S_ws     ──FLAG_S──▶   S rows: scale, mask, m, l, P = e^(S−m)
-//   V_j → L1 → L0B (transposed fractals)                      P → P_ws (T)
-//   P_ws → L1 → L0A; O_j = P·V → L0C → O_ws  ◀──FLAG_P──      α = e^(m_old − m_new)
-//                                            ──FLAG_O──▶   O = α·O + O_j
+// Per key tile j (two tiles in flight, workspace slots j % 2):
+//                AIC                                           AIV k (rows of its half)
+//   K_{j+1} → L1 → L0B; S_{j+1} = Q·Kᵀ → S_ws   ──FLAG_S──▶   S_j rows: scale, mask, m, l, P = e^(S−m)
+//   V_j → L1 → L0B (transposed fractals)                       P_j → P_ws (T), α_j = e^(m_old − m_new)
+//   P_ws → L1 → L0A; O_j = P·V → L0C → O_ws     ◀──FLAG_P──
+//                                               ──FLAG_O──▶   (after softmax j+1) O = α_j·O + O_j
+// so the cube computes S_{j+1} and loads V_j while the vector units run tile j's softmax.
 // End of item (AIV): O / l → out (T); lse = m + ln l.
 //
 // Tile plan (PREFILL_ROWS = 64, PREFILL_KEYS = 64, D ≤ 256, T = half/bf16):
@@ -26,11 +28,12 @@
 //   L0C  S 64×64×4 = 16 KiB + O 64×256×4 = 64 KiB                              ( 80 of 128 KiB)
 //   UB (each AIV, 32 rows) S 8 KiB, P 4 KiB + 8 KiB, O accumulator 32 KiB, O tile 32 KiB,
 //        output row staging, row stats                                        (~90 of 192 KiB)
-//   GM workspace per core: S 16 KiB + P 8 KiB + O 64 KiB (PREFILL_WORKSPACE below)
+//   GM workspace per core: 2 slots × (S 16 KiB + P 8 KiB + O 64 KiB) = 176 KiB
 // Expected utilisation: the cube does 4·M·KT·D FLOPs per tile at full fractal occupancy when
-// M = 64 (G·tile_tokens); this version runs the tile steps back to back (no ping-pong between
-// S_j+1 and the softmax of tile j), so the cube idles while the vectors work: roughly half of
-// the cube's peak before double buffering, which is the next step.
+// M = 64 (G·tile_tokens); with S_{j+1} overlapping tile j's softmax the cube waits only when the
+// two AIVs' softmax of a tile (≈ 64 rows × 64 keys of exp, max, sum) outlasts S_{j+1} + the V_j
+// load; the GM round trips of S/P/O (~88 KiB per tile) make the kernel L2-bandwidth-sensitive at
+// D 256. Not measured: no NPU.
 
 #include "kernel_operator.h"
 #include "entropy_params.h"
@@ -45,10 +48,27 @@ constexpr uint32_t PREFILL_KEYS = 64;   // keys per tile
 constexpr uint32_t PREFILL_MAX_D = 256;
 constexpr uint32_t FRACTAL = 16;        // rows and columns of a 16-bit fractal
 constexpr int32_t FLAG_S = 1, FLAG_P = 2, FLAG_O = 3;
-// GM workspace per core, in bytes: S (f32), P (T), O (f32).
+// GM workspace per core: two slots (tiles j and j + 1 in flight), each S (f32), P (T), O (f32).
 constexpr uint32_t WS_S = PREFILL_ROWS * PREFILL_KEYS * 4;
 constexpr uint32_t WS_P = PREFILL_ROWS * PREFILL_KEYS * 2;
 constexpr uint32_t WS_O = PREFILL_ROWS * PREFILL_MAX_D * 4;
+constexpr uint32_t WS_SLOT = WS_S + WS_P + WS_O;
+constexpr uint32_t WS_SLOTS = 2;
+
+// Views of slot `slot` of a core's workspace.
+template <typename T> struct Workspace {
+    GlobalTensor<float> s;
+    GlobalTensor<T> p;
+    GlobalTensor<float> o;
+    __aicore__ inline void Init(uint64_t base) {
+        s.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(base));
+        p.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(base + WS_S));
+        o.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(base + WS_S + WS_P));
+    }
+    __aicore__ inline GlobalTensor<float> S(uint32_t slot) const { return s[slot * WS_SLOT / sizeof(float)]; }
+    __aicore__ inline GlobalTensor<T> P(uint32_t slot) const { return p[slot * WS_SLOT / sizeof(T)]; }
+    __aicore__ inline GlobalTensor<float> O(uint32_t slot) const { return o[slot * WS_SLOT / sizeof(float)]; }
+};
 
 __aicore__ inline uint32_t Min(uint32_t a, uint32_t b) { return a < b ? a : b; }
 __aicore__ inline uint32_t Up16(uint32_t x) { return (x + FRACTAL - 1) / FRACTAL * FRACTAL; }
@@ -106,10 +126,7 @@ public:
         offsetsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.offsets));
         countsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.counts));
         indicesGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.indices));
-        const uint64_t ws = p.workspace + (uint64_t)GetBlockIdx() * (WS_S + WS_P + WS_O);
-        sWs_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(ws));
-        pWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + WS_S));
-        oWs_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(ws + WS_S + WS_P));
+        ws_.Init(p.workspace + (uint64_t)GetBlockIdx() * WS_SLOTS * WS_SLOT);
         pipe_.InitBuffer(qL1_, PREFILL_ROWS * PREFILL_MAX_D * sizeof(T));
         pipe_.InitBuffer(kL1_, PREFILL_KEYS * PREFILL_MAX_D * sizeof(T));
         pipe_.InitBuffer(vL1_, PREFILL_KEYS * PREFILL_MAX_D * sizeof(T));
@@ -179,40 +196,22 @@ private:
 
     __aicore__ inline void Work(const Item& x) {
         const uint32_t mpad = Up16(x.rows);
-        LocalTensor<T> qL1 = qL1_.Get<T>(), kL1 = kL1_.Get<T>(), vL1 = vL1_.Get<T>(), pL1 = pL1_.Get<T>();
-        LocalTensor<T> qL0 = qL0_.Get<T>(), pL0 = pL0_.Get<T>(), kL0 = kL0_.Get<T>(), vL0 = vL0_.Get<T>();
-        LocalTensor<float> sL0 = sL0_.Get<float>(), oL0 = oL0_.Get<float>();
+        LocalTensor<T> qL1 = qL1_.Get<T>(), vL1 = vL1_.Get<T>(), pL1 = pL1_.Get<T>();
+        LocalTensor<T> qL0 = qL0_.Get<T>(), pL0 = pL0_.Get<T>(), vL0 = vL0_.Get<T>();
+        LocalTensor<float> oL0 = oL0_.Get<float>();
         // Q: per token, the group's G heads are G rows; tokens follow at G rows each.
         const int64_t qoff = x.b * p_.q.stride[0] + x.t0 * p_.q.stride[1] + x.h * p_.group * p_.q.stride[2];
         DataCopy(qL1, qGm_[qoff], Nd2NzParams(x.tokens, p_.group, d_, p_.q.stride[1], p_.q.stride[2], mpad, 1, p_.group * FRACTAL));
         Sync();
         ToL0A(qL0, qL1, mpad, dp_);
-        for (uint32_t v0 = 0; v0 < x.keys; v0 += PREFILL_KEYS) {
-            const uint32_t n = Min(PREFILL_KEYS, x.keys - v0);
-            // S = Q·Kᵀ: K's NZ fractals are Kᵀ's nZ fractals, in order.
-            Gather(kGm_, p_.k, x, v0, n, kL1);
-            Sync();
-            LoadData2DParams kp;
-            kp.repeatTimes = (dp_ / FRACTAL) * (PREFILL_KEYS / FRACTAL);
-            kp.srcStride = 1;
-            LoadData(kL0, kL1, kp);
-            SetFlag<HardEvent::MTE1_M>(0);
-            WaitFlag<HardEvent::MTE1_M>(0);
-            MmadParams sp;
-            sp.m = x.rows;
-            sp.n = PREFILL_KEYS;
-            sp.k = d_;
-            Mmad(sL0, qL0, kL0, sp);
-            SetFlag<HardEvent::M_FIX>(0);
-            WaitFlag<HardEvent::M_FIX>(0);
-            FixpipeParamsV220 sf;
-            sf.nSize = PREFILL_KEYS;
-            sf.mSize = x.rows;
-            sf.srcStride = mpad;
-            sf.dstStride = PREFILL_KEYS;
-            Fixpipe(sWs_, sL0, sf);
-            CrossCoreSetFlag<2, PIPE_FIX>(FLAG_S);
-            // V while the vector units work: per 16-key block, its D/16 fractals transposed.
+        // Two tiles in flight: S_{j+1} is computed (and V_j loaded) while the vector units run
+        // the softmax of tile j; P·V of tile j waits for its P.
+        const uint32_t tiles = (x.keys + PREFILL_KEYS - 1) / PREFILL_KEYS;
+        Scores(x, 0, mpad);
+        for (uint32_t j = 0; j < tiles; j++) {
+            if (j + 1 < tiles) Scores(x, j + 1, mpad);
+            const uint32_t v0 = j * PREFILL_KEYS, n = Min(PREFILL_KEYS, x.keys - v0);
+            // V_j: per 16-key block, its D/16 fractals transposed.
             Gather(vGm_, p_.v, x, v0, n, vL1);
             Sync();
             for (uint32_t kb = 0; kb < PREFILL_KEYS / FRACTAL; kb++) {
@@ -223,9 +222,9 @@ private:
                 vp.ifTranspose = true;
                 LoadData(vL0[kb * (dp_ / FRACTAL) * FRACTAL * FRACTAL], vL1, vp);
             }
-            // O_j = P·V once both vector units wrote P.
+            // O_j = P_j·V_j once both vector units wrote P_j.
             CrossCoreWaitFlag(FLAG_P);
-            DataCopy(pL1, pWs_, Nd2NzParams(1, x.rows, PREFILL_KEYS, 0, PREFILL_KEYS, mpad, 1, 0));
+            DataCopy(pL1, ws_.P(j % WS_SLOTS), Nd2NzParams(1, x.rows, PREFILL_KEYS, 0, PREFILL_KEYS, mpad, 1, 0));
             Sync();
             ToL0A(pL0, pL1, mpad, PREFILL_KEYS);
             SetFlag<HardEvent::MTE1_M>(0);
@@ -242,9 +241,38 @@ private:
             of.mSize = x.rows;
             of.srcStride = mpad;
             of.dstStride = dp_;
-            Fixpipe(oWs_, oL0, of);
+            Fixpipe(ws_.O(j % WS_SLOTS), oL0, of);
             CrossCoreSetFlag<2, PIPE_FIX>(FLAG_O);
         }
+    }
+
+    // S_j = Q·K_jᵀ into workspace slot j % 2 (K's NZ fractals are Kᵀ's nZ fractals, in order).
+    __aicore__ inline void Scores(const Item& x, uint32_t j, uint32_t mpad) {
+        const uint32_t v0 = j * PREFILL_KEYS, n = Min(PREFILL_KEYS, x.keys - v0);
+        LocalTensor<T> kL1 = kL1_.Get<T>(), kL0 = kL0_.Get<T>(), qL0 = qL0_.Get<T>();
+        LocalTensor<float> sL0 = sL0_.Get<float>();
+        Gather(kGm_, p_.k, x, v0, n, kL1);
+        Sync();
+        LoadData2DParams kp;
+        kp.repeatTimes = (dp_ / FRACTAL) * (PREFILL_KEYS / FRACTAL);
+        kp.srcStride = 1;
+        LoadData(kL0, kL1, kp);
+        SetFlag<HardEvent::MTE1_M>(0);
+        WaitFlag<HardEvent::MTE1_M>(0);
+        MmadParams sp;
+        sp.m = x.rows;
+        sp.n = PREFILL_KEYS;
+        sp.k = d_;
+        Mmad(sL0, qL0, kL0, sp);
+        SetFlag<HardEvent::M_FIX>(0);
+        WaitFlag<HardEvent::M_FIX>(0);
+        FixpipeParamsV220 sf;
+        sf.nSize = PREFILL_KEYS;
+        sf.mSize = x.rows;
+        sf.srcStride = mpad;
+        sf.dstStride = PREFILL_KEYS;
+        Fixpipe(ws_.S(j % WS_SLOTS), sL0, sf);
+        CrossCoreSetFlag<2, PIPE_FIX>(FLAG_S);
     }
 
     EkPrefillParams p_;
@@ -255,8 +283,8 @@ private:
     TBuf<TPosition::A2> qL0_, pL0_;
     TBuf<TPosition::B2> kL0_, vL0_;
     TBuf<TPosition::CO1> sL0_, oL0_;
-    GlobalTensor<T> qGm_, kGm_, vGm_, pWs_;
-    GlobalTensor<float> sWs_, oWs_;
+    GlobalTensor<T> qGm_, kGm_, vGm_;
+    Workspace<T> ws_;
     GlobalTensor<uint32_t> offsetsGm_, countsGm_, indicesGm_;
 };
 
@@ -276,10 +304,7 @@ public:
         countsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.counts));
         const uint32_t core = GetBlockIdx() / 2;  // the AIC this AIV belongs to (1:2)
         sub_ = GetBlockIdx() % 2;
-        const uint64_t ws = p.workspace + (uint64_t)core * (WS_S + WS_P + WS_O);
-        sWs_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(ws));
-        pWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + WS_S));
-        oWs_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(ws + WS_S + WS_P));
+        ws_.Init(p.workspace + (uint64_t)core * WS_SLOTS * WS_SLOT);
         constexpr uint32_t half_rows = PREFILL_ROWS / 2;
         pipe_.InitBuffer(sIn_, 1, half_rows * PREFILL_KEYS * sizeof(float));
         pipe_.InitBuffer(oIn_, 1, half_rows * PREFILL_MAX_D * sizeof(float));
@@ -300,62 +325,80 @@ public:
 private:
     __aicore__ inline void Work(const Item& x) {
         const uint32_t split = (x.rows + 1) / 2;
-        const uint32_t r0 = sub_ == 0 ? 0 : split, r1 = sub_ == 0 ? split : x.rows, n = r1 - r0;
-        LocalTensor<float> acc = acc_.Get<float>(), p32 = p32_.Get<float>(), red = red_.Get<float>(), work = work_.Get<float>();
-        float m[PREFILL_ROWS / 2], l[PREFILL_ROWS / 2], alpha[PREFILL_ROWS / 2];
-        for (uint32_t r = 0; r < n; r++) {
-            m[r] = NegInf();
-            l[r] = 0.0f;
+        r0_ = sub_ == 0 ? 0 : split;
+        n_ = (sub_ == 0 ? split : x.rows) - r0_;
+        for (uint32_t r = 0; r < n_; r++) {
+            m_[r] = NegInf();
+            l_[r] = 0.0f;
         }
-        if (n > 0) Duplicate(acc, 0.0f, (int32_t)(n * dp_));
-        for (uint32_t v0 = 0; v0 < x.keys; v0 += PREFILL_KEYS) {
-            CrossCoreWaitFlag(FLAG_S);
-            if (n > 0) {
-                LocalTensor<float> s = sIn_.AllocTensor<float>();
-                DataCopyPad(s, sWs_[r0 * PREFILL_KEYS], DataCopyExtParams(1, n * PREFILL_KEYS * sizeof(float), 0, 0, 0),
-                            DataCopyPadExtParams<float>(true, 0, 0, 0.0f));
-                sIn_.EnQue(s);
-                s = sIn_.DeQue<float>();
-                Duplicate(p32, 0.0f, (int32_t)(n * PREFILL_KEYS));
-                for (uint32_t r = 0; r < n; r++) {
-                    const uint32_t seen = x.Visible(r0 + r, p_.group, p_.block_size);
-                    const uint32_t vis = seen > v0 ? Min(PREFILL_KEYS, seen - v0) : 0;
-                    alpha[r] = 1.0f;
-                    if (vis == 0) continue;  // P row stays 0, the row's state is unchanged
-                    LocalTensor<float> row = s[r * PREFILL_KEYS], pr = p32[r * PREFILL_KEYS];
-                    Muls(row, row, scale_, (int32_t)vis);
-                    const float tile_max = ReduceToScalar(true, row, vis, red, work);
-                    const float m_new = tile_max > m[r] ? tile_max : m[r];
-                    alpha[r] = ScalarExp(m[r] - m_new, red);
-                    Adds(pr, row, -m_new, (int32_t)vis);
-                    Exp(pr, pr, (int32_t)vis);
-                    l[r] = l[r] * alpha[r] + ReduceToScalar(false, pr, vis, red, work);
-                    m[r] = m_new;
-                }
-                sIn_.FreeTensor(s);
-                LocalTensor<T> pt = pOut_.AllocTensor<T>();
-                Cast(pt, p32, RoundMode::CAST_RINT, n * PREFILL_KEYS);
-                pOut_.EnQue(pt);
-                pt = pOut_.DeQue<T>();
-                DataCopyPad(pWs_[r0 * PREFILL_KEYS], pt, DataCopyExtParams(1, n * PREFILL_KEYS * sizeof(T), 0, 0, 0));
-                pOut_.FreeTensor(pt);
-            }
-            CrossCoreSetFlag<2, PIPE_MTE3>(FLAG_P);
-            CrossCoreWaitFlag(FLAG_O);
-            if (n > 0) {
-                LocalTensor<float> o = oIn_.AllocTensor<float>();
-                DataCopyPad(o, oWs_[r0 * dp_], DataCopyExtParams(1, n * dp_ * sizeof(float), 0, 0, 0),
-                            DataCopyPadExtParams<float>(true, 0, 0, 0.0f));
-                oIn_.EnQue(o);
-                o = oIn_.DeQue<float>();
-                for (uint32_t r = 0; r < n; r++) {
-                    Muls(acc[r * dp_], acc[r * dp_], alpha[r], (int32_t)dp_);
-                    Add(acc[r * dp_], acc[r * dp_], o[r * dp_], (int32_t)dp_);
-                }
-                oIn_.FreeTensor(o);
-            }
+        if (n_ > 0) Duplicate(acc_.Get<float>(), 0.0f, (int32_t)(n_ * dp_));
+        // Tile j's softmax runs while the cube computes S_{j+1}; O_j is folded in after the
+        // softmax of tile j + 1, with tile j's rescaling factors.
+        const uint32_t tiles = (x.keys + PREFILL_KEYS - 1) / PREFILL_KEYS;
+        for (uint32_t j = 0; j < tiles; j++) {
+            Softmax(x, j);
+            if (j > 0) Accumulate(j - 1);
         }
-        for (uint32_t r = 0; r < n; r++) Finish(x, r0 + r, acc[r * dp_], m[r], l[r]);
+        Accumulate(tiles - 1);
+        LocalTensor<float> acc = acc_.Get<float>();
+        for (uint32_t r = 0; r < n_; r++) Finish(x, r0_ + r, acc[r * dp_], m_[r], l_[r]);
+    }
+
+    // Tile j: S rows from the workspace → scale, mask, running max and sum, P rows back.
+    __aicore__ inline void Softmax(const Item& x, uint32_t j) {
+        const uint32_t v0 = j * PREFILL_KEYS, slot = j % WS_SLOTS;
+        float* alpha = alpha_[slot];
+        CrossCoreWaitFlag(FLAG_S);
+        if (n_ > 0) {
+            LocalTensor<float> p32 = p32_.Get<float>(), red = red_.Get<float>(), work = work_.Get<float>();
+            LocalTensor<float> s = sIn_.AllocTensor<float>();
+            DataCopyPad(s, ws_.S(slot)[r0_ * PREFILL_KEYS], DataCopyExtParams(1, n_ * PREFILL_KEYS * sizeof(float), 0, 0, 0),
+                        DataCopyPadExtParams<float>(true, 0, 0, 0.0f));
+            sIn_.EnQue(s);
+            s = sIn_.DeQue<float>();
+            Duplicate(p32, 0.0f, (int32_t)(n_ * PREFILL_KEYS));
+            for (uint32_t r = 0; r < n_; r++) {
+                const uint32_t seen = x.Visible(r0_ + r, p_.group, p_.block_size);
+                const uint32_t vis = seen > v0 ? Min(PREFILL_KEYS, seen - v0) : 0;
+                alpha[r] = 1.0f;
+                if (vis == 0) continue;  // P row stays 0, the row's state is unchanged
+                LocalTensor<float> row = s[r * PREFILL_KEYS], pr = p32[r * PREFILL_KEYS];
+                Muls(row, row, scale_, (int32_t)vis);
+                const float tile_max = ReduceToScalar(true, row, vis, red, work);
+                const float m_new = tile_max > m_[r] ? tile_max : m_[r];
+                alpha[r] = ScalarExp(m_[r] - m_new, red);
+                Adds(pr, row, -m_new, (int32_t)vis);
+                Exp(pr, pr, (int32_t)vis);
+                l_[r] = l_[r] * alpha[r] + ReduceToScalar(false, pr, vis, red, work);
+                m_[r] = m_new;
+            }
+            sIn_.FreeTensor(s);
+            LocalTensor<T> pt = pOut_.AllocTensor<T>();
+            Cast(pt, p32, RoundMode::CAST_RINT, n_ * PREFILL_KEYS);
+            pOut_.EnQue(pt);
+            pt = pOut_.DeQue<T>();
+            DataCopyPad(ws_.P(slot)[r0_ * PREFILL_KEYS], pt, DataCopyExtParams(1, n_ * PREFILL_KEYS * sizeof(T), 0, 0, 0));
+            pOut_.FreeTensor(pt);
+        }
+        CrossCoreSetFlag<2, PIPE_MTE3>(FLAG_P);
+    }
+
+    // O = α_j·O + O_j, once the cube wrote O_j.
+    __aicore__ inline void Accumulate(uint32_t j) {
+        const uint32_t slot = j % WS_SLOTS;
+        CrossCoreWaitFlag(FLAG_O);
+        if (n_ == 0) return;
+        LocalTensor<float> acc = acc_.Get<float>();
+        LocalTensor<float> o = oIn_.AllocTensor<float>();
+        DataCopyPad(o, ws_.O(slot)[r0_ * dp_], DataCopyExtParams(1, n_ * dp_ * sizeof(float), 0, 0, 0),
+                    DataCopyPadExtParams<float>(true, 0, 0, 0.0f));
+        oIn_.EnQue(o);
+        o = oIn_.DeQue<float>();
+        for (uint32_t r = 0; r < n_; r++) {
+            Muls(acc[r * dp_], acc[r * dp_], alpha_[slot][r], (int32_t)dp_);
+            Add(acc[r * dp_], acc[r * dp_], o[r * dp_], (int32_t)dp_);
+        }
+        oIn_.FreeTensor(o);
     }
 
     // Row r of the item: O / l into `out`, and its log-sum-exp.
@@ -385,12 +428,16 @@ private:
     EkPrefillParams p_;
     uint32_t d_ = 0, dp_ = 0, sub_ = 0;
     float scale_ = 0;
+    uint32_t r0_ = 0, n_ = 0;  // this AIV's rows of the current item
+    float m_[PREFILL_ROWS / 2], l_[PREFILL_ROWS / 2];
+    float alpha_[WS_SLOTS][PREFILL_ROWS / 2];  // per tile in flight: the rescaling of O
     TPipe pipe_;
     TQue<TPosition::VECIN, 1> sIn_, oIn_;
     TQue<TPosition::VECOUT, 1> pOut_, rowOut_, lseOut_;
     TBuf<TPosition::VECCALC> p32_, acc_, red_, work_;
-    GlobalTensor<T> outGm_, pWs_;
-    GlobalTensor<float> sWs_, oWs_, lseGm_;
+    GlobalTensor<T> outGm_;
+    GlobalTensor<float> lseGm_;
+    Workspace<T> ws_;
     GlobalTensor<uint32_t> offsetsGm_, countsGm_;
 };
 

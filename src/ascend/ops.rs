@@ -161,8 +161,8 @@ pub const PREFILL_ROWS: usize = 64;
 pub const PREFILL_MAX_D: usize = 256;
 /// Keys per prefill tile (`PREFILL_KEYS`).
 pub const PREFILL_KEYS: usize = 64;
-/// GM workspace per cube core: S (f32), P (16-bit), O (f32) tiles.
-pub const PREFILL_WORKSPACE: usize = PREFILL_ROWS * PREFILL_KEYS * (4 + 2) + PREFILL_ROWS * PREFILL_MAX_D * 4;
+/// GM workspace per cube core: two slots (tiles in flight) of S (f32), P (16-bit), O (f32).
+pub const PREFILL_WORKSPACE: usize = 2 * (PREFILL_ROWS * PREFILL_KEYS * (4 + 2) + PREFILL_ROWS * PREFILL_MAX_D * 4);
 /// Largest row stride the Nd2Nz copies take (16-bit fields).
 const ND2NZ_MAX_STRIDE: usize = u16::MAX as usize;
 
