@@ -137,7 +137,7 @@ impl CudaBackend {
     }
 
     fn check_stream(&self, stream: &CudaStream) -> Result<()> {
-        if !Arc::ptr_eq(stream.context(), self.context()) {
+        if stream.context().cu_ctx() != self.context().cu_ctx() {
             return Err(Error::Layout {
                 what: "stream",
                 detail: "belongs to another CUDA context than this backend's device".into(),
