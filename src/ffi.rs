@@ -28,6 +28,27 @@ impl EkTensor {
     }
 }
 
+impl EkPlanParams {
+    /// A params struct with the sizes of `d` (head dim `head_dim`) and `dtype` filled in,
+    /// every address and configuration field zero.
+    pub fn sized(d: &crate::plan::PlanDims, head_dim: usize, dtype: DType) -> Self {
+        EkPlanParams {
+            batch: d.batch as i32,
+            seq_len: d.seq_len as i32,
+            q_heads: d.q_heads as i32,
+            kv_heads: d.kv_heads as i32,
+            head_dim: head_dim as i32,
+            segment_size: d.segment_size as i32,
+            block_size: d.block_size as i32,
+            segments: d.segments as i32,
+            blocks: d.blocks as i32,
+            keep_cap: d.keep_cap() as i32,
+            dtype: dtype_code(dtype),
+            ..Default::default()
+        }
+    }
+}
+
 /// The header's element-type code of `dtype`.
 pub fn dtype_code(dtype: DType) -> i32 {
     (match dtype {

@@ -252,35 +252,26 @@ pub trait Layout {
     }
 }
 
-impl Layout for TensorView<'_> {
-    fn shape(&self) -> [usize; 4] {
-        self.shape
-    }
-    fn strides(&self) -> [usize; 4] {
-        self.strides
-    }
-    fn dtype(&self) -> DType {
-        self.data.dtype()
-    }
-    fn elements(&self) -> usize {
-        self.data.len()
-    }
+macro_rules! host_layout {
+    ($t:ident) => {
+        impl Layout for $t<'_> {
+            fn shape(&self) -> [usize; 4] {
+                self.shape
+            }
+            fn strides(&self) -> [usize; 4] {
+                self.strides
+            }
+            fn dtype(&self) -> DType {
+                self.data.dtype()
+            }
+            fn elements(&self) -> usize {
+                self.data.len()
+            }
+        }
+    };
 }
-
-impl Layout for TensorViewMut<'_> {
-    fn shape(&self) -> [usize; 4] {
-        self.shape
-    }
-    fn strides(&self) -> [usize; 4] {
-        self.strides
-    }
-    fn dtype(&self) -> DType {
-        self.data.dtype()
-    }
-    fn elements(&self) -> usize {
-        self.data.len()
-    }
-}
+host_layout!(TensorView);
+host_layout!(TensorViewMut);
 
 pub(crate) fn check_layout(what: &'static str, shape: [usize; 4], strides: [usize; 4], len: usize) -> Result<()> {
     if strides[3] != 1 {

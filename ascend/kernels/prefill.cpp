@@ -227,23 +227,30 @@ private:
             DataCopy(pL1, ws_.P(j % WS_SLOTS), Nd2NzParams(1, x.rows, PREFILL_KEYS, 0, PREFILL_KEYS, mpad, 1, 0));
             Sync();
             ToL0A(pL0, pL1, mpad, PREFILL_KEYS);
-            SetFlag<HardEvent::MTE1_M>(0);
-            WaitFlag<HardEvent::MTE1_M>(0);
-            MmadParams op;
-            op.m = x.rows;
-            op.n = d_;
-            op.k = PREFILL_KEYS;
-            Mmad(oL0, pL0, vL0, op);
-            SetFlag<HardEvent::M_FIX>(0);
-            WaitFlag<HardEvent::M_FIX>(0);
-            FixpipeParamsV220 of;
-            of.nSize = d_;
-            of.mSize = x.rows;
-            of.srcStride = mpad;
-            of.dstStride = dp_;
-            Fixpipe(ws_.O(j % WS_SLOTS), oL0, of);
+            MatmulTo(ws_.O(j % WS_SLOTS), dp_, oL0, pL0, vL0, x.rows, d_, PREFILL_KEYS, mpad);
             CrossCoreSetFlag<2, PIPE_FIX>(FLAG_O);
         }
+    }
+
+    // dst (row pitch `pitch`) = A·B for A m×k in L0A and B k×n in L0B, through `c` in L0C.
+    __aicore__ inline void MatmulTo(const GlobalTensor<float>& dst, uint32_t pitch, const LocalTensor<float>& c,
+                                    const LocalTensor<T>& a, const LocalTensor<T>& b, uint32_t m, uint32_t n, uint32_t k,
+                                    uint32_t mpad) {
+        SetFlag<HardEvent::MTE1_M>(0);
+        WaitFlag<HardEvent::MTE1_M>(0);
+        MmadParams mp;
+        mp.m = m;
+        mp.n = n;
+        mp.k = k;
+        Mmad(c, a, b, mp);
+        SetFlag<HardEvent::M_FIX>(0);
+        WaitFlag<HardEvent::M_FIX>(0);
+        FixpipeParamsV220 fp;
+        fp.nSize = n;
+        fp.mSize = m;
+        fp.srcStride = mpad;
+        fp.dstStride = pitch;
+        Fixpipe(dst, c, fp);
     }
 
     // S_j = Q·K_jᵀ into workspace slot j % 2 (K's NZ fractals are Kᵀ's nZ fractals, in order).
@@ -257,21 +264,7 @@ private:
         kp.repeatTimes = (dp_ / FRACTAL) * (PREFILL_KEYS / FRACTAL);
         kp.srcStride = 1;
         LoadData(kL0, kL1, kp);
-        SetFlag<HardEvent::MTE1_M>(0);
-        WaitFlag<HardEvent::MTE1_M>(0);
-        MmadParams sp;
-        sp.m = x.rows;
-        sp.n = PREFILL_KEYS;
-        sp.k = d_;
-        Mmad(sL0, qL0, kL0, sp);
-        SetFlag<HardEvent::M_FIX>(0);
-        WaitFlag<HardEvent::M_FIX>(0);
-        FixpipeParamsV220 sf;
-        sf.nSize = PREFILL_KEYS;
-        sf.mSize = x.rows;
-        sf.srcStride = mpad;
-        sf.dstStride = PREFILL_KEYS;
-        Fixpipe(ws_.S(j % WS_SLOTS), sL0, sf);
+        MatmulTo(ws_.S(j % WS_SLOTS), PREFILL_KEYS, sL0, qL0, kL0, x.rows, PREFILL_KEYS, d_, mpad);
         CrossCoreSetFlag<2, PIPE_FIX>(FLAG_S);
     }
 

@@ -236,17 +236,7 @@ pub(crate) fn plan<'v>(mut l: impl Launcher<'v>, a: &PlanArgs<'_>) -> Result<Pla
         k: l.input(&a.k())?,
         qsum: l.zeroed(4 * qrep_len)?,
         krep: l.zeroed(4 * krep_len)?,
-        batch: d.batch as i32,
-        seq_len: d.seq_len as i32,
-        q_heads: d.q_heads as i32,
-        kv_heads: d.kv_heads as i32,
-        head_dim: dd as i32,
-        segment_size: d.segment_size as i32,
-        block_size: d.block_size as i32,
-        segments: d.segments as i32,
-        blocks: d.blocks as i32,
-        dtype: dtype_code(a.q().dtype()),
-        ..Default::default()
+        ..EkPlanParams::sized(&d, dd, a.q().dtype())
     };
     l.launch(launch::PLAN_REPS, &params)?;
     let mut read = |addr: u64, len: usize| -> Result<Vec<f64>> {

@@ -353,16 +353,6 @@ impl Backend for CudaBackend {
             topk: self.ptr(&topk),
             classes: self.ptr(&classes),
             order: self.ptr(&order),
-            batch: d.batch as i32,
-            seq_len: d.seq_len as i32,
-            q_heads: d.q_heads as i32,
-            kv_heads: d.kv_heads as i32,
-            head_dim: dd as i32,
-            segment_size: d.segment_size as i32,
-            block_size: d.block_size as i32,
-            segments: d.segments as i32,
-            blocks: n as i32,
-            keep_cap: d.keep_cap() as i32,
             width: width as i32,
             base_budget: cfg.base_budget as i32,
             fixed_budget: (cfg.budget_policy == crate::config::BudgetPolicy::Fixed) as i32,
@@ -370,7 +360,7 @@ impl Backend for CudaBackend {
             delta_t: cfg.delta_t,
             alpha: cfg.alpha,
             entropy_floor: cfg.entropy_floor,
-            dtype: 0,
+            ..EkPlanParams::sized(&d, dd, dtype)
         };
         let sfx = dtype_suffix(dtype);
         let (b, hkv, nseg) = (d.batch as u32, d.kv_heads as u32, d.segments as u32);
