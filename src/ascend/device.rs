@@ -79,7 +79,7 @@ impl AscendBackend {
     }
 
     fn launcher(&self) -> AclLauncher<'_, '_> {
-        AclLauncher { backend: self, buffers: Vec::new(), outputs: Vec::new() }
+        AclLauncher { backend: self, buffers: Vec::new(), outputs: Vec::new(), inputs: Vec::new() }
     }
 }
 
@@ -88,6 +88,9 @@ struct AclLauncher<'b, 'v> {
     backend: &'b AscendBackend,
     buffers: Vec<DeviceBuffer>,
     outputs: Vec<(usize, &'v mut [u8])>,
+    /// Host ranges of the inputs uploaded so far and their device addresses: views into one
+    /// buffer (fused QKV, a cache's K and V halves) share one upload.
+    inputs: Vec<(std::ops::Range<usize>, u64)>,
 }
 
 impl AclLauncher<'_, '_> {
@@ -102,7 +105,17 @@ impl AclLauncher<'_, '_> {
 
 impl<'v> Launcher<'v> for AclLauncher<'_, 'v> {
     fn input(&mut self, v: &TensorView<'_>) -> Result<EkTensor> {
-        let (_, addr) = self.upload(v.data().as_bytes())?;
+        let bytes = v.data().as_bytes();
+        let range = bytes.as_ptr() as usize..bytes.as_ptr() as usize + bytes.len();
+        let known = self.inputs.iter().find(|(r, _)| r.start <= range.start && range.end <= r.end);
+        let addr = match known {
+            Some((r, addr)) => addr + (range.start - r.start) as u64,
+            None => {
+                let (_, addr) = self.upload(bytes)?;
+                self.inputs.push((range, addr));
+                addr
+            }
+        };
         Ok(EkTensor::new(addr, v.shape(), v.strides()))
     }
     fn output(&mut self, v: &'v mut TensorViewMut<'_>) -> Result<EkTensor> {
