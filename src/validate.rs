@@ -383,10 +383,22 @@ pub fn kv_compress<'a>(
     obs: TensorView<'a>,
     cfg: &'a DecodeConfig,
 ) -> Result<CompressArgs<'a>> {
+    let (sizes, scale) = compress_layout(caps, &k_cache, &v_cache, &obs, cfg)?;
+    Ok(CompressArgs { k_cache, v_cache, obs, cfg, scale, sizes })
+}
+
+/// The checks of [`kv_compress`] on tensors wherever they live.
+pub fn compress_layout(
+    caps: &Capabilities,
+    k_cache: &dyn Layout,
+    v_cache: &dyn Layout,
+    obs: &dyn Layout,
+    cfg: &DecodeConfig,
+) -> Result<(CompressDims, f32)> {
     cfg.validate()?;
-    k_cache.check("k_cache")?;
-    v_cache.check("v_cache")?;
-    obs.check("obs")?;
+    k_cache.check_layout("k_cache")?;
+    v_cache.check_layout("v_cache")?;
+    obs.check_layout("obs")?;
     let [b, hkv, n, d] = k_cache.shape();
     nonzero(&[("batch", b), ("key/value heads", hkv), ("cache entries", n), ("head dim", d)])?;
     if v_cache.shape() != k_cache.shape() {
@@ -406,8 +418,7 @@ pub fn kv_compress<'a>(
         return Err(Error::range("cache entries", n, "must fit in 32 bits"));
     }
     let scale = resolve_scale(cfg.scale, d)?;
-    let sizes = CompressDims { batch: b, kv_heads: hkv, q_heads: hq, entries: n, window: w, head_dim: d };
-    Ok(CompressArgs { k_cache, v_cache, obs, cfg, scale, sizes })
+    Ok((CompressDims { batch: b, kv_heads: hkv, q_heads: hq, entries: n, window: w, head_dim: d }, scale))
 }
 
 /// Validates `decode_attention` arguments.

@@ -46,14 +46,14 @@ const DECODE_MAX_SMEM: usize = 48 * 1024;
 const PLAN_THREADS: u32 = 256;
 const TOPK_THREADS: u32 = 512;
 /// Largest ranking width / kept count of the device top-k (cuda/topk.cuh).
-const TOPK_CAP: usize = 1024;
+pub(crate) const TOPK_CAP: usize = 1024;
 const COMPRESS_THREADS: u32 = 128;
 const COMPRESS_KEYS: usize = 32;
 const COMPRESS_CHUNK: usize = 2048;
 /// Window rows per kv head the compression kernels hold (two per thread).
-const COMPRESS_MAX_ROWS: usize = 256;
+pub(crate) const COMPRESS_MAX_ROWS: usize = 256;
 
-fn driver_err(call: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+pub(crate) fn driver_err(call: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
     move |e| Error::Driver { backend: "cuda", call, detail: e.to_string() }
 }
 
@@ -257,6 +257,27 @@ pub(crate) struct PrefillJob<'a> {
     pub strides: [[usize; 4]; 3],
 }
 
+/// One `kv_compress` on device tensors (uniform budget; AdaKV's allocation is the caller's).
+pub(crate) struct CompressJob<'a> {
+    pub dims: crate::validate::CompressDims,
+    pub cfg: &'a crate::config::DecodeConfig,
+    pub dtype: DType,
+    pub k_cache: EkTensor,
+    pub v_cache: EkTensor,
+    pub obs: EkTensor,
+    pub scale: f32,
+}
+
+/// The workspaces of one compression, alive until its kernels have run.
+pub(crate) struct CompressRun {
+    _stats: CudaSlice<f32>,
+    _means: CudaSlice<f32>,
+    pub pooled: CudaSlice<f32>,
+    /// u32 `[B, Hc, budget − W]`, ascending per head, after `compress_select`.
+    pub selected: CudaSlice<u32>,
+    params: EkCompressParams,
+}
+
 /// One decode on device tensors.
 pub(crate) struct DecodeJob<'a> {
     pub dims: crate::validate::DecodeDims,
@@ -426,88 +447,30 @@ impl Backend for CudaBackend {
     fn kv_compress(&self, a: &CompressArgs<'_>) -> Result<CompressedCache> {
         let d = a.dims();
         let cfg = a.cfg();
-        let rows = d.group() * d.window;
-        let keep = cfg.decode_budget - d.window;
-        if !d.compresses(cfg) || rows > COMPRESS_MAX_ROWS || keep > TOPK_CAP {
+        if !d.compresses(cfg) || d.group() * d.window > COMPRESS_MAX_ROWS || cfg.decode_budget - d.window > TOPK_CAP {
             return self.host.kv_compress(a);
         }
         let dtype = a.k_cache().dtype();
-        let (n, w, dd) = (d.entries, d.window, d.head_dim);
-        let scored = n - w;
+        let dd = d.head_dim;
         let heads = d.out_heads(cfg);
-        let chunks = n.div_ceil(COMPRESS_CHUNK);
-        let (_kc, kc) = self.tensor(&a.k_cache())?;
-        let (_vc, vc) = self.tensor(&a.v_cache())?;
+        let (_kc, k_cache) = self.tensor(&a.k_cache())?;
+        let (_vc, v_cache) = self.tensor(&a.v_cache())?;
         let (_obs, obs) = self.tensor(&a.obs())?;
-        let f32s = |len: usize| self.stream.alloc_zeros::<f32>(len.max(1)).map_err(driver_err("cuMemAlloc"));
-        let stats = f32s(d.batch * d.kv_heads * chunks * rows * 2)?;
-        let means = f32s(d.batch * d.q_heads * scored)?;
-        let pooled = f32s(d.batch * heads * scored)?;
-        let selected = self.stream.alloc_zeros::<u32>(d.batch * heads * keep).map_err(driver_err("cuMemAlloc"))?;
         let out_len = d.batch * heads * cfg.decode_budget * dd * dtype.size();
         let k_out = self.stream.alloc_zeros::<u8>(out_len).map_err(driver_err("cuMemAlloc"))?;
         let v_out = self.stream.alloc_zeros::<u8>(out_len).map_err(driver_err("cuMemAlloc"))?;
-        let params = EkCompressParams {
-            k_cache: kc,
-            v_cache: vc,
-            obs,
-            stats: self.ptr(&stats),
-            means: self.ptr(&means),
-            pooled: self.ptr(&pooled),
-            selected: self.ptr(&selected),
-            k_out: self.ptr(&k_out),
-            v_out: self.ptr(&v_out),
-            entries: n as i32,
-            window: w as i32,
-            budget: cfg.decode_budget as i32,
-            group: d.group() as i32,
-            out_heads: heads as i32,
-            chunk: COMPRESS_CHUNK as i32,
-            chunks: chunks as i32,
-            pooling: crate::ffi::pooling_code(cfg.pooling),
-            pooling_kernel: cfg.pooling_kernel as i32,
-            gqa_mode: crate::ffi::gqa_code(cfg.gqa_mode),
-            scale_log2: a.scale() * std::f32::consts::LOG2_E,
-            dtype: 0,
-        };
-        let sfx = dtype_suffix(dtype);
-        let (b, hkv, hc) = (d.batch as u32, d.kv_heads as u32, heads as u32);
-        let smem = (rows + COMPRESS_KEYS) * (dd + 1) * 4;
-        // SAFETY: every buffer in `params` was allocated above with the sizes the kernels index.
-        unsafe {
-            let grid = (chunks as u32, hkv, b);
-            launch(
-                &self.stream,
-                self.func(&format!("ek_compress_stats_{sfx}")),
-                grid,
-                COMPRESS_THREADS,
-                smem,
-                &params,
-            )?;
-            let smem_means = smem + COMPRESS_KEYS * d.group() * 4;
-            launch(
-                &self.stream,
-                self.func(&format!("ek_compress_means_{sfx}")),
-                grid,
-                COMPRESS_THREADS,
-                smem_means,
-                &params,
-            )?;
-            launch(&self.stream, self.func("ek_compress_pool"), (scored.div_ceil(256) as u32, hc, b), 256, 0, &params)?;
-        }
+        let job = CompressJob { dims: d, cfg, dtype, k_cache, v_cache, obs, scale: a.scale() };
+        let run = self.compress_score(&self.stream, &job, self.ptr(&k_out), self.ptr(&v_out))?;
         if let crate::config::HeadBudget::AdaKv { .. } = cfg.head_budget {
             // AdaKV's cross-head allocation runs on the host over the device's pooled scores.
-            let pooled: Vec<f32> = self.stream.clone_dtoh(&pooled).map_err(driver_err("cuMemcpyDtoH"))?;
+            let scored = d.entries - d.window;
+            let pooled: Vec<f32> = self.stream.clone_dtoh(&run.pooled).map_err(driver_err("cuMemcpyDtoH"))?;
             let rows: Vec<Vec<f32>> = pooled.chunks(scored).take(d.batch * heads).map(<[f32]>::to_vec).collect();
             let sel: Vec<Vec<u32>> = rows.chunks(heads).flat_map(|r| crate::compress::select_heads(r, cfg)).collect();
             return Ok(crate::compress::gather(&a.k_cache(), &a.v_cache(), &d, heads, &sel));
         }
-        // SAFETY: as above.
-        unsafe {
-            launch(&self.stream, self.func("ek_compress_topk"), (hc, b, 1), TOPK_THREADS, 0, &params)?;
-            let grid = (cfg.decode_budget as u32, hc, b);
-            launch(&self.stream, self.func(&format!("ek_compress_gather_{sfx}")), grid, COMPRESS_THREADS, 0, &params)?;
-        }
+        self.compress_select(&self.stream, &job, &run)?;
+        let selected = &run.selected;
         self.stream.synchronize().map_err(driver_err("cuStreamSynchronize"))?;
         let shape = [d.batch, heads, cfg.decode_budget, dd];
         let fetch = |s: &CudaSlice<u8>| -> Result<crate::tensor::HostTensor> {
@@ -519,13 +482,14 @@ impl Backend for CudaBackend {
             };
             Ok(crate::tensor::HostTensor { data, shape })
         };
-        let selected: Vec<u32> = self.stream.clone_dtoh(&selected).map_err(driver_err("cuMemcpyDtoH"))?;
+        let mut selected: Vec<u32> = self.stream.clone_dtoh(selected).map_err(driver_err("cuMemcpyDtoH"))?;
+        selected.truncate(d.batch * heads * (cfg.decode_budget - d.window));
         Ok(CompressedCache {
             k: fetch(&k_out)?,
             v: fetch(&v_out)?,
             lengths: vec![cfg.decode_budget as u32; d.batch * heads],
             indices: selected.iter().map(|&i| i as i64).collect(),
-            window: w,
+            window: d.window,
             compressed: true,
         })
     }
@@ -644,6 +608,84 @@ impl CudaBackend {
         let grid = ((segments * tiles_per_segment) as u32, (d.batch * d.kv_heads) as u32, 1);
         // SAFETY: every address in `params` points at live device memory sized by the validated dims.
         unsafe { launch(stream, self.func(&name), grid, threads, smem, &params) }
+    }
+
+    /// Enqueues the scoring, group reduction and pooling of a compression into `k_out`/`v_out`
+    /// (each `[B, Hc, budget, D]` in the job's dtype).
+    pub(crate) fn compress_score(
+        &self,
+        stream: &Arc<CudaStream>,
+        job: &CompressJob<'_>,
+        k_out: u64,
+        v_out: u64,
+    ) -> Result<CompressRun> {
+        let (d, cfg) = (job.dims, job.cfg);
+        let rows = d.group() * d.window;
+        let keep = cfg.decode_budget - d.window;
+        let (n, w, dd) = (d.entries, d.window, d.head_dim);
+        let scored = n - w;
+        let heads = d.out_heads(cfg);
+        let chunks = n.div_ceil(COMPRESS_CHUNK);
+        let f32s = |len: usize| stream.alloc_zeros::<f32>(len.max(1)).map_err(driver_err("cuMemAlloc"));
+        let stats = f32s(d.batch * d.kv_heads * chunks * rows * 2)?;
+        let means = f32s(d.batch * d.q_heads * scored)?;
+        let pooled = f32s(d.batch * heads * scored)?;
+        let selected = stream.alloc_zeros::<u32>((d.batch * heads * keep).max(1)).map_err(driver_err("cuMemAlloc"))?;
+        let params = EkCompressParams {
+            k_cache: job.k_cache,
+            v_cache: job.v_cache,
+            obs: job.obs,
+            stats: addr_on(stream, &stats),
+            means: addr_on(stream, &means),
+            pooled: addr_on(stream, &pooled),
+            selected: addr_on(stream, &selected),
+            k_out,
+            v_out,
+            entries: n as i32,
+            window: w as i32,
+            budget: cfg.decode_budget as i32,
+            group: d.group() as i32,
+            out_heads: heads as i32,
+            chunk: COMPRESS_CHUNK as i32,
+            chunks: chunks as i32,
+            pooling: crate::ffi::pooling_code(cfg.pooling),
+            pooling_kernel: cfg.pooling_kernel as i32,
+            gqa_mode: crate::ffi::gqa_code(cfg.gqa_mode),
+            scale_log2: job.scale * std::f32::consts::LOG2_E,
+            dtype: 0,
+        };
+        let sfx = dtype_suffix(job.dtype);
+        let (b, hkv, hc) = (d.batch as u32, d.kv_heads as u32, heads as u32);
+        let smem = (rows + COMPRESS_KEYS) * (dd + 1) * 4;
+        // SAFETY: every buffer in `params` was allocated above (or by the caller) with the sizes
+        // the kernels index.
+        unsafe {
+            let grid = (chunks as u32, hkv, b);
+            launch(stream, self.func(&format!("ek_compress_stats_{sfx}")), grid, COMPRESS_THREADS, smem, &params)?;
+            let smem_means = smem + COMPRESS_KEYS * d.group() * 4;
+            let means_fn = self.func(&format!("ek_compress_means_{sfx}"));
+            launch(stream, means_fn, grid, COMPRESS_THREADS, smem_means, &params)?;
+            launch(stream, self.func("ek_compress_pool"), (scored.div_ceil(256) as u32, hc, b), 256, 0, &params)?;
+        }
+        Ok(CompressRun { _stats: stats, _means: means, pooled, selected, params })
+    }
+
+    /// Enqueues the top-k selection and the gather of a scored compression.
+    pub(crate) fn compress_select(
+        &self,
+        stream: &Arc<CudaStream>,
+        job: &CompressJob<'_>,
+        run: &CompressRun,
+    ) -> Result<()> {
+        let (d, cfg) = (job.dims, job.cfg);
+        let (b, hc) = (d.batch as u32, d.out_heads(cfg) as u32);
+        let sfx = dtype_suffix(job.dtype);
+        // SAFETY: `run` holds the buffers its params address; the outputs are the caller's.
+        unsafe {
+            launch(stream, self.func("ek_compress_topk"), (hc, b, 1), TOPK_THREADS, 0, &run.params)?;
+            let grid = (cfg.decode_budget as u32, hc, b);
+            launch(stream, self.func(&format!("ek_compress_gather_{sfx}")), grid, COMPRESS_THREADS, 0, &run.params)
+        }
     }
 
     /// Enqueues a split-K decode on `stream`.

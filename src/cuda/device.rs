@@ -17,11 +17,12 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop, ValidAsZeroBits};
 
 use super::CudaBackend;
-use super::backend::{DecodeJob, PrefillJob};
+use super::backend::{CompressJob, DecodeJob, PrefillJob};
 use crate::backend::Backend;
+use crate::config::{DecodeConfig, HeadBudget};
 use crate::error::{Error, Result};
 use crate::ffi::EkTensor;
 use crate::plan::BlockLists;
@@ -29,7 +30,7 @@ use crate::tensor::{DType, Layout};
 use crate::validate;
 
 /// Element types the kernels take from device memory.
-pub trait DeviceElement: DeviceRepr {
+pub trait DeviceElement: DeviceRepr + ValidAsZeroBits {
     const DTYPE: DType;
 }
 impl DeviceElement for f32 {
@@ -213,5 +214,76 @@ impl CudaBackend {
             scale,
         };
         self.decode_launch(stream, &job)
+    }
+}
+
+/// A compressed cache in device memory: `k`/`v` are `[B, Hc, budget, D]` (the kept entries in
+/// ascending position order, then the window's W), every head holding `budget` entries.
+pub struct CudaCompressedCache<T> {
+    pub k: CudaSlice<T>,
+    pub v: CudaSlice<T>,
+    pub shape: [usize; 4],
+    /// u32 `[B, Hc, budget − W]`: the kept positions of each head, ascending.
+    pub indices: CudaSlice<u32>,
+    pub window: usize,
+}
+
+impl CudaBackend {
+    /// `kv_compress` of device caches `[B, Hkv, N, D]` with the window queries `obs`
+    /// `[B, Hq, W, D]`, enqueued on `stream`. `Ok(None)`: the cache is within the budget
+    /// (SPEC §4: nothing to compress; keep using it). AdaKV's cross-head allocation needs the
+    /// host path (`Kernels::kv_compress`) for now.
+    pub fn kv_compress_on<T: DeviceElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        k_cache: &CudaTensor<'_>,
+        v_cache: &CudaTensor<'_>,
+        obs: &CudaTensor<'_>,
+        cfg: &DecodeConfig,
+    ) -> Result<Option<CudaCompressedCache<T>>> {
+        self.check_stream(stream)?;
+        let (dims, scale) = validate::compress_layout(self.capabilities(), k_cache, v_cache, obs, cfg)?;
+        if k_cache.dtype != T::DTYPE {
+            return Err(Error::DTypeMismatch { what: "compressed cache", expected: k_cache.dtype, got: T::DTYPE });
+        }
+        if !dims.compresses(cfg) {
+            return Ok(None);
+        }
+        if matches!(cfg.head_budget, HeadBudget::AdaKv { .. }) {
+            return Err(Error::Unimplemented { backend: "cuda (device tensors)", op: "AdaKV kv_compress" });
+        }
+        let rows = dims.group() * dims.window;
+        if rows > super::backend::COMPRESS_MAX_ROWS {
+            let why =
+                format!("the CUDA kernels score at most {} window rows per kv head", super::backend::COMPRESS_MAX_ROWS);
+            return Err(Error::range("window rows", rows, why));
+        }
+        let keep = cfg.decode_budget - dims.window;
+        if keep > super::backend::TOPK_CAP {
+            let why = format!("the CUDA top-k keeps at most {} positions per head", super::backend::TOPK_CAP);
+            return Err(Error::range("decode_budget - window", keep, why));
+        }
+        let heads = dims.out_heads(cfg);
+        let shape = [dims.batch, heads, cfg.decode_budget, dims.head_dim];
+        let alloc =
+            || stream.alloc_zeros::<T>(shape.iter().product()).map_err(super::backend::driver_err("cuMemAlloc"));
+        let (k, v) = (alloc()?, alloc()?);
+        let job = CompressJob {
+            dims,
+            cfg,
+            dtype: T::DTYPE,
+            k_cache: k_cache.ek(),
+            v_cache: v_cache.ek(),
+            obs: obs.ek(),
+            scale,
+        };
+        let run = self.compress_score(
+            stream,
+            &job,
+            super::backend::addr_on(stream, &k),
+            super::backend::addr_on(stream, &v),
+        )?;
+        self.compress_select(stream, &job, &run)?;
+        Ok(Some(CudaCompressedCache { k, v, shape, indices: run.selected, window: dims.window }))
     }
 }

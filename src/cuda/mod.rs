@@ -13,7 +13,7 @@ pub mod device;
 #[cfg(feature = "cuda")]
 pub use backend::CudaBackend;
 #[cfg(feature = "cuda")]
-pub use device::{CudaTensor, CudaTensorMut, DeviceElement};
+pub use device::{CudaCompressedCache, CudaTensor, CudaTensorMut, DeviceElement};
 
 use std::sync::Arc;
 
