@@ -264,6 +264,31 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The plan of a layer with no blocks (one segment: L ≤ S), which depends on the sizes alone:
+    /// every distribution is empty (entropy 0), so the decisions follow from the rules; every
+    /// unit is dense. Backends use it where reading Q and K would change nothing.
+    pub fn without_blocks(dims: PlanDims, cfg: &EntropyConfig) -> Plan {
+        debug_assert_eq!(dims.blocks, 0);
+        let entropy = vec![0.0f32; dims.units()];
+        let (head_class, budgets, keep_blocks, segment_topk) = rules::decide(&dims, cfg, &entropy);
+        let order_width = rules::order_width(&segment_topk);
+        let mut plan = Plan {
+            dims,
+            logits: Vec::new(),
+            scores: Vec::new(),
+            entropy,
+            head_class,
+            budgets,
+            keep_blocks,
+            segment_topk,
+            order: vec![0; dims.units() * order_width],
+            order_width,
+            blocks: BlockLists::all_dense(dims),
+        };
+        plan.blocks = plan.block_lists(cfg.budget_mode, cfg.threshold_len);
+        plan
+    }
+
     /// Block lists for `mode` with the dense threshold `threshold_len` (SPEC §3), derived from the
     /// ranking — so one plan serves both budget modes.
     pub fn block_lists(&self, mode: BudgetMode, threshold_len: usize) -> BlockLists {

@@ -37,6 +37,17 @@ pub struct PlanArgs<'a> {
     keep_maps: bool,
 }
 
+/// What a `plan` call asks for, wherever its tensors live (see [`plan_layout`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PlanShape<'a> {
+    pub cfg: &'a EntropyConfig,
+    /// The previous layer's distribution, present only when fusion applies (SPEC §2.5).
+    pub fusion: Option<&'a [f32]>,
+    pub dims: PlanDims,
+    pub head_dim: usize,
+    pub keep_maps: bool,
+}
+
 impl<'a> PlanArgs<'a> {
     pub fn q(&self) -> TensorView<'a> {
         self.q
@@ -281,8 +292,22 @@ pub fn plan<'a>(
     prev_scores: Option<&'a [f32]>,
     keep_maps: bool,
 ) -> Result<PlanArgs<'a>> {
+    let p = plan_layout(caps, &q, &k, cfg, layer_idx, prev_scores, keep_maps)?;
+    Ok(PlanArgs { q, k, cfg, fusion: p.fusion, dims: p.dims, head_dim: p.head_dim, keep_maps })
+}
+
+/// The checks of [`plan`] on tensors wherever they live.
+pub fn plan_layout<'a>(
+    caps: &Capabilities,
+    q: &dyn Layout,
+    k: &dyn Layout,
+    cfg: &'a EntropyConfig,
+    layer_idx: usize,
+    prev_scores: Option<&'a [f32]>,
+    keep_maps: bool,
+) -> Result<PlanShape<'a>> {
     cfg.validate()?;
-    let a = prefill_inputs(caps, &q, &k, None)?;
+    let a = prefill_inputs(caps, q, k, None)?;
     let dims = plan_dims(&a, cfg);
     if dims.segments > u32::MAX as usize / dims.blocks_per_segment().max(1) {
         return Err(Error::range("seq_len", a.seq_len, "too many blocks for 32-bit block indices"));
@@ -301,7 +326,7 @@ pub fn plan<'a>(
         }
     }
     let fusion = prev_scores.filter(|_| cfg.layer_fusion && layer_idx >= 2 && dims.blocks > 0);
-    Ok(PlanArgs { q, k, cfg, fusion, dims, head_dim: a.head_dim, keep_maps })
+    Ok(PlanShape { cfg, fusion, dims, head_dim: a.head_dim, keep_maps })
 }
 
 fn check_output(out: &dyn Layout, expected: [usize; 4], dtype: DType) -> Result<()> {

@@ -1,4 +1,4 @@
-//! The device-resident CUDA API (`CudaBackend::prefill_on` / `decode_attention_on`): tensors in
+//! The device-resident CUDA API (`plan_on`, `prefill_on`, `decode_attention_on`, `kv_compress_on`): tensors in
 //! cudarc slices on the backend's stream, strided views included, against the oracle. Needs a
 //! GPU; prints why it is skipped otherwise.
 #![cfg(feature = "cuda")]
@@ -49,8 +49,14 @@ fn device_prefill_and_decode_match_the_oracle() {
                     let qt = CudaTensor::bsnd(&qd, &stream, q.shape);
                     let kt = CudaTensor::bsnd(&kd, &stream, k.shape);
                     let vt = CudaTensor::bsnd(&vd, &stream, v.shape);
+                    // Planning on the device: the same decisions as the oracle's.
+                    let dplan = be.plan_on(&stream, &qt, &kt, &cfg, &PlanRequest::layer(0)).unwrap();
+                    assert_eq!(dplan.budgets, plan.budgets, "{dtype} device plan budgets");
+                    assert_eq!(dplan.keep_blocks, plan.keep_blocks, "{dtype} device plan keep");
+                    assert_eq!(dplan.order, plan.order, "{dtype} device plan ranking");
+                    assert_eq!(dplan.blocks, plan.blocks, "{dtype} device plan block lists");
                     let mut ot = CudaTensorMut::bsnd(&mut od, &stream, q.shape);
-                    be.prefill_on(&stream, &qt, &kt, &vt, Some(&plan.blocks), None, &mut ot, None).unwrap();
+                    be.prefill_on(&stream, &qt, &kt, &vt, Some(&dplan.blocks), None, &mut ot, None).unwrap();
                 }
                 let host: Vec<$t> = stream.clone_dtoh(&od).unwrap();
                 host.iter().map(|x| x.to_f64()).collect::<Vec<f64>>()

@@ -268,3 +268,31 @@ fn every_isa_agrees_with_the_oracle() {
         assert!(err <= 1e-5, "{isa:?}: rel err {err:e}");
     }
 }
+
+/// A one-segment layer's plan depends on the sizes alone: `Plan::without_blocks` (what device
+/// paths use instead of reading Q and K) equals the planners' for every budget mode and policy.
+#[test]
+fn plans_without_blocks_follow_from_the_sizes() {
+    let seed = seed("plans_without_blocks_follow_from_the_sizes");
+    for (i, &(l, s)) in [(64usize, 64usize), (37, 64), (1, 8)].iter().enumerate() {
+        let (q, k, _) = inputs(1, l, 4, 2, 32, seed ^ i as u64);
+        for cfg in [
+            EntropyConfig { segment_size: s, block_size: 8, ..Default::default() },
+            EntropyConfig { segment_size: s, block_size: 8, budget_mode: BudgetMode::SegmentMax, ..Default::default() },
+            EntropyConfig::criti_prefill(64),
+        ] {
+            let cfg = EntropyConfig { segment_size: s, block_size: 8, ..cfg };
+            let want = Kernels::reference().plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap();
+            let got = Plan::without_blocks(want.dims, &cfg);
+            for p in [&want, &Kernels::cpu().plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap()] {
+                assert_eq!(got.entropy, p.entropy, "L {l}: entropy");
+                assert_eq!(got.head_class, p.head_class, "L {l}: classes");
+                assert_eq!(got.budgets, p.budgets, "L {l}: budgets");
+                assert_eq!(got.keep_blocks, p.keep_blocks, "L {l}: keep");
+                assert_eq!(got.segment_topk, p.segment_topk, "L {l}: segment top-k");
+                assert_eq!(got.order_width, p.order_width, "L {l}: order width");
+                assert_eq!(got.blocks, p.blocks, "L {l}: block lists");
+            }
+        }
+    }
+}

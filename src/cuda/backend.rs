@@ -331,117 +331,20 @@ impl Backend for CudaBackend {
 
     fn plan(&self, a: &PlanArgs<'_>) -> Result<Plan> {
         let d = a.dims();
-        let cfg = a.cfg();
-        let width = (3 * cfg.base_budget / d.block_size).min(d.keep_cap());
+        let width = (3 * a.cfg().base_budget / d.block_size).min(d.keep_cap());
         if d.blocks == 0 || width > TOPK_CAP {
             return self.host.plan(a);
         }
-        let dtype = a.q().dtype();
-        let (dd, n, units) = (a.head_dim(), d.blocks, d.units());
         let (_q, q) = self.tensor(&a.q())?;
         let (_k, k) = self.tensor(&a.k())?;
-        let f64s = |len: usize| self.stream.alloc_zeros::<f64>(len.max(1)).map_err(driver_err("cuMemAlloc"));
-        let f32s = |len: usize| self.stream.alloc_zeros::<f32>(len.max(1)).map_err(driver_err("cuMemAlloc"));
-        let u32s = |len: usize| self.stream.alloc_zeros::<u32>(len.max(1)).map_err(driver_err("cuMemAlloc"));
-        let qsum = f64s(d.batch * d.segments * d.q_heads * dd)?;
-        let krep = f64s(d.batch * n * d.kv_heads * 2 * dd)?;
-        let key = f64s(units * n)?;
-        let logits = if a.keep_maps() { Some(f32s(units * n)?) } else { None };
-        let scores = if a.keep_maps() || cfg.layer_fusion { Some(f32s(units * n)?) } else { None };
-        let prev = match a.fusion() {
-            Some(p) => Some(self.upload(p)?),
-            None => None,
-        };
-        let entropy = f32s(units)?;
-        let budgets = f32s(units)?;
-        let keep = u32s(units)?;
-        let topk = u32s(d.segments)?;
-        let classes = self.stream.alloc_zeros::<u8>(d.batch * d.kv_heads).map_err(driver_err("cuMemAlloc"))?;
-        let order = u32s(units * width)?;
-        let opt = |s: &Option<CudaSlice<f32>>| s.as_ref().map_or(0, |s| self.ptr(s));
-        let params = EkPlanParams {
-            q,
-            k,
-            qsum: self.ptr(&qsum),
-            krep: self.ptr(&krep),
-            key: self.ptr(&key),
-            logits: opt(&logits),
-            scores: opt(&scores),
-            prev: opt(&prev),
-            entropy: self.ptr(&entropy),
-            budgets: self.ptr(&budgets),
-            keep: self.ptr(&keep),
-            topk: self.ptr(&topk),
-            classes: self.ptr(&classes),
-            order: self.ptr(&order),
-            width: width as i32,
-            base_budget: cfg.base_budget as i32,
-            fixed_budget: (cfg.budget_policy == crate::config::BudgetPolicy::Fixed) as i32,
-            e_t: cfg.e_t,
-            delta_t: cfg.delta_t,
-            alpha: cfg.alpha,
-            entropy_floor: cfg.entropy_floor,
-            ..EkPlanParams::sized(&d, dd, dtype)
-        };
-        let sfx = dtype_suffix(dtype);
-        let (b, hkv, nseg) = (d.batch as u32, d.kv_heads as u32, d.segments as u32);
-        // SAFETY: every buffer in `params` was allocated above with the sizes the kernels index.
-        unsafe {
-            launch(&self.stream, self.func(&format!("ek_plan_reps_q_{sfx}")), (nseg, b, 1), PLAN_THREADS, 0, &params)?;
-            launch(
-                &self.stream,
-                self.func(&format!("ek_plan_reps_k_{sfx}")),
-                (n as u32, b, 1),
-                PLAN_THREADS,
-                0,
-                &params,
-            )?;
-            let smem = d.group() * dd * 8;
-            launch(&self.stream, self.func("ek_plan_logits"), (nseg, hkv, b), PLAN_THREADS, smem, &params)?;
-            launch(&self.stream, self.func("ek_plan_softmax"), (units as u32, 1, 1), PLAN_THREADS, 0, &params)?;
-            let grid = (b * hkv).div_ceil(PLAN_THREADS);
-            launch(&self.stream, self.func("ek_plan_decide"), (grid, 1, 1), PLAN_THREADS, 0, &params)?;
-            launch(&self.stream, self.func("ek_plan_rank"), (units as u32, 1, 1), TOPK_THREADS, 0, &params)?;
-        }
-        self.stream.synchronize().map_err(driver_err("cuStreamSynchronize"))?;
-        let get_f32 = |s: &CudaSlice<f32>, len: usize| -> Result<Vec<f32>> {
-            let mut v: Vec<f32> = self.stream.clone_dtoh(s).map_err(driver_err("cuMemcpyDtoH"))?;
-            v.truncate(len);
-            Ok(v)
-        };
-        let get_u32 = |s: &CudaSlice<u32>, len: usize| -> Result<Vec<u32>> {
-            let mut v: Vec<u32> = self.stream.clone_dtoh(s).map_err(driver_err("cuMemcpyDtoH"))?;
-            v.truncate(len);
-            Ok(v)
-        };
-        let segment_topk = get_u32(&topk, d.segments)?;
-        let order_width = crate::plan::rules::order_width(&segment_topk);
-        let full_order = get_u32(&order, units * width)?;
-        let classes: Vec<u8> = self.stream.clone_dtoh(&classes).map_err(driver_err("cuMemcpyDtoH"))?;
-        let mut plan = Plan {
+        let shape = crate::validate::PlanShape {
+            cfg: a.cfg(),
+            fusion: a.fusion(),
             dims: d,
-            logits: match &logits {
-                Some(l) => get_f32(l, units * n)?,
-                None => Vec::new(),
-            },
-            scores: match &scores {
-                Some(s) => get_f32(s, units * n)?,
-                None => Vec::new(),
-            },
-            entropy: get_f32(&entropy, units)?,
-            head_class: classes
-                .iter()
-                .map(|&c| if c == 0 { crate::plan::HeadClass::Rigid } else { crate::plan::HeadClass::Dynamic })
-                .collect(),
-            budgets: get_f32(&budgets, units)?,
-            keep_blocks: get_u32(&keep, units)?,
-            segment_topk,
-            order: full_order.chunks(width).flat_map(|r| r[..order_width].iter().copied()).collect(),
-            order_width,
-            blocks: crate::plan::BlockLists::all_dense(d),
+            head_dim: a.head_dim(),
+            keep_maps: a.keep_maps(),
         };
-        plan.blocks = plan.block_lists(cfg.budget_mode, cfg.threshold_len);
-        Ok(plan)
+        self.plan_launch(&self.stream, &shape, a.q().dtype(), q, k)
     }
 
     fn kv_compress(&self, a: &CompressArgs<'_>) -> Result<CompressedCache> {
@@ -608,6 +511,118 @@ impl CudaBackend {
         let grid = ((segments * tiles_per_segment) as u32, (d.batch * d.kv_heads) as u32, 1);
         // SAFETY: every address in `params` points at live device memory sized by the validated dims.
         unsafe { launch(stream, self.func(&name), grid, threads, smem, &params) }
+    }
+
+    /// Plans on device tensors `q`/`k` on `stream` (every step on the device; the decisions come
+    /// back to the host, so this waits for the stream). Needs blocks and a ranking width within
+    /// `TOPK_CAP`.
+    pub(crate) fn plan_launch(
+        &self,
+        stream: &Arc<CudaStream>,
+        p: &crate::validate::PlanShape<'_>,
+        dtype: DType,
+        q: EkTensor,
+        k: EkTensor,
+    ) -> Result<Plan> {
+        let d = p.dims;
+        let cfg = p.cfg;
+        let width = (3 * cfg.base_budget / d.block_size).min(d.keep_cap());
+        let (dd, n, units) = (p.head_dim, d.blocks, d.units());
+        let f64s = |len: usize| stream.alloc_zeros::<f64>(len.max(1)).map_err(driver_err("cuMemAlloc"));
+        let f32s = |len: usize| stream.alloc_zeros::<f32>(len.max(1)).map_err(driver_err("cuMemAlloc"));
+        let u32s = |len: usize| stream.alloc_zeros::<u32>(len.max(1)).map_err(driver_err("cuMemAlloc"));
+        let qsum = f64s(d.batch * d.segments * d.q_heads * dd)?;
+        let krep = f64s(d.batch * n * d.kv_heads * 2 * dd)?;
+        let key = f64s(units * n)?;
+        let logits = if p.keep_maps { Some(f32s(units * n)?) } else { None };
+        let scores = if p.keep_maps || cfg.layer_fusion { Some(f32s(units * n)?) } else { None };
+        let prev = match p.fusion {
+            Some(prev) => Some(upload_on(stream, prev)?),
+            None => None,
+        };
+        let entropy = f32s(units)?;
+        let budgets = f32s(units)?;
+        let keep = u32s(units)?;
+        let topk = u32s(d.segments)?;
+        let classes = stream.alloc_zeros::<u8>(d.batch * d.kv_heads).map_err(driver_err("cuMemAlloc"))?;
+        let order = u32s(units * width)?;
+        let opt = |s: &Option<CudaSlice<f32>>| s.as_ref().map_or(0, |s| addr_on(stream, s));
+        let params = EkPlanParams {
+            q,
+            k,
+            qsum: addr_on(stream, &qsum),
+            krep: addr_on(stream, &krep),
+            key: addr_on(stream, &key),
+            logits: opt(&logits),
+            scores: opt(&scores),
+            prev: opt(&prev),
+            entropy: addr_on(stream, &entropy),
+            budgets: addr_on(stream, &budgets),
+            keep: addr_on(stream, &keep),
+            topk: addr_on(stream, &topk),
+            classes: addr_on(stream, &classes),
+            order: addr_on(stream, &order),
+            width: width as i32,
+            base_budget: cfg.base_budget as i32,
+            fixed_budget: (cfg.budget_policy == crate::config::BudgetPolicy::Fixed) as i32,
+            e_t: cfg.e_t,
+            delta_t: cfg.delta_t,
+            alpha: cfg.alpha,
+            entropy_floor: cfg.entropy_floor,
+            ..EkPlanParams::sized(&d, dd, dtype)
+        };
+        let sfx = dtype_suffix(dtype);
+        let (b, hkv, nseg) = (d.batch as u32, d.kv_heads as u32, d.segments as u32);
+        // SAFETY: every buffer in `params` was allocated above with the sizes the kernels index.
+        unsafe {
+            launch(stream, self.func(&format!("ek_plan_reps_q_{sfx}")), (nseg, b, 1), PLAN_THREADS, 0, &params)?;
+            launch(stream, self.func(&format!("ek_plan_reps_k_{sfx}")), (n as u32, b, 1), PLAN_THREADS, 0, &params)?;
+            let smem = d.group() * dd * 8;
+            launch(stream, self.func("ek_plan_logits"), (nseg, hkv, b), PLAN_THREADS, smem, &params)?;
+            launch(stream, self.func("ek_plan_softmax"), (units as u32, 1, 1), PLAN_THREADS, 0, &params)?;
+            let grid = (b * hkv).div_ceil(PLAN_THREADS);
+            launch(stream, self.func("ek_plan_decide"), (grid, 1, 1), PLAN_THREADS, 0, &params)?;
+            launch(stream, self.func("ek_plan_rank"), (units as u32, 1, 1), TOPK_THREADS, 0, &params)?;
+        }
+        stream.synchronize().map_err(driver_err("cuStreamSynchronize"))?;
+        let get_f32 = |s: &CudaSlice<f32>, len: usize| -> Result<Vec<f32>> {
+            let mut v: Vec<f32> = stream.clone_dtoh(s).map_err(driver_err("cuMemcpyDtoH"))?;
+            v.truncate(len);
+            Ok(v)
+        };
+        let get_u32 = |s: &CudaSlice<u32>, len: usize| -> Result<Vec<u32>> {
+            let mut v: Vec<u32> = stream.clone_dtoh(s).map_err(driver_err("cuMemcpyDtoH"))?;
+            v.truncate(len);
+            Ok(v)
+        };
+        let segment_topk = get_u32(&topk, d.segments)?;
+        let order_width = crate::plan::rules::order_width(&segment_topk);
+        let full_order = get_u32(&order, units * width)?;
+        let classes: Vec<u8> = stream.clone_dtoh(&classes).map_err(driver_err("cuMemcpyDtoH"))?;
+        let mut plan = Plan {
+            dims: d,
+            logits: match &logits {
+                Some(l) => get_f32(l, units * n)?,
+                None => Vec::new(),
+            },
+            scores: match &scores {
+                Some(s) => get_f32(s, units * n)?,
+                None => Vec::new(),
+            },
+            entropy: get_f32(&entropy, units)?,
+            head_class: classes
+                .iter()
+                .map(|&c| if c == 0 { crate::plan::HeadClass::Rigid } else { crate::plan::HeadClass::Dynamic })
+                .collect(),
+            budgets: get_f32(&budgets, units)?,
+            keep_blocks: get_u32(&keep, units)?,
+            segment_topk,
+            order: full_order.chunks(width).flat_map(|r| r[..order_width].iter().copied()).collect(),
+            order_width,
+            blocks: crate::plan::BlockLists::all_dense(d),
+        };
+        plan.blocks = plan.block_lists(cfg.budget_mode, cfg.threshold_len);
+        Ok(plan)
     }
 
     /// Enqueues the scoring, group reduction and pooling of a compression into `k_out`/`v_out`

@@ -22,10 +22,12 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
 use super::CudaBackend;
 use super::backend::{CompressJob, DecodeJob, PrefillJob};
 use crate::backend::Backend;
+use crate::config::EntropyConfig;
 use crate::config::{DecodeConfig, HeadBudget};
 use crate::error::{Error, Result};
 use crate::ffi::EkTensor;
-use crate::plan::BlockLists;
+use crate::kernels::PlanRequest;
+use crate::plan::{BlockLists, Plan};
 use crate::tensor::{DType, Layout};
 use crate::validate;
 
@@ -145,6 +147,32 @@ impl CudaBackend {
             });
         }
         Ok(())
+    }
+
+    /// Plans a layer from device tensors `q` `[B, L, Hq, D]` and `k` `[B, L, Hkv, D]` on `stream`:
+    /// every step runs on the device; the plan (decisions and block lists) is host data, so this
+    /// returns once the stream reached it. A one-segment layer needs no kernels.
+    pub fn plan_on(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: &CudaTensor<'_>,
+        k: &CudaTensor<'_>,
+        cfg: &EntropyConfig,
+        req: &PlanRequest<'_>,
+    ) -> Result<Plan> {
+        self.check_stream(stream)?;
+        let shape =
+            validate::plan_layout(self.capabilities(), q, k, cfg, req.layer_idx, req.prev_scores, req.keep_maps)?;
+        let d = shape.dims;
+        if d.blocks == 0 {
+            return Ok(Plan::without_blocks(d, cfg));
+        }
+        let width = (3 * cfg.base_budget / d.block_size).min(d.keep_cap());
+        if width > super::backend::TOPK_CAP {
+            let why = format!("the CUDA ranking keeps at most {} blocks per unit", super::backend::TOPK_CAP);
+            return Err(Error::range("3·base_budget / block_size", width, why));
+        }
+        self.plan_launch(stream, &shape, q.dtype, q.ek(), k.ek())
     }
 
     /// Prefill attention on device tensors (`blocks = None`: dense causal), enqueued on `stream`.
