@@ -461,7 +461,10 @@ impl CudaBackend {
             }
             None => None,
         };
-        let aligned = job.strides.iter().all(|st| st[..3].iter().all(|s| s % 8 == 0));
+        // The mma path loads 16-byte vectors: rows (strides) and bases (a caller's slice may start
+        // anywhere) must sit on that grid.
+        let aligned = job.strides.iter().all(|st| st[..3].iter().all(|s| s % 8 == 0))
+            && [job.q.ptr, job.k.ptr, job.v.ptr].iter().all(|p| p % 16 == 0);
         let mma = dtype != DType::F32 && (d.head_dim == 64 || d.head_dim == 128) && aligned && g <= MMA_ROWS;
         let (name, rows, threads, smem) = if mma {
             let dp = d.head_dim + 8;
