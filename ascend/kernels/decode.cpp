@@ -1,7 +1,7 @@
 // Decode attention over compacted caches with per-head lengths (vector cores).
 //
-// One unit = (batch, cache head); cores take units round-robin. The group's query rows (nq·G)
-// stay in UB as f32; keys and values stream through in tiles of DECODE_KEYS rows, each tile one
+// One item = (batch, cache head, ≤ 16 of its nq·G query rows); cores take items round-robin. The
+// item's query rows stay in UB as f32; keys and values stream through in tiles of DECODE_KEYS rows, each tile one
 // DataCopyPad (rows padded to 32 bytes, zero-filled), widened to f32; scores, the online softmax
 // and the output accumulate in f32. Tile plan (UB 192 KiB, D ≤ 256, f16/bf16 worst case):
 //   K and V tiles in T       2 × 32 × 256 × 2 B  =  32 KiB
@@ -40,18 +40,24 @@ public:
         pipe_.InitBuffer(vIn_, 1, tile);
         pipe_.InitBuffer(rowIn_, 1, dpt_ * sizeof(T));
         pipe_.InitBuffer(rowOut_, 1, dpt_ * sizeof(T));
-        pipe_.InitBuffer(q_, rows_ * dpf_ * sizeof(float));
-        pipe_.InitBuffer(o_, rows_ * dpf_ * sizeof(float));
+        chunk_ = rows_ < DECODE_MAX_ROWS ? rows_ : DECODE_MAX_ROWS;
+        pipe_.InitBuffer(q_, chunk_ * dpf_ * sizeof(float));
+        pipe_.InitBuffer(o_, chunk_ * dpf_ * sizeof(float));
         if (!SameType<T, float>::value) {
             pipe_.InitBuffer(kf_, DECODE_KEYS * dpt_ * sizeof(float));
             pipe_.InitBuffer(vf_, DECODE_KEYS * dpt_ * sizeof(float));
         }
-        pipe_.InitBuffer(scores_, rows_ * DECODE_KEYS * sizeof(float));
+        pipe_.InitBuffer(scores_, chunk_ * DECODE_KEYS * sizeof(float));
         pipe_.InitBuffer(tmp_, dpf_ * sizeof(float));
         pipe_.InitBuffer(red_, ONE_BLK_SIZE);
         pipe_.InitBuffer(work_, ONE_REPEAT_BYTES);
-        const uint32_t units = p.q.shape[0] * p.k_cache.shape[1];
-        for (uint32_t u = GetBlockIdx(); u < units; u += GetBlockNum()) Unit(u);
+        // Item = (unit, chunk of at most DECODE_MAX_ROWS query rows); a unit with more rows reads
+        // its K/V once per chunk.
+        const uint32_t units = p.q.shape[0] * p.k_cache.shape[1], chunks = (rows_ + chunk_ - 1) / chunk_;
+        for (uint32_t it = GetBlockIdx(); it < units * chunks; it += GetBlockNum()) {
+            const uint32_t r0 = (it % chunks) * chunk_;
+            Unit(it / chunks, r0, rows_ - r0 < chunk_ ? rows_ - r0 : chunk_);
+        }
     }
 
 private:
@@ -64,15 +70,17 @@ private:
         return LoadRows<T>(que, SameType<T, float>::value ? LocalTensor<float>() : wide.Get<float>(), src, n, d_, stride, held);
     }
 
-    __aicore__ inline void Unit(uint32_t u) {
+    // Rows [r0, r0 + nr) of unit u (row r = query r / G, head h·G + r % G).
+    __aicore__ inline void Unit(uint32_t u, uint32_t r0, uint32_t nr) {
         const int32_t hcs = p_.k_cache.shape[1];
         const int32_t b = u / hcs, h = u % hcs;
         const uint32_t len = lenGm_.GetValue(u);
         const float scale = p_.scale_log2 * 0.6931471805599453f;  // natural-log scale for Exp
         LocalTensor<float> q = q_.Get<float>(), o = o_.Get<float>(), sc = scores_.Get<float>(), tmp = tmp_.Get<float>();
         // The group's query rows, scaled, as f32.
-        for (uint32_t r = 0; r < rows_; r++) {
-            const int64_t off = b * p_.q.stride[0] + (r / p_.group) * p_.q.stride[1] + (h * p_.group + r % p_.group) * p_.q.stride[2];
+        for (uint32_t r = 0; r < nr; r++) {
+            const uint32_t row = r0 + r;
+            const int64_t off = b * p_.q.stride[0] + (row / p_.group) * p_.q.stride[1] + (h * p_.group + row % p_.group) * p_.q.stride[2];
             LocalTensor<T> t = rowIn_.template AllocTensor<T>();
             DataCopyPad(t, qGm_[off], DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0), DataCopyPadExtParams<T>(true, 0, 0, T(0.0f)));
             rowIn_.EnQue(t);
@@ -85,9 +93,9 @@ private:
             }
             rowIn_.FreeTensor(t);
         }
-        Duplicate(o, 0.0f, (int32_t)(rows_ * dpf_));
+        Duplicate(o, 0.0f, (int32_t)(nr * dpf_));
         float m[DECODE_MAX_ROWS], l[DECODE_MAX_ROWS];
-        for (uint32_t r = 0; r < rows_; r++) {
+        for (uint32_t r = 0; r < nr; r++) {
             m[r] = NegInf();
             l[r] = 0.0f;
         }
@@ -97,7 +105,7 @@ private:
             LocalTensor<T> kt, vt;
             LocalTensor<float> kf = LoadTile(kIn_, kf_, kGm_[head + j0 * p_.k_cache.stride[2]], n, p_.k_cache.stride[2], kt);
             LocalTensor<float> vf = LoadTile(vIn_, vf_, vGm_[head + j0 * p_.v_cache.stride[2]], n, p_.v_cache.stride[2], vt);
-            for (uint32_t r = 0; r < rows_; r++) {
+            for (uint32_t r = 0; r < nr; r++) {
                 for (uint32_t j = 0; j < n; j++) {
                     Mul(tmp, q[r * dpf_], kf[j * dpt_], (int32_t)dpf_);
                     sc.SetValue(r * DECODE_KEYS + j, Reduced(false, tmp, dpf_));
@@ -118,7 +126,7 @@ private:
             kIn_.FreeTensor(kt);
             vIn_.FreeTensor(vt);
         }
-        for (uint32_t r = 0; r < rows_; r++) {
+        for (uint32_t r = 0; r < nr; r++) {
             Muls(o[r * dpf_], o[r * dpf_], 1.0f / l[r], (int32_t)dpf_);
             LocalTensor<T> t = rowOut_.template AllocTensor<T>();
             if constexpr (SameType<T, float>::value) {
@@ -128,14 +136,15 @@ private:
             }
             rowOut_.EnQue(t);
             t = rowOut_.template DeQue<T>();
-            const int64_t off = b * p_.out.stride[0] + (r / p_.group) * p_.out.stride[1] + (h * p_.group + r % p_.group) * p_.out.stride[2];
+            const uint32_t row = r0 + r;
+            const int64_t off = b * p_.out.stride[0] + (row / p_.group) * p_.out.stride[1] + (h * p_.group + row % p_.group) * p_.out.stride[2];
             DataCopyPad(oGm_[off], t, DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0));
             rowOut_.FreeTensor(t);
         }
     }
 
     EkDecodeParams p_;
-    uint32_t d_ = 0, rows_ = 0, dpt_ = 0, dpf_ = 0;
+    uint32_t d_ = 0, rows_ = 0, chunk_ = 0, dpt_ = 0, dpf_ = 0;
     TPipe pipe_;
     TQue<TPosition::VECIN, 1> kIn_, vIn_, rowIn_;
     TQue<TPosition::VECOUT, 1> rowOut_;

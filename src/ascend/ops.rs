@@ -11,18 +11,8 @@ use crate::plan::Plan;
 use crate::tensor::{DType, HostBuffer, HostTensor, TensorViewMut};
 use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
 
-/// Query rows one decode unit keeps in UB (`DECODE_MAX_ROWS` in `ascend/kernels/decode.cpp`).
-pub const DECODE_MAX_ROWS: usize = 16;
-
 pub(crate) fn decode<'v>(mut l: impl Launcher<'v>, a: &DecodeArgs<'_>, out: &'v mut TensorViewMut<'_>) -> Result<()> {
     let d = a.dims();
-    if d.queries * d.group() > DECODE_MAX_ROWS {
-        return Err(Error::range(
-            "decode rows",
-            d.queries * d.group(),
-            format!("the Ascend decode kernel holds at most {DECODE_MAX_ROWS} query rows per cache head"),
-        ));
-    }
     let params = EkDecodeParams {
         q: l.input(&a.q())?,
         k_cache: l.input(&a.k_cache())?,
