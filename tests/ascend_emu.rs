@@ -166,30 +166,39 @@ fn emulated_decode_matches_the_oracle() {
 }
 
 /// Compression beyond the matrix's sizes: several key chunks, several top-k tiles merged, every
-/// pooling and group mode, against the oracle (near-ties allowed, gather exact).
+/// pooling and group mode, and a group with more window rows than one scoring pass holds
+/// (G 8 × W 32 = 256 rows), against the oracle (near-ties allowed, gather exact).
 #[test]
 fn emulated_kv_compress_long_cache() {
     let kernels = Kernels::new(BackendKind::AscendEmu).unwrap();
     let oracle = Kernels::reference();
     let seed = seed("emulated_kv_compress_long_cache");
-    let (b, hq, hkv, d, n, w) = (1, 4, 2, 64, 3001, 8);
-    for (i, (pooling, gqa_mode)) in
-        [(Pooling::Avg, GqaMode::Mean), (Pooling::Max, GqaMode::Max), (Pooling::None, GqaMode::PerQueryHead)]
-            .into_iter()
-            .enumerate()
-    {
+    let cases = [
+        ((1, 4, 2, 64, 3001, 8), Pooling::Avg, GqaMode::Mean, 2300),
+        ((1, 4, 2, 64, 3001, 8), Pooling::Max, GqaMode::Max, 2300),
+        ((1, 4, 2, 64, 3001, 8), Pooling::None, GqaMode::PerQueryHead, 2300),
+        ((1, 16, 2, 64, 1500, 32), Pooling::Avg, GqaMode::Mean, 600),
+    ];
+    for (i, ((b, hq, hkv, d, n, w), pooling, gqa_mode, budget)) in cases.into_iter().enumerate() {
         let dtype = DType::ALL[i % 3];
         let s = seed ^ (i as u64 * 104729);
         let kc = random([b, hkv, n, d], 1.0, s, dtype);
         let vc = random([b, hkv, n, d], 1.0, s ^ 1, dtype);
         let obs = random([b, hq, w, d], 1.0, s ^ 2, dtype);
-        let dc =
-            DecodeConfig { decode_budget: 2300, window: w, pooling, pooling_kernel: 7, gqa_mode, ..Default::default() };
+        let dc = DecodeConfig {
+            decode_budget: budget,
+            window: w,
+            pooling,
+            pooling_kernel: 7,
+            gqa_mode,
+            ..Default::default()
+        };
         let got = kernels.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
         let want = oracle.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
         let args = validate::kv_compress(oracle.capabilities(), kc.view(), vc.view(), obs.view(), &dc).unwrap();
         let scores = reference::compress_scores(&args);
-        check_compressed(&format!("long cache {pooling:?}/{gqa_mode:?} {dtype}"), &got, &want, &scores, &kc, false);
+        let tag = format!("case {i}: G {} W {w} {pooling:?}/{gqa_mode:?} {dtype}", hq / hkv);
+        check_compressed(&tag, &got, &want, &scores, &kc, false);
     }
 }
 

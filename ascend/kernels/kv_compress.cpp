@@ -16,9 +16,10 @@
 //                       ascending. selected: uint32 [B, Hc, keep]
 //   ek_compress_gather  item (b, out head): the kept rows then the last W rows into k_out/v_out.
 //
-// UB plan (192 KiB; rows = G·W ≤ 128, rows·D ≤ 16384, D ≤ 256):
-//   stats/means  obs rows f32 ≤ 64 KiB; K tile 32 × D: T ≤ 16 KiB (+ f32 copy 32 KiB);
-//                scores rows × 32 × 4 = 16 KiB; means accumulators G × 32 × 4; stats 2 × rows × 4
+// UB plan (192 KiB; the G·W window rows in chunks of 64, G ≤ 16, D ≤ 256):
+//   stats/means  obs rows f32 64 × D × 4 ≤ 64 KiB; K tile 32 × D: T ≤ 16 KiB (+ f32 copy 32 KiB);
+//                scores 64 × 32 × 4 = 8 KiB; means accumulators G × 512 × 4 ≤ 32 KiB; row stats
+//   (a group with more than 64 window rows reads each key chunk once per 64 rows)
 //   pool         2 × 1024 f32 in + 1024 accumulator = 12 KiB
 //   topk         scores tile 1024 f32 + indices 1024 u32 + sorted tile and merge scratch 2 × 8 KiB
 //                + running best list and merge target 2 × 8 × 4096 B = 64 KiB: ≈ 100 KiB
@@ -35,7 +36,8 @@ using namespace AscendC;
 namespace {
 
 constexpr uint32_t COMPRESS_KEYS = 32;       // keys per scoring tile
-constexpr uint32_t COMPRESS_MAX_ROWS = 128;  // window rows of one group (G · W)
+constexpr uint32_t COMPRESS_ROW_CHUNK = 64;  // window rows scored together (of the group's G · W)
+constexpr uint32_t COMPRESS_MAX_GROUP = 16;  // query heads per kv head (the means accumulators)
 constexpr uint32_t POOL_TILE = 1024;         // positions per pooling tile
 constexpr uint32_t TOPK_TILE = 1024;         // scores sorted per step
 constexpr uint32_t TOPK_CAP = 4064;          // most positions kept (MrgSort lists hold ≤ 4095)
@@ -65,6 +67,7 @@ protected:
         p_ = p;
         d_ = p.k_cache.shape[3];
         rows_ = p.group * p.window;
+        chunkRows_ = Min(rows_, COMPRESS_ROW_CHUNK);
         dpt_ = PaddedElems<T>(d_);
         dpf_ = PaddedElems<float>(d_);
         scale_ = p.scale_log2 * 0.6931471805599453f;  // natural-log scale for Exp
@@ -73,12 +76,12 @@ protected:
         statsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.stats));
         pipe_.InitBuffer(kIn_, 1, COMPRESS_KEYS * dpt_ * sizeof(T));
         pipe_.InitBuffer(rowIn_, 1, dpt_ * sizeof(T));
-        pipe_.InitBuffer(obs_, rows_ * dpf_ * sizeof(float));
+        pipe_.InitBuffer(obs_, chunkRows_ * dpf_ * sizeof(float));
         if (!SameType<T, float>::value) {
             pipe_.InitBuffer(kf_, COMPRESS_KEYS * dpt_ * sizeof(float));
             pipe_.InitBuffer(rowf_, dpt_ * sizeof(float));
         }
-        pipe_.InitBuffer(scores_, rows_ * COMPRESS_KEYS * sizeof(float));
+        pipe_.InitBuffer(scores_, chunkRows_ * COMPRESS_KEYS * sizeof(float));
         pipe_.InitBuffer(tmp_, dpf_ * sizeof(float));
         pipe_.InitBuffer(red_, ONE_BLK_SIZE);
         pipe_.InitBuffer(work_, ONE_REPEAT_BYTES);
@@ -88,20 +91,22 @@ protected:
         return SameType<T, float>::value ? LocalTensor<float>() : b.Get<float>();
     }
 
-    // The window rows of kv head h (query head h·G + r / W, window slot r % W), pre-scaled.
-    __aicore__ inline void LoadObs(int32_t b, int32_t h) {
+    // Window rows [r0, r0 + nr) of kv head h (row r: query head h·G + r / W, window slot r % W),
+    // pre-scaled, into obs rows 0..nr.
+    __aicore__ inline void LoadObs(int32_t b, int32_t h, uint32_t r0, uint32_t nr) {
         LocalTensor<float> obs = obs_.Get<float>();
-        for (uint32_t r = 0; r < rows_; r++) {
+        for (uint32_t i = 0; i < nr; i++) {
+            const uint32_t r = r0 + i;
             const int32_t hq = h * p_.group + r / p_.window, w = r % p_.window;
             const int64_t off = b * p_.obs.stride[0] + hq * p_.obs.stride[1] + w * p_.obs.stride[2];
             LocalTensor<T> held;
             LocalTensor<float> row = LoadRows<T>(rowIn_, Wide(rowf_), obsGm_[off], 1, d_, d_, held);
-            Muls(obs[r * dpf_], row, scale_, (int32_t)dpf_);
+            Muls(obs[i * dpf_], row, scale_, (int32_t)dpf_);
             rowIn_.FreeTensor(held);
         }
     }
 
-    // Scores of row r against the first `n` keys of the tile into scores row r (scalar writes).
+    // Scores of loaded row i against the first `n` keys of the tile into scores row i.
     __aicore__ inline LocalTensor<float> Score(uint32_t r, const LocalTensor<float>& keys, uint32_t n) {
         LocalTensor<float> obs = obs_.Get<float>(), tmp = tmp_.Get<float>(), row = scores_.Get<float>()[r * COMPRESS_KEYS];
         for (uint32_t j = 0; j < n; j++) {
@@ -128,7 +133,7 @@ protected:
     }
 
     EkCompressParams p_;
-    uint32_t d_ = 0, rows_ = 0, dpt_ = 0, dpf_ = 0;
+    uint32_t d_ = 0, rows_ = 0, chunkRows_ = 0, dpt_ = 0, dpf_ = 0;
     float scale_ = 0;
     TPipe pipe_;
     TQue<TPosition::VECIN, 1> kIn_, rowIn_;
@@ -143,7 +148,7 @@ template <typename T> class StatsKernel : public ScoreKernel<T> {
 public:
     __aicore__ inline void Run(const EkCompressParams& p) {
         B::Init(p);
-        B::pipe_.InitBuffer(out_, 1, 2 * B::rows_ * sizeof(float));
+        B::pipe_.InitBuffer(out_, 1, 2 * PaddedElems<float>(B::chunkRows_) * sizeof(float));
         const uint32_t items = p.k_cache.shape[0] * p.k_cache.shape[1] * p.chunks;
         for (uint32_t it = GetBlockIdx(); it < items; it += GetBlockNum()) Item(it);
     }
@@ -152,11 +157,16 @@ private:
     __aicore__ inline void Item(uint32_t it) {
         const int32_t c = it % B::p_.chunks, bh = it / B::p_.chunks;
         const int32_t b = bh / B::p_.k_cache.shape[1], h = bh % B::p_.k_cache.shape[1];
-        B::LoadObs(b, h);
-        float m[COMPRESS_MAX_ROWS], l[COMPRESS_MAX_ROWS];
-        for (uint32_t r = 0; r < B::rows_; r++) {
-            m[r] = NegInf();
-            l[r] = 0.0f;
+        for (uint32_t r0 = 0; r0 < B::rows_; r0 += B::chunkRows_) Rows(b, h, c, r0, Min(B::chunkRows_, B::rows_ - r0));
+    }
+
+    // Stats of window rows [r0, r0 + nr) over key chunk c.
+    __aicore__ inline void Rows(int32_t b, int32_t h, int32_t c, uint32_t r0, uint32_t nr) {
+        B::LoadObs(b, h, r0, nr);
+        float m[COMPRESS_ROW_CHUNK], l[COMPRESS_ROW_CHUNK];
+        for (uint32_t i = 0; i < nr; i++) {
+            m[i] = NegInf();
+            l[i] = 0.0f;
         }
         const uint32_t lo = c * B::p_.chunk, hi = Min(B::p_.entries, lo + B::p_.chunk);
         LocalTensor<float> red = B::red_.template Get<float>(), work = B::work_.template Get<float>();
@@ -164,29 +174,32 @@ private:
             const uint32_t n = Min(COMPRESS_KEYS, hi - j0);
             LocalTensor<T> held;
             LocalTensor<float> keys = B::LoadKeys(b, h, j0, n, held);
-            for (uint32_t r = 0; r < B::rows_; r++) {
-                const uint32_t vis = B::Visible(r, j0, n);
+            for (uint32_t i = 0; i < nr; i++) {
+                const uint32_t vis = B::Visible(r0 + i, j0, n);
                 if (vis == 0) continue;
-                LocalTensor<float> row = B::Score(r, keys, vis);
+                LocalTensor<float> row = B::Score(i, keys, vis);
                 const float tile_max = ReduceToScalar(true, row, vis, red, work);
-                const float m_new = tile_max > m[r] ? tile_max : m[r];
+                const float m_new = tile_max > m[i] ? tile_max : m[i];
                 Adds(row, row, -m_new, (int32_t)vis);
                 Exp(row, row, (int32_t)vis);
-                l[r] = l[r] * ScalarExp(m[r] - m_new, red) + ReduceToScalar(false, row, vis, red, work);
-                m[r] = m_new;
+                l[i] = l[i] * ScalarExp(m[i] - m_new, red) + ReduceToScalar(false, row, vis, red, work);
+                m[i] = m_new;
             }
             B::kIn_.FreeTensor(held);
         }
+        // Maxes to [r0, r0 + nr) and sums to [rows + r0, ...) of the chunk's stats.
+        const uint32_t half = PaddedElems<float>(nr);
         LocalTensor<float> st = out_.AllocTensor<float>();
-        for (uint32_t r = 0; r < B::rows_; r++) {
-            st.SetValue(r, m[r]);
-            st.SetValue(B::rows_ + r, l[r]);
+        for (uint32_t i = 0; i < nr; i++) {
+            st.SetValue(i, m[i]);
+            st.SetValue(half + i, l[i]);
         }
         SetFlag<HardEvent::S_MTE3>(0);
         WaitFlag<HardEvent::S_MTE3>(0);
         out_.EnQue(st);
         st = out_.DeQue<float>();
-        DataCopyPad(B::statsGm_[B::StatsOffset(b, h, c)], st, DataCopyExtParams(1, 2 * B::rows_ * sizeof(float), 0, 0, 0));
+        const uint32_t gap = (B::rows_ - nr) * sizeof(float);
+        DataCopyPad(B::statsGm_[B::StatsOffset(b, h, c) + r0], st, DataCopyExtParams(2, nr * sizeof(float), 0, gap, 0));
         out_.FreeTensor(st);
     }
 
@@ -199,26 +212,27 @@ template <typename T> class MeansKernel : public ScoreKernel<T> {
 public:
     __aicore__ inline void Run(const EkCompressParams& p) {
         B::Init(p);
-        const uint32_t rp = PaddedElems<float>(B::rows_);
+        const uint32_t rp = PaddedElems<float>(B::chunkRows_);
         B::pipe_.InitBuffer(statIn_, 1, 2 * rp * sizeof(float));
         B::pipe_.InitBuffer(max_, rp * sizeof(float));
         B::pipe_.InitBuffer(sum_, rp * sizeof(float));
         B::pipe_.InitBuffer(mix_, 2 * rp * sizeof(float));
-        B::pipe_.InitBuffer(acc_, 1, p.group * COMPRESS_KEYS * sizeof(float));
+        B::pipe_.InitBuffer(acc_, 1, p.group * p.chunk * sizeof(float));
         meansGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.means));
         const uint32_t items = p.k_cache.shape[0] * p.k_cache.shape[1] * p.chunks;
         for (uint32_t it = GetBlockIdx(); it < items; it += GetBlockNum()) Item(it);
     }
 
 private:
-    // Global softmax max and sum per window row, merged over every chunk's partial stats.
-    __aicore__ inline void MergeStats(int32_t b, int32_t h, float* m, float* l) {
-        const uint32_t rows = B::rows_, rp = PaddedElems<float>(rows);
-        LocalTensor<float> mx = max_.Get<float>(), sm = sum_.Get<float>(), a = mix_.Get<float>(), e = a[rp];
+    // Global softmax max and sum of window rows [r0, r0 + nr), merged over every chunk's stats.
+    __aicore__ inline void MergeStats(int32_t b, int32_t h, uint32_t r0, uint32_t nr, float* m, float* l) {
+        const uint32_t rp = PaddedElems<float>(nr);
+        LocalTensor<float> mx = max_.Get<float>(), sm = sum_.Get<float>(), a = mix_.Get<float>(), e = a[PaddedElems<float>(B::chunkRows_)];
+        const uint32_t gap = (B::rows_ - nr) * sizeof(float);
         for (int32_t c = 0; c < B::p_.chunks; c++) {
             LocalTensor<float> st = statIn_.AllocTensor<float>();
-            // maxes into [0, rows), sums into [rp, rp + rows): two blocks of `rows` floats.
-            DataCopyPad(st, B::statsGm_[B::StatsOffset(b, h, c)], DataCopyExtParams(2, rows * sizeof(float), 0, 0, 0),
+            // maxes into [0, nr), sums into [rp, rp + nr).
+            DataCopyPad(st, B::statsGm_[B::StatsOffset(b, h, c) + r0], DataCopyExtParams(2, nr * sizeof(float), gap, 0, 0),
                         DataCopyPadExtParams<float>(true, 0, 0, 0.0f));
             statIn_.EnQue(st);
             st = statIn_.DeQue<float>();
@@ -227,23 +241,23 @@ private:
                 DataCopy(sm, st[rp], rp);
             } else {
                 // M' = max(M, m_c); L = L·e^(M − M') + l_c·e^(m_c − M')
-                Max(a, mx, st, (int32_t)rows);
-                Sub(e, mx, a, (int32_t)rows);
-                Exp(e, e, (int32_t)rows);
-                Mul(sm, sm, e, (int32_t)rows);
-                Sub(e, st, a, (int32_t)rows);
-                Exp(e, e, (int32_t)rows);
-                Mul(e, e, st[rp], (int32_t)rows);
-                Add(sm, sm, e, (int32_t)rows);
+                Max(a, mx, st, (int32_t)nr);
+                Sub(e, mx, a, (int32_t)nr);
+                Exp(e, e, (int32_t)nr);
+                Mul(sm, sm, e, (int32_t)nr);
+                Sub(e, st, a, (int32_t)nr);
+                Exp(e, e, (int32_t)nr);
+                Mul(e, e, st[rp], (int32_t)nr);
+                Add(sm, sm, e, (int32_t)nr);
                 DataCopy(mx, a, rp);
             }
             statIn_.FreeTensor(st);
         }
         SetFlag<HardEvent::V_S>(0);
         WaitFlag<HardEvent::V_S>(0);
-        for (uint32_t r = 0; r < rows; r++) {
-            m[r] = mx.GetValue(r);
-            l[r] = sm.GetValue(r);
+        for (uint32_t i = 0; i < nr; i++) {
+            m[i] = mx.GetValue(i);
+            l[i] = sm.GetValue(i);
         }
     }
 
@@ -253,33 +267,37 @@ private:
         const uint32_t scored = B::p_.entries - B::p_.window;
         const uint32_t lo = c * B::p_.chunk, hi = Min(scored, lo + B::p_.chunk);
         if (lo >= hi) return;  // a chunk of window keys only: nothing to average
-        float m[COMPRESS_MAX_ROWS], l[COMPRESS_MAX_ROWS];
-        MergeStats(b, h, m, l);
-        B::LoadObs(b, h);
-        const uint32_t stride = MeansStride(B::p_), pad = PoolPad(B::p_);
+        // acc[g][key - lo]: the window mean of query head h·G + g over this chunk's keys.
+        LocalTensor<float> acc = acc_.AllocTensor<float>();
+        Duplicate(acc, 0.0f, (int32_t)(B::p_.group * B::p_.chunk));
         const float inv_w = 1.0f / (float)B::p_.window;
-        for (uint32_t j0 = lo; j0 < hi; j0 += COMPRESS_KEYS) {
-            const uint32_t n = Min(COMPRESS_KEYS, hi - j0);
-            LocalTensor<T> held;
-            LocalTensor<float> keys = B::LoadKeys(b, h, j0, n, held);
-            LocalTensor<float> acc = acc_.AllocTensor<float>();
-            Duplicate(acc, 0.0f, (int32_t)(B::p_.group * COMPRESS_KEYS));
-            for (uint32_t r = 0; r < B::rows_; r++) {
-                // Keys below N − W are visible to every window row.
-                LocalTensor<float> row = B::Score(r, keys, n);
-                Adds(row, row, -m[r], (int32_t)n);
-                Exp(row, row, (int32_t)n);
-                Axpy(acc[(r / B::p_.window) * COMPRESS_KEYS], row, inv_w / l[r], (int32_t)n);
+        for (uint32_t r0 = 0; r0 < B::rows_; r0 += B::chunkRows_) {
+            const uint32_t nr = Min(B::chunkRows_, B::rows_ - r0);
+            float m[COMPRESS_ROW_CHUNK], l[COMPRESS_ROW_CHUNK];
+            MergeStats(b, h, r0, nr, m, l);
+            B::LoadObs(b, h, r0, nr);
+            for (uint32_t j0 = lo; j0 < hi; j0 += COMPRESS_KEYS) {
+                const uint32_t n = Min(COMPRESS_KEYS, hi - j0);
+                LocalTensor<T> held;
+                LocalTensor<float> keys = B::LoadKeys(b, h, j0, n, held);
+                for (uint32_t i = 0; i < nr; i++) {
+                    // Keys below N − W are visible to every window row.
+                    LocalTensor<float> row = B::Score(i, keys, n);
+                    Adds(row, row, -m[i], (int32_t)n);
+                    Exp(row, row, (int32_t)n);
+                    Axpy(acc[((r0 + i) / B::p_.window) * B::p_.chunk + (j0 - lo)], row, inv_w / l[i], (int32_t)n);
+                }
+                B::kIn_.FreeTensor(held);
             }
-            B::kIn_.FreeTensor(held);
-            acc_.EnQue(acc);
-            acc = acc_.DeQue<float>();
-            for (int32_t g = 0; g < B::p_.group; g++) {
-                const uint64_t off = ((uint64_t)b * B::p_.obs.shape[1] + h * B::p_.group + g) * stride + pad + j0;
-                DataCopyPad(meansGm_[off], acc[g * COMPRESS_KEYS], DataCopyExtParams(1, n * sizeof(float), 0, 0, 0));
-            }
-            acc_.FreeTensor(acc);
         }
+        acc_.EnQue(acc);
+        acc = acc_.DeQue<float>();
+        const uint32_t stride = MeansStride(B::p_), pad = PoolPad(B::p_);
+        for (int32_t g = 0; g < B::p_.group; g++) {
+            const uint64_t off = ((uint64_t)b * B::p_.obs.shape[1] + h * B::p_.group + g) * stride + pad + lo;
+            DataCopyPad(meansGm_[off], acc[g * B::p_.chunk], DataCopyExtParams(1, (hi - lo) * sizeof(float), 0, 0, 0));
+        }
+        acc_.FreeTensor(acc);
     }
 
     TQue<TPosition::VECIN, 1> statIn_;

@@ -43,10 +43,8 @@ pub fn capabilities(backend: &'static str) -> Capabilities {
     }
 }
 
-/// Window rows of one group a compression unit holds (`COMPRESS_MAX_ROWS` in kv_compress.cpp).
-pub const COMPRESS_MAX_ROWS: usize = 128;
-/// Most `rows · D` f32 elements of window queries in UB (64 KiB).
-pub const COMPRESS_MAX_ROW_ELEMS: usize = 16384;
+/// Query heads per kv head the compression's means accumulators hold (`COMPRESS_MAX_GROUP`).
+pub const COMPRESS_MAX_GROUP: usize = 16;
 /// Most positions kept per head (`TOPK_CAP`: MrgSort lists hold at most 4095 structures).
 pub const TOPK_CAP: usize = 4064;
 /// Keys per stats/means work item.
@@ -64,11 +62,9 @@ pub(crate) fn kv_compress<'v>(mut l: impl Launcher<'v>, a: &CompressArgs<'_>) ->
     }
     let rows = d.group() * d.window;
     let keep = cfg.decode_budget - d.window;
-    if rows > COMPRESS_MAX_ROWS || rows * d.head_dim > COMPRESS_MAX_ROW_ELEMS {
-        let why = format!(
-            "the Ascend kernel holds at most {COMPRESS_MAX_ROWS} window rows (G·W) and {COMPRESS_MAX_ROW_ELEMS} G·W·D"
-        );
-        return Err(Error::range("window rows", rows, why));
+    if d.group() > COMPRESS_MAX_GROUP {
+        let why = format!("the Ascend compression averages at most {COMPRESS_MAX_GROUP} query heads per kv head");
+        return Err(Error::range("group", d.group(), why));
     }
     if keep > TOPK_CAP {
         return Err(Error::range("decode_budget - window", keep, format!("the Ascend top-k keeps at most {TOPK_CAP}")));
