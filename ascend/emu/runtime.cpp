@@ -2,6 +2,7 @@
 
 #include "kernel_operator.h"
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdio>
 #include <mutex>
@@ -14,6 +15,17 @@ thread_local CoreState* g_core = nullptr;
 }
 
 [[noreturn]] void EmuFail(const std::string& what) { throw EmuError(what); }
+
+namespace {
+std::atomic<uint64_t> g_counts[(int)Count::N];
+}
+
+void AddCount(Count c, uint64_t n) { g_counts[(int)c].fetch_add(n, std::memory_order_relaxed); }
+
+// Counters since the last reset (`reset` nonzero: read and clear), for the Rust side.
+extern "C" void ek_emu_counters(uint64_t* out, size_t n, int reset) {
+    for (size_t i = 0; i < n && i < (size_t)Count::N; i++) out[i] = reset ? g_counts[i].exchange(0) : g_counts[i].load();
+}
 
 CoreState& Core() {
     if (!g_core) EmuFail("an Ascend C call outside a kernel launch");

@@ -19,6 +19,40 @@ use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
 
 unsafe extern "C" {
     fn ek_emu_run(kernel: *const c_char, params: *const u8, block_dim: u32, err: *mut c_char, err_len: usize) -> i32;
+    fn ek_emu_counters(out: *mut u64, n: usize, reset: i32);
+}
+
+/// What the emulated launches since the last [`take_counters`] would cost on the hardware, summed
+/// over every core (process-wide: take them around the calls you measure, one thread at a time).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Bytes read from global memory (copies into UB/L1, scalar reads excluded).
+    pub gm_read_bytes: u64,
+    /// Bytes written to global memory.
+    pub gm_write_bytes: u64,
+    /// Cube multiply-accumulates, over whole 16×16 fractals (padding included).
+    pub cube_macs: u64,
+    /// Vector repeats: 256-byte steps, about one cycle each on an AIV.
+    pub vector_repeats: u64,
+    /// Vector instructions issued.
+    pub vector_instrs: u64,
+    /// Scalar accesses to global memory.
+    pub scalar_gm: u64,
+}
+
+/// Reads and resets the emulator's work counters.
+pub fn take_counters() -> Counters {
+    let mut c = [0u64; 6];
+    // SAFETY: writes at most 6 values into `c`.
+    unsafe { ek_emu_counters(c.as_mut_ptr(), c.len(), 1) };
+    Counters {
+        gm_read_bytes: c[0],
+        gm_write_bytes: c[1],
+        cube_macs: c[2],
+        vector_repeats: c[3],
+        vector_instrs: c[4],
+        scalar_gm: c[5],
+    }
 }
 
 /// Emulated AI cores per launch: enough to exercise the kernels' work split.

@@ -38,6 +38,17 @@ struct EmuError : std::runtime_error {
 
 [[noreturn]] void EmuFail(const std::string& what);
 
+// Work counters of the emulated launches (what the kernels would cost on the hardware): bytes
+// moved between GM and the local memories, cube multiply-accumulates over whole fractals, vector
+// repeats (256-byte steps: the unit a vector instruction takes a cycle for) and instructions,
+// scalar GM accesses. Summed over every core until reset (ek_emu_counters).
+enum class Count : int { GmRead, GmWrite, CubeMacs, VectorRepeats, VectorInstrs, ScalarGm, N };
+void AddCount(Count c, uint64_t n);
+inline void CountVector(uint64_t bytes) {
+    AddCount(Count::VectorInstrs, 1);
+    AddCount(Count::VectorRepeats, (bytes + 255) / 256);
+}
+
 // ------------------------------------------------------------------------------------------------
 // 16-bit float types (storage plus round-to-nearest-even conversions).
 
@@ -119,8 +130,14 @@ public:
         g.size_ = size_ == UINT64_MAX ? UINT64_MAX : (offset <= size_ ? size_ - offset : 0);
         return g;
     }
-    __aicore__ T GetValue(uint64_t i) const { return *At(i, 1); }
-    __aicore__ void SetValue(uint64_t i, T v) { *At(i, 1) = v; }
+    __aicore__ T GetValue(uint64_t i) const {
+        AddCount(Count::ScalarGm, 1);
+        return *At(i, 1);
+    }
+    __aicore__ void SetValue(uint64_t i, T v) {
+        AddCount(Count::ScalarGm, 1);
+        *At(i, 1) = v;
+    }
     __aicore__ __gm__ T* GetPhyAddr() const { return base_; }
     __aicore__ uint64_t GetSize() const { return size_; }
     // Emulator: `count` elements from `i`, bounds-checked against the declared size.
@@ -323,12 +340,14 @@ template <typename T> __aicore__ void DataCopy(const LocalTensor<T>& dst, const 
     if ((count * sizeof(T)) % ONE_BLK_SIZE)
         EmuFail("DataCopy of " + std::to_string(count * sizeof(T)) + " bytes: DataCopy moves whole 32-byte blocks (use DataCopyPad)");
     std::memcpy(dst.Ptr(0, count), src.At(0, count), count * sizeof(T));
+    AddCount(Count::GmRead, count * sizeof(T));
 }
 template <typename T> __aicore__ void DataCopy(const GlobalTensor<T>& dst, const LocalTensor<T>& src, uint32_t count) {
     src.CheckAligned("DataCopy");
     if ((count * sizeof(T)) % ONE_BLK_SIZE)
         EmuFail("DataCopy of " + std::to_string(count * sizeof(T)) + " bytes: DataCopy moves whole 32-byte blocks (use DataCopyPad)");
     std::memcpy(dst.At(0, count), src.Ptr(0, count), count * sizeof(T));
+    AddCount(Count::GmWrite, count * sizeof(T));
 }
 template <typename T> __aicore__ void DataCopy(const LocalTensor<T>& dst, const LocalTensor<T>& src, uint32_t count) {
     dst.CheckAligned("DataCopy");
@@ -352,6 +371,7 @@ __aicore__ void DataCopyPad(const LocalTensor<T>& dst, const GlobalTensor<T>& sr
     for (uint32_t b = 0; b < p.blockCount; b++) {
         T* d = dst.Ptr(b * dst_step, padded);
         std::memcpy(d, src.At(b * src_step, n), p.blockLen);
+        AddCount(Count::GmRead, p.blockLen);
         for (uint32_t i = n; i < padded; i++) {
             if (pad.isPad) {
                 d[i] = pad.paddingValue;
@@ -372,6 +392,7 @@ template <typename T> __aicore__ void DataCopyPad(const GlobalTensor<T>& dst, co
     if (p.dstStride % sizeof(T)) EmuFail("DataCopyPad: dstStride is not a whole number of elements");
     const uint64_t dst_step = n + p.dstStride / sizeof(T);
     for (uint32_t b = 0; b < p.blockCount; b++) std::memcpy(dst.At(b * dst_step, n), src.Ptr(b * src_step, n), p.blockLen);
+    AddCount(Count::GmWrite, (uint64_t)p.blockCount * p.blockLen);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -424,6 +445,7 @@ void RepeatBinary(const LocalTensor<T>& dst, const LocalTensor<T>& s0, const Loc
     CheckVectorOperand(s0, op);
     CheckVectorOperand(s1, op);
     CheckMask<T>(mask, bits, op);
+    CountVector((uint64_t)repeats * ONE_REPEAT_BYTES);
     const uint32_t epb = ONE_BLK_SIZE / sizeof(T);
     for (uint32_t r = 0; r < repeats; r++)
         for (uint32_t b = 0; b < 8; b++)
@@ -443,6 +465,7 @@ void RepeatUnary(const LocalTensor<T>& dst, const LocalTensor<T>& src, uint64_t 
     CheckVectorOperand(dst, op);
     CheckVectorOperand(src, op);
     CheckMask<T>(mask, bits, op);
+    CountVector((uint64_t)repeats * ONE_REPEAT_BYTES);
     const uint32_t epb = ONE_BLK_SIZE / sizeof(T);
     for (uint32_t r = 0; r < repeats; r++)
         for (uint32_t b = 0; b < 8; b++)
@@ -462,6 +485,7 @@ void CountBinary(const LocalTensor<T>& dst, const LocalTensor<T>& s0, const Loca
     CheckVectorOperand(s0, op);
     CheckVectorOperand(s1, op);
     if (count < 0) EmuFail(std::string(op) + ": negative count");
+    CountVector((uint64_t)count * sizeof(T));
     T* d = dst.Ptr(0, count);
     const T* a = s0.Ptr(0, count);
     const T* b = s1.Ptr(0, count);
@@ -471,6 +495,7 @@ template <typename T, typename F> void CountUnary(const LocalTensor<T>& dst, con
     CheckVectorOperand(dst, op);
     CheckVectorOperand(src, op);
     if (count < 0) EmuFail(std::string(op) + ": negative count");
+    CountVector((uint64_t)count * sizeof(T));
     T* d = dst.Ptr(0, count);
     const T* s = src.Ptr(0, count);
     for (int32_t i = 0; i < count; i++) d[i] = f(s[i]);
@@ -537,6 +562,7 @@ template <typename T> __aicore__ void Axpy(const LocalTensor<T>& dst, const Loca
     emu::CheckVectorOperand(dst, "Axpy");
     emu::CheckVectorOperand(src, "Axpy");
     const float s = (float)scalar;
+    CountVector((uint64_t)count * sizeof(T));
     T* d = dst.Ptr(0, count);
     const T* x = src.Ptr(0, count);
     for (int32_t i = 0; i < count; i++) d[i] = emu::FromF<T>((float)x[i] * s + (float)d[i]);
@@ -544,6 +570,7 @@ template <typename T> __aicore__ void Axpy(const LocalTensor<T>& dst, const Loca
 
 template <typename T> __aicore__ void Duplicate(const LocalTensor<T>& dst, const T& scalar, const int32_t& count) {
     emu::CheckVectorOperand(dst, "Duplicate");
+    CountVector((uint64_t)count * sizeof(T));
     T* d = dst.Ptr(0, count);
     for (int32_t i = 0; i < count; i++) d[i] = scalar;
 }
@@ -557,6 +584,7 @@ __aicore__ void ReduceMax(const LocalTensor<T>& dst, const LocalTensor<T>& src, 
     emu::CheckVectorOperand(work, "ReduceMax");
     if (calIndex) EmuFail("ReduceMax: calIndex is not emulated");
     if (count <= 0) EmuFail("ReduceMax: count must be positive");
+    CountVector((uint64_t)count * sizeof(T));
     const T* s = src.Ptr(0, count);
     float m = (float)s[0];
     for (int32_t i = 1; i < count; i++) m = ((float)s[i] > m || s[i] != s[i]) ? (float)s[i] : m;
@@ -569,6 +597,7 @@ __aicore__ void ReduceSum(const LocalTensor<T>& dst, const LocalTensor<T>& src, 
     emu::CheckVectorOperand(src, "ReduceSum");
     emu::CheckVectorOperand(work, "ReduceSum");
     if (count <= 0) EmuFail("ReduceSum: count must be positive");
+    CountVector((uint64_t)count * sizeof(T));
     // Pairwise, as a tree of repeats sums on hardware.
     std::vector<float> v(count);
     const T* s = src.Ptr(0, count);
@@ -588,6 +617,7 @@ __aicore__ void Cast(const LocalTensor<D>& dst, const LocalTensor<S>& src, const
     dst.CheckAligned("Cast");
     src.CheckAligned("Cast");
     if (sizeof(D) < sizeof(S) && mode == RoundMode::CAST_NONE) EmuFail("Cast: narrowing needs a rounding mode");
+    CountVector((uint64_t)count * (sizeof(D) > sizeof(S) ? sizeof(D) : sizeof(S)));
     D* d = dst.Ptr(0, count);
     const S* s = src.Ptr(0, count);
     for (uint32_t i = 0; i < count; i++) d[i] = D((float)s[i]);  // narrowing rounds to nearest even
@@ -606,6 +636,7 @@ __aicore__ void Sort32(const LocalTensor<T>& dst, const LocalTensor<T>& src0, co
     emu::CheckVectorOperand(src1, "Sort32");
     if (repeatTime < 0 || repeatTime > 255) EmuFail("Sort32: repeatTime " + std::to_string(repeatTime) + " outside 0..255");
     const uint32_t n = 32u * (uint32_t)repeatTime;
+    CountVector((uint64_t)n * 8);
     const T* sc = src0.Ptr(0, n);
     const uint32_t* ix = src1.Ptr(0, n);
     std::vector<std::pair<T, uint32_t>> v(n);
@@ -673,6 +704,7 @@ template <typename T> __aicore__ void MrgSort(const LocalTensor<T>& dst, const M
         if (n && lo < dhi && dlo < hi && l[k]->Owner() == dst.Owner()) EmuFail("MrgSort: dst overlaps list " + std::to_string(k + 1));
         total += n;
     }
+    CountVector((uint64_t)total * 8);
     std::vector<size_t> at(lists, 0);
     for (uint32_t o = 0; o < total; o++) {
         int best = -1;
@@ -717,6 +749,7 @@ template <typename T> __aicore__ void DataCopy(const LocalTensor<T>& dst, const 
                 const T* from = src.At((uint64_t)i * p.srcNdMatrixStride + (uint64_t)j * p.srcDValue + k * c0, n);
                 T* to = dst.Ptr(i * p.dstNzMatrixStride + (j * p.dstNzNStride + k * p.dstNzC0Stride) * c0, c0);
                 for (uint32_t e = 0; e < c0; e++) to[e] = e < n ? from[e] : T(0.0f);  // the row's last piece is zero-filled
+                AddCount(Count::GmRead, n * sizeof(T));
             }
 }
 
@@ -773,6 +806,7 @@ __aicore__ void Mmad(const LocalTensor<C>& dst, const LocalTensor<A>& fm, const 
     const uint32_t c0 = ONE_BLK_SIZE / sizeof(A);
     const uint32_t mp = (p.m + 15) / 16 * 16, np = (p.n + 15) / 16 * 16, kp = (p.k + c0 - 1) / c0 * c0;
     const uint32_t kt = kp / c0, nt = np / 16;
+    AddCount(Count::CubeMacs, (uint64_t)mp * np * kp);
     const A* a = fm.Ptr(0, mp * kp);
     const B* b = filter.Ptr(0, kp * np);
     C* c = dst.Ptr(0, mp * np);
@@ -825,6 +859,7 @@ __aicore__ void Fixpipe(const GlobalTensor<T>& dst, const LocalTensor<U>& src, c
         T* row = dst.At((uint64_t)m * p.dstStride, p.nSize);
         for (uint32_t n = 0; n < p.nSize; n++) row[n] = T(c[(n / 16) * p.srcStride * 16 + m * 16 + n % 16]);
     }
+    AddCount(Count::GmWrite, (uint64_t)p.mSize * p.nSize * sizeof(T));
 }
 
 // ------------------------------------------------------------------------------------------------
