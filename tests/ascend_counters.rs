@@ -1,0 +1,52 @@
+//! The emulator's work counters (process-wide, so this binary holds a single test: no other
+//! emulated launch may run beside it).
+#![cfg(feature = "ascend-emu")]
+
+mod common;
+
+use common::*;
+use entropy_kernels::ascend::emu;
+use entropy_kernels::*;
+
+/// The emulator counts what the kernels would cost: the prefill's cube work stays close to the
+/// causal ideal (whole 64×64 tiles cost at most 1.25× the 2·pairs·D·Hq multiply-accumulates of the
+/// attended pairs), K/V are read once per GQA group tile, and the counts are printed per op.
+#[test]
+fn work_counters() {
+    let kernels = Kernels::new(BackendKind::AscendEmu).unwrap();
+    let (b, l, hq, hkv, d) = (1usize, 512usize, 8usize, 2usize, 128usize);
+    let q = random([b, l, hq, d], 1.0, 1, DType::F16);
+    let k = random([b, l, hkv, d], 1.0, 2, DType::F16);
+    let v = random([b, l, hkv, d], 1.0, 3, DType::F16);
+    let mut out = poisoned(q.shape, DType::F16);
+    emu::take_counters();
+    kernels.dense_prefill(q.view(), k.view(), v.view(), None, &mut out.view_mut(), None).unwrap();
+    let c = emu::take_counters();
+    let pairs = (l * (l + 1) / 2) as u64;
+    let ideal = 2 * pairs * (d * hq) as u64;
+    let ratio = c.cube_macs as f64 / ideal as f64;
+    eprintln!("dense prefill L {l} GQA {hq}/{hkv} D {d} f16: {c:?}; cube MACs {ratio:.3}× the causal ideal");
+    assert!((1.0..=1.25).contains(&ratio), "cube MACs {ratio:.3}× the causal ideal");
+    // Q read once, K and V once per 16-token query tile that reaches them (64 rows = 16 tokens × G 4).
+    let kv_bytes = 2 * (hkv * d * 2) as u64 * (0..l / 16).map(|i| 16 * (i as u64 + 1)).sum::<u64>();
+    let q_bytes = (l * hq * d * 2) as u64;
+    assert!(
+        c.gm_read_bytes >= q_bytes + kv_bytes,
+        "GM reads {} < Q + K/V tiles {}",
+        c.gm_read_bytes,
+        q_bytes + kv_bytes
+    );
+
+    let (n, w) = (2048usize, 32usize);
+    let kc = random([b, hkv, n, d], 1.0, 4, DType::F16);
+    let vc = random([b, hkv, n, d], 1.0, 5, DType::F16);
+    let obs = random([b, hq, w, d], 1.0, 6, DType::F16);
+    let dc = DecodeConfig { decode_budget: 512, window: w, ..Default::default() };
+    emu::take_counters();
+    kernels.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+    let c = emu::take_counters();
+    eprintln!("kv_compress N {n} W {w} GQA {hq}/{hkv} D {d} f16 -> 512: {c:?}");
+    // Scoring is vector work (two passes over every row-key pair) and no cube work.
+    assert_eq!(c.cube_macs, 0);
+    assert!(c.vector_repeats as usize >= 2 * hq * w * (n - w) * d * 4 / 256);
+}
