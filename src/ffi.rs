@@ -49,6 +49,34 @@ impl EkPlanParams {
     }
 }
 
+impl EkCompressParams {
+    /// A params struct with the sizes and settings of a compression filled in (keys scored in
+    /// `chunk`-key chunks), every address zero.
+    pub fn sized(
+        d: &crate::validate::CompressDims,
+        cfg: &crate::config::DecodeConfig,
+        chunk: usize,
+        scale: f32,
+        dtype: DType,
+    ) -> Self {
+        EkCompressParams {
+            entries: d.entries as i32,
+            window: d.window as i32,
+            budget: cfg.decode_budget as i32,
+            group: d.group() as i32,
+            out_heads: d.out_heads(cfg) as i32,
+            chunk: chunk as i32,
+            chunks: d.entries.div_ceil(chunk) as i32,
+            pooling: pooling_code(cfg.pooling),
+            pooling_kernel: cfg.pooling_kernel as i32,
+            gqa_mode: gqa_code(cfg.gqa_mode),
+            scale_log2: scale * std::f32::consts::LOG2_E,
+            dtype: dtype_code(dtype),
+            ..Default::default()
+        }
+    }
+}
+
 /// The header's element-type code of `dtype`.
 pub fn dtype_code(dtype: DType) -> i32 {
     (match dtype {

@@ -252,26 +252,33 @@ pub trait Layout {
     }
 }
 
-macro_rules! host_layout {
-    ($t:ident) => {
-        impl Layout for $t<'_> {
+/// Implements [`Layout`] for a view type with `shape` and `strides` fields, its dtype and element
+/// count given as expressions over the view (`|v| dtype, elements`).
+macro_rules! impl_layout {
+    ($t:ident, |$v:ident| $dtype:expr, $elements:expr) => {
+        impl $crate::tensor::Layout for $t<'_> {
             fn shape(&self) -> [usize; 4] {
                 self.shape
             }
             fn strides(&self) -> [usize; 4] {
                 self.strides
             }
-            fn dtype(&self) -> DType {
-                self.data.dtype()
+            fn dtype(&self) -> $crate::tensor::DType {
+                let $v = self;
+                $dtype
             }
             fn elements(&self) -> usize {
-                self.data.len()
+                let $v = self;
+                $elements
             }
         }
     };
 }
-host_layout!(TensorView);
-host_layout!(TensorViewMut);
+#[allow(unused_imports)] // also used by `cuda::device` (feature `cuda`)
+pub(crate) use impl_layout;
+
+impl_layout!(TensorView, |v| v.data.dtype(), v.data.len());
+impl_layout!(TensorViewMut, |v| v.data.dtype(), v.data.len());
 
 pub(crate) fn check_layout(what: &'static str, shape: [usize; 4], strides: [usize; 4], len: usize) -> Result<()> {
     if strides[3] != 1 {

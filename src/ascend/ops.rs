@@ -6,7 +6,7 @@ use crate::backend::{Capabilities, HeadDims, Op};
 use crate::compress::{self, CompressedCache};
 use crate::config::HeadBudget;
 use crate::error::{Error, Result};
-use crate::ffi::{EkCompressParams, EkDecodeParams, EkPlanParams, EkPrefillParams, dtype_code, gqa_code, pooling_code};
+use crate::ffi::{EkCompressParams, EkDecodeParams, EkPlanParams, EkPrefillParams, dtype_code};
 use crate::plan::Plan;
 use crate::tensor::{DType, HostBuffer, HostTensor, TensorViewMut};
 use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
@@ -87,18 +87,7 @@ pub(crate) fn kv_compress<'v>(mut l: impl Launcher<'v>, a: &CompressArgs<'_>) ->
         selected: l.zeroed(4 * d.batch * heads * keep)?,
         k_out: l.zeroed(out_bytes)?,
         v_out: l.zeroed(out_bytes)?,
-        entries: n as i32,
-        window: w as i32,
-        budget: cfg.decode_budget as i32,
-        group: d.group() as i32,
-        out_heads: heads as i32,
-        chunk: COMPRESS_CHUNK as i32,
-        chunks: chunks as i32,
-        pooling: pooling_code(cfg.pooling),
-        pooling_kernel: cfg.pooling_kernel as i32,
-        gqa_mode: gqa_code(cfg.gqa_mode),
-        scale_log2: a.scale() * std::f32::consts::LOG2_E,
-        dtype: dtype_code(dtype),
+        ..EkCompressParams::sized(&d, cfg, COMPRESS_CHUNK, a.scale(), dtype)
     };
     for k in [launch::COMPRESS_STATS, launch::COMPRESS_MEANS, launch::COMPRESS_POOL] {
         l.launch(k, &params)?;

@@ -659,18 +659,7 @@ impl CudaBackend {
             selected: addr_on(stream, &selected),
             k_out,
             v_out,
-            entries: n as i32,
-            window: w as i32,
-            budget: cfg.decode_budget as i32,
-            group: d.group() as i32,
-            out_heads: heads as i32,
-            chunk: COMPRESS_CHUNK as i32,
-            chunks: chunks as i32,
-            pooling: crate::ffi::pooling_code(cfg.pooling),
-            pooling_kernel: cfg.pooling_kernel as i32,
-            gqa_mode: crate::ffi::gqa_code(cfg.gqa_mode),
-            scale_log2: job.scale * std::f32::consts::LOG2_E,
-            dtype: 0,
+            ..EkCompressParams::sized(&d, cfg, COMPRESS_CHUNK, job.scale, job.dtype)
         };
         let sfx = dtype_suffix(job.dtype);
         let (b, hkv, hc) = (d.batch as u32, d.kv_heads as u32, heads as u32);

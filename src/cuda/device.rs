@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::ffi::EkTensor;
 use crate::kernels::PlanRequest;
 use crate::plan::{BlockLists, Plan};
-use crate::tensor::{DType, Layout};
+use crate::tensor::DType;
 use crate::validate;
 
 /// Element types the kernels take from device memory.
@@ -112,26 +112,8 @@ impl<'a> CudaTensorMut<'a> {
     }
 }
 
-macro_rules! layout {
-    ($t:ident) => {
-        impl Layout for $t<'_> {
-            fn shape(&self) -> [usize; 4] {
-                self.shape
-            }
-            fn strides(&self) -> [usize; 4] {
-                self.strides
-            }
-            fn dtype(&self) -> DType {
-                self.dtype
-            }
-            fn elements(&self) -> usize {
-                self.elements
-            }
-        }
-    };
-}
-layout!(CudaTensor);
-layout!(CudaTensorMut);
+crate::tensor::impl_layout!(CudaTensor, |t| t.dtype, t.elements);
+crate::tensor::impl_layout!(CudaTensorMut, |t| t.dtype, t.elements);
 
 impl CudaBackend {
     /// The backend's own stream (any stream of the same context may be passed to the `_on` calls).
