@@ -3,7 +3,9 @@
 //! Prefill and decode attention are candle custom ops ([`CustomOp3`]), so they run on the
 //! tensors' own storage with their own strides (a `transpose` costs nothing) and return a new
 //! tensor; planning and compression read the storage directly. CPU storage runs on the chosen
-//! [`Kernels`] backend; CUDA storage answers with an error until the CUDA kernels land.
+//! [`Kernels`] backend; CUDA storage answers with an error (candle-core's `cuda` feature links
+//! cudarc dynamically, which cannot coexist with this crate's dynamic loading; an engine holding
+//! cudarc slices calls `cuda::CudaBackend`'s device-tensor methods directly).
 //!
 //! ```no_run
 //! use candle_core::{Device, Tensor};
@@ -78,7 +80,7 @@ fn with_views<R>(
 
 fn no_device_kernels(what: &str) -> candle_core::Error {
     candle_core::Error::Msg(format!(
-        "{what}: only CPU storage is supported so far; the CUDA backend has no kernels yet"
+        "{what}: the candle ops take CPU storage so far (CUDA tensors: use entropy_kernels::cuda::CudaBackend's *_on calls on the tensors' cudarc slices)"
     ))
 }
 
