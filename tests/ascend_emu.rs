@@ -268,6 +268,7 @@ fn planted_cube_and_cross_core_violations_are_caught() {
         (36, "outside 0..10"),
         (37, "ifTranspose is for 16-bit types only"),
         (38, "quantPre does not match"),
+        (39, "more than 15 sets pending"),
     ];
     for (code, needle) in cases {
         match selftest_mix(code, &input, &mut output) {

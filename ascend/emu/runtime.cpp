@@ -187,10 +187,13 @@ void CrossCoreSet(int mode, int32_t id) {
     CoreState& c = Core();
     CrossCoreGroup& g = Group();
     std::lock_guard<std::mutex> lock(g.mu);
+    // A flag's counter holds at most 15 pending sets (the API reference's limit).
+    constexpr int kMaxPending = 15;
     if (c.cube) {
-        for (int k = 0; k < 2; k++) g.to_aiv[k][id]++;
+        for (int k = 0; k < 2; k++)
+            if (++g.to_aiv[k][id] > kMaxPending) EmuFail("CrossCoreSetFlag " + std::to_string(id) + ": more than 15 sets pending");
     } else {
-        g.to_aic[c.sub_block][id]++;
+        if (++g.to_aic[c.sub_block][id] > kMaxPending) EmuFail("CrossCoreSetFlag " + std::to_string(id) + ": more than 15 sets pending");
     }
     g.cv.notify_all();
 }

@@ -391,6 +391,15 @@ extern "C" void ek_emu_selftest_mix(uint8_t* which) {
             Fixpipe(g, c.Get<float>(), fp);
             break;
         }
+        case 39:  // 16 sets of one flag before any wait (the AIVs wait for flag 3 first)
+            if (ASCEND_IS_AIC) {
+                for (int i = 0; i < 16; i++) CrossCoreSetFlag<2, PIPE_FIX>(2);
+                CrossCoreSetFlag<2, PIPE_FIX>(3);
+            } else {
+                CrossCoreWaitFlag(3);
+                for (int i = 0; i < 16; i++) CrossCoreWaitFlag(2);
+            }
+            break;
         case 200:
             CubeSemantics(t);
             break;
