@@ -31,9 +31,13 @@ pub fn open(test: &str, kind: BackendKind) -> entropy_kernels::Result<Kernels> {
     {
         use entropy_kernels::ascend::device::{AscendBackend, mock};
         eprintln!("[{test}] ascend: {e}; running the ACL path over the mock ACL library (emulated launches)");
-        let dir = std::env::temp_dir().join(format!("ek-mock-kernels-{}", std::process::id()));
-        let backend = AscendBackend::with_options(&mock::options(&dir)?)?;
-        return Ok(Kernels::from_backend(std::sync::Arc::new(backend)));
+        // One directory per (process, test): tests run in parallel threads.
+        let tag: String = test.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+        let dir = std::env::temp_dir().join(format!("ek-mock-kernels-{}-{tag}", std::process::id()));
+        let backend = AscendBackend::with_options(&mock::options(&dir)?);
+        // The binaries are loaded by now: the directory is not needed any more.
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(Kernels::from_backend(std::sync::Arc::new(backend?)));
     }
     let _ = test;
     real
