@@ -66,6 +66,12 @@ impl PlanDims {
         self.blocks.saturating_sub(tail)
     }
 
+    /// How far each unit's ranking must reach: the largest keep any budget allows,
+    /// `min(3·base / Bk, keep_cap)` (0 without blocks).
+    pub fn rank_width(&self, base_budget: usize) -> usize {
+        if self.blocks == 0 { 0 } else { (3 * base_budget / self.block_size).min(self.keep_cap()) }
+    }
+
     /// Number of (b, kv head, segment) triples.
     pub fn units(&self) -> usize {
         self.batch * self.kv_heads * self.segments

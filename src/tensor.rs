@@ -506,6 +506,16 @@ impl HostTensor {
     pub fn zeros(dtype: DType, shape: [usize; 4]) -> Self {
         Self::full(dtype, shape, 0.0)
     }
+    /// A tensor of `dtype` from its raw little-endian bytes (e.g. copied back from a device).
+    pub fn from_bytes(bytes: &[u8], shape: [usize; 4], dtype: DType) -> Self {
+        let data = match dtype {
+            DType::F32 => HostBuffer::F32(bytemuck::pod_collect_to_vec(bytes)),
+            DType::F16 => HostBuffer::F16(bytemuck::pod_collect_to_vec(bytes)),
+            DType::BF16 => HostBuffer::BF16(bytemuck::pod_collect_to_vec(bytes)),
+        };
+        HostTensor { data, shape }
+    }
+
     /// Rounds f32 values to `dtype`.
     pub fn from_f32(values: &[f32], shape: [usize; 4], dtype: DType) -> Self {
         assert_eq!(values.len(), shape.iter().product::<usize>(), "HostTensor::from_f32: length/shape mismatch");

@@ -8,6 +8,9 @@ template <typename A> struct SameType<A, A> {
     static constexpr bool value = true;
 };
 
+// ln 2: the kernels get softmax scales in base 2 (the header's scale_log2) and exponentiate with Exp.
+constexpr float LN2 = 0.6931471805599453f;
+
 // -inf as a float, from its bit pattern.
 __aicore__ inline float NegInf() {
     union {
@@ -70,6 +73,11 @@ __aicore__ inline AscendC::LocalTensor<float> LoadRows(Que& que, const AscendC::
         AscendC::Cast(wide, held, AscendC::RoundMode::CAST_NONE, n * PaddedElems<T>(d));
         return wide;
     }
+}
+
+// The f32 staging buffer LoadRows widens 16-bit rows into; none for f32 rows (read in place).
+template <typename T, typename Buf> __aicore__ inline AscendC::LocalTensor<float> WideBuffer(Buf& b) {
+    return SameType<T, float>::value ? AscendC::LocalTensor<float>() : b.template Get<float>();
 }
 
 // Copies a params struct out of global memory (the tiling-data pattern of Ascend C kernels).

@@ -67,7 +67,7 @@ private:
     }
     __aicore__ inline LocalTensor<float> LoadTile(TQue<TPosition::VECIN, 1>& que, TBuf<TPosition::VECCALC>& wide,
                                                   const GlobalTensor<T>& src, uint32_t n, int64_t stride, LocalTensor<T>& held) {
-        return LoadRows<T>(que, SameType<T, float>::value ? LocalTensor<float>() : wide.Get<float>(), src, n, d_, stride, held);
+        return LoadRows<T>(que, WideBuffer<T>(wide), src, n, d_, stride, held);
     }
 
     // Rows [r0, r0 + nr) of unit u (row r = query r / G, head h·G + r % G).
@@ -75,7 +75,7 @@ private:
         const int32_t hcs = p_.k_cache.shape[1];
         const int32_t b = u / hcs, h = u % hcs;
         const uint32_t len = lenGm_.GetValue(u);
-        const float scale = p_.scale_log2 * 0.6931471805599453f;  // natural-log scale for Exp
+        const float scale = p_.scale_log2 * LN2;  // natural-log scale for Exp
         LocalTensor<float> q = q_.Get<float>(), o = o_.Get<float>(), sc = scores_.Get<float>(), tmp = tmp_.Get<float>();
         // The group's query rows, scaled, as f32.
         for (uint32_t r = 0; r < nr; r++) {

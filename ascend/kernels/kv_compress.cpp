@@ -70,7 +70,7 @@ protected:
         chunkRows_ = Min(rows_, COMPRESS_ROW_CHUNK);
         dpt_ = PaddedElems<T>(d_);
         dpf_ = PaddedElems<float>(d_);
-        scale_ = p.scale_log2 * 0.6931471805599453f;  // natural-log scale for Exp
+        scale_ = p.scale_log2 * LN2;  // natural-log scale for Exp
         obsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(p.obs.ptr));
         kGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(p.k_cache.ptr));
         statsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.stats));
@@ -87,10 +87,6 @@ protected:
         pipe_.InitBuffer(work_, ONE_REPEAT_BYTES);
     }
 
-    __aicore__ inline LocalTensor<float> Wide(TBuf<TPosition::VECCALC>& b) {
-        return SameType<T, float>::value ? LocalTensor<float>() : b.Get<float>();
-    }
-
     // Window rows [r0, r0 + nr) of kv head h (row r: query head h·G + r / W, window slot r % W),
     // pre-scaled, into obs rows 0..nr.
     __aicore__ inline void LoadObs(int32_t b, int32_t h, uint32_t r0, uint32_t nr) {
@@ -100,7 +96,7 @@ protected:
             const int32_t hq = h * p_.group + r / p_.window, w = r % p_.window;
             const int64_t off = b * p_.obs.stride[0] + hq * p_.obs.stride[1] + w * p_.obs.stride[2];
             LocalTensor<T> held;
-            LocalTensor<float> row = LoadRows<T>(rowIn_, Wide(rowf_), obsGm_[off], 1, d_, d_, held);
+            LocalTensor<float> row = LoadRows<T>(rowIn_, WideBuffer<T>(rowf_), obsGm_[off], 1, d_, d_, held);
             Muls(obs[i * dpf_], row, scale_, (int32_t)dpf_);
             rowIn_.FreeTensor(held);
         }
@@ -125,7 +121,7 @@ protected:
 
     __aicore__ inline LocalTensor<float> LoadKeys(int32_t b, int32_t h, uint32_t j0, uint32_t n, LocalTensor<T>& held) {
         const int64_t off = b * p_.k_cache.stride[0] + h * p_.k_cache.stride[1] + j0 * p_.k_cache.stride[2];
-        return LoadRows<T>(kIn_, Wide(kf_), kGm_[off], n, d_, p_.k_cache.stride[2], held);
+        return LoadRows<T>(kIn_, WideBuffer<T>(kf_), kGm_[off], n, d_, p_.k_cache.stride[2], held);
     }
 
     __aicore__ inline uint64_t StatsOffset(int32_t b, int32_t h, int32_t c) const {

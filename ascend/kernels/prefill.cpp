@@ -90,6 +90,11 @@ struct Item {
     }
 };
 
+// Work items of a launch; the cube and vector sides walk the same list.
+__aicore__ inline uint32_t ItemCount(const EkPrefillParams& p) {
+    return p.q.shape[0] * p.k.shape[2] * p.segments * p.tiles_per_segment;
+}
+
 __aicore__ inline bool MakeItem(const EkPrefillParams& p, uint32_t it, Item& x, const GlobalTensor<uint32_t>& offsets,
                                 const GlobalTensor<uint32_t>& counts) {
     const uint32_t seq = p.q.shape[1], hkv = p.k.shape[2];
@@ -137,7 +142,7 @@ public:
         pipe_.InitBuffer(vL0_, PREFILL_KEYS * PREFILL_MAX_D * sizeof(T));
         pipe_.InitBuffer(sL0_, PREFILL_ROWS * PREFILL_KEYS * sizeof(float));
         pipe_.InitBuffer(oL0_, PREFILL_ROWS * PREFILL_MAX_D * sizeof(float));
-        const uint32_t items = p.q.shape[0] * p.k.shape[2] * p.segments * p.tiles_per_segment;
+        const uint32_t items = ItemCount(p);
         for (uint32_t it = GetBlockIdx(); it < items; it += GetBlockNum()) {
             Item x;
             if (MakeItem(p_, it, x, offsetsGm_, countsGm_)) Work(x);
@@ -290,7 +295,7 @@ public:
         p_ = p;
         d_ = p.q.shape[3];
         dp_ = Up16(d_);
-        scale_ = p.scale_log2 * 0.6931471805599453f;
+        scale_ = p.scale_log2 * LN2;
         outGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(p.out.ptr));
         lseGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.lse));
         offsetsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.offsets));
@@ -308,7 +313,7 @@ public:
         pipe_.InitBuffer(acc_, half_rows * PREFILL_MAX_D * sizeof(float));
         pipe_.InitBuffer(red_, ONE_BLK_SIZE);
         pipe_.InitBuffer(work_, ONE_REPEAT_BYTES);
-        const uint32_t items = p.q.shape[0] * p.k.shape[2] * p.segments * p.tiles_per_segment;
+        const uint32_t items = ItemCount(p);
         for (uint32_t it = core; it < items; it += GetBlockNum()) {
             Item x;
             if (MakeItem(p_, it, x, offsetsGm_, countsGm_)) Work(x);

@@ -8,7 +8,7 @@ use crate::config::HeadBudget;
 use crate::error::{Error, Result};
 use crate::ffi::{EkCompressParams, EkDecodeParams, EkPlanParams, EkPrefillParams, dtype_code};
 use crate::plan::Plan;
-use crate::tensor::{DType, HostBuffer, HostTensor, TensorViewMut};
+use crate::tensor::{DType, HostTensor, TensorViewMut};
 use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
 
 pub(crate) fn decode<'v>(mut l: impl Launcher<'v>, a: &DecodeArgs<'_>, out: &'v mut TensorViewMut<'_>) -> Result<()> {
@@ -110,12 +110,7 @@ pub(crate) fn kv_compress<'v>(mut l: impl Launcher<'v>, a: &CompressArgs<'_>) ->
     let mut fetch = |addr: u64| -> Result<HostTensor> {
         let mut bytes = vec![0u8; out_bytes];
         l.read(addr, &mut bytes)?;
-        let data = match dtype {
-            DType::F32 => HostBuffer::F32(bytemuck::pod_collect_to_vec(&bytes)),
-            DType::F16 => HostBuffer::F16(bytemuck::pod_collect_to_vec(&bytes)),
-            DType::BF16 => HostBuffer::BF16(bytemuck::pod_collect_to_vec(&bytes)),
-        };
-        Ok(HostTensor { data, shape })
+        Ok(HostTensor::from_bytes(&bytes, shape, dtype))
     };
     let (k, v) = (fetch(params.k_out)?, fetch(params.v_out)?);
     l.finish()?;

@@ -169,13 +169,12 @@ pub(crate) fn plan_from_representatives(isa: Isa, a: &PlanArgs<'_>, qrep: &[f64]
     let d = a.dims();
     let cfg = a.cfg();
     let dd = a.head_dim();
-    let n = d.blocks;
     // The logits only need qmax + qmin (SPEC §2.2: both terms share the key representative).
     let qsum: Vec<f64> = qrep.chunks(2 * dd).flat_map(|hm| (0..dd).map(move |i| hm[i] + hm[dd + i])).collect();
 
     // Per-unit logits, distribution, entropy and ranking, ranked as far as any keep can reach
     // (the final width, max(segment_topk), is only known once every entropy is).
-    let rank_width = if n == 0 { 0 } else { (3 * cfg.base_budget / d.block_size).min(d.keep_cap()) };
+    let rank_width = d.rank_width(cfg.base_budget);
     let units: Vec<UnitOut> = (0..d.units())
         .into_par_iter()
         .map(|u| {

@@ -331,7 +331,7 @@ impl Backend for CudaBackend {
 
     fn plan(&self, a: &PlanArgs<'_>) -> Result<Plan> {
         let d = a.dims();
-        let width = (3 * a.cfg().base_budget / d.block_size).min(d.keep_cap());
+        let width = d.rank_width(a.cfg().base_budget);
         if d.blocks == 0 || width > TOPK_CAP {
             return self.host.plan(a);
         }
@@ -378,12 +378,7 @@ impl Backend for CudaBackend {
         let shape = [d.batch, heads, cfg.decode_budget, dd];
         let fetch = |s: &CudaSlice<u8>| -> Result<crate::tensor::HostTensor> {
             let bytes: Vec<u8> = self.stream.clone_dtoh(s).map_err(driver_err("cuMemcpyDtoH"))?;
-            let data = match dtype {
-                DType::F32 => crate::tensor::HostBuffer::F32(bytemuck::pod_collect_to_vec(&bytes)),
-                DType::F16 => crate::tensor::HostBuffer::F16(bytemuck::pod_collect_to_vec(&bytes)),
-                DType::BF16 => crate::tensor::HostBuffer::BF16(bytemuck::pod_collect_to_vec(&bytes)),
-            };
-            Ok(crate::tensor::HostTensor { data, shape })
+            Ok(crate::tensor::HostTensor::from_bytes(&bytes, shape, dtype))
         };
         let mut selected: Vec<u32> = self.stream.clone_dtoh(selected).map_err(driver_err("cuMemcpyDtoH"))?;
         selected.truncate(d.batch * heads * (cfg.decode_budget - d.window));
@@ -529,7 +524,7 @@ impl CudaBackend {
     ) -> Result<Plan> {
         let d = p.dims;
         let cfg = p.cfg;
-        let width = (3 * cfg.base_budget / d.block_size).min(d.keep_cap());
+        let width = d.rank_width(cfg.base_budget);
         let (dd, n, units) = (p.head_dim, d.blocks, d.units());
         let f64s = |len: usize| stream.alloc_zeros::<f64>(len.max(1)).map_err(driver_err("cuMemAlloc"));
         let f32s = |len: usize| stream.alloc_zeros::<f32>(len.max(1)).map_err(driver_err("cuMemAlloc"));
