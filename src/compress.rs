@@ -121,6 +121,15 @@ fn adakv(rows: &[Vec<f32>], share: usize, floor_fraction: f32) -> Vec<Vec<u32>> 
     picked
 }
 
+/// The compressed cache from the pooled scores, one row of `N − W` per (b, output head): each
+/// batch row's heads select (uniform or AdaKV budgets), then the kept entries are gathered.
+pub fn select_and_gather(a: &crate::validate::CompressArgs<'_>, pooled: &[Vec<f32>]) -> CompressedCache {
+    let d = a.dims();
+    let heads = d.out_heads(a.cfg());
+    let sel: Vec<Vec<u32>> = pooled.chunks(heads).flat_map(|rows| select_heads(rows, a.cfg())).collect();
+    gather(&a.k_cache(), &a.v_cache(), &d, heads, &sel)
+}
+
 /// Builds the compressed cache from per-(b, output head) kept positions (`sel[b·Hc + hc]`).
 pub fn gather(
     k_cache: &TensorView<'_>,

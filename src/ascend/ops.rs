@@ -98,9 +98,8 @@ pub(crate) fn kv_compress<'v>(mut l: impl Launcher<'v>, a: &CompressArgs<'_>) ->
         l.read(params.pooled, &mut pooled)?;
         let pooled = f32s(&pooled);
         let rows: Vec<Vec<f32>> = pooled.chunks(scored).map(<[f32]>::to_vec).collect();
-        let sel: Vec<Vec<u32>> = rows.chunks(heads).flat_map(|r| compress::select_heads(r, cfg)).collect();
         l.finish()?;
-        return Ok(compress::gather(&a.k_cache(), &a.v_cache(), &d, heads, &sel));
+        return Ok(compress::select_and_gather(a, &rows));
     }
     l.launch(launch::COMPRESS_TOPK, &params)?;
     l.launch(launch::COMPRESS_GATHER, &params)?;

@@ -271,6 +271,5 @@ pub(crate) fn kv_compress<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'
             p
         })
         .collect();
-    let sel: Vec<Vec<u32>> = pooled.chunks(heads).flat_map(|rows| compress::select_heads(rows, cfg)).collect();
-    compress::gather(&a.k_cache(), &a.v_cache(), &d, heads, &sel)
+    compress::select_and_gather(a, &pooled)
 }

@@ -369,8 +369,7 @@ impl Backend for CudaBackend {
             let scored = d.entries - d.window;
             let pooled: Vec<f32> = self.stream.clone_dtoh(&run.pooled).map_err(driver_err("cuMemcpyDtoH"))?;
             let rows: Vec<Vec<f32>> = pooled.chunks(scored).take(d.batch * heads).map(<[f32]>::to_vec).collect();
-            let sel: Vec<Vec<u32>> = rows.chunks(heads).flat_map(|r| crate::compress::select_heads(r, cfg)).collect();
-            return Ok(crate::compress::gather(&a.k_cache(), &a.v_cache(), &d, heads, &sel));
+            return Ok(crate::compress::select_and_gather(a, &rows));
         }
         self.compress_select(&self.stream, &job, &run)?;
         let selected = &run.selected;
