@@ -31,7 +31,11 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_ASCEND_EMU").is_some() {
         build_emulator();
     }
-    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() && std::env::var_os("CARGO_FEATURE_CANDLE_CUDA").is_some() {
+        // cudarc refuses run-time loading (`cuda`) and link-time linking (candle-core's `cuda`) together.
+        panic!("features `cuda` and `candle-cuda` exclude each other: `candle-cuda` already includes the CUDA backend");
+    }
+    if std::env::var_os("CARGO_FEATURE__CUDA").is_some() {
         build_cuda_fatbin();
     }
     if std::env::var_os("CARGO_FEATURE_ASCEND").is_some() {

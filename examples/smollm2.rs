@@ -74,6 +74,10 @@ struct Args {
     /// Print every method's whole answer after the table.
     #[arg(long)]
     show_answers: bool,
+    /// After the table, list each method's teacher-forced disagreements with dense: the step, both
+    /// tokens, dense's top-1/top-2 log-prob margin there and the method's deficit on dense's token.
+    #[arg(long)]
+    diagnose: bool,
     /// Backend of the attention kernels (default: $ENTROPY_KERNELS_BACKEND or auto).
     #[arg(long)]
     backend: Option<String>,
@@ -151,9 +155,10 @@ fn main() -> candle_core::Result<()> {
 
     // Dense first: its tokens are the reference.
     let n = args.max_new_tokens.max(1);
-    let mut reference: Option<(Vec<u32>, Vec<f32>)> = None;
+    let mut reference: Option<(Vec<u32>, Vec<f32>, Vec<methods::Step>)> = None;
     let mut rows = Vec::new();
     let mut answers = Vec::new();
+    let mut misses = Vec::new();
     let order: Vec<Method> =
         std::iter::once(Method::Dense).chain(methods.iter().copied().filter(|m| *m != Method::Dense)).collect();
     for method in order {
@@ -163,11 +168,26 @@ fn main() -> candle_core::Result<()> {
         let first = methods::argmax(&logits)?;
         let logprobs = log_softmax(&logits)?;
         let mut free = session.clone();
-        let (tokens, decode_s) = methods::decode(&model, &mut free, prompt.len(), first, n, None)?;
+        let (mut steps, decode_s) = methods::decode_steps(&model, &mut free, prompt.len(), first, n, None)?;
+        steps[0] = methods::Step::from_logits(&logits, None)?;
+        let tokens: Vec<u32> = steps.iter().map(|s| s.token).collect();
         let (agree, kl) = match &reference {
             None => (1.0, 0.0),
-            Some((ref_tokens, ref_logprobs)) => {
-                let (forced, _) = methods::decode(&model, &mut session, prompt.len(), first, n, Some(ref_tokens))?;
+            Some((ref_tokens, ref_logprobs, ref_steps)) => {
+                let (mut forced, _) =
+                    methods::decode_steps(&model, &mut session, prompt.len(), first, n, Some(ref_tokens))?;
+                forced[0] = methods::Step::from_logits(&logits, Some(ref_tokens[0]))?;
+                for (i, (s, r)) in forced.iter().zip(ref_steps).enumerate().filter(|(_, (s, r))| s.token != r.token) {
+                    misses.push(format!(
+                        "{}: step {i}: {:?} instead of {:?}; dense margin {:.3}, deficit {:.3}",
+                        method.name(),
+                        tok.decode(&[s.token])?,
+                        tok.decode(&[r.token])?,
+                        r.margin,
+                        s.deficit
+                    ));
+                }
+                let forced: Vec<u32> = forced.iter().map(|s| s.token).collect();
                 (methods::agreement(&forced, ref_tokens), methods::kl(ref_logprobs, &logprobs))
             }
         };
@@ -180,7 +200,7 @@ fn main() -> candle_core::Result<()> {
         let answer = answer.split("<|im_end|>").next().unwrap_or("").replace('\n', " ");
         answers.push((method, answer.clone()));
         if method == Method::Dense {
-            reference = Some((tokens.clone(), logprobs));
+            reference = Some((tokens.clone(), logprobs, steps));
         }
         let entries = free.entries();
         rows.push(vec![
@@ -213,6 +233,12 @@ fn main() -> candle_core::Result<()> {
     println!("|{}|", headers.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
     for r in rows {
         println!("| {} |", r.join(" | "));
+    }
+    if args.diagnose {
+        println!("\nteacher-forced disagreements with dense (margins and deficits in nats):");
+        for m in &misses {
+            println!("  {m}");
+        }
     }
     if args.show_answers {
         for (m, a) in answers {

@@ -316,6 +316,34 @@ pub fn prefill(model: &Llama, session: &mut Session, prompt: &[u32]) -> candle_c
     Ok((logits, t.elapsed().as_secs_f64()))
 }
 
+/// One greedy step: the token chosen and how sure the model was of it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Step {
+    pub token: u32,
+    /// log p(top-1) − log p(top-2): how close the step was to a different choice.
+    pub margin: f32,
+    /// log p(token) − log p(reference token) under teacher forcing (0 when they agree or unforced):
+    /// how far the method's distribution moved from dense's choice.
+    pub deficit: f32,
+}
+
+impl Step {
+    /// The step chosen from `logits`; `reference` is the token dense chose here, if known.
+    pub fn from_logits(logits: &Tensor, reference: Option<u32>) -> candle_core::Result<Step> {
+        let lp = super::llama::log_softmax(logits)?;
+        let (mut top, mut second) = ((0usize, f32::NEG_INFINITY), f32::NEG_INFINITY);
+        for (i, &x) in lp.iter().enumerate() {
+            if x > top.1 {
+                (top, second) = ((i, x), top.1);
+            } else if x > second {
+                second = x;
+            }
+        }
+        let deficit = reference.map_or(0.0, |r| top.1 - lp.get(r as usize).copied().unwrap_or(f32::NEG_INFINITY));
+        Ok(Step { token: top.0 as u32, margin: top.1 - second, deficit })
+    }
+}
+
 /// Greedy decoding after `prefill`: `tokens[0] = first`, then `n - 1` more steps. With `forced`,
 /// step `i` feeds `forced[i - 1]` instead of the method's own previous token (teacher forcing),
 /// so `tokens[i]` is the method's choice given the reference prefix — what top-1 agreement
@@ -328,14 +356,29 @@ pub fn decode(
     n: usize,
     forced: Option<&[u32]>,
 ) -> candle_core::Result<(Vec<u32>, f64)> {
+    let (steps, secs) = decode_steps(model, session, prompt_len, first, n, forced)?;
+    Ok((steps.iter().map(|s| s.token).collect(), secs))
+}
+
+/// [`decode`] with each step's margin and, when forced, its deficit against the forced tokens
+/// (step 0, chosen by the prefill, has margin and deficit 0 here; score it from the prefill's
+/// logits with [`Step::from_logits`]).
+pub fn decode_steps(
+    model: &Llama,
+    session: &mut Session,
+    prompt_len: usize,
+    first: u32,
+    n: usize,
+    forced: Option<&[u32]>,
+) -> candle_core::Result<(Vec<Step>, f64)> {
     let t = Instant::now();
-    let mut tokens = vec![first];
+    let mut steps = vec![Step { token: first, margin: 0.0, deficit: 0.0 }];
     for i in 1..n {
-        let feed = forced.map_or(tokens[i - 1], |f| f[i - 1]);
+        let feed = forced.map_or(steps[i - 1].token, |f| f[i - 1]);
         let logits = model.forward(&[feed], prompt_len + i - 1, session, None)?;
-        tokens.push(argmax(&logits)?);
+        steps.push(Step::from_logits(&logits, forced.and_then(|f| f.get(i).copied()))?);
     }
-    Ok((tokens, t.elapsed().as_secs_f64()))
+    Ok((steps, t.elapsed().as_secs_f64()))
 }
 
 /// Fraction of positions where `a` and `b` agree.

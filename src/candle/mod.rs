@@ -3,9 +3,10 @@
 //! Prefill and decode attention are candle custom ops ([`CustomOp3`]), so they run on the
 //! tensors' own storage with their own strides (a `transpose` costs nothing) and return a new
 //! tensor; planning and compression read the storage directly. CPU storage runs on the chosen
-//! [`Kernels`] backend; CUDA storage answers with an error (candle-core's `cuda` feature links
-//! cudarc dynamically, which cannot coexist with this crate's dynamic loading; an engine holding
-//! cudarc slices calls `cuda::CudaBackend`'s device-tensor methods directly).
+//! [`Kernels`] backend. CUDA storage (feature `candle-cuda`) runs on the tensors' device memory
+//! and the candle device's stream through the CUDA backend, whatever `Kernels` says: no copies
+//! (candle-core's `cuda` feature links the CUDA libraries, so `candle-cuda` replaces `cuda`,
+//! which loads them at run time; without it CUDA tensors get an error saying so).
 //!
 //! ```no_run
 //! use candle_core::{Device, Tensor};
@@ -25,6 +26,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "candle-cuda")]
+mod cuda;
 pub mod dump;
 pub mod llama;
 pub mod methods;
@@ -80,7 +83,7 @@ fn with_views<R>(
 
 fn no_device_kernels(what: &str) -> candle_core::Error {
     candle_core::Error::Msg(format!(
-        "{what}: the candle ops take CPU storage so far (CUDA tensors: use entropy_kernels::cuda::CudaBackend's *_on calls on the tensors' cudarc slices)"
+        "{what}: the candle ops take CPU storage, and CUDA storage when built with the `candle-cuda` feature"
     ))
 }
 
@@ -139,6 +142,19 @@ impl CustomOp3 for AttentionOp {
         })?;
         Ok((out, Shape::from(l1.dims())))
     }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::attention(self, (s1, l1), (s2, l2), (s3, l3))
+    }
 }
 
 fn apply(
@@ -160,6 +176,10 @@ pub fn plan(
     cfg: &EntropyConfig,
     req: &PlanRequest<'_>,
 ) -> candle_core::Result<Plan> {
+    #[cfg(feature = "candle-cuda")]
+    if q.device().is_cuda() {
+        return cuda::plan(q, k, cfg, req);
+    }
     with_views(&[(q, "q"), (k, "k")], |v| Ok(kernels.plan(v[0], v[1], cfg, req)?))
 }
 
@@ -230,6 +250,10 @@ pub fn kv_compress(
     obs: &Tensor,
     cfg: &DecodeConfig,
 ) -> candle_core::Result<CompressedTensors> {
+    #[cfg(feature = "candle-cuda")]
+    if k_cache.device().is_cuda() {
+        return cuda::kv_compress(kernels, k_cache, v_cache, obs, cfg);
+    }
     let c: CompressedCache = with_views(&[(k_cache, "k_cache"), (v_cache, "v_cache"), (obs, "obs")], |v| {
         Ok(kernels.kv_compress(v[0], v[1], v[2], cfg)?)
     })?;

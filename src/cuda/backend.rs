@@ -103,9 +103,15 @@ impl std::fmt::Debug for CudaBackend {
 }
 
 impl CudaBackend {
-    /// Opens device `ordinal`, compiles (or loads the cached) kernels and loads them.
+    /// Opens device `ordinal` (its primary context), compiles (or loads the cached) kernels and
+    /// loads them.
     pub fn new(ordinal: usize) -> Result<Self> {
-        let ctx = CudaContext::new(ordinal).map_err(driver_err("cuCtxCreate"))?;
+        Self::with_context(CudaContext::new(ordinal).map_err(driver_err("cuCtxCreate"))?)
+    }
+
+    /// The backend in an engine's existing context (e.g. candle's or cudarc's `CudaContext`), so
+    /// its streams and buffers can be passed to the `_on` calls.
+    pub fn with_context(ctx: Arc<CudaContext>) -> Result<Self> {
         let (major, minor) = ctx.compute_capability().map_err(driver_err("cuDeviceGetAttribute"))?;
         if major < 8 {
             return Err(Error::BackendUnavailable {
@@ -119,8 +125,7 @@ impl CudaBackend {
             .unwrap_or(if major == 9 && minor == 0 { "sm_90a".into() } else { format!("sm_{major}{minor}") });
         // The nvcc fatbin when it holds SASS for this arch (or NVRTC is absent: the driver JITs its
         // compute_80 PTX); otherwise NVRTC for exactly this device.
-        // SAFETY: only checks whether libnvrtc can be opened.
-        let nvrtc = unsafe { cudarc::nvrtc::sys::is_culib_present() };
+        let nvrtc = super::nvrtc_present();
         let (bytes, origin) = match source::FATBIN {
             Some(f)
                 if std::env::var_os(source::NVRTC_ENV).is_none()

@@ -1,18 +1,20 @@
-//! CUDA backend (feature `cuda`). The probe is safe on machines without a driver: cudarc's
-//! `is_culib_present()` is asked before anything touches the driver API, and every failure is a
-//! typed error, so `auto` falls through to the next backend.
+//! CUDA backend (feature `cuda`, or `candle-cuda`). The probe is safe on machines without a
+//! driver: with `cuda` the libraries are loaded at run time and cudarc's `is_culib_present()` is
+//! asked before anything touches the driver API; with `candle-cuda` they are linked (the process
+//! could not have started without them). Every failure is a typed error, so `auto` falls through
+//! to the next backend.
 //!
 //! Kernels: `cuda/*.cu`, compiled with NVRTC for the device on first use ([`source`]).
 
 pub mod source;
 
-#[cfg(feature = "cuda")]
+#[cfg(feature = "_cuda")]
 mod backend;
-#[cfg(feature = "cuda")]
+#[cfg(feature = "_cuda")]
 pub mod device;
-#[cfg(feature = "cuda")]
+#[cfg(feature = "_cuda")]
 pub use backend::CudaBackend;
-#[cfg(feature = "cuda")]
+#[cfg(feature = "_cuda")]
 pub use device::{CudaCompressedCache, CudaTensor, CudaTensorMut, DeviceElement};
 
 use std::sync::Arc;
@@ -29,12 +31,26 @@ pub fn driver_present() -> bool {
     }
     #[cfg(not(feature = "cuda"))]
     {
-        false
+        // `candle-cuda` links libcuda: present if this code runs. Without any CUDA feature: absent.
+        cfg!(feature = "_cuda")
+    }
+}
+
+/// Whether NVRTC can be used (loaded at run time with `cuda`, linked with `candle-cuda`).
+pub fn nvrtc_present() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        // SAFETY: only dlopen()s libnvrtc and reports whether that worked.
+        std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        cfg!(feature = "_cuda")
     }
 }
 
 pub(crate) fn probe() -> Result<Arc<dyn Backend>> {
-    #[cfg(feature = "cuda")]
+    #[cfg(feature = "_cuda")]
     {
         if !driver_present() {
             return Err(Error::BackendUnavailable { backend: "cuda", reason: "no CUDA driver (libcuda) found".into() });
@@ -47,8 +63,11 @@ pub(crate) fn probe() -> Result<Arc<dyn Backend>> {
             Err(_) => Err(Error::BackendUnavailable { backend: "cuda", reason: "the CUDA probe panicked".into() }),
         }
     }
-    #[cfg(not(feature = "cuda"))]
+    #[cfg(not(feature = "_cuda"))]
     {
-        Err(Error::BackendUnavailable { backend: "cuda", reason: "built without the `cuda` feature".into() })
+        Err(Error::BackendUnavailable {
+            backend: "cuda",
+            reason: "built without the `cuda` (or `candle-cuda`) feature".into(),
+        })
     }
 }
