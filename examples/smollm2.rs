@@ -21,7 +21,12 @@ use entropy_kernels::candle::dump;
 use entropy_kernels::candle::llama::{Llama, log_softmax};
 use entropy_kernels::candle::methods::{self, Method, Session, Settings};
 use entropy_kernels::candle::tokenizer::GgufTokenizer;
-use entropy_kernels::{BackendChoice, Config, DecodeConfig, EntropyConfig, Kernels};
+use entropy_kernels::{BackendChoice, Config, DecodeConfig, EntropyConfig, GqaMode, Kernels, Pooling};
+
+/// A config enum from its SPEC name (`avg`, `per_query_head`, …).
+fn config_enum<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|e| e.to_string())
+}
 
 #[derive(Parser, Debug)]
 #[command(about = "SmolLM2 with dense, EntropyInfer and baseline attention, all through entropy-kernels")]
@@ -66,6 +71,14 @@ struct Args {
     window: usize,
     #[arg(long, default_value_t = 16)]
     decode_gap: i64,
+    /// Decode-score pooling (avg, max or none), its odd kernel, and the group reduction (mean, max
+    /// or per_query_head), as in SPEC §4.
+    #[arg(long, default_value = "avg", value_parser = config_enum::<Pooling>)]
+    pooling: Pooling,
+    #[arg(long, default_value_t = 5)]
+    pooling_kernel: usize,
+    #[arg(long, default_value = "mean", value_parser = config_enum::<GqaMode>)]
+    gqa_mode: GqaMode,
     #[arg(long, default_value_t = 0.2)]
     adakv_floor: f32,
     /// Keep weights quantized (slower prefill on CPU) instead of expanding them to f32 at load.
@@ -141,6 +154,9 @@ fn main() -> candle_core::Result<()> {
             decode_budget: args.decode_budget,
             window: args.window,
             decode_gap: args.decode_gap,
+            pooling: args.pooling,
+            pooling_kernel: args.pooling_kernel,
+            gqa_mode: args.gqa_mode,
             ..Default::default()
         },
         adakv_floor: args.adakv_floor,

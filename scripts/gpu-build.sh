@@ -18,6 +18,19 @@ for line in sys.stdin:
         shutil.copy(m["executable"], ".gpu/bin/" + m["target"]["name"])
 '
 cp target/release/entropy-kernels .gpu/bin/
+# candle on CUDA storage: linked against stubs here (scripts/cuda-link-stubs.sh); on the GPU machine
+# the real libcuda, cuBLAS 13 and cuRAND (SONAMEs libcublas.so.13, libcurand.so.10) must be found.
+if stubs=$(scripts/cuda-link-stubs.sh); then
+  CUDA_HOME="$stubs" PATH="$stubs/bin:$PATH" CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" \
+    cargo test --release --features candle-cuda --no-run --message-format=json --test candle_cuda 2>/dev/null \
+    | python3 -c '
+import json, sys, shutil
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        shutil.copy(m["executable"], ".gpu/bin/candle_cuda")
+'
+fi
 strip .gpu/bin/*
 for f in planted_gqa_partial planted_mha_exact planted_fusion smollm2_gpl_layer14; do
   cp "../shared/conformance/$f.safetensors" .gpu/conformance/ 2>/dev/null || true

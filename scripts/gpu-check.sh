@@ -26,6 +26,7 @@ run test-conformance .gpu/bin/conformance --test-threads 1
 run test-bad-input .gpu/bin/bad_input
 run test-invariants .gpu/bin/invariants
 run test-cuda-device .gpu/bin/cuda_device --test-threads 1
+[ -x .gpu/bin/candle_cuda ] && run test-candle-cuda .gpu/bin/candle_cuda --test-threads 1
 # Memory and race checks of the CUDA tests only.
 if command -v compute-sanitizer >/dev/null; then
   run memcheck compute-sanitizer --tool memcheck --error-exitcode 1 .gpu/bin/matrix cuda --test-threads 1

@@ -14,7 +14,8 @@ fn gpu() -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(d) => Some(d),
         Err(e) => {
-            eprintln!("SKIP: no CUDA device for candle: {e}");
+            // candle's errors carry a backtrace: its first line says why.
+            eprintln!("SKIP: no CUDA device for candle: {}", e.to_string().lines().next().unwrap_or(""));
             None
         }
     }
