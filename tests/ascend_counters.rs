@@ -37,6 +37,14 @@ fn work_counters() {
         q_bytes + kv_bytes
     );
 
+    // The softmax works on whole tiles (≤ 32 rows × 64 keys per AIV, one repeat per row and
+    // instruction), not row by row: per-row instructions would average ~1.5 repeats each.
+    let per_instr = c.vector_repeats as f64 / c.vector_instrs as f64;
+    assert!(
+        per_instr >= 8.0,
+        "{per_instr:.1} vector repeats per instruction: the softmax went back to row-sized steps"
+    );
+
     let (n, w) = (2048usize, 32usize);
     let kc = random([b, hkv, n, d], 1.0, 4, DType::F16);
     let vc = random([b, hkv, n, d], 1.0, 5, DType::F16);

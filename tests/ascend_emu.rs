@@ -36,7 +36,7 @@ fn planted_violations_are_caught() {
     let mut output = vec![0f32; 512];
     selftest(0, &input, &mut output).expect("correct usage passes");
     assert_eq!(output[..256], input[..256].iter().map(|x| 2.0 * x).collect::<Vec<_>>()[..]);
-    let cases: [(i32, &str); 21] = [
+    let cases: [(i32, &str); 23] = [
         (1, "UB overflow"),
         (2, "not 32-byte aligned"),
         (3, "whole 32-byte blocks"),
@@ -58,6 +58,8 @@ fn planted_violations_are_caught() {
         (19, "at most 4095"),
         (20, "dst overlaps"),
         (21, "the AIV has only the unified buffer"),
+        (22, "src and dst are the same address"),
+        (23, "not aligned to 8 elements"),
     ];
     for (code, needle) in cases {
         match selftest(code, &input, &mut output) {
@@ -220,6 +222,28 @@ fn emulated_kv_compress_ties_go_to_lower_positions() {
             assert!(idx.iter().enumerate().all(|(i, &p)| p == i as i64), "{pooling:?} head {u}: {:?}", &idx[..8]);
         }
     }
+}
+
+/// BlockReduceMax/Sum (one result per 32-byte block), Brcb (one element per block) and the
+/// level-0 Duplicate with a bit mask, as the prefill's whole-tile softmax uses them.
+#[test]
+fn block_reduce_broadcast_and_masked_fill_semantics() {
+    let input: Vec<f32> = (0..512).map(|i| ((i * 29) % 97) as f32 * 0.25 - 10.0).collect();
+    let mut output = vec![0f32; 512];
+    selftest(102, &input, &mut output).unwrap();
+    // Written independently from the documented semantics: one result per 32-byte block (8 floats).
+    let block = |k: usize| &input[k * 8..k * 8 + 8];
+    let mut red: Vec<f32> = (0..32).map(|k| block(k).iter().copied().fold(f32::NEG_INFINITY, f32::max)).collect();
+    red.extend((32..64).map(|k| block(k).iter().sum::<f32>()));
+    assert_eq!(&output[..32], &red[..32], "BlockReduceMax");
+    for (k, (&got, &want)) in output[32..64].iter().zip(&red[32..]).enumerate() {
+        assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "BlockReduceSum block {k}: {got} vs {want}");
+    }
+    let bc: Vec<f32> = (0..16).flat_map(|k| [output[k]; 8]).collect();
+    assert_eq!(&output[64..192], &bc[..], "Brcb");
+    let fill: Vec<f32> =
+        (0..128).map(|i| if (0xFF00_FF00_FF00_FF00u64 >> (i % 64)) & 1 == 1 { 7.0 } else { 0.0 }).collect();
+    assert_eq!(&output[192..320], &fill[..], "level-0 Duplicate");
 }
 
 /// Sort32 sorts each group of 32 by descending score with ties to the earlier input (the

@@ -83,6 +83,32 @@ void SortSemantics(const SelfTest& t) {
     DataCopy(dst, y, 128);
 }
 
+// BlockReduceMax over 4 repeats and BlockReduceSum over 4 more (one result per 8-float block),
+// Brcb of the first 16 results, and a level-0 Duplicate with a bit mask over two repeats:
+// out[0..64) the reductions, out[64..192) the broadcast, out[192..320) the masked fill.
+void ReduceBroadcastSemantics(const SelfTest& t) {
+    TPipe pipe;
+    TBuf<TPosition::VECCALC> a, r, c, d;
+    pipe.InitBuffer(a, 512 * 4);
+    pipe.InitBuffer(r, 64 * 4);
+    pipe.InitBuffer(c, 128 * 4);
+    pipe.InitBuffer(d, 128 * 4);
+    GlobalTensor<float> src, dst;
+    src.SetGlobalBuffer(t.in, 512);
+    dst.SetGlobalBuffer(t.out, 512);
+    LocalTensor<float> x = a.Get<float>(), red = r.Get<float>(), bc = c.Get<float>(), fill = d.Get<float>();
+    DataCopy(x, src, 512);
+    BlockReduceMax(red, x, 4, 64, 1, 1, 8);
+    BlockReduceSum(red[32], x[256], 4, 64, 1, 1, 8);
+    Brcb(bc, red, 2, BrcbRepeatParams(1, 8));
+    Duplicate(fill, 0.0f, 128);
+    const uint64_t mask[2] = {0xFF00FF00FF00FF00ull, 0};
+    Duplicate(fill, 7.0f, mask, 2, 1, 8);
+    DataCopy(dst, red, 64);
+    DataCopy(dst[64], bc, 128);
+    DataCopy(dst[192], fill, 128);
+}
+
 }  // namespace
 
 extern "C" void ek_emu_selftest_kernel(uint8_t* arg) {
@@ -233,8 +259,26 @@ extern "C" void ek_emu_selftest_kernel(uint8_t* arg) {
             pipe.InitBuffer(l1, 1024);
             break;
         }
+        case 22: {  // Brcb in place
+            TPipe pipe;
+            TBuf<TPosition::VECCALC> a;
+            pipe.InitBuffer(a, 512);
+            Brcb(a.Get<float>(), a.Get<float>(), 1, BrcbRepeatParams(1, 8));
+            break;
+        }
+        case 23: {  // BlockReduceMax into a dst that is not 8-element aligned
+            TPipe pipe;
+            TBuf<TPosition::VECCALC> a, r;
+            pipe.InitBuffer(a, 512);
+            pipe.InitBuffer(r, 512);
+            BlockReduceMax(r.Get<float>()[4], a.Get<float>(), 1, 64, 1, 1, 8);
+            break;
+        }
         case 100:
             Level0(t);
+            break;
+        case 102:
+            ReduceBroadcastSemantics(t);
             break;
         case 101:
             SortSemantics(t);

@@ -27,11 +27,12 @@
 //   L0B  Kᵀ 32 KiB + V 32 KiB                                                  ( 64 of  64 KiB)
 //   L0C  S 64×64×4 = 16 KiB + O 64×256×4 = 64 KiB                              ( 80 of 128 KiB)
 //   UB (each AIV, 32 rows) S 8 KiB, P 4 KiB + 8 KiB, O accumulator 32 KiB, O tile 32 KiB,
-//        output row staging, row stats                                        (~90 of 192 KiB)
+//        output rows 16 KiB, lse blocks 1 KiB, row statistics 3 KiB         (~104 of 192 KiB)
 //   GM workspace per core: 2 slots × (S 16 KiB + P 8 KiB + O 64 KiB) = 176 KiB
 // Expected utilisation: the cube does 4·M·KT·D FLOPs per tile at full fractal occupancy when
 // M = 64 (G·tile_tokens); with S_{j+1} overlapping tile j's softmax the cube waits only when the
-// two AIVs' softmax of a tile (≈ 64 rows × 64 keys of exp, max, sum) outlasts S_{j+1} + the V_j
+// two AIVs' softmax of a tile (≈ 64 rows × 64 keys of exp, max, sum: ~15 whole-tile vector
+// instructions per AIV, plus one masking Duplicate per row on the diagonal) outlasts S_{j+1} + the V_j
 // load; the GM round trips of S/P/O (~88 KiB per tile) make the kernel L2-bandwidth-sensitive at
 // D 256. Not measured: no NPU.
 
@@ -288,6 +289,23 @@ private:
 
 // ------------------------------------------------------------------------------------------------
 // Vector side: rows [r0, r1) of each item, r0/r1 splitting the rows between the two AIVs.
+//
+// Every step works on the AIV's whole tile (≤ 32 rows × 64 keys, one 256-byte repeat per row)
+// with per-row statistics as vectors in UB: row maxima and sums by two BlockReduce passes (8
+// partial results per row, then 1), per-row values broadcast to one 32-byte block each (Brcb)
+// and applied with a src1 block stride of 0. The scalar unit only computes the masks of the
+// diagonal tile, so there is no vector→scalar round trip inside the key loop.
+
+// Row statistics in one UB buffer (floats, offsets in units of HALF_ROWS, all 32-byte aligned):
+// m ping-pong (2), l, α per workspace slot, row max, row sum, 8 partials per row, a broadcast
+// block per row.
+constexpr uint32_t HALF_ROWS = PREFILL_ROWS / 2;
+constexpr uint32_t ST_M = 0, ST_L = 2, ST_ALPHA = 3, ST_MAX = ST_ALPHA + WS_SLOTS, ST_SUM = ST_MAX + 1;
+constexpr uint32_t ST_PART = ST_SUM + 1, ST_BCAST = ST_PART + 8, ST_END = ST_BCAST + 8;
+constexpr uint32_t FLOATS_PER_BLOCK = ONE_BLK_SIZE / sizeof(float);
+// Starting running max: finite, below any score, so a row with nothing visible yet keeps
+// α = e^0 = 1 and P = e^(−inf) = 0 without special cases.
+constexpr float M_START = -1e30f;
 
 template <typename T> class PrefillVector {
 public:
@@ -303,16 +321,14 @@ public:
         const uint32_t core = GetBlockIdx() / 2;  // the AIC this AIV belongs to (1:2)
         sub_ = GetBlockIdx() % 2;
         ws_.Init(p.workspace + (uint64_t)core * WS_SLOTS * WS_SLOT);
-        constexpr uint32_t half_rows = PREFILL_ROWS / 2;
-        pipe_.InitBuffer(sIn_, 1, half_rows * PREFILL_KEYS * sizeof(float));
-        pipe_.InitBuffer(oIn_, 1, half_rows * PREFILL_MAX_D * sizeof(float));
-        pipe_.InitBuffer(pOut_, 1, half_rows * PREFILL_KEYS * sizeof(T));
-        pipe_.InitBuffer(rowOut_, 1, PREFILL_MAX_D * sizeof(T));
-        pipe_.InitBuffer(lseOut_, 1, ONE_BLK_SIZE);
-        pipe_.InitBuffer(p32_, half_rows * PREFILL_KEYS * sizeof(float));
-        pipe_.InitBuffer(acc_, half_rows * PREFILL_MAX_D * sizeof(float));
-        pipe_.InitBuffer(red_, ONE_BLK_SIZE);
-        pipe_.InitBuffer(work_, ONE_REPEAT_BYTES);
+        pipe_.InitBuffer(sIn_, 1, HALF_ROWS * PREFILL_KEYS * sizeof(float));
+        pipe_.InitBuffer(oIn_, 1, HALF_ROWS * PREFILL_MAX_D * sizeof(float));
+        pipe_.InitBuffer(pOut_, 1, HALF_ROWS * PREFILL_KEYS * sizeof(T));
+        pipe_.InitBuffer(rowsOut_, 1, HALF_ROWS * PREFILL_MAX_D * sizeof(T));
+        pipe_.InitBuffer(lseOut_, 1, HALF_ROWS * ONE_BLK_SIZE);
+        pipe_.InitBuffer(p32_, HALF_ROWS * PREFILL_KEYS * sizeof(float));
+        pipe_.InitBuffer(acc_, HALF_ROWS * PREFILL_MAX_D * sizeof(float));
+        pipe_.InitBuffer(stats_, ST_END * HALF_ROWS * sizeof(float));
         const uint32_t items = ItemCount(p);
         for (uint32_t it = core; it < items; it += GetBlockNum()) {
             Item x;
@@ -321,15 +337,21 @@ public:
     }
 
 private:
+    __aicore__ inline LocalTensor<float> Stat(uint32_t at) { return stats_.Get<float>()[at * HALF_ROWS]; }
+    __aicore__ inline LocalTensor<float> M(uint32_t which) { return Stat(ST_M + which); }
+    // Rows rounded up to whole BlockReduce/Brcb repeats (8 rows each).
+    __aicore__ inline uint8_t Groups() const { return (uint8_t)((n_ + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK); }
+
     __aicore__ inline void Work(const Item& x) {
         const uint32_t split = (x.rows + 1) / 2;
         r0_ = sub_ == 0 ? 0 : split;
         n_ = (sub_ == 0 ? split : x.rows) - r0_;
-        for (uint32_t r = 0; r < n_; r++) {
-            m_[r] = NegInf();
-            l_[r] = 0.0f;
+        m_ = 0;
+        if (n_ > 0) {
+            Duplicate(M(m_), M_START, (int32_t)n_);
+            Duplicate(Stat(ST_L), 0.0f, (int32_t)n_);
+            Duplicate(acc_.Get<float>(), 0.0f, (int32_t)(n_ * dp_));
         }
-        if (n_ > 0) Duplicate(acc_.Get<float>(), 0.0f, (int32_t)(n_ * dp_));
         // Tile j's softmax runs while the cube computes S_{j+1}; O_j is folded in after the
         // softmax of tile j + 1, with tile j's rescaling factors.
         const uint32_t tiles = (x.keys + PREFILL_KEYS - 1) / PREFILL_KEYS;
@@ -338,39 +360,70 @@ private:
             if (j > 0) Accumulate(j - 1);
         }
         Accumulate(tiles - 1);
-        LocalTensor<float> acc = acc_.Get<float>();
-        for (uint32_t r = 0; r < n_; r++) Finish(x, r0_ + r, acc[r * dp_], m_[r], l_[r]);
+        if (n_ > 0) Finish(x);
+    }
+
+    // Row reduction of `src` (n_ rows of `width` ≤ 64 floats at PREFILL_KEYS spacing) into
+    // `dst[r]`: 8 partial results per row, then one.
+    template <bool MAX>
+    __aicore__ inline void RowReduce(const LocalTensor<float>& dst, const LocalTensor<float>& src) {
+        LocalTensor<float> part = Stat(ST_PART);
+        if (MAX) {
+            BlockReduceMax(part, src, (int32_t)n_, (int32_t)PREFILL_KEYS, 1, 1, PREFILL_KEYS / FLOATS_PER_BLOCK);
+            BlockReduceMax(dst, part, (int32_t)Groups(), (int32_t)PREFILL_KEYS, 1, 1, 8);
+        } else {
+            BlockReduceSum(part, src, (int32_t)n_, (int32_t)PREFILL_KEYS, 1, 1, PREFILL_KEYS / FLOATS_PER_BLOCK);
+            BlockReduceSum(dst, part, (int32_t)Groups(), (int32_t)PREFILL_KEYS, 1, 1, 8);
+        }
+    }
+
+    // rows[r][0..width) op= v[r] for n_ rows of `stride` floats: v broadcast one block per row,
+    // read with a block stride of 0 in chunks of one repeat (64 floats).
+    __aicore__ inline void RowScale(const LocalTensor<float>& rows, const LocalTensor<float>& v, uint32_t width, uint32_t stride) {
+        LocalTensor<float> bc = Stat(ST_BCAST);
+        Brcb(bc, v, Groups(), BrcbRepeatParams(1, 8));
+        const uint8_t rep = (uint8_t)(stride / FLOATS_PER_BLOCK);
+        for (uint32_t c = 0; c < width; c += PREFILL_KEYS) {
+            const uint64_t mask = Min(PREFILL_KEYS, width - c);
+            Mul(rows[c], rows[c], bc, mask, (uint8_t)n_, BinaryRepeatParams(1, 1, 0, rep, rep, 1));
+        }
     }
 
     // Tile j: S rows from the workspace → scale, mask, running max and sum, P rows back.
     __aicore__ inline void Softmax(const Item& x, uint32_t j) {
         const uint32_t v0 = j * PREFILL_KEYS, slot = j % WS_SLOTS;
-        float* alpha = alpha_[slot];
         CrossCoreWaitFlag(FLAG_S);
         if (n_ > 0) {
-            LocalTensor<float> p32 = p32_.Get<float>(), red = red_.Get<float>(), work = work_.Get<float>();
+            LocalTensor<float> p32 = p32_.Get<float>();
+            LocalTensor<float> m_old = M(m_), m_new = M(1 - m_), alpha = Stat(ST_ALPHA + slot);
             LocalTensor<float> s = sIn_.AllocTensor<float>();
             DataCopyPad(s, ws_.S(slot)[r0_ * PREFILL_KEYS], DataCopyExtParams(1, n_ * PREFILL_KEYS * sizeof(float), 0, 0, 0),
                         DataCopyPadExtParams<float>(true, 0, 0, 0.0f));
             sIn_.EnQue(s);
             s = sIn_.DeQue<float>();
-            Duplicate(p32, 0.0f, (int32_t)(n_ * PREFILL_KEYS));
+            Muls(s, s, scale_, (int32_t)(n_ * PREFILL_KEYS));
+            // Keys a row may not see (past its token on the diagonal, or past the item's keys): −inf.
             for (uint32_t r = 0; r < n_; r++) {
                 const uint32_t seen = x.Visible(r0_ + r, p_.group, p_.block_size);
                 const uint32_t vis = seen > v0 ? Min(PREFILL_KEYS, seen - v0) : 0;
-                alpha[r] = 1.0f;
-                if (vis == 0) continue;  // P row stays 0, the row's state is unchanged
-                LocalTensor<float> row = s[r * PREFILL_KEYS], pr = p32[r * PREFILL_KEYS];
-                Muls(row, row, scale_, (int32_t)vis);
-                const float tile_max = ReduceToScalar(true, row, vis, red, work);
-                const float m_new = tile_max > m_[r] ? tile_max : m_[r];
-                alpha[r] = ScalarExp(m_[r] - m_new, red);
-                Adds(pr, row, -m_new, (int32_t)vis);
-                Exp(pr, pr, (int32_t)vis);
-                l_[r] = l_[r] * alpha[r] + ReduceToScalar(false, pr, vis, red, work);
-                m_[r] = m_new;
+                if (vis == PREFILL_KEYS) continue;
+                uint64_t hidden[2] = {~0ull << vis, 0};
+                Duplicate(s[r * PREFILL_KEYS], NegInf(), hidden, 1, 1, 8);
             }
+            RowReduce<true>(Stat(ST_MAX), s);
+            Max(m_new, m_old, Stat(ST_MAX), (int32_t)n_);
+            Sub(alpha, m_old, m_new, (int32_t)n_);
+            Exp(alpha, alpha, (int32_t)n_);
+            // P = e^(S − m_new), row by row through the broadcast block.
+            LocalTensor<float> bc = Stat(ST_BCAST);
+            Brcb(bc, m_new, Groups(), BrcbRepeatParams(1, 8));
+            Sub(p32, s, bc, (uint64_t)PREFILL_KEYS, (uint8_t)n_, BinaryRepeatParams(1, 1, 0, 8, 8, 1));
             sIn_.FreeTensor(s);
+            Exp(p32, p32, (int32_t)(n_ * PREFILL_KEYS));
+            RowReduce<false>(Stat(ST_SUM), p32);
+            Mul(Stat(ST_L), Stat(ST_L), alpha, (int32_t)n_);
+            Add(Stat(ST_L), Stat(ST_L), Stat(ST_SUM), (int32_t)n_);
+            m_ = 1 - m_;
             LocalTensor<T> pt = pOut_.AllocTensor<T>();
             Cast(pt, p32, RoundMode::CAST_RINT, n_ * PREFILL_KEYS);
             pOut_.EnQue(pt);
@@ -392,33 +445,46 @@ private:
                     DataCopyPadExtParams<float>(true, 0, 0, 0.0f));
         oIn_.EnQue(o);
         o = oIn_.DeQue<float>();
-        for (uint32_t r = 0; r < n_; r++) {
-            Muls(acc[r * dp_], acc[r * dp_], alpha_[slot][r], (int32_t)dp_);
-            Add(acc[r * dp_], acc[r * dp_], o[r * dp_], (int32_t)dp_);
-        }
+        RowScale(acc, Stat(ST_ALPHA + slot), dp_, dp_);
+        Add(acc, acc, o, (int32_t)(n_ * dp_));
         oIn_.FreeTensor(o);
     }
 
-    // Row r of the item: O / l into `out`, and its log-sum-exp.
-    __aicore__ inline void Finish(const Item& x, uint32_t r, const LocalTensor<float>& o, float m, float l) {
-        const uint32_t t = x.t0 + r / p_.group, hq = x.h * p_.group + r % p_.group;
-        Muls(o, o, 1.0f / l, (int32_t)dp_);
-        LocalTensor<T> row = rowOut_.AllocTensor<T>();
-        Cast(row, o, RoundMode::CAST_RINT, dp_);
-        rowOut_.EnQue(row);
-        row = rowOut_.DeQue<T>();
-        const int64_t off = x.b * p_.out.stride[0] + t * p_.out.stride[1] + hq * p_.out.stride[2];
-        DataCopyPad(outGm_[off], row, DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0));
-        rowOut_.FreeTensor(row);
+    // The item's rows: O / l into `out` (a run of G contiguous heads per token), and
+    // lse = m + ln l.
+    __aicore__ inline void Finish(const Item& x) {
+        LocalTensor<float> acc = acc_.Get<float>(), inv = Stat(ST_SUM);
+        Duplicate(inv, 1.0f, (int32_t)n_);
+        Div(inv, inv, Stat(ST_L), (int32_t)n_);
+        RowScale(acc, inv, dp_, dp_);
+        LocalTensor<T> rows = rowsOut_.AllocTensor<T>();
+        Cast(rows, acc, RoundMode::CAST_RINT, n_ * dp_);
+        rowsOut_.EnQue(rows);
+        rows = rowsOut_.DeQue<T>();
+        const uint32_t g = p_.group;
+        for (uint32_t r = 0; r < n_;) {
+            const uint32_t row = r0_ + r, t = x.t0 + row / g, first = row % g;
+            const uint32_t run = Min(g - first, n_ - r);  // this token's heads among our rows
+            const int64_t off =
+                x.b * p_.out.stride[0] + t * p_.out.stride[1] + (x.h * g + first) * p_.out.stride[2];
+            const uint32_t gap = (uint32_t)((p_.out.stride[2] - d_) * sizeof(T));
+            DataCopyPad(outGm_[off], rows[r * dp_], DataCopyExtParams(run, d_ * sizeof(T), 0, gap, 0));
+            r += run;
+        }
+        rowsOut_.FreeTensor(rows);
         if (p_.lse) {
+            LocalTensor<float> lse = Stat(ST_MAX);
+            Ln(lse, Stat(ST_L), (int32_t)n_);
+            Add(lse, lse, M(m_), (int32_t)n_);
             LocalTensor<float> v = lseOut_.AllocTensor<float>();
-            Duplicate(v, l, 8);
-            Ln(v, v, 8);
-            Adds(v, v, m, 8);
+            Brcb(v, lse, Groups(), BrcbRepeatParams(1, 8));
             lseOut_.EnQue(v);
             v = lseOut_.DeQue<float>();
-            const uint64_t at = ((uint64_t)x.b * p_.q.shape[2] + hq) * p_.q.shape[1] + t;
-            DataCopyPad(lseGm_[at], v, DataCopyExtParams(1, sizeof(float), 0, 0, 0));
+            for (uint32_t r = 0; r < n_; r++) {
+                const uint32_t row = r0_ + r, t = x.t0 + row / g, hq = x.h * g + row % g;
+                const uint64_t at = ((uint64_t)x.b * p_.q.shape[2] + hq) * p_.q.shape[1] + t;
+                DataCopyPad(lseGm_[at], v[r * FLOATS_PER_BLOCK], DataCopyExtParams(1, sizeof(float), 0, 0, 0));
+            }
             lseOut_.FreeTensor(v);
         }
     }
@@ -427,12 +493,11 @@ private:
     uint32_t d_ = 0, dp_ = 0, sub_ = 0;
     float scale_ = 0;
     uint32_t r0_ = 0, n_ = 0;  // this AIV's rows of the current item
-    float m_[PREFILL_ROWS / 2], l_[PREFILL_ROWS / 2];
-    float alpha_[WS_SLOTS][PREFILL_ROWS / 2];  // per tile in flight: the rescaling of O
+    uint32_t m_ = 0;           // which of the two running-max vectors is current
     TPipe pipe_;
     TQue<TPosition::VECIN, 1> sIn_, oIn_;
-    TQue<TPosition::VECOUT, 1> pOut_, rowOut_, lseOut_;
-    TBuf<TPosition::VECCALC> p32_, acc_, red_, work_;
+    TQue<TPosition::VECOUT, 1> pOut_, rowsOut_, lseOut_;
+    TBuf<TPosition::VECCALC> p32_, acc_, stats_;
     GlobalTensor<T> outGm_;
     GlobalTensor<float> lseGm_;
     Workspace<T> ws_;

@@ -575,6 +575,99 @@ template <typename T> __aicore__ void Duplicate(const LocalTensor<T>& dst, const
     for (int32_t i = 0; i < count; i++) d[i] = scalar;
 }
 
+// Level 0: `scalar` into the elements the mask selects, repeat by repeat.
+namespace emu {
+template <typename T>
+void RepeatFill(const LocalTensor<T>& dst, T scalar, uint64_t mask, const uint64_t* bits, uint8_t repeats, uint16_t blk, uint8_t rep) {
+    CheckVectorOperand(dst, "Duplicate");
+    CheckMask<T>(mask, bits, "Duplicate");
+    CountVector((uint64_t)repeats * ONE_REPEAT_BYTES);
+    const uint32_t epb = ONE_BLK_SIZE / sizeof(T);
+    for (uint32_t r = 0; r < repeats; r++)
+        for (uint32_t b = 0; b < 8; b++)
+            for (uint32_t e = 0; e < epb; e++)
+                if (MaskBit<T>(mask, bits, b * epb + e)) *dst.Ptr((r * rep + b * blk) * epb + e, 1) = scalar;
+}
+}  // namespace emu
+template <typename T>
+__aicore__ void Duplicate(const LocalTensor<T>& dst, const T& scalar, uint64_t mask, const uint8_t repeatTimes,
+                          const uint16_t dstBlockStride, const uint8_t dstRepeatStride) {
+    emu::RepeatFill(dst, scalar, mask, nullptr, repeatTimes, dstBlockStride, dstRepeatStride);
+}
+template <typename T>
+__aicore__ void Duplicate(const LocalTensor<T>& dst, const T& scalar, const uint64_t mask[2], const uint8_t repeatTimes,
+                          const uint16_t dstBlockStride, const uint8_t dstRepeatStride) {
+    emu::RepeatFill(dst, scalar, 0, mask, repeatTimes, dstBlockStride, dstRepeatStride);
+}
+
+// BlockReduceMax / BlockReduceSum: each repeat reduces each of its 8 data blocks (the elements
+// the mask selects) to one element; the 8 results are contiguous in dst, and dstRepStride
+// counts in units of those 8 results (32 bytes for float, 16 for half).
+namespace emu {
+template <typename T, typename F>
+void BlockReduce(const LocalTensor<T>& dst, const LocalTensor<T>& src, int32_t repeat, uint64_t mask, const uint64_t* bits,
+                 int32_t dstRepStride, int32_t srcBlkStride, int32_t srcRepStride, const char* op, F f) {
+    CheckVectorOperand(src, op);
+    if (MemoryOf(dst.GetPosition()) != Memory::UB) EmuFail(std::string(op) + ": dst must live in the unified buffer");
+    if (dst.Offset() % (8 * sizeof(T))) EmuFail(std::string(op) + ": dst is not aligned to 8 elements");
+    if (repeat < 0 || repeat > 255) EmuFail(std::string(op) + ": repeat " + std::to_string(repeat) + " outside 0..255");
+    CheckMask<T>(mask, bits, op);
+    CountVector((uint64_t)repeat * ONE_REPEAT_BYTES);
+    const uint32_t epb = ONE_BLK_SIZE / sizeof(T);
+    for (int32_t r = 0; r < repeat; r++)
+        for (uint32_t b = 0; b < 8; b++) {
+            bool any = false;
+            float acc = 0.0f;
+            for (uint32_t e = 0; e < epb; e++) {
+                if (!MaskBit<T>(mask, bits, b * epb + e)) continue;
+                const float x = (float)*src.Ptr(((uint32_t)r * srcRepStride + b * srcBlkStride) * epb + e, 1);
+                acc = any ? f(acc, x) : x;
+                any = true;
+            }
+            if (any) *dst.Ptr((uint32_t)r * dstRepStride * 8 + b, 1) = FromF<T>(acc);
+        }
+}
+}  // namespace emu
+
+#define EK_EMU_BLOCK_REDUCE(NAME, EXPR)                                                                                        \
+    template <typename T>                                                                                                      \
+    __aicore__ void NAME(const LocalTensor<T>& dst, const LocalTensor<T>& src, const int32_t repeat, const int32_t maskCount,  \
+                         const int32_t dstRepStride, const int32_t srcBlkStride, const int32_t srcRepStride) {                \
+        emu::BlockReduce(dst, src, repeat, (uint64_t)maskCount, nullptr, dstRepStride, srcBlkStride, srcRepStride, #NAME,      \
+                         [](float a, float x) { return EXPR; });                                                               \
+    }                                                                                                                          \
+    template <typename T>                                                                                                      \
+    __aicore__ void NAME(const LocalTensor<T>& dst, const LocalTensor<T>& src, const int32_t repeat, const uint64_t mask[2],   \
+                         const int32_t dstRepStride, const int32_t srcBlkStride, const int32_t srcRepStride) {                \
+        emu::BlockReduce(dst, src, repeat, 0, mask, dstRepStride, srcBlkStride, srcRepStride, #NAME,                           \
+                         [](float a, float x) { return EXPR; });                                                               \
+    }
+
+EK_EMU_BLOCK_REDUCE(BlockReduceMax, (x > a || x != x) ? x : a)
+EK_EMU_BLOCK_REDUCE(BlockReduceSum, a + x)
+
+// Brcb: each repeat takes 8 consecutive elements of src and fills one 32-byte block of dst with
+// each; dstBlkStride (0 counts as 1) and dstRepStride in blocks. src and dst may not coincide.
+struct BrcbRepeatParams {
+    uint16_t dstBlkStride = 1, dstRepStride = 8;
+    BrcbRepeatParams() = default;
+    BrcbRepeatParams(uint16_t db, uint16_t dr) : dstBlkStride(db), dstRepStride(dr) {}
+};
+template <typename T>
+__aicore__ void Brcb(const LocalTensor<T>& dst, const LocalTensor<T>& src, const uint8_t repeatTimes, const BrcbRepeatParams& p) {
+    emu::CheckVectorOperand(dst, "Brcb");
+    emu::CheckVectorOperand(src, "Brcb");
+    if (dst.Offset() == src.Offset()) EmuFail("Brcb: src and dst are the same address");
+    CountVector((uint64_t)repeatTimes * ONE_REPEAT_BYTES);
+    const uint32_t epb = ONE_BLK_SIZE / sizeof(T), blk = p.dstBlkStride ? p.dstBlkStride : 1;
+    for (uint32_t r = 0; r < repeatTimes; r++)
+        for (uint32_t b = 0; b < 8; b++) {
+            const T x = *src.Ptr(r * 8 + b, 1);
+            T* d = dst.Ptr((r * p.dstRepStride + b * blk) * epb, epb);
+            for (uint32_t e = 0; e < epb; e++) d[e] = x;
+        }
+}
+
 // Reductions of `count` elements into dst[0] (the index is not produced here: calIndex must be false).
 template <typename T>
 __aicore__ void ReduceMax(const LocalTensor<T>& dst, const LocalTensor<T>& src, const LocalTensor<T>& work, const int32_t count,
