@@ -57,4 +57,7 @@ fn work_counters() {
     // Scoring is vector work (two passes over every row-key pair) and no cube work.
     assert_eq!(c.cube_macs, 0);
     assert!(c.vector_repeats as usize >= 2 * hq * w * (n - w) * d * 4 / 256);
+    // A row is scored against a whole 32-key tile per instruction (not one key per Mul + ReduceSum).
+    let per_instr = c.vector_repeats as f64 / c.vector_instrs as f64;
+    assert!(per_instr >= 8.0, "{per_instr:.1} vector repeats per instruction: scoring went back to one key at a time");
 }

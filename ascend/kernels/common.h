@@ -10,6 +10,9 @@ template <typename A> struct SameType<A, A> {
 
 // ln 2: the kernels get softmax scales in base 2 (the header's scale_log2) and exponentiate with Exp.
 constexpr float LN2 = 0.6931471805599453f;
+// f32 elements in one 32-byte data block and in one 256-byte vector repeat.
+constexpr uint32_t FLOATS_PER_BLOCK = AscendC::ONE_BLK_SIZE / sizeof(float);
+constexpr uint32_t FLOATS_PER_REPEAT = AscendC::ONE_REPEAT_BYTES / sizeof(float);
 
 // -inf as a float, from its bit pattern.
 __aicore__ inline float NegInf() {

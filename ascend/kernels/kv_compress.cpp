@@ -18,14 +18,16 @@
 //
 // UB plan (192 KiB; the G·W window rows in chunks of 64, G ≤ 16, D ≤ 256):
 //   stats/means  obs rows f32 64 × D × 4 ≤ 64 KiB; K tile 32 × D: T ≤ 16 KiB (+ f32 copy 32 KiB);
-//                scores 64 × 32 × 4 = 8 KiB; means accumulators G × 512 × 4 ≤ 32 KiB; row stats
+//                products 32 × D × 4 ≤ 32 KiB + 1 KiB partials; scores 64 × 32 × 4 = 8 KiB;
+//                means accumulators G × 512 × 4 ≤ 32 KiB; row stats (≤ 189 KiB at D 256, G 16)
 //   (a group with more than 64 window rows reads each key chunk once per 64 rows)
 //   pool         2 × 1024 f32 in + 1024 accumulator = 12 KiB
 //   topk         scores tile 1024 f32 + indices 1024 u32 + sorted tile and merge scratch 2 × 8 KiB
 //                + running best list and merge target 2 × 8 × 4096 B = 64 KiB: ≈ 100 KiB
 //   gather       2 rows of D in flight (double-buffered GM → UB → GM)
-// Expected utilisation: stats and means are vector-bound on per-(row, key) dot products (Mul +
-// ReduceSum), 2 × rows × N × D × 2 FLOPs in total; pooling, sorting and gathering are small.
+// Expected utilisation: stats and means are vector-bound on the (row, key) dot products, 2 × rows ×
+// N × D × 2 FLOPs in total, each row scored against a 32-key tile in ~5 instructions (products,
+// fold, two BlockReduceSum); pooling, sorting and gathering are small.
 
 #include "kernel_operator.h"
 #include "entropy_params.h"
@@ -82,7 +84,8 @@ protected:
             pipe_.InitBuffer(rowf_, dpt_ * sizeof(float));
         }
         pipe_.InitBuffer(scores_, chunkRows_ * COMPRESS_KEYS * sizeof(float));
-        pipe_.InitBuffer(tmp_, dpf_ * sizeof(float));
+        pipe_.InitBuffer(tmp_, COMPRESS_KEYS * dpt_ * sizeof(float));
+        pipe_.InitBuffer(part_, COMPRESS_KEYS * FLOATS_PER_BLOCK * sizeof(float));
         pipe_.InitBuffer(red_, ONE_BLK_SIZE);
         pipe_.InitBuffer(work_, ONE_REPEAT_BYTES);
     }
@@ -102,14 +105,29 @@ protected:
         }
     }
 
-    // Scores of loaded row i against the first `n` keys of the tile into scores row i.
+    // Scores of loaded row r against the first `n` keys of the tile into scores row r, all keys
+    // per instruction: products in chunks of one repeat of dims (the row read with a repeat
+    // stride of 0), the chunks folded into the first, then two BlockReduceSum passes (8 partials
+    // per key, then 1). Entries past `n` in the row are scratch.
     __aicore__ inline LocalTensor<float> Score(uint32_t r, const LocalTensor<float>& keys, uint32_t n) {
-        LocalTensor<float> obs = obs_.Get<float>(), tmp = tmp_.Get<float>(), row = scores_.Get<float>()[r * COMPRESS_KEYS];
-        for (uint32_t j = 0; j < n; j++) {
-            Mul(tmp, obs[r * dpf_], keys[j * dpt_], (int32_t)dpf_);
-            row.SetValue(j, ReduceToScalar(false, tmp, dpf_, red_.Get<float>(), work_.Get<float>()));
+        LocalTensor<float> obs = obs_.Get<float>()[r * dpf_], tmp = tmp_.Get<float>(), part = part_.Get<float>();
+        LocalTensor<float> row = scores_.Get<float>()[r * COMPRESS_KEYS];
+        const uint8_t keys_n = (uint8_t)n, rep = (uint8_t)(dpt_ / FLOATS_PER_BLOCK);
+        for (uint32_t c = 0; c < d_; c += FLOATS_PER_REPEAT) {
+            const uint64_t mask = Min(FLOATS_PER_REPEAT, d_ - c);
+            Mul(tmp[c], keys[c], obs[c], mask, keys_n, BinaryRepeatParams(1, 1, 1, rep, rep, 0));
         }
-        ScalarToVector();
+        for (uint32_t c = FLOATS_PER_REPEAT; c < d_; c += FLOATS_PER_REPEAT) {
+            const uint64_t mask = Min(FLOATS_PER_REPEAT, d_ - c);
+            Add(tmp, tmp, tmp[c], mask, keys_n, BinaryRepeatParams(1, 1, 1, rep, rep, rep));
+        }
+        const uint32_t width = Min(FLOATS_PER_REPEAT, d_);
+        BlockReduceSum(part, tmp, (int32_t)n, (int32_t)width, 1, 1, rep);
+        // Second pass: per key, only the blocks the first pass filled.
+        const uint32_t filled = (width + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK;
+        uint64_t valid[2] = {0, 0};
+        for (uint32_t k = 0; k < FLOATS_PER_BLOCK; k++) valid[0] |= ((1ull << filled) - 1) << (k * FLOATS_PER_BLOCK);
+        BlockReduceSum(row, part, (int32_t)((n + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK), valid, 1, 1, FLOATS_PER_BLOCK);
         return row;
     }
 
@@ -133,7 +151,7 @@ protected:
     float scale_ = 0;
     TPipe pipe_;
     TQue<TPosition::VECIN, 1> kIn_, rowIn_;
-    TBuf<TPosition::VECCALC> obs_, kf_, rowf_, scores_, tmp_, red_, work_;
+    TBuf<TPosition::VECCALC> obs_, kf_, rowf_, scores_, tmp_, part_, red_, work_;
     GlobalTensor<T> obsGm_, kGm_;
     GlobalTensor<float> statsGm_;
 };

@@ -302,7 +302,6 @@ private:
 constexpr uint32_t HALF_ROWS = PREFILL_ROWS / 2;
 constexpr uint32_t ST_M = 0, ST_L = 2, ST_ALPHA = 3, ST_MAX = ST_ALPHA + WS_SLOTS, ST_SUM = ST_MAX + 1;
 constexpr uint32_t ST_PART = ST_SUM + 1, ST_BCAST = ST_PART + 8, ST_END = ST_BCAST + 8;
-constexpr uint32_t FLOATS_PER_BLOCK = ONE_BLK_SIZE / sizeof(float);
 // Starting running max: finite, below any score, so a row with nothing visible yet keeps
 // α = e^0 = 1 and P = e^(−inf) = 0 without special cases.
 constexpr float M_START = -1e30f;
