@@ -57,6 +57,19 @@ fn work_counters() {
     // Scoring is vector work (two passes over every row-key pair) and no cube work.
     assert_eq!(c.cube_macs, 0);
     assert!(c.vector_repeats as usize >= 2 * hq * w * (n - w) * d * 4 / 256);
+    // Decode over 1024-entry caches: scores and P·V per 32-key tile, not per key.
+    let cap = 1024usize;
+    let qd = random([b, 1, hq, d], 1.0, 7, DType::F16);
+    let (kd, vd) = (random([b, hkv, cap, d], 1.0, 8, DType::F16), random([b, hkv, cap, d], 1.0, 9, DType::F16));
+    let mut od = poisoned(qd.shape, DType::F16);
+    let lengths = vec![cap as u32; b * hkv];
+    emu::take_counters();
+    kernels.decode_attention(qd.view(), kd.view(), vd.view(), &lengths, None, &mut od.view_mut()).unwrap();
+    let cd = emu::take_counters();
+    eprintln!("decode 1 query over {cap} entries GQA {hq}/{hkv} D {d} f16: {cd:?}");
+    let per_instr = cd.vector_repeats as f64 / cd.vector_instrs as f64;
+    assert!(per_instr >= 4.0, "{per_instr:.1} vector repeats per instruction: decode went back to one key at a time");
+
     // A row is scored against a whole 32-key tile per instruction (not one key per Mul + ReduceSum).
     let per_instr = c.vector_repeats as f64 / c.vector_instrs as f64;
     assert!(per_instr >= 8.0, "{per_instr:.1} vector repeats per instruction: scoring went back to one key at a time");

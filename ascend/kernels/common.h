@@ -83,6 +83,55 @@ template <typename T, typename Buf> __aicore__ inline AscendC::LocalTensor<float
     return SameType<T, float>::value ? AscendC::LocalTensor<float>() : b.template Get<float>();
 }
 
+// Dot products of one f32 row `q` (d elements) with n ≤ 255 f32 rows `keys` (`stride` floats
+// apart, stride a multiple of 8) into dst[0..n) (8-element aligned; entries up to n rounded up
+// to 8 are scratch), all keys per instruction: products in repeats of 64 dims with q read at a
+// repeat stride of 0, folded into the first repeat, then two BlockReduceSum passes (8 partials
+// per key, then 1). Scratch: `tmp` n × stride floats, `part` n rounded up to 8 blocks.
+__aicore__ inline void TileDots(const AscendC::LocalTensor<float>& dst, const AscendC::LocalTensor<float>& q,
+                                const AscendC::LocalTensor<float>& keys, uint32_t n, uint32_t d, uint32_t stride,
+                                const AscendC::LocalTensor<float>& tmp, const AscendC::LocalTensor<float>& part) {
+    using namespace AscendC;
+    const uint8_t rows = (uint8_t)n, rep = (uint8_t)(stride / FLOATS_PER_BLOCK);
+    for (uint32_t c = 0; c < d; c += FLOATS_PER_REPEAT) {
+        const uint64_t mask = d - c < FLOATS_PER_REPEAT ? d - c : FLOATS_PER_REPEAT;
+        Mul(tmp[c], keys[c], q[c], mask, rows, BinaryRepeatParams(1, 1, 1, rep, rep, 0));
+    }
+    for (uint32_t c = FLOATS_PER_REPEAT; c < d; c += FLOATS_PER_REPEAT) {
+        const uint64_t mask = d - c < FLOATS_PER_REPEAT ? d - c : FLOATS_PER_REPEAT;
+        Add(tmp, tmp, tmp[c], mask, rows, BinaryRepeatParams(1, 1, 1, rep, rep, rep));
+    }
+    const uint32_t width = d < FLOATS_PER_REPEAT ? d : FLOATS_PER_REPEAT;
+    BlockReduceSum(part, tmp, (int32_t)n, (int32_t)width, 1, 1, rep);
+    // Second pass: per key, only the blocks the first pass filled.
+    const uint32_t filled = (width + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK;
+    uint64_t valid[2] = {0, 0};
+    for (uint32_t k = 0; k < FLOATS_PER_BLOCK; k++) valid[0] |= ((1ull << filled) - 1) << (k * FLOATS_PER_BLOCK);
+    BlockReduceSum(dst, part, (int32_t)((n + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK), valid, 1, 1, FLOATS_PER_BLOCK);
+}
+
+// acc[0..d) += Σ_j w[j] · rows[j][0..d) for n ≤ 255 f32 rows `stride` floats apart, all rows per
+// instruction: w broadcast one block per row (Brcb), products in repeats of 64 dims with the
+// weight read at a block stride of 0, then the rows summed pairwise. Scratch: `tmp` n × stride
+// floats, `bc` n rounded up to 8 blocks.
+__aicore__ inline void TileWeightedSum(const AscendC::LocalTensor<float>& acc, const AscendC::LocalTensor<float>& w,
+                                       const AscendC::LocalTensor<float>& rows, uint32_t n, uint32_t d, uint32_t stride,
+                                       const AscendC::LocalTensor<float>& tmp, const AscendC::LocalTensor<float>& bc) {
+    using namespace AscendC;
+    const uint8_t rep = (uint8_t)(stride / FLOATS_PER_BLOCK);
+    Brcb(bc, w, (uint8_t)((n + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK), BrcbRepeatParams(1, 8));
+    for (uint32_t c = 0; c < d; c += FLOATS_PER_REPEAT) {
+        const uint64_t mask = d - c < FLOATS_PER_REPEAT ? d - c : FLOATS_PER_REPEAT;
+        Mul(tmp[c], rows[c], bc, mask, (uint8_t)n, BinaryRepeatParams(1, 1, 0, rep, rep, 1));
+    }
+    for (uint32_t m = n; m > 1;) {
+        const uint32_t half = m / 2;  // rows [m − half, m) onto rows [0, half); an odd middle row stays
+        Add(tmp, tmp, tmp[(m - half) * stride], (int32_t)(half * stride));
+        m -= half;
+    }
+    Add(acc, acc, tmp, (int32_t)d);
+}
+
 // Copies a params struct out of global memory (the tiling-data pattern of Ascend C kernels).
 template <typename P> __aicore__ inline P ReadParams(GM_ADDR params) {
     P p;

@@ -7,9 +7,11 @@
 //   K and V tiles in T       2 × 32 × 256 × 2 B  =  32 KiB
 //   K and V tiles in f32     2 × 32 × 256 × 4 B  =  64 KiB   (not needed for f32 inputs)
 //   q rows, output rows      2 × 16 × 256 × 4 B  =  32 KiB
-//   scores, scratch          16 × 32 × 4 B + 2 KiB
-// Expected utilisation: vector-bound on the per-(row, key) dot products (Mul + ReduceSum), which
-// is acceptable for decode's few rows; the cube path is the prefill kernel's.
+//   scores, scratch          16 × 32 × 4 B + 32 × 256 × 4 B products + 1 KiB partials/broadcasts
+// Per (row, key tile): the scores against all 32 keys (TileDots: ~5 instructions), the online
+// softmax (row max and sum through the scalar unit), then P·V for all 32 value rows
+// (TileWeightedSum: ~9 instructions). Expected utilisation: vector-bound on the dot products,
+// acceptable for decode's few rows; the cube path is the prefill kernel's.
 
 #include "kernel_operator.h"
 #include "entropy_params.h"
@@ -48,7 +50,8 @@ public:
             pipe_.InitBuffer(vf_, DECODE_KEYS * dpt_ * sizeof(float));
         }
         pipe_.InitBuffer(scores_, chunk_ * DECODE_KEYS * sizeof(float));
-        pipe_.InitBuffer(tmp_, dpf_ * sizeof(float));
+        pipe_.InitBuffer(tmp_, DECODE_KEYS * dpt_ * sizeof(float));
+        pipe_.InitBuffer(part_, DECODE_KEYS * FLOATS_PER_BLOCK * sizeof(float));
         pipe_.InitBuffer(red_, ONE_BLK_SIZE);
         pipe_.InitBuffer(work_, ONE_REPEAT_BYTES);
         // Item = (unit, chunk of at most DECODE_MAX_ROWS query rows); a unit with more rows reads
@@ -106,13 +109,8 @@ private:
             LocalTensor<float> kf = LoadTile(kIn_, kf_, kGm_[head + j0 * p_.k_cache.stride[2]], n, p_.k_cache.stride[2], kt);
             LocalTensor<float> vf = LoadTile(vIn_, vf_, vGm_[head + j0 * p_.v_cache.stride[2]], n, p_.v_cache.stride[2], vt);
             for (uint32_t r = 0; r < nr; r++) {
-                for (uint32_t j = 0; j < n; j++) {
-                    Mul(tmp, q[r * dpf_], kf[j * dpt_], (int32_t)dpf_);
-                    sc.SetValue(r * DECODE_KEYS + j, Reduced(false, tmp, dpf_));
-                }
-                SetFlag<HardEvent::S_V>(0);
-                WaitFlag<HardEvent::S_V>(0);
                 LocalTensor<float> row = sc[r * DECODE_KEYS];
+                TileDots(row, q[r * dpf_], kf, n, d_, dpt_, tmp, part_.Get<float>());
                 const float tile_max = Reduced(true, row, n);
                 const float m_new = tile_max > m[r] ? tile_max : m[r];
                 const float alpha = ScalarExp(m[r] - m_new);
@@ -121,7 +119,7 @@ private:
                 l[r] = l[r] * alpha + Reduced(false, row, n);
                 m[r] = m_new;
                 Muls(o[r * dpf_], o[r * dpf_], alpha, (int32_t)dpf_);
-                for (uint32_t j = 0; j < n; j++) Axpy(o[r * dpf_], vf[j * dpt_], row.GetValue(j), (int32_t)dpf_);
+                TileWeightedSum(o[r * dpf_], row, vf, n, d_, dpt_, tmp, part_.Get<float>());
             }
             kIn_.FreeTensor(kt);
             vIn_.FreeTensor(vt);
@@ -148,7 +146,7 @@ private:
     TPipe pipe_;
     TQue<TPosition::VECIN, 1> kIn_, vIn_, rowIn_;
     TQue<TPosition::VECOUT, 1> rowOut_;
-    TBuf<TPosition::VECCALC> q_, o_, kf_, vf_, scores_, tmp_, red_, work_;
+    TBuf<TPosition::VECCALC> q_, o_, kf_, vf_, scores_, tmp_, part_, red_, work_;
     GlobalTensor<T> qGm_, kGm_, vGm_, oGm_;
     GlobalTensor<uint32_t> lenGm_;
 };

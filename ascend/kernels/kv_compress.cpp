@@ -105,29 +105,11 @@ protected:
         }
     }
 
-    // Scores of loaded row r against the first `n` keys of the tile into scores row r, all keys
-    // per instruction: products in chunks of one repeat of dims (the row read with a repeat
-    // stride of 0), the chunks folded into the first, then two BlockReduceSum passes (8 partials
-    // per key, then 1). Entries past `n` in the row are scratch.
+    // Scores of loaded row r against the first `n` keys of the tile into scores row r (entries
+    // past `n` are scratch).
     __aicore__ inline LocalTensor<float> Score(uint32_t r, const LocalTensor<float>& keys, uint32_t n) {
-        LocalTensor<float> obs = obs_.Get<float>()[r * dpf_], tmp = tmp_.Get<float>(), part = part_.Get<float>();
         LocalTensor<float> row = scores_.Get<float>()[r * COMPRESS_KEYS];
-        const uint8_t keys_n = (uint8_t)n, rep = (uint8_t)(dpt_ / FLOATS_PER_BLOCK);
-        for (uint32_t c = 0; c < d_; c += FLOATS_PER_REPEAT) {
-            const uint64_t mask = Min(FLOATS_PER_REPEAT, d_ - c);
-            Mul(tmp[c], keys[c], obs[c], mask, keys_n, BinaryRepeatParams(1, 1, 1, rep, rep, 0));
-        }
-        for (uint32_t c = FLOATS_PER_REPEAT; c < d_; c += FLOATS_PER_REPEAT) {
-            const uint64_t mask = Min(FLOATS_PER_REPEAT, d_ - c);
-            Add(tmp, tmp, tmp[c], mask, keys_n, BinaryRepeatParams(1, 1, 1, rep, rep, rep));
-        }
-        const uint32_t width = Min(FLOATS_PER_REPEAT, d_);
-        BlockReduceSum(part, tmp, (int32_t)n, (int32_t)width, 1, 1, rep);
-        // Second pass: per key, only the blocks the first pass filled.
-        const uint32_t filled = (width + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK;
-        uint64_t valid[2] = {0, 0};
-        for (uint32_t k = 0; k < FLOATS_PER_BLOCK; k++) valid[0] |= ((1ull << filled) - 1) << (k * FLOATS_PER_BLOCK);
-        BlockReduceSum(row, part, (int32_t)((n + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK), valid, 1, 1, FLOATS_PER_BLOCK);
+        TileDots(row, obs_.Get<float>()[r * dpf_], keys, n, d_, dpt_, tmp_.Get<float>(), part_.Get<float>());
         return row;
     }
 
