@@ -79,3 +79,18 @@ fn bad_tensors_are_errors_not_panics() {
     let e = ek::dense_prefill(&kernels, &q, &k, &k, None).unwrap_err();
     assert!(e.to_string().contains("multiple of key/value heads"), "{e}");
 }
+
+/// A decode step's margin (top-1 − top-2 log-probability) and deficit (chosen − reference
+/// log-probability) are differences of logits, so they can be checked by hand.
+#[test]
+fn decode_step_margin_and_deficit() {
+    use entropy_kernels::candle::methods::Step;
+    let logits = Tensor::new(&[1.0f32, 3.0, 2.5, -1.0], &Device::Cpu).unwrap();
+    let s = Step::from_logits(&logits, Some(2)).unwrap();
+    assert_eq!(s.token, 1);
+    assert!((s.margin - 0.5).abs() < 1e-5 && (s.deficit - 0.5).abs() < 1e-5, "{s:?}");
+    let s = Step::from_logits(&logits, Some(0)).unwrap();
+    assert!((s.deficit - 2.0).abs() < 1e-5, "{s:?}");
+    assert_eq!(Step::from_logits(&logits, Some(1)).unwrap().deficit, 0.0);
+    assert_eq!(Step::from_logits(&logits, None).unwrap().deficit, 0.0);
+}
