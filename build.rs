@@ -13,8 +13,13 @@
 use std::path::{Path, PathBuf};
 
 /// Kernel sources under `ascend/kernels` and the cores each runs on (`src/ascend/launch.rs`).
-const ASCEND_KERNELS: [(&str, &str); 4] =
-    [("decode", "VecCore"), ("kv_compress", "VecCore"), ("prefill", "AiCore"), ("plan", "VecCore")];
+const ASCEND_KERNELS: [(&str, &str); 5] = [
+    ("decode", "VecCore"),
+    ("kv_compress", "VecCore"),
+    ("prefill", "AiCore"),
+    ("prefill_vector", "VecCore"),
+    ("plan", "VecCore"),
+];
 /// Default SoC: Atlas A2 (910B, dav-c220). Override with `EK_ASCEND_SOC`.
 const DEFAULT_SOC: &str = "Ascend910B1";
 

@@ -264,20 +264,51 @@ fn sort_and_merge_semantics() {
     assert_eq!(scores, want.iter().map(|&i| input[i as usize]).collect::<Vec<_>>());
 }
 
-/// f32 prefill has no cube kernel: a typed error that says what to do, and nothing written.
+/// f32 prefill runs on the vector cores (the cube path is f16/bf16): sparse plans, LSE, and
+/// groups wider than one 16-row chunk (MQA 32/1: each item's rows in two chunks), against the oracle.
 #[test]
-fn f32_prefill_is_a_typed_error() {
+fn f32_prefill_on_the_vector_cores() {
     let kernels = Kernels::new(BackendKind::AscendEmu).unwrap();
+    let oracle = Kernels::reference();
+    let seed = seed("f32_prefill_on_the_vector_cores");
+    for (i, &(l, hq, hkv, d)) in [(200usize, 32usize, 1usize, 64usize), (150, 6, 2, 80)].iter().enumerate() {
+        let s = seed ^ (i as u64 * 31337);
+        let q = random([1, l, hq, d], 1.0, s, DType::F32);
+        let k = random([1, l, hkv, d], 1.0, s ^ 1, DType::F32);
+        let v = random([1, l, hkv, d], 1.0, s ^ 2, DType::F32);
+        let cfg =
+            EntropyConfig { segment_size: 32, block_size: 8, threshold_len: 64, base_budget: 16, ..Default::default() };
+        let plan = oracle.plan(q.view(), k.view(), &cfg, &PlanRequest::layer(0)).unwrap();
+        assert!(plan.blocks.sparse_units() > 0);
+        let (mut got, mut want) = (poisoned(q.shape, DType::F32), poisoned(q.shape, DType::F32));
+        let (mut lse_got, mut lse_want) = (vec![f32::NAN; hq * l], vec![f32::NAN; hq * l]);
+        kernels
+            .sparse_prefill(q.view(), k.view(), v.view(), &plan.blocks, None, &mut got.view_mut(), Some(&mut lse_got))
+            .unwrap();
+        oracle
+            .sparse_prefill(q.view(), k.view(), v.view(), &plan.blocks, None, &mut want.view_mut(), Some(&mut lse_want))
+            .unwrap();
+        let err = rel_fro(&tensor_f64(&got), &tensor_f64(&want));
+        assert!(err <= attn_tol(DType::F32), "case {i}: rel err {err:e}");
+        let lse_err = lse_got.iter().zip(&lse_want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(lse_err <= 1e-4, "case {i}: LSE max abs err {lse_err:e}");
+    }
+}
+
+/// A backend that excludes an (op, dtype) pair answers with a typed error that says what to do.
+#[test]
+fn excluded_op_dtype_is_a_typed_error() {
+    let caps =
+        Capabilities { excluded: vec![(Op::Prefill, DType::F32)], ..Capabilities::full("test", HeadDims::UpTo(256)) };
     let q = random([1, 40, 2, 64], 1.0, 1, DType::F32);
     let kv = random([1, 40, 2, 64], 1.0, 2, DType::F32);
     let mut out = poisoned(q.shape, DType::F32);
-    match kernels.dense_prefill(q.view(), kv.view(), kv.view(), None, &mut out.view_mut(), None) {
+    match validate::attention(&caps, q.view(), kv.view(), kv.view(), None, None, &out.view_mut(), None) {
         Err(e @ Error::UnsupportedOpDType { .. }) => {
             assert!(e.to_string().contains("cast the inputs to f16 or bf16"), "{e}")
         }
         other => panic!("expected UnsupportedOpDType, got {other:?}"),
     }
-    assert!(tensor_f64(&out).iter().all(|x| x.is_nan()));
 }
 
 /// The cube and cross-core rules of mixed launches, each planted once.

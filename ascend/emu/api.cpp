@@ -14,6 +14,7 @@ extern "C" void ek_compress_pool(uint8_t* params);
 extern "C" void ek_compress_topk(uint8_t* params);
 extern "C" void ek_compress_gather(uint8_t* params);
 extern "C" void ek_prefill(uint8_t* params);
+extern "C" void ek_prefill_vec(uint8_t* params);
 extern "C" void ek_plan_reps(uint8_t* params);
 extern "C" void ek_emu_selftest_kernel(uint8_t* which);
 extern "C" void ek_emu_selftest_mix(uint8_t* which);
@@ -32,6 +33,7 @@ const Entry kKernels[] = {
     {"ek_compress_topk", ek_compress_topk},
     {"ek_compress_gather", ek_compress_gather},
     {"ek_prefill", ek_prefill, true},
+    {"ek_prefill_vec", ek_prefill_vec},
     {"ek_plan_reps", ek_plan_reps},
     {"selftest", ek_emu_selftest_kernel},
     {"selftest_mix", ek_emu_selftest_mix, true},

@@ -39,8 +39,10 @@
 #include "kernel_operator.h"
 #include "entropy_params.h"
 #include "common.h"
+#include "prefill_items.h"
 
 using namespace AscendC;
+using namespace ekprefill;
 
 namespace {
 
@@ -71,51 +73,7 @@ template <typename T> struct Workspace {
     __aicore__ inline GlobalTensor<float> O(uint32_t slot) const { return o[slot * WS_SLOT / sizeof(float)]; }
 };
 
-__aicore__ inline uint32_t Min(uint32_t a, uint32_t b) { return a < b ? a : b; }
 __aicore__ inline uint32_t Up16(uint32_t x) { return (x + FRACTAL - 1) / FRACTAL * FRACTAL; }
-
-// One work item and its virtual key list, shared by the cube and vector sides.
-struct Item {
-    int32_t b = 0, h = 0, s = 0;
-    uint32_t t0 = 0, tokens = 0, rows = 0;
-    bool dense = true;
-    uint32_t own0 = 0;          // first own key (segment start) of a sparse unit
-    uint32_t blocks = 0;        // selected blocks of a sparse unit
-    uint64_t list = 0;          // offset of its block list in `indices`
-    uint32_t keys = 0;          // length of the virtual key list
-
-    // Virtual keys row r may see (a prefix of the list).
-    __aicore__ inline uint32_t Visible(uint32_t r, uint32_t group, uint32_t block_size) const {
-        const uint32_t t = t0 + r / group;
-        return dense ? t + 1 : blocks * block_size + (t - own0 + 1);
-    }
-};
-
-// Work items of a launch; the cube and vector sides walk the same list.
-__aicore__ inline uint32_t ItemCount(const EkPrefillParams& p) {
-    return p.q.shape[0] * p.k.shape[2] * p.segments * p.tiles_per_segment;
-}
-
-__aicore__ inline bool MakeItem(const EkPrefillParams& p, uint32_t it, Item& x, const GlobalTensor<uint32_t>& offsets,
-                                const GlobalTensor<uint32_t>& counts) {
-    const uint32_t seq = p.q.shape[1], hkv = p.k.shape[2];
-    const uint32_t tile = it % p.tiles_per_segment, u = it / p.tiles_per_segment;
-    x.s = u % p.segments;
-    x.h = (u / p.segments) % hkv;
-    x.b = u / (p.segments * hkv);
-    const uint32_t seg0 = x.s * p.segment_size, seg1 = Min(seq, seg0 + p.segment_size);
-    x.t0 = seg0 + tile * p.tile_tokens;
-    if (x.t0 >= seg1) return false;
-    x.tokens = Min(p.tile_tokens, seg1 - x.t0);
-    x.rows = x.tokens * p.group;
-    const uint32_t count = p.counts ? counts.GetValue(u) : EK_DENSE_UNIT;
-    x.dense = count == EK_DENSE_UNIT;
-    x.own0 = seg0;
-    x.blocks = x.dense ? 0 : count;
-    x.list = x.dense ? 0 : offsets.GetValue(u);
-    x.keys = x.dense ? x.t0 + x.tokens : x.blocks * p.block_size + (x.t0 + x.tokens - seg0);
-    return true;
-}
 
 // ------------------------------------------------------------------------------------------------
 // Cube side.
@@ -158,12 +116,7 @@ private:
         DataCopy(dst[row * FRACTAL], src[off], Nd2NzParams(1, n, d_, 0, t.stride[1], PREFILL_KEYS, 1, 0));
     }
 
-    // Virtual key v of the item as a position (the blocks first, then the own keys).
-    __aicore__ inline uint32_t Position(const Item& x, uint32_t v) {
-        const uint32_t in_blocks = x.blocks * p_.block_size;
-        if (v >= in_blocks) return (x.dense ? 0 : x.own0) + (v - in_blocks);
-        return indicesGm_.GetValue(x.list + v / p_.block_size) * p_.block_size + v % p_.block_size;
-    }
+    __aicore__ inline uint32_t Position(const Item& x, uint32_t v) { return KeyPosition(x, v, p_.block_size, indicesGm_); }
 
     // Gathers virtual keys [v0, v0 + n) into a PREFILL_KEYS-row L1 tile, run by run, padding the
     // rest with copies of the first key.
@@ -524,7 +477,7 @@ extern "C" __global__ __aicore__ void ek_prefill(GM_ADDR params) {
         PrefillKernel<bfloat16_t> k;
         k.Run(p);
     } else {
-        PrefillKernel<half> k;  // f16 (f32 prefill is not offered on the cube: see ops.rs)
+        PrefillKernel<half> k;  // f16 (f32 runs on the vector cores: prefill_vector.cpp)
         k.Run(p);
     }
 }

@@ -37,11 +37,22 @@ pub const COMPRESS_TOPK: Kernel = vector("ek_compress_topk", "kv_compress");
 pub const COMPRESS_GATHER: Kernel = vector("ek_compress_gather", "kv_compress");
 
 pub const PREFILL: Kernel = Kernel { symbol: "ek_prefill", file: "prefill", cores: Cores::Mix };
+/// f32 prefill on the vector cores (the cube path takes f16/bf16 only).
+pub const PREFILL_F32: Kernel = vector("ek_prefill_vec", "prefill_vector");
 pub const PLAN_REPS: Kernel = vector("ek_plan_reps", "plan");
 
 /// Every kernel entry the backend ships; build.rs compiles each distinct `file` once.
-pub const KERNELS: [Kernel; 8] =
-    [DECODE, COMPRESS_STATS, COMPRESS_MEANS, COMPRESS_POOL, COMPRESS_TOPK, COMPRESS_GATHER, PREFILL, PLAN_REPS];
+pub const KERNELS: [Kernel; 9] = [
+    DECODE,
+    COMPRESS_STATS,
+    COMPRESS_MEANS,
+    COMPRESS_POOL,
+    COMPRESS_TOPK,
+    COMPRESS_GATHER,
+    PREFILL,
+    PREFILL_F32,
+    PLAN_REPS,
+];
 
 /// Places a launch's buffers and runs it.
 pub trait Launcher<'v> {

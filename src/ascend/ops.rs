@@ -33,14 +33,10 @@ pub(crate) fn decode<'v>(mut l: impl Launcher<'v>, a: &DecodeArgs<'_>, out: &'v 
 /// Operations with Ascend kernels (the others answer `Error::Unimplemented`).
 pub const SUPPORTED: [Op; 4] = [Op::Plan, Op::Prefill, Op::KvCompress, Op::Decode];
 
-/// What the Ascend kernels run: prefill on the cube takes f16/bf16 (A2's cube has no f32 path
-/// with a transposing L1 → L0B load for P·V), head dims up to 256.
+/// What the Ascend kernels run: every op in f32/f16/bf16, head dims up to 256 (prefill on the
+/// cube for f16/bf16; f32 on the vector cores, A2's cube having no transposing f32 load for P·V).
 pub fn capabilities(backend: &'static str) -> Capabilities {
-    Capabilities {
-        ops: SUPPORTED.to_vec(),
-        excluded: vec![(Op::Prefill, DType::F32)],
-        ..Capabilities::full(backend, HeadDims::UpTo(PREFILL_MAX_D))
-    }
+    Capabilities { ops: SUPPORTED.to_vec(), ..Capabilities::full(backend, HeadDims::UpTo(PREFILL_MAX_D)) }
 }
 
 /// Query heads per kv head the compression's means accumulators hold (`COMPRESS_MAX_GROUP`).
@@ -132,6 +128,8 @@ pub const PREFILL_MAX_D: usize = 256;
 pub const PREFILL_KEYS: usize = 64;
 /// GM workspace per cube core: two slots (tiles in flight) of S (f32), P (16-bit), O (f32).
 pub const PREFILL_WORKSPACE: usize = 2 * (PREFILL_ROWS * PREFILL_KEYS * (4 + 2) + PREFILL_ROWS * PREFILL_MAX_D * 4);
+/// Query rows of one f32 (vector) prefill item, at least one token (`VEC_ROWS` in prefill_vector.cpp).
+pub const PREFILL_F32_ROWS: usize = 16;
 /// Largest row stride the Nd2Nz copies take (16-bit fields).
 const ND2NZ_MAX_STRIDE: usize = u16::MAX as usize;
 
@@ -143,12 +141,14 @@ pub(crate) fn prefill<'v>(
 ) -> Result<()> {
     let d = a.dims();
     let g = d.group();
-    if g > PREFILL_ROWS {
+    // f16/bf16 on the cube; f32 on the vector cores (rows in chunks, so any group size).
+    let f32_path = a.q().dtype() == DType::F32;
+    if !f32_path && g > PREFILL_ROWS {
         let why = format!("the Ascend prefill stacks at most {PREFILL_ROWS} query heads per kv head");
         return Err(Error::range("group", g, why));
     }
     let strides = [a.q().strides()[1], a.q().strides()[2], a.k().strides()[1], a.v().strides()[1]];
-    if let Some(&s) = strides.iter().find(|&&s| s > ND2NZ_MAX_STRIDE) {
+    if let Some(&s) = strides.iter().find(|&&s| !f32_path && s > ND2NZ_MAX_STRIDE) {
         return Err(Error::range(
             "token stride",
             s,
@@ -156,7 +156,9 @@ pub(crate) fn prefill<'v>(
         ));
     }
     let pl = crate::ffi::prefill_lists(a);
-    let tile_tokens = PREFILL_ROWS / g;
+    let (kernel, rows) =
+        if f32_path { (launch::PREFILL_F32, PREFILL_F32_ROWS) } else { (launch::PREFILL, PREFILL_ROWS) };
+    let tile_tokens = (rows / g).max(1);
     let (offsets, counts, indices) = match &pl.lists {
         Some((o, c, i)) => {
             (l.array(launch::bytes_of(o))?, l.array(launch::bytes_of(c))?, l.array(launch::bytes_of(i))?)
@@ -174,7 +176,7 @@ pub(crate) fn prefill<'v>(
         offsets,
         counts,
         indices,
-        workspace: l.zeroed(l.block_dim(launch::PREFILL) as usize * PREFILL_WORKSPACE)?,
+        workspace: if f32_path { 0 } else { l.zeroed(l.block_dim(kernel) as usize * PREFILL_WORKSPACE)? },
         segment_size: pl.segment_size as i32,
         block_size: pl.block_size as i32,
         segments: pl.segments as i32,
@@ -184,7 +186,7 @@ pub(crate) fn prefill<'v>(
         scale_log2: a.scale() * std::f32::consts::LOG2_E,
         dtype: dtype_code(a.q().dtype()),
     };
-    l.launch(launch::PREFILL, &params)?;
+    l.launch(kernel, &params)?;
     if let Some(dst) = lse {
         let mut bytes = vec![0u8; 4 * lse_len];
         l.read(lse_addr, &mut bytes)?;
