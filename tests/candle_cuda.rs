@@ -117,3 +117,40 @@ fn mixed_devices_and_bad_shapes_are_errors() {
     let kh = Tensor::zeros((1, 64, 2, 64), CDType::F16, &Device::Cpu).unwrap();
     assert!(ek::dense_prefill(&cpu, &q, &kh, &kh, None).is_err(), "CPU k/v with CUDA q");
 }
+
+/// Beyond the device kernels (AdaKV's allocation; more than 1024 kept positions) the candle ops
+/// go through host copies and still answer on the device, equal to the oracle's selection.
+#[test]
+fn compression_beyond_the_device_kernels_falls_back_to_the_host() {
+    let Some(dev) = gpu() else { return };
+    let seed = seed("candle_cuda_fallback");
+    let (n, hq, hkv, d, w) = (1500usize, 4usize, 2usize, 64usize, 16usize);
+    let t = |shape: (usize, usize, usize, usize), s: u64| {
+        let len = shape.0 * shape.1 * shape.2 * shape.3;
+        Tensor::from_vec(synth::normal(len, 1.0, seed ^ s), shape, &dev).unwrap()
+    };
+    let (kc, vc, obs) = (t((1, hkv, n, d), 1), t((1, hkv, n, d), 2), t((1, hq, w, d), 3));
+    let oracle = Kernels::reference();
+    for cfg in [
+        DecodeConfig { decode_budget: 1100, window: w, ..Default::default() },
+        DecodeConfig {
+            decode_budget: 300,
+            window: w,
+            head_budget: HeadBudget::AdaKv { floor_fraction: 0.2 },
+            ..Default::default()
+        },
+    ] {
+        let c = ek::kv_compress(&Kernels::cpu(), &kc, &vc, &obs, &cfg).unwrap();
+        assert!(c.k.device().is_cuda(), "the result is back on the device");
+        let want = oracle
+            .kv_compress(
+                host(&kc, DType::F32).view(),
+                host(&vc, DType::F32).view(),
+                host(&obs, DType::F32).view(),
+                &cfg,
+            )
+            .unwrap();
+        assert_eq!(c.indices, want.indices, "{:?}", cfg.head_budget);
+        assert_eq!(c.lengths, want.lengths);
+    }
+}

@@ -13,7 +13,7 @@ use candle_core::{Layout, Shape, Storage, Tensor};
 use cudarc::driver::{CudaStream, CudaView};
 
 use super::{AttentionOp, CompressedTensors, OpKind};
-use crate::config::{DecodeConfig, EntropyConfig, HeadBudget};
+use crate::config::{DecodeConfig, EntropyConfig};
 use crate::cuda::{CudaBackend, CudaTensor, CudaTensorMut, DeviceElement};
 use crate::kernels::{Kernels, PlanRequest};
 use crate::plan::Plan;
@@ -128,22 +128,44 @@ fn with_storages<R>(
     f(&all)
 }
 
-/// Planning from CUDA tensors: every step on the device, the plan returned to the host.
-pub(super) fn plan(q: &Tensor, k: &Tensor, cfg: &EntropyConfig, req: &PlanRequest<'_>) -> candle_core::Result<Plan> {
-    with_storages(&[(q, "q"), (k, "k")], |s| by_dtype!(q.dtype(), plan_typed(s[0], s[1], cfg, req)))
+/// Whether a device call failed on one of the CUDA kernels' limits (ranking or kept widths, window
+/// rows) or on a step without a device kernel (AdaKV's allocation): the host path can do it.
+fn beyond_device_kernels(e: &crate::Error) -> bool {
+    matches!(e, crate::Error::OutOfRange { .. } | crate::Error::Unimplemented { .. })
 }
 
+/// Planning from CUDA tensors: every step on the device, the plan returned to the host. Beyond
+/// the device kernels' limits (ranking wider than 1024 blocks) it runs on `kernels` through
+/// host copies.
+pub(super) fn plan(
+    kernels: &Kernels,
+    q: &Tensor,
+    k: &Tensor,
+    cfg: &EntropyConfig,
+    req: &PlanRequest<'_>,
+) -> candle_core::Result<Plan> {
+    match with_storages(&[(q, "q"), (k, "k")], |s| by_dtype!(q.dtype(), plan_typed(s[0], s[1], cfg, req)))? {
+        Ok(plan) => Ok(plan),
+        Err(e) if beyond_device_kernels(&e) => {
+            let cpu = candle_core::Device::Cpu;
+            super::plan(kernels, &q.to_device(&cpu)?, &k.to_device(&cpu)?, cfg, req)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The device attempt: storage errors outside, the kernels' own errors inside.
 fn plan_typed<T: Element>(
     (qs, ql): (&CudaStorage, &Layout),
     (ks, kl): (&CudaStorage, &Layout),
     cfg: &EntropyConfig,
     req: &PlanRequest<'_>,
-) -> candle_core::Result<Plan> {
+) -> candle_core::Result<crate::Result<Plan>> {
     let stream = qs.device().cuda_stream();
     let backend = backend(&stream)?;
     let (qv, kv) = (view::<T>(qs, ql)?, view::<T>(ks, kl)?);
     let (q, k) = (tensor(&qv, ql, &stream, "q")?, tensor(&kv, kl, &stream, "k")?);
-    Ok(backend.plan_on(&stream, &q, &k, cfg, req)?)
+    Ok(backend.plan_on(&stream, &q, &k, cfg, req))
 }
 
 fn wrap<T: Element>(slice: cudarc::driver::CudaSlice<T>, dev: &candle_core::CudaDevice, shape: [usize; 4]) -> Tensor {
@@ -155,8 +177,9 @@ fn wrap<T: Element>(slice: cudarc::driver::CudaSlice<T>, dev: &candle_core::Cuda
     )
 }
 
-/// `kv_compress` of CUDA caches on the device. AdaKV's cross-head allocation has no device
-/// kernel yet: it runs on `kernels` through host copies.
+/// `kv_compress` of CUDA caches on the device. Beyond the device kernels (AdaKV's cross-head
+/// allocation, more than 1024 kept positions or 256 window rows per kv head) it runs on `kernels`
+/// through host copies, the result going back to the device.
 pub(super) fn kv_compress(
     kernels: &Kernels,
     k_cache: &Tensor,
@@ -164,25 +187,21 @@ pub(super) fn kv_compress(
     obs: &Tensor,
     cfg: &DecodeConfig,
 ) -> candle_core::Result<CompressedTensors> {
-    if matches!(cfg.head_budget, HeadBudget::AdaKv { .. }) {
-        let cpu = candle_core::Device::Cpu;
-        let c = super::kv_compress(
-            kernels,
-            &k_cache.to_device(&cpu)?,
-            &v_cache.to_device(&cpu)?,
-            &obs.to_device(&cpu)?,
-            cfg,
-        )?;
-        let dev = k_cache.device();
-        return Ok(CompressedTensors { k: c.k.to_device(dev)?, v: c.v.to_device(dev)?, ..c });
-    }
     let out = with_storages(&[(k_cache, "k_cache"), (v_cache, "v_cache"), (obs, "obs")], |s| {
         by_dtype!(k_cache.dtype(), compress_typed(s[0], s[1], s[2], cfg))
     })?;
     match out {
-        Some(c) => Ok(c),
+        Err(e) if beyond_device_kernels(&e) => {
+            let cpu = candle_core::Device::Cpu;
+            let (kh, vh, oh) = (k_cache.to_device(&cpu)?, v_cache.to_device(&cpu)?, obs.to_device(&cpu)?);
+            let c = super::kv_compress(kernels, &kh, &vh, &oh, cfg)?;
+            let dev = k_cache.device();
+            Ok(CompressedTensors { k: c.k.to_device(dev)?, v: c.v.to_device(dev)?, ..c })
+        }
+        Err(e) => Err(e.into()),
+        Ok(Some(c)) => Ok(c),
         // Within the budget: the cache unchanged (contiguous), every position kept.
-        None => {
+        Ok(None) => {
             let [b, h, n, _] = k_cache.dims4().map(|d| [d.0, d.1, d.2, d.3])?;
             let w = cfg.window.min(n);
             let indices = (0..b * h).flat_map(|_| 0..(n - w) as i64).collect();
@@ -202,21 +221,24 @@ fn compress_typed<T: Element>(
     (vs, vl): (&CudaStorage, &Layout),
     (os, ol): (&CudaStorage, &Layout),
     cfg: &DecodeConfig,
-) -> candle_core::Result<Option<CompressedTensors>> {
+) -> candle_core::Result<crate::Result<Option<CompressedTensors>>> {
     let dev = ks.device();
     let stream = dev.cuda_stream();
     let backend = backend(&stream)?;
     let (kv, vv, ov) = (view::<T>(ks, kl)?, view::<T>(vs, vl)?, view::<T>(os, ol)?);
     let (k, v) = (tensor(&kv, kl, &stream, "k_cache")?, tensor(&vv, vl, &stream, "v_cache")?);
     let obs = tensor(&ov, ol, &stream, "obs")?;
-    let Some(c) = backend.kv_compress_on::<T>(&stream, &k, &v, &obs, cfg)? else { return Ok(None) };
+    let c = match backend.kv_compress_on::<T>(&stream, &k, &v, &obs, cfg) {
+        Ok(Some(c)) => c,
+        other => return Ok(other.map(|_| None)),
+    };
     let indices: Vec<u32> = stream.clone_dtoh(&c.indices).map_err(driver("cuMemcpyDtoH"))?;
     let [b, h, budget, _] = c.shape;
-    Ok(Some(CompressedTensors {
+    Ok(Ok(Some(CompressedTensors {
         k: wrap(c.k, dev, c.shape),
         v: wrap(c.v, dev, c.shape),
         lengths: vec![budget as u32; b * h],
         indices: indices.into_iter().map(i64::from).collect(),
         compressed: true,
-    }))
+    })))
 }

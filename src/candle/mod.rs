@@ -178,7 +178,7 @@ pub fn plan(
 ) -> candle_core::Result<Plan> {
     #[cfg(feature = "candle-cuda")]
     if q.device().is_cuda() {
-        return cuda::plan(q, k, cfg, req);
+        return cuda::plan(kernels, q, k, cfg, req);
     }
     with_views(&[(q, "q"), (k, "k")], |v| Ok(kernels.plan(v[0], v[1], cfg, req)?))
 }
