@@ -132,6 +132,30 @@ __aicore__ inline void TileWeightedSum(const AscendC::LocalTensor<float>& acc, c
     Add(acc, acc, tmp, (int32_t)d);
 }
 
+// Scratch of the row-by-tile attention step: TileDots/TileWeightedSum's, and the reductions'.
+struct RowTileScratch {
+    AscendC::LocalTensor<float> tmp, part, red, work;
+};
+
+// One online-softmax step of query row `q` over the first `n` keys of a K/V tile (rows `stride`
+// floats apart; decode and the f32 prefill): the scores into `row`, the running max `m` and sum
+// `l` updated through the scalar unit, then o = α·o + P·V over `o_len` floats.
+__aicore__ inline void RowTileStep(const AscendC::LocalTensor<float>& o, uint32_t o_len, const AscendC::LocalTensor<float>& row,
+                                   const AscendC::LocalTensor<float>& q, const AscendC::LocalTensor<float>& kt,
+                                   const AscendC::LocalTensor<float>& vt, uint32_t n, uint32_t d, uint32_t stride,
+                                   const RowTileScratch& s, float& m, float& l) {
+    TileDots(row, q, kt, n, d, stride, s.tmp, s.part);
+    const float tile_max = ReduceToScalar(true, row, n, s.red, s.work);
+    const float m_new = tile_max > m ? tile_max : m;
+    const float alpha = ScalarExp(m - m_new, s.red);
+    AscendC::Adds(row, row, -m_new, (int32_t)n);
+    AscendC::Exp(row, row, (int32_t)n);
+    l = l * alpha + ReduceToScalar(false, row, n, s.red, s.work);
+    m = m_new;
+    AscendC::Muls(o, o, alpha, (int32_t)o_len);
+    TileWeightedSum(o, row, vt, n, d, stride, s.tmp, s.part);
+}
+
 // Copies a params struct out of global memory (the tiling-data pattern of Ascend C kernels).
 template <typename P> __aicore__ inline P ReadParams(GM_ADDR params) {
     P p;

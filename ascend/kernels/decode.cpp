@@ -64,10 +64,6 @@ public:
     }
 
 private:
-    __aicore__ inline float ScalarExp(float x) { return ::ScalarExp(x, red_.Get<float>()); }
-    __aicore__ inline float Reduced(bool max, const LocalTensor<float>& src, uint32_t n) {
-        return ReduceToScalar(max, src, n, red_.Get<float>(), work_.Get<float>());
-    }
     __aicore__ inline LocalTensor<float> LoadTile(TQue<TPosition::VECIN, 1>& que, TBuf<TPosition::VECCALC>& wide,
                                                   const GlobalTensor<T>& src, uint32_t n, int64_t stride, LocalTensor<T>& held) {
         return LoadRows<T>(que, WideBuffer<T>(wide), src, n, d_, stride, held);
@@ -79,7 +75,8 @@ private:
         const int32_t b = u / hcs, h = u % hcs;
         const uint32_t len = lenGm_.GetValue(u);
         const float scale = p_.scale_log2 * LN2;  // natural-log scale for Exp
-        LocalTensor<float> q = q_.Get<float>(), o = o_.Get<float>(), sc = scores_.Get<float>(), tmp = tmp_.Get<float>();
+        LocalTensor<float> q = q_.Get<float>(), o = o_.Get<float>(), sc = scores_.Get<float>();
+        const RowTileScratch scratch{tmp_.Get<float>(), part_.Get<float>(), red_.Get<float>(), work_.Get<float>()};
         // The group's query rows, scaled, as f32.
         for (uint32_t r = 0; r < nr; r++) {
             const uint32_t row = r0 + r;
@@ -108,19 +105,8 @@ private:
             LocalTensor<T> kt, vt;
             LocalTensor<float> kf = LoadTile(kIn_, kf_, kGm_[head + j0 * p_.k_cache.stride[2]], n, p_.k_cache.stride[2], kt);
             LocalTensor<float> vf = LoadTile(vIn_, vf_, vGm_[head + j0 * p_.v_cache.stride[2]], n, p_.v_cache.stride[2], vt);
-            for (uint32_t r = 0; r < nr; r++) {
-                LocalTensor<float> row = sc[r * DECODE_KEYS];
-                TileDots(row, q[r * dpf_], kf, n, d_, dpt_, tmp, part_.Get<float>());
-                const float tile_max = Reduced(true, row, n);
-                const float m_new = tile_max > m[r] ? tile_max : m[r];
-                const float alpha = ScalarExp(m[r] - m_new);
-                Adds(row, row, -m_new, (int32_t)n);
-                Exp(row, row, (int32_t)n);
-                l[r] = l[r] * alpha + Reduced(false, row, n);
-                m[r] = m_new;
-                Muls(o[r * dpf_], o[r * dpf_], alpha, (int32_t)dpf_);
-                TileWeightedSum(o[r * dpf_], row, vf, n, d_, dpt_, tmp, part_.Get<float>());
-            }
+            for (uint32_t r = 0; r < nr; r++)
+                RowTileStep(o[r * dpf_], dpf_, sc[r * DECODE_KEYS], q[r * dpf_], kf, vf, n, d_, dpt_, scratch, m[r], l[r]);
             kIn_.FreeTensor(kt);
             vIn_.FreeTensor(vt);
         }

@@ -64,9 +64,6 @@ public:
     }
 
 private:
-    __aicore__ inline float Reduced(bool max, const LocalTensor<float>& src, uint32_t n) {
-        return ReduceToScalar(max, src, n, red_.Get<float>(), work_.Get<float>());
-    }
     // GM offset of row r of item x in a BSND tensor (token t0 + r / G, head h·G + r % G).
     __aicore__ inline int64_t RowOffset(const EkTensor& t, const Item& x, uint32_t r) const {
         return x.b * t.stride[0] + (x.t0 + r / p_.group) * t.stride[1] + (x.h * p_.group + r % p_.group) * t.stride[2];
@@ -92,8 +89,8 @@ private:
 
     // Rows [r0, r0 + nr) of item x against its whole key list.
     __aicore__ inline void Rows(const Item& x, uint32_t r0, uint32_t nr) {
-        LocalTensor<float> q = q_.Get<float>(), o = o_.Get<float>(), sc = scores_.Get<float>(), tmp = tmp_.Get<float>();
-        LocalTensor<float> part = part_.Get<float>();
+        LocalTensor<float> q = q_.Get<float>(), o = o_.Get<float>(), sc = scores_.Get<float>();
+        const RowTileScratch scratch{tmp_.Get<float>(), part_.Get<float>(), red_.Get<float>(), work_.Get<float>()};
         for (uint32_t r = 0; r < nr; r++) {
             LocalTensor<float> t = rowIn_.AllocTensor<float>();
             DataCopyPad(t, qGm_[RowOffset(p_.q, x, r0 + r)], DataCopyExtParams(1, d_ * sizeof(float), 0, 0, 0),
@@ -119,17 +116,7 @@ private:
                 const uint32_t seen = x.Visible(r0 + r, p_.group, p_.block_size);
                 const uint32_t vis = seen > v0 ? Min(n, seen - v0) : 0;
                 if (vis == 0) continue;  // the row's state is unchanged
-                LocalTensor<float> row = sc[r * VEC_KEYS];
-                TileDots(row, q[r * dp_], kt, vis, d_, dp_, tmp, part);
-                const float tile_max = Reduced(true, row, vis);
-                const float m_new = tile_max > m[r] ? tile_max : m[r];
-                const float alpha = ScalarExp(m[r] - m_new, red_.Get<float>());
-                Adds(row, row, -m_new, (int32_t)vis);
-                Exp(row, row, (int32_t)vis);
-                l[r] = l[r] * alpha + Reduced(false, row, vis);
-                m[r] = m_new;
-                Muls(o[r * dp_], o[r * dp_], alpha, (int32_t)dp_);
-                TileWeightedSum(o[r * dp_], row, vt, vis, d_, dp_, tmp, part);
+                RowTileStep(o[r * dp_], dp_, sc[r * VEC_KEYS], q[r * dp_], kt, vt, vis, d_, dp_, scratch, m[r], l[r]);
             }
             kIn_.FreeTensor(kt);
             vIn_.FreeTensor(vt);
