@@ -180,6 +180,8 @@ fn emulated_kv_compress_long_cache() {
         ((1, 4, 2, 64, 3001, 8), Pooling::Max, GqaMode::Max, 2300),
         ((1, 4, 2, 64, 3001, 8), Pooling::None, GqaMode::PerQueryHead, 2300),
         ((1, 16, 2, 64, 1500, 32), Pooling::Avg, GqaMode::Mean, 600),
+        // SmolLM2's shape: G 3 × W 32 = 96 window rows (a full pass of 64, then 32).
+        ((1, 9, 3, 64, 1536, 32), Pooling::Avg, GqaMode::Mean, 1024),
         // The UB worst case: D 256, G 16 (64 window rows per pass), 16-bit keys widened to f32.
         ((1, 32, 2, 256, 700, 4), Pooling::Avg, GqaMode::Mean, 300),
     ];

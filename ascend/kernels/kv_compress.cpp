@@ -18,8 +18,9 @@
 //
 // UB plan (192 KiB; the G·W window rows in chunks of 64, G ≤ 16, D ≤ 256):
 //   stats/means  obs rows f32 64 × D × 4 ≤ 64 KiB; K tile 32 × D: T ≤ 16 KiB (+ f32 copy 32 KiB);
-//                products 32 × D × 4 ≤ 32 KiB + 1 KiB partials; scores 64 × 32 × 4 = 8 KiB;
-//                means accumulators G × 512 × 4 ≤ 32 KiB; row stats (≤ 189 KiB at D 256, G 16)
+//                products 32 × D × 4 ≤ 32 KiB + 1 KiB partials; scores 64 × 32 × 4 = 8 KiB (stats:
+//                one 256-byte repeat per row, 16 KiB) + row statistics 4 KiB; means accumulators
+//                G × 512 × 4 ≤ 32 KiB (means ≤ 189 KiB, stats ≤ 166 KiB at D 256, G 16)
 //   (a group with more than 64 window rows reads each key chunk once per 64 rows)
 //   pool         2 × 1024 f32 in + 1024 accumulator = 12 KiB
 //   topk         scores tile 1024 f32 + indices 1024 u32 + sorted tile and merge scratch 2 × 8 KiB
@@ -27,7 +28,8 @@
 //   gather       2 rows of D in flight (double-buffered GM → UB → GM)
 // Expected utilisation: stats and means are vector-bound on the (row, key) dot products, 2 × rows ×
 // N × D × 2 FLOPs in total, each row scored against a 32-key tile in ~5 instructions (products,
-// fold, two BlockReduceSum); pooling, sorting and gathering are small.
+// fold, two BlockReduceSum); the stats' softmax runs on whole tiles (~12 instructions per tile for
+// all rows); pooling, sorting and gathering are small.
 
 #include "kernel_operator.h"
 #include "entropy_params.h"
@@ -65,8 +67,11 @@ __aicore__ inline uint32_t MeansStride(const EkCompressParams& p) {
 
 template <typename T> class ScoreKernel {
 protected:
-    __aicore__ inline void Init(const EkCompressParams& p) {
+    // `score_stride`: floats between scores rows (COMPRESS_KEYS, or one repeat where whole-tile
+    // row reductions need a row per repeat).
+    __aicore__ inline void Init(const EkCompressParams& p, uint32_t score_stride = COMPRESS_KEYS) {
         p_ = p;
+        srow_ = score_stride;
         d_ = p.k_cache.shape[3];
         rows_ = p.group * p.window;
         chunkRows_ = Min(rows_, COMPRESS_ROW_CHUNK);
@@ -83,11 +88,9 @@ protected:
             pipe_.InitBuffer(kf_, COMPRESS_KEYS * dpt_ * sizeof(float));
             pipe_.InitBuffer(rowf_, dpt_ * sizeof(float));
         }
-        pipe_.InitBuffer(scores_, chunkRows_ * COMPRESS_KEYS * sizeof(float));
+        pipe_.InitBuffer(scores_, chunkRows_ * srow_ * sizeof(float));
         pipe_.InitBuffer(tmp_, COMPRESS_KEYS * dpt_ * sizeof(float));
         pipe_.InitBuffer(part_, COMPRESS_KEYS * FLOATS_PER_BLOCK * sizeof(float));
-        pipe_.InitBuffer(red_, ONE_BLK_SIZE);
-        pipe_.InitBuffer(work_, ONE_REPEAT_BYTES);
     }
 
     // Window rows [r0, r0 + nr) of kv head h (row r: query head h·G + r / W, window slot r % W),
@@ -108,7 +111,7 @@ protected:
     // Scores of loaded row r against the first `n` keys of the tile into scores row r (entries
     // past `n` are scratch).
     __aicore__ inline LocalTensor<float> Score(uint32_t r, const LocalTensor<float>& keys, uint32_t n) {
-        LocalTensor<float> row = scores_.Get<float>()[r * COMPRESS_KEYS];
+        LocalTensor<float> row = scores_.Get<float>()[r * srow_];
         TileDots(row, obs_.Get<float>()[r * dpf_], keys, n, d_, dpt_, tmp_.Get<float>(), part_.Get<float>());
         return row;
     }
@@ -129,69 +132,106 @@ protected:
     }
 
     EkCompressParams p_;
-    uint32_t d_ = 0, rows_ = 0, chunkRows_ = 0, dpt_ = 0, dpf_ = 0;
+    uint32_t d_ = 0, rows_ = 0, chunkRows_ = 0, dpt_ = 0, dpf_ = 0, srow_ = COMPRESS_KEYS;
     float scale_ = 0;
     TPipe pipe_;
     TQue<TPosition::VECIN, 1> kIn_, rowIn_;
-    TBuf<TPosition::VECCALC> obs_, kf_, rowf_, scores_, tmp_, part_, red_, work_;
+    TBuf<TPosition::VECCALC> obs_, kf_, rowf_, scores_, tmp_, part_;
     GlobalTensor<T> obsGm_, kGm_;
     GlobalTensor<float> statsGm_;
 };
 
+// Per window row, the softmax max and sum over a key chunk, on whole tiles: every row of the pass
+// scored against a 32-key tile (one repeat per row: score rows are FLOATS_PER_REPEAT apart, the
+// keys in the first half), hidden keys set to −inf by a masked Duplicate, then row max and sum by
+// two BlockReduce passes, m and α as vectors, e^(S − m) through a Brcb broadcast — no scalar
+// round trip inside the key loop.
 template <typename T> class StatsKernel : public ScoreKernel<T> {
     using B = ScoreKernel<T>;
+    // Row statistics (floats, in units of the padded row count): m ping-pong, l, α, row max,
+    // row sum, 8 partials per row, a broadcast block per row.
+    static constexpr uint32_t ST_M = 0, ST_L = 2, ST_ALPHA = 3, ST_MAX = 4, ST_SUM = 5, ST_PART = 6;
+    static constexpr uint32_t ST_BCAST = ST_PART + 8, ST_END = ST_BCAST + 8;
+    // Starting running max: finite and below any score (a row with nothing visible keeps α = 1).
+    static constexpr float M_START = -1e30f;
 
 public:
     __aicore__ inline void Run(const EkCompressParams& p) {
-        B::Init(p);
-        B::pipe_.InitBuffer(out_, 1, 2 * PaddedElems<float>(B::chunkRows_) * sizeof(float));
+        B::Init(p, FLOATS_PER_REPEAT);
+        rp_ = PaddedElems<float>(B::chunkRows_);
+        B::pipe_.InitBuffer(out_, 1, 2 * rp_ * sizeof(float));
+        B::pipe_.InitBuffer(stats_, ST_END * rp_ * sizeof(float));
         const uint32_t items = p.k_cache.shape[0] * p.k_cache.shape[1] * p.chunks;
         for (uint32_t it = GetBlockIdx(); it < items; it += GetBlockNum()) Item(it);
     }
 
 private:
+    __aicore__ inline LocalTensor<float> Stat(uint32_t at) { return stats_.Get<float>()[at * rp_]; }
+
     __aicore__ inline void Item(uint32_t it) {
         const int32_t c = it % B::p_.chunks, bh = it / B::p_.chunks;
         const int32_t b = bh / B::p_.k_cache.shape[1], h = bh % B::p_.k_cache.shape[1];
         for (uint32_t r0 = 0; r0 < B::rows_; r0 += B::chunkRows_) Rows(b, h, c, r0, Min(B::chunkRows_, B::rows_ - r0));
     }
 
+    // Row reduction of the nr score rows' first COMPRESS_KEYS entries into dst[i].
+    template <bool MAX> __aicore__ inline void RowReduce(const LocalTensor<float>& dst, const LocalTensor<float>& sc, uint32_t nr) {
+        LocalTensor<float> part = Stat(ST_PART);
+        const int32_t groups = (int32_t)((nr + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK);
+        // The first pass fills the first COMPRESS_KEYS / 8 of each row's 8 partials.
+        uint64_t valid[2] = {0, 0};
+        for (uint32_t k = 0; k < FLOATS_PER_BLOCK; k++)
+            valid[0] |= ((1ull << (COMPRESS_KEYS / FLOATS_PER_BLOCK)) - 1) << (k * FLOATS_PER_BLOCK);
+        if (MAX) {
+            BlockReduceMax(part, sc, (int32_t)nr, (int32_t)COMPRESS_KEYS, 1, 1, 8);
+            BlockReduceMax(dst, part, groups, valid, 1, 1, 8);
+        } else {
+            BlockReduceSum(part, sc, (int32_t)nr, (int32_t)COMPRESS_KEYS, 1, 1, 8);
+            BlockReduceSum(dst, part, groups, valid, 1, 1, 8);
+        }
+    }
+
     // Stats of window rows [r0, r0 + nr) over key chunk c.
     __aicore__ inline void Rows(int32_t b, int32_t h, int32_t c, uint32_t r0, uint32_t nr) {
         B::LoadObs(b, h, r0, nr);
-        float m[COMPRESS_ROW_CHUNK], l[COMPRESS_ROW_CHUNK];
-        for (uint32_t i = 0; i < nr; i++) {
-            m[i] = NegInf();
-            l[i] = 0.0f;
-        }
+        uint32_t cur = 0;  // which m vector is current
+        Duplicate(Stat(ST_M), M_START, (int32_t)nr);
+        Duplicate(Stat(ST_L), 0.0f, (int32_t)nr);
         const uint32_t lo = c * B::p_.chunk, hi = Min(B::p_.entries, lo + B::p_.chunk);
-        LocalTensor<float> red = B::red_.template Get<float>(), work = B::work_.template Get<float>();
+        const uint8_t rows = (uint8_t)nr, groups = (uint8_t)((nr + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK);
+        LocalTensor<float> sc = B::scores_.template Get<float>();
         for (uint32_t j0 = lo; j0 < hi; j0 += COMPRESS_KEYS) {
             const uint32_t n = Min(COMPRESS_KEYS, hi - j0);
             LocalTensor<T> held;
             LocalTensor<float> keys = B::LoadKeys(b, h, j0, n, held);
             for (uint32_t i = 0; i < nr; i++) {
+                B::Score(i, keys, n);
                 const uint32_t vis = B::Visible(r0 + i, j0, n);
-                if (vis == 0) continue;
-                LocalTensor<float> row = B::Score(i, keys, vis);
-                const float tile_max = ReduceToScalar(true, row, vis, red, work);
-                const float m_new = tile_max > m[i] ? tile_max : m[i];
-                Adds(row, row, -m_new, (int32_t)vis);
-                Exp(row, row, (int32_t)vis);
-                l[i] = l[i] * ScalarExp(m[i] - m_new, red) + ReduceToScalar(false, row, vis, red, work);
-                m[i] = m_new;
+                if (vis == COMPRESS_KEYS) continue;
+                // Keys past the row's window limit or past the tile: −inf (the first half only).
+                uint64_t hidden[2] = {(~0ull << vis) & ((1ull << COMPRESS_KEYS) - 1), 0};
+                Duplicate(sc[i * FLOATS_PER_REPEAT], NegInf(), hidden, 1, 1, 8);
             }
             B::kIn_.FreeTensor(held);
+            LocalTensor<float> m_old = Stat(ST_M + cur), m_new = Stat(ST_M + 1 - cur), alpha = Stat(ST_ALPHA);
+            RowReduce<true>(Stat(ST_MAX), sc, nr);
+            Max(m_new, m_old, Stat(ST_MAX), (int32_t)nr);
+            Sub(alpha, m_old, m_new, (int32_t)nr);
+            Exp(alpha, alpha, (int32_t)nr);
+            Brcb(Stat(ST_BCAST), m_new, groups, BrcbRepeatParams(1, 8));
+            Sub(sc, sc, Stat(ST_BCAST), (uint64_t)COMPRESS_KEYS, rows, BinaryRepeatParams(1, 1, 0, 8, 8, 1));
+            Exp(sc, sc, (uint64_t)COMPRESS_KEYS, rows, UnaryRepeatParams(1, 1, 8, 8));
+            RowReduce<false>(Stat(ST_SUM), sc, nr);
+            Mul(Stat(ST_L), Stat(ST_L), alpha, (int32_t)nr);
+            Add(Stat(ST_L), Stat(ST_L), Stat(ST_SUM), (int32_t)nr);
+            cur = 1 - cur;
         }
         // Maxes to [r0, r0 + nr) and sums to [rows + r0, ...) of the chunk's stats.
+        // (The copy-out's second block starts at nr padded to 8.)
         const uint32_t half = PaddedElems<float>(nr);
         LocalTensor<float> st = out_.AllocTensor<float>();
-        for (uint32_t i = 0; i < nr; i++) {
-            st.SetValue(i, m[i]);
-            st.SetValue(half + i, l[i]);
-        }
-        SetFlag<HardEvent::S_MTE3>(0);
-        WaitFlag<HardEvent::S_MTE3>(0);
+        DataCopy(st, Stat(ST_M + cur), half);
+        DataCopy(st[half], Stat(ST_L), half);
         out_.EnQue(st);
         st = out_.DeQue<float>();
         const uint32_t gap = (B::rows_ - nr) * sizeof(float);
@@ -199,7 +239,9 @@ private:
         out_.FreeTensor(st);
     }
 
+    uint32_t rp_ = 0;  // rows of the pass, padded to 8
     TQue<TPosition::VECOUT, 1> out_;
+    TBuf<TPosition::VECCALC> stats_;
 };
 
 template <typename T> class MeansKernel : public ScoreKernel<T> {
