@@ -83,11 +83,32 @@ template <typename T, typename Buf> __aicore__ inline AscendC::LocalTensor<float
     return SameType<T, float>::value ? AscendC::LocalTensor<float>() : b.template Get<float>();
 }
 
+// dst[r] = max (MAX) or sum of the first `width` ≤ 64 floats of each of `rows` ≤ 255 rows of
+// `src`, `stride` floats apart (a multiple of 8): BlockReduce to 8 partials per row (one repeat per
+// row), then BlockReduce again over only the blocks the first pass filled. dst is 8-element
+// aligned with room for `rows` rounded up to 8; `part` holds that many blocks.
+template <bool MAX>
+__aicore__ inline void RowReduce(const AscendC::LocalTensor<float>& dst, const AscendC::LocalTensor<float>& src, uint32_t rows,
+                                 uint32_t width, uint32_t stride, const AscendC::LocalTensor<float>& part) {
+    using namespace AscendC;
+    const int32_t rep = (int32_t)(stride / FLOATS_PER_BLOCK), groups = (int32_t)((rows + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK);
+    const uint32_t filled = (width + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK;
+    uint64_t valid[2] = {0, 0};
+    for (uint32_t k = 0; k < FLOATS_PER_BLOCK; k++) valid[0] |= ((1ull << filled) - 1) << (k * FLOATS_PER_BLOCK);
+    if (MAX) {
+        BlockReduceMax(part, src, (int32_t)rows, (int32_t)width, 1, 1, rep);
+        BlockReduceMax(dst, part, groups, valid, 1, 1, (int32_t)FLOATS_PER_BLOCK);
+    } else {
+        BlockReduceSum(part, src, (int32_t)rows, (int32_t)width, 1, 1, rep);
+        BlockReduceSum(dst, part, groups, valid, 1, 1, (int32_t)FLOATS_PER_BLOCK);
+    }
+}
+
 // Dot products of one f32 row `q` (d elements) with n ≤ 255 f32 rows `keys` (`stride` floats
 // apart, stride a multiple of 8) into dst[0..n) (8-element aligned; entries up to n rounded up
 // to 8 are scratch), all keys per instruction: products in repeats of 64 dims with q read at a
-// repeat stride of 0, folded into the first repeat, then two BlockReduceSum passes (8 partials
-// per key, then 1). Scratch: `tmp` n × stride floats, `part` n rounded up to 8 blocks.
+// repeat stride of 0, folded into the first repeat, then RowReduce over the keys. Scratch: `tmp`
+// n × stride floats, `part` n rounded up to 8 blocks.
 __aicore__ inline void TileDots(const AscendC::LocalTensor<float>& dst, const AscendC::LocalTensor<float>& q,
                                 const AscendC::LocalTensor<float>& keys, uint32_t n, uint32_t d, uint32_t stride,
                                 const AscendC::LocalTensor<float>& tmp, const AscendC::LocalTensor<float>& part) {
@@ -101,13 +122,7 @@ __aicore__ inline void TileDots(const AscendC::LocalTensor<float>& dst, const As
         const uint64_t mask = d - c < FLOATS_PER_REPEAT ? d - c : FLOATS_PER_REPEAT;
         Add(tmp, tmp, tmp[c], mask, rows, BinaryRepeatParams(1, 1, 1, rep, rep, rep));
     }
-    const uint32_t width = d < FLOATS_PER_REPEAT ? d : FLOATS_PER_REPEAT;
-    BlockReduceSum(part, tmp, (int32_t)n, (int32_t)width, 1, 1, rep);
-    // Second pass: per key, only the blocks the first pass filled.
-    const uint32_t filled = (width + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK;
-    uint64_t valid[2] = {0, 0};
-    for (uint32_t k = 0; k < FLOATS_PER_BLOCK; k++) valid[0] |= ((1ull << filled) - 1) << (k * FLOATS_PER_BLOCK);
-    BlockReduceSum(dst, part, (int32_t)((n + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK), valid, 1, 1, FLOATS_PER_BLOCK);
+    RowReduce<false>(dst, tmp, n, d < FLOATS_PER_REPEAT ? d : FLOATS_PER_REPEAT, stride, part);
 }
 
 // acc[0..d) += Σ_j w[j] · rows[j][0..d) for n ≤ 255 f32 rows `stride` floats apart, all rows per

@@ -174,23 +174,6 @@ private:
         for (uint32_t r0 = 0; r0 < B::rows_; r0 += B::chunkRows_) Rows(b, h, c, r0, Min(B::chunkRows_, B::rows_ - r0));
     }
 
-    // Row reduction of the nr score rows' first COMPRESS_KEYS entries into dst[i].
-    template <bool MAX> __aicore__ inline void RowReduce(const LocalTensor<float>& dst, const LocalTensor<float>& sc, uint32_t nr) {
-        LocalTensor<float> part = Stat(ST_PART);
-        const int32_t groups = (int32_t)((nr + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK);
-        // The first pass fills the first COMPRESS_KEYS / 8 of each row's 8 partials.
-        uint64_t valid[2] = {0, 0};
-        for (uint32_t k = 0; k < FLOATS_PER_BLOCK; k++)
-            valid[0] |= ((1ull << (COMPRESS_KEYS / FLOATS_PER_BLOCK)) - 1) << (k * FLOATS_PER_BLOCK);
-        if (MAX) {
-            BlockReduceMax(part, sc, (int32_t)nr, (int32_t)COMPRESS_KEYS, 1, 1, 8);
-            BlockReduceMax(dst, part, groups, valid, 1, 1, 8);
-        } else {
-            BlockReduceSum(part, sc, (int32_t)nr, (int32_t)COMPRESS_KEYS, 1, 1, 8);
-            BlockReduceSum(dst, part, groups, valid, 1, 1, 8);
-        }
-    }
-
     // Stats of window rows [r0, r0 + nr) over key chunk c.
     __aicore__ inline void Rows(int32_t b, int32_t h, int32_t c, uint32_t r0, uint32_t nr) {
         B::LoadObs(b, h, r0, nr);
@@ -214,14 +197,14 @@ private:
             }
             B::kIn_.FreeTensor(held);
             LocalTensor<float> m_old = Stat(ST_M + cur), m_new = Stat(ST_M + 1 - cur), alpha = Stat(ST_ALPHA);
-            RowReduce<true>(Stat(ST_MAX), sc, nr);
+            RowReduce<true>(Stat(ST_MAX), sc, nr, COMPRESS_KEYS, FLOATS_PER_REPEAT, Stat(ST_PART));
             Max(m_new, m_old, Stat(ST_MAX), (int32_t)nr);
             Sub(alpha, m_old, m_new, (int32_t)nr);
             Exp(alpha, alpha, (int32_t)nr);
             Brcb(Stat(ST_BCAST), m_new, groups, BrcbRepeatParams(1, 8));
             Sub(sc, sc, Stat(ST_BCAST), (uint64_t)COMPRESS_KEYS, rows, BinaryRepeatParams(1, 1, 0, 8, 8, 1));
             Exp(sc, sc, (uint64_t)COMPRESS_KEYS, rows, UnaryRepeatParams(1, 1, 8, 8));
-            RowReduce<false>(Stat(ST_SUM), sc, nr);
+            RowReduce<false>(Stat(ST_SUM), sc, nr, COMPRESS_KEYS, FLOATS_PER_REPEAT, Stat(ST_PART));
             Mul(Stat(ST_L), Stat(ST_L), alpha, (int32_t)nr);
             Add(Stat(ST_L), Stat(ST_L), Stat(ST_SUM), (int32_t)nr);
             cur = 1 - cur;

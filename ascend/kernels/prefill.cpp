@@ -315,20 +315,6 @@ private:
         if (n_ > 0) Finish(x);
     }
 
-    // Row reduction of `src` (n_ rows of `width` ≤ 64 floats at PREFILL_KEYS spacing) into
-    // `dst[r]`: 8 partial results per row, then one.
-    template <bool MAX>
-    __aicore__ inline void RowReduce(const LocalTensor<float>& dst, const LocalTensor<float>& src) {
-        LocalTensor<float> part = Stat(ST_PART);
-        if (MAX) {
-            BlockReduceMax(part, src, (int32_t)n_, (int32_t)PREFILL_KEYS, 1, 1, PREFILL_KEYS / FLOATS_PER_BLOCK);
-            BlockReduceMax(dst, part, (int32_t)Groups(), (int32_t)PREFILL_KEYS, 1, 1, 8);
-        } else {
-            BlockReduceSum(part, src, (int32_t)n_, (int32_t)PREFILL_KEYS, 1, 1, PREFILL_KEYS / FLOATS_PER_BLOCK);
-            BlockReduceSum(dst, part, (int32_t)Groups(), (int32_t)PREFILL_KEYS, 1, 1, 8);
-        }
-    }
-
     // rows[r][0..width) op= v[r] for n_ rows of `stride` floats: v broadcast one block per row,
     // read with a block stride of 0 in chunks of one repeat (64 floats).
     __aicore__ inline void RowScale(const LocalTensor<float>& rows, const LocalTensor<float>& v, uint32_t width, uint32_t stride) {
@@ -362,7 +348,7 @@ private:
                 uint64_t hidden[2] = {~0ull << vis, 0};
                 Duplicate(s[r * PREFILL_KEYS], NegInf(), hidden, 1, 1, 8);
             }
-            RowReduce<true>(Stat(ST_MAX), s);
+            RowReduce<true>(Stat(ST_MAX), s, n_, PREFILL_KEYS, PREFILL_KEYS, Stat(ST_PART));
             Max(m_new, m_old, Stat(ST_MAX), (int32_t)n_);
             Sub(alpha, m_old, m_new, (int32_t)n_);
             Exp(alpha, alpha, (int32_t)n_);
@@ -372,7 +358,7 @@ private:
             Sub(p32, s, bc, (uint64_t)PREFILL_KEYS, (uint8_t)n_, BinaryRepeatParams(1, 1, 0, 8, 8, 1));
             sIn_.FreeTensor(s);
             Exp(p32, p32, (int32_t)(n_ * PREFILL_KEYS));
-            RowReduce<false>(Stat(ST_SUM), p32);
+            RowReduce<false>(Stat(ST_SUM), p32, n_, PREFILL_KEYS, PREFILL_KEYS, Stat(ST_PART));
             Mul(Stat(ST_L), Stat(ST_L), alpha, (int32_t)n_);
             Add(Stat(ST_L), Stat(ST_L), Stat(ST_SUM), (int32_t)n_);
             m_ = 1 - m_;
