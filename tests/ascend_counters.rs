@@ -57,6 +57,26 @@ fn work_counters() {
     // Scoring is vector work (two passes over every row-key pair) and no cube work.
     assert_eq!(c.cube_macs, 0);
     assert!(c.vector_repeats as usize >= 2 * hq * w * (n - w) * d * 4 / 256);
+    // The two top-k kernels on one long row per head (N 16 K, keep 4000 ≤ the sort's limit).
+    let (n, w) = (16384 + 32, 32usize);
+    let kc = random([b, hkv, n, 32], 1.0, 10, DType::F16);
+    let vc = random([b, hkv, n, 32], 1.0, 11, DType::F16);
+    let obs = random([b, hq, w, 32], 1.0, 12, DType::F16);
+    let dc = DecodeConfig { decode_budget: 4000 + w, window: w, ..Default::default() };
+    let mut topk = Vec::new();
+    for (path, entry) in [(ascend::TopK::Sort, "ek_compress_topk"), (ascend::TopK::Select, "ek_compress_select")] {
+        let k = Kernels::from_backend(std::sync::Arc::new(emu::AscendEmuBackend::with_topk(path)));
+        emu::take_counters();
+        k.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+        let (_, c) = emu::kernel_counters().into_iter().find(|(e, _)| *e == entry).expect("the top-k launch ran");
+        eprintln!("top-k {path:?} over {} heads × {} scores, keep 4000: {c:?}", b * hkv, n - w);
+        topk.push(c);
+    }
+    // Selection reads each row ~10 times (8 search passes, the count above t, the compaction).
+    let row_bytes = (b * hkv * (n - w) * 4) as u64;
+    assert!(topk[1].gm_read_bytes <= 11 * row_bytes, "selection read {} bytes", topk[1].gm_read_bytes);
+    assert!(topk[1].vector_repeats as f64 / topk[1].vector_instrs as f64 >= 8.0, "selection works on whole tiles");
+
     // Decode over 1024-entry caches: scores and P·V per 32-key tile, not per key.
     let cap = 1024usize;
     let qd = random([b, 1, hq, d], 1.0, 7, DType::F16);

@@ -36,7 +36,7 @@ fn planted_violations_are_caught() {
     let mut output = vec![0f32; 512];
     selftest(0, &input, &mut output).expect("correct usage passes");
     assert_eq!(output[..256], input[..256].iter().map(|x| 2.0 * x).collect::<Vec<_>>()[..]);
-    let cases: [(i32, &str); 23] = [
+    let cases: [(i32, &str); 25] = [
         (1, "UB overflow"),
         (2, "not 32-byte aligned"),
         (3, "whole 32-byte blocks"),
@@ -60,6 +60,8 @@ fn planted_violations_are_caught() {
         (21, "the AIV has only the unified buffer"),
         (22, "src and dst are the same address"),
         (23, "not aligned to 8 elements"),
+        (24, "not a whole number of 256-byte repeats"),
+        (25, "GatherMask: local tensor address 260 is not 32-byte aligned"),
     ];
     for (code, needle) in cases {
         match selftest(code, &input, &mut output) {
@@ -184,6 +186,9 @@ fn emulated_kv_compress_long_cache() {
         ((1, 9, 3, 64, 1536, 32), Pooling::Avg, GqaMode::Mean, 1024),
         // The UB worst case: D 256, G 16 (64 window rows per pass), 16-bit keys widened to f32.
         ((1, 32, 2, 256, 700, 4), Pooling::Avg, GqaMode::Mean, 300),
+        // Keep beyond MrgSort's lists (4064): threshold selection (TopK::Auto picks it).
+        ((1, 2, 1, 32, 9000, 8), Pooling::Avg, GqaMode::Mean, 6000),
+        ((1, 4, 2, 32, 7001, 8), Pooling::Max, GqaMode::PerQueryHead, 5000),
     ];
     for (i, ((b, hq, hkv, d, n, w), pooling, gqa_mode, budget)) in cases.into_iter().enumerate() {
         let dtype = DType::ALL[i % 3];
@@ -208,22 +213,61 @@ fn emulated_kv_compress_long_cache() {
     }
 }
 
+/// The emulated backend with `kv_compress`'s top-k forced to `topk`.
+fn emulated(topk: ascend::TopK) -> Kernels {
+    Kernels::from_backend(std::sync::Arc::new(emu::AscendEmuBackend::with_topk(topk)))
+}
+
 /// Exact ties (every key equal): the kept positions are the lowest ones, as SPEC §4.5 requires —
-/// this exercises Sort32's and MrgSort's tie order across tiles.
+/// on both top-k kernels: Sort32's and MrgSort's tie order across tiles, and threshold
+/// selection's quota of ties (here every score ties, the quota ends mid-tile).
 #[test]
 fn emulated_kv_compress_ties_go_to_lower_positions() {
-    let kernels = Kernels::new(BackendKind::AscendEmu).unwrap();
     let (b, hq, hkv, d, n, w) = (1, 2, 2, 32, 2600, 4);
     let kc = HostTensor::full(DType::F32, [b, hkv, n, d], 0.25);
     let vc = random([b, hkv, n, d], 1.0, seed("ties"), DType::F32);
     let obs = random([b, hq, w, d], 1.0, seed("ties") ^ 1, DType::F32);
-    for pooling in [Pooling::None, Pooling::Max] {
-        let dc = DecodeConfig { decode_budget: 1500, window: w, pooling, ..Default::default() };
-        let got = kernels.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
-        let keep = 1500 - w;
-        for u in 0..b * hkv {
-            let idx = &got.indices[u * keep..(u + 1) * keep];
-            assert!(idx.iter().enumerate().all(|(i, &p)| p == i as i64), "{pooling:?} head {u}: {:?}", &idx[..8]);
+    for topk in [ascend::TopK::Sort, ascend::TopK::Select] {
+        let kernels = emulated(topk);
+        for pooling in [Pooling::None, Pooling::Max] {
+            let dc = DecodeConfig { decode_budget: 1500, window: w, pooling, ..Default::default() };
+            let got = kernels.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+            let keep = 1500 - w;
+            for u in 0..b * hkv {
+                let idx = &got.indices[u * keep..(u + 1) * keep];
+                let ok = idx.iter().enumerate().all(|(i, &p)| p == i as i64);
+                assert!(ok, "{topk:?} {pooling:?} head {u}: {:?}", &idx[..8]);
+            }
+        }
+    }
+}
+
+/// Three score levels interleaved over the cache (keys repeat a 3-row pattern, so equal keys
+/// score exactly equal): the top level is kept whole, the middle one up to the quota — which ends
+/// mid-tile with top-level positions after it — and nothing of the last. Both top-k kernels must
+/// give the oracle's positions exactly; sort/merge refuses a keep beyond its lists with a typed error.
+#[test]
+fn emulated_kv_compress_partial_tie_level() {
+    let (b, hq, hkv, d, n, w) = (1, 2, 1, 32, 5000, 4);
+    let pattern = random([1, 1, 3, d], 1.0, seed("levels"), DType::F32).to_f32_vec();
+    let rows: Vec<f32> = (0..n).flat_map(|i| pattern[((i * 7) % 3) * d..][..d].to_vec()).collect();
+    let kc = HostTensor::from_f32(&rows, [b, hkv, n, d], DType::F32);
+    let vc = random([b, hkv, n, d], 1.0, seed("levels") ^ 1, DType::F32);
+    let obs = random([b, hq, w, d], 1.0, seed("levels") ^ 2, DType::F32);
+    let oracle = Kernels::reference();
+    for budget in [2500, 4500] {
+        let dc = DecodeConfig { decode_budget: budget, window: w, pooling: Pooling::None, ..Default::default() };
+        let want = oracle.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+        for topk in [ascend::TopK::Sort, ascend::TopK::Select, ascend::TopK::Auto] {
+            let got = emulated(topk).kv_compress(kc.view(), vc.view(), obs.view(), &dc);
+            if topk == ascend::TopK::Sort && budget - w > 4064 {
+                let e = got.expect_err("sort/merge beyond its lists");
+                assert!(matches!(e, Error::OutOfRange { .. }) && e.to_string().contains("4064"), "{e}");
+                continue;
+            }
+            let got = got.unwrap();
+            assert_eq!(got.indices, want.indices, "{topk:?} budget {budget}");
+            assert_eq!(got.k.to_f32_vec(), want.k.to_f32_vec(), "{topk:?} budget {budget}: gathered keys");
         }
     }
 }
@@ -248,6 +292,22 @@ fn block_reduce_broadcast_and_masked_fill_semantics() {
     let fill: Vec<f32> =
         (0..128).map(|i| if (0xFF00_FF00_FF00_FF00u64 >> (i % 64)) & 1 == 1 { 7.0 } else { 0.0 }).collect();
     assert_eq!(&output[192..320], &fill[..], "level-0 Duplicate");
+}
+
+/// CompareScalar's bit mask (element i at bit i of the mask's bytes), Select by it (mode 1: the
+/// tensor where the bit is set, the scalar elsewhere) and GatherMask in counter mode (the selected
+/// elements in order, packed, and their count), as threshold selection uses them.
+#[test]
+fn compare_select_and_gather_mask_semantics() {
+    let input: Vec<f32> = (0..512).map(|i| ((i * 53) % 19) as f32 - 9.0).collect();
+    let mut output = vec![7.5f32; 512];
+    selftest(103, &input, &mut output).unwrap();
+    let want_sel: Vec<f32> = input[..256].iter().map(|&x| if x > 0.0 { x } else { -1.0 }).collect();
+    assert_eq!(&output[..256], &want_sel[..], "Select");
+    let want_gather: Vec<f32> = input[..200].iter().copied().filter(|&x| x > 0.0).collect();
+    assert_eq!(output[511], want_gather.len() as f32, "GatherMask count");
+    assert_eq!(&output[256..256 + want_gather.len()], &want_gather[..], "GatherMask elements");
+    assert!(output[256 + want_gather.len()..511].iter().all(|&x| x == 7.5), "GatherMask wrote past its count");
 }
 
 /// Sort32 sorts each group of 32 by descending score with ties to the earlier input (the

@@ -12,6 +12,7 @@ extern "C" void ek_compress_stats(uint8_t* params);
 extern "C" void ek_compress_means(uint8_t* params);
 extern "C" void ek_compress_pool(uint8_t* params);
 extern "C" void ek_compress_topk(uint8_t* params);
+extern "C" void ek_compress_select(uint8_t* params);
 extern "C" void ek_compress_gather(uint8_t* params);
 extern "C" void ek_prefill(uint8_t* params);
 extern "C" void ek_prefill_vec(uint8_t* params);
@@ -31,6 +32,7 @@ const Entry kKernels[] = {
     {"ek_compress_means", ek_compress_means},
     {"ek_compress_pool", ek_compress_pool},
     {"ek_compress_topk", ek_compress_topk},
+    {"ek_compress_select", ek_compress_select},
     {"ek_compress_gather", ek_compress_gather},
     {"ek_prefill", ek_prefill, true},
     {"ek_prefill_vec", ek_prefill_vec},

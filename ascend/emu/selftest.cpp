@@ -109,6 +109,31 @@ void ReduceBroadcastSemantics(const SelfTest& t) {
     DataCopy(dst[192], fill, 128);
 }
 
+// CompareScalar (x > 0 over 256 inputs) into a bit mask, Select of x or −1 by it, and GatherMask
+// of the first 200 inputs by it (counter mode): out[0..256) the selection, out[256..256 + cnt)
+// the gathered inputs, out[511] = cnt; the rest stays as the output came in.
+void CompareSelectGatherSemantics(const SelfTest& t) {
+    TPipe pipe;
+    TBuf<TPosition::VECCALC> a, m, y, z;
+    pipe.InitBuffer(a, 256 * 4);
+    pipe.InitBuffer(m, 256 / 8);
+    pipe.InitBuffer(y, 256 * 4);
+    pipe.InitBuffer(z, 256 * 4);
+    GlobalTensor<float> src, dst;
+    src.SetGlobalBuffer(t.in, 512);
+    dst.SetGlobalBuffer(t.out, 512);
+    LocalTensor<float> x = a.Get<float>(), sel = y.Get<float>(), gathered = z.Get<float>();
+    LocalTensor<uint8_t> mask = m.Get<uint8_t>();
+    DataCopy(x, src, 256);
+    CompareScalar(mask, x, 0.0f, CMPMODE::GT, 256);
+    Select(sel, mask, x, -1.0f, SELMODE::VSEL_TENSOR_SCALAR_MODE, 256);
+    uint64_t cnt = 0;
+    GatherMask(gathered, x, mask.ReinterpretCast<uint32_t>(), true, 200, GatherMaskParams(1, 1, 0, 0), cnt);
+    DataCopy(dst, sel, 256);
+    DataCopyPad(dst[256], gathered, DataCopyExtParams(1, (uint32_t)cnt * 4, 0, 0, 0));
+    dst.SetValue(511, (float)cnt);
+}
+
 }  // namespace
 
 extern "C" void ek_emu_selftest_kernel(uint8_t* arg) {
@@ -274,8 +299,29 @@ extern "C" void ek_emu_selftest_kernel(uint8_t* arg) {
             BlockReduceMax(r.Get<float>()[4], a.Get<float>(), 1, 64, 1, 1, 8);
             break;
         }
+        case 24: {  // a count-mode compare over part of a repeat
+            TPipe pipe;
+            TBuf<TPosition::VECCALC> a, m;
+            pipe.InitBuffer(a, 512);
+            pipe.InitBuffer(m, 64);
+            CompareScalar(m.Get<uint8_t>(), a.Get<float>(), 0.0f, CMPMODE::GE, 100);
+            break;
+        }
+        case 25: {  // a GatherMask pattern off the 32-byte grid
+            TPipe pipe;
+            TBuf<TPosition::VECCALC> a, m, o;
+            pipe.InitBuffer(a, 256);
+            pipe.InitBuffer(m, 64);
+            pipe.InitBuffer(o, 256);
+            uint64_t cnt = 0;
+            GatherMask(o.Get<float>(), a.Get<float>(), m.Get<uint32_t>()[1], true, 32, GatherMaskParams(1, 1, 0, 0), cnt);
+            break;
+        }
         case 100:
             Level0(t);
+            break;
+        case 103:
+            CompareSelectGatherSemantics(t);
             break;
         case 102:
             ReduceBroadcastSemantics(t);

@@ -13,7 +13,10 @@
 //                       first row) and pooling by shifted reads of the padded row. pooled: [B, Hc, N−W]
 //   ek_compress_topk    item (b, out head): the keep = budget − W best pooled positions by
 //                       Sort32 + MrgSort over tiles (ties to the lower position), then sorted
-//                       ascending. selected: uint32 [B, Hc, keep]
+//                       ascending (keep ≤ TOPK_CAP). selected: uint32 [B, Hc, keep]
+//   ek_compress_select  the same selection by threshold (any keep; the host launches one of the
+//                       two): a search for the keep-th score by vector counting, then one
+//                       ascending compaction pass with GatherMask.
 //   ek_compress_gather  item (b, out head): the kept rows then the last W rows into k_out/v_out.
 //
 // UB plan (192 KiB; the G·W window rows in chunks of 64, G ≤ 16, D ≤ 256):
@@ -25,6 +28,8 @@
 //   pool         2 × 1024 f32 in + 1024 accumulator = 12 KiB
 //   topk         scores tile 1024 f32 + indices 1024 u32 + sorted tile and merge scratch 2 × 8 KiB
 //                + running best list and merge target 2 × 8 × 4096 B = 64 KiB: ≈ 100 KiB
+//   select       scores tiles 2 × 4 KiB, 15 count accumulators of 1024 f32 = 60 KiB, ones, work,
+//                positions (ramp, tile, ties) 4 KiB each, 4 bit masks of 128 B, output 2 × 4 KiB: ≈ 101 KiB
 //   gather       2 rows of D in flight (double-buffered GM → UB → GM)
 // Expected utilisation: stats and means are vector-bound on the (row, key) dot products, 2 × rows ×
 // N × D × 2 FLOPs in total, each row scored against a 32-key tile in ~5 instructions (products,
@@ -45,6 +50,8 @@ constexpr uint32_t COMPRESS_MAX_GROUP = 16;  // query heads per kv head (the mea
 constexpr uint32_t POOL_TILE = 1024;         // positions per pooling tile
 constexpr uint32_t TOPK_TILE = 1024;         // scores sorted per step
 constexpr uint32_t TOPK_CAP = 4064;          // most positions kept (MrgSort lists hold ≤ 4095)
+constexpr uint32_t SELECT_TILE = 1024;       // scores per threshold-selection step (whole repeats)
+constexpr uint32_t SELECT_FANOUT = 16;       // key intervals per counting pass (15 thresholds)
 constexpr uint32_t SORT_GROUP = 32;          // Sort32 sorts groups of 32
 constexpr uint32_t PAIR = 2;                 // floats per (score, index) structure
 
@@ -553,6 +560,190 @@ private:
 };
 
 // ------------------------------------------------------------------------------------------------
+// Top-k by threshold selection (any keep; the host picks it over sort/merge beyond TOPK_CAP).
+// A 16-ary search over the scores' order-preserving 32-bit keys finds the keep-th largest score t
+// (8 counting passes over the row, 15 thresholds each, counted on the vector units: CompareScalar,
+// Select of ones, Add; one ReduceSum per threshold and pass), one more pass counts the scores
+// above t, and a last ascending pass keeps every position scoring above t plus the first
+// keep − #(> t) positions scoring exactly t: ties go to the lower position by construction, the
+// positions come out ascending, compacted by GatherMask, with no sort and no list-length limit.
+
+class SelectKernel {
+public:
+    __aicore__ inline void Run(const EkCompressParams& p) {
+        p_ = p;
+        keep_ = p.budget - p.window;
+        const uint64_t rows = (uint64_t)p.obs.shape[0] * p.out_heads;
+        pooledGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.pooled), rows * (uint32_t)(p.entries - p.window));
+        selGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.selected), rows * keep_);
+        pipe_.InitBuffer(in_, 2, SELECT_TILE * sizeof(float));
+        pipe_.InitBuffer(out_, 2, SELECT_TILE * sizeof(uint32_t));
+        pipe_.InitBuffer(acc_, (SELECT_FANOUT - 1) * SELECT_TILE * sizeof(float));
+        pipe_.InitBuffer(ones_, SELECT_TILE * sizeof(float));
+        pipe_.InitBuffer(work_, SELECT_TILE * sizeof(float));
+        pipe_.InitBuffer(sums_, SELECT_FANOUT * FLOATS_PER_BLOCK * sizeof(float));
+        pipe_.InitBuffer(masks_, SELECT_MASKS * MASK_BYTES);
+        pipe_.InitBuffer(ramp_, SELECT_TILE * sizeof(uint32_t));
+        pipe_.InitBuffer(rampF_, SELECT_TILE * sizeof(float));
+        pipe_.InitBuffer(pos_, SELECT_TILE * sizeof(uint32_t));
+        pipe_.InitBuffer(eqPos_, SELECT_TILE * sizeof(uint32_t));
+        LocalTensor<uint32_t> ramp = ramp_.Get<uint32_t>();
+        LocalTensor<float> rampF = rampF_.Get<float>(), ones = ones_.Get<float>();
+        for (uint32_t i = 0; i < SELECT_TILE; i++) {
+            ramp.SetValue(i, i);
+            rampF.SetValue(i, (float)i);
+        }
+        ScalarToVector();
+        Duplicate(ones, 1.0f, (int32_t)SELECT_TILE);
+        const uint32_t items = p.obs.shape[0] * p.out_heads;
+        for (uint32_t it = GetBlockIdx(); it < items; it += GetBlockNum()) Item(it);
+    }
+
+private:
+    static constexpr uint32_t MASK_BYTES = SELECT_TILE / 8;  // one bit per score
+    static constexpr uint32_t SELECT_MASKS = 4;               // bit masks held at once
+
+    // Order-preserving keys: a larger float has a larger key (−0 just below +0).
+    __aicore__ static inline uint32_t KeyOf(float f) {
+        union {
+            float f;
+            uint32_t u;
+        } v;
+        v.f = f;
+        return (v.u & 0x80000000u) ? ~v.u : (v.u | 0x80000000u);
+    }
+    __aicore__ static inline float FloatOf(uint32_t k) {
+        union {
+            float f;
+            uint32_t u;
+        } v;
+        v.u = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+        return v.f;
+    }
+
+    __aicore__ inline LocalTensor<uint8_t> Mask(uint32_t i) { return masks_.Get<uint8_t>()[i * MASK_BYTES]; }
+
+    // Scores [t0, t0 + n) of the row into a tile; the slots past n score −inf.
+    __aicore__ inline LocalTensor<float> Load(uint64_t row, uint32_t t0, uint32_t n) {
+        LocalTensor<float> sc = in_.AllocTensor<float>();
+        if (n < SELECT_TILE) {
+            Duplicate(sc, NegInf(), (int32_t)SELECT_TILE);
+            SetFlag<HardEvent::V_MTE2>(0);
+            WaitFlag<HardEvent::V_MTE2>(0);
+        }
+        DataCopyPad(sc, pooledGm_[row + t0], DataCopyExtParams(1, n * sizeof(float), 0, 0, 0),
+                    DataCopyPadExtParams<float>(true, 0, 0, NegInf()));
+        in_.EnQue(sc);
+        return in_.DeQue<float>();
+    }
+
+    // counts[j] = #{scores s of the row : s `mode` thr[j]}, j < m, in one pass over the row.
+    __aicore__ inline void Count(uint64_t row, uint32_t scored, const float* thr, uint32_t m, CMPMODE mode, uint32_t* counts) {
+        LocalTensor<float> acc = acc_.Get<float>(), ones = ones_.Get<float>(), work = work_.Get<float>(), sums = sums_.Get<float>();
+        LocalTensor<float> hit = work;  // 1.0 where the comparison holds (reused for ReduceSum below)
+        LocalTensor<uint8_t> mask = Mask(0);
+        Duplicate(acc, 0.0f, (int32_t)(m * SELECT_TILE));
+        for (uint32_t t0 = 0; t0 < scored; t0 += SELECT_TILE) {
+            LocalTensor<float> sc = Load(row, t0, Min(SELECT_TILE, scored - t0));
+            for (uint32_t j = 0; j < m; j++) {
+                CompareScalar(mask, sc, thr[j], mode, SELECT_TILE);
+                Select(hit, mask, ones, 0.0f, SELMODE::VSEL_TENSOR_SCALAR_MODE, SELECT_TILE);
+                Add(acc[j * SELECT_TILE], acc[j * SELECT_TILE], hit, (int32_t)SELECT_TILE);
+            }
+            in_.FreeTensor(sc);
+        }
+        for (uint32_t j = 0; j < m; j++) ReduceSum(sums[j * FLOATS_PER_BLOCK], acc[j * SELECT_TILE], work, (int32_t)SELECT_TILE);
+        SetFlag<HardEvent::V_S>(0);
+        WaitFlag<HardEvent::V_S>(0);
+        for (uint32_t j = 0; j < m; j++) counts[j] = (uint32_t)sums.GetValue(j * FLOATS_PER_BLOCK);  // exact below 2^24
+    }
+
+    __aicore__ inline void Item(uint32_t it) {
+        const uint32_t b = it / p_.out_heads, hc = it % p_.out_heads;
+        const uint32_t scored = p_.entries - p_.window;
+        const uint64_t row = ((uint64_t)b * p_.out_heads + hc) * scored;
+        // The largest key k with #(s ≥ k) ≥ keep lies in [lo, hi): lo = −inf holds (every score
+        // counts), hi = just past +inf does not.
+        uint32_t lo = KeyOf(NegInf()), hi = KeyOf(-NegInf()) + 1;
+        float thr[SELECT_FANOUT];
+        uint32_t keys[SELECT_FANOUT], counts[SELECT_FANOUT];
+        while (hi - lo > 1) {
+            const uint64_t step = ((uint64_t)(hi - lo) + SELECT_FANOUT - 1) / SELECT_FANOUT;
+            uint32_t m = 0;
+            for (uint64_t k = lo + step; k < hi && m < SELECT_FANOUT - 1; k += step) {
+                keys[m] = (uint32_t)k;
+                thr[m++] = FloatOf((uint32_t)k);
+            }
+            Count(row, scored, thr, m, CMPMODE::GE, counts);
+            uint32_t j = 0;
+            while (j < m && counts[j] >= keep_) lo = keys[j++];
+            if (j < m) hi = keys[j];
+        }
+        const float t = FloatOf(lo);
+        uint32_t above = 0;
+        Count(row, scored, &t, 1, CMPMODE::GT, &above);
+        Compact(row, scored, t, keep_ - above, ((uint64_t)b * p_.out_heads + hc) * keep_);
+    }
+
+    // The kept positions, ascending: every score above t, and the first `ties` scoring t.
+    __aicore__ inline void Compact(uint64_t row, uint32_t scored, float t, uint32_t ties, uint64_t out) {
+        LocalTensor<float> acc = acc_.Get<float>(), ones = ones_.Get<float>(), rampF = rampF_.Get<float>();
+        LocalTensor<float> above = acc, tie = acc[SELECT_TILE], first = acc[2 * SELECT_TILE];
+        LocalTensor<uint32_t> ramp = ramp_.Get<uint32_t>(), pos = pos_.Get<uint32_t>(), eqPos = eqPos_.Get<uint32_t>();
+        LocalTensor<uint8_t> gtMask = Mask(0), eqMask = Mask(1), cutMask = Mask(2), keepMask = Mask(3);
+        const GatherMaskParams gm(1, 1, 0, 0);
+        uint32_t taken = 0, written = 0;
+        for (uint32_t t0 = 0; t0 < scored && written < keep_; t0 += SELECT_TILE) {
+            const uint32_t n = Min(SELECT_TILE, scored - t0);
+            LocalTensor<float> sc = Load(row, t0, n);
+            Adds(pos.ReinterpretCast<int32_t>(), ramp.ReinterpretCast<int32_t>(), (int32_t)t0, (int32_t)SELECT_TILE);
+            CompareScalar(eqMask, sc, t, CMPMODE::EQ, SELECT_TILE);
+            uint64_t equal = 0;
+            GatherMask(eqPos, pos, eqMask.ReinterpretCast<uint32_t>(), true, SELECT_TILE, gm, equal);
+            // Ties in this tile are kept below `cut` (a tile-relative position): all of them, or
+            // up to the first one past the quota.
+            uint32_t cut = n;
+            if (ties - taken < equal) {
+                SetFlag<HardEvent::V_S>(0);
+                WaitFlag<HardEvent::V_S>(0);
+                cut = Min(n, eqPos.GetValue(ties - taken) - t0);
+                taken = ties;
+            } else {
+                taken += (uint32_t)equal;
+            }
+            CompareScalar(gtMask, sc, t, CMPMODE::GT, SELECT_TILE);
+            CompareScalar(cutMask, rampF, (float)cut, CMPMODE::LT, SELECT_TILE);
+            in_.FreeTensor(sc);
+            // kept = (s > t) or (s = t and position < cut), as 1.0 / 0.0 (exact for t = −inf too).
+            Select(above, gtMask, ones, 0.0f, SELMODE::VSEL_TENSOR_SCALAR_MODE, SELECT_TILE);
+            Select(tie, eqMask, ones, 0.0f, SELMODE::VSEL_TENSOR_SCALAR_MODE, SELECT_TILE);
+            Select(first, cutMask, tie, 0.0f, SELMODE::VSEL_TENSOR_SCALAR_MODE, SELECT_TILE);
+            Max(above, above, first, (int32_t)SELECT_TILE);
+            CompareScalar(keepMask, above, 0.5f, CMPMODE::GT, SELECT_TILE);
+            LocalTensor<uint32_t> o = out_.AllocTensor<uint32_t>();
+            uint64_t kept = 0;
+            GatherMask(o, pos, keepMask.ReinterpretCast<uint32_t>(), true, SELECT_TILE, gm, kept);
+            out_.EnQue(o);
+            o = out_.DeQue<uint32_t>();
+            // Never more than the quota, whatever the scores (NaN counts nowhere).
+            const uint32_t take = Min((uint32_t)kept, keep_ - written);
+            if (take > 0) DataCopyPad(selGm_[out + written], o, DataCopyExtParams(1, take * sizeof(uint32_t), 0, 0, 0));
+            out_.FreeTensor(o);
+            written += take;
+        }
+    }
+
+    EkCompressParams p_;
+    uint32_t keep_ = 0;
+    TPipe pipe_;
+    TQue<TPosition::VECIN, 2> in_;
+    TQue<TPosition::VECOUT, 2> out_;
+    TBuf<TPosition::VECCALC> acc_, ones_, work_, sums_, masks_, ramp_, rampF_, pos_, eqPos_;
+    GlobalTensor<float> pooledGm_;
+    GlobalTensor<uint32_t> selGm_;
+};
+
+// ------------------------------------------------------------------------------------------------
 // Gather: kept rows, then the window's rows, into the compacted caches.
 
 template <typename T> class GatherKernel {
@@ -610,6 +801,10 @@ extern "C" __global__ __aicore__ void ek_compress_pool(GM_ADDR params) {
 }
 extern "C" __global__ __aicore__ void ek_compress_topk(GM_ADDR params) {
     TopKKernel k;
+    k.Run(ReadParams<EkCompressParams>(params));
+}
+extern "C" __global__ __aicore__ void ek_compress_select(GM_ADDR params) {
+    SelectKernel k;
     k.Run(ReadParams<EkCompressParams>(params));
 }
 extern "C" __global__ __aicore__ void ek_compress_gather(GM_ADDR params) { Dispatch<GatherKernel>(ReadParams<EkCompressParams>(params)); }

@@ -49,6 +49,7 @@ pub struct AscendBackend {
     functions: HashMap<&'static str, Function>,
     stream: Mutex<Stream>,
     caps: Capabilities,
+    topk: super::TopK,
 }
 
 impl std::fmt::Debug for AscendBackend {
@@ -75,7 +76,7 @@ impl AscendBackend {
         }
         let stream = Mutex::new(rt.stream()?);
         let caps = ops::capabilities("ascend");
-        Ok(AscendBackend { rt, functions, stream, caps })
+        Ok(AscendBackend { rt, functions, stream, caps, topk: opts.topk })
     }
 
     fn launcher(&self) -> AclLauncher<'_, '_> {
@@ -186,7 +187,7 @@ impl Backend for AscendBackend {
         ops::prefill(self.launcher(), a, out, lse)
     }
     fn kv_compress(&self, a: &CompressArgs<'_>) -> Result<CompressedCache> {
-        ops::kv_compress(self.launcher(), a)
+        ops::kv_compress(self.launcher(), a, self.topk)
     }
     fn decode_attention(&self, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
         ops::decode(self.launcher(), a, out)
@@ -226,6 +227,9 @@ pub mod mock {
             kernel_dir: Some(dir.to_path_buf()),
             device: 0,
             vector_cores: 8,
+            // The emulator backend sorts (TopK::Auto at the tests' sizes): the ACL path selects,
+            // so every test that runs both covers both top-k kernels.
+            topk: crate::ascend::TopK::Select,
         })
     }
 

@@ -8,7 +8,7 @@
 use std::ffi::{CStr, CString, c_char};
 
 use super::launch::{Kernel, Launcher, raw_parts};
-use super::ops;
+use super::{TopK, ops};
 use crate::backend::{Backend, BackendKind, Capabilities};
 use crate::compress::CompressedCache;
 use crate::error::{Error, Result};
@@ -40,11 +40,10 @@ pub struct Counters {
     pub scalar_gm: u64,
 }
 
-/// Reads and resets the emulator's work counters.
-pub fn take_counters() -> Counters {
+fn read_counters(reset: bool) -> Counters {
     let mut c = [0u64; 6];
     // SAFETY: writes at most 6 values into `c`.
-    unsafe { ek_emu_counters(c.as_mut_ptr(), c.len(), 1) };
+    unsafe { ek_emu_counters(c.as_mut_ptr(), c.len(), reset as i32) };
     Counters {
         gm_read_bytes: c[0],
         gm_write_bytes: c[1],
@@ -53,6 +52,47 @@ pub fn take_counters() -> Counters {
         vector_instrs: c[4],
         scalar_gm: c[5],
     }
+}
+
+/// Saturating: another thread may reset the counters between two readings.
+impl std::ops::Sub for Counters {
+    type Output = Counters;
+    fn sub(self, o: Counters) -> Counters {
+        Counters {
+            gm_read_bytes: self.gm_read_bytes.saturating_sub(o.gm_read_bytes),
+            gm_write_bytes: self.gm_write_bytes.saturating_sub(o.gm_write_bytes),
+            cube_macs: self.cube_macs.saturating_sub(o.cube_macs),
+            vector_repeats: self.vector_repeats.saturating_sub(o.vector_repeats),
+            vector_instrs: self.vector_instrs.saturating_sub(o.vector_instrs),
+            scalar_gm: self.scalar_gm.saturating_sub(o.scalar_gm),
+        }
+    }
+}
+
+impl std::ops::AddAssign for Counters {
+    fn add_assign(&mut self, o: Counters) {
+        self.gm_read_bytes += o.gm_read_bytes;
+        self.gm_write_bytes += o.gm_write_bytes;
+        self.cube_macs += o.cube_macs;
+        self.vector_repeats += o.vector_repeats;
+        self.vector_instrs += o.vector_instrs;
+        self.scalar_gm += o.scalar_gm;
+    }
+}
+
+/// Work of each kernel entry since the last [`take_counters`], in launch order.
+static PER_KERNEL: std::sync::Mutex<Vec<(&'static str, Counters)>> = std::sync::Mutex::new(Vec::new());
+
+/// Reads and resets the emulator's work counters.
+pub fn take_counters() -> Counters {
+    PER_KERNEL.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    read_counters(true)
+}
+
+/// The work since the last [`take_counters`] per kernel entry (summed over its launches, in order
+/// of first launch), without resetting anything.
+pub fn kernel_counters() -> Vec<(&'static str, Counters)> {
+    PER_KERNEL.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// Emulated AI cores per launch: enough to exercise the kernels' work split.
@@ -66,8 +106,15 @@ pub unsafe fn run(name: &'static str, params: *const u8, cores: u32) -> Result<(
     let cname = CString::new(name).expect("kernel names have no NUL");
     let mut err = vec![0 as c_char; 1024];
     // SAFETY: the emulator reads `params` as the kernel's argument and writes at most `err.len()`.
+    let before = read_counters(false);
     let rc = unsafe { ek_emu_run(cname.as_ptr(), params, cores, err.as_mut_ptr(), err.len()) };
     if rc == 0 {
+        let spent = read_counters(false) - before;
+        let mut per = PER_KERNEL.lock().unwrap_or_else(|e| e.into_inner());
+        match per.iter_mut().find(|(k, _)| *k == name) {
+            Some((_, c)) => *c += spent,
+            None => per.push((name, spent)),
+        }
         return Ok(());
     }
     let detail = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
@@ -135,11 +182,17 @@ impl<'v> Launcher<'v> for EmuLauncher<'v> {
 #[derive(Debug)]
 pub struct AscendEmuBackend {
     caps: Capabilities,
+    topk: TopK,
 }
 
 impl AscendEmuBackend {
+    /// The emulated backend, `kv_compress` with [`TopK::Auto`].
     pub fn new() -> Self {
-        AscendEmuBackend { caps: ops::capabilities("ascend-emu") }
+        Self::with_topk(TopK::Auto)
+    }
+    /// The emulated backend with `kv_compress`'s top-k chosen by `topk`.
+    pub fn with_topk(topk: TopK) -> Self {
+        AscendEmuBackend { caps: ops::capabilities("ascend-emu"), topk }
     }
 }
 
@@ -166,7 +219,7 @@ impl Backend for AscendEmuBackend {
         ops::prefill(EmuLauncher::default(), a, out, lse)
     }
     fn kv_compress(&self, a: &CompressArgs<'_>) -> Result<CompressedCache> {
-        ops::kv_compress(EmuLauncher::default(), a)
+        ops::kv_compress(EmuLauncher::default(), a, self.topk)
     }
     fn decode_attention(&self, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
         ops::decode(EmuLauncher::default(), a, out)

@@ -34,6 +34,8 @@ pub const COMPRESS_STATS: Kernel = vector("ek_compress_stats", "kv_compress");
 pub const COMPRESS_MEANS: Kernel = vector("ek_compress_means", "kv_compress");
 pub const COMPRESS_POOL: Kernel = vector("ek_compress_pool", "kv_compress");
 pub const COMPRESS_TOPK: Kernel = vector("ek_compress_topk", "kv_compress");
+/// Top-k by threshold selection (any keep; see [`super::ops::TopK`]).
+pub const COMPRESS_SELECT: Kernel = vector("ek_compress_select", "kv_compress");
 pub const COMPRESS_GATHER: Kernel = vector("ek_compress_gather", "kv_compress");
 
 pub const PREFILL: Kernel = Kernel { symbol: "ek_prefill", file: "prefill", cores: Cores::Mix };
@@ -42,12 +44,13 @@ pub const PREFILL_F32: Kernel = vector("ek_prefill_vec", "prefill_vector");
 pub const PLAN_REPS: Kernel = vector("ek_plan_reps", "plan");
 
 /// Every kernel entry the backend ships; build.rs compiles each distinct `file` once.
-pub const KERNELS: [Kernel; 9] = [
+pub const KERNELS: [Kernel; 10] = [
     DECODE,
     COMPRESS_STATS,
     COMPRESS_MEANS,
     COMPRESS_POOL,
     COMPRESS_TOPK,
+    COMPRESS_SELECT,
     COMPRESS_GATHER,
     PREFILL,
     PREFILL_F32,

@@ -28,11 +28,12 @@ use std::sync::Arc;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 
-/// The Ascend C kernels on the host emulator (feature `ascend-emu`).
+/// The Ascend C kernels on the host emulator (feature `ascend-emu`), `kv_compress`'s top-k as
+/// `ENTROPY_KERNELS_ASCEND_TOPK` says.
 pub(crate) fn emulator() -> Result<Arc<dyn Backend>> {
     #[cfg(feature = "ascend-emu")]
     {
-        Ok(Arc::new(emu::AscendEmuBackend::new()))
+        Ok(Arc::new(emu::AscendEmuBackend::with_topk(TopK::from_env()?)))
     }
     #[cfg(not(feature = "ascend-emu"))]
     {
@@ -40,6 +41,37 @@ pub(crate) fn emulator() -> Result<Arc<dyn Backend>> {
             backend: "ascend-emu",
             reason: "built without the `ascend-emu` feature".into(),
         })
+    }
+}
+
+/// Environment variable: how `kv_compress` picks its kept positions (`auto`, `sort`, `select`).
+pub const TOPK_ENV: &str = "ENTROPY_KERNELS_ASCEND_TOPK";
+
+/// How the Ascend `kv_compress` picks each head's kept positions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TopK {
+    /// Sort and merge while the kept list fits `MrgSort` (keep ≤ 4064), threshold selection beyond.
+    #[default]
+    Auto,
+    /// `Sort32` + `MrgSort` over 1024-score tiles, merged into a running best list (keep ≤ 4064).
+    Sort,
+    /// Threshold selection: a 16-ary search for the keep-th score by vector counting, then one
+    /// ascending compaction pass (`GatherMask`); any keep, fewer than 2^24 scored positions.
+    Select,
+}
+
+impl TopK {
+    /// The choice `ENTROPY_KERNELS_ASCEND_TOPK` names (default [`TopK::Auto`]).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(TOPK_ENV) {
+            Err(_) => Ok(TopK::Auto),
+            Ok(s) => match s.trim() {
+                "auto" | "" => Ok(TopK::Auto),
+                "sort" => Ok(TopK::Sort),
+                "select" => Ok(TopK::Select),
+                _ => Err(Error::range("environment", format!("{TOPK_ENV}={s}"), "expected auto, sort or select")),
+            },
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The operations of the Ascend backend, written once over a [`Launcher`]: argument packing into
 //! the header's params structs, the kernels' own limits, and the host steps around them.
 
+use super::TopK;
 use super::launch::{self, Launcher};
 use crate::backend::{Capabilities, HeadDims, Op};
 use crate::compress::{self, CompressedCache};
@@ -41,8 +42,11 @@ pub fn capabilities(backend: &'static str) -> Capabilities {
 
 /// Query heads per kv head the compression's means accumulators hold (`COMPRESS_MAX_GROUP`).
 pub const COMPRESS_MAX_GROUP: usize = 16;
-/// Most positions kept per head (`TOPK_CAP`: MrgSort lists hold at most 4095 structures).
+/// Most positions the sort/merge top-k keeps per head (`TOPK_CAP`: MrgSort lists hold at most
+/// 4095 structures); threshold selection has no such limit.
 pub const TOPK_CAP: usize = 4064;
+/// Scored positions per head threshold selection counts exactly (f32 counters, f32 positions).
+pub const SELECT_MAX_SCORED: usize = 1 << 24;
 /// Keys per stats/means work item.
 pub const COMPRESS_CHUNK: usize = 512;
 
@@ -50,7 +54,7 @@ fn f32s(v: &[u8]) -> Vec<f32> {
     bytemuck::pod_collect_to_vec(v)
 }
 
-pub(crate) fn kv_compress<'v>(mut l: impl Launcher<'v>, a: &CompressArgs<'_>) -> Result<CompressedCache> {
+pub(crate) fn kv_compress<'v>(mut l: impl Launcher<'v>, a: &CompressArgs<'_>, topk: TopK) -> Result<CompressedCache> {
     let d = a.dims();
     let cfg = a.cfg();
     if !d.compresses(cfg) {
@@ -62,8 +66,18 @@ pub(crate) fn kv_compress<'v>(mut l: impl Launcher<'v>, a: &CompressArgs<'_>) ->
         let why = format!("the Ascend compression averages at most {COMPRESS_MAX_GROUP} query heads per kv head");
         return Err(Error::range("group", d.group(), why));
     }
-    if keep > TOPK_CAP {
-        return Err(Error::range("decode_budget - window", keep, format!("the Ascend top-k keeps at most {TOPK_CAP}")));
+    let select = match topk {
+        TopK::Auto => keep > TOPK_CAP,
+        TopK::Sort => false,
+        TopK::Select => true,
+    };
+    if !select && keep > TOPK_CAP {
+        let why = format!("the sort/merge top-k keeps at most {TOPK_CAP} (TopK::Auto or Select keep more)");
+        return Err(Error::range("decode_budget - window", keep, why));
+    }
+    if select && d.entries - d.window >= SELECT_MAX_SCORED {
+        let why = format!("threshold selection counts fewer than {SELECT_MAX_SCORED} scored positions per head");
+        return Err(Error::range("entries - window", d.entries - d.window, why));
     }
     let dtype = a.k_cache().dtype();
     let (n, w, dd) = (d.entries, d.window, d.head_dim);
@@ -97,7 +111,7 @@ pub(crate) fn kv_compress<'v>(mut l: impl Launcher<'v>, a: &CompressArgs<'_>) ->
         l.finish()?;
         return Ok(compress::select_and_gather(a, &rows));
     }
-    l.launch(launch::COMPRESS_TOPK, &params)?;
+    l.launch(if select { launch::COMPRESS_SELECT } else { launch::COMPRESS_TOPK }, &params)?;
     l.launch(launch::COMPRESS_GATHER, &params)?;
     let mut selected = vec![0u8; 4 * d.batch * heads * keep];
     l.read(params.selected, &mut selected)?;

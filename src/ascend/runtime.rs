@@ -29,6 +29,8 @@ pub struct AscendOptions {
     pub kernel_dir: Option<PathBuf>,
     pub device: u32,
     pub vector_cores: u32,
+    /// How `kv_compress` picks its kept positions.
+    pub topk: super::TopK,
 }
 
 impl AscendOptions {
@@ -38,6 +40,7 @@ impl AscendOptions {
             kernel_dir: std::env::var_os(KERNEL_DIR_ENV).map(PathBuf::from),
             device: env_number(DEVICE_ENV, 0)?,
             vector_cores: env_number(CORES_ENV, DEFAULT_VECTOR_CORES)?.max(1),
+            topk: super::TopK::from_env()?,
         })
     }
 }

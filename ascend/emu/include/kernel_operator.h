@@ -717,6 +717,106 @@ __aicore__ void Cast(const LocalTensor<D>& dst, const LocalTensor<S>& src, const
 }
 
 // ------------------------------------------------------------------------------------------------
+// Comparison, selection and compaction (count mode: `count` contiguous elements). Bit masks are
+// uint8_t tensors, element i at bit i % 8 of byte i / 8; CompareScalar writes them, Select (mode 1)
+// and GatherMask read them, so the three agree on the order by construction. Emulator rule: a
+// count-mode compare or select covers whole 256-byte repeats (the kernels pad their tiles).
+
+enum class CMPMODE : uint8_t { LT = 0, GT, EQ, LE, GE, NE };
+enum class SELMODE : uint8_t { VSEL_CMPMASK_SPR = 0, VSEL_TENSOR_SCALAR_MODE, VSEL_TENSOR_TENSOR_MODE };
+
+namespace emu {
+template <typename U> void CheckMaskOperand(const LocalTensor<U>& t, const char* op) {
+    if (MemoryOf(t.GetPosition()) != Memory::UB) EmuFail(std::string(op) + ": the bit mask must live in the unified buffer");
+    t.CheckAligned(op);
+}
+template <typename T> void CheckWholeRepeats(uint32_t count, const char* op) {
+    if (count == 0 || (uint64_t)count * sizeof(T) % ONE_REPEAT_BYTES)
+        EmuFail(std::string(op) + ": count " + std::to_string(count) + " is not a whole number of 256-byte repeats");
+}
+inline bool MaskBitAt(const uint8_t* bits, uint32_t i) { return (bits[i / 8] >> (i % 8)) & 1; }
+}  // namespace emu
+
+template <typename T, typename U>
+__aicore__ void CompareScalar(const LocalTensor<U>& dst, const LocalTensor<T>& src0, const T src1Scalar, CMPMODE cmpMode, uint32_t count) {
+    static_assert(std::is_same<U, uint8_t>::value, "CompareScalar writes a uint8_t bit mask");
+    static_assert(std::is_same<T, float>::value || std::is_same<T, half>::value, "CompareScalar compares half or float");
+    emu::CheckMaskOperand(dst, "CompareScalar");
+    emu::CheckVectorOperand(src0, "CompareScalar");
+    emu::CheckWholeRepeats<T>(count, "CompareScalar");
+    CountVector((uint64_t)count * sizeof(T));
+    const T* s = src0.Ptr(0, count);
+    uint8_t* d = dst.Ptr(0, count / 8);
+    const float y = (float)src1Scalar;
+    for (uint32_t i = 0; i < count / 8; i++) d[i] = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        const float x = (float)s[i];
+        bool r = false;
+        switch (cmpMode) {
+            case CMPMODE::LT: r = x < y; break;
+            case CMPMODE::GT: r = x > y; break;
+            case CMPMODE::EQ: r = x == y; break;
+            case CMPMODE::LE: r = x <= y; break;
+            case CMPMODE::GE: r = x >= y; break;
+            case CMPMODE::NE: r = x != y; break;
+        }
+        if (r) d[i / 8] |= (uint8_t)(1u << (i % 8));
+    }
+}
+
+// Select, mode 1 (VSEL_TENSOR_SCALAR_MODE): dst[i] = bit i of selMask ? src0[i] : src1.
+template <typename T, typename U>
+__aicore__ void Select(const LocalTensor<T>& dst, const LocalTensor<U>& selMask, const LocalTensor<T>& src0, T src1, SELMODE selMode,
+                       uint32_t count) {
+    static_assert(std::is_same<U, uint8_t>::value, "the emulated Select reads a uint8_t bit mask");
+    if (selMode != SELMODE::VSEL_TENSOR_SCALAR_MODE) EmuFail("Select: only VSEL_TENSOR_SCALAR_MODE is emulated");
+    emu::CheckVectorOperand(dst, "Select");
+    emu::CheckVectorOperand(src0, "Select");
+    emu::CheckMaskOperand(selMask, "Select");
+    emu::CheckWholeRepeats<T>(count, "Select");
+    CountVector((uint64_t)count * sizeof(T));
+    const uint8_t* bits = selMask.Ptr(0, count / 8);
+    const T* s = src0.Ptr(0, count);
+    T* d = dst.Ptr(0, count);
+    for (uint32_t i = 0; i < count; i++) d[i] = emu::MaskBitAt(bits, i) ? s[i] : src1;
+}
+
+struct GatherMaskParams {
+    uint8_t src0BlockStride = 1;
+    uint16_t repeatTimes = 1;
+    uint16_t src0RepeatStride = 0;
+    uint8_t src1RepeatStride = 0;
+    GatherMaskParams() = default;
+    GatherMaskParams(uint8_t blk, uint16_t rep, uint16_t src0Rep, uint8_t src1Rep)
+        : src0BlockStride(blk), repeatTimes(rep), src0RepeatStride(src0Rep), src1RepeatStride(src1Rep) {}
+};
+enum class GatherMaskMode : uint8_t { VERSION_V1 = 0 };
+constexpr GatherMaskMode defaultGatherMaskMode = GatherMaskMode::VERSION_V1;
+
+// GatherMask with a user pattern (a bit mask of the element width's type), counter mode
+// (reduceMode true) over `mask` elements in one repeat: the elements whose bit is set, in order,
+// packed at the start of dst; rsvdCnt = how many. Other configurations are not emulated.
+template <typename T, typename U, GatherMaskMode mode = defaultGatherMaskMode>
+__aicore__ void GatherMask(const LocalTensor<T>& dst, const LocalTensor<T>& src0, const LocalTensor<U>& src1Pattern, const bool reduceMode,
+                           const uint32_t mask, const GatherMaskParams& p, uint64_t& rsvdCnt) {
+    static_assert(sizeof(U) == sizeof(T) && (sizeof(U) == 2 || sizeof(U) == 4), "the pattern type matches the element width");
+    emu::CheckVectorOperand(dst, "GatherMask");
+    emu::CheckVectorOperand(src0, "GatherMask");
+    emu::CheckMaskOperand(src1Pattern, "GatherMask");
+    if (!reduceMode || p.repeatTimes != 1 || p.src0BlockStride != 1)
+        EmuFail("GatherMask: only counter mode (reduceMode true) over one repeat with src0BlockStride 1 is emulated");
+    if (mask == 0) EmuFail("GatherMask: counter mode needs a positive element count");
+    CountVector((uint64_t)mask * sizeof(T));
+    const uint8_t* bits = src1Pattern.template ReinterpretCast<uint8_t>().Ptr(0, (mask + 7) / 8);
+    const T* s = src0.Ptr(0, mask);
+    std::vector<T> kept;
+    for (uint32_t i = 0; i < mask; i++)
+        if (emu::MaskBitAt(bits, i)) kept.push_back(s[i]);
+    if (!kept.empty()) std::memcpy(dst.Ptr(0, (uint32_t)kept.size()), kept.data(), kept.size() * sizeof(T));
+    rsvdCnt = kept.size();
+}
+
+// ------------------------------------------------------------------------------------------------
 // Sorting (A2 layout: 8-byte (score, index) structures, score in the low 4 bytes for float).
 
 // Sorts each group of 32 (score, index) inputs by descending score into dst; on equal scores the
