@@ -42,6 +42,7 @@ fn main() {
     }
     if std::env::var_os("CARGO_FEATURE__CUDA").is_some() {
         build_cuda_fatbin();
+        build_cuda_host_check();
     }
     if std::env::var_os("CARGO_FEATURE_ASCEND").is_some() {
         build_ascend_kernels();
@@ -74,6 +75,19 @@ fn build_mock_acl() {
     let status = cmd.status().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(status.success(), "building the mock ACL library failed: {cmd:?}");
     println!("cargo::rustc-env=EK_MOCK_ACL_PATH={}", lib.display());
+}
+
+/// The block-wide top-k code of `cuda/topk.cuh` compiled for the host (`cuda/host`: one OS thread
+/// per CUDA thread), so tests check its logic without a GPU (`cuda::host_check`).
+fn build_cuda_host_check() {
+    cc::Build::new()
+        .cpp(true)
+        .std("c++20")
+        .file("cuda/host/topk_check.cpp")
+        .flag("-pthread")
+        .opt_level(2)
+        .compile("entropy_cuda_host_check");
+    println!("cargo::rustc-link-lib=pthread");
 }
 
 fn build_emulator() {

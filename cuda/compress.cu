@@ -3,7 +3,8 @@
 //   stats  (chunks, Hkv, B)   per row and key chunk: running max and sum (base 2)
 //   means  (chunks, Hkv, B)   merge the stats, rescore, window-mean probabilities a[b, hq, n]
 //   pool   (n / 256, Hc, B)   group reduction (mean / max / per query head), 1-D pooling
-//   topk   (Hc, B)            the budget - W best positions (ties to the lower), ascending
+//   topk   (Hc, B)            the budget - W best positions (ties to the lower), ascending, by
+//                              radix select (any budget)
 //   gather (budget, Hc, B)    kept entries then the window into [B, Hc, budget, D]
 
 #define COMPRESS_THREADS 128
@@ -164,16 +165,13 @@ __device__ void compress_pool(const EkCompressParams& p) {
 }
 
 __device__ void compress_topk(const EkCompressParams& p) {
-    __shared__ unsigned long long key_s[2 * TOPK_CAP];
-    __shared__ unsigned idx_s[2 * TOPK_CAP];
+    __shared__ SelectShared s;
     const int hc = blockIdx.x, b = blockIdx.y;
     const int scored = p.entries - p.window, keep = p.budget - p.window;
     const float* row = reinterpret_cast<const float*>(p.pooled) + ((long long)b * p.out_heads + hc) * scored;
     unsigned* sel = reinterpret_cast<unsigned*>(p.selected) + ((long long)b * p.out_heads + hc) * keep;
-    // The best `keep` end up in idx_s[0..keep] (also copied to the scratch upper half).
-    block_topk([&](int i) { return (double)row[i]; }, scored, keep, key_s, idx_s, idx_s + TOPK_CAP);
-    bitonic_ascending(idx_s, keep);  // kept positions in ascending order
-    for (int i = threadIdx.x; i < keep; i += blockDim.x) sel[i] = idx_s[i];
+    // Radix select + ascending compaction: any keep, positions already ascending.
+    block_select([&](int i) { return row[i]; }, scored, keep, s, sel);
 }
 
 template <typename T> __device__ void compress_gather(const EkCompressParams& p) {

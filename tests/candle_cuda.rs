@@ -118,8 +118,9 @@ fn mixed_devices_and_bad_shapes_are_errors() {
     assert!(ek::dense_prefill(&cpu, &q, &kh, &kh, None).is_err(), "CPU k/v with CUDA q");
 }
 
-/// Beyond the device kernels (AdaKV's allocation; more than 1024 kept positions) the candle ops
-/// go through host copies and still answer on the device, equal to the oracle's selection.
+/// Beyond the device kernels (AdaKV's allocation) the candle ops go through host copies and still
+/// answer on the device, equal to the oracle's selection; more than 1024 kept positions (once a
+/// fallback too) run on the device's radix selection and must agree as well.
 #[test]
 fn compression_beyond_the_device_kernels_falls_back_to_the_host() {
     let Some(dev) = gpu() else { return };

@@ -128,8 +128,7 @@ fn with_storages<R>(
     f(&all)
 }
 
-/// Whether a device call failed on one of the CUDA kernels' limits (ranking or kept widths, window
-/// rows) or on a step without a device kernel (AdaKV's allocation): the host path can do it.
+/// Whether a device call failed on one of the CUDA kernels' limits (ranking width, window rows) or on a step without a device kernel (AdaKV's allocation): the host path can do it.
 fn beyond_device_kernels(e: &crate::Error) -> bool {
     matches!(e, crate::Error::OutOfRange { .. } | crate::Error::Unimplemented { .. })
 }
@@ -178,8 +177,8 @@ fn wrap<T: Element>(slice: cudarc::driver::CudaSlice<T>, dev: &candle_core::Cuda
 }
 
 /// `kv_compress` of CUDA caches on the device. Beyond the device kernels (AdaKV's cross-head
-/// allocation, more than 1024 kept positions or 256 window rows per kv head) it runs on `kernels`
-/// through host copies, the result going back to the device.
+/// allocation, more than 256 window rows per kv head) it runs on `kernels` through host copies,
+/// the result going back to the device.
 pub(super) fn kv_compress(
     kernels: &Kernels,
     k_cache: &Tensor,

@@ -7,8 +7,9 @@
 //! Every operation runs on the device: planning (f64 logits and entropy, f32 budget recurrence,
 //! block-wide top-k), prefill (dense and sparse; mma.sync for f16/bf16 with D 64/128, SIMT
 //! otherwise), `kv_compress` (two-pass window scoring, pooling, top-k, gather) and split-K decode.
-//! Outside the kernels' limits (ranking width or kept count above 1024, more than 256 window rows
-//! per kv head, AdaKV's cross-head selection) the affected step runs on the host CPU backend.
+//! Outside the kernels' limits (ranking width above 1024 blocks, more than 256 window rows per kv
+//! head, AdaKV's cross-head selection) the affected step runs on the host CPU backend; the
+//! compression's top-k (radix selection) keeps any count.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -45,7 +46,8 @@ const DECODE_THREADS: u32 = 128;
 const DECODE_MAX_SMEM: usize = 48 * 1024;
 const PLAN_THREADS: u32 = 256;
 const TOPK_THREADS: u32 = 512;
-/// Largest ranking width / kept count of the device top-k (cuda/topk.cuh).
+/// Largest ranking width of the planning top-k (`block_topk` in cuda/topk.cuh); the compression's
+/// radix selection (`block_select`) keeps any count.
 pub(crate) const TOPK_CAP: usize = 1024;
 const COMPRESS_THREADS: u32 = 128;
 const COMPRESS_KEYS: usize = 32;
@@ -355,7 +357,7 @@ impl Backend for CudaBackend {
     fn kv_compress(&self, a: &CompressArgs<'_>) -> Result<CompressedCache> {
         let d = a.dims();
         let cfg = a.cfg();
-        if !d.compresses(cfg) || d.group() * d.window > COMPRESS_MAX_ROWS || cfg.decode_budget - d.window > TOPK_CAP {
+        if !d.compresses(cfg) || d.group() * d.window > COMPRESS_MAX_ROWS {
             return self.host.kv_compress(a);
         }
         let dtype = a.k_cache().dtype();

@@ -268,11 +268,6 @@ impl CudaBackend {
                 format!("the CUDA kernels score at most {} window rows per kv head", super::backend::COMPRESS_MAX_ROWS);
             return Err(Error::range("window rows", rows, why));
         }
-        let keep = cfg.decode_budget - dims.window;
-        if keep > super::backend::TOPK_CAP {
-            let why = format!("the CUDA top-k keeps at most {} positions per head", super::backend::TOPK_CAP);
-            return Err(Error::range("decode_budget - window", keep, why));
-        }
         let heads = dims.out_heads(cfg);
         let shape = [dims.batch, heads, cfg.decode_budget, dims.head_dim];
         let alloc =

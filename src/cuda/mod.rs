@@ -9,6 +9,9 @@
 pub mod source;
 
 #[cfg(feature = "_cuda")]
+pub mod host_check;
+
+#[cfg(feature = "_cuda")]
 mod backend;
 #[cfg(feature = "_cuda")]
 pub mod device;

@@ -1,0 +1,50 @@
+//! The block-wide top-k code of `cuda/topk.cuh`, unchanged, run on the host: one OS thread per
+//! CUDA thread, `__syncthreads` a barrier, warp ballots exchanged through the block
+//! (`cuda/host/block_shim.h`). It lets tests check the selection logic the kernels use without a
+//! GPU; it says nothing about speed.
+
+use crate::error::{Error, Result};
+
+unsafe extern "C" {
+    fn ek_cuda_host_select(scores: *const f32, count: i32, k: i32, threads: u32, out: *mut u32);
+    fn ek_cuda_host_topk(keys: *const f64, count: i32, k: i32, threads: u32, out: *mut u32);
+}
+
+/// Most positions `block_topk` ranks (`TOPK_CAP` in topk.cuh).
+pub const TOPK_CAP: usize = 1024;
+
+fn check_block(threads: u32, count: usize) -> Result<()> {
+    if threads == 0 || !threads.is_multiple_of(32) || threads > 1024 {
+        return Err(Error::range("threads", threads, "a CUDA block of whole warps, at most 1024 threads"));
+    }
+    if count > i32::MAX as usize {
+        return Err(Error::range("count", count, "at most i32::MAX scores"));
+    }
+    Ok(())
+}
+
+/// `block_select`: the `k` best of `scores` (ties to the lower index), in ascending index order,
+/// as one block of `threads` threads computes them.
+pub fn block_select(scores: &[f32], k: usize, threads: u32) -> Result<Vec<u32>> {
+    check_block(threads, scores.len())?;
+    if k > scores.len() {
+        return Err(Error::range("k", k, format!("at most the {} scores", scores.len())));
+    }
+    let mut out = vec![u32::MAX; k];
+    // SAFETY: `scores` holds `count` floats and `out` room for the `k` positions written.
+    unsafe { ek_cuda_host_select(scores.as_ptr(), scores.len() as i32, k as i32, threads, out.as_mut_ptr()) };
+    Ok(out)
+}
+
+/// `block_topk`: the `min(k, keys.len())` best of `keys` by rank (larger first, ties to the
+/// lower index), as one block of `threads` threads computes them; `k` ≤ [`TOPK_CAP`].
+pub fn block_topk(keys: &[f64], k: usize, threads: u32) -> Result<Vec<u32>> {
+    check_block(threads, keys.len())?;
+    if k > TOPK_CAP {
+        return Err(Error::range("k", k, format!("block_topk ranks at most {TOPK_CAP}")));
+    }
+    let mut out = vec![u32::MAX; k.min(keys.len())];
+    // SAFETY: `keys` holds `count` doubles and `out` room for the min(k, count) positions written.
+    unsafe { ek_cuda_host_topk(keys.as_ptr(), keys.len() as i32, k as i32, threads, out.as_mut_ptr()) };
+    Ok(out)
+}
