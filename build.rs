@@ -13,9 +13,10 @@
 use std::path::{Path, PathBuf};
 
 /// Kernel sources under `ascend/kernels` and the cores each runs on (`src/ascend/launch.rs`).
-const ASCEND_KERNELS: [(&str, &str); 5] = [
+const ASCEND_KERNELS: [(&str, &str); 6] = [
     ("decode", "VecCore"),
     ("kv_compress", "VecCore"),
+    ("kv_compress_cube", "AiCore"),
     ("prefill", "AiCore"),
     ("prefill_vector", "VecCore"),
     ("plan", "VecCore"),

@@ -128,6 +128,7 @@ typedef struct EkCompressParams {
     int32_t gqa_mode;  /* 0 mean, 1 max, 2 per_query_head */
     float scale_log2;
     int32_t dtype;
+    uint64_t workspace; /* Ascend cube scoring: per AI core, 2 slots of 64 x 64 f32 score tiles */
 } EkCompressParams;
 
 /*

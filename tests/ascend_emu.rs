@@ -128,6 +128,7 @@ fn params_travel_as_the_header_lays_them_out() {
         size_of::<EkCompressParams>(),
         offset_of!(EkCompressParams, stats),
         offset_of!(EkCompressParams, scale_log2),
+        offset_of!(EkCompressParams, workspace),
     ];
     let mut got = vec![0u64; want.len()];
     // SAFETY: writes at most `got.len()` values.
@@ -189,6 +190,8 @@ fn emulated_kv_compress_long_cache() {
         // Keep beyond MrgSort's lists (4064): threshold selection (TopK::Auto picks it).
         ((1, 2, 1, 32, 9000, 8), Pooling::Avg, GqaMode::Mean, 6000),
         ((1, 4, 2, 32, 7001, 8), Pooling::Max, GqaMode::PerQueryHead, 5000),
+        // 256 window rows again, bf16: four 64-row passes of cube scoring, heads split by AIV.
+        ((1, 16, 2, 64, 1500, 32), Pooling::Avg, GqaMode::Mean, 600),
     ];
     for (i, ((b, hq, hkv, d, n, w), pooling, gqa_mode, budget)) in cases.into_iter().enumerate() {
         let dtype = DType::ALL[i % 3];

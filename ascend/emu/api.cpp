@@ -14,6 +14,8 @@ extern "C" void ek_compress_pool(uint8_t* params);
 extern "C" void ek_compress_topk(uint8_t* params);
 extern "C" void ek_compress_select(uint8_t* params);
 extern "C" void ek_compress_gather(uint8_t* params);
+extern "C" void ek_compress_cube_stats(uint8_t* params);
+extern "C" void ek_compress_cube_means(uint8_t* params);
 extern "C" void ek_prefill(uint8_t* params);
 extern "C" void ek_prefill_vec(uint8_t* params);
 extern "C" void ek_plan_reps(uint8_t* params);
@@ -34,6 +36,8 @@ const Entry kKernels[] = {
     {"ek_compress_topk", ek_compress_topk},
     {"ek_compress_select", ek_compress_select},
     {"ek_compress_gather", ek_compress_gather},
+    {"ek_compress_cube_stats", ek_compress_cube_stats, true},
+    {"ek_compress_cube_means", ek_compress_cube_means, true},
     {"ek_prefill", ek_prefill, true},
     {"ek_prefill_vec", ek_prefill_vec},
     {"ek_plan_reps", ek_plan_reps},
@@ -76,6 +80,7 @@ extern "C" size_t ek_emu_layout(uint64_t* out, size_t n) {
         sizeof(EkPrefillParams),   offsetof(EkPrefillParams, lse),      offsetof(EkPrefillParams, scale_log2),
         sizeof(EkPlanParams),      offsetof(EkPlanParams, order),       offsetof(EkPlanParams, e_t),
         sizeof(EkCompressParams),  offsetof(EkCompressParams, stats),   offsetof(EkCompressParams, scale_log2),
+        offsetof(EkCompressParams, workspace),
     };
     const size_t count = sizeof(v) / sizeof(v[0]);
     for (size_t i = 0; i < n && i < count; i++) out[i] = v[i];

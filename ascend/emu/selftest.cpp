@@ -12,6 +12,15 @@ struct SelfTest {
     int32_t pad;
     float* in;   // 512 floats
     float* out;  // 512 floats
+
+    // The input and output as the GM tensors a kernel reads and writes.
+    GlobalTensor<float> In() const { return Gm(in); }
+    GlobalTensor<float> Out() const { return Gm(out); }
+    static GlobalTensor<float> Gm(float* p) {
+        GlobalTensor<float> g;
+        g.SetGlobalBuffer(p, 512);
+        return g;
+    }
 };
 
 void Correct(const SelfTest& t) {
@@ -22,9 +31,7 @@ void Correct(const SelfTest& t) {
     pipe.InitBuffer(in, 1, 256 * sizeof(float));
     pipe.InitBuffer(out, 1, 256 * sizeof(float));
     pipe.InitBuffer(tmp, 256 * sizeof(float));
-    GlobalTensor<float> src, dst;
-    src.SetGlobalBuffer(t.in, 512);
-    dst.SetGlobalBuffer(t.out, 512);
+    GlobalTensor<float> src = t.In(), dst = t.Out();
     LocalTensor<float> x = in.AllocTensor<float>();
     DataCopy(x, src, 256);
     in.EnQue(x);
@@ -47,9 +54,7 @@ void Level0(const SelfTest& t) {
     pipe.InitBuffer(a, 512 * sizeof(float));
     pipe.InitBuffer(b, 512 * sizeof(float));
     pipe.InitBuffer(c, 512 * sizeof(float));
-    GlobalTensor<float> src, dst;
-    src.SetGlobalBuffer(t.in, 512);
-    dst.SetGlobalBuffer(t.out, 512);
+    GlobalTensor<float> src = t.In(), dst = t.Out();
     LocalTensor<float> x = a.Get<float>(), y = b.Get<float>(), z = c.Get<float>();
     DataCopy(x, src, 512);
     DataCopy(y, src, 512);
@@ -70,9 +75,7 @@ void SortSemantics(const SelfTest& t) {
     pipe.InitBuffer(ix, 64 * 4);
     pipe.InitBuffer(a, 64 * 8);
     pipe.InitBuffer(b, 64 * 8);
-    GlobalTensor<float> src, dst;
-    src.SetGlobalBuffer(t.in, 512);
-    dst.SetGlobalBuffer(t.out, 512);
+    GlobalTensor<float> src = t.In(), dst = t.Out();
     LocalTensor<float> s = sc.Get<float>(), x = a.Get<float>(), y = b.Get<float>();
     LocalTensor<uint32_t> i = ix.Get<uint32_t>();
     DataCopy(s, src, 64);
@@ -93,9 +96,7 @@ void ReduceBroadcastSemantics(const SelfTest& t) {
     pipe.InitBuffer(r, 64 * 4);
     pipe.InitBuffer(c, 128 * 4);
     pipe.InitBuffer(d, 128 * 4);
-    GlobalTensor<float> src, dst;
-    src.SetGlobalBuffer(t.in, 512);
-    dst.SetGlobalBuffer(t.out, 512);
+    GlobalTensor<float> src = t.In(), dst = t.Out();
     LocalTensor<float> x = a.Get<float>(), red = r.Get<float>(), bc = c.Get<float>(), fill = d.Get<float>();
     DataCopy(x, src, 512);
     BlockReduceMax(red, x, 4, 64, 1, 1, 8);
@@ -119,9 +120,7 @@ void CompareSelectGatherSemantics(const SelfTest& t) {
     pipe.InitBuffer(m, 256 / 8);
     pipe.InitBuffer(y, 256 * 4);
     pipe.InitBuffer(z, 256 * 4);
-    GlobalTensor<float> src, dst;
-    src.SetGlobalBuffer(t.in, 512);
-    dst.SetGlobalBuffer(t.out, 512);
+    GlobalTensor<float> src = t.In(), dst = t.Out();
     LocalTensor<float> x = a.Get<float>(), sel = y.Get<float>(), gathered = z.Get<float>();
     LocalTensor<uint8_t> mask = m.Get<uint8_t>();
     DataCopy(x, src, 256);
@@ -160,8 +159,7 @@ extern "C" void ek_emu_selftest_kernel(uint8_t* arg) {
             TPipe pipe;
             TBuf<TPosition::VECCALC> buf;
             pipe.InitBuffer(buf, 1024);
-            GlobalTensor<float> src;
-            src.SetGlobalBuffer(t.in, 512);
+            GlobalTensor<float> src = t.In();
             DataCopy(buf.Get<float>(), src, 7);
             break;
         }

@@ -39,14 +39,14 @@
 #include "kernel_operator.h"
 #include "entropy_params.h"
 #include "common.h"
+#include "compress_common.h"
 
 using namespace AscendC;
+using namespace ekcompress;
 
 namespace {
 
 constexpr uint32_t COMPRESS_KEYS = 32;       // keys per scoring tile
-constexpr uint32_t COMPRESS_ROW_CHUNK = 64;  // window rows scored together (of the group's G · W)
-constexpr uint32_t COMPRESS_MAX_GROUP = 16;  // query heads per kv head (the means accumulators)
 constexpr uint32_t POOL_TILE = 1024;         // positions per pooling tile
 constexpr uint32_t TOPK_TILE = 1024;         // scores sorted per step
 constexpr uint32_t TOPK_CAP = 4064;          // most positions kept (MrgSort lists hold ≤ 4095)
@@ -55,19 +55,6 @@ constexpr uint32_t SELECT_FANOUT = 16;       // key intervals per counting pass 
 constexpr uint32_t SORT_GROUP = 32;          // Sort32 sorts groups of 32
 constexpr uint32_t PAIR = 2;                 // floats per (score, index) structure
 
-enum Pooling { POOL_NONE = 0, POOL_AVG = 1, POOL_MAX = 2 };
-enum GqaMode { GQA_MEAN = 0, GQA_MAX = 1, GQA_PER_QUERY_HEAD = 2 };
-
-__aicore__ inline uint32_t Min(uint32_t a, uint32_t b) { return a < b ? a : b; }
-
-__aicore__ inline uint32_t PoolPad(const EkCompressParams& p) {
-    return p.pooling == POOL_NONE ? 0 : (uint32_t)p.pooling_kernel / 2;
-}
-
-// Row stride of `means` (see above): the padded row on the 8-float (32-byte) grid.
-__aicore__ inline uint32_t MeansStride(const EkCompressParams& p) {
-    return PaddedElems<float>((uint32_t)(p.entries - p.window) + 2 * PoolPad(p));
-}
 
 // ------------------------------------------------------------------------------------------------
 // Scoring: obs rows against key tiles, shared by the stats and means launches.
@@ -123,19 +110,9 @@ protected:
         return row;
     }
 
-    // Keys of the tile starting at j0 that window row r may see (n ≤ N − W + w).
-    __aicore__ inline uint32_t Visible(uint32_t r, uint32_t j0, uint32_t n) {
-        const int64_t last = (int64_t)p_.entries - p_.window + (int64_t)(r % p_.window);
-        return last < (int64_t)j0 ? 0 : Min(n, (uint32_t)(last - j0 + 1));
-    }
-
     __aicore__ inline LocalTensor<float> LoadKeys(int32_t b, int32_t h, uint32_t j0, uint32_t n, LocalTensor<T>& held) {
         const int64_t off = b * p_.k_cache.stride[0] + h * p_.k_cache.stride[1] + j0 * p_.k_cache.stride[2];
         return LoadRows<T>(kIn_, WideBuffer<T>(kf_), kGm_[off], n, d_, p_.k_cache.stride[2], held);
-    }
-
-    __aicore__ inline uint64_t StatsOffset(int32_t b, int32_t h, int32_t c) const {
-        return (((uint64_t)b * p_.k_cache.shape[1] + h) * p_.chunks + c) * 2 * rows_;
     }
 
     EkCompressParams p_;
@@ -148,33 +125,22 @@ protected:
     GlobalTensor<float> statsGm_;
 };
 
-// Per window row, the softmax max and sum over a key chunk, on whole tiles: every row of the pass
-// scored against a 32-key tile (one repeat per row: score rows are FLOATS_PER_REPEAT apart, the
-// keys in the first half), hidden keys set to −inf by a masked Duplicate, then row max and sum by
-// two BlockReduce passes, m and α as vectors, e^(S − m) through a Brcb broadcast — no scalar
-// round trip inside the key loop.
+// Per window row, the softmax max and sum over a key chunk, on whole tiles (RowStats): every row
+// of the pass scored against a 32-key tile (one repeat per row, the keys in the first half),
+// hidden keys −inf, then the running max and sum as vectors.
 template <typename T> class StatsKernel : public ScoreKernel<T> {
     using B = ScoreKernel<T>;
-    // Row statistics (floats, in units of the padded row count): m ping-pong, l, α, row max,
-    // row sum, 8 partials per row, a broadcast block per row.
-    static constexpr uint32_t ST_M = 0, ST_L = 2, ST_ALPHA = 3, ST_MAX = 4, ST_SUM = 5, ST_PART = 6;
-    static constexpr uint32_t ST_BCAST = ST_PART + 8, ST_END = ST_BCAST + 8;
-    // Starting running max: finite and below any score (a row with nothing visible keeps α = 1).
-    static constexpr float M_START = -1e30f;
 
 public:
     __aicore__ inline void Run(const EkCompressParams& p) {
         B::Init(p, FLOATS_PER_REPEAT);
-        rp_ = PaddedElems<float>(B::chunkRows_);
-        B::pipe_.InitBuffer(out_, 1, 2 * rp_ * sizeof(float));
-        B::pipe_.InitBuffer(stats_, ST_END * rp_ * sizeof(float));
+        B::pipe_.InitBuffer(out_, 1, 2 * PaddedElems<float>(B::chunkRows_) * sizeof(float));
+        st_.Init(B::pipe_);
         const uint32_t items = p.k_cache.shape[0] * p.k_cache.shape[1] * p.chunks;
         for (uint32_t it = GetBlockIdx(); it < items; it += GetBlockNum()) Item(it);
     }
 
 private:
-    __aicore__ inline LocalTensor<float> Stat(uint32_t at) { return stats_.Get<float>()[at * rp_]; }
-
     __aicore__ inline void Item(uint32_t it) {
         const int32_t c = it % B::p_.chunks, bh = it / B::p_.chunks;
         const int32_t b = bh / B::p_.k_cache.shape[1], h = bh % B::p_.k_cache.shape[1];
@@ -184,11 +150,8 @@ private:
     // Stats of window rows [r0, r0 + nr) over key chunk c.
     __aicore__ inline void Rows(int32_t b, int32_t h, int32_t c, uint32_t r0, uint32_t nr) {
         B::LoadObs(b, h, r0, nr);
-        uint32_t cur = 0;  // which m vector is current
-        Duplicate(Stat(ST_M), M_START, (int32_t)nr);
-        Duplicate(Stat(ST_L), 0.0f, (int32_t)nr);
+        st_.Start(nr);
         const uint32_t lo = c * B::p_.chunk, hi = Min(B::p_.entries, lo + B::p_.chunk);
-        const uint8_t rows = (uint8_t)nr, groups = (uint8_t)((nr + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK);
         LocalTensor<float> sc = B::scores_.template Get<float>();
         for (uint32_t j0 = lo; j0 < hi; j0 += COMPRESS_KEYS) {
             const uint32_t n = Min(COMPRESS_KEYS, hi - j0);
@@ -196,42 +159,17 @@ private:
             LocalTensor<float> keys = B::LoadKeys(b, h, j0, n, held);
             for (uint32_t i = 0; i < nr; i++) {
                 B::Score(i, keys, n);
-                const uint32_t vis = B::Visible(r0 + i, j0, n);
-                if (vis == COMPRESS_KEYS) continue;
-                // Keys past the row's window limit or past the tile: −inf (the first half only).
-                uint64_t hidden[2] = {(~0ull << vis) & ((1ull << COMPRESS_KEYS) - 1), 0};
-                Duplicate(sc[i * FLOATS_PER_REPEAT], NegInf(), hidden, 1, 1, 8);
+                // Keys past the row's window limit or past the tile: −inf.
+                st_.Hide(sc, i, VisibleKeys(B::p_, r0 + i, j0, n), COMPRESS_KEYS);
             }
             B::kIn_.FreeTensor(held);
-            LocalTensor<float> m_old = Stat(ST_M + cur), m_new = Stat(ST_M + 1 - cur), alpha = Stat(ST_ALPHA);
-            RowReduce<true>(Stat(ST_MAX), sc, nr, COMPRESS_KEYS, FLOATS_PER_REPEAT, Stat(ST_PART));
-            Max(m_new, m_old, Stat(ST_MAX), (int32_t)nr);
-            Sub(alpha, m_old, m_new, (int32_t)nr);
-            Exp(alpha, alpha, (int32_t)nr);
-            Brcb(Stat(ST_BCAST), m_new, groups, BrcbRepeatParams(1, 8));
-            Sub(sc, sc, Stat(ST_BCAST), (uint64_t)COMPRESS_KEYS, rows, BinaryRepeatParams(1, 1, 0, 8, 8, 1));
-            Exp(sc, sc, (uint64_t)COMPRESS_KEYS, rows, UnaryRepeatParams(1, 1, 8, 8));
-            RowReduce<false>(Stat(ST_SUM), sc, nr, COMPRESS_KEYS, FLOATS_PER_REPEAT, Stat(ST_PART));
-            Mul(Stat(ST_L), Stat(ST_L), alpha, (int32_t)nr);
-            Add(Stat(ST_L), Stat(ST_L), Stat(ST_SUM), (int32_t)nr);
-            cur = 1 - cur;
+            st_.Step(sc, COMPRESS_KEYS);
         }
-        // Maxes to [r0, r0 + nr) and sums to [rows + r0, ...) of the chunk's stats.
-        // (The copy-out's second block starts at nr padded to 8.)
-        const uint32_t half = PaddedElems<float>(nr);
-        LocalTensor<float> st = out_.AllocTensor<float>();
-        DataCopy(st, Stat(ST_M + cur), half);
-        DataCopy(st[half], Stat(ST_L), half);
-        out_.EnQue(st);
-        st = out_.DeQue<float>();
-        const uint32_t gap = (B::rows_ - nr) * sizeof(float);
-        DataCopyPad(B::statsGm_[B::StatsOffset(b, h, c) + r0], st, DataCopyExtParams(2, nr * sizeof(float), 0, gap, 0));
-        out_.FreeTensor(st);
+        StoreStats(B::p_, B::statsGm_, out_, st_, b, h, c, r0, nr);
     }
 
-    uint32_t rp_ = 0;  // rows of the pass, padded to 8
     TQue<TPosition::VECOUT, 1> out_;
-    TBuf<TPosition::VECCALC> stats_;
+    RowStats st_;
 };
 
 template <typename T> class MeansKernel : public ScoreKernel<T> {
@@ -254,33 +192,8 @@ public:
 private:
     // Global softmax max and sum of window rows [r0, r0 + nr), merged over every chunk's stats.
     __aicore__ inline void MergeStats(int32_t b, int32_t h, uint32_t r0, uint32_t nr, float* m, float* l) {
-        const uint32_t rp = PaddedElems<float>(nr);
         LocalTensor<float> mx = max_.Get<float>(), sm = sum_.Get<float>(), a = mix_.Get<float>(), e = a[PaddedElems<float>(B::chunkRows_)];
-        const uint32_t gap = (B::rows_ - nr) * sizeof(float);
-        for (int32_t c = 0; c < B::p_.chunks; c++) {
-            LocalTensor<float> st = statIn_.AllocTensor<float>();
-            // maxes into [0, nr), sums into [rp, rp + nr).
-            DataCopyPad(st, B::statsGm_[B::StatsOffset(b, h, c) + r0], DataCopyExtParams(2, nr * sizeof(float), gap, 0, 0),
-                        DataCopyPadExtParams<float>(true, 0, 0, 0.0f));
-            statIn_.EnQue(st);
-            st = statIn_.DeQue<float>();
-            if (c == 0) {  // every row sees key 0, so chunk 0's maxes are finite
-                DataCopy(mx, st, rp);
-                DataCopy(sm, st[rp], rp);
-            } else {
-                // M' = max(M, m_c); L = L·e^(M − M') + l_c·e^(m_c − M')
-                Max(a, mx, st, (int32_t)nr);
-                Sub(e, mx, a, (int32_t)nr);
-                Exp(e, e, (int32_t)nr);
-                Mul(sm, sm, e, (int32_t)nr);
-                Sub(e, st, a, (int32_t)nr);
-                Exp(e, e, (int32_t)nr);
-                Mul(e, e, st[rp], (int32_t)nr);
-                Add(sm, sm, e, (int32_t)nr);
-                DataCopy(mx, a, rp);
-            }
-            statIn_.FreeTensor(st);
-        }
+        ekcompress::MergeStats(B::p_, B::statsGm_, statIn_, b, h, r0, nr, mx, sm, a, e);
         SetFlag<HardEvent::V_S>(0);
         WaitFlag<HardEvent::V_S>(0);
         for (uint32_t i = 0; i < nr; i++) {

@@ -38,13 +38,19 @@ pub const COMPRESS_TOPK: Kernel = vector("ek_compress_topk", "kv_compress");
 pub const COMPRESS_SELECT: Kernel = vector("ek_compress_select", "kv_compress");
 pub const COMPRESS_GATHER: Kernel = vector("ek_compress_gather", "kv_compress");
 
+/// kv_compress scoring with S = obs·Kᵀ on the cube (f16/bf16 caches; mixed kernels).
+pub const COMPRESS_CUBE_STATS: Kernel =
+    Kernel { symbol: "ek_compress_cube_stats", file: "kv_compress_cube", cores: Cores::Mix };
+pub const COMPRESS_CUBE_MEANS: Kernel =
+    Kernel { symbol: "ek_compress_cube_means", file: "kv_compress_cube", cores: Cores::Mix };
+
 pub const PREFILL: Kernel = Kernel { symbol: "ek_prefill", file: "prefill", cores: Cores::Mix };
 /// f32 prefill on the vector cores (the cube path takes f16/bf16 only).
 pub const PREFILL_F32: Kernel = vector("ek_prefill_vec", "prefill_vector");
 pub const PLAN_REPS: Kernel = vector("ek_plan_reps", "plan");
 
 /// Every kernel entry the backend ships; build.rs compiles each distinct `file` once.
-pub const KERNELS: [Kernel; 10] = [
+pub const KERNELS: [Kernel; 12] = [
     DECODE,
     COMPRESS_STATS,
     COMPRESS_MEANS,
@@ -52,6 +58,8 @@ pub const KERNELS: [Kernel; 10] = [
     COMPRESS_TOPK,
     COMPRESS_SELECT,
     COMPRESS_GATHER,
+    COMPRESS_CUBE_STATS,
+    COMPRESS_CUBE_MEANS,
     PREFILL,
     PREFILL_F32,
     PLAN_REPS,

@@ -49,6 +49,10 @@ pub const TOPK_CAP: usize = 4064;
 pub const SELECT_MAX_SCORED: usize = 1 << 24;
 /// Keys per stats/means work item.
 pub const COMPRESS_CHUNK: usize = 512;
+/// Largest head dim of the cube scoring tiles (`CUBE_MAX_D` in kv_compress_cube.cpp).
+pub const COMPRESS_CUBE_MAX_D: usize = 256;
+/// GM workspace per AI core of the cube scoring: two 64 × 64 f32 score tiles.
+pub const COMPRESS_CUBE_WORKSPACE: usize = 2 * 64 * 64 * 4;
 
 fn f32s(v: &[u8]) -> Vec<f32> {
     bytemuck::pod_collect_to_vec(v)
@@ -80,6 +84,11 @@ pub(crate) fn kv_compress<'v>(mut l: impl Launcher<'v>, a: &CompressArgs<'_>, to
         return Err(Error::range("entries - window", d.entries - d.window, why));
     }
     let dtype = a.k_cache().dtype();
+    // Scoring on the cube for 16-bit caches whose rows Nd2Nz can stride over; else on the vectors.
+    let cube = dtype != DType::F32
+        && d.head_dim <= COMPRESS_CUBE_MAX_D
+        && a.k_cache().strides()[2] <= ND2NZ_MAX_STRIDE
+        && a.obs().strides()[2] <= ND2NZ_MAX_STRIDE;
     let (n, w, dd) = (d.entries, d.window, d.head_dim);
     let scored = n - w;
     let heads = d.out_heads(cfg);
@@ -97,9 +106,19 @@ pub(crate) fn kv_compress<'v>(mut l: impl Launcher<'v>, a: &CompressArgs<'_>, to
         selected: l.zeroed(4 * d.batch * heads * keep)?,
         k_out: l.zeroed(out_bytes)?,
         v_out: l.zeroed(out_bytes)?,
+        workspace: if cube {
+            l.zeroed(l.block_dim(launch::COMPRESS_CUBE_STATS) as usize * COMPRESS_CUBE_WORKSPACE)?
+        } else {
+            0
+        },
         ..EkCompressParams::sized(&d, cfg, COMPRESS_CHUNK, a.scale(), dtype)
     };
-    for k in [launch::COMPRESS_STATS, launch::COMPRESS_MEANS, launch::COMPRESS_POOL] {
+    let scoring = if cube {
+        [launch::COMPRESS_CUBE_STATS, launch::COMPRESS_CUBE_MEANS]
+    } else {
+        [launch::COMPRESS_STATS, launch::COMPRESS_MEANS]
+    };
+    for k in scoring.into_iter().chain([launch::COMPRESS_POOL]) {
         l.launch(k, &params)?;
     }
     if let HeadBudget::AdaKv { .. } = cfg.head_budget {

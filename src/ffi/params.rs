@@ -162,10 +162,11 @@ pub struct EkCompressParams {
     pub gqa_mode: i32,
     pub scale_log2: f32,
     pub dtype: i32,
+    pub workspace: u64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of EkCompressParams"][::core::mem::size_of::<EkCompressParams>() - 240usize];
+    ["Size of EkCompressParams"][::core::mem::size_of::<EkCompressParams>() - 248usize];
     ["Alignment of EkCompressParams"][::core::mem::align_of::<EkCompressParams>() - 8usize];
     ["Offset of field: EkCompressParams::k_cache"][::core::mem::offset_of!(EkCompressParams, k_cache) - 0usize];
     ["Offset of field: EkCompressParams::v_cache"][::core::mem::offset_of!(EkCompressParams, v_cache) - 48usize];
@@ -189,6 +190,7 @@ const _: () = {
     ["Offset of field: EkCompressParams::gqa_mode"][::core::mem::offset_of!(EkCompressParams, gqa_mode) - 228usize];
     ["Offset of field: EkCompressParams::scale_log2"][::core::mem::offset_of!(EkCompressParams, scale_log2) - 232usize];
     ["Offset of field: EkCompressParams::dtype"][::core::mem::offset_of!(EkCompressParams, dtype) - 236usize];
+    ["Offset of field: EkCompressParams::workspace"][::core::mem::offset_of!(EkCompressParams, workspace) - 240usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

@@ -1,0 +1,335 @@
+// kv_compress scoring on the cube for f16/bf16 caches: the stats and means launches of
+// kv_compress.cpp as mixed kernels (f32 caches keep the vector ones: A2's cube takes 16-bit data).
+//
+// Work item = (b, kv head h, key chunk c), in passes of ≤ CUBE_ROWS of the group's G·W window
+// rows. Per pass the AIC loads the rows into L0A (resident for the pass), then for each CUBE_KEYS
+// tile of the chunk gathers K into L1 → L0B and computes S = obs·Kᵀ into a 2-slot GM workspace;
+// the two AIVs copy the tile to UB and do what the vector kernels do with their own dot products:
+//   ek_compress_cube_stats  AIV k: its half of the pass's rows → running softmax max and sum
+//                           (RowStats, whole tiles), stored per chunk as the vector stats are
+//   ek_compress_cube_means  AIV k: the rows of its query heads (g ≡ k mod 2) → e^(S − m)/l summed
+//                           into the window means of those heads
+// Flags: FLAG_S (AIC → AIVs: a tile is in slot seq % 2), FLAG_FREE (each AIV → AIC: it copied the
+// slot out); the AIC waits for FLAG_FREE before refilling a slot and drains the last two at the end.
+//
+// Tile plan (CUBE_ROWS 64, CUBE_KEYS 64, D ≤ 256, T = half/bf16):
+//   L1   obs 64×256×2 = 32 KiB, K 32 KiB                          ( 64 of 512 KiB)
+//   L0A  obs 32 KiB;  L0B Kᵀ 32 KiB;  L0C S 64×64×4 = 16 KiB
+//   UB (each AIV) S tile 16 KiB + RowStats 5.5 KiB (stats); S tile 16 KiB + means accumulators
+//        ≤ 8 heads × 512 × 4 = 16 KiB + merged stats 1 KiB (means)
+//   GM workspace per AI core: 2 × 64 × 64 × 4 = 32 KiB
+// Expected utilisation: each pass is 2·rows·keys·D FLOPs on the cube at full fractal occupancy
+// when rows = 64 (G·W ≥ 64), against ~10 whole-tile vector instructions per tile and AIV for the
+// statistics: the dot products — all of the vector kernels' work — leave the vector units.
+
+#include "kernel_operator.h"
+#include "entropy_params.h"
+#include "common.h"
+#include "compress_common.h"
+
+using namespace AscendC;
+using namespace ekcompress;
+
+namespace {
+
+constexpr uint32_t CUBE_ROWS = 64;  // window rows per pass (COMPRESS_ROW_CHUNK)
+constexpr uint32_t CUBE_KEYS = 64;  // keys per score tile: one 256-byte repeat per f32 row
+constexpr uint32_t CUBE_MAX_D = 256;
+constexpr uint32_t FRACTAL = 16;  // rows and columns of a 16-bit fractal
+constexpr uint32_t WS_TILE = CUBE_ROWS * CUBE_KEYS;  // floats of one workspace slot
+constexpr uint32_t WS_SLOTS = 2;
+constexpr int32_t FLAG_S = 4, FLAG_FREE = 5;
+static_assert(CUBE_ROWS == COMPRESS_ROW_CHUNK, "passes as in the vector kernels (RowStats holds 64 rows)");
+
+__aicore__ inline uint32_t Up16(uint32_t x) { return (x + FRACTAL - 1) / FRACTAL * FRACTAL; }
+
+// Keys chunk c scores: every key for the stats; for the means only those below N − W (the
+// window's own keys are kept anyway). False: nothing to do.
+__aicore__ inline bool ChunkKeys(const EkCompressParams& p, int32_t c, bool means, uint32_t& lo, uint32_t& hi) {
+    const uint32_t end = means ? (uint32_t)(p.entries - p.window) : (uint32_t)p.entries;
+    lo = (uint32_t)c * p.chunk;
+    hi = Min(end, lo + p.chunk);
+    return lo < hi;
+}
+
+__aicore__ inline uint32_t ItemCount(const EkCompressParams& p) { return p.k_cache.shape[0] * p.k_cache.shape[1] * p.chunks; }
+
+// ------------------------------------------------------------------------------------------------
+// Cube side.
+
+template <typename T> class CompressCube {
+public:
+    __aicore__ inline void Run(const EkCompressParams& p, bool means) {
+        p_ = p;
+        means_ = means;
+        d_ = p.k_cache.shape[3];
+        dp_ = Up16(d_);
+        rows_ = p.group * p.window;
+        obsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(p.obs.ptr));
+        kGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(p.k_cache.ptr));
+        ws_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.workspace) + (uint64_t)GetBlockIdx() * WS_SLOTS * WS_TILE,
+                            WS_SLOTS * WS_TILE);
+        pipe_.InitBuffer(oL1_, CUBE_ROWS * CUBE_MAX_D * sizeof(T));
+        pipe_.InitBuffer(kL1_, CUBE_KEYS * CUBE_MAX_D * sizeof(T));
+        pipe_.InitBuffer(oL0_, CUBE_ROWS * CUBE_MAX_D * sizeof(T));
+        pipe_.InitBuffer(kL0_, CUBE_KEYS * CUBE_MAX_D * sizeof(T));
+        pipe_.InitBuffer(sL0_, CUBE_ROWS * CUBE_KEYS * sizeof(float));
+        for (uint32_t it = GetBlockIdx(); it < ItemCount(p); it += GetBlockNum()) Item(it);
+        for (uint32_t k = 0; k < Min(seq_, WS_SLOTS); k++) CrossCoreWaitFlag(FLAG_FREE);  // slots still out
+    }
+
+private:
+    __aicore__ inline void Sync() {
+        SetFlag<HardEvent::MTE2_MTE1>(0);
+        WaitFlag<HardEvent::MTE2_MTE1>(0);
+    }
+
+    __aicore__ inline void Item(uint32_t it) {
+        const int32_t c = it % p_.chunks, bh = it / p_.chunks;
+        const int32_t b = bh / p_.k_cache.shape[1], h = bh % p_.k_cache.shape[1];
+        uint32_t lo, hi;
+        if (!ChunkKeys(p_, c, means_, lo, hi)) return;
+        for (uint32_t r0 = 0; r0 < rows_; r0 += CUBE_ROWS) {
+            const uint32_t nr = Min(CUBE_ROWS, rows_ - r0), mpad = Up16(nr);
+            LoadObs(b, h, r0, nr, mpad);
+            for (uint32_t j0 = lo; j0 < hi; j0 += CUBE_KEYS) Scores(b, h, j0, Min(CUBE_KEYS, hi - j0), nr, mpad);
+        }
+    }
+
+    // Window rows [r0, r0 + nr) of kv head h (row r: query head h·G + r / W, slot r mod W), one
+    // run per query head, into L1 and on to L0A.
+    __aicore__ inline void LoadObs(int32_t b, int32_t h, uint32_t r0, uint32_t nr, uint32_t mpad) {
+        LocalTensor<T> oL1 = oL1_.Get<T>(), oL0 = oL0_.Get<T>();
+        const uint32_t w = p_.window;
+        for (uint32_t row = 0; row < nr;) {
+            const uint32_t r = r0 + row, run = Min(w - r % w, nr - row);
+            const int64_t off = b * p_.obs.stride[0] + (h * p_.group + r / w) * p_.obs.stride[1] + (r % w) * p_.obs.stride[2];
+            DataCopy(oL1[row * FRACTAL], obsGm_[off], Nd2NzParams(1, run, d_, 0, p_.obs.stride[2], mpad, 1, 0));
+            row += run;
+        }
+        Sync();
+        for (uint32_t mb = 0; mb < mpad / FRACTAL; mb++) {  // NZ → zZ, one LoadData per 16-row block
+            LoadData2DParams lp;
+            lp.startIndex = mb;
+            lp.repeatTimes = dp_ / FRACTAL;
+            lp.srcStride = mpad / FRACTAL;
+            LoadData(oL0[mb * (dp_ / FRACTAL) * FRACTAL * FRACTAL], oL1, lp);
+        }
+    }
+
+    // S = obs·Kᵀ for keys [j0, j0 + n) into the next workspace slot (a short tile is padded with
+    // copies of key j0: finite, never read).
+    __aicore__ inline void Scores(int32_t b, int32_t h, uint32_t j0, uint32_t n, uint32_t nr, uint32_t mpad) {
+        LocalTensor<T> kL1 = kL1_.Get<T>(), kL0 = kL0_.Get<T>(), oL0 = oL0_.Get<T>();
+        LocalTensor<float> sL0 = sL0_.Get<float>();
+        const int64_t off = b * p_.k_cache.stride[0] + h * p_.k_cache.stride[1] + j0 * p_.k_cache.stride[2];
+        const uint16_t stride = (uint16_t)p_.k_cache.stride[2];
+        DataCopy(kL1, kGm_[off], Nd2NzParams(1, n, d_, 0, stride, CUBE_KEYS, 1, 0));
+        if (n < CUBE_KEYS) DataCopy(kL1[n * FRACTAL], kGm_[off], Nd2NzParams(CUBE_KEYS - n, 1, d_, 0, stride, CUBE_KEYS, 1, FRACTAL));
+        Sync();
+        LoadData2DParams kp;  // K's NZ fractals are Kᵀ's nZ fractals, in order
+        kp.repeatTimes = (dp_ / FRACTAL) * (CUBE_KEYS / FRACTAL);
+        kp.srcStride = 1;
+        LoadData(kL0, kL1, kp);
+        if (seq_ >= WS_SLOTS) CrossCoreWaitFlag(FLAG_FREE);  // both AIVs copied this slot's last tile
+        SetFlag<HardEvent::MTE1_M>(0);
+        WaitFlag<HardEvent::MTE1_M>(0);
+        MmadParams mp;
+        mp.m = nr;
+        mp.n = CUBE_KEYS;
+        mp.k = d_;
+        Mmad(sL0, oL0, kL0, mp);
+        SetFlag<HardEvent::M_FIX>(0);
+        WaitFlag<HardEvent::M_FIX>(0);
+        FixpipeParamsV220 fp;
+        fp.nSize = CUBE_KEYS;
+        fp.mSize = nr;
+        fp.srcStride = mpad;
+        fp.dstStride = CUBE_KEYS;
+        Fixpipe(ws_[(seq_ % WS_SLOTS) * WS_TILE], sL0, fp);
+        CrossCoreSetFlag<2, PIPE_FIX>(FLAG_S);
+        seq_++;
+    }
+
+    EkCompressParams p_;
+    bool means_ = false;
+    uint32_t d_ = 0, dp_ = 0, rows_ = 0, seq_ = 0;
+    TPipe pipe_;
+    TBuf<TPosition::A1> oL1_;
+    TBuf<TPosition::B1> kL1_;
+    TBuf<TPosition::A2> oL0_;
+    TBuf<TPosition::B2> kL0_;
+    TBuf<TPosition::CO1> sL0_;
+    GlobalTensor<T> obsGm_, kGm_;
+    GlobalTensor<float> ws_;
+};
+
+// ------------------------------------------------------------------------------------------------
+// Vector side: AIV k of AI core i (block index 2i + k) takes the tiles of AIC i, in its order.
+
+class CompressVector {
+public:
+    __aicore__ inline void Run(const EkCompressParams& p, bool means) {
+        p_ = p;
+        means_ = means;
+        rows_ = p.group * p.window;
+        scale_ = p.scale_log2 * LN2;  // natural-log scale, as the vector kernels pre-scale obs
+        const uint32_t core = GetBlockIdx() / 2;
+        sub_ = GetBlockIdx() % 2;
+        ws_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.workspace) + (uint64_t)core * WS_SLOTS * WS_TILE, WS_SLOTS * WS_TILE);
+        statsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.stats));
+        meansGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.means));
+        pipe_.InitBuffer(sIn_, 1, WS_TILE * sizeof(float));
+        if (means) {
+            heads_ = ((uint32_t)p.group + 1 - sub_) / 2;  // query heads g ≡ sub_ (mod 2)
+            pipe_.InitBuffer(statIn_, 1, 2 * CUBE_ROWS * sizeof(float));
+            pipe_.InitBuffer(merged_, 4 * CUBE_ROWS * sizeof(float));  // max, sum, 2 scratch
+            if (heads_ > 0) pipe_.InitBuffer(acc_, 1, heads_ * p.chunk * sizeof(float));
+        } else {
+            pipe_.InitBuffer(out_, 1, 2 * CUBE_ROWS * sizeof(float));
+            st_.Init(pipe_);
+        }
+        for (uint32_t it = core; it < ItemCount(p); it += GetBlockNum()) Item(it);
+    }
+
+private:
+    // The AIC's next tile: rows [a, a + n) of it into UB (nothing when n = 0), the slot released.
+    __aicore__ inline LocalTensor<float> NextTile(uint32_t a, uint32_t n) {
+        CrossCoreWaitFlag(FLAG_S);
+        LocalTensor<float> sc = sIn_.AllocTensor<float>();
+        if (n > 0) DataCopy(sc[a * CUBE_KEYS], ws_[(seq_ % WS_SLOTS) * WS_TILE + a * CUBE_KEYS], n * CUBE_KEYS);
+        sIn_.EnQue(sc);
+        sc = sIn_.DeQue<float>();
+        CrossCoreSetFlag<2, PIPE_MTE2>(FLAG_FREE);
+        seq_++;
+        return sc;
+    }
+
+    __aicore__ inline void Item(uint32_t it) {
+        const int32_t c = it % p_.chunks, bh = it / p_.chunks;
+        const int32_t b = bh / p_.k_cache.shape[1], h = bh % p_.k_cache.shape[1];
+        uint32_t lo, hi;
+        if (!ChunkKeys(p_, c, means_, lo, hi)) return;
+        if (means_) {
+            Means(b, h, lo, hi);
+            return;
+        }
+        for (uint32_t r0 = 0; r0 < rows_; r0 += CUBE_ROWS) {
+            const uint32_t nr = Min(CUBE_ROWS, rows_ - r0), split = (nr + 1) / 2;
+            const uint32_t a = sub_ == 0 ? 0 : split, n = (sub_ == 0 ? split : nr) - a;  // this AIV's rows
+            if (n > 0) st_.Start(n);
+            for (uint32_t j0 = lo; j0 < hi; j0 += CUBE_KEYS) {
+                LocalTensor<float> sc = NextTile(a, n);
+                if (n > 0) {
+                    LocalTensor<float> mine = sc[a * CUBE_KEYS];
+                    Muls(mine, mine, scale_, (int32_t)(n * CUBE_KEYS));
+                    for (uint32_t i = 0; i < n; i++) st_.Hide(mine, i, VisibleKeys(p_, r0 + a + i, j0, Min(CUBE_KEYS, hi - j0)), CUBE_KEYS);
+                    st_.Step(mine, CUBE_KEYS);
+                }
+                sIn_.FreeTensor(sc);
+            }
+            if (n > 0) StoreStats(p_, statsGm_, out_, st_, b, h, c, r0 + a, n);
+        }
+    }
+
+    // Window means of this AIV's query heads over keys [lo, hi) (all visible to every row).
+    __aicore__ inline void Means(int32_t b, int32_t h, uint32_t lo, uint32_t hi) {
+        const uint32_t w = p_.window;
+        LocalTensor<float> acc;
+        if (heads_ > 0) {
+            acc = acc_.AllocTensor<float>();
+            Duplicate(acc, 0.0f, (int32_t)(heads_ * p_.chunk));
+        }
+        const float inv_w = 1.0f / (float)w;
+        for (uint32_t r0 = 0; r0 < rows_; r0 += CUBE_ROWS) {
+            const uint32_t nr = Min(CUBE_ROWS, rows_ - r0);
+            float m[CUBE_ROWS], l[CUBE_ROWS];
+            if (heads_ > 0) {
+                LocalTensor<float> mg = merged_.Get<float>();
+                MergeStats(p_, statsGm_, statIn_, b, h, r0, nr, mg, mg[CUBE_ROWS], mg[2 * CUBE_ROWS], mg[3 * CUBE_ROWS]);
+                SetFlag<HardEvent::V_S>(0);
+                WaitFlag<HardEvent::V_S>(0);
+                for (uint32_t i = 0; i < nr; i++) {
+                    m[i] = mg.GetValue(i);
+                    l[i] = mg.GetValue(CUBE_ROWS + i);
+                }
+            }
+            for (uint32_t j0 = lo; j0 < hi; j0 += CUBE_KEYS) {
+                const uint32_t n = Min(CUBE_KEYS, hi - j0);
+                // This AIV's rows of the pass: runs of whole query heads g ≡ sub_ (mod 2). The
+                // tile is copied run by run (rows outside the runs stay unread).
+                CrossCoreWaitFlag(FLAG_S);
+                LocalTensor<float> sc = sIn_.AllocTensor<float>();
+                for (uint32_t row = 0; row < nr;) {
+                    const uint32_t r = r0 + row, run = Min(w - r % w, nr - row);
+                    if ((r / w) % 2 == sub_) DataCopy(sc[row * CUBE_KEYS], ws_[(seq_ % WS_SLOTS) * WS_TILE + row * CUBE_KEYS], run * CUBE_KEYS);
+                    row += run;
+                }
+                sIn_.EnQue(sc);
+                sc = sIn_.DeQue<float>();
+                CrossCoreSetFlag<2, PIPE_MTE2>(FLAG_FREE);
+                seq_++;
+                for (uint32_t row = 0; row < nr;) {
+                    const uint32_t r = r0 + row, g = r / w, run = Min(w - r % w, nr - row);
+                    if (g % 2 == sub_) {
+                        LocalTensor<float> s = sc[row * CUBE_KEYS];
+                        Muls(s, s, scale_, (int32_t)(run * CUBE_KEYS));
+                        for (uint32_t i = row; i < row + run; i++) {
+                            LocalTensor<float> x = sc[i * CUBE_KEYS];
+                            Adds(x, x, -m[i], (int32_t)n);
+                            Exp(x, x, (int32_t)n);
+                            Axpy(acc[(g / 2) * p_.chunk + (j0 - lo)], x, inv_w / l[i], (int32_t)n);
+                        }
+                    }
+                    row += run;
+                }
+                sIn_.FreeTensor(sc);
+            }
+        }
+        if (heads_ == 0) return;
+        acc_.EnQue(acc);
+        acc = acc_.DeQue<float>();
+        const uint32_t stride = MeansStride(p_), pad = PoolPad(p_);
+        for (uint32_t k = 0; k < heads_; k++) {
+            const uint32_t g = 2 * k + sub_;
+            const uint64_t off = ((uint64_t)b * p_.obs.shape[1] + h * p_.group + g) * stride + pad + lo;
+            DataCopyPad(meansGm_[off], acc[k * p_.chunk], DataCopyExtParams(1, (hi - lo) * sizeof(float), 0, 0, 0));
+        }
+        acc_.FreeTensor(acc);
+    }
+
+    EkCompressParams p_;
+    bool means_ = false;
+    uint32_t rows_ = 0, sub_ = 0, heads_ = 0, seq_ = 0;
+    float scale_ = 0;
+    TPipe pipe_;
+    TQue<TPosition::VECIN, 1> sIn_, statIn_;
+    TQue<TPosition::VECOUT, 1> out_, acc_;
+    TBuf<TPosition::VECCALC> merged_;
+    RowStats st_;
+    GlobalTensor<float> ws_, statsGm_, meansGm_;
+};
+
+template <typename T> __aicore__ inline void RunCompress(const EkCompressParams& p, bool means) {
+    if ASCEND_IS_AIC {
+        CompressCube<T> k;
+        k.Run(p, means);
+    } else {
+        CompressVector k;
+        k.Run(p, means);
+    }
+}
+
+__aicore__ inline void Dispatch(GM_ADDR params, bool means) {
+    const EkCompressParams p = ReadParams<EkCompressParams>(params);
+    if (p.dtype == EK_BF16) {
+        RunCompress<bfloat16_t>(p, means);
+    } else {
+        RunCompress<half>(p, means);  // f16 (f32 caches use the vector kernels)
+    }
+}
+
+}  // namespace
+
+extern "C" __global__ __aicore__ void ek_compress_cube_stats(GM_ADDR params) { Dispatch(params, false); }
+extern "C" __global__ __aicore__ void ek_compress_cube_means(GM_ADDR params) { Dispatch(params, true); }
