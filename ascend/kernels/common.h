@@ -125,6 +125,16 @@ __aicore__ inline void TileDots(const AscendC::LocalTensor<float>& dst, const As
     RowReduce<false>(dst, tmp, n, d < FLOATS_PER_REPEAT ? d : FLOATS_PER_REPEAT, stride, part);
 }
 
+// rows[0] = Σ_j rows[j] over n rows `stride` floats apart, summed pairwise in place (whole rows
+// per instruction: rows [m − half, m) onto rows [0, half); an odd middle row stays).
+__aicore__ inline void FoldRows(const AscendC::LocalTensor<float>& rows, uint32_t n, uint32_t stride) {
+    for (uint32_t m = n; m > 1;) {
+        const uint32_t half = m / 2;
+        AscendC::Add(rows, rows, rows[(m - half) * stride], (int32_t)(half * stride));
+        m -= half;
+    }
+}
+
 // acc[0..d) += Σ_j w[j] · rows[j][0..d) for n ≤ 255 f32 rows `stride` floats apart, all rows per
 // instruction: w broadcast one block per row (Brcb), products in repeats of 64 dims with the
 // weight read at a block stride of 0, then the rows summed pairwise. Scratch: `tmp` n × stride
@@ -139,11 +149,7 @@ __aicore__ inline void TileWeightedSum(const AscendC::LocalTensor<float>& acc, c
         const uint64_t mask = d - c < FLOATS_PER_REPEAT ? d - c : FLOATS_PER_REPEAT;
         Mul(tmp[c], rows[c], bc, mask, (uint8_t)n, BinaryRepeatParams(1, 1, 0, rep, rep, 1));
     }
-    for (uint32_t m = n; m > 1;) {
-        const uint32_t half = m / 2;  // rows [m − half, m) onto rows [0, half); an odd middle row stays
-        Add(tmp, tmp, tmp[(m - half) * stride], (int32_t)(half * stride));
-        m -= half;
-    }
+    FoldRows(tmp, n, stride);
     Add(acc, acc, tmp, (int32_t)d);
 }
 

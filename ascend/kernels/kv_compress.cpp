@@ -1,6 +1,7 @@
 // kv_compress (SPEC §4) on vector cores, as five launches over one EkCompressParams; each launch
 // spreads its work items round-robin over the cores, and the launch boundary is the only
-// cross-core synchronisation needed.
+// cross-core synchronisation needed. For f16/bf16 caches the host launches the cube-scoring
+// kernels of kv_compress_cube.cpp instead of `stats` and `means` (same outputs).
 //
 //   ek_compress_stats   item (b, kv head, key chunk): per window row r = g·W + w of the group, the
 //                       softmax max and sum over the chunk's visible keys (n ≤ N − W + w).

@@ -16,7 +16,7 @@
 //   L1   obs 64×256×2 = 32 KiB, K 32 KiB                          ( 64 of 512 KiB)
 //   L0A  obs 32 KiB;  L0B Kᵀ 32 KiB;  L0C S 64×64×4 = 16 KiB
 //   UB (each AIV) S tile 16 KiB + RowStats 5.5 KiB (stats); S tile 16 KiB + means accumulators
-//        ≤ 8 heads × 512 × 4 = 16 KiB + merged stats 1 KiB (means)
+//        ≤ 8 heads × 512 × 4 = 16 KiB + merged stats 1 KiB + per-row broadcasts 4 KiB (means)
 //   GM workspace per AI core: 2 × 64 × 64 × 4 = 32 KiB
 // Expected utilisation: each pass is 2·rows·keys·D FLOPs on the cube at full fractal occupancy
 // when rows = 64 (G·W ≥ 64), against ~10 whole-tile vector instructions per tile and AIV for the
@@ -183,7 +183,8 @@ public:
         if (means) {
             heads_ = ((uint32_t)p.group + 1 - sub_) / 2;  // query heads g ≡ sub_ (mod 2)
             pipe_.InitBuffer(statIn_, 1, 2 * CUBE_ROWS * sizeof(float));
-            pipe_.InitBuffer(merged_, 4 * CUBE_ROWS * sizeof(float));  // max, sum, 2 scratch
+            pipe_.InitBuffer(merged_, 4 * CUBE_ROWS * sizeof(float));  // max, sum, weights, scratch
+            pipe_.InitBuffer(bcast_, 2 * CUBE_ROWS * FLOATS_PER_BLOCK * sizeof(float));  // m, weights per row
             if (heads_ > 0) pipe_.InitBuffer(acc_, 1, heads_ * p.chunk * sizeof(float));
         } else {
             pipe_.InitBuffer(out_, 1, 2 * CUBE_ROWS * sizeof(float));
@@ -240,19 +241,21 @@ private:
             acc = acc_.AllocTensor<float>();
             Duplicate(acc, 0.0f, (int32_t)(heads_ * p_.chunk));
         }
-        const float inv_w = 1.0f / (float)w;
+        const uint8_t rep = (uint8_t)(CUBE_KEYS / FLOATS_PER_BLOCK);
+        LocalTensor<float> mg = merged_.Get<float>(), bcM = bcast_.Get<float>(), bcC = bcM[CUBE_ROWS * FLOATS_PER_BLOCK];
         for (uint32_t r0 = 0; r0 < rows_; r0 += CUBE_ROWS) {
             const uint32_t nr = Min(CUBE_ROWS, rows_ - r0);
-            float m[CUBE_ROWS], l[CUBE_ROWS];
             if (heads_ > 0) {
-                LocalTensor<float> mg = merged_.Get<float>();
-                MergeStats(p_, statsGm_, statIn_, b, h, r0, nr, mg, mg[CUBE_ROWS], mg[2 * CUBE_ROWS], mg[3 * CUBE_ROWS]);
-                SetFlag<HardEvent::V_S>(0);
-                WaitFlag<HardEvent::V_S>(0);
-                for (uint32_t i = 0; i < nr; i++) {
-                    m[i] = mg.GetValue(i);
-                    l[i] = mg.GetValue(CUBE_ROWS + i);
-                }
+                // Per row of the pass: m, and the weight 1 / (W·l) of its probabilities in the
+                // mean, each broadcast to one block per row.
+                LocalTensor<float> mx = mg, sm = mg[CUBE_ROWS], coef = mg[2 * CUBE_ROWS];
+                MergeStats(p_, statsGm_, statIn_, b, h, r0, nr, mx, sm, coef, mg[3 * CUBE_ROWS]);
+                Muls(sm, sm, (float)w, (int32_t)nr);
+                Duplicate(coef, 1.0f, (int32_t)nr);
+                Div(coef, coef, sm, (int32_t)nr);
+                const uint8_t groups = (uint8_t)((nr + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK);
+                Brcb(bcM, mx, groups, BrcbRepeatParams(1, 8));
+                Brcb(bcC, coef, groups, BrcbRepeatParams(1, 8));
             }
             for (uint32_t j0 = lo; j0 < hi; j0 += CUBE_KEYS) {
                 const uint32_t n = Min(CUBE_KEYS, hi - j0);
@@ -272,14 +275,17 @@ private:
                 for (uint32_t row = 0; row < nr;) {
                     const uint32_t r = r0 + row, g = r / w, run = Min(w - r % w, nr - row);
                     if (g % 2 == sub_) {
+                        // The run's rows as whole-tile steps: e^(scale·S − m) / (W·l), summed over
+                        // the rows (padded keys past n are finite and never added to acc).
                         LocalTensor<float> s = sc[row * CUBE_KEYS];
+                        const uint8_t rows = (uint8_t)run;
                         Muls(s, s, scale_, (int32_t)(run * CUBE_KEYS));
-                        for (uint32_t i = row; i < row + run; i++) {
-                            LocalTensor<float> x = sc[i * CUBE_KEYS];
-                            Adds(x, x, -m[i], (int32_t)n);
-                            Exp(x, x, (int32_t)n);
-                            Axpy(acc[(g / 2) * p_.chunk + (j0 - lo)], x, inv_w / l[i], (int32_t)n);
-                        }
+                        Sub(s, s, bcM[row * FLOATS_PER_BLOCK], (uint64_t)CUBE_KEYS, rows, BinaryRepeatParams(1, 1, 0, rep, rep, 1));
+                        Exp(s, s, (uint64_t)CUBE_KEYS, rows, UnaryRepeatParams(1, 1, rep, rep));
+                        Mul(s, s, bcC[row * FLOATS_PER_BLOCK], (uint64_t)CUBE_KEYS, rows, BinaryRepeatParams(1, 1, 0, rep, rep, 1));
+                        FoldRows(s, run, CUBE_KEYS);
+                        LocalTensor<float> dst = acc[(g / 2) * p_.chunk + (j0 - lo)];
+                        Add(dst, dst, s, (int32_t)n);
                     }
                     row += run;
                 }
@@ -305,7 +311,7 @@ private:
     TPipe pipe_;
     TQue<TPosition::VECIN, 1> sIn_, statIn_;
     TQue<TPosition::VECOUT, 1> out_, acc_;
-    TBuf<TPosition::VECCALC> merged_;
+    TBuf<TPosition::VECCALC> merged_, bcast_;
     RowStats st_;
     GlobalTensor<float> ws_, statsGm_, meansGm_;
 };
