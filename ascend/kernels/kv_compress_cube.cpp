@@ -26,22 +26,21 @@
 #include "entropy_params.h"
 #include "common.h"
 #include "compress_common.h"
+#include "cube_common.h"
 
 using namespace AscendC;
 using namespace ekcompress;
+using namespace ekcube;
 
 namespace {
 
 constexpr uint32_t CUBE_ROWS = 64;  // window rows per pass (COMPRESS_ROW_CHUNK)
 constexpr uint32_t CUBE_KEYS = 64;  // keys per score tile: one 256-byte repeat per f32 row
 constexpr uint32_t CUBE_MAX_D = 256;
-constexpr uint32_t FRACTAL = 16;  // rows and columns of a 16-bit fractal
 constexpr uint32_t WS_TILE = CUBE_ROWS * CUBE_KEYS;  // floats of one workspace slot
 constexpr uint32_t WS_SLOTS = 2;
 constexpr int32_t FLAG_S = 4, FLAG_FREE = 5;
 static_assert(CUBE_ROWS == COMPRESS_ROW_CHUNK, "passes as in the vector kernels (RowStats holds 64 rows)");
-
-__aicore__ inline uint32_t Up16(uint32_t x) { return (x + FRACTAL - 1) / FRACTAL * FRACTAL; }
 
 // Keys chunk c scores: every key for the stats; for the means only those below N − W (the
 // window's own keys are kept anyway). False: nothing to do.
@@ -79,11 +78,6 @@ public:
     }
 
 private:
-    __aicore__ inline void Sync() {
-        SetFlag<HardEvent::MTE2_MTE1>(0);
-        WaitFlag<HardEvent::MTE2_MTE1>(0);
-    }
-
     __aicore__ inline void Item(uint32_t it) {
         const int32_t c = it % p_.chunks, bh = it / p_.chunks;
         const int32_t b = bh / p_.k_cache.shape[1], h = bh % p_.k_cache.shape[1];
@@ -107,14 +101,8 @@ private:
             DataCopy(oL1[row * FRACTAL], obsGm_[off], Nd2NzParams(1, run, d_, 0, p_.obs.stride[2], mpad, 1, 0));
             row += run;
         }
-        Sync();
-        for (uint32_t mb = 0; mb < mpad / FRACTAL; mb++) {  // NZ → zZ, one LoadData per 16-row block
-            LoadData2DParams lp;
-            lp.startIndex = mb;
-            lp.repeatTimes = dp_ / FRACTAL;
-            lp.srcStride = mpad / FRACTAL;
-            LoadData(oL0[mb * (dp_ / FRACTAL) * FRACTAL * FRACTAL], oL1, lp);
-        }
+        CopiesToL1Done();
+        ToL0A(oL0, oL1, mpad, dp_);
     }
 
     // S = obs·Kᵀ for keys [j0, j0 + n) into the next workspace slot (a short tile is padded with
@@ -126,27 +114,10 @@ private:
         const uint16_t stride = (uint16_t)p_.k_cache.stride[2];
         DataCopy(kL1, kGm_[off], Nd2NzParams(1, n, d_, 0, stride, CUBE_KEYS, 1, 0));
         if (n < CUBE_KEYS) DataCopy(kL1[n * FRACTAL], kGm_[off], Nd2NzParams(CUBE_KEYS - n, 1, d_, 0, stride, CUBE_KEYS, 1, FRACTAL));
-        Sync();
-        LoadData2DParams kp;  // K's NZ fractals are Kᵀ's nZ fractals, in order
-        kp.repeatTimes = (dp_ / FRACTAL) * (CUBE_KEYS / FRACTAL);
-        kp.srcStride = 1;
-        LoadData(kL0, kL1, kp);
+        CopiesToL1Done();
+        TransposedToL0B(kL0, kL1, CUBE_KEYS, dp_);
         if (seq_ >= WS_SLOTS) CrossCoreWaitFlag(FLAG_FREE);  // both AIVs copied this slot's last tile
-        SetFlag<HardEvent::MTE1_M>(0);
-        WaitFlag<HardEvent::MTE1_M>(0);
-        MmadParams mp;
-        mp.m = nr;
-        mp.n = CUBE_KEYS;
-        mp.k = d_;
-        Mmad(sL0, oL0, kL0, mp);
-        SetFlag<HardEvent::M_FIX>(0);
-        WaitFlag<HardEvent::M_FIX>(0);
-        FixpipeParamsV220 fp;
-        fp.nSize = CUBE_KEYS;
-        fp.mSize = nr;
-        fp.srcStride = mpad;
-        fp.dstStride = CUBE_KEYS;
-        Fixpipe(ws_[(seq_ % WS_SLOTS) * WS_TILE], sL0, fp);
+        MatmulToGm(ws_[(seq_ % WS_SLOTS) * WS_TILE], CUBE_KEYS, sL0, oL0, kL0, nr, CUBE_KEYS, d_, mpad);
         CrossCoreSetFlag<2, PIPE_FIX>(FLAG_S);
         seq_++;
     }

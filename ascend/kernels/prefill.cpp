@@ -40,16 +40,17 @@
 #include "entropy_params.h"
 #include "common.h"
 #include "prefill_items.h"
+#include "cube_common.h"
 
 using namespace AscendC;
 using namespace ekprefill;
+using namespace ekcube;
 
 namespace {
 
 constexpr uint32_t PREFILL_ROWS = 64;   // M rows per item (query tokens × group heads)
 constexpr uint32_t PREFILL_KEYS = 64;   // keys per tile
 constexpr uint32_t PREFILL_MAX_D = 256;
-constexpr uint32_t FRACTAL = 16;        // rows and columns of a 16-bit fractal
 constexpr int32_t FLAG_S = 1, FLAG_P = 2, FLAG_O = 3;
 // GM workspace per core: two slots (tiles j and j + 1 in flight), each S (f32), P (T), O (f32).
 constexpr uint32_t WS_S = PREFILL_ROWS * PREFILL_KEYS * 4;
@@ -73,7 +74,6 @@ template <typename T> struct Workspace {
     __aicore__ inline GlobalTensor<float> O(uint32_t slot) const { return o[slot * WS_SLOT / sizeof(float)]; }
 };
 
-__aicore__ inline uint32_t Up16(uint32_t x) { return (x + FRACTAL - 1) / FRACTAL * FRACTAL; }
 
 // ------------------------------------------------------------------------------------------------
 // Cube side.
@@ -137,21 +137,6 @@ private:
         }
     }
 
-    // L1 NZ (rows padded to `mpad`) → L0A zZ: one LoadData per 16-row block.
-    __aicore__ inline void ToL0A(const LocalTensor<T>& dst, const LocalTensor<T>& src, uint32_t mpad, uint32_t kpad) {
-        for (uint32_t mb = 0; mb < mpad / FRACTAL; mb++) {
-            LoadData2DParams lp;
-            lp.startIndex = mb;
-            lp.repeatTimes = kpad / FRACTAL;
-            lp.srcStride = mpad / FRACTAL;
-            LoadData(dst[mb * (kpad / FRACTAL) * FRACTAL * FRACTAL], src, lp);
-        }
-    }
-
-    __aicore__ inline void Sync() {
-        SetFlag<HardEvent::MTE2_MTE1>(0);
-        WaitFlag<HardEvent::MTE2_MTE1>(0);
-    }
 
     __aicore__ inline void Work(const Item& x) {
         const uint32_t mpad = Up16(x.rows);
@@ -161,7 +146,7 @@ private:
         // Q: per token, the group's G heads are G rows; tokens follow at G rows each.
         const int64_t qoff = x.b * p_.q.stride[0] + x.t0 * p_.q.stride[1] + x.h * p_.group * p_.q.stride[2];
         DataCopy(qL1, qGm_[qoff], Nd2NzParams(x.tokens, p_.group, d_, p_.q.stride[1], p_.q.stride[2], mpad, 1, p_.group * FRACTAL));
-        Sync();
+        CopiesToL1Done();
         ToL0A(qL0, qL1, mpad, dp_);
         // Two tiles in flight: S_{j+1} is computed (and V_j loaded) while the vector units run
         // the softmax of tile j; P·V of tile j waits for its P.
@@ -172,7 +157,7 @@ private:
             const uint32_t v0 = j * PREFILL_KEYS, n = Min(PREFILL_KEYS, x.keys - v0);
             // V_j: per 16-key block, its D/16 fractals transposed.
             Gather(vGm_, p_.v, x, v0, n, vL1);
-            Sync();
+            CopiesToL1Done();
             for (uint32_t kb = 0; kb < PREFILL_KEYS / FRACTAL; kb++) {
                 LoadData2DParams vp;
                 vp.startIndex = kb;
@@ -184,32 +169,11 @@ private:
             // O_j = P_j·V_j once both vector units wrote P_j.
             CrossCoreWaitFlag(FLAG_P);
             DataCopy(pL1, ws_.P(j % WS_SLOTS), Nd2NzParams(1, x.rows, PREFILL_KEYS, 0, PREFILL_KEYS, mpad, 1, 0));
-            Sync();
+            CopiesToL1Done();
             ToL0A(pL0, pL1, mpad, PREFILL_KEYS);
-            MatmulTo(ws_.O(j % WS_SLOTS), dp_, oL0, pL0, vL0, x.rows, d_, PREFILL_KEYS, mpad);
+            MatmulToGm(ws_.O(j % WS_SLOTS), dp_, oL0, pL0, vL0, x.rows, d_, PREFILL_KEYS, mpad);
             CrossCoreSetFlag<2, PIPE_FIX>(FLAG_O);
         }
-    }
-
-    // dst (row pitch `pitch`) = A·B for A m×k in L0A and B k×n in L0B, through `c` in L0C.
-    __aicore__ inline void MatmulTo(const GlobalTensor<float>& dst, uint32_t pitch, const LocalTensor<float>& c,
-                                    const LocalTensor<T>& a, const LocalTensor<T>& b, uint32_t m, uint32_t n, uint32_t k,
-                                    uint32_t mpad) {
-        SetFlag<HardEvent::MTE1_M>(0);
-        WaitFlag<HardEvent::MTE1_M>(0);
-        MmadParams mp;
-        mp.m = m;
-        mp.n = n;
-        mp.k = k;
-        Mmad(c, a, b, mp);
-        SetFlag<HardEvent::M_FIX>(0);
-        WaitFlag<HardEvent::M_FIX>(0);
-        FixpipeParamsV220 fp;
-        fp.nSize = n;
-        fp.mSize = m;
-        fp.srcStride = mpad;
-        fp.dstStride = pitch;
-        Fixpipe(dst, c, fp);
     }
 
     // S_j = Q·K_jᵀ into workspace slot j % 2 (K's NZ fractals are Kᵀ's nZ fractals, in order).
@@ -218,12 +182,9 @@ private:
         LocalTensor<T> kL1 = kL1_.Get<T>(), kL0 = kL0_.Get<T>(), qL0 = qL0_.Get<T>();
         LocalTensor<float> sL0 = sL0_.Get<float>();
         Gather(kGm_, p_.k, x, v0, n, kL1);
-        Sync();
-        LoadData2DParams kp;
-        kp.repeatTimes = (dp_ / FRACTAL) * (PREFILL_KEYS / FRACTAL);
-        kp.srcStride = 1;
-        LoadData(kL0, kL1, kp);
-        MatmulTo(ws_.S(j % WS_SLOTS), PREFILL_KEYS, sL0, qL0, kL0, x.rows, PREFILL_KEYS, d_, mpad);
+        CopiesToL1Done();
+        TransposedToL0B(kL0, kL1, PREFILL_KEYS, dp_);
+        MatmulToGm(ws_.S(j % WS_SLOTS), PREFILL_KEYS, sL0, qL0, kL0, x.rows, PREFILL_KEYS, d_, mpad);
         CrossCoreSetFlag<2, PIPE_FIX>(FLAG_S);
     }
 
