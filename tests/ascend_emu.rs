@@ -192,6 +192,9 @@ fn emulated_kv_compress_long_cache() {
         ((1, 4, 2, 32, 7001, 8), Pooling::Max, GqaMode::PerQueryHead, 5000),
         // 256 window rows again, bf16: four 64-row passes of cube scoring, heads split by AIV.
         ((1, 16, 2, 64, 1500, 32), Pooling::Avg, GqaMode::Mean, 600),
+        // A window wider than a pass (W 80: a head's rows span passes), f32 then f16.
+        ((1, 4, 2, 64, 1200, 80), Pooling::Avg, GqaMode::Mean, 500),
+        ((1, 4, 2, 64, 1200, 80), Pooling::Max, GqaMode::PerQueryHead, 500),
     ];
     for (i, ((b, hq, hkv, d, n, w), pooling, gqa_mode, budget)) in cases.into_iter().enumerate() {
         let dtype = DType::ALL[i % 3];
