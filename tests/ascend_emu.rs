@@ -276,6 +276,17 @@ fn emulated_kv_compress_partial_tie_level() {
             assert_eq!(got.k.to_f32_vec(), want.k.to_f32_vec(), "{topk:?} budget {budget}: gathered keys");
         }
     }
+    // AdaKV selects on the host from the device's pooled scores: no device top-k limit applies.
+    let dc = DecodeConfig {
+        decode_budget: 4500,
+        window: w,
+        pooling: Pooling::None,
+        head_budget: HeadBudget::AdaKv { floor_fraction: 0.2 },
+        ..Default::default()
+    };
+    let want = oracle.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+    let got = emulated(ascend::TopK::Sort).kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+    assert_eq!((got.indices, got.lengths), (want.indices, want.lengths), "AdaKV, budget 4500");
 }
 
 /// BlockReduceMax/Sum (one result per 32-byte block), Brcb (one element per block) and the

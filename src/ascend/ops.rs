@@ -75,11 +75,13 @@ pub(crate) fn kv_compress<'v>(mut l: impl Launcher<'v>, a: &CompressArgs<'_>, to
         TopK::Sort => false,
         TopK::Select => true,
     };
-    if !select && keep > TOPK_CAP {
+    // AdaKV selects on the host: no device top-k limit applies.
+    let device_topk = !matches!(cfg.head_budget, HeadBudget::AdaKv { .. });
+    if device_topk && !select && keep > TOPK_CAP {
         let why = format!("the sort/merge top-k keeps at most {TOPK_CAP} (TopK::Auto or Select keep more)");
         return Err(Error::range("decode_budget - window", keep, why));
     }
-    if select && d.entries - d.window >= SELECT_MAX_SCORED {
+    if device_topk && select && d.entries - d.window >= SELECT_MAX_SCORED {
         let why = format!("threshold selection counts fewer than {SELECT_MAX_SCORED} scored positions per head");
         return Err(Error::range("entries - window", d.entries - d.window, why));
     }
