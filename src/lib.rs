@@ -2,7 +2,7 @@
 //!
 //! Kernels for EntropyInfer: entropy-guided, per-head, per-segment sparse FlashAttention prefill,
 //! and "latent" KV-cache compression scored with the queries of the first generated tokens.
-//! `SPEC.md`'s contract is implemented by every backend: a naive f64 oracle ([`reference`]), a
+//! `SPEC.md`'s contract is implemented by every backend: a naive f64 oracle ([`reference`](mod@reference)), a
 //! fast CPU backend ([`cpu`]), and CUDA / Ascend backends behind features.
 //!
 //! ```

@@ -34,7 +34,7 @@ pub const COMPRESS_STATS: Kernel = vector("ek_compress_stats", "kv_compress");
 pub const COMPRESS_MEANS: Kernel = vector("ek_compress_means", "kv_compress");
 pub const COMPRESS_POOL: Kernel = vector("ek_compress_pool", "kv_compress");
 pub const COMPRESS_TOPK: Kernel = vector("ek_compress_topk", "kv_compress");
-/// Top-k by threshold selection (any keep; see [`super::ops::TopK`]).
+/// Top-k by threshold selection (any keep; see [`super::TopK`]).
 pub const COMPRESS_SELECT: Kernel = vector("ek_compress_select", "kv_compress");
 pub const COMPRESS_GATHER: Kernel = vector("ek_compress_gather", "kv_compress");
 
