@@ -351,6 +351,20 @@ private:
 // ------------------------------------------------------------------------------------------------
 // Top-k by sort and merge.
 
+// Pooled scores src[0, n) into the next buffer of `que`, as `slots` ≥ n floats: the slots past n
+// score −inf (they sort last, and count under no threshold).
+template <typename Que> __aicore__ inline LocalTensor<float> LoadScores(Que& que, const GlobalTensor<float>& src, uint32_t n, uint32_t slots) {
+    LocalTensor<float> sc = que.template AllocTensor<float>();
+    if (n < slots) {
+        Duplicate(sc, NegInf(), (int32_t)slots);
+        SetFlag<HardEvent::V_MTE2>(0);
+        WaitFlag<HardEvent::V_MTE2>(0);
+    }
+    DataCopyPad(sc, src, DataCopyExtParams(1, n * sizeof(float), 0, 0, 0), DataCopyPadExtParams<float>(true, 0, 0, NegInf()));
+    que.EnQue(sc);
+    return que.template DeQue<float>();
+}
+
 class TopKKernel {
 public:
     __aicore__ inline void Run(const EkCompressParams& p) {
@@ -412,15 +426,7 @@ private:
         uint32_t have = 0;
         for (uint32_t t0 = 0; t0 < scored; t0 += TOPK_TILE) {
             const uint32_t n = Min(TOPK_TILE, scored - t0), groups = (n + SORT_GROUP - 1) / SORT_GROUP;
-            LocalTensor<float> sc = in_.AllocTensor<float>();
-            // Slots past the row's end score -inf and sort last.
-            Duplicate(sc, NegInf(), (int32_t)(groups * SORT_GROUP));
-            SetFlag<HardEvent::V_MTE2>(0);
-            WaitFlag<HardEvent::V_MTE2>(0);
-            DataCopyPad(sc, pooledGm_[row + t0], DataCopyExtParams(1, n * sizeof(float), 0, 0, 0),
-                        DataCopyPadExtParams<float>(true, 0, 0, NegInf()));
-            in_.EnQue(sc);
-            sc = in_.DeQue<float>();
+            LocalTensor<float> sc = LoadScores(in_, pooledGm_[row + t0], n, groups * SORT_GROUP);
             Adds(idx.ReinterpretCast<int32_t>(), ramp.ReinterpretCast<int32_t>(), (int32_t)t0, (int32_t)(groups * SORT_GROUP));
             Sort32(tile, sc, idx, (int32_t)groups);
             in_.FreeTensor(sc);
@@ -539,16 +545,7 @@ private:
 
     // Scores [t0, t0 + n) of the row into a tile; the slots past n score −inf.
     __aicore__ inline LocalTensor<float> Load(uint64_t row, uint32_t t0, uint32_t n) {
-        LocalTensor<float> sc = in_.AllocTensor<float>();
-        if (n < SELECT_TILE) {
-            Duplicate(sc, NegInf(), (int32_t)SELECT_TILE);
-            SetFlag<HardEvent::V_MTE2>(0);
-            WaitFlag<HardEvent::V_MTE2>(0);
-        }
-        DataCopyPad(sc, pooledGm_[row + t0], DataCopyExtParams(1, n * sizeof(float), 0, 0, 0),
-                    DataCopyPadExtParams<float>(true, 0, 0, NegInf()));
-        in_.EnQue(sc);
-        return in_.DeQue<float>();
+        return LoadScores(in_, pooledGm_[row + t0], n, SELECT_TILE);
     }
 
     // counts[j] = #{scores s of the row : s `mode` thr[j]}, j < m, in one pass over the row.

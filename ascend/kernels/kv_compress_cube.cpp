@@ -165,16 +165,29 @@ public:
     }
 
 private:
-    // The AIC's next tile: rows [a, a + n) of it into UB (nothing when n = 0), the slot released.
-    __aicore__ inline LocalTensor<float> NextTile(uint32_t a, uint32_t n) {
+    // The AIC's next tile into UB, the slot released after: `copy(row, n)` is called for the
+    // runs of rows this AIV reads (rows keep their place in the tile).
+    template <typename Runs> __aicore__ inline LocalTensor<float> NextTile(Runs runs) {
         CrossCoreWaitFlag(FLAG_S);
         LocalTensor<float> sc = sIn_.AllocTensor<float>();
-        if (n > 0) DataCopy(sc[a * CUBE_KEYS], ws_[(seq_ % WS_SLOTS) * WS_TILE + a * CUBE_KEYS], n * CUBE_KEYS);
+        const GlobalTensor<float> slot = ws_[(seq_ % WS_SLOTS) * WS_TILE];
+        runs([&](uint32_t row, uint32_t n) { DataCopy(sc[row * CUBE_KEYS], slot[row * CUBE_KEYS], n * CUBE_KEYS); });
         sIn_.EnQue(sc);
         sc = sIn_.DeQue<float>();
         CrossCoreSetFlag<2, PIPE_MTE2>(FLAG_FREE);
         seq_++;
         return sc;
+    }
+
+    // f(row, run, g) for each run of rows [0, nr) of the pass at r0 that belongs to one of this
+    // AIV's query heads g (g ≡ sub_ mod 2).
+    template <typename F> __aicore__ inline void MyHeadRuns(uint32_t r0, uint32_t nr, F f) {
+        const uint32_t w = p_.window;
+        for (uint32_t row = 0; row < nr;) {
+            const uint32_t r = r0 + row, run = Min(w - r % w, nr - row);
+            if ((r / w) % 2 == sub_) f(row, run, r / w);
+            row += run;
+        }
     }
 
     __aicore__ inline void Item(uint32_t it) {
@@ -191,7 +204,9 @@ private:
             const uint32_t a = sub_ == 0 ? 0 : split, n = (sub_ == 0 ? split : nr) - a;  // this AIV's rows
             if (n > 0) st_.Start(n);
             for (uint32_t j0 = lo; j0 < hi; j0 += CUBE_KEYS) {
-                LocalTensor<float> sc = NextTile(a, n);
+                LocalTensor<float> sc = NextTile([&](auto copy) {
+                    if (n > 0) copy(a, n);
+                });
                 if (n > 0) {
                     LocalTensor<float> mine = sc[a * CUBE_KEYS];
                     Muls(mine, mine, scale_, (int32_t)(n * CUBE_KEYS));
@@ -230,36 +245,22 @@ private:
             }
             for (uint32_t j0 = lo; j0 < hi; j0 += CUBE_KEYS) {
                 const uint32_t n = Min(CUBE_KEYS, hi - j0);
-                // This AIV's rows of the pass: runs of whole query heads g ≡ sub_ (mod 2). The
-                // tile is copied run by run (rows outside the runs stay unread).
-                CrossCoreWaitFlag(FLAG_S);
-                LocalTensor<float> sc = sIn_.AllocTensor<float>();
-                for (uint32_t row = 0; row < nr;) {
-                    const uint32_t r = r0 + row, run = Min(w - r % w, nr - row);
-                    if ((r / w) % 2 == sub_) DataCopy(sc[row * CUBE_KEYS], ws_[(seq_ % WS_SLOTS) * WS_TILE + row * CUBE_KEYS], run * CUBE_KEYS);
-                    row += run;
-                }
-                sIn_.EnQue(sc);
-                sc = sIn_.DeQue<float>();
-                CrossCoreSetFlag<2, PIPE_MTE2>(FLAG_FREE);
-                seq_++;
-                for (uint32_t row = 0; row < nr;) {
-                    const uint32_t r = r0 + row, g = r / w, run = Min(w - r % w, nr - row);
-                    if (g % 2 == sub_) {
-                        // The run's rows as whole-tile steps: e^(scale·S − m) / (W·l), summed over
-                        // the rows (padded keys past n are finite and never added to acc).
-                        LocalTensor<float> s = sc[row * CUBE_KEYS];
-                        const uint8_t rows = (uint8_t)run;
-                        Muls(s, s, scale_, (int32_t)(run * CUBE_KEYS));
-                        Sub(s, s, bcM[row * FLOATS_PER_BLOCK], (uint64_t)CUBE_KEYS, rows, BinaryRepeatParams(1, 1, 0, rep, rep, 1));
-                        Exp(s, s, (uint64_t)CUBE_KEYS, rows, UnaryRepeatParams(1, 1, rep, rep));
-                        Mul(s, s, bcC[row * FLOATS_PER_BLOCK], (uint64_t)CUBE_KEYS, rows, BinaryRepeatParams(1, 1, 0, rep, rep, 1));
-                        FoldRows(s, run, CUBE_KEYS);
-                        LocalTensor<float> dst = acc[(g / 2) * p_.chunk + (j0 - lo)];
-                        Add(dst, dst, s, (int32_t)n);
-                    }
-                    row += run;
-                }
+                // This AIV's rows of the pass: runs of whole query heads g ≡ sub_ (mod 2), copied
+                // run by run (rows outside the runs stay unread).
+                LocalTensor<float> sc = NextTile([&](auto copy) { MyHeadRuns(r0, nr, [&](uint32_t row, uint32_t run, uint32_t) { copy(row, run); }); });
+                MyHeadRuns(r0, nr, [&](uint32_t row, uint32_t run, uint32_t g) {
+                    // The run's rows as whole-tile steps: e^(scale·S − m) / (W·l), summed over
+                    // the rows (padded keys past n are finite and never added to acc).
+                    LocalTensor<float> s = sc[row * CUBE_KEYS];
+                    const uint8_t rows = (uint8_t)run;
+                    Muls(s, s, scale_, (int32_t)(run * CUBE_KEYS));
+                    Sub(s, s, bcM[row * FLOATS_PER_BLOCK], (uint64_t)CUBE_KEYS, rows, BinaryRepeatParams(1, 1, 0, rep, rep, 1));
+                    Exp(s, s, (uint64_t)CUBE_KEYS, rows, UnaryRepeatParams(1, 1, rep, rep));
+                    Mul(s, s, bcC[row * FLOATS_PER_BLOCK], (uint64_t)CUBE_KEYS, rows, BinaryRepeatParams(1, 1, 0, rep, rep, 1));
+                    FoldRows(s, run, CUBE_KEYS);
+                    LocalTensor<float> dst = acc[(g / 2) * p_.chunk + (j0 - lo)];
+                    Add(dst, dst, s, (int32_t)n);
+                });
                 sIn_.FreeTensor(sc);
             }
         }
