@@ -11,7 +11,7 @@ unsafe extern "C" {
 }
 
 /// Most positions `block_topk` ranks (`TOPK_CAP` in topk.cuh).
-pub const TOPK_CAP: usize = 1024;
+pub const TOPK_CAP: usize = super::backend::TOPK_CAP;
 
 fn check_block(threads: u32, count: usize) -> Result<()> {
     if threads == 0 || !threads.is_multiple_of(32) || threads > 1024 {
