@@ -45,6 +45,9 @@ fn main() {
         build_cuda_fatbin();
         build_cuda_host_check();
     }
+    if std::env::var_os("CARGO_FEATURE_CUDA_EMU").is_some() {
+        build_cuda_emu_driver();
+    }
     if std::env::var_os("CARGO_FEATURE_ASCEND").is_some() {
         build_ascend_kernels();
         if std::env::var_os("CARGO_FEATURE_ASCEND_EMU").is_some() {
@@ -78,17 +81,35 @@ fn build_mock_acl() {
     println!("cargo::rustc-env=EK_MOCK_ACL_PATH={}", lib.display());
 }
 
-/// The block-wide top-k code of `cuda/topk.cuh` compiled for the host (`cuda/host`: one OS thread
-/// per CUDA thread), so tests check its logic without a GPU (`cuda::host_check`).
+/// The block-wide top-k code of `cuda/topk.cuh` compiled for the host (`cuda/host/grid_shim.h`),
+/// so tests check its logic without a GPU (`cuda::host_check`).
 fn build_cuda_host_check() {
     cc::Build::new()
         .cpp(true)
         .std("c++20")
         .file("cuda/host/topk_check.cpp")
-        .flag("-pthread")
+        .flag_if_supported("-Wno-unknown-pragmas")
         .opt_level(2)
         .compile("entropy_cuda_host_check");
-    println!("cargo::rustc-link-lib=pthread");
+}
+
+/// Test double of the CUDA driver (`cuda/host/driver_emu.cpp`, the kernels of `cuda/` compiled
+/// for the host against `cuda/host/grid_shim.h`): a shared object named `libcuda.so` (its SONAME),
+/// which `cuda::emu` loads by path so cudarc's `dlopen("libcuda.so")` finds it. Path:
+/// `EK_CUDA_EMU_PATH`. `-ffp-contract=off` keeps the budget recurrence's `__f*_rn` bit-exact.
+fn build_cuda_emu_driver() {
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("cuda_emu");
+    std::fs::create_dir_all(&out).expect("cuda_emu dir");
+    let lib = out.join("libcuda.so");
+    let compiler = cc::Build::new().cpp(true).get_compiler();
+    let mut cmd = compiler.to_command();
+    cmd.args(["-std=c++20", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off"])
+        .args(["-Wall", "-Wno-unknown-pragmas", "-Wno-unused-parameter", "-Wl,-soname,libcuda.so", "-o"])
+        .arg(&lib)
+        .arg("cuda/host/driver_emu.cpp");
+    let status = cmd.status().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(status.success(), "building the emulated CUDA driver failed: {cmd:?}");
+    println!("cargo::rustc-env=EK_CUDA_EMU_PATH={}", lib.display());
 }
 
 fn build_emulator() {

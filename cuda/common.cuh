@@ -11,15 +11,36 @@ struct bf16_t {
 };
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+
+#ifdef EK_CUDA_HOST
+// The host emulator (cuda/host/grid_shim.h) supplies the conversions and the warp-wide mma.
+__device__ __forceinline__ float to_f32(f16_t h) { return ek_half_to_f32(h.x); }
+__device__ __forceinline__ float to_f32(bf16_t h) { return ek_bf16_to_f32(h.x); }
+template <> __device__ __forceinline__ f16_t from_f32<f16_t>(float x) { return f16_t{ek_f32_to_half(x)}; }
+template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float x) { return bf16_t{ek_f32_to_bf16(x)}; }
+__device__ __forceinline__ void mma_f16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    ek_mma_m16n8k16<ek_half_to_f32>(c, a, b0, b1);
+}
+__device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    ek_mma_m16n8k16<ek_bf16_to_f32>(c, a, b0, b1);
+}
+__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
+    return (uint32_t)ek_f32_to_half(lo) | ((uint32_t)ek_f32_to_half(hi) << 16);
+}
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    return (uint32_t)ek_f32_to_bf16(lo) | ((uint32_t)ek_f32_to_bf16(hi) << 16);
+}
+#else
+#define EK_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+
 __device__ __forceinline__ float to_f32(f16_t h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.x));
     return f;
 }
 __device__ __forceinline__ float to_f32(bf16_t h) { return __uint_as_float(((unsigned)h.x) << 16); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
 template <> __device__ __forceinline__ f16_t from_f32<f16_t>(float x) {
     f16_t h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.x) : "f"(x));
@@ -30,6 +51,35 @@ template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float x) {
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.x) : "f"(x));
     return h;
 }
+
+// c += a·b for one warp-wide m16n8k16 tile: A row-major (4 registers of 16-bit pairs), B
+// column-major (2 registers), f32 accumulators.
+__device__ __forceinline__ void mma_f16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Two f32 → one register of 16-bit values, lo in the low half.
+__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
+    uint32_t r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    uint32_t r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+#endif
 
 // 2^x; 0 for x = -inf.
 __device__ __forceinline__ float exp2_f32(float x) { return exp2f(x); }

@@ -2,10 +2,17 @@
 // group; window query w is aligned with cache entry N - W + w and masked after it.
 //   stats  (chunks, Hkv, B)   per row and key chunk: running max and sum (base 2)
 //   means  (chunks, Hkv, B)   merge the stats, rescore, window-mean probabilities a[b, hq, n]
+//                             (both with FMAs, or — 16-bit caches, D 64/128 — mma.sync: `_mma`)
 //   pool   (n / 256, Hc, B)   group reduction (mean / max / per query head), 1-D pooling
 //   topk   (Hc, B)            the budget - W best positions (ties to the lower), ascending, by
 //                              radix select (any budget)
-//   gather (budget, Hc, B)    kept entries then the window into [B, Hc, budget, D]
+//   gather (capacity, Hc, B)  kept entries then the window into [B, Hc, capacity, D]
+// AdaKV (one budget shared by a batch row's heads) replaces topk by:
+//   topk on a copy of the params: each head's `floor_keep` best into floor_sel
+//   adakv_mask  (Hc, B)       those positions' pooled scores to -inf
+//   adakv_extra (B)           the `extra_keep` best of the row's concatenated heads (ties: lower
+//                             head, then lower position = lower concatenated index)
+//   adakv_merge (Hc, B)       each head's two ascending lists merged into `selected`, `lengths`
 
 #define COMPRESS_THREADS 128
 #define COMPRESS_KEYS 32
@@ -42,8 +49,34 @@ __device__ __forceinline__ float window_score(const EkCompressParams& p, const f
     return acc;
 }
 
+// Row r's softmax reference and 1/sum over all chunks (the stats of every chunk merged).
+__device__ __forceinline__ void compress_row_norm(const EkCompressParams& p, int b, int h, int r, float& ref, float& inv_l) {
+    const int rows = compress_rows(p);
+    const float* stats = reinterpret_cast<const float*>(p.stats);
+    const long long base = (((long long)b * p.k_cache.shape[1] + h) * p.chunks) * rows + r;
+    float m = EK_NEG_INF;
+    for (int cc = 0; cc < p.chunks; cc++) m = fmaxf(m, stats[(base + (long long)cc * rows) * 2]);
+    ref = fmaxf(m, EK_NEG_BIG);
+    float l = 0.f;
+    for (int cc = 0; cc < p.chunks; cc++) {
+        const long long o = (base + (long long)cc * rows) * 2;
+        l += stats[o + 1] * exp2_f32(stats[o] - ref);
+    }
+    inv_l = 1.f / l;
+}
+
+// Window-mean probabilities of a key tile, acc [keys][group], written to means[b, hq, k0 + j] / W.
+__device__ __forceinline__ void compress_flush_means(const EkCompressParams& p, int b, int h, int k0, int k_end, int keys, const float* acc) {
+    const int scored = p.entries - p.window;
+    float* means = reinterpret_cast<float*>(p.means);
+    for (int i = threadIdx.x; i < keys * p.group; i += blockDim.x) {
+        const int j = i / p.group, g = i % p.group;
+        if (k0 + j < k_end) means[((long long)b * p.obs.shape[1] + h * p.group + g) * scored + k0 + j] = acc[i] / p.window;
+    }
+}
+
 template <typename T> __device__ void compress_stats(const EkCompressParams& p) {
-    extern __shared__ float smem[];
+    EK_DYNAMIC_SHARED(float, smem);
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int d = p.k_cache.shape[3], rows = compress_rows(p);
     float* qs = smem;
@@ -81,32 +114,19 @@ template <typename T> __device__ void compress_stats(const EkCompressParams& p) 
 }
 
 template <typename T> __device__ void compress_means(const EkCompressParams& p) {
-    extern __shared__ float smem[];
+    EK_DYNAMIC_SHARED(float, smem);
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int d = p.k_cache.shape[3], rows = compress_rows(p), hkv = p.k_cache.shape[1];
-    const int scored = p.entries - p.window;
+    const int d = p.k_cache.shape[3], rows = compress_rows(p), scored = p.entries - p.window;
     float* qs = smem;
     float* ks = qs + rows * (d + 1);
     float* acc = ks + COMPRESS_KEYS * (d + 1);  // [keys][group]
     load_window<T>(p, b, h, qs);
     // Each row's softmax normaliser over all chunks.
-    const float* stats = reinterpret_cast<const float*>(p.stats);
     float ref[2] = {0.f, 0.f}, inv_l[2] = {0.f, 0.f};
     for (int i = 0; i < 2; i++) {
         const int r = threadIdx.x + i * COMPRESS_THREADS;
-        if (r >= rows) continue;
-        const long long base = (((long long)b * hkv + h) * p.chunks) * rows + r;
-        float m = EK_NEG_INF;
-        for (int cc = 0; cc < p.chunks; cc++) m = fmaxf(m, stats[(base + (long long)cc * rows) * 2]);
-        ref[i] = fmaxf(m, EK_NEG_BIG);
-        float l = 0.f;
-        for (int cc = 0; cc < p.chunks; cc++) {
-            const long long o = (base + (long long)cc * rows) * 2;
-            l += stats[o + 1] * exp2_f32(stats[o] - ref[i]);
-        }
-        inv_l[i] = 1.f / l;
+        if (r < rows) compress_row_norm(p, b, h, r, ref[i], inv_l[i]);
     }
-    float* means = reinterpret_cast<float*>(p.means);
     const int k_end = min((c + 1) * p.chunk, scored);
     for (int k0 = c * p.chunk; k0 < k_end; k0 += COMPRESS_KEYS) {
         __syncthreads();
@@ -122,11 +142,169 @@ template <typename T> __device__ void compress_means(const EkCompressParams& p) 
             }
         }
         __syncthreads();
-        for (int i = threadIdx.x; i < COMPRESS_KEYS * p.group; i += blockDim.x) {
-            const int j = i / p.group, g = i % p.group;
-            if (k0 + j < k_end)
-                means[((long long)b * p.obs.shape[1] + h * p.group + g) * scored + k0 + j] = acc[i] / p.window;
+        compress_flush_means(p, b, h, k0, k_end, COMPRESS_KEYS, acc);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core scoring (f16/bf16 caches, D 64 or 128, 16-byte aligned key rows): the same stats and
+// means with S = obs·Kᵀ on mma.sync m16n8k16 (the prefill's fragment code), f32 accumulation,
+// 64-key tiles. Rows are padded to 16-row slabs; warp w takes slabs w, w + 4, … (rows ≤ 256).
+
+#define COMPRESS_MMA_WARPS 4
+#define COMPRESS_MMA_KEYS 64
+#define COMPRESS_MMA_SLABS 4  // slabs per warp: 4 warps · 4 slabs · 16 rows = COMPRESS_MAX_ROWS
+
+// The window rows r = w·G + g as 16-bit values into qs [slabs·16][D + 8] (padding rows zero).
+template <int D> __device__ void compress_mma_window(const EkCompressParams& p, int b, int h, int rows_pad, unsigned short* qs) {
+    const int rows = compress_rows(p);
+    const unsigned short* obs = reinterpret_cast<const unsigned short*>(p.obs.ptr);
+    for (int i = threadIdx.x; i < rows_pad * D; i += blockDim.x) {
+        const int r = i / D, x = i % D;
+        qs[r * (D + 8) + x] = r < rows ? obs[row_offset(p.obs, b, h * p.group + r % p.group, r / p.group) + x] : 0;
+    }
+}
+
+// Keys k0 .. k0 + COMPRESS_MMA_KEYS (zero at and past `end`) into ks [keys][D + 8], 16 bytes at a time.
+template <int D> __device__ void compress_mma_keys(const EkCompressParams& p, int b, int h, int k0, int end, unsigned short* ks) {
+    const unsigned short* k = reinterpret_cast<const unsigned short*>(p.k_cache.ptr);
+    for (int i = threadIdx.x; i < COMPRESS_MMA_KEYS * (D / 8); i += blockDim.x) {
+        const int j = i / (D / 8), x = (i % (D / 8)) * 8;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (k0 + j < end) v = *reinterpret_cast<const uint4*>(k + row_offset(p.k_cache, b, h, k0 + j) + x);
+        *reinterpret_cast<uint4*>(ks + j * (D + 8) + x) = v;
+    }
+}
+
+// S (unscaled) of slab `sl`'s rows against the key tile: s[nt][e] is row sl·16 + g + 8·(e / 2),
+// key nt·8 + 2·(lane % 4) + e % 2 (the mma accumulator layout).
+template <typename T, int D>
+__device__ __forceinline__ void compress_mma_slab(const unsigned short* qs, const unsigned short* ks, int sl, float (*s)[4]) {
+    constexpr int DP = D + 8, NT = COMPRESS_MMA_KEYS / 8;
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = (lane & 3) * 2, r0 = sl * 16 + g;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        const int k0 = kk * 16 + c;
+        uint32_t qa[4];
+        qa[0] = ld_pair(qs + r0 * DP + k0);
+        qa[1] = ld_pair(qs + (r0 + 8) * DP + k0);
+        qa[2] = ld_pair(qs + r0 * DP + k0 + 8);
+        qa[3] = ld_pair(qs + (r0 + 8) * DP + k0 + 8);
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            const unsigned short* krow = ks + (nt * 8 + g) * DP + k0;
+            Mma<T>::run(s[nt], qa, ld_pair(krow), ld_pair(krow + 8));
         }
+    }
+}
+
+template <typename T, int D> __device__ void compress_stats_mma(const EkCompressParams& p) {
+    EK_DYNAMIC_SHARED(unsigned short, sh);
+    constexpr int NT = COMPRESS_MMA_KEYS / 8;
+    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int rows = compress_rows(p), slabs = (rows + 15) / 16;
+    unsigned short* qs = sh;
+    unsigned short* ks = qs + slabs * 16 * (D + 8);
+    // Running max and sum per row in shared memory (a row belongs to one warp), so the slab loop
+    // stays rolled: 4 unrolled slabs of accumulators took 244 registers at D 128.
+    float* ml = reinterpret_cast<float*>(ks + COMPRESS_MMA_KEYS * (D + 8));  // [slabs·16][2]
+    compress_mma_window<D>(p, b, h, slabs * 16, qs);
+    for (int i = threadIdx.x; i < slabs * 16; i += blockDim.x) ml[2 * i] = EK_NEG_INF, ml[2 * i + 1] = 0.f;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, cp = (lane & 3) * 2;
+    const int k_end = min((c + 1) * p.chunk, p.entries);
+    for (int k0 = c * p.chunk; k0 < k_end; k0 += COMPRESS_MMA_KEYS) {
+        __syncthreads();
+        compress_mma_keys<D>(p, b, h, k0, k_end, ks);
+        __syncthreads();
+#pragma unroll 1
+        for (int sl = warp; sl < slabs; sl += COMPRESS_MMA_WARPS) {
+            float s[NT][4];
+            compress_mma_slab<T, D>(qs, ks, sl, s);
+            const int r[2] = {sl * 16 + g, sl * 16 + g + 8};
+            float mx[2] = {ml[2 * r[0]], ml[2 * r[1]]}, m_old[2] = {mx[0], mx[1]};
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int key = k0 + nt * 8 + cp + (e & 1), w = r[e >> 1] / p.group;
+                    const bool visible = key < k_end && key <= p.entries - p.window + w;
+                    s[nt][e] = visible ? s[nt][e] * p.scale_log2 : EK_NEG_INF;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+                }
+            float sum[2] = {0.f, 0.f};
+#pragma unroll
+            for (int h2 = 0; h2 < 2; h2++) {
+                mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 1));
+                mx[h2] = fmaxf(mx[h2], __shfl_xor_sync(0xffffffffu, mx[h2], 2));
+                const float ref = fmaxf(mx[h2], EK_NEG_BIG);
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) sum[h2] += exp2_f32(s[nt][2 * h2] - ref) + exp2_f32(s[nt][2 * h2 + 1] - ref);
+                sum[h2] += __shfl_xor_sync(0xffffffffu, sum[h2], 1);
+                sum[h2] += __shfl_xor_sync(0xffffffffu, sum[h2], 2);
+                sum[h2] += ml[2 * r[h2] + 1] * exp2_f32(m_old[h2] - ref);
+            }
+            __syncwarp();  // every lane of the quad has read the row's old state
+            if ((lane & 3) == 0)
+#pragma unroll
+                for (int h2 = 0; h2 < 2; h2++) ml[2 * r[h2]] = mx[h2], ml[2 * r[h2] + 1] = sum[h2];
+        }
+    }
+    __syncthreads();
+    float* stats = reinterpret_cast<float*>(p.stats);
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+        const long long o = ((((long long)b * p.k_cache.shape[1] + h) * p.chunks + c) * rows + r) * 2;
+        stats[o] = ml[2 * r];
+        stats[o + 1] = ml[2 * r + 1];
+    }
+}
+
+template <typename T, int D> __device__ void compress_means_mma(const EkCompressParams& p) {
+    EK_DYNAMIC_SHARED(unsigned short, sh);
+    constexpr int NT = COMPRESS_MMA_KEYS / 8;
+    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int rows = compress_rows(p), slabs = (rows + 15) / 16, scored = p.entries - p.window;
+    unsigned short* qs = sh;
+    unsigned short* ks = qs + slabs * 16 * (D + 8);
+    float* acc = reinterpret_cast<float*>(ks + COMPRESS_MMA_KEYS * (D + 8));  // [keys][group]
+    compress_mma_window<D>(p, b, h, slabs * 16, qs);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, cp = (lane & 3) * 2;
+    float ref[COMPRESS_MMA_SLABS][2], inv_l[COMPRESS_MMA_SLABS][2];
+#pragma unroll
+    for (int i = 0; i < COMPRESS_MMA_SLABS; i++)
+#pragma unroll
+        for (int h2 = 0; h2 < 2; h2++) {
+            const int r = (warp + i * COMPRESS_MMA_WARPS) * 16 + g + 8 * h2;
+            ref[i][h2] = 0.f;
+            inv_l[i][h2] = 0.f;
+            if (r < rows) compress_row_norm(p, b, h, r, ref[i][h2], inv_l[i][h2]);
+        }
+    const int k_end = min((c + 1) * p.chunk, scored);
+    for (int k0 = c * p.chunk; k0 < k_end; k0 += COMPRESS_MMA_KEYS) {
+        __syncthreads();
+        compress_mma_keys<D>(p, b, h, k0, k_end, ks);
+        for (int i = threadIdx.x; i < COMPRESS_MMA_KEYS * p.group; i += blockDim.x) acc[i] = 0.f;
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < COMPRESS_MMA_SLABS; i++) {
+            const int sl = warp + i * COMPRESS_MMA_WARPS;
+            if (sl >= slabs) break;  // warp-uniform
+            float s[NT][4];
+            compress_mma_slab<T, D>(qs, ks, sl, s);
+            // Every scored key is visible to every window row (keys < N - W).
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int j = nt * 8 + cp + (e & 1), r = sl * 16 + g + 8 * (e >> 1);
+                    if (r < rows && k0 + j < k_end)
+                        atomicAdd(&acc[j * p.group + r % p.group],
+                                  exp2_f32(s[nt][e] * p.scale_log2 - ref[i][e >> 1]) * inv_l[i][e >> 1]);
+                }
+        }
+        __syncthreads();
+        compress_flush_means(p, b, h, k0, k_end, COMPRESS_MMA_KEYS, acc);
     }
 }
 
@@ -174,17 +352,72 @@ __device__ void compress_topk(const EkCompressParams& p) {
     block_select([&](int i) { return row[i]; }, scored, keep, s, sel);
 }
 
+// AdaKV: floor picks can never be extras (pooled scores are ≥ 0, the masked ones -inf, and
+// extra_keep ≤ the unmasked count).
+__device__ void compress_adakv_mask(const EkCompressParams& p) {
+    const int hc = blockIdx.x, b = blockIdx.y, scored = p.entries - p.window;
+    const long long row = (long long)b * p.out_heads + hc;
+    const unsigned* floor = reinterpret_cast<const unsigned*>(p.floor_sel) + row * p.floor_keep;
+    float* pooled = reinterpret_cast<float*>(p.pooled) + row * scored;
+    for (int i = threadIdx.x; i < p.floor_keep; i += blockDim.x) pooled[floor[i]] = EK_NEG_INF;
+}
+
+__device__ void compress_adakv_extra(const EkCompressParams& p) {
+    __shared__ SelectShared s;
+    const int b = blockIdx.x, scored = p.entries - p.window;
+    const float* rows = reinterpret_cast<const float*>(p.pooled) + (long long)b * p.out_heads * scored;
+    unsigned* out = reinterpret_cast<unsigned*>(p.extra_sel) + (long long)b * p.extra_keep;
+    block_select([&](int i) { return rows[i]; }, p.out_heads * scored, p.extra_keep, s, out);
+}
+
+// First index of the ascending a[0..n) that is ≥ x.
+__device__ __forceinline__ int lower_bound_u32(const unsigned* a, int n, unsigned x) {
+    int lo = 0;
+    while (n > 0) {
+        const int half = n / 2;
+        if (a[lo + half] < x) lo += half + 1, n -= half + 1;
+        else n = half;
+    }
+    return lo;
+}
+
+// Merge by rank: an element's place is its index in its own list plus the count of smaller
+// elements in the other (the lists are disjoint).
+__device__ void compress_adakv_merge(const EkCompressParams& p) {
+    const int hc = blockIdx.x, b = blockIdx.y, scored = p.entries - p.window;
+    const long long row = (long long)b * p.out_heads + hc;
+    const unsigned* floor = reinterpret_cast<const unsigned*>(p.floor_sel) + row * p.floor_keep;
+    const unsigned* all = reinterpret_cast<const unsigned*>(p.extra_sel) + (long long)b * p.extra_keep;
+    const unsigned base = (unsigned)hc * scored;
+    const int e0 = lower_bound_u32(all, p.extra_keep, base);
+    const int ne = lower_bound_u32(all, p.extra_keep, base + scored) - e0;
+    const unsigned* extra = all + e0;
+    unsigned* out = reinterpret_cast<unsigned*>(p.selected) + row * p.list_stride;
+    for (int i = threadIdx.x; i < p.floor_keep; i += blockDim.x)
+        out[i + lower_bound_u32(extra, ne, base + floor[i])] = floor[i];
+    for (int j = threadIdx.x; j < ne; j += blockDim.x) {
+        const unsigned pos = extra[j] - base;
+        out[j + lower_bound_u32(floor, p.floor_keep, pos)] = pos;
+    }
+    if (threadIdx.x == 0) reinterpret_cast<unsigned*>(p.lengths)[row] = p.floor_keep + ne + p.window;
+}
+
+// Slot `slot` of head (b, hc): a kept position, then the window; slots past the head's length
+// are left as allocated (zero).
 template <typename T> __device__ void compress_gather(const EkCompressParams& p) {
     const int slot = blockIdx.x, hc = blockIdx.y, b = blockIdx.z;
-    const int d = p.k_cache.shape[3], keep = p.budget - p.window;
-    const int src = slot < keep ? (int)reinterpret_cast<const unsigned*>(p.selected)[((long long)b * p.out_heads + hc) * keep + slot]
+    const long long row = (long long)b * p.out_heads + hc;
+    const int len = p.lengths ? (int)reinterpret_cast<const unsigned*>(p.lengths)[row] : p.budget;
+    if (slot >= len) return;
+    const int d = p.k_cache.shape[3], keep = len - p.window;
+    const int src = slot < keep ? (int)reinterpret_cast<const unsigned*>(p.selected)[row * p.list_stride + slot]
                                 : p.entries - p.window + (slot - keep);
     const int h = hc / (p.out_heads / p.k_cache.shape[1]);
     const T* k = tensor_ptr<T>(p.k_cache);
     const T* v = tensor_ptr<T>(p.v_cache);
     T* ko = reinterpret_cast<T*>(p.k_out);
     T* vo = reinterpret_cast<T*>(p.v_out);
-    const long long o = (((long long)b * p.out_heads + hc) * p.budget + slot) * d;
+    const long long o = (row * p.capacity + slot) * d;
     for (int x = threadIdx.x; x < d; x += blockDim.x) {
         ko[o + x] = k[row_offset(p.k_cache, b, h, src) + x];
         vo[o + x] = v[row_offset(p.v_cache, b, h, src) + x];
@@ -197,8 +430,22 @@ extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_stats
 extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_means_f32(EkCompressParams p) { compress_means<float>(p); }
 extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_means_f16(EkCompressParams p) { compress_means<f16_t>(p); }
 extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_means_bf16(EkCompressParams p) { compress_means<bf16_t>(p); }
+#define EK_COMPRESS_MMA(T, sfx, D)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(COMPRESS_MMA_WARPS * 32) ek_compress_stats_mma_##sfx##_d##D(EkCompressParams p) { \
+        compress_stats_mma<T, D>(p);                                                                               \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(COMPRESS_MMA_WARPS * 32) ek_compress_means_mma_##sfx##_d##D(EkCompressParams p) { \
+        compress_means_mma<T, D>(p);                                                                               \
+    }
+EK_COMPRESS_MMA(f16_t, f16, 64)
+EK_COMPRESS_MMA(f16_t, f16, 128)
+EK_COMPRESS_MMA(bf16_t, bf16, 64)
+EK_COMPRESS_MMA(bf16_t, bf16, 128)
 extern "C" __global__ void __launch_bounds__(256) ek_compress_pool(EkCompressParams p) { compress_pool(p); }
 extern "C" __global__ void __launch_bounds__(512) ek_compress_topk(EkCompressParams p) { compress_topk(p); }
+extern "C" __global__ void __launch_bounds__(256) ek_compress_adakv_mask(EkCompressParams p) { compress_adakv_mask(p); }
+extern "C" __global__ void __launch_bounds__(512) ek_compress_adakv_extra(EkCompressParams p) { compress_adakv_extra(p); }
+extern "C" __global__ void __launch_bounds__(256) ek_compress_adakv_merge(EkCompressParams p) { compress_adakv_merge(p); }
 extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_gather_f32(EkCompressParams p) { compress_gather<float>(p); }
 extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_gather_f16(EkCompressParams p) { compress_gather<f16_t>(p); }
 extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_gather_bf16(EkCompressParams p) { compress_gather<bf16_t>(p); }

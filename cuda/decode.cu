@@ -6,7 +6,7 @@
 #define DECODE_THREADS 128
 
 template <typename T> __device__ void decode_split(const EkDecodeParams& p) {
-    extern __shared__ float smem[];
+    EK_DYNAMIC_SHARED(float, smem);
     const int s = blockIdx.x, hc = blockIdx.y, b = blockIdx.z;
     const int hcs = p.k_cache.shape[1], d = p.q.shape[3], nq = p.q.shape[1];
     const int rows = nq * p.group;

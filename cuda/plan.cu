@@ -49,7 +49,7 @@ template <typename T> __device__ void plan_reps_k(const EkPlanParams& p) {
 }
 
 __device__ void plan_logits(const EkPlanParams& p) {
-    extern __shared__ double qs[];  // [group][d]
+    EK_DYNAMIC_SHARED(double, qs);  // [group][d]
     const int s = blockIdx.x, h = blockIdx.y, b = blockIdx.z, d = p.head_dim;
     const int g = p.q_heads / p.kv_heads, n = p.blocks;
     const int lim = min(s * (p.segment_size / p.block_size), n);

@@ -68,7 +68,7 @@ __device__ __forceinline__ bool prefill_tile(const EkPrefillParams& p, Tile& t) 
 template <typename T> __device__ void prefill_simt(const EkPrefillParams& p) {
     Tile t;
     if (!prefill_tile(p, t)) return;
-    extern __shared__ float smem[];
+    EK_DYNAMIC_SHARED(float, smem);
     const int d = p.q.shape[3], dp = d + 1;  // padded rows: no bank conflicts between rows
     float* qs = smem;                                 // [ROWS][dp]
     float* os = qs + PREFILL_SIMT_ROWS * dp;          // [ROWS][dp]
@@ -154,33 +154,12 @@ template <typename T> __device__ void prefill_simt(const EkPrefillParams& p) {
 
 template <typename T> struct Mma;
 template <> struct Mma<f16_t> {
-    __device__ __forceinline__ static void run(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    // Two f32 → packed pair (lo in the low half).
-    __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-        uint32_t r;
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-        return r;
-    }
+    __device__ __forceinline__ static void run(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) { mma_f16(c, a, b0, b1); }
+    __device__ __forceinline__ static uint32_t pack(float lo, float hi) { return pack_f16x2(lo, hi); }
 };
 template <> struct Mma<bf16_t> {
-    __device__ __forceinline__ static void run(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-        uint32_t r;
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-        return r;
-    }
+    __device__ __forceinline__ static void run(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) { mma_bf16(c, a, b0, b1); }
+    __device__ __forceinline__ static uint32_t pack(float lo, float hi) { return pack_bf16x2(lo, hi); }
 };
 
 // Two consecutive 16-bit elements as one register.
@@ -192,7 +171,7 @@ template <typename T, int D> __device__ void prefill_mma(const EkPrefillParams& 
     if (!prefill_tile(p, t)) return;
     constexpr int DP = D + 8;  // padded shared rows (16 bytes): conflict-free fragment loads
     constexpr int KSTEPS = D / 16, DTILES = D / 8, NT = PREFILL_MMA_KEYS / 8;
-    extern __shared__ unsigned short sh[];
+    EK_DYNAMIC_SHARED(unsigned short, sh);
     unsigned short* qs = sh;                                  // [ROWS][DP]
     unsigned short* ks = qs + PREFILL_MMA_ROWS * DP;          // [KEYS][DP]
     unsigned short* vs = ks + PREFILL_MMA_KEYS * DP;          // [KEYS][DP]

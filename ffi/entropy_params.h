@@ -3,7 +3,8 @@
  * the CUDA kernels (cuda/) and the Ascend C kernels (ascend/). Fixed-width fields only; device
  * addresses are uint64_t. Each operation takes one struct by value.
  *
- * Regenerate the Rust side with `scripts/bindgen.sh`; `tests/ffi_fresh.rs` fails when it is stale.
+ * Regenerate the Rust side with `ENTROPY_KERNELS_BLESS=1 cargo test --test ffi_fresh`, which fails
+ * when it is stale.
  */
 #ifndef ENTROPY_PARAMS_H
 #define ENTROPY_PARAMS_H
@@ -129,6 +130,14 @@ typedef struct EkCompressParams {
     float scale_log2;
     int32_t dtype;
     uint64_t workspace; /* Ascend cube scoring: per AI core, 2 slots of 64 x 64 f32 score tiles */
+    /* Variable per-head lengths (AdaKV's shared budget; CUDA): */
+    uint64_t lengths;   /* uint32 [B, Hc]: entries each head keeps, window included; 0: `budget` each */
+    uint64_t floor_sel; /* uint32 [B, Hc, floor_keep]: each head's own best positions, ascending */
+    uint64_t extra_sel; /* uint32 [B, extra_keep]: the rest, as indices hc·(N - W) + n, ascending */
+    int32_t capacity;   /* slots per head in k_out / v_out (budget, or the longest head) */
+    int32_t list_stride; /* positions per (b, head) row of `selected` */
+    int32_t floor_keep;
+    int32_t extra_keep; /* per batch row, across its heads */
 } EkCompressParams;
 
 /*

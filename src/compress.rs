@@ -90,11 +90,16 @@ pub fn select_heads(rows: &[Vec<f32>], cfg: &DecodeConfig) -> Vec<Vec<u32>> {
     }
 }
 
+/// AdaKV's per-head floor: `ceil(floor_fraction · share)`, at most `share`.
+pub fn adakv_floor(share: usize, floor_fraction: f32) -> usize {
+    ((floor_fraction as f64 * share as f64).ceil() as usize).min(share)
+}
+
 /// AdaKV allocation: each head first takes its `ceil(floor_fraction · share)` best positions; the
 /// rest of the layer budget `heads · share` goes to the best remaining (score, head, position)
 /// across heads, larger score first, ties to the lower head, then the lower position.
 fn adakv(rows: &[Vec<f32>], share: usize, floor_fraction: f32) -> Vec<Vec<u32>> {
-    let floor = ((floor_fraction as f64 * share as f64).ceil() as usize).min(share);
+    let floor = adakv_floor(share, floor_fraction);
     let mut picked: Vec<Vec<u32>> = rows.iter().map(|r| top_positions(r, floor)).collect();
     let mut taken: Vec<Vec<bool>> = rows.iter().map(|r| vec![false; r.len()]).collect();
     for (h, p) in picked.iter().enumerate() {

@@ -1,31 +1,17 @@
 //! The device-resident CUDA API (`plan_on`, `prefill_on`, `decode_attention_on`, `kv_compress_on`): tensors in
 //! cudarc slices on the backend's stream, strided views included, against the oracle. Needs a
-//! GPU; prints why it is skipped otherwise.
+//! GPU, or the `cuda-emu` feature (the emulated driver); prints why it is skipped otherwise.
 #![cfg(feature = "cuda")]
 
 mod common;
 
 use common::*;
-use entropy_kernels::cuda::{CudaBackend, CudaTensor, CudaTensorMut};
+use entropy_kernels::cuda::{CudaTensor, CudaTensorMut};
 use entropy_kernels::*;
-
-fn backend() -> Option<CudaBackend> {
-    if !entropy_kernels::cuda::driver_present() {
-        eprintln!("SKIP: no CUDA driver");
-        return None;
-    }
-    match CudaBackend::new(0) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            eprintln!("SKIP: {e}");
-            None
-        }
-    }
-}
 
 #[test]
 fn device_prefill_and_decode_match_the_oracle() {
-    let Some(be) = backend() else { return };
+    let Some(be) = cuda_backend("cuda_device") else { return };
     let stream = be.stream().clone();
     let oracle = Kernels::reference();
     let seed = seed("cuda_device");
@@ -82,7 +68,7 @@ fn typed<T: bytemuck::Pod>(t: &HostTensor) -> Vec<T> {
 
 #[test]
 fn device_decode_matches_the_oracle() {
-    let Some(be) = backend() else { return };
+    let Some(be) = cuda_backend("cuda_device") else { return };
     let stream = be.stream().clone();
     let seed = seed("cuda_device_decode");
     let (b, nq, hq, hc, cap, d) = (2, 1, 8, 2, 700, 128);
@@ -117,7 +103,7 @@ fn device_decode_matches_the_oracle() {
 /// Bad device arguments are the same typed errors as on the host, before any launch.
 #[test]
 fn device_calls_validate_like_host_calls() {
-    let Some(be) = backend() else { return };
+    let Some(be) = cuda_backend("cuda_device") else { return };
     let stream = be.stream().clone();
     let qd = stream.alloc_zeros::<f32>(4 * 64).unwrap();
     let kd = stream.alloc_zeros::<f32>(4 * 64).unwrap();
@@ -133,7 +119,7 @@ fn device_calls_validate_like_host_calls() {
 
 #[test]
 fn device_kv_compress_matches_the_oracle() {
-    let Some(be) = backend() else { return };
+    let Some(be) = cuda_backend("cuda_device") else { return };
     let stream = be.stream().clone();
     let oracle = Kernels::reference();
     let seed = seed("cuda_device_compress");
@@ -141,9 +127,11 @@ fn device_kv_compress_matches_the_oracle() {
     let kc = random([b, hkv, n, d], 1.0, seed, DType::F32);
     let vc = random([b, hkv, n, d], 1.0, seed ^ 1, DType::F32);
     let obs = random([b, hq, w, d], 1.0, seed ^ 2, DType::F32);
-    // 992 kept positions, and 2468: radix selection has no cap.
-    for budget in [1024, 2500] {
-        let dc = DecodeConfig { decode_budget: budget, window: w, ..Default::default() };
+    // 992 kept positions, and 2468: radix selection has no cap; AdaKV's shared budget (per-head
+    // lengths) on the device too.
+    let adakv = HeadBudget::AdaKv { floor_fraction: 0.3 };
+    for (budget, head_budget) in [(1024, HeadBudget::Uniform), (2500, HeadBudget::Uniform), (700, adakv)] {
+        let dc = DecodeConfig { decode_budget: budget, window: w, head_budget, ..Default::default() };
         let want = oracle.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
         let (kd, vd, od) = (
             stream.clone_htod(&typed::<f32>(&kc)).unwrap(),
@@ -161,23 +149,22 @@ fn device_kv_compress_matches_the_oracle() {
         let host = |s: &cudarc::driver::CudaSlice<f32>| {
             HostTensor::from_f32(&stream.clone_dtoh(s).unwrap(), got.shape, DType::F32)
         };
-        let indices: Vec<u32> = stream.clone_dtoh(&got.indices).unwrap();
         let got = CompressedCache {
             k: host(&got.k),
             v: host(&got.v),
-            lengths: vec![dc.decode_budget as u32; b * hkv],
-            indices: indices.iter().map(|&i| i as i64).collect(),
+            indices: got.host_indices(&stream).unwrap(),
+            lengths: got.lengths,
             window: w,
             compressed: true,
         };
         let args = validate::kv_compress(oracle.capabilities(), kc.view(), vc.view(), obs.view(), &dc).unwrap();
         check_compressed(
-            &format!("device kv_compress, budget {budget}"),
+            &format!("device kv_compress, budget {budget}, {head_budget:?}"),
             &got,
             &want,
             &reference::compress_scores(&args),
             &kc,
-            false,
+            head_budget != HeadBudget::Uniform,
         );
     }
 }

@@ -1,17 +1,29 @@
-// The block-wide top-k code of cuda/topk.cuh, unchanged, run on the host through block_shim.h:
-// entry points for tests/cuda_topk_host.rs. Not part of the kernels.
-#include "block_shim.h"
+// The block-wide top-k code of cuda/topk.cuh, unchanged, run on the host as one block of the
+// grid emulation (grid_shim.h): entry points for tests/cuda_topk_host.rs. Not part of the kernels.
+// Each returns 0, or 1 with the violation printed (a rule of grid_shim.h broken).
+#include <cstdio>
+
+#include "grid_shim.h"
 #include "../topk.cuh"
 
+static int report(const std::string& err) {
+    if (err.empty()) return 0;
+    std::fprintf(stderr, "[cuda host check] %s\n", err.c_str());
+    return 1;
+}
+
 // block_select over `scores[0..count)`: the k best ascending into out[0..k).
-extern "C" void ek_cuda_host_select(const float* scores, int count, int k, unsigned threads, unsigned* out) {
+extern "C" int ek_cuda_host_select(const float* scores, int count, int k, unsigned threads, unsigned* out) {
     SelectShared s;
-    run_block(threads, [&] { block_select([&](int i) { return scores[i]; }, count, k, s, out); });
+    return report(ekemu::launch(EkDim3{1, 1, 1}, EkDim3{threads, 1, 1}, 0,
+                                [&] { block_select([&](int i) { return scores[i]; }, count, k, s, out); }));
 }
 
 // block_topk over `keys[0..count)` (k ≤ TOPK_CAP): the k best by rank into out[0..min(k, count)).
-extern "C" void ek_cuda_host_topk(const double* keys, int count, int k, unsigned threads, unsigned* out) {
+extern "C" int ek_cuda_host_topk(const double* keys, int count, int k, unsigned threads, unsigned* out) {
     std::vector<unsigned long long> key_s(2 * TOPK_CAP);  // the block's shared arrays
     std::vector<unsigned> idx_s(2 * TOPK_CAP);
-    run_block(threads, [&] { block_topk([&](int i) { return keys[i]; }, count, k, key_s.data(), idx_s.data(), out); });
+    return report(ekemu::launch(EkDim3{1, 1, 1}, EkDim3{threads, 1, 1}, 0, [&] {
+        block_topk([&](int i) { return keys[i]; }, count, k, key_s.data(), idx_s.data(), out);
+    }));
 }

@@ -128,7 +128,8 @@ fn with_storages<R>(
     f(&all)
 }
 
-/// Whether a device call failed on one of the CUDA kernels' limits (ranking width, window rows) or on a step without a device kernel (AdaKV's allocation): the host path can do it.
+/// Whether a device call failed on one of the CUDA kernels' limits (ranking width, window rows)
+/// or on a step without a device kernel: the host path can do it.
 fn beyond_device_kernels(e: &crate::Error) -> bool {
     matches!(e, crate::Error::OutOfRange { .. } | crate::Error::Unimplemented { .. })
 }
@@ -176,9 +177,9 @@ fn wrap<T: Element>(slice: cudarc::driver::CudaSlice<T>, dev: &candle_core::Cuda
     )
 }
 
-/// `kv_compress` of CUDA caches on the device. Beyond the device kernels (AdaKV's cross-head
-/// allocation, more than 256 window rows per kv head) it runs on `kernels` through host copies,
-/// the result going back to the device.
+/// `kv_compress` of CUDA caches on the device (AdaKV included). Beyond the device kernels (more
+/// than 256 window rows per kv head) it runs on `kernels` through host copies, the result going
+/// back to the device.
 pub(super) fn kv_compress(
     kernels: &Kernels,
     k_cache: &Tensor,
@@ -231,13 +232,15 @@ fn compress_typed<T: Element>(
         Ok(Some(c)) => c,
         other => return Ok(other.map(|_| None)),
     };
-    let indices: Vec<u32> = stream.clone_dtoh(&c.indices).map_err(driver("cuMemcpyDtoH"))?;
-    let [b, h, budget, _] = c.shape;
+    let indices = match c.host_indices(&stream) {
+        Ok(i) => i,
+        Err(e) => return Ok(Err(e)),
+    };
     Ok(Ok(Some(CompressedTensors {
         k: wrap(c.k, dev, c.shape),
         v: wrap(c.v, dev, c.shape),
-        lengths: vec![budget as u32; b * h],
-        indices: indices.into_iter().map(i64::from).collect(),
+        lengths: c.lengths,
+        indices,
         compressed: true,
     })))
 }

@@ -8,8 +8,8 @@
 //! block-wide top-k), prefill (dense and sparse; mma.sync for f16/bf16 with D 64/128, SIMT
 //! otherwise), `kv_compress` (two-pass window scoring, pooling, top-k, gather) and split-K decode.
 //! Outside the kernels' limits (ranking width above 1024 blocks, more than 256 window rows per kv
-//! head, AdaKV's cross-head selection) the affected step runs on the host CPU backend; the
-//! compression's top-k (radix selection) keeps any count.
+//! head) the affected step runs on the host CPU backend; the compression's selection (radix
+//! select; AdaKV's floor, cross-head picks and merge) keeps any count on the device.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -51,6 +51,8 @@ const TOPK_THREADS: u32 = 512;
 pub(crate) const TOPK_CAP: usize = 1024;
 const COMPRESS_THREADS: u32 = 128;
 const COMPRESS_KEYS: usize = 32;
+const COMPRESS_MMA_THREADS: u32 = 128;
+const COMPRESS_MMA_KEYS: usize = 64;
 const COMPRESS_CHUNK: usize = 2048;
 /// Window rows per kv head the compression kernels hold (two per thread).
 pub(crate) const COMPRESS_MAX_ROWS: usize = 256;
@@ -260,11 +262,9 @@ pub(crate) struct PrefillJob<'a> {
     pub lse: u64,
     pub lists: crate::ffi::PrefillLists<'a>,
     pub scale: f32,
-    /// Token and head strides of q, k, v (elements): the mma path needs 16-byte aligned rows.
-    pub strides: [[usize; 4]; 3],
 }
 
-/// One `kv_compress` on device tensors (uniform budget; AdaKV's allocation is the caller's).
+/// One `kv_compress` on device tensors.
 pub(crate) struct CompressJob<'a> {
     pub dims: crate::validate::CompressDims,
     pub cfg: &'a crate::config::DecodeConfig,
@@ -279,10 +279,21 @@ pub(crate) struct CompressJob<'a> {
 pub(crate) struct CompressRun {
     _stats: CudaSlice<f32>,
     _means: CudaSlice<f32>,
-    pub pooled: CudaSlice<f32>,
-    /// u32 `[B, Hc, budget − W]`, ascending per head, after `compress_select`.
+    _pooled: CudaSlice<f32>,
+    /// u32 `[B, Hc, list_stride]`: each head's kept positions, ascending, after `compress_select`.
     pub selected: CudaSlice<u32>,
-    params: EkCompressParams,
+    /// AdaKV: u32 `[B, Hc]` entries kept per head (window included); `None`: `budget` each.
+    pub lengths: Option<CudaSlice<u32>>,
+    /// AdaKV's workspaces (floor and cross-head picks).
+    _picks: Option<(CudaSlice<u32>, CudaSlice<u32>)>,
+    pub params: EkCompressParams,
+}
+
+impl CompressRun {
+    /// Positions per (b, head) row of `selected`.
+    pub fn list_stride(&self) -> usize {
+        self.params.list_stride as usize
+    }
 }
 
 /// One decode on device tensors.
@@ -315,6 +326,12 @@ unsafe fn launch<P: DeviceRepr>(
     b.arg(params);
     unsafe { b.launch(cfg) }.map_err(driver_err("cuLaunchKernel"))?;
     Ok(())
+}
+
+/// Whether every row of a 16-bit tensor starts on the 16-byte grid the mma kernels load tiles
+/// in: the base (a caller's slice may start anywhere) and the strides (elements) of dims 0..2.
+fn on_16_byte_grid(t: &EkTensor) -> bool {
+    t.ptr.is_multiple_of(16) && t.stride.iter().all(|s| s % 8 == 0)
 }
 
 fn dtype_suffix(d: DType) -> &'static str {
@@ -366,33 +383,31 @@ impl Backend for CudaBackend {
         let (_kc, k_cache) = self.tensor(&a.k_cache())?;
         let (_vc, v_cache) = self.tensor(&a.v_cache())?;
         let (_obs, obs) = self.tensor(&a.obs())?;
-        let out_len = d.batch * heads * cfg.decode_budget * dd * dtype.size();
+        let job = CompressJob { dims: d, cfg, dtype, k_cache, v_cache, obs, scale: a.scale() };
+        let run = self.compress_score(&self.stream, &job)?;
+        self.compress_select(&self.stream, &job, &run)?;
+        let lengths: Vec<u32> = match &run.lengths {
+            Some(l) => self.stream.clone_dtoh(l).map_err(driver_err("cuMemcpyDtoH"))?,
+            None => vec![cfg.decode_budget as u32; d.batch * heads],
+        };
+        let capacity = lengths.iter().copied().max().unwrap_or(0) as usize;
+        let out_len = d.batch * heads * capacity * dd * dtype.size();
         let k_out = self.stream.alloc_zeros::<u8>(out_len).map_err(driver_err("cuMemAlloc"))?;
         let v_out = self.stream.alloc_zeros::<u8>(out_len).map_err(driver_err("cuMemAlloc"))?;
-        let job = CompressJob { dims: d, cfg, dtype, k_cache, v_cache, obs, scale: a.scale() };
-        let run = self.compress_score(&self.stream, &job, self.ptr(&k_out), self.ptr(&v_out))?;
-        if let crate::config::HeadBudget::AdaKv { .. } = cfg.head_budget {
-            // AdaKV's cross-head allocation runs on the host over the device's pooled scores.
-            let scored = d.entries - d.window;
-            let pooled: Vec<f32> = self.stream.clone_dtoh(&run.pooled).map_err(driver_err("cuMemcpyDtoH"))?;
-            let rows: Vec<Vec<f32>> = pooled.chunks(scored).take(d.batch * heads).map(<[f32]>::to_vec).collect();
-            return Ok(crate::compress::select_and_gather(a, &rows));
-        }
-        self.compress_select(&self.stream, &job, &run)?;
-        let selected = &run.selected;
+        self.compress_gather(&self.stream, &job, &run, capacity, self.ptr(&k_out), self.ptr(&v_out))?;
         self.stream.synchronize().map_err(driver_err("cuStreamSynchronize"))?;
-        let shape = [d.batch, heads, cfg.decode_budget, dd];
+        let shape = [d.batch, heads, capacity, dd];
         let fetch = |s: &CudaSlice<u8>| -> Result<crate::tensor::HostTensor> {
             let bytes: Vec<u8> = self.stream.clone_dtoh(s).map_err(driver_err("cuMemcpyDtoH"))?;
             Ok(crate::tensor::HostTensor::from_bytes(&bytes, shape, dtype))
         };
-        let mut selected: Vec<u32> = self.stream.clone_dtoh(selected).map_err(driver_err("cuMemcpyDtoH"))?;
-        selected.truncate(d.batch * heads * (cfg.decode_budget - d.window));
+        let selected: Vec<u32> = self.stream.clone_dtoh(&run.selected).map_err(driver_err("cuMemcpyDtoH"))?;
+        let indices = super::device::padded_indices(&selected, run.list_stride(), &lengths, d.window);
         Ok(CompressedCache {
             k: fetch(&k_out)?,
             v: fetch(&v_out)?,
-            lengths: vec![cfg.decode_budget as u32; d.batch * heads],
-            indices: selected.iter().map(|&i| i as i64).collect(),
+            lengths,
+            indices,
             window: d.window,
             compressed: true,
         })
@@ -421,7 +436,6 @@ impl Backend for CudaBackend {
             lse: lse_dev.as_ref().map_or(0, |s| self.ptr(s)),
             lists: crate::ffi::prefill_lists(a),
             scale: a.scale(),
-            strides: [a.q().strides(), a.k().strides(), a.v().strides()],
         };
         self.prefill_launch(&self.stream, &job)?;
         self.stream.synchronize().map_err(driver_err("cuStreamSynchronize"))?;
@@ -462,10 +476,7 @@ impl CudaBackend {
             }
             None => None,
         };
-        // The mma path loads 16-byte vectors: rows (strides) and bases (a caller's slice may start
-        // anywhere) must sit on that grid.
-        let aligned = job.strides.iter().all(|st| st[..3].iter().all(|s| s % 8 == 0))
-            && [job.q.ptr, job.k.ptr, job.v.ptr].iter().all(|p| p % 16 == 0);
+        let aligned = [&job.q, &job.k, &job.v].into_iter().all(on_16_byte_grid);
         let mma = dtype != DType::F32 && (d.head_dim == 64 || d.head_dim == 128) && aligned && g <= MMA_ROWS;
         let (name, rows, threads, smem) = if mma {
             let dp = d.head_dim + 8;
@@ -631,13 +642,7 @@ impl CudaBackend {
 
     /// Enqueues the scoring, group reduction and pooling of a compression into `k_out`/`v_out`
     /// (each `[B, Hc, budget, D]` in the job's dtype).
-    pub(crate) fn compress_score(
-        &self,
-        stream: &Arc<CudaStream>,
-        job: &CompressJob<'_>,
-        k_out: u64,
-        v_out: u64,
-    ) -> Result<CompressRun> {
+    pub(crate) fn compress_score(&self, stream: &Arc<CudaStream>, job: &CompressJob<'_>) -> Result<CompressRun> {
         let (d, cfg) = (job.dims, job.cfg);
         let rows = d.group() * d.window;
         let keep = cfg.decode_budget - d.window;
@@ -649,7 +654,6 @@ impl CudaBackend {
         let stats = f32s(d.batch * d.kv_heads * chunks * rows * 2)?;
         let means = f32s(d.batch * d.q_heads * scored)?;
         let pooled = f32s(d.batch * heads * scored)?;
-        let selected = stream.alloc_zeros::<u32>((d.batch * heads * keep).max(1)).map_err(driver_err("cuMemAlloc"))?;
         let params = EkCompressParams {
             k_cache: job.k_cache,
             v_cache: job.v_cache,
@@ -657,28 +661,72 @@ impl CudaBackend {
             stats: addr_on(stream, &stats),
             means: addr_on(stream, &means),
             pooled: addr_on(stream, &pooled),
-            selected: addr_on(stream, &selected),
-            k_out,
-            v_out,
             ..EkCompressParams::sized(&d, cfg, COMPRESS_CHUNK, job.scale, job.dtype)
         };
         let sfx = dtype_suffix(job.dtype);
         let (b, hkv, hc) = (d.batch as u32, d.kv_heads as u32, heads as u32);
-        let smem = (rows + COMPRESS_KEYS) * (dd + 1) * 4;
+        // Tensor cores for 16-bit caches with D 64/128 whose key rows sit on the grid the tiles are
+        // loaded in; FMAs otherwise.
+        let mma = job.dtype != DType::F32 && (dd == 64 || dd == 128) && on_16_byte_grid(&job.k_cache);
+        let (stats_fn, means_fn, threads, smem, smem_means) = if mma {
+            let tiles = (rows.div_ceil(16) * 16 + COMPRESS_MMA_KEYS) * (dd + 8) * 2;
+            let kind = format!("mma_{sfx}_d{dd}");
+            // stats: a running (max, sum) per padded row; means: a [keys][group] accumulator.
+            let (ml, acc) = (rows.div_ceil(16) * 16 * 2 * 4, COMPRESS_MMA_KEYS * d.group() * 4);
+            let (stats, means) = (format!("ek_compress_stats_{kind}"), format!("ek_compress_means_{kind}"));
+            (stats, means, COMPRESS_MMA_THREADS, tiles + ml, tiles + acc)
+        } else {
+            let tiles = (rows + COMPRESS_KEYS) * (dd + 1) * 4;
+            let acc = COMPRESS_KEYS * d.group() * 4;
+            (
+                format!("ek_compress_stats_{sfx}"),
+                format!("ek_compress_means_{sfx}"),
+                COMPRESS_THREADS,
+                tiles,
+                tiles + acc,
+            )
+        };
         // SAFETY: every buffer in `params` was allocated above (or by the caller) with the sizes
         // the kernels index.
         unsafe {
             let grid = (chunks as u32, hkv, b);
-            launch(stream, self.func(&format!("ek_compress_stats_{sfx}")), grid, COMPRESS_THREADS, smem, &params)?;
-            let smem_means = smem + COMPRESS_KEYS * d.group() * 4;
-            let means_fn = self.func(&format!("ek_compress_means_{sfx}"));
-            launch(stream, means_fn, grid, COMPRESS_THREADS, smem_means, &params)?;
+            launch(stream, self.func(&stats_fn), grid, threads, smem, &params)?;
+            launch(stream, self.func(&means_fn), grid, threads, smem_means, &params)?;
             launch(stream, self.func("ek_compress_pool"), (scored.div_ceil(256) as u32, hc, b), 256, 0, &params)?;
         }
-        Ok(CompressRun { _stats: stats, _means: means, pooled, selected, params })
+        let u32s = |len: usize| stream.alloc_zeros::<u32>(len.max(1)).map_err(driver_err("cuMemAlloc"));
+        // The selection's buffers: one ascending list per head (AdaKV: as long as a head can get).
+        let (selected, lengths, picks, params) = match cfg.head_budget {
+            crate::config::HeadBudget::Uniform => {
+                let selected = u32s(d.batch * heads * keep)?;
+                let params =
+                    EkCompressParams { selected: addr_on(stream, &selected), list_stride: keep as i32, ..params };
+                (selected, None, None, params)
+            }
+            crate::config::HeadBudget::AdaKv { floor_fraction } => {
+                let floor = crate::compress::adakv_floor(keep, floor_fraction);
+                let extra = heads * (keep - floor);
+                let stride = scored.min(floor + extra);
+                let (selected, lengths) = (u32s(d.batch * heads * stride)?, u32s(d.batch * heads)?);
+                let (floor_sel, extra_sel) = (u32s(d.batch * heads * floor)?, u32s(d.batch * extra)?);
+                let params = EkCompressParams {
+                    selected: addr_on(stream, &selected),
+                    lengths: addr_on(stream, &lengths),
+                    floor_sel: addr_on(stream, &floor_sel),
+                    extra_sel: addr_on(stream, &extra_sel),
+                    list_stride: stride as i32,
+                    floor_keep: floor as i32,
+                    extra_keep: extra as i32,
+                    ..params
+                };
+                (selected, Some(lengths), Some((floor_sel, extra_sel)), params)
+            }
+        };
+        Ok(CompressRun { _stats: stats, _means: means, _pooled: pooled, selected, lengths, _picks: picks, params })
     }
 
-    /// Enqueues the top-k selection and the gather of a scored compression.
+    /// Enqueues the selection of a scored compression: each head's top-k, or AdaKV's floor picks,
+    /// cross-head picks and per-head merge (lengths on the device).
     pub(crate) fn compress_select(
         &self,
         stream: &Arc<CudaStream>,
@@ -687,13 +735,41 @@ impl CudaBackend {
     ) -> Result<()> {
         let (d, cfg) = (job.dims, job.cfg);
         let (b, hc) = (d.batch as u32, d.out_heads(cfg) as u32);
-        let sfx = dtype_suffix(job.dtype);
-        // SAFETY: `run` holds the buffers its params address; the outputs are the caller's.
+        let p = &run.params;
+        // SAFETY: `run` holds the buffers its params address, sized by `compress_score`.
         unsafe {
-            launch(stream, self.func("ek_compress_topk"), (hc, b, 1), TOPK_THREADS, 0, &run.params)?;
-            let grid = (cfg.decode_budget as u32, hc, b);
-            launch(stream, self.func(&format!("ek_compress_gather_{sfx}")), grid, COMPRESS_THREADS, 0, &run.params)
+            if run.lengths.is_none() {
+                return launch(stream, self.func("ek_compress_topk"), (hc, b, 1), TOPK_THREADS, 0, p);
+            }
+            if p.floor_keep > 0 {
+                // The top-k kernel keeps budget − W positions into `selected`: aim it at the floor.
+                let floor = EkCompressParams { selected: p.floor_sel, budget: p.floor_keep + p.window, ..*p };
+                launch(stream, self.func("ek_compress_topk"), (hc, b, 1), TOPK_THREADS, 0, &floor)?;
+                launch(stream, self.func("ek_compress_adakv_mask"), (hc, b, 1), 256, 0, p)?;
+            }
+            if p.extra_keep > 0 {
+                launch(stream, self.func("ek_compress_adakv_extra"), (b, 1, 1), TOPK_THREADS, 0, p)?;
+            }
+            launch(stream, self.func("ek_compress_adakv_merge"), (hc, b, 1), 256, 0, p)
         }
+    }
+
+    /// Enqueues the gather of the selected entries (then the window) into `k_out`/`v_out`,
+    /// `[B, Hc, capacity, D]` zeroed by the caller (slots past a head's length stay zero).
+    pub(crate) fn compress_gather(
+        &self,
+        stream: &Arc<CudaStream>,
+        job: &CompressJob<'_>,
+        run: &CompressRun,
+        capacity: usize,
+        k_out: u64,
+        v_out: u64,
+    ) -> Result<()> {
+        let (b, hc) = (job.dims.batch as u32, job.dims.out_heads(job.cfg) as u32);
+        let p = EkCompressParams { k_out, v_out, capacity: capacity as i32, ..run.params };
+        let name = format!("ek_compress_gather_{}", dtype_suffix(job.dtype));
+        // SAFETY: the caller allocated the outputs with `capacity` slots per head.
+        unsafe { launch(stream, self.func(&name), (capacity as u32, hc, b), COMPRESS_THREADS, 0, &p) }
     }
 
     /// Enqueues a split-K decode on `stream`.

@@ -22,8 +22,8 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
 use super::CudaBackend;
 use super::backend::{CompressJob, DecodeJob, PrefillJob};
 use crate::backend::Backend;
+use crate::config::DecodeConfig;
 use crate::config::EntropyConfig;
-use crate::config::{DecodeConfig, HeadBudget};
 use crate::error::{Error, Result};
 use crate::ffi::EkTensor;
 use crate::kernels::PlanRequest;
@@ -193,7 +193,6 @@ impl CudaBackend {
             lse: lse_ptr,
             lists: crate::ffi::prefill_lists_of(blocks, dims.seq_len),
             scale,
-            strides: [q.strides, k.strides, v.strides],
         };
         self.prefill_launch(stream, &job)
     }
@@ -232,17 +231,47 @@ impl CudaBackend {
 pub struct CudaCompressedCache<T> {
     pub k: CudaSlice<T>,
     pub v: CudaSlice<T>,
+    /// `[B, Hc, capacity, D]`: `capacity` is the budget, or with AdaKV the longest head's length.
     pub shape: [usize; 4],
-    /// u32 `[B, Hc, budget − W]`: the kept positions of each head, ascending.
+    /// u32 `[B, Hc, index_stride]`: each head's kept positions, ascending, in the first
+    /// `lengths[b·Hc + h] − window` entries of its row.
     pub indices: CudaSlice<u32>,
+    pub index_stride: usize,
+    /// Entries each head keeps, window included (all `decode_budget` unless AdaKV shares the
+    /// budget); slots past a head's length are zero. Pass them to `decode_attention_on`.
+    pub lengths: Vec<u32>,
     pub window: usize,
+}
+
+/// Per-head kept positions (`selected`, rows of `stride`) as `CompressedCache::indices`:
+/// `[B, Hc, capacity − W]`, each head's row padded with −1 past its length.
+pub(crate) fn padded_indices(selected: &[u32], stride: usize, lengths: &[u32], window: usize) -> Vec<i64> {
+    let keep_stride = lengths.iter().map(|&l| l as usize - window).max().unwrap_or(0);
+    let mut out = vec![-1i64; lengths.len() * keep_stride];
+    for (u, &len) in lengths.iter().enumerate() {
+        let kept = len as usize - window;
+        for (o, &p) in out[u * keep_stride..][..kept].iter_mut().zip(&selected[u * stride..][..kept]) {
+            *o = i64::from(p);
+        }
+    }
+    out
+}
+
+impl<T> CudaCompressedCache<T> {
+    /// The kept positions on the host in the layout of `CompressedCache::indices` (`[B, Hc,
+    /// capacity − W]`, −1 past a head's length); waits for `stream`.
+    pub fn host_indices(&self, stream: &Arc<CudaStream>) -> Result<Vec<i64>> {
+        let selected: Vec<u32> =
+            stream.clone_dtoh(&self.indices).map_err(super::backend::driver_err("cuMemcpyDtoH"))?;
+        Ok(padded_indices(&selected, self.index_stride, &self.lengths, self.window))
+    }
 }
 
 impl CudaBackend {
     /// `kv_compress` of device caches `[B, Hkv, N, D]` with the window queries `obs`
     /// `[B, Hq, W, D]`, enqueued on `stream`. `Ok(None)`: the cache is within the budget
-    /// (SPEC §4: nothing to compress; keep using it). AdaKV's cross-head allocation needs the
-    /// host path (`Kernels::kv_compress`) for now.
+    /// (SPEC §4: nothing to compress; keep using it). Every step runs on the device; AdaKV's
+    /// per-head lengths are read back once (a stream synchronisation) to size the outputs.
     pub fn kv_compress_on<T: DeviceElement>(
         &self,
         stream: &Arc<CudaStream>,
@@ -259,9 +288,6 @@ impl CudaBackend {
         if !dims.compresses(cfg) {
             return Ok(None);
         }
-        if matches!(cfg.head_budget, HeadBudget::AdaKv { .. }) {
-            return Err(Error::Unimplemented { backend: "cuda (device tensors)", op: "AdaKV kv_compress" });
-        }
         let rows = dims.group() * dims.window;
         if rows > super::backend::COMPRESS_MAX_ROWS {
             let why =
@@ -269,10 +295,6 @@ impl CudaBackend {
             return Err(Error::range("window rows", rows, why));
         }
         let heads = dims.out_heads(cfg);
-        let shape = [dims.batch, heads, cfg.decode_budget, dims.head_dim];
-        let alloc =
-            || stream.alloc_zeros::<T>(shape.iter().product()).map_err(super::backend::driver_err("cuMemAlloc"));
-        let (k, v) = (alloc()?, alloc()?);
         let job = CompressJob {
             dims,
             cfg,
@@ -282,13 +304,20 @@ impl CudaBackend {
             obs: obs.ek(),
             scale,
         };
-        let run = self.compress_score(
-            stream,
-            &job,
-            super::backend::addr_on(stream, &k),
-            super::backend::addr_on(stream, &v),
-        )?;
+        let run = self.compress_score(stream, &job)?;
         self.compress_select(stream, &job, &run)?;
-        Ok(Some(CudaCompressedCache { k, v, shape, indices: run.selected, window: dims.window }))
+        let lengths: Vec<u32> = match &run.lengths {
+            Some(l) => stream.clone_dtoh(l).map_err(super::backend::driver_err("cuMemcpyDtoH"))?,
+            None => vec![cfg.decode_budget as u32; dims.batch * heads],
+        };
+        let capacity = lengths.iter().copied().max().unwrap_or(0) as usize;
+        let shape = [dims.batch, heads, capacity, dims.head_dim];
+        let alloc =
+            || stream.alloc_zeros::<T>(shape.iter().product()).map_err(super::backend::driver_err("cuMemAlloc"));
+        let (k, v) = (alloc()?, alloc()?);
+        let (k_out, v_out) = (super::backend::addr_on(stream, &k), super::backend::addr_on(stream, &v));
+        self.compress_gather(stream, &job, &run, capacity, k_out, v_out)?;
+        let index_stride = run.list_stride();
+        Ok(Some(CudaCompressedCache { k, v, shape, indices: run.selected, index_stride, lengths, window: dims.window }))
     }
 }

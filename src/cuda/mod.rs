@@ -15,6 +15,8 @@ pub mod host_check;
 mod backend;
 #[cfg(feature = "_cuda")]
 pub mod device;
+#[cfg(feature = "cuda-emu")]
+pub mod emu;
 #[cfg(feature = "_cuda")]
 pub use backend::CudaBackend;
 #[cfg(feature = "_cuda")]
@@ -52,7 +54,15 @@ pub fn nvrtc_present() -> bool {
     }
 }
 
+/// Environment variable: with feature `cuda-emu`, `1` makes the `cuda` backend use the emulated
+/// driver ([`emu`]) instead of probing for a real one.
+pub const EMU_ENV: &str = "ENTROPY_KERNELS_CUDA_EMU";
+
 pub(crate) fn probe() -> Result<Arc<dyn Backend>> {
+    #[cfg(feature = "cuda-emu")]
+    if std::env::var(EMU_ENV).is_ok_and(|v| v == "1") {
+        return Ok(Arc::new(emu::backend()?));
+    }
     #[cfg(feature = "_cuda")]
     {
         if !driver_present() {

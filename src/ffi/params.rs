@@ -163,10 +163,17 @@ pub struct EkCompressParams {
     pub scale_log2: f32,
     pub dtype: i32,
     pub workspace: u64,
+    pub lengths: u64,
+    pub floor_sel: u64,
+    pub extra_sel: u64,
+    pub capacity: i32,
+    pub list_stride: i32,
+    pub floor_keep: i32,
+    pub extra_keep: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of EkCompressParams"][::core::mem::size_of::<EkCompressParams>() - 248usize];
+    ["Size of EkCompressParams"][::core::mem::size_of::<EkCompressParams>() - 288usize];
     ["Alignment of EkCompressParams"][::core::mem::align_of::<EkCompressParams>() - 8usize];
     ["Offset of field: EkCompressParams::k_cache"][::core::mem::offset_of!(EkCompressParams, k_cache) - 0usize];
     ["Offset of field: EkCompressParams::v_cache"][::core::mem::offset_of!(EkCompressParams, v_cache) - 48usize];
@@ -191,6 +198,14 @@ const _: () = {
     ["Offset of field: EkCompressParams::scale_log2"][::core::mem::offset_of!(EkCompressParams, scale_log2) - 232usize];
     ["Offset of field: EkCompressParams::dtype"][::core::mem::offset_of!(EkCompressParams, dtype) - 236usize];
     ["Offset of field: EkCompressParams::workspace"][::core::mem::offset_of!(EkCompressParams, workspace) - 240usize];
+    ["Offset of field: EkCompressParams::lengths"][::core::mem::offset_of!(EkCompressParams, lengths) - 248usize];
+    ["Offset of field: EkCompressParams::floor_sel"][::core::mem::offset_of!(EkCompressParams, floor_sel) - 256usize];
+    ["Offset of field: EkCompressParams::extra_sel"][::core::mem::offset_of!(EkCompressParams, extra_sel) - 264usize];
+    ["Offset of field: EkCompressParams::capacity"][::core::mem::offset_of!(EkCompressParams, capacity) - 272usize];
+    ["Offset of field: EkCompressParams::list_stride"]
+        [::core::mem::offset_of!(EkCompressParams, list_stride) - 276usize];
+    ["Offset of field: EkCompressParams::floor_keep"][::core::mem::offset_of!(EkCompressParams, floor_keep) - 280usize];
+    ["Offset of field: EkCompressParams::extra_keep"][::core::mem::offset_of!(EkCompressParams, extra_keep) - 284usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

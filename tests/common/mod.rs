@@ -39,8 +39,38 @@ pub fn open(test: &str, kind: BackendKind) -> entropy_kernels::Result<Kernels> {
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(Kernels::from_backend(std::sync::Arc::new(backend?)));
     }
+    #[cfg(feature = "cuda-emu")]
+    if kind == BackendKind::Cuda
+        && let Err(e) = &real
+    {
+        eprintln!("[{test}] cuda: {e}; running the CUDA backend on the emulated driver (kernels on the host)");
+        return Ok(Kernels::from_backend(std::sync::Arc::new(entropy_kernels::cuda::emu::backend()?)));
+    }
     let _ = test;
     real
+}
+
+/// The CUDA backend on device 0, or (with `cuda-emu`, no driver) on the emulated driver; `None`
+/// with the reason printed when neither is there.
+#[cfg(feature = "cuda")]
+pub fn cuda_backend(test: &str) -> Option<entropy_kernels::cuda::CudaBackend> {
+    let real = if entropy_kernels::cuda::driver_present() {
+        entropy_kernels::cuda::CudaBackend::new(0)
+    } else {
+        Err(entropy_kernels::Error::BackendUnavailable { backend: "cuda", reason: "no CUDA driver".into() })
+    };
+    #[cfg(feature = "cuda-emu")]
+    let real = real.or_else(|e| {
+        eprintln!("[{test}] cuda: {e}; running on the emulated driver (kernels on the host)");
+        entropy_kernels::cuda::emu::backend()
+    });
+    match real {
+        Ok(b) => Some(b),
+        Err(e) => {
+            eprintln!("[{test}] SKIP cuda: {e}");
+            None
+        }
+    }
 }
 
 /// Whether `kernels` runs `op`; prints the skip when it does not.

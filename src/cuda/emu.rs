@@ -1,0 +1,99 @@
+//! The CUDA backend on an emulated driver (feature `cuda-emu`; tests and CI, where no GPU is).
+//!
+//! `cuda/host/driver_emu.cpp` is a test double of `libcuda.so`: the driver calls cudarc makes
+//! (context, streams, memory, modules, launches) over host memory, and the kernels of `cuda/`
+//! compiled for the host, unchanged, against `cuda/host/grid_shim.h` — blocks one after another,
+//! threads as fibers switched at `__syncthreads` and warp collectives, `mma.sync` with the PTX
+//! fragment layouts. So [`backend`] is the real [`CudaBackend`] — its launch configurations,
+//! argument packing, buffer sizes and host logic — over kernels that run on the CPU.
+//!
+//! It reports what the hardware would reject or hang on: divergent barriers, partial or divergent
+//! warp collectives, writes past an allocation (guard bytes), copies outside an allocation, more
+//! dynamic shared memory than a function allows. It says nothing about speed, and finds no races
+//! (one fiber runs at a time).
+//!
+//! Loading: the library's SONAME is `libcuda.so`, the first name cudarc tries; once loaded by
+//! path, the dynamic loader hands it to cudarc's `dlopen("libcuda.so")`. A process that already
+//! loaded a real driver keeps it: [`backend`] then refuses.
+
+use std::sync::OnceLock;
+
+use super::CudaBackend;
+use crate::error::{Error, Result};
+
+/// Where build.rs put the emulated driver.
+const LIBRARY: &str = env!("EK_CUDA_EMU_PATH");
+/// glibc's `RTLD_NOLOAD`: open only what is already loaded.
+const RTLD_NOLOAD: i32 = 4;
+
+fn unavailable(reason: impl Into<String>) -> Error {
+    Error::BackendUnavailable { backend: "cuda-emu", reason: reason.into() }
+}
+
+/// The emulated driver, loaded once per process.
+fn library() -> Result<&'static libloading::Library> {
+    static LIB: OnceLock<std::result::Result<libloading::Library, String>> = OnceLock::new();
+    LIB.get_or_init(|| {
+        use libloading::os::unix::{Library, RTLD_LAZY};
+        // SAFETY: RTLD_NOLOAD loads nothing; it only finds a library this process already has.
+        if let Ok(loaded) = unsafe { Library::open(Some("libcuda.so"), RTLD_LAZY | RTLD_NOLOAD) } {
+            // SAFETY: looking a symbol up runs no code.
+            if unsafe { loaded.get::<Launches>(b"ek_cuda_emu_launches") }.is_err() {
+                return Err(
+                    "a real CUDA driver is loaded in this process; the emulated one needs a process without".into()
+                );
+            }
+        }
+        // SAFETY: our own test library; its initialisers only set up static tables.
+        unsafe { libloading::Library::new(LIBRARY) }.map_err(|e| format!("loading {LIBRARY}: {e}"))
+    })
+    .as_ref()
+    .map_err(|e| unavailable(e.clone()))
+}
+
+/// The CUDA backend on the emulated device (compute capability 9.0, H100-like limits).
+pub fn backend() -> Result<CudaBackend> {
+    library()?;
+    CudaBackend::new(0)
+}
+
+/// `ek_cuda_emu_launches(name)`: launches of kernel `name` (all kernels for null; -1: unknown).
+type Launches = unsafe extern "C" fn(*const std::ffi::c_char) -> i64;
+
+/// Kernel launches the emulated driver has run in this process: of kernel `name` (an entry of
+/// [`super::source::KERNELS`]), or of every kernel for `None`.
+pub fn launches(name: Option<&str>) -> Result<u64> {
+    let lib = library()?;
+    // SAFETY: the prototype of `ek_cuda_emu_launches` in cuda/host/driver_emu.cpp.
+    let f = unsafe { lib.get::<Launches>(b"ek_cuda_emu_launches") }.map_err(|e| unavailable(e.to_string()))?;
+    let name = name.map(std::ffi::CString::new).transpose().map_err(|e| unavailable(e.to_string()))?;
+    // SAFETY: a NUL-terminated name or null; the driver only reads it.
+    let n = unsafe { f(name.as_ref().map_or(std::ptr::null(), |c| c.as_ptr())) };
+    u64::try_from(n).map_err(|_| {
+        Error::range(
+            "kernel",
+            name.map(|c| c.into_string().unwrap_or_default()).unwrap_or_default(),
+            "a kernel of cuda::source::KERNELS",
+        )
+    })
+}
+
+/// Threads (and floats written) of a self-test launch.
+pub const SELFTEST_THREADS: usize = 64;
+
+/// Runs the emulator's planted-violation kernel `code` (0: none; 1 divergent `__syncthreads`;
+/// 2 partial-mask shuffle; 3 lanes at different collectives; 4 a lane exits before a shuffle;
+/// 5 a write past the allocation; 6 too much dynamic shared memory) through `cuLaunchKernel`.
+/// `Ok` with the block's outputs, or `Err((CUresult, message))`.
+pub fn selftest(code: i32) -> Result<std::result::Result<Vec<f32>, (i32, String)>> {
+    let lib = library()?;
+    type F = unsafe extern "C" fn(i32, *mut f32, *mut u8, i32) -> i32;
+    // SAFETY: the prototype of `ek_cuda_emu_selftest` in cuda/host/driver_emu.cpp.
+    let f = unsafe { lib.get::<F>(b"ek_cuda_emu_selftest") }.map_err(|e| unavailable(e.to_string()))?;
+    let mut out = vec![f32::NAN; SELFTEST_THREADS];
+    let mut msg = vec![0u8; 512];
+    // SAFETY: `out` holds the SELFTEST_THREADS floats written, `msg` its stated length.
+    let r = unsafe { f(code, out.as_mut_ptr(), msg.as_mut_ptr(), msg.len() as i32) };
+    let text = String::from_utf8_lossy(&msg[..msg.iter().position(|&b| b == 0).unwrap_or(msg.len())]).into_owned();
+    Ok(if r == 0 { Ok(out) } else { Err((r, text)) })
+}
