@@ -65,6 +65,23 @@ __device__ __forceinline__ void compress_row_norm(const EkCompressParams& p, int
     inv_l = 1.f / l;
 }
 
+// Every row's (reference, 1/sum) into norm [rows][2]; the caller's next barrier publishes them.
+__device__ __forceinline__ void compress_row_norms(const EkCompressParams& p, int b, int h, float* norm) {
+    for (int r = threadIdx.x; r < compress_rows(p); r += blockDim.x) compress_row_norm(p, b, h, r, norm[2 * r], norm[2 * r + 1]);
+}
+
+// A block's per-row (max, sum) of chunk c, ml [rows][2], into stats.
+__device__ __forceinline__ void compress_store_stats(const EkCompressParams& p, int b, int h, int c, const float* ml) {
+    __syncthreads();
+    const int rows = compress_rows(p);
+    float* stats = reinterpret_cast<float*>(p.stats);
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+        const long long o = ((((long long)b * p.k_cache.shape[1] + h) * p.chunks + c) * rows + r) * 2;
+        stats[o] = ml[2 * r];
+        stats[o + 1] = ml[2 * r + 1];
+    }
+}
+
 // Window-mean probabilities of a key tile, acc [keys][group], written to means[b, hq, k0 + j] / W.
 __device__ __forceinline__ void compress_flush_means(const EkCompressParams& p, int b, int h, int k0, int k_end, int keys, const float* acc) {
     const int scored = p.entries - p.window;
@@ -80,37 +97,31 @@ template <typename T> __device__ void compress_stats(const EkCompressParams& p) 
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int d = p.k_cache.shape[3], rows = compress_rows(p);
     float* qs = smem;
-    float* ks = smem + rows * (d + 1);
+    float* ks = qs + rows * (d + 1);
+    float* ml = ks + COMPRESS_KEYS * (d + 1);  // [rows][2]: running max and sum, one owner thread
     load_window<T>(p, b, h, qs);
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) ml[2 * r] = EK_NEG_INF, ml[2 * r + 1] = 0.f;
     const int k_end = min((c + 1) * p.chunk, p.entries);
-    float m[2] = {EK_NEG_INF, EK_NEG_INF}, l[2] = {0.f, 0.f};  // rows tid and tid + 128
     for (int k0 = c * p.chunk; k0 < k_end; k0 += COMPRESS_KEYS) {
         __syncthreads();
         load_keys<T>(p, b, h, k0, k_end, ks);
         __syncthreads();
-        for (int i = 0; i < 2; i++) {
-            const int r = threadIdx.x + i * COMPRESS_THREADS;
-            if (r >= rows) continue;
+        for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+            float m = ml[2 * r], l = ml[2 * r + 1];
             // Streaming online softmax: one exp per key, a rescale when the max moves.
             for (int j = 0; j < COMPRESS_KEYS && k0 + j < k_end; j++) {
                 const float sj = window_score(p, qs, ks, r, j, k0 + j);
-                if (sj > m[i]) {
-                    l[i] = l[i] * exp2_f32(m[i] - sj) + 1.f;
-                    m[i] = sj;
+                if (sj > m) {
+                    l = l * exp2_f32(m - sj) + 1.f;
+                    m = sj;
                 } else {
-                    l[i] += exp2_f32(sj - fmaxf(m[i], EK_NEG_BIG));
+                    l += exp2_f32(sj - fmaxf(m, EK_NEG_BIG));
                 }
             }
+            ml[2 * r] = m, ml[2 * r + 1] = l;
         }
     }
-    float* stats = reinterpret_cast<float*>(p.stats);
-    for (int i = 0; i < 2; i++) {
-        const int r = threadIdx.x + i * COMPRESS_THREADS;
-        if (r >= rows) continue;
-        const long long o = ((((long long)b * p.k_cache.shape[1] + h) * p.chunks + c) * rows + r) * 2;
-        stats[o] = m[i];
-        stats[o + 1] = l[i];
-    }
+    compress_store_stats(p, b, h, c, ml);
 }
 
 template <typename T> __device__ void compress_means(const EkCompressParams& p) {
@@ -120,24 +131,18 @@ template <typename T> __device__ void compress_means(const EkCompressParams& p) 
     float* qs = smem;
     float* ks = qs + rows * (d + 1);
     float* acc = ks + COMPRESS_KEYS * (d + 1);  // [keys][group]
+    float* norm = acc + COMPRESS_KEYS * p.group;  // [rows][2]: reference and 1/sum
     load_window<T>(p, b, h, qs);
-    // Each row's softmax normaliser over all chunks.
-    float ref[2] = {0.f, 0.f}, inv_l[2] = {0.f, 0.f};
-    for (int i = 0; i < 2; i++) {
-        const int r = threadIdx.x + i * COMPRESS_THREADS;
-        if (r < rows) compress_row_norm(p, b, h, r, ref[i], inv_l[i]);
-    }
+    compress_row_norms(p, b, h, norm);
     const int k_end = min((c + 1) * p.chunk, scored);
     for (int k0 = c * p.chunk; k0 < k_end; k0 += COMPRESS_KEYS) {
         __syncthreads();
         load_keys<T>(p, b, h, k0, k_end, ks);
         for (int i = threadIdx.x; i < COMPRESS_KEYS * p.group; i += blockDim.x) acc[i] = 0.f;
         __syncthreads();
-        for (int i = 0; i < 2; i++) {
-            const int r = threadIdx.x + i * COMPRESS_THREADS;
-            if (r >= rows) continue;
+        for (int r = threadIdx.x; r < rows; r += blockDim.x) {
             for (int j = 0; j < COMPRESS_KEYS && k0 + j < k_end; j++) {
-                const float pr = exp2_f32(window_score(p, qs, ks, r, j, k0 + j) - ref[i]) * inv_l[i];
+                const float pr = exp2_f32(window_score(p, qs, ks, r, j, k0 + j) - norm[2 * r]) * norm[2 * r + 1];
                 atomicAdd(&acc[j * p.group + r % p.group], pr);
             }
         }
@@ -149,11 +154,11 @@ template <typename T> __device__ void compress_means(const EkCompressParams& p) 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core scoring (f16/bf16 caches, D 64 or 128, 16-byte aligned key rows): the same stats and
 // means with S = obs·Kᵀ on mma.sync m16n8k16 (the prefill's fragment code), f32 accumulation,
-// 64-key tiles. Rows are padded to 16-row slabs; warp w takes slabs w, w + 4, … (rows ≤ 256).
+// 64-key tiles. Rows are padded to 16-row slabs; warp w takes slabs w, w + 4, …; per-row state
+// lives in shared memory, so any row count whose tiles fit in it.
 
 #define COMPRESS_MMA_WARPS 4
 #define COMPRESS_MMA_KEYS 64
-#define COMPRESS_MMA_SLABS 4  // slabs per warp: 4 warps · 4 slabs · 16 rows = COMPRESS_MAX_ROWS
 
 // The window rows r = w·G + g as 16-bit values into qs [slabs·16][D + 8] (padding rows zero).
 template <int D> __device__ void compress_mma_window(const EkCompressParams& p, int b, int h, int rows_pad, unsigned short* qs) {
@@ -208,7 +213,8 @@ template <typename T, int D> __device__ void compress_stats_mma(const EkCompress
     unsigned short* qs = sh;
     unsigned short* ks = qs + slabs * 16 * (D + 8);
     // Running max and sum per row in shared memory (a row belongs to one warp), so the slab loop
-    // stays rolled: 4 unrolled slabs of accumulators took 244 registers at D 128.
+    // stays rolled and any number of rows fits: register arrays for 4 unrolled slabs took 244
+    // registers at D 128.
     float* ml = reinterpret_cast<float*>(ks + COMPRESS_MMA_KEYS * (D + 8));  // [slabs·16][2]
     compress_mma_window<D>(p, b, h, slabs * 16, qs);
     for (int i = threadIdx.x; i < slabs * 16; i += blockDim.x) ml[2 * i] = EK_NEG_INF, ml[2 * i + 1] = 0.f;
@@ -251,13 +257,7 @@ template <typename T, int D> __device__ void compress_stats_mma(const EkCompress
                 for (int h2 = 0; h2 < 2; h2++) ml[2 * r[h2]] = mx[h2], ml[2 * r[h2] + 1] = sum[h2];
         }
     }
-    __syncthreads();
-    float* stats = reinterpret_cast<float*>(p.stats);
-    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
-        const long long o = ((((long long)b * p.k_cache.shape[1] + h) * p.chunks + c) * rows + r) * 2;
-        stats[o] = ml[2 * r];
-        stats[o + 1] = ml[2 * r + 1];
-    }
+    compress_store_stats(p, b, h, c, ml);
 }
 
 template <typename T, int D> __device__ void compress_means_mma(const EkCompressParams& p) {
@@ -268,40 +268,34 @@ template <typename T, int D> __device__ void compress_means_mma(const EkCompress
     unsigned short* qs = sh;
     unsigned short* ks = qs + slabs * 16 * (D + 8);
     float* acc = reinterpret_cast<float*>(ks + COMPRESS_MMA_KEYS * (D + 8));  // [keys][group]
+    float* norm = acc + COMPRESS_MMA_KEYS * p.group;                         // [rows][2]
     compress_mma_window<D>(p, b, h, slabs * 16, qs);
+    compress_row_norms(p, b, h, norm);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, cp = (lane & 3) * 2;
-    float ref[COMPRESS_MMA_SLABS][2], inv_l[COMPRESS_MMA_SLABS][2];
-#pragma unroll
-    for (int i = 0; i < COMPRESS_MMA_SLABS; i++)
-#pragma unroll
-        for (int h2 = 0; h2 < 2; h2++) {
-            const int r = (warp + i * COMPRESS_MMA_WARPS) * 16 + g + 8 * h2;
-            ref[i][h2] = 0.f;
-            inv_l[i][h2] = 0.f;
-            if (r < rows) compress_row_norm(p, b, h, r, ref[i][h2], inv_l[i][h2]);
-        }
     const int k_end = min((c + 1) * p.chunk, scored);
     for (int k0 = c * p.chunk; k0 < k_end; k0 += COMPRESS_MMA_KEYS) {
         __syncthreads();
         compress_mma_keys<D>(p, b, h, k0, k_end, ks);
         for (int i = threadIdx.x; i < COMPRESS_MMA_KEYS * p.group; i += blockDim.x) acc[i] = 0.f;
         __syncthreads();
-#pragma unroll
-        for (int i = 0; i < COMPRESS_MMA_SLABS; i++) {
-            const int sl = warp + i * COMPRESS_MMA_WARPS;
-            if (sl >= slabs) break;  // warp-uniform
+#pragma unroll 1
+        for (int sl = warp; sl < slabs; sl += COMPRESS_MMA_WARPS) {
             float s[NT][4];
             compress_mma_slab<T, D>(qs, ks, sl, s);
             // Every scored key is visible to every window row (keys < N - W).
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++)
+            for (int h2 = 0; h2 < 2; h2++) {
+                const int r = sl * 16 + g + 8 * h2;
+                if (r >= rows) continue;
+                const float ref = norm[2 * r], inv_l = norm[2 * r + 1];
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int j = nt * 8 + cp + (e & 1), r = sl * 16 + g + 8 * (e >> 1);
-                    if (r < rows && k0 + j < k_end)
-                        atomicAdd(&acc[j * p.group + r % p.group],
-                                  exp2_f32(s[nt][e] * p.scale_log2 - ref[i][e >> 1]) * inv_l[i][e >> 1]);
-                }
+                for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                    for (int e = 2 * h2; e < 2 * h2 + 2; e++) {
+                        const int j = nt * 8 + cp + (e & 1);
+                        if (k0 + j < k_end) atomicAdd(&acc[j * p.group + r % p.group], exp2_f32(s[nt][e] * p.scale_log2 - ref) * inv_l);
+                    }
+            }
         }
         __syncthreads();
         compress_flush_means(p, b, h, k0, k_end, COMPRESS_MMA_KEYS, acc);

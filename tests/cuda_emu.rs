@@ -66,31 +66,37 @@ fn every_kernel_is_emulated() {
 }
 
 /// 16-bit caches with D 64/128 score on the tensor cores, f32 and other head dims with FMAs; both
-/// agree with the oracle (the matrix covers more shapes; this pins which kernels ran).
+/// agree with the oracle, window rows beyond 256 per kv head included (the matrix covers more
+/// shapes; this pins which kernels ran).
 #[test]
 fn kv_compress_scores_on_tensor_cores_for_16_bit_caches() {
     let Some(be) = common::cuda_backend("cuda_emu_compress") else { panic!("cuda-emu must give a CUDA backend") };
     let k = Kernels::from_backend(std::sync::Arc::new(be));
     let oracle = Kernels::reference();
-    for (dtype, d, kernel, gqa_mode) in [
-        (DType::F16, 128, "ek_compress_stats_mma_f16_d128", GqaMode::PerQueryHead),
-        (DType::BF16, 64, "ek_compress_stats_mma_bf16_d64", GqaMode::Max),
-        (DType::BF16, 128, "ek_compress_stats_mma_bf16_d128", GqaMode::Mean),
-        (DType::F16, 80, "ek_compress_stats_f16", GqaMode::PerQueryHead),
-        (DType::F32, 64, "ek_compress_stats_f32", GqaMode::Max),
+    // (dtype, D, q heads, kv heads, window, the scoring kernel that must run, group reduction)
+    for (dtype, d, hq, hkv, w, kernel, gqa_mode) in [
+        // GQA 12/4, W 24: 72 rows per kv head, five 16-row slabs (the last partial).
+        (DType::F16, 128, 12, 4, 24, "ek_compress_stats_mma_f16_d128", GqaMode::PerQueryHead),
+        (DType::BF16, 64, 12, 4, 24, "ek_compress_stats_mma_bf16_d64", GqaMode::Max),
+        (DType::BF16, 128, 12, 4, 24, "ek_compress_stats_mma_bf16_d128", GqaMode::Mean),
+        (DType::F16, 80, 12, 4, 24, "ek_compress_stats_f16", GqaMode::PerQueryHead),
+        (DType::F32, 64, 12, 4, 24, "ek_compress_stats_f32", GqaMode::Max),
+        // MQA 16/1, W 40: 640 window rows per kv head.
+        (DType::F16, 128, 16, 1, 40, "ek_compress_stats_mma_f16_d128", GqaMode::Mean),
+        (DType::F32, 64, 16, 1, 40, "ek_compress_stats_f32", GqaMode::PerQueryHead),
     ] {
-        let cfg = DecodeConfig { decode_budget: 300, window: 24, gqa_mode, ..DecodeConfig::default() };
-        let seed = common::seed(&format!("cuda_emu_compress/{dtype}/{d}"));
-        // GQA 12/4: 3 · 24 = 72 window rows per kv head, five 16-row slabs (the last partial).
-        let kc = common::random([2, 4, 777, d], 1.0, seed, dtype);
-        let vc = common::random([2, 4, 777, d], 1.0, seed ^ 1, dtype);
-        let obs = common::random([2, 12, 24, d], 1.0, seed ^ 2, dtype);
+        let cfg = DecodeConfig { decode_budget: 300, window: w, gqa_mode, ..DecodeConfig::default() };
+        let seed = common::seed(&format!("cuda_emu_compress/{dtype}/{d}/{hq}x{hkv}/{w}"));
+        let kc = common::random([2, hkv, 777, d], 1.0, seed, dtype);
+        let vc = common::random([2, hkv, 777, d], 1.0, seed ^ 1, dtype);
+        let obs = common::random([2, hq, w, d], 1.0, seed ^ 2, dtype);
         let before = emu::launches(Some(kernel)).unwrap();
         let got = k.kv_compress(kc.view(), vc.view(), obs.view(), &cfg).unwrap();
         assert!(emu::launches(Some(kernel)).unwrap() > before, "{dtype} D {d}: {kernel} did not run");
         let want = oracle.kv_compress(kc.view(), vc.view(), obs.view(), &cfg).unwrap();
         let args = validate::kv_compress(oracle.capabilities(), kc.view(), vc.view(), obs.view(), &cfg).unwrap();
         let scores = reference::compress_scores(&args);
-        common::check_compressed(&format!("cuda_emu {dtype} D {d}"), &got, &want, &scores, &kc, false);
+        let tag = format!("cuda_emu {dtype} D {d} GQA {hq}/{hkv} W {w}");
+        common::check_compressed(&tag, &got, &want, &scores, &kc, false);
     }
 }

@@ -177,9 +177,9 @@ fn wrap<T: Element>(slice: cudarc::driver::CudaSlice<T>, dev: &candle_core::Cuda
     )
 }
 
-/// `kv_compress` of CUDA caches on the device (AdaKV included). Beyond the device kernels (more
-/// than 256 window rows per kv head) it runs on `kernels` through host copies, the result going
-/// back to the device.
+/// `kv_compress` of CUDA caches on the device (AdaKV included). Beyond the device kernels (window
+/// rows whose scoring tiles exceed shared memory) it runs on `kernels` through host copies, the
+/// result going back to the device.
 pub(super) fn kv_compress(
     kernels: &Kernels,
     k_cache: &Tensor,

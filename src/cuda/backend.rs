@@ -54,8 +54,6 @@ const COMPRESS_KEYS: usize = 32;
 const COMPRESS_MMA_THREADS: u32 = 128;
 const COMPRESS_MMA_KEYS: usize = 64;
 const COMPRESS_CHUNK: usize = 2048;
-/// Window rows per kv head the compression kernels hold (two per thread).
-pub(crate) const COMPRESS_MAX_ROWS: usize = 256;
 
 pub(crate) fn driver_err(call: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
     move |e| Error::Driver { backend: "cuda", call, detail: e.to_string() }
@@ -96,6 +94,8 @@ pub struct CudaBackend {
     arch: String,
     /// Where the kernels came from: the nvcc fatbin or NVRTC.
     origin: &'static str,
+    /// Dynamic shared memory a block may use (the device's opt-in limit, set on every kernel).
+    max_shared: usize,
     /// Host fallback for the operations without device kernels yet.
     host: crate::cpu::CpuBackend,
 }
@@ -160,6 +160,7 @@ impl CudaBackend {
             name,
             arch,
             origin,
+            max_shared: optin as usize,
             host: crate::cpu::CpuBackend::new(),
         })
     }
@@ -275,6 +276,15 @@ pub(crate) struct CompressJob<'a> {
     pub scale: f32,
 }
 
+/// The scoring kernels of one compression and their dynamic shared memory.
+pub(crate) struct CompressKernels {
+    stats: String,
+    means: String,
+    threads: u32,
+    smem_stats: usize,
+    smem_means: usize,
+}
+
 /// The workspaces of one compression, alive until its kernels have run.
 pub(crate) struct CompressRun {
     _stats: CudaSlice<f32>,
@@ -374,17 +384,21 @@ impl Backend for CudaBackend {
     fn kv_compress(&self, a: &CompressArgs<'_>) -> Result<CompressedCache> {
         let d = a.dims();
         let cfg = a.cfg();
-        if !d.compresses(cfg) || d.group() * d.window > COMPRESS_MAX_ROWS {
+        if !d.compresses(cfg) {
             return self.host.kv_compress(a);
         }
         let dtype = a.k_cache().dtype();
         let dd = d.head_dim;
         let heads = d.out_heads(cfg);
         let (_kc, k_cache) = self.tensor(&a.k_cache())?;
+        let Ok(kernels) = self.compress_kernels(&d, dtype, &k_cache) else {
+            // More window rows than the scoring tiles can hold in shared memory.
+            return self.host.kv_compress(a);
+        };
         let (_vc, v_cache) = self.tensor(&a.v_cache())?;
         let (_obs, obs) = self.tensor(&a.obs())?;
         let job = CompressJob { dims: d, cfg, dtype, k_cache, v_cache, obs, scale: a.scale() };
-        let run = self.compress_score(&self.stream, &job)?;
+        let run = self.compress_score(&self.stream, &job, &kernels)?;
         self.compress_select(&self.stream, &job, &run)?;
         let lengths: Vec<u32> = match &run.lengths {
             Some(l) => self.stream.clone_dtoh(l).map_err(driver_err("cuMemcpyDtoH"))?,
@@ -642,11 +656,58 @@ impl CudaBackend {
 
     /// Enqueues the scoring, group reduction and pooling of a compression into `k_out`/`v_out`
     /// (each `[B, Hc, budget, D]` in the job's dtype).
-    pub(crate) fn compress_score(&self, stream: &Arc<CudaStream>, job: &CompressJob<'_>) -> Result<CompressRun> {
+    /// The scoring kernels for a compression: tensor cores for 16-bit caches with D 64/128 whose
+    /// key rows sit on the grid the tiles are loaded in, FMAs otherwise. Out of range when the
+    /// window rows' tiles do not fit in the device's shared memory.
+    pub(crate) fn compress_kernels(
+        &self,
+        d: &crate::validate::CompressDims,
+        dtype: DType,
+        k_cache: &EkTensor,
+    ) -> Result<CompressKernels> {
+        let (rows, dd, sfx) = (d.group() * d.window, d.head_dim, dtype_suffix(dtype));
+        let mma = dtype != DType::F32 && (dd == 64 || dd == 128) && on_16_byte_grid(k_cache);
+        // Window rows and one key tile; per row (max, sum) or (reference, 1/sum); means: a
+        // [keys][group] accumulator.
+        let (kind, threads, keys, tiles, per_row) = if mma {
+            let padded = rows.div_ceil(16) * 16;
+            (
+                format!("mma_{sfx}_d{dd}"),
+                COMPRESS_MMA_THREADS,
+                COMPRESS_MMA_KEYS,
+                (padded + COMPRESS_MMA_KEYS) * (dd + 8) * 2,
+                padded * 8,
+            )
+        } else {
+            (sfx.to_string(), COMPRESS_THREADS, COMPRESS_KEYS, (rows + COMPRESS_KEYS) * (dd + 1) * 4, rows * 8)
+        };
+        let k = CompressKernels {
+            stats: format!("ek_compress_stats_{kind}"),
+            means: format!("ek_compress_means_{kind}"),
+            threads,
+            smem_stats: tiles + per_row,
+            smem_means: tiles + keys * d.group() * 4 + per_row,
+        };
+        if k.smem_means > self.max_shared {
+            let why = format!(
+                "the scoring tiles of the window rows need {} bytes of shared memory, the device has {}",
+                k.smem_means, self.max_shared
+            );
+            return Err(Error::range("window rows per kv head", rows, why));
+        }
+        Ok(k)
+    }
+
+    pub(crate) fn compress_score(
+        &self,
+        stream: &Arc<CudaStream>,
+        job: &CompressJob<'_>,
+        kernels: &CompressKernels,
+    ) -> Result<CompressRun> {
         let (d, cfg) = (job.dims, job.cfg);
         let rows = d.group() * d.window;
         let keep = cfg.decode_budget - d.window;
-        let (n, w, dd) = (d.entries, d.window, d.head_dim);
+        let (n, w) = (d.entries, d.window);
         let scored = n - w;
         let heads = d.out_heads(cfg);
         let chunks = n.div_ceil(COMPRESS_CHUNK);
@@ -663,35 +724,13 @@ impl CudaBackend {
             pooled: addr_on(stream, &pooled),
             ..EkCompressParams::sized(&d, cfg, COMPRESS_CHUNK, job.scale, job.dtype)
         };
-        let sfx = dtype_suffix(job.dtype);
         let (b, hkv, hc) = (d.batch as u32, d.kv_heads as u32, heads as u32);
-        // Tensor cores for 16-bit caches with D 64/128 whose key rows sit on the grid the tiles are
-        // loaded in; FMAs otherwise.
-        let mma = job.dtype != DType::F32 && (dd == 64 || dd == 128) && on_16_byte_grid(&job.k_cache);
-        let (stats_fn, means_fn, threads, smem, smem_means) = if mma {
-            let tiles = (rows.div_ceil(16) * 16 + COMPRESS_MMA_KEYS) * (dd + 8) * 2;
-            let kind = format!("mma_{sfx}_d{dd}");
-            // stats: a running (max, sum) per padded row; means: a [keys][group] accumulator.
-            let (ml, acc) = (rows.div_ceil(16) * 16 * 2 * 4, COMPRESS_MMA_KEYS * d.group() * 4);
-            let (stats, means) = (format!("ek_compress_stats_{kind}"), format!("ek_compress_means_{kind}"));
-            (stats, means, COMPRESS_MMA_THREADS, tiles + ml, tiles + acc)
-        } else {
-            let tiles = (rows + COMPRESS_KEYS) * (dd + 1) * 4;
-            let acc = COMPRESS_KEYS * d.group() * 4;
-            (
-                format!("ek_compress_stats_{sfx}"),
-                format!("ek_compress_means_{sfx}"),
-                COMPRESS_THREADS,
-                tiles,
-                tiles + acc,
-            )
-        };
         // SAFETY: every buffer in `params` was allocated above (or by the caller) with the sizes
         // the kernels index.
         unsafe {
-            let grid = (chunks as u32, hkv, b);
-            launch(stream, self.func(&stats_fn), grid, threads, smem, &params)?;
-            launch(stream, self.func(&means_fn), grid, threads, smem_means, &params)?;
+            let (grid, k) = ((chunks as u32, hkv, b), kernels);
+            launch(stream, self.func(&k.stats), grid, k.threads, k.smem_stats, &params)?;
+            launch(stream, self.func(&k.means), grid, k.threads, k.smem_means, &params)?;
             launch(stream, self.func("ek_compress_pool"), (scored.div_ceil(256) as u32, hc, b), 256, 0, &params)?;
         }
         let u32s = |len: usize| stream.alloc_zeros::<u32>(len.max(1)).map_err(driver_err("cuMemAlloc"));

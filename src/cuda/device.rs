@@ -288,12 +288,7 @@ impl CudaBackend {
         if !dims.compresses(cfg) {
             return Ok(None);
         }
-        let rows = dims.group() * dims.window;
-        if rows > super::backend::COMPRESS_MAX_ROWS {
-            let why =
-                format!("the CUDA kernels score at most {} window rows per kv head", super::backend::COMPRESS_MAX_ROWS);
-            return Err(Error::range("window rows", rows, why));
-        }
+        let kernels = self.compress_kernels(&dims, T::DTYPE, &k_cache.ek())?;
         let heads = dims.out_heads(cfg);
         let job = CompressJob {
             dims,
@@ -304,7 +299,7 @@ impl CudaBackend {
             obs: obs.ek(),
             scale,
         };
-        let run = self.compress_score(stream, &job)?;
+        let run = self.compress_score(stream, &job, &kernels)?;
         self.compress_select(stream, &job, &run)?;
         let lengths: Vec<u32> = match &run.lengths {
             Some(l) => stream.clone_dtoh(l).map_err(super::backend::driver_err("cuMemcpyDtoH"))?,
