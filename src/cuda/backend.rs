@@ -7,8 +7,8 @@
 //! Every operation runs on the device: planning (f64 logits and entropy, f32 budget recurrence,
 //! block-wide top-k), prefill (dense and sparse; mma.sync for f16/bf16 with D 64/128, SIMT
 //! otherwise), `kv_compress` (two-pass window scoring, pooling, top-k, gather) and split-K decode.
-//! Outside the kernels' limits (ranking width above 1024 blocks, more than 256 window rows per kv
-//! head) the affected step runs on the host CPU backend; the compression's selection (radix
+//! Outside the kernels' limits (ranking width above 1024 blocks, window rows per kv head whose
+//! scoring tiles exceed shared memory) the affected step runs on the host CPU backend; the compression's selection (radix
 //! select; AdaKV's floor, cross-head picks and merge) keeps any count on the device.
 
 use std::collections::HashMap;
