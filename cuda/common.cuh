@@ -32,6 +32,9 @@ __device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
     return (uint32_t)ek_f32_to_bf16(lo) | ((uint32_t)ek_f32_to_bf16(hi) << 16);
 }
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int bytes) { ekemu::cp_async(smem, gmem, 16, bytes); }
+__device__ __forceinline__ void cp_async_commit() { ekemu::cp_async_commit(); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { ekemu::cp_async_wait(N); }
 #else
 #define EK_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
 
@@ -79,6 +82,17 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
+
+// 16 bytes global → shared with no register staging (cp.async, sm_80; .cg: cached in L2 only);
+// the first `bytes` come from gmem, the rest are zero (bytes 0: a zero fill, gmem not read).
+// Complete once a later cp_async_wait<N> leaves at most N newer groups in flight.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int bytes) {
+    unsigned s;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(s) : "l"(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 #endif
 
 // 2^x; 0 for x = -inf.

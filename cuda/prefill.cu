@@ -172,22 +172,39 @@ template <typename T, int D> __device__ void prefill_mma(const EkPrefillParams& 
     constexpr int DP = D + 8;  // padded shared rows (16 bytes): conflict-free fragment loads
     constexpr int KSTEPS = D / 16, DTILES = D / 8, NT = PREFILL_MMA_KEYS / 8;
     EK_DYNAMIC_SHARED(unsigned short, sh);
-    unsigned short* qs = sh;                                  // [ROWS][DP]
-    unsigned short* ks = qs + PREFILL_MMA_ROWS * DP;          // [KEYS][DP]
-    unsigned short* vs = ks + PREFILL_MMA_KEYS * DP;          // [KEYS][DP]
-    int* tok = reinterpret_cast<int*>(vs + PREFILL_MMA_KEYS * DP);  // [KEYS]
+    // K and V tiles double-buffered: tile i + 1 is copied (cp.async) while tile i is computed.
+    unsigned short* qs = sh;                                      // [ROWS][DP]
+    unsigned short* ks = qs + PREFILL_MMA_ROWS * DP;              // [2][KEYS][DP]
+    unsigned short* vs = ks + 2 * PREFILL_MMA_KEYS * DP;          // [2][KEYS][DP]
+    int* toks = reinterpret_cast<int*>(vs + 2 * PREFILL_MMA_KEYS * DP);  // [2][KEYS]
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, c = (lane & 3) * 2;  // fragment row and column pair
     const unsigned short* q = reinterpret_cast<const unsigned short*>(p.q.ptr);
     const unsigned short* k = reinterpret_cast<const unsigned short*>(p.k.ptr);
     const unsigned short* v = reinterpret_cast<const unsigned short*>(p.v.ptr);
+    const int total = t.keys.total();
+    // Enqueues the K and V rows of slots j0 .. j0 + KEYS into buffer `buf`, 16 bytes at a time (D
+    // is a multiple of 8), zeros past the unit's keys; one commit group per tile.
+    auto issue = [&](int j0, int buf) {
+        unsigned short* kb = ks + buf * PREFILL_MMA_KEYS * DP;
+        unsigned short* vb = vs + buf * PREFILL_MMA_KEYS * DP;
+        for (int i = tid; i < PREFILL_MMA_KEYS * (D / 8); i += blockDim.x) {
+            const int j = i / (D / 8), x = (i % (D / 8)) * 8;
+            const bool real = j0 + j < total;
+            const int tk = real ? t.keys.token(j0 + j) : 0;
+            cp_async_16(kb + j * DP + x, k + (real ? row_offset(p.k, t.b, tk, t.h) + x : 0), real ? 16 : 0);
+            cp_async_16(vb + j * DP + x, v + (real ? row_offset(p.v, t.b, tk, t.h) + x : 0), real ? 16 : 0);
+            if (x == 0) toks[buf * PREFILL_MMA_KEYS + j] = real ? tk : 0x7fffffff;
+        }
+        cp_async_commit();
+    };
+    issue(0, 0);
     for (int i = tid; i < PREFILL_MMA_ROWS * D; i += blockDim.x) {
         const int rr = i / D, x = i % D;
         unsigned short val = 0;
         if (rr < t.rows) val = q[row_offset(p.q, t.b, t.t0 + rr / p.group, t.h * p.group + rr % p.group) + x];
         qs[rr * DP + x] = val;
     }
-    __syncthreads();
     // Q stays in shared memory; its A fragments are reloaded per k-step (saves 4·D/16 registers
     // per thread, which keeps D = 128 under 255 registers without spills).
     const int r0 = warp * 16 + g;
@@ -196,25 +213,19 @@ template <typename T, int D> __device__ void prefill_mma(const EkPrefillParams& 
     for (int i = 0; i < DTILES; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float m[2] = {EK_NEG_INF, EK_NEG_INF}, l[2] = {0.f, 0.f};
     const int row_token[2] = {t.t0 + r0 / p.group, t.t0 + (r0 + 8) / p.group};
-    const int total = t.keys.total();
-    for (int j0 = 0; j0 < total; j0 += PREFILL_MMA_KEYS) {
-        __syncthreads();
-        // K and V rows of the slots, 16 bytes at a time (D is a multiple of 8).
-        for (int i = tid; i < PREFILL_MMA_KEYS * (D / 8); i += blockDim.x) {
-            const int j = i / (D / 8), x = (i % (D / 8)) * 8;
-            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-            if (j0 + j < total) {
-                const int tk = t.keys.token(j0 + j);
-                kv = *reinterpret_cast<const uint4*>(k + row_offset(p.k, t.b, tk, t.h) + x);
-                vv = *reinterpret_cast<const uint4*>(v + row_offset(p.v, t.b, tk, t.h) + x);
-                if (x == 0) tok[j] = tk;
-            } else if (x == 0) {
-                tok[j] = 0x7fffffff;
-            }
-            *reinterpret_cast<uint4*>(ks + j * DP + x) = kv;
-            *reinterpret_cast<uint4*>(vs + j * DP + x) = vv;
+    for (int j0 = 0, buf = 0; j0 < total; j0 += PREFILL_MMA_KEYS, buf ^= 1) {
+        // Tile j0 has landed (the next one may still be in flight) and is visible to every warp;
+        // the buffer the next tile fills was released by the barrier ending the previous pass.
+        if (j0 + PREFILL_MMA_KEYS < total) {
+            issue(j0 + PREFILL_MMA_KEYS, buf ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
         }
         __syncthreads();
+        const unsigned short* kt = ks + buf * PREFILL_MMA_KEYS * DP;
+        const unsigned short* vt = vs + buf * PREFILL_MMA_KEYS * DP;
+        const int* tok = toks + buf * PREFILL_MMA_KEYS;
         // S = Q·Kᵀ for this warp's 16 rows and the tile's 64 keys.
         float s[NT][4];
 #pragma unroll
@@ -229,7 +240,7 @@ template <typename T, int D> __device__ void prefill_mma(const EkPrefillParams& 
             qa[3] = ld_pair(qs + (r0 + 8) * DP + k0 + 8);
 #pragma unroll
             for (int nt = 0; nt < NT; nt++) {
-                const unsigned short* krow = ks + (nt * 8 + g) * DP + k0;
+                const unsigned short* krow = kt + (nt * 8 + g) * DP + k0;
                 Mma<T>::run(s[nt], qa, ld_pair(krow), ld_pair(krow + 8));
             }
         }
@@ -279,7 +290,7 @@ template <typename T, int D> __device__ void prefill_mma(const EkPrefillParams& 
             pa[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
             pa[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
             pa[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-            const unsigned short* v0 = vs + (kk * 16 + c) * DP;
+            const unsigned short* v0 = vt + (kk * 16 + c) * DP;
 #pragma unroll
             for (int dt = 0; dt < DTILES; dt++) {
                 const int col = dt * 8 + g;
@@ -288,6 +299,7 @@ template <typename T, int D> __device__ void prefill_mma(const EkPrefillParams& 
                 Mma<T>::run(o[dt], pa, b0, b1);
             }
         }
+        __syncthreads();  // every warp is done with this buffer before it is refilled
     }
     // Finish: full row sums across the quad, normalise, write rows that exist.
 #pragma unroll

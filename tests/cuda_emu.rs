@@ -1,5 +1,6 @@
 //! The emulated CUDA driver (`cuda-emu`): every rule it enforces is caught when planted, correct
-//! code passes with the values CUDA defines, and the backend on it really launches kernels.
+//! code passes with the values CUDA defines, and the backend on it really launches kernels. Every
+//! test loads the emulator first (`emu::*`), so it runs on GPU machines too.
 #![cfg(feature = "cuda-emu")]
 
 mod common;
@@ -43,7 +44,7 @@ fn planted_violations_are_caught() {
 
 #[test]
 fn the_backend_runs_its_kernels_on_the_emulator() {
-    let Some(be) = common::cuda_backend("cuda_emu") else { panic!("cuda-emu must give a CUDA backend") };
+    let be = emu::backend().expect("the emulated driver loads");
     assert!(be.describe().contains("emulator"), "{}", be.describe());
     let before = emu::launches(None).unwrap();
     let k = Kernels::from_backend(std::sync::Arc::new(be));
@@ -70,7 +71,7 @@ fn every_kernel_is_emulated() {
 /// shapes; this pins which kernels ran).
 #[test]
 fn kv_compress_scores_on_tensor_cores_for_16_bit_caches() {
-    let Some(be) = common::cuda_backend("cuda_emu_compress") else { panic!("cuda-emu must give a CUDA backend") };
+    let be = emu::backend().expect("the emulated driver loads");
     let k = Kernels::from_backend(std::sync::Arc::new(be));
     let oracle = Kernels::reference();
     // (dtype, D, q heads, kv heads, window, the scoring kernel that must run, group reduction)
@@ -98,5 +99,62 @@ fn kv_compress_scores_on_tensor_cores_for_16_bit_caches() {
         let scores = reference::compress_scores(&args);
         let tag = format!("cuda_emu {dtype} D {d} GQA {hq}/{hkv} W {w}");
         common::check_compressed(&tag, &got, &want, &scores, &kc, false);
+    }
+}
+
+/// The prefill's cp.async pipeline is correct whether copies land when waited for (a read before
+/// the wait would see stale tiles) or at issue (a refill before every warp is done with a buffer
+/// would corrupt it): f16/bf16, D 64/128, several key tiles, GQA, sparse lists and LSE.
+#[test]
+fn prefill_pipeline_holds_whichever_way_copies_land() {
+    let be = emu::backend().expect("the emulated driver loads");
+    let k = Kernels::from_backend(std::sync::Arc::new(be));
+    let oracle = Kernels::reference();
+    for early in [true, false] {
+        emu::set_cp_async_early(early).unwrap();
+        for (dtype, d) in [(DType::F16, 128), (DType::BF16, 64)] {
+            let seed = common::seed(&format!("cuda_emu_pipeline/{early}/{dtype}/{d}"));
+            let (l, hq, hkv) = (333, 4, 2);
+            let q = common::random([1, l, hq, d], 1.0, seed, dtype);
+            let kk = common::random([1, l, hkv, d], 1.0, seed ^ 1, dtype);
+            let v = common::random([1, l, hkv, d], 1.0, seed ^ 2, dtype);
+            let cfg = EntropyConfig {
+                segment_size: 128,
+                block_size: 16,
+                threshold_len: 64,
+                base_budget: 64,
+                ..EntropyConfig::default()
+            };
+            let mut got = common::poisoned([1, l, hq, d], dtype);
+            let mut lse = vec![f32::NAN; hq * l];
+            let plan = k
+                .prefill(
+                    q.view(),
+                    kk.view(),
+                    v.view(),
+                    &cfg,
+                    &PlanRequest::layer(0),
+                    &mut got.view_mut(),
+                    Some(&mut lse),
+                )
+                .unwrap();
+            let mut want = common::poisoned([1, l, hq, d], dtype);
+            let mut want_lse = vec![f32::NAN; hq * l];
+            oracle
+                .sparse_prefill(
+                    q.view(),
+                    kk.view(),
+                    v.view(),
+                    &plan.blocks,
+                    cfg.scale,
+                    &mut want.view_mut(),
+                    Some(&mut want_lse),
+                )
+                .unwrap();
+            let err = common::rel_fro(&common::tensor_f64(&got), &common::tensor_f64(&want));
+            assert!(err <= common::attn_tol(dtype), "cp.async early={early} {dtype} D {d}: rel err {err:e}");
+            let lse_err = lse.iter().zip(&want_lse).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(lse_err < 1e-2, "cp.async early={early} {dtype} D {d}: LSE off by {lse_err}");
+        }
     }
 }

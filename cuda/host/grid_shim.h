@@ -15,6 +15,9 @@
 //   column g; C: rows g / g + 8, columns 2t, 2t + 1; g = lane / 4, t = lane % 4).
 // - Dynamic shared memory is exactly the launch's size, poisoned (0xFF bytes: NaN floats) per
 //   block, so reads of unwritten shared memory show up as wrong results.
+// - cp.async: copies land when a wait retires their group, or (optionally) at issue — the two
+//   extremes the hardware allows — so reading before the wait, or refilling a buffer other
+//   threads still read, shows up; a thread exiting with copies in flight is reported.
 // Not emulated: concurrency between blocks or warps (no races are found), memory-model effects,
 // timing. A violation throws `ekemu::Violation` inside the fiber; `launch` returns its text.
 #pragma once
@@ -24,6 +27,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -133,8 +137,25 @@ inline void start_context(Context& c, char* stack, size_t bytes, void (*entry)()
 }
 #endif
 
+// One cp.async: `bytes` of `size` from src, the rest zero.
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    int size, bytes;
+    void run() const {
+        if (bytes) std::memcpy(dst, src, bytes);
+        std::memset(static_cast<char*>(dst) + bytes, 0, size - bytes);
+    }
+};
+// When cp.async copies land: at the wait that retires them (late: a read before the wait sees
+// the old bytes) or at issue (early: a copy into a buffer others still read overwrites it). The
+// hardware may do either; tests run both (`ek_cuda_emu_cp_async_early`).
+inline std::atomic<bool> cp_async_early{false};
+
 struct Fiber {
     Context ctx;
+    std::vector<AsyncCopy> open_group;                  // cp.async issued since the last commit
+    std::vector<std::vector<AsyncCopy>> groups;         // committed, oldest first
     std::unique_ptr<char[]> stack;
     EkDim3 tid;
     State state = State::Done;
@@ -175,6 +196,7 @@ inline void fiber_main() {
     try {
         (*block->body)();
         if (block->arrived > 0) fail("exited while other threads of its block wait at __syncthreads");
+        if (!f.open_group.empty() || !f.groups.empty()) fail("exited with cp.async copies never waited for");
     } catch (const Violation& v) {
         if (block->error.empty()) block->error = v.what();
     }
@@ -221,6 +243,28 @@ inline unsigned warp_arrive(Collective kind, unsigned mask, const void* bytes, s
 }
 
 inline Warp& my_warp() { return block->warps[linear(threadIdx) / WARP]; }
+
+inline void cp_async(void* dst, const void* src, int size, int bytes) {
+    if (bytes < 0 || bytes > size) fail("cp.async source size outside 0..cp-size");
+    if (reinterpret_cast<uintptr_t>(dst) % size || (bytes && reinterpret_cast<uintptr_t>(src) % size))
+        fail("cp.async address not aligned to its size");
+    const AsyncCopy c{dst, src, size, bytes};
+    if (cp_async_early) c.run();
+    else me().open_group.push_back(c);
+}
+inline void cp_async_commit() {
+    Fiber& f = me();
+    f.groups.push_back(std::move(f.open_group));
+    f.open_group.clear();
+}
+// Retires all but the `newer` most recent committed groups.
+inline void cp_async_wait(int newer) {
+    Fiber& f = me();
+    while ((int)f.groups.size() > newer) {
+        for (const AsyncCopy& c : f.groups.front()) c.run();
+        f.groups.erase(f.groups.begin());
+    }
+}
 inline unsigned my_lane() { return linear(threadIdx) % WARP; }
 
 // Resumes runnable fibers round robin until the block is done, a violation, or a deadlock.
@@ -288,6 +332,8 @@ inline std::string launch(EkDim3 grid, EkDim3 threads, size_t dynamic_bytes, con
                     f.tid = EkDim3{i % threads.x, (i / threads.x) % threads.y, i / (threads.x * threads.y)};
                     f.state = State::Run;
                     f.collectives = 0;
+                    f.open_group.clear();
+                    f.groups.clear();
                 }
                 run_block(b);
             }

@@ -498,7 +498,8 @@ impl CudaBackend {
                 format!("ek_prefill_mma_{}_d{}", dtype_suffix(dtype), d.head_dim),
                 MMA_ROWS,
                 MMA_THREADS,
-                (MMA_ROWS + 2 * MMA_KEYS) * dp * 2 + MMA_KEYS * 4,
+                // Q, double-buffered K and V tiles, their tokens.
+                (MMA_ROWS + 4 * MMA_KEYS) * dp * 2 + 2 * MMA_KEYS * 4,
             )
         } else {
             if g > SIMT_ROWS {

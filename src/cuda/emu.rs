@@ -78,6 +78,17 @@ pub fn launches(name: Option<&str>) -> Result<u64> {
     })
 }
 
+/// When the emulated `cp.async` copies land: at issue (`true`) or when a wait retires them
+/// (`false`, the default) — the two extremes the hardware allows. Process-wide.
+pub fn set_cp_async_early(early: bool) -> Result<()> {
+    let lib = library()?;
+    // SAFETY: the prototype of `ek_cuda_emu_cp_async_early` in cuda/host/driver_emu.cpp.
+    let f = unsafe { lib.get::<unsafe extern "C" fn(i32)>(b"ek_cuda_emu_cp_async_early") }
+        .map_err(|e| unavailable(e.to_string()))?;
+    unsafe { f(i32::from(early)) };
+    Ok(())
+}
+
 /// Threads (and floats written) of a self-test launch.
 pub const SELFTEST_THREADS: usize = 64;
 
