@@ -32,6 +32,8 @@ __device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
     return (uint32_t)ek_f32_to_bf16(lo) | ((uint32_t)ek_f32_to_bf16(hi) << 16);
 }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const unsigned short* row) { ek_ldmatrix_x4<false>(r, row); }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const unsigned short* row) { ek_ldmatrix_x4<true>(r, row); }
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int bytes) { ekemu::cp_async(smem, gmem, 16, bytes); }
 __device__ __forceinline__ void cp_async_commit() { ekemu::cp_async_commit(); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { ekemu::cp_async_wait(N); }
@@ -83,13 +85,32 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
     return r;
 }
 
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+    unsigned s;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(s) : "l"(p));
+    return s;
+}
+
+// Four 8×8 tiles of 16-bit values from shared memory, one instruction per warp: lane l gives the
+// address of row l % 8 of tile l / 8; register i gets tile i in the mma fragment layout (row
+// lane / 4, columns 2·(lane % 4) and + 1), or transposed with `_trans`.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const unsigned short* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(row)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const unsigned short* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(row)));
+}
+
 // 16 bytes global → shared with no register staging (cp.async, sm_80; .cg: cached in L2 only);
 // the first `bytes` come from gmem, the rest are zero (bytes 0: a zero fill, gmem not read).
 // Complete once a later cp_async_wait<N> leaves at most N newer groups in flight.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int bytes) {
-    unsigned s;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(s) : "l"(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(bytes) : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared_address(smem)), "l"(gmem), "r"(bytes)
+                 : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }

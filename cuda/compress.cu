@@ -186,21 +186,20 @@ template <int D> __device__ void compress_mma_keys(const EkCompressParams& p, in
 template <typename T, int D>
 __device__ __forceinline__ void compress_mma_slab(const unsigned short* qs, const unsigned short* ks, int sl, float (*s)[4]) {
     constexpr int DP = D + 8, NT = COMPRESS_MMA_KEYS / 8;
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = (lane & 3) * 2, r0 = sl * 16 + g;
+    const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    // Fragments by ldmatrix, as in the prefill: the slab's A, K's B for two key tiles at once.
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
-        const int k0 = kk * 16 + c;
         uint32_t qa[4];
-        qa[0] = ld_pair(qs + r0 * DP + k0);
-        qa[1] = ld_pair(qs + (r0 + 8) * DP + k0);
-        qa[2] = ld_pair(qs + r0 * DP + k0 + 8);
-        qa[3] = ld_pair(qs + (r0 + 8) * DP + k0 + 8);
+        ldmatrix_x4(qa, qs + (sl * 16 + (lane & 15)) * DP + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            const unsigned short* krow = ks + (nt * 8 + g) * DP + k0;
-            Mma<T>::run(s[nt], qa, ld_pair(krow), ld_pair(krow + 8));
+        for (int nt = 0; nt < NT; nt += 2) {
+            uint32_t kb[4];
+            ldmatrix_x4(kb, ks + (nt * 8 + (lane >> 4) * 8 + (lane & 7)) * DP + kk * 16 + ((lane >> 3) & 1) * 8);
+            Mma<T>::run(s[nt], qa, kb[0], kb[1]);
+            Mma<T>::run(s[nt + 1], qa, kb[2], kb[3]);
         }
     }
 }

@@ -162,9 +162,6 @@ template <> struct Mma<bf16_t> {
     __device__ __forceinline__ static uint32_t pack(float lo, float hi) { return pack_bf16x2(lo, hi); }
 };
 
-// Two consecutive 16-bit elements as one register.
-__device__ __forceinline__ uint32_t ld_pair(const unsigned short* p) { return *reinterpret_cast<const uint32_t*>(p); }
-__device__ __forceinline__ uint32_t pair(unsigned short lo, unsigned short hi) { return (uint32_t)lo | ((uint32_t)hi << 16); }
 
 template <typename T, int D> __device__ void prefill_mma(const EkPrefillParams& p) {
     Tile t;
@@ -230,18 +227,18 @@ template <typename T, int D> __device__ void prefill_mma(const EkPrefillParams& 
         float s[NT][4];
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+        // Fragments by ldmatrix: Q's A (rows lane % 16, k half lane / 16), K's B for two key tiles
+        // at once (keys of tile lane / 16, k half (lane / 8) % 2).
 #pragma unroll
         for (int ks_ = 0; ks_ < KSTEPS; ks_++) {
-            const int k0 = ks_ * 16 + c;
             uint32_t qa[4];
-            qa[0] = ld_pair(qs + r0 * DP + k0);
-            qa[1] = ld_pair(qs + (r0 + 8) * DP + k0);
-            qa[2] = ld_pair(qs + r0 * DP + k0 + 8);
-            qa[3] = ld_pair(qs + (r0 + 8) * DP + k0 + 8);
+            ldmatrix_x4(qa, qs + (warp * 16 + (lane & 15)) * DP + ks_ * 16 + (lane >> 4) * 8);
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-                const unsigned short* krow = kt + (nt * 8 + g) * DP + k0;
-                Mma<T>::run(s[nt], qa, ld_pair(krow), ld_pair(krow + 8));
+            for (int nt = 0; nt < NT; nt += 2) {
+                uint32_t kb[4];  // b0, b1 of key tiles nt and nt + 1
+                ldmatrix_x4(kb, kt + (nt * 8 + (lane >> 4) * 8 + (lane & 7)) * DP + ks_ * 16 + ((lane >> 3) & 1) * 8);
+                Mma<T>::run(s[nt], qa, kb[0], kb[1]);
+                Mma<T>::run(s[nt + 1], qa, kb[2], kb[3]);
             }
         }
         // Scale, mask, online softmax (rows g and g + 8 of the warp; a quad shares a row).
@@ -290,13 +287,14 @@ template <typename T, int D> __device__ void prefill_mma(const EkPrefillParams& 
             pa[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
             pa[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
             pa[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-            const unsigned short* v0 = vt + (kk * 16 + c) * DP;
+            // V's B fragments transposed from its [key][d] rows, two d tiles per ldmatrix.
+            const unsigned short* vrow = vt + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * DP + (lane >> 4) * 8;
 #pragma unroll
-            for (int dt = 0; dt < DTILES; dt++) {
-                const int col = dt * 8 + g;
-                const uint32_t b0 = pair(v0[col], v0[DP + col]);
-                const uint32_t b1 = pair(v0[8 * DP + col], v0[9 * DP + col]);
-                Mma<T>::run(o[dt], pa, b0, b1);
+            for (int dt = 0; dt < DTILES; dt += 2) {
+                uint32_t vb[4];  // b0, b1 of d tiles dt and dt + 1
+                ldmatrix_x4_trans(vb, vrow + dt * 8);
+                Mma<T>::run(o[dt], pa, vb[0], vb[1]);
+                Mma<T>::run(o[dt + 1], pa, vb[2], vb[3]);
             }
         }
         __syncthreads();  // every warp is done with this buffer before it is refilled

@@ -6,7 +6,7 @@
 // - __syncthreads: every thread of the block must reach the same barrier; a thread that exits
 //   while others wait, or a barrier nobody can complete, is reported (the hardware would hang or
 //   misbehave) instead of passing.
-// - Warp collectives (__shfl_xor_sync, __ballot_sync, __syncwarp, mma.sync): the full mask only;
+// - Warp collectives (__shfl_xor_sync, __ballot_sync, __syncwarp, mma.sync, ldmatrix): the full mask only;
 //   all 32 lanes must arrive at the same collective, else it is reported.
 // - A fiber runs until it reaches a barrier or a collective, so code that reads shared memory
 //   another lane writes without one in between sees the write early — such races fail tests.
@@ -68,7 +68,7 @@ constexpr unsigned SLOT_BYTES = 24;
 constexpr size_t STACK_BYTES = 256 * 1024;
 
 enum class State { Run, AtBarrier, AtWarp, Done };
-enum class Collective { Shfl, Ballot, Mma, SyncWarp };
+enum class Collective { Shfl, Ballot, Mma, SyncWarp, LdMatrix };
 
 // A fiber's saved context. On x86-64 a ten-instruction switch (callee-saved registers, MXCSR and
 // the x87 control word on the fiber's own stack; no signal-mask system call, unlike swapcontext,
@@ -419,6 +419,26 @@ inline void ek_mma_m16n8k16(float* c, const uint32_t* a, uint32_t b0, uint32_t b
             acc += x * y;
         }
         c[e] += acc;
+    }
+}
+
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lane l gives the address of row l % 8 of
+// matrix l / 8 (16 bytes, 16-byte aligned); register i of lane t holds matrix i's elements
+// (row t / 4, columns 2·(t % 4) and + 1), or with .trans (rows 2·(t % 4) and + 1, column t / 4),
+// the lower column (row) in the low half.
+template <bool TRANS> inline void ek_ldmatrix_x4(uint32_t* r, const void* row) {
+    if (reinterpret_cast<uintptr_t>(row) % 16) ekemu::fail("ldmatrix row address not 16-byte aligned");
+    const unsigned phase = ekemu::warp_arrive(ekemu::Collective::LdMatrix, 0xffffffffu, &row, sizeof(row));
+    const auto& slot = ekemu::my_warp().slot[phase];
+    const unsigned t = ekemu::my_lane();
+    for (unsigned i = 0; i < 4; i++) {
+        r[i] = 0;
+        for (unsigned h = 0; h < 2; h++) {
+            const unsigned rr = TRANS ? 2 * (t % 4) + h : t / 4, cc = TRANS ? t / 4 : 2 * (t % 4) + h;
+            const unsigned short* base;
+            std::memcpy(&base, slot[8 * i + rr], sizeof(base));
+            r[i] |= (uint32_t)base[cc] << (16 * h);
+        }
     }
 }
 
