@@ -158,3 +158,49 @@ fn prefill_pipeline_holds_whichever_way_copies_land() {
         }
     }
 }
+
+/// Shared-memory races that decide a result: planning, the prefill (tensor-core and SIMT, LSE) and
+/// decode give the same bits whichever order the emulator resumes a block's threads in — round
+/// robin or greedy, by index, reversed or shuffled. 75 blocks of 8 tokens, so the planning's block
+/// reductions feed more than one warp. (The compression's float atomics make its sums
+/// order-dependent by design, so it is not compared.)
+#[test]
+fn results_do_not_depend_on_thread_order() {
+    let be = emu::backend().expect("the emulated driver loads");
+    let k = Kernels::from_backend(std::sync::Arc::new(be));
+    let seed = common::seed("cuda_emu_thread_order");
+    let bits = |t: &HostTensor| t.to_f32_vec().iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    for (dtype, d) in [(DType::BF16, 128), (DType::F32, 64)] {
+        let (l, hq, hkv) = (600, 4, 2);
+        let q = common::random([1, l, hq, d], 1.0, seed, dtype);
+        let kk = common::random([1, l, hkv, d], 1.0, seed ^ 1, dtype);
+        let v = common::random([1, l, hkv, d], 1.0, seed ^ 2, dtype);
+        let q1 = common::random([1, 1, hq, d], 1.0, seed ^ 3, dtype);
+        let cache = |s: u64| common::random([1, hkv, 500, d], 1.0, s, dtype);
+        let (kc, vc) = (cache(seed ^ 4), cache(seed ^ 5));
+        let cfg = EntropyConfig {
+            segment_size: 128,
+            block_size: 8,
+            threshold_len: 64,
+            base_budget: 64,
+            ..EntropyConfig::default()
+        };
+        let run = |order: u32| {
+            emu::set_schedule(order).unwrap();
+            let mut out = common::poisoned([1, l, hq, d], dtype);
+            let mut lse = vec![f32::NAN; hq * l];
+            let req = PlanRequest::layer(0);
+            let plan =
+                k.prefill(q.view(), kk.view(), v.view(), &cfg, &req, &mut out.view_mut(), Some(&mut lse)).unwrap();
+            let mut dec = common::poisoned([1, 1, hq, d], dtype);
+            k.decode_attention(q1.view(), kc.view(), vc.view(), &[500, 377], None, &mut dec.view_mut()).unwrap();
+            let lse: Vec<u32> = lse.iter().map(|x| x.to_bits()).collect();
+            (plan.order, plan.entropy.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), bits(&out), lse, bits(&dec))
+        };
+        let base = run(0);
+        for order in [1, 2, 3, 4, 5] {
+            assert!(run(order) == base, "{dtype} D {d}: results differ under thread order {order}");
+        }
+    }
+    emu::set_schedule(0).unwrap();
+}

@@ -132,6 +132,9 @@ EXPORT long long ek_cuda_emu_launches(const char* name) {
 // cp.async copies land at issue (1) or when waited for (0, the default).
 EXPORT void ek_cuda_emu_cp_async_early(int early) { ekemu::cp_async_early = early != 0; }
 
+// The order fibers are resumed in (ekemu::schedule).
+EXPORT void ek_cuda_emu_schedule(unsigned order) { ekemu::schedule = order; }
+
 EXPORT CUresult cuInit(unsigned) { return SUCCESS; }
 EXPORT CUresult cuDriverGetVersion(int* v) {
     *v = 13000;

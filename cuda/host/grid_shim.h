@@ -15,6 +15,8 @@
 //   column g; C: rows g / g + 8, columns 2t, 2t + 1; g = lane / 4, t = lane % 4).
 // - Dynamic shared memory is exactly the launch's size, poisoned (0xFF bytes: NaN floats) per
 //   block, so reads of unwritten shared memory show up as wrong results.
+// - Scheduling order is switchable (round robin or greedy, by index, reversed or shuffled): a race
+//   that decides a result shows up as different bits under different orders.
 // - cp.async: copies land when a wait retires their group, or (optionally) at issue — the two
 //   extremes the hardware allows — so reading before the wait, or refilling a buffer other
 //   threads still read, shows up; a thread exiting with copies in flight is reported.
@@ -151,6 +153,12 @@ struct AsyncCopy {
 // the old bytes) or at issue (early: a copy into a buffer others still read overwrites it). The
 // hardware may do either; tests run both (`ek_cuda_emu_cp_async_early`).
 inline std::atomic<bool> cp_async_early{false};
+// The order a block's fibers are resumed in: round robin by thread index (0) or reversed (1), or
+// greedily — always the first runnable fiber, so it runs as far ahead of the others as the
+// barriers let it — by index (2), reversed (3), or over a shuffle seeded by n ≥ 4 and the block.
+// Running a kernel under several orders and comparing the bits finds shared-memory races whose
+// outcome depends on which thread gets there first (a missing barrier between phases, say).
+inline std::atomic<unsigned> schedule{0};
 
 struct Fiber {
     Context ctx;
@@ -274,9 +282,24 @@ inline unsigned my_lane() { return linear(threadIdx) % WARP; }
 #pragma GCC diagnostic ignored "-Wclobbered"
 inline void run_block(Block& b) {
     const unsigned n = b.fibers.size();
+    // The order fibers are resumed in: a race-free kernel computes the same bits in any order.
+    std::vector<unsigned> order(n);
+    for (unsigned i = 0; i < n; i++) order[i] = i;
+    const unsigned mode = schedule;
+    const bool greedy = mode >= 2;  // always resume the first runnable fiber of `order`
+    if (mode == 1 || mode == 3) std::reverse(order.begin(), order.end());
+    if (mode >= 4) {
+        uint64_t x = mode * 0x9E3779B97F4A7C15ull ^ (blockIdx.x + 1) * 0xBF58476D1CE4E5B9ull ^
+                     (blockIdx.y + 1) * 0x94D049BB133111EBull ^ blockIdx.z;
+        for (unsigned i = n; i > 1; i--) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            std::swap(order[i - 1], order[x % i]);
+        }
+    }
     for (;;) {
         bool moved = false, alive = false;
-        for (unsigned i = 0; i < n && b.error.empty(); i++) {
+        for (unsigned k = 0; k < n && b.error.empty(); k++) {
+            const unsigned i = order[k];
             Fiber& f = b.fibers[i];
             if (f.state == State::Done) continue;
             alive = true;
@@ -287,6 +310,7 @@ inline void run_block(Block& b) {
             threadIdx = f.tid;
             switch_to(b.scheduler, f.ctx);
             moved = true;
+            if (greedy) break;
         }
         if (!b.error.empty() || !alive) return;
         if (!moved) {

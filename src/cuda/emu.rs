@@ -89,6 +89,19 @@ pub fn set_cp_async_early(early: bool) -> Result<()> {
     Ok(())
 }
 
+/// The order the emulator resumes a block's threads in: round robin by index (0, the default) or
+/// reversed (1); greedily — the first runnable thread, so it runs as far ahead as barriers allow —
+/// by index (2), reversed (3) or over a shuffle seeded by n ≥ 4 and the block. A race-free kernel
+/// gives the same bits under every order; tests compare them. Process-wide.
+pub fn set_schedule(order: u32) -> Result<()> {
+    let lib = library()?;
+    // SAFETY: the prototype of `ek_cuda_emu_schedule` in cuda/host/driver_emu.cpp.
+    let f = unsafe { lib.get::<unsafe extern "C" fn(u32)>(b"ek_cuda_emu_schedule") }
+        .map_err(|e| unavailable(e.to_string()))?;
+    unsafe { f(order) };
+    Ok(())
+}
+
 /// Threads (and floats written) of a self-test launch.
 pub const SELFTEST_THREADS: usize = 64;
 
