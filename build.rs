@@ -59,26 +59,37 @@ fn main() {
 /// Test double of `libascendcl.so` (`ascend/mock_acl`): the ACL prototypes of `ffi/acl_min.h`
 /// over host memory, launches run on the emulator. Tests find it through `EK_MOCK_ACL_PATH`.
 fn build_mock_acl() {
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("mock_acl");
-    std::fs::create_dir_all(&out).expect("mock_acl dir");
-    let lib = out.join("libascendcl.so");
-    let compiler = cc::Build::new().cpp(true).get_compiler();
-    let mut cmd = compiler.to_command();
-    cmd.args(["-std=c++17", "-O2", "-shared", "-fPIC", "-pthread", "-DEK_ASCEND_EMU", "-Wno-unused-parameter"])
-        .args(["-Iascend/emu/include", "-Iascend/kernels", "-Iffi", "-o"])
-        .arg(&lib)
-        .arg("ascend/mock_acl/mock_acl.cpp");
+    let mut sources = vec![PathBuf::from("ascend/mock_acl/mock_acl.cpp")];
     for dir in ["ascend/emu", "ascend/kernels"] {
         for entry in std::fs::read_dir(dir).expect("ascend sources") {
             let path = entry.expect("dir entry").path();
             if path.extension().is_some_and(|e| e == "cpp") {
-                cmd.arg(path);
+                sources.push(path);
             }
         }
     }
-    let status = cmd.status().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(status.success(), "building the mock ACL library failed: {cmd:?}");
+    let flags = ["-std=c++17", "-pthread", "-DEK_ASCEND_EMU", "-Wno-unused-parameter"];
+    let lib = shared_library(
+        "mock_acl",
+        "libascendcl.so",
+        &flags,
+        &["-Iascend/emu/include", "-Iascend/kernels", "-Iffi"],
+        &sources,
+    );
     println!("cargo::rustc-env=EK_MOCK_ACL_PATH={}", lib.display());
+}
+
+/// Compiles C++ `sources` (optimised, position-independent) into `$OUT_DIR/<dir>/<name>`, a
+/// shared object; returns its path.
+fn shared_library(dir: &str, name: &str, flags: &[&str], includes: &[&str], sources: &[PathBuf]) -> PathBuf {
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join(dir);
+    std::fs::create_dir_all(&out).unwrap_or_else(|e| panic!("creating {}: {e}", out.display()));
+    let lib = out.join(name);
+    let mut cmd = cc::Build::new().cpp(true).get_compiler().to_command();
+    cmd.args(["-O2", "-shared", "-fPIC"]).args(flags).args(includes).arg("-o").arg(&lib).args(sources);
+    let status = cmd.status().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(status.success(), "building {name} failed: {cmd:?}");
+    lib
 }
 
 /// The block-wide top-k code of `cuda/topk.cuh` compiled for the host (`cuda/host/grid_shim.h`),
@@ -98,17 +109,9 @@ fn build_cuda_host_check() {
 /// which `cuda::emu` loads by path so cudarc's `dlopen("libcuda.so")` finds it. Path:
 /// `EK_CUDA_EMU_PATH`. `-ffp-contract=off` keeps the budget recurrence's `__f*_rn` bit-exact.
 fn build_cuda_emu_driver() {
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("cuda_emu");
-    std::fs::create_dir_all(&out).expect("cuda_emu dir");
-    let lib = out.join("libcuda.so");
-    let compiler = cc::Build::new().cpp(true).get_compiler();
-    let mut cmd = compiler.to_command();
-    cmd.args(["-std=c++20", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off"])
-        .args(["-Wall", "-Wno-unknown-pragmas", "-Wno-unused-parameter", "-Wl,-soname,libcuda.so", "-o"])
-        .arg(&lib)
-        .arg("cuda/host/driver_emu.cpp");
-    let status = cmd.status().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(status.success(), "building the emulated CUDA driver failed: {cmd:?}");
+    let flags = ["-std=c++20", "-fvisibility=hidden", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas"];
+    let flags = [&flags[..], &["-Wno-unused-parameter", "-Wl,-soname,libcuda.so"]].concat();
+    let lib = shared_library("cuda_emu", "libcuda.so", &flags, &[], &[PathBuf::from("cuda/host/driver_emu.cpp")]);
     println!("cargo::rustc-env=EK_CUDA_EMU_PATH={}", lib.display());
 }
 

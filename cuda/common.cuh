@@ -58,21 +58,16 @@ template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float x) {
 }
 
 // c += a·b for one warp-wide m16n8k16 tile: A row-major (4 registers of 16-bit pairs), B
-// column-major (2 registers), f32 accumulators.
-__device__ __forceinline__ void mma_f16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+// column-major (2 registers), f32 accumulators; `ty` the 16-bit input type.
+#define EK_MMA_M16N8K16(name, ty)                                                                      \
+    __device__ __forceinline__ void name(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {      \
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." ty "." ty                                \
+                     ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"                     \
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                  \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                 \
+    }
+EK_MMA_M16N8K16(mma_f16, "f16")
+EK_MMA_M16N8K16(mma_bf16, "bf16")
 // Two f32 → one register of 16-bit values, lo in the low half.
 __device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
     uint32_t r;
