@@ -204,3 +204,42 @@ fn results_do_not_depend_on_thread_order() {
     }
     emu::set_schedule(0).unwrap();
 }
+
+/// Window rows whose scoring tiles exceed the device's shared memory: the device API refuses them
+/// with a range error before any launch, and `Kernels` falls back to the host path (correct).
+#[test]
+fn kv_compress_beyond_shared_memory_falls_back() {
+    use entropy_kernels::cuda::CudaTensor;
+    let be = emu::backend().expect("the emulated driver loads");
+    let stream = be.stream().clone();
+    // MQA 64/1, W 64: 4096 window rows of D 64 (about 620 KB of f16 tiles).
+    let (hq, w, n, d) = (64, 64, 400, 64);
+    let seed = common::seed("cuda_emu_rows_limit");
+    let kc = common::random([1, 1, n, d], 1.0, seed, DType::F16);
+    let vc = common::random([1, 1, n, d], 1.0, seed ^ 1, DType::F16);
+    let obs = common::random([1, hq, w, d], 1.0, seed ^ 2, DType::F16);
+    let cfg = DecodeConfig { decode_budget: 200, window: w, ..DecodeConfig::default() };
+    let upload = |t: &HostTensor| {
+        stream.clone_htod(&t.to_f32_vec().iter().map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>()).unwrap()
+    };
+    let (kd, vd, od) = (upload(&kc), upload(&vc), upload(&obs));
+    // The scoring kernel this shape would use; no other test of this file launches it.
+    let scoring = "ek_compress_stats_mma_f16_d64";
+    let before = emu::launches(Some(scoring)).unwrap();
+    let (kt, vt, ot) = (
+        CudaTensor::bsnd(&kd, &stream, kc.shape),
+        CudaTensor::bsnd(&vd, &stream, vc.shape),
+        CudaTensor::bsnd(&od, &stream, obs.shape),
+    );
+    match be.kv_compress_on::<half::f16>(&stream, &kt, &vt, &ot, &cfg) {
+        Err(Error::OutOfRange { .. }) => {}
+        other => panic!("expected a range error, got {:?}", other.map(|c| c.map(|c| c.shape))),
+    }
+    assert_eq!(emu::launches(Some(scoring)).unwrap(), before, "nothing may run before the refusal");
+    let k = Kernels::from_backend(std::sync::Arc::new(be));
+    let got = k.kv_compress(kc.view(), vc.view(), obs.view(), &cfg).unwrap();
+    let oracle = Kernels::reference();
+    let want = oracle.kv_compress(kc.view(), vc.view(), obs.view(), &cfg).unwrap();
+    let args = validate::kv_compress(oracle.capabilities(), kc.view(), vc.view(), obs.view(), &cfg).unwrap();
+    common::check_compressed("rows beyond shared memory", &got, &want, &reference::compress_scores(&args), &kc, false);
+}
