@@ -186,6 +186,24 @@ __device__ void plan_rank(const EkPlanParams& p) {
     for (int i = lim + threadIdx.x; i < p.width; i += blockDim.x) order[i] = (unsigned)i;
 }
 
+// Rankings wider than TOPK_CAP (3·base_budget / block_size > 1024: rare configurations): each
+// candidate's rank is the number of candidates ranking before it — O(lim²) per unit, no shared
+// memory, the same order as block_topk (larger first, ties to the lower index).
+__device__ void plan_rank_wide(const EkPlanParams& p) {
+    const int u = blockIdx.x, s = u % p.segments, n = p.blocks;
+    const int lim = min(s * (p.segment_size / p.block_size), n);
+    const double* key = reinterpret_cast<const double*>(p.key) + (long long)u * n;
+    unsigned* order = reinterpret_cast<unsigned*>(p.order) + (long long)u * p.width;
+    for (int i = threadIdx.x; i < lim; i += blockDim.x) {
+        const unsigned long long ki = sortable(key[i]);
+        int rank = 0;
+        for (int j = 0; j < lim; j++) rank += ranks_before(sortable(key[j]), (unsigned)j, ki, (unsigned)i);
+        if (rank < p.width) order[rank] = (unsigned)i;
+    }
+    // Rows with fewer candidates than the width go on with the masked blocks, ascending.
+    for (int i = lim + threadIdx.x; i < p.width; i += blockDim.x) order[i] = (unsigned)i;
+}
+
 extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_reps_q_f32(EkPlanParams p) { plan_reps_q<float>(p); }
 extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_reps_q_f16(EkPlanParams p) { plan_reps_q<f16_t>(p); }
 extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_reps_q_bf16(EkPlanParams p) { plan_reps_q<bf16_t>(p); }
@@ -196,3 +214,4 @@ extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_logits(EkPlan
 extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_softmax(EkPlanParams p) { plan_softmax(p); }
 extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_decide(EkPlanParams p) { plan_decide(p); }
 extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_rank(EkPlanParams p) { plan_rank(p); }
+extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_rank_wide(EkPlanParams p) { plan_rank_wide(p); }

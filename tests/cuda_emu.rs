@@ -243,3 +243,35 @@ fn kv_compress_beyond_shared_memory_falls_back() {
     let args = validate::kv_compress(oracle.capabilities(), kc.view(), vc.view(), obs.view(), &cfg).unwrap();
     common::check_compressed("rows beyond shared memory", &got, &want, &reference::compress_scores(&args), &kc, false);
 }
+
+/// A ranking wider than the bitonic top-k's 1024 (base / Bk = 1050 blocks of 4 tokens; the last
+/// segment keeps 1040) is counted on the device, and agrees with the oracle's decisions exactly,
+/// ties included.
+#[test]
+fn planning_ranks_beyond_1024_blocks_on_the_device() {
+    let be = emu::backend().expect("the emulated driver loads");
+    let k = Kernels::from_backend(std::sync::Arc::new(be));
+    let seed = common::seed("cuda_emu_wide_rank");
+    let (l, hq, hkv, d) = (4203, 2, 1, 64);
+    let q = common::random([1, l, hq, d], 1.0, seed, DType::F32);
+    // Keys repeat every 3 blocks: most blocks tie with many others, so the tie rule (lower block
+    // first) decides most of the ranking.
+    let pattern = synth::normal(12 * hkv * d, 1.0, seed ^ 1);
+    let keys: Vec<f32> = (0..l).flat_map(|t| pattern[(t % 12) * hkv * d..][..hkv * d].to_vec()).collect();
+    let kk = HostTensor::from_f32(&keys, [1, l, hkv, d], DType::F32);
+    let cfg = EntropyConfig {
+        segment_size: 64,
+        block_size: 4,
+        threshold_len: 64,
+        base_budget: 4200,
+        ..EntropyConfig::default()
+    };
+    let before = emu::launches(Some("ek_plan_rank_wide")).unwrap();
+    let got = k.plan(q.view(), kk.view(), &cfg, &PlanRequest::layer(0)).unwrap();
+    assert!(emu::launches(Some("ek_plan_rank_wide")).unwrap() > before, "the wide ranking did not run on the device");
+    assert!(got.order_width > 1024, "order width {}", got.order_width);
+    let want = Kernels::reference().plan(q.view(), kk.view(), &cfg, &PlanRequest::layer(0)).unwrap();
+    assert_eq!(got.keep_blocks, want.keep_blocks, "keep_blocks");
+    assert_eq!(got.order, want.order, "ranking");
+    assert_eq!(got.blocks, want.blocks, "block lists");
+}

@@ -71,7 +71,7 @@ Kernel kernels[] = {
     EK_KERNEL(ek_plan_reps_k_f32, EkPlanParams) EK_KERNEL(ek_plan_reps_k_f16, EkPlanParams)
     EK_KERNEL(ek_plan_reps_k_bf16, EkPlanParams) EK_KERNEL(ek_plan_logits, EkPlanParams)
     EK_KERNEL(ek_plan_softmax, EkPlanParams) EK_KERNEL(ek_plan_decide, EkPlanParams)
-    EK_KERNEL(ek_plan_rank, EkPlanParams) EK_KERNEL(ek_compress_stats_f32, EkCompressParams)
+    EK_KERNEL(ek_plan_rank, EkPlanParams) EK_KERNEL(ek_plan_rank_wide, EkPlanParams) EK_KERNEL(ek_compress_stats_f32, EkCompressParams)
     EK_KERNEL(ek_compress_stats_f16, EkCompressParams) EK_KERNEL(ek_compress_stats_bf16, EkCompressParams)
     EK_KERNEL(ek_compress_means_f32, EkCompressParams) EK_KERNEL(ek_compress_means_f16, EkCompressParams)
     EK_KERNEL(ek_compress_means_bf16, EkCompressParams) EK_KERNEL(ek_compress_stats_mma_f16_d64, EkCompressParams)

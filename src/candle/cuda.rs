@@ -134,9 +134,8 @@ fn beyond_device_kernels(e: &crate::Error) -> bool {
     matches!(e, crate::Error::OutOfRange { .. } | crate::Error::Unimplemented { .. })
 }
 
-/// Planning from CUDA tensors: every step on the device, the plan returned to the host. Beyond
-/// the device kernels' limits (ranking wider than 1024 blocks) it runs on `kernels` through
-/// host copies.
+/// Planning from CUDA tensors: every step on the device, the plan returned to the host. Should a
+/// device call refuse on a kernel limit, it runs on `kernels` through host copies.
 pub(super) fn plan(
     kernels: &Kernels,
     q: &Tensor,

@@ -7,8 +7,8 @@
 //! Every operation runs on the device: planning (f64 logits and entropy, f32 budget recurrence,
 //! block-wide top-k), prefill (dense and sparse; mma.sync for f16/bf16 with D 64/128, SIMT
 //! otherwise), `kv_compress` (two-pass window scoring, pooling, top-k, gather) and split-K decode.
-//! Outside the kernels' limits (ranking width above 1024 blocks, window rows per kv head whose
-//! scoring tiles exceed shared memory) the affected step runs on the host CPU backend; the compression's selection (radix
+//! Outside the kernels' limits (window rows per kv head whose scoring tiles exceed shared memory)
+//! the compression runs on the host CPU backend; the compression's selection (radix
 //! select; AdaKV's floor, cross-head picks and merge) keeps any count on the device.
 
 use std::collections::HashMap;
@@ -46,8 +46,8 @@ const DECODE_THREADS: u32 = 128;
 const DECODE_MAX_SMEM: usize = 48 * 1024;
 const PLAN_THREADS: u32 = 256;
 const TOPK_THREADS: u32 = 512;
-/// Largest ranking width of the planning top-k (`block_topk` in cuda/topk.cuh); the compression's
-/// radix selection (`block_select`) keeps any count.
+/// Largest ranking width of the planning's bitonic top-k (`block_topk` in cuda/topk.cuh; wider
+/// rankings count ranks instead); the compression's radix selection keeps any count.
 pub(crate) const TOPK_CAP: usize = 1024;
 const COMPRESS_THREADS: u32 = 128;
 const COMPRESS_KEYS: usize = 32;
@@ -365,8 +365,7 @@ impl Backend for CudaBackend {
 
     fn plan(&self, a: &PlanArgs<'_>) -> Result<Plan> {
         let d = a.dims();
-        let width = d.rank_width(a.cfg().base_budget);
-        if d.blocks == 0 || width > TOPK_CAP {
+        if d.blocks == 0 {
             return self.host.plan(a);
         }
         let (_q, q) = self.tensor(&a.q())?;
@@ -544,8 +543,7 @@ impl CudaBackend {
     }
 
     /// Plans on device tensors `q`/`k` on `stream` (every step on the device; the decisions come
-    /// back to the host, so this waits for the stream). Needs blocks and a ranking width within
-    /// `TOPK_CAP`.
+    /// back to the host, so this waits for the stream). Needs blocks.
     pub(crate) fn plan_launch(
         &self,
         stream: &Arc<CudaStream>,
@@ -612,7 +610,10 @@ impl CudaBackend {
             launch(stream, self.func("ek_plan_softmax"), (units as u32, 1, 1), PLAN_THREADS, 0, &params)?;
             let grid = (b * hkv).div_ceil(PLAN_THREADS);
             launch(stream, self.func("ek_plan_decide"), (grid, 1, 1), PLAN_THREADS, 0, &params)?;
-            launch(stream, self.func("ek_plan_rank"), (units as u32, 1, 1), TOPK_THREADS, 0, &params)?;
+            // Bitonic top-k within TOPK_CAP; ranks by counting beyond it.
+            let (rank, threads) =
+                if width <= TOPK_CAP { ("ek_plan_rank", TOPK_THREADS) } else { ("ek_plan_rank_wide", PLAN_THREADS) };
+            launch(stream, self.func(rank), (units as u32, 1, 1), threads, 0, &params)?;
         }
         stream.synchronize().map_err(driver_err("cuStreamSynchronize"))?;
         let get_f32 = |s: &CudaSlice<f32>, len: usize| -> Result<Vec<f32>> {

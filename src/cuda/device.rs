@@ -149,11 +149,6 @@ impl CudaBackend {
         if d.blocks == 0 {
             return Ok(Plan::without_blocks(d, cfg));
         }
-        let width = d.rank_width(cfg.base_budget);
-        if width > super::backend::TOPK_CAP {
-            let why = format!("the CUDA ranking keeps at most {} blocks per unit", super::backend::TOPK_CAP);
-            return Err(Error::range("3·base_budget / block_size", width, why));
-        }
         self.plan_launch(stream, &shape, q.dtype, q.ek(), k.ek())
     }
 

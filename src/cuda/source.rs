@@ -58,6 +58,7 @@ pub const KERNELS: &[&str] = &[
     "ek_plan_softmax",
     "ek_plan_decide",
     "ek_plan_rank",
+    "ek_plan_rank_wide",
     "ek_compress_stats_f32",
     "ek_compress_stats_f16",
     "ek_compress_stats_bf16",
