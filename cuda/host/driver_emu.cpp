@@ -132,6 +132,13 @@ EXPORT long long ek_cuda_emu_launches(const char* name) {
 // cp.async copies land at issue (1) or when waited for (0, the default).
 EXPORT void ek_cuda_emu_cp_async_early(int early) { ekemu::cp_async_early = early != 0; }
 
+// The work counters so far: mma.sync (m16n8k16, per warp), ldmatrix (per warp), cp.async bytes,
+// block barriers.
+EXPORT void ek_cuda_emu_counters(unsigned long long* out) {
+    out[0] = ekemu::counters.mma, out[1] = ekemu::counters.ldmatrix;
+    out[2] = ekemu::counters.cp_async_bytes, out[3] = ekemu::counters.barriers;
+}
+
 // The order fibers are resumed in (ekemu::schedule).
 EXPORT void ek_cuda_emu_schedule(unsigned order) { ekemu::schedule = order; }
 

@@ -153,6 +153,13 @@ struct AsyncCopy {
 // the old bytes) or at issue (early: a copy into a buffer others still read overwrites it). The
 // hardware may do either; tests run both (`ek_cuda_emu_cp_async_early`).
 inline std::atomic<bool> cp_async_early{false};
+
+// Work counted across launches (warp-wide instructions once per warp): tensor-core work, the
+// shared-memory fragment loads, bytes copied by cp.async, block barriers passed.
+struct Counters {
+    std::atomic<unsigned long long> mma{0}, ldmatrix{0}, cp_async_bytes{0}, barriers{0};
+};
+inline Counters counters;
 // The order a block's fibers are resumed in: round robin by thread index (0) or reversed (1), or
 // greedily — always the first runnable fiber, so it runs as far ahead of the others as the
 // barriers let it — by index (2), reversed (3), or over a shuffle seeded by n ≥ 4 and the block.
@@ -218,6 +225,7 @@ inline void syncthreads() {
     if (++b.arrived == b.fibers.size()) {
         b.arrived = 0;
         b.gen++;
+        counters.barriers++;
         return;
     }
     me().state = State::AtBarrier;
@@ -240,6 +248,8 @@ inline unsigned warp_arrive(Collective kind, unsigned mask, const void* bytes, s
     if (++w.arrived == WARP) {
         for (unsigned l = 0; l < WARP; l++)
             if (w.kind[phase][l] != kind) fail("lanes of one warp at different collectives");
+        if (kind == Collective::Mma) counters.mma++;
+        if (kind == Collective::LdMatrix) counters.ldmatrix++;
         w.arrived = 0;
         w.gen++;
         return phase;
@@ -257,6 +267,7 @@ inline void cp_async(void* dst, const void* src, int size, int bytes) {
     if (reinterpret_cast<uintptr_t>(dst) % size || (bytes && reinterpret_cast<uintptr_t>(src) % size))
         fail("cp.async address not aligned to its size");
     const AsyncCopy c{dst, src, size, bytes};
+    counters.cp_async_bytes += bytes;
     if (cp_async_early) c.run();
     else me().open_group.push_back(c);
 }

@@ -102,6 +102,50 @@ pub fn set_schedule(order: u32) -> Result<()> {
     Ok(())
 }
 
+/// Work the emulated kernels have done in this process (warp-wide instructions counted once per
+/// warp). Differences between two readings measure the launches in between.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// `mma.sync.m16n8k16` instructions: 16·8·16 = 2048 multiply-adds each.
+    pub mma: u64,
+    /// `ldmatrix.x4` instructions (four 8×8 tiles of 16-bit values each).
+    pub ldmatrix: u64,
+    /// Bytes copied global → shared by `cp.async`.
+    pub cp_async_bytes: u64,
+    /// Block barriers passed (`__syncthreads`, once per block).
+    pub barriers: u64,
+}
+
+impl Counters {
+    /// Tensor-core multiply-adds.
+    pub fn mma_macs(&self) -> u64 {
+        self.mma * 16 * 8 * 16
+    }
+}
+
+impl std::ops::Sub for Counters {
+    type Output = Counters;
+    fn sub(self, o: Counters) -> Counters {
+        Counters {
+            mma: self.mma - o.mma,
+            ldmatrix: self.ldmatrix - o.ldmatrix,
+            cp_async_bytes: self.cp_async_bytes - o.cp_async_bytes,
+            barriers: self.barriers - o.barriers,
+        }
+    }
+}
+
+/// The emulator's work counters (process-wide: concurrent launches count too).
+pub fn counters() -> Result<Counters> {
+    let lib = library()?;
+    // SAFETY: the prototype of `ek_cuda_emu_counters`; it writes four u64.
+    let f = unsafe { lib.get::<unsafe extern "C" fn(*mut u64)>(b"ek_cuda_emu_counters") }
+        .map_err(|e| unavailable(e.to_string()))?;
+    let mut c = [0u64; 4];
+    unsafe { f(c.as_mut_ptr()) };
+    Ok(Counters { mma: c[0], ldmatrix: c[1], cp_async_bytes: c[2], barriers: c[3] })
+}
+
 /// Threads (and floats written) of a self-test launch.
 pub const SELFTEST_THREADS: usize = 64;
 

@@ -1,0 +1,66 @@
+//! What the emulated CUDA kernels do, counted (`cuda::emu::counters`): tensor-core multiply-adds
+//! against the causal ideal, `ldmatrix` per `mma`, bytes brought in by `cp.async`. One test in its
+//! own binary: the counters are process-wide. Print with `-- --nocapture`.
+#![cfg(feature = "cuda-emu")]
+
+mod common;
+
+use entropy_kernels::cuda::emu;
+use entropy_kernels::*;
+
+#[test]
+fn tensor_core_work_is_close_to_the_ideal() {
+    let be = emu::backend().expect("the emulated driver loads");
+    let k = Kernels::from_backend(std::sync::Arc::new(be));
+    let (l, hq, hkv, d) = (512, 8, 2, 128);
+    let dtype = DType::F16;
+    let q = common::random([1, l, hq, d], 1.0, 1, dtype);
+    let kk = common::random([1, l, hkv, d], 1.0, 2, dtype);
+    let v = common::random([1, l, hkv, d], 1.0, 3, dtype);
+    let mut out = common::poisoned([1, l, hq, d], dtype);
+    let c0 = emu::counters().unwrap();
+    k.dense_prefill(q.view(), kk.view(), v.view(), None, &mut out.view_mut(), None).unwrap();
+    let dense = emu::counters().unwrap() - c0;
+    // Q·Kᵀ and P·V over the causal triangle: 2 · D · Hq · L(L+1)/2.
+    let ideal = (2 * d * hq * l * (l + 1) / 2) as f64;
+    let dense_ratio = dense.mma_macs() as f64 / ideal;
+    // Each K and V row of a kv head once: the least any kernel reads.
+    let kv_bytes = (2 * l * hkv * d * 2) as f64;
+
+    let (n, w) = (2048, 32);
+    let kc = common::random([1, hkv, n, d], 1.0, 4, dtype);
+    let vc = common::random([1, hkv, n, d], 1.0, 5, dtype);
+    let obs = common::random([1, hq, w, d], 1.0, 6, dtype);
+    let cfg = DecodeConfig { decode_budget: 512, window: w, ..DecodeConfig::default() };
+    let c1 = emu::counters().unwrap();
+    k.kv_compress(kc.view(), vc.view(), obs.view(), &cfg).unwrap();
+    let compress = emu::counters().unwrap() - c1;
+    // Two passes of obs·Kᵀ: every window row against every key, then against the scored ones.
+    let rows = hq * w;
+    let compress_ideal = (rows * (n + n - w) * d) as f64;
+    let compress_ratio = compress.mma_macs() as f64 / compress_ideal;
+
+    eprintln!(
+        "| op (f16, GQA {hq}/{hkv}, D {d}) | mma MACs | / ideal | ldmatrix per mma | cp.async bytes | / K+V once | barriers |"
+    );
+    eprintln!("|---|---:|---:|---:|---:|---:|---:|");
+    eprintln!(
+        "| dense prefill, L {l} | {:.1} M | {dense_ratio:.3} | {:.3} | {:.1} MB | {:.1} | {} |",
+        dense.mma_macs() as f64 / 1e6,
+        dense.ldmatrix as f64 / dense.mma as f64,
+        dense.cp_async_bytes as f64 / 1e6,
+        dense.cp_async_bytes as f64 / kv_bytes,
+        dense.barriers
+    );
+    eprintln!(
+        "| kv_compress, N {n}, W {w} | {:.1} M | {compress_ratio:.3} | {:.3} | — | — | {} |",
+        compress.mma_macs() as f64 / 1e6,
+        compress.ldmatrix as f64 / compress.mma as f64,
+        compress.barriers
+    );
+    // 64-row tiles stack 16 tokens × 4 heads over 64-key tiles: the diagonal's padding costs 12%.
+    assert!((1.0..=1.15).contains(&dense_ratio), "dense prefill: {dense_ratio:.3} × the causal ideal");
+    assert!((1.0..=1.05).contains(&compress_ratio), "kv_compress scoring: {compress_ratio:.3} × the ideal");
+    // ldmatrix.x4 feeds two mma (Q's A fragment is reused across a k-step's 8 key tiles).
+    assert!(dense.ldmatrix * 2 <= dense.mma + dense.mma / 4, "{} ldmatrix for {} mma", dense.ldmatrix, dense.mma);
+}
