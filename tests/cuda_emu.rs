@@ -40,6 +40,7 @@ fn planted_violations_are_caught() {
     expect_violation(4, LAUNCH_FAILED, "deadlock");
     expect_violation(5, ILLEGAL_ADDRESS, "outside an allocation");
     expect_violation(6, INVALID_VALUE, "dynamic shared memory");
+    expect_violation(7, LAUNCH_FAILED, "past the end of its 0 bytes of dynamic shared memory");
 }
 
 #[test]

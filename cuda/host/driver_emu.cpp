@@ -411,6 +411,11 @@ void selftest_kernel(SelftestParams p) {
         case 5:  // a write past the end of the allocation
             p.out[SELFTEST_THREADS + t] = v;
             break;
+        case 7: {  // a write past the launch's dynamic shared memory (none was asked for)
+            EK_DYNAMIC_SHARED(float, smem);
+            smem[t] = v;
+            break;
+        }
     }
     p.out[t] = v;
 }
@@ -418,7 +423,8 @@ Kernel selftest_entry{"selftest", [](void** a) { selftest_kernel(*static_cast<Se
 }  // namespace
 
 // Runs planted violation `code` (6: a launch asking for more dynamic shared memory than the
-// function allows) through cuLaunchKernel; the CUresult, and the message in `msg`.
+// function allows; 7: a write past the dynamic shared memory) through cuLaunchKernel; the
+// CUresult, and the message in `msg`.
 EXPORT CUresult ek_cuda_emu_selftest(int code, float* out, char* msg, int len) {
     CUdeviceptr buf;
     if (cuMemAlloc_v2(&buf, SELFTEST_THREADS * sizeof(float)) != SUCCESS) return 2;

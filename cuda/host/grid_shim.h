@@ -14,7 +14,8 @@
 //   16-bit pairs, rows g / g + 8 and columns 2t / 2t + 8; B: 2 registers, k rows 2t / 2t + 8,
 //   column g; C: rows g / g + 8, columns 2t, 2t + 1; g = lane / 4, t = lane % 4).
 // - Dynamic shared memory is exactly the launch's size, poisoned (0xFF bytes: NaN floats) per
-//   block, so reads of unwritten shared memory show up as wrong results.
+//   block, so reads of unwritten shared memory show up as wrong results; a write into the guard
+//   bytes past its end is reported (the hardware would fault or corrupt a neighbour).
 // - Scheduling order is switchable (round robin or greedy, by index, reversed or shuffled): a race
 //   that decides a result shows up as different bits under different orders.
 // - cp.async: copies land when a wait retires their group, or (optionally) at issue — the two
@@ -345,7 +346,10 @@ inline std::string launch(EkDim3 grid, EkDim3 threads, size_t dynamic_bytes, con
     for (auto& f : b.fibers) f.stack.reset(new char[STACK_BYTES]);
     b.warps.resize((n + WARP - 1) / WARP);
     for (unsigned w = 0; w < b.warps.size(); w++) b.warps[w].lanes = std::min(WARP, n - w * WARP);
-    std::vector<unsigned char> smem(dynamic_bytes + 16);
+    // Guard bytes past the launch's dynamic shared memory: a write there is reported, a read
+    // gets NaN-like bytes.
+    constexpr size_t SMEM_GUARD = 1024;
+    std::vector<unsigned char> smem(dynamic_bytes + 16 + SMEM_GUARD);
     // 16-byte aligned dynamic shared memory, like the hardware's.
     unsigned char* smem16 = smem.data() + (16 - reinterpret_cast<uintptr_t>(smem.data()) % 16) % 16;
     Block* outer = block;
@@ -358,7 +362,7 @@ inline std::string launch(EkDim3 grid, EkDim3 threads, size_t dynamic_bytes, con
         for (unsigned by = 0; by < grid.y && b.error.empty(); by++)
             for (unsigned bx = 0; bx < grid.x && b.error.empty(); bx++) {
                 blockIdx = EkDim3{bx, by, bz};
-                std::memset(smem16, 0xff, dynamic_bytes);
+                std::memset(smem16, 0xff, dynamic_bytes + SMEM_GUARD);
                 b.arrived = 0;
                 for (auto& w : b.warps) w.arrived = 0;
                 for (unsigned i = 0; i < n; i++) {
@@ -371,6 +375,11 @@ inline std::string launch(EkDim3 grid, EkDim3 threads, size_t dynamic_bytes, con
                     f.groups.clear();
                 }
                 run_block(b);
+                for (size_t i = 0; i < SMEM_GUARD && b.error.empty(); i++)
+                    if (smem16[dynamic_bytes + i] != 0xff)
+                        b.error = "block (" + std::to_string(bx) + "," + std::to_string(by) + "," + std::to_string(bz) +
+                                  "): wrote past the end of its " + std::to_string(dynamic_bytes) +
+                                  " bytes of dynamic shared memory (at +" + std::to_string(i) + ")";
             }
     block = outer;
     dynamic_shared = outer_smem;
