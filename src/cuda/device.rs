@@ -5,14 +5,26 @@
 //! stream reaches them. (Small host arrays — block lists, cache lengths — are uploaded in stream
 //! order.)
 //!
-//! ```ignore
+//! ```no_run
+//! # fn main() -> entropy_kernels::Result<()> {
+//! use entropy_kernels::cuda::{CudaBackend, CudaTensor, CudaTensorMut};
+//! use entropy_kernels::{EntropyConfig, PlanRequest};
+//! use half::bf16;
+//!
+//! let (b, l, hq, hkv, d) = (1, 4096, 32, 8, 128);
 //! let backend = CudaBackend::new(0)?;
 //! let stream = backend.stream().clone();
+//! // An engine's activations, BSND (here fresh zeros).
+//! let alloc = |n: usize| stream.alloc_zeros::<bf16>(n).expect("device memory");
+//! let (q_slice, k_slice, v_slice) = (alloc(b * l * hq * d), alloc(b * l * hkv * d), alloc(b * l * hkv * d));
+//! let mut out_slice = alloc(b * l * hq * d);
 //! let q = CudaTensor::bsnd(&q_slice, &stream, [b, l, hq, d]);
 //! let k = CudaTensor::bsnd(&k_slice, &stream, [b, l, hkv, d]);
 //! let v = CudaTensor::bsnd(&v_slice, &stream, [b, l, hkv, d]);
 //! let mut out = CudaTensorMut::bsnd(&mut out_slice, &stream, [b, l, hq, d]);
+//! let plan = backend.plan_on(&stream, &q, &k, &EntropyConfig::entropy_infer(), &PlanRequest::layer(0))?;
 //! backend.prefill_on(&stream, &q, &k, &v, Some(&plan.blocks), None, &mut out, None)?;
+//! # Ok(()) }
 //! ```
 
 use std::sync::Arc;
