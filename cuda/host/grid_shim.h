@@ -6,23 +6,23 @@
 // - __syncthreads: every thread of the block must reach the same barrier; a thread that exits
 //   while others wait, or a barrier nobody can complete, is reported (the hardware would hang or
 //   misbehave) instead of passing.
-// - Warp collectives (__shfl_xor_sync, __ballot_sync, __syncwarp, mma.sync, ldmatrix): the full mask only;
-//   all 32 lanes must arrive at the same collective, else it is reported.
-// - A fiber runs until it reaches a barrier or a collective, so code that reads shared memory
-//   another lane writes without one in between sees the write early — such races fail tests.
+// - Warp collectives (__shfl_xor_sync, __ballot_sync, __syncwarp, mma.sync, ldmatrix): the full
+//   mask only; all 32 lanes must arrive at the same collective, else it is reported.
 // - mma.sync.m16n8k16.row.col with f32 accumulators: the PTX fragment layouts (A: 4 registers of
 //   16-bit pairs, rows g / g + 8 and columns 2t / 2t + 8; B: 2 registers, k rows 2t / 2t + 8,
 //   column g; C: rows g / g + 8, columns 2t, 2t + 1; g = lane / 4, t = lane % 4).
 // - Dynamic shared memory is exactly the launch's size, poisoned (0xFF bytes: NaN floats) per
 //   block, so reads of unwritten shared memory show up as wrong results; a write into the guard
 //   bytes past its end is reported (the hardware would fault or corrupt a neighbour).
-// - Scheduling order is switchable (round robin or greedy, by index, reversed or shuffled): a race
-//   that decides a result shows up as different bits under different orders.
+// - A fiber runs until it reaches a barrier or a collective, in a switchable resume order (round
+//   robin or greedy, by index, reversed or shuffled): a shared-memory race whose outcome decides
+//   a result shows up as different bits under different orders.
 // - cp.async: copies land when a wait retires their group, or (optionally) at issue — the two
 //   extremes the hardware allows — so reading before the wait, or refilling a buffer other
 //   threads still read, shows up; a thread exiting with copies in flight is reported.
-// Not emulated: concurrency between blocks or warps (no races are found), memory-model effects,
-// timing. A violation throws `ekemu::Violation` inside the fiber; `launch` returns its text.
+// Not emulated: true concurrency (a race needing an interleaving none of the orders produces goes
+// unseen), memory-model effects, timing. A violation throws `ekemu::Violation` inside the fiber;
+// `launch` returns its text.
 #pragma once
 
 #if !defined(__x86_64__)
