@@ -398,11 +398,7 @@ impl Backend for CudaBackend {
         let (_obs, obs) = self.tensor(&a.obs())?;
         let job = CompressJob { dims: d, cfg, dtype, k_cache, v_cache, obs, scale: a.scale() };
         let run = self.compress_score(&self.stream, &job, &kernels)?;
-        self.compress_select(&self.stream, &job, &run)?;
-        let lengths: Vec<u32> = match &run.lengths {
-            Some(l) => self.stream.clone_dtoh(l).map_err(driver_err("cuMemcpyDtoH"))?,
-            None => vec![cfg.decode_budget as u32; d.batch * heads],
-        };
+        let lengths = self.compress_select(&self.stream, &job, &run)?;
         let capacity = lengths.iter().copied().max().unwrap_or(0) as usize;
         let out_len = d.batch * heads * capacity * dd * dtype.size();
         let k_out = self.stream.alloc_zeros::<u8>(out_len).map_err(driver_err("cuMemAlloc"))?;
@@ -766,22 +762,25 @@ impl CudaBackend {
         Ok(CompressRun { _stats: stats, _means: means, _pooled: pooled, selected, lengths, _picks: picks, params })
     }
 
-    /// Enqueues the selection of a scored compression: each head's top-k, or AdaKV's floor picks,
-    /// cross-head picks and per-head merge (lengths on the device).
+    /// Enqueues the selection of a scored compression — each head's top-k, or AdaKV's floor picks,
+    /// cross-head picks and per-head merge — and returns the entries each head keeps (window
+    /// included): `budget` each, or AdaKV's lengths read back (a stream synchronisation).
     pub(crate) fn compress_select(
         &self,
         stream: &Arc<CudaStream>,
         job: &CompressJob<'_>,
         run: &CompressRun,
-    ) -> Result<()> {
+    ) -> Result<Vec<u32>> {
         let (d, cfg) = (job.dims, job.cfg);
         let (b, hc) = (d.batch as u32, d.out_heads(cfg) as u32);
         let p = &run.params;
-        // SAFETY: `run` holds the buffers its params address, sized by `compress_score`.
+        let Some(lengths) = &run.lengths else {
+            // SAFETY: `run` holds the buffers its params address, sized by `compress_score`.
+            unsafe { launch(stream, self.func("ek_compress_topk"), (hc, b, 1), TOPK_THREADS, 0, p)? };
+            return Ok(vec![cfg.decode_budget as u32; d.batch * hc as usize]);
+        };
+        // SAFETY: as above; AdaKV's buffers were sized for its floor and cross-head picks.
         unsafe {
-            if run.lengths.is_none() {
-                return launch(stream, self.func("ek_compress_topk"), (hc, b, 1), TOPK_THREADS, 0, p);
-            }
             if p.floor_keep > 0 {
                 // The top-k kernel keeps budget − W positions into `selected`: aim it at the floor.
                 let floor = EkCompressParams { selected: p.floor_sel, budget: p.floor_keep + p.window, ..*p };
@@ -791,8 +790,9 @@ impl CudaBackend {
             if p.extra_keep > 0 {
                 launch(stream, self.func("ek_compress_adakv_extra"), (b, 1, 1), TOPK_THREADS, 0, p)?;
             }
-            launch(stream, self.func("ek_compress_adakv_merge"), (hc, b, 1), 256, 0, p)
+            launch(stream, self.func("ek_compress_adakv_merge"), (hc, b, 1), 256, 0, p)?;
         }
+        stream.clone_dtoh(lengths).map_err(driver_err("cuMemcpyDtoH"))
     }
 
     /// Enqueues the gather of the selected entries (then the window) into `k_out`/`v_out`,

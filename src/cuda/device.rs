@@ -307,11 +307,7 @@ impl CudaBackend {
             scale,
         };
         let run = self.compress_score(stream, &job, &kernels)?;
-        self.compress_select(stream, &job, &run)?;
-        let lengths: Vec<u32> = match &run.lengths {
-            Some(l) => stream.clone_dtoh(l).map_err(super::backend::driver_err("cuMemcpyDtoH"))?,
-            None => vec![cfg.decode_budget as u32; dims.batch * heads],
-        };
+        let lengths = self.compress_select(stream, &job, &run)?;
         let capacity = lengths.iter().copied().max().unwrap_or(0) as usize;
         let shape = [dims.batch, heads, capacity, dims.head_dim];
         let alloc =
