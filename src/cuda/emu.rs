@@ -9,8 +9,9 @@
 //!
 //! It reports what the hardware would reject or hang on: divergent barriers, partial or divergent
 //! warp collectives, writes past an allocation (guard bytes), copies outside an allocation, more
-//! dynamic shared memory than a function allows. It says nothing about speed, and finds no races
-//! (one fiber runs at a time).
+//! dynamic shared memory than a function allows, writes past a block's dynamic shared memory.
+//! Races show up only as results that change with the thread schedule ([`set_schedule`]); it
+//! says nothing about speed (work is counted: [`counters`]).
 //!
 //! Loading: the library's SONAME is `libcuda.so`, the first name cudarc tries; once loaded by
 //! path, the dynamic loader hands it to cudarc's `dlopen("libcuda.so")`. A process that already
@@ -51,6 +52,14 @@ fn library() -> Result<&'static libloading::Library> {
     .map_err(|e| unavailable(e.clone()))
 }
 
+/// An exported function of the emulated driver, typed as `F` (its prototype in
+/// cuda/host/driver_emu.cpp).
+fn symbol<F: Copy>(name: &[u8]) -> Result<F> {
+    let lib = library()?;
+    // SAFETY: every caller names `F` after the C prototype of `name`.
+    unsafe { lib.get::<F>(name) }.map(|f| *f).map_err(|e| unavailable(e.to_string()))
+}
+
 /// The CUDA backend on the emulated device (compute capability 9.0, H100-like limits).
 pub fn backend() -> Result<CudaBackend> {
     library()?;
@@ -63,9 +72,7 @@ type Launches = unsafe extern "C" fn(*const std::ffi::c_char) -> i64;
 /// Kernel launches the emulated driver has run in this process: of kernel `name` (an entry of
 /// [`super::source::KERNELS`]), or of every kernel for `None`.
 pub fn launches(name: Option<&str>) -> Result<u64> {
-    let lib = library()?;
-    // SAFETY: the prototype of `ek_cuda_emu_launches` in cuda/host/driver_emu.cpp.
-    let f = unsafe { lib.get::<Launches>(b"ek_cuda_emu_launches") }.map_err(|e| unavailable(e.to_string()))?;
+    let f = symbol::<Launches>(b"ek_cuda_emu_launches")?;
     let name = name.map(std::ffi::CString::new).transpose().map_err(|e| unavailable(e.to_string()))?;
     // SAFETY: a NUL-terminated name or null; the driver only reads it.
     let n = unsafe { f(name.as_ref().map_or(std::ptr::null(), |c| c.as_ptr())) };
@@ -81,10 +88,8 @@ pub fn launches(name: Option<&str>) -> Result<u64> {
 /// When the emulated `cp.async` copies land: at issue (`true`) or when a wait retires them
 /// (`false`, the default) — the two extremes the hardware allows. Process-wide.
 pub fn set_cp_async_early(early: bool) -> Result<()> {
-    let lib = library()?;
-    // SAFETY: the prototype of `ek_cuda_emu_cp_async_early` in cuda/host/driver_emu.cpp.
-    let f = unsafe { lib.get::<unsafe extern "C" fn(i32)>(b"ek_cuda_emu_cp_async_early") }
-        .map_err(|e| unavailable(e.to_string()))?;
+    let f = symbol::<unsafe extern "C" fn(i32)>(b"ek_cuda_emu_cp_async_early")?;
+    // SAFETY: sets a flag.
     unsafe { f(i32::from(early)) };
     Ok(())
 }
@@ -94,10 +99,8 @@ pub fn set_cp_async_early(early: bool) -> Result<()> {
 /// by index (2), reversed (3) or over a shuffle seeded by n ≥ 4 and the block. A race-free kernel
 /// gives the same bits under every order; tests compare them. Process-wide.
 pub fn set_schedule(order: u32) -> Result<()> {
-    let lib = library()?;
-    // SAFETY: the prototype of `ek_cuda_emu_schedule` in cuda/host/driver_emu.cpp.
-    let f = unsafe { lib.get::<unsafe extern "C" fn(u32)>(b"ek_cuda_emu_schedule") }
-        .map_err(|e| unavailable(e.to_string()))?;
+    let f = symbol::<unsafe extern "C" fn(u32)>(b"ek_cuda_emu_schedule")?;
+    // SAFETY: sets a value.
     unsafe { f(order) };
     Ok(())
 }
@@ -137,11 +140,9 @@ impl std::ops::Sub for Counters {
 
 /// The emulator's work counters (process-wide: concurrent launches count too).
 pub fn counters() -> Result<Counters> {
-    let lib = library()?;
-    // SAFETY: the prototype of `ek_cuda_emu_counters`; it writes four u64.
-    let f = unsafe { lib.get::<unsafe extern "C" fn(*mut u64)>(b"ek_cuda_emu_counters") }
-        .map_err(|e| unavailable(e.to_string()))?;
+    let f = symbol::<unsafe extern "C" fn(*mut u64)>(b"ek_cuda_emu_counters")?;
     let mut c = [0u64; 4];
+    // SAFETY: it writes four u64.
     unsafe { f(c.as_mut_ptr()) };
     Ok(Counters { mma: c[0], ldmatrix: c[1], cp_async_bytes: c[2], barriers: c[3] })
 }
@@ -155,10 +156,7 @@ pub const SELFTEST_THREADS: usize = 64;
 /// shared memory) through `cuLaunchKernel`.
 /// `Ok` with the block's outputs, or `Err((CUresult, message))`.
 pub fn selftest(code: i32) -> Result<std::result::Result<Vec<f32>, (i32, String)>> {
-    let lib = library()?;
-    type F = unsafe extern "C" fn(i32, *mut f32, *mut u8, i32) -> i32;
-    // SAFETY: the prototype of `ek_cuda_emu_selftest` in cuda/host/driver_emu.cpp.
-    let f = unsafe { lib.get::<F>(b"ek_cuda_emu_selftest") }.map_err(|e| unavailable(e.to_string()))?;
+    let f = symbol::<unsafe extern "C" fn(i32, *mut f32, *mut u8, i32) -> i32>(b"ek_cuda_emu_selftest")?;
     let mut out = vec![f32::NAN; SELFTEST_THREADS];
     let mut msg = vec![0u8; 512];
     // SAFETY: `out` holds the SELFTEST_THREADS floats written, `msg` its stated length.
