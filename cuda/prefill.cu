@@ -8,10 +8,15 @@
 //
 // Two kernels: `prefill_mma` (f16/bf16, D 64 or 128: mma.sync m16n8k16, f32 accumulation, the
 // FlashAttention-2 register layout) and `prefill_simt` (every dtype and D ≤ 256: plain FMAs).
+//
+// `prefill_mma` comes in two tile heights, 16 rows per warp either way (same registers per
+// thread): 4 warps × 16 = 64 rows, or 8 warps × 16 = 128 rows, which halves how often each K/V
+// tile is re-read (from L2) per query row at the price of twice the shared memory for Q and fewer,
+// larger CTAs. With GQA 32/8 a 64-row tile covers only 16 tokens, so at 16K tokens the re-reads
+// (~32 GB per layer) rival the tensor work; the host picks per launch (`PrefillTile`).
 
-#define PREFILL_MMA_WARPS 4
-#define PREFILL_MMA_ROWS 64   // 16 rows per warp
-#define PREFILL_MMA_KEYS 64   // keys per shared-memory tile
+#define PREFILL_MMA_ROWS_PER_WARP 16  // one m16 slab of the mma per warp
+#define PREFILL_MMA_KEYS 64           // keys per shared-memory tile
 #define PREFILL_SIMT_THREADS 128
 #define PREFILL_SIMT_ROWS 32  // 4 threads per row
 #define PREFILL_SIMT_KEYS 32
@@ -163,15 +168,16 @@ template <> struct Mma<bf16_t> {
 };
 
 
-template <typename T, int D> __device__ void prefill_mma(const EkPrefillParams& p) {
+template <typename T, int D, int WARPS> __device__ void prefill_mma(const EkPrefillParams& p) {
     Tile t;
     if (!prefill_tile(p, t)) return;
     constexpr int DP = D + 8;  // padded shared rows (16 bytes): conflict-free fragment loads
     constexpr int KSTEPS = D / 16, DTILES = D / 8, NT = PREFILL_MMA_KEYS / 8;
+    constexpr int ROWS = WARPS * PREFILL_MMA_ROWS_PER_WARP, CHUNKS = D / 8;  // 16-byte chunks per row
     EK_DYNAMIC_SHARED(unsigned short, sh);
     // K and V tiles double-buffered: tile i + 1 is copied (cp.async) while tile i is computed.
     unsigned short* qs = sh;                                      // [ROWS][DP]
-    unsigned short* ks = qs + PREFILL_MMA_ROWS * DP;              // [2][KEYS][DP]
+    unsigned short* ks = qs + ROWS * DP;              // [2][KEYS][DP]
     unsigned short* vs = ks + 2 * PREFILL_MMA_KEYS * DP;          // [2][KEYS][DP]
     int* toks = reinterpret_cast<int*>(vs + 2 * PREFILL_MMA_KEYS * DP);  // [2][KEYS]
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -185,8 +191,8 @@ template <typename T, int D> __device__ void prefill_mma(const EkPrefillParams& 
     auto issue = [&](int j0, int buf) {
         unsigned short* kb = ks + buf * PREFILL_MMA_KEYS * DP;
         unsigned short* vb = vs + buf * PREFILL_MMA_KEYS * DP;
-        for (int i = tid; i < PREFILL_MMA_KEYS * (D / 8); i += blockDim.x) {
-            const int j = i / (D / 8), x = (i % (D / 8)) * 8;
+        for (int i = tid; i < PREFILL_MMA_KEYS * CHUNKS; i += blockDim.x) {
+            const int j = i / CHUNKS, x = (i % CHUNKS) * 8;
             const bool real = j0 + j < total;
             const int tk = real ? t.keys.token(j0 + j) : 0;
             cp_async_16(kb + j * DP + x, k + (real ? row_offset(p.k, t.b, tk, t.h) + x : 0), real ? 16 : 0);
@@ -195,13 +201,14 @@ template <typename T, int D> __device__ void prefill_mma(const EkPrefillParams& 
         }
         cp_async_commit();
     };
-    issue(0, 0);
-    for (int i = tid; i < PREFILL_MMA_ROWS * D; i += blockDim.x) {
-        const int rr = i / D, x = i % D;
-        unsigned short val = 0;
-        if (rr < t.rows) val = q[row_offset(p.q, t.b, t.t0 + rr / p.group, t.h * p.group + rr % p.group) + x];
-        qs[rr * DP + x] = val;
+    // Q rows by cp.async too (zeros past the tile's rows), landing with the first K/V tile.
+    for (int i = tid; i < ROWS * CHUNKS; i += blockDim.x) {
+        const int rr = i / CHUNKS, x = (i % CHUNKS) * 8;
+        const bool real = rr < t.rows;
+        const long long src = real ? row_offset(p.q, t.b, t.t0 + rr / p.group, t.h * p.group + rr % p.group) + x : 0;
+        cp_async_16(qs + rr * DP + x, q + src, real ? 16 : 0);
     }
+    issue(0, 0);
     // Q stays in shared memory; its A fragments are reloaded per k-step (saves 4·D/16 registers
     // per thread, which keeps D = 128 under 255 registers without spills).
     const int r0 = warp * 16 + g;
@@ -328,7 +335,17 @@ template <typename T, int D> __device__ void prefill_mma(const EkPrefillParams& 
 extern "C" __global__ void __launch_bounds__(PREFILL_SIMT_THREADS) ek_prefill_simt_f32(EkPrefillParams p) { prefill_simt<float>(p); }
 extern "C" __global__ void __launch_bounds__(PREFILL_SIMT_THREADS) ek_prefill_simt_f16(EkPrefillParams p) { prefill_simt<f16_t>(p); }
 extern "C" __global__ void __launch_bounds__(PREFILL_SIMT_THREADS) ek_prefill_simt_bf16(EkPrefillParams p) { prefill_simt<bf16_t>(p); }
-extern "C" __global__ void __launch_bounds__(PREFILL_MMA_WARPS * 32) ek_prefill_mma_f16_d64(EkPrefillParams p) { prefill_mma<f16_t, 64>(p); }
-extern "C" __global__ void __launch_bounds__(PREFILL_MMA_WARPS * 32) ek_prefill_mma_f16_d128(EkPrefillParams p) { prefill_mma<f16_t, 128>(p); }
-extern "C" __global__ void __launch_bounds__(PREFILL_MMA_WARPS * 32) ek_prefill_mma_bf16_d64(EkPrefillParams p) { prefill_mma<bf16_t, 64>(p); }
-extern "C" __global__ void __launch_bounds__(PREFILL_MMA_WARPS * 32) ek_prefill_mma_bf16_d128(EkPrefillParams p) { prefill_mma<bf16_t, 128>(p); }
+// One kernel per (dtype, D, M = tile rows): `ek_prefill_mma_<dtype>_d<D>_m<M>`.
+#define EK_PREFILL_MMA(T, name, D, M)                                                                     \
+    extern "C" __global__ void __launch_bounds__(M / PREFILL_MMA_ROWS_PER_WARP * 32)                      \
+        ek_prefill_mma_##name##_d##D##_m##M(EkPrefillParams p) {                                          \
+        prefill_mma<T, D, M / PREFILL_MMA_ROWS_PER_WARP>(p);                                              \
+    }
+EK_PREFILL_MMA(f16_t, f16, 64, 64)
+EK_PREFILL_MMA(f16_t, f16, 128, 64)
+EK_PREFILL_MMA(bf16_t, bf16, 64, 64)
+EK_PREFILL_MMA(bf16_t, bf16, 128, 64)
+EK_PREFILL_MMA(f16_t, f16, 64, 128)
+EK_PREFILL_MMA(f16_t, f16, 128, 128)
+EK_PREFILL_MMA(bf16_t, bf16, 64, 128)
+EK_PREFILL_MMA(bf16_t, bf16, 128, 128)

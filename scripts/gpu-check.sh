@@ -34,6 +34,10 @@ if command -v compute-sanitizer >/dev/null; then
 fi
 # Benchmarks: ours on the GPU, then PyTorch SDPA (flash backend) on the same shapes.
 run bench-dense-bf16 .gpu/bin/entropy-kernels bench --backend cuda --dtype bf16 --q-heads 32 --kv-heads 8 --head-dim 128 --lengths 16384 --ops dense,sparse,decode --reps 5
+# The prefill's tile height forced each way (auto's choice is in bench-dense-bf16).
+for m in 64 128; do
+  ENTROPY_KERNELS_PREFILL_TILE=$m run bench-dense-m$m .gpu/bin/entropy-kernels bench --backend cuda --dtype bf16 --q-heads 32 --kv-heads 8 --head-dim 128 --lengths 16384 --ops dense,sparse --reps 5
+done
 run bench-128k .gpu/bin/entropy-kernels bench --backend cuda --dtype bf16 --q-heads 32 --kv-heads 8 --head-dim 128 --lengths 131072 --ops sparse,compress --reps 3
 run peer-sdpa python3 benches/peer_sdpa.py --device cuda --dtype bf16 --q-heads 32 --kv-heads 8 --head-dim 128 --lengths 16384,131072
 grep -h "|" "$out"/bench-*.log "$out"/peer-sdpa.log > "$out/summary.md" 2>/dev/null

@@ -5,14 +5,14 @@
 
 mod common;
 
-use entropy_kernels::cuda::emu;
+use entropy_kernels::cuda::{PrefillTile, emu};
 use entropy_kernels::*;
 
-#[test]
-fn tensor_core_work_is_close_to_the_ideal() {
-    let be = emu::backend().expect("the emulated driver loads");
+/// The work of one dense prefill with the prefill tile forced to `tile`.
+fn dense_prefill_counts(tile: PrefillTile, l: usize, hq: usize, hkv: usize, d: usize) -> emu::Counters {
+    let mut be = emu::backend().expect("the emulated driver loads");
+    be.set_prefill_tile(tile);
     let k = Kernels::from_backend(std::sync::Arc::new(be));
-    let (l, hq, hkv, d) = (512, 8, 2, 128);
     let dtype = DType::F16;
     let q = common::random([1, l, hq, d], 1.0, 1, dtype);
     let kk = common::random([1, l, hkv, d], 1.0, 2, dtype);
@@ -20,12 +20,25 @@ fn tensor_core_work_is_close_to_the_ideal() {
     let mut out = common::poisoned([1, l, hq, d], dtype);
     let c0 = emu::counters().unwrap();
     k.dense_prefill(q.view(), kk.view(), v.view(), None, &mut out.view_mut(), None).unwrap();
-    let dense = emu::counters().unwrap() - c0;
+    emu::counters().unwrap() - c0
+}
+
+#[test]
+fn tensor_core_work_is_close_to_the_ideal() {
+    let be = emu::backend().expect("the emulated driver loads");
+    let k = Kernels::from_backend(std::sync::Arc::new(be));
+    let (l, hq, hkv, d) = (512, 8, 2, 128);
+    let dtype = DType::F16;
+    let dense = dense_prefill_counts(PrefillTile::M64, l, hq, hkv, d);
+    let dense128 = dense_prefill_counts(PrefillTile::M128, l, hq, hkv, d);
     // Q·Kᵀ and P·V over the causal triangle: 2 · D · Hq · L(L+1)/2.
     let ideal = (2 * d * hq * l * (l + 1) / 2) as f64;
     let dense_ratio = dense.mma_macs() as f64 / ideal;
+    let dense128_ratio = dense128.mma_macs() as f64 / ideal;
     // Each K and V row of a kv head once: the least any kernel reads.
     let kv_bytes = (2 * l * hkv * d * 2) as f64;
+    // Q, also by cp.async, is read once by either tile.
+    let q_bytes = (l * hq * d * 2) as f64;
 
     let (n, w) = (2048, 32);
     let kc = common::random([1, hkv, n, d], 1.0, 4, dtype);
@@ -44,14 +57,16 @@ fn tensor_core_work_is_close_to_the_ideal() {
         "| op (f16, GQA {hq}/{hkv}, D {d}) | mma MACs | / ideal | ldmatrix per mma | cp.async bytes | / K+V once | barriers |"
     );
     eprintln!("|---|---:|---:|---:|---:|---:|---:|");
-    eprintln!(
-        "| dense prefill, L {l} | {:.1} M | {dense_ratio:.3} | {:.3} | {:.1} MB | {:.1} | {} |",
-        dense.mma_macs() as f64 / 1e6,
-        dense.ldmatrix as f64 / dense.mma as f64,
-        dense.cp_async_bytes as f64 / 1e6,
-        dense.cp_async_bytes as f64 / kv_bytes,
-        dense.barriers
-    );
+    for (m, c, ratio) in [(64, &dense, dense_ratio), (128, &dense128, dense128_ratio)] {
+        eprintln!(
+            "| dense prefill, L {l}, {m}-row tiles | {:.1} M | {ratio:.3} | {:.3} | {:.1} MB | {:.1} | {} |",
+            c.mma_macs() as f64 / 1e6,
+            c.ldmatrix as f64 / c.mma as f64,
+            c.cp_async_bytes as f64 / 1e6,
+            (c.cp_async_bytes as f64 - q_bytes) / kv_bytes,
+            c.barriers
+        );
+    }
     eprintln!(
         "| kv_compress, N {n}, W {w} | {:.1} M | {compress_ratio:.3} | {:.3} | — | — | {} |",
         compress.mma_macs() as f64 / 1e6,
@@ -60,6 +75,10 @@ fn tensor_core_work_is_close_to_the_ideal() {
     );
     // 64-row tiles stack 16 tokens × 4 heads over 64-key tiles: the diagonal's padding costs 12%.
     assert!((1.0..=1.15).contains(&dense_ratio), "dense prefill: {dense_ratio:.3} × the causal ideal");
+    assert!((1.0..=1.25).contains(&dense128_ratio), "dense prefill, 128 rows: {dense128_ratio:.3} × the ideal");
+    // 128-row tiles read each K/V tile for twice the query rows: about half the re-reads.
+    let (kv64, kv128) = (dense.cp_async_bytes as f64 - q_bytes, dense128.cp_async_bytes as f64 - q_bytes);
+    assert!(kv128 <= 0.6 * kv64, "K/V by cp.async: {kv128} bytes with 128-row tiles vs {kv64} with 64");
     assert!((1.0..=1.05).contains(&compress_ratio), "kv_compress scoring: {compress_ratio:.3} × the ideal");
     // ldmatrix.x4 feeds two mma (Q's A fragment is reused across a k-step's 8 key tiles).
     assert!(dense.ldmatrix * 2 <= dense.mma + dense.mma / 4, "{} ldmatrix for {} mma", dense.ldmatrix, dense.mma);

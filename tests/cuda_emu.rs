@@ -5,13 +5,20 @@
 
 mod common;
 
-use entropy_kernels::cuda::emu;
+use entropy_kernels::cuda::{PrefillTile, emu};
 use entropy_kernels::{reference, validate, *};
 
 /// CUresult codes the emulated driver returns (cuda.h).
 const INVALID_VALUE: i32 = 1;
 const ILLEGAL_ADDRESS: i32 = 700;
 const LAUNCH_FAILED: i32 = 719;
+
+/// `Kernels` on the emulated driver with the prefill tile forced to `tile`.
+fn tiled(tile: PrefillTile) -> Kernels {
+    let mut be = emu::backend().expect("the emulated driver loads");
+    be.set_prefill_tile(tile);
+    Kernels::from_backend(std::sync::Arc::new(be))
+}
 
 fn expect_violation(code: i32, result: i32, text: &str) {
     match emu::selftest(code).expect("the emulated driver loads") {
@@ -105,16 +112,20 @@ fn kv_compress_scores_on_tensor_cores_for_16_bit_caches() {
 
 /// The prefill's cp.async pipeline is correct whether copies land when waited for (a read before
 /// the wait would see stale tiles) or at issue (a refill before every warp is done with a buffer
-/// would corrupt it): f16/bf16, D 64/128, several key tiles, GQA, sparse lists and LSE.
+/// would corrupt it): 64- and 128-row tiles, f16/bf16, D 64/128, several key tiles, GQA, sparse
+/// lists and LSE.
 #[test]
 fn prefill_pipeline_holds_whichever_way_copies_land() {
-    let be = emu::backend().expect("the emulated driver loads");
-    let k = Kernels::from_backend(std::sync::Arc::new(be));
     let oracle = Kernels::reference();
-    for early in [true, false] {
+    for (early, tile) in
+        [(true, PrefillTile::M64), (false, PrefillTile::M64), (true, PrefillTile::M128), (false, PrefillTile::M128)]
+    {
         emu::set_cp_async_early(early).unwrap();
+        let k = tiled(tile);
         for (dtype, d) in [(DType::F16, 128), (DType::BF16, 64)] {
-            let seed = common::seed(&format!("cuda_emu_pipeline/{early}/{dtype}/{d}"));
+            let kernel = format!("ek_prefill_mma_{dtype}_d{d}_m{}", if tile == PrefillTile::M64 { 64 } else { 128 });
+            let before = emu::launches(Some(&kernel)).unwrap();
+            let seed = common::seed(&format!("cuda_emu_pipeline/{early}/{tile:?}/{dtype}/{d}"));
             let (l, hq, hkv) = (333, 4, 2);
             let q = common::random([1, l, hq, d], 1.0, seed, dtype);
             let kk = common::random([1, l, hkv, d], 1.0, seed ^ 1, dtype);
@@ -152,26 +163,31 @@ fn prefill_pipeline_holds_whichever_way_copies_land() {
                     Some(&mut want_lse),
                 )
                 .unwrap();
+            let tag = format!("cp.async early={early} {tile:?} {dtype} D {d}");
+            assert!(emu::launches(Some(&kernel)).unwrap() > before, "{tag}: {kernel} did not run");
             let err = common::rel_fro(&common::tensor_f64(&got), &common::tensor_f64(&want));
-            assert!(err <= common::attn_tol(dtype), "cp.async early={early} {dtype} D {d}: rel err {err:e}");
+            assert!(err <= common::attn_tol(dtype), "{tag}: rel err {err:e}");
             let lse_err = lse.iter().zip(&want_lse).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(lse_err < 1e-2, "cp.async early={early} {dtype} D {d}: LSE off by {lse_err}");
+            assert!(lse_err < 1e-2, "{tag}: LSE off by {lse_err}");
         }
     }
 }
 
-/// Shared-memory races that decide a result: planning, the prefill (tensor-core and SIMT, LSE) and
-/// decode give the same bits whichever order the emulator resumes a block's threads in — round
-/// robin or greedy, by index, reversed or shuffled. 75 blocks of 8 tokens, so the planning's block
+/// Shared-memory races that decide a result: planning, the prefill (tensor-core with 64- and
+/// 128-row tiles, SIMT, LSE) and decode give the same bits whichever order the emulator resumes a
+/// block's threads in — round robin or greedy, by index, reversed or shuffled. 75 blocks of 8 tokens, so the planning's block
 /// reductions feed more than one warp. (The compression's float atomics make its sums
 /// order-dependent by design, so it is not compared.)
 #[test]
 fn results_do_not_depend_on_thread_order() {
-    let be = emu::backend().expect("the emulated driver loads");
-    let k = Kernels::from_backend(std::sync::Arc::new(be));
     let seed = common::seed("cuda_emu_thread_order");
     let bits = |t: &HostTensor| t.to_f32_vec().iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
-    for (dtype, d) in [(DType::BF16, 128), (DType::F32, 64)] {
+    for (dtype, d, tile) in [
+        (DType::BF16, 128, PrefillTile::M64),
+        (DType::BF16, 64, PrefillTile::M128),
+        (DType::F32, 64, PrefillTile::Auto),
+    ] {
+        let k = tiled(tile);
         let (l, hq, hkv) = (600, 4, 2);
         let q = common::random([1, l, hq, d], 1.0, seed, dtype);
         let kk = common::random([1, l, hkv, d], 1.0, seed ^ 1, dtype);
@@ -200,7 +216,7 @@ fn results_do_not_depend_on_thread_order() {
         };
         let base = run(0);
         for order in [1, 2, 3, 4, 5] {
-            assert!(run(order) == base, "{dtype} D {d}: results differ under thread order {order}");
+            assert!(run(order) == base, "{dtype} D {d} {tile:?}: results differ under thread order {order}");
         }
     }
     emu::set_schedule(0).unwrap();

@@ -158,7 +158,19 @@ fn check_attention(tag: &str, dtype: DType, got: &(HostTensor, Vec<f32>), want: 
 
 fn run_shape(kind: BackendKind, name: &str, s: Shape) {
     let test = format!("matrix::{name}_{kind}");
-    let kernels = match open(&test, kind) {
+    run_on(&test, open(&test, kind), s)
+}
+
+/// The CUDA backend with every tensor-core prefill on 128-row tiles (auto picks 64 rows for
+/// these small grids).
+#[cfg(feature = "_cuda")]
+fn run_shape_cuda_m128(name: &str, s: Shape) {
+    let test = format!("matrix::{name}_cuda_m128");
+    run_on(&test, open_cuda_tiled(&test, entropy_kernels::cuda::PrefillTile::M128), s)
+}
+
+fn run_on(test: &str, kernels: entropy_kernels::Result<Kernels>, s: Shape) {
+    let kernels = match kernels {
         Ok(k) => k,
         Err(e) => {
             eprintln!("[{test}] SKIP: {e}");
@@ -302,6 +314,11 @@ macro_rules! test_device {
             #[test]
             fn cuda() {
                 run_shape(BackendKind::Cuda, stringify!($name), $shape);
+            }
+            #[test]
+            #[cfg(feature = "_cuda")]
+            fn cuda_m128() {
+                run_shape_cuda_m128(stringify!($name), $shape);
             }
             #[test]
             fn ascend() {

@@ -36,9 +36,8 @@ unsafe impl DeviceRepr for EkPlanParams {}
 unsafe impl DeviceRepr for EkCompressParams {}
 
 /// Tile shapes the kernels are compiled with (cuda/prefill.cu, cuda/decode.cu).
-const MMA_ROWS: usize = 64;
+const MMA_ROWS_PER_WARP: usize = 16;
 const MMA_KEYS: usize = 64;
-const MMA_THREADS: u32 = 128;
 const SIMT_ROWS: usize = 32;
 const SIMT_KEYS: usize = 32;
 const SIMT_THREADS: u32 = 128;
@@ -96,8 +95,39 @@ pub struct CudaBackend {
     origin: &'static str,
     /// Dynamic shared memory a block may use (the device's opt-in limit, set on every kernel).
     max_shared: usize,
+    /// Streaming multiprocessors: how many CTAs make a wave.
+    sms: usize,
+    /// The tensor-core prefill's tile height (rows = query tokens × group heads per CTA).
+    prefill_tile: PrefillTile,
     /// Host fallback for the operations without device kernels yet.
     host: crate::cpu::CpuBackend,
+}
+
+/// Environment variable: the tensor-core prefill's tile height, `auto` (default), `64` or `128`.
+pub const PREFILL_TILE_ENV: &str = "ENTROPY_KERNELS_PREFILL_TILE";
+
+/// Rows per CTA of the tensor-core prefill (`ek_prefill_mma_*_m64` / `_m128`). Both keep 16 rows
+/// per warp; 128 rows read each K/V tile half as often per query row but need twice Q's shared
+/// memory and make half as many CTAs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillTile {
+    /// 128 rows when they fit in shared memory, fill whole segments and make at least two waves
+    /// of CTAs; else 64.
+    Auto,
+    M64,
+    M128,
+}
+
+impl std::str::FromStr for PrefillTile {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(PrefillTile::Auto),
+            "64" => Ok(PrefillTile::M64),
+            "128" => Ok(PrefillTile::M128),
+            other => Err(Error::range(PREFILL_TILE_ENV, other, "expected auto, 64 or 128")),
+        }
+    }
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -150,6 +180,13 @@ impl CudaBackend {
                 .map_err(driver_err("cuFuncSetAttribute"))?;
             funcs.insert(k, f);
         }
+        let sms = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver_err("cuDeviceGetAttribute"))?;
+        let prefill_tile = match std::env::var(PREFILL_TILE_ENV) {
+            Ok(v) => v.parse()?,
+            Err(_) => PrefillTile::Auto,
+        };
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         let stream = ctx.default_stream();
         Ok(CudaBackend {
@@ -161,8 +198,21 @@ impl CudaBackend {
             arch,
             origin,
             max_shared: optin as usize,
+            sms: sms.max(1) as usize,
+            prefill_tile,
             host: crate::cpu::CpuBackend::new(),
         })
+    }
+
+    /// Chooses the tensor-core prefill's tile height (default: [`PREFILL_TILE_ENV`], else auto).
+    /// A forced height that does not fit the device's shared memory falls back to 64 rows.
+    pub fn set_prefill_tile(&mut self, tile: PrefillTile) {
+        self.prefill_tile = tile;
+    }
+
+    /// The tile height prefills on this backend use unless told otherwise.
+    pub fn prefill_tile(&self) -> PrefillTile {
+        self.prefill_tile
     }
 
     pub(crate) fn default_stream(&self) -> &Arc<CudaStream> {
@@ -344,6 +394,12 @@ fn on_16_byte_grid(t: &EkTensor) -> bool {
     t.ptr.is_multiple_of(16) && t.stride.iter().all(|s| s % 8 == 0)
 }
 
+/// Dynamic shared memory of `ek_prefill_mma_*_m<rows>`: Q, double-buffered K and V tiles (rows
+/// padded by 8 halves), their tokens.
+fn mma_prefill_smem(rows: usize, head_dim: usize) -> usize {
+    (rows + 4 * MMA_KEYS) * (head_dim + 8) * 2 + 2 * MMA_KEYS * 4
+}
+
 fn dtype_suffix(d: DType) -> &'static str {
     match d {
         DType::F32 => "f32",
@@ -357,7 +413,11 @@ impl Backend for CudaBackend {
         BackendKind::Cuda
     }
     fn describe(&self) -> String {
-        format!("cuda ({}, {}, kernels from {})", self.name, self.arch, self.origin)
+        let tile = match self.prefill_tile {
+            PrefillTile::Auto => String::new(),
+            t => format!(", prefill tile {t:?}"),
+        };
+        format!("cuda ({}, {}, kernels from {}{tile})", self.name, self.arch, self.origin)
     }
     fn capabilities(&self) -> &Capabilities {
         &self.caps
@@ -486,15 +546,14 @@ impl CudaBackend {
             None => None,
         };
         let aligned = [&job.q, &job.k, &job.v].into_iter().all(on_16_byte_grid);
-        let mma = dtype != DType::F32 && (d.head_dim == 64 || d.head_dim == 128) && aligned && g <= MMA_ROWS;
+        let mma = dtype != DType::F32 && (d.head_dim == 64 || d.head_dim == 128) && aligned && g <= 64;
         let (name, rows, threads, smem) = if mma {
-            let dp = d.head_dim + 8;
+            let m = self.mma_tile_rows(d.head_dim, g, segment_size, segments * d.batch * d.kv_heads);
             (
-                format!("ek_prefill_mma_{}_d{}", dtype_suffix(dtype), d.head_dim),
-                MMA_ROWS,
-                MMA_THREADS,
-                // Q, double-buffered K and V tiles, their tokens.
-                (MMA_ROWS + 4 * MMA_KEYS) * dp * 2 + 2 * MMA_KEYS * 4,
+                format!("ek_prefill_mma_{}_d{}_m{m}", dtype_suffix(dtype), d.head_dim),
+                m,
+                (m / MMA_ROWS_PER_WARP * 32) as u32,
+                mma_prefill_smem(m, d.head_dim),
             )
         } else {
             if g > SIMT_ROWS {
@@ -536,6 +595,22 @@ impl CudaBackend {
         let grid = ((segments * tiles_per_segment) as u32, (d.batch * d.kv_heads) as u32, 1);
         // SAFETY: every address in `params` points at live device memory sized by the validated dims.
         unsafe { launch(stream, self.func(&name), grid, threads, smem, &params) }
+    }
+
+    /// The tensor-core prefill's rows per CTA for head dim `d`, group `g` and `units` (b, kv head,
+    /// segment) units (see [`PrefillTile`]).
+    fn mma_tile_rows(&self, d: usize, g: usize, segment_size: usize, units: usize) -> usize {
+        let fits = mma_prefill_smem(128, d) <= self.max_shared;
+        match self.prefill_tile {
+            PrefillTile::M64 => 64,
+            PrefillTile::M128 if fits => 128,
+            PrefillTile::M128 => 64,
+            PrefillTile::Auto => {
+                let tokens = 128 / g;
+                let ctas = units * segment_size.div_ceil(tokens);
+                if fits && tokens <= segment_size && ctas >= 2 * self.sms { 128 } else { 64 }
+            }
+        }
     }
 
     /// Plans on device tensors `q`/`k` on `stream` (every step on the device; the decisions come

@@ -18,7 +18,7 @@ pub mod device;
 #[cfg(feature = "cuda-emu")]
 pub mod emu;
 #[cfg(feature = "_cuda")]
-pub use backend::CudaBackend;
+pub use backend::{CudaBackend, PREFILL_TILE_ENV, PrefillTile};
 #[cfg(feature = "_cuda")]
 pub use device::{CudaCompressedCache, CudaTensor, CudaTensorMut, DeviceElement};
 
@@ -59,22 +59,9 @@ pub fn nvrtc_present() -> bool {
 pub const EMU_ENV: &str = "ENTROPY_KERNELS_CUDA_EMU";
 
 pub(crate) fn probe() -> Result<Arc<dyn Backend>> {
-    #[cfg(feature = "cuda-emu")]
-    if std::env::var(EMU_ENV).is_ok_and(|v| v == "1") {
-        return Ok(Arc::new(emu::backend()?));
-    }
     #[cfg(feature = "_cuda")]
     {
-        if !driver_present() {
-            return Err(Error::BackendUnavailable { backend: "cuda", reason: "no CUDA driver (libcuda) found".into() });
-        }
-        // The driver API panics inside cudarc only on a missing library, checked above; anything
-        // else is an error value. A panic here would still be caught rather than abort `auto`.
-        match std::panic::catch_unwind(|| CudaBackend::new(0)) {
-            Ok(Ok(b)) => Ok(Arc::new(b)),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(Error::BackendUnavailable { backend: "cuda", reason: "the CUDA probe panicked".into() }),
-        }
+        Ok(Arc::new(open()?))
     }
     #[cfg(not(feature = "_cuda"))]
     {
@@ -83,4 +70,22 @@ pub(crate) fn probe() -> Result<Arc<dyn Backend>> {
             reason: "built without the `cuda` (or `candle-cuda`) feature".into(),
         })
     }
+}
+
+/// The CUDA backend `auto` and `cuda` choose: on device 0, or on the emulated driver when
+/// [`EMU_ENV`] is `1`. Never panics; no driver is a `BackendUnavailable` error.
+#[cfg(feature = "_cuda")]
+pub fn open() -> Result<CudaBackend> {
+    #[cfg(feature = "cuda-emu")]
+    if std::env::var(EMU_ENV).is_ok_and(|v| v == "1") {
+        return emu::backend();
+    }
+    if !driver_present() {
+        return Err(Error::BackendUnavailable { backend: "cuda", reason: "no CUDA driver (libcuda) found".into() });
+    }
+    // The driver API panics inside cudarc only on a missing library, checked above; anything
+    // else is an error value. A panic here would still be caught rather than abort `auto`.
+    std::panic::catch_unwind(|| CudaBackend::new(0)).unwrap_or_else(|_| {
+        Err(Error::BackendUnavailable { backend: "cuda", reason: "the CUDA probe panicked".into() })
+    })
 }

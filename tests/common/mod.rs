@@ -24,6 +24,10 @@ pub fn backends_under_test(test: &str) -> Vec<Kernels> {
 /// backend's whole ACL path (buffers, binary loading, argument packing, launches) over the mock
 /// ACL library, whose launches execute on the emulator; it says so.
 pub fn open(test: &str, kind: BackendKind) -> entropy_kernels::Result<Kernels> {
+    #[cfg(feature = "_cuda")]
+    if kind == BackendKind::Cuda {
+        return cuda_open(test).map(|b| Kernels::from_backend(std::sync::Arc::new(b)));
+    }
     let real = Kernels::new(kind);
     #[cfg(all(feature = "ascend", feature = "ascend-emu"))]
     if kind == BackendKind::Ascend
@@ -39,38 +43,35 @@ pub fn open(test: &str, kind: BackendKind) -> entropy_kernels::Result<Kernels> {
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(Kernels::from_backend(std::sync::Arc::new(backend?)));
     }
-    #[cfg(feature = "cuda-emu")]
-    if kind == BackendKind::Cuda
-        && let Err(e) = &real
-    {
-        eprintln!("[{test}] cuda: {e}; running the CUDA backend on the emulated driver (kernels on the host)");
-        return Ok(Kernels::from_backend(std::sync::Arc::new(entropy_kernels::cuda::emu::backend()?)));
-    }
     let _ = test;
     real
 }
 
-/// The CUDA backend on device 0, or (with `cuda-emu`, no driver) on the emulated driver; `None`
-/// with the reason printed when neither is there.
-#[cfg(feature = "cuda")]
-pub fn cuda_backend(test: &str) -> Option<entropy_kernels::cuda::CudaBackend> {
-    let real = if entropy_kernels::cuda::driver_present() {
-        entropy_kernels::cuda::CudaBackend::new(0)
-    } else {
-        Err(entropy_kernels::Error::BackendUnavailable { backend: "cuda", reason: "no CUDA driver".into() })
-    };
+/// The CUDA backend `auto` would open, else (with `cuda-emu`) the one on the emulated driver.
+#[cfg(feature = "_cuda")]
+fn cuda_open(test: &str) -> entropy_kernels::Result<entropy_kernels::cuda::CudaBackend> {
+    let real = entropy_kernels::cuda::open();
     #[cfg(feature = "cuda-emu")]
     let real = real.or_else(|e| {
-        eprintln!("[{test}] cuda: {e}; running on the emulated driver (kernels on the host)");
+        eprintln!("[{test}] cuda: {e}; running the CUDA backend on the emulated driver (kernels on the host)");
         entropy_kernels::cuda::emu::backend()
     });
-    match real {
-        Ok(b) => Some(b),
-        Err(e) => {
-            eprintln!("[{test}] SKIP cuda: {e}");
-            None
-        }
-    }
+    let _ = test;
+    real
+}
+
+/// [`cuda_open`], or `None` with the reason printed.
+#[cfg(feature = "_cuda")]
+pub fn cuda_backend(test: &str) -> Option<entropy_kernels::cuda::CudaBackend> {
+    cuda_open(test).map_err(|e| eprintln!("[{test}] SKIP cuda: {e}")).ok()
+}
+
+/// [`open`] for the CUDA backend with its prefill tile forced to `tile` (the matrix runs both).
+#[cfg(feature = "_cuda")]
+pub fn open_cuda_tiled(test: &str, tile: entropy_kernels::cuda::PrefillTile) -> entropy_kernels::Result<Kernels> {
+    let mut b = cuda_open(test)?;
+    b.set_prefill_tile(tile);
+    Ok(Kernels::from_backend(std::sync::Arc::new(b)))
 }
 
 /// Whether `kernels` runs `op`; prints the skip when it does not.
