@@ -37,6 +37,12 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const unsigned sh
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int bytes) { ekemu::cp_async(smem, gmem, 16, bytes); }
 __device__ __forceinline__ void cp_async_commit() { ekemu::cp_async_commit(); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { ekemu::cp_async_wait(N); }
+__device__ __forceinline__ void ld_global_16(const void* p, uint32_t* w) { ekemu::ld_global(w, p, 16); }
+template <typename T> __device__ __forceinline__ T ld_global_elem(const T* p) {
+    T v;
+    ekemu::ld_global(&v, p, sizeof(T));
+    return v;
+}
 #else
 #define EK_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
 
@@ -109,7 +115,30 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int by
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// 16 bytes from global memory in one vector load (p 16-byte aligned), through the read-only path.
+__device__ __forceinline__ void ld_global_16(const void* p, uint32_t* w) {
+    asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
+}
+template <typename T> __device__ __forceinline__ T ld_global_elem(const T* p) { return *p; }
 #endif
+
+// VEC consecutive elements at p as floats: one 16-byte load when VEC·sizeof(T) = 16 (p aligned
+// to 16 bytes), else VEC = 1.
+template <typename T, int VEC> __device__ __forceinline__ void load_f32(const T* p, float* out) {
+    if constexpr (VEC == 1) {
+        out[0] = to_f32(ld_global_elem(p));
+    } else {
+        static_assert(VEC * sizeof(T) == 16, "vector loads are 16 bytes");
+        uint32_t w[4];
+        ld_global_16(p, w);
+#pragma unroll
+        for (int e = 0; e < VEC; e++) {
+            if constexpr (sizeof(T) == 4) out[e] = __uint_as_float(w[e]);
+            else out[e] = to_f32(T{(unsigned short)(w[e / 2] >> (16 * (e % 2)))});
+        }
+    }
+}
 
 // 2^x; 0 for x = -inf.
 __device__ __forceinline__ float exp2_f32(float x) { return exp2f(x); }

@@ -1,11 +1,42 @@
 // Decode attention over compacted caches with per-head lengths (flash-decoding, split-K).
 // Pass 1: one CTA per (split, cache head, batch) scores its key chunk for the group's query rows
 // (q rows and scores in shared memory), then writes per-row max, sum and unnormalised output.
+// Memory-bound: every K and V row of the split is read from global memory once (16-byte loads
+// where aligned), whatever the number of query rows up to DECODE_ROW_PASS.
 // Pass 2: one CTA per (query row, cache head, batch) merges the splits.
 
 #define DECODE_THREADS 128
+#define DECODE_LANE_ELEMS 8  // elements of a cache row one lane holds (D ≤ 256)
+#define DECODE_ROW_PASS 4    // query rows a thread accumulates outputs for at once
 
-template <typename T> __device__ void decode_split(const EkDecodeParams& p) {
+// How a warp covers cache rows: `lanes` lanes per row (a power of two ≤ 32), each holding
+// `vectors` runs of VEC consecutive elements; element run i of lane `sub` starts at
+// (sub + lanes·i)·VEC. VEC·sizeof(T) is 16 bytes when the host found the rows 16-byte aligned
+// (one vector load per run), else VEC = 1.
+template <int VEC> struct DecodeLanes {
+    int lanes, vectors;
+    __device__ __forceinline__ explicit DecodeLanes(int d) {
+        const int runs = (d + VEC - 1) / VEC;
+        lanes = 1;
+        while (lanes < runs && lanes < 32) lanes *= 2;
+        vectors = (runs + lanes - 1) / lanes;
+    }
+};
+
+// Run i of lane `sub` of cache row `row` as floats (zeros past D).
+template <typename T, int VEC>
+__device__ __forceinline__ void decode_load(const T* row, int d, const DecodeLanes<VEC>& dl, int sub, float* out) {
+#pragma unroll
+    for (int i = 0; i < DECODE_LANE_ELEMS / VEC; i++) {
+        const int x = (sub + dl.lanes * i) * VEC;
+        if (i < dl.vectors && x < d) load_f32<T, VEC>(row + x, out + i * VEC);
+        else
+#pragma unroll
+            for (int e = 0; e < VEC; e++) out[i * VEC + e] = 0.f;
+    }
+}
+
+template <typename T, int VEC> __device__ void decode_split(const EkDecodeParams& p) {
     EK_DYNAMIC_SHARED(float, smem);
     const int s = blockIdx.x, hc = blockIdx.y, b = blockIdx.z;
     const int hcs = p.k_cache.shape[1], d = p.q.shape[3], nq = p.q.shape[1];
@@ -13,9 +44,15 @@ template <typename T> __device__ void decode_split(const EkDecodeParams& p) {
     const int kps = p.keys_per_split;
     const int len = (int)reinterpret_cast<const uint32_t*>(p.lengths)[b * hcs + hc];
     const int k0 = s * kps, k1 = min(len, k0 + kps), n = max(0, k1 - k0);
-    float* qs = smem;               // [rows][d]
-    float* sc = smem + rows * d;    // [rows][kps]
+    const DecodeLanes<VEC> dl(d);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+    const int sub = lane % dl.lanes, slot = lane / dl.lanes, per_warp = 32 / dl.lanes;
+    const int streams = warps * per_warp, stream = warp * per_warp + slot;  // keys in flight
+    // Region 1: the query rows, then (once scored) the per-stream partial outputs, ≤ 16 KiB:
+    // streams · DECODE_ROW_PASS · D floats, streams = 4 · 32 / lanes.
+    float* qs = smem;                                                          // [rows][d]
+    float* red = smem;                                                         // [streams][ROW_PASS][d]
+    float* sc = smem + max(rows * d, streams * DECODE_ROW_PASS * d);          // [rows][kps]
     const T* q = tensor_ptr<T>(p.q);
     const T* kc = tensor_ptr<T>(p.k_cache);
     const T* vc = tensor_ptr<T>(p.v_cache);
@@ -25,19 +62,26 @@ template <typename T> __device__ void decode_split(const EkDecodeParams& p) {
         qs[i] = to_f32(q[row_offset(p.q, b, qi, hq) + x]) * p.scale_log2;
     }
     __syncthreads();
-    // Scores: a warp per key, lanes across the head dim.
-    for (int j = warp; j < n; j += warps) {
-        const T* krow = kc + row_offset(p.k_cache, b, hc, k0 + j);
-        float kv[8];
+    // Scores: `lanes` lanes per key, each key row read once; the warp steps together (its
+    // shuffles need every lane) and lanes past the split's keys hold zeros.
+    for (int j0 = warp * per_warp; j0 < n; j0 += streams) {
+        const int j = j0 + slot;
+        float kv[DECODE_LANE_ELEMS];
+        if (j < n) decode_load<T, VEC>(kc + row_offset(p.k_cache, b, hc, k0 + j), d, dl, sub, kv);
+        else
 #pragma unroll
-        for (int t = 0; t < 8; t++) kv[t] = (lane + 32 * t < d) ? to_f32(krow[lane + 32 * t]) : 0.f;
+            for (int e = 0; e < DECODE_LANE_ELEMS; e++) kv[e] = 0.f;
         for (int r = 0; r < rows; r++) {
             float acc = 0.f;
 #pragma unroll
-            for (int t = 0; t < 8; t++)
-                if (lane + 32 * t < d) acc += qs[r * d + lane + 32 * t] * kv[t];
-            acc = warp_sum(acc);
-            if (lane == 0) sc[r * kps + j] = acc;
+            for (int i = 0; i < DECODE_LANE_ELEMS / VEC; i++) {
+                const int x = (sub + dl.lanes * i) * VEC;
+                if (i < dl.vectors && x < d)
+#pragma unroll
+                    for (int e = 0; e < VEC; e++) acc += qs[r * d + x + e] * kv[i * VEC + e];
+            }
+            for (int o = dl.lanes / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+            if (j < n && sub == 0) sc[r * kps + j] = acc;
         }
     }
     __syncthreads();
@@ -61,13 +105,43 @@ template <typename T> __device__ void decode_split(const EkDecodeParams& p) {
             part[base + (long long)r * (d + 2) + d + 1] = l;
         }
     }
-    __syncthreads();
-    // Unnormalised outputs: a thread per (row, dim); value rows read coalesced.
-    for (int i = tid; i < rows * d; i += blockDim.x) {
-        const int r = i / d, x = i % d;
-        float acc = 0.f;
-        for (int j = 0; j < n; j++) acc += sc[r * kps + j] * to_f32(vc[row_offset(p.v_cache, b, hc, k0 + j) + x]);
-        part[base + (long long)r * (d + 2) + x] = acc;
+    // Unnormalised outputs, DECODE_ROW_PASS rows at a time: each stream sums its keys' value rows
+    // (each read once per pass) into registers, then the streams' sums are added in a fixed
+    // order (the same bits whatever the schedule).
+    for (int r0 = 0; r0 < rows; r0 += DECODE_ROW_PASS) {
+        __syncthreads();  // the scores are final; the previous pass's sums have been read
+        float acc[DECODE_ROW_PASS][DECODE_LANE_ELEMS];
+#pragma unroll
+        for (int rr = 0; rr < DECODE_ROW_PASS; rr++)
+#pragma unroll
+            for (int e = 0; e < DECODE_LANE_ELEMS; e++) acc[rr][e] = 0.f;
+        for (int j = stream; j < n; j += streams) {
+            float vv[DECODE_LANE_ELEMS];
+            decode_load<T, VEC>(vc + row_offset(p.v_cache, b, hc, k0 + j), d, dl, sub, vv);
+#pragma unroll
+            for (int rr = 0; rr < DECODE_ROW_PASS; rr++) {
+                const float pr = r0 + rr < rows ? sc[(r0 + rr) * kps + j] : 0.f;
+#pragma unroll
+                for (int e = 0; e < DECODE_LANE_ELEMS; e++) acc[rr][e] += pr * vv[e];
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < DECODE_LANE_ELEMS / VEC; i++) {
+            const int x = (sub + dl.lanes * i) * VEC;
+            if (i < dl.vectors && x < d)
+#pragma unroll
+                for (int rr = 0; rr < DECODE_ROW_PASS; rr++)
+#pragma unroll
+                    for (int e = 0; e < VEC; e++) red[(stream * DECODE_ROW_PASS + rr) * d + x + e] = acc[rr][i * VEC + e];
+        }
+        __syncthreads();
+        for (int i = tid; i < DECODE_ROW_PASS * d; i += blockDim.x) {
+            const int rr = i / d, x = i % d;
+            if (r0 + rr >= rows) continue;
+            float sum = 0.f;
+            for (int st = 0; st < streams; st++) sum += red[(st * DECODE_ROW_PASS + rr) * d + x];
+            part[base + (long long)(r0 + rr) * (d + 2) + x] = sum;
+        }
     }
 }
 
@@ -97,9 +171,17 @@ template <typename T> __device__ void decode_merge(const EkDecodeParams& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(DECODE_THREADS) ek_decode_split_f32(EkDecodeParams p) { decode_split<float>(p); }
-extern "C" __global__ void __launch_bounds__(DECODE_THREADS) ek_decode_split_f16(EkDecodeParams p) { decode_split<f16_t>(p); }
-extern "C" __global__ void __launch_bounds__(DECODE_THREADS) ek_decode_split_bf16(EkDecodeParams p) { decode_split<bf16_t>(p); }
+// `ek_decode_split_<dtype>_v<VEC>`: VEC elements per load (16 bytes, or 1 for unaligned rows).
+#define EK_DECODE_SPLIT(T, name, VEC)                                                                     \
+    extern "C" __global__ void __launch_bounds__(DECODE_THREADS) ek_decode_split_##name##_v##VEC(EkDecodeParams p) { \
+        decode_split<T, VEC>(p);                                                                          \
+    }
+EK_DECODE_SPLIT(float, f32, 4)
+EK_DECODE_SPLIT(float, f32, 1)
+EK_DECODE_SPLIT(f16_t, f16, 8)
+EK_DECODE_SPLIT(f16_t, f16, 1)
+EK_DECODE_SPLIT(bf16_t, bf16, 8)
+EK_DECODE_SPLIT(bf16_t, bf16, 1)
 extern "C" __global__ void __launch_bounds__(DECODE_THREADS) ek_decode_merge_f32(EkDecodeParams p) { decode_merge<float>(p); }
 extern "C" __global__ void __launch_bounds__(DECODE_THREADS) ek_decode_merge_f16(EkDecodeParams p) { decode_merge<f16_t>(p); }
 extern "C" __global__ void __launch_bounds__(DECODE_THREADS) ek_decode_merge_bf16(EkDecodeParams p) { decode_merge<bf16_t>(p); }

@@ -1,5 +1,6 @@
 //! What the emulated CUDA kernels do, counted (`cuda::emu::counters`): tensor-core multiply-adds
-//! against the causal ideal, `ldmatrix` per `mma`, bytes brought in by `cp.async`. One test in its
+//! against the causal ideal, `ldmatrix` per `mma`, bytes brought in by `cp.async`, the decode's
+//! cache bytes against one read. One test in its
 //! own binary: the counters are process-wide. Print with `-- --nocapture`.
 #![cfg(feature = "cuda-emu")]
 
@@ -53,6 +54,17 @@ fn tensor_core_work_is_close_to_the_ideal() {
     let compress_ideal = (rows * (n + n - w) * d) as f64;
     let compress_ratio = compress.mma_macs() as f64 / compress_ideal;
 
+    // Decode over 1024-entry caches: every K and V row of the heads' lengths read exactly once.
+    let (cache_n, lens) = (1024, [1024u32, 700]);
+    let kc = common::random([1, hkv, cache_n, d], 1.0, 7, dtype);
+    let vc = common::random([1, hkv, cache_n, d], 1.0, 8, dtype);
+    let q1 = common::random([1, 1, hq, d], 1.0, 9, dtype);
+    let mut dec = common::poisoned([1, 1, hq, d], dtype);
+    let c2 = emu::counters().unwrap();
+    k.decode_attention(q1.view(), kc.view(), vc.view(), &lens, None, &mut dec.view_mut()).unwrap();
+    let decode = emu::counters().unwrap() - c2;
+    let decode_ideal = 2 * lens.iter().map(|&x| x as u64).sum::<u64>() * (d as u64) * 2;
+
     eprintln!(
         "| op (f16, GQA {hq}/{hkv}, D {d}) | mma MACs | / ideal | ldmatrix per mma | cp.async bytes | / K+V once | barriers |"
     );
@@ -73,6 +85,13 @@ fn tensor_core_work_is_close_to_the_ideal() {
         compress.ldmatrix as f64 / compress.mma as f64,
         compress.barriers
     );
+    eprintln!(
+        "| decode, N {cache_n} (lengths {lens:?}) | — | — | — | {:.2} MB loaded | {:.3} | {} |",
+        decode.ld_global_bytes as f64 / 1e6,
+        decode.ld_global_bytes as f64 / decode_ideal as f64,
+        decode.barriers
+    );
+    assert_eq!(decode.ld_global_bytes, decode_ideal, "decode must read each cache row once");
     // 64-row tiles stack 16 tokens × 4 heads over 64-key tiles: the diagonal's padding costs 12%.
     assert!((1.0..=1.15).contains(&dense_ratio), "dense prefill: {dense_ratio:.3} × the causal ideal");
     assert!((1.0..=1.25).contains(&dense128_ratio), "dense prefill, 128 rows: {dense128_ratio:.3} × the ideal");

@@ -292,3 +292,51 @@ fn planning_ranks_beyond_1024_blocks_on_the_device() {
     assert_eq!(got.order, want.order, "ranking");
     assert_eq!(got.blocks, want.blocks, "block lists");
 }
+
+/// The first `d` elements of each row of `t` ([B, H, N, D + pad]) as a [B, H, N, d] view.
+fn row_prefix(t: &HostTensor, d: usize) -> TensorView<'_> {
+    let [b, h, n, dp] = t.shape;
+    let strides = [h * n * dp, n * dp, dp, 1];
+    match &t.data {
+        HostBuffer::F32(x) => TensorView::strided(&x[..], [b, h, n, d], strides),
+        HostBuffer::F16(x) => TensorView::strided(&x[..], [b, h, n, d], strides),
+        HostBuffer::BF16(x) => TensorView::strided(&x[..], [b, h, n, d], strides),
+    }
+}
+
+/// Decode loads whole 16-byte vectors where the cache rows allow (`_v8` for 16-bit, `_v4` for
+/// f32) and single elements otherwise (`_v1`: padded rows, D not a multiple of the vector), each
+/// correct: several splits, per-head lengths down to 1, and 8 query rows per cache head (two of
+/// the kernel's 4-row output passes).
+#[test]
+fn decode_vector_and_element_loads_agree_with_the_oracle() {
+    let be = emu::backend().expect("the emulated driver loads");
+    let k = Kernels::from_backend(std::sync::Arc::new(be));
+    let oracle = Kernels::reference();
+    let (b, hq, hc, nq, n) = (2, 8, 2, 2, 700);
+    let lengths = [700, 1, 333, 64];
+    for (dtype, d, pad, kernel) in [
+        (DType::F16, 128, 0, "ek_decode_split_f16_v8"),
+        (DType::F32, 64, 0, "ek_decode_split_f32_v4"),
+        (DType::BF16, 128, 1, "ek_decode_split_bf16_v1"),
+        (DType::BF16, 36, 0, "ek_decode_split_bf16_v1"),
+        (DType::F32, 80, 3, "ek_decode_split_f32_v1"),
+    ] {
+        let tag = format!("{dtype} D {d} pad {pad}");
+        let seed = common::seed(&format!("cuda_emu_decode/{tag}"));
+        let q = common::random([b, nq, hq, d], 1.0, seed, dtype);
+        let kc = common::random([b, hc, n, d + pad], 1.0, seed ^ 1, dtype);
+        let vc = common::random([b, hc, n, d + pad], 1.0, seed ^ 2, dtype);
+        let before = emu::launches(Some(kernel)).unwrap();
+        let mut got = common::poisoned([b, nq, hq, d], dtype);
+        k.decode_attention(q.view(), row_prefix(&kc, d), row_prefix(&vc, d), &lengths, None, &mut got.view_mut())
+            .unwrap();
+        assert!(emu::launches(Some(kernel)).unwrap() > before, "{tag}: {kernel} did not run");
+        let mut want = common::poisoned([b, nq, hq, d], dtype);
+        oracle
+            .decode_attention(q.view(), row_prefix(&kc, d), row_prefix(&vc, d), &lengths, None, &mut want.view_mut())
+            .unwrap();
+        let err = common::rel_fro(&common::tensor_f64(&got), &common::tensor_f64(&want));
+        assert!(err <= common::attn_tol(dtype), "{tag}: rel err {err:e}");
+    }
+}

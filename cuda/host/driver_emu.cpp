@@ -60,9 +60,12 @@ struct Kernel {
 
 #define EK_KERNEL(name, Params) {#name, [](void** a) { name(*static_cast<Params*>(a[0])); }, SHARED_PER_BLOCK, {}},
 Kernel kernels[] = {
-    EK_KERNEL(ek_decode_split_f32, EkDecodeParams)
-    EK_KERNEL(ek_decode_split_f16, EkDecodeParams)
-    EK_KERNEL(ek_decode_split_bf16, EkDecodeParams)
+    EK_KERNEL(ek_decode_split_f32_v4, EkDecodeParams)
+    EK_KERNEL(ek_decode_split_f32_v1, EkDecodeParams)
+    EK_KERNEL(ek_decode_split_f16_v8, EkDecodeParams)
+    EK_KERNEL(ek_decode_split_f16_v1, EkDecodeParams)
+    EK_KERNEL(ek_decode_split_bf16_v8, EkDecodeParams)
+    EK_KERNEL(ek_decode_split_bf16_v1, EkDecodeParams)
     EK_KERNEL(ek_decode_merge_f32, EkDecodeParams)
     EK_KERNEL(ek_decode_merge_f16, EkDecodeParams)
     EK_KERNEL(ek_decode_merge_bf16, EkDecodeParams)
@@ -161,10 +164,11 @@ EXPORT long long ek_cuda_emu_launches(const char* name) {
 EXPORT void ek_cuda_emu_cp_async_early(int early) { ekemu::cp_async_early = early != 0; }
 
 // The work counters so far: mma.sync (m16n8k16, per warp), ldmatrix (per warp), cp.async bytes,
-// block barriers.
+// block barriers, bytes loaded by load_f32.
 EXPORT void ek_cuda_emu_counters(unsigned long long* out) {
     out[0] = ekemu::counters.mma, out[1] = ekemu::counters.ldmatrix;
     out[2] = ekemu::counters.cp_async_bytes, out[3] = ekemu::counters.barriers;
+    out[4] = ekemu::counters.ld_global_bytes;
 }
 
 // The order fibers are resumed in (ekemu::schedule).

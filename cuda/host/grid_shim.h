@@ -158,7 +158,7 @@ inline std::atomic<bool> cp_async_early{false};
 // Work counted across launches (warp-wide instructions once per warp): tensor-core work, the
 // shared-memory fragment loads, bytes copied by cp.async, block barriers passed.
 struct Counters {
-    std::atomic<unsigned long long> mma{0}, ldmatrix{0}, cp_async_bytes{0}, barriers{0};
+    std::atomic<unsigned long long> mma{0}, ldmatrix{0}, cp_async_bytes{0}, barriers{0}, ld_global_bytes{0};
 };
 inline Counters counters;
 // The order a block's fibers are resumed in: round robin by thread index (0) or reversed (1), or
@@ -271,6 +271,13 @@ inline void cp_async(void* dst, const void* src, int size, int bytes) {
     counters.cp_async_bytes += bytes;
     if (cp_async_early) c.run();
     else me().open_group.push_back(c);
+}
+// A load of `size` bytes from global memory through `load_f32` (cuda/common.cuh): aligned to its
+// size, as the hardware demands of vector loads; counted.
+inline void ld_global(void* dst, const void* src, int size) {
+    if (reinterpret_cast<uintptr_t>(src) % size) fail("global load of " + std::to_string(size) + " bytes not aligned to its size");
+    counters.ld_global_bytes += size;
+    std::memcpy(dst, src, size);
 }
 inline void cp_async_commit() {
     Fiber& f = me();

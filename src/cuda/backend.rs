@@ -43,6 +43,11 @@ const SIMT_KEYS: usize = 32;
 const SIMT_THREADS: u32 = 128;
 const DECODE_THREADS: u32 = 128;
 const DECODE_MAX_SMEM: usize = 48 * 1024;
+/// Floats of the decode's partial-output scratch: streams · DECODE_ROW_PASS · D with streams =
+/// 4 warps · 32 / lanes per cache row (cuda/decode.cu) is at most 4096 for D ≤ 256.
+const DECODE_SCRATCH: usize = 4096;
+const DECODE_MIN_KEYS: usize = 64;
+const DECODE_MAX_KEYS: usize = 512;
 const PLAN_THREADS: u32 = 256;
 const TOPK_THREADS: u32 = 512;
 /// Largest ranking width of the planning's bitonic top-k (`block_topk` in cuda/topk.cuh; wider
@@ -388,10 +393,12 @@ unsafe fn launch<P: DeviceRepr>(
     Ok(())
 }
 
-/// Whether every row of a 16-bit tensor starts on the 16-byte grid the mma kernels load tiles
-/// in: the base (a caller's slice may start anywhere) and the strides (elements) of dims 0..2.
-fn on_16_byte_grid(t: &EkTensor) -> bool {
-    t.ptr.is_multiple_of(16) && t.stride.iter().all(|s| s % 8 == 0)
+/// Whether every row of a tensor of `dtype` starts on the 16-byte grid the kernels' vector loads
+/// and `cp.async` copies need: the base (a caller's slice may start anywhere) and the strides
+/// (elements) of dims 0..2.
+fn on_16_byte_grid(t: &EkTensor, dtype: DType) -> bool {
+    let per_16 = (16 / dtype.size()) as i64;
+    t.ptr.is_multiple_of(16) && t.stride.iter().all(|s| s % per_16 == 0)
 }
 
 /// Dynamic shared memory of `ek_prefill_mma_*_m<rows>`: Q, double-buffered K and V tiles (rows
@@ -545,7 +552,7 @@ impl CudaBackend {
             }
             None => None,
         };
-        let aligned = [&job.q, &job.k, &job.v].into_iter().all(on_16_byte_grid);
+        let aligned = [&job.q, &job.k, &job.v].into_iter().all(|t| on_16_byte_grid(t, dtype));
         let mma = dtype != DType::F32 && (d.head_dim == 64 || d.head_dim == 128) && aligned && g <= 64;
         let (name, rows, threads, smem) = if mma {
             let m = self.mma_tile_rows(d.head_dim, g, segment_size, segments * d.batch * d.kv_heads);
@@ -739,7 +746,7 @@ impl CudaBackend {
         k_cache: &EkTensor,
     ) -> Result<CompressKernels> {
         let (rows, dd, sfx) = (d.group() * d.window, d.head_dim, dtype_suffix(dtype));
-        let mma = dtype != DType::F32 && (dd == 64 || dd == 128) && on_16_byte_grid(k_cache);
+        let mma = dtype != DType::F32 && (dd == 64 || dd == 128) && on_16_byte_grid(k_cache, dtype);
         // Window rows and one key tile; per row (max, sum) or (reference, 1/sum); means: a
         // [keys][group] accumulator.
         let (kind, threads, keys, tiles, per_row) = if mma {
@@ -892,16 +899,22 @@ impl CudaBackend {
     pub(crate) fn decode_launch(&self, stream: &Arc<CudaStream>, job: &DecodeJob<'_>) -> Result<()> {
         let d = job.dims;
         let rows = d.queries * d.group();
-        // Keys per split: q rows and a score row per query row fit the shared memory budget.
-        let kps = ((DECODE_MAX_SMEM / 4).saturating_sub(rows * d.head_dim) / rows.max(1)).clamp(32, 512);
-        if rows * d.head_dim + rows * 32 > DECODE_MAX_SMEM / 4 || d.head_dim > 256 {
+        // Shared memory: the query rows (later the streams' partial outputs, at most
+        // DECODE_SCRATCH floats) and a score row of `kps` keys per query row.
+        let region = (rows * d.head_dim).max(DECODE_SCRATCH);
+        let kps_max = ((DECODE_MAX_SMEM / 4).saturating_sub(region) / rows.max(1)).min(DECODE_MAX_KEYS);
+        if kps_max < 32 || d.head_dim > 256 {
             return Err(Error::range(
                 "decode rows",
                 rows,
                 "too many query rows per cache head for the CUDA decode kernel",
             ));
         }
-        let max_len = job.lengths.iter().copied().max().unwrap_or(1) as usize;
+        // Keys per split: enough splits for two waves of CTAs over the cache heads, each split at
+        // least DECODE_MIN_KEYS keys where shared memory allows (a multiple of 32).
+        let max_len = job.lengths.iter().copied().max().unwrap_or(1).max(1) as usize;
+        let splits_wanted = (2 * self.sms).div_ceil(d.batch * d.cache_heads);
+        let kps = max_len.div_ceil(splits_wanted).next_multiple_of(32).max(DECODE_MIN_KEYS).min(kps_max);
         let splits = max_len.div_ceil(kps);
         let lengths = upload_on(stream, job.lengths)?;
         let partial = stream
@@ -921,12 +934,17 @@ impl CudaBackend {
             dtype: 0,
         };
         let sfx = dtype_suffix(job.dtype);
-        let smem = (rows * d.head_dim + rows * kps) * 4;
+        let per_16 = 16 / job.dtype.size();
+        let vectors = d.head_dim.is_multiple_of(per_16)
+            && on_16_byte_grid(&job.k_cache, job.dtype)
+            && on_16_byte_grid(&job.v_cache, job.dtype);
+        let split = format!("ek_decode_split_{sfx}_v{}", if vectors { per_16 } else { 1 });
+        let smem = (region + rows * kps) * 4;
         // SAFETY: buffers sized from the validated dims; lengths ≤ capacity was validated.
         unsafe {
             launch(
                 stream,
-                self.func(&format!("ek_decode_split_{sfx}")),
+                self.func(&split),
                 (splits as u32, d.cache_heads as u32, d.batch as u32),
                 DECODE_THREADS,
                 smem,

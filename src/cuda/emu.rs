@@ -117,6 +117,8 @@ pub struct Counters {
     pub cp_async_bytes: u64,
     /// Block barriers passed (`__syncthreads`, once per block).
     pub barriers: u64,
+    /// Bytes loaded from global memory by `load_f32` (cuda/common.cuh: the decode's cache reads).
+    pub ld_global_bytes: u64,
 }
 
 impl Counters {
@@ -134,6 +136,7 @@ impl std::ops::Sub for Counters {
             ldmatrix: self.ldmatrix - o.ldmatrix,
             cp_async_bytes: self.cp_async_bytes - o.cp_async_bytes,
             barriers: self.barriers - o.barriers,
+            ld_global_bytes: self.ld_global_bytes - o.ld_global_bytes,
         }
     }
 }
@@ -141,10 +144,10 @@ impl std::ops::Sub for Counters {
 /// The emulator's work counters (process-wide: concurrent launches count too).
 pub fn counters() -> Result<Counters> {
     let f = symbol::<unsafe extern "C" fn(*mut u64)>(b"ek_cuda_emu_counters")?;
-    let mut c = [0u64; 4];
-    // SAFETY: it writes four u64.
+    let mut c = [0u64; 5];
+    // SAFETY: it writes five u64.
     unsafe { f(c.as_mut_ptr()) };
-    Ok(Counters { mma: c[0], ldmatrix: c[1], cp_async_bytes: c[2], barriers: c[3] })
+    Ok(Counters { mma: c[0], ldmatrix: c[1], cp_async_bytes: c[2], barriers: c[3], ld_global_bytes: c[4] })
 }
 
 /// Threads (and floats written) of a self-test launch.

@@ -35,9 +35,12 @@ pub const SOURCE: &str = concat!(
 
 /// Kernel entry points (all `extern "C"`).
 pub const KERNELS: &[&str] = &[
-    "ek_decode_split_f32",
-    "ek_decode_split_f16",
-    "ek_decode_split_bf16",
+    "ek_decode_split_f32_v4",
+    "ek_decode_split_f32_v1",
+    "ek_decode_split_f16_v8",
+    "ek_decode_split_f16_v1",
+    "ek_decode_split_bf16_v8",
+    "ek_decode_split_bf16_v1",
     "ek_decode_merge_f32",
     "ek_decode_merge_f16",
     "ek_decode_merge_bf16",
