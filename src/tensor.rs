@@ -221,7 +221,7 @@ impl HostDataMut<'_> {
     }
 }
 
-fn contiguous_strides(shape: [usize; 4]) -> [usize; 4] {
+pub(crate) fn contiguous_strides(shape: [usize; 4]) -> [usize; 4] {
     [shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1]
 }
 

@@ -456,11 +456,14 @@ impl Backend for CudaBackend {
         let dtype = a.k_cache().dtype();
         let dd = d.head_dim;
         let heads = d.out_heads(cfg);
-        let (_kc, k_cache) = self.tensor(&a.k_cache())?;
-        let Ok(kernels) = self.compress_kernels(&d, dtype, &k_cache) else {
+        // Chosen before anything is uploaded: the copy will start an allocation (16-byte aligned),
+        // so only the view's strides matter.
+        let planned = EkTensor::new(0, a.k_cache().shape(), a.k_cache().strides());
+        let Ok(kernels) = self.compress_kernels(&d, dtype, &planned) else {
             // More window rows than the scoring tiles can hold in shared memory.
             return self.host.kv_compress(a);
         };
+        let (_kc, k_cache) = self.tensor(&a.k_cache())?;
         let (_vc, v_cache) = self.tensor(&a.v_cache())?;
         let (_obs, obs) = self.tensor(&a.obs())?;
         let job = CompressJob { dims: d, cfg, dtype, k_cache, v_cache, obs, scale: a.scale() };

@@ -40,7 +40,7 @@ use crate::error::{Error, Result};
 use crate::ffi::EkTensor;
 use crate::kernels::PlanRequest;
 use crate::plan::{BlockLists, Plan};
-use crate::tensor::DType;
+use crate::tensor::{DType, contiguous_strides};
 use crate::validate;
 
 /// Element types the kernels take from device memory.
@@ -55,10 +55,6 @@ impl DeviceElement for half::f16 {
 }
 impl DeviceElement for half::bf16 {
     const DTYPE: DType = DType::BF16;
-}
-
-fn contiguous_strides(shape: [usize; 4]) -> [usize; 4] {
-    [shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1]
 }
 
 /// A read-only rank-4 view of device memory (element strides, last dim contiguous). Holds the
