@@ -48,6 +48,8 @@ fn planted_violations_are_caught() {
     expect_violation(5, ILLEGAL_ADDRESS, "outside an allocation");
     expect_violation(6, INVALID_VALUE, "dynamic shared memory");
     expect_violation(7, LAUNCH_FAILED, "past the end of its 0 bytes of dynamic shared memory");
+    // A read past an allocation faults; the emulator reports it (from a child process here).
+    expect_violation(8, ILLEGAL_ADDRESS, "selftest: block (0,0,0) thread 0 accessed");
 }
 
 #[test]

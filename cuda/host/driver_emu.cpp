@@ -5,13 +5,22 @@
 // unchanged against grid_shim.h; the module image the backend loads (fatbin or NVRTC cubin) is
 // accepted and ignored, functions are looked up by name in the table below.
 //
-// One device, "compute capability 9.0", H100-like limits. Memory is host memory with guard bytes
-// around every allocation: a kernel that writes past an allocation fails its launch
-// (CUDA_ERROR_ILLEGAL_ADDRESS); copies and memsets must stay inside one allocation. A launch
+// One device, "compute capability 9.0", H100-like limits. Memory is host memory: each allocation
+// starts 16-byte aligned (the kernels need no more) with guard bytes before it and in the few
+// bytes rounding it up to 16, and ends against an inaccessible page. A kernel that writes into
+// guard bytes fails its launch (CUDA_ERROR_ILLEGAL_ADDRESS); one that reads or writes 16 or more
+// bytes past an allocation's end (or any address that is not memory) faults, and the emulator
+// reports the kernel, block and thread on stderr and ends the process (there is no recovering a
+// launch from inside a fiber). Copies and memsets must stay inside one allocation. A launch
 // that breaks a grid_shim.h rule fails with CUDA_ERROR_LAUNCH_FAILED, and cuGetErrorString then
 // returns the violation. Streams are synchronous (every call completes before it returns).
 
 #include "grid_shim.h"
+
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <atomic>
@@ -42,8 +51,9 @@ namespace {
 constexpr CUresult SUCCESS = 0, INVALID_VALUE = 1, INVALID_DEVICE = 101, INVALID_HANDLE = 400,
                    NOT_FOUND = 500, ILLEGAL_ADDRESS = 700, LAUNCH_FAILED = 719;
 
-// Guard bytes on each side of an allocation, and their pattern.
+// Guard bytes before an allocation (and in its tail up to the 16-byte grid), and their pattern.
 constexpr size_t GUARD = 256;
+constexpr size_t ALIGN = 16;
 constexpr unsigned char GUARD_BYTE = 0xA5;
 // Fresh allocations are poisoned (NaN for every float type) so unwritten reads show up.
 constexpr unsigned char POISON_BYTE = 0xFF;
@@ -125,13 +135,62 @@ thread_local std::string last_error;
 int context_tag, module_tag;
 std::atomic<unsigned long long> launches{0};
 
-unsigned char* base_of(CUdeviceptr p) { return reinterpret_cast<unsigned char*>(p) - GUARD; }
+// An allocation's mapping: whole pages holding the head guard, the user bytes rounded up to
+// ALIGN, then one inaccessible page right after them.
+struct Mapping {
+    unsigned char* base;
+    size_t accessible, total;
+};
+size_t page_bytes() {
+    static const size_t p = (size_t)sysconf(_SC_PAGESIZE);
+    return p;
+}
+Mapping mapping_of(CUdeviceptr p, size_t n) {
+    const size_t padded = (n + ALIGN - 1) / ALIGN * ALIGN, page = page_bytes();
+    const size_t accessible = (GUARD + padded + page - 1) / page * page;
+    return {reinterpret_cast<unsigned char*>(p) + padded - accessible, accessible, accessible + page};
+}
 
 bool guards_intact(CUdeviceptr p, size_t n) {
-    const unsigned char* b = base_of(p);
-    for (size_t i = 0; i < GUARD; i++)
-        if (b[i] != GUARD_BYTE || b[GUARD + n + i] != GUARD_BYTE) return false;
+    const Mapping m = mapping_of(p, n);
+    const unsigned char* user = reinterpret_cast<const unsigned char*>(p);
+    for (const unsigned char* b = m.base; b < user; b++)
+        if (*b != GUARD_BYTE) return false;
+    for (const unsigned char* b = user + n; b < m.base + m.accessible; b++)
+        if (*b != GUARD_BYTE) return false;
     return true;
+}
+
+// The kernel this thread is running (for the fault report), and where the report goes.
+thread_local const char* running_kernel = nullptr;
+int report_fd = 2;
+struct sigaction previous_segv;
+
+// A fault inside an emulated kernel: report it and end the process (async-signal-safe calls
+// only, plus snprintf of integers and strings). Any other fault goes to the previous handler.
+void on_fault(int sig, siginfo_t* info, void* uctx) {
+    if (!running_kernel) {
+        sigaction(SIGSEGV, &previous_segv, nullptr);
+        return;  // the faulting instruction runs again under the previous handler
+    }
+    char text[512];
+    const int len = std::snprintf(text, sizeof text,
+                                  "[cuda-emu] %s: block (%u,%u,%u) thread %u accessed %p, outside any allocation "
+                                  "(past an allocation's end, or not device memory): CUDA_ERROR_ILLEGAL_ADDRESS\n",
+                                  running_kernel, blockIdx.x, blockIdx.y, blockIdx.z,
+                                  (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x, info->si_addr);
+    if (len > 0) (void)!write(report_fd, text, (size_t)len < sizeof text ? (size_t)len : sizeof text - 1);
+    _exit(134);
+}
+void install_fault_handler() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        struct sigaction sa {};
+        sa.sa_sigaction = on_fault;
+        sa.sa_flags = SA_SIGINFO;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGSEGV, &sa, &previous_segv);
+    });
 }
 
 // Whether [p, p + n) lies inside one live allocation.
@@ -251,12 +310,20 @@ EXPORT CUresult cuEventSynchronize(CUevent) { return SUCCESS; }
 EXPORT CUresult cuEventQuery(CUevent) { return SUCCESS; }
 
 EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
-    auto* b = static_cast<unsigned char*>(std::aligned_alloc(256, (n + 2 * GUARD + 255) / 256 * 256));
-    if (!b) return 2;  // CUDA_ERROR_OUT_OF_MEMORY
-    std::memset(b, GUARD_BYTE, GUARD);
-    std::memset(b + GUARD, POISON_BYTE, n);
-    std::memset(b + GUARD + n, GUARD_BYTE, GUARD);
-    *p = reinterpret_cast<CUdeviceptr>(b + GUARD);
+    install_fault_handler();
+    const size_t padded = (n + ALIGN - 1) / ALIGN * ALIGN;
+    const size_t accessible = (GUARD + padded + page_bytes() - 1) / page_bytes() * page_bytes();
+    void* map = mmap(nullptr, accessible + page_bytes(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (map == MAP_FAILED) return 2;  // CUDA_ERROR_OUT_OF_MEMORY
+    auto* b = static_cast<unsigned char*>(map);
+    if (mprotect(b + accessible, page_bytes(), PROT_NONE) != 0) {
+        munmap(map, accessible + page_bytes());
+        return 2;
+    }
+    unsigned char* user = b + accessible - padded;
+    std::memset(b, GUARD_BYTE, accessible);
+    std::memset(user, POISON_BYTE, n);
+    *p = reinterpret_cast<CUdeviceptr>(user);
     std::lock_guard<std::mutex> g(lock);
     allocations[*p] = n;
     return SUCCESS;
@@ -272,7 +339,8 @@ EXPORT CUresult cuMemFree_v2(CUdeviceptr p) {
         allocations.erase(it);
     }
     const bool ok = guards_intact(p, n);
-    std::free(base_of(p));
+    const Mapping m = mapping_of(p, n);
+    munmap(m.base, m.total);
     return ok ? SUCCESS : fail(ILLEGAL_ADDRESS, "an allocation's guard bytes were overwritten before cuMemFree");
 }
 EXPORT CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return cuMemFree_v2(p); }
@@ -347,8 +415,10 @@ CUresult launch(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, uns
         return fail(INVALID_VALUE, std::string(k.name) + ": grid outside the device limits");
     launches++;
     const_cast<Kernel&>(k).launches++;
+    running_kernel = k.name;
     const std::string err =
         ekemu::launch(EkDim3{gx, gy, gz}, EkDim3{bx, by, bz}, shared, [&] { k.run(params); });
+    running_kernel = nullptr;
     if (!err.empty()) return fail(LAUNCH_FAILED, std::string(k.name) + ": " + err);
     std::lock_guard<std::mutex> g(lock);
     for (auto& [p, n] : allocations)
@@ -389,9 +459,10 @@ EXPORT CUresult cuGetErrorName(CUresult e, const char** s) {
 namespace {
 struct SelftestParams {
     int code;
-    float* out;  // SELFTEST_THREADS floats
+    float* out;  // SELFTEST_THREADS + 1 floats: the end is 4 bytes short of the 16-byte grid
 };
 constexpr unsigned SELFTEST_THREADS = 64;
+constexpr size_t SELFTEST_BYTES = (SELFTEST_THREADS + 1) * sizeof(float);
 
 void selftest_kernel(SelftestParams p) {
     const unsigned t = threadIdx.x, lane = t % 32;
@@ -416,8 +487,11 @@ void selftest_kernel(SelftestParams p) {
             if (lane == 0) return;
             v = __shfl_xor_sync(0xffffffffu, v, 1);
             break;
-        case 5:  // a write past the end of the allocation
-            p.out[SELFTEST_THREADS + t] = v;
+        case 5:  // a write past the end of the allocation, into its guard bytes
+            if (t == 0) p.out[SELFTEST_THREADS + 1] = v;
+            break;
+        case 8:  // a read 64 bytes past the end of the allocation, into the inaccessible page
+            v += p.out[SELFTEST_THREADS + 16];
             break;
         case 7: {  // a write past the launch's dynamic shared memory (none was asked for)
             EK_DYNAMIC_SHARED(float, smem);
@@ -428,24 +502,55 @@ void selftest_kernel(SelftestParams p) {
     p.out[t] = v;
 }
 Kernel selftest_entry{"selftest", [](void** a) { selftest_kernel(*static_cast<SelftestParams*>(a[0])); }, SHARED_PER_BLOCK, {}};
+
+// Runs the selftest kernel in a child process, for violations that end the process that makes
+// them (faults): ILLEGAL_ADDRESS with the child's report, or SUCCESS if it exits normally. Only
+// the fork()ing thread exists in the child, so it takes none of the driver's locks.
+CUresult run_in_child(SelftestParams p) {
+    int fds[2];
+    if (pipe(fds) != 0) return fail(INVALID_VALUE, "pipe() failed");
+    const pid_t pid = fork();
+    if (pid < 0) return fail(INVALID_VALUE, "fork() failed");
+    if (pid == 0) {
+        close(fds[0]);
+        report_fd = fds[1];
+        running_kernel = selftest_entry.name;
+        const std::string err = ekemu::launch(EkDim3{1, 1, 1}, EkDim3{SELFTEST_THREADS, 1, 1}, 0, [&] { selftest_kernel(p); });
+        _exit(err.empty() ? 0 : 1);
+    }
+    close(fds[1]);
+    std::string report;
+    char chunk[256];
+    for (ssize_t got; (got = read(fds[0], chunk, sizeof chunk)) > 0;) report.append(chunk, (size_t)got);
+    close(fds[0]);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return SUCCESS;
+    while (!report.empty() && report.back() == '\n') report.pop_back();
+    last_error = report.empty() ? "the child ended without a report (status " + std::to_string(status) + ")" : report;
+    return ILLEGAL_ADDRESS;
+}
 }  // namespace
 
 // Runs planted violation `code` (6: a launch asking for more dynamic shared memory than the
-// function allows; 7: a write past the dynamic shared memory) through cuLaunchKernel; the
-// CUresult, and the message in `msg`.
+// function allows; 7: a write past the dynamic shared memory; 8, in a child process: a read past
+// an allocation) through cuLaunchKernel; the CUresult, and the message in `msg`.
 EXPORT CUresult ek_cuda_emu_selftest(int code, float* out, char* msg, int len) {
     CUdeviceptr buf;
-    if (cuMemAlloc_v2(&buf, SELFTEST_THREADS * sizeof(float)) != SUCCESS) return 2;
+    if (cuMemAlloc_v2(&buf, SELFTEST_BYTES) != SUCCESS) return 2;
     SelftestParams p{code, reinterpret_cast<float*>(buf)};
     void* args[] = {&p};
     last_error.clear();
     const unsigned shared = code == 6 ? SHARED_PER_BLOCK + 1 : 0;
     CUresult r;
-    {
+    if (code == 8) {
+        r = run_in_child(p);
+    } else {
         std::unique_lock<std::shared_mutex> g(launching);
         r = launch(&selftest_entry, 1, 1, 1, SELFTEST_THREADS, 1, 1, shared, args, nullptr);
-        // Restore the guard a planted overflow broke, so the buffer can be freed.
-        std::memset(reinterpret_cast<unsigned char*>(buf) + SELFTEST_THREADS * sizeof(float), GUARD_BYTE, GUARD);
+        // Restore the guard bytes a planted overflow broke, so the buffer can be freed.
+        const size_t padded = (SELFTEST_BYTES + ALIGN - 1) / ALIGN * ALIGN;
+        std::memset(reinterpret_cast<unsigned char*>(buf) + SELFTEST_BYTES, GUARD_BYTE, padded - SELFTEST_BYTES);
     }
     if (r == SUCCESS) r = cuMemcpyDtoH_v2(out, buf, SELFTEST_THREADS * sizeof(float));
     std::snprintf(msg, len, "%s", last_error.c_str());

@@ -20,6 +20,9 @@
 // - cp.async: copies land when a wait retires their group, or (optionally) at issue — the two
 //   extremes the hardware allows — so reading before the wait, or refilling a buffer other
 //   threads still read, shows up; a thread exiting with copies in flight is reported.
+// - Global vector loads (`load_f32` in cuda/common.cuh) must be aligned to their size, as the
+//   hardware requires; they are counted. (Global memory itself, its guard bytes and the
+//   inaccessible page after each allocation, are the driver double's: driver_emu.cpp.)
 // Not emulated: true concurrency (a race needing an interleaving none of the orders produces goes
 // unseen), memory-model effects, timing. A violation throws `ekemu::Violation` inside the fiber;
 // `launch` returns its text.

@@ -156,7 +156,8 @@ pub const SELFTEST_THREADS: usize = 64;
 /// Runs the emulator's planted-violation kernel `code` (0: none; 1 divergent `__syncthreads`;
 /// 2 partial-mask shuffle; 3 lanes at different collectives; 4 a lane exits before a shuffle;
 /// 5 a write past the allocation; 6 too much dynamic shared memory; 7 a write past the dynamic
-/// shared memory) through `cuLaunchKernel`.
+/// shared memory; 8 a read past the allocation, which faults: run in a child process) through
+/// `cuLaunchKernel`.
 /// `Ok` with the block's outputs, or `Err((CUresult, message))`.
 pub fn selftest(code: i32) -> Result<std::result::Result<Vec<f32>, (i32, String)>> {
     let f = symbol::<unsafe extern "C" fn(i32, *mut f32, *mut u8, i32) -> i32>(b"ek_cuda_emu_selftest")?;
