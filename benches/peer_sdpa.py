@@ -7,8 +7,15 @@ bench` uses (BSND inputs transposed to the [B, H, L, D] layout SDPA expects, GQA
     python3 benches/peer_sdpa.py --device cuda --dtype bf16 --lengths 16384 --q-heads 32 --kv-heads 8
 
 FLOPs are counted like the crate counts them: 2·L²·D·Hq for a causal prefill.
+
+With --blocks DIR (written by `entropy-kernels bench-device --dump-blocks DIR`), it also times the
+reference pipeline of the sparse prefill on those block lists: for every (kv head, segment), gather
+the selected blocks' keys and values, append the segment's own keys, and call SDPA for the
+group's query heads with the causal mask on the own part (dense segments: causal over the prefix).
 """
 import argparse
+import json
+import os
 import statistics
 import time
 
@@ -25,6 +32,7 @@ def main():
     ap.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--blocks", default=None, help="directory of blocks-<L>.json from bench-device --dump-blocks")
     a = ap.parse_args()
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     print(f"torch {torch.__version__}, device {a.device}, {torch.get_num_threads()} threads, {a.dtype}")
@@ -36,21 +44,79 @@ def main():
         k = torch.randn(1, a.kv_heads, length, a.head_dim, generator=g).to(a.device, dtype)
         v = torch.randn(1, a.kv_heads, length, a.head_dim, generator=g).to(a.device, dtype)
 
-        def run():
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            if a.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            return out
+        def dense():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
-        run()
-        times = []
-        for _ in range(a.reps):
-            t = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t)
-        s = statistics.median(times)
+        s = timed(dense, a.reps, a.device)
         flops = 2.0 * length * length * a.head_dim * a.q_heads
         print(f"| {length} | torch SDPA causal | {s * 1e3:.1f} | {flops / s / 1e9:.1f} |")
+        path = os.path.join(a.blocks, f"blocks-{length}.json") if a.blocks else None
+        if path and os.path.exists(path):
+            with open(path) as f:
+                lists = json.load(f)
+            pipeline = reference_pipeline(q, k, v, lists)
+            s = timed(pipeline, a.reps, a.device)
+            print(f"| {length} | reference pipeline (per-segment gather + SDPA) | {s * 1e3:.1f} | - |")
+
+
+def timed(fn, reps, device):
+    """Median seconds of fn(), after one warm-up call."""
+
+    def run():
+        out = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out
+
+    run()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def reference_pipeline(q, k, v, lists):
+    """The sparse prefill as per-(kv head, segment) gathers and SDPA calls; q [1, Hq, L, D], k and v
+    [1, Hkv, L, D]; batch 1. The sparse units' index tensors and masks are built once, outside the
+    timed call."""
+    length, seg, blk = lists["seq_len"], lists["segment_size"], lists["block_size"]
+    hkv, nseg = lists["kv_heads"], lists["segments"]
+    assert lists["batch"] == 1 and q.shape[2] == length and k.shape[1] == hkv
+    group = q.shape[1] // hkv
+    dev = q.device
+    steps = []
+    for h in range(hkv):
+        for s in range(nseg):
+            u = h * nseg + s
+            t0, t1 = s * seg, min((s + 1) * seg, length)
+            rows = torch.arange(t0, t1, device=dev)[:, None]
+            if lists["dense"][u]:
+                # Causal over the whole prefix; the mask is built in the call (it can be large).
+                keys, mask = None, None
+            else:
+                sel = torch.tensor(lists["indices"][lists["indptr"][u] : lists["indptr"][u + 1]], device=dev)
+                keys = (sel[:, None] * blk + torch.arange(blk, device=dev)[None, :]).flatten()
+                own = torch.arange(t0, t1, device=dev)[None, :] <= rows
+                mask = torch.cat([torch.ones(t1 - t0, keys.numel(), dtype=torch.bool, device=dev), own], dim=1)
+            steps.append((h, t0, t1, keys, mask))
+
+    def run():
+        out = torch.empty_like(q)
+        for h, t0, t1, keys, mask in steps:
+            qs = q[:, h * group : (h + 1) * group, t0:t1]
+            if keys is None:
+                ks, vs = k[:, h : h + 1, :t1], v[:, h : h + 1, :t1]
+                mask = torch.arange(t1, device=q.device)[None, :] <= torch.arange(t0, t1, device=q.device)[:, None]
+            else:
+                ks = torch.cat([k[:, h : h + 1, keys], k[:, h : h + 1, t0:t1]], dim=2)
+                vs = torch.cat([v[:, h : h + 1, keys], v[:, h : h + 1, t0:t1]], dim=2)
+            ks, vs = ks.expand(-1, group, -1, -1), vs.expand(-1, group, -1, -1)
+            out[:, h * group : (h + 1) * group, t0:t1] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
+        return out
+
+    return run
 
 
 if __name__ == "__main__":

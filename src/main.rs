@@ -26,6 +26,9 @@ enum Command {
     RunCase(cli::run_case::RunCaseArgs),
     /// Time dense and sparse prefill, planning, compression and decode at several lengths.
     Bench(cli::bench::BenchArgs),
+    /// The CUDA kernels on device-resident tensors against the device's copy bandwidth.
+    #[cfg(feature = "_cuda")]
+    BenchDevice(cli::bench_device::BenchDeviceArgs),
     /// Per-head entropy profile, head classes and an SVG heatmap of a layer's Q/K.
     Inspect(cli::inspect::InspectArgs),
     /// Which backends this build can run here, and why not.
@@ -41,6 +44,8 @@ fn main() {
         Command::Demo(a) => cli::demo::run(a),
         Command::RunCase(a) => cli::run_case::run(a),
         Command::Bench(a) => cli::bench::run(a),
+        #[cfg(feature = "_cuda")]
+        Command::BenchDevice(a) => cli::bench_device::run(a),
         Command::Inspect(a) => cli::inspect::run(a),
         Command::Backends => {
             for (kind, status) in entropy_kernels::backend::availability() {

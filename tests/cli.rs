@@ -1,5 +1,6 @@
-//! The command-line tool end to end: `run-case` reproduces a conformance case, `demo`, `bench`
-//! and `inspect` run on small workloads and print what they promise.
+//! The command-line tool end to end: `run-case` reproduces a conformance case, `demo`, `bench`,
+//! `bench-device` (on the emulated CUDA driver) and `inspect` run on small workloads and print
+//! what they promise.
 
 mod common;
 
@@ -139,4 +140,40 @@ fn bad_flags_fail_cleanly() {
     let out = bin().args(["demo", "--backend", "tpu"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown backend"));
+}
+
+/// `bench-device` on the emulated driver (no GPU here): every row it promises, sparse segments
+/// included. The emulator's timings mean nothing; the run checks the command end to end.
+#[cfg(feature = "cuda-emu")]
+#[test]
+fn bench_device_prints_every_row_on_the_emulated_driver() {
+    let text =
+        run(bin().env(entropy_kernels::cuda::EMU_ENV, "1").env(entropy_kernels::cuda::PREFILL_TILE_ENV, "128").args([
+            "bench-device",
+            "--lengths",
+            "1100",
+            "--q-heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--head-dim",
+            "64",
+            "--dtype",
+            "f16",
+            "--reps",
+            "1",
+            "--decode-batch",
+            "2",
+            "--decode-cache",
+            "300",
+            "--copy-bytes",
+            "1048576",
+            "--config",
+            &write_config(),
+        ]));
+    assert!(text.contains("emulator") && text.contains("prefill tile M128"), "{text}");
+    for op in ["copy, device to device", "dense prefill", "plan", "sparse prefill", "kv_compress", "decode_attention"] {
+        assert!(text.contains(op), "bench-device output lacks `{op}`:\n{text}");
+    }
+    assert!(!text.contains("kept 1.000"), "the small config should make sparse segments:\n{text}");
 }

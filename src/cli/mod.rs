@@ -1,6 +1,8 @@
 //! Pieces shared by the subcommands: backend choice, progress, tables, timing.
 
 pub mod bench;
+#[cfg(feature = "_cuda")]
+pub mod bench_device;
 pub mod demo;
 pub mod inspect;
 pub mod run_case;

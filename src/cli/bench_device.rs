@@ -1,0 +1,277 @@
+//! `entropy-kernels bench-device`: the CUDA kernels on device-resident tensors (the `_on` calls:
+//! no host copies of tensors in the timings, as an engine would call them), against the
+//! device-to-device copy bandwidth measured in the same run. This is the benchmark of the CUDA
+//! issue's targets; `bench --backend cuda` times the host API, uploads and downloads included.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Args;
+use cudarc::driver::{CudaSlice, CudaStream};
+use entropy_kernels::cuda::{CudaBackend, CudaTensor, CudaTensorMut, DeviceElement};
+use entropy_kernels::{
+    Backend, DType, DecodeConfig, EntropyConfig, Error, HostBuffer, HostTensor, PlanRequest, Result, synth,
+};
+
+use super::{Table, ms, with_spinner};
+
+#[derive(Args, Debug)]
+pub struct BenchDeviceArgs {
+    /// Comma-separated prompt lengths.
+    #[arg(long, value_delimiter = ',', default_value = "16384")]
+    pub lengths: Vec<usize>,
+    #[arg(long, default_value_t = 32)]
+    pub q_heads: usize,
+    #[arg(long, default_value_t = 8)]
+    pub kv_heads: usize,
+    #[arg(long, default_value_t = 128)]
+    pub head_dim: usize,
+    #[arg(long, default_value = "bf16")]
+    pub dtype: DType,
+    /// Timed repetitions per measurement (enqueued back to back; the mean is reported).
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// Comma-separated subset of dense, sparse, compress, decode.
+    #[arg(long, value_delimiter = ',', default_value = "dense,sparse,compress,decode")]
+    pub ops: Vec<String>,
+    /// Sequences of the decode batch.
+    #[arg(long, default_value_t = 64)]
+    pub decode_batch: usize,
+    /// Entries per head of the decode caches.
+    #[arg(long, default_value_t = 1024)]
+    pub decode_cache: usize,
+    /// Bytes of the device-to-device copy that sets the bandwidth baseline.
+    #[arg(long, default_value_t = 512 << 20)]
+    pub copy_bytes: usize,
+    #[arg(long, default_value_t = 0.5)]
+    pub rigid_fraction: f64,
+    /// A JSON config for the sparse prefill (paper defaults otherwise).
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Write each length's block lists to DIR/blocks-<L>.json, for the peer reference pipeline
+    /// (`benches/peer_sdpa.py --blocks DIR`: per-segment gather + SDPA on the same lists).
+    #[arg(long)]
+    pub dump_blocks: Option<std::path::PathBuf>,
+}
+
+/// The block lists as JSON: dims, per-unit dense flags, CSR lists of block indices; unit
+/// u = (b · kv_heads + h) · segments + s.
+fn dump_blocks(dir: &std::path::Path, blocks: &entropy_kernels::BlockLists) -> Result<()> {
+    let d = &blocks.dims;
+    let json = serde_json::json!({
+        "batch": d.batch,
+        "seq_len": d.seq_len,
+        "q_heads": d.q_heads,
+        "kv_heads": d.kv_heads,
+        "segment_size": d.segment_size,
+        "block_size": d.block_size,
+        "segments": d.segments,
+        "unit": "(b * kv_heads + h) * segments + s",
+        "dense": blocks.dense,
+        "indptr": blocks.indptr,
+        "indices": blocks.indices,
+    });
+    let path = dir.join(format!("blocks-{}.json", d.seq_len));
+    let io = |source| Error::Io { path: path.display().to_string(), source };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    std::fs::write(&path, json.to_string()).map_err(io)
+}
+
+fn driver(call: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+    move |e| Error::Driver { backend: "cuda", call, detail: e.to_string() }
+}
+
+/// Seconds per call of `f`, enqueued `reps` times back to back after one warm-up call, the
+/// stream drained before and after.
+fn per_call(stream: &CudaStream, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    stream.synchronize().map_err(driver("cuStreamSynchronize"))?;
+    let t = Instant::now();
+    for _ in 0..reps.max(1) {
+        f()?;
+    }
+    stream.synchronize().map_err(driver("cuStreamSynchronize"))?;
+    Ok(t.elapsed().as_secs_f64() / reps.max(1) as f64)
+}
+
+/// The tensor's elements as `T` (its own dtype), on the device.
+fn upload<T: DeviceElement + bytemuck::Pod>(stream: &Arc<CudaStream>, t: &HostTensor) -> Result<CudaSlice<T>> {
+    let host: Vec<T> = match &t.data {
+        HostBuffer::F32(x) => bytemuck::cast_slice(x).to_vec(),
+        HostBuffer::F16(x) => bytemuck::cast_slice(x).to_vec(),
+        HostBuffer::BF16(x) => bytemuck::cast_slice(x).to_vec(),
+    };
+    stream.clone_htod(&host).map_err(driver("cuMemcpyHtoD"))
+}
+
+pub fn run(a: &BenchDeviceArgs) -> Result<()> {
+    let be = entropy_kernels::cuda::open()?;
+    match a.dtype {
+        DType::F32 => run_typed::<f32>(&be, a),
+        DType::F16 => run_typed::<half::f16>(&be, a),
+        DType::BF16 => run_typed::<half::bf16>(&be, a),
+    }
+}
+
+fn run_typed<T: DeviceElement + bytemuck::Pod>(be: &CudaBackend, a: &BenchDeviceArgs) -> Result<()> {
+    let cfg = match &a.config {
+        Some(p) => entropy_kernels::Config::load(p)?.prefill,
+        None => EntropyConfig::entropy_infer(),
+    };
+    let want = |op: &str| a.ops.iter().any(|o| o == op);
+    let stream = be.stream().clone();
+    let (hq, hkv, d, size) = (a.q_heads, a.kv_heads, a.head_dim, a.dtype.size());
+    println!("backend: {} — device-resident tensors, no host copies timed", be.describe());
+    println!(
+        "GQA {hq}/{hkv}, D {d}, {}, mean of {} back-to-back calls; sparse = EntropyInfer with S={} Bk={} T={} base={} ({:?})",
+        a.dtype, a.reps, cfg.segment_size, cfg.block_size, cfg.threshold_len, cfg.base_budget, cfg.budget_mode
+    );
+    let mut t = Table::new(&["tokens", "op", "ms", "TFLOP/s", "GB/s", "vs baseline", "note"]);
+
+    // Baseline: a device-to-device copy (bytes read + bytes written per second).
+    let src = stream.alloc_zeros::<u8>(a.copy_bytes).map_err(driver("cuMemAlloc"))?;
+    let mut dst = stream.alloc_zeros::<u8>(a.copy_bytes).map_err(driver("cuMemAlloc"))?;
+    let copy_s = per_call(&stream, a.reps, || stream.memcpy_dtod(&src, &mut dst).map_err(driver("cuMemcpyDtoD")))?;
+    let copy_gbs = 2.0 * a.copy_bytes as f64 / copy_s / 1e9;
+    drop((src, dst));
+    t.row(vec![
+        "-".into(),
+        "copy, device to device".into(),
+        ms(copy_s),
+        "-".into(),
+        format!("{copy_gbs:.1}"),
+        "1.00".into(),
+        format!("{} MiB read + written", a.copy_bytes >> 20),
+    ]);
+    let of_copy = |gbs: f64| format!("{:.2} of copy", gbs / copy_gbs);
+
+    for &l in &a.lengths {
+        let spec = synth::PlantedSpec {
+            batch: 1,
+            seq_len: l,
+            q_heads: hq,
+            kv_heads: hkv,
+            head_dim: d,
+            block_size: cfg.block_size,
+            segment_size: cfg.segment_size,
+            rigid_fraction: a.rigid_fraction,
+            seed: l as u64,
+        };
+        let (q, k, v) = with_spinner(&format!("inputs for {l} tokens"), || super::planted(&spec, a.dtype));
+        let (qd, kd, vd) = (upload::<T>(&stream, &q)?, upload::<T>(&stream, &k)?, upload::<T>(&stream, &v)?);
+        drop((k, v));
+        let mut od = stream.alloc_zeros::<T>(q.len()).map_err(driver("cuMemAlloc"))?;
+        let (qt, kt, vt) = (
+            CudaTensor::bsnd(&qd, &stream, q.shape),
+            CudaTensor::bsnd(&kd, &stream, [1, l, hkv, d]),
+            CudaTensor::bsnd(&vd, &stream, [1, l, hkv, d]),
+        );
+        let dense_flops = 2.0 * (l as f64).powi(2) * (d * hq) as f64;
+        let mut dense_s = f64::NAN;
+        if want("dense") {
+            dense_s = per_call(&stream, a.reps, || {
+                let mut ot = CudaTensorMut::bsnd(&mut od, &stream, q.shape);
+                be.prefill_on(&stream, &qt, &kt, &vt, None, cfg.scale, &mut ot, None)
+            })?;
+            t.row(vec![
+                l.to_string(),
+                "dense prefill".into(),
+                ms(dense_s),
+                format!("{:.1}", dense_flops / dense_s / 1e12),
+                "-".into(),
+                "1.00".into(),
+                "2·L²·D·Hq FLOPs".into(),
+            ]);
+        }
+        if want("sparse") {
+            let req = PlanRequest::layer(0).keep_maps(false);
+            let plan = be.plan_on(&stream, &qt, &kt, &cfg, &req)?;
+            let kept = plan.blocks.kept_fraction();
+            if let Some(dir) = &a.dump_blocks {
+                dump_blocks(dir, &plan.blocks)?;
+            }
+            let plan_s = per_call(&stream, a.reps, || be.plan_on(&stream, &qt, &kt, &cfg, &req).map(|_| ()))?;
+            let attn_s = per_call(&stream, a.reps, || {
+                let mut ot = CudaTensorMut::bsnd(&mut od, &stream, q.shape);
+                be.prefill_on(&stream, &qt, &kt, &vt, Some(&plan.blocks), cfg.scale, &mut ot, None)
+            })?;
+            let total = plan_s + attn_s;
+            let vs = |s: f64| if dense_s.is_finite() { format!("{:.2}× faster", dense_s / s) } else { "-".into() };
+            t.row(vec![
+                l.to_string(),
+                "plan".into(),
+                ms(plan_s),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                format!("{:.1}% of sparse prefill (decisions read back)", 100.0 * plan_s / total),
+            ]);
+            t.row(vec![
+                l.to_string(),
+                "sparse prefill".into(),
+                ms(total),
+                format!("{:.1}", kept * dense_flops / attn_s / 1e12),
+                "-".into(),
+                vs(total),
+                format!("plan + attention; kept {kept:.3} of causal pairs, {} rigid heads", plan.rigid_heads()),
+            ]);
+        }
+        if want("compress") {
+            let dcfg = DecodeConfig::latent();
+            if l > dcfg.decode_budget && l > dcfg.window {
+                // The prompt's K/V as [1, Hkv, L, D] caches, its last W queries as [1, Hq, W, D].
+                let cache = [1, hkv, l, d];
+                let cache_strides = [l * hkv * d, d, hkv * d, 1];
+                let kc = CudaTensor::new(&kd, &stream, cache, cache_strides);
+                let vc = CudaTensor::new(&vd, &stream, cache, cache_strides);
+                let obs_view = qd.slice((l - dcfg.window) * hq * d..);
+                let obs = CudaTensor::new(&obs_view, &stream, [1, hq, dcfg.window, d], [l * hq * d, d, hq * d, 1]);
+                let s =
+                    per_call(&stream, a.reps, || be.kv_compress_on::<T>(&stream, &kc, &vc, &obs, &dcfg).map(|_| ()))?;
+                let gbs = (l * hkv * d * size) as f64 / s / 1e9;
+                t.row(vec![
+                    l.to_string(),
+                    "kv_compress".into(),
+                    ms(s),
+                    "-".into(),
+                    format!("{gbs:.1}"),
+                    of_copy(gbs),
+                    format!("W {}, budget {}; GB/s of one read of K", dcfg.window, dcfg.decode_budget),
+                ]);
+            }
+        }
+    }
+
+    if want("decode") {
+        let (b, n) = (a.decode_batch, a.decode_cache);
+        let cache = [b, hkv, n, d];
+        let kc = upload::<T>(&stream, &HostTensor::from_f32(&synth::normal(b * hkv * n * d, 1.0, 1), cache, a.dtype))?;
+        let vc = upload::<T>(&stream, &HostTensor::from_f32(&synth::normal(b * hkv * n * d, 1.0, 2), cache, a.dtype))?;
+        let q = HostTensor::from_f32(&synth::normal(b * hq * d, 1.0, 3), [b, 1, hq, d], a.dtype);
+        let qd = upload::<T>(&stream, &q)?;
+        let mut od = stream.alloc_zeros::<T>(q.len()).map_err(driver("cuMemAlloc"))?;
+        let lengths = vec![n as u32; b * hkv];
+        let (qt, kt, vt) = (
+            CudaTensor::bsnd(&qd, &stream, q.shape),
+            CudaTensor::bsnd(&kc, &stream, cache),
+            CudaTensor::bsnd(&vc, &stream, cache),
+        );
+        let s = per_call(&stream, a.reps, || {
+            let mut ot = CudaTensorMut::bsnd(&mut od, &stream, q.shape);
+            be.decode_attention_on(&stream, &qt, &kt, &vt, &lengths, None, &mut ot)
+        })?;
+        let gbs = (2 * b * hkv * n * d * size) as f64 / s / 1e9;
+        t.row(vec![
+            "-".into(),
+            "decode_attention".into(),
+            ms(s),
+            "-".into(),
+            format!("{gbs:.1}"),
+            of_copy(gbs),
+            format!("batch {b}, {n} entries/head; GB/s of one read of K and V"),
+        ]);
+    }
+    println!();
+    t.print();
+    Ok(())
+}
