@@ -1,7 +1,7 @@
 // Planning on the device (SPEC §2), in five launches, with no host round trip between them:
 //   reps_q  (segments, B)       qmax + qmin per segment and query head, f64 (exact)
 //   reps_k  (blocks, B)         kmax, kmin per block and kv head, f64
-//   logits  (segments, Hkv, B)  group-mean logits, f64 ranking keys, causal block mask
+//   logits  (block tiles, Hkv, B) group-mean logits, f64 ranking keys, causal block mask
 //   softmax (units)             distribution, layer fusion, entropy (f64 reductions)
 //   decide  (B·Hkv)             head class, f32 budget recurrence, keep counts, segment maxima
 //   rank    (units)             each unit's ranking (top `width`, ties to the lower block)
@@ -48,37 +48,69 @@ template <typename T> __device__ void plan_reps_k(const EkPlanParams& p) {
     }
 }
 
+// One CTA per tile of `logit_tile` blocks of a kv head: the tile's K representatives are read
+// into shared memory once and serve every segment that sees them (the segments' Q sums pass
+// through in batches), so each K representative crosses L2 once instead of once per segment.
+// Work item (segment, block, group head) = one pair of f64 dot products over D, summed in order
+// x = 0 .. D-1; the group mean adds the heads in order: the same arithmetic as one thread per
+// (unit, block).
 __device__ void plan_logits(const EkPlanParams& p) {
-    EK_DYNAMIC_SHARED(double, qs);  // [group][d]
-    const int s = blockIdx.x, h = blockIdx.y, b = blockIdx.z, d = p.head_dim;
-    const int g = p.q_heads / p.kv_heads, n = p.blocks;
-    const int lim = min(s * (p.segment_size / p.block_size), n);
+    EK_DYNAMIC_SHARED(double, sm);
+    const int jt = p.logit_tile, d = p.head_dim, g = p.q_heads / p.kv_heads, n = p.blocks;
+    const int j0 = blockIdx.x * jt, h = blockIdx.y, b = blockIdx.z;
+    const int jn = min(jt, n - j0), row = 2 * d + 1;      // K rows padded: conflict-free reads
+    const int sb = max(1, (int)blockDim.x / (jt * g));    // segments per pass
+    const int bps = p.segment_size / p.block_size;
+    double* ks = sm;                                      // [jt][row]: max then min representative
+    double* qs = ks + jt * row;                           // [sb][g][d]
+    double* part = qs + sb * g * d;                       // [sb][jt][g]
     const double* qsum = reinterpret_cast<const double*>(p.qsum);
     const double* krep = reinterpret_cast<const double*>(p.krep);
-    for (int i = threadIdx.x; i < g * d; i += blockDim.x)
-        qs[i] = qsum[(((long long)b * p.segments + s) * p.q_heads + h * g) * d + i];
-    __syncthreads();
-    const long long u = plan_unit(p, b, h, s);
-    double* key = reinterpret_cast<double*>(p.key) + u * n;
-    float* logits = p.logits ? reinterpret_cast<float*>(p.logits) + u * n : 0;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        if (j >= lim) {
-            if (logits) logits[j] = EK_NEG_INF;
-            continue;
-        }
-        const double* kr = krep + (((long long)b * n + j) * p.kv_heads + h) * 2 * d;
-        double sum = 0.0;
-        for (int gi = 0; gi < g; gi++) {
+    double* key = reinterpret_cast<double*>(p.key);
+    float* logits = p.logits ? reinterpret_cast<float*>(p.logits) : 0;
+    for (int i = threadIdx.x; i < jn * 2 * d; i += blockDim.x) {
+        const int jj = i / (2 * d), x = i % (2 * d);
+        ks[jj * row + x] = krep[(((long long)b * n + j0 + jj) * p.kv_heads + h) * 2 * d + x];
+    }
+    // Segment s sees blocks j < min(s · bps, n): those before `first` see none of this tile.
+    const int first = min(p.segments, j0 / bps + 1);
+    if (logits)
+        for (int i = threadIdx.x; i < first * jn; i += blockDim.x)
+            logits[(long long)plan_unit(p, b, h, i / jn) * n + j0 + i % jn] = EK_NEG_INF;
+    for (int s0 = first; s0 < p.segments; s0 += sb) {
+        const int sn = min(sb, p.segments - s0);
+        __syncthreads();  // the K tile is in; the previous pass's qs and part are consumed
+        for (int i = threadIdx.x; i < sn * g * d; i += blockDim.x)
+            qs[i] = qsum[(((long long)b * p.segments + s0 + i / (g * d)) * p.q_heads + h * g) * d + i % (g * d)];
+        __syncthreads();
+        // Consecutive threads take consecutive blocks: distinct K rows, one Q row (broadcast).
+        for (int i = threadIdx.x; i < sn * jt * g; i += blockDim.x) {
+            const int jj = i % jt, gi = (i / jt) % g, sl = i / (jt * g);
+            if (jj >= jn || j0 + jj >= min((s0 + sl) * bps, n)) continue;
+            const double* q = qs + (sl * g + gi) * d;
+            const double* kr = ks + jj * row;
             double with_max = 0.0, with_min = 0.0;
             for (int x = 0; x < d; x++) {
-                with_max += qs[gi * d + x] * kr[x];
-                with_min += qs[gi * d + x] * kr[d + x];
+                with_max += q[x] * kr[x];
+                with_min += q[x] * kr[d + x];
             }
-            sum += 0.5 * fmax(with_max, with_min);
+            part[(sl * jt + jj) * g + gi] = 0.5 * fmax(with_max, with_min);
         }
-        const double x = sum / g;
-        key[j] = x;
-        if (logits) logits[j] = (float)x;
+        __syncthreads();
+        for (int i = threadIdx.x; i < sn * jt; i += blockDim.x) {
+            const int jj = i % jt, s = s0 + i / jt, j = j0 + jj;
+            if (jj >= jn) continue;
+            const long long u = plan_unit(p, b, h, s);
+            if (j >= min(s * bps, n)) {
+                if (logits) logits[u * n + j] = EK_NEG_INF;
+                continue;
+            }
+            double sum = 0.0;
+            for (int gi = 0; gi < g; gi++) sum += part[(i / jt * jt + jj) * g + gi];
+            const double x = sum / g;
+            key[u * n + j] = x;
+            if (logits) logits[u * n + j] = (float)x;
+        }
     }
 }
 

@@ -96,6 +96,7 @@ typedef struct EkPlanParams {
     int32_t width;    /* ranking width: min(3·base / Bk, keep_cap) */
     int32_t base_budget;
     int32_t fixed_budget; /* 1: CritiPrefill (every head keeps base) */
+    int32_t logit_tile;   /* CUDA: K-representative blocks per CTA of the logits kernel */
     float e_t;
     float delta_t;
     float alpha;

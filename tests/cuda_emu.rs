@@ -342,3 +342,48 @@ fn decode_vector_and_element_loads_agree_with_the_oracle() {
         assert!(err <= common::attn_tol(dtype), "{tag}: rel err {err:e}");
     }
 }
+
+/// With one multiprocessor every launch-shape choice takes its large option — 128-row prefill
+/// tiles, 64-block planning-logit tiles, few decode splits — where the default 132 takes the
+/// small ones at these sizes; decisions and outputs still match the oracle.
+#[test]
+fn large_launch_shapes_agree_with_the_oracle() {
+    emu::set_multiprocessors(1).unwrap();
+    let be = emu::backend();
+    emu::set_multiprocessors(0).unwrap();
+    let k = Kernels::from_backend(std::sync::Arc::new(be.expect("the emulated driver loads")));
+    let oracle = Kernels::reference();
+    let (l, hq, hkv, d, dtype) = (1500, 8, 2, 128, DType::BF16);
+    let seed = common::seed("cuda_emu_large_shapes");
+    let q = common::random([1, l, hq, d], 1.0, seed, dtype);
+    let kk = common::random([1, l, hkv, d], 1.0, seed ^ 1, dtype);
+    let v = common::random([1, l, hkv, d], 1.0, seed ^ 2, dtype);
+    let cfg =
+        EntropyConfig { segment_size: 256, block_size: 8, threshold_len: 256, base_budget: 128, ..Default::default() };
+    let req = PlanRequest::layer(0);
+    let want = oracle.plan(q.view(), kk.view(), &cfg, &req).unwrap();
+    let (logits, prefill) = ("ek_plan_logits", "ek_prefill_mma_bf16_d128_m128");
+    let before = (emu::launches(Some(logits)).unwrap(), emu::launches(Some(prefill)).unwrap());
+    let mut got = common::poisoned(q.shape, dtype);
+    let plan = k.prefill(q.view(), kk.view(), v.view(), &cfg, &req, &mut got.view_mut(), None).unwrap();
+    assert!(emu::launches(Some(logits)).unwrap() > before.0 && emu::launches(Some(prefill)).unwrap() > before.1);
+    assert_eq!(plan.budgets, want.budgets, "plan budgets");
+    assert_eq!(plan.keep_blocks, want.keep_blocks, "plan keep counts");
+    assert_eq!(plan.order, want.order, "plan ranking");
+    assert_eq!(plan.blocks, want.blocks, "plan block lists");
+    let mut exact = common::poisoned(q.shape, dtype);
+    oracle.sparse_prefill(q.view(), kk.view(), v.view(), &plan.blocks, None, &mut exact.view_mut(), None).unwrap();
+    let err = common::rel_fro(&common::tensor_f64(&got), &common::tensor_f64(&exact));
+    assert!(err <= common::attn_tol(dtype), "prefill: rel err {err:e}");
+
+    let (n, lengths) = (1300, [1300, 999]);
+    let kc = common::random([1, hkv, n, d], 1.0, seed ^ 3, dtype);
+    let vc = common::random([1, hkv, n, d], 1.0, seed ^ 4, dtype);
+    let q1 = common::random([1, 1, hq, d], 1.0, seed ^ 5, dtype);
+    let mut dec = common::poisoned(q1.shape, dtype);
+    k.decode_attention(q1.view(), kc.view(), vc.view(), &lengths, None, &mut dec.view_mut()).unwrap();
+    let mut exact = common::poisoned(q1.shape, dtype);
+    oracle.decode_attention(q1.view(), kc.view(), vc.view(), &lengths, None, &mut exact.view_mut()).unwrap();
+    let err = common::rel_fro(&common::tensor_f64(&dec), &common::tensor_f64(&exact));
+    assert!(err <= common::attn_tol(dtype), "decode: rel err {err:e}");
+}

@@ -233,6 +233,10 @@ EXPORT void ek_cuda_emu_counters(unsigned long long* out) {
 // The order fibers are resumed in (ekemu::schedule).
 EXPORT void ek_cuda_emu_schedule(unsigned order) { ekemu::schedule = order; }
 
+// The multiprocessor count reported to backends opened from now on (launch-shape choices).
+std::atomic<int> multiprocessors{SMS};
+EXPORT void ek_cuda_emu_set_multiprocessors(int n) { multiprocessors = n > 0 ? n : SMS; }
+
 EXPORT CUresult cuInit(unsigned) { return SUCCESS; }
 EXPORT CUresult cuDriverGetVersion(int* v) {
     *v = 13000;
@@ -264,7 +268,7 @@ EXPORT CUresult cuDeviceGetAttribute(int* v, int attribute, CUdevice) {
         case 1: *v = 1024; break;                  // max threads per block
         case 8: *v = SHARED_PER_BLOCK; break;      // shared memory per block
         case 10: *v = 32; break;                   // warp size
-        case 16: *v = SMS; break;                  // multiprocessors
+        case 16: *v = multiprocessors; break;      // multiprocessors
         case 75: *v = 9; break;                    // compute capability
         case 76: *v = 0; break;
         case 81: *v = 228 * 1024; break;           // shared memory per multiprocessor

@@ -401,6 +401,16 @@ fn on_16_byte_grid(t: &EkTensor, dtype: DType) -> bool {
     t.ptr.is_multiple_of(16) && t.stride.iter().all(|s| s % per_16 == 0)
 }
 
+/// Block tiles of `ek_plan_logits`, largest first.
+const PLAN_LOGIT_TILES: [usize; 4] = [64, 32, 16, 8];
+
+/// Dynamic shared memory of `ek_plan_logits` (cuda/plan.cu) with `tile` blocks: the padded K
+/// representatives, a pass of segments' Q sums and their partial logits (f64).
+fn plan_logits_smem(tile: usize, group: usize, head_dim: usize) -> usize {
+    let segments = (PLAN_THREADS as usize / (tile * group)).max(1);
+    8 * (tile * (2 * head_dim + 1) + segments * group * head_dim + segments * tile * group)
+}
+
 /// Dynamic shared memory of `ek_prefill_mma_*_m<rows>`: Q, double-buffered K and V tiles (rows
 /// padded by 8 halves), their tokens.
 fn mma_prefill_smem(rows: usize, head_dim: usize) -> usize {
@@ -655,6 +665,16 @@ impl CudaBackend {
         let topk = u32s(d.segments)?;
         let classes = stream.alloc_zeros::<u8>(d.batch * d.kv_heads).map_err(driver_err("cuMemAlloc"))?;
         let order = u32s(units * width)?;
+        // The logits kernel's block tile: the largest that fits in shared memory while the grid
+        // still makes two waves (a larger tile re-reads the segments' Q sums fewer times).
+        let logit_tile = PLAN_LOGIT_TILES
+            .into_iter()
+            .filter(|&t| plan_logits_smem(t, d.group(), dd) <= self.max_shared)
+            .find(|&t| n.div_ceil(t) * d.kv_heads * d.batch >= 2 * self.sms)
+            .or_else(|| {
+                PLAN_LOGIT_TILES.into_iter().rev().find(|&t| plan_logits_smem(t, d.group(), dd) <= self.max_shared)
+            })
+            .ok_or_else(|| Error::range("head dim", dd, "the planning logits' tiles exceed shared memory"))?;
         let opt = |s: &Option<CudaSlice<f32>>| s.as_ref().map_or(0, |s| addr_on(stream, s));
         let params = EkPlanParams {
             q,
@@ -678,6 +698,7 @@ impl CudaBackend {
             delta_t: cfg.delta_t,
             alpha: cfg.alpha,
             entropy_floor: cfg.entropy_floor,
+            logit_tile: logit_tile as i32,
             ..EkPlanParams::sized(&d, dd, dtype)
         };
         let sfx = dtype_suffix(dtype);
@@ -686,8 +707,8 @@ impl CudaBackend {
         unsafe {
             launch(stream, self.func(&format!("ek_plan_reps_q_{sfx}")), (nseg, b, 1), PLAN_THREADS, 0, &params)?;
             launch(stream, self.func(&format!("ek_plan_reps_k_{sfx}")), (n as u32, b, 1), PLAN_THREADS, 0, &params)?;
-            let smem = d.group() * dd * 8;
-            launch(stream, self.func("ek_plan_logits"), (nseg, hkv, b), PLAN_THREADS, smem, &params)?;
+            let (tiles, smem) = (n.div_ceil(logit_tile) as u32, plan_logits_smem(logit_tile, d.group(), dd));
+            launch(stream, self.func("ek_plan_logits"), (tiles, hkv, b), PLAN_THREADS, smem, &params)?;
             launch(stream, self.func("ek_plan_softmax"), (units as u32, 1, 1), PLAN_THREADS, 0, &params)?;
             let grid = (b * hkv).div_ceil(PLAN_THREADS);
             launch(stream, self.func("ek_plan_decide"), (grid, 1, 1), PLAN_THREADS, 0, &params)?;

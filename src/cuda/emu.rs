@@ -105,6 +105,16 @@ pub fn set_schedule(order: u32) -> Result<()> {
     Ok(())
 }
 
+/// The multiprocessor count backends opened from now on see (0: the default, 132). Launch shapes
+/// that depend on it — the prefill tile height, the decode splits, the planning logits' tile —
+/// change; results must not. Process-wide.
+pub fn set_multiprocessors(n: u32) -> Result<()> {
+    let f = symbol::<unsafe extern "C" fn(i32)>(b"ek_cuda_emu_set_multiprocessors")?;
+    // SAFETY: sets a value.
+    unsafe { f(n as i32) };
+    Ok(())
+}
+
 /// Work the emulated kernels have done in this process (warp-wide instructions counted once per
 /// warp). Differences between two readings measure the launches in between.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

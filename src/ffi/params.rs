@@ -95,6 +95,7 @@ pub struct EkPlanParams {
     pub width: i32,
     pub base_budget: i32,
     pub fixed_budget: i32,
+    pub logit_tile: i32,
     pub e_t: f32,
     pub delta_t: f32,
     pub alpha: f32,
@@ -103,7 +104,7 @@ pub struct EkPlanParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of EkPlanParams"][::core::mem::size_of::<EkPlanParams>() - 264usize];
+    ["Size of EkPlanParams"][::core::mem::size_of::<EkPlanParams>() - 272usize];
     ["Alignment of EkPlanParams"][::core::mem::align_of::<EkPlanParams>() - 8usize];
     ["Offset of field: EkPlanParams::q"][::core::mem::offset_of!(EkPlanParams, q) - 0usize];
     ["Offset of field: EkPlanParams::k"][::core::mem::offset_of!(EkPlanParams, k) - 48usize];
@@ -132,11 +133,12 @@ const _: () = {
     ["Offset of field: EkPlanParams::width"][::core::mem::offset_of!(EkPlanParams, width) - 232usize];
     ["Offset of field: EkPlanParams::base_budget"][::core::mem::offset_of!(EkPlanParams, base_budget) - 236usize];
     ["Offset of field: EkPlanParams::fixed_budget"][::core::mem::offset_of!(EkPlanParams, fixed_budget) - 240usize];
-    ["Offset of field: EkPlanParams::e_t"][::core::mem::offset_of!(EkPlanParams, e_t) - 244usize];
-    ["Offset of field: EkPlanParams::delta_t"][::core::mem::offset_of!(EkPlanParams, delta_t) - 248usize];
-    ["Offset of field: EkPlanParams::alpha"][::core::mem::offset_of!(EkPlanParams, alpha) - 252usize];
-    ["Offset of field: EkPlanParams::entropy_floor"][::core::mem::offset_of!(EkPlanParams, entropy_floor) - 256usize];
-    ["Offset of field: EkPlanParams::dtype"][::core::mem::offset_of!(EkPlanParams, dtype) - 260usize];
+    ["Offset of field: EkPlanParams::logit_tile"][::core::mem::offset_of!(EkPlanParams, logit_tile) - 244usize];
+    ["Offset of field: EkPlanParams::e_t"][::core::mem::offset_of!(EkPlanParams, e_t) - 248usize];
+    ["Offset of field: EkPlanParams::delta_t"][::core::mem::offset_of!(EkPlanParams, delta_t) - 252usize];
+    ["Offset of field: EkPlanParams::alpha"][::core::mem::offset_of!(EkPlanParams, alpha) - 256usize];
+    ["Offset of field: EkPlanParams::entropy_floor"][::core::mem::offset_of!(EkPlanParams, entropy_floor) - 260usize];
+    ["Offset of field: EkPlanParams::dtype"][::core::mem::offset_of!(EkPlanParams, dtype) - 264usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
