@@ -647,9 +647,13 @@ impl CudaBackend {
         let cfg = p.cfg;
         let width = d.rank_width(cfg.base_budget);
         let (dd, n, units) = (p.head_dim, d.blocks, d.units());
-        let f64s = |len: usize| stream.alloc_zeros::<f64>(len.max(1)).map_err(driver_err("cuMemAlloc"));
         let f32s = |len: usize| stream.alloc_zeros::<f32>(len.max(1)).map_err(driver_err("cuMemAlloc"));
         let u32s = |len: usize| stream.alloc_zeros::<u32>(len.max(1)).map_err(driver_err("cuMemAlloc"));
+        // Written in full by reps_q / reps_k, and `key` wherever it is read (blocks before each
+        // unit's causal limit): no zeroing (at 128K tokens `krep` and `key` are 256 MiB each).
+        // SAFETY: plain f64s; the kernels write every element they later read (the emulated
+        // driver poisons fresh allocations with NaN, so a read of an unwritten one would show).
+        let f64s = |len: usize| unsafe { stream.alloc::<f64>(len.max(1)) }.map_err(driver_err("cuMemAlloc"));
         let qsum = f64s(d.batch * d.segments * d.q_heads * dd)?;
         let krep = f64s(d.batch * n * d.kv_heads * 2 * dd)?;
         let key = f64s(units * n)?;
