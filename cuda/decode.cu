@@ -62,6 +62,19 @@ template <typename T, int VEC> __device__ void decode_split(const EkDecodeParams
         qs[i] = to_f32(q[row_offset(p.q, b, qi, hq) + x]) * p.scale_log2;
     }
     __syncthreads();
+    // This lane's elements of the first DECODE_ROW_PASS query rows, in registers: read from shared
+    // memory per cache element loaded, they would cost `rows` shared loads per global one (zeros
+    // past D or past the rows add nothing).
+    float qr[DECODE_ROW_PASS][DECODE_LANE_ELEMS];
+#pragma unroll
+    for (int rr = 0; rr < DECODE_ROW_PASS; rr++)
+#pragma unroll
+        for (int i = 0; i < DECODE_LANE_ELEMS / VEC; i++) {
+            const int x = (sub + dl.lanes * i) * VEC;
+            const bool real = rr < rows && i < dl.vectors && x < d;
+#pragma unroll
+            for (int e = 0; e < VEC; e++) qr[rr][i * VEC + e] = real ? qs[rr * d + x + e] : 0.f;
+        }
     // Scores: `lanes` lanes per key, each key row read once; the warp steps together (its
     // shuffles need every lane) and lanes past the split's keys hold zeros.
     for (int j0 = warp * per_warp; j0 < n; j0 += streams) {
@@ -71,7 +84,19 @@ template <typename T, int VEC> __device__ void decode_split(const EkDecodeParams
         else
 #pragma unroll
             for (int e = 0; e < DECODE_LANE_ELEMS; e++) kv[e] = 0.f;
-        for (int r = 0; r < rows; r++) {
+        auto store = [&](int r, float acc) {
+            for (int o = dl.lanes / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+            if (j < n && sub == 0) sc[r * kps + j] = acc;
+        };
+#pragma unroll
+        for (int rr = 0; rr < DECODE_ROW_PASS; rr++) {
+            if (rr >= rows) break;
+            float acc = 0.f;
+#pragma unroll
+            for (int e = 0; e < DECODE_LANE_ELEMS; e++) acc += qr[rr][e] * kv[e];
+            store(rr, acc);
+        }
+        for (int r = DECODE_ROW_PASS; r < rows; r++) {
             float acc = 0.f;
 #pragma unroll
             for (int i = 0; i < DECODE_LANE_ELEMS / VEC; i++) {
@@ -80,8 +105,7 @@ template <typename T, int VEC> __device__ void decode_split(const EkDecodeParams
 #pragma unroll
                     for (int e = 0; e < VEC; e++) acc += qs[r * d + x + e] * kv[i * VEC + e];
             }
-            for (int o = dl.lanes / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-            if (j < n && sub == 0) sc[r * kps + j] = acc;
+            store(r, acc);
         }
     }
     __syncthreads();
