@@ -177,7 +177,7 @@ template <typename T, int D, int WARPS> __device__ void prefill_mma(const EkPref
     EK_DYNAMIC_SHARED(unsigned short, sh);
     // K and V tiles double-buffered: tile i + 1 is copied (cp.async) while tile i is computed.
     unsigned short* qs = sh;                                      // [ROWS][DP]
-    unsigned short* ks = qs + ROWS * DP;              // [2][KEYS][DP]
+    unsigned short* ks = qs + ROWS * DP;                          // [2][KEYS][DP]
     unsigned short* vs = ks + 2 * PREFILL_MMA_KEYS * DP;          // [2][KEYS][DP]
     int* toks = reinterpret_cast<int*>(vs + 2 * PREFILL_MMA_KEYS * DP);  // [2][KEYS]
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -211,7 +211,7 @@ template <typename T, int D, int WARPS> __device__ void prefill_mma(const EkPref
     issue(0, 0);
     // Q stays in shared memory; its A fragments are reloaded per k-step (saves 4·D/16 registers
     // per thread, which keeps D = 128 under 255 registers without spills).
-    const int r0 = warp * 16 + g;
+    const int r0 = warp * PREFILL_MMA_ROWS_PER_WARP + g;
     float o[DTILES][4];
 #pragma unroll
     for (int i = 0; i < DTILES; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
@@ -239,7 +239,7 @@ template <typename T, int D, int WARPS> __device__ void prefill_mma(const EkPref
 #pragma unroll
         for (int ks_ = 0; ks_ < KSTEPS; ks_++) {
             uint32_t qa[4];
-            ldmatrix_x4(qa, qs + (warp * 16 + (lane & 15)) * DP + ks_ * 16 + (lane >> 4) * 8);
+            ldmatrix_x4(qa, qs + (warp * PREFILL_MMA_ROWS_PER_WARP + (lane & 15)) * DP + ks_ * 16 + (lane >> 4) * 8);
 #pragma unroll
             for (int nt = 0; nt < NT; nt += 2) {
                 uint32_t kb[4];  // b0, b1 of key tiles nt and nt + 1

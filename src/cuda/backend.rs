@@ -37,6 +37,9 @@ unsafe impl DeviceRepr for EkCompressParams {}
 
 /// Tile shapes the kernels are compiled with (cuda/prefill.cu, cuda/decode.cu).
 const MMA_ROWS_PER_WARP: usize = 16;
+/// The tensor-core prefill's tile heights (`_m64`, `_m128`); the smaller must hold a GQA group.
+const MMA_TILE_SMALL: usize = 64;
+const MMA_TILE_LARGE: usize = 128;
 const MMA_KEYS: usize = 64;
 const SIMT_ROWS: usize = 32;
 const SIMT_KEYS: usize = 32;
@@ -566,7 +569,7 @@ impl CudaBackend {
             None => None,
         };
         let aligned = [&job.q, &job.k, &job.v].into_iter().all(|t| on_16_byte_grid(t, dtype));
-        let mma = dtype != DType::F32 && (d.head_dim == 64 || d.head_dim == 128) && aligned && g <= 64;
+        let mma = dtype != DType::F32 && (d.head_dim == 64 || d.head_dim == 128) && aligned && g <= MMA_TILE_SMALL;
         let (name, rows, threads, smem) = if mma {
             let m = self.mma_tile_rows(d.head_dim, g, segment_size, segments * d.batch * d.kv_heads);
             (
@@ -620,15 +623,15 @@ impl CudaBackend {
     /// The tensor-core prefill's rows per CTA for head dim `d`, group `g` and `units` (b, kv head,
     /// segment) units (see [`PrefillTile`]).
     fn mma_tile_rows(&self, d: usize, g: usize, segment_size: usize, units: usize) -> usize {
-        let fits = mma_prefill_smem(128, d) <= self.max_shared;
+        let fits = mma_prefill_smem(MMA_TILE_LARGE, d) <= self.max_shared;
         match self.prefill_tile {
-            PrefillTile::M64 => 64,
-            PrefillTile::M128 if fits => 128,
-            PrefillTile::M128 => 64,
+            PrefillTile::M64 => MMA_TILE_SMALL,
+            PrefillTile::M128 if fits => MMA_TILE_LARGE,
+            PrefillTile::M128 => MMA_TILE_SMALL,
             PrefillTile::Auto => {
-                let tokens = 128 / g;
+                let tokens = MMA_TILE_LARGE / g;
                 let ctas = units * segment_size.div_ceil(tokens);
-                if fits && tokens <= segment_size && ctas >= 2 * self.sms { 128 } else { 64 }
+                if fits && tokens <= segment_size && ctas >= 2 * self.sms { MMA_TILE_LARGE } else { MMA_TILE_SMALL }
             }
         }
     }
