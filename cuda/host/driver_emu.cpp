@@ -135,28 +135,31 @@ thread_local std::string last_error;
 int context_tag, module_tag;
 std::atomic<unsigned long long> launches{0};
 
-// An allocation's mapping: whole pages holding the head guard, the user bytes rounded up to
-// ALIGN, then one inaccessible page right after them.
-struct Mapping {
-    unsigned char* base;
-    size_t accessible, total;
+// An allocation of n bytes: whole pages holding the head guard and the user bytes rounded up to
+// ALIGN (`padded`), the user bytes ending `accessible` bytes in, then one inaccessible page.
+struct Layout {
+    size_t padded, accessible, total;
 };
 size_t page_bytes() {
     static const size_t p = (size_t)sysconf(_SC_PAGESIZE);
     return p;
 }
-Mapping mapping_of(CUdeviceptr p, size_t n) {
+Layout layout_of(size_t n) {
     const size_t padded = (n + ALIGN - 1) / ALIGN * ALIGN, page = page_bytes();
     const size_t accessible = (GUARD + padded + page - 1) / page * page;
-    return {reinterpret_cast<unsigned char*>(p) + padded - accessible, accessible, accessible + page};
+    return {padded, accessible, accessible + page};
+}
+// The start of the mapping holding user address p.
+unsigned char* base_of(CUdeviceptr p, const Layout& l) {
+    return reinterpret_cast<unsigned char*>(p) + l.padded - l.accessible;
 }
 
 bool guards_intact(CUdeviceptr p, size_t n) {
-    const Mapping m = mapping_of(p, n);
-    const unsigned char* user = reinterpret_cast<const unsigned char*>(p);
-    for (const unsigned char* b = m.base; b < user; b++)
+    const Layout l = layout_of(n);
+    const unsigned char *base = base_of(p, l), *user = reinterpret_cast<const unsigned char*>(p);
+    for (const unsigned char* b = base; b < user; b++)
         if (*b != GUARD_BYTE) return false;
-    for (const unsigned char* b = user + n; b < m.base + m.accessible; b++)
+    for (const unsigned char* b = user + n; b < base + l.accessible; b++)
         if (*b != GUARD_BYTE) return false;
     return true;
 }
@@ -315,17 +318,16 @@ EXPORT CUresult cuEventQuery(CUevent) { return SUCCESS; }
 
 EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
     install_fault_handler();
-    const size_t padded = (n + ALIGN - 1) / ALIGN * ALIGN;
-    const size_t accessible = (GUARD + padded + page_bytes() - 1) / page_bytes() * page_bytes();
-    void* map = mmap(nullptr, accessible + page_bytes(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    const Layout l = layout_of(n);
+    void* map = mmap(nullptr, l.total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (map == MAP_FAILED) return 2;  // CUDA_ERROR_OUT_OF_MEMORY
     auto* b = static_cast<unsigned char*>(map);
-    if (mprotect(b + accessible, page_bytes(), PROT_NONE) != 0) {
-        munmap(map, accessible + page_bytes());
+    if (mprotect(b + l.accessible, l.total - l.accessible, PROT_NONE) != 0) {
+        munmap(map, l.total);
         return 2;
     }
-    unsigned char* user = b + accessible - padded;
-    std::memset(b, GUARD_BYTE, accessible);
+    unsigned char* user = b + l.accessible - l.padded;
+    std::memset(b, GUARD_BYTE, l.accessible);
     std::memset(user, POISON_BYTE, n);
     *p = reinterpret_cast<CUdeviceptr>(user);
     std::lock_guard<std::mutex> g(lock);
@@ -343,8 +345,8 @@ EXPORT CUresult cuMemFree_v2(CUdeviceptr p) {
         allocations.erase(it);
     }
     const bool ok = guards_intact(p, n);
-    const Mapping m = mapping_of(p, n);
-    munmap(m.base, m.total);
+    const Layout l = layout_of(n);
+    munmap(base_of(p, l), l.total);
     return ok ? SUCCESS : fail(ILLEGAL_ADDRESS, "an allocation's guard bytes were overwritten before cuMemFree");
 }
 EXPORT CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return cuMemFree_v2(p); }
@@ -553,8 +555,8 @@ EXPORT CUresult ek_cuda_emu_selftest(int code, float* out, char* msg, int len) {
         std::unique_lock<std::shared_mutex> g(launching);
         r = launch(&selftest_entry, 1, 1, 1, SELFTEST_THREADS, 1, 1, shared, args, nullptr);
         // Restore the guard bytes a planted overflow broke, so the buffer can be freed.
-        const size_t padded = (SELFTEST_BYTES + ALIGN - 1) / ALIGN * ALIGN;
-        std::memset(reinterpret_cast<unsigned char*>(buf) + SELFTEST_BYTES, GUARD_BYTE, padded - SELFTEST_BYTES);
+        std::memset(reinterpret_cast<unsigned char*>(buf) + SELFTEST_BYTES, GUARD_BYTE,
+                    layout_of(SELFTEST_BYTES).padded - SELFTEST_BYTES);
     }
     if (r == SUCCESS) r = cuMemcpyDtoH_v2(out, buf, SELFTEST_THREADS * sizeof(float));
     std::snprintf(msg, len, "%s", last_error.c_str());
