@@ -81,9 +81,10 @@ def reference_pipeline(q, k, v, lists):
     """The sparse prefill as per-(kv head, segment) gathers and SDPA calls; q [1, Hq, L, D], k and v
     [1, Hkv, L, D]; batch 1. The sparse units' index tensors and masks are built once, outside the
     timed call."""
-    length, seg, blk = lists["seq_len"], lists["segment_size"], lists["block_size"]
-    hkv, nseg = lists["kv_heads"], lists["segments"]
-    assert lists["batch"] == 1 and q.shape[2] == length and k.shape[1] == hkv
+    dims = lists["dims"]
+    length, seg, blk = dims["seq_len"], dims["segment_size"], dims["block_size"]
+    hkv, nseg = dims["kv_heads"], dims["segments"]
+    assert dims["batch"] == 1 and q.shape[2] == length and k.shape[1] == hkv
     group = q.shape[1] // hkv
     dev = q.device
     steps = []

@@ -54,27 +54,14 @@ pub struct BenchDeviceArgs {
     pub dump_blocks: Option<std::path::PathBuf>,
 }
 
-/// The block lists as JSON: dims, per-unit dense flags, CSR lists of block indices; unit
-/// u = (b · kv_heads + h) · segments + s.
+/// The block lists as JSON (their serde form: `dims`, per-unit `dense` flags, CSR `indptr` and
+/// `indices`; unit u = (b · kv_heads + h) · segments + s).
 fn dump_blocks(dir: &std::path::Path, blocks: &entropy_kernels::BlockLists) -> Result<()> {
-    let d = &blocks.dims;
-    let json = serde_json::json!({
-        "batch": d.batch,
-        "seq_len": d.seq_len,
-        "q_heads": d.q_heads,
-        "kv_heads": d.kv_heads,
-        "segment_size": d.segment_size,
-        "block_size": d.block_size,
-        "segments": d.segments,
-        "unit": "(b * kv_heads + h) * segments + s",
-        "dense": blocks.dense,
-        "indptr": blocks.indptr,
-        "indices": blocks.indices,
-    });
-    let path = dir.join(format!("blocks-{}.json", d.seq_len));
+    let path = dir.join(format!("blocks-{}.json", blocks.dims.seq_len));
     let io = |source| Error::Io { path: path.display().to_string(), source };
     std::fs::create_dir_all(dir).map_err(io)?;
-    std::fs::write(&path, json.to_string()).map_err(io)
+    let json = serde_json::to_string(blocks).map_err(|e| io(std::io::Error::other(e)))?;
+    std::fs::write(&path, json).map_err(io)
 }
 
 fn driver(call: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
