@@ -177,9 +177,10 @@ fn build_ascend_kernels() {
 }
 
 /// CUDA kernel sources in dependency order (the same list as `src/cuda/source.rs`).
-const CUDA_SOURCES: [&str; 7] = [
+const CUDA_SOURCES: [&str; 8] = [
     "ffi/entropy_params.h",
     "cuda/common.cuh",
+    "cuda/numerics.cuh",
     "cuda/topk.cuh",
     "cuda/decode.cu",
     "cuda/prefill.cu",

@@ -124,26 +124,41 @@ template <typename T> __device__ void compress_stats(const EkCompressParams& p) 
     compress_store_stats(p, b, h, c, ml);
 }
 
+// The window-mean numerators without atomics: rows go in passes of one row per thread, each
+// pass's probabilities into probs [COMPRESS_THREADS][COMPRESS_KEYS + 1] (padded: conflict-free
+// row-wise writes), then one thread per (key, group head) adds the pass's rows r ≡ g (mod G) in
+// order to acc [keys][group]. The same bits on every run, unlike atomic adds.
 template <typename T> __device__ void compress_means(const EkCompressParams& p) {
     EK_DYNAMIC_SHARED(float, smem);
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int d = p.k_cache.shape[3], rows = compress_rows(p), scored = p.entries - p.window;
+    const int d = p.k_cache.shape[3], rows = compress_rows(p), scored = p.entries - p.window, G = p.group;
+    constexpr int PS = COMPRESS_KEYS + 1;
     float* qs = smem;
     float* ks = qs + rows * (d + 1);
     float* acc = ks + COMPRESS_KEYS * (d + 1);  // [keys][group]
-    float* norm = acc + COMPRESS_KEYS * p.group;  // [rows][2]: reference and 1/sum
+    float* norm = acc + COMPRESS_KEYS * G;      // [rows][2]: reference and 1/sum
+    float* probs = norm + 2 * rows;             // [COMPRESS_THREADS][PS]
     load_window<T>(p, b, h, qs);
     compress_row_norms(p, b, h, norm);
     const int k_end = min((c + 1) * p.chunk, scored);
     for (int k0 = c * p.chunk; k0 < k_end; k0 += COMPRESS_KEYS) {
         __syncthreads();
         load_keys<T>(p, b, h, k0, k_end, ks);
-        for (int i = threadIdx.x; i < COMPRESS_KEYS * p.group; i += blockDim.x) acc[i] = 0.f;
-        __syncthreads();
-        for (int r = threadIdx.x; r < rows; r += blockDim.x) {
-            for (int j = 0; j < COMPRESS_KEYS && k0 + j < k_end; j++) {
-                const float pr = exp2_f32(window_score(p, qs, ks, r, j, k0 + j) - norm[2 * r]) * norm[2 * r + 1];
-                atomicAdd(&acc[j * p.group + r % p.group], pr);
+        for (int i = threadIdx.x; i < COMPRESS_KEYS * G; i += blockDim.x) acc[i] = 0.f;
+        for (int r0 = 0; r0 < rows; r0 += blockDim.x) {
+            __syncthreads();  // keys loaded, sums cleared; the previous pass's probs consumed
+            const int r = r0 + threadIdx.x;
+            if (r < rows)
+                for (int j = 0; j < COMPRESS_KEYS && k0 + j < k_end; j++)
+                    probs[threadIdx.x * PS + j] = exp2_f32(window_score(p, qs, ks, r, j, k0 + j) - norm[2 * r]) * norm[2 * r + 1];
+            __syncthreads();
+            const int r1 = min(r0 + (int)blockDim.x, rows);
+            for (int i = threadIdx.x; i < COMPRESS_KEYS * G; i += blockDim.x) {
+                const int j = i / G, g = i % G;
+                if (k0 + j >= k_end) continue;
+                float sum = acc[i];
+                for (int rr = r0 + ((g - r0 % G) % G + G) % G; rr < r1; rr += G) sum += probs[(rr - r0) * PS + j];
+                acc[i] = sum;
             }
         }
         __syncthreads();
@@ -259,23 +274,33 @@ template <typename T, int D> __device__ void compress_stats_mma(const EkCompress
     compress_store_stats(p, b, h, c, ml);
 }
 
+// A warp's slab of probabilities, [16][COMPRESS_MMA_PS] floats (padded rows).
+#define COMPRESS_MMA_PS (COMPRESS_MMA_KEYS + 8)
+
+// The window-mean numerators without atomics: a warp writes its slab's probabilities to its own
+// scratch, then each lane adds the slab's rows of the (key, group head) pairs it owns to the
+// warp's partial sums, rows in order; after the slabs, the warps' partials are added in warp
+// order. The same bits on every run.
 template <typename T, int D> __device__ void compress_means_mma(const EkCompressParams& p) {
     EK_DYNAMIC_SHARED(unsigned short, sh);
     constexpr int NT = COMPRESS_MMA_KEYS / 8;
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int rows = compress_rows(p), slabs = (rows + 15) / 16, scored = p.entries - p.window;
+    const int rows = compress_rows(p), slabs = (rows + 15) / 16, scored = p.entries - p.window, G = p.group;
     unsigned short* qs = sh;
     unsigned short* ks = qs + slabs * 16 * (D + 8);
-    float* acc = reinterpret_cast<float*>(ks + COMPRESS_MMA_KEYS * (D + 8));  // [keys][group]
-    float* norm = acc + COMPRESS_MMA_KEYS * p.group;                         // [rows][2]
+    float* norm = reinterpret_cast<float*>(ks + COMPRESS_MMA_KEYS * (D + 8));  // [rows][2]
+    float* part = norm + 2 * rows;                                            // [warps][keys][group]
+    float* probs = part + COMPRESS_MMA_WARPS * COMPRESS_MMA_KEYS * G;          // [warps][16][PS]
     compress_mma_window<D>(p, b, h, slabs * 16, qs);
     compress_row_norms(p, b, h, norm);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, cp = (lane & 3) * 2;
+    float* mine = part + warp * COMPRESS_MMA_KEYS * G;
+    float* slab_probs = probs + warp * 16 * COMPRESS_MMA_PS;
     const int k_end = min((c + 1) * p.chunk, scored);
     for (int k0 = c * p.chunk; k0 < k_end; k0 += COMPRESS_MMA_KEYS) {
         __syncthreads();
         compress_mma_keys<D>(p, b, h, k0, k_end, ks);
-        for (int i = threadIdx.x; i < COMPRESS_MMA_KEYS * p.group; i += blockDim.x) acc[i] = 0.f;
+        for (int i = threadIdx.x; i < COMPRESS_MMA_WARPS * COMPRESS_MMA_KEYS * G; i += blockDim.x) part[i] = 0.f;
         __syncthreads();
 #pragma unroll 1
         for (int sl = warp; sl < slabs; sl += COMPRESS_MMA_WARPS) {
@@ -285,19 +310,35 @@ template <typename T, int D> __device__ void compress_means_mma(const EkCompress
 #pragma unroll
             for (int h2 = 0; h2 < 2; h2++) {
                 const int r = sl * 16 + g + 8 * h2;
-                if (r >= rows) continue;
-                const float ref = norm[2 * r], inv_l = norm[2 * r + 1];
+                const float ref = r < rows ? norm[2 * r] : 0.f, inv_l = r < rows ? norm[2 * r + 1] : 0.f;
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-                    for (int e = 2 * h2; e < 2 * h2 + 2; e++) {
-                        const int j = nt * 8 + cp + (e & 1);
-                        if (k0 + j < k_end) atomicAdd(&acc[j * p.group + r % p.group], exp2_f32(s[nt][e] * p.scale_log2 - ref) * inv_l);
-                    }
+                    for (int e = 2 * h2; e < 2 * h2 + 2; e++)
+                        slab_probs[(g + 8 * h2) * COMPRESS_MMA_PS + nt * 8 + cp + (e & 1)] =
+                            exp2_f32(s[nt][e] * p.scale_log2 - ref) * inv_l;
             }
+            __syncwarp();
+            // Lane-owned pairs (key j, head g): the slab's rows r ≡ g (mod G), ascending.
+            for (int i = lane; i < COMPRESS_MMA_KEYS * G; i += 32) {
+                const int j = i / G, gh = i % G;
+                if (k0 + j >= k_end) continue;
+                float sum = mine[i];
+                for (int rr = sl * 16 + ((gh - sl * 16 % G) % G + G) % G; rr < min(sl * 16 + 16, rows); rr += G)
+                    sum += slab_probs[(rr - sl * 16) * COMPRESS_MMA_PS + j];
+                mine[i] = sum;
+            }
+            __syncwarp();  // the slab's probabilities are consumed before the next slab's
         }
         __syncthreads();
-        compress_flush_means(p, b, h, k0, k_end, COMPRESS_MMA_KEYS, acc);
+        // The warps' partials in warp order, into warp 0's (each element read and written by one thread).
+        for (int i = threadIdx.x; i < COMPRESS_MMA_KEYS * G; i += blockDim.x) {
+            float sum = part[i];
+            for (int w = 1; w < COMPRESS_MMA_WARPS; w++) sum += part[w * COMPRESS_MMA_KEYS * G + i];
+            part[i] = sum;
+        }
+        __syncthreads();
+        compress_flush_means(p, b, h, k0, k_end, COMPRESS_MMA_KEYS, part);
     }
 }
 

@@ -4,10 +4,12 @@
 //   logits  (block tiles, Hkv, B) group-mean logits, f64 ranking keys, causal block mask
 //   softmax (units)             distribution, layer fusion, entropy (f64 reductions)
 //   decide  (B·Hkv)             head class, f32 budget recurrence, keep counts, segment maxima
-//   rank    (units)             each unit's ranking (top `width`, ties to the lower block)
+//   rank    (units)             each unit's ranking (top `width` by radix select, then sorted; ties
+//                               to the lower block)
 // The f32 budget recurrence uses round-to-nearest intrinsics so it is the host's bit for bit.
 
-#define PLAN_THREADS 256
+#define PLAN_THREADS EK_LANES  // the lane sums of numerics.cuh need exactly this many threads
+#define PLAN_RANK_THREADS 512  // ek_plan_rank: the bitonic sort's steps over RANK_SORT_CAP keys
 
 __device__ __forceinline__ int plan_unit(const EkPlanParams& p, int b, int h, int s) {
     return (b * p.kv_heads + h) * p.segments + s;
@@ -51,19 +53,58 @@ template <typename T> __device__ void plan_reps_k(const EkPlanParams& p) {
 // One CTA per tile of `logit_tile` blocks of a kv head: the tile's K representatives are read
 // into shared memory once and serve every segment that sees them (the segments' Q sums pass
 // through in batches), so each K representative crosses L2 once instead of once per segment.
-// Work item (segment, block, group head) = one pair of f64 dot products over D, summed in order
-// x = 0 .. D-1; the group mean adds the heads in order: the same arithmetic as one thread per
-// (unit, block).
+// A work item is (pair of segments, block, group head): the two segments' Q sums share each K
+// element read from shared memory (the Q rows are warp-wide broadcasts, the K rows are not), so a
+// warp reads 6 shared wavefronts per 256 f64 operations instead of 5 per 128. Q sums pass through
+// `logit_segments` segments × `logit_heads` group heads at a time (the host sizes them to the
+// device's shared memory). Every dot product is numerics::dot's (ek_dot), the group mean adds the
+// heads in order: the CPU's arithmetic.
+#define PLAN_SEGS 2  // segments per work item
+
+// ek_dot of rows qa and qb with the max (ka) and min (kb) representatives, in one pass: out =
+// {qa·ka, qa·kb, qb·ka, qb·kb}, each with ek_dot's partial sums and order.
+__device__ __forceinline__ void plan_dots(const double* qa, const double* qb, const double* ka, const double* kb, int n,
+                                          double* out) {
+    double acc[4][8];
+#pragma unroll
+    for (int r = 0; r < 4; r++)
+#pragma unroll
+        for (int i = 0; i < 8; i++) acc[r][i] = 0.0;
+    const int whole = n - n % 8;
+    for (int x = 0; x < whole; x += 8)
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const double a = qa[x + i], b = qb[x + i], kx = ka[x + i], kn = kb[x + i];
+            acc[0][i] = __dadd_rn(acc[0][i], __dmul_rn(a, kx));
+            acc[1][i] = __dadd_rn(acc[1][i], __dmul_rn(a, kn));
+            acc[2][i] = __dadd_rn(acc[2][i], __dmul_rn(b, kx));
+            acc[3][i] = __dadd_rn(acc[3][i], __dmul_rn(b, kn));
+        }
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        double sum = 0.0;
+#pragma unroll
+        for (int i = 0; i < 8; i++) sum = __dadd_rn(sum, acc[r][i]);
+        out[r] = sum;
+    }
+    for (int x = whole; x < n; x++) {
+        out[0] = __dadd_rn(out[0], __dmul_rn(qa[x], ka[x]));
+        out[1] = __dadd_rn(out[1], __dmul_rn(qa[x], kb[x]));
+        out[2] = __dadd_rn(out[2], __dmul_rn(qb[x], ka[x]));
+        out[3] = __dadd_rn(out[3], __dmul_rn(qb[x], kb[x]));
+    }
+}
+
 __device__ void plan_logits(const EkPlanParams& p) {
     EK_DYNAMIC_SHARED(double, sm);
     const int jt = p.logit_tile, d = p.head_dim, g = p.q_heads / p.kv_heads, n = p.blocks;
     const int j0 = blockIdx.x * jt, h = blockIdx.y, b = blockIdx.z;
-    const int jn = min(jt, n - j0), row = 2 * d + 1;      // K rows padded: conflict-free reads
-    const int sb = max(1, (int)blockDim.x / (jt * g));    // segments per pass
+    const int jn = min(jt, n - j0), row = 2 * d + 1;   // K rows padded: conflict-free reads
+    const int sb = p.logit_segments, gb = p.logit_heads; // segments and group heads per pass
     const int bps = p.segment_size / p.block_size;
     double* ks = sm;                                      // [jt][row]: max then min representative
-    double* qs = ks + jt * row;                           // [sb][g][d]
-    double* part = qs + sb * g * d;                       // [sb][jt][g]
+    double* qs = ks + jt * row;                           // [sb][gb][d]
+    double* part = qs + sb * gb * d;                      // [sb][jt][g]
     const double* qsum = reinterpret_cast<const double*>(p.qsum);
     const double* krep = reinterpret_cast<const double*>(p.krep);
     double* key = reinterpret_cast<double*>(p.key);
@@ -79,22 +120,25 @@ __device__ void plan_logits(const EkPlanParams& p) {
             logits[(long long)plan_unit(p, b, h, i / jn) * n + j0 + i % jn] = EK_NEG_INF;
     for (int s0 = first; s0 < p.segments; s0 += sb) {
         const int sn = min(sb, p.segments - s0);
-        __syncthreads();  // the K tile is in; the previous pass's qs and part are consumed
-        for (int i = threadIdx.x; i < sn * g * d; i += blockDim.x)
-            qs[i] = qsum[(((long long)b * p.segments + s0 + i / (g * d)) * p.q_heads + h * g) * d + i % (g * d)];
-        __syncthreads();
-        // Consecutive threads take consecutive blocks: distinct K rows, one Q row (broadcast).
-        for (int i = threadIdx.x; i < sn * jt * g; i += blockDim.x) {
-            const int jj = i % jt, gi = (i / jt) % g, sl = i / (jt * g);
-            if (jj >= jn || j0 + jj >= min((s0 + sl) * bps, n)) continue;
-            const double* q = qs + (sl * g + gi) * d;
-            const double* kr = ks + jj * row;
-            double with_max = 0.0, with_min = 0.0;
-            for (int x = 0; x < d; x++) {
-                with_max += q[x] * kr[x];
-                with_min += q[x] * kr[d + x];
+        for (int g0 = 0; g0 < g; g0 += gb) {
+            const int gn = min(gb, g - g0);
+            __syncthreads();  // the K tile is in; the previous pass's qs (and part) are consumed
+            for (int i = threadIdx.x; i < sn * gn * d; i += blockDim.x) {
+                const int sl = i / (gn * d), gi = (i / d) % gn, x = i % d;
+                qs[(sl * gb + gi) * d + x] = qsum[(((long long)b * p.segments + s0 + sl) * p.q_heads + h * g + g0 + gi) * d + x];
             }
-            part[(sl * jt + jj) * g + gi] = 0.5 * fmax(with_max, with_min);
+            __syncthreads();
+            // Consecutive threads take consecutive blocks: distinct K rows, one pair of Q rows.
+            for (int i = threadIdx.x; i < (sb + PLAN_SEGS - 1) / PLAN_SEGS * jt * gn; i += blockDim.x) {
+                const int jj = i % jt, gi = (i / jt) % gn, sa = i / (jt * gn) * PLAN_SEGS, sbb = min(sa + 1, sn - 1);
+                // Later segments see more blocks: if the first of the pair sees none, the second may.
+                if (jj >= jn || sa >= sn || j0 + jj >= min((s0 + sbb) * bps, n)) continue;
+                const double* kr = ks + jj * row;
+                double dots[4];
+                plan_dots(qs + (sa * gb + gi) * d, qs + (sbb * gb + gi) * d, kr, kr + d, d, dots);
+                part[(sa * jt + jj) * g + g0 + gi] = __dmul_rn(0.5, fmax(dots[0], dots[1]));
+                part[(sbb * jt + jj) * g + g0 + gi] = __dmul_rn(0.5, fmax(dots[2], dots[3]));
+            }
         }
         __syncthreads();
         for (int i = threadIdx.x; i < sn * jt; i += blockDim.x) {
@@ -106,15 +150,15 @@ __device__ void plan_logits(const EkPlanParams& p) {
                 continue;
             }
             double sum = 0.0;
-            for (int gi = 0; gi < g; gi++) sum += part[(i / jt * jt + jj) * g + gi];
-            const double x = sum / g;
+            for (int gi = 0; gi < g; gi++) sum = __dadd_rn(sum, part[(i / jt * jt + jj) * g + gi]);
+            const double x = __ddiv_rn(sum, (double)g);
             key[u * n + j] = x;
             if (logits) logits[u * n + j] = (float)x;
         }
     }
 }
 
-// f64 block reductions through shared memory (blockDim.x a multiple of 32, ≤ 1024).
+// f64 block maximum through shared memory (blockDim.x a multiple of 32, ≤ 1024): exact in any order.
 __device__ double block_max_f64(double v, double* red) {
     v = warp_max_f64(v);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
@@ -127,21 +171,11 @@ __device__ double block_max_f64(double v, double* red) {
     __syncthreads();
     return r;
 }
-__device__ double block_sum_f64(double v, double* red) {
-    v = warp_sum_f64(v);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-    __syncthreads();
-    double r = (threadIdx.x < (blockDim.x >> 5)) ? red[threadIdx.x] : 0.0;
-    if (threadIdx.x < 32) r = warp_sum_f64(r);
-    if (threadIdx.x == 0) red[0] = r;
-    __syncthreads();
-    r = red[0];
-    __syncthreads();
-    return r;
-}
 
+// Distribution, fusion and entropy of one unit, in the CPU's arithmetic (src/cpu/plan.rs):
+// ek_exp/ek_ln, sums in numerics::lane_sum's order (EK_LANES threads).
 __device__ void plan_softmax(const EkPlanParams& p) {
-    __shared__ double red[32];
+    __shared__ double red[EK_LANES];
     const int u = blockIdx.x, s = u % p.segments, n = p.blocks;
     const int lim = min(s * (p.segment_size / p.block_size), n);
     double* key = reinterpret_cast<double*>(p.key) + (long long)u * n;
@@ -151,19 +185,19 @@ __device__ void plan_softmax(const EkPlanParams& p) {
     for (int j = threadIdx.x; j < lim; j += blockDim.x) mx = fmax(mx, key[j]);
     mx = block_max_f64(mx, red);
     double z = 0.0;
-    for (int j = threadIdx.x; j < lim; j += blockDim.x) z += exp(key[j] - mx);
-    z = block_sum_f64(z, red);
+    for (int j = threadIdx.x; j < lim; j += blockDim.x) z = __dadd_rn(z, ek_exp(__dsub_rn(key[j], mx)));
+    z = ek_lane_sum(z, red);
     double h = 0.0;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        double pj = s == 0 ? 1.0 / n : (j < lim ? exp(key[j] - mx) / z : 0.0);
-        if (prev) pj = 0.25 * (double)prev[j] + 0.75 * pj;
-        h -= pj * log(pj + 1e-9);
+        double pj = s == 0 ? __ddiv_rn(1.0, (double)n) : (j < lim ? __ddiv_rn(ek_exp(__dsub_rn(key[j], mx)), z) : 0.0);
+        if (prev) pj = __dadd_rn(__dmul_rn(0.25, (double)prev[j]), __dmul_rn(0.75, pj));
+        h = __dadd_rn(h, __dmul_rn(pj, ek_ln(__dadd_rn(pj, 1e-9))));
         if (scores) scores[j] = (float)pj;
         // With fusion the ranking follows the fused distribution.
         if (prev && j < lim) key[j] = pj;
     }
-    h = block_sum_f64(h, red);
-    if (threadIdx.x == 0) reinterpret_cast<float*>(p.entropy)[u] = (float)h;
+    h = ek_lane_sum(h, red);
+    if (threadIdx.x == 0) reinterpret_cast<float*>(p.entropy)[u] = (float)(-h);
 }
 
 // One thread per (b, h): SPEC §2.7–2.9 exactly as `plan::rules`, in f32 round-to-nearest.
@@ -206,33 +240,20 @@ __device__ void plan_decide(const EkPlanParams& p) {
     }
 }
 
+// Each unit's ranking: its `width` best candidate blocks (larger key first, ties to the lower
+// block) by radix selection, then sorted in shared memory (up to RANK_SORT_CAP) or ranked by
+// counting among the selected (wider rankings: rare configurations, O(width²)). Rows with fewer
+// candidates than the width go on with the masked blocks, ascending. `order` rows are 2·width
+// long: the ranking, then the selection's scratch.
 __device__ void plan_rank(const EkPlanParams& p) {
-    __shared__ unsigned long long key_s[2 * TOPK_CAP];
-    __shared__ unsigned idx_s[2 * TOPK_CAP];
+    __shared__ SelectShared sel;
+    __shared__ unsigned long long key_s[RANK_SORT_CAP];
+    __shared__ unsigned idx_s[RANK_SORT_CAP];
     const int u = blockIdx.x, s = u % p.segments, n = p.blocks;
     const int lim = min(s * (p.segment_size / p.block_size), n);
     const double* key = reinterpret_cast<const double*>(p.key) + (long long)u * n;
-    unsigned* order = reinterpret_cast<unsigned*>(p.order) + (long long)u * p.width;
-    block_topk([&](int j) { return key[j]; }, lim, p.width, key_s, idx_s, order);
-    // Rows with fewer candidates than the width go on with the masked blocks, ascending.
-    for (int i = lim + threadIdx.x; i < p.width; i += blockDim.x) order[i] = (unsigned)i;
-}
-
-// Rankings wider than TOPK_CAP (3·base_budget / block_size > 1024: rare configurations): each
-// candidate's rank is the number of candidates ranking before it — O(lim²) per unit, no shared
-// memory, the same order as block_topk (larger first, ties to the lower index).
-__device__ void plan_rank_wide(const EkPlanParams& p) {
-    const int u = blockIdx.x, s = u % p.segments, n = p.blocks;
-    const int lim = min(s * (p.segment_size / p.block_size), n);
-    const double* key = reinterpret_cast<const double*>(p.key) + (long long)u * n;
-    unsigned* order = reinterpret_cast<unsigned*>(p.order) + (long long)u * p.width;
-    for (int i = threadIdx.x; i < lim; i += blockDim.x) {
-        const unsigned long long ki = sortable(key[i]);
-        int rank = 0;
-        for (int j = 0; j < lim; j++) rank += ranks_before(sortable(key[j]), (unsigned)j, ki, (unsigned)i);
-        if (rank < p.width) order[rank] = (unsigned)i;
-    }
-    // Rows with fewer candidates than the width go on with the masked blocks, ascending.
+    unsigned* order = reinterpret_cast<unsigned*>(p.order) + (long long)u * 2 * p.width;
+    block_rank_topk([&](int j) { return key[j]; }, lim, p.width, sel, key_s, idx_s, order + p.width, order);
     for (int i = lim + threadIdx.x; i < p.width; i += blockDim.x) order[i] = (unsigned)i;
 }
 
@@ -245,5 +266,24 @@ extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_reps_k_bf16(E
 extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_logits(EkPlanParams p) { plan_logits(p); }
 extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_softmax(EkPlanParams p) { plan_softmax(p); }
 extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_decide(EkPlanParams p) { plan_decide(p); }
-extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_rank(EkPlanParams p) { plan_rank(p); }
-extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_rank_wide(EkPlanParams p) { plan_rank_wide(p); }
+extern "C" __global__ void __launch_bounds__(PLAN_RANK_THREADS) ek_plan_rank(EkPlanParams p) { plan_rank(p); }
+
+// numerics.cuh on arrays (EkProbeParams), for the tests that compare its bits with src/numerics.rs.
+extern "C" __global__ void __launch_bounds__(EK_LANES) ek_numerics_probe(EkProbeParams p) {
+    __shared__ double red[EK_LANES];
+    const double* x = reinterpret_cast<const double*>(p.x);
+    const double* y = reinterpret_cast<const double*>(p.y);
+    double* out = reinterpret_cast<double*>(p.out);
+    if (p.op == EK_PROBE_LANE_SUM) {
+        double v = 0.0;
+        for (int j = threadIdx.x; j < p.n; j += blockDim.x) v = __dadd_rn(v, x[j]);
+        v = ek_lane_sum(v, red);
+        if (threadIdx.x == 0) out[0] = v;
+        return;
+    }
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= p.n) return;
+    if (p.op == EK_PROBE_EXP) out[i] = ek_exp(x[i]);
+    else if (p.op == EK_PROBE_LN) out[i] = ek_ln(x[i]);
+    else out[i] = ek_dot(x + (long long)i * p.dim, y + (long long)i * p.dim, p.dim);
+}

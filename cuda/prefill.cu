@@ -19,7 +19,7 @@
 #define PREFILL_MMA_KEYS 64           // keys per shared-memory tile
 #define PREFILL_SIMT_THREADS 128
 #define PREFILL_SIMT_ROWS 32  // 4 threads per row
-#define PREFILL_SIMT_KEYS 32
+#define PREFILL_SIMT_KEYS 32  // keys per K/V tile; the `_k16` kernels take 16 (D up to 256 in 99 KiB)
 
 // The keys of one unit, numbered as slots.
 struct KeySlots {
@@ -68,9 +68,10 @@ __device__ __forceinline__ bool prefill_tile(const EkPrefillParams& p, Tile& t) 
 }
 
 // ---------------------------------------------------------------------------------------------
-// SIMT kernel: 4 threads per row, each owning the dims d ≡ part (mod 4) of the row's output.
+// SIMT kernel: 4 threads per row, each owning the dims d ≡ part (mod 4) of the row's output;
+// KEYS keys per K/V tile.
 
-template <typename T> __device__ void prefill_simt(const EkPrefillParams& p) {
+template <typename T, int KEYS = PREFILL_SIMT_KEYS> __device__ void prefill_simt(const EkPrefillParams& p) {
     Tile t;
     if (!prefill_tile(p, t)) return;
     EK_DYNAMIC_SHARED(float, smem);
@@ -78,8 +79,8 @@ template <typename T> __device__ void prefill_simt(const EkPrefillParams& p) {
     float* qs = smem;                                 // [ROWS][dp]
     float* os = qs + PREFILL_SIMT_ROWS * dp;          // [ROWS][dp]
     float* ks = os + PREFILL_SIMT_ROWS * dp;          // [KEYS][dp]
-    float* vs = ks + PREFILL_SIMT_KEYS * dp;          // [KEYS][dp]
-    int* tok = reinterpret_cast<int*>(vs + PREFILL_SIMT_KEYS * dp);  // [KEYS]
+    float* vs = ks + KEYS * dp;                       // [KEYS][dp]
+    int* tok = reinterpret_cast<int*>(vs + KEYS * dp); // [KEYS]
     const int tid = threadIdx.x, r = tid >> 2, part = tid & 3;
     const T* q = tensor_ptr<T>(p.q);
     const T* k = tensor_ptr<T>(p.k);
@@ -94,9 +95,9 @@ template <typename T> __device__ void prefill_simt(const EkPrefillParams& p) {
     const int my_token = t.t0 + r / p.group;
     float m = EK_NEG_INF, l = 0.f;
     const int total = t.keys.total();
-    for (int j0 = 0; j0 < total; j0 += PREFILL_SIMT_KEYS) {
+    for (int j0 = 0; j0 < total; j0 += KEYS) {
         __syncthreads();
-        for (int i = tid; i < PREFILL_SIMT_KEYS * d; i += blockDim.x) {
+        for (int i = tid; i < KEYS * d; i += blockDim.x) {
             const int j = i / d, x = i % d;
             float kv = 0.f, vv = 0.f;
             if (j0 + j < total) {
@@ -111,10 +112,10 @@ template <typename T> __device__ void prefill_simt(const EkPrefillParams& p) {
             vs[j * dp + x] = vv;
         }
         __syncthreads();
-        float s[PREFILL_SIMT_KEYS];
+        float s[KEYS];
         float mx = m;
 #pragma unroll
-        for (int j = 0; j < PREFILL_SIMT_KEYS; j++) {
+        for (int j = 0; j < KEYS; j++) {
             float acc = 0.f;
             for (int x = part; x < d; x += 4) acc += qs[r * dp + x] * ks[j * dp + x];
             acc += __shfl_xor_sync(0xffffffffu, acc, 1);
@@ -129,7 +130,7 @@ template <typename T> __device__ void prefill_simt(const EkPrefillParams& p) {
         const float alpha = exp2_f32(m - ref);
         float sum = 0.f;
 #pragma unroll
-        for (int j = 0; j < PREFILL_SIMT_KEYS; j++) {
+        for (int j = 0; j < KEYS; j++) {
             s[j] = exp2_f32(s[j] - ref);
             sum += s[j];
         }
@@ -138,7 +139,7 @@ template <typename T> __device__ void prefill_simt(const EkPrefillParams& p) {
         for (int x = part; x < d; x += 4) {
             float acc = os[r * dp + x] * alpha;
 #pragma unroll
-            for (int j = 0; j < PREFILL_SIMT_KEYS; j++) acc += s[j] * vs[j * dp + x];
+            for (int j = 0; j < KEYS; j++) acc += s[j] * vs[j * dp + x];
             os[r * dp + x] = acc;
         }
     }
@@ -335,6 +336,9 @@ template <typename T, int D, int WARPS> __device__ void prefill_mma(const EkPref
 extern "C" __global__ void __launch_bounds__(PREFILL_SIMT_THREADS) ek_prefill_simt_f32(EkPrefillParams p) { prefill_simt<float>(p); }
 extern "C" __global__ void __launch_bounds__(PREFILL_SIMT_THREADS) ek_prefill_simt_f16(EkPrefillParams p) { prefill_simt<f16_t>(p); }
 extern "C" __global__ void __launch_bounds__(PREFILL_SIMT_THREADS) ek_prefill_simt_bf16(EkPrefillParams p) { prefill_simt<bf16_t>(p); }
+extern "C" __global__ void __launch_bounds__(PREFILL_SIMT_THREADS) ek_prefill_simt_f32_k16(EkPrefillParams p) { prefill_simt<float, 16>(p); }
+extern "C" __global__ void __launch_bounds__(PREFILL_SIMT_THREADS) ek_prefill_simt_f16_k16(EkPrefillParams p) { prefill_simt<f16_t, 16>(p); }
+extern "C" __global__ void __launch_bounds__(PREFILL_SIMT_THREADS) ek_prefill_simt_bf16_k16(EkPrefillParams p) { prefill_simt<bf16_t, 16>(p); }
 // One kernel per (dtype, D, M = tile rows): `ek_prefill_mma_<dtype>_d<D>_m<M>`.
 #define EK_PREFILL_MMA(T, name, D, M)                                                                     \
     extern "C" __global__ void __launch_bounds__(M / PREFILL_MMA_ROWS_PER_WARP * 32)                      \

@@ -1,10 +1,14 @@
-// Block-wide top-k by chunked bitonic sort in shared memory: the k best (key, index) pairs of a
-// row, larger keys first, ties to the lower index — the order SPEC §2.10 and §4.5 ask for.
-// Keys are doubles mapped to order-preserving 64-bit integers (a total order, NaN included).
+// Block-wide selection and ranking: the k best (key, index) pairs of a row, larger keys first,
+// ties to the lower index — the order SPEC §2.10 and §4.5 ask for. Keys are floats or doubles
+// mapped to order-preserving integers (a total order, NaN included).
+//   block_select       the k best in ascending index order, any k (radix select)
+//   block_rank_topk    the k best in rank order: selected first, then sorted (bitonic, in shared
+//                      memory, up to RANK_SORT_CAP of them) or ranked by counting (beyond)
 
 #pragma once
 
-#define TOPK_CAP 1024  // block_topk: k ≤ TOPK_CAP; shared memory: 2·CAP·(8 + 4) bytes = 24 KiB
+#define TOPK_CAP 1024                // half the bitonic sort's shared arrays
+#define RANK_SORT_CAP (2 * TOPK_CAP) // block_rank_topk sorts this many in shared memory: 24 KiB
 
 __device__ __forceinline__ unsigned long long sortable(double x) {
     const unsigned long long b = (unsigned long long)__double_as_longlong(x);
@@ -41,49 +45,24 @@ __device__ void bitonic_rank(unsigned long long* key, unsigned* idx, int n) {
     __syncthreads();
 }
 
-// Keeps the best k (≤ TOPK_CAP) of `count` keys read through `get(i)`, written best-first to
-// `out[0..min(k, count)]`. `key`/`idx` are shared arrays of 2·TOPK_CAP entries.
-template <typename Get>
-__device__ void block_topk(Get get, int count, int k, unsigned long long* key, unsigned* idx, unsigned* out) {
-    const int cap = TOPK_CAP, n = 2 * TOPK_CAP;
-    for (int i = threadIdx.x; i < cap; i += blockDim.x) {
-        key[i] = 0;  // below every real key
-        idx[i] = 0xffffffffu;
-    }
-    for (int c0 = 0; c0 < count; c0 += cap) {
-        __syncthreads();
-        for (int i = threadIdx.x; i < cap; i += blockDim.x) {
-            const int j = c0 + i;
-            key[cap + i] = j < count ? sortable(get(j)) : 0;
-            idx[cap + i] = j < count ? (unsigned)j : 0xffffffffu;
-        }
-        bitonic_rank(key, idx, n);  // the best cap of the two halves end up first
-    }
-    __syncthreads();
-    const int keep = min(k, count);
-    for (int i = threadIdx.x; i < keep; i += blockDim.x) out[i] = idx[i];
-    __syncthreads();
-}
-
 // ------------------------------------------------------------------------------------------------
-// Block-wide selection of the k best of `count` f32 scores, ties to the lower index, written in
+// Block-wide selection of the k best of `count` keys, ties to the lower index, written in
 // ascending index order to out[0..k) — no cap on k. The k-th best key is found digit by digit
-// (radix select: SELECT_PASSES passes over the row, each counting the keys that share the digits
-// found so far in a shared histogram of their next digit), then one ascending pass keeps every key
-// above it plus the first `ties` equal to it, compacted with warp ballots. blockDim.x must be a
-// multiple of 32; every thread of the block takes part.
+// (radix select: one pass over the row per 8-bit digit, each counting the keys that share the
+// digits found so far in a shared histogram of their next digit), then one ascending pass keeps
+// every key above it plus the first `ties` equal to it, compacted with warp ballots. blockDim.x
+// must be a multiple of 32; every thread of the block takes part.
 
 #define SELECT_DIGIT_BITS 8
 #define SELECT_BINS (1 << SELECT_DIGIT_BITS)
-#define SELECT_PASSES (32 / SELECT_DIGIT_BITS)
 #define SELECT_MAX_WARPS 32
 
 struct SelectShared {
     unsigned hist[SELECT_BINS];
     unsigned kept[SELECT_MAX_WARPS];  // per-warp counts of one chunk
     unsigned tied[SELECT_MAX_WARPS];
-    unsigned prefix;     // the k-th best key's digits found so far
-    unsigned remaining;  // keys sharing that prefix still to keep
+    unsigned long long prefix;  // the k-th best key's digits found so far
+    unsigned remaining;         // keys sharing that prefix still to keep
 };
 
 __device__ __forceinline__ unsigned sortable32(float x) {
@@ -108,37 +87,40 @@ __device__ __forceinline__ unsigned block_rank(bool flag, unsigned* warp_counts,
     return before;
 }
 
-template <typename Get>
-__device__ void block_select(Get get, int count, int k, SelectShared& s, unsigned* out) {
+// `key(i)` is an order-preserving unsigned integer (Key: unsigned or unsigned long long).
+template <typename Key, typename GetKey>
+__device__ void block_select_keys(GetKey key_of, int count, int k, SelectShared& s, unsigned* out) {
+    constexpr int passes = (int)sizeof(Key) * 8 / SELECT_DIGIT_BITS;
     if (threadIdx.x == 0) {
         s.prefix = 0;
         s.remaining = (unsigned)k;
     }
-    unsigned known = 0;  // bits of the key found so far
-    for (int pass = SELECT_PASSES - 1; pass >= 0; pass--) {
+    Key known = 0;  // bits of the key found so far
+    for (int pass = passes - 1; pass >= 0; pass--) {
         const int shift = pass * SELECT_DIGIT_BITS;
         for (int d = threadIdx.x; d < SELECT_BINS; d += blockDim.x) s.hist[d] = 0;
         __syncthreads();
-        const unsigned prefix = s.prefix;
+        const Key prefix = (Key)s.prefix;
         for (int i = threadIdx.x; i < count; i += blockDim.x) {
-            const unsigned key = sortable32(get(i));
-            if ((key & known) == prefix) atomicAdd(&s.hist[(key >> shift) & (SELECT_BINS - 1)], 1u);
+            const Key key = key_of(i);
+            if ((key & known) == prefix) atomicAdd(&s.hist[(unsigned)(key >> shift) & (SELECT_BINS - 1)], 1u);
         }
         __syncthreads();
         if (threadIdx.x == 0) {  // the digit holding the remaining-th best, from the top
             unsigned r = s.remaining, d = SELECT_BINS - 1;
             while (s.hist[d] < r) r -= s.hist[d--];
-            s.prefix = prefix | (d << shift);
+            s.prefix = (unsigned long long)(prefix | ((Key)d << shift));
             s.remaining = r;
         }
-        known |= (unsigned)(SELECT_BINS - 1) << shift;
+        known |= (Key)(SELECT_BINS - 1) << shift;
         __syncthreads();
     }
-    const unsigned kth = s.prefix, ties = s.remaining;
+    const Key kth = (Key)s.prefix;
+    const unsigned ties = s.remaining;
     unsigned kept = 0, tied = 0;
     for (int c0 = 0; c0 < count && kept < (unsigned)k; c0 += blockDim.x) {
         const int i = c0 + threadIdx.x;
-        const unsigned key = i < count ? sortable32(get(i)) : 0u;
+        const Key key = i < count ? key_of(i) : (Key)0;
         const bool tie = i < count && key == kth;
         unsigned chunk_ties, chunk_kept;
         const unsigned tie_rank = tied + block_rank(tie, s.tied, chunk_ties);
@@ -147,6 +129,50 @@ __device__ void block_select(Get get, int count, int k, SelectShared& s, unsigne
         if (keep && at < (unsigned)k) out[at] = (unsigned)i;  // the bound holds by construction
         kept += chunk_kept;
         tied += chunk_ties;
+    }
+    __syncthreads();
+}
+
+// The k best of `count` f32 scores read through `get(i)`, ascending index order.
+template <typename Get> __device__ void block_select(Get get, int count, int k, SelectShared& s, unsigned* out) {
+    block_select_keys<unsigned>([&](int i) { return sortable32(get(i)); }, count, k, s, out);
+}
+
+// The min(k, count) best of `count` f64 keys read through `get(i)`, in rank order (larger
+// first, ties to the lower index), into out[0..): the radix selection writes them in ascending
+// index order to `scratch` (min(k, count) entries of global memory), then up to RANK_SORT_CAP
+// are sorted in shared memory (`key_s`/`idx_s`: RANK_SORT_CAP entries each), more are ranked by
+// counting among the selected (O(k²) over the block). Every thread of the block takes part.
+template <typename Get>
+__device__ void block_rank_topk(Get get, int count, int k, SelectShared& s, unsigned long long* key_s, unsigned* idx_s,
+                                unsigned* scratch, unsigned* out) {
+    const int keep = min(k, count);
+    if (keep <= 0) return;
+    block_select_keys<unsigned long long>([&](int i) { return sortable(get(i)); }, count, keep, s, scratch);
+    __syncthreads();  // the selection in `scratch` is visible to the whole block
+    if (keep <= RANK_SORT_CAP) {
+        int n = 2;
+        while (n < keep) n <<= 1;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const bool real = i < keep;
+            const unsigned j = real ? scratch[i] : 0xffffffffu;
+            key_s[i] = real ? sortable(get((int)j)) : 0;  // below every real key
+            idx_s[i] = j;
+        }
+        bitonic_rank(key_s, idx_s, n);
+        for (int i = threadIdx.x; i < keep; i += blockDim.x) out[i] = idx_s[i];
+        __syncthreads();
+        return;
+    }
+    for (int i = threadIdx.x; i < keep; i += blockDim.x) {
+        const unsigned ii = scratch[i];
+        const unsigned long long ki = sortable(get((int)ii));
+        int rank = 0;
+        for (int j = 0; j < keep; j++) {
+            const unsigned jj = scratch[j];
+            rank += ranks_before(sortable(get((int)jj)), jj, ki, ii);
+        }
+        out[rank] = ii;
     }
     __syncthreads();
 }

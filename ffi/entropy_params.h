@@ -82,7 +82,7 @@ typedef struct EkPlanParams {
     uint64_t keep;    /* uint32 [units] */
     uint64_t topk;    /* uint32 [segments], zeroed before the launch */
     uint64_t classes; /* uint8 [B·Hkv]: 0 rigid, 1 dynamic */
-    uint64_t order;   /* uint32 [units, width] */
+    uint64_t order;   /* uint32 [units, 2·width]: each unit's ranking, then the kernel's scratch */
     int32_t batch;
     int32_t seq_len;
     int32_t q_heads;
@@ -97,6 +97,8 @@ typedef struct EkPlanParams {
     int32_t base_budget;
     int32_t fixed_budget; /* 1: CritiPrefill (every head keeps base) */
     int32_t logit_tile;   /* CUDA: K-representative blocks per CTA of the logits kernel */
+    int32_t logit_segments; /* CUDA: segments' Q sums per pass of the logits kernel */
+    int32_t logit_heads;  /* CUDA: group heads' Q sums per pass of the logits kernel */
     float e_t;
     float delta_t;
     float alpha;
@@ -158,5 +160,24 @@ typedef struct EkDecodeParams {
     float scale_log2;
     int32_t dtype;
 } EkDecodeParams;
+
+/*
+ * The device twin of src/numerics.rs evaluated on f64 arrays (ek_numerics_probe), so tests can
+ * compare its bits with the host's. op 0: out[i] = exp(x[i]); 1: out[i] = ln(x[i]); 2: out[i] =
+ * dot(x[i·dim ..], y[i·dim ..], dim); 3: out[0] = lane sum of x[0 .. n) (one block). i < n.
+ */
+#define EK_PROBE_EXP 0
+#define EK_PROBE_LN 1
+#define EK_PROBE_DOT 2
+#define EK_PROBE_LANE_SUM 3
+typedef struct EkProbeParams {
+    uint64_t x;
+    uint64_t y;
+    uint64_t out;
+    int32_t n;
+    int32_t dim;
+    int32_t op;
+    int32_t pad;
+} EkProbeParams;
 
 #endif /* ENTROPY_PARAMS_H */

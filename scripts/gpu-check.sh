@@ -1,56 +1,134 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (see benches/RESULTS.md for what it produced). Prepare here with
-# scripts/gpu-build.sh, then run through the device tool with carry [".gpu"]:
-#     scripts/gpu-check.sh [all|tests|sanitize|bench]
-# It runs the CUDA backend's tests, compute-sanitizer memcheck and racecheck over them, and the
-# benchmarks (ours and PyTorch's SDPA), writing every log to $OUT (or ./gpu-out). A part name
-# runs only that part: for sessions whose 10-minute call limit the whole script would exceed.
+# The device check: one call on a lent GPU machine (a window of at most 15 minutes, its start
+# included), in at most 8 minutes, in this order:
+#   open        the backend opens as `auto` would and lists each kernel's limits (cuda-info)
+#   tests       conformance, the case matrix's CUDA rows, the device API tests, the smoke cases
+#   sanitizer   compute-sanitizer memcheck, racecheck and synccheck over one small case per kernel
+#   bench       bench-device at 16K (both prefill tiles) and 128K, then torch SDPA and the
+#               per-segment gather + SDPA reference pipeline on the same block lists
+# Every part prints PASS, FAIL or SKIP (with the reason) and the script goes on after a failure;
+# logs and summary.md go to the output directory. Exit status: 0 only if no part failed.
+#
+#   scripts/gpu-build.sh                      # here: build and pack .gpu/bundle.tar.xz
+#   scripts/gpu-check.sh [OUTDIR]             # on the device (carry [".gpu"]); OUTDIR: $OUT or ./gpu-out
+#   scripts/gpu-build.sh --emulator && scripts/gpu-check.sh --emulator OUTDIR
+#                                             # the rehearsal: the same script on the emulated driver
+#
+# GPU_CHECK_SECONDS (default 470) bounds the whole run: each part gets at most its own limit and
+# what is left; a part that would start with under 10 s left is skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-gpu-out}"; mkdir -p "$out"
+emulator=0
+if [ "${1:-}" = "--emulator" ]; then emulator=1; shift; fi
+out="${1:-${OUT:-gpu-out}}"
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+budget="${GPU_CHECK_SECONDS:-470}"
+start=$(date +%s)
+
 # gpu-build.sh packs the binaries and cases (they would not fit a call's carry unpacked).
 if [ -f .gpu/bundle.tar.xz ] && [ ! -d .gpu/bin ]; then
-  python3 -c 'import tarfile; tarfile.open(".gpu/bundle.tar.xz").extractall(".gpu")' || exit 1
+  python3 -c 'import tarfile; tarfile.open(".gpu/bundle.tar.xz").extractall(".gpu")' || { echo "cannot unpack .gpu/bundle.tar.xz" >&2; exit 1; }
 fi
+[ -x .gpu/bin/entropy-kernels ] || { echo "no .gpu/bin: run scripts/gpu-build.sh first" >&2; exit 1; }
+if [ "$emulator" = 1 ] && [ ! -f .gpu/emulator ]; then echo "the bundle was built without --emulator" >&2; exit 1; fi
+if [ "$emulator" = 0 ] && [ -f .gpu/emulator ]; then echo "the bundle was built for the emulator" >&2; exit 1; fi
+bin="$PWD/.gpu/bin"
 export ENTROPY_KERNELS_CONFORMANCE="$PWD/.gpu/conformance"
 export ENTROPY_KERNELS_CACHE="$PWD/.gpu/cache"
-# NVRTC: the toolkit's, else the pip wheel PyTorch brought.
-for d in /usr/local/cuda/lib64 $(python3 -c 'import os, nvidia; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))' 2>/dev/null); do
-  [ -e "$d/libnvrtc.so" ] || ls "$d"/libnvrtc.so.* >/dev/null 2>&1 && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
-done
-{
-  date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvcc --version | tail -1
-  .gpu/bin/entropy-kernels backends
-} 2>&1 | tee "$out/device.txt"
+export CI=true  # a missing backend, case or library is a failure, not a skip
+if [ "$emulator" = 1 ]; then
+  export ENTROPY_KERNELS_CUDA_EMU=1
+else
+  # NVRTC (for architectures the embedded fatbin lacks): the toolkit's, else PyTorch's wheel.
+  for d in /usr/local/cuda/lib64 $(python3 -c 'import os, nvidia; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))' 2>/dev/null); do
+    if ls "$d"/libnvrtc.so* >/dev/null 2>&1; then export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"; fi
+  done
+fi
 
-part="${1:-all}"
-want() { [ "$part" = all ] || [ "$part" = "$1" ]; }
+summary="$out/summary.md"
+{
+  echo "# gpu-check $(date -u +%Y-%m-%dT%H:%M:%SZ) ($( [ "$emulator" = 1 ] && echo "emulated driver" || echo "GPU"))"
+  echo
+  if [ "$emulator" = 0 ]; then nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | sed 's/^/device: /'; fi
+  echo "commit: $(cat .gpu/commit 2>/dev/null || echo unknown)"
+  echo
+  echo "| part | result | seconds |"
+  echo "|---|---|---:|"
+} > "$summary"
 status=0
-run() { local name=$1; shift; echo "== $name: $*"; "$@" > "$out/$name.log" 2>&1; local rc=$?; tail -5 "$out/$name.log"; [ $rc -eq 0 ] || status=1; }
-# Tests of the CUDA backend against the oracle (the CPU backend's run too; they are cheap).
-if want tests; then
-run test-matrix .gpu/bin/matrix --test-threads 1
-run test-conformance .gpu/bin/conformance --test-threads 1
-run test-bad-input .gpu/bin/bad_input
-run test-invariants .gpu/bin/invariants
-run test-cuda-device .gpu/bin/cuda_device --test-threads 1
-[ -x .gpu/bin/candle_cuda ] && run test-candle-cuda .gpu/bin/candle_cuda --test-threads 1
+
+# part NAME LIMIT CMD...: runs CMD with a time limit, its output in NAME.log.
+part() {
+  local name=$1 limit=$2; shift 2
+  local left=$((budget - ($(date +%s) - start)))
+  if [ "$left" -lt 10 ]; then
+    echo "| $name | SKIP: the ${budget}s budget is spent | |" >> "$summary"; echo "== $name: SKIP (out of time)"; return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (≤ ${limit}s): $*"
+  local t0=$(date +%s) rc verdict
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  rc=$?
+  # A CUDA test that skipped did not test the GPU.
+  if [ $rc -eq 0 ] && grep -qiE "SKIP.*cuda|cuda.*SKIP" "$out/$name.log"; then rc=3; fi
+  case $rc in
+    0) verdict=PASS ;;
+    124) verdict="FAIL: timed out after ${limit}s"; status=1 ;;
+    3) verdict="FAIL: the CUDA backend was skipped"; status=1 ;;
+    *) verdict="FAIL: exit $rc"; status=1 ;;
+  esac
+  echo "| $name | $verdict | $(($(date +%s) - t0)) |" >> "$summary"
+  echo "   $verdict"; tail -n 3 "$out/$name.log" | sed 's/^/   /'
+}
+skip() { echo "| $1 | SKIP: $2 | |" >> "$summary"; echo "== $1: SKIP ($2)"; }
+
+# 1. Open.
+part open 60 "$bin/entropy-kernels" cuda-info
+
+# 2. Tests against the oracle.
+part conformance 100 "$bin/conformance" --test-threads 8
+part matrix 90 "$bin/matrix" cuda --test-threads 8
+part cuda-device 60 "$bin/cuda_device" --test-threads 4
+part smoke 60 "$bin/entropy-kernels" cuda-smoke
+
+# 3. compute-sanitizer over the smoke cases (every kernel once).
+if [ "$emulator" = 1 ]; then
+  for tool in memcheck racecheck synccheck; do skip "$tool" "compute-sanitizer needs a GPU (the emulator checks bounds, barriers and shared-memory races itself)"; done
+elif command -v compute-sanitizer >/dev/null; then
+  part memcheck 60 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 1 "$bin/entropy-kernels" cuda-smoke
+  part racecheck 90 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 1 "$bin/entropy-kernels" cuda-smoke
+  part synccheck 60 compute-sanitizer --tool synccheck --error-exitcode 1 "$bin/entropy-kernels" cuda-smoke
+else
+  for tool in memcheck racecheck synccheck; do skip "$tool" "compute-sanitizer not found"; status=1; done
 fi
-# Memory and race checks of the CUDA tests only.
-if want sanitize && command -v compute-sanitizer >/dev/null; then
-  run memcheck compute-sanitizer --tool memcheck --error-exitcode 1 .gpu/bin/matrix cuda --test-threads 1
-  run racecheck compute-sanitizer --tool racecheck --error-exitcode 1 .gpu/bin/matrix mha_d64::cuda --test-threads 1
+
+# 4. Benchmarks: ours on device-resident tensors, then the peers on the same shapes and lists.
+if [ "$emulator" = 1 ]; then
+  hq=4; hkv=2; hd=64; short=1100; long=1300
+  extra=(--reps 1 --decode-batch 2 --decode-cache 300 --copy-bytes 1048576)
+else
+  hq=32; hkv=8; hd=128; short=16384; long=131072
+  extra=()
 fi
-# Benchmarks. bench-device: the kernels on device-resident tensors (the issue's targets: dense
-# TFLOP/s, sparse vs dense, planning share, kv_compress and decode against the copy bandwidth
-# measured in the same run), the prefill tile both ways; bench: the host API, transfers included.
-if want bench; then
+shape=(--dtype bf16 --q-heads $hq --kv-heads $hkv --head-dim $hd "${extra[@]}")
 for m in 64 128; do
-  ENTROPY_KERNELS_PREFILL_TILE=$m run device-16k-m$m .gpu/bin/entropy-kernels bench-device --dtype bf16 --q-heads 32 --kv-heads 8 --head-dim 128 --lengths 16384 --ops dense,sparse --reps 5 --dump-blocks "$out/blocks"
+  ENTROPY_KERNELS_PREFILL_TILE=$m part "bench-$short-m$m" 60 "$bin/entropy-kernels" bench-device "${shape[@]}" --lengths $short --ops dense,sparse --dump-blocks "$out/blocks"
 done
-run device-128k .gpu/bin/entropy-kernels bench-device --dtype bf16 --q-heads 32 --kv-heads 8 --head-dim 128 --lengths 131072 --ops dense,sparse,compress,decode --reps 3 --dump-blocks "$out/blocks"
-run bench-16k-host .gpu/bin/entropy-kernels bench --backend cuda --dtype bf16 --q-heads 32 --kv-heads 8 --head-dim 128 --lengths 16384 --ops dense,sparse,decode --reps 3
-run peer-sdpa python3 benches/peer_sdpa.py --device cuda --dtype bf16 --q-heads 32 --kv-heads 8 --head-dim 128 --lengths 16384,131072 --blocks "$out/blocks"
+part "bench-$long" 120 "$bin/entropy-kernels" bench-device "${shape[@]}" --lengths $long --ops dense,sparse,compress,decode --dump-blocks "$out/blocks"
+if python3 -c 'import torch' 2>/dev/null; then
+  device=cuda; [ "$emulator" = 1 ] && device=cpu
+  part peer-sdpa 90 python3 benches/peer_sdpa.py --device $device --dtype bf16 --q-heads $hq --kv-heads $hkv --head-dim $hd --lengths "$short,$long" --blocks "$out/blocks"
+else
+  skip peer-sdpa "PyTorch not installed here"
+  [ "$emulator" = 0 ] && status=1
 fi
-grep -h "|" "$out"/device-*.log "$out"/bench-*.log "$out"/peer-sdpa.log > "$out/summary.md" 2>/dev/null
+
+{
+  echo
+  echo "total: $(($(date +%s) - start)) s"
+  echo
+  grep -h "^|" "$out"/bench-*.log "$out"/peer-sdpa.log 2>/dev/null
+} >> "$summary"
+cat "$summary"
 exit $status

@@ -163,14 +163,35 @@ pub fn create(kind: BackendKind) -> Result<Arc<dyn Backend>> {
     }
 }
 
-/// Resolves a choice: a forced kind, or CUDA → Ascend → CPU for `auto`.
+/// Resolves a choice: a forced kind, or CUDA → Ascend → CPU for `auto` ([`first_available`]).
 pub fn select(choice: BackendChoice) -> Result<Arc<dyn Backend>> {
     match choice {
         BackendChoice::Kind(kind) => create(kind),
         BackendChoice::Auto => {
-            create(BackendKind::Cuda).or_else(|_| create(BackendKind::Ascend)).or_else(|_| create(BackendKind::Cpu))
+            let probe = |kind| move || create(kind);
+            let (cuda, ascend, cpu) = (probe(BackendKind::Cuda), probe(BackendKind::Ascend), probe(BackendKind::Cpu));
+            let probes: [&dyn Fn() -> Result<Arc<dyn Backend>>; 3] = [&cuda, &ascend, &cpu];
+            first_available(probes)
         }
     }
+}
+
+/// `auto`'s rule over probes in order of preference: the first backend that opens. A backend
+/// that is absent ([`Error::BackendUnavailable`]: no driver, no device, not built in) passes to
+/// the next; any other error is returned, so a device that is there but fails to open is
+/// reported instead of silently replaced by a slower backend. (To continue on the CPU anyway,
+/// force it: `ENTROPY_KERNELS_BACKEND=cpu`.)
+pub fn first_available<'a>(
+    probes: impl IntoIterator<Item = &'a dyn Fn() -> Result<Arc<dyn Backend>>>,
+) -> Result<Arc<dyn Backend>> {
+    let mut absent = Vec::new();
+    for probe in probes {
+        match probe() {
+            Err(e @ Error::BackendUnavailable { .. }) => absent.push(e.to_string()),
+            other => return other,
+        }
+    }
+    Err(Error::BackendUnavailable { backend: "auto", reason: absent.join("; ") })
 }
 
 /// The choice named by `ENTROPY_KERNELS_BACKEND` (unset or empty = auto).

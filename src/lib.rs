@@ -42,6 +42,7 @@ pub mod error;
 pub mod ffi;
 pub mod io;
 pub mod kernels;
+pub mod numerics;
 pub mod plan;
 pub mod reference;
 pub mod synth;

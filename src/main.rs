@@ -29,6 +29,12 @@ enum Command {
     /// The CUDA kernels on device-resident tensors against the device's copy bandwidth.
     #[cfg(feature = "_cuda")]
     BenchDevice(cli::bench_device::BenchDeviceArgs),
+    /// Open the CUDA backend as `auto` would and list what the driver reports for each kernel.
+    #[cfg(feature = "_cuda")]
+    CudaInfo,
+    /// One small case per CUDA kernel against the CPU backend (what compute-sanitizer checks).
+    #[cfg(feature = "_cuda")]
+    CudaSmoke(cli::cuda_check::CudaSmokeArgs),
     /// Per-head entropy profile, head classes and an SVG heatmap of a layer's Q/K.
     Inspect(cli::inspect::InspectArgs),
     /// Which backends this build can run here, and why not.
@@ -46,6 +52,10 @@ fn main() {
         Command::Bench(a) => cli::bench::run(a),
         #[cfg(feature = "_cuda")]
         Command::BenchDevice(a) => cli::bench_device::run(a),
+        #[cfg(feature = "_cuda")]
+        Command::CudaInfo => cli::cuda_check::info(),
+        #[cfg(feature = "_cuda")]
+        Command::CudaSmoke(a) => cli::cuda_check::smoke(a),
         Command::Inspect(a) => cli::inspect::run(a),
         Command::Backends => {
             for (kind, status) in entropy_kernels::backend::availability() {

@@ -177,3 +177,17 @@ fn bench_device_prints_every_row_on_the_emulated_driver() {
     }
     assert!(!text.contains("kept 1.000"), "the small config should make sparse segments:\n{text}");
 }
+
+/// The device check's first commands on the emulated driver: `cuda-info` opens the backend as
+/// `auto` would and lists every kernel's limits; `cuda-smoke` runs one small case per kernel
+/// against the CPU backend and launches every kernel (what compute-sanitizer checks on a GPU).
+#[cfg(feature = "cuda-emu")]
+#[test]
+fn cuda_info_and_smoke_reach_every_kernel_on_the_emulated_driver() {
+    let info = run(bin().env(entropy_kernels::cuda::EMU_ENV, "1").arg("cuda-info"));
+    for k in entropy_kernels::cuda::source::KERNELS {
+        assert!(info.contains(k), "cuda-info lacks {k}:\n{info}");
+    }
+    let smoke = run(bin().env(entropy_kernels::cuda::EMU_ENV, "1").arg("cuda-smoke"));
+    assert!(smoke.contains("every one of the") && !smoke.contains("FAIL"), "{smoke}");
+}

@@ -168,3 +168,59 @@ fn device_kv_compress_matches_the_oracle() {
         );
     }
 }
+
+/// The device's decision arithmetic (`cuda/numerics.cuh`) computes the host's bits
+/// (`entropy_kernels::numerics`): exp and ln over their whole ranges and the special values, dot
+/// products of every length from 1 to 300, and lane sums of lengths around the block's 256 lanes.
+/// On hardware this is what makes planning decide exactly as the CPU (SPEC §6).
+#[test]
+fn device_numerics_are_the_hosts_bit_for_bit() {
+    use entropy_kernels::cuda::NumericsProbe;
+    use entropy_kernels::numerics;
+    let Some(be) = cuda_backend("cuda_device_numerics") else { return };
+    let seed = seed("cuda_device_numerics");
+    let noise = synth::normal(1 << 16, 1.0, seed);
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let same = |what: &str, x: &[f64], got: &[f64], want: &dyn Fn(f64) -> f64| {
+        for (i, (&xi, &g)) in x.iter().zip(got).enumerate() {
+            let w = want(xi);
+            assert!(g.to_bits() == w.to_bits(), "{what}({xi:e}) (#{i}, seed {seed}): device {g:e}, host {w:e}");
+        }
+    };
+    // exp: the softmax range densely, the whole finite range, the edges and the specials.
+    let mut x: Vec<f64> = noise.iter().map(|&r| -50.0 * (r as f64).abs()).collect();
+    x.extend((0..20_000).map(|i| -746.0 + 1457.0 * i as f64 / 20_000.0));
+    x.extend([
+        0.0,
+        -0.0,
+        709.782712893384,
+        709.79,
+        -745.13,
+        -745.14,
+        -720.0,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::NAN,
+    ]);
+    same("exp", &x, &be.numerics_probe(NumericsProbe::Exp, &x, &[]).unwrap(), &numerics::exp);
+    // ln: the entropy's range (p + 1e-9), logarithmically spread values, subnormals, specials.
+    let mut x: Vec<f64> = noise.iter().map(|&r| (r as f64).abs().min(1.0) + 1e-9).collect();
+    x.extend((0..20_000).map(|i| 10f64.powf(-300.0 + 600.0 * i as f64 / 20_000.0)));
+    x.extend([1.0, 2.0, 0.5, 5e-324, 1e-310, 0.0, -1.0, f64::INFINITY, f64::NAN, std::f64::consts::SQRT_2]);
+    same("ln", &x, &be.numerics_probe(NumericsProbe::Ln, &x, &[]).unwrap(), &numerics::ln);
+    // Dot products of every length from 1 to 300 (tails of every size).
+    for dim in 1..=300 {
+        let rows = 3;
+        let x: Vec<f64> = noise[..rows * dim].iter().map(|&v| v as f64).collect();
+        let y: Vec<f64> = noise[rows * dim..2 * rows * dim].iter().map(|&v| v as f64 * 3.0).collect();
+        let got = be.numerics_probe(NumericsProbe::Dot { dim }, &x, &y).unwrap();
+        let want: Vec<f64> = (0..rows).map(|r| numerics::dot(&x[r * dim..][..dim], &y[r * dim..][..dim])).collect();
+        assert_eq!(bits(&got), bits(&want), "dot of length {dim} (seed {seed})");
+    }
+    // Lane sums: fewer than, exactly, and several times the 256 lanes.
+    for n in [0, 1, 255, 256, 257, 1000, 5000, 65_536] {
+        let x: Vec<f64> = noise[..n].iter().map(|&v| (v as f64).exp()).collect();
+        let got = be.numerics_probe(NumericsProbe::LaneSum, &x, &[]).unwrap();
+        assert_eq!(got[0].to_bits(), numerics::lane_sum(n, |j| x[j]).to_bits(), "lane sum of {n} (seed {seed})");
+    }
+}

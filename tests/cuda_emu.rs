@@ -10,7 +10,9 @@ use entropy_kernels::{reference, validate, *};
 
 /// CUresult codes the emulated driver returns (cuda.h).
 const INVALID_VALUE: i32 = 1;
+const ILLEGAL_STATE: i32 = 401;
 const ILLEGAL_ADDRESS: i32 = 700;
+const LAUNCH_OUT_OF_RESOURCES: i32 = 701;
 const LAUNCH_FAILED: i32 = 719;
 
 /// `Kernels` on the emulated driver with the prefill tile forced to `tile`.
@@ -50,6 +52,218 @@ fn planted_violations_are_caught() {
     expect_violation(7, LAUNCH_FAILED, "past the end of its 0 bytes of dynamic shared memory");
     // A read past an allocation faults; the emulator reports it (from a child process here).
     expect_violation(8, ILLEGAL_ADDRESS, "selftest: block (0,0,0) thread 0 accessed");
+    // What the driver refuses, from the kernel's compiled attributes.
+    expect_violation(9, INVALID_VALUE, "exceeds the kernel's launch bound");
+    expect_violation(10, INVALID_VALUE, "above the opt-in");
+    expect_violation(11, LAUNCH_OUT_OF_RESOURCES, "registers per thread exceed the SM's");
+    // Stream order: a copy on another stream may not read what a kernel wrote until an event says so.
+    expect_violation(12, ILLEGAL_STATE, "stream race");
+    let ordered = emu::selftest(13).expect("the emulated driver loads").expect("an event orders the streams");
+    assert_eq!(ordered[5], 5.0 + 4.0 + 16.0, "the copy after the event sees the kernel's output");
+}
+
+/// The backend opens on every emulated architecture — each kernel's dynamic shared memory raised
+/// to the device's opt-in size less the kernel's own static size (the whole opt-in size is refused
+/// for kernels with static shared memory), the planning ranking launched within its launch bound
+/// — and plans, prefills (the SIMT kernel at D 256 takes 16-key tiles in the 99 KiB of sm_86 and
+/// sm_89), compresses and decodes as the oracle does.
+#[test]
+fn the_backend_runs_on_every_emulated_architecture() {
+    let oracle = Kernels::reference();
+    let seed = common::seed("cuda_emu_architectures");
+    for (ordinal, (cc, arch)) in emu::DEVICES.iter().enumerate() {
+        let be = emu::backend_on(ordinal).unwrap_or_else(|e| panic!("{arch}: the backend does not open: {e}"));
+        let optin = if *cc == 90 {
+            227
+        } else if *cc == 80 {
+            163
+        } else {
+            99
+        } * 1024;
+        let rank = be.limits().kernel("ek_plan_rank");
+        assert_eq!(rank.max_threads, 512, "{arch}: ek_plan_rank's launch bound");
+        assert!(rank.static_smem >= 24 * 1024, "{arch}: ek_plan_rank's static shared memory: {}", rank.static_smem);
+        assert_eq!(rank.max_dynamic_smem, optin - rank.static_smem, "{arch}: opt-in less ek_plan_rank's static memory");
+        let k = Kernels::from_backend(std::sync::Arc::new(be));
+        for (dtype, d, kernel) in [
+            (DType::F32, 256, if *cc >= 90 || *cc == 80 { "ek_prefill_simt_f32" } else { "ek_prefill_simt_f32_k16" }),
+            (DType::BF16, 128, "ek_prefill_mma_bf16_d128_m64"),
+        ] {
+            let (l, hq, hkv) = (300, 4, 2);
+            let q = common::random([1, l, hq, d], 1.0, seed, dtype);
+            let kk = common::random([1, l, hkv, d], 1.0, seed ^ 1, dtype);
+            let v = common::random([1, l, hkv, d], 1.0, seed ^ 2, dtype);
+            let cfg = EntropyConfig {
+                segment_size: 64,
+                block_size: 8,
+                threshold_len: 64,
+                base_budget: 64,
+                ..EntropyConfig::default()
+            };
+            let before = emu::launches(Some(kernel)).unwrap();
+            let mut got = common::poisoned([1, l, hq, d], dtype);
+            let plan = k
+                .prefill(q.view(), kk.view(), v.view(), &cfg, &PlanRequest::layer(0), &mut got.view_mut(), None)
+                .unwrap();
+            assert!(emu::launches(Some(kernel)).unwrap() > before, "{arch} {dtype} D {d}: {kernel} did not run");
+            let want_plan = oracle.plan(q.view(), kk.view(), &cfg, &PlanRequest::layer(0)).unwrap();
+            assert_eq!(plan.blocks, want_plan.blocks, "{arch} {dtype} D {d}: block lists");
+            let mut want = common::poisoned([1, l, hq, d], dtype);
+            oracle
+                .sparse_prefill(q.view(), kk.view(), v.view(), &want_plan.blocks, None, &mut want.view_mut(), None)
+                .unwrap();
+            let err = common::rel_fro(&common::tensor_f64(&got), &common::tensor_f64(&want));
+            assert!(err < common::attn_tol(dtype), "{arch} {dtype} D {d}: error {err:e} (seed {seed})");
+        }
+        let (kc, vc) = (
+            common::random([1, 2, 700, 64], 1.0, seed ^ 3, DType::F16),
+            common::random([1, 2, 700, 64], 1.0, seed ^ 4, DType::F16),
+        );
+        let obs = common::random([1, 8, 32, 64], 1.0, seed ^ 5, DType::F16);
+        let cfg = DecodeConfig { decode_budget: 200, ..DecodeConfig::default() };
+        let got = k.kv_compress(kc.view(), vc.view(), obs.view(), &cfg).unwrap();
+        let want = oracle.kv_compress(kc.view(), vc.view(), obs.view(), &cfg).unwrap();
+        let args = validate::kv_compress(oracle.capabilities(), kc.view(), vc.view(), obs.view(), &cfg).unwrap();
+        common::check_compressed(arch, &got, &want, &reference::compress_scores(&args), &kc, false);
+    }
+}
+
+/// An engine that reads the outputs on another stream waits for the kernels that wrote them:
+/// cudarc's write events of the LSE (`prefill_on`) and of the compressed cache and its indices
+/// (`kv_compress_on`) are recorded after the launches, not before (the emulated driver fails a
+/// read that nothing orders after the write).
+#[test]
+fn engines_reading_outputs_on_another_stream_wait_for_the_kernels() {
+    use entropy_kernels::cuda::{CudaTensor, CudaTensorMut};
+    let be = emu::backend().expect("the emulated driver loads");
+    let stream = be.stream().clone();
+    let other = be.context().new_stream().expect("a second stream");
+    let seed = common::seed("cuda_emu_streams");
+    let (l, hq, hkv, d) = (200, 4, 2, 64);
+    let to_bf16 = |t: &HostTensor| t.to_f32_vec().iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>();
+    let (q, k, v) = (
+        common::random([1, l, hq, d], 1.0, seed, DType::BF16),
+        common::random([1, l, hkv, d], 1.0, seed ^ 1, DType::BF16),
+        common::random([1, l, hkv, d], 1.0, seed ^ 2, DType::BF16),
+    );
+    let (qd, kd, vd) = (
+        stream.clone_htod(&to_bf16(&q)).unwrap(),
+        stream.clone_htod(&to_bf16(&k)).unwrap(),
+        stream.clone_htod(&to_bf16(&v)).unwrap(),
+    );
+    let mut out = stream.alloc_zeros::<half::bf16>(l * hq * d).unwrap();
+    let mut lse = stream.alloc_zeros::<f32>(hq * l).unwrap();
+    {
+        let (qt, kt, vt) = (
+            CudaTensor::bsnd(&qd, &stream, q.shape),
+            CudaTensor::bsnd(&kd, &stream, k.shape),
+            CudaTensor::bsnd(&vd, &stream, v.shape),
+        );
+        let mut ot = CudaTensorMut::bsnd(&mut out, &stream, q.shape);
+        be.prefill_on(&stream, &qt, &kt, &vt, None, None, &mut ot, Some(&mut lse)).unwrap();
+    }
+    let got: Vec<f32> = other.clone_dtoh(&lse).expect("the LSE read on another stream is ordered after the kernel");
+    let mut want = vec![f32::NAN; hq * l];
+    let mut o = common::poisoned(q.shape, DType::BF16);
+    Kernels::reference().dense_prefill(q.view(), k.view(), v.view(), None, &mut o.view_mut(), Some(&mut want)).unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "LSE {i}: {g} vs {w} (seed {seed})");
+    }
+    // The compressed cache and its indices, read on the other stream.
+    let (kc, vc) = (
+        common::random([1, hkv, 500, d], 1.0, seed ^ 3, DType::BF16),
+        common::random([1, hkv, 500, d], 1.0, seed ^ 4, DType::BF16),
+    );
+    let obs = common::random([1, hq, 32, d], 1.0, seed ^ 5, DType::BF16);
+    let (kcd, vcd, od) = (
+        stream.clone_htod(&to_bf16(&kc)).unwrap(),
+        stream.clone_htod(&to_bf16(&vc)).unwrap(),
+        stream.clone_htod(&to_bf16(&obs)).unwrap(),
+    );
+    let cfg = DecodeConfig { decode_budget: 100, ..DecodeConfig::default() };
+    let compact = {
+        let (kt, vt, ot) = (
+            CudaTensor::bsnd(&kcd, &stream, kc.shape),
+            CudaTensor::bsnd(&vcd, &stream, vc.shape),
+            CudaTensor::bsnd(&od, &stream, obs.shape),
+        );
+        be.kv_compress_on::<half::bf16>(&stream, &kt, &vt, &ot, &cfg).unwrap().expect("the cache is over budget")
+    };
+    let keys: Vec<half::bf16> = other.clone_dtoh(&compact.k).expect("the compressed keys read on another stream");
+    let indices = compact.host_indices(&other).expect("the kept positions read on another stream");
+    let want = Kernels::cpu().kv_compress(kc.view(), vc.view(), obs.view(), &cfg).unwrap();
+    assert_eq!(indices, want.indices, "kept positions (seed {seed})");
+    let kept: Vec<f32> = keys.iter().map(|x| x.to_f32()).collect();
+    assert_eq!(kept, want.k.to_f32_vec(), "compressed keys (seed {seed})");
+}
+
+/// `auto` does not hide a device that is there but fails to open: the typed error of the failing
+/// driver call comes back instead of the next backend. Only an absent backend passes to the next.
+#[test]
+fn auto_reports_a_broken_device_instead_of_falling_back() {
+    use std::sync::Arc;
+    let cuda = || -> Result<Arc<dyn Backend>> {
+        emu::fail_next("cuModuleLoadData")?;
+        Ok(Arc::new(emu::backend()?))
+    };
+    let cpu = || -> Result<Arc<dyn Backend>> { Ok(Arc::new(cpu::CpuBackend::new())) };
+    let absent = || -> Result<Arc<dyn Backend>> {
+        Err(Error::BackendUnavailable { backend: "ascend", reason: "none here".into() })
+    };
+    match backend::first_available([&cuda as &dyn Fn() -> Result<Arc<dyn Backend>>, &absent, &cpu]) {
+        Err(Error::Driver { call: "cuModuleLoadData", .. }) => {}
+        Err(e) => panic!("expected the failing call, got {e}"),
+        Ok(b) => panic!("a broken CUDA device was replaced by {}", b.describe()),
+    }
+    let absent_cuda = || -> Result<Arc<dyn Backend>> {
+        Err(Error::BackendUnavailable { backend: "cuda", reason: "no driver".into() })
+    };
+    let chosen =
+        backend::first_available([&absent_cuda as &dyn Fn() -> Result<Arc<dyn Backend>>, &absent, &cpu]).unwrap();
+    assert_eq!(chosen.kind(), BackendKind::Cpu, "absent backends pass to the next");
+}
+
+/// The emulated driver loads only code the device can run, judged from the image itself: a cubin
+/// of the same major version and no newer minor (ELF e_flags), PTX for an older or equal target
+/// (JIT), a fatbin holding either.
+#[test]
+fn images_without_code_for_the_device_are_refused() {
+    const NO_BINARY_FOR_GPU: i32 = 209;
+    let cubin = |arch: &str| match entropy_kernels::cuda::source::compile(arch, false) {
+        Ok(c) => Some(c.image),
+        Err(e) => {
+            eprintln!("SKIP: {e}");
+            None
+        }
+    };
+    let (Some(sm80), Some(sm90a), Some(mut ptx80)) = (cubin("sm_80"), cubin("sm_90a"), cubin("compute_80")) else {
+        return;
+    };
+    ptx80.push(0);
+    // Devices: 0 sm_90, 1 sm_80, 2 sm_86, 3 sm_89.
+    for (ordinal, image, loads) in [
+        (0, &sm90a, true),
+        (0, &sm80, false),
+        (1, &sm80, true),
+        (1, &sm90a, false),
+        (2, &sm80, true),
+        (2, &sm90a, false),
+        (3, &ptx80, true),
+        (0, &ptx80, true),
+    ] {
+        match emu::load_image(ordinal, image).unwrap() {
+            Ok(()) => assert!(loads, "device {ordinal} loaded an image it cannot run"),
+            Err((r, why)) => {
+                assert!(!loads, "device {ordinal} refused a runnable image: {why}");
+                assert_eq!(r, NO_BINARY_FOR_GPU, "{why}");
+            }
+        }
+    }
+    if let Some(fatbin) = entropy_kernels::cuda::source::FATBIN {
+        for ordinal in 0..4 {
+            assert!(emu::load_image(ordinal, fatbin).unwrap().is_ok(), "the nvcc fatbin runs on device {ordinal}");
+        }
+    }
 }
 
 #[test]
@@ -176,10 +390,10 @@ fn prefill_pipeline_holds_whichever_way_copies_land() {
 }
 
 /// Shared-memory races that decide a result: planning, the prefill (tensor-core with 64- and
-/// 128-row tiles, SIMT, LSE) and decode give the same bits whichever order the emulator resumes a
-/// block's threads in — round robin or greedy, by index, reversed or shuffled. 75 blocks of 8 tokens, so the planning's block
-/// reductions feed more than one warp. (The compression's float atomics make its sums
-/// order-dependent by design, so it is not compared.)
+/// 128-row tiles, SIMT, LSE), the compression (scores summed in a fixed order, no float atomics:
+/// the emulator does not even provide them) and decode give the same bits whichever order the
+/// emulator resumes a block's threads in — round robin or greedy, by index, reversed or shuffled.
+/// 75 blocks of 8 tokens, so the planning's block reductions feed more than one warp.
 #[test]
 fn results_do_not_depend_on_thread_order() {
     let seed = common::seed("cuda_emu_thread_order");
@@ -197,6 +411,9 @@ fn results_do_not_depend_on_thread_order() {
         let q1 = common::random([1, 1, hq, d], 1.0, seed ^ 3, dtype);
         let cache = |s: u64| common::random([1, hkv, 500, d], 1.0, s, dtype);
         let (kc, vc) = (cache(seed ^ 4), cache(seed ^ 5));
+        // 40 window rows per kv head: three 16-row slabs on the tensor cores, passes of 128 rows otherwise.
+        let obs = common::random([1, hq, 20, d], 1.0, seed ^ 6, dtype);
+        let compress = DecodeConfig { decode_budget: 100, window: 20, ..DecodeConfig::default() };
         let cfg = EntropyConfig {
             segment_size: 128,
             block_size: 8,
@@ -214,7 +431,9 @@ fn results_do_not_depend_on_thread_order() {
             let mut dec = common::poisoned([1, 1, hq, d], dtype);
             k.decode_attention(q1.view(), kc.view(), vc.view(), &[500, 377], None, &mut dec.view_mut()).unwrap();
             let lse: Vec<u32> = lse.iter().map(|x| x.to_bits()).collect();
-            (plan.order, plan.entropy.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), bits(&out), lse, bits(&dec))
+            let compact = k.kv_compress(kc.view(), vc.view(), obs.view(), &compress).unwrap();
+            let decisions = (plan.order, plan.entropy.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), compact.indices);
+            (decisions, bits(&out), lse, bits(&dec), bits(&compact.k))
         };
         let base = run(0);
         for order in [1, 2, 3, 4, 5] {
@@ -263,36 +482,33 @@ fn kv_compress_beyond_shared_memory_falls_back() {
     common::check_compressed("rows beyond shared memory", &got, &want, &reference::compress_scores(&args), &kc, false);
 }
 
-/// A ranking wider than the bitonic top-k's 1024 (base / Bk = 1050 blocks of 4 tokens; the last
-/// segment keeps 1040) is counted on the device, and agrees with the oracle's decisions exactly,
-/// ties included.
+/// Rankings wider than the bitonic sort's first half (base / Bk = 1050 blocks of 4 tokens) and
+/// wider than all of its 2048 (blocks of 1 token: ranked by counting among the selected) agree
+/// with the oracle's decisions exactly, ties included.
 #[test]
-fn planning_ranks_beyond_1024_blocks_on_the_device() {
+fn planning_ranks_wide_rankings_on_the_device() {
     let be = emu::backend().expect("the emulated driver loads");
     let k = Kernels::from_backend(std::sync::Arc::new(be));
     let seed = common::seed("cuda_emu_wide_rank");
-    let (l, hq, hkv, d) = (4203, 2, 1, 64);
-    let q = common::random([1, l, hq, d], 1.0, seed, DType::F32);
-    // Keys repeat every 3 blocks: most blocks tie with many others, so the tie rule (lower block
-    // first) decides most of the ranking.
-    let pattern = synth::normal(12 * hkv * d, 1.0, seed ^ 1);
-    let keys: Vec<f32> = (0..l).flat_map(|t| pattern[(t % 12) * hkv * d..][..hkv * d].to_vec()).collect();
-    let kk = HostTensor::from_f32(&keys, [1, l, hkv, d], DType::F32);
-    let cfg = EntropyConfig {
-        segment_size: 64,
-        block_size: 4,
-        threshold_len: 64,
-        base_budget: 4200,
-        ..EntropyConfig::default()
-    };
-    let before = emu::launches(Some("ek_plan_rank_wide")).unwrap();
-    let got = k.plan(q.view(), kk.view(), &cfg, &PlanRequest::layer(0)).unwrap();
-    assert!(emu::launches(Some("ek_plan_rank_wide")).unwrap() > before, "the wide ranking did not run on the device");
-    assert!(got.order_width > 1024, "order width {}", got.order_width);
-    let want = Kernels::reference().plan(q.view(), kk.view(), &cfg, &PlanRequest::layer(0)).unwrap();
-    assert_eq!(got.keep_blocks, want.keep_blocks, "keep_blocks");
-    assert_eq!(got.order, want.order, "ranking");
-    assert_eq!(got.blocks, want.blocks, "block lists");
+    for (l, block_size, base_budget, wider_than) in [(4203, 4, 4200, 1024), (2300, 1, 2200, 2048)] {
+        let (hq, hkv, d) = (2, 1, 64);
+        let q = common::random([1, l, hq, d], 1.0, seed, DType::F32);
+        // Keys repeat every 12 tokens: most blocks tie with many others, so the tie rule (lower
+        // block first) decides most of the ranking.
+        let pattern = synth::normal(12 * hkv * d, 1.0, seed ^ 1);
+        let keys: Vec<f32> = (0..l).flat_map(|t| pattern[(t % 12) * hkv * d..][..hkv * d].to_vec()).collect();
+        let kk = HostTensor::from_f32(&keys, [1, l, hkv, d], DType::F32);
+        let cfg =
+            EntropyConfig { segment_size: 64, block_size, threshold_len: 64, base_budget, ..EntropyConfig::default() };
+        let before = emu::launches(Some("ek_plan_rank")).unwrap();
+        let got = k.plan(q.view(), kk.view(), &cfg, &PlanRequest::layer(0)).unwrap();
+        assert!(emu::launches(Some("ek_plan_rank")).unwrap() > before, "the ranking did not run on the device");
+        assert!(got.order_width > wider_than, "order width {}", got.order_width);
+        let want = Kernels::reference().plan(q.view(), kk.view(), &cfg, &PlanRequest::layer(0)).unwrap();
+        assert_eq!(got.keep_blocks, want.keep_blocks, "keep_blocks (width {})", got.order_width);
+        assert_eq!(got.order, want.order, "ranking (width {})", got.order_width);
+        assert_eq!(got.blocks, want.blocks, "block lists (width {})", got.order_width);
+    }
 }
 
 /// The first `d` elements of each row of `t` ([B, H, N, D + pad]) as a [B, H, N, d] view.

@@ -502,11 +502,9 @@ inline unsigned atomicAdd(unsigned* a, unsigned v) {
     *a = old + v;
     return old;
 }
-inline float atomicAdd(float* a, float v) {
-    const float old = *a;
-    *a = old + v;
-    return old;
-}
+// No float atomics: their order, and so the sum's last bits, would change from run to run on
+// the hardware, and the decisions that depend on them with it (tests/cuda_compile.rs also checks
+// the compiled PTX for float atom/red instructions).
 inline unsigned atomicMax(unsigned* a, unsigned v) {
     const unsigned old = *a;
     *a = std::max(old, v);
@@ -539,6 +537,10 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
 inline float __log2f(float x) { return std::log2(x); }
 using std::max;
 using std::min;

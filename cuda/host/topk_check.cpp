@@ -19,11 +19,13 @@ extern "C" int ek_cuda_host_select(const float* scores, int count, int k, unsign
                                 [&] { block_select([&](int i) { return scores[i]; }, count, k, s, out); }));
 }
 
-// block_topk over `keys[0..count)` (k ≤ TOPK_CAP): the k best by rank into out[0..min(k, count)).
+// block_rank_topk over `keys[0..count)`: the min(k, count) best by rank into out[0..).
 extern "C" int ek_cuda_host_topk(const double* keys, int count, int k, unsigned threads, unsigned* out) {
-    std::vector<unsigned long long> key_s(2 * TOPK_CAP);  // the block's shared arrays
-    std::vector<unsigned> idx_s(2 * TOPK_CAP);
+    SelectShared s;
+    std::vector<unsigned long long> key_s(RANK_SORT_CAP);  // the block's shared arrays
+    std::vector<unsigned> idx_s(RANK_SORT_CAP);
+    std::vector<unsigned> scratch(std::max(std::min(k, count), 1));  // global memory
     return report(ekemu::launch(EkDim3{1, 1, 1}, EkDim3{threads, 1, 1}, 0, [&] {
-        block_topk([&](int i) { return keys[i]; }, count, k, key_s.data(), idx_s.data(), out);
+        block_rank_topk([&](int i) { return keys[i]; }, count, k, s, key_s.data(), idx_s.data(), scratch.data(), out);
     }));
 }

@@ -3,6 +3,8 @@
 pub mod bench;
 #[cfg(feature = "_cuda")]
 pub mod bench_device;
+#[cfg(feature = "_cuda")]
+pub mod cuda_check;
 pub mod demo;
 pub mod inspect;
 pub mod run_case;

@@ -1,11 +1,13 @@
 //! Planning on the CPU (SPEC §2). Representatives are max/min in f32 (exact); logits, the
-//! distribution and the entropy are computed in f64 so that decisions agree with the oracle to
-//! the last tie; budgets and keep counts use the shared rules.
+//! distribution and the entropy are computed in f64 with [`crate::numerics`]' operations and
+//! summation orders, which the device kernels share bit for bit; budgets and keep counts use the
+//! shared rules.
 
 use rayon::prelude::*;
 
 use super::simd::{Isa, Simd, WithSimd, dispatch};
 use crate::config::EntropyConfig;
+use crate::numerics;
 use crate::plan::{BlockLists, Plan, PlanDims, rules};
 use crate::tensor::{Element, TensorView};
 use crate::validate::PlanArgs;
@@ -41,21 +43,6 @@ fn representatives<E: Element>(
             out[(h * 2 + 1) * d + i] = mn[h * d + i] as f64;
         }
     }
-}
-
-/// f64 dot product with eight running sums (vectorised by the compiler inside the ISA entry).
-#[inline(always)]
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut acc = [0f64; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let tail: f64 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f64>() + tail
 }
 
 /// Per unit (b, h, s): logits, distribution, entropy and the ranking prefix.
@@ -98,27 +85,27 @@ impl WithSimd for UnitJob<'_> {
             let mut sum = 0.0;
             for gi in 0..g {
                 let qs = &qsum[((b * d.segments + s) * d.q_heads + h * g + gi) * dd..][..dd];
-                sum += 0.5 * dot(qs, kmax).max(dot(qs, kmin));
+                sum += 0.5 * numerics::dot(qs, kmax).max(numerics::dot(qs, kmin));
             }
             *x = sum / g as f64;
         }
+        // numerics' exp, ln and summation order: the device kernels compute the same bits.
         let mut p = vec![0f64; n];
         if s == 0 {
             p.fill(1.0 / n as f64);
         } else {
             let m = logit[..lim].iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let mut z = 0.0;
             for j in 0..lim {
-                p[j] = (logit[j] - m).exp();
-                z += p[j];
+                p[j] = numerics::exp(logit[j] - m);
             }
+            let z = numerics::lane_sum(lim, |j| p[j]);
             p[..lim].iter_mut().for_each(|x| *x /= z);
         }
         if let Some(prev) = self.prev {
             let row = &prev[d.unit(b, h, s) * n..][..n];
             p.iter_mut().zip(row).for_each(|(x, &q)| *x = 0.25 * q as f64 + 0.75 * *x);
         }
-        let entropy = -p.iter().map(|&x| x * (x + 1e-9).ln()).sum::<f64>();
+        let entropy = -numerics::lane_sum(n, |j| p[j] * numerics::ln(p[j] + 1e-9));
         let key = if self.prev.is_some() { &p[..lim] } else { &logit[..lim] };
         let mut ranked = vec![0u32; self.width];
         rules::rank_row(key, &mut Vec::new(), &mut ranked);

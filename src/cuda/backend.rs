@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 
 use super::source;
@@ -34,33 +34,9 @@ unsafe impl DeviceRepr for EkPrefillParams {}
 unsafe impl DeviceRepr for EkDecodeParams {}
 unsafe impl DeviceRepr for EkPlanParams {}
 unsafe impl DeviceRepr for EkCompressParams {}
+unsafe impl DeviceRepr for crate::ffi::EkProbeParams {}
 
-/// Tile shapes the kernels are compiled with (cuda/prefill.cu, cuda/decode.cu).
-const MMA_ROWS_PER_WARP: usize = 16;
-/// The tensor-core prefill's tile heights (`_m64`, `_m128`); the smaller must hold a GQA group.
-const MMA_TILE_SMALL: usize = 64;
-const MMA_TILE_LARGE: usize = 128;
-const MMA_KEYS: usize = 64;
-const SIMT_ROWS: usize = 32;
-const SIMT_KEYS: usize = 32;
-const SIMT_THREADS: u32 = 128;
-const DECODE_THREADS: u32 = 128;
-const DECODE_MAX_SMEM: usize = 48 * 1024;
-/// Floats of the decode's partial-output scratch: streams · DECODE_ROW_PASS · D with streams =
-/// 4 warps · 32 / lanes per cache row (cuda/decode.cu) is at most 4096 for D ≤ 256.
-const DECODE_SCRATCH: usize = 4096;
-const DECODE_MIN_KEYS: usize = 64;
-const DECODE_MAX_KEYS: usize = 512;
-const PLAN_THREADS: u32 = 256;
-const TOPK_THREADS: u32 = 512;
-/// Largest ranking width of the planning's bitonic top-k (`block_topk` in cuda/topk.cuh; wider
-/// rankings count ranks instead); the compression's radix selection keeps any count.
-pub(crate) const TOPK_CAP: usize = 1024;
-const COMPRESS_THREADS: u32 = 128;
-const COMPRESS_KEYS: usize = 32;
-const COMPRESS_MMA_THREADS: u32 = 128;
-const COMPRESS_MMA_KEYS: usize = 64;
-const COMPRESS_CHUNK: usize = 2048;
+use super::launches::{self, DeviceLimits, KernelLimits, Launch, PrefillTile};
 
 pub(crate) fn driver_err(call: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
     move |e| Error::Driver { backend: "cuda", call, detail: e.to_string() }
@@ -91,6 +67,30 @@ fn image(arch: &str) -> Result<Vec<u8>> {
     Ok(compiled.image)
 }
 
+/// The architecture to compile the kernels for on a device of compute capability `cc`: the
+/// device's own (`sm_90a` on 9.0, for its tensor-core instructions), or `requested`
+/// (`CUDA_COMPUTE_CAP`, e.g. `80` or `8.6`) when code for it runs on the device — same major
+/// version, no newer minor. Anything else would load no code (`CUDA_ERROR_NO_BINARY_FOR_GPU`), so
+/// it is refused here, naming the variable.
+pub fn target_arch(cc: (i32, i32), requested: Option<&str>) -> Result<String> {
+    let own = if cc == (9, 0) { "sm_90a".to_string() } else { format!("sm_{}{}", cc.0, cc.1) };
+    let Some(req) = requested.map(str::trim).filter(|r| !r.is_empty()) else { return Ok(own) };
+    let digits: String = req.chars().filter(|c| c.is_ascii_digit()).collect();
+    let parsed = (digits.len() >= 2)
+        .then(|| (digits[..digits.len() - 1].parse::<i32>(), digits[digits.len() - 1..].parse::<i32>()));
+    let Some((Ok(major), Ok(minor))) = parsed else {
+        return Err(Error::range("CUDA_COMPUTE_CAP", req, "expected a compute capability such as 80 or 8.6"));
+    };
+    if major != cc.0 || minor > cc.1 {
+        let why = format!(
+            "code for sm_{major}{minor} cannot run on this compute capability {}.{} device; unset it or name {}{}",
+            cc.0, cc.1, cc.0, cc.1
+        );
+        return Err(Error::range("CUDA_COMPUTE_CAP", req, why));
+    }
+    Ok(if (major, minor) == (9, 0) { "sm_90a".to_string() } else { format!("sm_{major}{minor}") })
+}
+
 /// The CUDA backend on one device.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -101,10 +101,9 @@ pub struct CudaBackend {
     arch: String,
     /// Where the kernels came from: the nvcc fatbin or NVRTC.
     origin: &'static str,
-    /// Dynamic shared memory a block may use (the device's opt-in limit, set on every kernel).
-    max_shared: usize,
-    /// Streaming multiprocessors: how many CTAs make a wave.
-    sms: usize,
+    /// Multiprocessors, and each kernel's launch bound and dynamic shared memory limit (the
+    /// device's opt-in size less the kernel's static shared memory, set on every kernel).
+    limits: DeviceLimits,
     /// The tensor-core prefill's tile height (rows = query tokens × group heads per CTA).
     prefill_tile: PrefillTile,
     /// Host fallback for the operations without device kernels yet.
@@ -113,30 +112,6 @@ pub struct CudaBackend {
 
 /// Environment variable: the tensor-core prefill's tile height, `auto` (default), `64` or `128`.
 pub const PREFILL_TILE_ENV: &str = "ENTROPY_KERNELS_PREFILL_TILE";
-
-/// Rows per CTA of the tensor-core prefill (`ek_prefill_mma_*_m64` / `_m128`). Both keep 16 rows
-/// per warp; 128 rows read each K/V tile half as often per query row but need twice Q's shared
-/// memory and make half as many CTAs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PrefillTile {
-    /// 128 rows when they fit in shared memory, fill whole segments and make at least two waves
-    /// of CTAs; else 64.
-    Auto,
-    M64,
-    M128,
-}
-
-impl std::str::FromStr for PrefillTile {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "auto" => Ok(PrefillTile::Auto),
-            "64" => Ok(PrefillTile::M64),
-            "128" => Ok(PrefillTile::M128),
-            other => Err(Error::range(PREFILL_TILE_ENV, other, "expected auto, 64 or 128")),
-        }
-    }
-}
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -152,8 +127,19 @@ impl CudaBackend {
     }
 
     /// The backend in an engine's existing context (e.g. candle's or cudarc's `CudaContext`), so
-    /// its streams and buffers can be passed to the `_on` calls.
+    /// its streams and buffers can be passed to the `_on` calls. The kernels are compiled for the
+    /// device's own architecture, or for `CUDA_COMPUTE_CAP` where its code runs on the device.
     pub fn with_context(ctx: Arc<CudaContext>) -> Result<Self> {
+        let (major, minor) = ctx.compute_capability().map_err(driver_err("cuDeviceGetAttribute"))?;
+        let requested = std::env::var("CUDA_COMPUTE_CAP").ok();
+        let arch = target_arch((major, minor), requested.as_deref())?;
+        Self::with_context_for_arch(ctx, &arch)
+    }
+
+    /// [`with_context`](Self::with_context) with the kernels built for `arch` (`sm_80`, `sm_90a`,
+    /// …) whether or not the device can run it: tests use it to show what the driver refuses.
+    #[doc(hidden)]
+    pub fn with_context_for_arch(ctx: Arc<CudaContext>, arch: &str) -> Result<Self> {
         let (major, minor) = ctx.compute_capability().map_err(driver_err("cuDeviceGetAttribute"))?;
         if major < 8 {
             return Err(Error::BackendUnavailable {
@@ -161,31 +147,41 @@ impl CudaBackend {
                 reason: format!("compute capability {major}.{minor}: the kernels need sm_80 or newer"),
             });
         }
-        let arch = std::env::var("CUDA_COMPUTE_CAP")
-            .ok()
-            .map(|c| format!("sm_{}", c.replace('.', "")))
-            .unwrap_or(if major == 9 && minor == 0 { "sm_90a".into() } else { format!("sm_{major}{minor}") });
         // The nvcc fatbin when it holds SASS for this arch (or NVRTC is absent: the driver JITs its
-        // compute_80 PTX); otherwise NVRTC for exactly this device.
+        // compute_80 PTX); otherwise NVRTC for exactly this arch.
         let nvrtc = super::nvrtc_present();
         let (bytes, origin) = match source::FATBIN {
             Some(f)
                 if std::env::var_os(source::NVRTC_ENV).is_none()
-                    && (source::FATBIN_ARCHS.contains(&arch.as_str()) || !nvrtc) =>
+                    && (source::FATBIN_ARCHS.contains(&arch) || !nvrtc) =>
             {
                 (f.to_vec(), "nvcc fatbin")
             }
-            _ => (image(&arch)?, "NVRTC"),
+            _ => (image(arch)?, "NVRTC"),
         };
         let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bytes)).map_err(driver_err("cuModuleLoadData"))?;
         let optin = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(driver_err("cuDeviceGetAttribute"))?;
         let mut funcs = HashMap::new();
+        let mut kernels = HashMap::new();
         for &k in source::KERNELS {
             let f = module.load_function(k).map_err(driver_err("cuModuleGetFunction"))?;
-            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, optin)
+            // The driver allows static + dynamic ≤ the opt-in size: raise each kernel's dynamic
+            // limit to the opt-in size less its own static shared memory.
+            let static_smem = f.shared_size_bytes().map_err(driver_err("cuFuncGetAttribute"))?;
+            let max_dynamic = (optin - static_smem).max(0);
+            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, max_dynamic)
                 .map_err(driver_err("cuFuncSetAttribute"))?;
+            let max_threads = f.max_threads_per_block().map_err(driver_err("cuFuncGetAttribute"))?;
+            kernels.insert(
+                k.to_string(),
+                KernelLimits {
+                    max_threads: max_threads.max(0) as u32,
+                    max_dynamic_smem: max_dynamic as usize,
+                    static_smem: static_smem.max(0) as usize,
+                },
+            );
             funcs.insert(k, f);
         }
         let sms = ctx
@@ -203,13 +199,25 @@ impl CudaBackend {
             funcs,
             caps: Capabilities::full("cuda", HeadDims::UpTo(256)),
             name,
-            arch,
+            arch: arch.to_string(),
             origin,
-            max_shared: optin as usize,
-            sms: sms.max(1) as usize,
+            limits: DeviceLimits { sms: sms.max(1) as usize, kernels },
             prefill_tile,
             host: crate::cpu::CpuBackend::new(),
         })
+    }
+
+    /// What each loaded kernel allows on this device, and its multiprocessor count.
+    pub fn limits(&self) -> &DeviceLimits {
+        &self.limits
+    }
+
+    /// Chooses launches as if a block had only `bytes` of shared memory (static and dynamic):
+    /// on a large device, the tiles a smaller one would take (`cuda::smoke`'s 99 KiB pass).
+    pub fn cap_shared_memory(&mut self, bytes: usize) {
+        for k in self.limits.kernels.values_mut() {
+            k.max_dynamic_smem = k.max_dynamic_smem.min(bytes.saturating_sub(k.static_smem));
+        }
     }
 
     /// Chooses the tensor-core prefill's tile height (default: [`PREFILL_TILE_ENV`], else auto).
@@ -230,10 +238,6 @@ impl CudaBackend {
     /// The CUDA context of this backend's device.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
-    }
-
-    fn func(&self, name: &str) -> &CudaFunction {
-        &self.funcs[name]
     }
 
     fn upload<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, data: &[T]) -> Result<CudaSlice<T>> {
@@ -334,15 +338,6 @@ pub(crate) struct CompressJob<'a> {
     pub scale: f32,
 }
 
-/// The scoring kernels of one compression and their dynamic shared memory.
-pub(crate) struct CompressKernels {
-    stats: String,
-    means: String,
-    threads: u32,
-    smem_stats: usize,
-    smem_means: usize,
-}
-
 /// The workspaces of one compression, alive until its kernels have run.
 pub(crate) struct CompressRun {
     _stats: CudaSlice<f32>,
@@ -355,12 +350,18 @@ pub(crate) struct CompressRun {
     /// AdaKV's workspaces (floor and cross-head picks).
     _picks: Option<(CudaSlice<u32>, CudaSlice<u32>)>,
     pub params: EkCompressParams,
+    /// Pooling and selection launches.
+    selection: launches::CompressSelection,
 }
 
 impl CompressRun {
     /// Positions per (b, head) row of `selected`.
     pub fn list_stride(&self) -> usize {
         self.params.list_stride as usize
+    }
+    /// The kept positions; the workspaces are freed (in stream order).
+    pub fn into_selected(self) -> CudaSlice<u32> {
+        self.selected
     }
 }
 
@@ -376,26 +377,6 @@ pub(crate) struct DecodeJob<'a> {
     pub scale: f32,
 }
 
-/// Launches `func` with one params struct.
-///
-/// # Safety
-/// Every device address inside `params` must be valid for the accesses the kernel makes with
-/// the sizes the struct describes.
-unsafe fn launch<P: DeviceRepr>(
-    stream: &CudaStream,
-    func: &CudaFunction,
-    grid: (u32, u32, u32),
-    block: u32,
-    smem: usize,
-    params: &P,
-) -> Result<()> {
-    let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem as u32 };
-    let mut b = stream.launch_builder(func);
-    b.arg(params);
-    unsafe { b.launch(cfg) }.map_err(driver_err("cuLaunchKernel"))?;
-    Ok(())
-}
-
 /// Whether every row of a tensor of `dtype` starts on the 16-byte grid the kernels' vector loads
 /// and `cp.async` copies need: the base (a caller's slice may start anywhere) and the strides
 /// (elements) of dims 0..2.
@@ -404,28 +385,12 @@ fn on_16_byte_grid(t: &EkTensor, dtype: DType) -> bool {
     t.ptr.is_multiple_of(16) && t.stride.iter().all(|s| s % per_16 == 0)
 }
 
-/// Block tiles of `ek_plan_logits`, largest first.
-const PLAN_LOGIT_TILES: [usize; 4] = [64, 32, 16, 8];
-
-/// Dynamic shared memory of `ek_plan_logits` (cuda/plan.cu) with `tile` blocks: the padded K
-/// representatives, a pass of segments' Q sums and their partial logits (f64).
-fn plan_logits_smem(tile: usize, group: usize, head_dim: usize) -> usize {
-    let segments = (PLAN_THREADS as usize / (tile * group)).max(1);
-    8 * (tile * (2 * head_dim + 1) + segments * group * head_dim + segments * tile * group)
-}
-
-/// Dynamic shared memory of `ek_prefill_mma_*_m<rows>`: Q, double-buffered K and V tiles (rows
-/// padded by 8 halves), their tokens.
-fn mma_prefill_smem(rows: usize, head_dim: usize) -> usize {
-    (rows + 4 * MMA_KEYS) * (head_dim + 8) * 2 + 2 * MMA_KEYS * 4
-}
-
-fn dtype_suffix(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-    }
+/// Records on `stream` that `s` has been written by everything enqueued so far: cudarc's write
+/// event of the slice, which another stream waits on before using it. (A guard dropped before the
+/// launches would record the event ahead of the kernels that write the slice.)
+pub(crate) fn written_on<T>(stream: &CudaStream, s: &mut CudaSlice<T>) {
+    let (_, guard) = s.device_ptr_mut(stream);
+    drop(guard);
 }
 
 impl Backend for CudaBackend {
@@ -554,48 +519,41 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
+    /// Launches `l` with one params struct after checking it against the device's limits (a
+    /// typed error, before anything is enqueued, where the driver would refuse it).
+    ///
+    /// # Safety
+    /// Every device address inside `params` must be valid for the accesses the kernel makes with
+    /// the sizes the struct describes.
+    unsafe fn launch<P: DeviceRepr>(&self, stream: &CudaStream, l: &Launch, params: &P) -> Result<()> {
+        l.check(&self.limits)?;
+        let func = self.funcs.get(l.kernel.as_str()).ok_or_else(|| Error::Driver {
+            backend: "cuda",
+            call: "cuModuleGetFunction",
+            detail: format!("no kernel {}", l.kernel),
+        })?;
+        let cfg = LaunchConfig { grid_dim: l.grid, block_dim: (l.block, 1, 1), shared_mem_bytes: l.smem as u32 };
+        let mut b = stream.launch_builder(func);
+        b.arg(params);
+        unsafe { b.launch(cfg) }.map_err(driver_err("cuLaunchKernel"))?;
+        Ok(())
+    }
+
     /// Enqueues a prefill on `stream` (nothing is waited for: the lists' device copies are freed
     /// in stream order after the kernel).
     pub(crate) fn prefill_launch(&self, stream: &Arc<CudaStream>, job: &PrefillJob<'_>) -> Result<()> {
         let d = job.dims;
-        let dtype = job.dtype;
-        let g = d.group();
         let pl = &job.lists;
-        let (segment_size, segments, block_size) = (pl.segment_size, pl.segments, pl.block_size);
+        let aligned = [&job.q, &job.k, &job.v].into_iter().all(|t| on_16_byte_grid(t, job.dtype));
+        let shape =
+            launches::prefill(&self.limits, self.prefill_tile, &d, job.dtype, aligned, pl.segment_size, pl.segments)?;
+        shape.launch.check(&self.limits)?;
         let lists = match &pl.lists {
             Some((offsets, counts, indices)) => {
                 Some((upload_on(stream, offsets)?, upload_on(stream, counts)?, upload_on(stream, indices)?))
             }
             None => None,
         };
-        let aligned = [&job.q, &job.k, &job.v].into_iter().all(|t| on_16_byte_grid(t, dtype));
-        let mma = dtype != DType::F32 && (d.head_dim == 64 || d.head_dim == 128) && aligned && g <= MMA_TILE_SMALL;
-        let (name, rows, threads, smem) = if mma {
-            let m = self.mma_tile_rows(d.head_dim, g, segment_size, segments * d.batch * d.kv_heads);
-            (
-                format!("ek_prefill_mma_{}_d{}_m{m}", dtype_suffix(dtype), d.head_dim),
-                m,
-                (m / MMA_ROWS_PER_WARP * 32) as u32,
-                mma_prefill_smem(m, d.head_dim),
-            )
-        } else {
-            if g > SIMT_ROWS {
-                return Err(Error::range(
-                    "group",
-                    g,
-                    format!("the CUDA kernels stack at most {SIMT_ROWS} query heads per kv head in f32"),
-                ));
-            }
-            let dp = d.head_dim + 1;
-            (
-                format!("ek_prefill_simt_{}", dtype_suffix(dtype)),
-                SIMT_ROWS,
-                SIMT_THREADS,
-                (2 * SIMT_ROWS + 2 * SIMT_KEYS) * dp * 4 + SIMT_KEYS * 4,
-            )
-        };
-        let tile_tokens = (rows / g).max(1);
-        let tiles_per_segment = segment_size.div_ceil(tile_tokens);
         let params = EkPrefillParams {
             q: job.q,
             k: job.k,
@@ -606,34 +564,17 @@ impl CudaBackend {
             counts: lists.as_ref().map_or(0, |l| addr_on(stream, &l.1)),
             indices: lists.as_ref().map_or(0, |l| addr_on(stream, &l.2)),
             workspace: 0,
-            segment_size: segment_size as i32,
-            block_size: block_size as i32,
-            segments: segments as i32,
-            group: g as i32,
-            tile_tokens: tile_tokens as i32,
-            tiles_per_segment: tiles_per_segment as i32,
+            segment_size: pl.segment_size as i32,
+            block_size: pl.block_size as i32,
+            segments: pl.segments as i32,
+            group: d.group() as i32,
+            tile_tokens: shape.tile_tokens as i32,
+            tiles_per_segment: shape.tiles_per_segment as i32,
             scale_log2: job.scale * std::f32::consts::LOG2_E,
             dtype: 0,
         };
-        let grid = ((segments * tiles_per_segment) as u32, (d.batch * d.kv_heads) as u32, 1);
         // SAFETY: every address in `params` points at live device memory sized by the validated dims.
-        unsafe { launch(stream, self.func(&name), grid, threads, smem, &params) }
-    }
-
-    /// The tensor-core prefill's rows per CTA for head dim `d`, group `g` and `units` (b, kv head,
-    /// segment) units (see [`PrefillTile`]).
-    fn mma_tile_rows(&self, d: usize, g: usize, segment_size: usize, units: usize) -> usize {
-        let fits = mma_prefill_smem(MMA_TILE_LARGE, d) <= self.max_shared;
-        match self.prefill_tile {
-            PrefillTile::M64 => MMA_TILE_SMALL,
-            PrefillTile::M128 if fits => MMA_TILE_LARGE,
-            PrefillTile::M128 => MMA_TILE_SMALL,
-            PrefillTile::Auto => {
-                let tokens = MMA_TILE_LARGE / g;
-                let ctas = units * segment_size.div_ceil(tokens);
-                if fits && tokens <= segment_size && ctas >= 2 * self.sms { MMA_TILE_LARGE } else { MMA_TILE_SMALL }
-            }
-        }
+        unsafe { self.launch(stream, &shape.launch, &params) }
     }
 
     /// Plans on device tensors `q`/`k` on `stream` (every step on the device; the decisions come
@@ -650,6 +591,10 @@ impl CudaBackend {
         let cfg = p.cfg;
         let width = d.rank_width(cfg.base_budget);
         let (dd, n, units) = (p.head_dim, d.blocks, d.units());
+        let shape = launches::plan(&self.limits, &d, dd, dtype)?;
+        for l in shape.all() {
+            l.check(&self.limits)?;
+        }
         let f32s = |len: usize| stream.alloc_zeros::<f32>(len.max(1)).map_err(driver_err("cuMemAlloc"));
         let u32s = |len: usize| stream.alloc_zeros::<u32>(len.max(1)).map_err(driver_err("cuMemAlloc"));
         // Written in full by reps_q / reps_k, and `key` wherever it is read (blocks before each
@@ -671,17 +616,8 @@ impl CudaBackend {
         let keep = u32s(units)?;
         let topk = u32s(d.segments)?;
         let classes = stream.alloc_zeros::<u8>(d.batch * d.kv_heads).map_err(driver_err("cuMemAlloc"))?;
-        let order = u32s(units * width)?;
-        // The logits kernel's block tile: the largest that fits in shared memory while the grid
-        // still makes two waves (a larger tile re-reads the segments' Q sums fewer times).
-        let logit_tile = PLAN_LOGIT_TILES
-            .into_iter()
-            .filter(|&t| plan_logits_smem(t, d.group(), dd) <= self.max_shared)
-            .find(|&t| n.div_ceil(t) * d.kv_heads * d.batch >= 2 * self.sms)
-            .or_else(|| {
-                PLAN_LOGIT_TILES.into_iter().rev().find(|&t| plan_logits_smem(t, d.group(), dd) <= self.max_shared)
-            })
-            .ok_or_else(|| Error::range("head dim", dd, "the planning logits' tiles exceed shared memory"))?;
+        // Per unit: the ranking, then the ranking kernel's scratch.
+        let order = u32s(units * 2 * width)?;
         let opt = |s: &Option<CudaSlice<f32>>| s.as_ref().map_or(0, |s| addr_on(stream, s));
         let params = EkPlanParams {
             q,
@@ -705,24 +641,14 @@ impl CudaBackend {
             delta_t: cfg.delta_t,
             alpha: cfg.alpha,
             entropy_floor: cfg.entropy_floor,
-            logit_tile: logit_tile as i32,
+            logit_tile: shape.logit.tile as i32,
+            logit_segments: shape.logit.segments as i32,
+            logit_heads: shape.logit.heads as i32,
             ..EkPlanParams::sized(&d, dd, dtype)
         };
-        let sfx = dtype_suffix(dtype);
-        let (b, hkv, nseg) = (d.batch as u32, d.kv_heads as u32, d.segments as u32);
-        // SAFETY: every buffer in `params` was allocated above with the sizes the kernels index.
-        unsafe {
-            launch(stream, self.func(&format!("ek_plan_reps_q_{sfx}")), (nseg, b, 1), PLAN_THREADS, 0, &params)?;
-            launch(stream, self.func(&format!("ek_plan_reps_k_{sfx}")), (n as u32, b, 1), PLAN_THREADS, 0, &params)?;
-            let (tiles, smem) = (n.div_ceil(logit_tile) as u32, plan_logits_smem(logit_tile, d.group(), dd));
-            launch(stream, self.func("ek_plan_logits"), (tiles, hkv, b), PLAN_THREADS, smem, &params)?;
-            launch(stream, self.func("ek_plan_softmax"), (units as u32, 1, 1), PLAN_THREADS, 0, &params)?;
-            let grid = (b * hkv).div_ceil(PLAN_THREADS);
-            launch(stream, self.func("ek_plan_decide"), (grid, 1, 1), PLAN_THREADS, 0, &params)?;
-            // Bitonic top-k within TOPK_CAP; ranks by counting beyond it.
-            let (rank, threads) =
-                if width <= TOPK_CAP { ("ek_plan_rank", TOPK_THREADS) } else { ("ek_plan_rank_wide", PLAN_THREADS) };
-            launch(stream, self.func(rank), (units as u32, 1, 1), threads, 0, &params)?;
+        for l in shape.all() {
+            // SAFETY: every buffer in `params` was allocated above with the sizes the kernels index.
+            unsafe { self.launch(stream, l, &params)? };
         }
         stream.synchronize().map_err(driver_err("cuStreamSynchronize"))?;
         let get_f32 = |s: &CudaSlice<f32>, len: usize| -> Result<Vec<f32>> {
@@ -737,7 +663,7 @@ impl CudaBackend {
         };
         let segment_topk = get_u32(&topk, d.segments)?;
         let order_width = crate::plan::rules::order_width(&segment_topk);
-        let full_order = get_u32(&order, units * width)?;
+        let full_order = get_u32(&order, units * 2 * width)?;
         let classes: Vec<u8> = stream.clone_dtoh(&classes).map_err(driver_err("cuMemcpyDtoH"))?;
         let mut plan = Plan {
             dims: d,
@@ -757,7 +683,7 @@ impl CudaBackend {
             budgets: get_f32(&budgets, units)?,
             keep_blocks: get_u32(&keep, units)?,
             segment_topk,
-            order: full_order.chunks(width).flat_map(|r| r[..order_width].iter().copied()).collect(),
+            order: full_order.chunks(2 * width.max(1)).flat_map(|r| r[..order_width].iter().copied()).collect(),
             order_width,
             blocks: crate::plan::BlockLists::all_dense(d),
         };
@@ -765,55 +691,24 @@ impl CudaBackend {
         Ok(plan)
     }
 
-    /// Enqueues the scoring, group reduction and pooling of a compression into `k_out`/`v_out`
-    /// (each `[B, Hc, budget, D]` in the job's dtype).
-    /// The scoring kernels for a compression: tensor cores for 16-bit caches with D 64/128 whose
-    /// key rows sit on the grid the tiles are loaded in, FMAs otherwise. Out of range when the
-    /// window rows' tiles do not fit in the device's shared memory.
+    /// The scoring kernels for a compression (see [`launches::compress_scoring`]): out of range
+    /// when the window rows' tiles do not fit in the device's shared memory.
     pub(crate) fn compress_kernels(
         &self,
         d: &crate::validate::CompressDims,
         dtype: DType,
         k_cache: &EkTensor,
-    ) -> Result<CompressKernels> {
-        let (rows, dd, sfx) = (d.group() * d.window, d.head_dim, dtype_suffix(dtype));
-        let mma = dtype != DType::F32 && (dd == 64 || dd == 128) && on_16_byte_grid(k_cache, dtype);
-        // Window rows and one key tile; per row (max, sum) or (reference, 1/sum); means: a
-        // [keys][group] accumulator.
-        let (kind, threads, keys, tiles, per_row) = if mma {
-            let padded = rows.div_ceil(16) * 16;
-            (
-                format!("mma_{sfx}_d{dd}"),
-                COMPRESS_MMA_THREADS,
-                COMPRESS_MMA_KEYS,
-                (padded + COMPRESS_MMA_KEYS) * (dd + 8) * 2,
-                padded * 8,
-            )
-        } else {
-            (sfx.to_string(), COMPRESS_THREADS, COMPRESS_KEYS, (rows + COMPRESS_KEYS) * (dd + 1) * 4, rows * 8)
-        };
-        let k = CompressKernels {
-            stats: format!("ek_compress_stats_{kind}"),
-            means: format!("ek_compress_means_{kind}"),
-            threads,
-            smem_stats: tiles + per_row,
-            smem_means: tiles + keys * d.group() * 4 + per_row,
-        };
-        if k.smem_means > self.max_shared {
-            let why = format!(
-                "the scoring tiles of the window rows need {} bytes of shared memory, the device has {}",
-                k.smem_means, self.max_shared
-            );
-            return Err(Error::range("window rows per kv head", rows, why));
-        }
-        Ok(k)
+    ) -> Result<launches::CompressScoring> {
+        launches::compress_scoring(&self.limits, d, dtype, on_16_byte_grid(k_cache, dtype))
     }
 
+    /// Enqueues the scoring, group reduction and pooling of a compression, and allocates the
+    /// selection's buffers.
     pub(crate) fn compress_score(
         &self,
         stream: &Arc<CudaStream>,
         job: &CompressJob<'_>,
-        kernels: &CompressKernels,
+        scoring: &launches::CompressScoring,
     ) -> Result<CompressRun> {
         let (d, cfg) = (job.dims, job.cfg);
         let rows = d.group() * d.window;
@@ -821,7 +716,11 @@ impl CudaBackend {
         let (n, w) = (d.entries, d.window);
         let scored = n - w;
         let heads = d.out_heads(cfg);
-        let chunks = n.div_ceil(COMPRESS_CHUNK);
+        let chunks = n.div_ceil(scoring.chunk);
+        let selection = launches::compress_selection(&d, heads)?;
+        for l in [&scoring.stats, &scoring.means, &selection.pool] {
+            l.check(&self.limits)?;
+        }
         let f32s = |len: usize| stream.alloc_zeros::<f32>(len.max(1)).map_err(driver_err("cuMemAlloc"));
         let stats = f32s(d.batch * d.kv_heads * chunks * rows * 2)?;
         let means = f32s(d.batch * d.q_heads * scored)?;
@@ -833,16 +732,14 @@ impl CudaBackend {
             stats: addr_on(stream, &stats),
             means: addr_on(stream, &means),
             pooled: addr_on(stream, &pooled),
-            ..EkCompressParams::sized(&d, cfg, COMPRESS_CHUNK, job.scale, job.dtype)
+            ..EkCompressParams::sized(&d, cfg, scoring.chunk, job.scale, job.dtype)
         };
-        let (b, hkv, hc) = (d.batch as u32, d.kv_heads as u32, heads as u32);
         // SAFETY: every buffer in `params` was allocated above (or by the caller) with the sizes
         // the kernels index.
         unsafe {
-            let (grid, k) = ((chunks as u32, hkv, b), kernels);
-            launch(stream, self.func(&k.stats), grid, k.threads, k.smem_stats, &params)?;
-            launch(stream, self.func(&k.means), grid, k.threads, k.smem_means, &params)?;
-            launch(stream, self.func("ek_compress_pool"), (scored.div_ceil(256) as u32, hc, b), 256, 0, &params)?;
+            self.launch(stream, &scoring.stats, &params)?;
+            self.launch(stream, &scoring.means, &params)?;
+            self.launch(stream, &selection.pool, &params)?;
         }
         let u32s = |len: usize| stream.alloc_zeros::<u32>(len.max(1)).map_err(driver_err("cuMemAlloc"));
         // The selection's buffers: one ascending list per head (AdaKV: as long as a head can get).
@@ -872,7 +769,16 @@ impl CudaBackend {
                 (selected, Some(lengths), Some((floor_sel, extra_sel)), params)
             }
         };
-        Ok(CompressRun { _stats: stats, _means: means, _pooled: pooled, selected, lengths, _picks: picks, params })
+        Ok(CompressRun {
+            _stats: stats,
+            _means: means,
+            _pooled: pooled,
+            selected,
+            lengths,
+            _picks: picks,
+            params,
+            selection,
+        })
     }
 
     /// Enqueues the selection of a scored compression — each head's top-k, or AdaKV's floor picks,
@@ -885,25 +791,24 @@ impl CudaBackend {
         run: &CompressRun,
     ) -> Result<Vec<u32>> {
         let (d, cfg) = (job.dims, job.cfg);
-        let (b, hc) = (d.batch as u32, d.out_heads(cfg) as u32);
-        let p = &run.params;
+        let (p, sel) = (&run.params, &run.selection);
         let Some(lengths) = &run.lengths else {
             // SAFETY: `run` holds the buffers its params address, sized by `compress_score`.
-            unsafe { launch(stream, self.func("ek_compress_topk"), (hc, b, 1), TOPK_THREADS, 0, p)? };
-            return Ok(vec![cfg.decode_budget as u32; d.batch * hc as usize]);
+            unsafe { self.launch(stream, &sel.topk, p)? };
+            return Ok(vec![cfg.decode_budget as u32; d.batch * d.out_heads(cfg)]);
         };
         // SAFETY: as above; AdaKV's buffers were sized for its floor and cross-head picks.
         unsafe {
             if p.floor_keep > 0 {
                 // The top-k kernel keeps budget − W positions into `selected`: aim it at the floor.
                 let floor = EkCompressParams { selected: p.floor_sel, budget: p.floor_keep + p.window, ..*p };
-                launch(stream, self.func("ek_compress_topk"), (hc, b, 1), TOPK_THREADS, 0, &floor)?;
-                launch(stream, self.func("ek_compress_adakv_mask"), (hc, b, 1), 256, 0, p)?;
+                self.launch(stream, &sel.topk, &floor)?;
+                self.launch(stream, &sel.adakv_mask, p)?;
             }
             if p.extra_keep > 0 {
-                launch(stream, self.func("ek_compress_adakv_extra"), (b, 1, 1), TOPK_THREADS, 0, p)?;
+                self.launch(stream, &sel.adakv_extra, p)?;
             }
-            launch(stream, self.func("ek_compress_adakv_merge"), (hc, b, 1), 256, 0, p)?;
+            self.launch(stream, &sel.adakv_merge, p)?;
         }
         stream.clone_dtoh(lengths).map_err(driver_err("cuMemcpyDtoH"))
     }
@@ -919,37 +824,27 @@ impl CudaBackend {
         k_out: u64,
         v_out: u64,
     ) -> Result<()> {
-        let (b, hc) = (job.dims.batch as u32, job.dims.out_heads(job.cfg) as u32);
+        let l = launches::compress_gather(&job.dims, job.dims.out_heads(job.cfg), capacity, job.dtype)?;
         let p = EkCompressParams { k_out, v_out, capacity: capacity as i32, ..run.params };
-        let name = format!("ek_compress_gather_{}", dtype_suffix(job.dtype));
         // SAFETY: the caller allocated the outputs with `capacity` slots per head.
-        unsafe { launch(stream, self.func(&name), (capacity as u32, hc, b), COMPRESS_THREADS, 0, &p) }
+        unsafe { self.launch(stream, &l, &p) }
     }
 
     /// Enqueues a split-K decode on `stream`.
     pub(crate) fn decode_launch(&self, stream: &Arc<CudaStream>, job: &DecodeJob<'_>) -> Result<()> {
         let d = job.dims;
+        let max_len = job.lengths.iter().copied().max().unwrap_or(1) as usize;
+        let per_16 = 16 / job.dtype.size();
+        let vectors = d.head_dim.is_multiple_of(per_16)
+            && on_16_byte_grid(&job.k_cache, job.dtype)
+            && on_16_byte_grid(&job.v_cache, job.dtype);
+        let shape = launches::decode(&self.limits, &d, max_len, job.dtype, vectors)?;
+        shape.split.check(&self.limits)?;
+        shape.merge.check(&self.limits)?;
         let rows = d.queries * d.group();
-        // Shared memory: the query rows (later the streams' partial outputs, at most
-        // DECODE_SCRATCH floats) and a score row of `kps` keys per query row.
-        let region = (rows * d.head_dim).max(DECODE_SCRATCH);
-        let kps_max = ((DECODE_MAX_SMEM / 4).saturating_sub(region) / rows.max(1)).min(DECODE_MAX_KEYS);
-        if kps_max < 32 || d.head_dim > 256 {
-            return Err(Error::range(
-                "decode rows",
-                rows,
-                "too many query rows per cache head for the CUDA decode kernel",
-            ));
-        }
-        // Keys per split: enough splits for two waves of CTAs over the cache heads, each split at
-        // least DECODE_MIN_KEYS keys where shared memory allows (a multiple of 32).
-        let max_len = job.lengths.iter().copied().max().unwrap_or(1).max(1) as usize;
-        let splits_wanted = (2 * self.sms).div_ceil(d.batch * d.cache_heads);
-        let kps = max_len.div_ceil(splits_wanted).next_multiple_of(32).max(DECODE_MIN_KEYS).min(kps_max);
-        let splits = max_len.div_ceil(kps);
         let lengths = upload_on(stream, job.lengths)?;
         let partial = stream
-            .alloc_zeros::<f32>(d.batch * d.cache_heads * splits * rows * (d.head_dim + 2))
+            .alloc_zeros::<f32>(d.batch * d.cache_heads * shape.splits * rows * (d.head_dim + 2))
             .map_err(driver_err("cuMemAlloc"))?;
         let params = EkDecodeParams {
             q: job.q,
@@ -959,37 +854,69 @@ impl CudaBackend {
             lengths: addr_on(stream, &lengths),
             partial: addr_on(stream, &partial),
             group: d.group() as i32,
-            splits: splits as i32,
-            keys_per_split: kps as i32,
+            splits: shape.splits as i32,
+            keys_per_split: shape.keys_per_split as i32,
             scale_log2: job.scale * std::f32::consts::LOG2_E,
             dtype: 0,
         };
-        let sfx = dtype_suffix(job.dtype);
-        let per_16 = 16 / job.dtype.size();
-        let vectors = d.head_dim.is_multiple_of(per_16)
-            && on_16_byte_grid(&job.k_cache, job.dtype)
-            && on_16_byte_grid(&job.v_cache, job.dtype);
-        let split = format!("ek_decode_split_{sfx}_v{}", if vectors { per_16 } else { 1 });
-        let smem = (region + rows * kps) * 4;
         // SAFETY: buffers sized from the validated dims; lengths ≤ capacity was validated.
         unsafe {
-            launch(
-                stream,
-                self.func(&split),
-                (splits as u32, d.cache_heads as u32, d.batch as u32),
-                DECODE_THREADS,
-                smem,
-                &params,
-            )?;
-            launch(
-                stream,
-                self.func(&format!("ek_decode_merge_{sfx}")),
-                (rows as u32, d.cache_heads as u32, d.batch as u32),
-                DECODE_THREADS,
-                0,
-                &params,
-            )
+            self.launch(stream, &shape.split, &params)?;
+            self.launch(stream, &shape.merge, &params)
         }
+    }
+}
+
+/// A function of the device's decision arithmetic (`cuda/numerics.cuh`) for
+/// [`CudaBackend::numerics_probe`].
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug)]
+pub enum NumericsProbe {
+    /// `exp(x[i])`.
+    Exp,
+    /// `ln(x[i])`.
+    Ln,
+    /// `dot(x[i·dim ..], y[i·dim ..])` for every whole row of `dim`.
+    Dot { dim: usize },
+    /// The 256-lane sum of all of `x` (one value).
+    LaneSum,
+}
+
+impl CudaBackend {
+    /// Evaluates the device twin of [`crate::numerics`] on `x` (and `y`), so tests can compare its
+    /// bits with the host's, on the emulator and on hardware. Waits for the stream.
+    #[doc(hidden)]
+    pub fn numerics_probe(&self, probe: NumericsProbe, x: &[f64], y: &[f64]) -> Result<Vec<f64>> {
+        use crate::ffi::{EK_PROBE_DOT, EK_PROBE_EXP, EK_PROBE_LANE_SUM, EK_PROBE_LN, EkProbeParams};
+        let (op, n, dim) = match probe {
+            NumericsProbe::Exp => (EK_PROBE_EXP, x.len(), 0),
+            NumericsProbe::Ln => (EK_PROBE_LN, x.len(), 0),
+            NumericsProbe::Dot { dim } => {
+                if dim == 0 || y.len() != x.len() {
+                    return Err(Error::range("dot rows", dim, "x and y must hold the same whole rows of dim > 0"));
+                }
+                (EK_PROBE_DOT, x.len() / dim, dim)
+            }
+            NumericsProbe::LaneSum => (EK_PROBE_LANE_SUM, x.len(), 0),
+        };
+        let n32 = i32::try_from(n).map_err(|_| Error::range("probe length", n, "at most i32::MAX values"))?;
+        let (xd, yd) = (self.upload(x)?, self.upload(y)?);
+        let out = self.stream.alloc_zeros::<f64>(n.max(1)).map_err(driver_err("cuMemAlloc"))?;
+        let params = EkProbeParams {
+            x: self.ptr(&xd),
+            y: self.ptr(&yd),
+            out: self.ptr(&out),
+            n: n32,
+            dim: dim as i32,
+            op: op as i32,
+            pad: 0,
+        };
+        let l = launches::numerics_probe(n, op == EK_PROBE_LANE_SUM)?;
+        // SAFETY: x, y and out hold the n (rows of dim) values the kernel reads and writes.
+        unsafe { self.launch(&self.stream, &l, &params)? };
+        let mut v: Vec<f64> = self.stream.clone_dtoh(&out).map_err(driver_err("cuMemcpyDtoH"))?;
+        v.truncate(if op == EK_PROBE_LANE_SUM { 1 } else { n });
+        Ok(v)
     }
 }
 

@@ -178,13 +178,14 @@ impl CudaBackend {
         let caps = self.capabilities();
         let (dims, scale) =
             validate::attention_layout(caps, q, k, v, blocks, scale, out, lse.as_ref().map(|l| l.len()))?;
-        let lse_ptr = match lse {
+        // The guard records the LSE's write event when dropped: after the launch below, so another
+        // stream waiting on it waits for the kernel.
+        let (lse_ptr, _lse_written) = match lse {
             Some(l) => {
                 let (p, order) = l.device_ptr_mut(stream);
-                drop(order);
-                p
+                (p, Some(order))
             }
-            None => 0,
+            None => (0, None),
         };
         let job = PrefillJob {
             dims,
@@ -308,10 +309,16 @@ impl CudaBackend {
         let shape = [dims.batch, heads, capacity, dims.head_dim];
         let alloc =
             || stream.alloc_zeros::<T>(shape.iter().product()).map_err(super::backend::driver_err("cuMemAlloc"));
-        let (k, v) = (alloc()?, alloc()?);
+        let (mut k, mut v) = (alloc()?, alloc()?);
         let (k_out, v_out) = (super::backend::addr_on(stream, &k), super::backend::addr_on(stream, &v));
         self.compress_gather(stream, &job, &run, capacity, k_out, v_out)?;
+        // The outputs' write events after the kernels that wrote them, for the engine's other streams.
         let index_stride = run.list_stride();
-        Ok(Some(CudaCompressedCache { k, v, shape, indices: run.selected, index_stride, lengths, window: dims.window }))
+        let mut indices = run.into_selected();
+        for s in [&mut k, &mut v] {
+            super::backend::written_on(stream, s);
+        }
+        super::backend::written_on(stream, &mut indices);
+        Ok(Some(CudaCompressedCache { k, v, shape, indices, index_stride, lengths, window: dims.window }))
     }
 }

@@ -8,10 +8,15 @@
 //! argument packing, buffer sizes and host logic — over kernels that run on the CPU.
 //!
 //! It reports what the hardware would reject or hang on: divergent barriers, partial or divergent
-//! warp collectives, writes past an allocation (guard bytes), copies outside an allocation, more
-//! dynamic shared memory than a function allows, writes past a block's dynamic shared memory.
-//! Races show up only as results that change with the thread schedule ([`set_schedule`]); it
-//! says nothing about speed (work is counted: [`counters`]).
+//! warp collectives, writes past an allocation (guard bytes), copies outside an allocation,
+//! writes past a block's dynamic shared memory; and what the driver would refuse, from the
+//! kernels as NVRTC compiled them (`cuda/host/kernel_attrs.h`): images without code for the
+//! device, blocks beyond a kernel's launch bound, shared memory beyond the function's or the
+//! device's limit, registers beyond the SM's. Four devices ([`DEVICES`]: sm_90, sm_80, sm_86,
+//! sm_89) have their own limits. Stream order is tracked: an operation touching memory that an
+//! operation of another stream used, with no event or synchronisation between them, fails.
+//! Shared-memory races show up as results that change with the thread schedule
+//! ([`set_schedule`]); it says nothing about speed (work is counted: [`counters`]).
 //!
 //! Loading: the library's SONAME is `libcuda.so`, the first name cudarc tries; once loaded by
 //! path, the dynamic loader hands it to cudarc's `dlopen("libcuda.so")`. A process that already
@@ -60,10 +65,42 @@ fn symbol<F: Copy>(name: &[u8]) -> Result<F> {
     unsafe { lib.get::<F>(name) }.map(|f| *f).map_err(|e| unavailable(e.to_string()))
 }
 
-/// The CUDA backend on the emulated device (compute capability 9.0, H100-like limits).
+/// The CUDA backend on the emulated device 0 (compute capability 9.0, H100-like limits).
 pub fn backend() -> Result<CudaBackend> {
     library()?;
     CudaBackend::new(0)
+}
+
+/// The emulated devices, by ordinal: compute capabilities 9.0 (H100: 227 KiB of shared memory per
+/// block, 132 SMs), 8.0 (A100: 163 KiB, 108 SMs), 8.6 and 8.9 (99 KiB).
+pub const DEVICES: [(u32, &str); 4] = [(90, "sm_90"), (80, "sm_80"), (86, "sm_86"), (89, "sm_89")];
+
+/// The CUDA backend on emulated device `ordinal` (see [`DEVICES`]).
+pub fn backend_on(ordinal: usize) -> Result<CudaBackend> {
+    library()?;
+    CudaBackend::new(ordinal)
+}
+
+/// The next `call` (a driver function's name; today `cuModuleLoadData`) this thread makes fails:
+/// a device that is present but broken.
+pub fn fail_next(call: &str) -> Result<()> {
+    let f = symbol::<unsafe extern "C" fn(*const std::ffi::c_char)>(b"ek_cuda_emu_fail_next")?;
+    let c = std::ffi::CString::new(call).map_err(|e| unavailable(e.to_string()))?;
+    // SAFETY: a NUL-terminated string the driver copies.
+    unsafe { f(c.as_ptr()) };
+    Ok(())
+}
+
+/// Whether emulated device `ordinal` loads module `image` (cubin, fatbin or NUL-terminated PTX),
+/// as `cuModuleLoadData` would: `Err((CUresult, reason))` where the driver refuses it.
+pub fn load_image(ordinal: usize, image: &[u8]) -> Result<std::result::Result<(), (i32, String)>> {
+    type Load = unsafe extern "C" fn(i32, *const u8, *mut u8, i32) -> i32;
+    let f = symbol::<Load>(b"ek_cuda_emu_load_image")?;
+    let mut msg = vec![0u8; 512];
+    // SAFETY: the image outlives the call; `msg` holds its stated length.
+    let r = unsafe { f(ordinal as i32, image.as_ptr(), msg.as_mut_ptr(), msg.len() as i32) };
+    let text = String::from_utf8_lossy(&msg[..msg.iter().position(|&b| b == 0).unwrap_or(msg.len())]).into_owned();
+    Ok(if r == 0 { Ok(()) } else { Err((r, text)) })
 }
 
 /// `ek_cuda_emu_launches(name)`: launches of kernel `name` (all kernels for null; -1: unknown).
@@ -166,8 +203,11 @@ pub const SELFTEST_THREADS: usize = 64;
 /// Runs the emulator's planted-violation kernel `code` (0: none; 1 divergent `__syncthreads`;
 /// 2 partial-mask shuffle; 3 lanes at different collectives; 4 a lane exits before a shuffle;
 /// 5 a write past the allocation; 6 too much dynamic shared memory; 7 a write past the dynamic
-/// shared memory; 8 a read past the allocation, which faults: run in a child process) through
-/// `cuLaunchKernel`.
+/// shared memory; 8 a read past the allocation, which faults: run in a child process; 9 a block
+/// beyond the kernel's launch bound; 10 `cuFuncSetAttribute` above the opt-in size less the static
+/// size; 11 registers beyond the SM's file; 12 a copy on another stream reading what a kernel
+/// wrote, with nothing ordering them; 13 the same ordered by an event: no violation) through the
+/// driver's launch path.
 /// `Ok` with the block's outputs, or `Err((CUresult, message))`.
 pub fn selftest(code: i32) -> Result<std::result::Result<Vec<f32>, (i32, String)>> {
     let f = symbol::<unsafe extern "C" fn(i32, *mut f32, *mut u8, i32) -> i32>(b"ek_cuda_emu_selftest")?;

@@ -11,8 +11,8 @@ unsafe extern "C" {
     fn ek_cuda_host_topk(keys: *const f64, count: i32, k: i32, threads: u32, out: *mut u32) -> i32;
 }
 
-/// Most positions `block_topk` ranks (`TOPK_CAP` in topk.cuh).
-pub const TOPK_CAP: usize = super::backend::TOPK_CAP;
+/// Most positions `block_rank_topk` sorts in shared memory (more are ranked by counting).
+pub const RANK_SORT_CAP: usize = super::launches::RANK_SORT_CAP;
 
 fn check_block(threads: u32, count: usize) -> Result<()> {
     if threads == 0 || !threads.is_multiple_of(32) || threads > 1024 {
@@ -50,15 +50,16 @@ pub fn block_select(scores: &[f32], k: usize, threads: u32) -> Result<Vec<u32>> 
     emulated(r, "block_select", out)
 }
 
-/// `block_topk`: the `min(k, keys.len())` best of `keys` by rank (larger first, ties to the
-/// lower index), as one block of `threads` threads computes them; `k` ≤ [`TOPK_CAP`].
+/// `block_rank_topk`: the `min(k, keys.len())` best of `keys` by rank (larger first, ties to the
+/// lower index), as one block of `threads` threads computes them: selected, then sorted (up to
+/// [`RANK_SORT_CAP`]) or ranked by counting.
 pub fn block_topk(keys: &[f64], k: usize, threads: u32) -> Result<Vec<u32>> {
     check_block(threads, keys.len())?;
-    if k > TOPK_CAP {
-        return Err(Error::range("k", k, format!("block_topk ranks at most {TOPK_CAP}")));
+    if k > i32::MAX as usize {
+        return Err(Error::range("k", k, "at most i32::MAX"));
     }
     let mut out = vec![u32::MAX; k.min(keys.len())];
     // SAFETY: `keys` holds `count` doubles and `out` room for the min(k, count) positions written.
     let r = unsafe { ek_cuda_host_topk(keys.as_ptr(), keys.len() as i32, k as i32, threads, out.as_mut_ptr()) };
-    emulated(r, "block_topk", out)
+    emulated(r, "block_rank_topk", out)
 }

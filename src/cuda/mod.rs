@@ -18,9 +18,15 @@ pub mod device;
 #[cfg(feature = "cuda-emu")]
 pub mod emu;
 #[cfg(feature = "_cuda")]
-pub use backend::{CudaBackend, PREFILL_TILE_ENV, PrefillTile};
+pub mod launches;
+#[cfg(feature = "_cuda")]
+pub mod smoke;
+#[cfg(feature = "_cuda")]
+pub use backend::{CudaBackend, NumericsProbe, PREFILL_TILE_ENV, target_arch};
 #[cfg(feature = "_cuda")]
 pub use device::{CudaCompressedCache, CudaTensor, CudaTensorMut, DeviceElement};
+#[cfg(feature = "_cuda")]
+pub use launches::PrefillTile;
 
 use std::sync::Arc;
 
@@ -73,7 +79,10 @@ pub(crate) fn probe() -> Result<Arc<dyn Backend>> {
 }
 
 /// The CUDA backend `auto` and `cuda` choose: on device 0, or on the emulated driver when
-/// [`EMU_ENV`] is `1`. Never panics; no driver is a `BackendUnavailable` error.
+/// [`EMU_ENV`] is `1`. Never panics. No driver, or a driver that sees no device, is
+/// `BackendUnavailable` (so `auto` goes on to the next backend); a device that is there but fails
+/// to open is the typed error of the failing call (so `auto` reports it rather than hide a
+/// broken GPU behind the CPU backend; `ENTROPY_KERNELS_BACKEND=cpu` continues on the CPU).
 #[cfg(feature = "_cuda")]
 pub fn open() -> Result<CudaBackend> {
     #[cfg(feature = "cuda-emu")]
@@ -85,7 +94,26 @@ pub fn open() -> Result<CudaBackend> {
     }
     // The driver API panics inside cudarc only on a missing library, checked above; anything
     // else is an error value. A panic here would still be caught rather than abort `auto`.
-    std::panic::catch_unwind(|| CudaBackend::new(0)).unwrap_or_else(|_| {
-        Err(Error::BackendUnavailable { backend: "cuda", reason: "the CUDA probe panicked".into() })
+    std::panic::catch_unwind(|| {
+        let devices = device_count()?;
+        if devices == 0 {
+            return Err(Error::BackendUnavailable { backend: "cuda", reason: "the CUDA driver sees no device".into() });
+        }
+        CudaBackend::new(0)
     })
+    .unwrap_or_else(|_| {
+        Err(Error::Driver { backend: "cuda", call: "cuInit", detail: "the CUDA probe panicked".into() })
+    })
+}
+
+/// Devices the driver sees: 0 where it initialises with `CUDA_ERROR_NO_DEVICE` (a machine or
+/// container without a GPU).
+#[cfg(feature = "_cuda")]
+fn device_count() -> Result<usize> {
+    use cudarc::driver::{result, sys::CUresult};
+    match result::init() {
+        Err(result::DriverError(CUresult::CUDA_ERROR_NO_DEVICE)) => return Ok(0),
+        r => r.map_err(backend::driver_err("cuInit"))?,
+    }
+    Ok(result::device::get_count().map_err(backend::driver_err("cuDeviceGetCount"))?.max(0) as usize)
 }

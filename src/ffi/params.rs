@@ -5,6 +5,10 @@ pub const EK_F32: u32 = 0;
 pub const EK_F16: u32 = 1;
 pub const EK_BF16: u32 = 2;
 pub const EK_DENSE_UNIT: u32 = 4294967295;
+pub const EK_PROBE_EXP: u32 = 0;
+pub const EK_PROBE_LN: u32 = 1;
+pub const EK_PROBE_DOT: u32 = 2;
+pub const EK_PROBE_LANE_SUM: u32 = 3;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct EkTensor {
@@ -96,6 +100,8 @@ pub struct EkPlanParams {
     pub base_budget: i32,
     pub fixed_budget: i32,
     pub logit_tile: i32,
+    pub logit_segments: i32,
+    pub logit_heads: i32,
     pub e_t: f32,
     pub delta_t: f32,
     pub alpha: f32,
@@ -104,7 +110,7 @@ pub struct EkPlanParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of EkPlanParams"][::core::mem::size_of::<EkPlanParams>() - 272usize];
+    ["Size of EkPlanParams"][::core::mem::size_of::<EkPlanParams>() - 280usize];
     ["Alignment of EkPlanParams"][::core::mem::align_of::<EkPlanParams>() - 8usize];
     ["Offset of field: EkPlanParams::q"][::core::mem::offset_of!(EkPlanParams, q) - 0usize];
     ["Offset of field: EkPlanParams::k"][::core::mem::offset_of!(EkPlanParams, k) - 48usize];
@@ -134,11 +140,13 @@ const _: () = {
     ["Offset of field: EkPlanParams::base_budget"][::core::mem::offset_of!(EkPlanParams, base_budget) - 236usize];
     ["Offset of field: EkPlanParams::fixed_budget"][::core::mem::offset_of!(EkPlanParams, fixed_budget) - 240usize];
     ["Offset of field: EkPlanParams::logit_tile"][::core::mem::offset_of!(EkPlanParams, logit_tile) - 244usize];
-    ["Offset of field: EkPlanParams::e_t"][::core::mem::offset_of!(EkPlanParams, e_t) - 248usize];
-    ["Offset of field: EkPlanParams::delta_t"][::core::mem::offset_of!(EkPlanParams, delta_t) - 252usize];
-    ["Offset of field: EkPlanParams::alpha"][::core::mem::offset_of!(EkPlanParams, alpha) - 256usize];
-    ["Offset of field: EkPlanParams::entropy_floor"][::core::mem::offset_of!(EkPlanParams, entropy_floor) - 260usize];
-    ["Offset of field: EkPlanParams::dtype"][::core::mem::offset_of!(EkPlanParams, dtype) - 264usize];
+    ["Offset of field: EkPlanParams::logit_segments"][::core::mem::offset_of!(EkPlanParams, logit_segments) - 248usize];
+    ["Offset of field: EkPlanParams::logit_heads"][::core::mem::offset_of!(EkPlanParams, logit_heads) - 252usize];
+    ["Offset of field: EkPlanParams::e_t"][::core::mem::offset_of!(EkPlanParams, e_t) - 256usize];
+    ["Offset of field: EkPlanParams::delta_t"][::core::mem::offset_of!(EkPlanParams, delta_t) - 260usize];
+    ["Offset of field: EkPlanParams::alpha"][::core::mem::offset_of!(EkPlanParams, alpha) - 264usize];
+    ["Offset of field: EkPlanParams::entropy_floor"][::core::mem::offset_of!(EkPlanParams, entropy_floor) - 268usize];
+    ["Offset of field: EkPlanParams::dtype"][::core::mem::offset_of!(EkPlanParams, dtype) - 272usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -240,4 +248,27 @@ const _: () = {
         [::core::mem::offset_of!(EkDecodeParams, keys_per_split) - 216usize];
     ["Offset of field: EkDecodeParams::scale_log2"][::core::mem::offset_of!(EkDecodeParams, scale_log2) - 220usize];
     ["Offset of field: EkDecodeParams::dtype"][::core::mem::offset_of!(EkDecodeParams, dtype) - 224usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct EkProbeParams {
+    pub x: u64,
+    pub y: u64,
+    pub out: u64,
+    pub n: i32,
+    pub dim: i32,
+    pub op: i32,
+    pub pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of EkProbeParams"][::core::mem::size_of::<EkProbeParams>() - 40usize];
+    ["Alignment of EkProbeParams"][::core::mem::align_of::<EkProbeParams>() - 8usize];
+    ["Offset of field: EkProbeParams::x"][::core::mem::offset_of!(EkProbeParams, x) - 0usize];
+    ["Offset of field: EkProbeParams::y"][::core::mem::offset_of!(EkProbeParams, y) - 8usize];
+    ["Offset of field: EkProbeParams::out"][::core::mem::offset_of!(EkProbeParams, out) - 16usize];
+    ["Offset of field: EkProbeParams::n"][::core::mem::offset_of!(EkProbeParams, n) - 24usize];
+    ["Offset of field: EkProbeParams::dim"][::core::mem::offset_of!(EkProbeParams, dim) - 28usize];
+    ["Offset of field: EkProbeParams::op"][::core::mem::offset_of!(EkProbeParams, op) - 32usize];
+    ["Offset of field: EkProbeParams::pad"][::core::mem::offset_of!(EkProbeParams, pad) - 36usize];
 };

@@ -1,0 +1,208 @@
+//! One small case per CUDA kernel, each checked against the CPU backend: what the first run on
+//! a GPU does before anything else (`entropy-kernels cuda-smoke`), and what compute-sanitizer's
+//! memcheck, racecheck and synccheck run over (`scripts/gpu-check.sh`). The cases are sized to
+//! take seconds even under the sanitizer; together they launch every kernel of
+//! [`source::KERNELS`](super::source::KERNELS) (tests/cli.rs holds them to it on the emulated
+//! driver), the 16-key SIMT tiles and smaller planning tiles through a pass with shared memory
+//! capped at 99 KiB (the limit of sm_86/sm_89).
+
+use std::sync::Arc;
+
+use super::{CudaBackend, NumericsProbe, PrefillTile};
+use crate::error::Result;
+use crate::tensor::{DType, HostTensor};
+use crate::{DecodeConfig, EntropyConfig, GqaMode, Kernels, PlanRequest, synth};
+
+/// Shared memory per block of sm_86/sm_89, for the capped pass.
+pub const SMALL_DEVICE_SHARED: usize = 99 * 1024;
+
+/// The outcome of one case.
+#[derive(Clone, Debug)]
+pub struct SmokeCase {
+    pub name: String,
+    /// The largest difference from the CPU backend, in the case's own measure (0 for decisions
+    /// that must be identical).
+    pub error: f64,
+    /// What the case allows.
+    pub tolerance: f64,
+    /// The failure, if the call itself failed.
+    pub failure: Option<String>,
+}
+
+impl SmokeCase {
+    pub fn passed(&self) -> bool {
+        self.failure.is_none() && self.error <= self.tolerance
+    }
+}
+
+fn random(shape: [usize; 4], seed: u64, dtype: DType) -> HostTensor {
+    HostTensor::from_f32(&synth::normal(shape.iter().product(), 1.0, seed), shape, dtype)
+}
+
+/// Largest |a − b| relative to the largest |b|.
+fn rel_max(a: &HostTensor, b: &HostTensor) -> f64 {
+    let (a, b) = (a.to_f32_vec(), b.to_f32_vec());
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30) as f64;
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max) / scale
+}
+
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-4,
+        DType::F16 => 1e-2,
+        DType::BF16 => 5e-2,
+    }
+}
+
+/// Runs every case on backends from `open` (one per tile setting, and one with shared memory
+/// capped at [`SMALL_DEVICE_SHARED`]).
+pub fn run(open: &dyn Fn() -> Result<CudaBackend>) -> Result<Vec<SmokeCase>> {
+    let cpu = Kernels::cpu();
+    let mut cases = Vec::new();
+    let mut record = |name: String, r: Result<(f64, f64)>| {
+        cases.push(match r {
+            Ok((error, tolerance)) => SmokeCase { name, error, tolerance, failure: None },
+            Err(e) => SmokeCase { name, error: f64::NAN, tolerance: 0.0, failure: Some(e.to_string()) },
+        })
+    };
+    let with = |tile: PrefillTile, cap: Option<usize>| -> Result<Kernels> {
+        let mut be = open()?;
+        be.set_prefill_tile(tile);
+        if let Some(bytes) = cap {
+            be.cap_shared_memory(bytes);
+        }
+        Ok(Kernels::from_backend(Arc::new(be)))
+    };
+    let prefill_cfg = EntropyConfig {
+        segment_size: 64,
+        block_size: 8,
+        threshold_len: 64,
+        base_budget: 64,
+        ..EntropyConfig::default()
+    };
+    // Prefill (plan + sparse attention): tensor cores with both tile heights, SIMT, and the
+    // capped pass's 16-key SIMT tiles.
+    for (tile, cap, dtypes, dims) in [
+        (PrefillTile::M64, None, &[DType::F16, DType::BF16][..], &[64, 128][..]),
+        (PrefillTile::M128, None, &[DType::F16, DType::BF16][..], &[64, 128][..]),
+        (PrefillTile::Auto, None, &DType::ALL[..], &[80][..]),
+        (PrefillTile::Auto, Some(SMALL_DEVICE_SHARED), &DType::ALL[..], &[256][..]),
+    ] {
+        let k = with(tile, cap)?;
+        for &dtype in dtypes {
+            for &d in dims {
+                let name =
+                    format!("prefill {dtype} D {d} tile {tile:?}{}", if cap.is_some() { " (99 KiB)" } else { "" });
+                record(name, prefill_case(&k, &cpu, &prefill_cfg, dtype, d));
+            }
+        }
+    }
+    let k = with(PrefillTile::Auto, None)?;
+    // Planning whose ranking is wider than the bitonic top-k's 1024 blocks.
+    let wide = EntropyConfig {
+        segment_size: 64,
+        block_size: 1,
+        threshold_len: 64,
+        base_budget: 400,
+        ..EntropyConfig::default()
+    };
+    record("plan, ranking wider than 1024 blocks".into(), plan_case(&k, &cpu, &wide, 1200));
+    // Compression: FMAs (f32; 16-bit at D 80), tensor cores (16-bit at D 64/128), AdaKV's selection.
+    for (dtype, d, cfg) in [
+        (DType::F32, 64, DecodeConfig { decode_budget: 200, ..DecodeConfig::default() }),
+        (DType::F16, 80, DecodeConfig { decode_budget: 200, gqa_mode: GqaMode::Max, ..DecodeConfig::default() }),
+        (DType::BF16, 80, DecodeConfig { decode_budget: 200, ..DecodeConfig::default() }),
+        (DType::F16, 64, DecodeConfig { decode_budget: 200, ..DecodeConfig::default() }),
+        (
+            DType::F16,
+            128,
+            DecodeConfig { decode_budget: 200, gqa_mode: GqaMode::PerQueryHead, ..DecodeConfig::default() },
+        ),
+        (DType::BF16, 64, DecodeConfig { decode_budget: 200, ..DecodeConfig::adakv(0.2) }),
+        (DType::BF16, 128, DecodeConfig { decode_budget: 200, ..DecodeConfig::default() }),
+    ] {
+        record(format!("kv_compress {dtype} D {d} {:?}", cfg.head_budget), compress_case(&k, &cpu, &cfg, dtype, d));
+    }
+    // Decode: 16-byte vector loads (D a multiple of the vector) and element loads (D 66).
+    for dtype in DType::ALL {
+        for d in [64, 66] {
+            record(format!("decode {dtype} D {d}"), decode_case(&k, &cpu, dtype, d));
+        }
+    }
+    // The decision arithmetic, bit for bit.
+    let be = open()?;
+    record("numerics (exp, ln, dot, lane sum)".into(), numerics_case(&be));
+    Ok(cases)
+}
+
+fn prefill_case(k: &Kernels, cpu: &Kernels, cfg: &EntropyConfig, dtype: DType, d: usize) -> Result<(f64, f64)> {
+    let (l, hq, hkv) = (300, 4, 2);
+    let seed = 0x5eed ^ d as u64;
+    let (q, kk, v) = (
+        random([1, l, hq, d], seed, dtype),
+        random([1, l, hkv, d], seed ^ 1, dtype),
+        random([1, l, hkv, d], seed ^ 2, dtype),
+    );
+    let mut got = HostTensor::full(dtype, q.shape, f32::NAN);
+    let mut want = HostTensor::full(dtype, q.shape, f32::NAN);
+    let req = PlanRequest::layer(0);
+    let plan = k.prefill(q.view(), kk.view(), v.view(), cfg, &req, &mut got.view_mut(), None)?;
+    let want_plan = cpu.prefill(q.view(), kk.view(), v.view(), cfg, &req, &mut want.view_mut(), None)?;
+    if plan.blocks != want_plan.blocks {
+        return Ok((f64::INFINITY, 0.0));
+    }
+    Ok((rel_max(&got, &want), tolerance(dtype)))
+}
+
+fn plan_case(k: &Kernels, cpu: &Kernels, cfg: &EntropyConfig, l: usize) -> Result<(f64, f64)> {
+    let (q, kk) = (random([1, l, 2, 64], 7, DType::F32), random([1, l, 1, 64], 8, DType::F32));
+    let req = PlanRequest::layer(0);
+    let (got, want) = (k.plan(q.view(), kk.view(), cfg, &req)?, cpu.plan(q.view(), kk.view(), cfg, &req)?);
+    let same = got.blocks == want.blocks && got.order == want.order && got.entropy == want.entropy;
+    Ok((if same { 0.0 } else { 1.0 }, 0.0))
+}
+
+fn compress_case(k: &Kernels, cpu: &Kernels, cfg: &DecodeConfig, dtype: DType, d: usize) -> Result<(f64, f64)> {
+    let (hq, hkv, n) = (8, 2, 600);
+    let seed = 0xc0 ^ d as u64;
+    let (kc, vc) = (random([1, hkv, n, d], seed, dtype), random([1, hkv, n, d], seed ^ 1, dtype));
+    let obs = random([1, hq, cfg.window, d], seed ^ 2, dtype);
+    let (got, want) = (
+        k.kv_compress(kc.view(), vc.view(), obs.view(), cfg)?,
+        cpu.kv_compress(kc.view(), vc.view(), obs.view(), cfg)?,
+    );
+    // Tensor-core and FMA scores round differently: allow a few positions at near-ties.
+    let differ = got.indices.iter().zip(&want.indices).filter(|(a, b)| a != b).count();
+    Ok((differ as f64 / want.indices.len().max(1) as f64, 0.02))
+}
+
+fn decode_case(k: &Kernels, cpu: &Kernels, dtype: DType, d: usize) -> Result<(f64, f64)> {
+    let (hq, hkv, cap) = (8, 2, 700);
+    let seed = 0xdec ^ d as u64;
+    let q = random([2, 1, hq, d], seed, dtype);
+    let (kc, vc) = (random([2, hkv, cap, d], seed ^ 1, dtype), random([2, hkv, cap, d], seed ^ 2, dtype));
+    let lengths = [700, 333, 64, 1];
+    let mut got = HostTensor::full(dtype, q.shape, f32::NAN);
+    let mut want = HostTensor::full(dtype, q.shape, f32::NAN);
+    k.decode_attention(q.view(), kc.view(), vc.view(), &lengths, None, &mut got.view_mut())?;
+    cpu.decode_attention(q.view(), kc.view(), vc.view(), &lengths, None, &mut want.view_mut())?;
+    Ok((rel_max(&got, &want), tolerance(dtype)))
+}
+
+fn numerics_case(be: &CudaBackend) -> Result<(f64, f64)> {
+    use crate::numerics;
+    let x: Vec<f64> = (0..4096).map(|i| -40.0 + i as f64 * 0.0123).collect();
+    let y: Vec<f64> = x.iter().map(|v| v.abs() + 1e-9).collect();
+    let mut wrong = 0usize;
+    let exp = be.numerics_probe(NumericsProbe::Exp, &x, &[])?;
+    wrong += exp.iter().zip(&x).filter(|(g, v)| g.to_bits() != numerics::exp(**v).to_bits()).count();
+    let ln = be.numerics_probe(NumericsProbe::Ln, &y, &[])?;
+    wrong += ln.iter().zip(&y).filter(|(g, v)| g.to_bits() != numerics::ln(**v).to_bits()).count();
+    let dot = be.numerics_probe(NumericsProbe::Dot { dim: 128 }, &x, &y)?;
+    wrong += (0..32)
+        .filter(|&r| dot[r].to_bits() != numerics::dot(&x[r * 128..][..128], &y[r * 128..][..128]).to_bits())
+        .count();
+    let sum = be.numerics_probe(NumericsProbe::LaneSum, &y, &[])?;
+    wrong += usize::from(sum[0].to_bits() != numerics::lane_sum(y.len(), |j| y[j]).to_bits());
+    Ok((wrong as f64, 0.0))
+}

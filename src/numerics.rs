@@ -1,0 +1,265 @@
+//! The planning's decision arithmetic, defined operation by operation so that every backend
+//! computes the same bits (SPEC §6: identical decisions, ties included).
+//!
+//! Planning decides with f64 logits, softmax and entropy. Those values depend on how sums are
+//! ordered and on `exp`/`ln`, which differ between libms (glibc, CUDA's libdevice) and between
+//! summation orders (SIMD partial sums, thread-block trees). Here each is pinned down:
+//! - [`dot`]: eight interleaved partial sums, then the partials in order, then the tail;
+//! - [`lane_sum`]: 256 strided partial sums, then a halving tree (the thread-block reduction
+//!   the device kernels run with 256 threads);
+//! - [`exp`], [`ln`]: range reduction and polynomials in plain IEEE operations, no fused
+//!   multiply-add.
+//!
+//! `cuda/numerics.cuh` is the device twin, written with round-to-nearest intrinsics
+//! (`__dmul_rn`, `__dadd_rn`, …) that the compiler never contracts into FMAs. Rust never contracts
+//! either, so both sides round every operation the same way. `tests/cuda_emu.rs` compares the
+//! device plan with the CPU plan bit for bit; `tests/cuda_compile.rs` checks the compiled PTX of
+//! the planning kernels for FMAs and library calls.
+
+/// Partial sums of [`lane_sum`]: the planning kernels' block size (`PLAN_THREADS`).
+pub const LANES: usize = 256;
+
+/// `Σ a[i]·b[i]`: partial sums `acc[i % 8]` over the whole chunks of eight, added `acc[0]` to
+/// `acc[7]` onto 0, then the tail (the `len % 8` last products) in order.
+#[inline(always)]
+pub fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut sum = 0.0;
+    for v in acc {
+        sum += v;
+    }
+    for (x, y) in ra.iter().zip(rb) {
+        sum += x * y;
+    }
+    sum
+}
+
+/// `Σ_{j<n} f(j)` in the order of a 256-thread block reduction: lane `t` sums `f(t)`,
+/// `f(t + 256)`, … onto 0; then for stride 128, 64, …, 1 lane `t < stride` adds lane
+/// `t + stride` to itself; the result is lane 0.
+pub fn lane_sum(n: usize, f: impl Fn(usize) -> f64) -> f64 {
+    let mut lanes = [0f64; LANES];
+    for start in (0..n).step_by(LANES) {
+        for (t, lane) in lanes.iter_mut().enumerate().take(n - start) {
+            *lane += f(start + t);
+        }
+    }
+    let mut stride = LANES / 2;
+    while stride > 0 {
+        for t in 0..stride {
+            lanes[t] += lanes[t + stride];
+        }
+        stride /= 2;
+    }
+    lanes[0]
+}
+
+/// ln 2 split for exact products `k·LN2_HI` (|k| < 2^20: the high part has 32 trailing zero bits).
+const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000);
+const LN2_LO: f64 = 1.9082149292705877e-10;
+const INV_LN2: f64 = std::f64::consts::LOG2_E;
+/// Beyond these, `exp` overflows to +inf or underflows to 0.
+const EXP_MAX: f64 = 709.782712893384;
+const EXP_MIN: f64 = -745.1332191019412;
+/// 1/n! for n = 13 down to 2: Taylor's series of e^r, |r| ≤ ln2/2, truncated where the next term
+/// is below 2^-58.
+const EXP_TAYLOR: [f64; 12] = [
+    1.6059043836821613e-10,
+    2.08767569878681e-9,
+    2.505210838544172e-8,
+    2.755731922398589e-7,
+    2.7557319223985893e-6,
+    2.48015873015873e-5,
+    0.0001984126984126984,
+    0.001388888888888889,
+    0.008333333333333333,
+    0.041666666666666664,
+    0.16666666666666666,
+    0.5,
+];
+
+/// 2^k for -1022 ≤ k ≤ 1023, by its bits.
+#[inline(always)]
+fn pow2(k: i64) -> f64 {
+    f64::from_bits(((k + 1023) as u64) << 52)
+}
+
+/// e^x: x = k·ln2 + r with |r| ≤ ln2/2 (Cody–Waite), e^r by Taylor's series in Horner form,
+/// scaled by 2^k in one or two exact-exponent multiplications. Within 2 ulp of the true value;
+/// what matters is that [`cuda/numerics.cuh`] computes the same bits.
+#[inline(always)]
+pub fn exp(x: f64) -> f64 {
+    if x.is_nan() {
+        return x;
+    }
+    if x > EXP_MAX {
+        return f64::INFINITY;
+    }
+    if x < EXP_MIN {
+        return 0.0;
+    }
+    let k = (x * INV_LN2 + 0.5).floor();
+    let r = (x - k * LN2_HI) - k * LN2_LO;
+    let mut p = EXP_TAYLOR[0];
+    for c in &EXP_TAYLOR[1..] {
+        p = p * r + c;
+    }
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    let k = k as i64;
+    if k < -1022 {
+        p * pow2(k + 54) * pow2(-54)
+    } else if k > 1023 {
+        p * pow2(k - 1) * 2.0
+    } else {
+        p * pow2(k)
+    }
+}
+
+/// 1/(2n+1) for n = 11 down to 1: the series of atanh, 2·atanh(s) = ln((1+s)/(1-s)), |s| ≤ 0.1716.
+const LN_SERIES: [f64; 11] = [
+    0.043478260869565216,
+    0.047619047619047616,
+    0.05263157894736842,
+    0.058823529411764705,
+    0.06666666666666667,
+    0.07692307692307693,
+    0.09090909090909091,
+    0.1111111111111111,
+    0.14285714285714285,
+    0.2,
+    0.3333333333333333,
+];
+const SQRT2: f64 = std::f64::consts::SQRT_2;
+
+/// ln x: x = m·2^e with √2/2 ≤ m < √2, ln m = 2·atanh((m-1)/(m+1)) by its series, plus e·ln2 in
+/// two parts. Within 2 ulp; NaN for x < 0, -inf at 0.
+#[inline(always)]
+pub fn ln(x: f64) -> f64 {
+    if x.is_nan() || x < 0.0 {
+        return f64::NAN;
+    }
+    if x == 0.0 {
+        return f64::NEG_INFINITY;
+    }
+    if x == f64::INFINITY {
+        return x;
+    }
+    let (mut x, mut e) = (x, 0i64);
+    if x < f64::MIN_POSITIVE {
+        x *= pow2(54);
+        e = -54;
+    }
+    let bits = x.to_bits();
+    e += ((bits >> 52) & 0x7FF) as i64 - 1023;
+    let mut m = f64::from_bits((bits & 0x000F_FFFF_FFFF_FFFF) | 0x3FF0_0000_0000_0000);
+    if m > SQRT2 {
+        m *= 0.5;
+        e += 1;
+    }
+    let f = m - 1.0;
+    let s = f / (2.0 + f);
+    let z = s * s;
+    let mut p = LN_SERIES[0];
+    for c in &LN_SERIES[1..] {
+        p = p * z + c;
+    }
+    let ln_m = 2.0 * s + 2.0 * s * (z * p);
+    let e = e as f64;
+    e * LN2_HI + (e * LN2_LO + ln_m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ulps(a: f64, b: f64) -> u64 {
+        (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs()
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_of_std() {
+        let mut worst = 0;
+        for i in 0..200_000 {
+            let x = -745.0 + 1454.0 * (i as f64 / 200_000.0);
+            let (got, want) = (exp(x), x.exp());
+            if want.is_normal() {
+                worst = worst.max(ulps(got, want));
+            }
+        }
+        // The planning's range: softmax exponents in [-50, 0].
+        for i in 0..200_000 {
+            let x = -50.0 * (i as f64 / 200_000.0);
+            worst = worst.max(ulps(exp(x), x.exp()));
+        }
+        assert!(worst <= 2, "exp: {worst} ulp");
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(f64::NEG_INFINITY), 0.0);
+        assert_eq!(exp(f64::INFINITY), f64::INFINITY);
+        assert!(exp(f64::NAN).is_nan());
+        assert!(exp(-720.0) > 0.0 && exp(-720.0) < f64::MIN_POSITIVE, "subnormal results");
+        assert!((exp(-720.0) / (-720.0f64).exp() - 1.0).abs() < 1e-9);
+        assert!(exp(709.7).is_finite() && exp(710.0).is_infinite());
+    }
+
+    #[test]
+    fn ln_is_within_two_ulp_of_std() {
+        let mut worst = 0;
+        for i in 1..400_000 {
+            // 1e-12 .. 1e12 logarithmically, and the entropy's range (p + 1e-9, p ≤ 1) densely.
+            let x = 10f64.powf(-12.0 + 24.0 * (i as f64 / 400_000.0));
+            let y = 1e-9 + i as f64 / 400_000.0;
+            for v in [x, y] {
+                worst = worst.max(ulps(ln(v), v.ln()));
+            }
+        }
+        assert!(worst <= 2, "ln: {worst} ulp");
+        assert_eq!(ln(1.0), 0.0);
+        assert_eq!(ln(0.0), f64::NEG_INFINITY);
+        assert!(ln(-1.0).is_nan() && ln(f64::NAN).is_nan());
+        assert_eq!(ln(f64::INFINITY), f64::INFINITY);
+        assert!(ulps(ln(5e-324), (5e-324f64).ln()) <= 2, "subnormal arguments");
+    }
+
+    #[test]
+    fn lane_sum_is_the_block_reduction_order() {
+        // Lane sums then a halving tree: for 300 values, lanes 0..44 hold two terms.
+        let v: Vec<f64> = (0..300).map(|i| 1.0 / (1.0 + i as f64)).collect();
+        let mut lanes = [0f64; LANES];
+        for (j, x) in v.iter().enumerate() {
+            lanes[j % LANES] += x;
+        }
+        for stride in [128, 64, 32, 16, 8, 4, 2, 1] {
+            for t in 0..stride {
+                lanes[t] += lanes[t + stride];
+            }
+        }
+        assert_eq!(lane_sum(v.len(), |j| v[j]).to_bits(), lanes[0].to_bits());
+        assert_eq!(lane_sum(0, |_| 1.0), 0.0);
+    }
+
+    #[test]
+    fn dot_orders_partials_then_tail() {
+        let a: Vec<f64> = (0..19).map(|i| 0.1 * i as f64 - 0.7).collect();
+        let b: Vec<f64> = (0..19).map(|i| 1.0 / (3.0 + i as f64)).collect();
+        let mut acc = [0f64; 8];
+        for i in 0..16 {
+            acc[i % 8] += a[i] * b[i];
+        }
+        let mut want = 0.0;
+        for x in acc {
+            want += x;
+        }
+        for i in 16..19 {
+            want += a[i] * b[i];
+        }
+        assert_eq!(dot(&a, &b).to_bits(), want.to_bits());
+    }
+}
