@@ -28,7 +28,7 @@ template <typename T> __device__ void plan_reps_q(const EkPlanParams& p) {
             mx = fmaxf(mx, v);
             mn = fminf(mn, v);
         }
-        qsum[(((long long)b * p.segments + s) * p.q_heads + hq) * d + x] = (double)mx + (double)mn;
+        qsum[(((long long)b * p.segments + s) * p.q_heads + hq) * d + x] = __dadd_rn((double)mx, (double)mn);
     }
 }
 

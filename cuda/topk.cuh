@@ -10,8 +10,10 @@
 #define TOPK_CAP 1024                // half the bitonic sort's shared arrays
 #define RANK_SORT_CAP (2 * TOPK_CAP) // block_rank_topk sorts this many in shared memory: 24 KiB
 
+// Every NaN is taken as the negative quiet NaN, below −inf, whatever its bits (the hardware's
+// NaNs are positive, x86's negative): the hosts' numerics::rank_cmp order.
 __device__ __forceinline__ unsigned long long sortable(double x) {
-    const unsigned long long b = (unsigned long long)__double_as_longlong(x);
+    const unsigned long long b = x != x ? 0xFFF8000000000000ull : (unsigned long long)__double_as_longlong(x);
     return (b >> 63) ? ~b : (b | 0x8000000000000000ull);
 }
 
@@ -66,7 +68,7 @@ struct SelectShared {
 };
 
 __device__ __forceinline__ unsigned sortable32(float x) {
-    const unsigned b = __float_as_uint(x);
+    const unsigned b = x != x ? 0xFFC00000u : __float_as_uint(x);
     return (b >> 31) ? ~b : (b | 0x80000000u);
 }
 

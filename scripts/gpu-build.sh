@@ -13,6 +13,11 @@ if [ "${1:-}" = "--emulator" ]; then features=cuda,cuda-emu; emulator=1; fi
 exclude=$(git rev-parse --git-path info/exclude)  # a fresh clone may lack .git/info
 mkdir -p "$(dirname "$exclude")"
 grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >> "$exclude"
+# The kernels must come embedded (nvcc's fatbin): NVRTC on the device would compile all of them
+# inside the first part's time limit.
+nvcc="${NVCC:-${CUDA_HOME:+$CUDA_HOME/bin/nvcc}}"
+[ -n "$nvcc" ] || nvcc=$(command -v nvcc || true)
+[ -n "$nvcc" ] && "$nvcc" --version >/dev/null 2>&1 || { echo "no nvcc (NVCC, CUDA_HOME or PATH): the bundle would compile its kernels on the device" >&2; exit 1; }
 rm -rf .gpu && mkdir -p .gpu/bin .gpu/conformance
 cargo build --release --features "$features" --bins
 cargo test --release --features "$features" --no-run --message-format=json \

@@ -72,7 +72,8 @@ pub fn pool_row(scores: &[f32], pooling: Pooling, kernel: usize, out: &mut [f32]
 /// The `keep` best positions of `scores` (larger first, ties to the lower position), ascending.
 pub fn top_positions(scores: &[f32], keep: usize) -> Vec<u32> {
     let mut idx: Vec<u32> = (0..scores.len() as u32).collect();
-    let by_rank = |a: &u32, b: &u32| scores[*b as usize].total_cmp(&scores[*a as usize]).then(a.cmp(b));
+    let by_rank =
+        |a: &u32, b: &u32| crate::numerics::rank_cmp32(scores[*a as usize], scores[*b as usize]).then(a.cmp(b));
     if keep < idx.len() && keep > 0 {
         idx.select_nth_unstable_by(keep - 1, by_rank);
     }
@@ -113,7 +114,7 @@ fn adakv(rows: &[Vec<f32>], share: usize, floor_fraction: f32) -> Vec<Vec<u32>> 
     }
     let extra = rows.len() * share - picked.iter().map(Vec::len).sum::<usize>();
     let score = |&(h, i): &(u32, u32)| rows[h as usize][i as usize];
-    let by_rank = |a: &(u32, u32), b: &(u32, u32)| score(b).total_cmp(&score(a)).then(a.cmp(b));
+    let by_rank = |a: &(u32, u32), b: &(u32, u32)| crate::numerics::rank_cmp32(score(a), score(b)).then(a.cmp(b));
     if extra > 0 && extra < rest.len() {
         rest.select_nth_unstable_by(extra - 1, by_rank);
     }

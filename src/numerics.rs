@@ -16,6 +16,21 @@
 //! device plan with the CPU plan bit for bit; `tests/cuda_compile.rs` checks the compiled PTX of
 //! the planning kernels for FMAs and library calls.
 
+/// The order of ranking keys (planning's logits or fused scores, compression's scores): larger
+/// first, by IEEE total order with every NaN taken as the negative quiet NaN — below −inf —
+/// whatever sign the arithmetic left on it (x86 and NVIDIA GPUs make NaNs of opposite signs);
+/// `sortable` in cuda/topk.cuh maps keys the same way.
+pub fn rank_cmp(a: f64, b: f64) -> std::cmp::Ordering {
+    let canonical = |x: f64| if x.is_nan() { f64::from_bits(0xFFF8_0000_0000_0000) } else { x };
+    canonical(b).total_cmp(&canonical(a))
+}
+
+/// [`rank_cmp`] for f32 keys (`sortable32` in cuda/topk.cuh).
+pub fn rank_cmp32(a: f32, b: f32) -> std::cmp::Ordering {
+    let canonical = |x: f32| if x.is_nan() { f32::from_bits(0xFFC0_0000) } else { x };
+    canonical(b).total_cmp(&canonical(a))
+}
+
 /// Partial sums of [`lane_sum`]: the planning kernels' block size (`PLAN_THREADS`).
 pub const LANES: usize = 256;
 
@@ -179,6 +194,20 @@ pub fn ln(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nan_keys_rank_last_whatever_their_sign() {
+        use std::cmp::Ordering::*;
+        let (pos, neg) = (f64::from_bits(0x7FF8_0000_0000_0001), f64::from_bits(0xFFF8_0000_0000_0000));
+        for nan in [pos, neg, f64::NAN] {
+            assert_eq!(rank_cmp(f64::NEG_INFINITY, nan), Less, "−inf ranks before NaN");
+            assert_eq!(rank_cmp(nan, 0.0), Greater);
+            assert_eq!(rank_cmp(nan, pos), Equal);
+        }
+        assert_eq!(rank_cmp(2.0, 1.0), Less, "larger first");
+        assert_eq!(rank_cmp32(f32::NAN, f32::NEG_INFINITY), Greater);
+        assert_eq!(rank_cmp32(-f32::NAN, f32::NAN), Equal);
+    }
 
     fn ulps(a: f64, b: f64) -> u64 {
         (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs()

@@ -406,7 +406,9 @@ pub mod rules {
         let n = candidates.len();
         scratch.clear();
         scratch.extend(0..n as u32);
-        let by_rank = |a: &u32, b: &u32| candidates[*b as usize].total_cmp(&candidates[*a as usize]).then(a.cmp(b));
+        let by_rank = |a: &u32, b: &u32| {
+            crate::numerics::rank_cmp(candidates[*a as usize], candidates[*b as usize]).then(a.cmp(b))
+        };
         let take = width.min(n);
         if take > 0 && take < n {
             scratch.select_nth_unstable_by(take - 1, by_rank);

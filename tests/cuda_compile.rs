@@ -195,6 +195,10 @@ fn decision_kernels_are_fma_free_and_no_kernel_has_float_atomics() {
                 let decides = k.starts_with("ek_plan_") || *k == "ek_numerics_probe";
                 let fused = (l.starts_with("fma.") || l.starts_with("mad.")) && l.contains(".f64");
                 assert!(!(decides && fused), "{k} ({name}): `{l}` fuses an f64 multiply-add the host rounds twice");
+                // add/sub/mul without a rounding modifier may still be fused by ptxas (PTX ISA,
+                // "Floating-Point Instructions"): the intrinsics emit `.rn`.
+                let loose = ["add.f64", "sub.f64", "mul.f64"].iter().any(|op| l.starts_with(op));
+                assert!(!(decides && loose), "{k} ({name}): `{l}` has no rounding modifier, so ptxas may fuse it");
             }
         }
     }
@@ -470,4 +474,24 @@ fn nvcc_fatbin_is_embedded() {
     assert_eq!(&fatbin[..4], &0xBA55_ED50u32.to_le_bytes(), "fatbin magic");
     assert!(!source::FATBIN_ARCHS.is_empty());
     eprintln!("fatbin: {} bytes, SASS for {:?}", fatbin.len(), source::FATBIN_ARCHS);
+}
+
+/// `CUDA_COMPUTE_CAP` chooses the kernels' architecture only where its code runs on the device
+/// (same major version, no newer minor; sm_90a only on 9.0): anything else would load no code
+/// (`CUDA_ERROR_NO_BINARY_FOR_GPU`) and is a typed error naming the variable.
+#[test]
+fn cuda_compute_cap_must_name_code_the_device_runs() {
+    use entropy_kernels::cuda::target_arch;
+    assert_eq!(target_arch((9, 0), None).unwrap(), "sm_90a");
+    assert_eq!(target_arch((8, 6), None).unwrap(), "sm_86");
+    assert_eq!(target_arch((8, 6), Some("80")).unwrap(), "sm_80");
+    assert_eq!(target_arch((8, 9), Some("8.6")).unwrap(), "sm_86");
+    assert_eq!(target_arch((9, 0), Some("90")).unwrap(), "sm_90a");
+    assert_eq!(target_arch((8, 0), Some(" ")).unwrap(), "sm_80");
+    for (cc, bad) in [((9, 0), "80"), ((8, 6), "89"), ((8, 0), "90"), ((8, 0), "eighty"), ((9, 0), "9")] {
+        match target_arch(cc, Some(bad)) {
+            Err(entropy_kernels::Error::OutOfRange { field: "CUDA_COMPUTE_CAP", .. }) => {}
+            other => panic!("CUDA_COMPUTE_CAP={bad} on {cc:?}: {other:?}"),
+        }
+    }
 }

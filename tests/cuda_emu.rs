@@ -53,7 +53,7 @@ fn planted_violations_are_caught() {
     // A read past an allocation faults; the emulator reports it (from a child process here).
     expect_violation(8, ILLEGAL_ADDRESS, "selftest: block (0,0,0) thread 0 accessed");
     // What the driver refuses, from the kernel's compiled attributes.
-    expect_violation(9, INVALID_VALUE, "exceeds the kernel's launch bound");
+    expect_violation(9, LAUNCH_OUT_OF_RESOURCES, "exceeds the kernel's launch bound");
     expect_violation(10, INVALID_VALUE, "above the opt-in");
     expect_violation(11, LAUNCH_OUT_OF_RESOURCES, "registers per thread exceed the SM's");
     // Stream order: a copy on another stream may not read what a kernel wrote until an event says so.

@@ -10,10 +10,10 @@ mod common;
 use common::seed;
 use entropy_kernels::cuda::host_check;
 
-/// The `k` best indices (larger first, ties to the lower index) by a plain stable sort.
+/// The `k` best indices (larger first, ties to the lower index, NaN last) by a plain stable sort.
 fn best(scores: &[f64], k: usize) -> Vec<u32> {
     let mut idx: Vec<u32> = (0..scores.len() as u32).collect();
-    idx.sort_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]).then(a.cmp(&b)));
+    idx.sort_by(|&a, &b| entropy_kernels::numerics::rank_cmp(scores[a as usize], scores[b as usize]).then(a.cmp(&b)));
     idx.truncate(k);
     idx
 }
@@ -71,7 +71,10 @@ fn bitonic_topk_ranks_the_best() {
     .into_iter()
     .enumerate()
     {
-        let x: Vec<f64> = scores(n, levels, s ^ (i as u64 * 104729)).iter().map(|&v| v as f64).collect();
+        let mut x: Vec<f64> = scores(n, levels, s ^ (i as u64 * 104729)).iter().map(|&v| v as f64).collect();
+        // NaNs of both signs (x86 and the GPU make opposite ones) rank last, like the host's.
+        x[n / 3] = f64::from_bits(0x7FF8_0000_0000_0000);
+        x[n / 2] = f64::from_bits(0xFFF8_0000_0000_0001);
         let got = host_check::block_topk(&x, k, threads).unwrap();
         assert_eq!(got, best(&x, k), "n {n} k {k} levels {levels} threads {threads}");
     }

@@ -865,7 +865,7 @@ EXPORT CUresult cuFuncGetAttribute(int* v, int attribute, void* fp) {
         case 1: *v = f.static_smem; break;
         case 4: *v = f.registers; break;
         case 5:
-        case 6: *v = f.device->column ? 90 : 80; break;
+        case 6: *v = f.device->cc; break;
         case 8: *v = f.max_dynamic; break;
         default: *v = 0;
     }
@@ -876,9 +876,13 @@ namespace {
 // The checks cuLaunchKernel makes before anything runs.
 CUresult check_launch(const Function& f, unsigned threads, unsigned shared) {
     const std::string k = f.kernel->name;
-    if (threads == 0 || (int)threads > f.max_threads)
-        return fail(INVALID_VALUE, k + ": a block of " + std::to_string(threads) + " threads exceeds the kernel's launch bound (" +
-                                       std::to_string(f.max_threads) + " threads, .maxntid)");
+    if (threads == 0 || threads > 1024)
+        return fail(INVALID_VALUE, k + ": a block of " + std::to_string(threads) + " threads (1..1024)");
+    // Beyond the kernel's own bound the driver answers "too many resources requested for launch".
+    if ((int)threads > f.max_threads)
+        return fail(LAUNCH_OUT_OF_RESOURCES, k + ": a block of " + std::to_string(threads) +
+                                                 " threads exceeds the kernel's launch bound (" +
+                                                 std::to_string(f.max_threads) + " threads, .maxntid)");
     if ((int)shared > f.max_dynamic)
         return fail(INVALID_VALUE, k + ": " + std::to_string(shared) + " bytes of dynamic shared memory above the function's limit " +
                                        std::to_string(f.max_dynamic));

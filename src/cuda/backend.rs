@@ -61,8 +61,15 @@ fn image(arch: &str) -> Result<Vec<u8>> {
         detail,
     })?;
     if let (Some(d), Some(f)) = (dir, file) {
-        // A cache that cannot be written only costs a recompile next time.
-        let _ = std::fs::create_dir_all(&d).and_then(|_| std::fs::write(&f, &compiled.image));
+        // Written whole, then renamed into place: concurrent processes (and one killed mid-write)
+        // never leave a truncated image for the next to load. A cache that cannot be written only
+        // costs a recompile next time.
+        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("image");
+        let tmp = d.join(format!(".{name}.{}.{:?}", std::process::id(), std::thread::current().id()));
+        let _ = std::fs::create_dir_all(&d)
+            .and_then(|_| std::fs::write(&tmp, &compiled.image))
+            .and_then(|_| std::fs::rename(&tmp, &f));
+        let _ = std::fs::remove_file(&tmp);
     }
     Ok(compiled.image)
 }

@@ -28,7 +28,7 @@ pub fn kv_compress(a: &CompressArgs<'_>) -> CompressedCache {
     let share = cfg.decode_budget - w;
     let by_score = |row: &Vec<f64>| {
         let mut idx: Vec<usize> = (0..scored).collect();
-        idx.sort_by(|&x, &y| row[y].total_cmp(&row[x]).then(x.cmp(&y)));
+        idx.sort_by(|&x, &y| crate::numerics::rank_cmp(row[x], row[y]).then(x.cmp(&y)));
         idx
     };
     let mut sel: Vec<Vec<usize>> = Vec::new();
@@ -53,7 +53,7 @@ pub fn kv_compress(a: &CompressArgs<'_>) -> CompressedCache {
                         }
                     }
                 }
-                pool.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+                pool.sort_by(|x, y| crate::numerics::rank_cmp(x.0, y.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
                 for &(_, hc, j) in pool.iter().take(heads * share - heads * floor) {
                     picked[hc].push(j);
                 }

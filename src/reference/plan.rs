@@ -160,7 +160,7 @@ pub fn plan(a: &PlanArgs<'_>) -> Plan {
             for s in 0..nseg {
                 let key = |j: usize| if a.fusion().is_some() { p[b][h][s][j] } else { logit[b][h][s][j] };
                 let mut ranked: Vec<usize> = (0..(s * nrep).min(n)).collect();
-                ranked.sort_by(|&x, &y| key(y).total_cmp(&key(x)).then(x.cmp(&y)));
+                ranked.sort_by(|&x, &y| crate::numerics::rank_cmp(key(x), key(y)).then(x.cmp(&y)));
                 ranked.extend((s * nrep).min(n)..n);
                 order.extend(ranked[..width].iter().map(|&j| j as u32));
                 let count = match cfg.budget_mode {
