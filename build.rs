@@ -138,13 +138,16 @@ fn build_emulator() {
 
 /// `bisheng` invocation for one kernel, from the Ascend C documentation's direct-compile flags:
 /// `-xcce` (Ascend C source), the SoC and the core type (VecCore / CubeCore / AiCore for mixed
-/// kernels), the tikcpp include dirs, and `--cce-aicore-only` for a device-only object that
-/// `aclrtBinaryLoadFromData` loads. Extra flags: `EK_ASCEND_CCE_FLAGS`. Not yet run on a real
-/// toolkit (none is available to this project).
+/// kernels), the tikcpp include dirs, `--cce-aicore-only` for a device-only object that
+/// `aclrtBinaryLoadFromData` loads, and `--cce-auto-sync` (the compiler's automatic pipe
+/// synchronisation, on in the toolkit's own kernel projects; the kernels also place every
+/// PipeBarrier/SetFlag/WaitFlag their data flow needs, so they are right without it).
+/// Extra flags: `EK_ASCEND_CCE_FLAGS`. Not yet run on a real toolkit (none is available to this
+/// project).
 fn bisheng_command(home: &Path, src: &Path, out: &Path, core_type: &str) -> std::process::Command {
     let soc = std::env::var("EK_ASCEND_SOC").unwrap_or_else(|_| DEFAULT_SOC.to_string());
     let mut c = std::process::Command::new(home.join("compiler/ccec_compiler/bin/bisheng"));
-    c.args(["-O2", "-std=c++17", "-xcce", "--cce-aicore-only"])
+    c.args(["-O2", "-std=c++17", "-xcce", "--cce-aicore-only", "--cce-auto-sync"])
         .arg(format!("--cce-soc-version={soc}"))
         .arg(format!("--cce-soc-core-type={core_type}"));
     for inc in ["compiler/tikcpp/tikcfw", "compiler/tikcpp/tikcfw/impl", "compiler/tikcpp/tikcfw/interface", "include"]

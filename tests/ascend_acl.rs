@@ -22,9 +22,13 @@ fn probe_reports_why_without_panicking() {
 }
 
 #[test]
-fn args_block_is_one_little_endian_gm_addr() {
-    use entropy_kernels::ascend::launch::pack_args;
-    assert_eq!(pack_args(0x0102_0304_0506_0708), [8, 7, 6, 5, 4, 3, 2, 1]);
+fn args_block_is_little_endian_gm_addrs() {
+    use entropy_kernels::ascend::launch::{DECODE, PREFILL, kernel_args, pack_args};
+    assert_eq!(pack_args(&kernel_args(DECODE, 7, 0x0102_0304_0506_0708)), [8, 7, 6, 5, 4, 3, 2, 1]);
+    // A mixed kernel takes the hardware sync address first (its SetSyncBaseAddr), then the params.
+    assert_eq!(pack_args(&kernel_args(PREFILL, 0x11, 0x22)), [0x11, 0, 0, 0, 0, 0, 0, 0, 0x22, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(PREFILL.entry(), "ek_prefill_mix_aic");
+    assert_eq!(DECODE.entry(), "ek_decode");
 }
 
 #[cfg(feature = "ascend-emu")]
@@ -53,7 +57,7 @@ fn acl_errors_through_the_mock_runtime() {
     k.decode_attention(q.view(), kc.view(), vc.view(), &lengths, None, &mut out.view_mut()).unwrap();
     assert!(rel_fro(&tensor_f64(&out), &tensor_f64(&want)) <= attn_tol(DType::F16));
 
-    for api in ["aclrtMalloc", "aclrtMemcpy", "aclrtLaunchKernel", "aclrtSynchronizeStream"] {
+    for api in ["aclrtMalloc", "aclrtMemcpy", "aclrtLaunchKernel", "aclrtSynchronizeStreamWithTimeout"] {
         mock::fail(Some(api));
         let mut out = poisoned(q.shape, DType::F16);
         let r = k.decode_attention(q.view(), kc.view(), vc.view(), &lengths, None, &mut out.view_mut());
@@ -95,6 +99,47 @@ fn acl_errors_through_the_mock_runtime() {
             Err(Error::Acl { call, .. }) => assert_eq!(call, api),
             other => panic!("{api}: expected Error::Acl, got {other:?}"),
         }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A kernel that never ends (here a planted cross-core deadlock: the AIC waits for a flag no AIV
+/// sets) fails the stream sync with a timeout — `aclrtSynchronizeStreamWithTimeout` — instead of
+/// hanging the process; and a mixed kernel is found under its `_mix_aic` entry and launched with
+/// the hardware sync address first (issue 18).
+#[cfg(feature = "ascend-emu")]
+#[test]
+fn a_hung_mixed_kernel_is_a_timeout_error() {
+    use entropy_kernels::ascend::device::mock;
+    use entropy_kernels::ascend::launch::{Cores, Kernel, kernel_args, pack_args};
+    use entropy_kernels::ascend::runtime::AclRuntime;
+
+    let dir = std::env::temp_dir().join(format!("ek-acl-hang-{}", std::process::id()));
+    let opts = mock::options(&dir).unwrap();
+    let rt = AclRuntime::load(&opts).unwrap();
+    let selftest = Kernel { symbol: "selftest_cube", file: "selftest", cores: Cores::Mix };
+    let image = format!("ekmock selftest_cube_mix_aic,selftest_cube_mix_aiv {:x}", mock::magic(selftest));
+    let module = rt.module(Cores::Mix, image.as_bytes()).unwrap();
+    let function = module.function(selftest).expect("the _mix_aic entry");
+    let stream = rt.stream().unwrap();
+    let run = |code: i32| {
+        // The self test's params: its code, then two host pointers it does not use here.
+        let mut params = vec![0u8; 24];
+        params[..4].copy_from_slice(&code.to_le_bytes());
+        let mut p = rt.alloc(params.len()).unwrap();
+        p.upload(&params).unwrap();
+        let args = pack_args(&kernel_args(selftest, rt.hardware_sync, p.addr()));
+        let mut a = rt.alloc(args.len()).unwrap();
+        a.upload(&args).unwrap();
+        stream.launch(&function, 1, &a, args.len()).unwrap();
+        stream.synchronize()
+    };
+    match run(34) {
+        Err(Error::Acl { call, message, .. }) => {
+            assert_eq!(call, "aclrtSynchronizeStreamWithTimeout");
+            assert!(message.contains("timeout"), "{message}");
+        }
+        other => panic!("a deadlocked kernel must end in a sync timeout, got {other:?}"),
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

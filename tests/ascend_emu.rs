@@ -27,7 +27,7 @@ fn selftest_mix(code: i32, input: &[f32], output: &mut [f32]) -> Result<()> {
     assert!(input.len() >= 2048 && output.len() >= 1024);
     let t = SelfTest { code, pad: 0, input: input.as_ptr(), output: output.as_mut_ptr() };
     // SAFETY: the buffers are as large as the mixed self tests read and write.
-    unsafe { emu::run("selftest_mix", &t as *const SelfTest as *const u8, 1) }
+    unsafe { emu::run_mix("selftest_cube", &t as *const SelfTest as *const u8, 1) }
 }
 
 #[test]
@@ -36,7 +36,7 @@ fn planted_violations_are_caught() {
     let mut output = vec![0f32; 512];
     selftest(0, &input, &mut output).expect("correct usage passes");
     assert_eq!(output[..256], input[..256].iter().map(|x| 2.0 * x).collect::<Vec<_>>()[..]);
-    let cases: [(i32, &str); 25] = [
+    let cases: [(i32, &str); 30] = [
         (1, "UB overflow"),
         (2, "not 32-byte aligned"),
         (3, "whole 32-byte blocks"),
@@ -62,6 +62,32 @@ fn planted_violations_are_caught() {
         (23, "not aligned to 8 elements"),
         (24, "not a whole number of 256-byte repeats"),
         (25, "GatherMask: local tensor address 260 is not 32-byte aligned"),
+        // The asynchronous pipes (ascend/emu/include/emu_pipes.h). PipeBarrier page: dependent
+        // vector instructions need PipeBarrier<PIPE_V>.
+        (
+            26,
+            "race: Adds (V #2) reads UB bytes [0, 256) that Duplicate (V #1) writes with no synchronisation between them (PipeBarrier<PIPE_V> missing)",
+        ),
+        // SetFlag/WaitFlag page: a GM -> UB copy and its vector reader need MTE2_V.
+        (
+            27,
+            "Muls (V #1) reads UB bytes [0, 256) that DataCopy(GM->local) (MTE2 #1) writes with no synchronisation between them (SetFlag/WaitFlag MTE2_V missing)",
+        ),
+        // The same page, write after read: the copy may land before the vector unit read the old data.
+        (
+            28,
+            "DataCopy(GM->local) (MTE2 #1) writes UB bytes [0, 256) that Muls (V #1) still reads with no synchronisation between them (SetFlag/WaitFlag V_MTE2 missing)",
+        ),
+        // kv_compress's top-k before issue 18: the scalar unit rewrote a tensor MTE3 may still copy out.
+        (
+            29,
+            "SetValue (S #9) writes UB bytes [0, 4) that DataCopy(UB->GM) (MTE3 #1) still reads with no synchronisation between them (SetFlag/WaitFlag MTE3_S missing)",
+        ),
+        // GatherMask page: rsvdCnt is the vector pipe's; kv_compress's selection read it at once.
+        (
+            30,
+            "GatherMask's rsvdCnt used before a V_S SetFlag/WaitFlag covering the GatherMask (Adds issued in between)",
+        ),
     ];
     for (code, needle) in cases {
         match selftest(code, &input, &mut output) {
@@ -405,6 +431,24 @@ fn planted_cube_and_cross_core_violations_are_caught() {
         (37, "ifTranspose is for 16-bit types only"),
         (38, "quantPre does not match"),
         (39, "more than 15 sets pending"),
+        // The cube's write-after-read hazards (catlass block_mmad_pingpong's per-buffer events).
+        (
+            42,
+            "Mmad (M #2) writes L0C bytes [0, 2048) that Fixpipe (FIX #1) still reads with no synchronisation between them (SetFlag/WaitFlag FIX_M missing)",
+        ),
+        (
+            43,
+            "LoadData (MTE1 #4) writes L0A bytes [0, 512) that Mmad (M #1) still reads with no synchronisation between them (SetFlag/WaitFlag M_MTE1 missing)",
+        ),
+        (
+            44,
+            "DataCopy(Nd2Nz GM->L1) (MTE2 #3) writes L1 bytes [2048, 2080) that LoadData (MTE1 #3) still reads with no synchronisation between them (SetFlag/WaitFlag MTE1_MTE2 missing)",
+        ),
+        // catlass's flash-attention example: SetSyncBaseAddr on every core before any flag.
+        (45, "CrossCoreSetFlag before SetSyncBaseAddr"),
+        (46, "is not the device's hardware sync address (aclrtGetHardwareSyncAddr)"),
+        // KERNEL_TASK_TYPE_DEFAULT page: a mixed kernel declares KERNEL_TYPE_MIX_AIC_1_2.
+        (47, "does not declare KERNEL_TASK_TYPE_DEFAULT(KERNEL_TYPE_MIX_AIC_1_2)"),
     ];
     for (code, needle) in cases {
         match selftest_mix(code, &input, &mut output) {
@@ -432,5 +476,96 @@ fn cube_path_computes_matrix_products() {
             assert_eq!(output[m * 16 + n], s, "X·Yᵀ at ({m}, {n})");
             assert_eq!(output[512 + m * 16 + n], o, "X·Z at ({m}, {n})");
         }
+    }
+}
+
+/// A mixed kernel's binary has `<name>_mix_aic` and `<name>_mix_aiv`, not the bare name: the host
+/// looking the bare name up (as before issue 18) finds nothing.
+#[test]
+fn mixed_kernels_answer_to_their_mix_entry_names() {
+    let input = vec![0f32; 2048];
+    let mut output = vec![0f32; 1024];
+    let t = SelfTest { code: 200, pad: 0, input: input.as_ptr(), output: output.as_mut_ptr() };
+    let args = [emu::hardware_sync_addr(), &t as *const SelfTest as u64];
+    // SAFETY: the buffers are as large as the mixed self tests read and write.
+    let bare = unsafe { emu::run_entry("selftest_cube", "selftest_cube", &args, 1) };
+    match bare {
+        Err(Error::Emulator { detail, .. }) => {
+            assert!(detail.contains("has selftest_cube_mix_aic and selftest_cube_mix_aiv"), "{detail}")
+        }
+        other => panic!("the bare name of a mixed kernel must not be found: {other:?}"),
+    }
+    unsafe { emu::run_entry("selftest_cube", "selftest_cube_mix_aic", &args, 1) }.unwrap();
+    // And a mixed entry with the params alone (no sync address) is refused.
+    let one = unsafe { emu::run_entry("selftest_cube", "selftest_cube_mix_aic", &args[1..], 1) };
+    assert!(matches!(one, Err(Error::Emulator { ref detail, .. }) if detail.contains("takes 2 arguments")), "{one:?}");
+}
+
+/// The synchronised forms of the planted races pass, and DataCopyPad's fill of a partial 32-byte
+/// block (padding value set, padding counts 0) repeats the burst's first element — the documented
+/// dummy fill the emulator models — rather than the padding value.
+#[test]
+fn synchronised_pipes_and_the_data_copy_pad_fill() {
+    let input: Vec<f32> = (0..512).map(|i| i as f32 * 0.5 + 1.0).collect();
+    let mut output = vec![f32::NAN; 512];
+    selftest(104, &input, &mut output).expect("every pair synchronised");
+    assert_eq!(&output[..5], &input[3..8], "the copied burst");
+    assert_eq!(&output[5..8], &[input[3]; 3], "the rest of the block: the burst's first element");
+    assert_eq!(&output[8..16], &output[..8], "copied after a PipeBarrier<PIPE_V>");
+    assert_eq!(output[16], 2.0, "GatherMask's count, read after V_S");
+}
+
+/// Mmad with m = 1 runs in GEMV mode: L0A is read as a plain vector, so with X loaded as zZ
+/// fractals the one output row is (row 0's first 16 elements, then row 1's) · Yᵀ, not X₀·Yᵀ.
+#[test]
+fn mmad_with_one_row_is_gemv() {
+    let input: Vec<f32> = (0..2048).map(|i| ((i * 7 + 3) % 9) as f32 - 4.0).collect();
+    let mut output = vec![f32::NAN; 1024];
+    selftest_mix(201, &input, &mut output).unwrap();
+    let (x, y) = (&input[..1024], &input[1024..1536]);
+    // The first 32 halves of L0A's zZ layout: fractal (0, 0) row 0 is x[0..16], then its row 1.
+    let vector: Vec<f32> = x[..16].iter().chain(&x[32..48]).copied().collect();
+    for n in 0..16 {
+        let gemv: f32 = (0..32).map(|k| vector[k] * y[n * 32 + k]).sum();
+        let row0: f32 = (0..32).map(|k| x[k] * y[n * 32 + k]).sum();
+        assert_eq!(output[n], gemv, "GEMV product at column {n}");
+        if gemv != row0 {
+            return; // the fractal reading would have given another value: the mode matters
+        }
+    }
+    panic!("the input does not tell GEMV from fractal reading");
+}
+
+/// The cube's one-row products: a prefill tile holding one query row (G 1, 65 tokens: tiles of
+/// 64 and 1) and a cube-scored compression pass of one window row (G 1, W 65: passes of 64 and
+/// 1). With m = 1 the cube would run in GEMV mode and read the zZ-loaded L0A as a vector: the
+/// kernels run a whole fractal row instead (issue 18).
+#[test]
+fn one_row_cube_products_match_the_oracle() {
+    let kernels = Kernels::new(BackendKind::AscendEmu).unwrap();
+    let oracle = Kernels::reference();
+    let seed = seed("one_row_cube_products_match_the_oracle");
+    for dtype in [DType::F16, DType::BF16] {
+        let s = seed ^ dtype as u64;
+        let (l, h, d) = (65, 2, 64);
+        let q = random([1, l, h, d], 1.0, s, dtype);
+        let k = random([1, l, h, d], 1.0, s ^ 1, dtype);
+        let v = random([1, l, h, d], 1.0, s ^ 2, dtype);
+        let (mut got, mut want) = (poisoned(q.shape, dtype), poisoned(q.shape, dtype));
+        kernels.dense_prefill(q.view(), k.view(), v.view(), None, &mut got.view_mut(), None).unwrap();
+        oracle.dense_prefill(q.view(), k.view(), v.view(), None, &mut want.view_mut(), None).unwrap();
+        let err = rel_fro(&tensor_f64(&got), &tensor_f64(&want));
+        assert!(err <= attn_tol(dtype), "{dtype} prefill, a one-row tile: rel err {err:e}");
+
+        let (n, w) = (400, 65);
+        let kc = random([1, h, n, d], 1.0, s ^ 3, dtype);
+        let vc = random([1, h, n, d], 1.0, s ^ 4, dtype);
+        let obs = random([1, h, w, d], 1.0, s ^ 5, dtype);
+        let dc = DecodeConfig { decode_budget: 250, window: w, pooling: Pooling::Avg, ..Default::default() };
+        let got = kernels.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+        let want = oracle.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+        let args = validate::kv_compress(oracle.capabilities(), kc.view(), vc.view(), obs.view(), &dc).unwrap();
+        let scores = reference::compress_scores(&args);
+        check_compressed(&format!("{dtype} compression, a one-row pass"), &got, &want, &scores, &kc, false);
     }
 }

@@ -181,8 +181,28 @@ CrossCoreGroup& Group() {
 }
 }  // namespace
 
+namespace {
+// The emulated device's hardware synchronisation address (what aclrtGetHardwareSyncAddr returns).
+alignas(64) uint8_t g_hardware_sync[64];
+uint64_t HardwareSyncAddr() { return reinterpret_cast<uint64_t>(g_hardware_sync); }
+void CheckSyncBase(const char* what) {
+    if (Core().sync_base == 0)
+        EmuFail(std::string(what) + " before SetSyncBaseAddr: the flags' address was never given to this core "
+                                    "(pass aclrtGetHardwareSyncAddr's address to the kernel)");
+}
+}  // namespace
+
+void SetSyncBaseAddr(uint64_t config) {
+    if (config != HardwareSyncAddr())
+        EmuFail("SetSyncBaseAddr(" + std::to_string(config) + ") is not the device's hardware sync address (aclrtGetHardwareSyncAddr)");
+    Core().sync_base = config;
+}
+
+void DeclareTaskType(KernelMetaType type) { Core().task_type = (int)type; }
+
 void CrossCoreSet(int mode, int32_t id) {
     CheckFlagId(id);
+    CheckSyncBase("CrossCoreSetFlag");
     if (mode != 2) EmuFail("cross-core flag mode " + std::to_string(mode) + " is not emulated (mode 2: AIC with its AIVs)");
     CoreState& c = Core();
     CrossCoreGroup& g = Group();
@@ -200,6 +220,7 @@ void CrossCoreSet(int mode, int32_t id) {
 
 void CrossCoreWait(int32_t id) {
     CheckFlagId(id);
+    CheckSyncBase("CrossCoreWaitFlag");
     CoreState& c = Core();
     CrossCoreGroup& g = Group();
     std::unique_lock<std::mutex> lock(g.mu);
@@ -230,6 +251,8 @@ void CrossCoreWait(int32_t id) {
 
 }  // namespace AscendC
 
+extern "C" uint64_t ek_emu_hardware_sync_addr() { return AscendC::HardwareSyncAddr(); }
+
 namespace ekemu {
 
 namespace {
@@ -240,14 +263,25 @@ std::string RunOne(AscendC::CoreState& st, void (*body)(void*), void* ctx) {
         const bool mine = st.cube ? m != (int)Memory::UB : m == (int)Memory::UB;
         if (mine) st.mem[m].assign(MemoryCapacity((Memory)m), 0xff);
     }
+    uint32_t capacity[(int)Memory::COUNT];
+    bool owned[(int)Memory::COUNT];
+    for (int m = 0; m < (int)Memory::COUNT; m++) {
+        capacity[m] = MemoryCapacity((Memory)m);
+        owned[m] = !st.mem[m].empty();
+    }
+    st.pipes.Reset(capacity, owned);
     g_core = &st;
     std::string err;
     try {
         body(ctx);
         for (auto& kv : st.flags)
             if (kv.second > 0)
-                EmuFail("SetFlag on event " + std::to_string(kv.first.first) + " id " + std::to_string(kv.first.second) + " was never waited for");
+                EmuFail("SetFlag on event " + emu::EventName((HardEvent)kv.first.first) + " id " + std::to_string(kv.first.second) +
+                        " was never waited for");
         if (!st.leaks.empty()) EmuFail(st.leaks.front());
+        if (st.remain_seq) emu::RemainCountUnsynced("the end of the kernel");
+        if (st.group && st.task_type != KERNEL_TYPE_MIX_AIC_1_2)
+            EmuFail("a mixed launch of a kernel that does not declare KERNEL_TASK_TYPE_DEFAULT(KERNEL_TYPE_MIX_AIC_1_2)");
     } catch (const EmuError& e) {
         err = e.what();
     }
