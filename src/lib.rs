@@ -44,6 +44,7 @@ pub mod io;
 pub mod kernels;
 pub mod plan;
 pub mod reference;
+pub mod shapes;
 pub mod synth;
 pub mod tensor;
 pub mod validate;
