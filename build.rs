@@ -68,7 +68,7 @@ fn build_mock_acl() {
             }
         }
     }
-    let flags = ["-std=c++17", "-pthread", "-DEK_ASCEND_EMU", "-Wno-unused-parameter"];
+    let flags = ["-std=c++17", "-pthread", "-DEK_ASCEND_EMU", "-ffp-contract=off", "-Wno-unused-parameter"];
     let lib = shared_library(
         "mock_acl",
         "libascendcl.so",
@@ -115,6 +115,10 @@ fn build_cuda_emu_driver() {
     println!("cargo::rustc-env=EK_CUDA_EMU_PATH={}", lib.display());
 }
 
+/// `-ffp-contract=off`: each emulated vector instruction rounds its result as the vector unit
+/// does (one rounding per instruction, no fused multiply-add the host compiler might form, as GCC
+/// does by default where FMA is in the base ISA, e.g. aarch64); the compression's top-k decisions
+/// are taken on those values, so they must not depend on the host.
 fn build_emulator() {
     let mut b = cc::Build::new();
     b.cpp(true)
@@ -123,6 +127,7 @@ fn build_emulator() {
         .include("ascend/kernels")
         .include("ffi")
         .define("EK_ASCEND_EMU", None)
+        .flag_if_supported("-ffp-contract=off")
         .flag_if_supported("-Wno-unused-parameter")
         .opt_level(2);
     for dir in ["ascend/emu", "ascend/kernels"] {
