@@ -9,6 +9,13 @@ mod common;
 use common::*;
 use entropy_kernels::*;
 
+/// The mock runtime's injected failures are process-wide: the tests that go through it take turns.
+#[cfg(feature = "ascend-emu")]
+fn mock_turn() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn probe_reports_why_without_panicking() {
     match Kernels::new(BackendKind::Ascend) {
@@ -38,6 +45,7 @@ fn acl_errors_through_the_mock_runtime() {
     use entropy_kernels::ascend::launch::DECODE;
     use std::sync::Arc;
 
+    let _turn = mock_turn();
     let dir = std::env::temp_dir().join(format!("ek-acl-test-{}", std::process::id()));
     let opts = mock::options(&dir).unwrap();
     let k = Kernels::from_backend(Arc::new(AscendBackend::with_options(&opts).unwrap()));
@@ -114,6 +122,7 @@ fn a_hung_mixed_kernel_is_a_timeout_error() {
     use entropy_kernels::ascend::launch::{Cores, Kernel, kernel_args, pack_args};
     use entropy_kernels::ascend::runtime::AclRuntime;
 
+    let _turn = mock_turn();
     let dir = std::env::temp_dir().join(format!("ek-acl-hang-{}", std::process::id()));
     let opts = mock::options(&dir).unwrap();
     let rt = AclRuntime::load(&opts).unwrap();
@@ -141,5 +150,30 @@ fn a_hung_mixed_kernel_is_a_timeout_error() {
         }
         other => panic!("a deadlocked kernel must end in a sync timeout, got {other:?}"),
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Core counts come from the device (`aclrtGetDeviceInfo`: the mock reports 4 AI cores and 8
+/// AIVs), not from a constant (before issue 18: 40 AIVs, 20 mixed groups whatever the SoC); the
+/// options' `vector_cores` (`ENTROPY_KERNELS_ASCEND_CORES`) still overrides, mixed launches taking
+/// half as many AI cores.
+#[cfg(feature = "ascend-emu")]
+#[test]
+fn core_counts_come_from_the_device() {
+    use entropy_kernels::ascend::device::mock;
+    use entropy_kernels::ascend::launch::{DECODE, PREFILL};
+    use entropy_kernels::ascend::runtime::AclRuntime;
+
+    let _turn = mock_turn();
+    let dir = std::env::temp_dir().join(format!("ek-acl-cores-{}", std::process::id()));
+    let mut opts = mock::options(&dir).unwrap();
+    let rt = AclRuntime::load(&opts).unwrap();
+    assert_eq!((rt.vector_cores, rt.ai_cores), (8, 4), "what aclrtGetDeviceInfo reports");
+    assert_eq!((rt.block_dim(DECODE), rt.block_dim(PREFILL)), (8, 4));
+    drop(rt);
+    opts.vector_cores = Some(6);
+    let rt = AclRuntime::load(&opts).unwrap();
+    assert_eq!((rt.block_dim(DECODE), rt.block_dim(PREFILL)), (6, 3), "the override");
+    drop(rt);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -30,7 +30,6 @@ constexpr aclError kInvalid = 100001;       // ACL_ERROR_INVALID_PARAM
 constexpr aclError kInjected = 507899;
 constexpr aclError kKernelFailed = 507015;  // an AI core exception, as the runtime reports it
 constexpr aclError kSyncTimeout = 507046;   // the stream did not drain in time
-bool stream_hung = false;                   // a launched kernel never ends
 
 std::mutex mu;
 bool initialised = false;
@@ -103,7 +102,7 @@ aclError aclrtResetDevice(int32_t) {
 aclError aclrtCreateStream(aclrtStream* s) {
     MOCK_ENTRY("aclrtCreateStream");
     NEED_DEVICE();
-    *s = new int(0);
+    *s = new int(0);  // the stream's state: 1 once a launched kernel never ends
     return ACL_SUCCESS;
 }
 
@@ -113,16 +112,17 @@ aclError aclrtDestroyStream(aclrtStream s) {
     return ACL_SUCCESS;
 }
 
-aclError aclrtSynchronizeStream(aclrtStream) {
+aclError aclrtSynchronizeStream(aclrtStream s) {
     MOCK_ENTRY("aclrtSynchronizeStream");
-    if (stream_hung) return fail(kInvalid, "mock: the stream never drains and no timeout was given (the process would hang)");
+    if (*static_cast<int*>(s)) return fail(kInvalid, "mock: the stream never drains and no timeout was given (the process would hang)");
     return ACL_SUCCESS;  // launches run to completion synchronously
 }
 
-aclError aclrtSynchronizeStreamWithTimeout(aclrtStream, int32_t timeout) {
+aclError aclrtSynchronizeStreamWithTimeout(aclrtStream s, int32_t timeout) {
     MOCK_ENTRY("aclrtSynchronizeStreamWithTimeout");
-    if (stream_hung) {
-        stream_hung = false;  // the runtime aborts the stream's task on timeout
+    int& hung = *static_cast<int*>(s);
+    if (hung) {
+        hung = 0;  // the runtime aborts the stream's task on timeout
         if (timeout < 0) return fail(kInvalid, "mock: the stream never drains and the timeout is -1 (the process would hang)");
         return fail(kSyncTimeout, "mock: stream synchronize timeout after " + std::to_string(timeout) + " ms (a kernel never ended)");
     }
@@ -213,7 +213,7 @@ aclError aclrtBinaryUnLoad(aclrtBinHandle h) {
     return ACL_SUCCESS;
 }
 
-aclError aclrtLaunchKernel(aclrtFuncHandle f, uint32_t block_dim, const void* args, size_t size, aclrtStream) {
+aclError aclrtLaunchKernel(aclrtFuncHandle f, uint32_t block_dim, const void* args, size_t size, aclrtStream s) {
     MOCK_ENTRY("aclrtLaunchKernel");
     if (size != sizeof(uint64_t) && size != 2 * sizeof(uint64_t))
         return fail(kInvalid, "mock: kernels take one GM_ADDR (vector) or two (mixed: sync address, params)");
@@ -227,7 +227,7 @@ aclError aclrtLaunchKernel(aclrtFuncHandle f, uint32_t block_dim, const void* ar
     char err[1024] = {0};
     const int rc = ek_emu_run(static_cast<Function*>(f)->symbol.c_str(), a, n, block_dim, err, sizeof(err));
     if (rc != 0 && std::strstr(err, "deadlock")) {
-        stream_hung = true;  // on the device the launch returns and the stream never drains
+        *static_cast<int*>(s) = 1;  // on the device the launch returns and this stream never drains
         return ACL_SUCCESS;
     }
     if (rc != 0) return fail(kKernelFailed, std::string("mock: kernel failed: ") + err);
