@@ -36,7 +36,7 @@ fn planted_violations_are_caught() {
     let mut output = vec![0f32; 512];
     selftest(0, &input, &mut output).expect("correct usage passes");
     assert_eq!(output[..256], input[..256].iter().map(|x| 2.0 * x).collect::<Vec<_>>()[..]);
-    let cases: [(i32, &str); 30] = [
+    let cases: [(i32, &str); 31] = [
         (1, "UB overflow"),
         (2, "not 32-byte aligned"),
         (3, "whole 32-byte blocks"),
@@ -87,6 +87,12 @@ fn planted_violations_are_caught() {
         (
             30,
             "GatherMask's rsvdCnt used before a V_S SetFlag/WaitFlag covering the GatherMask (Adds issued in between)",
+        ),
+        // The same rule over global memory (issue 18's second review): a UB -> GM copy read back
+        // by a GM -> UB copy needs MTE3_MTE2 (kv_compress's pooling reads what its group reduction wrote).
+        (
+            48,
+            "that DataCopy(UB->GM) (MTE3 #1) writes with no synchronisation between them (SetFlag/WaitFlag MTE3_MTE2 missing)",
         ),
     ];
     for (code, needle) in cases {
@@ -449,6 +455,20 @@ fn planted_cube_and_cross_core_violations_are_caught() {
         (46, "is not the device's hardware sync address (aclrtGetHardwareSyncAddr)"),
         // KERNEL_TASK_TYPE_DEFAULT page: a mixed kernel declares KERNEL_TYPE_MIX_AIC_1_2.
         (47, "does not declare KERNEL_TASK_TYPE_DEFAULT(KERNEL_TYPE_MIX_AIC_1_2)"),
+        // Global memory across the AI core (CrossCoreSetFlag page: the set is an instruction of
+        // its pipe; CrossCoreWaitFlag holds everything after it): the AIC publishes a Fixpipe
+        // result with a flag on MTE2, which does not wait for FIX ...
+        (48, "AIV 0: race: DataCopy(GM->local) (MTE2 #1) reads GM bytes"),
+        (
+            48,
+            "that the AIC's Fixpipe (FIX #1) writes with no synchronisation between them (a CrossCoreSetFlag on the AIC issued on a pipe after FIX's access, and the CrossCoreWaitFlag before this one, missing)",
+        ),
+        // ... and the AIVs release a slot they read by MTE2 with a flag on MTE3 (prefill and the
+        // cube-scored compression release their workspace slots this way, on the right pipes).
+        (
+            49,
+            "that AIV 0's DataCopy(GM->local) (MTE2 #1) still reads with no synchronisation between them (a CrossCoreSetFlag on AIV 0 issued on a pipe after MTE2's access",
+        ),
     ];
     for (code, needle) in cases {
         match selftest_mix(code, &input, &mut output) {
@@ -459,6 +479,25 @@ fn planted_cube_and_cross_core_violations_are_caught() {
             Err(e) => panic!("violation {code}: wrong error {e}"),
         }
     }
+}
+
+/// Two cores of one vector launch writing the same GM bytes race: nothing orders the cores of a
+/// launch (only the launch boundary does).
+#[test]
+fn cores_of_one_launch_do_not_share_gm_unsynchronised() {
+    let input = vec![0f32; 512];
+    let mut output = vec![0f32; 512];
+    let t = SelfTest { code: 49, pad: 0, input: input.as_ptr(), output: output.as_mut_ptr() };
+    // SAFETY: both buffers hold 512 floats, as the self-test kernels assume.
+    let r = unsafe { emu::run("selftest", &t as *const SelfTest as *const u8, 2) };
+    let want = "core 1: race: DataCopy(UB->GM) (MTE3 #1) writes GM bytes";
+    let why = "that core 0's DataCopy(UB->GM) (MTE3 #1) writes with no synchronisation between them (different cores of one launch: nothing orders them before the launch ends)";
+    match r {
+        Err(Error::Emulator { detail, .. }) => assert!(detail.contains(want) && detail.contains(why), "{detail}"),
+        other => panic!("two cores writing the same GM bytes must be a race, got {other:?}"),
+    }
+    // One core alone is fine.
+    selftest(49, &input, &mut output).unwrap();
 }
 
 /// Nd2Nz → LoadData (plain and transposed) → Mmad → Fixpipe computes X·Yᵀ and X·Z exactly (small

@@ -1,5 +1,6 @@
 // The happens-before checker of include/emu_pipes.h.
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
@@ -15,7 +16,8 @@ const char* PipeName(int pipe) {
     return pipe >= 0 && pipe < kPipes ? names[pipe] : "?";
 }
 
-void PipeState::Reset(const uint32_t* capacity, const bool* owned) {
+void PipeState::Reset(const uint32_t* capacity, const bool* owned, int slot) {
+    slot_ = slot;
     for (int p = 0; p < kPipes; p++) {
         count_[p] = 0;
         front_[p] = Clock();
@@ -31,12 +33,13 @@ void PipeState::Reset(const uint32_t* capacity, const bool* owned) {
 Op PipeState::Issue(int pipe, const char* name) {
     Op op;
     op.pipe = pipe;
+    op.slot = slot_;
     op.seq = ++count_[pipe];
     op.name = name;
     op.clk = front_[pipe];
     // In-order pipes: every earlier instruction of the pipe is complete. V only up to its last
     // PipeBarrier<PIPE_V> (kept in front_[V].done[V]).
-    if (pipe != PIPE_V) op.clk.done[pipe] = op.seq - 1;
+    if (pipe != PIPE_V) op.clk.done[slot_ * kPipes + pipe] = op.seq - 1;
     names_[pipe].push_back(name);
     return op;
 }
@@ -102,11 +105,107 @@ void PipeState::Access(const Op& op, Memory m, uint32_t lo, uint32_t hi, bool wr
 
 Clock PipeState::Release(int src) const {
     Clock c = front_[src];
-    c.done[src] = count_[src];
+    c.done[slot_ * kPipes + src] = count_[src];
     return c;
 }
 
 void PipeState::Acquire(int dst, const Clock& c) { front_[dst].Join(c); }
+
+void PipeState::AcquireAll(const Clock& c) {
+    for (int p = 0; p < kPipes; p++) front_[p].Join(c);
+}
+
+namespace {
+const char* SlotName(int slot, bool mixed) {
+    static const char* names[kSlots] = {"the AIC", "AIV 0", "AIV 1"};
+    return mixed ? names[slot] : "this core";
+}
+std::string Hex(uint64_t x) {
+    char b[24];
+    std::snprintf(b, sizeof b, "%#llx", (unsigned long long)x);
+    return b;
+}
+}  // namespace
+
+void GmShadow::Access(const Op& op, uint32_t group, uint64_t lo, uint64_t hi, bool write, bool mixed) {
+    if (op.pipe < 0) EmuFail("internal: a global memory access outside an instruction");
+    if (hi <= lo) return;
+    std::string race;
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        // Segments covering [lo, hi) exactly: split those that straddle lo or hi, fill the gaps.
+        auto split = [&](uint64_t at) {
+            auto it = segs_.upper_bound(at);
+            if (it == segs_.begin()) return;
+            --it;
+            if (it->first < at && it->second.end > at) {
+                Segment tail = it->second;
+                it->second.end = at;
+                segs_.emplace(at, tail);
+            }
+        };
+        split(lo);
+        split(hi);
+        for (uint64_t at = lo; at < hi;) {
+            auto it = segs_.lower_bound(at);
+            const uint64_t next = it == segs_.end() ? hi : std::min<uint64_t>(it->first, hi);
+            if (next > at) {  // a gap: no access yet
+                Segment fresh;
+                fresh.end = next;
+                segs_.emplace(at, fresh);
+                at = next;
+            } else {
+                at = it->second.end;
+            }
+        }
+        const auto ordered = [&](const GmRef& r) {
+            return r.seq == 0 || (r.group == group && op.After(r.slot, r.pipe, r.seq));
+        };
+        const auto describe = [&](const GmRef& r, const char* kind) {
+            std::string who = r.group != group ? std::string("core ") + std::to_string(r.group) + "'s"
+                              : r.slot != op.slot ? std::string(SlotName(r.slot, mixed)) + "'s"
+                                                  : std::string();
+            return (who.empty() ? "" : who + " ") + r.name + " (" + PipeName(r.pipe) + " #" + std::to_string(r.seq) + ") " + kind;
+        };
+        const auto why = [&](const GmRef& r) -> std::string {
+            if (r.group != group) return "different cores of one launch: nothing orders them before the launch ends";
+            if (r.slot != op.slot)
+                return std::string("a CrossCoreSetFlag on ") + SlotName(r.slot, mixed) + " issued on a pipe after " +
+                       PipeName(r.pipe) + "'s access, and the CrossCoreWaitFlag before this one, missing";
+            return std::string("SetFlag/WaitFlag ") + PipeName(r.pipe) + "_" + PipeName(op.pipe) + " missing";
+        };
+        for (auto it = segs_.lower_bound(lo); it != segs_.end() && it->first < hi; ++it) {
+            Segment& g = it->second;
+            if (race.empty() && !ordered(g.w)) race = describe(g.w, "writes") + " with no synchronisation between them (" + why(g.w) + ")";
+            if (write) {
+                for (const GmRef& r : g.r) {
+                    // A scalar read is done when GetValue returns: never overtaken by its core's later writes.
+                    const bool scalar_own = r.pipe == PIPE_S && r.group == group && r.slot == op.slot;
+                    if (race.empty() && !scalar_own && !ordered(r))
+                        race = describe(r, "still reads") + " with no synchronisation between them (" + why(r) + ")";
+                }
+                g.w = GmRef{op.seq, group, (uint8_t)op.slot, (uint8_t)op.pipe, op.name};
+                for (GmRef& r : g.r) r = GmRef();
+                g.next = 0;
+            } else {
+                GmRef me{op.seq, group, (uint8_t)op.slot, (uint8_t)op.pipe, op.name};
+                int at = -1;
+                for (int k = 0; k < kReaders; k++)
+                    if (g.r[k].seq && g.r[k].group == group && g.r[k].slot == op.slot && g.r[k].pipe == op.pipe) at = k;
+                for (int k = 0; k < kReaders && at < 0; k++)
+                    if (!g.r[k].seq) at = k;
+                if (at < 0) {  // full: forget the oldest entry (a missed race at worst, never a false one)
+                    at = g.next;
+                    g.next = (uint8_t)((g.next + 1) % kReaders);
+                }
+                g.r[at] = me;
+            }
+        }
+    }
+    if (!race.empty())
+        Report("race: " + std::string(op.name) + " (" + PipeName(op.pipe) + " #" + std::to_string(op.seq) + ") " +
+               (write ? "writes" : "reads") + " GM bytes [" + Hex(lo) + ", " + Hex(hi) + ") that " + race);
+}
 
 void PipeState::Barrier(int pipe) {
     if (pipe == PIPE_ALL) {
@@ -127,6 +226,13 @@ namespace emu {
 std::string EventName(HardEvent e) {
     const EventPipes p = PipesOf(e);
     return std::string(PipeName(p.src)) + "_" + PipeName(p.dst);
+}
+
+void TrackGm(const void* p, uint64_t bytes, bool write) {
+    CoreState& c = Core();
+    if (!c.gm) return;
+    const uint64_t lo = reinterpret_cast<uint64_t>(p);
+    c.gm->Access(c.pipes.current, c.gm_group, lo, lo + bytes, write, c.group != nullptr);
 }
 
 void OnRemainCountSync(int dst) {

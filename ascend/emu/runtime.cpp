@@ -5,6 +5,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdio>
+#include <deque>
 #include <mutex>
 #include <thread>
 
@@ -153,6 +154,8 @@ struct CrossCoreGroup {
     std::condition_variable cv;
     int to_aiv[2][16] = {};
     int to_aic[2][16] = {};
+    // What each pending set carries: the clock of its pipe when it was issued (emu_pipes.h).
+    std::deque<emu::Clock> clk_aiv[2][16], clk_aic[2][16];
     int live = 3, waiting = 0;
     int waits_on[3] = {-1, -1, -1};  // flag id each core (AIC, AIV 0, AIV 1) is blocked on
     bool aborted = false;
@@ -200,7 +203,7 @@ void SetSyncBaseAddr(uint64_t config) {
 
 void DeclareTaskType(KernelMetaType type) { Core().task_type = (int)type; }
 
-void CrossCoreSet(int mode, int32_t id) {
+void CrossCoreSet(int mode, int32_t id, int pipe) {
     CheckFlagId(id);
     CheckSyncBase("CrossCoreSetFlag");
     if (mode != 2) EmuFail("cross-core flag mode " + std::to_string(mode) + " is not emulated (mode 2: AIC with its AIVs)");
@@ -209,11 +212,15 @@ void CrossCoreSet(int mode, int32_t id) {
     std::lock_guard<std::mutex> lock(g.mu);
     // A flag's counter holds at most 15 pending sets (the API reference's limit).
     constexpr int kMaxPending = 15;
+    const emu::Clock done = c.pipes.Release(pipe);
     if (c.cube) {
-        for (int k = 0; k < 2; k++)
+        for (int k = 0; k < 2; k++) {
             if (++g.to_aiv[k][id] > kMaxPending) EmuFail("CrossCoreSetFlag " + std::to_string(id) + ": more than 15 sets pending");
+            g.clk_aiv[k][id].push_back(done);
+        }
     } else {
         if (++g.to_aic[c.sub_block][id] > kMaxPending) EmuFail("CrossCoreSetFlag " + std::to_string(id) + ": more than 15 sets pending");
+        g.clk_aic[c.sub_block][id].push_back(done);
     }
     g.cv.notify_all();
 }
@@ -241,12 +248,23 @@ void CrossCoreWait(int32_t id) {
     }
     g.waiting--;
     g.waits_on[me] = -1;
+    // Everything after the wait starts after what the sets it takes carry (CrossCoreWaitFlag page:
+    // every later instruction is held).
+    emu::Clock seen;
+    const auto take = [&](std::deque<emu::Clock>& q) {
+        seen.Join(q.front());
+        q.pop_front();
+    };
     if (c.cube) {
         g.to_aic[0][id]--;
         g.to_aic[1][id]--;
+        take(g.clk_aic[0][id]);
+        take(g.clk_aic[1][id]);
     } else {
         g.to_aiv[c.sub_block][id]--;
+        take(g.clk_aiv[c.sub_block][id]);
     }
+    c.pipes.AcquireAll(seen);
 }
 
 }  // namespace AscendC
@@ -269,7 +287,7 @@ std::string RunOne(AscendC::CoreState& st, void (*body)(void*), void* ctx) {
         capacity[m] = MemoryCapacity((Memory)m);
         owned[m] = !st.mem[m].empty();
     }
-    st.pipes.Reset(capacity, owned);
+    st.pipes.Reset(capacity, owned, st.group ? (st.cube ? 0 : 1 + (int)st.sub_block) : 0);
     g_core = &st;
     std::string err;
     try {
@@ -293,10 +311,13 @@ std::string RunOne(AscendC::CoreState& st, void (*body)(void*), void* ctx) {
 void RunCores(uint32_t block_dim, void (*body)(void*), void* ctx) {
     using namespace AscendC;
     if (block_dim == 0) EmuFail("launch with zero cores");
+    emu::GmShadow gm;  // one launch's global-memory accesses: the cores of a launch run concurrently
     for (uint32_t i = 0; i < block_dim; i++) {
         CoreState st;
         st.block_idx = i;
         st.block_num = block_dim;
+        st.gm = &gm;
+        st.gm_group = i;
         const std::string err = RunOne(st, body, ctx);
         if (!err.empty()) throw EmuError("core " + std::to_string(i) + ": " + err);
     }
@@ -305,6 +326,7 @@ void RunCores(uint32_t block_dim, void (*body)(void*), void* ctx) {
 void RunMixCores(uint32_t block_dim, void (*body)(void*), void* ctx) {
     using namespace AscendC;
     if (block_dim == 0) EmuFail("launch with zero cores");
+    emu::GmShadow gm;
     for (uint32_t i = 0; i < block_dim; i++) {
         CrossCoreGroup group;
         CoreState st[3];
@@ -316,6 +338,8 @@ void RunMixCores(uint32_t block_dim, void (*body)(void*), void* ctx) {
             st[k].cube = k == 0;
             st[k].sub_block = k == 0 ? 0 : k - 1;
             st[k].group = &group;
+            st[k].gm = &gm;
+            st[k].gm_group = i;
         }
         std::thread workers[3];
         for (int k = 0; k < 3; k++) {

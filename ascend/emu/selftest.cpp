@@ -389,7 +389,30 @@ extern "C" void ek_emu_selftest_kernel(uint8_t* arg) {
             Adds(a.Get<float>(), a.Get<float>(), (float)cnt, 8);
             break;
         }
-        case 104: {  // the synchronised forms of 26-30 pass; DataCopyPad's fill of a partial block
+        // Global memory (emu_pipes.h): the same happens-before rule over GM bytes.
+        case 48: {  // a GM -> UB copy of bytes the previous UB -> GM copy writes, with no MTE3_MTE2
+            // (kv_compress's pooling reads back what its group reduction wrote: it syncs MTE3_MTE2)
+            TPipe pipe;
+            TBuf<TPosition::VECCALC> a;
+            pipe.InitBuffer(a, 1024);
+            Duplicate(a.Get<float>(), 1.0f, 64);
+            SetFlag<HardEvent::V_MTE3>(0);
+            WaitFlag<HardEvent::V_MTE3>(0);
+            DataCopy(t.Out(), a.Get<float>(), 64);
+            DataCopy(a.Get<float>()[64], t.Out()[8], 8);
+            break;
+        }
+        case 49: {  // run on two cores: both write the same GM bytes in one launch
+            TPipe pipe;
+            TBuf<TPosition::VECOUT> a;
+            pipe.InitBuffer(a, 256);
+            Duplicate(a.Get<float>(), (float)GetBlockIdx(), 8);
+            SetFlag<HardEvent::V_MTE3>(0);
+            WaitFlag<HardEvent::V_MTE3>(0);
+            DataCopy(t.Out(), a.Get<float>(), 8);
+            break;
+        }
+        case 104: {  // the synchronised forms of 26-30 and 48 pass; DataCopyPad's fill of a partial block
             TPipe pipe;
             TQue<TPosition::VECIN, 1> in;
             TQue<TPosition::VECOUT, 1> out;
@@ -427,6 +450,10 @@ extern "C" void ek_emu_selftest_kernel(uint8_t* arg) {
             WaitFlag<HardEvent::MTE3_S>(0);
             y.SetValue(0, 2.0f);
             out.FreeTensor(y);
+            // GM written by MTE3 and read back by MTE2: MTE3_MTE2 between them.
+            SetFlag<HardEvent::MTE3_MTE2>(0);
+            WaitFlag<HardEvent::MTE3_MTE2>(0);
+            DataCopy(a.Get<float>(), t.Out(), 8);
             break;
         }
         case 100:
@@ -714,6 +741,47 @@ extern "C" void ek_emu_selftest_cube(uint8_t* sync, uint8_t* which) {
             break;
         case 47:  // a mixed kernel without KERNEL_TASK_TYPE_DEFAULT
             break;
+        // Global memory across the AI core's cores: a cross-core flag publishes what its pipe has
+        // done (CrossCoreSetFlag page: the set is an instruction of that pipe).
+        case 48: {  // the AIC sets the flag on MTE2, not on FIX after its Fixpipe: the AIVs may read early
+            if (ASCEND_IS_AIC) {
+                CubeBuffers b(t);
+                b.CopyIn();
+                b.Load();
+                b.Multiply(32);
+                b.Out(32);
+                CrossCoreSetFlag<2, PIPE_MTE2>(1);
+            } else {
+                TPipe pipe;
+                TBuf<TPosition::VECIN> a;
+                pipe.InitBuffer(a, 1024);
+                GlobalTensor<float> out;
+                out.SetGlobalBuffer(t.out, 1024);
+                CrossCoreWaitFlag(1);
+                DataCopy(a.Get<float>(), out, 16);
+            }
+            break;
+        }
+        case 49: {  // the AIVs release the slot with a flag on MTE3, not on MTE2 after their reads:
+                    // the AIC's Fixpipe may overwrite it while they still read
+            if (ASCEND_IS_AIC) {
+                CubeBuffers b(t);
+                b.CopyIn();
+                b.Load();
+                b.Multiply(32);
+                CrossCoreWaitFlag(1);
+                b.Out(32);
+            } else {
+                TPipe pipe;
+                TBuf<TPosition::VECIN> a;
+                pipe.InitBuffer(a, 1024);
+                GlobalTensor<float> out;
+                out.SetGlobalBuffer(t.out, 1024);
+                DataCopy(a.Get<float>(), out[GetSubBlockIdx() * 16], 16);
+                CrossCoreSetFlag<2, PIPE_MTE3>(1);
+            }
+            break;
+        }
         case 201: {  // Mmad with m = 1 (GEMV mode): out[0..16) = (first 32 elements of L0A)·Yᵀ
             if (ASCEND_IS_AIV) return;
             CubeBuffers b(t);

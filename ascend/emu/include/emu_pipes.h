@@ -17,9 +17,22 @@
 // read or write) that the clock does not order before it is a race, reported with both
 // instructions, the memory and the bytes. Values are computed at issue, as before: the checker
 // only says when the hardware could have computed something else.
+//
+// Global memory is checked the same way across the three cores of a mixed launch's AI core
+// (slots: AIC, AIV 0, AIV 1), whose clocks span all three: CrossCoreSetFlag<mode, pipe> is issued
+// on `pipe` (CrossCoreSetFlag page: "the pipe this instruction runs on"), so the flag carries what
+// that pipe's earlier instructions completed, and CrossCoreWaitFlag holds every later instruction
+// of the waiting core (CrossCoreWaitFlag page). Every GM byte range an instruction reads or writes
+// is recorded exactly (GM has no 32-byte grid: DataCopyPad writes only its bytes); a conflicting
+// access no chain of flags orders is a race — between the pipes of one core (e.g. a UB -> GM copy
+// then a GM -> UB copy of the same bytes with no MTE3_MTE2), between the AIC and an AIV (a flag
+// set on a pipe that does not cover the write, or a slot overwritten before its reader released
+// it), and between different cores of one launch (nothing orders them inside a launch).
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -32,14 +45,15 @@ enum pipe_t { PIPE_S, PIPE_V, PIPE_M, PIPE_MTE1, PIPE_MTE2, PIPE_MTE3, PIPE_FIX,
 namespace emu {
 
 constexpr int kPipes = PIPE_ALL;  // S, V, M, MTE1, MTE2, MTE3, FIX
+constexpr int kSlots = 3;         // the cores of a mixed launch's AI core: AIC, AIV 0, AIV 1 (a vector core: 0)
 
 const char* PipeName(int pipe);
 
-// For each pipe, how many of its instructions are known complete.
+// For each pipe of each core of the AI core, how many of its instructions are known complete.
 struct Clock {
-    uint32_t done[kPipes] = {};
+    uint32_t done[kSlots * kPipes] = {};
     void Join(const Clock& o) {
-        for (int p = 0; p < kPipes; p++)
+        for (int p = 0; p < kSlots * kPipes; p++)
             if (o.done[p] > done[p]) done[p] = o.done[p];
     }
 };
@@ -47,13 +61,43 @@ struct Clock {
 // One issued instruction.
 struct Op {
     int pipe = -1;
+    int slot = 0;      // the core that issued it
     uint32_t seq = 0;  // 1-based within its pipe
     Clock clk;         // what is complete before it starts
     const char* name = "";
-    // Whether the instruction `seq` of `pipe` is complete before this one starts.
-    bool After(int pipe_, uint32_t seq_) const {
-        return seq_ == 0 || (pipe_ == pipe && seq_ == seq) || clk.done[pipe_] >= seq_;
+    // Whether the instruction `seq` of `pipe` of core `slot_` is complete before this one starts.
+    bool After(int slot_, int pipe_, uint32_t seq_) const {
+        return seq_ == 0 || (slot_ == slot && pipe_ == pipe && seq_ == seq) || clk.done[slot_ * kPipes + pipe_] >= seq_;
     }
+    bool After(int pipe_, uint32_t seq_) const { return After(slot, pipe_, seq_); }
+};
+
+// One access to global memory, as the GM shadow keeps it.
+struct GmRef {
+    uint32_t seq = 0;  // 0: none
+    uint32_t group = 0;  // the AI core (mixed launch) or vector core that issued it
+    uint8_t slot = 0, pipe = 0;
+    const char* name = "";
+};
+
+// Every GM access of one launch: byte ranges [start, end) with their last writer and latest
+// readers. Shared by the launch's cores (threads in a mixed launch), hence the lock.
+class GmShadow {
+public:
+    // Records `op` (issued by core `slot` of `group`) reading or writing GM bytes [lo, hi); a race
+    // fails the calling core.
+    void Access(const Op& op, uint32_t group, uint64_t lo, uint64_t hi, bool write, bool mixed);
+
+private:
+    static constexpr int kReaders = 6;
+    struct Segment {
+        uint64_t end = 0;
+        GmRef w;
+        GmRef r[kReaders];
+        uint8_t next = 0;  // the reader entry to replace when all are taken
+    };
+    std::mutex mu_;
+    std::map<uint64_t, Segment> segs_;  // by start
 };
 
 // Last accesses of one 32-byte block.
@@ -65,8 +109,8 @@ struct Shadow {
 
 class PipeState {
 public:
-    // Fresh state for a core that owns the memories `owned` (bytes each; 0: not owned).
-    void Reset(const uint32_t* capacity, const bool* owned);
+    // Fresh state for core `slot` of its AI core, owning the memories `owned` (bytes each).
+    void Reset(const uint32_t* capacity, const bool* owned, int slot);
     // Issues an instruction on `pipe`.
     Op Issue(int pipe, const char* name);
     // Records that `op` reads or writes bytes [lo, hi) of memory `m`; a race fails the core.
@@ -76,16 +120,21 @@ public:
     Clock Release(int src) const;
     // `dst`'s next instructions start after what `c` says is complete.
     void Acquire(int dst, const Clock& c);
+    // Every pipe's next instructions start after what `c` says is complete (a cross-core wait
+    // holds everything after it).
+    void AcquireAll(const Clock& c);
     // PipeBarrier<pipe>: later `pipe` instructions after every earlier one (PIPE_ALL: every pipe
     // after every earlier instruction).
     void Barrier(int pipe);
     // How many `pipe` instructions `dst`'s next instruction knows complete.
-    uint32_t Known(int dst, int pipe) const { return front_[dst].done[pipe]; }
+    uint32_t Known(int dst, int pipe) const { return front_[dst].done[slot_ * kPipes + pipe]; }
+    int Slot() const { return slot_; }
     // The instruction currently executing (the emulated API sets it around each instruction).
     Op current;
 
 private:
     std::string Describe(int pipe, uint32_t seq) const;
+    int slot_ = 0;
     uint32_t count_[kPipes] = {};
     Clock front_[kPipes];
     std::vector<const char*> names_[kPipes];

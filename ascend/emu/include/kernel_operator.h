@@ -116,12 +116,16 @@ struct CoreState {
     uint64_t sync_base = 0;                    // SetSyncBaseAddr's address (0: not set)
     int task_type = -1;                        // KERNEL_TASK_TYPE_DEFAULT's type (-1: none)
     std::vector<std::string> leaks;            // filled by queues that end with live tensors
+    emu::GmShadow* gm = nullptr;               // the launch's global-memory accesses (emu_pipes.h)
+    uint32_t gm_group = 0;                     // this core's AI core (mixed) or vector core index
 };
 
 CoreState& Core();
 
 namespace emu {
 [[noreturn]] void RemainCountUnsynced(const char* next);
+// Records that the instruction running now reads or writes GM bytes [p, p + bytes).
+void TrackGm(const void* p, uint64_t bytes, bool write);
 // Runs one emulated instruction on `pipe`: the tensors' In/Out accesses inside are its.
 struct OpScope {
     OpScope(int pipe, const char* name) {
@@ -150,16 +154,30 @@ public:
         g.size_ = size_ == UINT64_MAX ? UINT64_MAX : (offset <= size_ ? size_ - offset : 0);
         return g;
     }
+    // The scalar unit's reads and writes of GM (pipe S).
     __aicore__ T GetValue(uint64_t i) const {
+        emu::OpScope op(PIPE_S, "GetValue(GM)");
         AddCount(Count::ScalarGm, 1);
-        return *At(i, 1);
+        return *Read(i, 1);
     }
     __aicore__ void SetValue(uint64_t i, T v) {
+        emu::OpScope op(PIPE_S, "SetValue(GM)");
         AddCount(Count::ScalarGm, 1);
-        *At(i, 1) = v;
+        *Write(i, 1) = v;
     }
     __aicore__ __gm__ T* GetPhyAddr() const { return base_; }
     __aicore__ uint64_t GetSize() const { return size_; }
+    // Emulator: At, recorded as a read or a write of the instruction running now.
+    const T* Read(uint64_t i, uint64_t count) const {
+        T* p = At(i, count);
+        emu::TrackGm(p, count * sizeof(T), false);
+        return p;
+    }
+    T* Write(uint64_t i, uint64_t count) const {
+        T* p = At(i, count);
+        emu::TrackGm(p, count * sizeof(T), true);
+        return p;
+    }
     // Emulator: `count` elements from `i`, bounds-checked against the declared size.
     T* At(uint64_t i, uint64_t count) const {
         if (!base_) EmuFail("GlobalTensor used before SetGlobalBuffer");
@@ -405,7 +423,7 @@ template <typename T> __aicore__ void DataCopy(const LocalTensor<T>& dst, const 
     dst.CheckAligned("DataCopy");
     if ((count * sizeof(T)) % ONE_BLK_SIZE)
         EmuFail("DataCopy of " + std::to_string(count * sizeof(T)) + " bytes: DataCopy moves whole 32-byte blocks (use DataCopyPad)");
-    std::memcpy(dst.Out(0, count), src.At(0, count), count * sizeof(T));
+    std::memcpy(dst.Out(0, count), src.Read(0, count), count * sizeof(T));
     AddCount(Count::GmRead, count * sizeof(T));
 }
 template <typename T> __aicore__ void DataCopy(const GlobalTensor<T>& dst, const LocalTensor<T>& src, uint32_t count) {
@@ -413,7 +431,7 @@ template <typename T> __aicore__ void DataCopy(const GlobalTensor<T>& dst, const
     src.CheckAligned("DataCopy");
     if ((count * sizeof(T)) % ONE_BLK_SIZE)
         EmuFail("DataCopy of " + std::to_string(count * sizeof(T)) + " bytes: DataCopy moves whole 32-byte blocks (use DataCopyPad)");
-    std::memcpy(dst.At(0, count), src.In(0, count), count * sizeof(T));
+    std::memcpy(dst.Write(0, count), src.In(0, count), count * sizeof(T));
     AddCount(Count::GmWrite, count * sizeof(T));
 }
 template <typename T> __aicore__ void DataCopy(const LocalTensor<T>& dst, const LocalTensor<T>& src, uint32_t count) {
@@ -447,7 +465,7 @@ __aicore__ void DataCopyPad(const LocalTensor<T>& dst, const GlobalTensor<T>& sr
     const uint64_t src_step = n + p.srcStride / sizeof(T);
     for (uint32_t b = 0; b < p.blockCount; b++) {
         T* d = dst.Out(b * dst_step, padded);
-        std::memcpy(d, src.At(b * src_step, n), p.blockLen);
+        std::memcpy(d, src.Read(b * src_step, n), p.blockLen);
         AddCount(Count::GmRead, p.blockLen);
         for (uint32_t i = n; i < padded; i++) {
             if (!pad.isPad) {
@@ -471,7 +489,7 @@ template <typename T> __aicore__ void DataCopyPad(const GlobalTensor<T>& dst, co
     const uint32_t src_step = padded + p.srcStride * ONE_BLK_SIZE / sizeof(T);
     if (p.dstStride % sizeof(T)) EmuFail("DataCopyPad: dstStride is not a whole number of elements");
     const uint64_t dst_step = n + p.dstStride / sizeof(T);
-    for (uint32_t b = 0; b < p.blockCount; b++) std::memcpy(dst.At(b * dst_step, n), src.In(b * src_step, n), p.blockLen);
+    for (uint32_t b = 0; b < p.blockCount; b++) std::memcpy(dst.Write(b * dst_step, n), src.In(b * src_step, n), p.blockLen);
     AddCount(Count::GmWrite, (uint64_t)p.blockCount * p.blockLen);
 }
 
@@ -1041,7 +1059,7 @@ template <typename T> __aicore__ void DataCopy(const LocalTensor<T>& dst, const 
         for (uint32_t j = 0; j < p.nValue; j++)
             for (uint32_t k = 0; k < pieces; k++) {
                 const uint32_t n = (k + 1) * c0 <= p.dValue ? c0 : p.dValue - k * c0;
-                const T* from = src.At((uint64_t)i * p.srcNdMatrixStride + (uint64_t)j * p.srcDValue + k * c0, n);
+                const T* from = src.Read((uint64_t)i * p.srcNdMatrixStride + (uint64_t)j * p.srcDValue + k * c0, n);
                 T* to = dst.Out(i * p.dstNzMatrixStride + (j * p.dstNzNStride + k * p.dstNzC0Stride) * c0, c0);
                 for (uint32_t e = 0; e < c0; e++) to[e] = e < n ? from[e] : T(0.0f);  // the row's last piece is zero-filled
                 AddCount(Count::GmRead, n * sizeof(T));
@@ -1162,7 +1180,7 @@ __aicore__ void Fixpipe(const GlobalTensor<T>& dst, const LocalTensor<U>& src, c
     const uint32_t np = (p.nSize + 15) / 16 * 16;
     const U* c = src.In(0, (uint32_t)p.srcStride * np);
     for (uint32_t m = 0; m < p.mSize; m++) {
-        T* row = dst.At((uint64_t)m * p.dstStride, p.nSize);
+        T* row = dst.Write((uint64_t)m * p.dstStride, p.nSize);
         for (uint32_t n = 0; n < p.nSize; n++) row[n] = T(c[(n / 16) * p.srcStride * 16 + m * 16 + n % 16]);
     }
     AddCount(Count::GmWrite, (uint64_t)p.mSize * p.nSize * sizeof(T));
@@ -1223,7 +1241,7 @@ template <pipe_t P> __aicore__ void PipeBarrier() {
 // both of its AIVs; an AIC's wait needs the set of both AIVs; an AIV's set and wait pair with its
 // AIC. Flag ids 0..10. Emulator rules: a wait that can never be satisfied (every core of the
 // group waiting) is a deadlock; a set never waited for at the end of the launch is an error.
-void CrossCoreSet(int mode, int32_t id);
+void CrossCoreSet(int mode, int32_t id, int pipe);
 void CrossCoreWait(int32_t id);
 
 // The cross-core flags live at the device's hardware synchronisation address: the host reads it
@@ -1239,7 +1257,12 @@ void SetSyncBaseAddr(uint64_t config);
 enum KernelMetaType { KERNEL_TYPE_AIV_ONLY, KERNEL_TYPE_AIC_ONLY, KERNEL_TYPE_MIX_AIV_1_0, KERNEL_TYPE_MIX_AIC_1_0,
                       KERNEL_TYPE_MIX_AIC_1_1, KERNEL_TYPE_MIX_AIC_1_2 };
 void DeclareTaskType(KernelMetaType type);
-template <uint8_t modeId, pipe_t pipe> __aicore__ void CrossCoreSetFlag(int32_t flagId) { CrossCoreSet(modeId, flagId); }
+// The set is an instruction of `pipe`: it takes effect once `pipe`'s earlier instructions are done
+// (CrossCoreSetFlag page; PIPE_S and PIPE_ALL are not accepted there).
+template <uint8_t modeId, pipe_t pipe> __aicore__ void CrossCoreSetFlag(int32_t flagId) {
+    static_assert(pipe != PIPE_S && pipe != PIPE_ALL, "CrossCoreSetFlag takes a hardware pipe other than PIPE_S and PIPE_ALL");
+    CrossCoreSet(modeId, flagId, pipe);
+}
 __aicore__ inline void CrossCoreWaitFlag(int32_t flagId) { CrossCoreWait(flagId); }
 
 // ------------------------------------------------------------------------------------------------
