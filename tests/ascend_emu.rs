@@ -321,6 +321,57 @@ fn emulated_kv_compress_partial_tie_level() {
     assert_eq!((got.indices, got.lengths), (want.indices, want.lengths), "AdaKV, budget 4500");
 }
 
+/// Issue 18, defect 6: DataCopyPad fills the rest of a partial 32-byte block with copies of the
+/// burst's first element (not the pad value), so a top-k score tile of n ≢ 0 (mod 8) scores would
+/// carry up to 7 phantom copies of its first score. Here the last tile holds 5 scores and its
+/// first (position 1024) is the row's largest: a phantom would be kept at once. Every kept
+/// position must lie below N − W, on both top-k kernels, and match the oracle.
+#[test]
+fn compress_keeps_no_phantom_positions() {
+    let (b, hq, hkv, d, w) = (1, 2, 1, 32, 4);
+    let scored = 1024 + 5;
+    let n = scored + w;
+    let mut keys = random([b, hkv, n, d], 0.1, seed("phantoms"), DType::F32).to_f32_vec();
+    keys[1024 * d..1025 * d].iter_mut().for_each(|x| *x = 1.0);
+    let kc = HostTensor::from_f32(&keys, [b, hkv, n, d], DType::F32);
+    let vc = random([b, hkv, n, d], 1.0, seed("phantoms") ^ 1, DType::F32);
+    let obs = HostTensor::full(DType::F32, [b, hq, w, d], 0.5);
+    let dc = DecodeConfig { decode_budget: 200 + w, window: w, pooling: Pooling::None, ..Default::default() };
+    let want = Kernels::reference().kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+    assert!(want.indices.contains(&1024), "the test needs position 1024 kept");
+    for topk in [ascend::TopK::Sort, ascend::TopK::Select] {
+        let got = emulated(topk).kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+        for &p in &got.indices {
+            assert!(
+                (p as usize) < scored,
+                "{topk:?}: kept position {p} ≥ N − W = {scored}: a DataCopyPad tail slot entered the top-k"
+            );
+        }
+        assert_eq!(got.indices, want.indices, "{topk:?}");
+    }
+}
+
+/// More top-k items than emulated cores (8 kv heads on 4 cores): each core selects for two heads
+/// back to back, so the second item's scalar writes of its output tile follow the first item's
+/// UB -> GM copy of the same tile (issue 18, defect 7: MTE3_S before them), on both top-k kernels.
+#[test]
+fn compress_topk_runs_several_items_per_core() {
+    let (b, hq, hkv, d, n, w) = (1, 8, 8, 32, 300, 4);
+    let s = seed("compress_topk_runs_several_items_per_core");
+    let kc = random([b, hkv, n, d], 1.0, s, DType::F32);
+    let vc = random([b, hkv, n, d], 1.0, s ^ 1, DType::F32);
+    let obs = random([b, hq, w, d], 1.0, s ^ 2, DType::F32);
+    let dc = DecodeConfig { decode_budget: 100, window: w, pooling: Pooling::Avg, ..Default::default() };
+    let oracle = Kernels::reference();
+    let want = oracle.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+    let args = validate::kv_compress(oracle.capabilities(), kc.view(), vc.view(), obs.view(), &dc).unwrap();
+    let scores = reference::compress_scores(&args);
+    for topk in [ascend::TopK::Sort, ascend::TopK::Select] {
+        let got = emulated(topk).kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+        check_compressed(&format!("{topk:?}, 8 heads on 4 cores"), &got, &want, &scores, &kc, false);
+    }
+}
+
 /// BlockReduceMax/Sum (one result per 32-byte block), Brcb (one element per block) and the
 /// level-0 Duplicate with a bit mask, as the prefill's whole-tile softmax uses them.
 #[test]
