@@ -10,7 +10,9 @@ template <typename A> struct SameType<A, A> {
 
 // Dependent vector instructions run back to back only with a barrier between them (PipeBarrier
 // page: Add then Mul needs PipeBarrier<PIPE_V>), unless the compiler's automatic synchronisation
-// inserts it; the kernels place it themselves so they are right either way.
+// inserts it; the kernels place it themselves so they are right either way. Helpers that end with a
+// vector instruction end with this barrier, so their callers need none right after them (a second
+// barrier with nothing issued since orders nothing).
 __aicore__ inline void VecBarrier() { AscendC::PipeBarrier<PIPE_V>(); }
 
 // ln 2: the kernels get softmax scales in base 2 (the header's scale_log2) and exponentiate with Exp.
@@ -138,8 +140,7 @@ __aicore__ inline void TileDots(const AscendC::LocalTensor<float>& dst, const As
         Add(tmp, tmp, tmp[c], mask, rows, BinaryRepeatParams(1, 1, 1, rep, rep, rep));
         VecBarrier();
     }
-    RowReduce<false>(dst, tmp, n, d < FLOATS_PER_REPEAT ? d : FLOATS_PER_REPEAT, stride, part);
-    VecBarrier();
+    RowReduce<false>(dst, tmp, n, d < FLOATS_PER_REPEAT ? d : FLOATS_PER_REPEAT, stride, part);  // ends with a barrier
 }
 
 // rows[0] = Σ_j rows[j] over n rows `stride` floats apart, summed pairwise in place (whole rows
@@ -169,8 +170,7 @@ __aicore__ inline void TileWeightedSum(const AscendC::LocalTensor<float>& acc, c
         Mul(tmp[c], rows[c], bc, mask, (uint8_t)n, BinaryRepeatParams(1, 1, 0, rep, rep, 1));
         VecBarrier();
     }
-    FoldRows(tmp, n, stride);
-    VecBarrier();
+    FoldRows(tmp, n, stride);  // ends with a barrier (or issues nothing after the barriered Muls)
     Add(acc, acc, tmp, (int32_t)d);
     VecBarrier();
 }
@@ -187,8 +187,7 @@ __aicore__ inline void RowTileStep(const AscendC::LocalTensor<float>& o, uint32_
                                    const AscendC::LocalTensor<float>& q, const AscendC::LocalTensor<float>& kt,
                                    const AscendC::LocalTensor<float>& vt, uint32_t n, uint32_t d, uint32_t stride,
                                    const RowTileScratch& s, float& m, float& l) {
-    TileDots(row, q, kt, n, d, stride, s.tmp, s.part);
-    VecBarrier();
+    TileDots(row, q, kt, n, d, stride, s.tmp, s.part);  // ends with a barrier
     const float tile_max = ReduceToScalar(true, row, n, s.red, s.work);
     const float m_new = tile_max > m ? tile_max : m;
     const float alpha = ScalarExp(m - m_new, s.red);
@@ -200,8 +199,7 @@ __aicore__ inline void RowTileStep(const AscendC::LocalTensor<float>& o, uint32_
     m = m_new;
     AscendC::Muls(o, o, alpha, (int32_t)o_len);
     VecBarrier();
-    TileWeightedSum(o, row, vt, n, d, stride, s.tmp, s.part);
-    VecBarrier();
+    TileWeightedSum(o, row, vt, n, d, stride, s.tmp, s.part);  // ends with a barrier
 }
 
 // Copies a params struct out of global memory (the tiling-data pattern of Ascend C kernels).

@@ -71,8 +71,7 @@ public:
         const int32_t n = (int32_t)nr_;
         const uint8_t rows = (uint8_t)nr_, groups = (uint8_t)((nr_ + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK);
         LocalTensor<float> m_old = Stat(ST_M + cur_), m_new = Stat(ST_M + 1 - cur_), alpha = Stat(ST_ALPHA);
-        RowReduce<true>(Stat(ST_MAX), sc, nr_, width, FLOATS_PER_REPEAT, Stat(ST_PART));
-        VecBarrier();
+        RowReduce<true>(Stat(ST_MAX), sc, nr_, width, FLOATS_PER_REPEAT, Stat(ST_PART));  // ends with a barrier
         Max(m_new, m_old, Stat(ST_MAX), n);
         VecBarrier();
         Sub(alpha, m_old, m_new, n);
@@ -85,8 +84,7 @@ public:
         VecBarrier();
         Exp(sc, sc, (uint64_t)width, rows, UnaryRepeatParams(1, 1, 8, 8));
         VecBarrier();
-        RowReduce<false>(Stat(ST_SUM), sc, nr_, width, FLOATS_PER_REPEAT, Stat(ST_PART));
-        VecBarrier();
+        RowReduce<false>(Stat(ST_SUM), sc, nr_, width, FLOATS_PER_REPEAT, Stat(ST_PART));  // ends with a barrier
         Mul(Stat(ST_L), Stat(ST_L), alpha, n);
         VecBarrier();
         Add(Stat(ST_L), Stat(ST_L), Stat(ST_SUM), n);

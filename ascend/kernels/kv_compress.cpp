@@ -108,8 +108,7 @@ protected:
     // past `n` are scratch).
     __aicore__ inline LocalTensor<float> Score(uint32_t r, const LocalTensor<float>& keys, uint32_t n) {
         LocalTensor<float> row = scores_.Get<float>()[r * srow_];
-        TileDots(row, obs_.Get<float>()[r * dpf_], keys, n, d_, dpt_, tmp_.Get<float>(), part_.Get<float>());
-        VecBarrier();
+        TileDots(row, obs_.Get<float>()[r * dpf_], keys, n, d_, dpt_, tmp_.Get<float>(), part_.Get<float>());  // ends with a barrier
         return row;
     }
 
@@ -384,7 +383,6 @@ template <typename Que> __aicore__ inline LocalTensor<float> LoadScores(Que& que
         const uint32_t next = block + (rest ? FLOATS_PER_BLOCK : 0);
         if (next < slots) Duplicate(sc[next], NegInf(), (int32_t)(slots - next));
         VecBarrier();
-        PipeBarrier<PIPE_V>();
     }
     return sc;
 }

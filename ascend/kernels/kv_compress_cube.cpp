@@ -166,8 +166,8 @@ public:
         means_ = means;
         rows_ = p.group * p.window;
         scale_ = p.scale_log2 * LN2;  // natural-log scale, as the vector kernels pre-scale obs
-        const uint32_t core = GetBlockIdx() / 2;
-        sub_ = GetBlockIdx() % 2;
+        const uint32_t core = GetBlockIdx() / GetSubBlockNum();  // as in prefill.cpp (catlass's mixed kernels)
+        sub_ = GetSubBlockIdx();
         ws_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.workspace) + (uint64_t)core * WS_SLOTS * WS_TILE, WS_SLOTS * WS_TILE);
         statsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.stats));
         meansGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.means));
@@ -289,8 +289,7 @@ private:
                     VecBarrier();
                     Mul(s, s, bcC[row * FLOATS_PER_BLOCK], (uint64_t)CUBE_KEYS, rows, BinaryRepeatParams(1, 1, 0, rep, rep, 1));
                     VecBarrier();
-                    FoldRows(s, run, CUBE_KEYS);
-                    VecBarrier();
+                    FoldRows(s, run, CUBE_KEYS);  // ends with a barrier (or issues nothing after the barriered Mul)
                     LocalTensor<float> dst = acc[(g / 2) * p_.chunk + (j0 - lo)];
                     Add(dst, dst, s, (int32_t)n);
                     VecBarrier();

@@ -271,8 +271,10 @@ public:
         lseGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.lse));
         offsetsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.offsets));
         countsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.counts));
-        const uint32_t core = GetBlockIdx() / 2;  // the AIC this AIV belongs to (1:2)
-        sub_ = GetBlockIdx() % 2;
+        // The AIC this AIV belongs to and which of its two AIVs this is (1:2), as catlass's mixed
+        // kernels compute them; GetBlockNum() counts AI cores on the AIV too.
+        const uint32_t core = GetBlockIdx() / GetSubBlockNum();
+        sub_ = GetSubBlockIdx();
         ws_.Init(p.workspace + (uint64_t)core * WS_SLOTS * WS_SLOT);
         pipe_.InitBuffer(sIn_, 1, HALF_ROWS * PREFILL_KEYS * sizeof(float));
         pipe_.InitBuffer(oIn_, 1, HALF_ROWS * PREFILL_MAX_D * sizeof(float));
@@ -356,8 +358,7 @@ private:
                 Duplicate(s[r * PREFILL_KEYS], NegInf(), hidden, 1, 1, 8);
                 VecBarrier();
             }
-            RowReduce<true>(Stat(ST_MAX), s, n_, PREFILL_KEYS, PREFILL_KEYS, Stat(ST_PART));
-            VecBarrier();
+            RowReduce<true>(Stat(ST_MAX), s, n_, PREFILL_KEYS, PREFILL_KEYS, Stat(ST_PART));  // ends with a barrier
             Max(m_new, m_old, Stat(ST_MAX), (int32_t)n_);
             VecBarrier();
             Sub(alpha, m_old, m_new, (int32_t)n_);
@@ -373,8 +374,7 @@ private:
             sIn_.FreeTensor(s);
             Exp(p32, p32, (int32_t)(n_ * PREFILL_KEYS));
             VecBarrier();
-            RowReduce<false>(Stat(ST_SUM), p32, n_, PREFILL_KEYS, PREFILL_KEYS, Stat(ST_PART));
-            VecBarrier();
+            RowReduce<false>(Stat(ST_SUM), p32, n_, PREFILL_KEYS, PREFILL_KEYS, Stat(ST_PART));  // ends with a barrier
             Mul(Stat(ST_L), Stat(ST_L), alpha, (int32_t)n_);
             VecBarrier();
             Add(Stat(ST_L), Stat(ST_L), Stat(ST_SUM), (int32_t)n_);
