@@ -68,7 +68,7 @@ fn build_mock_acl() {
             }
         }
     }
-    let flags = ["-std=c++17", "-pthread", "-DEK_ASCEND_EMU", "-Wno-unused-parameter"];
+    let flags = ["-std=c++17", "-pthread", "-DEK_ASCEND_EMU", "-ffp-contract=off", "-Wno-unused-parameter"];
     let lib = shared_library(
         "mock_acl",
         "libascendcl.so",
@@ -115,6 +115,10 @@ fn build_cuda_emu_driver() {
     println!("cargo::rustc-env=EK_CUDA_EMU_PATH={}", lib.display());
 }
 
+/// `-ffp-contract=off`: each emulated vector instruction rounds its result as the vector unit
+/// does (one rounding per instruction, no fused multiply-add the host compiler might form, as GCC
+/// does by default where FMA is in the base ISA, e.g. aarch64); the compression's top-k decisions
+/// are taken on those values, so they must not depend on the host.
 fn build_emulator() {
     let mut b = cc::Build::new();
     b.cpp(true)
@@ -123,6 +127,7 @@ fn build_emulator() {
         .include("ascend/kernels")
         .include("ffi")
         .define("EK_ASCEND_EMU", None)
+        .flag_if_supported("-ffp-contract=off")
         .flag_if_supported("-Wno-unused-parameter")
         .opt_level(2);
     for dir in ["ascend/emu", "ascend/kernels"] {
@@ -138,13 +143,16 @@ fn build_emulator() {
 
 /// `bisheng` invocation for one kernel, from the Ascend C documentation's direct-compile flags:
 /// `-xcce` (Ascend C source), the SoC and the core type (VecCore / CubeCore / AiCore for mixed
-/// kernels), the tikcpp include dirs, and `--cce-aicore-only` for a device-only object that
-/// `aclrtBinaryLoadFromData` loads. Extra flags: `EK_ASCEND_CCE_FLAGS`. Not yet run on a real
-/// toolkit (none is available to this project).
+/// kernels), the tikcpp include dirs, `--cce-aicore-only` for a device-only object that
+/// `aclrtBinaryLoadFromData` loads, and `--cce-auto-sync` (the compiler's automatic pipe
+/// synchronisation, on in the toolkit's own kernel projects; the kernels also place every
+/// PipeBarrier/SetFlag/WaitFlag their data flow needs, so they are right without it).
+/// Extra flags: `EK_ASCEND_CCE_FLAGS`. Not yet run on a real toolkit (none is available to this
+/// project).
 fn bisheng_command(home: &Path, src: &Path, out: &Path, core_type: &str) -> std::process::Command {
     let soc = std::env::var("EK_ASCEND_SOC").unwrap_or_else(|_| DEFAULT_SOC.to_string());
     let mut c = std::process::Command::new(home.join("compiler/ccec_compiler/bin/bisheng"));
-    c.args(["-O2", "-std=c++17", "-xcce", "--cce-aicore-only"])
+    c.args(["-O2", "-std=c++17", "-xcce", "--cce-aicore-only", "--cce-auto-sync"])
         .arg(format!("--cce-soc-version={soc}"))
         .arg(format!("--cce-soc-core-type={core_type}"));
     for inc in ["compiler/tikcpp/tikcfw", "compiler/tikcpp/tikcfw/impl", "compiler/tikcpp/tikcfw/interface", "include"]

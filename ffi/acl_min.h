@@ -61,6 +61,13 @@ typedef struct aclrtBinaryLoadOptions {
     size_t numOpt;
 } aclrtBinaryLoadOptions;
 
+/* Device attributes for aclrtGetDeviceInfo (runtime API reference, aclrtDevAttr). */
+typedef enum aclrtDevAttr {
+    ACL_DEV_ATTR_AICPU_CORE_NUM = 1,
+    ACL_DEV_ATTR_AICORE_CORE_NUM = 101,
+    ACL_DEV_ATTR_VECTOR_CORE_NUM = 201,
+} aclrtDevAttr;
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -72,6 +79,11 @@ aclError aclrtResetDevice(int32_t deviceId);
 aclError aclrtCreateStream(aclrtStream *stream);
 aclError aclrtDestroyStream(aclrtStream stream);
 aclError aclrtSynchronizeStream(aclrtStream stream);
+/* timeout in milliseconds (-1: wait forever); a stream still busy then is an error. */
+aclError aclrtSynchronizeStreamWithTimeout(aclrtStream stream, int32_t timeout);
+aclError aclrtGetDeviceInfo(uint32_t deviceId, aclrtDevAttr attr, int64_t *value);
+/* The address of the cross-core synchronisation registers, for a mixed kernel's SetSyncBaseAddr. */
+aclError aclrtGetHardwareSyncAddr(void **addr);
 aclError aclrtMalloc(void **devPtr, size_t size, aclrtMemMallocPolicy policy);
 aclError aclrtFree(void *devPtr);
 aclError aclrtMemset(void *devPtr, size_t maxCount, int32_t value, size_t count);

@@ -45,6 +45,7 @@ pub mod kernels;
 pub mod numerics;
 pub mod plan;
 pub mod reference;
+pub mod shapes;
 pub mod synth;
 pub mod tensor;
 pub mod validate;

@@ -9,6 +9,13 @@ mod common;
 use common::*;
 use entropy_kernels::*;
 
+/// The mock runtime's injected failures are process-wide: the tests that go through it take turns.
+#[cfg(feature = "ascend-emu")]
+fn mock_turn() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn probe_reports_why_without_panicking() {
     match Kernels::new(BackendKind::Ascend) {
@@ -22,9 +29,13 @@ fn probe_reports_why_without_panicking() {
 }
 
 #[test]
-fn args_block_is_one_little_endian_gm_addr() {
-    use entropy_kernels::ascend::launch::pack_args;
-    assert_eq!(pack_args(0x0102_0304_0506_0708), [8, 7, 6, 5, 4, 3, 2, 1]);
+fn args_block_is_little_endian_gm_addrs() {
+    use entropy_kernels::ascend::launch::{DECODE, PREFILL, kernel_args, pack_args};
+    assert_eq!(pack_args(&kernel_args(DECODE, 7, 0x0102_0304_0506_0708)), [8, 7, 6, 5, 4, 3, 2, 1]);
+    // A mixed kernel takes the hardware sync address first (its SetSyncBaseAddr), then the params.
+    assert_eq!(pack_args(&kernel_args(PREFILL, 0x11, 0x22)), [0x11, 0, 0, 0, 0, 0, 0, 0, 0x22, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(PREFILL.entry(), "ek_prefill_mix_aic");
+    assert_eq!(DECODE.entry(), "ek_decode");
 }
 
 #[cfg(feature = "ascend-emu")]
@@ -34,6 +45,7 @@ fn acl_errors_through_the_mock_runtime() {
     use entropy_kernels::ascend::launch::DECODE;
     use std::sync::Arc;
 
+    let _turn = mock_turn();
     let dir = std::env::temp_dir().join(format!("ek-acl-test-{}", std::process::id()));
     let opts = mock::options(&dir).unwrap();
     let k = Kernels::from_backend(Arc::new(AscendBackend::with_options(&opts).unwrap()));
@@ -53,7 +65,7 @@ fn acl_errors_through_the_mock_runtime() {
     k.decode_attention(q.view(), kc.view(), vc.view(), &lengths, None, &mut out.view_mut()).unwrap();
     assert!(rel_fro(&tensor_f64(&out), &tensor_f64(&want)) <= attn_tol(DType::F16));
 
-    for api in ["aclrtMalloc", "aclrtMemcpy", "aclrtLaunchKernel", "aclrtSynchronizeStream"] {
+    for api in ["aclrtMalloc", "aclrtMemcpy", "aclrtLaunchKernel", "aclrtSynchronizeStreamWithTimeout"] {
         mock::fail(Some(api));
         let mut out = poisoned(q.shape, DType::F16);
         let r = k.decode_attention(q.view(), kc.view(), vc.view(), &lengths, None, &mut out.view_mut());
@@ -96,5 +108,72 @@ fn acl_errors_through_the_mock_runtime() {
             other => panic!("{api}: expected Error::Acl, got {other:?}"),
         }
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A kernel that never ends (here a planted cross-core deadlock: the AIC waits for a flag no AIV
+/// sets) fails the stream sync with a timeout — `aclrtSynchronizeStreamWithTimeout` — instead of
+/// hanging the process; and a mixed kernel is found under its `_mix_aic` entry and launched with
+/// the hardware sync address first (issue 18).
+#[cfg(feature = "ascend-emu")]
+#[test]
+fn a_hung_mixed_kernel_is_a_timeout_error() {
+    use entropy_kernels::ascend::device::mock;
+    use entropy_kernels::ascend::launch::{Cores, Kernel, kernel_args, pack_args};
+    use entropy_kernels::ascend::runtime::AclRuntime;
+
+    let _turn = mock_turn();
+    let dir = std::env::temp_dir().join(format!("ek-acl-hang-{}", std::process::id()));
+    let opts = mock::options(&dir).unwrap();
+    let rt = AclRuntime::load(&opts).unwrap();
+    let selftest = Kernel { symbol: "selftest_cube", file: "selftest", cores: Cores::Mix };
+    let image = format!("ekmock selftest_cube_mix_aic,selftest_cube_mix_aiv {:x}", mock::magic(selftest));
+    let module = rt.module(Cores::Mix, image.as_bytes()).unwrap();
+    let function = module.function(selftest).expect("the _mix_aic entry");
+    let stream = rt.stream().unwrap();
+    let run = |code: i32| {
+        // The self test's params: its code, then two host pointers it does not use here.
+        let mut params = vec![0u8; 24];
+        params[..4].copy_from_slice(&code.to_le_bytes());
+        let mut p = rt.alloc(params.len()).unwrap();
+        p.upload(&params).unwrap();
+        let args = pack_args(&kernel_args(selftest, rt.hardware_sync, p.addr()));
+        let mut a = rt.alloc(args.len()).unwrap();
+        a.upload(&args).unwrap();
+        stream.launch(&function, 1, &a, args.len()).unwrap();
+        stream.synchronize()
+    };
+    match run(34) {
+        Err(Error::Acl { call, message, .. }) => {
+            assert_eq!(call, "aclrtSynchronizeStreamWithTimeout");
+            assert!(message.contains("timeout"), "{message}");
+        }
+        other => panic!("a deadlocked kernel must end in a sync timeout, got {other:?}"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Core counts come from the device (`aclrtGetDeviceInfo`: the mock reports 4 AI cores and 8
+/// AIVs), not from a constant (before issue 18: 40 AIVs, 20 mixed groups whatever the SoC); the
+/// options' `vector_cores` (`ENTROPY_KERNELS_ASCEND_CORES`) still overrides, mixed launches taking
+/// half as many AI cores.
+#[cfg(feature = "ascend-emu")]
+#[test]
+fn core_counts_come_from_the_device() {
+    use entropy_kernels::ascend::device::mock;
+    use entropy_kernels::ascend::launch::{DECODE, PREFILL};
+    use entropy_kernels::ascend::runtime::AclRuntime;
+
+    let _turn = mock_turn();
+    let dir = std::env::temp_dir().join(format!("ek-acl-cores-{}", std::process::id()));
+    let mut opts = mock::options(&dir).unwrap();
+    let rt = AclRuntime::load(&opts).unwrap();
+    assert_eq!((rt.vector_cores, rt.ai_cores), (8, 4), "what aclrtGetDeviceInfo reports");
+    assert_eq!((rt.block_dim(DECODE), rt.block_dim(PREFILL)), (8, 4));
+    drop(rt);
+    opts.vector_cores = Some(6);
+    let rt = AclRuntime::load(&opts).unwrap();
+    assert_eq!((rt.block_dim(DECODE), rt.block_dim(PREFILL)), (6, 3), "the override");
+    drop(rt);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -27,7 +27,7 @@ fn selftest_mix(code: i32, input: &[f32], output: &mut [f32]) -> Result<()> {
     assert!(input.len() >= 2048 && output.len() >= 1024);
     let t = SelfTest { code, pad: 0, input: input.as_ptr(), output: output.as_mut_ptr() };
     // SAFETY: the buffers are as large as the mixed self tests read and write.
-    unsafe { emu::run("selftest_mix", &t as *const SelfTest as *const u8, 1) }
+    unsafe { emu::run_mix("selftest_cube", &t as *const SelfTest as *const u8, 1) }
 }
 
 #[test]
@@ -36,7 +36,7 @@ fn planted_violations_are_caught() {
     let mut output = vec![0f32; 512];
     selftest(0, &input, &mut output).expect("correct usage passes");
     assert_eq!(output[..256], input[..256].iter().map(|x| 2.0 * x).collect::<Vec<_>>()[..]);
-    let cases: [(i32, &str); 25] = [
+    let cases: [(i32, &str); 31] = [
         (1, "UB overflow"),
         (2, "not 32-byte aligned"),
         (3, "whole 32-byte blocks"),
@@ -62,6 +62,38 @@ fn planted_violations_are_caught() {
         (23, "not aligned to 8 elements"),
         (24, "not a whole number of 256-byte repeats"),
         (25, "GatherMask: local tensor address 260 is not 32-byte aligned"),
+        // The asynchronous pipes (ascend/emu/include/emu_pipes.h). PipeBarrier page: dependent
+        // vector instructions need PipeBarrier<PIPE_V>.
+        (
+            26,
+            "race: Adds (V #2) reads UB bytes [0, 256) that Duplicate (V #1) writes with no synchronisation between them (PipeBarrier<PIPE_V> missing)",
+        ),
+        // SetFlag/WaitFlag page: a GM -> UB copy and its vector reader need MTE2_V.
+        (
+            27,
+            "Muls (V #1) reads UB bytes [0, 256) that DataCopy(GM->local) (MTE2 #1) writes with no synchronisation between them (SetFlag/WaitFlag MTE2_V missing)",
+        ),
+        // The same page, write after read: the copy may land before the vector unit read the old data.
+        (
+            28,
+            "DataCopy(GM->local) (MTE2 #1) writes UB bytes [0, 256) that Muls (V #1) still reads with no synchronisation between them (SetFlag/WaitFlag V_MTE2 missing)",
+        ),
+        // kv_compress's top-k before issue 18: the scalar unit rewrote a tensor MTE3 may still copy out.
+        (
+            29,
+            "SetValue (S #9) writes UB bytes [0, 4) that DataCopy(UB->GM) (MTE3 #1) still reads with no synchronisation between them (SetFlag/WaitFlag MTE3_S missing)",
+        ),
+        // GatherMask page: rsvdCnt is the vector pipe's; kv_compress's selection read it at once.
+        (
+            30,
+            "GatherMask's rsvdCnt used before a V_S SetFlag/WaitFlag covering the GatherMask (Adds issued in between)",
+        ),
+        // The same rule over global memory (issue 18's second review): a UB -> GM copy read back
+        // by a GM -> UB copy needs MTE3_MTE2 (kv_compress's pooling reads what its group reduction wrote).
+        (
+            48,
+            "that DataCopy(UB->GM) (MTE3 #1) writes with no synchronisation between them (SetFlag/WaitFlag MTE3_MTE2 missing)",
+        ),
     ];
     for (code, needle) in cases {
         match selftest(code, &input, &mut output) {
@@ -289,6 +321,57 @@ fn emulated_kv_compress_partial_tie_level() {
     assert_eq!((got.indices, got.lengths), (want.indices, want.lengths), "AdaKV, budget 4500");
 }
 
+/// Issue 18, defect 6: DataCopyPad fills the rest of a partial 32-byte block with copies of the
+/// burst's first element (not the pad value), so a top-k score tile of n ≢ 0 (mod 8) scores would
+/// carry up to 7 phantom copies of its first score. Here the last tile holds 5 scores and its
+/// first (position 1024) is the row's largest: a phantom would be kept at once. Every kept
+/// position must lie below N − W, on both top-k kernels, and match the oracle.
+#[test]
+fn compress_keeps_no_phantom_positions() {
+    let (b, hq, hkv, d, w) = (1, 2, 1, 32, 4);
+    let scored = 1024 + 5;
+    let n = scored + w;
+    let mut keys = random([b, hkv, n, d], 0.1, seed("phantoms"), DType::F32).to_f32_vec();
+    keys[1024 * d..1025 * d].iter_mut().for_each(|x| *x = 1.0);
+    let kc = HostTensor::from_f32(&keys, [b, hkv, n, d], DType::F32);
+    let vc = random([b, hkv, n, d], 1.0, seed("phantoms") ^ 1, DType::F32);
+    let obs = HostTensor::full(DType::F32, [b, hq, w, d], 0.5);
+    let dc = DecodeConfig { decode_budget: 200 + w, window: w, pooling: Pooling::None, ..Default::default() };
+    let want = Kernels::reference().kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+    assert!(want.indices.contains(&1024), "the test needs position 1024 kept");
+    for topk in [ascend::TopK::Sort, ascend::TopK::Select] {
+        let got = emulated(topk).kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+        for &p in &got.indices {
+            assert!(
+                (p as usize) < scored,
+                "{topk:?}: kept position {p} ≥ N − W = {scored}: a DataCopyPad tail slot entered the top-k"
+            );
+        }
+        assert_eq!(got.indices, want.indices, "{topk:?}");
+    }
+}
+
+/// More top-k items than emulated cores (8 kv heads on 4 cores): each core selects for two heads
+/// back to back, so the second item's scalar writes of its output tile follow the first item's
+/// UB -> GM copy of the same tile (issue 18, defect 7: MTE3_S before them), on both top-k kernels.
+#[test]
+fn compress_topk_runs_several_items_per_core() {
+    let (b, hq, hkv, d, n, w) = (1, 8, 8, 32, 300, 4);
+    let s = seed("compress_topk_runs_several_items_per_core");
+    let kc = random([b, hkv, n, d], 1.0, s, DType::F32);
+    let vc = random([b, hkv, n, d], 1.0, s ^ 1, DType::F32);
+    let obs = random([b, hq, w, d], 1.0, s ^ 2, DType::F32);
+    let dc = DecodeConfig { decode_budget: 100, window: w, pooling: Pooling::Avg, ..Default::default() };
+    let oracle = Kernels::reference();
+    let want = oracle.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+    let args = validate::kv_compress(oracle.capabilities(), kc.view(), vc.view(), obs.view(), &dc).unwrap();
+    let scores = reference::compress_scores(&args);
+    for topk in [ascend::TopK::Sort, ascend::TopK::Select] {
+        let got = emulated(topk).kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+        check_compressed(&format!("{topk:?}, 8 heads on 4 cores"), &got, &want, &scores, &kc, false);
+    }
+}
+
 /// BlockReduceMax/Sum (one result per 32-byte block), Brcb (one element per block) and the
 /// level-0 Duplicate with a bit mask, as the prefill's whole-tile softmax uses them.
 #[test]
@@ -405,6 +488,38 @@ fn planted_cube_and_cross_core_violations_are_caught() {
         (37, "ifTranspose is for 16-bit types only"),
         (38, "quantPre does not match"),
         (39, "more than 15 sets pending"),
+        // The cube's write-after-read hazards (catlass block_mmad_pingpong's per-buffer events).
+        (
+            42,
+            "Mmad (M #2) writes L0C bytes [0, 2048) that Fixpipe (FIX #1) still reads with no synchronisation between them (SetFlag/WaitFlag FIX_M missing)",
+        ),
+        (
+            43,
+            "LoadData (MTE1 #4) writes L0A bytes [0, 512) that Mmad (M #1) still reads with no synchronisation between them (SetFlag/WaitFlag M_MTE1 missing)",
+        ),
+        (
+            44,
+            "DataCopy(Nd2Nz GM->L1) (MTE2 #3) writes L1 bytes [2048, 2080) that LoadData (MTE1 #3) still reads with no synchronisation between them (SetFlag/WaitFlag MTE1_MTE2 missing)",
+        ),
+        // catlass's flash-attention example: SetSyncBaseAddr on every core before any flag.
+        (45, "CrossCoreSetFlag before SetSyncBaseAddr"),
+        (46, "is not the device's hardware sync address (aclrtGetHardwareSyncAddr)"),
+        // KERNEL_TASK_TYPE_DEFAULT page: a mixed kernel declares KERNEL_TYPE_MIX_AIC_1_2.
+        (47, "does not declare KERNEL_TASK_TYPE_DEFAULT(KERNEL_TYPE_MIX_AIC_1_2)"),
+        // Global memory across the AI core (CrossCoreSetFlag page: the set is an instruction of
+        // its pipe; CrossCoreWaitFlag holds everything after it): the AIC publishes a Fixpipe
+        // result with a flag on MTE2, which does not wait for FIX ...
+        (48, "AIV 0: race: DataCopy(GM->local) (MTE2 #1) reads GM bytes"),
+        (
+            48,
+            "that the AIC's Fixpipe (FIX #1) writes with no synchronisation between them (a CrossCoreSetFlag on the AIC issued on a pipe after FIX's access, and the CrossCoreWaitFlag before this one, missing)",
+        ),
+        // ... and the AIVs release a slot they read by MTE2 with a flag on MTE3 (prefill and the
+        // cube-scored compression release their workspace slots this way, on the right pipes).
+        (
+            49,
+            "that AIV 0's DataCopy(GM->local) (MTE2 #1) still reads with no synchronisation between them (a CrossCoreSetFlag on AIV 0 issued on a pipe after MTE2's access",
+        ),
     ];
     for (code, needle) in cases {
         match selftest_mix(code, &input, &mut output) {
@@ -415,6 +530,25 @@ fn planted_cube_and_cross_core_violations_are_caught() {
             Err(e) => panic!("violation {code}: wrong error {e}"),
         }
     }
+}
+
+/// Two cores of one vector launch writing the same GM bytes race: nothing orders the cores of a
+/// launch (only the launch boundary does).
+#[test]
+fn cores_of_one_launch_do_not_share_gm_unsynchronised() {
+    let input = vec![0f32; 512];
+    let mut output = vec![0f32; 512];
+    let t = SelfTest { code: 49, pad: 0, input: input.as_ptr(), output: output.as_mut_ptr() };
+    // SAFETY: both buffers hold 512 floats, as the self-test kernels assume.
+    let r = unsafe { emu::run("selftest", &t as *const SelfTest as *const u8, 2) };
+    let want = "core 1: race: DataCopy(UB->GM) (MTE3 #1) writes GM bytes";
+    let why = "that core 0's DataCopy(UB->GM) (MTE3 #1) writes with no synchronisation between them (different cores of one launch: nothing orders them before the launch ends)";
+    match r {
+        Err(Error::Emulator { detail, .. }) => assert!(detail.contains(want) && detail.contains(why), "{detail}"),
+        other => panic!("two cores writing the same GM bytes must be a race, got {other:?}"),
+    }
+    // One core alone is fine.
+    selftest(49, &input, &mut output).unwrap();
 }
 
 /// Nd2Nz → LoadData (plain and transposed) → Mmad → Fixpipe computes X·Yᵀ and X·Z exactly (small
@@ -432,5 +566,96 @@ fn cube_path_computes_matrix_products() {
             assert_eq!(output[m * 16 + n], s, "X·Yᵀ at ({m}, {n})");
             assert_eq!(output[512 + m * 16 + n], o, "X·Z at ({m}, {n})");
         }
+    }
+}
+
+/// A mixed kernel's binary has `<name>_mix_aic` and `<name>_mix_aiv`, not the bare name: the host
+/// looking the bare name up (as before issue 18) finds nothing.
+#[test]
+fn mixed_kernels_answer_to_their_mix_entry_names() {
+    let input = vec![0f32; 2048];
+    let mut output = vec![0f32; 1024];
+    let t = SelfTest { code: 200, pad: 0, input: input.as_ptr(), output: output.as_mut_ptr() };
+    let args = [emu::hardware_sync_addr(), &t as *const SelfTest as u64];
+    // SAFETY: the buffers are as large as the mixed self tests read and write.
+    let bare = unsafe { emu::run_entry("selftest_cube", "selftest_cube", &args, 1) };
+    match bare {
+        Err(Error::Emulator { detail, .. }) => {
+            assert!(detail.contains("has selftest_cube_mix_aic and selftest_cube_mix_aiv"), "{detail}")
+        }
+        other => panic!("the bare name of a mixed kernel must not be found: {other:?}"),
+    }
+    unsafe { emu::run_entry("selftest_cube", "selftest_cube_mix_aic", &args, 1) }.unwrap();
+    // And a mixed entry with the params alone (no sync address) is refused.
+    let one = unsafe { emu::run_entry("selftest_cube", "selftest_cube_mix_aic", &args[1..], 1) };
+    assert!(matches!(one, Err(Error::Emulator { ref detail, .. }) if detail.contains("takes 2 arguments")), "{one:?}");
+}
+
+/// The synchronised forms of the planted races pass, and DataCopyPad's fill of a partial 32-byte
+/// block (padding value set, padding counts 0) repeats the burst's first element — the documented
+/// dummy fill the emulator models — rather than the padding value.
+#[test]
+fn synchronised_pipes_and_the_data_copy_pad_fill() {
+    let input: Vec<f32> = (0..512).map(|i| i as f32 * 0.5 + 1.0).collect();
+    let mut output = vec![f32::NAN; 512];
+    selftest(104, &input, &mut output).expect("every pair synchronised");
+    assert_eq!(&output[..5], &input[3..8], "the copied burst");
+    assert_eq!(&output[5..8], &[input[3]; 3], "the rest of the block: the burst's first element");
+    assert_eq!(&output[8..16], &output[..8], "copied after a PipeBarrier<PIPE_V>");
+    assert_eq!(output[16], 2.0, "GatherMask's count, read after V_S");
+}
+
+/// Mmad with m = 1 runs in GEMV mode: L0A is read as a plain vector, so with X loaded as zZ
+/// fractals the one output row is (row 0's first 16 elements, then row 1's) · Yᵀ, not X₀·Yᵀ.
+#[test]
+fn mmad_with_one_row_is_gemv() {
+    let input: Vec<f32> = (0..2048).map(|i| ((i * 7 + 3) % 9) as f32 - 4.0).collect();
+    let mut output = vec![f32::NAN; 1024];
+    selftest_mix(201, &input, &mut output).unwrap();
+    let (x, y) = (&input[..1024], &input[1024..1536]);
+    // The first 32 halves of L0A's zZ layout: fractal (0, 0) row 0 is x[0..16], then its row 1.
+    let vector: Vec<f32> = x[..16].iter().chain(&x[32..48]).copied().collect();
+    for n in 0..16 {
+        let gemv: f32 = (0..32).map(|k| vector[k] * y[n * 32 + k]).sum();
+        let row0: f32 = (0..32).map(|k| x[k] * y[n * 32 + k]).sum();
+        assert_eq!(output[n], gemv, "GEMV product at column {n}");
+        if gemv != row0 {
+            return; // the fractal reading would have given another value: the mode matters
+        }
+    }
+    panic!("the input does not tell GEMV from fractal reading");
+}
+
+/// The cube's one-row products: a prefill tile holding one query row (G 1, 65 tokens: tiles of
+/// 64 and 1) and a cube-scored compression pass of one window row (G 1, W 65: passes of 64 and
+/// 1). With m = 1 the cube would run in GEMV mode and read the zZ-loaded L0A as a vector: the
+/// kernels run a whole fractal row instead (issue 18).
+#[test]
+fn one_row_cube_products_match_the_oracle() {
+    let kernels = Kernels::new(BackendKind::AscendEmu).unwrap();
+    let oracle = Kernels::reference();
+    let seed = seed("one_row_cube_products_match_the_oracle");
+    for dtype in [DType::F16, DType::BF16] {
+        let s = seed ^ dtype as u64;
+        let (l, h, d) = (65, 2, 64);
+        let q = random([1, l, h, d], 1.0, s, dtype);
+        let k = random([1, l, h, d], 1.0, s ^ 1, dtype);
+        let v = random([1, l, h, d], 1.0, s ^ 2, dtype);
+        let (mut got, mut want) = (poisoned(q.shape, dtype), poisoned(q.shape, dtype));
+        kernels.dense_prefill(q.view(), k.view(), v.view(), None, &mut got.view_mut(), None).unwrap();
+        oracle.dense_prefill(q.view(), k.view(), v.view(), None, &mut want.view_mut(), None).unwrap();
+        let err = rel_fro(&tensor_f64(&got), &tensor_f64(&want));
+        assert!(err <= attn_tol(dtype), "{dtype} prefill, a one-row tile: rel err {err:e}");
+
+        let (n, w) = (400, 65);
+        let kc = random([1, h, n, d], 1.0, s ^ 3, dtype);
+        let vc = random([1, h, n, d], 1.0, s ^ 4, dtype);
+        let obs = random([1, h, w, d], 1.0, s ^ 5, dtype);
+        let dc = DecodeConfig { decode_budget: 250, window: w, pooling: Pooling::Avg, ..Default::default() };
+        let got = kernels.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+        let want = oracle.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+        let args = validate::kv_compress(oracle.capabilities(), kc.view(), vc.view(), obs.view(), &dc).unwrap();
+        let scores = reference::compress_scores(&args);
+        check_compressed(&format!("{dtype} compression, a one-row pass"), &got, &want, &scores, &kc, false);
     }
 }

@@ -14,19 +14,21 @@ extern "C" void ek_compress_pool(uint8_t* params);
 extern "C" void ek_compress_topk(uint8_t* params);
 extern "C" void ek_compress_select(uint8_t* params);
 extern "C" void ek_compress_gather(uint8_t* params);
-extern "C" void ek_compress_cube_stats(uint8_t* params);
-extern "C" void ek_compress_cube_means(uint8_t* params);
-extern "C" void ek_prefill(uint8_t* params);
+extern "C" void ek_compress_cube_stats(uint8_t* sync, uint8_t* params);
+extern "C" void ek_compress_cube_means(uint8_t* sync, uint8_t* params);
+extern "C" void ek_prefill(uint8_t* sync, uint8_t* params);
 extern "C" void ek_prefill_vec(uint8_t* params);
 extern "C" void ek_plan_reps(uint8_t* params);
 extern "C" void ek_emu_selftest_kernel(uint8_t* which);
-extern "C" void ek_emu_selftest_mix(uint8_t* which);
+extern "C" void ek_emu_selftest_cube(uint8_t* sync, uint8_t* which);
 
 namespace {
+// A vector kernel takes its params' address; a mixed (cube + vector) one first the hardware sync
+// address, then its params'.
 struct Entry {
     const char* name;
-    void (*fn)(uint8_t*);
-    bool mix = false;  // cube + vector (AIC with two AIVs per core)
+    void (*vec)(uint8_t*) = nullptr;
+    void (*mix)(uint8_t*, uint8_t*) = nullptr;
 };
 const Entry kKernels[] = {
     {"ek_decode", ek_decode},
@@ -36,26 +38,40 @@ const Entry kKernels[] = {
     {"ek_compress_topk", ek_compress_topk},
     {"ek_compress_select", ek_compress_select},
     {"ek_compress_gather", ek_compress_gather},
-    {"ek_compress_cube_stats", ek_compress_cube_stats, true},
-    {"ek_compress_cube_means", ek_compress_cube_means, true},
-    {"ek_prefill", ek_prefill, true},
+    {"ek_compress_cube_stats", nullptr, ek_compress_cube_stats},
+    {"ek_compress_cube_means", nullptr, ek_compress_cube_means},
+    {"ek_prefill", nullptr, ek_prefill},
     {"ek_prefill_vec", ek_prefill_vec},
     {"ek_plan_reps", ek_plan_reps},
     {"selftest", ek_emu_selftest_kernel},
-    {"selftest_mix", ek_emu_selftest_mix, true},
+    {"selftest_cube", nullptr, ek_emu_selftest_cube},
 };
+// A mixed kernel's binary carries its entry twice, `<name>_mix_aic` and `<name>_mix_aiv` (the
+// compiler's symbols for the cube and the vector half): the host looks up the `_mix_aic` one.
+constexpr const char* kMixSuffix = "_mix_aic";
 }  // namespace
 
-extern "C" int ek_emu_run(const char* kernel, const void* params, uint32_t block_dim, char* err, size_t err_len) {
+// Runs `kernel` on `block_dim` cores with the argument block `args` (`nargs` 64-bit values, as
+// the host would pass them to aclrtLaunchKernel).
+extern "C" int ek_emu_run(const char* kernel, const uint64_t* args, size_t nargs, uint32_t block_dim, char* err, size_t err_len) {
     try {
+        const std::string name = kernel;
         for (const Entry& e : kKernels) {
-            if (std::strcmp(e.name, kernel) == 0) {
-                uint8_t* arg = static_cast<uint8_t*>(const_cast<void*>(params));
-                if (e.mix) {
-                    ekemu::LaunchMix(block_dim, [&] { e.fn(arg); });
-                } else {
-                    ekemu::Launch(block_dim, [&] { e.fn(arg); });
-                }
+            if (e.vec && name == e.name) {
+                if (nargs != 1) throw AscendC::EmuError(name + " takes 1 argument (its params' address), got " + std::to_string(nargs));
+                uint8_t* params = reinterpret_cast<uint8_t*>(args[0]);
+                ekemu::Launch(block_dim, [&] { e.vec(params); });
+                return 0;
+            }
+            if (e.mix && name == e.name)
+                throw AscendC::EmuError("no entry " + name + ": a mixed kernel's binary has " + name + "_mix_aic and " + name + "_mix_aiv");
+            if (e.mix && name == std::string(e.name) + kMixSuffix) {
+                if (nargs != 2)
+                    throw AscendC::EmuError(name + " takes 2 arguments (the hardware sync address, its params' address), got " +
+                                            std::to_string(nargs));
+                uint8_t* sync = reinterpret_cast<uint8_t*>(args[0]);
+                uint8_t* params = reinterpret_cast<uint8_t*>(args[1]);
+                ekemu::LaunchMix(block_dim, [&] { e.mix(sync, params); });
                 return 0;
             }
         }

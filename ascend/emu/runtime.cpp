@@ -5,6 +5,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdio>
+#include <deque>
 #include <mutex>
 #include <thread>
 
@@ -153,6 +154,8 @@ struct CrossCoreGroup {
     std::condition_variable cv;
     int to_aiv[2][16] = {};
     int to_aic[2][16] = {};
+    // What each pending set carries: the clock of its pipe when it was issued (emu_pipes.h).
+    std::deque<emu::Clock> clk_aiv[2][16], clk_aic[2][16];
     int live = 3, waiting = 0;
     int waits_on[3] = {-1, -1, -1};  // flag id each core (AIC, AIV 0, AIV 1) is blocked on
     bool aborted = false;
@@ -181,25 +184,50 @@ CrossCoreGroup& Group() {
 }
 }  // namespace
 
-void CrossCoreSet(int mode, int32_t id) {
+namespace {
+// The emulated device's hardware synchronisation address (what aclrtGetHardwareSyncAddr returns).
+alignas(64) uint8_t g_hardware_sync[64];
+uint64_t HardwareSyncAddr() { return reinterpret_cast<uint64_t>(g_hardware_sync); }
+void CheckSyncBase(const char* what) {
+    if (Core().sync_base == 0)
+        EmuFail(std::string(what) + " before SetSyncBaseAddr: the flags' address was never given to this core "
+                                    "(pass aclrtGetHardwareSyncAddr's address to the kernel)");
+}
+}  // namespace
+
+void SetSyncBaseAddr(uint64_t config) {
+    if (config != HardwareSyncAddr())
+        EmuFail("SetSyncBaseAddr(" + std::to_string(config) + ") is not the device's hardware sync address (aclrtGetHardwareSyncAddr)");
+    Core().sync_base = config;
+}
+
+void DeclareTaskType(KernelMetaType type) { Core().task_type = (int)type; }
+
+void CrossCoreSet(int mode, int32_t id, int pipe) {
     CheckFlagId(id);
+    CheckSyncBase("CrossCoreSetFlag");
     if (mode != 2) EmuFail("cross-core flag mode " + std::to_string(mode) + " is not emulated (mode 2: AIC with its AIVs)");
     CoreState& c = Core();
     CrossCoreGroup& g = Group();
     std::lock_guard<std::mutex> lock(g.mu);
     // A flag's counter holds at most 15 pending sets (the API reference's limit).
     constexpr int kMaxPending = 15;
+    const emu::Clock done = c.pipes.Release(pipe);
     if (c.cube) {
-        for (int k = 0; k < 2; k++)
+        for (int k = 0; k < 2; k++) {
             if (++g.to_aiv[k][id] > kMaxPending) EmuFail("CrossCoreSetFlag " + std::to_string(id) + ": more than 15 sets pending");
+            g.clk_aiv[k][id].push_back(done);
+        }
     } else {
         if (++g.to_aic[c.sub_block][id] > kMaxPending) EmuFail("CrossCoreSetFlag " + std::to_string(id) + ": more than 15 sets pending");
+        g.clk_aic[c.sub_block][id].push_back(done);
     }
     g.cv.notify_all();
 }
 
 void CrossCoreWait(int32_t id) {
     CheckFlagId(id);
+    CheckSyncBase("CrossCoreWaitFlag");
     CoreState& c = Core();
     CrossCoreGroup& g = Group();
     std::unique_lock<std::mutex> lock(g.mu);
@@ -220,15 +248,28 @@ void CrossCoreWait(int32_t id) {
     }
     g.waiting--;
     g.waits_on[me] = -1;
+    // Everything after the wait starts after what the sets it takes carry (CrossCoreWaitFlag page:
+    // every later instruction is held).
+    emu::Clock seen;
+    const auto take = [&](std::deque<emu::Clock>& q) {
+        seen.Join(q.front());
+        q.pop_front();
+    };
     if (c.cube) {
         g.to_aic[0][id]--;
         g.to_aic[1][id]--;
+        take(g.clk_aic[0][id]);
+        take(g.clk_aic[1][id]);
     } else {
         g.to_aiv[c.sub_block][id]--;
+        take(g.clk_aiv[c.sub_block][id]);
     }
+    c.pipes.AcquireAll(seen);
 }
 
 }  // namespace AscendC
+
+extern "C" uint64_t ek_emu_hardware_sync_addr() { return AscendC::HardwareSyncAddr(); }
 
 namespace ekemu {
 
@@ -240,14 +281,25 @@ std::string RunOne(AscendC::CoreState& st, void (*body)(void*), void* ctx) {
         const bool mine = st.cube ? m != (int)Memory::UB : m == (int)Memory::UB;
         if (mine) st.mem[m].assign(MemoryCapacity((Memory)m), 0xff);
     }
+    uint32_t capacity[(int)Memory::COUNT];
+    bool owned[(int)Memory::COUNT];
+    for (int m = 0; m < (int)Memory::COUNT; m++) {
+        capacity[m] = MemoryCapacity((Memory)m);
+        owned[m] = !st.mem[m].empty();
+    }
+    st.pipes.Reset(capacity, owned, st.group ? (st.cube ? 0 : 1 + (int)st.sub_block) : 0);
     g_core = &st;
     std::string err;
     try {
         body(ctx);
         for (auto& kv : st.flags)
             if (kv.second > 0)
-                EmuFail("SetFlag on event " + std::to_string(kv.first.first) + " id " + std::to_string(kv.first.second) + " was never waited for");
+                EmuFail("SetFlag on event " + emu::EventName((HardEvent)kv.first.first) + " id " + std::to_string(kv.first.second) +
+                        " was never waited for");
         if (!st.leaks.empty()) EmuFail(st.leaks.front());
+        if (st.remain_seq) emu::RemainCountUnsynced("the end of the kernel");
+        if (st.group && st.task_type != KERNEL_TYPE_MIX_AIC_1_2)
+            EmuFail("a mixed launch of a kernel that does not declare KERNEL_TASK_TYPE_DEFAULT(KERNEL_TYPE_MIX_AIC_1_2)");
     } catch (const EmuError& e) {
         err = e.what();
     }
@@ -259,10 +311,13 @@ std::string RunOne(AscendC::CoreState& st, void (*body)(void*), void* ctx) {
 void RunCores(uint32_t block_dim, void (*body)(void*), void* ctx) {
     using namespace AscendC;
     if (block_dim == 0) EmuFail("launch with zero cores");
+    emu::GmShadow gm;  // one launch's global-memory accesses: the cores of a launch run concurrently
     for (uint32_t i = 0; i < block_dim; i++) {
         CoreState st;
         st.block_idx = i;
         st.block_num = block_dim;
+        st.gm = &gm;
+        st.gm_group = i;
         const std::string err = RunOne(st, body, ctx);
         if (!err.empty()) throw EmuError("core " + std::to_string(i) + ": " + err);
     }
@@ -271,6 +326,7 @@ void RunCores(uint32_t block_dim, void (*body)(void*), void* ctx) {
 void RunMixCores(uint32_t block_dim, void (*body)(void*), void* ctx) {
     using namespace AscendC;
     if (block_dim == 0) EmuFail("launch with zero cores");
+    emu::GmShadow gm;
     for (uint32_t i = 0; i < block_dim; i++) {
         CrossCoreGroup group;
         CoreState st[3];
@@ -282,6 +338,8 @@ void RunMixCores(uint32_t block_dim, void (*body)(void*), void* ctx) {
             st[k].cube = k == 0;
             st[k].sub_block = k == 0 ? 0 : k - 1;
             st[k].group = &group;
+            st[k].gm = &gm;
+            st[k].gm_group = i;
         }
         std::thread workers[3];
         for (int k = 0; k < 3; k++) {

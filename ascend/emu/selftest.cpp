@@ -23,6 +23,10 @@ struct SelfTest {
     }
 };
 
+// The semantics checks below test values, not synchronisation: each step waits for everything
+// before it.
+void Settle() { PipeBarrier<PIPE_ALL>(); }
+
 void Correct(const SelfTest& t) {
     TPipe pipe;
     TQue<TPosition::VECIN, 1> in;
@@ -59,10 +63,12 @@ void Level0(const SelfTest& t) {
     DataCopy(x, src, 512);
     DataCopy(y, src, 512);
     Duplicate(z, -1.0f, 512);
+    Settle();
     const uint64_t mask[2] = {0xF0F0F0F0F0F0F0F0ull, 0};
     // dst block stride 2, src0 repeat stride 16 blocks, src1 plain.
     Add(z, x, y, mask, 2, BinaryRepeatParams(2, 1, 1, 16, 16, 8));
     Muls(z[384], x[384], 3.0f, 10, 2, UnaryRepeatParams(1, 1, 8, 8));
+    Settle();
     DataCopy(dst, z, 512);
 }
 
@@ -80,9 +86,12 @@ void SortSemantics(const SelfTest& t) {
     LocalTensor<uint32_t> i = ix.Get<uint32_t>();
     DataCopy(s, src, 64);
     for (uint32_t k = 0; k < 64; k++) i.SetValue(k, k);
+    Settle();
     Sort32(x, s, i, 2);
+    Settle();
     const uint16_t len[4] = {32, 32, 0, 0};
     MrgSort(y, MrgSortSrcList<float>(x, x[64], x, x), MrgSort4Info(len, false, 0x3, 1));
+    Settle();
     DataCopy(dst, y, 128);
 }
 
@@ -99,12 +108,15 @@ void ReduceBroadcastSemantics(const SelfTest& t) {
     GlobalTensor<float> src = t.In(), dst = t.Out();
     LocalTensor<float> x = a.Get<float>(), red = r.Get<float>(), bc = c.Get<float>(), fill = d.Get<float>();
     DataCopy(x, src, 512);
+    Settle();
     BlockReduceMax(red, x, 4, 64, 1, 1, 8);
     BlockReduceSum(red[32], x[256], 4, 64, 1, 1, 8);
-    Brcb(bc, red, 2, BrcbRepeatParams(1, 8));
     Duplicate(fill, 0.0f, 128);
+    Settle();
+    Brcb(bc, red, 2, BrcbRepeatParams(1, 8));
     const uint64_t mask[2] = {0xFF00FF00FF00FF00ull, 0};
     Duplicate(fill, 7.0f, mask, 2, 1, 8);
+    Settle();
     DataCopy(dst, red, 64);
     DataCopy(dst[64], bc, 128);
     DataCopy(dst[192], fill, 128);
@@ -124,10 +136,15 @@ void CompareSelectGatherSemantics(const SelfTest& t) {
     LocalTensor<float> x = a.Get<float>(), sel = y.Get<float>(), gathered = z.Get<float>();
     LocalTensor<uint8_t> mask = m.Get<uint8_t>();
     DataCopy(x, src, 256);
+    Settle();
     CompareScalar(mask, x, 0.0f, CMPMODE::GT, 256);
+    Settle();
     Select(sel, mask, x, -1.0f, SELMODE::VSEL_TENSOR_SCALAR_MODE, 256);
     uint64_t cnt = 0;
     GatherMask(gathered, x, mask.ReinterpretCast<uint32_t>(), true, 200, GatherMaskParams(1, 1, 0, 0), cnt);
+    SetFlag<HardEvent::V_S>(0);  // the count is the vector pipe's: wait for it
+    WaitFlag<HardEvent::V_S>(0);
+    Settle();
     DataCopy(dst, sel, 256);
     DataCopyPad(dst[256], gathered, DataCopyExtParams(1, (uint32_t)cnt * 4, 0, 0, 0));
     dst.SetValue(511, (float)cnt);
@@ -261,7 +278,9 @@ extern "C" void ek_emu_selftest_kernel(uint8_t* arg) {
             pipe.InitBuffer(d, 4096 * 8 * 2);
             LocalTensor<float> x = a.Get<float>();
             Duplicate(x, 1.0f, 4096 * 4);
+            Settle();
             if (t.code == 17) x.SetValue(4, 2.0f);  // structure 2 outranks structure 1
+            Settle();
             const uint16_t len[4] = {(uint16_t)(t.code == 19 ? 4096 : 16), 16, 0, 0};
             LocalTensor<float> dst = t.code == 20 ? x[64] : d.Get<float>();
             MrgSort(dst, MrgSortSrcList<float>(x, x[64], x, x), MrgSort4Info(len, false, 0x3, 1));
@@ -313,6 +332,128 @@ extern "C" void ek_emu_selftest_kernel(uint8_t* arg) {
             pipe.InitBuffer(o, 256);
             uint64_t cnt = 0;
             GatherMask(o.Get<float>(), a.Get<float>(), m.Get<uint32_t>()[1], true, 32, GatherMaskParams(1, 1, 0, 0), cnt);
+            break;
+        }
+        // The asynchronous pipes (emu_pipes.h): each unsynchronised pair is a race.
+        case 26: {  // a vector instruction reads what the previous one writes, no PipeBarrier<PIPE_V>
+            // (the PipeBarrier page: Add then Mul needs PipeBarrier<PIPE_V> between them)
+            TPipe pipe;
+            TBuf<TPosition::VECCALC> a, b;
+            pipe.InitBuffer(a, 1024);
+            pipe.InitBuffer(b, 1024);
+            Duplicate(a.Get<float>(), 1.0f, 64);
+            Adds(b.Get<float>(), a.Get<float>(), 1.0f, 64);
+            break;
+        }
+        case 27: {  // a vector read of a GM -> UB copy with no MTE2_V flag (SetFlag/WaitFlag page)
+            TPipe pipe;
+            TBuf<TPosition::VECCALC> a, b;
+            pipe.InitBuffer(a, 1024);
+            pipe.InitBuffer(b, 1024);
+            DataCopy(a.Get<float>(), t.In(), 64);
+            Muls(b.Get<float>(), a.Get<float>(), 2.0f, 64);
+            break;
+        }
+        case 28: {  // a GM -> UB copy over a tensor a vector instruction may still read (no V_MTE2)
+            TPipe pipe;
+            TBuf<TPosition::VECCALC> a, b;
+            pipe.InitBuffer(a, 1024);
+            pipe.InitBuffer(b, 1024);
+            Muls(b.Get<float>(), a.Get<float>(), 2.0f, 64);  // (reads poison: values do not matter here)
+            DataCopy(a.Get<float>(), t.In(), 64);
+            break;
+        }
+        case 29: {  // the scalar unit writes a tensor the previous UB -> GM copy may still read (no MTE3_S)
+            TPipe pipe;
+            TBuf<TPosition::VECOUT> b;
+            pipe.InitBuffer(b, 256);
+            LocalTensor<float> o = b.Get<float>();
+            for (uint32_t i = 0; i < 8; i++) o.SetValue(i, 1.0f);
+            SetFlag<HardEvent::S_MTE3>(0);
+            WaitFlag<HardEvent::S_MTE3>(0);
+            DataCopy(t.Out(), o, 8);
+            o.SetValue(0, 2.0f);
+            break;
+        }
+        case 30: {  // GatherMask's count used with no V_S flag after it
+            TPipe pipe;
+            TBuf<TPosition::VECCALC> a, m, o;
+            pipe.InitBuffer(a, 256);
+            pipe.InitBuffer(m, 64);
+            pipe.InitBuffer(o, 256);
+            Duplicate(a.Get<float>(), 1.0f, 64);
+            Duplicate(m.Get<uint32_t>(), 0xffffffffu, 8);
+            PipeBarrier<PIPE_V>();
+            uint64_t cnt = 0;
+            GatherMask(o.Get<float>(), a.Get<float>(), m.Get<uint32_t>(), true, 32, GatherMaskParams(1, 1, 0, 0), cnt);
+            Adds(a.Get<float>(), a.Get<float>(), (float)cnt, 8);
+            break;
+        }
+        // Global memory (emu_pipes.h): the same happens-before rule over GM bytes.
+        case 48: {  // a GM -> UB copy of bytes the previous UB -> GM copy writes, with no MTE3_MTE2
+            // (kv_compress's pooling reads back what its group reduction wrote: it syncs MTE3_MTE2)
+            TPipe pipe;
+            TBuf<TPosition::VECCALC> a;
+            pipe.InitBuffer(a, 1024);
+            Duplicate(a.Get<float>(), 1.0f, 64);
+            SetFlag<HardEvent::V_MTE3>(0);
+            WaitFlag<HardEvent::V_MTE3>(0);
+            DataCopy(t.Out(), a.Get<float>(), 64);
+            DataCopy(a.Get<float>()[64], t.Out()[8], 8);
+            break;
+        }
+        case 49: {  // run on two cores: both write the same GM bytes in one launch
+            TPipe pipe;
+            TBuf<TPosition::VECOUT> a;
+            pipe.InitBuffer(a, 256);
+            Duplicate(a.Get<float>(), (float)GetBlockIdx(), 8);
+            SetFlag<HardEvent::V_MTE3>(0);
+            WaitFlag<HardEvent::V_MTE3>(0);
+            DataCopy(t.Out(), a.Get<float>(), 8);
+            break;
+        }
+        case 104: {  // the synchronised forms of 26-30 and 48 pass; DataCopyPad's fill of a partial block
+            TPipe pipe;
+            TQue<TPosition::VECIN, 1> in;
+            TQue<TPosition::VECOUT, 1> out;
+            TBuf<TPosition::VECCALC> a, m, o;
+            pipe.InitBuffer(in, 1, 256);
+            pipe.InitBuffer(out, 1, 256);
+            pipe.InitBuffer(a, 256);
+            pipe.InitBuffer(m, 64);
+            pipe.InitBuffer(o, 256);
+            // 5 floats, padding value -inf, padding counts 0 (kv_compress's LoadScores before the fix):
+            // out[0..8) shows what fills the rest of the 32-byte block.
+            LocalTensor<float> x = in.AllocTensor<float>();
+            DataCopyPad(x, t.In()[3], DataCopyExtParams(1, 5 * sizeof(float), 0, 0, 0),
+                        DataCopyPadExtParams<float>(true, 0, 0, -INFINITY));
+            in.EnQue(x);
+            x = in.DeQue<float>();
+            LocalTensor<float> y = out.AllocTensor<float>();
+            Adds(y, x, 0.0f, 8);
+            PipeBarrier<PIPE_V>();
+            Muls(y[8], y, 1.0f, 8);
+            in.FreeTensor(x);
+            Duplicate(m.Get<uint32_t>(), 0x5u, 8);
+            PipeBarrier<PIPE_V>();
+            uint64_t cnt = 0;
+            GatherMask(o.Get<float>(), y, m.Get<uint32_t>(), true, 8, GatherMaskParams(1, 1, 0, 0), cnt);
+            SetFlag<HardEvent::V_S>(0);
+            WaitFlag<HardEvent::V_S>(0);
+            y.SetValue(16, (float)cnt);  // 2: elements 0 and 2
+            SetFlag<HardEvent::S_V>(0);
+            WaitFlag<HardEvent::S_V>(0);
+            out.EnQue(y);
+            y = out.DeQue<float>();
+            DataCopy(t.Out(), y, 24);
+            SetFlag<HardEvent::MTE3_S>(0);
+            WaitFlag<HardEvent::MTE3_S>(0);
+            y.SetValue(0, 2.0f);
+            out.FreeTensor(y);
+            // GM written by MTE3 and read back by MTE2: MTE3_MTE2 between them.
+            SetFlag<HardEvent::MTE3_MTE2>(0);
+            WaitFlag<HardEvent::MTE3_MTE2>(0);
+            DataCopy(a.Get<float>(), t.Out(), 8);
             break;
         }
         case 100:
@@ -401,15 +542,85 @@ void CubeSemantics(const SelfTest& t) {
     fp.srcStride = 32;
     fp.dstStride = 16;
     Mmad(c.Get<float>(), xl0.Get<half>(), yl0.Get<half>(), mp);
+    SetFlag<HardEvent::M_FIX>(0);
+    WaitFlag<HardEvent::M_FIX>(0);
     Fixpipe(out, c.Get<float>(), fp);
+    SetFlag<HardEvent::FIX_M>(0);  // the second product overwrites L0C once the first is out
+    WaitFlag<HardEvent::FIX_M>(0);
     Mmad(c.Get<float>(), xl0.Get<half>(), zl0.Get<half>(), mp);
+    SetFlag<HardEvent::M_FIX>(0);
+    WaitFlag<HardEvent::M_FIX>(0);
     Fixpipe(out[512], c.Get<float>(), fp);
 }
 
+// The cube's buffers for the hazard cases: X 32×32 in L1 → L0A, Y 16×32 in L1 → L0B, C in L0C.
+struct CubeBuffers {
+    TPipe pipe;
+    TBuf<TPosition::A1> xl1;
+    TBuf<TPosition::B1> yl1;
+    TBuf<TPosition::A2> xl0;
+    TBuf<TPosition::B2> yl0;
+    TBuf<TPosition::CO1> c;
+    GlobalTensor<half> x, y;
+    GlobalTensor<float> out;
+    std::vector<half> h = std::vector<half>(2048);
+    explicit CubeBuffers(const SelfTest& t) {
+        for (int i = 0; i < 2048; i++) h[i] = half(t.in[i]);
+        x.SetGlobalBuffer(h.data(), 1024);
+        y.SetGlobalBuffer(h.data() + 1024, 512);
+        out.SetGlobalBuffer(t.out, 1024);
+        pipe.InitBuffer(xl1, 2048);
+        pipe.InitBuffer(yl1, 1024);
+        pipe.InitBuffer(xl0, 2048);
+        pipe.InitBuffer(yl0, 1024);
+        pipe.InitBuffer(c, 2048);
+    }
+    void CopyIn() {
+        DataCopy(xl1.Get<half>(), x, Nd2NzParams(1, 32, 32, 0, 32, 32, 1, 0));
+        DataCopy(yl1.Get<half>(), y, Nd2NzParams(1, 16, 32, 0, 32, 16, 1, 0));
+        SetFlag<HardEvent::MTE2_MTE1>(0);
+        WaitFlag<HardEvent::MTE2_MTE1>(0);
+    }
+    void Load() {
+        for (int mb = 0; mb < 2; mb++) {
+            LoadData2DParams lp;
+            lp.startIndex = mb;
+            lp.repeatTimes = 2;
+            lp.srcStride = 2;
+            LoadData(xl0.Get<half>()[mb * 2 * 256], xl1.Get<half>(), lp);
+        }
+        LoadData2DParams yp;
+        yp.repeatTimes = 2;
+        yp.srcStride = 1;
+        LoadData(yl0.Get<half>(), yl1.Get<half>(), yp);
+        SetFlag<HardEvent::MTE1_M>(0);
+        WaitFlag<HardEvent::MTE1_M>(0);
+    }
+    void Multiply(uint16_t m) {
+        MmadParams mp;
+        mp.m = m;
+        mp.n = 16;
+        mp.k = 32;
+        Mmad(c.Get<float>(), xl0.Get<half>(), yl0.Get<half>(), mp);
+    }
+    void Out(uint16_t m) {
+        SetFlag<HardEvent::M_FIX>(0);
+        WaitFlag<HardEvent::M_FIX>(0);
+        FixpipeParamsV220 fp;
+        fp.nSize = 16;
+        fp.mSize = m;
+        fp.srcStride = 32;
+        fp.dstStride = 16;
+        Fixpipe(out, c.Get<float>(), fp);
+    }
+};
+
 }  // namespace
 
-extern "C" void ek_emu_selftest_mix(uint8_t* which) {
+extern "C" void ek_emu_selftest_cube(uint8_t* sync, uint8_t* which) {
     const SelfTest& t = *reinterpret_cast<const SelfTest*>(which);
+    if (t.code != 47) KERNEL_TASK_TYPE_DEFAULT(KERNEL_TYPE_MIX_AIC_1_2);
+    if (t.code != 45) SetSyncBaseAddr(t.code == 46 ? reinterpret_cast<uint64_t>(which) : reinterpret_cast<uint64_t>(sync));
     switch (t.code) {
         case 31: {  // UB on the cube core
             if (ASCEND_IS_AIV) return;
@@ -488,6 +699,98 @@ extern "C" void ek_emu_selftest_mix(uint8_t* which) {
                 for (int i = 0; i < 16; i++) CrossCoreWaitFlag(2);
             }
             break;
+        // The cube's write-after-read hazards (catlass's pingpong block pairs MTE1_MTE2, M_MTE1 and
+        // FIX_M events per buffer for exactly these).
+        case 42: {  // Mmad overwrites L0C while Fixpipe may still drain it (no FIX_M)
+            if (ASCEND_IS_AIV) return;
+            CubeBuffers b(t);
+            b.CopyIn();
+            b.Load();
+            b.Multiply(32);
+            b.Out(32);
+            b.Multiply(32);
+            break;
+        }
+        case 43: {  // LoadData overwrites L0B while Mmad may still read it (no M_MTE1)
+            if (ASCEND_IS_AIV) return;
+            CubeBuffers b(t);
+            b.CopyIn();
+            b.Load();
+            b.Multiply(32);
+            b.Load();
+            b.Out(32);
+            break;
+        }
+        case 44: {  // a GM -> L1 copy over what LoadData may still read (no MTE1_MTE2)
+            if (ASCEND_IS_AIV) return;
+            CubeBuffers b(t);
+            b.CopyIn();
+            b.Load();
+            DataCopy(b.yl1.Get<half>(), b.y, Nd2NzParams(1, 16, 32, 0, 32, 16, 1, 0));
+            b.Multiply(32);
+            b.Out(32);
+            break;
+        }
+        case 45:  // a cross-core flag before SetSyncBaseAddr
+        case 46:  // SetSyncBaseAddr with an address that is not the hardware's
+            if (ASCEND_IS_AIC) {
+                CrossCoreSetFlag<2, PIPE_FIX>(1);
+            } else {
+                CrossCoreWaitFlag(1);
+            }
+            break;
+        case 47:  // a mixed kernel without KERNEL_TASK_TYPE_DEFAULT
+            break;
+        // Global memory across the AI core's cores: a cross-core flag publishes what its pipe has
+        // done (CrossCoreSetFlag page: the set is an instruction of that pipe).
+        case 48: {  // the AIC sets the flag on MTE2, not on FIX after its Fixpipe: the AIVs may read early
+            if (ASCEND_IS_AIC) {
+                CubeBuffers b(t);
+                b.CopyIn();
+                b.Load();
+                b.Multiply(32);
+                b.Out(32);
+                CrossCoreSetFlag<2, PIPE_MTE2>(1);
+            } else {
+                TPipe pipe;
+                TBuf<TPosition::VECIN> a;
+                pipe.InitBuffer(a, 1024);
+                GlobalTensor<float> out;
+                out.SetGlobalBuffer(t.out, 1024);
+                CrossCoreWaitFlag(1);
+                DataCopy(a.Get<float>(), out, 16);
+            }
+            break;
+        }
+        case 49: {  // the AIVs release the slot with a flag on MTE3, not on MTE2 after their reads:
+                    // the AIC's Fixpipe may overwrite it while they still read
+            if (ASCEND_IS_AIC) {
+                CubeBuffers b(t);
+                b.CopyIn();
+                b.Load();
+                b.Multiply(32);
+                CrossCoreWaitFlag(1);
+                b.Out(32);
+            } else {
+                TPipe pipe;
+                TBuf<TPosition::VECIN> a;
+                pipe.InitBuffer(a, 1024);
+                GlobalTensor<float> out;
+                out.SetGlobalBuffer(t.out, 1024);
+                DataCopy(a.Get<float>(), out[GetSubBlockIdx() * 16], 16);
+                CrossCoreSetFlag<2, PIPE_MTE3>(1);
+            }
+            break;
+        }
+        case 201: {  // Mmad with m = 1 (GEMV mode): out[0..16) = (first 32 elements of L0A)·Yᵀ
+            if (ASCEND_IS_AIV) return;
+            CubeBuffers b(t);
+            b.CopyIn();
+            b.Load();
+            b.Multiply(1);
+            b.Out(1);
+            break;
+        }
         case 200:
             CubeSemantics(t);
             break;

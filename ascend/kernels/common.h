@@ -8,6 +8,13 @@ template <typename A> struct SameType<A, A> {
     static constexpr bool value = true;
 };
 
+// Dependent vector instructions run back to back only with a barrier between them (PipeBarrier
+// page: Add then Mul needs PipeBarrier<PIPE_V>), unless the compiler's automatic synchronisation
+// inserts it; the kernels place it themselves so they are right either way. Helpers that end with a
+// vector instruction end with this barrier, so their callers need none right after them (a second
+// barrier with nothing issued since orders nothing).
+__aicore__ inline void VecBarrier() { AscendC::PipeBarrier<PIPE_V>(); }
+
 // ln 2: the kernels get softmax scales in base 2 (the header's scale_log2) and exponentiate with Exp.
 constexpr float LN2 = 0.6931471805599453f;
 // f32 elements in one 32-byte data block and in one 256-byte vector repeat.
@@ -35,8 +42,10 @@ __aicore__ inline float ReduceToScalar(bool max, const AscendC::LocalTensor<floa
                                        const AscendC::LocalTensor<float>& red, const AscendC::LocalTensor<float>& work) {
     if (max) {
         AscendC::ReduceMax(red, src, work, (int32_t)n);
+        VecBarrier();
     } else {
         AscendC::ReduceSum(red, src, work, (int32_t)n);
+        VecBarrier();
     }
     AscendC::SetFlag<AscendC::HardEvent::V_S>(0);
     AscendC::WaitFlag<AscendC::HardEvent::V_S>(0);
@@ -46,7 +55,9 @@ __aicore__ inline float ReduceToScalar(bool max, const AscendC::LocalTensor<floa
 // e^x for one scalar (the scalar unit has no exp): one lane of the vector unit.
 __aicore__ inline float ScalarExp(float x, const AscendC::LocalTensor<float>& red) {
     AscendC::Duplicate(red, x, 8);
+    VecBarrier();
     AscendC::Exp(red, red, 8);
+    VecBarrier();
     AscendC::SetFlag<AscendC::HardEvent::V_S>(0);
     AscendC::WaitFlag<AscendC::HardEvent::V_S>(0);
     return red.GetValue(0);
@@ -74,6 +85,7 @@ __aicore__ inline AscendC::LocalTensor<float> LoadRows(Que& que, const AscendC::
         return held;
     } else {
         AscendC::Cast(wide, held, AscendC::RoundMode::CAST_NONE, n * PaddedElems<T>(d));
+        VecBarrier();
         return wide;
     }
 }
@@ -97,10 +109,14 @@ __aicore__ inline void RowReduce(const AscendC::LocalTensor<float>& dst, const A
     for (uint32_t k = 0; k < FLOATS_PER_BLOCK; k++) valid[0] |= ((1ull << filled) - 1) << (k * FLOATS_PER_BLOCK);
     if (MAX) {
         BlockReduceMax(part, src, (int32_t)rows, (int32_t)width, 1, 1, rep);
+        VecBarrier();
         BlockReduceMax(dst, part, groups, valid, 1, 1, (int32_t)FLOATS_PER_BLOCK);
+        VecBarrier();
     } else {
         BlockReduceSum(part, src, (int32_t)rows, (int32_t)width, 1, 1, rep);
+        VecBarrier();
         BlockReduceSum(dst, part, groups, valid, 1, 1, (int32_t)FLOATS_PER_BLOCK);
+        VecBarrier();
     }
 }
 
@@ -117,12 +133,14 @@ __aicore__ inline void TileDots(const AscendC::LocalTensor<float>& dst, const As
     for (uint32_t c = 0; c < d; c += FLOATS_PER_REPEAT) {
         const uint64_t mask = d - c < FLOATS_PER_REPEAT ? d - c : FLOATS_PER_REPEAT;
         Mul(tmp[c], keys[c], q[c], mask, rows, BinaryRepeatParams(1, 1, 1, rep, rep, 0));
+        VecBarrier();
     }
     for (uint32_t c = FLOATS_PER_REPEAT; c < d; c += FLOATS_PER_REPEAT) {
         const uint64_t mask = d - c < FLOATS_PER_REPEAT ? d - c : FLOATS_PER_REPEAT;
         Add(tmp, tmp, tmp[c], mask, rows, BinaryRepeatParams(1, 1, 1, rep, rep, rep));
+        VecBarrier();
     }
-    RowReduce<false>(dst, tmp, n, d < FLOATS_PER_REPEAT ? d : FLOATS_PER_REPEAT, stride, part);
+    RowReduce<false>(dst, tmp, n, d < FLOATS_PER_REPEAT ? d : FLOATS_PER_REPEAT, stride, part);  // ends with a barrier
 }
 
 // rows[0] = Σ_j rows[j] over n rows `stride` floats apart, summed pairwise in place (whole rows
@@ -131,6 +149,7 @@ __aicore__ inline void FoldRows(const AscendC::LocalTensor<float>& rows, uint32_
     for (uint32_t m = n; m > 1;) {
         const uint32_t half = m / 2;
         AscendC::Add(rows, rows, rows[(m - half) * stride], (int32_t)(half * stride));
+        VecBarrier();
         m -= half;
     }
 }
@@ -145,12 +164,15 @@ __aicore__ inline void TileWeightedSum(const AscendC::LocalTensor<float>& acc, c
     using namespace AscendC;
     const uint8_t rep = (uint8_t)(stride / FLOATS_PER_BLOCK);
     Brcb(bc, w, (uint8_t)((n + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK), BrcbRepeatParams(1, 8));
+    VecBarrier();
     for (uint32_t c = 0; c < d; c += FLOATS_PER_REPEAT) {
         const uint64_t mask = d - c < FLOATS_PER_REPEAT ? d - c : FLOATS_PER_REPEAT;
         Mul(tmp[c], rows[c], bc, mask, (uint8_t)n, BinaryRepeatParams(1, 1, 0, rep, rep, 1));
+        VecBarrier();
     }
-    FoldRows(tmp, n, stride);
+    FoldRows(tmp, n, stride);  // ends with a barrier (or issues nothing after the barriered Muls)
     Add(acc, acc, tmp, (int32_t)d);
+    VecBarrier();
 }
 
 // Scratch of the row-by-tile attention step: TileDots/TileWeightedSum's, and the reductions'.
@@ -165,16 +187,19 @@ __aicore__ inline void RowTileStep(const AscendC::LocalTensor<float>& o, uint32_
                                    const AscendC::LocalTensor<float>& q, const AscendC::LocalTensor<float>& kt,
                                    const AscendC::LocalTensor<float>& vt, uint32_t n, uint32_t d, uint32_t stride,
                                    const RowTileScratch& s, float& m, float& l) {
-    TileDots(row, q, kt, n, d, stride, s.tmp, s.part);
+    TileDots(row, q, kt, n, d, stride, s.tmp, s.part);  // ends with a barrier
     const float tile_max = ReduceToScalar(true, row, n, s.red, s.work);
     const float m_new = tile_max > m ? tile_max : m;
     const float alpha = ScalarExp(m - m_new, s.red);
     AscendC::Adds(row, row, -m_new, (int32_t)n);
+    VecBarrier();
     AscendC::Exp(row, row, (int32_t)n);
+    VecBarrier();
     l = l * alpha + ReduceToScalar(false, row, n, s.red, s.work);
     m = m_new;
     AscendC::Muls(o, o, alpha, (int32_t)o_len);
-    TileWeightedSum(o, row, vt, n, d, stride, s.tmp, s.part);
+    VecBarrier();
+    TileWeightedSum(o, row, vt, n, d, stride, s.tmp, s.part);  // ends with a barrier
 }
 
 // Copies a params struct out of global memory (the tiling-data pattern of Ascend C kernels).

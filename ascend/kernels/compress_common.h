@@ -53,7 +53,9 @@ public:
         nr_ = nr;
         cur_ = 0;
         Duplicate(Stat(ST_M), M_START, (int32_t)nr);
+        VecBarrier();
         Duplicate(Stat(ST_L), 0.0f, (int32_t)nr);
+        VecBarrier();
     }
     // Hides keys [vis, width) of score row i of `sc` (rows one repeat apart).
     __aicore__ inline void Hide(const LocalTensor<float>& sc, uint32_t i, uint32_t vis, uint32_t width) {
@@ -61,6 +63,7 @@ public:
         const uint64_t lanes = width >= 64 ? ~0ull : ((1ull << width) - 1);
         uint64_t hidden[2] = {(~0ull << vis) & lanes, 0};
         Duplicate(sc[i * FLOATS_PER_REPEAT], NegInf(), hidden, 1, 1, 8);
+        VecBarrier();
     }
     // Folds a tile of scores (the first `width` lanes of nr_ rows, hidden keys already −inf) into
     // m and l; `sc` is overwritten with e^(S − m).
@@ -68,16 +71,24 @@ public:
         const int32_t n = (int32_t)nr_;
         const uint8_t rows = (uint8_t)nr_, groups = (uint8_t)((nr_ + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK);
         LocalTensor<float> m_old = Stat(ST_M + cur_), m_new = Stat(ST_M + 1 - cur_), alpha = Stat(ST_ALPHA);
-        RowReduce<true>(Stat(ST_MAX), sc, nr_, width, FLOATS_PER_REPEAT, Stat(ST_PART));
+        RowReduce<true>(Stat(ST_MAX), sc, nr_, width, FLOATS_PER_REPEAT, Stat(ST_PART));  // ends with a barrier
         Max(m_new, m_old, Stat(ST_MAX), n);
+        VecBarrier();
         Sub(alpha, m_old, m_new, n);
+        VecBarrier();
         Exp(alpha, alpha, n);
+        VecBarrier();
         Brcb(Stat(ST_BCAST), m_new, groups, BrcbRepeatParams(1, 8));
+        VecBarrier();
         Sub(sc, sc, Stat(ST_BCAST), (uint64_t)width, rows, BinaryRepeatParams(1, 1, 0, 8, 8, 1));
+        VecBarrier();
         Exp(sc, sc, (uint64_t)width, rows, UnaryRepeatParams(1, 1, 8, 8));
-        RowReduce<false>(Stat(ST_SUM), sc, nr_, width, FLOATS_PER_REPEAT, Stat(ST_PART));
+        VecBarrier();
+        RowReduce<false>(Stat(ST_SUM), sc, nr_, width, FLOATS_PER_REPEAT, Stat(ST_PART));  // ends with a barrier
         Mul(Stat(ST_L), Stat(ST_L), alpha, n);
+        VecBarrier();
         Add(Stat(ST_L), Stat(ST_L), Stat(ST_SUM), n);
+        VecBarrier();
         cur_ = 1 - cur_;
     }
     __aicore__ inline LocalTensor<float> M() { return Stat(ST_M + cur_); }
@@ -101,7 +112,9 @@ __aicore__ inline void StoreStats(const EkCompressParams& p, const GlobalTensor<
     const uint32_t half = PaddedElems<float>(nr), rows = p.group * p.window;
     LocalTensor<float> t = out.template AllocTensor<float>();
     DataCopy(t, st.M(), half);
+    VecBarrier();
     DataCopy(t[half], st.L(), half);
+    VecBarrier();
     out.EnQue(t);
     t = out.template DeQue<float>();
     const uint32_t gap = (rows - nr) * sizeof(float);
@@ -126,18 +139,29 @@ __aicore__ inline void MergeStats(const EkCompressParams& p, const GlobalTensor<
         st = in.template DeQue<float>();
         if (c == 0) {  // every row sees key 0, so chunk 0's maxes are finite
             DataCopy(mx, st, rp);
+            VecBarrier();
             DataCopy(sm, st[rp], rp);
+            VecBarrier();
         } else {
             // M' = max(M, m_c); L = L·e^(M − M') + l_c·e^(m_c − M')
             Max(a, mx, st, (int32_t)nr);
+            VecBarrier();
             Sub(e, mx, a, (int32_t)nr);
+            VecBarrier();
             Exp(e, e, (int32_t)nr);
+            VecBarrier();
             Mul(sm, sm, e, (int32_t)nr);
+            VecBarrier();
             Sub(e, st, a, (int32_t)nr);
+            VecBarrier();
             Exp(e, e, (int32_t)nr);
+            VecBarrier();
             Mul(e, e, st[rp], (int32_t)nr);
+            VecBarrier();
             Add(sm, sm, e, (int32_t)nr);
+            VecBarrier();
             DataCopy(mx, a, rp);
+            VecBarrier();
         }
         in.FreeTensor(st);
     }

@@ -87,13 +87,17 @@ private:
             t = rowIn_.template DeQue<T>();
             if constexpr (SameType<T, float>::value) {
                 Muls(q[r * dpf_], t, scale, (int32_t)dpf_);
+                VecBarrier();
             } else {
                 Cast(q[r * dpf_], t, RoundMode::CAST_NONE, dpf_);
+                VecBarrier();
                 Muls(q[r * dpf_], q[r * dpf_], scale, (int32_t)dpf_);
+                VecBarrier();
             }
             rowIn_.FreeTensor(t);
         }
         Duplicate(o, 0.0f, (int32_t)(nr * dpf_));
+        VecBarrier();
         float m[DECODE_MAX_ROWS], l[DECODE_MAX_ROWS];
         for (uint32_t r = 0; r < nr; r++) {
             m[r] = NegInf();
@@ -112,11 +116,14 @@ private:
         }
         for (uint32_t r = 0; r < nr; r++) {
             Muls(o[r * dpf_], o[r * dpf_], 1.0f / l[r], (int32_t)dpf_);
+            VecBarrier();
             LocalTensor<T> t = rowOut_.template AllocTensor<T>();
             if constexpr (SameType<T, float>::value) {
                 DataCopy(t, o[r * dpf_], dpf_);
+                VecBarrier();
             } else {
                 Cast(t, o[r * dpf_], RoundMode::CAST_RINT, dpf_);
+                VecBarrier();
             }
             rowOut_.EnQue(t);
             t = rowOut_.template DeQue<T>();

@@ -99,6 +99,7 @@ protected:
             LocalTensor<T> held;
             LocalTensor<float> row = LoadRows<T>(rowIn_, WideBuffer<T>(rowf_), obsGm_[off], 1, d_, d_, held);
             Muls(obs[i * dpf_], row, scale_, (int32_t)dpf_);
+            VecBarrier();
             rowIn_.FreeTensor(held);
         }
     }
@@ -107,7 +108,7 @@ protected:
     // past `n` are scratch).
     __aicore__ inline LocalTensor<float> Score(uint32_t r, const LocalTensor<float>& keys, uint32_t n) {
         LocalTensor<float> row = scores_.Get<float>()[r * srow_];
-        TileDots(row, obs_.Get<float>()[r * dpf_], keys, n, d_, dpt_, tmp_.Get<float>(), part_.Get<float>());
+        TileDots(row, obs_.Get<float>()[r * dpf_], keys, n, d_, dpt_, tmp_.Get<float>(), part_.Get<float>());  // ends with a barrier
         return row;
     }
 
@@ -212,6 +213,7 @@ private:
         // acc[g][key - lo]: the window mean of query head h·G + g over this chunk's keys.
         LocalTensor<float> acc = acc_.AllocTensor<float>();
         Duplicate(acc, 0.0f, (int32_t)(B::p_.group * B::p_.chunk));
+        VecBarrier();
         const float inv_w = 1.0f / (float)B::p_.window;
         for (uint32_t r0 = 0; r0 < B::rows_; r0 += B::chunkRows_) {
             const uint32_t nr = Min(B::chunkRows_, B::rows_ - r0);
@@ -226,8 +228,11 @@ private:
                     // Keys below N − W are visible to every window row.
                     LocalTensor<float> row = B::Score(i, keys, n);
                     Adds(row, row, -m[i], (int32_t)n);
+                    VecBarrier();
                     Exp(row, row, (int32_t)n);
+                    VecBarrier();
                     Axpy(acc[((r0 + i) / B::p_.window) * B::p_.chunk + (j0 - lo)], row, inv_w / l[i], (int32_t)n);
+                    VecBarrier();
                 }
                 B::kIn_.FreeTensor(held);
             }
@@ -275,8 +280,10 @@ private:
     __aicore__ inline void Combine(bool max, const LocalTensor<float>& acc, const LocalTensor<float>& x, uint32_t n) {
         if (max) {
             Max(acc, acc, x, (int32_t)n);
+            VecBarrier();
         } else {
             Add(acc, acc, x, (int32_t)n);
+            VecBarrier();
         }
     }
 
@@ -295,12 +302,14 @@ private:
                     LocalTensor<float> x = Load(row + g * stride + pad + t0, n);
                     if (g == 0) {
                         DataCopy(acc, x, PaddedElems<float>(n));
+                        VecBarrier();
                     } else {
                         Combine(p_.gqa_mode == GQA_MAX, acc, x, n);
                     }
                     in_.FreeTensor(x);
                 }
                 if (p_.gqa_mode == GQA_MEAN) Muls(acc, acc, 1.0f / (float)heads, (int32_t)n);
+                VecBarrier();
                 out_.EnQue(acc);
                 acc = out_.DeQue<float>();
                 DataCopyPad(meansGm_[row + pad + t0], acc, DataCopyExtParams(1, n * sizeof(float), 0, 0, 0));
@@ -311,6 +320,7 @@ private:
         if (pad > 0) {
             LocalTensor<float> pv = pads_.AllocTensor<float>();
             Duplicate(pv, p_.pooling == POOL_MAX ? NegInf() : 0.0f, (int32_t)PaddedElems<float>(pad));
+            VecBarrier();
             pads_.EnQue(pv);
             pv = pads_.DeQue<float>();
             DataCopyPad(meansGm_[row], pv, DataCopyExtParams(1, pad * sizeof(float), 0, 0, 0));
@@ -328,12 +338,14 @@ private:
                 LocalTensor<float> x = Load(row + t0 + j, n);
                 if (j == 0) {
                     DataCopy(acc, x, PaddedElems<float>(n));
+                    VecBarrier();
                 } else {
                     Combine(p_.pooling == POOL_MAX, acc, x, n);
                 }
                 in_.FreeTensor(x);
             }
             if (p_.pooling == POOL_AVG) Muls(acc, acc, 1.0f / (float)p_.pooling_kernel, (int32_t)n);
+            VecBarrier();
             out_.EnQue(acc);
             acc = out_.DeQue<float>();
             DataCopyPad(pooledGm_[((uint64_t)b * p_.out_heads + hc) * scored + t0], acc, DataCopyExtParams(1, n * sizeof(float), 0, 0, 0));
@@ -352,17 +364,27 @@ private:
 // Top-k by sort and merge.
 
 // Pooled scores src[0, n) into the next buffer of `que`, as `slots` ≥ n floats: the slots past n
-// score −inf (they sort last, and count under no threshold).
+// score −inf (they sort last, and count under no threshold). They are written by the vector unit
+// after the copy: DataCopyPad fills the rest of a partial 32-byte block with copies of the burst's
+// first element, not with a pad value (DataCopyPad page), which would put up to 7 phantom scores
+// into the sort or the counts.
 template <typename Que> __aicore__ inline LocalTensor<float> LoadScores(Que& que, const GlobalTensor<float>& src, uint32_t n, uint32_t slots) {
     LocalTensor<float> sc = que.template AllocTensor<float>();
-    if (n < slots) {
-        Duplicate(sc, NegInf(), (int32_t)slots);
-        SetFlag<HardEvent::V_MTE2>(0);
-        WaitFlag<HardEvent::V_MTE2>(0);
-    }
-    DataCopyPad(sc, src, DataCopyExtParams(1, n * sizeof(float), 0, 0, 0), DataCopyPadExtParams<float>(true, 0, 0, NegInf()));
+    DataCopyPad(sc, src, DataCopyExtParams(1, n * sizeof(float), 0, 0, 0), DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
     que.EnQue(sc);
-    return que.template DeQue<float>();
+    sc = que.template DeQue<float>();
+    if (n < slots) {
+        const uint32_t block = n / FLOATS_PER_BLOCK * FLOATS_PER_BLOCK, rest = n % FLOATS_PER_BLOCK;
+        if (rest) {  // the partial block's tail, by a bit mask
+            const uint64_t tail[2] = {((1ull << FLOATS_PER_BLOCK) - 1) & ~((1ull << rest) - 1), 0};
+            Duplicate(sc[block], NegInf(), tail, 1, 1, 8);
+            VecBarrier();
+        }
+        const uint32_t next = block + (rest ? FLOATS_PER_BLOCK : 0);
+        if (next < slots) Duplicate(sc[next], NegInf(), (int32_t)(slots - next));
+        VecBarrier();
+    }
+    return sc;
 }
 
 class TopKKernel {
@@ -402,12 +424,14 @@ private:
                 }
                 if (lists == 1) {  // a lone tail run: carried over as it is
                     DataCopy(b[PAIR * s], a[PAIR * s], PaddedElems<float>(PAIR * lens[0]));
+                    VecBarrier();
                     continue;
                 }
                 LocalTensor<float> src[4];
                 for (uint32_t k = 0; k < 4; k++) src[k] = k < lists ? a[PAIR * (s + k * len)] : a;
                 const uint16_t valid = lists == 2 ? 0x3 : lists == 3 ? 0x7 : 0xf;
                 MrgSort(b[PAIR * s], MrgSortSrcList<float>(src[0], src[1], src[2], src[3]), MrgSort4Info(lens, false, valid, 1));
+                VecBarrier();
             }
             LocalTensor<float> t = a;
             a = b;
@@ -428,20 +452,25 @@ private:
             const uint32_t n = Min(TOPK_TILE, scored - t0), groups = (n + SORT_GROUP - 1) / SORT_GROUP;
             LocalTensor<float> sc = LoadScores(in_, pooledGm_[row + t0], n, groups * SORT_GROUP);
             Adds(idx.ReinterpretCast<int32_t>(), ramp.ReinterpretCast<int32_t>(), (int32_t)t0, (int32_t)(groups * SORT_GROUP));
+            VecBarrier();
             Sort32(tile, sc, idx, (int32_t)groups);
+            VecBarrier();
             in_.FreeTensor(sc);
             LocalTensor<float> sorted = MergeRuns(tile, spare, groups * SORT_GROUP, SORT_GROUP);
             const uint32_t take = Min(n, keep_);  // padding slots never reach the kept list
             if (have == 0) {
                 DataCopy(best, sorted, PaddedElems<float>(PAIR * take));
+                VecBarrier();
                 have = take;
                 continue;
             }
             // Earlier positions (the kept list) go first on equal scores: list 1.
             uint16_t lens[4] = {(uint16_t)have, (uint16_t)take, 0, 0};
             MrgSort(merged, MrgSortSrcList<float>(best, sorted, best, best), MrgSort4Info(lens, false, 0x3, 1));
+            VecBarrier();
             have = Min(keep_, have + take);
             DataCopy(best, merged, PaddedElems<float>(PAIR * have));
+            VecBarrier();
         }
         // The kept positions in ascending order: sort again with score = −position.
         SetFlag<HardEvent::V_S>(0);
@@ -456,10 +485,14 @@ private:
         }
         ScalarToVector();
         Sort32(best, neg, pos, (int32_t)groups);
+        VecBarrier();
         LocalTensor<float> asc = MergeRuns(best, merged, groups * SORT_GROUP, SORT_GROUP);
         SetFlag<HardEvent::V_S>(0);
         WaitFlag<HardEvent::V_S>(0);
         LocalTensor<uint32_t> o = out_.AllocTensor<uint32_t>();
+        // The scalar unit rewrites `o`, which the previous item's UB -> GM copy may still read.
+        SetFlag<HardEvent::MTE3_S>(0);
+        WaitFlag<HardEvent::MTE3_S>(0);
         for (uint32_t i = 0; i < have; i++) o.SetValue(i, asc.ReinterpretCast<uint32_t>().GetValue(PAIR * i + 1));
         SetFlag<HardEvent::S_MTE3>(0);
         WaitFlag<HardEvent::S_MTE3>(0);
@@ -515,6 +548,7 @@ public:
         }
         ScalarToVector();
         Duplicate(ones, 1.0f, (int32_t)SELECT_TILE);
+        VecBarrier();
         const uint32_t items = p.obs.shape[0] * p.out_heads;
         for (uint32_t it = GetBlockIdx(); it < items; it += GetBlockNum()) Item(it);
     }
@@ -554,16 +588,23 @@ private:
         LocalTensor<float> hit = work;  // 1.0 where the comparison holds (reused for ReduceSum below)
         LocalTensor<uint8_t> mask = Mask(0);
         Duplicate(acc, 0.0f, (int32_t)(m * SELECT_TILE));
+        VecBarrier();
         for (uint32_t t0 = 0; t0 < scored; t0 += SELECT_TILE) {
             LocalTensor<float> sc = Load(row, t0, Min(SELECT_TILE, scored - t0));
             for (uint32_t j = 0; j < m; j++) {
                 CompareScalar(mask, sc, thr[j], mode, SELECT_TILE);
+                VecBarrier();
                 Select(hit, mask, ones, 0.0f, SELMODE::VSEL_TENSOR_SCALAR_MODE, SELECT_TILE);
+                VecBarrier();
                 Add(acc[j * SELECT_TILE], acc[j * SELECT_TILE], hit, (int32_t)SELECT_TILE);
+                VecBarrier();
             }
             in_.FreeTensor(sc);
         }
-        for (uint32_t j = 0; j < m; j++) ReduceSum(sums[j * FLOATS_PER_BLOCK], acc[j * SELECT_TILE], work, (int32_t)SELECT_TILE);
+        for (uint32_t j = 0; j < m; j++) {
+            ReduceSum(sums[j * FLOATS_PER_BLOCK], acc[j * SELECT_TILE], work, (int32_t)SELECT_TILE);
+            VecBarrier();  // the next one reuses `work`
+        }
         SetFlag<HardEvent::V_S>(0);
         WaitFlag<HardEvent::V_S>(0);
         for (uint32_t j = 0; j < m; j++) counts[j] = (uint32_t)sums.GetValue(j * FLOATS_PER_BLOCK);  // exact below 2^24
@@ -608,32 +649,46 @@ private:
             const uint32_t n = Min(SELECT_TILE, scored - t0);
             LocalTensor<float> sc = Load(row, t0, n);
             Adds(pos.ReinterpretCast<int32_t>(), ramp.ReinterpretCast<int32_t>(), (int32_t)t0, (int32_t)SELECT_TILE);
+            VecBarrier();
             CompareScalar(eqMask, sc, t, CMPMODE::EQ, SELECT_TILE);
+            VecBarrier();
             uint64_t equal = 0;
             GatherMask(eqPos, pos, eqMask.ReinterpretCast<uint32_t>(), true, SELECT_TILE, gm, equal);
+            VecBarrier();
+            // The count (and eqPos) come from the vector pipe: the scalar unit waits for them.
+            SetFlag<HardEvent::V_S>(0);
+            WaitFlag<HardEvent::V_S>(0);
             // Ties in this tile are kept below `cut` (a tile-relative position): all of them, or
             // up to the first one past the quota.
             uint32_t cut = n;
             if (ties - taken < equal) {
-                SetFlag<HardEvent::V_S>(0);
-                WaitFlag<HardEvent::V_S>(0);
                 cut = Min(n, eqPos.GetValue(ties - taken) - t0);
                 taken = ties;
             } else {
                 taken += (uint32_t)equal;
             }
             CompareScalar(gtMask, sc, t, CMPMODE::GT, SELECT_TILE);
+            VecBarrier();
             CompareScalar(cutMask, rampF, (float)cut, CMPMODE::LT, SELECT_TILE);
+            VecBarrier();
             in_.FreeTensor(sc);
             // kept = (s > t) or (s = t and position < cut), as 1.0 / 0.0 (exact for t = −inf too).
             Select(above, gtMask, ones, 0.0f, SELMODE::VSEL_TENSOR_SCALAR_MODE, SELECT_TILE);
+            VecBarrier();
             Select(tie, eqMask, ones, 0.0f, SELMODE::VSEL_TENSOR_SCALAR_MODE, SELECT_TILE);
+            VecBarrier();
             Select(first, cutMask, tie, 0.0f, SELMODE::VSEL_TENSOR_SCALAR_MODE, SELECT_TILE);
+            VecBarrier();
             Max(above, above, first, (int32_t)SELECT_TILE);
+            VecBarrier();
             CompareScalar(keepMask, above, 0.5f, CMPMODE::GT, SELECT_TILE);
+            VecBarrier();
             LocalTensor<uint32_t> o = out_.AllocTensor<uint32_t>();
             uint64_t kept = 0;
             GatherMask(o, pos, keepMask.ReinterpretCast<uint32_t>(), true, SELECT_TILE, gm, kept);
+            VecBarrier();
+            SetFlag<HardEvent::V_S>(0);  // the count is the vector pipe's
+            WaitFlag<HardEvent::V_S>(0);
             out_.EnQue(o);
             o = out_.DeQue<uint32_t>();
             // Never more than the quota, whatever the scores (NaN counts nowhere).

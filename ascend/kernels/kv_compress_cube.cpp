@@ -73,8 +73,18 @@ public:
         pipe_.InitBuffer(oL0_, CUBE_ROWS * CUBE_MAX_D * sizeof(T));
         pipe_.InitBuffer(kL0_, CUBE_KEYS * CUBE_MAX_D * sizeof(T));
         pipe_.InitBuffer(sL0_, CUBE_ROWS * CUBE_KEYS * sizeof(float));
+        oL1Free_.Start(0);
+        kL1Free_.Start(1);
+        oL0Free_.Start(0);
+        kL0Free_.Start(1);
+        sL0Free_.Start(0);
         for (uint32_t it = GetBlockIdx(); it < ItemCount(p); it += GetBlockNum()) Item(it);
         for (uint32_t k = 0; k < Min(seq_, WS_SLOTS); k++) CrossCoreWaitFlag(FLAG_FREE);  // slots still out
+        oL1Free_.Drain();
+        kL1Free_.Drain();
+        oL0Free_.Drain();
+        kL0Free_.Drain();
+        sL0Free_.Drain();
     }
 
 private:
@@ -87,6 +97,7 @@ private:
             const uint32_t nr = Min(CUBE_ROWS, rows_ - r0), mpad = Up16(nr);
             LoadObs(b, h, r0, nr, mpad);
             for (uint32_t j0 = lo; j0 < hi; j0 += CUBE_KEYS) Scores(b, h, j0, Min(CUBE_KEYS, hi - j0), nr, mpad);
+            oL0Free_.AfterRead();  // the pass's last Mmad with these rows is issued
         }
     }
 
@@ -95,6 +106,7 @@ private:
     __aicore__ inline void LoadObs(int32_t b, int32_t h, uint32_t r0, uint32_t nr, uint32_t mpad) {
         LocalTensor<T> oL1 = oL1_.Get<T>(), oL0 = oL0_.Get<T>();
         const uint32_t w = p_.window;
+        oL1Free_.BeforeWrite();
         for (uint32_t row = 0; row < nr;) {
             const uint32_t r = r0 + row, run = Min(w - r % w, nr - row);
             const int64_t off = b * p_.obs.stride[0] + (h * p_.group + r / w) * p_.obs.stride[1] + (r % w) * p_.obs.stride[2];
@@ -102,7 +114,9 @@ private:
             row += run;
         }
         CopiesToL1Done();
+        oL0Free_.BeforeWrite();
         ToL0A(oL0, oL1, mpad, dp_);
+        oL1Free_.AfterRead();
     }
 
     // S = obs·Kᵀ for keys [j0, j0 + n) into the next workspace slot (a short tile is padded with
@@ -112,12 +126,16 @@ private:
         LocalTensor<float> sL0 = sL0_.Get<float>();
         const int64_t off = b * p_.k_cache.stride[0] + h * p_.k_cache.stride[1] + j0 * p_.k_cache.stride[2];
         const uint16_t stride = (uint16_t)p_.k_cache.stride[2];
+        kL1Free_.BeforeWrite();
         DataCopy(kL1, kGm_[off], Nd2NzParams(1, n, d_, 0, stride, CUBE_KEYS, 1, 0));
         if (n < CUBE_KEYS) DataCopy(kL1[n * FRACTAL], kGm_[off], Nd2NzParams(CUBE_KEYS - n, 1, d_, 0, stride, CUBE_KEYS, 1, FRACTAL));
         CopiesToL1Done();
+        kL0Free_.BeforeWrite();
         TransposedToL0B(kL0, kL1, CUBE_KEYS, dp_);
+        kL1Free_.AfterRead();
         if (seq_ >= WS_SLOTS) CrossCoreWaitFlag(FLAG_FREE);  // both AIVs copied this slot's last tile
-        MatmulToGm(ws_[(seq_ % WS_SLOTS) * WS_TILE], CUBE_KEYS, sL0, oL0, kL0, nr, CUBE_KEYS, d_, mpad);
+        MatmulToGm(ws_[(seq_ % WS_SLOTS) * WS_TILE], CUBE_KEYS, sL0, sL0Free_, oL0, kL0, nr, CUBE_KEYS, d_, mpad);
+        kL0Free_.AfterRead();
         CrossCoreSetFlag<2, PIPE_FIX>(FLAG_S);
         seq_++;
     }
@@ -131,6 +149,9 @@ private:
     TBuf<TPosition::A2> oL0_;
     TBuf<TPosition::B2> kL0_;
     TBuf<TPosition::CO1> sL0_;
+    L1Handoff oL1Free_, kL1Free_;
+    L0Handoff oL0Free_, kL0Free_;
+    L0CHandoff sL0Free_;
     GlobalTensor<T> obsGm_, kGm_;
     GlobalTensor<float> ws_;
 };
@@ -145,8 +166,8 @@ public:
         means_ = means;
         rows_ = p.group * p.window;
         scale_ = p.scale_log2 * LN2;  // natural-log scale, as the vector kernels pre-scale obs
-        const uint32_t core = GetBlockIdx() / 2;
-        sub_ = GetBlockIdx() % 2;
+        const uint32_t core = GetBlockIdx() / GetSubBlockNum();  // as in prefill.cpp (catlass's mixed kernels)
+        sub_ = GetSubBlockIdx();
         ws_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.workspace) + (uint64_t)core * WS_SLOTS * WS_TILE, WS_SLOTS * WS_TILE);
         statsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.stats));
         meansGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.means));
@@ -210,6 +231,7 @@ private:
                 if (n > 0) {
                     LocalTensor<float> mine = sc[a * CUBE_KEYS];
                     Muls(mine, mine, scale_, (int32_t)(n * CUBE_KEYS));
+                    VecBarrier();
                     for (uint32_t i = 0; i < n; i++) st_.Hide(mine, i, VisibleKeys(p_, r0 + a + i, j0, Min(CUBE_KEYS, hi - j0)), CUBE_KEYS);
                     st_.Step(mine, CUBE_KEYS);
                 }
@@ -226,6 +248,7 @@ private:
         if (heads_ > 0) {
             acc = acc_.AllocTensor<float>();
             Duplicate(acc, 0.0f, (int32_t)(heads_ * p_.chunk));
+            VecBarrier();
         }
         const uint8_t rep = (uint8_t)(CUBE_KEYS / FLOATS_PER_BLOCK);
         LocalTensor<float> mg = merged_.Get<float>(), bcM = bcast_.Get<float>(), bcC = bcM[CUBE_ROWS * FLOATS_PER_BLOCK];
@@ -237,11 +260,16 @@ private:
                 LocalTensor<float> mx = mg, sm = mg[CUBE_ROWS], coef = mg[2 * CUBE_ROWS];
                 MergeStats(p_, statsGm_, statIn_, b, h, r0, nr, mx, sm, coef, mg[3 * CUBE_ROWS]);
                 Muls(sm, sm, (float)w, (int32_t)nr);
+                VecBarrier();
                 Duplicate(coef, 1.0f, (int32_t)nr);
+                VecBarrier();
                 Div(coef, coef, sm, (int32_t)nr);
+                VecBarrier();
                 const uint8_t groups = (uint8_t)((nr + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK);
                 Brcb(bcM, mx, groups, BrcbRepeatParams(1, 8));
+                VecBarrier();
                 Brcb(bcC, coef, groups, BrcbRepeatParams(1, 8));
+                VecBarrier();
             }
             for (uint32_t j0 = lo; j0 < hi; j0 += CUBE_KEYS) {
                 const uint32_t n = Min(CUBE_KEYS, hi - j0);
@@ -254,12 +282,17 @@ private:
                     LocalTensor<float> s = sc[row * CUBE_KEYS];
                     const uint8_t rows = (uint8_t)run;
                     Muls(s, s, scale_, (int32_t)(run * CUBE_KEYS));
+                    VecBarrier();
                     Sub(s, s, bcM[row * FLOATS_PER_BLOCK], (uint64_t)CUBE_KEYS, rows, BinaryRepeatParams(1, 1, 0, rep, rep, 1));
+                    VecBarrier();
                     Exp(s, s, (uint64_t)CUBE_KEYS, rows, UnaryRepeatParams(1, 1, rep, rep));
+                    VecBarrier();
                     Mul(s, s, bcC[row * FLOATS_PER_BLOCK], (uint64_t)CUBE_KEYS, rows, BinaryRepeatParams(1, 1, 0, rep, rep, 1));
-                    FoldRows(s, run, CUBE_KEYS);
+                    VecBarrier();
+                    FoldRows(s, run, CUBE_KEYS);  // ends with a barrier (or issues nothing after the barriered Mul)
                     LocalTensor<float> dst = acc[(g / 2) * p_.chunk + (j0 - lo)];
                     Add(dst, dst, s, (int32_t)n);
+                    VecBarrier();
                 });
                 sIn_.FreeTensor(sc);
             }
@@ -298,7 +331,8 @@ template <typename T> __aicore__ inline void RunCompress(const EkCompressParams&
     }
 }
 
-__aicore__ inline void Dispatch(GM_ADDR params, bool means) {
+__aicore__ inline void Dispatch(GM_ADDR sync, GM_ADDR params, bool means) {
+    SetSyncBaseAddr(reinterpret_cast<uint64_t>(sync));  // the cross-core flags' address, on every core
     const EkCompressParams p = ReadParams<EkCompressParams>(params);
     if (p.dtype == EK_BF16) {
         RunCompress<bfloat16_t>(p, means);
@@ -309,5 +343,12 @@ __aicore__ inline void Dispatch(GM_ADDR params, bool means) {
 
 }  // namespace
 
-extern "C" __global__ __aicore__ void ek_compress_cube_stats(GM_ADDR params) { Dispatch(params, false); }
-extern "C" __global__ __aicore__ void ek_compress_cube_means(GM_ADDR params) { Dispatch(params, true); }
+// Mixed kernels (one AIC, two AIVs): the hardware sync address first, then the params.
+extern "C" __global__ __aicore__ void ek_compress_cube_stats(GM_ADDR sync, GM_ADDR params) {
+    KERNEL_TASK_TYPE_DEFAULT(KERNEL_TYPE_MIX_AIC_1_2);
+    Dispatch(sync, params, false);
+}
+extern "C" __global__ __aicore__ void ek_compress_cube_means(GM_ADDR sync, GM_ADDR params) {
+    KERNEL_TASK_TYPE_DEFAULT(KERNEL_TYPE_MIX_AIC_1_2);
+    Dispatch(sync, params, true);
+}

@@ -73,7 +73,9 @@ private:
             const uint32_t nh = Least(chunk_, heads - h0), lanes = nh * dpt_;
             LocalTensor<float> mx = mx_.Get<float>(), mn = mn_.Get<float>();
             Duplicate(mx, NegInf(), (int32_t)lanes);
+            VecBarrier();
             Duplicate(mn, PosInf(), (int32_t)lanes);
+            VecBarrier();
             for (uint32_t t = t0; t < t1; t++) {
                 LocalTensor<T> held = in_.template AllocTensor<T>();
                 // The chunk's heads of token t: one row per head, padded to the 32-byte grid.
@@ -88,15 +90,20 @@ private:
                 } else {
                     row = wide_.Get<float>();
                     Cast(row, held, RoundMode::CAST_NONE, lanes);
+                    VecBarrier();
                 }
                 Max(mx, mx, row, (int32_t)lanes);
+                VecBarrier();
                 Min(mn, mn, row, (int32_t)lanes);
+                VecBarrier();
                 in_.FreeTensor(held);
             }
             for (uint32_t h = 0; h < nh; h++) {
                 LocalTensor<float> o = out_.AllocTensor<float>();
                 DataCopy(o, mx[h * dpt_], dpt_);
+                VecBarrier();
                 DataCopy(o[dpt_], mn[h * dpt_], dpt_);
+                VecBarrier();
                 out_.EnQue(o);
                 o = out_.DeQue<float>();
                 // Two rows of D floats: (max, min) of head h0 + h.

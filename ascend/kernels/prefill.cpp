@@ -101,11 +101,32 @@ public:
         pipe_.InitBuffer(vL0_, PREFILL_KEYS * PREFILL_MAX_D * sizeof(T));
         pipe_.InitBuffer(sL0_, PREFILL_ROWS * PREFILL_KEYS * sizeof(float));
         pipe_.InitBuffer(oL0_, PREFILL_ROWS * PREFILL_MAX_D * sizeof(float));
+        // Each buffer's write-after-read hand-off (cube_common.h), one event id per buffer.
+        qL1Free_.Start(0);
+        kL1Free_.Start(1);
+        vL1Free_.Start(2);
+        pL1Free_.Start(3);
+        qL0Free_.Start(0);
+        kL0Free_.Start(1);
+        vL0Free_.Start(2);
+        pL0Free_.Start(3);
+        sL0Free_.Start(0);
+        oL0Free_.Start(1);
         const uint32_t items = ItemCount(p);
         for (uint32_t it = GetBlockIdx(); it < items; it += GetBlockNum()) {
             Item x;
             if (MakeItem(p_, it, x, offsetsGm_, countsGm_)) Work(x);
         }
+        qL1Free_.Drain();
+        kL1Free_.Drain();
+        vL1Free_.Drain();
+        pL1Free_.Drain();
+        qL0Free_.Drain();
+        kL0Free_.Drain();
+        vL0Free_.Drain();
+        pL0Free_.Drain();
+        sL0Free_.Drain();
+        oL0Free_.Drain();
     }
 
 private:
@@ -145,9 +166,12 @@ private:
         LocalTensor<float> oL0 = oL0_.Get<float>();
         // Q: per token, the group's G heads are G rows; tokens follow at G rows each.
         const int64_t qoff = x.b * p_.q.stride[0] + x.t0 * p_.q.stride[1] + x.h * p_.group * p_.q.stride[2];
+        qL1Free_.BeforeWrite();
         DataCopy(qL1, qGm_[qoff], Nd2NzParams(x.tokens, p_.group, d_, p_.q.stride[1], p_.q.stride[2], mpad, 1, p_.group * FRACTAL));
         CopiesToL1Done();
+        qL0Free_.BeforeWrite();  // the previous item's last Mmad read Q
         ToL0A(qL0, qL1, mpad, dp_);
+        qL1Free_.AfterRead();
         // Two tiles in flight: S_{j+1} is computed (and V_j loaded) while the vector units run
         // the softmax of tile j; P·V of tile j waits for its P.
         const uint32_t tiles = (x.keys + PREFILL_KEYS - 1) / PREFILL_KEYS;
@@ -156,8 +180,10 @@ private:
             if (j + 1 < tiles) Scores(x, j + 1, mpad);
             const uint32_t v0 = j * PREFILL_KEYS, n = Min(PREFILL_KEYS, x.keys - v0);
             // V_j: per 16-key block, its D/16 fractals transposed.
+            vL1Free_.BeforeWrite();
             Gather(vGm_, p_.v, x, v0, n, vL1);
             CopiesToL1Done();
+            vL0Free_.BeforeWrite();
             for (uint32_t kb = 0; kb < PREFILL_KEYS / FRACTAL; kb++) {
                 LoadData2DParams vp;
                 vp.startIndex = kb;
@@ -166,14 +192,21 @@ private:
                 vp.ifTranspose = true;
                 LoadData(vL0[kb * (dp_ / FRACTAL) * FRACTAL * FRACTAL], vL1, vp);
             }
+            vL1Free_.AfterRead();
             // O_j = P_j·V_j once both vector units wrote P_j.
             CrossCoreWaitFlag(FLAG_P);
+            pL1Free_.BeforeWrite();
             DataCopy(pL1, ws_.P(j % WS_SLOTS), Nd2NzParams(1, x.rows, PREFILL_KEYS, 0, PREFILL_KEYS, mpad, 1, 0));
             CopiesToL1Done();
+            pL0Free_.BeforeWrite();
             ToL0A(pL0, pL1, mpad, PREFILL_KEYS);
-            MatmulToGm(ws_.O(j % WS_SLOTS), dp_, oL0, pL0, vL0, x.rows, d_, PREFILL_KEYS, mpad);
+            pL1Free_.AfterRead();
+            MatmulToGm(ws_.O(j % WS_SLOTS), dp_, oL0, oL0Free_, pL0, vL0, x.rows, d_, PREFILL_KEYS, mpad);
+            pL0Free_.AfterRead();
+            vL0Free_.AfterRead();
             CrossCoreSetFlag<2, PIPE_FIX>(FLAG_O);
         }
+        qL0Free_.AfterRead();  // the item's last Mmad with Q is issued
     }
 
     // S_j = Q·K_jᵀ into workspace slot j % 2 (K's NZ fractals are Kᵀ's nZ fractals, in order).
@@ -181,10 +214,14 @@ private:
         const uint32_t v0 = j * PREFILL_KEYS, n = Min(PREFILL_KEYS, x.keys - v0);
         LocalTensor<T> kL1 = kL1_.Get<T>(), kL0 = kL0_.Get<T>(), qL0 = qL0_.Get<T>();
         LocalTensor<float> sL0 = sL0_.Get<float>();
+        kL1Free_.BeforeWrite();
         Gather(kGm_, p_.k, x, v0, n, kL1);
         CopiesToL1Done();
+        kL0Free_.BeforeWrite();
         TransposedToL0B(kL0, kL1, PREFILL_KEYS, dp_);
-        MatmulToGm(ws_.S(j % WS_SLOTS), PREFILL_KEYS, sL0, qL0, kL0, x.rows, PREFILL_KEYS, d_, mpad);
+        kL1Free_.AfterRead();
+        MatmulToGm(ws_.S(j % WS_SLOTS), PREFILL_KEYS, sL0, sL0Free_, qL0, kL0, x.rows, PREFILL_KEYS, d_, mpad);
+        kL0Free_.AfterRead();
         CrossCoreSetFlag<2, PIPE_FIX>(FLAG_S);
     }
 
@@ -196,6 +233,9 @@ private:
     TBuf<TPosition::A2> qL0_, pL0_;
     TBuf<TPosition::B2> kL0_, vL0_;
     TBuf<TPosition::CO1> sL0_, oL0_;
+    L1Handoff qL1Free_, kL1Free_, vL1Free_, pL1Free_;
+    L0Handoff qL0Free_, kL0Free_, vL0Free_, pL0Free_;
+    L0CHandoff sL0Free_, oL0Free_;
     GlobalTensor<T> qGm_, kGm_, vGm_;
     Workspace<T> ws_;
     GlobalTensor<uint32_t> offsetsGm_, countsGm_, indicesGm_;
@@ -231,8 +271,10 @@ public:
         lseGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.lse));
         offsetsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.offsets));
         countsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.counts));
-        const uint32_t core = GetBlockIdx() / 2;  // the AIC this AIV belongs to (1:2)
-        sub_ = GetBlockIdx() % 2;
+        // The AIC this AIV belongs to and which of its two AIVs this is (1:2), as catlass's mixed
+        // kernels compute them; GetBlockNum() counts AI cores on the AIV too.
+        const uint32_t core = GetBlockIdx() / GetSubBlockNum();
+        sub_ = GetSubBlockIdx();
         ws_.Init(p.workspace + (uint64_t)core * WS_SLOTS * WS_SLOT);
         pipe_.InitBuffer(sIn_, 1, HALF_ROWS * PREFILL_KEYS * sizeof(float));
         pipe_.InitBuffer(oIn_, 1, HALF_ROWS * PREFILL_MAX_D * sizeof(float));
@@ -262,8 +304,11 @@ private:
         m_ = 0;
         if (n_ > 0) {
             Duplicate(M(m_), M_START, (int32_t)n_);
+            VecBarrier();
             Duplicate(Stat(ST_L), 0.0f, (int32_t)n_);
+            VecBarrier();
             Duplicate(acc_.Get<float>(), 0.0f, (int32_t)(n_ * dp_));
+            VecBarrier();
         }
         // Tile j's softmax runs while the cube computes S_{j+1}; O_j is folded in after the
         // softmax of tile j + 1, with tile j's rescaling factors.
@@ -281,10 +326,12 @@ private:
     __aicore__ inline void RowScale(const LocalTensor<float>& rows, const LocalTensor<float>& v, uint32_t width, uint32_t stride) {
         LocalTensor<float> bc = Stat(ST_BCAST);
         Brcb(bc, v, Groups(), BrcbRepeatParams(1, 8));
+        VecBarrier();
         const uint8_t rep = (uint8_t)(stride / FLOATS_PER_BLOCK);
         for (uint32_t c = 0; c < width; c += PREFILL_KEYS) {
             const uint64_t mask = Min(PREFILL_KEYS, width - c);
             Mul(rows[c], rows[c], bc, mask, (uint8_t)n_, BinaryRepeatParams(1, 1, 0, rep, rep, 1));
+            VecBarrier();
         }
     }
 
@@ -301,6 +348,7 @@ private:
             sIn_.EnQue(s);
             s = sIn_.DeQue<float>();
             Muls(s, s, scale_, (int32_t)(n_ * PREFILL_KEYS));
+            VecBarrier();
             // Keys a row may not see (past its token on the diagonal, or past the item's keys): −inf.
             for (uint32_t r = 0; r < n_; r++) {
                 const uint32_t seen = x.Visible(r0_ + r, p_.group, p_.block_size);
@@ -308,23 +356,33 @@ private:
                 if (vis == PREFILL_KEYS) continue;
                 uint64_t hidden[2] = {~0ull << vis, 0};
                 Duplicate(s[r * PREFILL_KEYS], NegInf(), hidden, 1, 1, 8);
+                VecBarrier();
             }
-            RowReduce<true>(Stat(ST_MAX), s, n_, PREFILL_KEYS, PREFILL_KEYS, Stat(ST_PART));
+            RowReduce<true>(Stat(ST_MAX), s, n_, PREFILL_KEYS, PREFILL_KEYS, Stat(ST_PART));  // ends with a barrier
             Max(m_new, m_old, Stat(ST_MAX), (int32_t)n_);
+            VecBarrier();
             Sub(alpha, m_old, m_new, (int32_t)n_);
+            VecBarrier();
             Exp(alpha, alpha, (int32_t)n_);
+            VecBarrier();
             // P = e^(S − m_new), row by row through the broadcast block.
             LocalTensor<float> bc = Stat(ST_BCAST);
             Brcb(bc, m_new, Groups(), BrcbRepeatParams(1, 8));
+            VecBarrier();
             Sub(p32, s, bc, (uint64_t)PREFILL_KEYS, (uint8_t)n_, BinaryRepeatParams(1, 1, 0, 8, 8, 1));
+            VecBarrier();
             sIn_.FreeTensor(s);
             Exp(p32, p32, (int32_t)(n_ * PREFILL_KEYS));
-            RowReduce<false>(Stat(ST_SUM), p32, n_, PREFILL_KEYS, PREFILL_KEYS, Stat(ST_PART));
+            VecBarrier();
+            RowReduce<false>(Stat(ST_SUM), p32, n_, PREFILL_KEYS, PREFILL_KEYS, Stat(ST_PART));  // ends with a barrier
             Mul(Stat(ST_L), Stat(ST_L), alpha, (int32_t)n_);
+            VecBarrier();
             Add(Stat(ST_L), Stat(ST_L), Stat(ST_SUM), (int32_t)n_);
+            VecBarrier();
             m_ = 1 - m_;
             LocalTensor<T> pt = pOut_.AllocTensor<T>();
             Cast(pt, p32, RoundMode::CAST_RINT, n_ * PREFILL_KEYS);
+            VecBarrier();
             pOut_.EnQue(pt);
             pt = pOut_.DeQue<T>();
             DataCopyPad(ws_.P(slot)[r0_ * PREFILL_KEYS], pt, DataCopyExtParams(1, n_ * PREFILL_KEYS * sizeof(T), 0, 0, 0));
@@ -346,6 +404,7 @@ private:
         o = oIn_.DeQue<float>();
         RowScale(acc, Stat(ST_ALPHA + slot), dp_, dp_);
         Add(acc, acc, o, (int32_t)(n_ * dp_));
+        VecBarrier();
         oIn_.FreeTensor(o);
     }
 
@@ -354,10 +413,13 @@ private:
     __aicore__ inline void Finish(const Item& x) {
         LocalTensor<float> acc = acc_.Get<float>(), inv = Stat(ST_SUM);
         Duplicate(inv, 1.0f, (int32_t)n_);
+        VecBarrier();
         Div(inv, inv, Stat(ST_L), (int32_t)n_);
+        VecBarrier();
         RowScale(acc, inv, dp_, dp_);
         LocalTensor<T> rows = rowsOut_.AllocTensor<T>();
         Cast(rows, acc, RoundMode::CAST_RINT, n_ * dp_);
+        VecBarrier();
         rowsOut_.EnQue(rows);
         rows = rowsOut_.DeQue<T>();
         const uint32_t g = p_.group;
@@ -374,9 +436,12 @@ private:
         if (p_.lse) {
             LocalTensor<float> lse = Stat(ST_MAX);
             Ln(lse, Stat(ST_L), (int32_t)n_);
+            VecBarrier();
             Add(lse, lse, M(m_), (int32_t)n_);
+            VecBarrier();
             LocalTensor<float> v = lseOut_.AllocTensor<float>();
             Brcb(v, lse, Groups(), BrcbRepeatParams(1, 8));
+            VecBarrier();
             lseOut_.EnQue(v);
             v = lseOut_.DeQue<float>();
             for (uint32_t r = 0; r < n_; r++) {
@@ -418,7 +483,11 @@ public:
 
 }  // namespace
 
-extern "C" __global__ __aicore__ void ek_prefill(GM_ADDR params) {
+// A mixed kernel (one AIC, two AIVs): the host passes the hardware sync address first (its
+// cross-core flags live there) and the params second.
+extern "C" __global__ __aicore__ void ek_prefill(GM_ADDR sync, GM_ADDR params) {
+    KERNEL_TASK_TYPE_DEFAULT(KERNEL_TYPE_MIX_AIC_1_2);
+    SetSyncBaseAddr(reinterpret_cast<uint64_t>(sync));
     const EkPrefillParams p = ReadParams<EkPrefillParams>(params);
     if (p.dtype == EK_BF16) {
         PrefillKernel<bfloat16_t> k;

@@ -98,9 +98,11 @@ private:
             rowIn_.EnQue(t);
             t = rowIn_.DeQue<float>();
             Muls(q[r * dp_], t, scale_, (int32_t)dp_);
+            VecBarrier();
             rowIn_.FreeTensor(t);
         }
         Duplicate(o, 0.0f, (int32_t)(nr * dp_));
+        VecBarrier();
         float m[VEC_ROWS], l[VEC_ROWS];
         for (uint32_t r = 0; r < nr; r++) {
             m[r] = NegInf();
@@ -124,6 +126,7 @@ private:
         for (uint32_t r = 0; r < nr; r++) {
             LocalTensor<float> t = rowOut_.AllocTensor<float>();
             Muls(t, o[r * dp_], 1.0f / l[r], (int32_t)dp_);
+            VecBarrier();
             rowOut_.EnQue(t);
             t = rowOut_.DeQue<float>();
             DataCopyPad(outGm_[RowOffset(p_.out, x, r0 + r)], t, DataCopyExtParams(1, d_ * sizeof(float), 0, 0, 0));
@@ -132,8 +135,11 @@ private:
                 const uint32_t row = r0 + r, tok = x.t0 + row / p_.group, hq = x.h * p_.group + row % p_.group;
                 LocalTensor<float> v = lseOut_.AllocTensor<float>();
                 Duplicate(v, l[r], (int32_t)FLOATS_PER_BLOCK);
+                VecBarrier();
                 Ln(v, v, (int32_t)FLOATS_PER_BLOCK);
+                VecBarrier();
                 Adds(v, v, m[r], (int32_t)FLOATS_PER_BLOCK);
+                VecBarrier();
                 lseOut_.EnQue(v);
                 v = lseOut_.DeQue<float>();
                 const uint64_t at = ((uint64_t)x.b * p_.q.shape[2] + hq) * p_.q.shape[1] + tok;

@@ -3,7 +3,11 @@
 // runs each launch on the Ascend C emulator. What it checks, as the real runtime documents:
 //   - aclInit before anything; aclrtSetDevice before memory, streams and loads;
 //   - the binary magic of aclrtBinaryLoadFromData equals the one the kernel was built for;
-//   - aclrtLaunchKernel's argsData is device memory (allocated here) of exactly one GM_ADDR;
+//   - aclrtLaunchKernel's argsData is device memory (allocated here): one GM_ADDR for a vector
+//     kernel, two for a mixed one (the hardware sync address of aclrtGetHardwareSyncAddr first);
+//   - a mixed binary names its entries <name>_mix_aic / <name>_mix_aiv (no bare name);
+//   - a kernel that never ends (an emulated cross-core deadlock) leaves the stream busy: the sync
+//     fails with a timeout (aclrtSynchronizeStreamWithTimeout) instead of hanging;
 //   - memcpy bounds (count <= destMax) and frees of unknown pointers.
 // Failure injection: ek_mock_acl_fail("<api name>") makes that call fail with code 507899.
 // The kernel "binary" is the text "ekmock <symbol>,<symbol>... <magic hex>".
@@ -17,13 +21,15 @@
 
 #include "acl_min.h"
 
-extern "C" int ek_emu_run(const char* kernel, const void* params, uint32_t block_dim, char* err, size_t err_len);
+extern "C" int ek_emu_run(const char* kernel, const uint64_t* args, size_t nargs, uint32_t block_dim, char* err, size_t err_len);
+extern "C" uint64_t ek_emu_hardware_sync_addr();
 
 namespace {
 constexpr aclError kNotInit = 100000;       // ACL_ERROR_UNINITIALIZE
 constexpr aclError kInvalid = 100001;       // ACL_ERROR_INVALID_PARAM
 constexpr aclError kInjected = 507899;
 constexpr aclError kKernelFailed = 507015;  // an AI core exception, as the runtime reports it
+constexpr aclError kSyncTimeout = 507046;   // the stream did not drain in time
 
 std::mutex mu;
 bool initialised = false;
@@ -96,7 +102,7 @@ aclError aclrtResetDevice(int32_t) {
 aclError aclrtCreateStream(aclrtStream* s) {
     MOCK_ENTRY("aclrtCreateStream");
     NEED_DEVICE();
-    *s = new int(0);
+    *s = new int(0);  // the stream's state: 1 once a launched kernel never ends
     return ACL_SUCCESS;
 }
 
@@ -106,9 +112,39 @@ aclError aclrtDestroyStream(aclrtStream s) {
     return ACL_SUCCESS;
 }
 
-aclError aclrtSynchronizeStream(aclrtStream) {
+aclError aclrtSynchronizeStream(aclrtStream s) {
     MOCK_ENTRY("aclrtSynchronizeStream");
+    if (*static_cast<int*>(s)) return fail(kInvalid, "mock: the stream never drains and no timeout was given (the process would hang)");
     return ACL_SUCCESS;  // launches run to completion synchronously
+}
+
+aclError aclrtSynchronizeStreamWithTimeout(aclrtStream s, int32_t timeout) {
+    MOCK_ENTRY("aclrtSynchronizeStreamWithTimeout");
+    int& hung = *static_cast<int*>(s);
+    if (hung) {
+        hung = 0;  // the runtime aborts the stream's task on timeout
+        if (timeout < 0) return fail(kInvalid, "mock: the stream never drains and the timeout is -1 (the process would hang)");
+        return fail(kSyncTimeout, "mock: stream synchronize timeout after " + std::to_string(timeout) + " ms (a kernel never ended)");
+    }
+    return ACL_SUCCESS;
+}
+
+aclError aclrtGetDeviceInfo(uint32_t dev, aclrtDevAttr attr, int64_t* value) {
+    MOCK_ENTRY("aclrtGetDeviceInfo");
+    if (dev != 0) return fail(kInvalid, "mock: only device 0 exists");
+    switch (attr) {
+        case ACL_DEV_ATTR_AICORE_CORE_NUM: *value = 4; break;
+        case ACL_DEV_ATTR_VECTOR_CORE_NUM: *value = 8; break;
+        default: *value = 0;
+    }
+    return ACL_SUCCESS;
+}
+
+aclError aclrtGetHardwareSyncAddr(void** addr) {
+    MOCK_ENTRY("aclrtGetHardwareSyncAddr");
+    NEED_DEVICE();
+    *addr = reinterpret_cast<void*>(ek_emu_hardware_sync_addr());
+    return ACL_SUCCESS;
 }
 
 aclError aclrtMalloc(void** p, size_t size, aclrtMemMallocPolicy) {
@@ -177,15 +213,23 @@ aclError aclrtBinaryUnLoad(aclrtBinHandle h) {
     return ACL_SUCCESS;
 }
 
-aclError aclrtLaunchKernel(aclrtFuncHandle f, uint32_t block_dim, const void* args, size_t size, aclrtStream) {
+aclError aclrtLaunchKernel(aclrtFuncHandle f, uint32_t block_dim, const void* args, size_t size, aclrtStream s) {
     MOCK_ENTRY("aclrtLaunchKernel");
-    if (size != sizeof(uint64_t)) return fail(kInvalid, "mock: kernels take one GM_ADDR (8 bytes of arguments)");
+    if (size != sizeof(uint64_t) && size != 2 * sizeof(uint64_t))
+        return fail(kInvalid, "mock: kernels take one GM_ADDR (vector) or two (mixed: sync address, params)");
     if (!is_device(args, size)) return fail(kInvalid, "mock: argsData is not device memory");
-    uint64_t params = 0;
-    std::memcpy(&params, args, sizeof(params));
-    if (!is_device(reinterpret_cast<void*>(params), 1)) return fail(kInvalid, "mock: the params GM_ADDR is not device memory");
+    uint64_t a[2] = {0, 0};
+    std::memcpy(a, args, size);
+    const size_t n = size / sizeof(uint64_t);
+    if (n == 2 && a[0] != ek_emu_hardware_sync_addr())
+        return fail(kInvalid, "mock: a mixed kernel's first argument is not aclrtGetHardwareSyncAddr's address");
+    if (!is_device(reinterpret_cast<void*>(a[n - 1]), 1)) return fail(kInvalid, "mock: the params GM_ADDR is not device memory");
     char err[1024] = {0};
-    const int rc = ek_emu_run(static_cast<Function*>(f)->symbol.c_str(), reinterpret_cast<void*>(params), block_dim, err, sizeof(err));
+    const int rc = ek_emu_run(static_cast<Function*>(f)->symbol.c_str(), a, n, block_dim, err, sizeof(err));
+    if (rc != 0 && std::strstr(err, "deadlock")) {
+        *static_cast<int*>(s) = 1;  // on the device the launch returns and this stream never drains
+        return ACL_SUCCESS;
+    }
     if (rc != 0) return fail(kKernelFailed, std::string("mock: kernel failed: ") + err);
     return ACL_SUCCESS;
 }

@@ -98,6 +98,10 @@ impl Default for aclrtBinaryLoadOptions {
         }
     }
 }
+pub const aclrtDevAttr_ACL_DEV_ATTR_AICPU_CORE_NUM: aclrtDevAttr = 1;
+pub const aclrtDevAttr_ACL_DEV_ATTR_AICORE_CORE_NUM: aclrtDevAttr = 101;
+pub const aclrtDevAttr_ACL_DEV_ATTR_VECTOR_CORE_NUM: aclrtDevAttr = 201;
+pub type aclrtDevAttr = ::std::os::raw::c_uint;
 pub struct Acl {
     __library: ::libloading::Library,
     pub aclInit: unsafe extern "C" fn(configPath: *const ::std::os::raw::c_char) -> aclError,
@@ -107,6 +111,9 @@ pub struct Acl {
     pub aclrtCreateStream: unsafe extern "C" fn(stream: *mut aclrtStream) -> aclError,
     pub aclrtDestroyStream: unsafe extern "C" fn(stream: aclrtStream) -> aclError,
     pub aclrtSynchronizeStream: unsafe extern "C" fn(stream: aclrtStream) -> aclError,
+    pub aclrtSynchronizeStreamWithTimeout: unsafe extern "C" fn(stream: aclrtStream, timeout: i32) -> aclError,
+    pub aclrtGetDeviceInfo: unsafe extern "C" fn(deviceId: u32, attr: aclrtDevAttr, value: *mut i64) -> aclError,
+    pub aclrtGetHardwareSyncAddr: unsafe extern "C" fn(addr: *mut *mut ::std::os::raw::c_void) -> aclError,
     pub aclrtMalloc: unsafe extern "C" fn(
         devPtr: *mut *mut ::std::os::raw::c_void,
         size: usize,
@@ -167,6 +174,10 @@ impl Acl {
         let aclrtCreateStream = __library.get(b"aclrtCreateStream\0").map(|sym| *sym)?;
         let aclrtDestroyStream = __library.get(b"aclrtDestroyStream\0").map(|sym| *sym)?;
         let aclrtSynchronizeStream = __library.get(b"aclrtSynchronizeStream\0").map(|sym| *sym)?;
+        let aclrtSynchronizeStreamWithTimeout =
+            __library.get(b"aclrtSynchronizeStreamWithTimeout\0").map(|sym| *sym)?;
+        let aclrtGetDeviceInfo = __library.get(b"aclrtGetDeviceInfo\0").map(|sym| *sym)?;
+        let aclrtGetHardwareSyncAddr = __library.get(b"aclrtGetHardwareSyncAddr\0").map(|sym| *sym)?;
         let aclrtMalloc = __library.get(b"aclrtMalloc\0").map(|sym| *sym)?;
         let aclrtFree = __library.get(b"aclrtFree\0").map(|sym| *sym)?;
         let aclrtMemset = __library.get(b"aclrtMemset\0").map(|sym| *sym)?;
@@ -185,6 +196,9 @@ impl Acl {
             aclrtCreateStream,
             aclrtDestroyStream,
             aclrtSynchronizeStream,
+            aclrtSynchronizeStreamWithTimeout,
+            aclrtGetDeviceInfo,
+            aclrtGetHardwareSyncAddr,
             aclrtMalloc,
             aclrtFree,
             aclrtMemset,
@@ -216,6 +230,15 @@ impl Acl {
     }
     pub unsafe fn aclrtSynchronizeStream(&self, stream: aclrtStream) -> aclError {
         (self.aclrtSynchronizeStream)(stream)
+    }
+    pub unsafe fn aclrtSynchronizeStreamWithTimeout(&self, stream: aclrtStream, timeout: i32) -> aclError {
+        (self.aclrtSynchronizeStreamWithTimeout)(stream, timeout)
+    }
+    pub unsafe fn aclrtGetDeviceInfo(&self, deviceId: u32, attr: aclrtDevAttr, value: *mut i64) -> aclError {
+        (self.aclrtGetDeviceInfo)(deviceId, attr, value)
+    }
+    pub unsafe fn aclrtGetHardwareSyncAddr(&self, addr: *mut *mut ::std::os::raw::c_void) -> aclError {
+        (self.aclrtGetHardwareSyncAddr)(addr)
     }
     pub unsafe fn aclrtMalloc(
         &self,

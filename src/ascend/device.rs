@@ -149,7 +149,7 @@ impl<'v> Launcher<'v> for AclLauncher<'_, 'v> {
         // SAFETY: `ptr` addresses `size` bytes of `params`, alive for this call.
         let bytes = unsafe { std::slice::from_raw_parts(ptr, size) };
         let (_, params_addr) = self.upload(bytes)?;
-        let args = launch::pack_args(params_addr);
+        let args = launch::pack_args(&launch::kernel_args(kernel, self.backend.rt.hardware_sync, params_addr));
         let mut args_buf = self.backend.rt.alloc(args.len())?;
         args_buf.upload(&args)?;
         let function = &self.backend.functions[kernel.symbol];
@@ -204,8 +204,16 @@ pub mod mock {
     pub const LIBRARY: &str = env!("EK_MOCK_ACL_PATH");
 
     /// The mock's stand-in for the bisheng binary of `file`: its entries and core magic.
+    /// A mixed kernel's binary names its entry twice, `<symbol>_mix_aic` and `<symbol>_mix_aiv`.
     pub fn image(file: &str, magic: u32) -> Vec<u8> {
-        let symbols: Vec<&str> = launch::KERNELS.iter().filter(|k| k.file == file).map(|k| k.symbol).collect();
+        let symbols: Vec<String> = launch::KERNELS
+            .iter()
+            .filter(|k| k.file == file)
+            .flat_map(|k| match k.cores {
+                launch::Cores::Vector => vec![k.symbol.to_string()],
+                launch::Cores::Mix => vec![format!("{}_mix_aic", k.symbol), format!("{}_mix_aiv", k.symbol)],
+            })
+            .collect();
         format!("ekmock {} {magic:x}", symbols.join(",")).into_bytes()
     }
 
@@ -226,7 +234,8 @@ pub mod mock {
             libraries: vec![LIBRARY.into()],
             kernel_dir: Some(dir.to_path_buf()),
             device: 0,
-            vector_cores: 8,
+            vector_cores: None, // the mock reports 4 AI cores, 8 AIVs
+            sync_timeout_ms: 5_000,
             // The emulator backend sorts (TopK::Auto at the tests' sizes): the ACL path selects,
             // so every test that runs both covers both top-k kernels.
             topk: crate::ascend::TopK::Select,

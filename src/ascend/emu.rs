@@ -18,7 +18,15 @@ use crate::tensor::{TensorView, TensorViewMut};
 use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
 
 unsafe extern "C" {
-    fn ek_emu_run(kernel: *const c_char, params: *const u8, block_dim: u32, err: *mut c_char, err_len: usize) -> i32;
+    fn ek_emu_run(
+        kernel: *const c_char,
+        args: *const u64,
+        nargs: usize,
+        block_dim: u32,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+    fn ek_emu_hardware_sync_addr() -> u64;
     fn ek_emu_counters(out: *mut u64, n: usize, reset: i32);
 }
 
@@ -98,16 +106,43 @@ pub fn kernel_counters() -> Vec<(&'static str, Counters)> {
 /// Emulated AI cores per launch: enough to exercise the kernels' work split.
 pub const EMULATED_CORES: u32 = 4;
 
-/// Runs emulated kernel `name` with `params` (any `#[repr(C)]` struct or buffer) on `cores`.
+/// The emulated device's hardware synchronisation address (what `aclrtGetHardwareSyncAddr`
+/// answers): mixed kernels take it as their first argument.
+pub fn hardware_sync_addr() -> u64 {
+    // SAFETY: no arguments; returns the address of the emulator's static sync block.
+    unsafe { ek_emu_hardware_sync_addr() }
+}
+
+/// Runs the emulated vector kernel `name` with `params` (any `#[repr(C)]` struct or buffer) on
+/// `cores`.
 ///
 /// # Safety
 /// Every address inside `params` must be valid for the accesses the kernel makes.
 pub unsafe fn run(name: &'static str, params: *const u8, cores: u32) -> Result<()> {
-    let cname = CString::new(name).expect("kernel names have no NUL");
+    unsafe { run_entry(name, name, &[params as u64], cores) }
+}
+
+/// Runs the emulated mixed (AIC + 2 AIV) kernel `name` — entry `<name>_mix_aic`, the hardware
+/// sync address and `params` as its arguments — on `cores` AI cores.
+///
+/// # Safety
+/// As [`run`].
+pub unsafe fn run_mix(name: &'static str, params: *const u8, cores: u32) -> Result<()> {
+    let entry = format!("{name}{}", super::launch::MIX_ENTRY_SUFFIX);
+    unsafe { run_entry(name, &entry, &[hardware_sync_addr(), params as u64], cores) }
+}
+
+/// Runs the emulated entry `entry` with the argument block `args` on `cores`, its work counted
+/// under `name`.
+///
+/// # Safety
+/// Every address in `args` must be valid for the accesses the kernel makes.
+pub unsafe fn run_entry(name: &'static str, entry: &str, args: &[u64], cores: u32) -> Result<()> {
+    let cname = CString::new(entry).expect("kernel names have no NUL");
     let mut err = vec![0 as c_char; 1024];
-    // SAFETY: the emulator reads `params` as the kernel's argument and writes at most `err.len()`.
     let before = read_counters(false);
-    let rc = unsafe { ek_emu_run(cname.as_ptr(), params, cores, err.as_mut_ptr(), err.len()) };
+    // SAFETY: the emulator reads `args` as the kernel's arguments and writes at most `err.len()`.
+    let rc = unsafe { ek_emu_run(cname.as_ptr(), args.as_ptr(), args.len(), cores, err.as_mut_ptr(), err.len()) };
     if rc == 0 {
         let spent = read_counters(false) - before;
         let mut per = PER_KERNEL.lock().unwrap_or_else(|e| e.into_inner());
@@ -167,8 +202,9 @@ impl<'v> Launcher<'v> for EmuLauncher<'v> {
     }
     fn launch<P: Copy>(&mut self, kernel: Kernel, params: &P) -> Result<()> {
         let (ptr, _) = raw_parts(params);
+        let args = super::launch::kernel_args(kernel, hardware_sync_addr(), ptr as u64);
         // SAFETY: the params hold addresses of live views and of this launcher's buffers.
-        unsafe { run(kernel.symbol, ptr, EMULATED_CORES) }
+        unsafe { run_entry(kernel.symbol, &kernel.entry(), &args, EMULATED_CORES) }
     }
     fn finish(self) -> Result<()> {
         for (i, host) in self.outputs {

@@ -95,8 +95,32 @@ pub(crate) fn bytes_of<T: bytemuck::Pod>(v: &[T]) -> &[u8] {
     bytemuck::cast_slice(v)
 }
 
-/// The argument block of every kernel: one `GM_ADDR`, the device address of its params struct,
-/// little-endian as the AI core reads it.
-pub fn pack_args(params_addr: u64) -> [u8; 8] {
-    params_addr.to_le_bytes()
+/// What a mixed kernel's binary calls its entry: bisheng emits `<symbol>_mix_aic` and
+/// `<symbol>_mix_aiv` for the cube and vector halves, and the host launches the `_mix_aic` one
+/// (unverified on hardware: the bring-up in ascend/README.md lists the symbols first).
+pub const MIX_ENTRY_SUFFIX: &str = "_mix_aic";
+
+impl Kernel {
+    /// The symbol the host looks up in this kernel's binary.
+    pub fn entry(&self) -> String {
+        match self.cores {
+            Cores::Vector => self.symbol.to_string(),
+            Cores::Mix => format!("{}{MIX_ENTRY_SUFFIX}", self.symbol),
+        }
+    }
+}
+
+/// The kernel's arguments, as `GM_ADDR`s: a vector kernel takes the device address of its params
+/// struct; a mixed kernel first the hardware sync address (`aclrtGetHardwareSyncAddr`, which its
+/// cores give to `SetSyncBaseAddr` before any cross-core flag), then its params'.
+pub fn kernel_args(kernel: Kernel, hardware_sync: u64, params_addr: u64) -> Vec<u64> {
+    match kernel.cores {
+        Cores::Vector => vec![params_addr],
+        Cores::Mix => vec![hardware_sync, params_addr],
+    }
+}
+
+/// The argument block given to the launch: the arguments little-endian, as the AI core reads them.
+pub fn pack_args(args: &[u64]) -> Vec<u8> {
+    args.iter().flat_map(|a| a.to_le_bytes()).collect()
 }

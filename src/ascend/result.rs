@@ -58,8 +58,25 @@ pub unsafe fn destroy_stream(acl: &Acl, s: aclrtStream) -> Result<()> {
     check(acl, "aclrtDestroyStream", unsafe { acl.aclrtDestroyStream(s) })
 }
 
-pub unsafe fn synchronize(acl: &Acl, s: aclrtStream) -> Result<()> {
-    check(acl, "aclrtSynchronizeStream", unsafe { acl.aclrtSynchronizeStream(s) })
+/// Waits for the stream to drain, at most `timeout_ms` milliseconds: a kernel that never ends
+/// (a cross-core flag nobody sets) becomes an error instead of a hang.
+pub unsafe fn synchronize(acl: &Acl, s: aclrtStream, timeout_ms: i32) -> Result<()> {
+    let rc = unsafe { acl.aclrtSynchronizeStreamWithTimeout(s, timeout_ms) };
+    check(acl, "aclrtSynchronizeStreamWithTimeout", rc)
+}
+
+/// The device's hardware synchronisation address (mixed kernels' `SetSyncBaseAddr`).
+pub unsafe fn hardware_sync_addr(acl: &Acl) -> Result<u64> {
+    let mut p = std::ptr::null_mut();
+    check(acl, "aclrtGetHardwareSyncAddr", unsafe { acl.aclrtGetHardwareSyncAddr(&mut p) })?;
+    Ok(p as u64)
+}
+
+/// One attribute of device `device` (`aclrtGetDeviceInfo`).
+pub unsafe fn device_info(acl: &Acl, device: u32, attr: sys::aclrtDevAttr) -> Result<i64> {
+    let mut v = 0i64;
+    check(acl, "aclrtGetDeviceInfo", unsafe { acl.aclrtGetDeviceInfo(device, attr, &mut v) })?;
+    Ok(v)
 }
 
 pub unsafe fn malloc(acl: &Acl, bytes: usize) -> Result<*mut c_void> {

@@ -12,12 +12,15 @@ use crate::error::{Error, Result};
 
 /// Environment variable: NPU ordinal used by the backend (default 0).
 pub const DEVICE_ENV: &str = "ENTROPY_KERNELS_ASCEND_DEVICE";
-/// Environment variable: vector cores per launch (default [`DEFAULT_VECTOR_CORES`]).
+/// Environment variable: vector cores per launch (default: what the device reports).
 pub const CORES_ENV: &str = "ENTROPY_KERNELS_ASCEND_CORES";
 /// Environment variable: a directory holding `<kernel>.o` binaries, used instead of the embedded ones.
 pub const KERNEL_DIR_ENV: &str = "ENTROPY_KERNELS_ASCEND_KERNELS";
-/// AIV cores of an Atlas A2 910B2/B3 (20 AIC + 40 AIV).
-pub const DEFAULT_VECTOR_CORES: u32 = 40;
+/// Environment variable: how long a launch may run before its stream sync fails (milliseconds,
+/// default [`DEFAULT_SYNC_TIMEOUT_MS`]; -1 waits forever).
+pub const SYNC_TIMEOUT_ENV: &str = "ENTROPY_KERNELS_ASCEND_SYNC_TIMEOUT_MS";
+/// A launch of these kernels takes well under a second; a minute means a hang.
+pub const DEFAULT_SYNC_TIMEOUT_MS: i32 = 60_000;
 
 /// Where the Ascend backend finds its runtime and kernels. `from_env` reads the
 /// `ENTROPY_KERNELS_*` variables; engines may fill it in directly.
@@ -28,7 +31,10 @@ pub struct AscendOptions {
     /// Kernel binaries directory; `None`: the binaries embedded at build time.
     pub kernel_dir: Option<PathBuf>,
     pub device: u32,
-    pub vector_cores: u32,
+    /// Vector cores per launch; `None`: the device's count (`aclrtGetDeviceInfo`).
+    pub vector_cores: Option<u32>,
+    /// Stream sync timeout in milliseconds (-1: none).
+    pub sync_timeout_ms: i32,
     /// How `kv_compress` picks its kept positions.
     pub topk: super::TopK,
 }
@@ -39,7 +45,16 @@ impl AscendOptions {
             libraries: super::acl_candidates().into_iter().map(PathBuf::from).collect(),
             kernel_dir: std::env::var_os(KERNEL_DIR_ENV).map(PathBuf::from),
             device: env_number(DEVICE_ENV, 0)?,
-            vector_cores: env_number(CORES_ENV, DEFAULT_VECTOR_CORES)?.max(1),
+            vector_cores: match std::env::var_os(CORES_ENV) {
+                Some(_) => Some(env_number(CORES_ENV, 1)?.max(1)),
+                None => None,
+            },
+            sync_timeout_ms: match std::env::var(SYNC_TIMEOUT_ENV) {
+                Err(_) => DEFAULT_SYNC_TIMEOUT_MS,
+                Ok(s) => s.trim().parse().map_err(|_| {
+                    Error::range("environment", format!("{SYNC_TIMEOUT_ENV}={s}"), "expected milliseconds or -1")
+                })?,
+            },
             topk: super::TopK::from_env()?,
         })
     }
@@ -50,7 +65,13 @@ pub struct AclRuntime {
     acl: Acl,
     pub device: i32,
     pub devices: u32,
+    /// AIV cores a vector launch spans.
     pub vector_cores: u32,
+    /// AI cores (one AIC + two AIVs each) a mixed launch spans.
+    pub ai_cores: u32,
+    /// The device's cross-core synchronisation address, mixed kernels' first argument.
+    pub hardware_sync: u64,
+    pub sync_timeout_ms: i32,
 }
 
 impl std::fmt::Debug for AclRuntime {
@@ -95,14 +116,34 @@ impl AclRuntime {
             return Err(Error::range("ascend device", device, format!("this machine has {devices} NPU(s)")));
         }
         unsafe { result::set_device(&acl, device as i32)? };
-        Ok(AclRuntime { acl, device: device as i32, devices, vector_cores: opts.vector_cores.max(1) })
+        // Core counts as the device reports them (an A2 910B3: 20 AI cores of one AIC + two AIVs;
+        // whether VECTOR_CORE_NUM counts those AIVs is unverified, so a zero falls back to 2 per
+        // AI core). ENTROPY_KERNELS_ASCEND_CORES overrides.
+        let ai = unsafe { result::device_info(&acl, device, sys::aclrtDevAttr_ACL_DEV_ATTR_AICORE_CORE_NUM)? };
+        let vec = unsafe { result::device_info(&acl, device, sys::aclrtDevAttr_ACL_DEV_ATTR_VECTOR_CORE_NUM)? };
+        let reported = if vec > 0 { vec as u32 } else { 2 * ai.max(1) as u32 };
+        let vector_cores = opts.vector_cores.unwrap_or(reported).max(1);
+        let ai_cores = match opts.vector_cores {
+            Some(v) => (v / 2).max(1),
+            None => (ai.max(1) as u32).min(vector_cores.div_ceil(2)).max(1),
+        };
+        let hardware_sync = unsafe { result::hardware_sync_addr(&acl)? };
+        Ok(AclRuntime {
+            acl,
+            device: device as i32,
+            devices,
+            vector_cores,
+            ai_cores,
+            hardware_sync,
+            sync_timeout_ms: opts.sync_timeout_ms,
+        })
     }
 
     /// Cores a launch of `kernel` spans: every AIV, or for mixed kernels one AIC (+ its 2 AIV) each.
     pub fn block_dim(&self, kernel: Kernel) -> u32 {
         match kernel.cores {
             Cores::Vector => self.vector_cores,
-            Cores::Mix => (self.vector_cores / 2).max(1),
+            Cores::Mix => self.ai_cores,
         }
     }
 
@@ -187,8 +228,9 @@ impl Stream {
         let acl = &self.rt.acl;
         unsafe { result::launch(acl, f.func, block_dim, args.ptr, args_size, self.raw) }
     }
+    /// Waits for the stream, at most the runtime's sync timeout.
     pub fn synchronize(&self) -> Result<()> {
-        unsafe { result::synchronize(&self.rt.acl, self.raw) }
+        unsafe { result::synchronize(&self.rt.acl, self.raw, self.rt.sync_timeout_ms) }
     }
 }
 
@@ -208,10 +250,18 @@ unsafe impl Send for Module {}
 unsafe impl Sync for Module {}
 
 impl Module {
-    /// The entry `kernel.symbol` of this binary.
+    /// The entry of `kernel` in this binary ([`Kernel::entry`]: `<symbol>_mix_aic` for mixed
+    /// kernels; the bare symbol is tried second, in case a toolkit names them otherwise).
     pub fn function(self: &Arc<Self>, kernel: Kernel) -> Result<Function> {
-        let name = CString::new(kernel.symbol).expect("symbols have no NUL");
-        let func = unsafe { result::get_function(&self.rt.acl, self.handle, &name)? };
+        let entry = CString::new(kernel.entry()).expect("symbols have no NUL");
+        let func = match unsafe { result::get_function(&self.rt.acl, self.handle, &entry) } {
+            Ok(f) => f,
+            Err(e) if kernel.cores == Cores::Mix => {
+                let bare = CString::new(kernel.symbol).expect("symbols have no NUL");
+                unsafe { result::get_function(&self.rt.acl, self.handle, &bare) }.map_err(|_| e)?
+            }
+            Err(e) => return Err(e),
+        };
         Ok(Function { func, kernel, _module: self.clone() })
     }
 }

@@ -17,6 +17,10 @@ pub struct BenchArgs {
     pub kv_heads: usize,
     #[arg(long, default_value_t = 128)]
     pub head_dim: usize,
+    /// A model's attention shape instead of --q-heads/--kv-heads/--head-dim: openpangu-1b
+    /// (GQA 12/6, D 128) or openpangu-7b (GQA 32/8, D 128).
+    #[arg(long, value_parser = parse_model)]
+    pub model: Option<entropy_kernels::shapes::ModelShape>,
     #[arg(long, default_value = "f32")]
     pub dtype: DType,
     /// Timed repetitions per measurement (the median is reported).
@@ -58,9 +62,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     println!("backend: {}", kernels.describe());
     println!(
         "GQA {}/{}, D {}, {}, median of {} runs; sparse = EntropyInfer with S={} Bk={} T={} base={} ({:?})",
-        a.q_heads,
-        a.kv_heads,
-        a.head_dim,
+        a.q_heads(),
+        a.kv_heads(),
+        a.head_dim(),
         a.dtype,
         a.reps,
         cfg.segment_size,
@@ -74,16 +78,16 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         let spec = synth::PlantedSpec {
             batch: 1,
             seq_len: l,
-            q_heads: a.q_heads,
-            kv_heads: a.kv_heads,
-            head_dim: a.head_dim,
+            q_heads: a.q_heads(),
+            kv_heads: a.kv_heads(),
+            head_dim: a.head_dim(),
             block_size: cfg.block_size,
             segment_size: cfg.segment_size,
             rigid_fraction: a.rigid_fraction,
             seed: l as u64,
         };
         let (q, k, v) = with_spinner(&format!("inputs for {l} tokens"), || super::planted(&spec, a.dtype));
-        let dense_flops = 2.0 * (l as f64).powi(2) * (a.head_dim * a.q_heads) as f64;
+        let dense_flops = 2.0 * (l as f64).powi(2) * (a.head_dim() * a.q_heads()) as f64;
         let mut out = HostTensor::zeros(a.dtype, q.shape);
         let mut dense_s = f64::NAN;
         if want("dense") {
@@ -163,7 +167,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             let obs = q.view().narrow(1, l - dcfg.window, dcfg.window)?.transpose(1, 2)?;
             if want("compress") && l > dcfg.decode_budget {
                 let s = repeat(a.reps, || kernels.kv_compress(kc, vc, obs, &dcfg).map(|_| ()))?;
-                let flops = 4.0 * (l * dcfg.window * a.q_heads * a.head_dim) as f64;
+                let flops = 4.0 * (l * dcfg.window * a.q_heads() * a.head_dim()) as f64;
                 t.row(vec![
                     l.to_string(),
                     "kv_compress".into(),
@@ -176,19 +180,19 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             if want("decode") {
                 let c = kernels.kv_compress(kc, vc, obs, &dcfg)?;
                 let qn = HostTensor::from_f32(
-                    &synth::normal(a.q_heads * a.head_dim, 1.0, 7),
-                    [1, 1, a.q_heads, a.head_dim],
+                    &synth::normal(a.q_heads() * a.head_dim(), 1.0, 7),
+                    [1, 1, a.q_heads(), a.head_dim()],
                     a.dtype,
                 );
                 let mut o = HostTensor::zeros(a.dtype, qn.shape);
-                let full = vec![l as u32; a.kv_heads];
+                let full = vec![l as u32; a.kv_heads()];
                 let full_s = repeat(a.reps.max(5), || {
                     kernels.decode_attention(qn.view(), kc, vc, &full, None, &mut o.view_mut())
                 })?;
                 let comp_s = repeat(a.reps.max(5), || {
                     kernels.decode_attention(qn.view(), c.k.view(), c.v.view(), &c.lengths, None, &mut o.view_mut())
                 })?;
-                let gbs = |n: usize, s: f64| (2 * n * a.kv_heads * a.head_dim * a.dtype.size()) as f64 / s / 1e9;
+                let gbs = |n: usize, s: f64| (2 * n * a.kv_heads() * a.head_dim() * a.dtype.size()) as f64 / s / 1e9;
                 t.row(vec![
                     l.to_string(),
                     "decode, full cache".into(),
@@ -211,4 +215,20 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     println!();
     t.print();
     Ok(())
+}
+
+fn parse_model(name: &str) -> std::result::Result<entropy_kernels::shapes::ModelShape, String> {
+    entropy_kernels::shapes::ModelShape::by_name(name).map_err(|e| e.to_string())
+}
+
+impl BenchArgs {
+    fn q_heads(&self) -> usize {
+        self.model.map_or(self.q_heads, |m| m.q_heads)
+    }
+    fn kv_heads(&self) -> usize {
+        self.model.map_or(self.kv_heads, |m| m.kv_heads)
+    }
+    fn head_dim(&self) -> usize {
+        self.model.map_or(self.head_dim, |m| m.head_dim)
+    }
 }

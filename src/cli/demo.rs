@@ -19,6 +19,10 @@ pub struct DemoArgs {
     pub kv_heads: usize,
     #[arg(long, default_value_t = 128)]
     pub head_dim: usize,
+    /// A model's attention shape instead of --q-heads/--kv-heads/--head-dim: openpangu-1b
+    /// (GQA 12/6, D 128) or openpangu-7b (GQA 32/8, D 128).
+    #[arg(long, value_parser = parse_model)]
+    pub model: Option<entropy_kernels::shapes::ModelShape>,
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     /// f32, f16 or bf16.
@@ -73,9 +77,9 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         "workload: {} tokens × batch {}, GQA {}/{}, D {}, {}; planted {:.0}% rigid kv heads",
         a.tokens,
         a.batch,
-        a.q_heads,
-        a.kv_heads,
-        a.head_dim,
+        a.q_heads(),
+        a.kv_heads(),
+        a.head_dim(),
         a.dtype,
         a.rigid_fraction * 100.0
     );
@@ -86,9 +90,9 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     let spec = synth::PlantedSpec {
         batch: a.batch,
         seq_len: a.tokens,
-        q_heads: a.q_heads,
-        kv_heads: a.kv_heads,
-        head_dim: a.head_dim,
+        q_heads: a.q_heads(),
+        kv_heads: a.kv_heads(),
+        head_dim: a.head_dim(),
         block_size: cfg.block_size,
         segment_size: cfg.segment_size,
         rigid_fraction: a.rigid_fraction,
@@ -106,7 +110,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     });
     let plan = plan?;
     let mut sparse = HostTensor::full(a.dtype, q.shape, f32::NAN);
-    let lists: Vec<BlockLists> = (0..a.kv_heads).map(|h| plan.blocks.select_heads(h..h + 1)).collect();
+    let lists: Vec<BlockLists> = (0..a.kv_heads()).map(|h| plan.blocks.select_heads(h..h + 1)).collect();
     let sparse_s = per_head("EntropyInfer prefill", &q, &k, &v, &mut sparse, |h, q, k, v, out| {
         kernels.sparse_prefill(q, k, v, &lists[h], cfg.scale, out, None)
     })?;
@@ -175,4 +179,20 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn parse_model(name: &str) -> std::result::Result<entropy_kernels::shapes::ModelShape, String> {
+    entropy_kernels::shapes::ModelShape::by_name(name).map_err(|e| e.to_string())
+}
+
+impl DemoArgs {
+    fn q_heads(&self) -> usize {
+        self.model.map_or(self.q_heads, |m| m.q_heads)
+    }
+    fn kv_heads(&self) -> usize {
+        self.model.map_or(self.kv_heads, |m| m.kv_heads)
+    }
+    fn head_dim(&self) -> usize {
+        self.model.map_or(self.head_dim, |m| m.head_dim)
+    }
 }

@@ -22,6 +22,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "emu_pipes.h"
+
 #define __aicore__
 #define __global__
 #define __gm__
@@ -86,8 +88,6 @@ struct bfloat16_t {
 enum class TPosition : uint8_t { GM, A1, A2, B1, B2, C1, C2, CO1, CO2, VECIN, VECOUT, VECCALC, MAX };
 using QuePosition = TPosition;
 
-enum class Memory : uint8_t { UB, L1, L0A, L0B, L0C, COUNT };
-
 constexpr uint32_t ONE_BLK_SIZE = 32;    // bytes of one data block
 constexpr uint32_t ONE_REPEAT_BYTES = 256;  // bytes one vector repeat covers (8 blocks)
 
@@ -110,10 +110,34 @@ struct CoreState {
     uint32_t buffers = 0;                   // InitBuffer blocks handed out (≤ 64 per kernel)
     uint32_t que_buffers[(int)TPosition::MAX] = {};  // queue blocks per position (≤ 8)
     std::map<std::pair<int, int>, int> flags;  // (event, id) -> pending SetFlag count
+    std::map<std::pair<int, int>, emu::Clock> flag_clocks;  // (event, id) -> what its SetFlag released
+    emu::PipeState pipes;                      // the asynchronous pipes (emu_pipes.h)
+    uint32_t remain_seq = 0;                   // a GatherMask whose count no V->S sync has covered yet
+    uint64_t sync_base = 0;                    // SetSyncBaseAddr's address (0: not set)
+    int task_type = -1;                        // KERNEL_TASK_TYPE_DEFAULT's type (-1: none)
     std::vector<std::string> leaks;            // filled by queues that end with live tensors
+    emu::GmShadow* gm = nullptr;               // the launch's global-memory accesses (emu_pipes.h)
+    uint32_t gm_group = 0;                     // this core's AI core (mixed) or vector core index
 };
 
 CoreState& Core();
+
+namespace emu {
+[[noreturn]] void RemainCountUnsynced(const char* next);
+// Records that the instruction running now reads or writes GM bytes [p, p + bytes).
+void TrackGm(const void* p, uint64_t bytes, bool write);
+// Runs one emulated instruction on `pipe`: the tensors' In/Out accesses inside are its.
+struct OpScope {
+    OpScope(int pipe, const char* name) {
+        CoreState& c = Core();
+        if (c.remain_seq) RemainCountUnsynced(name);
+        c.pipes.current = c.pipes.Issue(pipe, name);
+    }
+    ~OpScope() { Core().pipes.current = Op(); }
+    OpScope(const OpScope&) = delete;
+    OpScope& operator=(const OpScope&) = delete;
+};
+}  // namespace emu
 
 // ------------------------------------------------------------------------------------------------
 // Tensors
@@ -130,16 +154,30 @@ public:
         g.size_ = size_ == UINT64_MAX ? UINT64_MAX : (offset <= size_ ? size_ - offset : 0);
         return g;
     }
+    // The scalar unit's reads and writes of GM (pipe S).
     __aicore__ T GetValue(uint64_t i) const {
+        emu::OpScope op(PIPE_S, "GetValue(GM)");
         AddCount(Count::ScalarGm, 1);
-        return *At(i, 1);
+        return *Read(i, 1);
     }
     __aicore__ void SetValue(uint64_t i, T v) {
+        emu::OpScope op(PIPE_S, "SetValue(GM)");
         AddCount(Count::ScalarGm, 1);
-        *At(i, 1) = v;
+        *Write(i, 1) = v;
     }
     __aicore__ __gm__ T* GetPhyAddr() const { return base_; }
     __aicore__ uint64_t GetSize() const { return size_; }
+    // Emulator: At, recorded as a read or a write of the instruction running now.
+    const T* Read(uint64_t i, uint64_t count) const {
+        T* p = At(i, count);
+        emu::TrackGm(p, count * sizeof(T), false);
+        return p;
+    }
+    T* Write(uint64_t i, uint64_t count) const {
+        T* p = At(i, count);
+        emu::TrackGm(p, count * sizeof(T), true);
+        return p;
+    }
     // Emulator: `count` elements from `i`, bounds-checked against the declared size.
     T* At(uint64_t i, uint64_t count) const {
         if (!base_) EmuFail("GlobalTensor used before SetGlobalBuffer");
@@ -160,8 +198,15 @@ public:
     LocalTensor(TPosition pos, uint32_t offset, uint32_t bytes, int owner, uint32_t base, uint32_t limit)
         : pos_(pos), offset_(offset), bytes_(bytes), owner_(owner), base_(base), limit_(limit) {}
 
-    __aicore__ T GetValue(uint32_t i) const { return *Ptr(i, 1); }
-    __aicore__ void SetValue(uint32_t i, T v) const { *Ptr(i, 1) = v; }
+    // The scalar unit's reads and writes (pipe S).
+    __aicore__ T GetValue(uint32_t i) const {
+        emu::OpScope op(PIPE_S, "GetValue");
+        return *In(i, 1);
+    }
+    __aicore__ void SetValue(uint32_t i, T v) const {
+        emu::OpScope op(PIPE_S, "SetValue");
+        *Out(i, 1) = v;
+    }
     __aicore__ uint32_t GetSize() const { return bytes_ / sizeof(T); }
     __aicore__ TPosition GetPosition() const { return pos_; }
     // A view starting `offset` elements in (to the end of this tensor).
@@ -184,6 +229,22 @@ public:
                     ") beyond a LocalTensor of " + std::to_string(bytes_ / sizeof(T)) + " in " + MemoryName(MemoryOf(pos_)));
         return reinterpret_cast<T*>(Core().mem[(int)MemoryOf(pos_)].data() + lo);
     }
+    // Emulator: Ptr, recorded as a read (In) or a write (Out) of the instruction running now.
+    T* In(uint32_t i, uint32_t count) const {
+        T* p = Ptr(i, count);
+        Track(i, count, false);
+        return p;
+    }
+    T* Out(uint32_t i, uint32_t count) const {
+        T* p = Ptr(i, count);
+        Track(i, count, true);
+        return p;
+    }
+    void Track(uint32_t i, uint32_t count, bool write) const {
+        const uint32_t lo = offset_ + i * (uint32_t)sizeof(T);
+        CoreState& c = Core();
+        c.pipes.Access(c.pipes.current, MemoryOf(pos_), lo, lo + count * (uint32_t)sizeof(T), write);
+    }
     // Emulator: the tensor's start must sit on a 32-byte boundary for vector and copy instructions.
     void CheckAligned(const char* what) const {
         if (offset_ % ONE_BLK_SIZE)
@@ -205,6 +266,14 @@ private:
 
 uint32_t Allocate(TPosition pos, uint32_t bytes, uint32_t count, bool queue);
 
+namespace emu {
+// The pipe that fills a queue's tensors (EnQue) and the one that uses them (DeQue): the TQue
+// page documents the queue as the synchronisation between them — EnQue/DeQue order the consumer
+// after the producer, FreeTensor/AllocTensor the next fill after the consumer.
+constexpr int QueueProducer(TPosition p) { return p == TPosition::VECIN ? PIPE_MTE2 : PIPE_V; }
+constexpr int QueueConsumer(TPosition p) { return p == TPosition::VECOUT ? PIPE_MTE3 : PIPE_V; }
+}  // namespace emu
+
 template <TPosition P, int32_t DEPTH> class TQue {
 public:
     static constexpr TPosition position = P;
@@ -218,6 +287,7 @@ public:
         for (size_t i = 0; i < blocks_.size(); i++) {
             if (blocks_[i].state == State::Free) {
                 blocks_[i].state = State::Held;
+                Core().pipes.Acquire(producer_, blocks_[i].freed);
                 return LocalTensor<T>(P, blocks_[i].offset, len_, (int)i, blocks_[i].offset, blocks_[i].offset + len_);
             }
         }
@@ -227,6 +297,7 @@ public:
         Block& b = Own(t, "EnQue");
         if (b.state != State::Held) EmuFail("EnQue of a tensor that is already queued");
         b.state = State::Queued;
+        b.filled = Core().pipes.Release(producer_);
         fifo_.push_back(t.Owner());
         return true;
     }
@@ -235,19 +306,25 @@ public:
         const int i = fifo_.front();
         fifo_.pop_front();
         blocks_[i].state = State::Held;
+        Core().pipes.Acquire(consumer_, blocks_[i].filled);
         return LocalTensor<T>(P, blocks_[i].offset, len_, i, blocks_[i].offset, blocks_[i].offset + len_);
     }
     template <typename T> __aicore__ void FreeTensor(LocalTensor<T>& t) {
         Block& b = Own(t, "FreeTensor");
         if (b.state == State::Queued) EmuFail("FreeTensor of a tensor still in the queue");
         b.state = State::Free;
+        b.freed = Core().pipes.Release(consumer_);
     }
+
+protected:
+    int producer_ = emu::QueueProducer(P), consumer_ = emu::QueueConsumer(P);
 
 private:
     enum class State { Free, Held, Queued };
     struct Block {
         uint32_t offset;
         State state;
+        emu::Clock filled = {}, freed = {};  // released by EnQue and by FreeTensor
     };
     template <typename T> Block& Own(const LocalTensor<T>& t, const char* what) {
         const int i = t.Owner();
@@ -265,7 +342,13 @@ private:
     uint32_t len_ = 0;
 };
 
-template <TPosition SRC, TPosition DST, int32_t DEPTH> class TQueBind : public TQue<SRC, DEPTH> {};
+template <TPosition SRC, TPosition DST, int32_t DEPTH> class TQueBind : public TQue<SRC, DEPTH> {
+public:
+    TQueBind() {
+        this->producer_ = emu::QueueProducer(SRC);
+        this->consumer_ = emu::QueueConsumer(DST);
+    }
+};
 
 template <TPosition P> class TBuf {
 public:
@@ -336,47 +419,61 @@ template <typename T> struct DataCopyPadExtParams {
 };
 
 template <typename T> __aicore__ void DataCopy(const LocalTensor<T>& dst, const GlobalTensor<T>& src, uint32_t count) {
+    emu::OpScope op(PIPE_MTE2, "DataCopy(GM->local)");
     dst.CheckAligned("DataCopy");
     if ((count * sizeof(T)) % ONE_BLK_SIZE)
         EmuFail("DataCopy of " + std::to_string(count * sizeof(T)) + " bytes: DataCopy moves whole 32-byte blocks (use DataCopyPad)");
-    std::memcpy(dst.Ptr(0, count), src.At(0, count), count * sizeof(T));
+    std::memcpy(dst.Out(0, count), src.Read(0, count), count * sizeof(T));
     AddCount(Count::GmRead, count * sizeof(T));
 }
 template <typename T> __aicore__ void DataCopy(const GlobalTensor<T>& dst, const LocalTensor<T>& src, uint32_t count) {
+    emu::OpScope op(PIPE_MTE3, "DataCopy(UB->GM)");
     src.CheckAligned("DataCopy");
     if ((count * sizeof(T)) % ONE_BLK_SIZE)
         EmuFail("DataCopy of " + std::to_string(count * sizeof(T)) + " bytes: DataCopy moves whole 32-byte blocks (use DataCopyPad)");
-    std::memcpy(dst.At(0, count), src.Ptr(0, count), count * sizeof(T));
+    std::memcpy(dst.Write(0, count), src.In(0, count), count * sizeof(T));
     AddCount(Count::GmWrite, count * sizeof(T));
 }
 template <typename T> __aicore__ void DataCopy(const LocalTensor<T>& dst, const LocalTensor<T>& src, uint32_t count) {
+    emu::OpScope op(PIPE_V, "DataCopy(UB->UB)");  // a vector-pipe copy inside the unified buffer
     dst.CheckAligned("DataCopy");
     src.CheckAligned("DataCopy");
     if ((count * sizeof(T)) % ONE_BLK_SIZE)
         EmuFail("DataCopy of " + std::to_string(count * sizeof(T)) + " bytes: DataCopy moves whole 32-byte blocks");
-    std::memmove(dst.Ptr(0, count), src.Ptr(0, count), count * sizeof(T));
+    const T* from = src.In(0, count);
+    std::memmove(dst.Out(0, count), from, count * sizeof(T));
 }
 
-// GM -> local, block by block; each block lands on a 32-byte boundary, its tail padded.
+// GM -> local, block by block; each block lands on a 32-byte boundary. What fills the rest of a
+// block's last 32 bytes (DataCopyPad page, padParams): `rightPadding` elements of
+// `paddingValue` when isPad is set; past them — all of the tail when the padding counts are 0 —
+// the hardware repeats the burst's first element (the documented dummy fill; the pad value is NOT
+// used there). Without isPad the tail is undefined: poisoned here.
 template <typename T>
 __aicore__ void DataCopyPad(const LocalTensor<T>& dst, const GlobalTensor<T>& src, const DataCopyExtParams& p,
                             const DataCopyPadExtParams<T>& pad) {
+    emu::OpScope op(PIPE_MTE2, "DataCopyPad(GM->UB)");
     dst.CheckAligned("DataCopyPad");
     if (p.blockLen % sizeof(T)) EmuFail("DataCopyPad: blockLen is not a whole number of elements");
+    if (pad.leftPadding != 0) EmuFail("DataCopyPad: leftPadding is not emulated");
     const uint32_t n = p.blockLen / sizeof(T);
     const uint32_t padded = (p.blockLen + ONE_BLK_SIZE - 1) / ONE_BLK_SIZE * ONE_BLK_SIZE / sizeof(T);
+    if (pad.isPad && n + pad.rightPadding > padded)
+        EmuFail("DataCopyPad: rightPadding " + std::to_string(pad.rightPadding) + " reaches past the block's 32-byte grid");
     const uint32_t dst_step = padded + p.dstStride * ONE_BLK_SIZE / sizeof(T);
     if (p.srcStride % sizeof(T)) EmuFail("DataCopyPad: srcStride is not a whole number of elements");
     const uint64_t src_step = n + p.srcStride / sizeof(T);
     for (uint32_t b = 0; b < p.blockCount; b++) {
-        T* d = dst.Ptr(b * dst_step, padded);
-        std::memcpy(d, src.At(b * src_step, n), p.blockLen);
+        T* d = dst.Out(b * dst_step, padded);
+        std::memcpy(d, src.Read(b * src_step, n), p.blockLen);
         AddCount(Count::GmRead, p.blockLen);
         for (uint32_t i = n; i < padded; i++) {
-            if (pad.isPad) {
+            if (!pad.isPad) {
+                std::memset(static_cast<void*>(&d[i]), 0xff, sizeof(T));  // undefined on hardware: poison
+            } else if (i < n + pad.rightPadding) {
                 d[i] = pad.paddingValue;
             } else {
-                std::memset(static_cast<void*>(&d[i]), 0xff, sizeof(T));  // undefined on hardware: poison
+                d[i] = d[0];  // dummy fill: the burst's first element
             }
         }
     }
@@ -384,6 +481,7 @@ __aicore__ void DataCopyPad(const LocalTensor<T>& dst, const GlobalTensor<T>& sr
 
 // Local -> GM, block by block: only blockLen bytes of each block are written.
 template <typename T> __aicore__ void DataCopyPad(const GlobalTensor<T>& dst, const LocalTensor<T>& src, const DataCopyExtParams& p) {
+    emu::OpScope op(PIPE_MTE3, "DataCopyPad(UB->GM)");
     src.CheckAligned("DataCopyPad");
     if (p.blockLen % sizeof(T)) EmuFail("DataCopyPad: blockLen is not a whole number of elements");
     const uint32_t n = p.blockLen / sizeof(T);
@@ -391,7 +489,7 @@ template <typename T> __aicore__ void DataCopyPad(const GlobalTensor<T>& dst, co
     const uint32_t src_step = padded + p.srcStride * ONE_BLK_SIZE / sizeof(T);
     if (p.dstStride % sizeof(T)) EmuFail("DataCopyPad: dstStride is not a whole number of elements");
     const uint64_t dst_step = n + p.dstStride / sizeof(T);
-    for (uint32_t b = 0; b < p.blockCount; b++) std::memcpy(dst.At(b * dst_step, n), src.Ptr(b * src_step, n), p.blockLen);
+    for (uint32_t b = 0; b < p.blockCount; b++) std::memcpy(dst.Write(b * dst_step, n), src.In(b * src_step, n), p.blockLen);
     AddCount(Count::GmWrite, (uint64_t)p.blockCount * p.blockLen);
 }
 
@@ -441,6 +539,7 @@ template <typename T> void CheckMask(uint64_t count_mask, const uint64_t* bits, 
 template <typename T, typename F>
 void RepeatBinary(const LocalTensor<T>& dst, const LocalTensor<T>& s0, const LocalTensor<T>& s1, uint64_t mask, const uint64_t* bits,
                   uint8_t repeats, const BinaryRepeatParams& p, const char* op, F f) {
+    OpScope vector(PIPE_V, op);
     CheckVectorOperand(dst, op);
     CheckVectorOperand(s0, op);
     CheckVectorOperand(s1, op);
@@ -454,14 +553,15 @@ void RepeatBinary(const LocalTensor<T>& dst, const LocalTensor<T>& s0, const Loc
                 const uint32_t di = (r * p.dstRepStride + b * p.dstBlkStride) * epb + e;
                 const uint32_t ai = (r * p.src0RepStride + b * p.src0BlkStride) * epb + e;
                 const uint32_t bi = (r * p.src1RepStride + b * p.src1BlkStride) * epb + e;
-                const T x = *s0.Ptr(ai, 1), y = *s1.Ptr(bi, 1);
-                *dst.Ptr(di, 1) = f(x, y);
+                const T x = *s0.In(ai, 1), y = *s1.In(bi, 1);
+                *dst.Out(di, 1) = f(x, y);
             }
 }
 
 template <typename T, typename F>
 void RepeatUnary(const LocalTensor<T>& dst, const LocalTensor<T>& src, uint64_t mask, const uint64_t* bits, uint8_t repeats,
                  const UnaryRepeatParams& p, const char* op, F f) {
+    OpScope vector(PIPE_V, op);
     CheckVectorOperand(dst, op);
     CheckVectorOperand(src, op);
     CheckMask<T>(mask, bits, op);
@@ -473,31 +573,33 @@ void RepeatUnary(const LocalTensor<T>& dst, const LocalTensor<T>& src, uint64_t 
                 if (!MaskBit<T>(mask, bits, b * epb + e)) continue;
                 const uint32_t di = (r * p.dstRepStride + b * p.dstBlkStride) * epb + e;
                 const uint32_t si = (r * p.srcRepStride + b * p.srcBlkStride) * epb + e;
-                const T x = *src.Ptr(si, 1);
-                *dst.Ptr(di, 1) = f(x);
+                const T x = *src.In(si, 1);
+                *dst.Out(di, 1) = f(x);
             }
 }
 
 // Level 2: `count` contiguous elements.
 template <typename T, typename F>
 void CountBinary(const LocalTensor<T>& dst, const LocalTensor<T>& s0, const LocalTensor<T>& s1, int32_t count, const char* op, F f) {
+    OpScope vector(PIPE_V, op);
     CheckVectorOperand(dst, op);
     CheckVectorOperand(s0, op);
     CheckVectorOperand(s1, op);
     if (count < 0) EmuFail(std::string(op) + ": negative count");
     CountVector((uint64_t)count * sizeof(T));
-    T* d = dst.Ptr(0, count);
-    const T* a = s0.Ptr(0, count);
-    const T* b = s1.Ptr(0, count);
+    T* d = dst.Out(0, count);
+    const T* a = s0.In(0, count);
+    const T* b = s1.In(0, count);
     for (int32_t i = 0; i < count; i++) d[i] = f(a[i], b[i]);
 }
 template <typename T, typename F> void CountUnary(const LocalTensor<T>& dst, const LocalTensor<T>& src, int32_t count, const char* op, F f) {
+    OpScope vector(PIPE_V, op);
     CheckVectorOperand(dst, op);
     CheckVectorOperand(src, op);
     if (count < 0) EmuFail(std::string(op) + ": negative count");
     CountVector((uint64_t)count * sizeof(T));
-    T* d = dst.Ptr(0, count);
-    const T* s = src.Ptr(0, count);
+    T* d = dst.Out(0, count);
+    const T* s = src.In(0, count);
     for (int32_t i = 0; i < count; i++) d[i] = f(s[i]);
 }
 template <typename T> T FromF(float x) { return (T)x; }
@@ -559,19 +661,21 @@ EK_EMU_SCALAR(Mins, (x < s || s != s) ? x : s)
 
 // dst = src · scalar + dst
 template <typename T> __aicore__ void Axpy(const LocalTensor<T>& dst, const LocalTensor<T>& src, const T& scalar, const int32_t& count) {
+    emu::OpScope op(PIPE_V, "Axpy");
     emu::CheckVectorOperand(dst, "Axpy");
     emu::CheckVectorOperand(src, "Axpy");
     const float s = (float)scalar;
     CountVector((uint64_t)count * sizeof(T));
-    T* d = dst.Ptr(0, count);
-    const T* x = src.Ptr(0, count);
+    T* d = dst.Out(0, count);
+    const T* x = src.In(0, count);
     for (int32_t i = 0; i < count; i++) d[i] = emu::FromF<T>((float)x[i] * s + (float)d[i]);
 }
 
 template <typename T> __aicore__ void Duplicate(const LocalTensor<T>& dst, const T& scalar, const int32_t& count) {
+    emu::OpScope op(PIPE_V, "Duplicate");
     emu::CheckVectorOperand(dst, "Duplicate");
     CountVector((uint64_t)count * sizeof(T));
-    T* d = dst.Ptr(0, count);
+    T* d = dst.Out(0, count);
     for (int32_t i = 0; i < count; i++) d[i] = scalar;
 }
 
@@ -579,6 +683,7 @@ template <typename T> __aicore__ void Duplicate(const LocalTensor<T>& dst, const
 namespace emu {
 template <typename T>
 void RepeatFill(const LocalTensor<T>& dst, T scalar, uint64_t mask, const uint64_t* bits, uint8_t repeats, uint16_t blk, uint8_t rep) {
+    OpScope vector(PIPE_V, "Duplicate");
     CheckVectorOperand(dst, "Duplicate");
     CheckMask<T>(mask, bits, "Duplicate");
     CountVector((uint64_t)repeats * ONE_REPEAT_BYTES);
@@ -586,7 +691,7 @@ void RepeatFill(const LocalTensor<T>& dst, T scalar, uint64_t mask, const uint64
     for (uint32_t r = 0; r < repeats; r++)
         for (uint32_t b = 0; b < 8; b++)
             for (uint32_t e = 0; e < epb; e++)
-                if (MaskBit<T>(mask, bits, b * epb + e)) *dst.Ptr((r * rep + b * blk) * epb + e, 1) = scalar;
+                if (MaskBit<T>(mask, bits, b * epb + e)) *dst.Out((r * rep + b * blk) * epb + e, 1) = scalar;
 }
 }  // namespace emu
 template <typename T>
@@ -607,6 +712,7 @@ namespace emu {
 template <typename T, typename F>
 void BlockReduce(const LocalTensor<T>& dst, const LocalTensor<T>& src, int32_t repeat, uint64_t mask, const uint64_t* bits,
                  int32_t dstRepStride, int32_t srcBlkStride, int32_t srcRepStride, const char* op, F f) {
+    OpScope vector(PIPE_V, op);
     CheckVectorOperand(src, op);
     if (MemoryOf(dst.GetPosition()) != Memory::UB) EmuFail(std::string(op) + ": dst must live in the unified buffer");
     if (dst.Offset() % (8 * sizeof(T))) EmuFail(std::string(op) + ": dst is not aligned to 8 elements");
@@ -620,11 +726,11 @@ void BlockReduce(const LocalTensor<T>& dst, const LocalTensor<T>& src, int32_t r
             float acc = 0.0f;
             for (uint32_t e = 0; e < epb; e++) {
                 if (!MaskBit<T>(mask, bits, b * epb + e)) continue;
-                const float x = (float)*src.Ptr(((uint32_t)r * srcRepStride + b * srcBlkStride) * epb + e, 1);
+                const float x = (float)*src.In(((uint32_t)r * srcRepStride + b * srcBlkStride) * epb + e, 1);
                 acc = any ? f(acc, x) : x;
                 any = true;
             }
-            if (any) *dst.Ptr((uint32_t)r * dstRepStride * 8 + b, 1) = FromF<T>(acc);
+            if (any) *dst.Out((uint32_t)r * dstRepStride * 8 + b, 1) = FromF<T>(acc);
         }
 }
 }  // namespace emu
@@ -655,6 +761,7 @@ struct BrcbRepeatParams {
 };
 template <typename T>
 __aicore__ void Brcb(const LocalTensor<T>& dst, const LocalTensor<T>& src, const uint8_t repeatTimes, const BrcbRepeatParams& p) {
+    emu::OpScope op(PIPE_V, "Brcb");
     emu::CheckVectorOperand(dst, "Brcb");
     emu::CheckVectorOperand(src, "Brcb");
     if (dst.Offset() == src.Offset()) EmuFail("Brcb: src and dst are the same address");
@@ -662,8 +769,8 @@ __aicore__ void Brcb(const LocalTensor<T>& dst, const LocalTensor<T>& src, const
     const uint32_t epb = ONE_BLK_SIZE / sizeof(T), blk = p.dstBlkStride ? p.dstBlkStride : 1;
     for (uint32_t r = 0; r < repeatTimes; r++)
         for (uint32_t b = 0; b < 8; b++) {
-            const T x = *src.Ptr(r * 8 + b, 1);
-            T* d = dst.Ptr((r * p.dstRepStride + b * blk) * epb, epb);
+            const T x = *src.In(r * 8 + b, 1);
+            T* d = dst.Out((r * p.dstRepStride + b * blk) * epb, epb);
             for (uint32_t e = 0; e < epb; e++) d[e] = x;
         }
 }
@@ -672,20 +779,22 @@ __aicore__ void Brcb(const LocalTensor<T>& dst, const LocalTensor<T>& src, const
 template <typename T>
 __aicore__ void ReduceMax(const LocalTensor<T>& dst, const LocalTensor<T>& src, const LocalTensor<T>& work, const int32_t count,
                           bool calIndex = false) {
+    emu::OpScope op(PIPE_V, "ReduceMax");
     emu::CheckVectorOperand(dst, "ReduceMax");
     emu::CheckVectorOperand(src, "ReduceMax");
     emu::CheckVectorOperand(work, "ReduceMax");
     if (calIndex) EmuFail("ReduceMax: calIndex is not emulated");
     if (count <= 0) EmuFail("ReduceMax: count must be positive");
     CountVector((uint64_t)count * sizeof(T));
-    const T* s = src.Ptr(0, count);
+    const T* s = src.In(0, count);
     float m = (float)s[0];
     for (int32_t i = 1; i < count; i++) m = ((float)s[i] > m || s[i] != s[i]) ? (float)s[i] : m;
-    work.Ptr(0, 1);
-    *dst.Ptr(0, 1) = emu::FromF<T>(m);
+    work.Out(0, 1);
+    *dst.Out(0, 1) = emu::FromF<T>(m);
 }
 template <typename T>
 __aicore__ void ReduceSum(const LocalTensor<T>& dst, const LocalTensor<T>& src, const LocalTensor<T>& work, const int32_t count) {
+    emu::OpScope op(PIPE_V, "ReduceSum");
     emu::CheckVectorOperand(dst, "ReduceSum");
     emu::CheckVectorOperand(src, "ReduceSum");
     emu::CheckVectorOperand(work, "ReduceSum");
@@ -693,26 +802,27 @@ __aicore__ void ReduceSum(const LocalTensor<T>& dst, const LocalTensor<T>& src, 
     CountVector((uint64_t)count * sizeof(T));
     // Pairwise, as a tree of repeats sums on hardware.
     std::vector<float> v(count);
-    const T* s = src.Ptr(0, count);
+    const T* s = src.In(0, count);
     for (int32_t i = 0; i < count; i++) v[i] = (float)s[i];
     for (size_t w = 1; w < v.size(); w *= 2)
         for (size_t i = 0; i + w < v.size(); i += 2 * w) v[i] += v[i + w];
-    work.Ptr(0, 1);
-    *dst.Ptr(0, 1) = emu::FromF<T>(v[0]);
+    work.Out(0, 1);
+    *dst.Out(0, 1) = emu::FromF<T>(v[0]);
 }
 
 enum class RoundMode { CAST_NONE = 0, CAST_RINT, CAST_FLOOR, CAST_CEIL, CAST_ROUND, CAST_TRUNC, CAST_ODD };
 
 template <typename D, typename S>
 __aicore__ void Cast(const LocalTensor<D>& dst, const LocalTensor<S>& src, const RoundMode& mode, const uint32_t count) {
+    emu::OpScope op(PIPE_V, "Cast");
     if (MemoryOf(dst.GetPosition()) != Memory::UB || MemoryOf(src.GetPosition()) != Memory::UB)
         EmuFail("Cast: operands must live in the unified buffer");
     dst.CheckAligned("Cast");
     src.CheckAligned("Cast");
     if (sizeof(D) < sizeof(S) && mode == RoundMode::CAST_NONE) EmuFail("Cast: narrowing needs a rounding mode");
     CountVector((uint64_t)count * (sizeof(D) > sizeof(S) ? sizeof(D) : sizeof(S)));
-    D* d = dst.Ptr(0, count);
-    const S* s = src.Ptr(0, count);
+    D* d = dst.Out(0, count);
+    const S* s = src.In(0, count);
     for (uint32_t i = 0; i < count; i++) d[i] = D((float)s[i]);  // narrowing rounds to nearest even
 }
 
@@ -739,14 +849,15 @@ inline bool MaskBitAt(const uint8_t* bits, uint32_t i) { return (bits[i / 8] >> 
 
 template <typename T, typename U>
 __aicore__ void CompareScalar(const LocalTensor<U>& dst, const LocalTensor<T>& src0, const T src1Scalar, CMPMODE cmpMode, uint32_t count) {
+    emu::OpScope op(PIPE_V, "CompareScalar");
     static_assert(std::is_same<U, uint8_t>::value, "CompareScalar writes a uint8_t bit mask");
     static_assert(std::is_same<T, float>::value || std::is_same<T, half>::value, "CompareScalar compares half or float");
     emu::CheckMaskOperand(dst, "CompareScalar");
     emu::CheckVectorOperand(src0, "CompareScalar");
     emu::CheckWholeRepeats<T>(count, "CompareScalar");
     CountVector((uint64_t)count * sizeof(T));
-    const T* s = src0.Ptr(0, count);
-    uint8_t* d = dst.Ptr(0, count / 8);
+    const T* s = src0.In(0, count);
+    uint8_t* d = dst.Out(0, count / 8);
     const float y = (float)src1Scalar;
     for (uint32_t i = 0; i < count / 8; i++) d[i] = 0;
     for (uint32_t i = 0; i < count; i++) {
@@ -768,6 +879,7 @@ __aicore__ void CompareScalar(const LocalTensor<U>& dst, const LocalTensor<T>& s
 template <typename T, typename U>
 __aicore__ void Select(const LocalTensor<T>& dst, const LocalTensor<U>& selMask, const LocalTensor<T>& src0, T src1, SELMODE selMode,
                        uint32_t count) {
+    emu::OpScope op(PIPE_V, "Select");
     static_assert(std::is_same<U, uint8_t>::value, "the emulated Select reads a uint8_t bit mask");
     if (selMode != SELMODE::VSEL_TENSOR_SCALAR_MODE) EmuFail("Select: only VSEL_TENSOR_SCALAR_MODE is emulated");
     emu::CheckVectorOperand(dst, "Select");
@@ -775,9 +887,9 @@ __aicore__ void Select(const LocalTensor<T>& dst, const LocalTensor<U>& selMask,
     emu::CheckMaskOperand(selMask, "Select");
     emu::CheckWholeRepeats<T>(count, "Select");
     CountVector((uint64_t)count * sizeof(T));
-    const uint8_t* bits = selMask.Ptr(0, count / 8);
-    const T* s = src0.Ptr(0, count);
-    T* d = dst.Ptr(0, count);
+    const uint8_t* bits = selMask.In(0, count / 8);
+    const T* s = src0.In(0, count);
+    T* d = dst.Out(0, count);
     for (uint32_t i = 0; i < count; i++) d[i] = emu::MaskBitAt(bits, i) ? s[i] : src1;
 }
 
@@ -796,9 +908,13 @@ constexpr GatherMaskMode defaultGatherMaskMode = GatherMaskMode::VERSION_V1;
 // GatherMask with a user pattern (a bit mask of the element width's type), counter mode
 // (reduceMode true) over `mask` elements in one repeat: the elements whose bit is set, in order,
 // packed at the start of dst; rsvdCnt = how many. Other configurations are not emulated.
+// rsvdCnt comes from the vector pipe, which runs behind the scalar unit: the kernel may use it
+// only after a V -> S flag (or PipeBarrier<PIPE_ALL>) that covers the GatherMask. Emulator rule
+// (kernels read the count right away): no instruction may issue between the two.
 template <typename T, typename U, GatherMaskMode mode = defaultGatherMaskMode>
 __aicore__ void GatherMask(const LocalTensor<T>& dst, const LocalTensor<T>& src0, const LocalTensor<U>& src1Pattern, const bool reduceMode,
                            const uint32_t mask, const GatherMaskParams& p, uint64_t& rsvdCnt) {
+    emu::OpScope op(PIPE_V, "GatherMask");
     static_assert(sizeof(U) == sizeof(T) && (sizeof(U) == 2 || sizeof(U) == 4), "the pattern type matches the element width");
     emu::CheckVectorOperand(dst, "GatherMask");
     emu::CheckVectorOperand(src0, "GatherMask");
@@ -807,13 +923,14 @@ __aicore__ void GatherMask(const LocalTensor<T>& dst, const LocalTensor<T>& src0
         EmuFail("GatherMask: only counter mode (reduceMode true) over one repeat with src0BlockStride 1 is emulated");
     if (mask == 0) EmuFail("GatherMask: counter mode needs a positive element count");
     CountVector((uint64_t)mask * sizeof(T));
-    const uint8_t* bits = src1Pattern.template ReinterpretCast<uint8_t>().Ptr(0, (mask + 7) / 8);
-    const T* s = src0.Ptr(0, mask);
+    const uint8_t* bits = src1Pattern.template ReinterpretCast<uint8_t>().In(0, (mask + 7) / 8);
+    const T* s = src0.In(0, mask);
     std::vector<T> kept;
     for (uint32_t i = 0; i < mask; i++)
         if (emu::MaskBitAt(bits, i)) kept.push_back(s[i]);
-    if (!kept.empty()) std::memcpy(dst.Ptr(0, (uint32_t)kept.size()), kept.data(), kept.size() * sizeof(T));
+    if (!kept.empty()) std::memcpy(dst.Out(0, (uint32_t)kept.size()), kept.data(), kept.size() * sizeof(T));
     rsvdCnt = kept.size();
+    Core().remain_seq = Core().pipes.current.seq;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -823,6 +940,7 @@ __aicore__ void GatherMask(const LocalTensor<T>& dst, const LocalTensor<T>& src0
 // earlier input comes first (the documented tie rule). Groups are not merged with each other.
 template <typename T>
 __aicore__ void Sort32(const LocalTensor<T>& dst, const LocalTensor<T>& src0, const LocalTensor<uint32_t>& src1, const int32_t repeatTime) {
+    emu::OpScope op(PIPE_V, "Sort32");
     static_assert(sizeof(T) == 4, "emulated Sort32 handles float scores");
     emu::CheckVectorOperand(dst, "Sort32");
     emu::CheckVectorOperand(src0, "Sort32");
@@ -830,13 +948,13 @@ __aicore__ void Sort32(const LocalTensor<T>& dst, const LocalTensor<T>& src0, co
     if (repeatTime < 0 || repeatTime > 255) EmuFail("Sort32: repeatTime " + std::to_string(repeatTime) + " outside 0..255");
     const uint32_t n = 32u * (uint32_t)repeatTime;
     CountVector((uint64_t)n * 8);
-    const T* sc = src0.Ptr(0, n);
-    const uint32_t* ix = src1.Ptr(0, n);
+    const T* sc = src0.In(0, n);
+    const uint32_t* ix = src1.In(0, n);
     std::vector<std::pair<T, uint32_t>> v(n);
     for (uint32_t i = 0; i < n; i++) v[i] = {sc[i], ix[i]};
     for (uint32_t g = 0; g < n; g += 32)
         std::stable_sort(v.begin() + g, v.begin() + g + 32, [](const auto& a, const auto& b) { return a.first > b.first; });
-    T* d = dst.Ptr(0, 2 * n);
+    T* d = dst.Out(0, 2 * n);
     for (uint32_t i = 0; i < n; i++) {
         d[2 * i] = v[i].first;
         std::memcpy(&d[2 * i + 1], &v[i].second, 4);
@@ -867,6 +985,7 @@ struct MrgSort4Info {
 // not overlapping dst. On equal scores the lower-numbered list goes first (assumed: the
 // documentation states no rule across lists; the kernels put the earlier positions in list 1).
 template <typename T> __aicore__ void MrgSort(const LocalTensor<T>& dst, const MrgSortSrcList<T>& src, const MrgSort4Info& info) {
+    emu::OpScope op(PIPE_V, "MrgSort");
     static_assert(sizeof(T) == 4, "emulated MrgSort handles float scores");
     emu::CheckVectorOperand(dst, "MrgSort");
     if (info.repeatTimes != 1) EmuFail("MrgSort: only repeatTimes 1 is emulated");
@@ -885,7 +1004,7 @@ template <typename T> __aicore__ void MrgSort(const LocalTensor<T>& dst, const M
         if (n > 4095) EmuFail("MrgSort: list " + std::to_string(k + 1) + " has " + std::to_string(n) + " structures (at most 4095)");
         if (l[k]->Offset() % 8) EmuFail("MrgSort: list " + std::to_string(k + 1) + " is not 8-byte aligned");
         if (MemoryOf(l[k]->GetPosition()) != Memory::UB) EmuFail("MrgSort: lists must live in the unified buffer");
-        const T* p = l[k]->Ptr(0, 2 * n);
+        const T* p = l[k]->In(0, 2 * n);
         for (uint32_t i = 0; i < n; i++) {
             uint32_t ix;
             std::memcpy(&ix, &p[2 * i + 1], 4);
@@ -905,7 +1024,7 @@ template <typename T> __aicore__ void MrgSort(const LocalTensor<T>& dst, const M
             if (at[k] < in[k].size() && (best < 0 || in[k][at[k]].first > in[best][at[best]].first)) best = k;
         out.push_back(in[best][at[best]++]);
     }
-    T* d = dst.Ptr(0, 2 * total);
+    T* d = dst.Out(0, 2 * total);
     for (uint32_t i = 0; i < total; i++) {
         d[2 * i] = out[i].first;
         std::memcpy(&d[2 * i + 1], &out[i].second, 4);
@@ -931,6 +1050,7 @@ struct Nd2NzParams {
 };
 
 template <typename T> __aicore__ void DataCopy(const LocalTensor<T>& dst, const GlobalTensor<T>& src, const Nd2NzParams& p) {
+    emu::OpScope op(PIPE_MTE2, "DataCopy(Nd2Nz GM->L1)");
     if (MemoryOf(dst.GetPosition()) != Memory::L1) EmuFail("DataCopy with Nd2NzParams: the destination must be A1/B1 (L1)");
     dst.CheckAligned("DataCopy(Nd2Nz)");
     if (p.srcDValue == 0 || p.dstNzC0Stride == 0 || p.dstNzNStride == 0) EmuFail("DataCopy(Nd2Nz): zero stride");
@@ -939,8 +1059,8 @@ template <typename T> __aicore__ void DataCopy(const LocalTensor<T>& dst, const 
         for (uint32_t j = 0; j < p.nValue; j++)
             for (uint32_t k = 0; k < pieces; k++) {
                 const uint32_t n = (k + 1) * c0 <= p.dValue ? c0 : p.dValue - k * c0;
-                const T* from = src.At((uint64_t)i * p.srcNdMatrixStride + (uint64_t)j * p.srcDValue + k * c0, n);
-                T* to = dst.Ptr(i * p.dstNzMatrixStride + (j * p.dstNzNStride + k * p.dstNzC0Stride) * c0, c0);
+                const T* from = src.Read((uint64_t)i * p.srcNdMatrixStride + (uint64_t)j * p.srcDValue + k * c0, n);
+                T* to = dst.Out(i * p.dstNzMatrixStride + (j * p.dstNzNStride + k * p.dstNzC0Stride) * c0, c0);
                 for (uint32_t e = 0; e < c0; e++) to[e] = e < n ? from[e] : T(0.0f);  // the row's last piece is zero-filled
                 AddCount(Count::GmRead, n * sizeof(T));
             }
@@ -959,6 +1079,7 @@ struct LoadData2DParams {
 constexpr uint32_t FRACTAL_BYTES = 512;
 
 template <typename T> __aicore__ void LoadData(const LocalTensor<T>& dst, const LocalTensor<T>& src, const LoadData2DParams& p) {
+    emu::OpScope op(PIPE_MTE1, "LoadData");
     const Memory dm = MemoryOf(dst.GetPosition());
     if (MemoryOf(src.GetPosition()) != Memory::L1 || (dm != Memory::L0A && dm != Memory::L0B))
         EmuFail("LoadData: moves A1 -> A2 or B1 -> B2 (L1 -> L0A/L0B)");
@@ -968,8 +1089,8 @@ template <typename T> __aicore__ void LoadData(const LocalTensor<T>& dst, const 
     if (p.addrMode != 0) EmuFail("LoadData: only addrMode 0 (increasing) is emulated");
     const uint32_t per = FRACTAL_BYTES / sizeof(T);
     for (uint32_t r = 0; r < p.repeatTimes; r++) {
-        const T* from = src.Ptr((p.startIndex + r * p.srcStride) * per, per);
-        T* to = dst.Ptr(r * (p.dstGap + 1) * per, per);
+        const T* from = src.In((p.startIndex + r * p.srcStride) * per, per);
+        T* to = dst.Out(r * (p.dstGap + 1) * per, per);
         for (uint32_t e = 0; e < per; e++) to[e] = p.ifTranspose ? from[(e % 16) * 16 + e / 16] : from[e];
     }
 }
@@ -988,6 +1109,7 @@ struct MmadParams {
 // against zeros), as it would on the hardware.
 template <typename C, typename A, typename B>
 __aicore__ void Mmad(const LocalTensor<C>& dst, const LocalTensor<A>& fm, const LocalTensor<B>& filter, const MmadParams& p) {
+    emu::OpScope op(PIPE_M, "Mmad");
     static_assert(std::is_same<C, float>::value && std::is_same<A, B>::value, "emulated Mmad: f32 accumulation of equal input types");
     if (MemoryOf(dst.GetPosition()) != Memory::L0C || MemoryOf(fm.GetPosition()) != Memory::L0A ||
         MemoryOf(filter.GetPosition()) != Memory::L0B)
@@ -1000,18 +1122,26 @@ __aicore__ void Mmad(const LocalTensor<C>& dst, const LocalTensor<A>& fm, const 
     const uint32_t mp = (p.m + 15) / 16 * 16, np = (p.n + 15) / 16 * 16, kp = (p.k + c0 - 1) / c0 * c0;
     const uint32_t kt = kp / c0, nt = np / 16;
     AddCount(Count::CubeMacs, (uint64_t)mp * np * kp);
-    const A* a = fm.Ptr(0, mp * kp);
-    const B* b = filter.Ptr(0, kp * np);
-    C* c = dst.Ptr(0, mp * np);
+    const A* a = fm.In(0, mp * kp);
+    const B* b = filter.In(0, kp * np);
+    C* c = dst.Out(0, mp * np);
+    // m = 1 runs the cube in GEMV mode (Mmad page 07_0249 and the C API's disable_gemv flag; the
+    // Matmul guide's GEMV page: A of shape (1, K) is a vector): L0A is read as K contiguous
+    // elements, not as a zZ fractal row, and the other 15 rows of the result are undefined.
+    const bool gemv = p.m == 1;
     for (uint32_t m = 0; m < mp; m++)
         for (uint32_t n = 0; n < np; n++) {
+            C& out = c[((n / 16) * (mp / 16) + m / 16) * 256 + (m % 16) * 16 + n % 16];
+            if (gemv && m > 0) {
+                std::memset(static_cast<void*>(&out), 0xff, sizeof(C));  // undefined: poison
+                continue;
+            }
             float acc = 0;
             for (uint32_t k = 0; k < kp; k++) {
-                const float x = (float)a[((m / 16) * kt + k / c0) * 16 * c0 + (m % 16) * c0 + k % c0];
+                const float x = (float)a[gemv ? k : ((m / 16) * kt + k / c0) * 16 * c0 + (m % 16) * c0 + k % c0];
                 const float y = (float)b[((k / c0) * nt + n / 16) * 16 * c0 + (n % 16) * c0 + k % c0];
                 acc += x * y;
             }
-            C& out = c[((n / 16) * (mp / 16) + m / 16) * 256 + (m % 16) * 16 + n % 16];
             out = p.cmatrixInitVal ? acc : out + acc;
         }
 }
@@ -1036,6 +1166,7 @@ struct FixpipeParamsV220 {
 
 template <typename T, typename U, const FixpipeConfig& config = CFG_ROW_MAJOR>
 __aicore__ void Fixpipe(const GlobalTensor<T>& dst, const LocalTensor<U>& src, const FixpipeParamsV220& p) {
+    emu::OpScope op(PIPE_FIX, "Fixpipe");
     static_assert(std::is_same<U, float>::value, "emulated Fixpipe reads f32 from L0C");
     if (!config.rowMajor) EmuFail("Fixpipe: only CFG_ROW_MAJOR (NZ -> ND) is emulated");
     if (MemoryOf(src.GetPosition()) != Memory::L0C) EmuFail("Fixpipe: the source must be CO1 (L0C)");
@@ -1047,9 +1178,9 @@ __aicore__ void Fixpipe(const GlobalTensor<T>& dst, const LocalTensor<U>& src, c
         (std::is_same<T, bfloat16_t>::value && p.quantPre != F322BF16))
         EmuFail("Fixpipe: quantPre does not match the destination type");
     const uint32_t np = (p.nSize + 15) / 16 * 16;
-    const U* c = src.Ptr(0, (uint32_t)p.srcStride * np);
+    const U* c = src.In(0, (uint32_t)p.srcStride * np);
     for (uint32_t m = 0; m < p.mSize; m++) {
-        T* row = dst.At((uint64_t)m * p.dstStride, p.nSize);
+        T* row = dst.Write((uint64_t)m * p.dstStride, p.nSize);
         for (uint32_t n = 0; n < p.nSize; n++) row[n] = T(c[(n / 16) * p.srcStride * 16 + m * 16 + n % 16]);
     }
     AddCount(Count::GmWrite, (uint64_t)p.mSize * p.nSize * sizeof(T));
@@ -1059,27 +1190,79 @@ __aicore__ void Fixpipe(const GlobalTensor<T>& dst, const LocalTensor<U>& src, c
 // Synchronisation
 
 enum class HardEvent : int { MTE2_V, V_MTE2, MTE3_V, V_MTE3, MTE2_MTE3, MTE3_MTE2, S_V, V_S, MTE2_S, S_MTE2, MTE3_S, S_MTE3, M_V, V_M, MTE1_M, M_MTE1, FIX_M, M_FIX, MTE2_MTE1, MTE1_MTE2, MTE2_M, M_MTE2, FIX_MTE2, MTE2_FIX, S_FIX, FIX_S };
-enum pipe_t { PIPE_S, PIPE_V, PIPE_M, PIPE_MTE1, PIPE_MTE2, PIPE_MTE3, PIPE_FIX, PIPE_ALL };
 
+namespace emu {
+// The pipe that sets (src) and the pipe that waits (dst) for each event (SetFlag/WaitFlag page:
+// "MTE2_V" is set on MTE2 and waited on V).
+struct EventPipes {
+    int src, dst;
+};
+constexpr EventPipes PipesOf(HardEvent e) {
+    constexpr EventPipes table[] = {
+        {PIPE_MTE2, PIPE_V}, {PIPE_V, PIPE_MTE2}, {PIPE_MTE3, PIPE_V}, {PIPE_V, PIPE_MTE3}, {PIPE_MTE2, PIPE_MTE3},
+        {PIPE_MTE3, PIPE_MTE2}, {PIPE_S, PIPE_V}, {PIPE_V, PIPE_S}, {PIPE_MTE2, PIPE_S}, {PIPE_S, PIPE_MTE2},
+        {PIPE_MTE3, PIPE_S}, {PIPE_S, PIPE_MTE3}, {PIPE_M, PIPE_V}, {PIPE_V, PIPE_M}, {PIPE_MTE1, PIPE_M},
+        {PIPE_M, PIPE_MTE1}, {PIPE_FIX, PIPE_M}, {PIPE_M, PIPE_FIX}, {PIPE_MTE2, PIPE_MTE1}, {PIPE_MTE1, PIPE_MTE2},
+        {PIPE_MTE2, PIPE_M}, {PIPE_M, PIPE_MTE2}, {PIPE_FIX, PIPE_MTE2}, {PIPE_MTE2, PIPE_FIX}, {PIPE_S, PIPE_FIX},
+        {PIPE_FIX, PIPE_S},
+    };
+    return table[(int)e];
+}
+std::string EventName(HardEvent e);
+void OnRemainCountSync(int dst);  // GatherMask's count becomes readable (see GatherMask)
+}  // namespace emu
+
+// SetFlag<X_Y> is issued on X: the flag is set once every earlier X instruction is done; WaitFlag
+// holds Y's later instructions until then.
 template <HardEvent E> __aicore__ void SetFlag(int32_t id) {
-    int& n = Core().flags[{(int)E, id}];
-    if (n > 0) EmuFail("SetFlag twice on event " + std::to_string((int)E) + " id " + std::to_string(id) + " without a WaitFlag between");
+    CoreState& c = Core();
+    int& n = c.flags[{(int)E, id}];
+    if (n > 0) EmuFail("SetFlag twice on event " + emu::EventName(E) + " id " + std::to_string(id) + " without a WaitFlag between");
     n++;
+    c.flag_clocks[{(int)E, id}] = c.pipes.Release(emu::PipesOf(E).src);
 }
 template <HardEvent E> __aicore__ void WaitFlag(int32_t id) {
-    int& n = Core().flags[{(int)E, id}];
-    if (n == 0) EmuFail("WaitFlag on event " + std::to_string((int)E) + " id " + std::to_string(id) + " with no SetFlag (the hardware would hang)");
+    CoreState& c = Core();
+    int& n = c.flags[{(int)E, id}];
+    if (n == 0) EmuFail("WaitFlag on event " + emu::EventName(E) + " id " + std::to_string(id) + " with no SetFlag (the hardware would hang)");
     n--;
+    c.pipes.Acquire(emu::PipesOf(E).dst, c.flag_clocks[{(int)E, id}]);
+    emu::OnRemainCountSync(emu::PipesOf(E).dst);
 }
-template <pipe_t P> __aicore__ void PipeBarrier() {}
+// PipeBarrier<P>: P's later instructions wait for its earlier ones (PIPE_ALL: everything waits
+// for everything). PIPE_S is a hardware error (the PipeBarrier page).
+template <pipe_t P> __aicore__ void PipeBarrier() {
+    static_assert(P != PIPE_S, "PipeBarrier<PIPE_S> raises a hardware error (scalar order is kept by the hardware)");
+    Core().pipes.Barrier(P);
+    if (P == PIPE_ALL) emu::OnRemainCountSync(PIPE_S);
+}
 
 // Cross-core flags of a mixed launch (A2: one AIC with two AIVs). Mode 2: an AIC's set reaches
 // both of its AIVs; an AIC's wait needs the set of both AIVs; an AIV's set and wait pair with its
 // AIC. Flag ids 0..10. Emulator rules: a wait that can never be satisfied (every core of the
 // group waiting) is a deadlock; a set never waited for at the end of the launch is an error.
-void CrossCoreSet(int mode, int32_t id);
+void CrossCoreSet(int mode, int32_t id, int pipe);
 void CrossCoreWait(int32_t id);
-template <uint8_t modeId, pipe_t pipe> __aicore__ void CrossCoreSetFlag(int32_t flagId) { CrossCoreSet(modeId, flagId); }
+
+// The cross-core flags live at the device's hardware synchronisation address: the host reads it
+// with aclrtGetHardwareSyncAddr and passes it to the mixed kernel, which gives it to
+// SetSyncBaseAddr on the AIC and on the AIVs before any CrossCoreSetFlag/WaitFlag (catlass's
+// flash-attention example; the SetSyncBaseAddr page). Emulator rule: a flag before it, or with
+// another address, fails.
+void SetSyncBaseAddr(uint64_t config);
+
+// A mixed kernel declares its task type (KERNEL_TASK_TYPE_DEFAULT page: KERNEL_TYPE_MIX_AIC_1_2
+// is one AIC with two AIVs, as A2's AI core is split); the emulator fails a mixed launch whose
+// cores did not.
+enum KernelMetaType { KERNEL_TYPE_AIV_ONLY, KERNEL_TYPE_AIC_ONLY, KERNEL_TYPE_MIX_AIV_1_0, KERNEL_TYPE_MIX_AIC_1_0,
+                      KERNEL_TYPE_MIX_AIC_1_1, KERNEL_TYPE_MIX_AIC_1_2 };
+void DeclareTaskType(KernelMetaType type);
+// The set is an instruction of `pipe`: it takes effect once `pipe`'s earlier instructions are done
+// (CrossCoreSetFlag page; PIPE_S and PIPE_ALL are not accepted there).
+template <uint8_t modeId, pipe_t pipe> __aicore__ void CrossCoreSetFlag(int32_t flagId) {
+    static_assert(pipe != PIPE_S && pipe != PIPE_ALL, "CrossCoreSetFlag takes a hardware pipe other than PIPE_S and PIPE_ALL");
+    CrossCoreSet(modeId, flagId, pipe);
+}
 __aicore__ inline void CrossCoreWaitFlag(int32_t flagId) { CrossCoreWait(flagId); }
 
 // ------------------------------------------------------------------------------------------------
@@ -1093,12 +1276,23 @@ __aicore__ int64_t GetSubBlockNum();
 }  // namespace AscendC
 
 // Which core the code runs on (compile-time on the device, where each is built separately).
+#define KERNEL_TASK_TYPE_DEFAULT(type) AscendC::DeclareTaskType(AscendC::type)
 #define ASCEND_IS_AIC (AscendC::Core().cube)
 #define ASCEND_IS_AIV (!AscendC::Core().cube)
 
 // On the device `half` and `bfloat16_t` are global types of the compiler and its headers.
 using AscendC::bfloat16_t;
 using AscendC::half;
+// pipe_t and its values are global names of the device compiler too.
+using AscendC::pipe_t;
+using AscendC::PIPE_ALL;
+using AscendC::PIPE_FIX;
+using AscendC::PIPE_M;
+using AscendC::PIPE_MTE1;
+using AscendC::PIPE_MTE2;
+using AscendC::PIPE_MTE3;
+using AscendC::PIPE_S;
+using AscendC::PIPE_V;
 
 // ------------------------------------------------------------------------------------------------
 // Emulator entry: runs `body` once per core, each with fresh, poisoned memories; rethrows the
