@@ -313,7 +313,7 @@ pub fn plan_layout<'a>(
         return Err(Error::range("seq_len", a.seq_len, "too many blocks for 32-bit block indices"));
     }
     if let Some(prev) = prev_scores {
-        let want = dims.units() * dims.blocks;
+        let want = crate::alloc::count("the previous layer's scores", &[dims.units(), dims.blocks])?;
         if prev.len() != want {
             return Err(Error::PlanMismatch(format!(
                 "previous layer's scores hold {} values; this layer's map [B={}, Hkv={}, nseg={}, N={}] needs {want}",
@@ -330,7 +330,7 @@ pub fn plan_layout<'a>(
 }
 
 fn check_output(out: &dyn Layout, expected: [usize; 4], dtype: DType) -> Result<()> {
-    out.check_layout("out")?;
+    out.check_output_layout("out")?;
     if out.shape() != expected {
         return Err(shape_err("out", expected, out.shape()));
     }
@@ -372,6 +372,7 @@ pub fn attention_layout(
     let dims = prefill_inputs(caps, q, k, Some(v))?;
     check_output(out, q.shape(), q.dtype())?;
     if let Some(lse_len) = lse_len {
+        // Bounded by q's elements (validated against its buffer), so it cannot overflow.
         let want = dims.batch * dims.q_heads * dims.seq_len;
         if lse_len != want {
             return Err(Error::Layout {
@@ -380,6 +381,8 @@ pub fn attention_layout(
             });
         }
     }
+    // Before the block lists: a scalar check is cheap and its error is specific.
+    let scale = resolve_scale(scale, dims.head_dim)?;
     if let Some(bl) = blocks {
         let d = bl.dims;
         nonzero(&[("plan segment_size", d.segment_size), ("plan block_size", d.block_size)])?;
@@ -392,7 +395,6 @@ pub fn attention_layout(
         }
         bl.validate()?;
     }
-    let scale = resolve_scale(scale, dims.head_dim)?;
     // Last, so every malformed call gets its specific error first.
     if caps.excluded.contains(&(crate::backend::Op::Prefill, q.dtype())) {
         return Err(Error::UnsupportedOpDType { op: "prefill", dtype: q.dtype(), backend: caps.backend });
@@ -489,6 +491,7 @@ pub fn decode_layout(
     same_dtype(q.dtype(), &[("k_cache", k_cache.dtype()), ("v_cache", v_cache.dtype())])?;
     supported(caps, q.dtype(), d)?;
     check_output(out, q.shape(), q.dtype())?;
+    // B·Hc·capacity·D elements back k_cache, so B·Hc cannot overflow.
     if lengths.len() != b * hc {
         return Err(Error::Layout {
             what: "lengths",

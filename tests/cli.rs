@@ -177,3 +177,16 @@ fn bench_device_prints_every_row_on_the_emulated_driver() {
     }
     assert!(!text.contains("kept 1.000"), "the small config should make sparse segments:\n{text}");
 }
+
+/// `--threads` beyond what a process can start panicked (`build_global().expect`); now clap
+/// refuses it, and a pool that cannot start is a one-line error.
+#[test]
+fn absurd_thread_counts_fail_cleanly() {
+    for n in ["100000", "0"] {
+        let out = bin().args(["--threads", n, "backends"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--threads {n}: {err}");
+        assert!(err.contains("--threads") && !err.contains("panicked"), "--threads {n}: {err}");
+    }
+    run(bin().args(["--threads", "3", "backends"]));
+}

@@ -62,7 +62,7 @@ pub(crate) fn kv_compress<'v>(mut l: impl Launcher<'v>, a: &CompressArgs<'_>, to
     let d = a.dims();
     let cfg = a.cfg();
     if !d.compresses(cfg) {
-        return Ok(compress::unchanged(&a.k_cache(), &a.v_cache(), &d));
+        return compress::unchanged(&a.k_cache(), &a.v_cache(), &d);
     }
     let rows = d.group() * d.window;
     let keep = cfg.decode_budget - d.window;
@@ -130,7 +130,7 @@ pub(crate) fn kv_compress<'v>(mut l: impl Launcher<'v>, a: &CompressArgs<'_>, to
         let pooled = f32s(&pooled);
         let rows: Vec<Vec<f32>> = pooled.chunks(scored).map(<[f32]>::to_vec).collect();
         l.finish()?;
-        return Ok(compress::select_and_gather(a, &rows));
+        return compress::select_and_gather(a, &rows);
     }
     l.launch(if select { launch::COMPRESS_SELECT } else { launch::COMPRESS_TOPK }, &params)?;
     l.launch(launch::COMPRESS_GATHER, &params)?;
@@ -253,5 +253,5 @@ pub(crate) fn plan<'v>(mut l: impl Launcher<'v>, a: &PlanArgs<'_>) -> Result<Pla
     let (qrep, krep) = (read(params.qsum, qrep_len)?, read(params.krep, krep_len)?);
     l.finish()?;
     let isa = crate::cpu::simd::Isa::detect();
-    Ok(crate::cpu::plan::plan_from_representatives(isa, a, &qrep, &krep))
+    crate::cpu::plan::plan_from_representatives(isa, a, &qrep, &krep)
 }
