@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use entropy_kernels::{BackendKind, CompressedCache, DType, HostTensor, Kernels, Op, synth};
 
+pub mod check;
+
 /// Backends compared with the oracle: every kind except the oracle itself. Absent ones are
 /// reported with the reason and skipped, never silently passed.
 pub fn backends_under_test(test: &str) -> Vec<Kernels> {
@@ -162,14 +164,69 @@ pub fn poisoned(shape: [usize; 4], dtype: DType) -> HostTensor {
 }
 
 /// Seed of a test case: fresh per run unless `ENTROPY_KERNELS_SEED` pins it (printed, so a
-/// failure can be replayed).
+/// failure can be replayed; a panic on this thread repeats it, see [`remember_seed`]).
 pub fn seed(test: &str) -> u64 {
     let s = match std::env::var("ENTROPY_KERNELS_SEED") {
         Ok(v) => v.parse().expect("ENTROPY_KERNELS_SEED must be an integer"),
         Err(_) => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64,
     };
     eprintln!("[{test}] seed {s} (replay with ENTROPY_KERNELS_SEED={s})");
+    remember_seed(test, s);
     s
+}
+
+/// Seeds of a randomised case: one (as [`seed`]), or `ENTROPY_KERNELS_SOAK=N` of them — the soak
+/// mode, which runs each case on N fresh seeds to find tolerance and decision edges
+/// (`scripts/soak.sh`). With `ENTROPY_KERNELS_SEED` the first is pinned, the rest follow from it.
+pub fn seeds(test: &str) -> Vec<u64> {
+    let first = seed(test);
+    let n: usize = match std::env::var("ENTROPY_KERNELS_SOAK") {
+        Ok(v) => v.parse().expect("ENTROPY_KERNELS_SOAK must be a count"),
+        Err(_) => 1,
+    };
+    let mut rng = synth::Rng::new(first);
+    std::iter::once(first).chain((1..n).map(|_| rng.next_u64())).collect()
+}
+
+thread_local! {
+    static SEEDS: std::cell::RefCell<Vec<(String, u64)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Records that `test` drew `seed` on this thread: if the thread panics, the panic hook prints
+/// every seed it drew right under the panic message, so a failure carries its seed whichever
+/// assertion fails (an `unwrap` included).
+pub fn remember_seed(test: &str, seed: u64) {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default(info);
+            SEEDS.with(|s| {
+                for (test, seed) in s.borrow().iter() {
+                    eprintln!(
+                        "  ... while running [{test}] with seed {seed} (replay with ENTROPY_KERNELS_SEED={seed})"
+                    );
+                }
+            });
+        }));
+    });
+    SEEDS.with(|s| s.borrow_mut().push((test.to_string(), seed)));
+}
+
+/// Runs one case of a randomised test; a panic inside is raised again as `[tag] message`, so the
+/// failure message itself names the case and its seed (put both in `tag`).
+pub fn with_case<T>(tag: &str, f: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => v,
+        Err(e) => {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "(non-text panic)".into());
+            panic!("[{tag}] {msg}");
+        }
+    }
 }
 
 /// Compression results agree with the oracle, allowing only near-ties at the selection boundary
