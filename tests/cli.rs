@@ -147,6 +147,9 @@ fn bad_flags_fail_cleanly() {
 #[cfg(feature = "cuda-emu")]
 #[test]
 fn bench_device_prints_every_row_on_the_emulated_driver() {
+    if !cuda_kernels_available("cli::bench_device") {
+        return;
+    }
     let text =
         run(bin().env(entropy_kernels::cuda::EMU_ENV, "1").env(entropy_kernels::cuda::PREFILL_TILE_ENV, "128").args([
             "bench-device",

@@ -54,6 +54,9 @@ fn planted_violations_are_caught() {
 
 #[test]
 fn the_backend_runs_its_kernels_on_the_emulator() {
+    if !common::cuda_kernels_available("the_backend_runs_its_kernels_on_the_emulator") {
+        return;
+    }
     let be = emu::backend().expect("the emulated driver loads");
     assert!(be.describe().contains("emulator"), "{}", be.describe());
     let before = emu::launches(None).unwrap();
@@ -81,6 +84,9 @@ fn every_kernel_is_emulated() {
 /// shapes; this pins which kernels ran).
 #[test]
 fn kv_compress_scores_on_tensor_cores_for_16_bit_caches() {
+    if !common::cuda_kernels_available("kv_compress_scores_on_tensor_cores_for_16_bit_caches") {
+        return;
+    }
     let be = emu::backend().expect("the emulated driver loads");
     let k = Kernels::from_backend(std::sync::Arc::new(be));
     let oracle = Kernels::reference();
@@ -118,6 +124,9 @@ fn kv_compress_scores_on_tensor_cores_for_16_bit_caches() {
 /// lists and LSE.
 #[test]
 fn prefill_pipeline_holds_whichever_way_copies_land() {
+    if !common::cuda_kernels_available("prefill_pipeline_holds_whichever_way_copies_land") {
+        return;
+    }
     let oracle = Kernels::reference();
     for (early, tile) in
         [(true, PrefillTile::M64), (false, PrefillTile::M64), (true, PrefillTile::M128), (false, PrefillTile::M128)]
@@ -182,6 +191,9 @@ fn prefill_pipeline_holds_whichever_way_copies_land() {
 /// order-dependent by design, so it is not compared.)
 #[test]
 fn results_do_not_depend_on_thread_order() {
+    if !common::cuda_kernels_available("results_do_not_depend_on_thread_order") {
+        return;
+    }
     let seed = common::seed("cuda_emu_thread_order");
     let bits = |t: &HostTensor| t.to_f32_vec().iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
     for (dtype, d, tile) in [
@@ -228,6 +240,9 @@ fn results_do_not_depend_on_thread_order() {
 /// with a range error before any launch, and `Kernels` falls back to the host path (correct).
 #[test]
 fn kv_compress_beyond_shared_memory_falls_back() {
+    if !common::cuda_kernels_available("kv_compress_beyond_shared_memory_falls_back") {
+        return;
+    }
     use entropy_kernels::cuda::CudaTensor;
     let be = emu::backend().expect("the emulated driver loads");
     let stream = be.stream().clone();
@@ -268,6 +283,9 @@ fn kv_compress_beyond_shared_memory_falls_back() {
 /// ties included.
 #[test]
 fn planning_ranks_beyond_1024_blocks_on_the_device() {
+    if !common::cuda_kernels_available("planning_ranks_beyond_1024_blocks_on_the_device") {
+        return;
+    }
     let be = emu::backend().expect("the emulated driver loads");
     let k = Kernels::from_backend(std::sync::Arc::new(be));
     let seed = common::seed("cuda_emu_wide_rank");
@@ -312,6 +330,9 @@ fn row_prefix(t: &HostTensor, d: usize) -> TensorView<'_> {
 /// the kernel's 4-row output passes).
 #[test]
 fn decode_vector_and_element_loads_agree_with_the_oracle() {
+    if !common::cuda_kernels_available("decode_vector_and_element_loads_agree_with_the_oracle") {
+        return;
+    }
     let be = emu::backend().expect("the emulated driver loads");
     let k = Kernels::from_backend(std::sync::Arc::new(be));
     let oracle = Kernels::reference();
@@ -348,6 +369,9 @@ fn decode_vector_and_element_loads_agree_with_the_oracle() {
 /// small ones at these sizes; decisions and outputs still match the oracle.
 #[test]
 fn large_launch_shapes_agree_with_the_oracle() {
+    if !common::cuda_kernels_available("large_launch_shapes_agree_with_the_oracle") {
+        return;
+    }
     emu::set_multiprocessors(1).unwrap();
     let be = emu::backend();
     emu::set_multiprocessors(0).unwrap();

@@ -10,6 +10,7 @@
 mod common;
 
 use common::check;
+use common::suite::check_plans;
 use common::*;
 use entropy_kernels::reference::{self};
 use entropy_kernels::validate;
@@ -113,24 +114,6 @@ fn config(s: &Shape) -> EntropyConfig {
     }
 }
 
-fn check_plans(tag: &str, got: &Plan, want: &Plan) {
-    assert_eq!(got.keep_blocks, want.keep_blocks, "{tag}: keep_blocks");
-    assert_eq!(got.segment_topk, want.segment_topk, "{tag}: segment_topk");
-    assert_eq!(got.head_class, want.head_class, "{tag}: head classes");
-    assert_eq!(got.budgets, want.budgets, "{tag}: budgets");
-    assert_eq!(got.order_width, want.order_width, "{tag}: order width");
-    assert_eq!(got.order, want.order, "{tag}: ranking");
-    assert_eq!(got.blocks, want.blocks, "{tag}: block lists");
-    let worst = |a: &[f32], b: &[f32]| {
-        a.iter().zip(b).map(|(x, y)| if x == y { 0.0 } else { (x - y).abs() }).fold(0f32, f32::max)
-    };
-    assert_eq!(got.logits.len(), want.logits.len(), "{tag}: logits length");
-    let lmax = want.logits.iter().filter(|x| x.is_finite()).fold(0f32, |m, x| m.max(x.abs())).max(1.0);
-    assert!(worst(&got.logits, &want.logits) <= 1e-6 * lmax, "{tag}: logits");
-    assert!(worst(&got.scores, &want.scores) <= 1e-6, "{tag}: scores");
-    assert!(worst(&got.entropy, &want.entropy) <= 1e-5, "{tag}: entropy");
-}
-
 fn attention(
     kernels: &Kernels,
     q: TensorView,
@@ -174,7 +157,7 @@ fn run_on(test: &str, kernels: entropy_kernels::Result<Kernels>, s: Shape) {
     let kernels = match kernels {
         Ok(k) => k,
         Err(e) => {
-            eprintln!("[{test}] SKIP: {e}");
+            skip_notice(&format!("SKIP: {e}"), test);
             return;
         }
     };

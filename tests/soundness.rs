@@ -18,10 +18,10 @@ fn all_backends(test: &str) -> Vec<Kernels> {
 }
 
 /// `f` returns an error that `expected` accepts, without panicking.
-fn expect_err<T: std::fmt::Debug>(what: &str, f: impl FnOnce() -> Result<T>, expected: impl Fn(&Error) -> bool) {
+fn expect_err<T>(what: &str, f: impl FnOnce() -> Result<T>, expected: impl Fn(&Error) -> bool) {
     match catch_unwind(AssertUnwindSafe(f)) {
         Err(_) => panic!("{what}: panicked instead of returning an error"),
-        Ok(Ok(v)) => panic!("{what}: accepted ({v:?})"),
+        Ok(Ok(_)) => panic!("{what}: accepted"),
         Ok(Err(e)) => assert!(expected(&e), "{what}: wrong error: {e}"),
     }
 }

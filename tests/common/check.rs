@@ -65,15 +65,20 @@ struct RowTerms {
     lse_err: f64,
 }
 
-fn row_terms(q: &[f64], keys: &[&[f64]], values: &[&[f64]], scale: f64, out: &[f64]) -> RowTerms {
+fn norm(r: &[f64]) -> f64 {
+    r.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+/// `keys` with their norms.
+fn row_terms(q: &[f64], keys: &[(&[f64], f64)], values: &[&[f64]], scale: f64, out: &[f64]) -> RowTerms {
     let dd = q.len();
-    let norm = |r: &[f64]| r.iter().map(|x| x * x).sum::<f64>().sqrt();
     let qn = norm(q);
-    let s: Vec<f64> = keys.iter().map(|k| scale * q.iter().zip(k.iter()).map(|(a, b)| a * b).sum::<f64>()).collect();
+    let s: Vec<f64> =
+        keys.iter().map(|(k, _)| scale * q.iter().zip(k.iter()).map(|(a, b)| a * b).sum::<f64>()).collect();
     let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
     let z: f64 = w.iter().sum();
-    let e: Vec<f64> = s.iter().zip(keys).map(|(sj, k)| (dd as f64).sqrt() * sj.abs() + scale * qn * norm(k)).collect();
+    let e: Vec<f64> = s.iter().zip(keys).map(|(sj, (_, kn))| (dd as f64).sqrt() * sj.abs() + scale * qn * kn).collect();
     let lse_err: f64 = w.iter().zip(&e).map(|(wj, ej)| wj / z * ej).sum();
     let mut abs = vec![0.0; dd];
     let mut score_err = vec![0.0; dd];
@@ -99,6 +104,7 @@ pub fn exact_prefill(q: TensorView<'_>, k: TensorView<'_>, v: TensorView<'_>, bl
     let d = args.dims();
     let (qf, kf, vf) = (F64Tensor::of(&q), F64Tensor::of(&k), F64Tensor::of(&v));
     let dd = d.head_dim;
+    let knorm: Vec<f64> = kf.data.chunks(dd).map(norm).collect();
     let mut abs = vec![0.0; out.data.len()];
     let mut score_err = vec![0.0; out.data.len()];
     let mut lse_err = vec![0.0; lse.len()];
@@ -114,7 +120,8 @@ pub fn exact_prefill(q: TensorView<'_>, k: TensorView<'_>, v: TensorView<'_>, bl
                     }
                     _ => (0..=t).collect(),
                 };
-                let keys: Vec<&[f64]> = visible.iter().map(|&j| kf.row(b, j, h)).collect();
+                let keys: Vec<(&[f64], f64)> =
+                    visible.iter().map(|&j| (kf.row(b, j, h), knorm[(b * d.seq_len + j) * d.kv_heads + h])).collect();
                 let values: Vec<&[f64]> = visible.iter().map(|&j| vf.row(b, j, h)).collect();
                 let o = ((b * d.seq_len + t) * d.q_heads + hq) * dd;
                 let r = row_terms(qf.row(b, t, hq), &keys, &values, args.scale() as f64, &out.data[o..o + dd]);
@@ -143,7 +150,7 @@ pub fn exact_decode(q: TensorView<'_>, k: TensorView<'_>, v: TensorView<'_>, len
         for hq in 0..d.q_heads {
             let h = hq / d.group();
             let len = lengths[b * d.cache_heads + h] as usize;
-            let keys: Vec<&[f64]> = (0..len).map(|n| kf.row(b, h, n)).collect();
+            let keys: Vec<(&[f64], f64)> = (0..len).map(|n| (kf.row(b, h, n), norm(kf.row(b, h, n)))).collect();
             let values: Vec<&[f64]> = (0..len).map(|n| vf.row(b, h, n)).collect();
             for i in 0..d.queries {
                 let o = ((b * d.queries + i) * d.q_heads + hq) * dd;

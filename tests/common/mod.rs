@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use entropy_kernels::{BackendKind, CompressedCache, DType, HostTensor, Kernels, Op, synth};
 
 pub mod check;
+pub mod suite;
 
 /// Backends compared with the oracle: every kind except the oracle itself. Absent ones are
 /// reported with the reason and skipped, never silently passed.
@@ -15,7 +16,7 @@ pub fn backends_under_test(test: &str) -> Vec<Kernels> {
     for kind in [BackendKind::Cpu, BackendKind::Cuda, BackendKind::Ascend, BackendKind::AscendEmu] {
         match open(test, kind) {
             Ok(k) => out.push(k),
-            Err(e) => eprintln!("[{test}] SKIP backend {kind}: {e}"),
+            Err(e) => skip_notice(&format!("SKIP backend {kind}: {e}"), test),
         }
     }
     assert!(!out.is_empty(), "the CPU backend must always be available");
@@ -49,6 +50,24 @@ pub fn open(test: &str, kind: BackendKind) -> entropy_kernels::Result<Kernels> {
     real
 }
 
+/// Whether the CUDA backend can load its kernels here: NVRTC on the library path, or an nvcc
+/// fatbin embedded at build time. The emulated driver needs them too (it runs the host build of
+/// the kernels, but the backend loads a module as on a GPU). Absent: prints why and skips, or
+/// fails under CI. Every test that opens the emulated backend asks this first.
+#[cfg(feature = "_cuda")]
+pub fn cuda_kernels_available(test: &str) -> bool {
+    if entropy_kernels::cuda::nvrtc_present() || entropy_kernels::cuda::source::FATBIN.is_some() {
+        return true;
+    }
+    skip_or_fail(
+        test,
+        "the CUDA kernels cannot be loaded: NVRTC (libnvrtc) is not on the library path and no nvcc fatbin \
+         was embedded at build time (scripts/test-env.sh installs CUDA 13.0 from PyPI and prints the \
+         LD_LIBRARY_PATH to use)",
+    );
+    false
+}
+
 /// The CUDA backend `auto` would open, else (with `cuda-emu`) the one on the emulated driver.
 #[cfg(feature = "_cuda")]
 fn cuda_open(test: &str) -> entropy_kernels::Result<entropy_kernels::cuda::CudaBackend> {
@@ -56,6 +75,12 @@ fn cuda_open(test: &str) -> entropy_kernels::Result<entropy_kernels::cuda::CudaB
     #[cfg(feature = "cuda-emu")]
     let real = real.or_else(|e| {
         eprintln!("[{test}] cuda: {e}; running the CUDA backend on the emulated driver (kernels on the host)");
+        if !cuda_kernels_available(test) {
+            return Err(entropy_kernels::Error::BackendUnavailable {
+                backend: "cuda-emu",
+                reason: "NVRTC not found and no fatbin embedded".into(),
+            });
+        }
         entropy_kernels::cuda::emu::backend()
     });
     let _ = test;
@@ -65,7 +90,7 @@ fn cuda_open(test: &str) -> entropy_kernels::Result<entropy_kernels::cuda::CudaB
 /// [`cuda_open`], or `None` with the reason printed.
 #[cfg(feature = "_cuda")]
 pub fn cuda_backend(test: &str) -> Option<entropy_kernels::cuda::CudaBackend> {
-    cuda_open(test).map_err(|e| eprintln!("[{test}] SKIP cuda: {e}")).ok()
+    cuda_open(test).map_err(|e| skip_notice(&format!("SKIP cuda: {e}"), test)).ok()
 }
 
 /// [`open`] for the CUDA backend with its prefill tile forced to `tile` (the matrix runs both).
@@ -105,10 +130,38 @@ pub fn conformance_dir() -> Option<PathBuf> {
     dir.is_dir().then_some(dir)
 }
 
-/// Every `.safetensors` case, sorted; prints a skip reason when the directory is missing.
+/// Whether this is a CI run (`CI=true`, as CI services set it): then whatever a test needs must
+/// be there — a missing conformance case, NVRTC or model fails instead of skipping.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
+}
+
+/// Skips (printing why), or fails under CI ([`in_ci`]), when something a test needs is absent.
+pub fn skip_or_fail(test: &str, why: &str) {
+    if in_ci() {
+        panic!("[{test}] {why} — CI=true, so this is a failure, not a skip");
+    }
+    skip_notice(&format!("SKIP: {why}"), test);
+}
+
+/// Prints a skip where the run's output shows it even when the test passes (straight to the
+/// process's stderr: the test harness captures only `eprintln!`), once per message and process,
+/// and in the test's own captured output.
+pub fn skip_notice(msg: &str, test: &str) {
+    use std::io::Write;
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    eprintln!("[{test}] {msg}");
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if !seen.iter().any(|m| m == msg) {
+        seen.push(msg.to_string());
+        let _ = writeln!(std::io::stderr(), "    {msg} (first in {test})");
+    }
+}
+
+/// Every `.safetensors` case, sorted; without the directory, a printed skip (a failure under CI).
 pub fn conformance_cases(test: &str) -> Vec<PathBuf> {
     let Some(dir) = conformance_dir() else {
-        eprintln!("[{test}] SKIP: no conformance directory (set ENTROPY_KERNELS_CONFORMANCE or check out ../shared)");
+        skip_or_fail(test, "no conformance directory (set ENTROPY_KERNELS_CONFORMANCE or check out ../shared)");
         return Vec::new();
     };
     let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -121,9 +174,15 @@ pub fn conformance_cases(test: &str) -> Vec<PathBuf> {
     cases
 }
 
-/// The conformance case `<name>.safetensors`, or `None` (with the printed skip) when absent.
+/// The conformance case `<name>.safetensors`, or `None` with a printed skip (a failure under CI)
+/// when it or the directory is absent.
 pub fn conformance_case(test: &str, name: &str) -> Option<PathBuf> {
-    conformance_cases(test).into_iter().find(|p| p.file_stem().is_some_and(|s| s == name))
+    let dir_present = conformance_dir().is_some();
+    let found = conformance_cases(test).into_iter().find(|p| p.file_stem().is_some_and(|s| s == name));
+    if found.is_none() && dir_present {
+        skip_or_fail(test, &format!("conformance case {name} is not in the conformance directory"));
+    }
+    found
 }
 
 /// Relative Frobenius error `‖a − b‖ / ‖b‖`.
