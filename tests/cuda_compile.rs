@@ -2,6 +2,8 @@
 //! a table of registers, shared memory and spills per kernel; any spill fails the test. Runs
 //! wherever NVRTC loads (`.ci/run` installs it from PyPI); prints why it is skipped otherwise.
 
+mod common;
+
 use entropy_kernels::cuda::source;
 
 /// One kernel's line of the ptxas report.
@@ -60,7 +62,7 @@ fn kernels_compile_without_spills() {
         let compiled = match source::compile(arch, true) {
             Ok(c) => c,
             Err(e) if e.contains("not found") => {
-                eprintln!("SKIP: {e}");
+                common::skip_or_fail("cuda_compile", &e);
                 return;
             }
             Err(e) => panic!("{e}"),
@@ -96,7 +98,10 @@ fn kernels_compile_without_spills() {
 #[test]
 fn nvcc_fatbin_is_embedded() {
     let Some(fatbin) = source::FATBIN else {
-        eprintln!("SKIP: built without nvcc (NVCC, CUDA_HOME/bin or PATH): kernels come from NVRTC at run time");
+        common::skip_or_fail(
+            "cuda_compile::nvcc_fatbin_is_embedded",
+            "built without nvcc (NVCC, CUDA_HOME/bin or PATH): kernels come from NVRTC at run time",
+        );
         return;
     };
     assert_eq!(&fatbin[..4], &0xBA55_ED50u32.to_le_bytes(), "fatbin magic");

@@ -4,7 +4,8 @@
 //! - each output element within one unit in the last place of its dtype (the final rounding) plus
 //!   `A = Σ_j p_j |v_j|` (the scale of every error in the weights) times `PV_SLACK · u_PV`, `u_PV` the unit roundoff of the precision the
 //!   backend multiplies `P·V` in (f32 on the CPU; the input dtype on the devices' tensor/cube
-//!   units), plus `SCORE_SLACK · ε₃₂ · Σ_j p_j E_j (|v_j| + |o|)`, the f32 rounding of the scores
+//!   units) plus `SUM_SLACK · √n · ε₃₂` for the f32 sums over the row's n keys, plus
+//!   `SCORE_SLACK · ε₃₂ · Σ_j p_j E_j (|v_j| + |o|)`, the f32 rounding of the scores
 //!   (`E_j = √D·|s_j| + scale·‖q‖·‖k_j‖`: a dot product of D terms rounds by about √D·ε of its
 //!   partial sums);
 //! - each LSE (an f32) within `LSE_ULPS` f32 ulps of the oracle's plus `LSE_SLACK · ε₃₂ · Σ_j p_j E_j`.
@@ -37,6 +38,7 @@ pub fn pv_roundoff(kind: BackendKind, dtype: DType) -> f64 {
 
 /// Slack factors of the bounds (see the module doc; the largest ratios measured are in the README).
 pub const PV_SLACK: f64 = 4.0;
+pub const SUM_SLACK: f64 = 2.0;
 pub const SCORE_SLACK: f64 = 2.0;
 pub const LSE_ULPS: f64 = 4.0;
 pub const LSE_SLACK: f64 = 2.0;
@@ -54,6 +56,8 @@ pub struct Exact {
     pub lse: Vec<f64>,
     /// `[B, Hq, L]` `Σ_j p_j E_j`: the scale of the scores' rounding in the LSE (prefill only).
     pub lse_err: Vec<f64>,
+    /// `[B, L, Hq]` the keys each output row sees (its f32 sums round by about √n·ε).
+    pub row_keys: Vec<f64>,
 }
 
 /// The bound terms of one output row from its visible keys (f64, straight from the definitions):
@@ -96,10 +100,21 @@ fn row_terms(q: &[f64], keys: &[(&[f64], f64)], values: &[&[f64]], scale: f64, o
 
 /// The oracle on `q, k, v` (`blocks`: sparse; `None`: dense), with its bounds' terms.
 pub fn exact_prefill(q: TensorView<'_>, k: TensorView<'_>, v: TensorView<'_>, blocks: Option<&BlockLists>) -> Exact {
+    exact_prefill_scaled(q, k, v, blocks, None)
+}
+
+/// [`exact_prefill`] with a softmax scale (`None`: `1/sqrt(D)`).
+pub fn exact_prefill_scaled(
+    q: TensorView<'_>,
+    k: TensorView<'_>,
+    v: TensorView<'_>,
+    blocks: Option<&BlockLists>,
+    scale: Option<f32>,
+) -> Exact {
     let oracle = Kernels::reference();
     let mut dummy = HostTensor::zeros(q.dtype(), q.shape());
-    let args =
-        validate::attention(oracle.capabilities(), q, k, v, blocks, None, &dummy.view_mut(), None).expect("valid call");
+    let args = validate::attention(oracle.capabilities(), q, k, v, blocks, scale, &dummy.view_mut(), None)
+        .expect("valid call");
     let (out, lse) = reference::attention(&args).expect("oracle");
     let d = args.dims();
     let (qf, kf, vf) = (F64Tensor::of(&q), F64Tensor::of(&k), F64Tensor::of(&v));
@@ -108,6 +123,7 @@ pub fn exact_prefill(q: TensorView<'_>, k: TensorView<'_>, v: TensorView<'_>, bl
     let mut abs = vec![0.0; out.data.len()];
     let mut score_err = vec![0.0; out.data.len()];
     let mut lse_err = vec![0.0; lse.len()];
+    let mut row_keys = vec![0.0; lse.len()];
     for b in 0..d.batch {
         for hq in 0..d.q_heads {
             let h = hq / d.group();
@@ -128,17 +144,29 @@ pub fn exact_prefill(q: TensorView<'_>, k: TensorView<'_>, v: TensorView<'_>, bl
                 abs[o..o + dd].copy_from_slice(&r.abs);
                 score_err[o..o + dd].copy_from_slice(&r.score_err);
                 lse_err[(b * d.q_heads + hq) * d.seq_len + t] = r.lse_err;
+                row_keys[(b * d.seq_len + t) * d.q_heads + hq] = visible.len() as f64;
             }
         }
     }
-    Exact { shape: q.shape(), out: out.data, abs, score_err, lse, lse_err }
+    Exact { shape: q.shape(), out: out.data, abs, score_err, lse, lse_err, row_keys }
 }
 
 /// The oracle's decode attention, with its bounds' terms.
 pub fn exact_decode(q: TensorView<'_>, k: TensorView<'_>, v: TensorView<'_>, lengths: &[u32]) -> Exact {
+    exact_decode_scaled(q, k, v, lengths, None)
+}
+
+/// [`exact_decode`] with a softmax scale (`None`: `1/sqrt(D)`).
+pub fn exact_decode_scaled(
+    q: TensorView<'_>,
+    k: TensorView<'_>,
+    v: TensorView<'_>,
+    lengths: &[u32],
+    scale: Option<f32>,
+) -> Exact {
     let oracle = Kernels::reference();
     let mut dummy = HostTensor::zeros(q.dtype(), q.shape());
-    let args = validate::decode_attention(oracle.capabilities(), q, k, v, lengths, None, &dummy.view_mut())
+    let args = validate::decode_attention(oracle.capabilities(), q, k, v, lengths, scale, &dummy.view_mut())
         .expect("valid call");
     let out = reference::decode_attention(&args).expect("oracle");
     let d = args.dims();
@@ -146,6 +174,7 @@ pub fn exact_decode(q: TensorView<'_>, k: TensorView<'_>, v: TensorView<'_>, len
     let dd = d.head_dim;
     let mut abs = vec![0.0; out.data.len()];
     let mut score_err = vec![0.0; out.data.len()];
+    let mut row_keys = vec![0.0; d.batch * d.queries * d.q_heads];
     for b in 0..d.batch {
         for hq in 0..d.q_heads {
             let h = hq / d.group();
@@ -157,18 +186,21 @@ pub fn exact_decode(q: TensorView<'_>, k: TensorView<'_>, v: TensorView<'_>, len
                 let r = row_terms(qf.row(b, i, hq), &keys, &values, args.scale() as f64, &out.data[o..o + dd]);
                 abs[o..o + dd].copy_from_slice(&r.abs);
                 score_err[o..o + dd].copy_from_slice(&r.score_err);
+                row_keys[(b * d.queries + i) * d.q_heads + hq] = len as f64;
             }
         }
     }
-    Exact { shape: q.shape(), out: out.data, abs, score_err, lse: Vec::new(), lse_err: Vec::new() }
+    Exact { shape: q.shape(), out: out.data, abs, score_err, lse: Vec::new(), lse_err: Vec::new(), row_keys }
 }
 
 /// `|got − exact|` allowed for output element `i`: one ulp of the dtype, the weights' rounding in
 /// the backend's `P·V` precision, and the scores' f32 rounding.
 pub fn out_bound(kind: BackendKind, dtype: DType, exact: &Exact, i: usize) -> f64 {
+    let row = i / exact.shape[3];
+    let eps = DType::F32.epsilon();
     ulp(exact.out[i], dtype)
-        + PV_SLACK * pv_roundoff(kind, dtype) * exact.abs[i]
-        + SCORE_SLACK * DType::F32.epsilon() * exact.score_err[i]
+        + (PV_SLACK * pv_roundoff(kind, dtype) + SUM_SLACK * eps * exact.row_keys[row].sqrt()) * exact.abs[i]
+        + SCORE_SLACK * eps * exact.score_err[i]
 }
 
 /// `|got − exact|` allowed for LSE `i`: a few f32 ulps and the scores' f32 rounding.
