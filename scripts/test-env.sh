@@ -33,7 +33,10 @@ else
   failed+=(conformance)
 fi
 
-if gguf=$(scripts/fetch-smollm2.sh); then
+if [ -n "${ENTROPY_KERNELS_SMOLLM2_GGUF:-}" ] && [ -s "$ENTROPY_KERNELS_SMOLLM2_GGUF" ]; then
+  echo "export ENTROPY_KERNELS_SMOLLM2_GGUF='$ENTROPY_KERNELS_SMOLLM2_GGUF'"
+  say "SmolLM2 GGUF: $ENTROPY_KERNELS_SMOLLM2_GGUF"
+elif gguf=$(scripts/fetch-smollm2.sh); then
   echo "export ENTROPY_KERNELS_SMOLLM2_GGUF='$gguf'"
   say "SmolLM2 GGUF: $gguf"
 else

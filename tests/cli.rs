@@ -83,9 +83,12 @@ fn demo_prints_the_comparison_table() {
     }
 }
 
-/// A small config so the short demo has sparse segments.
+/// A small config so the short demo has sparse segments, in a file of its own per call: tests run
+/// in parallel, and rewriting one shared file (truncate, then write) while another test's command
+/// was reading it could hand that command an empty config.
 fn write_config() -> String {
-    let p = tmp("small.json");
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let p = tmp(&format!("small-{}.json", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
     let cfg = entropy_kernels::Config {
         prefill: entropy_kernels::EntropyConfig {
             segment_size: 256,
