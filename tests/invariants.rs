@@ -296,3 +296,42 @@ fn plans_without_blocks_follow_from_the_sizes() {
         }
     }
 }
+
+/// `kept_fraction` counts the (query, key) pairs the lists make attention compute, over the causal
+/// pairs: checked against a pair-by-pair count for sparse plans in both budget modes.
+#[test]
+fn kept_fraction_counts_the_pairs_attention_computes() {
+    let seed = seed("kept_fraction_counts_the_pairs_attention_computes");
+    let (q, k, _) = inputs(2, 301, 4, 2, 32, seed);
+    for mode in [BudgetMode::PerHead, BudgetMode::SegmentMax] {
+        let cfg = EntropyConfig {
+            segment_size: 64,
+            block_size: 8,
+            threshold_len: 64,
+            base_budget: 24,
+            budget_mode: mode,
+            ..Default::default()
+        };
+        let bl = Kernels::reference().plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap().blocks;
+        assert!(bl.sparse_units() > 0);
+        let d = bl.dims;
+        let (mut kept, mut causal) = (0u64, 0u64);
+        for b in 0..d.batch {
+            for h in 0..d.kv_heads {
+                for t in 0..d.seq_len {
+                    let s = t / d.segment_size;
+                    causal += t as u64 + 1;
+                    kept += match bl.segment(b, h, s) {
+                        SegmentAttention::Dense => t as u64 + 1,
+                        SegmentAttention::Sparse(list) => {
+                            (list.len() * d.block_size + t - s * d.segment_size + 1) as u64
+                        }
+                    };
+                }
+            }
+        }
+        let want = kept as f64 / causal as f64;
+        assert!((bl.kept_fraction() - want).abs() < 1e-12, "{mode:?}: {} vs {want}", bl.kept_fraction());
+        assert!(want < 1.0);
+    }
+}

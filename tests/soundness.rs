@@ -116,7 +116,7 @@ fn block_lists_with_wild_offsets_are_errors() {
         expect_err(
             &format!("{}: offsets out of order", kn.kind()),
             || kn.sparse_prefill(q.view(), k.view(), k.view(), &bl, None, &mut out.view_mut(), None),
-            |e| matches!(e, Error::BlockList { segment: 1, .. }),
+            |e| matches!(e, Error::BlockList { batch: 0, head: 0, segment: 1, .. }),
         );
         expect_err(
             &format!("{}: NaN scale with bad lists", kn.kind()),
@@ -125,6 +125,16 @@ fn block_lists_with_wild_offsets_are_errors() {
         );
         assert!(out.to_f32_vec().iter().all(|&x| x == SENTINEL), "{}: wrote on error", kn.kind());
     }
+    // The error names the unit whose offsets go backwards: (batch 0, head 1, segment 2).
+    let mut bl2 = Kernels::reference().plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap().blocks;
+    let u = bl2.dims.unit(0, 1, 1);
+    bl2.indptr[u] = u32::MAX;
+    let mut out = HostTensor::full(DType::F32, q.shape, SENTINEL);
+    expect_err(
+        "offsets out of order in head 1",
+        || Kernels::cpu().sparse_prefill(q.view(), k.view(), k.view(), &bl2, None, &mut out.view_mut(), None),
+        |e| matches!(e, Error::BlockList { batch: 0, head: 1, segment: 1, .. }),
+    );
 }
 
 /// 3. Broadcast views (zero strides) claiming 2^14 to 2^62 tokens over a few elements passed

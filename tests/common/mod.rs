@@ -301,6 +301,13 @@ pub fn check_compressed(
 ) {
     assert_eq!(got.heads(), want.heads(), "{tag}: heads");
     assert_eq!(got.window, want.window, "{tag}: window");
+    let [kb, _, _, kd] = k_cache.shape;
+    assert_eq!((got.batch(), got.head_dim()), (kb, kd), "{tag}: batch and head dim");
+    assert_eq!(got.capacity(), got.k.shape[2], "{tag}: capacity");
+    assert_eq!(got.index_width(), got.capacity() - got.window, "{tag}: index width");
+    assert_eq!(got.indices.len(), kb * got.heads() * got.index_width(), "{tag}: indices");
+    let bytes = got.lengths.iter().map(|&l| l as usize).sum::<usize>() * 2 * kd * got.k.dtype().size();
+    assert_eq!(got.kept_bytes(), bytes, "{tag}: kept bytes");
     assert_eq!(got.lengths.iter().sum::<u32>(), want.lengths.iter().sum::<u32>(), "{tag}: total length");
     if got.indices != want.indices {
         // Every disagreement must be a position whose oracle score is within 1e-6 of the
