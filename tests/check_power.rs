@@ -188,3 +188,94 @@ fn one_lse_off_by_a_few_ulps_is_caught() {
         }
     });
 }
+
+/// The compression check itself: under AdaKV a near-tie at the shared pool's cut-off, decided the
+/// other way, is a legitimate difference from the oracle — the old rule compared it with the
+/// lowest kept score of the whole row (a weaker head's floor pick) and failed such a run now and
+/// then (issue 14, item 12) — while keeping a clearly worse position is still caught.
+#[test]
+fn compression_check_accepts_pool_near_ties_and_catches_wrong_picks() {
+    let (b, hkv, hq, n, d, w) = (1, 2, 4, 200, 16, 4);
+    let vc = random([b, hkv, n, d], 1.0, 37, DType::F32);
+    let obs = random([b, hq, w, d], 1.0, 41, DType::F32);
+    // Kv head 1's window entries align with its queries: its attention stays in the window, its
+    // scored positions score low, and so do its floor picks.
+    let mut k = random([b, hkv, n, d], 1.0, 31, DType::F32).to_f32_vec();
+    let o = obs.to_f32_vec();
+    for i in 0..w {
+        for x in 0..d {
+            k[(n + n - w + i) * d + x] = 3.0 * o[(2 * w + i) * d + x];
+        }
+    }
+    let kc = HostTensor::from_f32(&k, [b, hkv, n, d], DType::F32);
+    let cfg = DecodeConfig {
+        decode_budget: 60,
+        window: w,
+        head_budget: HeadBudget::AdaKv { floor_fraction: 0.3 },
+        pooling: Pooling::None,
+        ..Default::default()
+    };
+    let oracle = Kernels::reference();
+    let want = oracle.kv_compress(kc.view(), vc.view(), obs.view(), &cfg).unwrap();
+    let args = validate::kv_compress(oracle.capabilities(), kc.view(), vc.view(), obs.view(), &cfg).unwrap();
+    let mut scores = reference::compress_scores(&args);
+    let width = want.index_width();
+    let mut sel: Vec<Vec<u32>> = (0..hkv)
+        .map(|h| want.indices[h * width..(h + 1) * width].iter().filter(|&&p| p >= 0).map(|&p| p as u32).collect())
+        .collect();
+    let floor = compress::adakv_floor(cfg.decode_budget - w, 0.3);
+    let rank = |h: usize| {
+        let mut r: Vec<usize> = (0..n - w).collect();
+        r.sort_by(|&x, &y| scores[0][h][y].total_cmp(&scores[0][h][x]).then(x.cmp(&y)));
+        r
+    };
+    // The pool's cut-off: the lowest kept position beyond a head's floor; the best unkept one.
+    let pool_kept: Vec<(f64, usize, u32)> = (0..hkv)
+        .flat_map(|h| {
+            rank(h)
+                .into_iter()
+                .skip(floor)
+                .filter(|p| sel[h].contains(&(*p as u32)))
+                .map(move |p| (h, p))
+                .collect::<Vec<_>>()
+        })
+        .map(|(h, p)| (scores[0][h][p], h, p as u32))
+        .collect();
+    let &(cut, hd, pd) = pool_kept.iter().min_by(|x, y| x.0.total_cmp(&y.0)).unwrap();
+    let unkept = |sel: &Vec<Vec<u32>>| -> Vec<(usize, u32)> {
+        (0..hkv)
+            .flat_map(|h| (0..(n - w) as u32).filter(|p| !sel[h].contains(p)).map(move |p| (h, p)).collect::<Vec<_>>())
+            .collect()
+    };
+    let (ha, pa) = unkept(&sel)
+        .into_iter()
+        .max_by(|x, y| scores[0][x.0][x.1 as usize].total_cmp(&scores[0][y.0][y.1 as usize]))
+        .unwrap();
+    let row_min = (0..hkv)
+        .flat_map(|h| sel[h].iter().map(move |&p| (h, p)))
+        .map(|(h, p)| scores[0][h][p as usize])
+        .fold(f64::INFINITY, f64::min);
+    assert!(cut - row_min > 1e-3 * cut, "the case needs a pool cut-off above the row's lowest kept score");
+    // A near-tie (equal scores) decided the other way: accepted.
+    scores[0][ha][pa as usize] = cut;
+    let swap = |sel: &Vec<Vec<u32>>, add: (usize, u32)| {
+        let mut s = sel.clone();
+        s[hd].retain(|&p| p != pd);
+        s[add.0].push(add.1);
+        s.iter_mut().for_each(|v| v.sort_unstable());
+        let dims = validate::CompressDims { batch: b, kv_heads: hkv, q_heads: hq, entries: n, window: w, head_dim: d };
+        compress::gather(&kc.view(), &vc.view(), &dims, hkv, &s).unwrap()
+    };
+    check_compressed("pool near-tie", &swap(&sel, (ha, pa)), &want, &scores, &kc, true);
+    // The worst unkept position instead: caught.
+    let (hw, pw) = unkept(&sel)
+        .into_iter()
+        .min_by(|x, y| scores[0][x.0][x.1 as usize].total_cmp(&scores[0][y.0][y.1 as usize]))
+        .unwrap();
+    sel.iter_mut().for_each(|v| v.sort_unstable());
+    let wrong = swap(&sel, (hw, pw));
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        check_compressed("wrong pick", &wrong, &want, &scores, &kc, true)
+    }));
+    assert!(caught.is_err(), "keeping the worst position instead of the cut-off's was not caught");
+}
