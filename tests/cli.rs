@@ -196,3 +196,17 @@ fn absurd_thread_counts_fail_cleanly() {
     }
     run(bin().args(["--threads", "3", "backends"]));
 }
+
+/// Workload flags beyond memory (or `usize`) are a one-line error, not an abort in the allocator.
+#[test]
+fn absurd_workload_sizes_fail_cleanly() {
+    for args in [
+        vec!["demo", "--tokens", "100000000000000", "--backend", "cpu"],
+        vec!["bench", "--lengths", "18446744073709551615", "--backend", "cpu"],
+    ] {
+        let out = bin().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("error: cannot allocate"), "{args:?}: {err}");
+    }
+}
