@@ -335,3 +335,37 @@ fn kept_fraction_counts_the_pairs_attention_computes() {
         assert!(want < 1.0);
     }
 }
+
+/// Caches longer than one scoring unit (2048 keys on the CPU): the per-unit maxima and sums are
+/// merged before the window means, in every compression mode.
+#[test]
+fn long_caches_compress_like_the_oracle() {
+    let seed = seed("long_caches_compress_like_the_oracle");
+    let (b, hkv, hq, n, d, w) = (1, 2, 4, 4500, 32, 8);
+    let oracle = Kernels::reference();
+    for (i, (pooling, gqa_mode, head_budget)) in [
+        (Pooling::Avg, GqaMode::Mean, HeadBudget::Uniform),
+        (Pooling::Max, GqaMode::PerQueryHead, HeadBudget::Uniform),
+        (Pooling::None, GqaMode::Max, HeadBudget::AdaKv { floor_fraction: 0.2 }),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dtype = DType::ALL[i];
+        let kc = random([b, hkv, n, d], 1.0, seed ^ i as u64, dtype);
+        let vc = random([b, hkv, n, d], 1.0, seed ^ 0x100 ^ i as u64, dtype);
+        let obs = random([b, hq, w, d], 1.0, seed ^ 0x200 ^ i as u64, dtype);
+        let dc = DecodeConfig { decode_budget: 1500, window: w, pooling, gqa_mode, head_budget, ..Default::default() };
+        let want = oracle.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+        let args = validate::kv_compress(oracle.capabilities(), kc.view(), vc.view(), obs.view(), &dc).unwrap();
+        let scores = reference::compress_scores(&args);
+        for kernels in backends_under_test("long_caches_compress_like_the_oracle") {
+            if !runs("long_caches_compress_like_the_oracle", &kernels, Op::KvCompress) {
+                continue;
+            }
+            let got = kernels.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+            let tag = format!("{} {pooling:?}/{gqa_mode:?}/{head_budget:?} {dtype} seed {seed}", kernels.kind());
+            check_compressed(&tag, &got, &want, &scores, &kc, head_budget != HeadBudget::Uniform);
+        }
+    }
+}
