@@ -19,4 +19,4 @@ exec cargo mutants --profile release --no-shuffle --sharding round-robin "${args
   --file src/cpu/tile.rs --file src/cpu/attention.rs --file src/cpu/decode.rs --file src/cpu/compress.rs \
   --file src/cpu/plan.rs --file src/plan.rs --file src/compress.rs \
   --timeout-multiplier 4 --build-timeout-multiplier 4 "$@" \
-  -- --test matrix --test check_power --test invariants --test miri --test fuzz
+  -C --test=matrix -C --test=check_power -C --test=invariants -C --test=miri -C --test=fuzz
