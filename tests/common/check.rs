@@ -8,7 +8,8 @@
 //!   `SCORE_SLACK · ε₃₂ · Σ_j p_j E_j (|v_j| + |o|)`, the f32 rounding of the scores
 //!   (`E_j = √D·|s_j| + scale·‖q‖·‖k_j‖`: a dot product of D terms rounds by about √D·ε of its
 //!   partial sums);
-//! - each LSE (an f32) within `LSE_ULPS` f32 ulps of the oracle's plus `LSE_SLACK · ε₃₂ · Σ_j p_j E_j`.
+//! - each LSE (an f32) within `LSE_ULPS` f32 ulps of the oracle's plus `LSE_SLACK · ε₃₂ · Σ_j p_j E_j`
+//!   plus `SUM_SLACK · √n · ε₃₂` for the f32 sum of its n exponentials.
 //!
 //! `compare_*` return the first violations as text (so tests of the checks' power can assert that
 //! a planted bug is caught); `check_*` panic with it.
@@ -203,9 +204,15 @@ pub fn out_bound(kind: BackendKind, dtype: DType, exact: &Exact, i: usize) -> f6
         + SCORE_SLACK * eps * exact.score_err[i]
 }
 
-/// `|got − exact|` allowed for LSE `i`: a few f32 ulps and the scores' f32 rounding.
+/// `|got − exact|` allowed for LSE `i`: a few f32 ulps, the scores' f32 rounding, and the f32 sum
+/// of the row's n exponentials (at least 1, so its rounding is an absolute `√n·ε` in the log —
+/// what dominates when the scores are tiny).
 pub fn lse_bound(exact: &Exact, i: usize) -> f64 {
-    LSE_ULPS * ulp(exact.lse[i], DType::F32) + LSE_SLACK * DType::F32.epsilon() * exact.lse_err[i]
+    let [_, l, h, _] = exact.shape;
+    let (b, hh, t) = (i / (h * l), i / l % h, i % l);
+    let n = exact.row_keys[(b * l + t) * h + hh];
+    let eps = DType::F32.epsilon();
+    LSE_ULPS * ulp(exact.lse[i], DType::F32) + LSE_SLACK * eps * exact.lse_err[i] + SUM_SLACK * eps * n.sqrt()
 }
 
 /// Up to `MAX_REPORTED` violations, then a count.
