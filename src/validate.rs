@@ -246,6 +246,24 @@ fn supported(caps: &Capabilities, dtype: DType, head_dim: usize) -> Result<()> {
     Ok(())
 }
 
+/// Refuses input views whose rows overlap on a backend that cannot read them
+/// ([`Capabilities::overlapping_rows`]).
+fn rows_apart(caps: &Capabilities, what: &'static str, v: &dyn Layout) -> Result<()> {
+    let (shape, strides) = (v.shape(), v.strides());
+    let d = shape[3];
+    if caps.overlapping_rows || (0..3).all(|i| shape[i] <= 1 || strides[i] >= d) {
+        return Ok(());
+    }
+    Err(Error::Layout {
+        what,
+        detail: format!(
+            "the {} backend reads rows of {d} elements and needs every stride of a dim longer than 1 to be at least {d} \
+             (shape {shape:?}, strides {strides:?}); copy the view first",
+            caps.backend
+        ),
+    })
+}
+
 fn resolve_scale(scale: Option<f32>, head_dim: usize) -> Result<f32> {
     check_scale(scale)?;
     Ok(scale.unwrap_or(1.0 / (head_dim as f32).sqrt()))
@@ -275,6 +293,11 @@ fn prefill_inputs(caps: &Capabilities, q: &dyn Layout, k: &dyn Layout, v: Option
     }
     same_dtype(q.dtype(), &dtypes)?;
     supported(caps, q.dtype(), d)?;
+    rows_apart(caps, "q", q)?;
+    rows_apart(caps, "k", k)?;
+    if let Some(v) = v {
+        rows_apart(caps, "v", v)?;
+    }
     Ok(AttnDims { batch: b, seq_len: l, q_heads: hq, kv_heads: hkv, head_dim: d })
 }
 
@@ -441,6 +464,9 @@ pub fn compress_layout(
     }
     same_dtype(k_cache.dtype(), &[("v_cache", v_cache.dtype()), ("obs", obs.dtype())])?;
     supported(caps, k_cache.dtype(), d)?;
+    rows_apart(caps, "k_cache", k_cache)?;
+    rows_apart(caps, "v_cache", v_cache)?;
+    rows_apart(caps, "obs", obs)?;
     if n > u32::MAX as usize {
         return Err(Error::range("cache entries", n, "must fit in 32 bits"));
     }
@@ -490,6 +516,9 @@ pub fn decode_layout(
     }
     same_dtype(q.dtype(), &[("k_cache", k_cache.dtype()), ("v_cache", v_cache.dtype())])?;
     supported(caps, q.dtype(), d)?;
+    rows_apart(caps, "q", q)?;
+    rows_apart(caps, "k_cache", k_cache)?;
+    rows_apart(caps, "v_cache", v_cache)?;
     check_output(out, q.shape(), q.dtype())?;
     // B·Hc·capacity·D elements back k_cache, so B·Hc cannot overflow.
     if lengths.len() != b * hc {

@@ -15,7 +15,8 @@
 //!
 //! `ENTROPY_KERNELS_FUZZ_CALLS` (default 150) sets the calls per operation and backend — the CI
 //! budget runs in well under a minute on 2 cores; the long mode in the README uses 20000.
-//! `ENTROPY_KERNELS_SEED` replays a run (every finding names its seed and call).
+//! `ENTROPY_KERNELS_SEED` replays a run (every finding names its seed and call);
+//! `ENTROPY_KERNELS_FUZZ_TRACE=1` names each call before it runs, to find one that crashes.
 
 mod common;
 
@@ -200,9 +201,15 @@ impl Tally {
         eprintln!("FINDING {text}");
         self.findings.push(text.chars().take(600).collect());
     }
-    /// Runs `f` as one call: a panic is a finding.
+    /// Runs `f` as one call: a panic is a finding. With `ENTROPY_KERNELS_FUZZ_TRACE` set, each
+    /// call is named on stderr first, so the last name before a crash (an abort, a signal) is the
+    /// call that crashed.
     fn call<T>(&mut self, tag: &str, f: impl FnOnce() -> T) -> Option<T> {
         self.calls += 1;
+        if std::env::var_os("ENTROPY_KERNELS_FUZZ_TRACE").is_some() {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "call {tag}");
+        }
         match catch_unwind(AssertUnwindSafe(f)) {
             Ok(v) => Some(v),
             Err(p) => {
@@ -523,7 +530,6 @@ fn fuzz_kv_compress() {
     let mut t = Tally::default();
     for i in 0..budget() {
         let mut g = G(Rng::new(base ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-        let tag = format!("fuzz::kv_compress call {i} (ENTROPY_KERNELS_SEED={base})");
         let (b, hkv, grp, n, d) =
             (g.range(1, 2), g.range(1, 3), g.range(1, 3), g.range(1, 120), g.pick(&[1, 4, 16, 32, 64]));
         let dtype = g.pick(&DType::ALL);
@@ -570,6 +576,9 @@ fn fuzz_kv_compress() {
                 }
             }
         }
+        let tag = format!(
+            "fuzz::kv_compress call {i} (ENTROPY_KERNELS_SEED={base}; cache {kc:?} / {vc:?}, obs {obs:?}, {cfg:?})"
+        );
         let (kb, kt) = values(&mut g, &kc);
         let (vb, vt) = values(&mut g, &vc);
         let (ob, ot) = values(&mut g, &obs);
@@ -627,7 +636,6 @@ fn fuzz_decode_attention() {
     let mut t = Tally::default();
     for i in 0..budget() {
         let mut g = G(Rng::new(base ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-        let tag = format!("fuzz::decode_attention call {i} (ENTROPY_KERNELS_SEED={base})");
         let (b, nq, hc, grp, cap, d) =
             (g.range(1, 2), g.range(1, 3), g.range(1, 3), g.range(1, 3), g.range(1, 80), g.pick(&[1, 8, 16, 40, 64]));
         let dtype = g.pick(&DType::ALL);
@@ -653,6 +661,9 @@ fn fuzz_decode_attention() {
                 _ => scale = Some(g.wild_f32()),
             }
         }
+        let tag = format!(
+            "fuzz::decode_attention call {i} (ENTROPY_KERNELS_SEED={base}; q {q:?}, cache {kc:?} / {vc:?}, out {out:?}, lengths {lengths:?}, scale {scale:?})"
+        );
         let (qb, qt) = values(&mut g, &q);
         let (kb, kt) = values(&mut g, &kc);
         let (vb, vt) = values(&mut g, &vc);

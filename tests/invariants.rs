@@ -369,3 +369,33 @@ fn long_caches_compress_like_the_oracle() {
         }
     }
 }
+
+/// Decode reads K and V each with its own layout: padded rows, a transposed cache, different
+/// strides for K and V (the Ascend kernel offset V's heads with K's strides; the fuzz harness
+/// found it).
+#[test]
+fn decode_reads_k_and_v_with_their_own_layouts() {
+    let seed = seed("decode_reads_k_and_v_with_their_own_layouts");
+    let (b, nq, hq, hc, cap, d) = (2, 2, 4, 2, 40, 16);
+    let q = random([b, nq, hq, d], 1.0, seed, DType::F32);
+    // K: rows padded to 19; V: a [B, cap, Hc, D] buffer seen as [B, Hc, cap, D].
+    let kbuf = random([b, hc, cap, 19], 1.0, seed ^ 1, DType::F32);
+    let vbuf = random([b, cap, hc, d], 1.0, seed ^ 2, DType::F32);
+    let HostBuffer::F32(kd) = &kbuf.data else { unreachable!() };
+    let k = TensorView::strided(&kd[..], [b, hc, cap, d], [hc * cap * 19, cap * 19, 19, 1]);
+    let v = vbuf.view().transpose(1, 2).unwrap();
+    let lengths = [40, 17, 3, 29];
+    let mut backends = vec![Kernels::reference()];
+    backends.extend(backends_under_test("decode_reads_k_and_v_with_their_own_layouts"));
+    let mut want = poisoned(q.shape, DType::F32);
+    Kernels::reference().decode_attention(q.view(), k, v, &lengths, None, &mut want.view_mut()).unwrap();
+    for kernels in &backends {
+        if !runs("decode_reads_k_and_v_with_their_own_layouts", kernels, Op::Decode) {
+            continue;
+        }
+        let mut got = poisoned(q.shape, DType::F32);
+        kernels.decode_attention(q.view(), k, v, &lengths, None, &mut got.view_mut()).unwrap();
+        let err = got.to_f32_vec().iter().zip(want.to_f32_vec()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(err < 1e-5, "{}: max error {err} (seed {seed})", kernels.kind());
+    }
+}

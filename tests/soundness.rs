@@ -290,3 +290,33 @@ fn maps_larger_than_memory_are_alloc_errors() {
         |e| matches!(e, Error::Alloc { .. }),
     );
 }
+
+/// Inputs whose rows overlap (a zero stride along the cache entries): the CPU backend and the
+/// oracle read them; a backend that moves rows with strided copies (Ascend's `DataCopyPad` takes
+/// the gap `stride − D` unsigned) refuses them — it read far outside the buffer and crashed the
+/// process (SIGSEGV, found by the fuzz harness).
+#[test]
+fn overlapping_input_rows_are_read_or_refused() {
+    let (b, hq, hc, cap, d) = (1, 4, 2, 18, 16);
+    let q = random([b, 1, hq, d], 1.0, 1, DType::BF16);
+    let k = random([b, hc, cap, d], 1.0, 2, DType::BF16);
+    // Every entry of a head is the same row (the buffer holds as many elements as the view claims).
+    let vbuf = random([b, hc, cap, d], 1.0, 3, DType::BF16);
+    let HostBuffer::BF16(rows) = &vbuf.data else { unreachable!() };
+    let v = TensorView::strided(&rows[..], [b, hc, cap, d], [hc * d, d, 0, 1]);
+    let lengths = [7, 18];
+    let mut want = poisoned(q.shape, DType::BF16);
+    Kernels::reference().decode_attention(q.view(), k.view(), v, &lengths, None, &mut want.view_mut()).unwrap();
+    for kn in backends_under_test("overlapping_input_rows_are_read_or_refused") {
+        let mut out = HostTensor::full(DType::BF16, q.shape, SENTINEL);
+        let r = kn.decode_attention(q.view(), k.view(), v, &lengths, None, &mut out.view_mut());
+        if kn.capabilities().overlapping_rows {
+            r.unwrap();
+            let err = out.to_f32_vec().iter().zip(want.to_f32_vec()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err < 2e-2, "{}: {err}", kn.kind());
+        } else {
+            assert!(matches!(r, Err(Error::Layout { what: "v_cache", .. })), "{}: {r:?}", kn.kind());
+            assert!(out.to_f32_vec().iter().all(|&x| x == SENTINEL), "{}: wrote on error", kn.kind());
+        }
+    }
+}

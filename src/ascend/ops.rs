@@ -37,7 +37,12 @@ pub const SUPPORTED: [Op; 4] = [Op::Plan, Op::Prefill, Op::KvCompress, Op::Decod
 /// What the Ascend kernels run: every op in f32/f16/bf16, head dims up to 256 (prefill on the
 /// cube for f16/bf16; f32 on the vector cores, A2's cube having no transposing f32 load for P·V).
 pub fn capabilities(backend: &'static str) -> Capabilities {
-    Capabilities { ops: SUPPORTED.to_vec(), ..Capabilities::full(backend, HeadDims::UpTo(PREFILL_MAX_D)) }
+    Capabilities {
+        ops: SUPPORTED.to_vec(),
+        // LoadRows' DataCopyPad takes the gap between rows as an unsigned (stride − D).
+        overlapping_rows: false,
+        ..Capabilities::full(backend, HeadDims::UpTo(PREFILL_MAX_D))
+    }
 }
 
 /// Query heads per kv head the compression's means accumulators hold (`COMPRESS_MAX_GROUP`).
