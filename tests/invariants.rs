@@ -399,3 +399,22 @@ fn decode_reads_k_and_v_with_their_own_layouts() {
         assert!(err < 1e-5, "{}: max error {err} (seed {seed})", kernels.kind());
     }
 }
+
+/// Two segments whose first block is the last one's (L = 6, S = Bk = 4): one block, but no keep
+/// can reach it (the ranking is 0 wide). The CUDA planner sliced its ranking in chunks of that
+/// width and panicked (found by the fuzz harness).
+#[test]
+fn plans_with_blocks_no_keep_can_reach() {
+    let seed = seed("plans_with_blocks_no_keep_can_reach");
+    let q = random([2, 6, 2, 8], 1.0, seed, DType::F32);
+    let k = random([2, 6, 1, 8], 1.0, seed ^ 1, DType::F32);
+    let cfg = EntropyConfig { segment_size: 4, block_size: 4, threshold_len: 0, base_budget: 4, ..Default::default() };
+    let want = Kernels::reference().plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap();
+    assert_eq!((want.dims.blocks, want.order_width), (1, 0));
+    for kernels in all_backends("plans_with_blocks_no_keep_can_reach") {
+        if runs("plans_with_blocks_no_keep_can_reach", &kernels, Op::Plan) {
+            let got = kernels.plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap();
+            assert_eq!((got.order, got.blocks), (want.order.clone(), want.blocks.clone()), "{}", kernels.kind());
+        }
+    }
+}
