@@ -127,13 +127,13 @@ fn block_lists_with_wild_offsets_are_errors() {
     }
     // The error names the unit whose offsets go backwards: (batch 0, head 1, segment 2).
     let mut bl2 = Kernels::reference().plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap().blocks;
-    let u = bl2.dims.unit(0, 1, 1);
+    let u = bl2.dims.unit(0, 1, 2);
     bl2.indptr[u] = u32::MAX;
     let mut out = HostTensor::full(DType::F32, q.shape, SENTINEL);
     expect_err(
         "offsets out of order in head 1",
         || Kernels::cpu().sparse_prefill(q.view(), k.view(), k.view(), &bl2, None, &mut out.view_mut(), None),
-        |e| matches!(e, Error::BlockList { batch: 0, head: 1, segment: 1, .. }),
+        |e| matches!(e, Error::BlockList { batch: 0, head: 1, segment: 2, .. }),
     );
 }
 
