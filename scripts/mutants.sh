@@ -4,7 +4,7 @@
 # and planning kernels (src/cpu/{tile,attention,decode,compress,plan}.rs) and of the shared
 # decision and selection rules (src/plan.rs, src/compress.rs) must fail the tests that compare
 # with the oracle (tests/matrix.rs, tests/check_power.rs, tests/invariants.rs, tests/miri.rs,
-# tests/fuzz.rs). The default run is one fixed shard (1/20, ~50 mutants: about 40 minutes on
+# tests/fuzz.rs) or check validation's errors (tests/soundness.rs). The default run is one fixed shard (1/20, ~50 mutants: about 40 minutes on
 # 2 cores); SHARD=k/20 runs another, SHARD=all every one (~1000, most of a day).
 # Results: mutants.out/ (caught.txt, missed.txt, timeout.txt, unviable.txt).
 set -euo pipefail
@@ -19,4 +19,4 @@ exec cargo mutants --profile release --no-shuffle --sharding round-robin "${args
   --file src/cpu/tile.rs --file src/cpu/attention.rs --file src/cpu/decode.rs --file src/cpu/compress.rs \
   --file src/cpu/plan.rs --file src/plan.rs --file src/compress.rs \
   --timeout-multiplier 4 --build-timeout-multiplier 4 "$@" \
-  -C --test=matrix -C --test=check_power -C --test=invariants -C --test=miri -C --test=fuzz
+  -C --test=matrix -C --test=check_power -C --test=invariants -C --test=miri -C --test=fuzz -C --test=soundness

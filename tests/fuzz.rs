@@ -230,9 +230,11 @@ impl Tally {
     }
 }
 
-fn all_backends() -> Vec<Kernels> {
+/// The oracle and every available backend (`test` names the caller: the Ascend mock's kernel
+/// directory is per test, and the fuzz tests run in parallel).
+fn all_backends(test: &str) -> Vec<Kernels> {
     let mut v = vec![Kernels::reference()];
-    v.extend(backends_under_test("fuzz"));
+    v.extend(backends_under_test(test));
     v
 }
 
@@ -473,7 +475,7 @@ fn gather(v: &TensorView<'_>) -> HostTensor {
 /// A scale that skips the oracle when the inputs are not tame or the call not valid.
 fn fuzz_prefill(op: usize, name: &str) {
     let base = seed(&format!("fuzz::{name}"));
-    let backends = all_backends();
+    let backends = all_backends(&format!("fuzz::{name}"));
     let mut t = Tally::default();
     for i in 0..budget() {
         let s = base ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -525,7 +527,7 @@ fn fuzz_prefill_plan_and_attention() {
 #[test]
 fn fuzz_kv_compress() {
     let base = seed("fuzz::kv_compress");
-    let backends = all_backends();
+    let backends = all_backends("fuzz::kv_compress");
     let oracle = Kernels::reference();
     let mut t = Tally::default();
     for i in 0..budget() {
@@ -632,7 +634,7 @@ fn fuzz_kv_compress() {
 #[test]
 fn fuzz_decode_attention() {
     let base = seed("fuzz::decode_attention");
-    let backends = all_backends();
+    let backends = all_backends("fuzz::decode_attention");
     let mut t = Tally::default();
     for i in 0..budget() {
         let mut g = G(Rng::new(base ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
