@@ -154,7 +154,8 @@ fn compressed_length_equals_budget() {
 fn cache_within_budget_is_unchanged() {
     let seed = seed("cache_within_budget_is_unchanged");
     let (b, hkv, hq, d) = (1, 2, 4, 32);
-    for n in [100, 299, 300] {
+    // Shorter than the window, within the budget, at the budget.
+    for n in [5, 100, 299, 300] {
         let kc = random([b, hkv, n, d], 1.0, seed, DType::BF16);
         let vc = random([b, hkv, n, d], 1.0, seed ^ 1, DType::BF16);
         let obs = random([b, hq, 16, d], 1.0, seed ^ 2, DType::BF16);

@@ -139,6 +139,11 @@ fn pooled_scores(a: &CompressArgs<'_>, k: &F64Tensor) -> Result<Vec<Vec<Vec<f64>
     let g = hq / hkv;
     let scale = a.scale() as f64;
     let obs = F64Tensor::try_of(&a.obs())?;
+    // A cache no longer than the window has nothing to score (it is returned unchanged).
+    if n <= w {
+        let heads = if cfg.gqa_mode == GqaMode::PerQueryHead { hq } else { hkv };
+        return Ok(vec![vec![Vec::new(); heads]; bsz]);
+    }
     let scored = n - w;
 
     // 1–2. Window scores: softmax over the visible entries per window query, mean over the window.
