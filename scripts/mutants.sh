@@ -4,8 +4,9 @@
 # and planning kernels (src/cpu/{tile,attention,decode,compress,plan}.rs) and of the shared
 # decision and selection rules (src/plan.rs, src/compress.rs) must fail the tests that compare
 # with the oracle (tests/matrix.rs, tests/check_power.rs, tests/invariants.rs, tests/miri.rs,
-# tests/fuzz.rs) or check validation's errors (tests/soundness.rs). The default run is one fixed shard (1/20, ~50 mutants: about 40 minutes on
-# 2 cores); SHARD=k/20 runs another, SHARD=all every one (~1000, most of a day).
+# tests/fuzz.rs) or check validation's errors (tests/soundness.rs). The default run is one fixed
+# shard (1/20 round robin, ~50 mutants: about 40 minutes on 2 cores); SHARD=k/20 runs another,
+# SHARD=all every one (~1000, most of a day). Which mutants a shard holds moves with the code.
 # Results: mutants.out/ (caught.txt, missed.txt, timeout.txt, unviable.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
