@@ -13,7 +13,9 @@ use std::path::Path;
 use common::*;
 use common::{check, suite};
 use entropy_kernels::io::Case;
-use entropy_kernels::{BackendKind, BudgetMode, CompressedCache, DType, HostTensor, Kernels, Op, Plan, PlanRequest};
+use entropy_kernels::{
+    BackendKind, BlockLists, BudgetMode, CompressedCache, DType, HostTensor, Kernels, Op, Plan, PlanRequest,
+};
 
 struct Inputs {
     case: Case,
@@ -198,8 +200,31 @@ fn check_decode_attention(name: &str, kernels: &Kernels, cache: &CompressedCache
     check::check_out(&format!("{name} decode"), kernels.kind(), &got, &exact);
 }
 
+/// The oracle's exact answers of one case, computed once and shared by every backend: keyed by
+/// the inputs' dtype and the block lists (`None`: dense).
+#[derive(Default)]
+struct Exacts(std::cell::RefCell<Vec<(DType, Option<BlockLists>, std::rc::Rc<check::Exact>)>>);
+
+impl Exacts {
+    fn get(
+        &self,
+        q: &HostTensor,
+        k: &HostTensor,
+        v: &HostTensor,
+        lists: Option<BlockLists>,
+    ) -> std::rc::Rc<check::Exact> {
+        let dtype = q.dtype();
+        if let Some((_, _, e)) = self.0.borrow().iter().find(|(d, l, _)| *d == dtype && *l == lists) {
+            return e.clone();
+        }
+        let e = std::rc::Rc::new(check::exact_prefill(q.view(), k.view(), v.view(), lists.as_ref()));
+        self.0.borrow_mut().push((dtype, lists, e.clone()));
+        e
+    }
+}
+
 /// One case on one backend, f32, against the stored reference outputs.
-fn check_stored(kernels: &Kernels, inp: &Inputs) {
+fn check_stored(kernels: &Kernels, inp: &Inputs, exacts: &Exacts) {
     let name = format!("{} on {}", inp.case.path, kernels.kind());
     let plan = if runs(&name, kernels, Op::Plan) {
         let plan = plan_of(kernels, inp, &inp.q, &inp.k);
@@ -225,8 +250,7 @@ fn check_stored(kernels: &Kernels, inp: &Inputs) {
         assert!(err <= 1e-4, "{name}: {what} rel err {err:.3e} > 1e-4");
         // And element by element against the f64 oracle on the same lists.
         if kernels.kind() != BackendKind::Reference {
-            let lists = mode.map(|m| plan.block_lists(m, t));
-            let exact = check::exact_prefill(inp.q.view(), inp.k.view(), inp.v.view(), lists.as_ref());
+            let exact = exacts.get(&inp.q, &inp.k, &inp.v, mode.map(|m| plan.block_lists(m, t)));
             check::check_out(&format!("{name} {what}"), kernels.kind(), &out, &exact);
         }
     }
@@ -235,7 +259,7 @@ fn check_stored(kernels: &Kernels, inp: &Inputs) {
 
 /// The case's inputs cast to a narrow dtype: decisions equal to the oracle's on the same cast
 /// inputs, outputs within the dtype's tolerance of the oracle's.
-fn check_cast(kernels: &Kernels, oracle: &Kernels, inp: &Inputs, dtype: DType) {
+fn check_cast(kernels: &Kernels, oracle: &Kernels, inp: &Inputs, dtype: DType, exacts: &Exacts) {
     let name = format!("{} on {} as {dtype}", inp.case.path, kernels.kind());
     let (q, k, v) = (inp.q.cast(dtype), inp.k.cast(dtype), inp.v.cast(dtype));
     let want = plan_of(oracle, inp, &q, &k);
@@ -252,8 +276,7 @@ fn check_cast(kernels: &Kernels, oracle: &Kernels, inp: &Inputs, dtype: DType) {
     for mode in [Some(BudgetMode::PerHead), None].into_iter().filter(|_| prefill) {
         // Element by element against the f64 oracle on the same cast inputs and lists.
         let got = run_attention(kernels, mode.map(|m| (&plan, m, t)), &q, &k, &v);
-        let lists = mode.map(|m| want.block_lists(m, t));
-        let exact = check::exact_prefill(q.view(), k.view(), v.view(), lists.as_ref());
+        let exact = exacts.get(&q, &k, &v, mode.map(|m| want.block_lists(m, t)));
         check::check_out(&format!("{name} {mode:?}"), kernels.kind(), &got, &exact);
     }
     if inp.case.has("decode.k_cache") {
@@ -293,12 +316,13 @@ fn run_case(file: &str) {
     let inp = load(&path);
     eprintln!("[{test}] {}", inp.case.description);
     let oracle = Kernels::reference();
-    check_stored(&oracle, &inp);
+    let exacts = Exacts::default();
+    check_stored(&oracle, &inp, &exacts);
     let backends = backends_under_test(&test);
     for kernels in &backends {
-        check_stored(kernels, &inp);
+        check_stored(kernels, &inp, &exacts);
         for dtype in [DType::F16, DType::BF16] {
-            check_cast(kernels, &oracle, &inp, dtype);
+            check_cast(kernels, &oracle, &inp, dtype, &exacts);
         }
     }
     check_random_twin(&test, &backends, &inp);
