@@ -409,6 +409,14 @@ pub fn attention_layout(
     if let Some(bl) = blocks {
         let d = bl.dims;
         nonzero(&[("plan segment_size", d.segment_size), ("plan block_size", d.block_size)])?;
+        // The bound EntropyConfig::validate puts on segment_size: the devices take it in 32 bits.
+        if d.segment_size > crate::config::MAX_SEGMENT_SIZE {
+            return Err(Error::range(
+                "plan segment_size",
+                d.segment_size,
+                format!("must be at most {}", crate::config::MAX_SEGMENT_SIZE),
+            ));
+        }
         if d.segment_size % d.block_size != 0 {
             return Err(Error::SegmentNotBlockMultiple { segment_size: d.segment_size, block_size: d.block_size });
         }

@@ -320,3 +320,23 @@ fn overlapping_input_rows_are_read_or_refused() {
         }
     }
 }
+
+/// Block lists made for a segment size beyond 32 bits describe a valid single dense segment, but
+/// the device backends take the size in 32 bits: the emulated CUDA prefill looped forever on
+/// `2^32 - 2` (found by the fuzz harness). They are refused like the config's.
+#[test]
+fn block_lists_with_a_segment_size_beyond_32_bits_are_refused() {
+    let q = random([1, 31, 2, 8], 1.0, 1, DType::F32);
+    let kv = random([1, 31, 1, 8], 1.0, 2, DType::F32);
+    let dims = PlanDims::new(1, 31, 2, 1, (1 << 32) - 2, 1);
+    let bl = BlockLists::all_dense(dims);
+    for kn in all_backends("block_lists_with_a_segment_size_beyond_32_bits_are_refused") {
+        let mut out = HostTensor::full(DType::F32, q.shape, SENTINEL);
+        expect_err(
+            &format!("{}: segment size 2^32 - 2", kn.kind()),
+            || kn.sparse_prefill(q.view(), kv.view(), kv.view(), &bl, None, &mut out.view_mut(), None),
+            |e| matches!(e, Error::OutOfRange { field: "plan segment_size", .. }),
+        );
+        assert!(out.to_f32_vec().iter().all(|&x| x == SENTINEL), "{}: wrote on error", kn.kind());
+    }
+}
