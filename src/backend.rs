@@ -94,6 +94,11 @@ pub struct Capabilities {
     /// `(op, dtype)` pairs without a kernel although both are supported on their own (the
     /// Ascend cube prefill takes f16/bf16 only); calls answer `Error::UnsupportedOpDType`.
     pub excluded: Vec<(Op, DType)>,
+    /// Whether the kernels read input views whose rows overlap: a stride below the head dim (a
+    /// broadcast's zero stride included) along a dim longer than 1. Kernels that move rows with
+    /// strided copies (Ascend's `DataCopyPad`) need every such stride to be at least D; calls
+    /// that break it answer `Error::Layout`.
+    pub overlapping_rows: bool,
 }
 
 /// The operations of a backend.
@@ -112,7 +117,14 @@ impl Op {
 impl Capabilities {
     /// Every operation, for the given dtypes and head dims.
     pub fn full(backend: &'static str, head_dims: HeadDims) -> Self {
-        Capabilities { backend, dtypes: DType::ALL.to_vec(), head_dims, ops: Op::ALL.to_vec(), excluded: Vec::new() }
+        Capabilities {
+            backend,
+            dtypes: DType::ALL.to_vec(),
+            head_dims,
+            ops: Op::ALL.to_vec(),
+            excluded: Vec::new(),
+            overlapping_rows: true,
+        }
     }
     pub fn supports(&self, op: Op) -> bool {
         self.ops.contains(&op)

@@ -1,7 +1,9 @@
 //! The compressed KV cache (SPEC §4) and the selection rules the fast backends share: pooling,
 //! top-k with ties to the lower position, AdaKV's cross-head allocation, and the gather.
 
+use crate::alloc;
 use crate::config::{DecodeConfig, HeadBudget, Pooling};
+use crate::error::Result;
 use crate::tensor::{Element, HostBuffer, HostTensor, TensorView};
 use crate::validate::CompressDims;
 
@@ -83,10 +85,10 @@ pub fn top_positions(scores: &[f32], keep: usize) -> Vec<u32> {
 }
 
 /// Per-head selections of one batch row from pooled scores `rows[h]` (each `N - W` long).
-pub fn select_heads(rows: &[Vec<f32>], cfg: &DecodeConfig) -> Vec<Vec<u32>> {
+pub fn select_heads(rows: &[Vec<f32>], cfg: &DecodeConfig) -> Result<Vec<Vec<u32>>> {
     let share = cfg.decode_budget - cfg.window;
     match cfg.head_budget {
-        HeadBudget::Uniform => rows.iter().map(|r| top_positions(r, share)).collect(),
+        HeadBudget::Uniform => Ok(rows.iter().map(|r| top_positions(r, share)).collect()),
         HeadBudget::AdaKv { floor_fraction } => adakv(rows, share, floor_fraction),
     }
 }
@@ -99,16 +101,18 @@ pub fn adakv_floor(share: usize, floor_fraction: f32) -> usize {
 /// AdaKV allocation: each head first takes its `ceil(floor_fraction · share)` best positions; the
 /// rest of the layer budget `heads · share` goes to the best remaining (score, head, position)
 /// across heads, larger score first, ties to the lower head, then the lower position.
-fn adakv(rows: &[Vec<f32>], share: usize, floor_fraction: f32) -> Vec<Vec<u32>> {
+fn adakv(rows: &[Vec<f32>], share: usize, floor_fraction: f32) -> Result<Vec<Vec<u32>>> {
     let floor = adakv_floor(share, floor_fraction);
+    alloc::probe::<(u32, u32)>("AdaKV's pool", &[rows.len(), rows.first().map_or(0, Vec::len), 2])?;
     let mut picked: Vec<Vec<u32>> = rows.iter().map(|r| top_positions(r, floor)).collect();
-    let mut taken: Vec<Vec<bool>> = rows.iter().map(|r| vec![false; r.len()]).collect();
+    let mut taken: Vec<Vec<bool>> =
+        rows.iter().map(|r| alloc::filled("AdaKV's taken flags", r.len(), false)).collect::<Result<_>>()?;
     for (h, p) in picked.iter().enumerate() {
         for &i in p {
             taken[h][i as usize] = true;
         }
     }
-    let mut rest: Vec<(u32, u32)> = Vec::new();
+    let mut rest: Vec<(u32, u32)> = alloc::with_capacity("AdaKV's pool", rows.iter().map(Vec::len).sum())?;
     for (h, r) in rows.iter().enumerate() {
         rest.extend((0..r.len() as u32).filter(|&i| !taken[h][i as usize]).map(|i| (h as u32, i)));
     }
@@ -124,15 +128,18 @@ fn adakv(rows: &[Vec<f32>], share: usize, floor_fraction: f32) -> Vec<Vec<u32>> 
     for p in &mut picked {
         p.sort_unstable();
     }
-    picked
+    Ok(picked)
 }
 
 /// The compressed cache from the pooled scores, one row of `N − W` per (b, output head): each
 /// batch row's heads select (uniform or AdaKV budgets), then the kept entries are gathered.
-pub fn select_and_gather(a: &crate::validate::CompressArgs<'_>, pooled: &[Vec<f32>]) -> CompressedCache {
+pub fn select_and_gather(a: &crate::validate::CompressArgs<'_>, pooled: &[Vec<f32>]) -> Result<CompressedCache> {
     let d = a.dims();
     let heads = d.out_heads(a.cfg());
-    let sel: Vec<Vec<u32>> = pooled.chunks(heads).flat_map(|rows| select_heads(rows, a.cfg())).collect();
+    let mut sel: Vec<Vec<u32>> = Vec::with_capacity(pooled.len());
+    for rows in pooled.chunks(heads) {
+        sel.extend(select_heads(rows, a.cfg())?);
+    }
     gather(&a.k_cache(), &a.v_cache(), &d, heads, &sel)
 }
 
@@ -143,13 +150,13 @@ pub fn gather(
     d: &CompressDims,
     heads: usize,
     sel: &[Vec<u32>],
-) -> CompressedCache {
+) -> Result<CompressedCache> {
     let n = d.entries;
     let w = d.window;
     let capacity = sel.iter().map(Vec::len).max().unwrap_or(0) + w;
     let group = heads / d.kv_heads;
     let mut lengths = Vec::with_capacity(sel.len());
-    let mut indices = vec![-1i64; sel.len() * (capacity - w)];
+    let mut indices = alloc::grid("the kept positions", &[sel.len(), capacity - w], -1i64)?;
     for (u, s) in sel.iter().enumerate() {
         lengths.push((s.len() + w) as u32);
         for (j, &p) in s.iter().enumerate() {
@@ -157,7 +164,7 @@ pub fn gather(
         }
     }
     let shape = [d.batch, heads, capacity, d.head_dim];
-    let take = |src: &TensorView<'_>| -> HostTensor {
+    let take = |src: &TensorView<'_>| -> Result<HostTensor> {
         fn go<T: Element>(
             src: &TensorView<'_>,
             d: &CompressDims,
@@ -165,10 +172,11 @@ pub fn gather(
             group: usize,
             capacity: usize,
             sel: &[Vec<u32>],
-        ) -> Vec<T> {
+        ) -> Result<Vec<T>> {
             let data = src.typed::<T>().expect("dtype checked by validation");
             let dd = d.head_dim;
-            let mut out = vec![T::default(); d.batch * heads * capacity * dd];
+            // Hc · capacity can exceed the cache (per_query_head keeps Hq heads).
+            let mut out = alloc::grid("the compressed cache", &[d.batch, heads, capacity, dd], T::default())?;
             for b in 0..d.batch {
                 for hc in 0..heads {
                     let u = b * heads + hc;
@@ -180,26 +188,26 @@ pub fn gather(
                     }
                 }
             }
-            out
+            Ok(out)
         }
         let data = match src.dtype() {
-            crate::DType::F32 => HostBuffer::F32(go(src, d, heads, group, capacity, sel)),
-            crate::DType::F16 => HostBuffer::F16(go(src, d, heads, group, capacity, sel)),
-            crate::DType::BF16 => HostBuffer::BF16(go(src, d, heads, group, capacity, sel)),
+            crate::DType::F32 => HostBuffer::F32(go(src, d, heads, group, capacity, sel)?),
+            crate::DType::F16 => HostBuffer::F16(go(src, d, heads, group, capacity, sel)?),
+            crate::DType::BF16 => HostBuffer::BF16(go(src, d, heads, group, capacity, sel)?),
         };
-        HostTensor { data, shape }
+        Ok(HostTensor { data, shape })
     };
     debug_assert!(n >= w);
-    CompressedCache { k: take(k_cache), v: take(v_cache), lengths, indices, window: w, compressed: true }
+    Ok(CompressedCache { k: take(k_cache)?, v: take(v_cache)?, lengths, indices, window: w, compressed: true })
 }
 
 /// The cache returned unchanged (SPEC §4: `N < decode_budget`): every entry kept.
-pub fn unchanged(k_cache: &TensorView<'_>, v_cache: &TensorView<'_>, d: &CompressDims) -> CompressedCache {
+pub fn unchanged(k_cache: &TensorView<'_>, v_cache: &TensorView<'_>, d: &CompressDims) -> Result<CompressedCache> {
     let w = d.window.min(d.entries);
     let all: Vec<u32> = (0..(d.entries - w) as u32).collect();
     let sel = vec![all; d.batch * d.kv_heads];
     let dims = CompressDims { window: w, ..*d };
-    let mut c = gather(k_cache, v_cache, &dims, d.kv_heads, &sel);
+    let mut c = gather(k_cache, v_cache, &dims, d.kv_heads, &sel)?;
     c.compressed = false;
-    c
+    Ok(c)
 }

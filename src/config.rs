@@ -8,6 +8,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// Largest `segment_size`: segment and block counts are 32-bit (block indices, device parameters).
+pub const MAX_SEGMENT_SIZE: usize = i32::MAX as usize;
+
+/// Largest `pooling_kernel`: it sizes the pooling work per entry and the devices' padding (SnapKV
+/// and the paper use 5 to 7).
+pub const MAX_POOLING_KERNEL: usize = 4095;
+
 /// How the per-head budgets of a segment become block counts (SPEC §2.9).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -105,6 +112,10 @@ impl EntropyConfig {
         }
         if self.block_size == 0 {
             return Err(Error::ZeroSize { what: "block_size" });
+        }
+        // Segments and blocks are counted in 32 bits (block indices, the devices' parameters).
+        if self.segment_size > MAX_SEGMENT_SIZE {
+            return Err(Error::range("segment_size", self.segment_size, format!("must be at most {MAX_SEGMENT_SIZE}")));
         }
         if !self.segment_size.is_multiple_of(self.block_size) {
             return Err(Error::SegmentNotBlockMultiple {
@@ -254,6 +265,14 @@ impl DecodeConfig {
         }
         if self.pooling_kernel == 0 || self.pooling_kernel.is_multiple_of(2) {
             return Err(Error::range("pooling_kernel", self.pooling_kernel, "must be odd and positive"));
+        }
+        // The kernel sizes the pooling work and the devices' padding.
+        if self.pooling_kernel > MAX_POOLING_KERNEL {
+            return Err(Error::range(
+                "pooling_kernel",
+                self.pooling_kernel,
+                format!("must be at most {MAX_POOLING_KERNEL}"),
+            ));
         }
         if let HeadBudget::AdaKv { floor_fraction } = self.head_budget {
             if !floor_fraction.is_finite() {

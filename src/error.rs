@@ -94,6 +94,11 @@ pub enum Error {
     #[error("ACL call {call} failed with aclError {code}: {message}")]
     Acl { call: &'static str, code: i32, message: String },
 
+    /// A buffer the call needs is larger than the address space or than the allocator grants
+    /// (sizes that grow faster than the inputs: planning maps, AdaKV pools, oracle copies).
+    #[error("cannot allocate {what}: {detail}")]
+    Alloc { what: &'static str, detail: String },
+
     /// A device driver or runtime reported an error.
     #[error("{backend} driver error in {call}: {detail}")]
     Driver { backend: &'static str, call: &'static str, detail: String },

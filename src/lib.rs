@@ -30,6 +30,7 @@
 //! # Ok::<(), entropy_kernels::Error>(())
 //! ```
 
+pub(crate) mod alloc;
 pub mod ascend;
 pub mod backend;
 #[cfg(feature = "candle")]

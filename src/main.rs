@@ -11,9 +11,9 @@ use clap::{Parser, Subcommand};
     about = "EntropyInfer kernels: entropy-guided sparse prefill and latent KV compression"
 )]
 struct Cli {
-    /// Worker threads of the CPU backend (default: one per core).
-    #[arg(long, global = true)]
-    threads: Option<usize>,
+    /// Worker threads of the CPU backend (default: one per core; at most 1024).
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,8 +43,11 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    if let Some(n) = cli.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().expect("thread pool configured once");
+    if let Some(n) = cli.threads
+        && let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n.into()).build_global()
+    {
+        eprintln!("error: cannot start {n} worker threads: {e}");
+        std::process::exit(1);
     }
     let result = match &cli.command {
         Command::Demo(a) => cli::demo::run(a),

@@ -174,11 +174,24 @@ impl BlockLists {
                 units + 1
             )));
         }
-        if self.indptr[0] != 0 || *self.indptr.last().unwrap() as usize != self.indices.len() {
+        if self.indptr[0] != 0 || self.indptr[units] as usize != self.indices.len() {
             return Err(Error::PlanMismatch(format!(
                 "indptr must start at 0 and end at indices.len() = {}",
                 self.indices.len()
             )));
+        }
+        // Every offset in order before any list is sliced: then each lies in 0..=indices.len().
+        for u in 0..units {
+            let (lo, hi) = (self.indptr[u] as usize, self.indptr[u + 1] as usize);
+            if hi < lo {
+                let (bh, s) = (u / d.segments, u % d.segments);
+                return Err(Error::BlockList {
+                    batch: bh / d.kv_heads,
+                    head: bh % d.kv_heads,
+                    segment: s,
+                    detail: format!("indptr decreases ({lo} then {hi})"),
+                });
+            }
         }
         for b in 0..d.batch {
             for h in 0..d.kv_heads {
@@ -186,9 +199,6 @@ impl BlockLists {
                     let u = d.unit(b, h, s);
                     let (lo, hi) = (self.indptr[u] as usize, self.indptr[u + 1] as usize);
                     let err = |detail: String| Error::BlockList { batch: b, head: h, segment: s, detail };
-                    if hi < lo {
-                        return Err(err(format!("indptr decreases ({lo} then {hi})")));
-                    }
                     if self.dense[u] && hi > lo {
                         return Err(err("a dense unit must have an empty list".into()));
                     }

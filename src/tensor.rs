@@ -221,8 +221,39 @@ impl HostDataMut<'_> {
     }
 }
 
+/// Row-major strides of `shape`. A product that overflows saturates: such a view can address
+/// no buffer, and [`check_layout`] rejects it.
 pub(crate) fn contiguous_strides(shape: [usize; 4]) -> [usize; 4] {
-    [shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1]
+    let s2 = shape[3];
+    let s1 = shape[2].saturating_mul(s2);
+    [shape[1].saturating_mul(s1), s1, s2, 1]
+}
+
+/// Elements a view of `shape` claims, or `None` on overflow.
+pub(crate) fn elements(shape: [usize; 4]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, &n| acc.checked_mul(n))
+}
+
+/// Whether no two indices of the view address the same element: the dims of size > 1, taken by
+/// increasing stride, each step over everything the smaller ones span. (A sufficient condition:
+/// views that interleave dims without nesting them are refused too.)
+pub(crate) fn disjoint(shape: [usize; 4], strides: [usize; 4]) -> bool {
+    if shape.contains(&0) {
+        return true;
+    }
+    let mut dims: Vec<(usize, usize)> = (0..4).filter(|&i| shape[i] > 1).map(|i| (strides[i], shape[i])).collect();
+    dims.sort_unstable();
+    let mut span = 1usize;
+    for (stride, size) in dims {
+        if stride < span {
+            return false;
+        }
+        match stride.checked_mul(size - 1).and_then(|x| x.checked_add(span)) {
+            Some(s) => span = s,
+            None => return false,
+        }
+    }
+    true
 }
 
 /// Smallest buffer length that holds every element a view addresses, or `None` on overflow.
@@ -237,7 +268,6 @@ fn extent(shape: [usize; 4], strides: [usize; 4]) -> Option<usize> {
     last.checked_add(1)
 }
 
-/// Checks that `shape`/`strides` describe a valid view into `len` elements.
 /// What validation needs of a tensor wherever its memory lives (host views here, device views
 /// in `cuda::device`): shape, element strides, dtype and the elements its buffer holds.
 pub trait Layout {
@@ -246,9 +276,14 @@ pub trait Layout {
     fn dtype(&self) -> DType;
     /// Elements of the buffer from the view's first element on.
     fn elements(&self) -> usize;
-    /// The strides stay inside the buffer and the last dim is contiguous.
+    /// The strides stay inside the buffer, the last dim is contiguous, and the view claims no
+    /// more elements than the buffer holds.
     fn check_layout(&self, what: &'static str) -> Result<()> {
         check_layout(what, self.shape(), self.strides(), self.elements())
+    }
+    /// [`Layout::check_layout`] for an output: also no element addressed twice.
+    fn check_output_layout(&self, what: &'static str) -> Result<()> {
+        check_output_layout(what, self.shape(), self.strides(), self.elements())
     }
 }
 
@@ -280,18 +315,51 @@ pub(crate) use impl_layout;
 impl_layout!(TensorView, |v| v.data.dtype(), v.data.len());
 impl_layout!(TensorViewMut, |v| v.data.dtype(), v.data.len());
 
+/// Checks that `shape`/`strides` describe a valid view into `len` elements: the innermost stride
+/// is 1, every addressed element lies in the buffer, and the view claims no more elements than
+/// the buffer holds (a broadcast view of a few elements may not pose as a huge tensor: every size
+/// a call derives from its shapes is then bounded by memory the caller really holds).
 pub(crate) fn check_layout(what: &'static str, shape: [usize; 4], strides: [usize; 4], len: usize) -> Result<()> {
     if strides[3] != 1 {
         return Err(Error::Layout { what, detail: format!("innermost stride must be 1 (got {})", strides[3]) });
     }
-    match extent(shape, strides) {
-        None => Err(Error::Layout { what, detail: format!("shape {shape:?} with strides {strides:?} overflows") }),
-        Some(n) if n > len => Err(Error::Layout {
+    match (extent(shape, strides), elements(shape)) {
+        (None, _) | (_, None) => {
+            Err(Error::Layout { what, detail: format!("shape {shape:?} with strides {strides:?} overflows") })
+        }
+        (Some(n), _) if n > len => Err(Error::Layout {
             what,
             detail: format!("shape {shape:?} with strides {strides:?} needs {n} elements, buffer has {len}"),
         }),
-        Some(_) => Ok(()),
+        (_, Some(n)) if n > len => Err(Error::Layout {
+            what,
+            detail: format!(
+                "shape {shape:?} claims {n} elements but its buffer holds {len} (strides {strides:?} repeat elements)"
+            ),
+        }),
+        _ => Ok(()),
     }
+}
+
+/// Checks an output view: [`check_layout`], and no element addressed twice — kernels write
+/// disjoint rows from several threads, so overlapping (e.g. zero) strides would be a data race.
+/// (An output cannot alias an input: it is borrowed mutably, the inputs shared.)
+pub(crate) fn check_output_layout(
+    what: &'static str,
+    shape: [usize; 4],
+    strides: [usize; 4],
+    len: usize,
+) -> Result<()> {
+    check_layout(what, shape, strides, len)?;
+    if !disjoint(shape, strides) {
+        return Err(Error::Layout {
+            what,
+            detail: format!(
+                "shape {shape:?} with strides {strides:?} addresses some elements twice (an output's rows must not overlap)"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Shape and element offset of `start..start + len` along `dim`.

@@ -246,6 +246,24 @@ fn supported(caps: &Capabilities, dtype: DType, head_dim: usize) -> Result<()> {
     Ok(())
 }
 
+/// Refuses input views whose rows overlap on a backend that cannot read them
+/// ([`Capabilities::overlapping_rows`]).
+fn rows_apart(caps: &Capabilities, what: &'static str, v: &dyn Layout) -> Result<()> {
+    let (shape, strides) = (v.shape(), v.strides());
+    let d = shape[3];
+    if caps.overlapping_rows || (0..3).all(|i| shape[i] <= 1 || strides[i] >= d) {
+        return Ok(());
+    }
+    Err(Error::Layout {
+        what,
+        detail: format!(
+            "the {} backend reads rows of {d} elements and needs every stride of a dim longer than 1 to be at least {d} \
+             (shape {shape:?}, strides {strides:?}); copy the view first",
+            caps.backend
+        ),
+    })
+}
+
 fn resolve_scale(scale: Option<f32>, head_dim: usize) -> Result<f32> {
     check_scale(scale)?;
     Ok(scale.unwrap_or(1.0 / (head_dim as f32).sqrt()))
@@ -275,6 +293,11 @@ fn prefill_inputs(caps: &Capabilities, q: &dyn Layout, k: &dyn Layout, v: Option
     }
     same_dtype(q.dtype(), &dtypes)?;
     supported(caps, q.dtype(), d)?;
+    rows_apart(caps, "q", q)?;
+    rows_apart(caps, "k", k)?;
+    if let Some(v) = v {
+        rows_apart(caps, "v", v)?;
+    }
     Ok(AttnDims { batch: b, seq_len: l, q_heads: hq, kv_heads: hkv, head_dim: d })
 }
 
@@ -313,7 +336,7 @@ pub fn plan_layout<'a>(
         return Err(Error::range("seq_len", a.seq_len, "too many blocks for 32-bit block indices"));
     }
     if let Some(prev) = prev_scores {
-        let want = dims.units() * dims.blocks;
+        let want = crate::alloc::count("the previous layer's scores", &[dims.units(), dims.blocks])?;
         if prev.len() != want {
             return Err(Error::PlanMismatch(format!(
                 "previous layer's scores hold {} values; this layer's map [B={}, Hkv={}, nseg={}, N={}] needs {want}",
@@ -330,7 +353,7 @@ pub fn plan_layout<'a>(
 }
 
 fn check_output(out: &dyn Layout, expected: [usize; 4], dtype: DType) -> Result<()> {
-    out.check_layout("out")?;
+    out.check_output_layout("out")?;
     if out.shape() != expected {
         return Err(shape_err("out", expected, out.shape()));
     }
@@ -372,6 +395,7 @@ pub fn attention_layout(
     let dims = prefill_inputs(caps, q, k, Some(v))?;
     check_output(out, q.shape(), q.dtype())?;
     if let Some(lse_len) = lse_len {
+        // Bounded by q's elements (validated against its buffer), so it cannot overflow.
         let want = dims.batch * dims.q_heads * dims.seq_len;
         if lse_len != want {
             return Err(Error::Layout {
@@ -380,9 +404,19 @@ pub fn attention_layout(
             });
         }
     }
+    // Before the block lists: a scalar check is cheap and its error is specific.
+    let scale = resolve_scale(scale, dims.head_dim)?;
     if let Some(bl) = blocks {
         let d = bl.dims;
         nonzero(&[("plan segment_size", d.segment_size), ("plan block_size", d.block_size)])?;
+        // The bound EntropyConfig::validate puts on segment_size: the devices take it in 32 bits.
+        if d.segment_size > crate::config::MAX_SEGMENT_SIZE {
+            return Err(Error::range(
+                "plan segment_size",
+                d.segment_size,
+                format!("must be at most {}", crate::config::MAX_SEGMENT_SIZE),
+            ));
+        }
         if d.segment_size % d.block_size != 0 {
             return Err(Error::SegmentNotBlockMultiple { segment_size: d.segment_size, block_size: d.block_size });
         }
@@ -392,7 +426,6 @@ pub fn attention_layout(
         }
         bl.validate()?;
     }
-    let scale = resolve_scale(scale, dims.head_dim)?;
     // Last, so every malformed call gets its specific error first.
     if caps.excluded.contains(&(crate::backend::Op::Prefill, q.dtype())) {
         return Err(Error::UnsupportedOpDType { op: "prefill", dtype: q.dtype(), backend: caps.backend });
@@ -439,6 +472,9 @@ pub fn compress_layout(
     }
     same_dtype(k_cache.dtype(), &[("v_cache", v_cache.dtype()), ("obs", obs.dtype())])?;
     supported(caps, k_cache.dtype(), d)?;
+    rows_apart(caps, "k_cache", k_cache)?;
+    rows_apart(caps, "v_cache", v_cache)?;
+    rows_apart(caps, "obs", obs)?;
     if n > u32::MAX as usize {
         return Err(Error::range("cache entries", n, "must fit in 32 bits"));
     }
@@ -488,7 +524,11 @@ pub fn decode_layout(
     }
     same_dtype(q.dtype(), &[("k_cache", k_cache.dtype()), ("v_cache", v_cache.dtype())])?;
     supported(caps, q.dtype(), d)?;
+    rows_apart(caps, "q", q)?;
+    rows_apart(caps, "k_cache", k_cache)?;
+    rows_apart(caps, "v_cache", v_cache)?;
     check_output(out, q.shape(), q.dtype())?;
+    // B·Hc·capacity·D elements back k_cache, so B·Hc cannot overflow.
     if lengths.len() != b * hc {
         return Err(Error::Layout {
             what: "lengths",

@@ -36,6 +36,8 @@ pub struct ObservationWindow {
     batch: usize,
     q_heads: usize,
     head_dim: usize,
+    /// `B · Hq · D`: the values of one token's queries.
+    token_len: usize,
     window: usize,
     gap: i64,
     /// Newest last; each entry is one token's queries `[B, Hq, D]`.
@@ -52,13 +54,16 @@ impl ObservationWindow {
                 return Err(Error::ZeroSize { what });
             }
         }
+        let token_len = crate::alloc::count("one token's queries [B, Hq, D]", &[batch, q_heads, head_dim])?;
         Ok(ObservationWindow {
             batch,
             q_heads,
             head_dim,
+            token_len,
             window: cfg.window,
             gap: cfg.decode_gap,
-            queries: VecDeque::with_capacity(cfg.window),
+            // Grows with the queries fed (each backed by a caller's tensor), never to `window` up front.
+            queries: VecDeque::new(),
             steps: 0,
             state: State::AwaitPrefill,
         })
@@ -76,9 +81,10 @@ impl ObservationWindow {
         self.steps
     }
 
-    fn push_tokens(&mut self, q: &TensorView<'_>, from: usize) {
+    fn push_tokens(&mut self, q: &TensorView<'_>, from: usize) -> Result<()> {
         for t in from..q.shape()[1] {
-            let mut tok = Vec::with_capacity(self.batch * self.q_heads * self.head_dim);
+            // q's shape matches and its buffer holds every element: this is bounded by the caller's memory.
+            let mut tok = crate::alloc::with_capacity("an observation query", self.token_len)?;
             for b in 0..self.batch {
                 for h in 0..self.q_heads {
                     tok.extend((0..self.head_dim).map(|d| q.get([b, t, h, d]) as f32));
@@ -89,6 +95,7 @@ impl ObservationWindow {
             }
             self.queries.push_back(tok);
         }
+        Ok(())
     }
 
     fn check(&self, q: &TensorView<'_>, what: &'static str) -> Result<()> {
@@ -112,7 +119,7 @@ impl ObservationWindow {
         self.check(&q, "prompt queries")?;
         let keep = if self.gap < 0 { self.window } else { self.window.saturating_sub(self.gap as usize).max(1) };
         let l = q.shape()[1];
-        self.push_tokens(&q, l.saturating_sub(keep));
+        self.push_tokens(&q, l.saturating_sub(keep))?;
         if self.gap < 0 {
             self.state = State::Done;
             Ok(WindowEvent::CompressNow)
@@ -135,7 +142,7 @@ impl ObservationWindow {
         self.check(&q, "decode queries")?;
         self.steps += 1;
         if self.steps as i64 <= self.gap {
-            self.push_tokens(&q, 0);
+            self.push_tokens(&q, 0)?;
             Ok(WindowEvent::Observing)
         } else {
             self.state = State::Done;
@@ -146,7 +153,8 @@ impl ObservationWindow {
     /// The window as `[B, Hq, w, D]` in `dtype`, oldest query first: the `obs` of `kv_compress`.
     pub fn observation(&self, dtype: DType) -> HostTensor {
         let (b, h, d, w) = (self.batch, self.q_heads, self.head_dim, self.queries.len());
-        let mut out = vec![0f32; b * h * w * d];
+        // w tokens of B·Hq·D values each are held already: the product fits.
+        let mut out = vec![0f32; self.token_len * w];
         for (wi, tok) in self.queries.iter().enumerate() {
             for bi in 0..b {
                 for hi in 0..h {

@@ -1,5 +1,6 @@
 //! SPEC §6: every malformed call is a typed error — never a panic, never a half-written output.
-//! Each case runs on every backend (validation is shared, but each backend is called).
+//! Each case runs on every backend (validation is shared, but each backend is called), and every
+//! output buffer a case could write (outputs, LSEs) is filled with a sentinel and checked after.
 
 mod common;
 
@@ -46,14 +47,67 @@ fn fixture() -> Fixture {
     }
 }
 
-type Call = Box<dyn Fn(&Kernels, &Fixture, &mut HostTensor) -> Result<()>>;
+/// Every buffer a malformed call may be handed to write into, each filled with `SENTINEL` (a
+/// value no kernel produces from these inputs, exact in every dtype — not NaN, which a kernel
+/// could write and a NaN check would not notice).
+struct Outs {
+    /// `[B, L, HQ, D]` f32: the prefill output.
+    out: HostTensor,
+    /// The same in bf16 (a dtype mismatch).
+    out_bf16: HostTensor,
+    /// `[B, L, HQ - 1, D]` (a shape mismatch).
+    out_narrow: HostTensor,
+    /// `[B, 1, HQ, D]`: decode outputs.
+    decode: HostTensor,
+    /// `[B, HQ, L]` and a short one.
+    lse: Vec<f32>,
+    lse_short: Vec<f32>,
+}
+
+const SENTINEL: f32 = -7.25;
+
+impl Outs {
+    fn new() -> Self {
+        Outs {
+            out: HostTensor::full(DType::F32, [B, L, HQ, D], SENTINEL),
+            out_bf16: HostTensor::full(DType::BF16, [B, L, HQ, D], SENTINEL),
+            out_narrow: HostTensor::full(DType::F32, [B, L, HQ - 1, D], SENTINEL),
+            decode: HostTensor::full(DType::F32, [B, 1, HQ, D], SENTINEL),
+            lse: vec![SENTINEL; B * HQ * L],
+            lse_short: vec![SENTINEL; 3],
+        }
+    }
+    /// The buffers that no longer hold only the sentinel.
+    fn written(&self) -> Vec<&'static str> {
+        let untouched = |t: &HostTensor| t.to_f32_vec().iter().all(|&x| x == SENTINEL);
+        let mut w = Vec::new();
+        for (name, t) in [
+            ("out", &self.out),
+            ("out_bf16", &self.out_bf16),
+            ("out_narrow", &self.out_narrow),
+            ("decode", &self.decode),
+        ] {
+            if !untouched(t) {
+                w.push(name);
+            }
+        }
+        for (name, l) in [("lse", &self.lse), ("lse_short", &self.lse_short)] {
+            if !l.iter().all(|&x| x == SENTINEL) {
+                w.push(name);
+            }
+        }
+        w
+    }
+}
+
+type Call = Box<dyn Fn(&Kernels, &Fixture, &mut Outs) -> Result<()>>;
 /// (name, call, expected error).
 type BadCase = (&'static str, Call, fn(&Error) -> bool);
 
 /// (name, call, expected error) — each call is malformed in exactly one way.
 fn cases() -> Vec<BadCase> {
-    fn dense(kn: &Kernels, q: TensorView, k: TensorView, v: TensorView, out: &mut HostTensor) -> Result<()> {
-        kn.dense_prefill(q, k, v, None, &mut out.view_mut(), None)
+    fn dense(kn: &Kernels, q: TensorView, k: TensorView, v: TensorView, o: &mut Outs) -> Result<()> {
+        kn.dense_prefill(q, k, v, None, &mut o.out.view_mut(), Some(&mut o.lse))
     }
     fn with_cfg(kn: &Kernels, f: &Fixture, cfg: EntropyConfig) -> Result<()> {
         kn.plan(f.q.view(), f.k.view(), &cfg, &PlanRequest::default()).map(|_| ())
@@ -61,11 +115,11 @@ fn cases() -> Vec<BadCase> {
     fn with_dcfg(kn: &Kernels, f: &Fixture, cfg: DecodeConfig) -> Result<()> {
         kn.kv_compress(f.kc.view(), f.vc.view(), f.obs.view(), &cfg).map(|_| ())
     }
-    fn sparse(kn: &Kernels, f: &Fixture, bl: &BlockLists, out: &mut HostTensor) -> Result<()> {
-        kn.sparse_prefill(f.q.view(), f.k.view(), f.v.view(), bl, None, &mut out.view_mut(), None)
+    fn sparse(kn: &Kernels, f: &Fixture, bl: &BlockLists, o: &mut Outs) -> Result<()> {
+        kn.sparse_prefill(f.q.view(), f.k.view(), f.v.view(), bl, None, &mut o.out.view_mut(), Some(&mut o.lse))
     }
-    fn decode(kn: &Kernels, f: &Fixture, q: &HostTensor, lengths: &[u32], out: &mut HostTensor) -> Result<()> {
-        kn.decode_attention(q.view(), f.kc.view(), f.vc.view(), lengths, None, &mut out.view_mut())
+    fn decode(kn: &Kernels, f: &Fixture, q: &HostTensor, lengths: &[u32], o: &mut Outs) -> Result<()> {
+        kn.decode_attention(q.view(), f.kc.view(), f.vc.view(), lengths, None, &mut o.decode.view_mut())
     }
     let c = |cfg: EntropyConfig| cfg;
     vec![
@@ -151,17 +205,22 @@ fn cases() -> Vec<BadCase> {
         ),
         (
             "output in another dtype",
-            Box::new(|kn, f, _| {
-                let mut o = poisoned(f.q.shape, DType::BF16);
-                dense(kn, f.q.view(), f.k.view(), f.v.view(), &mut o)
+            Box::new(|kn, f, o| {
+                kn.dense_prefill(f.q.view(), f.k.view(), f.v.view(), None, &mut o.out_bf16.view_mut(), Some(&mut o.lse))
             }),
             |e| matches!(e, Error::DTypeMismatch { what: "out", .. }),
         ),
         (
             "output of another shape",
-            Box::new(|kn, f, _| {
-                let mut o = poisoned([B, L, HQ - 1, D], DType::F32);
-                dense(kn, f.q.view(), f.k.view(), f.v.view(), &mut o)
+            Box::new(|kn, f, o| {
+                kn.dense_prefill(
+                    f.q.view(),
+                    f.k.view(),
+                    f.v.view(),
+                    None,
+                    &mut o.out_narrow.view_mut(),
+                    Some(&mut o.lse),
+                )
             }),
             |e| matches!(e, Error::Shape { what: "out", .. }),
         ),
@@ -204,22 +263,42 @@ fn cases() -> Vec<BadCase> {
         (
             "lse of the wrong length",
             Box::new(|kn, f, o| {
-                let mut lse = vec![0f32; 3];
-                kn.dense_prefill(f.q.view(), f.k.view(), f.v.view(), None, &mut o.view_mut(), Some(&mut lse))
+                kn.dense_prefill(
+                    f.q.view(),
+                    f.k.view(),
+                    f.v.view(),
+                    None,
+                    &mut o.out.view_mut(),
+                    Some(&mut o.lse_short),
+                )
             }),
             |e| matches!(e, Error::Layout { what: "lse", .. }),
         ),
         (
             "NaN scale",
             Box::new(|kn, f, o| {
-                kn.dense_prefill(f.q.view(), f.k.view(), f.v.view(), Some(f32::NAN), &mut o.view_mut(), None)
+                kn.dense_prefill(
+                    f.q.view(),
+                    f.k.view(),
+                    f.v.view(),
+                    Some(f32::NAN),
+                    &mut o.out.view_mut(),
+                    Some(&mut o.lse),
+                )
             }),
             |e| matches!(e, Error::NonFinite { field: "scale", .. }),
         ),
         (
             "negative scale",
             Box::new(|kn, f, o| {
-                kn.dense_prefill(f.q.view(), f.k.view(), f.v.view(), Some(-1.0), &mut o.view_mut(), None)
+                kn.dense_prefill(
+                    f.q.view(),
+                    f.k.view(),
+                    f.v.view(),
+                    Some(-1.0),
+                    &mut o.out.view_mut(),
+                    Some(&mut o.lse),
+                )
             }),
             |e| matches!(e, Error::OutOfRange { field: "scale", .. }),
         ),
@@ -380,39 +459,94 @@ fn cases() -> Vec<BadCase> {
         ),
         (
             "decode lengths of the wrong count",
-            Box::new(|kn, f, _| {
+            Box::new(|kn, f, o| {
                 let q = random([B, 1, HQ, D], 1.0, 9, DType::F32);
-                let mut o = poisoned(q.shape, DType::F32);
-                decode(kn, f, &q, &[10], &mut o)
+                decode(kn, f, &q, &[10], o)
             }),
             |e| matches!(e, Error::Layout { what: "lengths", .. }),
         ),
         (
             "decode length beyond capacity",
-            Box::new(|kn, f, _| {
+            Box::new(|kn, f, o| {
                 let q = random([B, 1, HQ, D], 1.0, 9, DType::F32);
-                let mut o = poisoned(q.shape, DType::F32);
-                decode(kn, f, &q, &[10, L as u32 + 1], &mut o)
+                decode(kn, f, &q, &[10, L as u32 + 1], o)
             }),
             |e| matches!(e, Error::CacheLength { head: 1, .. }),
         ),
         (
             "empty decode head",
-            Box::new(|kn, f, _| {
+            Box::new(|kn, f, o| {
                 let q = random([B, 1, HQ, D], 1.0, 9, DType::F32);
-                let mut o = poisoned(q.shape, DType::F32);
-                decode(kn, f, &q, &[0, 5], &mut o)
+                decode(kn, f, &q, &[0, 5], o)
             }),
             |e| matches!(e, Error::CacheLength { head: 0, length: 0, .. }),
         ),
         (
             "decode query heads not a multiple of cache heads",
-            Box::new(|kn, f, _| {
+            Box::new(|kn, f, o| {
                 let q = random([B, 1, 3, D], 1.0, 9, DType::F32);
-                let mut o = poisoned(q.shape, DType::F32);
-                decode(kn, f, &q, &[5, 5], &mut o)
+                kn.decode_attention(
+                    q.view(),
+                    f.kc.view(),
+                    f.vc.view(),
+                    &[5, 5],
+                    None,
+                    &mut o.decode.view_mut().narrow(2, 0, 3)?,
+                )
             }),
             |e| matches!(e, Error::HeadGrouping { q_heads: 3, kv_heads: 2 }),
+        ),
+        (
+            "output rows that overlap (zero strides)",
+            Box::new(|kn, f, o| {
+                let HostBuffer::F32(buf) = &mut o.out.data else { unreachable!() };
+                let mut out = TensorViewMut::strided(&mut buf[..], [B, L, HQ, D], [0, 0, D, 1]);
+                kn.dense_prefill(f.q.view(), f.k.view(), f.v.view(), None, &mut out, Some(&mut o.lse))
+            }),
+            |e| matches!(e, Error::Layout { what: "out", .. }),
+        ),
+        (
+            "decode output rows that overlap",
+            Box::new(|kn, f, o| {
+                let q = random([B, 1, HQ, D], 1.0, 9, DType::F32);
+                let HostBuffer::F32(buf) = &mut o.decode.data else { unreachable!() };
+                let mut out = TensorViewMut::strided(&mut buf[..], [B, 1, HQ, D], [0, 0, 0, 1]);
+                kn.decode_attention(q.view(), f.kc.view(), f.vc.view(), &[5, 5], None, &mut out)
+            }),
+            |e| matches!(e, Error::Layout { what: "out", .. }),
+        ),
+        (
+            "a broadcast query claiming more tokens than its buffer",
+            Box::new(|kn, f, o| {
+                let HostBuffer::F32(q) = &f.q.data else { unreachable!() };
+                let q = TensorView::strided(&q[..HQ * D], [B, L, HQ, D], [0, 0, D, 1]);
+                kn.dense_prefill(q, f.k.view(), f.v.view(), None, &mut o.out.view_mut(), Some(&mut o.lse))
+            }),
+            |e| matches!(e, Error::Layout { what: "q", .. }),
+        ),
+        (
+            "block-list offsets out of order",
+            Box::new(|kn, f, o| {
+                let mut bl = f.blocks.clone();
+                bl.dense[0] = false;
+                bl.indptr[1] = u32::MAX;
+                sparse(kn, f, &bl, o)
+            }),
+            |e| matches!(e, Error::BlockList { segment: 1, .. }),
+        ),
+        (
+            "pooling kernel beyond the bound",
+            Box::new(|kn, f, _| {
+                with_dcfg(kn, f, DecodeConfig { pooling_kernel: config::MAX_POOLING_KERNEL + 2, ..f.dcfg.clone() })
+            }),
+            |e| matches!(e, Error::OutOfRange { field: "pooling_kernel", .. }),
+        ),
+        (
+            "segment size beyond 32 bits",
+            Box::new(|kn, f, _| {
+                with_cfg(kn, f, EntropyConfig { segment_size: 1 << 40, block_size: 1, ..f.cfg.clone() })
+            }),
+            |e| matches!(e, Error::OutOfRange { field: "segment_size", .. }),
         ),
     ]
 }
@@ -426,8 +560,8 @@ fn malformed_calls_are_typed_errors() {
     assert!(cases.len() >= 25, "SPEC §6 asks for at least 25 distinct malformed calls");
     for kn in &backends {
         for (name, call, expected) in &cases {
-            let mut out = poisoned(f.q.shape, DType::F32);
-            let result = catch_unwind(AssertUnwindSafe(|| call(kn, &f, &mut out)));
+            let mut outs = Outs::new();
+            let result = catch_unwind(AssertUnwindSafe(|| call(kn, &f, &mut outs)));
             let err = match result {
                 Err(_) => panic!("{}: `{name}` panicked instead of returning an error", kn.kind()),
                 Ok(Ok(())) => panic!("{}: `{name}` was accepted", kn.kind()),
@@ -435,7 +569,8 @@ fn malformed_calls_are_typed_errors() {
             };
             assert!(expected(&err), "{}: `{name}` gave the wrong error: {err}", kn.kind());
             assert!(!err.to_string().is_empty());
-            assert!(out.to_f32_vec().iter().all(|x| x.is_nan()), "{}: `{name}` wrote into the output", kn.kind());
+            let written = outs.written();
+            assert!(written.is_empty(), "{}: `{name}` wrote into {written:?}", kn.kind());
         }
     }
 }

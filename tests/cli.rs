@@ -83,9 +83,12 @@ fn demo_prints_the_comparison_table() {
     }
 }
 
-/// A small config so the short demo has sparse segments.
+/// A small config so the short demo has sparse segments, in a file of its own per call: tests run
+/// in parallel, and rewriting one shared file (truncate, then write) while another test's command
+/// was reading it could hand that command an empty config.
 fn write_config() -> String {
-    let p = tmp("small.json");
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let p = tmp(&format!("small-{}.json", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
     let cfg = entropy_kernels::Config {
         prefill: entropy_kernels::EntropyConfig {
             segment_size: 256,
@@ -147,6 +150,9 @@ fn bad_flags_fail_cleanly() {
 #[cfg(feature = "cuda-emu")]
 #[test]
 fn bench_device_prints_every_row_on_the_emulated_driver() {
+    if !cuda_kernels_available("cli::bench_device") {
+        return;
+    }
     let text =
         run(bin().env(entropy_kernels::cuda::EMU_ENV, "1").env(entropy_kernels::cuda::PREFILL_TILE_ENV, "128").args([
             "bench-device",
@@ -184,10 +190,40 @@ fn bench_device_prints_every_row_on_the_emulated_driver() {
 #[cfg(feature = "cuda-emu")]
 #[test]
 fn cuda_info_and_smoke_reach_every_kernel_on_the_emulated_driver() {
+    if !cuda_kernels_available("cli::cuda_info_and_smoke") {
+        return;
+    }
     let info = run(bin().env(entropy_kernels::cuda::EMU_ENV, "1").arg("cuda-info"));
     for k in entropy_kernels::cuda::source::KERNELS {
         assert!(info.contains(k), "cuda-info lacks {k}:\n{info}");
     }
     let smoke = run(bin().env(entropy_kernels::cuda::EMU_ENV, "1").arg("cuda-smoke"));
     assert!(smoke.contains("every one of the") && !smoke.contains("FAIL"), "{smoke}");
+}
+
+/// `--threads` beyond what a process can start panicked (`build_global().expect`); now clap
+/// refuses it, and a pool that cannot start is a one-line error.
+#[test]
+fn absurd_thread_counts_fail_cleanly() {
+    for n in ["100000", "0"] {
+        let out = bin().args(["--threads", n, "backends"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--threads {n}: {err}");
+        assert!(err.contains("--threads") && !err.contains("panicked"), "--threads {n}: {err}");
+    }
+    run(bin().args(["--threads", "3", "backends"]));
+}
+
+/// Workload flags beyond memory (or `usize`) are a one-line error, not an abort in the allocator.
+#[test]
+fn absurd_workload_sizes_fail_cleanly() {
+    for args in [
+        vec!["demo", "--tokens", "100000000000000", "--backend", "cpu"],
+        vec!["bench", "--lengths", "18446744073709551615", "--backend", "cpu"],
+    ] {
+        let out = bin().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("error: cannot allocate"), "{args:?}: {err}");
+    }
 }

@@ -14,6 +14,8 @@
 //! NVRTC is loaded at run time (`.ci/run` installs it from PyPI); without it the compiling tests
 //! print why they are skipped.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
@@ -93,7 +95,7 @@ fn builds() -> Option<&'static Builds> {
                     reports.push((arch.to_string(), parse(&c.log)));
                 }
                 Err(e) if e.contains("not found") => {
-                    eprintln!("SKIP: {e}");
+                    common::skip_or_fail("cuda_compile", &e);
                     return None;
                 }
                 Err(e) => panic!("{e}"),
@@ -466,7 +468,10 @@ fn small_shared_memory_targets_get_smaller_tiles() {
 #[test]
 fn nvcc_fatbin_is_embedded() {
     let Some(fatbin) = source::FATBIN else {
-        eprintln!("SKIP: built without nvcc (NVCC, CUDA_HOME/bin or PATH): kernels come from NVRTC at run time");
+        common::skip_or_fail(
+            "cuda_compile::nvcc_fatbin_is_embedded",
+            "built without nvcc (NVCC, CUDA_HOME/bin or PATH): kernels come from NVRTC at run time",
+        );
         return;
     };
     assert_eq!(&fatbin[..4], &0xBA55_ED50u32.to_le_bytes(), "fatbin magic");

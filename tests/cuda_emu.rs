@@ -69,6 +69,9 @@ fn planted_violations_are_caught() {
 /// sm_89), compresses and decodes as the oracle does.
 #[test]
 fn the_backend_runs_on_every_emulated_architecture() {
+    if !common::cuda_kernels_available("the_backend_runs_on_every_emulated_architecture") {
+        return;
+    }
     let oracle = Kernels::reference();
     let seed = common::seed("cuda_emu_architectures");
     for (ordinal, (cc, arch)) in emu::DEVICES.iter().enumerate() {
@@ -134,6 +137,9 @@ fn the_backend_runs_on_every_emulated_architecture() {
 /// read that nothing orders after the write).
 #[test]
 fn engines_reading_outputs_on_another_stream_wait_for_the_kernels() {
+    if !common::cuda_kernels_available("engines_reading_outputs_on_another_stream_wait_for_the_kernels") {
+        return;
+    }
     use entropy_kernels::cuda::{CudaTensor, CudaTensorMut};
     let be = emu::backend().expect("the emulated driver loads");
     let stream = be.stream().clone();
@@ -201,6 +207,9 @@ fn engines_reading_outputs_on_another_stream_wait_for_the_kernels() {
 /// driver call comes back instead of the next backend. Only an absent backend passes to the next.
 #[test]
 fn auto_reports_a_broken_device_instead_of_falling_back() {
+    if !common::cuda_kernels_available("auto_reports_a_broken_device_instead_of_falling_back") {
+        return;
+    }
     use std::sync::Arc;
     let cuda = || -> Result<Arc<dyn Backend>> {
         emu::fail_next("cuModuleLoadData")?;
@@ -268,6 +277,9 @@ fn images_without_code_for_the_device_are_refused() {
 
 #[test]
 fn the_backend_runs_its_kernels_on_the_emulator() {
+    if !common::cuda_kernels_available("the_backend_runs_its_kernels_on_the_emulator") {
+        return;
+    }
     let be = emu::backend().expect("the emulated driver loads");
     assert!(be.describe().contains("emulator"), "{}", be.describe());
     let before = emu::launches(None).unwrap();
@@ -295,6 +307,9 @@ fn every_kernel_is_emulated() {
 /// shapes; this pins which kernels ran).
 #[test]
 fn kv_compress_scores_on_tensor_cores_for_16_bit_caches() {
+    if !common::cuda_kernels_available("kv_compress_scores_on_tensor_cores_for_16_bit_caches") {
+        return;
+    }
     let be = emu::backend().expect("the emulated driver loads");
     let k = Kernels::from_backend(std::sync::Arc::new(be));
     let oracle = Kernels::reference();
@@ -332,6 +347,9 @@ fn kv_compress_scores_on_tensor_cores_for_16_bit_caches() {
 /// lists and LSE.
 #[test]
 fn prefill_pipeline_holds_whichever_way_copies_land() {
+    if !common::cuda_kernels_available("prefill_pipeline_holds_whichever_way_copies_land") {
+        return;
+    }
     let oracle = Kernels::reference();
     for (early, tile) in
         [(true, PrefillTile::M64), (false, PrefillTile::M64), (true, PrefillTile::M128), (false, PrefillTile::M128)]
@@ -396,6 +414,9 @@ fn prefill_pipeline_holds_whichever_way_copies_land() {
 /// 75 blocks of 8 tokens, so the planning's block reductions feed more than one warp.
 #[test]
 fn results_do_not_depend_on_thread_order() {
+    if !common::cuda_kernels_available("results_do_not_depend_on_thread_order") {
+        return;
+    }
     let seed = common::seed("cuda_emu_thread_order");
     let bits = |t: &HostTensor| t.to_f32_vec().iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
     for (dtype, d, tile) in [
@@ -447,6 +468,9 @@ fn results_do_not_depend_on_thread_order() {
 /// with a range error before any launch, and `Kernels` falls back to the host path (correct).
 #[test]
 fn kv_compress_beyond_shared_memory_falls_back() {
+    if !common::cuda_kernels_available("kv_compress_beyond_shared_memory_falls_back") {
+        return;
+    }
     use entropy_kernels::cuda::CudaTensor;
     let be = emu::backend().expect("the emulated driver loads");
     let stream = be.stream().clone();
@@ -487,6 +511,9 @@ fn kv_compress_beyond_shared_memory_falls_back() {
 /// with the oracle's decisions exactly, ties included.
 #[test]
 fn planning_ranks_wide_rankings_on_the_device() {
+    if !common::cuda_kernels_available("planning_ranks_wide_rankings_on_the_device") {
+        return;
+    }
     let be = emu::backend().expect("the emulated driver loads");
     let k = Kernels::from_backend(std::sync::Arc::new(be));
     let seed = common::seed("cuda_emu_wide_rank");
@@ -528,6 +555,9 @@ fn row_prefix(t: &HostTensor, d: usize) -> TensorView<'_> {
 /// the kernel's 4-row output passes).
 #[test]
 fn decode_vector_and_element_loads_agree_with_the_oracle() {
+    if !common::cuda_kernels_available("decode_vector_and_element_loads_agree_with_the_oracle") {
+        return;
+    }
     let be = emu::backend().expect("the emulated driver loads");
     let k = Kernels::from_backend(std::sync::Arc::new(be));
     let oracle = Kernels::reference();
@@ -564,6 +594,9 @@ fn decode_vector_and_element_loads_agree_with_the_oracle() {
 /// small ones at these sizes; decisions and outputs still match the oracle.
 #[test]
 fn large_launch_shapes_agree_with_the_oracle() {
+    if !common::cuda_kernels_available("large_launch_shapes_agree_with_the_oracle") {
+        return;
+    }
     emu::set_multiprocessors(1).unwrap();
     let be = emu::backend();
     emu::set_multiprocessors(0).unwrap();

@@ -154,7 +154,8 @@ fn compressed_length_equals_budget() {
 fn cache_within_budget_is_unchanged() {
     let seed = seed("cache_within_budget_is_unchanged");
     let (b, hkv, hq, d) = (1, 2, 4, 32);
-    for n in [100, 299, 300] {
+    // Shorter than the window, within the budget, at the budget.
+    for n in [5, 100, 299, 300] {
         let kc = random([b, hkv, n, d], 1.0, seed, DType::BF16);
         let vc = random([b, hkv, n, d], 1.0, seed ^ 1, DType::BF16);
         let obs = random([b, hq, 16, d], 1.0, seed ^ 2, DType::BF16);
@@ -293,6 +294,128 @@ fn plans_without_blocks_follow_from_the_sizes() {
                 assert_eq!(got.order_width, p.order_width, "L {l}: order width");
                 assert_eq!(got.blocks, p.blocks, "L {l}: block lists");
             }
+        }
+    }
+}
+
+/// `kept_fraction` counts the (query, key) pairs the lists make attention compute, over the causal
+/// pairs: checked against a pair-by-pair count for sparse plans in both budget modes.
+#[test]
+fn kept_fraction_counts_the_pairs_attention_computes() {
+    let seed = seed("kept_fraction_counts_the_pairs_attention_computes");
+    let (q, k, _) = inputs(2, 301, 4, 2, 32, seed);
+    for mode in [BudgetMode::PerHead, BudgetMode::SegmentMax] {
+        let cfg = EntropyConfig {
+            segment_size: 64,
+            block_size: 8,
+            threshold_len: 64,
+            base_budget: 24,
+            budget_mode: mode,
+            ..Default::default()
+        };
+        let bl = Kernels::reference().plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap().blocks;
+        assert!(bl.sparse_units() > 0);
+        let d = bl.dims;
+        let (mut kept, mut causal) = (0u64, 0u64);
+        for b in 0..d.batch {
+            for h in 0..d.kv_heads {
+                for t in 0..d.seq_len {
+                    let s = t / d.segment_size;
+                    causal += t as u64 + 1;
+                    kept += match bl.segment(b, h, s) {
+                        SegmentAttention::Dense => t as u64 + 1,
+                        SegmentAttention::Sparse(list) => {
+                            (list.len() * d.block_size + t - s * d.segment_size + 1) as u64
+                        }
+                    };
+                }
+            }
+        }
+        let want = kept as f64 / causal as f64;
+        assert!((bl.kept_fraction() - want).abs() < 1e-12, "{mode:?}: {} vs {want}", bl.kept_fraction());
+        assert!(want < 1.0);
+    }
+}
+
+/// Caches longer than one scoring unit (2048 keys on the CPU): the per-unit maxima and sums are
+/// merged before the window means, in every compression mode.
+#[test]
+fn long_caches_compress_like_the_oracle() {
+    let seed = seed("long_caches_compress_like_the_oracle");
+    let (b, hkv, hq, n, d, w) = (1, 2, 4, 4500, 32, 8);
+    let oracle = Kernels::reference();
+    for (i, (pooling, gqa_mode, head_budget)) in [
+        (Pooling::Avg, GqaMode::Mean, HeadBudget::Uniform),
+        (Pooling::Max, GqaMode::PerQueryHead, HeadBudget::Uniform),
+        (Pooling::None, GqaMode::Max, HeadBudget::AdaKv { floor_fraction: 0.2 }),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dtype = DType::ALL[i];
+        let kc = random([b, hkv, n, d], 1.0, seed ^ i as u64, dtype);
+        let vc = random([b, hkv, n, d], 1.0, seed ^ 0x100 ^ i as u64, dtype);
+        let obs = random([b, hq, w, d], 1.0, seed ^ 0x200 ^ i as u64, dtype);
+        let dc = DecodeConfig { decode_budget: 1500, window: w, pooling, gqa_mode, head_budget, ..Default::default() };
+        let want = oracle.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+        let args = validate::kv_compress(oracle.capabilities(), kc.view(), vc.view(), obs.view(), &dc).unwrap();
+        let scores = reference::compress_scores(&args);
+        for kernels in backends_under_test("long_caches_compress_like_the_oracle") {
+            if !runs("long_caches_compress_like_the_oracle", &kernels, Op::KvCompress) {
+                continue;
+            }
+            let got = kernels.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
+            let tag = format!("{} {pooling:?}/{gqa_mode:?}/{head_budget:?} {dtype} seed {seed}", kernels.kind());
+            check_compressed(&tag, &got, &want, &scores, &kc, head_budget != HeadBudget::Uniform);
+        }
+    }
+}
+
+/// Decode reads K and V each with its own layout: padded rows, a transposed cache, different
+/// strides for K and V (the Ascend kernel offset V's heads with K's strides; the fuzz harness
+/// found it).
+#[test]
+fn decode_reads_k_and_v_with_their_own_layouts() {
+    let seed = seed("decode_reads_k_and_v_with_their_own_layouts");
+    let (b, nq, hq, hc, cap, d) = (2, 2, 4, 2, 40, 16);
+    let q = random([b, nq, hq, d], 1.0, seed, DType::F32);
+    // K: rows padded to 19; V: a [B, cap, Hc, D] buffer seen as [B, Hc, cap, D].
+    let kbuf = random([b, hc, cap, 19], 1.0, seed ^ 1, DType::F32);
+    let vbuf = random([b, cap, hc, d], 1.0, seed ^ 2, DType::F32);
+    let HostBuffer::F32(kd) = &kbuf.data else { unreachable!() };
+    let k = TensorView::strided(&kd[..], [b, hc, cap, d], [hc * cap * 19, cap * 19, 19, 1]);
+    let v = vbuf.view().transpose(1, 2).unwrap();
+    let lengths = [40, 17, 3, 29];
+    let mut backends = vec![Kernels::reference()];
+    backends.extend(backends_under_test("decode_reads_k_and_v_with_their_own_layouts"));
+    let mut want = poisoned(q.shape, DType::F32);
+    Kernels::reference().decode_attention(q.view(), k, v, &lengths, None, &mut want.view_mut()).unwrap();
+    for kernels in &backends {
+        if !runs("decode_reads_k_and_v_with_their_own_layouts", kernels, Op::Decode) {
+            continue;
+        }
+        let mut got = poisoned(q.shape, DType::F32);
+        kernels.decode_attention(q.view(), k, v, &lengths, None, &mut got.view_mut()).unwrap();
+        let err = got.to_f32_vec().iter().zip(want.to_f32_vec()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(err < 1e-5, "{}: max error {err} (seed {seed})", kernels.kind());
+    }
+}
+
+/// Two segments whose first block is the last one's (L = 6, S = Bk = 4): one block, but no keep
+/// can reach it (the ranking is 0 wide). The CUDA planner sliced its ranking in chunks of that
+/// width and panicked (found by the fuzz harness).
+#[test]
+fn plans_with_blocks_no_keep_can_reach() {
+    let seed = seed("plans_with_blocks_no_keep_can_reach");
+    let q = random([2, 6, 2, 8], 1.0, seed, DType::F32);
+    let k = random([2, 6, 1, 8], 1.0, seed ^ 1, DType::F32);
+    let cfg = EntropyConfig { segment_size: 4, block_size: 4, threshold_len: 0, base_budget: 4, ..Default::default() };
+    let want = Kernels::reference().plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap();
+    assert_eq!((want.dims.blocks, want.order_width), (1, 0));
+    for kernels in all_backends("plans_with_blocks_no_keep_can_reach") {
+        if runs("plans_with_blocks_no_keep_can_reach", &kernels, Op::Plan) {
+            let got = kernels.plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap();
+            assert_eq!((got.order, got.blocks), (want.order.clone(), want.blocks.clone()), "{}", kernels.kind());
         }
     }
 }

@@ -1,12 +1,16 @@
 //! The case matrix: every available backend against the f64 oracle on fresh random inputs —
 //! MHA/GQA/MQA, head dims 64/80/128, odd lengths with a partial last segment, L = S and L < S,
 //! batch > 1, strided (fused-QKV) inputs, f32/f16/bf16 — for planning (both budget modes and
-//! layer fusion), sparse and dense prefill with LSE, every compression mode, and decode.
+//! layer fusion), sparse and dense prefill with LSE, every compression mode, and decode. Outputs
+//! are checked element by element and LSEs row by row (`common::check`); planted shapes also run
+//! on plain random inputs; `ENTROPY_KERNELS_SOAK=N` runs every case on N seeds.
 
 #![allow(clippy::needless_range_loop)]
 
 mod common;
 
+use common::check;
+use common::suite::check_plans;
 use common::*;
 use entropy_kernels::reference::{self};
 use entropy_kernels::validate;
@@ -110,24 +114,6 @@ fn config(s: &Shape) -> EntropyConfig {
     }
 }
 
-fn check_plans(tag: &str, got: &Plan, want: &Plan) {
-    assert_eq!(got.keep_blocks, want.keep_blocks, "{tag}: keep_blocks");
-    assert_eq!(got.segment_topk, want.segment_topk, "{tag}: segment_topk");
-    assert_eq!(got.head_class, want.head_class, "{tag}: head classes");
-    assert_eq!(got.budgets, want.budgets, "{tag}: budgets");
-    assert_eq!(got.order_width, want.order_width, "{tag}: order width");
-    assert_eq!(got.order, want.order, "{tag}: ranking");
-    assert_eq!(got.blocks, want.blocks, "{tag}: block lists");
-    let worst = |a: &[f32], b: &[f32]| {
-        a.iter().zip(b).map(|(x, y)| if x == y { 0.0 } else { (x - y).abs() }).fold(0f32, f32::max)
-    };
-    assert_eq!(got.logits.len(), want.logits.len(), "{tag}: logits length");
-    let lmax = want.logits.iter().filter(|x| x.is_finite()).fold(0f32, |m, x| m.max(x.abs())).max(1.0);
-    assert!(worst(&got.logits, &want.logits) <= 1e-6 * lmax, "{tag}: logits");
-    assert!(worst(&got.scores, &want.scores) <= 1e-6, "{tag}: scores");
-    assert!(worst(&got.entropy, &want.entropy) <= 1e-5, "{tag}: entropy");
-}
-
 fn attention(
     kernels: &Kernels,
     q: TensorView,
@@ -145,15 +131,11 @@ fn attention(
     (out, lse)
 }
 
-fn check_attention(tag: &str, dtype: DType, got: &(HostTensor, Vec<f32>), want: &(HostTensor, Vec<f32>)) {
-    let g = tensor_f64(&got.0);
-    assert!(g.iter().all(|x| x.is_finite()), "{tag}: output has unwritten (NaN) or non-finite values");
-    let err = rel_fro(&g, &tensor_f64(&want.0));
-    assert!(err <= attn_tol(dtype), "{tag}: rel err {err:.3e} > {:.1e}", attn_tol(dtype));
-    let lse_tol = if dtype == DType::F32 { 1e-4 } else { 1e-3 };
-    for (i, (a, b)) in got.1.iter().zip(&want.1).enumerate() {
-        assert!((a - b).abs() <= lse_tol * b.abs().max(1.0), "{tag}: lse[{i}] {a} vs {b}");
-    }
+/// Outputs element by element and LSEs row by row against the f64 oracle (see `common::check`).
+fn check_attention(tag: &str, kind: BackendKind, got: &(HostTensor, Vec<f32>), exact: &check::Exact) {
+    assert!(got.0.to_f32_vec().iter().all(|x| x.is_finite()), "{tag}: output has unwritten (NaN) or non-finite values");
+    check::check_out(tag, kind, &got.0, exact);
+    check::check_lse(tag, &got.1, exact);
 }
 
 fn run_shape(kind: BackendKind, name: &str, s: Shape) {
@@ -169,136 +151,136 @@ fn run_shape_cuda_m128(name: &str, s: Shape) {
     run_on(&test, open_cuda_tiled(&test, entropy_kernels::cuda::PrefillTile::M128), s)
 }
 
+/// Every dtype and seed (`ENTROPY_KERNELS_SOAK=N`: N seeds), on the shape's inputs and — for
+/// planted shapes — on plain random inputs too, where a bug in one row is not drowned by a sink.
 fn run_on(test: &str, kernels: entropy_kernels::Result<Kernels>, s: Shape) {
     let kernels = match kernels {
         Ok(k) => k,
         Err(e) => {
-            eprintln!("[{test}] SKIP: {e}");
+            skip_notice(&format!("SKIP: {e}"), test);
             return;
         }
     };
-    let oracle = Kernels::reference();
     for dtype in DType::ALL {
-        let seed = seed(&format!("{test}/{dtype}"));
-        let tag = format!("{test}/{dtype} seed={seed}");
-        let inputs = Inputs::new(s, dtype, seed);
-        let (qc, kc, vc) = inputs.views();
-        let (q, k, v) = if s.fused_qkv {
-            (
-                fused_view(&inputs.buf, 0, s.q_heads),
-                fused_view(&inputs.buf, s.q_heads, s.kv_heads),
-                fused_view(&inputs.buf, s.q_heads + s.kv_heads, s.kv_heads),
-            )
-        } else {
-            (qc.view(), kc.view(), vc.view())
-        };
-        let cfg = config(&s);
-
-        // Planning in both budget modes, then layer fusion with the oracle's map.
-        let want = oracle.plan(qc.view(), kc.view(), &cfg, &PlanRequest::layer(0)).unwrap();
-        let cfg_max = EntropyConfig { budget_mode: BudgetMode::SegmentMax, ..cfg.clone() };
-        let want_max = oracle.plan(qc.view(), kc.view(), &cfg_max, &PlanRequest::layer(0)).unwrap();
-        if runs(&tag, &kernels, Op::Plan) {
-            let got = kernels.plan(q, k, &cfg, &PlanRequest::layer(0)).unwrap();
-            check_plans(&format!("{tag} plan per_head"), &got, &want);
-            check_plans(
-                &format!("{tag} plan segment_max"),
-                &kernels.plan(q, k, &cfg_max, &PlanRequest::layer(0)).unwrap(),
-                &want_max,
-            );
-            let cfg_fused = EntropyConfig { layer_fusion: true, ..cfg.clone() };
-            let req = PlanRequest::layer(3).with_prev(&want.scores);
-            let want_fused = oracle.plan(qc.view(), kc.view(), &cfg_fused, &req).unwrap();
-            check_plans(&format!("{tag} plan fused"), &kernels.plan(q, k, &cfg_fused, &req).unwrap(), &want_fused);
-        }
-
-        // Attention: sparse in both modes (on the oracle's lists), dense.
-        let prefill = runs_on(&tag, &kernels, Op::Prefill, dtype);
-        for (mode, lists) in
-            [("per_head", &want.blocks), ("segment_max", &want_max.blocks)].into_iter().filter(|_| prefill)
-        {
-            let got = attention(&kernels, q, k, v, Some(lists));
-            let exact = attention(&oracle, qc.view(), kc.view(), vc.view(), Some(lists));
-            check_attention(
-                &format!("{tag} sparse {mode} ({} sparse units)", lists.sparse_units()),
-                dtype,
-                &got,
-                &exact,
-            );
-        }
-        if prefill {
-            let got = attention(&kernels, q, k, v, None);
-            let exact = attention(&oracle, qc.view(), kc.view(), vc.view(), None);
-            check_attention(&format!("{tag} dense"), dtype, &got, &exact);
-        }
-
-        // Compression: the prefill K/V as a [B, Hkv, L, D] cache (a strided view of BSND).
-        let [b, l, hkv, d] = kc.shape;
-        fn cache_view(t: &HostTensor) -> TensorView<'_> {
-            let [b, l, hkv, d] = t.shape;
-            let (shape, strides) = ([b, hkv, l, d], [l * hkv * d, d, hkv * d, 1]);
-            match &t.data {
-                HostBuffer::F32(x) => TensorView::strided(x.as_slice(), shape, strides),
-                HostBuffer::F16(x) => TensorView::strided(x.as_slice(), shape, strides),
-                HostBuffer::BF16(x) => TensorView::strided(x.as_slice(), shape, strides),
+        for seed in seeds(&format!("{test}/{dtype}")) {
+            for planted in if s.planted { vec![true, false] } else { vec![false] } {
+                let inputs = if planted { "planted" } else { "random" };
+                let tag = format!("{test}/{dtype} {inputs} seed={seed} (replay: ENTROPY_KERNELS_SEED={seed})");
+                with_case(&tag, || run_case(&tag, &kernels, Shape { planted, ..s }, dtype, seed));
             }
         }
-        let k_cache = HostTensor::from_f32(
-            &reference::F64Tensor::of(&cache_view(&kc)).data.iter().map(|&x| x as f32).collect::<Vec<_>>(),
-            [b, hkv, l, d],
-            dtype,
+    }
+}
+
+fn run_case(tag: &str, kernels: &Kernels, s: Shape, dtype: DType, seed: u64) {
+    let oracle = Kernels::reference();
+    let kind = kernels.kind();
+    let inputs = Inputs::new(s, dtype, seed);
+    let (qc, kc, vc) = inputs.views();
+    let (q, k, v) = if s.fused_qkv {
+        (
+            fused_view(&inputs.buf, 0, s.q_heads),
+            fused_view(&inputs.buf, s.q_heads, s.kv_heads),
+            fused_view(&inputs.buf, s.q_heads + s.kv_heads, s.kv_heads),
+        )
+    } else {
+        (qc.view(), kc.view(), vc.view())
+    };
+    let cfg = config(&s);
+
+    // Planning in both budget modes, then layer fusion with the oracle's map.
+    let want = oracle.plan(qc.view(), kc.view(), &cfg, &PlanRequest::layer(0)).unwrap();
+    let cfg_max = EntropyConfig { budget_mode: BudgetMode::SegmentMax, ..cfg.clone() };
+    let want_max = oracle.plan(qc.view(), kc.view(), &cfg_max, &PlanRequest::layer(0)).unwrap();
+    if runs(tag, kernels, Op::Plan) {
+        let got = kernels.plan(q, k, &cfg, &PlanRequest::layer(0)).unwrap();
+        check_plans(&format!("{tag} plan per_head"), &got, &want);
+        check_plans(
+            &format!("{tag} plan segment_max"),
+            &kernels.plan(q, k, &cfg_max, &PlanRequest::layer(0)).unwrap(),
+            &want_max,
         );
-        let window = 16.min(l / 2).max(1);
-        let obs = random([b, s.q_heads, window, d], 1.0, seed ^ 0x5eed, dtype);
-        let budget = (l * 2 / 3).max(window + 1);
-        let modes: Vec<(Pooling, GqaMode, HeadBudget)> = vec![
-            (Pooling::Avg, GqaMode::Mean, HeadBudget::Uniform),
-            (Pooling::Max, GqaMode::Max, HeadBudget::Uniform),
-            (Pooling::None, GqaMode::PerQueryHead, HeadBudget::Uniform),
-            (Pooling::Avg, GqaMode::Mean, HeadBudget::AdaKv { floor_fraction: 0.2 }),
-        ];
-        for (pooling, gqa_mode, head_budget) in modes {
-            let dc = DecodeConfig {
-                decode_budget: budget,
-                window,
-                pooling,
-                pooling_kernel: 5,
-                gqa_mode,
-                head_budget,
-                ..Default::default()
-            };
-            let exact = oracle.kv_compress(cache_view(&kc), cache_view(&vc), obs.view(), &dc).unwrap();
-            let ctag = format!("{tag} compress {pooling:?}/{gqa_mode:?}/{head_budget:?}");
-            // Without a compression kernel, decode runs over the oracle's compacted cache.
-            let got = if runs(&ctag, &kernels, Op::KvCompress) {
-                let got = kernels.kv_compress(cache_view(&kc), cache_view(&vc), obs.view(), &dc).unwrap();
-                let args =
-                    validate::kv_compress(oracle.capabilities(), cache_view(&kc), cache_view(&vc), obs.view(), &dc)
-                        .unwrap();
-                let scores = reference::compress_scores(&args);
-                check_compressed(&ctag, &got, &exact, &scores, &k_cache, head_budget != HeadBudget::Uniform);
-                got
-            } else {
-                exact
-            };
-            if !runs(&ctag, &kernels, Op::Decode) {
-                continue;
-            }
+        let cfg_fused = EntropyConfig { layer_fusion: true, ..cfg.clone() };
+        let req = PlanRequest::layer(3).with_prev(&want.scores);
+        let want_fused = oracle.plan(qc.view(), kc.view(), &cfg_fused, &req).unwrap();
+        check_plans(&format!("{tag} plan fused"), &kernels.plan(q, k, &cfg_fused, &req).unwrap(), &want_fused);
+    }
 
-            // Decode over the compacted cache (per-head lengths under AdaKV), two new queries.
-            let nq = 2;
-            let qn = random([b, nq, s.q_heads, d], 1.0, seed ^ 0xdec0de, dtype);
-            let mut out = poisoned(qn.shape, dtype);
-            kernels
-                .decode_attention(qn.view(), got.k.view(), got.v.view(), &got.lengths, None, &mut out.view_mut())
-                .unwrap();
-            let mut exact_out = poisoned(qn.shape, dtype);
-            oracle
-                .decode_attention(qn.view(), got.k.view(), got.v.view(), &got.lengths, None, &mut exact_out.view_mut())
-                .unwrap();
-            let err = rel_fro(&tensor_f64(&out), &tensor_f64(&exact_out));
-            assert!(err <= attn_tol(dtype), "{ctag} decode: rel err {err:.3e}");
+    // Attention: sparse in both modes (on the oracle's lists), dense.
+    if runs_on(tag, kernels, Op::Prefill, dtype) {
+        for (mode, lists) in
+            [("per_head", Some(&want.blocks)), ("segment_max", Some(&want_max.blocks)), ("dense", None)]
+        {
+            let what = match lists {
+                Some(l) => format!("{tag} sparse {mode} ({} sparse units)", l.sparse_units()),
+                None => format!("{tag} dense"),
+            };
+            let got = attention(kernels, q, k, v, lists);
+            check_attention(&what, kind, &got, &check::exact_prefill(qc.view(), kc.view(), vc.view(), lists));
         }
+    }
+
+    // Compression: the prefill K/V as a [B, Hkv, L, D] cache (a strided view of BSND).
+    let [b, l, hkv, d] = kc.shape;
+    fn cache_view(t: &HostTensor) -> TensorView<'_> {
+        let [b, l, hkv, d] = t.shape;
+        let (shape, strides) = ([b, hkv, l, d], [l * hkv * d, d, hkv * d, 1]);
+        match &t.data {
+            HostBuffer::F32(x) => TensorView::strided(x.as_slice(), shape, strides),
+            HostBuffer::F16(x) => TensorView::strided(x.as_slice(), shape, strides),
+            HostBuffer::BF16(x) => TensorView::strided(x.as_slice(), shape, strides),
+        }
+    }
+    let k_cache = HostTensor::from_f32(
+        &reference::F64Tensor::of(&cache_view(&kc)).data.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+        [b, hkv, l, d],
+        dtype,
+    );
+    let window = 16.min(l / 2).max(1);
+    let obs = random([b, s.q_heads, window, d], 1.0, seed ^ 0x5eed, dtype);
+    let budget = (l * 2 / 3).max(window + 1);
+    let modes: Vec<(Pooling, GqaMode, HeadBudget)> = vec![
+        (Pooling::Avg, GqaMode::Mean, HeadBudget::Uniform),
+        (Pooling::Max, GqaMode::Max, HeadBudget::Uniform),
+        (Pooling::None, GqaMode::PerQueryHead, HeadBudget::Uniform),
+        (Pooling::Avg, GqaMode::Mean, HeadBudget::AdaKv { floor_fraction: 0.2 }),
+    ];
+    for (pooling, gqa_mode, head_budget) in modes {
+        let dc = DecodeConfig {
+            decode_budget: budget,
+            window,
+            pooling,
+            pooling_kernel: 5,
+            gqa_mode,
+            head_budget,
+            ..Default::default()
+        };
+        let exact = oracle.kv_compress(cache_view(&kc), cache_view(&vc), obs.view(), &dc).unwrap();
+        let ctag = format!("{tag} compress {pooling:?}/{gqa_mode:?}/{head_budget:?}");
+        // Without a compression kernel, decode runs over the oracle's compacted cache.
+        let got = if runs(&ctag, kernels, Op::KvCompress) {
+            let got = kernels.kv_compress(cache_view(&kc), cache_view(&vc), obs.view(), &dc).unwrap();
+            let args = validate::kv_compress(oracle.capabilities(), cache_view(&kc), cache_view(&vc), obs.view(), &dc)
+                .unwrap();
+            let scores = reference::compress_scores(&args);
+            check_compressed(&ctag, &got, &exact, &scores, &k_cache, head_budget != HeadBudget::Uniform);
+            got
+        } else {
+            exact
+        };
+        if !runs(&ctag, kernels, Op::Decode) {
+            continue;
+        }
+
+        // Decode over the compacted cache (per-head lengths under AdaKV), two new queries.
+        let nq = 2;
+        let qn = random([b, nq, s.q_heads, d], 1.0, seed ^ 0xdec0de, dtype);
+        let mut out = poisoned(qn.shape, dtype);
+        kernels
+            .decode_attention(qn.view(), got.k.view(), got.v.view(), &got.lengths, None, &mut out.view_mut())
+            .unwrap();
+        let exact_out = check::exact_decode(qn.view(), got.k.view(), got.v.view(), &got.lengths);
+        check::check_out(&format!("{ctag} decode"), kind, &out, &exact_out);
     }
 }
 

@@ -3,6 +3,8 @@
 //! GGUF is present (`ENTROPY_KERNELS_SMOLLM2_GGUF`, or `target/models/` as
 //! `scripts/fetch-smollm2.sh` leaves it); prints why it is skipped otherwise.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -25,7 +27,10 @@ fn model() -> Option<&'static (Llama, GgufTokenizer)> {
     MODEL
         .get_or_init(|| {
             let Some(path) = gguf() else {
-                eprintln!("SKIP: no SmolLM2 GGUF (run scripts/fetch-smollm2.sh or set ENTROPY_KERNELS_SMOLLM2_GGUF)");
+                common::skip_or_fail(
+                    "smollm2",
+                    "no SmolLM2 GGUF (run scripts/fetch-smollm2.sh or set ENTROPY_KERNELS_SMOLLM2_GGUF)",
+                );
                 return None;
             };
             Some(Llama::load(&path, true).expect("the GGUF loads"))

@@ -103,12 +103,14 @@ private:
             m[r] = NegInf();
             l[r] = 0.0f;
         }
-        const int64_t head = b * p_.k_cache.stride[0] + h * p_.k_cache.stride[1];
+        // K and V may be laid out differently: each head offset from its own strides.
+        const int64_t khead = b * p_.k_cache.stride[0] + h * p_.k_cache.stride[1];
+        const int64_t vhead = b * p_.v_cache.stride[0] + h * p_.v_cache.stride[1];
         for (uint32_t j0 = 0; j0 < len; j0 += DECODE_KEYS) {
             const uint32_t n = len - j0 < DECODE_KEYS ? len - j0 : DECODE_KEYS;
             LocalTensor<T> kt, vt;
-            LocalTensor<float> kf = LoadTile(kIn_, kf_, kGm_[head + j0 * p_.k_cache.stride[2]], n, p_.k_cache.stride[2], kt);
-            LocalTensor<float> vf = LoadTile(vIn_, vf_, vGm_[head + j0 * p_.v_cache.stride[2]], n, p_.v_cache.stride[2], vt);
+            LocalTensor<float> kf = LoadTile(kIn_, kf_, kGm_[khead + j0 * p_.k_cache.stride[2]], n, p_.k_cache.stride[2], kt);
+            LocalTensor<float> vf = LoadTile(vIn_, vf_, vGm_[vhead + j0 * p_.v_cache.stride[2]], n, p_.v_cache.stride[2], vt);
             for (uint32_t r = 0; r < nr; r++)
                 RowTileStep(o[r * dpf_], dpf_, sc[r * DECODE_KEYS], q[r * dpf_], kf, vf, n, d_, dpt_, scratch, m[r], l[r]);
             kIn_.FreeTensor(kt);

@@ -37,7 +37,12 @@ pub const SUPPORTED: [Op; 4] = [Op::Plan, Op::Prefill, Op::KvCompress, Op::Decod
 /// What the Ascend kernels run: every op in f32/f16/bf16, head dims up to 256 (prefill on the
 /// cube for f16/bf16; f32 on the vector cores, A2's cube having no transposing f32 load for P·V).
 pub fn capabilities(backend: &'static str) -> Capabilities {
-    Capabilities { ops: SUPPORTED.to_vec(), ..Capabilities::full(backend, HeadDims::UpTo(PREFILL_MAX_D)) }
+    Capabilities {
+        ops: SUPPORTED.to_vec(),
+        // LoadRows' DataCopyPad takes the gap between rows as an unsigned (stride − D).
+        overlapping_rows: false,
+        ..Capabilities::full(backend, HeadDims::UpTo(PREFILL_MAX_D))
+    }
 }
 
 /// Query heads per kv head the compression's means accumulators hold (`COMPRESS_MAX_GROUP`).
@@ -62,7 +67,7 @@ pub(crate) fn kv_compress<'v>(mut l: impl Launcher<'v>, a: &CompressArgs<'_>, to
     let d = a.dims();
     let cfg = a.cfg();
     if !d.compresses(cfg) {
-        return Ok(compress::unchanged(&a.k_cache(), &a.v_cache(), &d));
+        return compress::unchanged(&a.k_cache(), &a.v_cache(), &d);
     }
     let rows = d.group() * d.window;
     let keep = cfg.decode_budget - d.window;
@@ -130,7 +135,7 @@ pub(crate) fn kv_compress<'v>(mut l: impl Launcher<'v>, a: &CompressArgs<'_>, to
         let pooled = f32s(&pooled);
         let rows: Vec<Vec<f32>> = pooled.chunks(scored).map(<[f32]>::to_vec).collect();
         l.finish()?;
-        return Ok(compress::select_and_gather(a, &rows));
+        return compress::select_and_gather(a, &rows);
     }
     l.launch(if select { launch::COMPRESS_SELECT } else { launch::COMPRESS_TOPK }, &params)?;
     l.launch(launch::COMPRESS_GATHER, &params)?;
@@ -253,5 +258,5 @@ pub(crate) fn plan<'v>(mut l: impl Launcher<'v>, a: &PlanArgs<'_>) -> Result<Pla
     let (qrep, krep) = (read(params.qsum, qrep_len)?, read(params.krep, krep_len)?);
     l.finish()?;
     let isa = crate::cpu::simd::Isa::detect();
-    Ok(crate::cpu::plan::plan_from_representatives(isa, a, &qrep, &krep))
+    crate::cpu::plan::plan_from_representatives(isa, a, &qrep, &krep)
 }

@@ -86,6 +86,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             rigid_fraction: a.rigid_fraction,
             seed: l as u64,
         };
+        super::check_workload(&spec)?;
         let (q, k, v) = with_spinner(&format!("inputs for {l} tokens"), || super::planted(&spec, a.dtype));
         let dense_flops = 2.0 * (l as f64).powi(2) * (a.head_dim() * a.q_heads()) as f64;
         let mut out = HostTensor::zeros(a.dtype, q.shape);

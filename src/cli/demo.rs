@@ -98,6 +98,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         rigid_fraction: a.rigid_fraction,
         seed: a.seed,
     };
+    super::check_workload(&spec)?;
     let (q, k, v) = with_spinner("generating inputs", || super::planted(&spec, a.dtype));
 
     let mut dense = HostTensor::full(a.dtype, q.shape, f32::NAN);

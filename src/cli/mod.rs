@@ -33,6 +33,22 @@ impl BackendArg {
     }
 }
 
+/// Checks that a planted workload's q, k and v (f32 while generated, then `dtype`) can be held:
+/// absurd flags are a one-line error, not an abort in the allocator.
+pub fn check_workload(spec: &synth::PlantedSpec) -> Result<()> {
+    let heads = spec.q_heads.checked_add(2 * spec.kv_heads);
+    let n = heads
+        .and_then(|h| h.checked_mul(spec.batch))
+        .and_then(|x| x.checked_mul(spec.seq_len))
+        .and_then(|x| x.checked_mul(spec.head_dim))
+        .and_then(|x| x.checked_mul(2 * std::mem::size_of::<f32>()));
+    let too_big = |detail: String| entropy_kernels::Error::Alloc { what: "the workload's q, k and v", detail };
+    let bytes = n.ok_or_else(|| too_big("its size overflows".into()))?;
+    let mut probe: Vec<u8> = Vec::new();
+    probe.try_reserve_exact(bytes).map_err(|e| too_big(format!("{bytes} bytes: {e}")))?;
+    Ok(())
+}
+
 /// BSND q, k, v of a planted workload in `dtype`.
 pub fn planted(spec: &synth::PlantedSpec, dtype: DType) -> (HostTensor, HostTensor, HostTensor) {
     let p = synth::planted(spec);

@@ -11,8 +11,10 @@ use rayon::prelude::*;
 use super::Strided;
 use super::simd::{Isa, Simd, WithSimd, dispatch};
 use super::tile::{Geom, Tile};
+use crate::alloc;
 use crate::compress::{self, CompressedCache};
 use crate::config::GqaMode;
+use crate::error::Result;
 use crate::tensor::Element;
 use crate::validate::{CompressArgs, CompressDims};
 
@@ -160,26 +162,22 @@ fn consume<S: Simd, const NR: usize, const MV: usize>(
 
 type Unit = (usize, usize, std::ops::Range<usize>);
 
-/// Runs one pass over every unit in parallel; `pass(u)` is unit `u`'s initial state.
-fn run_pass<'p, E: Element>(
-    isa: Isa,
-    call: &Call<'_, E>,
-    units: &[Unit],
-    pass: impl Fn(usize) -> Pass<'p> + Sync + Send,
-) -> Vec<Pass<'p>> {
+/// Runs one pass over every unit in parallel from the units' initial states (allocated by the
+/// caller, fallibly: together they grow as heads × entries).
+fn run_pass<'p, E: Element>(isa: Isa, call: &Call<'_, E>, units: &[Unit], passes: Vec<Pass<'p>>) -> Vec<Pass<'p>> {
     units
         .par_iter()
-        .enumerate()
+        .zip(passes.into_par_iter())
         .map_init(
             || (Tile::new::<E>(call.geom), vec![0f32; call.d.head_dim]),
-            |(tile, tmp), (u, (b, h, keys))| {
-                dispatch(isa, UnitJob { call, b: *b, h: *h, keys: keys.clone(), tile, tmp, pass: pass(u) })
+            |(tile, tmp), ((b, h, keys), pass)| {
+                dispatch(isa, UnitJob { call, b: *b, h: *h, keys: keys.clone(), tile, tmp, pass })
             },
         )
         .collect()
 }
 
-pub(crate) fn kv_compress<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'_>) -> CompressedCache {
+pub(crate) fn kv_compress<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'_>) -> Result<CompressedCache> {
     let d = a.dims();
     let cfg = a.cfg();
     if !d.compresses(cfg) {
@@ -189,6 +187,8 @@ pub(crate) fn kv_compress<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'
     let scored = n - w;
     let geom = Geom::new(lanes, d.head_dim, g * w);
     let mp = geom.mp;
+    // Each worker's tile holds G·W rows (Qᵀ, Sᵀ, Oᵀ): a multiple of the window tensor.
+    alloc::probe::<f32>("the scoring tiles", &[rayon::current_num_threads(), geom.keys + 2 * geom.dp, mp])?;
     let call = Call::<E> {
         obs: Strided::of(&a.obs()),
         k: Strided::of(&a.k_cache()),
@@ -205,7 +205,18 @@ pub(crate) fn kv_compress<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'
         })
         .collect();
     // Pass 1: per-row max and sum per unit, merged per (b, h) into max and 1/sum.
-    let stats = run_pass(isa, &call, &units, |_| Pass::Stats { m: vec![f32::NEG_INFINITY; mp], l: vec![0.0; mp] });
+    // Per unit and window row: max and sum (units × G·W: cache length times window rows).
+    alloc::probe::<f32>("the scoring statistics", &[units.len(), mp, 2])?;
+    let stats0 = units
+        .iter()
+        .map(|_| {
+            Ok(Pass::Stats {
+                m: alloc::filled("the scoring maxima", mp, f32::NEG_INFINITY)?,
+                l: alloc::filled("the scoring sums", mp, 0.0)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let stats = run_pass(isa, &call, &units, stats0);
     let norms: Vec<(Vec<f32>, Vec<f32>)> = stats
         .chunks(per_head)
         .map(|units| {
@@ -231,45 +242,51 @@ pub(crate) fn kv_compress<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'
         .collect();
 
     // Pass 2: window means of the scored positions.
-    let means = run_pass(isa, &call, &units, |u| {
-        let (m, inv_l) = &norms[u / per_head];
-        let keys = &units[u].2;
-        let count = keys.end.min(scored).saturating_sub(keys.start);
-        Pass::Means { m, inv_l, out: vec![0.0; g * count] }
-    });
+    // Window means [G][count] of every unit: Hq × entries in all, which can exceed the inputs.
+    alloc::probe::<f32>("the window means", &[d.batch, d.q_heads, scored])?;
+    let means0 = (0..units.len())
+        .map(|u| {
+            let (m, inv_l) = &norms[u / per_head];
+            let keys = &units[u].2;
+            let count = keys.end.min(scored).saturating_sub(keys.start);
+            Ok(Pass::Means { m, inv_l, out: alloc::filled("the window means", g * count, 0.0)? })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let means = run_pass(isa, &call, &units, means0);
 
     // Rows a[b][hq][n], then the group reduction of SPEC §4.3.
     let heads = d.out_heads(cfg);
-    let mut rows: Vec<Vec<f32>> = Vec::with_capacity(d.batch * heads);
+    let row = |values: &mut dyn Iterator<Item = f32>| -> Result<Vec<f32>> {
+        let mut r = alloc::with_capacity("a decode score row", scored)?;
+        r.extend(values);
+        Ok(r)
+    };
+    // Rows and pooled rows are built one by one: check the whole first (Hq rows for per_query_head).
+    alloc::probe::<f32>("the decode score rows", &[d.batch, heads, scored, 2])?;
+    let mut rows: Vec<Vec<f32>> = alloc::with_capacity("the decode score rows", d.batch * heads)?;
     for head_units in means.chunks(per_head) {
         let per_q: Vec<Vec<f32>> = (0..g)
             .map(|gi| {
-                let mut row = Vec::with_capacity(scored);
-                for p in head_units {
+                row(&mut head_units.iter().flat_map(|p| {
                     let Pass::Means { out, .. } = p else { unreachable!("pass 2 yields means") };
                     let count = out.len() / g;
-                    row.extend_from_slice(&out[gi * count..(gi + 1) * count]);
-                }
-                row
+                    out[gi * count..(gi + 1) * count].iter().copied()
+                }))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         match cfg.gqa_mode {
             GqaMode::PerQueryHead => rows.extend(per_q),
             GqaMode::Mean => {
-                rows.push((0..scored).map(|i| per_q.iter().map(|r| r[i]).sum::<f32>() / g as f32).collect())
+                rows.push(row(&mut (0..scored).map(|i| per_q.iter().map(|r| r[i]).sum::<f32>() / g as f32))?)
             }
             GqaMode::Max => {
-                rows.push((0..scored).map(|i| per_q.iter().map(|r| r[i]).fold(f32::NEG_INFINITY, f32::max)).collect())
+                rows.push(row(&mut (0..scored).map(|i| per_q.iter().map(|r| r[i]).fold(f32::NEG_INFINITY, f32::max)))?)
             }
         }
     }
-    let pooled: Vec<Vec<f32>> = rows
-        .par_iter()
-        .map(|r| {
-            let mut p = vec![0f32; r.len()];
-            compress::pool_row(r, cfg.pooling, cfg.pooling_kernel, &mut p);
-            p
-        })
-        .collect();
+    drop(means);
+    let mut pooled: Vec<Vec<f32>> =
+        rows.iter().map(|r| alloc::filled("the pooled scores", r.len(), 0f32)).collect::<Result<_>>()?;
+    pooled.par_iter_mut().zip(&rows).for_each(|(p, r)| compress::pool_row(r, cfg.pooling, cfg.pooling_kernel, p));
     compress::select_and_gather(a, &pooled)
 }

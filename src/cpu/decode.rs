@@ -6,6 +6,8 @@ use rayon::prelude::*;
 
 use super::simd::{Isa, Simd, WithSimd, dispatch};
 use super::{SendPtr, Strided};
+use crate::alloc;
+use crate::error::Result;
 use crate::tensor::{Element, TensorViewMut};
 use crate::validate::{DecodeArgs, DecodeDims};
 
@@ -21,11 +23,20 @@ struct Call<'a, E> {
     c: f32,
 }
 
-/// Partial result of one unit: per query row, max (base 2), sum and unnormalised output.
-struct Partial {
-    m: Vec<f32>,
-    l: Vec<f32>,
-    o: Vec<f32>,
+/// Partial result of one unit, in its slice of one buffer for all units (rows = queries × G):
+/// per query row the max (base 2) `[rows]`, the sum `[rows]`, the unnormalised output `[rows][D]`.
+struct Partial<'p> {
+    m: &'p mut [f32],
+    l: &'p mut [f32],
+    o: &'p mut [f32],
+}
+
+impl<'p> Partial<'p> {
+    fn of(part: &'p mut [f32], rows: usize) -> Self {
+        let (m, rest) = part.split_at_mut(rows);
+        let (l, o) = rest.split_at_mut(rows);
+        Partial { m, l, o }
+    }
 }
 
 /// Dot product of `a` (f32) with `b`, vectorised over the head dim.
@@ -72,19 +83,21 @@ unsafe fn axpy<S: Simd>(p: f32, v: *const f32, o: *mut f32, d: usize) {
     }
 }
 
-struct UnitJob<'a, 'c, E> {
+struct UnitJob<'a, 'c, 'p, E> {
     call: &'c Call<'a, E>,
     b: usize,
     h: usize,
     keys: std::ops::Range<usize>,
     buf: &'c mut Vec<f32>,
+    part: Partial<'p>,
 }
 
-impl<E: Element> WithSimd for UnitJob<'_, '_, E> {
-    type Output = Partial;
+impl<E: Element> WithSimd for UnitJob<'_, '_, '_, E> {
+    type Output = ();
     #[inline(always)]
-    fn with_simd<S: Simd>(self) -> Partial {
-        let UnitJob { call, b, h, keys, buf } = self;
+    fn with_simd<S: Simd>(self) {
+        let UnitJob { call, b, h, keys, buf, part } = self;
+        let Partial { m, l, o: out } = part;
         let dm = call.dims;
         let (g, d, nq) = (dm.group(), dm.head_dim, dm.queries);
         let rows = nq * g;
@@ -108,8 +121,6 @@ impl<E: Element> WithSimd for UnitJob<'_, '_, E> {
                 scores[r * n + jn] = unsafe { dot::<S>(qbuf[r * d..].as_ptr(), row.as_ptr(), d) };
             }
         }
-        let mut m = vec![f32::NEG_INFINITY; rows];
-        let mut l = vec![0f32; rows];
         for r in 0..rows {
             let s = &mut scores[r * n..(r + 1) * n];
             m[r] = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -120,7 +131,7 @@ impl<E: Element> WithSimd for UnitJob<'_, '_, E> {
             }
             l[r] = sum;
         }
-        let mut out = vec![0f32; rows * d];
+        out.fill(0.0);
         for (jn, t) in keys.enumerate() {
             E::widen(call.v.row(b, h, t, d), row);
             for r in 0..rows {
@@ -128,11 +139,10 @@ impl<E: Element> WithSimd for UnitJob<'_, '_, E> {
                 unsafe { axpy::<S>(scores[r * n + jn], row.as_ptr(), out[r * d..].as_mut_ptr(), d) };
             }
         }
-        Partial { m, l, o: out }
     }
 }
 
-pub(crate) fn decode<E: Element>(isa: Isa, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) {
+pub(crate) fn decode<E: Element>(isa: Isa, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
     let dm = a.dims();
     let call = Call::<E> {
         q: Strided::of(&a.q()),
@@ -151,14 +161,16 @@ pub(crate) fn decode<E: Element>(isa: Isa, a: &DecodeArgs<'_>, out: &mut TensorV
             }
         }
     }
-    let partials: Vec<Partial> = units
-        .par_iter()
-        .map_init(Vec::new, |buf, (b, h, keys)| {
-            dispatch(isa, UnitJob { call: &call, b: *b, h: *h, keys: keys.clone(), buf })
-        })
-        .collect();
-    // Merge the chunks of each head (units of one head are consecutive) and write.
+    // One partial per unit: (queries × G) × (D + 2) values each, a multiple of q's size.
     let (g, d, nq) = (dm.group(), dm.head_dim, dm.queries);
+    let rows = nq * g;
+    let per_unit = rows * (d + 2);
+    let mut partials = alloc::grid("the decode partials", &[units.len(), per_unit], 0f32)?;
+    partials.par_chunks_mut(per_unit).zip(units.par_iter()).for_each_init(Vec::new, |buf, (part, (b, h, keys))| {
+        let part = Partial::of(part, rows);
+        dispatch(isa, UnitJob { call: &call, b: *b, h: *h, keys: keys.clone(), buf, part })
+    });
+    // Merge the chunks of each head (units of one head are consecutive) and write.
     let os = out.strides();
     let out_ptr = SendPtr(out.typed_mut::<E>().expect("dtype checked by validation").as_mut_ptr());
     let mut start = 0;
@@ -170,19 +182,21 @@ pub(crate) fn decode<E: Element>(isa: Isa, a: &DecodeArgs<'_>, out: &mut TensorV
         start = end;
     }
     heads.par_iter().for_each(|(b, h, range)| {
-        let parts = &partials[range.clone()];
+        let parts = &partials[range.start * per_unit..range.end * per_unit];
+        // A unit's slice: maxima [rows], sums [rows], outputs [rows][D].
+        let (pm, pl, po) = (|p: &[f32], r: usize| p[r], |p: &[f32], r: usize| p[rows + r], |r: usize| 2 * rows + r * d);
         let mut o = vec![0f32; d];
         let mut tmp = vec![E::default(); d];
         for i in 0..nq {
             for j in 0..g {
                 let r = i * g + j;
-                let mx = parts.iter().map(|p| p.m[r]).fold(f32::NEG_INFINITY, f32::max);
+                let mx = parts.chunks(per_unit).map(|p| pm(p, r)).fold(f32::NEG_INFINITY, f32::max);
                 o.fill(0.0);
                 let mut l = 0.0;
-                for p in parts {
-                    let w = (p.m[r] - mx).exp2();
-                    l += p.l[r] * w;
-                    o.iter_mut().zip(&p.o[r * d..(r + 1) * d]).for_each(|(x, y)| *x += w * y);
+                for p in parts.chunks(per_unit) {
+                    let w = (pm(p, r) - mx).exp2();
+                    l += pl(p, r) * w;
+                    o.iter_mut().zip(&p[po(r)..po(r) + d]).for_each(|(x, y)| *x += w * y);
                 }
                 o.iter_mut().for_each(|x| *x /= l);
                 E::narrow(&o, &mut tmp);
@@ -192,4 +206,5 @@ pub(crate) fn decode<E: Element>(isa: Isa, a: &DecodeArgs<'_>, out: &mut TensorV
             }
         }
     });
+    Ok(())
 }

@@ -115,7 +115,7 @@ impl Default for CpuBackend {
     }
 }
 
-fn plan_e<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Plan {
+fn plan_e<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Result<Plan> {
     plan::plan::<E>(isa, a)
 }
 fn attention_e<E: Element>(
@@ -127,10 +127,10 @@ fn attention_e<E: Element>(
 ) {
     attention::prefill::<E>(isa, lanes, a, out, lse)
 }
-fn compress_e<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'_>) -> CompressedCache {
+fn compress_e<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'_>) -> Result<CompressedCache> {
     compress::kv_compress::<E>(isa, lanes, a)
 }
-fn decode_e<E: Element>(isa: Isa, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) {
+fn decode_e<E: Element>(isa: Isa, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
     decode::decode::<E>(isa, a, out)
 }
 
@@ -145,17 +145,16 @@ impl Backend for CpuBackend {
         &self.caps
     }
     fn plan(&self, a: &PlanArgs<'_>) -> Result<Plan> {
-        Ok(by_dtype!(a.q().dtype(), plan_e(self.isa, a)))
+        by_dtype!(a.q().dtype(), plan_e(self.isa, a))
     }
     fn attention(&self, a: &AttentionArgs<'_>, out: &mut TensorViewMut<'_>, lse: Option<&mut [f32]>) -> Result<()> {
         by_dtype!(a.q().dtype(), attention_e(self.isa, self.lanes(), a, out, lse));
         Ok(())
     }
     fn kv_compress(&self, a: &CompressArgs<'_>) -> Result<CompressedCache> {
-        Ok(by_dtype!(a.k_cache().dtype(), compress_e(self.isa, self.lanes(), a)))
+        by_dtype!(a.k_cache().dtype(), compress_e(self.isa, self.lanes(), a))
     }
     fn decode_attention(&self, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
-        by_dtype!(a.q().dtype(), decode_e(self.isa, a, out));
-        Ok(())
+        by_dtype!(a.q().dtype(), decode_e(self.isa, a, out))
     }
 }

@@ -6,7 +6,8 @@
 use rayon::prelude::*;
 
 use super::simd::{Isa, Simd, WithSimd, dispatch};
-use crate::config::EntropyConfig;
+use crate::alloc;
+use crate::error::Result;
 use crate::numerics;
 use crate::plan::{BlockLists, Plan, PlanDims, rules};
 use crate::tensor::{Element, TensorView};
@@ -45,35 +46,33 @@ fn representatives<E: Element>(
     }
 }
 
-/// Per unit (b, h, s): logits, distribution, entropy and the ranking prefix.
-struct UnitOut {
-    logits: Vec<f32>,
-    scores: Vec<f32>,
-    entropy: f64,
-    ranked: Vec<u32>,
+/// Where unit (b, h, s) writes: its rows of the logit and score maps (empty when not kept) and
+/// its ranking prefix. The maps grow as L², so they are allocated once, fallibly, by the caller.
+struct UnitOut<'o> {
+    logits: &'o mut [f32],
+    scores: &'o mut [f32],
+    ranked: &'o mut [u32],
 }
 
-struct UnitJob<'a> {
+struct UnitJob<'a, 'o> {
     dims: PlanDims,
-    cfg: &'a EntropyConfig,
     head_dim: usize,
     /// `[B][nseg][Hq]` sums `qmax + qmin` (f64, exact).
     qsum: &'a [f64],
     /// `[B][N][Hkv][2][D]` key representatives.
     krep: &'a [f64],
     prev: Option<&'a [f32]>,
-    keep_maps: bool,
     b: usize,
     h: usize,
     s: usize,
-    /// Ranking prefix to keep: the largest keep this segment can have.
-    width: usize,
+    out: UnitOut<'o>,
 }
 
-impl WithSimd for UnitJob<'_> {
-    type Output = UnitOut;
+impl WithSimd for UnitJob<'_, '_> {
+    /// The unit's entropy.
+    type Output = f64;
     #[inline(always)]
-    fn with_simd<S: Simd>(self) -> UnitOut {
+    fn with_simd<S: Simd>(self) -> f64 {
         let UnitJob { dims: d, head_dim: dd, qsum, krep, b, h, s, .. } = self;
         let n = d.blocks;
         let g = d.group();
@@ -107,26 +106,30 @@ impl WithSimd for UnitJob<'_> {
         }
         let entropy = -numerics::lane_sum(n, |j| p[j] * numerics::ln(p[j] + 1e-9));
         let key = if self.prev.is_some() { &p[..lim] } else { &logit[..lim] };
-        let mut ranked = vec![0u32; self.width];
-        rules::rank_row(key, &mut Vec::new(), &mut ranked);
-        let keep_scores = self.keep_maps || self.cfg.layer_fusion;
-        UnitOut {
-            logits: if self.keep_maps { logit.iter().map(|&x| x as f32).collect() } else { Vec::new() },
-            scores: if keep_scores { p.iter().map(|&x| x as f32).collect() } else { Vec::new() },
-            entropy,
-            ranked,
-        }
+        let UnitOut { logits, scores, ranked } = self.out;
+        rules::rank_row(key, &mut Vec::new(), ranked);
+        logits.iter_mut().zip(&logit).for_each(|(o, &x)| *o = x as f32);
+        scores.iter_mut().zip(&p).for_each(|(o, &x)| *o = x as f32);
+        entropy
     }
 }
 
-pub(crate) fn plan<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Plan {
+/// `units` rows of `width` elements of `buf` (all empty when `buf` is).
+fn rows_of<T>(buf: &mut [T], units: usize, width: usize) -> Vec<&mut [T]> {
+    if buf.is_empty() || width == 0 {
+        return (0..units).map(|_| <&mut [T]>::default()).collect();
+    }
+    buf.chunks_mut(width).collect()
+}
+
+pub(crate) fn plan<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Result<Plan> {
     let d = a.dims();
     let dd = a.head_dim();
     let n = d.blocks;
     let (q, k) = (a.q(), a.k());
 
     // Representatives: per (b, segment) for queries, per (b, block) for keys.
-    let mut qrep = vec![0f64; d.batch * d.segments * d.q_heads * 2 * dd];
+    let mut qrep = alloc::grid("query representatives", &[d.batch, d.segments, d.q_heads, 2, dd], 0f64)?;
     qrep.par_chunks_mut(d.q_heads * 2 * dd).enumerate().for_each_init(
         || vec![0f32; dd],
         |row, (bs, out)| {
@@ -134,7 +137,7 @@ pub(crate) fn plan<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Plan {
             representatives::<E>(&q, b, d.segment_range(s), d.q_heads, dd, out, row)
         },
     );
-    let mut krep = vec![0f64; d.batch * n * d.kv_heads * 2 * dd];
+    let mut krep = alloc::grid("key representatives", &[d.batch, n, d.kv_heads, 2, dd], 0f64)?;
     if n > 0 {
         krep.par_chunks_mut(d.kv_heads * 2 * dd).enumerate().for_each_init(
             || vec![0f32; dd],
@@ -152,7 +155,7 @@ pub(crate) fn plan<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Plan {
 /// `[B, blocks, Hkv, 2, D]`, max then min), in f64: shared by the CPU backend and by backends
 /// whose devices compute the representatives (max/min are exact in any precision) but have no
 /// f64 arithmetic for the decisions.
-pub(crate) fn plan_from_representatives(isa: Isa, a: &PlanArgs<'_>, qrep: &[f64], krep: &[f64]) -> Plan {
+pub(crate) fn plan_from_representatives(isa: Isa, a: &PlanArgs<'_>, qrep: &[f64], krep: &[f64]) -> Result<Plan> {
     let d = a.dims();
     let cfg = a.cfg();
     let dd = a.head_dim();
@@ -162,39 +165,41 @@ pub(crate) fn plan_from_representatives(isa: Isa, a: &PlanArgs<'_>, qrep: &[f64]
     // Per-unit logits, distribution, entropy and ranking, ranked as far as any keep can reach
     // (the final width, max(segment_topk), is only known once every entropy is).
     let rank_width = d.rank_width(cfg.base_budget);
-    let units: Vec<UnitOut> = (0..d.units())
+    let (units, n) = (d.units(), d.blocks);
+    let map = alloc::count("a planning map [B, Hkv, nseg, N]", &[units, n])?;
+    let keep_scores = a.keep_maps() || cfg.layer_fusion;
+    let mut logits = alloc::filled("the planning logits", if a.keep_maps() { map } else { 0 }, 0f32)?;
+    let mut scores = alloc::filled("the block distributions", if keep_scores { map } else { 0 }, 0f32)?;
+    let mut ranked = alloc::grid("the block rankings", &[units, rank_width], 0u32)?;
+    let outs = rows_of(&mut logits, units, n)
+        .into_iter()
+        .zip(rows_of(&mut scores, units, n))
+        .zip(rows_of(&mut ranked, units, rank_width))
+        .map(|((logits, scores), ranked)| UnitOut { logits, scores, ranked });
+    let entropy64: Vec<f64> = outs
+        .enumerate()
+        .collect::<Vec<_>>()
         .into_par_iter()
-        .map(|u| {
+        .map(|(u, out)| {
             let (bh, s) = (u / d.segments, u % d.segments);
             let (b, h) = (bh / d.kv_heads, bh % d.kv_heads);
-            let job = UnitJob {
-                dims: d,
-                cfg,
-                head_dim: dd,
-                qsum: &qsum,
-                krep,
-                prev: a.fusion(),
-                keep_maps: a.keep_maps(),
-                b,
-                h,
-                s,
-                width: rank_width,
-            };
+            let job = UnitJob { dims: d, head_dim: dd, qsum: &qsum, krep, prev: a.fusion(), b, h, s, out };
             dispatch(isa, job)
         })
         .collect();
 
-    let entropy: Vec<f32> = units.iter().map(|u| u.entropy as f32).collect();
+    let entropy: Vec<f32> = entropy64.iter().map(|&e| e as f32).collect();
     let (head_class, budgets, keep_blocks, segment_topk) = rules::decide(&d, cfg, &entropy);
     let width = rules::order_width(&segment_topk);
-    let mut order = Vec::with_capacity(d.units() * width);
-    for unit in &units {
-        order.extend_from_slice(&unit.ranked[..width]);
+    let mut order = alloc::with_capacity("the block rankings", alloc::count("the ranking", &[units, width])?)?;
+    for row in rows_of(&mut ranked, units, rank_width) {
+        order.extend_from_slice(&row[..width]);
     }
+    drop(ranked);
     let mut plan = Plan {
         dims: d,
-        logits: units.iter().flat_map(|u| u.logits.iter().copied()).collect(),
-        scores: units.iter().flat_map(|u| u.scores.iter().copied()).collect(),
+        logits,
+        scores,
         entropy,
         head_class,
         budgets,
@@ -205,5 +210,5 @@ pub(crate) fn plan_from_representatives(isa: Isa, a: &PlanArgs<'_>, qrep: &[f64]
         blocks: BlockLists::all_dense(d),
     };
     plan.blocks = plan.block_lists(cfg.budget_mode, cfg.threshold_len);
-    plan
+    Ok(plan)
 }

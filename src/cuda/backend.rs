@@ -690,6 +690,7 @@ impl CudaBackend {
             budgets: get_f32(&budgets, units)?,
             keep_blocks: get_u32(&keep, units)?,
             segment_topk,
+            // width is 0 when no keep can reach a block (keep_cap 0): then the order is empty.
             order: full_order.chunks(2 * width.max(1)).flat_map(|r| r[..order_width].iter().copied()).collect(),
             order_width,
             blocks: crate::plan::BlockLists::all_dense(d),

@@ -1,6 +1,7 @@
 //! SPEC §3 and decode attention: per query, list the visible keys, softmax in f64, weigh values.
 
 use super::{F64Tensor, dot};
+use crate::error::Result;
 use crate::plan::SegmentAttention;
 use crate::validate::{AttentionArgs, DecodeArgs};
 
@@ -19,13 +20,13 @@ fn attend(scores: &[f64], values: &[&[f64]], out: &mut [f64]) -> f64 {
 }
 
 /// Prefill attention: `[B, L, Hq, D]` outputs and `[B, Hq, L]` log-sum-exps.
-pub fn attention(a: &AttentionArgs<'_>) -> (F64Tensor, Vec<f64>) {
+pub fn attention(a: &AttentionArgs<'_>) -> Result<(F64Tensor, Vec<f64>)> {
     let d = a.dims();
-    let (q, k, v) = (F64Tensor::of(&a.q()), F64Tensor::of(&a.k()), F64Tensor::of(&a.v()));
+    let (q, k, v) = (F64Tensor::try_of(&a.q())?, F64Tensor::try_of(&a.k())?, F64Tensor::try_of(&a.v())?);
     let g = d.group();
     let scale = a.scale() as f64;
-    let mut out = F64Tensor { data: vec![0.0; d.batch * d.seq_len * d.q_heads * d.head_dim], shape: q.shape };
-    let mut lse = vec![0.0; d.batch * d.q_heads * d.seq_len];
+    let mut out = F64Tensor::zeros(q.shape)?;
+    let mut lse = crate::alloc::grid("the oracle's LSE", &[d.batch, d.q_heads, d.seq_len], 0.0)?;
     let mut o = vec![0.0; d.head_dim];
     for b in 0..d.batch {
         for hq in 0..d.q_heads {
@@ -57,16 +58,16 @@ pub fn attention(a: &AttentionArgs<'_>) -> (F64Tensor, Vec<f64>) {
             }
         }
     }
-    (out, lse)
+    Ok((out, lse))
 }
 
 /// Decode attention: `[B, nq, Hq, D]` outputs; query head `hq` reads cache head `hq / (Hq / Hc)`.
-pub fn decode_attention(a: &DecodeArgs<'_>) -> F64Tensor {
+pub fn decode_attention(a: &DecodeArgs<'_>) -> Result<F64Tensor> {
     let d = a.dims();
-    let (q, k, v) = (F64Tensor::of(&a.q()), F64Tensor::of(&a.k_cache()), F64Tensor::of(&a.v_cache()));
+    let (q, k, v) = (F64Tensor::try_of(&a.q())?, F64Tensor::try_of(&a.k_cache())?, F64Tensor::try_of(&a.v_cache())?);
     let g = d.group();
     let scale = a.scale() as f64;
-    let mut out = F64Tensor { data: vec![0.0; d.batch * d.queries * d.q_heads * d.head_dim], shape: q.shape };
+    let mut out = F64Tensor::zeros(q.shape)?;
     let mut o = vec![0.0; d.head_dim];
     for b in 0..d.batch {
         for i in 0..d.queries {
@@ -82,5 +83,5 @@ pub fn decode_attention(a: &DecodeArgs<'_>) -> F64Tensor {
             }
         }
     }
-    out
+    Ok(out)
 }

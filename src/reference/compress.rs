@@ -1,17 +1,19 @@
 //! SPEC §4 compression, step by step, in f64.
 
 use super::{F64Tensor, dot};
+use crate::alloc;
 use crate::compress::CompressedCache;
 use crate::config::{GqaMode, HeadBudget, Pooling};
+use crate::error::Result;
 use crate::tensor::HostTensor;
 use crate::validate::CompressArgs;
 
-pub fn kv_compress(a: &CompressArgs<'_>) -> CompressedCache {
+pub fn kv_compress(a: &CompressArgs<'_>) -> Result<CompressedCache> {
     let d = a.dims();
     let cfg = a.cfg();
     let (bsz, hkv, n, w) = (d.batch, d.kv_heads, d.entries, d.window);
-    let k = F64Tensor::of(&a.k_cache());
-    let v = F64Tensor::of(&a.v_cache());
+    let k = F64Tensor::try_of(&a.k_cache())?;
+    let v = F64Tensor::try_of(&a.v_cache())?;
 
     if n < cfg.decode_budget {
         // Nothing to compress: every entry stays, in place.
@@ -20,7 +22,7 @@ pub fn kv_compress(a: &CompressArgs<'_>) -> CompressedCache {
         return build(&k, &v, a, hkv, ww, &sel);
     }
 
-    let rows = pooled_scores(a, &k);
+    let rows = pooled_scores(a, &k)?;
     let heads = rows[0].len();
     let scored = n - w;
 
@@ -45,7 +47,8 @@ pub fn kv_compress(a: &CompressArgs<'_>) -> CompressedCache {
                 let floor = ((floor_fraction as f64 * share as f64).ceil() as usize).min(share);
                 let mut picked: Vec<Vec<usize>> =
                     (0..heads).map(|hc| by_score(&rows[b][hc])[..floor].to_vec()).collect();
-                let mut pool: Vec<(f64, usize, usize)> = Vec::new();
+                let mut pool: Vec<(f64, usize, usize)> =
+                    alloc::with_capacity("the oracle's AdaKV pool", alloc::count("the AdaKV pool", &[heads, scored])?)?;
                 for hc in 0..heads {
                     for j in 0..scored {
                         if !picked[hc].contains(&j) {
@@ -76,15 +79,15 @@ fn build(
     heads: usize,
     w: usize,
     sel: &[Vec<usize>],
-) -> CompressedCache {
+) -> Result<CompressedCache> {
     let d = a.dims();
     let (bsz, n, dd) = (d.batch, d.entries, d.head_dim);
     let per_kv = heads / d.kv_heads;
     let capacity = sel.iter().map(Vec::len).max().unwrap() + w;
-    let mut ko = vec![0f32; bsz * heads * capacity * dd];
-    let mut vo = vec![0f32; bsz * heads * capacity * dd];
+    let mut ko = alloc::grid("the compressed keys", &[bsz, heads, capacity, dd], 0f32)?;
+    let mut vo = alloc::grid("the compressed values", &[bsz, heads, capacity, dd], 0f32)?;
     let mut lengths = Vec::new();
-    let mut indices = vec![-1i64; bsz * heads * (capacity - w)];
+    let mut indices = alloc::grid("the kept positions", &[bsz, heads, capacity - w], -1i64)?;
     for b in 0..bsz {
         for hc in 0..heads {
             let u = b * heads + hc;
@@ -104,33 +107,47 @@ fn build(
     }
     let shape = [bsz, heads, capacity, dd];
     let dtype = a.k_cache().dtype();
-    CompressedCache {
+    Ok(CompressedCache {
         k: HostTensor::from_f32(&ko, shape, dtype),
         v: HostTensor::from_f32(&vo, shape, dtype),
         lengths,
         indices,
         window: w,
         compressed: n >= a.cfg().decode_budget,
-    }
+    })
 }
 
 /// Steps 1–4 of SPEC §4.2: pooled scores `[B][heads][N - W]` (for tests that need to tell a
 /// near-tie from a wrong selection).
+///
+/// # Panics
+/// If the scores cannot be allocated (a test helper; the backend reports `Error::Alloc`).
 pub fn compress_scores(a: &CompressArgs<'_>) -> Vec<Vec<Vec<f64>>> {
-    pooled_scores(a, &F64Tensor::of(&a.k_cache()))
+    pooled_scores(a, &F64Tensor::of(&a.k_cache())).expect("compress_scores: allocation")
 }
 
-fn pooled_scores(a: &CompressArgs<'_>, k: &F64Tensor) -> Vec<Vec<Vec<f64>>> {
+/// `[B][heads][N - W]` rows of zeros, fallibly (heads · entries can exceed both inputs).
+fn score_rows(bsz: usize, heads: usize, scored: usize) -> Result<Vec<Vec<Vec<f64>>>> {
+    alloc::probe::<f64>("the oracle's decode scores", &[bsz, heads, scored])?;
+    (0..bsz).map(|_| (0..heads).map(|_| alloc::filled("the oracle's decode scores", scored, 0.0)).collect()).collect()
+}
+
+fn pooled_scores(a: &CompressArgs<'_>, k: &F64Tensor) -> Result<Vec<Vec<Vec<f64>>>> {
     let d = a.dims();
     let cfg = a.cfg();
     let (bsz, hkv, hq, n, w) = (d.batch, d.kv_heads, d.q_heads, d.entries, d.window);
     let g = hq / hkv;
     let scale = a.scale() as f64;
-    let obs = F64Tensor::of(&a.obs());
+    let obs = F64Tensor::try_of(&a.obs())?;
+    // A cache no longer than the window has nothing to score (it is returned unchanged).
+    if n <= w {
+        let heads = if cfg.gqa_mode == GqaMode::PerQueryHead { hq } else { hkv };
+        return Ok(vec![vec![Vec::new(); heads]; bsz]);
+    }
     let scored = n - w;
 
     // 1–2. Window scores: softmax over the visible entries per window query, mean over the window.
-    let mut attn = vec![vec![vec![0.0f64; scored]; hq]; bsz];
+    let mut attn = score_rows(bsz, hq, scored)?;
     for b in 0..bsz {
         for qh in 0..hq {
             let h = qh / g;
@@ -151,7 +168,7 @@ fn pooled_scores(a: &CompressArgs<'_>, k: &F64Tensor) -> Vec<Vec<Vec<f64>>> {
 
     // 3. Group reduction.
     let heads = if cfg.gqa_mode == GqaMode::PerQueryHead { hq } else { hkv };
-    let mut rows = vec![vec![vec![0.0f64; scored]; heads]; bsz];
+    let mut rows = score_rows(bsz, heads, scored)?;
     for b in 0..bsz {
         for hc in 0..heads {
             for j in 0..scored {
@@ -164,21 +181,22 @@ fn pooled_scores(a: &CompressArgs<'_>, k: &F64Tensor) -> Vec<Vec<Vec<f64>>> {
         }
     }
 
-    // 4. Pooling along the cache.
-    let half = (cfg.pooling_kernel / 2) as i64;
+    // 4. Pooling along the cache: the kernel's positions that fall inside 0..N-W (zero padding
+    // outside adds nothing to a sum and never wins a max).
+    let half = cfg.pooling_kernel / 2;
     for b in 0..bsz {
         for hc in 0..heads {
             let r = rows[b][hc].clone();
             for j in 0..scored {
-                let window = (j as i64 - half..=j as i64 + half).filter(|&i| i >= 0 && (i as usize) < scored);
+                let window = j.saturating_sub(half)..=j.saturating_add(half).min(scored - 1);
                 rows[b][hc][j] = match cfg.pooling {
                     Pooling::None => r[j],
-                    Pooling::Avg => window.map(|i| r[i as usize]).sum::<f64>() / cfg.pooling_kernel as f64,
-                    Pooling::Max => window.map(|i| r[i as usize]).fold(f64::NEG_INFINITY, f64::max),
+                    Pooling::Avg => window.map(|i| r[i]).sum::<f64>() / cfg.pooling_kernel as f64,
+                    Pooling::Max => window.map(|i| r[i]).fold(f64::NEG_INFINITY, f64::max),
                 };
             }
         }
     }
 
-    rows
+    Ok(rows)
 }

@@ -25,9 +25,19 @@ pub struct F64Tensor {
 }
 
 impl F64Tensor {
+    /// The view's elements widened to f64, contiguous.
+    ///
+    /// # Panics
+    /// If the copy cannot be allocated ([`F64Tensor::try_of`] says so instead).
     pub fn of(view: &TensorView<'_>) -> Self {
+        Self::try_of(view).expect("F64Tensor::of: allocation")
+    }
+
+    /// [`F64Tensor::of`], with an allocation failure as `Error::Alloc`.
+    pub fn try_of(view: &TensorView<'_>) -> Result<Self> {
         let s = view.shape();
-        let mut data = Vec::with_capacity(s.iter().product());
+        let mut data =
+            crate::alloc::with_capacity("the oracle's f64 copy of an input", crate::alloc::count("an input", &s)?)?;
         for a in 0..s[0] {
             for b in 0..s[1] {
                 for c in 0..s[2] {
@@ -37,7 +47,12 @@ impl F64Tensor {
                 }
             }
         }
-        F64Tensor { data, shape: s }
+        Ok(F64Tensor { data, shape: s })
+    }
+
+    /// Zeros of `shape`, fallibly.
+    pub fn zeros(shape: [usize; 4]) -> Result<Self> {
+        Ok(F64Tensor { data: crate::alloc::grid("the oracle's f64 output", &shape, 0.0)?, shape })
     }
     /// The innermost row at `[a, b, c, :]`.
     pub fn row(&self, a: usize, b: usize, c: usize) -> &[f64] {
@@ -80,10 +95,10 @@ impl Backend for ReferenceBackend {
         &self.caps
     }
     fn plan(&self, args: &PlanArgs<'_>) -> Result<Plan> {
-        Ok(plan(args))
+        plan(args)
     }
     fn attention(&self, args: &AttentionArgs<'_>, out: &mut TensorViewMut<'_>, lse: Option<&mut [f32]>) -> Result<()> {
-        let (o, l) = attention(args);
+        let (o, l) = attention(args)?;
         write_bsnd(&o, out);
         if let Some(lse) = lse {
             for (dst, src) in lse.iter_mut().zip(&l) {
@@ -93,10 +108,10 @@ impl Backend for ReferenceBackend {
         Ok(())
     }
     fn kv_compress(&self, args: &CompressArgs<'_>) -> Result<CompressedCache> {
-        Ok(kv_compress(args))
+        kv_compress(args)
     }
     fn decode_attention(&self, args: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
-        write_bsnd(&decode_attention(args), out);
+        write_bsnd(&decode_attention(args)?, out);
         Ok(())
     }
 }

@@ -1,11 +1,13 @@
 //! SPEC §2, step by step, in f64 (the budget recurrence in f32, as the spec demands).
 
 use super::{F64Tensor, dot};
+use crate::alloc;
 use crate::config::{BudgetMode, BudgetPolicy};
+use crate::error::Result;
 use crate::plan::{BlockLists, HeadClass, Plan};
 use crate::validate::PlanArgs;
 
-pub fn plan(a: &PlanArgs<'_>) -> Plan {
+pub fn plan(a: &PlanArgs<'_>) -> Result<Plan> {
     let cfg = a.cfg();
     let dims = a.dims();
     let (bsz, l, hq, hkv) = (dims.batch, dims.seq_len, dims.q_heads, dims.kv_heads);
@@ -13,8 +15,10 @@ pub fn plan(a: &PlanArgs<'_>) -> Plan {
     let nrep = seg / bk;
     let g = hq / hkv;
     let dd = a.head_dim();
-    let q = F64Tensor::of(&a.q());
-    let k = F64Tensor::of(&a.k());
+    let q = F64Tensor::try_of(&a.q())?;
+    let k = F64Tensor::try_of(&a.k())?;
+    // The maps [B, Hkv, nseg, N] grow as L²: flat and fallibly allocated, entry (b, h, s, j) at `at(b, h, s, j)`.
+    let at = |b: usize, h: usize, s: usize, j: usize| ((b * hkv + h) * nseg + s) * n + j;
 
     // 1. Representatives: element-wise max and min over each segment's queries and each block's keys.
     let mut qmax = vec![vec![vec![vec![f64::NEG_INFINITY; dd]; hq]; nseg]; bsz];
@@ -45,7 +49,7 @@ pub fn plan(a: &PlanArgs<'_>) -> Plan {
     }
 
     // 2–3. Logits with the causal block mask; mean over the group.
-    let mut logit = vec![vec![vec![vec![f64::NEG_INFINITY; n]; nseg]; hkv]; bsz];
+    let mut logit = alloc::grid("the oracle's planning logits", &[bsz, hkv, nseg, n], f64::NEG_INFINITY)?;
     for b in 0..bsz {
         for h in 0..hkv {
             for s in 0..nseg {
@@ -62,28 +66,28 @@ pub fn plan(a: &PlanArgs<'_>) -> Plan {
                         let with_min = (dot(qx, kn) + dot(qn, kn)) / 2.0;
                         sum += with_max.max(with_min);
                     }
-                    logit[b][h][s][j] = sum / g as f64;
+                    logit[at(b, h, s, j)] = sum / g as f64;
                 }
             }
         }
     }
 
     // 4. Distribution: softmax over the unmasked blocks; segment 0 uniform.
-    let mut p = vec![vec![vec![vec![0.0f64; n]; nseg]; hkv]; bsz];
+    let mut p = alloc::grid("the oracle's block distributions", &[bsz, hkv, nseg, n], 0.0f64)?;
     for b in 0..bsz {
         for h in 0..hkv {
             for s in 0..nseg {
-                let row = &logit[b][h][s];
+                let row = &logit[at(b, h, s, 0)..at(b, h, s, 0) + n];
                 if s == 0 {
                     for j in 0..n {
-                        p[b][h][s][j] = 1.0 / n as f64;
+                        p[at(b, h, s, j)] = 1.0 / n as f64;
                     }
                     continue;
                 }
                 let m = row[..s * nrep].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = row[..s * nrep].iter().map(|x| (x - m).exp()).sum();
                 for j in 0..s * nrep {
-                    p[b][h][s][j] = (row[j] - m).exp() / z;
+                    p[at(b, h, s, j)] = (row[j] - m).exp() / z;
                 }
             }
         }
@@ -96,7 +100,7 @@ pub fn plan(a: &PlanArgs<'_>) -> Plan {
                 for s in 0..nseg {
                     for j in 0..n {
                         let pp = prev[((b * hkv + h) * nseg + s) * n + j] as f64;
-                        p[b][h][s][j] = 0.25 * pp + 0.75 * p[b][h][s][j];
+                        p[at(b, h, s, j)] = 0.25 * pp + 0.75 * p[at(b, h, s, j)];
                     }
                 }
             }
@@ -108,7 +112,8 @@ pub fn plan(a: &PlanArgs<'_>) -> Plan {
     for b in 0..bsz {
         for h in 0..hkv {
             for s in 0..nseg {
-                entropy[b][h][s] = -p[b][h][s].iter().map(|&x| x * (x + 1e-9).ln()).sum::<f64>();
+                entropy[b][h][s] =
+                    -p[at(b, h, s, 0)..at(b, h, s, 0) + n].iter().map(|&x| x * (x + 1e-9).ln()).sum::<f64>();
             }
         }
     }
@@ -153,12 +158,13 @@ pub fn plan(a: &PlanArgs<'_>) -> Plan {
 
     // 10. Ranking: largest logit (fused p with fusion), ties to the lower block; masked blocks last.
     let width = segment_topk.iter().copied().max().unwrap_or(0);
-    let mut order = Vec::with_capacity(bsz * hkv * nseg * width);
+    let mut order =
+        alloc::with_capacity("the oracle's ranking", alloc::count("the ranking", &[bsz, hkv, nseg, width])?)?;
     let mut selected: Vec<Option<Vec<u32>>> = Vec::new();
     for b in 0..bsz {
         for h in 0..hkv {
             for s in 0..nseg {
-                let key = |j: usize| if a.fusion().is_some() { p[b][h][s][j] } else { logit[b][h][s][j] };
+                let key = |j: usize| if a.fusion().is_some() { p[at(b, h, s, j)] } else { logit[at(b, h, s, j)] };
                 let mut ranked: Vec<usize> = (0..(s * nrep).min(n)).collect();
                 ranked.sort_by(|&x, &y| crate::numerics::rank_cmp(key(x), key(y)).then(x.cmp(&y)));
                 ranked.extend((s * nrep).min(n)..n);
@@ -173,12 +179,16 @@ pub fn plan(a: &PlanArgs<'_>) -> Plan {
         }
     }
 
-    let flat4 = |x: &Vec<Vec<Vec<Vec<f64>>>>| x.iter().flatten().flatten().flatten().map(|&v| v as f32).collect();
+    let narrow = |x: &[f64]| -> Result<Vec<f32>> {
+        let mut out = alloc::with_capacity("a planning map", x.len())?;
+        out.extend(x.iter().map(|&v| v as f32));
+        Ok(out)
+    };
     let keep_maps = a.keep_maps() || a.cfg().layer_fusion;
-    Plan {
+    Ok(Plan {
         dims,
-        logits: if a.keep_maps() { flat4(&logit) } else { Vec::new() },
-        scores: if keep_maps { flat4(&p) } else { Vec::new() },
+        logits: if a.keep_maps() { narrow(&logit)? } else { Vec::new() },
+        scores: if keep_maps { narrow(&p)? } else { Vec::new() },
         entropy: entropy.iter().flatten().flatten().map(|&v| v as f32).collect(),
         head_class: class.into_iter().flatten().collect(),
         budgets: budget.into_iter().flatten().flatten().collect(),
@@ -187,5 +197,5 @@ pub fn plan(a: &PlanArgs<'_>) -> Plan {
         order,
         order_width: width,
         blocks: BlockLists::from_units(dims, selected),
-    }
+    })
 }
