@@ -270,16 +270,7 @@ fn kernel_attribute_table_is_fresh() {
         })
         .collect();
     let fresh = render(&attrs);
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(ATTRS);
-    if std::env::var_os("ENTROPY_KERNELS_BLESS").is_some() {
-        std::fs::write(&path, &fresh).unwrap();
-        return;
-    }
-    let committed = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        committed == fresh,
-        "{ATTRS} is stale: run `ENTROPY_KERNELS_BLESS=1 cargo test --features cuda --test cuda_compile` and commit it"
-    );
+    common::check_generated(ATTRS, &fresh, "cargo test --features cuda --test cuda_compile");
 }
 
 /// A target architecture's limits (CUDA C++ Programming Guide, "Technical Specifications per

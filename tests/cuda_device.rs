@@ -19,9 +19,7 @@ fn device_prefill_and_decode_match_the_oracle() {
     let cfg =
         EntropyConfig { segment_size: 64, block_size: 16, threshold_len: 64, base_budget: 64, ..Default::default() };
     for dtype in [DType::F16, DType::BF16] {
-        let q = random([b, l, hq, d], 1.0, seed, dtype);
-        let k = random([b, l, hkv, d], 1.0, seed ^ 1, dtype);
-        let v = random([b, l, hkv, d], 1.0, seed ^ 2, dtype);
+        let (q, k, v) = random_qkv([b, l, hq, hkv, d], seed, dtype);
         let plan = oracle.plan(q.view(), k.view(), &cfg, &PlanRequest::layer(0)).unwrap();
         let mut want = poisoned(q.shape, dtype);
         oracle.sparse_prefill(q.view(), k.view(), v.view(), &plan.blocks, None, &mut want.view_mut(), None).unwrap();

@@ -93,9 +93,7 @@ fn the_backend_runs_on_every_emulated_architecture() {
             (DType::BF16, 128, "ek_prefill_mma_bf16_d128_m64"),
         ] {
             let (l, hq, hkv) = (300, 4, 2);
-            let q = common::random([1, l, hq, d], 1.0, seed, dtype);
-            let kk = common::random([1, l, hkv, d], 1.0, seed ^ 1, dtype);
-            let v = common::random([1, l, hkv, d], 1.0, seed ^ 2, dtype);
+            let (q, kk, v) = common::random_qkv([1, l, hq, hkv, d], seed, dtype);
             let cfg = EntropyConfig {
                 segment_size: 64,
                 block_size: 8,
@@ -361,9 +359,7 @@ fn prefill_pipeline_holds_whichever_way_copies_land() {
             let before = emu::launches(Some(&kernel)).unwrap();
             let seed = common::seed(&format!("cuda_emu_pipeline/{early}/{tile:?}/{dtype}/{d}"));
             let (l, hq, hkv) = (333, 4, 2);
-            let q = common::random([1, l, hq, d], 1.0, seed, dtype);
-            let kk = common::random([1, l, hkv, d], 1.0, seed ^ 1, dtype);
-            let v = common::random([1, l, hkv, d], 1.0, seed ^ 2, dtype);
+            let (q, kk, v) = common::random_qkv([1, l, hq, hkv, d], seed, dtype);
             let cfg = EntropyConfig {
                 segment_size: 128,
                 block_size: 16,
@@ -426,9 +422,7 @@ fn results_do_not_depend_on_thread_order() {
     ] {
         let k = tiled(tile);
         let (l, hq, hkv) = (600, 4, 2);
-        let q = common::random([1, l, hq, d], 1.0, seed, dtype);
-        let kk = common::random([1, l, hkv, d], 1.0, seed ^ 1, dtype);
-        let v = common::random([1, l, hkv, d], 1.0, seed ^ 2, dtype);
+        let (q, kk, v) = common::random_qkv([1, l, hq, hkv, d], seed, dtype);
         let q1 = common::random([1, 1, hq, d], 1.0, seed ^ 3, dtype);
         let cache = |s: u64| common::random([1, hkv, 500, d], 1.0, s, dtype);
         let (kc, vc) = (cache(seed ^ 4), cache(seed ^ 5));
@@ -604,9 +598,7 @@ fn large_launch_shapes_agree_with_the_oracle() {
     let oracle = Kernels::reference();
     let (l, hq, hkv, d, dtype) = (1500, 8, 2, 128, DType::BF16);
     let seed = common::seed("cuda_emu_large_shapes");
-    let q = common::random([1, l, hq, d], 1.0, seed, dtype);
-    let kk = common::random([1, l, hkv, d], 1.0, seed ^ 1, dtype);
-    let v = common::random([1, l, hkv, d], 1.0, seed ^ 2, dtype);
+    let (q, kk, v) = common::random_qkv([1, l, hq, hkv, d], seed, dtype);
     let cfg =
         EntropyConfig { segment_size: 256, block_size: 8, threshold_len: 256, base_budget: 128, ..Default::default() };
     let req = PlanRequest::layer(0);

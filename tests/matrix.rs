@@ -114,23 +114,6 @@ fn config(s: &Shape) -> EntropyConfig {
     }
 }
 
-fn attention(
-    kernels: &Kernels,
-    q: TensorView,
-    k: TensorView,
-    v: TensorView,
-    blocks: Option<&BlockLists>,
-) -> (HostTensor, Vec<f32>) {
-    let mut out = poisoned(q.shape(), q.dtype());
-    let [b, l, hq, _] = q.shape();
-    let mut lse = vec![f32::NAN; b * hq * l];
-    match blocks {
-        Some(bl) => kernels.sparse_prefill(q, k, v, bl, None, &mut out.view_mut(), Some(&mut lse)).unwrap(),
-        None => kernels.dense_prefill(q, k, v, None, &mut out.view_mut(), Some(&mut lse)).unwrap(),
-    }
-    (out, lse)
-}
-
 /// Outputs element by element and LSEs row by row against the f64 oracle (see `common::check`).
 fn check_attention(tag: &str, kind: BackendKind, got: &(HostTensor, Vec<f32>), exact: &check::Exact) {
     assert!(got.0.to_f32_vec().iter().all(|x| x.is_finite()), "{tag}: output has unwritten (NaN) or non-finite values");
@@ -215,7 +198,7 @@ fn run_case(tag: &str, kernels: &Kernels, s: Shape, dtype: DType, seed: u64) {
                 Some(l) => format!("{tag} sparse {mode} ({} sparse units)", l.sparse_units()),
                 None => format!("{tag} dense"),
             };
-            let got = attention(kernels, q, k, v, lists);
+            let got = common::suite::prefill(kernels, q, k, v, lists);
             check_attention(&what, kind, &got, &check::exact_prefill(qc.view(), kc.view(), vc.view(), lists));
         }
     }

@@ -4,7 +4,7 @@
 use clap::Args;
 use entropy_kernels::{DType, DecodeConfig, EntropyConfig, HostTensor, Kernels, PlanRequest, Result, synth};
 
-use super::{Table, median, ms, time, with_spinner};
+use super::{AttentionShape, Table, median, ms, time, with_spinner};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -19,7 +19,7 @@ pub struct BenchArgs {
     pub head_dim: usize,
     /// A model's attention shape instead of --q-heads/--kv-heads/--head-dim: openpangu-1b
     /// (GQA 12/6, D 128) or openpangu-7b (GQA 32/8, D 128).
-    #[arg(long, value_parser = parse_model)]
+    #[arg(long, value_parser = super::parse_model)]
     pub model: Option<entropy_kernels::shapes::ModelShape>,
     #[arg(long, default_value = "f32")]
     pub dtype: DType,
@@ -218,18 +218,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn parse_model(name: &str) -> std::result::Result<entropy_kernels::shapes::ModelShape, String> {
-    entropy_kernels::shapes::ModelShape::by_name(name).map_err(|e| e.to_string())
-}
-
-impl BenchArgs {
-    fn q_heads(&self) -> usize {
-        self.model.map_or(self.q_heads, |m| m.q_heads)
+impl super::AttentionShape for BenchArgs {
+    fn flags(&self) -> (usize, usize, usize) {
+        (self.q_heads, self.kv_heads, self.head_dim)
     }
-    fn kv_heads(&self) -> usize {
-        self.model.map_or(self.kv_heads, |m| m.kv_heads)
-    }
-    fn head_dim(&self) -> usize {
-        self.model.map_or(self.head_dim, |m| m.head_dim)
+    fn model(&self) -> Option<entropy_kernels::shapes::ModelShape> {
+        self.model
     }
 }

@@ -33,6 +33,28 @@ impl BackendArg {
     }
 }
 
+/// `--model`'s value: a preset's attention shape (`shapes::ModelShape::by_name`).
+pub fn parse_model(name: &str) -> std::result::Result<entropy_kernels::shapes::ModelShape, String> {
+    entropy_kernels::shapes::ModelShape::by_name(name).map_err(|e| e.to_string())
+}
+
+/// A subcommand whose attention shape comes from `--q-heads/--kv-heads/--head-dim`, or from a
+/// `--model` preset in their place.
+pub trait AttentionShape {
+    /// The flags' (q heads, kv heads, head dim).
+    fn flags(&self) -> (usize, usize, usize);
+    fn model(&self) -> Option<entropy_kernels::shapes::ModelShape>;
+    fn q_heads(&self) -> usize {
+        self.model().map_or(self.flags().0, |m| m.q_heads)
+    }
+    fn kv_heads(&self) -> usize {
+        self.model().map_or(self.flags().1, |m| m.kv_heads)
+    }
+    fn head_dim(&self) -> usize {
+        self.model().map_or(self.flags().2, |m| m.head_dim)
+    }
+}
+
 /// Checks that a planted workload's q, k and v (f32 while generated, then `dtype`) can be held:
 /// absurd flags are a one-line error, not an abort in the allocator.
 pub fn check_workload(spec: &synth::PlantedSpec) -> Result<()> {

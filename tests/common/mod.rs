@@ -211,6 +211,15 @@ pub fn tensor_f64(t: &HostTensor) -> Vec<f64> {
     t.to_f32_vec().iter().map(|&x| x as f64).collect()
 }
 
+/// BSND q `[b, l, hq, d]`, k and v `[b, l, hkv, d]`, standard normal, drawn from `seed`.
+pub fn random_qkv([b, l, hq, hkv, d]: [usize; 5], seed: u64, dtype: DType) -> (HostTensor, HostTensor, HostTensor) {
+    (
+        random([b, l, hq, d], 1.0, seed, dtype),
+        random([b, l, hkv, d], 1.0, seed ^ 1, dtype),
+        random([b, l, hkv, d], 1.0, seed ^ 2, dtype),
+    )
+}
+
 /// A normal random tensor rounded to `dtype`, freshly drawn from `seed`.
 pub fn random(shape: [usize; 4], std: f32, seed: u64, dtype: DType) -> HostTensor {
     let n = shape.iter().product();
@@ -385,4 +394,16 @@ pub fn check_compressed(
             }
         }
     }
+}
+
+/// A committed generated file checked against what generating it gives now: stale fails with
+/// the command that rewrites it; `ENTROPY_KERNELS_BLESS=1` writes `fresh` instead of checking.
+pub fn check_generated(relative: &str, fresh: &str, bless_command: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
+    if std::env::var_os("ENTROPY_KERNELS_BLESS").is_some() {
+        std::fs::write(&path, fresh).unwrap();
+        return;
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(committed == fresh, "{relative} is stale: run `ENTROPY_KERNELS_BLESS=1 {bless_command}` and commit it");
 }
