@@ -210,6 +210,11 @@ template <typename P> __aicore__ inline P ReadParams(GM_ADDR params) {
 }
 
 // Instantiates Kernel<T> for the params' dtype and runs it.
+// A kernel's last instruction: every pipe's outstanding work (MTE3/FIX copies to GM included)
+// completes before the core ends. catlass ends its routines this way; the pages read do not say
+// whether the kernel's end waits by itself (ascend/README.md, second review, L2).
+__aicore__ inline void DrainPipes() { AscendC::PipeBarrier<PIPE_ALL>(); }
+
 template <template <typename> class Kernel, typename P> __aicore__ inline void Dispatch(const P& p) {
     switch (p.dtype) {
         case EK_F16: {
@@ -228,4 +233,5 @@ template <template <typename> class Kernel, typename P> __aicore__ inline void D
             break;
         }
     }
+    DrainPipes();
 }

@@ -764,13 +764,16 @@ extern "C" __global__ __aicore__ void ek_compress_means(GM_ADDR params) { Dispat
 extern "C" __global__ __aicore__ void ek_compress_pool(GM_ADDR params) {
     PoolKernel k;
     k.Run(ReadParams<EkCompressParams>(params));
+    DrainPipes();
 }
 extern "C" __global__ __aicore__ void ek_compress_topk(GM_ADDR params) {
     TopKKernel k;
     k.Run(ReadParams<EkCompressParams>(params));
+    DrainPipes();
 }
 extern "C" __global__ __aicore__ void ek_compress_select(GM_ADDR params) {
     SelectKernel k;
     k.Run(ReadParams<EkCompressParams>(params));
+    DrainPipes();
 }
 extern "C" __global__ __aicore__ void ek_compress_gather(GM_ADDR params) { Dispatch<GatherKernel>(ReadParams<EkCompressParams>(params)); }

@@ -339,6 +339,7 @@ __aicore__ inline void Dispatch(GM_ADDR sync, GM_ADDR params, bool means) {
     } else {
         RunCompress<half>(p, means);  // f16 (f32 caches use the vector kernels)
     }
+    DrainPipes();
 }
 
 }  // namespace

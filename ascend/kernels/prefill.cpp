@@ -496,4 +496,5 @@ extern "C" __global__ __aicore__ void ek_prefill(GM_ADDR sync, GM_ADDR params) {
         PrefillKernel<half> k;  // f16 (f32 runs on the vector cores: prefill_vector.cpp)
         k.Run(p);
     }
+    DrainPipes();
 }

@@ -165,4 +165,5 @@ private:
 extern "C" __global__ __aicore__ void ek_prefill_vec(GM_ADDR params) {
     PrefillF32 k;
     k.Run(ReadParams<EkPrefillParams>(params));
+    DrainPipes();
 }
