@@ -247,7 +247,7 @@ fn emulated_kv_compress_long_cache() {
         let args = validate::kv_compress(oracle.capabilities(), kc.view(), vc.view(), obs.view(), &dc).unwrap();
         let scores = reference::compress_scores(&args);
         let tag = format!("case {i}: G {} W {w} {pooling:?}/{gqa_mode:?} {dtype}", hq / hkv);
-        check_compressed(&tag, &got, &want, &scores, &kc, false);
+        check_compressed(&tag, &got, &want, &scores, (&kc, &vc), false);
     }
 }
 
@@ -368,7 +368,7 @@ fn compress_topk_runs_several_items_per_core() {
     let scores = reference::compress_scores(&args);
     for topk in [ascend::TopK::Sort, ascend::TopK::Select] {
         let got = emulated(topk).kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
-        check_compressed(&format!("{topk:?}, 8 heads on 4 cores"), &got, &want, &scores, &kc, false);
+        check_compressed(&format!("{topk:?}, 8 heads on 4 cores"), &got, &want, &scores, (&kc, &vc), false);
     }
 }
 
@@ -656,6 +656,6 @@ fn one_row_cube_products_match_the_oracle() {
         let want = oracle.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
         let args = validate::kv_compress(oracle.capabilities(), kc.view(), vc.view(), obs.view(), &dc).unwrap();
         let scores = reference::compress_scores(&args);
-        check_compressed(&format!("{dtype} compression, a one-row pass"), &got, &want, &scores, &kc, false);
+        check_compressed(&format!("{dtype} compression, a one-row pass"), &got, &want, &scores, (&kc, &vc), false);
     }
 }

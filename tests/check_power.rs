@@ -266,7 +266,7 @@ fn compression_check_accepts_pool_near_ties_and_catches_wrong_picks() {
         let dims = validate::CompressDims { batch: b, kv_heads: hkv, q_heads: hq, entries: n, window: w, head_dim: d };
         compress::gather(&kc.view(), &vc.view(), &dims, hkv, &s).unwrap()
     };
-    check_compressed("pool near-tie", &swap(&sel, (ha, pa)), &want, &scores, &kc, true);
+    check_compressed("pool near-tie", &swap(&sel, (ha, pa)), &want, &scores, (&kc, &vc), true);
     // The worst unkept position instead: caught.
     let (hw, pw) = unkept(&sel)
         .into_iter()
@@ -275,7 +275,7 @@ fn compression_check_accepts_pool_near_ties_and_catches_wrong_picks() {
     sel.iter_mut().for_each(|v| v.sort_unstable());
     let wrong = swap(&sel, (hw, pw));
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        check_compressed("wrong pick", &wrong, &want, &scores, &kc, true)
+        check_compressed("wrong pick", &wrong, &want, &scores, (&kc, &vc), true)
     }));
     assert!(caught.is_err(), "keeping the worst position instead of the cut-off's was not caught");
 }

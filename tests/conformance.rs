@@ -193,7 +193,7 @@ fn check_decode(name: &str, kernels: &Kernels, case: &Case) {
     assert_eq!(want.indices, idx, "{name}: the oracle's decode.indices");
     let shared = case.config.decode.head_budget != entropy_kernels::HeadBudget::Uniform;
     let scores = entropy_kernels::reference::compress_scores(&args);
-    check_compressed(&format!("{name} decode"), &out, &want, &scores, &kc, shared);
+    check_compressed(&format!("{name} decode"), &out, &want, &scores, (&kc, &vc), shared);
 }
 
 /// Decode attention over the compressed cache, with the window's queries as the new queries.

@@ -161,7 +161,7 @@ fn device_kv_compress_matches_the_oracle() {
             &got,
             &want,
             &reference::compress_scores(&args),
-            &kc,
+            (&kc, &vc),
             head_budget != HeadBudget::Uniform,
         );
     }

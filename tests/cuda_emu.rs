@@ -125,7 +125,7 @@ fn the_backend_runs_on_every_emulated_architecture() {
         let got = k.kv_compress(kc.view(), vc.view(), obs.view(), &cfg).unwrap();
         let want = oracle.kv_compress(kc.view(), vc.view(), obs.view(), &cfg).unwrap();
         let args = validate::kv_compress(oracle.capabilities(), kc.view(), vc.view(), obs.view(), &cfg).unwrap();
-        common::check_compressed(arch, &got, &want, &reference::compress_scores(&args), &kc, false);
+        common::check_compressed(arch, &got, &want, &reference::compress_scores(&args), (&kc, &vc), false);
     }
 }
 
@@ -335,7 +335,7 @@ fn kv_compress_scores_on_tensor_cores_for_16_bit_caches() {
         let args = validate::kv_compress(oracle.capabilities(), kc.view(), vc.view(), obs.view(), &cfg).unwrap();
         let scores = reference::compress_scores(&args);
         let tag = format!("cuda_emu {dtype} D {d} GQA {hq}/{hkv} W {w}");
-        common::check_compressed(&tag, &got, &want, &scores, &kc, false);
+        common::check_compressed(&tag, &got, &want, &scores, (&kc, &vc), false);
     }
 }
 
@@ -497,7 +497,14 @@ fn kv_compress_beyond_shared_memory_falls_back() {
     let oracle = Kernels::reference();
     let want = oracle.kv_compress(kc.view(), vc.view(), obs.view(), &cfg).unwrap();
     let args = validate::kv_compress(oracle.capabilities(), kc.view(), vc.view(), obs.view(), &cfg).unwrap();
-    common::check_compressed("rows beyond shared memory", &got, &want, &reference::compress_scores(&args), &kc, false);
+    common::check_compressed(
+        "rows beyond shared memory",
+        &got,
+        &want,
+        &reference::compress_scores(&args),
+        (&kc, &vc),
+        false,
+    );
 }
 
 /// Rankings wider than the bitonic sort's first half (base / Bk = 1050 blocks of 4 tokens) and

@@ -366,7 +366,7 @@ fn long_caches_compress_like_the_oracle() {
             }
             let got = kernels.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
             let tag = format!("{} {pooling:?}/{gqa_mode:?}/{head_budget:?} {dtype} seed {seed}", kernels.kind());
-            check_compressed(&tag, &got, &want, &scores, &kc, head_budget != HeadBudget::Uniform);
+            check_compressed(&tag, &got, &want, &scores, (&kc, &vc), head_budget != HeadBudget::Uniform);
         }
     }
 }

@@ -204,7 +204,7 @@ fn run_case(tag: &str, kernels: &Kernels, s: Shape, dtype: DType, seed: u64) {
     }
 
     // Compression: the prefill K/V as a [B, Hkv, L, D] cache (a strided view of BSND).
-    let [b, l, hkv, d] = kc.shape;
+    let [b, l, _, d] = kc.shape;
     fn cache_view(t: &HostTensor) -> TensorView<'_> {
         let [b, l, hkv, d] = t.shape;
         let (shape, strides) = ([b, hkv, l, d], [l * hkv * d, d, hkv * d, 1]);
@@ -214,11 +214,7 @@ fn run_case(tag: &str, kernels: &Kernels, s: Shape, dtype: DType, seed: u64) {
             HostBuffer::BF16(x) => TensorView::strided(x.as_slice(), shape, strides),
         }
     }
-    let k_cache = HostTensor::from_f32(
-        &reference::F64Tensor::of(&cache_view(&kc)).data.iter().map(|&x| x as f32).collect::<Vec<_>>(),
-        [b, hkv, l, d],
-        dtype,
-    );
+    let (k_cache, v_cache) = (contiguous(&cache_view(&kc)), contiguous(&cache_view(&vc)));
     let window = 16.min(l / 2).max(1);
     let obs = random([b, s.q_heads, window, d], 1.0, seed ^ 0x5eed, dtype);
     let budget = (l * 2 / 3).max(window + 1);
@@ -246,7 +242,7 @@ fn run_case(tag: &str, kernels: &Kernels, s: Shape, dtype: DType, seed: u64) {
             let args = validate::kv_compress(oracle.capabilities(), cache_view(&kc), cache_view(&vc), obs.view(), &dc)
                 .unwrap();
             let scores = reference::compress_scores(&args);
-            check_compressed(&ctag, &got, &exact, &scores, &k_cache, head_budget != HeadBudget::Uniform);
+            check_compressed(&ctag, &got, &exact, &scores, (&k_cache, &v_cache), head_budget != HeadBudget::Uniform);
             got
         } else {
             exact

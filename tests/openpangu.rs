@@ -71,7 +71,7 @@ fn check_shape(m: ModelShape, tokens: usize, test: &str) {
             let want = oracle.kv_compress(kc.view(), vc.view(), obs.view(), &dc).unwrap();
             let args = validate::kv_compress(oracle.capabilities(), kc.view(), vc.view(), obs.view(), &dc).unwrap();
             let scores = reference::compress_scores(&args);
-            check_compressed(&tag, &got, &want, &scores, &kc, false);
+            check_compressed(&tag, &got, &want, &scores, (&kc, &vc), false);
 
             let q1 = random([1, 1, hq, d], 1.0, s ^ 6, dtype);
             let (mut got1, mut want1) = (poisoned(q1.shape, dtype), poisoned(q1.shape, dtype));

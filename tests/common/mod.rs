@@ -305,7 +305,7 @@ pub fn check_compressed(
     got: &CompressedCache,
     want: &CompressedCache,
     scores: &[Vec<Vec<f64>>],
-    k_cache: &HostTensor,
+    (k_cache, v_cache): (&HostTensor, &HostTensor),
     shared_budget: bool,
 ) {
     assert_eq!(got.heads(), want.heads(), "{tag}: heads");
@@ -369,28 +369,31 @@ pub fn check_compressed(
         }
         eprintln!("[{tag}] selection differs from the oracle only at near-ties");
     }
-    // The gather: every kept slot holds the cache entry its index names, then the window.
-    let kc = k_cache.to_f32_vec();
+    // The gather: every kept slot of K and of V holds the cache entry its index names, then the
+    // window.
     let [bsz, hkv, n, d] = k_cache.shape;
-    let kout = got.k.to_f32_vec();
+    assert_eq!(v_cache.shape, k_cache.shape, "{tag}: cache shapes");
     let cap = got.capacity();
     let per_kv = got.heads() / hkv;
-    for b in 0..bsz {
-        for hc in 0..got.heads() {
-            let u = b * got.heads() + hc;
-            let len = got.lengths[u] as usize;
-            let idx: Vec<usize> = got.indices[u * got.index_width()..(u + 1) * got.index_width()]
-                .iter()
-                .filter(|&&p| p >= 0)
-                .map(|&p| p as usize)
-                .collect();
-            assert!(idx.windows(2).all(|w| w[0] < w[1]), "{tag}: indices ascending");
-            let src: Vec<usize> = idx.iter().copied().chain(n - got.window..n).collect();
-            assert_eq!(src.len(), len, "{tag}: length of head {u}");
-            for (slot, &p) in src.iter().enumerate() {
-                let a = &kout[(u * cap + slot) * d..(u * cap + slot + 1) * d];
-                let e = &kc[((b * hkv + hc / per_kv) * n + p) * d..((b * hkv + hc / per_kv) * n + p + 1) * d];
-                assert_eq!(a, e, "{tag}: slot {slot} of head {u}");
+    for (which, cache, out) in [("K", k_cache, &got.k), ("V", v_cache, &got.v)] {
+        let (src_all, out) = (cache.to_f32_vec(), out.to_f32_vec());
+        for b in 0..bsz {
+            for hc in 0..got.heads() {
+                let u = b * got.heads() + hc;
+                let len = got.lengths[u] as usize;
+                let idx: Vec<usize> = got.indices[u * got.index_width()..(u + 1) * got.index_width()]
+                    .iter()
+                    .filter(|&&p| p >= 0)
+                    .map(|&p| p as usize)
+                    .collect();
+                assert!(idx.windows(2).all(|w| w[0] < w[1]), "{tag}: indices ascending");
+                let src: Vec<usize> = idx.iter().copied().chain(n - got.window..n).collect();
+                assert_eq!(src.len(), len, "{tag}: length of head {u}");
+                for (slot, &p) in src.iter().enumerate() {
+                    let a = &out[(u * cap + slot) * d..(u * cap + slot + 1) * d];
+                    let row = (b * hkv + hc / per_kv) * n + p;
+                    assert_eq!(a, &src_all[row * d..(row + 1) * d], "{tag}: {which} slot {slot} of head {u}");
+                }
             }
         }
     }
@@ -406,4 +409,10 @@ pub fn check_generated(relative: &str, fresh: &str, bless_command: &str) {
     }
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(committed == fresh, "{relative} is stale: run `ENTROPY_KERNELS_BLESS=1 {bless_command}` and commit it");
+}
+
+/// A view's elements as a contiguous tensor of its shape and dtype (values unchanged).
+pub fn contiguous(v: &entropy_kernels::TensorView<'_>) -> HostTensor {
+    let f = entropy_kernels::reference::F64Tensor::of(v);
+    HostTensor::from_f32(&f.data.iter().map(|&x| x as f32).collect::<Vec<_>>(), f.shape, v.dtype())
 }

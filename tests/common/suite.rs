@@ -5,7 +5,7 @@
 
 use super::check;
 use super::{check_compressed, random, runs, runs_on};
-use entropy_kernels::reference::{self, F64Tensor};
+use entropy_kernels::reference;
 use entropy_kernels::*;
 
 /// Plans agree: every decision exactly, logits, scores and entropy within f32 rounding.
@@ -71,10 +71,7 @@ pub fn run_all(
         modes.iter().map(|(_, lists)| check::exact_prefill(q.view(), k.view(), v.view(), *lists)).collect();
     let [b, _, hq, d] = q.shape;
     let obs = random([b, hq, dcfg.window, d], 1.0, seed ^ 0x5eed, dtype);
-    let k_cache = {
-        let f = F64Tensor::of(&cache_view(k));
-        HostTensor::from_f32(&f.data.iter().map(|&x| x as f32).collect::<Vec<_>>(), f.shape, dtype)
-    };
+    let (k_cache, v_cache) = (super::contiguous(&cache_view(k)), super::contiguous(&cache_view(v)));
     let compressed = oracle.kv_compress(cache_view(k), cache_view(v), obs.view(), dcfg).unwrap();
     let args = validate::kv_compress(oracle.capabilities(), cache_view(k), cache_view(v), obs.view(), dcfg).unwrap();
     let scores = reference::compress_scores(&args);
@@ -98,7 +95,14 @@ pub fn run_all(
         let ctag = format!("{tag} compress");
         let cache = if runs(&ctag, kernels, Op::KvCompress) {
             let got = kernels.kv_compress(cache_view(k), cache_view(v), obs.view(), dcfg).unwrap();
-            check_compressed(&ctag, &got, &compressed, &scores, &k_cache, dcfg.head_budget != HeadBudget::Uniform);
+            check_compressed(
+                &ctag,
+                &got,
+                &compressed,
+                &scores,
+                (&k_cache, &v_cache),
+                dcfg.head_budget != HeadBudget::Uniform,
+            );
             got
         } else {
             compressed.clone()
