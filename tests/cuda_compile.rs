@@ -404,8 +404,8 @@ fn every_launch_fits_every_target() {
                             };
                             let d = CompressDims { batch: 2, kv_heads, q_heads, entries: 5000, window, head_dim };
                             let heads = d.out_heads(&cfg);
-                            let sel = launches::compress_selection(&d, heads)
-                                .map(|s| vec![s.pool, s.topk, s.adakv_mask, s.adakv_extra, s.adakv_merge]);
+                            let sel =
+                                launches::compress_selection(&d, heads).map(|s| s.all().map(Clone::clone).to_vec());
                             check(sel, format!("compress selection GQA {q_heads}/{kv_heads}"));
                             check(launches::compress_gather(&d, heads, 1024, dtype).map(|g| vec![g]), "gather".into());
                         }

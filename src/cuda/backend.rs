@@ -726,7 +726,9 @@ impl CudaBackend {
         let heads = d.out_heads(cfg);
         let chunks = n.div_ceil(scoring.chunk);
         let selection = launches::compress_selection(&d, heads)?;
-        for l in [&scoring.stats, &scoring.means, &selection.pool] {
+        // Every launch of the compression checked before the first is enqueued (the gather's
+        // shape depends on the selection and is checked at its launch).
+        for l in [&scoring.stats, &scoring.means].into_iter().chain(selection.all()) {
             l.check(&self.limits)?;
         }
         let f32s = |len: usize| stream.alloc_zeros::<f32>(len.max(1)).map_err(driver_err("cuMemAlloc"));

@@ -67,8 +67,7 @@ fn symbol<F: Copy>(name: &[u8]) -> Result<F> {
 
 /// The CUDA backend on the emulated device 0 (compute capability 9.0, H100-like limits).
 pub fn backend() -> Result<CudaBackend> {
-    library()?;
-    CudaBackend::new(0)
+    backend_on(0)
 }
 
 /// The emulated devices, by ordinal: compute capabilities 9.0 (H100: 227 KiB of shared memory per

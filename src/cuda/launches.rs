@@ -325,7 +325,7 @@ impl PlanLaunches {
     }
 }
 
-/// Planning of `d` (head dim `head_dim`, rankings `width` wide) in `dtype`. Needs blocks.
+/// Planning of `d` (head dim `head_dim`) in `dtype`. Needs blocks.
 pub fn plan(limits: &DeviceLimits, d: &crate::plan::PlanDims, head_dim: usize, dtype: DType) -> Result<PlanLaunches> {
     let (n, units, g) = (d.blocks, d.units(), d.group());
     // The logits kernel's block tile: the largest that fits in shared memory while the grid
@@ -428,6 +428,12 @@ pub struct CompressSelection {
     pub adakv_mask: Launch,
     pub adakv_extra: Launch,
     pub adakv_merge: Launch,
+}
+
+impl CompressSelection {
+    pub fn all(&self) -> [&Launch; 5] {
+        [&self.pool, &self.topk, &self.adakv_mask, &self.adakv_extra, &self.adakv_merge]
+    }
 }
 
 /// Pooling and selection of a compression of `d` into `heads` heads.
