@@ -11,6 +11,25 @@ use crate::error::{Error, Result};
 /// Largest `segment_size`: segment and block counts are 32-bit (block indices, device parameters).
 pub const MAX_SEGMENT_SIZE: usize = i32::MAX as usize;
 
+/// The segmentation rules a config and a plan's block lists share (errors name `names`, the
+/// segment size's field then the block size's): both nonzero, segments of at most
+/// [`MAX_SEGMENT_SIZE`] tokens, a whole number of blocks per segment.
+pub(crate) fn check_segmentation(segment_size: usize, block_size: usize, names: [&'static str; 2]) -> Result<()> {
+    if segment_size == 0 {
+        return Err(Error::ZeroSize { what: names[0] });
+    }
+    if block_size == 0 {
+        return Err(Error::ZeroSize { what: names[1] });
+    }
+    if segment_size > MAX_SEGMENT_SIZE {
+        return Err(Error::range(names[0], segment_size, format!("must be at most {MAX_SEGMENT_SIZE}")));
+    }
+    if !segment_size.is_multiple_of(block_size) {
+        return Err(Error::SegmentNotBlockMultiple { segment_size, block_size });
+    }
+    Ok(())
+}
+
 /// Largest `pooling_kernel`: it sizes the pooling work per entry and the devices' padding (SnapKV
 /// and the paper use 5 to 7).
 pub const MAX_POOLING_KERNEL: usize = 4095;
@@ -107,22 +126,7 @@ impl EntropyConfig {
 
     /// Checks every field (SPEC §6).
     pub fn validate(&self) -> Result<()> {
-        if self.segment_size == 0 {
-            return Err(Error::ZeroSize { what: "segment_size" });
-        }
-        if self.block_size == 0 {
-            return Err(Error::ZeroSize { what: "block_size" });
-        }
-        // Segments and blocks are counted in 32 bits (block indices, the devices' parameters).
-        if self.segment_size > MAX_SEGMENT_SIZE {
-            return Err(Error::range("segment_size", self.segment_size, format!("must be at most {MAX_SEGMENT_SIZE}")));
-        }
-        if !self.segment_size.is_multiple_of(self.block_size) {
-            return Err(Error::SegmentNotBlockMultiple {
-                segment_size: self.segment_size,
-                block_size: self.block_size,
-            });
-        }
+        check_segmentation(self.segment_size, self.block_size, ["segment_size", "block_size"])?;
         if self.base_budget == 0 {
             return Err(Error::ZeroSize { what: "base_budget" });
         }

@@ -408,18 +408,8 @@ pub fn attention_layout(
     let scale = resolve_scale(scale, dims.head_dim)?;
     if let Some(bl) = blocks {
         let d = bl.dims;
-        nonzero(&[("plan segment_size", d.segment_size), ("plan block_size", d.block_size)])?;
-        // The bound EntropyConfig::validate puts on segment_size: the devices take it in 32 bits.
-        if d.segment_size > crate::config::MAX_SEGMENT_SIZE {
-            return Err(Error::range(
-                "plan segment_size",
-                d.segment_size,
-                format!("must be at most {}", crate::config::MAX_SEGMENT_SIZE),
-            ));
-        }
-        if d.segment_size % d.block_size != 0 {
-            return Err(Error::SegmentNotBlockMultiple { segment_size: d.segment_size, block_size: d.block_size });
-        }
+        // A config's rules (the devices take the sizes in 32 bits).
+        crate::config::check_segmentation(d.segment_size, d.block_size, ["plan segment_size", "plan block_size"])?;
         let fresh = PlanDims::new(dims.batch, dims.seq_len, dims.q_heads, dims.kv_heads, d.segment_size, d.block_size);
         if d != fresh {
             return Err(Error::PlanMismatch(format!("block lists were made for {d:?}; these inputs need {fresh:?}")));
