@@ -210,8 +210,8 @@ pub mod mock {
             .iter()
             .filter(|k| k.file == file)
             .flat_map(|k| match k.cores {
-                launch::Cores::Vector => vec![k.symbol.to_string()],
-                launch::Cores::Mix => vec![format!("{}_mix_aic", k.symbol), format!("{}_mix_aiv", k.symbol)],
+                launch::Cores::Vector => vec![k.entry()],
+                launch::Cores::Mix => vec![k.entry(), format!("{}_mix_aiv", k.symbol)],
             })
             .collect();
         format!("ekmock {} {magic:x}", symbols.join(",")).into_bytes()

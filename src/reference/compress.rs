@@ -138,13 +138,13 @@ fn pooled_scores(a: &CompressArgs<'_>, k: &F64Tensor) -> Result<Vec<Vec<Vec<f64>
     let (bsz, hkv, hq, n, w) = (d.batch, d.kv_heads, d.q_heads, d.entries, d.window);
     let g = hq / hkv;
     let scale = a.scale() as f64;
-    let obs = F64Tensor::try_of(&a.obs())?;
+    let heads = if cfg.gqa_mode == GqaMode::PerQueryHead { hq } else { hkv };
     // A cache no longer than the window has nothing to score (it is returned unchanged).
     if n <= w {
-        let heads = if cfg.gqa_mode == GqaMode::PerQueryHead { hq } else { hkv };
         return Ok(vec![vec![Vec::new(); heads]; bsz]);
     }
     let scored = n - w;
+    let obs = F64Tensor::try_of(&a.obs())?;
 
     // 1–2. Window scores: softmax over the visible entries per window query, mean over the window.
     let mut attn = score_rows(bsz, hq, scored)?;
@@ -167,7 +167,6 @@ fn pooled_scores(a: &CompressArgs<'_>, k: &F64Tensor) -> Result<Vec<Vec<Vec<f64>
     }
 
     // 3. Group reduction.
-    let heads = if cfg.gqa_mode == GqaMode::PerQueryHead { hq } else { hkv };
     let mut rows = score_rows(bsz, heads, scored)?;
     for b in 0..bsz {
         for hc in 0..heads {

@@ -375,24 +375,24 @@ pub fn check_compressed(
     assert_eq!(v_cache.shape, k_cache.shape, "{tag}: cache shapes");
     let cap = got.capacity();
     let per_kv = got.heads() / hkv;
-    for (which, cache, out) in [("K", k_cache, &got.k), ("V", v_cache, &got.v)] {
-        let (src_all, out) = (cache.to_f32_vec(), out.to_f32_vec());
-        for b in 0..bsz {
-            for hc in 0..got.heads() {
-                let u = b * got.heads() + hc;
-                let len = got.lengths[u] as usize;
-                let idx: Vec<usize> = got.indices[u * got.index_width()..(u + 1) * got.index_width()]
-                    .iter()
-                    .filter(|&&p| p >= 0)
-                    .map(|&p| p as usize)
-                    .collect();
-                assert!(idx.windows(2).all(|w| w[0] < w[1]), "{tag}: indices ascending");
-                let src: Vec<usize> = idx.iter().copied().chain(n - got.window..n).collect();
-                assert_eq!(src.len(), len, "{tag}: length of head {u}");
+    let caches = [("K", k_cache.to_f32_vec(), got.k.to_f32_vec()), ("V", v_cache.to_f32_vec(), got.v.to_f32_vec())];
+    for b in 0..bsz {
+        for hc in 0..got.heads() {
+            let u = b * got.heads() + hc;
+            let len = got.lengths[u] as usize;
+            let idx: Vec<usize> = got.indices[u * got.index_width()..(u + 1) * got.index_width()]
+                .iter()
+                .filter(|&&p| p >= 0)
+                .map(|&p| p as usize)
+                .collect();
+            assert!(idx.windows(2).all(|w| w[0] < w[1]), "{tag}: indices ascending");
+            let src: Vec<usize> = idx.iter().copied().chain(n - got.window..n).collect();
+            assert_eq!(src.len(), len, "{tag}: length of head {u}");
+            for (which, cache, out) in &caches {
                 for (slot, &p) in src.iter().enumerate() {
                     let a = &out[(u * cap + slot) * d..(u * cap + slot + 1) * d];
                     let row = (b * hkv + hc / per_kv) * n + p;
-                    assert_eq!(a, &src_all[row * d..(row + 1) * d], "{tag}: {which} slot {slot} of head {u}");
+                    assert_eq!(a, &cache[row * d..(row + 1) * d], "{tag}: {which} slot {slot} of head {u}");
                 }
             }
         }
