@@ -109,12 +109,8 @@ fn the_backend_runs_on_every_emulated_architecture() {
             assert!(emu::launches(Some(kernel)).unwrap() > before, "{arch} {dtype} D {d}: {kernel} did not run");
             let want_plan = oracle.plan(q.view(), kk.view(), &cfg, &PlanRequest::layer(0)).unwrap();
             assert_eq!(plan.blocks, want_plan.blocks, "{arch} {dtype} D {d}: block lists");
-            let mut want = common::poisoned([1, l, hq, d], dtype);
-            oracle
-                .sparse_prefill(q.view(), kk.view(), v.view(), &want_plan.blocks, None, &mut want.view_mut(), None)
-                .unwrap();
-            let err = common::rel_fro(&common::tensor_f64(&got), &common::tensor_f64(&want));
-            assert!(err < common::attn_tol(dtype), "{arch} {dtype} D {d}: error {err:e} (seed {seed})");
+            let exact = common::check::exact_prefill(q.view(), kk.view(), v.view(), Some(&want_plan.blocks));
+            common::check::check_out(&format!("{arch} {dtype} D {d} (seed {seed})"), k.kind(), &got, &exact);
         }
         let (kc, vc) = (
             common::random([1, 2, 700, 64], 1.0, seed ^ 3, DType::F16),
@@ -145,11 +141,7 @@ fn engines_reading_outputs_on_another_stream_wait_for_the_kernels() {
     let seed = common::seed("cuda_emu_streams");
     let (l, hq, hkv, d) = (200, 4, 2, 64);
     let to_bf16 = |t: &HostTensor| t.to_f32_vec().iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>();
-    let (q, k, v) = (
-        common::random([1, l, hq, d], 1.0, seed, DType::BF16),
-        common::random([1, l, hkv, d], 1.0, seed ^ 1, DType::BF16),
-        common::random([1, l, hkv, d], 1.0, seed ^ 2, DType::BF16),
-    );
+    let (q, k, v) = common::random_qkv([1, l, hq, hkv, d], seed, DType::BF16);
     let (qd, kd, vd) = (
         stream.clone_htod(&to_bf16(&q)).unwrap(),
         stream.clone_htod(&to_bf16(&k)).unwrap(),
