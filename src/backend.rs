@@ -8,8 +8,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::compress::CompressedCache;
+use crate::engine::{AttendArgs, ChunkArgs};
 use crate::error::{Error, Result};
-use crate::plan::Plan;
+use crate::plan::{Plan, PlanState};
 use crate::tensor::{DType, TensorViewMut};
 use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
 
@@ -108,10 +109,16 @@ pub enum Op {
     Prefill,
     KvCompress,
     Decode,
+    /// Attention over a (paged or contiguous) cache with ragged queries (SPEC §7.4).
+    Attend,
+    /// Chunked / ragged planning over a cache (SPEC §7.2).
+    PlanChunks,
 }
 
 impl Op {
-    pub const ALL: [Op; 4] = [Op::Plan, Op::Prefill, Op::KvCompress, Op::Decode];
+    pub const ALL: [Op; 6] = [Op::Plan, Op::Prefill, Op::KvCompress, Op::Decode, Op::Attend, Op::PlanChunks];
+    /// The one-request operations on contiguous tensors (what the device backends run so far).
+    pub const CONTIGUOUS: [Op; 4] = [Op::Plan, Op::Prefill, Op::KvCompress, Op::Decode];
 }
 
 impl Capabilities {
@@ -162,6 +169,18 @@ pub trait Backend: Send + Sync {
     fn kv_compress(&self, args: &CompressArgs<'_>) -> Result<CompressedCache>;
     /// Attention of a few new queries over compacted caches with per-head lengths.
     fn decode_attention(&self, args: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()>;
+    /// Attention of ragged queries over a (paged or contiguous) cache, bottom-right causal, with
+    /// optional per-sequence block plans (SPEC §7.4). `out` is `[1, T, Hq, D]`, `lse` `[T, Hq]`.
+    fn attend(&self, args: &AttendArgs<'_>, out: &mut TensorViewMut<'_>, lse: Option<&mut [f32]>) -> Result<()> {
+        let _ = (args, out, lse);
+        Err(Error::Unimplemented { backend: self.capabilities().backend, op: "attend" })
+    }
+    /// Plans each sequence's chunk (SPEC §7.2) and advances `states` (`[sequences, Hkv]`): one
+    /// plan per sequence, of the whole prompt's dims, with the chunk's segments filled.
+    fn plan_chunks(&self, args: &ChunkArgs<'_>, states: &mut [PlanState]) -> Result<Vec<Plan>> {
+        let _ = (args, states);
+        Err(Error::Unimplemented { backend: self.capabilities().backend, op: "plan_chunks" })
+    }
 }
 
 /// Builds one backend, or says why it cannot run here. Never panics.

@@ -56,6 +56,21 @@ pub enum BudgetPolicy {
     Fixed,
 }
 
+/// When a kv head's class is decided (SPEC §2.7, §7.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadClassMode {
+    /// Over the whole prompt: rigid iff the entropy is below `e_t` at every segment ≥ 1 (SPEC
+    /// §2.7). Needs every segment at once, so one-shot calls only.
+    #[default]
+    Prompt,
+    /// Causally: at segment s a head is rigid iff it was below `e_t` at every segment `1..=s`;
+    /// from its first dynamic segment on the budget recurrence runs from the budget it had while
+    /// rigid (SPEC §7.2). What chunked prefill needs; equal to `Prompt` wherever no head changes
+    /// class after segment 1.
+    Streaming,
+}
+
 /// Prefill configuration (SPEC §1, first half).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -80,6 +95,8 @@ pub struct EntropyConfig {
     pub layer_fusion: bool,
     pub budget_mode: BudgetMode,
     pub budget_policy: BudgetPolicy,
+    /// How head classes are decided: over the whole prompt or causally (chunked prefill).
+    pub head_class: HeadClassMode,
     /// Softmax scale of the attention; `None` = `1/sqrt(D)`.
     pub scale: Option<f32>,
 }
@@ -98,6 +115,7 @@ impl Default for EntropyConfig {
             layer_fusion: false,
             budget_mode: BudgetMode::PerHead,
             budget_policy: BudgetPolicy::Entropy,
+            head_class: HeadClassMode::Prompt,
             scale: None,
         }
     }

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use crate::backend::{self, Backend, BackendChoice, BackendKind, Capabilities};
 use crate::compress::CompressedCache;
 use crate::config::{DecodeConfig, EntropyConfig};
+use crate::engine::{self, ChunkRequest, KvCache, KvCacheMut, Workspace};
 use crate::error::Result;
-use crate::plan::{BlockLists, Plan};
+use crate::plan::{BlockLists, Plan, PlanState};
 use crate::tensor::{TensorView, TensorViewMut};
 use crate::validate;
 
@@ -192,5 +193,62 @@ impl Kernels {
     ) -> Result<()> {
         let args = validate::decode_attention(self.capabilities(), q, k_cache, v_cache, lengths, scale, out)?;
         self.backend.decode_attention(&args, out)
+    }
+
+    /// Attention of ragged queries over a (paged or contiguous) cache (SPEC §7.4). `q` is THD
+    /// (`[1, T, Hq, D]`, [`TensorView::thd`]) with `cu_q` the prefix sums of the sequences' query
+    /// counts; sequence `i`'s queries are the last `q_len` positions of each head's entries
+    /// (bottom-right causal: append the chunk's K/V first). `blocks` holds a block plan per
+    /// sequence for sparse prefill chunks (empty: all dense). `out` is `[1, T, Hq, D]`; `lse`
+    /// `[T, Hq]` receives each row's natural-log sum-exp, so partial results merge exactly.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(
+        &self,
+        q: TensorView<'_>,
+        cu_q: &[u32],
+        cache: &KvCache<'_>,
+        blocks: &[Option<&BlockLists>],
+        scale: Option<f32>,
+        out: &mut TensorViewMut<'_>,
+        lse: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let args = engine::args::attend(self.capabilities(), q, cu_q, cache, blocks, scale, out, lse.as_deref())?;
+        self.backend.attend(&args, out, lse)
+    }
+
+    /// Appends each sequence's new K/V rows (THD `[1, T, Hkv, D]`, split by `cu`) to the cache
+    /// and advances its lengths (SPEC §7.4). Checked entirely before the first write.
+    pub fn append(
+        &self,
+        k_new: TensorView<'_>,
+        v_new: TensorView<'_>,
+        cu: &[u32],
+        cache: &mut KvCacheMut<'_>,
+        ws: &mut Workspace,
+    ) -> Result<()> {
+        engine::append(k_new, v_new, cu, cache, ws)
+    }
+
+    /// Plans each sequence's prefill chunk over the cache (SPEC §7.2): `q` THD with `cu_q`, the
+    /// cache already holding the chunk's keys, each prompt's full length, one config or one per
+    /// sequence, and the `[sequences, Hkv]` states the previous chunks left (fresh:
+    /// [`PlanState::new`]), which are advanced only when the call succeeds. Returns one plan per
+    /// sequence with the whole prompt's dims; pass `plan.blocks` to [`Kernels::attend`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn plan_chunks(
+        &self,
+        q: TensorView<'_>,
+        cu_q: &[u32],
+        cache: &KvCache<'_>,
+        prompt_lens: &[u32],
+        cfgs: &[EntropyConfig],
+        states: &mut [PlanState],
+        req: &ChunkRequest<'_>,
+    ) -> Result<Vec<Plan>> {
+        let args = engine::args::plan_chunks(self.capabilities(), q, cu_q, cache, prompt_lens, cfgs, states, req)?;
+        let mut next = states.to_vec();
+        let plans = self.backend.plan_chunks(&args, &mut next)?;
+        states.copy_from_slice(&next);
+        Ok(plans)
     }
 }

@@ -39,6 +39,7 @@ pub mod compress;
 pub mod config;
 pub mod cpu;
 pub mod cuda;
+pub mod engine;
 pub mod error;
 pub mod ffi;
 pub mod io;
@@ -54,10 +55,13 @@ pub mod window;
 
 pub use backend::{Backend, BackendChoice, BackendKind, Capabilities, HeadDims, Op};
 pub use compress::CompressedCache;
-pub use config::{BudgetMode, BudgetPolicy, Config, DecodeConfig, EntropyConfig, GqaMode, HeadBudget, Pooling};
+pub use config::{
+    BudgetMode, BudgetPolicy, Config, DecodeConfig, EntropyConfig, GqaMode, HeadBudget, HeadClassMode, Pooling,
+};
+pub use engine::{BlockTable, ChunkRequest, KvCache, KvCacheMut, PageLayout, Workspace};
 pub use error::{Error, Result};
 pub use kernels::{Kernels, PlanRequest};
-pub use plan::{BlockLists, HeadClass, Plan, PlanDims, SegmentAttention};
+pub use plan::{BlockLists, HeadClass, Plan, PlanDims, PlanState, SegmentAttention};
 pub use tensor::{DType, Element, HostBuffer, HostData, HostDataMut, HostTensor, TensorView, TensorViewMut};
 pub use window::{ObservationWindow, WindowEvent};
 

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{BudgetMode, BudgetPolicy, EntropyConfig};
+use crate::config::{BudgetMode, BudgetPolicy, EntropyConfig, HeadClassMode};
 use crate::error::{Error, Result};
 
 /// Sizes of one layer's prefill and its plan.
@@ -81,6 +81,46 @@ impl PlanDims {
     #[inline]
     pub fn unit(&self, b: usize, h: usize, s: usize) -> usize {
         (b * self.kv_heads + h) * self.segments + s
+    }
+}
+
+/// What `streaming` planning carries from one chunk of a prompt to the next, per (sequence,
+/// layer, kv head) (SPEC §7.2): whether the head has been rigid at every segment so far, its
+/// last budget and floored entropy, and the segment it expects next. A fresh state precedes
+/// segment 0.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanState {
+    /// Entropy below `e_t` at every segment `1..next_segment` (vacuously true before segment 1).
+    pub rigid: bool,
+    /// Budget of segment `next_segment - 1`, in tokens.
+    pub budget: f32,
+    /// `max(H, entropy_floor)` of segment `next_segment - 1`.
+    pub floored_entropy: f32,
+    /// The first segment not yet planned.
+    pub next_segment: u32,
+}
+
+impl Default for PlanState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PlanState {
+    /// The state before a prompt's first segment.
+    pub const fn new() -> Self {
+        PlanState { rigid: true, budget: 0.0, floored_entropy: 0.0, next_segment: 0 }
+    }
+
+    /// Whether the head counts as rigid at segment `s` with entropy `h` under the `streaming`
+    /// rule: rigid so far and below `e_t` here.
+    pub fn rigid_at(&self, s: usize, h: f32, cfg: &EntropyConfig) -> bool {
+        s == 0 || (self.rigid && h < cfg.e_t)
+    }
+
+    /// The head's class after the segments seen so far.
+    pub fn class(&self) -> HeadClass {
+        if self.rigid { HeadClass::Rigid } else { HeadClass::Dynamic }
     }
 }
 
@@ -277,6 +317,10 @@ pub struct Plan {
     pub order_width: usize,
     /// The configured budget mode's block lists.
     pub blocks: BlockLists,
+    /// The segments this plan decided: all of them for a one-shot plan, a chunk's for chunked
+    /// planning (SPEC §7.2; the per-segment arrays are zero and the units dense elsewhere).
+    #[serde(default)]
+    pub planned: std::ops::Range<usize>,
 }
 
 impl Plan {
@@ -300,6 +344,7 @@ impl Plan {
             order: vec![0; dims.units() * order_width],
             order_width,
             blocks: BlockLists::all_dense(dims),
+            planned: 0..dims.segments,
         };
         plan.blocks = plan.block_lists(cfg.budget_mode, cfg.threshold_len);
         plan
@@ -351,25 +396,41 @@ pub mod rules {
         if entropy.iter().skip(1).all(|&h| h < e_t) { HeadClass::Rigid } else { HeadClass::Dynamic }
     }
 
-    /// Budgets of one head over its segments (SPEC §2.8), in f32 in the specified order.
+    /// Budgets of one head over its segments (SPEC §2.8), in f32 in the specified order: with
+    /// `prompt` head classes the head's `class` holds at every segment; with `streaming` ones
+    /// (SPEC §7.2) each segment decides from the segments seen so far.
     pub fn budgets(entropy: &[f32], class: HeadClass, cfg: &EntropyConfig, out: &mut [f32]) {
-        let base = cfg.base_budget as f32;
-        let dynamic = class == HeadClass::Dynamic && cfg.budget_policy == BudgetPolicy::Entropy;
-        let floored = |h: f32| h.max(cfg.entropy_floor);
-        for s in 0..entropy.len() {
-            out[s] = if s == 0 || !dynamic {
-                base
-            } else {
-                let r = if s == 1 {
-                    cfg.delta_t
-                } else {
-                    let prev = floored(entropy[s - 1]);
-                    (floored(entropy[s]) - prev) / (prev + 1e-9f32)
-                };
-                // NaN entropies (from NaN inputs) must not escape the clamp.
-                let r = if r.is_nan() { 0.0 } else { r.clamp(0.0, 1.0 + cfg.delta_t) };
-                (out[s - 1] + cfg.alpha * base * (r - cfg.delta_t)).clamp(base, 3.0 * base)
+        let mut state = PlanState::new();
+        for (s, (&h, o)) in entropy.iter().zip(out.iter_mut()).enumerate() {
+            let rigid = match cfg.head_class {
+                HeadClassMode::Prompt => class == HeadClass::Rigid,
+                HeadClassMode::Streaming => state.rigid_at(s, h, cfg),
             };
+            state = budget_step(&state, s, h, rigid, cfg);
+            *o = state.budget;
+        }
+    }
+
+    /// One segment of the budget recurrence (SPEC §2.8): the state after segment `s` with
+    /// entropy `h`, the head counted `rigid` there. Segment 0 always takes `base`.
+    pub fn budget_step(prev: &PlanState, s: usize, h: f32, rigid: bool, cfg: &EntropyConfig) -> PlanState {
+        let base = cfg.base_budget as f32;
+        let floored = h.max(cfg.entropy_floor);
+        let rigid = rigid || cfg.budget_policy == BudgetPolicy::Fixed;
+        let budget = if s == 0 || rigid {
+            base
+        } else {
+            let r =
+                if s == 1 { cfg.delta_t } else { (floored - prev.floored_entropy) / (prev.floored_entropy + 1e-9f32) };
+            // NaN entropies (from NaN inputs) must not escape the clamp.
+            let r = if r.is_nan() { 0.0 } else { r.clamp(0.0, 1.0 + cfg.delta_t) };
+            (prev.budget + cfg.alpha * base * (r - cfg.delta_t)).clamp(base, 3.0 * base)
+        };
+        PlanState {
+            rigid: if s == 0 { true } else { rigid },
+            budget,
+            floored_entropy: floored,
+            next_segment: s as u32 + 1,
         }
     }
 
@@ -394,6 +455,7 @@ pub mod rules {
         let mut keep = vec![0u32; d.units()];
         for bh in 0..d.batch * d.kv_heads {
             let e = &entropy[bh * n..(bh + 1) * n];
+            // Both modes end in the same class: rigid iff below `e_t` at every segment ≥ 1.
             let class = match cfg.budget_policy {
                 BudgetPolicy::Entropy => head_class(e, cfg.e_t),
                 BudgetPolicy::Fixed => HeadClass::Rigid,
@@ -406,6 +468,55 @@ pub mod rules {
         }
         let topk = (0..n).map(|s| (0..d.batch * d.kv_heads).map(|bh| keep[bh * n + s]).max().unwrap_or(0)).collect();
         (classes, tokens, keep, topk)
+    }
+
+    /// The decisions of a chunk's segments `segments` (SPEC §7.2, `streaming` classes), continuing
+    /// each head's state (`states[b·Hkv + h]`, left after the chunk's last segment). Arrays have
+    /// the whole prompt's shape; segments outside the chunk keep 0.
+    pub fn decide_chunk(
+        d: &PlanDims,
+        cfg: &EntropyConfig,
+        entropy: &[f32],
+        segments: &std::ops::Range<usize>,
+        states: &mut [PlanState],
+    ) -> (Vec<HeadClass>, Vec<f32>, Vec<u32>, Vec<u32>) {
+        let n = d.segments;
+        let mut tokens = vec![0f32; d.units()];
+        let mut keep = vec![0u32; d.units()];
+        for (bh, st) in states.iter_mut().enumerate().take(d.batch * d.kv_heads) {
+            for s in segments.clone() {
+                let h = entropy[bh * n + s];
+                *st = budget_step(st, s, h, st.rigid_at(s, h, cfg), cfg);
+                tokens[bh * n + s] = st.budget;
+                keep[bh * n + s] = keep_blocks(d, s, st.budget);
+            }
+        }
+        let classes = states.iter().map(PlanState::class).collect();
+        let topk = (0..n).map(|s| (0..d.batch * d.kv_heads).map(|bh| keep[bh * n + s]).max().unwrap_or(0)).collect();
+        (classes, tokens, keep, topk)
+    }
+
+    /// The state each head is left in after a one-shot plan of every segment (either class mode).
+    pub fn finish_states(
+        d: &PlanDims,
+        cfg: &EntropyConfig,
+        entropy: &[f32],
+        classes: &[HeadClass],
+        states: &mut [PlanState],
+    ) {
+        let n = d.segments;
+        for (bh, out) in states.iter_mut().enumerate().take(d.batch * d.kv_heads) {
+            let mut st = PlanState::new();
+            for s in 0..n {
+                let h = entropy[bh * n + s];
+                let rigid = match cfg.head_class {
+                    HeadClassMode::Prompt => classes[bh] == HeadClass::Rigid,
+                    HeadClassMode::Streaming => st.rigid_at(s, h, cfg),
+                };
+                st = budget_step(&st, s, h, rigid, cfg);
+            }
+            *out = st;
+        }
     }
 
     /// Ranks the candidate blocks of one row (keys for `j < candidates.len()`, larger first, ties to

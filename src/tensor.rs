@@ -191,6 +191,22 @@ impl<'a> HostData<'a> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The typed slice, if the element type is `T`.
+    pub fn typed<T: Element>(&self) -> Option<&'a [T]> {
+        match *self {
+            HostData::F32(s) => bytemuck::try_cast_slice(s).ok().filter(|_| T::DTYPE == DType::F32),
+            HostData::F16(s) => bytemuck::try_cast_slice(s).ok().filter(|_| T::DTYPE == DType::F16),
+            HostData::BF16(s) => bytemuck::try_cast_slice(s).ok().filter(|_| T::DTYPE == DType::BF16),
+        }
+    }
+    /// Reads element `o` as f64 (for oracles; slow).
+    pub fn get(&self, o: usize) -> f64 {
+        match *self {
+            HostData::F32(s) => s[o] as f64,
+            HostData::F16(s) => s[o].to_f64(),
+            HostData::BF16(s) => s[o].to_f64(),
+        }
+    }
 }
 
 impl HostDataMut<'_> {
@@ -218,6 +234,25 @@ impl HostDataMut<'_> {
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    /// The same elements, read-only.
+    pub fn as_data(&self) -> HostData<'_> {
+        match self {
+            HostDataMut::F32(s) => HostData::F32(s),
+            HostDataMut::F16(s) => HostData::F16(s),
+            HostDataMut::BF16(s) => HostData::BF16(s),
+        }
+    }
+    /// The typed slice, if the element type is `T`.
+    pub fn typed_mut<T: Element>(&mut self) -> Option<&mut [T]> {
+        if T::DTYPE != self.dtype() {
+            return None;
+        }
+        match self {
+            HostDataMut::F32(s) => bytemuck::try_cast_slice_mut(s).ok(),
+            HostDataMut::F16(s) => bytemuck::try_cast_slice_mut(s).ok(),
+            HostDataMut::BF16(s) => bytemuck::try_cast_slice_mut(s).ok(),
+        }
     }
 }
 
@@ -400,6 +435,12 @@ impl<'a> TensorView<'a> {
         TensorView { data: data.into(), shape, strides }
     }
 
+    /// A contiguous THD view `[tokens, heads, head_dim]` (ragged batches, SPEC §7.1), held as
+    /// `[1, tokens, heads, head_dim]`.
+    pub fn thd(data: impl Into<HostData<'a>>, [t, h, d]: [usize; 3]) -> Self {
+        Self::new(data, [1, t, h, d])
+    }
+
     pub fn data(&self) -> HostData<'a> {
         self.data
     }
@@ -454,21 +495,12 @@ impl<'a> TensorView<'a> {
 
     /// The typed slice, if the element type is `T`.
     pub fn typed<T: Element>(&self) -> Option<&'a [T]> {
-        match self.data {
-            HostData::F32(s) => bytemuck::try_cast_slice(s).ok().filter(|_| T::DTYPE == DType::F32),
-            HostData::F16(s) => bytemuck::try_cast_slice(s).ok().filter(|_| T::DTYPE == DType::F16),
-            HostData::BF16(s) => bytemuck::try_cast_slice(s).ok().filter(|_| T::DTYPE == DType::BF16),
-        }
+        self.data.typed()
     }
 
     /// Reads one element as f64 (for oracles and tests; slow).
     pub fn get(&self, i: [usize; 4]) -> f64 {
-        let o = self.offset(i[0], i[1], i[2]) + i[3];
-        match self.data {
-            HostData::F32(s) => s[o] as f64,
-            HostData::F16(s) => s[o].to_f64(),
-            HostData::BF16(s) => s[o].to_f64(),
-        }
+        self.data.get(self.offset(i[0], i[1], i[2]) + i[3])
     }
 }
 
@@ -486,6 +518,10 @@ impl<'a> TensorViewMut<'a> {
     }
     pub fn strided(data: impl Into<HostDataMut<'a>>, shape: [usize; 4], strides: [usize; 4]) -> Self {
         TensorViewMut { data: data.into(), shape, strides }
+    }
+    /// A contiguous THD output `[tokens, heads, head_dim]`, held as `[1, tokens, heads, head_dim]`.
+    pub fn thd(data: impl Into<HostDataMut<'a>>, [t, h, d]: [usize; 3]) -> Self {
+        Self::new(data, [1, t, h, d])
     }
     pub fn dtype(&self) -> DType {
         self.data.dtype()
@@ -516,14 +552,7 @@ impl<'a> TensorViewMut<'a> {
     }
     /// The typed slice, if the element type is `T`.
     pub fn typed_mut<T: Element>(&mut self) -> Option<&mut [T]> {
-        if T::DTYPE != self.dtype() {
-            return None;
-        }
-        match &mut self.data {
-            HostDataMut::F32(s) => bytemuck::try_cast_slice_mut(s).ok(),
-            HostDataMut::F16(s) => bytemuck::try_cast_slice_mut(s).ok(),
-            HostDataMut::BF16(s) => bytemuck::try_cast_slice_mut(s).ok(),
-        }
+        self.data.typed_mut()
     }
     /// Writes one element, rounding from f64 (for oracles; slow).
     pub fn set(&mut self, i: [usize; 4], x: f64) {
@@ -536,12 +565,7 @@ impl<'a> TensorViewMut<'a> {
     }
     /// A read-only view of the same memory.
     pub fn as_view(&self) -> TensorView<'_> {
-        let data = match &self.data {
-            HostDataMut::F32(s) => HostData::F32(s),
-            HostDataMut::F16(s) => HostData::F16(s),
-            HostDataMut::BF16(s) => HostData::BF16(s),
-        };
-        TensorView { data, shape: self.shape, strides: self.strides }
+        TensorView { data: self.data.as_data(), shape: self.shape, strides: self.strides }
     }
 }
 
@@ -620,6 +644,22 @@ impl HostTensor {
             HostBuffer::F32(v) => TensorViewMut::new(v.as_mut_slice(), shape),
             HostBuffer::F16(v) => TensorViewMut::new(v.as_mut_slice(), shape),
             HostBuffer::BF16(v) => TensorViewMut::new(v.as_mut_slice(), shape),
+        }
+    }
+    /// The elements, borrowed (e.g. as a page pool of a [`crate::KvCache`]).
+    pub fn data(&self) -> HostData<'_> {
+        match &self.data {
+            HostBuffer::F32(v) => HostData::F32(v),
+            HostBuffer::F16(v) => HostData::F16(v),
+            HostBuffer::BF16(v) => HostData::BF16(v),
+        }
+    }
+    /// The elements, mutably borrowed (e.g. as a page pool of a [`crate::KvCacheMut`]).
+    pub fn data_mut(&mut self) -> HostDataMut<'_> {
+        match &mut self.data {
+            HostBuffer::F32(v) => HostDataMut::F32(v),
+            HostBuffer::F16(v) => HostDataMut::F16(v),
+            HostBuffer::BF16(v) => HostDataMut::BF16(v),
         }
     }
     /// All values widened to f32.

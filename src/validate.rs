@@ -264,7 +264,7 @@ fn rows_apart(caps: &Capabilities, what: &'static str, v: &dyn Layout) -> Result
     })
 }
 
-fn resolve_scale(scale: Option<f32>, head_dim: usize) -> Result<f32> {
+pub(crate) fn resolve_scale(scale: Option<f32>, head_dim: usize) -> Result<f32> {
     check_scale(scale)?;
     Ok(scale.unwrap_or(1.0 / (head_dim as f32).sqrt()))
 }

@@ -253,6 +253,7 @@ fn random_cfg(g: &mut G) -> EntropyConfig {
         layer_fusion: g.chance(0.3),
         budget_mode: g.pick(&[BudgetMode::PerHead, BudgetMode::SegmentMax]),
         budget_policy: g.pick(&[BudgetPolicy::Entropy, BudgetPolicy::Fixed]),
+        head_class: g.pick(&[HeadClassMode::Prompt, HeadClassMode::Streaming]),
         scale: if g.chance(0.3) { Some(g.pick(&[0.05f32, 0.3, 2.0])) } else { None },
     }
 }

@@ -5,6 +5,7 @@
 mod attention;
 mod compress;
 mod decode;
+mod engine;
 mod micro;
 pub(crate) mod plan;
 pub(crate) mod simd;
@@ -63,6 +64,7 @@ impl<'a, E: Element> Strided<'a, E> {
             data: self.data,
             base: i0 * self.strides[0] + fixed * self.strides[fixed_dim],
             stride: self.strides[along_dim],
+            paging: None,
         }
     }
 }
@@ -130,6 +132,22 @@ fn attention_e<E: Element>(
 fn compress_e<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'_>) -> Result<CompressedCache> {
     compress::kv_compress::<E>(isa, lanes, a)
 }
+fn attend_e<E: Element>(
+    isa: Isa,
+    lanes: usize,
+    a: &crate::engine::AttendArgs<'_>,
+    out: &mut TensorViewMut<'_>,
+    lse: Option<&mut [f32]>,
+) {
+    engine::attend::<E>(isa, lanes, a, out, lse)
+}
+fn plan_chunks_e<E: Element>(
+    isa: Isa,
+    a: &crate::engine::ChunkArgs<'_>,
+    states: &mut [crate::plan::PlanState],
+) -> Result<Vec<Plan>> {
+    plan::plan_chunks::<E>(isa, a, states)
+}
 fn decode_e<E: Element>(isa: Isa, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
     decode::decode::<E>(isa, a, out)
 }
@@ -156,5 +174,21 @@ impl Backend for CpuBackend {
     }
     fn decode_attention(&self, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
         by_dtype!(a.q().dtype(), decode_e(self.isa, a, out))
+    }
+    fn attend(
+        &self,
+        a: &crate::engine::AttendArgs<'_>,
+        out: &mut TensorViewMut<'_>,
+        lse: Option<&mut [f32]>,
+    ) -> Result<()> {
+        by_dtype!(a.q().dtype(), attend_e(self.isa, self.lanes(), a, out, lse));
+        Ok(())
+    }
+    fn plan_chunks(
+        &self,
+        a: &crate::engine::ChunkArgs<'_>,
+        states: &mut [crate::plan::PlanState],
+    ) -> Result<Vec<Plan>> {
+        by_dtype!(a.q().dtype(), plan_chunks_e(self.isa, a, states))
     }
 }

@@ -7,30 +7,29 @@ use rayon::prelude::*;
 
 use super::simd::{Isa, Simd, WithSimd, dispatch};
 use crate::alloc;
+use crate::config::EntropyConfig;
+use crate::engine::ChunkArgs;
 use crate::error::Result;
 use crate::numerics;
-use crate::plan::{BlockLists, Plan, PlanDims, rules};
-use crate::tensor::{Element, TensorView};
+use crate::plan::{BlockLists, Plan, PlanDims, PlanState, rules};
+use crate::tensor::Element;
 use crate::validate::PlanArgs;
 
-/// Element-wise max and min over `rows` consecutive tokens of every head: `[heads][2][D]` in f64
-/// (max then min), from a BSND view.
-fn representatives<E: Element>(
-    x: &TensorView<'_>,
-    b: usize,
+/// Element-wise max and min over `tokens` of every head: `[heads][2][D]` in f64 (max then min),
+/// row `(t, h)` read by `row_of`.
+fn representatives<'r, E: Element>(
+    row_of: impl Fn(usize, usize) -> &'r [E],
     tokens: std::ops::Range<usize>,
     heads: usize,
     d: usize,
     out: &mut [f64],
     row: &mut [f32],
 ) {
-    let data = x.typed::<E>().expect("dtype checked by validation");
     let mut mx = vec![f32::NEG_INFINITY; heads * d];
     let mut mn = vec![f32::INFINITY; heads * d];
     for t in tokens {
         for h in 0..heads {
-            let o = x.offset(b, t, h);
-            E::widen(&data[o..o + d], row);
+            E::widen(row_of(t, h), row);
             let (a, c) = (&mut mx[h * d..(h + 1) * d], &mut mn[h * d..(h + 1) * d]);
             for i in 0..d {
                 a[i] = a[i].max(row[i]);
@@ -57,8 +56,11 @@ struct UnitOut<'o> {
 struct UnitJob<'a, 'o> {
     dims: PlanDims,
     head_dim: usize,
-    /// `[B][nseg][Hq]` sums `qmax + qmin` (f64, exact).
+    /// `[B][segments planned][Hq]` sums `qmax + qmin` (f64, exact).
     qsum: &'a [f64],
+    /// The first segment planned and how many are.
+    first: usize,
+    planned: usize,
     /// `[B][N][Hkv][2][D]` key representatives.
     krep: &'a [f64],
     prev: Option<&'a [f32]>,
@@ -73,7 +75,7 @@ impl WithSimd for UnitJob<'_, '_> {
     type Output = f64;
     #[inline(always)]
     fn with_simd<S: Simd>(self) -> f64 {
-        let UnitJob { dims: d, head_dim: dd, qsum, krep, b, h, s, .. } = self;
+        let UnitJob { dims: d, head_dim: dd, qsum, krep, b, h, s, first, planned, .. } = self;
         let n = d.blocks;
         let g = d.group();
         let lim = d.causal_limit(s);
@@ -83,7 +85,7 @@ impl WithSimd for UnitJob<'_, '_> {
             let (kmax, kmin) = (&kr[..dd], &kr[dd..2 * dd]);
             let mut sum = 0.0;
             for gi in 0..g {
-                let qs = &qsum[((b * d.segments + s) * d.q_heads + h * g + gi) * dd..][..dd];
+                let qs = &qsum[((b * planned + s - first) * d.q_heads + h * g + gi) * dd..][..dd];
                 sum += 0.5 * numerics::dot(qs, kmax).max(numerics::dot(qs, kmin));
             }
             *x = sum / g as f64;
@@ -127,6 +129,7 @@ pub(crate) fn plan<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Result<Plan> {
     let dd = a.head_dim();
     let n = d.blocks;
     let (q, k) = (a.q(), a.k());
+    let (qd, kd) = (q.typed::<E>().expect("dtype checked"), k.typed::<E>().expect("dtype checked"));
 
     // Representatives: per (b, segment) for queries, per (b, block) for keys.
     let mut qrep = alloc::grid("query representatives", &[d.batch, d.segments, d.q_heads, 2, dd], 0f64)?;
@@ -134,7 +137,7 @@ pub(crate) fn plan<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Result<Plan> {
         || vec![0f32; dd],
         |row, (bs, out)| {
             let (b, s) = (bs / d.segments, bs % d.segments);
-            representatives::<E>(&q, b, d.segment_range(s), d.q_heads, dd, out, row)
+            representatives::<E>(|t, h| &qd[q.offset(b, t, h)..][..dd], d.segment_range(s), d.q_heads, dd, out, row)
         },
     );
     let mut krep = alloc::grid("key representatives", &[d.batch, n, d.kv_heads, 2, dd], 0f64)?;
@@ -144,11 +147,29 @@ pub(crate) fn plan<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Result<Plan> {
             |row, (bj, out)| {
                 let (b, j) = (bj / n, bj % n);
                 let bk = d.block_size;
-                representatives::<E>(&k, b, j * bk..(j + 1) * bk, d.kv_heads, dd, out, row)
+                representatives::<E>(
+                    |t, h| &kd[k.offset(b, t, h)..][..dd],
+                    j * bk..(j + 1) * bk,
+                    d.kv_heads,
+                    dd,
+                    out,
+                    row,
+                )
             },
         );
     }
     plan_from_representatives(isa, a, &qrep, &krep)
+}
+
+/// What planning decides over, wherever the representatives came from.
+pub(crate) struct Span<'a> {
+    pub dims: PlanDims,
+    pub cfg: &'a EntropyConfig,
+    pub head_dim: usize,
+    pub keep_maps: bool,
+    pub fusion: Option<&'a [f32]>,
+    /// The segments planned: all for a one-shot plan, a chunk's (SPEC §7.2).
+    pub segments: std::ops::Range<usize>,
 }
 
 /// The rest of planning from the representatives (`qrep` `[B, segments, Hq, 2, D]`, `krep`
@@ -156,9 +177,32 @@ pub(crate) fn plan<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Result<Plan> {
 /// whose devices compute the representatives (max/min are exact in any precision) but have no
 /// f64 arithmetic for the decisions.
 pub(crate) fn plan_from_representatives(isa: Isa, a: &PlanArgs<'_>, qrep: &[f64], krep: &[f64]) -> Result<Plan> {
-    let d = a.dims();
-    let cfg = a.cfg();
-    let dd = a.head_dim();
+    let span = Span {
+        dims: a.dims(),
+        cfg: a.cfg(),
+        head_dim: a.head_dim(),
+        keep_maps: a.keep_maps(),
+        fusion: a.fusion(),
+        segments: 0..a.dims().segments,
+    };
+    plan_span(isa, &span, qrep, krep, None)
+}
+
+/// Planning of `span.segments` from their query representatives (`[B, planned, Hq, 2, D]`) and
+/// the key representatives of every block before them. A one-shot span decides by the shared
+/// rules; a chunk continues `states` (`[B, Hkv]`, `streaming` classes) and leaves them after its
+/// last segment.
+pub(crate) fn plan_span(
+    isa: Isa,
+    span: &Span<'_>,
+    qrep: &[f64],
+    krep: &[f64],
+    states: Option<&mut [PlanState]>,
+) -> Result<Plan> {
+    let d = span.dims;
+    let cfg = span.cfg;
+    let dd = span.head_dim;
+    let (first, planned) = (span.segments.start, span.segments.len());
     // The logits only need qmax + qmin (SPEC §2.2: both terms share the key representative).
     let qsum: Vec<f64> = qrep.chunks(2 * dd).flat_map(|hm| (0..dd).map(move |i| hm[i] + hm[dd + i])).collect();
 
@@ -167,8 +211,8 @@ pub(crate) fn plan_from_representatives(isa: Isa, a: &PlanArgs<'_>, qrep: &[f64]
     let rank_width = d.rank_width(cfg.base_budget);
     let (units, n) = (d.units(), d.blocks);
     let map = alloc::count("a planning map [B, Hkv, nseg, N]", &[units, n])?;
-    let keep_scores = a.keep_maps() || cfg.layer_fusion;
-    let mut logits = alloc::filled("the planning logits", if a.keep_maps() { map } else { 0 }, 0f32)?;
+    let keep_scores = span.keep_maps || cfg.layer_fusion;
+    let mut logits = alloc::filled("the planning logits", if span.keep_maps { map } else { 0 }, 0f32)?;
     let mut scores = alloc::filled("the block distributions", if keep_scores { map } else { 0 }, 0f32)?;
     let mut ranked = alloc::grid("the block rankings", &[units, rank_width], 0u32)?;
     let outs = rows_of(&mut logits, units, n)
@@ -178,18 +222,34 @@ pub(crate) fn plan_from_representatives(isa: Isa, a: &PlanArgs<'_>, qrep: &[f64]
         .map(|((logits, scores), ranked)| UnitOut { logits, scores, ranked });
     let entropy64: Vec<f64> = outs
         .enumerate()
+        .filter(|(u, _)| span.segments.contains(&(u % d.segments)))
         .collect::<Vec<_>>()
         .into_par_iter()
         .map(|(u, out)| {
             let (bh, s) = (u / d.segments, u % d.segments);
             let (b, h) = (bh / d.kv_heads, bh % d.kv_heads);
-            let job = UnitJob { dims: d, head_dim: dd, qsum: &qsum, krep, prev: a.fusion(), b, h, s, out };
+            let job =
+                UnitJob { dims: d, head_dim: dd, qsum: &qsum, first, planned, krep, prev: span.fusion, b, h, s, out };
             dispatch(isa, job)
         })
         .collect();
 
-    let entropy: Vec<f32> = entropy64.iter().map(|&e| e as f32).collect();
-    let (head_class, budgets, keep_blocks, segment_topk) = rules::decide(&d, cfg, &entropy);
+    let mut entropy = vec![0f32; units];
+    for (bh, row) in entropy64.chunks(planned.max(1)).enumerate() {
+        for (k, &e) in row.iter().enumerate() {
+            entropy[bh * d.segments + first + k] = e as f32;
+        }
+    }
+    let (head_class, budgets, keep_blocks, segment_topk) = match states {
+        Some(states) if planned < d.segments => rules::decide_chunk(&d, cfg, &entropy, &span.segments, states),
+        states => {
+            let decided = rules::decide(&d, cfg, &entropy);
+            if let Some(states) = states {
+                rules::finish_states(&d, cfg, &entropy, &decided.0, states);
+            }
+            decided
+        }
+    };
     let width = rules::order_width(&segment_topk);
     let mut order = alloc::with_capacity("the block rankings", alloc::count("the ranking", &[units, width])?)?;
     for row in rows_of(&mut ranked, units, rank_width) {
@@ -208,7 +268,52 @@ pub(crate) fn plan_from_representatives(isa: Isa, a: &PlanArgs<'_>, qrep: &[f64]
         order,
         order_width: width,
         blocks: BlockLists::all_dense(d),
+        planned: span.segments.clone(),
     };
     plan.blocks = plan.block_lists(cfg.budget_mode, cfg.threshold_len);
     Ok(plan)
+}
+
+/// Chunked planning over a cache (SPEC §7.2): per sequence, the representatives of its chunk's
+/// segments (from its queries) and of every block before them (from the cache's pages), then
+/// [`plan_span`] continuing the sequence's states.
+pub(crate) fn plan_chunks<E: Element>(isa: Isa, a: &ChunkArgs<'_>, states: &mut [PlanState]) -> Result<Vec<Plan>> {
+    let dd = a.head_dim();
+    let q = a.q();
+    let qd = q.typed::<E>().expect("dtype checked");
+    let cache = a.cache();
+    let kd = cache.k().typed::<E>().expect("dtype checked");
+    let mut plans = Vec::with_capacity(a.seqs().len());
+    for (i, sc) in a.seqs().iter().enumerate() {
+        let d = sc.dims;
+        let segs = sc.segments.clone();
+        let mut qrep = alloc::grid("query representatives", &[segs.len(), d.q_heads, 2, dd], 0f64)?;
+        qrep.par_chunks_mut(d.q_heads * 2 * dd).enumerate().for_each_init(
+            || vec![0f32; dd],
+            |row, (k, out)| {
+                let positions = d.segment_range(segs.start + k);
+                let token = |p: usize| sc.tokens.start + p - sc.q_start;
+                let tokens = token(positions.start)..token(positions.end);
+                representatives::<E>(|t, h| &qd[q.offset(0, t, h)..][..dd], tokens, d.q_heads, dd, out, row)
+            },
+        );
+        // Blocks any planned segment may select: those before its last segment.
+        let blocks = if segs.is_empty() { 0 } else { d.causal_limit(segs.end - 1) };
+        let mut krep = alloc::grid("key representatives", &[d.blocks, d.kv_heads, 2, dd], 0f64)?;
+        if blocks > 0 {
+            krep[..blocks * d.kv_heads * 2 * dd].par_chunks_mut(d.kv_heads * 2 * dd).enumerate().for_each_init(
+                || vec![0f32; dd],
+                |row, (j, out)| {
+                    let bk = d.block_size;
+                    let at = |t: usize, h: usize| &kd[cache.entry_offset(i, h, t)..][..dd];
+                    representatives::<E>(at, j * bk..(j + 1) * bk, d.kv_heads, dd, out, row)
+                },
+            );
+        }
+        let span =
+            Span { dims: d, cfg: sc.cfg, head_dim: dd, keep_maps: a.keep_maps(), fusion: sc.fusion, segments: segs };
+        let hkv = d.kv_heads;
+        plans.push(plan_span(isa, &span, &qrep, &krep, Some(&mut states[i * hkv..(i + 1) * hkv]))?);
+    }
+    Ok(plans)
 }

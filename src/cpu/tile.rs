@@ -36,18 +36,31 @@ impl Geom {
     }
 }
 
-/// A source of key/value rows: row `t` starts at `base + t·stride`.
+/// A source of key/value rows: row `t` starts at `base + t·stride`, or, paged, at
+/// `base + table[t / page_size]·page_stride + (t % page_size)·stride`.
 #[derive(Clone, Copy)]
 pub(crate) struct Rows<'a, E> {
     pub data: &'a [E],
     pub base: usize,
     pub stride: usize,
+    pub paging: Option<Paging<'a>>,
+}
+
+/// The pages of one sequence (SPEC §7.3).
+#[derive(Clone, Copy)]
+pub(crate) struct Paging<'a> {
+    pub table: &'a [u32],
+    pub page_size: usize,
+    pub page_stride: usize,
 }
 
 impl<'a, E> Rows<'a, E> {
     #[inline(always)]
     pub fn row(&self, t: usize, d: usize) -> &'a [E] {
-        let o = self.base + t * self.stride;
+        let o = match self.paging {
+            None => self.base + t * self.stride,
+            Some(p) => self.base + p.table[t / p.page_size] as usize * p.page_stride + (t % p.page_size) * self.stride,
+        };
         &self.data[o..o + d]
     }
 }

@@ -21,7 +21,7 @@ use cudarc::driver::{
 };
 
 use super::source;
-use crate::backend::{Backend, BackendKind, Capabilities, HeadDims};
+use crate::backend::{Backend, BackendKind, Capabilities, HeadDims, Op};
 use crate::compress::CompressedCache;
 use crate::error::{Error, Result};
 use crate::ffi::{EkCompressParams, EkDecodeParams, EkPlanParams, EkPrefillParams, EkTensor};
@@ -204,7 +204,7 @@ impl CudaBackend {
             ctx,
             stream,
             funcs,
-            caps: Capabilities::full("cuda", HeadDims::UpTo(256)),
+            caps: Capabilities { ops: Op::CONTIGUOUS.to_vec(), ..Capabilities::full("cuda", HeadDims::UpTo(256)) },
             name,
             arch: arch.to_string(),
             origin,
@@ -694,7 +694,17 @@ impl CudaBackend {
             order: full_order.chunks(2 * width.max(1)).flat_map(|r| r[..order_width].iter().copied()).collect(),
             order_width,
             blocks: crate::plan::BlockLists::all_dense(d),
+            planned: 0..d.segments,
         };
+        if cfg.head_class == crate::config::HeadClassMode::Streaming {
+            // The device decides `prompt` classes; `streaming` ones follow from the same entropies
+            // (bit-identical to the host's) by the shared rules, over the device's full-width ranking.
+            let (head_class, budgets, keep_blocks, segment_topk) = crate::plan::rules::decide(&d, cfg, &plan.entropy);
+            let order_width = crate::plan::rules::order_width(&segment_topk);
+            plan.order = full_order.chunks(2 * width.max(1)).flat_map(|r| r[..order_width].iter().copied()).collect();
+            (plan.head_class, plan.budgets, plan.keep_blocks, plan.segment_topk, plan.order_width) =
+                (head_class, budgets, keep_blocks, segment_topk, order_width);
+        }
         plan.blocks = plan.block_lists(cfg.budget_mode, cfg.threshold_len);
         Ok(plan)
     }

@@ -5,6 +5,7 @@
 
 mod attention;
 mod compress;
+pub mod engine;
 mod plan;
 
 pub use attention::{attention, decode_attention};
@@ -113,6 +114,21 @@ impl Backend for ReferenceBackend {
     fn decode_attention(&self, args: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
         write_bsnd(&decode_attention(args)?, out);
         Ok(())
+    }
+    fn attend(
+        &self,
+        args: &crate::engine::AttendArgs<'_>,
+        out: &mut TensorViewMut<'_>,
+        lse: Option<&mut [f32]>,
+    ) -> Result<()> {
+        engine::attend(args, out, lse)
+    }
+    fn plan_chunks(
+        &self,
+        args: &crate::engine::ChunkArgs<'_>,
+        states: &mut [crate::plan::PlanState],
+    ) -> Result<Vec<Plan>> {
+        engine::plan_chunks(args, states)
     }
 }
 

@@ -2,7 +2,7 @@
 
 use super::{F64Tensor, dot};
 use crate::alloc;
-use crate::config::{BudgetMode, BudgetPolicy};
+use crate::config::{BudgetMode, BudgetPolicy, HeadClassMode};
 use crate::error::Result;
 use crate::plan::{BlockLists, HeadClass, Plan};
 use crate::validate::PlanArgs;
@@ -119,37 +119,16 @@ pub fn plan(a: &PlanArgs<'_>) -> Result<Plan> {
     }
 
     // 7–9. Head class, budgets (f32), blocks to keep.
-    let base = cfg.base_budget as f32;
-    let cap = n as i64 - ((l % seg) / bk) as i64 - 1;
     let mut class = vec![vec![HeadClass::Dynamic; hkv]; bsz];
     let mut budget = vec![vec![vec![0f32; nseg]; hkv]; bsz];
     let mut keep = vec![vec![vec![0usize; nseg]; hkv]; bsz];
     for b in 0..bsz {
         for h in 0..hkv {
             let e32: Vec<f32> = entropy[b][h].iter().map(|&x| x as f32).collect();
-            let rigid = match cfg.budget_policy {
-                BudgetPolicy::Fixed => true,
-                BudgetPolicy::Entropy => (1..nseg).all(|s| e32[s] < cfg.e_t),
-            };
-            class[b][h] = if rigid { HeadClass::Rigid } else { HeadClass::Dynamic };
-            budget[b][h][0] = base;
-            for s in 1..nseg {
-                budget[b][h][s] = if rigid {
-                    base
-                } else {
-                    let cur = e32[s].max(cfg.entropy_floor);
-                    let prev = e32[s - 1].max(cfg.entropy_floor);
-                    let mut r = if s == 1 { cfg.delta_t } else { (cur - prev) / (prev + 1e-9f32) };
-                    if r.is_nan() {
-                        r = 0.0;
-                    }
-                    r = r.max(0.0).min(1.0 + cfg.delta_t);
-                    let step = cfg.alpha * base * (r - cfg.delta_t);
-                    (budget[b][h][s - 1] + step).max(base).min(3.0 * base)
-                };
-                let by_budget = (budget[b][h][s] / bk as f32).floor() as i64;
-                keep[b][h][s] = by_budget.min((s * nrep) as i64).min(cap).max(0) as usize;
-            }
+            let decided = decide_head(&e32, l, cfg);
+            class[b][h] = decided.0;
+            budget[b][h] = decided.1;
+            keep[b][h] = decided.2;
         }
     }
     let segment_topk: Vec<usize> = (0..nseg)
@@ -197,5 +176,55 @@ pub fn plan(a: &PlanArgs<'_>) -> Result<Plan> {
         order,
         order_width: width,
         blocks: BlockLists::from_units(dims, selected),
+        planned: 0..nseg,
     })
+}
+
+/// SPEC §2.7–2.9 (and §7.2's `streaming` classes) for one head of a prompt of `l` tokens from its
+/// f32 entropies over segments `0..entropy.len()`: its final class, budgets and keep counts.
+pub(crate) fn decide_head(
+    e32: &[f32],
+    l: usize,
+    cfg: &crate::config::EntropyConfig,
+) -> (HeadClass, Vec<f32>, Vec<usize>) {
+    let (seg, bk) = (cfg.segment_size, cfg.block_size);
+    let nrep = seg / bk;
+    let nseg_prompt = l.div_ceil(seg);
+    let n = if nseg_prompt < 2 { 0 } else { (nseg_prompt - 1) * nrep };
+    let nseg = e32.len();
+    let base = cfg.base_budget as f32;
+    let cap = n as i64 - ((l % seg) / bk) as i64 - 1;
+    let fixed = cfg.budget_policy == BudgetPolicy::Fixed;
+    // `prompt`: one class for the whole prompt; `streaming`: rigid at s iff rigid at 1..=s.
+    let rigid_whole = fixed || (1..nseg).all(|s| e32[s] < cfg.e_t);
+    let mut rigid_so_far = true;
+    let mut budget = vec![0f32; nseg];
+    let mut keep = vec![0usize; nseg];
+    if nseg > 0 {
+        budget[0] = base;
+    }
+    for s in 1..nseg {
+        rigid_so_far = rigid_so_far && (fixed || e32[s] < cfg.e_t);
+        let rigid = match cfg.head_class {
+            HeadClassMode::Prompt => rigid_whole,
+            HeadClassMode::Streaming => rigid_so_far,
+        };
+        budget[s] = if rigid {
+            base
+        } else {
+            let cur = e32[s].max(cfg.entropy_floor);
+            let prev = e32[s - 1].max(cfg.entropy_floor);
+            let mut r = if s == 1 { cfg.delta_t } else { (cur - prev) / (prev + 1e-9f32) };
+            if r.is_nan() {
+                r = 0.0;
+            }
+            r = r.max(0.0).min(1.0 + cfg.delta_t);
+            let step = cfg.alpha * base * (r - cfg.delta_t);
+            (budget[s - 1] + step).max(base).min(3.0 * base)
+        };
+        let by_budget = (budget[s] / bk as f32).floor() as i64;
+        keep[s] = by_budget.min((s * nrep) as i64).min(cap).max(0) as usize;
+    }
+    let class = if rigid_whole { HeadClass::Rigid } else { HeadClass::Dynamic };
+    (class, budget, keep)
 }

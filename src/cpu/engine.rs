@@ -1,0 +1,174 @@
+//! Attention over a (paged or contiguous) cache on the CPU (SPEC §7.4): one work item per
+//! (sequence, cache head, query tile), the group's query heads stacked as rows of one tile, keys
+//! and values read in place through the sequence's block table, the bottom-right causal rule
+//! counted on each head's entries, optional per-sequence block plans.
+
+use rayon::prelude::*;
+
+use super::simd::{Isa, Simd, WithSimd, dispatch};
+use super::tile::{Geom, Paging, ROWS_TARGET, Rows, Tile};
+use super::{SendPtr, Strided};
+use crate::engine::{AttendArgs, KvCache};
+use crate::plan::SegmentAttention;
+use crate::tensor::{Element, TensorViewMut};
+
+/// Query positions `p0..p1` of (sequence `i`, cache head `h`), all inside one segment when the
+/// sequence has a block plan.
+#[derive(Clone, Copy, Debug)]
+struct Item {
+    i: usize,
+    h: usize,
+    p0: usize,
+    p1: usize,
+    cost: usize,
+}
+
+struct Call<'a, 'c, E> {
+    args: &'c AttendArgs<'a>,
+    q: Strided<'a, E>,
+    k: &'a [E],
+    v: &'a [E],
+    /// Softmax scale times log2(e).
+    c: f32,
+    out: SendPtr<E>,
+    os: [usize; 4],
+    lse: Option<SendPtr<f32>>,
+}
+
+/// Tokens per query tile for a group of `g` query heads.
+fn tile_tokens(g: usize) -> usize {
+    (ROWS_TARGET / g).max(1)
+}
+
+fn items(a: &AttendArgs<'_>) -> Vec<Item> {
+    let d = a.dims();
+    let tq = tile_tokens(d.group());
+    let mut out = Vec::new();
+    for i in 0..d.sequences {
+        let q_len = a.tokens(i).len();
+        for h in 0..d.cache_heads {
+            let start = a.q_start(i, h);
+            let bl = a.blocks(i);
+            let mut p0 = start;
+            while p0 < start + q_len {
+                // Tiles never straddle a segment of a planned sequence: each has its own keys.
+                let seg_end = bl.map_or(usize::MAX, |bl| (p0 / bl.dims.segment_size + 1) * bl.dims.segment_size);
+                let p1 = (p0 + tq).min(start + q_len).min(seg_end);
+                let before = match bl.map(|bl| (bl, bl.segment(0, h, p0 / bl.dims.segment_size))) {
+                    Some((bl, SegmentAttention::Sparse(list))) => {
+                        list.len() * bl.dims.block_size + p1 - p0 / bl.dims.segment_size * bl.dims.segment_size
+                    }
+                    _ => p1,
+                };
+                out.push(Item { i, h, p0, p1, cost: before });
+                p0 = p1;
+            }
+        }
+    }
+    out.sort_by_key(|it| std::cmp::Reverse(it.cost));
+    out
+}
+
+/// The rows of (sequence `i`, head `h`) of a pool.
+fn rows<'a, E>(cache: &'a KvCache<'_>, data: &'a [E], i: usize, h: usize) -> Rows<'a, E> {
+    let l = cache.layout();
+    Rows {
+        data,
+        base: h * l.strides[2],
+        stride: l.strides[1],
+        paging: Some(Paging { table: cache.table().row(i), page_size: l.page_size, page_stride: l.strides[0] }),
+    }
+}
+
+struct ItemJob<'a, 'c, E> {
+    call: &'c Call<'a, 'c, E>,
+    item: Item,
+    tile: &'c mut Tile,
+    tmp: &'c mut Vec<f32>,
+}
+
+impl<E: Element> WithSimd for ItemJob<'_, '_, E> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self) {
+        if S::LANES >= 16 { run_item::<S, E, 8, 3>(self) } else { run_item::<S, E, 4, 3>(self) }
+    }
+}
+
+#[inline(always)]
+fn run_item<S: Simd, E: Element, const NR: usize, const MV: usize>(job: ItemJob<'_, '_, E>) {
+    let ItemJob { call, item, tile, tmp } = job;
+    let Item { i, h, p0, p1, .. } = item;
+    let a = call.args;
+    let d = a.dims();
+    let (g, dd) = (d.group(), d.head_dim);
+    // Query token of position p: the sequence's first token plus its offset from q_start.
+    let first_token = a.tokens(i).start + p0 - a.q_start(i, h);
+    tile.begin(p0, g);
+    for r in 0..p1 - p0 {
+        for j in 0..g {
+            tile.set_query(r * g + j, call.q.row(0, first_token + r, h * g + j, dd), call.c, tmp);
+        }
+    }
+    tile.clear_queries((p1 - p0) * g);
+    let cache = a.cache();
+    let (k, v) = (rows(cache, call.k, i, h), rows(cache, call.v, i, h));
+    let own_from = match a.blocks(i).map(|bl| (bl, bl.segment(0, h, p0 / bl.dims.segment_size))) {
+        Some((bl, SegmentAttention::Sparse(list))) => {
+            let bk = bl.dims.block_size;
+            for &blk in list {
+                for t in blk as usize * bk..(blk as usize + 1) * bk {
+                    tile.push::<S, E, NR, MV>(&k, &v, t);
+                }
+            }
+            p0 / bl.dims.segment_size * bl.dims.segment_size
+        }
+        _ => 0,
+    };
+    for t in own_from..p1 {
+        tile.push::<S, E, NR, MV>(&k, &v, t);
+    }
+    tile.flush::<S, NR, MV>();
+    for r in 0..p1 - p0 {
+        let token = first_token + r;
+        for j in 0..g {
+            let hq = h * g + j;
+            let o = token * call.os[1] + hq * call.os[2];
+            // SAFETY: items cover disjoint (token, query head) rows of `out` and of `lse`.
+            let out = unsafe { std::slice::from_raw_parts_mut(call.out.ptr().add(o), dd) };
+            tile.write_row(r * g + j, out, tmp);
+            if let Some(lse) = call.lse {
+                unsafe { *lse.ptr().add(token * d.q_heads + hq) = tile.lse(r * g + j) };
+            }
+        }
+    }
+}
+
+/// Runs attention over the cache for validated arguments.
+pub(crate) fn attend<E: Element>(
+    isa: Isa,
+    lanes: usize,
+    a: &AttendArgs<'_>,
+    out: &mut TensorViewMut<'_>,
+    lse: Option<&mut [f32]>,
+) {
+    let d = a.dims();
+    let os = out.strides();
+    let out_ptr = SendPtr(out.typed_mut::<E>().expect("dtype checked by validation").as_mut_ptr());
+    let cache = a.cache();
+    let call = Call {
+        args: a,
+        q: Strided::of(&a.q()),
+        k: cache.k().typed::<E>().expect("dtype checked by validation"),
+        v: cache.v().typed::<E>().expect("dtype checked by validation"),
+        c: a.scale() * std::f32::consts::LOG2_E,
+        out: out_ptr,
+        os,
+        lse: lse.map(|l| SendPtr(l.as_mut_ptr())),
+    };
+    let geom = Geom::new(lanes, d.head_dim, tile_tokens(d.group()) * d.group());
+    items(a).par_iter().for_each_init(
+        || (Tile::new::<E>(geom), vec![0f32; d.head_dim]),
+        |(tile, tmp), &item| dispatch(isa, ItemJob { call: &call, item, tile, tmp }),
+    );
+}

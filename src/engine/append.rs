@@ -1,0 +1,136 @@
+//! `append` (SPEC §7.4): new K/V rows written at each head's length, lengths incremented. A copy
+//! with no arithmetic, shared by every backend whose cache is in host memory.
+
+use super::Workspace;
+use super::args::ragged_offsets;
+use super::cache::{KvCacheMut, entry_offset};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Element, TensorView};
+use half::{bf16, f16};
+
+/// Appends sequence `i`'s rows `k_new[cu[i]..cu[i+1]]` (THD `[1, T, Hkv, D]`, likewise `v_new`)
+/// to every head of the cache. A cache with `Hc = r·Hkv` heads (a `per_query_head` compression)
+/// receives kv head `h`'s row in heads `h·r..(h+1)·r`. Everything is checked before the first
+/// write: lengths within the sequence's pages, no page written by two sequences or read by one
+/// sequence while another writes it (SPEC §7.3).
+pub fn append(
+    k_new: TensorView<'_>,
+    v_new: TensorView<'_>,
+    cu: &[u32],
+    cache: &mut KvCacheMut<'_>,
+    ws: &mut Workspace,
+) -> Result<()> {
+    let c = cache.parts().check(true)?;
+    for (what, v) in [("k_new", &k_new), ("v_new", &v_new)] {
+        crate::tensor::check_layout(what, v.shape(), v.strides(), v.data().len())?;
+        let [one, _, h, d] = v.shape();
+        if one != 1 || h == 0 || d != c.head_dim || c.heads % h != 0 {
+            return Err(Error::Shape {
+                what,
+                expected: format!("[1, T, Hkv, {}] with Hkv dividing the cache's {} heads", c.head_dim, c.heads),
+                got: v.shape().to_vec(),
+            });
+        }
+        if v.dtype() != cache.k.dtype() {
+            return Err(Error::DTypeMismatch { what, expected: cache.k.dtype(), got: v.dtype() });
+        }
+    }
+    if v_new.shape() != k_new.shape() {
+        return Err(Error::Shape {
+            what: "v_new",
+            expected: format!("{:?} (like k_new)", k_new.shape()),
+            got: v_new.shape().to_vec(),
+        });
+    }
+    let [_, t, hkv, _] = k_new.shape();
+    ragged_offsets(cu, c.sequences, t)?;
+    let ps = c.page_size;
+    // Lengths after the call, and the pages each sequence writes.
+    let new_len = |i: usize, h: usize| cache.lens[i * c.heads + h] as usize + (cu[i + 1] - cu[i]) as usize;
+    for i in 0..c.sequences {
+        for h in 0..c.heads {
+            let len = new_len(i, h);
+            if len > c.capacity {
+                return Err(Error::CacheLength { batch: i, head: h, length: len, capacity: c.capacity });
+            }
+        }
+        let longest = (0..c.heads).map(|h| new_len(i, h)).max().unwrap_or(0);
+        super::cache::check_pages(i, &cache.table.row(i)[..longest.div_ceil(ps)], c.pages())?;
+    }
+    let generation = ws.next_generation(c.pages())?;
+    let written = |i: usize| {
+        let lens = &cache.lens[i * c.heads..(i + 1) * c.heads];
+        let first = lens.iter().copied().min().unwrap_or(0) as usize / ps;
+        let end = (0..c.heads).map(|h| new_len(i, h)).max().unwrap_or(0).div_ceil(ps);
+        if cu[i + 1] == cu[i] { 0..0 } else { first..end }
+    };
+    for i in 0..c.sequences {
+        for n in written(i) {
+            let page = cache.table.row(i)[n] as usize;
+            let owner = &mut ws.page_owner[page];
+            if owner.0 == generation {
+                return Err(Error::range(
+                    "block table",
+                    page,
+                    format!("page {page} is written by sequence {} and sequence {i} (or twice by one)", owner.1),
+                ));
+            }
+            *owner = (generation, i as u32);
+        }
+    }
+    for i in 0..c.sequences {
+        let longest = (0..c.heads).map(|h| new_len(i, h)).max().unwrap_or(0);
+        for &page in &cache.table.row(i)[..longest.div_ceil(ps)] {
+            let owner = ws.page_owner[page as usize];
+            if owner.0 == generation && owner.1 as usize != i {
+                return Err(Error::range(
+                    "block table",
+                    page,
+                    format!("sequence {i} reads page {page}, which sequence {} writes in this call", owner.1),
+                ));
+            }
+        }
+    }
+    // Checked: write.
+    let rep = c.heads / hkv;
+    macro_rules! go {
+        ($t:ty) => {
+            copy_rows::<$t>(&k_new, &v_new, cu, cache, rep)
+        };
+    }
+    match k_new.dtype() {
+        DType::F32 => go!(f32),
+        DType::F16 => go!(f16),
+        DType::BF16 => go!(bf16),
+    }
+    for i in 0..c.sequences {
+        let n = cu[i + 1] - cu[i];
+        cache.lens[i * c.heads..(i + 1) * c.heads].iter_mut().for_each(|l| *l += n);
+    }
+    Ok(())
+}
+
+fn copy_rows<E: Element>(
+    k_new: &TensorView<'_>,
+    v_new: &TensorView<'_>,
+    cu: &[u32],
+    cache: &mut KvCacheMut<'_>,
+    rep: usize,
+) {
+    let (layout, heads) = (cache.layout, cache.layout.heads);
+    let d = layout.head_dim;
+    for (src, pool) in [(k_new, &mut cache.k), (v_new, &mut cache.v)] {
+        let data = src.typed::<E>().expect("dtype checked");
+        let dst = pool.typed_mut::<E>().expect("dtype checked");
+        for i in 0..cu.len() - 1 {
+            for (j, t) in (cu[i] as usize..cu[i + 1] as usize).enumerate() {
+                for hc in 0..heads {
+                    let s = src.offset(0, t, hc / rep);
+                    let n = cache.lens[i * heads + hc] as usize + j;
+                    let o = entry_offset(&layout, &cache.table, i, hc, n);
+                    dst[o..o + d].copy_from_slice(&data[s..s + d]);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,432 @@
+//! Validation of the engine calls (SPEC §7): ragged offsets, caches, block plans, chunk starts and
+//! planning states are checked here, once, before any backend runs.
+
+use crate::backend::{Capabilities, Op};
+use crate::config::{EntropyConfig, HeadClassMode};
+use crate::error::{Error, Result};
+use crate::plan::{BlockLists, Plan, PlanDims, PlanState};
+use crate::tensor::{Layout, TensorView};
+
+use super::cache::{CacheDims, KvCache};
+
+fn shape_err(what: &'static str, expected: impl Into<String>, got: [usize; 4]) -> Error {
+    Error::Shape { what, expected: expected.into(), got: got.to_vec() }
+}
+
+/// Checks `cu_q` (SPEC §7.1): `sequences + 1` non-decreasing offsets from 0 to `tokens`.
+pub fn ragged_offsets(cu_q: &[u32], sequences: usize, tokens: usize) -> Result<()> {
+    if cu_q.len() != sequences + 1 {
+        return Err(Error::Shape {
+            what: "cu_q",
+            expected: format!("{} offsets (sequences + 1)", sequences + 1),
+            got: vec![cu_q.len()],
+        });
+    }
+    if cu_q[0] != 0 {
+        return Err(Error::range("cu_q", cu_q[0], "must start at 0"));
+    }
+    if let Some(i) = cu_q.windows(2).position(|w| w[1] < w[0]) {
+        return Err(Error::range(
+            "cu_q",
+            cu_q[i + 1],
+            format!("offsets decrease at sequence {i} ({} then {})", cu_q[i], cu_q[i + 1]),
+        ));
+    }
+    if cu_q[sequences] as usize != tokens {
+        return Err(Error::range("cu_q", cu_q[sequences], format!("must end at the {tokens} tokens of q")));
+    }
+    Ok(())
+}
+
+/// A THD tensor `[1, T, H, D]`: its tokens, heads and head dim.
+fn thd(what: &'static str, v: &dyn Layout) -> Result<[usize; 3]> {
+    v.check_layout(what)?;
+    let [one, t, h, d] = v.shape();
+    if one != 1 {
+        return Err(shape_err(what, "[1, T, H, D] (THD; TensorView::thd)", v.shape()));
+    }
+    if h == 0 {
+        return Err(Error::ZeroSize { what: "heads" });
+    }
+    if d == 0 {
+        return Err(Error::ZeroSize { what: "head dim" });
+    }
+    Ok([t, h, d])
+}
+
+/// Sizes of an attention call over a cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttendDims {
+    pub sequences: usize,
+    /// Query tokens of all sequences (T).
+    pub tokens: usize,
+    pub q_heads: usize,
+    pub cache_heads: usize,
+    pub head_dim: usize,
+    pub page_size: usize,
+}
+
+impl AttendDims {
+    /// Query heads per cache head.
+    pub fn group(&self) -> usize {
+        self.q_heads / self.cache_heads
+    }
+}
+
+/// Validated arguments of attention over a cache (SPEC §7.4).
+#[derive(Clone, Debug)]
+pub struct AttendArgs<'a> {
+    q: TensorView<'a>,
+    cu_q: &'a [u32],
+    cache: KvCache<'a>,
+    blocks: &'a [Option<&'a BlockLists>],
+    scale: f32,
+    dims: AttendDims,
+}
+
+impl<'a> AttendArgs<'a> {
+    /// Queries `[1, T, Hq, D]`.
+    pub fn q(&self) -> TensorView<'a> {
+        self.q
+    }
+    pub fn cu_q(&self) -> &'a [u32] {
+        self.cu_q
+    }
+    pub fn cache(&self) -> &KvCache<'a> {
+        &self.cache
+    }
+    /// Sequence `i`'s block plan (`None`: dense).
+    pub fn blocks(&self, i: usize) -> Option<&'a BlockLists> {
+        self.blocks.get(i).copied().flatten()
+    }
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+    pub fn dims(&self) -> AttendDims {
+        self.dims
+    }
+    /// Query tokens of sequence `i` in `q`.
+    pub fn tokens(&self, i: usize) -> std::ops::Range<usize> {
+        self.cu_q[i] as usize..self.cu_q[i + 1] as usize
+    }
+    /// Absolute position of sequence `i`'s first query for cache head `h` (bottom-right).
+    pub fn q_start(&self, i: usize, h: usize) -> usize {
+        self.cache.lens[i * self.dims.cache_heads + h] as usize - self.tokens(i).len()
+    }
+}
+
+/// Validates [`AttendArgs`]; `out` is `[1, T, Hq, D]`, `lse` `[T, Hq]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend<'a>(
+    caps: &Capabilities,
+    q: TensorView<'a>,
+    cu_q: &'a [u32],
+    cache: &KvCache<'a>,
+    blocks: &'a [Option<&'a BlockLists>],
+    scale: Option<f32>,
+    out: &dyn Layout,
+    lse: Option<&[f32]>,
+) -> Result<AttendArgs<'a>> {
+    if !caps.supports(Op::Attend) {
+        return Err(Error::Unimplemented { backend: caps.backend, op: "attend" });
+    }
+    let [t, hq, d] = thd("q", &q)?;
+    let c = cache.parts().check(false)?;
+    common_checks(caps, q.dtype(), cache.dtype(), d, &c)?;
+    if hq % c.heads != 0 {
+        return Err(Error::HeadGrouping { q_heads: hq, kv_heads: c.heads });
+    }
+    ragged_offsets(cu_q, c.sequences, t)?;
+    for i in 0..c.sequences {
+        let q_len = (cu_q[i + 1] - cu_q[i]) as usize;
+        for h in 0..c.heads {
+            let len = cache.lens[i * c.heads + h] as usize;
+            if len < q_len {
+                return Err(Error::range(
+                    "cache lengths",
+                    len,
+                    format!("sequence {i} head {h} holds fewer entries than its {q_len} queries (append them first)"),
+                ));
+            }
+        }
+    }
+    if !blocks.is_empty() && blocks.len() != c.sequences {
+        return Err(Error::PlanMismatch(format!("{} block plans for {} sequences", blocks.len(), c.sequences)));
+    }
+    for (i, bl) in blocks.iter().enumerate() {
+        if let Some(bl) = bl {
+            sequence_blocks(i, bl, hq, &c, &cache.lens[i * c.heads..(i + 1) * c.heads])?;
+        }
+    }
+    crate::tensor::check_output_layout("out", out.shape(), out.strides(), out.elements())?;
+    if out.shape() != [1, t, hq, d] {
+        return Err(shape_err("out", format!("[1, {t}, {hq}, {d}] (like q)"), out.shape()));
+    }
+    if out.dtype() != q.dtype() {
+        return Err(Error::DTypeMismatch { what: "out", expected: q.dtype(), got: out.dtype() });
+    }
+    if let Some(lse) = lse
+        && lse.len() != t * hq
+    {
+        return Err(Error::Shape {
+            what: "lse",
+            expected: format!("[{t}, {hq}] (tokens, query heads)"),
+            got: vec![lse.len()],
+        });
+    }
+    let scale = crate::validate::resolve_scale(scale, d)?;
+    let dims = AttendDims {
+        sequences: c.sequences,
+        tokens: t,
+        q_heads: hq,
+        cache_heads: c.heads,
+        head_dim: d,
+        page_size: c.page_size,
+    };
+    Ok(AttendArgs { q, cu_q, cache: cache.clone(), blocks, scale, dims })
+}
+
+fn common_checks(caps: &Capabilities, q: crate::DType, cache: crate::DType, d: usize, c: &CacheDims) -> Result<()> {
+    if cache != q {
+        return Err(Error::DTypeMismatch { what: "k cache", expected: q, got: cache });
+    }
+    if c.head_dim != d {
+        return Err(Error::Shape { what: "cache head dim", expected: format!("{d} (like q)"), got: vec![c.head_dim] });
+    }
+    if !caps.dtypes.contains(&q) {
+        return Err(Error::UnsupportedDType { dtype: q, backend: caps.backend });
+    }
+    if !caps.supports_head_dim(d) {
+        return Err(Error::UnsupportedHeadDim { head_dim: d, backend: caps.backend, supported: caps.head_dims_text() });
+    }
+    Ok(())
+}
+
+/// A sequence's block plan fits its cache: one sequence, the cache's heads, pages of whole
+/// blocks (SPEC §7.3), every query position inside the planned prompt, lists valid.
+fn sequence_blocks(i: usize, bl: &BlockLists, hq: usize, c: &CacheDims, lens: &[u32]) -> Result<()> {
+    let d = &bl.dims;
+    if d.batch != 1 || d.kv_heads != c.heads || d.q_heads != hq {
+        return Err(Error::PlanMismatch(format!(
+            "sequence {i}'s block plan is for batch {}, {} query heads and {} kv heads; the call has 1, {hq} and {}",
+            d.batch, d.q_heads, d.kv_heads, c.heads
+        )));
+    }
+    crate::config::check_segmentation(d.segment_size, d.block_size, ["plan segment_size", "plan block_size"])?;
+    if !c.page_size.is_multiple_of(d.block_size) {
+        return Err(Error::range(
+            "page_size",
+            c.page_size,
+            format!("sparse attention over pages needs whole blocks per page (block size {})", d.block_size),
+        ));
+    }
+    let longest = lens.iter().copied().max().unwrap_or(0) as usize;
+    if longest > d.seq_len {
+        return Err(Error::PlanMismatch(format!(
+            "sequence {i} holds {longest} entries but its plan covers a prompt of {} tokens",
+            d.seq_len
+        )));
+    }
+    bl.validate()
+}
+
+/// What a chunked planning call asks besides the tensors (SPEC §7.2).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ChunkRequest<'a> {
+    /// Index of the layer; fusion applies from layer 2 on (SPEC §2.5).
+    pub layer_idx: usize,
+    /// The previous layer's plans of the same call (one per sequence), for layer fusion.
+    pub prev: Option<&'a [Plan]>,
+    /// Materialise `logits` and `scores`.
+    pub keep_maps: bool,
+}
+
+/// One sequence of a chunked planning call.
+#[derive(Clone, Debug)]
+pub struct SeqChunk<'a> {
+    /// Its query tokens in `q`.
+    pub tokens: std::ops::Range<usize>,
+    /// Absolute position of its first query (`kv_len - q_len`), a multiple of S.
+    pub q_start: usize,
+    /// Keys held (the chunk's own included).
+    pub kv_len: usize,
+    pub cfg: &'a EntropyConfig,
+    /// The whole prompt's plan sizes (batch 1).
+    pub dims: PlanDims,
+    /// Segments this chunk plans.
+    pub segments: std::ops::Range<usize>,
+    /// The previous layer's distribution rows, when fusion applies.
+    pub fusion: Option<&'a [f32]>,
+}
+
+/// Validated arguments of chunked planning.
+#[derive(Clone, Debug)]
+pub struct ChunkArgs<'a> {
+    q: TensorView<'a>,
+    cache: KvCache<'a>,
+    seqs: Vec<SeqChunk<'a>>,
+    head_dim: usize,
+    keep_maps: bool,
+}
+
+impl<'a> ChunkArgs<'a> {
+    pub fn q(&self) -> TensorView<'a> {
+        self.q
+    }
+    pub fn cache(&self) -> &KvCache<'a> {
+        &self.cache
+    }
+    pub fn seqs(&self) -> &[SeqChunk<'a>] {
+        &self.seqs
+    }
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    pub fn keep_maps(&self) -> bool {
+        self.keep_maps
+    }
+}
+
+/// Validates chunked planning: queries `[1, T, Hq, D]` with `cu_q`, a cache holding every key up
+/// to each chunk's end (uniform head lengths: an uncompressed prompt), prompt lengths, one config
+/// or one per sequence, and the `[sequences, Hkv]` states the previous chunks left.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_chunks<'a>(
+    caps: &Capabilities,
+    q: TensorView<'a>,
+    cu_q: &'a [u32],
+    cache: &KvCache<'a>,
+    prompt_lens: &[u32],
+    cfgs: &'a [EntropyConfig],
+    states: &[PlanState],
+    req: &ChunkRequest<'a>,
+) -> Result<ChunkArgs<'a>> {
+    if !caps.supports(Op::PlanChunks) {
+        return Err(Error::Unimplemented { backend: caps.backend, op: "plan_chunks" });
+    }
+    let [t, hq, d] = thd("q", &q)?;
+    let c = cache.parts().check(false)?;
+    common_checks(caps, q.dtype(), cache.dtype(), d, &c)?;
+    let hkv = c.heads;
+    if hq % hkv != 0 {
+        return Err(Error::HeadGrouping { q_heads: hq, kv_heads: hkv });
+    }
+    ragged_offsets(cu_q, c.sequences, t)?;
+    let n = c.sequences;
+    if prompt_lens.len() != n {
+        return Err(Error::Shape {
+            what: "prompt lengths",
+            expected: format!("{n} (one per sequence)"),
+            got: vec![prompt_lens.len()],
+        });
+    }
+    if cfgs.len() != 1 && cfgs.len() != n {
+        return Err(Error::Shape {
+            what: "configs",
+            expected: format!("1 or {n} (one per sequence)"),
+            got: vec![cfgs.len()],
+        });
+    }
+    if states.len() != n * hkv {
+        return Err(Error::Shape {
+            what: "plan states",
+            expected: format!("[{n} sequences, {hkv} kv heads]"),
+            got: vec![states.len()],
+        });
+    }
+    if let Some(prev) = req.prev
+        && prev.len() != n
+    {
+        return Err(Error::PlanMismatch(format!("{} previous-layer plans for {n} sequences", prev.len())));
+    }
+    let mut seqs = Vec::with_capacity(n);
+    for i in 0..n {
+        let cfg = &cfgs[if cfgs.len() == 1 { 0 } else { i }];
+        cfg.validate()?;
+        let tokens = cu_q[i] as usize..cu_q[i + 1] as usize;
+        let lens = &cache.lens[i * hkv..(i + 1) * hkv];
+        let kv_len = lens[0] as usize;
+        if let Some(h) = lens.iter().position(|&l| l as usize != kv_len) {
+            return Err(Error::range(
+                "cache lengths",
+                lens[h],
+                format!(
+                    "sequence {i}: planning needs every head to hold the prompt's {kv_len} keys (head {h} differs)"
+                ),
+            ));
+        }
+        let l = prompt_lens[i] as usize;
+        if l == 0 {
+            return Err(Error::ZeroSize { what: "prompt length" });
+        }
+        let q_len = tokens.len();
+        if kv_len < q_len {
+            return Err(Error::range(
+                "cache lengths",
+                kv_len,
+                format!("sequence {i} holds fewer keys than its {q_len} queries"),
+            ));
+        }
+        if kv_len > l {
+            return Err(Error::range("prompt lengths", l, format!("sequence {i}'s cache already holds {kv_len} keys")));
+        }
+        let q_start = kv_len - q_len;
+        let s = cfg.segment_size;
+        let dims = PlanDims::new(1, l, hq, hkv, s, cfg.block_size);
+        if dims.segments > u32::MAX as usize / dims.blocks_per_segment().max(1) {
+            return Err(Error::range("prompt lengths", l, "too many blocks for 32-bit block indices"));
+        }
+        if q_len > 0 && !q_start.is_multiple_of(s) {
+            return Err(Error::range(
+                "chunk start",
+                q_start,
+                format!("sequence {i}: a planned chunk must start on the segment grid (a multiple of S = {s})"),
+            ));
+        }
+        if q_len > 0 && kv_len != l && !kv_len.is_multiple_of(s) {
+            return Err(Error::range(
+                "chunk end",
+                kv_len,
+                format!(
+                    "sequence {i}: a planned chunk must end on the segment grid (S = {s}) or at the prompt's end ({l})"
+                ),
+            ));
+        }
+        let one_shot = q_start == 0 && kv_len == l;
+        if cfg.head_class == HeadClassMode::Prompt && q_len > 0 && !one_shot {
+            return Err(Error::range(
+                "head_class",
+                "prompt",
+                format!(
+                    "sequence {i} is prefilled in chunks; chunked planning needs head_class = streaming (SPEC §7.2)"
+                ),
+            ));
+        }
+        let segments = q_start / s..if q_len == 0 { q_start / s } else { kv_len.div_ceil(s) };
+        for h in 0..hkv {
+            let st = &states[i * hkv + h];
+            if q_len > 0 && st.next_segment as usize != segments.start {
+                return Err(Error::PlanMismatch(format!(
+                    "sequence {i} kv head {h}: its plan state expects segment {}, the chunk starts at segment {}",
+                    st.next_segment, segments.start
+                )));
+            }
+        }
+        let fusion = match req.prev {
+            Some(prev) if cfg.layer_fusion && req.layer_idx >= 2 && dims.blocks > 0 => {
+                let p = &prev[i];
+                if p.dims != dims || p.scores.len() != dims.units() * dims.blocks {
+                    return Err(Error::PlanMismatch(format!(
+                        "sequence {i}: the previous layer's plan has dims {:?} and {} scores; this chunk needs {dims:?} with its scores",
+                        p.dims,
+                        p.scores.len()
+                    )));
+                }
+                Some(p.scores.as_slice())
+            }
+            _ => None,
+        };
+        seqs.push(SeqChunk { tokens, q_start, kv_len, cfg, dims, segments, fusion });
+    }
+    Ok(ChunkArgs { q, cache: cache.clone(), seqs, head_dim: d, keep_maps: req.keep_maps })
+}

@@ -1,0 +1,230 @@
+//! SPEC §7 in f64: attention over a cache and chunked planning, one query and one segment at a
+//! time, every key read by its (page, slot) address.
+
+use super::dot;
+use crate::config::{BudgetPolicy, HeadClassMode};
+use crate::engine::{AttendArgs, ChunkArgs, KvCache, SeqChunk};
+use crate::error::Result;
+use crate::plan::{BlockLists, HeadClass, Plan, PlanState, SegmentAttention};
+use crate::tensor::{HostData, TensorView, TensorViewMut};
+
+/// Entry `n` of (sequence `i`, head `h`) of a pool, widened.
+fn entry(cache: &KvCache<'_>, pool: HostData<'_>, i: usize, h: usize, n: usize) -> Vec<f64> {
+    let o = cache.entry_offset(i, h, n);
+    (0..cache.layout().head_dim).map(|d| pool.get(o + d)).collect()
+}
+
+fn q_row(q: &TensorView<'_>, t: usize, h: usize) -> Vec<f64> {
+    (0..q.shape()[3]).map(|d| q.get([0, t, h, d])).collect()
+}
+
+/// SPEC §7.4: every query of every sequence against its visible entries; writes `out` and `lse`.
+pub fn attend(a: &AttendArgs<'_>, out: &mut TensorViewMut<'_>, lse: Option<&mut [f32]>) -> Result<()> {
+    let d = a.dims();
+    let cache = a.cache();
+    let q = a.q();
+    let g = d.group();
+    let scale = a.scale() as f64;
+    let mut lse = lse;
+    for i in 0..d.sequences {
+        let tokens = a.tokens(i);
+        for (j, t) in tokens.clone().enumerate() {
+            for hq in 0..d.q_heads {
+                let h = hq / g;
+                let pos = a.q_start(i, h) + j;
+                let keys: Vec<usize> = match a.blocks(i) {
+                    None => (0..=pos).collect(),
+                    Some(bl) => visible(bl, h, pos),
+                };
+                let qr = q_row(&q, t, hq);
+                let scores: Vec<f64> =
+                    keys.iter().map(|&n| scale * dot(&qr, &entry(cache, cache.k(), i, h, n))).collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let z: f64 = w.iter().sum();
+                let mut o = vec![0.0; d.head_dim];
+                for (wi, &n) in w.iter().zip(&keys) {
+                    for (x, v) in o.iter_mut().zip(entry(cache, cache.v(), i, h, n)) {
+                        *x += wi / z * v;
+                    }
+                }
+                for (dd, x) in o.into_iter().enumerate() {
+                    out.set([0, t, hq, dd], x);
+                }
+                if let Some(l) = lse.as_deref_mut() {
+                    l[t * d.q_heads + hq] = (m + z.ln()) as f32;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The entries query position `pos` of kv head `h` sees under a block plan (SPEC §3).
+fn visible(bl: &BlockLists, h: usize, pos: usize) -> Vec<usize> {
+    let s = pos / bl.dims.segment_size;
+    match bl.segment(0, h, s) {
+        SegmentAttention::Dense => (0..=pos).collect(),
+        SegmentAttention::Sparse(list) => {
+            let bk = bl.dims.block_size;
+            let mut keys: Vec<usize> = list.iter().flat_map(|&j| j as usize * bk..(j as usize + 1) * bk).collect();
+            keys.extend(s * bl.dims.segment_size..=pos);
+            keys
+        }
+    }
+}
+
+/// SPEC §7.2: each sequence's chunk planned segment by segment, continuing `states`.
+pub fn plan_chunks(a: &ChunkArgs<'_>, states: &mut [PlanState]) -> Result<Vec<Plan>> {
+    let mut plans = Vec::with_capacity(a.seqs().len());
+    for (i, sc) in a.seqs().iter().enumerate() {
+        let hkv = sc.dims.kv_heads;
+        plans.push(plan_one(a, i, sc, &mut states[i * hkv..(i + 1) * hkv])?);
+    }
+    Ok(plans)
+}
+
+fn plan_one(a: &ChunkArgs<'_>, i: usize, sc: &SeqChunk<'_>, states: &mut [PlanState]) -> Result<Plan> {
+    let (dims, cfg) = (sc.dims, sc.cfg);
+    let (l, hq, hkv, seg, bk, nseg, n) =
+        (dims.seq_len, dims.q_heads, dims.kv_heads, dims.segment_size, dims.block_size, dims.segments, dims.blocks);
+    let (g, nrep, dd) = (hq / hkv, seg / bk, a.head_dim());
+    let cache = a.cache();
+    let q = a.q();
+    let fused = sc.fusion.is_some();
+    let at = |h: usize, s: usize| (h * nseg + s) * n;
+    let mut logits = vec![f64::NEG_INFINITY; hkv * nseg * n];
+    let mut p = vec![0f64; hkv * nseg * n];
+    let mut entropy = vec![0f32; hkv * nseg];
+    let mut budgets = vec![0f32; hkv * nseg];
+    let mut keep = vec![0usize; hkv * nseg];
+    let minmax = |rows: &mut dyn Iterator<Item = Vec<f64>>| {
+        let (mut mx, mut mn) = (vec![f64::NEG_INFINITY; dd], vec![f64::INFINITY; dd]);
+        for r in rows {
+            for (x, (a, b)) in r.iter().zip(mx.iter_mut().zip(mn.iter_mut())) {
+                *a = a.max(*x);
+                *b = b.min(*x);
+            }
+        }
+        (mx, mn)
+    };
+    for s in sc.segments.clone() {
+        let positions = s * seg..((s + 1) * seg).min(l);
+        let lim = (s * nrep).min(n);
+        for h in 0..hkv {
+            // Logits (SPEC §2.1–2.3): representatives of this segment's queries and of every
+            // block before it, the prefix's blocks read from the cache.
+            for j in 0..lim {
+                let (kx, kn) = minmax(&mut (j * bk..(j + 1) * bk).map(|t| entry(cache, cache.k(), i, h, t)));
+                let mut sum = 0.0;
+                for gi in 0..g {
+                    let rows = positions.clone().map(|t| q_row(&q, sc.tokens.start + t - sc.q_start, h * g + gi));
+                    let (qx, qn) = minmax(&mut rows.collect::<Vec<_>>().into_iter());
+                    let with_max = (dot(&qx, &kx) + dot(&qn, &kx)) / 2.0;
+                    let with_min = (dot(&qx, &kn) + dot(&qn, &kn)) / 2.0;
+                    sum += with_max.max(with_min);
+                }
+                logits[at(h, s) + j] = sum / g as f64;
+            }
+            // Distribution, fusion, entropy (SPEC §2.4–2.6).
+            if s == 0 {
+                p[at(h, s)..at(h, s) + n].iter_mut().for_each(|x| *x = 1.0 / n as f64);
+            } else {
+                let row = &logits[at(h, s)..at(h, s) + lim];
+                let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = row.iter().map(|x| (x - m).exp()).sum();
+                for j in 0..lim {
+                    p[at(h, s) + j] = (logits[at(h, s) + j] - m).exp() / z;
+                }
+            }
+            if let Some(prev) = sc.fusion {
+                for j in 0..n {
+                    p[at(h, s) + j] = 0.25 * prev[at(h, s) + j] as f64 + 0.75 * p[at(h, s) + j];
+                }
+            }
+            let e = -p[at(h, s)..at(h, s) + n].iter().map(|&x| x * (x + 1e-9).ln()).sum::<f64>();
+            entropy[h * nseg + s] = e as f32;
+        }
+    }
+    // Class and budget (SPEC §2.7–2.9): `prompt` over the whole prompt (one-shot calls only),
+    // `streaming` continuing each head's state (SPEC §7.2).
+    let base = cfg.base_budget as f32;
+    let cap = n as i64 - ((l % seg) / bk) as i64 - 1;
+    let keep_of = |s: usize, budget: f32| {
+        if s == 0 { 0 } else { ((budget / bk as f32).floor() as i64).min((s * nrep) as i64).min(cap).max(0) as usize }
+    };
+    for h in 0..hkv {
+        let st = &mut states[h];
+        if cfg.head_class == HeadClassMode::Prompt && !sc.segments.is_empty() {
+            let (class, b, _) = super::plan::decide_head(&entropy[h * nseg..(h + 1) * nseg], l, cfg);
+            for s in 0..nseg {
+                budgets[h * nseg + s] = b[s];
+                keep[h * nseg + s] = keep_of(s, b[s]);
+            }
+            let last = entropy[h * nseg + nseg - 1];
+            let rigid = class == HeadClass::Rigid;
+            *st = PlanState {
+                rigid,
+                budget: b[nseg - 1],
+                floored_entropy: last.max(cfg.entropy_floor),
+                next_segment: nseg as u32,
+            };
+            continue;
+        }
+        for s in sc.segments.clone() {
+            let e32 = entropy[h * nseg + s];
+            let floored = e32.max(cfg.entropy_floor);
+            let rigid = cfg.budget_policy == BudgetPolicy::Fixed || s == 0 || (st.rigid && e32 < cfg.e_t);
+            let budget = if rigid {
+                base
+            } else {
+                let mut r =
+                    if s == 1 { cfg.delta_t } else { (floored - st.floored_entropy) / (st.floored_entropy + 1e-9f32) };
+                if r.is_nan() {
+                    r = 0.0;
+                }
+                r = r.max(0.0).min(1.0 + cfg.delta_t);
+                (st.budget + cfg.alpha * base * (r - cfg.delta_t)).max(base).min(3.0 * base)
+            };
+            *st = PlanState { rigid, budget, floored_entropy: floored, next_segment: s as u32 + 1 };
+            budgets[h * nseg + s] = budget;
+            keep[h * nseg + s] = keep_of(s, budget);
+        }
+    }
+    // Segment maxima over this sequence's heads; ranking; block lists (SPEC §2.9–2.10, §3).
+    let topk: Vec<usize> = (0..nseg).map(|s| (0..hkv).map(|h| keep[h * nseg + s]).max().unwrap_or(0)).collect();
+    let width = topk.iter().copied().max().unwrap_or(0);
+    let mut order = Vec::with_capacity(hkv * nseg * width);
+    let mut units = Vec::with_capacity(hkv * nseg);
+    for h in 0..hkv {
+        for s in 0..nseg {
+            let lim = (s * nrep).min(n);
+            let key = |j: usize| if fused { p[at(h, s) + j] } else { logits[at(h, s) + j] };
+            let mut ranked: Vec<usize> = (0..lim).collect();
+            ranked.sort_by(|&x, &y| crate::numerics::rank_cmp(key(x), key(y)).then(x.cmp(&y)));
+            ranked.extend(lim..n);
+            order.extend(ranked[..width].iter().map(|&j| j as u32));
+            let count = match cfg.budget_mode {
+                crate::config::BudgetMode::PerHead => keep[h * nseg + s],
+                crate::config::BudgetMode::SegmentMax => topk[s],
+            };
+            let sparse = sc.segments.contains(&s) && s * seg >= cfg.threshold_len && s + 1 != nseg && count > 0;
+            units.push(sparse.then(|| ranked[..count].iter().map(|&j| j as u32).collect()));
+        }
+    }
+    let keep_maps = a.keep_maps() || cfg.layer_fusion;
+    Ok(Plan {
+        dims,
+        logits: if a.keep_maps() { logits.iter().map(|&x| x as f32).collect() } else { Vec::new() },
+        scores: if keep_maps { p.iter().map(|&x| x as f32).collect() } else { Vec::new() },
+        entropy,
+        head_class: states.iter().map(|st| if st.rigid { HeadClass::Rigid } else { HeadClass::Dynamic }).collect(),
+        budgets,
+        keep_blocks: keep.iter().map(|&x| x as u32).collect(),
+        segment_topk: topk.iter().map(|&x| x as u32).collect(),
+        order,
+        order_width: width,
+        blocks: BlockLists::from_units(dims, units),
+        planned: sc.segments.clone(),
+    })
+}

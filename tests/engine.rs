@@ -1,0 +1,556 @@
+//! The engine interface (SPEC §7) against the oracle and against the one-shot paths: ragged
+//! batches over paged caches with shuffled page ids, chunked `streaming` planning at random
+//! multiples of S, decode over pages, LSE merging, no leaks between sequences, and a typed error
+//! for every malformed argument. Random inputs drawn fresh per seed; outputs NaN-poisoned.
+
+mod common;
+
+use common::{check, poisoned, random, seeds, with_case};
+use entropy_kernels::synth::Rng;
+use entropy_kernels::*;
+
+const PAGE_SIZES: [usize; 4] = [8, 16, 64, 256];
+
+/// Backends that run the engine calls (the oracle included: its chunked path is checked against
+/// its own one-shot path, an independent transcription). Others are skipped with the reason.
+fn engine_backends(test: &str) -> Vec<Kernels> {
+    let mut out = vec![Kernels::reference()];
+    for k in common::backends_under_test(test) {
+        if common::runs(test, &k, Op::Attend) && common::runs(test, &k, Op::PlanChunks) {
+            out.push(k);
+        }
+    }
+    out
+}
+
+/// A page pool with shuffled page ids: `seqs` rows of `width` pages, spare pages never used,
+/// unwritten entries NaN (a read of one shows up in the outputs).
+struct Pool {
+    k: HostTensor,
+    v: HostTensor,
+    layout: PageLayout,
+    ids: Vec<u32>,
+    width: usize,
+    lens: Vec<u32>,
+}
+
+impl Pool {
+    fn new(
+        rng: &mut Rng,
+        dtype: DType,
+        seqs: usize,
+        heads: usize,
+        d: usize,
+        capacity: usize,
+        page_size: usize,
+    ) -> Pool {
+        let width = capacity.div_ceil(page_size).max(1);
+        let pages = seqs * width + 3;
+        let mut ids: Vec<u32> = (0..pages as u32).collect();
+        for i in (1..ids.len()).rev() {
+            ids.swap(i, rng.below(i + 1));
+        }
+        ids.truncate(seqs * width);
+        let layout = if rng.below(2) == 0 {
+            PageLayout::slot_major(pages, page_size, heads, d)
+        } else {
+            PageLayout::head_major(pages, page_size, heads, d)
+        };
+        let shape = [pages, page_size, heads, d];
+        Pool {
+            k: HostTensor::full(dtype, shape, f32::NAN),
+            v: HostTensor::full(dtype, shape, f32::NAN),
+            layout,
+            ids,
+            width,
+            lens: vec![0; seqs * heads],
+        }
+    }
+    fn cache(&self) -> KvCache<'_> {
+        KvCache::paged(self.k.data(), self.v.data(), self.layout, BlockTable::new(&self.ids, self.width), &self.lens)
+    }
+    fn cache_mut(&mut self) -> KvCacheMut<'_> {
+        KvCacheMut::paged(
+            self.k.data_mut(),
+            self.v.data_mut(),
+            self.layout,
+            BlockTable::new(&self.ids, self.width),
+            &mut self.lens,
+        )
+    }
+}
+
+/// Rows `rows` of `[1, L, H, D]` tensors, concatenated along tokens: a THD batch and its `cu`.
+fn pack(parts: &[(&HostTensor, std::ops::Range<usize>)]) -> (HostTensor, Vec<u32>) {
+    let [_, _, h, d] = parts[0].0.shape;
+    let mut vals = Vec::new();
+    let mut cu = vec![0u32];
+    for (t, rows) in parts {
+        let f = t.to_f32_vec();
+        vals.extend_from_slice(&f[rows.start * h * d..rows.end * h * d]);
+        cu.push(cu.last().unwrap() + rows.len() as u32);
+    }
+    let n = *cu.last().unwrap() as usize;
+    (HostTensor::from_f32(&vals, [1, n, h, d], parts[0].0.dtype()), cu)
+}
+
+/// Tokens `rows` of a THD tensor as a `[1, rows, H, D]` tensor.
+fn unpack(t: &HostTensor, rows: std::ops::Range<usize>) -> Vec<f32> {
+    let [_, _, h, d] = t.shape;
+    t.to_f32_vec()[rows.start * h * d..rows.end * h * d].to_vec()
+}
+
+/// One sequence's prompt: BSND q/k/v `[1, L, H, D]`.
+struct Prompt {
+    q: HostTensor,
+    k: HostTensor,
+    v: HostTensor,
+}
+
+fn prompt(l: usize, hq: usize, hkv: usize, d: usize, seed: u64, dtype: DType) -> Prompt {
+    let (q, k, v) = common::random_qkv([1, l, hq, hkv, d], seed, dtype);
+    Prompt { q, k, v }
+}
+
+/// Output rows and LSEs `[T, Hq]` of one sequence checked against the oracle's one-shot answer.
+fn check_sequence(tag: &str, kind: BackendKind, p: &Prompt, out: Vec<f32>, lse: &[f32], blocks: Option<&BlockLists>) {
+    let [_, l, hq, d] = p.q.shape;
+    let got = HostTensor::from_f32(&out, [1, l, hq, d], p.q.dtype());
+    let exact = check::exact_prefill(p.q.view(), p.k.view(), p.v.view(), blocks);
+    check::check_out(tag, kind, &got, &exact);
+    // [T, Hq] → the oracle's [B = 1, Hq, L].
+    let lse_bhl: Vec<f32> = (0..hq).flat_map(|h| (0..l).map(move |t| lse[t * hq + h])).collect();
+    check::check_lse(tag, &lse_bhl, &exact);
+}
+
+fn cfg_for(rng: &mut Rng) -> EntropyConfig {
+    EntropyConfig {
+        segment_size: 16,
+        block_size: 4,
+        threshold_len: [0, 16, 32][rng.below(3)],
+        base_budget: [8, 12, 20][rng.below(3)],
+        // Large thresholds make heads rigid for a while, then dynamic: the streaming rule's case.
+        e_t: [1e-5, 1.5, 2.5][rng.below(3)],
+        budget_mode: if rng.below(2) == 0 { BudgetMode::PerHead } else { BudgetMode::SegmentMax },
+        head_class: HeadClassMode::Streaming,
+        ..EntropyConfig::default()
+    }
+}
+
+/// A ragged batch of dense prefills in one call equals each sequence alone (the oracle's
+/// one-shot answer), over a paged cache with shuffled page ids, every page size and dtype.
+#[test]
+fn ragged_dense_batch_equals_each_sequence() {
+    for seed in seeds("ragged_dense_batch_equals_each_sequence") {
+        let mut rng = Rng::new(seed);
+        for kernels in engine_backends("ragged_dense") {
+            for dtype in DType::ALL {
+                let (hkv, g, d) = ([1, 2, 4][rng.below(3)], [1, 2, 3][rng.below(3)], [16, 40, 64][rng.below(3)]);
+                let hq = hkv * g;
+                let lens: Vec<usize> = (0..3).map(|_| 1 + rng.below(150)).collect();
+                let ps = PAGE_SIZES[rng.below(4)];
+                let tag =
+                    format!("seed {seed} {} {dtype} lens {lens:?} page {ps} hq {hq} hkv {hkv} d {d}", kernels.kind());
+                with_case(&tag, || {
+                    let prompts: Vec<Prompt> = lens
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &l)| prompt(l, hq, hkv, d, seed ^ (i as u64 * 77), dtype))
+                        .collect();
+                    let mut pool = Pool::new(&mut rng, dtype, 3, hkv, d, 160, ps);
+                    let whole = |t: &Prompt| t.q.shape[1];
+                    let (q, cu) = pack(&prompts.iter().map(|p| (&p.q, 0..whole(p))).collect::<Vec<_>>());
+                    let (k, _) = pack(&prompts.iter().map(|p| (&p.k, 0..whole(p))).collect::<Vec<_>>());
+                    let (v, _) = pack(&prompts.iter().map(|p| (&p.v, 0..whole(p))).collect::<Vec<_>>());
+                    let mut ws = Workspace::new();
+                    kernels.append(k.view(), v.view(), &cu, &mut pool.cache_mut(), &mut ws).unwrap();
+                    let mut out = poisoned(q.shape, dtype);
+                    let mut lse = vec![f32::NAN; q.shape[1] * hq];
+                    kernels
+                        .attend(q.view(), &cu, &pool.cache(), &[], None, &mut out.view_mut(), Some(&mut lse))
+                        .unwrap();
+                    for (i, p) in prompts.iter().enumerate() {
+                        let rows = cu[i] as usize..cu[i + 1] as usize;
+                        let lse_i = &lse[rows.start * hq..rows.end * hq];
+                        check_sequence(&format!("{tag} seq {i}"), kernels.kind(), p, unpack(&out, rows), lse_i, None);
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// What one sequence's chunked run produced: its plans per chunk and its output rows.
+struct Chunked {
+    plans: Vec<Plan>,
+    out: Vec<f32>,
+    lse: Vec<f32>,
+}
+
+/// Prefills `prompts` in rounds: in round r every sequence brings its r-th chunk (boundaries
+/// `cuts[i]`, multiples of S, ending at its length) or nothing; each round appends, plans the
+/// chunks continuing the states, and attends with the plans.
+fn run_chunked(
+    kernels: &Kernels,
+    prompts: &[Prompt],
+    cuts: &[Vec<usize>],
+    cfgs: &[EntropyConfig],
+    pool: &mut Pool,
+) -> Vec<Chunked> {
+    let n = prompts.len();
+    let hq = prompts[0].q.shape[2];
+    let hkv = prompts[0].k.shape[2];
+    let dtype = prompts[0].q.dtype();
+    let mut states = vec![PlanState::new(); n * hkv];
+    let mut ws = Workspace::new();
+    let mut res: Vec<Chunked> = (0..n).map(|_| Chunked { plans: vec![], out: vec![], lse: vec![] }).collect();
+    let prompt_lens: Vec<u32> = prompts.iter().map(|p| p.q.shape[1] as u32).collect();
+    let rounds = cuts.iter().map(Vec::len).max().unwrap();
+    for r in 0..rounds {
+        let range = |i: usize| -> std::ops::Range<usize> {
+            let c = &cuts[i];
+            if r >= c.len() { c[c.len() - 1]..c[c.len() - 1] } else { (if r == 0 { 0 } else { c[r - 1] })..c[r] }
+        };
+        let (q, cu) = pack(&(0..n).map(|i| (&prompts[i].q, range(i))).collect::<Vec<_>>());
+        let (k, _) = pack(&(0..n).map(|i| (&prompts[i].k, range(i))).collect::<Vec<_>>());
+        let (v, _) = pack(&(0..n).map(|i| (&prompts[i].v, range(i))).collect::<Vec<_>>());
+        kernels.append(k.view(), v.view(), &cu, &mut pool.cache_mut(), &mut ws).unwrap();
+        let plans = kernels
+            .plan_chunks(q.view(), &cu, &pool.cache(), &prompt_lens, cfgs, &mut states, &ChunkRequest::default())
+            .unwrap();
+        let blocks: Vec<Option<&BlockLists>> = plans.iter().map(|p| Some(&p.blocks)).collect();
+        let mut out = poisoned(q.shape, dtype);
+        let mut lse = vec![f32::NAN; q.shape[1] * hq];
+        kernels.attend(q.view(), &cu, &pool.cache(), &blocks, None, &mut out.view_mut(), Some(&mut lse)).unwrap();
+        for (i, plan) in plans.into_iter().enumerate() {
+            let rows = cu[i] as usize..cu[i + 1] as usize;
+            res[i].out.extend(unpack(&out, rows.clone()));
+            res[i].lse.extend_from_slice(&lse[rows.start * hq..rows.end * hq]);
+            if !rows.is_empty() {
+                res[i].plans.push(plan);
+            }
+        }
+    }
+    res
+}
+
+/// Random chunk boundaries of a prompt of `l` tokens: multiples of `s`, ending at `l`.
+fn random_cuts(rng: &mut Rng, l: usize, s: usize) -> Vec<usize> {
+    let mut cuts = Vec::new();
+    let mut at = 0;
+    while at < l {
+        at = (at + s * (1 + rng.below(3))).min(l);
+        cuts.push(at);
+    }
+    cuts
+}
+
+/// The decisions of segments `plan.planned` equal the one-shot plan's, bit for bit.
+fn check_chunk_decisions(tag: &str, chunk: &Plan, whole: &Plan) {
+    assert_eq!(chunk.dims, whole.dims, "{tag}: dims");
+    let d = whole.dims;
+    for s in chunk.planned.clone() {
+        assert_eq!(chunk.segment_topk[s], whole.segment_topk[s], "{tag}: segment_topk[{s}]");
+        for h in 0..d.kv_heads {
+            let u = d.unit(0, h, s);
+            let what = format!("{tag}: kv head {h} segment {s}");
+            assert_eq!(chunk.entropy[u].to_bits(), whole.entropy[u].to_bits(), "{what}: entropy");
+            assert_eq!(chunk.budgets[u].to_bits(), whole.budgets[u].to_bits(), "{what}: budget");
+            assert_eq!(chunk.keep_blocks[u], whole.keep_blocks[u], "{what}: keep");
+            let w = whole.segment_topk[s] as usize;
+            assert_eq!(&chunk.ranking(0, h, s)[..w], &whole.ranking(0, h, s)[..w], "{what}: ranking");
+            assert_eq!(chunk.blocks.segment(0, h, s), whole.blocks.segment(0, h, s), "{what}: block list");
+        }
+    }
+}
+
+/// Chunked `streaming` prefill of a ragged batch at random multiples of S over a paged cache =
+/// the one-shot `streaming` plan of each prompt (decisions bit for bit) and its sparse prefill
+/// (outputs and LSEs per element against the oracle).
+#[test]
+fn chunked_streaming_equals_one_shot() {
+    for seed in seeds("chunked_streaming_equals_one_shot") {
+        let mut rng = Rng::new(seed);
+        for kernels in engine_backends("chunked_streaming") {
+            for dtype in DType::ALL {
+                let (hkv, g, d) = ([1, 2, 4][rng.below(3)], [1, 2, 4][rng.below(3)], [16, 32][rng.below(2)]);
+                let hq = hkv * g;
+                let lens: Vec<usize> = (0..3).map(|_| 40 + rng.below(110)).collect();
+                let cfgs: Vec<EntropyConfig> = (0..3).map(|_| cfg_for(&mut rng)).collect();
+                let ps = [8, 16, 64][rng.below(3)];
+                let cuts: Vec<Vec<usize>> = lens.iter().map(|&l| random_cuts(&mut rng, l, 16)).collect();
+                let tag = format!(
+                    "seed {seed} {} {dtype} lens {lens:?} cuts {cuts:?} page {ps} hq {hq} hkv {hkv} d {d}",
+                    kernels.kind()
+                );
+                with_case(&tag, || {
+                    let prompts: Vec<Prompt> = lens
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &l)| prompt(l, hq, hkv, d, seed ^ (i as u64 * 91), dtype))
+                        .collect();
+                    let mut pool = Pool::new(&mut rng, dtype, 3, hkv, d, 160, ps);
+                    let runs = run_chunked(&kernels, &prompts, &cuts, &cfgs, &mut pool);
+                    for (i, (p, run)) in prompts.iter().zip(runs).enumerate() {
+                        let tag = format!("{tag} seq {i}");
+                        let whole = kernels.plan(p.q.view(), p.k.view(), &cfgs[i], &PlanRequest::layer(0)).unwrap();
+                        let oracle = Kernels::reference()
+                            .plan(p.q.view(), p.k.view(), &cfgs[i], &PlanRequest::layer(0))
+                            .unwrap();
+                        common::suite::check_plans(&format!("{tag} one-shot streaming plan"), &whole, &oracle);
+                        for (c, chunk) in run.plans.iter().enumerate() {
+                            check_chunk_decisions(&format!("{tag} chunk {c}"), chunk, &whole);
+                        }
+                        let last = run.plans.last().unwrap();
+                        assert_eq!(last.head_class, whole.head_class, "{tag}: head classes after the last chunk");
+                        check_sequence(&tag, kernels.kind(), p, run.out, &run.lse, Some(&whole.blocks));
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Changing one sequence of a ragged batch leaves every other sequence's plans and outputs
+/// bit-identical (nothing is shared: no padding, no batch-wide maxima).
+#[test]
+fn sequences_do_not_leak() {
+    for seed in seeds("sequences_do_not_leak") {
+        let mut rng = Rng::new(seed);
+        for kernels in engine_backends("no_leak") {
+            let (hq, hkv, d, dtype) = (4, 2, 32, DType::BF16);
+            let lens = [96usize, 130, 64];
+            let cfg = EntropyConfig { budget_mode: BudgetMode::SegmentMax, ..cfg_for(&mut rng) };
+            let cuts: Vec<Vec<usize>> = lens.iter().map(|&l| random_cuts(&mut rng, l, 16)).collect();
+            let tag = format!("seed {seed} {} cuts {cuts:?}", kernels.kind());
+            with_case(&tag, || {
+                let mut prompts: Vec<Prompt> = lens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| prompt(l, hq, hkv, d, seed ^ (i as u64 * 13), dtype))
+                    .collect();
+                let mut pool_rng = Rng::new(seed ^ 5);
+                let mut pool = Pool::new(&mut pool_rng, dtype, 3, hkv, d, 160, 16);
+                let before = run_chunked(&kernels, &prompts, &cuts, std::slice::from_ref(&cfg), &mut pool);
+                prompts[1] = prompt(lens[1], hq, hkv, d, seed ^ 0xbad, dtype);
+                let mut pool_rng = Rng::new(seed ^ 5);
+                let mut pool = Pool::new(&mut pool_rng, dtype, 3, hkv, d, 160, 16);
+                let after = run_chunked(&kernels, &prompts, &cuts, std::slice::from_ref(&cfg), &mut pool);
+                for i in [0, 2] {
+                    assert_eq!(before[i].plans, after[i].plans, "{tag}: sequence {i}'s plans changed");
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&before[i].out), bits(&after[i].out), "{tag}: sequence {i}'s outputs changed");
+                }
+                assert_ne!(before[1].out, after[1].out, "{tag}: the changed sequence must change");
+            });
+        }
+    }
+}
+
+/// Decode over pages (one query per sequence, per-head lengths) = decode over the contiguous
+/// cache: both against the oracle element by element.
+#[test]
+fn paged_decode_equals_contiguous() {
+    for seed in seeds("paged_decode_equals_contiguous") {
+        let mut rng = Rng::new(seed);
+        for kernels in engine_backends("paged_decode") {
+            for dtype in DType::ALL {
+                let (b, hc, g, d, cap) = (3, 2, 2, 48, 300);
+                let hq = hc * g;
+                let ps = PAGE_SIZES[rng.below(4)];
+                let lens: Vec<u32> = (0..b * hc).map(|_| 1 + rng.below(cap) as u32).collect();
+                let tag = format!("seed {seed} {} {dtype} page {ps} lens {lens:?}", kernels.kind());
+                with_case(&tag, || {
+                    let kc = random([b, hc, cap, d], 1.0, seed ^ 3, dtype);
+                    let vc = random([b, hc, cap, d], 1.0, seed ^ 4, dtype);
+                    let q = random([b, 1, hq, d], 1.0, seed ^ 5, dtype);
+                    let exact = check::exact_decode(q.view(), kc.view(), vc.view(), &lens);
+                    let mut contiguous = poisoned(q.shape, dtype);
+                    kernels
+                        .decode_attention(q.view(), kc.view(), vc.view(), &lens, None, &mut contiguous.view_mut())
+                        .unwrap();
+                    check::check_out(&format!("{tag} contiguous"), kernels.kind(), &contiguous, &exact);
+                    // The same entries in shuffled pages.
+                    let mut pool = Pool::new(&mut rng, dtype, b, hc, d, cap, ps);
+                    let (kf, vf) = (kc.to_f32_vec(), vc.to_f32_vec());
+                    let (mut pk, mut pv) = (pool.k.to_f32_vec(), pool.v.to_f32_vec());
+                    for i in 0..b {
+                        for h in 0..hc {
+                            for n in 0..lens[i * hc + h] as usize {
+                                let page = pool.ids[i * pool.width + n / ps] as usize;
+                                let o = pool.layout.offset(page, n % ps, h);
+                                let src = ((i * hc + h) * cap + n) * d;
+                                pk[o..o + d].copy_from_slice(&kf[src..src + d]);
+                                pv[o..o + d].copy_from_slice(&vf[src..src + d]);
+                            }
+                        }
+                    }
+                    pool.k = HostTensor::from_f32(&pk, pool.k.shape, dtype);
+                    pool.v = HostTensor::from_f32(&pv, pool.v.shape, dtype);
+                    pool.lens = lens.clone();
+                    let qt = HostTensor::from_f32(&q.to_f32_vec(), [1, b, hq, d], dtype);
+                    let cu: Vec<u32> = (0..=b as u32).collect();
+                    let mut paged = poisoned(qt.shape, dtype);
+                    kernels.attend(qt.view(), &cu, &pool.cache(), &[], None, &mut paged.view_mut(), None).unwrap();
+                    let paged = HostTensor::from_f32(&paged.to_f32_vec(), q.shape, dtype);
+                    check::check_out(&format!("{tag} paged"), kernels.kind(), &paged, &exact);
+                });
+            }
+        }
+    }
+}
+
+/// Attention over two halves of a cache, merged by their LSEs, equals attention over the whole.
+#[test]
+fn halves_merge_by_lse() {
+    for seed in seeds("halves_merge_by_lse") {
+        let mut rng = Rng::new(seed);
+        for kernels in engine_backends("lse_merge") {
+            let (hc, g, d) = (2, 2, 32);
+            let hq = hc * g;
+            let n = 20 + rng.below(200);
+            let n1 = 1 + rng.below(n - 1);
+            let tag = format!("seed {seed} {} n {n} split {n1}", kernels.kind());
+            with_case(&tag, || {
+                let kc = random([1, hc, n, d], 1.0, seed ^ 7, DType::F32);
+                let vc = random([1, hc, n, d], 1.0, seed ^ 8, DType::F32);
+                let q = random([1, 1, hq, d], 1.0, seed ^ 9, DType::F32);
+                let run = |lo: usize, hi: usize| {
+                    let lens = vec![(hi - lo) as u32; hc];
+                    let (kv, vv) =
+                        (kc.view().narrow(2, lo, hi - lo).unwrap(), vc.view().narrow(2, lo, hi - lo).unwrap());
+                    let cache = KvCache::contiguous(kv, vv, &lens).unwrap();
+                    let mut out = poisoned(q.shape, DType::F32);
+                    let mut lse = vec![f32::NAN; hq];
+                    kernels.attend(q.view(), &[0, 1], &cache, &[], None, &mut out.view_mut(), Some(&mut lse)).unwrap();
+                    (out.to_f32_vec(), lse)
+                };
+                let (whole, lw) = run(0, n);
+                let (o1, l1) = run(0, n1);
+                let (o2, l2) = run(n1, n);
+                for h in 0..hq {
+                    let (a, b) = (l1[h] as f64, l2[h] as f64);
+                    let m = a.max(b);
+                    let (wa, wb) = ((a - m).exp(), (b - m).exp());
+                    let merged_lse = m + (wa + wb).ln();
+                    assert!(
+                        (merged_lse - lw[h] as f64).abs() <= 1e-5 * lw[h].abs().max(1.0) as f64,
+                        "{tag}: lse of head {h}"
+                    );
+                    for x in 0..d {
+                        let o = (wa * o1[h * d + x] as f64 + wb * o2[h * d + x] as f64) / (wa + wb);
+                        let want = whole[h * d + x] as f64;
+                        assert!((o - want).abs() <= 1e-5, "{tag}: head {h} dim {x}: merged {o} vs whole {want}");
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Every malformed engine argument is a typed error, and a refused append writes nothing.
+#[test]
+fn bad_engine_input_is_a_typed_error() {
+    let kernels = Kernels::cpu();
+    let (hq, hkv, d) = (2, 1, 16);
+    let mut rng = Rng::new(1);
+    let mut pool = Pool::new(&mut rng, DType::F32, 2, hkv, d, 64, 16);
+    let k = random([1, 40, hkv, d], 1.0, 2, DType::F32);
+    let mut ws = Workspace::new();
+    let is_range = |e: Error, field: &str| matches!(e, Error::OutOfRange { field: f, .. } if f == field);
+
+    // Ragged offsets.
+    let bad = kernels.append(k.view(), k.view(), &[0, 20, 39], &mut pool.cache_mut(), &mut ws).unwrap_err();
+    assert!(is_range(bad, "cu_q"), "cu_q not ending at T");
+    let bad = kernels.append(k.view(), k.view(), &[0, 30, 20], &mut pool.cache_mut(), &mut ws).unwrap_err();
+    assert!(is_range(bad, "cu_q"), "decreasing cu_q");
+    // Lengths beyond the sequence's pages; nothing written.
+    let big = random([1, 70, hkv, d], 1.0, 3, DType::F32);
+    let bad = kernels.append(big.view(), big.view(), &[0, 70, 70], &mut pool.cache_mut(), &mut ws).unwrap_err();
+    assert!(matches!(bad, Error::CacheLength { .. }), "{bad}");
+    assert_eq!(pool.lens, vec![0, 0], "a refused append changes no length");
+    // Two sequences sharing a page that the call writes.
+    let shared = pool.ids.clone();
+    pool.ids[pool.width] = shared[0];
+    let bad = kernels.append(k.view(), k.view(), &[0, 20, 40], &mut pool.cache_mut(), &mut ws).unwrap_err();
+    assert!(is_range(bad, "block table"), "shared page written");
+    assert!(pool.k.to_f32_vec().iter().all(|x| x.is_nan()), "a refused append writes nothing");
+    pool.ids = shared;
+    // Page ids out of range.
+    let saved = pool.ids[0];
+    pool.ids[0] = 10_000;
+    let bad = kernels.append(k.view(), k.view(), &[0, 20, 40], &mut pool.cache_mut(), &mut ws).unwrap_err();
+    assert!(is_range(bad, "block table"), "page id out of range");
+    pool.ids[0] = saved;
+    kernels
+        .append(
+            k.view().narrow(1, 0, 32).unwrap(),
+            k.view().narrow(1, 0, 32).unwrap(),
+            &[0, 16, 32],
+            &mut pool.cache_mut(),
+            &mut ws,
+        )
+        .unwrap();
+    let q = random([1, 32, hq, d], 1.0, 1, DType::F32);
+    let mut out = poisoned(q.shape, DType::F32);
+
+    // More queries than entries.
+    let bad = kernels.attend(q.view(), &[0, 30, 32], &pool.cache(), &[], None, &mut out.view_mut(), None).unwrap_err();
+    assert!(is_range(bad, "cache lengths"), "queries beyond the entries");
+    // LSE of the wrong size.
+    let mut lse = vec![0f32; 3];
+    let bad = kernels
+        .attend(q.view(), &[0, 16, 32], &pool.cache(), &[], None, &mut out.view_mut(), Some(&mut lse))
+        .unwrap_err();
+    assert!(matches!(bad, Error::Shape { what: "lse", .. }), "{bad}");
+
+    // Planning: chunk starts off the grid, prompt classes with chunks, stale states.
+    let cfg =
+        EntropyConfig { segment_size: 16, block_size: 4, head_class: HeadClassMode::Streaming, ..Default::default() };
+    let mut states = vec![PlanState::new(); 2];
+    let req = ChunkRequest::default();
+    let lens = [64u32, 64];
+    let bad = kernels
+        .plan_chunks(
+            q.view().narrow(1, 0, 10).unwrap(),
+            &[0, 5, 10],
+            &pool.cache(),
+            &lens,
+            std::slice::from_ref(&cfg),
+            &mut states,
+            &req,
+        )
+        .unwrap_err();
+    assert!(is_range(bad, "chunk start"), "chunk off the segment grid");
+    let prompt_cfg = EntropyConfig { head_class: HeadClassMode::Prompt, ..cfg.clone() };
+    let bad = kernels
+        .plan_chunks(
+            q.view().narrow(1, 0, 32).unwrap(),
+            &[0, 16, 32],
+            &pool.cache(),
+            &lens,
+            std::slice::from_ref(&prompt_cfg),
+            &mut states,
+            &req,
+        )
+        .unwrap_err();
+    assert!(is_range(bad, "head_class"), "prompt head classes with chunks");
+    let mut stale = vec![PlanState { next_segment: 3, ..PlanState::new() }; 2];
+    let bad = kernels
+        .plan_chunks(q.view(), &[0, 16, 32], &pool.cache(), &lens, std::slice::from_ref(&cfg), &mut stale, &req)
+        .unwrap_err();
+    assert!(matches!(bad, Error::PlanMismatch(_)), "{bad}");
+    assert_eq!(stale[0].next_segment, 3, "a refused plan leaves the states");
+    let bad = kernels
+        .plan_chunks(q.view(), &[0, 16, 32], &pool.cache(), &[64], std::slice::from_ref(&cfg), &mut states, &req)
+        .unwrap_err();
+    assert!(matches!(bad, Error::Shape { what: "prompt lengths", .. }), "{bad}");
+
+    // A sparse plan over pages that split blocks.
+    let dims = PlanDims::new(1, 64, hq, hkv, 24, 12);
+    let lists = BlockLists::all_dense(dims);
+    let bad = kernels
+        .attend(q.view(), &[0, 16, 32], &pool.cache(), &[Some(&lists), None], None, &mut out.view_mut(), None)
+        .unwrap_err();
+    assert!(is_range(bad, "page_size"), "pages of partial blocks");
+}
