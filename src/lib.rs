@@ -65,6 +65,12 @@ pub use plan::{BlockLists, HeadClass, Plan, PlanDims, PlanState, SegmentAttentio
 pub use tensor::{DType, Element, HostBuffer, HostData, HostDataMut, HostTensor, TensorView, TensorViewMut};
 pub use window::{ObservationWindow, WindowEvent};
 
+/// SPEC.md, the contract every backend implements (`docs/SPEC.md` in the package); the docs'
+/// "SPEC §x" references point here.
+pub mod spec {
+    #![doc = include_str!("../docs/SPEC.md")]
+}
+
 /// The README's example is compiled and run as a doctest.
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]

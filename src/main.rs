@@ -26,6 +26,8 @@ enum Command {
     RunCase(cli::run_case::RunCaseArgs),
     /// Time dense and sparse prefill, planning, compression and decode at several lengths.
     Bench(cli::bench::BenchArgs),
+    /// The serving-loop calls (ragged, chunked, paged) against the one-shot calls, in one run.
+    BenchEngine(cli::bench_engine::BenchEngineArgs),
     /// The CUDA kernels on device-resident tensors against the device's copy bandwidth.
     #[cfg(feature = "_cuda")]
     BenchDevice(cli::bench_device::BenchDeviceArgs),
@@ -53,6 +55,7 @@ fn main() {
         Command::Demo(a) => cli::demo::run(a),
         Command::RunCase(a) => cli::run_case::run(a),
         Command::Bench(a) => cli::bench::run(a),
+        Command::BenchEngine(a) => cli::bench_engine::run(a),
         #[cfg(feature = "_cuda")]
         Command::BenchDevice(a) => cli::bench_device::run(a),
         #[cfg(feature = "_cuda")]

@@ -3,6 +3,7 @@
 pub mod bench;
 #[cfg(feature = "_cuda")]
 pub mod bench_device;
+pub mod bench_engine;
 #[cfg(feature = "_cuda")]
 pub mod cuda_check;
 pub mod demo;

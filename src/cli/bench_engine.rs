@@ -1,0 +1,279 @@
+//! `entropy-kernels bench-engine`: the serving-loop calls of SPEC §7 against the one-shot calls
+//! they generalise, timed in the same run: a ragged batch against its sequences one by one, a
+//! prompt prefilled in chunks over a paged cache against one shot, paged decode against
+//! contiguous decode.
+
+use clap::Args;
+use entropy_kernels::{
+    BlockTable, ChunkRequest, DType, EntropyConfig, HeadClassMode, HostTensor, Kernels, KvCache, KvCacheMut,
+    PageLayout, PlanRequest, PlanState, Result, TensorView, TensorViewMut, Workspace, synth,
+};
+
+use super::{Table, median, ms, time};
+
+#[derive(Args, Debug)]
+pub struct BenchEngineArgs {
+    /// Comma-separated prompt lengths of the ragged batch.
+    #[arg(long, value_delimiter = ',', default_value = "1000,2500,6000")]
+    pub ragged: Vec<usize>,
+    /// Prompt length of the chunked prefill.
+    #[arg(long, default_value_t = 32768)]
+    pub chunked: usize,
+    /// Chunk length (a multiple of the segment size).
+    #[arg(long, default_value_t = 4096)]
+    pub chunk: usize,
+    /// Cache entries per head of the decode comparison.
+    #[arg(long, default_value_t = 32768)]
+    pub decode_entries: usize,
+    /// Sequences of the decode comparison.
+    #[arg(long, default_value_t = 4)]
+    pub decode_batch: usize,
+    #[arg(long, default_value_t = 16)]
+    pub page_size: usize,
+    #[arg(long, default_value_t = 16)]
+    pub q_heads: usize,
+    #[arg(long, default_value_t = 4)]
+    pub kv_heads: usize,
+    #[arg(long, default_value_t = 128)]
+    pub head_dim: usize,
+    #[arg(long, default_value = "bf16")]
+    pub dtype: DType,
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    #[command(flatten)]
+    pub backend: super::BackendArg,
+}
+
+fn repeat(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let (r, s) = time(&mut f);
+        r?;
+        t.push(s);
+    }
+    Ok(median(t))
+}
+
+fn tensor(shape: [usize; 4], seed: u64, dtype: DType) -> HostTensor {
+    HostTensor::from_f32(&synth::normal(shape.iter().product(), 1.0, seed), shape, dtype)
+}
+
+/// A pool of `seqs × width` pages, page ids interleaved across sequences (page `p` of sequence
+/// `i` is `p·seqs + i`), as an engine that allocates on demand would leave them.
+struct Pool {
+    k: HostTensor,
+    v: HostTensor,
+    layout: PageLayout,
+    ids: Vec<u32>,
+    width: usize,
+    lens: Vec<u32>,
+}
+
+impl Pool {
+    fn new(dtype: DType, seqs: usize, heads: usize, d: usize, capacity: usize, ps: usize) -> Pool {
+        let width = capacity.div_ceil(ps);
+        let layout = PageLayout::slot_major(seqs * width, ps, heads, d);
+        let ids = (0..seqs).flat_map(|i| (0..width).map(move |p| (p * seqs + i) as u32)).collect();
+        let shape = [seqs * width, ps, heads, d];
+        Pool {
+            k: HostTensor::zeros(dtype, shape),
+            v: HostTensor::zeros(dtype, shape),
+            layout,
+            ids,
+            width,
+            lens: vec![0; seqs * heads],
+        }
+    }
+    fn cache(&self) -> KvCache<'_> {
+        KvCache::paged(self.k.data(), self.v.data(), self.layout, BlockTable::new(&self.ids, self.width), &self.lens)
+    }
+    fn cache_mut(&mut self) -> KvCacheMut<'_> {
+        KvCacheMut::paged(
+            self.k.data_mut(),
+            self.v.data_mut(),
+            self.layout,
+            BlockTable::new(&self.ids, self.width),
+            &mut self.lens,
+        )
+    }
+}
+
+/// Append, plan (one-shot `streaming` or a chunk) and attend one round of ragged queries.
+#[allow(clippy::too_many_arguments)]
+fn prefill_round(
+    k: &Kernels,
+    pool: &mut Pool,
+    q: &TensorView<'_>,
+    kn: &TensorView<'_>,
+    vn: &TensorView<'_>,
+    cu: &[u32],
+    prompt_lens: &[u32],
+    cfg: &EntropyConfig,
+    states: &mut [PlanState],
+    ws: &mut Workspace,
+    out: &mut HostTensor,
+) -> Result<()> {
+    k.append(*kn, *vn, cu, &mut pool.cache_mut(), ws)?;
+    let plans =
+        k.plan_chunks(*q, cu, &pool.cache(), prompt_lens, std::slice::from_ref(cfg), states, &ChunkRequest::default())?;
+    let blocks: Vec<_> = plans.iter().map(|p| Some(&p.blocks)).collect();
+    k.attend(*q, cu, &pool.cache(), &blocks, cfg.scale, &mut out.view_mut(), None)
+}
+
+pub fn run(a: &BenchEngineArgs) -> Result<()> {
+    let k: Kernels = a.backend.kernels()?;
+    let (hq, hkv, d, dt) = (a.q_heads, a.kv_heads, a.head_dim, a.dtype);
+    let cfg = EntropyConfig { head_class: HeadClassMode::Streaming, ..EntropyConfig::entropy_infer() };
+    println!("backend: {}", k.describe());
+    println!(
+        "GQA {hq}/{hkv}, D {d}, {dt}, page {}, median of {} runs; EntropyInfer defaults, streaming head classes",
+        a.page_size, a.reps
+    );
+    let mut t = Table::new(&["case", "engine path ms", "baseline ms", "ratio", "baseline"]);
+
+    // Ragged batch against its sequences one by one (one-shot contiguous prefill).
+    let total: usize = a.ragged.iter().sum();
+    let q = tensor([1, total, hq, d], 1, dt);
+    let kn = tensor([1, total, hkv, d], 2, dt);
+    let vn = tensor([1, total, hkv, d], 3, dt);
+    let mut cu = vec![0u32];
+    for &l in &a.ragged {
+        cu.push(cu.last().unwrap() + l as u32);
+    }
+    let lens: Vec<u32> = a.ragged.iter().map(|&l| l as u32).collect();
+    let cap = *a.ragged.iter().max().unwrap_or(&1);
+    let mut out = HostTensor::zeros(dt, q.shape);
+    let mut ws = Workspace::new();
+    let engine = repeat(a.reps, || {
+        let mut pool = Pool::new(dt, a.ragged.len(), hkv, d, cap, a.page_size);
+        let mut states = vec![PlanState::new(); a.ragged.len() * hkv];
+        prefill_round(
+            &k,
+            &mut pool,
+            &q.view(),
+            &kn.view(),
+            &vn.view(),
+            &cu,
+            &lens,
+            &cfg,
+            &mut states,
+            &mut ws,
+            &mut out,
+        )
+    })?;
+    let singles = repeat(a.reps, || {
+        for i in 0..a.ragged.len() {
+            let (s, n) = (cu[i] as usize, a.ragged[i]);
+            let mut o = HostTensor::zeros(dt, [1, n, hq, d]);
+            let mut ov: TensorViewMut<'_> = o.view_mut();
+            let (qv, kv, vv) = (q.view().narrow(1, s, n)?, kn.view().narrow(1, s, n)?, vn.view().narrow(1, s, n)?);
+            k.prefill(qv, kv, vv, &cfg, &PlanRequest::layer(0).keep_maps(false), &mut ov, None)?;
+        }
+        Ok(())
+    })?;
+    t.row(vec![
+        format!("ragged {:?}", a.ragged),
+        ms(engine),
+        ms(singles),
+        format!("{:.2}×", engine / singles),
+        "the sequences one by one (one-shot prefill)".into(),
+    ]);
+
+    // Chunked prefill over pages against one shot.
+    let l = a.chunked;
+    let q = tensor([1, l, hq, d], 4, dt);
+    let kn = tensor([1, l, hkv, d], 5, dt);
+    let vn = tensor([1, l, hkv, d], 6, dt);
+    let mut out = HostTensor::zeros(dt, [1, a.chunk.min(l), hq, d]);
+    let chunked = repeat(a.reps, || {
+        let mut pool = Pool::new(dt, 1, hkv, d, l, a.page_size);
+        let mut states = vec![PlanState::new(); hkv];
+        for s in (0..l).step_by(a.chunk) {
+            let n = a.chunk.min(l - s);
+            let mut o = HostTensor::zeros(dt, [1, n, hq, d]);
+            let (qv, kv, vv) = (q.view().narrow(1, s, n)?, kn.view().narrow(1, s, n)?, vn.view().narrow(1, s, n)?);
+            prefill_round(
+                &k,
+                &mut pool,
+                &qv,
+                &kv,
+                &vv,
+                &[0, n as u32],
+                &[l as u32],
+                &cfg,
+                &mut states,
+                &mut ws,
+                &mut o,
+            )?;
+        }
+        Ok(())
+    })?;
+    let mut whole = HostTensor::zeros(dt, q.shape);
+    let one_shot = repeat(a.reps, || {
+        k.prefill(
+            q.view(),
+            kn.view(),
+            vn.view(),
+            &cfg,
+            &PlanRequest::layer(0).keep_maps(false),
+            &mut whole.view_mut(),
+            None,
+        )
+        .map(|_| ())
+    })?;
+    drop(out.view_mut());
+    t.row(vec![
+        format!("{l} tokens in {} chunks", a.chunk),
+        ms(chunked),
+        ms(one_shot),
+        format!("{:.2}×", chunked / one_shot),
+        "one-shot sparse prefill (contiguous)".into(),
+    ]);
+
+    // Paged decode against contiguous decode.
+    let (b, n) = (a.decode_batch, a.decode_entries);
+    let kc = tensor([b, hkv, n, d], 7, dt);
+    let vc = tensor([b, hkv, n, d], 8, dt);
+    let qd = tensor([b, 1, hq, d], 9, dt);
+    let lens = vec![n as u32; b * hkv];
+    let mut pool = Pool::new(dt, b, hkv, d, n, a.page_size);
+    // Fill the pages through append (one call per sequence's entries, head-major source).
+    let src_k = HostTensor::from_f32(&transpose_bhnd(&kc), [1, b * n, hkv, d], dt);
+    let src_v = HostTensor::from_f32(&transpose_bhnd(&vc), [1, b * n, hkv, d], dt);
+    let cu: Vec<u32> = (0..=b as u32).map(|i| i * n as u32).collect();
+    k.append(src_k.view(), src_v.view(), &cu, &mut pool.cache_mut(), &mut ws)?;
+    let qt = HostTensor::from_f32(&qd.to_f32_vec(), [1, b, hq, d], dt);
+    let cu1: Vec<u32> = (0..=b as u32).collect();
+    let mut o1 = HostTensor::zeros(dt, qt.shape);
+    let paged = repeat(a.reps * 10, || k.attend(qt.view(), &cu1, &pool.cache(), &[], None, &mut o1.view_mut(), None))?;
+    let mut o2 = HostTensor::zeros(dt, qd.shape);
+    let contiguous =
+        repeat(a.reps * 10, || k.decode_attention(qd.view(), kc.view(), vc.view(), &lens, None, &mut o2.view_mut()))?;
+    t.row(vec![
+        format!("decode {b} × {n} entries, page {}", a.page_size),
+        ms(paged),
+        ms(contiguous),
+        format!("{:.2}×", paged / contiguous),
+        "decode_attention over the contiguous cache".into(),
+    ]);
+    t.print();
+    Ok(())
+}
+
+/// `[B, H, N, D]` as THD rows `[B·N, H, D]` (sequence-major), in f32.
+fn transpose_bhnd(t: &HostTensor) -> Vec<f32> {
+    let [b, h, n, d] = t.shape;
+    let f = t.to_f32_vec();
+    let mut out = vec![0f32; f.len()];
+    for bi in 0..b {
+        for hi in 0..h {
+            for ni in 0..n {
+                let src = ((bi * h + hi) * n + ni) * d;
+                let dst = ((bi * n + ni) * h + hi) * d;
+                out[dst..dst + d].copy_from_slice(&f[src..src + d]);
+            }
+        }
+    }
+    out
+}
