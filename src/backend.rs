@@ -8,7 +8,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::compress::CompressedCache;
-use crate::engine::{AttendArgs, ChunkArgs};
+use crate::engine::{AttendArgs, ChunkArgs, SelectArgs, Selection};
 use crate::error::{Error, Result};
 use crate::plan::{Plan, PlanState};
 use crate::tensor::{DType, TensorViewMut};
@@ -113,10 +113,13 @@ pub enum Op {
     Attend,
     /// Chunked / ragged planning over a cache (SPEC §7.2).
     PlanChunks,
+    /// Selection for in-place compression over a cache (SPEC §7.5).
+    Select,
 }
 
 impl Op {
-    pub const ALL: [Op; 6] = [Op::Plan, Op::Prefill, Op::KvCompress, Op::Decode, Op::Attend, Op::PlanChunks];
+    pub const ALL: [Op; 7] =
+        [Op::Plan, Op::Prefill, Op::KvCompress, Op::Decode, Op::Attend, Op::PlanChunks, Op::Select];
     /// The one-request operations on contiguous tensors (what the device backends run so far).
     pub const CONTIGUOUS: [Op; 4] = [Op::Plan, Op::Prefill, Op::KvCompress, Op::Decode];
 }
@@ -180,6 +183,11 @@ pub trait Backend: Send + Sync {
     fn plan_chunks(&self, args: &ChunkArgs<'_>, states: &mut [PlanState]) -> Result<Vec<Plan>> {
         let _ = (args, states);
         Err(Error::Unimplemented { backend: self.capabilities().backend, op: "plan_chunks" })
+    }
+    /// SPEC §4 steps 1–5 per compressing sequence of a cache: the positions each head keeps.
+    fn select(&self, args: &SelectArgs<'_>) -> Result<Selection> {
+        let _ = args;
+        Err(Error::Unimplemented { backend: self.capabilities().backend, op: "select" })
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::backend::{self, Backend, BackendChoice, BackendKind, Capabilities};
 use crate::compress::CompressedCache;
 use crate::config::{DecodeConfig, EntropyConfig};
-use crate::engine::{self, ChunkRequest, KvCache, KvCacheMut, Workspace};
+use crate::engine::{self, ChunkRequest, KvCache, KvCacheMut, Selection, Workspace};
 use crate::error::Result;
 use crate::plan::{BlockLists, Plan, PlanState};
 use crate::tensor::{TensorView, TensorViewMut};
@@ -250,5 +250,28 @@ impl Kernels {
         let plans = self.backend.plan_chunks(&args, &mut next)?;
         states.copy_from_slice(&next);
         Ok(plans)
+    }
+
+    /// Selection for in-place compression (SPEC §7.5, §4 steps 1–5): per sequence of the cache
+    /// that `which` names (empty: all) and that holds at least `decode_budget` entries, the
+    /// positions each head keeps, ascending, its last W entries included. `obs` is
+    /// `[sequences, Hq, W, D]`, each sequence's own window. AdaKV shares each sequence's budget
+    /// among its heads.
+    pub fn kv_select(
+        &self,
+        cache: &KvCache<'_>,
+        obs: TensorView<'_>,
+        cfg: &DecodeConfig,
+        which: &[bool],
+    ) -> Result<Selection> {
+        let args = engine::validate_select(self.capabilities(), cache, obs, cfg, which)?;
+        self.backend.select(&args)
+    }
+
+    /// Compaction in place (SPEC §7.5): each selected head's kept entries move to positions
+    /// `0..keep` of its own pages and its length becomes `keep`; pages past the longest head are
+    /// then free for the engine. Checked entirely before the first write.
+    pub fn kv_compact(&self, cache: &mut KvCacheMut<'_>, sel: &Selection, ws: &mut Workspace) -> Result<()> {
+        engine::compact(cache, sel, ws)
     }
 }

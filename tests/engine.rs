@@ -554,3 +554,170 @@ fn bad_engine_input_is_a_typed_error() {
         .unwrap_err();
     assert!(is_range(bad, "page_size"), "pages of partial blocks");
 }
+
+/// `[B, H, N, D]` as sequence-major THD rows `[1, B·N, H, D]`.
+fn thd_of_cache(t: &HostTensor) -> HostTensor {
+    let [b, h, n, d] = t.shape;
+    let f = t.to_f32_vec();
+    let mut out = vec![0f32; f.len()];
+    for bi in 0..b {
+        for hi in 0..h {
+            for ni in 0..n {
+                let src = ((bi * h + hi) * n + ni) * d;
+                let dst = ((bi * n + ni) * h + hi) * d;
+                out[dst..dst + d].copy_from_slice(&f[src..src + d]);
+            }
+        }
+    }
+    HostTensor::from_f32(&out, [1, b * n, h, d], t.dtype())
+}
+
+/// Selection + in-place compaction over shuffled pages = the copy-out `kv_compress` of the same
+/// cache: the same kept positions, the same entries (bit for bit), the same lengths — for every
+/// group reduction (per_query_head on a cache allocated with Hq heads) and AdaKV.
+#[test]
+fn in_place_compaction_equals_kv_compress() {
+    for seed in seeds("in_place_compaction_equals_kv_compress") {
+        let mut rng = Rng::new(seed);
+        for kernels in engine_backends("compaction") {
+            for dtype in DType::ALL {
+                let (b, hkv, g, d) = (2, 2, 2, 24);
+                let hq = hkv * g;
+                let modes = [
+                    DecodeConfig::latent(),
+                    DecodeConfig { gqa_mode: GqaMode::Max, pooling: Pooling::Max, ..DecodeConfig::latent() },
+                    DecodeConfig { gqa_mode: GqaMode::PerQueryHead, ..DecodeConfig::latent() },
+                    DecodeConfig::adakv(0.3),
+                ];
+                let base = modes[rng.below(modes.len())].clone();
+                let cfg = DecodeConfig { decode_budget: 24 + rng.below(16), window: 4, pooling_kernel: 3, ..base };
+                let n = cfg.decode_budget + rng.below(100);
+                let ps = PAGE_SIZES[rng.below(3)];
+                let tag = format!("seed {seed} {} {dtype} n {n} page {ps} {cfg:?}", kernels.kind());
+                with_case(&tag, || {
+                    let kc = random([b, hkv, n, d], 1.0, seed ^ 21, dtype);
+                    let vc = random([b, hkv, n, d], 1.0, seed ^ 22, dtype);
+                    let obs = random([b, hq, cfg.window, d], 1.0, seed ^ 23, dtype);
+                    let want = kernels.kv_compress(kc.view(), vc.view(), obs.view(), &cfg).unwrap();
+                    let heads = want.heads();
+                    let mut pool = Pool::new(&mut rng, dtype, b, heads, d, n, ps);
+                    let (kt, vt) = (thd_of_cache(&kc), thd_of_cache(&vc));
+                    let cu = [0, n as u32, 2 * n as u32];
+                    let mut ws = Workspace::new();
+                    kernels.append(kt.view(), vt.view(), &cu, &mut pool.cache_mut(), &mut ws).unwrap();
+                    let sel = kernels.kv_select(&pool.cache(), obs.view(), &cfg, &[]).unwrap();
+                    kernels.kv_compact(&mut pool.cache_mut(), &sel, &mut ws).unwrap();
+                    assert_eq!(pool.lens, want.lengths, "{tag}: lengths");
+                    let (pk, pv) = (pool.k.to_f32_vec(), pool.v.to_f32_vec());
+                    let (wk, wv) = (want.k.to_f32_vec(), want.v.to_f32_vec());
+                    let cap = want.capacity();
+                    for i in 0..b {
+                        for h in 0..heads {
+                            let u = i * heads + h;
+                            let kept: Vec<u32> = want.indices[u * want.index_width()..(u + 1) * want.index_width()]
+                                .iter()
+                                .filter(|&&p| p >= 0)
+                                .map(|&p| p as u32)
+                                .chain(n as u32 - cfg.window as u32..n as u32)
+                                .collect();
+                            assert_eq!(sel.kept(i, h), kept.as_slice(), "{tag}: kept positions of ({i}, {h})");
+                            for j in 0..want.lengths[u] as usize {
+                                let o = pool.layout.offset(pool.ids[i * pool.width + j / ps] as usize, j % ps, h);
+                                let w = (u * cap + j) * d;
+                                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                                assert_eq!(bits(&pk[o..o + d]), bits(&wk[w..w + d]), "{tag}: K entry {j} of ({i}, {h})");
+                                assert_eq!(bits(&pv[o..o + d]), bits(&wv[w..w + d]), "{tag}: V entry {j} of ({i}, {h})");
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Compression leaves short sequences alone, refuses what in-place compaction cannot do, and
+/// never rewrites a page another sequence reads.
+#[test]
+fn compaction_refuses_what_it_cannot_do() {
+    let kernels = Kernels::cpu();
+    let (hq, hkv, d) = (4, 2, 16);
+    let cfg = DecodeConfig { decode_budget: 24, window: 4, ..DecodeConfig::latent() };
+    let mut rng = Rng::new(3);
+    let mut pool = Pool::new(&mut rng, DType::F32, 2, hkv, d, 64, 16);
+    let k = random([1, 50, hkv, d], 1.0, 1, DType::F32);
+    let mut ws = Workspace::new();
+    // Sequence 0 holds 40 entries (compresses), sequence 1 holds 10 (shorter than the budget).
+    kernels.append(k.view(), k.view(), &[0, 40, 50], &mut pool.cache_mut(), &mut ws).unwrap();
+    let obs = random([2, hq, 4, d], 1.0, 2, DType::F32);
+    let sel = kernels.kv_select(&pool.cache(), obs.view(), &cfg, &[]).unwrap();
+    assert_eq!(sel.compressed, vec![true, false], "a cache shorter than the budget is left as it is");
+    // per_query_head needs a cache of Hq heads.
+    let pqh = DecodeConfig { gqa_mode: GqaMode::PerQueryHead, ..cfg.clone() };
+    let bad = kernels.kv_select(&pool.cache(), obs.view(), &pqh, &[]).unwrap_err();
+    assert!(matches!(bad, Error::OutOfRange { field: "gqa_mode", .. }), "{bad}");
+    // A page shared with the other sequence: refused, nothing written.
+    let before = (pool.k.to_f32_vec(), pool.lens.clone());
+    let saved = pool.ids[pool.width];
+    pool.ids[pool.width] = pool.ids[0];
+    let bad = kernels.kv_compact(&mut pool.cache_mut(), &sel, &mut ws).unwrap_err();
+    assert!(matches!(bad, Error::OutOfRange { field: "block table", .. }), "{bad}");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&pool.k.to_f32_vec()), bits(&before.0), "a refused compaction writes nothing");
+    assert_eq!(pool.lens, before.1);
+    pool.ids[pool.width] = saved;
+    // A selection that does not fit the cache.
+    let mut wrong = sel.clone();
+    wrong.positions[0] = 1000;
+    let bad = kernels.kv_compact(&mut pool.cache_mut(), &wrong, &mut ws).unwrap_err();
+    assert!(matches!(bad, Error::PlanMismatch(_)), "{bad}");
+    kernels.kv_compact(&mut pool.cache_mut(), &sel, &mut ws).unwrap();
+    assert_eq!(&pool.lens[..2], &[24, 24]);
+    assert_eq!(&pool.lens[2..], &[10, 10]);
+}
+
+/// Selection over heads of different lengths (what a head-adaptive compression leaves, then
+/// recompression sees) agrees with the oracle: the same sequences compress, every head keeps as
+/// many entries as the oracle's (heads shorter than the budget keep everything) and the same
+/// ones up to near-ties at the boundary.
+#[test]
+fn selection_over_unequal_heads_matches_oracle() {
+    for seed in seeds("selection_over_unequal_heads_matches_oracle") {
+        let mut rng = Rng::new(seed);
+        let (b, hc, g, d) = (3, 3, 2, 16);
+        let cfg = DecodeConfig { decode_budget: 32, window: 4, pooling_kernel: 3, ..DecodeConfig::latent() };
+        let cap = 90;
+        let lens: Vec<u32> = (0..b * hc).map(|_| (4 + rng.below(cap - 4)) as u32).collect();
+        let tag = format!("seed {seed} lens {lens:?}");
+        with_case(&tag, || {
+            let mut pool = Pool::new(&mut rng, DType::F32, b, hc, d, cap, 16);
+            let kc = random([b, hc, cap, d], 1.0, seed ^ 31, DType::F32).to_f32_vec();
+            let mut pk = pool.k.to_f32_vec();
+            for i in 0..b {
+                for h in 0..hc {
+                    for n in 0..lens[i * hc + h] as usize {
+                        let o = pool.layout.offset(pool.ids[i * pool.width + n / 16] as usize, n % 16, h);
+                        let src = ((i * hc + h) * cap + n) * d;
+                        pk[o..o + d].copy_from_slice(&kc[src..src + d]);
+                    }
+                }
+            }
+            pool.k = HostTensor::from_f32(&pk, pool.k.shape, DType::F32);
+            pool.lens = lens.clone();
+            let obs = random([b, hc * g, 4, d], 1.0, seed ^ 32, DType::F32);
+            for cfg in [cfg.clone(), DecodeConfig { head_budget: HeadBudget::AdaKv { floor_fraction: 0.2 }, ..cfg.clone() }] {
+                let want = Kernels::reference().kv_select(&pool.cache(), obs.view(), &cfg, &[]).unwrap();
+                let got = Kernels::cpu().kv_select(&pool.cache(), obs.view(), &cfg, &[]).unwrap();
+                assert_eq!(got.compressed, want.compressed, "{tag}: which sequences compress");
+                for i in 0..b {
+                    for h in 0..hc {
+                        let (x, y) = (got.kept(i, h), want.kept(i, h));
+                        assert_eq!(x.len(), y.len(), "{tag} {:?}: kept count of ({i}, {h})", cfg.head_budget);
+                        let common = x.iter().filter(|p| y.contains(p)).count();
+                        assert!(common + 2 >= y.len(), "{tag} {:?}: ({i}, {h}) kept {x:?}, oracle {y:?}", cfg.head_budget);
+                    }
+                }
+            }
+        });
+    }
+}

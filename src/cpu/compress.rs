@@ -10,10 +10,11 @@ use rayon::prelude::*;
 
 use super::Strided;
 use super::simd::{Isa, Simd, WithSimd, dispatch};
-use super::tile::{Geom, Tile};
+use super::tile::{Geom, Rows, Tile};
 use crate::alloc;
 use crate::compress::{self, CompressedCache};
-use crate::config::GqaMode;
+use crate::config::{DecodeConfig, GqaMode};
+use crate::engine::{KvCache, SelectArgs, Selection};
 use crate::error::Result;
 use crate::tensor::Element;
 use crate::validate::{CompressArgs, CompressDims};
@@ -21,9 +22,32 @@ use crate::validate::{CompressArgs, CompressDims};
 /// Keys per work unit (both passes).
 const KEYS_PER_UNIT: usize = 2048;
 
+/// Where the keys of (b, kv head h) are: a strided `[B, Hkv, N, D]` view (every head `N`
+/// entries) or a paged cache (each head its own length).
+pub(crate) enum Keys<'a, E> {
+    Strided(Strided<'a, E>),
+    Paged { cache: &'a KvCache<'a>, data: &'a [E] },
+}
+
+impl<'a, E: Element> Keys<'a, E> {
+    fn rows(&self, b: usize, h: usize) -> Rows<'a, E> {
+        match self {
+            Keys::Strided(k) => k.rows(b, h, 2),
+            Keys::Paged { cache, data } => super::engine::rows(cache, data, b, h),
+        }
+    }
+    /// Entries of (b, h).
+    fn entries(&self, d: &CompressDims, b: usize, h: usize) -> usize {
+        match self {
+            Keys::Strided(_) => d.entries,
+            Keys::Paged { cache, .. } => cache.lens()[b * d.kv_heads + h] as usize,
+        }
+    }
+}
+
 struct Call<'a, E> {
     obs: Strided<'a, E>,
-    k: Strided<'a, E>,
+    k: Keys<'a, E>,
     d: CompressDims,
     c: f32,
     geom: Geom,
@@ -61,24 +85,25 @@ fn run_unit<'p, S: Simd, E: Element, const NR: usize, const MV: usize>(job: Unit
     let UnitJob { call, b, h, keys, tile, tmp, mut pass } = job;
     let d = call.d;
     let (g, w, dd) = (d.group(), d.window, d.head_dim);
+    let n = call.k.entries(&d, b, h);
     // Window query wi is aligned with cache entry N - W + wi: later entries are masked.
-    tile.begin(d.entries - w, g);
+    tile.begin(n - w, g);
     for wi in 0..w {
         for j in 0..g {
             tile.set_query(wi * g + j, call.obs.row(b, h * g + j, wi, dd), call.c, tmp);
         }
     }
     tile.clear_queries(w * g);
-    let k = call.k.rows(b, h, 2);
+    let k = call.k.rows(b, h);
     let first = keys.start;
     for t in keys {
         tile.push_key(&k, t);
         if tile.is_full() {
-            consume::<S, NR, MV>(tile, &mut pass, first, d.entries - w, g, w);
+            consume::<S, NR, MV>(tile, &mut pass, first, n - w, g, w);
         }
     }
     if tile.filled() > 0 {
-        consume::<S, NR, MV>(tile, &mut pass, first, d.entries - w, g, w);
+        consume::<S, NR, MV>(tile, &mut pass, first, n - w, g, w);
     }
     pass
 }
@@ -183,27 +208,43 @@ pub(crate) fn kv_compress<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'
     if !d.compresses(cfg) {
         return compress::unchanged(&a.k_cache(), &a.v_cache(), &d);
     }
-    let (g, w, n) = (d.group(), d.window, d.entries);
-    let scored = n - w;
+    let keys = Keys::Strided(Strided::of(&a.k_cache()));
+    let pooled = pooled_rows::<E>(isa, lanes, keys, Strided::of(&a.obs()), d, cfg, a.scale(), &[true; 1].repeat(d.batch))?;
+    compress::select_and_gather(a, &pooled)
+}
+
+/// SPEC §4 steps 1–4 on the CPU: the pooled score rows `[B][out heads]` (each head's `N - W`
+/// scored positions) of the batch rows `which` (others get no rows). `d.entries` is the longest
+/// head's length; each head scores its own.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pooled_rows<E: Element>(
+    isa: Isa,
+    lanes: usize,
+    keys: Keys<'_, E>,
+    obs: Strided<'_, E>,
+    d: CompressDims,
+    cfg: &DecodeConfig,
+    scale: f32,
+    which: &[bool],
+) -> Result<Vec<Vec<f32>>> {
+    let (g, w) = (d.group(), d.window);
     let geom = Geom::new(lanes, d.head_dim, g * w);
     let mp = geom.mp;
     // Each worker's tile holds G·W rows (Qᵀ, Sᵀ, Oᵀ): a multiple of the window tensor.
     alloc::probe::<f32>("the scoring tiles", &[rayon::current_num_threads(), geom.keys + 2 * geom.dp, mp])?;
-    let call = Call::<E> {
-        obs: Strided::of(&a.obs()),
-        k: Strided::of(&a.k_cache()),
-        d,
-        c: a.scale() * std::f32::consts::LOG2_E,
-        geom,
-    };
-    let per_head = n.div_ceil(KEYS_PER_UNIT);
-    let units: Vec<Unit> = (0..d.batch * d.kv_heads)
-        .flat_map(|bh| {
-            (0..n)
-                .step_by(KEYS_PER_UNIT)
-                .map(move |k0| (bh / d.kv_heads, bh % d.kv_heads, k0..(k0 + KEYS_PER_UNIT).min(n)))
-        })
-        .collect();
+    let call = Call::<E> { obs, k: keys, d, c: scale * std::f32::consts::LOG2_E, geom };
+    // Units per (b, h) over its own entries; `heads[bh]` their range in `units`.
+    let mut units: Vec<Unit> = Vec::new();
+    let mut heads: Vec<std::ops::Range<usize>> = Vec::with_capacity(d.batch * d.kv_heads);
+    for bh in 0..d.batch * d.kv_heads {
+        let (b, h) = (bh / d.kv_heads, bh % d.kv_heads);
+        let start = units.len();
+        if which[b] {
+            let n = call.k.entries(&d, b, h);
+            units.extend((0..n).step_by(KEYS_PER_UNIT).map(|k0| (b, h, k0..(k0 + KEYS_PER_UNIT).min(n))));
+        }
+        heads.push(start..units.len());
+    }
     // Pass 1: per-row max and sum per unit, merged per (b, h) into max and 1/sum.
     // Per unit and window row: max and sum (units × G·W: cache length times window rows).
     alloc::probe::<f32>("the scoring statistics", &[units.len(), mp, 2])?;
@@ -217,10 +258,10 @@ pub(crate) fn kv_compress<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'
         })
         .collect::<Result<Vec<_>>>()?;
     let stats = run_pass(isa, &call, &units, stats0);
-    let norms: Vec<(Vec<f32>, Vec<f32>)> = stats
-        .chunks(per_head)
-        .map(|units| {
-            let parts: Vec<(&[f32], &[f32])> = units
+    let norms: Vec<(Vec<f32>, Vec<f32>)> = heads
+        .iter()
+        .map(|range| {
+            let parts: Vec<(&[f32], &[f32])> = stats[range.clone()]
                 .iter()
                 .map(|p| match p {
                     Pass::Stats { m, l } => (m.as_slice(), l.as_slice()),
@@ -243,50 +284,66 @@ pub(crate) fn kv_compress<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'
 
     // Pass 2: window means of the scored positions.
     // Window means [G][count] of every unit: Hq × entries in all, which can exceed the inputs.
-    alloc::probe::<f32>("the window means", &[d.batch, d.q_heads, scored])?;
-    let means0 = (0..units.len())
-        .map(|u| {
-            let (m, inv_l) = &norms[u / per_head];
-            let keys = &units[u].2;
+    alloc::probe::<f32>("the window means", &[d.batch, d.q_heads, d.entries])?;
+    let mut means0 = Vec::with_capacity(units.len());
+    for (bh, range) in heads.iter().enumerate() {
+        let (m, inv_l) = &norms[bh];
+        for (b, h, keys) in &units[range.clone()] {
+            let scored = call.k.entries(&d, *b, *h) - w;
             let count = keys.end.min(scored).saturating_sub(keys.start);
-            Ok(Pass::Means { m, inv_l, out: alloc::filled("the window means", g * count, 0.0)? })
-        })
-        .collect::<Result<Vec<_>>>()?;
+            means0.push(Pass::Means { m, inv_l, out: alloc::filled("the window means", g * count, 0.0)? });
+        }
+    }
     let means = run_pass(isa, &call, &units, means0);
 
     // Rows a[b][hq][n], then the group reduction of SPEC §4.3.
-    let heads = d.out_heads(cfg);
-    let row = |values: &mut dyn Iterator<Item = f32>| -> Result<Vec<f32>> {
-        let mut r = alloc::with_capacity("a decode score row", scored)?;
+    let out_heads = d.out_heads(cfg);
+    let row = |len: usize, values: &mut dyn Iterator<Item = f32>| -> Result<Vec<f32>> {
+        let mut r = alloc::with_capacity("a decode score row", len)?;
         r.extend(values);
         Ok(r)
     };
     // Rows and pooled rows are built one by one: check the whole first (Hq rows for per_query_head).
-    alloc::probe::<f32>("the decode score rows", &[d.batch, heads, scored, 2])?;
-    let mut rows: Vec<Vec<f32>> = alloc::with_capacity("the decode score rows", d.batch * heads)?;
-    for head_units in means.chunks(per_head) {
+    alloc::probe::<f32>("the decode score rows", &[d.batch, out_heads, d.entries, 2])?;
+    let mut rows: Vec<Vec<f32>> = alloc::with_capacity("the decode score rows", d.batch * out_heads)?;
+    for (bh, range) in heads.iter().enumerate() {
+        let head_units = &means[range.clone()];
+        let scored = call.k.entries(&d, bh / d.kv_heads, bh % d.kv_heads).saturating_sub(w);
+        let scored = if which[bh / d.kv_heads] { scored } else { 0 };
         let per_q: Vec<Vec<f32>> = (0..g)
             .map(|gi| {
-                row(&mut head_units.iter().flat_map(|p| {
-                    let Pass::Means { out, .. } = p else { unreachable!("pass 2 yields means") };
-                    let count = out.len() / g;
-                    out[gi * count..(gi + 1) * count].iter().copied()
-                }))
+                row(
+                    scored,
+                    &mut head_units.iter().flat_map(|p| {
+                        let Pass::Means { out, .. } = p else { unreachable!("pass 2 yields means") };
+                        let count = out.len() / g;
+                        out[gi * count..(gi + 1) * count].iter().copied()
+                    }),
+                )
             })
             .collect::<Result<_>>()?;
         match cfg.gqa_mode {
             GqaMode::PerQueryHead => rows.extend(per_q),
-            GqaMode::Mean => {
-                rows.push(row(&mut (0..scored).map(|i| per_q.iter().map(|r| r[i]).sum::<f32>() / g as f32))?)
-            }
-            GqaMode::Max => {
-                rows.push(row(&mut (0..scored).map(|i| per_q.iter().map(|r| r[i]).fold(f32::NEG_INFINITY, f32::max)))?)
-            }
+            GqaMode::Mean => rows
+                .push(row(scored, &mut (0..scored).map(|i| per_q.iter().map(|r| r[i]).sum::<f32>() / g as f32))?),
+            GqaMode::Max => rows.push(row(
+                scored,
+                &mut (0..scored).map(|i| per_q.iter().map(|r| r[i]).fold(f32::NEG_INFINITY, f32::max)),
+            )?),
         }
     }
     drop(means);
     let mut pooled: Vec<Vec<f32>> =
         rows.iter().map(|r| alloc::filled("the pooled scores", r.len(), 0f32)).collect::<Result<_>>()?;
     pooled.par_iter_mut().zip(&rows).for_each(|(p, r)| compress::pool_row(r, cfg.pooling, cfg.pooling_kernel, p));
-    compress::select_and_gather(a, &pooled)
+    Ok(pooled)
+}
+
+/// Selection over a (paged or contiguous) cache (SPEC §7.5): the pooled rows of the compressing
+/// sequences, each head over its own entries, then the shared selection rules.
+pub(crate) fn select<E: Element>(isa: Isa, lanes: usize, a: &SelectArgs<'_>) -> Result<Selection> {
+    let cache = a.cache();
+    let keys = Keys::Paged { cache, data: cache.k().typed::<E>().expect("dtype checked by validation") };
+    let pooled = pooled_rows::<E>(isa, lanes, keys, Strided::of(&a.obs()), a.dims(), a.cfg(), a.scale(), a.compress())?;
+    crate::engine::selection_from_pooled(a, &pooled)
 }

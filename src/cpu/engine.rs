@@ -70,7 +70,7 @@ fn items(a: &AttendArgs<'_>) -> Vec<Item> {
 }
 
 /// The rows of (sequence `i`, head `h`) of a pool.
-fn rows<'a, E>(cache: &'a KvCache<'_>, data: &'a [E], i: usize, h: usize) -> Rows<'a, E> {
+pub(crate) fn rows<'a, E>(cache: &'a KvCache<'_>, data: &'a [E], i: usize, h: usize) -> Rows<'a, E> {
     let l = cache.layout();
     Rows {
         data,

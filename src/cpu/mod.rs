@@ -148,6 +148,9 @@ fn plan_chunks_e<E: Element>(
 ) -> Result<Vec<Plan>> {
     plan::plan_chunks::<E>(isa, a, states)
 }
+fn select_e<E: Element>(isa: Isa, lanes: usize, a: &crate::engine::SelectArgs<'_>) -> Result<crate::engine::Selection> {
+    compress::select::<E>(isa, lanes, a)
+}
 fn decode_e<E: Element>(isa: Isa, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
     decode::decode::<E>(isa, a, out)
 }
@@ -190,5 +193,8 @@ impl Backend for CpuBackend {
         states: &mut [crate::plan::PlanState],
     ) -> Result<Vec<Plan>> {
         by_dtype!(a.q().dtype(), plan_chunks_e(self.isa, a, states))
+    }
+    fn select(&self, a: &crate::engine::SelectArgs<'_>) -> Result<crate::engine::Selection> {
+        by_dtype!(a.cache().dtype(), select_e(self.isa, self.lanes(), a))
     }
 }

@@ -24,48 +24,11 @@ pub fn kv_compress(a: &CompressArgs<'_>) -> Result<CompressedCache> {
 
     let rows = pooled_scores(a, &k)?;
     let heads = rows[0].len();
-    let scored = n - w;
 
-    // 5. Selection: best scores, ties to the lower position, then ascending.
-    let share = cfg.decode_budget - w;
-    let by_score = |row: &Vec<f64>| {
-        let mut idx: Vec<usize> = (0..scored).collect();
-        idx.sort_by(|&x, &y| crate::numerics::rank_cmp(row[x], row[y]).then(x.cmp(&y)));
-        idx
-    };
+    // 5. Selection per batch row.
     let mut sel: Vec<Vec<usize>> = Vec::new();
-    for b in 0..bsz {
-        match cfg.head_budget {
-            HeadBudget::Uniform => {
-                for hc in 0..heads {
-                    let mut s = by_score(&rows[b][hc])[..share].to_vec();
-                    s.sort();
-                    sel.push(s);
-                }
-            }
-            HeadBudget::AdaKv { floor_fraction } => {
-                let floor = ((floor_fraction as f64 * share as f64).ceil() as usize).min(share);
-                let mut picked: Vec<Vec<usize>> =
-                    (0..heads).map(|hc| by_score(&rows[b][hc])[..floor].to_vec()).collect();
-                let mut pool: Vec<(f64, usize, usize)> =
-                    alloc::with_capacity("the oracle's AdaKV pool", alloc::count("the AdaKV pool", &[heads, scored])?)?;
-                for hc in 0..heads {
-                    for j in 0..scored {
-                        if !picked[hc].contains(&j) {
-                            pool.push((rows[b][hc][j], hc, j));
-                        }
-                    }
-                }
-                pool.sort_by(|x, y| crate::numerics::rank_cmp(x.0, y.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
-                for &(_, hc, j) in pool.iter().take(heads * share - heads * floor) {
-                    picked[hc].push(j);
-                }
-                for mut s in picked {
-                    s.sort();
-                    sel.push(s);
-                }
-            }
-        }
+    for row in &rows {
+        sel.extend(select_rows(row, cfg)?);
     }
     build(&k, &v, a, heads, w, &sel)
 }
@@ -182,20 +145,79 @@ fn pooled_scores(a: &CompressArgs<'_>, k: &F64Tensor) -> Result<Vec<Vec<Vec<f64>
 
     // 4. Pooling along the cache: the kernel's positions that fall inside 0..N-W (zero padding
     // outside adds nothing to a sum and never wins a max).
-    let half = cfg.pooling_kernel / 2;
-    for b in 0..bsz {
-        for hc in 0..heads {
-            let r = rows[b][hc].clone();
-            for j in 0..scored {
-                let window = j.saturating_sub(half)..=j.saturating_add(half).min(scored - 1);
-                rows[b][hc][j] = match cfg.pooling {
-                    Pooling::None => r[j],
-                    Pooling::Avg => window.map(|i| r[i]).sum::<f64>() / cfg.pooling_kernel as f64,
-                    Pooling::Max => window.map(|i| r[i]).fold(f64::NEG_INFINITY, f64::max),
-                };
-            }
-        }
+    for row in rows.iter_mut().flatten() {
+        *row = pool_row(row, cfg);
     }
 
     Ok(rows)
+}
+
+/// SPEC §4 step 5 for the heads of one batch row (or sequence): from pooled rows (each head's
+/// scored positions), the kept positions of each head — the best `decode_budget − W` (ties to the
+/// lower position), or AdaKV's shared budget — in ascending order.
+pub(crate) fn select_rows(rows: &[Vec<f64>], cfg: &crate::config::DecodeConfig) -> Result<Vec<Vec<usize>>> {
+    let heads = rows.len();
+    let share = cfg.decode_budget - cfg.window;
+    let by_score = |row: &Vec<f64>| {
+        let mut idx: Vec<usize> = (0..row.len()).collect();
+        idx.sort_by(|&x, &y| crate::numerics::rank_cmp(row[x], row[y]).then(x.cmp(&y)));
+        idx
+    };
+    let mut sel = Vec::with_capacity(heads);
+    match cfg.head_budget {
+        HeadBudget::Uniform => {
+            for row in rows {
+                let mut s = by_score(row);
+                s.truncate(share);
+                s.sort();
+                sel.push(s);
+            }
+        }
+        HeadBudget::AdaKv { floor_fraction } => {
+            let floor = ((floor_fraction as f64 * share as f64).ceil() as usize).min(share);
+            let mut picked: Vec<Vec<usize>> = rows
+                .iter()
+                .map(|r| {
+                    let mut s = by_score(r);
+                    s.truncate(floor);
+                    s
+                })
+                .collect();
+            let total: usize = rows.iter().map(Vec::len).sum();
+            let mut pool: Vec<(f64, usize, usize)> = alloc::with_capacity("the oracle's AdaKV pool", total)?;
+            for (hc, row) in rows.iter().enumerate() {
+                for (j, &x) in row.iter().enumerate() {
+                    if !picked[hc].contains(&j) {
+                        pool.push((x, hc, j));
+                    }
+                }
+            }
+            pool.sort_by(|x, y| crate::numerics::rank_cmp(x.0, y.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+            let extra = heads * share - picked.iter().map(Vec::len).sum::<usize>();
+            for &(_, hc, j) in pool.iter().take(extra) {
+                picked[hc].push(j);
+            }
+            for mut s in picked {
+                s.sort();
+                sel.push(s);
+            }
+        }
+    }
+    Ok(sel)
+}
+
+/// SPEC §4 step 4 on one row of scores.
+pub(crate) fn pool_row(r: &[f64], cfg: &crate::config::DecodeConfig) -> Vec<f64> {
+    let half = cfg.pooling_kernel / 2;
+    let n = r.len();
+    (0..n)
+        .map(|j| {
+            let window = j.saturating_sub(half)..=j.saturating_add(half).min(n - 1);
+            match cfg.pooling {
+                Pooling::None => r[j],
+                Pooling::Avg => window.map(|i| r[i]).sum::<f64>() / cfg.pooling_kernel as f64,
+                Pooling::Max => window.map(|i| r[i]).fold(f64::NEG_INFINITY, f64::max),
+            }
+        })
+        .collect()
 }

@@ -2,8 +2,8 @@
 //! time, every key read by its (page, slot) address.
 
 use super::dot;
-use crate::config::{BudgetPolicy, HeadClassMode};
-use crate::engine::{AttendArgs, ChunkArgs, KvCache, SeqChunk};
+use crate::config::{BudgetPolicy, GqaMode, HeadClassMode};
+use crate::engine::{AttendArgs, ChunkArgs, KvCache, SelectArgs, Selection, SeqChunk};
 use crate::error::Result;
 use crate::plan::{BlockLists, HeadClass, Plan, PlanState, SegmentAttention};
 use crate::tensor::{HostData, TensorView, TensorViewMut};
@@ -227,4 +227,56 @@ fn plan_one(a: &ChunkArgs<'_>, i: usize, sc: &SeqChunk<'_>, states: &mut [PlanSt
         blocks: BlockLists::from_units(dims, units),
         planned: sc.segments.clone(),
     })
+}
+
+/// SPEC §7.5 / §4 per compressing sequence: window scores over each head's own entries (window
+/// query w aligned with entry `N_h − W + w`), mean over the window, group reduction over the
+/// query heads of each cache head, pooling, selection, then the head's last W entries.
+pub fn select(a: &SelectArgs<'_>) -> Result<Selection> {
+    let d = a.dims();
+    let cfg = a.cfg();
+    let cache = a.cache();
+    let obs = a.obs();
+    let (hc, hq, w) = (d.kv_heads, d.q_heads, d.window);
+    let g = hq / hc;
+    let scale = a.scale() as f64;
+    let mut lists = Vec::with_capacity(d.batch * hc);
+    for i in 0..d.batch {
+        if !a.compress()[i] {
+            lists.extend((0..hc).map(|_| Vec::new()));
+            continue;
+        }
+        let mut rows = Vec::with_capacity(hc);
+        for h in 0..hc {
+            let n = cache.lens()[i * hc + h] as usize;
+            let scored = n - w;
+            let keys: Vec<Vec<f64>> = (0..n).map(|j| entry(cache, cache.k(), i, h, j)).collect();
+            let mut per_q = vec![vec![0f64; scored]; g];
+            for (gi, a_row) in per_q.iter_mut().enumerate() {
+                for wi in 0..w {
+                    let o: Vec<f64> = (0..d.head_dim).map(|x| obs.get([i, h * g + gi, wi, x])).collect();
+                    let x: Vec<f64> = keys[..n - w + wi + 1].iter().map(|k| scale * dot(&o, k)).collect();
+                    let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = x.iter().map(|xi| (xi - m).exp()).sum();
+                    for j in 0..scored {
+                        a_row[j] += (x[j] - m).exp() / z;
+                    }
+                }
+                a_row.iter_mut().for_each(|x| *x /= w as f64);
+            }
+            let row: Vec<f64> = (0..scored)
+                .map(|j| match cfg.gqa_mode {
+                    GqaMode::Max => per_q.iter().map(|r| r[j]).fold(f64::NEG_INFINITY, f64::max),
+                    // Mean; per_query_head runs on a cache of Hq heads (g = 1).
+                    _ => per_q.iter().map(|r| r[j]).sum::<f64>() / g as f64,
+                })
+                .collect();
+            rows.push(super::compress::pool_row(&row, cfg));
+        }
+        for (h, kept) in super::compress::select_rows(&rows, cfg)?.into_iter().enumerate() {
+            let n = cache.lens()[i * hc + h] as usize;
+            lists.push(kept.into_iter().chain(n - w..n).map(|p| p as u32).collect());
+        }
+    }
+    Ok(Selection::from_lists(hc, a.compress().to_vec(), lists))
 }

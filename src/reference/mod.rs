@@ -130,6 +130,9 @@ impl Backend for ReferenceBackend {
     ) -> Result<Vec<Plan>> {
         engine::plan_chunks(args, states)
     }
+    fn select(&self, args: &crate::engine::SelectArgs<'_>) -> Result<crate::engine::Selection> {
+        engine::select(args)
+    }
 }
 
 /// Writes a contiguous f64 tensor of `out`'s shape into `out`, rounding once.
