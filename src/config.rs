@@ -233,6 +233,9 @@ pub struct DecodeConfig {
     /// Softmax scale of the scoring; `None` = `1/sqrt(D)`.
     #[serde(rename = "decode_scale")]
     pub scale: Option<f32>,
+    /// Compress again whenever a head's length reaches `decode_budget + recompress_every`, with
+    /// the window of the last W queries (SPEC §7.5); 0 = never (the paper's one compression).
+    pub recompress_every: usize,
 }
 
 impl Default for DecodeConfig {
@@ -246,6 +249,7 @@ impl Default for DecodeConfig {
             gqa_mode: GqaMode::Mean,
             head_budget: HeadBudget::Uniform,
             scale: None,
+            recompress_every: 0,
         }
     }
 }
@@ -281,6 +285,13 @@ impl DecodeConfig {
         }
         if self.decode_budget > u32::MAX as usize {
             return Err(Error::range("decode_budget", self.decode_budget, "must fit in 32 bits"));
+        }
+        if self.recompress_every > u32::MAX as usize - self.decode_budget {
+            return Err(Error::range(
+                "recompress_every",
+                self.recompress_every,
+                "decode_budget + recompress_every must fit in 32 bits",
+            ));
         }
         if self.decode_gap < -1 {
             return Err(Error::range("decode_gap", self.decode_gap, "must be -1 (SnapKV) or non-negative"));

@@ -44,6 +44,8 @@ pub struct ObservationWindow {
     queries: VecDeque<Vec<f32>>,
     steps: usize,
     state: State,
+    /// `decode_budget + recompress_every`, when recompression is on (SPEC §7.5).
+    recompress_at: Option<usize>,
 }
 
 impl ObservationWindow {
@@ -66,6 +68,7 @@ impl ObservationWindow {
             queries: VecDeque::new(),
             steps: 0,
             state: State::AwaitPrefill,
+            recompress_at: (cfg.recompress_every > 0).then_some(cfg.decode_budget + cfg.recompress_every),
         })
     }
 
@@ -135,6 +138,11 @@ impl ObservationWindow {
             State::AwaitPrefill => return Err(Error::Window("decode_step before prefill_end".into())),
             State::Done => {
                 self.steps += 1;
+                if self.recompress_at.is_some() {
+                    // Recompression scores with the last W queries: keep observing.
+                    self.check(&q, "decode queries")?;
+                    self.push_tokens(&q, 0)?;
+                }
                 return Ok(WindowEvent::Done);
             }
             State::Observing => {}
@@ -148,6 +156,40 @@ impl ObservationWindow {
             self.state = State::Done;
             Ok(WindowEvent::CompressNow)
         }
+    }
+
+    /// Whether the cache, whose longest head now holds `longest` entries, is due for another
+    /// compression (`recompress_every`, SPEC §7.5): after the first compression, once a head
+    /// reaches `decode_budget + recompress_every` entries and the window is full.
+    pub fn recompress_due(&self, longest: usize) -> bool {
+        self.state == State::Done
+            && self.queries.len() == self.window
+            && self.recompress_at.is_some_and(|at| longest >= at)
+    }
+
+    /// The windows of several one-sequence requests stacked as `[sequences, Hq, W, D]`, the `obs`
+    /// of `Kernels::kv_select` (each sequence its own window and schedule). A window holding fewer
+    /// than W queries is zero-filled: pass `which = false` for its sequence.
+    pub fn stack(windows: &[&ObservationWindow], dtype: DType) -> Result<HostTensor> {
+        let first = windows.first().ok_or(Error::ZeroSize { what: "windows" })?;
+        let (h, d, w) = (first.q_heads, first.head_dim, first.window);
+        if let Some(bad) = windows.iter().find(|x| x.batch != 1 || x.q_heads != h || x.head_dim != d || x.window != w) {
+            return Err(Error::Window(format!(
+                "stacked windows must each hold one sequence of {h} heads × {d} with window {w} (got batch {}, {} heads, dim {}, window {})",
+                bad.batch, bad.q_heads, bad.head_dim, bad.window
+            )));
+        }
+        let n = windows.len();
+        let mut out = crate::alloc::grid("the stacked observation windows", &[n, h, w, d], 0f32)?;
+        for (i, win) in windows.iter().enumerate() {
+            for (wi, tok) in win.queries.iter().enumerate() {
+                for hi in 0..h {
+                    let dst = ((i * h + hi) * w + wi) * d;
+                    out[dst..dst + d].copy_from_slice(&tok[hi * d..(hi + 1) * d]);
+                }
+            }
+        }
+        Ok(HostTensor::from_f32(&out, [n, h, w, d], dtype))
     }
 
     /// The window as `[B, Hq, w, D]` in `dtype`, oldest query first: the `obs` of `kv_compress`.

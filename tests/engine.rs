@@ -625,8 +625,16 @@ fn in_place_compaction_equals_kv_compress() {
                                 let o = pool.layout.offset(pool.ids[i * pool.width + j / ps] as usize, j % ps, h);
                                 let w = (u * cap + j) * d;
                                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                                assert_eq!(bits(&pk[o..o + d]), bits(&wk[w..w + d]), "{tag}: K entry {j} of ({i}, {h})");
-                                assert_eq!(bits(&pv[o..o + d]), bits(&wv[w..w + d]), "{tag}: V entry {j} of ({i}, {h})");
+                                assert_eq!(
+                                    bits(&pk[o..o + d]),
+                                    bits(&wk[w..w + d]),
+                                    "{tag}: K entry {j} of ({i}, {h})"
+                                );
+                                assert_eq!(
+                                    bits(&pv[o..o + d]),
+                                    bits(&wv[w..w + d]),
+                                    "{tag}: V entry {j} of ({i}, {h})"
+                                );
                             }
                         }
                     }
@@ -705,7 +713,9 @@ fn selection_over_unequal_heads_matches_oracle() {
             pool.k = HostTensor::from_f32(&pk, pool.k.shape, DType::F32);
             pool.lens = lens.clone();
             let obs = random([b, hc * g, 4, d], 1.0, seed ^ 32, DType::F32);
-            for cfg in [cfg.clone(), DecodeConfig { head_budget: HeadBudget::AdaKv { floor_fraction: 0.2 }, ..cfg.clone() }] {
+            for cfg in
+                [cfg.clone(), DecodeConfig { head_budget: HeadBudget::AdaKv { floor_fraction: 0.2 }, ..cfg.clone() }]
+            {
                 let want = Kernels::reference().kv_select(&pool.cache(), obs.view(), &cfg, &[]).unwrap();
                 let got = Kernels::cpu().kv_select(&pool.cache(), obs.view(), &cfg, &[]).unwrap();
                 assert_eq!(got.compressed, want.compressed, "{tag}: which sequences compress");
@@ -714,10 +724,96 @@ fn selection_over_unequal_heads_matches_oracle() {
                         let (x, y) = (got.kept(i, h), want.kept(i, h));
                         assert_eq!(x.len(), y.len(), "{tag} {:?}: kept count of ({i}, {h})", cfg.head_budget);
                         let common = x.iter().filter(|p| y.contains(p)).count();
-                        assert!(common + 2 >= y.len(), "{tag} {:?}: ({i}, {h}) kept {x:?}, oracle {y:?}", cfg.head_budget);
+                        assert!(
+                            common + 2 >= y.len(),
+                            "{tag} {:?}: ({i}, {h}) kept {x:?}, oracle {y:?}",
+                            cfg.head_budget
+                        );
                     }
                 }
             }
+        });
+    }
+}
+
+/// A serving loop: two sequences with their own observation windows and schedules (latent
+/// compression at step gap + 1, then `recompress_every`), ragged prefill → append → decode
+/// attention → selection → in-place compaction. Every sequence compresses exactly when its own
+/// schedule says, its heads never exceed `decode_budget + recompress_every`, and CPU and oracle
+/// keep the same lengths and compress at the same steps.
+#[test]
+fn serving_loop_recompresses_on_each_sequences_schedule() {
+    for seed in seeds("serving_loop_recompresses_on_each_sequences_schedule") {
+        let (hq, hkv, d) = (4, 2, 16);
+        let cfg =
+            DecodeConfig { decode_budget: 24, window: 4, decode_gap: 2, recompress_every: 6, ..DecodeConfig::latent() };
+        let prompts = [60usize, 45];
+        let steps = 20;
+        let run = |kernels: &Kernels| -> (Vec<Vec<usize>>, Vec<u32>) {
+            let mut rng = Rng::new(seed);
+            let mut pool = Pool::new(&mut rng, DType::F32, 2, hkv, d, 96, 16);
+            let mut ws = Workspace::new();
+            let total: usize = prompts.iter().sum();
+            let k = random([1, total, hkv, d], 1.0, seed ^ 41, DType::F32);
+            let v = random([1, total, hkv, d], 1.0, seed ^ 42, DType::F32);
+            let q = random([1, total, hq, d], 1.0, seed ^ 43, DType::F32);
+            let cu = [0, prompts[0] as u32, total as u32];
+            kernels.append(k.view(), v.view(), &cu, &mut pool.cache_mut(), &mut ws).unwrap();
+            // Each sequence its own schedule: gaps 2 and 5.
+            let mut windows: Vec<ObservationWindow> = [2, 5]
+                .iter()
+                .map(|&gap| ObservationWindow::new(1, hq, d, &DecodeConfig { decode_gap: gap, ..cfg.clone() }).unwrap())
+                .collect();
+            for (i, w) in windows.iter_mut().enumerate() {
+                let rows = q.view().narrow(1, cu[i] as usize, prompts[i]).unwrap();
+                assert_eq!(w.prefill_end(rows).unwrap(), WindowEvent::Observing);
+            }
+            let mut compressed_at: Vec<Vec<usize>> = vec![vec![]; 2];
+            for step in 1..=steps {
+                let qn = random([1, 2, hq, d], 1.0, seed ^ (100 + step as u64), DType::F32);
+                let kn = random([1, 2, hkv, d], 1.0, seed ^ (200 + step as u64), DType::F32);
+                let vn = random([1, 2, hkv, d], 1.0, seed ^ (300 + step as u64), DType::F32);
+                kernels.append(kn.view(), vn.view(), &[0, 1, 2], &mut pool.cache_mut(), &mut ws).unwrap();
+                let mut out = poisoned(qn.shape, DType::F32);
+                kernels.attend(qn.view(), &[0, 1, 2], &pool.cache(), &[], None, &mut out.view_mut(), None).unwrap();
+                assert!(out.to_f32_vec().iter().all(|x| x.is_finite()), "step {step}: decode output");
+                let mut which = [false; 2];
+                for i in 0..2 {
+                    let event = windows[i].decode_step(qn.view().narrow(1, i, 1).unwrap()).unwrap();
+                    let longest = *pool.lens[i * hkv..(i + 1) * hkv].iter().max().unwrap() as usize;
+                    which[i] = event == WindowEvent::CompressNow || windows[i].recompress_due(longest);
+                }
+                if which.iter().any(|&w| w) {
+                    let obs = ObservationWindow::stack(&windows.iter().collect::<Vec<_>>(), DType::F32).unwrap();
+                    let sel = kernels.kv_select(&pool.cache(), obs.view(), &cfg, &which).unwrap();
+                    kernels.kv_compact(&mut pool.cache_mut(), &sel, &mut ws).unwrap();
+                    for i in (0..2).filter(|&i| which[i]) {
+                        compressed_at[i].push(step);
+                        assert!(
+                            pool.lens[i * hkv..(i + 1) * hkv].iter().all(|&l| l == 24),
+                            "step {step}: lengths after compaction"
+                        );
+                    }
+                }
+                for i in 0..2 {
+                    if !compressed_at[i].is_empty() {
+                        assert!(
+                            pool.lens[i * hkv..(i + 1) * hkv].iter().all(|&l| l <= 30),
+                            "step {step}: seq {i} grew past budget + every"
+                        );
+                    }
+                }
+            }
+            (compressed_at, pool.lens.clone())
+        };
+        let tag = format!("seed {seed}");
+        with_case(&tag, || {
+            let (cpu_at, cpu_lens) = run(&Kernels::cpu());
+            let (oracle_at, oracle_lens) = run(&Kernels::reference());
+            // First compression at step gap + 1 (3 and 6), then every 6 steps (24 → 30 entries).
+            assert_eq!(cpu_at, vec![vec![3, 9, 15], vec![6, 12, 18]], "{tag}: compression steps");
+            assert_eq!(cpu_at, oracle_at, "{tag}: oracle schedule");
+            assert_eq!(cpu_lens, oracle_lens, "{tag}: final lengths");
         });
     }
 }

@@ -550,6 +550,7 @@ fn fuzz_kv_compress() {
             },
             head_budget,
             scale: if g.chance(0.2) { Some(0.3) } else { None },
+            recompress_every: 0,
         };
         let mut kc = Spec::valid(&mut g, [b, hkv, n, d], dtype);
         let mut vc = Spec::valid(&mut g, [b, hkv, n, d], dtype);

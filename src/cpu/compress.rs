@@ -209,7 +209,8 @@ pub(crate) fn kv_compress<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'
         return compress::unchanged(&a.k_cache(), &a.v_cache(), &d);
     }
     let keys = Keys::Strided(Strided::of(&a.k_cache()));
-    let pooled = pooled_rows::<E>(isa, lanes, keys, Strided::of(&a.obs()), d, cfg, a.scale(), &[true; 1].repeat(d.batch))?;
+    let pooled =
+        pooled_rows::<E>(isa, lanes, keys, Strided::of(&a.obs()), d, cfg, a.scale(), &[true; 1].repeat(d.batch))?;
     compress::select_and_gather(a, &pooled)
 }
 
@@ -324,8 +325,9 @@ pub(crate) fn pooled_rows<E: Element>(
             .collect::<Result<_>>()?;
         match cfg.gqa_mode {
             GqaMode::PerQueryHead => rows.extend(per_q),
-            GqaMode::Mean => rows
-                .push(row(scored, &mut (0..scored).map(|i| per_q.iter().map(|r| r[i]).sum::<f32>() / g as f32))?),
+            GqaMode::Mean => {
+                rows.push(row(scored, &mut (0..scored).map(|i| per_q.iter().map(|r| r[i]).sum::<f32>() / g as f32))?)
+            }
             GqaMode::Max => rows.push(row(
                 scored,
                 &mut (0..scored).map(|i| per_q.iter().map(|r| r[i]).fold(f32::NEG_INFINITY, f32::max)),

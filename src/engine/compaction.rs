@@ -108,7 +108,10 @@ pub fn select<'a>(
         return Err(Error::range(
             "gqa_mode",
             "per_query_head",
-            format!("in-place compression keeps the cache's {} heads; allocate the cache with Hq = {hq} heads", c.heads),
+            format!(
+                "in-place compression keeps the cache's {} heads; allocate the cache with Hq = {hq} heads",
+                c.heads
+            ),
         ));
     }
     if obs.dtype() != cache.dtype() {
@@ -121,7 +124,11 @@ pub fn select<'a>(
         return Err(Error::UnsupportedHeadDim { head_dim: d, backend: caps.backend, supported: caps.head_dims_text() });
     }
     if !which.is_empty() && which.len() != c.sequences {
-        return Err(Error::Shape { what: "which", expected: format!("{} (one per sequence)", c.sequences), got: vec![which.len()] });
+        return Err(Error::Shape {
+            what: "which",
+            expected: format!("{} (one per sequence)", c.sequences),
+            got: vec![which.len()],
+        });
     }
     let lens = cache.lens();
     let mut compress = Vec::with_capacity(c.sequences);
@@ -208,7 +215,11 @@ pub fn compact(cache: &mut KvCacheMut<'_>, sel: &Selection, ws: &mut Workspace) 
 }
 
 fn shared_page(page: u32, a: usize, b: usize) -> Error {
-    Error::range("block table", page, format!("page {page} is used by sequences {a} and {b}; compaction would rewrite it"))
+    Error::range(
+        "block table",
+        page,
+        format!("page {page} is used by sequences {a} and {b}; compaction would rewrite it"),
+    )
 }
 
 fn check_selection(c: &CacheDims, lens: &[u32], sel: &Selection) -> Result<()> {
