@@ -8,7 +8,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::compress::CompressedCache;
-use crate::engine::{AttendArgs, ChunkArgs, SelectArgs, Selection};
+use crate::engine::{AttendArgs, ChunkArgs, Scores, SelectArgs, Selection};
 use crate::error::{Error, Result};
 use crate::plan::{Plan, PlanState};
 use crate::tensor::{DType, TensorViewMut};
@@ -188,6 +188,11 @@ pub trait Backend: Send + Sync {
     fn select(&self, args: &SelectArgs<'_>) -> Result<Selection> {
         let _ = args;
         Err(Error::Unimplemented { backend: self.capabilities().backend, op: "select" })
+    }
+    /// SPEC §4 steps 1–4 per compressing sequence: the pooled score rows selection ranks.
+    fn kv_scores(&self, args: &SelectArgs<'_>) -> Result<Scores> {
+        let _ = args;
+        Err(Error::Unimplemented { backend: self.capabilities().backend, op: "kv_scores" })
     }
 }
 

@@ -93,6 +93,122 @@ pub fn select_heads(rows: &[Vec<f32>], cfg: &DecodeConfig) -> Result<Vec<Vec<u32
     }
 }
 
+/// One entry of AdaKV's shared pool: a pooled score at (head, position), heads numbered across
+/// every tensor-parallel shard.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PoolEntry {
+    pub score: f32,
+    pub head: u32,
+    pub position: u32,
+}
+
+/// A shard's contribution to AdaKV's cross-head reduction (SPEC §7.7): how many positions its
+/// heads' floors took, and its best pool entries (as many as the whole layer could still take).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ShardPool {
+    pub floor_picks: usize,
+    pub candidates: Vec<PoolEntry>,
+}
+
+/// The reduced value every shard applies: how far down the merged pool AdaKV's shared budget
+/// reaches.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum AdaKvCut {
+    /// Nothing beyond the floors.
+    Nothing,
+    /// Every pool entry (the pool is smaller than the budget left).
+    Everything,
+    /// Every pool entry ranking at or before this one (larger score, then lower head, then lower
+    /// position).
+    Through(PoolEntry),
+}
+
+fn pool_rank(a: &PoolEntry, b: &PoolEntry) -> std::cmp::Ordering {
+    crate::numerics::rank_cmp32(a.score, b.score).then(a.head.cmp(&b.head)).then(a.position.cmp(&b.position))
+}
+
+/// The floors of AdaKV for the rows of one shard's heads, and the rest of each row as pool entries
+/// with global head ids starting at `first_head`.
+fn floors_and_pool(rows: &[Vec<f32>], floor: usize, first_head: usize) -> Result<(Vec<Vec<u32>>, Vec<PoolEntry>)> {
+    alloc::probe::<PoolEntry>("AdaKV's pool", &[rows.len(), rows.iter().map(Vec::len).max().unwrap_or(0)])?;
+    let picked: Vec<Vec<u32>> = rows.iter().map(|r| top_positions(r, floor)).collect();
+    let mut pool = alloc::with_capacity("AdaKV's pool", rows.iter().map(Vec::len).sum())?;
+    for (h, r) in rows.iter().enumerate() {
+        let mut taken = picked[h].iter().copied().peekable();
+        for (i, &score) in r.iter().enumerate() {
+            if taken.peek() == Some(&(i as u32)) {
+                taken.next();
+                continue;
+            }
+            pool.push(PoolEntry { score, head: (first_head + h) as u32, position: i as u32 });
+        }
+    }
+    Ok((picked, pool))
+}
+
+/// A shard's side of AdaKV under tensor parallelism: its heads' rows (global heads
+/// `first_head..`), the layer's `total_heads`. Send it to the other ranks (all-gather), reduce
+/// with [`adakv_reduce`], then select with [`adakv_with_cut`].
+pub fn adakv_pool(rows: &[Vec<f32>], cfg: &DecodeConfig, first_head: usize, total_heads: usize) -> Result<ShardPool> {
+    let (share, floor_fraction) = adakv_params(cfg);
+    let (picked, mut pool) = floors_and_pool(rows, adakv_floor(share, floor_fraction), first_head)?;
+    let reach = (total_heads * share).min(pool.len());
+    if reach > 0 && reach < pool.len() {
+        pool.select_nth_unstable_by(reach - 1, pool_rank);
+    }
+    pool.truncate(reach);
+    pool.sort_unstable_by(pool_rank);
+    Ok(ShardPool { floor_picks: picked.iter().map(Vec::len).sum(), candidates: pool })
+}
+
+/// The engine's reduction of every shard's [`ShardPool`]: the layer keeps `total_heads · share`
+/// scored positions, the floors first, the best of the merged pools after.
+pub fn adakv_reduce(shards: &[ShardPool], cfg: &DecodeConfig, total_heads: usize) -> AdaKvCut {
+    let (share, _) = adakv_params(cfg);
+    let extra = (total_heads * share).saturating_sub(shards.iter().map(|s| s.floor_picks).sum());
+    let mut all: Vec<PoolEntry> = shards.iter().flat_map(|s| s.candidates.iter().copied()).collect();
+    all.sort_unstable_by(pool_rank);
+    match extra {
+        0 => AdaKvCut::Nothing,
+        e if e >= all.len() => AdaKvCut::Everything,
+        e => AdaKvCut::Through(all[e - 1]),
+    }
+}
+
+/// A shard's AdaKV selection given the reduced cut: each head's floor, then every pool entry
+/// ranking at or before the cut; ascending per head.
+pub fn adakv_with_cut(
+    rows: &[Vec<f32>],
+    cfg: &DecodeConfig,
+    first_head: usize,
+    cut: AdaKvCut,
+) -> Result<Vec<Vec<u32>>> {
+    let (share, floor_fraction) = adakv_params(cfg);
+    let (mut picked, pool) = floors_and_pool(rows, adakv_floor(share, floor_fraction), first_head)?;
+    for e in pool {
+        let take = match cut {
+            AdaKvCut::Nothing => false,
+            AdaKvCut::Everything => true,
+            AdaKvCut::Through(c) => pool_rank(&e, &c) != std::cmp::Ordering::Greater,
+        };
+        if take {
+            picked[e.head as usize - first_head].push(e.position);
+        }
+    }
+    for p in &mut picked {
+        p.sort_unstable();
+    }
+    Ok(picked)
+}
+
+fn adakv_params(cfg: &DecodeConfig) -> (usize, f32) {
+    let share = cfg.decode_budget - cfg.window;
+    match cfg.head_budget {
+        HeadBudget::AdaKv { floor_fraction } => (share, floor_fraction),
+        HeadBudget::Uniform => (share, 1.0),
+    }
+}
+
 /// AdaKV's per-head floor: `ceil(floor_fraction · share)`, at most `share`.
 pub fn adakv_floor(share: usize, floor_fraction: f32) -> usize {
     ((floor_fraction as f64 * share as f64).ceil() as usize).min(share)

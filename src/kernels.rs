@@ -22,11 +22,14 @@ pub struct PlanRequest<'a> {
     /// Materialise `logits` and `scores` (`[B, Hkv, nseg, N]` each). Turn off to save memory when
     /// only the decisions are needed; scores are still kept when fusion is on.
     pub keep_maps: bool,
+    /// Rank every unit as far as any budget can reach, so that a tensor-parallel shard can take
+    /// the reduced `segment_max` counts ([`Plan::reduce_segment_max`], SPEC §7.7).
+    pub full_ranking: bool,
 }
 
 impl Default for PlanRequest<'_> {
     fn default() -> Self {
-        PlanRequest { layer_idx: 0, prev_scores: None, keep_maps: true }
+        PlanRequest { layer_idx: 0, prev_scores: None, keep_maps: true, full_ranking: false }
     }
 }
 
@@ -43,6 +46,11 @@ impl<'a> PlanRequest<'a> {
     /// Sets whether logits and scores are materialised.
     pub fn keep_maps(mut self, keep: bool) -> Self {
         self.keep_maps = keep;
+        self
+    }
+    /// Sets [`PlanRequest::full_ranking`].
+    pub fn full_ranking(mut self, on: bool) -> Self {
+        self.full_ranking = on;
         self
     }
 }
@@ -113,7 +121,8 @@ impl Kernels {
         cfg: &EntropyConfig,
         req: &PlanRequest<'_>,
     ) -> Result<Plan> {
-        let args = validate::plan(self.capabilities(), q, k, cfg, req.layer_idx, req.prev_scores, req.keep_maps)?;
+        let args = validate::plan(self.capabilities(), q, k, cfg, req.layer_idx, req.prev_scores, req.keep_maps)?
+            .with_full_ranking(req.full_ranking);
         self.backend.plan(&args)
     }
 
@@ -266,6 +275,20 @@ impl Kernels {
     ) -> Result<Selection> {
         let args = engine::validate_select(self.capabilities(), cache, obs, cfg, which)?;
         self.backend.select(&args)
+    }
+
+    /// The pooled decode scores selection ranks (SPEC §4 steps 1–4), per (sequence, head) of the
+    /// compressing sequences: for engines that shard heads across devices and reduce AdaKV's
+    /// shared budget themselves ([`engine::Scores::adakv_pools`], SPEC §7.7).
+    pub fn kv_scores(
+        &self,
+        cache: &KvCache<'_>,
+        obs: TensorView<'_>,
+        cfg: &DecodeConfig,
+        which: &[bool],
+    ) -> Result<engine::Scores> {
+        let args = engine::validate_select(self.capabilities(), cache, obs, cfg, which)?;
+        self.backend.kv_scores(&args)
     }
 
     /// Compaction in place (SPEC §7.5): each selected head's kept entries move to positions

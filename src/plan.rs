@@ -370,6 +370,29 @@ impl Plan {
         )
     }
 
+    /// Takes the `segment_max` counts reduced over every shard's heads (SPEC §7.7): a
+    /// tensor-parallel rank plans its own kv heads (with [`crate::PlanRequest::full_ranking`]),
+    /// the engine all-reduces `segment_topk` with max across ranks, and each rank rebuilds its
+    /// block lists with the reduced counts — deciding exactly as an unsharded plan. The reduced
+    /// count of a segment is at least this plan's and within its ranking.
+    pub fn reduce_segment_max(&mut self, reduced: &[u32], threshold_len: usize) -> Result<()> {
+        let d = self.dims;
+        if reduced.len() != d.segments {
+            return Err(Error::PlanMismatch(format!("{} reduced counts for {} segments", reduced.len(), d.segments)));
+        }
+        for (s, (&r, &own)) in reduced.iter().zip(&self.segment_topk).enumerate() {
+            if r < own || r as usize > self.order_width {
+                return Err(Error::PlanMismatch(format!(
+                    "segment {s}: reduced count {r} must lie in {own}..={} (this plan's count up to its ranking's width; plan with full_ranking)",
+                    self.order_width
+                )));
+            }
+        }
+        self.segment_topk = reduced.to_vec();
+        self.blocks = self.block_lists(BudgetMode::SegmentMax, threshold_len);
+        Ok(())
+    }
+
     /// Blocks of unit (b, h, s) by rank.
     pub fn ranking(&self, b: usize, h: usize, s: usize) -> &[u32] {
         let u = self.dims.unit(b, h, s);

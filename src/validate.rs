@@ -35,6 +35,7 @@ pub struct PlanArgs<'a> {
     dims: PlanDims,
     head_dim: usize,
     keep_maps: bool,
+    full_ranking: bool,
 }
 
 /// What a `plan` call asks for, wherever its tensors live (see [`plan_layout`]).
@@ -46,6 +47,10 @@ pub struct PlanShape<'a> {
     pub dims: PlanDims,
     pub head_dim: usize,
     pub keep_maps: bool,
+    /// Rank every unit as far as any budget can reach (`PlanDims::rank_width`), not only as far
+    /// as this plan's largest keep: what a tensor-parallel shard needs to take the reduced
+    /// `segment_max` counts (SPEC §7.7).
+    pub full_ranking: bool,
 }
 
 impl<'a> PlanArgs<'a> {
@@ -71,6 +76,15 @@ impl<'a> PlanArgs<'a> {
     /// Whether the caller wants `logits` and `scores` materialised.
     pub fn keep_maps(&self) -> bool {
         self.keep_maps
+    }
+    /// Whether the ranking reaches `PlanDims::rank_width` (see [`PlanShape::full_ranking`]).
+    pub fn full_ranking(&self) -> bool {
+        self.full_ranking
+    }
+    /// Sets [`PlanArgs::full_ranking`].
+    pub fn with_full_ranking(mut self, on: bool) -> Self {
+        self.full_ranking = on;
+        self
     }
 }
 
@@ -316,7 +330,7 @@ pub fn plan<'a>(
     keep_maps: bool,
 ) -> Result<PlanArgs<'a>> {
     let p = plan_layout(caps, &q, &k, cfg, layer_idx, prev_scores, keep_maps)?;
-    Ok(PlanArgs { q, k, cfg, fusion: p.fusion, dims: p.dims, head_dim: p.head_dim, keep_maps })
+    Ok(PlanArgs { q, k, cfg, fusion: p.fusion, dims: p.dims, head_dim: p.head_dim, keep_maps, full_ranking: false })
 }
 
 /// The checks of [`plan`] on tensors wherever they live.
@@ -349,7 +363,7 @@ pub fn plan_layout<'a>(
         }
     }
     let fusion = prev_scores.filter(|_| cfg.layer_fusion && layer_idx >= 2 && dims.blocks > 0);
-    Ok(PlanShape { cfg, fusion, dims, head_dim: a.head_dim, keep_maps })
+    Ok(PlanShape { cfg, fusion, dims, head_dim: a.head_dim, keep_maps, full_ranking: false })
 }
 
 fn check_output(out: &dyn Layout, expected: [usize; 4], dtype: DType) -> Result<()> {

@@ -817,3 +817,113 @@ fn serving_loop_recompresses_on_each_sequences_schedule() {
         });
     }
 }
+
+/// Tensor parallelism (SPEC §7.7): the heads split into two shards, each planning and scoring
+/// its own; the cross-head rules reduced by hand (max of `segment_max` counts; AdaKV's pools
+/// merged into a cut) give exactly the unsharded decisions.
+#[test]
+fn tensor_parallel_shards_decide_as_unsharded() {
+    for seed in seeds("tensor_parallel_shards_decide_as_unsharded") {
+        let mut rng = Rng::new(seed);
+        for kernels in engine_backends("tensor_parallel") {
+            let (hkv, g, d, l) = (4, 2, 16, 100 + rng.below(100));
+            let hq = hkv * g;
+            let tag = format!("seed {seed} {} L {l}", kernels.kind());
+            with_case(&tag, || {
+                // segment_max planning. Shard 0's queries are flat (rising entropy: dynamic heads
+                // whose budgets grow), shard 1's peaked (rigid heads at base): the shards' own
+                // maxima differ, so only the reduced counts give the unsharded lists.
+                let cfg = EntropyConfig {
+                    budget_mode: BudgetMode::SegmentMax,
+                    e_t: 1.0,
+                    delta_t: 0.0,
+                    alpha: 4.0,
+                    ..cfg_for(&mut rng)
+                };
+                let (q0, k, _) = common::random_qkv([1, l, hq, hkv, d], seed ^ 51, DType::F32);
+                let qs: Vec<f32> = q0
+                    .to_f32_vec()
+                    .chunks(d)
+                    .enumerate()
+                    .flat_map(|(row, x)| {
+                        let f = if row % hq < hq / 2 { 0.01 } else { 20.0 };
+                        x.iter().map(move |v| v * f).collect::<Vec<_>>()
+                    })
+                    .collect();
+                let q = HostTensor::from_f32(&qs, q0.shape, DType::F32);
+                let whole = kernels.plan(q.view(), k.view(), &cfg, &PlanRequest::layer(0)).unwrap();
+                let mut shards: Vec<Plan> = (0..2)
+                    .map(|r| {
+                        let (qr, kr) = (
+                            q.view().narrow(2, r * hq / 2, hq / 2).unwrap(),
+                            k.view().narrow(2, r * hkv / 2, hkv / 2).unwrap(),
+                        );
+                        kernels.plan(qr, kr, &cfg, &PlanRequest::layer(0).full_ranking(true)).unwrap()
+                    })
+                    .collect();
+                let reduced: Vec<u32> =
+                    (0..whole.dims.segments).map(|s| shards.iter().map(|p| p.segment_topk[s]).max().unwrap()).collect();
+                assert_eq!(reduced, whole.segment_topk, "{tag}: reduced segment maxima");
+                let differs = (0..whole.dims.segments).any(|s| {
+                    s * cfg.segment_size >= cfg.threshold_len
+                        && s + 1 < whole.dims.segments
+                        && shards[1].segment_topk[s] < reduced[s]
+                });
+                assert!(differs, "{tag}: the case must make the shards' own maxima differ");
+                for (r, p) in shards.iter_mut().enumerate() {
+                    p.reduce_segment_max(&reduced, cfg.threshold_len).unwrap();
+                    let heads = r * hkv / 2..(r + 1) * hkv / 2;
+                    assert_eq!(p.blocks, whole.blocks.select_heads(heads), "{tag}: shard {r}'s block lists");
+                }
+                // AdaKV's shared budget.
+                let dcfg = DecodeConfig {
+                    decode_budget: 20 + rng.below(10),
+                    window: 4,
+                    pooling_kernel: 3,
+                    ..DecodeConfig::adakv(0.3)
+                };
+                let n = dcfg.decode_budget + 10 + rng.below(60);
+                let kc = random([2, hkv, n, d], 1.0, seed ^ 52, DType::F32);
+                let obs = random([2, hq, 4, d], 1.0, seed ^ 53, DType::F32);
+                let lens = vec![n as u32; 2 * hkv];
+                let full = KvCache::contiguous(kc.view(), kc.view(), &lens).unwrap();
+                let want = kernels.kv_scores(&full, obs.view(), &dcfg, &[]).unwrap().select(&dcfg).unwrap();
+                if kernels.kind() == BackendKind::Cpu {
+                    assert_eq!(
+                        kernels.kv_select(&full, obs.view(), &dcfg, &[]).unwrap(),
+                        want,
+                        "{tag}: kv_select = scores + rules"
+                    );
+                }
+                let half_lens = vec![n as u32; 2 * hkv / 2];
+                let scores: Vec<_> = (0..2)
+                    .map(|r| {
+                        let kr = kc.view().narrow(1, r * hkv / 2, hkv / 2).unwrap();
+                        let cache = KvCache::contiguous(kr, kr, &half_lens).unwrap();
+                        let or = obs.view().narrow(1, r * hq / 2, hq / 2).unwrap();
+                        kernels.kv_scores(&cache, or, &dcfg, &[]).unwrap()
+                    })
+                    .collect();
+                let pools: Vec<_> = (0..2).map(|r| scores[r].adakv_pools(&dcfg, r * hkv / 2, hkv).unwrap()).collect();
+                let cuts: Vec<_> = (0..2)
+                    .map(|i| {
+                        let parts: Vec<_> = pools.iter().map(|p| p[i].clone().unwrap()).collect();
+                        Some(compress::adakv_reduce(&parts, &dcfg, hkv))
+                    })
+                    .collect();
+                for r in 0..2 {
+                    let sel = scores[r].select_with_cuts(&dcfg, r * hkv / 2, &cuts).unwrap();
+                    for i in 0..2 {
+                        for h in 0..hkv / 2 {
+                            assert_eq!(
+                                sel.kept(i, h),
+                                want.kept(i, r * hkv / 2 + h),
+                                "{tag}: AdaKV shard {r} seq {i} head {h}"
+                            );
+                        }
+                    }
+                }
+            });
+        }
+    }
+}

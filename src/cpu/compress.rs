@@ -14,7 +14,7 @@ use super::tile::{Geom, Rows, Tile};
 use crate::alloc;
 use crate::compress::{self, CompressedCache};
 use crate::config::{DecodeConfig, GqaMode};
-use crate::engine::{KvCache, SelectArgs, Selection};
+use crate::engine::{KvCache, Scores, SelectArgs};
 use crate::error::Result;
 use crate::tensor::Element;
 use crate::validate::{CompressArgs, CompressDims};
@@ -341,11 +341,11 @@ pub(crate) fn pooled_rows<E: Element>(
     Ok(pooled)
 }
 
-/// Selection over a (paged or contiguous) cache (SPEC §7.5): the pooled rows of the compressing
-/// sequences, each head over its own entries, then the shared selection rules.
-pub(crate) fn select<E: Element>(isa: Isa, lanes: usize, a: &SelectArgs<'_>) -> Result<Selection> {
+/// The pooled scores over a (paged or contiguous) cache (SPEC §7.5): the compressing
+/// sequences' rows, each head over its own entries.
+pub(crate) fn scores<E: Element>(isa: Isa, lanes: usize, a: &SelectArgs<'_>) -> Result<Scores> {
     let cache = a.cache();
     let keys = Keys::Paged { cache, data: cache.k().typed::<E>().expect("dtype checked by validation") };
     let pooled = pooled_rows::<E>(isa, lanes, keys, Strided::of(&a.obs()), a.dims(), a.cfg(), a.scale(), a.compress())?;
-    crate::engine::selection_from_pooled(a, &pooled)
+    Ok(Scores::of(a, pooled))
 }

@@ -148,8 +148,8 @@ fn plan_chunks_e<E: Element>(
 ) -> Result<Vec<Plan>> {
     plan::plan_chunks::<E>(isa, a, states)
 }
-fn select_e<E: Element>(isa: Isa, lanes: usize, a: &crate::engine::SelectArgs<'_>) -> Result<crate::engine::Selection> {
-    compress::select::<E>(isa, lanes, a)
+fn scores_e<E: Element>(isa: Isa, lanes: usize, a: &crate::engine::SelectArgs<'_>) -> Result<crate::engine::Scores> {
+    compress::scores::<E>(isa, lanes, a)
 }
 fn decode_e<E: Element>(isa: Isa, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
     decode::decode::<E>(isa, a, out)
@@ -195,6 +195,9 @@ impl Backend for CpuBackend {
         by_dtype!(a.q().dtype(), plan_chunks_e(self.isa, a, states))
     }
     fn select(&self, a: &crate::engine::SelectArgs<'_>) -> Result<crate::engine::Selection> {
-        by_dtype!(a.cache().dtype(), select_e(self.isa, self.lanes(), a))
+        self.kv_scores(a)?.select(a.cfg())
+    }
+    fn kv_scores(&self, a: &crate::engine::SelectArgs<'_>) -> Result<crate::engine::Scores> {
+        by_dtype!(a.cache().dtype(), scores_e(self.isa, self.lanes(), a))
     }
 }

@@ -167,6 +167,8 @@ pub(crate) struct Span<'a> {
     pub cfg: &'a EntropyConfig,
     pub head_dim: usize,
     pub keep_maps: bool,
+    /// Rank as far as any budget can reach (tensor-parallel shards, SPEC §7.7).
+    pub full_ranking: bool,
     pub fusion: Option<&'a [f32]>,
     /// The segments planned: all for a one-shot plan, a chunk's (SPEC §7.2).
     pub segments: std::ops::Range<usize>,
@@ -182,6 +184,7 @@ pub(crate) fn plan_from_representatives(isa: Isa, a: &PlanArgs<'_>, qrep: &[f64]
         cfg: a.cfg(),
         head_dim: a.head_dim(),
         keep_maps: a.keep_maps(),
+        full_ranking: a.full_ranking(),
         fusion: a.fusion(),
         segments: 0..a.dims().segments,
     };
@@ -250,7 +253,7 @@ pub(crate) fn plan_span(
             decided
         }
     };
-    let width = rules::order_width(&segment_topk);
+    let width = if span.full_ranking { rank_width } else { rules::order_width(&segment_topk) };
     let mut order = alloc::with_capacity("the block rankings", alloc::count("the ranking", &[units, width])?)?;
     for row in rows_of(&mut ranked, units, rank_width) {
         order.extend_from_slice(&row[..width]);
@@ -310,8 +313,15 @@ pub(crate) fn plan_chunks<E: Element>(isa: Isa, a: &ChunkArgs<'_>, states: &mut 
                 },
             );
         }
-        let span =
-            Span { dims: d, cfg: sc.cfg, head_dim: dd, keep_maps: a.keep_maps(), fusion: sc.fusion, segments: segs };
+        let span = Span {
+            dims: d,
+            cfg: sc.cfg,
+            head_dim: dd,
+            keep_maps: a.keep_maps(),
+            full_ranking: a.full_ranking(),
+            fusion: sc.fusion,
+            segments: segs,
+        };
         let hkv = d.kv_heads;
         plans.push(plan_span(isa, &span, &qrep, &krep, Some(&mut states[i * hkv..(i + 1) * hkv]))?);
     }

@@ -428,6 +428,7 @@ impl Backend for CudaBackend {
             dims: d,
             head_dim: a.head_dim(),
             keep_maps: a.keep_maps(),
+            full_ranking: a.full_ranking(),
         };
         self.plan_launch(&self.stream, &shape, a.q().dtype(), q, k)
     }
@@ -669,7 +670,7 @@ impl CudaBackend {
             Ok(v)
         };
         let segment_topk = get_u32(&topk, d.segments)?;
-        let order_width = crate::plan::rules::order_width(&segment_topk);
+        let order_width = if p.full_ranking { width } else { crate::plan::rules::order_width(&segment_topk) };
         let full_order = get_u32(&order, units * 2 * width)?;
         let classes: Vec<u8> = stream.clone_dtoh(&classes).map_err(driver_err("cuMemcpyDtoH"))?;
         let mut plan = Plan {
@@ -700,7 +701,7 @@ impl CudaBackend {
             // The device decides `prompt` classes; `streaming` ones follow from the same entropies
             // (bit-identical to the host's) by the shared rules, over the device's full-width ranking.
             let (head_class, budgets, keep_blocks, segment_topk) = crate::plan::rules::decide(&d, cfg, &plan.entropy);
-            let order_width = crate::plan::rules::order_width(&segment_topk);
+            let order_width = if p.full_ranking { width } else { crate::plan::rules::order_width(&segment_topk) };
             plan.order = full_order.chunks(2 * width.max(1)).flat_map(|r| r[..order_width].iter().copied()).collect();
             (plan.head_class, plan.budgets, plan.keep_blocks, plan.segment_topk, plan.order_width) =
                 (head_class, budgets, keep_blocks, segment_topk, order_width);

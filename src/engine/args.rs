@@ -239,6 +239,9 @@ pub struct ChunkRequest<'a> {
     pub prev: Option<&'a [Plan]>,
     /// Materialise `logits` and `scores`.
     pub keep_maps: bool,
+    /// Rank as far as any budget can reach, so a tensor-parallel shard can take the reduced
+    /// `segment_max` counts ([`Plan::reduce_segment_max`], SPEC §7.7).
+    pub full_ranking: bool,
 }
 
 /// One sequence of a chunked planning call.
@@ -267,6 +270,7 @@ pub struct ChunkArgs<'a> {
     seqs: Vec<SeqChunk<'a>>,
     head_dim: usize,
     keep_maps: bool,
+    full_ranking: bool,
 }
 
 impl<'a> ChunkArgs<'a> {
@@ -284,6 +288,9 @@ impl<'a> ChunkArgs<'a> {
     }
     pub fn keep_maps(&self) -> bool {
         self.keep_maps
+    }
+    pub fn full_ranking(&self) -> bool {
+        self.full_ranking
     }
 }
 
@@ -428,5 +435,12 @@ pub fn plan_chunks<'a>(
         };
         seqs.push(SeqChunk { tokens, q_start, kv_len, cfg, dims, segments, fusion });
     }
-    Ok(ChunkArgs { q, cache: cache.clone(), seqs, head_dim: d, keep_maps: req.keep_maps })
+    Ok(ChunkArgs {
+        q,
+        cache: cache.clone(),
+        seqs,
+        head_dim: d,
+        keep_maps: req.keep_maps,
+        full_ranking: req.full_ranking,
+    })
 }

@@ -5,6 +5,7 @@
 use super::Workspace;
 use super::cache::{CacheDims, KvCache, KvCacheMut, entry_offset};
 use crate::backend::{Capabilities, Op};
+use crate::compress::{AdaKvCut, ShardPool};
 use crate::config::{DecodeConfig, GqaMode};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Element, Layout, TensorView};
@@ -151,26 +152,92 @@ pub fn select<'a>(
     Ok(SelectArgs { cache: cache.clone(), obs, cfg, compress, scale, dims })
 }
 
-/// The selection rules shared by the fast backends: per compressed sequence, its heads' pooled
-/// rows (`pooled[i·heads + h]`, `N_h − W` long) become kept positions (uniform or AdaKV budgets,
-/// `crate::compress::select_heads`) followed by the head's last W entries.
-pub fn selection_from_pooled(a: &SelectArgs<'_>, pooled: &[Vec<f32>]) -> Result<Selection> {
-    let d = a.dims();
-    let lens = a.cache().lens();
-    let mut lists = Vec::with_capacity(d.batch * d.kv_heads);
-    for i in 0..d.batch {
-        if !a.compress()[i] {
-            lists.extend((0..d.kv_heads).map(|_| Vec::new()));
-            continue;
-        }
-        let rows = &pooled[i * d.kv_heads..(i + 1) * d.kv_heads];
-        for (h, mut kept) in crate::compress::select_heads(rows, a.cfg())?.into_iter().enumerate() {
-            let n = lens[i * d.kv_heads + h];
-            kept.extend(n - d.window as u32..n);
-            lists.push(kept);
+/// The pooled decode scores of a selection call (SPEC §4 steps 1–4): per (sequence, head) a row
+/// of `N_h − W` scores for the compressing sequences (empty for the others). What selection
+/// ranks, and what tensor-parallel shards exchange for AdaKV (SPEC §7.7).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scores {
+    pub heads: usize,
+    pub window: usize,
+    pub compressed: Vec<bool>,
+    /// `[sequences, heads]` lengths of the scored cache.
+    pub lens: Vec<u32>,
+    /// `rows[i·heads + h]`.
+    pub rows: Vec<Vec<f32>>,
+}
+
+impl Scores {
+    /// The scores of validated arguments.
+    pub fn of(a: &SelectArgs<'_>, rows: Vec<Vec<f32>>) -> Self {
+        let d = a.dims();
+        Scores {
+            heads: d.kv_heads,
+            window: d.window,
+            compressed: a.compress().to_vec(),
+            lens: a.cache().lens().to_vec(),
+            rows,
         }
     }
-    Ok(Selection::from_lists(d.kv_heads, a.compress().to_vec(), lists))
+
+    fn assemble(&self, mut kept_of: impl FnMut(usize, &[Vec<f32>]) -> Result<Vec<Vec<u32>>>) -> Result<Selection> {
+        let (hc, w) = (self.heads, self.window as u32);
+        let mut lists = Vec::with_capacity(self.compressed.len() * hc);
+        for (i, &go) in self.compressed.iter().enumerate() {
+            if !go {
+                lists.extend((0..hc).map(|_| Vec::new()));
+                continue;
+            }
+            for (h, mut kept) in kept_of(i, &self.rows[i * hc..(i + 1) * hc])?.into_iter().enumerate() {
+                let n = self.lens[i * hc + h];
+                kept.extend(n - w..n);
+                lists.push(kept);
+            }
+        }
+        Ok(Selection::from_lists(hc, self.compressed.clone(), lists))
+    }
+
+    /// Selection by the shared rules (uniform or AdaKV budgets, `crate::compress::select_heads`),
+    /// each head's last W entries appended.
+    pub fn select(&self, cfg: &DecodeConfig) -> Result<Selection> {
+        self.assemble(|_, rows| crate::compress::select_heads(rows, cfg))
+    }
+
+    /// A tensor-parallel shard's AdaKV inputs, per sequence (`None` where it does not compress):
+    /// its heads are the layer's `first_head..first_head + heads` of `total_heads`.
+    pub fn adakv_pools(
+        &self,
+        cfg: &DecodeConfig,
+        first_head: usize,
+        total_heads: usize,
+    ) -> Result<Vec<Option<ShardPool>>> {
+        let hc = self.heads;
+        (0..self.compressed.len())
+            .map(|i| {
+                self.compressed[i]
+                    .then(|| {
+                        crate::compress::adakv_pool(&self.rows[i * hc..(i + 1) * hc], cfg, first_head, total_heads)
+                    })
+                    .transpose()
+            })
+            .collect()
+    }
+
+    /// A shard's AdaKV selection with the cuts reduced over every shard (one per sequence; see
+    /// `crate::compress::adakv_reduce`): exactly the unsharded selection of its heads.
+    pub fn select_with_cuts(
+        &self,
+        cfg: &DecodeConfig,
+        first_head: usize,
+        cuts: &[Option<AdaKvCut>],
+    ) -> Result<Selection> {
+        if cuts.len() != self.compressed.len() {
+            return Err(Error::PlanMismatch(format!("{} cuts for {} sequences", cuts.len(), self.compressed.len())));
+        }
+        self.assemble(|i, rows| match cuts[i] {
+            Some(cut) => crate::compress::adakv_with_cut(rows, cfg, first_head, cut),
+            None => Err(Error::PlanMismatch(format!("sequence {i} compresses but has no reduced cut"))),
+        })
+    }
 }
 
 /// Moves each compressed head's kept entries to positions `0..keep` of its pages, in ascending

@@ -16,7 +16,7 @@ mod compaction;
 pub use append::append;
 pub use args::{AttendArgs, AttendDims, ChunkArgs, ChunkRequest, SeqChunk};
 pub use cache::{BlockTable, CacheDims, KvCache, KvCacheMut, PageLayout};
-pub use compaction::{SelectArgs, Selection, compact, select as validate_select, selection_from_pooled};
+pub use compaction::{Scores, SelectArgs, Selection, compact, select as validate_select};
 
 /// Scratch a caller creates once and passes to every call of a serving loop, so that calls
 /// allocate nothing in proportion to the cache (SPEC §7.6): buffers grow to the largest call's

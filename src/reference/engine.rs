@@ -3,7 +3,7 @@
 
 use super::dot;
 use crate::config::{BudgetPolicy, GqaMode, HeadClassMode};
-use crate::engine::{AttendArgs, ChunkArgs, KvCache, SelectArgs, Selection, SeqChunk};
+use crate::engine::{AttendArgs, ChunkArgs, KvCache, Scores, SelectArgs, Selection, SeqChunk};
 use crate::error::Result;
 use crate::plan::{BlockLists, HeadClass, Plan, PlanState, SegmentAttention};
 use crate::tensor::{HostData, TensorView, TensorViewMut};
@@ -193,7 +193,12 @@ fn plan_one(a: &ChunkArgs<'_>, i: usize, sc: &SeqChunk<'_>, states: &mut [PlanSt
     }
     // Segment maxima over this sequence's heads; ranking; block lists (SPEC §2.9–2.10, §3).
     let topk: Vec<usize> = (0..nseg).map(|s| (0..hkv).map(|h| keep[h * nseg + s]).max().unwrap_or(0)).collect();
-    let width = topk.iter().copied().max().unwrap_or(0);
+    let reach = if n == 0 {
+        0
+    } else {
+        (3 * cfg.base_budget / bk).min((n as i64 - ((l % seg) / bk) as i64 - 1).max(0) as usize)
+    };
+    let width = if a.full_ranking() { reach } else { topk.iter().copied().max().unwrap_or(0) };
     let mut order = Vec::with_capacity(hkv * nseg * width);
     let mut units = Vec::with_capacity(hkv * nseg);
     for h in 0..hkv {
@@ -229,10 +234,10 @@ fn plan_one(a: &ChunkArgs<'_>, i: usize, sc: &SeqChunk<'_>, states: &mut [PlanSt
     })
 }
 
-/// SPEC §7.5 / §4 per compressing sequence: window scores over each head's own entries (window
-/// query w aligned with entry `N_h − W + w`), mean over the window, group reduction over the
-/// query heads of each cache head, pooling, selection, then the head's last W entries.
-pub fn select(a: &SelectArgs<'_>) -> Result<Selection> {
+/// SPEC §4 steps 1–4 for sequence `i`: per cache head, window scores over its own entries
+/// (window query w aligned with entry `N_h − W + w`), mean over the window, reduction over the
+/// query heads of the cache head, pooling.
+fn pooled_rows(a: &SelectArgs<'_>, i: usize) -> Vec<Vec<f64>> {
     let d = a.dims();
     let cfg = a.cfg();
     let cache = a.cache();
@@ -240,43 +245,66 @@ pub fn select(a: &SelectArgs<'_>) -> Result<Selection> {
     let (hc, hq, w) = (d.kv_heads, d.q_heads, d.window);
     let g = hq / hc;
     let scale = a.scale() as f64;
+    let mut rows = Vec::with_capacity(hc);
+    for h in 0..hc {
+        let n = cache.lens()[i * hc + h] as usize;
+        let scored = n - w;
+        let keys: Vec<Vec<f64>> = (0..n).map(|j| entry(cache, cache.k(), i, h, j)).collect();
+        let mut per_q = vec![vec![0f64; scored]; g];
+        for (gi, a_row) in per_q.iter_mut().enumerate() {
+            for wi in 0..w {
+                let o: Vec<f64> = (0..d.head_dim).map(|x| obs.get([i, h * g + gi, wi, x])).collect();
+                let x: Vec<f64> = keys[..n - w + wi + 1].iter().map(|k| scale * dot(&o, k)).collect();
+                let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = x.iter().map(|xi| (xi - m).exp()).sum();
+                for j in 0..scored {
+                    a_row[j] += (x[j] - m).exp() / z;
+                }
+            }
+            a_row.iter_mut().for_each(|x| *x /= w as f64);
+        }
+        let row: Vec<f64> = (0..scored)
+            .map(|j| match cfg.gqa_mode {
+                GqaMode::Max => per_q.iter().map(|r| r[j]).fold(f64::NEG_INFINITY, f64::max),
+                // Mean; per_query_head runs on a cache of Hq heads (g = 1).
+                _ => per_q.iter().map(|r| r[j]).sum::<f64>() / g as f64,
+            })
+            .collect();
+        rows.push(super::compress::pool_row(&row, cfg));
+    }
+    rows
+}
+
+/// SPEC §7.5 / §4 per compressing sequence: pooled rows, selection, then each head's last W
+/// entries.
+pub fn select(a: &SelectArgs<'_>) -> Result<Selection> {
+    let d = a.dims();
+    let (hc, w) = (d.kv_heads, d.window);
     let mut lists = Vec::with_capacity(d.batch * hc);
     for i in 0..d.batch {
         if !a.compress()[i] {
             lists.extend((0..hc).map(|_| Vec::new()));
             continue;
         }
-        let mut rows = Vec::with_capacity(hc);
-        for h in 0..hc {
-            let n = cache.lens()[i * hc + h] as usize;
-            let scored = n - w;
-            let keys: Vec<Vec<f64>> = (0..n).map(|j| entry(cache, cache.k(), i, h, j)).collect();
-            let mut per_q = vec![vec![0f64; scored]; g];
-            for (gi, a_row) in per_q.iter_mut().enumerate() {
-                for wi in 0..w {
-                    let o: Vec<f64> = (0..d.head_dim).map(|x| obs.get([i, h * g + gi, wi, x])).collect();
-                    let x: Vec<f64> = keys[..n - w + wi + 1].iter().map(|k| scale * dot(&o, k)).collect();
-                    let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let z: f64 = x.iter().map(|xi| (xi - m).exp()).sum();
-                    for j in 0..scored {
-                        a_row[j] += (x[j] - m).exp() / z;
-                    }
-                }
-                a_row.iter_mut().for_each(|x| *x /= w as f64);
-            }
-            let row: Vec<f64> = (0..scored)
-                .map(|j| match cfg.gqa_mode {
-                    GqaMode::Max => per_q.iter().map(|r| r[j]).fold(f64::NEG_INFINITY, f64::max),
-                    // Mean; per_query_head runs on a cache of Hq heads (g = 1).
-                    _ => per_q.iter().map(|r| r[j]).sum::<f64>() / g as f64,
-                })
-                .collect();
-            rows.push(super::compress::pool_row(&row, cfg));
-        }
-        for (h, kept) in super::compress::select_rows(&rows, cfg)?.into_iter().enumerate() {
-            let n = cache.lens()[i * hc + h] as usize;
+        let rows = pooled_rows(a, i);
+        for (h, kept) in super::compress::select_rows(&rows, a.cfg())?.into_iter().enumerate() {
+            let n = a.cache().lens()[i * hc + h] as usize;
             lists.push(kept.into_iter().chain(n - w..n).map(|p| p as u32).collect());
         }
     }
     Ok(Selection::from_lists(hc, a.compress().to_vec(), lists))
+}
+
+/// The pooled rows of every compressing sequence, rounded to f32.
+pub fn kv_scores(a: &SelectArgs<'_>) -> Result<Scores> {
+    let d = a.dims();
+    let mut rows = Vec::with_capacity(d.batch * d.kv_heads);
+    for i in 0..d.batch {
+        if a.compress()[i] {
+            rows.extend(pooled_rows(a, i).into_iter().map(|r| r.into_iter().map(|x| x as f32).collect::<Vec<f32>>()));
+        } else {
+            rows.extend((0..d.kv_heads).map(|_| Vec::new()));
+        }
+    }
+    Ok(Scores::of(a, rows))
 }

@@ -133,6 +133,9 @@ impl Backend for ReferenceBackend {
     fn select(&self, args: &crate::engine::SelectArgs<'_>) -> Result<crate::engine::Selection> {
         engine::select(args)
     }
+    fn kv_scores(&self, args: &crate::engine::SelectArgs<'_>) -> Result<crate::engine::Scores> {
+        engine::kv_scores(args)
+    }
 }
 
 /// Writes a contiguous f64 tensor of `out`'s shape into `out`, rounding once.

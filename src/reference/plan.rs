@@ -136,7 +136,9 @@ pub fn plan(a: &PlanArgs<'_>) -> Result<Plan> {
         .collect();
 
     // 10. Ranking: largest logit (fused p with fusion), ties to the lower block; masked blocks last.
-    let width = segment_topk.iter().copied().max().unwrap_or(0);
+    let cap = n as i64 - ((l % seg) / bk) as i64 - 1;
+    let reach = if n == 0 { 0 } else { (3 * cfg.base_budget / bk).min(cap.max(0) as usize) };
+    let width = if a.full_ranking() { reach } else { segment_topk.iter().copied().max().unwrap_or(0) };
     let mut order =
         alloc::with_capacity("the oracle's ranking", alloc::count("the ranking", &[bsz, hkv, nseg, width])?)?;
     let mut selected: Vec<Option<Vec<u32>>> = Vec::new();
