@@ -136,6 +136,58 @@ fn inspect_writes_a_heatmap() {
     assert!(text.contains("rigid") || text.contains("dynamic"), "{text}");
     let body = std::fs::read_to_string(&svg).unwrap();
     assert!(body.starts_with("<svg") && body.contains("entropy") && body.contains("budget"));
+    // A colour scale per heatmap, with its range and unit (base..3·base tokens for budgets).
+    assert_eq!(body.matches("colour scale").count(), 2, "{body}");
+    assert!(body.contains("max 384 tokens") && body.contains("min 128 tokens") && body.contains(" nats</text>"));
+    // The kept-block map of each of the 3 kv heads, with its legend.
+    let maps = kept_blocks(&body);
+    assert_eq!(maps.matches("<g id=\"kept-b0-h").count(), 3, "{maps}");
+    for item in ["kept", "not kept (candidate)", "dense segment", "causally masked", "key blocks 0 (left) … 175"] {
+        assert!(maps.contains(item), "the kept-block map lacks `{item}`");
+    }
+}
+
+/// The kept-block maps of an `inspect` SVG.
+fn kept_blocks(svg: &str) -> &str {
+    let start = svg.find("<g id=\"kept-blocks\">").expect("the SVG has kept-block maps");
+    let end = svg.find("<!-- end kept-blocks -->").expect("the kept-block maps end");
+    &svg[start..end]
+}
+
+/// `inspect --chunk` (planned in chunks over a paged cache, `streaming`) prints and draws what a
+/// one-shot `streaming` plan does.
+#[test]
+fn inspect_in_chunks_matches_one_shot_streaming() {
+    let Some(case) = conformance_case("cli::inspect_chunked", "smollm2_gpl_layer14") else { return };
+    let mut cfg = Case::load(&case).unwrap().config;
+    cfg.prefill.head_class = entropy_kernels::HeadClassMode::Streaming;
+    let streaming = tmp("streaming.json");
+    cfg.save(&streaming).unwrap();
+    let (one_svg, chunk_svg) = (tmp("layer14-one-shot.svg"), tmp("layer14-chunked.svg"));
+    let inspect = |extra: &[&str], svg: &PathBuf| {
+        run(bin()
+            .args(["inspect", case.to_str().unwrap(), "--backend", "cpu", "--svg", svg.to_str().unwrap()])
+            .args(extra))
+    };
+    let one = inspect(&["--config", streaming.to_str().unwrap()], &one_svg);
+    let chunked = inspect(&["--chunk", "384"], &chunk_svg);
+    assert!(
+        chunked.contains("planned in 4 chunks of 384 tokens") && chunked.contains("head_class streaming"),
+        "{chunked}"
+    );
+    // The per-head lines and the totals.
+    let summary = |text: &str| -> Vec<String> {
+        text.lines().filter(|l| l.starts_with("b0 h") || l.contains("kept fraction")).map(String::from).collect()
+    };
+    assert_eq!(summary(&chunked), summary(&one));
+    assert_eq!(summary(&one).len(), 4, "{one}");
+    let (one_svg, chunk_svg) = (std::fs::read_to_string(one_svg).unwrap(), std::fs::read_to_string(chunk_svg).unwrap());
+    assert!(kept_blocks(&chunk_svg).contains("fill=\"#c2410c\""), "the chunked map keeps no block");
+    assert_eq!(kept_blocks(&chunk_svg), kept_blocks(&one_svg));
+    // --chunk must be on the segment grid (S = 128).
+    let off_grid = ["--chunk", "100", "--svg", tmp("off-grid.svg").to_str().unwrap()].map(String::from);
+    let out = bin().args(["inspect", case.to_str().unwrap(), "--backend", "cpu"]).args(off_grid).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("multiple of the segment size"));
 }
 
 #[test]
