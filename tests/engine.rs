@@ -2,6 +2,7 @@
 //! batches over paged caches with shuffled page ids, chunked `streaming` planning at random
 //! multiples of S, decode over pages, LSE merging, no leaks between sequences, and a typed error
 //! for every malformed argument. Random inputs drawn fresh per seed; outputs NaN-poisoned.
+#![allow(clippy::needless_range_loop)] // loops over sequences and shards mirror the spec
 
 mod common;
 
