@@ -8,7 +8,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::compress::CompressedCache;
-use crate::engine::{AttendArgs, ChunkArgs, Scores, SelectArgs, Selection};
+use crate::engine::{AttendArgs, ChunkArgs, Scores, SelectArgs, Selection, Workspace};
 use crate::error::{Error, Result};
 use crate::plan::{Plan, PlanState};
 use crate::tensor::{DType, TensorViewMut};
@@ -174,8 +174,14 @@ pub trait Backend: Send + Sync {
     fn decode_attention(&self, args: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()>;
     /// Attention of ragged queries over a (paged or contiguous) cache, bottom-right causal, with
     /// optional per-sequence block plans (SPEC §7.4). `out` is `[1, T, Hq, D]`, `lse` `[T, Hq]`.
-    fn attend(&self, args: &AttendArgs<'_>, out: &mut TensorViewMut<'_>, lse: Option<&mut [f32]>) -> Result<()> {
-        let _ = (args, out, lse);
+    fn attend(
+        &self,
+        args: &AttendArgs<'_>,
+        out: &mut TensorViewMut<'_>,
+        lse: Option<&mut [f32]>,
+        ws: &mut Workspace,
+    ) -> Result<()> {
+        let _ = (args, out, lse, ws);
         Err(Error::Unimplemented { backend: self.capabilities().backend, op: "attend" })
     }
     /// Plans each sequence's chunk (SPEC §7.2) and advances `states` (`[sequences, Hkv]`): one

@@ -209,7 +209,9 @@ impl Kernels {
     /// counts; sequence `i`'s queries are the last `q_len` positions of each head's entries
     /// (bottom-right causal: append the chunk's K/V first). `blocks` holds a block plan per
     /// sequence for sparse prefill chunks (empty: all dense). `out` is `[1, T, Hq, D]`; `lse`
-    /// `[T, Hq]` receives each row's natural-log sum-exp, so partial results merge exactly.
+    /// `[T, Hq]` receives each row's natural-log sum-exp, so partial results merge exactly. `ws`
+    /// keeps the backend's scratch between calls: after the first call of a shape, a decode step
+    /// allocates nothing.
     #[allow(clippy::too_many_arguments)]
     pub fn attend(
         &self,
@@ -220,9 +222,10 @@ impl Kernels {
         scale: Option<f32>,
         out: &mut TensorViewMut<'_>,
         lse: Option<&mut [f32]>,
+        ws: &mut Workspace,
     ) -> Result<()> {
         let args = engine::args::attend(self.capabilities(), q, cu_q, cache, blocks, scale, out, lse.as_deref())?;
-        self.backend.attend(&args, out, lse)
+        self.backend.attend(&args, out, lse, ws)
     }
 
     /// Appends each sequence's new K/V rows (THD `[1, T, Hkv, D]`, split by `cu`) to the cache

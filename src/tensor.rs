@@ -276,10 +276,16 @@ pub(crate) fn disjoint(shape: [usize; 4], strides: [usize; 4]) -> bool {
     if shape.contains(&0) {
         return true;
     }
-    let mut dims: Vec<(usize, usize)> = (0..4).filter(|&i| shape[i] > 1).map(|i| (strides[i], shape[i])).collect();
-    dims.sort_unstable();
+    // A fixed array, not a Vec: validation runs on every decode step and must not allocate.
+    let mut dims = [(0usize, 0usize); 4];
+    let mut n = 0;
+    for i in (0..4).filter(|&i| shape[i] > 1) {
+        dims[n] = (strides[i], shape[i]);
+        n += 1;
+    }
+    dims[..n].sort_unstable();
     let mut span = 1usize;
-    for (stride, size) in dims {
+    for &(stride, size) in &dims[..n] {
         if stride < span {
             return false;
         }

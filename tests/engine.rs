@@ -168,7 +168,7 @@ fn ragged_dense_batch_equals_each_sequence() {
                     let mut out = poisoned(q.shape, dtype);
                     let mut lse = vec![f32::NAN; q.shape[1] * hq];
                     kernels
-                        .attend(q.view(), &cu, &pool.cache(), &[], None, &mut out.view_mut(), Some(&mut lse))
+                        .attend(q.view(), &cu, &pool.cache(), &[], None, &mut out.view_mut(), Some(&mut lse), &mut ws)
                         .unwrap();
                     for (i, p) in prompts.iter().enumerate() {
                         let rows = cu[i] as usize..cu[i + 1] as usize;
@@ -222,7 +222,9 @@ fn run_chunked(
         let blocks: Vec<Option<&BlockLists>> = plans.iter().map(|p| Some(&p.blocks)).collect();
         let mut out = poisoned(q.shape, dtype);
         let mut lse = vec![f32::NAN; q.shape[1] * hq];
-        kernels.attend(q.view(), &cu, &pool.cache(), &blocks, None, &mut out.view_mut(), Some(&mut lse)).unwrap();
+        kernels
+            .attend(q.view(), &cu, &pool.cache(), &blocks, None, &mut out.view_mut(), Some(&mut lse), &mut ws)
+            .unwrap();
         for (i, plan) in plans.into_iter().enumerate() {
             let rows = cu[i] as usize..cu[i + 1] as usize;
             res[i].out.extend(unpack(&out, rows.clone()));
@@ -392,7 +394,18 @@ fn paged_decode_equals_contiguous() {
                     let qt = HostTensor::from_f32(&q.to_f32_vec(), [1, b, hq, d], dtype);
                     let cu: Vec<u32> = (0..=b as u32).collect();
                     let mut paged = poisoned(qt.shape, dtype);
-                    kernels.attend(qt.view(), &cu, &pool.cache(), &[], None, &mut paged.view_mut(), None).unwrap();
+                    kernels
+                        .attend(
+                            qt.view(),
+                            &cu,
+                            &pool.cache(),
+                            &[],
+                            None,
+                            &mut paged.view_mut(),
+                            None,
+                            &mut Workspace::new(),
+                        )
+                        .unwrap();
                     let paged = HostTensor::from_f32(&paged.to_f32_vec(), q.shape, dtype);
                     check::check_out(&format!("{tag} paged"), kernels.kind(), &paged, &exact);
                 });
@@ -423,7 +436,18 @@ fn halves_merge_by_lse() {
                     let cache = KvCache::contiguous(kv, vv, &lens).unwrap();
                     let mut out = poisoned(q.shape, DType::F32);
                     let mut lse = vec![f32::NAN; hq];
-                    kernels.attend(q.view(), &[0, 1], &cache, &[], None, &mut out.view_mut(), Some(&mut lse)).unwrap();
+                    kernels
+                        .attend(
+                            q.view(),
+                            &[0, 1],
+                            &cache,
+                            &[],
+                            None,
+                            &mut out.view_mut(),
+                            Some(&mut lse),
+                            &mut Workspace::new(),
+                        )
+                        .unwrap();
                     (out.to_f32_vec(), lse)
                 };
                 let (whole, lw) = run(0, n);
@@ -496,12 +520,14 @@ fn bad_engine_input_is_a_typed_error() {
     let mut out = poisoned(q.shape, DType::F32);
 
     // More queries than entries.
-    let bad = kernels.attend(q.view(), &[0, 30, 32], &pool.cache(), &[], None, &mut out.view_mut(), None).unwrap_err();
+    let bad = kernels
+        .attend(q.view(), &[0, 30, 32], &pool.cache(), &[], None, &mut out.view_mut(), None, &mut ws)
+        .unwrap_err();
     assert!(is_range(bad, "cache lengths"), "queries beyond the entries");
     // LSE of the wrong size.
     let mut lse = vec![0f32; 3];
     let bad = kernels
-        .attend(q.view(), &[0, 16, 32], &pool.cache(), &[], None, &mut out.view_mut(), Some(&mut lse))
+        .attend(q.view(), &[0, 16, 32], &pool.cache(), &[], None, &mut out.view_mut(), Some(&mut lse), &mut ws)
         .unwrap_err();
     assert!(matches!(bad, Error::Shape { what: "lse", .. }), "{bad}");
 
@@ -551,7 +577,7 @@ fn bad_engine_input_is_a_typed_error() {
     let dims = PlanDims::new(1, 64, hq, hkv, 24, 12);
     let lists = BlockLists::all_dense(dims);
     let bad = kernels
-        .attend(q.view(), &[0, 16, 32], &pool.cache(), &[Some(&lists), None], None, &mut out.view_mut(), None)
+        .attend(q.view(), &[0, 16, 32], &pool.cache(), &[Some(&lists), None], None, &mut out.view_mut(), None, &mut ws)
         .unwrap_err();
     assert!(is_range(bad, "page_size"), "pages of partial blocks");
 }
@@ -776,7 +802,9 @@ fn serving_loop_recompresses_on_each_sequences_schedule() {
                 let vn = random([1, 2, hkv, d], 1.0, seed ^ (300 + step as u64), DType::F32);
                 kernels.append(kn.view(), vn.view(), &[0, 1, 2], &mut pool.cache_mut(), &mut ws).unwrap();
                 let mut out = poisoned(qn.shape, DType::F32);
-                kernels.attend(qn.view(), &[0, 1, 2], &pool.cache(), &[], None, &mut out.view_mut(), None).unwrap();
+                kernels
+                    .attend(qn.view(), &[0, 1, 2], &pool.cache(), &[], None, &mut out.view_mut(), None, &mut ws)
+                    .unwrap();
                 assert!(out.to_f32_vec().iter().all(|x| x.is_finite()), "step {step}: decode output");
                 let mut which = [false; 2];
                 for i in 0..2 {

@@ -118,7 +118,7 @@ fn prefill_round(
     let plans =
         k.plan_chunks(*q, cu, &pool.cache(), prompt_lens, std::slice::from_ref(cfg), states, &ChunkRequest::default())?;
     let blocks: Vec<_> = plans.iter().map(|p| Some(&p.blocks)).collect();
-    k.attend(*q, cu, &pool.cache(), &blocks, cfg.scale, &mut out.view_mut(), None)
+    k.attend(*q, cu, &pool.cache(), &blocks, cfg.scale, &mut out.view_mut(), None, ws)
 }
 
 pub fn run(a: &BenchEngineArgs) -> Result<()> {
@@ -244,7 +244,8 @@ pub fn run(a: &BenchEngineArgs) -> Result<()> {
     let qt = HostTensor::from_f32(&qd.to_f32_vec(), [1, b, hq, d], dt);
     let cu1: Vec<u32> = (0..=b as u32).collect();
     let mut o1 = HostTensor::zeros(dt, qt.shape);
-    let paged = repeat(a.reps * 10, || k.attend(qt.view(), &cu1, &pool.cache(), &[], None, &mut o1.view_mut(), None))?;
+    let paged =
+        repeat(a.reps * 10, || k.attend(qt.view(), &cu1, &pool.cache(), &[], None, &mut o1.view_mut(), None, &mut ws))?;
     let mut o2 = HostTensor::zeros(dt, qd.shape);
     let contiguous =
         repeat(a.reps * 10, || k.decode_attention(qd.view(), kc.view(), vc.view(), &lens, None, &mut o2.view_mut()))?;

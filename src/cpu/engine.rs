@@ -8,7 +8,9 @@ use rayon::prelude::*;
 use super::simd::{Isa, Simd, WithSimd, dispatch};
 use super::tile::{Geom, Paging, ROWS_TARGET, Rows, Tile};
 use super::{SendPtr, Strided};
-use crate::engine::{AttendArgs, KvCache};
+use std::sync::Mutex;
+
+use crate::engine::{AttendArgs, KvCache, Workspace};
 use crate::plan::SegmentAttention;
 use crate::tensor::{Element, TensorViewMut};
 
@@ -40,10 +42,11 @@ fn tile_tokens(g: usize) -> usize {
     (ROWS_TARGET / g).max(1)
 }
 
-fn items(a: &AttendArgs<'_>) -> Vec<Item> {
+/// The work items of a call, largest first, into `out` (reused: no allocation once it has grown).
+fn items(a: &AttendArgs<'_>, out: &mut Vec<Item>) {
     let d = a.dims();
     let tq = tile_tokens(d.group());
-    let mut out = Vec::new();
+    out.clear();
     for i in 0..d.sequences {
         let q_len = a.tokens(i).len();
         for h in 0..d.cache_heads {
@@ -65,8 +68,34 @@ fn items(a: &AttendArgs<'_>) -> Vec<Item> {
             }
         }
     }
-    out.sort_by_key(|it| std::cmp::Reverse(it.cost));
-    out
+    // Unstable: a stable sort would allocate its merge buffer on every call.
+    out.sort_unstable_by_key(|it| (std::cmp::Reverse(it.cost), it.i, it.h, it.p0));
+}
+
+/// What a workspace keeps for the CPU's attention: the work list and one tile per worker thread
+/// of the current pool, for one tile geometry and element type.
+struct Scratch {
+    items: Vec<Item>,
+    tiles: Vec<Mutex<(Tile, Vec<f32>)>>,
+    geom: Geom,
+    dtype: crate::DType,
+}
+
+impl Scratch {
+    /// The workspace's scratch, rebuilt when the geometry, the type or the pool's size changed.
+    fn of<E: Element>(ws: &mut Workspace, geom: Geom) -> &mut Scratch {
+        let threads = rayon::current_num_threads();
+        let fits = ws
+            .scratch
+            .as_ref()
+            .and_then(|s| s.downcast_ref::<Scratch>())
+            .is_some_and(|s| s.geom == geom && s.dtype == E::DTYPE && s.tiles.len() == threads);
+        if !fits {
+            let tiles = (0..threads).map(|_| Mutex::new((Tile::new::<E>(geom), vec![0f32; geom.d]))).collect();
+            ws.scratch = Some(Box::new(Scratch { items: Vec::new(), tiles, geom, dtype: E::DTYPE }));
+        }
+        ws.scratch.as_mut().and_then(|s| s.downcast_mut::<Scratch>()).expect("just set")
+    }
 }
 
 /// The rows of (sequence `i`, head `h`) of a pool.
@@ -151,6 +180,7 @@ pub(crate) fn attend<E: Element>(
     a: &AttendArgs<'_>,
     out: &mut TensorViewMut<'_>,
     lse: Option<&mut [f32]>,
+    ws: &mut Workspace,
 ) {
     let d = a.dims();
     let os = out.strides();
@@ -167,8 +197,14 @@ pub(crate) fn attend<E: Element>(
         lse: lse.map(|l| SendPtr(l.as_mut_ptr())),
     };
     let geom = Geom::new(lanes, d.head_dim, tile_tokens(d.group()) * d.group());
-    items(a).par_iter().for_each_init(
-        || (Tile::new::<E>(geom), vec![0f32; d.head_dim]),
-        |(tile, tmp), &item| dispatch(isa, ItemJob { call: &call, item, tile, tmp }),
-    );
+    let scratch = Scratch::of::<E>(ws, geom);
+    items(a, &mut scratch.items);
+    let tiles = &scratch.tiles;
+    scratch.items.par_iter().for_each(|&item| {
+        // Each worker takes its own tile (uncontended); a thread outside the pool shares one.
+        let slot = rayon::current_thread_index().unwrap_or(0) % tiles.len();
+        let mut guard = tiles[slot].lock().unwrap_or_else(|e| e.into_inner());
+        let (tile, tmp) = &mut *guard;
+        dispatch(isa, ItemJob { call: &call, item, tile, tmp });
+    });
 }

@@ -138,8 +138,9 @@ fn attend_e<E: Element>(
     a: &crate::engine::AttendArgs<'_>,
     out: &mut TensorViewMut<'_>,
     lse: Option<&mut [f32]>,
+    ws: &mut crate::engine::Workspace,
 ) {
-    engine::attend::<E>(isa, lanes, a, out, lse)
+    engine::attend::<E>(isa, lanes, a, out, lse, ws)
 }
 fn plan_chunks_e<E: Element>(
     isa: Isa,
@@ -183,8 +184,9 @@ impl Backend for CpuBackend {
         a: &crate::engine::AttendArgs<'_>,
         out: &mut TensorViewMut<'_>,
         lse: Option<&mut [f32]>,
+        ws: &mut crate::engine::Workspace,
     ) -> Result<()> {
-        by_dtype!(a.q().dtype(), attend_e(self.isa, self.lanes(), a, out, lse));
+        by_dtype!(a.q().dtype(), attend_e(self.isa, self.lanes(), a, out, lse, ws));
         Ok(())
     }
     fn plan_chunks(

@@ -18,7 +18,7 @@ pub(crate) const fn block_for(lanes: usize) -> usize {
 }
 
 /// Sizes of a tile for one call.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Geom {
     pub d: usize,
     /// D rounded up to the register block.
@@ -91,6 +91,12 @@ pub(crate) struct Tile {
     /// Keys are read in place (f32 rows whose length is a multiple of the register block).
     direct: bool,
 }
+
+// SAFETY: `kptr`/`vptr` are scratch: every use writes the slots it reads (`push` before
+// `score`/`flush`; padding slots point at the tile's own heap buffer `zero`, which moves with
+// it), so a tile carries no pointer from one call into the next and may move between threads
+// (a workspace keeps tiles between calls).
+unsafe impl Send for Tile {}
 
 impl Tile {
     pub fn new<E: Element>(g: Geom) -> Self {

@@ -21,12 +21,25 @@ pub use compaction::{Scores, SelectArgs, Selection, compact, select as validate_
 /// Scratch a caller creates once and passes to every call of a serving loop, so that calls
 /// allocate nothing in proportion to the cache (SPEC §7.6): buffers grow to the largest call's
 /// needs and are reused after that.
-#[derive(Debug, Default)]
+///
+/// The CPU backend runs on rayon's current pool: call inside `pool.install(..)` to use your own.
+#[derive(Default)]
 pub struct Workspace {
     /// Per page of the pool: the generation of the call that last claimed it for writing and the
     /// sequence that did (append's check that no page is written by two sequences).
     pub(crate) page_owner: Vec<(u32, u32)>,
     pub(crate) generation: u32,
+    /// A backend's own scratch (the CPU's work list and per-thread tiles), kept between calls.
+    pub(crate) scratch: Option<Box<dyn std::any::Any + Send>>,
+}
+
+impl std::fmt::Debug for Workspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workspace")
+            .field("pages", &self.page_owner.len())
+            .field("backend_scratch", &self.scratch.is_some())
+            .finish()
+    }
 }
 
 impl Workspace {

@@ -120,6 +120,7 @@ impl Backend for ReferenceBackend {
         args: &crate::engine::AttendArgs<'_>,
         out: &mut TensorViewMut<'_>,
         lse: Option<&mut [f32]>,
+        _ws: &mut crate::engine::Workspace,
     ) -> Result<()> {
         engine::attend(args, out, lse)
     }
