@@ -30,6 +30,9 @@ pub struct BenchEngineArgs {
     pub decode_batch: usize,
     #[arg(long, default_value_t = 16)]
     pub page_size: usize,
+    /// Page layout: `slot-major` (vLLM's `[P, page, H, D]`) or `head-major` (`[P, H, page, D]`).
+    #[arg(long, default_value = "slot-major", value_parser = ["slot-major", "head-major"])]
+    pub layout: String,
     #[arg(long, default_value_t = 16)]
     pub q_heads: usize,
     #[arg(long, default_value_t = 4)]
@@ -71,9 +74,13 @@ struct Pool {
 }
 
 impl Pool {
-    fn new(dtype: DType, seqs: usize, heads: usize, d: usize, capacity: usize, ps: usize) -> Pool {
+    fn new(dtype: DType, seqs: usize, heads: usize, d: usize, capacity: usize, ps: usize, head_major: bool) -> Pool {
         let width = capacity.div_ceil(ps);
-        let layout = PageLayout::slot_major(seqs * width, ps, heads, d);
+        let layout = if head_major {
+            PageLayout::head_major(seqs * width, ps, heads, d)
+        } else {
+            PageLayout::slot_major(seqs * width, ps, heads, d)
+        };
         let ids = (0..seqs).flat_map(|i| (0..width).map(move |p| (p * seqs + i) as u32)).collect();
         let shape = [seqs * width, ps, heads, d];
         Pool {
@@ -124,6 +131,7 @@ fn prefill_round(
 pub fn run(a: &BenchEngineArgs) -> Result<()> {
     let k: Kernels = a.backend.kernels()?;
     let (hq, hkv, d, dt) = (a.q_heads, a.kv_heads, a.head_dim, a.dtype);
+    let hm = a.layout == "head-major";
     let cfg = EntropyConfig { head_class: HeadClassMode::Streaming, ..EntropyConfig::entropy_infer() };
     println!("backend: {}", k.describe());
     println!(
@@ -146,7 +154,7 @@ pub fn run(a: &BenchEngineArgs) -> Result<()> {
     let mut out = HostTensor::zeros(dt, q.shape);
     let mut ws = Workspace::new();
     let engine = repeat(a.reps, || {
-        let mut pool = Pool::new(dt, a.ragged.len(), hkv, d, cap, a.page_size);
+        let mut pool = Pool::new(dt, a.ragged.len(), hkv, d, cap, a.page_size, hm);
         let mut states = vec![PlanState::new(); a.ragged.len() * hkv];
         prefill_round(
             &k,
@@ -186,7 +194,7 @@ pub fn run(a: &BenchEngineArgs) -> Result<()> {
     let kn = tensor([1, l, hkv, d], 5, dt);
     let vn = tensor([1, l, hkv, d], 6, dt);
     let chunked = repeat(a.reps, || {
-        let mut pool = Pool::new(dt, 1, hkv, d, l, a.page_size);
+        let mut pool = Pool::new(dt, 1, hkv, d, l, a.page_size, hm);
         let mut states = vec![PlanState::new(); hkv];
         for s in (0..l).step_by(a.chunk) {
             let n = a.chunk.min(l - s);
@@ -235,7 +243,7 @@ pub fn run(a: &BenchEngineArgs) -> Result<()> {
     let vc = tensor([b, hkv, n, d], 8, dt);
     let qd = tensor([b, 1, hq, d], 9, dt);
     let lens = vec![n as u32; b * hkv];
-    let mut pool = Pool::new(dt, b, hkv, d, n, a.page_size);
+    let mut pool = Pool::new(dt, b, hkv, d, n, a.page_size, hm);
     // Fill the pages through append (one call per sequence's entries, head-major source).
     let src_k = HostTensor::from_f32(&transpose_bhnd(&kc), [1, b * n, hkv, d], dt);
     let src_v = HostTensor::from_f32(&transpose_bhnd(&vc), [1, b * n, hkv, d], dt);

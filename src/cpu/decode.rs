@@ -41,7 +41,7 @@ impl<'p> Partial<'p> {
 
 /// Dot product of `a` (f32) with `b`, vectorised over the head dim.
 #[inline(always)]
-unsafe fn dot<S: Simd>(a: *const f32, b: *const f32, d: usize) -> f32 {
+pub(crate) unsafe fn dot<S: Simd>(a: *const f32, b: *const f32, d: usize) -> f32 {
     unsafe {
         let mut acc0 = S::zero();
         let mut acc1 = S::zero();
@@ -67,7 +67,7 @@ unsafe fn dot<S: Simd>(a: *const f32, b: *const f32, d: usize) -> f32 {
 
 /// `o += p · v`, vectorised over the head dim.
 #[inline(always)]
-unsafe fn axpy<S: Simd>(p: f32, v: *const f32, o: *mut f32, d: usize) {
+pub(crate) unsafe fn axpy<S: Simd>(p: f32, v: *const f32, o: *mut f32, d: usize) {
     unsafe {
         let pb = S::splat(p);
         let mut i = 0;

@@ -75,6 +75,7 @@ fn items(a: &AttendArgs<'_>, out: &mut Vec<Item>) {
 /// What a workspace keeps for the CPU's attention: the work list and one tile per worker thread
 /// of the current pool, for one tile geometry and element type.
 struct Scratch {
+    split: super::engine_split::SplitScratch,
     items: Vec<Item>,
     tiles: Vec<Mutex<(Tile, Vec<f32>)>>,
     geom: Geom,
@@ -92,7 +93,8 @@ impl Scratch {
             .is_some_and(|s| s.geom == geom && s.dtype == E::DTYPE && s.tiles.len() == threads);
         if !fits {
             let tiles = (0..threads).map(|_| Mutex::new((Tile::new::<E>(geom), vec![0f32; geom.d]))).collect();
-            ws.scratch = Some(Box::new(Scratch { items: Vec::new(), tiles, geom, dtype: E::DTYPE }));
+            let split = Default::default();
+            ws.scratch = Some(Box::new(Scratch { split, items: Vec::new(), tiles, geom, dtype: E::DTYPE }));
         }
         ws.scratch.as_mut().and_then(|s| s.downcast_mut::<Scratch>()).expect("just set")
     }
@@ -198,6 +200,10 @@ pub(crate) fn attend<E: Element>(
     };
     let geom = Geom::new(lanes, d.head_dim, tile_tokens(d.group()) * d.group());
     let scratch = Scratch::of::<E>(ws, geom);
+    if super::engine_split::applies(a) {
+        super::engine_split::attend::<E>(isa, a, call.out, os, call.lse, &mut scratch.split);
+        return;
+    }
     items(a, &mut scratch.items);
     let tiles = &scratch.tiles;
     scratch.items.par_iter().for_each(|&item| {

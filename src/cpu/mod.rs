@@ -6,6 +6,7 @@ mod attention;
 mod compress;
 mod decode;
 mod engine;
+mod engine_split;
 mod micro;
 pub(crate) mod plan;
 pub(crate) mod simd;

@@ -1,0 +1,248 @@
+//! Attention over a cache for calls with few query rows per (sequence, head) — decode steps,
+//! speculative or chunked decode — split along the keys (flash-decoding): one work unit per
+//! (sequence, cache head, key chunk) computes partial (max, sum, output) for the head's query rows,
+//! vectorised over the head dim, with the bottom-right causal limit per row; the partials of a
+//! head are merged. Every buffer lives in the workspace: a decode step allocates nothing.
+
+use rayon::prelude::*;
+
+use super::decode::{axpy, dot};
+use super::simd::{Isa, Simd, WithSimd, dispatch};
+use super::{SendPtr, Strided};
+use crate::engine::AttendArgs;
+use crate::tensor::Element;
+
+/// Query rows (tokens × group) up to which a call takes this path.
+pub(crate) const MAX_ROWS: usize = 16;
+/// Keys per work unit: long caches split so every core has work even at batch 1.
+const KEYS_PER_UNIT: usize = 512;
+
+/// One unit: keys `k0..k1` of (sequence `i`, cache head `h`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Unit {
+    i: usize,
+    h: usize,
+    k0: usize,
+    k1: usize,
+}
+
+/// The split path's buffers, kept in the workspace.
+#[derive(Default)]
+pub(crate) struct SplitScratch {
+    units: Vec<Unit>,
+    /// Per unit: maxima `[R]`, sums `[R]`, outputs `[R][D]` (R = the call's largest row count).
+    partials: Vec<f32>,
+    /// Per (sequence, head): its units' range.
+    heads: Vec<(usize, usize, std::ops::Range<usize>)>,
+    /// One per worker: queries `[R][D]`, a widened row `[D]`, scores `[R][KEYS_PER_UNIT]`; and
+    /// the unit's entry offsets.
+    bufs: Vec<std::sync::Mutex<(Vec<f32>, Vec<usize>)>>,
+}
+
+/// Whether a call takes the split path.
+pub(crate) fn applies(a: &AttendArgs<'_>) -> bool {
+    let d = a.dims();
+    (0..d.sequences).all(|i| a.tokens(i).len() * d.group() <= MAX_ROWS)
+        && (0..d.sequences).all(|i| a.blocks(i).is_none())
+}
+
+struct Call<'a, 'c, E> {
+    args: &'c AttendArgs<'a>,
+    q: Strided<'a, E>,
+    k: &'a [E],
+    v: &'a [E],
+    c: f32,
+    /// Rows per unit slot.
+    r: usize,
+}
+
+struct UnitJob<'a, 'c, 'p, E> {
+    call: &'c Call<'a, 'c, E>,
+    unit: Unit,
+    buf: &'c mut Vec<f32>,
+    offsets: &'c mut Vec<usize>,
+    part: &'p mut [f32],
+}
+
+impl<E: Element> WithSimd for UnitJob<'_, '_, '_, E> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self) {
+        let UnitJob { call, unit, buf, offsets, part } = self;
+        if offsets.len() < KEYS_PER_UNIT {
+            offsets.resize(KEYS_PER_UNIT, 0);
+        }
+        let a = call.args;
+        let dm = a.dims();
+        let (g, d) = (dm.group(), dm.head_dim);
+        let Unit { i, h, k0, k1 } = unit;
+        let tokens = a.tokens(i);
+        let rows = tokens.len() * g;
+        let q_start = a.q_start(i, h);
+        let n = k1 - k0;
+        let need = call.r * d + d + call.r * KEYS_PER_UNIT;
+        if buf.len() < need {
+            buf.resize(need, 0.0);
+        }
+        let (qbuf, rest) = buf.split_at_mut(call.r * d);
+        let (row, scores) = rest.split_at_mut(d);
+        for (j, t) in tokens.clone().enumerate() {
+            for gi in 0..g {
+                let dst = &mut qbuf[(j * g + gi) * d..(j * g + gi + 1) * d];
+                E::widen(call.q.row(0, t, h * g + gi, d), dst);
+                dst.iter_mut().for_each(|x| *x *= call.c);
+            }
+        }
+        // The unit's entry offsets, page by page (K and V share the layout): no division per row.
+        let cache = a.cache();
+        let layout = cache.layout();
+        let table = cache.table().row(i);
+        let offs = &mut call_offsets(offsets, k0, k1, layout, table, h);
+        let (m, rest) = part.split_at_mut(call.r);
+        let (l, out) = rest.split_at_mut(call.r);
+        for (jn, t) in (k0..k1).enumerate() {
+            E::widen(&call.k[offs[jn]..offs[jn] + d], row);
+            for r in 0..rows {
+                // Bottom-right causal: query j (row r) sees entries up to q_start + j.
+                scores[r * n + jn] = if t <= q_start + r / g {
+                    // SAFETY: both rows hold d values.
+                    unsafe { dot::<S>(qbuf[r * d..].as_ptr(), row.as_ptr(), d) }
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+        }
+        for r in 0..rows {
+            let s = &mut scores[r * n..(r + 1) * n];
+            m[r] = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            // A row that sees none of these keys contributes nothing (sum 0, not NaN).
+            let base = m[r].max(f32::MIN);
+            let mut sum = 0.0;
+            for x in s.iter_mut() {
+                *x = (*x - base).exp2();
+                sum += *x;
+            }
+            l[r] = sum;
+        }
+        out[..rows * d].fill(0.0);
+        for jn in 0..n {
+            E::widen(&call.v[offs[jn]..offs[jn] + d], row);
+            for r in 0..rows {
+                // SAFETY: `row` and each output row hold d values.
+                unsafe { axpy::<S>(scores[r * n + jn], row.as_ptr(), out[r * d..].as_mut_ptr(), d) };
+            }
+        }
+    }
+}
+
+/// Element offsets of entries `k0..k1` of cache head `h` of a sequence with pages `table`.
+#[inline(always)]
+fn call_offsets<'o>(
+    offsets: &'o mut [usize],
+    k0: usize,
+    k1: usize,
+    layout: &crate::engine::PageLayout,
+    table: &[u32],
+    h: usize,
+) -> &'o [usize] {
+    let ps = layout.page_size;
+    let (mut page, mut slot) = (k0 / ps, k0 % ps);
+    let mut base = layout.offset(table[page] as usize, 0, h);
+    for o in offsets[..k1 - k0].iter_mut() {
+        if slot == ps {
+            page += 1;
+            slot = 0;
+            base = layout.offset(table[page] as usize, 0, h);
+        }
+        *o = base + slot * layout.strides[1];
+        slot += 1;
+    }
+    &offsets[..k1 - k0]
+}
+
+/// Runs a call that [`applies`] on the split path.
+pub(crate) fn attend<E: Element>(
+    isa: Isa,
+    a: &AttendArgs<'_>,
+    out: SendPtr<E>,
+    os: [usize; 4],
+    lse: Option<SendPtr<f32>>,
+    s: &mut SplitScratch,
+) {
+    let dm = a.dims();
+    let (g, d) = (dm.group(), dm.head_dim);
+    let cache = a.cache();
+    let r = (0..dm.sequences).map(|i| a.tokens(i).len() * g).max().unwrap_or(0).max(1);
+    s.units.clear();
+    s.heads.clear();
+    for i in 0..dm.sequences {
+        if a.tokens(i).is_empty() {
+            continue;
+        }
+        for h in 0..dm.cache_heads {
+            let len = cache.lens()[i * dm.cache_heads + h] as usize;
+            let first = s.units.len();
+            for k0 in (0..len).step_by(KEYS_PER_UNIT) {
+                s.units.push(Unit { i, h, k0, k1: (k0 + KEYS_PER_UNIT).min(len) });
+            }
+            s.heads.push((i, h, first..s.units.len()));
+        }
+    }
+    let stride = r * (d + 2);
+    if s.partials.len() < s.units.len() * stride {
+        s.partials.resize(s.units.len() * stride, 0.0);
+    }
+    let threads = rayon::current_num_threads();
+    if s.bufs.len() != threads {
+        s.bufs = (0..threads).map(|_| std::sync::Mutex::new((Vec::new(), Vec::new()))).collect();
+    }
+    let call = Call {
+        args: a,
+        q: Strided::of(&a.q()),
+        k: cache.k().typed::<E>().expect("dtype checked by validation"),
+        v: cache.v().typed::<E>().expect("dtype checked by validation"),
+        c: a.scale() * std::f32::consts::LOG2_E,
+        r,
+    };
+    let bufs = &s.bufs;
+    s.partials[..s.units.len() * stride].par_chunks_mut(stride).zip(s.units.par_iter()).for_each(|(part, &unit)| {
+        let slot = rayon::current_thread_index().unwrap_or(0) % bufs.len();
+        let mut guard = bufs[slot].lock().unwrap_or_else(|e| e.into_inner());
+        let (buf, offsets) = &mut *guard;
+        dispatch(isa, UnitJob { call: &call, unit, buf, offsets, part });
+    });
+    let partials = &s.partials;
+    s.heads.par_iter().for_each(|(i, h, range)| {
+        let parts = &partials[range.start * stride..range.end * stride];
+        let tokens = a.tokens(*i);
+        let slot = rayon::current_thread_index().unwrap_or(0) % bufs.len();
+        let mut guard = bufs[slot].lock().unwrap_or_else(|e| e.into_inner());
+        let buf = &mut guard.0;
+        if buf.len() < 2 * d {
+            buf.resize(2 * d, 0.0);
+        }
+        let (o, _) = buf.split_at_mut(d);
+        for (j, t) in tokens.clone().enumerate() {
+            for gi in 0..g {
+                let row = j * g + gi;
+                let mx = parts.chunks(stride).map(|p| p[row]).fold(f32::NEG_INFINITY, f32::max).max(f32::MIN);
+                o.fill(0.0);
+                let mut l = 0.0;
+                for p in parts.chunks(stride) {
+                    let w = (p[row].max(f32::MIN) - mx).exp2();
+                    l += p[r + row] * w;
+                    o.iter_mut().zip(&p[2 * r + row * d..2 * r + (row + 1) * d]).for_each(|(x, y)| *x += w * y);
+                }
+                let inv = 1.0 / l;
+                o.iter_mut().for_each(|x| *x *= inv);
+                let hq = h * g + gi;
+                // SAFETY: each (token, query head) row of `out` and `lse` is written by one head task.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(t * os[1] + hq * os[2]), d) };
+                E::narrow(o, dst);
+                if let Some(lse) = lse {
+                    unsafe { *lse.ptr().add(t * dm.q_heads + hq) = (mx + l.log2()) * std::f32::consts::LN_2 };
+                }
+            }
+        }
+    });
+}
