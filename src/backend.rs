@@ -1,11 +1,10 @@
-//! The backend trait and run-time backend selection.
+//! The backend trait, below every backend: what a backend is and can run. It imports none of
+//! them; choosing one at run time lives with the front door ([`crate::selection`]).
 //!
 //! A backend receives only validated arguments (see [`crate::validate`]); [`crate::Kernels`] is
-//! the front door that validates and dispatches. `auto` picks CUDA when a driver is present, then
-//! Ascend, then the fast CPU backend; `ENTROPY_KERNELS_BACKEND=cpu|reference|cuda|ascend` forces one.
+//! the front door that validates and dispatches.
 
 use std::fmt;
-use std::sync::Arc;
 
 use crate::compress::CompressedCache;
 use crate::engine::{AttendArgs, ChunkArgs, Scores, SelectArgs, Selection, Workspace};
@@ -13,9 +12,6 @@ use crate::error::{Error, Result};
 use crate::plan::{Plan, PlanState};
 use crate::tensor::{DType, TensorViewMut};
 use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
-
-/// Environment variable that forces a backend.
-pub const BACKEND_ENV: &str = "ENTROPY_KERNELS_BACKEND";
 
 /// The backends this crate knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -200,59 +196,4 @@ pub trait Backend: Send + Sync {
         let _ = args;
         Err(Error::Unimplemented { backend: self.capabilities().backend, op: "kv_scores" })
     }
-}
-
-/// Builds one backend, or says why it cannot run here. Never panics.
-pub fn create(kind: BackendKind) -> Result<Arc<dyn Backend>> {
-    match kind {
-        BackendKind::Cpu => Ok(Arc::new(crate::cpu::CpuBackend::new())),
-        BackendKind::Reference => Ok(Arc::new(crate::reference::ReferenceBackend::new())),
-        BackendKind::Cuda => crate::cuda::probe(),
-        BackendKind::Ascend => crate::ascend::probe(),
-        BackendKind::AscendEmu => crate::ascend::emulator(),
-    }
-}
-
-/// Resolves a choice: a forced kind, or CUDA → Ascend → CPU for `auto` ([`first_available`]).
-pub fn select(choice: BackendChoice) -> Result<Arc<dyn Backend>> {
-    match choice {
-        BackendChoice::Kind(kind) => create(kind),
-        BackendChoice::Auto => {
-            let probe = |kind| move || create(kind);
-            let (cuda, ascend, cpu) = (probe(BackendKind::Cuda), probe(BackendKind::Ascend), probe(BackendKind::Cpu));
-            let probes: [&dyn Fn() -> Result<Arc<dyn Backend>>; 3] = [&cuda, &ascend, &cpu];
-            first_available(probes)
-        }
-    }
-}
-
-/// `auto`'s rule over probes in order of preference: the first backend that opens. A backend
-/// that is absent ([`Error::BackendUnavailable`]: no driver, no device, not built in) passes to
-/// the next; any other error is returned, so a device that is there but fails to open is
-/// reported instead of silently replaced by a slower backend. (To continue on the CPU anyway,
-/// force it: `ENTROPY_KERNELS_BACKEND=cpu`.)
-pub fn first_available<'a>(
-    probes: impl IntoIterator<Item = &'a dyn Fn() -> Result<Arc<dyn Backend>>>,
-) -> Result<Arc<dyn Backend>> {
-    let mut absent = Vec::new();
-    for probe in probes {
-        match probe() {
-            Err(e @ Error::BackendUnavailable { .. }) => absent.push(e.to_string()),
-            other => return other,
-        }
-    }
-    Err(Error::BackendUnavailable { backend: "auto", reason: absent.join("; ") })
-}
-
-/// The choice named by `ENTROPY_KERNELS_BACKEND` (unset or empty = auto).
-pub fn env_choice() -> Result<BackendChoice> {
-    match std::env::var(BACKEND_ENV) {
-        Ok(v) => v.parse(),
-        Err(_) => Ok(BackendChoice::Auto),
-    }
-}
-
-/// Why each backend is or is not available here: `(kind, Ok(description) | Err(reason))`.
-pub fn availability() -> Vec<(BackendKind, std::result::Result<String, String>)> {
-    BackendKind::ALL.iter().map(|&k| (k, create(k).map(|b| b.describe()).map_err(|e| e.to_string()))).collect()
 }

@@ -3,12 +3,13 @@
 
 use std::sync::Arc;
 
-use crate::backend::{self, Backend, BackendChoice, BackendKind, Capabilities};
+use crate::backend::{Backend, BackendChoice, BackendKind, Capabilities};
 use crate::compress::CompressedCache;
 use crate::config::{DecodeConfig, EntropyConfig};
 use crate::engine::{self, ChunkRequest, KvCache, KvCacheMut, Selection, Workspace};
 use crate::error::Result;
 use crate::plan::{BlockLists, Plan, PlanState};
+use crate::selection;
 use crate::tensor::{TensorView, TensorViewMut};
 use crate::validate;
 
@@ -71,12 +72,12 @@ impl Kernels {
     /// The backend named by `ENTROPY_KERNELS_BACKEND`, or the best available one (CUDA, then
     /// Ascend, then CPU). A forced backend that is absent is an error, not a fallback.
     pub fn auto() -> Result<Self> {
-        Self::select(backend::env_choice()?)
+        Self::select(selection::env_choice()?)
     }
 
     /// A specific backend, or `auto` (which ignores the environment).
     pub fn select(choice: BackendChoice) -> Result<Self> {
-        Ok(Kernels { backend: backend::select(choice)? })
+        Ok(Kernels { backend: selection::select(choice)? })
     }
 
     /// A specific backend.

@@ -47,6 +47,7 @@ pub mod kernels;
 pub mod numerics;
 pub mod plan;
 pub mod reference;
+pub mod selection;
 pub mod shapes;
 pub mod synth;
 pub mod tensor;

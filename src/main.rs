@@ -64,7 +64,7 @@ fn main() {
         Command::CudaSmoke(a) => cli::cuda_check::smoke(a),
         Command::Inspect(a) => cli::inspect::run(a),
         Command::Backends => {
-            for (kind, status) in entropy_kernels::backend::availability() {
+            for (kind, status) in entropy_kernels::selection::availability() {
                 match status {
                     Ok(desc) => println!("{kind:<10} available: {desc}"),
                     Err(why) => println!("{kind:<10} unavailable: {why}"),

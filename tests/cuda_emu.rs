@@ -209,7 +209,7 @@ fn auto_reports_a_broken_device_instead_of_falling_back() {
     let absent = || -> Result<Arc<dyn Backend>> {
         Err(Error::BackendUnavailable { backend: "ascend", reason: "none here".into() })
     };
-    match backend::first_available([&cuda as &dyn Fn() -> Result<Arc<dyn Backend>>, &absent, &cpu]) {
+    match selection::first_available([&cuda as &dyn Fn() -> Result<Arc<dyn Backend>>, &absent, &cpu]) {
         Err(Error::Driver { call: "cuModuleLoadData", .. }) => {}
         Err(e) => panic!("expected the failing call, got {e}"),
         Ok(b) => panic!("a broken CUDA device was replaced by {}", b.describe()),
@@ -218,7 +218,7 @@ fn auto_reports_a_broken_device_instead_of_falling_back() {
         Err(Error::BackendUnavailable { backend: "cuda", reason: "no driver".into() })
     };
     let chosen =
-        backend::first_available([&absent_cuda as &dyn Fn() -> Result<Arc<dyn Backend>>, &absent, &cpu]).unwrap();
+        selection::first_available([&absent_cuda as &dyn Fn() -> Result<Arc<dyn Backend>>, &absent, &cpu]).unwrap();
     assert_eq!(chosen.kind(), BackendKind::Cpu, "absent backends pass to the next");
 }
 
