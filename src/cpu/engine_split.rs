@@ -17,11 +17,11 @@ pub(crate) const MAX_ROWS: usize = 16;
 /// Keys per work unit: long caches split so every core has work even at batch 1.
 const KEYS_PER_UNIT: usize = 512;
 
-/// One unit: keys `k0..k1` of (sequence `i`, cache head `h`).
+/// One unit: entries `k0..k1` of every cache head of sequence `i` (all heads at once, so a
+/// slot-major page, whose slot holds every head's row side by side, is read in order).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Unit {
     i: usize,
-    h: usize,
     k0: usize,
     k1: usize,
 }
@@ -74,11 +74,12 @@ impl<E: Element> WithSimd for UnitJob<'_, '_, '_, E> {
         }
         let a = call.args;
         let dm = a.dims();
-        let (g, d) = (dm.group(), dm.head_dim);
-        let Unit { i, h, k0, k1 } = unit;
+        let (g, d, hc) = (dm.group(), dm.head_dim, dm.cache_heads);
+        let Unit { i, k0, k1 } = unit;
         let tokens = a.tokens(i);
-        let rows = tokens.len() * g;
-        let q_start = a.q_start(i, h);
+        // Rows of one head (its queries × group), then of the unit (every head).
+        let rh = tokens.len() * g;
+        let rows = hc * rh;
         let n = k1 - k0;
         let need = call.r * d + d + call.r * KEYS_PER_UNIT;
         if buf.len() < need {
@@ -86,30 +87,45 @@ impl<E: Element> WithSimd for UnitJob<'_, '_, '_, E> {
         }
         let (qbuf, rest) = buf.split_at_mut(call.r * d);
         let (row, scores) = rest.split_at_mut(d);
-        for (j, t) in tokens.clone().enumerate() {
-            for gi in 0..g {
-                let dst = &mut qbuf[(j * g + gi) * d..(j * g + gi + 1) * d];
-                E::widen(call.q.row(0, t, h * g + gi, d), dst);
-                dst.iter_mut().for_each(|x| *x *= call.c);
+        for h in 0..hc {
+            for (j, t) in tokens.clone().enumerate() {
+                for gi in 0..g {
+                    let r = h * rh + j * g + gi;
+                    let dst = &mut qbuf[r * d..(r + 1) * d];
+                    E::widen(call.q.row(0, t, h * g + gi, d), dst);
+                    dst.iter_mut().for_each(|x| *x *= call.c);
+                }
             }
         }
-        // The unit's entry offsets, page by page (K and V share the layout): no division per row.
+        // The unit's entry offsets for head 0, page by page (K and V share the layout; head h is
+        // `h·head_stride` further): no division per row.
         let cache = a.cache();
         let layout = cache.layout();
-        let table = cache.table().row(i);
-        let offs = &mut call_offsets(offsets, k0, k1, layout, table, h);
+        let hs = layout.strides[2];
+        let offs = &mut call_offsets(offsets, k0, k1, layout, cache.table().row(i), 0);
+        let lens = &cache.lens()[i * hc..(i + 1) * hc];
         let (m, rest) = part.split_at_mut(call.r);
         let (l, out) = rest.split_at_mut(call.r);
         for (jn, t) in (k0..k1).enumerate() {
-            E::widen(&call.k[offs[jn]..offs[jn] + d], row);
-            for r in 0..rows {
-                // Bottom-right causal: query j (row r) sees entries up to q_start + j.
-                scores[r * n + jn] = if t <= q_start + r / g {
-                    // SAFETY: both rows hold d values.
-                    unsafe { dot::<S>(qbuf[r * d..].as_ptr(), row.as_ptr(), d) }
-                } else {
-                    f32::NEG_INFINITY
-                };
+            for h in 0..hc {
+                let head_rows = h * rh..(h + 1) * rh;
+                if t >= lens[h] as usize {
+                    // Past this head's entries (its pages may end here): nothing to read.
+                    head_rows.for_each(|r| scores[r * n + jn] = f32::NEG_INFINITY);
+                    continue;
+                }
+                let o = offs[jn] + h * hs;
+                E::widen(&call.k[o..o + d], row);
+                let q_start = lens[h] as usize - tokens.len();
+                for r in head_rows {
+                    // Bottom-right causal: query j of the head sees entries up to q_start + j.
+                    scores[r * n + jn] = if t <= q_start + (r - h * rh) / g {
+                        // SAFETY: both rows hold d values.
+                        unsafe { dot::<S>(qbuf[r * d..].as_ptr(), row.as_ptr(), d) }
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                }
             }
         }
         for r in 0..rows {
@@ -125,11 +141,14 @@ impl<E: Element> WithSimd for UnitJob<'_, '_, '_, E> {
             l[r] = sum;
         }
         out[..rows * d].fill(0.0);
-        for jn in 0..n {
-            E::widen(&call.v[offs[jn]..offs[jn] + d], row);
-            for r in 0..rows {
-                // SAFETY: `row` and each output row hold d values.
-                unsafe { axpy::<S>(scores[r * n + jn], row.as_ptr(), out[r * d..].as_mut_ptr(), d) };
+        for (jn, t) in (k0..k1).enumerate() {
+            for h in (0..hc).filter(|&h| t < lens[h] as usize) {
+                let o = offs[jn] + h * hs;
+                E::widen(&call.v[o..o + d], row);
+                for r in h * rh..(h + 1) * rh {
+                    // SAFETY: `row` and each output row hold d values.
+                    unsafe { axpy::<S>(scores[r * n + jn], row.as_ptr(), out[r * d..].as_mut_ptr(), d) };
+                }
             }
         }
     }
@@ -172,19 +191,20 @@ pub(crate) fn attend<E: Element>(
     let dm = a.dims();
     let (g, d) = (dm.group(), dm.head_dim);
     let cache = a.cache();
-    let r = (0..dm.sequences).map(|i| a.tokens(i).len() * g).max().unwrap_or(0).max(1);
+    let hc = dm.cache_heads;
+    let r = (0..dm.sequences).map(|i| hc * a.tokens(i).len() * g).max().unwrap_or(0).max(1);
     s.units.clear();
     s.heads.clear();
     for i in 0..dm.sequences {
         if a.tokens(i).is_empty() {
             continue;
         }
-        for h in 0..dm.cache_heads {
-            let len = cache.lens()[i * dm.cache_heads + h] as usize;
-            let first = s.units.len();
-            for k0 in (0..len).step_by(KEYS_PER_UNIT) {
-                s.units.push(Unit { i, h, k0, k1: (k0 + KEYS_PER_UNIT).min(len) });
-            }
+        let longest = cache.lens()[i * hc..(i + 1) * hc].iter().copied().max().unwrap_or(0) as usize;
+        let first = s.units.len();
+        for k0 in (0..longest).step_by(KEYS_PER_UNIT) {
+            s.units.push(Unit { i, k0, k1: (k0 + KEYS_PER_UNIT).min(longest) });
+        }
+        for h in 0..hc {
             s.heads.push((i, h, first..s.units.len()));
         }
     }
@@ -222,9 +242,10 @@ pub(crate) fn attend<E: Element>(
             buf.resize(2 * d, 0.0);
         }
         let (o, _) = buf.split_at_mut(d);
+        let rh = tokens.len() * g;
         for (j, t) in tokens.clone().enumerate() {
             for gi in 0..g {
-                let row = j * g + gi;
+                let row = h * rh + j * g + gi;
                 let mx = parts.chunks(stride).map(|p| p[row]).fold(f32::NEG_INFINITY, f32::max).max(f32::MIN);
                 o.fill(0.0);
                 let mut l = 0.0;
