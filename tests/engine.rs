@@ -1033,3 +1033,28 @@ fn multi_token_decode_matches_oracle() {
         }
     }
 }
+
+/// A prompt shorter than the window: its observation holds fewer than W queries, and
+/// `kv_compress` returns the cache unchanged instead of refusing the short window; in the engine
+/// path such a sequence is simply not compressed.
+#[test]
+fn prompts_shorter_than_the_window_are_left_alone() {
+    let (hq, hkv, d, l) = (4, 2, 16, 5);
+    let cfg = DecodeConfig { decode_budget: 64, window: 16, ..DecodeConfig::snapkv() };
+    let kc = random([1, hkv, l, d], 1.0, 1, DType::F32);
+    let mut window = ObservationWindow::new(1, hq, d, &cfg).unwrap();
+    let q = random([1, l, hq, d], 1.0, 2, DType::F32);
+    assert_eq!(window.prefill_end(q.view()).unwrap(), WindowEvent::CompressNow);
+    let obs = window.observation(DType::F32);
+    assert_eq!(obs.shape, [1, hq, l, d], "the window holds the prompt's {l} queries");
+    for kernels in engine_backends("short_prompt") {
+        let c = kernels.kv_compress(kc.view(), kc.view(), obs.view(), &cfg).unwrap();
+        assert!(!c.compressed, "{}: a cache shorter than the budget comes back unchanged", kernels.kind());
+        assert_eq!(c.lengths, vec![l as u32; hkv]);
+        assert_eq!(c.k.to_f32_vec(), kc.to_f32_vec());
+    }
+    // A window of the wrong size on a cache that does compress is still refused.
+    let long = random([1, hkv, 80, d], 1.0, 3, DType::F32);
+    let bad = Kernels::cpu().kv_compress(long.view(), long.view(), obs.view(), &cfg).unwrap_err();
+    assert!(matches!(bad, Error::Shape { what: "obs", .. }), "{bad}");
+}
