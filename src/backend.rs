@@ -29,9 +29,11 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
+    /// Every backend kind.
     pub const ALL: [BackendKind; 5] =
         [BackendKind::Cpu, BackendKind::Reference, BackendKind::Cuda, BackendKind::Ascend, BackendKind::AscendEmu];
 
+    /// The backend's name, as `ENTROPY_KERNELS_BACKEND` spells it.
     pub fn name(self) -> &'static str {
         match self {
             BackendKind::Cpu => "cpu",
@@ -52,7 +54,9 @@ impl fmt::Display for BackendKind {
 /// A backend request: a specific kind, or `auto`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendChoice {
+    /// The first available backend.
     Auto,
+    /// This backend.
     Kind(BackendKind),
 }
 
@@ -83,8 +87,11 @@ pub enum HeadDims {
 /// What a backend can run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Capabilities {
+    /// The backend's name.
     pub backend: &'static str,
+    /// The element types it runs.
     pub dtypes: Vec<DType>,
+    /// The head dimensions it runs.
     pub head_dims: HeadDims,
     /// Operations with kernels; the others answer `Error::Unimplemented`.
     pub ops: Vec<Op>,
@@ -101,9 +108,13 @@ pub struct Capabilities {
 /// The operations of a backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Op {
+    /// Block-sparse planning (SPEC §2).
     Plan,
+    /// Sparse prefill attention (SPEC §3).
     Prefill,
+    /// KV-cache compression (SPEC §4).
     KvCompress,
+    /// Decode attention over a cache.
     Decode,
     /// Attention over a (paged or contiguous) cache with ragged queries (SPEC §7.4).
     Attend,
@@ -114,6 +125,7 @@ pub enum Op {
 }
 
 impl Op {
+    /// Every operation.
     pub const ALL: [Op; 7] =
         [Op::Plan, Op::Prefill, Op::KvCompress, Op::Decode, Op::Attend, Op::PlanChunks, Op::Select];
     /// The one-request operations on contiguous tensors (what the device backends run so far).
@@ -132,6 +144,7 @@ impl Capabilities {
             overlapping_rows: true,
         }
     }
+    /// Whether the backend runs `op`.
     pub fn supports(&self, op: Op) -> bool {
         self.ops.contains(&op)
     }
@@ -139,12 +152,14 @@ impl Capabilities {
     pub fn supports_op_dtype(&self, op: Op, dtype: DType) -> bool {
         self.supports(op) && self.dtypes.contains(&dtype) && !self.excluded.contains(&(op, dtype))
     }
+    /// Whether the backend runs head dimension `d`.
     pub fn supports_head_dim(&self, d: usize) -> bool {
         match &self.head_dims {
             HeadDims::UpTo(max) => (1..=*max).contains(&d),
             HeadDims::List(l) => l.contains(&d),
         }
     }
+    /// The supported head dimensions, as text.
     pub fn head_dims_text(&self) -> String {
         match &self.head_dims {
             HeadDims::UpTo(max) => format!("1..={max}"),
@@ -155,9 +170,11 @@ impl Capabilities {
 
 /// One implementation of every operation of SPEC.md. Object-safe; arguments arrive validated.
 pub trait Backend: Send + Sync {
+    /// Which backend this is.
     fn kind(&self) -> BackendKind;
     /// Human-readable description (device, ISA, threads).
     fn describe(&self) -> String;
+    /// What it supports.
     fn capabilities(&self) -> &Capabilities;
     /// SPEC §2.
     fn plan(&self, args: &PlanArgs<'_>) -> Result<Plan>;

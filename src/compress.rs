@@ -12,6 +12,7 @@ use crate::validate::CompressDims;
 pub struct CompressedCache {
     /// `[B, Hc, capacity, D]`, in the input dtype. Entries past a head's length are zero.
     pub k: HostTensor,
+    /// The compressed values.
     pub v: HostTensor,
     /// `[B, Hc]` entries per head (all equal to `decode_budget` unless AdaKV shares the budget).
     pub lengths: Vec<u32>,
@@ -24,15 +25,19 @@ pub struct CompressedCache {
 }
 
 impl CompressedCache {
+    /// Batch size.
     pub fn batch(&self) -> usize {
         self.k.shape[0]
     }
+    /// Cache heads.
     pub fn heads(&self) -> usize {
         self.k.shape[1]
     }
+    /// Capacity, in entries per head.
     pub fn capacity(&self) -> usize {
         self.k.shape[2]
     }
+    /// Head dimension, in elements.
     pub fn head_dim(&self) -> usize {
         self.k.shape[3]
     }
@@ -97,8 +102,11 @@ pub fn select_heads(rows: &[Vec<f32>], cfg: &DecodeConfig) -> Result<Vec<Vec<u32
 /// every tensor-parallel shard.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PoolEntry {
+    /// The pooled score.
     pub score: f32,
+    /// The head, numbered across every shard.
     pub head: u32,
+    /// The cache position, in entries.
     pub position: u32,
 }
 
@@ -106,7 +114,9 @@ pub struct PoolEntry {
 /// heads' floors took, and its best pool entries (as many as the whole layer could still take).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ShardPool {
+    /// Positions the shard's heads' floors took.
     pub floor_picks: usize,
+    /// The shard's best pool entries.
     pub candidates: Vec<PoolEntry>,
 }
 

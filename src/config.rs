@@ -93,7 +93,9 @@ pub struct EntropyConfig {
     pub entropy_floor: f32,
     /// Blend the previous layer's block distribution in (weight 0.25) from layer 2 on.
     pub layer_fusion: bool,
+    /// How budgets are sized.
     pub budget_mode: BudgetMode,
+    /// How budgets are shared among heads.
     pub budget_policy: BudgetPolicy,
     /// How head classes are decided: over the whole prompt or causally (chunked prefill).
     pub head_class: HeadClassMode,
@@ -181,6 +183,7 @@ pub(crate) fn check_scale(scale: Option<f32>) -> Result<()> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum Pooling {
     #[serde(rename = "none")]
+    /// No pooling.
     None,
     /// Average with zero padding, always divided by the kernel size.
     #[default]
@@ -196,7 +199,9 @@ pub enum Pooling {
 #[serde(rename_all = "snake_case")]
 pub enum GqaMode {
     #[default]
+    /// Mean over the query heads of a group.
     Mean,
+    /// Max over the query heads of a group.
     Max,
     /// Keep one row per query head; the compressed cache then has `Hq` heads.
     PerQueryHead,
@@ -212,7 +217,10 @@ pub enum HeadBudget {
     /// AdaKV: the layer keeps `heads · (decode_budget - window)` scored entries in all, chosen by
     /// pooled score across heads, each head first taking its `ceil(floor_fraction · (decode_budget -
     /// window))` best; every head also keeps its window. Head lengths then differ.
-    AdaKv { floor_fraction: f32 },
+    AdaKv {
+        /// Fraction of each head's scored budget it takes first (its floor).
+        floor_fraction: f32,
+    },
 }
 
 /// Decode compression configuration (SPEC §1, second half; SPEC §4).
@@ -225,10 +233,13 @@ pub struct DecodeConfig {
     pub window: usize,
     /// Generated tokens observed before compressing; -1 compresses at prefill end (SnapKV).
     pub decode_gap: i64,
+    /// Pooling of the scores (SPEC §4.4).
     pub pooling: Pooling,
     /// Odd pooling kernel size.
     pub pooling_kernel: usize,
+    /// How a GQA group's scores are combined.
     pub gqa_mode: GqaMode,
+    /// How the budget is split among heads.
     pub head_budget: HeadBudget,
     /// Softmax scale of the scoring; `None` = `1/sqrt(D)`.
     #[serde(rename = "decode_scale")]
@@ -326,21 +337,26 @@ impl DecodeConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 pub struct Config {
     #[serde(flatten)]
+    /// The prefill configuration.
     pub prefill: EntropyConfig,
     #[serde(flatten)]
+    /// The decode configuration.
     pub decode: DecodeConfig,
 }
 
 impl Config {
+    /// Parses and validates a configuration from JSON.
     pub fn from_json(json: &str) -> Result<Self> {
         let cfg: Config = serde_json::from_str(json)
             .map_err(|e| Error::Format { path: "<config json>".into(), detail: e.to_string() })?;
         cfg.validate()?;
         Ok(cfg)
     }
+    /// The configuration as JSON.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("config serialises")
     }
+    /// Reads and validates a JSON configuration file.
     pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self> {
         let path = path.as_ref();
         let text =
@@ -350,10 +366,12 @@ impl Config {
             e => e,
         })
     }
+    /// Writes the configuration to a JSON file.
     pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
         let path = path.as_ref();
         std::fs::write(path, self.to_json()).map_err(|source| Error::Io { path: path.display().to_string(), source })
     }
+    /// Checks every field.
     pub fn validate(&self) -> Result<()> {
         self.prefill.validate()?;
         self.decode.validate()

@@ -3,7 +3,10 @@
 //! it and fails when it is stale (`ENTROPY_KERNELS_BLESS=1` rewrites it).
 #![allow(non_camel_case_types, non_upper_case_globals, non_snake_case, dead_code, clippy::all)]
 
-include!("ffi/params.rs");
+/// The generated items; they mirror `ffi/entropy_params.h` and are documented there.
+#[allow(missing_docs)]
+mod params;
+pub use params::*;
 
 /// The header, for kernels compiled at run time.
 pub const HEADER: &str = include_str!("../ffi/entropy_params.h");
@@ -108,13 +111,17 @@ pub fn gqa_code(m: GqaMode) -> i32 {
 /// u = (b·Hkv + h)·segments + s reads `indices[offsets[u] .. + counts[u]]`, or is dense when
 /// `counts[u] == EK_DENSE_UNIT`. A dense layer is one segment of the whole length with no lists.
 pub struct PrefillLists<'a> {
+    /// Segment size, in tokens.
     pub segment_size: usize,
+    /// Segments per unit row.
     pub segments: usize,
+    /// Block size, in tokens.
     pub block_size: usize,
     /// `(offsets, counts, indices)`, `None` for a dense layer.
     pub lists: Option<(Vec<u32>, Vec<u32>, &'a [u32])>,
 }
 
+/// The block lists of prefill `a` in CSR form.
 pub fn prefill_lists<'a>(a: &crate::validate::AttentionArgs<'a>) -> PrefillLists<'a> {
     prefill_lists_of(a.blocks(), a.dims().seq_len)
 }

@@ -14,29 +14,41 @@ use crate::tensor::{DType, HostBuffer, HostTensor};
 /// Element data of one stored tensor.
 #[derive(Clone, Debug, PartialEq)]
 pub enum CaseData {
+    /// f32 elements.
     F32(Vec<f32>),
+    /// f16 elements.
     F16(Vec<f16>),
+    /// bf16 elements.
     BF16(Vec<bf16>),
+    /// i64 elements.
     I64(Vec<i64>),
 }
 
 /// One stored tensor.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CaseTensor {
+    /// The shape.
     pub shape: Vec<usize>,
+    /// The elements.
     pub data: CaseData,
 }
 
 /// A case file: tensors, config and layer index.
 #[derive(Clone, Debug)]
 pub struct Case {
+    /// The file it was read from.
     pub path: String,
     /// The metadata's config, or the defaults when the file carries none (`config_present`).
     pub config: Config,
+    /// Whether the case holds a configuration.
     pub config_present: bool,
+    /// The layer index.
     pub layer_idx: usize,
+    /// The description.
     pub description: String,
+    /// Metadata, by key.
     pub metadata: HashMap<String, String>,
+    /// The tensors, by name.
     pub tensors: HashMap<String, CaseTensor>,
 }
 
@@ -77,6 +89,7 @@ impl Case {
         Ok(Case { path: p, config, config_present, layer_idx, description, metadata, tensors })
     }
 
+    /// Whether the case holds tensor `name`.
     pub fn has(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
@@ -132,17 +145,21 @@ pub struct CaseWriter {
 }
 
 impl CaseWriter {
+    /// An empty case.
     pub fn new() -> Self {
         Self::default()
     }
+    /// Sets metadata `key` to `value`.
     pub fn meta(&mut self, key: &str, value: impl Into<String>) -> &mut Self {
         self.metadata.insert(key.to_string(), value.into());
         self
     }
+    /// Adds tensor `name` of `shape` holding `data`.
     pub fn put(&mut self, name: &str, shape: &[usize], data: CaseData) -> &mut Self {
         self.tensors.push((name.to_string(), CaseTensor { shape: shape.to_vec(), data }));
         self
     }
+    /// Adds tensor `name`, a copy of `t`.
     pub fn put_tensor(&mut self, name: &str, t: &HostTensor) -> &mut Self {
         let data = match &t.data {
             HostBuffer::F32(v) => CaseData::F32(v.clone()),
@@ -151,6 +168,7 @@ impl CaseWriter {
         };
         self.put(name, &t.shape, data)
     }
+    /// Writes the case to `path`.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
         let p = path.as_ref().display().to_string();
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = self

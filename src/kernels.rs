@@ -100,15 +100,19 @@ impl Kernels {
         Kernels { backend }
     }
 
+    /// Which backend runs.
     pub fn kind(&self) -> BackendKind {
         self.backend.kind()
     }
+    /// A description of the backend.
     pub fn describe(&self) -> String {
         self.backend.describe()
     }
+    /// What the backend supports.
     pub fn capabilities(&self) -> &Capabilities {
         self.backend.capabilities()
     }
+    /// The backend.
     pub fn backend(&self) -> &dyn Backend {
         &*self.backend
     }

@@ -30,6 +30,8 @@
 //! # Ok::<(), entropy_kernels::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub(crate) mod alloc;
 pub mod ascend;
 pub mod backend;

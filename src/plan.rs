@@ -13,11 +13,17 @@ use crate::error::{Error, Result};
 /// Sizes of one layer's prefill and its plan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlanDims {
+    /// Batch size.
     pub batch: usize,
+    /// Sequence length, in tokens.
     pub seq_len: usize,
+    /// Query heads.
     pub q_heads: usize,
+    /// Key/value heads.
     pub kv_heads: usize,
+    /// Segment size, in tokens.
     pub segment_size: usize,
+    /// Block size, in tokens.
     pub block_size: usize,
     /// `nseg = ceil(L / S)`.
     pub segments: usize,
@@ -148,9 +154,13 @@ pub enum SegmentAttention<'a> {
 /// dense ignores its (empty) list and attends causally to everything before it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockLists {
+    /// The plan's sizes.
     pub dims: PlanDims,
+    /// Per unit: whether it is dense.
     pub dense: Vec<bool>,
+    /// Offsets into `indices`, per unit.
     pub indptr: Vec<u32>,
+    /// Kept block indices.
     pub indices: Vec<u32>,
 }
 
@@ -294,6 +304,7 @@ impl BlockLists {
 /// A layer's plan: every intermediate of SPEC §2 and the resulting block lists.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
+    /// The plan's sizes.
     pub dims: PlanDims,
     /// `[B, Hkv, nseg, N]`, masked entries `-inf` (SPEC §2.2). Empty when maps were not requested.
     pub logits: Vec<f32>,

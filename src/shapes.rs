@@ -10,16 +10,22 @@ use crate::error::{Error, Result};
 /// One model's attention shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ModelShape {
+    /// The model's name.
     pub name: &'static str,
+    /// Query heads.
     pub q_heads: usize,
+    /// Key/value heads.
     pub kv_heads: usize,
+    /// Head dimension, in elements.
     pub head_dim: usize,
     /// Native context length in tokens.
     pub context: usize,
 }
 
+/// openPangu-Embedded-1B.
 pub const OPENPANGU_EMBEDDED_1B: ModelShape =
     ModelShape { name: "openpangu-1b", q_heads: 12, kv_heads: 6, head_dim: 128, context: 32768 };
+/// openPangu-Embedded-7B.
 pub const OPENPANGU_EMBEDDED_7B: ModelShape =
     ModelShape { name: "openpangu-7b", q_heads: 32, kv_heads: 8, head_dim: 128, context: 32768 };
 

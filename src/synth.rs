@@ -10,6 +10,7 @@ pub struct Rng {
 }
 
 impl Rng {
+    /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> Self {
         let mut z = seed;
         let mut next = || {
@@ -22,6 +23,7 @@ impl Rng {
         Rng { s: [next(), next(), next(), next()] }
     }
 
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         let s = &mut self.s;
         let out = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
@@ -68,22 +70,33 @@ pub fn normal(n: usize, std: f32, seed: u64) -> Vec<f32> {
 /// Shape of a planted workload.
 #[derive(Clone, Copy, Debug)]
 pub struct PlantedSpec {
+    /// Batch size.
     pub batch: usize,
+    /// Sequence length, in tokens.
     pub seq_len: usize,
+    /// Query heads.
     pub q_heads: usize,
+    /// Key/value heads.
     pub kv_heads: usize,
+    /// Head dimension, in elements.
     pub head_dim: usize,
+    /// Block size, in tokens.
     pub block_size: usize,
+    /// Segment size, in tokens.
     pub segment_size: usize,
     /// Fraction of kv heads that are sinks (rigid); the rest follow topics (dynamic).
     pub rigid_fraction: f64,
+    /// The random seed.
     pub seed: u64,
 }
 
 /// BSND q, k, v of a planted workload, f32.
 pub struct Planted {
+    /// The queries.
     pub q: Vec<f32>,
+    /// The keys.
     pub k: Vec<f32>,
+    /// The values.
     pub v: Vec<f32>,
     /// Which kv heads were planted as sinks.
     pub rigid: Vec<bool>,

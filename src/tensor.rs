@@ -14,12 +14,16 @@ use crate::error::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
+    /// 32-bit float.
     F32,
+    /// IEEE half precision.
     F16,
+    /// bfloat16.
     BF16,
 }
 
 impl DType {
+    /// Every element type.
     pub const ALL: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
     /// Bytes per element.
@@ -64,8 +68,11 @@ impl std::str::FromStr for DType {
 
 /// A scalar type the kernels read and write. Arithmetic is always f32.
 pub trait Element: bytemuck::Pod + Default + Send + Sync + fmt::Debug + 'static {
+    /// The element type's tag.
     const DTYPE: DType;
+    /// The value as f32.
     fn to_f32(self) -> f32;
+    /// The value nearest `x`.
     fn from_f32(x: f32) -> Self;
     /// Widen a run of elements (vectorised by `half` where the CPU allows).
     fn widen(src: &[Self], dst: &mut [f32]);
@@ -124,16 +131,22 @@ half_element!(bf16, DType::BF16);
 /// Borrowed element data of one of the supported types.
 #[derive(Clone, Copy, Debug)]
 pub enum HostData<'a> {
+    /// f32 elements.
     F32(&'a [f32]),
+    /// f16 elements.
     F16(&'a [f16]),
+    /// bf16 elements.
     BF16(&'a [bf16]),
 }
 
 /// Mutably borrowed element data.
 #[derive(Debug)]
 pub enum HostDataMut<'a> {
+    /// f32 elements.
     F32(&'a mut [f32]),
+    /// f16 elements.
     F16(&'a mut [f16]),
+    /// bf16 elements.
     BF16(&'a mut [bf16]),
 }
 
@@ -174,6 +187,7 @@ impl<'a> HostData<'a> {
             HostData::BF16(s) => bytemuck::cast_slice(s),
         }
     }
+    /// The element type.
     pub fn dtype(&self) -> DType {
         match self {
             HostData::F32(_) => DType::F32,
@@ -181,6 +195,7 @@ impl<'a> HostData<'a> {
             HostData::BF16(_) => DType::BF16,
         }
     }
+    /// Number of elements.
     pub fn len(&self) -> usize {
         match self {
             HostData::F32(s) => s.len(),
@@ -188,6 +203,7 @@ impl<'a> HostData<'a> {
             HostData::BF16(s) => s.len(),
         }
     }
+    /// Whether there are no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -218,6 +234,7 @@ impl HostDataMut<'_> {
             HostDataMut::BF16(s) => bytemuck::cast_slice_mut(s),
         }
     }
+    /// The element type.
     pub fn dtype(&self) -> DType {
         match self {
             HostDataMut::F32(_) => DType::F32,
@@ -225,6 +242,7 @@ impl HostDataMut<'_> {
             HostDataMut::BF16(_) => DType::BF16,
         }
     }
+    /// Number of elements.
     pub fn len(&self) -> usize {
         match self {
             HostDataMut::F32(s) => s.len(),
@@ -232,6 +250,7 @@ impl HostDataMut<'_> {
             HostDataMut::BF16(s) => s.len(),
         }
     }
+    /// Whether there are no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -312,8 +331,11 @@ fn extent(shape: [usize; 4], strides: [usize; 4]) -> Option<usize> {
 /// What validation needs of a tensor wherever its memory lives (host views here, device views
 /// in `cuda::device`): shape, element strides, dtype and the elements its buffer holds.
 pub trait Layout {
+    /// The shape.
     fn shape(&self) -> [usize; 4];
+    /// The strides, in elements.
     fn strides(&self) -> [usize; 4];
+    /// The element type.
     fn dtype(&self) -> DType;
     /// Elements of the buffer from the view's first element on.
     fn elements(&self) -> usize;
@@ -447,18 +469,23 @@ impl<'a> TensorView<'a> {
         Self::new(data, [1, t, h, d])
     }
 
+    /// The elements.
     pub fn data(&self) -> HostData<'a> {
         self.data
     }
+    /// The element type.
     pub fn dtype(&self) -> DType {
         self.data.dtype()
     }
+    /// The shape.
     pub fn shape(&self) -> [usize; 4] {
         self.shape
     }
+    /// The strides, in elements.
     pub fn strides(&self) -> [usize; 4] {
         self.strides
     }
+    /// Whether the view is contiguous.
     pub fn is_contiguous(&self) -> bool {
         self.strides == contiguous_strides(self.shape)
     }
@@ -519,9 +546,11 @@ pub struct TensorViewMut<'a> {
 }
 
 impl<'a> TensorViewMut<'a> {
+    /// A contiguous view of `data` of `shape`.
     pub fn new(data: impl Into<HostDataMut<'a>>, shape: [usize; 4]) -> Self {
         TensorViewMut { data: data.into(), shape, strides: contiguous_strides(shape) }
     }
+    /// A view of `data` of `shape` with `strides`, in elements.
     pub fn strided(data: impl Into<HostDataMut<'a>>, shape: [usize; 4], strides: [usize; 4]) -> Self {
         TensorViewMut { data: data.into(), shape, strides }
     }
@@ -529,16 +558,20 @@ impl<'a> TensorViewMut<'a> {
     pub fn thd(data: impl Into<HostDataMut<'a>>, [t, h, d]: [usize; 3]) -> Self {
         Self::new(data, [1, t, h, d])
     }
+    /// The element type.
     pub fn dtype(&self) -> DType {
         self.data.dtype()
     }
+    /// The shape.
     pub fn shape(&self) -> [usize; 4] {
         self.shape
     }
+    /// The strides, in elements.
     pub fn strides(&self) -> [usize; 4] {
         self.strides
     }
     #[inline(always)]
+    /// The element offset of row `(i0, i1, i2)`.
     pub fn offset(&self, i0: usize, i1: usize, i2: usize) -> usize {
         i0 * self.strides[0] + i1 * self.strides[1] + i2 * self.strides[2]
     }
@@ -553,6 +586,7 @@ impl<'a> TensorViewMut<'a> {
         Ok(TensorViewMut { data, shape, strides: self.strides })
     }
 
+    /// The elements, mutably.
     pub fn data_mut(&mut self) -> &mut HostDataMut<'a> {
         &mut self.data
     }
@@ -578,15 +612,20 @@ impl<'a> TensorViewMut<'a> {
 /// Owned element storage.
 #[derive(Clone, Debug, PartialEq)]
 pub enum HostBuffer {
+    /// f32 elements.
     F32(Vec<f32>),
+    /// f16 elements.
     F16(Vec<f16>),
+    /// bf16 elements.
     BF16(Vec<bf16>),
 }
 
 /// An owned contiguous rank-4 tensor.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostTensor {
+    /// The elements.
     pub data: HostBuffer,
+    /// The shape.
     pub shape: [usize; 4],
 }
 
@@ -601,6 +640,7 @@ impl HostTensor {
         };
         HostTensor { data, shape }
     }
+    /// A tensor of `shape` filled with zeros.
     pub fn zeros(dtype: DType, shape: [usize; 4]) -> Self {
         Self::full(dtype, shape, 0.0)
     }
@@ -624,6 +664,7 @@ impl HostTensor {
         };
         HostTensor { data, shape }
     }
+    /// The element type.
     pub fn dtype(&self) -> DType {
         match self.data {
             HostBuffer::F32(_) => DType::F32,
@@ -631,12 +672,15 @@ impl HostTensor {
             HostBuffer::BF16(_) => DType::BF16,
         }
     }
+    /// Number of elements.
     pub fn len(&self) -> usize {
         self.shape.iter().product()
     }
+    /// Whether there are no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// A view of the tensor.
     pub fn view(&self) -> TensorView<'_> {
         match &self.data {
             HostBuffer::F32(v) => TensorView::new(v.as_slice(), self.shape),
@@ -644,6 +688,7 @@ impl HostTensor {
             HostBuffer::BF16(v) => TensorView::new(v.as_slice(), self.shape),
         }
     }
+    /// A mutable view of the tensor.
     pub fn view_mut(&mut self) -> TensorViewMut<'_> {
         let shape = self.shape;
         match &mut self.data {

@@ -12,14 +12,20 @@ use crate::tensor::{DType, Layout, TensorView, TensorViewMut};
 /// Sizes of a prefill attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnDims {
+    /// Batch size.
     pub batch: usize,
+    /// Sequence length, in tokens.
     pub seq_len: usize,
+    /// Query heads.
     pub q_heads: usize,
+    /// Key/value heads.
     pub kv_heads: usize,
+    /// Head dimension, in elements.
     pub head_dim: usize,
 }
 
 impl AttnDims {
+    /// Query heads per key/value head.
     pub fn group(&self) -> usize {
         self.q_heads / self.kv_heads
     }
@@ -41,11 +47,15 @@ pub struct PlanArgs<'a> {
 /// What a `plan` call asks for, wherever its tensors live (see [`plan_layout`]).
 #[derive(Clone, Copy, Debug)]
 pub struct PlanShape<'a> {
+    /// The prefill configuration.
     pub cfg: &'a EntropyConfig,
     /// The previous layer's distribution, present only when fusion applies (SPEC §2.5).
     pub fusion: Option<&'a [f32]>,
+    /// The plan's sizes.
     pub dims: PlanDims,
+    /// Head dimension, in elements.
     pub head_dim: usize,
+    /// Whether the plan keeps its maps.
     pub keep_maps: bool,
     /// Rank every unit as far as any budget can reach (`PlanDims::rank_width`), not only as far
     /// as this plan's largest keep: what a tensor-parallel shard needs to take the reduced
@@ -54,12 +64,15 @@ pub struct PlanShape<'a> {
 }
 
 impl<'a> PlanArgs<'a> {
+    /// The queries.
     pub fn q(&self) -> TensorView<'a> {
         self.q
     }
+    /// The keys.
     pub fn k(&self) -> TensorView<'a> {
         self.k
     }
+    /// The prefill configuration.
     pub fn cfg(&self) -> &'a EntropyConfig {
         self.cfg
     }
@@ -67,9 +80,11 @@ impl<'a> PlanArgs<'a> {
     pub fn fusion(&self) -> Option<&'a [f32]> {
         self.fusion
     }
+    /// The plan's sizes.
     pub fn dims(&self) -> PlanDims {
         self.dims
     }
+    /// Head dimension, in elements.
     pub fn head_dim(&self) -> usize {
         self.head_dim
     }
@@ -100,12 +115,15 @@ pub struct AttentionArgs<'a> {
 }
 
 impl<'a> AttentionArgs<'a> {
+    /// The queries.
     pub fn q(&self) -> TensorView<'a> {
         self.q
     }
+    /// The keys.
     pub fn k(&self) -> TensorView<'a> {
         self.k
     }
+    /// The values.
     pub fn v(&self) -> TensorView<'a> {
         self.v
     }
@@ -113,9 +131,11 @@ impl<'a> AttentionArgs<'a> {
     pub fn blocks(&self) -> Option<&'a BlockLists> {
         self.blocks
     }
+    /// The softmax scale.
     pub fn scale(&self) -> f32 {
         self.scale
     }
+    /// The call's sizes.
     pub fn dims(&self) -> AttnDims {
         self.dims
     }
@@ -136,15 +156,22 @@ pub struct CompressArgs<'a> {
 /// Sizes of a `kv_compress` call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CompressDims {
+    /// Batch size.
     pub batch: usize,
+    /// Key/value (cache) heads.
     pub kv_heads: usize,
+    /// Query heads.
     pub q_heads: usize,
+    /// Cache entries per head.
     pub entries: usize,
+    /// Observation window, in entries.
     pub window: usize,
+    /// Head dimension, in elements.
     pub head_dim: usize,
 }
 
 impl CompressDims {
+    /// Query heads per cache head.
     pub fn group(&self) -> usize {
         self.q_heads / self.kv_heads
     }
@@ -159,21 +186,27 @@ impl CompressDims {
 }
 
 impl<'a> CompressArgs<'a> {
+    /// The key cache.
     pub fn k_cache(&self) -> TensorView<'a> {
         self.k_cache
     }
+    /// The value cache.
     pub fn v_cache(&self) -> TensorView<'a> {
         self.v_cache
     }
+    /// The observation queries.
     pub fn obs(&self) -> TensorView<'a> {
         self.obs
     }
+    /// The decode configuration.
     pub fn cfg(&self) -> &'a DecodeConfig {
         self.cfg
     }
+    /// The softmax scale.
     pub fn scale(&self) -> f32 {
         self.scale
     }
+    /// The call's sizes.
     pub fn dims(&self) -> CompressDims {
         self.sizes
     }
@@ -193,28 +226,37 @@ pub struct DecodeArgs<'a> {
 /// Sizes of a `decode_attention` call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodeDims {
+    /// Batch size.
     pub batch: usize,
     /// New queries per sequence.
     pub queries: usize,
+    /// Query heads.
     pub q_heads: usize,
+    /// Cache heads.
     pub cache_heads: usize,
+    /// Cache capacity, in entries per head.
     pub capacity: usize,
+    /// Head dimension, in elements.
     pub head_dim: usize,
 }
 
 impl DecodeDims {
+    /// Query heads per cache head.
     pub fn group(&self) -> usize {
         self.q_heads / self.cache_heads
     }
 }
 
 impl<'a> DecodeArgs<'a> {
+    /// The queries.
     pub fn q(&self) -> TensorView<'a> {
         self.q
     }
+    /// The key cache.
     pub fn k_cache(&self) -> TensorView<'a> {
         self.k_cache
     }
+    /// The value cache.
     pub fn v_cache(&self) -> TensorView<'a> {
         self.v_cache
     }
@@ -222,9 +264,11 @@ impl<'a> DecodeArgs<'a> {
     pub fn lengths(&self) -> &'a [u32] {
         self.lengths
     }
+    /// The softmax scale.
     pub fn scale(&self) -> f32 {
         self.scale
     }
+    /// The call's sizes.
     pub fn dims(&self) -> DecodeDims {
         self.dims
     }

@@ -49,6 +49,7 @@ pub struct ObservationWindow {
 }
 
 impl ObservationWindow {
+    /// An empty window for `batch` sequences of `q_heads` heads of `head_dim` elements.
     pub fn new(batch: usize, q_heads: usize, head_dim: usize, cfg: &DecodeConfig) -> Result<Self> {
         cfg.validate()?;
         for (what, n) in [("batch", batch), ("query heads", q_heads), ("head dim", head_dim)] {
@@ -76,6 +77,7 @@ impl ObservationWindow {
     pub fn len(&self) -> usize {
         self.queries.len()
     }
+    /// Whether the window holds no queries.
     pub fn is_empty(&self) -> bool {
         self.queries.is_empty()
     }

@@ -64,6 +64,7 @@ impl AscendBackend {
         Self::with_options(&AscendOptions::from_env()?)
     }
 
+    /// Opens the Ascend backend with `opts` (device, sync timeout).
     pub fn with_options(opts: &AscendOptions) -> Result<Self> {
         let rt = AclRuntime::load(opts)?;
         let mut modules = HashMap::new();

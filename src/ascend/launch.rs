@@ -20,8 +20,11 @@ pub enum Cores {
 /// One Ascend C kernel: entry symbol, source file under `ascend/kernels`, and its cores.
 #[derive(Clone, Copy, Debug)]
 pub struct Kernel {
+    /// The kernel's entry symbol.
     pub symbol: &'static str,
+    /// The kernel source file it is compiled from (without extension).
     pub file: &'static str,
+    /// The cores it runs on.
     pub cores: Cores,
 }
 
@@ -29,24 +32,33 @@ const fn vector(symbol: &'static str, file: &'static str) -> Kernel {
     Kernel { symbol, file, cores: Cores::Vector }
 }
 
+/// The decode attention kernel.
 pub const DECODE: Kernel = vector("ek_decode", "decode");
+/// `kv_compress`: per-entry score statistics.
 pub const COMPRESS_STATS: Kernel = vector("ek_compress_stats", "kv_compress");
+/// `kv_compress`: the observation queries' mean scores.
 pub const COMPRESS_MEANS: Kernel = vector("ek_compress_means", "kv_compress");
+/// `kv_compress`: 1-D pooling of the scores.
 pub const COMPRESS_POOL: Kernel = vector("ek_compress_pool", "kv_compress");
+/// `kv_compress`: each head's top-k.
 pub const COMPRESS_TOPK: Kernel = vector("ek_compress_topk", "kv_compress");
 /// Top-k by threshold selection (any keep; see [`super::TopK`]).
 pub const COMPRESS_SELECT: Kernel = vector("ek_compress_select", "kv_compress");
+/// `kv_compress`: gathers the kept entries into the compressed cache.
 pub const COMPRESS_GATHER: Kernel = vector("ek_compress_gather", "kv_compress");
 
 /// kv_compress scoring with S = obs·Kᵀ on the cube (f16/bf16 caches; mixed kernels).
 pub const COMPRESS_CUBE_STATS: Kernel =
     Kernel { symbol: "ek_compress_cube_stats", file: "kv_compress_cube", cores: Cores::Mix };
+/// `kv_compress`: the mean scores on the cube cores.
 pub const COMPRESS_CUBE_MEANS: Kernel =
     Kernel { symbol: "ek_compress_cube_means", file: "kv_compress_cube", cores: Cores::Mix };
 
+/// The sparse prefill attention kernel (cube and vector cores).
 pub const PREFILL: Kernel = Kernel { symbol: "ek_prefill", file: "prefill", cores: Cores::Mix };
 /// f32 prefill on the vector cores (the cube path takes f16/bf16 only).
 pub const PREFILL_F32: Kernel = vector("ek_prefill_vec", "prefill_vector");
+/// Planning: block representatives.
 pub const PLAN_REPS: Kernel = vector("ek_plan_reps", "plan");
 
 /// Every kernel entry the backend ships; build.rs compiles each distinct `file` once.

@@ -38,22 +38,26 @@ pub unsafe fn init(acl: &Acl) -> Result<()> {
     check(acl, "aclInit", rc)
 }
 
+/// The number of NPUs (`aclrtGetDeviceCount`).
 pub unsafe fn device_count(acl: &Acl) -> Result<u32> {
     let mut n = 0u32;
     check(acl, "aclrtGetDeviceCount", unsafe { acl.aclrtGetDeviceCount(&mut n) })?;
     Ok(n)
 }
 
+/// Makes `device` current for this thread (`aclrtSetDevice`).
 pub unsafe fn set_device(acl: &Acl, device: i32) -> Result<()> {
     check(acl, "aclrtSetDevice", unsafe { acl.aclrtSetDevice(device) })
 }
 
+/// Creates a stream (`aclrtCreateStream`).
 pub unsafe fn create_stream(acl: &Acl) -> Result<aclrtStream> {
     let mut s = std::ptr::null_mut();
     check(acl, "aclrtCreateStream", unsafe { acl.aclrtCreateStream(&mut s) })?;
     Ok(s)
 }
 
+/// Destroys stream `s` (`aclrtDestroyStream`).
 pub unsafe fn destroy_stream(acl: &Acl, s: aclrtStream) -> Result<()> {
     check(acl, "aclrtDestroyStream", unsafe { acl.aclrtDestroyStream(s) })
 }
@@ -79,6 +83,7 @@ pub unsafe fn device_info(acl: &Acl, device: u32, attr: sys::aclrtDevAttr) -> Re
     Ok(v)
 }
 
+/// Allocates `bytes` bytes of device memory (`aclrtMalloc`).
 pub unsafe fn malloc(acl: &Acl, bytes: usize) -> Result<*mut c_void> {
     let mut p = std::ptr::null_mut();
     let policy = sys::aclrtMemMallocPolicy_ACL_MEM_MALLOC_HUGE_FIRST;
@@ -86,20 +91,24 @@ pub unsafe fn malloc(acl: &Acl, bytes: usize) -> Result<*mut c_void> {
     Ok(p)
 }
 
+/// Frees device memory `p` (`aclrtFree`).
 pub unsafe fn free(acl: &Acl, p: *mut c_void) -> Result<()> {
     check(acl, "aclrtFree", unsafe { acl.aclrtFree(p) })
 }
 
+/// Sets `bytes` bytes at `p` to `value` (`aclrtMemset`).
 pub unsafe fn memset(acl: &Acl, p: *mut c_void, bytes: usize, value: u8) -> Result<()> {
     check(acl, "aclrtMemset", unsafe { acl.aclrtMemset(p, bytes, value as i32, bytes) })
 }
 
+/// Copies `src` to device address `dst` (`aclrtMemcpy`, host to device).
 pub unsafe fn copy_to_device(acl: &Acl, dst: *mut c_void, src: &[u8]) -> Result<()> {
     let kind = sys::aclrtMemcpyKind_ACL_MEMCPY_HOST_TO_DEVICE;
     let rc = unsafe { acl.aclrtMemcpy(dst, src.len(), src.as_ptr().cast(), src.len(), kind) };
     check(acl, "aclrtMemcpy(host to device)", rc)
 }
 
+/// Copies `dst.len()` bytes from device address `src` into `dst` (`aclrtMemcpy`, device to host).
 pub unsafe fn copy_to_host(acl: &Acl, dst: &mut [u8], src: *const c_void) -> Result<()> {
     let kind = sys::aclrtMemcpyKind_ACL_MEMCPY_DEVICE_TO_HOST;
     let rc = unsafe { acl.aclrtMemcpy(dst.as_mut_ptr().cast(), dst.len(), src, dst.len(), kind) };
@@ -119,10 +128,12 @@ pub unsafe fn binary_load(acl: &Acl, image: &[u8], magic: u32) -> Result<aclrtBi
     Ok(h)
 }
 
+/// Unloads a kernel binary (`aclrtBinaryUnLoad`).
 pub unsafe fn binary_unload(acl: &Acl, h: aclrtBinHandle) -> Result<()> {
     check(acl, "aclrtBinaryUnLoad", unsafe { acl.aclrtBinaryUnLoad(h) })
 }
 
+/// The function `name` of binary `h` (`aclrtBinaryGetFunction`).
 pub unsafe fn get_function(acl: &Acl, h: aclrtBinHandle, name: &CStr) -> Result<aclrtFuncHandle> {
     let mut f = std::ptr::null_mut();
     check(acl, "aclrtBinaryGetFunction", unsafe { acl.aclrtBinaryGetFunction(h, name.as_ptr(), &mut f) })?;

@@ -30,6 +30,7 @@ pub struct AscendOptions {
     pub libraries: Vec<PathBuf>,
     /// Kernel binaries directory; `None`: the binaries embedded at build time.
     pub kernel_dir: Option<PathBuf>,
+    /// The NPU index.
     pub device: u32,
     /// Vector cores per launch; `None`: the device's count (`aclrtGetDeviceInfo`).
     pub vector_cores: Option<u32>,
@@ -40,6 +41,7 @@ pub struct AscendOptions {
 }
 
 impl AscendOptions {
+    /// The options the environment sets.
     pub fn from_env() -> Result<Self> {
         Ok(AscendOptions {
             libraries: super::acl_candidates().into_iter().map(PathBuf::from).collect(),
@@ -63,7 +65,9 @@ impl AscendOptions {
 /// The ACL runtime of this process, on one device.
 pub struct AclRuntime {
     acl: Acl,
+    /// The current NPU index.
     pub device: i32,
+    /// NPUs visible to this process.
     pub devices: u32,
     /// AIV cores a vector launch spans.
     pub vector_cores: u32,
@@ -71,6 +75,7 @@ pub struct AclRuntime {
     pub ai_cores: u32,
     /// The device's cross-core synchronisation address, mixed kernels' first argument.
     pub hardware_sync: u64,
+    /// Stream synchronisation timeout, in milliseconds.
     pub sync_timeout_ms: i32,
 }
 
@@ -147,6 +152,7 @@ impl AclRuntime {
         }
     }
 
+    /// Allocates a device buffer of `bytes` bytes.
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer> {
         // ACL rejects zero-byte allocations; keep one 32-byte block so every buffer has an address.
         let len = bytes.max(32);
@@ -155,6 +161,7 @@ impl AclRuntime {
         Ok(DeviceBuffer { rt: self.clone(), ptr, len })
     }
 
+    /// Creates a stream on this device.
     pub fn stream(self: &Arc<Self>) -> Result<Stream> {
         let s = unsafe { result::create_stream(&self.acl)? };
         Ok(Stream { rt: self.clone(), raw: s })
@@ -186,22 +193,28 @@ pub struct DeviceBuffer {
 unsafe impl Send for DeviceBuffer {}
 
 impl DeviceBuffer {
+    /// The buffer's device address.
     pub fn addr(&self) -> u64 {
         self.ptr as u64
     }
+    /// Its length, in bytes.
     pub fn len(&self) -> usize {
         self.len
     }
+    /// Whether it holds no bytes.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// Copies `src` into the buffer.
     pub fn upload(&mut self, src: &[u8]) -> Result<()> {
         assert!(src.len() <= self.len, "upload past the buffer");
         unsafe { result::copy_to_device(&self.rt.acl, self.ptr, src) }
     }
+    /// Sets every byte to zero.
     pub fn zero(&mut self) -> Result<()> {
         unsafe { result::memset(&self.rt.acl, self.ptr, self.len, 0) }
     }
+    /// Copies the buffer into `dst`.
     pub fn download(&self, dst: &mut [u8]) -> Result<()> {
         assert!(dst.len() <= self.len, "download past the buffer");
         unsafe { result::copy_to_host(&self.rt.acl, dst, self.ptr) }
@@ -275,6 +288,7 @@ impl Drop for Module {
 /// One kernel entry; keeps its binary loaded.
 pub struct Function {
     func: aclrtFuncHandle,
+    /// The kernel this is.
     pub kernel: Kernel,
     _module: Arc<Module>,
 }

@@ -12,15 +12,23 @@ use super::tokenizer::GgufTokenizer;
 /// Shape of the model, from the GGUF metadata.
 #[derive(Clone, Debug)]
 pub struct LlamaConfig {
+    /// Transformer layers.
     pub layers: usize,
+    /// Query heads.
     pub q_heads: usize,
+    /// Key/value heads.
     pub kv_heads: usize,
+    /// Head dimension, in elements.
     pub head_dim: usize,
+    /// Embedding width, in elements.
     pub embed: usize,
+    /// Vocabulary size, in tokens.
     pub vocab: usize,
     /// Trained context length.
     pub context: usize,
+    /// RoPE frequency base.
     pub rope_base: f32,
+    /// RMSNorm epsilon.
     pub rms_eps: f64,
 }
 
@@ -39,11 +47,13 @@ struct Block {
 /// Where a layer's attention runs: called with post-RoPE q `[1, L, Hq, D]` and k, v
 /// `[1, L, Hkv, D]` for the tokens at positions `pos..pos + L`; returns `[1, L, Hq, D]`.
 pub trait Attention {
+    /// The attention output of layer `layer` for queries `q` at position `pos`, with this step's keys `k` and values `v`.
     fn attend(&mut self, layer: usize, pos: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor>;
 }
 
 /// The model.
 pub struct Llama {
+    /// The model's configuration.
     pub cfg: LlamaConfig,
     embed: Tensor,
     blocks: Vec<Block>,

@@ -15,17 +15,22 @@ use crate::window::{ObservationWindow, WindowEvent};
 /// A prefill + decode method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
+    /// Dense attention, full cache.
     Dense,
     /// Entropy-guided sparse prefill, then latent decode compression.
     EntropyInfer,
     /// EntropyInfer's sparse prefill alone, keeping the full cache (the prefill half of the method).
     EntropyInferPrefill,
+    /// SnapKV cache compression.
     SnapKv,
+    /// CritiPrefill sparse prefill.
     CritiPrefill,
+    /// AdaKV cache compression.
     AdaKv,
 }
 
 impl Method {
+    /// Every method.
     pub const ALL: [Method; 6] = [
         Method::Dense,
         Method::EntropyInfer,
@@ -35,6 +40,7 @@ impl Method {
         Method::AdaKv,
     ];
 
+    /// The method's name.
     pub fn name(self) -> &'static str {
         match self {
             Method::Dense => "dense",
@@ -64,7 +70,9 @@ impl std::str::FromStr for Method {
 /// share segment/block/threshold/base, the compressing methods share `decode_budget` and window.
 #[derive(Clone, Debug)]
 pub struct Settings {
+    /// The prefill configuration.
     pub prefill: EntropyConfig,
+    /// The decode (compression) configuration.
     pub decode: DecodeConfig,
     /// AdaKV's per-head floor, as a fraction of the uniform share.
     pub adakv_floor: f32,
@@ -115,8 +123,11 @@ impl LayerCache {
 /// Planning statistics of one prefilled layer.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LayerStats {
+    /// Fraction of the causal pairs the prefill kept.
     pub kept_fraction: f64,
+    /// Heads that ran dense (rigid).
     pub rigid_heads: usize,
+    /// Heads in all.
     pub heads: usize,
 }
 
@@ -124,6 +135,7 @@ pub struct LayerStats {
 #[derive(Clone)]
 pub struct Session {
     kernels: Kernels,
+    /// The attention method.
     pub method: Method,
     prefill: Option<EntropyConfig>,
     decode: Option<DecodeConfig>,
@@ -134,6 +146,7 @@ pub struct Session {
     prev_scores: Option<Vec<f32>>,
     /// Room kept in each cache for generated tokens.
     reserve: usize,
+    /// Per-layer statistics.
     pub stats: Vec<LayerStats>,
     /// Seconds spent in this crate's attention calls (planning included).
     pub attention_secs: f64,
@@ -144,6 +157,7 @@ fn host<R>(t: &Tensor, f: impl FnOnce(TensorView<'_>) -> crate::Result<R>) -> ca
 }
 
 impl Session {
+    /// An attention of `method` for `model` on `kernels`, reserving cache room for `reserve` more tokens.
     pub fn new(kernels: &Kernels, model: &Llama, method: Method, settings: &Settings, reserve: usize) -> Self {
         let c = &model.cfg;
         Session {
@@ -319,6 +333,7 @@ pub fn prefill(model: &Llama, session: &mut Session, prompt: &[u32]) -> candle_c
 /// One greedy step: the token chosen and how sure the model was of it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Step {
+    /// The token id.
     pub token: u32,
     /// log p(top-1) − log p(top-2): how close the step was to a different choice.
     pub margin: f32,

@@ -225,11 +225,13 @@ pub fn prefill(
 pub struct CompressedTensors {
     /// `[B, Hc, capacity, D]`.
     pub k: Tensor,
+    /// The values.
     pub v: Tensor,
     /// `[B, Hc]` entries per head.
     pub lengths: Vec<u32>,
     /// `[B, Hc, capacity - window]` kept positions, `-1` padded.
     pub indices: Vec<i64>,
+    /// Whether the cache was compressed.
     pub compressed: bool,
 }
 

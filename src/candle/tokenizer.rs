@@ -20,12 +20,16 @@ fn err(e: impl std::fmt::Display) -> candle_core::Error {
 
 /// A tokenizer and its special ids.
 pub struct GgufTokenizer {
+    /// The tokenizer.
     pub tokenizer: Tokenizer,
+    /// Beginning-of-sequence token id, if any.
     pub bos: Option<u32>,
+    /// End-of-sequence token id.
     pub eos: u32,
 }
 
 impl GgufTokenizer {
+    /// The tokenizer of GGUF file `ct`.
     pub fn from_gguf(ct: &Content) -> candle_core::Result<Self> {
         let md = |k: &str| ct.metadata.get(k).ok_or_else(|| err(format!("no `{k}` in the metadata")));
         let model = md("tokenizer.ggml.model")?.to_string()?;
@@ -79,6 +83,7 @@ impl GgufTokenizer {
         Ok(ids)
     }
 
+    /// The text of token ids `ids`.
     pub fn decode(&self, ids: &[u32]) -> candle_core::Result<String> {
         self.tokenizer.decode(ids, false).map_err(err)
     }

@@ -100,6 +100,7 @@ impl CpuBackend {
         CpuBackend { caps: Capabilities::full("cpu", HeadDims::UpTo(MAX_HEAD_DIM)), isa }
     }
 
+    /// The instruction set the kernels use.
     pub fn isa(&self) -> Isa {
         self.isa
     }

@@ -271,8 +271,11 @@ impl Simd for Portable {
 /// The instruction set the fast CPU kernels run with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
+    /// AVX-512.
     Avx512,
+    /// AVX2 with FMA.
     Avx2,
+    /// Portable code, no intrinsics.
     Portable,
 }
 
@@ -307,6 +310,7 @@ impl Isa {
         }
     }
 
+    /// The instruction set's name.
     pub fn name(self) -> &'static str {
         match self {
             Isa::Avx512 => "avx512",

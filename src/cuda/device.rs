@@ -45,6 +45,7 @@ use crate::validate;
 
 /// Element types the kernels take from device memory.
 pub trait DeviceElement: DeviceRepr + ValidAsZeroBits {
+    /// The element type.
     const DTYPE: DType;
 }
 impl DeviceElement for f32 {
@@ -69,6 +70,7 @@ pub struct CudaTensor<'a> {
 }
 
 impl<'a> CudaTensor<'a> {
+    /// A view of `T` elements on the device.
     pub fn new<T: DeviceElement>(
         slice: &'a impl DevicePtr<T>,
         stream: &'a CudaStream,
@@ -98,6 +100,7 @@ pub struct CudaTensorMut<'a> {
 }
 
 impl<'a> CudaTensorMut<'a> {
+    /// A mutable view of `T` elements on the device.
     pub fn new<T: DeviceElement>(
         slice: &'a mut impl DevicePtrMut<T>,
         stream: &'a CudaStream,
@@ -108,6 +111,7 @@ impl<'a> CudaTensorMut<'a> {
         let (ptr, order) = slice.device_ptr_mut(stream);
         CudaTensorMut { ptr, elements, dtype: T::DTYPE, shape, strides, _order: order }
     }
+    /// A view of a `[B, S, N, D]` tensor.
     pub fn bsnd<T: DeviceElement>(
         slice: &'a mut impl DevicePtrMut<T>,
         stream: &'a CudaStream,
@@ -233,17 +237,21 @@ impl CudaBackend {
 /// A compressed cache in device memory: `k`/`v` are `[B, Hc, budget, D]` (the kept entries in
 /// ascending position order, then the window's W), every head holding `budget` entries.
 pub struct CudaCompressedCache<T> {
+    /// The keys.
     pub k: CudaSlice<T>,
+    /// The values.
     pub v: CudaSlice<T>,
     /// `[B, Hc, capacity, D]`: `capacity` is the budget, or with AdaKV the longest head's length.
     pub shape: [usize; 4],
     /// u32 `[B, Hc, index_stride]`: each head's kept positions, ascending, in the first
     /// `lengths[b·Hc + h] − window` entries of its row.
     pub indices: CudaSlice<u32>,
+    /// Index stride, in entries.
     pub index_stride: usize,
     /// Entries each head keeps, window included (all `decode_budget` unless AdaKV shares the
     /// budget); slots past a head's length are zero. Pass them to `decode_attention_on`.
     pub lengths: Vec<u32>,
+    /// Observation window, in entries.
     pub window: usize,
 }
 

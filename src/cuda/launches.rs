@@ -17,22 +17,27 @@ use crate::validate::{AttnDims, CompressDims, DecodeDims};
 pub const MMA_ROWS_PER_WARP: usize = 16;
 /// The tensor-core prefill's tile heights (`_m64`, `_m128`); the smaller must hold a GQA group.
 pub const MMA_TILE_SMALL: usize = 64;
+/// The larger tile height, in rows.
 pub const MMA_TILE_LARGE: usize = 128;
 /// Keys per K/V tile of the tensor-core prefill.
 pub const MMA_KEYS: usize = 64;
 /// The SIMT prefill: query rows per CTA and its threads (4 per row).
 pub const SIMT_ROWS: usize = 32;
+/// Threads per SIMT prefill CTA.
 pub const SIMT_THREADS: u32 = 128;
 /// The SIMT prefill's key-tile heights (`ek_prefill_simt_*` and `_k16`), largest first: the
 /// smaller one lets D up to 256 fit the 99 KiB of sm_86/sm_89.
 pub const SIMT_KEY_TILES: [usize; 2] = [32, 16];
+/// Threads per decode CTA.
 pub const DECODE_THREADS: u32 = 128;
 /// Dynamic shared memory the decode split kernel may use (any device's default limit).
 pub const DECODE_MAX_SMEM: usize = 48 * 1024;
 /// Floats of the decode's partial-output scratch: streams · DECODE_ROW_PASS · D with streams =
 /// 4 warps · 32 / lanes per cache row (cuda/decode.cu) is at most 4096 for D ≤ 256.
 pub const DECODE_SCRATCH: usize = 4096;
+/// Fewest keys per decode split, where shared memory allows.
 pub const DECODE_MIN_KEYS: usize = 64;
+/// Most keys per decode split.
 pub const DECODE_MAX_KEYS: usize = 512;
 /// The planning kernels' block: the lane sums of `numerics` need exactly this many threads.
 pub const PLAN_THREADS: u32 = crate::numerics::LANES as u32;
@@ -45,9 +50,13 @@ pub const TOPK_THREADS: u32 = 512;
 /// Largest ranking the planning sorts in shared memory (`RANK_SORT_CAP` in cuda/topk.cuh);
 /// wider ones are ranked by counting among the selected blocks.
 pub const RANK_SORT_CAP: usize = 2048;
+/// Threads per CTA of the compression's SIMT scoring.
 pub const COMPRESS_THREADS: u32 = 128;
+/// Cache entries per tile of the compression's SIMT scoring.
 pub const COMPRESS_KEYS: usize = 32;
+/// Threads per CTA of the compression's tensor-core scoring.
 pub const COMPRESS_MMA_THREADS: u32 = 128;
+/// Cache entries per tile of the compression's tensor-core scoring.
 pub const COMPRESS_MMA_KEYS: usize = 64;
 /// Cache entries per CTA of the compression's scoring.
 pub const COMPRESS_CHUNK: usize = 2048;
@@ -73,6 +82,7 @@ pub struct KernelLimits {
 pub struct DeviceLimits {
     /// Multiprocessors: how many CTAs make a wave.
     pub sms: usize,
+    /// Each loaded kernel's limits, by name.
     pub kernels: HashMap<String, KernelLimits>,
 }
 
@@ -91,8 +101,11 @@ impl DeviceLimits {
 /// One kernel launch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Launch {
+    /// The kernel's name.
     pub kernel: String,
+    /// Grid size, in CTAs.
     pub grid: (u32, u32, u32),
+    /// Threads per CTA.
     pub block: u32,
     /// Dynamic shared memory, bytes.
     pub smem: usize,
@@ -150,7 +163,9 @@ pub enum PrefillTile {
     /// 128 rows when they fit in shared memory, fill whole segments and make at least two waves
     /// of CTAs; else 64.
     Auto,
+    /// 64-row tiles.
     M64,
+    /// 128-row tiles.
     M128,
 }
 
@@ -181,9 +196,11 @@ pub fn simt_prefill_smem(keys: usize, head_dim: usize) -> usize {
 /// A prefill's launch and the tiling it implies.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PrefillLaunch {
+    /// The launch.
     pub launch: Launch,
     /// Query tokens per CTA.
     pub tile_tokens: usize,
+    /// Query tiles per segment.
     pub tiles_per_segment: usize,
 }
 
@@ -269,8 +286,11 @@ fn mma_tile_rows(
 /// group heads whose Q sums pass through shared memory together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LogitTiling {
+    /// K-representative blocks per CTA.
     pub tile: usize,
+    /// Segments whose Q sums share shared memory.
     pub segments: usize,
+    /// Group heads whose Q sums share shared memory.
     pub heads: usize,
 }
 
@@ -309,17 +329,24 @@ impl LogitTiling {
 /// Planning's launches, in order: representatives of Q and K, logits, softmax, decisions, ranking.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlanLaunches {
+    /// Query block representatives.
     pub reps_q: Launch,
+    /// Key block representatives.
     pub reps_k: Launch,
+    /// Block logits.
     pub logits: Launch,
+    /// Softmax over the logits.
     pub softmax: Launch,
+    /// Dense-or-sparse decisions.
     pub decide: Launch,
+    /// Block ranking.
     pub rank: Launch,
     /// The logits kernel's tiling.
     pub logit: LogitTiling,
 }
 
 impl PlanLaunches {
+    /// The launches, in order.
     pub fn all(&self) -> [&Launch; 6] {
         [&self.reps_q, &self.reps_k, &self.logits, &self.softmax, &self.decide, &self.rank]
     }
@@ -365,7 +392,9 @@ pub fn plan(limits: &DeviceLimits, d: &crate::plan::PlanDims, head_dim: usize, d
 /// The scoring kernels of one compression and their dynamic shared memory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompressScoring {
+    /// Score statistics.
     pub stats: Launch,
+    /// Mean scores.
     pub means: Launch,
     /// Cache entries per scoring CTA.
     pub chunk: usize,
@@ -422,15 +451,20 @@ pub fn compress_scoring(
 /// The compression's launches after scoring, for `heads` output heads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompressSelection {
+    /// Pooling of the scores.
     pub pool: Launch,
     /// Each head's top-k (uniform budgets; AdaKV's floor picks).
     pub topk: Launch,
+    /// AdaKV: marks the floor picks.
     pub adakv_mask: Launch,
+    /// AdaKV: selects the extra entries from the shared pool.
     pub adakv_extra: Launch,
+    /// AdaKV: merges the floor and extra picks.
     pub adakv_merge: Launch,
 }
 
 impl CompressSelection {
+    /// The launches, in order.
     pub fn all(&self) -> [&Launch; 5] {
         [&self.pool, &self.topk, &self.adakv_mask, &self.adakv_extra, &self.adakv_merge]
     }
@@ -458,9 +492,13 @@ pub fn compress_gather(d: &CompressDims, heads: usize, capacity: usize, dtype: D
 /// A decode's split and merge launches and its split of the keys.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecodeLaunches {
+    /// The split kernel's launch.
     pub split: Launch,
+    /// The merge kernel's launch.
     pub merge: Launch,
+    /// Splits of the keys.
     pub splits: usize,
+    /// Keys per split.
     pub keys_per_split: usize,
 }
 

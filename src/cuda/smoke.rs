@@ -19,6 +19,7 @@ pub const SMALL_DEVICE_SHARED: usize = 99 * 1024;
 /// The outcome of one case.
 #[derive(Clone, Debug)]
 pub struct SmokeCase {
+    /// The check's name.
     pub name: String,
     /// The largest difference from the CPU backend, in the case's own measure (0 for decisions
     /// that must be identical).
@@ -30,6 +31,7 @@ pub struct SmokeCase {
 }
 
 impl SmokeCase {
+    /// Whether the check passed.
     pub fn passed(&self) -> bool {
         self.failure.is_none() && self.error <= self.tolerance
     }

@@ -57,12 +57,17 @@ fn thd(what: &'static str, v: &dyn Layout) -> Result<[usize; 3]> {
 /// Sizes of an attention call over a cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttendDims {
+    /// Sequences.
     pub sequences: usize,
     /// Query tokens of all sequences (T).
     pub tokens: usize,
+    /// Query heads.
     pub q_heads: usize,
+    /// Cache heads.
     pub cache_heads: usize,
+    /// Head dimension, in elements.
     pub head_dim: usize,
+    /// Page size, in tokens.
     pub page_size: usize,
 }
 
@@ -89,9 +94,11 @@ impl<'a> AttendArgs<'a> {
     pub fn q(&self) -> TensorView<'a> {
         self.q
     }
+    /// Offsets of each sequence's query tokens.
     pub fn cu_q(&self) -> &'a [u32] {
         self.cu_q
     }
+    /// The cache.
     pub fn cache(&self) -> &KvCache<'a> {
         &self.cache
     }
@@ -99,9 +106,11 @@ impl<'a> AttendArgs<'a> {
     pub fn blocks(&self, i: usize) -> Option<&'a BlockLists> {
         self.blocks.get(i).copied().flatten()
     }
+    /// The softmax scale.
     pub fn scale(&self) -> f32 {
         self.scale
     }
+    /// The call's sizes.
     pub fn dims(&self) -> AttendDims {
         self.dims
     }
@@ -253,6 +262,7 @@ pub struct SeqChunk<'a> {
     pub q_start: usize,
     /// Keys held (the chunk's own included).
     pub kv_len: usize,
+    /// The prefill configuration.
     pub cfg: &'a EntropyConfig,
     /// The whole prompt's plan sizes (batch 1).
     pub dims: PlanDims,
@@ -274,21 +284,27 @@ pub struct ChunkArgs<'a> {
 }
 
 impl<'a> ChunkArgs<'a> {
+    /// The queries.
     pub fn q(&self) -> TensorView<'a> {
         self.q
     }
+    /// The cache.
     pub fn cache(&self) -> &KvCache<'a> {
         &self.cache
     }
+    /// The sequences' chunks.
     pub fn seqs(&self) -> &[SeqChunk<'a>] {
         &self.seqs
     }
+    /// Head dimension, in elements.
     pub fn head_dim(&self) -> usize {
         self.head_dim
     }
+    /// Whether the plan keeps its maps.
     pub fn keep_maps(&self) -> bool {
         self.keep_maps
     }
+    /// Whether every unit is ranked as far as any budget can reach.
     pub fn full_ranking(&self) -> bool {
         self.full_ranking
     }

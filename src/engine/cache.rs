@@ -104,7 +104,9 @@ pub struct CacheDims {
     pub sequences: usize,
     /// Cache heads.
     pub heads: usize,
+    /// Head dimension, in elements.
     pub head_dim: usize,
+    /// Page size, in tokens.
     pub page_size: usize,
     /// Entries a sequence can hold: `width · page_size`.
     pub capacity: usize,
@@ -236,9 +238,11 @@ impl<'a> KvCache<'a> {
         Ok(KvCache { k: k.data(), v: v.data(), layout, table: BlockTable::identity(k.shape()[0]), lens })
     }
 
+    /// The page layout.
     pub fn layout(&self) -> &PageLayout {
         &self.layout
     }
+    /// The block table.
     pub fn table(&self) -> &BlockTable<'a> {
         &self.table
     }
@@ -246,6 +250,7 @@ impl<'a> KvCache<'a> {
     pub fn lens(&self) -> &'a [u32] {
         self.lens
     }
+    /// The element type.
     pub fn dtype(&self) -> DType {
         self.k.dtype()
     }
@@ -317,12 +322,15 @@ impl<'a> KvCacheMut<'a> {
         KvCacheMut { k: k.into(), v: v.into(), layout, table: BlockTable::identity(n), lens }
     }
 
+    /// The page layout.
     pub fn layout(&self) -> &PageLayout {
         &self.layout
     }
+    /// The block table.
     pub fn table(&self) -> &BlockTable<'a> {
         &self.table
     }
+    /// Each sequence's length, in tokens.
     pub fn lens(&self) -> &[u32] {
         self.lens
     }

@@ -21,6 +21,7 @@ pub struct Selection {
     pub compressed: Vec<bool>,
     /// `[sequences · heads + 1]` offsets into `positions`.
     pub indptr: Vec<usize>,
+    /// Kept positions, in tokens.
     pub positions: Vec<u32>,
 }
 
@@ -54,6 +55,7 @@ pub struct SelectArgs<'a> {
 }
 
 impl<'a> SelectArgs<'a> {
+    /// The cache.
     pub fn cache(&self) -> &KvCache<'a> {
         &self.cache
     }
@@ -61,6 +63,7 @@ impl<'a> SelectArgs<'a> {
     pub fn obs(&self) -> TensorView<'a> {
         self.obs
     }
+    /// The decode configuration.
     pub fn cfg(&self) -> &'a DecodeConfig {
         self.cfg
     }
@@ -69,6 +72,7 @@ impl<'a> SelectArgs<'a> {
     pub fn compress(&self) -> &[bool] {
         &self.compress
     }
+    /// The softmax scale.
     pub fn scale(&self) -> f32 {
         self.scale
     }
@@ -157,8 +161,11 @@ pub fn select<'a>(
 /// ranks, and what tensor-parallel shards exchange for AdaKV (SPEC §7.7).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Scores {
+    /// Cache heads.
     pub heads: usize,
+    /// Observation window, in tokens.
     pub window: usize,
+    /// Per sequence: whether it is compressed.
     pub compressed: Vec<bool>,
     /// `[sequences, heads]` lengths of the scored cache.
     pub lens: Vec<u32>,

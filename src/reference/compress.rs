@@ -8,6 +8,7 @@ use crate::error::Result;
 use crate::tensor::HostTensor;
 use crate::validate::CompressArgs;
 
+/// `kv_compress` in f64 (SPEC §4).
 pub fn kv_compress(a: &CompressArgs<'_>) -> Result<CompressedCache> {
     let d = a.dims();
     let cfg = a.cfg();

@@ -21,7 +21,9 @@ use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
 
 /// A rank-4 tensor copied to contiguous f64.
 pub struct F64Tensor {
+    /// The elements.
     pub data: Vec<f64>,
+    /// The shape.
     pub shape: [usize; 4],
 }
 
@@ -74,6 +76,7 @@ pub struct ReferenceBackend {
 }
 
 impl ReferenceBackend {
+    /// The reference backend.
     pub fn new() -> Self {
         ReferenceBackend { caps: Capabilities::full("reference", HeadDims::UpTo(1024)) }
     }

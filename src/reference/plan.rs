@@ -7,6 +7,7 @@ use crate::error::Result;
 use crate::plan::{BlockLists, HeadClass, Plan};
 use crate::validate::PlanArgs;
 
+/// `plan` in f64 (SPEC §2).
 pub fn plan(a: &PlanArgs<'_>) -> Result<Plan> {
     let cfg = a.cfg();
     let dims = a.dims();
