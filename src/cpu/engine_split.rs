@@ -107,16 +107,16 @@ impl<E: Element> WithSimd for UnitJob<'_, '_, '_, E> {
         let (m, rest) = part.split_at_mut(call.r);
         let (l, out) = rest.split_at_mut(call.r);
         for (jn, t) in (k0..k1).enumerate() {
-            for h in 0..hc {
+            for (h, &len) in lens.iter().enumerate() {
                 let head_rows = h * rh..(h + 1) * rh;
-                if t >= lens[h] as usize {
+                if t >= len as usize {
                     // Past this head's entries (its pages may end here): nothing to read.
                     head_rows.for_each(|r| scores[r * n + jn] = f32::NEG_INFINITY);
                     continue;
                 }
                 let o = offs[jn] + h * hs;
                 E::widen(&call.k[o..o + d], row);
-                let q_start = lens[h] as usize - tokens.len();
+                let q_start = len as usize - tokens.len();
                 for r in head_rows {
                     // Bottom-right causal: query j of the head sees entries up to q_start + j.
                     scores[r * n + jn] = if t <= q_start + (r - h * rh) / g {
