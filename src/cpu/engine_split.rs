@@ -216,6 +216,19 @@ pub(crate) fn attend<E: Element>(
     if s.bufs.len() != threads {
         s.bufs = (0..threads).map(|_| std::sync::Mutex::new((Vec::new(), Vec::new()))).collect();
     }
+    // Every worker's buffers sized here, not on its first unit: which worker runs a unit varies
+    // from call to call, and a call after the first must not allocate.
+    let need = r * d + d + r * KEYS_PER_UNIT;
+    for b in &s.bufs {
+        let mut guard = b.lock().unwrap_or_else(|e| e.into_inner());
+        let (buf, offsets) = &mut *guard;
+        if buf.len() < need.max(2 * d) {
+            buf.resize(need.max(2 * d), 0.0);
+        }
+        if offsets.len() < KEYS_PER_UNIT {
+            offsets.resize(KEYS_PER_UNIT, 0);
+        }
+    }
     let call = Call {
         args: a,
         q: Strided::of(&a.q()),
