@@ -41,7 +41,8 @@ pub struct BenchArgs {
     pub backend: super::BackendArg,
 }
 
-fn repeat(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// Median of `reps` timed runs of `f`, after one untimed warm-up run.
+pub(super) fn repeat(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?; // warm-up: first-touch of buffers, thread pool start
     let mut t = Vec::with_capacity(reps);
     for _ in 0..reps.max(1) {

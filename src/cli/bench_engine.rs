@@ -9,7 +9,8 @@ use entropy_kernels::{
     KvCacheMut, PageLayout, PlanRequest, PlanState, Result, TensorView, TensorViewMut, Workspace, synth,
 };
 
-use super::{Table, median, ms, time};
+use super::bench::repeat;
+use super::{Table, ms};
 
 #[derive(Args, Debug)]
 pub struct BenchEngineArgs {
@@ -48,17 +49,6 @@ pub struct BenchEngineArgs {
     pub reps: usize,
     #[command(flatten)]
     pub backend: super::BackendArg,
-}
-
-fn repeat(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    let mut t = Vec::with_capacity(reps);
-    for _ in 0..reps.max(1) {
-        let (r, s) = time(&mut f);
-        r?;
-        t.push(s);
-    }
-    Ok(median(t))
 }
 
 fn tensor(shape: [usize; 4], seed: u64, dtype: DType) -> HostTensor {

@@ -69,9 +69,6 @@ impl<E: Element> WithSimd for UnitJob<'_, '_, '_, E> {
     #[inline(always)]
     fn with_simd<S: Simd>(self) {
         let UnitJob { call, unit, buf, offsets, part } = self;
-        if offsets.len() < KEYS_PER_UNIT {
-            offsets.resize(KEYS_PER_UNIT, 0);
-        }
         let a = call.args;
         let dm = a.dims();
         let (g, d, hc) = (dm.group(), dm.head_dim, dm.cache_heads);
@@ -81,10 +78,8 @@ impl<E: Element> WithSimd for UnitJob<'_, '_, '_, E> {
         let rh = tokens.len() * g;
         let rows = hc * rh;
         let n = k1 - k0;
-        let need = call.r * d + d + call.r * KEYS_PER_UNIT;
-        if buf.len() < need {
-            buf.resize(need, 0.0);
-        }
+        // Sized by `attend` before the units run.
+        debug_assert!(buf.len() >= call.r * d + d + call.r * KEYS_PER_UNIT && offsets.len() >= KEYS_PER_UNIT);
         let (qbuf, rest) = buf.split_at_mut(call.r * d);
         let (row, scores) = rest.split_at_mut(d);
         for h in 0..hc {
@@ -250,11 +245,7 @@ pub(crate) fn attend<E: Element>(
         let tokens = a.tokens(*i);
         let slot = rayon::current_thread_index().unwrap_or(0) % bufs.len();
         let mut guard = bufs[slot].lock().unwrap_or_else(|e| e.into_inner());
-        let buf = &mut guard.0;
-        if buf.len() < 2 * d {
-            buf.resize(2 * d, 0.0);
-        }
-        let (o, _) = buf.split_at_mut(d);
+        let (o, _) = guard.0.split_at_mut(d);
         let rh = tokens.len() * g;
         for (j, t) in tokens.clone().enumerate() {
             for gi in 0..g {

@@ -54,6 +54,29 @@ fn thd(what: &'static str, v: &dyn Layout) -> Result<[usize; 3]> {
     Ok([t, h, d])
 }
 
+/// The checks every ragged call over a cache starts with: the backend runs `op`, `q` is THD,
+/// the cache is well formed and of q's dtype and head dim, the heads group, `cu_q` covers q.
+/// Returns q's `[T, Hq, D]` and the cache's sizes.
+fn ragged_call(
+    caps: &Capabilities,
+    op: (Op, &'static str),
+    q: &TensorView<'_>,
+    cu_q: &[u32],
+    cache: &KvCache<'_>,
+) -> Result<([usize; 3], CacheDims)> {
+    if !caps.supports(op.0) {
+        return Err(Error::Unimplemented { backend: caps.backend, op: op.1 });
+    }
+    let [t, hq, d] = thd("q", q)?;
+    let c = cache.parts().check(false)?;
+    common_checks(caps, q.dtype(), cache.dtype(), d, &c)?;
+    if hq % c.heads != 0 {
+        return Err(Error::HeadGrouping { q_heads: hq, kv_heads: c.heads });
+    }
+    ragged_offsets(cu_q, c.sequences, t)?;
+    Ok(([t, hq, d], c))
+}
+
 /// Sizes of an attention call over a cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttendDims {
@@ -136,16 +159,7 @@ pub fn attend<'a>(
     out: &dyn Layout,
     lse: Option<&[f32]>,
 ) -> Result<AttendArgs<'a>> {
-    if !caps.supports(Op::Attend) {
-        return Err(Error::Unimplemented { backend: caps.backend, op: "attend" });
-    }
-    let [t, hq, d] = thd("q", &q)?;
-    let c = cache.parts().check(false)?;
-    common_checks(caps, q.dtype(), cache.dtype(), d, &c)?;
-    if hq % c.heads != 0 {
-        return Err(Error::HeadGrouping { q_heads: hq, kv_heads: c.heads });
-    }
-    ragged_offsets(cu_q, c.sequences, t)?;
+    let ([t, hq, d], c) = ragged_call(caps, (Op::Attend, "attend"), &q, cu_q, cache)?;
     for i in 0..c.sequences {
         let q_len = (cu_q[i + 1] - cu_q[i]) as usize;
         for h in 0..c.heads {
@@ -324,17 +338,8 @@ pub fn plan_chunks<'a>(
     states: &[PlanState],
     req: &ChunkRequest<'a>,
 ) -> Result<ChunkArgs<'a>> {
-    if !caps.supports(Op::PlanChunks) {
-        return Err(Error::Unimplemented { backend: caps.backend, op: "plan_chunks" });
-    }
-    let [t, hq, d] = thd("q", &q)?;
-    let c = cache.parts().check(false)?;
-    common_checks(caps, q.dtype(), cache.dtype(), d, &c)?;
+    let ([_, hq, d], c) = ragged_call(caps, (Op::PlanChunks, "plan_chunks"), &q, cu_q, cache)?;
     let hkv = c.heads;
-    if hq % hkv != 0 {
-        return Err(Error::HeadGrouping { q_heads: hq, kv_heads: hkv });
-    }
-    ragged_offsets(cu_q, c.sequences, t)?;
     let n = c.sequences;
     if prompt_lens.len() != n {
         return Err(Error::Shape {
