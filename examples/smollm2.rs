@@ -21,7 +21,10 @@ use entropy_kernels::candle::dump;
 use entropy_kernels::candle::llama::{Llama, log_softmax};
 use entropy_kernels::candle::methods::{self, Method, Session, Settings};
 use entropy_kernels::candle::tokenizer::GgufTokenizer;
-use entropy_kernels::{BackendChoice, Config, DecodeConfig, EntropyConfig, GqaMode, Kernels, Pooling};
+use entropy_kernels::{BackendChoice, Config, DecodeConfig, EntropyConfig, GqaMode, HeadClassMode, Kernels, Pooling};
+
+#[path = "smollm2/engine.rs"]
+mod engine;
 
 /// A config enum from its SPEC name (`avg`, `per_query_head`, …).
 fn config_enum<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
@@ -94,10 +97,27 @@ struct Args {
     /// Backend of the attention kernels (default: $ENTROPY_KERNELS_BACKEND or auto).
     #[arg(long)]
     backend: Option<String>,
+    /// Head classes of the sparse prefills: `prompt` (decided over the whole prompt) or
+    /// `streaming` (causal, what chunked prefill needs; SPEC §7.2).
+    #[arg(long, default_value = "prompt", value_parser = config_enum::<HeadClassMode>)]
+    head_class: HeadClassMode,
+    /// Serve through the paged engine interface (SPEC §7) in prefill chunks of N tokens (a
+    /// multiple of the segment size), and compare each method with its one-shot run: tokens,
+    /// first-token log-probs, and the top-1 agreement of `streaming` with `prompt` head classes.
+    #[arg(long)]
+    chunk: Option<usize>,
+    /// Cut the prompt into K prompts of different lengths (the document shortened to
+    /// context·i/K tokens) served as one ragged batch per forward pass, sequence i with method
+    /// i mod the --methods list; each is compared with its own single-sequence run.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Page size of the engine interface's KV pool, in tokens.
+    #[arg(long, default_value_t = 16)]
+    page_size: usize,
 }
 
 /// Builds the prompt tokens: chat template around document + question, document shortened to fit.
-fn prompt_tokens(tok: &GgufTokenizer, args: &Args) -> candle_core::Result<(Vec<u32>, String)> {
+fn prompt_tokens(tok: &GgufTokenizer, args: &Args, context: usize) -> candle_core::Result<(Vec<u32>, String)> {
     let (document, question) = match &args.prompt_file {
         None => (String::new(), args.prompt.clone()),
         Some(p) => {
@@ -112,13 +132,13 @@ fn prompt_tokens(tok: &GgufTokenizer, args: &Args) -> candle_core::Result<(Vec<u
     };
     let full = GgufTokenizer::chat_prompt(&format!("{document}\n\n{question}"));
     let ids = tok.encode(&full)?;
-    if ids.len() <= args.context {
+    if ids.len() <= context {
         return Ok((ids, question));
     }
     // Cut the document's tail: tokens of (prefix + document) then (question + suffix).
     let head = tok.encode(&GgufTokenizer::chat_prompt(&document).replace("<|im_end|>\n<|im_start|>assistant\n", ""))?;
     let tail = tok.encode(&format!("\n\n{question}<|im_end|>\n<|im_start|>assistant\n"))?;
-    let keep = args.context.saturating_sub(tail.len()).min(head.len());
+    let keep = context.saturating_sub(tail.len()).min(head.len());
     Ok(([&head[..keep], &tail[..]].concat(), question))
 }
 
@@ -161,7 +181,11 @@ fn main() -> candle_core::Result<()> {
         },
         adakv_floor: args.adakv_floor,
     };
-    let (prompt, question) = prompt_tokens(&tok, &args)?;
+    let settings = Settings { prefill: EntropyConfig { head_class: args.head_class, ..settings.prefill }, ..settings };
+    if args.chunk.is_some() || args.batch.is_some() {
+        return engine::run(&args, &kernels, &model, &tok, &settings, &methods);
+    }
+    let (prompt, question) = prompt_tokens(&tok, &args, args.context)?;
     println!("prompt: {} tokens; question: {question:?}", prompt.len());
     if let Some(dir) = &args.dump_qkv {
         let config = Config { prefill: settings.prefill.clone(), decode: settings.decode.clone() };

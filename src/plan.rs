@@ -273,17 +273,24 @@ impl BlockLists {
 
     /// Fraction of the causal (query, key) pairs that attention computes (1.0 = dense).
     pub fn kept_fraction(&self) -> f64 {
+        let (kept, causal) = self.kept_pairs(0..self.dims.segments);
+        if causal == 0.0 { 1.0 } else { kept / causal }
+    }
+
+    /// The (query, key) pairs attention computes over query segments `segments`, and the causal
+    /// pairs there: a chunk's share of the prompt ([`Plan::planned`]) sums over chunks.
+    pub fn kept_pairs(&self, segments: std::ops::Range<usize>) -> (f64, f64) {
         let d = &self.dims;
-        let (mut kept, mut dense) = (0f64, 0f64);
+        let (mut kept, mut causal) = (0f64, 0f64);
         for b in 0..d.batch {
             for h in 0..d.kv_heads {
-                for s in 0..d.segments {
+                for s in segments.clone() {
                     let r = d.segment_range(s);
                     let n = r.len() as f64;
                     // Causal pairs inside the segment plus pairs with every earlier key.
                     let own = n * (n + 1.0) / 2.0;
                     let before = n * r.start as f64;
-                    dense += own + before;
+                    causal += own + before;
                     kept += own
                         + match self.segment(b, h, s) {
                             SegmentAttention::Dense => before,
@@ -292,7 +299,7 @@ impl BlockLists {
                 }
             }
         }
-        if dense == 0.0 { 1.0 } else { kept / dense }
+        (kept, causal)
     }
 
     /// Number of sparse units.

@@ -64,6 +64,10 @@ fn decode_steps_allocate_nothing_after_the_first() {
     let mut lse = vec![0f32; seqs * hq];
     let one_each: Vec<u32> = (0..=seqs as u32).collect();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    // A rayon worker registers with crossbeam-epoch (two allocations, once per thread) the first
+    // time it steals; under load a worker may first steal after the warm-up. Register them all
+    // now: what the test counts is the kernels' allocations, not the thread pool's one-time setup.
+    pool.broadcast(|_| drop(crossbeam_epoch::pin()));
     let counted = pool.install(|| {
         let mut counted = Vec::new();
         for s in 0..steps {

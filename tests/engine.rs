@@ -1058,3 +1058,43 @@ fn prompts_shorter_than_the_window_are_left_alone() {
     let bad = Kernels::cpu().kv_compress(long.view(), long.view(), obs.view(), &cfg).unwrap_err();
     assert!(matches!(bad, Error::Shape { what: "obs", .. }), "{bad}");
 }
+
+#[test]
+fn one_shot_calls_take_k_and_v_of_different_strides() {
+    // The one-shot calls run as attention over the cache their K/V form (one code path); a cache
+    // has one layout for both pools, so K and V laid out differently go through a copy. Batch 2,
+    // odd lengths, a transposed V, against the exact result; decode with every entry visible.
+    let test = "one_shot_calls_take_k_and_v_of_different_strides";
+    for seed in seeds(test) {
+        for kernels in common::backends_under_test(test) {
+            for dtype in [DType::F32, DType::BF16] {
+                if !common::runs_on(test, &kernels, Op::Prefill, dtype) {
+                    continue;
+                }
+                let (b, l, hq, hkv, d) = (2, 77, 4, 2, 64);
+                let q = random([b, l, hq, d], 1.0, seed, dtype);
+                let k = random([b, l, hkv, d], 1.0, seed + 1, dtype);
+                let v_store = random([b, hkv, l, d], 1.0, seed + 2, dtype);
+                let v = v_store.view().transpose(1, 2).unwrap();
+                let mut out = poisoned([b, l, hq, d], dtype);
+                let mut lse = vec![f32::NAN; b * hq * l];
+                kernels.dense_prefill(q.view(), k.view(), v, None, &mut out.view_mut(), Some(&mut lse)).unwrap();
+                let exact = check::exact_prefill(q.view(), k.view(), v, None);
+                check::check_out(&format!("prefill {dtype} (seed {seed})"), kernels.kind(), &out, &exact);
+                check::check_lse(&format!("prefill lse {dtype} (seed {seed})"), &lse, &exact);
+
+                let (nq, cap) = (3, 45);
+                let q = random([b, nq, hq, d], 1.0, seed + 3, dtype);
+                let kc = random([b, hkv, cap, d], 1.0, seed + 4, dtype);
+                let vc_store = random([b, cap, hkv, d], 1.0, seed + 5, dtype);
+                let vc = vc_store.view().transpose(1, 2).unwrap();
+                let mut rng = Rng::new(seed);
+                let lengths: Vec<u32> = (0..b * hkv).map(|_| 1 + rng.below(cap) as u32).collect();
+                let mut out = poisoned([b, nq, hq, d], dtype);
+                kernels.decode_attention(q.view(), kc.view(), vc, &lengths, None, &mut out.view_mut()).unwrap();
+                let exact = check::exact_decode(q.view(), kc.view(), vc, &lengths);
+                check::check_out(&format!("decode {dtype} (seed {seed})"), kernels.kind(), &out, &exact);
+            }
+        }
+    }
+}

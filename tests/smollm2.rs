@@ -11,9 +11,10 @@ use std::sync::OnceLock;
 use entropy_kernels::candle::dump;
 use entropy_kernels::candle::llama::{Llama, log_softmax};
 use entropy_kernels::candle::methods::{self, Method, Session, Settings};
+use entropy_kernels::candle::serving::{self, Generation, Request, Server};
 use entropy_kernels::candle::tokenizer::GgufTokenizer;
 use entropy_kernels::io::Case;
-use entropy_kernels::{DecodeConfig, EntropyConfig, Kernels};
+use entropy_kernels::{DecodeConfig, EntropyConfig, HeadClassMode, Kernels};
 
 fn gguf() -> Option<PathBuf> {
     let path = std::env::var_os("ENTROPY_KERNELS_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
@@ -168,4 +169,132 @@ fn dumped_layers_are_conformance_cases() {
         .unwrap();
     assert!(c.compressed);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+fn request(method: Method, prompt: &[u32], new_tokens: usize, streaming: bool) -> Request {
+    let class = if streaming { HeadClassMode::Streaming } else { HeadClassMode::Prompt };
+    Request {
+        method,
+        prefill: settings().prefill_config(method).map(|p| EntropyConfig { head_class: class, ..p }),
+        prompt: prompt.to_vec(),
+        new_tokens,
+        forced: None,
+    }
+}
+
+fn served(model: &Llama, requests: &[Request], chunk: Option<usize>) -> Vec<Generation> {
+    let kernels = Kernels::cpu();
+    let tokens: usize = requests.iter().map(|r| r.prompt.len() + r.new_tokens).sum();
+    let pages = tokens.div_ceil(16) + 2 * requests.len();
+    let mut server = Server::new(&kernels, model, &settings(), 16, pages).unwrap();
+    let (gens, _) = serving::serve(model, &mut server, requests, chunk).unwrap();
+    assert_eq!(server.free_pages(), pages, "every page returns to the pool");
+    gens
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn served_in_chunks_over_pages_equals_one_shot() {
+    // SPEC §7.2 end to end: `streaming` planning over a paged cache in chunks of 2·S gives the
+    // one-shot run's decisions, logits and tokens (every method, compression included).
+    let Some((model, tok)) = model() else { return };
+    let prompt = long_prompt(tok);
+    let n = 12;
+    for method in Method::ALL {
+        let one = served(model, &[request(method, &prompt, n, true)], None);
+        let chunked = served(model, &[request(method, &prompt, n, true)], Some(128));
+        let (one, chunked) = (&one[0], &chunked[0]);
+        let toks = |g: &Generation| g.steps.iter().map(|s| s.token).collect::<Vec<_>>();
+        assert_eq!(toks(one), toks(chunked), "{}: chunked tokens", method.name());
+        let diff = max_diff(&one.first_logprobs, &chunked.first_logprobs);
+        assert!(diff <= 1e-4, "{}: first-token log-probs differ by {diff}", method.name());
+        assert_eq!(one.entries, chunked.entries, "{}", method.name());
+        for (a, b) in one.stats.iter().zip(&chunked.stats) {
+            assert!((a.kept_fraction - b.kept_fraction).abs() < 1e-12, "{}: kept {a:?} vs {b:?}", method.name());
+            assert_eq!(a.rigid_heads, b.rigid_heads, "{}", method.name());
+        }
+        if settings().prefill_config(method).is_some() {
+            assert!(one.stats.iter().any(|s| s.kept_fraction < 1.0), "{}: nothing sparse", method.name());
+        }
+    }
+}
+
+#[test]
+fn ragged_batch_equals_each_single_run() {
+    // Three prompts of different lengths, each with its own method and window, in one ragged
+    // batch per pass (prefill chunks and decode steps mixed): each equals its run alone.
+    let Some((model, tok)) = model() else { return };
+    let prompt = long_prompt(tok);
+    let n = 10;
+    let requests = [
+        request(Method::EntropyInfer, &prompt[..300], n, true),
+        request(Method::SnapKv, &prompt, n, true),
+        request(Method::CritiPrefill, &prompt[..450], n, true),
+        request(Method::AdaKv, &prompt[..200], n, true),
+    ];
+    for chunk in [None, Some(128)] {
+        let together = served(model, &requests, chunk);
+        for (r, g) in requests.iter().zip(&together) {
+            let alone = &served(model, std::slice::from_ref(r), chunk)[0];
+            // Tokens exactly; log-probs up to the rounding of candle's matmuls, whose blocking
+            // depends on the pass's token count.
+            let toks = |g: &Generation| g.steps.iter().map(|s| s.token).collect::<Vec<_>>();
+            let what = format!("{} ({} tokens, chunk {chunk:?})", r.method.name(), r.prompt.len());
+            assert_eq!(toks(g), toks(alone), "{what}");
+            let diff = max_diff(&g.first_logprobs, &alone.first_logprobs);
+            assert!(diff <= 1e-4, "{what}: first-token log-probs differ by {diff}");
+            assert_eq!(g.entries, alone.entries, "{}", r.method.name());
+        }
+        assert!(together[1].entries.iter().all(|&e| e as usize == settings().decode.decode_budget + n - 1));
+    }
+}
+
+#[test]
+fn served_dense_tracks_the_one_shot_session() {
+    // The paged engine path and the one-shot calls are different kernels: they must agree on
+    // the model's output (up to f32 rounding).
+    let Some((model, tok)) = model() else { return };
+    let prompt = long_prompt(tok);
+    let n = 12;
+    let kernels = Kernels::cpu();
+    for method in [Method::Dense, Method::EntropyInfer] {
+        let mut s = Session::new(&kernels, model, method, &settings(), n + 4);
+        let (logits, _) = methods::prefill(model, &mut s, &prompt).unwrap();
+        let first = methods::argmax(&logits).unwrap();
+        let (reference, _) = methods::decode(model, &mut s, prompt.len(), first, n, None).unwrap();
+        let g = &served(model, &[request(method, &prompt, n, false)], None)[0];
+        let diff = max_diff(&log_softmax(&logits).unwrap(), &g.first_logprobs);
+        assert!(diff <= 1e-3, "{}: first-token log-probs differ by {diff}", method.name());
+        let toks: Vec<u32> = g.steps.iter().map(|s| s.token).collect();
+        assert!(methods::agreement(&toks, &reference) >= 0.9, "{}: {toks:?} vs {reference:?}", method.name());
+    }
+}
+
+#[test]
+fn server_rejects_bad_passes() {
+    let Some((model, tok)) = model() else { return };
+    let prompt = long_prompt(tok);
+    let kernels = Kernels::cpu();
+    let mut server = Server::new(&kernels, model, &settings(), 16, 8).unwrap();
+    let id = server.add(Method::EntropyInfer, 200, None).unwrap();
+    // Past the prompt's end, then off the segment grid (prompt head classes cannot chunk either).
+    assert!(server.step(model, &[(id, &prompt[..201])]).is_err());
+    let err = server.step(model, &[(id, &prompt[..100])]).unwrap_err().to_string();
+    assert!(err.contains("segment") || err.contains("head class"), "{err}");
+    // The pool holds 8 pages of 16 tokens: 200 tokens do not fit.
+    let mut small = Server::new(&kernels, model, &settings(), 16, 8).unwrap();
+    let id = small.add(Method::Dense, 200, None).unwrap();
+    let err = small.step(model, &[(id, &prompt[..200])]).unwrap_err().to_string();
+    assert!(err.contains("exhausted"), "{err}");
+    assert!(server.add(Method::Dense, 0, None).is_err());
+    let per_query = Settings {
+        decode: DecodeConfig { gqa_mode: entropy_kernels::GqaMode::PerQueryHead, ..settings().decode },
+        ..settings()
+    };
+    let mut s = Server::new(&kernels, model, &per_query, 16, 8).unwrap();
+    assert!(s.add(Method::SnapKv, 100, None).is_err());
 }

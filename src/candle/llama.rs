@@ -51,6 +51,45 @@ pub trait Attention {
     fn attend(&mut self, layer: usize, pos: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor>;
 }
 
+/// One sequence's share of a ragged forward pass: its tokens sit at positions `pos..pos + len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    /// Position of the sequence's first token in this pass (tokens it already holds).
+    pub pos: usize,
+    /// Its tokens in this pass.
+    pub len: usize,
+}
+
+/// Where a layer's attention runs in a ragged pass (SPEC §7.1): q `[1, T, Hq, D]` and k, v
+/// `[1, T, Hkv, D]` hold the spans' tokens one sequence after another (THD); returns `[1, T, Hq, D]`.
+pub trait RaggedAttention {
+    /// The attention output of layer `layer` for the sequences `spans`.
+    fn attend(
+        &mut self,
+        layer: usize,
+        spans: &[Span],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<Tensor>;
+}
+
+/// A one-sequence [`Attention`] in a ragged pass of one span.
+struct OneSequence<'a>(&'a mut dyn Attention);
+
+impl RaggedAttention for OneSequence<'_> {
+    fn attend(
+        &mut self,
+        layer: usize,
+        spans: &[Span],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        self.0.attend(layer, spans[0].pos, q, k, v)
+    }
+}
+
 /// The model.
 pub struct Llama {
     /// The model's configuration.
@@ -151,14 +190,12 @@ impl Llama {
         ROPE_POSITIONS
     }
 
-    /// Interleaved RoPE (GGUF llama convention) of a BSND tensor at positions `pos..`; returns BSND.
-    fn rope(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        let l = x.dim(1)?;
-        let cos = self.cos.narrow(0, pos, l)?;
-        let sin = self.sin.narrow(0, pos, l)?;
+    /// Interleaved RoPE (GGUF llama convention) of a BSND tensor whose tokens' tables are `cos`
+    /// and `sin` `[L, D/2]`; returns BSND.
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
         let bhld = x.transpose(1, 2)?.contiguous()?;
         // Back to BSND as a strided view: the attention kernels take any strides.
-        candle_nn::rotary_emb::rope_i(&bhld, &cos, &sin)?.transpose(1, 2)
+        candle_nn::rotary_emb::rope_i(&bhld, cos, sin)?.transpose(1, 2)
     }
 
     /// Runs `tokens` (at positions `pos..`) through the model with `attn` as every layer's
@@ -169,21 +206,45 @@ impl Llama {
         tokens: &[u32],
         pos: usize,
         attn: &mut dyn Attention,
-        mut taps: Option<&mut Vec<(Tensor, Tensor, Tensor)>>,
+        taps: Option<&mut Vec<(Tensor, Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
+        let span = Span { pos, len: tokens.len() };
+        let mut logits = self.forward_ragged(tokens, &[span], &mut OneSequence(attn), taps)?;
+        Ok(logits.pop().expect("one span, one logits row"))
+    }
+
+    /// One ragged pass (SPEC §7.1): `tokens` holds each span's tokens one sequence after another,
+    /// each at its own positions; the projections, norms and MLP see the T tokens as one matrix,
+    /// `attn` keeps the sequences apart. Returns each span's last-position logits `[vocab]` (f32).
+    pub fn forward_ragged(
+        &self,
+        tokens: &[u32],
+        spans: &[Span],
+        attn: &mut dyn RaggedAttention,
+        mut taps: Option<&mut Vec<(Tensor, Tensor, Tensor)>>,
+    ) -> candle_core::Result<Vec<Tensor>> {
         let c = &self.cfg;
         let l = tokens.len();
-        if pos + l > ROPE_POSITIONS {
-            candle_core::bail!("position {} is beyond the {ROPE_POSITIONS} RoPE positions", pos + l);
+        if spans.is_empty() || spans.iter().any(|s| s.len == 0) || spans.iter().map(|s| s.len).sum::<usize>() != l {
+            candle_core::bail!(
+                "ragged pass: {} tokens for spans {spans:?} (each span non-empty, all covering the tokens)",
+                l
+            );
         }
+        if let Some(s) = spans.iter().find(|s| s.pos + s.len > ROPE_POSITIONS) {
+            candle_core::bail!("position {} is beyond the {ROPE_POSITIONS} RoPE positions", s.pos + s.len);
+        }
+        let positions: Vec<u32> = spans.iter().flat_map(|s| (s.pos..s.pos + s.len).map(|p| p as u32)).collect();
+        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        let (cos, sin) = (self.cos.index_select(&positions, 0)?, self.sin.index_select(&positions, 0)?);
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
         for (i, b) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, c.rms_eps as f32)?;
-            let q = self.rope(&b.wq.forward(&h)?.reshape((1, l, c.q_heads, c.head_dim))?, pos)?;
-            let k = self.rope(&b.wk.forward(&h)?.reshape((1, l, c.kv_heads, c.head_dim))?, pos)?;
+            let q = self.rope(&b.wq.forward(&h)?.reshape((1, l, c.q_heads, c.head_dim))?, &cos, &sin)?;
+            let k = self.rope(&b.wk.forward(&h)?.reshape((1, l, c.kv_heads, c.head_dim))?, &cos, &sin)?;
             let v = b.wv.forward(&h)?.reshape((1, l, c.kv_heads, c.head_dim))?;
-            let o = attn.attend(i, pos, &q, &k, &v)?;
+            let o = attn.attend(i, spans, &q, &k, &v)?;
             if let Some(t) = taps.as_deref_mut() {
                 t.push((q.contiguous()?, k.contiguous()?, v));
             }
@@ -192,9 +253,16 @@ impl Llama {
             let mlp = b.down.forward(&(candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?)?;
             x = (x + mlp)?;
         }
-        let last = x.narrow(1, l - 1, 1)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, c.rms_eps as f32)?;
-        self.output.forward(&last)?.flatten_all()?.to_dtype(DType::F32)
+        // Each span's last token, normed and projected one row at a time: a sequence's logits do
+        // not depend on the other sequences of the pass.
+        let mut logits = Vec::with_capacity(spans.len());
+        let mut end = 0;
+        for s in spans {
+            end += s.len;
+            let last = candle_nn::ops::rms_norm(&x.narrow(1, end - 1, 1)?, &self.norm, c.rms_eps as f32)?;
+            logits.push(self.output.forward(&last)?.flatten_all()?.to_dtype(DType::F32)?);
+        }
+        Ok(logits)
     }
 }
 

@@ -31,6 +31,7 @@ mod cuda;
 pub mod dump;
 pub mod llama;
 pub mod methods;
+pub mod serving;
 pub mod tokenizer;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};

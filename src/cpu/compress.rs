@@ -96,8 +96,8 @@ fn run_unit<'p, S: Simd, E: Element, const NR: usize, const MV: usize>(job: Unit
     tile.clear_queries(w * g);
     let k = call.k.rows(b, h);
     let first = keys.start;
-    for t in keys {
-        tile.push_key(&k, t);
+    for (t, o) in k.walk_prefetched(keys, dd) {
+        tile.push_key(k.at(o, dd), t);
         if tile.is_full() {
             consume::<S, NR, MV>(tile, &mut pass, first, n - w, g, w);
         }

@@ -55,13 +55,13 @@ fn items(a: &AttendArgs<'_>, out: &mut Vec<Item>) {
             let mut p0 = start;
             while p0 < start + q_len {
                 // Tiles never straddle a segment of a planned sequence: each has its own keys.
-                let seg_end = bl.map_or(usize::MAX, |bl| (p0 / bl.dims.segment_size + 1) * bl.dims.segment_size);
+                let seg_end = bl.map_or(usize::MAX, |(bl, _)| (p0 / bl.dims.segment_size + 1) * bl.dims.segment_size);
                 let p1 = (p0 + tq).min(start + q_len).min(seg_end);
-                let before = match bl.map(|bl| (bl, bl.segment(0, h, p0 / bl.dims.segment_size))) {
+                let before = match bl.map(|(bl, row)| (bl, bl.segment(row, h, p0 / bl.dims.segment_size))) {
                     Some((bl, SegmentAttention::Sparse(list))) => {
                         list.len() * bl.dims.block_size + p1 - p0 / bl.dims.segment_size * bl.dims.segment_size
                     }
-                    _ => p1,
+                    _ => a.visible_end(i, h, p1 - 1 - start),
                 };
                 out.push(Item { i, h, p0, p1, cost: before });
                 p0 = p1;
@@ -134,42 +134,49 @@ fn run_item<S: Simd, E: Element, const NR: usize, const MV: usize>(job: ItemJob<
     let d = a.dims();
     let (g, dd) = (d.group(), d.head_dim);
     // Query token of position p: the sequence's first token plus its offset from q_start.
-    let first_token = a.tokens(i).start + p0 - a.q_start(i, h);
-    tile.begin(p0, g);
+    let start = a.q_start(i, h);
+    let first_token = a.tokens(i).start + p0 - start;
+    // Keys up to the tile's last query (causal, masked per row past each row's own position),
+    // or every held entry (one-shot decode: the diagonal sits past the last entry).
+    let key_end = a.visible_end(i, h, p1 - 1 - start);
+    tile.begin(if a.causal() { p0 } else { key_end }, g);
     for r in 0..p1 - p0 {
+        let (b, t) = a.q_row(first_token + r);
         for j in 0..g {
-            tile.set_query(r * g + j, call.q.row(0, first_token + r, h * g + j, dd), call.c, tmp);
+            tile.set_query(r * g + j, call.q.row(b, t, h * g + j, dd), call.c, tmp);
         }
     }
     tile.clear_queries((p1 - p0) * g);
     let cache = a.cache();
     let (k, v) = (rows(cache, call.k, i, h), rows(cache, call.v, i, h));
-    let own_from = match a.blocks(i).map(|bl| (bl, bl.segment(0, h, p0 / bl.dims.segment_size))) {
+    let own_from = match a.blocks(i).map(|(bl, row)| (bl, bl.segment(row, h, p0 / bl.dims.segment_size))) {
         Some((bl, SegmentAttention::Sparse(list))) => {
             let bk = bl.dims.block_size;
             for &blk in list {
-                for t in blk as usize * bk..(blk as usize + 1) * bk {
-                    tile.push::<S, E, NR, MV>(&k, &v, t);
+                // K and V share the layout: one walk gives both rows' offsets.
+                for (t, o) in k.walk_prefetched_with(v.data, blk as usize * bk..(blk as usize + 1) * bk, dd) {
+                    tile.push_rows::<S, E, NR, MV>(k.at(o, dd), v.at(o, dd), t);
                 }
             }
             p0 / bl.dims.segment_size * bl.dims.segment_size
         }
         _ => 0,
     };
-    for t in own_from..p1 {
-        tile.push::<S, E, NR, MV>(&k, &v, t);
+    for (t, o) in k.walk_prefetched_with(v.data, own_from..key_end, dd) {
+        tile.push_rows::<S, E, NR, MV>(k.at(o, dd), v.at(o, dd), t);
     }
     tile.flush::<S, NR, MV>();
     for r in 0..p1 - p0 {
         let token = first_token + r;
+        let (b, t) = a.q_row(token);
         for j in 0..g {
             let hq = h * g + j;
-            let o = token * call.os[1] + hq * call.os[2];
+            let o = b * call.os[0] + t * call.os[1] + hq * call.os[2];
             // SAFETY: items cover disjoint (token, query head) rows of `out` and of `lse`.
             let out = unsafe { std::slice::from_raw_parts_mut(call.out.ptr().add(o), dd) };
             tile.write_row(r * g + j, out, tmp);
             if let Some(lse) = call.lse {
-                unsafe { *lse.ptr().add(token * d.q_heads + hq) = tile.lse(r * g + j) };
+                unsafe { *lse.ptr().add(a.lse_index(token, hq)) = tile.lse(r * g + j) };
             }
         }
     }

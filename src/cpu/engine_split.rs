@@ -6,7 +6,6 @@
 
 use rayon::prelude::*;
 
-use super::decode::{axpy, dot};
 use super::simd::{Isa, Simd, WithSimd, dispatch};
 use super::{SendPtr, Strided};
 use crate::engine::AttendArgs;
@@ -16,6 +15,10 @@ use crate::tensor::Element;
 pub(crate) const MAX_ROWS: usize = 16;
 /// Keys per work unit: long caches split so every core has work even at batch 1.
 const KEYS_PER_UNIT: usize = 512;
+/// Fewest keys per unit: below it a unit's fixed costs (queries, merge) dominate.
+const MIN_KEYS_PER_UNIT: usize = 64;
+/// Units per worker thread a call aims for, so that short caches still balance across cores.
+const UNITS_PER_THREAD: usize = 4;
 
 /// One unit: entries `k0..k1` of every cache head of sequence `i` (all heads at once, so a
 /// slot-major page, whose slot holds every head's row side by side, is read in order).
@@ -84,10 +87,11 @@ impl<E: Element> WithSimd for UnitJob<'_, '_, '_, E> {
         let (row, scores) = rest.split_at_mut(d);
         for h in 0..hc {
             for (j, t) in tokens.clone().enumerate() {
+                let (b, t) = a.q_row(t);
                 for gi in 0..g {
                     let r = h * rh + j * g + gi;
                     let dst = &mut qbuf[r * d..(r + 1) * d];
-                    E::widen(call.q.row(0, t, h * g + gi, d), dst);
+                    E::widen(call.q.row(b, t, h * g + gi, d), dst);
                     dst.iter_mut().for_each(|x| *x *= call.c);
                 }
             }
@@ -111,10 +115,9 @@ impl<E: Element> WithSimd for UnitJob<'_, '_, '_, E> {
                 }
                 let o = offs[jn] + h * hs;
                 E::widen(&call.k[o..o + d], row);
-                let q_start = len as usize - tokens.len();
                 for r in head_rows {
                     // Bottom-right causal: query j of the head sees entries up to q_start + j.
-                    scores[r * n + jn] = if t <= q_start + (r - h * rh) / g {
+                    scores[r * n + jn] = if t < a.visible_end(i, h, (r - h * rh) / g) {
                         // SAFETY: both rows hold d values.
                         unsafe { dot::<S>(qbuf[r * d..].as_ptr(), row.as_ptr(), d) }
                     } else {
@@ -190,14 +193,23 @@ pub(crate) fn attend<E: Element>(
     let r = (0..dm.sequences).map(|i| hc * a.tokens(i).len() * g).max().unwrap_or(0).max(1);
     s.units.clear();
     s.heads.clear();
+    // Keys per unit: KEYS_PER_UNIT, fewer when the call has too few keys to feed every core.
+    let threads = rayon::current_num_threads();
+    let keys: usize = (0..dm.sequences)
+        .filter(|&i| !a.tokens(i).is_empty())
+        .map(|i| (0..hc).map(|h| a.len(i, h)).max().unwrap_or(0))
+        .sum();
+    let per_unit = (keys / (UNITS_PER_THREAD * threads))
+        .next_multiple_of(MIN_KEYS_PER_UNIT)
+        .clamp(MIN_KEYS_PER_UNIT, KEYS_PER_UNIT);
     for i in 0..dm.sequences {
         if a.tokens(i).is_empty() {
             continue;
         }
         let longest = cache.lens()[i * hc..(i + 1) * hc].iter().copied().max().unwrap_or(0) as usize;
         let first = s.units.len();
-        for k0 in (0..longest).step_by(KEYS_PER_UNIT) {
-            s.units.push(Unit { i, k0, k1: (k0 + KEYS_PER_UNIT).min(longest) });
+        for k0 in (0..longest).step_by(per_unit) {
+            s.units.push(Unit { i, k0, k1: (k0 + per_unit).min(longest) });
         }
         for h in 0..hc {
             s.heads.push((i, h, first..s.units.len()));
@@ -207,7 +219,6 @@ pub(crate) fn attend<E: Element>(
     if s.partials.len() < s.units.len() * stride {
         s.partials.resize(s.units.len() * stride, 0.0);
     }
-    let threads = rayon::current_num_threads();
     if s.bufs.len() != threads {
         s.bufs = (0..threads).map(|_| std::sync::Mutex::new((Vec::new(), Vec::new()))).collect();
     }
@@ -248,6 +259,7 @@ pub(crate) fn attend<E: Element>(
         let (o, _) = guard.0.split_at_mut(d);
         let rh = tokens.len() * g;
         for (j, t) in tokens.clone().enumerate() {
+            let (b, tq) = a.q_row(t);
             for gi in 0..g {
                 let row = h * rh + j * g + gi;
                 let mx = parts.chunks(stride).map(|p| p[row]).fold(f32::NEG_INFINITY, f32::max).max(f32::MIN);
@@ -262,12 +274,57 @@ pub(crate) fn attend<E: Element>(
                 o.iter_mut().for_each(|x| *x *= inv);
                 let hq = h * g + gi;
                 // SAFETY: each (token, query head) row of `out` and `lse` is written by one head task.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(t * os[1] + hq * os[2]), d) };
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(out.ptr().add(b * os[0] + tq * os[1] + hq * os[2]), d) };
                 E::narrow(o, dst);
                 if let Some(lse) = lse {
-                    unsafe { *lse.ptr().add(t * dm.q_heads + hq) = (mx + l.log2()) * std::f32::consts::LN_2 };
+                    unsafe { *lse.ptr().add(a.lse_index(t, hq)) = (mx + l.log2()) * std::f32::consts::LN_2 };
                 }
             }
         }
     });
+}
+
+/// Dot product of `a` (f32) with `b`, vectorised over the head dim.
+#[inline(always)]
+pub(crate) unsafe fn dot<S: Simd>(a: *const f32, b: *const f32, d: usize) -> f32 {
+    unsafe {
+        let mut acc0 = S::zero();
+        let mut acc1 = S::zero();
+        let mut i = 0;
+        while i + 2 * S::LANES <= d {
+            acc0 = S::fma(S::load(a.add(i)), S::load(b.add(i)), acc0);
+            acc1 = S::fma(S::load(a.add(i + S::LANES)), S::load(b.add(i + S::LANES)), acc1);
+            i += 2 * S::LANES;
+        }
+        while i < d {
+            let n = (d - i).min(S::LANES);
+            let (x, y) = if n == S::LANES {
+                (S::load(a.add(i)), S::load(b.add(i)))
+            } else {
+                (S::load_partial(a.add(i), n), S::load_partial(b.add(i), n))
+            };
+            acc0 = S::fma(x, y, acc0);
+            i += n;
+        }
+        S::hsum(S::add(acc0, acc1))
+    }
+}
+
+/// `o += p · v`, vectorised over the head dim.
+#[inline(always)]
+pub(crate) unsafe fn axpy<S: Simd>(p: f32, v: *const f32, o: *mut f32, d: usize) {
+    unsafe {
+        let pb = S::splat(p);
+        let mut i = 0;
+        while i < d {
+            let n = (d - i).min(S::LANES);
+            if n == S::LANES {
+                S::store(o.add(i), S::fma(pb, S::load(v.add(i)), S::load(o.add(i))));
+            } else {
+                S::store_partial(o.add(i), S::fma(pb, S::load_partial(v.add(i), n), S::load_partial(o.add(i), n)), n);
+            }
+            i += n;
+        }
+    }
 }

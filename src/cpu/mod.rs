@@ -2,12 +2,11 @@
 //! AVX2+FMA or portable code, chosen at run time), rayon over all cores, GQA by stacking a
 //! group's query heads over shared K/V rows, f16/bf16 widened on the fly, no L×L buffer.
 
-mod attention;
 mod compress;
-mod decode;
 mod engine;
 mod engine_split;
 mod micro;
+mod one_shot;
 pub(crate) mod plan;
 pub(crate) mod simd;
 mod tile;
@@ -129,7 +128,7 @@ fn attention_e<E: Element>(
     out: &mut TensorViewMut<'_>,
     lse: Option<&mut [f32]>,
 ) {
-    attention::prefill::<E>(isa, lanes, a, out, lse)
+    one_shot::prefill::<E>(isa, lanes, a, out, lse)
 }
 fn compress_e<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'_>) -> Result<CompressedCache> {
     compress::kv_compress::<E>(isa, lanes, a)
@@ -154,8 +153,8 @@ fn plan_chunks_e<E: Element>(
 fn scores_e<E: Element>(isa: Isa, lanes: usize, a: &crate::engine::SelectArgs<'_>) -> Result<crate::engine::Scores> {
     compress::scores::<E>(isa, lanes, a)
 }
-fn decode_e<E: Element>(isa: Isa, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
-    decode::decode::<E>(isa, a, out)
+fn decode_e<E: Element>(isa: Isa, lanes: usize, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) {
+    one_shot::decode::<E>(isa, lanes, a, out)
 }
 
 impl Backend for CpuBackend {
@@ -179,7 +178,8 @@ impl Backend for CpuBackend {
         by_dtype!(a.k_cache().dtype(), compress_e(self.isa, self.lanes(), a))
     }
     fn decode_attention(&self, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
-        by_dtype!(a.q().dtype(), decode_e(self.isa, a, out))
+        by_dtype!(a.q().dtype(), decode_e(self.isa, self.lanes(), a, out));
+        Ok(())
     }
     fn attend(
         &self,

@@ -102,18 +102,61 @@ impl AttendDims {
 }
 
 /// Validated arguments of attention over a cache (SPEC §7.4).
+///
+/// The one-shot calls (`dense_prefill`, `sparse_prefill`, `decode_attention`) run as such calls
+/// too (one code path for the semantics): each batch row is a sequence whose queries are row `i`
+/// of a `[B, Lq, Hq, D]` `q` (and `out`, and `lse` `[B, Hq, Lq]`), its plan row `i` of one batched
+/// plan, over the contiguous cache their K/V form.
 #[derive(Clone, Debug)]
 pub struct AttendArgs<'a> {
     q: TensorView<'a>,
     cu_q: &'a [u32],
     cache: KvCache<'a>,
-    blocks: &'a [Option<&'a BlockLists>],
+    plans: Plans<'a>,
     scale: f32,
     dims: AttendDims,
+    /// One-shot layout: queries per sequence (see above); `None` for THD.
+    batched: Option<usize>,
+    /// Bottom-right causal among a sequence's queries; `false`: every held entry is visible to
+    /// every query (one-shot `decode_attention`, SPEC §5).
+    causal: bool,
+}
+
+/// The block plans of a call.
+#[derive(Clone, Copy, Debug)]
+enum Plans<'a> {
+    /// One per sequence (or none at all: every sequence dense).
+    PerSequence(&'a [Option<&'a BlockLists>]),
+    /// One plan whose batch row `i` is sequence `i`'s.
+    Batched(Option<&'a BlockLists>),
 }
 
 impl<'a> AttendArgs<'a> {
-    /// Queries `[1, T, Hq, D]`.
+    /// Arguments of a one-shot call, validated by the caller: `q` `[B, Lq, Hq, D]` (sequence
+    /// `i` = batch row `i`, `cu_q` = `0, Lq, 2·Lq, …`), `cache` one sequence per batch row,
+    /// `blocks` batched as `q`.
+    pub(crate) fn one_shot(
+        q: TensorView<'a>,
+        cu_q: &'a [u32],
+        cache: KvCache<'a>,
+        blocks: Option<&'a BlockLists>,
+        scale: f32,
+        causal: bool,
+    ) -> Self {
+        let [b, lq, hq, d] = q.shape();
+        debug_assert_eq!(cu_q.len(), b + 1);
+        let dims = AttendDims {
+            sequences: b,
+            tokens: b * lq,
+            q_heads: hq,
+            cache_heads: cache.layout.heads,
+            head_dim: d,
+            page_size: cache.layout.page_size,
+        };
+        AttendArgs { q, cu_q, cache, plans: Plans::Batched(blocks), scale, dims, batched: Some(lq), causal }
+    }
+
+    /// Queries `[1, T, Hq, D]` (one-shot calls: `[B, Lq, Hq, D]`; address rows with [`Self::q_row`]).
     pub fn q(&self) -> TensorView<'a> {
         self.q
     }
@@ -125,9 +168,12 @@ impl<'a> AttendArgs<'a> {
     pub fn cache(&self) -> &KvCache<'a> {
         &self.cache
     }
-    /// Sequence `i`'s block plan (`None`: dense).
-    pub fn blocks(&self, i: usize) -> Option<&'a BlockLists> {
-        self.blocks.get(i).copied().flatten()
+    /// Sequence `i`'s block plan and its batch row in it (`None`: dense).
+    pub fn blocks(&self, i: usize) -> Option<(&'a BlockLists, usize)> {
+        match self.plans {
+            Plans::PerSequence(p) => p.get(i).copied().flatten().map(|bl| (bl, 0)),
+            Plans::Batched(p) => p.map(|bl| (bl, i)),
+        }
     }
     /// The softmax scale.
     pub fn scale(&self) -> f32 {
@@ -137,13 +183,43 @@ impl<'a> AttendArgs<'a> {
     pub fn dims(&self) -> AttendDims {
         self.dims
     }
-    /// Query tokens of sequence `i` in `q`.
+    /// Query tokens of sequence `i` (indices along the call's token axis, `0..T`).
     pub fn tokens(&self, i: usize) -> std::ops::Range<usize> {
         self.cu_q[i] as usize..self.cu_q[i + 1] as usize
     }
+    /// Where token `t` of the call sits in `q`, `out`: (batch row, row along dim 1).
+    #[inline(always)]
+    pub fn q_row(&self, t: usize) -> (usize, usize) {
+        match self.batched {
+            None => (0, t),
+            Some(lq) => (t / lq, t % lq),
+        }
+    }
+    /// Index in `lse` of token `t`, query head `hq`: `[T, Hq]`, or `[B, Hq, Lq]` one-shot.
+    #[inline(always)]
+    pub fn lse_index(&self, t: usize, hq: usize) -> usize {
+        match self.batched {
+            None => t * self.dims.q_heads + hq,
+            Some(lq) => (t / lq * self.dims.q_heads + hq) * lq + t % lq,
+        }
+    }
     /// Absolute position of sequence `i`'s first query for cache head `h` (bottom-right).
     pub fn q_start(&self, i: usize, h: usize) -> usize {
-        self.cache.lens[i * self.dims.cache_heads + h] as usize - self.tokens(i).len()
+        self.len(i, h).saturating_sub(self.tokens(i).len())
+    }
+    /// Entries held by (sequence `i`, cache head `h`).
+    #[inline(always)]
+    pub fn len(&self, i: usize, h: usize) -> usize {
+        self.cache.lens[i * self.dims.cache_heads + h] as usize
+    }
+    /// One past the last entry query `j` of (sequence `i`, cache head `h`) sees.
+    #[inline(always)]
+    pub fn visible_end(&self, i: usize, h: usize, j: usize) -> usize {
+        if self.causal { self.q_start(i, h) + j + 1 } else { self.len(i, h) }
+    }
+    /// Whether queries see only the entries up to their own position (bottom-right causal).
+    pub fn causal(&self) -> bool {
+        self.causal
     }
 }
 
@@ -206,7 +282,16 @@ pub fn attend<'a>(
         head_dim: d,
         page_size: c.page_size,
     };
-    Ok(AttendArgs { q, cu_q, cache: cache.clone(), blocks, scale, dims })
+    Ok(AttendArgs {
+        q,
+        cu_q,
+        cache: cache.clone(),
+        plans: Plans::PerSequence(blocks),
+        scale,
+        dims,
+        batched: None,
+        causal: true,
+    })
 }
 
 fn common_checks(caps: &Capabilities, q: crate::DType, cache: crate::DType, d: usize, c: &CacheDims) -> Result<()> {

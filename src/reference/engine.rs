@@ -14,8 +14,8 @@ fn entry(cache: &KvCache<'_>, pool: HostData<'_>, i: usize, h: usize, n: usize) 
     (0..cache.layout().head_dim).map(|d| pool.get(o + d)).collect()
 }
 
-fn q_row(q: &TensorView<'_>, t: usize, h: usize) -> Vec<f64> {
-    (0..q.shape()[3]).map(|d| q.get([0, t, h, d])).collect()
+fn q_row(q: &TensorView<'_>, b: usize, t: usize, h: usize) -> Vec<f64> {
+    (0..q.shape()[3]).map(|d| q.get([b, t, h, d])).collect()
 }
 
 /// SPEC §7.4: every query of every sequence against its visible entries; writes `out` and `lse`.
@@ -33,10 +33,11 @@ pub fn attend(a: &AttendArgs<'_>, out: &mut TensorViewMut<'_>, lse: Option<&mut 
                 let h = hq / g;
                 let pos = a.q_start(i, h) + j;
                 let keys: Vec<usize> = match a.blocks(i) {
-                    None => (0..=pos).collect(),
-                    Some(bl) => visible(bl, h, pos),
+                    None => (0..a.visible_end(i, h, j)).collect(),
+                    Some((bl, row)) => visible(bl, row, h, pos),
                 };
-                let qr = q_row(&q, t, hq);
+                let (b, tq) = a.q_row(t);
+                let qr = q_row(&q, b, tq, hq);
                 let scores: Vec<f64> =
                     keys.iter().map(|&n| scale * dot(&qr, &entry(cache, cache.k(), i, h, n))).collect();
                 let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -49,10 +50,10 @@ pub fn attend(a: &AttendArgs<'_>, out: &mut TensorViewMut<'_>, lse: Option<&mut 
                     }
                 }
                 for (dd, x) in o.into_iter().enumerate() {
-                    out.set([0, t, hq, dd], x);
+                    out.set([b, tq, hq, dd], x);
                 }
                 if let Some(l) = lse.as_deref_mut() {
-                    l[t * d.q_heads + hq] = (m + z.ln()) as f32;
+                    l[a.lse_index(t, hq)] = (m + z.ln()) as f32;
                 }
             }
         }
@@ -61,9 +62,9 @@ pub fn attend(a: &AttendArgs<'_>, out: &mut TensorViewMut<'_>, lse: Option<&mut 
 }
 
 /// The entries query position `pos` of kv head `h` sees under a block plan (SPEC §3).
-fn visible(bl: &BlockLists, h: usize, pos: usize) -> Vec<usize> {
+fn visible(bl: &BlockLists, row: usize, h: usize, pos: usize) -> Vec<usize> {
     let s = pos / bl.dims.segment_size;
-    match bl.segment(0, h, s) {
+    match bl.segment(row, h, s) {
         SegmentAttention::Dense => (0..=pos).collect(),
         SegmentAttention::Sparse(list) => {
             let bk = bl.dims.block_size;
@@ -118,7 +119,7 @@ fn plan_one(a: &ChunkArgs<'_>, i: usize, sc: &SeqChunk<'_>, states: &mut [PlanSt
                 let (kx, kn) = minmax(&mut (j * bk..(j + 1) * bk).map(|t| entry(cache, cache.k(), i, h, t)));
                 let mut sum = 0.0;
                 for gi in 0..g {
-                    let rows = positions.clone().map(|t| q_row(&q, sc.tokens.start + t - sc.q_start, h * g + gi));
+                    let rows = positions.clone().map(|t| q_row(&q, 0, sc.tokens.start + t - sc.q_start, h * g + gi));
                     let (qx, qn) = minmax(&mut rows.collect::<Vec<_>>().into_iter());
                     let with_max = (dot(&qx, &kx) + dot(&qn, &kx)) / 2.0;
                     let with_min = (dot(&qx, &kn) + dot(&qn, &kn)) / 2.0;
