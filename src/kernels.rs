@@ -39,7 +39,8 @@ impl<'a> PlanRequest<'a> {
     pub fn layer(idx: usize) -> Self {
         PlanRequest { layer_idx: idx, ..Default::default() }
     }
-    /// Adds the previous layer's distribution.
+    /// Adds the previous layer's distribution (`plan.scores`), blended in from layer 2 on when
+    /// the config has `layer_fusion`; giving it without `layer_fusion` is an error, not ignored.
     pub fn with_prev(mut self, prev_scores: &'a [f32]) -> Self {
         self.prev_scores = Some(prev_scores);
         self

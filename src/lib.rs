@@ -61,7 +61,7 @@ pub use compress::CompressedCache;
 pub use config::{
     BudgetMode, BudgetPolicy, Config, DecodeConfig, EntropyConfig, GqaMode, HeadBudget, HeadClassMode, Pooling,
 };
-pub use engine::{BlockTable, ChunkRequest, KvCache, KvCacheMut, PageLayout, Selection, Workspace};
+pub use engine::{BlockTable, ChunkRequest, KvCache, KvCacheMut, PageLayout, PagedCache, Selection, Workspace};
 pub use error::{Error, Result};
 pub use kernels::{Kernels, PlanRequest};
 pub use plan::{BlockLists, HeadClass, Plan, PlanDims, PlanState, SegmentAttention};

@@ -393,6 +393,14 @@ pub fn plan_layout<'a>(
     if dims.segments > u32::MAX as usize / dims.blocks_per_segment().max(1) {
         return Err(Error::range("seq_len", a.seq_len, "too many blocks for 32-bit block indices"));
     }
+    if prev_scores.is_some() && !cfg.layer_fusion {
+        // Ignoring them would hide a configuration mistake (fusion off, the engine thinking on).
+        return Err(Error::range(
+            "prev_scores",
+            "given",
+            "the previous layer's scores are only used with layer_fusion; enable it or drop with_prev",
+        ));
+    }
     if let Some(prev) = prev_scores {
         let want = crate::alloc::count("the previous layer's scores", &[dims.units(), dims.blocks])?;
         if prev.len() != want {

@@ -341,6 +341,15 @@ fn cases() -> Vec<BadCase> {
             |e| matches!(e, Error::OutOfRange { field: "delta_t", .. }),
         ),
         (
+            "previous scores without layer fusion",
+            Box::new(|kn, f, _| {
+                let prev = vec![0f32; 7];
+                let cfg = EntropyConfig { layer_fusion: false, ..f.cfg.clone() };
+                kn.plan(f.q.view(), f.k.view(), &cfg, &PlanRequest::layer(5).with_prev(&prev)).map(|_| ())
+            }),
+            |e| matches!(e, Error::OutOfRange { field: "prev_scores", .. }),
+        ),
+        (
             "previous scores of another shape",
             Box::new(|kn, f, _| {
                 let prev = vec![0f32; 7];

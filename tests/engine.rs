@@ -25,60 +25,29 @@ fn engine_backends(test: &str) -> Vec<Kernels> {
 }
 
 /// A page pool with shuffled page ids: `seqs` rows of `width` pages, spare pages never used,
-/// unwritten entries NaN (a read of one shows up in the outputs).
-struct Pool {
-    k: HostTensor,
-    v: HostTensor,
-    layout: PageLayout,
-    ids: Vec<u32>,
-    width: usize,
-    lens: Vec<u32>,
-}
-
-impl Pool {
-    fn new(
-        rng: &mut Rng,
-        dtype: DType,
-        seqs: usize,
-        heads: usize,
-        d: usize,
-        capacity: usize,
-        page_size: usize,
-    ) -> Pool {
-        let width = capacity.div_ceil(page_size).max(1);
-        let pages = seqs * width + 3;
-        let mut ids: Vec<u32> = (0..pages as u32).collect();
-        for i in (1..ids.len()).rev() {
-            ids.swap(i, rng.below(i + 1));
-        }
-        ids.truncate(seqs * width);
-        let layout = if rng.below(2) == 0 {
-            PageLayout::slot_major(pages, page_size, heads, d)
-        } else {
-            PageLayout::head_major(pages, page_size, heads, d)
-        };
-        let shape = [pages, page_size, heads, d];
-        Pool {
-            k: HostTensor::full(dtype, shape, f32::NAN),
-            v: HostTensor::full(dtype, shape, f32::NAN),
-            layout,
-            ids,
-            width,
-            lens: vec![0; seqs * heads],
-        }
+/// unwritten entries NaN (a read of one shows up in the outputs), either layout.
+fn shuffled_pool(
+    rng: &mut Rng,
+    dtype: DType,
+    seqs: usize,
+    heads: usize,
+    d: usize,
+    capacity: usize,
+    page_size: usize,
+) -> PagedCache {
+    let width = capacity.div_ceil(page_size).max(1);
+    let pages = seqs * width + 3;
+    let mut ids: Vec<u32> = (0..pages as u32).collect();
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, rng.below(i + 1));
     }
-    fn cache(&self) -> KvCache<'_> {
-        KvCache::paged(self.k.data(), self.v.data(), self.layout, BlockTable::new(&self.ids, self.width), &self.lens)
-    }
-    fn cache_mut(&mut self) -> KvCacheMut<'_> {
-        KvCacheMut::paged(
-            self.k.data_mut(),
-            self.v.data_mut(),
-            self.layout,
-            BlockTable::new(&self.ids, self.width),
-            &mut self.lens,
-        )
-    }
+    ids.truncate(seqs * width);
+    let layout = if rng.below(2) == 0 {
+        PageLayout::slot_major(pages, page_size, heads, d)
+    } else {
+        PageLayout::head_major(pages, page_size, heads, d)
+    };
+    PagedCache::new(dtype, layout, ids, width, f32::NAN).unwrap()
 }
 
 /// Rows `rows` of `[1, L, H, D]` tensors, concatenated along tokens: a THD batch and its `cu`.
@@ -158,7 +127,7 @@ fn ragged_dense_batch_equals_each_sequence() {
                         .enumerate()
                         .map(|(i, &l)| prompt(l, hq, hkv, d, seed ^ (i as u64 * 77), dtype))
                         .collect();
-                    let mut pool = Pool::new(&mut rng, dtype, 3, hkv, d, 160, ps);
+                    let mut pool = shuffled_pool(&mut rng, dtype, 3, hkv, d, 160, ps);
                     let whole = |t: &Prompt| t.q.shape[1];
                     let (q, cu) = pack(&prompts.iter().map(|p| (&p.q, 0..whole(p))).collect::<Vec<_>>());
                     let (k, _) = pack(&prompts.iter().map(|p| (&p.k, 0..whole(p))).collect::<Vec<_>>());
@@ -196,7 +165,7 @@ fn run_chunked(
     prompts: &[Prompt],
     cuts: &[Vec<usize>],
     cfgs: &[EntropyConfig],
-    pool: &mut Pool,
+    pool: &mut PagedCache,
 ) -> Vec<Chunked> {
     let n = prompts.len();
     let hq = prompts[0].q.shape[2];
@@ -292,7 +261,7 @@ fn chunked_streaming_equals_one_shot() {
                         .enumerate()
                         .map(|(i, &l)| prompt(l, hq, hkv, d, seed ^ (i as u64 * 91), dtype))
                         .collect();
-                    let mut pool = Pool::new(&mut rng, dtype, 3, hkv, d, 160, ps);
+                    let mut pool = shuffled_pool(&mut rng, dtype, 3, hkv, d, 160, ps);
                     let runs = run_chunked(&kernels, &prompts, &cuts, &cfgs, &mut pool);
                     for (i, (p, run)) in prompts.iter().zip(runs).enumerate() {
                         let tag = format!("{tag} seq {i}");
@@ -333,11 +302,11 @@ fn sequences_do_not_leak() {
                     .map(|(i, &l)| prompt(l, hq, hkv, d, seed ^ (i as u64 * 13), dtype))
                     .collect();
                 let mut pool_rng = Rng::new(seed ^ 5);
-                let mut pool = Pool::new(&mut pool_rng, dtype, 3, hkv, d, 160, 16);
+                let mut pool = shuffled_pool(&mut pool_rng, dtype, 3, hkv, d, 160, 16);
                 let before = run_chunked(&kernels, &prompts, &cuts, std::slice::from_ref(&cfg), &mut pool);
                 prompts[1] = prompt(lens[1], hq, hkv, d, seed ^ 0xbad, dtype);
                 let mut pool_rng = Rng::new(seed ^ 5);
-                let mut pool = Pool::new(&mut pool_rng, dtype, 3, hkv, d, 160, 16);
+                let mut pool = shuffled_pool(&mut pool_rng, dtype, 3, hkv, d, 160, 16);
                 let after = run_chunked(&kernels, &prompts, &cuts, std::slice::from_ref(&cfg), &mut pool);
                 for i in [0, 2] {
                     assert_eq!(before[i].plans, after[i].plans, "{tag}: sequence {i}'s plans changed");
@@ -374,7 +343,7 @@ fn paged_decode_equals_contiguous() {
                         .unwrap();
                     check::check_out(&format!("{tag} contiguous"), kernels.kind(), &contiguous, &exact);
                     // The same entries in shuffled pages.
-                    let mut pool = Pool::new(&mut rng, dtype, b, hc, d, cap, ps);
+                    let mut pool = shuffled_pool(&mut rng, dtype, b, hc, d, cap, ps);
                     let (kf, vf) = (kc.to_f32_vec(), vc.to_f32_vec());
                     let (mut pk, mut pv) = (pool.k.to_f32_vec(), pool.v.to_f32_vec());
                     for i in 0..b {
@@ -479,7 +448,7 @@ fn bad_engine_input_is_a_typed_error() {
     let kernels = Kernels::cpu();
     let (hq, hkv, d) = (2, 1, 16);
     let mut rng = Rng::new(1);
-    let mut pool = Pool::new(&mut rng, DType::F32, 2, hkv, d, 64, 16);
+    let mut pool = shuffled_pool(&mut rng, DType::F32, 2, hkv, d, 64, 16);
     let k = random([1, 40, hkv, d], 1.0, 2, DType::F32);
     let mut ws = Workspace::new();
     let is_range = |e: Error, field: &str| matches!(e, Error::OutOfRange { field: f, .. } if f == field);
@@ -627,7 +596,7 @@ fn in_place_compaction_equals_kv_compress() {
                     let obs = random([b, hq, cfg.window, d], 1.0, seed ^ 23, dtype);
                     let want = kernels.kv_compress(kc.view(), vc.view(), obs.view(), &cfg).unwrap();
                     let heads = want.heads();
-                    let mut pool = Pool::new(&mut rng, dtype, b, heads, d, n, ps);
+                    let mut pool = shuffled_pool(&mut rng, dtype, b, heads, d, n, ps);
                     let (kt, vt) = (thd_of_cache(&kc), thd_of_cache(&vc));
                     let cu = [0, n as u32, 2 * n as u32];
                     let mut ws = Workspace::new();
@@ -679,7 +648,7 @@ fn compaction_refuses_what_it_cannot_do() {
     let (hq, hkv, d) = (4, 2, 16);
     let cfg = DecodeConfig { decode_budget: 24, window: 4, ..DecodeConfig::latent() };
     let mut rng = Rng::new(3);
-    let mut pool = Pool::new(&mut rng, DType::F32, 2, hkv, d, 64, 16);
+    let mut pool = shuffled_pool(&mut rng, DType::F32, 2, hkv, d, 64, 16);
     let k = random([1, 50, hkv, d], 1.0, 1, DType::F32);
     let mut ws = Workspace::new();
     // Sequence 0 holds 40 entries (compresses), sequence 1 holds 10 (shorter than the budget).
@@ -725,7 +694,7 @@ fn selection_over_unequal_heads_matches_oracle() {
         let lens: Vec<u32> = (0..b * hc).map(|_| (4 + rng.below(cap - 4)) as u32).collect();
         let tag = format!("seed {seed} lens {lens:?}");
         with_case(&tag, || {
-            let mut pool = Pool::new(&mut rng, DType::F32, b, hc, d, cap, 16);
+            let mut pool = shuffled_pool(&mut rng, DType::F32, b, hc, d, cap, 16);
             let kc = random([b, hc, cap, d], 1.0, seed ^ 31, DType::F32).to_f32_vec();
             let mut pk = pool.k.to_f32_vec();
             for i in 0..b {
@@ -778,7 +747,7 @@ fn serving_loop_recompresses_on_each_sequences_schedule() {
         let steps = 20;
         let run = |kernels: &Kernels| -> (Vec<Vec<usize>>, Vec<u32>) {
             let mut rng = Rng::new(seed);
-            let mut pool = Pool::new(&mut rng, DType::F32, 2, hkv, d, 96, 16);
+            let mut pool = shuffled_pool(&mut rng, DType::F32, 2, hkv, d, 96, 16);
             let mut ws = Workspace::new();
             let total: usize = prompts.iter().sum();
             let k = random([1, total, hkv, d], 1.0, seed ^ 41, DType::F32);
@@ -851,10 +820,15 @@ fn serving_loop_recompresses_on_each_sequences_schedule() {
 /// its own; the cross-head rules reduced by hand (max of `segment_max` counts; AdaKV's pools
 /// merged into a cut) give exactly the unsharded decisions.
 #[test]
-fn tensor_parallel_shards_decide_as_unsharded() {
-    for seed in seeds("tensor_parallel_shards_decide_as_unsharded") {
+fn tensor_parallel_segment_max_shards_plan_as_unsharded() {
+    // SPEC §7.7 on every backend that plans (the CUDA and Ascend planners included): each shard
+    // plans its own heads with full_ranking, the counts are max-reduced by hand.
+    let test = "tensor_parallel_segment_max_shards_plan_as_unsharded";
+    for seed in seeds(test) {
         let mut rng = Rng::new(seed);
-        for kernels in engine_backends("tensor_parallel") {
+        let backends = std::iter::once(Kernels::reference())
+            .chain(common::backends_under_test(test).into_iter().filter(|k| common::runs(test, k, Op::Plan)));
+        for kernels in backends {
             let (hkv, g, d, l) = (4, 2, 16, 100 + rng.below(100));
             let hq = hkv * g;
             let tag = format!("seed {seed} {} L {l}", kernels.kind());
@@ -904,6 +878,20 @@ fn tensor_parallel_shards_decide_as_unsharded() {
                     let heads = r * hkv / 2..(r + 1) * hkv / 2;
                     assert_eq!(p.blocks, whole.blocks.select_heads(heads), "{tag}: shard {r}'s block lists");
                 }
+            });
+        }
+    }
+}
+
+#[test]
+fn tensor_parallel_adakv_shards_select_as_unsharded() {
+    for seed in seeds("tensor_parallel_adakv_shards_select_as_unsharded") {
+        let mut rng = Rng::new(seed);
+        for kernels in engine_backends("tensor_parallel") {
+            let (hkv, g, d) = (4, 2, 16);
+            let hq = hkv * g;
+            let tag = format!("seed {seed} {}", kernels.kind());
+            with_case(&tag, || {
                 // AdaKV's shared budget.
                 let dcfg = DecodeConfig {
                     decode_budget: 20 + rng.below(10),
@@ -973,7 +961,7 @@ fn multi_token_decode_matches_oracle() {
                 let ps = PAGE_SIZES[rng.below(4)];
                 let tag = format!("seed {seed} {} {dtype} q_lens {q_lens:?} lens {lens:?} page {ps}", kernels.kind());
                 with_case(&tag, || {
-                    let mut pool = Pool::new(&mut rng, dtype, b, hc, d, cap, ps);
+                    let mut pool = shuffled_pool(&mut rng, dtype, b, hc, d, cap, ps);
                     let (kf, vf) = (
                         random([1, b * hc * cap, 1, d], 1.0, seed ^ 61, dtype),
                         random([1, b * hc * cap, 1, d], 1.0, seed ^ 62, dtype),
@@ -1097,4 +1085,16 @@ fn one_shot_calls_take_k_and_v_of_different_strides() {
             }
         }
     }
+}
+
+#[test]
+fn paged_cache_refuses_tables_that_do_not_fit() {
+    let layout = PageLayout::slot_major(4, 16, 2, 8);
+    let bad = PagedCache::new(DType::F32, layout, vec![0, 1, 2], 2, 0.0).unwrap_err();
+    assert!(matches!(bad, Error::Shape { what: "block table", .. }), "{bad}");
+    assert!(PagedCache::new(DType::F32, layout, vec![0, 1], 0, 0.0).is_err());
+    let bad = PagedCache::interleaved(DType::F32, layout, 3, 2).unwrap_err();
+    assert!(matches!(bad, Error::OutOfRange { field: "page layout", .. }), "{bad}");
+    let ok = PagedCache::interleaved(DType::BF16, layout, 2, 2).unwrap();
+    assert_eq!((ok.ids.as_slice(), ok.lens.len(), ok.cache().lens().len()), (&[0, 2, 1, 3][..], 4, 4));
 }

@@ -5,8 +5,8 @@
 
 use clap::Args;
 use entropy_kernels::{
-    BlockTable, ChunkRequest, DType, DecodeConfig, EntropyConfig, HeadClassMode, HostTensor, Kernels, KvCache,
-    KvCacheMut, PageLayout, PlanRequest, PlanState, Result, TensorView, TensorViewMut, Workspace, synth,
+    ChunkRequest, DType, DecodeConfig, EntropyConfig, HeadClassMode, HostTensor, Kernels, PageLayout,
+    PagedCache as Pool, PlanRequest, PlanState, Result, TensorView, TensorViewMut, Workspace, synth,
 };
 
 use super::bench::repeat;
@@ -55,48 +55,23 @@ fn tensor(shape: [usize; 4], seed: u64, dtype: DType) -> HostTensor {
     HostTensor::from_f32(&synth::normal(shape.iter().product(), 1.0, seed), shape, dtype)
 }
 
-/// A pool of `seqs × width` pages, page ids interleaved across sequences (page `p` of sequence
-/// `i` is `p·seqs + i`), as an engine that allocates on demand would leave them.
-struct Pool {
-    k: HostTensor,
-    v: HostTensor,
-    layout: PageLayout,
-    ids: Vec<u32>,
-    width: usize,
-    lens: Vec<u32>,
-}
-
-impl Pool {
-    fn new(dtype: DType, seqs: usize, heads: usize, d: usize, capacity: usize, ps: usize, head_major: bool) -> Pool {
-        let width = capacity.div_ceil(ps);
-        let layout = if head_major {
-            PageLayout::head_major(seqs * width, ps, heads, d)
-        } else {
-            PageLayout::slot_major(seqs * width, ps, heads, d)
-        };
-        let ids = (0..seqs).flat_map(|i| (0..width).map(move |p| (p * seqs + i) as u32)).collect();
-        let shape = [seqs * width, ps, heads, d];
-        Pool {
-            k: HostTensor::zeros(dtype, shape),
-            v: HostTensor::zeros(dtype, shape),
-            layout,
-            ids,
-            width,
-            lens: vec![0; seqs * heads],
-        }
-    }
-    fn cache(&self) -> KvCache<'_> {
-        KvCache::paged(self.k.data(), self.v.data(), self.layout, BlockTable::new(&self.ids, self.width), &self.lens)
-    }
-    fn cache_mut(&mut self) -> KvCacheMut<'_> {
-        KvCacheMut::paged(
-            self.k.data_mut(),
-            self.v.data_mut(),
-            self.layout,
-            BlockTable::new(&self.ids, self.width),
-            &mut self.lens,
-        )
-    }
+/// A pool of `seqs` sequences × `capacity` entries, pages interleaved across sequences.
+fn pool(
+    dtype: DType,
+    seqs: usize,
+    heads: usize,
+    d: usize,
+    capacity: usize,
+    ps: usize,
+    head_major: bool,
+) -> Result<Pool> {
+    let width = capacity.div_ceil(ps);
+    let layout = if head_major {
+        PageLayout::head_major(seqs * width, ps, heads, d)
+    } else {
+        PageLayout::slot_major(seqs * width, ps, heads, d)
+    };
+    Pool::interleaved(dtype, layout, seqs, width)
 }
 
 /// Append, plan (one-shot `streaming` or a chunk) and attend one round of ragged queries.
@@ -147,7 +122,7 @@ pub fn run(a: &BenchEngineArgs) -> Result<()> {
     let mut out = HostTensor::zeros(dt, q.shape);
     let mut ws = Workspace::new();
     let engine = repeat(a.reps, || {
-        let mut pool = Pool::new(dt, a.ragged.len(), hkv, d, cap, a.page_size, hm);
+        let mut pool = pool(dt, a.ragged.len(), hkv, d, cap, a.page_size, hm)?;
         let mut states = vec![PlanState::new(); a.ragged.len() * hkv];
         prefill_round(
             &k,
@@ -187,7 +162,7 @@ pub fn run(a: &BenchEngineArgs) -> Result<()> {
     let kn = tensor([1, l, hkv, d], 5, dt);
     let vn = tensor([1, l, hkv, d], 6, dt);
     let chunked = repeat(a.reps, || {
-        let mut pool = Pool::new(dt, 1, hkv, d, l, a.page_size, hm);
+        let mut pool = pool(dt, 1, hkv, d, l, a.page_size, hm)?;
         let mut states = vec![PlanState::new(); hkv];
         for s in (0..l).step_by(a.chunk) {
             let n = a.chunk.min(l - s);
@@ -236,7 +211,7 @@ pub fn run(a: &BenchEngineArgs) -> Result<()> {
     let vc = tensor([b, hkv, n, d], 8, dt);
     let qd = tensor([b, 1, hq, d], 9, dt);
     let lens = vec![n as u32; b * hkv];
-    let mut pool = Pool::new(dt, b, hkv, d, n, a.page_size, hm);
+    let mut pool = pool(dt, b, hkv, d, n, a.page_size, hm)?;
     // Fill the pages through append (one call per sequence's entries, head-major source).
     let src_k = HostTensor::from_f32(&transpose_bhnd(&kc), [1, b * n, hkv, d], dt);
     let src_v = HostTensor::from_f32(&transpose_bhnd(&vc), [1, b * n, hkv, d], dt);

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use clap::Args;
 use entropy_kernels::io::Case;
 use entropy_kernels::{
-    BlockLists, BlockTable, ChunkRequest, Config, EntropyConfig, Error, HeadClass, HeadClassMode, HostTensor, Kernels,
-    KvCache, KvCacheMut, PageLayout, Plan, PlanDims, PlanRequest, PlanState, Result, SegmentAttention, Workspace,
+    BlockLists, ChunkRequest, Config, EntropyConfig, Error, HeadClass, HeadClassMode, HostTensor, Kernels, PageLayout,
+    PagedCache, Plan, PlanDims, PlanRequest, PlanState, Result, SegmentAttention, Workspace,
 };
 
 #[derive(Args, Debug)]
@@ -219,10 +219,7 @@ fn plan_chunked(
     let kv_heads = k.shape[2];
     let width = len.div_ceil(PAGE_SIZE);
     let layout = PageLayout::slot_major(batch * width, PAGE_SIZE, kv_heads, dim);
-    let ids: Vec<u32> = (0..(batch * width) as u32).collect();
-    let pool_shape = [batch * width, PAGE_SIZE, kv_heads, dim];
-    let (mut k_pool, mut v_pool) = (HostTensor::zeros(k.dtype(), pool_shape), HostTensor::zeros(k.dtype(), pool_shape));
-    let mut lens = vec![0u32; batch * kv_heads];
+    let mut pool = PagedCache::new(k.dtype(), layout, (0..(batch * width) as u32).collect(), width, 0.0)?;
     let mut states = vec![PlanState::new(); batch * kv_heads];
     let prompt_lens = vec![len as u32; batch];
     let req = ChunkRequest { layer_idx, ..ChunkRequest::default() };
@@ -232,11 +229,9 @@ fn plan_chunked(
         let rows = start..(start + chunk).min(len);
         let (q_chunk, cu) = pack_rows(q, rows.clone());
         let (k_chunk, _) = pack_rows(k, rows);
-        let table = BlockTable::new(&ids, width);
         // Planning never reads V: the keys stand in for the values.
-        let mut cache = KvCacheMut::paged(k_pool.data_mut(), v_pool.data_mut(), layout, table.clone(), &mut lens);
-        kernels.append(k_chunk.view(), k_chunk.view(), &cu, &mut cache, &mut ws)?;
-        let cache = KvCache::paged(k_pool.data(), v_pool.data(), layout, table, &lens);
+        kernels.append(k_chunk.view(), k_chunk.view(), &cu, &mut pool.cache_mut(), &mut ws)?;
+        let cache = pool.cache();
         let chunk_plans = kernels.plan_chunks(
             q_chunk.view(),
             &cu,

@@ -12,11 +12,13 @@ mod append;
 pub mod args;
 pub mod cache;
 mod compaction;
+mod owned;
 
 pub use append::append;
 pub use args::{AttendArgs, AttendDims, ChunkArgs, ChunkRequest, SeqChunk};
 pub use cache::{BlockTable, CacheDims, KvCache, KvCacheMut, PageLayout};
 pub use compaction::{Scores, SelectArgs, Selection, compact, select as validate_select};
+pub use owned::PagedCache;
 
 /// Scratch a caller creates once and passes to every call of a serving loop, so that calls
 /// allocate nothing in proportion to the cache (SPEC §7.6): buffers grow to the largest call's
