@@ -108,7 +108,7 @@ fn pow2(k: i64) -> f64 {
 
 /// e^x: x = k·ln2 + r with |r| ≤ ln2/2 (Cody–Waite), e^r by Taylor's series in Horner form,
 /// scaled by 2^k in one or two exact-exponent multiplications. Within 2 ulp of the true value;
-/// what matters is that [`cuda/numerics.cuh`] computes the same bits.
+/// what matters is that `cuda/numerics.cuh` computes the same bits.
 #[inline(always)]
 pub fn exp(x: f64) -> f64 {
     if x.is_nan() {

@@ -61,7 +61,7 @@ pub fn nvrtc_present() -> bool {
 }
 
 /// Environment variable: with feature `cuda-emu`, `1` makes the `cuda` backend use the emulated
-/// driver ([`emu`]) instead of probing for a real one.
+/// driver (`emu`, feature `cuda-emu`) instead of probing for a real one.
 pub const EMU_ENV: &str = "ENTROPY_KERNELS_CUDA_EMU";
 
 pub(crate) fn probe() -> Result<Arc<dyn Backend>> {

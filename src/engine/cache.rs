@@ -97,7 +97,7 @@ impl<'a> BlockTable<'a> {
     }
 }
 
-/// Sizes every cache call shares, checked by [`CacheParts::check`].
+/// Sizes every cache call shares, checked once per call before any kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheDims {
     /// Sequences (rows of the block table).
