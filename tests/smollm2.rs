@@ -279,12 +279,21 @@ fn server_rejects_bad_passes() {
     let Some((model, tok)) = model() else { return };
     let prompt = long_prompt(tok);
     let kernels = Kernels::cpu();
-    let mut server = Server::new(&kernels, model, &settings(), 16, 8).unwrap();
+    let mut server = Server::new(&kernels, model, &settings(), 16, 32).unwrap();
     let id = server.add(Method::EntropyInfer, 200, None).unwrap();
-    // Past the prompt's end, then off the segment grid (prompt head classes cannot chunk either).
+    // Past the prompt's end; prompt head classes in chunks; off the segment grid; no tokens.
     assert!(server.step(model, &[(id, &prompt[..201])]).is_err());
+    let err = server.step(model, &[(id, &prompt[..64])]).unwrap_err().to_string();
+    assert!(err.contains("head_class = streaming"), "{err}");
+    let streaming = EntropyConfig { head_class: HeadClassMode::Streaming, ..settings().prefill };
+    let id = server.add(Method::EntropyInfer, 200, Some(streaming)).unwrap();
     let err = server.step(model, &[(id, &prompt[..100])]).unwrap_err().to_string();
-    assert!(err.contains("segment") || err.contains("head class"), "{err}");
+    assert!(err.contains("segment grid"), "{err}");
+    assert!(server.step(model, &[(id, &[][..])]).is_err());
+    // Refused passes wrote nothing: the sequence still prefills from its first token.
+    server.step(model, &[(id, &prompt[..64])]).unwrap();
+    server.step(model, &[(id, &prompt[64..200])]).unwrap();
+    assert!(server.entries(id).unwrap().iter().all(|&e| e == 200));
     // The pool holds 8 pages of 16 tokens: 200 tokens do not fit.
     let mut small = Server::new(&kernels, model, &settings(), 16, 8).unwrap();
     let id = small.add(Method::Dense, 200, None).unwrap();

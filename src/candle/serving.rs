@@ -13,7 +13,7 @@ use candle_core::Tensor;
 
 use super::llama::{Llama, RaggedAttention, Span};
 use super::methods::{LayerStats, Method, Settings, Step};
-use crate::config::{DecodeConfig, EntropyConfig, GqaMode};
+use crate::config::{DecodeConfig, EntropyConfig, GqaMode, HeadClassMode};
 use crate::engine::{BlockTable, ChunkRequest, KvCache, KvCacheMut, PageLayout, Workspace};
 use crate::kernels::Kernels;
 use crate::plan::{BlockLists, Plan, PlanState};
@@ -213,10 +213,16 @@ impl Server {
                     s.prompt_len
                 )));
             }
+            if toks.is_empty() {
+                return Err(err(format!("sequence {id:?}: no tokens in this pass")));
+            }
+            chunk_fits(id, s, toks.len())?;
             spans.push(Span { pos: s.pos, len: toks.len() });
             tokens.extend_from_slice(toks);
             self.current.push(id.0);
         }
+        // Every check a kernel could fail on a well-formed pass is above (and pages are claimed
+        // before layer 0's first write): an error leaves the sequences' caches as they were.
         let logits = model.forward_ragged(&tokens, &spans, self, None)?;
         for &(id, toks) in inputs {
             self.seqs[id.0].as_mut().expect("checked above").pos += toks.len();
@@ -370,6 +376,29 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// A sparse prefill in chunks needs `streaming` head classes and chunks on the segment grid
+/// (SPEC §7.2): checked before the pass runs, not by the planner halfway through it.
+fn chunk_fits(id: SeqId, s: &Sequence, len: usize) -> candle_core::Result<()> {
+    let Some(cfg) = s.prefill.as_ref().filter(|_| s.pos < s.prompt_len) else { return Ok(()) };
+    let end = s.pos + len;
+    if s.pos == 0 && end == s.prompt_len {
+        return Ok(()); // the whole prompt at once
+    }
+    if cfg.head_class != HeadClassMode::Streaming {
+        return Err(err(format!(
+            "sequence {id:?}: prefill in chunks needs head_class = streaming (prompt head classes see the whole prompt)"
+        )));
+    }
+    let seg = cfg.segment_size;
+    if !s.pos.is_multiple_of(seg) || (end != s.prompt_len && !end.is_multiple_of(seg)) {
+        return Err(err(format!(
+            "sequence {id:?}: a chunk {}..{end} must start and end on the segment grid (S = {seg}) or end at the prompt's end ({})",
+            s.pos, s.prompt_len
+        )));
+    }
+    Ok(())
 }
 
 /// Contiguous f32 rows of a `[1, T, H, D]` tensor.
