@@ -96,12 +96,14 @@ impl<E: Element> WithSimd for UnitJob<'_, '_, '_, E> {
                 }
             }
         }
-        // The unit's entry offsets for head 0, page by page (K and V share the layout; head h is
-        // `h·head_stride` further): no division per row.
+        // The unit's entry offsets for head 0, walked page by page (K and V share the layout;
+        // head h is `h·head_stride` further).
         let cache = a.cache();
-        let layout = cache.layout();
-        let hs = layout.strides[2];
-        let offs = &mut call_offsets(offsets, k0, k1, layout, cache.table().row(i), 0);
+        let hs = cache.layout().strides[2];
+        for (o, (_, off)) in offsets.iter_mut().zip(super::engine::rows(cache, call.k, i, 0).walk(k0..k1)) {
+            *o = off;
+        }
+        let offs = &offsets[..k1 - k0];
         let lens = &cache.lens()[i * hc..(i + 1) * hc];
         let (m, rest) = part.split_at_mut(call.r);
         let (l, out) = rest.split_at_mut(call.r);
@@ -152,31 +154,6 @@ impl<E: Element> WithSimd for UnitJob<'_, '_, '_, E> {
     }
 }
 
-/// Element offsets of entries `k0..k1` of cache head `h` of a sequence with pages `table`.
-#[inline(always)]
-fn call_offsets<'o>(
-    offsets: &'o mut [usize],
-    k0: usize,
-    k1: usize,
-    layout: &crate::engine::PageLayout,
-    table: &[u32],
-    h: usize,
-) -> &'o [usize] {
-    let ps = layout.page_size;
-    let (mut page, mut slot) = (k0 / ps, k0 % ps);
-    let mut base = layout.offset(table[page] as usize, 0, h);
-    for o in offsets[..k1 - k0].iter_mut() {
-        if slot == ps {
-            page += 1;
-            slot = 0;
-            base = layout.offset(table[page] as usize, 0, h);
-        }
-        *o = base + slot * layout.strides[1];
-        slot += 1;
-    }
-    &offsets[..k1 - k0]
-}
-
 /// Runs a call that [`applies`] on the split path.
 pub(crate) fn attend<E: Element>(
     isa: Isa,
@@ -195,10 +172,8 @@ pub(crate) fn attend<E: Element>(
     s.heads.clear();
     // Keys per unit: KEYS_PER_UNIT, fewer when the call has too few keys to feed every core.
     let threads = rayon::current_num_threads();
-    let keys: usize = (0..dm.sequences)
-        .filter(|&i| !a.tokens(i).is_empty())
-        .map(|i| (0..hc).map(|h| a.len(i, h)).max().unwrap_or(0))
-        .sum();
+    let longest = |i: usize| (0..hc).map(|h| a.len(i, h)).max().unwrap_or(0);
+    let keys: usize = (0..dm.sequences).filter(|&i| !a.tokens(i).is_empty()).map(longest).sum();
     let per_unit = (keys / (UNITS_PER_THREAD * threads))
         .next_multiple_of(MIN_KEYS_PER_UNIT)
         .clamp(MIN_KEYS_PER_UNIT, KEYS_PER_UNIT);
@@ -206,8 +181,7 @@ pub(crate) fn attend<E: Element>(
         if a.tokens(i).is_empty() {
             continue;
         }
-        let longest = cache.lens()[i * hc..(i + 1) * hc].iter().copied().max().unwrap_or(0) as usize;
-        let first = s.units.len();
+        let (first, longest) = (s.units.len(), longest(i));
         for k0 in (0..longest).step_by(per_unit) {
             s.units.push(Unit { i, k0, k1: (k0 + per_unit).min(longest) });
         }
