@@ -224,6 +224,24 @@ fn served_in_chunks_over_pages_equals_one_shot() {
 }
 
 #[test]
+fn served_in_chunks_with_layer_fusion_equals_one_shot() {
+    // Each layer's planning fuses the previous layer's plans of the same pass.
+    let Some((model, tok)) = model() else { return };
+    let prompt = long_prompt(tok);
+    let mut r = request(Method::EntropyInfer, &prompt, 8, true);
+    r.prefill = r.prefill.map(|p| EntropyConfig { layer_fusion: true, ..p });
+    let one = &served(model, std::slice::from_ref(&r), None)[0];
+    let chunked = &served(model, std::slice::from_ref(&r), Some(128))[0];
+    let toks = |g: &Generation| g.steps.iter().map(|s| s.token).collect::<Vec<_>>();
+    assert_eq!(toks(one), toks(chunked));
+    assert!(max_diff(&one.first_logprobs, &chunked.first_logprobs) <= 1e-4);
+    let plain = &served(model, &[request(Method::EntropyInfer, &prompt, 8, true)], None)[0];
+    let kept = |g: &Generation| g.stats.iter().map(|s| s.kept_fraction).collect::<Vec<_>>();
+    assert_eq!(kept(one), kept(chunked), "per-layer kept fractions");
+    assert_ne!(kept(one), kept(plain), "fusion must change some layer's plan");
+}
+
+#[test]
 fn ragged_batch_equals_each_single_run() {
     // Three prompts of different lengths, each with its own method and window, in one ragged
     // batch per pass (prefill chunks and decode steps mixed): each equals its run alone.

@@ -67,8 +67,9 @@ pub struct Server {
     ws: Workspace,
     /// The sequences of the pass running, in the order of its spans.
     current: Vec<usize>,
-    /// Each planned sequence's plan of the previous layer in this pass (layer fusion).
-    prev_plans: Vec<Plan>,
+    /// The plans of the pass's sparse-prefilling sequences at the latest layer: this layer's
+    /// attention reads them, the next layer's planning fuses them.
+    plans: Vec<Plan>,
     /// Seconds spent in this crate's calls (append, planning, attention, compression).
     pub attention_secs: f64,
 }
@@ -102,7 +103,7 @@ impl Server {
             seqs: Vec::new(),
             ws: Workspace::new(),
             current: Vec::new(),
-            prev_plans: Vec::new(),
+            plans: Vec::new(),
             attention_secs: 0.0,
         })
     }
@@ -263,8 +264,9 @@ impl Server {
         (ids, width, lens)
     }
 
-    /// Plans the sequences of the pass that prefill sparsely; returns their plans by pass index.
-    fn plan(&mut self, layer: usize, spans: &[Span], q: &[f32]) -> candle_core::Result<Vec<Option<Plan>>> {
+    /// Plans the sequences of the pass that prefill sparsely into `self.plans`; returns, by pass
+    /// index, where each sequence's plan is there.
+    fn plan(&mut self, layer: usize, spans: &[Span], q: &[f32]) -> candle_core::Result<Vec<Option<usize>>> {
         let row = self.q_heads * self.head_dim;
         let mut planned = Vec::new();
         let (mut sub_q, mut cu) = (Vec::new(), vec![0u32]);
@@ -278,9 +280,10 @@ impl Server {
             }
             start += s.len;
         }
-        let mut plans = vec![None; spans.len()];
+        let mut at = vec![None; spans.len()];
         if planned.is_empty() {
-            return Ok(plans);
+            self.plans.clear();
+            return Ok(at);
         }
         let which: Vec<usize> = planned.iter().map(|&n| self.current[n]).collect();
         let (ids, width, lens) = self.table(&which, layer);
@@ -290,11 +293,13 @@ impl Server {
         let mut states: Vec<PlanState> = seqs.iter().flat_map(|s| s.layers[layer].states.iter().copied()).collect();
         let (pk, pv) = &self.pools[layer];
         let cache = KvCache::paged(pk.as_slice(), pv.as_slice(), self.layout, BlockTable::new(&ids, width), &lens);
-        let fuse = layer > 0 && self.prev_plans.len() == which.len() && cfgs.iter().any(|c| c.layer_fusion);
+        let fusion = cfgs.iter().any(|c| c.layer_fusion);
+        // The same sequences were planned at the previous layer of this pass (none at layer 0).
+        let fuse = fusion && layer > 0 && self.plans.len() == which.len();
         let req = ChunkRequest {
             layer_idx: layer,
-            prev: fuse.then_some(self.prev_plans.as_slice()),
-            keep_maps: fuse || cfgs.iter().any(|c| c.layer_fusion),
+            prev: fuse.then_some(self.plans.as_slice()),
+            keep_maps: fusion,
             full_ranking: false,
         };
         let q_sub = TensorView::thd(sub_q.as_slice(), [cu[cu.len() - 1] as usize, self.q_heads, self.head_dim]);
@@ -307,11 +312,11 @@ impl Server {
             l.pairs = (l.pairs.0 + kept, l.pairs.1 + causal);
             l.rigid_heads = plan.rigid_heads();
         }
-        for (&n, plan) in planned.iter().zip(new.iter()) {
-            plans[n] = Some(plan.clone());
+        for (k, &n) in planned.iter().enumerate() {
+            at[n] = Some(k);
         }
-        self.prev_plans = new;
-        Ok(plans)
+        self.plans = new;
+        Ok(at)
     }
 
     /// Feeds the pass's queries of each compressing sequence to its window at `layer` and
@@ -426,9 +431,6 @@ impl RaggedAttention for Server {
             }))
             .collect();
         self.claim_pages(layer, spans)?;
-        if layer == 0 {
-            self.prev_plans.clear();
-        }
         // 1. The pass's K/V into the pages.
         let current = self.current.clone();
         let (ids, width, mut lens) = self.table(&current, layer);
@@ -454,8 +456,8 @@ impl RaggedAttention for Server {
             l.lens.copy_from_slice(&lens[n * hkv..(n + 1) * hkv]);
         }
         // 2. Plans of the sparse prefill chunks, 3. attention of every sequence over its pages.
-        let plans = self.plan(layer, spans, &q)?;
-        let blocks: Vec<Option<&BlockLists>> = plans.iter().map(|p| p.as_ref().map(|p| &p.blocks)).collect();
+        let at = self.plan(layer, spans, &q)?;
+        let blocks: Vec<Option<&BlockLists>> = at.iter().map(|k| k.map(|k| &self.plans[k].blocks)).collect();
         let mut out = vec![0f32; t * hq * d];
         {
             let (pk, pv) = &self.pools[layer];
@@ -495,7 +497,7 @@ pub struct Request {
 }
 
 /// What [`serve`] returns for one request.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Generation {
     /// The greedy steps (with margins; deficits against `forced` when teacher-forced).
     pub steps: Vec<Step>,
@@ -536,17 +538,7 @@ pub fn serve(
         .map(|r| server.add(r.method, r.prompt.len(), r.prefill.clone()))
         .collect::<candle_core::Result<Vec<_>>>()?;
     let mut fed = vec![0usize; requests.len()];
-    let mut gens: Vec<Generation> = requests
-        .iter()
-        .map(|_| Generation {
-            steps: Vec::new(),
-            first_logprobs: Vec::new(),
-            stats: Vec::new(),
-            entries: Vec::new(),
-            kv_bytes: 0,
-            pages: 0,
-        })
-        .collect();
+    let mut gens = vec![Generation::default(); requests.len()];
     let mut timing = Timing::default();
     let clock = Instant::now();
     loop {
