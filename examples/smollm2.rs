@@ -116,6 +116,25 @@ struct Args {
     page_size: usize,
 }
 
+/// Prints a markdown table.
+fn table(headers: &[&str], rows: &[Vec<String>]) {
+    println!("\n| {} |", headers.join(" | "));
+    println!("|{}|", headers.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
+    for r in rows {
+        println!("| {} |", r.join(" | "));
+    }
+}
+
+/// The generated text up to the end-of-turn token, on one line.
+fn answer_text(tok: &GgufTokenizer, tokens: &[u32]) -> candle_core::Result<String> {
+    Ok(tok.decode(tokens)?.split("<|im_end|>").next().unwrap_or("").replace('\n', " "))
+}
+
+/// Mean over layers of the kept fraction of causal pairs (1 without sparse prefill).
+fn mean_kept(stats: &[methods::LayerStats]) -> f64 {
+    if stats.is_empty() { 1.0 } else { stats.iter().map(|s| s.kept_fraction).sum::<f64>() / stats.len() as f64 }
+}
+
 /// Builds the prompt tokens: chat template around document + question, document shortened to fit.
 fn prompt_tokens(tok: &GgufTokenizer, args: &Args, context: usize) -> candle_core::Result<(Vec<u32>, String)> {
     let (document, question) = match &args.prompt_file {
@@ -231,13 +250,8 @@ fn main() -> candle_core::Result<()> {
                 (methods::agreement(&forced, ref_tokens), methods::kl(ref_logprobs, &logprobs))
             }
         };
-        let kept = if session.stats.is_empty() {
-            1.0
-        } else {
-            session.stats.iter().map(|s| s.kept_fraction).sum::<f64>() / session.stats.len() as f64
-        };
-        let answer = tok.decode(&tokens)?;
-        let answer = answer.split("<|im_end|>").next().unwrap_or("").replace('\n', " ");
+        let kept = mean_kept(&session.stats);
+        let answer = answer_text(&tok, &tokens)?;
         answers.push((method, answer.clone()));
         if method == Method::Dense {
             reference = Some((tokens.clone(), logprobs, steps));
@@ -269,11 +283,7 @@ fn main() -> candle_core::Result<()> {
         "KL first token",
         "answer (start)",
     ];
-    println!("\n| {} |", headers.join(" | "));
-    println!("|{}|", headers.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
-    for r in rows {
-        println!("| {} |", r.join(" | "));
-    }
+    table(&headers, &rows);
     if args.diagnose {
         println!("\nteacher-forced disagreements with dense (margins and deficits in nats):");
         for m in &misses {

@@ -8,15 +8,7 @@ use entropy_kernels::candle::serving::{self, Generation, Request, Server, Timing
 use entropy_kernels::candle::tokenizer::GgufTokenizer;
 use entropy_kernels::{EntropyConfig, HeadClassMode, Kernels};
 
-use super::{Args, prompt_tokens};
-
-fn table(headers: &[&str], rows: &[Vec<String>]) {
-    println!("\n| {} |", headers.join(" | "));
-    println!("|{}|", headers.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
-    for r in rows {
-        println!("| {} |", r.join(" | "));
-    }
-}
+use super::{Args, answer_text, mean_kept, prompt_tokens, table};
 
 fn tokens(g: &Generation) -> Vec<u32> {
     g.steps.iter().map(|s| s.token).collect()
@@ -35,10 +27,6 @@ fn same_tokens(a: &Generation, b: &Generation) -> String {
         None => format!("lengths {} vs {}", ta.len(), tb.len()),
         Some(i) => format!("**differ from step {i}**"),
     }
-}
-
-fn kept(g: &Generation) -> f64 {
-    g.stats.iter().map(|s| s.kept_fraction).sum::<f64>() / g.stats.len().max(1) as f64
 }
 
 /// Pages for `tokens` tokens of prompts and generations, with a page per sequence of slack.
@@ -125,8 +113,8 @@ fn chunked(ctx: &Ctx<'_>, tok: &GgufTokenizer, methods: &[Method], chunk: usize)
             format!(
                 "{:.1}% (kept {:.2} vs {:.2})",
                 100.0 * methods::agreement(&tokens(&f[0]), &forced),
-                kept(one),
-                kept(&p[0])
+                mean_kept(&one.stats),
+                mean_kept(&p[0].stats)
             )
         } else {
             "—".into()
@@ -137,7 +125,7 @@ fn chunked(ctx: &Ctx<'_>, tok: &GgufTokenizer, methods: &[Method], chunk: usize)
             format!("{:.0}", t2.prefill_s * 1e3),
             same_tokens(one, chunked),
             format!("{:.1e}", max_logprob_diff(one, chunked)),
-            format!("{:.2}", kept(one)),
+            format!("{:.2}", mean_kept(&one.stats)),
             versus_prompt,
             format!("{}", chunked.entries.iter().max().unwrap_or(&0)),
         ]);
@@ -182,15 +170,14 @@ fn batch(ctx: &Ctx<'_>, tok: &GgufTokenizer, methods: &[Method], k: usize) -> ca
     for (i, (r, g)) in requests.iter().zip(&together).enumerate() {
         let (single, ts) = ctx.serve(std::slice::from_ref(r), chunk)?;
         alone_s += ts.prefill_s + ts.decode_s;
-        let answer = tok.decode(&tokens(g))?;
-        let answer = answer.split("<|im_end|>").next().unwrap_or("").replace('\n', " ");
+        let answer = answer_text(tok, &tokens(g))?;
         rows.push(vec![
             format!("{i}"),
             r.method.name().to_string(),
             format!("{}", r.prompt.len()),
             same_tokens(g, &single[0]),
             format!("{:.1e}", max_logprob_diff(g, &single[0])),
-            format!("{:.2}", kept(g)),
+            format!("{:.2}", mean_kept(&g.stats)),
             format!("{}", g.entries.iter().max().unwrap_or(&0)),
             format!("{}", g.pages),
             answer.chars().take(50).collect(),
