@@ -53,6 +53,44 @@ pub(super) fn repeat(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f
     Ok(median(t))
 }
 
+/// Two calls timed in alternation (`a b`, then `b a`, …) after one warm-up of each: the medians
+/// of each and the median of the per-pair ratios a/b. Alternating keeps a drift of the machine's
+/// speed (another tenant, a clock change) out of the ratio, which two separate medians let in.
+pub(super) fn paired(
+    reps: usize,
+    mut a: impl FnMut() -> Result<()>,
+    mut b: impl FnMut() -> Result<()>,
+) -> Result<Paired> {
+    a()?;
+    b()?;
+    let (mut ta, mut tb, mut r) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..reps.max(1) {
+        let (sa, sb) = if i % 2 == 0 {
+            let sa = timed(&mut a)?;
+            (sa, timed(&mut b)?)
+        } else {
+            let sb = timed(&mut b)?;
+            (timed(&mut a)?, sb)
+        };
+        ta.push(sa);
+        tb.push(sb);
+        r.push(sa / sb);
+    }
+    Ok(Paired { a: median(ta), b: median(tb), ratio: median(r) })
+}
+
+fn timed(f: &mut impl FnMut() -> Result<()>) -> Result<f64> {
+    let (r, s) = time(f);
+    r.map(|_| s)
+}
+
+/// Medians of two alternated calls and of their per-pair ratio.
+pub(super) struct Paired {
+    pub a: f64,
+    pub b: f64,
+    pub ratio: f64,
+}
+
 pub fn run(a: &BenchArgs) -> Result<()> {
     let kernels: Kernels = a.backend.kernels()?;
     let cfg = match &a.config {

@@ -1,7 +1,7 @@
 //! `entropy-kernels bench-engine`: the serving-loop calls of SPEC §7 against the one-shot calls
 //! they generalise, timed in the same run: a ragged batch against its sequences one by one, a
 //! prompt prefilled in chunks over a paged cache against one shot, paged decode against
-//! contiguous decode.
+//! contiguous decode, in-place compression against copy-out. Each pair is timed in alternation.
 
 use clap::Args;
 use entropy_kernels::{
@@ -9,7 +9,7 @@ use entropy_kernels::{
     PagedCache as Pool, PlanRequest, PlanState, Result, TensorView, TensorViewMut, Workspace, synth,
 };
 
-use super::bench::repeat;
+use super::bench::{Paired, paired};
 use super::{Table, ms};
 
 #[derive(Args, Debug)]
@@ -103,7 +103,8 @@ pub fn run(a: &BenchEngineArgs) -> Result<()> {
     let cfg = EntropyConfig { head_class: HeadClassMode::Streaming, ..EntropyConfig::entropy_infer() };
     println!("backend: {}", k.describe());
     println!(
-        "GQA {hq}/{hkv}, D {d}, {dt}, page {}, median of {} runs; EntropyInfer defaults, streaming head classes",
+        "GQA {hq}/{hkv}, D {d}, {dt}, page {}, {} alternated runs of each pair (decode ×10, compression ×8): medians, ratio = median \
+         of the per-pair ratios; EntropyInfer defaults, streaming head classes",
         a.page_size, a.reps
     );
     let mut t = Table::new(&["case", "engine path ms", "baseline ms", "ratio", "baseline"]);
@@ -121,89 +122,83 @@ pub fn run(a: &BenchEngineArgs) -> Result<()> {
     let cap = *a.ragged.iter().max().unwrap_or(&1);
     let mut out = HostTensor::zeros(dt, q.shape);
     let mut ws = Workspace::new();
-    let engine = repeat(a.reps, || {
-        let mut pool = pool(dt, a.ragged.len(), hkv, d, cap, a.page_size, hm)?;
-        let mut states = vec![PlanState::new(); a.ragged.len() * hkv];
-        prefill_round(
-            &k,
-            &mut pool,
-            &q.view(),
-            &kn.view(),
-            &vn.view(),
-            &cu,
-            &lens,
-            &cfg,
-            &mut states,
-            &mut ws,
-            &mut out,
-        )
-    })?;
-    let singles = repeat(a.reps, || {
-        for (&start, &n) in cu.iter().zip(&a.ragged) {
-            let s = start as usize;
-            let mut o = HostTensor::zeros(dt, [1, n, hq, d]);
-            let mut ov: TensorViewMut<'_> = o.view_mut();
-            let (qv, kv, vv) = (q.view().narrow(1, s, n)?, kn.view().narrow(1, s, n)?, vn.view().narrow(1, s, n)?);
-            k.prefill(qv, kv, vv, &cfg, &PlanRequest::layer(0).keep_maps(false), &mut ov, None)?;
-        }
-        Ok(())
-    })?;
-    t.row(vec![
-        format!("ragged {:?}", a.ragged),
-        ms(engine),
-        ms(singles),
-        format!("{:.2}×", engine / singles),
-        "the sequences one by one (one-shot prefill)".into(),
-    ]);
+    let ragged = paired(
+        a.reps,
+        || {
+            let mut pool = pool(dt, a.ragged.len(), hkv, d, cap, a.page_size, hm)?;
+            let mut states = vec![PlanState::new(); a.ragged.len() * hkv];
+            prefill_round(
+                &k,
+                &mut pool,
+                &q.view(),
+                &kn.view(),
+                &vn.view(),
+                &cu,
+                &lens,
+                &cfg,
+                &mut states,
+                &mut ws,
+                &mut out,
+            )
+        },
+        || {
+            for (&start, &n) in cu.iter().zip(&a.ragged) {
+                let s = start as usize;
+                let mut o = HostTensor::zeros(dt, [1, n, hq, d]);
+                let mut ov: TensorViewMut<'_> = o.view_mut();
+                let (qv, kv, vv) = (q.view().narrow(1, s, n)?, kn.view().narrow(1, s, n)?, vn.view().narrow(1, s, n)?);
+                k.prefill(qv, kv, vv, &cfg, &PlanRequest::layer(0).keep_maps(false), &mut ov, None)?;
+            }
+            Ok(())
+        },
+    )?;
+    row(&mut t, format!("ragged {:?}", a.ragged), &ragged, "the sequences one by one (one-shot prefill)");
 
     // Chunked prefill over pages against one shot.
     let l = a.chunked;
     let q = tensor([1, l, hq, d], 4, dt);
     let kn = tensor([1, l, hkv, d], 5, dt);
     let vn = tensor([1, l, hkv, d], 6, dt);
-    let chunked = repeat(a.reps, || {
-        let mut pool = pool(dt, 1, hkv, d, l, a.page_size, hm)?;
-        let mut states = vec![PlanState::new(); hkv];
-        for s in (0..l).step_by(a.chunk) {
-            let n = a.chunk.min(l - s);
-            let mut o = HostTensor::zeros(dt, [1, n, hq, d]);
-            let (qv, kv, vv) = (q.view().narrow(1, s, n)?, kn.view().narrow(1, s, n)?, vn.view().narrow(1, s, n)?);
-            prefill_round(
-                &k,
-                &mut pool,
-                &qv,
-                &kv,
-                &vv,
-                &[0, n as u32],
-                &[l as u32],
-                &cfg,
-                &mut states,
-                &mut ws,
-                &mut o,
-            )?;
-        }
-        Ok(())
-    })?;
     let mut whole = HostTensor::zeros(dt, q.shape);
-    let one_shot = repeat(a.reps, || {
-        k.prefill(
-            q.view(),
-            kn.view(),
-            vn.view(),
-            &cfg,
-            &PlanRequest::layer(0).keep_maps(false),
-            &mut whole.view_mut(),
-            None,
-        )
-        .map(|_| ())
-    })?;
-    t.row(vec![
-        format!("{l} tokens in {} chunks", a.chunk),
-        ms(chunked),
-        ms(one_shot),
-        format!("{:.2}×", chunked / one_shot),
-        "one-shot sparse prefill (contiguous)".into(),
-    ]);
+    let chunked = paired(
+        a.reps,
+        || {
+            let mut pool = pool(dt, 1, hkv, d, l, a.page_size, hm)?;
+            let mut states = vec![PlanState::new(); hkv];
+            for s in (0..l).step_by(a.chunk) {
+                let n = a.chunk.min(l - s);
+                let mut o = HostTensor::zeros(dt, [1, n, hq, d]);
+                let (qv, kv, vv) = (q.view().narrow(1, s, n)?, kn.view().narrow(1, s, n)?, vn.view().narrow(1, s, n)?);
+                prefill_round(
+                    &k,
+                    &mut pool,
+                    &qv,
+                    &kv,
+                    &vv,
+                    &[0, n as u32],
+                    &[l as u32],
+                    &cfg,
+                    &mut states,
+                    &mut ws,
+                    &mut o,
+                )?;
+            }
+            Ok(())
+        },
+        || {
+            k.prefill(
+                q.view(),
+                kn.view(),
+                vn.view(),
+                &cfg,
+                &PlanRequest::layer(0).keep_maps(false),
+                &mut whole.view_mut(),
+                None,
+            )
+            .map(|_| ())
+        },
+    )?;
+    row(&mut t, format!("{l} tokens in {} chunks", a.chunk), &chunked, "one-shot sparse prefill (contiguous)");
 
     // Paged decode against contiguous decode.
     let (b, n) = (a.decode_batch, a.decode_entries);
@@ -220,41 +215,47 @@ pub fn run(a: &BenchEngineArgs) -> Result<()> {
     let qt = HostTensor::from_f32(&qd.to_f32_vec(), [1, b, hq, d], dt);
     let cu1: Vec<u32> = (0..=b as u32).collect();
     let mut o1 = HostTensor::zeros(dt, qt.shape);
-    let paged =
-        repeat(a.reps * 10, || k.attend(qt.view(), &cu1, &pool.cache(), &[], None, &mut o1.view_mut(), None, &mut ws))?;
     let mut o2 = HostTensor::zeros(dt, qd.shape);
-    let contiguous =
-        repeat(a.reps * 10, || k.decode_attention(qd.view(), kc.view(), vc.view(), &lens, None, &mut o2.view_mut()))?;
-    t.row(vec![
+    let decode = paired(
+        a.reps * 10,
+        || k.attend(qt.view(), &cu1, &pool.cache(), &[], None, &mut o1.view_mut(), None, &mut ws),
+        || k.decode_attention(qd.view(), kc.view(), vc.view(), &lens, None, &mut o2.view_mut()),
+    )?;
+    row(
+        &mut t,
         format!("decode {b} × {n} entries, page {}", a.page_size),
-        ms(paged),
-        ms(contiguous),
-        format!("{:.2}×", paged / contiguous),
-        "decode_attention over the contiguous cache".into(),
-    ]);
+        &decode,
+        "decode_attention over the contiguous cache",
+    );
 
     // In-place compression (selection + compaction over pages) against the copy-out kv_compress.
     let dcfg = DecodeConfig { decode_budget: a.compact_to, ..DecodeConfig::snapkv() };
     let obs = tensor([b, hq, dcfg.window, d], 10, dt);
     let mut lens_c = lens.clone();
-    let copy_out = repeat(a.reps, || k.kv_compress(kc.view(), vc.view(), obs.view(), &dcfg).map(|_| ()))?;
-    let in_place = repeat(a.reps, || {
-        // Restore the full cache's lengths (the entries past a compacted head are only reordered
-        // in front: the timing is the same work as on a fresh cache).
-        pool.lens.copy_from_slice(&lens_c);
-        let sel = k.kv_select(&pool.cache(), obs.view(), &dcfg, &[])?;
-        k.kv_compact(&mut pool.cache_mut(), &sel, &mut ws)
-    })?;
+    let compress = paired(
+        a.reps * 8,
+        || {
+            // Restore the full cache's lengths (the entries past a compacted head are only reordered
+            // in front: the timing is the same work as on a fresh cache).
+            pool.lens.copy_from_slice(&lens_c);
+            let sel = k.kv_select(&pool.cache(), obs.view(), &dcfg, &[])?;
+            k.kv_compact(&mut pool.cache_mut(), &sel, &mut ws)
+        },
+        || k.kv_compress(kc.view(), vc.view(), obs.view(), &dcfg).map(|_| ()),
+    )?;
     lens_c.clear();
-    t.row(vec![
+    row(
+        &mut t,
         format!("compress {b} × {n} → {} entries", a.compact_to),
-        ms(in_place),
-        ms(copy_out),
-        format!("{:.2}×", in_place / copy_out),
-        "kv_compress (copy-out) of the contiguous cache".into(),
-    ]);
+        &compress,
+        "kv_compress (copy-out) of the contiguous cache",
+    );
     t.print();
     Ok(())
+}
+
+fn row(t: &mut Table, case: String, p: &Paired, baseline: &str) {
+    t.row(vec![case, ms(p.a), ms(p.b), format!("{:.2}×", p.ratio), baseline.into()]);
 }
 
 /// `[B, H, N, D]` as THD rows `[B·N, H, D]` (sequence-major), in f32.

@@ -5,6 +5,7 @@
 //! per-query-head means. Recomputing QKᵀ costs less than storing a `[N][G·W]` score matrix (37 MB
 //! at 32K tokens and two kv heads, page faults included) and keeps memory flat in N. Group
 //! reduction, pooling, selection and the gather follow the shared rules in `crate::compress`.
+//! A work unit is a key range of a group of heads, read slot by slot (see [`UnitJob`]).
 
 use rayon::prelude::*;
 
@@ -62,50 +63,63 @@ enum Pass<'c> {
     Means { m: &'c [f32], inv_l: &'c [f32], out: Vec<f32> },
 }
 
+/// One unit: the keys `keys` of the heads `heads` of sequence `b`, each head into its own tile
+/// and pass. Keys are pushed slot by slot (every head's row of key `t`, then `t + 1`), so a
+/// slot-major page (`[page, H, D]` per slot) is read in address order, as the split-K decode
+/// reads it; each head's tiles see the same keys in the same order as a head-at-a-time scan, so
+/// the scores do not depend on the grouping.
 struct UnitJob<'a, 'c, 'p, E> {
     call: &'c Call<'a, E>,
-    b: usize,
-    h: usize,
-    keys: std::ops::Range<usize>,
-    tile: &'c mut Tile,
+    unit: &'c Unit,
+    tiles: &'c mut [Tile],
     tmp: &'c mut Vec<f32>,
-    pass: Pass<'p>,
+    passes: Vec<Pass<'p>>,
 }
 
 impl<'p, E: Element> WithSimd for UnitJob<'_, '_, 'p, E> {
-    type Output = Pass<'p>;
+    type Output = Vec<Pass<'p>>;
     #[inline(always)]
-    fn with_simd<S: Simd>(self) -> Pass<'p> {
+    fn with_simd<S: Simd>(self) -> Vec<Pass<'p>> {
         if S::LANES >= 16 { run_unit::<S, E, 8, 3>(self) } else { run_unit::<S, E, 4, 3>(self) }
     }
 }
 
 #[inline(always)]
-fn run_unit<'p, S: Simd, E: Element, const NR: usize, const MV: usize>(job: UnitJob<'_, '_, 'p, E>) -> Pass<'p> {
-    let UnitJob { call, b, h, keys, tile, tmp, mut pass } = job;
+fn run_unit<'p, S: Simd, E: Element, const NR: usize, const MV: usize>(job: UnitJob<'_, '_, 'p, E>) -> Vec<Pass<'p>> {
+    let UnitJob { call, unit, tiles, tmp, mut passes } = job;
     let d = call.d;
     let (g, w, dd) = (d.group(), d.window, d.head_dim);
-    let n = call.k.entries(&d, b, h);
-    // Window query wi is aligned with cache entry N - W + wi: later entries are masked.
-    tile.begin(n - w, g);
-    for wi in 0..w {
-        for j in 0..g {
-            tile.set_query(wi * g + j, call.obs.row(b, h * g + j, wi, dd), call.c, tmp);
-        }
-    }
-    tile.clear_queries(w * g);
-    let k = call.k.rows(b, h);
+    let Unit { b, ref heads, ref keys } = *unit;
     let first = keys.start;
-    for (t, o) in k.walk_prefetched(keys, dd) {
-        tile.push_key(k.at(o, dd), t);
-        if tile.is_full() {
-            consume::<S, NR, MV>(tile, &mut pass, first, n - w, g, w);
+    let mut scans = Vec::with_capacity(heads.len());
+    for (h, tile) in heads.clone().zip(tiles.iter_mut()) {
+        let n = call.k.entries(&d, b, h);
+        // Window query wi is aligned with cache entry N - W + wi: later entries are masked.
+        tile.begin(n - w, g);
+        for wi in 0..w {
+            for j in 0..g {
+                tile.set_query(wi * g + j, call.obs.row(b, h * g + j, wi, dd), call.c, tmp);
+            }
+        }
+        tile.clear_queries(w * g);
+        let k = call.k.rows(b, h);
+        scans.push((k, k.walk_prefetched(keys.start.min(n)..keys.end.min(n), dd), n - w));
+    }
+    for _ in keys.clone() {
+        for ((k, walk, scored), (tile, pass)) in scans.iter_mut().zip(tiles.iter_mut().zip(passes.iter_mut())) {
+            let Some((t, o)) = walk.next() else { continue };
+            tile.push_key(k.at(o, dd), t);
+            if tile.is_full() {
+                consume::<S, NR, MV>(tile, pass, first, *scored, g, w);
+            }
         }
     }
-    if tile.filled() > 0 {
-        consume::<S, NR, MV>(tile, &mut pass, first, n - w, g, w);
+    for ((_, _, scored), (tile, pass)) in scans.iter().zip(tiles.iter_mut().zip(passes.iter_mut())) {
+        if tile.filled() > 0 {
+            consume::<S, NR, MV>(tile, pass, first, *scored, g, w);
+        }
     }
-    pass
+    passes
 }
 
 /// Scores the tile's keys and folds them into the pass. A function, not a closure: closures are
@@ -185,21 +199,48 @@ fn consume<S: Simd, const NR: usize, const MV: usize>(
     tile.reset_keys();
 }
 
-type Unit = (usize, usize, std::ops::Range<usize>);
+/// The keys `keys` of heads `heads` of sequence `b` (heads shorter than `keys.end` take their
+/// part of it).
+struct Unit {
+    b: usize,
+    heads: std::ops::Range<usize>,
+    keys: std::ops::Range<usize>,
+}
 
-/// Runs one pass over every unit in parallel from the units' initial states (allocated by the
-/// caller, fallibly: together they grow as heads × entries).
-fn run_pass<'p, E: Element>(isa: Isa, call: &Call<'_, E>, units: &[Unit], passes: Vec<Pass<'p>>) -> Vec<Pass<'p>> {
+/// Tile memory a worker may hold for one unit's heads: their Qᵀ/Sᵀ stay in L2 between the keys.
+const UNIT_TILE_BYTES: usize = 1 << 20;
+
+/// Runs one pass over every unit in parallel from the units' initial states (one per head of the
+/// unit, allocated by the caller, fallibly: together they grow as heads × entries).
+fn run_pass<'p, E: Element>(
+    isa: Isa,
+    call: &Call<'_, E>,
+    units: &[Unit],
+    passes: Vec<Vec<Pass<'p>>>,
+) -> Vec<Vec<Pass<'p>>> {
+    let heads = units.iter().map(|u| u.heads.len()).max().unwrap_or(0);
     units
         .par_iter()
         .zip(passes.into_par_iter())
         .map_init(
-            || (Tile::new::<E>(call.geom), vec![0f32; call.d.head_dim]),
-            |(tile, tmp), ((b, h, keys), pass)| {
-                dispatch(isa, UnitJob { call, b: *b, h: *h, keys: keys.clone(), tile, tmp, pass })
-            },
+            || ((0..heads).map(|_| Tile::new::<E>(call.geom)).collect::<Vec<_>>(), vec![0f32; call.d.head_dim]),
+            |(tiles, tmp), (unit, passes)| dispatch(isa, UnitJob { call, unit, tiles, tmp, passes }),
         )
         .collect()
+}
+
+/// Each (b, h)'s passes in key order, those of units past the head's entries left out.
+fn by_head<'p, E: Element>(call: &Call<'_, E>, units: &[Unit], passes: Vec<Vec<Pass<'p>>>) -> Vec<Vec<Pass<'p>>> {
+    let d = &call.d;
+    let mut per: Vec<Vec<Pass<'p>>> = (0..d.batch * d.kv_heads).map(|_| Vec::new()).collect();
+    for (u, unit_passes) in units.iter().zip(passes) {
+        for (h, p) in u.heads.clone().zip(unit_passes) {
+            if u.keys.start < call.k.entries(d, u.b, h) {
+                per[u.b * d.kv_heads + h].push(p);
+            }
+        }
+    }
+    per
 }
 
 pub(crate) fn kv_compress<E: Element>(isa: Isa, lanes: usize, a: &CompressArgs<'_>) -> Result<CompressedCache> {
@@ -228,41 +269,70 @@ pub(crate) fn pooled_rows<E: Element>(
     scale: f32,
     which: &[bool],
 ) -> Result<Vec<Vec<f32>>> {
+    let geom = Geom::new(lanes, d.head_dim, d.group() * d.window);
+    let group = (UNIT_TILE_BYTES / (4 * tile_floats(&geom))).clamp(1, d.kv_heads.max(1));
+    pooled_rows_grouped(isa, keys, obs, d, cfg, scale, which, geom, group)
+}
+
+/// Floats of one scoring tile (Qᵀ, Sᵀ, Oᵀ of G·W rows).
+fn tile_floats(geom: &Geom) -> usize {
+    (geom.keys + 2 * geom.dp) * geom.mp
+}
+
+/// [`pooled_rows`] with units over `group` heads at a time (the scores do not depend on it).
+#[allow(clippy::too_many_arguments)]
+fn pooled_rows_grouped<E: Element>(
+    isa: Isa,
+    keys: Keys<'_, E>,
+    obs: Strided<'_, E>,
+    d: CompressDims,
+    cfg: &DecodeConfig,
+    scale: f32,
+    which: &[bool],
+    geom: Geom,
+    group: usize,
+) -> Result<Vec<Vec<f32>>> {
     let (g, w) = (d.group(), d.window);
-    let geom = Geom::new(lanes, d.head_dim, g * w);
     let mp = geom.mp;
-    // Each worker's tile holds G·W rows (Qᵀ, Sᵀ, Oᵀ): a multiple of the window tensor.
-    alloc::probe::<f32>("the scoring tiles", &[rayon::current_num_threads(), geom.keys + 2 * geom.dp, mp])?;
+    // Units over key ranges of a group of heads of one sequence; each worker holds one tile of
+    // G·W rows per head of the group.
+    let tile_floats = tile_floats(&geom);
+    alloc::probe::<f32>("the scoring tiles", &[rayon::current_num_threads(), group, tile_floats])?;
     let call = Call::<E> { obs, k: keys, d, c: scale * std::f32::consts::LOG2_E, geom };
-    // Units per (b, h) over its own entries; `heads[bh]` their range in `units`.
     let mut units: Vec<Unit> = Vec::new();
-    let mut heads: Vec<std::ops::Range<usize>> = Vec::with_capacity(d.batch * d.kv_heads);
-    for bh in 0..d.batch * d.kv_heads {
-        let (b, h) = (bh / d.kv_heads, bh % d.kv_heads);
-        let start = units.len();
-        if which[b] {
-            let n = call.k.entries(&d, b, h);
-            units.extend((0..n).step_by(KEYS_PER_UNIT).map(|k0| (b, h, k0..(k0 + KEYS_PER_UNIT).min(n))));
+    for b in (0..d.batch).filter(|&b| which[b]) {
+        for h0 in (0..d.kv_heads).step_by(group) {
+            let heads = h0..(h0 + group).min(d.kv_heads);
+            let n = heads.clone().map(|h| call.k.entries(&d, b, h)).max().unwrap_or(0);
+            units.extend((0..n).step_by(KEYS_PER_UNIT).map(|k0| Unit {
+                b,
+                heads: heads.clone(),
+                keys: k0..(k0 + KEYS_PER_UNIT).min(n),
+            }));
         }
-        heads.push(start..units.len());
     }
-    // Pass 1: per-row max and sum per unit, merged per (b, h) into max and 1/sum.
-    // Per unit and window row: max and sum (units × G·W: cache length times window rows).
-    alloc::probe::<f32>("the scoring statistics", &[units.len(), mp, 2])?;
+    // Pass 1: per-row max and sum per unit and head, merged per (b, h) into max and 1/sum.
+    // Per unit, head and window row: max and sum (cache length times window rows).
+    alloc::probe::<f32>("the scoring statistics", &[units.len(), group, mp, 2])?;
     let stats0 = units
         .iter()
-        .map(|_| {
-            Ok(Pass::Stats {
-                m: alloc::filled("the scoring maxima", mp, f32::NEG_INFINITY)?,
-                l: alloc::filled("the scoring sums", mp, 0.0)?,
-            })
+        .map(|u| {
+            u.heads
+                .clone()
+                .map(|_| {
+                    Ok(Pass::Stats {
+                        m: alloc::filled("the scoring maxima", mp, f32::NEG_INFINITY)?,
+                        l: alloc::filled("the scoring sums", mp, 0.0)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
         })
         .collect::<Result<Vec<_>>>()?;
-    let stats = run_pass(isa, &call, &units, stats0);
-    let norms: Vec<(Vec<f32>, Vec<f32>)> = heads
+    let stats = by_head(&call, &units, run_pass(isa, &call, &units, stats0));
+    let norms: Vec<(Vec<f32>, Vec<f32>)> = stats
         .iter()
-        .map(|range| {
-            let parts: Vec<(&[f32], &[f32])> = stats[range.clone()]
+        .map(|head| {
+            let parts: Vec<(&[f32], &[f32])> = head
                 .iter()
                 .map(|p| match p {
                     Pass::Stats { m, l } => (m.as_slice(), l.as_slice()),
@@ -282,20 +352,26 @@ pub(crate) fn pooled_rows<E: Element>(
             (m, inv_l)
         })
         .collect();
+    drop(stats);
 
     // Pass 2: window means of the scored positions.
     // Window means [G][count] of every unit: Hq × entries in all, which can exceed the inputs.
     alloc::probe::<f32>("the window means", &[d.batch, d.q_heads, d.entries])?;
-    let mut means0 = Vec::with_capacity(units.len());
-    for (bh, range) in heads.iter().enumerate() {
-        let (m, inv_l) = &norms[bh];
-        for (b, h, keys) in &units[range.clone()] {
-            let scored = call.k.entries(&d, *b, *h) - w;
-            let count = keys.end.min(scored).saturating_sub(keys.start);
-            means0.push(Pass::Means { m, inv_l, out: alloc::filled("the window means", g * count, 0.0)? });
-        }
-    }
-    let means = run_pass(isa, &call, &units, means0);
+    let means0 = units
+        .iter()
+        .map(|u| {
+            u.heads
+                .clone()
+                .map(|h| {
+                    let (m, inv_l) = &norms[u.b * d.kv_heads + h];
+                    let scored = call.k.entries(&d, u.b, h).saturating_sub(w);
+                    let count = u.keys.end.min(scored).saturating_sub(u.keys.start);
+                    Ok(Pass::Means { m, inv_l, out: alloc::filled("the window means", g * count, 0.0)? })
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let means = by_head(&call, &units, run_pass(isa, &call, &units, means0));
 
     // Rows a[b][hq][n], then the group reduction of SPEC §4.3.
     let out_heads = d.out_heads(cfg);
@@ -307,8 +383,7 @@ pub(crate) fn pooled_rows<E: Element>(
     // Rows and pooled rows are built one by one: check the whole first (Hq rows for per_query_head).
     alloc::probe::<f32>("the decode score rows", &[d.batch, out_heads, d.entries, 2])?;
     let mut rows: Vec<Vec<f32>> = alloc::with_capacity("the decode score rows", d.batch * out_heads)?;
-    for (bh, range) in heads.iter().enumerate() {
-        let head_units = &means[range.clone()];
+    for (bh, head_units) in means.iter().enumerate() {
         let scored = call.k.entries(&d, bh / d.kv_heads, bh % d.kv_heads).saturating_sub(w);
         let scored = if which[bh / d.kv_heads] { scored } else { 0 };
         let per_q: Vec<Vec<f32>> = (0..g)
@@ -348,4 +423,41 @@ pub(crate) fn scores<E: Element>(isa: Isa, lanes: usize, a: &SelectArgs<'_>) -> 
     let keys = Keys::Paged { cache, data: cache.k().typed::<E>().expect("dtype checked by validation") };
     let pooled = pooled_rows::<E>(isa, lanes, keys, Strided::of(&a.obs()), a.dims(), a.cfg(), a.scale(), a.compress())?;
     Ok(Scores::of(a, pooled))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synth;
+    use crate::tensor::HostTensor;
+    use half::bf16;
+
+    /// Units over one head, two heads or all heads give bit-identical scores: each head's tiles
+    /// see the same keys in the same order whatever the grouping (planting a head offset by one in
+    /// `run_unit`'s queries fails it).
+    #[test]
+    fn scores_do_not_depend_on_the_head_grouping() {
+        let (hkv, g, w, n, dd) = (5, 2, 8, KEYS_PER_UNIT + 777, 64);
+        let k = HostTensor::from_f32(&synth::normal(hkv * n * dd, 1.0, 11), [1, hkv, n, dd], crate::DType::BF16);
+        let obs =
+            HostTensor::from_f32(&synth::normal(hkv * g * w * dd, 1.0, 12), [1, hkv * g, w, dd], crate::DType::BF16);
+        let d = CompressDims { batch: 1, kv_heads: hkv, q_heads: hkv * g, entries: n, window: w, head_dim: dd };
+        let cfg = DecodeConfig { gqa_mode: GqaMode::PerQueryHead, decode_budget: 512, ..DecodeConfig::snapkv() };
+        let isa = Isa::detect();
+        let lanes = if isa == Isa::Avx512 { 16 } else { 8 };
+        let geom = Geom::new(lanes, dd, g * w);
+        let run = |group| {
+            let keys = Keys::Strided(Strided::<bf16>::of(&k.view()));
+            pooled_rows_grouped(isa, keys, Strided::of(&obs.view()), d, &cfg, 0.125, &[true], geom, group).unwrap()
+        };
+        let one = run(1);
+        assert_eq!(one.len(), hkv * g);
+        assert!(one.iter().all(|r| r.len() == n - w && r.iter().all(|x| x.is_finite())));
+        for group in [2, hkv] {
+            let other = run(group);
+            for (a, b) in one.iter().zip(&other) {
+                assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "group {group}");
+            }
+        }
+    }
 }
