@@ -185,12 +185,14 @@ fn build_ascend_kernels() {
 }
 
 /// CUDA kernel sources in dependency order (the same list as `src/cuda/source.rs`).
-const CUDA_SOURCES: [&str; 8] = [
+const CUDA_SOURCES: [&str; 10] = [
     "ffi/entropy_params.h",
     "cuda/common.cuh",
     "cuda/numerics.cuh",
     "cuda/topk.cuh",
     "cuda/decode.cu",
+    "cuda/attend.cu",
+    "cuda/append.cu",
     "cuda/prefill.cu",
     "cuda/plan.cu",
     "cuda/compress.cu",

@@ -162,6 +162,82 @@ typedef struct EkDecodeParams {
 } EkDecodeParams;
 
 /*
+ * Attention over a paged cache (SPEC §7.4). Queries: THD q [1, T, Hq, D] (or, with
+ * `batched_rows` = Lq > 0, one sequence per batch row of [B, Lq, Hq, D]); out like q; lse float
+ * [T, Hq] ([B, Hq, Lq] batched; natural log) or 0. K and V pools: entry `slot` of page `page`, cache
+ * head h at element page·page_stride + slot·slot_stride + h·head_stride (dim contiguous);
+ * block_table uint32 [sequences, table_width] of page ids. The host cuts the work into tiles
+ * (EkAttendTile: query rows of one sequence and cache head, inside one segment of a planned
+ * sequence, with their visible keys precomputed), each tile's keys into `splits` splits of
+ * `keys_per_split`; partial float [tiles, splits, tile_rows, D + 2] holds each split's
+ * unnormalised output, max and sum (base 2), merged per row in split order.
+ */
+#define EK_ATTEND_NO_UNIT 0xFFFFFFFFu
+typedef struct EkAttendTile {
+    uint32_t seq;       /* sequence (row of the block table) */
+    uint32_t head;      /* cache head */
+    uint32_t token;     /* first query token, along T */
+    uint32_t tokens;    /* query tokens */
+    uint32_t q_head;    /* first query head of the group (0 .. group) */
+    uint32_t q_heads;   /* query heads of the group (rows = tokens · q_heads) */
+    uint32_t pos;       /* absolute position of the first query (bottom-right) */
+    uint32_t causal;    /* 1: key t is visible to the query at position p iff t <= p */
+    uint32_t own_from;  /* the tile's contiguous keys own_from .. own_end (dense: from 0) */
+    uint32_t own_end;
+    uint32_t unit;      /* its plan unit (listed blocks before own_from), or EK_ATTEND_NO_UNIT */
+    uint32_t block_size;
+} EkAttendTile;
+
+typedef struct EkAttendParams {
+    EkTensor q;
+    EkTensor out;
+    uint64_t lse;
+    uint64_t k_pool;
+    uint64_t v_pool;
+    uint64_t block_table;
+    uint64_t tiles;     /* EkAttendTile [tiles] */
+    uint64_t offsets;   /* uint32 per unit: first of its blocks in `indices` */
+    uint64_t counts;    /* uint32 per unit: its blocks (EK_DENSE_UNIT never reaches the kernel) */
+    uint64_t indices;   /* uint32 block ids, ascending per unit */
+    uint64_t partial;
+    int64_t page_stride;
+    int64_t slot_stride;
+    int64_t head_stride;
+    int32_t table_width;
+    int32_t page_size;
+    int32_t group;      /* Hq / Hc */
+    int32_t tile_rows;  /* rows per tile (partial's stride) */
+    int32_t splits;
+    int32_t keys_per_split;
+    int32_t batched_rows;
+    float scale_log2;   /* softmax scale · log2(e) */
+} EkAttendParams;
+
+/*
+ * Append (SPEC §7.4) into a paged cache in device memory: sequence i's new rows k_new/v_new
+ * [1, T, Hkv, D] (tokens cu_q[i] .. cu_q[i+1]) land at entries lens[i, h] .. of every cache head h
+ * (a cache of Hc = r·Hkv heads takes kv head h / r), through the block table, in the pools'
+ * layout (see EkAttendParams); then `ek_append_lens` adds each sequence's token count to its
+ * lengths. cu_q and lens live in device memory (a captured step replays them).
+ */
+typedef struct EkAppendParams {
+    EkTensor k_new;
+    EkTensor v_new;
+    uint64_t k_pool;
+    uint64_t v_pool;
+    uint64_t block_table;
+    uint64_t cu_q;      /* uint32 [sequences + 1] */
+    uint64_t lens;      /* uint32 [sequences, Hc], read by ek_append, advanced by ek_append_lens */
+    int64_t page_stride;
+    int64_t slot_stride;
+    int64_t head_stride;
+    int32_t table_width;
+    int32_t page_size;
+    int32_t sequences;
+    int32_t cache_heads;
+} EkAppendParams;
+
+/*
  * The device twin of src/numerics.rs evaluated on f64 arrays (ek_numerics_probe), so tests can
  * compare its bits with the host's. op 0: out[i] = exp(x[i]); 1: out[i] = ln(x[i]); 2: out[i] =
  * dot(x[i·dim ..], y[i·dim ..], dim); 3: out[0] = lane sum of x[0 .. n) (one block). i < n.

@@ -332,8 +332,8 @@ fn assert_fits(arch: &Arch, attrs: &[Attrs], l: &Launch, what: &str) {
 
 /// Every launch `cuda::launches` can choose — prefill (both tile heights and auto, tensor cores
 /// and SIMT, every head dim up to 256, groups up to 64), planning (every logits tile, both
-/// rankings), compression (tensor cores and FMAs, window rows up to the limit, every selection)
-/// and decode — fits each target, or is refused by the function before any launch.
+/// rankings), compression (tensor cores and FMAs, window rows up to the limit, every selection),
+/// decode and the paged attention — fits each target, or is refused by the function before any launch.
 #[test]
 fn every_launch_fits_every_target() {
     let attrs = committed_attrs();
@@ -432,6 +432,25 @@ fn every_launch_fits_every_target() {
                 }
             }
         }
+        // The paged attention: every tile height the host cuts (groups 1–64), every head dim.
+        for dtype in DType::ALL {
+            for head_dim in 1..=256 {
+                for group in [1, 2, 3, 4, 8, 16, 32, 64] {
+                    let (tq, nh) = (launches::ATTEND_ROWS / group.min(launches::ATTEND_ROWS), group.min(16));
+                    for (tiles, max_keys) in [(1, 1), (37, 700), (5000, 131_072)] {
+                        let r = launches::attend(&lim, tiles, tq.max(1) * nh, head_dim, max_keys, dtype);
+                        check(
+                            r.map(|al| vec![al.split, al.merge]),
+                            format!("attend {dtype} D {head_dim} group {group}"),
+                        );
+                    }
+                }
+            }
+        }
+        for (tokens, heads) in [(1, 1), (4096, 8), (32_768, 128)] {
+            let r = launches::append(tokens, heads, 64, DType::BF16).map(Vec::from);
+            check(r, format!("append {tokens} tokens × {heads} heads"));
+        }
         check(launches::numerics_probe(100_000, false).map(|l| vec![l]), "numerics probe".into());
         check(launches::numerics_probe(100_000, true).map(|l| vec![l]), "numerics probe (lane sum)".into());
     }
@@ -488,4 +507,22 @@ fn cuda_compute_cap_must_name_code_the_device_runs() {
             other => panic!("CUDA_COMPUTE_CAP={bad} on {cc:?}: {other:?}"),
         }
     }
+}
+
+/// The tile constants `cuda::launches` sizes launches with are the kernels' own (`#define`s in
+/// `cuda/*.cu`): a drift would size shared memory for tiles the kernel does not use.
+#[test]
+fn launch_constants_match_the_kernels() {
+    let define = |file: &str, name: &str| -> usize {
+        let src = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap();
+        let line = src
+            .lines()
+            .find(|l| l.starts_with(&format!("#define {name} ")))
+            .unwrap_or_else(|| panic!("{file} defines no {name}"));
+        line.split_whitespace().nth(2).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+    };
+    assert_eq!(define("cuda/attend.cu", "ATTEND_KEYS"), launches::ATTEND_KEYS);
+    assert_eq!(define("cuda/attend.cu", "ATTEND_THREADS"), launches::ATTEND_THREADS as usize);
+    assert_eq!(define("cuda/append.cu", "APPEND_THREADS"), launches::APPEND_THREADS as usize);
+    assert_eq!(define("cuda/decode.cu", "DECODE_THREADS"), launches::DECODE_THREADS as usize);
 }

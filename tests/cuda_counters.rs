@@ -1,6 +1,6 @@
 //! What the emulated CUDA kernels do, counted (`cuda::emu::counters`): tensor-core multiply-adds
 //! against the causal ideal, `ldmatrix` per `mma`, bytes brought in by `cp.async`, the decode's
-//! cache bytes against one read. One test in its
+//! cache bytes against one read, paged decode's bytes against contiguous decode's. One test in its
 //! own binary: the counters are process-wide. Print with `-- --nocapture`.
 #![cfg(feature = "cuda-emu")]
 
@@ -95,6 +95,106 @@ fn tensor_core_work_is_close_to_the_ideal() {
         decode.barriers
     );
     assert_eq!(decode.ld_global_bytes, decode_ideal, "decode must read each cache row once");
+
+    // The same decode through `attend` over 16-entry pages (slot-major, interleaved with another
+    // sequence's): the paged path reads the bytes the contiguous one reads, no more (±5%).
+    let (ps, full) = (16, [cache_n as u32; 2]);
+    let width = cache_n / ps;
+    let mut pool = PagedCache::interleaved(dtype, PageLayout::slot_major(2 * width, ps, hkv, d), 2, width).unwrap();
+    let thd = |t: &HostTensor| {
+        let f = t.to_f32_vec();
+        let rows: Vec<f32> = (0..cache_n)
+            .flat_map(|n| (0..hkv).flat_map(move |h| (0..d).map(move |x| (h * cache_n + n) * d + x)))
+            .map(|i| f[i])
+            .collect();
+        HostTensor::from_f32(&rows, [1, cache_n, hkv, d], dtype)
+    };
+    let mut ws = Workspace::new();
+    let cu = [0, cache_n as u32, cache_n as u32];
+    k.append(thd(&kc).view(), thd(&vc).view(), &cu, &mut pool.cache_mut(), &mut ws).unwrap();
+    let qt = HostTensor::from_f32(&q1.to_f32_vec(), [1, 1, hq, d], dtype);
+    let mut paged_out = common::poisoned([1, 1, hq, d], dtype);
+    // The second sequence has no query: only the first sequence's cache is read.
+    let c3 = emu::counters().unwrap();
+    k.attend(qt.view(), &[0, 1, 1], &pool.cache(), &[], None, &mut paged_out.view_mut(), None, &mut ws).unwrap();
+    let paged = emu::counters().unwrap() - c3;
+    let mut contiguous_out = common::poisoned([1, 1, hq, d], dtype);
+    let c4 = emu::counters().unwrap();
+    k.decode_attention(q1.view(), kc.view(), vc.view(), &full, None, &mut contiguous_out.view_mut()).unwrap();
+    let contiguous = emu::counters().unwrap() - c4;
+    let paged_ratio = paged.ld_global_bytes as f64 / contiguous.ld_global_bytes as f64;
+    eprintln!(
+        "| decode over 16-entry pages (attend), N {cache_n} | — | — | — | {:.2} MB loaded | {paged_ratio:.3} × contiguous | {} |",
+        paged.ld_global_bytes as f64 / 1e6,
+        paged.barriers
+    );
+    assert!(
+        (0.95..=1.05).contains(&paged_ratio),
+        "paged decode reads {paged_ratio:.3} × the contiguous decode's bytes"
+    );
+
+    // The device-resident decode step over those pages: append_on + a planned run_attend_on
+    // allocate nothing and copy nothing from the host (what a captured CUDA graph replays).
+    {
+        use entropy_kernels::cuda::{CudaAttendPlan, CudaKvCache, CudaKvCacheMut, CudaTensor, CudaTensorMut};
+        let be = emu::backend().expect("the emulated driver loads");
+        let stream = be.stream().clone();
+        let bits =
+            |t: &HostTensor| -> Vec<half::f16> { t.to_f32_vec().iter().map(|&x| half::f16::from_f32(x)).collect() };
+        let (mut kd, mut vd) = (stream.clone_htod(&bits(&pool.k)).unwrap(), stream.clone_htod(&bits(&pool.v)).unwrap());
+        let table = stream.clone_htod(&pool.ids).unwrap();
+        let mut lens = stream.clone_htod(&pool.lens).unwrap();
+        let mut mirror = pool.lens.clone();
+        // One token for the second (empty) sequence: the first fills its pages.
+        let cu = [0u32, 0, 1];
+        let cud = stream.clone_htod(&cu).unwrap();
+        let new = common::random([1, 1, hkv, d], 1.0, 10, dtype);
+        let newd = stream.clone_htod(&bits(&new)).unwrap();
+        let qd = stream.clone_htod(&bits(&qt)).unwrap();
+        let mut od = stream.alloc_zeros::<half::f16>(hq * d).unwrap();
+        let mut plan = CudaAttendPlan::new();
+        let mut step_ws = Workspace::new();
+        let layout = pool.layout;
+        // The plan for the cache after the append (the engine knows its lengths ahead).
+        let after: Vec<u32> = mirror.iter().enumerate().map(|(u, &l)| l + u32::from(u >= hkv)).collect();
+        {
+            let cache =
+                CudaKvCache::new(&kd, &vd, layout, &table, BlockTable::new(&pool.ids, width), &after, &stream).unwrap();
+            let qv = CudaTensor::bsnd(&qd, &stream, qt.shape);
+            let ov = CudaTensorMut::bsnd(&mut od, &stream, qt.shape);
+            be.plan_attend_on(&stream, &mut plan, &qv, &cu, &cache, &[], None, &ov, None).unwrap();
+        }
+        let c5 = emu::counters().unwrap();
+        {
+            let mut cache = CudaKvCacheMut::new(
+                &mut kd,
+                &mut vd,
+                layout,
+                &table,
+                BlockTable::new(&pool.ids, width),
+                &mut lens,
+                &mut mirror,
+                &stream,
+            )
+            .unwrap();
+            let nv = CudaTensor::bsnd(&newd, &stream, new.shape);
+            be.append_on(&stream, &nv, &nv, &cu, &cud, &mut cache, &mut step_ws).unwrap();
+        }
+        {
+            let cache = CudaKvCache::new(&kd, &vd, layout, &table, BlockTable::new(&pool.ids, width), &mirror, &stream)
+                .unwrap();
+            let qv = CudaTensor::bsnd(&qd, &stream, qt.shape);
+            let mut ov = CudaTensorMut::bsnd(&mut od, &stream, qt.shape);
+            be.run_attend_on(&stream, &plan, &qv, &cache, &mut ov, None).unwrap();
+        }
+        stream.synchronize().unwrap();
+        let step = emu::counters().unwrap() - c5;
+        eprintln!(
+            "device decode step (append_on + run_attend_on): {} allocations, {} host-to-device copies",
+            step.allocations, step.htod_copies
+        );
+        assert_eq!((step.allocations, step.htod_copies), (0, 0), "a planned decode step allocates or copies");
+    }
     // 64-row tiles stack 16 tokens × 4 heads over 64-key tiles: the diagonal's padding costs 12%.
     assert!((1.0..=1.15).contains(&dense_ratio), "dense prefill: {dense_ratio:.3} × the causal ideal");
     assert!((1.0..=1.25).contains(&dense128_ratio), "dense prefill, 128 rows: {dense128_ratio:.3} × the ideal");

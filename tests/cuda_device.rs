@@ -222,3 +222,139 @@ fn device_numerics_are_the_hosts_bit_for_bit() {
         assert_eq!(got[0].to_bits(), numerics::lane_sum(n, |j| x[j]).to_bits(), "lane sum of {n} (seed {seed})");
     }
 }
+
+/// The engine calls over a paged cache in device memory: `append_on` writes the pools and
+/// lengths the host `append` writes (bit for bit), a planned `run_attend_on` matches the CPU
+/// backend's `attend` over the same pages (ragged prefill with a sequence bringing no tokens,
+/// then a decode step), and a second run of the plan reads the queries written between runs (what
+/// a CUDA graph replay does; `tests/cuda_counters.rs` counts that a run allocates and copies
+/// nothing).
+#[test]
+fn device_paged_append_and_attend_match_the_host() {
+    let Some(be) = cuda_backend("cuda_device_paged") else { return };
+    let seed = seed("cuda_device_paged");
+    for dtype in DType::ALL {
+        match dtype {
+            DType::F32 => paged_round_trip::<f32>(&be, seed, dtype),
+            DType::F16 => paged_round_trip::<half::f16>(&be, seed, dtype),
+            DType::BF16 => paged_round_trip::<half::bf16>(&be, seed, dtype),
+        }
+    }
+}
+
+fn paged_round_trip<T: entropy_kernels::cuda::DeviceElement + bytemuck::Pod>(
+    be: &entropy_kernels::cuda::CudaBackend,
+    seed: u64,
+    dtype: DType,
+) {
+    use entropy_kernels::cuda::{CudaAttendPlan, CudaKvCache, CudaKvCacheMut};
+    let stream = be.stream().clone();
+    let cpu = Kernels::cpu();
+    let (hq, hkv, d, ps, seqs, width) = (8, 2, 64, 16, 3, 8);
+    let layout = PageLayout::slot_major(seqs * width + 2, ps, hkv, d);
+    let mut host = PagedCache::interleaved(dtype, layout, seqs, width).unwrap();
+    let up = |t: &HostTensor| stream.clone_htod(&typed::<T>(t)).unwrap();
+    let (mut kd, mut vd) = (up(&host.k), up(&host.v));
+    let table_dev = stream.clone_htod(&host.ids).unwrap();
+    let mut lens_dev = stream.clone_htod(&host.lens).unwrap();
+    let mut lens_mirror = host.lens.clone();
+    let mut ws_host = Workspace::new();
+    let mut ws_dev = Workspace::new();
+    let mut plan = CudaAttendPlan::new();
+    // Round 0: ragged prefill (the middle sequence brings nothing); round 1: one token each.
+    for (round, lens) in [[37usize, 0, 64], [1, 1, 1]].iter().enumerate() {
+        let cu: Vec<u32> = std::iter::once(0)
+            .chain(lens.iter().scan(0u32, |a, &l| {
+                *a += l as u32;
+                Some(*a)
+            }))
+            .collect();
+        let t = cu[seqs] as usize;
+        let tag = format!("{dtype} round {round}");
+        let s = seed ^ (round as u64 * 1000);
+        let (q, kn, vn) = (
+            random([1, t, hq, d], 1.0, s, dtype),
+            random([1, t, hkv, d], 1.0, s ^ 1, dtype),
+            random([1, t, hkv, d], 1.0, s ^ 2, dtype),
+        );
+        cpu.append(kn.view(), vn.view(), &cu, &mut host.cache_mut(), &mut ws_host).unwrap();
+        let (knd, vnd, cud) = (up(&kn), up(&vn), stream.clone_htod(&cu).unwrap());
+        {
+            let mut cache = CudaKvCacheMut::new(
+                &mut kd,
+                &mut vd,
+                layout,
+                &table_dev,
+                BlockTable::new(&host.ids, width),
+                &mut lens_dev,
+                &mut lens_mirror,
+                &stream,
+            )
+            .unwrap();
+            let (knt, vnt) = (CudaTensor::bsnd(&knd, &stream, kn.shape), CudaTensor::bsnd(&vnd, &stream, vn.shape));
+            be.append_on(&stream, &knt, &vnt, &cu, &cud, &mut cache, &mut ws_dev).unwrap();
+        }
+        assert_eq!(lens_mirror, host.lens, "{tag}: host mirror of the lengths");
+        assert_eq!(stream.clone_dtoh(&lens_dev).unwrap(), host.lens, "{tag}: device lengths");
+        let bits = |v: Vec<T>| bytemuck::cast_slice::<T, u8>(&v).to_vec();
+        assert!(bits(stream.clone_dtoh(&kd).unwrap()) == bits(typed::<T>(&host.k)), "{tag}: K pool after append_on");
+        assert!(bits(stream.clone_dtoh(&vd).unwrap()) == bits(typed::<T>(&host.v)), "{tag}: V pool after append_on");
+
+        // Attention: the CPU backend over the host pool against the device plan + run.
+        let mut want = poisoned(q.shape, dtype);
+        let mut want_lse = vec![f32::NAN; t * hq];
+        cpu.attend(q.view(), &cu, &host.cache(), &[], None, &mut want.view_mut(), Some(&mut want_lse), &mut ws_host)
+            .unwrap();
+        let mut qd = up(&q);
+        let mut od = up(&poisoned(q.shape, dtype));
+        let mut lse_d = stream.alloc_zeros::<f32>(t * hq).unwrap();
+        let cache =
+            CudaKvCache::new(&kd, &vd, layout, &table_dev, BlockTable::new(&host.ids, width), &host.lens, &stream)
+                .unwrap();
+        {
+            let qt = CudaTensor::bsnd(&qd, &stream, q.shape);
+            let ot = CudaTensorMut::bsnd(&mut od, &stream, q.shape);
+            be.plan_attend_on(&stream, &mut plan, &qt, &cu, &cache, &[], None, &ot, Some(t * hq)).unwrap();
+        }
+        let run = |qd: &cudarc::driver::CudaSlice<T>,
+                   od: &mut cudarc::driver::CudaSlice<T>,
+                   lse_d: &mut cudarc::driver::CudaSlice<f32>| {
+            let qt = CudaTensor::bsnd(qd, &stream, q.shape);
+            let mut ot = CudaTensorMut::bsnd(od, &stream, q.shape);
+            be.run_attend_on(&stream, &plan, &qt, &cache, &mut ot, Some(lse_d)).unwrap();
+        };
+        let compare = |what: &str,
+                       od: &cudarc::driver::CudaSlice<T>,
+                       lse_d: &cudarc::driver::CudaSlice<f32>,
+                       want: &HostTensor,
+                       want_lse: &[f32]| {
+            let got = HostTensor::from_f32(&typed_back::<T>(&stream.clone_dtoh(od).unwrap(), dtype), q.shape, dtype);
+            let err = rel_fro(&tensor_f64(&got), &tensor_f64(want));
+            assert!(err <= attn_tol(dtype), "{tag} {what}: rel err {err:e}");
+            let lse: Vec<f32> = stream.clone_dtoh(lse_d).unwrap();
+            let worst = lse.iter().zip(want_lse).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst <= 1e-3, "{tag} {what}: lse off by {worst}");
+        };
+        run(&qd, &mut od, &mut lse_d);
+        compare("run", &od, &lse_d, &want, &want_lse);
+        // New queries in the same buffer, run again from the same plan.
+        let q2 = random([1, t, hq, d], 1.0, s ^ 3, dtype);
+        stream.memcpy_htod(&typed::<T>(&q2), &mut qd).unwrap();
+        let mut want2 = poisoned(q.shape, dtype);
+        let mut want2_lse = vec![f32::NAN; t * hq];
+        cpu.attend(q2.view(), &cu, &host.cache(), &[], None, &mut want2.view_mut(), Some(&mut want2_lse), &mut ws_host)
+            .unwrap();
+        run(&qd, &mut od, &mut lse_d);
+        compare("rerun with new queries", &od, &lse_d, &want2, &want2_lse);
+    }
+}
+
+/// Device elements back to f32.
+fn typed_back<T: bytemuck::Pod>(v: &[T], dtype: DType) -> Vec<f32> {
+    let bytes: &[u8] = bytemuck::cast_slice(v);
+    match dtype {
+        DType::F32 => bytemuck::cast_slice::<u8, f32>(bytes).to_vec(),
+        DType::F16 => bytemuck::cast_slice::<u8, half::f16>(bytes).iter().map(|x| x.to_f32()).collect(),
+        DType::BF16 => bytemuck::cast_slice::<u8, half::bf16>(bytes).iter().map(|x| x.to_f32()).collect(),
+    }
+}

@@ -56,6 +56,8 @@
 #include "../numerics.cuh"
 #include "../topk.cuh"
 #include "../decode.cu"
+#include "../attend.cu"
+#include "../append.cu"
 #include "../prefill.cu"
 #include "../plan.cu"
 #include "../compress.cu"
@@ -159,6 +161,19 @@ template <> struct Accesses<EkDecodeParams> {
                                       R(EkDecodeParams, v_cache.ptr), W(EkDecodeParams, out.ptr),
                                       R(EkDecodeParams, lengths),     W(EkDecodeParams, partial)};
 };
+template <> struct Accesses<EkAttendParams> {
+    static constexpr Access list[] = {
+        R(EkAttendParams, q.ptr),       W(EkAttendParams, out.ptr), W(EkAttendParams, lse),
+        R(EkAttendParams, k_pool),      R(EkAttendParams, v_pool),  R(EkAttendParams, block_table),
+        R(EkAttendParams, tiles),       R(EkAttendParams, offsets), R(EkAttendParams, counts),
+        R(EkAttendParams, indices),     W(EkAttendParams, partial)};
+};
+template <> struct Accesses<EkAppendParams> {
+    static constexpr Access list[] = {R(EkAppendParams, k_new.ptr), R(EkAppendParams, v_new.ptr),
+                                      W(EkAppendParams, k_pool),    W(EkAppendParams, v_pool),
+                                      R(EkAppendParams, block_table), R(EkAppendParams, cu_q),
+                                      W(EkAppendParams, lens)};
+};
 template <> struct Accesses<EkProbeParams> {
     static constexpr Access list[] = {R(EkProbeParams, x), R(EkProbeParams, y), W(EkProbeParams, out)};
 };
@@ -187,6 +202,16 @@ Kernel kernels[] = {
     EK_KERNEL(ek_decode_merge_f32, EkDecodeParams)
     EK_KERNEL(ek_decode_merge_f16, EkDecodeParams)
     EK_KERNEL(ek_decode_merge_bf16, EkDecodeParams)
+    EK_KERNEL(ek_attend_split_f32, EkAttendParams)
+    EK_KERNEL(ek_attend_split_f16, EkAttendParams)
+    EK_KERNEL(ek_attend_split_bf16, EkAttendParams)
+    EK_KERNEL(ek_attend_merge_f32, EkAttendParams)
+    EK_KERNEL(ek_attend_merge_f16, EkAttendParams)
+    EK_KERNEL(ek_attend_merge_bf16, EkAttendParams)
+    EK_KERNEL(ek_append_f32, EkAppendParams)
+    EK_KERNEL(ek_append_f16, EkAppendParams)
+    EK_KERNEL(ek_append_bf16, EkAppendParams)
+    EK_KERNEL(ek_append_lens, EkAppendParams)
     EK_KERNEL(ek_prefill_simt_f32, EkPrefillParams)
     EK_KERNEL(ek_prefill_simt_f16, EkPrefillParams)
     EK_KERNEL(ek_prefill_simt_bf16, EkPrefillParams)
@@ -535,11 +560,13 @@ EXPORT long long ek_cuda_emu_launches(const char* name) {
 EXPORT void ek_cuda_emu_cp_async_early(int early) { ekemu::cp_async_early = early != 0; }
 
 // The work counters so far: mma.sync (m16n8k16, per warp), ldmatrix (per warp), cp.async bytes,
-// block barriers, bytes loaded by load_f32.
+// block barriers, bytes loaded by load_f32, allocations (cuMemAlloc, cuMemAllocAsync), host-to-
+// device copies.
 EXPORT void ek_cuda_emu_counters(unsigned long long* out) {
     out[0] = ekemu::counters.mma, out[1] = ekemu::counters.ldmatrix;
     out[2] = ekemu::counters.cp_async_bytes, out[3] = ekemu::counters.barriers;
     out[4] = ekemu::counters.ld_global_bytes;
+    out[5] = ekemu::counters.allocations, out[6] = ekemu::counters.htod_copies;
 }
 
 // The order fibers are resumed in (ekemu::schedule).
@@ -704,6 +731,7 @@ EXPORT CUresult cuEventQuery(CUevent e) { return cuEventSynchronize(e); }
 namespace {
 CUresult allocate(CUdeviceptr* p, size_t n) {
     install_fault_handler();
+    ekemu::counters.allocations++;
     const Layout l = layout_of(n);
     void* map = mmap(nullptr, l.total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (map == MAP_FAILED) return OUT_OF_MEMORY;
@@ -769,6 +797,7 @@ EXPORT CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) {
 // From pageable host memory: the data is staged at the call, the device write is in stream order.
 EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream s) {
     if (!inside(dst, n)) return fail(INVALID_VALUE, "cuMemcpyHtoD outside an allocation");
+    ekemu::counters.htod_copies++;
     const std::string race = enqueue(s, "cuMemcpyHtoDAsync", {{dst, n, true}});
     if (!race.empty()) return raced(race);
     std::memcpy(reinterpret_cast<void*>(dst), src, n);

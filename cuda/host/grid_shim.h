@@ -159,9 +159,11 @@ struct AsyncCopy {
 inline std::atomic<bool> cp_async_early{false};
 
 // Work counted across launches (warp-wide instructions once per warp): tensor-core work, the
-// shared-memory fragment loads, bytes copied by cp.async, block barriers passed.
+// shared-memory fragment loads, bytes copied by cp.async, block barriers passed; and the driver
+// calls a CUDA graph could not hold: allocations and host-to-device copies.
 struct Counters {
     std::atomic<unsigned long long> mma{0}, ldmatrix{0}, cp_async_bytes{0}, barriers{0}, ld_global_bytes{0};
+    std::atomic<unsigned long long> allocations{0}, htod_copies{0};
 };
 inline Counters counters;
 // The order a block's fibers are resumed in: round robin by thread index (0) or reversed (1), or

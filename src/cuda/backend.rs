@@ -35,6 +35,11 @@ unsafe impl DeviceRepr for EkDecodeParams {}
 unsafe impl DeviceRepr for EkPlanParams {}
 unsafe impl DeviceRepr for EkCompressParams {}
 unsafe impl DeviceRepr for crate::ffi::EkProbeParams {}
+unsafe impl DeviceRepr for crate::ffi::EkAttendParams {}
+unsafe impl DeviceRepr for crate::ffi::EkAppendParams {}
+unsafe impl DeviceRepr for crate::ffi::EkAttendTile {}
+// SAFETY: twelve u32 fields: all zeros is a valid tile.
+unsafe impl cudarc::driver::ValidAsZeroBits for crate::ffi::EkAttendTile {}
 
 use super::launches::{self, DeviceLimits, KernelLimits, Launch, PrefillTile};
 
@@ -110,7 +115,7 @@ pub struct CudaBackend {
     origin: &'static str,
     /// Multiprocessors, and each kernel's launch bound and dynamic shared memory limit (the
     /// device's opt-in size less the kernel's static shared memory, set on every kernel).
-    limits: DeviceLimits,
+    pub(crate) limits: DeviceLimits,
     /// The tensor-core prefill's tile height (rows = query tokens × group heads per CTA).
     prefill_tile: PrefillTile,
     /// Host fallback for the operations without device kernels yet.
@@ -204,7 +209,10 @@ impl CudaBackend {
             ctx,
             stream,
             funcs,
-            caps: Capabilities { ops: Op::CONTIGUOUS.to_vec(), ..Capabilities::full("cuda", HeadDims::UpTo(256)) },
+            caps: Capabilities {
+                ops: [&Op::CONTIGUOUS[..], &[Op::Attend]].concat(),
+                ..Capabilities::full("cuda", HeadDims::UpTo(256))
+            },
             name,
             arch: arch.to_string(),
             origin,
@@ -524,6 +532,82 @@ impl Backend for CudaBackend {
         self.stream.synchronize().map_err(driver_err("cuStreamSynchronize"))?;
         self.download(&out_dev, out)
     }
+
+    fn attend(
+        &self,
+        a: &crate::engine::AttendArgs<'_>,
+        out: &mut TensorViewMut<'_>,
+        lse: Option<&mut [f32]>,
+        _ws: &mut crate::engine::Workspace,
+    ) -> Result<()> {
+        let d = a.dims();
+        let dtype = a.q().dtype();
+        let rows = launches::ATTEND_ROWS;
+        let work = super::attend::work(a.shape(), rows);
+        if work.tiles.is_empty() {
+            return Ok(()); // no query tokens
+        }
+        let (tq, nh) = super::attend::tile_shape(d.group(), rows);
+        let shape = launches::attend(&self.limits, work.tiles.len(), tq * nh, d.head_dim, work.max_keys, dtype)?;
+        shape.split.check(&self.limits)?;
+        shape.merge.check(&self.limits)?;
+        let cache = a.cache();
+        let layout = cache.layout();
+        let (_q, q) = self.tensor(&a.q())?;
+        let k_pool = self.upload(cache.k().as_bytes())?;
+        let v_pool = self.upload(cache.v().as_bytes())?;
+        let table = self.upload(cache.table().ids())?;
+        let tiles = self.upload(&work.tiles)?;
+        let offsets = self.upload(&work.offsets)?;
+        let counts = self.upload(&work.counts)?;
+        let indices = self.upload(&work.indices)?;
+        let (out_dev, o) = self.output(out.shape(), dtype)?;
+        let lse_dev = match &lse {
+            Some(l) => Some(self.stream.alloc_zeros::<f32>(l.len().max(1)).map_err(driver_err("cuMemAlloc"))?),
+            None => None,
+        };
+        let partial = self
+            .stream
+            .alloc_zeros::<f32>(work.tiles.len() * shape.splits * tq * nh * (d.head_dim + 2))
+            .map_err(driver_err("cuMemAlloc"))?;
+        let params = crate::ffi::EkAttendParams {
+            q,
+            out: o,
+            lse: lse_dev.as_ref().map_or(0, |l| self.ptr(l)),
+            k_pool: self.ptr(&k_pool),
+            v_pool: self.ptr(&v_pool),
+            block_table: self.ptr(&table),
+            tiles: self.ptr(&tiles),
+            offsets: self.ptr(&offsets),
+            counts: self.ptr(&counts),
+            indices: self.ptr(&indices),
+            partial: self.ptr(&partial),
+            page_stride: layout.strides[0] as i64,
+            slot_stride: layout.strides[1] as i64,
+            head_stride: layout.strides[2] as i64,
+            table_width: cache.table().width() as i32,
+            page_size: layout.page_size as i32,
+            group: d.group() as i32,
+            tile_rows: (tq * nh) as i32,
+            splits: shape.splits as i32,
+            keys_per_split: shape.keys_per_split as i32,
+            batched_rows: a.batched().unwrap_or(0) as i32,
+            scale_log2: a.scale() * std::f32::consts::LOG2_E,
+        };
+        // SAFETY: every buffer was sized from the validated call: the pools and the table are the
+        // cache's own, each tile's keys lie within its sequence's pages (lengths validated against
+        // the table), `partial` holds tiles × splits × rows × (D + 2) floats.
+        unsafe {
+            self.launch(&self.stream, &shape.split, &params)?;
+            self.launch(&self.stream, &shape.merge, &params)?;
+        }
+        self.stream.synchronize().map_err(driver_err("cuStreamSynchronize"))?;
+        if let (Some(dst), Some(src)) = (lse, &lse_dev) {
+            let host: Vec<f32> = self.stream.clone_dtoh(src).map_err(driver_err("cuMemcpyDtoH"))?;
+            dst.copy_from_slice(&host[..dst.len()]);
+        }
+        self.download(&out_dev, out)
+    }
 }
 
 impl CudaBackend {
@@ -533,7 +617,7 @@ impl CudaBackend {
     /// # Safety
     /// Every device address inside `params` must be valid for the accesses the kernel makes with
     /// the sizes the struct describes.
-    unsafe fn launch<P: DeviceRepr>(&self, stream: &CudaStream, l: &Launch, params: &P) -> Result<()> {
+    pub(crate) unsafe fn launch<P: DeviceRepr>(&self, stream: &CudaStream, l: &Launch, params: &P) -> Result<()> {
         l.check(&self.limits)?;
         let func = self.funcs.get(l.kernel.as_str()).ok_or_else(|| Error::Driver {
             backend: "cuda",

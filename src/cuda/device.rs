@@ -84,7 +84,7 @@ impl<'a> CudaTensor<'a> {
     pub fn bsnd<T: DeviceElement>(slice: &'a impl DevicePtr<T>, stream: &'a CudaStream, shape: [usize; 4]) -> Self {
         Self::new(slice, stream, shape, contiguous_strides(shape))
     }
-    fn ek(&self) -> EkTensor {
+    pub(crate) fn ek(&self) -> EkTensor {
         EkTensor::new(self.ptr, self.shape, self.strides)
     }
 }
@@ -119,7 +119,7 @@ impl<'a> CudaTensorMut<'a> {
     ) -> Self {
         Self::new(slice, stream, shape, contiguous_strides(shape))
     }
-    fn ek(&self) -> EkTensor {
+    pub(crate) fn ek(&self) -> EkTensor {
         EkTensor::new(self.ptr, self.shape, self.strides)
     }
 }
@@ -133,7 +133,7 @@ impl CudaBackend {
         self.default_stream()
     }
 
-    fn check_stream(&self, stream: &CudaStream) -> Result<()> {
+    pub(crate) fn check_stream(&self, stream: &CudaStream) -> Result<()> {
         if stream.context().cu_ctx() != self.context().cu_ctx() {
             return Err(Error::Layout {
                 what: "stream",

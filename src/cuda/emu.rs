@@ -165,6 +165,11 @@ pub struct Counters {
     pub barriers: u64,
     /// Bytes loaded from global memory by `load_f32` (cuda/common.cuh: the decode's cache reads).
     pub ld_global_bytes: u64,
+    /// Device allocations (`cuMemAlloc`, `cuMemAllocAsync`): what a captured CUDA graph cannot
+    /// repeat.
+    pub allocations: u64,
+    /// Host-to-device copies (`cuMemcpyHtoD`, async or not).
+    pub htod_copies: u64,
 }
 
 impl Counters {
@@ -183,6 +188,8 @@ impl std::ops::Sub for Counters {
             cp_async_bytes: self.cp_async_bytes - o.cp_async_bytes,
             barriers: self.barriers - o.barriers,
             ld_global_bytes: self.ld_global_bytes - o.ld_global_bytes,
+            allocations: self.allocations - o.allocations,
+            htod_copies: self.htod_copies - o.htod_copies,
         }
     }
 }
@@ -190,10 +197,18 @@ impl std::ops::Sub for Counters {
 /// The emulator's work counters (process-wide: concurrent launches count too).
 pub fn counters() -> Result<Counters> {
     let f = symbol::<unsafe extern "C" fn(*mut u64)>(b"ek_cuda_emu_counters")?;
-    let mut c = [0u64; 5];
-    // SAFETY: it writes five u64.
+    let mut c = [0u64; 7];
+    // SAFETY: it writes seven u64.
     unsafe { f(c.as_mut_ptr()) };
-    Ok(Counters { mma: c[0], ldmatrix: c[1], cp_async_bytes: c[2], barriers: c[3], ld_global_bytes: c[4] })
+    Ok(Counters {
+        mma: c[0],
+        ldmatrix: c[1],
+        cp_async_bytes: c[2],
+        barriers: c[3],
+        ld_global_bytes: c[4],
+        allocations: c[5],
+        htod_copies: c[6],
+    })
 }
 
 /// Threads (and floats written) of a self-test launch.

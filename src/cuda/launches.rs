@@ -39,6 +39,14 @@ pub const DECODE_SCRATCH: usize = 4096;
 pub const DECODE_MIN_KEYS: usize = 64;
 /// Most keys per decode split.
 pub const DECODE_MAX_KEYS: usize = 512;
+/// Threads per CTA of the paged attention (`cuda/attend.cu`).
+pub const ATTEND_THREADS: u32 = 128;
+/// Keys per shared K/V tile of the paged attention (`ATTEND_KEYS`).
+pub const ATTEND_KEYS: usize = 16;
+/// Most query rows per tile of the paged attention (the host's `tile_rows`).
+pub const ATTEND_ROWS: usize = 16;
+/// Fewest keys per split of the paged attention.
+pub const ATTEND_MIN_KEYS: usize = 64;
 /// The planning kernels' block: the lane sums of `numerics` need exactly this many threads.
 pub const PLAN_THREADS: u32 = crate::numerics::LANES as u32;
 /// Segments per work item of `ek_plan_logits` (`PLAN_SEGS` in cuda/plan.cu).
@@ -535,6 +543,70 @@ pub fn decode(
         splits,
         keys_per_split: kps,
     })
+}
+
+/// The paged attention's split and merge launches and its split of each tile's keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttendLaunches {
+    /// The split kernel's launch: grid (tiles, splits).
+    pub split: Launch,
+    /// The merge kernel's launch: one CTA per tile.
+    pub merge: Launch,
+    /// Splits of each tile's keys.
+    pub splits: usize,
+    /// Keys per split (a multiple of [`ATTEND_KEYS`]).
+    pub keys_per_split: usize,
+}
+
+/// Dynamic shared memory of the paged attention's split kernel for `rows` rows per tile:
+/// Q and O rows, the K tile (rows padded by one float against bank conflicts) and V tile,
+/// scores, per-row max, sum and rescale, key positions (4-byte words).
+pub fn attend_smem(rows: usize, head_dim: usize) -> usize {
+    4 * (2 * rows * head_dim + ATTEND_KEYS * (2 * head_dim + 1) + rows * ATTEND_KEYS + 3 * rows + ATTEND_KEYS)
+}
+
+/// The paged attention over `tiles` tiles of `rows` rows whose longest reads `max_keys` keys:
+/// enough splits for two waves of CTAs, each at least [`ATTEND_MIN_KEYS`] keys.
+pub fn attend(
+    limits: &DeviceLimits,
+    tiles: usize,
+    rows: usize,
+    head_dim: usize,
+    max_keys: usize,
+    dtype: DType,
+) -> Result<AttendLaunches> {
+    let max_keys = max_keys.max(1);
+    let splits_wanted = (2 * limits.sms).div_ceil(tiles.max(1)).max(1);
+    let kps = max_keys
+        .div_ceil(splits_wanted)
+        .max(ATTEND_MIN_KEYS)
+        .max(max_keys.div_ceil(GRID_YZ_MAX))
+        .next_multiple_of(ATTEND_KEYS);
+    let splits = max_keys.div_ceil(kps);
+    let sfx = dtype_suffix(dtype);
+    Ok(AttendLaunches {
+        split: Launch::new(
+            format!("ek_attend_split_{sfx}"),
+            (tiles, splits, 1),
+            ATTEND_THREADS,
+            attend_smem(rows, head_dim),
+        )?,
+        merge: Launch::new(format!("ek_attend_merge_{sfx}"), (tiles, 1, 1), ATTEND_THREADS, 0)?,
+        splits,
+        keys_per_split: kps,
+    })
+}
+
+/// Threads per CTA of the append kernels (`APPEND_THREADS`).
+pub const APPEND_THREADS: u32 = 128;
+
+/// The append's row copies (one CTA per new token and cache head) and its length update (one
+/// per sequence).
+pub fn append(tokens: usize, cache_heads: usize, sequences: usize, dtype: DType) -> Result<[Launch; 2]> {
+    Ok([
+        Launch::new(format!("ek_append_{}", dtype_suffix(dtype)), (tokens, cache_heads, 1), APPEND_THREADS, 0)?,
+        Launch::new("ek_append_lens", (sequences, 1, 1), APPEND_THREADS, 0)?,
+    ])
 }
 
 /// `ek_numerics_probe` over `n` values (or rows), or one block for a lane sum.

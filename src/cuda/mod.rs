@@ -12,6 +12,8 @@ pub mod source;
 pub mod host_check;
 
 #[cfg(feature = "_cuda")]
+mod attend;
+#[cfg(feature = "_cuda")]
 mod backend;
 #[cfg(feature = "_cuda")]
 pub mod device;
@@ -20,6 +22,8 @@ pub mod emu;
 #[cfg(feature = "_cuda")]
 pub mod launches;
 #[cfg(feature = "_cuda")]
+mod paged;
+#[cfg(feature = "_cuda")]
 pub mod smoke;
 #[cfg(feature = "_cuda")]
 pub use backend::{CudaBackend, NumericsProbe, PREFILL_TILE_ENV, target_arch};
@@ -27,6 +31,8 @@ pub use backend::{CudaBackend, NumericsProbe, PREFILL_TILE_ENV, target_arch};
 pub use device::{CudaCompressedCache, CudaTensor, CudaTensorMut, DeviceElement};
 #[cfg(feature = "_cuda")]
 pub use launches::PrefillTile;
+#[cfg(feature = "_cuda")]
+pub use paged::{CudaAttendPlan, CudaKvCache, CudaKvCacheMut};
 
 use std::sync::Arc;
 

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use super::{CudaBackend, NumericsProbe, PrefillTile};
+use crate::engine::{BlockTable, PageLayout, PagedCache, Workspace};
 use crate::error::Result;
 use crate::tensor::{DType, HostTensor};
 use crate::{DecodeConfig, EntropyConfig, GqaMode, Kernels, PlanRequest, synth};
@@ -157,6 +158,12 @@ pub fn run(open: &dyn Fn() -> Result<CudaBackend>, wanted: &dyn Fn(&str) -> bool
             record(format!("decode {dtype} D {d}"), &mut || decode_case(k.get()?, &cpu, dtype, d));
         }
     }
+    // The engine path: attention over shuffled pages (ragged, a sequence with no queries), and
+    // append into device pools against the host append, bit for bit.
+    for dtype in DType::ALL {
+        record(format!("attend over pages {dtype} D 64"), &mut || attend_case(k.get()?, &cpu, dtype));
+        record(format!("append_on {dtype} D 64"), &mut || append_case(&open()?, dtype));
+    }
     // The decision arithmetic, bit for bit.
     record("numerics (exp, ln, dot, lane sum)".into(), &mut || numerics_case(&open()?));
     Ok(cases)
@@ -214,6 +221,78 @@ fn decode_case(k: &Kernels, cpu: &Kernels, dtype: DType, d: usize) -> Result<(f6
     k.decode_attention(q.view(), kc.view(), vc.view(), &lengths, None, &mut got.view_mut())?;
     cpu.decode_attention(q.view(), kc.view(), vc.view(), &lengths, None, &mut want.view_mut())?;
     Ok((rel_max(&got, &want), tolerance(dtype)))
+}
+
+/// A pool of 3 sequences × 8 pages of 16 entries (slot-major), pages in reverse order.
+fn smoke_pool(dtype: DType, hkv: usize, d: usize) -> Result<PagedCache> {
+    let (seqs, width) = (3, 8);
+    let ids: Vec<u32> = (0..(seqs * width) as u32).rev().collect();
+    PagedCache::new(dtype, PageLayout::slot_major(seqs * width, 16, hkv, d), ids, width, 0.0)
+}
+
+fn attend_case(k: &Kernels, cpu: &Kernels, dtype: DType) -> Result<(f64, f64)> {
+    let (hq, hkv, d) = (8, 2, 64);
+    let mut pool = smoke_pool(dtype, hkv, d)?;
+    let cu = [0u32, 70, 70, 101];
+    let (kn, vn) = (random([1, 101, hkv, d], 11, dtype), random([1, 101, hkv, d], 12, dtype));
+    let mut ws = Workspace::new();
+    cpu.append(kn.view(), vn.view(), &cu, &mut pool.cache_mut(), &mut ws)?;
+    let q = random([1, 101, hq, d], 13, dtype);
+    let mut got = HostTensor::full(dtype, q.shape, f32::NAN);
+    let mut want = HostTensor::full(dtype, q.shape, f32::NAN);
+    k.attend(q.view(), &cu, &pool.cache(), &[], None, &mut got.view_mut(), None, &mut ws)?;
+    cpu.attend(q.view(), &cu, &pool.cache(), &[], None, &mut want.view_mut(), None, &mut ws)?;
+    Ok((rel_max(&got, &want), tolerance(dtype)))
+}
+
+/// `append_on` into device pools: 1 if any byte of the pools or lengths differs from the host
+/// `append`'s, else 0.
+fn append_case(be: &CudaBackend, dtype: DType) -> Result<(f64, f64)> {
+    match dtype {
+        DType::F32 => append_typed::<f32>(be, dtype),
+        DType::F16 => append_typed::<half::f16>(be, dtype),
+        DType::BF16 => append_typed::<half::bf16>(be, dtype),
+    }
+}
+
+fn append_typed<T: super::DeviceElement + bytemuck::Pod>(be: &CudaBackend, dtype: DType) -> Result<(f64, f64)> {
+    use super::backend::driver_err;
+    let (hkv, d) = (2, 64);
+    let stream = be.stream().clone();
+    let mut pool = smoke_pool(dtype, hkv, d)?;
+    let bytes = |t: &HostTensor| -> Vec<T> { bytemuck::cast_slice(t.data().as_bytes()).to_vec() };
+    let up = |v: &[T]| stream.clone_htod(v).map_err(driver_err("cuMemcpyHtoD"));
+    let (mut kd, mut vd) = (up(&bytes(&pool.k))?, up(&bytes(&pool.v))?);
+    let table = stream.clone_htod(&pool.ids).map_err(driver_err("cuMemcpyHtoD"))?;
+    let mut lens = stream.clone_htod(&pool.lens).map_err(driver_err("cuMemcpyHtoD"))?;
+    let mut mirror = pool.lens.clone();
+    let cu = [0u32, 33, 33, 50];
+    let cud = stream.clone_htod(&cu).map_err(driver_err("cuMemcpyHtoD"))?;
+    let (kn, vn) = (random([1, 50, hkv, d], 21, dtype), random([1, 50, hkv, d], 22, dtype));
+    let (knd, vnd) = (up(&bytes(&kn))?, up(&bytes(&vn))?);
+    let mut ws = Workspace::new();
+    {
+        let mut cache = super::CudaKvCacheMut::new(
+            &mut kd,
+            &mut vd,
+            pool.layout,
+            &table,
+            BlockTable::new(&pool.ids, pool.width),
+            &mut lens,
+            &mut mirror,
+            &stream,
+        )?;
+        let (kt, vt) =
+            (super::CudaTensor::bsnd(&knd, &stream, kn.shape), super::CudaTensor::bsnd(&vnd, &stream, vn.shape));
+        be.append_on(&stream, &kt, &vt, &cu, &cud, &mut cache, &mut ws)?;
+    }
+    Kernels::cpu().append(kn.view(), vn.view(), &cu, &mut pool.cache_mut(), &mut ws)?;
+    let down = |s: &cudarc::driver::CudaSlice<T>| stream.clone_dtoh(s).map_err(driver_err("cuMemcpyDtoH"));
+    let same = bytemuck::cast_slice::<T, u8>(&down(&kd)?) == pool.k.data().as_bytes()
+        && bytemuck::cast_slice::<T, u8>(&down(&vd)?) == pool.v.data().as_bytes()
+        && stream.clone_dtoh(&lens).map_err(driver_err("cuMemcpyDtoH"))? == pool.lens
+        && mirror == pool.lens;
+    Ok((if same { 0.0 } else { 1.0 }, 0.0))
 }
 
 fn numerics_case(be: &CudaBackend) -> Result<(f64, f64)> {

@@ -3,9 +3,9 @@
 
 use super::Workspace;
 use super::args::ragged_offsets;
-use super::cache::{KvCacheMut, entry_offset};
+use super::cache::{CacheDims, CacheParts, KvCacheMut, entry_offset};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Element, TensorView};
+use crate::tensor::{DType, Element, Layout, TensorView};
 use half::{bf16, f16};
 
 /// Appends sequence `i`'s rows `k_new[cu[i]..cu[i+1]]` (THD `[1, T, Hkv, D]`, likewise `v_new`)
@@ -20,9 +20,39 @@ pub fn append(
     cache: &mut KvCacheMut<'_>,
     ws: &mut Workspace,
 ) -> Result<()> {
-    let c = cache.parts().check(true)?;
-    for (what, v) in [("k_new", &k_new), ("v_new", &v_new)] {
-        crate::tensor::check_layout(what, v.shape(), v.strides(), v.data().len())?;
+    let c = check(&k_new, &v_new, cu, &cache.parts(), ws)?;
+    let hkv = k_new.shape()[2];
+    // Checked: write.
+    let rep = c.heads / hkv;
+    macro_rules! go {
+        ($t:ty) => {
+            copy_rows::<$t>(&k_new, &v_new, cu, cache, rep)
+        };
+    }
+    match k_new.dtype() {
+        DType::F32 => go!(f32),
+        DType::F16 => go!(f16),
+        DType::BF16 => go!(bf16),
+    }
+    for i in 0..c.sequences {
+        let n = cu[i + 1] - cu[i];
+        cache.lens[i * c.heads..(i + 1) * c.heads].iter_mut().for_each(|l| *l += n);
+    }
+    Ok(())
+}
+
+/// The checks of [`append`] on any data (host views, or device views with host mirrors of the
+/// cache's table and lengths), before anything is written.
+pub(crate) fn check(
+    k_new: &dyn Layout,
+    v_new: &dyn Layout,
+    cu: &[u32],
+    cache: &CacheParts<'_>,
+    ws: &mut Workspace,
+) -> Result<CacheDims> {
+    let c = cache.check(true)?;
+    for (what, v) in [("k_new", k_new), ("v_new", v_new)] {
+        v.check_layout(what)?;
         let [one, _, h, d] = v.shape();
         if one != 1 || h == 0 || d != c.head_dim || c.heads % h != 0 {
             return Err(Error::Shape {
@@ -31,8 +61,8 @@ pub fn append(
                 got: v.shape().to_vec(),
             });
         }
-        if v.dtype() != cache.k.dtype() {
-            return Err(Error::DTypeMismatch { what, expected: cache.k.dtype(), got: v.dtype() });
+        if v.dtype() != cache.k.0 {
+            return Err(Error::DTypeMismatch { what, expected: cache.k.0, got: v.dtype() });
         }
     }
     if v_new.shape() != k_new.shape() {
@@ -42,7 +72,7 @@ pub fn append(
             got: v_new.shape().to_vec(),
         });
     }
-    let [_, t, hkv, _] = k_new.shape();
+    let t = k_new.shape()[1];
     ragged_offsets(cu, c.sequences, t)?;
     let ps = c.page_size;
     // Lengths after the call, and the pages each sequence writes.
@@ -91,23 +121,7 @@ pub fn append(
             }
         }
     }
-    // Checked: write.
-    let rep = c.heads / hkv;
-    macro_rules! go {
-        ($t:ty) => {
-            copy_rows::<$t>(&k_new, &v_new, cu, cache, rep)
-        };
-    }
-    match k_new.dtype() {
-        DType::F32 => go!(f32),
-        DType::F16 => go!(f16),
-        DType::BF16 => go!(bf16),
-    }
-    for i in 0..c.sequences {
-        let n = cu[i + 1] - cu[i];
-        cache.lens[i * c.heads..(i + 1) * c.heads].iter_mut().for_each(|l| *l += n);
-    }
-    Ok(())
+    Ok(c)
 }
 
 fn copy_rows<E: Element>(

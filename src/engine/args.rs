@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::plan::{BlockLists, Plan, PlanDims, PlanState};
 use crate::tensor::{Layout, TensorView};
 
-use super::cache::{CacheDims, KvCache};
+use super::cache::{CacheDims, CacheParts, KvCache};
 
 fn shape_err(what: &'static str, expected: impl Into<String>, got: [usize; 4]) -> Error {
     Error::Shape { what, expected: expected.into(), got: got.to_vec() }
@@ -60,16 +60,16 @@ fn thd(what: &'static str, v: &dyn Layout) -> Result<[usize; 3]> {
 fn ragged_call(
     caps: &Capabilities,
     op: (Op, &'static str),
-    q: &TensorView<'_>,
+    q: &dyn Layout,
     cu_q: &[u32],
-    cache: &KvCache<'_>,
+    cache: &CacheParts<'_>,
 ) -> Result<([usize; 3], CacheDims)> {
     if !caps.supports(op.0) {
         return Err(Error::Unimplemented { backend: caps.backend, op: op.1 });
     }
     let [t, hq, d] = thd("q", q)?;
-    let c = cache.parts().check(false)?;
-    common_checks(caps, q.dtype(), cache.dtype(), d, &c)?;
+    let c = cache.check(false)?;
+    common_checks(caps, q.dtype(), cache.k.0, d, &c)?;
     if hq % c.heads != 0 {
         return Err(Error::HeadGrouping { q_heads: hq, kv_heads: c.heads });
     }
@@ -101,7 +101,8 @@ impl AttendDims {
     }
 }
 
-/// Validated arguments of attention over a cache (SPEC §7.4).
+/// Validated arguments of attention over a cache (SPEC §7.4): the host data and the call's
+/// [`AttendShape`] (what work items are cut from; its methods are the arguments' through `Deref`).
 ///
 /// The one-shot calls (`dense_prefill`, `sparse_prefill`, `decode_attention`) run as such calls
 /// too (one code path for the semantics): each batch row is a sequence whose queries are row `i`
@@ -110,16 +111,32 @@ impl AttendDims {
 #[derive(Clone, Debug)]
 pub struct AttendArgs<'a> {
     q: TensorView<'a>,
-    cu_q: &'a [u32],
     cache: KvCache<'a>,
+    shape: AttendShape<'a>,
+}
+
+/// Everything about an attention call over a cache but its data: ragged offsets, cache lengths,
+/// block plans, sizes, causality — validated. Device backends cut their work from it (the
+/// device-resident calls validate host mirrors of offsets, lengths and tables into one).
+#[derive(Clone, Debug)]
+pub struct AttendShape<'a> {
+    cu_q: &'a [u32],
+    lens: &'a [u32],
     plans: Plans<'a>,
     scale: f32,
     dims: AttendDims,
-    /// One-shot layout: queries per sequence (see above); `None` for THD.
+    /// One-shot layout: queries per sequence (see [`AttendArgs`]); `None` for THD.
     batched: Option<usize>,
     /// Bottom-right causal among a sequence's queries; `false`: every held entry is visible to
     /// every query (one-shot `decode_attention`, SPEC §5).
     causal: bool,
+}
+
+impl<'a> std::ops::Deref for AttendArgs<'a> {
+    type Target = AttendShape<'a>;
+    fn deref(&self) -> &AttendShape<'a> {
+        &self.shape
+    }
 }
 
 /// The block plans of a call.
@@ -153,20 +170,29 @@ impl<'a> AttendArgs<'a> {
             head_dim: d,
             page_size: cache.layout.page_size,
         };
-        AttendArgs { q, cu_q, cache, plans: Plans::Batched(blocks), scale, dims, batched: Some(lq), causal }
+        let lens = cache.lens;
+        let shape = AttendShape { cu_q, lens, plans: Plans::Batched(blocks), scale, dims, batched: Some(lq), causal };
+        AttendArgs { q, cache, shape }
     }
 
-    /// Queries `[1, T, Hq, D]` (one-shot calls: `[B, Lq, Hq, D]`; address rows with [`Self::q_row`]).
+    /// Queries `[1, T, Hq, D]` (one-shot calls: `[B, Lq, Hq, D]`; address rows with [`AttendShape::q_row`]).
     pub fn q(&self) -> TensorView<'a> {
         self.q
-    }
-    /// Offsets of each sequence's query tokens.
-    pub fn cu_q(&self) -> &'a [u32] {
-        self.cu_q
     }
     /// The cache.
     pub fn cache(&self) -> &KvCache<'a> {
         &self.cache
+    }
+    /// The call without its data.
+    pub fn shape(&self) -> &AttendShape<'a> {
+        &self.shape
+    }
+}
+
+impl<'a> AttendShape<'a> {
+    /// Offsets of each sequence's query tokens.
+    pub fn cu_q(&self) -> &'a [u32] {
+        self.cu_q
     }
     /// Sequence `i`'s block plan and its batch row in it (`None`: dense).
     pub fn blocks(&self, i: usize) -> Option<(&'a BlockLists, usize)> {
@@ -210,7 +236,7 @@ impl<'a> AttendArgs<'a> {
     /// Entries held by (sequence `i`, cache head `h`).
     #[inline(always)]
     pub fn len(&self, i: usize, h: usize) -> usize {
-        self.cache.lens[i * self.dims.cache_heads + h] as usize
+        self.lens[i * self.dims.cache_heads + h] as usize
     }
     /// One past the last entry query `j` of (sequence `i`, cache head `h`) sees.
     #[inline(always)]
@@ -220,6 +246,10 @@ impl<'a> AttendArgs<'a> {
     /// Whether queries see only the entries up to their own position (bottom-right causal).
     pub fn causal(&self) -> bool {
         self.causal
+    }
+    /// One-shot layout: queries per sequence (batch rows of `q`); `None` for THD.
+    pub fn batched(&self) -> Option<usize> {
+        self.batched
     }
 }
 
@@ -235,11 +265,29 @@ pub fn attend<'a>(
     out: &dyn Layout,
     lse: Option<&[f32]>,
 ) -> Result<AttendArgs<'a>> {
-    let ([t, hq, d], c) = ragged_call(caps, (Op::Attend, "attend"), &q, cu_q, cache)?;
+    let shape = attend_shape(caps, &q, cu_q, &cache.parts(), cache.lens, blocks, scale, out, lse.map(<[f32]>::len))?;
+    Ok(AttendArgs { q, cache: cache.clone(), shape })
+}
+
+/// The checks of [`attend`] on any data (host views, or device views with host mirrors of the
+/// cache's table and lengths): `lse_len` is the length of the LSE output, if any.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_shape<'a>(
+    caps: &Capabilities,
+    q: &dyn Layout,
+    cu_q: &'a [u32],
+    cache: &CacheParts<'_>,
+    lens: &'a [u32],
+    blocks: &'a [Option<&'a BlockLists>],
+    scale: Option<f32>,
+    out: &dyn Layout,
+    lse_len: Option<usize>,
+) -> Result<AttendShape<'a>> {
+    let ([t, hq, d], c) = ragged_call(caps, (Op::Attend, "attend"), q, cu_q, cache)?;
     for i in 0..c.sequences {
         let q_len = (cu_q[i + 1] - cu_q[i]) as usize;
         for h in 0..c.heads {
-            let len = cache.lens[i * c.heads + h] as usize;
+            let len = lens[i * c.heads + h] as usize;
             if len < q_len {
                 return Err(Error::range(
                     "cache lengths",
@@ -254,7 +302,7 @@ pub fn attend<'a>(
     }
     for (i, bl) in blocks.iter().enumerate() {
         if let Some(bl) = bl {
-            sequence_blocks(i, bl, hq, &c, &cache.lens[i * c.heads..(i + 1) * c.heads])?;
+            sequence_blocks(i, bl, hq, &c, &lens[i * c.heads..(i + 1) * c.heads])?;
         }
     }
     crate::tensor::check_output_layout("out", out.shape(), out.strides(), out.elements())?;
@@ -264,14 +312,10 @@ pub fn attend<'a>(
     if out.dtype() != q.dtype() {
         return Err(Error::DTypeMismatch { what: "out", expected: q.dtype(), got: out.dtype() });
     }
-    if let Some(lse) = lse
-        && lse.len() != t * hq
+    if let Some(n) = lse_len
+        && n != t * hq
     {
-        return Err(Error::Shape {
-            what: "lse",
-            expected: format!("[{t}, {hq}] (tokens, query heads)"),
-            got: vec![lse.len()],
-        });
+        return Err(Error::Shape { what: "lse", expected: format!("[{t}, {hq}] (tokens, query heads)"), got: vec![n] });
     }
     let scale = crate::validate::resolve_scale(scale, d)?;
     let dims = AttendDims {
@@ -282,16 +326,7 @@ pub fn attend<'a>(
         head_dim: d,
         page_size: c.page_size,
     };
-    Ok(AttendArgs {
-        q,
-        cu_q,
-        cache: cache.clone(),
-        plans: Plans::PerSequence(blocks),
-        scale,
-        dims,
-        batched: None,
-        causal: true,
-    })
+    Ok(AttendShape { cu_q, lens, plans: Plans::PerSequence(blocks), scale, dims, batched: None, causal: true })
 }
 
 fn common_checks(caps: &Capabilities, q: crate::DType, cache: crate::DType, d: usize, c: &CacheDims) -> Result<()> {
@@ -423,7 +458,7 @@ pub fn plan_chunks<'a>(
     states: &[PlanState],
     req: &ChunkRequest<'a>,
 ) -> Result<ChunkArgs<'a>> {
-    let ([_, hq, d], c) = ragged_call(caps, (Op::PlanChunks, "plan_chunks"), &q, cu_q, cache)?;
+    let ([_, hq, d], c) = ragged_call(caps, (Op::PlanChunks, "plan_chunks"), &q, cu_q, &cache.parts())?;
     let hkv = c.heads;
     let n = c.sequences;
     if prompt_lens.len() != n {

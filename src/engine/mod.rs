@@ -8,14 +8,14 @@
 //! `append` is a copy with no arithmetic and runs here for every backend whose cache lives in
 //! host memory.
 
-mod append;
+pub(crate) mod append;
 pub mod args;
 pub mod cache;
 mod compaction;
 mod owned;
 
 pub use append::append;
-pub use args::{AttendArgs, AttendDims, ChunkArgs, ChunkRequest, SeqChunk};
+pub use args::{AttendArgs, AttendDims, AttendShape, ChunkArgs, ChunkRequest, SeqChunk};
 pub use cache::{BlockTable, CacheDims, KvCache, KvCacheMut, PageLayout};
 pub use compaction::{Scores, SelectArgs, Selection, compact, select as validate_select};
 pub use owned::PagedCache;

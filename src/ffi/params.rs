@@ -5,6 +5,7 @@ pub const EK_F32: u32 = 0;
 pub const EK_F16: u32 = 1;
 pub const EK_BF16: u32 = 2;
 pub const EK_DENSE_UNIT: u32 = 4294967295;
+pub const EK_ATTEND_NO_UNIT: u32 = 4294967295;
 pub const EK_PROBE_EXP: u32 = 0;
 pub const EK_PROBE_LN: u32 = 1;
 pub const EK_PROBE_DOT: u32 = 2;
@@ -248,6 +249,130 @@ const _: () = {
         [::core::mem::offset_of!(EkDecodeParams, keys_per_split) - 216usize];
     ["Offset of field: EkDecodeParams::scale_log2"][::core::mem::offset_of!(EkDecodeParams, scale_log2) - 220usize];
     ["Offset of field: EkDecodeParams::dtype"][::core::mem::offset_of!(EkDecodeParams, dtype) - 224usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct EkAttendTile {
+    pub seq: u32,
+    pub head: u32,
+    pub token: u32,
+    pub tokens: u32,
+    pub q_head: u32,
+    pub q_heads: u32,
+    pub pos: u32,
+    pub causal: u32,
+    pub own_from: u32,
+    pub own_end: u32,
+    pub unit: u32,
+    pub block_size: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of EkAttendTile"][::core::mem::size_of::<EkAttendTile>() - 48usize];
+    ["Alignment of EkAttendTile"][::core::mem::align_of::<EkAttendTile>() - 4usize];
+    ["Offset of field: EkAttendTile::seq"][::core::mem::offset_of!(EkAttendTile, seq) - 0usize];
+    ["Offset of field: EkAttendTile::head"][::core::mem::offset_of!(EkAttendTile, head) - 4usize];
+    ["Offset of field: EkAttendTile::token"][::core::mem::offset_of!(EkAttendTile, token) - 8usize];
+    ["Offset of field: EkAttendTile::tokens"][::core::mem::offset_of!(EkAttendTile, tokens) - 12usize];
+    ["Offset of field: EkAttendTile::q_head"][::core::mem::offset_of!(EkAttendTile, q_head) - 16usize];
+    ["Offset of field: EkAttendTile::q_heads"][::core::mem::offset_of!(EkAttendTile, q_heads) - 20usize];
+    ["Offset of field: EkAttendTile::pos"][::core::mem::offset_of!(EkAttendTile, pos) - 24usize];
+    ["Offset of field: EkAttendTile::causal"][::core::mem::offset_of!(EkAttendTile, causal) - 28usize];
+    ["Offset of field: EkAttendTile::own_from"][::core::mem::offset_of!(EkAttendTile, own_from) - 32usize];
+    ["Offset of field: EkAttendTile::own_end"][::core::mem::offset_of!(EkAttendTile, own_end) - 36usize];
+    ["Offset of field: EkAttendTile::unit"][::core::mem::offset_of!(EkAttendTile, unit) - 40usize];
+    ["Offset of field: EkAttendTile::block_size"][::core::mem::offset_of!(EkAttendTile, block_size) - 44usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct EkAttendParams {
+    pub q: EkTensor,
+    pub out: EkTensor,
+    pub lse: u64,
+    pub k_pool: u64,
+    pub v_pool: u64,
+    pub block_table: u64,
+    pub tiles: u64,
+    pub offsets: u64,
+    pub counts: u64,
+    pub indices: u64,
+    pub partial: u64,
+    pub page_stride: i64,
+    pub slot_stride: i64,
+    pub head_stride: i64,
+    pub table_width: i32,
+    pub page_size: i32,
+    pub group: i32,
+    pub tile_rows: i32,
+    pub splits: i32,
+    pub keys_per_split: i32,
+    pub batched_rows: i32,
+    pub scale_log2: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of EkAttendParams"][::core::mem::size_of::<EkAttendParams>() - 224usize];
+    ["Alignment of EkAttendParams"][::core::mem::align_of::<EkAttendParams>() - 8usize];
+    ["Offset of field: EkAttendParams::q"][::core::mem::offset_of!(EkAttendParams, q) - 0usize];
+    ["Offset of field: EkAttendParams::out"][::core::mem::offset_of!(EkAttendParams, out) - 48usize];
+    ["Offset of field: EkAttendParams::lse"][::core::mem::offset_of!(EkAttendParams, lse) - 96usize];
+    ["Offset of field: EkAttendParams::k_pool"][::core::mem::offset_of!(EkAttendParams, k_pool) - 104usize];
+    ["Offset of field: EkAttendParams::v_pool"][::core::mem::offset_of!(EkAttendParams, v_pool) - 112usize];
+    ["Offset of field: EkAttendParams::block_table"][::core::mem::offset_of!(EkAttendParams, block_table) - 120usize];
+    ["Offset of field: EkAttendParams::tiles"][::core::mem::offset_of!(EkAttendParams, tiles) - 128usize];
+    ["Offset of field: EkAttendParams::offsets"][::core::mem::offset_of!(EkAttendParams, offsets) - 136usize];
+    ["Offset of field: EkAttendParams::counts"][::core::mem::offset_of!(EkAttendParams, counts) - 144usize];
+    ["Offset of field: EkAttendParams::indices"][::core::mem::offset_of!(EkAttendParams, indices) - 152usize];
+    ["Offset of field: EkAttendParams::partial"][::core::mem::offset_of!(EkAttendParams, partial) - 160usize];
+    ["Offset of field: EkAttendParams::page_stride"][::core::mem::offset_of!(EkAttendParams, page_stride) - 168usize];
+    ["Offset of field: EkAttendParams::slot_stride"][::core::mem::offset_of!(EkAttendParams, slot_stride) - 176usize];
+    ["Offset of field: EkAttendParams::head_stride"][::core::mem::offset_of!(EkAttendParams, head_stride) - 184usize];
+    ["Offset of field: EkAttendParams::table_width"][::core::mem::offset_of!(EkAttendParams, table_width) - 192usize];
+    ["Offset of field: EkAttendParams::page_size"][::core::mem::offset_of!(EkAttendParams, page_size) - 196usize];
+    ["Offset of field: EkAttendParams::group"][::core::mem::offset_of!(EkAttendParams, group) - 200usize];
+    ["Offset of field: EkAttendParams::tile_rows"][::core::mem::offset_of!(EkAttendParams, tile_rows) - 204usize];
+    ["Offset of field: EkAttendParams::splits"][::core::mem::offset_of!(EkAttendParams, splits) - 208usize];
+    ["Offset of field: EkAttendParams::keys_per_split"]
+        [::core::mem::offset_of!(EkAttendParams, keys_per_split) - 212usize];
+    ["Offset of field: EkAttendParams::batched_rows"][::core::mem::offset_of!(EkAttendParams, batched_rows) - 216usize];
+    ["Offset of field: EkAttendParams::scale_log2"][::core::mem::offset_of!(EkAttendParams, scale_log2) - 220usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct EkAppendParams {
+    pub k_new: EkTensor,
+    pub v_new: EkTensor,
+    pub k_pool: u64,
+    pub v_pool: u64,
+    pub block_table: u64,
+    pub cu_q: u64,
+    pub lens: u64,
+    pub page_stride: i64,
+    pub slot_stride: i64,
+    pub head_stride: i64,
+    pub table_width: i32,
+    pub page_size: i32,
+    pub sequences: i32,
+    pub cache_heads: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of EkAppendParams"][::core::mem::size_of::<EkAppendParams>() - 176usize];
+    ["Alignment of EkAppendParams"][::core::mem::align_of::<EkAppendParams>() - 8usize];
+    ["Offset of field: EkAppendParams::k_new"][::core::mem::offset_of!(EkAppendParams, k_new) - 0usize];
+    ["Offset of field: EkAppendParams::v_new"][::core::mem::offset_of!(EkAppendParams, v_new) - 48usize];
+    ["Offset of field: EkAppendParams::k_pool"][::core::mem::offset_of!(EkAppendParams, k_pool) - 96usize];
+    ["Offset of field: EkAppendParams::v_pool"][::core::mem::offset_of!(EkAppendParams, v_pool) - 104usize];
+    ["Offset of field: EkAppendParams::block_table"][::core::mem::offset_of!(EkAppendParams, block_table) - 112usize];
+    ["Offset of field: EkAppendParams::cu_q"][::core::mem::offset_of!(EkAppendParams, cu_q) - 120usize];
+    ["Offset of field: EkAppendParams::lens"][::core::mem::offset_of!(EkAppendParams, lens) - 128usize];
+    ["Offset of field: EkAppendParams::page_stride"][::core::mem::offset_of!(EkAppendParams, page_stride) - 136usize];
+    ["Offset of field: EkAppendParams::slot_stride"][::core::mem::offset_of!(EkAppendParams, slot_stride) - 144usize];
+    ["Offset of field: EkAppendParams::head_stride"][::core::mem::offset_of!(EkAppendParams, head_stride) - 152usize];
+    ["Offset of field: EkAppendParams::table_width"][::core::mem::offset_of!(EkAppendParams, table_width) - 160usize];
+    ["Offset of field: EkAppendParams::page_size"][::core::mem::offset_of!(EkAppendParams, page_size) - 164usize];
+    ["Offset of field: EkAppendParams::sequences"][::core::mem::offset_of!(EkAppendParams, sequences) - 168usize];
+    ["Offset of field: EkAppendParams::cache_heads"][::core::mem::offset_of!(EkAppendParams, cache_heads) - 172usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

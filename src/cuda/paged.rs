@@ -1,0 +1,402 @@
+//! The engine calls over paged caches in device memory (SPEC §7 on CUDA): `append_on` and
+//! `attend_on` (split into `plan_attend_on` and `run_attend_on`, FlashInfer-style). The pools,
+//! the block table, the lengths and the ragged offsets live in device memory; the engine keeps
+//! host mirrors of the table, the lengths and the offsets (as serving engines do), which the
+//! shared validation reads before anything is enqueued. `append_on` reads only device memory and
+//! `run_attend_on` only device memory and the plan's buffers: neither allocates nor copies, so a
+//! decode step of appends and attention can be captured in a CUDA graph and replayed after
+//! `plan_attend_on` (outside the graph) refreshed the plan's buffers in place.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+
+use super::CudaBackend;
+use super::backend::driver_err;
+use super::device::{CudaTensor, CudaTensorMut, DeviceElement};
+use super::launches::{self, AttendLaunches};
+use crate::backend::Backend;
+use crate::engine::args::attend_shape;
+use crate::engine::cache::{CacheParts, check_pages};
+use crate::engine::{BlockTable, PageLayout, Workspace};
+use crate::error::{Error, Result};
+use crate::ffi::{EkAppendParams, EkAttendParams, EkAttendTile};
+use crate::plan::BlockLists;
+use crate::tensor::{DType, Layout};
+
+/// A paged KV cache in device memory, read-only: K and V pools of one [`PageLayout`], the block
+/// table `[sequences, width]` (u32 page ids) on the device, and the engine's host mirrors of the
+/// table and of the `[sequences, heads]` lengths (they must equal the device's).
+pub struct CudaKvCache<'a> {
+    k: u64,
+    v: u64,
+    elements: (usize, usize),
+    dtype: DType,
+    layout: PageLayout,
+    table: u64,
+    table_host: BlockTable<'a>,
+    lens_host: &'a [u32],
+    _order: [SyncOnDrop<'a>; 3],
+}
+
+impl<'a> CudaKvCache<'a> {
+    /// A view of the device pools `k`, `v` and table `table` for kernels on `stream`.
+    pub fn new<T: DeviceElement>(
+        k: &'a impl DevicePtr<T>,
+        v: &'a impl DevicePtr<T>,
+        layout: PageLayout,
+        table: &'a impl DevicePtr<u32>,
+        table_host: BlockTable<'a>,
+        lens_host: &'a [u32],
+        stream: &'a CudaStream,
+    ) -> Result<Self> {
+        check_mirror("block table", table.len(), table_host.ids().len())?;
+        let (kp, ko) = k.device_ptr(stream);
+        let (vp, vo) = v.device_ptr(stream);
+        let (tp, to) = table.device_ptr(stream);
+        Ok(CudaKvCache {
+            k: kp,
+            v: vp,
+            elements: (k.len(), v.len()),
+            dtype: T::DTYPE,
+            layout,
+            table: tp,
+            table_host,
+            lens_host,
+            _order: [ko, vo, to],
+        })
+    }
+
+    fn parts(&self) -> CacheParts<'_> {
+        CacheParts {
+            layout: &self.layout,
+            table: &self.table_host,
+            lens: self.lens_host,
+            k: (self.dtype, self.elements.0),
+            v: (self.dtype, self.elements.1),
+        }
+    }
+}
+
+/// A paged KV cache in device memory that `append_on` writes: like [`CudaKvCache`], with the
+/// lengths on the device (advanced by the kernels) and their host mirror (advanced by the call).
+pub struct CudaKvCacheMut<'a> {
+    k: u64,
+    v: u64,
+    elements: (usize, usize),
+    dtype: DType,
+    layout: PageLayout,
+    table: u64,
+    table_host: BlockTable<'a>,
+    lens: u64,
+    lens_host: &'a mut [u32],
+    _order: [SyncOnDrop<'a>; 4],
+}
+
+impl<'a> CudaKvCacheMut<'a> {
+    /// A writable view of the device pools, table and lengths for kernels on `stream`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new<T: DeviceElement>(
+        k: &'a mut impl DevicePtrMut<T>,
+        v: &'a mut impl DevicePtrMut<T>,
+        layout: PageLayout,
+        table: &'a impl DevicePtr<u32>,
+        table_host: BlockTable<'a>,
+        lens: &'a mut impl DevicePtrMut<u32>,
+        lens_host: &'a mut [u32],
+        stream: &'a CudaStream,
+    ) -> Result<Self> {
+        check_mirror("block table", table.len(), table_host.ids().len())?;
+        check_mirror("cache lengths", lens.len(), lens_host.len())?;
+        let elements = (k.len(), v.len());
+        let (kp, ko) = k.device_ptr_mut(stream);
+        let (vp, vo) = v.device_ptr_mut(stream);
+        let (tp, to) = table.device_ptr(stream);
+        let (lp, lo) = lens.device_ptr_mut(stream);
+        Ok(CudaKvCacheMut {
+            k: kp,
+            v: vp,
+            elements,
+            dtype: T::DTYPE,
+            layout,
+            table: tp,
+            table_host,
+            lens: lp,
+            lens_host,
+            _order: [ko, vo, to, lo],
+        })
+    }
+
+    fn parts(&self) -> CacheParts<'_> {
+        CacheParts {
+            layout: &self.layout,
+            table: &self.table_host,
+            lens: self.lens_host,
+            k: (self.dtype, self.elements.0),
+            v: (self.dtype, self.elements.1),
+        }
+    }
+}
+
+/// A device array and its host mirror hold the same number of elements.
+fn check_mirror(what: &'static str, device: usize, host: usize) -> Result<()> {
+    if device != host {
+        return Err(Error::Shape {
+            what,
+            expected: format!("{host} elements (like its host mirror)"),
+            got: vec![device],
+        });
+    }
+    Ok(())
+}
+
+/// The device buffers and launches of one attention call, planned on the host by
+/// [`CudaBackend::plan_attend_on`] and run by [`CudaBackend::run_attend_on`] (any number of
+/// times, e.g. replayed in a CUDA graph). Buffers grow when a plan needs more and are reused
+/// otherwise.
+#[derive(Default)]
+pub struct CudaAttendPlan {
+    tiles: Option<CudaSlice<EkAttendTile>>,
+    lists: [Option<CudaSlice<u32>>; 3],
+    partial: Option<CudaSlice<f32>>,
+    planned: Option<Planned>,
+}
+
+/// What a plan was made for, checked again when it runs.
+struct Planned {
+    /// `None`: no query tokens, nothing to launch.
+    launches: Option<AttendLaunches>,
+    /// Per sequence: one past the last entry its tiles read (their table rows must stay valid).
+    reach: Vec<usize>,
+    tile_rows: usize,
+    q_shape: [usize; 4],
+    dtype: DType,
+    layout: PageLayout,
+    table_width: usize,
+    lse_len: Option<usize>,
+    group: usize,
+    scale: f32,
+}
+
+impl CudaAttendPlan {
+    /// An empty plan (no buffers yet).
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// `slot` holding at least `n` elements (reallocated, uninitialised contents, when smaller).
+fn grown<'s, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    slot: &'s mut Option<CudaSlice<T>>,
+    n: usize,
+) -> Result<&'s mut CudaSlice<T>> {
+    let n = n.max(1);
+    if slot.as_ref().is_none_or(|s| s.len() < n) {
+        *slot = Some(stream.alloc_zeros::<T>(n).map_err(driver_err("cuMemAlloc"))?);
+    }
+    Ok(slot.as_mut().expect("just set"))
+}
+
+/// `host` into the front of `slot` (grown when needed), in stream order.
+fn upload_into<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    slot: &mut Option<CudaSlice<T>>,
+    host: &[T],
+) -> Result<()> {
+    let dst = grown(stream, slot, host.len())?;
+    if !host.is_empty() {
+        stream.memcpy_htod(host, &mut dst.slice_mut(..host.len())).map_err(driver_err("cuMemcpyHtoD"))?;
+    }
+    Ok(())
+}
+
+fn addr<T>(stream: &CudaStream, s: &Option<CudaSlice<T>>) -> u64 {
+    s.as_ref().map_or(0, |s| super::backend::addr_on(stream, s))
+}
+
+impl CudaBackend {
+    /// Appends sequence `i`'s rows `k_new[cu_q[i]..cu_q[i+1]]` (THD `[1, T, Hkv, D]` device
+    /// tensors) at each cache head's length, on `stream` (SPEC §7.4): the checks of the host
+    /// `append` on the mirrors, then two kernels reading the device `cu_q_dev`, table and
+    /// lengths (the lengths advanced on the device and in the mirror).
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_on(
+        &self,
+        stream: &Arc<CudaStream>,
+        k_new: &CudaTensor<'_>,
+        v_new: &CudaTensor<'_>,
+        cu_q: &[u32],
+        cu_q_dev: &impl DevicePtr<u32>,
+        cache: &mut CudaKvCacheMut<'_>,
+        ws: &mut Workspace,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        let c = crate::engine::append::check(k_new, v_new, cu_q, &cache.parts(), ws)?;
+        check_mirror("cu_q", cu_q_dev.len(), cu_q.len())?;
+        let tokens = k_new.shape()[1];
+        if tokens == 0 {
+            return Ok(());
+        }
+        let [rows, lens] = launches::append(tokens, c.heads, c.sequences, cache.dtype)?;
+        let (cu_ptr, _cu_order) = cu_q_dev.device_ptr(stream);
+        let l = &cache.layout;
+        let params = EkAppendParams {
+            k_new: k_new.ek(),
+            v_new: v_new.ek(),
+            k_pool: cache.k,
+            v_pool: cache.v,
+            block_table: cache.table,
+            cu_q: cu_ptr,
+            lens: cache.lens,
+            page_stride: l.strides[0] as i64,
+            slot_stride: l.strides[1] as i64,
+            head_stride: l.strides[2] as i64,
+            table_width: cache.table_host.width() as i32,
+            page_size: l.page_size as i32,
+            sequences: c.sequences as i32,
+            cache_heads: c.heads as i32,
+        };
+        // SAFETY: validated on the mirrors: every new entry lies within its sequence's pages,
+        // no page is written twice, the device arrays hold as many elements as their mirrors.
+        unsafe {
+            self.launch(stream, &rows, &params)?;
+            self.launch(stream, &lens, &params)?;
+        }
+        for i in 0..c.sequences {
+            let n = cu_q[i + 1] - cu_q[i];
+            cache.lens_host[i * c.heads..(i + 1) * c.heads].iter_mut().for_each(|l| *l += n);
+        }
+        Ok(())
+    }
+
+    /// Validates an attention call over a device cache (the host `attend`'s checks, on the
+    /// mirrors), cuts it into tiles and copies them into `plan`'s buffers on `stream`. `q` and
+    /// `out` are `[1, T, Hq, D]`; `lse_len`: the length of the LSE output `[T, Hq]`, if any.
+    #[allow(clippy::too_many_arguments)]
+    pub fn plan_attend_on(
+        &self,
+        stream: &Arc<CudaStream>,
+        plan: &mut CudaAttendPlan,
+        q: &dyn Layout,
+        cu_q: &[u32],
+        cache: &CudaKvCache<'_>,
+        blocks: &[Option<&BlockLists>],
+        scale: Option<f32>,
+        out: &dyn Layout,
+        lse_len: Option<usize>,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        let parts = cache.parts();
+        let shape = attend_shape(self.capabilities(), q, cu_q, &parts, cache.lens_host, blocks, scale, out, lse_len)?;
+        let d = shape.dims();
+        let (tq, nh) = super::attend::tile_shape(d.group(), launches::ATTEND_ROWS);
+        let work = super::attend::work(&shape, launches::ATTEND_ROWS);
+        let tiles = work.tiles.len().max(1);
+        let launches = launches::attend(&self.limits, tiles, tq * nh, d.head_dim, work.max_keys, q.dtype())?;
+        launches.split.check(&self.limits)?;
+        launches.merge.check(&self.limits)?;
+        plan.planned = None; // a failure below leaves no stale plan to run
+        upload_into(stream, &mut plan.tiles, &work.tiles)?;
+        for (slot, host) in plan.lists.iter_mut().zip([&work.offsets, &work.counts, &work.indices]) {
+            upload_into(stream, slot, host)?;
+        }
+        grown(stream, &mut plan.partial, tiles * launches.splits * tq * nh * (d.head_dim + 2))?;
+        plan.planned = Some(Planned {
+            launches: (!work.tiles.is_empty()).then_some(launches),
+            reach: (0..d.sequences)
+                .map(|i| {
+                    work.tiles.iter().filter(|t| t.seq as usize == i).map(|t| t.own_end as usize).max().unwrap_or(0)
+                })
+                .collect(),
+            tile_rows: tq * nh,
+            q_shape: q.shape(),
+            dtype: q.dtype(),
+            layout: cache.layout,
+            table_width: cache.table_host.width(),
+            lse_len,
+            group: d.group(),
+            scale: shape.scale(),
+        });
+        Ok(())
+    }
+
+    /// Runs a planned attention on `stream`: two kernels, no allocation, no copy. `q`, `cache`,
+    /// `out` and `lse` must have the shapes the plan was made for (the device data may change
+    /// between runs: a replayed step reads its new queries and cache).
+    pub fn run_attend_on(
+        &self,
+        stream: &Arc<CudaStream>,
+        plan: &CudaAttendPlan,
+        q: &CudaTensor<'_>,
+        cache: &CudaKvCache<'_>,
+        out: &mut CudaTensorMut<'_>,
+        lse: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        let p = plan.planned.as_ref().ok_or_else(|| {
+            Error::PlanMismatch("run_attend_on needs a plan: call plan_attend_on first (it failed or never ran)".into())
+        })?;
+        let mismatch = |what: &str| Error::PlanMismatch(format!("{what} differs from what the plan was made for"));
+        if q.shape() != p.q_shape || q.dtype() != p.dtype {
+            return Err(mismatch("q"));
+        }
+        if out.shape() != p.q_shape || out.dtype() != p.dtype {
+            return Err(mismatch("out"));
+        }
+        q.check_layout("q")?;
+        out.check_output_layout("out")?;
+        if cache.layout != p.layout || cache.table_host.width() != p.table_width || cache.dtype != p.dtype {
+            return Err(mismatch("the cache's layout"));
+        }
+        cache.parts().check(false)?;
+        if cache.table_host.ids().len() != p.reach.len() * p.table_width {
+            return Err(mismatch("the block table's rows"));
+        }
+        for (i, &reach) in p.reach.iter().enumerate() {
+            check_pages(i, &cache.table_host.row(i)[..reach.div_ceil(p.layout.page_size)], p.layout.pages)?;
+        }
+        if lse.as_ref().map(|l| l.len()) != p.lse_len {
+            return Err(mismatch("lse"));
+        }
+        let Some(l) = &p.launches else { return Ok(()) };
+        let (lse_ptr, _lse_written) = match lse {
+            Some(l) => {
+                let (ptr, order) = l.device_ptr_mut(stream);
+                (ptr, Some(order))
+            }
+            None => (0, None),
+        };
+        let [offsets, counts, indices] = &plan.lists;
+        let params = EkAttendParams {
+            q: q.ek(),
+            out: out.ek(),
+            lse: lse_ptr,
+            k_pool: cache.k,
+            v_pool: cache.v,
+            block_table: cache.table,
+            tiles: addr(stream, &plan.tiles),
+            offsets: addr(stream, offsets),
+            counts: addr(stream, counts),
+            indices: addr(stream, indices),
+            partial: addr(stream, &plan.partial),
+            page_stride: p.layout.strides[0] as i64,
+            slot_stride: p.layout.strides[1] as i64,
+            head_stride: p.layout.strides[2] as i64,
+            table_width: p.table_width as i32,
+            page_size: p.layout.page_size as i32,
+            group: p.group as i32,
+            tile_rows: p.tile_rows as i32,
+            splits: l.splits as i32,
+            keys_per_split: l.keys_per_split as i32,
+            batched_rows: 0,
+            scale_log2: p.scale * std::f32::consts::LOG2_E,
+        };
+        // SAFETY: the plan's tiles address entries within the lengths validated when it was
+        // made, for a cache of the same layout and table width; `partial` was sized for them.
+        unsafe {
+            self.launch(stream, &l.split, &params)?;
+            self.launch(stream, &l.merge, &params)
+        }
+    }
+}
