@@ -13,8 +13,9 @@
 use std::path::{Path, PathBuf};
 
 /// Kernel sources under `ascend/kernels` and the cores each runs on (`src/ascend/launch.rs`).
-const ASCEND_KERNELS: [(&str, &str); 6] = [
+const ASCEND_KERNELS: [(&str, &str); 7] = [
     ("decode", "VecCore"),
+    ("attend", "VecCore"),
     ("kv_compress", "VecCore"),
     ("kv_compress_cube", "AiCore"),
     ("prefill", "AiCore"),

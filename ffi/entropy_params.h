@@ -170,7 +170,8 @@ typedef struct EkDecodeParams {
  * (EkAttendTile: query rows of one sequence and cache head, inside one segment of a planned
  * sequence, with their visible keys precomputed), each tile's keys into `splits` splits of
  * `keys_per_split`; partial float [tiles, splits, tile_rows, D + 2] holds each split's
- * unnormalised output, max and sum (base 2), merged per row in split order.
+ * unnormalised output, max and sum (base 2), merged per row in split order (CUDA). The Ascend
+ * kernel runs a tile's keys on one core (splits 1) and ignores partial and keys_per_split.
  */
 #define EK_ATTEND_NO_UNIT 0xFFFFFFFFu
 typedef struct EkAttendTile {
@@ -211,6 +212,8 @@ typedef struct EkAttendParams {
     int32_t keys_per_split;
     int32_t batched_rows;
     float scale_log2;   /* softmax scale · log2(e) */
+    int32_t tiles_count; /* tiles (Ascend: cores take them round-robin; CUDA: the grid) */
+    int32_t dtype;      /* EK_F32 / EK_F16 / EK_BF16 (Ascend's dispatch) */
 } EkAttendParams;
 
 /*

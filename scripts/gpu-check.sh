@@ -128,7 +128,7 @@ shape=(--dtype bf16 --q-heads $hq --kv-heads $hkv --head-dim $hd "${extra[@]}")
 for m in 64 128; do
   ENTROPY_KERNELS_PREFILL_TILE=$m part "bench-$short-m$m" 60 "$bin/entropy-kernels" bench-device "${shape[@]}" --lengths $short --ops dense,sparse --dump-blocks "$out/blocks"
 done
-part "bench-$long" 120 "$bin/entropy-kernels" bench-device "${shape[@]}" --lengths $long --ops dense,sparse,compress,decode --dump-blocks "$out/blocks"
+part "bench-$long" 120 "$bin/entropy-kernels" bench-device "${shape[@]}" --lengths $long --ops dense,sparse,compress,decode,paged-decode --dump-blocks "$out/blocks"
 if python3 -c 'import torch' 2>/dev/null; then
   device=cuda; [ "$emulator" = 1 ] && device=cpu
   part peer-sdpa 90 python3 benches/peer_sdpa.py --device $device --dtype bf16 --q-heads $hq --kv-heads $hkv --head-dim $hd --lengths "$short,$long" --blocks "$out/blocks"

@@ -8,6 +8,7 @@
 #include "kernel_operator.h"
 
 extern "C" void ek_decode(uint8_t* params);
+extern "C" void ek_attend(uint8_t* params);
 extern "C" void ek_compress_stats(uint8_t* params);
 extern "C" void ek_compress_means(uint8_t* params);
 extern "C" void ek_compress_pool(uint8_t* params);
@@ -32,6 +33,7 @@ struct Entry {
 };
 const Entry kKernels[] = {
     {"ek_decode", ek_decode},
+    {"ek_attend", ek_attend},
     {"ek_compress_stats", ek_compress_stats},
     {"ek_compress_means", ek_compress_means},
     {"ek_compress_pool", ek_compress_pool},

@@ -193,6 +193,15 @@ impl Backend for AscendBackend {
     fn decode_attention(&self, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
         ops::decode(self.launcher(), a, out)
     }
+    fn attend(
+        &self,
+        a: &crate::engine::AttendArgs<'_>,
+        out: &mut TensorViewMut<'_>,
+        lse: Option<&mut [f32]>,
+        _ws: &mut crate::engine::Workspace,
+    ) -> Result<()> {
+        ops::attend(self.launcher(), a, out, lse)
+    }
 }
 
 /// Test double of `libascendcl.so` built with features `ascend` + `ascend-emu`

@@ -260,4 +260,13 @@ impl Backend for AscendEmuBackend {
     fn decode_attention(&self, a: &DecodeArgs<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
         ops::decode(EmuLauncher::default(), a, out)
     }
+    fn attend(
+        &self,
+        a: &crate::engine::AttendArgs<'_>,
+        out: &mut TensorViewMut<'_>,
+        lse: Option<&mut [f32]>,
+        _ws: &mut crate::engine::Workspace,
+    ) -> Result<()> {
+        ops::attend(EmuLauncher::default(), a, out, lse)
+    }
 }

@@ -6,8 +6,9 @@ use super::launch::{self, Launcher};
 use crate::backend::{Capabilities, HeadDims, Op};
 use crate::compress::{self, CompressedCache};
 use crate::config::HeadBudget;
+use crate::engine::AttendArgs;
 use crate::error::{Error, Result};
-use crate::ffi::{EkCompressParams, EkDecodeParams, EkPlanParams, EkPrefillParams, dtype_code};
+use crate::ffi::{EkAttendParams, EkCompressParams, EkDecodeParams, EkPlanParams, EkPrefillParams, dtype_code};
 use crate::plan::Plan;
 use crate::tensor::{DType, HostTensor, TensorViewMut};
 use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
@@ -31,8 +32,78 @@ pub(crate) fn decode<'v>(mut l: impl Launcher<'v>, a: &DecodeArgs<'_>, out: &'v 
     l.finish()
 }
 
+/// Attention over a (paged) cache (SPEC §7.4): the shared tiles (at most
+/// [`ATTEND_MAX_ROWS`] rows each), one core per tile at a time, every key of a tile on its core.
+pub(crate) fn attend<'v>(
+    mut l: impl Launcher<'v>,
+    a: &AttendArgs<'_>,
+    out: &'v mut TensorViewMut<'_>,
+    lse: Option<&mut [f32]>,
+) -> Result<()> {
+    let d = a.dims();
+    let work = crate::engine::tiles::work(a.shape(), ATTEND_MAX_ROWS);
+    if work.tiles.is_empty() {
+        return Ok(()); // no query tokens
+    }
+    let cache = a.cache();
+    let layout = cache.layout();
+    // A run of keys is one strided DataCopyPad: the gap between rows (slot stride − D) is a u32
+    // byte count and cannot be negative.
+    let gap = (layout.strides[1] as u64).checked_sub(d.head_dim as u64).map(|g| g * a.q().dtype().size() as u64);
+    if gap.is_none_or(|g| g > u64::from(u32::MAX)) {
+        return Err(Error::Layout {
+            what: "cache",
+            detail: format!(
+                "the Ascend kernels read a head's entries as rows {} elements apart: it must be at least the head \
+                 dim {} and the gap below 4 GiB",
+                layout.strides[1], d.head_dim
+            ),
+        });
+    }
+    // Arrays the kernel indexes may be empty (no plans): never hand over a zero-length buffer.
+    let nonempty = |v: &[u32]| if v.is_empty() { vec![0u32] } else { v.to_vec() };
+    let lse_buf = match &lse {
+        Some(x) => l.zeroed(std::mem::size_of_val(*x))?,
+        None => 0,
+    };
+    let params = EkAttendParams {
+        q: l.input(&a.q())?,
+        out: l.output(out)?,
+        lse: lse_buf,
+        k_pool: l.array(cache.k().as_bytes())?,
+        v_pool: l.array(cache.v().as_bytes())?,
+        block_table: l.array(launch::bytes_of(cache.table().ids()))?,
+        tiles: l.array(work.tile_bytes())?,
+        offsets: l.array(launch::bytes_of(&nonempty(&work.offsets)))?,
+        counts: l.array(launch::bytes_of(&nonempty(&work.counts)))?,
+        indices: l.array(launch::bytes_of(&nonempty(&work.indices)))?,
+        partial: 0,
+        page_stride: layout.strides[0] as i64,
+        slot_stride: layout.strides[1] as i64,
+        head_stride: layout.strides[2] as i64,
+        table_width: cache.table().width() as i32,
+        page_size: layout.page_size as i32,
+        group: d.group() as i32,
+        tile_rows: ATTEND_MAX_ROWS as i32,
+        splits: 1,
+        keys_per_split: 0,
+        batched_rows: a.batched().unwrap_or(0) as i32,
+        scale_log2: a.scale() * std::f32::consts::LOG2_E,
+        tiles_count: work.tiles.len() as i32,
+        dtype: dtype_code(a.q().dtype()),
+    };
+    l.launch(launch::ATTEND, &params)?;
+    if let Some(x) = lse {
+        l.read(lse_buf, bytemuck::cast_slice_mut(x))?;
+    }
+    l.finish()
+}
+
+/// Query rows per tile of the attention kernel (`ATTEND_MAX_ROWS` in ascend/kernels/attend.cpp).
+pub const ATTEND_MAX_ROWS: usize = 16;
+
 /// Operations with Ascend kernels (the others answer `Error::Unimplemented`).
-pub const SUPPORTED: [Op; 4] = [Op::Plan, Op::Prefill, Op::KvCompress, Op::Decode];
+pub const SUPPORTED: [Op; 5] = [Op::Plan, Op::Prefill, Op::KvCompress, Op::Decode, Op::Attend];
 
 /// What the Ascend kernels run: every op in f32/f16/bf16, head dims up to 256 (prefill on the
 /// cube for f16/bf16; f32 on the vector cores, A2's cube having no transposing f32 load for P·V).

@@ -8,9 +8,12 @@ use std::time::Instant;
 
 use clap::Args;
 use cudarc::driver::{CudaSlice, CudaStream};
-use entropy_kernels::cuda::{CudaBackend, CudaTensor, CudaTensorMut, DeviceElement};
+use entropy_kernels::cuda::{
+    CudaAttendPlan, CudaBackend, CudaKvCache, CudaKvCacheMut, CudaTensor, CudaTensorMut, DeviceElement,
+};
 use entropy_kernels::{
-    Backend, DType, DecodeConfig, EntropyConfig, Error, HostBuffer, HostTensor, PlanRequest, Result, synth,
+    Backend, BlockTable, DType, DecodeConfig, EntropyConfig, Error, HostBuffer, HostTensor, PageLayout, PlanRequest,
+    Result, synth,
 };
 
 use super::{Table, ms, with_spinner};
@@ -31,8 +34,8 @@ pub struct BenchDeviceArgs {
     /// Timed repetitions per measurement (enqueued back to back; the mean is reported).
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
-    /// Comma-separated subset of dense, sparse, compress, decode.
-    #[arg(long, value_delimiter = ',', default_value = "dense,sparse,compress,decode")]
+    /// Comma-separated subset of dense, sparse, compress, decode, paged-decode.
+    #[arg(long, value_delimiter = ',', default_value = "dense,sparse,compress,decode,paged-decode")]
     pub ops: Vec<String>,
     /// Sequences of the decode batch.
     #[arg(long, default_value_t = 64)]
@@ -262,6 +265,67 @@ fn run_typed<T: DeviceElement + bytemuck::Pod>(be: &CudaBackend, a: &BenchDevice
             format!("{gbs:.1}"),
             of_copy(gbs),
             format!("batch {b}, {n} entries/head; GB/s of one read of K and V"),
+        ]);
+    }
+
+    if want("paged-decode") {
+        // The engine path: the same batch over 16-entry slot-major pages (interleaved across the
+        // sequences as on-demand allocation leaves them), filled by append_on, read by a planned
+        // run_attend_on (no allocation or copy per call).
+        let (b, n, ps) = (a.decode_batch, a.decode_cache, 16);
+        let width = n.div_ceil(ps);
+        let layout = PageLayout::slot_major(b * width, ps, hkv, d);
+        let pool_len = layout.elements().unwrap_or(0);
+        let alloc = |len: usize| stream.alloc_zeros::<T>(len).map_err(driver("cuMemAlloc"));
+        let (mut kp, mut vp) = (alloc(pool_len)?, alloc(pool_len)?);
+        let ids: Vec<u32> = (0..b).flat_map(|i| (0..width).map(move |p| (p * b + i) as u32)).collect();
+        let table = stream.clone_htod(&ids).map_err(driver("cuMemcpyHtoD"))?;
+        let mut lens_host = vec![0u32; b * hkv];
+        let mut lens = stream.clone_htod(&lens_host).map_err(driver("cuMemcpyHtoD"))?;
+        let cu: Vec<u32> = (0..=b as u32).map(|i| i * n as u32).collect();
+        let cud = stream.clone_htod(&cu).map_err(driver("cuMemcpyHtoD"))?;
+        let rows = HostTensor::from_f32(&synth::normal(b * n * hkv * d, 1.0, 4), [1, b * n, hkv, d], a.dtype);
+        let rows_d = upload::<T>(&stream, &rows)?;
+        let mut ws = entropy_kernels::Workspace::new();
+        {
+            let mut cache = CudaKvCacheMut::new(
+                &mut kp,
+                &mut vp,
+                layout,
+                &table,
+                BlockTable::new(&ids, width),
+                &mut lens,
+                &mut lens_host,
+                &stream,
+            )?;
+            let r = CudaTensor::bsnd(&rows_d, &stream, rows.shape);
+            be.append_on(&stream, &r, &r, &cu, &cud, &mut cache, &mut ws)?;
+        }
+        let q = HostTensor::from_f32(&synth::normal(b * hq * d, 1.0, 5), [1, b, hq, d], a.dtype);
+        let qd = upload::<T>(&stream, &q)?;
+        let mut od = stream.alloc_zeros::<T>(q.len()).map_err(driver("cuMemAlloc"))?;
+        let cu1: Vec<u32> = (0..=b as u32).collect();
+        let cache = CudaKvCache::new(&kp, &vp, layout, &table, BlockTable::new(&ids, width), &lens_host, &stream)?;
+        let mut plan = CudaAttendPlan::new();
+        {
+            let qt = CudaTensor::bsnd(&qd, &stream, q.shape);
+            let ot = CudaTensorMut::bsnd(&mut od, &stream, q.shape);
+            be.plan_attend_on(&stream, &mut plan, &qt, &cu1, &cache, &[], None, &ot, None)?;
+        }
+        let s = per_call(&stream, a.reps, || {
+            let qt = CudaTensor::bsnd(&qd, &stream, q.shape);
+            let mut ot = CudaTensorMut::bsnd(&mut od, &stream, q.shape);
+            be.run_attend_on(&stream, &plan, &qt, &cache, &mut ot, None)
+        })?;
+        let gbs = (2 * b * hkv * n * d * size) as f64 / s / 1e9;
+        t.row(vec![
+            "-".into(),
+            "paged decode (run_attend_on)".into(),
+            ms(s),
+            "-".into(),
+            format!("{gbs:.1}"),
+            of_copy(gbs),
+            format!("batch {b}, {n} entries/head, page {ps}; GB/s of one read of K and V"),
         ]);
     }
     println!();

@@ -543,11 +543,11 @@ impl Backend for CudaBackend {
         let d = a.dims();
         let dtype = a.q().dtype();
         let rows = launches::ATTEND_ROWS;
-        let work = super::attend::work(a.shape(), rows);
+        let work = crate::engine::tiles::work(a.shape(), rows);
         if work.tiles.is_empty() {
             return Ok(()); // no query tokens
         }
-        let (tq, nh) = super::attend::tile_shape(d.group(), rows);
+        let (tq, nh) = crate::engine::tiles::tile_shape(d.group(), rows);
         let shape = launches::attend(&self.limits, work.tiles.len(), tq * nh, d.head_dim, work.max_keys, dtype)?;
         shape.split.check(&self.limits)?;
         shape.merge.check(&self.limits)?;
@@ -593,6 +593,8 @@ impl Backend for CudaBackend {
             keys_per_split: shape.keys_per_split as i32,
             batched_rows: a.batched().unwrap_or(0) as i32,
             scale_log2: a.scale() * std::f32::consts::LOG2_E,
+            tiles_count: work.tiles.len() as i32,
+            dtype: crate::ffi::dtype_code(dtype),
         };
         // SAFETY: every buffer was sized from the validated call: the pools and the table are the
         // cache's own, each tile's keys lie within its sequence's pages (lengths validated against

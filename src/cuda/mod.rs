@@ -12,8 +12,6 @@ pub mod source;
 pub mod host_check;
 
 #[cfg(feature = "_cuda")]
-mod attend;
-#[cfg(feature = "_cuda")]
 mod backend;
 #[cfg(feature = "_cuda")]
 pub mod device;

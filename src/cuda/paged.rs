@@ -164,6 +164,7 @@ pub struct CudaAttendPlan {
 
 /// What a plan was made for, checked again when it runs.
 struct Planned {
+    tiles: usize,
     /// `None`: no query tokens, nothing to launch.
     launches: Option<AttendLaunches>,
     /// Per sequence: one past the last entry its tiles read (their table rows must stay valid).
@@ -290,8 +291,8 @@ impl CudaBackend {
         let parts = cache.parts();
         let shape = attend_shape(self.capabilities(), q, cu_q, &parts, cache.lens_host, blocks, scale, out, lse_len)?;
         let d = shape.dims();
-        let (tq, nh) = super::attend::tile_shape(d.group(), launches::ATTEND_ROWS);
-        let work = super::attend::work(&shape, launches::ATTEND_ROWS);
+        let (tq, nh) = crate::engine::tiles::tile_shape(d.group(), launches::ATTEND_ROWS);
+        let work = crate::engine::tiles::work(&shape, launches::ATTEND_ROWS);
         let tiles = work.tiles.len().max(1);
         let launches = launches::attend(&self.limits, tiles, tq * nh, d.head_dim, work.max_keys, q.dtype())?;
         launches.split.check(&self.limits)?;
@@ -303,6 +304,7 @@ impl CudaBackend {
         }
         grown(stream, &mut plan.partial, tiles * launches.splits * tq * nh * (d.head_dim + 2))?;
         plan.planned = Some(Planned {
+            tiles: work.tiles.len(),
             launches: (!work.tiles.is_empty()).then_some(launches),
             reach: (0..d.sequences)
                 .map(|i| {
@@ -391,6 +393,8 @@ impl CudaBackend {
             keys_per_split: l.keys_per_split as i32,
             batched_rows: 0,
             scale_log2: p.scale * std::f32::consts::LOG2_E,
+            tiles_count: p.tiles as i32,
+            dtype: crate::ffi::dtype_code(p.dtype),
         };
         // SAFETY: the plan's tiles address entries within the lengths validated when it was
         // made, for a cache of the same layout and table width; `partial` was sized for them.

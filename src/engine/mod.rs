@@ -13,6 +13,8 @@ pub mod args;
 pub mod cache;
 mod compaction;
 mod owned;
+#[cfg(any(feature = "_cuda", feature = "ascend", feature = "ascend-emu"))]
+pub(crate) mod tiles;
 
 pub use append::append;
 pub use args::{AttendArgs, AttendDims, AttendShape, ChunkArgs, ChunkRequest, SeqChunk};

@@ -308,10 +308,12 @@ pub struct EkAttendParams {
     pub keys_per_split: i32,
     pub batched_rows: i32,
     pub scale_log2: f32,
+    pub tiles_count: i32,
+    pub dtype: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of EkAttendParams"][::core::mem::size_of::<EkAttendParams>() - 224usize];
+    ["Size of EkAttendParams"][::core::mem::size_of::<EkAttendParams>() - 232usize];
     ["Alignment of EkAttendParams"][::core::mem::align_of::<EkAttendParams>() - 8usize];
     ["Offset of field: EkAttendParams::q"][::core::mem::offset_of!(EkAttendParams, q) - 0usize];
     ["Offset of field: EkAttendParams::out"][::core::mem::offset_of!(EkAttendParams, out) - 48usize];
@@ -336,6 +338,8 @@ const _: () = {
         [::core::mem::offset_of!(EkAttendParams, keys_per_split) - 212usize];
     ["Offset of field: EkAttendParams::batched_rows"][::core::mem::offset_of!(EkAttendParams, batched_rows) - 216usize];
     ["Offset of field: EkAttendParams::scale_log2"][::core::mem::offset_of!(EkAttendParams, scale_log2) - 220usize];
+    ["Offset of field: EkAttendParams::tiles_count"][::core::mem::offset_of!(EkAttendParams, tiles_count) - 224usize];
+    ["Offset of field: EkAttendParams::dtype"][::core::mem::offset_of!(EkAttendParams, dtype) - 228usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

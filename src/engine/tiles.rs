@@ -1,14 +1,14 @@
-//! Attention over a paged cache on the device (SPEC §7.4, `cuda/attend.cu`): the host cuts a
-//! validated call into tiles — query rows of one sequence and cache head, never straddling a
-//! segment of a planned sequence — with each tile's visible keys worked out from the lengths,
-//! and gathers the sequences' block plans into one set of unit lists; the kernels read K and V
-//! through the block table.
+//! The device backends' work items for attention over a paged cache (SPEC §7.4,
+//! `cuda/attend.cu`, `ascend/kernels/attend.cpp`): the host cuts a validated call into tiles —
+//! query rows of one sequence and cache head, never straddling a segment of a planned sequence —
+//! with each tile's visible keys worked out from the lengths, and gathers the sequences' block
+//! plans into one set of unit lists; the kernels read K and V through the block table.
 
-use crate::engine::AttendShape;
+use super::AttendShape;
 use crate::ffi::{EK_ATTEND_NO_UNIT, EkAttendTile};
 use crate::plan::SegmentAttention;
 
-/// The device's share of one call: its tiles and the block lists their units index.
+/// A device's share of one call: its tiles and the block lists their units index.
 #[derive(Debug, Default)]
 pub(crate) struct AttendWork {
     pub tiles: Vec<EkAttendTile>,
@@ -92,4 +92,14 @@ pub(crate) fn work(a: &AttendShape<'_>, rows: usize) -> AttendWork {
         }
     }
     w
+}
+
+impl AttendWork {
+    /// The tiles as the bytes a kernel reads (`EkAttendTile` is twelve `u32`, no padding).
+    #[cfg(any(feature = "ascend", feature = "ascend-emu"))]
+    pub fn tile_bytes(&self) -> &[u8] {
+        // SAFETY: `#[repr(C)]` of twelve u32 fields (size 48, asserted by the generated
+        // bindings): every byte is initialised, alignment of u8 is 1.
+        unsafe { std::slice::from_raw_parts(self.tiles.as_ptr() as *const u8, std::mem::size_of_val(&self.tiles[..])) }
+    }
 }
