@@ -87,20 +87,7 @@ private:
         const float scale = p_.scale_log2 * LN2;  // natural-log scale for Exp
         LocalTensor<float> q = q_.Get<float>(), o = o_.Get<float>();
         for (uint32_t r = 0; r < rows_; r++) {
-            LocalTensor<T> t = rowIn_.template AllocTensor<T>();
-            DataCopyPad(t, qGm_[RowOffset(p_.q, r)], DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0), DataCopyPadExtParams<T>(true, 0, 0, T(0.0f)));
-            rowIn_.EnQue(t);
-            t = rowIn_.template DeQue<T>();
-            if constexpr (SameType<T, float>::value) {
-                Muls(q[r * dpf_], t, scale, (int32_t)dpf_);
-                VecBarrier();
-            } else {
-                Cast(q[r * dpf_], t, RoundMode::CAST_NONE, dpf_);
-                VecBarrier();
-                Muls(q[r * dpf_], q[r * dpf_], scale, (int32_t)dpf_);
-                VecBarrier();
-            }
-            rowIn_.FreeTensor(t);
+            LoadScaledRow<T>(rowIn_, q[r * dpf_], qGm_[RowOffset(p_.q, r)], d_, dpf_, scale);
         }
         Duplicate(o, 0.0f, (int32_t)(rows_ * dpf_));
         VecBarrier();
@@ -151,20 +138,7 @@ private:
     __aicore__ inline void WriteRows() {
         LocalTensor<float> o = o_.Get<float>();
         for (uint32_t r = 0; r < rows_; r++) {
-            Muls(o[r * dpf_], o[r * dpf_], 1.0f / l_[r], (int32_t)dpf_);
-            VecBarrier();
-            LocalTensor<T> t = rowOut_.template AllocTensor<T>();
-            if constexpr (SameType<T, float>::value) {
-                DataCopy(t, o[r * dpf_], dpf_);
-                VecBarrier();
-            } else {
-                Cast(t, o[r * dpf_], RoundMode::CAST_RINT, dpf_);
-                VecBarrier();
-            }
-            rowOut_.EnQue(t);
-            t = rowOut_.template DeQue<T>();
-            DataCopyPad(oGm_[RowOffset(p_.out, r)], t, DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0));
-            rowOut_.FreeTensor(t);
+            StoreScaledRow<T>(rowOut_, oGm_[RowOffset(p_.out, r)], o[r * dpf_], d_, dpf_, 1.0f / l_[r]);
             if (p_.lse) {
                 LocalTensor<float> v = lseOut_.template AllocTensor<float>();
                 Duplicate(v, l_[r], (int32_t)FLOATS_PER_BLOCK);

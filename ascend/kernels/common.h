@@ -90,6 +90,48 @@ __aicore__ inline AscendC::LocalTensor<float> LoadRows(Que& que, const AscendC::
     }
 }
 
+// One query row of `d` elements of T from GM into `dst` (dpf floats) as f32, times `scale`,
+// through `que` (a one-row buffer).
+template <typename T, typename Que>
+__aicore__ inline void LoadScaledRow(Que& que, const AscendC::LocalTensor<float>& dst, const AscendC::GlobalTensor<T>& src,
+                                     uint32_t d, uint32_t dpf, float scale) {
+    AscendC::LocalTensor<T> t = que.template AllocTensor<T>();
+    AscendC::DataCopyPad(t, src, AscendC::DataCopyExtParams(1, d * sizeof(T), 0, 0, 0),
+                         AscendC::DataCopyPadExtParams<T>(true, 0, 0, T(0.0f)));
+    que.EnQue(t);
+    t = que.template DeQue<T>();
+    if constexpr (SameType<T, float>::value) {
+        AscendC::Muls(dst, t, scale, (int32_t)dpf);
+        VecBarrier();
+    } else {
+        AscendC::Cast(dst, t, AscendC::RoundMode::CAST_NONE, dpf);
+        VecBarrier();
+        AscendC::Muls(dst, dst, scale, (int32_t)dpf);
+        VecBarrier();
+    }
+    que.FreeTensor(t);
+}
+
+// An output row: `o` (dpf floats) times `inv_l`, rounded to T, to GM through `que`.
+template <typename T, typename Que>
+__aicore__ inline void StoreScaledRow(Que& que, const AscendC::GlobalTensor<T>& dst, const AscendC::LocalTensor<float>& o,
+                                      uint32_t d, uint32_t dpf, float inv_l) {
+    AscendC::Muls(o, o, inv_l, (int32_t)dpf);
+    VecBarrier();
+    AscendC::LocalTensor<T> t = que.template AllocTensor<T>();
+    if constexpr (SameType<T, float>::value) {
+        AscendC::DataCopy(t, o, dpf);
+        VecBarrier();
+    } else {
+        AscendC::Cast(t, o, AscendC::RoundMode::CAST_RINT, dpf);
+        VecBarrier();
+    }
+    que.EnQue(t);
+    t = que.template DeQue<T>();
+    AscendC::DataCopyPad(dst, t, AscendC::DataCopyExtParams(1, d * sizeof(T), 0, 0, 0));
+    que.FreeTensor(t);
+}
+
 // The f32 staging buffer LoadRows widens 16-bit rows into; none for f32 rows (read in place).
 template <typename T, typename Buf> __aicore__ inline AscendC::LocalTensor<float> WideBuffer(Buf& b) {
     return SameType<T, float>::value ? AscendC::LocalTensor<float>() : b.template Get<float>();

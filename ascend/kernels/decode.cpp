@@ -81,20 +81,7 @@ private:
         for (uint32_t r = 0; r < nr; r++) {
             const uint32_t row = r0 + r;
             const int64_t off = b * p_.q.stride[0] + (row / p_.group) * p_.q.stride[1] + (h * p_.group + row % p_.group) * p_.q.stride[2];
-            LocalTensor<T> t = rowIn_.template AllocTensor<T>();
-            DataCopyPad(t, qGm_[off], DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0), DataCopyPadExtParams<T>(true, 0, 0, T(0.0f)));
-            rowIn_.EnQue(t);
-            t = rowIn_.template DeQue<T>();
-            if constexpr (SameType<T, float>::value) {
-                Muls(q[r * dpf_], t, scale, (int32_t)dpf_);
-                VecBarrier();
-            } else {
-                Cast(q[r * dpf_], t, RoundMode::CAST_NONE, dpf_);
-                VecBarrier();
-                Muls(q[r * dpf_], q[r * dpf_], scale, (int32_t)dpf_);
-                VecBarrier();
-            }
-            rowIn_.FreeTensor(t);
+            LoadScaledRow<T>(rowIn_, q[r * dpf_], qGm_[off], d_, dpf_, scale);
         }
         Duplicate(o, 0.0f, (int32_t)(nr * dpf_));
         VecBarrier();
@@ -117,22 +104,9 @@ private:
             vIn_.FreeTensor(vt);
         }
         for (uint32_t r = 0; r < nr; r++) {
-            Muls(o[r * dpf_], o[r * dpf_], 1.0f / l[r], (int32_t)dpf_);
-            VecBarrier();
-            LocalTensor<T> t = rowOut_.template AllocTensor<T>();
-            if constexpr (SameType<T, float>::value) {
-                DataCopy(t, o[r * dpf_], dpf_);
-                VecBarrier();
-            } else {
-                Cast(t, o[r * dpf_], RoundMode::CAST_RINT, dpf_);
-                VecBarrier();
-            }
-            rowOut_.EnQue(t);
-            t = rowOut_.template DeQue<T>();
             const uint32_t row = r0 + r;
             const int64_t off = b * p_.out.stride[0] + (row / p_.group) * p_.out.stride[1] + (h * p_.group + row % p_.group) * p_.out.stride[2];
-            DataCopyPad(oGm_[off], t, DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0));
-            rowOut_.FreeTensor(t);
+            StoreScaledRow<T>(rowOut_, oGm_[off], o[r * dpf_], d_, dpf_, 1.0f / l[r]);
         }
     }
 

@@ -68,14 +68,19 @@ impl<'a> CudaKvCache<'a> {
     }
 
     fn parts(&self) -> CacheParts<'_> {
-        CacheParts {
-            layout: &self.layout,
-            table: &self.table_host,
-            lens: self.lens_host,
-            k: (self.dtype, self.elements.0),
-            v: (self.dtype, self.elements.1),
-        }
+        parts(&self.layout, &self.table_host, self.lens_host, self.dtype, self.elements)
     }
+}
+
+/// What the shared validation reads of a device cache: its layout, the mirrors, the pools' sizes.
+fn parts<'c>(
+    layout: &'c PageLayout,
+    table: &'c BlockTable<'c>,
+    lens: &'c [u32],
+    dtype: DType,
+    elements: (usize, usize),
+) -> CacheParts<'c> {
+    CacheParts { layout, table, lens, k: (dtype, elements.0), v: (dtype, elements.1) }
 }
 
 /// A paged KV cache in device memory that `append_on` writes: like [`CudaKvCache`], with the
@@ -128,13 +133,7 @@ impl<'a> CudaKvCacheMut<'a> {
     }
 
     fn parts(&self) -> CacheParts<'_> {
-        CacheParts {
-            layout: &self.layout,
-            table: &self.table_host,
-            lens: self.lens_host,
-            k: (self.dtype, self.elements.0),
-            v: (self.dtype, self.elements.1),
-        }
+        parts(&self.layout, &self.table_host, self.lens_host, self.dtype, self.elements)
     }
 }
 
