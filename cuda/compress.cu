@@ -7,6 +7,11 @@
 //   topk   (Hc, B)            the budget - W best positions (ties to the lower), ascending, by
 //                              radix select (any budget)
 //   gather (capacity, Hc, B)  kept entries then the window into [B, Hc, capacity, D]
+//   compact (Hc, B)           or, over a paged cache (SPEC §7.5), moved in place: entries
+//                             0 .. len - 1 of the head's own pages, its length set
+// Over a paged cache every kernel reads keys through the block table, each head scores its own
+// N_h - W entries (`head_lens`; 0: the sequence does not compress) and rows keep the longest
+// head's stride.
 // AdaKV (one budget shared by a batch row's heads) replaces topk by:
 //   topk on a copy of the params: each head's `floor_keep` best into floor_sel
 //   adakv_mask  (Hc, B)       those positions' pooled scores to -inf
@@ -18,6 +23,23 @@
 #define COMPRESS_KEYS 32
 
 __device__ __forceinline__ int compress_rows(const EkCompressParams& p) { return p.group * p.window; }
+
+// Entries head h of sequence b holds: its own length over a paged cache (0: the sequence does not
+// compress, and every kernel leaves it), `entries` over contiguous caches.
+__device__ __forceinline__ int head_entries(const EkCompressParams& p, int b, int h) {
+    return p.head_lens ? (int)reinterpret_cast<const unsigned*>(p.head_lens)[(long long)b * p.out_heads + h] : p.entries;
+}
+
+// Scores per (b, head) row of means / pooled: the longest head's N - W (a shorter head's row ends early).
+__device__ __forceinline__ int score_stride(const EkCompressParams& p) { return p.entries - p.window; }
+
+// Element offset of entry `key` of head h of sequence b: through the block table over a paged
+// cache, by the tensor's strides otherwise (`t`: k_cache or v_cache, for its strides).
+__device__ __forceinline__ long long cache_row(const EkCompressParams& p, const EkTensor& t, int b, int h, int key) {
+    if (!p.block_table) return row_offset(t, b, h, key);
+    const long long page = reinterpret_cast<const unsigned*>(p.block_table)[(long long)b * p.table_width + key / p.page_size];
+    return page * p.page_stride + (long long)(key % p.page_size) * p.slot_stride + (long long)h * p.head_stride;
+}
 
 // Loads the group's window queries (scaled to base 2) into qs [rows][d + 1].
 template <typename T> __device__ void load_window(const EkCompressParams& p, int b, int h, float* qs) {
@@ -35,15 +57,16 @@ template <typename T> __device__ void load_keys(const EkCompressParams& p, int b
     const T* k = tensor_ptr<T>(p.k_cache);
     for (int i = threadIdx.x; i < COMPRESS_KEYS * d; i += blockDim.x) {
         const int j = i / d, x = i % d;
-        ks[j * (d + 1) + x] = (k0 + j < n) ? to_f32(k[row_offset(p.k_cache, b, h, k0 + j) + x]) : 0.f;
+        ks[j * (d + 1) + x] = (k0 + j < n) ? to_f32(ld_global_elem(k + cache_row(p, p.k_cache, b, h, k0 + j) + x)) : 0.f;
     }
 }
 
-// Score of row r against key slot j, or -inf where the window query may not see the key.
-__device__ __forceinline__ float window_score(const EkCompressParams& p, const float* qs, const float* ks, int r, int j, int key) {
+// Score of row r against key slot j, or -inf where the window query may not see the key (the
+// head holds n entries; window query w sits at entry n - W + w).
+__device__ __forceinline__ float window_score(const EkCompressParams& p, const float* qs, const float* ks, int r, int j, int key, int n) {
     const int d = p.k_cache.shape[3];
     const int w = r / p.group;
-    if (key >= p.entries || key > p.entries - p.window + w) return EK_NEG_INF;
+    if (key >= n || key > n - p.window + w) return EK_NEG_INF;
     float acc = 0.f;
     for (int x = 0; x < d; x++) acc += qs[r * (d + 1) + x] * ks[j * (d + 1) + x];
     return acc;
@@ -84,7 +107,7 @@ __device__ __forceinline__ void compress_store_stats(const EkCompressParams& p, 
 
 // Window-mean probabilities of a key tile, acc [keys][group], written to means[b, hq, k0 + j] / W.
 __device__ __forceinline__ void compress_flush_means(const EkCompressParams& p, int b, int h, int k0, int k_end, int keys, const float* acc) {
-    const int scored = p.entries - p.window;
+    const int scored = score_stride(p);
     float* means = reinterpret_cast<float*>(p.means);
     for (int i = threadIdx.x; i < keys * p.group; i += blockDim.x) {
         const int j = i / p.group, g = i % p.group;
@@ -95,13 +118,14 @@ __device__ __forceinline__ void compress_flush_means(const EkCompressParams& p, 
 template <typename T> __device__ void compress_stats(const EkCompressParams& p) {
     EK_DYNAMIC_SHARED(float, smem);
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int d = p.k_cache.shape[3], rows = compress_rows(p);
+    const int d = p.k_cache.shape[3], rows = compress_rows(p), n = head_entries(p, b, h);
+    if (n == 0) return;
     float* qs = smem;
     float* ks = qs + rows * (d + 1);
     float* ml = ks + COMPRESS_KEYS * (d + 1);  // [rows][2]: running max and sum, one owner thread
     load_window<T>(p, b, h, qs);
     for (int r = threadIdx.x; r < rows; r += blockDim.x) ml[2 * r] = EK_NEG_INF, ml[2 * r + 1] = 0.f;
-    const int k_end = min((c + 1) * p.chunk, p.entries);
+    const int k_end = min((c + 1) * p.chunk, n);
     for (int k0 = c * p.chunk; k0 < k_end; k0 += COMPRESS_KEYS) {
         __syncthreads();
         load_keys<T>(p, b, h, k0, k_end, ks);
@@ -110,7 +134,7 @@ template <typename T> __device__ void compress_stats(const EkCompressParams& p) 
             float m = ml[2 * r], l = ml[2 * r + 1];
             // Streaming online softmax: one exp per key, a rescale when the max moves.
             for (int j = 0; j < COMPRESS_KEYS && k0 + j < k_end; j++) {
-                const float sj = window_score(p, qs, ks, r, j, k0 + j);
+                const float sj = window_score(p, qs, ks, r, j, k0 + j, n);
                 if (sj > m) {
                     l = l * exp2_f32(m - sj) + 1.f;
                     m = sj;
@@ -131,7 +155,8 @@ template <typename T> __device__ void compress_stats(const EkCompressParams& p) 
 template <typename T> __device__ void compress_means(const EkCompressParams& p) {
     EK_DYNAMIC_SHARED(float, smem);
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int d = p.k_cache.shape[3], rows = compress_rows(p), scored = p.entries - p.window, G = p.group;
+    const int d = p.k_cache.shape[3], rows = compress_rows(p), n = head_entries(p, b, h), scored = n - p.window, G = p.group;
+    if (n == 0) return;
     constexpr int PS = COMPRESS_KEYS + 1;
     float* qs = smem;
     float* ks = qs + rows * (d + 1);
@@ -150,7 +175,7 @@ template <typename T> __device__ void compress_means(const EkCompressParams& p) 
             const int r = r0 + threadIdx.x;
             if (r < rows)
                 for (int j = 0; j < COMPRESS_KEYS && k0 + j < k_end; j++)
-                    probs[threadIdx.x * PS + j] = exp2_f32(window_score(p, qs, ks, r, j, k0 + j) - norm[2 * r]) * norm[2 * r + 1];
+                    probs[threadIdx.x * PS + j] = exp2_f32(window_score(p, qs, ks, r, j, k0 + j, n) - norm[2 * r]) * norm[2 * r + 1];
             __syncthreads();
             const int r1 = min(r0 + (int)blockDim.x, rows);
             for (int i = threadIdx.x; i < COMPRESS_KEYS * G; i += blockDim.x) {
@@ -190,8 +215,9 @@ template <int D> __device__ void compress_mma_keys(const EkCompressParams& p, in
     const unsigned short* k = reinterpret_cast<const unsigned short*>(p.k_cache.ptr);
     for (int i = threadIdx.x; i < COMPRESS_MMA_KEYS * (D / 8); i += blockDim.x) {
         const int j = i / (D / 8), x = (i % (D / 8)) * 8;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (k0 + j < end) v = *reinterpret_cast<const uint4*>(k + row_offset(p.k_cache, b, h, k0 + j) + x);
+        uint32_t w[4] = {0, 0, 0, 0};
+        if (k0 + j < end) ld_global_16(k + cache_row(p, p.k_cache, b, h, k0 + j) + x, w);
+        const uint4 v = make_uint4(w[0], w[1], w[2], w[3]);
         *reinterpret_cast<uint4*>(ks + j * (D + 8) + x) = v;
     }
 }
@@ -223,7 +249,8 @@ template <typename T, int D> __device__ void compress_stats_mma(const EkCompress
     EK_DYNAMIC_SHARED(unsigned short, sh);
     constexpr int NT = COMPRESS_MMA_KEYS / 8;
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int rows = compress_rows(p), slabs = (rows + 15) / 16;
+    const int rows = compress_rows(p), slabs = (rows + 15) / 16, n = head_entries(p, b, h);
+    if (n == 0) return;
     unsigned short* qs = sh;
     unsigned short* ks = qs + slabs * 16 * (D + 8);
     // Running max and sum per row in shared memory (a row belongs to one warp), so the slab loop
@@ -233,7 +260,7 @@ template <typename T, int D> __device__ void compress_stats_mma(const EkCompress
     compress_mma_window<D>(p, b, h, slabs * 16, qs);
     for (int i = threadIdx.x; i < slabs * 16; i += blockDim.x) ml[2 * i] = EK_NEG_INF, ml[2 * i + 1] = 0.f;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, cp = (lane & 3) * 2;
-    const int k_end = min((c + 1) * p.chunk, p.entries);
+    const int k_end = min((c + 1) * p.chunk, n);
     for (int k0 = c * p.chunk; k0 < k_end; k0 += COMPRESS_MMA_KEYS) {
         __syncthreads();
         compress_mma_keys<D>(p, b, h, k0, k_end, ks);
@@ -249,7 +276,7 @@ template <typename T, int D> __device__ void compress_stats_mma(const EkCompress
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int key = k0 + nt * 8 + cp + (e & 1), w = r[e >> 1] / p.group;
-                    const bool visible = key < k_end && key <= p.entries - p.window + w;
+                    const bool visible = key < k_end && key <= n - p.window + w;
                     s[nt][e] = visible ? s[nt][e] * p.scale_log2 : EK_NEG_INF;
                     mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
                 }
@@ -285,7 +312,8 @@ template <typename T, int D> __device__ void compress_means_mma(const EkCompress
     EK_DYNAMIC_SHARED(unsigned short, sh);
     constexpr int NT = COMPRESS_MMA_KEYS / 8;
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int rows = compress_rows(p), slabs = (rows + 15) / 16, scored = p.entries - p.window, G = p.group;
+    const int rows = compress_rows(p), slabs = (rows + 15) / 16, n = head_entries(p, b, h), scored = n - p.window, G = p.group;
+    if (n == 0) return;
     unsigned short* qs = sh;
     unsigned short* ks = qs + slabs * 16 * (D + 8);
     float* norm = reinterpret_cast<float*>(ks + COMPRESS_MMA_KEYS * (D + 8));  // [rows][2]
@@ -344,7 +372,7 @@ template <typename T, int D> __device__ void compress_means_mma(const EkCompress
 
 // The group-reduced score of output head hc at position n.
 __device__ __forceinline__ float reduced(const EkCompressParams& p, const float* means, int b, int hc, int n) {
-    const int scored = p.entries - p.window, hq_all = p.obs.shape[1];
+    const int scored = score_stride(p), hq_all = p.obs.shape[1];
     const float* row0 = means + (long long)b * hq_all * scored;
     if (p.gqa_mode == 2) return row0[(long long)hc * scored + n];
     float v = p.gqa_mode == 1 ? EK_NEG_INF : 0.f;
@@ -355,11 +383,17 @@ __device__ __forceinline__ float reduced(const EkCompressParams& p, const float*
     return p.gqa_mode == 1 ? v : v / p.group;
 }
 
+// Positions past a shorter head's scores pool to -inf: never above a real (≥ 0) score.
 __device__ void compress_pool(const EkCompressParams& p) {
     const int hc = blockIdx.y, b = blockIdx.z;
-    const int scored = p.entries - p.window, half = p.pooling_kernel / 2;
+    const int stride = score_stride(p), scored = head_entries(p, b, hc) - p.window, half = p.pooling_kernel / 2;
     const int n = blockIdx.x * blockDim.x + threadIdx.x;
-    if (n >= scored) return;
+    if (n >= stride) return;
+    float* pooled = reinterpret_cast<float*>(p.pooled) + ((long long)b * p.out_heads + hc) * stride;
+    if (n >= scored) {
+        pooled[n] = EK_NEG_INF;
+        return;
+    }
     const float* means = reinterpret_cast<const float*>(p.means);
     const int lo = max(n - half, 0), hi = min(n + half + 1, scored);
     float out;
@@ -373,35 +407,71 @@ __device__ void compress_pool(const EkCompressParams& p) {
         out = EK_NEG_INF;
         for (int i = lo; i < hi; i++) out = fmaxf(out, reduced(p, means, b, hc, i));
     }
-    reinterpret_cast<float*>(p.pooled)[((long long)b * p.out_heads + hc) * scored + n] = out;
+    pooled[n] = out;
 }
 
+// The budget - W best of a head's scores (all of them when it holds fewer); with `lengths`, the
+// entries the head keeps, window included.
 __device__ void compress_topk(const EkCompressParams& p) {
     __shared__ SelectShared s;
-    const int hc = blockIdx.x, b = blockIdx.y;
-    const int scored = p.entries - p.window, keep = p.budget - p.window;
-    const float* row = reinterpret_cast<const float*>(p.pooled) + ((long long)b * p.out_heads + hc) * scored;
-    unsigned* sel = reinterpret_cast<unsigned*>(p.selected) + ((long long)b * p.out_heads + hc) * keep;
+    const int hc = blockIdx.x, b = blockIdx.y, n = head_entries(p, b, hc);
+    if (n == 0) return;
+    const int stride = score_stride(p), keep = p.budget - p.window, k = min(keep, n - p.window);
+    const long long row = (long long)b * p.out_heads + hc;
+    const float* scores = reinterpret_cast<const float*>(p.pooled) + row * stride;
+    unsigned* sel = reinterpret_cast<unsigned*>(p.selected) + row * keep;
     // Radix select + ascending compaction: any keep, positions already ascending.
-    block_select([&](int i) { return row[i]; }, scored, keep, s, sel);
+    if (k > 0) block_select([&](int i) { return scores[i]; }, n - p.window, k, s, sel);
+    if (p.lengths && threadIdx.x == 0) reinterpret_cast<unsigned*>(p.lengths)[row] = k + p.window;
+}
+
+// A head's floor picks: its floor_keep best, or all its scores when it holds fewer.
+__device__ __forceinline__ int adakv_floor_of(const EkCompressParams& p, int b, int hc) {
+    return min(p.floor_keep, head_entries(p, b, hc) - p.window);
+}
+
+// AdaKV's cross-head picks of batch row b: what the row's budget leaves after the floors, at most
+// the scores the floors left (every head compressing holds at least W entries).
+__device__ __forceinline__ int adakv_extras(const EkCompressParams& p, int b) {
+    if (!p.head_lens) return p.extra_keep;
+    const int share = p.budget - p.window;
+    int floors = 0, rest = 0;
+    for (int hc = 0; hc < p.out_heads; hc++) {
+        const int f = adakv_floor_of(p, b, hc);
+        floors += f;
+        rest += head_entries(p, b, hc) - p.window - f;
+    }
+    return min(p.out_heads * share - floors, rest);
 }
 
 // AdaKV: floor picks can never be extras (pooled scores are ≥ 0, the masked ones -inf, and
 // extra_keep ≤ the unmasked count).
 __device__ void compress_adakv_mask(const EkCompressParams& p) {
-    const int hc = blockIdx.x, b = blockIdx.y, scored = p.entries - p.window;
+    const int hc = blockIdx.x, b = blockIdx.y, stride = score_stride(p);
+    if (head_entries(p, b, hc) == 0) return;
     const long long row = (long long)b * p.out_heads + hc;
     const unsigned* floor = reinterpret_cast<const unsigned*>(p.floor_sel) + row * p.floor_keep;
-    float* pooled = reinterpret_cast<float*>(p.pooled) + row * scored;
-    for (int i = threadIdx.x; i < p.floor_keep; i += blockDim.x) pooled[floor[i]] = EK_NEG_INF;
+    float* pooled = reinterpret_cast<float*>(p.pooled) + row * stride;
+    for (int i = threadIdx.x; i < adakv_floor_of(p, b, hc); i += blockDim.x) pooled[floor[i]] = EK_NEG_INF;
 }
 
+// What the shared picks may not take — a head's floor picks (masked to -inf, which no real
+// score is: real ones are ≥ 0, or NaN) and the padding past a shorter head's scores — ranks
+// below everything, NaN included (key 0); the count is at most what is left, so it is never
+// picked.
 __device__ void compress_adakv_extra(const EkCompressParams& p) {
     __shared__ SelectShared s;
-    const int b = blockIdx.x, scored = p.entries - p.window;
-    const float* rows = reinterpret_cast<const float*>(p.pooled) + (long long)b * p.out_heads * scored;
+    const int b = blockIdx.x, stride = score_stride(p);
+    if (head_entries(p, b, 0) == 0) return;
+    const int extras = adakv_extras(p, b);
+    const float* rows = reinterpret_cast<const float*>(p.pooled) + (long long)b * p.out_heads * stride;
     unsigned* out = reinterpret_cast<unsigned*>(p.extra_sel) + (long long)b * p.extra_keep;
-    block_select([&](int i) { return rows[i]; }, p.out_heads * scored, p.extra_keep, s, out);
+    const auto key = [&](int i) -> unsigned {
+        const float x = rows[i];
+        const bool taken = x == EK_NEG_INF || i % stride >= head_entries(p, b, i / stride) - p.window;
+        return taken ? 0u : sortable32(x);
+    };
+    if (extras > 0) block_select_keys<unsigned>(key, p.out_heads * stride, extras, s, out);
 }
 
 // First index of the ascending a[0..n) that is ≥ x.
@@ -418,22 +488,24 @@ __device__ __forceinline__ int lower_bound_u32(const unsigned* a, int n, unsigne
 // Merge by rank: an element's place is its index in its own list plus the count of smaller
 // elements in the other (the lists are disjoint).
 __device__ void compress_adakv_merge(const EkCompressParams& p) {
-    const int hc = blockIdx.x, b = blockIdx.y, scored = p.entries - p.window;
+    const int hc = blockIdx.x, b = blockIdx.y, stride = score_stride(p);
+    if (head_entries(p, b, hc) == 0) return;
     const long long row = (long long)b * p.out_heads + hc;
+    const int nf = adakv_floor_of(p, b, hc), extras = adakv_extras(p, b);
     const unsigned* floor = reinterpret_cast<const unsigned*>(p.floor_sel) + row * p.floor_keep;
     const unsigned* all = reinterpret_cast<const unsigned*>(p.extra_sel) + (long long)b * p.extra_keep;
-    const unsigned base = (unsigned)hc * scored;
-    const int e0 = lower_bound_u32(all, p.extra_keep, base);
-    const int ne = lower_bound_u32(all, p.extra_keep, base + scored) - e0;
+    const unsigned base = (unsigned)hc * stride;
+    const int e0 = lower_bound_u32(all, extras, base);
+    const int ne = lower_bound_u32(all, extras, base + stride) - e0;
     const unsigned* extra = all + e0;
     unsigned* out = reinterpret_cast<unsigned*>(p.selected) + row * p.list_stride;
-    for (int i = threadIdx.x; i < p.floor_keep; i += blockDim.x)
+    for (int i = threadIdx.x; i < nf; i += blockDim.x)
         out[i + lower_bound_u32(extra, ne, base + floor[i])] = floor[i];
     for (int j = threadIdx.x; j < ne; j += blockDim.x) {
         const unsigned pos = extra[j] - base;
-        out[j + lower_bound_u32(floor, p.floor_keep, pos)] = pos;
+        out[j + lower_bound_u32(floor, nf, pos)] = pos;
     }
-    if (threadIdx.x == 0) reinterpret_cast<unsigned*>(p.lengths)[row] = p.floor_keep + ne + p.window;
+    if (threadIdx.x == 0) reinterpret_cast<unsigned*>(p.lengths)[row] = nf + ne + p.window;
 }
 
 // Slot `slot` of head (b, hc): a kept position, then the window; slots past the head's length
@@ -456,6 +528,48 @@ template <typename T> __device__ void compress_gather(const EkCompressParams& p)
         ko[o + x] = k[row_offset(p.k_cache, b, h, src) + x];
         vo[o + x] = v[row_offset(p.v_cache, b, h, src) + x];
     }
+}
+
+// Compaction in place over a paged cache (SPEC §7.5): head (b, hc)'s kept positions, then its
+// window, move to entries 0 .. len - 1 of its own pages, and the cache's length becomes len.
+// Race-free: one CTA per head moves COMPACT_ROWS entries a pass, every read of a pass before any
+// of its writes (a barrier between). Entry j's source p_j ≥ j and the sources ascend, so a pass
+// writes only entries below every later pass's sources. moved [2][COMPACT_ROWS][D]: K then V.
+#define COMPACT_ROWS 16
+
+template <typename T> __device__ void compress_compact(const EkCompressParams& p) {
+    EK_DYNAMIC_SHARED(uint4, raw);  // 16-byte aligned, whatever T
+    T* moved = reinterpret_cast<T*>(raw);
+    const int hc = blockIdx.x, b = blockIdx.y, n = head_entries(p, b, hc);
+    if (n == 0) return;
+    const int d = p.k_cache.shape[3];
+    const long long row = (long long)b * p.out_heads + hc;
+    const int len = (int)reinterpret_cast<const unsigned*>(p.lengths)[row], keep = len - p.window;
+    const unsigned* sel = reinterpret_cast<const unsigned*>(p.selected) + row * p.list_stride;
+    T* k = tensor_mut<T>(p.k_cache);
+    T* v = tensor_mut<T>(p.v_cache);
+    for (int j0 = 0; j0 < len; j0 += COMPACT_ROWS) {
+        for (int i = threadIdx.x; i < COMPACT_ROWS * d; i += blockDim.x) {
+            const int j = j0 + i / d, x = i % d;
+            const int src = j < keep ? (int)sel[j] : n - p.window + (j - keep);
+            if (j < len && src != j) {
+                // Plain loads (not the read-only path): this kernel writes the pools.
+                moved[i] = ld_global_elem(k + cache_row(p, p.k_cache, b, hc, src) + x);
+                moved[COMPACT_ROWS * d + i] = ld_global_elem(v + cache_row(p, p.v_cache, b, hc, src) + x);
+            }
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < COMPACT_ROWS * d; i += blockDim.x) {
+            const int j = j0 + i / d, x = i % d;
+            const int src = j < keep ? (int)sel[j] : n - p.window + (j - keep);
+            if (j < len && src != j) {
+                k[cache_row(p, p.k_cache, b, hc, j) + x] = moved[i];
+                v[cache_row(p, p.v_cache, b, hc, j) + x] = moved[COMPACT_ROWS * d + i];
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) reinterpret_cast<unsigned*>(p.cache_lens)[row] = (unsigned)len;
 }
 
 extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_stats_f32(EkCompressParams p) { compress_stats<float>(p); }
@@ -483,3 +597,6 @@ extern "C" __global__ void __launch_bounds__(256) ek_compress_adakv_merge(EkComp
 extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_gather_f32(EkCompressParams p) { compress_gather<float>(p); }
 extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_gather_f16(EkCompressParams p) { compress_gather<f16_t>(p); }
 extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_gather_bf16(EkCompressParams p) { compress_gather<bf16_t>(p); }
+extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_compact_f32(EkCompressParams p) { compress_compact<float>(p); }
+extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_compact_f16(EkCompressParams p) { compress_compact<f16_t>(p); }
+extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_compact_bf16(EkCompressParams p) { compress_compact<bf16_t>(p); }

@@ -140,7 +140,20 @@ typedef struct EkCompressParams {
     int32_t capacity;   /* slots per head in k_out / v_out (budget, or the longest head) */
     int32_t list_stride; /* positions per (b, head) row of `selected` */
     int32_t floor_keep;
-    int32_t extra_keep; /* per batch row, across its heads */
+    int32_t extra_keep; /* per batch row, across its heads (with head_lens: the buffer's stride) */
+    /* Selection over a paged cache in place (SPEC §7.5; CUDA): k_cache / v_cache then hold the
+     * pools' addresses (shape [B, Hc, N, D], N the longest head; strides unused), entry `key` of
+     * head h of sequence b at page·page_stride + (key mod page_size)·slot_stride + h·head_stride,
+     * page = block_table[b·table_width + key div page_size]. */
+    uint64_t head_lens;   /* uint32 [B, Hc]: entries each head holds, 0 where the sequence does not
+                             compress; 0: `entries` each */
+    uint64_t block_table; /* uint32 [B, table_width]; 0: contiguous caches */
+    uint64_t cache_lens;  /* uint32 [B, Hc]: the cache's lengths, set to `lengths` by the compaction */
+    int64_t page_stride;
+    int64_t slot_stride;
+    int64_t head_stride;
+    int32_t table_width;
+    int32_t page_size;
 } EkCompressParams;
 
 /*

@@ -408,6 +408,10 @@ fn every_launch_fits_every_target() {
                                 launches::compress_selection(&d, heads).map(|s| s.all().map(Clone::clone).to_vec());
                             check(sel, format!("compress selection GQA {q_heads}/{kv_heads}"));
                             check(launches::compress_gather(&d, heads, 1024, dtype).map(|g| vec![g]), "gather".into());
+                            check(
+                                launches::compress_compact(64, heads, head_dim, dtype).map(|c| vec![c]),
+                                format!("in-place compaction {dtype} D {head_dim}"),
+                            );
                         }
                     }
                     for queries in [1, 4, 16] {
@@ -525,4 +529,8 @@ fn launch_constants_match_the_kernels() {
     assert_eq!(define("cuda/attend.cu", "ATTEND_THREADS"), launches::ATTEND_THREADS as usize);
     assert_eq!(define("cuda/append.cu", "APPEND_THREADS"), launches::APPEND_THREADS as usize);
     assert_eq!(define("cuda/decode.cu", "DECODE_THREADS"), launches::DECODE_THREADS as usize);
+    assert_eq!(define("cuda/compress.cu", "COMPACT_ROWS"), launches::COMPACT_ROWS);
+    assert_eq!(define("cuda/compress.cu", "COMPRESS_THREADS"), launches::COMPRESS_THREADS as usize);
+    assert_eq!(define("cuda/compress.cu", "COMPRESS_KEYS"), launches::COMPRESS_KEYS);
+    assert_eq!(define("cuda/compress.cu", "COMPRESS_MMA_KEYS"), launches::COMPRESS_MMA_KEYS);
 }

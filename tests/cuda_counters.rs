@@ -1,7 +1,8 @@
 //! What the emulated CUDA kernels do, counted (`cuda::emu::counters`): tensor-core multiply-adds
 //! against the causal ideal, `ldmatrix` per `mma`, bytes brought in by `cp.async`, the decode's
-//! cache bytes against one read, paged decode's bytes against contiguous decode's. One test in its
-//! own binary: the counters are process-wide. Print with `-- --nocapture`.
+//! cache bytes against one read, paged decode's bytes against contiguous decode's, selection over
+//! pages against the contiguous compression's scoring, the in-place compaction's moves. One test
+//! in its own binary: the counters are process-wide. Print with `-- --nocapture`.
 #![cfg(feature = "cuda-emu")]
 
 mod common;
@@ -195,6 +196,7 @@ fn tensor_core_work_is_close_to_the_ideal() {
         );
         assert_eq!((step.allocations, step.htod_copies), (0, 0), "a planned decode step allocates or copies");
     }
+    compression_over_pages_reads_what_contiguous_reads(&k);
     // 64-row tiles stack 16 tokens × 4 heads over 64-key tiles: the diagonal's padding costs 12%.
     assert!((1.0..=1.15).contains(&dense_ratio), "dense prefill: {dense_ratio:.3} × the causal ideal");
     assert!((1.0..=1.25).contains(&dense128_ratio), "dense prefill, 128 rows: {dense128_ratio:.3} × the ideal");
@@ -204,4 +206,98 @@ fn tensor_core_work_is_close_to_the_ideal() {
     assert!((1.0..=1.05).contains(&compress_ratio), "kv_compress scoring: {compress_ratio:.3} × the ideal");
     // ldmatrix.x4 feeds two mma (Q's A fragment is reused across a k-step's 8 key tiles).
     assert!(dense.ldmatrix * 2 <= dense.mma + dense.mma / 4, "{} ldmatrix for {} mma", dense.ldmatrix, dense.mma);
+}
+
+/// Selection over shuffled pages reads the key bytes the contiguous `kv_compress` scoring reads
+/// (each head's N keys for the softmax statistics, its N − W scored keys again for the window
+/// means: the ideal, exactly); the in-place compaction loads each moved K/V entry once, at most
+/// the kept entries, and allocates and copies nothing.
+fn compression_over_pages_reads_what_contiguous_reads(k: &Kernels) {
+    use entropy_kernels::cuda::{CudaKvCache, CudaKvCacheMut, CudaTensor};
+    let (b, hq, hkv, n, d, dtype) = (2, 8, 2, 600, 64, DType::F16);
+    let cfg = DecodeConfig { decode_budget: 64, window: 8, ..DecodeConfig::latent() };
+    let kc = common::random([b, hkv, n, d], 1.0, 61, dtype);
+    let vc = common::random([b, hkv, n, d], 1.0, 62, dtype);
+    let obs = common::random([b, hq, cfg.window, d], 1.0, 63, dtype);
+    let c0 = emu::counters().unwrap();
+    k.kv_compress(kc.view(), vc.view(), obs.view(), &cfg).unwrap();
+    let contiguous = emu::counters().unwrap() - c0;
+    // The same entries on 16-entry pages, the sequences' pages interleaved.
+    let (ps, width) = (16, n.div_ceil(16));
+    let mut pool = PagedCache::interleaved(dtype, PageLayout::slot_major(b * width, ps, hkv, d), b, width).unwrap();
+    let thd = |t: &HostTensor| {
+        let f = t.to_f32_vec();
+        let rows: Vec<f32> = (0..b)
+            .flat_map(|i| {
+                (0..n)
+                    .flat_map(move |j| (0..hkv).flat_map(move |h| (0..d).map(move |x| ((i * hkv + h) * n + j) * d + x)))
+            })
+            .map(|i| f[i])
+            .collect();
+        HostTensor::from_f32(&rows, [1, b * n, hkv, d], dtype)
+    };
+    let mut ws = Workspace::new();
+    k.append(thd(&kc).view(), thd(&vc).view(), &[0, n as u32, 2 * n as u32], &mut pool.cache_mut(), &mut ws).unwrap();
+    let c1 = emu::counters().unwrap();
+    let sel = k.kv_select(&pool.cache(), obs.view(), &cfg, &[]).unwrap();
+    let paged = emu::counters().unwrap() - c1;
+    let ideal = (b * hkv * (2 * n - cfg.window) * d * dtype.size()) as u64;
+    eprintln!(
+        "| selection over 16-entry pages, N {n} | — | — | — | {:.2} MB loaded | {:.3} × contiguous scoring, {:.3} × ideal | {} |",
+        paged.ld_global_bytes as f64 / 1e6,
+        paged.ld_global_bytes as f64 / contiguous.ld_global_bytes as f64,
+        paged.ld_global_bytes as f64 / ideal as f64,
+        paged.barriers
+    );
+    assert_eq!(contiguous.ld_global_bytes, ideal, "kv_compress scoring reads each key once per pass");
+    assert_eq!(paged.ld_global_bytes, ideal, "selection over pages reads what the contiguous scoring reads");
+
+    // Device-resident: select_on, then compact_on (counted alone).
+    let be = emu::backend().expect("the emulated driver loads");
+    let stream = be.stream().clone();
+    let bits = |t: &HostTensor| -> Vec<half::f16> { t.to_f32_vec().iter().map(|&x| half::f16::from_f32(x)).collect() };
+    let (mut kd, mut vd) = (stream.clone_htod(&bits(&pool.k)).unwrap(), stream.clone_htod(&bits(&pool.v)).unwrap());
+    let od = stream.clone_htod(&bits(&obs)).unwrap();
+    let table = stream.clone_htod(&pool.ids).unwrap();
+    let mut lens = stream.clone_htod(&pool.lens).unwrap();
+    let mut mirror = pool.lens.clone();
+    let layout = pool.layout;
+    let dsel = {
+        let cache =
+            CudaKvCache::new(&kd, &vd, layout, &table, BlockTable::new(&pool.ids, width), &mirror, &stream).unwrap();
+        be.select_on(&stream, &cache, &CudaTensor::bsnd(&od, &stream, obs.shape), &cfg, &[]).unwrap()
+    };
+    assert_eq!(dsel.to_host(&stream).unwrap(), sel, "select_on = kv_select");
+    stream.synchronize().unwrap();
+    let c2 = emu::counters().unwrap();
+    {
+        let mut cache = CudaKvCacheMut::new(
+            &mut kd,
+            &mut vd,
+            layout,
+            &table,
+            BlockTable::new(&pool.ids, width),
+            &mut lens,
+            &mut mirror,
+            &stream,
+        )
+        .unwrap();
+        be.compact_on(&stream, &mut cache, &dsel, &mut ws).unwrap();
+    }
+    stream.synchronize().unwrap();
+    let compact = emu::counters().unwrap() - c2;
+    let moved: usize = (0..b)
+        .flat_map(|i| (0..hkv).map(move |h| (i, h)))
+        .map(|(i, h)| sel.kept(i, h).iter().enumerate().filter(|&(j, &p)| p as usize != j).count())
+        .sum();
+    let moved_bytes = (2 * moved * d * dtype.size()) as u64;
+    eprintln!(
+        "| in-place compaction {n} → {} | — | — | — | {:.3} MB loaded | {moved} entries moved | {} allocations, {} host copies |",
+        cfg.decode_budget,
+        compact.ld_global_bytes as f64 / 1e6,
+        compact.allocations,
+        compact.htod_copies
+    );
+    assert_eq!(compact.ld_global_bytes, moved_bytes, "compaction loads each moved K and V entry once");
+    assert_eq!((compact.allocations, compact.htod_copies), (0, 0), "compact_on allocates or copies");
 }

@@ -358,3 +358,132 @@ fn typed_back<T: bytemuck::Pod>(v: &[T], dtype: DType) -> Vec<f32> {
         DType::BF16 => bytemuck::cast_slice::<u8, half::bf16>(bytes).iter().map(|x| x.to_f32()).collect(),
     }
 }
+
+/// Selection and in-place compaction on the device (`select_on` + `compact_on`) over a paged
+/// cache whose heads differ in length, with a sequence too short to compress: the device's lists
+/// equal the backend's host-path `kv_select` (the same kernels over an uploaded copy), agree with
+/// the CPU backend's up to near-ties, and the compacted pools and lengths equal the host
+/// compaction by the same selection, bit for bit. A compaction after the lengths changed is
+/// refused.
+#[test]
+fn device_select_and_compact_match_the_host() {
+    let Some(be) = cuda_backend("cuda_device_compaction") else { return };
+    let be = std::sync::Arc::new(be);
+    let seed = seed("cuda_device_compaction");
+    for dtype in DType::ALL {
+        match dtype {
+            DType::F32 => select_compact_round_trip::<f32>(&be, seed, dtype),
+            DType::F16 => select_compact_round_trip::<half::f16>(&be, seed, dtype),
+            DType::BF16 => select_compact_round_trip::<half::bf16>(&be, seed, dtype),
+        }
+    }
+}
+
+fn select_compact_round_trip<T: entropy_kernels::cuda::DeviceElement + bytemuck::Pod>(
+    be: &std::sync::Arc<entropy_kernels::cuda::CudaBackend>,
+    seed: u64,
+    dtype: DType,
+) {
+    use entropy_kernels::cuda::{CudaKvCache, CudaKvCacheMut};
+    let stream = be.stream().clone();
+    let (cpu, dev) = (Kernels::cpu(), Kernels::from_backend(be.clone()));
+    let (hq, hkv, d, ps, seqs, width) = (8, 2, 64, 16, 3, 8);
+    // Sharp windows (obs std 1000, no pooling) make most scores underflow to exactly 0, so
+    // AdaKV's shared picks run into ties that only the rank order (score, head, position) breaks,
+    // and that must never reach the padding of a shorter head's row.
+    let uniform = DecodeConfig { decode_budget: 40, window: 4, pooling_kernel: 3, ..DecodeConfig::latent() };
+    let adakv = DecodeConfig { decode_budget: 40, window: 4, pooling_kernel: 3, ..DecodeConfig::adakv(0.3) };
+    let sharp = DecodeConfig { pooling_kernel: 1, ..adakv.clone() };
+    // A NaN key makes a head's scores NaN, which rank below -inf: the shared picks still never
+    // take a floor pick or padding.
+    let cases = [(uniform, 1.0, false), (adakv.clone(), 1.0, false), (sharp, 1000.0, false), (adakv, 1.0, true)];
+    for (c, (cfg, std, nan)) in cases.into_iter().enumerate() {
+        let tag = format!("{dtype} {:?} obs std {std} NaN key {nan}", cfg.head_budget);
+        let s = seed ^ (c as u64 * 77);
+        let layout = PageLayout::head_major(seqs * width + 2, ps, hkv, d);
+        let mut host = PagedCache::interleaved(dtype, layout, seqs, width).unwrap();
+        let lens = [100usize, 20, 77];
+        let total: usize = lens.iter().sum();
+        let cu = [0, 100, 120, total as u32];
+        let (k, v) = (random([1, total, hkv, d], 1.0, s, dtype), random([1, total, hkv, d], 1.0, s ^ 1, dtype));
+        let mut ws = Workspace::new();
+        cpu.append(k.view(), v.view(), &cu, &mut host.cache_mut(), &mut ws).unwrap();
+        host.lens[2 * hkv] = 13; // heads of unequal lengths, the first shorter than the budget and AdaKV's floor
+        if nan {
+            let o = host.layout.offset(host.ids[2 * width] as usize, 5, 1);
+            let mut kf = host.k.to_f32_vec();
+            kf[o] = f32::NAN;
+            host.k = HostTensor::from_f32(&kf, host.k.shape, dtype);
+        }
+        let obs = random([seqs, hq, cfg.window, d], std, s ^ 2, dtype);
+        let up = |t: &HostTensor| stream.clone_htod(&typed::<T>(t)).unwrap();
+        let (mut kd, mut vd, od) = (up(&host.k), up(&host.v), up(&obs));
+        let table_dev = stream.clone_htod(&host.ids).unwrap();
+        let mut lens_dev = stream.clone_htod(&host.lens).unwrap();
+        let mut mirror = host.lens.clone();
+        let sel = {
+            let cache =
+                CudaKvCache::new(&kd, &vd, layout, &table_dev, BlockTable::new(&host.ids, width), &mirror, &stream)
+                    .unwrap();
+            let ot = CudaTensor::bsnd(&od, &stream, obs.shape);
+            be.select_on(&stream, &cache, &ot, &cfg, &[]).unwrap()
+        };
+        assert_eq!(sel.compressed(), &[true, false, true], "{tag}: which sequences compress");
+        let got = sel.to_host(&stream).unwrap();
+        let via_host = dev.kv_select(&host.cache(), obs.view(), &cfg, &[]).unwrap();
+        assert_eq!(got, via_host, "{tag}: select_on = the backend's kv_select");
+        // The device's selection rules = the shared host rules over the device's own scores.
+        let scores = dev.kv_scores(&host.cache(), obs.view(), &cfg, &[]).unwrap();
+        assert_eq!(got, scores.select(&cfg).unwrap(), "{tag}: device selection = host rules over its scores");
+        // Against the CPU's scores: which tiny scores underflow differs, and with them the ties
+        // of the sharp case; otherwise the same up to near-ties.
+        let want = cpu.kv_select(&host.cache(), obs.view(), &cfg, &[]).unwrap();
+        for i in (0..seqs).filter(|_| std == 1.0 && !nan) {
+            for h in 0..hkv {
+                let (x, y) = (got.kept(i, h), want.kept(i, h));
+                assert_eq!(x.len(), y.len(), "{tag}: kept count of ({i}, {h})");
+                let common = x.iter().filter(|p| y.contains(p)).count();
+                assert!(common + 2 >= y.len(), "{tag}: ({i}, {h}) kept {x:?}, CPU {y:?}");
+            }
+        }
+        // A selection is for the lengths it was made on.
+        {
+            let mut stale = mirror.clone();
+            stale[0] -= 1;
+            let mut stale_dev = stream.clone_htod(&stale).unwrap();
+            let mut cache = CudaKvCacheMut::new(
+                &mut kd,
+                &mut vd,
+                layout,
+                &table_dev,
+                BlockTable::new(&host.ids, width),
+                &mut stale_dev,
+                &mut stale,
+                &stream,
+            )
+            .unwrap();
+            let bad = be.compact_on(&stream, &mut cache, &sel, &mut ws).unwrap_err();
+            assert!(matches!(bad, Error::PlanMismatch(_)), "{tag}: {bad}");
+        }
+        {
+            let mut cache = CudaKvCacheMut::new(
+                &mut kd,
+                &mut vd,
+                layout,
+                &table_dev,
+                BlockTable::new(&host.ids, width),
+                &mut lens_dev,
+                &mut mirror,
+                &stream,
+            )
+            .unwrap();
+            be.compact_on(&stream, &mut cache, &sel, &mut ws).unwrap();
+        }
+        cpu.kv_compact(&mut host.cache_mut(), &got, &mut ws).unwrap();
+        assert_eq!(mirror, host.lens, "{tag}: host mirror of the lengths");
+        assert_eq!(stream.clone_dtoh(&lens_dev).unwrap(), host.lens, "{tag}: device lengths");
+        let bits = |v: Vec<T>| bytemuck::cast_slice::<T, u8>(&v).to_vec();
+        assert!(bits(stream.clone_dtoh(&kd).unwrap()) == bits(typed::<T>(&host.k)), "{tag}: K pool after compact_on");
+        assert!(bits(stream.clone_dtoh(&vd).unwrap()) == bits(typed::<T>(&host.v)), "{tag}: V pool after compact_on");
+    }
+}

@@ -679,6 +679,14 @@ fn compaction_refuses_what_it_cannot_do() {
     assert_eq!(bits(&pool.k.to_f32_vec()), bits(&before.0), "a refused compaction writes nothing");
     assert_eq!(pool.lens, before.1);
     pool.ids[pool.width] = saved;
+    // A page twice in the compressing sequence's own row: refused, nothing written.
+    let saved = pool.ids[1];
+    pool.ids[1] = pool.ids[0];
+    let bad = kernels.kv_compact(&mut pool.cache_mut(), &sel, &mut ws).unwrap_err();
+    assert!(matches!(bad, Error::OutOfRange { field: "block table", .. }), "{bad}");
+    assert!(bad.to_string().contains("twice"), "{bad}");
+    assert_eq!(bits(&pool.k.to_f32_vec()), bits(&before.0), "a refused compaction writes nothing");
+    pool.ids[1] = saved;
     // A selection that does not fit the cache.
     let mut wrong = sel.clone();
     wrong.positions[0] = 1000;
@@ -690,11 +698,12 @@ fn compaction_refuses_what_it_cannot_do() {
 }
 
 /// Selection over heads of different lengths (what a head-adaptive compression leaves, then
-/// recompression sees) agrees with the oracle: the same sequences compress, every head keeps as
-/// many entries as the oracle's (heads shorter than the budget keep everything) and the same
-/// ones up to near-ties at the boundary.
+/// recompression sees) agrees with the oracle on every backend: the same sequences compress,
+/// every head keeps as many entries as the oracle's (heads shorter than the budget keep
+/// everything) and the same ones up to near-ties at the boundary.
 #[test]
 fn selection_over_unequal_heads_matches_oracle() {
+    let backends = engine_backends("unequal_heads", &[Op::Select]);
     for seed in seeds("selection_over_unequal_heads_matches_oracle") {
         let mut rng = Rng::new(seed);
         let (b, hc, g, d) = (3, 3, 2, 16);
@@ -722,18 +731,17 @@ fn selection_over_unequal_heads_matches_oracle() {
                 [cfg.clone(), DecodeConfig { head_budget: HeadBudget::AdaKv { floor_fraction: 0.2 }, ..cfg.clone() }]
             {
                 let want = Kernels::reference().kv_select(&pool.cache(), obs.view(), &cfg, &[]).unwrap();
-                let got = Kernels::cpu().kv_select(&pool.cache(), obs.view(), &cfg, &[]).unwrap();
-                assert_eq!(got.compressed, want.compressed, "{tag}: which sequences compress");
-                for i in 0..b {
-                    for h in 0..hc {
-                        let (x, y) = (got.kept(i, h), want.kept(i, h));
-                        assert_eq!(x.len(), y.len(), "{tag} {:?}: kept count of ({i}, {h})", cfg.head_budget);
-                        let common = x.iter().filter(|p| y.contains(p)).count();
-                        assert!(
-                            common + 2 >= y.len(),
-                            "{tag} {:?}: ({i}, {h}) kept {x:?}, oracle {y:?}",
-                            cfg.head_budget
-                        );
+                for kernels in backends.iter().skip(1) {
+                    let got = kernels.kv_select(&pool.cache(), obs.view(), &cfg, &[]).unwrap();
+                    let tag = format!("{tag} {} {:?}", kernels.kind(), cfg.head_budget);
+                    assert_eq!(got.compressed, want.compressed, "{tag}: which sequences compress");
+                    for i in 0..b {
+                        for h in 0..hc {
+                            let (x, y) = (got.kept(i, h), want.kept(i, h));
+                            assert_eq!(x.len(), y.len(), "{tag}: kept count of ({i}, {h})");
+                            let common = x.iter().filter(|p| y.contains(p)).count();
+                            assert!(common + 2 >= y.len(), "{tag}: ({i}, {h}) kept {x:?}, oracle {y:?}");
+                        }
                     }
                 }
             }

@@ -20,7 +20,7 @@
 // - cp.async: copies land when a wait retires their group, or (optionally) at issue — the two
 //   extremes the hardware allows — so reading before the wait, or refilling a buffer other
 //   threads still read, shows up; a thread exiting with copies in flight is reported.
-// - Global vector loads (`load_f32` in cuda/common.cuh) must be aligned to their size, as the
+// - Global vector loads (`ld_global_16` / `ld_global_elem` in cuda/common.cuh) must be aligned to their size, as the
 //   hardware requires; they are counted. (Global memory itself, its guard bytes and the
 //   inaccessible page after each allocation, are the driver double's: driver_emu.cpp.)
 // Not emulated: true concurrency (a race needing an interleaving none of the orders produces goes
@@ -277,7 +277,7 @@ inline void cp_async(void* dst, const void* src, int size, int bytes) {
     if (cp_async_early) c.run();
     else me().open_group.push_back(c);
 }
-// A load of `size` bytes from global memory through `load_f32` (cuda/common.cuh): aligned to its
+// A load of `size` bytes from global memory through `ld_global_16` / `ld_global_elem` (cuda/common.cuh): aligned to its
 // size, as the hardware demands of vector loads; counted.
 inline void ld_global(void* dst, const void* src, int size) {
     if (reinterpret_cast<uintptr_t>(src) % size) fail("global load of " + std::to_string(size) + " bytes not aligned to its size");

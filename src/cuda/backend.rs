@@ -106,7 +106,7 @@ pub fn target_arch(cc: (i32, i32), requested: Option<&str>) -> Result<String> {
 /// The CUDA backend on one device.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
+    pub(super) stream: Arc<CudaStream>,
     funcs: HashMap<&'static str, CudaFunction>,
     caps: Capabilities,
     name: String,
@@ -119,7 +119,7 @@ pub struct CudaBackend {
     /// The tensor-core prefill's tile height (rows = query tokens × group heads per CTA).
     prefill_tile: PrefillTile,
     /// Host fallback for the operations without device kernels yet.
-    host: crate::cpu::CpuBackend,
+    pub(super) host: crate::cpu::CpuBackend,
 }
 
 /// Environment variable: the tensor-core prefill's tile height, `auto` (default), `64` or `128`.
@@ -210,7 +210,7 @@ impl CudaBackend {
             stream,
             funcs,
             caps: Capabilities {
-                ops: [&Op::CONTIGUOUS[..], &[Op::Attend]].concat(),
+                ops: [&Op::CONTIGUOUS[..], &[Op::Attend, Op::Select]].concat(),
                 ..Capabilities::full("cuda", HeadDims::UpTo(256))
             },
             name,
@@ -255,12 +255,12 @@ impl CudaBackend {
         &self.ctx
     }
 
-    fn upload<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+    pub(super) fn upload<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, data: &[T]) -> Result<CudaSlice<T>> {
         upload_on(&self.stream, data)
     }
 
     /// Uploads a view's whole buffer; the tensor descriptor keeps its strides.
-    fn tensor(&self, v: &TensorView<'_>) -> Result<(CudaSlice<u8>, EkTensor)> {
+    pub(super) fn tensor(&self, v: &TensorView<'_>) -> Result<(CudaSlice<u8>, EkTensor)> {
         let dev = self.upload(v.data().as_bytes())?;
         let t = EkTensor::new(self.ptr(&dev), v.shape(), v.strides());
         Ok((dev, t))
@@ -351,16 +351,47 @@ pub(crate) struct CompressJob<'a> {
     pub v_cache: EkTensor,
     pub obs: EkTensor,
     pub scale: f32,
+    /// Over a paged cache: `k_cache`/`v_cache` hold the pools' addresses.
+    pub paged: Option<PagedScoring>,
+}
+
+/// Where a compression over a paged cache (SPEC §7.5) finds its entries.
+#[derive(Clone, Copy)]
+pub(crate) struct PagedScoring {
+    /// u32 `[B, Hc]`: entries per head, 0 where the sequence does not compress.
+    pub head_lens: u64,
+    /// u32 `[B, table_width]` page ids.
+    pub table: u64,
+    pub table_width: usize,
+    pub layout: crate::engine::PageLayout,
+}
+
+impl PagedScoring {
+    /// `params` reading keys through the table and each head's own length.
+    fn apply(&self, params: EkCompressParams) -> EkCompressParams {
+        let l = &self.layout;
+        EkCompressParams {
+            head_lens: self.head_lens,
+            block_table: self.table,
+            page_stride: l.strides[0] as i64,
+            slot_stride: l.strides[1] as i64,
+            head_stride: l.strides[2] as i64,
+            table_width: self.table_width as i32,
+            page_size: l.page_size as i32,
+            ..params
+        }
+    }
 }
 
 /// The workspaces of one compression, alive until its kernels have run.
 pub(crate) struct CompressRun {
     _stats: CudaSlice<f32>,
     _means: CudaSlice<f32>,
-    _pooled: CudaSlice<f32>,
+    pub pooled: CudaSlice<f32>,
     /// u32 `[B, Hc, list_stride]`: each head's kept positions, ascending, after `compress_select`.
     pub selected: CudaSlice<u32>,
-    /// AdaKV: u32 `[B, Hc]` entries kept per head (window included); `None`: `budget` each.
+    /// AdaKV or a paged cache: u32 `[B, Hc]` entries kept per head (window included); `None`:
+    /// `budget` each.
     pub lengths: Option<CudaSlice<u32>>,
     /// AdaKV's workspaces (floor and cross-head picks).
     _picks: Option<(CudaSlice<u32>, CudaSlice<u32>)>,
@@ -460,7 +491,7 @@ impl Backend for CudaBackend {
         let (_kc, k_cache) = self.tensor(&a.k_cache())?;
         let (_vc, v_cache) = self.tensor(&a.v_cache())?;
         let (_obs, obs) = self.tensor(&a.obs())?;
-        let job = CompressJob { dims: d, cfg, dtype, k_cache, v_cache, obs, scale: a.scale() };
+        let job = CompressJob { dims: d, cfg, dtype, k_cache, v_cache, obs, scale: a.scale(), paged: None };
         let run = self.compress_score(&self.stream, &job, &kernels)?;
         let lengths = self.compress_select(&self.stream, &job, &run)?;
         let capacity = lengths.iter().copied().max().unwrap_or(0) as usize;
@@ -531,6 +562,14 @@ impl Backend for CudaBackend {
         self.decode_launch(&self.stream, &job)?;
         self.stream.synchronize().map_err(driver_err("cuStreamSynchronize"))?;
         self.download(&out_dev, out)
+    }
+
+    fn select(&self, a: &crate::engine::SelectArgs<'_>) -> Result<crate::engine::Selection> {
+        self.select_host(a)
+    }
+
+    fn kv_scores(&self, a: &crate::engine::SelectArgs<'_>) -> Result<crate::engine::Scores> {
+        self.scores_host(a)
     }
 
     fn attend(
@@ -832,7 +871,7 @@ impl CudaBackend {
         let stats = f32s(d.batch * d.kv_heads * chunks * rows * 2)?;
         let means = f32s(d.batch * d.q_heads * scored)?;
         let pooled = f32s(d.batch * heads * scored)?;
-        let params = EkCompressParams {
+        let mut params = EkCompressParams {
             k_cache: job.k_cache,
             v_cache: job.v_cache,
             obs: job.obs,
@@ -841,6 +880,9 @@ impl CudaBackend {
             pooled: addr_on(stream, &pooled),
             ..EkCompressParams::sized(&d, cfg, scoring.chunk, job.scale, job.dtype)
         };
+        if let Some(paged) = &job.paged {
+            params = paged.apply(params);
+        }
         // SAFETY: every buffer in `params` was allocated above (or by the caller) with the sizes
         // the kernels index.
         unsafe {
@@ -850,17 +892,26 @@ impl CudaBackend {
         }
         let u32s = |len: usize| stream.alloc_zeros::<u32>(len.max(1)).map_err(driver_err("cuMemAlloc"));
         // The selection's buffers: one ascending list per head (AdaKV: as long as a head can get).
+        // Over a paged cache heads differ in length: each head's count is written on the device.
+        let paged = job.paged.is_some();
         let (selected, lengths, picks, params) = match cfg.head_budget {
             crate::config::HeadBudget::Uniform => {
                 let selected = u32s(d.batch * heads * keep)?;
-                let params =
-                    EkCompressParams { selected: addr_on(stream, &selected), list_stride: keep as i32, ..params };
-                (selected, None, None, params)
+                let lengths = if paged { Some(u32s(d.batch * heads)?) } else { None };
+                let params = EkCompressParams {
+                    selected: addr_on(stream, &selected),
+                    lengths: lengths.as_ref().map_or(0, |l| addr_on(stream, l)),
+                    list_stride: keep as i32,
+                    ..params
+                };
+                (selected, lengths, None, params)
             }
             crate::config::HeadBudget::AdaKv { floor_fraction } => {
                 let floor = crate::compress::adakv_floor(keep, floor_fraction);
-                let extra = heads * (keep - floor);
-                let stride = scored.min(floor + extra);
+                // Paged: a short head's unused floor goes to the shared picks (counted on the
+                // device), so the row's picks are bounded by the whole layer budget only.
+                let extra = if paged { heads * keep } else { heads * (keep - floor) };
+                let stride = scored.min(if paged { heads * keep } else { floor + extra });
                 let (selected, lengths) = (u32s(d.batch * heads * stride)?, u32s(d.batch * heads)?);
                 let (floor_sel, extra_sel) = (u32s(d.batch * heads * floor)?, u32s(d.batch * extra)?);
                 let params = EkCompressParams {
@@ -876,16 +927,7 @@ impl CudaBackend {
                 (selected, Some(lengths), Some((floor_sel, extra_sel)), params)
             }
         };
-        Ok(CompressRun {
-            _stats: stats,
-            _means: means,
-            _pooled: pooled,
-            selected,
-            lengths,
-            _picks: picks,
-            params,
-            selection,
-        })
+        Ok(CompressRun { _stats: stats, _means: means, pooled, selected, lengths, _picks: picks, params, selection })
     }
 
     /// Enqueues the selection of a scored compression — each head's top-k, or AdaKV's floor picks,
@@ -899,16 +941,22 @@ impl CudaBackend {
     ) -> Result<Vec<u32>> {
         let (d, cfg) = (job.dims, job.cfg);
         let (p, sel) = (&run.params, &run.selection);
-        let Some(lengths) = &run.lengths else {
+        if matches!(cfg.head_budget, crate::config::HeadBudget::Uniform) {
             // SAFETY: `run` holds the buffers its params address, sized by `compress_score`.
             unsafe { self.launch(stream, &sel.topk, p)? };
-            return Ok(vec![cfg.decode_budget as u32; d.batch * d.out_heads(cfg)]);
-        };
+            let Some(lengths) = &run.lengths else {
+                return Ok(vec![cfg.decode_budget as u32; d.batch * d.out_heads(cfg)]);
+            };
+            return stream.clone_dtoh(lengths).map_err(driver_err("cuMemcpyDtoH"));
+        }
+        let lengths = run.lengths.as_ref().expect("AdaKV allocates lengths");
         // SAFETY: as above; AdaKV's buffers were sized for its floor and cross-head picks.
         unsafe {
             if p.floor_keep > 0 {
-                // The top-k kernel keeps budget − W positions into `selected`: aim it at the floor.
-                let floor = EkCompressParams { selected: p.floor_sel, budget: p.floor_keep + p.window, ..*p };
+                // The top-k kernel keeps budget − W positions into `selected`: aim it at the
+                // floor (and leave the lengths to the merge).
+                let floor =
+                    EkCompressParams { selected: p.floor_sel, budget: p.floor_keep + p.window, lengths: 0, ..*p };
                 self.launch(stream, &sel.topk, &floor)?;
                 self.launch(stream, &sel.adakv_mask, p)?;
             }

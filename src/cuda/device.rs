@@ -310,6 +310,7 @@ impl CudaBackend {
             v_cache: v_cache.ek(),
             obs: obs.ek(),
             scale,
+            paged: None,
         };
         let run = self.compress_score(stream, &job, &kernels)?;
         let lengths = self.compress_select(stream, &job, &run)?;

@@ -163,7 +163,9 @@ pub struct Counters {
     pub cp_async_bytes: u64,
     /// Block barriers passed (`__syncthreads`, once per block).
     pub barriers: u64,
-    /// Bytes loaded from global memory by `load_f32` (cuda/common.cuh: the decode's cache reads).
+    /// Bytes loaded from global memory through `ld_global_16` / `ld_global_elem` (cuda/common.cuh):
+    /// the decode's and the paged attention's cache reads, the compression's key reads and the
+    /// in-place compaction's moves.
     pub ld_global_bytes: u64,
     /// Device allocations (`cuMemAlloc`, `cuMemAllocAsync`): what a captured CUDA graph cannot
     /// repeat.

@@ -497,6 +497,16 @@ pub fn compress_gather(d: &CompressDims, heads: usize, capacity: usize, dtype: D
     Launch::new(name, (capacity, heads, d.batch), COMPRESS_THREADS, 0)
 }
 
+/// Entries a CTA of the in-place compaction moves per pass (`COMPACT_ROWS` in `compress.cu`).
+pub const COMPACT_ROWS: usize = 16;
+
+/// The in-place compaction of `heads` heads of `sequences` sequences of a paged cache: one CTA
+/// per head, its pass's K and V rows staged in shared memory.
+pub fn compress_compact(sequences: usize, heads: usize, head_dim: usize, dtype: DType) -> Result<Launch> {
+    let name = format!("ek_compress_compact_{}", dtype_suffix(dtype));
+    Launch::new(name, (heads, sequences, 1), COMPRESS_THREADS, 2 * COMPACT_ROWS * head_dim * dtype.size())
+}
+
 /// A decode's split and merge launches and its split of the keys.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecodeLaunches {

@@ -22,6 +22,8 @@ pub mod launches;
 #[cfg(feature = "_cuda")]
 mod paged;
 #[cfg(feature = "_cuda")]
+mod select;
+#[cfg(feature = "_cuda")]
 pub mod smoke;
 #[cfg(feature = "_cuda")]
 pub use backend::{CudaBackend, NumericsProbe, PREFILL_TILE_ENV, target_arch};
@@ -31,6 +33,8 @@ pub use device::{CudaCompressedCache, CudaTensor, CudaTensorMut, DeviceElement};
 pub use launches::PrefillTile;
 #[cfg(feature = "_cuda")]
 pub use paged::{CudaAttendPlan, CudaKvCache, CudaKvCacheMut};
+#[cfg(feature = "_cuda")]
+pub use select::CudaSelection;
 
 use std::sync::Arc;
 

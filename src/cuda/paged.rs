@@ -28,14 +28,14 @@ use crate::tensor::{DType, Layout};
 /// table `[sequences, width]` (u32 page ids) on the device, and the engine's host mirrors of the
 /// table and of the `[sequences, heads]` lengths (they must equal the device's).
 pub struct CudaKvCache<'a> {
-    k: u64,
-    v: u64,
-    elements: (usize, usize),
-    dtype: DType,
-    layout: PageLayout,
-    table: u64,
-    table_host: BlockTable<'a>,
-    lens_host: &'a [u32],
+    pub(super) k: u64,
+    pub(super) v: u64,
+    pub(super) elements: (usize, usize),
+    pub(super) dtype: DType,
+    pub(super) layout: PageLayout,
+    pub(super) table: u64,
+    pub(super) table_host: BlockTable<'a>,
+    pub(super) lens_host: &'a [u32],
     _order: [SyncOnDrop<'a>; 3],
 }
 
@@ -67,7 +67,7 @@ impl<'a> CudaKvCache<'a> {
         })
     }
 
-    fn parts(&self) -> CacheParts<'_> {
+    pub(super) fn parts(&self) -> CacheParts<'_> {
         parts(&self.layout, &self.table_host, self.lens_host, self.dtype, self.elements)
     }
 }
@@ -86,15 +86,15 @@ fn parts<'c>(
 /// A paged KV cache in device memory that `append_on` writes: like [`CudaKvCache`], with the
 /// lengths on the device (advanced by the kernels) and their host mirror (advanced by the call).
 pub struct CudaKvCacheMut<'a> {
-    k: u64,
-    v: u64,
-    elements: (usize, usize),
-    dtype: DType,
-    layout: PageLayout,
-    table: u64,
-    table_host: BlockTable<'a>,
-    lens: u64,
-    lens_host: &'a mut [u32],
+    pub(super) k: u64,
+    pub(super) v: u64,
+    pub(super) elements: (usize, usize),
+    pub(super) dtype: DType,
+    pub(super) layout: PageLayout,
+    pub(super) table: u64,
+    pub(super) table_host: BlockTable<'a>,
+    pub(super) lens: u64,
+    pub(super) lens_host: &'a mut [u32],
     _order: [SyncOnDrop<'a>; 4],
 }
 
@@ -132,7 +132,7 @@ impl<'a> CudaKvCacheMut<'a> {
         })
     }
 
-    fn parts(&self) -> CacheParts<'_> {
+    pub(super) fn parts(&self) -> CacheParts<'_> {
         parts(&self.layout, &self.table_host, self.lens_host, self.dtype, self.elements)
     }
 }

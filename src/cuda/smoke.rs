@@ -163,6 +163,7 @@ pub fn run(open: &dyn Fn() -> Result<CudaBackend>, wanted: &dyn Fn(&str) -> bool
     for dtype in DType::ALL {
         record(format!("attend over pages {dtype} D 64"), &mut || attend_case(k.get()?, &cpu, dtype));
         record(format!("append_on {dtype} D 64"), &mut || append_case(&open()?, dtype));
+        record(format!("select_on + compact_on {dtype} D 64"), &mut || compact_case(&open()?, dtype));
     }
     // The decision arithmetic, bit for bit.
     record("numerics (exp, ln, dot, lane sum)".into(), &mut || numerics_case(&open()?));
@@ -293,6 +294,80 @@ fn append_typed<T: super::DeviceElement + bytemuck::Pod>(be: &CudaBackend, dtype
         && stream.clone_dtoh(&lens).map_err(driver_err("cuMemcpyDtoH"))? == pool.lens
         && mirror == pool.lens;
     Ok((if same { 0.0 } else { 1.0 }, 0.0))
+}
+
+/// Selection and in-place compaction on the device over pages (AdaKV, heads of unequal length):
+/// the kept positions against the CPU backend's (a few may differ at near-ties: their fraction),
+/// and the pools and lengths against the host compaction by the device's selection (any
+/// difference: infinite error).
+fn compact_case(be: &CudaBackend, dtype: DType) -> Result<(f64, f64)> {
+    match dtype {
+        DType::F32 => compact_typed::<f32>(be, dtype),
+        DType::F16 => compact_typed::<half::f16>(be, dtype),
+        DType::BF16 => compact_typed::<half::bf16>(be, dtype),
+    }
+}
+
+fn compact_typed<T: super::DeviceElement + bytemuck::Pod>(be: &CudaBackend, dtype: DType) -> Result<(f64, f64)> {
+    use super::backend::driver_err;
+    let (hq, hkv, d) = (8, 2, 64);
+    let cfg = DecodeConfig { decode_budget: 40, window: 4, pooling_kernel: 3, ..DecodeConfig::adakv(0.3) };
+    let stream = be.stream().clone();
+    let cpu = Kernels::cpu();
+    let mut pool = smoke_pool(dtype, hkv, d)?;
+    let cu = [0u32, 100, 120, 128];
+    let (kn, vn) = (random([1, 128, hkv, d], 31, dtype), random([1, 128, hkv, d], 32, dtype));
+    let mut ws = Workspace::new();
+    cpu.append(kn.view(), vn.view(), &cu, &mut pool.cache_mut(), &mut ws)?;
+    pool.lens[1] = 77; // heads of unequal lengths
+    let obs = random([3, hq, cfg.window, d], 33, dtype);
+    let bytes = |t: &HostTensor| -> Vec<T> { bytemuck::cast_slice(t.data().as_bytes()).to_vec() };
+    let up = |v: &[T]| stream.clone_htod(v).map_err(driver_err("cuMemcpyHtoD"));
+    let (mut kd, mut vd, od) = (up(&bytes(&pool.k))?, up(&bytes(&pool.v))?, up(&bytes(&obs))?);
+    let table = stream.clone_htod(&pool.ids).map_err(driver_err("cuMemcpyHtoD"))?;
+    let mut lens = stream.clone_htod(&pool.lens).map_err(driver_err("cuMemcpyHtoD"))?;
+    let mut mirror = pool.lens.clone();
+    let sel = {
+        let cache = super::CudaKvCache::new(
+            &kd,
+            &vd,
+            pool.layout,
+            &table,
+            BlockTable::new(&pool.ids, pool.width),
+            &mirror,
+            &stream,
+        )?;
+        be.select_on(&stream, &cache, &super::CudaTensor::bsnd(&od, &stream, obs.shape), &cfg, &[])?
+    };
+    let got = sel.to_host(&stream)?;
+    let want = cpu.kv_select(&pool.cache(), obs.view(), &cfg, &[])?;
+    if got.compressed != want.compressed || got.indptr != want.indptr {
+        return Ok((f64::INFINITY, 0.0));
+    }
+    let differ = got.positions.iter().zip(&want.positions).filter(|(a, b)| a != b).count();
+    {
+        let mut cache = super::CudaKvCacheMut::new(
+            &mut kd,
+            &mut vd,
+            pool.layout,
+            &table,
+            BlockTable::new(&pool.ids, pool.width),
+            &mut lens,
+            &mut mirror,
+            &stream,
+        )?;
+        be.compact_on(&stream, &mut cache, &sel, &mut ws)?;
+    }
+    cpu.kv_compact(&mut pool.cache_mut(), &got, &mut ws)?;
+    let down = |s: &cudarc::driver::CudaSlice<T>| stream.clone_dtoh(s).map_err(driver_err("cuMemcpyDtoH"));
+    let same = bytemuck::cast_slice::<T, u8>(&down(&kd)?) == pool.k.data().as_bytes()
+        && bytemuck::cast_slice::<T, u8>(&down(&vd)?) == pool.v.data().as_bytes()
+        && stream.clone_dtoh(&lens).map_err(driver_err("cuMemcpyDtoH"))? == pool.lens
+        && mirror == pool.lens;
+    if !same {
+        return Ok((f64::INFINITY, 0.0));
+    }
+    Ok((differ as f64 / want.positions.len().max(1) as f64, 0.02))
 }
 
 fn numerics_case(be: &CudaBackend) -> Result<(f64, f64)> {

@@ -3,7 +3,7 @@
 //! pages, in ascending order, and its length becomes `keep`.
 
 use super::Workspace;
-use super::cache::{CacheDims, KvCache, KvCacheMut, entry_offset};
+use super::cache::{BlockTable, CacheDims, CacheParts, KvCache, KvCacheMut, entry_offset};
 use crate::backend::{Capabilities, Op};
 use crate::compress::{AdaKvCut, ShardPool};
 use crate::config::{DecodeConfig, GqaMode};
@@ -92,11 +92,24 @@ pub fn select<'a>(
     cfg: &'a DecodeConfig,
     which: &[bool],
 ) -> Result<SelectArgs<'a>> {
+    let (compress, scale, dims) = select_shape(caps, &cache.parts(), &obs, cfg, which)?;
+    Ok(SelectArgs { cache: cache.clone(), obs, cfg, compress, scale, dims })
+}
+
+/// The checks of a selection over any cache (host pools or a device's, through their parts):
+/// which sequences compress, the softmax scale and the scoring's dims.
+pub(crate) fn select_shape(
+    caps: &Capabilities,
+    cache: &CacheParts<'_>,
+    obs: &dyn Layout,
+    cfg: &DecodeConfig,
+    which: &[bool],
+) -> Result<(Vec<bool>, f32, CompressDims)> {
     if !caps.supports(Op::Select) {
         return Err(Error::Unimplemented { backend: caps.backend, op: "select" });
     }
     cfg.validate()?;
-    let c = cache.parts().check(false)?;
+    let c = cache.check(false)?;
     obs.check_layout("obs")?;
     let [n, hq, w, d] = obs.shape();
     if n != c.sequences || w != cfg.window || d != c.head_dim || hq == 0 {
@@ -119,8 +132,8 @@ pub fn select<'a>(
             ),
         ));
     }
-    if obs.dtype() != cache.dtype() {
-        return Err(Error::DTypeMismatch { what: "obs", expected: cache.dtype(), got: obs.dtype() });
+    if obs.dtype() != cache.k.0 {
+        return Err(Error::DTypeMismatch { what: "obs", expected: cache.k.0, got: obs.dtype() });
     }
     if !caps.dtypes.contains(&obs.dtype()) {
         return Err(Error::UnsupportedDType { dtype: obs.dtype(), backend: caps.backend });
@@ -135,7 +148,7 @@ pub fn select<'a>(
             got: vec![which.len()],
         });
     }
-    let lens = cache.lens();
+    let lens = cache.lens;
     let mut compress = Vec::with_capacity(c.sequences);
     for i in 0..c.sequences {
         let heads = &lens[i * c.heads..(i + 1) * c.heads];
@@ -153,7 +166,7 @@ pub fn select<'a>(
     let entries = (0..c.sequences * c.heads).map(|u| lens[u] as usize).max().unwrap_or(0);
     let scale = crate::validate::resolve_scale(cfg.scale, d)?;
     let dims = CompressDims { batch: c.sequences, kv_heads: c.heads, q_heads: hq, entries, window: w, head_dim: d };
-    Ok(SelectArgs { cache: cache.clone(), obs, cfg, compress, scale, dims })
+    Ok((compress, scale, dims))
 }
 
 /// The pooled decode scores of a selection call (SPEC §4 steps 1–4): per (sequence, head) a row
@@ -254,27 +267,7 @@ impl Scores {
 pub fn compact(cache: &mut KvCacheMut<'_>, sel: &Selection, ws: &mut Workspace) -> Result<()> {
     let c = cache.parts().check(true)?;
     check_selection(&c, cache.lens, sel)?;
-    let generation = ws.next_generation(c.pages())?;
-    let ps = c.page_size;
-    for i in (0..c.sequences).filter(|&i| sel.compressed[i]) {
-        let used = cache.lens[i * c.heads..(i + 1) * c.heads].iter().copied().max().unwrap_or(0) as usize;
-        for &page in &cache.table.row(i)[..used.div_ceil(ps)] {
-            let owner = &mut ws.page_owner[page as usize];
-            if owner.0 == generation && owner.1 as usize != i {
-                return Err(shared_page(page, owner.1 as usize, i));
-            }
-            *owner = (generation, i as u32);
-        }
-    }
-    for i in (0..c.sequences).filter(|&i| !sel.compressed[i]) {
-        let used = cache.lens[i * c.heads..(i + 1) * c.heads].iter().copied().max().unwrap_or(0) as usize;
-        for &page in &cache.table.row(i)[..used.div_ceil(ps)] {
-            let owner = ws.page_owner[page as usize];
-            if owner.0 == generation {
-                return Err(shared_page(page, owner.1 as usize, i));
-            }
-        }
-    }
+    check_rewritten_pages(&c, &cache.table, cache.lens, &sel.compressed, ws)?;
     match cache.k.dtype() {
         DType::F32 => move_entries::<f32>(cache, sel),
         DType::F16 => move_entries::<f16>(cache, sel),
@@ -288,12 +281,44 @@ pub fn compact(cache: &mut KvCacheMut<'_>, sel: &Selection, ws: &mut Workspace) 
     Ok(())
 }
 
+/// No page a compaction rewrites (those of the `compressed` sequences' entries) is used by
+/// another sequence, or twice by its own.
+pub(crate) fn check_rewritten_pages(
+    c: &CacheDims,
+    table: &BlockTable<'_>,
+    lens: &[u32],
+    compressed: &[bool],
+    ws: &mut Workspace,
+) -> Result<()> {
+    let generation = ws.next_generation(c.pages())?;
+    let ps = c.page_size;
+    for i in (0..c.sequences).filter(|&i| compressed[i]) {
+        let used = lens[i * c.heads..(i + 1) * c.heads].iter().copied().max().unwrap_or(0) as usize;
+        for &page in &table.row(i)[..used.div_ceil(ps)] {
+            let owner = &mut ws.page_owner[page as usize];
+            if owner.0 == generation {
+                // Twice in its own row: two logical pages would alias, and entries moved to one
+                // would overwrite sources read through the other.
+                return Err(shared_page(page, owner.1 as usize, i));
+            }
+            *owner = (generation, i as u32);
+        }
+    }
+    for i in (0..c.sequences).filter(|&i| !compressed[i]) {
+        let used = lens[i * c.heads..(i + 1) * c.heads].iter().copied().max().unwrap_or(0) as usize;
+        for &page in &table.row(i)[..used.div_ceil(ps)] {
+            let owner = ws.page_owner[page as usize];
+            if owner.0 == generation {
+                return Err(shared_page(page, owner.1 as usize, i));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn shared_page(page: u32, a: usize, b: usize) -> Error {
-    Error::range(
-        "block table",
-        page,
-        format!("page {page} is used by sequences {a} and {b}; compaction would rewrite it"),
-    )
+    let users = if a == b { format!("twice by sequence {a}") } else { format!("by sequences {a} and {b}") };
+    Error::range("block table", page, format!("page {page} is used {users}; compaction would rewrite it"))
 }
 
 fn check_selection(c: &CacheDims, lens: &[u32], sel: &Selection) -> Result<()> {

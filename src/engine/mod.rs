@@ -11,7 +11,7 @@
 pub(crate) mod append;
 pub mod args;
 pub mod cache;
-mod compaction;
+pub(crate) mod compaction;
 mod owned;
 #[cfg(any(feature = "_cuda", feature = "ascend", feature = "ascend-emu"))]
 pub(crate) mod tiles;

@@ -181,10 +181,18 @@ pub struct EkCompressParams {
     pub list_stride: i32,
     pub floor_keep: i32,
     pub extra_keep: i32,
+    pub head_lens: u64,
+    pub block_table: u64,
+    pub cache_lens: u64,
+    pub page_stride: i64,
+    pub slot_stride: i64,
+    pub head_stride: i64,
+    pub table_width: i32,
+    pub page_size: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of EkCompressParams"][::core::mem::size_of::<EkCompressParams>() - 288usize];
+    ["Size of EkCompressParams"][::core::mem::size_of::<EkCompressParams>() - 344usize];
     ["Alignment of EkCompressParams"][::core::mem::align_of::<EkCompressParams>() - 8usize];
     ["Offset of field: EkCompressParams::k_cache"][::core::mem::offset_of!(EkCompressParams, k_cache) - 0usize];
     ["Offset of field: EkCompressParams::v_cache"][::core::mem::offset_of!(EkCompressParams, v_cache) - 48usize];
@@ -217,6 +225,19 @@ const _: () = {
         [::core::mem::offset_of!(EkCompressParams, list_stride) - 276usize];
     ["Offset of field: EkCompressParams::floor_keep"][::core::mem::offset_of!(EkCompressParams, floor_keep) - 280usize];
     ["Offset of field: EkCompressParams::extra_keep"][::core::mem::offset_of!(EkCompressParams, extra_keep) - 284usize];
+    ["Offset of field: EkCompressParams::head_lens"][::core::mem::offset_of!(EkCompressParams, head_lens) - 288usize];
+    ["Offset of field: EkCompressParams::block_table"]
+        [::core::mem::offset_of!(EkCompressParams, block_table) - 296usize];
+    ["Offset of field: EkCompressParams::cache_lens"][::core::mem::offset_of!(EkCompressParams, cache_lens) - 304usize];
+    ["Offset of field: EkCompressParams::page_stride"]
+        [::core::mem::offset_of!(EkCompressParams, page_stride) - 312usize];
+    ["Offset of field: EkCompressParams::slot_stride"]
+        [::core::mem::offset_of!(EkCompressParams, slot_stride) - 320usize];
+    ["Offset of field: EkCompressParams::head_stride"]
+        [::core::mem::offset_of!(EkCompressParams, head_stride) - 328usize];
+    ["Offset of field: EkCompressParams::table_width"]
+        [::core::mem::offset_of!(EkCompressParams, table_width) - 336usize];
+    ["Offset of field: EkCompressParams::page_size"][::core::mem::offset_of!(EkCompressParams, page_size) - 340usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
