@@ -534,40 +534,50 @@ template <typename T> __device__ void compress_gather(const EkCompressParams& p)
 // window, move to entries 0 .. len - 1 of its own pages, and the cache's length becomes len.
 // Race-free: one CTA per head moves COMPACT_ROWS entries a pass, every read of a pass before any
 // of its writes (a barrier between). Entry j's source p_j ≥ j and the sources ascend, so a pass
-// writes only entries below every later pass's sources. moved [2][COMPACT_ROWS][D]: K then V.
-#define COMPACT_ROWS 16
+// writes only entries below every later pass's sources. Rows move as words W: 16-byte vectors
+// when the rows and pools lie on the 16-byte grid (`_v16`), elements otherwise. Per pass the rows'
+// source and destination offsets are worked out once (K and V share the page layout);
+// moved [2][COMPACT_ROWS][row words]: K then V.
+#define COMPACT_ROWS 32
 
-template <typename T> __device__ void compress_compact(const EkCompressParams& p) {
-    EK_DYNAMIC_SHARED(uint4, raw);  // 16-byte aligned, whatever T
-    T* moved = reinterpret_cast<T*>(raw);
+template <typename W> __device__ void compress_compact(const EkCompressParams& p) {
+    EK_DYNAMIC_SHARED(uint4, raw);  // 16-byte aligned, whatever W
+    W* moved = reinterpret_cast<W*>(raw);
+    __shared__ long long from[COMPACT_ROWS], to[COMPACT_ROWS];  // byte offsets; -1: stays in place
     const int hc = blockIdx.x, b = blockIdx.y, n = head_entries(p, b, hc);
     if (n == 0) return;
-    const int d = p.k_cache.shape[3];
+    const int elem = p.dtype == EK_F32 ? 4 : 2, words = p.k_cache.shape[3] * elem / (int)sizeof(W);
     const long long row = (long long)b * p.out_heads + hc;
     const int len = (int)reinterpret_cast<const unsigned*>(p.lengths)[row], keep = len - p.window;
     const unsigned* sel = reinterpret_cast<const unsigned*>(p.selected) + row * p.list_stride;
-    T* k = tensor_mut<T>(p.k_cache);
-    T* v = tensor_mut<T>(p.v_cache);
+    unsigned char* k = reinterpret_cast<unsigned char*>(p.k_cache.ptr);
+    unsigned char* v = reinterpret_cast<unsigned char*>(p.v_cache.ptr);
     for (int j0 = 0; j0 < len; j0 += COMPACT_ROWS) {
-        for (int i = threadIdx.x; i < COMPACT_ROWS * d; i += blockDim.x) {
-            const int j = j0 + i / d, x = i % d;
+        for (int r = threadIdx.x; r < COMPACT_ROWS; r += blockDim.x) {
+            const int j = j0 + r;
             const int src = j < keep ? (int)sel[j] : n - p.window + (j - keep);
-            if (j < len && src != j) {
-                // Plain loads (not the read-only path): this kernel writes the pools.
-                moved[i] = ld_global_elem(k + cache_row(p, p.k_cache, b, hc, src) + x);
-                moved[COMPACT_ROWS * d + i] = ld_global_elem(v + cache_row(p, p.v_cache, b, hc, src) + x);
+            const bool moves = j < len && src != j;
+            from[r] = moves ? cache_row(p, p.k_cache, b, hc, src) * elem : -1;
+            to[r] = moves ? cache_row(p, p.k_cache, b, hc, j) * elem : -1;
+        }
+        __syncthreads();
+        // Plain loads (not the read-only path): this kernel writes the pools.
+        for (int i = threadIdx.x; i < COMPACT_ROWS * words; i += blockDim.x) {
+            const int r = i / words, x = i % words;
+            if (from[r] >= 0) {
+                moved[i] = ld_global_elem(reinterpret_cast<const W*>(k + from[r]) + x);
+                moved[COMPACT_ROWS * words + i] = ld_global_elem(reinterpret_cast<const W*>(v + from[r]) + x);
             }
         }
         __syncthreads();
-        for (int i = threadIdx.x; i < COMPACT_ROWS * d; i += blockDim.x) {
-            const int j = j0 + i / d, x = i % d;
-            const int src = j < keep ? (int)sel[j] : n - p.window + (j - keep);
-            if (j < len && src != j) {
-                k[cache_row(p, p.k_cache, b, hc, j) + x] = moved[i];
-                v[cache_row(p, p.v_cache, b, hc, j) + x] = moved[COMPACT_ROWS * d + i];
+        for (int i = threadIdx.x; i < COMPACT_ROWS * words; i += blockDim.x) {
+            const int r = i / words, x = i % words;
+            if (to[r] >= 0) {
+                reinterpret_cast<W*>(k + to[r])[x] = moved[i];
+                reinterpret_cast<W*>(v + to[r])[x] = moved[COMPACT_ROWS * words + i];
             }
         }
-        __syncthreads();
+        __syncthreads();  // offsets and staging are rewritten by the next pass
     }
     if (threadIdx.x == 0) reinterpret_cast<unsigned*>(p.cache_lens)[row] = (unsigned)len;
 }
@@ -597,6 +607,7 @@ extern "C" __global__ void __launch_bounds__(256) ek_compress_adakv_merge(EkComp
 extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_gather_f32(EkCompressParams p) { compress_gather<float>(p); }
 extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_gather_f16(EkCompressParams p) { compress_gather<f16_t>(p); }
 extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_gather_bf16(EkCompressParams p) { compress_gather<bf16_t>(p); }
-extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_compact_f32(EkCompressParams p) { compress_compact<float>(p); }
-extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_compact_f16(EkCompressParams p) { compress_compact<f16_t>(p); }
-extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_compact_bf16(EkCompressParams p) { compress_compact<bf16_t>(p); }
+extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_compact_f32(EkCompressParams p) { compress_compact<unsigned>(p); }
+extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_compact_f16(EkCompressParams p) { compress_compact<unsigned short>(p); }
+extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_compact_bf16(EkCompressParams p) { compress_compact<unsigned short>(p); }
+extern "C" __global__ void __launch_bounds__(COMPRESS_THREADS) ek_compress_compact_v16(EkCompressParams p) { compress_compact<uint4>(p); }

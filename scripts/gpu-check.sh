@@ -119,7 +119,7 @@ fi
 # 4. Benchmarks: ours on device-resident tensors, then the peers on the same shapes and lists.
 if [ "$emulator" = 1 ]; then
   hq=4; hkv=2; hd=64; short=1100; long=1300
-  extra=(--reps 1 --decode-batch 2 --decode-cache 300 --copy-bytes 1048576)
+  extra=(--reps 1 --decode-batch 2 --decode-cache 300 --compact-from 300 --compact-to 64 --copy-bytes 1048576)
 else
   hq=32; hkv=8; hd=128; short=16384; long=131072
   extra=()
@@ -129,6 +129,8 @@ for m in 64 128; do
   ENTROPY_KERNELS_PREFILL_TILE=$m part "bench-$short-m$m" 60 "$bin/entropy-kernels" bench-device "${shape[@]}" --lengths $short --ops dense,sparse --dump-blocks "$out/blocks"
 done
 part "bench-$long" 120 "$bin/entropy-kernels" bench-device "${shape[@]}" --lengths $long --ops dense,sparse,compress,decode,paged-decode --dump-blocks "$out/blocks"
+# Selection + in-place compaction of 64 sequences × 128K entries × 8 kv heads to 1024 (34 GB of pools in bf16).
+part bench-compaction 90 "$bin/entropy-kernels" bench-device "${shape[@]}" --ops compaction
 if python3 -c 'import torch' 2>/dev/null; then
   device=cuda; [ "$emulator" = 1 ] && device=cpu
   part peer-sdpa 90 python3 benches/peer_sdpa.py --device $device --dtype bf16 --q-heads $hq --kv-heads $hkv --head-dim $hd --lengths "$short,$long" --blocks "$out/blocks"

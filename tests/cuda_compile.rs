@@ -409,7 +409,10 @@ fn every_launch_fits_every_target() {
                             check(sel, format!("compress selection GQA {q_heads}/{kv_heads}"));
                             check(launches::compress_gather(&d, heads, 1024, dtype).map(|g| vec![g]), "gather".into());
                             check(
-                                launches::compress_compact(64, heads, head_dim, dtype).map(|c| vec![c]),
+                                [true, false]
+                                    .iter()
+                                    .map(|&v| launches::compress_compact(64, heads, head_dim, dtype, v))
+                                    .collect::<Result<Vec<_>, _>>(),
                                 format!("in-place compaction {dtype} D {head_dim}"),
                             );
                         }

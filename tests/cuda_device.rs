@@ -370,11 +370,15 @@ fn device_select_and_compact_match_the_host() {
     let Some(be) = cuda_backend("cuda_device_compaction") else { return };
     let be = std::sync::Arc::new(be);
     let seed = seed("cuda_device_compaction");
-    for dtype in DType::ALL {
-        match dtype {
-            DType::F32 => select_compact_round_trip::<f32>(&be, seed, dtype),
-            DType::F16 => select_compact_round_trip::<half::f16>(&be, seed, dtype),
-            DType::BF16 => select_compact_round_trip::<half::bf16>(&be, seed, dtype),
+    // D 64: tensor-core scoring (16-bit) and 16-byte moves; D 60: FMA scoring, and element moves
+    // for 16-bit caches.
+    for d in [64, 60] {
+        for dtype in DType::ALL {
+            match dtype {
+                DType::F32 => select_compact_round_trip::<f32>(&be, seed, dtype, d),
+                DType::F16 => select_compact_round_trip::<half::f16>(&be, seed, dtype, d),
+                DType::BF16 => select_compact_round_trip::<half::bf16>(&be, seed, dtype, d),
+            }
         }
     }
 }
@@ -383,11 +387,12 @@ fn select_compact_round_trip<T: entropy_kernels::cuda::DeviceElement + bytemuck:
     be: &std::sync::Arc<entropy_kernels::cuda::CudaBackend>,
     seed: u64,
     dtype: DType,
+    d: usize,
 ) {
     use entropy_kernels::cuda::{CudaKvCache, CudaKvCacheMut};
     let stream = be.stream().clone();
     let (cpu, dev) = (Kernels::cpu(), Kernels::from_backend(be.clone()));
-    let (hq, hkv, d, ps, seqs, width) = (8, 2, 64, 16, 3, 8);
+    let (hq, hkv, ps, seqs, width) = (8, 2, 16, 3, 8);
     // Sharp windows (obs std 1000, no pooling) make most scores underflow to exactly 0, so
     // AdaKV's shared picks run into ties that only the rank order (score, head, position) breaks,
     // and that must never reach the padding of a shorter head's row.
@@ -398,7 +403,7 @@ fn select_compact_round_trip<T: entropy_kernels::cuda::DeviceElement + bytemuck:
     // take a floor pick or padding.
     let cases = [(uniform, 1.0, false), (adakv.clone(), 1.0, false), (sharp, 1000.0, false), (adakv, 1.0, true)];
     for (c, (cfg, std, nan)) in cases.into_iter().enumerate() {
-        let tag = format!("{dtype} {:?} obs std {std} NaN key {nan}", cfg.head_budget);
+        let tag = format!("{dtype} D {d} {:?} obs std {std} NaN key {nan}", cfg.head_budget);
         let s = seed ^ (c as u64 * 77);
         let layout = PageLayout::head_major(seqs * width + 2, ps, hkv, d);
         let mut host = PagedCache::interleaved(dtype, layout, seqs, width).unwrap();

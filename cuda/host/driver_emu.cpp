@@ -262,6 +262,7 @@ Kernel kernels[] = {
     EK_KERNEL(ek_compress_compact_f32, EkCompressParams)
     EK_KERNEL(ek_compress_compact_f16, EkCompressParams)
     EK_KERNEL(ek_compress_compact_bf16, EkCompressParams)
+    EK_KERNEL(ek_compress_compact_v16, EkCompressParams)
 };
 #undef EK_KERNEL
 constexpr size_t KERNEL_COUNT = sizeof(kernels) / sizeof(kernels[0]);

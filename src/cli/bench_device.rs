@@ -34,8 +34,8 @@ pub struct BenchDeviceArgs {
     /// Timed repetitions per measurement (enqueued back to back; the mean is reported).
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
-    /// Comma-separated subset of dense, sparse, compress, decode, paged-decode.
-    #[arg(long, value_delimiter = ',', default_value = "dense,sparse,compress,decode,paged-decode")]
+    /// Comma-separated subset of dense, sparse, compress, decode, paged-decode, compaction.
+    #[arg(long, value_delimiter = ',', default_value = "dense,sparse,compress,decode,paged-decode,compaction")]
     pub ops: Vec<String>,
     /// Sequences of the decode batch.
     #[arg(long, default_value_t = 64)]
@@ -43,6 +43,12 @@ pub struct BenchDeviceArgs {
     /// Entries per head of the decode caches.
     #[arg(long, default_value_t = 1024)]
     pub decode_cache: usize,
+    /// Entries per head before the in-place compaction (`compaction`: `decode_batch` sequences).
+    #[arg(long, default_value_t = 131072)]
+    pub compact_from: usize,
+    /// Entries per head after it (the decode budget).
+    #[arg(long, default_value_t = 1024)]
+    pub compact_to: usize,
     /// Bytes of the device-to-device copy that sets the bandwidth baseline.
     #[arg(long, default_value_t = 512 << 20)]
     pub copy_bytes: usize,
@@ -328,7 +334,99 @@ fn run_typed<T: DeviceElement + bytemuck::Pod>(be: &CudaBackend, a: &BenchDevice
             format!("batch {b}, {n} entries/head, page {ps}; GB/s of one read of K and V"),
         ]);
     }
+    if want("compaction") {
+        compaction::<T>(be, a, &stream, &mut t, &of_copy)?;
+    }
     println!();
     t.print();
+    Ok(())
+}
+
+/// Selection (`select_on`: scoring + top-k over the pages) and in-place compaction
+/// (`compact_on`) of `decode_batch` sequences × `compact_from` entries per head down to
+/// `compact_to`, on 16-entry interleaved slot-major pages; the pools hold a random 64 MiB block
+/// over and over (what the scores need: distinct keys within a window's reach). The compaction's
+/// GB/s count each moved K and V entry read and written once; each rep first restores the
+/// lengths (a device-to-device copy of 4 bytes per head).
+fn compaction<T: DeviceElement + bytemuck::Pod>(
+    be: &CudaBackend,
+    a: &BenchDeviceArgs,
+    stream: &Arc<CudaStream>,
+    t: &mut Table,
+    of_copy: &dyn Fn(f64) -> String,
+) -> Result<()> {
+    let (hq, hkv, d, size) = (a.q_heads, a.kv_heads, a.head_dim, a.dtype.size());
+    let (b, n, ps) = (a.decode_batch, a.compact_from, 16);
+    let cfg = DecodeConfig { decode_budget: a.compact_to, ..DecodeConfig::latent() };
+    let width = n.div_ceil(ps);
+    let layout = PageLayout::slot_major(b * width, ps, hkv, d);
+    let pool_len = layout.elements().unwrap_or(0);
+    let alloc = |len: usize| stream.alloc_zeros::<T>(len).map_err(driver("cuMemAlloc"));
+    let (mut kp, mut vp) = (alloc(pool_len)?, alloc(pool_len)?);
+    let block_len = ((64 << 20) / size).min(pool_len.max(1));
+    let block = HostTensor::from_f32(&synth::normal(block_len, 1.0, 6), [1, 1, 1, block_len], a.dtype);
+    let block_d = upload::<T>(stream, &block)?;
+    for pool in [&mut kp, &mut vp] {
+        for start in (0..pool_len).step_by(block_len) {
+            let end = (start + block_len).min(pool_len);
+            stream
+                .memcpy_dtod(&block_d.slice(..end - start), &mut pool.slice_mut(start..end))
+                .map_err(driver("cuMemcpyDtoD"))?;
+        }
+    }
+    let ids: Vec<u32> = (0..b).flat_map(|i| (0..width).map(move |p| (p * b + i) as u32)).collect();
+    let table = stream.clone_htod(&ids).map_err(driver("cuMemcpyHtoD"))?;
+    let full = vec![n as u32; b * hkv];
+    let full_d = stream.clone_htod(&full).map_err(driver("cuMemcpyHtoD"))?;
+    let mut lens = stream.clone_htod(&full).map_err(driver("cuMemcpyHtoD"))?;
+    let obs = HostTensor::from_f32(&synth::normal(b * hq * cfg.window * d, 1.0, 7), [b, hq, cfg.window, d], a.dtype);
+    let obs_d = upload::<T>(stream, &obs)?;
+    let mut sel = None;
+    let select_s = per_call(stream, a.reps, || {
+        let cache = CudaKvCache::new(&kp, &vp, layout, &table, BlockTable::new(&ids, width), &full, stream)?;
+        sel = Some(be.select_on(stream, &cache, &CudaTensor::bsnd(&obs_d, stream, obs.shape), &cfg, &[])?);
+        Ok(())
+    })?;
+    let sel = sel.expect("per_call ran");
+    let score_bytes = (b * hkv * (2 * n - cfg.window) * d * size) as f64;
+    t.row(vec![
+        "-".into(),
+        "selection over pages (select_on)".into(),
+        ms(select_s),
+        "-".into(),
+        format!("{:.1}", score_bytes / select_s / 1e9),
+        of_copy(score_bytes / select_s / 1e9),
+        format!("batch {b}, {n} entries/head, W {}, page {ps}; GB/s of the keys scored (two passes)", cfg.window),
+    ]);
+    let mut mirror = full.clone();
+    let mut ws = entropy_kernels::Workspace::new();
+    let compact_s = per_call(stream, a.reps, || {
+        stream.memcpy_dtod(&full_d, &mut lens).map_err(driver("cuMemcpyDtoD"))?;
+        mirror.copy_from_slice(&full);
+        let mut cache = CudaKvCacheMut::new(
+            &mut kp,
+            &mut vp,
+            layout,
+            &table,
+            BlockTable::new(&ids, width),
+            &mut lens,
+            &mut mirror,
+            stream,
+        )?;
+        be.compact_on(stream, &mut cache, &sel, &mut ws)
+    })?;
+    let moved = (2 * 2 * b * hkv * cfg.decode_budget.min(n) * d * size) as f64;
+    t.row(vec![
+        "-".into(),
+        "in-place compaction (compact_on)".into(),
+        ms(compact_s),
+        "-".into(),
+        format!("{:.1}", moved / compact_s / 1e9),
+        of_copy(moved / compact_s / 1e9),
+        format!(
+            "{n} → {} entries × {hkv} heads × {b} sequences; GB/s of the kept K and V read + written",
+            cfg.decode_budget
+        ),
+    ]);
     Ok(())
 }

@@ -426,7 +426,7 @@ pub(crate) struct DecodeJob<'a> {
 /// Whether every row of a tensor of `dtype` starts on the 16-byte grid the kernels' vector loads
 /// and `cp.async` copies need: the base (a caller's slice may start anywhere) and the strides
 /// (elements) of dims 0..2.
-fn on_16_byte_grid(t: &EkTensor, dtype: DType) -> bool {
+pub(crate) fn on_16_byte_grid(t: &EkTensor, dtype: DType) -> bool {
     let per_16 = (16 / dtype.size()) as i64;
     t.ptr.is_multiple_of(16) && t.stride.iter().all(|s| s % per_16 == 0)
 }

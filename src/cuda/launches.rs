@@ -498,12 +498,23 @@ pub fn compress_gather(d: &CompressDims, heads: usize, capacity: usize, dtype: D
 }
 
 /// Entries a CTA of the in-place compaction moves per pass (`COMPACT_ROWS` in `compress.cu`).
-pub const COMPACT_ROWS: usize = 16;
+pub const COMPACT_ROWS: usize = 32;
 
 /// The in-place compaction of `heads` heads of `sequences` sequences of a paged cache: one CTA
-/// per head, its pass's K and V rows staged in shared memory.
-pub fn compress_compact(sequences: usize, heads: usize, head_dim: usize, dtype: DType) -> Result<Launch> {
-    let name = format!("ek_compress_compact_{}", dtype_suffix(dtype));
+/// per head, its pass's K and V rows staged in shared memory; `vectors`: rows and pools on the
+/// 16-byte grid (moved as 16-byte words).
+pub fn compress_compact(
+    sequences: usize,
+    heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    vectors: bool,
+) -> Result<Launch> {
+    let name = if vectors {
+        "ek_compress_compact_v16".to_string()
+    } else {
+        format!("ek_compress_compact_{}", dtype_suffix(dtype))
+    };
     Launch::new(name, (heads, sequences, 1), COMPRESS_THREADS, 2 * COMPACT_ROWS * head_dim * dtype.size())
 }
 

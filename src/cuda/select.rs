@@ -12,7 +12,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use super::CudaBackend;
-use super::backend::{CompressJob, CompressRun, PagedScoring, addr_on, driver_err, upload_on};
+use super::backend::{CompressJob, CompressRun, PagedScoring, addr_on, driver_err, on_16_byte_grid, upload_on};
 use super::device::CudaTensor;
 use super::launches;
 use super::paged::{CudaKvCache, CudaKvCacheMut};
@@ -231,7 +231,12 @@ impl CudaBackend {
         check_rewritten_pages(&c, &cache.table_host, &cache.lens_host[..], &sel.compressed, ws)?;
         let Some(run) = &sel.run else { return Ok(()) };
         let d = run.params.k_cache.shape;
-        let launch = launches::compress_compact(c.sequences, c.heads, d[3] as usize, cache.dtype)?;
+        let (k_pool, v_pool) =
+            (EkTensor { ptr: cache.k, ..run.params.k_cache }, EkTensor { ptr: cache.v, ..run.params.v_cache });
+        let vectors = (c.head_dim * cache.dtype.size()).is_multiple_of(16)
+            && on_16_byte_grid(&k_pool, cache.dtype)
+            && on_16_byte_grid(&v_pool, cache.dtype);
+        let launch = launches::compress_compact(c.sequences, c.heads, d[3] as usize, cache.dtype, vectors)?;
         launch.check(&self.limits)?;
         // The selection's buffers are read on this stream: held until the launch is enqueued, so
         // their read events follow it (a selection dropped on its own stream waits for them).
@@ -241,8 +246,8 @@ impl CudaBackend {
             .map(|b| b.device_ptr(stream).1)
             .collect::<Vec<_>>();
         let params = EkCompressParams {
-            k_cache: EkTensor { ptr: cache.k, ..run.params.k_cache },
-            v_cache: EkTensor { ptr: cache.v, ..run.params.v_cache },
+            k_cache: k_pool,
+            v_cache: v_pool,
             block_table: cache.table,
             cache_lens: cache.lens,
             ..run.params

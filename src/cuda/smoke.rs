@@ -163,7 +163,10 @@ pub fn run(open: &dyn Fn() -> Result<CudaBackend>, wanted: &dyn Fn(&str) -> bool
     for dtype in DType::ALL {
         record(format!("attend over pages {dtype} D 64"), &mut || attend_case(k.get()?, &cpu, dtype));
         record(format!("append_on {dtype} D 64"), &mut || append_case(&open()?, dtype));
-        record(format!("select_on + compact_on {dtype} D 64"), &mut || compact_case(&open()?, dtype));
+        // D 64 moves 16-byte words, D 61 elements.
+        for d in [64, 61] {
+            record(format!("select_on + compact_on {dtype} D {d}"), &mut || compact_case(&open()?, dtype, d));
+        }
     }
     // The decision arithmetic, bit for bit.
     record("numerics (exp, ln, dot, lane sum)".into(), &mut || numerics_case(&open()?));
@@ -300,17 +303,21 @@ fn append_typed<T: super::DeviceElement + bytemuck::Pod>(be: &CudaBackend, dtype
 /// the kept positions against the CPU backend's (a few may differ at near-ties: their fraction),
 /// and the pools and lengths against the host compaction by the device's selection (any
 /// difference: infinite error).
-fn compact_case(be: &CudaBackend, dtype: DType) -> Result<(f64, f64)> {
+fn compact_case(be: &CudaBackend, dtype: DType, d: usize) -> Result<(f64, f64)> {
     match dtype {
-        DType::F32 => compact_typed::<f32>(be, dtype),
-        DType::F16 => compact_typed::<half::f16>(be, dtype),
-        DType::BF16 => compact_typed::<half::bf16>(be, dtype),
+        DType::F32 => compact_typed::<f32>(be, dtype, d),
+        DType::F16 => compact_typed::<half::f16>(be, dtype, d),
+        DType::BF16 => compact_typed::<half::bf16>(be, dtype, d),
     }
 }
 
-fn compact_typed<T: super::DeviceElement + bytemuck::Pod>(be: &CudaBackend, dtype: DType) -> Result<(f64, f64)> {
+fn compact_typed<T: super::DeviceElement + bytemuck::Pod>(
+    be: &CudaBackend,
+    dtype: DType,
+    d: usize,
+) -> Result<(f64, f64)> {
     use super::backend::driver_err;
-    let (hq, hkv, d) = (8, 2, 64);
+    let (hq, hkv) = (8, 2);
     let cfg = DecodeConfig { decode_budget: 40, window: 4, pooling_kernel: 3, ..DecodeConfig::adakv(0.3) };
     let stream = be.stream().clone();
     let cpu = Kernels::cpu();

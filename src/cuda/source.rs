@@ -111,6 +111,7 @@ pub const KERNELS: &[&str] = &[
     "ek_compress_compact_f32",
     "ek_compress_compact_f16",
     "ek_compress_compact_bf16",
+    "ek_compress_compact_v16",
 ];
 
 /// NVRTC options shared by every build: C++17, precise division and square root, no FMA
