@@ -55,15 +55,6 @@ fn device_prefill_and_decode_match_the_oracle() {
     }
 }
 
-/// The tensor's elements as `T` (its own dtype).
-fn typed<T: bytemuck::Pod>(t: &HostTensor) -> Vec<T> {
-    match &t.data {
-        HostBuffer::F32(x) => bytemuck::cast_slice(x).to_vec(),
-        HostBuffer::F16(x) => bytemuck::cast_slice(x).to_vec(),
-        HostBuffer::BF16(x) => bytemuck::cast_slice(x).to_vec(),
-    }
-}
-
 #[test]
 fn device_decode_matches_the_oracle() {
     let Some(be) = cuda_backend("cuda_device") else { return };
@@ -346,16 +337,6 @@ fn paged_round_trip<T: entropy_kernels::cuda::DeviceElement + bytemuck::Pod>(
             .unwrap();
         run(&qd, &mut od, &mut lse_d);
         compare("rerun with new queries", &od, &lse_d, &want2, &want2_lse);
-    }
-}
-
-/// Device elements back to f32.
-fn typed_back<T: bytemuck::Pod>(v: &[T], dtype: DType) -> Vec<f32> {
-    let bytes: &[u8] = bytemuck::cast_slice(v);
-    match dtype {
-        DType::F32 => bytemuck::cast_slice::<u8, f32>(bytes).to_vec(),
-        DType::F16 => bytemuck::cast_slice::<u8, half::f16>(bytes).iter().map(|x| x.to_f32()).collect(),
-        DType::BF16 => bytemuck::cast_slice::<u8, half::bf16>(bytes).iter().map(|x| x.to_f32()).collect(),
     }
 }
 

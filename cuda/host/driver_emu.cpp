@@ -34,6 +34,7 @@
 // racecheck does for shared memory: the call fails with CUDA_ERROR_ILLEGAL_STATE and says which
 // operations race. Kernels touch the buffers their params struct addresses (ACCESS tables below).
 // Memory pools are reported (stream-ordered cuMemAllocAsync/cuMemFreeAsync, as on an H100).
+// Stream capture (cuStreamBeginCapture … cuGraphLaunch): see "Stream capture" below.
 
 #include "grid_shim.h"
 
@@ -48,7 +49,9 @@
 #include <map>
 #include <mutex>
 #include <shared_mutex>
+#include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "../../ffi/entropy_params.h"
@@ -71,6 +74,8 @@ typedef void* CUcontext;
 typedef void* CUstream;
 typedef void* CUevent;
 typedef void* CUmodule;
+typedef void* CUgraph;
+typedef void* CUgraphExec;
 
 namespace {
 
@@ -78,7 +83,8 @@ namespace {
 constexpr CUresult SUCCESS = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, INVALID_IMAGE = 200,
                    NO_BINARY_FOR_GPU = 209, UNSUPPORTED_PTX_VERSION = 222, INVALID_DEVICE = 101,
                    INVALID_HANDLE = 400, ILLEGAL_STATE = 401, NOT_FOUND = 500, ILLEGAL_ADDRESS = 700,
-                   LAUNCH_OUT_OF_RESOURCES = 701, LAUNCH_FAILED = 719;
+                   LAUNCH_OUT_OF_RESOURCES = 701, LAUNCH_FAILED = 719, STREAM_CAPTURE_UNSUPPORTED = 900,
+                   STREAM_CAPTURE_INVALIDATED = 901, STREAM_CAPTURE_ISOLATION = 905, CAPTURED_EVENT = 907;
 
 // Guard bytes before an allocation (and in its tail up to the 16-byte grid), and their pattern.
 constexpr size_t GUARD = 256;
@@ -549,6 +555,72 @@ void host_waits_for_all() {
 
 CUresult raced(const std::string& race) { return fail(ILLEGAL_STATE, race); }
 
+// ---------------------------------------------------------------------------------------------
+// Stream capture (CUDA graphs), as the CUDA Programming Guide's "Stream Capture" and the
+// cuStreamBeginCapture / cuThreadExchangeStreamCaptureMode docs describe it: work enqueued on a
+// capturing stream is recorded, not run (here: kernel launches; other stream work on a capturing
+// stream — legal on hardware as memory nodes — is not emulated and fails); while a capture in
+// global mode is under way (thread-local mode: on its thread), the calls that are not
+// stream-ordered — synchronous allocation, free, copies and memset, event queries — fail with
+// CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidate the capture, and so does a context
+// synchronisation in any mode; a capturing stream cannot be synchronised; waiting on an event
+// recorded outside the capture needs CU_EVENT_WAIT_EXTERNAL (else CUDA_ERROR_STREAM_CAPTURE_
+// ISOLATION); an event last recorded in a capture cannot be synchronised or queried
+// (CUDA_ERROR_CAPTURED_EVENT); after an invalidation, work on the stream fails
+// (CUDA_ERROR_STREAM_CAPTURE_INVALIDATED) until the capture is ended. An instantiated graph
+// replays its launches in order on the stream it is launched on, reading the device memory of
+// the moment. Not emulated: cross-stream capture (fork/join), external event nodes, the
+// wrong-thread check at the end of a capture.
+constexpr int CAPTURE_MODE_GLOBAL = 0, CAPTURE_MODE_THREAD_LOCAL = 1;
+constexpr unsigned EVENT_WAIT_EXTERNAL = 1;
+struct Node {
+    const Function* f;
+    unsigned grid[3], block[3], shared;
+    std::vector<unsigned char> params;  // the params struct, by value
+};
+struct Graph {
+    std::vector<Node> nodes;
+};
+struct Capture {
+    Graph* graph;
+    int mode;
+    std::thread::id thread;
+    std::string invalid;  // why the capture was invalidated ("" while valid)
+};
+std::map<CUstream, Capture> captures;
+std::set<CUevent> captured_events;
+
+// The call `call` is not stream-ordered: refused (and every capture it could break invalidated)
+// while a global capture, or a thread-local one of this thread, is under way.
+CUresult unsafe_during_capture(const char* call) {
+    std::lock_guard<std::mutex> g(lock);
+    bool refused = false;
+    for (auto& [_, c] : captures)
+        if (c.mode == CAPTURE_MODE_GLOBAL || (c.mode == CAPTURE_MODE_THREAD_LOCAL && c.thread == std::this_thread::get_id())) {
+            refused = true;
+            if (c.invalid.empty()) c.invalid = std::string(call) + " during the capture";
+        }
+    if (!refused) return SUCCESS;
+    return fail(STREAM_CAPTURE_UNSUPPORTED, std::string(call) + " while a stream is capturing (not stream-ordered: "
+                                            "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED; the capture is invalidated)");
+}
+
+// Work on a stream whose capture was invalidated fails until the capture is ended (Programming
+// Guide, "Invalidation"). Called with `lock` held.
+CUresult invalidated(const Capture& c, const char* call) {
+    return fail(STREAM_CAPTURE_INVALIDATED, std::string(call) + " on a stream whose capture was invalidated by " + c.invalid);
+}
+
+// Stream work other than kernel launches on a capturing stream: not emulated, refused.
+CUresult uncaptured_work(CUstream s, const char* call) {
+    std::lock_guard<std::mutex> g(lock);
+    auto it = captures.find(s);
+    if (it == captures.end()) return SUCCESS;
+    if (it->second.invalid.empty()) it->second.invalid = std::string(call) + " on the capturing stream";
+    return fail(STREAM_CAPTURE_UNSUPPORTED,
+                std::string(call) + " on a capturing stream: the emulated capture records kernel launches only");
+}
+
 }  // namespace
 
 // Marker: lets the crate tell the emulator from a real driver. Launches so far: of kernel `name`,
@@ -669,6 +741,14 @@ EXPORT CUresult cuCtxGetDevice(CUdevice* d) {
     return SUCCESS;
 }
 EXPORT CUresult cuCtxSynchronize() {
+    {
+        // Synchronising a context while any of its streams captures is invalid in every mode.
+        std::lock_guard<std::mutex> g(lock);
+        for (auto& [_, c] : captures) {
+            if (c.invalid.empty()) c.invalid = "cuCtxSynchronize during the capture";
+            return fail(STREAM_CAPTURE_UNSUPPORTED, "cuCtxSynchronize while a stream of the context is capturing");
+        }
+    }
     host_waits_for_all();
     return SUCCESS;
 }
@@ -684,18 +764,45 @@ EXPORT CUresult cuStreamDestroy_v2(CUstream s) {
     {
         std::lock_guard<std::mutex> g(lock);
         streams.erase(s);
+        if (auto c = captures.find(s); c != captures.end()) {  // destroyed mid-capture: the capture ends with it
+            delete c->second.graph;
+            captures.erase(c);
+        }
     }
     delete static_cast<int*>(s);
     return SUCCESS;
 }
 EXPORT CUresult cuStreamSynchronize(CUstream s) {
+    {
+        std::lock_guard<std::mutex> g(lock);
+        auto c = captures.find(s);
+        if (c != captures.end()) {
+            if (c->second.invalid.empty()) c->second.invalid = "cuStreamSynchronize of the capturing stream";
+            return fail(STREAM_CAPTURE_UNSUPPORTED, "cuStreamSynchronize of a capturing stream");
+        }
+    }
     host_waits_for(s);
     return SUCCESS;
 }
-EXPORT CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned) {
+EXPORT CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned flags) {
     std::lock_guard<std::mutex> g(lock);
     auto it = events.find(e);
     if (it == events.end()) return fail(INVALID_HANDLE, "cuStreamWaitEvent on an unknown event");
+    const bool in_capture = captured_events.count(e) > 0;
+    auto c = captures.find(s);
+    if (c != captures.end()) {
+        if (!c->second.invalid.empty()) return invalidated(c->second, "cuStreamWaitEvent");
+        if (in_capture) return SUCCESS;  // recorded earlier in this (single-stream) capture: already ordered
+        if (flags & EVENT_WAIT_EXTERNAL) return SUCCESS;
+        if (c->second.invalid.empty()) c->second.invalid = "a wait on an event recorded outside the capture";
+        return fail(STREAM_CAPTURE_ISOLATION,
+                    "cuStreamWaitEvent: a capturing stream waits on an event recorded outside the capture without "
+                    "CU_EVENT_WAIT_EXTERNAL (CUDA_ERROR_STREAM_CAPTURE_ISOLATION; cudarc's event tracking does this "
+                    "on any stream but the legacy one, which cannot capture: disable event tracking to capture)");
+    }
+    if (in_capture)
+        return fail(STREAM_CAPTURE_UNSUPPORTED, "cuStreamWaitEvent on an event recorded in a capture: cross-stream "
+                                                "capture is not emulated");
     join(stream_of(s).clock, it->second);
     return SUCCESS;
 }
@@ -709,6 +816,7 @@ EXPORT CUresult cuEventDestroy_v2(CUevent e) {
     {
         std::lock_guard<std::mutex> g(lock);
         events.erase(e);
+        captured_events.erase(e);  // a recycled handle starts fresh
     }
     delete static_cast<int*>(e);
     return SUCCESS;
@@ -718,6 +826,12 @@ EXPORT CUresult cuEventRecord(CUevent e, CUstream s) {
     std::lock_guard<std::mutex> g(lock);
     auto it = events.find(e);
     if (it == events.end()) return fail(INVALID_HANDLE, "cuEventRecord of an unknown event");
+    if (auto c = captures.find(s); c != captures.end()) {
+        if (!c->second.invalid.empty()) return invalidated(c->second, "cuEventRecord");
+        captured_events.insert(e);  // a node of the capture, not a point in the stream's history
+        return SUCCESS;
+    }
+    captured_events.erase(e);
     Stream& st = stream_of(s);
     join(st.clock, host);
     it->second = st.clock;
@@ -727,10 +841,16 @@ EXPORT CUresult cuEventSynchronize(CUevent e) {
     std::lock_guard<std::mutex> g(lock);
     auto it = events.find(e);
     if (it == events.end()) return fail(INVALID_HANDLE, "cuEventSynchronize of an unknown event");
+    if (captured_events.count(e))
+        return fail(CAPTURED_EVENT, "cuEventSynchronize/cuEventQuery of an event last recorded in a capturing stream");
     join(host, it->second);
     return SUCCESS;
 }
-EXPORT CUresult cuEventQuery(CUevent e) { return cuEventSynchronize(e); }
+EXPORT CUresult cuEventQuery(CUevent e) {
+    // Refused from any thread during a global capture (as an H100 does).
+    if (CUresult r = unsafe_during_capture("cuEventQuery")) return r;
+    return cuEventSynchronize(e);
+}
 
 namespace {
 CUresult allocate(CUdeviceptr* p, size_t n) {
@@ -768,19 +888,25 @@ CUresult release(CUdeviceptr p) {
 }
 }  // namespace
 
-EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) { return allocate(p, n); }
+EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
+    if (CUresult r = unsafe_during_capture("cuMemAlloc")) return r;
+    return allocate(p, n);
+}
 // Stream-ordered: the allocation is the stream's until an event or synchronisation orders others after.
 EXPORT CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream s) {
+    if (CUresult r = uncaptured_work(s, "cuMemAllocAsync")) return r;
     if (CUresult r = allocate(p, n)) return r;
     const std::string race = enqueue(s, "cuMemAllocAsync", {{*p, n, true}});
     return race.empty() ? SUCCESS : raced(race);
 }
 // cuMemFree waits for the device (every stream) first.
 EXPORT CUresult cuMemFree_v2(CUdeviceptr p) {
+    if (CUresult r = unsafe_during_capture("cuMemFree")) return r;
     host_waits_for_all();
     return release(p);
 }
 EXPORT CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
+    if (CUresult r = uncaptured_work(s, "cuMemFreeAsync")) return r;
     const std::string race = enqueue(s, "cuMemFreeAsync", {{p, 1, true}});
     if (!race.empty()) return raced(race);
     return release(p);
@@ -788,12 +914,14 @@ EXPORT CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
 
 EXPORT CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, CUstream s) {
     if (!inside(p, n)) return fail(INVALID_VALUE, "cuMemsetD8 outside an allocation");
+    if (CUresult r = uncaptured_work(s, "cuMemsetD8Async")) return r;
     const std::string race = enqueue(s, "cuMemsetD8Async", {{p, n, true}});
     if (!race.empty()) return raced(race);
     std::memset(reinterpret_cast<void*>(p), v, n);
     return SUCCESS;
 }
 EXPORT CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) {
+    if (CUresult r = unsafe_during_capture("cuMemsetD8")) return r;
     const CUresult r = cuMemsetD8Async(p, v, n, nullptr);
     host_waits_for(nullptr);
     return r;
@@ -801,6 +929,7 @@ EXPORT CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) {
 // From pageable host memory: the data is staged at the call, the device write is in stream order.
 EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream s) {
     if (!inside(dst, n)) return fail(INVALID_VALUE, "cuMemcpyHtoD outside an allocation");
+    if (CUresult r = uncaptured_work(s, "cuMemcpyHtoDAsync")) return r;
     ekemu::counters.htod_copies++;
     const std::string race = enqueue(s, "cuMemcpyHtoDAsync", {{dst, n, true}});
     if (!race.empty()) return raced(race);
@@ -808,6 +937,7 @@ EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n,
     return SUCCESS;
 }
 EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    if (CUresult r = unsafe_during_capture("cuMemcpyHtoD")) return r;
     const CUresult r = cuMemcpyHtoDAsync_v2(dst, src, n, nullptr);
     host_waits_for(nullptr);
     return r;
@@ -815,6 +945,7 @@ EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
 // To pageable host memory: returns once the copy (and so its stream up to it) is done.
 EXPORT CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream s) {
     if (!inside(src, n)) return fail(INVALID_VALUE, "cuMemcpyDtoH outside an allocation");
+    if (CUresult r = uncaptured_work(s, "cuMemcpyDtoHAsync")) return r;
     const std::string race = enqueue(s, "cuMemcpyDtoHAsync", {{src, n, false}});
     if (!race.empty()) return raced(race);
     std::memcpy(dst, reinterpret_cast<const void*>(src), n);
@@ -822,16 +953,19 @@ EXPORT CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstr
     return SUCCESS;
 }
 EXPORT CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    if (CUresult r = unsafe_during_capture("cuMemcpyDtoH")) return r;
     return cuMemcpyDtoHAsync_v2(dst, src, n, nullptr);
 }
 EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
     if (!inside(dst, n) || !inside(src, n)) return fail(INVALID_VALUE, "cuMemcpyDtoD outside an allocation");
+    if (CUresult r = uncaptured_work(s, "cuMemcpyDtoDAsync")) return r;
     const std::string race = enqueue(s, "cuMemcpyDtoDAsync", {{src, n, false}, {dst, n, true}});
     if (!race.empty()) return raced(race);
     std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
     return SUCCESS;
 }
 EXPORT CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    if (CUresult r = unsafe_during_capture("cuMemcpyDtoD")) return r;
     const CUresult r = cuMemcpyDtoDAsync_v2(dst, src, n, nullptr);
     host_waits_for(nullptr);
     return r;
@@ -937,6 +1071,17 @@ CUresult launch(const Function& f, unsigned gx, unsigned gy, unsigned gz, unsign
     if (CUresult r = check_launch(f, bx * by * bz, shared)) return r;
     if (gx == 0 || gy == 0 || gz == 0 || gy > 65535 || gz > 65535)
         return fail(INVALID_VALUE, std::string(k.name) + ": grid outside the device limits");
+    {
+        std::lock_guard<std::mutex> g(lock);
+        auto c = captures.find(stream);
+        if (c != captures.end()) {
+            if (!c->second.invalid.empty()) return invalidated(c->second, k.name);
+            const auto* bytes = static_cast<const unsigned char*>(params[0]);
+            c->second.graph->nodes.push_back(
+                Node{&f, {gx, gy, gz}, {bx, by, bz}, shared, std::vector<unsigned char>(bytes, bytes + k.params_size)});
+            return SUCCESS;
+        }
+    }
     // The buffers its params address, in stream order.
     std::vector<Use> uses;
     for (size_t i = 0; i < k.accesses; i++) {
@@ -967,6 +1112,60 @@ EXPORT CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, u
     return launch(*static_cast<Function*>(f), gx, gy, gz, bx, by, bz, shared, s, params, extra);
 }
 
+EXPORT CUresult cuStreamBeginCapture_v2(CUstream s, int mode) {
+    std::lock_guard<std::mutex> g(lock);
+    if (s == nullptr) return fail(INVALID_VALUE, "cuStreamBeginCapture on the legacy default stream");
+    if (captures.count(s)) return fail(ILLEGAL_STATE, "cuStreamBeginCapture on a stream already capturing");
+    captures[s] = Capture{new Graph, mode, std::this_thread::get_id(), ""};
+    return SUCCESS;
+}
+EXPORT CUresult cuStreamEndCapture(CUstream s, CUgraph* graph) {
+    std::lock_guard<std::mutex> g(lock);
+    *graph = nullptr;
+    auto c = captures.find(s);
+    if (c == captures.end()) return fail(ILLEGAL_STATE, "cuStreamEndCapture on a stream that is not capturing");
+    Capture cap = c->second;
+    captures.erase(c);
+    if (!cap.invalid.empty()) {
+        delete cap.graph;
+        return fail(STREAM_CAPTURE_INVALIDATED, "cuStreamEndCapture: the capture was invalidated by " + cap.invalid);
+    }
+    *graph = cap.graph;
+    return SUCCESS;
+}
+// CUstreamCaptureStatus: 0 none, 1 active, 2 invalidated.
+EXPORT CUresult cuStreamIsCapturing(CUstream s, int* status) {
+    std::lock_guard<std::mutex> g(lock);
+    auto c = captures.find(s);
+    *status = c == captures.end() ? 0 : c->second.invalid.empty() ? 1 : 2;
+    return SUCCESS;
+}
+EXPORT CUresult cuGraphInstantiateWithFlags(CUgraphExec* exec, CUgraph graph, unsigned long long) {
+    if (!graph) return fail(INVALID_VALUE, "cuGraphInstantiate of a null graph");
+    *exec = new Graph(*static_cast<Graph*>(graph));
+    return SUCCESS;
+}
+EXPORT CUresult cuGraphUpload(CUgraphExec, CUstream) { return SUCCESS; }
+EXPORT CUresult cuGraphLaunch(CUgraphExec exec, CUstream s) {
+    if (CUresult r = uncaptured_work(s, "cuGraphLaunch")) return r;
+    std::shared_lock<std::shared_mutex> g(launching);
+    for (Node& n : static_cast<Graph*>(exec)->nodes) {
+        void* params[] = {n.params.data()};
+        const CUresult r = launch(*n.f, n.grid[0], n.grid[1], n.grid[2], n.block[0], n.block[1], n.block[2], n.shared, s,
+                                  params, nullptr);
+        if (r) return r;
+    }
+    return SUCCESS;
+}
+EXPORT CUresult cuGraphExecDestroy(CUgraphExec exec) {
+    delete static_cast<Graph*>(exec);
+    return SUCCESS;
+}
+EXPORT CUresult cuGraphDestroy(CUgraph graph) {
+    delete static_cast<Graph*>(graph);
+    return SUCCESS;
+}
+
 EXPORT CUresult cuGetErrorString(CUresult e, const char** s) {
     static thread_local std::string text;
     text = last_error.empty() ? "CUDA error " + std::to_string(e) + " (emulated driver)" : last_error;
@@ -988,6 +1187,10 @@ EXPORT CUresult cuGetErrorName(CUresult e, const char** s) {
         case ILLEGAL_ADDRESS: *s = "CUDA_ERROR_ILLEGAL_ADDRESS"; break;
         case LAUNCH_OUT_OF_RESOURCES: *s = "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES"; break;
         case LAUNCH_FAILED: *s = "CUDA_ERROR_LAUNCH_FAILED"; break;
+        case STREAM_CAPTURE_UNSUPPORTED: *s = "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"; break;
+        case STREAM_CAPTURE_INVALIDATED: *s = "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"; break;
+        case STREAM_CAPTURE_ISOLATION: *s = "CUDA_ERROR_STREAM_CAPTURE_ISOLATION"; break;
+        case CAPTURED_EVENT: *s = "CUDA_ERROR_CAPTURED_EVENT"; break;
         default: *s = "CUDA_ERROR_UNKNOWN";
     }
     return SUCCESS;

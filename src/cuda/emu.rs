@@ -15,6 +15,10 @@
 //! device's limit, registers beyond the SM's. Four devices ([`DEVICES`]: sm_90, sm_80, sm_86,
 //! sm_89) have their own limits. Stream order is tracked: an operation touching memory that an
 //! operation of another stream used, with no event or synchronisation between them, fails.
+//! Stream capture is emulated: launches on a capturing stream are recorded and replayed by
+//! `cuGraphLaunch`; what a capture refuses (calls that are not stream-ordered during a global
+//! capture, waits on events recorded outside it, capture of the legacy stream) fails as the
+//! driver documents, and other stream work inside a capture is not emulated (it fails too).
 //! Shared-memory races show up as results that change with the thread schedule
 //! ([`set_schedule`]); it says nothing about speed (work is counted: [`counters`]).
 //!

@@ -4,8 +4,19 @@
 //! host mirrors of the table, the lengths and the offsets (as serving engines do), which the
 //! shared validation reads before anything is enqueued. `append_on` reads only device memory and
 //! `run_attend_on` only device memory and the plan's buffers: neither allocates nor copies, so a
-//! decode step of appends and attention can be captured in a CUDA graph and replayed after
-//! `plan_attend_on` (outside the graph) refreshed the plan's buffers in place.
+//! decode step of appends and attention can be captured in a CUDA graph. A captured graph holds
+//! the launches' grids and the params structs by value (tile count, splits, keys per split, the
+//! plan buffers' addresses): it replays correctly only while `plan_attend_on` (outside the graph)
+//! yields the same launch shape without growing its buffers; otherwise capture again.
+//! Graph-stable plans (a grid sized for a maximum, the shape read from device memory, as
+//! FlashInfer's CUDA-graph mode does) are not built yet. `append_on` advances the host mirror when
+//! it is called (captured), not per replay: the engine advances its mirror for each replay.
+//! Capture on a stream of the engine's (the backend's own is the legacy default stream, which
+//! cannot capture) with the context's event tracking off: with it on — always, for any stream but
+//! the legacy one — cudarc makes every pointer access wait on events recorded outside the
+//! capture, which CUDA refuses during capture without `CU_EVENT_WAIT_EXTERNAL`; and synchronise no
+//! context while capturing (`tests/cuda_graph.rs` captures and replays a step on the emulated
+//! driver).
 
 use std::sync::Arc;
 
@@ -151,7 +162,8 @@ fn check_mirror(what: &'static str, device: usize, host: usize) -> Result<()> {
 
 /// The device buffers and launches of one attention call, planned on the host by
 /// [`CudaBackend::plan_attend_on`] and run by [`CudaBackend::run_attend_on`] (any number of
-/// times, e.g. replayed in a CUDA graph). Buffers grow when a plan needs more and are reused
+/// times, e.g. replayed in a CUDA graph captured after this plan: see the module docs for when a
+/// re-plan invalidates such a graph). Buffers grow when a plan needs more and are reused
 /// otherwise.
 #[derive(Default)]
 pub struct CudaAttendPlan {

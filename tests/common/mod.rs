@@ -416,3 +416,22 @@ pub fn contiguous(v: &entropy_kernels::TensorView<'_>) -> HostTensor {
     let f = entropy_kernels::reference::F64Tensor::of(v);
     HostTensor::from_f32(&f.data.iter().map(|&x| x as f32).collect::<Vec<_>>(), f.shape, v.dtype())
 }
+
+/// The tensor's elements as `T` (its own dtype).
+pub fn typed<T: bytemuck::Pod>(t: &HostTensor) -> Vec<T> {
+    match &t.data {
+        entropy_kernels::HostBuffer::F32(x) => bytemuck::cast_slice(x).to_vec(),
+        entropy_kernels::HostBuffer::F16(x) => bytemuck::cast_slice(x).to_vec(),
+        entropy_kernels::HostBuffer::BF16(x) => bytemuck::cast_slice(x).to_vec(),
+    }
+}
+
+/// Device elements back to f32.
+pub fn typed_back<T: bytemuck::Pod>(v: &[T], dtype: DType) -> Vec<f32> {
+    let bytes: &[u8] = bytemuck::cast_slice(v);
+    match dtype {
+        DType::F32 => bytemuck::cast_slice::<u8, f32>(bytes).to_vec(),
+        DType::F16 => bytemuck::cast_slice::<u8, half::f16>(bytes).iter().map(|x| x.to_f32()).collect(),
+        DType::BF16 => bytemuck::cast_slice::<u8, half::bf16>(bytes).iter().map(|x| x.to_f32()).collect(),
+    }
+}
