@@ -1,12 +1,16 @@
-// Planning on the device (SPEC §2), in five launches, with no host round trip between them:
-//   reps_q  (segments, B)       qmax + qmin per segment and query head, f64 (exact)
-//   reps_k  (blocks, B)         kmax, kmin per block and kv head, f64
+// Planning on the device (SPEC §2), in six launches, with no host round trip between them:
+//   reps_q  (planned segments, B) qmax + qmin per segment and query head, f64 (exact)
+//   reps_k  (visible blocks, B)  kmax, kmin per block and kv head, f64
 //   logits  (block tiles, Hkv, B) group-mean logits, f64 ranking keys, causal block mask
-//   softmax (units)             distribution, layer fusion, entropy (f64 reductions)
-//   decide  (B·Hkv)             head class, f32 budget recurrence, keep counts, segment maxima
-//   rank    (units)             each unit's ranking (top `width` by radix select, then sorted; ties
-//                               to the lower block)
-// The f32 budget recurrence uses round-to-nearest intrinsics so it is the host's bit for bit.
+//   softmax (planned units)      distribution, layer fusion, entropy (f64 reductions)
+//   decide  (B·Hkv)              head class, f32 budget recurrence, keep counts, segment maxima;
+//                                `streaming` states continued and left for the next chunk
+//   rank    (planned units)      each unit's ranking (top `width` by radix select, then sorted;
+//                                ties to the lower block)
+// A one-shot plan covers every segment of [B, L] tensors; a chunk (SPEC §7.2) plans segments
+// seg_first .. seg_end of one sequence, its queries rows of a THD chunk and its keys read from
+// the cache's pages. The f32 budget recurrence uses round-to-nearest intrinsics so it is the
+// host's bit for bit.
 
 #define PLAN_THREADS EK_LANES  // the lane sums of numerics.cuh need exactly this many threads
 #define PLAN_RANK_THREADS 512  // ek_plan_rank: the bitonic sort's steps over RANK_SORT_CAP keys
@@ -15,8 +19,37 @@ __device__ __forceinline__ int plan_unit(const EkPlanParams& p, int b, int h, in
     return (b * p.kv_heads + h) * p.segments + s;
 }
 
+// The planned unit of CTA x of the per-unit kernels (planned segments of every (b, h)). The
+// ranking keys and rankings are kept per planned unit (row x), the plan's maps per unit.
+__device__ __forceinline__ int planned_unit(const EkPlanParams& p, int x) {
+    const int planned = p.seg_end - p.seg_first;
+    return (x / planned) * p.segments + p.seg_first + x % planned;
+}
+
+// Row of unit (b, h, s), s planned, in the per-planned-unit buffers (`key`, `order`).
+__device__ __forceinline__ long long planned_row(const EkPlanParams& p, int b, int h, int s) {
+    return (long long)(b * p.kv_heads + h) * (p.seg_end - p.seg_first) + s - p.seg_first;
+}
+
+// Blocks the planned segments may select: those before the last one (SPEC §2.3's causal limit).
+__device__ __forceinline__ int plan_visible_blocks(const EkPlanParams& p) {
+    return min((p.seg_end - 1) * (p.segment_size / p.block_size), p.blocks);
+}
+
+// Element offset of query position t of query head hq.
+__device__ __forceinline__ long long plan_q_row(const EkPlanParams& p, int b, int t, int hq) {
+    return row_offset(p.q, b, p.q_token0 + t - p.q_pos0, hq);
+}
+
+// Element offset of key t of kv head h: through the sequence's block table over a paged cache.
+__device__ __forceinline__ long long plan_k_row(const EkPlanParams& p, int b, int t, int h) {
+    if (!p.block_table) return row_offset(p.k, b, t, h);
+    const long long page = reinterpret_cast<const unsigned*>(p.block_table)[t / p.page_size];
+    return page * p.page_stride + (long long)(t % p.page_size) * p.slot_stride + (long long)h * p.head_stride;
+}
+
 template <typename T> __device__ void plan_reps_q(const EkPlanParams& p) {
-    const int s = blockIdx.x, b = blockIdx.y, d = p.head_dim;
+    const int s = p.seg_first + blockIdx.x, b = blockIdx.y, d = p.head_dim;
     const int t0 = s * p.segment_size, t1 = min(t0 + p.segment_size, p.seq_len);
     const T* q = tensor_ptr<T>(p.q);
     double* qsum = reinterpret_cast<double*>(p.qsum);
@@ -24,7 +57,7 @@ template <typename T> __device__ void plan_reps_q(const EkPlanParams& p) {
         const int hq = i / d, x = i % d;
         float mx = EK_NEG_INF, mn = -EK_NEG_INF;
         for (int t = t0; t < t1; t++) {
-            const float v = to_f32(q[row_offset(p.q, b, t, hq) + x]);
+            const float v = to_f32(q[plan_q_row(p, b, t, hq) + x]);
             mx = fmaxf(mx, v);
             mn = fminf(mn, v);
         }
@@ -34,13 +67,15 @@ template <typename T> __device__ void plan_reps_q(const EkPlanParams& p) {
 
 template <typename T> __device__ void plan_reps_k(const EkPlanParams& p) {
     const int j = blockIdx.x, b = blockIdx.y, d = p.head_dim;
+    // A plan of segment 0 alone sees no block (the grid cannot be empty).
+    if (j >= plan_visible_blocks(p)) return;
     const T* k = tensor_ptr<T>(p.k);
     double* krep = reinterpret_cast<double*>(p.krep);
     for (int i = threadIdx.x; i < p.kv_heads * d; i += blockDim.x) {
         const int h = i / d, x = i % d;
         float mx = EK_NEG_INF, mn = -EK_NEG_INF;
         for (int t = j * p.block_size; t < (j + 1) * p.block_size; t++) {
-            const float v = to_f32(k[row_offset(p.k, b, t, h) + x]);
+            const float v = to_f32(k[plan_k_row(p, b, t, h) + x]);
             mx = fmaxf(mx, v);
             mn = fminf(mn, v);
         }
@@ -109,17 +144,19 @@ __device__ void plan_logits(const EkPlanParams& p) {
     const double* krep = reinterpret_cast<const double*>(p.krep);
     double* key = reinterpret_cast<double*>(p.key);
     float* logits = p.logits ? reinterpret_cast<float*>(p.logits) : 0;
-    for (int i = threadIdx.x; i < jn * 2 * d; i += blockDim.x) {
+    // Only the blocks some planned segment sees have representatives (reps_k's grid).
+    const int visible = min(jn, max(0, plan_visible_blocks(p) - j0));
+    for (int i = threadIdx.x; i < visible * 2 * d; i += blockDim.x) {
         const int jj = i / (2 * d), x = i % (2 * d);
         ks[jj * row + x] = krep[(((long long)b * n + j0 + jj) * p.kv_heads + h) * 2 * d + x];
     }
     // Segment s sees blocks j < min(s · bps, n): those before `first` see none of this tile.
-    const int first = min(p.segments, j0 / bps + 1);
+    const int first = max(p.seg_first, min(p.seg_end, j0 / bps + 1));
     if (logits)
-        for (int i = threadIdx.x; i < first * jn; i += blockDim.x)
-            logits[(long long)plan_unit(p, b, h, i / jn) * n + j0 + i % jn] = EK_NEG_INF;
-    for (int s0 = first; s0 < p.segments; s0 += sb) {
-        const int sn = min(sb, p.segments - s0);
+        for (int i = threadIdx.x; i < (first - p.seg_first) * jn; i += blockDim.x)
+            logits[(long long)plan_unit(p, b, h, p.seg_first + i / jn) * n + j0 + i % jn] = EK_NEG_INF;
+    for (int s0 = first; s0 < p.seg_end; s0 += sb) {
+        const int sn = min(sb, p.seg_end - s0);
         for (int g0 = 0; g0 < g; g0 += gb) {
             const int gn = min(gb, g - g0);
             __syncthreads();  // the K tile is in; the previous pass's qs (and part) are consumed
@@ -152,7 +189,7 @@ __device__ void plan_logits(const EkPlanParams& p) {
             double sum = 0.0;
             for (int gi = 0; gi < g; gi++) sum = __dadd_rn(sum, part[(i / jt * jt + jj) * g + gi]);
             const double x = __ddiv_rn(sum, (double)g);
-            key[u * n + j] = x;
+            key[planned_row(p, b, h, s) * n + j] = x;
             if (logits) logits[u * n + j] = (float)x;
         }
     }
@@ -176,9 +213,9 @@ __device__ double block_max_f64(double v, double* red) {
 // ek_exp/ek_ln, sums in numerics::lane_sum's order (EK_LANES threads).
 __device__ void plan_softmax(const EkPlanParams& p) {
     __shared__ double red[EK_LANES];
-    const int u = blockIdx.x, s = u % p.segments, n = p.blocks;
+    const int u = planned_unit(p, blockIdx.x), s = u % p.segments, n = p.blocks;
     const int lim = min(s * (p.segment_size / p.block_size), n);
-    double* key = reinterpret_cast<double*>(p.key) + (long long)u * n;
+    double* key = reinterpret_cast<double*>(p.key) + (long long)blockIdx.x * n;
     float* scores = p.scores ? reinterpret_cast<float*>(p.scores) + (long long)u * n : 0;
     const float* prev = p.prev ? reinterpret_cast<const float*>(p.prev) + (long long)u * n : 0;
     double mx = EK_NEG_INF_F64;
@@ -200,35 +237,36 @@ __device__ void plan_softmax(const EkPlanParams& p) {
     if (threadIdx.x == 0) reinterpret_cast<float*>(p.entropy)[u] = (float)(-h);
 }
 
-// One thread per (b, h): SPEC §2.7–2.9 exactly as `plan::rules`, in f32 round-to-nearest.
+// One thread per (b, h): SPEC §2.7–2.9 and §7.2 exactly as `plan::rules` (budget_step), in f32
+// round-to-nearest. `prompt` classes look at every segment's entropy (one-shot plans only);
+// `streaming` ones decide each planned segment from the state the earlier segments left.
 __device__ void plan_decide(const EkPlanParams& p) {
     const int bh = blockIdx.x * blockDim.x + threadIdx.x;
     if (bh >= p.batch * p.kv_heads) return;
     const float* ent = reinterpret_cast<const float*>(p.entropy) + (long long)bh * p.segments;
     float* budget = reinterpret_cast<float*>(p.budgets) + (long long)bh * p.segments;
     uint32_t* keep = reinterpret_cast<uint32_t*>(p.keep) + (long long)bh * p.segments;
-    bool rigid = true;
-    for (int s = 1; s < p.segments; s++) rigid = rigid && ent[s] < p.e_t;
-    if (p.fixed_budget) rigid = true;
-    reinterpret_cast<uint8_t*>(p.classes)[bh] = rigid ? 0 : 1;
+    EkPlanState* states = reinterpret_cast<EkPlanState*>(p.states);
+    EkPlanState st = states ? states[bh] : EkPlanState{1u, 0.f, 0.f, 0u};
+    bool class_rigid = true;
+    for (int s = 1; s < p.segments; s++) class_rigid = class_rigid && ent[s] < p.e_t;
     const float base = (float)p.base_budget;
     const int nrep = p.segment_size / p.block_size;
-    for (int s = 0; s < p.segments; s++) {
+    for (int s = p.seg_first; s < p.seg_end; s++) {
+        const float h = ent[s], floored = fmaxf(h, p.entropy_floor);
+        bool rigid = p.prompt_classes ? class_rigid : (s == 0 || (st.rigid && h < p.e_t));
+        rigid = rigid || p.fixed_budget;
         float out;
         if (s == 0 || rigid) {
             out = base;
         } else {
-            float r;
-            if (s == 1) {
-                r = p.delta_t;
-            } else {
-                const float prev = fmaxf(ent[s - 1], p.entropy_floor);
-                r = __fdiv_rn(__fsub_rn(fmaxf(ent[s], p.entropy_floor), prev), __fadd_rn(prev, 1e-9f));
-            }
+            float r = s == 1 ? p.delta_t
+                             : __fdiv_rn(__fsub_rn(floored, st.floored_entropy), __fadd_rn(st.floored_entropy, 1e-9f));
             r = (r != r) ? 0.f : fminf(fmaxf(r, 0.f), __fadd_rn(1.f, p.delta_t));
             const float step = __fmul_rn(__fmul_rn(p.alpha, base), __fsub_rn(r, p.delta_t));
-            out = fminf(fmaxf(__fadd_rn(budget[s - 1], step), base), __fmul_rn(3.f, base));
+            out = fminf(fmaxf(__fadd_rn(st.budget, step), base), __fmul_rn(3.f, base));
         }
+        st = EkPlanState{(s == 0 || rigid) ? 1u : 0u, out, floored, (uint32_t)s + 1};
         budget[s] = out;
         unsigned k = 0;
         if (s > 0) {
@@ -238,6 +276,9 @@ __device__ void plan_decide(const EkPlanParams& p) {
         keep[s] = k;
         atomicMax(reinterpret_cast<unsigned*>(p.topk) + s, k);
     }
+    const bool rigid_class = p.prompt_classes ? (class_rigid || p.fixed_budget) : st.rigid != 0;
+    reinterpret_cast<uint8_t*>(p.classes)[bh] = rigid_class ? 0 : 1;
+    if (states) states[bh] = st;
 }
 
 // Each unit's ranking: its `width` best candidate blocks (larger key first, ties to the lower
@@ -249,10 +290,10 @@ __device__ void plan_rank(const EkPlanParams& p) {
     __shared__ SelectShared sel;
     __shared__ unsigned long long key_s[RANK_SORT_CAP];
     __shared__ unsigned idx_s[RANK_SORT_CAP];
-    const int u = blockIdx.x, s = u % p.segments, n = p.blocks;
+    const int u = planned_unit(p, blockIdx.x), s = u % p.segments, n = p.blocks;
     const int lim = min(s * (p.segment_size / p.block_size), n);
-    const double* key = reinterpret_cast<const double*>(p.key) + (long long)u * n;
-    unsigned* order = reinterpret_cast<unsigned*>(p.order) + (long long)u * 2 * p.width;
+    const double* key = reinterpret_cast<const double*>(p.key) + (long long)blockIdx.x * n;
+    unsigned* order = reinterpret_cast<unsigned*>(p.order) + (long long)blockIdx.x * 2 * p.width;
     block_rank_topk([&](int j) { return key[j]; }, lim, p.width, sel, key_s, idx_s, order + p.width, order);
     for (int i = lim + threadIdx.x; i < p.width; i += blockDim.x) order[i] = (unsigned)i;
 }

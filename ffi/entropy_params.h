@@ -65,8 +65,8 @@ typedef struct EkPrefillParams {
  * Planning (SPEC §2). Workspaces: qsum f64 [B, segments, Hq, D], krep f64 [B, blocks, Hkv, 2, D]
  * (Ascend computes only the representatives: qsum = f32 [B, segments, Hq, 2, D] max/min of the
  * queries, krep = f32 [B, blocks, Hkv, 2, D]; the host finishes the plan in f64),
- * key f64 [units, blocks] (ranking keys: logits, or fused scores). Outputs are per unit
- * u = (b·Hkv + h)·segments + s.
+ * key f64 [planned units, blocks] (ranking keys: logits, or fused scores). Outputs are per unit
+ * u = (b·Hkv + h)·segments + s; `key` and `order` per planned unit (b·Hkv + h)·planned + s - seg_first.
  */
 typedef struct EkPlanParams {
     EkTensor q;
@@ -82,7 +82,7 @@ typedef struct EkPlanParams {
     uint64_t keep;    /* uint32 [units] */
     uint64_t topk;    /* uint32 [segments], zeroed before the launch */
     uint64_t classes; /* uint8 [B·Hkv]: 0 rigid, 1 dynamic */
-    uint64_t order;   /* uint32 [units, 2·width]: each unit's ranking, then the kernel's scratch */
+    uint64_t order;   /* uint32 [planned units, 2·width]: each one's ranking, then the kernel's scratch */
     int32_t batch;
     int32_t seq_len;
     int32_t q_heads;
@@ -104,7 +104,33 @@ typedef struct EkPlanParams {
     float alpha;
     float entropy_floor;
     int32_t dtype;
+    /* Chunked planning over a paged cache (SPEC §7.2; CUDA), one sequence (batch 1) at a time;
+     * sized() fills the one-shot values. Only segments seg_first .. seg_end are planned (their
+     * units' maps, entropies, decisions and rankings; the others are left as they are). Query
+     * position t (seg_first·S <= t) is row q_token0 + t - q_pos0 of q ([1, T, Hq, D]). */
+    int32_t seg_first;
+    int32_t seg_end;
+    int32_t q_token0;
+    int32_t q_pos0;
+    int32_t prompt_classes; /* 1: `prompt` head classes (over every segment); 0: `streaming` */
+    int32_t page_size;
+    uint64_t states;      /* EkPlanState [B·Hkv]: read before seg_first, left after seg_end - 1;
+                             0: fresh states, not kept */
+    uint64_t block_table; /* uint32 [blocks of the sequence's pages]: key t of kv head h at
+                             k.ptr + page·page_stride + (t mod page_size)·slot_stride + h·head_stride,
+                             page = block_table[t div page_size]; 0: k is a [B, L, Hkv, D] tensor */
+    int64_t page_stride;
+    int64_t slot_stride;
+    int64_t head_stride;
 } EkPlanParams;
+
+/* What `streaming` planning carries from one chunk to the next, per kv head (PlanState). */
+typedef struct EkPlanState {
+    uint32_t rigid;         /* 1: entropy below e_t at every segment 1 .. next_segment - 1 */
+    float budget;           /* budget of segment next_segment - 1, in tokens */
+    float floored_entropy;  /* max(H, entropy_floor) of segment next_segment - 1 */
+    uint32_t next_segment;
+} EkPlanState;
 
 /*
  * kv_compress (SPEC §4): caches [B, Hkv, N, D], window obs [B, Hq, W, D]. Scoring runs in two

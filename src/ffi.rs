@@ -47,6 +47,7 @@ impl EkPlanParams {
             blocks: d.blocks as i32,
             keep_cap: d.keep_cap() as i32,
             dtype: dtype_code(dtype),
+            seg_end: d.segments as i32,
             ..Default::default()
         }
     }
@@ -153,5 +154,27 @@ pub fn prefill_lists_of(blocks: Option<&crate::plan::BlockLists>, seq_len: usize
             }
         }
         None => PrefillLists { segment_size: seq_len, segments: 1, block_size: 1, lists: None },
+    }
+}
+
+impl From<&crate::plan::PlanState> for EkPlanState {
+    fn from(s: &crate::plan::PlanState) -> Self {
+        EkPlanState {
+            rigid: s.rigid as u32,
+            budget: s.budget,
+            floored_entropy: s.floored_entropy,
+            next_segment: s.next_segment,
+        }
+    }
+}
+
+impl From<EkPlanState> for crate::plan::PlanState {
+    fn from(s: EkPlanState) -> Self {
+        crate::plan::PlanState {
+            rigid: s.rigid != 0,
+            budget: s.budget,
+            floored_entropy: s.floored_entropy,
+            next_segment: s.next_segment,
+        }
     }
 }

@@ -380,7 +380,7 @@ fn every_launch_fits_every_target() {
                     }
                     for (l, seg, bk) in [(4096, 512, 8), (300, 64, 8), (131072, 512, 8), (8192, 64, 4)] {
                         let d = PlanDims::new(1, l, q_heads, kv_heads, seg, bk);
-                        let r = launches::plan(&lim, &d, head_dim, dtype);
+                        let r = launches::plan(&lim, &d, 0..d.segments, head_dim, dtype);
                         check(
                             r.map(|p| p.all().map(Clone::clone).to_vec()),
                             format!("plan {dtype} D {head_dim} GQA {q_heads}/{kv_heads} L {l}"),

@@ -137,15 +137,12 @@ fn tensor_core_work_is_close_to_the_ideal() {
     // The device-resident decode step over those pages: append_on + a planned run_attend_on
     // allocate nothing and copy nothing from the host (what a captured CUDA graph replays).
     {
-        use entropy_kernels::cuda::{CudaAttendPlan, CudaKvCache, CudaKvCacheMut, CudaTensor, CudaTensorMut};
+        use entropy_kernels::cuda::{CudaAttendPlan, CudaPagedCache, CudaTensor, CudaTensorMut};
         let be = emu::backend().expect("the emulated driver loads");
         let stream = be.stream().clone();
         let bits =
             |t: &HostTensor| -> Vec<half::f16> { t.to_f32_vec().iter().map(|&x| half::f16::from_f32(x)).collect() };
-        let (mut kd, mut vd) = (stream.clone_htod(&bits(&pool.k)).unwrap(), stream.clone_htod(&bits(&pool.v)).unwrap());
-        let table = stream.clone_htod(&pool.ids).unwrap();
-        let mut lens = stream.clone_htod(&pool.lens).unwrap();
-        let mut mirror = pool.lens.clone();
+        let mut dc = CudaPagedCache::<half::f16>::upload(&stream, &pool).unwrap();
         // One token for the second (empty) sequence: the first fills its pages.
         let cu = [0u32, 0, 1];
         let cud = stream.clone_htod(&cu).unwrap();
@@ -155,35 +152,21 @@ fn tensor_core_work_is_close_to_the_ideal() {
         let mut od = stream.alloc_zeros::<half::f16>(hq * d).unwrap();
         let mut plan = CudaAttendPlan::new();
         let mut step_ws = Workspace::new();
-        let layout = pool.layout;
         // The plan for the cache after the append (the engine knows its lengths ahead).
-        let after: Vec<u32> = mirror.iter().enumerate().map(|(u, &l)| l + u32::from(u >= hkv)).collect();
+        let after: Vec<u32> = dc.lens_host.iter().enumerate().map(|(u, &l)| l + u32::from(u >= hkv)).collect();
         {
-            let cache =
-                CudaKvCache::new(&kd, &vd, layout, &table, BlockTable::new(&pool.ids, width), &after, &stream).unwrap();
+            let cache = dc.view_with_lens(&after, &stream).unwrap();
             let qv = CudaTensor::bsnd(&qd, &stream, qt.shape);
             let ov = CudaTensorMut::bsnd(&mut od, &stream, qt.shape);
             be.plan_attend_on(&stream, &mut plan, &qv, &cu, &cache, &[], None, &ov, None).unwrap();
         }
         let c5 = emu::counters().unwrap();
         {
-            let mut cache = CudaKvCacheMut::new(
-                &mut kd,
-                &mut vd,
-                layout,
-                &table,
-                BlockTable::new(&pool.ids, width),
-                &mut lens,
-                &mut mirror,
-                &stream,
-            )
-            .unwrap();
             let nv = CudaTensor::bsnd(&newd, &stream, new.shape);
-            be.append_on(&stream, &nv, &nv, &cu, &cud, &mut cache, &mut step_ws).unwrap();
+            be.append_on(&stream, &nv, &nv, &cu, &cud, &mut dc.view_mut(&stream).unwrap(), &mut step_ws).unwrap();
         }
         {
-            let cache = CudaKvCache::new(&kd, &vd, layout, &table, BlockTable::new(&pool.ids, width), &mirror, &stream)
-                .unwrap();
+            let cache = dc.view(&stream).unwrap();
             let qv = CudaTensor::bsnd(&qd, &stream, qt.shape);
             let mut ov = CudaTensorMut::bsnd(&mut od, &stream, qt.shape);
             be.run_attend_on(&stream, &plan, &qv, &cache, &mut ov, None).unwrap();
@@ -197,6 +180,7 @@ fn tensor_core_work_is_close_to_the_ideal() {
         assert_eq!((step.allocations, step.htod_copies), (0, 0), "a planned decode step allocates or copies");
     }
     compression_over_pages_reads_what_contiguous_reads(&k);
+    chunked_prefill_reads_what_one_shot_reads(&k);
     // 64-row tiles stack 16 tokens × 4 heads over 64-key tiles: the diagonal's padding costs 12%.
     assert!((1.0..=1.15).contains(&dense_ratio), "dense prefill: {dense_ratio:.3} × the causal ideal");
     assert!((1.0..=1.25).contains(&dense128_ratio), "dense prefill, 128 rows: {dense128_ratio:.3} × the ideal");
@@ -213,7 +197,7 @@ fn tensor_core_work_is_close_to_the_ideal() {
 /// means: the ideal, exactly); the in-place compaction loads each moved K/V entry once, at most
 /// the kept entries, and allocates and copies nothing.
 fn compression_over_pages_reads_what_contiguous_reads(k: &Kernels) {
-    use entropy_kernels::cuda::{CudaKvCache, CudaKvCacheMut, CudaTensor};
+    use entropy_kernels::cuda::{CudaPagedCache, CudaTensor};
     let (b, hq, hkv, n, d, dtype) = (2, 8, 2, 600, 64, DType::F16);
     let cfg = DecodeConfig { decode_budget: 64, window: 8, ..DecodeConfig::latent() };
     let kc = common::random([b, hkv, n, d], 1.0, 61, dtype);
@@ -256,34 +240,15 @@ fn compression_over_pages_reads_what_contiguous_reads(k: &Kernels) {
     let be = emu::backend().expect("the emulated driver loads");
     let stream = be.stream().clone();
     let bits = |t: &HostTensor| -> Vec<half::f16> { t.to_f32_vec().iter().map(|&x| half::f16::from_f32(x)).collect() };
-    let (mut kd, mut vd) = (stream.clone_htod(&bits(&pool.k)).unwrap(), stream.clone_htod(&bits(&pool.v)).unwrap());
+    let mut dc = CudaPagedCache::<half::f16>::upload(&stream, &pool).unwrap();
     let od = stream.clone_htod(&bits(&obs)).unwrap();
-    let table = stream.clone_htod(&pool.ids).unwrap();
-    let mut lens = stream.clone_htod(&pool.lens).unwrap();
-    let mut mirror = pool.lens.clone();
-    let layout = pool.layout;
-    let dsel = {
-        let cache =
-            CudaKvCache::new(&kd, &vd, layout, &table, BlockTable::new(&pool.ids, width), &mirror, &stream).unwrap();
-        be.select_on(&stream, &cache, &CudaTensor::bsnd(&od, &stream, obs.shape), &cfg, &[]).unwrap()
-    };
+    let dsel = be
+        .select_on(&stream, &dc.view(&stream).unwrap(), &CudaTensor::bsnd(&od, &stream, obs.shape), &cfg, &[])
+        .unwrap();
     assert_eq!(dsel.to_host(&stream).unwrap(), sel, "select_on = kv_select");
     stream.synchronize().unwrap();
     let c2 = emu::counters().unwrap();
-    {
-        let mut cache = CudaKvCacheMut::new(
-            &mut kd,
-            &mut vd,
-            layout,
-            &table,
-            BlockTable::new(&pool.ids, width),
-            &mut lens,
-            &mut mirror,
-            &stream,
-        )
-        .unwrap();
-        be.compact_on(&stream, &mut cache, &dsel, &mut ws).unwrap();
-    }
+    be.compact_on(&stream, &mut dc.view_mut(&stream).unwrap(), &dsel, &mut ws).unwrap();
     stream.synchronize().unwrap();
     let compact = emu::counters().unwrap() - c2;
     let moved: usize = (0..b)
@@ -300,4 +265,80 @@ fn compression_over_pages_reads_what_contiguous_reads(k: &Kernels) {
     );
     assert_eq!(compact.ld_global_bytes, moved_bytes, "compaction loads each moved K and V entry once");
     assert_eq!((compact.allocations, compact.htod_copies), (0, 0), "compact_on allocates or copies");
+}
+
+/// A ragged batch prefilled in chunks (sparse `streaming` plans from `plan_chunks`, attention per
+/// chunk over the pages) loads the K/V bytes the same prompts' one-shot prefill loads (±5%): a
+/// query sees the same keys either way, and no tile reads a key twice because the prompt was cut.
+fn chunked_prefill_reads_what_one_shot_reads(k: &Kernels) {
+    let (hq, hkv, d, dtype, ps) = (4, 2, 64, DType::F16, 16);
+    let lens = [192usize, 160, 128, 176];
+    let chunk = 48;
+    let cfg = EntropyConfig {
+        segment_size: 16,
+        block_size: 4,
+        threshold_len: 16,
+        base_budget: 12,
+        head_class: HeadClassMode::Streaming,
+        ..EntropyConfig::default()
+    };
+    let prompts: Vec<(HostTensor, HostTensor, HostTensor)> =
+        lens.iter().enumerate().map(|(i, &l)| common::random_qkv([1, l, hq, hkv, d], 70 + i as u64, dtype)).collect();
+    let prompt_lens: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+    let n = lens.len();
+    let width = 192 / ps;
+    // Rows `rows(i)` of every prompt's tensor `which` (0 q, 1 k, 2 v) as a THD batch.
+    let pack = |which: usize, rows: &dyn Fn(usize) -> std::ops::Range<usize>| -> (HostTensor, Vec<u32>) {
+        let h = if which == 0 { hq } else { hkv };
+        let (mut vals, mut cu) = (Vec::new(), vec![0u32]);
+        for (i, p) in prompts.iter().enumerate() {
+            let t = [&p.0, &p.1, &p.2][which];
+            let r = rows(i);
+            vals.extend_from_slice(&t.to_f32_vec()[r.start * h * d..r.end * h * d]);
+            cu.push(cu.last().unwrap() + r.len() as u32);
+        }
+        (HostTensor::from_f32(&vals, [1, *cu.last().unwrap() as usize, h, d], dtype), cu)
+    };
+    // Prefills in rounds of `step` tokens per sequence; the attention's loads, summed.
+    let prefill = |step: usize| -> (u64, usize) {
+        let layout = PageLayout::slot_major(n * width, ps, hkv, d);
+        let mut pool = PagedCache::interleaved(dtype, layout, n, width).unwrap();
+        let mut states = vec![PlanState::new(); n * hkv];
+        let mut ws = Workspace::new();
+        let (mut bytes, mut sparse) = (0, 0);
+        let rounds = lens.iter().map(|l| l.div_ceil(step)).max().unwrap();
+        for r in 0..rounds {
+            let rows = |i: usize| (r * step).min(lens[i])..((r + 1) * step).min(lens[i]);
+            let ((q, cu), (kn, _), (vn, _)) = (pack(0, &rows), pack(1, &rows), pack(2, &rows));
+            k.append(kn.view(), vn.view(), &cu, &mut pool.cache_mut(), &mut ws).unwrap();
+            let plans = k
+                .plan_chunks(
+                    q.view(),
+                    &cu,
+                    &pool.cache(),
+                    &prompt_lens,
+                    std::slice::from_ref(&cfg),
+                    &mut states,
+                    &ChunkRequest::default(),
+                )
+                .unwrap();
+            sparse += plans.iter().map(|p| p.blocks.sparse_units()).sum::<usize>();
+            let blocks: Vec<Option<&BlockLists>> = plans.iter().map(|p| Some(&p.blocks)).collect();
+            let mut out = common::poisoned(q.shape, dtype);
+            let c0 = emu::counters().unwrap();
+            k.attend(q.view(), &cu, &pool.cache(), &blocks, None, &mut out.view_mut(), None, &mut ws).unwrap();
+            bytes += (emu::counters().unwrap() - c0).ld_global_bytes;
+        }
+        (bytes, sparse)
+    };
+    let (one_shot, sparse_one_shot) = prefill(192);
+    let (chunked, sparse_chunked) = prefill(chunk);
+    let ratio = chunked as f64 / one_shot as f64;
+    eprintln!(
+        "| ragged chunked prefill {lens:?} in {chunk}-token chunks (sparse) | — | — | — | {:.2} MB loaded | {ratio:.3} × one-shot | — |",
+        chunked as f64 / 1e6
+    );
+    assert_eq!(sparse_chunked, sparse_one_shot, "the chunks' plans are the one-shot plans");
+    assert!(sparse_one_shot > 0, "the case must plan sparse segments");
+    assert!((0.95..=1.05).contains(&ratio), "chunked prefill loads {ratio:.3} × the one-shot's K/V bytes");
 }

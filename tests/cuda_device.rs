@@ -238,17 +238,14 @@ fn paged_round_trip<T: entropy_kernels::cuda::DeviceElement + bytemuck::Pod>(
     seed: u64,
     dtype: DType,
 ) {
-    use entropy_kernels::cuda::{CudaAttendPlan, CudaKvCache, CudaKvCacheMut};
+    use entropy_kernels::cuda::{CudaAttendPlan, CudaPagedCache};
     let stream = be.stream().clone();
     let cpu = Kernels::cpu();
     let (hq, hkv, d, ps, seqs, width) = (8, 2, 64, 16, 3, 8);
     let layout = PageLayout::slot_major(seqs * width + 2, ps, hkv, d);
     let mut host = PagedCache::interleaved(dtype, layout, seqs, width).unwrap();
     let up = |t: &HostTensor| stream.clone_htod(&typed::<T>(t)).unwrap();
-    let (mut kd, mut vd) = (up(&host.k), up(&host.v));
-    let table_dev = stream.clone_htod(&host.ids).unwrap();
-    let mut lens_dev = stream.clone_htod(&host.lens).unwrap();
-    let mut lens_mirror = host.lens.clone();
+    let mut dc = CudaPagedCache::<T>::upload(&stream, &host).unwrap();
     let mut ws_host = Workspace::new();
     let mut ws_dev = Workspace::new();
     let mut plan = CudaAttendPlan::new();
@@ -270,26 +267,9 @@ fn paged_round_trip<T: entropy_kernels::cuda::DeviceElement + bytemuck::Pod>(
         );
         cpu.append(kn.view(), vn.view(), &cu, &mut host.cache_mut(), &mut ws_host).unwrap();
         let (knd, vnd, cud) = (up(&kn), up(&vn), stream.clone_htod(&cu).unwrap());
-        {
-            let mut cache = CudaKvCacheMut::new(
-                &mut kd,
-                &mut vd,
-                layout,
-                &table_dev,
-                BlockTable::new(&host.ids, width),
-                &mut lens_dev,
-                &mut lens_mirror,
-                &stream,
-            )
-            .unwrap();
-            let (knt, vnt) = (CudaTensor::bsnd(&knd, &stream, kn.shape), CudaTensor::bsnd(&vnd, &stream, vn.shape));
-            be.append_on(&stream, &knt, &vnt, &cu, &cud, &mut cache, &mut ws_dev).unwrap();
-        }
-        assert_eq!(lens_mirror, host.lens, "{tag}: host mirror of the lengths");
-        assert_eq!(stream.clone_dtoh(&lens_dev).unwrap(), host.lens, "{tag}: device lengths");
-        let bits = |v: Vec<T>| bytemuck::cast_slice::<T, u8>(&v).to_vec();
-        assert!(bits(stream.clone_dtoh(&kd).unwrap()) == bits(typed::<T>(&host.k)), "{tag}: K pool after append_on");
-        assert!(bits(stream.clone_dtoh(&vd).unwrap()) == bits(typed::<T>(&host.v)), "{tag}: V pool after append_on");
+        let (knt, vnt) = (CudaTensor::bsnd(&knd, &stream, kn.shape), CudaTensor::bsnd(&vnd, &stream, vn.shape));
+        be.append_on(&stream, &knt, &vnt, &cu, &cud, &mut dc.view_mut(&stream).unwrap(), &mut ws_dev).unwrap();
+        assert!(dc.matches_host(&stream, &host).unwrap(), "{tag}: pools and lengths after append_on = the host append");
 
         // Attention: the CPU backend over the host pool against the device plan + run.
         let mut want = poisoned(q.shape, dtype);
@@ -299,9 +279,7 @@ fn paged_round_trip<T: entropy_kernels::cuda::DeviceElement + bytemuck::Pod>(
         let mut qd = up(&q);
         let mut od = up(&poisoned(q.shape, dtype));
         let mut lse_d = stream.alloc_zeros::<f32>(t * hq).unwrap();
-        let cache =
-            CudaKvCache::new(&kd, &vd, layout, &table_dev, BlockTable::new(&host.ids, width), &host.lens, &stream)
-                .unwrap();
+        let cache = dc.view(&stream).unwrap();
         {
             let qt = CudaTensor::bsnd(&qd, &stream, q.shape);
             let ot = CudaTensorMut::bsnd(&mut od, &stream, q.shape);
@@ -370,7 +348,7 @@ fn select_compact_round_trip<T: entropy_kernels::cuda::DeviceElement + bytemuck:
     dtype: DType,
     d: usize,
 ) {
-    use entropy_kernels::cuda::{CudaKvCache, CudaKvCacheMut};
+    use entropy_kernels::cuda::CudaPagedCache;
     let stream = be.stream().clone();
     let (cpu, dev) = (Kernels::cpu(), Kernels::from_backend(be.clone()));
     let (hq, hkv, ps, seqs, width) = (8, 2, 16, 3, 8);
@@ -402,17 +380,11 @@ fn select_compact_round_trip<T: entropy_kernels::cuda::DeviceElement + bytemuck:
             host.k = HostTensor::from_f32(&kf, host.k.shape, dtype);
         }
         let obs = random([seqs, hq, cfg.window, d], std, s ^ 2, dtype);
-        let up = |t: &HostTensor| stream.clone_htod(&typed::<T>(t)).unwrap();
-        let (mut kd, mut vd, od) = (up(&host.k), up(&host.v), up(&obs));
-        let table_dev = stream.clone_htod(&host.ids).unwrap();
-        let mut lens_dev = stream.clone_htod(&host.lens).unwrap();
-        let mut mirror = host.lens.clone();
+        let od = stream.clone_htod(&typed::<T>(&obs)).unwrap();
+        let mut dc = CudaPagedCache::<T>::upload(&stream, &host).unwrap();
         let sel = {
-            let cache =
-                CudaKvCache::new(&kd, &vd, layout, &table_dev, BlockTable::new(&host.ids, width), &mirror, &stream)
-                    .unwrap();
             let ot = CudaTensor::bsnd(&od, &stream, obs.shape);
-            be.select_on(&stream, &cache, &ot, &cfg, &[]).unwrap()
+            be.select_on(&stream, &dc.view(&stream).unwrap(), &ot, &cfg, &[]).unwrap()
         };
         assert_eq!(sel.compressed(), &[true, false, true], "{tag}: which sequences compress");
         let got = sel.to_host(&stream).unwrap();
@@ -432,44 +404,151 @@ fn select_compact_round_trip<T: entropy_kernels::cuda::DeviceElement + bytemuck:
                 assert!(common + 2 >= y.len(), "{tag}: ({i}, {h}) kept {x:?}, CPU {y:?}");
             }
         }
-        // A selection is for the lengths it was made on.
-        {
-            let mut stale = mirror.clone();
-            stale[0] -= 1;
-            let mut stale_dev = stream.clone_htod(&stale).unwrap();
-            let mut cache = CudaKvCacheMut::new(
-                &mut kd,
-                &mut vd,
-                layout,
-                &table_dev,
-                BlockTable::new(&host.ids, width),
-                &mut stale_dev,
-                &mut stale,
-                &stream,
-            )
-            .unwrap();
-            let bad = be.compact_on(&stream, &mut cache, &sel, &mut ws).unwrap_err();
-            assert!(matches!(bad, Error::PlanMismatch(_)), "{tag}: {bad}");
-        }
-        {
-            let mut cache = CudaKvCacheMut::new(
-                &mut kd,
-                &mut vd,
-                layout,
-                &table_dev,
-                BlockTable::new(&host.ids, width),
-                &mut lens_dev,
-                &mut mirror,
-                &stream,
-            )
-            .unwrap();
-            be.compact_on(&stream, &mut cache, &sel, &mut ws).unwrap();
-        }
+        // A selection is for the lengths it was made on (refused before anything is enqueued).
+        dc.lens_host[0] -= 1;
+        let bad = be.compact_on(&stream, &mut dc.view_mut(&stream).unwrap(), &sel, &mut ws).unwrap_err();
+        assert!(matches!(bad, Error::PlanMismatch(_)), "{tag}: {bad}");
+        dc.lens_host[0] += 1;
+        be.compact_on(&stream, &mut dc.view_mut(&stream).unwrap(), &sel, &mut ws).unwrap();
         cpu.kv_compact(&mut host.cache_mut(), &got, &mut ws).unwrap();
-        assert_eq!(mirror, host.lens, "{tag}: host mirror of the lengths");
-        assert_eq!(stream.clone_dtoh(&lens_dev).unwrap(), host.lens, "{tag}: device lengths");
-        let bits = |v: Vec<T>| bytemuck::cast_slice::<T, u8>(&v).to_vec();
-        assert!(bits(stream.clone_dtoh(&kd).unwrap()) == bits(typed::<T>(&host.k)), "{tag}: K pool after compact_on");
-        assert!(bits(stream.clone_dtoh(&vd).unwrap()) == bits(typed::<T>(&host.v)), "{tag}: V pool after compact_on");
+        assert!(
+            dc.matches_host(&stream, &host).unwrap(),
+            "{tag}: pools and lengths after compact_on = the host compaction"
+        );
     }
+}
+
+/// Chunked planning on the device (`plan_chunks_on`, and `Kernels::plan_chunks` on the CUDA
+/// backend) equals the CPU backend's, every field bit for bit (maps kept), and leaves the same
+/// states: three prompts over shuffled pages, chunks at random multiples of S, a sequence that
+/// brings nothing in some rounds, one shorter than a block, layer fusion from the previous
+/// layer's plans, and a full-width ranking; `streaming` classes with entropy and fixed budgets,
+/// and `prompt` classes planned in one chunk per prompt.
+#[test]
+fn device_chunked_planning_matches_the_cpu() {
+    let Some(be) = cuda_backend("cuda_device_chunks") else { return };
+    let be = std::sync::Arc::new(be);
+    let seed = seed("cuda_device_chunks");
+    for case in [ChunkCase::Streaming, ChunkCase::FixedBudgets, ChunkCase::PromptOneChunk] {
+        for dtype in DType::ALL {
+            match dtype {
+                DType::F32 => chunked_planning_round_trip::<f32>(&be, seed, dtype, case),
+                DType::F16 => chunked_planning_round_trip::<half::f16>(&be, seed, dtype, case),
+                DType::BF16 => chunked_planning_round_trip::<half::bf16>(&be, seed, dtype, case),
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ChunkCase {
+    Streaming,
+    FixedBudgets,
+    PromptOneChunk,
+}
+
+fn chunked_planning_round_trip<T: entropy_kernels::cuda::DeviceElement + bytemuck::Pod>(
+    be: &std::sync::Arc<entropy_kernels::cuda::CudaBackend>,
+    seed: u64,
+    dtype: DType,
+    case: ChunkCase,
+) {
+    use entropy_kernels::cuda::CudaPagedCache;
+    use entropy_kernels::synth::Rng;
+    let mut rng = Rng::new(seed ^ dtype as u64 ^ ((case as u64) << 8));
+    let stream = be.stream().clone();
+    let cpu = Kernels::cpu();
+    let on_device = Kernels::from_backend(be.clone());
+    let (hq, hkv, d, ps) = (6, 2, [32, 40][rng.below(2)], [8, 16][rng.below(2)]);
+    let lens = [40 + rng.below(100), 3, 60 + rng.below(90)];
+    let cfg = EntropyConfig {
+        segment_size: 16,
+        block_size: 4,
+        threshold_len: 16,
+        base_budget: [8, 12, 20][rng.below(3)],
+        e_t: [1e-5, 1.5, 2.5][rng.below(3)],
+        head_class: if case == ChunkCase::PromptOneChunk { HeadClassMode::Prompt } else { HeadClassMode::Streaming },
+        budget_policy: if case == ChunkCase::FixedBudgets { BudgetPolicy::Fixed } else { BudgetPolicy::Entropy },
+        layer_fusion: case == ChunkCase::Streaming,
+        ..EntropyConfig::default()
+    };
+    let width = 160 / ps;
+    let pages = lens.len() * width + 3;
+    let mut ids: Vec<u32> = (0..pages as u32).collect();
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, rng.below(i + 1));
+    }
+    ids.truncate(lens.len() * width);
+    let layout = if rng.below(2) == 0 {
+        PageLayout::slot_major(pages, ps, hkv, d)
+    } else {
+        PageLayout::head_major(pages, ps, hkv, d)
+    };
+    let mut host = PagedCache::new(dtype, layout, ids, width, f32::NAN).unwrap();
+    let prompts: Vec<(HostTensor, HostTensor, HostTensor)> =
+        lens.iter().enumerate().map(|(i, &l)| random_qkv([1, l, hq, hkv, d], seed ^ (i as u64 * 31), dtype)).collect();
+    let mut cuts: Vec<Vec<usize>> = Vec::new();
+    for &l in &lens {
+        let (mut at, mut c) = (0, Vec::new());
+        while at < l {
+            at = if case == ChunkCase::PromptOneChunk { l } else { (at + 16 * rng.below(3)).min(l) };
+            c.push(at);
+        }
+        cuts.push(c);
+    }
+    let prompt_lens: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+    let tag = format!("{case:?} {dtype} lens {lens:?} cuts {cuts:?} page {ps} d {d} {:?}", layout.strides);
+    let (mut st_cpu, mut st_dev, mut st_be) =
+        (vec![PlanState::new(); 3 * hkv], vec![PlanState::new(); 3 * hkv], vec![PlanState::new(); 3 * hkv]);
+    let mut ws = Workspace::new();
+    let rounds = cuts.iter().map(Vec::len).max().unwrap();
+    let rows = |i: usize, r: usize| -> std::ops::Range<usize> {
+        let c = &cuts[i];
+        let end = c[r.min(c.len() - 1)];
+        if r >= c.len() { end..end } else { (if r == 0 { 0 } else { c[r - 1] })..end }
+    };
+    // The "previous layer": the one-shot plans of each prompt, for fusion.
+    let prev: Vec<Plan> = prompts
+        .iter()
+        .map(|(q, k, _)| cpu.plan(q.view(), k.view(), &cfg, &PlanRequest::layer(1).keep_maps(true)).unwrap())
+        .collect();
+    for r in 0..rounds {
+        let pack = |which: usize| -> (HostTensor, Vec<u32>) {
+            let mut vals = Vec::new();
+            let mut cu = vec![0u32];
+            let h = if which == 0 { hq } else { hkv };
+            for (i, p) in prompts.iter().enumerate() {
+                let t = [&p.0, &p.1, &p.2][which];
+                let rr = rows(i, r);
+                vals.extend_from_slice(&t.to_f32_vec()[rr.start * h * d..rr.end * h * d]);
+                cu.push(cu.last().unwrap() + rr.len() as u32);
+            }
+            let n = *cu.last().unwrap() as usize;
+            (HostTensor::from_f32(&vals, [1, n, h, d], dtype), cu)
+        };
+        let ((q, cu), (kn, _), (vn, _)) = (pack(0), pack(1), pack(2));
+        cpu.append(kn.view(), vn.view(), &cu, &mut host.cache_mut(), &mut ws).unwrap();
+        let req = ChunkRequest { keep_maps: true, full_ranking: r % 2 == 1, layer_idx: 2, prev: Some(&prev) };
+        let tag = format!("{tag} round {r}");
+        let want = cpu
+            .plan_chunks(q.view(), &cu, &host.cache(), &prompt_lens, std::slice::from_ref(&cfg), &mut st_cpu, &req)
+            .unwrap();
+        let via_backend = on_device
+            .plan_chunks(q.view(), &cu, &host.cache(), &prompt_lens, std::slice::from_ref(&cfg), &mut st_be, &req)
+            .unwrap();
+        let (dc, qd) =
+            (CudaPagedCache::<T>::upload(&stream, &host).unwrap(), stream.clone_htod(&typed::<T>(&q)).unwrap());
+        let qt = CudaTensor::bsnd(&qd, &stream, q.shape);
+        let cache = dc.view(&stream).unwrap();
+        let got = be
+            .plan_chunks_on(&stream, &qt, &cu, &cache, &prompt_lens, std::slice::from_ref(&cfg), &mut st_dev, &req)
+            .unwrap();
+        for i in 0..3 {
+            assert_eq!(got[i], want[i], "{tag}: sequence {i}'s plan_chunks_on plan");
+            assert_eq!(via_backend[i], want[i], "{tag}: sequence {i}'s Kernels::plan_chunks plan");
+        }
+        assert_eq!(st_dev, st_cpu, "{tag}: states after plan_chunks_on");
+        assert_eq!(st_be, st_cpu, "{tag}: states after Kernels::plan_chunks");
+    }
+    assert!(st_cpu.iter().all(|s| s.next_segment > 0), "{tag}: every prompt planned to its end");
 }

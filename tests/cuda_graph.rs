@@ -19,7 +19,7 @@ use entropy_kernels::*;
 #[test]
 fn a_decode_step_replays_in_a_cuda_graph() {
     use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-    use entropy_kernels::cuda::{CudaAttendPlan, CudaKvCache, CudaKvCacheMut};
+    use entropy_kernels::cuda::{CudaAttendPlan, CudaPagedCache};
     type T = half::f16;
     let Some(be) = cuda_backend("cuda_device_graph") else { return };
     let seed = seed("cuda_device_graph");
@@ -36,11 +36,7 @@ fn a_decode_step_replays_in_a_cuda_graph() {
     let cu0 = [0u32, 50, 83];
     let (k0, v0) = (random([1, 83, hkv, d], 1.0, seed, dtype), random([1, 83, hkv, d], 1.0, seed ^ 1, dtype));
     cpu.append(k0.view(), v0.view(), &cu0, &mut host.cache_mut(), &mut ws).unwrap();
-    let up = |t: &HostTensor| stream.clone_htod(&typed::<T>(t)).unwrap();
-    let (mut kd, mut vd) = (up(&host.k), up(&host.v));
-    let table = stream.clone_htod(&host.ids).unwrap();
-    let mut lens = stream.clone_htod(&host.lens).unwrap();
-    let mut mirror = host.lens.clone();
+    let mut dc = CudaPagedCache::<T>::upload(&stream, &host).unwrap();
     // The step's buffers: one new row and one query per sequence, written before each replay.
     let cu = [0u32, 1, 2];
     let cud = stream.clone_htod(&cu).unwrap();
@@ -49,31 +45,20 @@ fn a_decode_step_replays_in_a_cuda_graph() {
     let mut qd = stream.alloc_zeros::<T>(2 * hq * d).unwrap();
     let poison = typed::<T>(&poisoned([1, 2, hq, d], dtype));
     let mut od = stream.clone_htod(&poison).unwrap();
-    let after: Vec<u32> = mirror.iter().map(|&l| l + 1).collect();
+    let after: Vec<u32> = dc.lens_host.iter().map(|&l| l + 1).collect();
     let mut plan = CudaAttendPlan::new();
     {
-        let cache =
-            CudaKvCache::new(&kd, &vd, layout, &table, BlockTable::new(&host.ids, width), &after, &stream).unwrap();
+        let cache = dc.view_with_lens(&after, &stream).unwrap();
         let qt = CudaTensor::bsnd(&qd, &stream, [1, 2, hq, d]);
         let ot = CudaTensorMut::bsnd(&mut od, &stream, [1, 2, hq, d]);
         be.plan_attend_on(&stream, &mut plan, &qt, &cu, &cache, &[], None, &ot, None).unwrap();
     }
     stream.synchronize().unwrap();
-    let step = |kd: &mut cudarc::driver::CudaSlice<T>,
-                vd: &mut cudarc::driver::CudaSlice<T>,
-                lens: &mut cudarc::driver::CudaSlice<u32>,
-                mirror: &mut Vec<u32>,
-                od: &mut cudarc::driver::CudaSlice<T>,
-                ws: &mut Workspace|
-     -> Result<()> {
-        {
-            let mut cache =
-                CudaKvCacheMut::new(kd, vd, layout, &table, BlockTable::new(&host.ids, width), lens, mirror, &stream)?;
-            let (kt, vt) =
-                (CudaTensor::bsnd(&knd, &stream, [1, 2, hkv, d]), CudaTensor::bsnd(&vnd, &stream, [1, 2, hkv, d]));
-            be.append_on(&stream, &kt, &vt, &cu, &cud, &mut cache, ws)?;
-        }
-        let cache = CudaKvCache::new(kd, vd, layout, &table, BlockTable::new(&host.ids, width), mirror, &stream)?;
+    let step = |dc: &mut CudaPagedCache<T>, od: &mut cudarc::driver::CudaSlice<T>, ws: &mut Workspace| -> Result<()> {
+        let (kt, vt) =
+            (CudaTensor::bsnd(&knd, &stream, [1, 2, hkv, d]), CudaTensor::bsnd(&vnd, &stream, [1, 2, hkv, d]));
+        be.append_on(&stream, &kt, &vt, &cu, &cud, &mut dc.view_mut(&stream)?, ws)?;
+        let cache = dc.view(&stream)?;
         let qt = CudaTensor::bsnd(&qd, &stream, [1, 2, hq, d]);
         let mut ot = CudaTensorMut::bsnd(od, &stream, [1, 2, hq, d]);
         be.run_attend_on(&stream, &plan, &qt, &cache, &mut ot, None)
@@ -82,30 +67,30 @@ fn a_decode_step_replays_in_a_cuda_graph() {
     let flags = CUgraphInstantiate_flags(0);
     assert!(be.stream().begin_capture(global).is_err(), "the legacy default stream cannot capture");
     let _ = ctx.check_err();
-    let before = mirror.clone();
+    let before = dc.lens_host.clone();
     assert!(ctx.is_in_multi_stream_mode(), "a stream of our own puts cudarc in multi-stream mode");
     if ctx.is_event_tracking() {
         // cudarc waits on the pools' write events, recorded before the capture: refused.
         stream.begin_capture(global).unwrap();
-        let r = step(&mut kd, &mut vd, &mut lens, &mut mirror, &mut od, &mut ws);
+        let r = step(&mut dc, &mut od, &mut ws);
         assert!(r.is_err(), "the refused wait is reported by the next call");
         // cudarc keeps the errors of its event records on the invalidated stream: cleared, or
         // end_capture would answer with them before ending the capture.
         let _ = ctx.check_err();
         assert!(stream.end_capture(flags).is_err(), "a capture waiting on outside events must be invalidated");
         let _ = ctx.check_err();
-        mirror.clone_from(&before);
+        dc.lens_host.clone_from(&before);
     }
     // SAFETY: the test orders its streams itself (everything on `stream`, the backend's default
     // stream idle); nothing else uses this backend's context.
     unsafe { ctx.disable_event_tracking() };
     stream.begin_capture(global).unwrap();
-    step(&mut kd, &mut vd, &mut lens, &mut mirror, &mut od, &mut ws).unwrap();
+    step(&mut dc, &mut od, &mut ws).unwrap();
     let graph = stream.end_capture(flags).unwrap().expect("a graph");
     // append_on advanced the host mirror once, at the capture: each replay appends on the device
     // only, so an engine advances its mirror itself per replay.
-    assert_eq!(mirror, after, "append_on advanced the host mirror for the step");
-    assert_eq!(stream.clone_dtoh(&lens).unwrap(), before, "nothing ran during the capture (lengths)");
+    assert_eq!(dc.lens_host, after, "append_on advanced the host mirror for the step");
+    assert_eq!(stream.clone_dtoh(&dc.lens).unwrap(), before, "nothing ran during the capture (lengths)");
     let bits = |v: Vec<T>| bytemuck::cast_slice::<T, u8>(&v).to_vec();
     assert!(bits(stream.clone_dtoh(&od).unwrap()) == bits(poison.clone()), "nothing ran during the capture (output)");
     // The step's data, written after the capture; then the replay.
@@ -119,9 +104,8 @@ fn a_decode_step_replays_in_a_cuda_graph() {
     cpu.append(kn.view(), vn.view(), &cu, &mut host.cache_mut(), &mut ws).unwrap();
     let mut want = poisoned(q.shape, dtype);
     cpu.attend(q.view(), &cu, &host.cache(), &[], None, &mut want.view_mut(), None, &mut ws).unwrap();
-    assert_eq!(stream.clone_dtoh(&lens).unwrap(), host.lens, "replayed append: device lengths");
-    assert!(bits(stream.clone_dtoh(&kd).unwrap()) == bits(typed::<T>(&host.k)), "replayed append: K pool");
-    assert!(bits(stream.clone_dtoh(&vd).unwrap()) == bits(typed::<T>(&host.v)), "replayed append: V pool");
+    // The mirror was advanced at the capture (asserted above): the pools and device lengths.
+    assert!(dc.matches_host(&stream, &host).unwrap(), "replayed append = the host append (pools, lengths)");
     let got = HostTensor::from_f32(&typed_back::<T>(&stream.clone_dtoh(&od).unwrap(), dtype), q.shape, dtype);
     let err = rel_fro(&tensor_f64(&got), &tensor_f64(&want));
     assert!(err <= attn_tol(dtype), "replayed attention: rel err {err:e}");
@@ -132,8 +116,7 @@ fn a_decode_step_replays_in_a_cuda_graph() {
     }
     stream.begin_capture(global).unwrap();
     {
-        let cache =
-            CudaKvCache::new(&kd, &vd, layout, &table, BlockTable::new(&host.ids, width), &mirror, &stream).unwrap();
+        let cache = dc.view(&stream).unwrap();
         let qt = CudaTensor::bsnd(&qd, &stream, [1, 2, hq, d]);
         let ot = CudaTensorMut::bsnd(&mut od, &stream, [1, 2, hq, d]);
         let mut fresh = CudaAttendPlan::new();

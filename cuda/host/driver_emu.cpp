@@ -152,7 +152,8 @@ template <> struct Accesses<EkPlanParams> {
                                       W(EkPlanParams, krep), W(EkPlanParams, key), W(EkPlanParams, logits),
                                       W(EkPlanParams, scores), R(EkPlanParams, prev), W(EkPlanParams, entropy),
                                       W(EkPlanParams, budgets), W(EkPlanParams, keep), W(EkPlanParams, topk),
-                                      W(EkPlanParams, classes), W(EkPlanParams, order)};
+                                      W(EkPlanParams, classes), W(EkPlanParams, order),
+                                      R(EkPlanParams, block_table), W(EkPlanParams, states)};
 };
 template <> struct Accesses<EkCompressParams> {
     static constexpr Access list[] = {

@@ -20,11 +20,12 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 
+pub(crate) use super::chunks::PlanSpan;
 use super::source;
 use crate::backend::{Backend, BackendKind, Capabilities, HeadDims, Op};
 use crate::compress::CompressedCache;
 use crate::error::{Error, Result};
-use crate::ffi::{EkCompressParams, EkDecodeParams, EkPlanParams, EkPrefillParams, EkTensor};
+use crate::ffi::{EkCompressParams, EkDecodeParams, EkPlanParams, EkPlanState, EkPrefillParams, EkTensor};
 use crate::plan::Plan;
 use crate::tensor::{DType, HostDataMut, TensorView, TensorViewMut};
 use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
@@ -40,6 +41,10 @@ unsafe impl DeviceRepr for crate::ffi::EkAppendParams {}
 unsafe impl DeviceRepr for crate::ffi::EkAttendTile {}
 // SAFETY: twelve u32 fields: all zeros is a valid tile.
 unsafe impl cudarc::driver::ValidAsZeroBits for crate::ffi::EkAttendTile {}
+// SAFETY: plain old data of fixed-width fields, any bit pattern a valid value.
+unsafe impl DeviceRepr for crate::ffi::EkPlanState {}
+// SAFETY: as above; all-zero is a valid state.
+unsafe impl cudarc::driver::ValidAsZeroBits for crate::ffi::EkPlanState {}
 
 use super::launches::{self, DeviceLimits, KernelLimits, Launch, PrefillTile};
 
@@ -210,7 +215,7 @@ impl CudaBackend {
             stream,
             funcs,
             caps: Capabilities {
-                ops: [&Op::CONTIGUOUS[..], &[Op::Attend, Op::Select]].concat(),
+                ops: [&Op::CONTIGUOUS[..], &[Op::Attend, Op::PlanChunks, Op::Select]].concat(),
                 ..Capabilities::full("cuda", HeadDims::UpTo(256))
             },
             name,
@@ -469,7 +474,7 @@ impl Backend for CudaBackend {
             keep_maps: a.keep_maps(),
             full_ranking: a.full_ranking(),
         };
-        self.plan_launch(&self.stream, &shape, a.q().dtype(), q, k)
+        self.plan_launch(&self.stream, &shape, a.q().dtype(), q, k, PlanSpan::one_shot(&d))
     }
 
     fn kv_compress(&self, a: &CompressArgs<'_>) -> Result<CompressedCache> {
@@ -570,6 +575,14 @@ impl Backend for CudaBackend {
 
     fn kv_scores(&self, a: &crate::engine::SelectArgs<'_>) -> Result<crate::engine::Scores> {
         self.scores_host(a)
+    }
+
+    fn plan_chunks(
+        &self,
+        a: &crate::engine::ChunkArgs<'_>,
+        states: &mut [crate::plan::PlanState],
+    ) -> Result<Vec<Plan>> {
+        self.plan_chunks_host(a, states)
     }
 
     fn attend(
@@ -710,8 +723,9 @@ impl CudaBackend {
         unsafe { self.launch(stream, &shape.launch, &params) }
     }
 
-    /// Plans on device tensors `q`/`k` on `stream` (every step on the device; the decisions come
-    /// back to the host, so this waits for the stream). Needs blocks.
+    /// Plans `span`'s segments from device queries `q` and keys `k` on `stream` (every step on
+    /// the device; the decisions come back to the host, so this waits for the stream). Needs
+    /// blocks and at least one planned segment.
     pub(crate) fn plan_launch(
         &self,
         stream: &Arc<CudaStream>,
@@ -719,12 +733,13 @@ impl CudaBackend {
         dtype: DType,
         q: EkTensor,
         k: EkTensor,
+        span: PlanSpan<'_>,
     ) -> Result<Plan> {
         let d = p.dims;
         let cfg = p.cfg;
         let width = d.rank_width(cfg.base_budget);
         let (dd, n, units) = (p.head_dim, d.blocks, d.units());
-        let shape = launches::plan(&self.limits, &d, dd, dtype)?;
+        let shape = launches::plan(&self.limits, &d, span.segments.clone(), dd, dtype)?;
         for l in shape.all() {
             l.check(&self.limits)?;
         }
@@ -737,7 +752,9 @@ impl CudaBackend {
         let f64s = |len: usize| unsafe { stream.alloc::<f64>(len.max(1)) }.map_err(driver_err("cuMemAlloc"));
         let qsum = f64s(d.batch * d.segments * d.q_heads * dd)?;
         let krep = f64s(d.batch * n * d.kv_heads * 2 * dd)?;
-        let key = f64s(units * n)?;
+        // Ranking keys and rankings per planned unit (a chunk plans a few of the prompt's segments).
+        let planned = d.batch * d.kv_heads * span.segments.len();
+        let key = f64s(planned * n)?;
         let logits = if p.keep_maps { Some(f32s(units * n)?) } else { None };
         let scores = if p.keep_maps || cfg.layer_fusion { Some(f32s(units * n)?) } else { None };
         let prev = match p.fusion {
@@ -749,8 +766,12 @@ impl CudaBackend {
         let keep = u32s(units)?;
         let topk = u32s(d.segments)?;
         let classes = stream.alloc_zeros::<u8>(d.batch * d.kv_heads).map_err(driver_err("cuMemAlloc"))?;
+        let states = match &span.states {
+            Some(st) => Some(upload_on(stream, &st.iter().map(EkPlanState::from).collect::<Vec<_>>())?),
+            None => None,
+        };
         // Per unit: the ranking, then the ranking kernel's scratch.
-        let order = u32s(units * 2 * width)?;
+        let order = u32s(planned * 2 * width)?;
         let opt = |s: &Option<CudaSlice<f32>>| s.as_ref().map_or(0, |s| addr_on(stream, s));
         let params = EkPlanParams {
             q,
@@ -777,7 +798,13 @@ impl CudaBackend {
             logit_tile: shape.logit.tile as i32,
             logit_segments: shape.logit.segments as i32,
             logit_heads: shape.logit.heads as i32,
-            ..EkPlanParams::sized(&d, dd, dtype)
+            seg_first: span.segments.start as i32,
+            seg_end: span.segments.end as i32,
+            q_token0: span.q_token0 as i32,
+            q_pos0: span.q_pos0 as i32,
+            prompt_classes: (cfg.head_class == crate::config::HeadClassMode::Prompt) as i32,
+            states: states.as_ref().map_or(0, |s| addr_on(stream, s)),
+            ..span.paged.map_or(EkPlanParams::sized(&d, dd, dtype), |pg| pg.params(EkPlanParams::sized(&d, dd, dtype)))
         };
         for l in shape.all() {
             // SAFETY: every buffer in `params` was allocated above with the sizes the kernels index.
@@ -796,7 +823,7 @@ impl CudaBackend {
         };
         let segment_topk = get_u32(&topk, d.segments)?;
         let order_width = if p.full_ranking { width } else { crate::plan::rules::order_width(&segment_topk) };
-        let full_order = get_u32(&order, units * 2 * width)?;
+        let planned_order = get_u32(&order, planned * 2 * width)?;
         let classes: Vec<u8> = stream.clone_dtoh(&classes).map_err(driver_err("cuMemcpyDtoH"))?;
         let mut plan = Plan {
             dims: d,
@@ -817,19 +844,16 @@ impl CudaBackend {
             keep_blocks: get_u32(&keep, units)?,
             segment_topk,
             // width is 0 when no keep can reach a block (keep_cap 0): then the order is empty.
-            order: full_order.chunks(2 * width.max(1)).flat_map(|r| r[..order_width].iter().copied()).collect(),
+            order: unit_rankings(&planned_order, 2 * width, order_width, units, &span.segments, d.segments),
             order_width,
             blocks: crate::plan::BlockLists::all_dense(d),
-            planned: 0..d.segments,
+            planned: span.segments,
         };
-        if cfg.head_class == crate::config::HeadClassMode::Streaming {
-            // The device decides `prompt` classes; `streaming` ones follow from the same entropies
-            // (bit-identical to the host's) by the shared rules, over the device's full-width ranking.
-            let (head_class, budgets, keep_blocks, segment_topk) = crate::plan::rules::decide(&d, cfg, &plan.entropy);
-            let order_width = if p.full_ranking { width } else { crate::plan::rules::order_width(&segment_topk) };
-            plan.order = full_order.chunks(2 * width.max(1)).flat_map(|r| r[..order_width].iter().copied()).collect();
-            (plan.head_class, plan.budgets, plan.keep_blocks, plan.segment_topk, plan.order_width) =
-                (head_class, budgets, keep_blocks, segment_topk, order_width);
+        if let (Some(out), Some(dev)) = (span.states, &states) {
+            let left: Vec<EkPlanState> = stream.clone_dtoh(dev).map_err(driver_err("cuMemcpyDtoH"))?;
+            for (o, s) in out.iter_mut().zip(left) {
+                *o = s.into();
+            }
         }
         plan.blocks = plan.block_lists(cfg.budget_mode, cfg.threshold_len);
         Ok(plan)
@@ -1079,4 +1103,27 @@ impl Drop for CudaBackend {
     fn drop(&mut self) {
         let _ = self.ctx.synchronize();
     }
+}
+
+/// Every unit's first `width` ranks, from the rankings of the planned units (rows of `stride`;
+/// planned segments `segments` of `nseg`); units outside the span rank nothing (zeros, as the
+/// CPU backend leaves them).
+fn unit_rankings(
+    planned: &[u32],
+    stride: usize,
+    width: usize,
+    units: usize,
+    segments: &std::ops::Range<usize>,
+    nseg: usize,
+) -> Vec<u32> {
+    let mut order = vec![0u32; units * width];
+    if width == 0 {
+        return order;
+    }
+    for (row, ranks) in planned.chunks(stride).enumerate() {
+        let (bh, s) = (row / segments.len(), segments.start + row % segments.len());
+        let u = bh * nseg + s;
+        order[u * width..(u + 1) * width].copy_from_slice(&ranks[..width]);
+    }
+    order
 }

@@ -161,7 +161,7 @@ impl CudaBackend {
         if d.blocks == 0 {
             return Ok(Plan::without_blocks(d, cfg));
         }
-        self.plan_launch(stream, &shape, q.dtype, q.ek(), k.ek())
+        self.plan_launch(stream, &shape, q.dtype, q.ek(), k.ek(), super::backend::PlanSpan::one_shot(&d))
     }
 
     /// Prefill attention on device tensors (`blocks = None`: dense causal), enqueued on `stream`.

@@ -360,9 +360,19 @@ impl PlanLaunches {
     }
 }
 
-/// Planning of `d` (head dim `head_dim`) in `dtype`. Needs blocks.
-pub fn plan(limits: &DeviceLimits, d: &crate::plan::PlanDims, head_dim: usize, dtype: DType) -> Result<PlanLaunches> {
-    let (n, units, g) = (d.blocks, d.units(), d.group());
+/// Planning of segments `segments` (not empty) of `d` (head dim `head_dim`) in `dtype`: every
+/// segment for a one-shot plan, a chunk's (SPEC §7.2) otherwise. Needs blocks.
+pub fn plan(
+    limits: &DeviceLimits,
+    d: &crate::plan::PlanDims,
+    segments: std::ops::Range<usize>,
+    head_dim: usize,
+    dtype: DType,
+) -> Result<PlanLaunches> {
+    let (n, g) = (d.blocks, d.group());
+    let units = d.batch * d.kv_heads * segments.len();
+    // Blocks the planned segments may select (the kernels' plan_visible_blocks).
+    let visible = d.causal_limit(segments.end.max(1) - 1);
     // The logits kernel's block tile: the largest that fits in shared memory while the grid
     // still makes two waves (a larger tile re-reads the segments' Q sums fewer times).
     let max_smem = limits.kernel("ek_plan_logits").max_dynamic_smem;
@@ -377,8 +387,8 @@ pub fn plan(limits: &DeviceLimits, d: &crate::plan::PlanDims, head_dim: usize, d
     let sfx = dtype_suffix(dtype);
 
     Ok(PlanLaunches {
-        reps_q: Launch::new(format!("ek_plan_reps_q_{sfx}"), (d.segments, d.batch, 1), PLAN_THREADS, 0)?,
-        reps_k: Launch::new(format!("ek_plan_reps_k_{sfx}"), (n, d.batch, 1), PLAN_THREADS, 0)?,
+        reps_q: Launch::new(format!("ek_plan_reps_q_{sfx}"), (segments.len(), d.batch, 1), PLAN_THREADS, 0)?,
+        reps_k: Launch::new(format!("ek_plan_reps_k_{sfx}"), (visible.max(1), d.batch, 1), PLAN_THREADS, 0)?,
         logits: Launch::new(
             "ek_plan_logits",
             (n.div_ceil(logit.tile), d.kv_heads, d.batch),

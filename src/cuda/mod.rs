@@ -14,6 +14,8 @@ pub mod host_check;
 #[cfg(feature = "_cuda")]
 mod backend;
 #[cfg(feature = "_cuda")]
+mod chunks;
+#[cfg(feature = "_cuda")]
 pub mod device;
 #[cfg(feature = "cuda-emu")]
 pub mod emu;
@@ -32,7 +34,7 @@ pub use device::{CudaCompressedCache, CudaTensor, CudaTensorMut, DeviceElement};
 #[cfg(feature = "_cuda")]
 pub use launches::PrefillTile;
 #[cfg(feature = "_cuda")]
-pub use paged::{CudaAttendPlan, CudaKvCache, CudaKvCacheMut};
+pub use paged::{CudaAttendPlan, CudaKvCache, CudaKvCacheMut, CudaPagedCache};
 #[cfg(feature = "_cuda")]
 pub use select::CudaSelection;
 

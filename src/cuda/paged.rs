@@ -415,3 +415,99 @@ impl CudaBackend {
         }
     }
 }
+
+/// A device copy of a host [`PagedCache`](crate::engine::PagedCache): its pools, block table and
+/// lengths in device memory, with the host mirrors of the table and lengths that the `_on` calls
+/// validate against. For tests, benchmarks and engines that start from host pools; an engine
+/// with its own allocations wraps them in [`CudaKvCache`] / [`CudaKvCacheMut`] directly.
+pub struct CudaPagedCache<T: DeviceElement> {
+    /// The K pool.
+    pub k: CudaSlice<T>,
+    /// The V pool.
+    pub v: CudaSlice<T>,
+    /// The block table on the device.
+    pub table: CudaSlice<u32>,
+    /// The `[sequences, heads]` lengths on the device.
+    pub lens: CudaSlice<u32>,
+    /// Where entries sit in the pools.
+    pub layout: PageLayout,
+    /// The table's host mirror, row-major `[sequences, width]`.
+    pub table_host: Vec<u32>,
+    /// Pages per sequence in the table.
+    pub width: usize,
+    /// The lengths' host mirror.
+    pub lens_host: Vec<u32>,
+}
+
+impl<T: DeviceElement + bytemuck::Pod> CudaPagedCache<T> {
+    /// Copies `host` to the device on `stream`.
+    pub fn upload(stream: &Arc<CudaStream>, host: &crate::engine::PagedCache) -> Result<Self> {
+        for (what, t) in [("K pool", &host.k), ("V pool", &host.v)] {
+            if t.dtype() != T::DTYPE {
+                return Err(Error::DTypeMismatch { what, expected: T::DTYPE, got: t.dtype() });
+            }
+        }
+        let up = |t: &crate::tensor::HostTensor| {
+            stream.clone_htod(&bytemuck::pod_collect_to_vec::<u8, T>(t.data().as_bytes()))
+        };
+        let err = driver_err("cuMemcpyHtoD");
+        Ok(CudaPagedCache {
+            k: up(&host.k).map_err(&err)?,
+            v: up(&host.v).map_err(&err)?,
+            table: stream.clone_htod(&host.ids).map_err(&err)?,
+            lens: stream.clone_htod(&host.lens).map_err(&err)?,
+            layout: host.layout,
+            table_host: host.ids.clone(),
+            width: host.width,
+            lens_host: host.lens.clone(),
+        })
+    }
+
+    /// A read-only view for kernels on `stream`.
+    pub fn view<'a>(&'a self, stream: &'a CudaStream) -> Result<CudaKvCache<'a>> {
+        self.view_with_lens(&self.lens_host, stream)
+    }
+
+    /// A read-only view whose length mirror is `lens` (e.g. the lengths after an append the
+    /// engine plans for before it runs).
+    pub fn view_with_lens<'a>(&'a self, lens: &'a [u32], stream: &'a CudaStream) -> Result<CudaKvCache<'a>> {
+        CudaKvCache::new(
+            &self.k,
+            &self.v,
+            self.layout,
+            &self.table,
+            BlockTable::new(&self.table_host, self.width),
+            lens,
+            stream,
+        )
+    }
+
+    /// Whether this copy equals `host` (after `stream`'s work): pools bit for bit, device
+    /// lengths and their mirror.
+    pub fn matches_host(&self, stream: &Arc<CudaStream>, host: &crate::engine::PagedCache) -> Result<bool> {
+        let err = driver_err("cuMemcpyDtoH");
+        let same_pool = |d: &CudaSlice<T>, h: &crate::tensor::HostTensor| -> Result<bool> {
+            let got: Vec<T> = stream.clone_dtoh(d).map_err(&err)?;
+            Ok(bytemuck::cast_slice::<T, u8>(&got) == h.data().as_bytes())
+        };
+        let lens: Vec<u32> = stream.clone_dtoh(&self.lens).map_err(&err)?;
+        Ok(same_pool(&self.k, &host.k)?
+            && same_pool(&self.v, &host.v)?
+            && lens == host.lens
+            && self.lens_host == host.lens)
+    }
+
+    /// A writable view for kernels on `stream` (appends, compaction).
+    pub fn view_mut<'a>(&'a mut self, stream: &'a CudaStream) -> Result<CudaKvCacheMut<'a>> {
+        CudaKvCacheMut::new(
+            &mut self.k,
+            &mut self.v,
+            self.layout,
+            &self.table,
+            BlockTable::new(&self.table_host, self.width),
+            &mut self.lens,
+            &mut self.lens_host,
+            stream,
+        )
+    }
+}

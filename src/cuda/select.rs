@@ -222,7 +222,7 @@ impl CudaBackend {
         if cache.layout != sel.layout {
             return Err(mismatch("the cache's layout"));
         }
-        if cache.table_host.ids() != sel.table_before.as_slice() || cache.table_host.width() == 0 {
+        if cache.table_host.ids() != sel.table_before.as_slice() {
             return Err(mismatch("the block table"));
         }
         if cache.lens_host[..] != sel.lens_before[..] {

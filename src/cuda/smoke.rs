@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use super::{CudaBackend, NumericsProbe, PrefillTile};
-use crate::engine::{BlockTable, PageLayout, PagedCache, Workspace};
+use crate::engine::{PageLayout, PagedCache, Workspace};
 use crate::error::Result;
 use crate::tensor::{DType, HostTensor};
 use crate::{DecodeConfig, EntropyConfig, GqaMode, Kernels, PlanRequest, synth};
@@ -264,39 +264,18 @@ fn append_typed<T: super::DeviceElement + bytemuck::Pod>(be: &CudaBackend, dtype
     let (hkv, d) = (2, 64);
     let stream = be.stream().clone();
     let mut pool = smoke_pool(dtype, hkv, d)?;
-    let bytes = |t: &HostTensor| -> Vec<T> { bytemuck::cast_slice(t.data().as_bytes()).to_vec() };
+    let bytes = |t: &HostTensor| -> Vec<T> { bytemuck::pod_collect_to_vec(t.data().as_bytes()) };
     let up = |v: &[T]| stream.clone_htod(v).map_err(driver_err("cuMemcpyHtoD"));
-    let (mut kd, mut vd) = (up(&bytes(&pool.k))?, up(&bytes(&pool.v))?);
-    let table = stream.clone_htod(&pool.ids).map_err(driver_err("cuMemcpyHtoD"))?;
-    let mut lens = stream.clone_htod(&pool.lens).map_err(driver_err("cuMemcpyHtoD"))?;
-    let mut mirror = pool.lens.clone();
+    let mut dc = super::CudaPagedCache::<T>::upload(&stream, &pool)?;
     let cu = [0u32, 33, 33, 50];
     let cud = stream.clone_htod(&cu).map_err(driver_err("cuMemcpyHtoD"))?;
     let (kn, vn) = (random([1, 50, hkv, d], 21, dtype), random([1, 50, hkv, d], 22, dtype));
     let (knd, vnd) = (up(&bytes(&kn))?, up(&bytes(&vn))?);
     let mut ws = Workspace::new();
-    {
-        let mut cache = super::CudaKvCacheMut::new(
-            &mut kd,
-            &mut vd,
-            pool.layout,
-            &table,
-            BlockTable::new(&pool.ids, pool.width),
-            &mut lens,
-            &mut mirror,
-            &stream,
-        )?;
-        let (kt, vt) =
-            (super::CudaTensor::bsnd(&knd, &stream, kn.shape), super::CudaTensor::bsnd(&vnd, &stream, vn.shape));
-        be.append_on(&stream, &kt, &vt, &cu, &cud, &mut cache, &mut ws)?;
-    }
+    let (kt, vt) = (super::CudaTensor::bsnd(&knd, &stream, kn.shape), super::CudaTensor::bsnd(&vnd, &stream, vn.shape));
+    be.append_on(&stream, &kt, &vt, &cu, &cud, &mut dc.view_mut(&stream)?, &mut ws)?;
     Kernels::cpu().append(kn.view(), vn.view(), &cu, &mut pool.cache_mut(), &mut ws)?;
-    let down = |s: &cudarc::driver::CudaSlice<T>| stream.clone_dtoh(s).map_err(driver_err("cuMemcpyDtoH"));
-    let same = bytemuck::cast_slice::<T, u8>(&down(&kd)?) == pool.k.data().as_bytes()
-        && bytemuck::cast_slice::<T, u8>(&down(&vd)?) == pool.v.data().as_bytes()
-        && stream.clone_dtoh(&lens).map_err(driver_err("cuMemcpyDtoH"))? == pool.lens
-        && mirror == pool.lens;
-    Ok((if same { 0.0 } else { 1.0 }, 0.0))
+    Ok((if dc.matches_host(&stream, &pool)? { 0.0 } else { 1.0 }, 0.0))
 }
 
 /// Selection and in-place compaction on the device over pages (AdaKV, heads of unequal length):
@@ -328,50 +307,21 @@ fn compact_typed<T: super::DeviceElement + bytemuck::Pod>(
     cpu.append(kn.view(), vn.view(), &cu, &mut pool.cache_mut(), &mut ws)?;
     pool.lens[1] = 77; // heads of unequal lengths
     let obs = random([3, hq, cfg.window, d], 33, dtype);
-    let bytes = |t: &HostTensor| -> Vec<T> { bytemuck::cast_slice(t.data().as_bytes()).to_vec() };
-    let up = |v: &[T]| stream.clone_htod(v).map_err(driver_err("cuMemcpyHtoD"));
-    let (mut kd, mut vd, od) = (up(&bytes(&pool.k))?, up(&bytes(&pool.v))?, up(&bytes(&obs))?);
-    let table = stream.clone_htod(&pool.ids).map_err(driver_err("cuMemcpyHtoD"))?;
-    let mut lens = stream.clone_htod(&pool.lens).map_err(driver_err("cuMemcpyHtoD"))?;
-    let mut mirror = pool.lens.clone();
-    let sel = {
-        let cache = super::CudaKvCache::new(
-            &kd,
-            &vd,
-            pool.layout,
-            &table,
-            BlockTable::new(&pool.ids, pool.width),
-            &mirror,
-            &stream,
-        )?;
-        be.select_on(&stream, &cache, &super::CudaTensor::bsnd(&od, &stream, obs.shape), &cfg, &[])?
-    };
+    let od = stream
+        .clone_htod(&bytemuck::pod_collect_to_vec::<u8, T>(obs.data().as_bytes()))
+        .map_err(driver_err("cuMemcpyHtoD"))?;
+    let mut dc = super::CudaPagedCache::<T>::upload(&stream, &pool)?;
+    let sel =
+        be.select_on(&stream, &dc.view(&stream)?, &super::CudaTensor::bsnd(&od, &stream, obs.shape), &cfg, &[])?;
     let got = sel.to_host(&stream)?;
     let want = cpu.kv_select(&pool.cache(), obs.view(), &cfg, &[])?;
     if got.compressed != want.compressed || got.indptr != want.indptr {
         return Ok((f64::INFINITY, 0.0));
     }
     let differ = got.positions.iter().zip(&want.positions).filter(|(a, b)| a != b).count();
-    {
-        let mut cache = super::CudaKvCacheMut::new(
-            &mut kd,
-            &mut vd,
-            pool.layout,
-            &table,
-            BlockTable::new(&pool.ids, pool.width),
-            &mut lens,
-            &mut mirror,
-            &stream,
-        )?;
-        be.compact_on(&stream, &mut cache, &sel, &mut ws)?;
-    }
+    be.compact_on(&stream, &mut dc.view_mut(&stream)?, &sel, &mut ws)?;
     cpu.kv_compact(&mut pool.cache_mut(), &got, &mut ws)?;
-    let down = |s: &cudarc::driver::CudaSlice<T>| stream.clone_dtoh(s).map_err(driver_err("cuMemcpyDtoH"));
-    let same = bytemuck::cast_slice::<T, u8>(&down(&kd)?) == pool.k.data().as_bytes()
-        && bytemuck::cast_slice::<T, u8>(&down(&vd)?) == pool.v.data().as_bytes()
-        && stream.clone_dtoh(&lens).map_err(driver_err("cuMemcpyDtoH"))? == pool.lens
-        && mirror == pool.lens;
-    if !same {
+    if !dc.matches_host(&stream, &pool)? {
         return Ok((f64::INFINITY, 0.0));
     }
     Ok((differ as f64 / want.positions.len().max(1) as f64, 0.02))

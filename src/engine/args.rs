@@ -458,7 +458,24 @@ pub fn plan_chunks<'a>(
     states: &[PlanState],
     req: &ChunkRequest<'a>,
 ) -> Result<ChunkArgs<'a>> {
-    let ([_, hq, d], c) = ragged_call(caps, (Op::PlanChunks, "plan_chunks"), &q, cu_q, &cache.parts())?;
+    let (seqs, head_dim) = chunk_shape(caps, &q, cu_q, &cache.parts(), prompt_lens, cfgs, states, req)?;
+    Ok(ChunkArgs { q, cache: cache.clone(), seqs, head_dim, keep_maps: req.keep_maps, full_ranking: req.full_ranking })
+}
+
+/// [`plan_chunks`]'s checks on the layouts and host mirrors alone (device caches): each
+/// sequence's chunk and the head dim.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn chunk_shape<'a>(
+    caps: &Capabilities,
+    q: &dyn Layout,
+    cu_q: &[u32],
+    cache: &CacheParts<'_>,
+    prompt_lens: &[u32],
+    cfgs: &'a [EntropyConfig],
+    states: &[PlanState],
+    req: &ChunkRequest<'a>,
+) -> Result<(Vec<SeqChunk<'a>>, usize)> {
+    let ([_, hq, d], c) = ragged_call(caps, (Op::PlanChunks, "plan_chunks"), q, cu_q, cache)?;
     let hkv = c.heads;
     let n = c.sequences;
     if prompt_lens.len() != n {
@@ -576,12 +593,5 @@ pub fn plan_chunks<'a>(
         };
         seqs.push(SeqChunk { tokens, q_start, kv_len, cfg, dims, segments, fusion });
     }
-    Ok(ChunkArgs {
-        q,
-        cache: cache.clone(),
-        seqs,
-        head_dim: d,
-        keep_maps: req.keep_maps,
-        full_ranking: req.full_ranking,
-    })
+    Ok((seqs, d))
 }

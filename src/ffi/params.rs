@@ -108,10 +108,21 @@ pub struct EkPlanParams {
     pub alpha: f32,
     pub entropy_floor: f32,
     pub dtype: i32,
+    pub seg_first: i32,
+    pub seg_end: i32,
+    pub q_token0: i32,
+    pub q_pos0: i32,
+    pub prompt_classes: i32,
+    pub page_size: i32,
+    pub states: u64,
+    pub block_table: u64,
+    pub page_stride: i64,
+    pub slot_stride: i64,
+    pub head_stride: i64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of EkPlanParams"][::core::mem::size_of::<EkPlanParams>() - 280usize];
+    ["Size of EkPlanParams"][::core::mem::size_of::<EkPlanParams>() - 344usize];
     ["Alignment of EkPlanParams"][::core::mem::align_of::<EkPlanParams>() - 8usize];
     ["Offset of field: EkPlanParams::q"][::core::mem::offset_of!(EkPlanParams, q) - 0usize];
     ["Offset of field: EkPlanParams::k"][::core::mem::offset_of!(EkPlanParams, k) - 48usize];
@@ -148,6 +159,34 @@ const _: () = {
     ["Offset of field: EkPlanParams::alpha"][::core::mem::offset_of!(EkPlanParams, alpha) - 264usize];
     ["Offset of field: EkPlanParams::entropy_floor"][::core::mem::offset_of!(EkPlanParams, entropy_floor) - 268usize];
     ["Offset of field: EkPlanParams::dtype"][::core::mem::offset_of!(EkPlanParams, dtype) - 272usize];
+    ["Offset of field: EkPlanParams::seg_first"][::core::mem::offset_of!(EkPlanParams, seg_first) - 276usize];
+    ["Offset of field: EkPlanParams::seg_end"][::core::mem::offset_of!(EkPlanParams, seg_end) - 280usize];
+    ["Offset of field: EkPlanParams::q_token0"][::core::mem::offset_of!(EkPlanParams, q_token0) - 284usize];
+    ["Offset of field: EkPlanParams::q_pos0"][::core::mem::offset_of!(EkPlanParams, q_pos0) - 288usize];
+    ["Offset of field: EkPlanParams::prompt_classes"][::core::mem::offset_of!(EkPlanParams, prompt_classes) - 292usize];
+    ["Offset of field: EkPlanParams::page_size"][::core::mem::offset_of!(EkPlanParams, page_size) - 296usize];
+    ["Offset of field: EkPlanParams::states"][::core::mem::offset_of!(EkPlanParams, states) - 304usize];
+    ["Offset of field: EkPlanParams::block_table"][::core::mem::offset_of!(EkPlanParams, block_table) - 312usize];
+    ["Offset of field: EkPlanParams::page_stride"][::core::mem::offset_of!(EkPlanParams, page_stride) - 320usize];
+    ["Offset of field: EkPlanParams::slot_stride"][::core::mem::offset_of!(EkPlanParams, slot_stride) - 328usize];
+    ["Offset of field: EkPlanParams::head_stride"][::core::mem::offset_of!(EkPlanParams, head_stride) - 336usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct EkPlanState {
+    pub rigid: u32,
+    pub budget: f32,
+    pub floored_entropy: f32,
+    pub next_segment: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of EkPlanState"][::core::mem::size_of::<EkPlanState>() - 16usize];
+    ["Alignment of EkPlanState"][::core::mem::align_of::<EkPlanState>() - 4usize];
+    ["Offset of field: EkPlanState::rigid"][::core::mem::offset_of!(EkPlanState, rigid) - 0usize];
+    ["Offset of field: EkPlanState::budget"][::core::mem::offset_of!(EkPlanState, budget) - 4usize];
+    ["Offset of field: EkPlanState::floored_entropy"][::core::mem::offset_of!(EkPlanState, floored_entropy) - 8usize];
+    ["Offset of field: EkPlanState::next_segment"][::core::mem::offset_of!(EkPlanState, next_segment) - 12usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
