@@ -7,7 +7,7 @@
 use std::fmt;
 
 use crate::compress::CompressedCache;
-use crate::engine::{AttendArgs, ChunkArgs, Scores, SelectArgs, Selection, Workspace};
+use crate::engine::{AttendArgs, ChunkArgs, KvCacheMut, Scores, SelectArgs, Selection, Workspace};
 use crate::error::{Error, Result};
 use crate::plan::{Plan, PlanState};
 use crate::tensor::{DType, TensorViewMut};
@@ -212,5 +212,12 @@ pub trait Backend: Send + Sync {
     fn kv_scores(&self, args: &SelectArgs<'_>) -> Result<Scores> {
         let _ = args;
         Err(Error::Unimplemented { backend: self.capabilities().backend, op: "kv_scores" })
+    }
+    /// SPEC §7.5's moves of a checked compaction: each compressed head's kept entries to its
+    /// first entries, in place (the lengths are the caller's). On the host unless a backend has
+    /// a kernel for it.
+    fn compact(&self, cache: &mut KvCacheMut<'_>, sel: &Selection) -> Result<()> {
+        crate::engine::compaction::move_on_host(cache, sel);
+        Ok(())
     }
 }

@@ -304,6 +304,6 @@ impl Kernels {
     /// `0..keep` of its own pages and its length becomes `keep`; pages past the longest head are
     /// then free for the engine. Checked entirely before the first write.
     pub fn kv_compact(&self, cache: &mut KvCacheMut<'_>, sel: &Selection, ws: &mut Workspace) -> Result<()> {
-        engine::compact(cache, sel, ws)
+        engine::compaction::compact_with(cache, sel, ws, |cache, sel| self.backend.compact(cache, sel))
     }
 }

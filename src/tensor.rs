@@ -226,6 +226,15 @@ impl<'a> HostData<'a> {
 }
 
 impl HostDataMut<'_> {
+    /// The same elements, borrowed again for a shorter time.
+    pub fn reborrow(&mut self) -> HostDataMut<'_> {
+        match self {
+            HostDataMut::F32(s) => HostDataMut::F32(s),
+            HostDataMut::F16(s) => HostDataMut::F16(s),
+            HostDataMut::BF16(s) => HostDataMut::BF16(s),
+        }
+    }
+
     /// The elements' bytes, writable (what a device copy fills).
     pub fn as_bytes_mut(&mut self) -> &mut [u8] {
         match self {

@@ -108,4 +108,66 @@ fn work_counters() {
     // A row is scored against a whole 32-key tile per instruction (not one key per Mul + ReduceSum).
     let per_instr = c.vector_repeats as f64 / c.vector_instrs as f64;
     assert!(per_instr >= 8.0, "{per_instr:.1} vector repeats per instruction: scoring went back to one key at a time");
+    paged_selection_reads_what_contiguous_reads(&kernels);
+}
+
+/// Selection over shuffled pages (`kv_scores`) reads the GM bytes the contiguous `kv_compress`
+/// scoring reads for the same keys (±5%), and the in-place compaction reads each moved K/V entry
+/// once (plus its list).
+fn paged_selection_reads_what_contiguous_reads(kernels: &Kernels) {
+    let (b, hq, hkv, n, d, dtype) = (2, 8, 2, 600, 64, DType::F32);
+    let cfg = DecodeConfig { decode_budget: 64, window: 8, ..DecodeConfig::latent() };
+    let kc = random([b, hkv, n, d], 1.0, 61, dtype);
+    let vc = random([b, hkv, n, d], 1.0, 62, dtype);
+    let obs = random([b, hq, cfg.window, d], 1.0, 63, dtype);
+    let scoring = |per_kernel: Vec<(&'static str, emu::Counters)>| -> u64 {
+        per_kernel
+            .into_iter()
+            .filter(|(k, _)| matches!(*k, "ek_compress_stats" | "ek_compress_means"))
+            .map(|(_, c)| c.gm_read_bytes)
+            .sum()
+    };
+    emu::take_counters();
+    kernels.kv_compress(kc.view(), vc.view(), obs.view(), &cfg).unwrap();
+    let contiguous = scoring(emu::kernel_counters());
+    emu::take_counters();
+    let (ps, width) = (16, n.div_ceil(16));
+    let mut pool = PagedCache::interleaved(dtype, PageLayout::slot_major(b * width, ps, hkv, d), b, width).unwrap();
+    let thd = |t: &HostTensor| {
+        let f = t.to_f32_vec();
+        let rows: Vec<f32> = (0..b)
+            .flat_map(|i| {
+                (0..n)
+                    .flat_map(move |j| (0..hkv).flat_map(move |h| (0..d).map(move |x| ((i * hkv + h) * n + j) * d + x)))
+            })
+            .map(|i| f[i])
+            .collect();
+        HostTensor::from_f32(&rows, [1, b * n, hkv, d], dtype)
+    };
+    let cpu = Kernels::cpu();
+    let mut ws = Workspace::new();
+    cpu.append(thd(&kc).view(), thd(&vc).view(), &[0, n as u32, 2 * n as u32], &mut pool.cache_mut(), &mut ws).unwrap();
+    emu::take_counters();
+    let sel = kernels.kv_select(&pool.cache(), obs.view(), &cfg, &[]).unwrap();
+    let paged = scoring(emu::kernel_counters());
+    let ratio = paged as f64 / contiguous as f64;
+    eprintln!(
+        "selection over 16-entry pages, N {n}, f32 D {d}: scoring reads {paged} GM bytes, {ratio:.3}× contiguous"
+    );
+    assert!((0.95..=1.05).contains(&ratio), "paged scoring reads {ratio:.3}× the contiguous scoring's bytes");
+    emu::take_counters();
+    kernels.kv_compact(&mut pool.cache_mut(), &sel, &mut ws).unwrap();
+    let (_, compact) =
+        emu::kernel_counters().into_iter().find(|(k, _)| *k == "ek_compress_compact").expect("the compaction ran");
+    let moved: usize = (0..b)
+        .flat_map(|i| (0..hkv).map(move |h| (i, h)))
+        .map(|(i, h)| sel.kept(i, h).iter().enumerate().filter(|&(j, &p)| p as usize != j).count())
+        .sum();
+    let moved_bytes = (2 * moved * d * dtype.size()) as u64;
+    eprintln!("in-place compaction {n} → {}: {moved} entries moved, {compact:?}", cfg.decode_budget);
+    assert!(
+        compact.gm_read_bytes >= moved_bytes && compact.gm_read_bytes <= moved_bytes + moved_bytes / 20,
+        "compaction read {} GM bytes for {moved_bytes} bytes of moved entries",
+        compact.gm_read_bytes
+    );
 }

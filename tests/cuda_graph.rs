@@ -29,7 +29,7 @@ fn a_decode_step_replays_in_a_cuda_graph() {
     let stream = ctx.new_stream().unwrap();
     let dtype = DType::F16;
     let cpu = Kernels::cpu();
-    let (hq, hkv, d, ps, seqs, width) = (8, 2, 64, 16, 2, 8);
+    let (hq, hkv, d, ps, seqs, width) = (8, 2, 64, 16, 2, 32);
     let layout = PageLayout::slot_major(seqs * width, ps, hkv, d);
     let mut host = PagedCache::interleaved(dtype, layout, seqs, width).unwrap();
     let mut ws = Workspace::new();
@@ -109,6 +109,88 @@ fn a_decode_step_replays_in_a_cuda_graph() {
     let got = HostTensor::from_f32(&typed_back::<T>(&stream.clone_dtoh(&od).unwrap(), dtype), q.shape, dtype);
     let err = rel_fro(&tensor_f64(&got), &tensor_f64(&want));
     assert!(err <= attn_tol(dtype), "replayed attention: rel err {err:e}");
+    // A graph-stable plan: one capture replays while the caches grow past what its first plan
+    // saw (300 entries appended outside the graph before the last round), re-planned between
+    // replays; a regular plan's split shape changes over the same growth.
+    let mut stable = CudaAttendPlan::graph_stable(1024);
+    let mut regular = CudaAttendPlan::new();
+    let mut shapes = Vec::new();
+    let mut graph = None;
+    for round in 0..3u64 {
+        if round == 2 {
+            let grow = [0u32, 300, 600];
+            let (kg, vg) =
+                (random([1, 600, hkv, d], 1.0, seed ^ 20, dtype), random([1, 600, hkv, d], 1.0, seed ^ 21, dtype));
+            let (kgd, vgd) =
+                (stream.clone_htod(&typed::<T>(&kg)).unwrap(), stream.clone_htod(&typed::<T>(&vg)).unwrap());
+            let gd = stream.clone_htod(&grow).unwrap();
+            let (kt, vt) = (CudaTensor::bsnd(&kgd, &stream, kg.shape), CudaTensor::bsnd(&vgd, &stream, vg.shape));
+            be.append_on(&stream, &kt, &vt, &grow, &gd, &mut dc.view_mut(&stream).unwrap(), &mut ws).unwrap();
+            cpu.append(kg.view(), vg.view(), &grow, &mut host.cache_mut(), &mut ws).unwrap();
+        }
+        let after: Vec<u32> = dc.lens_host.iter().map(|&l| l + 1).collect();
+        {
+            let cache = dc.view_with_lens(&after, &stream).unwrap();
+            let qt = CudaTensor::bsnd(&qd, &stream, [1, 2, hq, d]);
+            let ot = CudaTensorMut::bsnd(&mut od, &stream, [1, 2, hq, d]);
+            be.plan_attend_on(&stream, &mut stable, &qt, &cu, &cache, &[], None, &ot, None).unwrap();
+            be.plan_attend_on(&stream, &mut regular, &qt, &cu, &cache, &[], None, &ot, None).unwrap();
+        }
+        shapes.push((stable.launch_shape().unwrap(), regular.launch_shape().unwrap()));
+        if graph.is_none() {
+            stream.synchronize().unwrap();
+            stream.begin_capture(global).unwrap();
+            {
+                let (kt, vt) =
+                    (CudaTensor::bsnd(&knd, &stream, [1, 2, hkv, d]), CudaTensor::bsnd(&vnd, &stream, [1, 2, hkv, d]));
+                be.append_on(&stream, &kt, &vt, &cu, &cud, &mut dc.view_mut(&stream).unwrap(), &mut ws).unwrap();
+                let cache = dc.view(&stream).unwrap();
+                let qt = CudaTensor::bsnd(&qd, &stream, [1, 2, hq, d]);
+                let mut ot = CudaTensorMut::bsnd(&mut od, &stream, [1, 2, hq, d]);
+                be.run_attend_on(&stream, &stable, &qt, &cache, &mut ot, None).unwrap();
+            }
+            graph = Some(stream.end_capture(flags).unwrap().expect("a graph"));
+        } else {
+            dc.lens_host.clone_from(&after); // the engine's mirror, per replay
+        }
+        let s = seed ^ (round * 100 + 30);
+        let (kn, vn) = (random([1, 2, hkv, d], 1.0, s, dtype), random([1, 2, hkv, d], 1.0, s ^ 1, dtype));
+        let q = random([1, 2, hq, d], 1.0, s ^ 2, dtype);
+        stream.memcpy_htod(&typed::<T>(&kn), &mut knd).unwrap();
+        stream.memcpy_htod(&typed::<T>(&vn), &mut vnd).unwrap();
+        stream.memcpy_htod(&typed::<T>(&q), &mut qd).unwrap();
+        graph.as_ref().unwrap().launch().unwrap();
+        stream.synchronize().unwrap();
+        cpu.append(kn.view(), vn.view(), &cu, &mut host.cache_mut(), &mut ws).unwrap();
+        let mut want = poisoned(q.shape, dtype);
+        cpu.attend(q.view(), &cu, &host.cache(), &[], None, &mut want.view_mut(), None, &mut ws).unwrap();
+        assert!(dc.matches_host(&stream, &host).unwrap(), "graph-stable round {round}: replayed append");
+        let got = HostTensor::from_f32(&typed_back::<T>(&stream.clone_dtoh(&od).unwrap(), dtype), q.shape, dtype);
+        let err = rel_fro(&tensor_f64(&got), &tensor_f64(&want));
+        assert!(err <= attn_tol(dtype), "graph-stable round {round}: replayed attention, rel err {err:e}");
+    }
+    assert_eq!(shapes[0].0, shapes[2].0, "the graph-stable plan kept its launch shape");
+    assert_ne!(
+        shapes[0].1, shapes[2].1,
+        "a regular plan's shape changes over this growth (else the test shows nothing)"
+    );
+    // A graph-stable plan refuses what would break its capture, and stays as it was.
+    {
+        let cache = dc.view(&stream).unwrap();
+        let qt = CudaTensor::bsnd(&qd, &stream, [1, 2, hq, d]);
+        let ot = CudaTensorMut::bsnd(&mut od, &stream, [1, 2, hq, d]);
+        let mut small = CudaAttendPlan::graph_stable(64);
+        assert!(matches!(
+            be.plan_attend_on(&stream, &mut small, &qt, &cu, &cache, &[], None, &ot, None),
+            Err(Error::OutOfRange { .. })
+        ));
+        assert_eq!(small.launch_shape(), None);
+        let before = stable.launch_shape();
+        let one = [0u32, 2, 2]; // both tokens to the first sequence: fewer tiles
+        let bad = be.plan_attend_on(&stream, &mut stable, &qt, &one, &cache, &[], None, &ot, None).unwrap_err();
+        assert!(matches!(bad, Error::PlanMismatch(_)), "another tile count: {bad}");
+        assert_eq!(stable.launch_shape(), before, "a refused re-plan leaves the plan as it was");
+    }
     // Planning allocates and copies tiles from the host: the emulated capture, which records
     // kernel launches only, refuses it and invalidates the capture.
     if !be.describe().contains("emulator") {

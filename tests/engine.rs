@@ -749,6 +749,65 @@ fn selection_over_unequal_heads_matches_oracle() {
     }
 }
 
+/// The pooled scores selection ranks (`kv_scores`), over pages of every size and both layouts
+/// with heads of their own lengths (one shorter than the budget: not scored, one sequence left
+/// out), equal the oracle's per element in every dtype, for mean/max group reductions and
+/// avg/max/no pooling: what the devices' scoring reads through the block table is the cache.
+#[test]
+fn paged_scores_match_oracle() {
+    let backends = engine_backends("paged_scores", &[Op::Select]);
+    for seed in seeds("paged_scores_match_oracle") {
+        let mut rng = Rng::new(seed);
+        for dtype in DType::ALL {
+            // D 20: rows off the 32-byte grid; caps past the 512-key scoring chunk.
+            let (b, hc, g, d) = (3, 2, [1, 2, 3][rng.below(3)], [16, 20, 64][rng.below(3)]);
+            let (cap, ps) = ([150, 700][rng.below(2)], PAGE_SIZES[rng.below(3)]);
+            let cfg = DecodeConfig {
+                decode_budget: 40,
+                window: 4,
+                pooling: [Pooling::Avg, Pooling::Max, Pooling::None][rng.below(3)],
+                pooling_kernel: [3, 5][rng.below(2)],
+                gqa_mode: if rng.below(2) == 0 { GqaMode::Mean } else { GqaMode::Max },
+                ..DecodeConfig::latent()
+            };
+            let mut lens: Vec<u32> = (0..b * hc).map(|_| (41 + rng.below(cap - 41)) as u32).collect();
+            lens[hc] = 30; // below the budget: not compressing
+            let which = [true, true, rng.below(2) == 0];
+            let tag = format!("seed {seed} {dtype} lens {lens:?} page {ps} g {g} d {d} {cfg:?}");
+            with_case(&tag, || {
+                let mut pool = shuffled_pool(&mut rng, dtype, b, hc, d, cap, ps);
+                let kc = random([b, hc, cap, d], 1.0, seed ^ 41, dtype).to_f32_vec();
+                let mut pk = pool.k.to_f32_vec();
+                for i in 0..b {
+                    for h in 0..hc {
+                        for n in 0..lens[i * hc + h] as usize {
+                            let o = pool.layout.offset(pool.ids[i * pool.width + n / ps] as usize, n % ps, h);
+                            let src = ((i * hc + h) * cap + n) * d;
+                            pk[o..o + d].copy_from_slice(&kc[src..src + d]);
+                        }
+                    }
+                }
+                pool.k = HostTensor::from_f32(&pk, pool.k.shape, dtype);
+                pool.lens = lens.clone();
+                let obs = random([b, hc * g, cfg.window, d], 1.0, seed ^ 42, dtype);
+                let want = Kernels::reference().kv_scores(&pool.cache(), obs.view(), &cfg, &which).unwrap();
+                for kernels in backends.iter().skip(1) {
+                    let got = kernels.kv_scores(&pool.cache(), obs.view(), &cfg, &which).unwrap();
+                    let tag = format!("{tag} {}", kernels.kind());
+                    assert_eq!(got.compressed, want.compressed, "{tag}: which sequences compress");
+                    for (u, (x, y)) in got.rows.iter().zip(&want.rows).enumerate() {
+                        assert_eq!(x.len(), y.len(), "{tag}: row {u}'s length");
+                        let top = y.iter().cloned().fold(0f32, f32::max);
+                        for (j, (a, e)) in x.iter().zip(y).enumerate() {
+                            assert!((a - e).abs() <= 1e-3 * top + 1e-7, "{tag}: row {u} position {j}: {a} vs {e}");
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
 /// A serving loop: two sequences with their own observation windows and schedules (latent
 /// compression at step gap + 1, then `recompress_every`), ragged prefill → append → decode
 /// attention → selection → in-place compaction. Every sequence compresses exactly when its own

@@ -90,6 +90,39 @@ __aicore__ inline AscendC::LocalTensor<float> LoadRows(Que& que, const AscendC::
     }
 }
 
+// Keys j0 .. j0 + n of cache head h of sequence `seq` from a paged pool (SPEC §7.3: page =
+// table[seq · table_width + key / page_size], element page·page_stride + slot·slot_stride +
+// h·head_stride) into the next buffer of `que`, row i at i·PaddedElems<T>(d), one strided copy per
+// page the range touches; as f32 like LoadRows.
+template <typename T, typename Que>
+__aicore__ inline AscendC::LocalTensor<float> LoadPagedRows(Que& que, const AscendC::LocalTensor<float>& wide,
+                                                           const AscendC::GlobalTensor<T>& pool,
+                                                           const AscendC::GlobalTensor<uint32_t>& table, int64_t seq,
+                                                           int32_t table_width, int32_t page_size, int64_t page_stride,
+                                                           int64_t slot_stride, int64_t head_stride, int32_t h, uint32_t j0,
+                                                           uint32_t n, uint32_t d, AscendC::LocalTensor<T>& held) {
+    held = que.template AllocTensor<T>();
+    const uint32_t dpt = PaddedElems<T>(d);
+    for (uint32_t i = 0; i < n;) {
+        const uint32_t key = j0 + i, slot = key % (uint32_t)page_size;
+        const uint32_t run = (n - i) < ((uint32_t)page_size - slot) ? (n - i) : ((uint32_t)page_size - slot);
+        const int64_t page = table.GetValue(seq * table_width + key / (uint32_t)page_size);
+        const int64_t at = page * page_stride + (int64_t)slot * slot_stride + (int64_t)h * head_stride;
+        AscendC::DataCopyExtParams cp(run, d * sizeof(T), (uint32_t)((slot_stride - d) * sizeof(T)), 0, 0);
+        AscendC::DataCopyPad(held[i * dpt], pool[at], cp, AscendC::DataCopyPadExtParams<T>(true, 0, 0, T(0.0f)));
+        i += run;
+    }
+    que.EnQue(held);
+    held = que.template DeQue<T>();
+    if constexpr (SameType<T, float>::value) {
+        return held;
+    } else {
+        AscendC::Cast(wide, held, AscendC::RoundMode::CAST_NONE, n * dpt);
+        VecBarrier();
+        return wide;
+    }
+}
+
 // One query row of `d` elements of T from GM into `dst` (dpf floats) as f32, times `scale`,
 // through `que` (a one-row buffer).
 template <typename T, typename Que>

@@ -30,10 +30,24 @@ __aicore__ inline uint64_t StatsOffset(const EkCompressParams& p, int32_t b, int
     return (((uint64_t)b * p.k_cache.shape[1] + h) * p.chunks + c) * 2 * (uint64_t)(p.group * p.window);
 }
 
-// Keys of the tile [j0, j0 + n) that window row r may see (n ≤ N − W + w, w = r mod W).
-__aicore__ inline uint32_t VisibleKeys(const EkCompressParams& p, uint32_t r, uint32_t j0, uint32_t n) {
-    const int64_t last = (int64_t)p.entries - p.window + (int64_t)(r % p.window);
+// Entries head h of batch row b scores: its own length in `head_lens` over a paged cache (0: the
+// sequence does not compress), `entries` otherwise.
+__aicore__ inline uint32_t HeadEntries(const EkCompressParams& p, int32_t b, int32_t h) {
+    if (!p.head_lens) return (uint32_t)p.entries;
+    GlobalTensor<uint32_t> lens;
+    lens.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.head_lens));
+    return lens.GetValue((uint64_t)b * p.k_cache.shape[1] + h);
+}
+
+// Keys of the tile [j0, j0 + n) that window row r of a head of `entries` keys may see
+// (key ≤ entries − W + w, w = r mod W).
+__aicore__ inline uint32_t VisibleKeys(const EkCompressParams& p, uint32_t entries, uint32_t r, uint32_t j0, uint32_t n) {
+    const int64_t last = (int64_t)entries - p.window + (int64_t)(r % p.window);
     return last < (int64_t)j0 ? 0 : Min(n, (uint32_t)(last - j0 + 1));
+}
+
+__aicore__ inline uint32_t VisibleKeys(const EkCompressParams& p, uint32_t r, uint32_t j0, uint32_t n) {
+    return VisibleKeys(p, (uint32_t)p.entries, r, j0, n);
 }
 
 // Running softmax max and sum of up to COMPRESS_ROW_CHUNK rows over key tiles, on whole tiles:
@@ -127,10 +141,10 @@ __aicore__ inline void StoreStats(const EkCompressParams& p, const GlobalTensor<
 template <typename Que>
 __aicore__ inline void MergeStats(const EkCompressParams& p, const GlobalTensor<float>& statsGm, Que& in, int32_t b, int32_t h,
                                   uint32_t r0, uint32_t nr, const LocalTensor<float>& mx, const LocalTensor<float>& sm,
-                                  const LocalTensor<float>& a, const LocalTensor<float>& e) {
+                                  const LocalTensor<float>& a, const LocalTensor<float>& e, int32_t chunks) {
     const uint32_t rp = PaddedElems<float>(nr), rows = p.group * p.window;
     const uint32_t gap = (rows - nr) * sizeof(float);
-    for (int32_t c = 0; c < p.chunks; c++) {
+    for (int32_t c = 0; c < chunks; c++) {
         LocalTensor<float> st = in.template AllocTensor<float>();
         // maxes into [0, nr), sums into [rp, rp + nr).
         DataCopyPad(st, statsGm[StatsOffset(p, b, h, c) + r0], DataCopyExtParams(2, nr * sizeof(float), gap, 0, 0),

@@ -19,6 +19,8 @@
 //                       two): a search for the keep-th score by vector counting, then one
 //                       ascending compaction pass with GatherMask.
 //   ek_compress_gather  item (b, out head): the kept rows then the last W rows into k_out/v_out.
+//   ek_compress_compact item (b, cache head) of a paged cache: the kept entries moved in place to
+//                       the head's first entries (SPEC §7.5).
 //
 // UB plan (192 KiB; the G·W window rows in chunks of 64, G ≤ 16, D ≤ 256):
 //   stats/means  obs rows f32 64 × D × 4 ≤ 64 KiB; K tile 32 × D: T ≤ 16 KiB (+ f32 copy 32 KiB);
@@ -75,6 +77,7 @@ protected:
         scale_ = p.scale_log2 * LN2;  // natural-log scale for Exp
         obsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(p.obs.ptr));
         kGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(p.k_cache.ptr));
+        if (p.block_table) tableGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.block_table));
         statsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(p.stats));
         pipe_.InitBuffer(kIn_, 1, COMPRESS_KEYS * dpt_ * sizeof(T));
         pipe_.InitBuffer(rowIn_, 1, dpt_ * sizeof(T));
@@ -113,6 +116,9 @@ protected:
     }
 
     __aicore__ inline LocalTensor<float> LoadKeys(int32_t b, int32_t h, uint32_t j0, uint32_t n, LocalTensor<T>& held) {
+        if (p_.block_table)
+            return LoadPagedRows<T>(kIn_, WideBuffer<T>(kf_), kGm_, tableGm_, b, p_.table_width, p_.page_size, p_.page_stride,
+                                    p_.slot_stride, p_.head_stride, h, j0, n, d_, held);
         const int64_t off = b * p_.k_cache.stride[0] + h * p_.k_cache.stride[1] + j0 * p_.k_cache.stride[2];
         return LoadRows<T>(kIn_, WideBuffer<T>(kf_), kGm_[off], n, d_, p_.k_cache.stride[2], held);
     }
@@ -124,6 +130,7 @@ protected:
     TQue<TPosition::VECIN, 1> kIn_, rowIn_;
     TBuf<TPosition::VECCALC> obs_, kf_, rowf_, scores_, tmp_, part_;
     GlobalTensor<T> obsGm_, kGm_;
+    GlobalTensor<uint32_t> tableGm_;
     GlobalTensor<float> statsGm_;
 };
 
@@ -146,14 +153,17 @@ private:
     __aicore__ inline void Item(uint32_t it) {
         const int32_t c = it % B::p_.chunks, bh = it / B::p_.chunks;
         const int32_t b = bh / B::p_.k_cache.shape[1], h = bh % B::p_.k_cache.shape[1];
-        for (uint32_t r0 = 0; r0 < B::rows_; r0 += B::chunkRows_) Rows(b, h, c, r0, Min(B::chunkRows_, B::rows_ - r0));
+        // A head's chunks past its own length (paged caches) hold no keys: the means merge only its own.
+        const uint32_t entries = HeadEntries(B::p_, b, h);
+        if (c * (uint32_t)B::p_.chunk >= entries) return;
+        for (uint32_t r0 = 0; r0 < B::rows_; r0 += B::chunkRows_) Rows(b, h, c, entries, r0, Min(B::chunkRows_, B::rows_ - r0));
     }
 
-    // Stats of window rows [r0, r0 + nr) over key chunk c.
-    __aicore__ inline void Rows(int32_t b, int32_t h, int32_t c, uint32_t r0, uint32_t nr) {
+    // Stats of window rows [r0, r0 + nr) over key chunk c of a head of `entries` keys.
+    __aicore__ inline void Rows(int32_t b, int32_t h, int32_t c, uint32_t entries, uint32_t r0, uint32_t nr) {
         B::LoadObs(b, h, r0, nr);
         st_.Start(nr);
-        const uint32_t lo = c * B::p_.chunk, hi = Min(B::p_.entries, lo + B::p_.chunk);
+        const uint32_t lo = c * B::p_.chunk, hi = Min(entries, lo + B::p_.chunk);
         LocalTensor<float> sc = B::scores_.template Get<float>();
         for (uint32_t j0 = lo; j0 < hi; j0 += COMPRESS_KEYS) {
             const uint32_t n = Min(COMPRESS_KEYS, hi - j0);
@@ -162,7 +172,7 @@ private:
             for (uint32_t i = 0; i < nr; i++) {
                 B::Score(i, keys, n);
                 // Keys past the row's window limit or past the tile: −inf.
-                st_.Hide(sc, i, VisibleKeys(B::p_, r0 + i, j0, n), COMPRESS_KEYS);
+                st_.Hide(sc, i, VisibleKeys(B::p_, entries, r0 + i, j0, n), COMPRESS_KEYS);
             }
             B::kIn_.FreeTensor(held);
             st_.Step(sc, COMPRESS_KEYS);
@@ -193,9 +203,10 @@ public:
 
 private:
     // Global softmax max and sum of window rows [r0, r0 + nr), merged over every chunk's stats.
-    __aicore__ inline void MergeStats(int32_t b, int32_t h, uint32_t r0, uint32_t nr, float* m, float* l) {
+    __aicore__ inline void MergeStats(int32_t b, int32_t h, uint32_t entries, uint32_t r0, uint32_t nr, float* m, float* l) {
         LocalTensor<float> mx = max_.Get<float>(), sm = sum_.Get<float>(), a = mix_.Get<float>(), e = a[PaddedElems<float>(B::chunkRows_)];
-        ekcompress::MergeStats(B::p_, B::statsGm_, statIn_, b, h, r0, nr, mx, sm, a, e);
+        const int32_t chunks = (int32_t)((entries + B::p_.chunk - 1) / B::p_.chunk);
+        ekcompress::MergeStats(B::p_, B::statsGm_, statIn_, b, h, r0, nr, mx, sm, a, e, chunks);
         SetFlag<HardEvent::V_S>(0);
         WaitFlag<HardEvent::V_S>(0);
         for (uint32_t i = 0; i < nr; i++) {
@@ -207,7 +218,9 @@ private:
     __aicore__ inline void Item(uint32_t it) {
         const int32_t c = it % B::p_.chunks, bh = it / B::p_.chunks;
         const int32_t b = bh / B::p_.k_cache.shape[1], h = bh % B::p_.k_cache.shape[1];
-        const uint32_t scored = B::p_.entries - B::p_.window;
+        const uint32_t entries = HeadEntries(B::p_, b, h);
+        if (entries == 0) return;  // a sequence that does not compress
+        const uint32_t scored = entries - B::p_.window;
         const uint32_t lo = c * B::p_.chunk, hi = Min(scored, lo + B::p_.chunk);
         if (lo >= hi) return;  // a chunk of window keys only: nothing to average
         // acc[g][key - lo]: the window mean of query head h·G + g over this chunk's keys.
@@ -218,7 +231,7 @@ private:
         for (uint32_t r0 = 0; r0 < B::rows_; r0 += B::chunkRows_) {
             const uint32_t nr = Min(B::chunkRows_, B::rows_ - r0);
             float m[COMPRESS_ROW_CHUNK], l[COMPRESS_ROW_CHUNK];
-            MergeStats(b, h, r0, nr, m, l);
+            MergeStats(b, h, entries, r0, nr, m, l);
             B::LoadObs(b, h, r0, nr);
             for (uint32_t j0 = lo; j0 < hi; j0 += COMPRESS_KEYS) {
                 const uint32_t n = Min(COMPRESS_KEYS, hi - j0);
@@ -289,7 +302,10 @@ private:
 
     __aicore__ inline void Item(uint32_t it) {
         const uint32_t b = it / p_.out_heads, hc = it % p_.out_heads;
-        const uint32_t scored = p_.entries - p_.window, stride = MeansStride(p_), pad = PoolPad(p_);
+        // Over a paged cache the out heads are the cache's heads, each of its own length.
+        const uint32_t entries = HeadEntries(p_, b, hc);
+        if (entries == 0) return;
+        const uint32_t scored = entries - p_.window, stride = MeansStride(p_), pad = PoolPad(p_);
         const bool per_query = p_.gqa_mode == GQA_PER_QUERY_HEAD;
         const uint32_t first = per_query ? hc : hc * p_.group, heads = per_query ? 1 : p_.group;
         const uint64_t row = ((uint64_t)b * p_.obs.shape[1] + first) * stride;
@@ -348,7 +364,8 @@ private:
             VecBarrier();
             out_.EnQue(acc);
             acc = out_.DeQue<float>();
-            DataCopyPad(pooledGm_[((uint64_t)b * p_.out_heads + hc) * scored + t0], acc, DataCopyExtParams(1, n * sizeof(float), 0, 0, 0));
+            const uint64_t row_stride = (uint64_t)(p_.entries - p_.window);  // the longest head's
+            DataCopyPad(pooledGm_[((uint64_t)b * p_.out_heads + hc) * row_stride + t0], acc, DataCopyExtParams(1, n * sizeof(float), 0, 0, 0));
             out_.FreeTensor(acc);
         }
     }
@@ -757,8 +774,68 @@ private:
     GlobalTensor<uint32_t> selGm_;
 };
 
+// ------------------------------------------------------------------------------------------------
+// In-place compaction of a paged cache (SPEC §7.5): item (sequence b, cache head h) moves its kept
+// entries selected[u·list_stride + j] (ascending) to entries j = 0 .. lengths[u] of its own pages,
+// K then V, one row at a time through a two-deep GM → UB → GM queue. Race-free in place: p_j ≥ j
+// ascending, so a row is read before any write could reach it (the write of row j follows the
+// reads of every p_i ≤ j through the queue's MTE2 → MTE3 order) and no row is read after it is
+// written (a later source p_k ≥ k > j). Sequences do not share pages (checked on the host).
+
+template <typename T> class CompactKernel {
+public:
+    __aicore__ inline void Run(const EkCompressParams& p) {
+        p_ = p;
+        d_ = p.k_cache.shape[3];
+        selGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.selected));
+        lenGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.lengths));
+        tableGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.block_table));
+        kGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(p.k_cache.ptr));
+        vGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(p.v_cache.ptr));
+        pipe_.InitBuffer(rows_, 2, PaddedElems<T>(d_) * sizeof(T));
+        const uint32_t items = p.k_cache.shape[0] * p.k_cache.shape[1];
+        for (uint32_t it = GetBlockIdx(); it < items; it += GetBlockNum()) Item(it);
+    }
+
+private:
+    // Element offset of entry n of head h of sequence b.
+    __aicore__ inline int64_t Entry(int32_t b, int32_t h, uint32_t n) {
+        const int64_t page = tableGm_.GetValue((int64_t)b * p_.table_width + n / (uint32_t)p_.page_size);
+        return page * p_.page_stride + (int64_t)(n % (uint32_t)p_.page_size) * p_.slot_stride + (int64_t)h * p_.head_stride;
+    }
+
+    __aicore__ inline void Move(const GlobalTensor<T>& pool, int64_t src, int64_t dst) {
+        LocalTensor<T> t = rows_.AllocTensor<T>();
+        DataCopyPad(t, pool[src], DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0), DataCopyPadExtParams<T>(true, 0, 0, T(0.0f)));
+        rows_.EnQue(t);
+        t = rows_.DeQue<T>();
+        DataCopyPad(pool[dst], t, DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0));
+        rows_.FreeTensor(t);
+    }
+
+    __aicore__ inline void Item(uint32_t u) {
+        const int32_t b = u / p_.k_cache.shape[1], h = u % p_.k_cache.shape[1];
+        const uint32_t keep = lenGm_.GetValue(u);  // 0: the sequence does not compress
+        for (uint32_t j = 0; j < keep; j++) {
+            const uint32_t pos = selGm_.GetValue((uint64_t)u * p_.list_stride + j);
+            if (pos == j) continue;
+            const int64_t src = Entry(b, h, pos), dst = Entry(b, h, j);
+            Move(kGm_, src, dst);
+            Move(vGm_, src, dst);
+        }
+    }
+
+    EkCompressParams p_;
+    uint32_t d_ = 0;
+    TPipe pipe_;
+    TQueBind<TPosition::VECIN, TPosition::VECOUT, 2> rows_;
+    GlobalTensor<uint32_t> selGm_, lenGm_, tableGm_;
+    GlobalTensor<T> kGm_, vGm_;
+};
+
 }  // namespace
 
+extern "C" __global__ __aicore__ void ek_compress_compact(GM_ADDR params) { Dispatch<CompactKernel>(ReadParams<EkCompressParams>(params)); }
 extern "C" __global__ __aicore__ void ek_compress_stats(GM_ADDR params) { Dispatch<StatsKernel>(ReadParams<EkCompressParams>(params)); }
 extern "C" __global__ __aicore__ void ek_compress_means(GM_ADDR params) { Dispatch<MeansKernel>(ReadParams<EkCompressParams>(params)); }
 extern "C" __global__ __aicore__ void ek_compress_pool(GM_ADDR params) {

@@ -258,7 +258,7 @@ private:
                 // Per row of the pass: m, and the weight 1 / (W·l) of its probabilities in the
                 // mean, each broadcast to one block per row.
                 LocalTensor<float> mx = mg, sm = mg[CUBE_ROWS], coef = mg[2 * CUBE_ROWS];
-                MergeStats(p_, statsGm_, statIn_, b, h, r0, nr, mx, sm, coef, mg[3 * CUBE_ROWS]);
+                MergeStats(p_, statsGm_, statIn_, b, h, r0, nr, mx, sm, coef, mg[3 * CUBE_ROWS], p_.chunks);
                 Muls(sm, sm, (float)w, (int32_t)nr);
                 VecBarrier();
                 Duplicate(coef, 1.0f, (int32_t)nr);

@@ -161,8 +161,16 @@ impl<'v> Launcher<'v> for AclLauncher<'_, 'v> {
         Ok(())
     }
     fn finish(self) -> Result<()> {
-        for (i, host) in self.outputs {
-            self.buffers[i].download(host)?;
+        // Every output downloaded before the first is written: a failed download (of V after K,
+        // say) leaves all of them as they were, not half-updated.
+        let mut staged = Vec::with_capacity(self.outputs.len());
+        for (i, host) in &self.outputs {
+            let mut bytes = vec![0u8; host.len()];
+            self.buffers[*i].download(&mut bytes)?;
+            staged.push(bytes);
+        }
+        for ((_, host), bytes) in self.outputs.into_iter().zip(staged) {
+            host.copy_from_slice(&bytes);
         }
         Ok(())
     }
@@ -201,6 +209,18 @@ impl Backend for AscendBackend {
         _ws: &mut crate::engine::Workspace,
     ) -> Result<()> {
         ops::attend(self.launcher(), a, out, lse)
+    }
+    fn select(&self, a: &crate::engine::SelectArgs<'_>) -> Result<crate::engine::Selection> {
+        ops::kv_scores(self.launcher(), a)?.select(a.cfg())
+    }
+    fn kv_scores(&self, a: &crate::engine::SelectArgs<'_>) -> Result<crate::engine::Scores> {
+        ops::kv_scores(self.launcher(), a)
+    }
+    fn compact(&self, cache: &mut crate::engine::KvCacheMut<'_>, sel: &crate::engine::Selection) -> Result<()> {
+        let (layout, table) = (cache.layout, cache.table.clone());
+        let mut k = ops::pool_view(&mut cache.k);
+        let mut v = ops::pool_view(&mut cache.v);
+        ops::compact(self.launcher(), &mut k, &mut v, &layout, &table, sel)
     }
 }
 

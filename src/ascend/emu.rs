@@ -269,4 +269,16 @@ impl Backend for AscendEmuBackend {
     ) -> Result<()> {
         ops::attend(EmuLauncher::default(), a, out, lse)
     }
+    fn select(&self, a: &crate::engine::SelectArgs<'_>) -> Result<crate::engine::Selection> {
+        ops::kv_scores(EmuLauncher::default(), a)?.select(a.cfg())
+    }
+    fn kv_scores(&self, a: &crate::engine::SelectArgs<'_>) -> Result<crate::engine::Scores> {
+        ops::kv_scores(EmuLauncher::default(), a)
+    }
+    fn compact(&self, cache: &mut crate::engine::KvCacheMut<'_>, sel: &crate::engine::Selection) -> Result<()> {
+        let (layout, table) = (cache.layout, cache.table.clone());
+        let mut k = ops::pool_view(&mut cache.k);
+        let mut v = ops::pool_view(&mut cache.v);
+        ops::compact(EmuLauncher::default(), &mut k, &mut v, &layout, &table, sel)
+    }
 }

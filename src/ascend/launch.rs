@@ -48,6 +48,8 @@ pub const COMPRESS_TOPK: Kernel = vector("ek_compress_topk", "kv_compress");
 pub const COMPRESS_SELECT: Kernel = vector("ek_compress_select", "kv_compress");
 /// `kv_compress`: gathers the kept entries into the compressed cache.
 pub const COMPRESS_GATHER: Kernel = vector("ek_compress_gather", "kv_compress");
+/// `ek_compress_compact`: in-place compaction of a paged cache (SPEC §7.5).
+pub const COMPRESS_COMPACT: Kernel = vector("ek_compress_compact", "kv_compress");
 
 /// kv_compress scoring with S = obs·Kᵀ on the cube (f16/bf16 caches; mixed kernels).
 pub const COMPRESS_CUBE_STATS: Kernel =
@@ -64,7 +66,7 @@ pub const PREFILL_F32: Kernel = vector("ek_prefill_vec", "prefill_vector");
 pub const PLAN_REPS: Kernel = vector("ek_plan_reps", "plan");
 
 /// Every kernel entry the backend ships; build.rs compiles each distinct `file` once.
-pub const KERNELS: [Kernel; 13] = [
+pub const KERNELS: [Kernel; 14] = [
     DECODE,
     ATTEND,
     COMPRESS_STATS,
@@ -73,6 +75,7 @@ pub const KERNELS: [Kernel; 13] = [
     COMPRESS_TOPK,
     COMPRESS_SELECT,
     COMPRESS_GATHER,
+    COMPRESS_COMPACT,
     COMPRESS_CUBE_STATS,
     COMPRESS_CUBE_MEANS,
     PREFILL,

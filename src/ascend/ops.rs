@@ -6,9 +6,11 @@ use super::launch::{self, Launcher};
 use crate::backend::{Capabilities, HeadDims, Op};
 use crate::compress::{self, CompressedCache};
 use crate::config::HeadBudget;
-use crate::engine::AttendArgs;
+use crate::engine::{AttendArgs, Scores, SelectArgs, Selection};
 use crate::error::{Error, Result};
-use crate::ffi::{EkAttendParams, EkCompressParams, EkDecodeParams, EkPlanParams, EkPrefillParams, dtype_code};
+use crate::ffi::{
+    EkAttendParams, EkCompressParams, EkDecodeParams, EkPlanParams, EkPrefillParams, EkTensor, dtype_code,
+};
 use crate::plan::Plan;
 use crate::tensor::{DType, HostTensor, TensorViewMut};
 use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
@@ -47,19 +49,7 @@ pub(crate) fn attend<'v>(
     }
     let cache = a.cache();
     let layout = cache.layout();
-    // A run of keys is one strided DataCopyPad: the gap between rows (slot stride − D) is a u32
-    // byte count and cannot be negative.
-    let gap = (layout.strides[1] as u64).checked_sub(d.head_dim as u64).map(|g| g * a.q().dtype().size() as u64);
-    if gap.is_none_or(|g| g > u64::from(u32::MAX)) {
-        return Err(Error::Layout {
-            what: "cache",
-            detail: format!(
-                "the Ascend kernels read a head's entries as rows {} elements apart: it must be at least the head \
-                 dim {} and the gap below 4 GiB",
-                layout.strides[1], d.head_dim
-            ),
-        });
-    }
+    row_gap(layout.strides[1], d.head_dim, a.q().dtype())?;
     // Arrays the kernel indexes may be empty (no plans): never hand over a zero-length buffer.
     let nonempty = |v: &[u32]| if v.is_empty() { vec![0u32] } else { v.to_vec() };
     let lse_buf = match &lse {
@@ -99,11 +89,27 @@ pub(crate) fn attend<'v>(
     l.finish()
 }
 
+/// A run of a paged cache's keys is one strided DataCopyPad: the gap between rows (slot stride −
+/// D) is a u32 byte count and cannot be negative.
+fn row_gap(slot_stride: usize, head_dim: usize, dtype: DType) -> Result<()> {
+    let gap = (slot_stride as u64).checked_sub(head_dim as u64).map(|g| g * dtype.size() as u64);
+    if gap.is_none_or(|g| g > u64::from(u32::MAX)) {
+        return Err(Error::Layout {
+            what: "cache",
+            detail: format!(
+                "the Ascend kernels read a head's entries as rows {slot_stride} elements apart: it must be at least \
+                 the head dim {head_dim} and the gap below 4 GiB"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Query rows per tile of the attention kernel (`ATTEND_MAX_ROWS` in ascend/kernels/attend.cpp).
 pub const ATTEND_MAX_ROWS: usize = 16;
 
 /// Operations with Ascend kernels (the others answer `Error::Unimplemented`).
-pub const SUPPORTED: [Op; 5] = [Op::Plan, Op::Prefill, Op::KvCompress, Op::Decode, Op::Attend];
+pub const SUPPORTED: [Op; 6] = [Op::Plan, Op::Prefill, Op::KvCompress, Op::Decode, Op::Attend, Op::Select];
 
 /// What the Ascend kernels run: every op in f32/f16/bf16, head dims up to 256 (prefill on the
 /// cube for f16/bf16; f32 on the vector cores, A2's cube having no transposing f32 load for P·V).
@@ -229,6 +235,129 @@ pub(crate) fn kv_compress<'v>(mut l: impl Launcher<'v>, a: &CompressArgs<'_>, to
         window: w,
         compressed: true,
     })
+}
+
+/// The pooled score rows of the compressing sequences of a (paged) cache (SPEC §7.5, §4 steps
+/// 1–4): the vector scoring kernels read keys through the block table, each head scoring its own
+/// length (`head_lens`; 0: the sequence does not compress); the rows come back to the host,
+/// where selection follows the shared rules ([`Scores::select`]) as the contiguous AdaKV path's.
+pub(crate) fn kv_scores<'v>(mut l: impl Launcher<'v>, a: &SelectArgs<'_>) -> Result<Scores> {
+    let d = a.dims();
+    let cfg = a.cfg();
+    let cache = a.cache();
+    let lens = cache.lens();
+    let heads = d.kv_heads;
+    if !a.compress().iter().any(|&c| c) {
+        l.finish()?;
+        return Ok(Scores::of(a, vec![Vec::new(); lens.len()]));
+    }
+    if d.group() > COMPRESS_MAX_GROUP {
+        let why = format!("the Ascend compression averages at most {COMPRESS_MAX_GROUP} query heads per kv head");
+        return Err(Error::range("group", d.group(), why));
+    }
+    let layout = cache.layout();
+    row_gap(layout.strides[1], d.head_dim, a.obs().dtype())?;
+    let dtype = cache.dtype();
+    let rows = d.group() * d.window;
+    let scored = d.entries - d.window;
+    let chunks = d.entries.div_ceil(COMPRESS_CHUNK);
+    let pad = if cfg.pooling == crate::config::Pooling::None { 0 } else { cfg.pooling_kernel / 2 };
+    let means_stride = (scored + 2 * pad).div_ceil(8) * 8;
+    let head_lens: Vec<u32> = (0..lens.len()).map(|u| if a.compress()[u / heads] { lens[u] } else { 0 }).collect();
+    // Over pages the kernels address keys through the table; the tensor carries the sizes only.
+    let pool = |ptr: u64| EkTensor {
+        ptr,
+        stride: [0; 3],
+        shape: [d.batch as i32, heads as i32, d.entries as i32, d.head_dim as i32],
+    };
+    let params = EkCompressParams {
+        k_cache: pool(l.array(cache.k().as_bytes())?),
+        v_cache: pool(0),
+        obs: l.input(&a.obs())?,
+        stats: l.zeroed(4 * d.batch * heads * chunks * 2 * rows)?,
+        means: l.zeroed(4 * d.batch * d.q_heads * means_stride)?,
+        pooled: l.zeroed(4 * d.batch * heads * scored)?,
+        head_lens: l.array(launch::bytes_of(&head_lens))?,
+        block_table: l.array(launch::bytes_of(cache.table().ids()))?,
+        page_stride: layout.strides[0] as i64,
+        slot_stride: layout.strides[1] as i64,
+        head_stride: layout.strides[2] as i64,
+        table_width: cache.table().width() as i32,
+        page_size: layout.page_size as i32,
+        ..EkCompressParams::sized(&d, cfg, COMPRESS_CHUNK, a.scale(), dtype)
+    };
+    for k in [launch::COMPRESS_STATS, launch::COMPRESS_MEANS, launch::COMPRESS_POOL] {
+        l.launch(k, &params)?;
+    }
+    let mut pooled = vec![0u8; 4 * d.batch * heads * scored];
+    l.read(params.pooled, &mut pooled)?;
+    l.finish()?;
+    let pooled = f32s(&pooled);
+    let rows = (0..lens.len())
+        .map(|u| {
+            if head_lens[u] == 0 {
+                Vec::new()
+            } else {
+                pooled[u * scored..][..head_lens[u] as usize - d.window].to_vec()
+            }
+        })
+        .collect();
+    Ok(Scores::of(a, rows))
+}
+
+/// A whole pool as a `[1, 1, 1, elements]` view: only its address reaches the kernel (which
+/// addresses entries through the table with 64-bit offsets; `compact` overwrites the shape).
+pub(crate) fn pool_view<'a>(pool: &'a mut crate::tensor::HostDataMut<'_>) -> TensorViewMut<'a> {
+    let elements = pool.as_bytes_mut().len() / pool.dtype().size();
+    TensorViewMut::new(pool.reborrow(), [1, 1, 1, elements])
+}
+
+/// In-place compaction (SPEC §7.5) of a checked selection on the vector cores: the pools go to
+/// the device as outputs `k` and `v` (whole, `[1, 1, 1, elements]` views of the cache's pools)
+/// and come back moved; the kept lists row by row (`list_stride` apart), each head's count (0
+/// where the sequence does not compress).
+pub(crate) fn compact<'v>(
+    mut l: impl Launcher<'v>,
+    k: &'v mut TensorViewMut<'_>,
+    v: &'v mut TensorViewMut<'_>,
+    layout: &crate::engine::PageLayout,
+    table: &crate::engine::BlockTable<'_>,
+    sel: &Selection,
+) -> Result<()> {
+    if !sel.compressed.iter().any(|&c| c) {
+        return l.finish();
+    }
+    let heads = layout.heads;
+    let units = sel.compressed.len() * heads;
+    let counts: Vec<u32> = (0..units)
+        .map(|u| if sel.compressed[u / heads] { sel.kept(u / heads, u % heads).len() as u32 } else { 0 })
+        .collect();
+    let stride = counts.iter().copied().max().unwrap_or(0).max(1) as usize;
+    let mut lists = vec![0u32; units * stride];
+    for u in (0..units).filter(|&u| counts[u] > 0) {
+        lists[u * stride..][..counts[u] as usize].copy_from_slice(sel.kept(u / heads, u % heads));
+    }
+    let dtype = k.dtype();
+    let (kp, vp) = (l.output(k)?, l.output(v)?);
+    let sized =
+        |t: EkTensor| EkTensor { shape: [sel.compressed.len() as i32, heads as i32, 0, layout.head_dim as i32], ..t };
+    let params = EkCompressParams {
+        k_cache: sized(kp),
+        v_cache: sized(vp),
+        selected: l.array(launch::bytes_of(&lists))?,
+        lengths: l.array(launch::bytes_of(&counts))?,
+        list_stride: stride as i32,
+        block_table: l.array(launch::bytes_of(table.ids()))?,
+        page_stride: layout.strides[0] as i64,
+        slot_stride: layout.strides[1] as i64,
+        head_stride: layout.strides[2] as i64,
+        table_width: table.width() as i32,
+        page_size: layout.page_size as i32,
+        dtype: dtype_code(dtype),
+        ..EkCompressParams::default()
+    };
+    l.launch(launch::COMPRESS_COMPACT, &params)?;
+    l.finish()
 }
 
 /// Query rows (tokens × group heads) of one prefill item (`PREFILL_ROWS` in prefill.cpp).

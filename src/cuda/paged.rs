@@ -7,9 +7,11 @@
 //! decode step of appends and attention can be captured in a CUDA graph. A captured graph holds
 //! the launches' grids and the params structs by value (tile count, splits, keys per split, the
 //! plan buffers' addresses): it replays correctly only while `plan_attend_on` (outside the graph)
-//! yields the same launch shape without growing its buffers; otherwise capture again.
-//! Graph-stable plans (a grid sized for a maximum, the shape read from device memory, as
-//! FlashInfer's CUDA-graph mode does) are not built yet. `append_on` advances the host mirror when
+//! yields the same launch shape without growing its buffers; otherwise capture again. A
+//! [`CudaAttendPlan::graph_stable`] plan guarantees that while it can: its splits are cut for a
+//! maximum number of keys per tile (FlashInfer's CUDA-graph mode sizes its grid the same way), so
+//! re-planning as the caches grow rewrites the tiles in place and keeps the shape and buffers, and
+//! it refuses (unchanged) a re-plan that cannot. `append_on` advances the host mirror when
 //! it is called (captured), not per replay: the engine advances its mirror for each replay.
 //! Capture on a stream of the engine's (the backend's own is the legacy default stream, which
 //! cannot capture) with the context's event tracking off: with it on — always, for any stream but
@@ -171,6 +173,8 @@ pub struct CudaAttendPlan {
     lists: [Option<CudaSlice<u32>>; 3],
     partial: Option<CudaSlice<f32>>,
     planned: Option<Planned>,
+    /// Graph-stable: the split shape is made for this many keys per tile, whatever the cache holds.
+    stable_keys: Option<usize>,
 }
 
 /// What a plan was made for, checked again when it runs.
@@ -194,6 +198,48 @@ impl CudaAttendPlan {
     /// An empty plan (no buffers yet).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty graph-stable plan, for a step captured in a CUDA graph and replayed while the
+    /// caches grow: every `plan_attend_on` cuts the tiles' keys into the splits `max_keys` keys
+    /// per tile need (trailing splits of shorter tiles are empty), so re-planning keeps the launch
+    /// shape (tiles, splits, keys per split) and, after the first plan, the buffers' addresses —
+    /// what the captured launches hold by value. A re-plan that would change them (another tile
+    /// count, a tile over `max_keys`, lists that outgrow their buffers) fails, and the plan is
+    /// left unchanged: capture again with a new plan. The price: splits sized for `max_keys`.
+    pub fn graph_stable(max_keys: usize) -> Self {
+        CudaAttendPlan { stable_keys: Some(max_keys.max(1)), ..Self::default() }
+    }
+
+    /// The launch shape of the current plan: (tiles, splits, keys per split); `None` before a
+    /// plan or when it has nothing to launch.
+    pub fn launch_shape(&self) -> Option<(usize, usize, usize)> {
+        let p = self.planned.as_ref()?;
+        p.launches.as_ref().map(|l| (p.tiles, l.splits, l.keys_per_split))
+    }
+
+    /// A graph-stable re-plan keeps the launch shape and the buffers (see [`Self::graph_stable`]).
+    fn check_stable(&self, shape: (usize, usize, usize), needs: [usize; 5]) -> Result<()> {
+        let Some(max_keys) = self.stable_keys else { return Ok(()) };
+        let Some(before) = self.launch_shape() else { return Ok(()) };
+        let refuse =
+            |why: String| Err(Error::PlanMismatch(format!("graph-stable plan for {max_keys} keys per tile: {why}")));
+        if before != shape {
+            return refuse(format!(
+                "the launch shape (tiles, splits, keys per split) would change from {before:?} to {shape:?}; capture again with a new plan"
+            ));
+        }
+        let have = [
+            self.tiles.as_ref().map_or(0, |s| s.len()),
+            self.lists[0].as_ref().map_or(0, |s| s.len()),
+            self.lists[1].as_ref().map_or(0, |s| s.len()),
+            self.lists[2].as_ref().map_or(0, |s| s.len()),
+            self.partial.as_ref().map_or(0, |s| s.len()),
+        ];
+        if needs.iter().zip(have).any(|(&n, h)| n.max(1) > h) {
+            return refuse("its buffers would have to grow (and move); capture again with a new plan".into());
+        }
+        Ok(())
     }
 }
 
@@ -305,15 +351,31 @@ impl CudaBackend {
         let (tq, nh) = crate::engine::tiles::tile_shape(d.group(), launches::ATTEND_ROWS);
         let work = crate::engine::tiles::work(&shape, launches::ATTEND_ROWS);
         let tiles = work.tiles.len().max(1);
-        let launches = launches::attend(&self.limits, tiles, tq * nh, d.head_dim, work.max_keys, q.dtype())?;
+        let max_keys = match plan.stable_keys {
+            Some(m) if work.max_keys > m => {
+                return Err(Error::range(
+                    "keys per tile",
+                    work.max_keys,
+                    format!("the graph-stable plan splits at most {m} keys per tile; capture again with a larger plan"),
+                ));
+            }
+            Some(m) => m,
+            None => work.max_keys,
+        };
+        let launches = launches::attend(&self.limits, tiles, tq * nh, d.head_dim, max_keys, q.dtype())?;
         launches.split.check(&self.limits)?;
         launches.merge.check(&self.limits)?;
+        let partial = tiles * launches.splits * tq * nh * (d.head_dim + 2);
+        if !work.tiles.is_empty() {
+            let needs = [work.tiles.len(), work.offsets.len(), work.counts.len(), work.indices.len(), partial];
+            plan.check_stable((work.tiles.len(), launches.splits, launches.keys_per_split), needs)?;
+        }
         plan.planned = None; // a failure below leaves no stale plan to run
         upload_into(stream, &mut plan.tiles, &work.tiles)?;
         for (slot, host) in plan.lists.iter_mut().zip([&work.offsets, &work.counts, &work.indices]) {
             upload_into(stream, slot, host)?;
         }
-        grown(stream, &mut plan.partial, tiles * launches.splits * tq * nh * (d.head_dim + 2))?;
+        grown(stream, &mut plan.partial, partial)?;
         plan.planned = Some(Planned {
             tiles: work.tiles.len(),
             launches: (!work.tiles.is_empty()).then_some(launches),

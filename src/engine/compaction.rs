@@ -265,20 +265,39 @@ impl Scores {
 /// its length. Checked before the first write: the selection fits the cache (ascending positions
 /// below each length), and no page it writes is used by another sequence.
 pub fn compact(cache: &mut KvCacheMut<'_>, sel: &Selection, ws: &mut Workspace) -> Result<()> {
+    compact_with(cache, sel, ws, |cache, sel| {
+        move_on_host(cache, sel);
+        Ok(())
+    })
+}
+
+/// [`compact`] with the entries moved by `moves` (a backend's kernel) once every check passed;
+/// the lengths change only when it succeeds.
+pub(crate) fn compact_with(
+    cache: &mut KvCacheMut<'_>,
+    sel: &Selection,
+    ws: &mut Workspace,
+    moves: impl FnOnce(&mut KvCacheMut<'_>, &Selection) -> Result<()>,
+) -> Result<()> {
     let c = cache.parts().check(true)?;
     check_selection(&c, cache.lens, sel)?;
     check_rewritten_pages(&c, &cache.table, cache.lens, &sel.compressed, ws)?;
-    match cache.k.dtype() {
-        DType::F32 => move_entries::<f32>(cache, sel),
-        DType::F16 => move_entries::<f16>(cache, sel),
-        DType::BF16 => move_entries::<bf16>(cache, sel),
-    }
+    moves(cache, sel)?;
     for i in (0..c.sequences).filter(|&i| sel.compressed[i]) {
         for h in 0..c.heads {
             cache.lens[i * c.heads + h] = sel.kept(i, h).len() as u32;
         }
     }
     Ok(())
+}
+
+/// The kept entries moved to each compressed head's first entries, on the host.
+pub(crate) fn move_on_host(cache: &mut KvCacheMut<'_>, sel: &Selection) {
+    match cache.k.dtype() {
+        DType::F32 => move_entries::<f32>(cache, sel),
+        DType::F16 => move_entries::<f16>(cache, sel),
+        DType::BF16 => move_entries::<bf16>(cache, sel),
+    }
 }
 
 /// No page a compaction rewrites (those of the `compressed` sequences' entries) is used by
