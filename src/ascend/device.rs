@@ -216,6 +216,13 @@ impl Backend for AscendBackend {
     fn kv_scores(&self, a: &crate::engine::SelectArgs<'_>) -> Result<crate::engine::Scores> {
         ops::kv_scores(self.launcher(), a)
     }
+    fn plan_chunks(
+        &self,
+        a: &crate::engine::ChunkArgs<'_>,
+        states: &mut [crate::plan::PlanState],
+    ) -> Result<Vec<Plan>> {
+        ops::plan_chunks(self.launcher(), a, states)
+    }
     fn compact(&self, cache: &mut crate::engine::KvCacheMut<'_>, sel: &crate::engine::Selection) -> Result<()> {
         let (layout, table) = (cache.layout, cache.table.clone());
         let mut k = ops::pool_view(&mut cache.k);

@@ -109,7 +109,8 @@ fn row_gap(slot_stride: usize, head_dim: usize, dtype: DType) -> Result<()> {
 pub const ATTEND_MAX_ROWS: usize = 16;
 
 /// Operations with Ascend kernels (the others answer `Error::Unimplemented`).
-pub const SUPPORTED: [Op; 6] = [Op::Plan, Op::Prefill, Op::KvCompress, Op::Decode, Op::Attend, Op::Select];
+pub const SUPPORTED: [Op; 7] =
+    [Op::Plan, Op::Prefill, Op::KvCompress, Op::Decode, Op::Attend, Op::PlanChunks, Op::Select];
 
 /// What the Ascend kernels run: every op in f32/f16/bf16, head dims up to 256 (prefill on the
 /// cube for f16/bf16; f32 on the vector cores, A2's cube having no transposing f32 load for P·V).
@@ -437,6 +438,74 @@ pub(crate) fn prefill<'v>(
 
 /// Planning: the representatives (the pass over all of Q and K) on the vector cores, exact in
 /// f32; the f64 decisions on the host, shared with the CPU backend so they equal the reference's.
+/// Chunked planning (SPEC §7.2): per sequence, one launch of the representatives kernel over its
+/// chunk's segments (queries from the THD rows) and the blocks before them (keys through its
+/// block-table row); the host finishes each plan in f64 from them, continuing the sequence's
+/// states (`cpu::plan::plan_span`, the CPU backend's own arithmetic: decisions bit for bit).
+pub(crate) fn plan_chunks<'v>(
+    mut l: impl Launcher<'v>,
+    a: &crate::engine::ChunkArgs<'_>,
+    states: &mut [crate::plan::PlanState],
+) -> Result<Vec<Plan>> {
+    let dd = a.head_dim();
+    let cache = a.cache();
+    let layout = cache.layout();
+    row_gap(layout.strides[2], dd, a.q().dtype())?;
+    let q = l.input(&a.q())?;
+    let k_pool = l.array(cache.k().as_bytes())?;
+    let table = l.array(launch::bytes_of(cache.table().ids()))?;
+    let width = cache.table().width();
+    let isa = crate::cpu::simd::Isa::detect();
+    let mut plans = Vec::with_capacity(a.seqs().len());
+    for (i, sc) in a.seqs().iter().enumerate() {
+        let d = sc.dims;
+        let segs = sc.segments.clone();
+        let span = crate::cpu::plan::Span {
+            dims: d,
+            cfg: sc.cfg,
+            head_dim: dd,
+            keep_maps: a.keep_maps(),
+            full_ranking: a.full_ranking(),
+            fusion: sc.fusion,
+            segments: segs.clone(),
+        };
+        let qrep_len = segs.len() * d.q_heads * 2 * dd;
+        let krep_len = d.blocks * d.kv_heads * 2 * dd;
+        let (qrep, krep) = if segs.is_empty() || d.blocks == 0 {
+            // Nothing to read: no segment, or no candidate block (the representatives are unused).
+            (vec![0f64; qrep_len], vec![0f64; krep_len])
+        } else {
+            let params = EkPlanParams {
+                q,
+                k: EkTensor { ptr: k_pool, ..EkTensor::default() },
+                qsum: l.zeroed(4 * qrep_len)?,
+                krep: l.zeroed(4 * krep_len)?,
+                seg_first: segs.start as i32,
+                seg_end: segs.end as i32,
+                q_token0: sc.tokens.start as i32,
+                q_pos0: sc.q_start as i32,
+                block_table: table + (i * width * size_of::<u32>()) as u64,
+                page_size: layout.page_size as i32,
+                page_stride: layout.strides[0] as i64,
+                slot_stride: layout.strides[1] as i64,
+                head_stride: layout.strides[2] as i64,
+                ..EkPlanParams::sized(&d, dd, a.q().dtype())
+            };
+            l.launch(launch::PLAN_REPS, &params)?;
+            let mut read = |addr: u64, len: usize| -> Result<Vec<f64>> {
+                let mut bytes = vec![0u8; 4 * len];
+                l.read(addr, &mut bytes)?;
+                Ok(f32s(&bytes).into_iter().map(f64::from).collect())
+            };
+            (read(params.qsum, qrep_len)?, read(params.krep, krep_len)?)
+        };
+        let hkv = d.kv_heads;
+        plans.push(crate::cpu::plan::plan_span(isa, &span, &qrep, &krep, Some(&mut states[i * hkv..(i + 1) * hkv]))?);
+    }
+    l.finish()?;
+    Ok(plans)
+}
+
 pub(crate) fn plan<'v>(mut l: impl Launcher<'v>, a: &PlanArgs<'_>) -> Result<Plan> {
     let d = a.dims();
     let dd = a.head_dim();
