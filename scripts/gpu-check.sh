@@ -131,6 +131,7 @@ done
 part "bench-$long" 120 "$bin/entropy-kernels" bench-device "${shape[@]}" --lengths $long --ops dense,sparse,compress,decode,paged-decode --dump-blocks "$out/blocks"
 # Selection + in-place compaction of 64 sequences × 128K entries × 8 kv heads to 1024 (34 GB of pools in bf16).
 part bench-compaction 90 "$bin/entropy-kernels" bench-device "${shape[@]}" --ops compaction
+part bench-chunked 150 "$bin/entropy-kernels" bench-device "${shape[@]}" --ops chunked-prefill --chunk-prompts 4 --chunk-len 32768 --chunk 8192 --reps 2
 if python3 -c 'import torch' 2>/dev/null; then
   device=cuda; [ "$emulator" = 1 ] && device=cpu
   part peer-sdpa 90 python3 benches/peer_sdpa.py --device $device --dtype bf16 --q-heads $hq --kv-heads $hkv --head-dim $hd --lengths "$short,$long" --blocks "$out/blocks"

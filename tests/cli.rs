@@ -226,11 +226,26 @@ fn bench_device_prints_every_row_on_the_emulated_driver() {
             "300",
             "--copy-bytes",
             "1048576",
+            "--chunk-prompts",
+            "2",
+            "--chunk-len",
+            "1024",
+            "--chunk",
+            "512",
             "--config",
             &write_config(),
         ]));
     assert!(text.contains("emulator") && text.contains("prefill tile M128"), "{text}");
-    for op in ["copy, device to device", "dense prefill", "plan", "sparse prefill", "kv_compress", "decode_attention"] {
+    for op in [
+        "copy, device to device",
+        "dense prefill",
+        "plan",
+        "sparse prefill",
+        "kv_compress",
+        "decode_attention",
+        "ragged prefill, one shot",
+        "ragged chunked prefill",
+    ] {
         assert!(text.contains(op), "bench-device output lacks `{op}`:\n{text}");
     }
     assert!(!text.contains("kept 1.000"), "the small config should make sparse segments:\n{text}");

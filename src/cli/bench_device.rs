@@ -34,8 +34,13 @@ pub struct BenchDeviceArgs {
     /// Timed repetitions per measurement (enqueued back to back; the mean is reported).
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
-    /// Comma-separated subset of dense, sparse, compress, decode, paged-decode, compaction.
-    #[arg(long, value_delimiter = ',', default_value = "dense,sparse,compress,decode,paged-decode,compaction")]
+    /// Comma-separated subset of dense, sparse, compress, decode, paged-decode, compaction,
+    /// chunked-prefill.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "dense,sparse,compress,decode,paged-decode,compaction,chunked-prefill"
+    )]
     pub ops: Vec<String>,
     /// Sequences of the decode batch.
     #[arg(long, default_value_t = 64)]
@@ -49,6 +54,15 @@ pub struct BenchDeviceArgs {
     /// Entries per head after it (the decode budget).
     #[arg(long, default_value_t = 1024)]
     pub compact_to: usize,
+    /// Prompts of the ragged chunked prefill (`chunked-prefill`).
+    #[arg(long, default_value_t = 4)]
+    pub chunk_prompts: usize,
+    /// Tokens per prompt of the chunked prefill.
+    #[arg(long, default_value_t = 32768)]
+    pub chunk_len: usize,
+    /// Tokens per chunk (a multiple of the config's segment size).
+    #[arg(long, default_value_t = 8192)]
+    pub chunk: usize,
     /// Bytes of the device-to-device copy that sets the bandwidth baseline.
     #[arg(long, default_value_t = 512 << 20)]
     pub copy_bytes: usize,
@@ -337,6 +351,9 @@ fn run_typed<T: DeviceElement + bytemuck::Pod>(be: &CudaBackend, a: &BenchDevice
     if want("compaction") {
         compaction::<T>(be, a, &stream, &mut t, &of_copy)?;
     }
+    if want("chunked-prefill") {
+        chunked_prefill::<T>(be, a, &stream, &mut t, &cfg)?;
+    }
     println!();
     t.print();
     Ok(())
@@ -428,5 +445,136 @@ fn compaction<T: DeviceElement + bytemuck::Pod>(
             cfg.decode_budget
         ),
     ]);
+    Ok(())
+}
+
+/// Ragged chunked prefill (SPEC §7.2; issue 16's target: ≤ 1.1× one shot): `chunk_prompts`
+/// prompts of `chunk_len` tokens prefilled in rounds of `chunk` tokens each — per round
+/// `append_on`, `plan_chunks_on` (`streaming` classes), `plan_attend_on` with the chunks' block
+/// lists and `run_attend_on` — against the same prompts in one round, both from empty caches on
+/// 16-entry interleaved slot-major pages and timed end to end (planning and the small per-round
+/// uploads of offsets and tiles included). The data of the two runs is the same, laid out round
+/// by round.
+fn chunked_prefill<T: DeviceElement + bytemuck::Pod>(
+    be: &CudaBackend,
+    a: &BenchDeviceArgs,
+    stream: &Arc<CudaStream>,
+    t: &mut Table,
+    cfg: &EntropyConfig,
+) -> Result<()> {
+    let (hq, hkv, d) = (a.q_heads, a.kv_heads, a.head_dim);
+    let (n, l, c, ps) = (a.chunk_prompts, a.chunk_len, a.chunk, 16);
+    let cfg = EntropyConfig { head_class: entropy_kernels::HeadClassMode::Streaming, ..cfg.clone() };
+    if c == 0 || !c.is_multiple_of(cfg.segment_size) {
+        return Err(Error::range("chunk", c, format!("a multiple of the segment size {}", cfg.segment_size)));
+    }
+    let width = l.div_ceil(ps);
+    let layout = PageLayout::slot_major(n * width, ps, hkv, d);
+    let pool_len = layout.elements().unwrap_or(0);
+    let alloc = |len: usize| stream.alloc_zeros::<T>(len).map_err(driver("cuMemAlloc"));
+    let (mut kp, mut vp) = (alloc(pool_len)?, alloc(pool_len)?);
+    let ids: Vec<u32> = (0..n).flat_map(|i| (0..width).map(move |p| (p * n + i) as u32)).collect();
+    let table = stream.clone_htod(&ids).map_err(driver("cuMemcpyHtoD"))?;
+    let zeros = vec![0u32; n * hkv];
+    let zeros_d = stream.clone_htod(&zeros).map_err(driver("cuMemcpyHtoD"))?;
+    let mut lens = stream.clone_htod(&zeros).map_err(driver("cuMemcpyHtoD"))?;
+    // Prompt-major rows (prompt i, token j at row i·l + j), then laid out round by round.
+    let data = |h: usize, seed: u64| synth::normal(n * l * h * d, 1.0, seed);
+    let by_rounds = |src: &[f32], h: usize, step: usize| -> Vec<f32> {
+        let mut out = Vec::with_capacity(src.len());
+        for r in 0..l.div_ceil(step) {
+            for i in 0..n {
+                let rows = (i * l + r * step)..(i * l + ((r + 1) * step).min(l));
+                out.extend_from_slice(&src[rows.start * h * d..rows.end * h * d]);
+            }
+        }
+        out
+    };
+    let (qh, kh, vh) = (data(hq, 8), data(hkv, 9), data(hkv, 10));
+    let up = |v: Vec<f32>, h: usize| upload::<T>(stream, &HostTensor::from_f32(&v, [1, n * l, h, d], a.dtype));
+    let mut od = alloc(n * l * hq * d)?;
+    let prompt_lens = vec![l as u32; n];
+    let mut ws = entropy_kernels::Workspace::new();
+    let mut plan = CudaAttendPlan::new();
+    let mut timings = Vec::new();
+    for step in [l, c] {
+        let (q, k, v) = (
+            up(by_rounds(&qh, hq, step), hq)?,
+            up(by_rounds(&kh, hkv, step), hkv)?,
+            up(by_rounds(&vh, hkv, step), hkv)?,
+        );
+        let mut mirror = zeros.clone();
+        let s = per_call(stream, a.reps, || {
+            stream.memcpy_dtod(&zeros_d, &mut lens).map_err(driver("cuMemcpyDtoD"))?;
+            mirror.copy_from_slice(&zeros);
+            let mut states = vec![entropy_kernels::PlanState::new(); n * hkv];
+            for r in 0..l.div_ceil(step) {
+                let len = step.min(l - r * step);
+                let (row0, tokens) = (n * r * step, n * len);
+                let cu: Vec<u32> = (0..=n as u32).map(|i| i * len as u32).collect();
+                let cud = stream.clone_htod(&cu).map_err(driver("cuMemcpyHtoD"))?;
+                let (qr, kr) = (row0 * hq * d..(row0 + tokens) * hq * d, row0 * hkv * d..(row0 + tokens) * hkv * d);
+                let (qs, ks, vs) = (q.slice(qr), k.slice(kr.clone()), v.slice(kr));
+                let shape = |h: usize| [1, tokens, h, d];
+                {
+                    let mut cache = CudaKvCacheMut::new(
+                        &mut kp,
+                        &mut vp,
+                        layout,
+                        &table,
+                        BlockTable::new(&ids, width),
+                        &mut lens,
+                        &mut mirror,
+                        stream,
+                    )?;
+                    let (kt, vt) =
+                        (CudaTensor::bsnd(&ks, stream, shape(hkv)), CudaTensor::bsnd(&vs, stream, shape(hkv)));
+                    be.append_on(stream, &kt, &vt, &cu, &cud, &mut cache, &mut ws)?;
+                }
+                let cache = CudaKvCache::new(&kp, &vp, layout, &table, BlockTable::new(&ids, width), &mirror, stream)?;
+                let qt = CudaTensor::bsnd(&qs, stream, shape(hq));
+                let plans = be.plan_chunks_on(
+                    stream,
+                    &qt,
+                    &cu,
+                    &cache,
+                    &prompt_lens,
+                    std::slice::from_ref(&cfg),
+                    &mut states,
+                    &entropy_kernels::ChunkRequest::default(),
+                )?;
+                let blocks: Vec<Option<&entropy_kernels::BlockLists>> = plans.iter().map(|p| Some(&p.blocks)).collect();
+                let mut os = od.slice_mut(..tokens * hq * d);
+                let mut ot = CudaTensorMut::bsnd(&mut os, stream, shape(hq));
+                be.plan_attend_on(stream, &mut plan, &qt, &cu, &cache, &blocks, None, &ot, None)?;
+                be.run_attend_on(stream, &plan, &qt, &cache, &mut ot, None)?;
+            }
+            Ok(())
+        })?;
+        timings.push(s);
+    }
+    let (one, chunked) = (timings[0], timings[1]);
+    for (what, s, note) in [
+        ("ragged prefill, one shot (append, plan_chunks_on, attend)", one, String::new()),
+        (
+            "ragged chunked prefill (per chunk: the same)",
+            chunked,
+            format!("{:.2}× one shot (issue 16: ≤ 1.1×)", chunked / one),
+        ),
+    ] {
+        t.row(vec![
+            format!("{n} × {l}"),
+            what.into(),
+            ms(s),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            if note.is_empty() {
+                format!("chunk {}", if s == one { l } else { c })
+            } else {
+                format!("chunk {c}; {note}")
+            },
+        ]);
+    }
     Ok(())
 }
