@@ -133,20 +133,16 @@ fn paged_selection_reads_what_contiguous_reads(kernels: &Kernels) {
     emu::take_counters();
     let (ps, width) = (16, n.div_ceil(16));
     let mut pool = PagedCache::interleaved(dtype, PageLayout::slot_major(b * width, ps, hkv, d), b, width).unwrap();
-    let thd = |t: &HostTensor| {
-        let f = t.to_f32_vec();
-        let rows: Vec<f32> = (0..b)
-            .flat_map(|i| {
-                (0..n)
-                    .flat_map(move |j| (0..hkv).flat_map(move |h| (0..d).map(move |x| ((i * hkv + h) * n + j) * d + x)))
-            })
-            .map(|i| f[i])
-            .collect();
-        HostTensor::from_f32(&rows, [1, b * n, hkv, d], dtype)
-    };
     let cpu = Kernels::cpu();
     let mut ws = Workspace::new();
-    cpu.append(thd(&kc).view(), thd(&vc).view(), &[0, n as u32, 2 * n as u32], &mut pool.cache_mut(), &mut ws).unwrap();
+    cpu.append(
+        common::cache_as_thd(&kc).view(),
+        common::cache_as_thd(&vc).view(),
+        &[0, n as u32, 2 * n as u32],
+        &mut pool.cache_mut(),
+        &mut ws,
+    )
+    .unwrap();
     emu::take_counters();
     let sel = kernels.kv_select(&pool.cache(), obs.view(), &cfg, &[]).unwrap();
     let paged = scoring(emu::kernel_counters());

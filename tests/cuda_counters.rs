@@ -102,17 +102,10 @@ fn tensor_core_work_is_close_to_the_ideal() {
     let (ps, full) = (16, [cache_n as u32; 2]);
     let width = cache_n / ps;
     let mut pool = PagedCache::interleaved(dtype, PageLayout::slot_major(2 * width, ps, hkv, d), 2, width).unwrap();
-    let thd = |t: &HostTensor| {
-        let f = t.to_f32_vec();
-        let rows: Vec<f32> = (0..cache_n)
-            .flat_map(|n| (0..hkv).flat_map(move |h| (0..d).map(move |x| (h * cache_n + n) * d + x)))
-            .map(|i| f[i])
-            .collect();
-        HostTensor::from_f32(&rows, [1, cache_n, hkv, d], dtype)
-    };
     let mut ws = Workspace::new();
     let cu = [0, cache_n as u32, cache_n as u32];
-    k.append(thd(&kc).view(), thd(&vc).view(), &cu, &mut pool.cache_mut(), &mut ws).unwrap();
+    k.append(common::cache_as_thd(&kc).view(), common::cache_as_thd(&vc).view(), &cu, &mut pool.cache_mut(), &mut ws)
+        .unwrap();
     let qt = HostTensor::from_f32(&q1.to_f32_vec(), [1, 1, hq, d], dtype);
     let mut paged_out = common::poisoned([1, 1, hq, d], dtype);
     // The second sequence has no query: only the first sequence's cache is read.
@@ -209,19 +202,15 @@ fn compression_over_pages_reads_what_contiguous_reads(k: &Kernels) {
     // The same entries on 16-entry pages, the sequences' pages interleaved.
     let (ps, width) = (16, n.div_ceil(16));
     let mut pool = PagedCache::interleaved(dtype, PageLayout::slot_major(b * width, ps, hkv, d), b, width).unwrap();
-    let thd = |t: &HostTensor| {
-        let f = t.to_f32_vec();
-        let rows: Vec<f32> = (0..b)
-            .flat_map(|i| {
-                (0..n)
-                    .flat_map(move |j| (0..hkv).flat_map(move |h| (0..d).map(move |x| ((i * hkv + h) * n + j) * d + x)))
-            })
-            .map(|i| f[i])
-            .collect();
-        HostTensor::from_f32(&rows, [1, b * n, hkv, d], dtype)
-    };
     let mut ws = Workspace::new();
-    k.append(thd(&kc).view(), thd(&vc).view(), &[0, n as u32, 2 * n as u32], &mut pool.cache_mut(), &mut ws).unwrap();
+    k.append(
+        common::cache_as_thd(&kc).view(),
+        common::cache_as_thd(&vc).view(),
+        &[0, n as u32, 2 * n as u32],
+        &mut pool.cache_mut(),
+        &mut ws,
+    )
+    .unwrap();
     let c1 = emu::counters().unwrap();
     let sel = k.kv_select(&pool.cache(), obs.view(), &cfg, &[]).unwrap();
     let paged = emu::counters().unwrap() - c1;

@@ -50,6 +50,25 @@ fn shuffled_pool(
     PagedCache::new(dtype, layout, ids, width, f32::NAN).unwrap()
 }
 
+/// Keys `[B, H, cap, D]` into a pool's pages, each head's first `lens[b·H + h]` entries (heads of
+/// their own lengths, as compaction leaves them); the pool's lengths become `lens`.
+fn fill_keys(pool: &mut PagedCache, kc: &HostTensor, lens: &[u32]) {
+    let [b, hc, cap, d] = kc.shape;
+    let (kc, ps) = (kc.to_f32_vec(), pool.layout.page_size);
+    let mut pk = pool.k.to_f32_vec();
+    for i in 0..b {
+        for h in 0..hc {
+            for n in 0..lens[i * hc + h] as usize {
+                let o = pool.layout.offset(pool.ids[i * pool.width + n / ps] as usize, n % ps, h);
+                let src = ((i * hc + h) * cap + n) * d;
+                pk[o..o + d].copy_from_slice(&kc[src..src + d]);
+            }
+        }
+    }
+    pool.k = HostTensor::from_f32(&pk, pool.k.shape, pool.k.dtype());
+    pool.lens = lens.to_vec();
+}
+
 /// Rows `rows` of `[1, L, H, D]` tensors, concatenated along tokens: a THD batch and its `cu`.
 fn pack(parts: &[(&HostTensor, std::ops::Range<usize>)]) -> (HostTensor, Vec<u32>) {
     let [_, _, h, d] = parts[0].0.shape;
@@ -713,19 +732,7 @@ fn selection_over_unequal_heads_matches_oracle() {
         let tag = format!("seed {seed} lens {lens:?}");
         with_case(&tag, || {
             let mut pool = shuffled_pool(&mut rng, DType::F32, b, hc, d, cap, 16);
-            let kc = random([b, hc, cap, d], 1.0, seed ^ 31, DType::F32).to_f32_vec();
-            let mut pk = pool.k.to_f32_vec();
-            for i in 0..b {
-                for h in 0..hc {
-                    for n in 0..lens[i * hc + h] as usize {
-                        let o = pool.layout.offset(pool.ids[i * pool.width + n / 16] as usize, n % 16, h);
-                        let src = ((i * hc + h) * cap + n) * d;
-                        pk[o..o + d].copy_from_slice(&kc[src..src + d]);
-                    }
-                }
-            }
-            pool.k = HostTensor::from_f32(&pk, pool.k.shape, DType::F32);
-            pool.lens = lens.clone();
+            fill_keys(&mut pool, &random([b, hc, cap, d], 1.0, seed ^ 31, DType::F32), &lens);
             let obs = random([b, hc * g, 4, d], 1.0, seed ^ 32, DType::F32);
             for cfg in
                 [cfg.clone(), DecodeConfig { head_budget: HeadBudget::AdaKv { floor_fraction: 0.2 }, ..cfg.clone() }]
@@ -776,19 +783,7 @@ fn paged_scores_match_oracle() {
             let tag = format!("seed {seed} {dtype} lens {lens:?} page {ps} g {g} d {d} {cfg:?}");
             with_case(&tag, || {
                 let mut pool = shuffled_pool(&mut rng, dtype, b, hc, d, cap, ps);
-                let kc = random([b, hc, cap, d], 1.0, seed ^ 41, dtype).to_f32_vec();
-                let mut pk = pool.k.to_f32_vec();
-                for i in 0..b {
-                    for h in 0..hc {
-                        for n in 0..lens[i * hc + h] as usize {
-                            let o = pool.layout.offset(pool.ids[i * pool.width + n / ps] as usize, n % ps, h);
-                            let src = ((i * hc + h) * cap + n) * d;
-                            pk[o..o + d].copy_from_slice(&kc[src..src + d]);
-                        }
-                    }
-                }
-                pool.k = HostTensor::from_f32(&pk, pool.k.shape, dtype);
-                pool.lens = lens.clone();
+                fill_keys(&mut pool, &random([b, hc, cap, d], 1.0, seed ^ 41, dtype), &lens);
                 let obs = random([b, hc * g, cfg.window, d], 1.0, seed ^ 42, dtype);
                 let want = Kernels::reference().kv_scores(&pool.cache(), obs.view(), &cfg, &which).unwrap();
                 for kernels in backends.iter().skip(1) {

@@ -460,15 +460,7 @@ pub(crate) fn plan_chunks<'v>(
     for (i, sc) in a.seqs().iter().enumerate() {
         let d = sc.dims;
         let segs = sc.segments.clone();
-        let span = crate::cpu::plan::Span {
-            dims: d,
-            cfg: sc.cfg,
-            head_dim: dd,
-            keep_maps: a.keep_maps(),
-            full_ranking: a.full_ranking(),
-            fusion: sc.fusion,
-            segments: segs.clone(),
-        };
+        let span = crate::cpu::plan::Span::of_chunk(a, sc);
         let qrep_len = segs.len() * d.q_heads * 2 * dd;
         let krep_len = d.blocks * d.kv_heads * 2 * dd;
         let (qrep, krep) = if segs.is_empty() || d.blocks == 0 {
@@ -491,19 +483,29 @@ pub(crate) fn plan_chunks<'v>(
                 head_stride: layout.strides[2] as i64,
                 ..EkPlanParams::sized(&d, dd, a.q().dtype())
             };
-            l.launch(launch::PLAN_REPS, &params)?;
-            let mut read = |addr: u64, len: usize| -> Result<Vec<f64>> {
-                let mut bytes = vec![0u8; 4 * len];
-                l.read(addr, &mut bytes)?;
-                Ok(f32s(&bytes).into_iter().map(f64::from).collect())
-            };
-            (read(params.qsum, qrep_len)?, read(params.krep, krep_len)?)
+            representatives(&mut l, &params, qrep_len, krep_len)?
         };
         let hkv = d.kv_heads;
         plans.push(crate::cpu::plan::plan_span(isa, &span, &qrep, &krep, Some(&mut states[i * hkv..(i + 1) * hkv]))?);
     }
     l.finish()?;
     Ok(plans)
+}
+
+/// Runs the representatives kernel and reads its query and key representatives back, widened.
+fn representatives<'v>(
+    l: &mut impl Launcher<'v>,
+    params: &EkPlanParams,
+    qrep_len: usize,
+    krep_len: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    l.launch(launch::PLAN_REPS, params)?;
+    let mut read = |addr: u64, len: usize| -> Result<Vec<f64>> {
+        let mut bytes = vec![0u8; 4 * len];
+        l.read(addr, &mut bytes)?;
+        Ok(f32s(&bytes).into_iter().map(f64::from).collect())
+    };
+    Ok((read(params.qsum, qrep_len)?, read(params.krep, krep_len)?))
 }
 
 pub(crate) fn plan<'v>(mut l: impl Launcher<'v>, a: &PlanArgs<'_>) -> Result<Plan> {
@@ -518,13 +520,7 @@ pub(crate) fn plan<'v>(mut l: impl Launcher<'v>, a: &PlanArgs<'_>) -> Result<Pla
         krep: l.zeroed(4 * krep_len)?,
         ..EkPlanParams::sized(&d, dd, a.q().dtype())
     };
-    l.launch(launch::PLAN_REPS, &params)?;
-    let mut read = |addr: u64, len: usize| -> Result<Vec<f64>> {
-        let mut bytes = vec![0u8; 4 * len];
-        l.read(addr, &mut bytes)?;
-        Ok(f32s(&bytes).into_iter().map(f64::from).collect())
-    };
-    let (qrep, krep) = (read(params.qsum, qrep_len)?, read(params.krep, krep_len)?);
+    let (qrep, krep) = representatives(&mut l, &params, qrep_len, krep_len)?;
     l.finish()?;
     let isa = crate::cpu::simd::Isa::detect();
     crate::cpu::plan::plan_from_representatives(isa, a, &qrep, &krep)

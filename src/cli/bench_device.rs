@@ -8,12 +8,9 @@ use std::time::Instant;
 
 use clap::Args;
 use cudarc::driver::{CudaSlice, CudaStream};
-use entropy_kernels::cuda::{
-    CudaAttendPlan, CudaBackend, CudaKvCache, CudaKvCacheMut, CudaTensor, CudaTensorMut, DeviceElement,
-};
+use entropy_kernels::cuda::{CudaAttendPlan, CudaBackend, CudaPagedCache, CudaTensor, CudaTensorMut, DeviceElement};
 use entropy_kernels::{
-    Backend, BlockTable, DType, DecodeConfig, EntropyConfig, Error, HostBuffer, HostTensor, PageLayout, PlanRequest,
-    Result, synth,
+    Backend, DType, DecodeConfig, EntropyConfig, Error, HostBuffer, HostTensor, PageLayout, PlanRequest, Result, synth,
 };
 
 use super::{Table, ms, with_spinner};
@@ -295,37 +292,21 @@ fn run_typed<T: DeviceElement + bytemuck::Pod>(be: &CudaBackend, a: &BenchDevice
         let (b, n, ps) = (a.decode_batch, a.decode_cache, 16);
         let width = n.div_ceil(ps);
         let layout = PageLayout::slot_major(b * width, ps, hkv, d);
-        let pool_len = layout.elements().unwrap_or(0);
-        let alloc = |len: usize| stream.alloc_zeros::<T>(len).map_err(driver("cuMemAlloc"));
-        let (mut kp, mut vp) = (alloc(pool_len)?, alloc(pool_len)?);
-        let ids: Vec<u32> = (0..b).flat_map(|i| (0..width).map(move |p| (p * b + i) as u32)).collect();
-        let table = stream.clone_htod(&ids).map_err(driver("cuMemcpyHtoD"))?;
-        let mut lens_host = vec![0u32; b * hkv];
-        let mut lens = stream.clone_htod(&lens_host).map_err(driver("cuMemcpyHtoD"))?;
+        let mut dc = interleaved_cache::<T>(&stream, layout, b, width, 0)?;
         let cu: Vec<u32> = (0..=b as u32).map(|i| i * n as u32).collect();
         let cud = stream.clone_htod(&cu).map_err(driver("cuMemcpyHtoD"))?;
         let rows = HostTensor::from_f32(&synth::normal(b * n * hkv * d, 1.0, 4), [1, b * n, hkv, d], a.dtype);
         let rows_d = upload::<T>(&stream, &rows)?;
         let mut ws = entropy_kernels::Workspace::new();
         {
-            let mut cache = CudaKvCacheMut::new(
-                &mut kp,
-                &mut vp,
-                layout,
-                &table,
-                BlockTable::new(&ids, width),
-                &mut lens,
-                &mut lens_host,
-                &stream,
-            )?;
             let r = CudaTensor::bsnd(&rows_d, &stream, rows.shape);
-            be.append_on(&stream, &r, &r, &cu, &cud, &mut cache, &mut ws)?;
+            be.append_on(&stream, &r, &r, &cu, &cud, &mut dc.view_mut(&stream)?, &mut ws)?;
         }
         let q = HostTensor::from_f32(&synth::normal(b * hq * d, 1.0, 5), [1, b, hq, d], a.dtype);
         let qd = upload::<T>(&stream, &q)?;
         let mut od = stream.alloc_zeros::<T>(q.len()).map_err(driver("cuMemAlloc"))?;
         let cu1: Vec<u32> = (0..=b as u32).collect();
-        let cache = CudaKvCache::new(&kp, &vp, layout, &table, BlockTable::new(&ids, width), &lens_host, &stream)?;
+        let cache = dc.view(&stream)?;
         let mut plan = CudaAttendPlan::new();
         {
             let qt = CudaTensor::bsnd(&qd, &stream, q.shape);
@@ -378,12 +359,11 @@ fn compaction<T: DeviceElement + bytemuck::Pod>(
     let width = n.div_ceil(ps);
     let layout = PageLayout::slot_major(b * width, ps, hkv, d);
     let pool_len = layout.elements().unwrap_or(0);
-    let alloc = |len: usize| stream.alloc_zeros::<T>(len).map_err(driver("cuMemAlloc"));
-    let (mut kp, mut vp) = (alloc(pool_len)?, alloc(pool_len)?);
+    let mut dc = interleaved_cache::<T>(stream, layout, b, width, n as u32)?;
     let block_len = ((64 << 20) / size).min(pool_len.max(1));
     let block = HostTensor::from_f32(&synth::normal(block_len, 1.0, 6), [1, 1, 1, block_len], a.dtype);
     let block_d = upload::<T>(stream, &block)?;
-    for pool in [&mut kp, &mut vp] {
+    for pool in [&mut dc.k, &mut dc.v] {
         for start in (0..pool_len).step_by(block_len) {
             let end = (start + block_len).min(pool_len);
             stream
@@ -391,17 +371,13 @@ fn compaction<T: DeviceElement + bytemuck::Pod>(
                 .map_err(driver("cuMemcpyDtoD"))?;
         }
     }
-    let ids: Vec<u32> = (0..b).flat_map(|i| (0..width).map(move |p| (p * b + i) as u32)).collect();
-    let table = stream.clone_htod(&ids).map_err(driver("cuMemcpyHtoD"))?;
     let full = vec![n as u32; b * hkv];
     let full_d = stream.clone_htod(&full).map_err(driver("cuMemcpyHtoD"))?;
-    let mut lens = stream.clone_htod(&full).map_err(driver("cuMemcpyHtoD"))?;
     let obs = HostTensor::from_f32(&synth::normal(b * hq * cfg.window * d, 1.0, 7), [b, hq, cfg.window, d], a.dtype);
     let obs_d = upload::<T>(stream, &obs)?;
     let mut sel = None;
     let select_s = per_call(stream, a.reps, || {
-        let cache = CudaKvCache::new(&kp, &vp, layout, &table, BlockTable::new(&ids, width), &full, stream)?;
-        sel = Some(be.select_on(stream, &cache, &CudaTensor::bsnd(&obs_d, stream, obs.shape), &cfg, &[])?);
+        sel = Some(be.select_on(stream, &dc.view(stream)?, &CudaTensor::bsnd(&obs_d, stream, obs.shape), &cfg, &[])?);
         Ok(())
     })?;
     let sel = sel.expect("per_call ran");
@@ -415,22 +391,11 @@ fn compaction<T: DeviceElement + bytemuck::Pod>(
         of_copy(score_bytes / select_s / 1e9),
         format!("batch {b}, {n} entries/head, W {}, page {ps}; GB/s of the keys scored (two passes)", cfg.window),
     ]);
-    let mut mirror = full.clone();
     let mut ws = entropy_kernels::Workspace::new();
     let compact_s = per_call(stream, a.reps, || {
-        stream.memcpy_dtod(&full_d, &mut lens).map_err(driver("cuMemcpyDtoD"))?;
-        mirror.copy_from_slice(&full);
-        let mut cache = CudaKvCacheMut::new(
-            &mut kp,
-            &mut vp,
-            layout,
-            &table,
-            BlockTable::new(&ids, width),
-            &mut lens,
-            &mut mirror,
-            stream,
-        )?;
-        be.compact_on(stream, &mut cache, &sel, &mut ws)
+        stream.memcpy_dtod(&full_d, &mut dc.lens).map_err(driver("cuMemcpyDtoD"))?;
+        dc.lens_host.copy_from_slice(&full);
+        be.compact_on(stream, &mut dc.view_mut(stream)?, &sel, &mut ws)
     })?;
     let moved = (2 * 2 * b * hkv * cfg.decode_budget.min(n) * d * size) as f64;
     t.row(vec![
@@ -470,14 +435,8 @@ fn chunked_prefill<T: DeviceElement + bytemuck::Pod>(
     }
     let width = l.div_ceil(ps);
     let layout = PageLayout::slot_major(n * width, ps, hkv, d);
-    let pool_len = layout.elements().unwrap_or(0);
-    let alloc = |len: usize| stream.alloc_zeros::<T>(len).map_err(driver("cuMemAlloc"));
-    let (mut kp, mut vp) = (alloc(pool_len)?, alloc(pool_len)?);
-    let ids: Vec<u32> = (0..n).flat_map(|i| (0..width).map(move |p| (p * n + i) as u32)).collect();
-    let table = stream.clone_htod(&ids).map_err(driver("cuMemcpyHtoD"))?;
-    let zeros = vec![0u32; n * hkv];
-    let zeros_d = stream.clone_htod(&zeros).map_err(driver("cuMemcpyHtoD"))?;
-    let mut lens = stream.clone_htod(&zeros).map_err(driver("cuMemcpyHtoD"))?;
+    let mut dc = interleaved_cache::<T>(stream, layout, n, width, 0)?;
+    let zeros_d = stream.clone_htod(&vec![0u32; n * hkv]).map_err(driver("cuMemcpyHtoD"))?;
     // Prompt-major rows (prompt i, token j at row i·l + j), then laid out round by round.
     let data = |h: usize, seed: u64| synth::normal(n * l * h * d, 1.0, seed);
     let by_rounds = |src: &[f32], h: usize, step: usize| -> Vec<f32> {
@@ -492,7 +451,7 @@ fn chunked_prefill<T: DeviceElement + bytemuck::Pod>(
     };
     let (qh, kh, vh) = (data(hq, 8), data(hkv, 9), data(hkv, 10));
     let up = |v: Vec<f32>, h: usize| upload::<T>(stream, &HostTensor::from_f32(&v, [1, n * l, h, d], a.dtype));
-    let mut od = alloc(n * l * hq * d)?;
+    let mut od = stream.alloc_zeros::<T>(n * l * hq * d).map_err(driver("cuMemAlloc"))?;
     let prompt_lens = vec![l as u32; n];
     let mut ws = entropy_kernels::Workspace::new();
     let mut plan = CudaAttendPlan::new();
@@ -503,10 +462,9 @@ fn chunked_prefill<T: DeviceElement + bytemuck::Pod>(
             up(by_rounds(&kh, hkv, step), hkv)?,
             up(by_rounds(&vh, hkv, step), hkv)?,
         );
-        let mut mirror = zeros.clone();
         let s = per_call(stream, a.reps, || {
-            stream.memcpy_dtod(&zeros_d, &mut lens).map_err(driver("cuMemcpyDtoD"))?;
-            mirror.copy_from_slice(&zeros);
+            stream.memcpy_dtod(&zeros_d, &mut dc.lens).map_err(driver("cuMemcpyDtoD"))?;
+            dc.lens_host.fill(0);
             let mut states = vec![entropy_kernels::PlanState::new(); n * hkv];
             for r in 0..l.div_ceil(step) {
                 let len = step.min(l - r * step);
@@ -516,22 +474,9 @@ fn chunked_prefill<T: DeviceElement + bytemuck::Pod>(
                 let (qr, kr) = (row0 * hq * d..(row0 + tokens) * hq * d, row0 * hkv * d..(row0 + tokens) * hkv * d);
                 let (qs, ks, vs) = (q.slice(qr), k.slice(kr.clone()), v.slice(kr));
                 let shape = |h: usize| [1, tokens, h, d];
-                {
-                    let mut cache = CudaKvCacheMut::new(
-                        &mut kp,
-                        &mut vp,
-                        layout,
-                        &table,
-                        BlockTable::new(&ids, width),
-                        &mut lens,
-                        &mut mirror,
-                        stream,
-                    )?;
-                    let (kt, vt) =
-                        (CudaTensor::bsnd(&ks, stream, shape(hkv)), CudaTensor::bsnd(&vs, stream, shape(hkv)));
-                    be.append_on(stream, &kt, &vt, &cu, &cud, &mut cache, &mut ws)?;
-                }
-                let cache = CudaKvCache::new(&kp, &vp, layout, &table, BlockTable::new(&ids, width), &mirror, stream)?;
+                let (kt, vt) = (CudaTensor::bsnd(&ks, stream, shape(hkv)), CudaTensor::bsnd(&vs, stream, shape(hkv)));
+                be.append_on(stream, &kt, &vt, &cu, &cud, &mut dc.view_mut(stream)?, &mut ws)?;
+                let cache = dc.view(stream)?;
                 let qt = CudaTensor::bsnd(&qs, stream, shape(hq));
                 let plans = be.plan_chunks_on(
                     stream,
@@ -577,4 +522,30 @@ fn chunked_prefill<T: DeviceElement + bytemuck::Pod>(
         ]);
     }
     Ok(())
+}
+
+/// Zeroed pools of `layout` in device memory for `seqs` sequences of `width` pages each, their
+/// pages interleaved across the sequences (as on-demand allocation leaves them), every head
+/// holding `len` entries.
+fn interleaved_cache<T: DeviceElement + bytemuck::Pod>(
+    stream: &Arc<CudaStream>,
+    layout: PageLayout,
+    seqs: usize,
+    width: usize,
+    len: u32,
+) -> Result<CudaPagedCache<T>> {
+    let pool_len = layout.elements().unwrap_or(0);
+    let alloc = |n: usize| stream.alloc_zeros::<T>(n).map_err(driver("cuMemAlloc"));
+    let table_host: Vec<u32> = (0..seqs).flat_map(|i| (0..width).map(move |p| (p * seqs + i) as u32)).collect();
+    let lens_host = vec![len; seqs * layout.heads];
+    Ok(CudaPagedCache {
+        k: alloc(pool_len)?,
+        v: alloc(pool_len)?,
+        table: stream.clone_htod(&table_host).map_err(driver("cuMemcpyHtoD"))?,
+        lens: stream.clone_htod(&lens_host).map_err(driver("cuMemcpyHtoD"))?,
+        layout,
+        table_host,
+        width,
+        lens_host,
+    })
 }

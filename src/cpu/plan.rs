@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use super::simd::{Isa, Simd, WithSimd, dispatch};
 use crate::alloc;
 use crate::config::EntropyConfig;
-use crate::engine::ChunkArgs;
+use crate::engine::{ChunkArgs, SeqChunk};
 use crate::error::Result;
 use crate::numerics;
 use crate::plan::{BlockLists, Plan, PlanDims, PlanState, rules};
@@ -174,6 +174,21 @@ pub(crate) struct Span<'a> {
     pub segments: std::ops::Range<usize>,
 }
 
+impl<'a> Span<'a> {
+    /// The span of one sequence's chunk of a chunked planning call.
+    pub fn of_chunk(a: &ChunkArgs<'a>, sc: &SeqChunk<'a>) -> Self {
+        Span {
+            dims: sc.dims,
+            cfg: sc.cfg,
+            head_dim: a.head_dim(),
+            keep_maps: a.keep_maps(),
+            full_ranking: a.full_ranking(),
+            fusion: sc.fusion,
+            segments: sc.segments.clone(),
+        }
+    }
+}
+
 /// The rest of planning from the representatives (`qrep` `[B, segments, Hq, 2, D]`, `krep`
 /// `[B, blocks, Hkv, 2, D]`, max then min), in f64: shared by the CPU backend and by backends
 /// whose devices compute the representatives (max/min are exact in any precision) but have no
@@ -313,15 +328,7 @@ pub(crate) fn plan_chunks<E: Element>(isa: Isa, a: &ChunkArgs<'_>, states: &mut 
                 },
             );
         }
-        let span = Span {
-            dims: d,
-            cfg: sc.cfg,
-            head_dim: dd,
-            keep_maps: a.keep_maps(),
-            full_ranking: a.full_ranking(),
-            fusion: sc.fusion,
-            segments: segs,
-        };
+        let span = Span::of_chunk(a, sc);
         let hkv = d.kv_heads;
         plans.push(plan_span(isa, &span, &qrep, &krep, Some(&mut states[i * hkv..(i + 1) * hkv]))?);
     }

@@ -435,3 +435,17 @@ pub fn typed_back<T: bytemuck::Pod>(v: &[T], dtype: DType) -> Vec<f32> {
         DType::BF16 => bytemuck::cast_slice::<u8, half::bf16>(bytes).iter().map(|x| x.to_f32()).collect(),
     }
 }
+
+/// A contiguous cache `[B, H, N, D]` as THD rows `[1, B·N, H, D]` (sequence by sequence, entry by
+/// entry): what `append` takes to fill a paged cache with the same entries.
+pub fn cache_as_thd(t: &HostTensor) -> HostTensor {
+    let [b, h, n, d] = t.shape;
+    let f = t.to_f32_vec();
+    let rows: Vec<f32> = (0..b)
+        .flat_map(|i| {
+            (0..n).flat_map(move |j| (0..h).flat_map(move |hh| (0..d).map(move |x| ((i * h + hh) * n + j) * d + x)))
+        })
+        .map(|i| f[i])
+        .collect();
+    HostTensor::from_f32(&rows, [1, b * n, h, d], t.dtype())
+}
