@@ -277,6 +277,7 @@ typedef struct EkAppendParams {
     int32_t page_size;
     int32_t sequences;
     int32_t cache_heads;
+    int32_t dtype;      /* EK_F32 / EK_F16 / EK_BF16 (Ascend's dispatch) */
 } EkAppendParams;
 
 /*

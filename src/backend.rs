@@ -10,7 +10,7 @@ use crate::compress::CompressedCache;
 use crate::engine::{AttendArgs, ChunkArgs, KvCacheMut, Scores, SelectArgs, Selection, Workspace};
 use crate::error::{Error, Result};
 use crate::plan::{Plan, PlanState};
-use crate::tensor::{DType, TensorViewMut};
+use crate::tensor::{DType, TensorView, TensorViewMut};
 use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
 
 /// The backends this crate knows.
@@ -212,6 +212,19 @@ pub trait Backend: Send + Sync {
     fn kv_scores(&self, args: &SelectArgs<'_>) -> Result<Scores> {
         let _ = args;
         Err(Error::Unimplemented { backend: self.capabilities().backend, op: "kv_scores" })
+    }
+    /// SPEC §7.4's row copies of a checked append: sequence i's rows `cu[i]..cu[i+1]` of `k_new`
+    /// / `v_new` to its cache heads at their lengths (the lengths are the caller's). On the host
+    /// unless a backend has a kernel for it.
+    fn append_rows(
+        &self,
+        k_new: &TensorView<'_>,
+        v_new: &TensorView<'_>,
+        cu: &[u32],
+        cache: &mut KvCacheMut<'_>,
+    ) -> Result<()> {
+        crate::engine::append::copy_rows_on_host(k_new, v_new, cu, cache);
+        Ok(())
     }
     /// SPEC §7.5's moves of a checked compaction: each compressed head's kept entries to its
     /// first entries, in place (the lengths are the caller's). On the host unless a backend has

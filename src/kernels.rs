@@ -244,7 +244,9 @@ impl Kernels {
         cache: &mut KvCacheMut<'_>,
         ws: &mut Workspace,
     ) -> Result<()> {
-        engine::append(k_new, v_new, cu, cache, ws)
+        engine::append::append_with(k_new, v_new, cu, cache, ws, |k, v, cu, cache| {
+            self.backend.append_rows(k, v, cu, cache)
+        })
     }
 
     /// Plans each sequence's prefill chunk over the cache (SPEC §7.2): `q` THD with `cu_q`, the

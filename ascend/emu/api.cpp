@@ -16,6 +16,7 @@ extern "C" void ek_compress_topk(uint8_t* params);
 extern "C" void ek_compress_select(uint8_t* params);
 extern "C" void ek_compress_gather(uint8_t* params);
 extern "C" void ek_compress_compact(uint8_t* params);
+extern "C" void ek_append(uint8_t* params);
 extern "C" void ek_compress_cube_stats(uint8_t* sync, uint8_t* params);
 extern "C" void ek_compress_cube_means(uint8_t* sync, uint8_t* params);
 extern "C" void ek_prefill(uint8_t* sync, uint8_t* params);
@@ -42,6 +43,7 @@ const Entry kKernels[] = {
     {"ek_compress_select", ek_compress_select},
     {"ek_compress_gather", ek_compress_gather},
     {"ek_compress_compact", ek_compress_compact},
+    {"ek_append", ek_append},
     {"ek_compress_cube_stats", nullptr, ek_compress_cube_stats},
     {"ek_compress_cube_means", nullptr, ek_compress_cube_means},
     {"ek_prefill", nullptr, ek_prefill},

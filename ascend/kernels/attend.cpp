@@ -178,4 +178,58 @@ private:
 
 }  // namespace
 
+namespace {
+
+// Append (SPEC §7.4) into a paged cache: item (token t of the THD batch, cache head h) copies K
+// and V row t of kv head h / (Hc / Hkv) to entry lens[i·Hc + h] + (t − cu_q[i]) of sequence i's
+// pages, i the sequence whose tokens cu_q[i] .. cu_q[i+1] hold t; cores take items round-robin.
+// Items write disjoint rows (DataCopyPad writes exactly the row's bytes); the host checked that no
+// page is written by two sequences and advances the lengths after the launch.
+template <typename T> class AppendKernel {
+public:
+    __aicore__ inline void Run(const EkAppendParams& p) {
+        p_ = p;
+        d_ = p.k_new.shape[3];
+        cuGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.cu_q));
+        lensGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.lens));
+        tableGm_.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(p.block_table));
+        pipe_.InitBuffer(rows_, 2, PaddedElems<T>(d_) * sizeof(T));
+        const uint32_t items = (uint32_t)p.k_new.shape[1] * p.cache_heads;
+        for (uint32_t it = GetBlockIdx(); it < items; it += GetBlockNum()) Item(it / p.cache_heads, it % p.cache_heads);
+    }
+
+private:
+    __aicore__ inline void Move(uint64_t src_ptr, int64_t src, uint64_t dst_ptr, int64_t dst) {
+        GlobalTensor<T> s, d;
+        s.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(src_ptr));
+        d.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(dst_ptr));
+        LocalTensor<T> t = rows_.AllocTensor<T>();
+        DataCopyPad(t, s[src], DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0), DataCopyPadExtParams<T>(true, 0, 0, T(0.0f)));
+        rows_.EnQue(t);
+        t = rows_.DeQue<T>();
+        DataCopyPad(d[dst], t, DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0));
+        rows_.FreeTensor(t);
+    }
+
+    __aicore__ inline void Item(uint32_t t, uint32_t h) {
+        uint32_t i = 0;  // the sequence of token t (the last whose first token is at or before t)
+        while (i + 1 < (uint32_t)p_.sequences && cuGm_.GetValue(i + 1) <= t) i++;
+        const uint32_t pos = lensGm_.GetValue(i * p_.cache_heads + h) + (t - cuGm_.GetValue(i));
+        const int64_t page = tableGm_.GetValue((int64_t)i * p_.table_width + pos / (uint32_t)p_.page_size);
+        const int64_t dst = page * p_.page_stride + (int64_t)(pos % (uint32_t)p_.page_size) * p_.slot_stride + (int64_t)h * p_.head_stride;
+        const uint32_t hk = h / (p_.cache_heads / p_.k_new.shape[2]);
+        Move(p_.k_new.ptr, t * p_.k_new.stride[1] + hk * p_.k_new.stride[2], p_.k_pool, dst);
+        Move(p_.v_new.ptr, t * p_.v_new.stride[1] + hk * p_.v_new.stride[2], p_.v_pool, dst);
+    }
+
+    EkAppendParams p_;
+    uint32_t d_ = 0;
+    TPipe pipe_;
+    TQueBind<TPosition::VECIN, TPosition::VECOUT, 2> rows_;
+    GlobalTensor<uint32_t> cuGm_, lensGm_, tableGm_;
+};
+
+}  // namespace
+
 extern "C" __global__ __aicore__ void ek_attend(GM_ADDR params) { Dispatch<AttendKernel>(ReadParams<EkAttendParams>(params)); }
+extern "C" __global__ __aicore__ void ek_append(GM_ADDR params) { Dispatch<AppendKernel>(ReadParams<EkAppendParams>(params)); }

@@ -223,6 +223,19 @@ impl Backend for AscendBackend {
     ) -> Result<Vec<Plan>> {
         ops::plan_chunks(self.launcher(), a, states)
     }
+    fn append_rows(
+        &self,
+        k_new: &crate::tensor::TensorView<'_>,
+        v_new: &crate::tensor::TensorView<'_>,
+        cu: &[u32],
+        cache: &mut crate::engine::KvCacheMut<'_>,
+    ) -> Result<()> {
+        let (layout, table) = (cache.layout, cache.table.clone());
+        let lens = cache.lens.to_vec();
+        let mut k = ops::pool_view(&mut cache.k);
+        let mut v = ops::pool_view(&mut cache.v);
+        ops::append(self.launcher(), k_new, v_new, cu, &mut k, &mut v, &layout, &table, &lens)
+    }
     fn compact(&self, cache: &mut crate::engine::KvCacheMut<'_>, sel: &crate::engine::Selection) -> Result<()> {
         let (layout, table) = (cache.layout, cache.table.clone());
         let mut k = ops::pool_view(&mut cache.k);

@@ -36,6 +36,8 @@ const fn vector(symbol: &'static str, file: &'static str) -> Kernel {
 pub const DECODE: Kernel = vector("ek_decode", "decode");
 /// Attention over a paged cache (the engine path).
 pub const ATTEND: Kernel = vector("ek_attend", "attend");
+/// `ek_append`: new rows into a paged cache (SPEC §7.4).
+pub const APPEND: Kernel = vector("ek_append", "attend");
 /// `kv_compress`: per-entry score statistics.
 pub const COMPRESS_STATS: Kernel = vector("ek_compress_stats", "kv_compress");
 /// `kv_compress`: the observation queries' mean scores.
@@ -66,9 +68,10 @@ pub const PREFILL_F32: Kernel = vector("ek_prefill_vec", "prefill_vector");
 pub const PLAN_REPS: Kernel = vector("ek_plan_reps", "plan");
 
 /// Every kernel entry the backend ships; build.rs compiles each distinct `file` once.
-pub const KERNELS: [Kernel; 14] = [
+pub const KERNELS: [Kernel; 15] = [
     DECODE,
     ATTEND,
+    APPEND,
     COMPRESS_STATS,
     COMPRESS_MEANS,
     COMPRESS_POOL,

@@ -9,10 +9,11 @@ use crate::config::HeadBudget;
 use crate::engine::{AttendArgs, Scores, SelectArgs, Selection};
 use crate::error::{Error, Result};
 use crate::ffi::{
-    EkAttendParams, EkCompressParams, EkDecodeParams, EkPlanParams, EkPrefillParams, EkTensor, dtype_code,
+    EkAppendParams, EkAttendParams, EkCompressParams, EkDecodeParams, EkPlanParams, EkPrefillParams, EkTensor,
+    dtype_code,
 };
 use crate::plan::Plan;
-use crate::tensor::{DType, HostTensor, TensorViewMut};
+use crate::tensor::{DType, HostTensor, TensorView, TensorViewMut};
 use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
 
 pub(crate) fn decode<'v>(mut l: impl Launcher<'v>, a: &DecodeArgs<'_>, out: &'v mut TensorViewMut<'_>) -> Result<()> {
@@ -304,6 +305,46 @@ pub(crate) fn kv_scores<'v>(mut l: impl Launcher<'v>, a: &SelectArgs<'_>) -> Res
         })
         .collect();
     Ok(Scores::of(a, rows))
+}
+
+/// Append (SPEC §7.4) of a checked call on the vector cores: the new rows and the offsets, table
+/// and (pre-append) lengths go to the device, the pools travel whole as outputs and come back
+/// with the rows in place; the host advances the lengths afterwards.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn append<'v>(
+    mut l: impl Launcher<'v>,
+    k_new: &TensorView<'_>,
+    v_new: &TensorView<'_>,
+    cu: &[u32],
+    k: &'v mut TensorViewMut<'_>,
+    v: &'v mut TensorViewMut<'_>,
+    layout: &crate::engine::PageLayout,
+    table: &crate::engine::BlockTable<'_>,
+    lens: &[u32],
+) -> Result<()> {
+    if k_new.shape()[1] == 0 {
+        return l.finish();
+    }
+    let dtype = k.dtype();
+    let params = EkAppendParams {
+        k_new: l.input(k_new)?,
+        v_new: l.input(v_new)?,
+        k_pool: l.output(k)?.ptr,
+        v_pool: l.output(v)?.ptr,
+        block_table: l.array(launch::bytes_of(table.ids()))?,
+        cu_q: l.array(launch::bytes_of(cu))?,
+        lens: l.array(launch::bytes_of(lens))?,
+        page_stride: layout.strides[0] as i64,
+        slot_stride: layout.strides[1] as i64,
+        head_stride: layout.strides[2] as i64,
+        table_width: table.width() as i32,
+        page_size: layout.page_size as i32,
+        sequences: (cu.len() - 1) as i32,
+        cache_heads: layout.heads as i32,
+        dtype: dtype_code(dtype),
+    };
+    l.launch(launch::APPEND, &params)?;
+    l.finish()
 }
 
 /// A whole pool as a `[1, 1, 1, elements]` view: only its address reaches the kernel (which

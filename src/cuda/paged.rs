@@ -314,6 +314,7 @@ impl CudaBackend {
             page_size: l.page_size as i32,
             sequences: c.sequences as i32,
             cache_heads: c.heads as i32,
+            dtype: crate::ffi::dtype_code(cache.dtype),
         };
         // SAFETY: validated on the mirrors: every new entry lies within its sequence's pages,
         // no page is written twice, the device arrays hold as many elements as their mirrors.

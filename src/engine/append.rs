@@ -20,20 +20,24 @@ pub fn append(
     cache: &mut KvCacheMut<'_>,
     ws: &mut Workspace,
 ) -> Result<()> {
+    append_with(k_new, v_new, cu, cache, ws, |k_new, v_new, cu, cache| {
+        copy_rows_on_host(k_new, v_new, cu, cache);
+        Ok(())
+    })
+}
+
+/// [`append`] with the rows copied by `rows` (a backend's kernel) once every check passed; the
+/// lengths advance only when it succeeds.
+pub(crate) fn append_with(
+    k_new: TensorView<'_>,
+    v_new: TensorView<'_>,
+    cu: &[u32],
+    cache: &mut KvCacheMut<'_>,
+    ws: &mut Workspace,
+    rows: impl FnOnce(&TensorView<'_>, &TensorView<'_>, &[u32], &mut KvCacheMut<'_>) -> Result<()>,
+) -> Result<()> {
     let c = check(&k_new, &v_new, cu, &cache.parts(), ws)?;
-    let hkv = k_new.shape()[2];
-    // Checked: write.
-    let rep = c.heads / hkv;
-    macro_rules! go {
-        ($t:ty) => {
-            copy_rows::<$t>(&k_new, &v_new, cu, cache, rep)
-        };
-    }
-    match k_new.dtype() {
-        DType::F32 => go!(f32),
-        DType::F16 => go!(f16),
-        DType::BF16 => go!(bf16),
-    }
+    rows(&k_new, &v_new, cu, cache)?;
     for i in 0..c.sequences {
         let n = cu[i + 1] - cu[i];
         cache.lens[i * c.heads..(i + 1) * c.heads].iter_mut().for_each(|l| *l += n);
@@ -122,6 +126,21 @@ pub(crate) fn check(
         }
     }
     Ok(c)
+}
+
+/// Each sequence's new rows into its cache heads at their lengths, on the host.
+pub(crate) fn copy_rows_on_host(
+    k_new: &TensorView<'_>,
+    v_new: &TensorView<'_>,
+    cu: &[u32],
+    cache: &mut KvCacheMut<'_>,
+) {
+    let rep = cache.layout.heads / k_new.shape()[2];
+    match k_new.dtype() {
+        DType::F32 => copy_rows::<f32>(k_new, v_new, cu, cache, rep),
+        DType::F16 => copy_rows::<f16>(k_new, v_new, cu, cache, rep),
+        DType::BF16 => copy_rows::<bf16>(k_new, v_new, cu, cache, rep),
+    }
 }
 
 fn copy_rows<E: Element>(

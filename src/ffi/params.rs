@@ -418,10 +418,11 @@ pub struct EkAppendParams {
     pub page_size: i32,
     pub sequences: i32,
     pub cache_heads: i32,
+    pub dtype: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of EkAppendParams"][::core::mem::size_of::<EkAppendParams>() - 176usize];
+    ["Size of EkAppendParams"][::core::mem::size_of::<EkAppendParams>() - 184usize];
     ["Alignment of EkAppendParams"][::core::mem::align_of::<EkAppendParams>() - 8usize];
     ["Offset of field: EkAppendParams::k_new"][::core::mem::offset_of!(EkAppendParams, k_new) - 0usize];
     ["Offset of field: EkAppendParams::v_new"][::core::mem::offset_of!(EkAppendParams, v_new) - 48usize];
@@ -437,6 +438,7 @@ const _: () = {
     ["Offset of field: EkAppendParams::page_size"][::core::mem::offset_of!(EkAppendParams, page_size) - 164usize];
     ["Offset of field: EkAppendParams::sequences"][::core::mem::offset_of!(EkAppendParams, sequences) - 168usize];
     ["Offset of field: EkAppendParams::cache_heads"][::core::mem::offset_of!(EkAppendParams, cache_heads) - 172usize];
+    ["Offset of field: EkAppendParams::dtype"][::core::mem::offset_of!(EkAppendParams, dtype) - 176usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
