@@ -109,6 +109,36 @@ fn work_counters() {
     let per_instr = c.vector_repeats as f64 / c.vector_instrs as f64;
     assert!(per_instr >= 8.0, "{per_instr:.1} vector repeats per instruction: scoring went back to one key at a time");
     paged_selection_reads_what_contiguous_reads(&kernels);
+    paged_decode_reads_what_contiguous_reads(&kernels);
+}
+
+/// A decode through `attend` over 16-entry interleaved slot-major pages reads the GM bytes the
+/// contiguous `decode_attention` reads for the same entries (±5%).
+fn paged_decode_reads_what_contiguous_reads(kernels: &Kernels) {
+    let (hq, hkv, n, d, dtype) = (8, 2, 1024, 128, DType::F16);
+    let q = random([1, 1, hq, d], 1.0, 71, dtype);
+    let (kc, vc) = (random([1, hkv, n, d], 1.0, 72, dtype), random([1, hkv, n, d], 1.0, 73, dtype));
+    let read = |entry: &str| -> u64 {
+        emu::kernel_counters().into_iter().filter(|(k, _)| *k == entry).map(|(_, c)| c.gm_read_bytes).sum()
+    };
+    let mut out = poisoned(q.shape, dtype);
+    emu::take_counters();
+    kernels.decode_attention(q.view(), kc.view(), vc.view(), &[n as u32; 2], None, &mut out.view_mut()).unwrap();
+    let contiguous = read("ek_decode");
+    let (ps, width) = (16, n / 16);
+    let mut pool = PagedCache::interleaved(dtype, PageLayout::slot_major(2 * width, ps, hkv, d), 2, width).unwrap();
+    let mut ws = Workspace::new();
+    let cu = [0, n as u32, n as u32];
+    Kernels::cpu()
+        .append(common::cache_as_thd(&kc).view(), common::cache_as_thd(&vc).view(), &cu, &mut pool.cache_mut(), &mut ws)
+        .unwrap();
+    let mut paged_out = poisoned(q.shape, dtype);
+    emu::take_counters();
+    kernels.attend(q.view(), &[0, 1, 1], &pool.cache(), &[], None, &mut paged_out.view_mut(), None, &mut ws).unwrap();
+    let paged = read("ek_attend");
+    let ratio = paged as f64 / contiguous as f64;
+    eprintln!("decode over 16-entry pages (attend), N {n}, f16 D {d}: {paged} GM bytes, {ratio:.3}× contiguous decode");
+    assert!((0.95..=1.05).contains(&ratio), "paged decode reads {ratio:.3}× the contiguous decode's GM bytes");
 }
 
 /// Selection over shuffled pages (`kv_scores`) reads the GM bytes the contiguous `kv_compress`
