@@ -185,10 +185,7 @@ fn paged_selection_reads_what_contiguous_reads(kernels: &Kernels) {
     kernels.kv_compact(&mut pool.cache_mut(), &sel, &mut ws).unwrap();
     let (_, compact) =
         emu::kernel_counters().into_iter().find(|(k, _)| *k == "ek_compress_compact").expect("the compaction ran");
-    let moved: usize = (0..b)
-        .flat_map(|i| (0..hkv).map(move |h| (i, h)))
-        .map(|(i, h)| sel.kept(i, h).iter().enumerate().filter(|&(j, &p)| p as usize != j).count())
-        .sum();
+    let moved = common::moved_entries(&sel, b, hkv);
     let moved_bytes = (2 * moved * d * dtype.size()) as u64;
     eprintln!("in-place compaction {n} → {}: {moved} entries moved, {compact:?}", cfg.decode_budget);
     assert!(

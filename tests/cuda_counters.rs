@@ -240,10 +240,7 @@ fn compression_over_pages_reads_what_contiguous_reads(k: &Kernels) {
     be.compact_on(&stream, &mut dc.view_mut(&stream).unwrap(), &dsel, &mut ws).unwrap();
     stream.synchronize().unwrap();
     let compact = emu::counters().unwrap() - c2;
-    let moved: usize = (0..b)
-        .flat_map(|i| (0..hkv).map(move |h| (i, h)))
-        .map(|(i, h)| sel.kept(i, h).iter().enumerate().filter(|&(j, &p)| p as usize != j).count())
-        .sum();
+    let moved = common::moved_entries(&sel, b, hkv);
     let moved_bytes = (2 * moved * d * dtype.size()) as u64;
     eprintln!(
         "| in-place compaction {n} → {} | — | — | — | {:.3} MB loaded | {moved} entries moved | {} allocations, {} host copies |",

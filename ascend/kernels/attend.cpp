@@ -203,12 +203,7 @@ private:
         GlobalTensor<T> s, d;
         s.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(src_ptr));
         d.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(dst_ptr));
-        LocalTensor<T> t = rows_.AllocTensor<T>();
-        DataCopyPad(t, s[src], DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0), DataCopyPadExtParams<T>(true, 0, 0, T(0.0f)));
-        rows_.EnQue(t);
-        t = rows_.DeQue<T>();
-        DataCopyPad(d[dst], t, DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0));
-        rows_.FreeTensor(t);
+        MoveRow(rows_, s[src], d[dst], d_);
     }
 
     __aicore__ inline void Item(uint32_t t, uint32_t h) {

@@ -90,6 +90,19 @@ __aicore__ inline AscendC::LocalTensor<float> LoadRows(Que& que, const AscendC::
     }
 }
 
+// One row of `d` elements GM → UB → GM through `que` (a VECIN/VECOUT queue bind; its EnQue/DeQue
+// orders the read before the write). DataCopyPad writes exactly the row's bytes to GM.
+template <typename T, typename Que>
+__aicore__ inline void MoveRow(Que& que, const AscendC::GlobalTensor<T>& src, const AscendC::GlobalTensor<T>& dst, uint32_t d) {
+    AscendC::LocalTensor<T> t = que.template AllocTensor<T>();
+    AscendC::DataCopyPad(t, src, AscendC::DataCopyExtParams(1, d * sizeof(T), 0, 0, 0),
+                         AscendC::DataCopyPadExtParams<T>(true, 0, 0, T(0.0f)));
+    que.EnQue(t);
+    t = que.template DeQue<T>();
+    AscendC::DataCopyPad(dst, t, AscendC::DataCopyExtParams(1, d * sizeof(T), 0, 0, 0));
+    que.FreeTensor(t);
+}
+
 // Keys j0 .. j0 + n of cache head h of sequence `seq` from a paged pool (SPEC §7.3: page =
 // table[seq · table_width + key / page_size], element page·page_stride + slot·slot_stride +
 // h·head_stride) into the next buffer of `que`, row i at i·PaddedElems<T>(d), one strided copy per

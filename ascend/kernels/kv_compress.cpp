@@ -746,13 +746,7 @@ private:
         GlobalTensor<T> s, d;
         s.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(src.ptr));
         d.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(out));
-        LocalTensor<T> t = rows_.AllocTensor<T>();
-        DataCopyPad(t, s[b * src.stride[0] + h * src.stride[1] + pos * src.stride[2]], DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0),
-                    DataCopyPadExtParams<T>(true, 0, 0, T(0.0f)));
-        rows_.EnQue(t);
-        t = rows_.DeQue<T>();
-        DataCopyPad(d[dst_off], t, DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0));
-        rows_.FreeTensor(t);
+        MoveRow(rows_, s[b * src.stride[0] + h * src.stride[1] + pos * src.stride[2]], d[dst_off], d_);
     }
 
     __aicore__ inline void Item(uint32_t it) {
@@ -804,15 +798,6 @@ private:
         return page * p_.page_stride + (int64_t)(n % (uint32_t)p_.page_size) * p_.slot_stride + (int64_t)h * p_.head_stride;
     }
 
-    __aicore__ inline void Move(const GlobalTensor<T>& pool, int64_t src, int64_t dst) {
-        LocalTensor<T> t = rows_.AllocTensor<T>();
-        DataCopyPad(t, pool[src], DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0), DataCopyPadExtParams<T>(true, 0, 0, T(0.0f)));
-        rows_.EnQue(t);
-        t = rows_.DeQue<T>();
-        DataCopyPad(pool[dst], t, DataCopyExtParams(1, d_ * sizeof(T), 0, 0, 0));
-        rows_.FreeTensor(t);
-    }
-
     __aicore__ inline void Item(uint32_t u) {
         const int32_t b = u / p_.k_cache.shape[1], h = u % p_.k_cache.shape[1];
         const uint32_t keep = lenGm_.GetValue(u);  // 0: the sequence does not compress
@@ -820,8 +805,8 @@ private:
             const uint32_t pos = selGm_.GetValue((uint64_t)u * p_.list_stride + j);
             if (pos == j) continue;
             const int64_t src = Entry(b, h, pos), dst = Entry(b, h, j);
-            Move(kGm_, src, dst);
-            Move(vGm_, src, dst);
+            MoveRow(rows_, kGm_[src], kGm_[dst], d_);
+            MoveRow(rows_, vGm_[src], vGm_[dst], d_);
         }
     }
 

@@ -289,16 +289,11 @@ impl Backend for AscendEmuBackend {
         cu: &[u32],
         cache: &mut crate::engine::KvCacheMut<'_>,
     ) -> Result<()> {
-        let (layout, table) = (cache.layout, cache.table.clone());
-        let lens = cache.lens.to_vec();
-        let mut k = ops::pool_view(&mut cache.k);
-        let mut v = ops::pool_view(&mut cache.v);
-        ops::append(EmuLauncher::default(), k_new, v_new, cu, &mut k, &mut v, &layout, &table, &lens)
+        ops::with_pools(cache, |k, v, layout, table, lens| {
+            ops::append(EmuLauncher::default(), k_new, v_new, cu, k, v, layout, table, lens)
+        })
     }
     fn compact(&self, cache: &mut crate::engine::KvCacheMut<'_>, sel: &crate::engine::Selection) -> Result<()> {
-        let (layout, table) = (cache.layout, cache.table.clone());
-        let mut k = ops::pool_view(&mut cache.k);
-        let mut v = ops::pool_view(&mut cache.v);
-        ops::compact(EmuLauncher::default(), &mut k, &mut v, &layout, &table, sel)
+        ops::with_pools(cache, |k, v, layout, table, _| ops::compact(EmuLauncher::default(), k, v, layout, table, sel))
     }
 }

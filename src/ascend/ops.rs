@@ -349,9 +349,27 @@ pub(crate) fn append<'v>(
 
 /// A whole pool as a `[1, 1, 1, elements]` view: only its address reaches the kernel (which
 /// addresses entries through the table with 64-bit offsets; `compact` overwrites the shape).
-pub(crate) fn pool_view<'a>(pool: &'a mut crate::tensor::HostDataMut<'_>) -> TensorViewMut<'a> {
+fn pool_view<'a>(pool: &'a mut crate::tensor::HostDataMut<'_>) -> TensorViewMut<'a> {
     let elements = pool.as_bytes_mut().len() / pool.dtype().size();
     TensorViewMut::new(pool.reborrow(), [1, 1, 1, elements])
+}
+
+/// Runs `f` on a host cache's K and V pools as whole-pool views (the outputs of the kernels that
+/// write pools), with its layout, table and lengths.
+pub(crate) fn with_pools<R>(
+    cache: &mut crate::engine::KvCacheMut<'_>,
+    f: impl FnOnce(
+        &mut TensorViewMut<'_>,
+        &mut TensorViewMut<'_>,
+        &crate::engine::PageLayout,
+        &crate::engine::BlockTable<'_>,
+        &[u32],
+    ) -> R,
+) -> R {
+    let (layout, table, lens) = (cache.layout, cache.table.clone(), cache.lens.to_vec());
+    let mut k = pool_view(&mut cache.k);
+    let mut v = pool_view(&mut cache.v);
+    f(&mut k, &mut v, &layout, &table, &lens)
 }
 
 /// In-place compaction (SPEC §7.5) of a checked selection on the vector cores: the pools go to

@@ -449,3 +449,12 @@ pub fn cache_as_thd(t: &HostTensor) -> HostTensor {
         .collect();
     HostTensor::from_f32(&rows, [1, b * n, h, d], t.dtype())
 }
+
+/// Entries a compaction by `sel` moves (kept positions not already in place), over `seqs`
+/// sequences of `heads` heads.
+pub fn moved_entries(sel: &entropy_kernels::Selection, seqs: usize, heads: usize) -> usize {
+    (0..seqs)
+        .flat_map(|i| (0..heads).map(move |h| (i, h)))
+        .map(|(i, h)| sel.kept(i, h).iter().enumerate().filter(|&(j, &p)| p as usize != j).count())
+        .sum()
+}
