@@ -177,3 +177,119 @@ fn core_counts_come_from_the_device() {
     drop(rt);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A serving loop on an `AscendPagedCache` (pools in device memory) through the `_on` calls:
+/// prompt append, causal attention with LSE, scores, selection and in-place compaction, then a
+/// decode step — each result against the oracle on a host copy of the same cache (the pools
+/// bit for bit: append and compaction are copies). The decode step's traffic through the mock
+/// runtime (bytes copied each way, bytes allocated) is the same for a pool 50× larger, and a
+/// small fraction of what the host-data calls move for the same step (they upload the pools).
+#[cfg(feature = "ascend-emu")]
+#[test]
+fn resident_cache_serves_a_loop_without_moving_its_pools() {
+    use entropy_kernels::ascend::device::{AscendBackend, mock};
+    use entropy_kernels::ascend::resident::AscendPagedCache;
+    use entropy_kernels::engine::{PageLayout, PagedCache, Workspace};
+
+    let _turn = mock_turn();
+    let test = "resident_cache_serves_a_loop";
+    let backend = mock_ascend(test).unwrap();
+    let host_path = Kernels::from_backend(std::sync::Arc::new(mock_ascend(test).unwrap()));
+    let oracle = Kernels::reference();
+    let (seqs, hq, hkv, d, ps, width) = (2, 4, 2, 64, 16, 8);
+    let dtype = DType::F32;
+    let close = |tag: &str, got: &[f32], want: &[f32]| {
+        assert_eq!(got.len(), want.len(), "{tag}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{tag}[{i}]: {g} vs {w}");
+        }
+    };
+    let same_pools = |tag: &str, dev: &AscendPagedCache, host: &PagedCache| {
+        let back = dev.to_host().unwrap();
+        assert_eq!(back.lens, host.lens, "{tag}: lengths");
+        assert!(back.k.data().as_bytes() == host.k.data().as_bytes(), "{tag}: K pool");
+        assert!(back.v.data().as_bytes() == host.v.data().as_bytes(), "{tag}: V pool");
+    };
+    let serve = |backend: &AscendBackend, spare: usize, seed: u64| -> (mock::Traffic, mock::Traffic) {
+        let ids: Vec<u32> = (0..(seqs * width) as u32).rev().collect();
+        let layout = if seed.is_multiple_of(2) {
+            PageLayout::slot_major(seqs * width + spare, ps, hkv, d)
+        } else {
+            PageLayout::head_major(seqs * width + spare, ps, hkv, d)
+        };
+        let fresh = AscendPagedCache::new(backend, dtype, layout, ids.clone(), width).unwrap();
+        let zeros = fresh.to_host().unwrap();
+        assert!(zeros.k.to_f32_vec().iter().all(|&x| x == 0.0) && zeros.lens == vec![0; seqs * hkv]);
+        let mut host = PagedCache::new(dtype, layout, ids, width, f32::NAN).unwrap();
+        let mut dev = AscendPagedCache::upload(backend, &host).unwrap();
+        let (mut ws, mut ws_dev) = (Workspace::new(), Workspace::new());
+
+        // The prompts (40 and 27 tokens), appended and attended causally with LSE.
+        let cu = [0u32, 40, 67];
+        let (k_new, v_new) = (random([1, 67, hkv, d], 1.0, seed, dtype), random([1, 67, hkv, d], 1.0, seed ^ 1, dtype));
+        oracle.append(k_new.view(), v_new.view(), &cu, &mut host.cache_mut(), &mut ws).unwrap();
+        backend.append_on(&k_new.view(), &v_new.view(), &cu, &mut dev, &mut ws_dev).unwrap();
+        same_pools("prompt append", &dev, &host);
+        let attend = |q: &HostTensor, cu: &[u32], host: &PagedCache, dev: &AscendPagedCache, tag: &str| {
+            let (mut want, mut got) = (poisoned(q.shape, dtype), poisoned(q.shape, dtype));
+            let t = q.shape[1];
+            let (mut lse_want, mut lse_got) = (vec![f32::NAN; t * hq], vec![f32::NAN; t * hq]);
+            let mut ws = Workspace::new();
+            let lse = Some(&mut lse_want[..]);
+            oracle.attend(q.view(), cu, &host.cache(), &[], None, &mut want.view_mut(), lse, &mut ws).unwrap();
+            backend.attend_on(&q.view(), cu, dev, &[], None, &mut got.view_mut(), Some(&mut lse_got)).unwrap();
+            close(&format!("{tag} out"), &got.to_f32_vec(), &want.to_f32_vec());
+            close(&format!("{tag} lse"), &lse_got, &lse_want);
+        };
+        attend(&random([1, 67, hq, d], 1.0, seed ^ 2, dtype), &cu, &host, &dev, "prefill");
+
+        // Scores, selection by them, compaction in place.
+        let cfg = DecodeConfig { decode_budget: 24, window: 8, ..DecodeConfig::latent() };
+        let obs = random([seqs, hq, cfg.window, d], 1.0, seed ^ 3, dtype);
+        let want = oracle.kv_scores(&host.cache(), obs.view(), &cfg, &[]).unwrap();
+        let got = backend.kv_scores_on(&dev, &obs.view(), &cfg, &[]).unwrap();
+        assert_eq!((got.compressed.clone(), got.lens.clone()), (want.compressed.clone(), want.lens.clone()));
+        for (u, (g, w)) in got.rows.iter().zip(&want.rows).enumerate() {
+            close(&format!("scores {u}"), g, w);
+        }
+        let sel = backend.select_on(&dev, &obs.view(), &cfg, &[]).unwrap();
+        assert_eq!(sel, got.select(&cfg).unwrap());
+        oracle.kv_compact(&mut host.cache_mut(), &sel, &mut ws).unwrap();
+        backend.compact_on(&mut dev, &sel, &mut ws_dev).unwrap();
+        same_pools("compaction", &dev, &host);
+        assert_eq!(dev.lens, vec![24; seqs * hkv]);
+
+        // One decode step (a token per sequence), its traffic measured.
+        let cu1 = [0u32, 1, 2];
+        let (k1, v1) = (random([1, 2, hkv, d], 1.0, seed ^ 4, dtype), random([1, 2, hkv, d], 1.0, seed ^ 5, dtype));
+        let q1 = random([1, 2, hq, d], 1.0, seed ^ 6, dtype);
+        let mut out = poisoned(q1.shape, dtype);
+        let before = mock::traffic();
+        backend.append_on(&k1.view(), &v1.view(), &cu1, &mut dev, &mut ws_dev).unwrap();
+        backend.attend_on(&q1.view(), &cu1, &dev, &[], None, &mut out.view_mut(), None).unwrap();
+        let resident = mock::traffic() - before;
+        // The same step through the host-data calls, on a copy of the host cache.
+        let mut copy = host.clone();
+        let before = mock::traffic();
+        host_path.append(k1.view(), v1.view(), &cu1, &mut copy.cache_mut(), &mut ws).unwrap();
+        host_path.attend(q1.view(), &cu1, &copy.cache(), &[], None, &mut out.view_mut(), None, &mut ws).unwrap();
+        let host_data = mock::traffic() - before;
+        oracle.append(k1.view(), v1.view(), &cu1, &mut host.cache_mut(), &mut ws).unwrap();
+        same_pools("decode append", &dev, &host);
+        attend(&q1, &cu1, &host, &dev, "decode");
+        (resident, host_data)
+    };
+    let seed = seed(test);
+    for s in [seed, seed ^ 0x55] {
+        let (small, small_host) = serve(&backend, 0, s);
+        let (large, large_host) = serve(&backend, 50 * seqs * width, s);
+        let pool_bytes = (50 + 1) * seqs * width * ps * hkv * d * dtype.size();
+        eprintln!(
+            "decode step traffic, resident: {large:?}; host-data calls: {large_host:?} (pools of {pool_bytes} bytes)"
+        );
+        assert_eq!(small, large, "a resident decode step's traffic does not grow with the pools");
+        assert!(small_host.to_device < large_host.to_device, "the host-data calls upload the pools");
+        assert!(large_host.to_device as usize >= 2 * pool_bytes);
+        assert!((large.to_device + large.to_host) * 100 < large_host.to_device + large_host.to_host);
+    }
+}

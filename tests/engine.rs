@@ -16,7 +16,11 @@ const PAGE_SIZES: [usize; 4] = [8, 16, 64, 256];
 /// against its own one-shot path, an independent transcription). Others are skipped with the reason.
 fn engine_backends(test: &str, ops: &[Op]) -> Vec<Kernels> {
     let mut out = vec![Kernels::reference()];
-    for k in common::backends_under_test(test) {
+    let backends = common::backends_under_test(test).into_iter();
+    // The Ascend backend's resident-cache calls too (over the mock ACL library without an NPU).
+    #[cfg(all(feature = "ascend", feature = "ascend-emu"))]
+    let backends = backends.chain(common::resident::open(test));
+    for k in backends {
         if ops.iter().all(|&op| common::runs(test, &k, op)) {
             out.push(k);
         }

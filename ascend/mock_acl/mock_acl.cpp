@@ -10,6 +10,8 @@
 //     fails with a timeout (aclrtSynchronizeStreamWithTimeout) instead of hanging;
 //   - memcpy bounds (count <= destMax) and frees of unknown pointers.
 // Failure injection: ek_mock_acl_fail("<api name>") makes that call fail with code 507899.
+// Traffic: ek_mock_acl_traffic counts the bytes copied host→device and device→host and the bytes
+// allocated since the process started (what a resident cache must keep off the PCIe bus).
 // The kernel "binary" is the text "ekmock <symbol>,<symbol>... <magic hex>".
 
 #include <cstdio>
@@ -36,6 +38,7 @@ bool initialised = false;
 int device = -1;
 std::map<uintptr_t, size_t> allocations;
 std::string last_error;
+uint64_t traffic[3] = {0, 0, 0};  // host→device bytes, device→host bytes, bytes allocated
 
 struct Binary {
     std::string symbols;  // comma-separated entries
@@ -151,6 +154,7 @@ aclError aclrtMalloc(void** p, size_t size, aclrtMemMallocPolicy) {
     MOCK_ENTRY("aclrtMalloc");
     NEED_DEVICE();
     if (size == 0) return fail(kInvalid, "mock: aclrtMalloc of 0 bytes");
+    traffic[2] += size;
     *p = std::aligned_alloc(512, (size + 511) / 512 * 512);
     std::memset(*p, 0xA5, size);  // device memory is not zeroed
     allocations[reinterpret_cast<uintptr_t>(*p)] = size;
@@ -179,6 +183,8 @@ aclError aclrtMemcpy(void* dst, size_t max, const void* src, size_t count, aclrt
     if (dst_dev != is_device(dst, count) || src_dev != is_device(src, count))
         return fail(kInvalid, "mock: aclrtMemcpy kind does not match where the pointers live");
     std::memcpy(dst, src, count);
+    if (kind == ACL_MEMCPY_HOST_TO_DEVICE) traffic[0] += count;
+    if (kind == ACL_MEMCPY_DEVICE_TO_HOST) traffic[1] += count;
     return ACL_SUCCESS;
 }
 
@@ -237,6 +243,11 @@ aclError aclrtLaunchKernel(aclrtFuncHandle f, uint32_t block_dim, const void* ar
 void ek_mock_acl_fail(const char* api) {
     std::lock_guard<std::mutex> lock(mu);
     failing = api ? api : "";
+}
+
+void ek_mock_acl_traffic(uint64_t out[3]) {
+    std::lock_guard<std::mutex> lock(mu);
+    for (int i = 0; i < 3; i++) out[i] = traffic[i];
 }
 
 const char* aclGetRecentErrMsg(void) {

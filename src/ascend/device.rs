@@ -45,7 +45,7 @@ pub fn kernels_embedded() -> bool {
 
 /// The Ascend backend on device `rt.device`.
 pub struct AscendBackend {
-    rt: Arc<AclRuntime>,
+    pub(super) rt: Arc<AclRuntime>,
     functions: HashMap<&'static str, Function>,
     stream: Mutex<Stream>,
     caps: Capabilities,
@@ -80,13 +80,13 @@ impl AscendBackend {
         Ok(AscendBackend { rt, functions, stream, caps, topk: opts.topk })
     }
 
-    fn launcher(&self) -> AclLauncher<'_, '_> {
+    pub(super) fn launcher(&self) -> AclLauncher<'_, '_> {
         AclLauncher { backend: self, buffers: Vec::new(), outputs: Vec::new(), inputs: Vec::new() }
     }
 }
 
 /// Device buffers of one call; outputs are downloaded by `finish` after the stream drained.
-struct AclLauncher<'b, 'v> {
+pub(super) struct AclLauncher<'b, 'v> {
     backend: &'b AscendBackend,
     buffers: Vec<DeviceBuffer>,
     outputs: Vec<(usize, &'v mut [u8])>,
@@ -230,12 +230,10 @@ impl Backend for AscendBackend {
         cu: &[u32],
         cache: &mut crate::engine::KvCacheMut<'_>,
     ) -> Result<()> {
-        ops::with_pools(cache, |k, v, layout, table, lens| {
-            ops::append(self.launcher(), k_new, v_new, cu, k, v, layout, table, lens)
-        })
+        ops::with_pools(cache, |pools, pages| ops::append(self.launcher(), k_new, v_new, cu, pools, pages))
     }
     fn compact(&self, cache: &mut crate::engine::KvCacheMut<'_>, sel: &crate::engine::Selection) -> Result<()> {
-        ops::with_pools(cache, |k, v, layout, table, _| ops::compact(self.launcher(), k, v, layout, table, sel))
+        ops::with_pools(cache, |pools, pages| ops::compact(self.launcher(), pools, pages, sel))
     }
 }
 
@@ -285,6 +283,41 @@ pub mod mock {
             // so every test that runs both covers both top-k kernels.
             topk: crate::ascend::TopK::Select,
         })
+    }
+
+    /// Bytes the mock has moved and allocated since the process started.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Traffic {
+        /// Copied host → device (`aclrtMemcpy`).
+        pub to_device: u64,
+        /// Copied device → host.
+        pub to_host: u64,
+        /// Allocated (`aclrtMalloc`).
+        pub allocated: u64,
+    }
+
+    impl std::ops::Sub for Traffic {
+        type Output = Traffic;
+        fn sub(self, o: Traffic) -> Traffic {
+            Traffic {
+                to_device: self.to_device - o.to_device,
+                to_host: self.to_host - o.to_host,
+                allocated: self.allocated - o.allocated,
+            }
+        }
+    }
+
+    /// The mock's traffic counters (process-wide: callers that compare two readings run alone).
+    pub fn traffic() -> Traffic {
+        let mut t = [0u64; 3];
+        // SAFETY: the mock library is ours; `ek_mock_acl_traffic` writes three u64s.
+        unsafe {
+            let lib = libloading::Library::new(LIBRARY).expect("mock ACL library");
+            let f: libloading::Symbol<unsafe extern "C" fn(*mut u64)> =
+                lib.get(b"ek_mock_acl_traffic\0").expect("ek_mock_acl_traffic");
+            f(t.as_mut_ptr());
+        }
+        Traffic { to_device: t[0], to_host: t[1], allocated: t[2] }
     }
 
     /// Makes the mock's next calls of `api` fail (`None`: stop failing).

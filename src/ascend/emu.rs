@@ -289,11 +289,9 @@ impl Backend for AscendEmuBackend {
         cu: &[u32],
         cache: &mut crate::engine::KvCacheMut<'_>,
     ) -> Result<()> {
-        ops::with_pools(cache, |k, v, layout, table, lens| {
-            ops::append(EmuLauncher::default(), k_new, v_new, cu, k, v, layout, table, lens)
-        })
+        ops::with_pools(cache, |pools, pages| ops::append(EmuLauncher::default(), k_new, v_new, cu, pools, pages))
     }
     fn compact(&self, cache: &mut crate::engine::KvCacheMut<'_>, sel: &crate::engine::Selection) -> Result<()> {
-        ops::with_pools(cache, |k, v, layout, table, _| ops::compact(EmuLauncher::default(), k, v, layout, table, sel))
+        ops::with_pools(cache, |pools, pages| ops::compact(EmuLauncher::default(), pools, pages, sel))
     }
 }

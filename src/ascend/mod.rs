@@ -12,6 +12,8 @@ pub mod launch;
 #[cfg(any(feature = "ascend", feature = "ascend-emu"))]
 pub(crate) mod ops;
 #[cfg(feature = "ascend")]
+pub mod resident;
+#[cfg(feature = "ascend")]
 pub mod result;
 #[cfg(feature = "ascend")]
 pub mod runtime;

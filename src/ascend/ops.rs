@@ -5,8 +5,10 @@ use super::TopK;
 use super::launch::{self, Launcher};
 use crate::backend::{Capabilities, HeadDims, Op};
 use crate::compress::{self, CompressedCache};
+use crate::config::DecodeConfig;
 use crate::config::HeadBudget;
-use crate::engine::{AttendArgs, Scores, SelectArgs, Selection};
+use crate::engine::args::{AttendShape, ChunkSettings, SeqChunk};
+use crate::engine::{AttendArgs, BlockTable, KvCache, PageLayout, Scores, SelectArgs, Selection};
 use crate::error::{Error, Result};
 use crate::ffi::{
     EkAppendParams, EkAttendParams, EkCompressParams, EkDecodeParams, EkPlanParams, EkPrefillParams, EkTensor,
@@ -14,7 +16,65 @@ use crate::ffi::{
 };
 use crate::plan::Plan;
 use crate::tensor::{DType, HostTensor, TensorView, TensorViewMut};
-use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
+use crate::validate::{AttentionArgs, CompressArgs, CompressDims, DecodeArgs, PlanArgs};
+
+/// Where a cache pool is for the kernels: in host memory (placed by the launcher for this call)
+/// or in device memory held across calls (a resident cache: none of it travels).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Pool<'c> {
+    Host(&'c [u8]),
+    Device(u64),
+}
+
+impl Pool<'_> {
+    fn addr<'v>(self, l: &mut impl Launcher<'v>) -> Result<u64> {
+        match self {
+            Pool::Host(bytes) => l.array(bytes),
+            Pool::Device(addr) => Ok(addr),
+        }
+    }
+}
+
+/// A pool the kernels write: a whole-pool host view (it travels whole both ways and is written
+/// back by `finish`, only on success), or device memory written in place.
+pub(crate) enum PoolMut<'v, 'x> {
+    Host(&'v mut TensorViewMut<'x>),
+    Device(u64),
+}
+
+impl<'v> PoolMut<'v, '_> {
+    fn addr(self, l: &mut impl Launcher<'v>) -> Result<u64> {
+        match self {
+            PoolMut::Host(view) => Ok(l.output(view)?.ptr),
+            PoolMut::Device(addr) => Ok(addr),
+        }
+    }
+}
+
+/// A call's (validated) cache as the kernels address it: layout, block table, lengths, element
+/// type and the two pools, wherever they are.
+pub(crate) struct CacheAt<'c> {
+    pub layout: PageLayout,
+    pub table: &'c BlockTable<'c>,
+    pub lens: &'c [u32],
+    pub dtype: DType,
+    pub k: Pool<'c>,
+    pub v: Pool<'c>,
+}
+
+impl<'c> CacheAt<'c> {
+    /// A cache in host memory: its pools are uploaded by each call.
+    pub(crate) fn host(c: &'c KvCache<'c>) -> Self {
+        CacheAt {
+            layout: *c.layout(),
+            table: c.table(),
+            lens: c.lens(),
+            dtype: c.dtype(),
+            k: Pool::Host(c.k().as_bytes()),
+            v: Pool::Host(c.v().as_bytes()),
+        }
+    }
+}
 
 pub(crate) fn decode<'v>(mut l: impl Launcher<'v>, a: &DecodeArgs<'_>, out: &'v mut TensorViewMut<'_>) -> Result<()> {
     let d = a.dims();
@@ -38,19 +98,30 @@ pub(crate) fn decode<'v>(mut l: impl Launcher<'v>, a: &DecodeArgs<'_>, out: &'v 
 /// Attention over a (paged) cache (SPEC §7.4): the shared tiles (at most
 /// [`ATTEND_MAX_ROWS`] rows each), one core per tile at a time, every key of a tile on its core.
 pub(crate) fn attend<'v>(
-    mut l: impl Launcher<'v>,
+    l: impl Launcher<'v>,
     a: &AttendArgs<'_>,
     out: &'v mut TensorViewMut<'_>,
     lse: Option<&mut [f32]>,
 ) -> Result<()> {
-    let d = a.dims();
-    let work = crate::engine::tiles::work(a.shape(), ATTEND_MAX_ROWS);
+    attend_at(l, a.shape(), &a.q(), &CacheAt::host(a.cache()), out, lse)
+}
+
+/// [`attend`] of a validated call over a cache wherever it is.
+pub(crate) fn attend_at<'v>(
+    mut l: impl Launcher<'v>,
+    shape: &AttendShape<'_>,
+    q: &TensorView<'_>,
+    cache: &CacheAt<'_>,
+    out: &'v mut TensorViewMut<'_>,
+    lse: Option<&mut [f32]>,
+) -> Result<()> {
+    let d = shape.dims();
+    let work = crate::engine::tiles::work(shape, ATTEND_MAX_ROWS);
     if work.tiles.is_empty() {
         return Ok(()); // no query tokens
     }
-    let cache = a.cache();
-    let layout = cache.layout();
-    row_gap(layout.strides[1], d.head_dim, a.q().dtype())?;
+    let layout = &cache.layout;
+    row_gap(layout.strides[1], d.head_dim, q.dtype())?;
     // Arrays the kernel indexes may be empty (no plans): never hand over a zero-length buffer.
     let nonempty = |v: &[u32]| if v.is_empty() { vec![0u32] } else { v.to_vec() };
     let lse_buf = match &lse {
@@ -58,12 +129,12 @@ pub(crate) fn attend<'v>(
         None => 0,
     };
     let params = EkAttendParams {
-        q: l.input(&a.q())?,
+        q: l.input(q)?,
         out: l.output(out)?,
         lse: lse_buf,
-        k_pool: l.array(cache.k().as_bytes())?,
-        v_pool: l.array(cache.v().as_bytes())?,
-        block_table: l.array(launch::bytes_of(cache.table().ids()))?,
+        k_pool: cache.k.addr(&mut l)?,
+        v_pool: cache.v.addr(&mut l)?,
+        block_table: l.array(launch::bytes_of(cache.table.ids()))?,
         tiles: l.array(work.tile_bytes())?,
         offsets: l.array(launch::bytes_of(&nonempty(&work.offsets)))?,
         counts: l.array(launch::bytes_of(&nonempty(&work.counts)))?,
@@ -72,16 +143,16 @@ pub(crate) fn attend<'v>(
         page_stride: layout.strides[0] as i64,
         slot_stride: layout.strides[1] as i64,
         head_stride: layout.strides[2] as i64,
-        table_width: cache.table().width() as i32,
+        table_width: cache.table.width() as i32,
         page_size: layout.page_size as i32,
         group: d.group() as i32,
         tile_rows: ATTEND_MAX_ROWS as i32,
         splits: 1,
         keys_per_split: 0,
-        batched_rows: a.batched().unwrap_or(0) as i32,
-        scale_log2: a.scale() * std::f32::consts::LOG2_E,
+        batched_rows: shape.batched().unwrap_or(0) as i32,
+        scale_log2: shape.scale() * std::f32::consts::LOG2_E,
         tiles_count: work.tiles.len() as i32,
-        dtype: dtype_code(a.q().dtype()),
+        dtype: dtype_code(q.dtype()),
     };
     l.launch(launch::ATTEND, &params)?;
     if let Some(x) = lse {
@@ -243,29 +314,44 @@ pub(crate) fn kv_compress<'v>(mut l: impl Launcher<'v>, a: &CompressArgs<'_>, to
 /// 1–4): the vector scoring kernels read keys through the block table, each head scoring its own
 /// length (`head_lens`; 0: the sequence does not compress); the rows come back to the host,
 /// where selection follows the shared rules ([`Scores::select`]) as the contiguous AdaKV path's.
-pub(crate) fn kv_scores<'v>(mut l: impl Launcher<'v>, a: &SelectArgs<'_>) -> Result<Scores> {
-    let d = a.dims();
-    let cfg = a.cfg();
-    let cache = a.cache();
-    let lens = cache.lens();
+pub(crate) fn kv_scores<'v>(l: impl Launcher<'v>, a: &SelectArgs<'_>) -> Result<Scores> {
+    let s = Scoring { obs: a.obs(), cfg: a.cfg(), compress: a.compress(), scale: a.scale(), dims: a.dims() };
+    Ok(Scores::of(a, score_rows(l, &s, &CacheAt::host(a.cache()))?))
+}
+
+/// A validated selection's scoring, wherever its cache is (`engine::compaction::select_shape`).
+pub(crate) struct Scoring<'a> {
+    pub obs: TensorView<'a>,
+    pub cfg: &'a DecodeConfig,
+    pub compress: &'a [bool],
+    pub scale: f32,
+    pub dims: CompressDims,
+}
+
+/// The pooled score rows of [`kv_scores`] (one per (sequence, head); empty where the sequence
+/// does not compress), over a cache wherever it is.
+pub(crate) fn score_rows<'v>(mut l: impl Launcher<'v>, a: &Scoring<'_>, cache: &CacheAt<'_>) -> Result<Vec<Vec<f32>>> {
+    let d = a.dims;
+    let cfg = a.cfg;
+    let lens = cache.lens;
     let heads = d.kv_heads;
-    if !a.compress().iter().any(|&c| c) {
+    if !a.compress.iter().any(|&c| c) {
         l.finish()?;
-        return Ok(Scores::of(a, vec![Vec::new(); lens.len()]));
+        return Ok(vec![Vec::new(); lens.len()]);
     }
     if d.group() > COMPRESS_MAX_GROUP {
         let why = format!("the Ascend compression averages at most {COMPRESS_MAX_GROUP} query heads per kv head");
         return Err(Error::range("group", d.group(), why));
     }
-    let layout = cache.layout();
-    row_gap(layout.strides[1], d.head_dim, a.obs().dtype())?;
-    let dtype = cache.dtype();
+    let layout = &cache.layout;
+    row_gap(layout.strides[1], d.head_dim, a.obs.dtype())?;
+    let dtype = cache.dtype;
     let rows = d.group() * d.window;
     let scored = d.entries - d.window;
     let chunks = d.entries.div_ceil(COMPRESS_CHUNK);
     let pad = if cfg.pooling == crate::config::Pooling::None { 0 } else { cfg.pooling_kernel / 2 };
     let means_stride = (scored + 2 * pad).div_ceil(8) * 8;
-    let head_lens: Vec<u32> = (0..lens.len()).map(|u| if a.compress()[u / heads] { lens[u] } else { 0 }).collect();
+    let head_lens: Vec<u32> = (0..lens.len()).map(|u| if a.compress[u / heads] { lens[u] } else { 0 }).collect();
     // Over pages the kernels address keys through the table; the tensor carries the sizes only.
     let pool = |ptr: u64| EkTensor {
         ptr,
@@ -273,20 +359,20 @@ pub(crate) fn kv_scores<'v>(mut l: impl Launcher<'v>, a: &SelectArgs<'_>) -> Res
         shape: [d.batch as i32, heads as i32, d.entries as i32, d.head_dim as i32],
     };
     let params = EkCompressParams {
-        k_cache: pool(l.array(cache.k().as_bytes())?),
+        k_cache: pool(cache.k.addr(&mut l)?),
         v_cache: pool(0),
-        obs: l.input(&a.obs())?,
+        obs: l.input(&a.obs)?,
         stats: l.zeroed(4 * d.batch * heads * chunks * 2 * rows)?,
         means: l.zeroed(4 * d.batch * d.q_heads * means_stride)?,
         pooled: l.zeroed(4 * d.batch * heads * scored)?,
         head_lens: l.array(launch::bytes_of(&head_lens))?,
-        block_table: l.array(launch::bytes_of(cache.table().ids()))?,
+        block_table: l.array(launch::bytes_of(cache.table.ids()))?,
         page_stride: layout.strides[0] as i64,
         slot_stride: layout.strides[1] as i64,
         head_stride: layout.strides[2] as i64,
-        table_width: cache.table().width() as i32,
+        table_width: cache.table.width() as i32,
         page_size: layout.page_size as i32,
-        ..EkCompressParams::sized(&d, cfg, COMPRESS_CHUNK, a.scale(), dtype)
+        ..EkCompressParams::sized(&d, cfg, COMPRESS_CHUNK, a.scale, dtype)
     };
     for k in [launch::COMPRESS_STATS, launch::COMPRESS_MEANS, launch::COMPRESS_POOL] {
         l.launch(k, &params)?;
@@ -295,7 +381,7 @@ pub(crate) fn kv_scores<'v>(mut l: impl Launcher<'v>, a: &SelectArgs<'_>) -> Res
     l.read(params.pooled, &mut pooled)?;
     l.finish()?;
     let pooled = f32s(&pooled);
-    let rows = (0..lens.len())
+    Ok((0..lens.len())
         .map(|u| {
             if head_lens[u] == 0 {
                 Vec::new()
@@ -303,34 +389,31 @@ pub(crate) fn kv_scores<'v>(mut l: impl Launcher<'v>, a: &SelectArgs<'_>) -> Res
                 pooled[u * scored..][..head_lens[u] as usize - d.window].to_vec()
             }
         })
-        .collect();
-    Ok(Scores::of(a, rows))
+        .collect())
 }
 
 /// Append (SPEC §7.4) of a checked call on the vector cores: the new rows and the offsets, table
-/// and (pre-append) lengths go to the device, the pools travel whole as outputs and come back
-/// with the rows in place; the host advances the lengths afterwards.
-#[allow(clippy::too_many_arguments)]
+/// and (pre-append) lengths go to the device; host pools travel whole as outputs and come back
+/// with the rows in place (a resident cache's are written where they are); the caller advances
+/// the lengths afterwards.
 pub(crate) fn append<'v>(
     mut l: impl Launcher<'v>,
     k_new: &TensorView<'_>,
     v_new: &TensorView<'_>,
     cu: &[u32],
-    k: &'v mut TensorViewMut<'_>,
-    v: &'v mut TensorViewMut<'_>,
-    layout: &crate::engine::PageLayout,
-    table: &crate::engine::BlockTable<'_>,
-    lens: &[u32],
+    pools: [PoolMut<'v, '_>; 2],
+    cache: &Pages<'_>,
 ) -> Result<()> {
     if k_new.shape()[1] == 0 {
         return l.finish();
     }
-    let dtype = k.dtype();
+    let Pages { layout, table, lens, dtype } = *cache;
+    let [k, v] = pools;
     let params = EkAppendParams {
         k_new: l.input(k_new)?,
         v_new: l.input(v_new)?,
-        k_pool: l.output(k)?.ptr,
-        v_pool: l.output(v)?.ptr,
+        k_pool: k.addr(&mut l)?,
+        v_pool: v.addr(&mut l)?,
         block_table: l.array(launch::bytes_of(table.ids()))?,
         cu_q: l.array(launch::bytes_of(cu))?,
         lens: l.array(launch::bytes_of(lens))?,
@@ -347,8 +430,17 @@ pub(crate) fn append<'v>(
     l.finish()
 }
 
+/// What the pool-writing kernels address a cache by besides its pools.
+#[derive(Clone, Copy)]
+pub(crate) struct Pages<'c> {
+    pub layout: &'c PageLayout,
+    pub table: &'c BlockTable<'c>,
+    pub lens: &'c [u32],
+    pub dtype: DType,
+}
+
 /// A whole pool as a `[1, 1, 1, elements]` view: only its address reaches the kernel (which
-/// addresses entries through the table with 64-bit offsets; `compact` overwrites the shape).
+/// addresses entries through the table with 64-bit offsets).
 fn pool_view<'a>(pool: &'a mut crate::tensor::HostDataMut<'_>) -> TensorViewMut<'a> {
     let elements = pool.as_bytes_mut().len() / pool.dtype().size();
     TensorViewMut::new(pool.reborrow(), [1, 1, 1, elements])
@@ -358,32 +450,26 @@ fn pool_view<'a>(pool: &'a mut crate::tensor::HostDataMut<'_>) -> TensorViewMut<
 /// write pools), with its layout, table and lengths.
 pub(crate) fn with_pools<R>(
     cache: &mut crate::engine::KvCacheMut<'_>,
-    f: impl FnOnce(
-        &mut TensorViewMut<'_>,
-        &mut TensorViewMut<'_>,
-        &crate::engine::PageLayout,
-        &crate::engine::BlockTable<'_>,
-        &[u32],
-    ) -> R,
+    f: impl FnOnce([PoolMut<'_, '_>; 2], &Pages<'_>) -> R,
 ) -> R {
     let (layout, table, lens) = (cache.layout, cache.table.clone(), cache.lens.to_vec());
+    let dtype = cache.k.dtype();
     let mut k = pool_view(&mut cache.k);
     let mut v = pool_view(&mut cache.v);
-    f(&mut k, &mut v, &layout, &table, &lens)
+    f([PoolMut::Host(&mut k), PoolMut::Host(&mut v)], &Pages { layout: &layout, table: &table, lens: &lens, dtype })
 }
 
-/// In-place compaction (SPEC §7.5) of a checked selection on the vector cores: the pools go to
-/// the device as outputs `k` and `v` (whole, `[1, 1, 1, elements]` views of the cache's pools)
-/// and come back moved; the kept lists row by row (`list_stride` apart), each head's count (0
-/// where the sequence does not compress).
+/// In-place compaction (SPEC §7.5) of a checked selection on the vector cores: host pools go to
+/// the device as outputs (whole) and come back moved, a resident cache's are moved where they
+/// are; the kept lists row by row (`list_stride` apart), each head's count (0 where the sequence
+/// does not compress).
 pub(crate) fn compact<'v>(
     mut l: impl Launcher<'v>,
-    k: &'v mut TensorViewMut<'_>,
-    v: &'v mut TensorViewMut<'_>,
-    layout: &crate::engine::PageLayout,
-    table: &crate::engine::BlockTable<'_>,
+    pools: [PoolMut<'v, '_>; 2],
+    cache: &Pages<'_>,
     sel: &Selection,
 ) -> Result<()> {
+    let Pages { layout, table, dtype, .. } = *cache;
     if !sel.compressed.iter().any(|&c| c) {
         return l.finish();
     }
@@ -397,10 +483,15 @@ pub(crate) fn compact<'v>(
     for u in (0..units).filter(|&u| counts[u] > 0) {
         lists[u * stride..][..counts[u] as usize].copy_from_slice(sel.kept(u / heads, u % heads));
     }
-    let dtype = k.dtype();
-    let (kp, vp) = (l.output(k)?, l.output(v)?);
-    let sized =
-        |t: EkTensor| EkTensor { shape: [sel.compressed.len() as i32, heads as i32, 0, layout.head_dim as i32], ..t };
+    let [k, v] = pools;
+    let (kp, vp) = (k.addr(&mut l)?, v.addr(&mut l)?);
+    // The kernel addresses entries through the table: the tensors carry the pools' addresses
+    // and the sizes only.
+    let sized = |ptr: u64| EkTensor {
+        ptr,
+        stride: [0; 3],
+        shape: [sel.compressed.len() as i32, heads as i32, 0, layout.head_dim as i32],
+    };
     let params = EkCompressParams {
         k_cache: sized(kp),
         v_cache: sized(vp),
@@ -502,24 +593,37 @@ pub(crate) fn prefill<'v>(
 /// block-table row); the host finishes each plan in f64 from them, continuing the sequence's
 /// states (`cpu::plan::plan_span`, the CPU backend's own arithmetic: decisions bit for bit).
 pub(crate) fn plan_chunks<'v>(
-    mut l: impl Launcher<'v>,
+    l: impl Launcher<'v>,
     a: &crate::engine::ChunkArgs<'_>,
     states: &mut [crate::plan::PlanState],
 ) -> Result<Vec<Plan>> {
-    let dd = a.head_dim();
-    let cache = a.cache();
-    let layout = cache.layout();
-    row_gap(layout.strides[2], dd, a.q().dtype())?;
-    let q = l.input(&a.q())?;
-    let k_pool = l.array(cache.k().as_bytes())?;
-    let table = l.array(launch::bytes_of(cache.table().ids()))?;
-    let width = cache.table().width();
+    plan_chunks_at(l, &a.q(), a.seqs(), &a.settings(), &CacheAt::host(a.cache()), states)
+}
+
+/// [`plan_chunks`] of a validated call over a cache wherever it is; `states` advance only when
+/// every sequence was planned.
+pub(crate) fn plan_chunks_at<'v>(
+    mut l: impl Launcher<'v>,
+    q_view: &TensorView<'_>,
+    seqs: &[SeqChunk<'_>],
+    settings: &ChunkSettings,
+    cache: &CacheAt<'_>,
+    states: &mut [crate::plan::PlanState],
+) -> Result<Vec<Plan>> {
+    let dd = settings.head_dim;
+    let layout = &cache.layout;
+    row_gap(layout.strides[2], dd, q_view.dtype())?;
+    let q = l.input(q_view)?;
+    let k_pool = cache.k.addr(&mut l)?;
+    let table = l.array(launch::bytes_of(cache.table.ids()))?;
+    let width = cache.table.width();
     let isa = crate::cpu::simd::Isa::detect();
-    let mut plans = Vec::with_capacity(a.seqs().len());
-    for (i, sc) in a.seqs().iter().enumerate() {
+    let mut next = states.to_vec();
+    let mut plans = Vec::with_capacity(seqs.len());
+    for (i, sc) in seqs.iter().enumerate() {
         let d = sc.dims;
         let segs = sc.segments.clone();
-        let span = crate::cpu::plan::Span::of_chunk(a, sc);
+        let span = crate::cpu::plan::Span::of_chunk(settings, sc);
         let qrep_len = segs.len() * d.q_heads * 2 * dd;
         let krep_len = d.blocks * d.kv_heads * 2 * dd;
         let (qrep, krep) = if segs.is_empty() || d.blocks == 0 {
@@ -540,14 +644,15 @@ pub(crate) fn plan_chunks<'v>(
                 page_stride: layout.strides[0] as i64,
                 slot_stride: layout.strides[1] as i64,
                 head_stride: layout.strides[2] as i64,
-                ..EkPlanParams::sized(&d, dd, a.q().dtype())
+                ..EkPlanParams::sized(&d, dd, q_view.dtype())
             };
             representatives(&mut l, &params, qrep_len, krep_len)?
         };
         let hkv = d.kv_heads;
-        plans.push(crate::cpu::plan::plan_span(isa, &span, &qrep, &krep, Some(&mut states[i * hkv..(i + 1) * hkv]))?);
+        plans.push(crate::cpu::plan::plan_span(isa, &span, &qrep, &krep, Some(&mut next[i * hkv..(i + 1) * hkv]))?);
     }
     l.finish()?;
+    states.copy_from_slice(&next);
     Ok(plans)
 }
 

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use super::simd::{Isa, Simd, WithSimd, dispatch};
 use crate::alloc;
 use crate::config::EntropyConfig;
+use crate::engine::args::ChunkSettings;
 use crate::engine::{ChunkArgs, SeqChunk};
 use crate::error::Result;
 use crate::numerics;
@@ -176,13 +177,13 @@ pub(crate) struct Span<'a> {
 
 impl<'a> Span<'a> {
     /// The span of one sequence's chunk of a chunked planning call.
-    pub fn of_chunk(a: &ChunkArgs<'a>, sc: &SeqChunk<'a>) -> Self {
+    pub fn of_chunk(settings: &ChunkSettings, sc: &SeqChunk<'a>) -> Self {
         Span {
             dims: sc.dims,
             cfg: sc.cfg,
-            head_dim: a.head_dim(),
-            keep_maps: a.keep_maps(),
-            full_ranking: a.full_ranking(),
+            head_dim: settings.head_dim,
+            keep_maps: settings.keep_maps,
+            full_ranking: settings.full_ranking,
             fusion: sc.fusion,
             segments: sc.segments.clone(),
         }
@@ -328,7 +329,7 @@ pub(crate) fn plan_chunks<E: Element>(isa: Isa, a: &ChunkArgs<'_>, states: &mut 
                 },
             );
         }
-        let span = Span::of_chunk(a, sc);
+        let span = Span::of_chunk(&a.settings(), sc);
         let hkv = d.kv_heads;
         plans.push(plan_span(isa, &span, &qrep, &krep, Some(&mut states[i * hkv..(i + 1) * hkv]))?);
     }

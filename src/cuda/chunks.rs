@@ -16,7 +16,7 @@ use super::device::CudaTensor;
 use super::paged::CudaKvCache;
 use crate::backend::Backend;
 use crate::config::EntropyConfig;
-use crate::engine::args::chunk_shape;
+use crate::engine::args::{ChunkSettings, chunk_shape};
 use crate::engine::{ChunkArgs, ChunkRequest, PageLayout, SeqChunk};
 use crate::error::Result;
 use crate::ffi::{EkPlanParams, EkTensor};
@@ -74,13 +74,6 @@ struct ChunkSource {
     table: u64,
     table_width: usize,
     layout: PageLayout,
-}
-
-/// The request's settings every sequence's plan shares.
-struct ChunkSettings {
-    head_dim: usize,
-    keep_maps: bool,
-    full_ranking: bool,
 }
 
 impl CudaBackend {
@@ -157,9 +150,7 @@ impl CudaBackend {
             table_width: cache.table().width(),
             layout: *cache.layout(),
         };
-        let settings =
-            ChunkSettings { head_dim: a.head_dim(), keep_maps: a.keep_maps(), full_ranking: a.full_ranking() };
-        self.plan_chunks_paged(&self.stream, &src, a.seqs(), &settings, states)
+        self.plan_chunks_paged(&self.stream, &src, a.seqs(), &a.settings(), states)
     }
 
     /// Chunked planning (SPEC §7.2) over a paged cache in device memory, on `stream`: `q` THD
@@ -193,7 +184,7 @@ impl CudaBackend {
             table_width: cache.table_host.width(),
             layout: cache.layout,
         };
-        let settings = ChunkSettings { head_dim, keep_maps: req.keep_maps, full_ranking: req.full_ranking };
+        let settings = ChunkSettings::of(head_dim, req);
         let mut next = states.to_vec();
         let plans = self.plan_chunks_paged(stream, &src, &seqs, &settings, &mut next)?;
         states.copy_from_slice(&next);

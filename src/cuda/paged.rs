@@ -322,10 +322,7 @@ impl CudaBackend {
             self.launch(stream, &rows, &params)?;
             self.launch(stream, &lens, &params)?;
         }
-        for i in 0..c.sequences {
-            let n = cu_q[i + 1] - cu_q[i];
-            cache.lens_host[i * c.heads..(i + 1) * c.heads].iter_mut().for_each(|l| *l += n);
-        }
+        crate::engine::append::advance(cache.lens_host, cu_q, c.heads);
         Ok(())
     }
 

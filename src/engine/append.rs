@@ -38,11 +38,16 @@ pub(crate) fn append_with(
 ) -> Result<()> {
     let c = check(&k_new, &v_new, cu, &cache.parts(), ws)?;
     rows(&k_new, &v_new, cu, cache)?;
-    for i in 0..c.sequences {
-        let n = cu[i + 1] - cu[i];
-        cache.lens[i * c.heads..(i + 1) * c.heads].iter_mut().for_each(|l| *l += n);
-    }
+    advance(cache.lens, cu, c.heads);
     Ok(())
+}
+
+/// Each sequence's lengths (`[sequences, heads]`) after an append of `cu`'s rows.
+pub(crate) fn advance(lens: &mut [u32], cu: &[u32], heads: usize) {
+    for (i, row) in lens.chunks_mut(heads).enumerate() {
+        let n = cu[i + 1] - cu[i];
+        row.iter_mut().for_each(|l| *l += n);
+    }
 }
 
 /// The checks of [`append`] on any data (host views, or device views with host mirrors of the

@@ -442,6 +442,25 @@ impl<'a> ChunkArgs<'a> {
     pub fn full_ranking(&self) -> bool {
         self.full_ranking
     }
+    /// What every sequence's planning shares.
+    pub(crate) fn settings(&self) -> ChunkSettings {
+        ChunkSettings { head_dim: self.head_dim, keep_maps: self.keep_maps, full_ranking: self.full_ranking }
+    }
+}
+
+/// What every sequence of a chunked planning call shares (host and device-resident calls alike).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ChunkSettings {
+    pub head_dim: usize,
+    pub keep_maps: bool,
+    pub full_ranking: bool,
+}
+
+impl ChunkSettings {
+    /// The settings of a request whose head dim was validated.
+    pub(crate) fn of(head_dim: usize, req: &ChunkRequest<'_>) -> Self {
+        ChunkSettings { head_dim, keep_maps: req.keep_maps, full_ranking: req.full_ranking }
+    }
 }
 
 /// Validates chunked planning: queries `[1, T, Hq, D]` with `cu_q`, a cache holding every key up

@@ -335,6 +335,11 @@ impl<'a> KvCacheMut<'a> {
         self.lens
     }
 
+    /// The K and V pools, writable (e.g. to copy a device cache's pools back into them).
+    pub fn pools_mut(&mut self) -> (&mut HostDataMut<'a>, &mut HostDataMut<'a>) {
+        (&mut self.k, &mut self.v)
+    }
+
     /// The same cache, read-only (for attention and selection).
     pub fn as_cache(&self) -> KvCache<'_> {
         KvCache {

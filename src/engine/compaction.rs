@@ -279,16 +279,28 @@ pub(crate) fn compact_with(
     ws: &mut Workspace,
     moves: impl FnOnce(&mut KvCacheMut<'_>, &Selection) -> Result<()>,
 ) -> Result<()> {
-    let c = cache.parts().check(true)?;
-    check_selection(&c, cache.lens, sel)?;
-    check_rewritten_pages(&c, &cache.table, cache.lens, &sel.compressed, ws)?;
+    check(&cache.parts(), sel, ws)?;
     moves(cache, sel)?;
-    for i in (0..c.sequences).filter(|&i| sel.compressed[i]) {
-        for h in 0..c.heads {
-            cache.lens[i * c.heads + h] = sel.kept(i, h).len() as u32;
+    keep_lengths(cache.lens, sel);
+    Ok(())
+}
+
+/// The checks of [`compact`] on any cache (host pools, or a device's through their parts):
+/// the selection fits it, and no page it rewrites is used by another sequence.
+pub(crate) fn check(cache: &CacheParts<'_>, sel: &Selection, ws: &mut Workspace) -> Result<CacheDims> {
+    let c = cache.check(true)?;
+    check_selection(&c, cache.lens, sel)?;
+    check_rewritten_pages(&c, cache.table, cache.lens, &sel.compressed, ws)?;
+    Ok(c)
+}
+
+/// The lengths (`[sequences, heads]`) after compaction by `sel`: each compressed head's kept count.
+pub(crate) fn keep_lengths(lens: &mut [u32], sel: &Selection) {
+    for (u, l) in lens.iter_mut().enumerate() {
+        if sel.compressed[u / sel.heads] {
+            *l = sel.kept(u / sel.heads, u % sel.heads).len() as u32;
         }
     }
-    Ok(())
 }
 
 /// The kept entries moved to each compressed head's first entries, on the host.

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use entropy_kernels::{BackendKind, CompressedCache, DType, HostTensor, Kernels, Op, synth};
 
 pub mod check;
+#[cfg(all(feature = "ascend", feature = "ascend-emu"))]
+pub mod resident;
 pub mod suite;
 
 /// Backends compared with the oracle: every kind except the oracle itself. Absent ones are
@@ -36,18 +38,24 @@ pub fn open(test: &str, kind: BackendKind) -> entropy_kernels::Result<Kernels> {
     if kind == BackendKind::Ascend
         && let Err(e) = &real
     {
-        use entropy_kernels::ascend::device::{AscendBackend, mock};
         eprintln!("[{test}] ascend: {e}; running the ACL path over the mock ACL library (emulated launches)");
-        // One directory per (process, test): tests run in parallel threads.
-        let tag: String = test.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
-        let dir = std::env::temp_dir().join(format!("ek-mock-kernels-{}-{tag}", std::process::id()));
-        let backend = AscendBackend::with_options(&mock::options(&dir)?);
-        // The binaries are loaded by now: the directory is not needed any more.
-        let _ = std::fs::remove_dir_all(&dir);
-        return Ok(Kernels::from_backend(std::sync::Arc::new(backend?)));
+        return Ok(Kernels::from_backend(std::sync::Arc::new(mock_ascend(test)?)));
     }
     let _ = test;
     real
+}
+
+/// The Ascend backend over the mock ACL library (emulated launches).
+#[cfg(all(feature = "ascend", feature = "ascend-emu"))]
+pub fn mock_ascend(test: &str) -> entropy_kernels::Result<entropy_kernels::ascend::device::AscendBackend> {
+    use entropy_kernels::ascend::device::{AscendBackend, mock};
+    // One directory per (process, test): tests run in parallel threads.
+    let tag: String = test.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let dir = std::env::temp_dir().join(format!("ek-mock-kernels-{}-{tag}", std::process::id()));
+    let backend = AscendBackend::with_options(&mock::options(&dir)?);
+    // The binaries are loaded by now: the directory is not needed any more.
+    let _ = std::fs::remove_dir_all(&dir);
+    backend
 }
 
 /// Whether the CUDA backend can load its kernels here: NVRTC on the library path, or an nvcc
