@@ -14,6 +14,8 @@
 
 typedef int aclError;
 typedef void *aclrtStream;
+/* A device context; runtime calls act on the calling thread's current one. */
+typedef void *aclrtContext;
 typedef void *aclrtBinHandle;
 typedef void *aclrtFuncHandle;
 
@@ -76,6 +78,10 @@ aclError aclInit(const char *configPath);
 aclError aclrtGetDeviceCount(uint32_t *count);
 aclError aclrtSetDevice(int32_t deviceId);
 aclError aclrtResetDevice(int32_t deviceId);
+/* The calling thread's context (aclrtSetDevice makes the device's default one current there);
+ * every other thread must make it current before its runtime calls. */
+aclError aclrtGetCurrentContext(aclrtContext *context);
+aclError aclrtSetCurrentContext(aclrtContext context);
 aclError aclrtCreateStream(aclrtStream *stream);
 aclError aclrtDestroyStream(aclrtStream stream);
 aclError aclrtSynchronizeStream(aclrtStream stream);

@@ -217,6 +217,16 @@ pub enum Error {
         detail: String,
     },
 
+    /// A device-resident object can no longer be used: a call that wrote it in place failed
+    /// after its checks, so its contents are undefined (rebuild it).
+    #[error("{what} is unusable: {detail}")]
+    Poisoned {
+        /// The object.
+        what: &'static str,
+        /// The call that failed and why.
+        detail: String,
+    },
+
     /// A device driver or runtime reported an error.
     #[error("{backend} driver error in {call}: {detail}")]
     Driver {

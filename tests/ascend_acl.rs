@@ -293,3 +293,86 @@ fn resident_cache_serves_a_loop_without_moving_its_pools() {
         assert!((large.to_device + large.to_host) * 100 < large_host.to_device + large_host.to_host);
     }
 }
+
+/// ACL acts on the calling thread's current context, which `aclrtSetDevice` sets on its own
+/// thread only (the mock refuses runtime calls on a thread without one, as ACL does): a backend
+/// opened on one thread serves calls from others, and a resident cache made on one thread is
+/// used and dropped on another.
+#[cfg(feature = "ascend-emu")]
+#[test]
+fn backends_and_resident_caches_serve_any_thread() {
+    use entropy_kernels::ascend::resident::AscendPagedCache;
+    use entropy_kernels::engine::{PageLayout, Workspace};
+    use std::sync::Arc;
+
+    let _turn = mock_turn();
+    let backend = Arc::new(mock_ascend("any_thread").unwrap());
+    let layout = PageLayout::slot_major(4, 16, 2, 64);
+    let mut cache = AscendPagedCache::new(&backend, DType::F16, layout, vec![3, 1], 2).unwrap();
+    let seed = seed("any_thread");
+    let kernels = Kernels::from_backend(backend.clone());
+    std::thread::spawn(move || {
+        // Host-data calls through `Kernels`, then the resident calls, on a thread that never set
+        // the device.
+        let (q, kc, vc) = random_qkv([1, 20, 4, 2, 64], seed, DType::F16);
+        let mut out = poisoned(q.shape, DType::F16);
+        kernels.dense_prefill(q.view(), kc.view(), vc.view(), None, &mut out.view_mut(), None).unwrap();
+        let cu = [0u32, 20];
+        backend.append_on(&kc.view(), &vc.view(), &cu, &mut cache, &mut Workspace::new()).unwrap();
+        let mut got = poisoned(q.shape, DType::F16);
+        backend.attend_on(&q.view(), &cu, &cache, &[], None, &mut got.view_mut(), None).unwrap();
+        // Different kernels (the cube prefill, the vector attention), f16 outputs: close, not equal.
+        let diff = got.to_f32_vec().iter().zip(out.to_f32_vec()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-2, "the resident attention differs from the one-shot prefill by {diff}");
+        drop(cache);
+    })
+    .join()
+    .unwrap();
+}
+
+/// A resident call that fails after its checks leaves its pools undefined: the cache is
+/// poisoned and every later call says so; a call refused by its checks changes nothing.
+#[cfg(feature = "ascend-emu")]
+#[test]
+fn a_failed_resident_write_poisons_the_cache() {
+    use entropy_kernels::ascend::device::mock;
+    use entropy_kernels::ascend::resident::AscendPagedCache;
+    use entropy_kernels::engine::{PageLayout, Selection, Workspace};
+
+    let _turn = mock_turn();
+    let backend = mock_ascend("poisons").unwrap();
+    let seed = seed("poisons");
+    let layout = PageLayout::head_major(4, 16, 2, 64);
+    for call in ["append_on", "compact_on"] {
+        let mut cache = AscendPagedCache::new(&backend, DType::F32, layout, vec![2, 0], 2).unwrap();
+        let (k, v) = (random([1, 20, 2, 64], 1.0, seed, DType::F32), random([1, 20, 2, 64], 1.0, seed ^ 1, DType::F32));
+        let cu = [0u32, 20];
+        let mut ws = Workspace::new();
+        if call == "compact_on" {
+            backend.append_on(&k.view(), &v.view(), &cu, &mut cache, &mut ws).unwrap();
+        }
+        let sel = Selection::from_lists(2, vec![true], [(2..10).collect(), (0..5).collect()]);
+        // Refused by the checks (a page past the pool): nothing launched, nothing poisoned.
+        cache.table[0] = 9;
+        let refused = match call {
+            "append_on" => backend.append_on(&k.view(), &v.view(), &cu, &mut cache, &mut ws),
+            _ => backend.compact_on(&mut cache, &sel, &mut ws),
+        };
+        assert!(matches!(refused, Err(Error::OutOfRange { .. })), "{call}: {refused:?}");
+        cache.table[0] = 2;
+        let before = cache.lens.clone();
+        mock::fail(Some("aclrtLaunchKernel"));
+        let failed = match call {
+            "append_on" => backend.append_on(&k.view(), &v.view(), &cu, &mut cache, &mut ws),
+            _ => backend.compact_on(&mut cache, &sel, &mut ws),
+        };
+        mock::fail(None);
+        assert!(matches!(failed, Err(Error::Acl { .. })), "{call}: {failed:?}");
+        assert_eq!(cache.lens, before, "{call}: the lengths are unchanged");
+        let q = random([1, 1, 4, 64], 1.0, seed ^ 2, DType::F32);
+        let mut out = poisoned(q.shape, DType::F32);
+        let later = backend.attend_on(&q.view(), &[0, 1], &cache, &[], None, &mut out.view_mut(), None);
+        assert!(matches!(later, Err(Error::Poisoned { .. })), "{call}: {later:?}");
+        assert!(matches!(cache.to_host(), Err(Error::Poisoned { .. })), "{call}");
+    }
+}

@@ -8,7 +8,10 @@
 //   - a mixed binary names its entries <name>_mix_aic / <name>_mix_aiv (no bare name);
 //   - a kernel that never ends (an emulated cross-core deadlock) leaves the stream busy: the sync
 //     fails with a timeout (aclrtSynchronizeStreamWithTimeout) instead of hanging;
-//   - memcpy bounds (count <= destMax) and frees of unknown pointers.
+//   - memcpy bounds (count <= destMax) and frees of unknown pointers;
+//   - a current context on the calling thread: aclrtSetDevice makes the device's default context
+//     current on its thread only; any other thread's runtime calls fail until it calls
+//     aclrtSetCurrentContext (or aclrtSetDevice) itself.
 // Failure injection: ek_mock_acl_fail("<api name>") makes that call fail with code 507899.
 // Traffic: ek_mock_acl_traffic counts the bytes copied host→device and device→host and the bytes
 // allocated since the process started (what a resident cache must keep off the PCIe bus).
@@ -30,12 +33,14 @@ namespace {
 constexpr aclError kNotInit = 100000;       // ACL_ERROR_UNINITIALIZE
 constexpr aclError kInvalid = 100001;       // ACL_ERROR_INVALID_PARAM
 constexpr aclError kInjected = 507899;
+constexpr aclError kNoContext = 107002;      // ACL_ERROR_RT_CONTEXT_NULL
 constexpr aclError kKernelFailed = 507015;  // an AI core exception, as the runtime reports it
 constexpr aclError kSyncTimeout = 507046;   // the stream did not drain in time
 
 std::mutex mu;
 bool initialised = false;
-int device = -1;
+thread_local int device = -1;  // the device of this thread's current context
+int default_context[1];           // the default context of device 0 (its address is the handle)
 std::map<uintptr_t, size_t> allocations;
 std::string last_error;
 uint64_t traffic[3] = {0, 0, 0};  // host→device bytes, device→host bytes, bytes allocated
@@ -64,7 +69,7 @@ bool injected(const char* api) { return failing == api; }
     if (std::strcmp(NAME, "aclInit") != 0 && !initialised) return fail(kNotInit, "mock: aclInit not called")
 
 #define NEED_DEVICE() \
-    if (device < 0) return fail(kInvalid, "mock: no device set (aclrtSetDevice)")
+    if (device < 0) return fail(kNoContext, "mock: no current context on this thread (aclrtSetDevice or aclrtSetCurrentContext)")
 
 bool is_device(const void* p, size_t bytes) {
     auto it = allocations.upper_bound(reinterpret_cast<uintptr_t>(p));
@@ -102,6 +107,20 @@ aclError aclrtResetDevice(int32_t) {
     return ACL_SUCCESS;
 }
 
+aclError aclrtGetCurrentContext(aclrtContext* ctx) {
+    MOCK_ENTRY("aclrtGetCurrentContext");
+    NEED_DEVICE();
+    *ctx = &default_context[device];
+    return ACL_SUCCESS;
+}
+
+aclError aclrtSetCurrentContext(aclrtContext ctx) {
+    MOCK_ENTRY("aclrtSetCurrentContext");
+    if (ctx != &default_context[0]) return fail(kInvalid, "mock: not a context of this runtime");
+    device = 0;
+    return ACL_SUCCESS;
+}
+
 aclError aclrtCreateStream(aclrtStream* s) {
     MOCK_ENTRY("aclrtCreateStream");
     NEED_DEVICE();
@@ -111,18 +130,21 @@ aclError aclrtCreateStream(aclrtStream* s) {
 
 aclError aclrtDestroyStream(aclrtStream s) {
     MOCK_ENTRY("aclrtDestroyStream");
+    NEED_DEVICE();
     delete static_cast<int*>(s);
     return ACL_SUCCESS;
 }
 
 aclError aclrtSynchronizeStream(aclrtStream s) {
     MOCK_ENTRY("aclrtSynchronizeStream");
+    NEED_DEVICE();
     if (*static_cast<int*>(s)) return fail(kInvalid, "mock: the stream never drains and no timeout was given (the process would hang)");
     return ACL_SUCCESS;  // launches run to completion synchronously
 }
 
 aclError aclrtSynchronizeStreamWithTimeout(aclrtStream s, int32_t timeout) {
     MOCK_ENTRY("aclrtSynchronizeStreamWithTimeout");
+    NEED_DEVICE();
     int& hung = *static_cast<int*>(s);
     if (hung) {
         hung = 0;  // the runtime aborts the stream's task on timeout
@@ -163,6 +185,7 @@ aclError aclrtMalloc(void** p, size_t size, aclrtMemMallocPolicy) {
 
 aclError aclrtFree(void* p) {
     MOCK_ENTRY("aclrtFree");
+    NEED_DEVICE();
     if (!allocations.erase(reinterpret_cast<uintptr_t>(p))) return fail(kInvalid, "mock: aclrtFree of an unknown pointer");
     std::free(p);
     return ACL_SUCCESS;
@@ -170,6 +193,7 @@ aclError aclrtFree(void* p) {
 
 aclError aclrtMemset(void* p, size_t max, int32_t value, size_t count) {
     MOCK_ENTRY("aclrtMemset");
+    NEED_DEVICE();
     if (count > max || !is_device(p, count)) return fail(kInvalid, "mock: aclrtMemset outside an allocation");
     std::memset(p, value, count);
     return ACL_SUCCESS;
@@ -177,6 +201,7 @@ aclError aclrtMemset(void* p, size_t max, int32_t value, size_t count) {
 
 aclError aclrtMemcpy(void* dst, size_t max, const void* src, size_t count, aclrtMemcpyKind kind) {
     MOCK_ENTRY("aclrtMemcpy");
+    NEED_DEVICE();
     if (count > max) return fail(kInvalid, "mock: aclrtMemcpy count > destMax");
     const bool dst_dev = kind == ACL_MEMCPY_HOST_TO_DEVICE || kind == ACL_MEMCPY_DEVICE_TO_DEVICE;
     const bool src_dev = kind == ACL_MEMCPY_DEVICE_TO_HOST || kind == ACL_MEMCPY_DEVICE_TO_DEVICE;
@@ -205,6 +230,7 @@ aclError aclrtBinaryLoadFromData(const void* data, size_t length, const aclrtBin
 
 aclError aclrtBinaryGetFunction(const aclrtBinHandle h, const char* name, aclrtFuncHandle* f) {
     MOCK_ENTRY("aclrtBinaryGetFunction");
+    NEED_DEVICE();
     auto* b = static_cast<Binary*>(h);
     if (b->symbols.find(std::string(",") + name + ",") == std::string::npos)
         return fail(kInvalid, std::string("mock: no function ") + name + " in the binary");
@@ -215,12 +241,14 @@ aclError aclrtBinaryGetFunction(const aclrtBinHandle h, const char* name, aclrtF
 
 aclError aclrtBinaryUnLoad(aclrtBinHandle h) {
     MOCK_ENTRY("aclrtBinaryUnLoad");
+    NEED_DEVICE();
     delete static_cast<Binary*>(h);
     return ACL_SUCCESS;
 }
 
 aclError aclrtLaunchKernel(aclrtFuncHandle f, uint32_t block_dim, const void* args, size_t size, aclrtStream s) {
     MOCK_ENTRY("aclrtLaunchKernel");
+    NEED_DEVICE();
     if (size != sizeof(uint64_t) && size != 2 * sizeof(uint64_t))
         return fail(kInvalid, "mock: kernels take one GM_ADDR (vector) or two (mixed: sync address, params)");
     if (!is_device(args, size)) return fail(kInvalid, "mock: argsData is not device memory");

@@ -8,6 +8,7 @@ pub const ACL_RT_BINARY_MAGIC_ELF_VECTOR_CORE: u32 = 1094799942;
 pub const ACL_RT_BINARY_MAGIC_ELF_CUBE_CORE: u32 = 1095320387;
 pub type aclError = ::std::os::raw::c_int;
 pub type aclrtStream = *mut ::std::os::raw::c_void;
+pub type aclrtContext = *mut ::std::os::raw::c_void;
 pub type aclrtBinHandle = *mut ::std::os::raw::c_void;
 pub type aclrtFuncHandle = *mut ::std::os::raw::c_void;
 pub const aclrtMemcpyKind_ACL_MEMCPY_HOST_TO_HOST: aclrtMemcpyKind = 0;
@@ -108,6 +109,8 @@ pub struct Acl {
     pub aclrtGetDeviceCount: unsafe extern "C" fn(count: *mut u32) -> aclError,
     pub aclrtSetDevice: unsafe extern "C" fn(deviceId: i32) -> aclError,
     pub aclrtResetDevice: unsafe extern "C" fn(deviceId: i32) -> aclError,
+    pub aclrtGetCurrentContext: unsafe extern "C" fn(context: *mut aclrtContext) -> aclError,
+    pub aclrtSetCurrentContext: unsafe extern "C" fn(context: aclrtContext) -> aclError,
     pub aclrtCreateStream: unsafe extern "C" fn(stream: *mut aclrtStream) -> aclError,
     pub aclrtDestroyStream: unsafe extern "C" fn(stream: aclrtStream) -> aclError,
     pub aclrtSynchronizeStream: unsafe extern "C" fn(stream: aclrtStream) -> aclError,
@@ -171,6 +174,8 @@ impl Acl {
         let aclrtGetDeviceCount = __library.get(b"aclrtGetDeviceCount\0").map(|sym| *sym)?;
         let aclrtSetDevice = __library.get(b"aclrtSetDevice\0").map(|sym| *sym)?;
         let aclrtResetDevice = __library.get(b"aclrtResetDevice\0").map(|sym| *sym)?;
+        let aclrtGetCurrentContext = __library.get(b"aclrtGetCurrentContext\0").map(|sym| *sym)?;
+        let aclrtSetCurrentContext = __library.get(b"aclrtSetCurrentContext\0").map(|sym| *sym)?;
         let aclrtCreateStream = __library.get(b"aclrtCreateStream\0").map(|sym| *sym)?;
         let aclrtDestroyStream = __library.get(b"aclrtDestroyStream\0").map(|sym| *sym)?;
         let aclrtSynchronizeStream = __library.get(b"aclrtSynchronizeStream\0").map(|sym| *sym)?;
@@ -193,6 +198,8 @@ impl Acl {
             aclrtGetDeviceCount,
             aclrtSetDevice,
             aclrtResetDevice,
+            aclrtGetCurrentContext,
+            aclrtSetCurrentContext,
             aclrtCreateStream,
             aclrtDestroyStream,
             aclrtSynchronizeStream,
@@ -221,6 +228,12 @@ impl Acl {
     }
     pub unsafe fn aclrtResetDevice(&self, deviceId: i32) -> aclError {
         (self.aclrtResetDevice)(deviceId)
+    }
+    pub unsafe fn aclrtGetCurrentContext(&self, context: *mut aclrtContext) -> aclError {
+        (self.aclrtGetCurrentContext)(context)
+    }
+    pub unsafe fn aclrtSetCurrentContext(&self, context: aclrtContext) -> aclError {
+        (self.aclrtSetCurrentContext)(context)
     }
     pub unsafe fn aclrtCreateStream(&self, stream: *mut aclrtStream) -> aclError {
         (self.aclrtCreateStream)(stream)

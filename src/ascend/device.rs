@@ -156,7 +156,13 @@ impl<'v> Launcher<'v> for AclLauncher<'_, 'v> {
         let function = &self.backend.functions[kernel.symbol];
         let stream = self.backend.stream.lock().unwrap_or_else(|e| e.into_inner());
         stream.launch(function, self.backend.rt.block_dim(kernel), &args_buf, args.len())?;
-        stream.synchronize()?;
+        if let Err(e) = stream.synchronize() {
+            // The kernel may still be running (a timeout returns while it does) and aclrtFree
+            // does not wait for it: its buffers must outlive it, so they are leaked.
+            std::mem::forget(std::mem::take(&mut self.buffers));
+            std::mem::forget(args_buf);
+            return Err(e);
+        }
         self.buffers.push(args_buf);
         Ok(())
     }

@@ -3,16 +3,20 @@
 //! it, and the `_on` calls of [`AscendBackend`] read and write them where they are. Per call only
 //! what the call is about travels: the new rows of an append, the queries and outputs of an
 //! attention, the observation queries and pooled scores of a selection, the kept lists of a
-//! compaction, plus the block table and lengths (`[sequences, width]` and `[sequences, heads]`
-//! u32s, as `npu_fused_infer_attention_score` takes `block_table` and `actual_seq_lengths` with
-//! each call). None of it is proportional to the pools: the host-data calls of the `Backend`
-//! trait upload the pools they read, and the whole pools both ways for `append` / `kv_compact`.
+//! compaction, plus the block table (`[sequences, width]` u32s; `npu_fused_infer_attention_score`
+//! takes its `block_table` with each call too) and the `[sequences, heads]` lengths (it takes
+//! per-sequence `actual_seq_lengths_kv`; ours are per head, as compaction leaves them). Nothing
+//! is proportional to the pools: the host-data calls of the `Backend` trait upload the pools
+//! they read, and the whole pools both ways for `append` / `kv_compact`.
 //!
 //! The table and the lengths are the engine's, in host memory (public fields): it allocates
 //! pages by writing the table; `append_on` and `compact_on` advance the lengths. Every call runs
-//! the checks of its host counterpart on them before the first launch. The pools are written in
-//! place: a kernel that fails on the device (an AI-core exception) may leave the rows it was
-//! writing half-moved, with the lengths unchanged — as on any device in-place path.
+//! the checks of its host counterpart on them before the first launch, so edits that break them
+//! are refused, not launched. The pools are written in place: when `append_on` or `compact_on`
+//! fails after its checks (an AI-core exception, a stream that times out while the kernel may
+//! still be writing), the pools' contents are undefined and the cache is poisoned — every later
+//! call answers [`Error::Poisoned`]; rebuild it. A cache may be used and dropped on any thread
+//! (the runtime makes its context current for each call).
 
 use super::device::AscendBackend;
 use super::ops::{self, CacheAt, Pages, Pool, PoolMut, Scoring};
@@ -32,10 +36,12 @@ pub struct AscendPagedCache {
     k: DeviceBuffer,
     v: DeviceBuffer,
     dtype: DType,
-    /// Elements per pool (the buffers hold at least one byte).
-    elements: usize,
+    /// Elements of the K and V pools (their buffers hold at least 32 bytes).
+    elements: (usize, usize),
     layout: PageLayout,
     device: i32,
+    /// Why the pools' contents are undefined, once a pool-writing call failed after its checks.
+    poisoned: Option<String>,
     /// The block table, row-major `[sequences, width]` page ids (the engine's to write).
     pub table: Vec<u32>,
     /// Pages per sequence in the table.
@@ -80,8 +86,10 @@ impl AscendPagedCache {
             Ok(b)
         };
         let lens = vec![0; table.len() / width * layout.heads];
+        let (k, v) = (pool()?, pool()?);
         let device = backend.rt.device;
-        let cache = AscendPagedCache { k: pool()?, v: pool()?, dtype, elements, layout, device, table, width, lens };
+        let elements = (elements, elements);
+        let cache = AscendPagedCache { k, v, dtype, elements, layout, device, poisoned: None, table, width, lens };
         cache.check()?;
         Ok(cache)
     }
@@ -102,7 +110,8 @@ impl AscendPagedCache {
             k: copy(&host.k)?,
             v: copy(&host.v)?,
             dtype,
-            elements: host.k.len().min(host.v.len()),
+            elements: (host.k.len(), host.v.len()),
+            poisoned: None,
             layout: host.layout,
             device: backend.rt.device,
             table: host.ids.clone(),
@@ -115,15 +124,15 @@ impl AscendPagedCache {
 
     /// The cache copied back to host memory.
     pub fn to_host(&self) -> Result<PagedCache> {
-        let elements = self.elements;
-        let download = |b: &DeviceBuffer| -> Result<HostTensor> {
+        self.usable()?;
+        let download = |b: &DeviceBuffer, elements: usize| -> Result<HostTensor> {
             let mut bytes = vec![0u8; elements * self.dtype.size()];
             b.download(&mut bytes)?;
             Ok(HostTensor::from_bytes(&bytes, [1, 1, 1, elements], self.dtype))
         };
         Ok(PagedCache {
-            k: download(&self.k)?,
-            v: download(&self.v)?,
+            k: download(&self.k, self.elements.0)?,
+            v: download(&self.v, self.elements.1)?,
             layout: self.layout,
             ids: self.table.clone(),
             width: self.width,
@@ -152,9 +161,25 @@ impl AscendPagedCache {
             layout: &self.layout,
             table,
             lens: &self.lens,
-            k: (self.dtype, self.elements),
-            v: (self.dtype, self.elements),
+            k: (self.dtype, self.elements.0),
+            v: (self.dtype, self.elements.1),
         }
+    }
+
+    fn usable(&self) -> Result<()> {
+        match &self.poisoned {
+            None => Ok(()),
+            Some(why) => Err(Error::Poisoned { what: "the Ascend paged cache", detail: why.clone() }),
+        }
+    }
+
+    /// The result of a call that wrote the pools in place: a failure (after the checks) poisons
+    /// the cache.
+    fn written<R>(&mut self, call: &str, r: Result<R>) -> Result<R> {
+        if let Err(e) = &r {
+            self.poisoned = Some(format!("{call} failed while writing the pools ({e})"));
+        }
+        r
     }
 
     fn check(&self) -> Result<()> {
@@ -181,6 +206,7 @@ impl AscendPagedCache {
 impl AscendBackend {
     /// The cache was made on this backend's NPU.
     fn check_resident(&self, cache: &AscendPagedCache) -> Result<()> {
+        cache.usable()?;
         if cache.device != self.rt.device {
             return Err(Error::range(
                 "cache device",
@@ -206,7 +232,9 @@ impl AscendBackend {
         let table = cache.block_table();
         let c = crate::engine::append::check(k_new, v_new, cu, &cache.parts_with(&table), ws)?;
         let pools = [PoolMut::Device(cache.k.addr()), PoolMut::Device(cache.v.addr())];
-        ops::append(self.launcher(), k_new, v_new, cu, pools, &cache.pages(&table))?;
+        let run = ops::append(self.launcher(), k_new, v_new, cu, pools, &cache.pages(&table));
+        drop(table);
+        cache.written("append_on", run)?;
         crate::engine::append::advance(&mut cache.lens, cu, c.heads);
         Ok(())
     }
@@ -274,7 +302,9 @@ impl AscendBackend {
         let table = cache.block_table();
         crate::engine::compaction::check(&cache.parts_with(&table), sel, ws)?;
         let pools = [PoolMut::Device(cache.k.addr()), PoolMut::Device(cache.v.addr())];
-        ops::compact(self.launcher(), pools, &cache.pages(&table), sel)?;
+        let run = ops::compact(self.launcher(), pools, &cache.pages(&table), sel);
+        drop(table);
+        cache.written("compact_on", run)?;
         crate::engine::compaction::keep_lengths(&mut cache.lens, sel);
         Ok(())
     }

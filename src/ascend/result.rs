@@ -50,6 +50,18 @@ pub unsafe fn set_device(acl: &Acl, device: i32) -> Result<()> {
     check(acl, "aclrtSetDevice", unsafe { acl.aclrtSetDevice(device) })
 }
 
+/// The calling thread's current context (`aclrtGetCurrentContext`).
+pub unsafe fn current_context(acl: &Acl) -> Result<sys::aclrtContext> {
+    let mut c = std::ptr::null_mut();
+    check(acl, "aclrtGetCurrentContext", unsafe { acl.aclrtGetCurrentContext(&mut c) })?;
+    Ok(c)
+}
+
+/// Makes `context` current on the calling thread (`aclrtSetCurrentContext`).
+pub unsafe fn set_current_context(acl: &Acl, context: sys::aclrtContext) -> Result<()> {
+    check(acl, "aclrtSetCurrentContext", unsafe { acl.aclrtSetCurrentContext(context) })
+}
+
 /// Creates a stream (`aclrtCreateStream`).
 pub unsafe fn create_stream(acl: &Acl) -> Result<aclrtStream> {
     let mut s = std::ptr::null_mut();

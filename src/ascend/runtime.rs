@@ -62,9 +62,15 @@ impl AscendOptions {
     }
 }
 
-/// The ACL runtime of this process, on one device.
+/// The ACL runtime of this process, on one device. ACL acts on the calling thread's current
+/// context, and `aclrtSetDevice` makes the device's context current on its own thread only:
+/// every call below first makes this runtime's context current ([`AclRuntime::bind`]), so a
+/// backend, a buffer or a resident cache may be used and dropped on any thread.
 pub struct AclRuntime {
     acl: Acl,
+    /// The device's default context (`aclrtGetCurrentContext` after `aclrtSetDevice`), as an
+    /// address: a handle the runtime owns, valid while the device is set.
+    context: usize,
     /// The current NPU index.
     pub device: i32,
     /// NPUs visible to this process.
@@ -121,6 +127,7 @@ impl AclRuntime {
             return Err(Error::range("ascend device", device, format!("this machine has {devices} NPU(s)")));
         }
         unsafe { result::set_device(&acl, device as i32)? };
+        let context = unsafe { result::current_context(&acl)? } as usize;
         // Core counts as the device reports them (an A2 910B3: 20 AI cores of one AIC + two AIVs;
         // whether VECTOR_CORE_NUM counts those AIVs is unverified, so a zero falls back to 2 per
         // AI core). ENTROPY_KERNELS_ASCEND_CORES overrides.
@@ -135,6 +142,7 @@ impl AclRuntime {
         let hardware_sync = unsafe { result::hardware_sync_addr(&acl)? };
         Ok(AclRuntime {
             acl,
+            context,
             device: device as i32,
             devices,
             vector_cores,
@@ -152,8 +160,16 @@ impl AclRuntime {
         }
     }
 
+    /// Makes this runtime's context current on the calling thread (a thread-local setting:
+    /// cheap, and needed before any other call on a thread that did not open the runtime).
+    pub fn bind(&self) -> Result<()> {
+        // SAFETY: the context was returned by ACL for this runtime's device.
+        unsafe { result::set_current_context(&self.acl, self.context as sys::aclrtContext) }
+    }
+
     /// Allocates a device buffer of `bytes` bytes.
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer> {
+        self.bind()?;
         // ACL rejects zero-byte allocations; keep one 32-byte block so every buffer has an address.
         let len = bytes.max(32);
         // SAFETY: the pointer is owned by the returned buffer and freed once, on drop.
@@ -163,12 +179,14 @@ impl AclRuntime {
 
     /// Creates a stream on this device.
     pub fn stream(self: &Arc<Self>) -> Result<Stream> {
+        self.bind()?;
         let s = unsafe { result::create_stream(&self.acl)? };
         Ok(Stream { rt: self.clone(), raw: s })
     }
 
     /// Loads one kernel binary (all entries of one source file) for the cores `cores`.
     pub fn module(self: &Arc<Self>, cores: Cores, image: &[u8]) -> Result<Arc<Module>> {
+        self.bind()?;
         let handle = unsafe { result::binary_load(&self.acl, image, magic(cores))? };
         Ok(Arc::new(Module { rt: self.clone(), handle }))
     }
@@ -208,21 +226,25 @@ impl DeviceBuffer {
     /// Copies `src` into the buffer.
     pub fn upload(&mut self, src: &[u8]) -> Result<()> {
         assert!(src.len() <= self.len, "upload past the buffer");
+        self.rt.bind()?;
         unsafe { result::copy_to_device(&self.rt.acl, self.ptr, src) }
     }
     /// Sets every byte to zero.
     pub fn zero(&mut self) -> Result<()> {
+        self.rt.bind()?;
         unsafe { result::memset(&self.rt.acl, self.ptr, self.len, 0) }
     }
     /// Copies the buffer into `dst`.
     pub fn download(&self, dst: &mut [u8]) -> Result<()> {
         assert!(dst.len() <= self.len, "download past the buffer");
+        self.rt.bind()?;
         unsafe { result::copy_to_host(&self.rt.acl, dst, self.ptr) }
     }
 }
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
+        let _ = self.rt.bind();
         let _ = unsafe { result::free(&self.rt.acl, self.ptr) };
     }
 }
@@ -238,17 +260,20 @@ unsafe impl Send for Stream {}
 impl Stream {
     /// Launches `module` on `block_dim` cores with `args` (device memory holding the arguments).
     pub fn launch(&self, f: &Function, block_dim: u32, args: &DeviceBuffer, args_size: usize) -> Result<()> {
+        self.rt.bind()?;
         let acl = &self.rt.acl;
         unsafe { result::launch(acl, f.func, block_dim, args.ptr, args_size, self.raw) }
     }
     /// Waits for the stream, at most the runtime's sync timeout.
     pub fn synchronize(&self) -> Result<()> {
+        self.rt.bind()?;
         unsafe { result::synchronize(&self.rt.acl, self.raw, self.rt.sync_timeout_ms) }
     }
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
+        let _ = self.rt.bind();
         let _ = unsafe { result::destroy_stream(&self.rt.acl, self.raw) };
     }
 }
@@ -267,6 +292,7 @@ impl Module {
     /// kernels; the bare symbol is tried second, in case a toolkit names them otherwise).
     pub fn function(self: &Arc<Self>, kernel: Kernel) -> Result<Function> {
         let entry = CString::new(kernel.entry()).expect("symbols have no NUL");
+        self.rt.bind()?;
         let func = match unsafe { result::get_function(&self.rt.acl, self.handle, &entry) } {
             Ok(f) => f,
             Err(e) if kernel.cores == Cores::Mix => {
@@ -281,6 +307,7 @@ impl Module {
 
 impl Drop for Module {
     fn drop(&mut self) {
+        let _ = self.rt.bind();
         let _ = unsafe { result::binary_unload(&self.rt.acl, self.handle) };
     }
 }

@@ -54,7 +54,77 @@ struct UnitOut<'o> {
     ranked: &'o mut [u32],
 }
 
-struct UnitJob<'a, 'o> {
+/// Keys per logit tile: one 512-bit vector of f64 lanes (the logits of eight blocks at once).
+const TILE_KEYS: usize = 8;
+/// Planned segments of one (sequence, kv head) per task: they share every key tile while it is
+/// in L1, so the key representatives stream from memory once per task, not once per segment.
+const SEGMENTS_PER_TASK: usize = 32;
+
+/// The key representatives `[B][N][Hkv][2][D]` as tiles `[B·Hkv][N / TILE_KEYS][2][D][TILE_KEYS]`
+/// (blocks past N zero): a tile is contiguous, and a query row meets its eight keys lane-wise.
+fn key_tiles(d: &PlanDims, dd: usize, krep: &[f64]) -> Result<Vec<f64>> {
+    let (n, hkv) = (d.blocks, d.kv_heads);
+    let tiles = n.div_ceil(TILE_KEYS);
+    let tile_len = 2 * dd * TILE_KEYS;
+    let mut kt = alloc::grid("the key representative tiles", &[d.batch * hkv, tiles, tile_len], 0f64)?;
+    if kt.is_empty() || krep.len() < d.batch * n * hkv * 2 * dd {
+        return Ok(kt); // no block, or no candidate block: the representatives are never read
+    }
+    kt.par_chunks_mut(tiles * tile_len).enumerate().for_each(|(bh, head)| {
+        let (b, h) = (bh / hkv, bh % hkv);
+        for j in 0..n {
+            let kr = &krep[((b * n + j) * hkv + h) * 2 * dd..][..2 * dd];
+            let tile = &mut head[j / TILE_KEYS * tile_len..][..tile_len];
+            for (i, &x) in kr.iter().enumerate() {
+                tile[i * TILE_KEYS + j % TILE_KEYS] = x;
+            }
+        }
+    });
+    Ok(kt)
+}
+
+/// `numerics::dot(q, kmax_l)` and `numerics::dot(q, kmin_l)` for the eight keys `l` of a tile
+/// `[2][D][TILE_KEYS]`, each in `dot`'s order — lane partial sums over the whole chunks of
+/// eight, added lane 0 to 7 onto 0, then the tail in order — so bit for bit `dot`'s results.
+#[inline(always)]
+fn tile_dots(q: &[f64], tile: &[f64]) -> ([f64; TILE_KEYS], [f64; TILE_KEYS]) {
+    let dd = q.len();
+    let (kmax, kmin) = tile.split_at(dd * TILE_KEYS);
+    // Rows of eight keys, so the loops below index fixed-size arrays (no bounds checks).
+    let (kmax, kmin) = (kmax.as_chunks::<TILE_KEYS>().0, kmin.as_chunks::<TILE_KEYS>().0);
+    let (chunks, tail) = q.as_chunks::<8>();
+    let mut amax = [[0f64; TILE_KEYS]; 8];
+    let mut amin = [[0f64; TILE_KEYS]; 8];
+    for (c, x) in chunks.iter().enumerate() {
+        let rmax: &[[f64; TILE_KEYS]; 8] = kmax[c * 8..c * 8 + 8].try_into().expect("eight rows");
+        let rmin: &[[f64; TILE_KEYS]; 8] = kmin[c * 8..c * 8 + 8].try_into().expect("eight rows");
+        for i in 0..8 {
+            for l in 0..TILE_KEYS {
+                amax[i][l] += x[i] * rmax[i][l];
+                amin[i][l] += x[i] * rmin[i][l];
+            }
+        }
+    }
+    let (mut smax, mut smin) = ([0f64; TILE_KEYS], [0f64; TILE_KEYS]);
+    for i in 0..8 {
+        for l in 0..TILE_KEYS {
+            smax[l] += amax[i][l];
+            smin[l] += amin[i][l];
+        }
+    }
+    let whole = chunks.len() * 8;
+    for (t, x) in tail.iter().enumerate() {
+        for l in 0..TILE_KEYS {
+            smax[l] += x * kmax[whole + t][l];
+            smin[l] += x * kmin[whole + t][l];
+        }
+    }
+    (smax, smin)
+}
+
+/// Consecutive planned units (same sequence and kv head) planned together: their logits tile by
+/// tile over the shared key tiles, then each unit's distribution, entropy and ranking.
+struct GroupJob<'a, 'o> {
     dims: PlanDims,
     head_dim: usize,
     /// `[B][segments planned][Hq]` sums `qmax + qmin` (f64, exact).
@@ -62,59 +132,86 @@ struct UnitJob<'a, 'o> {
     /// The first segment planned and how many are.
     first: usize,
     planned: usize,
-    /// `[B][N][Hkv][2][D]` key representatives.
-    krep: &'a [f64],
+    /// The key tiles of [`key_tiles`].
+    kt: &'a [f64],
     prev: Option<&'a [f32]>,
-    b: usize,
-    h: usize,
-    s: usize,
-    out: UnitOut<'o>,
+    /// The units `(u, out)`, ascending segments of one (b, kv head).
+    units: Vec<(usize, UnitOut<'o>)>,
 }
 
-impl WithSimd for UnitJob<'_, '_> {
-    /// The unit's entropy.
-    type Output = f64;
+impl WithSimd for GroupJob<'_, '_> {
+    /// The units' entropies.
+    type Output = Vec<f64>;
     #[inline(always)]
-    fn with_simd<S: Simd>(self) -> f64 {
-        let UnitJob { dims: d, head_dim: dd, qsum, krep, b, h, s, first, planned, .. } = self;
-        let n = d.blocks;
-        let g = d.group();
-        let lim = d.causal_limit(s);
-        let mut logit = vec![f64::NEG_INFINITY; n];
-        for (j, x) in logit.iter_mut().enumerate().take(lim) {
-            let kr = &krep[((b * n + j) * d.kv_heads + h) * 2 * dd..];
-            let (kmax, kmin) = (&kr[..dd], &kr[dd..2 * dd]);
-            let mut sum = 0.0;
-            for gi in 0..g {
-                let qs = &qsum[((b * planned + s - first) * d.q_heads + h * g + gi) * dd..][..dd];
-                sum += 0.5 * numerics::dot(qs, kmax).max(numerics::dot(qs, kmin));
+    fn with_simd<S: Simd>(self) -> Vec<f64> {
+        let GroupJob { dims: d, head_dim: dd, qsum, kt, first, planned, prev, units } = self;
+        let (n, g) = (d.blocks, d.group());
+        let bh = units[0].0 / d.segments;
+        let (b, h) = (bh / d.kv_heads, bh % d.kv_heads);
+        let lims: Vec<usize> = units.iter().map(|(u, _)| d.causal_limit(u % d.segments)).collect();
+        let tile_len = 2 * dd * TILE_KEYS;
+        let head = &kt[bh * n.div_ceil(TILE_KEYS) * tile_len..];
+        let mut logits = vec![f64::NEG_INFINITY; units.len() * n];
+        for t in 0..lims.iter().copied().max().unwrap_or(0).div_ceil(TILE_KEYS) {
+            let tile = &head[t * tile_len..][..tile_len];
+            let j0 = t * TILE_KEYS;
+            for (k, (u, _)) in units.iter().enumerate().filter(|&(k, _)| lims[k] > j0) {
+                let s = u % d.segments;
+                let mut sum = [0f64; TILE_KEYS];
+                for gi in 0..g {
+                    let qs = &qsum[((b * planned + s - first) * d.q_heads + h * g + gi) * dd..][..dd];
+                    let (mx, mn) = tile_dots(qs, tile);
+                    for l in 0..TILE_KEYS {
+                        sum[l] += 0.5 * mx[l].max(mn[l]);
+                    }
+                }
+                let row = &mut logits[k * n + j0..k * n + lims[k]];
+                for (x, sum) in row.iter_mut().zip(sum) {
+                    *x = sum / g as f64;
+                }
             }
-            *x = sum / g as f64;
         }
-        // numerics' exp, ln and summation order: the device kernels compute the same bits.
-        let mut p = vec![0f64; n];
-        if s == 0 {
-            p.fill(1.0 / n as f64);
-        } else {
-            let m = logit[..lim].iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            for j in 0..lim {
-                p[j] = numerics::exp(logit[j] - m);
-            }
-            let z = numerics::lane_sum(lim, |j| p[j]);
-            p[..lim].iter_mut().for_each(|x| *x /= z);
-        }
-        if let Some(prev) = self.prev {
-            let row = &prev[d.unit(b, h, s) * n..][..n];
-            p.iter_mut().zip(row).for_each(|(x, &q)| *x = 0.25 * q as f64 + 0.75 * *x);
-        }
-        let entropy = -numerics::lane_sum(n, |j| p[j] * numerics::ln(p[j] + 1e-9));
-        let key = if self.prev.is_some() { &p[..lim] } else { &logit[..lim] };
-        let UnitOut { logits, scores, ranked } = self.out;
-        rules::rank_row(key, &mut Vec::new(), ranked);
-        logits.iter_mut().zip(&logit).for_each(|(o, &x)| *o = x as f32);
-        scores.iter_mut().zip(&p).for_each(|(o, &x)| *o = x as f32);
-        entropy
+        units
+            .into_iter()
+            .zip(logits.chunks(n.max(1)))
+            .zip(lims)
+            .map(|(((u, out), logit), lim)| unit_rest(&d, u, lim, logit, prev, out))
+            .collect()
     }
+}
+
+/// A unit's distribution over its logits (`lim` candidate blocks), fused with the previous
+/// layer's when given, its entropy (returned) and ranking, and its map rows when kept.
+#[inline(always)]
+fn unit_rest(d: &PlanDims, u: usize, lim: usize, logit: &[f64], prev: Option<&[f32]>, out: UnitOut<'_>) -> f64 {
+    let n = d.blocks;
+    // numerics' exp, ln and summation order: the device kernels compute the same bits.
+    let mut p = vec![0f64; n];
+    if u.is_multiple_of(d.segments) {
+        p.fill(1.0 / n as f64);
+    } else {
+        let m = logit[..lim].iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        for j in 0..lim {
+            p[j] = numerics::exp(logit[j] - m);
+        }
+        let z = numerics::lane_sum(lim, |j| p[j]);
+        p[..lim].iter_mut().for_each(|x| *x /= z);
+    }
+    if let Some(prev) = prev {
+        let row = &prev[u * n..][..n];
+        p.iter_mut().zip(row).for_each(|(x, &q)| *x = 0.25 * q as f64 + 0.75 * *x);
+    }
+    // A zero probability adds −0 to its lane (lanes start at +0 and never hold −0: an exact
+    // cancellation rounds to +0), which changes no bit: skip its logarithm (the blocks past the
+    // causal limit, without fusion).
+    let term = |j: usize| if p[j] == 0.0 { 0.0 } else { p[j] * numerics::ln(p[j] + 1e-9) };
+    let entropy = -numerics::lane_sum(n, term);
+    let key = if prev.is_some() { &p[..lim] } else { &logit[..lim] };
+    let UnitOut { logits, scores, ranked } = out;
+    rules::rank_row(key, &mut Vec::new(), ranked);
+    logits.iter_mut().zip(logit).for_each(|(o, &x)| *o = x as f32);
+    scores.iter_mut().zip(&p).for_each(|(o, &x)| *o = x as f32);
+    entropy
 }
 
 /// `units` rows of `width` elements of `buf` (all empty when `buf` is).
@@ -239,19 +336,25 @@ pub(crate) fn plan_span(
         .zip(rows_of(&mut scores, units, n))
         .zip(rows_of(&mut ranked, units, rank_width))
         .map(|((logits, scores), ranked)| UnitOut { logits, scores, ranked });
-    let entropy64: Vec<f64> = outs
-        .enumerate()
-        .filter(|(u, _)| span.segments.contains(&(u % d.segments)))
-        .collect::<Vec<_>>()
+    let kt = key_tiles(&d, dd, krep)?;
+    // Planned units in groups of consecutive segments of one (b, kv head), ascending units.
+    let mut groups: Vec<Vec<(usize, UnitOut)>> = Vec::new();
+    for (u, out) in outs.enumerate().filter(|(u, _)| span.segments.contains(&(u % d.segments))) {
+        match groups.last_mut() {
+            Some(g) if g.len() < SEGMENTS_PER_TASK && g[0].0 / d.segments == u / d.segments => g.push((u, out)),
+            _ => groups.push(vec![(u, out)]),
+        }
+    }
+    let entropy64: Vec<f64> = groups
         .into_par_iter()
-        .map(|(u, out)| {
-            let (bh, s) = (u / d.segments, u % d.segments);
-            let (b, h) = (bh / d.kv_heads, bh % d.kv_heads);
-            let job =
-                UnitJob { dims: d, head_dim: dd, qsum: &qsum, first, planned, krep, prev: span.fusion, b, h, s, out };
-            dispatch(isa, job)
+        .map(|units| {
+            dispatch(
+                isa,
+                GroupJob { dims: d, head_dim: dd, qsum: &qsum, first, planned, kt: &kt, prev: span.fusion, units },
+            )
         })
-        .collect();
+        .collect::<Vec<_>>()
+        .concat();
 
     let mut entropy = vec![0f32; units];
     for (bh, row) in entropy64.chunks(planned.max(1)).enumerate() {

@@ -457,7 +457,8 @@ pub(crate) struct ChunkSettings {
 }
 
 impl ChunkSettings {
-    /// The settings of a request whose head dim was validated.
+    /// The settings of a request whose head dim was validated (the device-resident calls).
+    #[cfg(any(feature = "_cuda", feature = "ascend"))]
     pub(crate) fn of(head_dim: usize, req: &ChunkRequest<'_>) -> Self {
         ChunkSettings { head_dim, keep_maps: req.keep_maps, full_ranking: req.full_ranking }
     }

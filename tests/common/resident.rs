@@ -49,14 +49,16 @@ impl Resident {
     }
 
     /// Runs `f` on a device copy of `cache`, then copies the pools back (the lengths are the
-    /// engine's, advanced by its shared code).
+    /// engine's, advanced by its shared code: the device copy's must have become `lens`).
     fn write(
         &self,
         cache: &mut KvCacheMut<'_>,
+        lens: Vec<u32>,
         f: impl FnOnce(&mut AscendPagedCache) -> entropy_kernels::Result<()>,
     ) -> entropy_kernels::Result<()> {
         let mut dev = self.upload(&cache.as_cache())?;
         f(&mut dev)?;
+        assert_eq!(dev.lens, lens, "the resident call's lengths");
         let back = dev.to_host()?;
         let (k, v) = cache.pools_mut();
         k.as_bytes_mut().copy_from_slice(back.k.data().as_bytes());
@@ -137,9 +139,19 @@ impl Backend for Resident {
         cu: &[u32],
         cache: &mut KvCacheMut<'_>,
     ) -> entropy_kernels::Result<()> {
-        self.write(cache, |dev| self.0.append_on(k_new, v_new, cu, dev, &mut Workspace::new()))
+        let heads = cache.layout().heads;
+        let mut lens = cache.lens().to_vec();
+        for (i, row) in lens.chunks_mut(heads).enumerate() {
+            row.iter_mut().for_each(|l| *l += cu[i + 1] - cu[i]);
+        }
+        self.write(cache, lens, |dev| self.0.append_on(k_new, v_new, cu, dev, &mut Workspace::new()))
     }
     fn compact(&self, cache: &mut KvCacheMut<'_>, sel: &Selection) -> entropy_kernels::Result<()> {
-        self.write(cache, |dev| self.0.compact_on(dev, sel, &mut Workspace::new()))
+        let heads = cache.layout().heads;
+        let mut lens = cache.lens().to_vec();
+        for (u, l) in lens.iter_mut().enumerate().filter(|(u, _)| sel.compressed[u / heads]) {
+            *l = sel.kept(u / heads, u % heads).len() as u32;
+        }
+        self.write(cache, lens, |dev| self.0.compact_on(dev, sel, &mut Workspace::new()))
     }
 }
