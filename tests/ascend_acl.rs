@@ -140,7 +140,7 @@ fn a_hung_mixed_kernel_is_a_timeout_error() {
         let args = pack_args(&kernel_args(selftest, rt.hardware_sync, p.addr()));
         let mut a = rt.alloc(args.len()).unwrap();
         a.upload(&args).unwrap();
-        stream.launch(&function, 1, &a, args.len()).unwrap();
+        stream.launch(&function, 1, &a, args.len())?;
         stream.synchronize()
     };
     match run(34) {
@@ -150,6 +150,16 @@ fn a_hung_mixed_kernel_is_a_timeout_error() {
         }
         other => panic!("a deadlocked kernel must end in a sync timeout, got {other:?}"),
     }
+    // ACL does not abort the kernel: the runtime is tainted — later launches fail at once, and
+    // the stream (which would never drain) is not destroyed, nor are buffers freed under it.
+    assert!(rt.tainted());
+    match run(0) {
+        Err(Error::Poisoned { what, .. }) => assert_eq!(what, "the ACL runtime"),
+        other => panic!("a tainted runtime refuses launches, got {other:?}"),
+    }
+    let blocked = mock::blocked_destroys();
+    drop((function, module, stream));
+    assert_eq!(mock::blocked_destroys(), blocked, "the hung stream was not destroyed (it would block)");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -325,6 +335,18 @@ fn backends_and_resident_caches_serve_any_thread() {
         let diff = got.to_f32_vec().iter().zip(out.to_f32_vec()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(diff < 1e-2, "the resident attention differs from the one-shot prefill by {diff}");
         drop(cache);
+    })
+    .join()
+    .unwrap();
+    // An engine's thread keeps its own current context across our calls.
+    let backend = Arc::new(mock_ascend("any_thread").unwrap());
+    std::thread::spawn(move || {
+        use entropy_kernels::ascend::device::mock;
+        mock::use_engine_context();
+        let cache = AscendPagedCache::new(&backend, DType::F32, layout, vec![0, 2], 2).unwrap();
+        assert!(cache.to_host().unwrap().lens.iter().all(|&l| l == 0));
+        drop(cache);
+        assert!(mock::engine_context_current(), "the engine's context is current again");
     })
     .join()
     .unwrap();

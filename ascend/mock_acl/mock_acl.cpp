@@ -41,9 +41,12 @@ std::mutex mu;
 bool initialised = false;
 thread_local int device = -1;  // the device of this thread's current context
 int default_context[1];           // the default context of device 0 (its address is the handle)
+int engine_context[1];            // another context on device 0, as an engine's own (tests)
+thread_local void* current = nullptr;  // this thread's current context
 std::map<uintptr_t, size_t> allocations;
 std::string last_error;
 uint64_t traffic[3] = {0, 0, 0};  // host→device bytes, device→host bytes, bytes allocated
+uint64_t blocked_destroys = 0;     // aclrtDestroyStream calls on a stream that never drains
 
 struct Binary {
     std::string symbols;  // comma-separated entries
@@ -98,26 +101,29 @@ aclError aclrtSetDevice(int32_t id) {
     MOCK_ENTRY("aclrtSetDevice");
     if (id != 0) return fail(kInvalid, "mock: only device 0 exists");
     device = id;
+    current = &default_context[0];
     return ACL_SUCCESS;
 }
 
 aclError aclrtResetDevice(int32_t) {
     MOCK_ENTRY("aclrtResetDevice");
     device = -1;
+    current = nullptr;
     return ACL_SUCCESS;
 }
 
 aclError aclrtGetCurrentContext(aclrtContext* ctx) {
     MOCK_ENTRY("aclrtGetCurrentContext");
     NEED_DEVICE();
-    *ctx = &default_context[device];
+    *ctx = current;
     return ACL_SUCCESS;
 }
 
 aclError aclrtSetCurrentContext(aclrtContext ctx) {
     MOCK_ENTRY("aclrtSetCurrentContext");
-    if (ctx != &default_context[0]) return fail(kInvalid, "mock: not a context of this runtime");
+    if (ctx != &default_context[0] && ctx != &engine_context[0]) return fail(kInvalid, "mock: not a context of this runtime");
     device = 0;
+    current = ctx;
     return ACL_SUCCESS;
 }
 
@@ -131,6 +137,10 @@ aclError aclrtCreateStream(aclrtStream* s) {
 aclError aclrtDestroyStream(aclrtStream s) {
     MOCK_ENTRY("aclrtDestroyStream");
     NEED_DEVICE();
+    if (*static_cast<int*>(s)) {
+        blocked_destroys++;  // ACL waits for the stream's tasks: this call would never return
+        return fail(kInvalid, "mock: aclrtDestroyStream of a stream whose kernel never ends would block forever");
+    }
     delete static_cast<int*>(s);
     return ACL_SUCCESS;
 }
@@ -147,7 +157,8 @@ aclError aclrtSynchronizeStreamWithTimeout(aclrtStream s, int32_t timeout) {
     NEED_DEVICE();
     int& hung = *static_cast<int*>(s);
     if (hung) {
-        hung = 0;  // the runtime aborts the stream's task on timeout
+        // The task keeps running (ACL does not abort it: aclrtStreamAbort would): the stream
+        // stays busy.
         if (timeout < 0) return fail(kInvalid, "mock: the stream never drains and the timeout is -1 (the process would hang)");
         return fail(kSyncTimeout, "mock: stream synchronize timeout after " + std::to_string(timeout) + " ms (a kernel never ended)");
     }
@@ -271,6 +282,18 @@ aclError aclrtLaunchKernel(aclrtFuncHandle f, uint32_t block_dim, const void* ar
 void ek_mock_acl_fail(const char* api) {
     std::lock_guard<std::mutex> lock(mu);
     failing = api ? api : "";
+}
+
+// Makes the engine's own context current on the calling thread (device 0, not ours).
+void ek_mock_acl_use_engine_context() { current = &engine_context[0]; device = 0; }
+
+// Whether the calling thread's current context is the engine's.
+int ek_mock_acl_engine_context_current() { return current == &engine_context[0]; }
+
+// aclrtDestroyStream calls that would have blocked forever.
+uint64_t ek_mock_acl_blocked_destroys() {
+    std::lock_guard<std::mutex> lock(mu);
+    return blocked_destroys;
 }
 
 void ek_mock_acl_traffic(uint64_t out[3]) {

@@ -156,13 +156,9 @@ impl<'v> Launcher<'v> for AclLauncher<'_, 'v> {
         let function = &self.backend.functions[kernel.symbol];
         let stream = self.backend.stream.lock().unwrap_or_else(|e| e.into_inner());
         stream.launch(function, self.backend.rt.block_dim(kernel), &args_buf, args.len())?;
-        if let Err(e) = stream.synchronize() {
-            // The kernel may still be running (a timeout returns while it does) and aclrtFree
-            // does not wait for it: its buffers must outlive it, so they are leaked.
-            std::mem::forget(std::mem::take(&mut self.buffers));
-            std::mem::forget(args_buf);
-            return Err(e);
-        }
+        // A failed sync taints the runtime: these buffers are then leaked when dropped (the
+        // kernel may still be running), not freed.
+        stream.synchronize()?;
         self.buffers.push(args_buf);
         Ok(())
     }
@@ -324,6 +320,37 @@ pub mod mock {
             f(t.as_mut_ptr());
         }
         Traffic { to_device: t[0], to_host: t[1], allocated: t[2] }
+    }
+
+    fn symbol<T>(name: &[u8], f: impl FnOnce(libloading::Symbol<'_, T>) -> u64) -> u64 {
+        // SAFETY: the mock library is ours; the caller names a symbol of type `T`.
+        unsafe {
+            let lib = libloading::Library::new(LIBRARY).expect("mock ACL library");
+            f(lib.get(name).expect("a mock ACL test hook"))
+        }
+    }
+
+    /// Makes a context of the mock's device that is not the backend's (as an engine's own)
+    /// current on the calling thread.
+    pub fn use_engine_context() {
+        // SAFETY: a function of no arguments.
+        symbol::<unsafe extern "C" fn()>(b"ek_mock_acl_use_engine_context\0", |f| unsafe {
+            f();
+            0
+        });
+    }
+
+    /// Whether the calling thread's current context is the one [`use_engine_context`] set.
+    pub fn engine_context_current() -> bool {
+        // SAFETY: a function of no arguments returning an int.
+        symbol::<unsafe extern "C" fn() -> i32>(b"ek_mock_acl_engine_context_current\0", |f| unsafe { f() as u64 }) != 0
+    }
+
+    /// `aclrtDestroyStream` calls that would have blocked forever (on a stream whose kernel
+    /// never ends).
+    pub fn blocked_destroys() -> u64 {
+        // SAFETY: a function of no arguments returning a u64.
+        symbol::<unsafe extern "C" fn() -> u64>(b"ek_mock_acl_blocked_destroys\0", |f| unsafe { f() })
     }
 
     /// Makes the mock's next calls of `api` fail (`None`: stop failing).

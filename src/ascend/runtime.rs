@@ -64,13 +64,22 @@ impl AscendOptions {
 
 /// The ACL runtime of this process, on one device. ACL acts on the calling thread's current
 /// context, and `aclrtSetDevice` makes the device's context current on its own thread only:
-/// every call below first makes this runtime's context current ([`AclRuntime::bind`]), so a
-/// backend, a buffer or a resident cache may be used and dropped on any thread.
+/// every call below makes this runtime's context current for its duration and the thread's
+/// previous one (an engine's own) current again after it ([`AclRuntime::bind`]), so a backend,
+/// a buffer or a resident cache may be used and dropped on any thread.
+///
+/// A stream synchronisation that fails (a timeout: ACL does not abort the kernel, which may
+/// still be running) taints the runtime: later launches fail at once with [`Error::Poisoned`],
+/// and buffers, streams and binaries are leaked instead of freed or destroyed under the kernel
+/// (`aclrtFree` does not wait for it; `aclrtDestroyStream` would wait forever). Open a new
+/// backend to go on.
 pub struct AclRuntime {
     acl: Acl,
     /// The device's default context (`aclrtGetCurrentContext` after `aclrtSetDevice`), as an
     /// address: a handle the runtime owns, valid while the device is set.
     context: usize,
+    /// Set when a stream synchronisation failed (see the type's docs).
+    tainted: std::sync::atomic::AtomicBool,
     /// The current NPU index.
     pub device: i32,
     /// NPUs visible to this process.
@@ -143,6 +152,7 @@ impl AclRuntime {
         Ok(AclRuntime {
             acl,
             context,
+            tainted: std::sync::atomic::AtomicBool::new(false),
             device: device as i32,
             devices,
             vector_cores,
@@ -160,16 +170,26 @@ impl AclRuntime {
         }
     }
 
-    /// Makes this runtime's context current on the calling thread (a thread-local setting:
-    /// cheap, and needed before any other call on a thread that did not open the runtime).
-    pub fn bind(&self) -> Result<()> {
-        // SAFETY: the context was returned by ACL for this runtime's device.
-        unsafe { result::set_current_context(&self.acl, self.context as sys::aclrtContext) }
+    /// Makes this runtime's context current on the calling thread until the guard drops, when
+    /// the thread's previous context (if it had one) is current again.
+    pub fn bind(&self) -> Result<Bound<'_>> {
+        // No current context (ACL_ERROR_RT_CONTEXT_NULL) is an error here: then nothing to restore.
+        let previous = unsafe { result::current_context(&self.acl) }.ok().map(|c| c as usize);
+        if previous != Some(self.context) {
+            // SAFETY: the context was returned by ACL for this runtime's device.
+            unsafe { result::set_current_context(&self.acl, self.context as sys::aclrtContext)? };
+        }
+        Ok(Bound { rt: self, previous: previous.filter(|&p| p != self.context), _thread: std::marker::PhantomData })
+    }
+
+    /// Whether a failed synchronisation tainted this runtime.
+    pub fn tainted(&self) -> bool {
+        self.tainted.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Allocates a device buffer of `bytes` bytes.
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer> {
-        self.bind()?;
+        let _bound = self.bind()?;
         // ACL rejects zero-byte allocations; keep one 32-byte block so every buffer has an address.
         let len = bytes.max(32);
         // SAFETY: the pointer is owned by the returned buffer and freed once, on drop.
@@ -179,16 +199,32 @@ impl AclRuntime {
 
     /// Creates a stream on this device.
     pub fn stream(self: &Arc<Self>) -> Result<Stream> {
-        self.bind()?;
+        let _bound = self.bind()?;
         let s = unsafe { result::create_stream(&self.acl)? };
         Ok(Stream { rt: self.clone(), raw: s })
     }
 
     /// Loads one kernel binary (all entries of one source file) for the cores `cores`.
     pub fn module(self: &Arc<Self>, cores: Cores, image: &[u8]) -> Result<Arc<Module>> {
-        self.bind()?;
+        let _bound = self.bind()?;
         let handle = unsafe { result::binary_load(&self.acl, image, magic(cores))? };
         Ok(Arc::new(Module { rt: self.clone(), handle }))
+    }
+}
+
+/// This runtime's context current on this thread (see [`AclRuntime::bind`]).
+pub struct Bound<'r> {
+    rt: &'r AclRuntime,
+    previous: Option<usize>,
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for Bound<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.previous {
+            // SAFETY: a context ACL returned for this thread before the call.
+            let _ = unsafe { result::set_current_context(&self.rt.acl, p as sys::aclrtContext) };
+        }
     }
 }
 
@@ -226,25 +262,28 @@ impl DeviceBuffer {
     /// Copies `src` into the buffer.
     pub fn upload(&mut self, src: &[u8]) -> Result<()> {
         assert!(src.len() <= self.len, "upload past the buffer");
-        self.rt.bind()?;
+        let _bound = self.rt.bind()?;
         unsafe { result::copy_to_device(&self.rt.acl, self.ptr, src) }
     }
     /// Sets every byte to zero.
     pub fn zero(&mut self) -> Result<()> {
-        self.rt.bind()?;
+        let _bound = self.rt.bind()?;
         unsafe { result::memset(&self.rt.acl, self.ptr, self.len, 0) }
     }
     /// Copies the buffer into `dst`.
     pub fn download(&self, dst: &mut [u8]) -> Result<()> {
         assert!(dst.len() <= self.len, "download past the buffer");
-        self.rt.bind()?;
+        let _bound = self.rt.bind()?;
         unsafe { result::copy_to_host(&self.rt.acl, dst, self.ptr) }
     }
 }
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
-        let _ = self.rt.bind();
+        if self.rt.tainted() {
+            return; // a kernel may still use it: leaked
+        }
+        let _bound = self.rt.bind();
         let _ = unsafe { result::free(&self.rt.acl, self.ptr) };
     }
 }
@@ -260,20 +299,35 @@ unsafe impl Send for Stream {}
 impl Stream {
     /// Launches `module` on `block_dim` cores with `args` (device memory holding the arguments).
     pub fn launch(&self, f: &Function, block_dim: u32, args: &DeviceBuffer, args_size: usize) -> Result<()> {
-        self.rt.bind()?;
+        if self.rt.tainted() {
+            return Err(Error::Poisoned {
+                what: "the ACL runtime",
+                detail: "an earlier stream synchronisation failed and its kernel may still be running; open a new \
+                         backend"
+                    .into(),
+            });
+        }
+        let _bound = self.rt.bind()?;
         let acl = &self.rt.acl;
         unsafe { result::launch(acl, f.func, block_dim, args.ptr, args_size, self.raw) }
     }
     /// Waits for the stream, at most the runtime's sync timeout.
     pub fn synchronize(&self) -> Result<()> {
-        self.rt.bind()?;
-        unsafe { result::synchronize(&self.rt.acl, self.raw, self.rt.sync_timeout_ms) }
+        let _bound = self.rt.bind()?;
+        let r = unsafe { result::synchronize(&self.rt.acl, self.raw, self.rt.sync_timeout_ms) };
+        if r.is_err() {
+            self.rt.tainted.store(true, std::sync::atomic::Ordering::Release);
+        }
+        r
     }
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        let _ = self.rt.bind();
+        if self.rt.tainted() {
+            return; // destroying waits for the stream's tasks, which may never end: leaked
+        }
+        let _bound = self.rt.bind();
         let _ = unsafe { result::destroy_stream(&self.rt.acl, self.raw) };
     }
 }
@@ -292,7 +346,7 @@ impl Module {
     /// kernels; the bare symbol is tried second, in case a toolkit names them otherwise).
     pub fn function(self: &Arc<Self>, kernel: Kernel) -> Result<Function> {
         let entry = CString::new(kernel.entry()).expect("symbols have no NUL");
-        self.rt.bind()?;
+        let _bound = self.rt.bind()?;
         let func = match unsafe { result::get_function(&self.rt.acl, self.handle, &entry) } {
             Ok(f) => f,
             Err(e) if kernel.cores == Cores::Mix => {
@@ -307,7 +361,10 @@ impl Module {
 
 impl Drop for Module {
     fn drop(&mut self) {
-        let _ = self.rt.bind();
+        if self.rt.tainted() {
+            return; // its code may still be running: leaked
+        }
+        let _bound = self.rt.bind();
         let _ = unsafe { result::binary_unload(&self.rt.acl, self.handle) };
     }
 }

@@ -98,7 +98,7 @@ fn run_unit<'p, S: Simd, E: Element, const NR: usize, const MV: usize>(job: Unit
         tile.begin(n - w, g);
         for wi in 0..w {
             for j in 0..g {
-                tile.set_query(wi * g + j, call.obs.row(b, h * g + j, wi, dd), call.c, tmp);
+                tile.set_query::<S, E>(wi * g + j, call.obs.row(b, h * g + j, wi, dd), call.c, tmp);
             }
         }
         tile.clear_queries(w * g);
@@ -108,7 +108,7 @@ fn run_unit<'p, S: Simd, E: Element, const NR: usize, const MV: usize>(job: Unit
     for _ in keys.clone() {
         for ((k, walk, scored), (tile, pass)) in scans.iter_mut().zip(tiles.iter_mut().zip(passes.iter_mut())) {
             let Some((t, o)) = walk.next() else { continue };
-            tile.push_key(k.at(o, dd), t);
+            tile.push_key::<S, E>(k.at(o, dd), t);
             if tile.is_full() {
                 consume::<S, NR, MV>(tile, pass, first, *scored, g, w);
             }

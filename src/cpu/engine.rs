@@ -143,7 +143,7 @@ fn run_item<S: Simd, E: Element, const NR: usize, const MV: usize>(job: ItemJob<
     for r in 0..p1 - p0 {
         let (b, t) = a.q_row(first_token + r);
         for j in 0..g {
-            tile.set_query(r * g + j, call.q.row(b, t, h * g + j, dd), call.c, tmp);
+            tile.set_query::<S, E>(r * g + j, call.q.row(b, t, h * g + j, dd), call.c, tmp);
         }
     }
     tile.clear_queries((p1 - p0) * g);

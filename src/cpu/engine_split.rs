@@ -91,7 +91,7 @@ impl<E: Element> WithSimd for UnitJob<'_, '_, '_, E> {
                 for gi in 0..g {
                     let r = h * rh + j * g + gi;
                     let dst = &mut qbuf[r * d..(r + 1) * d];
-                    E::widen(call.q.row(b, t, h * g + gi, d), dst);
+                    unsafe { S::widen(call.q.row(b, t, h * g + gi, d), dst) }; // SAFETY: dst holds d
                     dst.iter_mut().for_each(|x| *x *= call.c);
                 }
             }
@@ -116,7 +116,7 @@ impl<E: Element> WithSimd for UnitJob<'_, '_, '_, E> {
                     continue;
                 }
                 let o = offs[jn] + h * hs;
-                E::widen(&call.k[o..o + d], row);
+                unsafe { S::widen(&call.k[o..o + d], row) }; // SAFETY: row holds d
                 for r in head_rows {
                     // Bottom-right causal: query j of the head sees entries up to q_start + j.
                     scores[r * n + jn] = if t < a.visible_end(i, h, (r - h * rh) / g) {
@@ -144,7 +144,7 @@ impl<E: Element> WithSimd for UnitJob<'_, '_, '_, E> {
         for (jn, t) in (k0..k1).enumerate() {
             for h in (0..hc).filter(|&h| t < lens[h] as usize) {
                 let o = offs[jn] + h * hs;
-                E::widen(&call.v[o..o + d], row);
+                unsafe { S::widen(&call.v[o..o + d], row) }; // SAFETY: row holds d
                 for r in h * rh..(h + 1) * rh {
                     // SAFETY: `row` and each output row hold d values.
                     unsafe { axpy::<S>(scores[r * n + jn], row.as_ptr(), out[r * d..].as_mut_ptr(), d) };

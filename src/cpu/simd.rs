@@ -25,6 +25,36 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     /// `2^x`, relative error below 2e-7; exactly 0 for `x < -126` (including `-inf`).
     unsafe fn exp2(x: Self::V) -> Self::V;
     unsafe fn hsum(v: Self::V) -> f32;
+    /// `src` widened into `dst[..src.len()]` (exact): vector conversions where the ISA has
+    /// them, so 16-bit rows cost a few instructions per tile, not a call per element.
+    #[inline(always)]
+    unsafe fn widen<E: Element>(src: &[E], dst: &mut [f32]) {
+        E::widen(src, &mut dst[..src.len()])
+    }
+}
+
+use crate::tensor::{DType, Element};
+
+/// Widens 16-bit `src` into `dst` with `$cvt` (`$lanes` values from a `*const u16` to f32 lanes
+/// stored at a `*mut f32`), the tail one by one. A macro, not a closure: a closure is compiled
+/// without the entry point's target features (see [`WithSimd`]).
+#[cfg(target_arch = "x86_64")]
+macro_rules! widen_16bit {
+    ($src:expr, $dst:expr, $lanes:expr, |$s:ident, $d:ident| $cvt:expr) => {{
+        let (src, dst) = ($src, $dst);
+        let n = src.len();
+        assert!(dst.len() >= n && size_of_val(&src[..]) == 2 * n, "16-bit elements into f32 room");
+        let whole = n / $lanes * $lanes;
+        let (sp, dp) = (src.as_ptr() as *const u16, dst.as_mut_ptr());
+        for i in (0..whole).step_by($lanes) {
+            // (In the caller's unsafe block) i + lanes <= n elements of `src` (2 bytes each) and of `dst`.
+            let ($s, $d) = (sp.add(i), dp.add(i));
+            $cvt;
+        }
+        for i in whole..n {
+            dst[i] = src[i].to_f32();
+        }
+    }};
 }
 
 /// Taylor coefficients of `2^f = e^(f ln 2)` on `[-0.5, 0.5]`, degree 7 (error < 6e-9).
@@ -41,7 +71,7 @@ const EXP2_C: [f32; 8] = [
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
-    use super::{EXP2_C, Simd};
+    use super::{DType, EXP2_C, Element, Simd};
     use std::arch::x86_64::*;
 
     #[derive(Clone, Copy)]
@@ -50,6 +80,22 @@ pub(crate) mod x86 {
     impl Simd for Avx512 {
         const LANES: usize = 16;
         type V = __m512;
+        #[inline(always)]
+        unsafe fn widen<E: Element>(src: &[E], dst: &mut [f32]) {
+            // SAFETY the macro hands 16 readable u16s and 16 writable f32s per conversion.
+            unsafe {
+                match E::DTYPE {
+                    DType::F32 => E::widen(src, &mut dst[..src.len()]),
+                    DType::F16 => widen_16bit!(src, dst, 16, |s, d| {
+                        _mm512_storeu_ps(d, _mm512_cvtph_ps(_mm256_loadu_si256(s as *const __m256i)))
+                    }),
+                    DType::BF16 => widen_16bit!(src, dst, 16, |s, d| {
+                        let w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(s as *const __m256i));
+                        _mm512_storeu_ps(d, _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w)))
+                    }),
+                }
+            }
+        }
         #[inline(always)]
         unsafe fn zero() -> __m512 {
             unsafe { _mm512_setzero_ps() }
@@ -128,6 +174,22 @@ pub(crate) mod x86 {
     impl Simd for Avx2 {
         const LANES: usize = 8;
         type V = __m256;
+        #[inline(always)]
+        unsafe fn widen<E: Element>(src: &[E], dst: &mut [f32]) {
+            // SAFETY the macro hands 8 readable u16s and 8 writable f32s per conversion.
+            unsafe {
+                match E::DTYPE {
+                    DType::F32 => E::widen(src, &mut dst[..src.len()]),
+                    DType::F16 => widen_16bit!(src, dst, 8, |s, d| {
+                        _mm256_storeu_ps(d, _mm256_cvtph_ps(_mm_loadu_si128(s as *const __m128i)))
+                    }),
+                    DType::BF16 => widen_16bit!(src, dst, 8, |s, d| {
+                        let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(s as *const __m128i));
+                        _mm256_storeu_ps(d, _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w)))
+                    }),
+                }
+            }
+        }
         #[inline(always)]
         unsafe fn zero() -> __m256 {
             unsafe { _mm256_setzero_ps() }

@@ -255,9 +255,10 @@ impl Tile {
 
     /// Packs query row `r` (scaled by `c`) into Qᵀ.
     #[inline(always)]
-    pub fn set_query<E: Element>(&mut self, r: usize, q: &[E], c: f32, tmp: &mut [f32]) {
+    pub fn set_query<S: Simd, E: Element>(&mut self, r: usize, q: &[E], c: f32, tmp: &mut [f32]) {
         let mp = self.g.mp;
-        E::widen(q, &mut tmp[..q.len()]);
+        // SAFETY: `widen` writes `q.len()` values into `tmp`, which holds at least D.
+        unsafe { S::widen(q, tmp) };
         for (dd, &x) in tmp[..q.len()].iter().enumerate() {
             self.qt[dd * mp + r] = x * c;
         }
@@ -275,8 +276,8 @@ impl Tile {
     #[inline(always)]
     pub fn push_rows<S: Simd, E: Element, const NR: usize, const MV: usize>(&mut self, k: &[E], v: &[E], t: usize) {
         let j = self.filled;
-        self.kptr[j] = Self::slot(self.direct, &mut self.kconv, j, self.g, k);
-        self.vptr[j] = Self::slot(self.direct, &mut self.vconv, j, self.g, v);
+        self.kptr[j] = Self::slot::<S, E>(self.direct, &mut self.kconv, j, self.g, k);
+        self.vptr[j] = Self::slot::<S, E>(self.direct, &mut self.vconv, j, self.g, v);
         self.ktok[j] = t;
         self.filled += 1;
         if self.filled == self.g.keys {
@@ -287,9 +288,9 @@ impl Tile {
     /// Adds key token `t` (its row `k`) for scoring only (no value); the caller runs `score`
     /// when `is_full`.
     #[inline(always)]
-    pub fn push_key<E: Element>(&mut self, k: &[E], t: usize) {
+    pub fn push_key<S: Simd, E: Element>(&mut self, k: &[E], t: usize) {
         let j = self.filled;
-        self.kptr[j] = Self::slot(self.direct, &mut self.kconv, j, self.g, k);
+        self.kptr[j] = Self::slot::<S, E>(self.direct, &mut self.kconv, j, self.g, k);
         self.ktok[j] = t;
         self.filled += 1;
     }
@@ -315,12 +316,13 @@ impl Tile {
 
     /// A pointer to row `src` in f32: in place when possible, else widened into slot `j` of `conv`.
     #[inline(always)]
-    fn slot<E: Element>(direct: bool, conv: &mut [f32], j: usize, g: Geom, src: &[E]) -> *const f32 {
+    fn slot<S: Simd, E: Element>(direct: bool, conv: &mut [f32], j: usize, g: Geom, src: &[E]) -> *const f32 {
         if direct {
             src.as_ptr() as *const f32
         } else {
             let c = &mut conv[j * g.dp..(j + 1) * g.dp];
-            E::widen(src, &mut c[..g.d]);
+            // SAFETY: the slot holds dp >= D values.
+            unsafe { S::widen(&src[..g.d], c) };
             c.as_ptr()
         }
     }
