@@ -922,7 +922,9 @@ fn tensor_parallel_segment_max_shards_plan_as_unsharded() {
                         alpha: 4.0,
                         ..cfg_for(&mut rng)
                     };
-                    let (q0, k, _) = common::random_qkv([1, l, hq, hkv, d], seed ^ 51, DType::F32);
+                    // Fresh data per attempt (the same data and another config may stay uninformative).
+                    let data_seed = seed ^ 51 ^ ((attempt as u64) << 32);
+                    let (q0, k, _) = common::random_qkv([1, l, hq, hkv, d], data_seed, DType::F32);
                     let qs: Vec<f32> = q0
                         .to_f32_vec()
                         .chunks(d)
