@@ -125,13 +125,8 @@ fn paged_decode_reads_what_contiguous_reads(kernels: &Kernels) {
     emu::take_counters();
     kernels.decode_attention(q.view(), kc.view(), vc.view(), &[n as u32; 2], None, &mut out.view_mut()).unwrap();
     let contiguous = read("ek_decode");
-    let (ps, width) = (16, n / 16);
-    let mut pool = PagedCache::interleaved(dtype, PageLayout::slot_major(2 * width, ps, hkv, d), 2, width).unwrap();
+    let pool = common::interleaved_copy(&kc, &vc, 2, 16);
     let mut ws = Workspace::new();
-    let cu = [0, n as u32, n as u32];
-    Kernels::cpu()
-        .append(common::cache_as_thd(&kc).view(), common::cache_as_thd(&vc).view(), &cu, &mut pool.cache_mut(), &mut ws)
-        .unwrap();
     let mut paged_out = poisoned(q.shape, dtype);
     emu::take_counters();
     kernels.attend(q.view(), &[0, 1, 1], &pool.cache(), &[], None, &mut paged_out.view_mut(), None, &mut ws).unwrap();
@@ -161,18 +156,8 @@ fn paged_selection_reads_what_contiguous_reads(kernels: &Kernels) {
     kernels.kv_compress(kc.view(), vc.view(), obs.view(), &cfg).unwrap();
     let contiguous = scoring(emu::kernel_counters());
     emu::take_counters();
-    let (ps, width) = (16, n.div_ceil(16));
-    let mut pool = PagedCache::interleaved(dtype, PageLayout::slot_major(b * width, ps, hkv, d), b, width).unwrap();
-    let cpu = Kernels::cpu();
+    let mut pool = common::interleaved_copy(&kc, &vc, b, 16);
     let mut ws = Workspace::new();
-    cpu.append(
-        common::cache_as_thd(&kc).view(),
-        common::cache_as_thd(&vc).view(),
-        &[0, n as u32, 2 * n as u32],
-        &mut pool.cache_mut(),
-        &mut ws,
-    )
-    .unwrap();
     emu::take_counters();
     let sel = kernels.kv_select(&pool.cache(), obs.view(), &cfg, &[]).unwrap();
     let paged = scoring(emu::kernel_counters());

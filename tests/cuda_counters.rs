@@ -99,13 +99,9 @@ fn tensor_core_work_is_close_to_the_ideal() {
 
     // The same decode through `attend` over 16-entry pages (slot-major, interleaved with another
     // sequence's): the paged path reads the bytes the contiguous one reads, no more (±5%).
-    let (ps, full) = (16, [cache_n as u32; 2]);
-    let width = cache_n / ps;
-    let mut pool = PagedCache::interleaved(dtype, PageLayout::slot_major(2 * width, ps, hkv, d), 2, width).unwrap();
+    let full = [cache_n as u32; 2];
+    let pool = common::interleaved_copy(&kc, &vc, 2, 16);
     let mut ws = Workspace::new();
-    let cu = [0, cache_n as u32, cache_n as u32];
-    k.append(common::cache_as_thd(&kc).view(), common::cache_as_thd(&vc).view(), &cu, &mut pool.cache_mut(), &mut ws)
-        .unwrap();
     let qt = HostTensor::from_f32(&q1.to_f32_vec(), [1, 1, hq, d], dtype);
     let mut paged_out = common::poisoned([1, 1, hq, d], dtype);
     // The second sequence has no query: only the first sequence's cache is read.
@@ -200,17 +196,8 @@ fn compression_over_pages_reads_what_contiguous_reads(k: &Kernels) {
     k.kv_compress(kc.view(), vc.view(), obs.view(), &cfg).unwrap();
     let contiguous = emu::counters().unwrap() - c0;
     // The same entries on 16-entry pages, the sequences' pages interleaved.
-    let (ps, width) = (16, n.div_ceil(16));
-    let mut pool = PagedCache::interleaved(dtype, PageLayout::slot_major(b * width, ps, hkv, d), b, width).unwrap();
+    let pool = common::interleaved_copy(&kc, &vc, b, 16);
     let mut ws = Workspace::new();
-    k.append(
-        common::cache_as_thd(&kc).view(),
-        common::cache_as_thd(&vc).view(),
-        &[0, n as u32, 2 * n as u32],
-        &mut pool.cache_mut(),
-        &mut ws,
-    )
-    .unwrap();
     let c1 = emu::counters().unwrap();
     let sel = k.kv_select(&pool.cache(), obs.view(), &cfg, &[]).unwrap();
     let paged = emu::counters().unwrap() - c1;

@@ -57,20 +57,26 @@ fn shuffled_pool(
 /// Keys `[B, H, cap, D]` into a pool's pages, each head's first `lens[b·H + h]` entries (heads of
 /// their own lengths, as compaction leaves them); the pool's lengths become `lens`.
 fn fill_keys(pool: &mut PagedCache, kc: &HostTensor, lens: &[u32]) {
-    let [b, hc, cap, d] = kc.shape;
-    let (kc, ps) = (kc.to_f32_vec(), pool.layout.page_size);
-    let mut pk = pool.k.to_f32_vec();
+    pool.k = filled_pool(pool, &pool.k, kc, lens);
+    pool.lens = lens.to_vec();
+}
+
+/// `pool_data` (the K or V pool of `pool`) with each head's first `lens[b·H + h]` entries of `src`
+/// `[B, H, cap, D]` written into its pages.
+fn filled_pool(pool: &PagedCache, pool_data: &HostTensor, src: &HostTensor, lens: &[u32]) -> HostTensor {
+    let [b, hc, cap, d] = src.shape;
+    let (src, ps) = (src.to_f32_vec(), pool.layout.page_size);
+    let mut dst = pool_data.to_f32_vec();
     for i in 0..b {
         for h in 0..hc {
             for n in 0..lens[i * hc + h] as usize {
                 let o = pool.layout.offset(pool.ids[i * pool.width + n / ps] as usize, n % ps, h);
-                let src = ((i * hc + h) * cap + n) * d;
-                pk[o..o + d].copy_from_slice(&kc[src..src + d]);
+                let from = ((i * hc + h) * cap + n) * d;
+                dst[o..o + d].copy_from_slice(&src[from..from + d]);
             }
         }
     }
-    pool.k = HostTensor::from_f32(&pk, pool.k.shape, pool.k.dtype());
-    pool.lens = lens.to_vec();
+    HostTensor::from_f32(&dst, pool_data.shape, pool_data.dtype())
 }
 
 /// Rows `rows` of `[1, L, H, D]` tensors, concatenated along tokens: a THD batch and its `cu`.
@@ -1050,24 +1056,11 @@ fn multi_token_decode_matches_oracle() {
                 with_case(&tag, || {
                     let mut pool = shuffled_pool(&mut rng, dtype, b, hc, d, cap, ps);
                     let (kf, vf) = (
-                        random([1, b * hc * cap, 1, d], 1.0, seed ^ 61, dtype),
-                        random([1, b * hc * cap, 1, d], 1.0, seed ^ 62, dtype),
+                        random([b, hc, cap, d], 1.0, seed ^ 61, dtype),
+                        random([b, hc, cap, d], 1.0, seed ^ 62, dtype),
                     );
-                    let (kf, vf) = (kf.to_f32_vec(), vf.to_f32_vec());
-                    let (mut pk, mut pv) = (pool.k.to_f32_vec(), pool.v.to_f32_vec());
-                    for i in 0..b {
-                        for h in 0..hc {
-                            for n in 0..lens[i * hc + h] as usize {
-                                let o = pool.layout.offset(pool.ids[i * pool.width + n / ps] as usize, n % ps, h);
-                                let src = ((i * hc + h) * cap + n) * d;
-                                pk[o..o + d].copy_from_slice(&kf[src..src + d]);
-                                pv[o..o + d].copy_from_slice(&vf[src..src + d]);
-                            }
-                        }
-                    }
-                    pool.k = HostTensor::from_f32(&pk, pool.k.shape, dtype);
-                    pool.v = HostTensor::from_f32(&pv, pool.v.shape, dtype);
-                    pool.lens = lens.clone();
+                    fill_keys(&mut pool, &kf, &lens);
+                    pool.v = filled_pool(&pool, &pool.v, &vf, &lens);
                     let t: usize = q_lens.iter().sum();
                     let q = random([1, t, hq, d], 1.0, seed ^ 63, dtype);
                     let mut cu = vec![0u32];

@@ -309,59 +309,51 @@ pub mod mock {
         }
     }
 
-    /// The mock's traffic counters (process-wide: callers that compare two readings run alone).
-    pub fn traffic() -> Traffic {
-        let mut t = [0u64; 3];
-        // SAFETY: the mock library is ours; `ek_mock_acl_traffic` writes three u64s.
-        unsafe {
-            let lib = libloading::Library::new(LIBRARY).expect("mock ACL library");
-            let f: libloading::Symbol<unsafe extern "C" fn(*mut u64)> =
-                lib.get(b"ek_mock_acl_traffic\0").expect("ek_mock_acl_traffic");
-            f(t.as_mut_ptr());
-        }
-        Traffic { to_device: t[0], to_host: t[1], allocated: t[2] }
-    }
-
-    fn symbol<T>(name: &[u8], f: impl FnOnce(libloading::Symbol<'_, T>) -> u64) -> u64 {
-        // SAFETY: the mock library is ours; the caller names a symbol of type `T`.
+    /// Runs `f` on the mock's test hook `name` (NUL-terminated), a C function of type `F`.
+    ///
+    /// # Safety
+    /// `F` is the hook's type in `ascend/mock_acl/mock_acl.cpp`.
+    unsafe fn hook<F, R>(name: &[u8], f: impl FnOnce(libloading::Symbol<'_, F>) -> R) -> R {
+        // SAFETY: the mock library is ours; the caller gives the hook's type.
         unsafe {
             let lib = libloading::Library::new(LIBRARY).expect("mock ACL library");
             f(lib.get(name).expect("a mock ACL test hook"))
         }
     }
 
+    /// The mock's traffic counters (process-wide: callers that compare two readings run alone).
+    pub fn traffic() -> Traffic {
+        let mut t = [0u64; 3];
+        // SAFETY: `ek_mock_acl_traffic(uint64_t out[3])` writes three u64s.
+        unsafe { hook::<unsafe extern "C" fn(*mut u64), _>(b"ek_mock_acl_traffic\0", |f| f(t.as_mut_ptr())) };
+        Traffic { to_device: t[0], to_host: t[1], allocated: t[2] }
+    }
+
     /// Makes a context of the mock's device that is not the backend's (as an engine's own)
     /// current on the calling thread.
     pub fn use_engine_context() {
-        // SAFETY: a function of no arguments.
-        symbol::<unsafe extern "C" fn()>(b"ek_mock_acl_use_engine_context\0", |f| unsafe {
-            f();
-            0
-        });
+        // SAFETY: `void ek_mock_acl_use_engine_context()`.
+        unsafe { hook::<unsafe extern "C" fn(), _>(b"ek_mock_acl_use_engine_context\0", |f| f()) }
     }
 
     /// Whether the calling thread's current context is the one [`use_engine_context`] set.
     pub fn engine_context_current() -> bool {
-        // SAFETY: a function of no arguments returning an int.
-        symbol::<unsafe extern "C" fn() -> i32>(b"ek_mock_acl_engine_context_current\0", |f| unsafe { f() as u64 }) != 0
+        // SAFETY: `int ek_mock_acl_engine_context_current()`.
+        unsafe { hook::<unsafe extern "C" fn() -> i32, _>(b"ek_mock_acl_engine_context_current\0", |f| f()) != 0 }
     }
 
     /// `aclrtDestroyStream` calls that would have blocked forever (on a stream whose kernel
     /// never ends).
     pub fn blocked_destroys() -> u64 {
-        // SAFETY: a function of no arguments returning a u64.
-        symbol::<unsafe extern "C" fn() -> u64>(b"ek_mock_acl_blocked_destroys\0", |f| unsafe { f() })
+        // SAFETY: `uint64_t ek_mock_acl_blocked_destroys()`.
+        unsafe { hook::<unsafe extern "C" fn() -> u64, _>(b"ek_mock_acl_blocked_destroys\0", |f| f()) }
     }
 
     /// Makes the mock's next calls of `api` fail (`None`: stop failing).
     pub fn fail(api: Option<&str>) {
-        // SAFETY: the mock library is ours; `ek_mock_acl_fail` takes a NUL-terminated name or null.
-        unsafe {
-            let lib = libloading::Library::new(LIBRARY).expect("mock ACL library");
-            let f: libloading::Symbol<unsafe extern "C" fn(*const std::ffi::c_char)> =
-                lib.get(b"ek_mock_acl_fail\0").expect("ek_mock_acl_fail");
-            let name = api.map(|a| std::ffi::CString::new(a).unwrap());
-            f(name.as_ref().map_or(std::ptr::null(), |n| n.as_ptr()));
-        }
+        let name = api.map(|a| std::ffi::CString::new(a).unwrap());
+        let name = name.as_ref().map_or(std::ptr::null(), |n| n.as_ptr());
+        // SAFETY: `void ek_mock_acl_fail(const char*)` takes a NUL-terminated name or null.
+        unsafe { hook::<unsafe extern "C" fn(*const std::ffi::c_char), _>(b"ek_mock_acl_fail\0", |f| f(name)) }
     }
 }

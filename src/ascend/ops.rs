@@ -51,13 +51,10 @@ impl<'v> PoolMut<'v, '_> {
     }
 }
 
-/// A call's (validated) cache as the kernels address it: layout, block table, lengths, element
-/// type and the two pools, wherever they are.
+/// A call's (validated) cache as the reading kernels address it: its pages and the two pools,
+/// wherever they are.
 pub(crate) struct CacheAt<'c> {
-    pub layout: PageLayout,
-    pub table: &'c BlockTable<'c>,
-    pub lens: &'c [u32],
-    pub dtype: DType,
+    pub pages: Pages<'c>,
     pub k: Pool<'c>,
     pub v: Pool<'c>,
 }
@@ -66,10 +63,7 @@ impl<'c> CacheAt<'c> {
     /// A cache in host memory: its pools are uploaded by each call.
     pub(crate) fn host(c: &'c KvCache<'c>) -> Self {
         CacheAt {
-            layout: *c.layout(),
-            table: c.table(),
-            lens: c.lens(),
-            dtype: c.dtype(),
+            pages: Pages { layout: c.layout(), table: c.table(), lens: c.lens(), dtype: c.dtype() },
             k: Pool::Host(c.k().as_bytes()),
             v: Pool::Host(c.v().as_bytes()),
         }
@@ -120,7 +114,7 @@ pub(crate) fn attend_at<'v>(
     if work.tiles.is_empty() {
         return Ok(()); // no query tokens
     }
-    let layout = &cache.layout;
+    let Pages { layout, table, .. } = cache.pages;
     row_gap(layout.strides[1], d.head_dim, q.dtype())?;
     // Arrays the kernel indexes may be empty (no plans): never hand over a zero-length buffer.
     let nonempty = |v: &[u32]| if v.is_empty() { vec![0u32] } else { v.to_vec() };
@@ -134,7 +128,7 @@ pub(crate) fn attend_at<'v>(
         lse: lse_buf,
         k_pool: cache.k.addr(&mut l)?,
         v_pool: cache.v.addr(&mut l)?,
-        block_table: l.array(launch::bytes_of(cache.table.ids()))?,
+        block_table: l.array(launch::bytes_of(table.ids()))?,
         tiles: l.array(work.tile_bytes())?,
         offsets: l.array(launch::bytes_of(&nonempty(&work.offsets)))?,
         counts: l.array(launch::bytes_of(&nonempty(&work.counts)))?,
@@ -143,7 +137,7 @@ pub(crate) fn attend_at<'v>(
         page_stride: layout.strides[0] as i64,
         slot_stride: layout.strides[1] as i64,
         head_stride: layout.strides[2] as i64,
-        table_width: cache.table.width() as i32,
+        table_width: table.width() as i32,
         page_size: layout.page_size as i32,
         group: d.group() as i32,
         tile_rows: ATTEND_MAX_ROWS as i32,
@@ -333,7 +327,7 @@ pub(crate) struct Scoring<'a> {
 pub(crate) fn score_rows<'v>(mut l: impl Launcher<'v>, a: &Scoring<'_>, cache: &CacheAt<'_>) -> Result<Vec<Vec<f32>>> {
     let d = a.dims;
     let cfg = a.cfg;
-    let lens = cache.lens;
+    let Pages { layout, table, lens, dtype } = cache.pages;
     let heads = d.kv_heads;
     if !a.compress.iter().any(|&c| c) {
         l.finish()?;
@@ -343,9 +337,7 @@ pub(crate) fn score_rows<'v>(mut l: impl Launcher<'v>, a: &Scoring<'_>, cache: &
         let why = format!("the Ascend compression averages at most {COMPRESS_MAX_GROUP} query heads per kv head");
         return Err(Error::range("group", d.group(), why));
     }
-    let layout = &cache.layout;
     row_gap(layout.strides[1], d.head_dim, a.obs.dtype())?;
-    let dtype = cache.dtype;
     let rows = d.group() * d.window;
     let scored = d.entries - d.window;
     let chunks = d.entries.div_ceil(COMPRESS_CHUNK);
@@ -366,11 +358,11 @@ pub(crate) fn score_rows<'v>(mut l: impl Launcher<'v>, a: &Scoring<'_>, cache: &
         means: l.zeroed(4 * d.batch * d.q_heads * means_stride)?,
         pooled: l.zeroed(4 * d.batch * heads * scored)?,
         head_lens: l.array(launch::bytes_of(&head_lens))?,
-        block_table: l.array(launch::bytes_of(cache.table.ids()))?,
+        block_table: l.array(launch::bytes_of(table.ids()))?,
         page_stride: layout.strides[0] as i64,
         slot_stride: layout.strides[1] as i64,
         head_stride: layout.strides[2] as i64,
-        table_width: cache.table.width() as i32,
+        table_width: table.width() as i32,
         page_size: layout.page_size as i32,
         ..EkCompressParams::sized(&d, cfg, COMPRESS_CHUNK, a.scale, dtype)
     };
@@ -611,12 +603,12 @@ pub(crate) fn plan_chunks_at<'v>(
     states: &mut [crate::plan::PlanState],
 ) -> Result<Vec<Plan>> {
     let dd = settings.head_dim;
-    let layout = &cache.layout;
+    let Pages { layout, table: block_table, .. } = cache.pages;
     row_gap(layout.strides[2], dd, q_view.dtype())?;
     let q = l.input(q_view)?;
     let k_pool = cache.k.addr(&mut l)?;
-    let table = l.array(launch::bytes_of(cache.table.ids()))?;
-    let width = cache.table.width();
+    let table = l.array(launch::bytes_of(block_table.ids()))?;
+    let width = block_table.width();
     let isa = crate::cpu::simd::Isa::detect();
     let mut next = states.to_vec();
     let mut plans = Vec::with_capacity(seqs.len());

@@ -81,7 +81,7 @@ impl AscendPagedCache {
             });
         }
         let pool = || -> Result<DeviceBuffer> {
-            let mut b = backend.rt.alloc(elements.max(1) * dtype.size())?;
+            let mut b = backend.rt.alloc(elements * dtype.size())?;
             b.zero()?;
             Ok(b)
         };
@@ -102,7 +102,7 @@ impl AscendPagedCache {
         }
         let copy = |t: &HostTensor| -> Result<DeviceBuffer> {
             let bytes = t.data().as_bytes();
-            let mut b = backend.rt.alloc(bytes.len().max(1))?;
+            let mut b = backend.rt.alloc(bytes.len())?;
             b.upload(bytes)?;
             Ok(b)
         };
@@ -155,7 +155,7 @@ impl AscendPagedCache {
         BlockTable::new(&self.table, self.width)
     }
 
-    /// The checks every call starts with (the host counterparts', on the table and lengths).
+    /// What the shared checks read of the cache (the host calls' checks, on its table and lengths).
     fn parts_with<'c>(&'c self, table: &'c BlockTable<'c>) -> CacheParts<'c> {
         CacheParts {
             layout: &self.layout,
@@ -192,14 +192,7 @@ impl AscendPagedCache {
     }
 
     fn at<'c>(&'c self, table: &'c BlockTable<'c>) -> CacheAt<'c> {
-        CacheAt {
-            layout: self.layout,
-            table,
-            lens: &self.lens,
-            dtype: self.dtype,
-            k: Pool::Device(self.k.addr()),
-            v: Pool::Device(self.v.addr()),
-        }
+        CacheAt { pages: self.pages(table), k: Pool::Device(self.k.addr()), v: Pool::Device(self.v.addr()) }
     }
 }
 

@@ -3,6 +3,8 @@
 //! Kernels are generic over [`Simd`] and marked `#[inline(always)]`, so they are compiled inside
 //! each ISA's `#[target_feature]` entry point ([`dispatch`]) and the intrinsics inline.
 
+use crate::tensor::Element;
+
 /// f32 vector operations. All functions are `unsafe` because they require the ISA to be present
 /// (guaranteed by [`dispatch`]) and, for loads and stores, valid pointers.
 pub(crate) trait Simd: Copy + Send + Sync + 'static {
@@ -32,8 +34,6 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
         E::widen(src, &mut dst[..src.len()])
     }
 }
-
-use crate::tensor::{DType, Element};
 
 /// Widens 16-bit `src` into `dst` with `$cvt` (`$lanes` values from a `*const u16` to f32 lanes
 /// stored at a `*mut f32`), the tail one by one. A macro, not a closure: a closure is compiled
@@ -71,7 +71,8 @@ const EXP2_C: [f32; 8] = [
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
-    use super::{DType, EXP2_C, Element, Simd};
+    use super::{EXP2_C, Element, Simd};
+    use crate::tensor::DType;
     use std::arch::x86_64::*;
 
     #[derive(Clone, Copy)]

@@ -458,6 +458,21 @@ pub fn cache_as_thd(t: &HostTensor) -> HostTensor {
     HostTensor::from_f32(&rows, [1, b * n, h, d], t.dtype())
 }
 
+/// A contiguous cache `[B, H, N, D]` (K and V) appended to the first `B` of `seqs` sequences
+/// whose slot-major pages of `page` entries interleave (sequences past `B` stay empty): the paged
+/// twin of a contiguous call, for comparing what the two read.
+pub fn interleaved_copy(kc: &HostTensor, vc: &HostTensor, seqs: usize, page: usize) -> entropy_kernels::PagedCache {
+    use entropy_kernels::{PageLayout, PagedCache, Workspace};
+    let [b, h, n, d] = kc.shape;
+    let width = n.div_ceil(page);
+    let layout = PageLayout::slot_major(seqs * width, page, h, d);
+    let mut pool = PagedCache::interleaved(kc.dtype(), layout, seqs, width).unwrap();
+    let cu: Vec<u32> = (0..=seqs).map(|i| (i.min(b) * n) as u32).collect();
+    let (k, v) = (cache_as_thd(kc), cache_as_thd(vc));
+    Kernels::cpu().append(k.view(), v.view(), &cu, &mut pool.cache_mut(), &mut Workspace::new()).unwrap();
+    pool
+}
+
 /// Entries a compaction by `sel` moves (kept positions not already in place), over `seqs`
 /// sequences of `heads` heads.
 pub fn moved_entries(sel: &entropy_kernels::Selection, seqs: usize, heads: usize) -> usize {
