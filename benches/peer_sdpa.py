@@ -8,6 +8,14 @@ bench` uses (BSND inputs transposed to the [B, H, L, D] layout SDPA expects, GQA
 
 FLOPs are counted like the crate counts them: 2·L²·D·Hq for a causal prefill.
 
+With --ours BINARY (a built `entropy-kernels` CLI) it runs `BINARY bench --ops dense` on the same
+shapes right after each peer measurement and prints one table, the peer's and our GFLOP/s side by
+side per dtype and head dim, under the CPU model, its AMX/AVX-512 flags and our backend's ISA
+path; with --gemm it also measures the machine's f32 and bf16 GEMM rate (torch.matmul, 4096³):
+
+    python3 benches/peer_sdpa.py --ours target/release/entropy-kernels --dtypes f32,f16,bf16 \
+        --head-dims 64,128 --lengths 8192,16384 --gemm
+
 With --blocks DIR (written by `entropy-kernels bench-device --dump-blocks DIR`), it also times the
 reference pipeline of the sparse prefill on those block lists: for every (kv head, segment), gather
 the selected blocks' keys and values, append the segment's own keys, and call SDPA for the
@@ -16,7 +24,9 @@ group's query heads with the causal mask on the own part (dense segments: causal
 import argparse
 import json
 import os
+import re
 import statistics
+import subprocess
 import time
 
 import torch
@@ -33,7 +43,13 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--blocks", default=None, help="directory of blocks-<L>.json from bench-device --dump-blocks")
+    ap.add_argument("--ours", default=None, help="entropy-kernels binary: side-by-side table (CPU)")
+    ap.add_argument("--dtypes", default=None, help="with --ours: comma-separated dtypes (default: --dtype)")
+    ap.add_argument("--head-dims", default=None, help="with --ours: comma-separated head dims (default: --head-dim)")
+    ap.add_argument("--gemm", action="store_true", help="with --ours: also the f32 and bf16 GEMM rate")
     a = ap.parse_args()
+    if a.ours:
+        return side_by_side(a)
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     print(f"torch {torch.__version__}, device {a.device}, {torch.get_num_threads()} threads, {a.dtype}")
     print("| tokens | op | ms | GFLOP/s |")
@@ -57,6 +73,74 @@ def main():
             pipeline = reference_pipeline(q, k, v, lists)
             s = timed(pipeline, a.reps, a.device)
             print(f"| {length} | reference pipeline (per-segment gather + SDPA) | {s * 1e3:.1f} | - |")
+
+
+def cpu_model():
+    """The CPU's model name and the SIMD/AMX flags that pick our kernels."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ["avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16"]
+    return model, [f for f in wanted if f in flags]
+
+
+def ours(binary, length, hq, hkv, d, dtype, reps):
+    """(backend line, dense prefill GFLOP/s) from `entropy-kernels bench`."""
+    cmd = [binary, "bench", "--ops", "dense", "--lengths", str(length), "--q-heads", str(hq),
+           "--kv-heads", str(hkv), "--head-dim", str(d), "--dtype", dtype, "--reps", str(reps)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    backend = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("backend:")), "?")
+    row = next(l for l in out.splitlines() if "dense prefill" in l)
+    cells = [c.strip() for c in row.strip().strip("|").split("|")]
+    return backend, float(cells[3])
+
+
+def gemm_rate(dtype, n=4096, reps=3):
+    """GFLOP/s of an n³ torch.matmul in dtype (the machine's GEMM rate)."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    s = timed(lambda: a @ b, reps, "cpu")
+    return 2.0 * n**3 / s / 1e9
+
+
+def side_by_side(a):
+    model, flags = cpu_model()
+    dtypes = (a.dtypes or a.dtype).split(",")
+    dims = [int(x) for x in (a.head_dims or str(a.head_dim)).split(",")]
+    torch_dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+    rows, backend = [], "?"
+    for length in [int(x) for x in a.lengths.split(",")]:
+        for d in dims:
+            for dt in dtypes:
+                g = torch.Generator().manual_seed(length)
+                q = torch.randn(1, a.q_heads, length, d, generator=g).to(torch_dtype[dt])
+                k = torch.randn(1, a.kv_heads, length, d, generator=g).to(torch_dtype[dt])
+                v = torch.randn(1, a.kv_heads, length, d, generator=g).to(torch_dtype[dt])
+                sec = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                            a.reps, "cpu")
+                peer = 2.0 * length * length * d * a.q_heads / sec / 1e9
+                del q, k, v
+                backend, mine = ours(a.ours, length, a.q_heads, a.kv_heads, d, dt, a.reps)
+                rows.append((length, d, dt, peer, mine))
+    print(f"CPU: {model} ({os.cpu_count()} threads; {', '.join(flags) or 'no AVX2/AVX-512/AMX'})")
+    print(f"peer: torch {torch.__version__} scaled_dot_product_attention, causal, "
+          f"{torch.get_num_threads()} threads; ours: {backend}")
+    print(f"GQA {a.q_heads}/{a.kv_heads}, median of {a.reps}; FLOPs 2·L²·D·Hq")
+    if a.gemm:
+        print(f"GEMM (torch.matmul 4096³): f32 {gemm_rate(torch.float32):.0f} GFLOP/s, "
+              f"bf16 {gemm_rate(torch.bfloat16):.0f} GFLOP/s")
+    print()
+    print("| tokens | D | dtype | PyTorch SDPA GFLOP/s | entropy-kernels GFLOP/s | ratio |")
+    print("|---:|---:|---|---:|---:|---:|")
+    for length, d, dt, peer, mine in rows:
+        print(f"| {length} | {d} | {dt} | {peer:.1f} | {mine:.1f} | {mine / peer:.2f}× |")
 
 
 def timed(fn, reps, device):

@@ -246,28 +246,75 @@ fn lse_matches_outputs_and_tiles_are_independent() {
 
 #[test]
 fn every_isa_agrees_with_the_oracle() {
-    // The AVX-512, AVX2 and portable kernels each run the same small case.
+    // Every ISA path this CPU has (AMX, AVX-512, AVX2, portable) runs the same small sparse case
+    // in f32 and bf16 (bf16: the AMX tiles where the CPU has them); the paths it lacks are named.
     let seed = seed("every_isa_agrees_with_the_oracle");
     let (q, k, v) = inputs(1, 200, 6, 2, 72, seed);
     let cfg =
         EntropyConfig { segment_size: 64, block_size: 8, threshold_len: 64, base_budget: 16, ..Default::default() };
     let oracle = Kernels::reference();
     let plan = oracle.plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap();
-    let mut want = poisoned(q.shape, DType::F32);
-    oracle.sparse_prefill(q.view(), k.view(), v.view(), &plan.blocks, None, &mut want.view_mut(), None).unwrap();
-    for isa in [cpu::Isa::Avx512, cpu::Isa::Avx2, cpu::Isa::Portable] {
-        let backend = cpu::CpuBackend::with_isa(isa);
-        if backend.isa() != isa {
-            eprintln!("SKIP isa {isa:?}: not supported by this CPU");
-            continue;
+    let mut missing = Vec::new();
+    for dtype in [DType::F32, DType::BF16] {
+        let (q, k, v) = (q.cast(dtype), k.cast(dtype), v.cast(dtype));
+        let mut want = poisoned(q.shape, dtype);
+        oracle.sparse_prefill(q.view(), k.view(), v.view(), &plan.blocks, None, &mut want.view_mut(), None).unwrap();
+        for isa in cpu::Isa::ALL {
+            let kernels = match cpu_isa(isa) {
+                Ok(k) => k,
+                Err(_) => {
+                    missing.push(isa.name());
+                    continue;
+                }
+            };
+            assert_eq!(kernels.plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap().blocks, plan.blocks);
+            let mut got = poisoned(q.shape, dtype);
+            kernels
+                .sparse_prefill(q.view(), k.view(), v.view(), &plan.blocks, None, &mut got.view_mut(), None)
+                .unwrap();
+            let err = rel_fro(&tensor_f64(&got), &tensor_f64(&want));
+            let tol = if dtype == DType::F32 { 1e-5 } else { attn_tol(dtype) };
+            assert!(err <= tol, "{isa:?} {dtype}: rel err {err:e} > {tol:e}");
         }
-        let kernels = Kernels::from_backend(std::sync::Arc::new(backend));
-        assert_eq!(kernels.plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap().blocks, plan.blocks);
-        let mut got = poisoned(q.shape, DType::F32);
-        kernels.sparse_prefill(q.view(), k.view(), v.view(), &plan.blocks, None, &mut got.view_mut(), None).unwrap();
-        let err = rel_fro(&tensor_f64(&got), &tensor_f64(&want));
-        assert!(err <= 1e-5, "{isa:?}: rel err {err:e}");
     }
+    missing.dedup();
+    if !missing.is_empty() {
+        eprintln!("[every_isa_agrees_with_the_oracle] paths this CPU could not run: {}", missing.join(", "));
+    }
+}
+
+/// Where the CPU has AMX-BF16, the best path is the AMX one, and it really runs the tiles: its
+/// bf16 outputs (P rounded to bf16 before `P·V`) differ from the AVX-512 path's (f32 products)
+/// while both stay within the bf16 tolerance of the oracle.
+#[test]
+fn amx_tiles_run_where_the_cpu_has_them() {
+    let test = "amx_tiles_run_where_the_cpu_has_them";
+    let amx = match cpu_isa(cpu::Isa::Amx) {
+        Ok(k) => k,
+        Err(e) => {
+            skip_notice(&e, test);
+            return;
+        }
+    };
+    if std::env::var_os("ENTROPY_KERNELS_CPU_ISA").is_none() {
+        assert_eq!(cpu::CpuBackend::new().isa(), cpu::Isa::Amx, "AMX is usable but not picked");
+    }
+    let seed = seed(test);
+    let (q, k, v) = random_qkv([1, 333, 8, 2, 128], seed, DType::BF16);
+    let avx512 = cpu_isa(cpu::Isa::Avx512).expect("AMX implies AVX-512");
+    let run = |kernels: &Kernels| {
+        let mut o = poisoned(q.shape, DType::BF16);
+        kernels.dense_prefill(q.view(), k.view(), v.view(), None, &mut o.view_mut(), None).unwrap();
+        o
+    };
+    let (a, b) = (run(&amx), run(&avx512));
+    let mut want = poisoned(q.shape, DType::BF16);
+    Kernels::reference().dense_prefill(q.view(), k.view(), v.view(), None, &mut want.view_mut(), None).unwrap();
+    for (name, got) in [("amx", &a), ("avx512", &b)] {
+        let err = rel_fro(&tensor_f64(got), &tensor_f64(&want));
+        assert!(err <= attn_tol(DType::BF16), "{name}: rel err {err:e}");
+    }
+    assert_ne!(a, b, "the AMX path gave the AVX-512 path's bits: its tiles did not run");
 }
 
 /// A one-segment layer's plan depends on the sizes alone: `Plan::without_blocks` (what device

@@ -123,7 +123,13 @@ fn check_attention(tag: &str, kind: BackendKind, got: &(HostTensor, Vec<f32>), e
 
 fn run_shape(kind: BackendKind, name: &str, s: Shape) {
     let test = format!("matrix::{name}_{kind}");
-    run_on(&test, open(&test, kind), s)
+    run_on(&test, open(&test, kind).map_err(|e| format!("SKIP: {e}")), s)
+}
+
+/// The CPU backend on one ISA path (`cpu` runs the best one this CPU has).
+fn run_shape_cpu_isa(name: &str, isa: entropy_kernels::cpu::Isa, s: Shape) {
+    let test = format!("matrix::{name}_cpu_{}", isa.name());
+    run_on(&test, cpu_isa(isa), s)
 }
 
 /// The CUDA backend with every tensor-core prefill on 128-row tiles (auto picks 64 rows for
@@ -131,16 +137,16 @@ fn run_shape(kind: BackendKind, name: &str, s: Shape) {
 #[cfg(feature = "_cuda")]
 fn run_shape_cuda_m128(name: &str, s: Shape) {
     let test = format!("matrix::{name}_cuda_m128");
-    run_on(&test, open_cuda_tiled(&test, entropy_kernels::cuda::PrefillTile::M128), s)
+    run_on(&test, open_cuda_tiled(&test, entropy_kernels::cuda::PrefillTile::M128).map_err(|e| format!("SKIP: {e}")), s)
 }
 
 /// Every dtype and seed (`ENTROPY_KERNELS_SOAK=N`: N seeds), on the shape's inputs and — for
 /// planted shapes — on plain random inputs too, where a bug in one row is not drowned by a sink.
-fn run_on(test: &str, kernels: entropy_kernels::Result<Kernels>, s: Shape) {
+fn run_on(test: &str, kernels: Result<Kernels, String>, s: Shape) {
     let kernels = match kernels {
         Ok(k) => k,
         Err(e) => {
-            skip_notice(&format!("SKIP: {e}"), test);
+            skip_notice(&e, test);
             return;
         }
     };
@@ -271,6 +277,22 @@ macro_rules! test_device {
             #[test]
             fn cpu() {
                 run_shape(BackendKind::Cpu, stringify!($name), $shape);
+            }
+            #[test]
+            fn cpu_amx() {
+                run_shape_cpu_isa(stringify!($name), entropy_kernels::cpu::Isa::Amx, $shape);
+            }
+            #[test]
+            fn cpu_avx512() {
+                run_shape_cpu_isa(stringify!($name), entropy_kernels::cpu::Isa::Avx512, $shape);
+            }
+            #[test]
+            fn cpu_avx2() {
+                run_shape_cpu_isa(stringify!($name), entropy_kernels::cpu::Isa::Avx2, $shape);
+            }
+            #[test]
+            fn cpu_portable() {
+                run_shape_cpu_isa(stringify!($name), entropy_kernels::cpu::Isa::Portable, $shape);
             }
             #[test]
             fn cuda() {

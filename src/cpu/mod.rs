@@ -2,6 +2,8 @@
 //! AVX2+FMA or portable code, chosen at run time), rayon over all cores, GQA by stacking a
 //! group's query heads over shared K/V rows, f16/bf16 widened on the fly, no L×L buffer.
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod amx;
 mod compress;
 mod engine;
 mod engine_split;
@@ -106,7 +108,7 @@ impl CpuBackend {
 
     fn lanes(&self) -> usize {
         match self.isa {
-            Isa::Avx512 => 16,
+            Isa::Amx | Isa::Avx512 => 16,
             _ => 8,
         }
     }

@@ -331,9 +331,11 @@ impl Simd for Portable {
     }
 }
 
-/// The instruction set the fast CPU kernels run with.
+/// The instruction set the fast CPU kernels run with, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
+    /// AVX-512 with AMX-BF16: bf16 attention tiles on AMX (`TDPBF16PS`), everything else AVX-512.
+    Amx,
     /// AVX-512.
     Avx512,
     /// AVX2 with FMA.
@@ -343,43 +345,57 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The best ISA of this CPU; `ENTROPY_KERNELS_CPU_ISA=avx2|portable` caps it (for testing every path).
+    /// Every ISA, best first.
+    pub const ALL: [Isa; 4] = [Isa::Amx, Isa::Avx512, Isa::Avx2, Isa::Portable];
+
+    /// The best ISA of this CPU; `ENTROPY_KERNELS_CPU_ISA=avx512|avx2|portable` caps it (for
+    /// testing every path; `amx` or unset: no cap). An unknown name caps nothing.
     pub fn detect() -> Isa {
         let cap = std::env::var("ENTROPY_KERNELS_CPU_ISA").unwrap_or_default().to_ascii_lowercase();
-        #[cfg(target_arch = "x86_64")]
-        {
-            let avx512 = std::arch::is_x86_feature_detected!("avx512f");
-            let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
-            if avx512 && cap != "avx2" && cap != "portable" {
-                return Isa::Avx512;
-            }
-            if avx2 && cap != "portable" {
-                return Isa::Avx2;
-            }
-        }
-        let _ = cap;
-        Isa::Portable
+        let cap = Isa::ALL.iter().position(|i| i.name() == cap).unwrap_or(0);
+        Isa::ALL[cap..].iter().copied().find(|i| i.supported()).unwrap_or(Isa::Portable)
     }
-    /// Whether this CPU can run `self` (ignoring any cap from the environment).
+
+    /// Whether this CPU can run `self` (ignoring any cap from the environment); for `Amx`, also
+    /// whether the kernel granted the tile state.
     pub fn supported(self) -> bool {
         match self {
             Isa::Portable => true,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f") && Isa::Avx2.supported(),
+            Isa::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && Isa::Avx2.supported()
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => {
+                Isa::Avx512.supported()
+                    && std::arch::is_x86_feature_detected!("avx512bf16")
+                    && super::amx::sys::usable()
+            }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
     }
 
-    /// The instruction set's name.
+    /// The instruction set's name (as `ENTROPY_KERNELS_CPU_ISA` spells it).
     pub fn name(self) -> &'static str {
         match self {
+            Isa::Amx => "amx",
             Isa::Avx512 => "avx512",
             Isa::Avx2 => "avx2",
             Isa::Portable => "portable",
         }
+    }
+
+    /// Whether bf16 attention enters `P·V` with P rounded to bf16 (the AMX tiles), as the GPU's
+    /// tensor cores do; otherwise every product is f32.
+    pub fn bf16_probabilities(self) -> bool {
+        self == Isa::Amx
     }
 }
 
@@ -398,6 +414,13 @@ unsafe fn run_avx512<K: WithSimd>(k: K) -> K::Output {
     k.with_simd::<x86::Avx512>()
 }
 
+/// The AMX entry: the AVX-512 kernels, plus AVX512-BF16 for the AMX tiles' conversions.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c")]
+unsafe fn run_amx<K: WithSimd>(k: K) -> K::Output {
+    k.with_simd::<x86::Avx512>()
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn run_avx2<K: WithSimd>(k: K) -> K::Output {
@@ -408,6 +431,8 @@ unsafe fn run_avx2<K: WithSimd>(k: K) -> K::Output {
 pub(crate) fn dispatch<K: WithSimd>(isa: Isa, k: K) -> K::Output {
     match isa {
         // SAFETY: `Isa::detect` returned these only after checking the CPU features.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Amx => unsafe { run_amx(k) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { run_avx512(k) },
         #[cfg(target_arch = "x86_64")]

@@ -91,7 +91,7 @@ impl<'a, E> Rows<'a, E> {
 
 /// Rows ahead of the current one that [`Rows::walk_prefetched`] asks the cache for: a tile's
 /// worth, so the next tile's rows arrive while this one is scored.
-const PREFETCH_ROWS: usize = 64;
+pub(crate) const PREFETCH_ROWS: usize = KEYS_PER_TILE;
 
 impl<'a, E> Rows<'a, E> {
     /// [`Rows::walk`] that, over pages, prefetches the row `PREFETCH_ROWS` ahead: pages scatter a
@@ -100,15 +100,28 @@ impl<'a, E> Rows<'a, E> {
     /// without it, ~1.0–1.05× with it; `bench-engine`).
     #[inline(always)]
     pub fn walk_prefetched(&self, range: std::ops::Range<usize>, d: usize) -> Prefetched<'a, E> {
-        let ahead = self.paging.map(|_| self.walk((range.start + PREFETCH_ROWS).min(range.end)..range.end));
+        self.walk_prefetched_by(range, d, PREFETCH_ROWS)
+    }
+
+    /// [`Rows::walk_prefetched`] `ahead` rows ahead.
+    #[inline(always)]
+    fn walk_prefetched_by(&self, range: std::ops::Range<usize>, d: usize, ahead: usize) -> Prefetched<'a, E> {
+        let ahead =
+            self.paging.filter(|_| ahead > 0).map(|_| self.walk((range.start + ahead).min(range.end)..range.end));
         Prefetched { rows: self.walk(range), ahead, data: [self.data, &[]], bytes: d * std::mem::size_of::<E>() }
     }
 
-    /// [`Rows::walk_prefetched`] that also prefetches the same offsets of `other` (the V pool,
+    /// [`Rows::walk_prefetched_by`] that also prefetches the same offsets of `other` (the V pool,
     /// which shares K's layout).
     #[inline(always)]
-    pub fn walk_prefetched_with(&self, other: &'a [E], range: std::ops::Range<usize>, d: usize) -> Prefetched<'a, E> {
-        let mut walk = self.walk_prefetched(range, d);
+    pub fn walk_prefetched_with(
+        &self,
+        other: &'a [E],
+        range: std::ops::Range<usize>,
+        d: usize,
+        ahead: usize,
+    ) -> Prefetched<'a, E> {
+        let mut walk = self.walk_prefetched_by(range, d, ahead);
         walk.data[1] = other;
         walk
     }

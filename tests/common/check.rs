@@ -29,9 +29,14 @@ pub fn ulp(x: f64, dtype: DType) -> f64 {
     2f64.powi(e - mantissa_bits)
 }
 
-/// Unit roundoff of the precision `kind` runs `P·V` in for `dtype` inputs.
+/// Unit roundoff of the precision `kind` runs `P·V` in for `dtype` inputs: the input dtype on the
+/// devices' tensor/cube units and on the CPU's AMX tiles (bf16, where this CPU runs them), f32
+/// elsewhere on the CPU.
 pub fn pv_roundoff(kind: BackendKind, dtype: DType) -> f64 {
     match kind {
+        BackendKind::Cpu if dtype == DType::BF16 && entropy_kernels::cpu::Isa::detect().bf16_probabilities() => {
+            dtype.epsilon()
+        }
         BackendKind::Cpu | BackendKind::Reference => DType::F32.epsilon(),
         _ => dtype.epsilon(),
     }

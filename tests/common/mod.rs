@@ -45,6 +45,17 @@ pub fn open(test: &str, kind: BackendKind) -> entropy_kernels::Result<Kernels> {
     real
 }
 
+/// The CPU backend pinned to `isa`, or why this CPU cannot run that path (no AMX, no AVX-512,
+/// a kernel that refuses the AMX tile state...): every ISA path is tested where the CPU has it,
+/// and a machine without it says so (it is hardware, not something CI installs).
+pub fn cpu_isa(isa: entropy_kernels::cpu::Isa) -> Result<Kernels, String> {
+    let backend = entropy_kernels::cpu::CpuBackend::with_isa(isa);
+    if backend.isa() != isa {
+        return Err(format!("SKIP: this CPU cannot run the {} path", isa.name()));
+    }
+    Ok(Kernels::from_backend(std::sync::Arc::new(backend)))
+}
+
 /// The Ascend backend over the mock ACL library (emulated launches).
 #[cfg(all(feature = "ascend", feature = "ascend-emu"))]
 pub fn mock_ascend(test: &str) -> entropy_kernels::Result<entropy_kernels::ascend::device::AscendBackend> {
