@@ -6,9 +6,9 @@ use super::simd::Simd;
 use crate::tensor::Element;
 
 /// Query rows per tile, before padding: enough rows to amortise each key row's loads.
-pub(crate) const ROWS_TARGET: usize = 96;
+pub(crate) const ROWS_TARGET: usize = 192;
 /// Key slots per tile: Sᵀ of `KEYS_PER_TILE × rows` stays in L1/L2.
-pub(crate) const KEYS_PER_TILE: usize = 64;
+pub(crate) const KEYS_PER_TILE: usize = 128;
 /// Vectors per row chunk (`MV`); rows are padded to `MV·LANES`.
 pub(crate) const ROW_VECTORS: usize = 3;
 
@@ -25,6 +25,8 @@ pub(crate) struct Geom {
     pub dp: usize,
     /// Rows padded to whole chunks.
     pub mp: usize,
+    /// Rows per chunk (`MV·LANES`).
+    pub chunk: usize,
     pub keys: usize,
 }
 
@@ -32,7 +34,7 @@ impl Geom {
     pub fn new(lanes: usize, d: usize, rows: usize) -> Self {
         let nr = block_for(lanes);
         let chunk = ROW_VECTORS * lanes;
-        Geom { d, dp: d.next_multiple_of(nr), mp: rows.max(1).next_multiple_of(chunk), keys: KEYS_PER_TILE }
+        Geom { d, dp: d.next_multiple_of(nr), mp: rows.max(1).next_multiple_of(chunk), chunk, keys: KEYS_PER_TILE }
     }
 }
 
@@ -219,6 +221,9 @@ pub(crate) struct Tile {
     vconv: Vec<f32>,
     zero: Vec<f32>,
     filled: usize,
+    /// Rows the attention runs (the queries' whole chunks; `clear_queries` sets it): a tile of a
+    /// few queries skips the padding chunks.
+    live: usize,
     /// Keys with token `>= diag_from` are masked for rows whose token is smaller.
     diag_from: usize,
     /// Query rows per token (the GQA group), for the causal mask.
@@ -250,6 +255,7 @@ impl Tile {
             vconv: vec![0.0; g.keys * g.dp],
             zero: vec![0.0; g.dp],
             filled: 0,
+            live: g.mp,
             diag_from: usize::MAX,
             row_group: 1,
             direct: E::DTYPE == crate::DType::F32 && g.d == g.dp,
@@ -280,6 +286,7 @@ impl Tile {
     /// Zeroes query rows `from..mp` (padding).
     pub fn clear_queries(&mut self, from: usize) {
         let mp = self.g.mp;
+        self.live = from.max(1).next_multiple_of(self.g.chunk).min(mp);
         for dd in 0..self.g.d {
             self.qt[dd * mp + from..(dd + 1) * mp].fill(0.0);
         }
@@ -344,6 +351,12 @@ impl Tile {
     /// diagonal masked to -inf. Returns the number of slots used (a multiple of NR).
     #[inline(always)]
     pub fn score<S: Simd, const NR: usize, const MV: usize>(&mut self) -> usize {
+        self.score_rows::<S, NR, MV>(self.g.mp)
+    }
+
+    /// [`Tile::score`] for the row chunks below `rows` only.
+    #[inline(always)]
+    fn score_rows<S: Simd, const NR: usize, const MV: usize>(&mut self, rows: usize) -> usize {
         let n = self.filled;
         let np = n.next_multiple_of(NR);
         let (mp, d) = (self.g.mp, self.g.d);
@@ -351,7 +364,7 @@ impl Tile {
             self.kptr[j] = self.zero.as_ptr();
             self.vptr[j] = self.zero.as_ptr();
         }
-        for c0 in (0..mp).step_by(MV * S::LANES) {
+        for c0 in (0..rows).step_by(MV * S::LANES) {
             for j0 in (0..np).step_by(NR) {
                 let krows: &[*const f32; NR] = self.kptr[j0..j0 + NR].try_into().unwrap();
                 // SAFETY: Qᵀ holds d rows of mp values, Sᵀ np rows of mp; key rows hold d values.
@@ -386,11 +399,11 @@ impl Tile {
         if self.filled == 0 {
             return;
         }
-        let np = self.score::<S, NR, MV>();
-        let mp = self.g.mp;
+        let np = self.score_rows::<S, NR, MV>(self.live);
+        let (mp, live) = (self.g.mp, self.live);
         // SAFETY: all offsets stay within the mp-wide rows of st, m, l and alpha.
         unsafe {
-            for c in (0..mp).step_by(S::LANES) {
+            for c in (0..live).step_by(S::LANES) {
                 let m_old = S::load(self.m.as_ptr().add(c));
                 let mut mx = m_old;
                 for j in 0..np {
@@ -410,7 +423,7 @@ impl Tile {
                 S::store(self.l.as_mut_ptr().add(c), S::fma(S::load(self.l.as_ptr().add(c)), alpha, sum));
                 S::store(self.m.as_mut_ptr().add(c), mx);
             }
-            for c0 in (0..mp).step_by(MV * S::LANES) {
+            for c0 in (0..live).step_by(MV * S::LANES) {
                 for d0 in (0..self.g.dp).step_by(NR) {
                     micro::pv::<S, NR, MV>(
                         self.ot.as_mut_ptr().add(d0 * mp + c0),

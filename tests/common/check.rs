@@ -201,11 +201,11 @@ pub fn exact_decode_scaled(
 
 /// `|got − exact|` allowed for output element `i`: one ulp of the dtype, the weights' rounding in
 /// the backend's `P·V` precision, and the scores' f32 rounding.
-pub fn out_bound(kind: BackendKind, dtype: DType, exact: &Exact, i: usize) -> f64 {
+pub fn out_bound(pv_roundoff: f64, dtype: DType, exact: &Exact, i: usize) -> f64 {
     let row = i / exact.shape[3];
     let eps = DType::F32.epsilon();
     ulp(exact.out[i], dtype)
-        + (PV_SLACK * pv_roundoff(kind, dtype) + SUM_SLACK * eps * exact.row_keys[row].sqrt()) * exact.abs[i]
+        + (PV_SLACK * pv_roundoff + SUM_SLACK * eps * exact.row_keys[row].sqrt()) * exact.abs[i]
         + SCORE_SLACK * eps * exact.score_err[i]
 }
 
@@ -232,12 +232,17 @@ fn report(tag: &str, what: &str, bad: Vec<String>, total: usize) -> Result<(), S
 
 /// Outputs element by element: `|got − exact| ≤ out_bound`.
 pub fn compare_out(tag: &str, kind: BackendKind, got: &HostTensor, exact: &Exact) -> Result<(), String> {
+    compare_out_with(tag, pv_roundoff(kind, got.dtype()), got, exact)
+}
+
+/// [`compare_out`] for a backend whose `P·V` products round to `pv_roundoff`.
+pub fn compare_out_with(tag: &str, pv_roundoff: f64, got: &HostTensor, exact: &Exact) -> Result<(), String> {
     let dtype = got.dtype();
     assert_eq!(got.shape, exact.shape, "{tag}: output shape");
     let [_, l, h, d] = exact.shape;
     let (mut bad, mut total) = (Vec::new(), 0);
     for (i, (g, &e)) in got.to_f32_vec().iter().zip(&exact.out).enumerate() {
-        let bound = out_bound(kind, dtype, exact, i);
+        let bound = out_bound(pv_roundoff, dtype, exact, i);
         if !abs_diff_eq!(*g as f64, e, epsilon = bound) {
             total += 1;
             if bad.len() < MAX_REPORTED {
