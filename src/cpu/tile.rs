@@ -414,11 +414,11 @@ impl Tile {
                 let mut sum = S::zero();
                 for j in 0..np {
                     let p = self.st.as_mut_ptr().add(j * mp + c);
-                    let e = S::exp2(S::sub(S::load(p), mx));
+                    let e = S::exp2_nonpositive(S::sub(S::load(p), mx));
                     S::store(p, e);
                     sum = S::add(sum, e);
                 }
-                let alpha = S::exp2(S::sub(m_old, mx));
+                let alpha = S::exp2_nonpositive(S::sub(m_old, mx));
                 S::store(self.alpha.as_mut_ptr().add(c), alpha);
                 S::store(self.l.as_mut_ptr().add(c), S::fma(S::load(self.l.as_ptr().add(c)), alpha, sum));
                 S::store(self.m.as_mut_ptr().add(c), mx);

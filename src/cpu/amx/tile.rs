@@ -11,6 +11,7 @@ use std::arch::x86_64::*;
 
 use super::pack::{self, CHUNK};
 use super::sys::{self, TILE_BYTES, TILE_ROWS};
+use crate::cpu::simd::{Simd, x86::Avx512};
 use crate::tensor::Element;
 
 /// Keys per block: C tiles of O are loaded and stored once per block, so more keys per block
@@ -292,13 +293,12 @@ impl AmxTile {
             let mut x = [_mm512_setzero_ps(); KEYS / LANES];
             // Four running maxima and two sums: independent chains, not one of `vecs` latencies.
             let mut mx = [ninf; 4];
-            let mut keep = [u16::MAX; KEYS / LANES];
             for v in 0..vecs {
                 let mut sv = _mm512_loadu_ps(s.add(r * KEYS + v * LANES));
                 if causal {
                     let kofs = _mm512_loadu_si512(self.kofs.as_ptr().add(v * LANES) as *const _);
-                    keep[v] = _mm512_cmple_epi32_mask(kofs, _mm512_set1_epi32(limit));
-                    sv = _mm512_mask_mov_ps(ninf, keep[v], sv);
+                    let keep = _mm512_cmple_epi32_mask(kofs, _mm512_set1_epi32(limit));
+                    sv = _mm512_mask_mov_ps(ninf, keep, sv);
                 }
                 x[v] = sv;
                 mx[v % 4] = _mm512_max_ps(mx[v % 4], sv);
@@ -310,22 +310,19 @@ impl AmxTile {
             let neg_m = _mm512_set1_ps(-m_new);
             let mut sum = [_mm512_setzero_ps(); 2];
             for v in (0..vecs).step_by(2) {
-                let mut e0 = exp2_nonpositive(_mm512_fmadd_ps(x[v], c, neg_m));
-                let mut e1 = exp2_nonpositive(_mm512_fmadd_ps(x[v + 1], c, neg_m));
-                if causal {
-                    e0 = _mm512_maskz_mov_ps(keep[v], e0);
-                    e1 = _mm512_maskz_mov_ps(keep[v + 1], e1);
-                }
+                // Masked keys: 2^−∞ = 0 exactly.
+                let e0 = Avx512::exp2_nonpositive(_mm512_fmadd_ps(x[v], c, neg_m));
+                let e1 = Avx512::exp2_nonpositive(_mm512_fmadd_ps(x[v + 1], c, neg_m));
                 sum[0] = _mm512_add_ps(sum[0], e0);
                 sum[1] = _mm512_add_ps(sum[1], e1);
                 let bf: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(e1, e0));
                 _mm512_storeu_si512(p.add(r * KEYS + v * LANES) as *mut _, bf);
             }
-            // alpha = 2^(m_old − m_new) in the vector unit (−∞ − m → −1000 → 0), no libm call.
+            // alpha = 2^(m_old − m_new) in the vector unit (−∞ − m → 0), no libm call.
             let alpha = if m_old == m_new {
                 _mm512_set1_ps(1.0)
             } else {
-                exp2_nonpositive(_mm512_max_ps(_mm512_set1_ps(m_old - m_new), _mm512_set1_ps(-1000.0)))
+                Avx512::exp2_nonpositive(_mm512_set1_ps(m_old - m_new))
             };
             let l = self.l.as_mut_ptr().add(r * LANES);
             _mm512_storeu_ps(l, _mm512_fmadd_ps(_mm512_loadu_ps(l), alpha, _mm512_add_ps(sum[0], sum[1])));
@@ -370,27 +367,6 @@ struct Block {
     max_ofs: i32,
     /// Whether some slots below `used` are empty.
     partial: bool,
-}
-
-/// Near-minimax coefficients of 2^f on [-1/2, 1/2], degree 5 (relative error 2.4e-7 evaluated
-/// in f32, about two ulps: the row sums and the LSE stay at f32 accuracy; P itself is rounded to
-/// bf16). Fitted by iteratively reweighted least squares on Chebyshev nodes.
-const EXP2_C: [f32; 6] = [1.000_000_1, 0.693_146_94, 0.240_221_2, 0.055_507_135, 0.009_675_541, 0.001_327_645_6];
-
-/// `2^x` for finite `x ≤ 0` in AVX-512: `n = round(x)`, a polynomial of `x − n`, and
-/// `vscalefps` by `n`, which underflows to zero however negative `n` is (no clamp needed). A
-/// masked key's `x = −∞` gives NaN here; the caller zeroes those lanes.
-#[inline(always)]
-unsafe fn exp2_nonpositive(x: __m512) -> __m512 {
-    unsafe {
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
-        let f = _mm512_sub_ps(x, n);
-        let mut p = _mm512_set1_ps(EXP2_C[5]);
-        for k in EXP2_C[..5].iter().rev() {
-            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(*k));
-        }
-        _mm512_scalef_ps(p, n)
-    }
 }
 
 /// A key's token relative to the tile's diagonal, as the i32 the mask compares.
