@@ -1,6 +1,7 @@
 //! The fast CPU backend: tiled online-softmax attention vectorised over query rows (AVX-512,
 //! AVX2+FMA or portable code, chosen at run time), rayon over all cores, GQA by stacking a
-//! group's query heads over shared K/V rows, f16/bf16 widened on the fly, no L×L buffer.
+//! group's query heads over shared K/V rows, f16/bf16 widened on the fly, no L×L buffer; bf16
+//! attention on AMX tiles where the CPU has them (`amx`).
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod amx;
@@ -90,7 +91,7 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// Detects the ISA (`ENTROPY_KERNELS_CPU_ISA=avx2|portable` caps it).
+    /// Detects the ISA (`ENTROPY_KERNELS_CPU_ISA=avx512|avx2|portable` caps it).
     pub fn new() -> Self {
         Self::with_isa(Isa::detect())
     }
