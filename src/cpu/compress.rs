@@ -210,6 +210,17 @@ struct Unit {
 /// Tile memory a worker may hold for one unit's heads: their Qᵀ/Sᵀ stay in L2 between the keys.
 const UNIT_TILE_BYTES: usize = 1 << 20;
 
+/// A scorer's tile: bf16 scores on AMX where the ISA is `Amx`, the f32 kernels otherwise.
+fn scoring_tile<E: Element>(isa: Isa, geom: super::tile::Geom) -> Tile {
+    let tile = Tile::new::<E>(geom);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Amx && E::DTYPE == crate::DType::BF16 {
+        return tile.with_amx_scores::<E>();
+    }
+    let _ = isa;
+    tile
+}
+
 /// Runs one pass over every unit in parallel from the units' initial states (one per head of the
 /// unit, allocated by the caller, fallibly: together they grow as heads × entries).
 fn run_pass<'p, E: Element>(
@@ -223,7 +234,7 @@ fn run_pass<'p, E: Element>(
         .par_iter()
         .zip(passes.into_par_iter())
         .map_init(
-            || ((0..heads).map(|_| Tile::new::<E>(call.geom)).collect::<Vec<_>>(), vec![0f32; call.d.head_dim]),
+            || ((0..heads).map(|_| scoring_tile::<E>(isa, call.geom)).collect::<Vec<_>>(), vec![0f32; call.d.head_dim]),
             |(tiles, tmp), (unit, passes)| dispatch(isa, UnitJob { call, unit, tiles, tmp, passes }),
         )
         .collect()

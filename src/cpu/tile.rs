@@ -230,6 +230,9 @@ pub(crate) struct Tile {
     row_group: usize,
     /// Keys are read in place (f32 rows whose length is a multiple of the register block).
     direct: bool,
+    /// bf16 scores on AMX (`score`; the compression scorer on `Isa::Amx`).
+    #[cfg(target_arch = "x86_64")]
+    amx: Option<Box<super::amx::AmxScores>>,
 }
 
 // SAFETY: `kptr`/`vptr` are scratch: every use writes the slots it reads (`push` before
@@ -259,7 +262,26 @@ impl Tile {
             diag_from: usize::MAX,
             row_group: 1,
             direct: E::DTYPE == crate::DType::F32 && g.d == g.dp,
+            #[cfg(target_arch = "x86_64")]
+            amx: None,
         }
+    }
+
+    /// This tile with its scores (`score`) on AMX: bf16 only, and only run inside
+    /// [`super::simd::Isa::Amx`]'s entry point.
+    #[cfg(target_arch = "x86_64")]
+    pub fn with_amx_scores<E: Element>(mut self) -> Self {
+        assert_eq!(E::DTYPE, crate::DType::BF16, "AMX scores take bf16");
+        self.amx = Some(Box::new(super::amx::AmxScores::new(self.g.d, self.g.mp, self.g.keys)));
+        self
+    }
+
+    /// The bf16 bits of a bf16 row (for the AMX scores).
+    #[cfg(target_arch = "x86_64")]
+    fn bits<E: Element>(row: &[E]) -> &[u16] {
+        debug_assert_eq!(E::DTYPE, crate::DType::BF16);
+        // SAFETY: the AMX scores exist for bf16 tiles only (`with_amx_scores`): E is bf16, two bytes.
+        unsafe { std::slice::from_raw_parts(row.as_ptr() as *const u16, row.len()) }
     }
 
     /// Starts a tile: rows `r = i·row_group + j` belong to token `diag_from + i` for the mask.
@@ -276,6 +298,10 @@ impl Tile {
     #[inline(always)]
     pub fn set_query<S: Simd, E: Element>(&mut self, r: usize, q: &[E], c: f32, tmp: &mut [f32]) {
         let mp = self.g.mp;
+        #[cfg(target_arch = "x86_64")]
+        if let Some(a) = &mut self.amx {
+            a.set_query(r, Self::bits(q), c);
+        }
         // SAFETY: `widen` writes `q.len()` values into `tmp`, which holds at least D.
         unsafe { S::widen(q, tmp) };
         for (dd, &x) in tmp[..q.len()].iter().enumerate() {
@@ -286,6 +312,10 @@ impl Tile {
     /// Zeroes query rows `from..mp` (padding).
     pub fn clear_queries(&mut self, from: usize) {
         let mp = self.g.mp;
+        #[cfg(target_arch = "x86_64")]
+        if let Some(a) = &mut self.amx {
+            a.clear_queries(from);
+        }
         self.live = from.max(1).next_multiple_of(self.g.chunk).min(mp);
         for dd in 0..self.g.d {
             self.qt[dd * mp + from..(dd + 1) * mp].fill(0.0);
@@ -310,6 +340,10 @@ impl Tile {
     #[inline(always)]
     pub fn push_key<S: Simd, E: Element>(&mut self, k: &[E], t: usize) {
         let j = self.filled;
+        #[cfg(target_arch = "x86_64")]
+        if let Some(a) = &mut self.amx {
+            a.stage(j, Self::bits(k));
+        }
         self.kptr[j] = Self::slot::<S, E>(self.direct, &mut self.kconv, j, self.g, k);
         self.ktok[j] = t;
         self.filled += 1;
@@ -364,7 +398,17 @@ impl Tile {
             self.kptr[j] = self.zero.as_ptr();
             self.vptr[j] = self.zero.as_ptr();
         }
-        for c0 in (0..rows).step_by(MV * S::LANES) {
+        #[cfg(target_arch = "x86_64")]
+        let on_amx = if let Some(a) = &mut self.amx {
+            // SAFETY: AMX scores are only made for Isa::Amx, whose entry point runs this.
+            unsafe { a.score(n, &mut self.st) };
+            true
+        } else {
+            false
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let on_amx = false;
+        for c0 in (0..if on_amx { 0 } else { rows }).step_by(MV * S::LANES) {
             for j0 in (0..np).step_by(NR) {
                 let krows: &[*const f32; NR] = self.kptr[j0..j0 + NR].try_into().unwrap();
                 // SAFETY: Qᵀ holds d rows of mp values, Sᵀ np rows of mp; key rows hold d values.

@@ -5,7 +5,9 @@
 //! run.
 
 mod pack;
+mod scores;
 pub(crate) mod sys;
 mod tile;
 
+pub(crate) use scores::AmxScores;
 pub(crate) use tile::{AMX_ROWS_TARGET, AmxGeom, AmxTile, KEYS};

@@ -29,16 +29,16 @@ const LANES: usize = 16;
 #[repr(C, align(64))]
 struct Line([u8; 64]);
 
-struct Buf(Vec<Line>);
+pub(crate) struct Buf(Vec<Line>);
 
 impl Buf {
-    fn new(bytes: usize) -> Self {
+    pub fn new(bytes: usize) -> Self {
         Buf(vec![Line([0; 64]); bytes.div_ceil(64)])
     }
-    fn ptr<T>(&mut self) -> *mut T {
+    pub fn ptr<T>(&mut self) -> *mut T {
         self.0.as_mut_ptr() as *mut T
     }
-    fn cptr<T>(&self) -> *const T {
+    pub fn cptr<T>(&self) -> *const T {
         self.0.as_ptr() as *const T
     }
 }
