@@ -103,6 +103,10 @@ pub struct Capabilities {
     /// strided copies (Ascend's `DataCopyPad`) need every such stride to be at least D; calls
     /// that break it answer `Error::Layout`.
     pub overlapping_rows: bool,
+    /// Input dtypes whose attention rounds the probabilities P to that dtype before `P·V`
+    /// (tensor cores, Ascend cube units, the CPU's AMX / `VDPBF16PS` tiles); the others multiply
+    /// `P·V` in f32. What accuracy to expect: P's rounding is the dtype's, on top of the inputs'.
+    pub low_precision_pv: Vec<DType>,
 }
 
 /// The operations of a backend.
@@ -142,6 +146,7 @@ impl Capabilities {
             ops: Op::ALL.to_vec(),
             excluded: Vec::new(),
             overlapping_rows: true,
+            low_precision_pv: Vec::new(),
         }
     }
     /// Whether the backend runs `op`.

@@ -115,10 +115,17 @@ fn config(s: &Shape) -> EntropyConfig {
 }
 
 /// Outputs element by element and LSEs row by row against the f64 oracle (see `common::check`).
-fn check_attention(tag: &str, kind: BackendKind, got: &(HostTensor, Vec<f32>), exact: &check::Exact) {
+fn check_attention(tag: &str, kernels: &Kernels, got: &(HostTensor, Vec<f32>), exact: &check::Exact) {
     assert!(got.0.to_f32_vec().iter().all(|x| x.is_finite()), "{tag}: output has unwritten (NaN) or non-finite values");
-    check::check_out(tag, kind, &got.0, exact);
+    check_output(tag, kernels, &got.0, exact);
     check::check_lse(tag, &got.1, exact);
+}
+
+/// The element-wise check at the `P·V` precision the backend declares (`low_precision_pv`).
+fn check_output(tag: &str, kernels: &Kernels, got: &HostTensor, exact: &check::Exact) {
+    if let Err(e) = check::compare_out_with(tag, check::pv_roundoff_of(kernels, got.dtype()), got, exact) {
+        panic!("{e}");
+    }
 }
 
 fn run_shape(kind: BackendKind, name: &str, s: Shape) {
@@ -163,7 +170,6 @@ fn run_on(test: &str, kernels: Result<Kernels, String>, s: Shape) {
 
 fn run_case(tag: &str, kernels: &Kernels, s: Shape, dtype: DType, seed: u64) {
     let oracle = Kernels::reference();
-    let kind = kernels.kind();
     let inputs = Inputs::new(s, dtype, seed);
     let (qc, kc, vc) = inputs.views();
     let (q, k, v) = if s.fused_qkv {
@@ -205,7 +211,7 @@ fn run_case(tag: &str, kernels: &Kernels, s: Shape, dtype: DType, seed: u64) {
                 None => format!("{tag} dense"),
             };
             let got = common::suite::prefill(kernels, q, k, v, lists);
-            check_attention(&what, kind, &got, &check::exact_prefill(qc.view(), kc.view(), vc.view(), lists));
+            check_attention(&what, kernels, &got, &check::exact_prefill(qc.view(), kc.view(), vc.view(), lists));
         }
     }
 
@@ -265,7 +271,7 @@ fn run_case(tag: &str, kernels: &Kernels, s: Shape, dtype: DType, seed: u64) {
             .decode_attention(qn.view(), got.k.view(), got.v.view(), &got.lengths, None, &mut out.view_mut())
             .unwrap();
         let exact_out = check::exact_decode(qn.view(), got.k.view(), got.v.view(), &got.lengths);
-        check::check_out(&format!("{ctag} decode"), kind, &out, &exact_out);
+        check_output(&format!("{ctag} decode"), kernels, &out, &exact_out);
     }
 }
 
@@ -281,6 +287,10 @@ macro_rules! test_device {
             #[test]
             fn cpu_amx() {
                 run_shape_cpu_isa(stringify!($name), entropy_kernels::cpu::Isa::Amx, $shape);
+            }
+            #[test]
+            fn cpu_avx512bf16() {
+                run_shape_cpu_isa(stringify!($name), entropy_kernels::cpu::Isa::Avx512Bf16, $shape);
             }
             #[test]
             fn cpu_avx512() {

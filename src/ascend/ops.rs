@@ -185,6 +185,8 @@ pub fn capabilities(backend: &'static str) -> Capabilities {
         ops: SUPPORTED.to_vec(),
         // LoadRows' DataCopyPad takes the gap between rows as an unsigned (stride − D).
         overlapping_rows: false,
+        // The cube takes P in the input's 16-bit type.
+        low_precision_pv: vec![crate::DType::F16, crate::DType::BF16],
         ..Capabilities::full(backend, HeadDims::UpTo(PREFILL_MAX_D))
     }
 }

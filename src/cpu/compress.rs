@@ -455,7 +455,7 @@ mod tests {
         let d = CompressDims { batch: 1, kv_heads: hkv, q_heads: hkv * g, entries: n, window: w, head_dim: dd };
         let cfg = DecodeConfig { gqa_mode: GqaMode::PerQueryHead, decode_budget: 512, ..DecodeConfig::snapkv() };
         let isa = Isa::detect();
-        let lanes = if matches!(isa, Isa::Amx | Isa::Avx512) { 16 } else { 8 };
+        let lanes = if matches!(isa, Isa::Amx | Isa::Avx512Bf16 | Isa::Avx512) { 16 } else { 8 };
         let geom = Geom::new(lanes, dd, g * w);
         let run = |group| {
             let keys = Keys::Strided(Strided::<bf16>::of(&k.view()));

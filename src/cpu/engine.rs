@@ -83,7 +83,7 @@ struct Scratch {
     split: super::engine_split::SplitScratch,
     items: Vec<Item>,
     tiles: Vec<Mutex<(Tile, Vec<f32>)>>,
-    /// The AMX tiles, made on the first bf16 call that runs on AMX.
+    /// The bf16 tiles (AMX or `VDPBF16PS`), made on the first bf16 call that runs on them.
     #[cfg(target_arch = "x86_64")]
     amx_tiles: Vec<Mutex<(AmxTile, Vec<f32>)>>,
     geom: Geom,
@@ -174,7 +174,8 @@ impl QueryTile for Tile {
     }
 }
 
-/// Only entered for bf16 through [`Isa::Amx`]'s entry point (AVX-512 + AVX512-BF16).
+/// Only entered for bf16 through the entry point of [`Isa::Amx`] / [`Isa::Avx512Bf16`]
+/// (AVX-512 + AVX512-BF16).
 #[cfg(target_arch = "x86_64")]
 impl QueryTile for AmxTile {
     const PREFETCH_AHEAD: usize = super::amx::KEYS;
@@ -328,12 +329,15 @@ pub(crate) fn attend<E: Element>(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Amx && E::DTYPE == crate::DType::BF16 {
+    if isa.bf16_probabilities() && E::DTYPE == crate::DType::BF16 {
         items(a, AMX_ROWS_TARGET, &mut scratch.items);
-        if scratch.amx_tiles.len() != scratch.tiles.len() {
+        let on_amx = isa == Isa::Amx;
+        let fits = scratch.amx_tiles.len() == scratch.tiles.len()
+            && scratch.amx_tiles.iter().all(|t| t.lock().is_ok_and(|t| t.0.on_amx() == on_amx));
+        if !fits {
             let g = AmxGeom::new(geom.d, tile_tokens(AMX_ROWS_TARGET, d.group()) * d.group());
             scratch.amx_tiles =
-                (0..scratch.tiles.len()).map(|_| Mutex::new((AmxTile::new(g), vec![0f32; g.d]))).collect();
+                (0..scratch.tiles.len()).map(|_| Mutex::new((AmxTile::new(g, on_amx), vec![0f32; g.d]))).collect();
         }
         return run_items(isa, &call, &scratch.items, &scratch.amx_tiles);
     }

@@ -91,7 +91,7 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// Detects the ISA (`ENTROPY_KERNELS_CPU_ISA=avx512|avx2|portable` caps it).
+    /// Detects the ISA (`ENTROPY_KERNELS_CPU_ISA=avx512bf16|avx512|avx2|portable` caps it).
     pub fn new() -> Self {
         Self::with_isa(Isa::detect())
     }
@@ -99,7 +99,11 @@ impl CpuBackend {
     /// A backend pinned to `isa`, or to the portable kernels where this CPU lacks it.
     pub fn with_isa(isa: Isa) -> Self {
         let isa = if isa.supported() { isa } else { Isa::Portable };
-        CpuBackend { caps: Capabilities::full("cpu", HeadDims::UpTo(MAX_HEAD_DIM)), isa }
+        let mut caps = Capabilities::full("cpu", HeadDims::UpTo(MAX_HEAD_DIM));
+        if isa.bf16_probabilities() {
+            caps.low_precision_pv = vec![DType::BF16];
+        }
+        CpuBackend { caps, isa }
     }
 
     /// The instruction set the kernels use.
@@ -109,7 +113,7 @@ impl CpuBackend {
 
     fn lanes(&self) -> usize {
         match self.isa {
-            Isa::Amx | Isa::Avx512 => 16,
+            Isa::Amx | Isa::Avx512Bf16 | Isa::Avx512 => 16,
             _ => 8,
         }
     }

@@ -362,6 +362,9 @@ impl Simd for Portable {
 pub enum Isa {
     /// AVX-512 with AMX-BF16: bf16 attention tiles on AMX (`TDPBF16PS`), everything else AVX-512.
     Amx,
+    /// AVX-512 with AVX512-BF16 (no AMX, e.g. AMD Zen 4/5): the same bf16 attention tiles with
+    /// their products on `VDPBF16PS`, everything else AVX-512.
+    Avx512Bf16,
     /// AVX-512.
     Avx512,
     /// AVX2 with FMA.
@@ -372,14 +375,23 @@ pub enum Isa {
 
 impl Isa {
     /// Every ISA, best first.
-    pub const ALL: [Isa; 4] = [Isa::Amx, Isa::Avx512, Isa::Avx2, Isa::Portable];
+    pub const ALL: [Isa; 5] = [Isa::Amx, Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable];
 
     /// The best ISA of this CPU; `ENTROPY_KERNELS_CPU_ISA=avx512|avx2|portable` caps it (for
-    /// testing every path; `amx` or unset: no cap). An unknown name caps nothing.
+    /// testing every path; `amx` or unset: no cap; an unknown name caps nothing).
+    /// `avx512bf16` is opt-in: only that setting picks it (then AVX-512 where the CPU lacks it).
+    /// On the Intel Xeon where it was measured, `VDPBF16PS` issues at the f32 FMA's rate and the
+    /// path ran at 0.67× the f32 kernels on widened rows (bf16 dense 8K, D 128); on AMD Zen 4/5
+    /// it should double the rate, but no Zen machine has measured it yet.
     pub fn detect() -> Isa {
         let cap = std::env::var("ENTROPY_KERNELS_CPU_ISA").unwrap_or_default().to_ascii_lowercase();
-        let cap = Isa::ALL.iter().position(|i| i.name() == cap).unwrap_or(0);
-        Isa::ALL[cap..].iter().copied().find(|i| i.supported()).unwrap_or(Isa::Portable)
+        let start = Isa::ALL.iter().position(|i| i.name() == cap).unwrap_or(0);
+        Isa::ALL[start..]
+            .iter()
+            .copied()
+            .filter(|&i| i != Isa::Avx512Bf16 || Isa::ALL[start] == Isa::Avx512Bf16)
+            .find(|i| i.supported())
+            .unwrap_or(Isa::Portable)
     }
 
     /// Whether this CPU can run `self` (ignoring any cap from the environment); for `Amx`, also
@@ -398,11 +410,9 @@ impl Isa {
                     && Isa::Avx2.supported()
             }
             #[cfg(target_arch = "x86_64")]
-            Isa::Amx => {
-                Isa::Avx512.supported()
-                    && std::arch::is_x86_feature_detected!("avx512bf16")
-                    && super::amx::sys::usable()
-            }
+            Isa::Avx512Bf16 => Isa::Avx512.supported() && std::arch::is_x86_feature_detected!("avx512bf16"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => Isa::Avx512Bf16.supported() && super::amx::sys::usable(),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -412,16 +422,17 @@ impl Isa {
     pub fn name(self) -> &'static str {
         match self {
             Isa::Amx => "amx",
+            Isa::Avx512Bf16 => "avx512bf16",
             Isa::Avx512 => "avx512",
             Isa::Avx2 => "avx2",
             Isa::Portable => "portable",
         }
     }
 
-    /// Whether bf16 attention enters `P·V` with P rounded to bf16 (the AMX tiles), as the GPU's
-    /// tensor cores do; otherwise every product is f32.
+    /// Whether bf16 attention enters `P·V` with P rounded to bf16 (the AMX / `VDPBF16PS`
+    /// tiles), as the GPU's tensor cores do; otherwise every product is f32.
     pub fn bf16_probabilities(self) -> bool {
-        self == Isa::Amx
+        matches!(self, Isa::Amx | Isa::Avx512Bf16)
     }
 }
 
@@ -440,10 +451,11 @@ unsafe fn run_avx512<K: WithSimd>(k: K) -> K::Output {
     k.with_simd::<x86::Avx512>()
 }
 
-/// The AMX entry: the AVX-512 kernels, plus AVX512-BF16 for the AMX tiles' conversions.
+/// The AMX and AVX512-BF16 entry: the AVX-512 kernels, plus AVX512-BF16 for the bf16 tiles
+/// (conversions, `VDPBF16PS`; AMX itself is `asm!`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c")]
-unsafe fn run_amx<K: WithSimd>(k: K) -> K::Output {
+unsafe fn run_avx512_bf16<K: WithSimd>(k: K) -> K::Output {
     k.with_simd::<x86::Avx512>()
 }
 
@@ -458,7 +470,7 @@ pub(crate) fn dispatch<K: WithSimd>(isa: Isa, k: K) -> K::Output {
     match isa {
         // SAFETY: `Isa::detect` returned these only after checking the CPU features.
         #[cfg(target_arch = "x86_64")]
-        Isa::Amx => unsafe { run_amx(k) },
+        Isa::Amx | Isa::Avx512Bf16 => unsafe { run_avx512_bf16(k) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { run_avx512(k) },
         #[cfg(target_arch = "x86_64")]

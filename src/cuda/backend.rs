@@ -216,6 +216,8 @@ impl CudaBackend {
             funcs,
             caps: Capabilities {
                 ops: [&Op::CONTIGUOUS[..], &[Op::Attend, Op::PlanChunks, Op::Select]].concat(),
+                // mma.sync takes P in the input's 16-bit type.
+                low_precision_pv: vec![crate::DType::F16, crate::DType::BF16],
                 ..Capabilities::full("cuda", HeadDims::UpTo(256))
             },
             name,

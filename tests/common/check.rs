@@ -29,6 +29,12 @@ pub fn ulp(x: f64, dtype: DType) -> f64 {
     2f64.powi(e - mantissa_bits)
 }
 
+/// Unit roundoff of the precision `kernels` runs `P·V` in for `dtype` inputs, as its capabilities
+/// declare (`low_precision_pv`: tensor/cube units, the CPU's AMX / `VDPBF16PS` tiles).
+pub fn pv_roundoff_of(kernels: &Kernels, dtype: DType) -> f64 {
+    if kernels.capabilities().low_precision_pv.contains(&dtype) { dtype.epsilon() } else { DType::F32.epsilon() }
+}
+
 /// Unit roundoff of the precision `kind` runs `P·V` in for `dtype` inputs: the input dtype on the
 /// devices' tensor/cube units and on the CPU's AMX tiles (bf16, where this CPU runs them), f32
 /// elsewhere on the CPU.

@@ -4,6 +4,7 @@
 //! AMX-BF16 and Linux grants the tile state (`arch_prctl`); elsewhere the AVX-512/AVX2 kernels
 //! run.
 
+mod dpbf16;
 mod pack;
 mod scores;
 pub(crate) mod sys;

@@ -9,6 +9,7 @@
 
 use std::arch::x86_64::*;
 
+use super::dpbf16;
 use super::pack::{self, CHUNK};
 use super::sys::{self, TILE_BYTES, TILE_ROWS};
 use crate::cpu::simd::{Simd, x86::Avx512};
@@ -88,6 +89,8 @@ pub(crate) struct AmxTile {
     row_group: usize,
     /// Softmax scale times log2(e), applied to S.
     c: f32,
+    /// The tile products run on AMX (else on `VDPBF16PS`, same operands).
+    on_amx: bool,
 }
 
 // SAFETY: `kptr`/`vptr` are scratch written before every read (`push_rows` before `flush`;
@@ -95,7 +98,8 @@ pub(crate) struct AmxTile {
 unsafe impl Send for AmxTile {}
 
 impl AmxTile {
-    pub fn new(g: AmxGeom) -> Self {
+    /// A tile whose products run on AMX (`on_amx`) or on AVX512-BF16's `VDPBF16PS`.
+    pub fn new(g: AmxGeom, on_amx: bool) -> Self {
         AmxTile {
             g,
             q: Buf::new(g.mp * g.dp * 2),
@@ -115,7 +119,13 @@ impl AmxTile {
             diag_from: usize::MAX,
             row_group: 1,
             c: 1.0,
+            on_amx,
         }
+    }
+
+    /// Whether the tile products run on AMX (else on `VDPBF16PS`).
+    pub fn on_amx(&self) -> bool {
+        self.on_amx
     }
 
     /// Starts a tile: rows `r = i·row_group + j` belong to token `diag_from + i` for the mask;
@@ -201,7 +211,9 @@ impl AmxTile {
             for j in (0..used).step_by(2) {
                 pack::values_pair(self.vptr[j], self.vptr[j + 1], d, chunks, j / CHUNK, (j % CHUNK) / 2, vp);
             }
-            sys::configure();
+            if self.on_amx {
+                sys::configure();
+            }
             for call in 0..qk_calls {
                 self.qk(0, call);
             }
@@ -228,7 +240,9 @@ impl AmxTile {
             for call in 0..pv_calls {
                 self.pv(pairs - 1, call, used);
             }
-            sys::release();
+            if self.on_amx {
+                sys::release();
+            }
         }
         self.filled = 0;
     }
@@ -241,7 +255,7 @@ impl AmxTile {
         unsafe {
             let a0 = self.q.cptr::<u16>().add(pair * ROW_BLOCK * dp);
             let c0 = self.s.ptr::<f32>().add(pair * ROW_BLOCK * KEYS + ng * TILE_ROWS);
-            sys::dp_2x2::<false>(
+            let args = (
                 [c0, c0.add(TILE_ROWS * KEYS)],
                 KEYS * 4,
                 [a0, a0.add(TILE_ROWS * dp)],
@@ -251,6 +265,11 @@ impl AmxTile {
                 (KEYS / TILE_ROWS) * TILE_BYTES,
                 self.g.chunks(),
             );
+            if self.on_amx {
+                sys::dp_2x2::<false>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7);
+            } else {
+                dpbf16::dp_2x2::<false>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7);
+            }
         }
     }
 
@@ -263,7 +282,7 @@ impl AmxTile {
         unsafe {
             let a0 = self.p.cptr::<u16>().add(pair * ROW_BLOCK * KEYS);
             let c0 = self.o.ptr::<f32>().add(pair * ROW_BLOCK * dp + dg * TILE_ROWS);
-            sys::dp_2x2::<true>(
+            let args = (
                 [c0, c0.add(TILE_ROWS * dp)],
                 dp * 4,
                 [a0, a0.add(TILE_ROWS * KEYS)],
@@ -273,6 +292,11 @@ impl AmxTile {
                 dim_groups * TILE_BYTES,
                 used / CHUNK,
             );
+            if self.on_amx {
+                sys::dp_2x2::<true>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7);
+            } else {
+                dpbf16::dp_2x2::<true>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7);
+            }
         }
     }
 
