@@ -255,7 +255,7 @@ impl AmxTile {
         unsafe {
             let a0 = self.q.cptr::<u16>().add(pair * ROW_BLOCK * dp);
             let c0 = self.s.ptr::<f32>().add(pair * ROW_BLOCK * KEYS + ng * TILE_ROWS);
-            let args = (
+            let args: Operands = (
                 [c0, c0.add(TILE_ROWS * KEYS)],
                 KEYS * 4,
                 [a0, a0.add(TILE_ROWS * dp)],
@@ -265,11 +265,7 @@ impl AmxTile {
                 (KEYS / TILE_ROWS) * TILE_BYTES,
                 self.g.chunks(),
             );
-            if self.on_amx {
-                sys::dp_2x2::<false>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7);
-            } else {
-                dpbf16::dp_2x2::<false>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7);
-            }
+            products::<false>(self.on_amx, args);
         }
     }
 
@@ -282,7 +278,7 @@ impl AmxTile {
         unsafe {
             let a0 = self.p.cptr::<u16>().add(pair * ROW_BLOCK * KEYS);
             let c0 = self.o.ptr::<f32>().add(pair * ROW_BLOCK * dp + dg * TILE_ROWS);
-            let args = (
+            let args: Operands = (
                 [c0, c0.add(TILE_ROWS * dp)],
                 dp * 4,
                 [a0, a0.add(TILE_ROWS * KEYS)],
@@ -292,11 +288,7 @@ impl AmxTile {
                 dim_groups * TILE_BYTES,
                 used / CHUNK,
             );
-            if self.on_amx {
-                sys::dp_2x2::<true>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7);
-            } else {
-                dpbf16::dp_2x2::<true>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7);
-            }
+            products::<true>(self.on_amx, args);
         }
     }
 
@@ -380,6 +372,21 @@ impl AmxTile {
     /// Natural-log sum-exp of row `r`, given that scores were scaled by `log2(e)`.
     pub fn lse(&self, r: usize) -> f32 {
         (self.m[r] + self.row_sum(r).log2()) * std::f32::consts::LN_2
+    }
+}
+
+/// [`sys::dp_2x2`]'s operands: C rows and stride, A rows, stride and step, B, its step, steps.
+type Operands = ([*mut f32; 2], usize, [*const u16; 2], usize, usize, *const u16, usize, usize);
+
+/// A 2×2 block of tile products on AMX or on `VDPBF16PS` (same operands, same result).
+#[inline(always)]
+unsafe fn products<const LOAD_C: bool>(on_amx: bool, (c, sc, a, sa, a_step, b, b_step, steps): Operands) {
+    unsafe {
+        if on_amx {
+            sys::dp_2x2::<LOAD_C>(c, sc, a, sa, a_step, b, b_step, steps)
+        } else {
+            dpbf16::dp_2x2::<LOAD_C>(c, sc, a, sa, a_step, b, b_step, steps)
+        }
     }
 }
 
