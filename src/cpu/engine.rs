@@ -83,9 +83,12 @@ struct Scratch {
     split: super::engine_split::SplitScratch,
     items: Vec<Item>,
     tiles: Vec<Mutex<(Tile, Vec<f32>)>>,
-    /// The bf16 tiles (AMX or `VDPBF16PS`), made on the first bf16 call that runs on them.
+    /// The bf16 tiles (AMX or `VDPBF16PS`), made on the first bf16 call that runs on them, and
+    /// whether their products run on AMX.
     #[cfg(target_arch = "x86_64")]
     amx_tiles: Vec<Mutex<(AmxTile, Vec<f32>)>>,
+    #[cfg(target_arch = "x86_64")]
+    amx_on_amx: bool,
     geom: Geom,
     dtype: crate::DType,
 }
@@ -108,6 +111,8 @@ impl Scratch {
                 tiles,
                 #[cfg(target_arch = "x86_64")]
                 amx_tiles: Vec::new(),
+                #[cfg(target_arch = "x86_64")]
+                amx_on_amx: false,
                 geom,
                 dtype: E::DTYPE,
             }));
@@ -283,7 +288,7 @@ fn run_item<S: Simd, E: Element, T: QueryTile, const NR: usize, const MV: usize>
     }
 }
 
-/// Runs every item on the worker's tile of `tiles` (made by `make` on first use).
+/// Runs every item on the worker's tile of `tiles`.
 fn run_items<E: Element, T: QueryTile + Send>(
     isa: Isa,
     call: &Call<'_, '_, E>,
@@ -332,12 +337,11 @@ pub(crate) fn attend<E: Element>(
     if isa.bf16_probabilities() && E::DTYPE == crate::DType::BF16 {
         items(a, AMX_ROWS_TARGET, &mut scratch.items);
         let on_amx = isa == Isa::Amx;
-        let fits = scratch.amx_tiles.len() == scratch.tiles.len()
-            && scratch.amx_tiles.iter().all(|t| t.lock().is_ok_and(|t| t.0.on_amx() == on_amx));
-        if !fits {
+        if scratch.amx_tiles.len() != scratch.tiles.len() || scratch.amx_on_amx != on_amx {
             let g = AmxGeom::new(geom.d, tile_tokens(AMX_ROWS_TARGET, d.group()) * d.group());
             scratch.amx_tiles =
                 (0..scratch.tiles.len()).map(|_| Mutex::new((AmxTile::new(g, on_amx), vec![0f32; g.d]))).collect();
+            scratch.amx_on_amx = on_amx;
         }
         return run_items(isa, &call, &scratch.items, &scratch.amx_tiles);
     }

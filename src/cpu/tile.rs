@@ -298,9 +298,11 @@ impl Tile {
     #[inline(always)]
     pub fn set_query<S: Simd, E: Element>(&mut self, r: usize, q: &[E], c: f32, tmp: &mut [f32]) {
         let mp = self.g.mp;
+        // On AMX the scores take the bf16 row as it is: Qᵀ in f32 is not needed.
         #[cfg(target_arch = "x86_64")]
         if let Some(a) = &mut self.amx {
             a.set_query(r, Self::bits(q), c);
+            return;
         }
         // SAFETY: `widen` writes `q.len()` values into `tmp`, which holds at least D.
         unsafe { S::widen(q, tmp) };
@@ -340,11 +342,14 @@ impl Tile {
     #[inline(always)]
     pub fn push_key<S: Simd, E: Element>(&mut self, k: &[E], t: usize) {
         let j = self.filled;
+        // On AMX the key row is staged in bf16 instead of widened (`kptr` is not read there).
         #[cfg(target_arch = "x86_64")]
-        if let Some(a) = &mut self.amx {
-            a.stage(j, Self::bits(k));
+        let staged = self.amx.as_mut().map(|a| a.stage(j, Self::bits(k))).is_some();
+        #[cfg(not(target_arch = "x86_64"))]
+        let staged = false;
+        if !staged {
+            self.kptr[j] = Self::slot::<S, E>(self.direct, &mut self.kconv, j, self.g, k);
         }
-        self.kptr[j] = Self::slot::<S, E>(self.direct, &mut self.kconv, j, self.g, k);
         self.ktok[j] = t;
         self.filled += 1;
     }

@@ -123,11 +123,6 @@ impl AmxTile {
         }
     }
 
-    /// Whether the tile products run on AMX (else on `VDPBF16PS`).
-    pub fn on_amx(&self) -> bool {
-        self.on_amx
-    }
-
     /// Starts a tile: rows `r = i·row_group + j` belong to token `diag_from + i` for the mask;
     /// scores are scaled by `c` (softmax scale × log2 e).
     pub fn begin(&mut self, diag_from: usize, row_group: usize, c: f32) {
