@@ -58,7 +58,8 @@ pub fn dot(a: &[f64], b: &[f64]) -> f64 {
 
 /// `Σ_{j<n} f(j)` in the order of a 256-thread block reduction: lane `t` sums `f(t)`,
 /// `f(t + 256)`, … onto 0; then for stride 128, 64, …, 1 lane `t < stride` adds lane
-/// `t + stride` to itself; the result is lane 0.
+/// `t + stride` to itself; the result is lane 0. Inlined, so it vectorises in the caller's ISA.
+#[inline(always)]
 pub fn lane_sum(n: usize, f: impl Fn(usize) -> f64) -> f64 {
     let mut lanes = [0f64; LANES];
     for start in (0..n).step_by(LANES) {
@@ -77,15 +78,15 @@ pub fn lane_sum(n: usize, f: impl Fn(usize) -> f64) -> f64 {
 }
 
 /// ln 2 split for exact products `k·LN2_HI` (|k| < 2^20: the high part has 32 trailing zero bits).
-const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000);
-const LN2_LO: f64 = 1.9082149292705877e-10;
-const INV_LN2: f64 = std::f64::consts::LOG2_E;
+pub(crate) const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000);
+pub(crate) const LN2_LO: f64 = 1.9082149292705877e-10;
+pub(crate) const INV_LN2: f64 = std::f64::consts::LOG2_E;
 /// Beyond these, `exp` overflows to +inf or underflows to 0.
-const EXP_MAX: f64 = 709.782712893384;
-const EXP_MIN: f64 = -745.1332191019412;
+pub(crate) const EXP_MAX: f64 = 709.782712893384;
+pub(crate) const EXP_MIN: f64 = -745.1332191019412;
 /// 1/n! for n = 13 down to 2: Taylor's series of e^r, |r| ≤ ln2/2, truncated where the next term
 /// is below 2^-58.
-const EXP_TAYLOR: [f64; 12] = [
+pub(crate) const EXP_TAYLOR: [f64; 12] = [
     1.6059043836821613e-10,
     2.08767569878681e-9,
     2.505210838544172e-8,
@@ -191,8 +192,44 @@ pub fn ln(x: f64) -> f64 {
     e * LN2_HI + (e * LN2_LO + ln_m)
 }
 
+/// [`ln`] of eight values, bit for bit, without branches, so the loop vectorises: every lane
+/// runs the series, the special values are selected at the end.
+#[inline(always)]
+pub fn ln_lanes(x: [f64; 8]) -> [f64; 8] {
+    let mut out = [0f64; 8];
+    for (out, &x) in out.iter_mut().zip(&x) {
+        let sub = x < f64::MIN_POSITIVE;
+        let xs = if sub { x * pow2(54) } else { x };
+        let bits = xs.to_bits();
+        let e = ((bits >> 52) & 0x7FF) as i64 - 1023 + if sub { -54 } else { 0 };
+        let m = f64::from_bits((bits & 0x000F_FFFF_FFFF_FFFF) | 0x3FF0_0000_0000_0000);
+        let big = m > SQRT2;
+        let (m, e) = if big { (m * 0.5, e + 1) } else { (m, e) };
+        let f = m - 1.0;
+        let s = f / (2.0 + f);
+        let z = s * s;
+        let mut p = LN_SERIES[0];
+        for c in &LN_SERIES[1..] {
+            p = p * z + c;
+        }
+        let ln_m = 2.0 * s + 2.0 * s * (z * p);
+        let e = e as f64;
+        let core = e * LN2_HI + (e * LN2_LO + ln_m);
+        *out = if x.is_nan() || x < 0.0 {
+            f64::NAN
+        } else if x == 0.0 {
+            f64::NEG_INFINITY
+        } else if x == f64::INFINITY {
+            x
+        } else {
+            core
+        };
+    }
+    out
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -211,6 +248,64 @@ mod tests {
 
     fn ulps(a: f64, b: f64) -> u64 {
         (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs()
+    }
+
+    /// Inputs for the lane forms' tests: ordinary, extreme and special values.
+    pub(crate) fn lane_test_inputs() -> Vec<f64> {
+        let mut rng = crate::synth::Rng::new(17);
+        let mut xs: Vec<f64> = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            1e-9,
+            1.0 + 1e-9,
+            f64::MIN_POSITIVE,
+            4.9e-324,
+            1e-310,
+            f64::MAX,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+            -f64::NAN,
+            EXP_MAX,
+            EXP_MIN,
+            EXP_MAX + 1e-9,
+            EXP_MIN - 1e-9,
+            709.0,
+            -708.5,
+            -740.0,
+            -745.0,
+            0.5 * std::f64::consts::LN_2,
+            SQRT2,
+            SQRT2 * (1.0 + f64::EPSILON),
+            0.5,
+            2.0,
+        ];
+        for _ in 0..40_000 {
+            let u = rng.uniform();
+            xs.push((rng.normal() * 300.0).clamp(-800.0, 800.0));
+            xs.push(u);
+            xs.push(u * 1e-300);
+            xs.push((u * 1400.0 - 700.0).exp());
+        }
+        while xs.len() % 8 != 0 {
+            xs.push(1.0);
+        }
+        xs
+    }
+
+    /// The lane form of `ln` computes the scalar form's bits.
+    #[test]
+    fn ln_lanes_is_ln_bit_for_bit() {
+        for chunk in lane_test_inputs().chunks(8) {
+            let x: [f64; 8] = chunk.try_into().unwrap();
+            let l = ln_lanes(x);
+            for i in 0..8 {
+                let lw = ln(x[i]);
+                assert!(l[i].to_bits() == lw.to_bits() || (l[i].is_nan() && lw.is_nan()), "ln({:e})", x[i]);
+            }
+        }
     }
 
     #[test]

@@ -11,7 +11,10 @@ mod engine_split;
 mod micro;
 mod one_shot;
 pub(crate) mod plan;
+mod plan_logits;
+mod plan_reps;
 pub(crate) mod simd;
+mod simd_f64;
 mod tile;
 
 use crate::backend::{Backend, BackendKind, Capabilities, HeadDims};

@@ -5,7 +5,10 @@
 
 use rayon::prelude::*;
 
+use super::plan_logits::{TILE_KEYS, key_tiles, put_in_tile, row_dots};
+use super::plan_reps::{Scratch, representatives};
 use super::simd::{Isa, Simd, WithSimd, dispatch};
+use super::simd_f64::{F64x8, MAX_ROWS};
 use crate::alloc;
 use crate::config::EntropyConfig;
 use crate::engine::args::ChunkSettings;
@@ -16,36 +19,6 @@ use crate::plan::{BlockLists, Plan, PlanDims, PlanState, rules};
 use crate::tensor::Element;
 use crate::validate::PlanArgs;
 
-/// Element-wise max and min over `tokens` of every head: `[heads][2][D]` in f64 (max then min),
-/// row `(t, h)` read by `row_of`.
-fn representatives<'r, E: Element>(
-    row_of: impl Fn(usize, usize) -> &'r [E],
-    tokens: std::ops::Range<usize>,
-    heads: usize,
-    d: usize,
-    out: &mut [f64],
-    row: &mut [f32],
-) {
-    let mut mx = vec![f32::NEG_INFINITY; heads * d];
-    let mut mn = vec![f32::INFINITY; heads * d];
-    for t in tokens {
-        for h in 0..heads {
-            E::widen(row_of(t, h), row);
-            let (a, c) = (&mut mx[h * d..(h + 1) * d], &mut mn[h * d..(h + 1) * d]);
-            for i in 0..d {
-                a[i] = a[i].max(row[i]);
-                c[i] = c[i].min(row[i]);
-            }
-        }
-    }
-    for h in 0..heads {
-        for i in 0..d {
-            out[(h * 2) * d + i] = mx[h * d + i] as f64;
-            out[(h * 2 + 1) * d + i] = mn[h * d + i] as f64;
-        }
-    }
-}
-
 /// Where unit (b, h, s) writes: its rows of the logit and score maps (empty when not kept) and
 /// its ranking prefix. The maps grow as L², so they are allocated once, fallibly, by the caller.
 struct UnitOut<'o> {
@@ -54,73 +27,9 @@ struct UnitOut<'o> {
     ranked: &'o mut [u32],
 }
 
-/// Keys per logit tile: one 512-bit vector of f64 lanes (the logits of eight blocks at once).
-const TILE_KEYS: usize = 8;
 /// Planned segments of one (sequence, kv head) per task: they share every key tile while it is
 /// in L1, so the key representatives stream from memory once per task, not once per segment.
 const SEGMENTS_PER_TASK: usize = 32;
-
-/// The key representatives `[B][N][Hkv][2][D]` as tiles `[B·Hkv][N / TILE_KEYS][2][D][TILE_KEYS]`
-/// (blocks past N zero): a tile is contiguous, and a query row meets its eight keys lane-wise.
-fn key_tiles(d: &PlanDims, dd: usize, krep: &[f64]) -> Result<Vec<f64>> {
-    let (n, hkv) = (d.blocks, d.kv_heads);
-    let tiles = n.div_ceil(TILE_KEYS);
-    let tile_len = 2 * dd * TILE_KEYS;
-    let mut kt = alloc::grid("the key representative tiles", &[d.batch * hkv, tiles, tile_len], 0f64)?;
-    if kt.is_empty() || krep.len() < d.batch * n * hkv * 2 * dd {
-        return Ok(kt); // no block, or no candidate block: the representatives are never read
-    }
-    kt.par_chunks_mut(tiles * tile_len).enumerate().for_each(|(bh, head)| {
-        let (b, h) = (bh / hkv, bh % hkv);
-        for j in 0..n {
-            let kr = &krep[((b * n + j) * hkv + h) * 2 * dd..][..2 * dd];
-            let tile = &mut head[j / TILE_KEYS * tile_len..][..tile_len];
-            for (i, &x) in kr.iter().enumerate() {
-                tile[i * TILE_KEYS + j % TILE_KEYS] = x;
-            }
-        }
-    });
-    Ok(kt)
-}
-
-/// `numerics::dot(q, kmax_l)` and `numerics::dot(q, kmin_l)` for the eight keys `l` of a tile
-/// `[2][D][TILE_KEYS]`, each in `dot`'s order — lane partial sums over the whole chunks of
-/// eight, added lane 0 to 7 onto 0, then the tail in order — so bit for bit `dot`'s results.
-#[inline(always)]
-fn tile_dots(q: &[f64], tile: &[f64]) -> ([f64; TILE_KEYS], [f64; TILE_KEYS]) {
-    let dd = q.len();
-    let (kmax, kmin) = tile.split_at(dd * TILE_KEYS);
-    // Rows of eight keys, so the loops below index fixed-size arrays (no bounds checks).
-    let (kmax, kmin) = (kmax.as_chunks::<TILE_KEYS>().0, kmin.as_chunks::<TILE_KEYS>().0);
-    let (chunks, tail) = q.as_chunks::<8>();
-    let mut amax = [[0f64; TILE_KEYS]; 8];
-    let mut amin = [[0f64; TILE_KEYS]; 8];
-    for (c, x) in chunks.iter().enumerate() {
-        let rmax: &[[f64; TILE_KEYS]; 8] = kmax[c * 8..c * 8 + 8].try_into().expect("eight rows");
-        let rmin: &[[f64; TILE_KEYS]; 8] = kmin[c * 8..c * 8 + 8].try_into().expect("eight rows");
-        for i in 0..8 {
-            for l in 0..TILE_KEYS {
-                amax[i][l] += x[i] * rmax[i][l];
-                amin[i][l] += x[i] * rmin[i][l];
-            }
-        }
-    }
-    let (mut smax, mut smin) = ([0f64; TILE_KEYS], [0f64; TILE_KEYS]);
-    for i in 0..8 {
-        for l in 0..TILE_KEYS {
-            smax[l] += amax[i][l];
-            smin[l] += amin[i][l];
-        }
-    }
-    let whole = chunks.len() * 8;
-    for (t, x) in tail.iter().enumerate() {
-        for l in 0..TILE_KEYS {
-            smax[l] += x * kmax[whole + t][l];
-            smin[l] += x * kmin[whole + t][l];
-        }
-    }
-    (smax, smin)
-}
 
 /// Consecutive planned units (same sequence and kv head) planned together: their logits tile by
 /// tile over the shared key tiles, then each unit's distribution, entropy and ranking.
@@ -149,18 +58,36 @@ impl WithSimd for GroupJob<'_, '_> {
         let bh = units[0].0 / d.segments;
         let (b, h) = (bh / d.kv_heads, bh % d.kv_heads);
         let lims: Vec<usize> = units.iter().map(|(u, _)| d.causal_limit(u % d.segments)).collect();
+        debug_assert!(lims.is_sorted(), "ascending segments see ascending blocks");
         let tile_len = 2 * dd * TILE_KEYS;
         let head = &kt[bh * n.div_ceil(TILE_KEYS) * tile_len..];
+        // The query rows, unit by unit, its group's heads in order; a zero row pads the last call.
+        let qrows: Vec<&[f64]> = units
+            .iter()
+            .flat_map(|(u, _)| {
+                let s = u % d.segments;
+                (0..g).map(move |gi| &qsum[((b * planned + s - first) * d.q_heads + h * g + gi) * dd..][..dd])
+            })
+            .collect();
+        let zero = vec![0f64; dd];
+        let mut dots = vec![[[0f64; TILE_KEYS]; 2]; qrows.len()];
         let mut logits = vec![f64::NEG_INFINITY; units.len() * n];
-        for t in 0..lims.iter().copied().max().unwrap_or(0).div_ceil(TILE_KEYS) {
+        for t in 0..lims.last().copied().unwrap_or(0).div_ceil(TILE_KEYS) {
             let tile = &head[t * tile_len..][..tile_len];
             let j0 = t * TILE_KEYS;
-            for (k, (u, _)) in units.iter().enumerate().filter(|&(k, _)| lims[k] > j0) {
-                let s = u % d.segments;
+            // The units that see this tile: a suffix, as limits ascend.
+            let active = lims.partition_point(|&lim| lim <= j0);
+            let rows = &qrows[active * g..];
+            let per_call = S::F64x8::ROWS;
+            for (chunk, out) in rows.chunks(per_call).zip(dots.chunks_mut(per_call)) {
+                let padded: [&[f64]; MAX_ROWS] = std::array::from_fn(|r| chunk.get(r).copied().unwrap_or(&zero));
+                let mut block = [[[0f64; TILE_KEYS]; 2]; MAX_ROWS];
+                row_dots::<S::F64x8>(&padded[..per_call], tile, &mut block[..per_call]);
+                out[..chunk.len()].copy_from_slice(&block[..chunk.len()]);
+            }
+            for (k, unit_dots) in (active..units.len()).zip(dots.chunks(g)) {
                 let mut sum = [0f64; TILE_KEYS];
-                for gi in 0..g {
-                    let qs = &qsum[((b * planned + s - first) * d.q_heads + h * g + gi) * dd..][..dd];
-                    let (mx, mn) = tile_dots(qs, tile);
+                for [mx, mn] in unit_dots {
                     for l in 0..TILE_KEYS {
                         sum[l] += 0.5 * mx[l].max(mn[l]);
                     }
@@ -171,46 +98,95 @@ impl WithSimd for GroupJob<'_, '_> {
                 }
             }
         }
-        units
-            .into_iter()
-            .zip(logits.chunks(n.max(1)))
-            .zip(lims)
-            .map(|(((u, out), logit), lim)| unit_rest(&d, u, lim, logit, prev, out))
-            .collect()
+        // A loop, not `map`: a closure would compile without the entry point's target features.
+        let mut entropies = Vec::with_capacity(units.len());
+        let mut rows = UnitRows::default();
+        for (((u, out), logit), lim) in units.into_iter().zip(logits.chunks(n.max(1))).zip(lims) {
+            entropies.push(unit_rest::<S::F64x8>(&d, u, lim, logit, prev, out, &mut rows));
+        }
+        entropies
     }
+}
+
+/// A unit's rows, reused from unit to unit (a fresh row of a long prompt is a fresh mapping:
+/// page faults on every unit).
+#[derive(Default)]
+struct UnitRows {
+    p: Vec<f64>,
+    terms: Vec<f64>,
+    ranking: Vec<u32>,
 }
 
 /// A unit's distribution over its logits (`lim` candidate blocks), fused with the previous
 /// layer's when given, its entropy (returned) and ranking, and its map rows when kept.
 #[inline(always)]
-fn unit_rest(d: &PlanDims, u: usize, lim: usize, logit: &[f64], prev: Option<&[f32]>, out: UnitOut<'_>) -> f64 {
+fn unit_rest<V: F64x8>(
+    d: &PlanDims,
+    u: usize,
+    lim: usize,
+    logit: &[f64],
+    prev: Option<&[f32]>,
+    out: UnitOut<'_>,
+    rows: &mut UnitRows,
+) -> f64 {
     let n = d.blocks;
+    let UnitRows { p, terms, ranking } = rows;
     // numerics' exp, ln and summation order: the device kernels compute the same bits.
-    let mut p = vec![0f64; n];
+    p.clear();
+    p.resize(n, 0.0);
     if u.is_multiple_of(d.segments) {
         p.fill(1.0 / n as f64);
     } else {
-        let m = logit[..lim].iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        for j in 0..lim {
-            p[j] = numerics::exp(logit[j] - m);
+        // Any order of comparisons finds `fold(f64::max)`'s maximum: NaN logits are skipped as
+        // there, and a ±0 maximum shifts every logit to the same bits.
+        let mut lanes = [f64::NEG_INFINITY; 8];
+        for chunk in logit[..lim].chunks(8) {
+            for (m, &x) in lanes.iter_mut().zip(chunk) {
+                *m = if x > *m { x } else { *m };
+            }
+        }
+        let m = lanes.into_iter().fold(f64::NEG_INFINITY, f64::max);
+        for (p, logit) in p[..lim].chunks_mut(8).zip(logit[..lim].chunks(8)) {
+            let mut x = [0f64; 8];
+            for (x, &l) in x.iter_mut().zip(logit) {
+                *x = l - m;
+            }
+            let mut e = [0f64; 8];
+            // SAFETY: both arrays hold eight f64s; the ISA is `dispatch`'s.
+            unsafe { V::store(e.as_mut_ptr(), V::exp(V::load(x.as_ptr()))) };
+            p.copy_from_slice(&e[..p.len()]);
         }
         let z = numerics::lane_sum(lim, |j| p[j]);
-        p[..lim].iter_mut().for_each(|x| *x /= z);
+        for x in &mut p[..lim] {
+            *x /= z;
+        }
     }
     if let Some(prev) = prev {
         let row = &prev[u * n..][..n];
         p.iter_mut().zip(row).for_each(|(x, &q)| *x = 0.25 * q as f64 + 0.75 * *x);
     }
     // A zero probability adds −0 to its lane (lanes start at +0 and never hold −0: an exact
-    // cancellation rounds to +0), which changes no bit: skip its logarithm (the blocks past the
-    // causal limit, without fusion).
-    let term = |j: usize| if p[j] == 0.0 { 0.0 } else { p[j] * numerics::ln(p[j] + 1e-9) };
-    let entropy = -numerics::lane_sum(n, term);
+    // cancellation rounds to +0), which changes no bit: its term is 0, and the blocks past the
+    // causal limit need no logarithm — unless fusion or segment 0's uniform row fills them.
+    let live = if prev.is_some() || u.is_multiple_of(d.segments) { n } else { lim };
+    terms.clear();
+    terms.resize(n, 0.0);
+    for (t, p) in terms[..live].chunks_mut(8).zip(p[..live].chunks(8)) {
+        let mut x = [1f64; 8];
+        for (x, &p) in x.iter_mut().zip(p) {
+            *x = p + 1e-9;
+        }
+        let ln = numerics::ln_lanes(x);
+        for i in 0..t.len() {
+            t[i] = if p[i] == 0.0 { 0.0 } else { p[i] * ln[i] };
+        }
+    }
+    let entropy = -numerics::lane_sum(n, |j| terms[j]);
     let key = if prev.is_some() { &p[..lim] } else { &logit[..lim] };
     let UnitOut { logits, scores, ranked } = out;
-    rules::rank_row(key, &mut Vec::new(), ranked);
+    rules::rank_row(key, ranking, ranked);
     logits.iter_mut().zip(logit).for_each(|(o, &x)| *o = x as f32);
-    scores.iter_mut().zip(&p).for_each(|(o, &x)| *o = x as f32);
+    scores.iter_mut().zip(p.iter()).for_each(|(o, &x)| *o = x as f32);
     entropy
 }
 
@@ -231,32 +207,31 @@ pub(crate) fn plan<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Result<Plan> {
 
     // Representatives: per (b, segment) for queries, per (b, block) for keys.
     let mut qrep = alloc::grid("query representatives", &[d.batch, d.segments, d.q_heads, 2, dd], 0f64)?;
-    qrep.par_chunks_mut(d.q_heads * 2 * dd).enumerate().for_each_init(
-        || vec![0f32; dd],
-        |row, (bs, out)| {
-            let (b, s) = (bs / d.segments, bs % d.segments);
-            representatives::<E>(|t, h| &qd[q.offset(b, t, h)..][..dd], d.segment_range(s), d.q_heads, dd, out, row)
-        },
-    );
-    let mut krep = alloc::grid("key representatives", &[d.batch, n, d.kv_heads, 2, dd], 0f64)?;
+    qrep.par_chunks_mut(d.q_heads * 2 * dd).enumerate().for_each_init(Scratch::default, |scratch, (bs, out)| {
+        let (b, s) = (bs / d.segments, bs % d.segments);
+        let row_of = |t, h| &qd[q.offset(b, t, h)..][..dd];
+        representatives::<E>(isa, row_of, d.segment_range(s), d.q_heads, dd, out, scratch)
+    });
+    // The keys' straight into the logit kernel's tiles: one pass, no `[B, N, Hkv, 2, D]` copy.
+    let tiles = n.div_ceil(TILE_KEYS);
+    let tile_len = 2 * dd * TILE_KEYS;
+    let mut kt = alloc::zeroed::<f64>("the key representative tiles", &[d.batch * d.kv_heads, tiles, tile_len])?;
     if n > 0 {
-        krep.par_chunks_mut(d.kv_heads * 2 * dd).enumerate().for_each_init(
-            || vec![0f32; dd],
-            |row, (bj, out)| {
-                let (b, j) = (bj / n, bj % n);
+        kt.par_chunks_mut(tile_len).enumerate().for_each_init(
+            || (Scratch::default(), vec![0f64; 2 * dd]),
+            |(scratch, block), (bht, tile)| {
+                let (bh, t) = (bht / tiles, bht % tiles);
+                let (b, h) = (bh / d.kv_heads, bh % d.kv_heads);
                 let bk = d.block_size;
-                representatives::<E>(
-                    |t, h| &kd[k.offset(b, t, h)..][..dd],
-                    j * bk..(j + 1) * bk,
-                    d.kv_heads,
-                    dd,
-                    out,
-                    row,
-                )
+                let row_of = |t, _| &kd[k.offset(b, t, h)..][..dd];
+                for j in t * TILE_KEYS..n.min((t + 1) * TILE_KEYS) {
+                    representatives::<E>(isa, row_of, j * bk..(j + 1) * bk, 1, dd, block, scratch);
+                    put_in_tile(block, j % TILE_KEYS, tile);
+                }
             },
         );
     }
-    plan_from_representatives(isa, a, &qrep, &krep)
+    plan_span_tiles(isa, &Span::of_args(a), &qrep, &kt, None)
 }
 
 /// What planning decides over, wherever the representatives came from.
@@ -273,6 +248,19 @@ pub(crate) struct Span<'a> {
 }
 
 impl<'a> Span<'a> {
+    /// The span of a one-shot planning call: every segment.
+    pub fn of_args(a: &PlanArgs<'a>) -> Self {
+        Span {
+            dims: a.dims(),
+            cfg: a.cfg(),
+            head_dim: a.head_dim(),
+            keep_maps: a.keep_maps(),
+            full_ranking: a.full_ranking(),
+            fusion: a.fusion(),
+            segments: 0..a.dims().segments,
+        }
+    }
+
     /// The span of one sequence's chunk of a chunked planning call.
     pub fn of_chunk(settings: &ChunkSettings, sc: &SeqChunk<'a>) -> Self {
         Span {
@@ -291,17 +279,9 @@ impl<'a> Span<'a> {
 /// `[B, blocks, Hkv, 2, D]`, max then min), in f64: shared by the CPU backend and by backends
 /// whose devices compute the representatives (max/min are exact in any precision) but have no
 /// f64 arithmetic for the decisions.
+#[cfg(any(feature = "ascend", feature = "ascend-emu"))]
 pub(crate) fn plan_from_representatives(isa: Isa, a: &PlanArgs<'_>, qrep: &[f64], krep: &[f64]) -> Result<Plan> {
-    let span = Span {
-        dims: a.dims(),
-        cfg: a.cfg(),
-        head_dim: a.head_dim(),
-        keep_maps: a.keep_maps(),
-        full_ranking: a.full_ranking(),
-        fusion: a.fusion(),
-        segments: 0..a.dims().segments,
-    };
-    plan_span(isa, &span, qrep, krep, None)
+    plan_span(isa, &Span::of_args(a), qrep, krep, None)
 }
 
 /// Planning of `span.segments` from their query representatives (`[B, planned, Hq, 2, D]`) and
@@ -313,6 +293,17 @@ pub(crate) fn plan_span(
     span: &Span<'_>,
     qrep: &[f64],
     krep: &[f64],
+    states: Option<&mut [PlanState]>,
+) -> Result<Plan> {
+    plan_span_tiles(isa, span, qrep, &key_tiles(&span.dims, span.head_dim, krep)?, states)
+}
+
+/// [`plan_span`] with the key representatives as the logit kernel's tiles ([`key_tiles`]).
+fn plan_span_tiles(
+    isa: Isa,
+    span: &Span<'_>,
+    qrep: &[f64],
+    kt: &[f64],
     states: Option<&mut [PlanState]>,
 ) -> Result<Plan> {
     let d = span.dims;
@@ -336,7 +327,6 @@ pub(crate) fn plan_span(
         .zip(rows_of(&mut scores, units, n))
         .zip(rows_of(&mut ranked, units, rank_width))
         .map(|((logits, scores), ranked)| UnitOut { logits, scores, ranked });
-    let kt = key_tiles(&d, dd, krep)?;
     // Planned units in groups of consecutive segments of one (b, kv head), ascending units.
     let mut groups: Vec<Vec<(usize, UnitOut)>> = Vec::new();
     for (u, out) in outs.enumerate().filter(|(u, _)| span.segments.contains(&(u % d.segments))) {
@@ -348,10 +338,7 @@ pub(crate) fn plan_span(
     let entropy64: Vec<f64> = groups
         .into_par_iter()
         .map(|units| {
-            dispatch(
-                isa,
-                GroupJob { dims: d, head_dim: dd, qsum: &qsum, first, planned, kt: &kt, prev: span.fusion, units },
-            )
+            dispatch(isa, GroupJob { dims: d, head_dim: dd, qsum: &qsum, first, planned, kt, prev: span.fusion, units })
         })
         .collect::<Vec<_>>()
         .concat();
@@ -410,25 +397,23 @@ pub(crate) fn plan_chunks<E: Element>(isa: Isa, a: &ChunkArgs<'_>, states: &mut 
         let d = sc.dims;
         let segs = sc.segments.clone();
         let mut qrep = alloc::grid("query representatives", &[segs.len(), d.q_heads, 2, dd], 0f64)?;
-        qrep.par_chunks_mut(d.q_heads * 2 * dd).enumerate().for_each_init(
-            || vec![0f32; dd],
-            |row, (k, out)| {
-                let positions = d.segment_range(segs.start + k);
-                let token = |p: usize| sc.tokens.start + p - sc.q_start;
-                let tokens = token(positions.start)..token(positions.end);
-                representatives::<E>(|t, h| &qd[q.offset(0, t, h)..][..dd], tokens, d.q_heads, dd, out, row)
-            },
-        );
+        qrep.par_chunks_mut(d.q_heads * 2 * dd).enumerate().for_each_init(Scratch::default, |scratch, (k, out)| {
+            let positions = d.segment_range(segs.start + k);
+            let token = |p: usize| sc.tokens.start + p - sc.q_start;
+            let tokens = token(positions.start)..token(positions.end);
+            let row_of = |t, h| &qd[q.offset(0, t, h)..][..dd];
+            representatives::<E>(isa, row_of, tokens, d.q_heads, dd, out, scratch)
+        });
         // Blocks any planned segment may select: those before its last segment.
         let blocks = if segs.is_empty() { 0 } else { d.causal_limit(segs.end - 1) };
         let mut krep = alloc::grid("key representatives", &[d.blocks, d.kv_heads, 2, dd], 0f64)?;
         if blocks > 0 {
             krep[..blocks * d.kv_heads * 2 * dd].par_chunks_mut(d.kv_heads * 2 * dd).enumerate().for_each_init(
-                || vec![0f32; dd],
-                |row, (j, out)| {
+                Scratch::default,
+                |scratch, (j, out)| {
                     let bk = d.block_size;
                     let at = |t: usize, h: usize| &kd[cache.entry_offset(i, h, t)..][..dd];
-                    representatives::<E>(at, j * bk..(j + 1) * bk, d.kv_heads, dd, out, row)
+                    representatives::<E>(isa, at, j * bk..(j + 1) * bk, d.kv_heads, dd, out, scratch)
                 },
             );
         }

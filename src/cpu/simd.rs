@@ -10,6 +10,8 @@ use crate::tensor::Element;
 pub(crate) trait Simd: Copy + Send + Sync + 'static {
     const LANES: usize;
     type V: Copy;
+    /// Eight f64 lanes on this ISA (the planning logits).
+    type F64x8: super::simd_f64::F64x8;
     unsafe fn zero() -> Self::V;
     unsafe fn splat(x: f32) -> Self::V;
     unsafe fn load(p: *const f32) -> Self::V;
@@ -23,7 +25,10 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise `a > b ? a : b` (`b` where either is NaN).
     unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise `a < b ? a : b` (`b` where either is NaN).
+    unsafe fn min(a: Self::V, b: Self::V) -> Self::V;
     /// `2^x`, relative error below 2e-7; exactly 0 for `x < -126` (including `-inf`).
     unsafe fn exp2(x: Self::V) -> Self::V;
     /// `2^x` for `x ≤ 0` or `−∞` (softmax weights, rescale factors): [`Simd::exp2`] unless the
@@ -92,6 +97,7 @@ pub(crate) mod x86 {
     impl Simd for Avx512 {
         const LANES: usize = 16;
         type V = __m512;
+        type F64x8 = __m512d;
         #[inline(always)]
         unsafe fn widen<E: Element>(src: &[E], dst: &mut [f32]) {
             // SAFETY the macro hands 16 readable u16s and 16 writable f32s per conversion.
@@ -153,6 +159,10 @@ pub(crate) mod x86 {
             unsafe { _mm512_max_ps(a, b) }
         }
         #[inline(always)]
+        unsafe fn min(a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_min_ps(a, b) }
+        }
+        #[inline(always)]
         unsafe fn exp2(x: __m512) -> __m512 {
             unsafe {
                 let tiny = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(-126.0));
@@ -201,6 +211,7 @@ pub(crate) mod x86 {
     impl Simd for Avx2 {
         const LANES: usize = 8;
         type V = __m256;
+        type F64x8 = crate::cpu::simd_f64::Ymm2;
         #[inline(always)]
         unsafe fn widen<E: Element>(src: &[E], dst: &mut [f32]) {
             // SAFETY the macro hands 8 readable u16s and 8 writable f32s per conversion.
@@ -262,6 +273,10 @@ pub(crate) mod x86 {
             unsafe { _mm256_max_ps(a, b) }
         }
         #[inline(always)]
+        unsafe fn min(a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_min_ps(a, b) }
+        }
+        #[inline(always)]
         unsafe fn exp2(x: __m256) -> __m256 {
             unsafe {
                 let tiny = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(-126.0));
@@ -296,6 +311,7 @@ pub(crate) struct Portable;
 impl Simd for Portable {
     const LANES: usize = 8;
     type V = [f32; 8];
+    type F64x8 = [f64; 8];
     #[inline(always)]
     unsafe fn zero() -> [f32; 8] {
         [0.0; 8]
@@ -346,6 +362,10 @@ impl Simd for Portable {
     #[inline(always)]
     unsafe fn max(a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
         std::array::from_fn(|i| if a[i] > b[i] { a[i] } else { b[i] })
+    }
+    #[inline(always)]
+    unsafe fn min(a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
+        std::array::from_fn(|i| if a[i] < b[i] { a[i] } else { b[i] })
     }
     #[inline(always)]
     unsafe fn exp2(x: [f32; 8]) -> [f32; 8] {
