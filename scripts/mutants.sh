@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing of the kernels and the planning code with cargo-mutants (crates.io:
 # `cargo install cargo-mutants --locked`): each mutant of the CPU attention, decode, compression
-# and planning kernels (src/cpu/{tile,attention,decode,compress,plan}.rs) and of the shared
+# and planning kernels (src/cpu/{tile,attention,decode,compress,plan,plan_logits,plan_reps,simd_f64}.rs) and of the shared
 # decision and selection rules (src/plan.rs, src/compress.rs) must fail the tests that compare
 # with the oracle (tests/matrix.rs, tests/check_power.rs, tests/invariants.rs, tests/miri.rs,
 # tests/fuzz.rs) or check validation's errors (tests/soundness.rs). The default run is one fixed
@@ -18,6 +18,6 @@ export CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_INCREMENTAL=true 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/mutants}"
 exec cargo mutants --profile release --no-shuffle --sharding round-robin "${args[@]}" \
   --file src/cpu/tile.rs --file src/cpu/attention.rs --file src/cpu/decode.rs --file src/cpu/compress.rs \
-  --file src/cpu/plan.rs --file src/plan.rs --file src/compress.rs \
+  --file src/cpu/plan.rs --file src/cpu/plan_logits.rs --file src/cpu/plan_reps.rs --file src/cpu/simd_f64.rs --file src/plan.rs --file src/compress.rs \
   --timeout-multiplier 4 --build-timeout-multiplier 4 "$@" \
   -C --test=matrix -C --test=check_power -C --test=invariants -C --test=miri -C --test=fuzz -C --test=soundness

@@ -627,3 +627,46 @@ fn large_launch_shapes_agree_with_the_oracle() {
     let err = common::rel_fro(&common::tensor_f64(&dec), &common::tensor_f64(&exact));
     assert!(err <= common::attn_tol(dtype), "decode: rel err {err:e}");
 }
+
+/// The device planner and the CPU backend's compute the same bits (`src/numerics.rs` /
+/// `cuda/numerics.cuh`): logits, distributions, entropies and every decision, on head dims with
+/// and without a tail past the vector width, GQA and MHA, with layer fusion — so a rounding moved
+/// on either side (a sum reordered, a division rescaled, a representative's dim dropped) fails
+/// here even where the oracle's tolerances would let it pass.
+#[test]
+fn device_and_cpu_plans_agree_bit_for_bit() {
+    if !common::cuda_kernels_available("device_and_cpu_plans_agree_bit_for_bit") {
+        return;
+    }
+    let device = Kernels::from_backend(std::sync::Arc::new(emu::backend().expect("the emulated driver loads")));
+    let cpu = Kernels::cpu();
+    let seed = common::seed("device_and_cpu_plans_agree_bit_for_bit");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    for (i, &(l, hq, hkv, d, dtype)) in
+        [(300, 4, 2, 36, DType::F32), (517, 6, 2, 72, DType::BF16), (260, 2, 2, 128, DType::F16)].iter().enumerate()
+    {
+        let q = common::random([1, l, hq, d], 1.0, seed ^ i as u64, dtype);
+        let k = common::random([1, l, hkv, d], 1.0, seed ^ 0x51 ^ i as u64, dtype);
+        let cfg = EntropyConfig {
+            segment_size: 64,
+            block_size: 8,
+            threshold_len: 64,
+            base_budget: 48,
+            layer_fusion: true,
+            ..EntropyConfig::default()
+        };
+        let first = cpu.plan(q.view(), k.view(), &cfg, &PlanRequest::layer(0)).unwrap();
+        for req in [PlanRequest::layer(0), PlanRequest::layer(2).with_prev(&first.scores)] {
+            let tag = format!("L {l} Hq {hq} Hkv {hkv} D {d} {dtype} layer {}", req.layer_idx);
+            let want = cpu.plan(q.view(), k.view(), &cfg, &req).unwrap();
+            let got = device.plan(q.view(), k.view(), &cfg, &req).unwrap();
+            assert_eq!(bits(&got.logits), bits(&want.logits), "{tag}: logits");
+            assert_eq!(bits(&got.scores), bits(&want.scores), "{tag}: distributions");
+            assert_eq!(bits(&got.entropy), bits(&want.entropy), "{tag}: entropies");
+            assert_eq!(got.head_class, want.head_class, "{tag}: head classes");
+            assert_eq!(got.budgets, want.budgets, "{tag}: budgets");
+            assert_eq!(got.order, want.order, "{tag}: ranking");
+            assert_eq!(got.blocks, want.blocks, "{tag}: block lists");
+        }
+    }
+}
