@@ -180,6 +180,12 @@ pub fn ln(x: f64) -> f64 {
         m *= 0.5;
         e += 1;
     }
+    ln_reduced(m, e as f64)
+}
+
+/// `ln(m·2^e)` for √2/2 ≤ m < √2: the series of atanh, plus e·ln2 in two parts.
+#[inline(always)]
+fn ln_reduced(m: f64, e: f64) -> f64 {
     let f = m - 1.0;
     let s = f / (2.0 + f);
     let z = s * s;
@@ -188,7 +194,6 @@ pub fn ln(x: f64) -> f64 {
         p = p * z + c;
     }
     let ln_m = 2.0 * s + 2.0 * s * (z * p);
-    let e = e as f64;
     e * LN2_HI + (e * LN2_LO + ln_m)
 }
 
@@ -205,16 +210,7 @@ pub fn ln_lanes(x: [f64; 8]) -> [f64; 8] {
         let m = f64::from_bits((bits & 0x000F_FFFF_FFFF_FFFF) | 0x3FF0_0000_0000_0000);
         let big = m > SQRT2;
         let (m, e) = if big { (m * 0.5, e + 1) } else { (m, e) };
-        let f = m - 1.0;
-        let s = f / (2.0 + f);
-        let z = s * s;
-        let mut p = LN_SERIES[0];
-        for c in &LN_SERIES[1..] {
-            p = p * z + c;
-        }
-        let ln_m = 2.0 * s + 2.0 * s * (z * p);
-        let e = e as f64;
-        let core = e * LN2_HI + (e * LN2_LO + ln_m);
+        let core = ln_reduced(m, e as f64);
         *out = if x.is_nan() || x < 0.0 {
             f64::NAN
         } else if x == 0.0 {
