@@ -12,7 +12,9 @@
 //!
 //! `cuda/numerics.cuh` is the device twin, written with round-to-nearest intrinsics
 //! (`__dmul_rn`, `__dadd_rn`, …) that the compiler never contracts into FMAs. Rust never contracts
-//! either, so both sides round every operation the same way. `tests/cuda_emu.rs` compares the
+//! either, so both sides round every operation the same way. (The CPU's logit kernel fuses
+//! [`dot`]'s multiply-adds only where every product is exact — then one rounding is the same as
+//! two: `cpu/plan_logits.rs`, `products_exact`.) `tests/cuda_emu.rs` compares the
 //! device plan with the CPU plan bit for bit; `tests/cuda_compile.rs` checks the compiled PTX of
 //! the planning kernels for FMAs and library calls.
 
@@ -23,6 +25,16 @@
 pub fn rank_cmp(a: f64, b: f64) -> std::cmp::Ordering {
     let canonical = |x: f64| if x.is_nan() { f64::from_bits(0xFFF8_0000_0000_0000) } else { x };
     canonical(b).total_cmp(&canonical(a))
+}
+
+/// [`rank_cmp`] as an integer: `rank_key(a) < rank_key(b)` exactly when `a` ranks before `b`
+/// (equal keys exactly when they tie).
+#[inline]
+pub fn rank_key(x: f64) -> u64 {
+    let bits = if x.is_nan() { 0xFFF8_0000_0000_0000 } else { x.to_bits() };
+    // IEEE total order as unsigned order: negatives' bits reversed, positives' above them.
+    let ascending = if bits >> 63 == 1 { !bits } else { bits | 1 << 63 };
+    !ascending
 }
 
 /// [`rank_cmp`] for f32 keys (`sortable32` in cuda/topk.cuh).
@@ -242,6 +254,21 @@ pub(crate) mod tests {
         assert_eq!(rank_cmp32(-f32::NAN, f32::NAN), Equal);
     }
 
+    /// The integer keys order every pair of values as `rank_cmp` does, ties included.
+    #[test]
+    fn rank_keys_order_as_rank_cmp() {
+        let mut xs = vec![0.0, -0.0, 1.0, -1.0, 2.0, f64::INFINITY, f64::NEG_INFINITY, f64::MAX, f64::MIN];
+        xs.extend([f64::MIN_POSITIVE, -f64::MIN_POSITIVE, f64::from_bits(1), -f64::from_bits(1), 1.0 + f64::EPSILON]);
+        xs.extend([f64::NAN, -f64::NAN, f64::from_bits(0x7FF8_0000_0000_0001), f64::from_bits(0xFFF0_0000_0000_0001)]);
+        let mut rng = crate::synth::Rng::new(3);
+        xs.extend((0..200).map(|_| rng.normal() * 10f64.powi((rng.normal() * 50.0) as i32)));
+        for &a in &xs {
+            for &b in &xs {
+                assert_eq!(rank_key(a).cmp(&rank_key(b)), rank_cmp(a, b), "{a:e} vs {b:e}");
+            }
+        }
+    }
+
     fn ulps(a: f64, b: f64) -> u64 {
         (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs()
     }
@@ -285,7 +312,7 @@ pub(crate) mod tests {
             xs.push(u * 1e-300);
             xs.push((u * 1400.0 - 700.0).exp());
         }
-        while xs.len() % 8 != 0 {
+        while !xs.len().is_multiple_of(8) {
             xs.push(1.0);
         }
         xs

@@ -562,21 +562,22 @@ pub mod rules {
 
     /// Ranks the candidate blocks of one row (keys for `j < candidates.len()`, larger first, ties to
     /// the lower index) and writes the first `out.len()` blocks, continuing with the masked blocks
-    /// `candidates.len()..` in ascending order when the candidates run out.
-    pub fn rank_row(candidates: &[f64], scratch: &mut Vec<u32>, out: &mut [u32]) {
+    /// `candidates.len()..` in ascending order when the candidates run out. Each block is one
+    /// integer, [`crate::numerics::rank_key`] above its index, so that the order is the integers'.
+    pub fn rank_row(candidates: &[f64], scratch: &mut Vec<u128>, out: &mut [u32]) {
         let width = out.len();
         let n = candidates.len();
         scratch.clear();
-        scratch.extend(0..n as u32);
-        let by_rank = |a: &u32, b: &u32| {
-            crate::numerics::rank_cmp(candidates[*a as usize], candidates[*b as usize]).then(a.cmp(b))
-        };
+        let key = |(j, &x): (usize, &f64)| (u128::from(crate::numerics::rank_key(x)) << 32) | j as u128;
+        scratch.extend(candidates.iter().enumerate().map(key));
         let take = width.min(n);
         if take > 0 && take < n {
-            scratch.select_nth_unstable_by(take - 1, by_rank);
+            scratch.select_nth_unstable(take - 1);
         }
-        scratch[..take].sort_unstable_by(by_rank);
-        out[..take].copy_from_slice(&scratch[..take]);
+        scratch[..take].sort_unstable();
+        for (o, &key) in out.iter_mut().zip(&scratch[..take]) {
+            *o = key as u32; // the index: the low 32 bits
+        }
         for (i, o) in out[take..].iter_mut().enumerate() {
             *o = (n + i) as u32;
         }

@@ -5,10 +5,10 @@
 
 use rayon::prelude::*;
 
-use super::plan_logits::{TILE_KEYS, key_tiles, put_in_tile, row_dots};
+use super::plan_logits::{KeyTiles, PackedRows, TILE_KEYS, key_tiles, put_in_tile};
 use super::plan_reps::{Scratch, representatives};
 use super::simd::{Isa, Simd, WithSimd, dispatch};
-use super::simd_f64::{F64x8, MAX_ROWS};
+use super::simd_f64::F64x8;
 use crate::alloc;
 use crate::config::EntropyConfig;
 use crate::engine::args::ChunkSettings;
@@ -42,7 +42,7 @@ struct GroupJob<'a, 'o> {
     first: usize,
     planned: usize,
     /// The key tiles of [`key_tiles`].
-    kt: &'a [f64],
+    kt: &'a KeyTiles,
     prev: Option<&'a [f32]>,
     /// The units `(u, out)`, ascending segments of one (b, kv head).
     units: Vec<(usize, UnitOut<'o>)>,
@@ -60,8 +60,8 @@ impl WithSimd for GroupJob<'_, '_> {
         let lims: Vec<usize> = units.iter().map(|(u, _)| d.causal_limit(u % d.segments)).collect();
         debug_assert!(lims.is_sorted(), "ascending segments see ascending blocks");
         let tile_len = 2 * dd * TILE_KEYS;
-        let head = &kt[bh * n.div_ceil(TILE_KEYS) * tile_len..];
-        // The query rows, unit by unit, its group's heads in order; a zero row pads the last call.
+        let head = &kt.data[bh * n.div_ceil(TILE_KEYS) * tile_len..];
+        // The query rows, unit by unit, its group's heads in order.
         let qrows: Vec<&[f64]> = units
             .iter()
             .flat_map(|(u, _)| {
@@ -69,22 +69,21 @@ impl WithSimd for GroupJob<'_, '_> {
                 (0..g).map(move |gi| &qsum[((b * planned + s - first) * d.q_heads + h * g + gi) * dd..][..dd])
             })
             .collect();
-        let zero = vec![0f64; dd];
-        let mut dots = vec![[[0f64; TILE_KEYS]; 2]; qrows.len()];
+        let per_call = S::F64x8::ROWS;
+        let mut dots = vec![[[0f64; TILE_KEYS]; 2]; qrows.len().next_multiple_of(per_call)];
         let mut logits = vec![f64::NEG_INFINITY; units.len() * n];
+        let (mut packed, mut packed_from) = (PackedRows::default(), None);
         for t in 0..lims.last().copied().unwrap_or(0).div_ceil(TILE_KEYS) {
             let tile = &head[t * tile_len..][..tile_len];
             let j0 = t * TILE_KEYS;
-            // The units that see this tile: a suffix, as limits ascend.
+            // The units that see this tile: a suffix, as limits ascend; their rows repacked when
+            // it shrinks (at most once per unit).
             let active = lims.partition_point(|&lim| lim <= j0);
-            let rows = &qrows[active * g..];
-            let per_call = S::F64x8::ROWS;
-            for (chunk, out) in rows.chunks(per_call).zip(dots.chunks_mut(per_call)) {
-                let padded: [&[f64]; MAX_ROWS] = std::array::from_fn(|r| chunk.get(r).copied().unwrap_or(&zero));
-                let mut block = [[[0f64; TILE_KEYS]; 2]; MAX_ROWS];
-                row_dots::<S::F64x8>(&padded[..per_call], tile, &mut block[..per_call]);
-                out[..chunk.len()].copy_from_slice(&block[..chunk.len()]);
+            if packed_from != Some(active) {
+                packed.pack(&qrows[active * g..], per_call);
+                packed_from = Some(active);
             }
+            packed.tile_dots::<S::F64x8>(kt, tile, &mut dots);
             for (k, unit_dots) in (active..units.len()).zip(dots.chunks(g)) {
                 let mut sum = [0f64; TILE_KEYS];
                 for [mx, mn] in unit_dots {
@@ -114,7 +113,7 @@ impl WithSimd for GroupJob<'_, '_> {
 struct UnitRows {
     p: Vec<f64>,
     terms: Vec<f64>,
-    ranking: Vec<u32>,
+    ranking: Vec<u128>,
 }
 
 /// A unit's distribution over its logits (`lim` candidate blocks), fused with the previous
@@ -215,23 +214,27 @@ pub(crate) fn plan<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Result<Plan> {
     // The keys' straight into the logit kernel's tiles: one pass, no `[B, N, Hkv, 2, D]` copy.
     let tiles = n.div_ceil(TILE_KEYS);
     let tile_len = 2 * dd * TILE_KEYS;
-    let mut kt = alloc::zeroed::<f64>("the key representative tiles", &[d.batch * d.kv_heads, tiles, tile_len])?;
-    if n > 0 {
-        kt.par_chunks_mut(tile_len).enumerate().for_each_init(
+    let mut data = alloc::zeroed::<f64>("the key representative tiles", &[d.batch * d.kv_heads, tiles, tile_len])?;
+    let bits_or = data
+        .par_chunks_mut(tile_len)
+        .enumerate()
+        .map_init(
             || (Scratch::default(), vec![0f64; 2 * dd]),
             |(scratch, block), (bht, tile)| {
                 let (bh, t) = (bht / tiles, bht % tiles);
                 let (b, h) = (bh / d.kv_heads, bh % d.kv_heads);
                 let bk = d.block_size;
                 let row_of = |t, _| &kd[k.offset(b, t, h)..][..dd];
+                let mut or = 0;
                 for j in t * TILE_KEYS..n.min((t + 1) * TILE_KEYS) {
                     representatives::<E>(isa, row_of, j * bk..(j + 1) * bk, 1, dd, block, scratch);
-                    put_in_tile(block, j % TILE_KEYS, tile);
+                    or |= put_in_tile(block, j % TILE_KEYS, tile);
                 }
+                or
             },
-        );
-    }
-    plan_span_tiles(isa, &Span::of_args(a), &qrep, &kt, None)
+        )
+        .reduce(|| 0, |a, b| a | b);
+    plan_span_tiles(isa, &Span::of_args(a), &qrep, &KeyTiles { data, bits_or }, None)
 }
 
 /// What planning decides over, wherever the representatives came from.
@@ -303,7 +306,7 @@ fn plan_span_tiles(
     isa: Isa,
     span: &Span<'_>,
     qrep: &[f64],
-    kt: &[f64],
+    kt: &KeyTiles,
     states: Option<&mut [PlanState]>,
 ) -> Result<Plan> {
     let d = span.dims;

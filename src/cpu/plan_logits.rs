@@ -6,6 +6,10 @@
 //! but leaves the lanes independent: the kernel runs lane by lane, so the eight keys of a tile sit
 //! in a vector's lanes, one key vector serves `ROWS` query rows, and each lane's partial sum is
 //! added onto the total in lane order as `dot` does — no horizontal sums, no transposes.
+//!
+//! `dot` rounds each product, then each sum. Where every product is exact — a row's and a key's
+//! significant bits together fit f64's 53, as they do for 16-bit inputs — a fused multiply-add
+//! rounds exactly the same sum once: the same bits from one instruction instead of two.
 
 use super::simd_f64::{F64x8, MAX_ROWS};
 use crate::alloc;
@@ -19,59 +23,156 @@ const DOT_LANES: usize = 8;
 /// Per row, its dots with the eight keys' max and min representatives.
 pub(super) type RowDots = [[f64; TILE_KEYS]; 2];
 
-/// The key representatives `[B][N][Hkv][2][D]` as tiles `[B·Hkv][N / TILE_KEYS][2][D][TILE_KEYS]`
-/// (blocks past N zero): a tile is contiguous, and a query row meets its eight keys lane-wise.
-pub(super) fn key_tiles(d: &PlanDims, dd: usize, krep: &[f64]) -> Result<Vec<f64>> {
+/// Where dim `x` of a `D`-dim row sits in a tile or a packed row chunk: lane-major (`dot`'s lane
+/// `x % 8` first, then `x / 8`) over the whole chunks of eight, so that the kernel's lane-by-lane
+/// pass reads memory in order (the prefetchers follow it); the tail dims in place.
+#[inline(always)]
+pub(super) fn dim_slot(x: usize, dd: usize) -> usize {
+    let whole = dd / DOT_LANES * DOT_LANES;
+    if x < whole { x % DOT_LANES * (whole / DOT_LANES) + x / DOT_LANES } else { x }
+}
+
+/// The key representatives as the micro-kernel's tiles, and the OR of their values' bits (a
+/// bound on their significant bits: [`significant_bits`]).
+pub(super) struct KeyTiles {
+    /// `[B·Hkv][N / TILE_KEYS][2][D][TILE_KEYS]` (dims in [`dim_slot`] order), blocks past N zero.
+    pub data: Vec<f64>,
+    pub bits_or: u64,
+}
+
+/// The key representatives `[B][N][Hkv][2][D]` as [`KeyTiles`]: a tile is contiguous, and a query
+/// row meets its eight keys lane-wise.
+pub(super) fn key_tiles(d: &PlanDims, dd: usize, krep: &[f64]) -> Result<KeyTiles> {
     use rayon::prelude::*;
     let (n, hkv) = (d.blocks, d.kv_heads);
     let tiles = n.div_ceil(TILE_KEYS);
     let tile_len = 2 * dd * TILE_KEYS;
-    let mut kt = alloc::zeroed::<f64>("the key representative tiles", &[d.batch * hkv, tiles, tile_len])?;
-    if kt.is_empty() || krep.len() < d.batch * n * hkv * 2 * dd {
-        return Ok(kt); // no block, or no candidate block: the representatives are never read
+    let mut data = alloc::zeroed::<f64>("the key representative tiles", &[d.batch * hkv, tiles, tile_len])?;
+    if data.is_empty() || krep.len() < d.batch * n * hkv * 2 * dd {
+        return Ok(KeyTiles { data, bits_or: 0 }); // no block, or no candidate: never read
     }
-    kt.par_chunks_mut(tile_len).enumerate().for_each(|(bht, tile)| {
-        let (bh, t) = (bht / tiles, bht % tiles);
-        let (b, h) = (bh / hkv, bh % hkv);
-        for j in t * TILE_KEYS..n.min((t + 1) * TILE_KEYS) {
-            put_in_tile(&krep[((b * n + j) * hkv + h) * 2 * dd..][..2 * dd], j % TILE_KEYS, tile);
-        }
-    });
-    Ok(kt)
+    let bits_or = data
+        .par_chunks_mut(tile_len)
+        .enumerate()
+        .map(|(bht, tile)| {
+            let (bh, t) = (bht / tiles, bht % tiles);
+            let (b, h) = (bh / hkv, bh % hkv);
+            let block = |j| &krep[((b * n + j) * hkv + h) * 2 * dd..][..2 * dd];
+            (t * TILE_KEYS..n.min((t + 1) * TILE_KEYS)).fold(0, |or, j| or | put_in_tile(block(j), j % TILE_KEYS, tile))
+        })
+        .reduce(|| 0, |a, b| a | b);
+    Ok(KeyTiles { data, bits_or })
 }
 
-/// One block's representatives `[2][D]` (max then min) as key `l` of a tile `[2][D][TILE_KEYS]`.
+/// One block's representatives `[2][D]` (max then min) as key `l` of a tile `[2][D][TILE_KEYS]`
+/// (dims in [`dim_slot`] order); returns the OR of their bits.
 #[inline]
-pub(super) fn put_in_tile(block: &[f64], l: usize, tile: &mut [f64]) {
-    for (i, &x) in block.iter().enumerate() {
-        tile[i * TILE_KEYS + l] = x;
+pub(super) fn put_in_tile(block: &[f64], l: usize, tile: &mut [f64]) -> u64 {
+    let dd = block.len() / 2;
+    let mut or = 0;
+    for (half, tile) in block.chunks_exact(dd).zip(tile.chunks_exact_mut(dd * TILE_KEYS)) {
+        for (x, &v) in half.iter().enumerate() {
+            tile[dim_slot(x, dd) * TILE_KEYS + l] = v;
+            or |= v.to_bits();
+        }
+    }
+    or
+}
+
+/// A bound on the significant bits of every f64 whose bits were OR-ed into `or`: 53 less the
+/// trailing zeros every significand shares (0 when every value is ±0).
+pub(super) fn significant_bits(or: u64) -> u32 {
+    const FRACTION: u64 = (1 << 52) - 1;
+    if or << 1 == 0 { 0 } else { 53 - (or & FRACTION).trailing_zeros().min(52) }
+}
+
+/// Whether every product of a row value and a key value is exact in f64, so that a fused
+/// multiply-add rounds as `dot`'s multiply then add: their significands fit 53 bits together.
+/// (Representatives are values of f32 inputs — rows sums of two — so no product leaves f64's
+/// normal range.)
+pub(super) fn products_exact(rows_or: u64, keys_or: u64) -> bool {
+    significant_bits(rows_or) + significant_bits(keys_or) <= 53
+}
+
+/// Query rows `[R][D]` as the micro-kernel reads them: chunks of `V::ROWS` rows, each
+/// `[D][ROWS]` (a dim's values of the chunk's rows side by side, so the kernel reaches every row
+/// from one pointer; dims in [`dim_slot`] order), the last chunk padded with zero rows; and the
+/// OR of the rows' bits, which decides with the keys' whether products may be fused.
+#[derive(Default)]
+pub(super) struct PackedRows {
+    data: Vec<f64>,
+    bits_or: u64,
+}
+
+impl PackedRows {
+    /// Packs `rows` (all of one length) in chunks of `per_call`, reusing the buffer.
+    pub fn pack(&mut self, rows: &[&[f64]], per_call: usize) {
+        let dd = rows.first().map_or(0, |r| r.len());
+        self.data.clear();
+        self.data.resize(rows.len().div_ceil(per_call) * dd * per_call, 0.0);
+        self.bits_or = 0;
+        for (chunk, out) in rows.chunks(per_call).zip(self.data.chunks_mut(dd * per_call)) {
+            for (r, row) in chunk.iter().enumerate() {
+                for (x, &v) in row.iter().enumerate() {
+                    out[dim_slot(x, dd) * per_call + r] = v;
+                    self.bits_or |= v.to_bits();
+                }
+            }
+        }
+    }
+
+    /// Every packed row's dots with the eight keys of `tile` (one of `keys`' tiles) into `out`,
+    /// one [`RowDots`] per packed row (padding included), bit for bit `numerics::dot`: fused
+    /// where [`products_exact`]. Inlined, as the kernel: compiled in the caller's ISA entry point.
+    #[inline(always)]
+    pub fn tile_dots<V: F64x8>(&self, keys: &KeyTiles, tile: &[f64], out: &mut [RowDots]) {
+        let dd = tile.len() / (2 * TILE_KEYS);
+        let per_call = dd * V::ROWS;
+        let fused = products_exact(self.bits_or, keys.bits_or);
+        for (rows, out) in self.data.chunks(per_call.max(1)).zip(out.chunks_mut(V::ROWS)) {
+            if fused {
+                row_dots::<V, true>(rows, tile, out);
+            } else {
+                row_dots::<V, false>(rows, tile, out);
+            }
+        }
     }
 }
 
-/// `out[r] = (dot(rows[r], kmax_l), dot(rows[r], kmin_l))` for the eight keys `l` of `tile`
-/// (`[2][D][TILE_KEYS]`) and the `V::ROWS` rows, each bit for bit `numerics::dot`: lane `i`'s
-/// products added in dim order onto 0, the lanes added 0 to 7 onto 0, then the tail (the
-/// `D % 8` last dims) in order.
+/// `out[r] = (dot(row_r, kmax_l), dot(row_r, kmin_l))` for the eight keys `l` of `tile`
+/// (`[2][D][TILE_KEYS]`) and the `V::ROWS` rows of `rows` (one chunk of [`PackedRows`]), each bit
+/// for bit `numerics::dot`: lane `i`'s products added in dim order onto 0, the lanes added 0 to 7
+/// onto 0, then the tail (the `D % 8` last dims) in order. `FUSED`: multiply-adds fused — only
+/// where [`products_exact`].
 #[inline(always)]
-pub(super) fn row_dots<V: F64x8>(rows: &[&[f64]], tile: &[f64], out: &mut [RowDots]) {
-    let dd = rows[0].len();
-    assert!(rows.len() == V::ROWS && out.len() == V::ROWS && V::ROWS <= MAX_ROWS, "one micro-kernel's rows");
-    assert!(rows.iter().all(|r| r.len() == dd) && tile.len() == 2 * dd * TILE_KEYS, "row and tile lengths");
+#[allow(clippy::needless_range_loop)] // indexed, the accumulators stay in registers (~3% faster measured)
+pub(super) fn row_dots<V: F64x8, const FUSED: bool>(rows: &[f64], tile: &[f64], out: &mut [RowDots]) {
+    let dd = tile.len() / (2 * TILE_KEYS);
+    assert!(out.len() == V::ROWS && V::ROWS <= MAX_ROWS, "one micro-kernel's rows");
+    assert!(rows.len() == dd * V::ROWS && tile.len() == 2 * dd * TILE_KEYS, "row and tile lengths");
     let (kmax, kmin) = (tile.as_ptr(), tile[dd * TILE_KEYS..].as_ptr());
     let whole = dd / DOT_LANES * DOT_LANES;
     out.fill([[0f64; TILE_KEYS]; 2]);
-    // SAFETY: r < V::ROWS = rows.len() = out.len(); x < whole ≤ D, the length of every row and of
-    // both key halves (`[D][TILE_KEYS]`, asserted); the ISA is `dispatch`'s.
+    // SAFETY: r < V::ROWS = out.len(); slot < whole ≤ D, and rows holds `[D][ROWS]`, both key
+    // halves `[D][TILE_KEYS]` (asserted); the ISA is `dispatch`'s.
     unsafe {
+        let per_lane = whole / DOT_LANES;
         for lane in 0..DOT_LANES {
             let mut acc = [[V::zero(); 2]; MAX_ROWS];
-            for x in (lane..whole).step_by(DOT_LANES) {
-                let kx = V::load(kmax.add(x * TILE_KEYS));
-                let kn = V::load(kmin.add(x * TILE_KEYS));
+            // Dims lane, lane + 8, … in order: slots lane·D/8 … (lane + 1)·D/8 − 1.
+            for slot in lane * per_lane..(lane + 1) * per_lane {
+                let kx = V::load(kmax.add(slot * TILE_KEYS));
+                let kn = V::load(kmin.add(slot * TILE_KEYS));
+                let at = rows.as_ptr().add(slot * V::ROWS);
                 for r in 0..V::ROWS {
-                    let q = V::splat(*rows.get_unchecked(r).get_unchecked(x));
-                    acc[r][0] = V::add(acc[r][0], V::mul(q, kx));
-                    acc[r][1] = V::add(acc[r][1], V::mul(q, kn));
+                    let q = V::splat(*at.add(r));
+                    if FUSED {
+                        acc[r][0] = V::mul_add(q, kx, acc[r][0]);
+                        acc[r][1] = V::mul_add(q, kn, acc[r][1]);
+                    } else {
+                        acc[r][0] = V::add(acc[r][0], V::mul(q, kx));
+                        acc[r][1] = V::add(acc[r][1], V::mul(q, kn));
+                    }
                 }
             }
             for r in 0..V::ROWS {
@@ -85,10 +186,12 @@ pub(super) fn row_dots<V: F64x8>(rows: &[&[f64]], tile: &[f64], out: &mut [RowDo
     let (kmax, kmin) = tile.split_at(dd * TILE_KEYS);
     let (kmax, kmin) = (kmax.as_chunks::<TILE_KEYS>().0, kmin.as_chunks::<TILE_KEYS>().0);
     for x in whole..dd {
-        for (row, total) in rows.iter().zip(out.iter_mut()) {
+        // dim_slot(x) = x in the tail
+        for (r, total) in out.iter_mut().enumerate() {
+            let q = rows[x * V::ROWS + r];
             for l in 0..TILE_KEYS {
-                total[0][l] += row[x] * kmax[x][l];
-                total[1][l] += row[x] * kmin[x][l];
+                total[0][l] += q * kmax[x][l];
+                total[1][l] += q * kmin[x][l];
             }
         }
     }
@@ -98,52 +201,168 @@ pub(super) fn row_dots<V: F64x8>(rows: &[&[f64]], tile: &[f64], out: &mut [RowDo
 mod tests {
     use super::*;
     use crate::numerics;
+    use crate::synth::Rng;
 
-    /// Bit for bit `numerics::dot`, for head dims with and without a tail and rows of every sign.
-    #[test]
-    fn row_dots_are_numerics_dot_bit_for_bit() {
-        let mut rng = crate::synth::Rng::new(5);
-        for dd in [1, 7, 8, 13, 64, 72, 128, 131] {
-            let rows: Vec<Vec<f64>> = (0..MAX_ROWS).map(|_| (0..dd).map(|_| rng.normal() * 3.0).collect()).collect();
-            let keys: Vec<[Vec<f64>; 2]> = (0..TILE_KEYS)
-                .map(|_| [(0..dd).map(|_| rng.normal()).collect(), (0..dd).map(|_| rng.normal()).collect()])
-                .collect();
+    /// Rows and eight keys' tile, rows `[MAX_ROWS][D]`, keys `[TILE_KEYS][2][D]`.
+    struct Case {
+        rows: Vec<Vec<f64>>,
+        keys: Vec<[Vec<f64>; 2]>,
+        tile: Vec<f64>,
+    }
+
+    impl Case {
+        fn new(dd: usize, mut row: impl FnMut() -> f64, mut key: impl FnMut() -> f64) -> Case {
+            let rows: Vec<Vec<f64>> = (0..MAX_ROWS).map(|_| (0..dd).map(|_| row()).collect()).collect();
+            let keys: Vec<[Vec<f64>; 2]> =
+                (0..TILE_KEYS).map(|_| [(0..dd).map(|_| key()).collect(), (0..dd).map(|_| key()).collect()]).collect();
             let mut tile = vec![0f64; 2 * dd * TILE_KEYS];
             for (l, k) in keys.iter().enumerate() {
-                for m in 0..2 {
-                    for x in 0..dd {
-                        tile[(m * dd + x) * TILE_KEYS + l] = k[m][x];
+                put_in_tile(&[&k[0][..], &k[1][..]].concat(), l, &mut tile);
+            }
+            Case { rows, keys, tile }
+        }
+
+        fn or(values: &[f64]) -> u64 {
+            values.iter().fold(0, |or, x| or | x.to_bits())
+        }
+
+        fn products_exact(&self) -> bool {
+            products_exact(Self::or(&self.rows.concat()), Self::or(&self.tile))
+        }
+
+        /// `row_dots` on this ISA's row count; how many results differ from `numerics::dot`.
+        fn mismatches<V: F64x8, const FUSED: bool>(&self) -> usize {
+            let mut out = vec![[[f64::NAN; TILE_KEYS]; 2]; V::ROWS];
+            let rows: Vec<&[f64]> = self.rows[..V::ROWS].iter().map(|r| &r[..]).collect();
+            let mut packed = PackedRows { data: vec![f64::NAN; 3], bits_or: 0 };
+            packed.pack(&rows, V::ROWS);
+            row_dots::<V, FUSED>(&packed.data, &self.tile, &mut out);
+            let mut bad = 0;
+            for (r, got) in out.iter().enumerate() {
+                for (l, k) in self.keys.iter().enumerate() {
+                    for m in 0..2 {
+                        bad += usize::from(got[m][l].to_bits() != numerics::dot(&self.rows[r], &k[m]).to_bits());
                     }
                 }
             }
-            let check = |out: &[RowDots], isa: &str| {
-                for (r, got) in out.iter().enumerate() {
-                    for (l, k) in keys.iter().enumerate() {
-                        for m in 0..2 {
-                            let want = numerics::dot(&rows[r], &k[m]);
-                            assert_eq!(got[m][l].to_bits(), want.to_bits(), "{isa}: D {dd} row {r} key {l} half {m}");
-                        }
+            bad
+        }
+
+        /// Through [`PackedRows::tile_dots`], which picks the kernel: how many results differ
+        /// from `numerics::dot`.
+        fn tile_mismatches<V: F64x8>(&self) -> usize {
+            let rows: Vec<&[f64]> = self.rows.iter().map(|r| &r[..]).collect();
+            let mut packed = PackedRows::default();
+            packed.pack(&rows, V::ROWS);
+            let keys = KeyTiles { data: self.tile.clone(), bits_or: Self::or(&self.tile) };
+            let mut out = vec![[[f64::NAN; TILE_KEYS]; 2]; rows.len().next_multiple_of(V::ROWS)];
+            packed.tile_dots::<V>(&keys, &keys.data, &mut out);
+            let mut bad = 0;
+            for (row, got) in self.rows.iter().zip(&out) {
+                for (l, k) in self.keys.iter().enumerate() {
+                    for m in 0..2 {
+                        bad += usize::from(got[m][l].to_bits() != numerics::dot(row, &k[m]).to_bits());
                     }
                 }
-            };
-            let run = |n: usize, f: &dyn Fn(&[&[f64]], &mut [RowDots])| {
-                let mut out = vec![[[f64::NAN; TILE_KEYS]; 2]; n];
-                let r: Vec<&[f64]> = rows[..n].iter().map(|r| &r[..]).collect();
-                f(&r, &mut out);
-                out
-            };
-            check(&run(<[f64; 8]>::ROWS, &|r, o| row_dots::<[f64; 8]>(r, &tile, o)), "portable");
+            }
+            bad
+        }
+
+        /// `mismatches::<FUSED>` (`tile_mismatches` unless `direct`) on every ISA this CPU has.
+        fn on_every_isa<const FUSED: bool>(&self, direct: bool) -> Vec<(&'static str, usize)> {
+            fn run<V: F64x8, const FUSED: bool>(case: &Case, direct: bool) -> usize {
+                if direct { case.mismatches::<V, FUSED>() } else { case.tile_mismatches::<V>() }
+            }
+            let mut seen = vec![("portable", run::<[f64; 8], FUSED>(self, direct))];
             #[cfg(target_arch = "x86_64")]
             {
                 use crate::cpu::simd_f64::Ymm2;
                 use std::arch::x86_64::__m512d;
-                if is_x86_feature_detected!("avx2") {
-                    check(&run(Ymm2::ROWS, &|r, o| row_dots::<Ymm2>(r, &tile, o)), "avx2");
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    seen.push(("avx2", run::<Ymm2, FUSED>(self, direct)));
                 }
                 if is_x86_feature_detected!("avx512f") {
-                    check(&run(__m512d::ROWS, &|r, o| row_dots::<__m512d>(r, &tile, o)), "avx512");
+                    seen.push(("avx512", run::<__m512d, FUSED>(self, direct)));
+                }
+            }
+            seen
+        }
+    }
+
+    const HEAD_DIMS: [usize; 8] = [1, 7, 8, 13, 64, 72, 128, 131];
+
+    /// Bit for bit `numerics::dot`, for head dims with and without a tail and rows of every sign.
+    #[test]
+    fn row_dots_are_numerics_dot_bit_for_bit() {
+        let (mut rows, mut keys) = (Rng::new(5), Rng::new(50));
+        for dd in HEAD_DIMS {
+            let case = Case::new(dd, || 3.0 * rows.normal(), || keys.normal());
+            for (isa, bad) in case.on_every_isa::<false>(true) {
+                assert_eq!(bad, 0, "{isa}: D {dd}");
+            }
+        }
+    }
+
+    /// 16-bit inputs' rows (sums of two bf16 values) and keys: every product is exact, and the
+    /// fused kernel is bit for bit `numerics::dot`.
+    #[test]
+    fn fused_row_dots_are_numerics_dot_where_products_are_exact() {
+        let (mut rows, mut keys) = (Rng::new(6), Rng::new(60));
+        let bf16 = |rng: &mut Rng| half::bf16::from_f64(rng.normal() * 4.0).to_f64();
+        for dd in HEAD_DIMS {
+            let case = Case::new(dd, || bf16(&mut rows) + bf16(&mut rows), || bf16(&mut keys));
+            assert!(case.products_exact(), "D {dd}: sums of two bf16 values times bf16 values are exact");
+            for (isa, bad) in case.on_every_isa::<true>(true) {
+                assert_eq!(bad, 0, "{isa}: D {dd}");
+            }
+        }
+    }
+
+    /// The guard matters: on full-width f64 rows the products are not exact, and a fused kernel
+    /// would differ from `numerics::dot` (the portable form is never fused, so it is exempt).
+    #[test]
+    fn fused_row_dots_differ_where_products_are_inexact() {
+        let (mut rows, mut keys) = (Rng::new(7), Rng::new(70));
+        let case = Case::new(128, || rows.normal(), || half::bf16::from_f64(keys.normal()).to_f64());
+        assert!(!case.products_exact(), "53-bit rows times 8-bit keys");
+        for (isa, bad) in case.on_every_isa::<true>(true) {
+            assert!(isa == "portable" || bad > 0, "{isa}: a fused kernel matched dot on inexact products");
+        }
+    }
+
+    /// What planning runs: the kernel `tile_dots` picks is bit for bit `numerics::dot` on rows
+    /// whose products are exact (fused) and on rows whose products are not (where a fused kernel
+    /// differs, as above) — 13 rows, so a chunk is padded.
+    #[test]
+    fn tile_dots_fuse_only_exact_products() {
+        let (mut rows, mut keys) = (Rng::new(8), Rng::new(80));
+        let bf16 = |rng: &mut Rng| half::bf16::from_f64(rng.normal()).to_f64();
+        for dd in HEAD_DIMS {
+            let mut exact = Case::new(dd, || bf16(&mut rows) + bf16(&mut rows), || bf16(&mut keys));
+            let mut inexact = Case::new(dd, || rows.normal(), || bf16(&mut keys));
+            for case in [&mut exact, &mut inexact] {
+                case.rows.push(case.rows[0].iter().map(|x| -x).collect());
+            }
+            for (case, what) in [(&exact, "exact"), (&inexact, "inexact")] {
+                for (isa, bad) in case.on_every_isa::<false>(false) {
+                    assert_eq!(bad, 0, "{isa}: D {dd}, {what} products");
                 }
             }
         }
+    }
+
+    #[test]
+    fn significant_bits_bound_the_significands() {
+        let bits = |xs: &[f64]| significant_bits(Case::or(xs));
+        assert_eq!(bits(&[0.0, -0.0]), 0);
+        assert_eq!(bits(&[1.0, -2.0, 0.5]), 1);
+        assert_eq!(bits(&[1.5, 3.0]), 2);
+        assert_eq!(bits(&[f64::from(f32::MAX), f64::from(f32::MIN_POSITIVE)]), 24);
+        assert_eq!(bits(&[1.0 + f64::EPSILON]), 53);
+        assert_eq!(bits(&[half::bf16::MAX.to_f64(), 0.0]), 8);
+        // 2^-1074, a subnormal: a bound, not the count (it has one significant bit).
+        assert_eq!(bits(&[f64::from_bits(1)]), 53);
+        assert!(products_exact(Case::or(&[1.0 + 2f64.powi(-28)]), Case::or(&[f64::from(f32::MAX)])));
+        assert!(!products_exact(Case::or(&[1.0 + 2f64.powi(-29)]), Case::or(&[f64::from(f32::MAX)])));
     }
 }

@@ -1,5 +1,6 @@
-//! Eight f64 lanes for the planning logits: multiplies and adds each rounded on its own (never
-//! fused: the decisions' arithmetic is `numerics`', which the device kernels share bit for bit).
+//! Eight f64 lanes for the planning logits: multiplies and adds each rounded on its own (the
+//! decisions' arithmetic is `numerics`', which the device kernels share bit for bit); fused only
+//! where the product is exact, so that one rounding is the same as two.
 //! One implementation per [`super::simd::Simd`] ISA, chosen by its `F64x8` type.
 
 use crate::numerics;
@@ -16,6 +17,8 @@ pub(crate) trait F64x8: Copy {
     unsafe fn store(p: *mut f64, v: Self);
     unsafe fn add(a: Self, b: Self) -> Self;
     unsafe fn mul(a: Self, b: Self) -> Self;
+    /// `a·b + c`, for products the caller knows are exact: then fused or not, the same bits.
+    unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self;
     /// `numerics::exp` of each lane, bit for bit (lane by lane unless the ISA has a vector form).
     #[inline(always)]
     unsafe fn exp(x: Self) -> Self {
@@ -65,6 +68,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn mul(a: Self, b: Self) -> Self {
             unsafe { _mm512_mul_pd(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+            unsafe { _mm512_fmadd_pd(a, b, c) }
         }
         /// `numerics::exp` step by step on eight lanes: a lane outside the finite range (NaN
         /// included) computes e^0 and is selected at the end (a clamped input would compute a
@@ -137,6 +144,10 @@ mod x86 {
         unsafe fn mul(a: Self, b: Self) -> Self {
             unsafe { Ymm2([_mm256_mul_pd(a.0[0], b.0[0]), _mm256_mul_pd(a.0[1], b.0[1])]) }
         }
+        #[inline(always)]
+        unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+            unsafe { Ymm2([_mm256_fmadd_pd(a.0[0], b.0[0], c.0[0]), _mm256_fmadd_pd(a.0[1], b.0[1], c.0[1])]) }
+        }
     }
 }
 
@@ -169,6 +180,11 @@ impl F64x8 for [f64; 8] {
     #[inline(always)]
     unsafe fn mul(a: Self, b: Self) -> Self {
         std::array::from_fn(|i| a[i] * b[i])
+    }
+    /// Not fused (no FMA assumed): the same bits for the exact products it is called with.
+    #[inline(always)]
+    unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+        std::array::from_fn(|i| a[i] * b[i] + c[i])
     }
 }
 
