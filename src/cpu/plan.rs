@@ -59,8 +59,6 @@ impl WithSimd for GroupJob<'_, '_> {
         let (b, h) = (bh / d.kv_heads, bh % d.kv_heads);
         let lims: Vec<usize> = units.iter().map(|(u, _)| d.causal_limit(u % d.segments)).collect();
         debug_assert!(lims.is_sorted(), "ascending segments see ascending blocks");
-        let tile_len = 2 * dd * TILE_KEYS;
-        let head = &kt.data[bh * n.div_ceil(TILE_KEYS) * tile_len..];
         // The query rows, unit by unit, its group's heads in order.
         let qrows: Vec<&[f64]> = units
             .iter()
@@ -74,7 +72,7 @@ impl WithSimd for GroupJob<'_, '_> {
         let mut logits = vec![f64::NEG_INFINITY; units.len() * n];
         let (mut packed, mut packed_from) = (PackedRows::default(), None);
         for t in 0..lims.last().copied().unwrap_or(0).div_ceil(TILE_KEYS) {
-            let tile = &head[t * tile_len..][..tile_len];
+            let tile = kt.tile(b, h, t);
             let j0 = t * TILE_KEYS;
             // The units that see this tile: a suffix, as limits ascend; their rows repacked when
             // it shrinks (at most once per unit).
@@ -211,30 +209,21 @@ pub(crate) fn plan<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Result<Plan> {
         let row_of = |t, h| &qd[q.offset(b, t, h)..][..dd];
         representatives::<E>(isa, row_of, d.segment_range(s), d.q_heads, dd, out, scratch)
     });
-    // The keys' straight into the logit kernel's tiles: one pass, no `[B, N, Hkv, 2, D]` copy.
-    let tiles = n.div_ceil(TILE_KEYS);
-    let tile_len = 2 * dd * TILE_KEYS;
-    let mut data = alloc::zeroed::<f64>("the key representative tiles", &[d.batch * d.kv_heads, tiles, tile_len])?;
-    let bits_or = data
-        .par_chunks_mut(tile_len)
-        .enumerate()
-        .map_init(
-            || (Scratch::default(), vec![0f64; 2 * dd]),
-            |(scratch, block), (bht, tile)| {
-                let (bh, t) = (bht / tiles, bht % tiles);
-                let (b, h) = (bh / d.kv_heads, bh % d.kv_heads);
-                let bk = d.block_size;
-                let row_of = |t, _| &kd[k.offset(b, t, h)..][..dd];
-                let mut or = 0;
-                for j in t * TILE_KEYS..n.min((t + 1) * TILE_KEYS) {
-                    representatives::<E>(isa, row_of, j * bk..(j + 1) * bk, 1, dd, block, scratch);
-                    or |= put_in_tile(block, j % TILE_KEYS, tile);
-                }
-                or
-            },
-        )
-        .reduce(|| 0, |a, b| a | b);
-    plan_span_tiles(isa, &Span::of_args(a), &qrep, &KeyTiles { data, bits_or }, None)
+    // The keys' straight into the logit kernel's tiles: one pass, no `[B, N, Hkv, 2, D]` copy; a
+    // task takes a tile's tokens of every kv head, which lie together in K.
+    let (hkv, bk) = (d.kv_heads, d.block_size);
+    let kt = KeyTiles::build(&d, dd, |b, t, heads| {
+        let (mut or, mut scratch, mut block) = (0, Scratch::default(), vec![0f64; hkv * 2 * dd]);
+        let row_of = |t, h| &kd[k.offset(b, t, h)..][..dd];
+        for j in t * TILE_KEYS..n.min((t + 1) * TILE_KEYS) {
+            representatives::<E>(isa, row_of, j * bk..(j + 1) * bk, hkv, dd, &mut block, &mut scratch);
+            for (rep, tile) in block.chunks_exact(2 * dd).zip(heads.chunks_exact_mut(2 * dd * TILE_KEYS)) {
+                or |= put_in_tile(rep, j % TILE_KEYS, tile);
+            }
+        }
+        or
+    })?;
+    plan_span_tiles(isa, &Span::of_args(a), &qrep, &kt, None)
 }
 
 /// What planning decides over, wherever the representatives came from.

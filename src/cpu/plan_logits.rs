@@ -35,33 +35,51 @@ pub(super) fn dim_slot(x: usize, dd: usize) -> usize {
 /// The key representatives as the micro-kernel's tiles, and the OR of their values' bits (a
 /// bound on their significant bits: [`significant_bits`]).
 pub(super) struct KeyTiles {
-    /// `[B·Hkv][N / TILE_KEYS][2][D][TILE_KEYS]` (dims in [`dim_slot`] order), blocks past N zero.
+    /// `[B][N / TILE_KEYS][Hkv][2][D][TILE_KEYS]` (dims in [`dim_slot`] order), blocks past N
+    /// zero: a tile is contiguous, and a query row meets its eight keys lane-wise; the heads of
+    /// a tile side by side, as the keys' tokens are in K.
     pub data: Vec<f64>,
     pub bits_or: u64,
+    kv_heads: usize,
+    tiles: usize,
+    tile_len: usize,
 }
 
-/// The key representatives `[B][N][Hkv][2][D]` as [`KeyTiles`]: a tile is contiguous, and a query
-/// row meets its eight keys lane-wise.
-pub(super) fn key_tiles(d: &PlanDims, dd: usize, krep: &[f64]) -> Result<KeyTiles> {
-    use rayon::prelude::*;
-    let (n, hkv) = (d.blocks, d.kv_heads);
-    let tiles = n.div_ceil(TILE_KEYS);
-    let tile_len = 2 * dd * TILE_KEYS;
-    let mut data = alloc::zeroed::<f64>("the key representative tiles", &[d.batch * hkv, tiles, tile_len])?;
-    if data.is_empty() || krep.len() < d.batch * n * hkv * 2 * dd {
-        return Ok(KeyTiles { data, bits_or: 0 }); // no block, or no candidate: never read
+impl KeyTiles {
+    /// Tiles for `d`'s blocks, from zeroed memory, filled in parallel: `fill(b, t, tiles)` writes
+    /// tile `t` of every kv head of sequence `b` (`[Hkv][tile]`) and returns the OR of the bits
+    /// it wrote.
+    pub fn build(d: &PlanDims, dd: usize, fill: impl Fn(usize, usize, &mut [f64]) -> u64 + Sync) -> Result<Self> {
+        use rayon::prelude::*;
+        let (kv_heads, tiles, tile_len) = (d.kv_heads, d.blocks.div_ceil(TILE_KEYS), 2 * dd * TILE_KEYS);
+        let mut data = alloc::zeroed::<f64>("the key representative tiles", &[d.batch, tiles, kv_heads, tile_len])?;
+        let bits_or = data
+            .par_chunks_mut((kv_heads * tile_len).max(1))
+            .enumerate()
+            .map(|(bt, heads)| fill(bt / tiles, bt % tiles, heads))
+            .reduce(|| 0, |a, b| a | b);
+        Ok(KeyTiles { data, bits_or, kv_heads, tiles, tile_len })
     }
-    let bits_or = data
-        .par_chunks_mut(tile_len)
-        .enumerate()
-        .map(|(bht, tile)| {
-            let (bh, t) = (bht / tiles, bht % tiles);
-            let (b, h) = (bh / hkv, bh % hkv);
-            let block = |j| &krep[((b * n + j) * hkv + h) * 2 * dd..][..2 * dd];
-            (t * TILE_KEYS..n.min((t + 1) * TILE_KEYS)).fold(0, |or, j| or | put_in_tile(block(j), j % TILE_KEYS, tile))
-        })
-        .reduce(|| 0, |a, b| a | b);
-    Ok(KeyTiles { data, bits_or })
+
+    /// Tile `t` of sequence `b`, kv head `h`.
+    pub fn tile(&self, b: usize, h: usize, t: usize) -> &[f64] {
+        &self.data[((b * self.tiles + t) * self.kv_heads + h) * self.tile_len..][..self.tile_len]
+    }
+}
+
+/// The key representatives `[B][N][Hkv][2][D]` as [`KeyTiles`].
+pub(super) fn key_tiles(d: &PlanDims, dd: usize, krep: &[f64]) -> Result<KeyTiles> {
+    let (n, hkv) = (d.blocks, d.kv_heads);
+    let complete = krep.len() >= d.batch * n * hkv * 2 * dd; // else no candidate block: never read
+    KeyTiles::build(d, dd, |b, t, heads| {
+        let mut or = 0;
+        for (h, tile) in heads.chunks_exact_mut(2 * dd * TILE_KEYS).enumerate().filter(|_| complete) {
+            for j in t * TILE_KEYS..n.min((t + 1) * TILE_KEYS) {
+                or |= put_in_tile(&krep[((b * n + j) * hkv + h) * 2 * dd..][..2 * dd], j % TILE_KEYS, tile);
+            }
+        }
+        or
+    })
 }
 
 /// One block's representatives `[2][D]` (max then min) as key `l` of a tile `[2][D][TILE_KEYS]`
@@ -254,9 +272,15 @@ mod tests {
             let rows: Vec<&[f64]> = self.rows.iter().map(|r| &r[..]).collect();
             let mut packed = PackedRows::default();
             packed.pack(&rows, V::ROWS);
-            let keys = KeyTiles { data: self.tile.clone(), bits_or: Self::or(&self.tile) };
+            let dims = PlanDims::new(1, 2 * TILE_KEYS, 1, 1, TILE_KEYS, 1); // one tile: eight blocks
+            assert_eq!(dims.blocks, TILE_KEYS);
+            let keys = KeyTiles::build(&dims, self.rows[0].len(), |_, _, tile| {
+                tile.copy_from_slice(&self.tile);
+                Self::or(&self.tile)
+            })
+            .unwrap();
             let mut out = vec![[[f64::NAN; TILE_KEYS]; 2]; rows.len().next_multiple_of(V::ROWS)];
-            packed.tile_dots::<V>(&keys, &keys.data, &mut out);
+            packed.tile_dots::<V>(&keys, keys.tile(0, 0, 0), &mut out);
             let mut bad = 0;
             for (row, got) in self.rows.iter().zip(&out) {
                 for (l, k) in self.keys.iter().enumerate() {
