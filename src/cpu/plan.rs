@@ -143,17 +143,20 @@ fn unit_rest<V: F64x8>(
             }
         }
         let m = lanes.into_iter().fold(f64::NEG_INFINITY, f64::max);
-        for (p, logit) in p[..lim].chunks_mut(8).zip(logit[..lim].chunks(8)) {
-            let mut x = [0f64; 8];
-            for (x, &l) in x.iter_mut().zip(logit) {
-                *x = l - m;
+        // `l − m` as `l + (−m)`: IEEE defines subtraction so, the same bits.
+        let (whole, neg_m) = (lim / 8 * 8, -m);
+        // SAFETY: i + 8 ≤ whole ≤ lim ≤ both rows' lengths; the ISA is `dispatch`'s.
+        unsafe {
+            for i in (0..whole).step_by(8) {
+                let x = V::add(V::load(logit.as_ptr().add(i)), V::splat(neg_m));
+                V::store(p.as_mut_ptr().add(i), V::exp(x));
             }
-            let mut e = [0f64; 8];
-            // SAFETY: both arrays hold eight f64s; the ISA is `dispatch`'s.
-            unsafe { V::store(e.as_mut_ptr(), V::exp(V::load(x.as_ptr()))) };
-            p.copy_from_slice(&e[..p.len()]);
         }
-        let z = numerics::lane_sum(lim, |j| p[j]);
+        for (p, &l) in p[whole..lim].iter_mut().zip(&logit[whole..lim]) {
+            *p = numerics::exp(l - m);
+        }
+        let row = &p[..lim];
+        let z = numerics::lane_sum(lim, |j| row[j]);
         for x in &mut p[..lim] {
             *x /= z;
         }
@@ -164,11 +167,12 @@ fn unit_rest<V: F64x8>(
     }
     // A zero probability adds −0 to its lane (lanes start at +0 and never hold −0: an exact
     // cancellation rounds to +0), which changes no bit: its term is 0, and the blocks past the
-    // causal limit need no logarithm — unless fusion or segment 0's uniform row fills them.
+    // causal limit need no logarithm nor a place in the sum — unless fusion or segment 0's
+    // uniform row fills them.
     let live = if prev.is_some() || u.is_multiple_of(d.segments) { n } else { lim };
     terms.clear();
-    terms.resize(n, 0.0);
-    for (t, p) in terms[..live].chunks_mut(8).zip(p[..live].chunks(8)) {
+    terms.resize(live, 0.0);
+    for (t, p) in terms.chunks_mut(8).zip(p[..live].chunks(8)) {
         let mut x = [1f64; 8];
         for (x, &p) in x.iter_mut().zip(p) {
             *x = p + 1e-9;
@@ -178,7 +182,7 @@ fn unit_rest<V: F64x8>(
             t[i] = if p[i] == 0.0 { 0.0 } else { p[i] * ln[i] };
         }
     }
-    let entropy = -numerics::lane_sum(n, |j| terms[j]);
+    let entropy = -numerics::lane_sum(live, |j| terms[j]);
     let key = if prev.is_some() { &p[..lim] } else { &logit[..lim] };
     let UnitOut { logits, scores, ranked } = out;
     rules::rank_row(key, ranking, ranked);
