@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::plan_logits::{KeyTiles, PackedRows, TILE_KEYS, key_tiles, put_in_tile};
+use super::plan_logits::{KeyTiles, PackedRows, TILE_KEYS, fill_tiles, key_tiles};
 use super::plan_reps::{Scratch, representatives};
 use super::simd::{Isa, Simd, WithSimd, dispatch};
 use super::simd_f64::F64x8;
@@ -217,15 +217,13 @@ pub(crate) fn plan<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Result<Plan> {
     // task takes a tile's tokens of every kv head, which lie together in K.
     let (hkv, bk) = (d.kv_heads, d.block_size);
     let kt = KeyTiles::build(&d, dd, |b, t, heads| {
-        let (mut or, mut scratch, mut block) = (0, Scratch::default(), vec![0f64; hkv * 2 * dd]);
+        let blocks = t * TILE_KEYS..n.min((t + 1) * TILE_KEYS);
+        let (mut scratch, mut reps) = (Scratch::default(), vec![0f64; blocks.len() * hkv * 2 * dd]);
         let row_of = |t, h| &kd[k.offset(b, t, h)..][..dd];
-        for j in t * TILE_KEYS..n.min((t + 1) * TILE_KEYS) {
-            representatives::<E>(isa, row_of, j * bk..(j + 1) * bk, hkv, dd, &mut block, &mut scratch);
-            for (rep, tile) in block.chunks_exact(2 * dd).zip(heads.chunks_exact_mut(2 * dd * TILE_KEYS)) {
-                or |= put_in_tile(rep, j % TILE_KEYS, tile);
-            }
+        for (j, out) in blocks.zip(reps.chunks_exact_mut(hkv * 2 * dd)) {
+            representatives::<E>(isa, row_of, j * bk..(j + 1) * bk, hkv, dd, out, &mut scratch);
         }
-        or
+        fill_tiles(&reps, hkv, dd, heads)
     })?;
     plan_span_tiles(isa, &Span::of_args(a), &qrep, &kt, None)
 }

@@ -17,6 +17,8 @@ use crate::error::Result;
 use crate::plan::PlanDims;
 
 /// Keys per logit tile: one 512-bit vector of f64 lanes (the logits of eight blocks at once).
+/// Tiles hold the keys as f32 — every representative is an f32 input value, exactly — half the
+/// bytes to write and to stream; the kernel widens a key vector as it loads it.
 pub(super) const TILE_KEYS: usize = 8;
 /// `dot`'s partial sums: products of dims `i, i + 8, i + 16, …` go to lane `i`.
 const DOT_LANES: usize = 8;
@@ -38,7 +40,7 @@ pub(super) struct KeyTiles {
     /// `[B][N / TILE_KEYS][Hkv][2][D][TILE_KEYS]` (dims in [`dim_slot`] order), blocks past N
     /// zero: a tile is contiguous, and a query row meets its eight keys lane-wise; the heads of
     /// a tile side by side, as the keys' tokens are in K.
-    pub data: Vec<f64>,
+    pub data: Vec<f32>,
     pub bits_or: u64,
     kv_heads: usize,
     tiles: usize,
@@ -49,10 +51,10 @@ impl KeyTiles {
     /// Tiles for `d`'s blocks, from zeroed memory, filled in parallel: `fill(b, t, tiles)` writes
     /// tile `t` of every kv head of sequence `b` (`[Hkv][tile]`) and returns the OR of the bits
     /// it wrote.
-    pub fn build(d: &PlanDims, dd: usize, fill: impl Fn(usize, usize, &mut [f64]) -> u64 + Sync) -> Result<Self> {
+    pub fn build(d: &PlanDims, dd: usize, fill: impl Fn(usize, usize, &mut [f32]) -> u64 + Sync) -> Result<Self> {
         use rayon::prelude::*;
         let (kv_heads, tiles, tile_len) = (d.kv_heads, d.blocks.div_ceil(TILE_KEYS), 2 * dd * TILE_KEYS);
-        let mut data = alloc::zeroed::<f64>("the key representative tiles", &[d.batch, tiles, kv_heads, tile_len])?;
+        let mut data = alloc::zeroed::<f32>("the key representative tiles", &[d.batch, tiles, kv_heads, tile_len])?;
         let bits_or = data
             .par_chunks_mut((kv_heads * tile_len).max(1))
             .enumerate()
@@ -62,7 +64,7 @@ impl KeyTiles {
     }
 
     /// Tile `t` of sequence `b`, kv head `h`.
-    pub fn tile(&self, b: usize, h: usize, t: usize) -> &[f64] {
+    pub fn tile(&self, b: usize, h: usize, t: usize) -> &[f32] {
         &self.data[((b * self.tiles + t) * self.kv_heads + h) * self.tile_len..][..self.tile_len]
     }
 }
@@ -71,27 +73,34 @@ impl KeyTiles {
 pub(super) fn key_tiles(d: &PlanDims, dd: usize, krep: &[f64]) -> Result<KeyTiles> {
     let (n, hkv) = (d.blocks, d.kv_heads);
     let complete = krep.len() >= d.batch * n * hkv * 2 * dd; // else no candidate block: never read
+    let per_block = hkv * 2 * dd;
     KeyTiles::build(d, dd, |b, t, heads| {
-        let mut or = 0;
-        for (h, tile) in heads.chunks_exact_mut(2 * dd * TILE_KEYS).enumerate().filter(|_| complete) {
-            for j in t * TILE_KEYS..n.min((t + 1) * TILE_KEYS) {
-                or |= put_in_tile(&krep[((b * n + j) * hkv + h) * 2 * dd..][..2 * dd], j % TILE_KEYS, tile);
-            }
-        }
-        or
+        let blocks = t * TILE_KEYS..n.min((t + 1) * TILE_KEYS);
+        let reps = |len| &krep[(b * n + blocks.start) * per_block..][..len * per_block];
+        if complete { fill_tiles(reps(blocks.len()), hkv, dd, heads) } else { 0 }
     })
 }
 
-/// One block's representatives `[2][D]` (max then min) as key `l` of a tile `[2][D][TILE_KEYS]`
-/// (dims in [`dim_slot`] order); returns the OR of their bits.
-#[inline]
-pub(super) fn put_in_tile(block: &[f64], l: usize, tile: &mut [f64]) -> u64 {
-    let dd = block.len() / 2;
+/// Tile t of every kv head (`heads`, `[Hkv][2][D][TILE_KEYS]` from zeroed memory) from its
+/// blocks' representatives `reps` (`[blocks ≤ TILE_KEYS][Hkv][2][D]`, max then min; missing keys
+/// stay zero; each an f32 value, so narrowing is exact); returns the OR of their f64 bits. In the
+/// tile's order: a key vector at a time, not a scattered element per block.
+pub(super) fn fill_tiles(reps: &[f64], hkv: usize, dd: usize, heads: &mut [f32]) -> u64 {
+    let per_block = hkv * 2 * dd;
+    let blocks = reps.len() / per_block.max(1);
+    assert!(blocks <= TILE_KEYS && reps.len() == blocks * per_block, "a tile's blocks");
+    assert_eq!(heads.len(), per_block * TILE_KEYS, "a tile per kv head");
     let mut or = 0;
-    for (half, tile) in block.chunks_exact(dd).zip(tile.chunks_exact_mut(dd * TILE_KEYS)) {
-        for (x, &v) in half.iter().enumerate() {
-            tile[dim_slot(x, dd) * TILE_KEYS + l] = v;
-            or |= v.to_bits();
+    for (hm, half) in heads.chunks_exact_mut(dd * TILE_KEYS).enumerate() {
+        // hm = 2h + m: head h's max (m = 0) or min (m = 1) representatives
+        for x in 0..dd {
+            let key = &mut half[dim_slot(x, dd) * TILE_KEYS..][..blocks];
+            for (l, v) in key.iter_mut().enumerate() {
+                let rep = reps[l * per_block + hm * dd + x];
+                *v = rep as f32;
+                debug_assert!(f64::from(*v).to_bits() == rep.to_bits() || rep.is_nan(), "an f32 value");
+                or |= rep.to_bits();
+            }
         }
     }
     or
@@ -143,7 +152,7 @@ impl PackedRows {
     /// one [`RowDots`] per packed row (padding included), bit for bit `numerics::dot`: fused
     /// where [`products_exact`]. Inlined, as the kernel: compiled in the caller's ISA entry point.
     #[inline(always)]
-    pub fn tile_dots<V: F64x8>(&self, keys: &KeyTiles, tile: &[f64], out: &mut [RowDots]) {
+    pub fn tile_dots<V: F64x8>(&self, keys: &KeyTiles, tile: &[f32], out: &mut [RowDots]) {
         let dd = tile.len() / (2 * TILE_KEYS);
         let per_call = dd * V::ROWS;
         let fused = products_exact(self.bits_or, keys.bits_or);
@@ -164,7 +173,7 @@ impl PackedRows {
 /// where [`products_exact`].
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // indexed, the accumulators stay in registers (~3% faster measured)
-pub(super) fn row_dots<V: F64x8, const FUSED: bool>(rows: &[f64], tile: &[f64], out: &mut [RowDots]) {
+pub(super) fn row_dots<V: F64x8, const FUSED: bool>(rows: &[f64], tile: &[f32], out: &mut [RowDots]) {
     let dd = tile.len() / (2 * TILE_KEYS);
     assert!(out.len() == V::ROWS && V::ROWS <= MAX_ROWS, "one micro-kernel's rows");
     assert!(rows.len() == dd * V::ROWS && tile.len() == 2 * dd * TILE_KEYS, "row and tile lengths");
@@ -179,8 +188,8 @@ pub(super) fn row_dots<V: F64x8, const FUSED: bool>(rows: &[f64], tile: &[f64], 
             let mut acc = [[V::zero(); 2]; MAX_ROWS];
             // Dims lane, lane + 8, … in order: slots lane·D/8 … (lane + 1)·D/8 − 1.
             for slot in lane * per_lane..(lane + 1) * per_lane {
-                let kx = V::load(kmax.add(slot * TILE_KEYS));
-                let kn = V::load(kmin.add(slot * TILE_KEYS));
+                let kx = V::load_f32(kmax.add(slot * TILE_KEYS));
+                let kn = V::load_f32(kmin.add(slot * TILE_KEYS));
                 let at = rows.as_ptr().add(slot * V::ROWS);
                 for r in 0..V::ROWS {
                     let q = V::splat(*at.add(r));
@@ -208,8 +217,8 @@ pub(super) fn row_dots<V: F64x8, const FUSED: bool>(rows: &[f64], tile: &[f64], 
         for (r, total) in out.iter_mut().enumerate() {
             let q = rows[x * V::ROWS + r];
             for l in 0..TILE_KEYS {
-                total[0][l] += q * kmax[x][l];
-                total[1][l] += q * kmin[x][l];
+                total[0][l] += q * f64::from(kmax[x][l]);
+                total[1][l] += q * f64::from(kmin[x][l]);
             }
         }
     }
@@ -221,11 +230,12 @@ mod tests {
     use crate::numerics;
     use crate::synth::Rng;
 
-    /// Rows and eight keys' tile, rows `[MAX_ROWS][D]`, keys `[TILE_KEYS][2][D]`.
+    /// Rows and eight keys' tile, rows `[MAX_ROWS][D]`, keys `[TILE_KEYS][2][D]` (f32 values, as
+    /// every representative is).
     struct Case {
         rows: Vec<Vec<f64>>,
         keys: Vec<[Vec<f64>; 2]>,
-        tile: Vec<f64>,
+        tile: Vec<f32>,
     }
 
     impl Case {
@@ -233,10 +243,9 @@ mod tests {
             let rows: Vec<Vec<f64>> = (0..MAX_ROWS).map(|_| (0..dd).map(|_| row()).collect()).collect();
             let keys: Vec<[Vec<f64>; 2]> =
                 (0..TILE_KEYS).map(|_| [(0..dd).map(|_| key()).collect(), (0..dd).map(|_| key()).collect()]).collect();
-            let mut tile = vec![0f64; 2 * dd * TILE_KEYS];
-            for (l, k) in keys.iter().enumerate() {
-                put_in_tile(&[&k[0][..], &k[1][..]].concat(), l, &mut tile);
-            }
+            let mut tile = vec![0f32; 2 * dd * TILE_KEYS];
+            let reps: Vec<f64> = keys.iter().flat_map(|k| k.iter().flatten().copied()).collect();
+            fill_tiles(&reps, 1, dd, &mut tile);
             Case { rows, keys, tile }
         }
 
@@ -245,7 +254,7 @@ mod tests {
         }
 
         fn products_exact(&self) -> bool {
-            products_exact(Self::or(&self.rows.concat()), Self::or(&self.tile))
+            products_exact(Self::or(&self.rows.concat()), Self::or(&self.keys.concat().concat()))
         }
 
         /// `row_dots` on this ISA's row count; how many results differ from `numerics::dot`.
@@ -276,7 +285,7 @@ mod tests {
             assert_eq!(dims.blocks, TILE_KEYS);
             let keys = KeyTiles::build(&dims, self.rows[0].len(), |_, _, tile| {
                 tile.copy_from_slice(&self.tile);
-                Self::or(&self.tile)
+                Self::or(&self.keys.concat().concat())
             })
             .unwrap();
             let mut out = vec![[[f64::NAN; TILE_KEYS]; 2]; rows.len().next_multiple_of(V::ROWS)];
@@ -320,7 +329,7 @@ mod tests {
     fn row_dots_are_numerics_dot_bit_for_bit() {
         let (mut rows, mut keys) = (Rng::new(5), Rng::new(50));
         for dd in HEAD_DIMS {
-            let case = Case::new(dd, || 3.0 * rows.normal(), || keys.normal());
+            let case = Case::new(dd, || 3.0 * rows.normal(), || f64::from(keys.normal() as f32));
             for (isa, bad) in case.on_every_isa::<false>(true) {
                 assert_eq!(bad, 0, "{isa}: D {dd}");
             }

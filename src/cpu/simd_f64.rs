@@ -14,6 +14,8 @@ pub(crate) trait F64x8: Copy {
     unsafe fn zero() -> Self;
     unsafe fn splat(x: f64) -> Self;
     unsafe fn load(p: *const f64) -> Self;
+    /// Eight f32s, widened (exactly).
+    unsafe fn load_f32(p: *const f32) -> Self;
     unsafe fn store(p: *mut f64, v: Self);
     unsafe fn add(a: Self, b: Self) -> Self;
     unsafe fn mul(a: Self, b: Self) -> Self;
@@ -56,6 +58,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn load(p: *const f64) -> Self {
             unsafe { _mm512_loadu_pd(p) }
+        }
+        #[inline(always)]
+        unsafe fn load_f32(p: *const f32) -> Self {
+            unsafe { _mm512_cvtps_pd(_mm256_loadu_ps(p)) }
         }
         #[inline(always)]
         unsafe fn store(p: *mut f64, v: Self) {
@@ -130,6 +136,10 @@ mod x86 {
             unsafe { Ymm2([_mm256_loadu_pd(p), _mm256_loadu_pd(p.add(4))]) }
         }
         #[inline(always)]
+        unsafe fn load_f32(p: *const f32) -> Self {
+            unsafe { Ymm2([_mm256_cvtps_pd(_mm_loadu_ps(p)), _mm256_cvtps_pd(_mm_loadu_ps(p.add(4)))]) }
+        }
+        #[inline(always)]
         unsafe fn store(p: *mut f64, v: Self) {
             unsafe {
                 _mm256_storeu_pd(p, v.0[0]);
@@ -168,6 +178,10 @@ impl F64x8 for [f64; 8] {
     #[inline(always)]
     unsafe fn load(p: *const f64) -> Self {
         unsafe { p.cast::<[f64; 8]>().read_unaligned() }
+    }
+    #[inline(always)]
+    unsafe fn load_f32(p: *const f32) -> Self {
+        unsafe { p.cast::<[f32; 8]>().read_unaligned().map(f64::from) }
     }
     #[inline(always)]
     unsafe fn store(p: *mut f64, v: Self) {
