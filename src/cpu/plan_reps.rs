@@ -5,12 +5,11 @@
 use super::simd::{Isa, Simd, WithSimd, dispatch};
 use crate::tensor::Element;
 
-/// A task's running max and min `[heads][D]` and a widened row.
+/// A task's running max and min `[heads][D]`.
 #[derive(Default)]
 pub(super) struct Scratch {
     mx: Vec<f32>,
     mn: Vec<f32>,
-    row: Vec<f32>,
 }
 
 /// Element-wise max and min over `tokens` of every head into `out` `[heads][2][D]` (max then
@@ -42,29 +41,29 @@ impl<'r, 'a, E: Element, R: Fn(usize, usize) -> &'r [E]> WithSimd for Representa
     #[inline(always)]
     fn with_simd<S: Simd>(self) {
         let Representatives { row_of, tokens, heads, d, out, scratch } = self;
-        let Scratch { mx, mn, row } = scratch;
+        let Scratch { mx, mn } = scratch;
         mx.clear();
         mx.resize(heads * d, f32::NEG_INFINITY);
         mn.clear();
         mn.resize(heads * d, f32::INFINITY);
-        row.resize(d, 0.0);
         let whole = d / S::LANES * S::LANES;
         for t in tokens {
             for h in 0..heads {
                 let (a, c) = (&mut mx[h * d..(h + 1) * d], &mut mn[h * d..(h + 1) * d]);
-                // SAFETY: `row` holds D f32s, `a` and `c` D each, i + LANES ≤ whole ≤ D; the ISA
-                // is `dispatch`'s.
+                let src = row_of(t, h);
+                assert_eq!(src.len(), d, "a row of D elements");
+                // SAFETY: `src`, `a` and `c` hold D values each, i + LANES ≤ whole ≤ D; the ISA is
+                // `dispatch`'s. Widened in registers: no trip through a row buffer.
                 unsafe {
-                    S::widen(row_of(t, h), row);
                     for i in (0..whole).step_by(S::LANES) {
-                        let x = S::load(row.as_ptr().add(i));
+                        let x = S::load_widen(src.as_ptr().add(i));
                         // The row first: where it is NaN, the running value stays.
                         S::store(a.as_mut_ptr().add(i), S::max(x, S::load(a.as_ptr().add(i))));
                         S::store(c.as_mut_ptr().add(i), S::min(x, S::load(c.as_ptr().add(i))));
                     }
                 }
                 for i in whole..d {
-                    let x = row[i];
+                    let x = src[i].to_f32();
                     a[i] = if x > a[i] { x } else { a[i] };
                     c[i] = if x < c[i] { x } else { c[i] };
                 }

@@ -44,6 +44,17 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     unsafe fn widen<E: Element>(src: &[E], dst: &mut [f32]) {
         E::widen(src, &mut dst[..src.len()])
     }
+    /// `LANES` elements at `p` widened into a vector (exact), without a trip through memory
+    /// where the ISA converts in registers.
+    #[inline(always)]
+    unsafe fn load_widen<E: Element>(p: *const E) -> Self::V {
+        let mut lanes = [0f32; 16];
+        // SAFETY: the caller hands LANES ≤ 16 readable elements.
+        unsafe {
+            E::widen(std::slice::from_raw_parts(p, Self::LANES), &mut lanes[..Self::LANES]);
+            Self::load(lanes.as_ptr())
+        }
+    }
 }
 
 /// Widens 16-bit `src` into `dst` with `$cvt` (`$lanes` values from a `*const u16` to f32 lanes
@@ -111,6 +122,20 @@ pub(crate) mod x86 {
                         let w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(s as *const __m256i));
                         _mm512_storeu_ps(d, _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w)))
                     }),
+                }
+            }
+        }
+        #[inline(always)]
+        unsafe fn load_widen<E: Element>(p: *const E) -> __m512 {
+            // SAFETY: the caller hands 16 readable elements.
+            unsafe {
+                match E::DTYPE {
+                    DType::F32 => _mm512_loadu_ps(p as *const f32),
+                    DType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+                    DType::BF16 => {
+                        let w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+                        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w))
+                    }
                 }
             }
         }
@@ -225,6 +250,20 @@ pub(crate) mod x86 {
                         let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(s as *const __m128i));
                         _mm256_storeu_ps(d, _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w)))
                     }),
+                }
+            }
+        }
+        #[inline(always)]
+        unsafe fn load_widen<E: Element>(p: *const E) -> __m256 {
+            // SAFETY: the caller hands 8 readable elements.
+            unsafe {
+                match E::DTYPE {
+                    DType::F32 => _mm256_loadu_ps(p as *const f32),
+                    DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                    DType::BF16 => {
+                        let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w))
+                    }
                 }
             }
         }
@@ -496,5 +535,50 @@ pub(crate) fn dispatch<K: WithSimd>(isa: Isa, k: K) -> K::Output {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { run_avx2(k) },
         _ => k.with_simd::<Portable>(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Element;
+
+    /// `load_widen` of every whole vector of `src`: how many lanes differ from `to_f32` (a NaN
+    /// for a NaN, whatever its payload: only max/min, which skip NaNs, read widened rows).
+    struct WidenCheck<'a, E>(&'a [E]);
+
+    impl<E: Element> WithSimd for WidenCheck<'_, E> {
+        type Output = usize;
+        #[inline(always)]
+        fn with_simd<S: Simd>(self) -> usize {
+            let mut bad = 0;
+            for chunk in self.0.chunks_exact(S::LANES) {
+                let mut got = [0f32; 16];
+                // SAFETY: LANES readable elements, 16 ≥ LANES writable f32s; `dispatch`'s ISA.
+                unsafe { S::store(got.as_mut_ptr(), S::load_widen(chunk.as_ptr())) };
+                let same = |x: f32, g: f32| x.to_bits() == g.to_bits() || (x.is_nan() && g.is_nan());
+                bad += chunk.iter().zip(got).filter(|(x, g)| !same(x.to_f32(), *g)).count();
+            }
+            bad
+        }
+    }
+
+    fn check<E: Element>(bits: impl Fn(u32) -> E) {
+        // Every 16-bit pattern (f32: a spread of patterns), NaNs, infinities and subnormals included.
+        let src: Vec<E> = (0..1u32 << 16).map(|i| bits(i.wrapping_mul(0x9E37_79B9) >> 16 | i)).collect();
+        for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+            assert_eq!(dispatch(isa, WidenCheck(&src)), 0, "{} {}", isa.name(), E::DTYPE);
+        }
+    }
+
+    /// Every ISA's in-register widening is `to_f32`, bit for bit.
+    #[test]
+    fn load_widen_is_to_f32_on_every_isa() {
+        check(|i| half::bf16::from_bits(i as u16));
+        check(|i| half::f16::from_bits(i as u16));
+        check(|i| f32::from_bits(i.rotate_left(13)));
+        for isa in Isa::ALL.into_iter().filter(|i| !i.supported()) {
+            eprintln!("SKIP {}: this CPU lacks it", isa.name());
+        }
     }
 }
