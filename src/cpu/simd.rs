@@ -57,26 +57,21 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     }
 }
 
-/// Widens 16-bit `src` into `dst` with `$cvt` (`$lanes` values from a `*const u16` to f32 lanes
-/// stored at a `*mut f32`), the tail one by one. A macro, not a closure: a closure is compiled
-/// without the entry point's target features (see [`WithSimd`]).
+/// `src` widened into `dst[..src.len()]` a vector at a time by [`Simd::load_widen`], the tail
+/// one by one: the ISAs' `widen`, so each conversion is written once, in `load_widen`.
 #[cfg(target_arch = "x86_64")]
-macro_rules! widen_16bit {
-    ($src:expr, $dst:expr, $lanes:expr, |$s:ident, $d:ident| $cvt:expr) => {{
-        let (src, dst) = ($src, $dst);
-        let n = src.len();
-        assert!(dst.len() >= n && size_of_val(&src[..]) == 2 * n, "16-bit elements into f32 room");
-        let whole = n / $lanes * $lanes;
-        let (sp, dp) = (src.as_ptr() as *const u16, dst.as_mut_ptr());
-        for i in (0..whole).step_by($lanes) {
-            // (In the caller's unsafe block) i + lanes <= n elements of `src` (2 bytes each) and of `dst`.
-            let ($s, $d) = (sp.add(i), dp.add(i));
-            $cvt;
-        }
-        for i in whole..n {
-            dst[i] = src[i].to_f32();
-        }
-    }};
+#[inline(always)]
+unsafe fn widen_by_vectors<S: Simd, E: Element>(src: &[E], dst: &mut [f32]) {
+    let n = src.len();
+    assert!(dst.len() >= n, "room for the widened elements");
+    let whole = n / S::LANES * S::LANES;
+    for i in (0..whole).step_by(S::LANES) {
+        // SAFETY: i + LANES ≤ n elements of `src` and of `dst`; the ISA is the caller's.
+        unsafe { S::store(dst.as_mut_ptr().add(i), S::load_widen(src.as_ptr().add(i))) };
+    }
+    for i in whole..n {
+        dst[i] = src[i].to_f32();
+    }
 }
 
 /// Taylor coefficients of `2^f = e^(f ln 2)` on `[-0.5, 0.5]`, degree 7 (error < 6e-9).
@@ -111,17 +106,11 @@ pub(crate) mod x86 {
         type F64x8 = __m512d;
         #[inline(always)]
         unsafe fn widen<E: Element>(src: &[E], dst: &mut [f32]) {
-            // SAFETY the macro hands 16 readable u16s and 16 writable f32s per conversion.
+            // SAFETY: this ISA is the caller's (`dispatch`).
             unsafe {
                 match E::DTYPE {
                     DType::F32 => E::widen(src, &mut dst[..src.len()]),
-                    DType::F16 => widen_16bit!(src, dst, 16, |s, d| {
-                        _mm512_storeu_ps(d, _mm512_cvtph_ps(_mm256_loadu_si256(s as *const __m256i)))
-                    }),
-                    DType::BF16 => widen_16bit!(src, dst, 16, |s, d| {
-                        let w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(s as *const __m256i));
-                        _mm512_storeu_ps(d, _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w)))
-                    }),
+                    DType::F16 | DType::BF16 => super::widen_by_vectors::<Self, E>(src, dst),
                 }
             }
         }
@@ -239,17 +228,11 @@ pub(crate) mod x86 {
         type F64x8 = crate::cpu::simd_f64::Ymm2;
         #[inline(always)]
         unsafe fn widen<E: Element>(src: &[E], dst: &mut [f32]) {
-            // SAFETY the macro hands 8 readable u16s and 8 writable f32s per conversion.
+            // SAFETY: this ISA is the caller's (`dispatch`).
             unsafe {
                 match E::DTYPE {
                     DType::F32 => E::widen(src, &mut dst[..src.len()]),
-                    DType::F16 => widen_16bit!(src, dst, 8, |s, d| {
-                        _mm256_storeu_ps(d, _mm256_cvtph_ps(_mm_loadu_si128(s as *const __m128i)))
-                    }),
-                    DType::BF16 => widen_16bit!(src, dst, 8, |s, d| {
-                        let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(s as *const __m128i));
-                        _mm256_storeu_ps(d, _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w)))
-                    }),
+                    DType::F16 | DType::BF16 => super::widen_by_vectors::<Self, E>(src, dst),
                 }
             }
         }
