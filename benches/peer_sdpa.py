@@ -46,7 +46,7 @@ def main():
     ap.add_argument("--ours", default=None, help="entropy-kernels binary: side-by-side table (CPU)")
     ap.add_argument("--dtypes", default=None, help="with --ours: comma-separated dtypes (default: --dtype)")
     ap.add_argument("--head-dims", default=None, help="with --ours: comma-separated head dims (default: --head-dim)")
-    ap.add_argument("--gemm", action="store_true", help="with --ours: also the f32 and bf16 GEMM rate")
+    ap.add_argument("--gemm", action="store_true", help="with --ours: each row's GEMM rate and our share of it")
     a = ap.parse_args()
     if a.ours:
         return side_by_side(a)
@@ -128,19 +128,22 @@ def side_by_side(a):
                 peer = 2.0 * length * length * d * a.q_heads / sec / 1e9
                 del q, k, v
                 backend, mine = ours(a.ours, length, a.q_heads, a.kv_heads, d, dt, a.reps)
-                rows.append((length, d, dt, peer, mine))
+                # The GEMM right after: a shared machine's rate drifts by ±10% within a run.
+                gemm = gemm_rate(torch_dtype[dt], reps=a.reps) if a.gemm else None
+                rows.append((length, d, dt, peer, mine, gemm))
     print(f"CPU: {model} ({os.cpu_count()} threads; {', '.join(flags) or 'no AVX2/AVX-512/AMX'})")
     print(f"peer: torch {torch.__version__} scaled_dot_product_attention, causal, "
           f"{torch.get_num_threads()} threads; ours: {backend}")
     print(f"GQA {a.q_heads}/{a.kv_heads}, median of {a.reps}; FLOPs 2·L²·D·Hq")
     if a.gemm:
-        print(f"GEMM (torch.matmul 4096³): f32 {gemm_rate(torch.float32):.0f} GFLOP/s, "
-              f"bf16 {gemm_rate(torch.bfloat16):.0f} GFLOP/s")
+        print("GEMM: torch.matmul 4096³ in the row's dtype, measured right after our run of the row")
     print()
-    print("| tokens | D | dtype | PyTorch SDPA GFLOP/s | entropy-kernels GFLOP/s | ratio |")
-    print("|---:|---:|---|---:|---:|---:|")
-    for length, d, dt, peer, mine in rows:
-        print(f"| {length} | {d} | {dt} | {peer:.1f} | {mine:.1f} | {mine / peer:.2f}× |")
+    gemm_head = " GEMM GFLOP/s | ours / GEMM |" if a.gemm else ""
+    print(f"| tokens | D | dtype | PyTorch SDPA GFLOP/s | entropy-kernels GFLOP/s | ratio |{gemm_head}")
+    print("|---:|---:|---|---:|---:|---:|" + ("---:|---:|" if a.gemm else ""))
+    for length, d, dt, peer, mine, gemm in rows:
+        tail = f" {gemm:.0f} | {100 * mine / gemm:.0f}% |" if gemm else ""
+        print(f"| {length} | {d} | {dt} | {peer:.1f} | {mine:.1f} | {mine / peer:.2f}× |{tail}")
 
 
 def timed(fn, reps, device):
