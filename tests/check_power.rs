@@ -57,7 +57,7 @@ fn cpu_prefill(c: &Case, blocks: Option<&BlockLists>) -> (HostTensor, Vec<f32>) 
 
 /// Both checks of the matrix on one result.
 fn checks(tag: &str, got: &(HostTensor, Vec<f32>), exact: &Exact) -> Result<(), String> {
-    check::compare_out_with(tag, DType::F32.epsilon(), &got.0, exact)?;
+    check::compare_out_with(tag, DType::F32, &got.0, exact)?;
     check::compare_lse(tag, &got.1, exact)
 }
 

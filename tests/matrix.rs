@@ -123,7 +123,7 @@ fn check_attention(tag: &str, kernels: &Kernels, got: &(HostTensor, Vec<f32>), e
 
 /// The element-wise check at the `P·V` precision the backend declares (`low_precision_pv`).
 fn check_output(tag: &str, kernels: &Kernels, got: &HostTensor, exact: &check::Exact) {
-    if let Err(e) = check::compare_out_with(tag, check::pv_roundoff_of(kernels, got.dtype()), got, exact) {
+    if let Err(e) = check::compare_out_with(tag, check::pv_dtype_of(kernels, got.dtype()), got, exact) {
         panic!("{e}");
     }
 }

@@ -5,6 +5,9 @@
 //!   `A = Σ_j p_j |v_j|` (the scale of every error in the weights) times `PV_SLACK · u_PV`, `u_PV` the unit roundoff of the precision the
 //!   backend multiplies `P·V` in (f32 on the CPU; the input dtype on the devices' tensor/cube
 //!   units) plus `SUM_SLACK · √n · ε₃₂` for the f32 sums over the row's n keys, plus
+//!   `PV_SLACK · τ_PV · Σ_j |v_j| / Σ_j w_j` over the weights `w_j = e^(s_j − max s)` below 2⁻¹⁴,
+//!   f16's smallest normal: there an f16 weight rounds absolutely, by up to `τ_PV`, half the
+//!   smallest subnormal spacing (f16: 2⁻²⁵; bf16 and f32: negligible), plus
 //!   `SCORE_SLACK · ε₃₂ · Σ_j p_j E_j (|v_j| + |o|)`, the f32 rounding of the scores
 //!   (`E_j = √D·|s_j| + scale·‖q‖·‖k_j‖`: a dot product of D terms rounds by about √D·ε of its
 //!   partial sums);
@@ -29,22 +32,20 @@ pub fn ulp(x: f64, dtype: DType) -> f64 {
     2f64.powi(e - mantissa_bits)
 }
 
-/// Unit roundoff of the precision `kernels` runs `P·V` in for `dtype` inputs, as its capabilities
-/// declare (`low_precision_pv`: tensor/cube units, the CPU's AMX / `VDPBF16PS` tiles).
-pub fn pv_roundoff_of(kernels: &Kernels, dtype: DType) -> f64 {
-    if kernels.capabilities().low_precision_pv.contains(&dtype) { dtype.epsilon() } else { DType::F32.epsilon() }
+/// The precision `kernels` runs `P·V` in for `dtype` inputs, as its capabilities declare
+/// (`low_precision_pv`: tensor/cube units, the CPU's AMX / `VDPBF16PS` tiles); f32 otherwise.
+pub fn pv_dtype_of(kernels: &Kernels, dtype: DType) -> DType {
+    if kernels.capabilities().low_precision_pv.contains(&dtype) { dtype } else { DType::F32 }
 }
 
-/// Unit roundoff of the precision `kind` runs `P·V` in for `dtype` inputs: the input dtype on the
-/// devices' tensor/cube units and on the CPU's AMX tiles (bf16, where this CPU runs them), f32
-/// elsewhere on the CPU.
-pub fn pv_roundoff(kind: BackendKind, dtype: DType) -> f64 {
+/// The precision `kind` runs `P·V` in for `dtype` inputs: the input dtype on the devices'
+/// tensor/cube units and on the CPU's AMX tiles (bf16, where this CPU runs them), f32 elsewhere on
+/// the CPU.
+pub fn pv_dtype(kind: BackendKind, dtype: DType) -> DType {
     match kind {
-        BackendKind::Cpu if dtype == DType::BF16 && entropy_kernels::cpu::Isa::detect().bf16_probabilities() => {
-            dtype.epsilon()
-        }
-        BackendKind::Cpu | BackendKind::Reference => DType::F32.epsilon(),
-        _ => dtype.epsilon(),
+        BackendKind::Cpu if dtype == DType::BF16 && entropy_kernels::cpu::Isa::detect().bf16_probabilities() => dtype,
+        BackendKind::Cpu | BackendKind::Reference => DType::F32,
+        _ => dtype,
     }
 }
 
@@ -64,6 +65,9 @@ pub struct Exact {
     pub abs: Vec<f64>,
     /// `[B, L, Hq, D]` `Σ_j p_j E_j (|v_j| + |o|)`: the scale of the scores' rounding per element.
     pub score_err: Vec<f64>,
+    /// `[B, L, Hq, D]` `Σ_j |v_j| / Σ_j w_j` over the weights `w_j < 2⁻¹⁴`: the scale of their
+    /// absolute rounding in a `P·V` precision with subnormals there (f16).
+    pub v_floor: Vec<f64>,
     /// `[B, Hq, L]` log-sum-exps in f64 (prefill only).
     pub lse: Vec<f64>,
     /// `[B, Hq, L]` `Σ_j p_j E_j`: the scale of the scores' rounding in the LSE (prefill only).
@@ -78,12 +82,18 @@ pub struct Exact {
 struct RowTerms {
     abs: Vec<f64>,
     score_err: Vec<f64>,
+    v_floor: Vec<f64>,
     lse_err: f64,
 }
 
 fn norm(r: &[f64]) -> f64 {
     r.iter().map(|x| x * x).sum::<f64>().sqrt()
 }
+
+/// f16's smallest normal, 2⁻¹⁴: a weight `w_j` above it is normal in every `P·V` precision (a
+/// kernel's weight, taken against a running maximum, is only larger), so only the weights below it
+/// enter the absolute floor term (bf16's and f32's subnormals start at 2⁻¹²⁶: negligible there).
+const SMALLEST_NORMAL_F16: f64 = 6.103515625e-5;
 
 /// `keys` with their norms.
 fn row_terms(q: &[f64], keys: &[(&[f64], f64)], values: &[&[f64]], scale: f64, out: &[f64]) -> RowTerms {
@@ -98,16 +108,20 @@ fn row_terms(q: &[f64], keys: &[(&[f64], f64)], values: &[&[f64]], scale: f64, o
     let lse_err: f64 = w.iter().zip(&e).map(|(wj, ej)| wj / z * ej).sum();
     let mut abs = vec![0.0; dd];
     let mut score_err = vec![0.0; dd];
+    let mut v_floor = vec![0.0; dd];
     for ((wj, ej), v) in w.iter().zip(&e).zip(values) {
         for x in 0..dd {
             abs[x] += wj / z * v[x].abs();
             score_err[x] += wj / z * ej * v[x].abs();
+            if *wj < SMALLEST_NORMAL_F16 {
+                v_floor[x] += v[x].abs() / z;
+            }
         }
     }
     for x in 0..dd {
         score_err[x] += lse_err * out[x].abs();
     }
-    RowTerms { abs, score_err, lse_err }
+    RowTerms { abs, score_err, v_floor, lse_err }
 }
 
 /// The oracle on `q, k, v` (`blocks`: sparse; `None`: dense), with its bounds' terms.
@@ -134,6 +148,7 @@ pub fn exact_prefill_scaled(
     let knorm: Vec<f64> = kf.data.chunks(dd).map(norm).collect();
     let mut abs = vec![0.0; out.data.len()];
     let mut score_err = vec![0.0; out.data.len()];
+    let mut v_floor = vec![0.0; out.data.len()];
     let mut lse_err = vec![0.0; lse.len()];
     let mut row_keys = vec![0.0; lse.len()];
     for b in 0..d.batch {
@@ -155,12 +170,13 @@ pub fn exact_prefill_scaled(
                 let r = row_terms(qf.row(b, t, hq), &keys, &values, args.scale() as f64, &out.data[o..o + dd]);
                 abs[o..o + dd].copy_from_slice(&r.abs);
                 score_err[o..o + dd].copy_from_slice(&r.score_err);
+                v_floor[o..o + dd].copy_from_slice(&r.v_floor);
                 lse_err[(b * d.q_heads + hq) * d.seq_len + t] = r.lse_err;
                 row_keys[(b * d.seq_len + t) * d.q_heads + hq] = visible.len() as f64;
             }
         }
     }
-    Exact { shape: q.shape(), out: out.data, abs, score_err, lse, lse_err, row_keys }
+    Exact { shape: q.shape(), out: out.data, abs, score_err, v_floor, lse, lse_err, row_keys }
 }
 
 /// The oracle's decode attention, with its bounds' terms.
@@ -186,6 +202,7 @@ pub fn exact_decode_scaled(
     let dd = d.head_dim;
     let mut abs = vec![0.0; out.data.len()];
     let mut score_err = vec![0.0; out.data.len()];
+    let mut v_floor = vec![0.0; out.data.len()];
     let mut row_keys = vec![0.0; d.batch * d.queries * d.q_heads];
     for b in 0..d.batch {
         for hq in 0..d.q_heads {
@@ -198,20 +215,24 @@ pub fn exact_decode_scaled(
                 let r = row_terms(qf.row(b, i, hq), &keys, &values, args.scale() as f64, &out.data[o..o + dd]);
                 abs[o..o + dd].copy_from_slice(&r.abs);
                 score_err[o..o + dd].copy_from_slice(&r.score_err);
+                v_floor[o..o + dd].copy_from_slice(&r.v_floor);
                 row_keys[(b * d.queries + i) * d.q_heads + hq] = len as f64;
             }
         }
     }
-    Exact { shape: q.shape(), out: out.data, abs, score_err, lse: Vec::new(), lse_err: Vec::new(), row_keys }
+    Exact { shape: q.shape(), out: out.data, abs, score_err, v_floor, lse: Vec::new(), lse_err: Vec::new(), row_keys }
 }
 
 /// `|got − exact|` allowed for output element `i`: one ulp of the dtype, the weights' rounding in
-/// the backend's `P·V` precision, and the scores' f32 rounding.
-pub fn out_bound(pv_roundoff: f64, dtype: DType, exact: &Exact, i: usize) -> f64 {
+/// the backend's `P·V` precision `pv` (relative, and absolute below its smallest normal), and the
+/// scores' f32 rounding.
+pub fn out_bound(pv: DType, dtype: DType, exact: &Exact, i: usize) -> f64 {
     let row = i / exact.shape[3];
     let eps = DType::F32.epsilon();
+    let floor = ulp(0.0, pv) / 2.0; // half the smallest subnormal spacing
     ulp(exact.out[i], dtype)
-        + (PV_SLACK * pv_roundoff + SUM_SLACK * eps * exact.row_keys[row].sqrt()) * exact.abs[i]
+        + (PV_SLACK * pv.epsilon() + SUM_SLACK * eps * exact.row_keys[row].sqrt()) * exact.abs[i]
+        + PV_SLACK * floor * exact.v_floor[i]
         + SCORE_SLACK * eps * exact.score_err[i]
 }
 
@@ -238,17 +259,17 @@ fn report(tag: &str, what: &str, bad: Vec<String>, total: usize) -> Result<(), S
 
 /// Outputs element by element: `|got − exact| ≤ out_bound`.
 pub fn compare_out(tag: &str, kind: BackendKind, got: &HostTensor, exact: &Exact) -> Result<(), String> {
-    compare_out_with(tag, pv_roundoff(kind, got.dtype()), got, exact)
+    compare_out_with(tag, pv_dtype(kind, got.dtype()), got, exact)
 }
 
-/// [`compare_out`] for a backend whose `P·V` products round to `pv_roundoff`.
-pub fn compare_out_with(tag: &str, pv_roundoff: f64, got: &HostTensor, exact: &Exact) -> Result<(), String> {
+/// [`compare_out`] for a backend whose `P·V` products are in precision `pv`.
+pub fn compare_out_with(tag: &str, pv: DType, got: &HostTensor, exact: &Exact) -> Result<(), String> {
     let dtype = got.dtype();
     assert_eq!(got.shape, exact.shape, "{tag}: output shape");
     let [_, l, h, d] = exact.shape;
     let (mut bad, mut total) = (Vec::new(), 0);
     for (i, (g, &e)) in got.to_f32_vec().iter().zip(&exact.out).enumerate() {
-        let bound = out_bound(pv_roundoff, dtype, exact, i);
+        let bound = out_bound(pv, dtype, exact, i);
         if !abs_diff_eq!(*g as f64, e, epsilon = bound) {
             total += 1;
             if bad.len() < MAX_REPORTED {
