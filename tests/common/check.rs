@@ -110,10 +110,11 @@ fn row_terms(q: &[f64], keys: &[(&[f64], f64)], values: &[&[f64]], scale: f64, o
     let mut score_err = vec![0.0; dd];
     let mut v_floor = vec![0.0; dd];
     for ((wj, ej), v) in w.iter().zip(&e).zip(values) {
+        let tiny = *wj < SMALLEST_NORMAL_F16;
         for x in 0..dd {
             abs[x] += wj / z * v[x].abs();
             score_err[x] += wj / z * ej * v[x].abs();
-            if *wj < SMALLEST_NORMAL_F16 {
+            if tiny {
                 v_floor[x] += v[x].abs() / z;
             }
         }
