@@ -245,7 +245,8 @@ fn build_cuda_fatbin() {
     };
     let fatbin = out_dir.join("entropy_kernels.fatbin");
     let mut cmd = std::process::Command::new(&nvcc);
-    cmd.args(["-fatbin", "-std=c++17", "--prec-div=true", "--prec-sqrt=true", "-o"]).arg(&fatbin);
+    // The NVRTC options' (src/cuda/source.rs): f32 subnormals kept for the f32 planning logits.
+    cmd.args(["-fatbin", "-std=c++17", "--prec-div=true", "--prec-sqrt=true", "--ftz=false", "-o"]).arg(&fatbin);
     for a in &sass {
         cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
     }

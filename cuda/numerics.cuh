@@ -2,7 +2,8 @@
 // same operations in the same order, each one rounded on its own. Every multiply and add is a
 // round-to-nearest intrinsic (`__dmul_rn`, `__dadd_rn`, …), which nvcc/NVRTC never fuse into an
 // FMA (CUDA C++ Programming Guide, "Intrinsic Functions"); the host emulator maps them to plain
-// operations built with -ffp-contract=off. tests/cuda_compile.rs checks the planning kernels' PTX
+// operations built with -ffp-contract=off. The one fused operation is ek_dot32's `__fmaf_rn`
+// (numerics::dot32, the logits of 16-bit inputs), fused by definition on both sides. tests/cuda_compile.rs checks the planning kernels' PTX
 // for fma.f64 and calls into libdevice; tests/cuda_emu.rs compares device and CPU plans bit for bit.
 
 #pragma once
@@ -21,6 +22,14 @@ __device__ __forceinline__ double ek_dot(const double* a, const double* b, int n
     for (int i = 0; i < 8; i++) sum = __dadd_rn(sum, acc[i]);
     for (int x = whole; x < n; x++) sum = __dadd_rn(sum, __dmul_rn(a[x], b[x]));
     return sum;
+}
+
+// numerics::dot32 (the logits of 16-bit inputs): acc = fma(a[i], b[i], acc) in order from 0, each
+// step one IEEE fused multiply-add (`__fmaf_rn`, fma.rn.f32: the bits of f32::mul_add and x86's vfmadd).
+__device__ __forceinline__ float ek_dot32(const float* a, const float* b, int n) {
+    float acc = 0.0f;
+    for (int x = 0; x < n; x++) acc = __fmaf_rn(a[x], b[x], acc);
+    return acc;
 }
 
 // numerics::lane_sum: `v` is this thread's lane sum (terms t, t + 256, … added onto 0 in order);

@@ -92,12 +92,13 @@ template <typename T> __device__ void plan_reps_k(const EkPlanParams& p) {
 // element read from shared memory (the Q rows are warp-wide broadcasts, the K rows are not), so a
 // warp reads 6 shared wavefronts per 256 f64 operations instead of 5 per 128. Q sums pass through
 // `logit_segments` segments × `logit_heads` group heads at a time (the host sizes them to the
-// device's shared memory). Every dot product is numerics::dot's (ek_dot), the group mean adds the
+// device's shared memory). Every dot product is numerics::dot's (ek_dot) for f32 inputs and
+// numerics::dot32's (ek_dot32) for 16-bit inputs (ek_plan_logits_f32), the group mean adds the
 // heads in order: the CPU's arithmetic.
 #define PLAN_SEGS 2  // segments per work item
 
 // ek_dot of rows qa and qb with the max (ka) and min (kb) representatives, in one pass: out =
-// {qa·ka, qa·kb, qb·ka, qb·kb}, each with ek_dot's partial sums and order.
+// {qa·ka, qa·kb, qb·ka, qb·kb}, each with ek_dot's partial sums and order (f64 logits: f32 inputs).
 __device__ __forceinline__ void plan_dots(const double* qa, const double* qb, const double* ka, const double* kb, int n,
                                           double* out) {
     double acc[4][8];
@@ -130,16 +131,37 @@ __device__ __forceinline__ void plan_dots(const double* qa, const double* qb, co
     }
 }
 
-__device__ void plan_logits(const EkPlanParams& p) {
+// The same four dots of f32 rows and keys by ek_dot32 (numerics::dot32: the logits of 16-bit
+// inputs), widened to f64.
+__device__ __forceinline__ void plan_dots(const float* qa, const float* qb, const float* ka, const float* kb, int n,
+                                          double* out) {
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int x = 0; x < n; x++) {
+        const float a = qa[x], b = qb[x], kx = ka[x], kn = kb[x];
+        acc[0] = __fmaf_rn(a, kx, acc[0]);
+        acc[1] = __fmaf_rn(a, kn, acc[1]);
+        acc[2] = __fmaf_rn(b, kx, acc[2]);
+        acc[3] = __fmaf_rn(b, kn, acc[3]);
+    }
+#pragma unroll
+    for (int r = 0; r < 4; r++) out[r] = (double)acc[r];
+}
+
+// R: the dot products' precision (numerics::LogitPrecision) — double for f32 inputs, float for
+// 16-bit inputs. The representatives are read as R: K's are f32 values (exact either way), Q's sums
+// qmax + qmin, summed in f64, are rounded to f32 by the conversion (cvt.rn: the f32 sum's bits).
+// Partial logits, group means and the key rows stay f64.
+template <typename R> __device__ void plan_logits(const EkPlanParams& p) {
     EK_DYNAMIC_SHARED(double, sm);
     const int jt = p.logit_tile, d = p.head_dim, g = p.q_heads / p.kv_heads, n = p.blocks;
     const int j0 = blockIdx.x * jt, h = blockIdx.y, b = blockIdx.z;
     const int jn = min(jt, n - j0), row = 2 * d + 1;   // K rows padded: conflict-free reads
     const int sb = p.logit_segments, gb = p.logit_heads; // segments and group heads per pass
     const int bps = p.segment_size / p.block_size;
-    double* ks = sm;                                      // [jt][row]: max then min representative
-    double* qs = ks + jt * row;                           // [sb][gb][d]
-    double* part = qs + sb * gb * d;                      // [sb][jt][g]
+    R* ks = reinterpret_cast<R*>(sm);                     // [jt][row]: max then min representative
+    R* qs = ks + jt * row;                                // [sb][gb][d]
+    // [sb][jt][g], f64-aligned after the R arrays (LogitTiling::smem)
+    double* part = sm + ((long long)(jt * row + sb * gb * d) * sizeof(R) + sizeof(double) - 1) / sizeof(double);
     const double* qsum = reinterpret_cast<const double*>(p.qsum);
     const double* krep = reinterpret_cast<const double*>(p.krep);
     double* key = reinterpret_cast<double*>(p.key);
@@ -148,7 +170,7 @@ __device__ void plan_logits(const EkPlanParams& p) {
     const int visible = min(jn, max(0, plan_visible_blocks(p) - j0));
     for (int i = threadIdx.x; i < visible * 2 * d; i += blockDim.x) {
         const int jj = i / (2 * d), x = i % (2 * d);
-        ks[jj * row + x] = krep[(((long long)b * n + j0 + jj) * p.kv_heads + h) * 2 * d + x];
+        ks[jj * row + x] = (R)krep[(((long long)b * n + j0 + jj) * p.kv_heads + h) * 2 * d + x];
     }
     // Segment s sees blocks j < min(s · bps, n): those before `first` see none of this tile.
     const int first = max(p.seg_first, min(p.seg_end, j0 / bps + 1));
@@ -162,7 +184,7 @@ __device__ void plan_logits(const EkPlanParams& p) {
             __syncthreads();  // the K tile is in; the previous pass's qs (and part) are consumed
             for (int i = threadIdx.x; i < sn * gn * d; i += blockDim.x) {
                 const int sl = i / (gn * d), gi = (i / d) % gn, x = i % d;
-                qs[(sl * gb + gi) * d + x] = qsum[(((long long)b * p.segments + s0 + sl) * p.q_heads + h * g + g0 + gi) * d + x];
+                qs[(sl * gb + gi) * d + x] = (R)qsum[(((long long)b * p.segments + s0 + sl) * p.q_heads + h * g + g0 + gi) * d + x];
             }
             __syncthreads();
             // Consecutive threads take consecutive blocks: distinct K rows, one pair of Q rows.
@@ -170,7 +192,7 @@ __device__ void plan_logits(const EkPlanParams& p) {
                 const int jj = i % jt, gi = (i / jt) % gn, sa = i / (jt * gn) * PLAN_SEGS, sbb = min(sa + 1, sn - 1);
                 // Later segments see more blocks: if the first of the pair sees none, the second may.
                 if (jj >= jn || sa >= sn || j0 + jj >= min((s0 + sbb) * bps, n)) continue;
-                const double* kr = ks + jj * row;
+                const R* kr = ks + jj * row;
                 double dots[4];
                 plan_dots(qs + (sa * gb + gi) * d, qs + (sbb * gb + gi) * d, kr, kr + d, d, dots);
                 part[(sa * jt + jj) * g + g0 + gi] = __dmul_rn(0.5, fmax(dots[0], dots[1]));
@@ -304,7 +326,8 @@ extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_reps_q_bf16(E
 extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_reps_k_f32(EkPlanParams p) { plan_reps_k<float>(p); }
 extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_reps_k_f16(EkPlanParams p) { plan_reps_k<f16_t>(p); }
 extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_reps_k_bf16(EkPlanParams p) { plan_reps_k<bf16_t>(p); }
-extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_logits(EkPlanParams p) { plan_logits(p); }
+extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_logits(EkPlanParams p) { plan_logits<double>(p); }
+extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_logits_f32(EkPlanParams p) { plan_logits<float>(p); }
 extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_softmax(EkPlanParams p) { plan_softmax(p); }
 extern "C" __global__ void __launch_bounds__(PLAN_THREADS) ek_plan_decide(EkPlanParams p) { plan_decide(p); }
 extern "C" __global__ void __launch_bounds__(PLAN_RANK_THREADS) ek_plan_rank(EkPlanParams p) { plan_rank(p); }

@@ -10,6 +10,12 @@
 //! - [`exp`], [`ln`]: range reduction and polynomials in plain IEEE operations, no fused
 //!   multiply-add.
 //!
+//! Logits of 16-bit inputs are the exception ([`LogitPrecision`]): their representatives carry 8
+//! or 11 significant bits, so planning takes their dot products in f32 — [`dot32`], a chain of
+//! fused multiply-adds in dim order, which every IEEE FMA (x86's, CUDA's `__fmaf_rn`) rounds the
+//! same way — at twice the lanes of f64 per instruction. Everything after the dot products stays
+//! f64.
+//!
 //! `cuda/numerics.cuh` is the device twin, written with round-to-nearest intrinsics
 //! (`__dmul_rn`, `__dadd_rn`, …) that the compiler never contracts into FMAs. Rust never contracts
 //! either, so both sides round every operation the same way. (The CPU's logit kernel fuses
@@ -66,6 +72,38 @@ pub fn dot(a: &[f64], b: &[f64]) -> f64 {
         sum += x * y;
     }
     sum
+}
+
+/// The precision of the planning logits' dot products, fixed by the inputs' dtype: [`dot`] in
+/// f64 for f32 inputs (their conformance decisions were made in f32 by the reference; f64 lands on
+/// every one of them), [`dot32`] for f16 and bf16 inputs, whose values carry 11 or 8 significant
+/// bits: f32's 24 keep the logits far finer than the inputs that made them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitPrecision {
+    /// [`dot`] in f64 (f32 inputs).
+    F64,
+    /// [`dot32`] in f32 (f16 and bf16 inputs).
+    F32,
+}
+
+impl LogitPrecision {
+    /// The precision of the logits of inputs of `dtype`.
+    pub fn of(dtype: crate::tensor::DType) -> Self {
+        if dtype == crate::tensor::DType::F32 { LogitPrecision::F64 } else { LogitPrecision::F32 }
+    }
+}
+
+/// `Σ a[i]·b[i]` in f32 for the logits of 16-bit inputs: `acc = fma(a[i], b[i], acc)` for i in
+/// order from `acc = 0` — each step one rounding (IEEE fused multiply-add: `f32::mul_add`, x86's
+/// `vfmadd`, CUDA's `__fmaf_rn` all give these bits), subnormals kept (no flush-to-zero on any
+/// backend). The rows are `qmax + qmin` summed in f64 and rounded to f32 (`as f32`,
+/// `cvt.rn.f32.f64`): the f32 sum's bits, as rounding a sum twice is harmless when 53 ≥ 2·24 + 2.
+/// Unlike f64, f32 can overflow with extreme bf16 values (sums or products beyond 3.4e38): a row or
+/// dot product then becomes ±inf or NaN the same way on every backend, and the logit takes the
+/// other representative's dot product (`max` ignores NaN) or ranks last (`rank_key`).
+#[inline(always)]
+pub fn dot32(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).fold(0f32, |acc, (&x, &y)| x.mul_add(y, acc))
 }
 
 /// `Σ_{j<n} f(j)` in the order of a 256-thread block reduction: lane `t` sums `f(t)`,

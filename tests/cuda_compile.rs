@@ -181,20 +181,25 @@ fn reachable<'a>(funcs: &'a HashMap<String, String>, entry: &str) -> Vec<(&'a st
 }
 
 /// The decisions' arithmetic (SPEC §6): the planning kernels round every f64 operation on its own
-/// (no `fma.f64` — which libdevice's exp/log would also bring in), and no kernel adds floats
-/// atomically (an order, and so bits, that change from run to run).
+/// (no `fma.f64` — which libdevice's exp/log would also bring in), flush no subnormal (no `.ftz`:
+/// the CPU keeps them), and the f32 logits of 16-bit inputs are `numerics::dot32`'s fused
+/// multiply-adds (`fma.rn.f32`); no kernel adds floats atomically (an order, and so bits, that
+/// change from run to run).
 #[test]
 fn decision_kernels_are_fma_free_and_no_kernel_has_float_atomics() {
     let Some(b) = builds() else { return };
     let funcs = ptx_functions(&b.ptx);
+    let dot32 = reachable(&funcs, "ek_plan_logits_f32").iter().any(|(_, body)| body.contains("fma.rn.f32"));
+    assert!(dot32, "ek_plan_logits_f32 has no fma.rn.f32: its dot products are not numerics::dot32's");
     for k in source::KERNELS {
         assert!(funcs.contains_key(*k), "no PTX entry {k}");
         for (name, body) in reachable(&funcs, k) {
             for l in body.lines().map(str::trim) {
+                let decides = k.starts_with("ek_plan_") || *k == "ek_numerics_probe";
+                assert!(!(decides && l.contains(".ftz")), "{k} ({name}): `{l}` flushes subnormals the host keeps");
                 let float_atomic = (l.starts_with("atom.") || l.starts_with("red."))
                     && [".f16", ".bf16", ".f32", ".f64"].iter().any(|t| l.contains(t));
                 assert!(!float_atomic, "{k} ({name}): float atomic `{l}`");
-                let decides = k.starts_with("ek_plan_") || *k == "ek_numerics_probe";
                 let fused = (l.starts_with("fma.") || l.starts_with("mad.")) && l.contains(".f64");
                 assert!(!(decides && fused), "{k} ({name}): `{l}` fuses an f64 multiply-add the host rounds twice");
                 // add/sub/mul without a rounding modifier may still be fused by ptxas (PTX ISA,

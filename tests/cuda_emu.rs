@@ -602,7 +602,7 @@ fn large_launch_shapes_agree_with_the_oracle() {
         EntropyConfig { segment_size: 256, block_size: 8, threshold_len: 256, base_budget: 128, ..Default::default() };
     let req = PlanRequest::layer(0);
     let want = oracle.plan(q.view(), kk.view(), &cfg, &req).unwrap();
-    let (logits, prefill) = ("ek_plan_logits", "ek_prefill_mma_bf16_d128_m128");
+    let (logits, prefill) = ("ek_plan_logits_f32", "ek_prefill_mma_bf16_d128_m128");
     let before = (emu::launches(Some(logits)).unwrap(), emu::launches(Some(prefill)).unwrap());
     let mut got = common::poisoned(q.shape, dtype);
     let plan = k.prefill(q.view(), kk.view(), v.view(), &cfg, &req, &mut got.view_mut(), None).unwrap();

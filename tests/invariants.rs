@@ -466,3 +466,54 @@ fn plans_with_blocks_no_keep_can_reach() {
         }
     }
 }
+
+/// The CPU's planning keeps subnormals whatever the caller's floating-point state: planned on
+/// workers whose MXCSR has flush-to-zero and denormals-are-zero set (as `-ffast-math` binaries or
+/// `torch.set_flush_denormal` leave it, and threads inherit), a bf16 plan over inputs whose f32
+/// logits are subnormal equals the plan made without them — the other backends keep subnormals.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn cpu_planning_keeps_subnormals_under_flush_to_zero() {
+    const FTZ_DAZ: u32 = 1 << 15 | 1 << 6;
+    fn mxcsr() -> u32 {
+        let mut csr = 0u32;
+        // SAFETY: stores the register at a valid u32.
+        unsafe { std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags)) };
+        csr
+    }
+    let cpu = Kernels::cpu();
+    let seed = seed("cpu_planning_keeps_subnormals_under_flush_to_zero");
+    // Values near 2^-66: products near 2^-132, below f32's smallest normal (2^-126).
+    let tiny = 2f32.powi(-66);
+    let (q, k) =
+        (random([1, 300, 4, 32], tiny, seed, DType::BF16), random([1, 300, 2, 32], tiny, seed ^ 1, DType::BF16));
+    let cfg =
+        EntropyConfig { segment_size: 64, block_size: 8, threshold_len: 64, base_budget: 16, ..Default::default() };
+    let req = PlanRequest::layer(0).keep_maps(true);
+    let want = cpu.plan(q.view(), k.view(), &cfg, &req).unwrap();
+    assert!(
+        want.logits.iter().any(|&x| x != 0.0 && x.abs() < f32::MIN_POSITIVE),
+        "no subnormal logit: the case has no power"
+    );
+    let flushing = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .start_handler(|_| {
+            let csr = mxcsr() | FTZ_DAZ;
+            // SAFETY: loads a value read from the register with FTZ and DAZ set.
+            unsafe { std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, preserves_flags, readonly)) };
+        })
+        .build()
+        .unwrap();
+    let (got, flushed) = flushing.install(|| {
+        let flushed = rayon::broadcast(|_| {
+            std::hint::black_box(f32::MIN_POSITIVE) * std::hint::black_box(0.5f32) == 0.0
+                && mxcsr() & FTZ_DAZ == FTZ_DAZ
+        });
+        (cpu.plan(q.view(), k.view(), &cfg, &req).unwrap(), flushed)
+    });
+    assert!(flushed.iter().all(|&f| f), "the workers do not flush: the test has no power");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&got.logits), bits(&want.logits), "logits under FTZ/DAZ");
+    assert_eq!(got.budgets, want.budgets);
+    assert_eq!(got.order, want.order);
+}

@@ -240,6 +240,7 @@ Kernel kernels[] = {
     EK_KERNEL(ek_plan_reps_k_f16, EkPlanParams)
     EK_KERNEL(ek_plan_reps_k_bf16, EkPlanParams)
     EK_KERNEL(ek_plan_logits, EkPlanParams)
+    EK_KERNEL(ek_plan_logits_f32, EkPlanParams)
     EK_KERNEL(ek_plan_softmax, EkPlanParams)
     EK_KERNEL(ek_plan_decide, EkPlanParams)
     EK_KERNEL(ek_plan_rank, EkPlanParams)

@@ -543,6 +543,8 @@ inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dsub_rn(double a, double b) { return a - b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __ddiv_rn(double a, double b) { return a / b; }
+// fma.rn.f32: one rounding (std::fma is correctly rounded: C++ [c.math], C11 7.12.13.1).
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline float __log2f(float x) { return std::log2(x); }
 using std::max;
 using std::min;

@@ -617,7 +617,7 @@ pub(crate) fn plan_chunks_at<'v>(
     for (i, sc) in seqs.iter().enumerate() {
         let d = sc.dims;
         let segs = sc.segments.clone();
-        let span = crate::cpu::plan::Span::of_chunk(settings, sc);
+        let span = crate::cpu::plan::Span::of_chunk(settings, sc, q_view.dtype());
         let qrep_len = segs.len() * d.q_heads * 2 * dd;
         let krep_len = d.blocks * d.kv_heads * 2 * dd;
         let (qrep, krep) = if segs.is_empty() || d.blocks == 0 {

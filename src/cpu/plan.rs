@@ -5,18 +5,18 @@
 
 use rayon::prelude::*;
 
-use super::plan_logits::{KeyTiles, PackedRows, TILE_KEYS, fill_tiles, key_tiles};
+use super::plan_logits::{KEYS32, KeyTiles, PackedRows, PackedRows32, TILE_KEYS, fill_tiles, key_tiles, rows32};
 use super::plan_reps::{Scratch, representatives};
-use super::simd::{Isa, Simd, WithSimd, dispatch};
+use super::simd::{Isa, KeepSubnormals, Simd, WithSimd, dispatch};
 use super::simd_f64::F64x8;
 use crate::alloc;
 use crate::config::EntropyConfig;
 use crate::engine::args::ChunkSettings;
 use crate::engine::{ChunkArgs, SeqChunk};
 use crate::error::Result;
-use crate::numerics;
+use crate::numerics::{self, LogitPrecision};
 use crate::plan::{BlockLists, Plan, PlanDims, PlanState, rules};
-use crate::tensor::Element;
+use crate::tensor::{DType, Element};
 use crate::validate::PlanArgs;
 
 /// Where unit (b, h, s) writes: its rows of the logit and score maps (empty when not kept) and
@@ -41,8 +41,9 @@ struct GroupJob<'a, 'o> {
     /// The first segment planned and how many are.
     first: usize,
     planned: usize,
-    /// The key tiles of [`key_tiles`].
+    /// The key tiles of [`key_tiles`], laid out for `precision`.
     kt: &'a KeyTiles,
+    precision: LogitPrecision,
     prev: Option<&'a [f32]>,
     /// The units `(u, out)`, ascending segments of one (b, kv head).
     units: Vec<(usize, UnitOut<'o>)>,
@@ -53,7 +54,8 @@ impl WithSimd for GroupJob<'_, '_> {
     type Output = Vec<f64>;
     #[inline(always)]
     fn with_simd<S: Simd>(self) -> Vec<f64> {
-        let GroupJob { dims: d, head_dim: dd, qsum, kt, first, planned, prev, units } = self;
+        let _exact = KeepSubnormals::new(); // the decisions round as every backend's
+        let GroupJob { dims: d, head_dim: dd, qsum, kt, precision, first, planned, prev, units } = self;
         let (n, g) = (d.blocks, d.group());
         let bh = units[0].0 / d.segments;
         let (b, h) = (bh / d.kv_heads, bh % d.kv_heads);
@@ -67,33 +69,10 @@ impl WithSimd for GroupJob<'_, '_> {
                 (0..g).map(move |gi| &qsum[((b * planned + s - first) * d.q_heads + h * g + gi) * dd..][..dd])
             })
             .collect();
-        let per_call = S::F64x8::ROWS;
-        let mut dots = vec![[[0f64; TILE_KEYS]; 2]; qrows.len().next_multiple_of(per_call)];
         let mut logits = vec![f64::NEG_INFINITY; units.len() * n];
-        let (mut packed, mut packed_from) = (PackedRows::default(), None);
-        for t in 0..lims.last().copied().unwrap_or(0).div_ceil(TILE_KEYS) {
-            let tile = kt.tile(b, h, t);
-            let j0 = t * TILE_KEYS;
-            // The units that see this tile: a suffix, as limits ascend; their rows repacked when
-            // it shrinks (at most once per unit).
-            let active = lims.partition_point(|&lim| lim <= j0);
-            if packed_from != Some(active) {
-                packed.pack(&qrows[active * g..], per_call);
-                packed_from = Some(active);
-            }
-            packed.tile_dots::<S::F64x8>(kt, tile, &mut dots);
-            for (k, unit_dots) in (active..units.len()).zip(dots.chunks(g)) {
-                let mut sum = [0f64; TILE_KEYS];
-                for [mx, mn] in unit_dots {
-                    for l in 0..TILE_KEYS {
-                        sum[l] += 0.5 * mx[l].max(mn[l]);
-                    }
-                }
-                let row = &mut logits[k * n + j0..k * n + lims[k]];
-                for (x, sum) in row.iter_mut().zip(sum) {
-                    *x = sum / g as f64;
-                }
-            }
+        match precision {
+            LogitPrecision::F64 => logits64::<S>(kt, b, h, g, n, &lims, &qrows, &mut logits),
+            LogitPrecision::F32 => logits32::<S>(kt, b, h, g, n, &lims, &qrows, &mut logits),
         }
         // A loop, not `map`: a closure would compile without the entry point's target features.
         let mut entropies = Vec::with_capacity(units.len());
@@ -102,6 +81,100 @@ impl WithSimd for GroupJob<'_, '_> {
             entropies.push(unit_rest::<S::F64x8>(&d, u, lim, logit, prev, out, &mut rows));
         }
         entropies
+    }
+}
+
+/// The logits of a group's units (`lims` ascending, `qrows` their group heads' `qmax + qmin` rows
+/// unit by unit) into `logits` (`[units][N]`), in f64 by `numerics::dot` (bit for bit): tile by
+/// tile, the units that see a tile in one micro-kernel pass.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn logits64<S: Simd>(
+    kt: &KeyTiles,
+    b: usize,
+    h: usize,
+    g: usize,
+    n: usize,
+    lims: &[usize],
+    qrows: &[&[f64]],
+    logits: &mut [f64],
+) {
+    let per_call = S::F64x8::ROWS;
+    let mut dots = vec![[[0f64; TILE_KEYS]; 2]; qrows.len().next_multiple_of(per_call)];
+    let (mut packed, mut packed_from) = (PackedRows::default(), None);
+    for t in 0..lims.last().copied().unwrap_or(0).div_ceil(TILE_KEYS) {
+        let tile = kt.tile(b, h, t);
+        let j0 = t * TILE_KEYS;
+        // The units that see this tile: a suffix, as limits ascend; their rows repacked when
+        // it shrinks (at most once per unit).
+        let active = lims.partition_point(|&lim| lim <= j0);
+        if packed_from != Some(active) {
+            packed.pack(&qrows[active * g..], per_call);
+            packed_from = Some(active);
+        }
+        packed.tile_dots::<S::F64x8>(kt, tile, &mut dots);
+        for (k, unit_dots) in (active..lims.len()).zip(dots.chunks(g)) {
+            let mut sum = [0f64; TILE_KEYS];
+            for [mx, mn] in unit_dots {
+                for l in 0..TILE_KEYS {
+                    sum[l] += 0.5 * mx[l].max(mn[l]);
+                }
+            }
+            let row = &mut logits[k * n + j0..k * n + lims[k]];
+            for (x, sum) in row.iter_mut().zip(sum) {
+                *x = sum / g as f64;
+            }
+        }
+    }
+}
+
+/// [`logits64`] for 16-bit inputs: the dot products in f32 by `numerics::dot32` (bit for bit),
+/// two tiles per micro-kernel pass; each unit's logit the group mean, in f64, of
+/// `0.5·max(dot(row, kmax), dot(row, kmin))` as in f64.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn logits32<S: Simd>(
+    kt: &KeyTiles,
+    b: usize,
+    h: usize,
+    g: usize,
+    n: usize,
+    lims: &[usize],
+    qrows: &[&[f64]],
+    logits: &mut [f64],
+) {
+    const PAIR: usize = 2 * TILE_KEYS;
+    let per_call = rows32::<S>();
+    // Each row `qmax + qmin`, summed in f64, rounded to f32: the f32 sum's bits (`numerics::dot32`).
+    let narrow: Vec<f32> = qrows.iter().flat_map(|r| r.iter().map(|&x| x as f32)).collect();
+    let dd = qrows.first().map_or(0, |r| r.len());
+    let rows32: Vec<&[f32]> = narrow.chunks(dd.max(1)).collect();
+    let mut dots = vec![[0f32; KEYS32]; rows32.len().next_multiple_of(per_call)];
+    let zero_tile = vec![0f32; 2 * dd * TILE_KEYS];
+    let tiles = kt.tiles();
+    let (mut packed, mut packed_from) = (PackedRows32::default(), None);
+    for t in (0..lims.last().copied().unwrap_or(0).div_ceil(TILE_KEYS)).step_by(2) {
+        let j0 = t * TILE_KEYS;
+        let active = lims.partition_point(|&lim| lim <= j0);
+        if packed_from != Some(active) {
+            packed.pack(&rows32[active * g..], per_call);
+            packed_from = Some(active);
+        }
+        let second = if t + 1 < tiles { kt.tile(b, h, t + 1) } else { &zero_tile[..] };
+        packed.tile_dots::<S>([kt.tile(b, h, t), second], &mut dots);
+        for (k, unit_dots) in (active..lims.len()).zip(dots.chunks(g)) {
+            let mut sum = [0f64; PAIR];
+            for row in unit_dots {
+                for (l, sum) in sum.iter_mut().enumerate() {
+                    let at = l / TILE_KEYS * PAIR + l % TILE_KEYS; // tile l/8: max, then min 8 later
+                    *sum += 0.5 * f64::from(row[at]).max(f64::from(row[at + TILE_KEYS]));
+                }
+            }
+            let row = &mut logits[k * n + j0..k * n + lims[k]];
+            for (x, sum) in row.iter_mut().zip(sum) {
+                *x = sum / g as f64;
+            }
+        }
     }
 }
 
@@ -216,6 +289,7 @@ pub(crate) fn plan<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Result<Plan> {
     // The keys' straight into the logit kernel's tiles: one pass, no `[B, N, Hkv, 2, D]` copy; a
     // task takes a tile's tokens of every kv head, which lie together in K.
     let (hkv, bk) = (d.kv_heads, d.block_size);
+    let span = Span::of_args(a);
     let kt = KeyTiles::build(&d, dd, |b, t, heads| {
         let blocks = t * TILE_KEYS..n.min((t + 1) * TILE_KEYS);
         let (mut scratch, mut reps) = (Scratch::default(), vec![0f64; blocks.len() * hkv * 2 * dd]);
@@ -223,9 +297,9 @@ pub(crate) fn plan<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Result<Plan> {
         for (j, out) in blocks.zip(reps.chunks_exact_mut(hkv * 2 * dd)) {
             representatives::<E>(isa, row_of, j * bk..(j + 1) * bk, hkv, dd, out, &mut scratch);
         }
-        fill_tiles(&reps, hkv, dd, heads)
+        fill_tiles(&reps, hkv, dd, heads, span.precision)
     })?;
-    plan_span_tiles(isa, &Span::of_args(a), &qrep, &kt, None)
+    plan_span_tiles(isa, &span, &qrep, &kt, None)
 }
 
 /// What planning decides over, wherever the representatives came from.
@@ -239,6 +313,8 @@ pub(crate) struct Span<'a> {
     pub fusion: Option<&'a [f32]>,
     /// The segments planned: all for a one-shot plan, a chunk's (SPEC §7.2).
     pub segments: std::ops::Range<usize>,
+    /// The logits' dot products: the inputs' dtype's (`numerics::LogitPrecision::of`).
+    pub precision: LogitPrecision,
 }
 
 impl<'a> Span<'a> {
@@ -252,11 +328,12 @@ impl<'a> Span<'a> {
             full_ranking: a.full_ranking(),
             fusion: a.fusion(),
             segments: 0..a.dims().segments,
+            precision: LogitPrecision::of(a.q().dtype()),
         }
     }
 
-    /// The span of one sequence's chunk of a chunked planning call.
-    pub fn of_chunk(settings: &ChunkSettings, sc: &SeqChunk<'a>) -> Self {
+    /// The span of one sequence's chunk of a chunked planning call on inputs of `dtype`.
+    pub fn of_chunk(settings: &ChunkSettings, sc: &SeqChunk<'a>, dtype: DType) -> Self {
         Span {
             dims: sc.dims,
             cfg: sc.cfg,
@@ -265,6 +342,7 @@ impl<'a> Span<'a> {
             full_ranking: settings.full_ranking,
             fusion: sc.fusion,
             segments: sc.segments.clone(),
+            precision: LogitPrecision::of(dtype),
         }
     }
 }
@@ -289,7 +367,7 @@ pub(crate) fn plan_span(
     krep: &[f64],
     states: Option<&mut [PlanState]>,
 ) -> Result<Plan> {
-    plan_span_tiles(isa, span, qrep, &key_tiles(&span.dims, span.head_dim, krep)?, states)
+    plan_span_tiles(isa, span, qrep, &key_tiles(&span.dims, span.head_dim, krep, span.precision)?, states)
 }
 
 /// [`plan_span`] with the key representatives as the logit kernel's tiles ([`key_tiles`]).
@@ -332,7 +410,20 @@ fn plan_span_tiles(
     let entropy64: Vec<f64> = groups
         .into_par_iter()
         .map(|units| {
-            dispatch(isa, GroupJob { dims: d, head_dim: dd, qsum: &qsum, first, planned, kt, prev: span.fusion, units })
+            dispatch(
+                isa,
+                GroupJob {
+                    dims: d,
+                    head_dim: dd,
+                    qsum: &qsum,
+                    first,
+                    planned,
+                    kt,
+                    precision: span.precision,
+                    prev: span.fusion,
+                    units,
+                },
+            )
         })
         .collect::<Vec<_>>()
         .concat();
@@ -411,7 +502,7 @@ pub(crate) fn plan_chunks<E: Element>(isa: Isa, a: &ChunkArgs<'_>, states: &mut 
                 },
             );
         }
-        let span = Span::of_chunk(&a.settings(), sc);
+        let span = Span::of_chunk(&a.settings(), sc, E::DTYPE);
         let hkv = d.kv_heads;
         plans.push(plan_span(isa, &span, &qrep, &krep, Some(&mut states[i * hkv..(i + 1) * hkv]))?);
     }

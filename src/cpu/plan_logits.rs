@@ -11,9 +11,11 @@
 //! significant bits together fit f64's 53, as they do for 16-bit inputs — a fused multiply-add
 //! rounds exactly the same sum once: the same bits from one instruction instead of two.
 
+use super::simd::Simd;
 use super::simd_f64::{F64x8, MAX_ROWS};
 use crate::alloc;
 use crate::error::Result;
+use crate::numerics::LogitPrecision;
 use crate::plan::PlanDims;
 
 /// Keys per logit tile: one 512-bit vector of f64 lanes (the logits of eight blocks at once).
@@ -63,38 +65,56 @@ impl KeyTiles {
         Ok(KeyTiles { data, bits_or, kv_heads, tiles, tile_len })
     }
 
+    /// Tiles per sequence and kv head.
+    pub fn tiles(&self) -> usize {
+        self.tiles
+    }
+
     /// Tile `t` of sequence `b`, kv head `h`.
     pub fn tile(&self, b: usize, h: usize, t: usize) -> &[f32] {
         &self.data[((b * self.tiles + t) * self.kv_heads + h) * self.tile_len..][..self.tile_len]
     }
 }
 
-/// The key representatives `[B][N][Hkv][2][D]` as [`KeyTiles`].
-pub(super) fn key_tiles(d: &PlanDims, dd: usize, krep: &[f64]) -> Result<KeyTiles> {
+/// Where a tile holds the eight keys of dim `x` of its max (`m = 0`) or min (`m = 1`)
+/// representatives: for f64 logits `[2][D][TILE_KEYS]`, dims in [`dim_slot`] order; for f32
+/// logits `[D][2][TILE_KEYS]`, dims in order, so that a dim's sixteen keys are one 512-bit vector
+/// of [`row_dots32`], which runs `dot32`'s chain in dim order.
+#[inline(always)]
+pub(super) fn key_slot(precision: LogitPrecision, m: usize, x: usize, dd: usize) -> usize {
+    match precision {
+        LogitPrecision::F64 => (m * dd + dim_slot(x, dd)) * TILE_KEYS,
+        LogitPrecision::F32 => (x * 2 + m) * TILE_KEYS,
+    }
+}
+
+/// The key representatives `[B][N][Hkv][2][D]` as [`KeyTiles`] for logits in `precision`.
+pub(super) fn key_tiles(d: &PlanDims, dd: usize, krep: &[f64], precision: LogitPrecision) -> Result<KeyTiles> {
     let (n, hkv) = (d.blocks, d.kv_heads);
     let complete = krep.len() >= d.batch * n * hkv * 2 * dd; // else no candidate block: never read
     let per_block = hkv * 2 * dd;
     KeyTiles::build(d, dd, |b, t, heads| {
         let blocks = t * TILE_KEYS..n.min((t + 1) * TILE_KEYS);
         let reps = |len| &krep[(b * n + blocks.start) * per_block..][..len * per_block];
-        if complete { fill_tiles(reps(blocks.len()), hkv, dd, heads) } else { 0 }
+        if complete { fill_tiles(reps(blocks.len()), hkv, dd, heads, precision) } else { 0 }
     })
 }
 
-/// Tile t of every kv head (`heads`, `[Hkv][2][D][TILE_KEYS]` from zeroed memory) from its
-/// blocks' representatives `reps` (`[blocks ≤ TILE_KEYS][Hkv][2][D]`, max then min; missing keys
-/// stay zero; each an f32 value, so narrowing is exact); returns the OR of their f64 bits. In the
-/// tile's order: a key vector at a time, not a scattered element per block.
-pub(super) fn fill_tiles(reps: &[f64], hkv: usize, dd: usize, heads: &mut [f32]) -> u64 {
+/// Tile t of every kv head (`heads`, `[Hkv][tile]` from zeroed memory, each tile laid out by
+/// [`key_slot`] for `precision`) from its blocks' representatives `reps` (`[blocks ≤
+/// TILE_KEYS][Hkv][2][D]`, max then min; missing keys stay zero; each an f32 value, so narrowing
+/// is exact); returns the OR of their f64 bits. A key vector at a time, not a scattered element
+/// per block.
+pub(super) fn fill_tiles(reps: &[f64], hkv: usize, dd: usize, heads: &mut [f32], precision: LogitPrecision) -> u64 {
     let per_block = hkv * 2 * dd;
     let blocks = reps.len() / per_block.max(1);
     assert!(blocks <= TILE_KEYS && reps.len() == blocks * per_block, "a tile's blocks");
     assert_eq!(heads.len(), per_block * TILE_KEYS, "a tile per kv head");
     let mut or = 0;
-    for (hm, half) in heads.chunks_exact_mut(dd * TILE_KEYS).enumerate() {
+    for (hm, tile) in (0..2 * hkv).map(|hm| (hm, hm / 2 * 2 * dd * TILE_KEYS)) {
         // hm = 2h + m: head h's max (m = 0) or min (m = 1) representatives
         for x in 0..dd {
-            let key = &mut half[dim_slot(x, dd) * TILE_KEYS..][..blocks];
+            let key = &mut heads[tile + key_slot(precision, hm % 2, x, dd)..][..blocks];
             for (l, v) in key.iter_mut().enumerate() {
                 let rep = reps[l * per_block + hm * dd + x];
                 *v = rep as f32;
@@ -224,6 +244,92 @@ pub(super) fn row_dots<V: F64x8, const FUSED: bool>(rows: &[f64], tile: &[f32], 
     }
 }
 
+/// Keys per [`row_dots32`] call: two tiles' eight blocks, max and min each (`[2][2][TILE_KEYS]`
+/// dots per row).
+pub(super) const KEYS32: usize = 4 * TILE_KEYS;
+/// Accumulators per row of [`row_dots32`] at most (AVX2's eight lanes).
+const MAX_VECS32: usize = 4;
+
+/// Query rows per [`row_dots32`] call: 12 rows × 2 vectors = 24 of AVX-512's 32 registers; 3 rows
+/// × 4 vectors = 12 of AVX2's 16.
+#[inline(always)]
+pub(super) const fn rows32<S: Simd>() -> usize {
+    if S::LANES >= 16 { 12 } else { 3 }
+}
+
+/// Query rows of f32 logits (`numerics::dot32`) as [`row_dots32`] reads them: chunks of
+/// `rows32` rows, each `[D][rows]`, dims in order, the last chunk padded with zero rows.
+#[derive(Default)]
+pub(super) struct PackedRows32 {
+    data: Vec<f32>,
+}
+
+impl PackedRows32 {
+    /// Packs `rows` (f32 values, all of one length) in chunks of `per_call`, reusing the buffer.
+    pub fn pack(&mut self, rows: &[&[f32]], per_call: usize) {
+        let dd = rows.first().map_or(0, |r| r.len());
+        self.data.clear();
+        self.data.resize(rows.len().div_ceil(per_call) * dd * per_call, 0.0);
+        for (chunk, out) in rows.chunks(per_call).zip(self.data.chunks_mut(dd * per_call)) {
+            for (r, row) in chunk.iter().enumerate() {
+                for (x, &v) in row.iter().enumerate() {
+                    out[x * per_call + r] = v;
+                }
+            }
+        }
+    }
+
+    /// Every packed row's dots with the keys of `tiles` (two f32-layout tiles) into `out`
+    /// (`[rows, padding included][KEYS32]`), each bit for bit `numerics::dot32`.
+    #[inline(always)]
+    pub fn tile_dots<S: Simd>(&self, tiles: [&[f32]; 2], out: &mut [[f32; KEYS32]]) {
+        let per = rows32::<S>();
+        let dd = tiles[0].len() / (2 * TILE_KEYS);
+        for (rows, out) in self.data.chunks((dd * per).max(1)).zip(out.chunks_mut(per)) {
+            row_dots32::<S>(rows, tiles, out);
+        }
+    }
+}
+
+/// `out[r][(t·2 + m)·8 + l] = dot32(row_r, key l of tile t's max (m = 0) or min (m = 1))` for the
+/// `rows32` rows of `rows` (one chunk of [`PackedRows32`], `[D][rows]`) and two tiles
+/// (`[D][2][TILE_KEYS]`): `numerics::dot32`'s chain — one fused multiply-add per dim, in dim order,
+/// from 0 — in every lane; a dim's row value broadcast against the tiles' sixteen keys each.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // indexed, the accumulators stay in registers
+pub(super) fn row_dots32<S: Simd>(rows: &[f32], tiles: [&[f32]; 2], out: &mut [[f32; KEYS32]]) {
+    let per = rows32::<S>();
+    let dd = tiles[0].len() / (2 * TILE_KEYS);
+    let tile_vecs = 2 * TILE_KEYS / S::LANES; // vectors of one dim's keys in a tile
+    let vecs = 2 * tile_vecs;
+    assert!(out.len() == per && vecs <= MAX_VECS32, "one micro-kernel's rows");
+    assert!(rows.len() == dd * per && tiles.iter().all(|t| t.len() == 2 * dd * TILE_KEYS), "row and tile lengths");
+    // SAFETY: x < D, r < per, v < vecs: every read is inside `rows` (`[D][per]`) and the tiles
+    // (`[D][2·TILE_KEYS]`), every store inside `out[r]` (`KEYS32` = vecs·LANES); the ISA is
+    // `dispatch`'s.
+    unsafe {
+        let mut acc = [[S::zero(); MAX_VECS32]; 12];
+        for x in 0..dd {
+            let mut keys = [S::zero(); MAX_VECS32];
+            for v in 0..vecs {
+                keys[v] = S::load(tiles[v / tile_vecs].as_ptr().add((x * 2 * TILE_KEYS) + v % tile_vecs * S::LANES));
+            }
+            let at = rows.as_ptr().add(x * per);
+            for r in 0..per {
+                let q = S::splat(*at.add(r));
+                for v in 0..vecs {
+                    acc[r][v] = S::fused(q, keys[v], acc[r][v]);
+                }
+            }
+        }
+        for r in 0..per {
+            for v in 0..vecs {
+                S::store(out[r].as_mut_ptr().add(v * S::LANES), acc[r][v]);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,7 +351,7 @@ mod tests {
                 (0..TILE_KEYS).map(|_| [(0..dd).map(|_| key()).collect(), (0..dd).map(|_| key()).collect()]).collect();
             let mut tile = vec![0f32; 2 * dd * TILE_KEYS];
             let reps: Vec<f64> = keys.iter().flat_map(|k| k.iter().flatten().copied()).collect();
-            fill_tiles(&reps, 1, dd, &mut tile);
+            fill_tiles(&reps, 1, dd, &mut tile, LogitPrecision::F64);
             Case { rows, keys, tile }
         }
 
@@ -379,6 +485,72 @@ mod tests {
             for (case, what) in [(&exact, "exact"), (&inexact, "inexact")] {
                 for (isa, bad) in case.on_every_isa::<false>(false) {
                     assert_eq!(bad, 0, "{isa}: D {dd}, {what} products");
+                }
+            }
+        }
+    }
+
+    /// [`row_dots32`] through [`PackedRows32::tile_dots`] on ISA `S`: how many of `rows`' dots
+    /// with the two tiles' keys (`keys[t][l][m]`, `[2][TILE_KEYS][2][D]`) differ from
+    /// `numerics::dot32` (13 rows: a chunk is padded).
+    fn mismatches32<S: Simd>(rows: &[Vec<f32>], keys: &[Vec<[Vec<f32>; 2]>]) -> usize {
+        let dd = rows[0].len();
+        let tiles: Vec<Vec<f32>> = keys
+            .iter()
+            .map(|tile_keys| {
+                let reps: Vec<f64> = tile_keys.iter().flat_map(|k| k.iter().flatten().map(|&x| f64::from(x))).collect();
+                let mut tile = vec![0f32; 2 * dd * TILE_KEYS]; // fill_tiles writes into zeroed tiles
+                fill_tiles(&reps, 1, dd, &mut tile, LogitPrecision::F32);
+                tile
+            })
+            .collect();
+        let per = rows32::<S>();
+        let mut packed = PackedRows32 { data: vec![f32::NAN; 5] };
+        packed.pack(&rows.iter().map(|r| &r[..]).collect::<Vec<_>>(), per);
+        let mut out = vec![[f32::NAN; KEYS32]; rows.len().next_multiple_of(per)];
+        packed.tile_dots::<S>([&tiles[0], &tiles[1]], &mut out);
+        let mut bad = 0;
+        for (row, got) in rows.iter().zip(&out) {
+            for (t, tile_keys) in keys.iter().enumerate() {
+                for (l, k) in tile_keys.iter().enumerate() {
+                    for m in 0..2 {
+                        let want = numerics::dot32(row, &k[m]);
+                        bad += usize::from(got[(t * 2 + m) * TILE_KEYS + l].to_bits() != want.to_bits());
+                    }
+                }
+            }
+        }
+        bad
+    }
+
+    /// The f32 logit kernel (16-bit inputs) is `numerics::dot32` bit for bit on every ISA this CPU
+    /// has, for 16-bit rows (`qmax + qmin` rounded to f32) and full-width f32 rows; a kernel that
+    /// rounded its products apart from its sums (`Portable::fma`) would differ.
+    #[test]
+    fn row_dots32_are_numerics_dot32_bit_for_bit() {
+        let (mut rng, mut keys_rng) = (Rng::new(9), Rng::new(90));
+        let bf16 = |rng: &mut Rng| half::bf16::from_f64(rng.normal() * 4.0).to_f32();
+        for dd in HEAD_DIMS {
+            let key = |rng: &mut Rng| -> Vec<f32> { (0..dd).map(|_| bf16(rng)).collect() };
+            let keys: Vec<Vec<[Vec<f32>; 2]>> =
+                (0..2).map(|_| (0..TILE_KEYS).map(|_| [key(&mut keys_rng), key(&mut keys_rng)]).collect()).collect();
+            let sixteen_bit: Vec<Vec<f32>> =
+                (0..13).map(|_| (0..dd).map(|_| bf16(&mut rng) + bf16(&mut rng)).collect()).collect();
+            let wide: Vec<Vec<f32>> = (0..13).map(|_| (0..dd).map(|_| rng.normal() as f32).collect()).collect();
+            for (rows, what) in [(&sixteen_bit, "16-bit rows"), (&wide, "f32 rows")] {
+                let mut seen = vec![("portable", mismatches32::<crate::cpu::simd::Portable>(rows, &keys))];
+                #[cfg(target_arch = "x86_64")]
+                {
+                    use crate::cpu::simd::x86::{Avx2, Avx512};
+                    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                        seen.push(("avx2", mismatches32::<Avx2>(rows, &keys)));
+                    }
+                    if is_x86_feature_detected!("avx512f") {
+                        seen.push(("avx512", mismatches32::<Avx512>(rows, &keys)));
+                    }
+                }
+                for (isa, bad) in seen {
+                    assert_eq!(bad, 0, "{isa}: D {dd}, {what}");
                 }
             }
         }

@@ -2,7 +2,7 @@
 //! block's keys, in f32 (exact in any precision), stored as f64 for the logits. One pass over
 //! Q and K, so it runs at memory speed: rows widened and compared a vector at a time.
 
-use super::simd::{Isa, Simd, WithSimd, dispatch};
+use super::simd::{Isa, KeepSubnormals, Simd, WithSimd, dispatch};
 use crate::tensor::Element;
 
 /// A task's running max and min `[heads][D]`.
@@ -24,6 +24,7 @@ pub(super) fn representatives<'r, E: Element>(
     out: &mut [f64],
     scratch: &mut Scratch,
 ) {
+    let _exact = KeepSubnormals::new(); // DAZ would read subnormal inputs as zero
     dispatch(isa, Representatives { row_of, tokens, heads, d, out, scratch })
 }
 

@@ -22,6 +22,12 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     unsafe fn store_partial(p: *mut f32, v: Self::V, n: usize);
     /// `a * b + c`.
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `a * b + c` rounded once (IEEE fused multiply-add), where bits must match other backends
+    /// (`numerics::dot32`): [`Simd::fma`] wherever that is fused, as on AVX2 and AVX-512.
+    #[inline(always)]
+    unsafe fn fused(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        unsafe { Self::fma(a, b, c) }
+    }
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
@@ -370,6 +376,10 @@ impl Simd for Portable {
         std::array::from_fn(|i| a[i] * b[i] + c[i])
     }
     #[inline(always)]
+    unsafe fn fused(a: [f32; 8], b: [f32; 8], c: [f32; 8]) -> [f32; 8] {
+        std::array::from_fn(|i| a[i].mul_add(b[i], c[i]))
+    }
+    #[inline(always)]
     unsafe fn add(a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
         std::array::from_fn(|i| a[i] + b[i])
     }
@@ -397,6 +407,65 @@ impl Simd for Portable {
     unsafe fn hsum(v: [f32; 8]) -> f32 {
         v.iter().sum()
     }
+}
+
+/// Subnormals kept for its lifetime on this thread: clears the x86 MXCSR's flush-to-zero and
+/// denormals-are-zero bits (which a host process may have set — `-ffast-math`'s startup code,
+/// `torch.set_flush_denormal` — and threads inherit), and restores them on drop. The planning's
+/// decisions must round as the other backends do, which keep subnormals (SPEC §6): the f32 logits
+/// of 16-bit inputs can be subnormal, and DAZ would also read subnormal inputs as zero. (A no-op
+/// under Miri, which runs no inline assembly and no FTZ.)
+pub(crate) struct KeepSubnormals {
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
+    saved: u32,
+}
+
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+const FTZ_DAZ: u32 = 1 << 15 | 1 << 6;
+
+impl KeepSubnormals {
+    #[inline(always)]
+    pub fn new() -> Self {
+        #[cfg(all(target_arch = "x86_64", not(miri)))]
+        {
+            let saved = mxcsr();
+            if saved & FTZ_DAZ != 0 {
+                set_mxcsr(saved & !FTZ_DAZ);
+            }
+            KeepSubnormals { saved }
+        }
+        #[cfg(not(all(target_arch = "x86_64", not(miri))))]
+        KeepSubnormals {}
+    }
+}
+
+impl Drop for KeepSubnormals {
+    #[inline(always)]
+    fn drop(&mut self) {
+        #[cfg(all(target_arch = "x86_64", not(miri)))]
+        if self.saved & FTZ_DAZ != 0 {
+            set_mxcsr(self.saved);
+        }
+    }
+}
+
+/// This thread's MXCSR (SSE control and status).
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+#[inline(always)]
+pub(crate) fn mxcsr() -> u32 {
+    let mut csr = 0u32;
+    // SAFETY: stores the 32-bit register at a valid, aligned u32 (SSE is x86_64's baseline).
+    unsafe { std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags)) };
+    csr
+}
+
+/// Sets this thread's MXCSR.
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+#[inline(always)]
+pub(crate) fn set_mxcsr(csr: u32) {
+    // SAFETY: loads from a valid u32; callers only toggle the FTZ/DAZ bits of a value read from
+    // the register (no reserved bit set, so no #GP).
+    unsafe { std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, preserves_flags, readonly)) };
 }
 
 /// The instruction set the fast CPU kernels run with, best first.

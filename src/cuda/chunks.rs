@@ -129,6 +129,8 @@ impl CudaBackend {
             full_ranking: shape.full_ranking,
             fusion: shape.fusion,
             segments: segments.clone(),
+            // No candidate block: no logit to take in either precision.
+            precision: crate::numerics::LogitPrecision::F64,
         };
         // The representatives are never read without candidate blocks.
         let qrep = vec![0f64; segments.len() * shape.dims.q_heads * 2 * shape.head_dim];

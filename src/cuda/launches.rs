@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
+use crate::numerics::LogitPrecision;
 use crate::tensor::DType;
 use crate::validate::{AttnDims, CompressDims, DecodeDims};
 
@@ -303,22 +304,24 @@ pub struct LogitTiling {
 }
 
 impl LogitTiling {
-    /// Dynamic shared memory (cuda/plan.cu): the padded K representatives, a pass of Q sums and
-    /// the pass's partial logits for the whole group (f64).
-    pub fn smem(&self, group: usize, head_dim: usize) -> usize {
+    /// Dynamic shared memory (cuda/plan.cu): the padded K representatives and a pass of Q sums
+    /// in the logits' precision (`rep_bytes`: 8 for f64, 4 for f32 logits), then the pass's
+    /// partial logits for the whole group (f64, 8-byte aligned).
+    pub fn smem(&self, group: usize, head_dim: usize, rep_bytes: usize) -> usize {
         let (t, s) = (self.tile, self.segments);
-        8 * (t * (2 * head_dim + 1) + s * self.heads * head_dim + s * t * group)
+        let reps = rep_bytes * (t * (2 * head_dim + 1) + s * self.heads * head_dim);
+        reps.next_multiple_of(8) + 8 * s * t * group
     }
 
     /// The widest passes of `tile` blocks that fit `max_smem`: every group head at once if it
     /// can, then as many segments as keep the block's threads busy; fewer where memory is short.
-    fn widest(tile: usize, group: usize, head_dim: usize, max_smem: usize) -> Option<Self> {
+    fn widest(tile: usize, group: usize, head_dim: usize, rep_bytes: usize, max_smem: usize) -> Option<Self> {
         let mut heads = group;
         loop {
             let mut segments = PLAN_SEGS * (PLAN_THREADS as usize / (tile * heads)).max(1);
             loop {
                 let t = LogitTiling { tile, segments, heads };
-                if t.smem(group, head_dim) <= max_smem {
+                if t.smem(group, head_dim, rep_bytes) <= max_smem {
                     return Some(t);
                 }
                 if segments == 1 {
@@ -375,9 +378,14 @@ pub fn plan(
     let visible = d.causal_limit(segments.end.max(1) - 1);
     // The logits kernel's block tile: the largest that fits in shared memory while the grid
     // still makes two waves (a larger tile re-reads the segments' Q sums fewer times).
-    let max_smem = limits.kernel("ek_plan_logits").max_dynamic_smem;
+    // The logits' dot products in the inputs' precision (numerics::LogitPrecision).
+    let (logits_kernel, rep_bytes) = match LogitPrecision::of(dtype) {
+        LogitPrecision::F64 => ("ek_plan_logits", size_of::<f64>()),
+        LogitPrecision::F32 => ("ek_plan_logits_f32", size_of::<f32>()),
+    };
+    let max_smem = limits.kernel(logits_kernel).max_dynamic_smem;
     let tilings: Vec<LogitTiling> =
-        PLAN_LOGIT_TILES.into_iter().filter_map(|t| LogitTiling::widest(t, g, head_dim, max_smem)).collect();
+        PLAN_LOGIT_TILES.into_iter().filter_map(|t| LogitTiling::widest(t, g, head_dim, rep_bytes, max_smem)).collect();
     let logit = tilings
         .iter()
         .find(|t| n.div_ceil(t.tile) * d.kv_heads * d.batch >= 2 * limits.sms)
@@ -390,10 +398,10 @@ pub fn plan(
         reps_q: Launch::new(format!("ek_plan_reps_q_{sfx}"), (segments.len(), d.batch, 1), PLAN_THREADS, 0)?,
         reps_k: Launch::new(format!("ek_plan_reps_k_{sfx}"), (visible.max(1), d.batch, 1), PLAN_THREADS, 0)?,
         logits: Launch::new(
-            "ek_plan_logits",
+            logits_kernel,
             (n.div_ceil(logit.tile), d.kv_heads, d.batch),
             PLAN_THREADS,
-            logit.smem(g, head_dim),
+            logit.smem(g, head_dim, rep_bytes),
         )?,
         softmax: Launch::new("ek_plan_softmax", (units, 1, 1), PLAN_THREADS, 0)?,
         decide: Launch::new(

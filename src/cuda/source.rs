@@ -82,6 +82,7 @@ pub const KERNELS: &[&str] = &[
     "ek_plan_reps_k_f16",
     "ek_plan_reps_k_bf16",
     "ek_plan_logits",
+    "ek_plan_logits_f32",
     "ek_plan_softmax",
     "ek_plan_decide",
     "ek_plan_rank",
@@ -115,13 +116,16 @@ pub const KERNELS: &[&str] = &[
 ];
 
 /// NVRTC options shared by every build: C++17, precise division and square root, no FMA
-/// contraction surprises in the budget recurrence (it uses explicit `__f*_rn` intrinsics).
+/// contraction surprises in the budget recurrence (it uses explicit `__f*_rn` intrinsics), and f32
+/// subnormals kept (`-ftz=false`, NVRTC's default, spelled out: the f32 logits of 16-bit inputs
+/// must round as the CPU's, which keeps them too).
 pub fn options(arch: &str, verbose_ptxas: bool) -> Vec<String> {
     let mut o = vec![
         format!("--gpu-architecture={arch}"),
         "-std=c++17".into(),
         "--prec-div=true".into(),
         "--prec-sqrt=true".into(),
+        "--ftz=false".into(),
     ];
     if verbose_ptxas {
         o.push("--ptxas-options=-v".into());

@@ -1,10 +1,11 @@
 //! SPEC §7 in f64: attention over a cache and chunked planning, one query and one segment at a
 //! time, every key read by its (page, slot) address.
 
-use super::dot;
+use super::{dot, half_logit};
 use crate::config::{BudgetPolicy, GqaMode, HeadClassMode};
 use crate::engine::{AttendArgs, ChunkArgs, KvCache, Scores, SelectArgs, Selection, SeqChunk};
 use crate::error::Result;
+use crate::numerics::LogitPrecision;
 use crate::plan::{BlockLists, HeadClass, Plan, PlanState, SegmentAttention};
 use crate::tensor::{HostData, TensorView, TensorViewMut};
 
@@ -92,6 +93,7 @@ fn plan_one(a: &ChunkArgs<'_>, i: usize, sc: &SeqChunk<'_>, states: &mut [PlanSt
     let (g, nrep, dd) = (hq / hkv, seg / bk, a.head_dim());
     let cache = a.cache();
     let q = a.q();
+    let precision = LogitPrecision::of(q.dtype());
     let fused = sc.fusion.is_some();
     let at = |h: usize, s: usize| (h * nseg + s) * n;
     let mut logits = vec![f64::NEG_INFINITY; hkv * nseg * n];
@@ -121,8 +123,8 @@ fn plan_one(a: &ChunkArgs<'_>, i: usize, sc: &SeqChunk<'_>, states: &mut [PlanSt
                 for gi in 0..g {
                     let rows = positions.clone().map(|t| q_row(&q, 0, sc.tokens.start + t - sc.q_start, h * g + gi));
                     let (qx, qn) = minmax(&mut rows.collect::<Vec<_>>().into_iter());
-                    let with_max = (dot(&qx, &kx) + dot(&qn, &kx)) / 2.0;
-                    let with_min = (dot(&qx, &kn) + dot(&qn, &kn)) / 2.0;
+                    let with_max = half_logit(precision, &qx, &qn, &kx);
+                    let with_min = half_logit(precision, &qx, &qn, &kn);
                     sum += with_max.max(with_min);
                 }
                 logits[at(h, s) + j] = sum / g as f64;

@@ -15,6 +15,7 @@ pub use plan::plan;
 use crate::backend::{Backend, BackendKind, Capabilities, HeadDims};
 use crate::compress::CompressedCache;
 use crate::error::Result;
+use crate::numerics::{LogitPrecision, dot32};
 use crate::plan::Plan;
 use crate::tensor::{TensorView, TensorViewMut};
 use crate::validate::{AttentionArgs, CompressArgs, DecodeArgs, PlanArgs};
@@ -67,6 +68,20 @@ impl F64Tensor {
 
 pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// SPEC §2.2's `(qmax·key + qmin·key)/2` for one key representative, in the precision
+/// `numerics::LogitPrecision` sets: f64 for f32 inputs; for 16-bit inputs `numerics::dot32` of
+/// `qmax + qmin` rounded to f32 once (the sum of two f32 values is exact in f64).
+pub(crate) fn half_logit(precision: LogitPrecision, qmax: &[f64], qmin: &[f64], key: &[f64]) -> f64 {
+    match precision {
+        LogitPrecision::F64 => (dot(qmax, key) + dot(qmin, key)) / 2.0,
+        LogitPrecision::F32 => {
+            let row: Vec<f32> = qmax.iter().zip(qmin).map(|(x, n)| (x + n) as f32).collect();
+            let key: Vec<f32> = key.iter().map(|&x| x as f32).collect();
+            f64::from(dot32(&row, &key)) / 2.0
+        }
+    }
 }
 
 /// The oracle as a backend (`ENTROPY_KERNELS_BACKEND=reference`).

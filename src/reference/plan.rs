@@ -1,9 +1,11 @@
-//! SPEC §2, step by step, in f64 (the budget recurrence in f32, as the spec demands).
+//! SPEC §2, step by step, in f64 (the budget recurrence in f32, as the spec demands; the logits'
+//! dot products of 16-bit inputs in f32, as `numerics::LogitPrecision` defines them).
 
-use super::{F64Tensor, dot};
+use super::{F64Tensor, half_logit};
 use crate::alloc;
 use crate::config::{BudgetMode, BudgetPolicy, HeadClassMode};
 use crate::error::Result;
+use crate::numerics::LogitPrecision;
 use crate::plan::{BlockLists, HeadClass, Plan};
 use crate::validate::PlanArgs;
 
@@ -49,7 +51,9 @@ pub fn plan(a: &PlanArgs<'_>) -> Result<Plan> {
         }
     }
 
-    // 2–3. Logits with the causal block mask; mean over the group.
+    // 2–3. Logits with the causal block mask; mean over the group (dot products in the inputs'
+    // `LogitPrecision`).
+    let precision = LogitPrecision::of(a.q().dtype());
     let mut logit = alloc::grid("the oracle's planning logits", &[bsz, hkv, nseg, n], f64::NEG_INFINITY)?;
     for b in 0..bsz {
         for h in 0..hkv {
@@ -63,8 +67,8 @@ pub fn plan(a: &PlanArgs<'_>) -> Result<Plan> {
                         let qh = h * g + gi;
                         let (qx, qn) = (&qmax[b][s][qh], &qmin[b][s][qh]);
                         let (kx, kn) = (&kmax[b][j][h], &kmin[b][j][h]);
-                        let with_max = (dot(qx, kx) + dot(qn, kx)) / 2.0;
-                        let with_min = (dot(qx, kn) + dot(qn, kn)) / 2.0;
+                        let with_max = half_logit(precision, qx, qn, kx);
+                        let with_min = half_logit(precision, qx, qn, kn);
                         sum += with_max.max(with_min);
                     }
                     logit[at(b, h, s, j)] = sum / g as f64;
