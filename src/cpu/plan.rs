@@ -128,6 +128,9 @@ fn logits64<S: Simd>(
     }
 }
 
+/// The f64 lanes of ISA `S`.
+type V<S> = <S as Simd>::F64x8;
+
 /// [`logits64`] for 16-bit inputs: the dot products in f32 by `numerics::dot32` (bit for bit),
 /// two tiles per micro-kernel pass; each unit's logit the group mean, in f64, of
 /// `0.5·max(dot(row, kmax), dot(row, kmin))` as in f64.
@@ -163,16 +166,24 @@ fn logits32<S: Simd>(
         let second = if t + 1 < tiles { kt.tile(b, h, t + 1) } else { &zero_tile[..] };
         packed.tile_dots::<S>([kt.tile(b, h, t), second], &mut dots);
         for (k, unit_dots) in (active..lims.len()).zip(dots.chunks(g)) {
-            let mut sum = [0f64; PAIR];
-            for row in unit_dots {
-                for (l, sum) in sum.iter_mut().enumerate() {
-                    let at = l / TILE_KEYS * PAIR + l % TILE_KEYS; // tile l/8: max, then min 8 later
-                    *sum += 0.5 * f64::from(row[at]).max(f64::from(row[at + TILE_KEYS]));
-                }
-            }
-            let row = &mut logits[k * n + j0..k * n + lims[k]];
-            for (x, sum) in row.iter_mut().zip(sum) {
-                *x = sum / g as f64;
+            // Per tile (eight keys, a vector of f64 lanes): Σ over the group's rows of
+            // 0.5·max(kmax dot, kmin dot), then / g — lane by lane the f64 path's operations.
+            for (t, j) in (j0..lims[k]).step_by(TILE_KEYS).take(2).enumerate() {
+                // SAFETY: a row holds KEYS32 = 2·PAIR dots and t < 2: the eight f32s read from
+                // `row[t·PAIR]` and `row[t·PAIR + 8]` are in it; the ISA is `dispatch`'s.
+                let x = unsafe {
+                    let mut sum = V::<S>::zero();
+                    for row in unit_dots {
+                        let at = row.as_ptr().add(t * PAIR);
+                        let (mx, mn) = (V::<S>::load_f32(at), V::<S>::load_f32(at.add(TILE_KEYS)));
+                        sum = V::<S>::add(sum, V::<S>::mul(V::<S>::splat(0.5), V::<S>::max_num(mx, mn)));
+                    }
+                    let mut x = [0f64; TILE_KEYS];
+                    V::<S>::store(x.as_mut_ptr(), V::<S>::div(sum, V::<S>::splat(g as f64)));
+                    x
+                };
+                let row = &mut logits[k * n + j..k * n + lims[k].min(j + TILE_KEYS)];
+                row.copy_from_slice(&x[..row.len()]);
             }
         }
     }

@@ -21,6 +21,30 @@ pub(crate) trait F64x8: Copy {
     unsafe fn mul(a: Self, b: Self) -> Self;
     /// `a·b + c`, for products the caller knows are exact: then fused or not, the same bits.
     unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self;
+    /// Lane-wise `a / b` (IEEE division: the scalar's bits; lane by lane unless overridden).
+    #[inline(always)]
+    unsafe fn div(a: Self, b: Self) -> Self {
+        unsafe { Self::lane_wise(a, b, |x, y| x / y) }
+    }
+    /// Lane-wise `f64::max(a, b)`: the larger, a NaN lane taking the other operand (a zero of
+    /// either sign where both are zeros).
+    #[inline(always)]
+    unsafe fn max_num(a: Self, b: Self) -> Self {
+        unsafe { Self::lane_wise(a, b, f64::max) }
+    }
+    /// `f` of each pair of lanes, through memory.
+    #[inline(always)]
+    unsafe fn lane_wise(a: Self, b: Self, f: impl Fn(f64, f64) -> f64) -> Self {
+        unsafe {
+            let (mut x, mut y) = ([0f64; 8], [0f64; 8]);
+            Self::store(x.as_mut_ptr(), a);
+            Self::store(y.as_mut_ptr(), b);
+            for (x, y) in x.iter_mut().zip(y) {
+                *x = f(*x, y);
+            }
+            Self::load(x.as_ptr())
+        }
+    }
     /// `numerics::exp` of each lane, bit for bit (lane by lane unless the ISA has a vector form).
     #[inline(always)]
     unsafe fn exp(x: Self) -> Self {
@@ -78,6 +102,15 @@ mod x86 {
         #[inline(always)]
         unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
             unsafe { _mm512_fmadd_pd(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn div(a: Self, b: Self) -> Self {
+            unsafe { _mm512_div_pd(a, b) }
+        }
+        /// `vmaxpd` returns its second operand where either is NaN: where `b` is, take `a`.
+        #[inline(always)]
+        unsafe fn max_num(a: Self, b: Self) -> Self {
+            unsafe { _mm512_mask_blend_pd(_mm512_cmp_pd_mask::<_CMP_UNORD_Q>(b, b), _mm512_max_pd(a, b), a) }
         }
         /// `numerics::exp` step by step on eight lanes: a lane outside the finite range (NaN
         /// included) computes e^0 and is selected at the end (a clamped input would compute a
@@ -237,6 +270,42 @@ mod tests {
                 exp_is_numerics_exp::<std::arch::x86_64::__m512d>("avx512");
             } else {
                 eprintln!("SKIP avx512: this CPU lacks it");
+            }
+        }
+    }
+
+    /// `max_num` and `div` lane by lane against `f64::max` and `/`, NaNs on either side included
+    /// (pairs of zeros excepted: `f64::max` may return either sign).
+    fn max_div_are_scalar<V: F64x8>(isa: &str) {
+        let xs = [1.5, -2.0, f64::NAN, f64::INFINITY, -f64::INFINITY, 3e-310, -0.25, 7.0];
+        for shift in 0..8 {
+            let ys: Vec<f64> = (0..8).map(|i| xs[(i + shift) % 8] * if shift % 2 == 0 { 1.0 } else { -3.0 }).collect();
+            let (mut max, mut div) = ([0f64; 8], [0f64; 8]);
+            // SAFETY: the caller checked the ISA; every array holds eight f64s.
+            unsafe {
+                let (a, b) = (V::load(xs.as_ptr()), V::load(ys.as_ptr()));
+                V::store(max.as_mut_ptr(), V::max_num(a, b));
+                V::store(div.as_mut_ptr(), V::div(a, b));
+            }
+            for i in 0..8 {
+                let same = |g: f64, w: f64| g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan());
+                assert!(same(max[i], xs[i].max(ys[i])), "{isa}: max({}, {}) = {}", xs[i], ys[i], max[i]);
+                assert!(same(div[i], xs[i] / ys[i]), "{isa}: {} / {} = {}", xs[i], ys[i], div[i]);
+            }
+        }
+    }
+
+    /// Every ISA's `max_num` is `f64::max` and its `div` IEEE division (the f32 logits' epilogue).
+    #[test]
+    fn max_num_and_div_are_the_scalar_operations() {
+        max_div_are_scalar::<[f64; 8]>("portable");
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") {
+                max_div_are_scalar::<Ymm2>("avx2");
+            }
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") {
+                max_div_are_scalar::<std::arch::x86_64::__m512d>("avx512");
             }
         }
     }
