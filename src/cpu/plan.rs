@@ -70,9 +70,10 @@ impl WithSimd for GroupJob<'_, '_> {
             })
             .collect();
         let mut logits = vec![f64::NEG_INFINITY; units.len() * n];
+        let job = GroupLogits { kt, b, h, g, n, lims: &lims, qrows: &qrows };
         match precision {
-            LogitPrecision::F64 => logits64::<S>(kt, b, h, g, n, &lims, &qrows, &mut logits),
-            LogitPrecision::F32 => logits32::<S>(kt, b, h, g, n, &lims, &qrows, &mut logits),
+            LogitPrecision::F64 => logits64::<S>(&job, &mut logits),
+            LogitPrecision::F32 => logits32::<S>(&job, &mut logits),
         }
         // A loop, not `map`: a closure would compile without the entry point's target features.
         let mut entropies = Vec::with_capacity(units.len());
@@ -84,21 +85,25 @@ impl WithSimd for GroupJob<'_, '_> {
     }
 }
 
-/// The logits of a group's units (`lims` ascending, `qrows` their group heads' `qmax + qmin` rows
-/// unit by unit) into `logits` (`[units][N]`), in f64 by `numerics::dot` (bit for bit): tile by
-/// tile, the units that see a tile in one micro-kernel pass.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn logits64<S: Simd>(
-    kt: &KeyTiles,
+/// What a group's logits are made of: the key tiles, the group's sequence `b` and kv head `h`, the
+/// group size `g`, the blocks `n`, the units' causal limits `lims` (ascending) and their group
+/// heads' `qmax + qmin` rows, unit by unit.
+#[derive(Clone, Copy)]
+struct GroupLogits<'a> {
+    kt: &'a KeyTiles,
     b: usize,
     h: usize,
     g: usize,
     n: usize,
-    lims: &[usize],
-    qrows: &[&[f64]],
-    logits: &mut [f64],
-) {
+    lims: &'a [usize],
+    qrows: &'a [&'a [f64]],
+}
+
+/// The logits of a group's units into `logits` (`[units][N]`), in f64 by `numerics::dot` (bit for
+/// bit): tile by tile, the units that see a tile in one micro-kernel pass.
+#[inline(always)]
+fn logits64<S: Simd>(job: &GroupLogits<'_>, logits: &mut [f64]) {
+    let GroupLogits { kt, b, h, g, n, lims, qrows } = *job;
     let per_call = S::F64x8::ROWS;
     let mut dots = vec![[[0f64; TILE_KEYS]; 2]; qrows.len().next_multiple_of(per_call)];
     let (mut packed, mut packed_from) = (PackedRows::default(), None);
@@ -135,17 +140,8 @@ type V<S> = <S as Simd>::F64x8;
 /// two tiles per micro-kernel pass; each unit's logit the group mean, in f64, of
 /// `0.5·max(dot(row, kmax), dot(row, kmin))` as in f64.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn logits32<S: Simd>(
-    kt: &KeyTiles,
-    b: usize,
-    h: usize,
-    g: usize,
-    n: usize,
-    lims: &[usize],
-    qrows: &[&[f64]],
-    logits: &mut [f64],
-) {
+fn logits32<S: Simd>(job: &GroupLogits<'_>, logits: &mut [f64]) {
+    let GroupLogits { kt, b, h, g, n, lims, qrows } = *job;
     const PAIR: usize = 2 * TILE_KEYS;
     let per_call = rows32::<S>();
     // Each row `qmax + qmin`, summed in f64, rounded to f32: the f32 sum's bits (`numerics::dot32`).
