@@ -1,7 +1,8 @@
 //! Planning on the CPU (SPEC §2). Representatives are max/min in f32 (exact); logits, the
 //! distribution and the entropy are computed in f64 with [`crate::numerics`]' operations and
-//! summation orders, which the device kernels share bit for bit; budgets and keep counts use the
-//! shared rules.
+//! summation orders, which the device kernels share bit for bit — the logits' dot products in the
+//! inputs' [`LogitPrecision`] (f32 `numerics::dot32` for 16-bit inputs); budgets and keep counts
+//! use the shared rules.
 
 use rayon::prelude::*;
 

@@ -1,6 +1,8 @@
 //! The planning logits (SPEC §2.2) of a group of units that share key tiles: per query row
 //! (one unit's query head) and block, `numerics::dot(qmax + qmin, kmax)` and `(…, kmin)` bit for
-//! bit, on a register-blocked micro-kernel.
+//! bit, on a register-blocked micro-kernel — for f32 inputs. For 16-bit inputs the dot products
+//! are `numerics::dot32` ([`row_dots32`]: one f32 fused multiply-add per dim in dim order, a dim's
+//! sixteen keys of two tiles in two vectors, 12 query rows broadcast against them).
 //!
 //! `dot`'s order fixes each product's lane (`i = dim % 8`) and adds a lane's products in dim order,
 //! but leaves the lanes independent: the kernel runs lane by lane, so the eight keys of a tile sit
