@@ -143,6 +143,27 @@ pub(super) fn products_exact(rows_or: u64, keys_or: u64) -> bool {
     significant_bits(rows_or) + significant_bits(keys_or) <= 53
 }
 
+/// `rows` (all of one length D) into `data` as a micro-kernel reads them: chunks of `per_call`
+/// rows, each `[D][per_call]` with dim `x` at slot `slot(x, D)`, the last chunk padded with zero
+/// rows; `data` is reused.
+fn pack_chunks<T: Copy + Default>(
+    data: &mut Vec<T>,
+    rows: &[&[T]],
+    per_call: usize,
+    slot: impl Fn(usize, usize) -> usize,
+) {
+    let dd = rows.first().map_or(0, |r| r.len());
+    data.clear();
+    data.resize(rows.len().div_ceil(per_call) * dd * per_call, T::default());
+    for (chunk, out) in rows.chunks(per_call).zip(data.chunks_mut(dd * per_call)) {
+        for (r, row) in chunk.iter().enumerate() {
+            for (x, &v) in row.iter().enumerate() {
+                out[slot(x, dd) * per_call + r] = v;
+            }
+        }
+    }
+}
+
 /// Query rows `[R][D]` as the micro-kernel reads them: chunks of `V::ROWS` rows, each
 /// `[D][ROWS]` (a dim's values of the chunk's rows side by side, so the kernel reaches every row
 /// from one pointer; dims in [`dim_slot`] order), the last chunk padded with zero rows; and the
@@ -156,18 +177,8 @@ pub(super) struct PackedRows {
 impl PackedRows {
     /// Packs `rows` (all of one length) in chunks of `per_call`, reusing the buffer.
     pub fn pack(&mut self, rows: &[&[f64]], per_call: usize) {
-        let dd = rows.first().map_or(0, |r| r.len());
-        self.data.clear();
-        self.data.resize(rows.len().div_ceil(per_call) * dd * per_call, 0.0);
-        self.bits_or = 0;
-        for (chunk, out) in rows.chunks(per_call).zip(self.data.chunks_mut(dd * per_call)) {
-            for (r, row) in chunk.iter().enumerate() {
-                for (x, &v) in row.iter().enumerate() {
-                    out[dim_slot(x, dd) * per_call + r] = v;
-                    self.bits_or |= v.to_bits();
-                }
-            }
-        }
+        pack_chunks(&mut self.data, rows, per_call, dim_slot);
+        self.bits_or = rows.iter().flat_map(|r| r.iter()).fold(0, |or, v| or | v.to_bits());
     }
 
     /// Every packed row's dots with the eight keys of `tile` (one of `keys`' tiles) into `out`,
@@ -269,16 +280,7 @@ pub(super) struct PackedRows32 {
 impl PackedRows32 {
     /// Packs `rows` (f32 values, all of one length) in chunks of `per_call`, reusing the buffer.
     pub fn pack(&mut self, rows: &[&[f32]], per_call: usize) {
-        let dd = rows.first().map_or(0, |r| r.len());
-        self.data.clear();
-        self.data.resize(rows.len().div_ceil(per_call) * dd * per_call, 0.0);
-        for (chunk, out) in rows.chunks(per_call).zip(self.data.chunks_mut(dd * per_call)) {
-            for (r, row) in chunk.iter().enumerate() {
-                for (x, &v) in row.iter().enumerate() {
-                    out[x * per_call + r] = v;
-                }
-            }
-        }
+        pack_chunks(&mut self.data, rows, per_call, |x, _| x);
     }
 
     /// Every packed row's dots with the keys of `tiles` (two f32-layout tiles) into `out`

@@ -452,7 +452,7 @@ impl Drop for KeepSubnormals {
 /// This thread's MXCSR (SSE control and status).
 #[cfg(all(target_arch = "x86_64", not(miri)))]
 #[inline(always)]
-pub(crate) fn mxcsr() -> u32 {
+fn mxcsr() -> u32 {
     let mut csr = 0u32;
     // SAFETY: stores the 32-bit register at a valid, aligned u32 (SSE is x86_64's baseline).
     unsafe { std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags)) };
@@ -462,7 +462,7 @@ pub(crate) fn mxcsr() -> u32 {
 /// Sets this thread's MXCSR.
 #[cfg(all(target_arch = "x86_64", not(miri)))]
 #[inline(always)]
-pub(crate) fn set_mxcsr(csr: u32) {
+fn set_mxcsr(csr: u32) {
     // SAFETY: loads from a valid u32; callers only toggle the FTZ/DAZ bits of a value read from
     // the register (no reserved bit set, so no #GP).
     unsafe { std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, preserves_flags, readonly)) };
