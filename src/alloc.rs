@@ -41,27 +41,6 @@ pub fn grid<T: Clone>(what: &'static str, dims: &[usize], value: T) -> Result<Ve
     filled(what, count(what, dims)?, value)
 }
 
-/// `vec![0; dims.product()]` of a type whose zero is all-zero bytes, fallibly, from zeroed
-/// memory: large buffers come as fresh zero pages, faulted in by whoever writes them first (the
-/// workers, in parallel), with no memset pass.
-pub fn zeroed<T: bytemuck::Zeroable>(what: &'static str, dims: &[usize]) -> Result<Vec<T>> {
-    let n = count(what, dims)?;
-    let refused = |detail: String| Error::Alloc { what, detail };
-    let layout = std::alloc::Layout::array::<T>(n)
-        .map_err(|e| refused(format!("{n} elements of {} bytes: {e}", size_of::<T>())))?;
-    if layout.size() == 0 {
-        return Ok(Vec::new());
-    }
-    // SAFETY: the layout has a non-zero size.
-    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
-    if ptr.is_null() {
-        return Err(refused(format!("{n} elements of {} bytes: the allocator refused", size_of::<T>())));
-    }
-    // SAFETY: allocated by the global allocator with `Layout::array::<T>(n)`, which is the
-    // layout `Vec<T>` with capacity n frees with; n zeroed `T`s are n valid values (`Zeroable`).
-    Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
-}
-
 /// Checks that `count(dims)` elements of `T` could be allocated at once, for a structure that is
 /// then built in pieces (rows of a nested vector): a size the allocator refuses fails here, with
 /// a typed error, before any piece is made — not halfway through, in the out-of-memory killer.
@@ -72,17 +51,6 @@ pub fn probe<T>(what: &'static str, dims: &[usize]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Zeroed buffers: zeros of the size asked, empty for no element, typed errors for sizes that
-    /// overflow or that the allocator refuses.
-    #[test]
-    fn zeroed_buffers_are_zero_or_typed_errors() {
-        let v = zeroed::<f64>("a test buffer", &[3, 1000]).unwrap();
-        assert!(v.len() == 3000 && v.iter().all(|&x| x.to_bits() == 0));
-        assert!(zeroed::<u32>("an empty buffer", &[0, 7]).unwrap().is_empty());
-        assert!(matches!(zeroed::<f64>("an overflow", &[usize::MAX, 2]), Err(Error::Alloc { .. })));
-        assert!(matches!(zeroed::<f64>("a refusal", &[usize::MAX / 16]), Err(Error::Alloc { .. })));
-    }
 
     #[test]
     fn overflow_and_refusal_are_typed_errors() {

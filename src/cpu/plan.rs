@@ -6,8 +6,8 @@
 
 use rayon::prelude::*;
 
-use super::plan_logits::{KEYS32, KeyTiles, PackedRows, PackedRows32, TILE_KEYS, fill_tiles, key_tiles, rows32};
-use super::plan_reps::{Scratch, representatives};
+use super::plan_logits::{KEYS32, KeyTiles, PackedRows, PackedRows32, TILE_KEYS, key_tiles, rows32};
+use super::plan_reps::{Scratch, key_tile, representatives};
 use super::simd::{Isa, KeepSubnormals, Simd, WithSimd, dispatch};
 use super::simd_f64::F64x8;
 use crate::alloc;
@@ -48,6 +48,8 @@ struct GroupJob<'a, 'o> {
     prev: Option<&'a [f32]>,
     /// The units `(u, out)`, ascending segments of one (b, kv head).
     units: Vec<(usize, UnitOut<'o>)>,
+    /// A worker's buffer for the units' logits, reused from group to group.
+    logits: &'a mut Vec<f64>,
 }
 
 impl WithSimd for GroupJob<'_, '_> {
@@ -56,8 +58,8 @@ impl WithSimd for GroupJob<'_, '_> {
     #[inline(always)]
     fn with_simd<S: Simd>(self) -> Vec<f64> {
         let _exact = KeepSubnormals::new(); // the decisions round as every backend's
-        let GroupJob { dims: d, head_dim: dd, qsum, kt, precision, first, planned, prev, units } = self;
-        let (n, g) = (d.blocks, d.group());
+        let GroupJob { dims: d, head_dim: dd, qsum, kt, precision, first, planned, prev, units, logits } = self;
+        let g = d.group();
         let bh = units[0].0 / d.segments;
         let (b, h) = (bh / d.kv_heads, bh % d.kv_heads);
         let lims: Vec<usize> = units.iter().map(|(u, _)| d.causal_limit(u % d.segments)).collect();
@@ -70,16 +72,31 @@ impl WithSimd for GroupJob<'_, '_> {
                 (0..g).map(move |gi| &qsum[((b * planned + s - first) * d.q_heads + h * g + gi) * dd..][..dd])
             })
             .collect();
-        let mut logits = vec![f64::NEG_INFINITY; units.len() * n];
-        let job = GroupLogits { kt, b, h, g, n, lims: &lims, qrows: &qrows };
+        // Unit k's logits at `starts[k]..starts[k + 1]`, its `lim` candidates only; the kernels
+        // write every one of them, so the buffer is not cleared between groups (poisoned in debug
+        // builds, where a value left unwritten would show).
+        let mut starts = Vec::with_capacity(lims.len() + 1);
+        starts.push(0);
+        for &lim in &lims {
+            starts.push(starts[starts.len() - 1] + lim);
+        }
+        let total = starts[lims.len()];
+        if logits.len() < total {
+            logits.resize(total, 0.0);
+        }
+        if cfg!(debug_assertions) {
+            logits[..total].fill(f64::NAN);
+        }
+        let job = GroupLogits { kt, b, h, g, lims: &lims, starts: &starts, qrows: &qrows };
         match precision {
-            LogitPrecision::F64 => logits64::<S>(&job, &mut logits),
-            LogitPrecision::F32 => logits32::<S>(&job, &mut logits),
+            LogitPrecision::F64 => logits64::<S>(&job, logits),
+            LogitPrecision::F32 => logits32::<S>(&job, logits),
         }
         // A loop, not `map`: a closure would compile without the entry point's target features.
         let mut entropies = Vec::with_capacity(units.len());
         let mut rows = UnitRows::default();
-        for (((u, out), logit), lim) in units.into_iter().zip(logits.chunks(n.max(1))).zip(lims) {
+        for ((u, out), (k, lim)) in units.into_iter().zip(lims.into_iter().enumerate()) {
+            let logit = &logits[starts[k]..starts[k + 1]];
             entropies.push(unit_rest::<S::F64x8>(&d, u, lim, logit, prev, out, &mut rows));
         }
         entropies
@@ -87,24 +104,24 @@ impl WithSimd for GroupJob<'_, '_> {
 }
 
 /// What a group's logits are made of: the key tiles, the group's sequence `b` and kv head `h`, the
-/// group size `g`, the blocks `n`, the units' causal limits `lims` (ascending) and their group
-/// heads' `qmax + qmin` rows, unit by unit.
+/// group size `g`, the units' causal limits `lims` (ascending), where their rows of logits start
+/// (`starts`, each row `lim` long) and their group heads' `qmax + qmin` rows, unit by unit.
 #[derive(Clone, Copy)]
 struct GroupLogits<'a> {
     kt: &'a KeyTiles,
     b: usize,
     h: usize,
     g: usize,
-    n: usize,
     lims: &'a [usize],
+    starts: &'a [usize],
     qrows: &'a [&'a [f64]],
 }
 
-/// The logits of a group's units into `logits` (`[units][N]`), in f64 by `numerics::dot` (bit for
+/// The logits of a group's units into their rows of `logits` (`starts`), in f64 by `numerics::dot` (bit for
 /// bit): tile by tile, the units that see a tile in one micro-kernel pass.
 #[inline(always)]
 fn logits64<S: Simd>(job: &GroupLogits<'_>, logits: &mut [f64]) {
-    let GroupLogits { kt, b, h, g, n, lims, qrows } = *job;
+    let GroupLogits { kt, b, h, g, lims, starts, qrows } = *job;
     let per_call = S::F64x8::ROWS;
     let mut dots = vec![[[0f64; TILE_KEYS]; 2]; qrows.len().next_multiple_of(per_call)];
     let (mut packed, mut packed_from) = (PackedRows::default(), None);
@@ -126,7 +143,7 @@ fn logits64<S: Simd>(job: &GroupLogits<'_>, logits: &mut [f64]) {
                     sum[l] += 0.5 * mx[l].max(mn[l]);
                 }
             }
-            let row = &mut logits[k * n + j0..k * n + lims[k]];
+            let row = &mut logits[starts[k] + j0..starts[k] + lims[k]];
             for (x, sum) in row.iter_mut().zip(sum) {
                 *x = sum / g as f64;
             }
@@ -142,7 +159,7 @@ type V<S> = <S as Simd>::F64x8;
 /// `0.5·max(dot(row, kmax), dot(row, kmin))` as in f64.
 #[inline(always)]
 fn logits32<S: Simd>(job: &GroupLogits<'_>, logits: &mut [f64]) {
-    let GroupLogits { kt, b, h, g, n, lims, qrows } = *job;
+    let GroupLogits { kt, b, h, g, lims, starts, qrows } = *job;
     const PAIR: usize = 2 * TILE_KEYS;
     let per_call = rows32::<S>();
     // Each row `qmax + qmin`, summed in f64, rounded to f32: the f32 sum's bits (`numerics::dot32`).
@@ -179,7 +196,7 @@ fn logits32<S: Simd>(job: &GroupLogits<'_>, logits: &mut [f64]) {
                     V::<S>::store(x.as_mut_ptr(), V::<S>::div(sum, V::<S>::splat(g as f64)));
                     x
                 };
-                let row = &mut logits[k * n + j..k * n + lims[k].min(j + TILE_KEYS)];
+                let row = &mut logits[starts[k] + j..starts[k] + lims[k].min(j + TILE_KEYS)];
                 row.copy_from_slice(&x[..row.len()]);
             }
         }
@@ -268,6 +285,9 @@ fn unit_rest<V: F64x8>(
     let UnitOut { logits, scores, ranked } = out;
     rules::rank_row(key, ranking, ranked);
     logits.iter_mut().zip(logit).for_each(|(o, &x)| *o = x as f32);
+    if let Some(masked) = logits.get_mut(lim..) {
+        masked.fill(f32::NEG_INFINITY); // blocks past the causal limit
+    }
     scores.iter_mut().zip(p.iter()).for_each(|(o, &x)| *o = x as f32);
     entropy
 }
@@ -296,16 +316,12 @@ pub(crate) fn plan<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Result<Plan> {
     });
     // The keys' straight into the logit kernel's tiles: one pass, no `[B, N, Hkv, 2, D]` copy; a
     // task takes a tile's tokens of every kv head, which lie together in K.
-    let (hkv, bk) = (d.kv_heads, d.block_size);
+    let bk = d.block_size;
     let span = Span::of_args(a);
     let kt = KeyTiles::build(&d, dd, |b, t, heads| {
         let blocks = t * TILE_KEYS..n.min((t + 1) * TILE_KEYS);
-        let (mut scratch, mut reps) = (Scratch::default(), vec![0f64; blocks.len() * hkv * 2 * dd]);
         let row_of = |t, h| &kd[k.offset(b, t, h)..][..dd];
-        for (j, out) in blocks.zip(reps.chunks_exact_mut(hkv * 2 * dd)) {
-            representatives::<E>(isa, row_of, j * bk..(j + 1) * bk, hkv, dd, out, &mut scratch);
-        }
-        fill_tiles(&reps, hkv, dd, heads, span.precision)
+        key_tile::<E>(isa, row_of, blocks, bk, dd, span.precision, heads, &mut Scratch::default())
     })?;
     plan_span_tiles(isa, &span, &qrep, &kt, None)
 }
@@ -417,7 +433,7 @@ fn plan_span_tiles(
     }
     let entropy64: Vec<f64> = groups
         .into_par_iter()
-        .map(|units| {
+        .map_init(Vec::new, |logits, units| {
             dispatch(
                 isa,
                 GroupJob {
@@ -430,6 +446,7 @@ fn plan_span_tiles(
                     precision: span.precision,
                     prev: span.fusion,
                     units,
+                    logits,
                 },
             )
         })

@@ -35,6 +35,16 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
     /// Lane-wise `a < b ? a : b` (`b` where either is NaN).
     unsafe fn min(a: Self::V, b: Self::V) -> Self::V;
+    /// The 8 × 8 block at `src` (rows `ld` apart) transposed: `dst[c][r] = src[r·ld + c]`.
+    #[inline(always)]
+    unsafe fn transpose8(src: *const f32, ld: usize, dst: &mut [[f32; 8]; 8]) {
+        for (c, col) in dst.iter_mut().enumerate() {
+            for (r, x) in col.iter_mut().enumerate() {
+                // SAFETY: the caller hands eight readable rows of eight values.
+                *x = unsafe { *src.add(r * ld + c) };
+            }
+        }
+    }
     /// `2^x`, relative error below 2e-7; exactly 0 for `x < -126` (including `-inf`).
     unsafe fn exp2(x: Self::V) -> Self::V;
     /// `2^x` for `x ≤ 0` or `−∞` (softmax weights, rescale factors): [`Simd::exp2`] unless the
@@ -103,6 +113,27 @@ pub(crate) mod x86 {
     use crate::tensor::DType;
     use std::arch::x86_64::*;
 
+    /// [`Simd::transpose8`] in 256-bit registers: pairs of rows interleaved, then pairs of
+    /// pairs, then the 128-bit halves exchanged (24 shuffles for 64 values).
+    #[inline(always)]
+    unsafe fn transpose8_avx(src: *const f32, ld: usize, dst: &mut [[f32; 8]; 8]) {
+        unsafe {
+            let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * ld)));
+            let lo = |a, b| _mm256_unpacklo_ps(a, b);
+            let hi = |a, b| _mm256_unpackhi_ps(a, b);
+            let t = [lo(r[0], r[1]), hi(r[0], r[1]), lo(r[2], r[3]), hi(r[2], r[3])];
+            let u = [lo(r[4], r[5]), hi(r[4], r[5]), lo(r[6], r[7]), hi(r[6], r[7])];
+            let even = |a, b| _mm256_shuffle_ps::<0x44>(a, b);
+            let odd = |a, b| _mm256_shuffle_ps::<0xEE>(a, b);
+            let t = [even(t[0], t[2]), odd(t[0], t[2]), even(t[1], t[3]), odd(t[1], t[3])];
+            let u = [even(u[0], u[2]), odd(u[0], u[2]), even(u[1], u[3]), odd(u[1], u[3])];
+            for i in 0..4 {
+                _mm256_storeu_ps(dst[i].as_mut_ptr(), _mm256_permute2f128_ps::<0x20>(t[i], u[i]));
+                _mm256_storeu_ps(dst[i + 4].as_mut_ptr(), _mm256_permute2f128_ps::<0x31>(t[i], u[i]));
+            }
+        }
+    }
+
     #[derive(Clone, Copy)]
     pub(crate) struct Avx512;
 
@@ -157,6 +188,10 @@ pub(crate) mod x86 {
         #[inline(always)]
         unsafe fn store_partial(p: *mut f32, v: __m512, n: usize) {
             unsafe { _mm512_mask_storeu_ps(p, ((1u32 << n) - 1) as u16, v) }
+        }
+        #[inline(always)]
+        unsafe fn transpose8(src: *const f32, ld: usize, dst: &mut [[f32; 8]; 8]) {
+            unsafe { transpose8_avx(src, ld, dst) }
         }
         #[inline(always)]
         unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
@@ -279,6 +314,10 @@ pub(crate) mod x86 {
         #[inline(always)]
         unsafe fn store_partial(p: *mut f32, v: __m256, n: usize) {
             unsafe { _mm256_maskstore_ps(p, mask8(n), v) }
+        }
+        #[inline(always)]
+        unsafe fn transpose8(src: *const f32, ld: usize, dst: &mut [[f32; 8]; 8]) {
+            unsafe { transpose8_avx(src, ld, dst) }
         }
         #[inline(always)]
         unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
