@@ -78,10 +78,8 @@ impl KeyTiles {
                 },
             )
             .reduce(|| 0, |a, b| a | b);
-        // SAFETY: the chunks cover `len` values and each was written whole above (`out` and
-        // `scratch` are both `chunk` long; `par_chunks_mut` only shortens a last chunk, which
-        // `len` being a multiple of `chunk` rules out).
-        debug_assert!(len.is_multiple_of(chunk));
+        // SAFETY: the chunks cover the first `len` values, and every value of each chunk was
+        // written above (`scratch` is `chunk` long, no chunk is longer).
         unsafe { data.set_len(len) };
         Ok(KeyTiles { data, bits_or, kv_heads, tiles, tile_len })
     }
