@@ -321,7 +321,7 @@ pub(crate) fn plan<E: Element>(isa: Isa, a: &PlanArgs<'_>) -> Result<Plan> {
     let kt = KeyTiles::build(&d, dd, |b, t, heads| {
         let blocks = t * TILE_KEYS..n.min((t + 1) * TILE_KEYS);
         let row_of = |t, h| &kd[k.offset(b, t, h)..][..dd];
-        key_tile::<E>(isa, row_of, blocks, bk, dd, span.precision, heads, &mut Scratch::default())
+        key_tile::<E>(isa, row_of, blocks, bk, dd, span.precision, heads)
     })?;
     plan_span_tiles(isa, &span, &qrep, &kt, None)
 }

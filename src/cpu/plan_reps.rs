@@ -93,7 +93,6 @@ fn fold_row<S: Simd, E: Element>(src: &[E], a: &mut [f32], c: &mut [f32]) {
 /// rows folded in f32, then eight dims of the eight blocks transposed at a time
 /// ([`Simd::transpose8`]) — no f64 representatives between. Returns the OR of the values' f64
 /// bits, as [`super::plan_logits::fill_tiles`] does for the same representatives.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn key_tile<'r, E: Element>(
     isa: Isa,
     row_of: impl Fn(usize, usize) -> &'r [E],
@@ -102,10 +101,9 @@ pub(super) fn key_tile<'r, E: Element>(
     d: usize,
     precision: LogitPrecision,
     heads: &mut [f32],
-    scratch: &mut Scratch,
 ) -> u64 {
     let _exact = KeepSubnormals::new(); // DAZ would read subnormal inputs as zero
-    dispatch(isa, KeyTile { row_of, blocks, block_size, d, precision, heads, scratch })
+    dispatch(isa, KeyTile { row_of, blocks, block_size, d, precision, heads })
 }
 
 struct KeyTile<'a, R> {
@@ -115,7 +113,6 @@ struct KeyTile<'a, R> {
     d: usize,
     precision: LogitPrecision,
     heads: &'a mut [f32],
-    scratch: &'a mut Scratch,
 }
 
 impl<'r, 'a, E: Element, R: Fn(usize, usize) -> &'r [E]> WithSimd for KeyTile<'a, R> {
@@ -123,16 +120,14 @@ impl<'r, 'a, E: Element, R: Fn(usize, usize) -> &'r [E]> WithSimd for KeyTile<'a
     type Output = u64;
     #[inline(always)]
     fn with_simd<S: Simd>(self) -> u64 {
-        let KeyTile { row_of, blocks, block_size, d, precision, heads, scratch } = self;
+        let KeyTile { row_of, blocks, block_size, d, precision, heads } = self;
         let tile_len = 2 * d * TILE_KEYS;
         let nh = heads.len() / tile_len.max(1);
         let nb = blocks.len();
         assert!(nb <= TILE_KEYS && heads.len() == nh * tile_len, "a tile's blocks of every head");
         // `[heads][max, min][TILE_KEYS][D]`: each block's max and min rows, tokens read in K's
         // order (a token's heads side by side); missing blocks zero, as the tile keeps them.
-        let reps = &mut scratch.mx;
-        reps.clear();
-        reps.resize(nh * tile_len, 0.0);
+        let mut reps = vec![0f32; nh * tile_len];
         for h in 0..nh {
             for (m, init) in [f32::NEG_INFINITY, f32::INFINITY].into_iter().enumerate() {
                 reps[((2 * h + m) * TILE_KEYS) * d..][..nb * d].fill(init);
@@ -231,7 +226,7 @@ mod tests {
         let mut want = vec![0f32; heads * 2 * d * TILE_KEYS];
         let want_or = fill_tiles(&reps, heads, d, &mut want, p);
         let mut got = vec![f32::NAN; want.len()]; // poisoned: every value must be written
-        let got_or = key_tile::<E>(isa, row_of, 0..nb, bk, d, p, &mut got, &mut Scratch::default());
+        let got_or = key_tile::<E>(isa, row_of, 0..nb, bk, d, p, &mut got);
         let bad = want.iter().zip(&got).filter(|(w, g)| w.to_bits() != g.to_bits()).count();
         bad + usize::from(want_or != got_or)
     }
