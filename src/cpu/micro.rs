@@ -12,19 +12,24 @@
 
 use super::simd::Simd;
 
-/// `Sᵀ[r][·] = Σ_d k_r[d] · Qᵀ[d][·]` for `NR` keys and `MV·LANES` rows.
+/// `Sᵀ[r][·] = Σ_d k_r[d] · Qᵀ[d][·]` for `NR` keys and `MV·LANES` rows; with `ROW_MAX`, also
+/// `rmax[·] = max(rmax[·], max_r Sᵀ[r][·])` while the scores are still in registers (the
+/// softmax's max pass then need not read Sᵀ again).
 ///
 /// # Safety
 /// `qt` addresses `d` rows of stride `ldq` holding `MV·LANES` values each; every `krows[r]`
-/// addresses `d` values; `st` addresses `NR` rows of stride `lds`.
+/// addresses `d` values; `st` addresses `NR` rows of stride `lds`; with `ROW_MAX`, `rmax`
+/// addresses `MV·LANES` values.
 #[inline(always)]
-pub(crate) unsafe fn qk<S: Simd, const NR: usize, const MV: usize>(
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn qk<S: Simd, const NR: usize, const MV: usize, const ROW_MAX: bool>(
     qt: *const f32,
     ldq: usize,
     krows: &[*const f32; NR],
     d: usize,
     st: *mut f32,
     lds: usize,
+    rmax: *mut f32,
 ) {
     unsafe {
         let mut acc = [[S::zero(); MV]; NR];
@@ -43,6 +48,12 @@ pub(crate) unsafe fn qk<S: Simd, const NR: usize, const MV: usize>(
         for (r, row) in acc.iter().enumerate() {
             for (v, a) in row.iter().enumerate() {
                 S::store(st.add(r * lds + v * S::LANES), *a);
+            }
+        }
+        if ROW_MAX {
+            for v in 0..MV {
+                let m = acc.iter().fold(S::load(rmax.add(v * S::LANES)), |m, row| S::max(m, row[v]));
+                S::store(rmax.add(v * S::LANES), m);
             }
         }
     }

@@ -144,25 +144,38 @@ impl<E> Iterator for Prefetched<'_, E> {
     fn next(&mut self) -> Option<(usize, usize)> {
         if let Some((_, o)) = self.ahead.as_mut().and_then(Iterator::next) {
             for data in self.data.iter().filter(|d| o < d.len()) {
-                prefetch(data[o..].as_ptr() as *const u8, self.bytes);
+                prefetch(data[o..].as_ptr() as *const u8, self.bytes, Level::L1);
             }
         }
         self.rows.next()
     }
 }
 
-/// Asks for the cache lines of `bytes` bytes at `p` (a hint: no effect on results).
+/// The cache a prefetch fills.
+#[derive(Clone, Copy)]
+enum Level {
+    L1,
+    L2,
+}
+
+/// Asks for the cache lines of `bytes` bytes at `p` to be brought into `level` (a hint: no
+/// effect on results).
 #[inline(always)]
-fn prefetch(p: *const u8, bytes: usize) {
+fn prefetch(p: *const u8, bytes: usize, level: Level) {
     #[cfg(target_arch = "x86_64")]
     for line in (0..bytes).step_by(64) {
+        use std::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
+        let p = p.wrapping_add(line) as *const i8;
         // SAFETY: prefetching is a hint and never faults, whatever the address.
         unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_add(line) as *const i8)
+            match level {
+                Level::L1 => _mm_prefetch::<_MM_HINT_T0>(p),
+                Level::L2 => _mm_prefetch::<_MM_HINT_T1>(p),
+            }
         };
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, bytes);
+    let _ = (p, bytes, level);
 }
 
 /// The iterator of [`Rows::walk`].
@@ -214,6 +227,8 @@ pub(crate) struct Tile {
     pub m: Vec<f32>,
     pub l: Vec<f32>,
     pub alpha: Vec<f32>,
+    /// Per row, the largest score of the tile being flushed (`qk`'s epilogue writes it).
+    smax: Vec<f32>,
     kptr: Vec<*const f32>,
     vptr: Vec<*const f32>,
     ktok: Vec<usize>,
@@ -251,6 +266,7 @@ impl Tile {
             m: vec![0.0; g.mp],
             l: vec![0.0; g.mp],
             alpha: vec![0.0; g.mp],
+            smax: vec![0.0; g.mp],
             kptr: vec![std::ptr::null(); g.keys],
             vptr: vec![std::ptr::null(); g.keys],
             ktok: vec![0; g.keys],
@@ -330,6 +346,13 @@ impl Tile {
         let j = self.filled;
         self.kptr[j] = Self::slot::<S, E>(self.direct, &mut self.kconv, j, self.g, k);
         self.vptr[j] = Self::slot::<S, E>(self.direct, &mut self.vconv, j, self.g, v);
+        if self.direct {
+            // `pv` reads the value rows in place across a whole tile, a row's line per call:
+            // no stream the hardware prefetcher follows, so each row came from L3 in the first
+            // row chunk's calls. Asked for now, it is in L2 by the time `qk` is done (dense f32
+            // D 128 8K/16K: 1.05-1.10×; `benches/RESULTS.md`, session 26).
+            prefetch(v.as_ptr() as *const u8, self.g.d * std::mem::size_of::<f32>(), Level::L2);
+        }
         self.ktok[j] = t;
         self.filled += 1;
         if self.filled == self.g.keys {
@@ -390,12 +413,17 @@ impl Tile {
     /// diagonal masked to -inf. Returns the number of slots used (a multiple of NR).
     #[inline(always)]
     pub fn score<S: Simd, const NR: usize, const MV: usize>(&mut self) -> usize {
-        self.score_rows::<S, NR, MV>(self.g.mp)
+        self.score_rows::<S, NR, MV, false>(self.g.mp).0
     }
 
-    /// [`Tile::score`] for the row chunks below `rows` only.
+    /// [`Tile::score`] for the row chunks below `rows` only; with `ROW_MAX`, each row's largest
+    /// score also goes into `smax`. Returns the slots used and whether any score was masked
+    /// (padding or the causal diagonal: `smax` then counts scores the softmax must not see).
     #[inline(always)]
-    fn score_rows<S: Simd, const NR: usize, const MV: usize>(&mut self, rows: usize) -> usize {
+    fn score_rows<S: Simd, const NR: usize, const MV: usize, const ROW_MAX: bool>(
+        &mut self,
+        rows: usize,
+    ) -> (usize, bool) {
         let n = self.filled;
         let np = n.next_multiple_of(NR);
         let (mp, d) = (self.g.mp, self.g.d);
@@ -413,18 +441,22 @@ impl Tile {
         };
         #[cfg(not(target_arch = "x86_64"))]
         let on_amx = false;
+        if ROW_MAX {
+            self.smax[..rows].fill(f32::NEG_INFINITY);
+        }
         for c0 in (0..if on_amx { 0 } else { rows }).step_by(MV * S::LANES) {
             for j0 in (0..np).step_by(NR) {
                 let krows: &[*const f32; NR] = self.kptr[j0..j0 + NR].try_into().unwrap();
                 // SAFETY: Qᵀ holds d rows of mp values, Sᵀ np rows of mp; key rows hold d values.
                 unsafe {
-                    micro::qk::<S, NR, MV>(
+                    micro::qk::<S, NR, MV, ROW_MAX>(
                         self.qt.as_ptr().add(c0),
                         mp,
                         krows,
                         d,
                         self.st.as_mut_ptr().add(j0 * mp + c0),
                         mp,
+                        self.smax.as_mut_ptr().add(c0),
                     )
                 };
             }
@@ -432,14 +464,17 @@ impl Tile {
         for j in n..np {
             self.st[j * mp..(j + 1) * mp].fill(f32::NEG_INFINITY);
         }
+        // Scores from AMX never pass through `qk`'s epilogue: `smax` holds nothing then.
+        let mut masked_any = np > n || (ROW_MAX && on_amx);
         for j in 0..n {
             let t = self.ktok[j];
             if t >= self.diag_from {
                 let masked = ((t - self.diag_from) * self.row_group).min(mp);
                 self.st[j * mp..j * mp + masked].fill(f32::NEG_INFINITY);
+                masked_any |= masked > 0;
             }
         }
-        np
+        (np, masked_any)
     }
 
     /// Runs the filled keys through the online softmax and into Oᵀ.
@@ -448,15 +483,20 @@ impl Tile {
         if self.filled == 0 {
             return;
         }
-        let np = self.score_rows::<S, NR, MV>(self.live);
+        let (np, masked) = self.score_rows::<S, NR, MV, true>(self.live);
         let (mp, live) = (self.g.mp, self.live);
-        // SAFETY: all offsets stay within the mp-wide rows of st, m, l and alpha.
+        // SAFETY: all offsets stay within the mp-wide rows of st, m, l, alpha and smax.
         unsafe {
             for c in (0..live).step_by(S::LANES) {
                 let m_old = S::load(self.m.as_ptr().add(c));
-                let mut mx = m_old;
-                for j in 0..np {
-                    mx = S::max(mx, S::load(self.st.as_ptr().add(j * mp + c)));
+                // The max `qk` took in registers, unless masks changed scores after it: then
+                // the scores as masked, read back (the diagonal's and the last tile's only).
+                let mut mx = S::max(m_old, S::load(self.smax.as_ptr().add(c)));
+                if masked {
+                    mx = m_old;
+                    for j in 0..np {
+                        mx = S::max(mx, S::load(self.st.as_ptr().add(j * mp + c)));
+                    }
                 }
                 // Rows that have seen no key yet keep a finite reference (no -inf - -inf).
                 let mx = S::max(mx, S::splat(f32::MIN));
@@ -503,5 +543,134 @@ impl Tile {
     /// Natural-log sum-exp of row `r`, given that scores were scaled by `log2(e)`.
     pub fn lse(&self, r: usize) -> f32 {
         (self.m[r] + self.l[r].log2()) * std::f32::consts::LN_2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::simd::{Isa, WithSimd, dispatch};
+
+    /// Two calls on one tile, as a workspace runs them: a first whose scores all lie far above
+    /// the second's (`smax` must not carry them over), then the call checked — `rows` queries
+    /// over `k`/`v`, masked causally from token `diag_from` (row `r` is token `diag_from + r`).
+    struct Calls<'a> {
+        q: &'a [f32],
+        k: &'a [f32],
+        v: &'a [f32],
+        d: usize,
+        c: f32,
+        diag_from: usize,
+    }
+
+    impl Calls<'_> {
+        /// The checked call's outputs (poisoned before) and running maxima.
+        fn run<S: Simd, const NR: usize, const MV: usize>(&self) -> (Vec<f32>, Vec<f32>) {
+            let (d, rows, keys) = (self.d, self.q.len() / self.d, self.k.len() / self.d);
+            let mut tile = Tile::new::<f32>(Geom::new(S::LANES, d, rows));
+            let mut tmp = vec![0f32; d];
+            for (c, diag_from) in [(4.0 * self.c, usize::MAX), (self.c, self.diag_from)] {
+                tile.begin(diag_from, 1);
+                for r in 0..rows {
+                    tile.set_query::<S, f32>(r, &self.q[r * d..(r + 1) * d], c, &mut tmp);
+                }
+                tile.clear_queries(rows);
+                for t in 0..keys {
+                    tile.push_rows::<S, f32, NR, MV>(&self.k[t * d..(t + 1) * d], &self.v[t * d..(t + 1) * d], t);
+                }
+                tile.flush::<S, NR, MV>();
+            }
+            let mut out = vec![f32::NAN; rows * d];
+            for (r, o) in out.chunks_exact_mut(d).enumerate() {
+                tile.write_row(r, o, &mut tmp);
+            }
+            (out, tile.m[..rows].to_vec())
+        }
+
+        /// The checked call in f64: outputs and each row's largest visible score.
+        fn oracle(&self) -> (Vec<f64>, Vec<f64>) {
+            let d = self.d;
+            let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>();
+            let (mut out, mut maxima) = (vec![], vec![]);
+            for (r, q) in self.q.chunks_exact(d).enumerate() {
+                let visible = self.diag_from.saturating_add(r + 1).min(self.k.len() / d);
+                let s: Vec<f64> = self.k.chunks_exact(d).take(visible).map(|k| self.c as f64 * dot(q, k)).collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let p: Vec<f64> = s.iter().map(|s| (s - m).exp2()).collect();
+                let l: f64 = p.iter().sum();
+                out.extend(
+                    (0..d).map(|i| self.v.chunks_exact(d).zip(&p).map(|(v, p)| p * v[i] as f64).sum::<f64>() / l),
+                );
+                maxima.push(m);
+            }
+            (out, maxima)
+        }
+    }
+
+    impl WithSimd for &Calls<'_> {
+        type Output = (Vec<f32>, Vec<f32>);
+        fn with_simd<S: Simd>(self) -> Self::Output {
+            if S::LANES >= 16 { self.run::<S, 8, 3>() } else { self.run::<S, 4, 3>() }
+        }
+    }
+
+    /// Values in `[-1, 1)` from a seed (xorshift).
+    fn noise(seed: u64, n: usize) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// The softmax's reference is each row's largest score, which `qk` takes in registers on
+    /// unmasked tiles and the max pass reads back on masked ones. Every row gets one key scoring
+    /// 200 (log2) above the rest, at a random place (any slot of a register block, any tile,
+    /// some past the causal diagonal): a reference that misses it overflows the weights (NaN),
+    /// one that counts a masked or another row's spike, or the last call's scores, shows in the
+    /// running max and in the outputs. Full tiles on both sides of the diagonal, a partial one
+    /// last, and all scores far below zero (where the padded slots' zeros would win); on every ISA.
+    #[test]
+    fn row_maxima_taken_in_qk_match_the_scores_on_every_isa() {
+        let (rows, d, keys) = (53, 64, 2 * KEYS_PER_TILE + 37);
+        // (seed, causal diagonal, all scores shifted by this, log2 units)
+        for (seed, diag_from, shift) in [(1u64, usize::MAX, 0.0), (2, 200, 0.0), (3, 40, 0.0), (4, usize::MAX, -500.0)]
+        {
+            let mut q = noise(seed, rows * d);
+            let mut k = noise(seed + 10, keys * d);
+            let v = noise(seed + 20, keys * d);
+            let c = 0.5;
+            // Dims below `rows` one-hot: row r scores `c·400` against its spike key, 0 elsewhere.
+            let spikes: Vec<usize> =
+                noise(seed + 30, rows).iter().map(|x| ((x + 1.0) / 2.0 * keys as f32) as usize).collect();
+            for (r, row) in q.chunks_exact_mut(d).enumerate() {
+                row[..rows].iter_mut().enumerate().for_each(|(i, x)| *x = (i == r) as u8 as f32);
+            }
+            for (t, row) in k.chunks_exact_mut(d).enumerate() {
+                row[..rows].iter_mut().enumerate().for_each(|(i, x)| *x = if spikes[i] == t { 400.0 } else { 0.0 });
+                row[d - 1] = shift / c;
+            }
+            // A shift far below 0 makes the padded key slots (zero rows, score 0) the largest if
+            // they were not masked out of the reference.
+            q.chunks_exact_mut(d).for_each(|row| row[d - 1] = 1.0);
+            let calls = Calls { q: &q, k: &k, v: &v, d, c, diag_from };
+            let (want, want_max) = calls.oracle();
+            for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+                let (got, got_max) = dispatch(isa, &calls);
+                for (r, (&g, &w)) in got_max.iter().zip(&want_max).enumerate() {
+                    assert!(
+                        (g as f64 - w).abs() <= 1e-4 * w.abs().max(1.0),
+                        "{isa:?} diag {diag_from}: row {r} max {g}, want {w}"
+                    );
+                }
+                for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                    assert!((g as f64 - w).abs() <= 5e-5, "{isa:?} diag {diag_from}: out[{i}] = {g}, want {w}");
+                }
+            }
+        }
     }
 }
