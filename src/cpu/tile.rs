@@ -350,7 +350,7 @@ impl Tile {
             // `pv` reads the value rows in place across a whole tile, a row's line per call:
             // no stream the hardware prefetcher follows, so each row came from L3 in the first
             // row chunk's calls. Asked for now, it is in L2 by the time `qk` is done (dense f32
-            // D 128 8K/16K: 1.05-1.10×; `benches/RESULTS.md`, session 26).
+            // D 128, 8K / 16K: 1.04-1.11×; `benches/RESULTS.md`, session 26).
             prefetch(v.as_ptr() as *const u8, self.g.d * std::mem::size_of::<f32>(), Level::L2);
         }
         self.ktok[j] = t;
