@@ -55,6 +55,16 @@ impl Rng {
     }
 }
 
+/// A fresh seed per test run unless `ENTROPY_KERNELS_SEED` pins it (printed for a replay).
+#[cfg(test)]
+pub(crate) fn test_seed() -> u64 {
+    let s = std::env::var("ENTROPY_KERNELS_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    });
+    eprintln!("seed {s} (replay with ENTROPY_KERNELS_SEED={s})");
+    s
+}
+
 /// `n` normal values with standard deviation `std`, generated in parallel chunks (the result
 /// depends only on `seed`, not on the thread count).
 pub fn normal(n: usize, std: f32, seed: u64) -> Vec<f32> {

@@ -172,17 +172,8 @@ impl<'r, 'a, E: Element, R: Fn(usize, usize) -> &'r [E]> WithSimd for KeyTile<'a
 mod tests {
     use super::*;
     use crate::cpu::plan_logits::fill_tiles;
-    use crate::synth::Rng;
+    use crate::synth::{Rng, test_seed};
     use half::bf16;
-
-    /// A fresh seed per run unless `ENTROPY_KERNELS_SEED` pins it (printed for a replay).
-    fn seed() -> u64 {
-        let s = std::env::var("ENTROPY_KERNELS_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
-        });
-        eprintln!("seed {s} (replay with ENTROPY_KERNELS_SEED={s})");
-        s
-    }
 
     /// A value of an input: mostly normal, sometimes NaN, ±0, ±inf or subnormal.
     fn value(rng: &mut Rng) -> f32 {
@@ -233,7 +224,7 @@ mod tests {
 
     #[test]
     fn key_tiles_are_the_representatives_in_tile_layout_on_every_isa() {
-        let mut rng = Rng::new(seed());
+        let mut rng = Rng::new(test_seed());
         let mut ran = Vec::new();
         for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
             for shape in [(2, 128, 8, 8), (1, 20, 3, 4), (3, 8, 8, 1), (2, 36, 5, 2), (1, 3, 1, 3)] {

@@ -550,6 +550,7 @@ impl Tile {
 mod tests {
     use super::*;
     use crate::cpu::simd::{Isa, WithSimd, dispatch};
+    use crate::synth::{Rng, test_seed};
 
     /// Two calls on one tile, as a workspace runs them: a first whose scores all lie far above
     /// the second's (`smax` must not carry them over), then the call checked — `rows` queries
@@ -614,17 +615,9 @@ mod tests {
         }
     }
 
-    /// Values in `[-1, 1)` from a seed (xorshift).
-    fn noise(seed: u64, n: usize) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
+    /// `n` values uniform in `[-1, 1)`.
+    fn noise(rng: &mut Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) as f32).collect()
     }
 
     /// The softmax's reference is each row's largest score, which `qk` takes in registers on
@@ -637,16 +630,15 @@ mod tests {
     #[test]
     fn row_maxima_taken_in_qk_match_the_scores_on_every_isa() {
         let (rows, d, keys) = (53, 64, 2 * KEYS_PER_TILE + 37);
-        // (seed, causal diagonal, all scores shifted by this, log2 units)
-        for (seed, diag_from, shift) in [(1u64, usize::MAX, 0.0), (2, 200, 0.0), (3, 40, 0.0), (4, usize::MAX, -500.0)]
-        {
-            let mut q = noise(seed, rows * d);
-            let mut k = noise(seed + 10, keys * d);
-            let v = noise(seed + 20, keys * d);
+        let mut rng = Rng::new(test_seed());
+        // (causal diagonal, all scores shifted by this, log2 units)
+        for (diag_from, shift) in [(usize::MAX, 0.0), (200, 0.0), (40, 0.0), (usize::MAX, -500.0)] {
+            let mut q = noise(&mut rng, rows * d);
+            let mut k = noise(&mut rng, keys * d);
+            let v = noise(&mut rng, keys * d);
             let c = 0.5;
             // Dims below `rows` one-hot: row r scores `c·400` against its spike key, 0 elsewhere.
-            let spikes: Vec<usize> =
-                noise(seed + 30, rows).iter().map(|x| ((x + 1.0) / 2.0 * keys as f32) as usize).collect();
+            let spikes: Vec<usize> = (0..rows).map(|_| rng.below(keys)).collect();
             for (r, row) in q.chunks_exact_mut(d).enumerate() {
                 row[..rows].iter_mut().enumerate().for_each(|(i, x)| *x = (i == r) as u8 as f32);
             }
@@ -671,6 +663,9 @@ mod tests {
                     assert!((g as f64 - w).abs() <= 5e-5, "{isa:?} diag {diag_from}: out[{i}] = {g}, want {w}");
                 }
             }
+        }
+        for isa in Isa::ALL.into_iter().filter(|i| !i.supported()) {
+            eprintln!("SKIP {}: this CPU lacks it", isa.name());
         }
     }
 }
