@@ -12,6 +12,32 @@
 
 use super::simd::Simd;
 
+#[derive(Clone, Copy)]
+pub(crate) enum Level {
+    L1,
+    L2,
+}
+
+/// Asks for the cache lines of `bytes` bytes at `p` to be brought into `level` (a hint: no
+/// effect on results).
+#[inline(always)]
+pub(crate) fn prefetch(p: *const u8, bytes: usize, level: Level) {
+    #[cfg(target_arch = "x86_64")]
+    for line in (0..bytes).step_by(64) {
+        use std::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
+        let p = p.wrapping_add(line) as *const i8;
+        // SAFETY: prefetching is a hint and never faults, whatever the address.
+        unsafe {
+            match level {
+                Level::L1 => _mm_prefetch::<_MM_HINT_T0>(p),
+                Level::L2 => _mm_prefetch::<_MM_HINT_T1>(p),
+            }
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, bytes, level);
+}
+
 /// `Sᵀ[r][·] = Σ_d k_r[d] · Qᵀ[d][·]` for `NR` keys and `MV·LANES` rows; with `ROW_MAX`, also
 /// `rmax[·] = max(rmax[·], max_r Sᵀ[r][·])` while the scores are still in registers (the
 /// softmax's max pass then need not read Sᵀ again).
@@ -59,12 +85,20 @@ pub(crate) unsafe fn qk<S: Simd, const NR: usize, const MV: usize, const ROW_MAX
     }
 }
 
+/// Keys of a [`pv`] call per cache line it asks for ahead (a line every 4 keys: 48 cycles of
+/// FMAs at the 8×3 block, so the requests never queue for fill buffers).
+pub(crate) const AHEAD_EVERY: usize = 4;
+
 /// `Oᵀ[d0 + r][·] = alpha[·] · Oᵀ[d0 + r][·] + Σ_j v_j[d0 + r] · Pᵀ[j][·]` for `NR` rows of Oᵀ and
 /// `MV·LANES` query rows, over `nk` keys.
 ///
+/// Meanwhile the cache lines at `ahead` are asked into L2, one every [`AHEAD_EVERY`] keys (the
+/// next tile's rows: see `Tile::flush`); lines past `nk / AHEAD_EVERY` are not asked.
+///
 /// # Safety
 /// `ot` addresses `NR` rows of stride `ldo`; `alpha` `MV·LANES` values; `pt` `nk` rows of stride
-/// `ldp`; every `vrows[j]` (j < nk) addresses at least `d0 + NR` values.
+/// `ldp`; every `vrows[j]` (j < nk) addresses at least `d0 + NR` values. `ahead` may hold any
+/// address (a prefetch never faults).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn pv<S: Simd, const NR: usize, const MV: usize>(
@@ -75,6 +109,7 @@ pub(crate) unsafe fn pv<S: Simd, const NR: usize, const MV: usize>(
     ldp: usize,
     vrows: &[*const f32],
     d0: usize,
+    ahead: &[usize],
 ) {
     unsafe {
         let mut acc = [[S::zero(); MV]; NR];
@@ -88,6 +123,11 @@ pub(crate) unsafe fn pv<S: Simd, const NR: usize, const MV: usize>(
             }
         }
         for (j, vr) in vrows.iter().enumerate() {
+            if j % AHEAD_EVERY == 0
+                && let Some(&a) = ahead.get(j / AHEAD_EVERY)
+            {
+                prefetch(a as *const u8, 1, Level::L2);
+            }
             let mut pv = [S::zero(); MV];
             for (v, p) in pv.iter_mut().enumerate() {
                 *p = S::load(pt.add(j * ldp + v * S::LANES));

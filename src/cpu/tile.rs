@@ -1,7 +1,7 @@
 //! One query tile of online-softmax attention, fed keys one at a time (see `micro` for the
 //! transposed layout). Used by prefill (dense and sparse) and by the compression scorer.
 
-use super::micro;
+use super::micro::{self, Level, prefetch};
 use super::simd::Simd;
 use crate::tensor::Element;
 
@@ -15,6 +15,59 @@ pub(crate) const ROW_VECTORS: usize = 3;
 /// Register block along keys / head dim (`NR`) for a vector width.
 pub(crate) const fn block_for(lanes: usize) -> usize {
     if lanes >= 16 { 8 } else { 4 }
+}
+
+/// The next tile's rows, guessed from a full tile of evenly spaced rows read in place (a
+/// contiguous run of a cache: the next tile is the run's next `keys` rows). Its flush asks for
+/// their lines a few at a time between `pv`'s FMAs, so they arrive while it computes instead of
+/// in one burst at the next tile's pushes, where the core waited on fill buffers (dense f32
+/// 16K: 1.07-1.09×; session 27). A guess: the pushes check it row by row ([`Ahead::holds`]) and
+/// ask for what it missed themselves; lines past a cache's end are never read (a prefetch
+/// never faults).
+#[derive(Clone, Copy)]
+struct Ahead {
+    k: usize,
+    v: usize,
+    step: usize,
+}
+
+impl Ahead {
+    /// The guess after tile `t` (before its flush empties it), its lines written into `lines`
+    /// (K's and V's of each row in turn), when the tile's rows are evenly spaced and their lines
+    /// number at most `room`.
+    fn after(t: &Tile, room: usize, lines: &mut Vec<usize>) -> Option<Ahead> {
+        lines.clear();
+        let n = t.filled;
+        let row_lines = (t.g.d * std::mem::size_of::<f32>()).div_ceil(64);
+        if !t.direct || n != t.g.keys || n < 2 || 2 * n * row_lines > room {
+            return None;
+        }
+        let (k0, v0) = (t.kptr[0] as usize, t.vptr[0] as usize);
+        let step = (t.kptr[1] as usize).wrapping_sub(k0);
+        let span = step.wrapping_mul(n - 1);
+        let even = (t.vptr[1] as usize).wrapping_sub(v0) == step
+            && (t.kptr[n - 1] as usize).wrapping_sub(k0) == span
+            && (t.vptr[n - 1] as usize).wrapping_sub(v0) == span;
+        if !even {
+            return None;
+        }
+        let next = Ahead { k: k0.wrapping_add(step.wrapping_mul(n)), v: v0.wrapping_add(step.wrapping_mul(n)), step };
+        for j in 0..n {
+            let o = step.wrapping_mul(j);
+            for l in 0..row_lines {
+                lines.push(next.k.wrapping_add(o + 64 * l));
+                lines.push(next.v.wrapping_add(o + 64 * l));
+            }
+        }
+        Some(next)
+    }
+
+    /// Whether `k` and `v` are the rows guessed for slot `j`.
+    #[inline(always)]
+    fn holds<E>(&self, j: usize, k: &[E], v: &[E]) -> bool {
+        let o = self.step.wrapping_mul(j);
+        k.as_ptr() as usize == self.k.wrapping_add(o) && v.as_ptr() as usize == self.v.wrapping_add(o)
+    }
 }
 
 /// Sizes of a tile for one call.
@@ -152,32 +205,6 @@ impl<E> Iterator for Prefetched<'_, E> {
 }
 
 /// The cache a prefetch fills.
-#[derive(Clone, Copy)]
-enum Level {
-    L1,
-    L2,
-}
-
-/// Asks for the cache lines of `bytes` bytes at `p` to be brought into `level` (a hint: no
-/// effect on results).
-#[inline(always)]
-fn prefetch(p: *const u8, bytes: usize, level: Level) {
-    #[cfg(target_arch = "x86_64")]
-    for line in (0..bytes).step_by(64) {
-        use std::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
-        let p = p.wrapping_add(line) as *const i8;
-        // SAFETY: prefetching is a hint and never faults, whatever the address.
-        unsafe {
-            match level {
-                Level::L1 => _mm_prefetch::<_MM_HINT_T0>(p),
-                Level::L2 => _mm_prefetch::<_MM_HINT_T1>(p),
-            }
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, bytes, level);
-}
-
 /// The iterator of [`Rows::walk`].
 pub(crate) struct RowWalk<'a> {
     t: usize,
@@ -245,6 +272,10 @@ pub(crate) struct Tile {
     row_group: usize,
     /// Keys are read in place (f32 rows whose length is a multiple of the register block).
     direct: bool,
+    /// The next tile's rows as the last flush guessed and asked for them, if it did.
+    ahead: Option<Ahead>,
+    /// The cache lines of those rows, in the order the flush's `pv` calls ask for them.
+    ahead_lines: Vec<usize>,
     /// bf16 scores on AMX (`score`; the compression scorer on `Isa::Amx`).
     #[cfg(target_arch = "x86_64")]
     amx: Option<Box<super::amx::AmxScores>>,
@@ -278,6 +309,9 @@ impl Tile {
             diag_from: usize::MAX,
             row_group: 1,
             direct: E::DTYPE == crate::DType::F32 && g.d == g.dp,
+            ahead: None,
+            // Room for a tile's K and V lines: flushes never allocate.
+            ahead_lines: Vec::with_capacity(2 * g.keys * (g.d * std::mem::size_of::<f32>()).div_ceil(64)),
             #[cfg(target_arch = "x86_64")]
             amx: None,
         }
@@ -308,6 +342,7 @@ impl Tile {
         self.filled = 0;
         self.diag_from = diag_from;
         self.row_group = row_group;
+        self.ahead = None;
     }
 
     /// Packs query row `r` (scaled by `c`) into Qᵀ.
@@ -346,12 +381,16 @@ impl Tile {
         let j = self.filled;
         self.kptr[j] = Self::slot::<S, E>(self.direct, &mut self.kconv, j, self.g, k);
         self.vptr[j] = Self::slot::<S, E>(self.direct, &mut self.vconv, j, self.g, v);
-        if self.direct {
-            // `pv` reads the value rows in place across a whole tile, a row's line per call:
-            // no stream the hardware prefetcher follows, so each row came from L3 in the first
-            // row chunk's calls. Asked for now, it is in L2 by the time `qk` is done (dense f32
-            // D 128, 8K / 16K: 1.04-1.11×; `benches/RESULTS.md`, session 26).
-            prefetch(v.as_ptr() as *const u8, self.g.d * std::mem::size_of::<f32>(), Level::L2);
+        // Rows read in place come from L3 or memory the first time: `pv` reads a value row a
+        // line per call, no stream the hardware prefetcher follows, and `qk` opens eight key
+        // rows at once, each a few lines long. The last flush asked for them if it guessed
+        // them ([`Ahead`]); else ask now, in a burst that waits for fill buffers but still
+        // lands before the flush (dense f32 D 128: values 1.04-1.11× at 8K / 16K, session 26;
+        // keys on top 1.015× / 1.034×, session 27; `benches/RESULTS.md`).
+        if self.direct && !self.ahead.is_some_and(|a| a.holds(j, k, v)) {
+            let bytes = self.g.d * std::mem::size_of::<f32>();
+            prefetch(k.as_ptr() as *const u8, bytes, Level::L2);
+            prefetch(v.as_ptr() as *const u8, bytes, Level::L2);
         }
         self.ktok[j] = t;
         self.filled += 1;
@@ -512,8 +551,17 @@ impl Tile {
                 S::store(self.l.as_mut_ptr().add(c), S::fma(S::load(self.l.as_ptr().add(c)), alpha, sum));
                 S::store(self.m.as_mut_ptr().add(c), mx);
             }
+            // The next tile's rows, asked into L2 a line every few keys of the `pv` calls.
+            let per_call = (np / micro::AHEAD_EVERY).max(1);
+            let calls = live.div_ceil(MV * S::LANES) * (self.g.dp / NR);
+            let mut lines = std::mem::take(&mut self.ahead_lines);
+            self.ahead = Ahead::after(self, calls * per_call, &mut lines);
+            self.ahead_lines = lines;
+            let mut call = 0;
             for c0 in (0..live).step_by(MV * S::LANES) {
                 for d0 in (0..self.g.dp).step_by(NR) {
+                    let ahead = self.ahead_lines.chunks(per_call).nth(call).unwrap_or(&[]);
+                    call += 1;
                     micro::pv::<S, NR, MV>(
                         self.ot.as_mut_ptr().add(d0 * mp + c0),
                         mp,
@@ -522,6 +570,7 @@ impl Tile {
                         mp,
                         &self.vptr[..np],
                         d0,
+                        ahead,
                     );
                 }
             }
@@ -662,6 +711,111 @@ mod tests {
                 for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
                     assert!((g as f64 - w).abs() <= 5e-5, "{isa:?} diag {diag_from}: out[{i}] = {g}, want {w}");
                 }
+            }
+        }
+        for isa in Isa::ALL.into_iter().filter(|i| !i.supported()) {
+            eprintln!("SKIP {}: this CPU lacks it", isa.name());
+        }
+    }
+
+    /// What a flush guessed of the next tile: the guess (if any), its lines, and whether each
+    /// of the next `KEYS_PER_TILE` pushes would have found its rows guessed.
+    struct Guess {
+        ahead: bool,
+        lines: Vec<usize>,
+        held: Vec<bool>,
+    }
+
+    /// One flush over the rows `order` of `k`/`v` (`d` values each, `stride` apart) with
+    /// `rows` queries; then the rows that follow `order`'s last held against the guess.
+    struct Flush<'a> {
+        k: &'a [f32],
+        v: &'a [f32],
+        d: usize,
+        stride: usize,
+        rows: usize,
+        order: &'a [usize],
+    }
+
+    impl WithSimd for &Flush<'_> {
+        type Output = Guess;
+        fn with_simd<S: Simd>(self) -> Guess {
+            if S::LANES >= 16 { self.run::<S, 8, 3>() } else { self.run::<S, 4, 3>() }
+        }
+    }
+
+    impl Flush<'_> {
+        fn run<S: Simd, const NR: usize, const MV: usize>(&self) -> Guess {
+            let row = |x: &[f32], t: usize| x[t * self.stride..t * self.stride + self.d].as_ptr();
+            let mut tile = Tile::new::<f32>(Geom::new(S::LANES, self.d, self.rows));
+            tile.begin(usize::MAX, 1);
+            tile.clear_queries(self.rows);
+            for &t in self.order {
+                let (k, v) = (&self.k[t * self.stride..][..self.d], &self.v[t * self.stride..][..self.d]);
+                tile.push_rows::<S, f32, NR, MV>(k, v, t);
+            }
+            tile.flush::<S, NR, MV>();
+            let last = *self.order.last().unwrap();
+            let held = (0..KEYS_PER_TILE)
+                .map(|j| {
+                    let t = last + 1 + j;
+                    // SAFETY: only the addresses are compared; rows past the buffer are never read.
+                    let (k, v) = unsafe {
+                        (
+                            std::slice::from_raw_parts(row(self.k, 0).wrapping_add(t * self.stride), 0),
+                            std::slice::from_raw_parts(row(self.v, 0).wrapping_add(t * self.stride), 0),
+                        )
+                    };
+                    tile.ahead.is_some_and(|a| a.holds(j, k, v))
+                })
+                .collect();
+            Guess { ahead: tile.ahead.is_some(), lines: tile.ahead_lines.clone(), held }
+        }
+    }
+
+    /// A full tile of rows one stride apart (a contiguous run of a cache) makes its flush guess
+    /// the next tile as the run's next rows: every one of them is held by the guess and every
+    /// line of them (K and V) is asked for exactly once. Rows not one stride apart at the ends
+    /// (the guess looks at the first two and the last: it is a hint the pushes check), a partial
+    /// tile and a tile with too few query rows to spread the lines over its `pv` calls guess
+    /// nothing (their next pushes ask for their own rows). On every ISA.
+    #[test]
+    fn next_tile_rows_are_guessed_from_evenly_spaced_rows_only() {
+        let (d, stride, n) = (64, 128, KEYS_PER_TILE);
+        let mut rng = Rng::new(test_seed());
+        let (k, v) = (noise(&mut rng, 3 * n * stride), noise(&mut rng, 3 * n * stride));
+        let run: Vec<usize> = (n..2 * n).collect();
+        let mut swapped = run.clone();
+        swapped.swap(0, 1);
+        // Two blocks of a sparse list, the second further on by a random number of rows.
+        let gap = 1 + rng.below(n / 2);
+        let blocks: Vec<usize> = (n..n + n / 2).chain(n + n / 2 + gap..2 * n + gap).collect();
+        let cases = [
+            ("a contiguous run", 192, run.clone(), true),
+            ("its first two rows swapped", 192, swapped, false),
+            ("two blocks apart", 192, blocks, false),
+            ("a partial tile", 192, run[..n - 1].to_vec(), false),
+            ("one row chunk of queries", 5, run.clone(), false),
+        ];
+        for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+            for (case, rows, order, guessed) in &cases {
+                let f = Flush { k: &k, v: &v, d, stride, rows: *rows, order };
+                let g = dispatch(isa, &f);
+                let isa = isa.name();
+                assert_eq!(g.ahead, *guessed, "{isa}, {case}: guessed");
+                if !guessed {
+                    assert!(g.held.iter().all(|h| !h), "{isa}, {case}: rows held without a guess");
+                    continue;
+                }
+                assert!(g.held.iter().all(|&h| h), "{isa}, {case}: next rows not all held");
+                let mut want: Vec<usize> = (2 * n..3 * n)
+                    .flat_map(|t| [k.as_ptr(), v.as_ptr()].map(|p| p.wrapping_add(t * stride) as usize))
+                    .flat_map(|p| (0..d * 4).step_by(64).map(move |b| p + b))
+                    .collect();
+                let mut got = g.lines.clone();
+                want.sort_unstable();
+                got.sort_unstable();
+                assert_eq!(got, want, "{isa}, {case}: the lines asked");
             }
         }
         for isa in Isa::ALL.into_iter().filter(|i| !i.supported()) {
