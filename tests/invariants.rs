@@ -253,10 +253,12 @@ fn every_isa_agrees_with_the_oracle() {
     let cfg =
         EntropyConfig { segment_size: 64, block_size: 8, threshold_len: 64, base_budget: 16, ..Default::default() };
     let oracle = Kernels::reference();
-    let plan = oracle.plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap();
     let mut missing = Vec::new();
     for dtype in [DType::F32, DType::BF16] {
         let (q, k, v) = (q.cast(dtype), k.cast(dtype), v.cast(dtype));
+        // The oracle's plan of the same (rounded) inputs: bf16 rounding may move a decision
+        // that sat near a tie in f32 (seed 1796682843673661732 did, when this plan was f32's).
+        let plan = oracle.plan(q.view(), k.view(), &cfg, &PlanRequest::default()).unwrap();
         let mut want = poisoned(q.shape, dtype);
         oracle.sparse_prefill(q.view(), k.view(), v.view(), &plan.blocks, None, &mut want.view_mut(), None).unwrap();
         for isa in cpu::Isa::ALL {

@@ -12,6 +12,7 @@
 
 use super::simd::Simd;
 
+/// The cache a prefetch fills.
 #[derive(Clone, Copy)]
 pub(crate) enum Level {
     L1,
@@ -85,20 +86,28 @@ pub(crate) unsafe fn qk<S: Simd, const NR: usize, const MV: usize, const ROW_MAX
     }
 }
 
-/// Keys of a [`pv`] call per cache line it asks for ahead (a line every 4 keys: 48 cycles of
-/// FMAs at the 8×3 block, so the requests never queue for fill buffers).
-pub(crate) const AHEAD_EVERY: usize = 4;
+/// Rows a [`pv`] call asks into L2 while it runs, one every `every` keys (`bytes` each), so the
+/// requests spread over its FMAs instead of queueing for fill buffers in a burst.
+#[derive(Clone, Copy)]
+pub(crate) struct AskAhead<'a> {
+    pub rows: &'a [usize],
+    pub bytes: usize,
+    pub every: usize,
+}
+
+impl AskAhead<'_> {
+    pub(crate) const NONE: AskAhead<'static> = AskAhead { rows: &[], bytes: 0, every: usize::MAX };
+}
 
 /// `Oᵀ[d0 + r][·] = alpha[·] · Oᵀ[d0 + r][·] + Σ_j v_j[d0 + r] · Pᵀ[j][·]` for `NR` rows of Oᵀ and
 /// `MV·LANES` query rows, over `nk` keys.
 ///
-/// Meanwhile the cache lines at `ahead` are asked into L2, one every [`AHEAD_EVERY`] keys (the
-/// next tile's rows: see `Tile::flush`); lines past `nk / AHEAD_EVERY` are not asked.
+/// Meanwhile the rows of `ahead` are asked into L2 (the next tile's: see `Tile::flush`).
 ///
 /// # Safety
 /// `ot` addresses `NR` rows of stride `ldo`; `alpha` `MV·LANES` values; `pt` `nk` rows of stride
-/// `ldp`; every `vrows[j]` (j < nk) addresses at least `d0 + NR` values. `ahead` may hold any
-/// address (a prefetch never faults).
+/// `ldp`; every `vrows[j]` (j < nk) addresses at least `d0 + NR` values. `ahead.rows` may hold
+/// any address (a prefetch never faults).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn pv<S: Simd, const NR: usize, const MV: usize>(
@@ -109,7 +118,7 @@ pub(crate) unsafe fn pv<S: Simd, const NR: usize, const MV: usize>(
     ldp: usize,
     vrows: &[*const f32],
     d0: usize,
-    ahead: &[usize],
+    ahead: AskAhead<'_>,
 ) {
     unsafe {
         let mut acc = [[S::zero(); MV]; NR];
@@ -122,11 +131,14 @@ pub(crate) unsafe fn pv<S: Simd, const NR: usize, const MV: usize>(
                 *a = S::mul(S::load(ot.add(r * ldo + v * S::LANES)), al[v]);
             }
         }
+        let (mut due, mut asked) = (0, 0);
         for (j, vr) in vrows.iter().enumerate() {
-            if j % AHEAD_EVERY == 0
-                && let Some(&a) = ahead.get(j / AHEAD_EVERY)
-            {
-                prefetch(a as *const u8, 1, Level::L2);
+            if j == due {
+                if let Some(&a) = ahead.rows.get(asked) {
+                    prefetch(a as *const u8, ahead.bytes, Level::L2);
+                    asked += 1;
+                }
+                due = due.saturating_add(ahead.every);
             }
             let mut pv = [S::zero(); MV];
             for (v, p) in pv.iter_mut().enumerate() {

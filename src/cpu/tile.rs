@@ -17,13 +17,13 @@ pub(crate) const fn block_for(lanes: usize) -> usize {
     if lanes >= 16 { 8 } else { 4 }
 }
 
-/// The next tile's rows, guessed from a full tile of evenly spaced rows read in place (a
-/// contiguous run of a cache: the next tile is the run's next `keys` rows). Its flush asks for
-/// their lines a few at a time between `pv`'s FMAs, so they arrive while it computes instead of
-/// in one burst at the next tile's pushes, where the core waited on fill buffers (dense f32
-/// 16K: 1.07-1.09×; session 27). A guess: the pushes check it row by row ([`Ahead::holds`]) and
-/// ask for what it missed themselves; lines past a cache's end are never read (a prefetch
-/// never faults).
+/// The next tile's rows, guessed from a full tile of evenly spaced rows (a contiguous run of a
+/// cache: the next tile is the run's next `keys` rows). Its flush asks for them a row at a time
+/// between `pv`'s FMAs, so they arrive while it computes instead of in one burst at the next
+/// tile's pushes, where the core waited on fill buffers (f32 rows read in place) or on the rows
+/// themselves (16-bit rows, widened at push). Dense 16K: 1.07-1.10× in f32 (session 27). A
+/// guess: f32 pushes check it row by row ([`Ahead::holds`]) and ask for what it missed
+/// themselves; rows past a cache's end are never read (a prefetch never faults).
 #[derive(Clone, Copy)]
 struct Ahead {
     k: usize,
@@ -32,41 +32,39 @@ struct Ahead {
 }
 
 impl Ahead {
-    /// The guess after tile `t` (before its flush empties it), its lines written into `lines`
-    /// (K's and V's of each row in turn), when the tile's rows are evenly spaced and their lines
-    /// number at most `room`.
-    fn after(t: &Tile, room: usize, lines: &mut Vec<usize>) -> Option<Ahead> {
-        lines.clear();
+    /// The guess after tile `t` (before its flush empties it), its rows' addresses written
+    /// into `rows` (each one's K, then its V), when the tile's rows are evenly spaced and
+    /// `calls` `pv` calls of `keys` keys can ask for them at most a cache line every two keys.
+    fn after(t: &Tile, calls: usize, keys: usize, rows: &mut Vec<usize>) -> Option<Ahead> {
+        rows.clear();
         let n = t.filled;
-        let row_lines = (t.g.d * std::mem::size_of::<f32>()).div_ceil(64);
-        if !t.direct || n != t.g.keys || n < 2 || 2 * n * row_lines > room {
+        let row_lines = t.row_bytes.div_ceil(64);
+        if n != t.g.keys || n < 2 || (2 * n).div_ceil(calls) * row_lines * 2 > keys {
             return None;
         }
-        let (k0, v0) = (t.kptr[0] as usize, t.vptr[0] as usize);
-        let step = (t.kptr[1] as usize).wrapping_sub(k0);
+        let (k, v) = (&t.ksrc, &t.vsrc);
+        let step = k[1].wrapping_sub(k[0]);
         let span = step.wrapping_mul(n - 1);
-        let even = (t.vptr[1] as usize).wrapping_sub(v0) == step
-            && (t.kptr[n - 1] as usize).wrapping_sub(k0) == span
-            && (t.vptr[n - 1] as usize).wrapping_sub(v0) == span;
+        let even = v[1].wrapping_sub(v[0]) == step
+            && k[n - 1].wrapping_sub(k[0]) == span
+            && v[n - 1].wrapping_sub(v[0]) == span;
+        let (k0, v0) = (k[0], v[0]);
         if !even {
             return None;
         }
         let next = Ahead { k: k0.wrapping_add(step.wrapping_mul(n)), v: v0.wrapping_add(step.wrapping_mul(n)), step };
         for j in 0..n {
             let o = step.wrapping_mul(j);
-            for l in 0..row_lines {
-                lines.push(next.k.wrapping_add(o + 64 * l));
-                lines.push(next.v.wrapping_add(o + 64 * l));
-            }
+            rows.extend([next.k.wrapping_add(o), next.v.wrapping_add(o)]);
         }
         Some(next)
     }
 
-    /// Whether `k` and `v` are the rows guessed for slot `j`.
+    /// Whether the rows at addresses `k` and `v` are the ones guessed for slot `j`.
     #[inline(always)]
-    fn holds<E>(&self, j: usize, k: &[E], v: &[E]) -> bool {
+    fn holds(&self, j: usize, k: usize, v: usize) -> bool {
         let o = self.step.wrapping_mul(j);
-        k.as_ptr() as usize == self.k.wrapping_add(o) && v.as_ptr() as usize == self.v.wrapping_add(o)
+        k == self.k.wrapping_add(o) && v == self.v.wrapping_add(o)
     }
 }
 
@@ -204,7 +202,6 @@ impl<E> Iterator for Prefetched<'_, E> {
     }
 }
 
-/// The cache a prefetch fills.
 /// The iterator of [`Rows::walk`].
 pub(crate) struct RowWalk<'a> {
     t: usize,
@@ -272,10 +269,16 @@ pub(crate) struct Tile {
     row_group: usize,
     /// Keys are read in place (f32 rows whose length is a multiple of the register block).
     direct: bool,
+    /// The addresses of the pushed key and value rows (the caller's, also when staged), and
+    /// their length in bytes.
+    ksrc: Vec<usize>,
+    vsrc: Vec<usize>,
+    row_bytes: usize,
     /// The next tile's rows as the last flush guessed and asked for them, if it did.
     ahead: Option<Ahead>,
-    /// The cache lines of those rows, in the order the flush's `pv` calls ask for them.
-    ahead_lines: Vec<usize>,
+    /// The addresses of those rows (each one's K, then its V), in the order the flush's `pv`
+    /// calls ask for them.
+    ahead_rows: Vec<usize>,
     /// bf16 scores on AMX (`score`; the compression scorer on `Isa::Amx`).
     #[cfg(target_arch = "x86_64")]
     amx: Option<Box<super::amx::AmxScores>>,
@@ -309,9 +312,12 @@ impl Tile {
             diag_from: usize::MAX,
             row_group: 1,
             direct: E::DTYPE == crate::DType::F32 && g.d == g.dp,
+            ksrc: vec![0; g.keys],
+            vsrc: vec![0; g.keys],
+            row_bytes: g.d * std::mem::size_of::<E>(),
             ahead: None,
-            // Room for a tile's K and V lines: flushes never allocate.
-            ahead_lines: Vec::with_capacity(2 * g.keys * (g.d * std::mem::size_of::<f32>()).div_ceil(64)),
+            // Room for a tile's K and V rows: flushes never allocate.
+            ahead_rows: Vec::with_capacity(2 * g.keys),
             #[cfg(target_arch = "x86_64")]
             amx: None,
         }
@@ -381,16 +387,18 @@ impl Tile {
         let j = self.filled;
         self.kptr[j] = Self::slot::<S, E>(self.direct, &mut self.kconv, j, self.g, k);
         self.vptr[j] = Self::slot::<S, E>(self.direct, &mut self.vconv, j, self.g, v);
+        let (ks, vs) = (k.as_ptr() as usize, v.as_ptr() as usize);
+        (self.ksrc[j], self.vsrc[j]) = (ks, vs);
         // Rows read in place come from L3 or memory the first time: `pv` reads a value row a
         // line per call, no stream the hardware prefetcher follows, and `qk` opens eight key
         // rows at once, each a few lines long. The last flush asked for them if it guessed
         // them ([`Ahead`]); else ask now, in a burst that waits for fill buffers but still
         // lands before the flush (dense f32 D 128: values 1.04-1.11× at 8K / 16K, session 26;
-        // keys on top 1.015× / 1.034×, session 27; `benches/RESULTS.md`).
-        if self.direct && !self.ahead.is_some_and(|a| a.holds(j, k, v)) {
-            let bytes = self.g.d * std::mem::size_of::<f32>();
-            prefetch(k.as_ptr() as *const u8, bytes, Level::L2);
-            prefetch(v.as_ptr() as *const u8, bytes, Level::L2);
+        // keys on top 1.015× / 1.034×, session 27; `benches/RESULTS.md`). Staged rows were
+        // read just now.
+        if self.direct && !self.ahead.is_some_and(|a| a.holds(j, ks, vs)) {
+            prefetch(k.as_ptr() as *const u8, self.row_bytes, Level::L2);
+            prefetch(v.as_ptr() as *const u8, self.row_bytes, Level::L2);
         }
         self.ktok[j] = t;
         self.filled += 1;
@@ -551,16 +559,20 @@ impl Tile {
                 S::store(self.l.as_mut_ptr().add(c), S::fma(S::load(self.l.as_ptr().add(c)), alpha, sum));
                 S::store(self.m.as_mut_ptr().add(c), mx);
             }
-            // The next tile's rows, asked into L2 a line every few keys of the `pv` calls.
-            let per_call = (np / micro::AHEAD_EVERY).max(1);
+            // The next tile's rows, asked into L2 a row every few keys of the `pv` calls.
             let calls = live.div_ceil(MV * S::LANES) * (self.g.dp / NR);
-            let mut lines = std::mem::take(&mut self.ahead_lines);
-            self.ahead = Ahead::after(self, calls * per_call, &mut lines);
-            self.ahead_lines = lines;
+            let mut rows = std::mem::take(&mut self.ahead_rows);
+            self.ahead = Ahead::after(self, calls, np, &mut rows);
+            self.ahead_rows = rows;
+            let per_call = self.ahead_rows.len().div_ceil(calls).max(1);
+            let bytes = self.row_bytes;
             let mut call = 0;
             for c0 in (0..live).step_by(MV * S::LANES) {
                 for d0 in (0..self.g.dp).step_by(NR) {
-                    let ahead = self.ahead_lines.chunks(per_call).nth(call).unwrap_or(&[]);
+                    let ahead = match self.ahead_rows.chunks(per_call).nth(call) {
+                        Some(rows) => micro::AskAhead { rows, bytes, every: np / per_call },
+                        None => micro::AskAhead::NONE,
+                    };
                     call += 1;
                     micro::pv::<S, NR, MV>(
                         self.ot.as_mut_ptr().add(d0 * mp + c0),
@@ -718,90 +730,96 @@ mod tests {
         }
     }
 
-    /// What a flush guessed of the next tile: the guess (if any), its lines, and whether each
+    /// What a flush guessed of the next tile: the guess (if any), its rows, and whether each
     /// of the next `KEYS_PER_TILE` pushes would have found its rows guessed.
     struct Guess {
         ahead: bool,
-        lines: Vec<usize>,
+        rows: Vec<usize>,
         held: Vec<bool>,
     }
 
     /// One flush over the rows `order` of `k`/`v` (`d` values each, `stride` apart) with
     /// `rows` queries; then the rows that follow `order`'s last held against the guess.
-    struct Flush<'a> {
-        k: &'a [f32],
-        v: &'a [f32],
+    struct Flush<'a, E> {
+        k: &'a [E],
+        v: &'a [E],
         d: usize,
         stride: usize,
         rows: usize,
         order: &'a [usize],
     }
 
-    impl WithSimd for &Flush<'_> {
+    impl<E: Element> WithSimd for &Flush<'_, E> {
         type Output = Guess;
         fn with_simd<S: Simd>(self) -> Guess {
             if S::LANES >= 16 { self.run::<S, 8, 3>() } else { self.run::<S, 4, 3>() }
         }
     }
 
-    impl Flush<'_> {
+    impl<E: Element> Flush<'_, E> {
         fn run<S: Simd, const NR: usize, const MV: usize>(&self) -> Guess {
-            let row = |x: &[f32], t: usize| x[t * self.stride..t * self.stride + self.d].as_ptr();
-            let mut tile = Tile::new::<f32>(Geom::new(S::LANES, self.d, self.rows));
+            let mut tile = Tile::new::<E>(Geom::new(S::LANES, self.d, self.rows));
             tile.begin(usize::MAX, 1);
             tile.clear_queries(self.rows);
             for &t in self.order {
                 let (k, v) = (&self.k[t * self.stride..][..self.d], &self.v[t * self.stride..][..self.d]);
-                tile.push_rows::<S, f32, NR, MV>(k, v, t);
+                tile.push_rows::<S, E, NR, MV>(k, v, t);
             }
             tile.flush::<S, NR, MV>();
             let last = *self.order.last().unwrap();
             let held = (0..KEYS_PER_TILE)
                 .map(|j| {
-                    let t = last + 1 + j;
-                    // SAFETY: only the addresses are compared; rows past the buffer are never read.
-                    let (k, v) = unsafe {
-                        (
-                            std::slice::from_raw_parts(row(self.k, 0).wrapping_add(t * self.stride), 0),
-                            std::slice::from_raw_parts(row(self.v, 0).wrapping_add(t * self.stride), 0),
-                        )
-                    };
-                    tile.ahead.is_some_and(|a| a.holds(j, k, v))
+                    // Addresses only (past the buffers for some cases): nothing is read.
+                    let at = |x: &[E]| x.as_ptr().wrapping_add((last + 1 + j) * self.stride) as usize;
+                    tile.ahead.is_some_and(|a| a.holds(j, at(self.k), at(self.v)))
                 })
                 .collect();
-            Guess { ahead: tile.ahead.is_some(), lines: tile.ahead_lines.clone(), held }
+            Guess { ahead: tile.ahead.is_some(), rows: tile.ahead_rows.clone(), held }
         }
     }
 
     /// A full tile of rows one stride apart (a contiguous run of a cache) makes its flush guess
-    /// the next tile as the run's next rows: every one of them is held by the guess and every
-    /// line of them (K and V) is asked for exactly once. Rows not one stride apart at the ends
-    /// (the guess looks at the first two and the last: it is a hint the pushes check), a partial
-    /// tile and a tile with too few query rows to spread the lines over its `pv` calls guess
-    /// nothing (their next pushes ask for their own rows). On every ISA.
+    /// the next tile as the run's next rows: every one of them is held by the guess and asked
+    /// for (K and V) exactly once. Rows not one stride apart at the ends (the guess looks at the
+    /// first two and the last: it is a hint the pushes check), a partial tile, and a tile with
+    /// too few `pv` calls to spread the requests (more than a line every two keys) guess
+    /// nothing: their next pushes ask for their own rows. f32 rows (read in place) and f16 rows
+    /// (widened into the tile at push: the guess is of the caller's rows), on every ISA.
     #[test]
     fn next_tile_rows_are_guessed_from_evenly_spaced_rows_only() {
-        let (d, stride, n) = (64, 128, KEYS_PER_TILE);
         let mut rng = Rng::new(test_seed());
-        let (k, v) = (noise(&mut rng, 3 * n * stride), noise(&mut rng, 3 * n * stride));
+        let stride = 128;
+        let (k, v) = (noise(&mut rng, 3 * KEYS_PER_TILE * stride), noise(&mut rng, 3 * KEYS_PER_TILE * stride));
+        guesses(&k, &v, stride, &mut rng);
+        let half = |x: &[f32]| x.iter().map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>();
+        guesses(&half(&k), &half(&v), stride, &mut rng);
+        for isa in Isa::ALL.into_iter().filter(|i| !i.supported()) {
+            eprintln!("SKIP {}: this CPU lacks it", isa.name());
+        }
+    }
+
+    fn guesses<E: Element>(k: &[E], v: &[E], stride: usize, rng: &mut Rng) {
+        let (d, n) = (64, KEYS_PER_TILE);
         let run: Vec<usize> = (n..2 * n).collect();
         let mut swapped = run.clone();
         swapped.swap(0, 1);
         // Two blocks of a sparse list, the second further on by a random number of rows.
         let gap = 1 + rng.below(n / 2);
         let blocks: Vec<usize> = (n..n + n / 2).chain(n + n / 2 + gap..2 * n + gap).collect();
+        // (case, head dim, query rows, keys pushed, guessed)
         let cases = [
-            ("a contiguous run", 192, run.clone(), true),
-            ("its first two rows swapped", 192, swapped, false),
-            ("two blocks apart", 192, blocks, false),
-            ("a partial tile", 192, run[..n - 1].to_vec(), false),
-            ("one row chunk of queries", 5, run.clone(), false),
+            ("a contiguous run", d, 192, run.clone(), true),
+            ("its first two rows swapped", d, 192, swapped, false),
+            ("two blocks apart", d, 192, blocks, false),
+            ("a partial tile", d, 192, run[..n - 1].to_vec(), false),
+            // One row chunk, one register block of D: a pv call or two for 256 rows.
+            ("one row chunk of queries at D 8", 8, 5, run.clone(), false),
         ];
         for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
-            for (case, rows, order, guessed) in &cases {
-                let f = Flush { k: &k, v: &v, d, stride, rows: *rows, order };
+            for (case, d, rows, order, guessed) in &cases {
+                let f = Flush { k, v, d: *d, stride, rows: *rows, order };
                 let g = dispatch(isa, &f);
-                let isa = isa.name();
+                let (isa, case) = (isa.name(), format!("{} {case}", E::DTYPE));
                 assert_eq!(g.ahead, *guessed, "{isa}, {case}: guessed");
                 if !guessed {
                     assert!(g.held.iter().all(|h| !h), "{isa}, {case}: rows held without a guess");
@@ -810,16 +828,12 @@ mod tests {
                 assert!(g.held.iter().all(|&h| h), "{isa}, {case}: next rows not all held");
                 let mut want: Vec<usize> = (2 * n..3 * n)
                     .flat_map(|t| [k.as_ptr(), v.as_ptr()].map(|p| p.wrapping_add(t * stride) as usize))
-                    .flat_map(|p| (0..d * 4).step_by(64).map(move |b| p + b))
                     .collect();
-                let mut got = g.lines.clone();
+                let mut got = g.rows.clone();
                 want.sort_unstable();
                 got.sort_unstable();
-                assert_eq!(got, want, "{isa}, {case}: the lines asked");
+                assert_eq!(got, want, "{isa}, {case}: the rows asked");
             }
-        }
-        for isa in Isa::ALL.into_iter().filter(|i| !i.supported()) {
-            eprintln!("SKIP {}: this CPU lacks it", isa.name());
         }
     }
 }
